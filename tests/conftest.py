@@ -1,0 +1,49 @@
+"""Shared fixtures: the reference files in ../shared and tiny model builders."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainables.models import build_var, build_vqvae
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VARSWEEP_SHARED", REPO.parent / "shared"))
+
+# Small enough for CPU tests: 16x16 images, 4x4 latent, 4 scales (L = 30 tokens).
+TINY_VQVAE = dict(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4), ch_mult=(1, 2, 2), num_res_blocks=1)
+TINY_VAR = dict(depth=2, num_classes=5, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, embed_dim=64, num_heads=2)
+
+
+def reference_file(name: str) -> Path:
+    """A file of ../shared/reference. In CI its absence is a failure; elsewhere (a public clone) a skip."""
+    path = SHARED / "reference" / name
+    if not path.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"reference file {path} is missing (set VARSWEEP_SHARED to the shared folder)")
+        pytest.skip(f"reference file {path} not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_fixture() -> dict:
+    return torch.load(reference_file("var_parity_tiny.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def parity_config(parity_fixture) -> dict:
+    return json.loads(parity_fixture["config"])
+
+
+@pytest.fixture
+def tiny_vqvae() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_vqvae(**TINY_VQVAE).eval()
+
+
+@pytest.fixture
+def tiny_var() -> torch.nn.Module:
+    return build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0)).eval()

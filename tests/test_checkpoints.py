@@ -1,0 +1,148 @@
+"""Saving and loading from local paths: round trips, official layout, and clear errors for bad files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_VAR, TINY_VQVAE
+from trainables.models import CheckpointError, load_var, load_vqvae, resize_class_embedding, save_var, save_vqvae
+
+VAR_LAYOUT = {k: v for k, v in TINY_VAR.items()}
+
+
+def _outputs(var, vqvae):
+    torch.manual_seed(1)
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        idx_Bl = vqvae.img_to_idxBl(img)
+        logits = var(torch.tensor([0, 4]), vqvae.idxBl_to_var_input(idx_Bl))
+        samples = var.sample(torch.tensor([1, 2]), vqvae=vqvae, cfg=1.5, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    return idx_Bl, logits, samples
+
+
+def test_round_trip_gives_identical_outputs(tmp_path, tiny_var, tiny_vqvae):
+    save_var(tiny_var, tmp_path / "var.pth", metadata={"trial": {"lr": 1e-3}})
+    save_vqvae(tiny_vqvae, tmp_path / "vqvae.pth")
+    var = load_var(tmp_path / "var.pth", **VAR_LAYOUT)
+    vqvae = load_vqvae(tmp_path / "vqvae.pth", **TINY_VQVAE)
+    for before, after in zip(_outputs(tiny_var, tiny_vqvae), _outputs(var.eval(), vqvae)):
+        if isinstance(before, list):
+            assert all(torch.equal(a, b) for a, b in zip(before, after))
+        else:
+            assert torch.equal(before, after)
+    sidecar = json.loads((tmp_path / "var.pth.json").read_text())
+    assert sidecar["metadata"] == {"trial": {"lr": 1e-3}} and sidecar["architecture"]["depth"] == 2
+
+
+def test_saved_file_is_a_plain_state_dict_in_official_order(tmp_path, tiny_var):
+    save_var(tiny_var, tmp_path / "var.pth")
+    state = torch.load(tmp_path / "var.pth", weights_only=True)
+    assert list(state) == list(tiny_var.state_dict())
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        load_var(tmp_path / "absent.pth", **VAR_LAYOUT)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"\x00not a checkpoint" * 100)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_var(path, **VAR_LAYOUT)
+
+
+def test_truncated_file(tmp_path, tiny_vqvae):
+    path = tmp_path / "vqvae.pth"
+    torch.save(tiny_vqvae.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated, corrupt"):
+        load_vqvae(path, **TINY_VQVAE)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "object.pth"
+    torch.save({"model": torch.nn.Linear(2, 2)}, path)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_var(path, **VAR_LAYOUT)
+
+
+def test_nested_checkpoint_is_named(tmp_path, tiny_var):
+    path = tmp_path / "nested.pth"
+    torch.save({"model": tiny_var.state_dict(), "epoch": 3}, path)
+    with pytest.raises(CheckpointError, match="flat state dict") as err:
+        load_var(path, **VAR_LAYOUT)
+    assert "model (OrderedDict)" in str(err.value)
+
+
+def test_mismatched_architecture_lists_keys(tmp_path, tiny_var):
+    path = tmp_path / "var.pth"
+    torch.save(tiny_var.state_dict(), path)  # no sidecar: the state dict itself is checked
+    with pytest.raises(CheckpointError) as err:
+        load_var(path, **(VAR_LAYOUT | {"depth": 3}))
+    assert "missing keys" in str(err.value) and "blocks.2.attn.mat_qkv.weight" in str(err.value)
+    with pytest.raises(CheckpointError) as err:
+        load_var(path, **(VAR_LAYOUT | {"num_classes": 7}))
+    assert "mis-shaped keys" in str(err.value) and "class_emb.weight [6, 64] (expected [8, 64])" in str(err.value)
+
+
+def test_unexpected_and_non_finite_values(tmp_path, tiny_var):
+    state = tiny_var.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    state["head.bias"] = torch.full_like(state["head.bias"], float("nan"))
+    path = tmp_path / "var.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        load_var(path, **VAR_LAYOUT)
+    assert "unexpected keys (1): extra.weight" in str(err.value) and "NaN/inf values (1): head.bias" in str(err.value)
+
+
+def test_other_patch_nums_are_detected(tmp_path):
+    from trainables.models import build_var
+
+    var = build_var(**(VAR_LAYOUT | {"patch_nums": (1, 2, 3, 4)}))
+    state = var.state_dict()
+    state["lvl_1L"] = torch.zeros_like(state["lvl_1L"])
+    torch.save(state, tmp_path / "var.pth")
+    with pytest.raises(CheckpointError, match="do not match patch_nums"):
+        load_var(tmp_path / "var.pth", **VAR_LAYOUT)
+
+
+def test_sidecar_detects_damage_and_architecture(tmp_path, tiny_var):
+    path = save_var(tiny_var, tmp_path / "var.pth")
+    state = torch.load(path, weights_only=True)
+    state["head.bias"] += 1.0
+    torch.save(state, path)  # weights changed after saving, sidecar left behind
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_var(path, **VAR_LAYOUT)
+    save_var(tiny_var, path)
+    sidecar = json.loads((tmp_path / "var.pth.json").read_text())
+    sidecar["architecture"]["drop_path_rate"] = 0.5
+    (tmp_path / "var.pth.json").write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointError, match="drop_path_rate"):
+        load_var(path, **VAR_LAYOUT)
+
+
+def test_resize_class_embedding_keeps_unconditional_row(tiny_var):
+    old = tiny_var.class_emb.weight.detach().clone()
+    resize_class_embedding(tiny_var, 3)
+    new = tiny_var.class_emb.weight
+    assert new.shape == (4, tiny_var.width) and tiny_var.num_classes == 3 and tiny_var.unconditional_label == 3
+    assert torch.equal(new[3], old[-1]) and torch.equal(new[:3], old[-1].expand(3, -1))
+    resize_class_embedding(tiny_var, 8, init="normal", generator=torch.Generator().manual_seed(0))
+    assert tiny_var.class_emb.weight.shape == (9, tiny_var.width) and torch.equal(tiny_var.class_emb.weight[8], old[-1])
+    with pytest.raises(ValueError, match="init must be one of"):
+        resize_class_embedding(tiny_var, 3, init="zeros")
+
+
+def test_resized_model_round_trips(tmp_path, tiny_var):
+    resize_class_embedding(tiny_var, 7, init="mean")
+    save_var(tiny_var, tmp_path / "ft.pth")
+    var = load_var(tmp_path / "ft.pth", **(VAR_LAYOUT | {"num_classes": 7}))
+    assert torch.equal(var.class_emb.weight, tiny_var.class_emb.weight)
+    with pytest.raises(CheckpointError, match="another var architecture"):
+        load_var(tmp_path / "ft.pth", **VAR_LAYOUT)

@@ -1,0 +1,168 @@
+"""Training step, optimiser groups, schedule, sampling behaviour and the module-call contract of VAR."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TINY_VAR, TINY_VQVAE
+from trainables.data import offline
+from trainables.models import KVCache, build_var, build_vqvae
+from trainables.pretrain import Schedule, encode_tokens, reconstruction_mse, train_vqvae
+from trainables.training import (apply_class_dropout, build_optimizer, lr_at, parameter_groups, teacher_forcing_batch,
+                                 token_cross_entropy, var_training_step)
+
+
+@pytest.fixture(scope="module")
+def shapes16():
+    return offline.shapes(split="train", images_per_class=12, image_size=16, seed=0)
+
+
+def test_tiny_vqvae_reconstruction_improves(shapes16):
+    torch.manual_seed(0)
+    vqvae = build_vqvae(**TINY_VQVAE)
+    before = reconstruction_mse(vqvae, shapes16.images_N3HW)
+    history = train_vqvae(vqvae, shapes16.images_N3HW, schedule=Schedule(steps=120, batch_size=16, lr=1e-3, warmup_steps=5, weight_decay=0.0, log_every=40))
+    after = reconstruction_mse(vqvae, shapes16.images_N3HW)
+    print(f"reconstruction MSE {before:.4f} -> {after:.4f}")
+    assert after < 0.7 * before
+    assert history[-1]["step"] == 120 and not vqvae.training
+
+
+def test_tiny_var_loss_drops_on_fixed_batch(tiny_var, tiny_vqvae, shapes16):
+    tokens = encode_tokens(tiny_vqvae, shapes16.images_N3HW[:16])
+    labels = shapes16.labels_N[:16] % TINY_VAR["num_classes"]
+    optimizer = build_optimizer(tiny_var, lr=3e-3)
+    losses = [var_training_step(tiny_var, tiny_vqvae, optimizer, labels, tokens, class_dropout=0.0)["loss"] for _ in range(40)]
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_loss_is_token_mean_cross_entropy(tiny_var, tiny_vqvae):
+    idx_Bl = tiny_vqvae.img_to_idxBl(torch.rand(3, 3, 16, 16) * 2 - 1)
+    x, target_BL = teacher_forcing_batch(tiny_vqvae, idx_Bl)
+    logits_BLV = tiny_var(torch.tensor([0, 1, 2]), x)
+    manual = -logits_BLV.log_softmax(-1).gather(-1, target_BL[..., None]).squeeze(-1)
+    assert target_BL.shape == (3, tiny_var.seq_len)
+    assert torch.allclose(token_cross_entropy(logits_BLV, target_BL), manual, atol=1e-5)
+
+
+def test_class_dropout_once_per_example():
+    labels = torch.zeros(20000, dtype=torch.long)
+    dropped = apply_class_dropout(labels, rate=0.1, unconditional_label=7, generator=torch.Generator().manual_seed(0))
+    assert set(dropped.unique().tolist()) == {0, 7}
+    assert abs((dropped == 7).float().mean().item() - 0.1) < 0.01
+    assert torch.equal(apply_class_dropout(labels, rate=0.0, unconditional_label=7), labels)
+    with pytest.raises(ValueError, match="class dropout"):
+        apply_class_dropout(labels, rate=1.0, unconditional_label=7)
+
+
+def test_forward_has_no_class_dropout(tiny_var):
+    tiny_var.train()
+    x = torch.randn(2, tiny_var.seq_len - 1, 8)
+    labels = torch.tensor([1, 2])
+    assert torch.equal(tiny_var(labels, x), tiny_var(labels, x))  # depth-2 drop path is 0 by default here
+
+
+def test_no_weight_decay_groups(tiny_var):
+    decay, no_decay = parameter_groups(tiny_var, weight_decay=0.05)
+    names = {id(p): n for n, p in tiny_var.named_parameters()}
+    decay_names, no_decay_names = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+    assert decay_names | no_decay_names == set(names.values()) and not decay_names & no_decay_names
+    for name in ("class_emb.weight", "lvl_embed.weight", "pos_start", "pos_1LC", "word_embed.bias", "head.bias",
+                 "blocks.0.attn.q_bias", "blocks.0.attn.v_bias", "blocks.0.attn.scale_mul_1H11", "blocks.1.ada_lin.1.bias"):
+        assert name in no_decay_names, name
+    for name in ("word_embed.weight", "head.weight", "blocks.0.attn.mat_qkv.weight", "blocks.0.ffn.fc1.weight", "blocks.1.ada_lin.1.weight"):
+        assert name in decay_names, name
+    tiny_var.class_emb.weight.requires_grad_(False)
+    assert "class_emb.weight" not in {names[id(p)] for g in parameter_groups(tiny_var, weight_decay=0.05) for p in g["params"]}
+
+
+def test_lr_schedule():
+    kw = dict(base_lr=1.0, total_steps=100, warmup_steps=10, min_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(100, **kw) == pytest.approx(0.1) and lr_at(55, **kw) == pytest.approx(0.55)
+
+
+def test_every_linear_layer_is_called_as_a_module(tiny_var, tiny_vqvae):
+    """LoRA and per-sample-gradient hooks only see modules that are called (REFERENCE.md defect 1)."""
+    called = set()
+    linears = {name: m for name, m in tiny_var.named_modules() if isinstance(m, nn.Linear)}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=name: called.add(n)) for name, m in linears.items()]
+    tiny_var(torch.tensor([0, 1]), torch.randn(2, tiny_var.seq_len - 1, 8))
+    assert called == set(linears)
+    called.clear()
+    tiny_var.sample(torch.tensor([0]), vqvae=tiny_vqvae, cfg=1.0, top_k=0, top_p=0.0)
+    assert called == set(linears)
+    for h in handles:
+        h.remove()
+
+
+def test_kv_cache_matches_masked_forward(tiny_var):
+    """Scale-by-scale with the KV cache gives the same hidden states as the block-causal masked forward."""
+    labels, x = torch.tensor([0, 3]), torch.randn(2, tiny_var.seq_len - 1, 8)
+    with torch.no_grad():
+        tokens_BLC, cond_BC = tiny_var.embed_tokens(labels, x)
+        full_BLC = tokens_BLC
+        for block in tiny_var.blocks:
+            full_BLC = block(full_BLC, cond_BD=cond_BC, attn_bias_11LL=tiny_var.attn_bias_for_masking)
+        caches, start, pieces = [KVCache() for _ in tiny_var.blocks], 0, []
+        for pn in tiny_var.patch_nums:
+            h_BlC = tokens_BLC[:, start: start + pn * pn]
+            for block, cache in zip(tiny_var.blocks, caches):
+                h_BlC = block(h_BlC, cond_BD=cond_BC, attn_bias_11LL=None, kv_cache=cache)
+            pieces.append(h_BlC)
+            start += pn * pn
+    assert torch.allclose(torch.cat(pieces, dim=1), full_BLC, atol=1e-5)
+
+
+def test_sampling_is_reproducible_and_never_repeats(tiny_var, tiny_vqvae):
+    labels = torch.tensor([1, 1, 1, 1])
+    kw = dict(vqvae=tiny_vqvae, cfg=1.5, top_k=0, top_p=0.0)
+    first = tiny_var.sample(labels, generator=torch.Generator().manual_seed(5), **kw)
+    again = tiny_var.sample(labels, generator=torch.Generator().manual_seed(5), **kw)
+    assert first.shape == (4, 3, 16, 16) and 0.0 <= first.min() and first.max() <= 1.0
+    assert torch.equal(first, again)
+    generator = torch.Generator().manual_seed(5)
+    batch_a, batch_b = tiny_var.sample(labels, generator=generator, **kw), tiny_var.sample(labels, generator=generator, **kw)
+    assert torch.equal(batch_a, first) and not torch.equal(batch_a, batch_b)
+    assert len({tuple(img.flatten().tolist()) for img in batch_a}) == 4  # same class, distinct images
+
+
+def test_sampling_restores_mode_and_validates(tiny_var, tiny_vqvae):
+    tiny_var.train()
+    tiny_var.sample(torch.tensor([0]), vqvae=tiny_vqvae, cfg=1.0, top_k=5, top_p=0.5)
+    assert tiny_var.training
+    with pytest.raises(ValueError, match="labels must be in"):
+        tiny_var.sample(torch.tensor([6]), vqvae=tiny_vqvae, cfg=1.0, top_k=0, top_p=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        tiny_var.sample(torch.tensor([0]), vqvae=tiny_vqvae, cfg=1.0, top_k=0, top_p=1.0)
+    other = build_vqvae(**(TINY_VQVAE | {"vocab_size": 32}))
+    with pytest.raises(ValueError, match="does not match"):
+        tiny_var.sample(torch.tensor([0]), vqvae=other, cfg=1.0, top_k=0, top_p=0.0)
+
+
+def test_forward_and_encoder_validate_shapes(tiny_var, tiny_vqvae):
+    with pytest.raises(ValueError, match="x_BLCv_wo_first_l"):
+        tiny_var(torch.tensor([0]), torch.randn(1, tiny_var.seq_len, 8))
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, 16, 16\]"):
+        tiny_vqvae.img_to_idxBl(torch.rand(1, 3, 32, 32))
+
+
+def test_drop_path_only_in_training():
+    var = build_var(**(TINY_VAR | {"depth": 3, "drop_path_rate": 0.5}))
+    x, labels = torch.randn(4, var.seq_len - 1, 8), torch.tensor([0, 1, 2, 3])
+    var.eval()
+    assert torch.equal(var(labels, x), var(labels, x))
+    var.train()
+    torch.manual_seed(0)
+    outs = [var(labels, x) for _ in range(3)]
+    assert not all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_from_scratch_init_is_reproducible():
+    a = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(3))
+    b = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    gamma = a.blocks[0].ada_lin[1].weight[: 2 * a.width].abs().max()
+    assert gamma < 1e-2 * a.blocks[0].ada_lin[1].weight[2 * a.width:].abs().max() * 10

@@ -1,0 +1,1 @@
+"""How one varsweep trial runs: models, training steps, data, evaluation."""

@@ -1,0 +1,217 @@
+"""Load and save VAR / VQVAE weights from local paths in the official plain-state-dict layout.
+
+Files are plain ``{key: tensor}`` dicts (``torch.load(weights_only=True)``), so checkpoints we write load with
+``strict=True`` in the original VAR code too. Beside each file we write ``<file>.json`` (architecture, SHA-256 of
+the weights, free-form metadata such as the trial config); when that sidecar exists, loading verifies it.
+Every problem raises ``CheckpointError`` naming the file and what is wrong, before any model memory is allocated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .var import VAR, build_var, scale_layout
+from .vqvae import OFFICIAL_CH_MULT, OFFICIAL_PATCH_NUMS, VQVAE, build_vqvae
+
+SIDECAR_FORMAT = "varsweep-checkpoint/1"
+CLASS_INITS = ("unconditional", "mean", "normal")
+_MAX_LISTED = 12
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: missing, unreadable, corrupt, or of another architecture."""
+
+
+def _listing(title: str, items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED]) + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+    return f"  {title} ({len(items)}): {shown}"
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a flat ``{str: Tensor}`` state dict on the CPU, with only tensor data unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt or not a PyTorch weights file): "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a state dict of tensors")
+    not_tensors = [f"{k!s} ({type(v).__name__})" for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"checkpoint {path} is not a flat state dict of tensors (nested checkpoints such as "
+                              f"{{'model': ...}} must be unpacked first):\n" + _listing("non-tensor entries", not_tensors))
+    return dict(state)
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, finite_keys: set[str],
+                     path: str | os.PathLike, what: str) -> None:
+    """Compare keys, shapes and dtype kinds with ``expected`` (a meta-device model's state dict) and look for
+    NaN/inf in ``finite_keys`` (the parameters: the attention-mask buffer holds -inf by design); raise one
+    ``CheckpointError`` listing every problem."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {list(state[k].shape)} (expected {list(v.shape)})" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    kinds = [f"{k} {state[k].dtype} (expected {v.dtype})" for k, v in expected.items()
+             if k in state and state[k].dtype.is_floating_point != v.dtype.is_floating_point]
+    non_finite = [k for k in finite_keys if k in state and state[k].dtype.is_floating_point and not bool(torch.isfinite(state[k]).all())]
+    problems = [_listing(title, items) for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                ("mis-shaped keys", shapes), ("wrong dtype kind", kinds), ("keys with NaN/inf values", non_finite)) if items]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match the {what} it is loaded into:\n" + "\n".join(problems))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(path)}.json")
+
+
+def _normalised(architecture: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(architecture)))  # tuples -> lists, so saved and requested compare equal
+
+
+def verify_sidecar(path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]) -> dict[str, Any] | None:
+    """If ``<path>.json`` exists: check it is ours, that the weights' SHA-256 matches (catches a file damaged or
+    replaced after saving) and that its architecture equals the requested one. Returns its metadata."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        record = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint sidecar {side} is not valid JSON: {err}") from err
+    if record.get("format") != SIDECAR_FORMAT or record.get("kind") != kind:
+        raise CheckpointError(f"{side} describes a {record.get('kind')!r} checkpoint of format {record.get('format')!r}, expected {kind!r} / {SIDECAR_FORMAT}")
+    if record.get("sha256") != file_sha256(path):
+        raise CheckpointError(f"checkpoint {path} does not match the SHA-256 recorded in {side}: the weights file was changed or damaged after saving")
+    saved, wanted = _normalised(record.get("architecture", {})), _normalised(architecture)
+    differing = [f"{k}: saved {saved.get(k)!r}, requested {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    if differing:
+        raise CheckpointError(f"checkpoint {path} was saved for another {kind} architecture:\n" + _listing("differences", differing))
+    return record.get("metadata")
+
+
+def _load_into(path: str | os.PathLike, *, build_meta: Callable[[], nn.Module], what: str,
+               device: torch.device | str | None, dtype: torch.dtype | None) -> nn.Module:
+    state = read_state_dict(path)
+    model = build_meta()
+    check_state_dict(state, model.state_dict(), finite_keys={name for name, _ in model.named_parameters()}, path=path, what=what)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device or "cpu", dtype=dtype) if dtype is not None else model.to(device=device or "cpu")
+
+
+def load_vqvae(path: str | os.PathLike, *, vocab_size: int = 4096, z_channels: int = 32, ch: int = 160,
+               patch_nums: Sequence[int] = OFFICIAL_PATCH_NUMS, share_quant_resi: int = 4, ch_mult: Sequence[int] = OFFICIAL_CH_MULT,
+               num_res_blocks: int = 2, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VQVAE:
+    """Load a VQVAE from a local file; defaults describe the official ``vae_ch160v4096z32.pth``."""
+    arch = dict(vocab_size=vocab_size, z_channels=z_channels, ch=ch, patch_nums=tuple(patch_nums), share_quant_resi=share_quant_resi,
+                ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks)
+    verify_sidecar(path, kind="vqvae", architecture=arch)
+    vqvae = _load_into(path, build_meta=lambda: build_vqvae(**arch, device="meta"), what=f"VQVAE {arch}", device=device, dtype=dtype)
+    return vqvae.eval()
+
+
+def load_var(path: str | os.PathLike, *, depth: int, num_classes: int = 1000, patch_nums: Sequence[int] = OFFICIAL_PATCH_NUMS,
+             vocab_size: int = 4096, z_channels: int = 32, embed_dim: int | None = None, num_heads: int | None = None,
+             attn_l2_norm: bool = True, shared_aln: bool = False, drop_path_rate: float | None = None,
+             device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VAR:
+    """Load a VAR from a local file. ``num_classes`` is the number of classes the checkpoint was trained with
+    (1000 for the official ImageNet models); use ``resize_class_embedding`` to move to a new label set.
+    The scale-layout buffers are checked against ``patch_nums`` (a checkpoint of another resolution fails)."""
+    def build_meta() -> VAR:
+        return build_var(depth=depth, num_classes=num_classes, patch_nums=patch_nums, vocab_size=vocab_size, z_channels=z_channels,
+                         embed_dim=embed_dim, num_heads=num_heads, attn_l2_norm=attn_l2_norm, shared_aln=shared_aln,
+                         drop_path_rate=drop_path_rate, device="meta")
+
+    verify_sidecar(path, kind="var", architecture=build_meta().architecture)
+    var = _load_into(path, build_meta=build_meta, what=f"VAR-d{depth} with {num_classes} classes", device=device, dtype=dtype)
+    _check_scale_layout(var, path=path)
+    return var
+
+
+def _check_scale_layout(var: VAR, *, path: str | os.PathLike) -> None:
+    lvl_1L, attn_bias_11LL = scale_layout(var.patch_nums)
+    if not torch.equal(var.lvl_1L.cpu(), lvl_1L) or not torch.equal(var.attn_bias_for_masking.float().cpu(), attn_bias_11LL):
+        raise CheckpointError(f"checkpoint {path}: buffers lvl_1L / attn_bias_for_masking do not match patch_nums {var.patch_nums}")
+
+
+@torch.no_grad()
+def resize_class_embedding(var: VAR, num_classes: int, *, init: str = "unconditional", generator: torch.Generator | None = None) -> VAR:
+    """Give ``var`` a new label set of ``num_classes`` classes (K+1 rows, the last one unconditional), in place.
+
+    The unconditional row is kept, so classifier-free guidance starts from the base model's unconditional
+    distribution. New class rows are initialised by ``init``:
+    - ``"unconditional"`` (default): a copy of the base unconditional row, so every new class starts as the base
+      model's unconditional generator and the fine-tuning data alone separates the classes;
+    - ``"mean"``: the mean of the base model's class rows;
+    - ``"normal"``: N(0, 1/(3C)) as in from-scratch training (``generator`` for reproducibility).
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if init not in CLASS_INITS:
+        raise ValueError(f"init must be one of {CLASS_INITS}, got {init!r}")
+    old_KC = var.class_emb.weight
+    new = nn.Embedding(num_classes + 1, var.width, device=old_KC.device, dtype=old_KC.dtype)
+    if init == "unconditional":
+        new.weight[:num_classes] = old_KC[-1]
+    elif init == "mean":
+        new.weight[:num_classes] = old_KC[:-1].mean(dim=0)
+    else:
+        nn.init.trunc_normal_(new.weight, std=(1 / (3 * var.width)) ** 0.5, generator=generator)
+    new.weight[num_classes] = old_KC[-1]
+    new.weight.requires_grad_(old_KC.requires_grad)
+    var.class_emb, var.num_classes = new, num_classes
+    return var
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    # Write beside the target then rename, so an interrupted save never leaves a half-written checkpoint.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save(model: nn.Module, path: str | os.PathLike, *, kind: str, metadata: Mapping[str, Any] | None) -> Path:
+    path = Path(path)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    record = {"format": SIDECAR_FORMAT, "kind": kind, "architecture": _normalised(model.architecture),
+              "sha256": file_sha256(path), "metadata": dict(metadata or {})}
+    _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True)))
+    return path
+
+
+def save_var(var: VAR, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``var``'s state dict in the official layout (loadable by the original code) plus ``<path>.json``
+    with the architecture, SHA-256 and ``metadata`` (e.g. the trial config). Atomic."""
+    return _save(var, path, kind="var", metadata=metadata)
+
+
+def save_vqvae(vqvae: VQVAE, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
+    return _save(vqvae, path, kind="vqvae", metadata=metadata)

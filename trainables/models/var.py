@@ -1,0 +1,363 @@
+"""VAR: class-conditional next-scale prediction transformer (Tian et al. 2024).
+
+State-dict compatible with the official ``var_d{16,20,24,30}.pth``. Differences from the published code,
+all numerically neutral for the same inputs:
+- every linear layer is called as a module (LoRA and per-sample-gradient hooks see ``mat_qkv``; the q/v biases
+  are added after the module call instead of being fused into ``F.linear``);
+- class dropout is not applied in ``forward`` (the training step applies it, once per example);
+- the KV cache is an explicit per-call object, not module state;
+- sampling takes a ``torch.Generator`` that advances across calls instead of re-seeding.
+Shapes: B batch, L = sum(pn^2) tokens, C width, H heads, V codebook size, Cvae latent channels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vqvae import VQVAE
+
+LN_EPS = 1e-6
+MAX_LOG_SCALE_MUL = math.log(100.0)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a whole example's residual branch with probability p (training only)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x_BLC
+        keep = 1.0 - self.p
+        mask_B11 = x_BLC.new_empty(x_BLC.shape[0], 1, 1).bernoulli_(keep)
+        return x_BLC * mask_B11 / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.4f}"
+
+
+class FFN(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x_BLC)))
+
+
+@dataclass
+class KVCache:
+    """Keys and values [B, H, l, c] of the scales seen so far in one sampling call (one per block)."""
+
+    k_BHlc: torch.Tensor | None = None
+    v_BHlc: torch.Tensor | None = None
+
+    def extend(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_BHlc is not None:
+            k_BHlc, v_BHlc = torch.cat((self.k_BHlc, k_BHlc), dim=2), torch.cat((self.v_BHlc, v_BHlc), dim=2)
+        self.k_BHlc, self.v_BHlc = k_BHlc, v_BHlc
+        return k_BHlc, v_BHlc
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention; with ``attn_l2_norm`` q and k are unit vectors per head and q is scaled by the
+    learned ``exp(min(scale_mul_1H11, ln 100))`` (softmax scale 1)."""
+
+    def __init__(self, width: int, num_heads: int, *, attn_l2_norm: bool):
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_l2_norm = num_heads, width // num_heads, attn_l2_norm
+        if attn_l2_norm:
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(width)), nn.Parameter(torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))  # keys get no bias (kept for the key layout)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x_BLC: torch.Tensor, *, attn_bias_11LL: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        qkv_bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv_BL3Hc = (self.mat_qkv(x_BLC) + qkv_bias_3C).view(B, L, 3, self.num_heads, self.head_dim)
+        q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.attn_l2_norm:
+            scale_mul_1H11 = self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
+            q_BHLc = F.normalize(q_BHLc, dim=-1).mul(scale_mul_1H11)
+            k_BHLc = F.normalize(k_BHLc, dim=-1)
+        if kv_cache is not None:
+            k_BHLc, v_BHLc = kv_cache.extend(k_BHLc, v_BHLc)
+        mask = None if attn_bias_11LL is None else attn_bias_11LL.to(q_BHLc.dtype)
+        out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=mask, scale=self.scale)
+        return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
+
+
+class SharedAdaLin(nn.Linear):
+    """``shared_aln=True`` variant: one modulation linear for all blocks, output [B, 1, 6, C]."""
+
+    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)
+
+
+class AdaLNSelfAttn(nn.Module):
+    """Transformer block with adaptive LayerNorm conditioned on the class embedding.
+
+    ``ada_lin(cond)`` gives gamma1, gamma2, scale1, scale2, shift1, shift2 (in that order), each [B, 1, C].
+    """
+
+    def __init__(self, width: int, num_heads: int, *, mlp_ratio: float, drop_path: float, attn_l2_norm: bool, shared_aln: bool):
+        super().__init__()
+        self.width, self.shared_aln = width, shared_aln
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.attn = SelfAttention(width, num_heads, attn_l2_norm=attn_l2_norm)
+        self.ffn = FFN(width, round(width * mlp_ratio))
+        self.ln_wo_grad = nn.LayerNorm(width, eps=LN_EPS, elementwise_affine=False)
+        if shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, width) / width ** 0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def modulation(self, cond_BD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.shared_aln:
+            return (self.ada_gss + cond_BD).unbind(2)  # cond is shared_ada_lin's [B, 1, 6, C]
+        return self.ada_lin(cond_BD).view(-1, 1, 6, self.width).unbind(2)
+
+    def forward(self, x_BLC: torch.Tensor, *, cond_BD: torch.Tensor, attn_bias_11LL: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
+        h_BLC = self.attn(self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_bias_11LL=attn_bias_11LL, kv_cache=kv_cache)
+        x_BLC = x_BLC + self.drop_path(h_BLC * gamma1)
+        h_BLC = self.ffn(self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2)
+        return x_BLC + self.drop_path(h_BLC * gamma2)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.ln_wo_grad = nn.LayerNorm(width, eps=LN_EPS, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        scale_B1C, shift_B1C = self.ada_lin(cond_BD).view(-1, 1, 2, self.width).unbind(2)
+        return self.ln_wo_grad(x_BLC) * (1 + scale_B1C) + shift_B1C
+
+
+def scale_layout(patch_nums: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lvl_1L: scale index of every token [1, L] int64, attn_bias_11LL: 0 where the query's scale >= the key's
+    scale else -inf [1, 1, L, L]) for row-major tokens of each scale, scales concatenated coarse to fine."""
+    lvl_L = torch.cat([torch.full((pn * pn,), si, dtype=torch.long) for si, pn in enumerate(patch_nums)])
+    visible_LL = lvl_L[:, None] >= lvl_L[None, :]
+    attn_bias_LL = torch.where(visible_LL, 0.0, -torch.inf)
+    return lvl_L[None], attn_bias_LL[None, None]
+
+
+class VAR(nn.Module):
+    def __init__(self, *, depth: int, num_classes: int, patch_nums: Sequence[int], vocab_size: int, z_channels: int,
+                 embed_dim: int, num_heads: int, attn_l2_norm: bool, shared_aln: bool, drop_path_rate: float, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.depth, self.num_classes, self.width, self.num_heads = depth, num_classes, embed_dim, num_heads
+        self.patch_nums, self.vocab_size, self.z_channels = tuple(patch_nums), vocab_size, z_channels
+        self.seq_len = sum(pn * pn for pn in self.patch_nums)
+        self.first_l = self.patch_nums[0] ** 2
+        self.attn_l2_norm, self.shared_aln, self.drop_path_rate = attn_l2_norm, shared_aln, drop_path_rate
+        self.mlp_ratio = mlp_ratio
+        C = embed_dim
+        self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.zeros(1, self.seq_len, C))
+        lvl_1L, attn_bias_11LL = scale_layout(self.patch_nums)
+        self.register_buffer("lvl_1L", lvl_1L)
+        self.register_buffer("attn_bias_for_masking", attn_bias_11LL)
+        self.word_embed = nn.Linear(z_channels, C)
+        self.class_emb = nn.Embedding(num_classes + 1, C)  # last row: the unconditional class
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if shared_aln else nn.Identity()
+        drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # block 0: none
+        self.blocks = nn.ModuleList(
+            AdaLNSelfAttn(C, num_heads, mlp_ratio=mlp_ratio, drop_path=drop_path_rates[i], attn_l2_norm=attn_l2_norm, shared_aln=shared_aln)
+            for i in range(depth)
+        )
+        self.head_nm = AdaLNBeforeHead(C)
+        self.head = nn.Linear(C, vocab_size)
+
+    @property
+    def architecture(self) -> dict:
+        """The ``build_var`` keyword arguments that rebuild this model's layout (saved beside checkpoints)."""
+        return dict(depth=self.depth, num_classes=self.num_classes, patch_nums=self.patch_nums, vocab_size=self.vocab_size,
+                    z_channels=self.z_channels, embed_dim=self.width, num_heads=self.num_heads, attn_l2_norm=self.attn_l2_norm,
+                    shared_aln=self.shared_aln, drop_path_rate=self.drop_path_rate)
+
+    @property
+    def unconditional_label(self) -> int:
+        return self.num_classes
+
+    def init_weights(self, *, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-3, init_head: float = 0.02,
+                     generator: torch.Generator | None = None) -> None:
+        """From-scratch init of the VAR recipe: Linear/Embedding/positional weights ~ N(0, 1/(3C)) (truncated at
+        +-2), biases 0; head x0.02; head_nm modulation x0.5; proj and fc2 / sqrt(2*depth); block modulation rows
+        scale/shift x init_adaln and gamma x init_adaln_gamma (small gamma: blocks start near identity)."""
+        std = math.sqrt(1 / (3 * self.width))
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.trunc_normal_(module.weight, std=std, generator=generator)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+            for param in (self.pos_start, self.pos_1LC):
+                nn.init.trunc_normal_(param, std=std, generator=generator)
+            self.head.weight.mul_(init_head)
+            self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+            gains_R = self._modulation_gains(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma)
+            for block in self.blocks:
+                block.attn.proj.weight.div_(math.sqrt(2 * self.depth))
+                block.ffn.fc2.weight.div_(math.sqrt(2 * self.depth))
+                if self.shared_aln:
+                    block.ada_gss.normal_(generator=generator).div_(math.sqrt(self.width)).mul_(gains_R.view(1, 1, 6, self.width))
+                else:
+                    block.ada_lin[-1].weight.mul_(gains_R[:, None])
+
+    def _modulation_gains(self, *, init_adaln: float, init_adaln_gamma: float) -> torch.Tensor:
+        gains_R = torch.full((6 * self.width,), init_adaln, device=self.head.weight.device)
+        gains_R[: 2 * self.width] = init_adaln_gamma  # gamma1, gamma2 come first
+        return gains_R
+
+    def _check_inputs(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> None:
+        expected = (label_B.shape[0], self.seq_len - self.first_l, self.z_channels)
+        if label_B.ndim != 1 or tuple(x_BLCv_wo_first_l.shape) != expected:
+            raise ValueError(f"expected label_B [B] and x_BLCv_wo_first_l {list(expected)}, got {list(label_B.shape)} and {list(x_BLCv_wo_first_l.shape)}")
+
+    def embed_tokens(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token embeddings [B, L, C], class condition [B, C])."""
+        B = label_B.shape[0]
+        cond_BC = self.class_emb(label_B)
+        sos_BlC = cond_BC[:, None].expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+        words_BLC = self.word_embed(x_BLCv_wo_first_l.to(self.word_embed.weight.dtype))
+        x_BLC = torch.cat((sos_BlC, words_BLC), dim=1)
+        return x_BLC + self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC, cond_BC
+
+    def logits(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_nm(x_BLC, cond_BC)).float()
+
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced training forward: labels [B] (``num_classes`` = unconditional) and the VQVAE's
+        ``idxBl_to_var_input`` [B, L-first_l, Cvae] -> logits [B, L, V] (float32). No class dropout here."""
+        self._check_inputs(label_B, x_BLCv_wo_first_l)
+        x_BLC, cond_BC = self.embed_tokens(label_B, x_BLCv_wo_first_l)
+        block_cond = self.shared_ada_lin(cond_BC)
+        for block in self.blocks:
+            x_BLC = block(x_BLC, cond_BD=block_cond, attn_bias_11LL=self.attn_bias_for_masking)
+        return self.logits(x_BLC, cond_BC)
+
+    @torch.no_grad()
+    def sample(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Class-conditional sampling with classifier-free guidance and a KV cache.
+
+        label_B [B] int64 (``num_classes`` = unconditional); guidance at scale si is ``t = cfg * si/(S-1)`` on
+        logits ``(1+t)*cond - t*uncond``; ``top_k=0`` / ``top_p=0`` disable those filters. ``generator`` is
+        advanced, never re-seeded, so successive calls give new samples. Returns images [B, 3, H, W] in [0, 1].
+        Runs in eval mode (drop-path off) whatever the module's mode, and restores it.
+        """
+        self._check_sampling_args(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p)
+        was_training = self.training
+        self.eval()
+        try:
+            f_hat_BChw = self._sample_fhat(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
+        finally:
+            self.train(was_training)
+        return vqvae.fhat_to_img(f_hat_BChw).add(1).mul(0.5)
+
+    def _check_sampling_args(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float) -> None:
+        if label_B.ndim != 1 or label_B.numel() == 0 or label_B.dtype != torch.long:
+            raise ValueError(f"label_B must be a non-empty 1-D int64 tensor, got {label_B.dtype} {list(label_B.shape)}")
+        if bool(((label_B < 0) | (label_B > self.num_classes)).any()):
+            raise ValueError(f"labels must be in [0, {self.num_classes}] ({self.num_classes} = unconditional), got {label_B.tolist()}")
+        if vqvae.patch_nums != self.patch_nums or vqvae.vocab_size != self.vocab_size or vqvae.z_channels != self.z_channels:
+            raise ValueError(f"VQVAE (patch_nums={vqvae.patch_nums}, V={vqvae.vocab_size}, Cvae={vqvae.z_channels}) does not match "
+                             f"VAR (patch_nums={self.patch_nums}, V={self.vocab_size}, Cvae={self.z_channels})")
+        if cfg < 0 or top_k < 0 or not 0.0 <= top_p < 1.0:
+            raise ValueError(f"need cfg >= 0, top_k >= 0 and 0 <= top_p < 1, got cfg={cfg}, top_k={top_k}, top_p={top_p}")
+
+    def _sample_fhat(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float,
+                     generator: torch.Generator | None) -> torch.Tensor:
+        B, S, full = label_B.shape[0], len(self.patch_nums), self.patch_nums[-1]
+        cond_2BC = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.unconditional_label))))
+        block_cond = self.shared_ada_lin(cond_2BC)
+        lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
+        next_2BlC = cond_2BC[:, None].expand(-1, self.first_l, -1) + self.pos_start + lvl_pos_1LC[:, : self.first_l]
+        caches = [KVCache() for _ in self.blocks]
+        f_hat_BChw = cond_2BC.new_zeros(B, self.z_channels, full, full)
+        cur = 0
+        for si, pn in enumerate(self.patch_nums):
+            cur += pn * pn
+            x_2BlC = next_2BlC
+            for block, cache in zip(self.blocks, caches):
+                x_2BlC = block(x_2BlC, cond_BD=block_cond, attn_bias_11LL=None, kv_cache=cache)
+            logits_2BlV = self.logits(x_2BlC, cond_2BC)
+            t = cfg * si / (S - 1)
+            logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+            idx_Bl = sample_top_k_top_p(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
+            h_BChw = vqvae.quantize.embedding(idx_Bl).transpose(1, 2).reshape(B, self.z_channels, pn, pn)
+            f_hat_BChw, next_BChw = vqvae.quantize.next_autoregressive_input(si, f_hat_BChw, h_BChw)
+            if si != S - 1:
+                words_BlC = self.word_embed(next_BChw.flatten(2).transpose(1, 2))
+                next_2BlC = (words_BlC + lvl_pos_1LC[:, cur: cur + self.patch_nums[si + 1] ** 2]).repeat(2, 1, 1)
+        return f_hat_BChw
+
+
+def sample_top_k_top_p(logits_BlV: torch.Tensor, *, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Filter logits to the top-k and to the smallest set holding probability mass top_p, then draw one index
+    per position [B, l]. Ties at the k-th value are kept."""
+    B, l, V = logits_BlV.shape
+    logits_BlV = logits_BlV.float()
+    if 0 < top_k < V:
+        kth_Bl1 = logits_BlV.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_Bl1, -torch.inf)
+    if top_p > 0:
+        sorted_BlV, order_BlV = logits_BlV.sort(dim=-1, descending=False)
+        drop_sorted_BlV = sorted_BlV.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop_sorted_BlV[..., -1] = False  # always keep the most likely token
+        logits_BlV = logits_BlV.masked_fill(drop_sorted_BlV.scatter(-1, order_BlV, drop_sorted_BlV), -torch.inf)
+    probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
+    return torch.multinomial(probs_NV, num_samples=1, generator=generator).view(B, l)
+
+
+def validate_var_layout(*, depth: int, num_classes: int, patch_nums: Sequence[int], vocab_size: int, z_channels: int,
+                        embed_dim: int, num_heads: int, drop_path_rate: float) -> None:
+    """Raise ValueError naming the bad argument; called before any allocation."""
+    if depth < 1 or num_classes < 1 or vocab_size < 2 or z_channels < 1:
+        raise ValueError(f"need depth >= 1, num_classes >= 1, vocab_size >= 2, z_channels >= 1; got {depth}, {num_classes}, {vocab_size}, {z_channels}")
+    if len(patch_nums) < 2 or list(patch_nums) != sorted(set(patch_nums)) or patch_nums[0] < 1:
+        raise ValueError(f"patch_nums must be >= 2 strictly increasing positive ints, got {tuple(patch_nums)}")
+    if num_heads < 1 or embed_dim % num_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+
+
+def build_var(*, depth: int, num_classes: int, patch_nums: Sequence[int], vocab_size: int, z_channels: int,
+              embed_dim: int | None = None, num_heads: int | None = None, attn_l2_norm: bool = True, shared_aln: bool = False,
+              drop_path_rate: float | None = None, init_adaln_gamma: float = 1e-3, generator: torch.Generator | None = None,
+              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VAR:
+    """Build a VAR of the official family: width 64*depth and ``depth`` heads unless given, drop-path up to
+    0.1*depth/24 unless given; initialised from scratch (``generator`` makes it reproducible). ``device="meta"``
+    allocates nothing."""
+    embed_dim = 64 * depth if embed_dim is None else embed_dim
+    num_heads = depth if num_heads is None else num_heads
+    drop_path_rate = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
+    validate_var_layout(depth=depth, num_classes=num_classes, patch_nums=patch_nums, vocab_size=vocab_size, z_channels=z_channels,
+                        embed_dim=embed_dim, num_heads=num_heads, drop_path_rate=drop_path_rate)
+    with torch.device(device or "cpu"):
+        var = VAR(depth=depth, num_classes=num_classes, patch_nums=patch_nums, vocab_size=vocab_size, z_channels=z_channels,
+                  embed_dim=embed_dim, num_heads=num_heads, attn_l2_norm=attn_l2_norm, shared_aln=shared_aln, drop_path_rate=drop_path_rate)
+    if str(device) != "meta":
+        var.init_weights(init_adaln_gamma=init_adaln_gamma, generator=generator)
+    return var.to(dtype=dtype) if dtype is not None else var

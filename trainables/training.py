@@ -1,0 +1,103 @@
+"""One VAR training step: teacher forcing, token-mean cross-entropy, class dropout, AdamW with a no-decay group.
+
+Plain functions so that adaptation methods and DP (which wrap the model or the optimiser) compose with them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import VAR, VQVAE
+
+ADAMW_BETAS = (0.9, 0.95)
+NO_DECAY_PARAM_NAMES = ("pos_start", "pos_1LC", "scale_mul_1H11", "ada_gss")
+
+
+def apply_class_dropout(label_B: torch.Tensor, *, rate: float, unconditional_label: int,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each example's label by the unconditional one with probability ``rate``, one draw per example
+    (the model learns the unconditional distribution used by classifier-free guidance)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"class dropout rate must be in [0, 1), got {rate}")
+    if rate == 0.0:
+        return label_B
+    device = generator.device if generator is not None else label_B.device
+    drop_B = torch.rand(label_B.shape, generator=generator, device=device).to(label_B.device) < rate
+    return torch.where(drop_B, torch.full_like(label_B, unconditional_label), label_B)
+
+
+def teacher_forcing_batch(vqvae: VQVAE, idx_Bl: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(VAR input [B, L-first_l, Cvae], targets [B, L]) from token indices of every scale; the VQVAE is frozen."""
+    with torch.no_grad():
+        x_BLCv_wo_first_l = vqvae.idxBl_to_var_input(idx_Bl)
+    return x_BLCv_wo_first_l, torch.cat(list(idx_Bl), dim=1)
+
+
+def token_cross_entropy(logits_BLV: torch.Tensor, target_BL: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [B, L] (no label smoothing)."""
+    B, L, V = logits_BLV.shape
+    return F.cross_entropy(logits_BLV.reshape(B * L, V), target_BL.reshape(B * L), reduction="none").view(B, L)
+
+
+def var_loss(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, idx_Bl: Sequence[torch.Tensor], *, class_dropout: float,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token-mean cross-entropy over all L tokens of the batch, with class dropout applied here (not in forward)."""
+    x_BLCv_wo_first_l, target_BL = teacher_forcing_batch(vqvae, idx_Bl)
+    label_B = apply_class_dropout(label_B, rate=class_dropout, unconditional_label=var.unconditional_label, generator=generator)
+    return token_cross_entropy(var(label_B, x_BLCv_wo_first_l), target_BL).mean()
+
+
+def is_no_decay(module: nn.Module, name: str, param: nn.Parameter) -> bool:
+    """Biases, norm parameters, embeddings (class, level), positional and attention-scale parameters are not
+    decayed (the published study decayed embeddings and biases)."""
+    return param.ndim < 2 or isinstance(module, (nn.Embedding, nn.LayerNorm, nn.GroupNorm)) or name in NO_DECAY_PARAM_NAMES
+
+
+def parameter_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
+    """AdamW groups over trainable parameters: [decayed, not decayed]; each parameter appears once."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (no_decay if is_no_decay(module, name, param) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.05, betas: tuple[float, float] = ADAMW_BETAS) -> torch.optim.AdamW:
+    groups = parameter_groups(model, weight_decay=weight_decay)
+    if not any(group["params"] for group in groups):
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Linear warm-up over ``warmup_steps`` then cosine decay to ``min_ratio * base_lr`` at ``total_steps``."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def var_training_step(var: VAR, vqvae: VQVAE, optimizer: torch.optim.Optimizer, label_B: torch.Tensor,
+                      idx_Bl: Sequence[torch.Tensor], *, class_dropout: float = 0.1, max_grad_norm: float | None = 2.0,
+                      generator: torch.Generator | None = None) -> dict[str, float]:
+    """One optimiser step on a batch of token maps; returns the loss and the pre-clip gradient norm."""
+    var.train()
+    loss = var_loss(var, vqvae, label_B, idx_Bl, class_dropout=class_dropout, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+    optimizer.step()
+    return {"loss": loss.item(), "grad_norm": float(grad_norm)}
