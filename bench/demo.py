@@ -22,6 +22,7 @@ from torchvision.utils import save_image
 from trainables.data import offline
 from trainables.models import (CheckpointError, build_var, build_vqvae, load_var, load_vqvae, resize_class_embedding,
                                save_var, save_vqvae)
+from trainables.models.checkpoints import sidecar_path
 from trainables.pretrain import Schedule, encode_tokens, reconstruction_mse, token_nll, train_var, train_vqvae
 
 
@@ -58,7 +59,7 @@ def _base_models(config: DemoConfig, out: Path, source: offline.ImageSet):
     try:
         vqvae = load_vqvae(vqvae_path, **config.vqvae)
         var = load_var(var_path, **var_layout)
-        if json.loads((Path(f"{var_path}.json")).read_text())["metadata"].get("demo") == config.base_record():
+        if json.loads(sidecar_path(var_path).read_text())["metadata"].get("demo") == config.base_record():
             print(f"reusing the base models in {out / 'base'}", flush=True)
             return vqvae, var, {}
     except (CheckpointError, OSError, KeyError, json.JSONDecodeError):
@@ -122,7 +123,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (reused base models live in OUT/base)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     summary = run_demo(DemoConfig(), args.out)
     print(json.dumps(summary["metrics"], indent=1))
     print(f"done in {summary['wall_seconds']} s; sample grids and summary.json in {args.out}")

@@ -9,9 +9,6 @@ import torch
 from conftest import TINY_VAR, TINY_VQVAE
 from trainables.models import CheckpointError, load_var, load_vqvae, resize_class_embedding, save_var, save_vqvae
 
-VAR_LAYOUT = {k: v for k, v in TINY_VAR.items()}
-
-
 def _outputs(var, vqvae):
     torch.manual_seed(1)
     img = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -25,7 +22,7 @@ def _outputs(var, vqvae):
 def test_round_trip_gives_identical_outputs(tmp_path, tiny_var, tiny_vqvae):
     save_var(tiny_var, tmp_path / "var.pth", metadata={"trial": {"lr": 1e-3}})
     save_vqvae(tiny_vqvae, tmp_path / "vqvae.pth")
-    var = load_var(tmp_path / "var.pth", **VAR_LAYOUT)
+    var = load_var(tmp_path / "var.pth", **TINY_VAR)
     vqvae = load_vqvae(tmp_path / "vqvae.pth", **TINY_VQVAE)
     for before, after in zip(_outputs(tiny_var, tiny_vqvae), _outputs(var.eval(), vqvae)):
         if isinstance(before, list):
@@ -45,14 +42,14 @@ def test_saved_file_is_a_plain_state_dict_in_official_order(tmp_path, tiny_var):
 
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint file"):
-        load_var(tmp_path / "absent.pth", **VAR_LAYOUT)
+        load_var(tmp_path / "absent.pth", **TINY_VAR)
 
 
 def test_garbage_file(tmp_path):
     path = tmp_path / "garbage.pth"
     path.write_bytes(b"\x00not a checkpoint" * 100)
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        load_var(path, **VAR_LAYOUT)
+        load_var(path, **TINY_VAR)
 
 
 def test_truncated_file(tmp_path, tiny_vqvae):
@@ -68,14 +65,14 @@ def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "object.pth"
     torch.save({"model": torch.nn.Linear(2, 2)}, path)
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        load_var(path, **VAR_LAYOUT)
+        load_var(path, **TINY_VAR)
 
 
 def test_nested_checkpoint_is_named(tmp_path, tiny_var):
     path = tmp_path / "nested.pth"
     torch.save({"model": tiny_var.state_dict(), "epoch": 3}, path)
     with pytest.raises(CheckpointError, match="flat state dict") as err:
-        load_var(path, **VAR_LAYOUT)
+        load_var(path, **TINY_VAR)
     assert "model (OrderedDict)" in str(err.value)
 
 
@@ -83,10 +80,10 @@ def test_mismatched_architecture_lists_keys(tmp_path, tiny_var):
     path = tmp_path / "var.pth"
     torch.save(tiny_var.state_dict(), path)  # no sidecar: the state dict itself is checked
     with pytest.raises(CheckpointError) as err:
-        load_var(path, **(VAR_LAYOUT | {"depth": 3}))
+        load_var(path, **(TINY_VAR | {"depth": 3}))
     assert "missing keys" in str(err.value) and "blocks.2.attn.mat_qkv.weight" in str(err.value)
     with pytest.raises(CheckpointError) as err:
-        load_var(path, **(VAR_LAYOUT | {"num_classes": 7}))
+        load_var(path, **(TINY_VAR | {"num_classes": 7}))
     assert "mis-shaped keys" in str(err.value) and "class_emb.weight [6, 64] (expected [8, 64])" in str(err.value)
 
 
@@ -97,19 +94,19 @@ def test_unexpected_and_non_finite_values(tmp_path, tiny_var):
     path = tmp_path / "var.pth"
     torch.save(state, path)
     with pytest.raises(CheckpointError) as err:
-        load_var(path, **VAR_LAYOUT)
+        load_var(path, **TINY_VAR)
     assert "unexpected keys (1): extra.weight" in str(err.value) and "NaN/inf values (1): head.bias" in str(err.value)
 
 
 def test_other_patch_nums_are_detected(tmp_path):
     from trainables.models import build_var
 
-    var = build_var(**(VAR_LAYOUT | {"patch_nums": (1, 2, 3, 4)}))
+    var = build_var(**(TINY_VAR | {"patch_nums": (1, 2, 3, 4)}))
     state = var.state_dict()
     state["lvl_1L"] = torch.zeros_like(state["lvl_1L"])
     torch.save(state, tmp_path / "var.pth")
     with pytest.raises(CheckpointError, match="do not match patch_nums"):
-        load_var(tmp_path / "var.pth", **VAR_LAYOUT)
+        load_var(tmp_path / "var.pth", **TINY_VAR)
 
 
 def test_sidecar_detects_damage_and_architecture(tmp_path, tiny_var):
@@ -118,13 +115,13 @@ def test_sidecar_detects_damage_and_architecture(tmp_path, tiny_var):
     state["head.bias"] += 1.0
     torch.save(state, path)  # weights changed after saving, sidecar left behind
     with pytest.raises(CheckpointError, match="SHA-256"):
-        load_var(path, **VAR_LAYOUT)
+        load_var(path, **TINY_VAR)
     save_var(tiny_var, path)
     sidecar = json.loads((tmp_path / "var.pth.json").read_text())
     sidecar["architecture"]["drop_path_rate"] = 0.5
     (tmp_path / "var.pth.json").write_text(json.dumps(sidecar))
     with pytest.raises(CheckpointError, match="drop_path_rate"):
-        load_var(path, **VAR_LAYOUT)
+        load_var(path, **TINY_VAR)
 
 
 def test_resize_class_embedding_keeps_unconditional_row(tiny_var):
@@ -142,7 +139,7 @@ def test_resize_class_embedding_keeps_unconditional_row(tiny_var):
 def test_resized_model_round_trips(tmp_path, tiny_var):
     resize_class_embedding(tiny_var, 7, init="mean")
     save_var(tiny_var, tmp_path / "ft.pth")
-    var = load_var(tmp_path / "ft.pth", **(VAR_LAYOUT | {"num_classes": 7}))
+    var = load_var(tmp_path / "ft.pth", **(TINY_VAR | {"num_classes": 7}))
     assert torch.equal(var.class_emb.weight, tiny_var.class_emb.weight)
     with pytest.raises(CheckpointError, match="another var architecture"):
-        load_var(tmp_path / "ft.pth", **VAR_LAYOUT)
+        load_var(tmp_path / "ft.pth", **TINY_VAR)

@@ -115,7 +115,7 @@ def _load_into(path: str | os.PathLike, *, build_meta: Callable[[], nn.Module], 
     model = build_meta()
     check_state_dict(state, model.state_dict(), finite_keys={name for name, _ in model.named_parameters()}, path=path, what=what)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device or "cpu", dtype=dtype) if dtype is not None else model.to(device=device or "cpu")
+    return model.to(device=device or "cpu", dtype=dtype)
 
 
 def load_vqvae(path: str | os.PathLike, *, vocab_size: int = 4096, z_channels: int = 32, ch: int = 160,
