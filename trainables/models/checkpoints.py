@@ -197,21 +197,25 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _save(model: nn.Module, path: str | os.PathLike, *, kind: str, metadata: Mapping[str, Any] | None) -> Path:
+def save_tensors(path: str | os.PathLike, state: Mapping[str, torch.Tensor], *, kind: str, architecture: Mapping[str, Any],
+                 metadata: Mapping[str, Any] | None) -> Path:
+    """Atomically write a flat tensor dict plus its ``<path>.json`` sidecar (kind, architecture, SHA-256, metadata)."""
     path = Path(path)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
-    record = {"format": SIDECAR_FORMAT, "kind": kind, "architecture": _normalised(model.architecture),
+    record = {"format": SIDECAR_FORMAT, "kind": kind, "architecture": _normalised(architecture),
               "sha256": file_sha256(path), "metadata": dict(metadata or {})}
     _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True)))
     return path
 
 
-def save_var(var: VAR, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
+def save_var(var: VAR, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,
+             state: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write ``var``'s state dict in the official layout (loadable by the original code) plus ``<path>.json``
-    with the architecture, SHA-256 and ``metadata`` (e.g. the trial config). Atomic."""
-    return _save(var, path, kind="var", metadata=metadata)
+    with the architecture, SHA-256 and ``metadata`` (e.g. the trial config). Atomic. ``state`` overrides the
+    module's own state dict (a patched model passes its official-layout state)."""
+    return save_tensors(path, var.state_dict() if state is None else state, kind="var", architecture=var.architecture, metadata=metadata)
 
 
 def save_vqvae(vqvae: VQVAE, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
-    return _save(vqvae, path, kind="vqvae", metadata=metadata)
+    return save_tensors(path, vqvae.state_dict(), kind="vqvae", architecture=vqvae.architecture, metadata=metadata)

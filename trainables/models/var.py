@@ -87,18 +87,25 @@ class SelfAttention(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, *, attn_bias_11LL: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, L, C = x_BLC.shape
-        qkv_bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv_BL3Hc = (self.mat_qkv(x_BLC) + qkv_bias_3C).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv_BL3Hc = self.add_qkv_bias(self.mat_qkv(x_BLC)).view(B, L, 3, self.num_heads, self.head_dim)
         q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:
-            scale_mul_1H11 = self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
-            q_BHLc = F.normalize(q_BHLc, dim=-1).mul(scale_mul_1H11)
+            q_BHLc = self.scale_queries(F.normalize(q_BHLc, dim=-1))
             k_BHLc = F.normalize(k_BHLc, dim=-1)
         if kv_cache is not None:
             k_BHLc, v_BHLc = kv_cache.extend(k_BHLc, v_BHLc)
         mask = None if attn_bias_11LL is None else attn_bias_11LL.to(q_BHLc.dtype)
         out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=mask, scale=self.scale)
         return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
+
+    # The two uses of this module's own parameters are methods so that an instance can route them through small
+    # submodules (trainables/patches.py does, for per-sample gradients) without changing the numbers.
+    def add_qkv_bias(self, qkv_BL3C: torch.Tensor) -> torch.Tensor:
+        return qkv_BL3C + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+
+    def scale_queries(self, q_BHLc: torch.Tensor) -> torch.Tensor:
+        """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``."""
+        return q_BHLc * self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
 
 
 class SharedAdaLin(nn.Linear):
@@ -238,10 +245,20 @@ class VAR(nn.Module):
         """(token embeddings [B, L, C], class condition [B, C])."""
         B = label_B.shape[0]
         cond_BC = self.class_emb(label_B)
-        sos_BlC = cond_BC[:, None].expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+        sos_BlC = self.add_start_position(cond_BC[:, None].expand(B, self.first_l, -1))
         words_BLC = self.word_embed(x_BLCv_wo_first_l.to(self.word_embed.weight.dtype))
         x_BLC = torch.cat((sos_BlC, words_BLC), dim=1)
-        return x_BLC + self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC, cond_BC
+        return self.add_positions(x_BLC + self.lvl_embed(self.lvl_1L.expand(B, -1))), cond_BC
+
+    # The root module's own parameters are used only here, so an instance can route them through submodules
+    # (trainables/patches.py) and per-sample-gradient tools never treat the whole VAR as one layer.
+    def add_start_position(self, sos_BlC: torch.Tensor) -> torch.Tensor:
+        """Start tokens [B, first_l, C] plus the learned start position."""
+        return sos_BlC + self.pos_start
+
+    def add_positions(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, L, C] (or the first l of them) plus the learned absolute positions."""
+        return x_BLC + self.pos_1LC[:, : x_BLC.shape[1]]
 
     def logits(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(x_BLC, cond_BC)).float()
@@ -291,8 +308,8 @@ class VAR(nn.Module):
         B, S, full = label_B.shape[0], len(self.patch_nums), self.patch_nums[-1]
         cond_2BC = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.unconditional_label))))
         block_cond = self.shared_ada_lin(cond_2BC)
-        lvl_pos_1LC = self.lvl_embed(self.lvl_1L) + self.pos_1LC
-        next_2BlC = cond_2BC[:, None].expand(-1, self.first_l, -1) + self.pos_start + lvl_pos_1LC[:, : self.first_l]
+        lvl_pos_1LC = self.add_positions(self.lvl_embed(self.lvl_1L))
+        next_2BlC = self.add_start_position(cond_2BC[:, None].expand(-1, self.first_l, -1)) + lvl_pos_1LC[:, : self.first_l]
         caches = [KVCache() for _ in self.blocks]
         f_hat_BChw = cond_2BC.new_zeros(B, self.z_channels, full, full)
         cur = 0

@@ -1,0 +1,165 @@
+"""Named patches that make a VAR instance acceptable to per-sample-gradient tools (Opacus) without changing its numbers.
+
+Opacus computes per-sample gradients per module, from the inputs it saw and the gradients of its outputs. A
+module that owns parameters directly and has no per-sample-gradient rule is handed to functorch as a whole, with
+only its positional inputs: for the root VAR (owner of ``pos_start``/``pos_1LC``) that means treating the entire
+model as one layer (a per-sample copy of every weight, the published study's defect), and for ``SelfAttention``
+(owner of ``q_bias``/``v_bias``/``scale_mul_1H11``) it means re-running attention without its keyword-only causal
+mask. Each patch below moves such parameters into a tiny module with an exact per-sample-gradient rule. The
+Parameter objects themselves move (no copies), so optimiser state and tied references stay valid.
+
+Patches act on one instance (never on the class) and are recorded in ``var.applied_patches``;
+``official_state_dict`` maps a patched (and merged, unwrapped) model back to the official key layout.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from opacus.grad_sample import register_grad_sampler
+from torch import nn
+
+from .models.var import MAX_LOG_SCALE_MUL, VAR, SelfAttention
+
+
+class AddParameter(nn.Module):
+    """``x + weight`` with ``weight`` [1, ...] broadcast over the batch (and over any other size-1 dim)."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x_B: torch.Tensor) -> torch.Tensor:
+        return x_B + self.weight[:, : x_B.shape[1]] if self.weight.ndim > 1 else x_B + self.weight
+
+
+class QKVBias(nn.Module):
+    """Adds (q_bias, 0, v_bias) to the fused qkv projection [B, L, 3C]; keys get no bias."""
+
+    def __init__(self, q_bias: nn.Parameter, v_bias: nn.Parameter):
+        super().__init__()
+        self.q_bias, self.v_bias = q_bias, v_bias
+
+    def forward(self, qkv_BL3C: torch.Tensor) -> torch.Tensor:
+        # No buffer here: Opacus refuses trainable modules that hold buffers; zeros are made per call instead.
+        return qkv_BL3C + torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+
+
+class HeadScale(nn.Module):
+    """Multiplies unit queries [B, H, L, c] by ``exp(min(scale_mul_1H11, ln 100))`` per head."""
+
+    def __init__(self, scale_mul_1H11: nn.Parameter):
+        super().__init__()
+        self.scale_mul_1H11 = scale_mul_1H11
+
+    def forward(self, q_BHLc: torch.Tensor) -> torch.Tensor:
+        return q_BHLc * self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
+
+
+@register_grad_sampler(AddParameter)
+def _add_parameter_grad_sample(layer: AddParameter, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """d(x + w)/dw per example: the output gradient summed over the dims that ``w`` broadcasts along."""
+    weight = layer.weight
+    g_B = backprops
+    if weight.ndim > 1 and backprops.shape[1] < weight.shape[1]:  # only the first l positions were used
+        g_B = torch.nn.functional.pad(g_B, (0, 0) * (g_B.ndim - 2) + (0, weight.shape[1] - g_B.shape[1]))
+    for dim in range(1, weight.ndim):
+        if weight.shape[dim] == 1 and g_B.shape[dim] != 1:
+            g_B = g_B.sum(dim, keepdim=True)
+    return {weight: g_B.reshape(g_B.shape[0], *weight.shape)} if weight.requires_grad else {}
+
+
+@register_grad_sampler(QKVBias)
+def _qkv_bias_grad_sample(layer: QKVBias, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    g_B3C = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1]).sum(1)
+    C = layer.q_bias.shape[0]
+    grads = {layer.q_bias: g_B3C[:, :C], layer.v_bias: g_B3C[:, 2 * C:]}
+    return {p: g for p, g in grads.items() if p.requires_grad}
+
+
+@register_grad_sampler(HeadScale)
+def _head_scale_grad_sample(layer: HeadScale, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """d(q * exp(s))/ds = q * exp(s) where s < ln 100 (clamp passes no gradient above its bound)."""
+    s_1H11 = layer.scale_mul_1H11
+    if not s_1H11.requires_grad:
+        return {}
+    out_BHLc = activations[0] * s_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
+    g_BH11 = (backprops * out_BHLc).sum(dim=(2, 3), keepdim=True) * (s_1H11 <= MAX_LOG_SCALE_MUL).to(backprops.dtype)
+    return {s_1H11: g_BH11.unsqueeze(1)}
+
+
+def _move_parameter(owner: nn.Module, name: str) -> nn.Parameter:
+    param = owner._parameters.pop(name)
+    if param is None:
+        raise ValueError(f"{type(owner).__name__}.{name} is not a parameter (already patched?)")
+    return param
+
+
+def positions_as_modules(var: VAR) -> None:
+    """Root-owned ``pos_start`` [1, first_l, C] and ``pos_1LC`` [1, L, C] -> ``pos_start_add.weight`` and
+    ``pos_1LC_add.weight``; ``add_start_position``/``add_positions`` call those modules."""
+    var.pos_start_add = AddParameter(_move_parameter(var, "pos_start"))
+    var.pos_1LC_add = AddParameter(_move_parameter(var, "pos_1LC"))
+    # Instance attributes shadow the class methods of the same name (plain setattr would register them twice).
+    object.__setattr__(var, "add_start_position", var.pos_start_add)
+    object.__setattr__(var, "add_positions", var.pos_1LC_add)
+
+
+def attention_parameters_as_modules(var: VAR) -> None:
+    """Each block's ``attn.q_bias``/``v_bias`` -> ``attn.qkv_bias.{q,v}_bias`` and ``attn.scale_mul_1H11`` ->
+    ``attn.head_scale.scale_mul_1H11``; the key bias stays a (zero) buffer of the attention module."""
+    for module in var.modules():
+        if not isinstance(module, SelfAttention):
+            continue
+        module.qkv_bias = QKVBias(_move_parameter(module, "q_bias"), _move_parameter(module, "v_bias"))
+        object.__setattr__(module, "add_qkv_bias", module.qkv_bias)
+        if module.attn_l2_norm:
+            module.head_scale = HeadScale(_move_parameter(module, "scale_mul_1H11"))
+            object.__setattr__(module, "scale_queries", module.head_scale)
+
+
+# name -> (patch function, {patched key fragment: official key fragment})
+PATCHES: dict[str, tuple[Callable[[VAR], None], dict[str, str]]] = {
+    "positions_as_modules": (positions_as_modules, {"pos_start_add.weight": "pos_start", "pos_1LC_add.weight": "pos_1LC"}),
+    "attention_parameters_as_modules": (attention_parameters_as_modules, {
+        "attn.qkv_bias.q_bias": "attn.q_bias", "attn.qkv_bias.v_bias": "attn.v_bias",
+        "attn.head_scale.scale_mul_1H11": "attn.scale_mul_1H11"}),
+}
+OPACUS_PATCHES = ("positions_as_modules", "attention_parameters_as_modules")
+
+
+def apply_patches(var: VAR, names: tuple[str, ...] = OPACUS_PATCHES) -> VAR:
+    """Apply the named patches once each (idempotent) and return the same instance."""
+    if var.shared_aln:
+        raise NotImplementedError("per-sample-gradient patches do not cover shared_aln=True VARs (ada_gss); "
+                                  "the official VAR-d16..d30 checkpoints use shared_aln=False")
+    applied = var.__dict__.setdefault("applied_patches", [])
+    for name in names:
+        if name not in PATCHES:
+            raise KeyError(f"unknown patch {name!r}; known: {sorted(PATCHES)}")
+        if name not in applied:
+            PATCHES[name][0](var)
+            applied.append(name)
+    return var
+
+
+def official_state_dict(var: VAR) -> dict[str, torch.Tensor]:
+    """State dict in the official key layout (order included) of a patched, adapter-free VAR."""
+    renames = {}
+    for name in var.__dict__.get("applied_patches", []):
+        renames.update(PATCHES[name][1])
+    state = {}
+    for key, value in var.state_dict().items():
+        for patched, official in renames.items():
+            if key == patched or key.endswith("." + patched):
+                key = key[: len(key) - len(patched)] + official
+        state[key] = value
+    order = _official_order(var)
+    return {key: state[key] for key in order}
+
+
+def _official_order(var: VAR) -> list[str]:
+    with torch.device("meta"):
+        reference = VAR(**var.architecture)
+    return list(reference.state_dict())
+
