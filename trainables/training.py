@@ -51,6 +51,29 @@ def var_loss(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, idx_Bl: Sequence[tor
     return token_cross_entropy(var(label_B, x_BLCv_wo_first_l), target_BL).mean()
 
 
+def scale_loss_weights(patch_nums: Sequence[int], *, decay: float = 1.0) -> torch.Tensor:
+    """Per-token weights [L] giving scale s the weight ``decay**s`` (s = 0 is the coarsest), normalised to mean 1
+    over tokens, so ``decay=1`` is the plain token mean and ``decay<1`` emphasises the coarse scales."""
+    if not decay > 0:
+        raise ValueError(f"scale-weight decay must be > 0, got {decay}")
+    weights_L = torch.cat([torch.full((pn * pn,), float(decay) ** si) for si, pn in enumerate(patch_nums)])
+    return weights_L / weights_L.mean()
+
+
+def view_losses(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, idx_views: Sequence[torch.Tensor], *, class_dropout: float,
+                token_weights_L: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Loss of every augmented view [B, k]: ``idx_views`` holds per scale the token maps [B, k, pn*pn] of k views
+    of each example. All B*k views go through one batched forward (rows example-major); class dropout is drawn
+    once per example and shared by its views. ``token_weights_L`` weights the token mean (see scale_loss_weights)."""
+    B, k = idx_views[0].shape[:2]
+    label_B = apply_class_dropout(label_B, rate=class_dropout, unconditional_label=var.unconditional_label, generator=generator)
+    x_RLCv, target_RL = teacher_forcing_batch(vqvae, [idx_Bkl.reshape(B * k, -1) for idx_Bkl in idx_views])
+    ce_RL = token_cross_entropy(var(label_B.repeat_interleave(k), x_RLCv), target_RL)
+    if token_weights_L is not None:
+        ce_RL = ce_RL * token_weights_L.to(ce_RL.device)
+    return ce_RL.mean(dim=1).view(B, k)
+
+
 def is_no_decay(module: nn.Module, name: str, param: nn.Parameter) -> bool:
     """Biases, norm parameters, embeddings (class, level), positional and attention-scale parameters are not
     decayed (the published study decayed embeddings and biases)."""

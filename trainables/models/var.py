@@ -248,7 +248,8 @@ class VAR(nn.Module):
         sos_BlC = self.add_start_position(cond_BC[:, None].expand(B, self.first_l, -1))
         words_BLC = self.word_embed(x_BLCv_wo_first_l.to(self.word_embed.weight.dtype))
         x_BLC = torch.cat((sos_BlC, words_BLC), dim=1)
-        return self.add_positions(x_BLC + self.lvl_embed(self.lvl_1L.expand(B, -1))), cond_BC
+        # contiguous level ids: per-sample-gradient tools reshape an embedding's input with view()
+        return self.add_positions(x_BLC + self.lvl_embed(self.lvl_1L.expand(B, -1).contiguous())), cond_BC
 
     # The root module's own parameters are used only here, so an instance can route them through submodules
     # (trainables/patches.py) and per-sample-gradient tools never treat the whole VAR as one layer.

@@ -1,0 +1,276 @@
+"""DP-SGD for VAR adaptation through Opacus: calibration, Poisson sampling, per-example clipping with augmentation
+multiplicity, physical (virtual) batches, DP-DDP and the privacy ledger.
+
+The privacy unit is one training example. Each step samples every example independently with probability q
+(Poisson), computes for each sampled example the average gradient over its k augmented views, clips that average
+to norm C once (so the sensitivity is C whatever k is), sums, adds N(0, (sigma C)^2) noise and divides by the
+expected batch size q N. sigma is calibrated so that the planned number of steps spends at most the target epsilon
+at delta (RDP accountant, cross-checked with PRV); training cannot take more steps than planned.
+
+Under DDP every rank draws the same global Poisson mask (shared seed) and takes its share of the selected
+examples, so the global batch and the ledger are exactly those of one process; only rank 0 adds noise
+(Opacus's ``DistributedDPOptimizer``) and the all-reduce averages the per-rank sums.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import opacus
+import torch
+import torch.distributed as dist
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from torch import nn
+
+CLIPPING_MODES = ("hooks", "ghost")
+ACCOUNTANTS = ("rdp", "prv")
+LEDGER_VERSION = 1
+
+
+class PrivacyConfigError(ValueError):
+    """An impossible or unsafe privacy setting, raised before any compute is spent."""
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """DP-SGD settings of one trial.
+
+    target_epsilon: budget for the whole training; sampling_rate: Poisson rate q in (0, 1]; max_grad_norm: C;
+    delta: None means 1/N; augmentation_multiplicity: k views averaged per example before clipping;
+    physical_batch_size: examples per forward/backward (k rows each), bounds memory for any expected batch;
+    clipping: "hooks" (per-sample gradients) or "ghost" (Opacus ghost clipping, k = 1 only);
+    allow_delta_at_least_inverse_n: permit delta >= 1/N (a mechanism that may release a whole example).
+    """
+
+    target_epsilon: float
+    sampling_rate: float
+    max_grad_norm: float
+    delta: float | None = None
+    augmentation_multiplicity: int = 1
+    physical_batch_size: int = 32
+    accountant: str = "rdp"
+    clipping: str = "hooks"
+    allow_delta_at_least_inverse_n: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def validate_privacy(spec: PrivacySpec, *, dataset_size: int, planned_steps: int) -> float:
+    """Raise ``PrivacyConfigError`` naming the field for an impossible setting; return the resolved delta."""
+    problems = []
+    if not (spec.target_epsilon > 0 and math.isfinite(spec.target_epsilon)):
+        problems.append(f"target_epsilon must be a finite number > 0, got {spec.target_epsilon}")
+    if not 0.0 < spec.sampling_rate <= 1.0:
+        problems.append(f"sampling_rate q must be in (0, 1], got {spec.sampling_rate}")
+    if not spec.max_grad_norm > 0:
+        problems.append(f"max_grad_norm C must be > 0, got {spec.max_grad_norm}")
+    if spec.augmentation_multiplicity < 1:
+        problems.append(f"augmentation_multiplicity k must be >= 1, got {spec.augmentation_multiplicity}")
+    if spec.physical_batch_size < 1:
+        problems.append(f"physical_batch_size must be >= 1, got {spec.physical_batch_size}")
+    if spec.accountant not in ACCOUNTANTS:
+        problems.append(f"accountant must be one of {ACCOUNTANTS}, got {spec.accountant!r}")
+    if spec.clipping not in CLIPPING_MODES:
+        problems.append(f"clipping must be one of {CLIPPING_MODES}, got {spec.clipping!r}")
+    if spec.clipping == "ghost" and spec.augmentation_multiplicity != 1:
+        problems.append("clipping='ghost' cannot average gradients over augmented views before clipping; "
+                        f"use clipping='hooks' for augmentation_multiplicity={spec.augmentation_multiplicity}")
+    if dataset_size < 1 or planned_steps < 1:
+        problems.append(f"need a non-empty dataset and >= 1 planned step, got N={dataset_size}, steps={planned_steps}")
+    delta = 1.0 / max(dataset_size, 1) if spec.delta is None else spec.delta
+    if not 0.0 < delta < 1.0:
+        problems.append(f"delta must be in (0, 1), got {delta}")
+    elif delta >= 1.0 / max(dataset_size, 1) and spec.delta is not None and not spec.allow_delta_at_least_inverse_n:
+        problems.append(f"delta={delta} >= 1/N = {1.0 / dataset_size:.3g}; set allow_delta_at_least_inverse_n=True to accept it")
+    if problems:
+        raise PrivacyConfigError("invalid privacy settings:\n  - " + "\n  - ".join(problems))
+    return delta
+
+
+def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sampling_rate: float, steps: int,
+                               accountant: str = "rdp") -> float:
+    """Smallest sigma (to Opacus's tolerance 0.01 in epsilon) whose ``steps`` Poisson-subsampled Gaussian steps
+    spend at most ``target_epsilon`` at ``delta``."""
+    try:
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sampling_rate,
+                                          steps=steps, accountant=accountant))
+    except ValueError as err:
+        raise PrivacyConfigError(f"cannot reach epsilon={target_epsilon} at delta={delta} with q={sampling_rate} over "
+                                 f"{steps} steps: {err}") from err
+
+
+def epsilon_spent(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> dict[str, float]:
+    """Epsilon after ``steps`` steps by the RDP and the PRV accountant (0 for no steps)."""
+    if steps == 0:
+        return {"rdp": 0.0, "prv": 0.0}
+    spent = {}
+    for name, accountant in (("rdp", RDPAccountant()), ("prv", PRVAccountant())):
+        accountant.history = [(noise_multiplier, sampling_rate, steps)]
+        spent[name] = float(accountant.get_epsilon(delta=delta))
+    return spent
+
+
+def poisson_batch(num_examples: int, sampling_rate: float, *, generator: torch.Generator, rank: int = 0,
+                  world_size: int = 1) -> torch.Tensor:
+    """Indices [b] of this rank's share of one Poisson-sampled global batch. Every rank must pass a generator in
+    the same state: they draw the same global mask and split the selected examples round-robin."""
+    selected_N = torch.rand(num_examples, generator=generator) < sampling_rate
+    return selected_N.nonzero().flatten()[rank::world_size]
+
+
+@dataclass
+class PrivateTraining:
+    """Everything DP-SGD needs between steps: the per-sample-gradient module, the DP optimiser, the schedule
+    and the record of what was spent."""
+
+    module: nn.Module
+    optimizer: DPOptimizer
+    spec: PrivacySpec
+    noise_multiplier: float
+    delta: float
+    dataset_size: int
+    planned_steps: int
+    world_size: int = 1
+    rank: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.batch_sizes)
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.spec.sampling_rate * self.dataset_size
+
+    @property
+    def budget_left(self) -> bool:
+        return self.steps < self.planned_steps
+
+
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: PrivacySpec, dataset_size: int,
+                 planned_steps: int, noise_generator: torch.Generator | None = None) -> PrivateTraining:
+    """Wrap an adapted model and its optimiser for DP-SGD. Validates first; calibrates sigma for ``planned_steps``.
+    Under an initialised process group the model is synchronised from rank 0 and gradients are all-reduced."""
+    delta = validate_privacy(spec, dataset_size=dataset_size, planned_steps=planned_steps)
+    sigma = calibrate_noise_multiplier(target_epsilon=spec.target_epsilon, delta=delta, sampling_rate=spec.sampling_rate,
+                                       steps=planned_steps, accountant=spec.accountant)
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    if world_size > 1:
+        _broadcast_parameters(model)
+    # Gradients are averaged over the expected *global* batch; each rank divides by its share before the all-reduce sum / W.
+    expected_per_rank = spec.sampling_rate * dataset_size / world_size
+    common = dict(noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm, expected_batch_size=expected_per_rank,
+                  loss_reduction="mean", generator=noise_generator)
+    if spec.clipping == "ghost":
+        if world_size > 1:
+            raise PrivacyConfigError("ghost clipping under DDP is not wired here; use clipping='hooks' with several workers")
+        module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                      max_grad_norm=spec.max_grad_norm, use_ghost_clipping=True)
+        dp_optimizer = DPOptimizerFastGradientClipping(optimizer, **common)
+    else:
+        module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+        dp_optimizer = (DistributedDPOptimizer if world_size > 1 else DPOptimizer)(optimizer, **common)
+    return PrivateTraining(module=module, optimizer=dp_optimizer, spec=spec, noise_multiplier=sigma, delta=delta,
+                           dataset_size=dataset_size, planned_steps=planned_steps, world_size=world_size, rank=rank)
+
+
+def _broadcast_parameters(model: nn.Module) -> None:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+# loss_fn(chunk of example indices [b]) -> per-view losses [b, k] (each example's k views; labels dropped once per example)
+ViewLossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def private_step(state: PrivateTraining, indices: torch.Tensor, loss_fn: ViewLossFn, *,
+                 public_grad_fn: Callable[[], None] | None = None) -> dict[str, float]:
+    """One DP-SGD step over this rank's examples ``indices`` (possibly none), in physical chunks.
+
+    ``public_grad_fn`` may add gradients that depend on no private example (e.g. a distillation term on
+    generated samples) to ``p.grad`` after noising. Returns the number of examples in the global batch and the
+    noised mean training loss of nothing: no per-example statistic leaves this function.
+    """
+    if not state.budget_left:
+        raise RuntimeError(f"privacy budget exhausted: {state.steps} of {state.planned_steps} planned steps done")
+    optimizer, chunk = state.optimizer, state.spec.physical_batch_size
+    starts = list(range(0, len(indices), chunk)) or [0]
+    for i, start in enumerate(starts):
+        part = indices[start: start + chunk]
+        _accumulate_clipped(state, part, loss_fn)
+        if i < len(starts) - 1:
+            optimizer.signal_skip_step(do_skip=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    stepped = optimizer.pre_step()
+    if not stepped:
+        raise RuntimeError("DP optimiser skipped its final step: physical-batch bookkeeping is inconsistent")
+    if state.world_size > 1:
+        optimizer.reduce_gradients()
+    if public_grad_fn is not None:
+        public_grad_fn()
+    optimizer.original_optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    global_batch = _global_count(len(indices), world_size=state.world_size, device=indices.device)
+    state.batch_sizes.append(global_batch)
+    return {"batch_size": float(global_batch)}
+
+
+def _accumulate_clipped(state: PrivateTraining, part: torch.Tensor, loss_fn: ViewLossFn) -> None:
+    """Forward/backward one physical chunk and leave per-example gradients (averaged over views) for clipping."""
+    if len(part) == 0:
+        _empty_chunk(state)
+        return
+    loss_bk = loss_fn(part)
+    if loss_bk.ndim != 2 or loss_bk.shape[0] != len(part):
+        raise ValueError(f"loss_fn must return per-view losses [b, k] for b={len(part)} examples, got {list(loss_bk.shape)}")
+    if state.spec.clipping == "ghost":
+        DPTensorFastGradientClipping(state.module, state.optimizer, loss_bk[:, 0], "mean").backward()
+        return
+    loss_bk.sum().backward()
+    b, k = loss_bk.shape
+    for p in state.optimizer.params:
+        if p.grad_sample is None:
+            raise RuntimeError("a trainable parameter received no per-sample gradient (not used in the forward?)")
+        # rows are example-major (b0v0, b0v1, ...): the mean over an example's views is its gradient of the view-mean loss
+        p.grad_sample = p.grad_sample.view(b, k, *p.shape).mean(dim=1)
+
+
+def _empty_chunk(state: PrivateTraining) -> None:
+    # An empty Poisson batch still takes a (pure noise) step: skipping it would change the privacy analysis.
+    for p in state.optimizer.params:
+        if state.spec.clipping == "ghost":
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+
+
+def _global_count(local: int, *, world_size: int, device: torch.device) -> int:
+    if world_size == 1:
+        return local
+    count = torch.tensor([local], dtype=torch.long, device=device)
+    dist.all_reduce(count)
+    return int(count.item())
+
+
+def privacy_ledger(state: PrivateTraining) -> dict:
+    """What the trial spent, for the result file. No per-example quantity appears here."""
+    spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=state.spec.sampling_rate,
+                          steps=state.steps, delta=state.delta)
+    return {
+        "ledger_version": LEDGER_VERSION,
+        "epsilon_rdp": spent["rdp"], "epsilon_prv": spent["prv"], "target_epsilon": state.spec.target_epsilon,
+        "delta": state.delta, "noise_multiplier": state.noise_multiplier, "sampling_rate": state.spec.sampling_rate,
+        "steps": state.steps, "planned_steps": state.planned_steps, "dataset_size": state.dataset_size,
+        "expected_batch_size": state.expected_batch_size, "actual_batch_sizes": list(state.batch_sizes),
+        "max_grad_norm": state.spec.max_grad_norm, "augmentation_multiplicity": state.spec.augmentation_multiplicity,
+        "physical_batch_size": state.spec.physical_batch_size, "clipping": state.spec.clipping,
+        "calibration_accountant": state.spec.accountant, "world_size": state.world_size,
+        "accountants": {"rdp": f"opacus {opacus.__version__} RDPAccountant", "prv": f"opacus {opacus.__version__} PRVAccountant"},
+    }
