@@ -143,19 +143,19 @@ def apply_patches(var: VAR, names: tuple[str, ...] = OPACUS_PATCHES) -> VAR:
     return var
 
 
+def official_key(var: VAR, key: str) -> str:
+    """The official name of a (parameter or buffer) key of a patched VAR."""
+    for name in var.__dict__.get("applied_patches", []):
+        for patched, official in PATCHES[name][1].items():
+            if key == patched or key.endswith("." + patched):
+                return key[: len(key) - len(patched)] + official
+    return key
+
+
 def official_state_dict(var: VAR) -> dict[str, torch.Tensor]:
     """State dict in the official key layout (order included) of a patched, adapter-free VAR."""
-    renames = {}
-    for name in var.__dict__.get("applied_patches", []):
-        renames.update(PATCHES[name][1])
-    state = {}
-    for key, value in var.state_dict().items():
-        for patched, official in renames.items():
-            if key == patched or key.endswith("." + patched):
-                key = key[: len(key) - len(patched)] + official
-        state[key] = value
-    order = _official_order(var)
-    return {key: state[key] for key in order}
+    state = {official_key(var, key): value for key, value in var.state_dict().items()}
+    return {key: state[key] for key in _official_order(var)}
 
 
 def _official_order(var: VAR) -> list[str]:

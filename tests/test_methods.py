@@ -1,0 +1,181 @@
+"""Adaptation methods and per-sample-gradient patches: what trains, counts, adapter round trips, numeric equivalence."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY_VAR
+from trainables.methods import (AdaptationSpec, adapt, load_adapter, merge_adapters, official_export_state, parameter_counts,
+                                save_adapter, trainable_parameters)
+from trainables.models import CheckpointError, build_var, load_var
+from trainables.models.checkpoints import save_var
+from trainables.models.vqvae import OFFICIAL_PATCH_NUMS
+from trainables.patches import apply_patches, official_key, official_state_dict
+from trainables.training import build_optimizer
+
+NEW_CLASSES = 3
+SPECS = {
+    "full": AdaptationSpec(method="full", num_classes=NEW_CLASSES),
+    "lora": AdaptationSpec(method="lora", num_classes=NEW_CLASSES, lora_rank=4),
+    "lora_attention": AdaptationSpec(method="lora_attention", num_classes=NEW_CLASSES, lora_rank=4),
+    "lora_mlp": AdaptationSpec(method="lora_mlp", num_classes=NEW_CLASSES, lora_rank=4),
+    "ln_tuning": AdaptationSpec(method="ln_tuning", num_classes=NEW_CLASSES),
+    "full_block1": AdaptationSpec(method="full", num_classes=NEW_CLASSES, train_blocks=(1,)),
+    "lora_block0": AdaptationSpec(method="lora", num_classes=NEW_CLASSES, lora_rank=4, train_blocks=(0,)),
+    "ln_tuning_block1": AdaptationSpec(method="ln_tuning", num_classes=NEW_CLASSES, train_blocks=(1,)),
+}
+# Which base-module paths a spec may change (besides the new class embedding), as substrings of parameter names.
+EXPECTED_CHANGED = {
+    "full": None,  # everything
+    "lora": ("attn.mat_qkv.lora_", "attn.proj.lora_", "ffn.fc1.lora_", "ffn.fc2.lora_", "ada_lin.1.lora_"),
+    "lora_attention": ("attn.mat_qkv.lora_", "attn.proj.lora_"),
+    "lora_mlp": ("ffn.fc1.lora_", "ffn.fc2.lora_"),
+    "ln_tuning": ("ada_lin.1.ln_tuning_layers.",),
+    "full_block1": ("blocks.1.",),
+    "lora_block0": tuple(f"blocks.0.{p}" for p in ("attn.mat_qkv.lora_", "attn.proj.lora_", "ffn.fc1.lora_", "ffn.fc2.lora_", "ada_lin.1.lora_")),
+    "ln_tuning_block1": ("blocks.1.ada_lin.1.ln_tuning_layers.",),
+}
+
+
+def tiny_base(seed: int = 0) -> torch.nn.Module:
+    return build_var(**TINY_VAR, drop_path_rate=0.0, generator=torch.Generator().manual_seed(seed))
+
+
+def random_batch(B: int = 4, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    L, first_l = sum(pn * pn for pn in TINY_VAR["patch_nums"]), TINY_VAR["patch_nums"][0] ** 2
+    label_B = torch.randint(0, NEW_CLASSES, (B,), generator=g)
+    x_BLCv = torch.randn(B, L - first_l, TINY_VAR["z_channels"], generator=g)
+    target_BL = torch.randint(0, TINY_VAR["vocab_size"], (B, L), generator=g)
+    return label_B, x_BLCv, target_BL
+
+
+def train_steps(var, steps: int) -> list[dict[str, torch.Tensor]]:
+    """AdamW steps on a fixed batch; returns the gradients of the first step."""
+    optimizer = build_optimizer(var, lr=1e-2)
+    label_B, x_BLCv, target_BL = random_batch()
+    first_grads = {}
+    var.train()
+    for step in range(steps):
+        logits_BLV = var(label_B, x_BLCv)
+        loss = torch.nn.functional.cross_entropy(logits_BLV.flatten(0, 1), target_BL.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            first_grads = {n: p.grad.clone() for n, p in var.named_parameters() if p.grad is not None}
+        optimizer.step()
+    return first_grads
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_only_intended_parameters_change(name):
+    var = adapt(tiny_base(), SPECS[name])
+    before = {n: p.detach().clone() for n, p in var.named_parameters()}
+    first_grads = train_steps(var, 3)
+    changed = {n for n, p in var.named_parameters() if not torch.equal(p, before[n])}
+    trainable = set(trainable_parameters(var))
+    assert changed == trainable, f"changed but frozen: {sorted(changed - trainable)}; trainable but unchanged: {sorted(trainable - changed)}"
+    allowed = EXPECTED_CHANGED[name]
+    for param_name in trainable - {"class_emb.weight"}:
+        assert allowed is None or any(fragment in param_name for fragment in allowed), param_name
+    assert "class_emb.weight" in trainable and var.class_emb.weight.shape[0] == NEW_CLASSES + 1
+    # Every LoRA target gets gradient at the very first step (lora_B starts at zero, so its gradient must not be).
+    lora_b = [n for n in trainable if ".lora_B." in n]
+    assert all(first_grads[n].abs().sum() > 0 for n in lora_b)
+    if allowed is not None and name.startswith("lora"):
+        targets = {n.split(".lora_B.")[0] for n in lora_b}
+        assert len(targets) == len(lora_b) and targets  # one adapter pair per targeted module
+
+
+def test_selective_blocks_beyond_depth_fail():
+    with pytest.raises(ValueError, match="beyond the model's depth"):
+        adapt(tiny_base(), AdaptationSpec(method="lora", num_classes=3, train_blocks=(7,)))
+
+
+@pytest.mark.parametrize("bad", [dict(method="prefix"), dict(method="full", lora_targets=("attention",)),
+                                 dict(method="lora", lora_targets=("conv",)), dict(method="lora", lora_rank=0),
+                                 dict(method="full", train_blocks=())])
+def test_spec_validation(bad):
+    with pytest.raises(ValueError):
+        AdaptationSpec(num_classes=3, **bad)
+
+
+@pytest.mark.parametrize("depth, lora_without_class_embedding", [(16, 6_029_312), (20, 9_420_800)])
+def test_lora_parameter_counts_match_the_paper(depth, lora_without_class_embedding):
+    """Paper: LoRA d16 6.02-6.03M, d20 9.42M trainable at 1000-class shapes, class embedding excluded."""
+    var = build_var(depth=depth, num_classes=1000, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32, device="meta")
+    counts = parameter_counts(adapt(var, AdaptationSpec(method="lora", num_classes=1000)))
+    width = 64 * depth
+    assert counts["trainable_without_class_embedding"] == lora_without_class_embedding
+    assert counts["trainable"] == lora_without_class_embedding + 1001 * width
+    assert counts["base_total"] == {16: 310_283_520, 20: 600_917_136}[depth]
+
+
+@pytest.mark.parametrize("name", ["full", "lora", "ln_tuning", "lora_block0"])
+def test_adapter_round_trip_restores_the_fine_tuned_model(name, tmp_path):
+    base_path = save_var(tiny_base(), tmp_path / "base.pth")
+    var = adapt(load_var(base_path, **_load_args()), SPECS[name])
+    train_steps(var, 3)
+    save_adapter(var, tmp_path / "adapter.pt", metadata={"base_sha256": "recorded-by-caller"})
+    restored = load_adapter(load_var(base_path, **_load_args()), tmp_path / "adapter.pt")
+    label_B, x_BLCv, _ = random_batch(seed=1)
+    var.eval(), restored.eval()
+    assert torch.equal(var(label_B, x_BLCv), restored(label_B, x_BLCv))
+    # Merged adapters give the same function in the official layout, loadable as a plain VAR checkpoint.
+    expected_BLV = var(label_B, x_BLCv)
+    state = official_export_state(var)
+    assert list(state) == list(tiny_base().state_dict())
+    merged_path = save_var(var, tmp_path / "merged.pth", state=state)
+    merged = load_var(merged_path, **{**_load_args(), "num_classes": NEW_CLASSES}).eval()
+    torch.testing.assert_close(merged(label_B, x_BLCv), expected_BLV, rtol=1e-5, atol=1e-5)
+
+
+def _load_args() -> dict:
+    return {**TINY_VAR, "drop_path_rate": 0.0}
+
+
+def test_adapter_refuses_another_base(tmp_path):
+    var = adapt(tiny_base(), SPECS["lora"])
+    save_adapter(var, tmp_path / "adapter.pt")
+    other = build_var(**{**TINY_VAR, "embed_dim": 32}, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CheckpointError, match="another var-adapter architecture"):
+        load_adapter(other, tmp_path / "adapter.pt")
+
+
+def test_merge_is_numerically_equivalent():
+    for name in ("lora", "ln_tuning"):
+        var = adapt(tiny_base(), SPECS[name])
+        train_steps(var, 2)
+        label_B, x_BLCv, _ = random_batch(seed=2)
+        var.eval()
+        before_BLV = var(label_B, x_BLCv)
+        torch.testing.assert_close(merge_adapters(var)(label_B, x_BLCv), before_BLV, rtol=1e-5, atol=1e-5)
+        assert not any(".lora_" in n or "ln_tuning" in n for n, _ in var.named_parameters())
+
+
+def test_patches_are_numerically_equivalent(tiny_vqvae):
+    plain = tiny_base()
+    plain.train()
+    patched = apply_patches(copy.deepcopy(plain))
+    for module in patched.modules():
+        own = [n for n, p in module.named_parameters(recurse=False)]
+        assert type(module).__name__ not in ("VAR", "SelfAttention") or not own, f"{type(module).__name__} still owns {own}"
+    label_B, x_BLCv, target_BL = random_batch(seed=3)
+    out_plain, out_patched = plain(label_B, x_BLCv), patched(label_B, x_BLCv)
+    assert torch.equal(out_plain, out_patched)
+    loss = lambda out: torch.nn.functional.cross_entropy(out.flatten(0, 1), target_BL.flatten())  # noqa: E731
+    loss(out_plain).backward(), loss(out_patched).backward()
+    grads_plain = {n: p.grad for n, p in plain.named_parameters()}
+    grads_patched = {official_key(patched, n): p.grad for n, p in patched.named_parameters()}
+    assert grads_plain.keys() == grads_patched.keys()
+    for name in grads_plain:
+        assert torch.equal(grads_plain[name], grads_patched[name]), name
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), official_state_dict(patched).values()))
+    assert list(plain.state_dict()) == list(official_state_dict(patched))
+    kwargs = dict(vqvae=tiny_vqvae, cfg=1.5, top_k=10, top_p=0.9)
+    labels = torch.tensor([0, 1, 4])
+    a = plain.sample(labels, generator=torch.Generator().manual_seed(5), **kwargs)
+    b = patched.sample(labels, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert torch.equal(a, b)
