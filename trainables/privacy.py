@@ -105,15 +105,16 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sampling_
                                  f"{steps} steps: {err}") from err
 
 
-def epsilon_spent(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> dict[str, float]:
-    """Epsilon after ``steps`` steps by the RDP and the PRV accountant (0 for no steps)."""
+def epsilon_spent(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
+                  rdp_orders: list[float] | None = None) -> dict[str, float]:
+    """Epsilon after ``steps`` steps by the RDP (Opacus's default orders unless ``rdp_orders``) and the PRV
+    accountant (0 for no steps)."""
     if steps == 0:
         return {"rdp": 0.0, "prv": 0.0}
-    spent = {}
-    for name, accountant in (("rdp", RDPAccountant()), ("prv", PRVAccountant())):
-        accountant.history = [(noise_multiplier, sampling_rate, steps)]
-        spent[name] = float(accountant.get_epsilon(delta=delta))
-    return spent
+    rdp, prv = RDPAccountant(), PRVAccountant()
+    rdp.history = [(noise_multiplier, sampling_rate, steps)]
+    prv.history = [(noise_multiplier, sampling_rate, steps)]
+    return {"rdp": float(rdp.get_epsilon(delta=delta, alphas=rdp_orders)), "prv": float(prv.get_epsilon(delta=delta))}
 
 
 def poisson_batch(num_examples: int, sampling_rate: float, *, generator: torch.Generator, rank: int = 0,

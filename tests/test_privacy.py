@@ -1,0 +1,261 @@
+"""DP-SGD correctness: per-sample gradients, sensitivity, noise scale, accounting, validation, DP-DDP."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from scipy import special
+
+from conftest import TINY_VAR, TINY_VQVAE
+from trainables.methods import AdaptationSpec, adapt, trainable_parameters
+from trainables.models import build_var, build_vqvae
+from trainables.privacy import (PrivacyConfigError, PrivacySpec, _accumulate_clipped, epsilon_spent, make_private, poisson_batch,
+                                privacy_ledger, private_step, validate_privacy)
+from trainables.training import view_losses
+
+N, K_MAX, CLASSES = 24, 3, 3
+METHODS = ("full", "lora", "ln_tuning")
+
+
+def make_data(seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    label_N = torch.randint(0, CLASSES, (N,), generator=g)
+    views = [torch.randint(0, TINY_VQVAE["vocab_size"], (N, K_MAX, pn * pn), generator=g) for pn in TINY_VQVAE["patch_nums"]]
+    return label_N, views
+
+
+def make_vqvae() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_vqvae(**TINY_VQVAE).eval()
+
+
+def make_model(method: str) -> torch.nn.Module:
+    var = build_var(**TINY_VAR, drop_path_rate=0.0, generator=torch.Generator().manual_seed(0))
+    return adapt(var, AdaptationSpec(method=method, num_classes=CLASSES, lora_rank=4)).train()
+
+
+def loss_fn_for(var, vqvae, data, k: int):
+    label_N, views = data
+    return lambda part: view_losses(var, vqvae, label_N[part], [v[part][:, :k] for v in views], class_dropout=0.0)
+
+
+def reference_grads(var, vqvae, data, k: int, indices) -> dict[str, torch.Tensor]:
+    """Per-example gradients [B, ...] of the view-mean loss, one example at a time with plain autograd."""
+    var = copy.deepcopy(var)
+    loss_fn = loss_fn_for(var, vqvae, data, k)
+    grads = {name: [] for name in trainable_parameters(var)}
+    for i in indices:
+        var.zero_grad()
+        loss_fn(torch.tensor([i])).mean().backward()
+        for name, p in trainable_parameters(var).items():
+            grads[name].append(p.grad.clone())
+    return {name: torch.stack(g) for name, g in grads.items()}
+
+
+def spec(**overrides) -> PrivacySpec:
+    return PrivacySpec(**{**dict(target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, physical_batch_size=4), **overrides})
+
+
+@pytest.fixture(scope="module")
+def vqvae():
+    return make_vqvae()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_per_sample_gradients_equal_one_at_a_time(method, k, vqvae, data):
+    var = make_model(method)
+    indices = [0, 5, 7, 11]
+    expected = reference_grads(var, vqvae, data, k, indices)
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(augmentation_multiplicity=k), dataset_size=N, planned_steps=3)
+    _accumulate_clipped(state, torch.tensor(indices), loss_fn_for(var, vqvae, data, k))
+    for name, p in trainable_parameters(var).items():
+        torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ghost_clipping_norms_equal_one_at_a_time(method, vqvae, data):
+    var = make_model(method)
+    indices = [1, 2, 3, 9]
+    expected = reference_grads(var, vqvae, data, 1, indices)
+    norms_B = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()], dim=1).norm(dim=1)
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(clipping="ghost"), dataset_size=N, planned_steps=3)
+    _accumulate_clipped(state, torch.tensor(indices), loss_fn_for(var, vqvae, data, 1))
+    torch.testing.assert_close(state.module.per_sample_gradient_norms, norms_B, rtol=1e-4, atol=1e-6)
+
+
+def summed_clipped_gradient(var, vqvae, data, *, indices, k: int, clipping: str = "hooks", max_grad_norm: float,
+                            physical_batch_size: int = 4) -> torch.Tensor:
+    """The flat sum of clipped per-example gradients of one noiseless DP step (read before the optimiser step)."""
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), dataset_size=N, planned_steps=3,
+                         spec=spec(augmentation_multiplicity=k, clipping=clipping, max_grad_norm=max_grad_norm, physical_batch_size=physical_batch_size))
+    state.optimizer.noise_multiplier = 0.0
+    captured = []
+    capture = lambda: captured.append(torch.cat([p.grad.flatten() for p in state.optimizer.params]) * state.expected_batch_size)  # noqa: E731
+    private_step(state, torch.tensor(indices, dtype=torch.long), loss_fn_for(var, vqvae, data, k), public_grad_fn=capture)
+    return captured[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k, clipping", [(1, "hooks"), (3, "hooks"), (1, "ghost")])
+def test_sensitivity_of_one_adversarial_example_is_at_most_C(method, k, clipping, vqvae):
+    """Adding one example (add/remove adjacency, the one the accountant assumes) moves the noiseless summed
+    clipped gradient by at most C, however large that example's own gradient is; replacing one moves it by at most 2C."""
+    C = 1e-4
+    label_N, views = make_data(seed=1)
+    adversary = N - 1
+    views[-1][adversary] = 0  # a degenerate image: every token of the last scale is code 0
+    label_N[adversary] = CLASSES - 1
+    data = (label_N, views)
+    base = make_model(method)
+    raw = reference_grads(base, vqvae, data, k, [adversary])
+    raw_norm = torch.cat([g.flatten() for g in raw.values()]).norm()
+    assert raw_norm > 10 * C, raw_norm  # clipping is what bounds it
+    honest = list(range(8))
+    without = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=honest, k=k, clipping=clipping, max_grad_norm=C)
+    with_adv = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=honest + [adversary], k=k, clipping=clipping, max_grad_norm=C)
+    change = (with_adv - without).norm()
+    assert 0.5 * C < change <= C * (1 + 1e-4)
+    replaced = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=honest[:-1] + [adversary], k=k, clipping=clipping, max_grad_norm=C)
+    assert (replaced - without).norm() <= 2 * C * (1 + 1e-4)
+
+
+def test_physical_batches_do_not_change_the_sum(vqvae, data):
+    base = make_model("lora")
+    indices = list(range(0, N, 2))
+    one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=indices, k=2, max_grad_norm=0.05, physical_batch_size=64)
+    many = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=indices, k=2, max_grad_norm=0.05, physical_batch_size=3)
+    torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+def test_noise_std_matches_sigma_C_over_expected_batch(clipping, vqvae, data):
+    var = make_model("full")
+    C = 0.5
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(max_grad_norm=C, clipping=clipping),
+                         dataset_size=N, planned_steps=3, noise_generator=torch.Generator().manual_seed(0))
+    real_loss = loss_fn_for(var, vqvae, data, 1)
+    zero_gradient_loss = lambda part: 0.0 * real_loss(part)  # noqa: E731
+    captured = []
+    capture = lambda: captured.append(torch.cat([p.grad.flatten() for p in state.optimizer.params]))  # noqa: E731
+    private_step(state, torch.arange(6), zero_gradient_loss, public_grad_fn=capture)
+    noise = captured[0]
+    expected_std = state.noise_multiplier * C / (0.25 * N)
+    assert noise.numel() > 50_000
+    assert abs(noise.std().item() / expected_std - 1) < 0.03
+    assert abs(noise.mean().item()) < 0.03 * expected_std
+
+
+def test_empty_poisson_batch_takes_a_noise_only_step(vqvae, data):
+    var = make_model("lora")
+    before = {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=1.0), spec=spec(), dataset_size=N, planned_steps=2)
+    private_step(state, torch.zeros(0, dtype=torch.long), loss_fn_for(var, vqvae, data, 1))
+    assert state.batch_sizes == [0]
+    assert all(not torch.equal(p, before[n]) for n, p in trainable_parameters(var).items())
+
+
+def independent_epsilon(*, sigma: float, q: float, steps: int, delta: float, orders=range(2, 64)) -> float:
+    """RDP of the Poisson-subsampled Gaussian at integer orders (Mironov et al. 2019, the binomial expansion),
+    composed over steps and converted with Balle et al. 2020 (Thm. 21); written from the papers, not from Opacus."""
+    best = math.inf
+    for a in orders:
+        log_terms = [math.log(special.comb(a, j, exact=True)) + (a - j) * math.log1p(-q) + j * math.log(q)
+                     + (j * j - j) / (2 * sigma ** 2) for j in range(a + 1)]
+        rdp = steps * special.logsumexp(log_terms) / (a - 1)
+        eps = rdp + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
+        best = min(best, eps)
+    return best
+
+
+@pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.01, 1000), (0.8, 0.251, 80), (2.0, 0.05, 300)])
+def test_reported_epsilon_equals_independent_computation(sigma, q, steps):
+    delta = 1e-5
+    ours = epsilon_spent(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta, rdp_orders=list(range(2, 64)))
+    assert ours["rdp"] == pytest.approx(independent_epsilon(sigma=sigma, q=q, steps=steps, delta=delta), rel=1e-6)
+    default_orders = epsilon_spent(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta)
+    assert default_orders["rdp"] <= ours["rdp"] * (1 + 1e-9)  # fractional orders can only tighten the bound
+    assert 0.5 * default_orders["rdp"] < default_orders["prv"] <= default_orders["rdp"] * 1.01  # PRV is the tighter accountant
+
+
+def test_calibrated_sigma_spends_at_most_the_target_and_stops_there(vqvae, data):
+    var = make_model("ln_tuning")
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=1e-3), spec=spec(target_epsilon=4.0), dataset_size=N, planned_steps=3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        private_step(state, poisson_batch(N, 0.25, generator=generator), loss_fn_for(var, vqvae, data, 1))
+    ledger = privacy_ledger(state)
+    assert 3.9 < ledger["epsilon_rdp"] <= 4.0 and ledger["epsilon_prv"] <= ledger["epsilon_rdp"]
+    assert ledger["steps"] == 3 and len(ledger["actual_batch_sizes"]) == 3 and ledger["expected_batch_size"] == 6.0
+    assert ledger["delta"] == 1 / N and ledger["noise_multiplier"] == state.noise_multiplier
+    with pytest.raises(RuntimeError, match="budget exhausted"):
+        private_step(state, torch.arange(3), loss_fn_for(var, vqvae, data, 1))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(target_epsilon=0.0), "target_epsilon"), (dict(target_epsilon=-1.0), "target_epsilon"),
+    (dict(sampling_rate=0.0), "sampling_rate"), (dict(sampling_rate=1.5), "sampling_rate"),
+    (dict(augmentation_multiplicity=0), "augmentation_multiplicity"), (dict(max_grad_norm=0.0), "max_grad_norm"),
+    (dict(delta=0.1), "allow_delta_at_least_inverse_n"), (dict(clipping="ghost", augmentation_multiplicity=4), "ghost"),
+    (dict(accountant="gdp"), "accountant"),
+])
+def test_impossible_settings_fail_before_compute(overrides, message):
+    with pytest.raises(PrivacyConfigError, match=message):
+        validate_privacy(spec(**overrides), dataset_size=N, planned_steps=10)
+
+
+def test_large_delta_accepted_only_with_explicit_override():
+    assert validate_privacy(spec(delta=0.1, allow_delta_at_least_inverse_n=True), dataset_size=N, planned_steps=10) == 0.1
+    assert validate_privacy(spec(), dataset_size=N, planned_steps=10) == 1 / N
+
+
+def run_dp_steps(*, steps: int, out: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The same seeded DP-LoRA run in whatever process group is initialised (or none)."""
+    vqvae, data = make_vqvae(), make_data()
+    var = make_model("lora")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    state = make_private(var, torch.optim.AdamW(var.parameters(), lr=1e-2), spec=spec(augmentation_multiplicity=2, physical_batch_size=2),
+                         dataset_size=N, planned_steps=steps, noise_generator=torch.Generator().manual_seed(7))
+    sampler = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        private_step(state, poisson_batch(N, 0.25, generator=sampler, rank=rank, world_size=world), loss_fn_for(var, vqvae, data, 2))
+    return privacy_ledger(state), {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ledger, params = run_dp_steps(steps=3)
+        if rank == 0:
+            torch.save({"ledger": ledger, "params": params}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dp_ddp_two_processes_match_one_process(tmp_path):
+    single_ledger, single_params = run_dp_steps(steps=3)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    assert ddp["ledger"]["world_size"] == 2
+    for key in ("epsilon_rdp", "epsilon_prv", "noise_multiplier", "sampling_rate", "steps", "expected_batch_size", "actual_batch_sizes", "delta"):
+        assert ddp["ledger"][key] == single_ledger[key], key
+    assert sum(single_ledger["actual_batch_sizes"]) > 0
+    for name, value in single_params.items():
+        torch.testing.assert_close(ddp["params"][name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_poisson_batch_is_shared_across_ranks():
+    masks = [poisson_batch(1000, 0.3, generator=torch.Generator().manual_seed(1), rank=r, world_size=3) for r in range(3)]
+    union = torch.cat(masks).sort().values
+    assert torch.equal(union, poisson_batch(1000, 0.3, generator=torch.Generator().manual_seed(1)))
+    assert abs(len(union) - 300) < 4 * np.sqrt(1000 * 0.3 * 0.7)
