@@ -15,7 +15,7 @@ from conftest import TINY_VAR, TINY_VQVAE
 from trainables.methods import AdaptationSpec, adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
 from trainables.privacy import (PrivacyConfigError, PrivacySpec, _accumulate_clipped, epsilon_spent, make_private, poisson_batch,
-                                privacy_ledger, private_step, validate_privacy)
+                                privacy_ledger, private_step, resolve_clipping, validate_privacy)
 from trainables.training import view_losses
 
 N, K_MAX, CLASSES = 24, 3, 3
@@ -58,7 +58,7 @@ def reference_grads(var, vqvae, data, k: int, indices) -> dict[str, torch.Tensor
 
 
 def spec(**overrides) -> PrivacySpec:
-    return PrivacySpec(**{**dict(target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, physical_batch_size=4), **overrides})
+    return PrivacySpec(**{**dict(target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, physical_batch_size=4, clipping="hooks"), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -214,37 +214,46 @@ def test_impossible_settings_fail_before_compute(overrides, message):
         validate_privacy(spec(**overrides), dataset_size=N, planned_steps=10)
 
 
+def test_auto_clipping_uses_ghost_for_large_trainable_sets_at_k1():
+    assert resolve_clipping(spec(clipping="auto"), make_model("full")) == "ghost"
+    assert resolve_clipping(spec(clipping="auto"), make_model("lora")) == "hooks"
+    assert resolve_clipping(spec(clipping="auto", augmentation_multiplicity=2), make_model("full")) == "hooks"
+
+
 def test_large_delta_accepted_only_with_explicit_override():
     assert validate_privacy(spec(delta=0.1, allow_delta_at_least_inverse_n=True), dataset_size=N, planned_steps=10) == 0.1
     assert validate_privacy(spec(), dataset_size=N, planned_steps=10) == 1 / N
 
 
-def run_dp_steps(*, steps: int, out: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def run_dp_steps(*, steps: int, k: int, clipping: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """The same seeded DP-LoRA run in whatever process group is initialised (or none)."""
     vqvae, data = make_vqvae(), make_data()
     var = make_model("lora")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    state = make_private(var, torch.optim.AdamW(var.parameters(), lr=1e-2), spec=spec(augmentation_multiplicity=2, physical_batch_size=2),
-                         dataset_size=N, planned_steps=steps, noise_generator=torch.Generator().manual_seed(7))
+    state = make_private(var, torch.optim.AdamW(var.parameters(), lr=1e-2), dataset_size=N, planned_steps=steps,
+                         spec=spec(augmentation_multiplicity=k, physical_batch_size=2, clipping=clipping),
+                         noise_generator=torch.Generator().manual_seed(7))
     sampler = torch.Generator().manual_seed(3)
     for _ in range(steps):
-        private_step(state, poisson_batch(N, 0.25, generator=sampler, rank=rank, world_size=world), loss_fn_for(var, vqvae, data, 2))
+        private_step(state, poisson_batch(N, 0.25, generator=sampler, rank=rank, world_size=world), loss_fn_for(var, vqvae, data, k))
     return privacy_ledger(state), {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
+def _ddp_worker(rank: int, world: int, init_file: str, result_file: str, k: int, clipping: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        ledger, params = run_dp_steps(steps=3)
+        ledger, params = run_dp_steps(steps=3, k=k, clipping=clipping)
         if rank == 0:
             torch.save({"ledger": ledger, "params": params}, result_file)
     finally:
         dist.destroy_process_group()
 
 
-def test_dp_ddp_two_processes_match_one_process(tmp_path):
-    single_ledger, single_params = run_dp_steps(steps=3)
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+@pytest.mark.parametrize("k, clipping", [(2, "hooks"), (1, "ghost")])
+def test_dp_ddp_two_processes_match_one_process(k, clipping, tmp_path):
+    """Same global Poisson batches, same noise (rank 0 only), so the same ledger and the same parameters."""
+    single_ledger, single_params = run_dp_steps(steps=3, k=k, clipping=clipping)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ddp.pt"), k, clipping), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
     assert ddp["ledger"]["world_size"] == 2
     for key in ("epsilon_rdp", "epsilon_prv", "noise_multiplier", "sampling_rate", "steps", "expected_batch_size", "actual_batch_sizes", "delta"):

@@ -103,17 +103,17 @@ def train_vqvae(vqvae: VQVAE, images_N3HW: torch.Tensor, *, schedule: Schedule, 
         (rec_loss + vq_loss).backward()
         optimizer.step()
         restarted = restart_dead_codes(vqvae, f_BChw.detach(), generator=generator) if (step + 1) % restart_every == 0 else 0
-        if _logging_step(step, schedule):  # reading losses forces a device sync: only when logging
-            _record(history, log, step=step, started=started, rec_mse=rec_loss.item(), vq_loss=vq_loss.item(), codes_restarted=restarted)
+        if is_logging_step(step, schedule):  # reading losses forces a device sync: only when logging
+            record_history(history, log, step=step, started=started, rec_mse=rec_loss.item(), vq_loss=vq_loss.item(), codes_restarted=restarted)
     vqvae.eval()
     return history
 
 
-def _logging_step(step: int, schedule: Schedule) -> bool:
+def is_logging_step(step: int, schedule: Schedule) -> bool:
     return step % schedule.log_every == 0 or step == schedule.steps - 1
 
 
-def _record(history: list[dict], log: Logger | None, *, step: int, started: float, **values: float) -> None:
+def record_history(history: list[dict], log: Logger | None, *, step: int, started: float, **values: float) -> None:
     entry = {"step": step + 1, "seconds": round(time.perf_counter() - started, 3), **{k: round(v, 6) for k, v in values.items()}}
     history.append(entry)
     if log is not None:
@@ -141,8 +141,8 @@ def train_var(var: VAR, vqvae: VQVAE, tokens: Sequence[torch.Tensor], labels_N: 
         pick = next(batches)
         out = var_training_step(var, vqvae, optimizer, labels_N[pick].to(device), [t[pick].to(device) for t in tokens],
                                 class_dropout=class_dropout, max_grad_norm=max_grad_norm, generator=generator)
-        if _logging_step(step, schedule):
-            _record(history, log, step=step, started=started, **out)
+        if is_logging_step(step, schedule):
+            record_history(history, log, step=step, started=started, **out)
     var.eval()
     return history
 

@@ -14,6 +14,7 @@ examples, so the global batch and the ledger are exactly those of one process; o
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -23,11 +24,13 @@ import torch.distributed as dist
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers import (DistributedDPOptimizer, DistributedDPOptimizerFastGradientClipping, DPOptimizer,
+                               DPOptimizerFastGradientClipping)
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
-CLIPPING_MODES = ("hooks", "ghost")
+CLIPPING_MODES = ("auto", "hooks", "ghost")
+AUTO_GHOST_TRAINABLE_SHARE = 0.1
 ACCOUNTANTS = ("rdp", "prv")
 LEDGER_VERSION = 1
 
@@ -42,8 +45,12 @@ class PrivacySpec:
 
     target_epsilon: budget for the whole training; sampling_rate: Poisson rate q in (0, 1]; max_grad_norm: C;
     delta: None means 1/N; augmentation_multiplicity: k views averaged per example before clipping;
-    physical_batch_size: examples per forward/backward (k rows each), bounds memory for any expected batch;
-    clipping: "hooks" (per-sample gradients) or "ghost" (Opacus ghost clipping, k = 1 only);
+    physical_batch_size: rows (example views) per forward/backward; a chunk holds max(1, physical_batch_size // k)
+    examples, so memory stays bounded for any expected batch size and any k;
+    clipping: "hooks" (per-sample gradients), "ghost" (Opacus ghost clipping, k = 1 only) or "auto" (ghost when
+    k = 1 and more than AUTO_GHOST_TRAINABLE_SHARE of the parameters train, i.e. full and LN tuning, where per-sample
+    copies of large matrices dominate; hooks otherwise, e.g. LoRA, whose per-sample gradients are small;
+    docs/benchmarks.md has the measurements behind this rule);
     allow_delta_at_least_inverse_n: permit delta >= 1/N (a mechanism that may release a whole example).
     """
 
@@ -54,7 +61,7 @@ class PrivacySpec:
     augmentation_multiplicity: int = 1
     physical_batch_size: int = 32
     accountant: str = "rdp"
-    clipping: str = "hooks"
+    clipping: str = "auto"
     allow_delta_at_least_inverse_n: bool = False
 
     def to_dict(self) -> dict:
@@ -106,15 +113,19 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sampling_
 
 
 def epsilon_spent(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
-                  rdp_orders: list[float] | None = None) -> dict[str, float]:
+                  rdp_orders: list[float] | None = None, accountants: tuple[str, ...] = ACCOUNTANTS) -> dict[str, float]:
     """Epsilon after ``steps`` steps by the RDP (Opacus's default orders unless ``rdp_orders``) and the PRV
-    accountant (0 for no steps)."""
-    if steps == 0:
-        return {"rdp": 0.0, "prv": 0.0}
-    rdp, prv = RDPAccountant(), PRVAccountant()
-    rdp.history = [(noise_multiplier, sampling_rate, steps)]
-    prv.history = [(noise_multiplier, sampling_rate, steps)]
-    return {"rdp": float(rdp.get_epsilon(delta=delta, alphas=rdp_orders)), "prv": float(prv.get_epsilon(delta=delta))}
+    accountant (0 for no steps). PRV takes ~0.1-1 s; pass ``accountants=("rdp",)`` for a quick reading."""
+    spent = {}
+    for name in accountants:
+        if steps == 0:
+            spent[name] = 0.0
+            continue
+        accountant = RDPAccountant() if name == "rdp" else PRVAccountant()
+        accountant.history = [(noise_multiplier, sampling_rate, steps)]
+        kwargs = {"alphas": rdp_orders} if name == "rdp" else {}
+        spent[name] = float(accountant.get_epsilon(delta=delta, **kwargs))
+    return spent
 
 
 def poisson_batch(num_examples: int, sampling_rate: float, *, generator: torch.Generator, rank: int = 0,
@@ -139,6 +150,8 @@ class PrivateTraining:
     planned_steps: int
     world_size: int = 1
     rank: int = 0
+    clipping: str = "hooks"
+    noise_seeded_by_caller: bool = False
     batch_sizes: list[int] = field(default_factory=list)
 
     @property
@@ -157,28 +170,50 @@ class PrivateTraining:
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: PrivacySpec, dataset_size: int,
                  planned_steps: int, noise_generator: torch.Generator | None = None) -> PrivateTraining:
     """Wrap an adapted model and its optimiser for DP-SGD. Validates first; calibrates sigma for ``planned_steps``.
+    ``noise_generator`` (on the parameters' device) makes the noise reproducible, for tests and debugging only;
+    by default it is seeded from OS entropy.
     Under an initialised process group the model is synchronised from rank 0 and gradients are all-reduced."""
     delta = validate_privacy(spec, dataset_size=dataset_size, planned_steps=planned_steps)
     sigma = calibrate_noise_multiplier(target_epsilon=spec.target_epsilon, delta=delta, sampling_rate=spec.sampling_rate,
                                        steps=planned_steps, accountant=spec.accountant)
     world_size, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    noise_seeded_by_caller = noise_generator is not None
+    if noise_generator is None:
+        noise_generator = _entropy_seeded_generator(next(model.parameters()).device)
     if world_size > 1:
         _broadcast_parameters(model)
     # Gradients are averaged over the expected *global* batch; each rank divides by its share before the all-reduce sum / W.
     expected_per_rank = spec.sampling_rate * dataset_size / world_size
     common = dict(noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm, expected_batch_size=expected_per_rank,
                   loss_reduction="mean", generator=noise_generator)
-    if spec.clipping == "ghost":
-        if world_size > 1:
-            raise PrivacyConfigError("ghost clipping under DDP is not wired here; use clipping='hooks' with several workers")
+    clipping = resolve_clipping(spec, model)
+    if clipping == "ghost":
         module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
                                                       max_grad_norm=spec.max_grad_norm, use_ghost_clipping=True)
-        dp_optimizer = DPOptimizerFastGradientClipping(optimizer, **common)
+        dp_optimizer = (DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping)(optimizer, **common)
     else:
         module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
         dp_optimizer = (DistributedDPOptimizer if world_size > 1 else DPOptimizer)(optimizer, **common)
     return PrivateTraining(module=module, optimizer=dp_optimizer, spec=spec, noise_multiplier=sigma, delta=delta,
-                           dataset_size=dataset_size, planned_steps=planned_steps, world_size=world_size, rank=rank)
+                           dataset_size=dataset_size, planned_steps=planned_steps, world_size=world_size, rank=rank,
+                           clipping=clipping, noise_seeded_by_caller=noise_seeded_by_caller)
+
+
+def _entropy_seeded_generator(device: torch.device) -> torch.Generator:
+    # The noise must be unpredictable to anyone who knows the training seed. torch's generators are not
+    # cryptographic (Opacus's secure_mode needs torchcsprng, which current torch lacks); seeding from OS entropy
+    # at least keeps the noise independent of every user-visible seed.
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def resolve_clipping(spec: PrivacySpec, model: nn.Module) -> str:
+    """The clipping mode ``spec.clipping`` stands for with this model (see PrivacySpec)."""
+    if spec.clipping != "auto":
+        return spec.clipping
+    if spec.augmentation_multiplicity > 1:
+        return "hooks"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return "ghost" if trainable > AUTO_GHOST_TRAINABLE_SHARE * sum(p.numel() for p in model.parameters()) else "hooks"
 
 
 def _broadcast_parameters(model: nn.Module) -> None:
@@ -195,12 +230,13 @@ def private_step(state: PrivateTraining, indices: torch.Tensor, loss_fn: ViewLos
     """One DP-SGD step over this rank's examples ``indices`` (possibly none), in physical chunks.
 
     ``public_grad_fn`` may add gradients that depend on no private example (e.g. a distillation term on
-    generated samples) to ``p.grad`` after noising. Returns the number of examples in the global batch and the
-    noised mean training loss of nothing: no per-example statistic leaves this function.
+    generated samples) to the noised ``p.grad``, typically by a ``backward()``; per-sample hooks are off meanwhile.
+    Returns only the global batch size: no loss or gradient statistic of the private examples leaves this function.
     """
     if not state.budget_left:
         raise RuntimeError(f"privacy budget exhausted: {state.steps} of {state.planned_steps} planned steps done")
-    optimizer, chunk = state.optimizer, state.spec.physical_batch_size
+    optimizer = state.optimizer
+    chunk = max(1, state.spec.physical_batch_size // state.spec.augmentation_multiplicity)
     starts = list(range(0, len(indices), chunk)) or [0]
     for i, start in enumerate(starts):
         part = indices[start: start + chunk]
@@ -212,15 +248,25 @@ def private_step(state: PrivateTraining, indices: torch.Tensor, loss_fn: ViewLos
     stepped = optimizer.pre_step()
     if not stepped:
         raise RuntimeError("DP optimiser skipped its final step: physical-batch bookkeeping is inconsistent")
-    if state.world_size > 1:
-        optimizer.reduce_gradients()
     if public_grad_fn is not None:
-        public_grad_fn()
+        _add_public_gradient(state, public_grad_fn)
+    if state.world_size > 1:
+        optimizer.reduce_gradients()  # averages the ranks' public gradients too
     optimizer.original_optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     global_batch = _global_count(len(indices), world_size=state.world_size, device=indices.device)
     state.batch_sizes.append(global_batch)
     return {"batch_size": float(global_batch)}
+
+
+def _add_public_gradient(state: PrivateTraining, public_grad_fn: Callable[[], None]) -> None:
+    # The per-sample hooks must not see this backward: its gradient depends on no private example and is added
+    # to the already noised p.grad as is.
+    state.module.disable_hooks()
+    try:
+        public_grad_fn()
+    finally:
+        state.module.enable_hooks()
 
 
 def _accumulate_clipped(state: PrivateTraining, part: torch.Tensor, loss_fn: ViewLossFn) -> None:
@@ -231,7 +277,7 @@ def _accumulate_clipped(state: PrivateTraining, part: torch.Tensor, loss_fn: Vie
     loss_bk = loss_fn(part)
     if loss_bk.ndim != 2 or loss_bk.shape[0] != len(part):
         raise ValueError(f"loss_fn must return per-view losses [b, k] for b={len(part)} examples, got {list(loss_bk.shape)}")
-    if state.spec.clipping == "ghost":
+    if state.clipping == "ghost":
         DPTensorFastGradientClipping(state.module, state.optimizer, loss_bk[:, 0], "mean").backward()
         return
     loss_bk.sum().backward()
@@ -246,7 +292,7 @@ def _accumulate_clipped(state: PrivateTraining, part: torch.Tensor, loss_fn: Vie
 def _empty_chunk(state: PrivateTraining) -> None:
     # An empty Poisson batch still takes a (pure noise) step: skipping it would change the privacy analysis.
     for p in state.optimizer.params:
-        if state.spec.clipping == "ghost":
+        if state.clipping == "ghost":
             p.grad = torch.zeros_like(p)
         else:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
@@ -271,7 +317,8 @@ def privacy_ledger(state: PrivateTraining) -> dict:
         "steps": state.steps, "planned_steps": state.planned_steps, "dataset_size": state.dataset_size,
         "expected_batch_size": state.expected_batch_size, "actual_batch_sizes": list(state.batch_sizes),
         "max_grad_norm": state.spec.max_grad_norm, "augmentation_multiplicity": state.spec.augmentation_multiplicity,
-        "physical_batch_size": state.spec.physical_batch_size, "clipping": state.spec.clipping,
+        "physical_batch_size": state.spec.physical_batch_size, "clipping": state.clipping,
         "calibration_accountant": state.spec.accountant, "world_size": state.world_size,
+        "noise_rng": "caller-seeded (reproducible; not for a real release)" if state.noise_seeded_by_caller else "seeded from OS entropy (torch generator, not cryptographic)",
         "accountants": {"rdp": f"opacus {opacus.__version__} RDPAccountant", "prv": f"opacus {opacus.__version__} PRVAccountant"},
     }

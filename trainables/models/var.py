@@ -284,14 +284,24 @@ class VAR(nn.Module):
         advanced, never re-seeded, so successive calls give new samples. Returns images [B, 3, H, W] in [0, 1].
         Runs in eval mode (drop-path off) whatever the module's mode, and restores it.
         """
+        f_hat_BChw, _ = self._sample_eval_mode(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
+        return vqvae.fhat_to_img(f_hat_BChw).add(1).mul(0.5)
+
+    @torch.no_grad()
+    def sample_tokens(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float,
+                      generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Like ``sample`` but returns the drawn token indices, one [B, pn*pn] int64 tensor per scale."""
+        return self._sample_eval_mode(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)[1]
+
+    def _sample_eval_mode(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float,
+                          generator: torch.Generator | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._check_sampling_args(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p)
         was_training = self.training
         self.eval()
         try:
-            f_hat_BChw = self._sample_fhat(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
+            return self._sample_fhat(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
         finally:
             self.train(was_training)
-        return vqvae.fhat_to_img(f_hat_BChw).add(1).mul(0.5)
 
     def _check_sampling_args(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float) -> None:
         if label_B.ndim != 1 or label_B.numel() == 0 or label_B.dtype != torch.long:
@@ -305,7 +315,7 @@ class VAR(nn.Module):
             raise ValueError(f"need cfg >= 0, top_k >= 0 and 0 <= top_p < 1, got cfg={cfg}, top_k={top_k}, top_p={top_p}")
 
     def _sample_fhat(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float,
-                     generator: torch.Generator | None) -> torch.Tensor:
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         B, S, full = label_B.shape[0], len(self.patch_nums), self.patch_nums[-1]
         cond_2BC = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.unconditional_label))))
         block_cond = self.shared_ada_lin(cond_2BC)
@@ -313,7 +323,7 @@ class VAR(nn.Module):
         next_2BlC = self.add_start_position(cond_2BC[:, None].expand(-1, self.first_l, -1)) + lvl_pos_1LC[:, : self.first_l]
         caches = [KVCache() for _ in self.blocks]
         f_hat_BChw = cond_2BC.new_zeros(B, self.z_channels, full, full)
-        cur = 0
+        idx_per_scale, cur = [], 0
         for si, pn in enumerate(self.patch_nums):
             cur += pn * pn
             x_2BlC = next_2BlC
@@ -323,12 +333,13 @@ class VAR(nn.Module):
             t = cfg * si / (S - 1)
             logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
             idx_Bl = sample_top_k_top_p(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
+            idx_per_scale.append(idx_Bl)
             h_BChw = vqvae.quantize.embedding(idx_Bl).transpose(1, 2).reshape(B, self.z_channels, pn, pn)
             f_hat_BChw, next_BChw = vqvae.quantize.next_autoregressive_input(si, f_hat_BChw, h_BChw)
             if si != S - 1:
                 words_BlC = self.word_embed(next_BChw.flatten(2).transpose(1, 2))
                 next_2BlC = (words_BlC + lvl_pos_1LC[:, cur: cur + self.patch_nums[si + 1] ** 2]).repeat(2, 1, 1)
-        return f_hat_BChw
+        return f_hat_BChw, idx_per_scale
 
 
 def sample_top_k_top_p(logits_BlV: torch.Tensor, *, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

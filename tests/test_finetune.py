@@ -1,0 +1,139 @@
+"""The fine-tuning loop: token views, scale weights, prior preservation, and DP/non-DP runs on real offline data."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY_VAR, TINY_VQVAE
+from trainables.data import offline
+from trainables.data.tokens import TokenViews
+from trainables.finetune import FinetuneOptions, Prior, finetune
+from trainables.methods import AdaptationSpec, adapt, trainable_parameters
+from trainables.models import build_var, build_vqvae
+from trainables.pretrain import Schedule, encode_tokens, token_nll, train_vqvae
+from trainables.prior import build_prior_bank, prior_preservation_loss
+from trainables.privacy import PrivacyConfigError, PrivacySpec
+from trainables.training import scale_loss_weights, view_losses
+
+
+@pytest.fixture(scope="module")
+def digits_setup():
+    """A tiny VQVAE trained briefly on digits, and digits tokens with 2 views (the image and its 1-pixel shift)."""
+    train = offline.digits(split="train", image_size=16, seed=0)
+    test = offline.digits(split="test", image_size=16, seed=0)
+    torch.manual_seed(0)
+    vqvae = build_vqvae(**TINY_VQVAE)
+    train_vqvae(vqvae, train.images_N3HW, schedule=Schedule(steps=60, batch_size=32, lr=1e-3, weight_decay=0.0, log_every=60))
+    shifted = torch.roll(train.images_N3HW, shifts=1, dims=3)
+    views = tuple(torch.stack([a, b], dim=1) for a, b in zip(encode_tokens(vqvae, train.images_N3HW), encode_tokens(vqvae, shifted)))
+    data = TokenViews(train.labels_N, views)
+    held_out = (encode_tokens(vqvae, test.images_N3HW), test.labels_N)
+    return vqvae, data, held_out, len(train.class_names)
+
+
+def base_var() -> torch.nn.Module:
+    return build_var(**TINY_VAR, drop_path_rate=0.0, generator=torch.Generator().manual_seed(0))
+
+
+def test_token_views_take_distinct_views_and_validate():
+    labels = torch.arange(5)
+    views = (torch.arange(5 * 3).view(5, 3, 1), torch.arange(5 * 3 * 4).view(5, 3, 4))
+    data = TokenViews(labels, views)
+    label_b, idx = data.take(torch.tensor([4, 0]), k=3, generator=torch.Generator().manual_seed(0))
+    assert label_b.tolist() == [4, 0] and idx[0].shape == (2, 3, 1) and idx[1].shape == (2, 3, 4)
+    assert sorted(idx[0][0].flatten().tolist()) == [12, 13, 14]  # all three views of example 4, each once
+    with pytest.raises(ValueError, match="k=4 needs k distinct cached views"):
+        data.take(torch.tensor([0]), k=4, generator=torch.Generator())
+    with pytest.raises(ValueError, match="not \\[N=5"):
+        TokenViews(labels, (torch.zeros(4, 3, 1),))
+
+
+def test_scale_weights():
+    patch_nums = (1, 2, 3)
+    assert torch.equal(scale_loss_weights(patch_nums, decay=1.0), torch.ones(14))
+    weights_L = scale_loss_weights(patch_nums, decay=0.5)
+    assert weights_L.mean().item() == pytest.approx(1.0) and weights_L[0] == 4 * weights_L[-1]
+
+
+def test_view_losses_weighting_and_class_dropout_once_per_example(tiny_vqvae):
+    var = base_var().train()
+    g = torch.Generator().manual_seed(0)
+    idx = [torch.randint(0, 64, (3, 4, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]]
+    labels = torch.tensor([0, 1, 2])
+    plain_bk = view_losses(var, tiny_vqvae, labels, idx, class_dropout=0.0)
+    ones = view_losses(var, tiny_vqvae, labels, idx, class_dropout=0.0, token_weights_L=scale_loss_weights(TINY_VAR["patch_nums"]))
+    assert plain_bk.shape == (3, 4) and torch.allclose(plain_bk, ones)
+    # With dropout 0.999 nearly every example is unconditional, and its k views share the decision: rows of equal
+    # views give equal losses only if all views of an example saw the same label.
+    same_views = [t[:, :1].expand(-1, 4, -1) for t in idx]
+    dropped_bk = view_losses(var, tiny_vqvae, labels, same_views, class_dropout=0.5, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(dropped_bk, dropped_bk[:, :1].expand(-1, 4))
+
+
+def test_prior_loss_is_zero_for_the_teacher_and_trains_only_the_student(tiny_vqvae):
+    teacher = base_var().eval()
+    bank = build_prior_bank(teacher, tiny_vqvae, num_samples=6, batch_size=4, cfg=1.0, top_k=0, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    assert bank.size == 6 and [t.shape for t in bank.tokens] == [(6, pn * pn) for pn in TINY_VAR["patch_nums"]]
+    student = adapt(copy.deepcopy(teacher), AdaptationSpec(method="full", num_classes=2)).eval()
+    idx = bank.batch(4, generator=torch.Generator().manual_seed(1))
+    assert prior_preservation_loss(student, teacher, tiny_vqvae, idx).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        student.head.weight.add_(torch.randn(student.head.weight.shape, generator=torch.Generator().manual_seed(2)), alpha=0.05)
+    kl = prior_preservation_loss(student, teacher, tiny_vqvae, idx)
+    assert kl.item() > 1e-4
+    kl.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable_parameters(student).values())
+
+
+def test_non_dp_finetune_lowers_held_out_nll_with_every_option(digits_setup):
+    vqvae, data, (test_tokens, test_labels), K = digits_setup
+    teacher = base_var().eval()
+    bank = build_prior_bank(teacher, vqvae, num_samples=16, cfg=1.0, top_k=0, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    # Full fine-tuning: on a randomly initialised base (blocks near identity) adapters alone cannot move the logits much.
+    var = adapt(copy.deepcopy(teacher), AdaptationSpec(method="full", num_classes=K))
+    before = token_nll(var, vqvae, test_tokens, test_labels)
+    options = FinetuneOptions(steps=40, lr=3e-3, batch_size=32, augmentation_multiplicity=2, scale_weight_decay=0.8,
+                              prior_weight=0.1, prior_batch_size=4, log_every=20)
+    out = finetune(var, vqvae, data, options=options, prior=Prior(teacher, bank), seed=0)
+    after = token_nll(var, vqvae, test_tokens, test_labels)
+    print(f"held-out NLL {before:.3f} -> {after:.3f}")
+    assert after < before - 0.2
+    assert out["privacy"] is None and {"loss", "grad_norm", "prior_kl"} <= set(out["history"][-1])
+
+
+def test_dp_finetune_records_ledger_and_no_private_statistics(digits_setup):
+    vqvae, data, (test_tokens, test_labels), K = digits_setup
+    teacher = base_var().eval()
+    bank = build_prior_bank(teacher, vqvae, num_samples=8, cfg=1.0, top_k=0, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for epsilon in (1.0, 1e4):
+        var = adapt(copy.deepcopy(teacher), AdaptationSpec(method="full", num_classes=K))
+        privacy = PrivacySpec(target_epsilon=epsilon, sampling_rate=0.05, max_grad_norm=0.5, augmentation_multiplicity=2, physical_batch_size=32)
+        options = FinetuneOptions(steps=30, lr=3e-3, augmentation_multiplicity=2, prior_weight=0.05, prior_batch_size=4, log_every=10)
+        out = finetune(var, vqvae, data, options=options, privacy=privacy, prior=Prior(teacher, bank), seed=0)
+        ledger = out["privacy"]
+        assert ledger["steps"] == 30 and ledger["epsilon_rdp"] <= epsilon and ledger["augmentation_multiplicity"] == 2
+        assert ledger["delta"] == 1 / data.num_examples and len(ledger["actual_batch_sizes"]) == 30
+        for entry in out["history"]:
+            assert not {"loss", "grad_norm"} & set(entry), entry  # nothing computed from private examples
+            assert {"epsilon_rdp", "batch_size", "prior_kl"} <= set(entry)
+        results[epsilon] = token_nll(var, vqvae, test_tokens, test_labels)
+    print(f"held-out NLL: eps=1 {results[1.0]:.3f}, eps=1e4 {results[1e4]:.3f}")
+    assert results[1e4] < results[1.0]
+
+
+def test_bad_finetune_settings_fail_before_compute(digits_setup):
+    vqvae, data, _, K = digits_setup
+    var = adapt(base_var(), AdaptationSpec(method="full", num_classes=K))
+    with pytest.raises(ValueError, match="k=3 needs k distinct cached views"):
+        finetune(var, vqvae, data, options=FinetuneOptions(steps=1, lr=1e-3, augmentation_multiplicity=3))
+    with pytest.raises(ValueError, match="needs a Prior"):
+        finetune(var, vqvae, data, options=FinetuneOptions(steps=1, lr=1e-3, prior_weight=1.0))
+    with pytest.raises(PrivacyConfigError, match="target_epsilon"):
+        finetune(var, vqvae, data, options=FinetuneOptions(steps=1, lr=1e-3), privacy=PrivacySpec(target_epsilon=0, sampling_rate=0.1, max_grad_norm=1))
+    with pytest.raises(ValueError, match="augmentation_multiplicity differs"):
+        finetune(var, vqvae, data, options=FinetuneOptions(steps=1, lr=1e-3),
+                 privacy=PrivacySpec(target_epsilon=1, sampling_rate=0.1, max_grad_norm=1, augmentation_multiplicity=2))

@@ -1,0 +1,53 @@
+"""Token maps of a dataset with several augmented views per example, as training reads them.
+
+``views[si]`` holds, for scale si, the VQVAE token indices of every example's V augmented views [N, V, pn*pn]
+(computed once by the frozen VQVAE; the on-disk cache of a later issue produces the same structure).
+Augmentation multiplicity k draws k distinct views of each sampled example per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenViews:
+    labels_N: torch.Tensor
+    views: tuple[torch.Tensor, ...]
+
+    def __post_init__(self) -> None:
+        if self.labels_N.ndim != 1 or not self.views:
+            raise ValueError("TokenViews needs labels [N] and at least one scale of token views")
+        N, V = self.labels_N.shape[0], self.views[0].shape[1]
+        bad = [si for si, v in enumerate(self.views) if v.ndim != 3 or v.shape[:2] != (N, V)]
+        if bad:
+            raise ValueError(f"token views of scales {bad} are not [N={N}, V={V}, pn*pn]: {[list(self.views[si].shape) for si in bad]}")
+
+    @classmethod
+    def single_view(cls, labels_N: torch.Tensor, tokens: Sequence[torch.Tensor]) -> "TokenViews":
+        """From one token map per example ([N, pn*pn] per scale)."""
+        return cls(labels_N, tuple(t[:, None] for t in tokens))
+
+    @property
+    def num_examples(self) -> int:
+        return self.labels_N.shape[0]
+
+    @property
+    def num_views(self) -> int:
+        return self.views[0].shape[1]
+
+    def check_multiplicity(self, k: int) -> None:
+        if not 1 <= k <= self.num_views:
+            raise ValueError(f"augmentation multiplicity k={k} needs k distinct cached views per example, "
+                             f"but the token data holds {self.num_views}")
+
+    def take(self, indices: torch.Tensor, *, k: int, generator: torch.Generator, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(labels [b], per scale the token maps [b, k, pn*pn] of k distinct views of each example, int64)."""
+        self.check_multiplicity(k)
+        pick_bk = torch.rand(len(indices), self.num_views, generator=generator).argsort(dim=1)[:, :k]
+        rows_b1 = indices[:, None]
+        return (self.labels_N[indices].to(device),
+                [v[rows_b1, pick_bk].to(device=device, dtype=torch.long) for v in self.views])

@@ -1,0 +1,149 @@
+"""The fine-tuning loop of one adaptation trial, with or without DP-SGD.
+
+Composes the pieces as functions: the adapted model (``methods.adapt``), the per-view loss with augmentation
+multiplicity and scale weights (``training.view_losses``), optional prior-preservation distillation
+(``prior``) and optional DP-SGD (``privacy``). Non-DP steps draw fixed-size batches from a fresh permutation per
+epoch; DP steps draw Poisson batches and never log statistics of private examples (no training loss, no
+gradient norm): their history holds the step, learning rate, batch size, epsilon spent and the public prior loss.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .data.tokens import TokenViews
+from .models import VAR, VQVAE
+from .pretrain import epoch_batches, is_logging_step, record_history
+from .prior import PriorBank, prior_preservation_loss
+from .privacy import PrivacySpec, epsilon_spent, make_private, poisson_batch, privacy_ledger, private_step, validate_privacy
+from .training import build_optimizer, lr_at, scale_loss_weights, set_lr, view_losses
+
+Logger = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """steps: optimiser steps; batch_size: examples per non-DP step (DP draws Poisson batches of rate q);
+    augmentation_multiplicity: k views per example (must equal the privacy spec's under DP);
+    scale_weight_decay: per-scale loss weight decay**s (1 = plain token mean); prior_weight: weight of the
+    prior-preservation KL (0 = off), on ``prior_batch_size`` bank samples per step; max_grad_norm: non-DP
+    global-norm clipping (DP clips per example with the privacy spec's C)."""
+
+    steps: int
+    lr: float
+    batch_size: int = 32
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    class_dropout: float = 0.1
+    augmentation_multiplicity: int = 1
+    scale_weight_decay: float = 1.0
+    prior_weight: float = 0.0
+    prior_batch_size: int = 16
+    max_grad_norm: float | None = 2.0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"invalid options {self}: need steps >= 1, batch_size >= 1, lr > 0, 0 <= warmup_steps <= steps")
+        if self.prior_weight < 0 or self.prior_batch_size < 1 or self.augmentation_multiplicity < 1 or self.log_every < 1:
+            raise ValueError(f"invalid options {self}: need prior_weight >= 0, prior_batch_size >= 1, augmentation_multiplicity >= 1, log_every >= 1")
+
+
+@dataclass(frozen=True)
+class Prior:
+    """Prior-preservation inputs: the frozen base model and its sampled bank."""
+
+    teacher: VAR
+    bank: PriorBank
+
+
+def check_finetune(data: TokenViews, *, options: FinetuneOptions, privacy: PrivacySpec | None, prior: Prior | None) -> None:
+    """Every setting problem, before any compute."""
+    data.check_multiplicity(options.augmentation_multiplicity)
+    if options.prior_weight > 0 and prior is None:
+        raise ValueError("prior_weight > 0 needs a Prior (frozen base model and its sample bank)")
+    if privacy is not None:
+        validate_privacy(privacy, dataset_size=data.num_examples, planned_steps=options.steps)
+        if privacy.augmentation_multiplicity != options.augmentation_multiplicity:
+            raise ValueError(f"augmentation_multiplicity differs between the options ({options.augmentation_multiplicity}) "
+                             f"and the privacy spec ({privacy.augmentation_multiplicity})")
+
+
+def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptions, privacy: PrivacySpec | None = None,
+             prior: Prior | None = None, seed: int = 0, log: Logger | None = None) -> dict:
+    """Train the trainable parameters of an adapted ``var``; returns {"history": [...], "privacy": ledger or None}."""
+    check_finetune(data, options=options, privacy=privacy, prior=prior)
+    device = next(var.parameters()).device
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # Two streams: batch sampling (identical on every rank: DP-DDP ranks draw one global Poisson mask) and
+    # per-rank draws (views, class dropout, prior batches).
+    sampling_generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + rank + 1)
+    weights_L = scale_loss_weights(var.patch_nums, decay=options.scale_weight_decay).to(device) if options.scale_weight_decay != 1.0 else None
+    optimizer = build_optimizer(var, lr=options.lr, weight_decay=options.weight_decay)
+    k = options.augmentation_multiplicity
+
+    def loss_fn(indices: torch.Tensor) -> torch.Tensor:
+        label_b, idx_views = data.take(indices, k=k, generator=generator, device=device)
+        return view_losses(var, vqvae, label_b, idx_views, class_dropout=options.class_dropout, token_weights_L=weights_L, generator=generator)
+
+    def prior_loss() -> torch.Tensor:
+        return options.prior_weight * prior_preservation_loss(var, prior.teacher, vqvae, prior.bank.batch(options.prior_batch_size, generator=generator, device=device))
+
+    var.train()
+    run = _private_run if privacy is not None else _plain_run
+    history, ledger = run(var, optimizer, data, loss_fn=loss_fn, prior_loss=prior_loss if options.prior_weight > 0 else None,
+                          options=options, privacy=privacy, generator=sampling_generator, log=log)
+    var.eval()
+    return {"history": history, "privacy": ledger}
+
+
+def _plain_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log):
+    batches, history, started = epoch_batches(data.num_examples, batch_size=options.batch_size, generator=generator), [], time.perf_counter()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for step in range(options.steps):
+        lr = _schedule(optimizer, step, options)
+        loss = loss_fn(next(batches)).mean()
+        kl = prior_loss() if prior_loss is not None else None
+        optimizer.zero_grad(set_to_none=True)
+        (loss if kl is None else loss + kl).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
+        optimizer.step()
+        if is_logging_step(step, options):
+            values = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
+            record_history(history, log, step=step, started=started, **values, **({"prior_kl": kl.item() / options.prior_weight} if kl is not None else {}))
+    return history, None
+
+
+def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log):
+    state = make_private(var, optimizer, spec=privacy, dataset_size=data.num_examples, planned_steps=options.steps)
+    history, started, kl_values = [], time.perf_counter(), []
+
+    def public_grad() -> None:
+        kl = prior_loss()
+        kl.backward()
+        kl_values.append(kl.item())
+
+    for step in range(options.steps):
+        lr = _schedule(optimizer, step, options)
+        indices = poisson_batch(data.num_examples, privacy.sampling_rate, generator=generator, rank=state.rank, world_size=state.world_size)
+        out = private_step(state, indices, loss_fn, public_grad_fn=public_grad if prior_loss is not None else None)
+        if is_logging_step(step, options):
+            spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=privacy.sampling_rate, steps=state.steps,
+                                  delta=state.delta, accountants=("rdp",))
+            values = {"lr": lr, "batch_size": out["batch_size"], "epsilon_rdp": spent["rdp"]}
+            if kl_values:
+                values["prior_kl"] = kl_values[-1] / options.prior_weight
+            record_history(history, log, step=step, started=started, **values)
+    return history, privacy_ledger(state)
+
+
+def _schedule(optimizer, step: int, options: FinetuneOptions) -> float:
+    lr = lr_at(step, base_lr=options.lr, total_steps=options.steps, warmup_steps=options.warmup_steps)
+    set_lr(optimizer, lr)
+    return lr
