@@ -12,7 +12,7 @@ from trainables.methods import (AdaptationSpec, adapt, load_adapter, merge_adapt
 from trainables.models import CheckpointError, build_var, load_var
 from trainables.models.checkpoints import save_var
 from trainables.models.vqvae import OFFICIAL_PATCH_NUMS
-from trainables.patches import apply_patches, official_key, official_state_dict
+from trainables.patches import OPACUS_PATCHES, apply_patches, official_key, official_state_dict
 from trainables.training import build_optimizer
 
 NEW_CLASSES = 3
@@ -155,13 +155,15 @@ def test_merge_is_numerically_equivalent():
         assert not any(".lora_" in n or "ln_tuning" in n for n, _ in var.named_parameters())
 
 
-def test_patches_are_numerically_equivalent(tiny_vqvae):
+@pytest.mark.parametrize("names", [("positions_as_modules",), ("attention_parameters_as_modules",), OPACUS_PATCHES])
+def test_patches_are_numerically_equivalent(names, tiny_vqvae):
     plain = tiny_base()
     plain.train()
-    patched = apply_patches(copy.deepcopy(plain))
+    patched = apply_patches(copy.deepcopy(plain), names)
+    owners = {"positions_as_modules": "VAR", "attention_parameters_as_modules": "SelfAttention"}
     for module in patched.modules():
         own = [n for n, p in module.named_parameters(recurse=False)]
-        assert type(module).__name__ not in ("VAR", "SelfAttention") or not own, f"{type(module).__name__} still owns {own}"
+        assert type(module).__name__ not in {owners[n] for n in names} or not own, f"{type(module).__name__} still owns {own}"
     label_B, x_BLCv, target_BL = random_batch(seed=3)
     out_plain, out_patched = plain(label_B, x_BLCv), patched(label_B, x_BLCv)
     assert torch.equal(out_plain, out_patched)

@@ -16,7 +16,7 @@ from trainables.methods import AdaptationSpec, adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
 from trainables.privacy import (PrivacyConfigError, PrivacySpec, _accumulate_clipped, epsilon_spent, make_private, poisson_batch,
                                 privacy_ledger, private_step, resolve_clipping, validate_privacy)
-from trainables.training import view_losses
+from trainables.training import scale_loss_weights, view_losses
 
 N, K_MAX, CLASSES = 24, 3, 3
 METHODS = ("full", "lora", "ln_tuning")
@@ -34,20 +34,21 @@ def make_vqvae() -> torch.nn.Module:
     return build_vqvae(**TINY_VQVAE).eval()
 
 
-def make_model(method: str) -> torch.nn.Module:
+def make_model(method: str, *, train_blocks: tuple[int, ...] | None = None) -> torch.nn.Module:
     var = build_var(**TINY_VAR, drop_path_rate=0.0, generator=torch.Generator().manual_seed(0))
-    return adapt(var, AdaptationSpec(method=method, num_classes=CLASSES, lora_rank=4)).train()
+    return adapt(var, AdaptationSpec(method=method, num_classes=CLASSES, lora_rank=4, train_blocks=train_blocks)).train()
 
 
-def loss_fn_for(var, vqvae, data, k: int):
+def loss_fn_for(var, vqvae, data, k: int, *, token_weights_L: torch.Tensor | None = None):
     label_N, views = data
-    return lambda part: view_losses(var, vqvae, label_N[part], [v[part][:, :k] for v in views], class_dropout=0.0)
+    return lambda part: view_losses(var, vqvae, label_N[part], [v[part][:, :k] for v in views], class_dropout=0.0,
+                                    token_weights_L=token_weights_L)
 
 
-def reference_grads(var, vqvae, data, k: int, indices) -> dict[str, torch.Tensor]:
+def reference_grads(var, vqvae, data, k: int, indices, *, token_weights_L: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-example gradients [B, ...] of the view-mean loss, one example at a time with plain autograd."""
     var = copy.deepcopy(var)
-    loss_fn = loss_fn_for(var, vqvae, data, k)
+    loss_fn = loss_fn_for(var, vqvae, data, k, token_weights_L=token_weights_L)
     grads = {name: [] for name in trainable_parameters(var)}
     for i in indices:
         var.zero_grad()
@@ -79,6 +80,19 @@ def test_per_sample_gradients_equal_one_at_a_time(method, k, vqvae, data):
     expected = reference_grads(var, vqvae, data, k, indices)
     state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(augmentation_multiplicity=k), dataset_size=N, planned_steps=3)
     _accumulate_clipped(state, torch.tensor(indices), loss_fn_for(var, vqvae, data, k))
+    for name, p in trainable_parameters(var).items():
+        torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_sample_gradients_with_selected_blocks_and_scale_weights(method, vqvae, data):
+    """The step-level options compose with DP: selective blocks and weighted scales keep exact per-sample gradients."""
+    var = make_model(method, train_blocks=(1,))
+    weights_L = scale_loss_weights(TINY_VAR["patch_nums"], decay=0.5)
+    indices = [2, 4, 6]
+    expected = reference_grads(var, vqvae, data, 2, indices, token_weights_L=weights_L)
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(augmentation_multiplicity=2), dataset_size=N, planned_steps=3)
+    _accumulate_clipped(state, torch.tensor(indices), loss_fn_for(var, vqvae, data, 2, token_weights_L=weights_L))
     for name, p in trainable_parameters(var).items():
         torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
@@ -130,11 +144,13 @@ def test_sensitivity_of_one_adversarial_example_is_at_most_C(method, k, clipping
     assert (replaced - without).norm() <= 2 * C * (1 + 1e-4)
 
 
-def test_physical_batches_do_not_change_the_sum(vqvae, data):
+@pytest.mark.parametrize("k, clipping", [(2, "hooks"), (1, "ghost")])
+def test_physical_batches_do_not_change_the_sum(k, clipping, vqvae, data):
     base = make_model("lora")
     indices = list(range(0, N, 2))
-    one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=indices, k=2, max_grad_norm=0.05, physical_batch_size=64)
-    many = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=indices, k=2, max_grad_norm=0.05, physical_batch_size=3)
+    kwargs = dict(indices=indices, k=k, clipping=clipping, max_grad_norm=0.05)
+    one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, physical_batch_size=64, **kwargs)
+    many = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, physical_batch_size=5, **kwargs)  # chunks of 2 or 5 examples
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-7)
 
 
@@ -218,6 +234,12 @@ def test_auto_clipping_uses_ghost_for_large_trainable_sets_at_k1():
     assert resolve_clipping(spec(clipping="auto"), make_model("full")) == "ghost"
     assert resolve_clipping(spec(clipping="auto"), make_model("lora")) == "hooks"
     assert resolve_clipping(spec(clipping="auto", augmentation_multiplicity=2), make_model("full")) == "hooks"
+
+
+def test_unpatched_var_is_refused():
+    var = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(PrivacyConfigError, match=r"<root> \(VAR\).*adapt\(\)"):
+        make_private(var, torch.optim.SGD(var.parameters(), lr=0.1), spec=spec(), dataset_size=N, planned_steps=3)
 
 
 def test_large_delta_accepted_only_with_explicit_override():

@@ -174,6 +174,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: Pr
     by default it is seeded from OS entropy.
     Under an initialised process group the model is synchronised from rank 0 and gradients are all-reduced."""
     delta = validate_privacy(spec, dataset_size=dataset_size, planned_steps=planned_steps)
+    check_per_sample_support(model)
     sigma = calibrate_noise_multiplier(target_epsilon=spec.target_epsilon, delta=delta, sampling_rate=spec.sampling_rate,
                                        steps=planned_steps, accountant=spec.accountant)
     world_size, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
@@ -197,6 +198,18 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: Pr
     return PrivateTraining(module=module, optimizer=dp_optimizer, spec=spec, noise_multiplier=sigma, delta=delta,
                            dataset_size=dataset_size, planned_steps=planned_steps, world_size=world_size, rank=rank,
                            clipping=clipping, noise_seeded_by_caller=noise_seeded_by_caller)
+
+
+def check_per_sample_support(model: nn.Module) -> None:
+    """Every module owning trainable parameters must have an exact per-sample-gradient rule. Opacus would
+    otherwise hand it to functorch with its positional inputs only: for VAR's root module or attention (keyword
+    causal mask) that is slow or wrong. ``methods.adapt`` applies the patches that make VAR pass."""
+    unsupported = sorted({f"{name or '<root>'} ({type(module).__name__})" for name, module in model.named_modules()
+                          if any(p.requires_grad for p in module.parameters(recurse=False)) and type(module) not in GradSampleModule.GRAD_SAMPLERS})
+    if unsupported:
+        raise PrivacyConfigError("these modules own trainable parameters but have no per-sample-gradient rule: "
+                                 f"{', '.join(unsupported[:8])}; prepare a VAR with trainables.methods.adapt() (it applies "
+                                 "trainables.patches) before make_private")
 
 
 def _entropy_seeded_generator(device: torch.device) -> torch.Generator:
