@@ -38,8 +38,9 @@ def configurations() -> list[dict]:
     rows = [dict(method=m, dp=None, k=1) for m in ("full", "lora", "ln_tuning")]
     rows += [dict(method=m, dp="hooks", k=1) for m in ("full", "lora", "ln_tuning")]
     rows += [dict(method=m, dp="ghost", k=1) for m in ("full", "lora", "ln_tuning")]
-    rows += [dict(method="lora", dp=dp, k=k) for k in (4, 8) for dp in (None, "hooks")]
     rows += [dict(method=m, dp="auto", k=1) for m in ("full", "lora", "ln_tuning")]
+    rows += [dict(method="lora", dp=dp, k=4) for dp in (None, "hooks")]
+    rows += [dict(method=m, dp=dp, k=8) for m in ("full", "lora", "ln_tuning") for dp in (None, "hooks")]
     return rows
 
 
@@ -106,6 +107,7 @@ def summary(results: list[dict]) -> list[str]:
     for k in (4, 8):
         lines.append(f"- DP-LoRA time(k={k}) / time(1) = {ratio(('lora', 'hooks', k), ('lora', 'hooks', 1)):.2f} "
                      f"(target <= {1.1 * k:.1f}); non-DP LoRA on the same k views: {ratio(('lora', None, k), ('lora', None, 1)):.2f}")
+    lines.append("- DP / non-DP at k=8: " + ", ".join(f"{m} {ratio((m, 'hooks', 8), (m, None, 8)):.2f}x" for m in ("full", "lora", "ln_tuning")))
     lines.append("- auto clipping picks: " + ", ".join(f"{m} {by[(m, 'auto', 1)]['clipping']} ({ratio((m, 'auto', 1), (m, None, 1)):.2f}x)"
                                                   for m in ("full", "lora", "ln_tuning")))
     return lines

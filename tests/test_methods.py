@@ -136,6 +136,15 @@ def _load_args() -> dict:
     return {**TINY_VAR, "drop_path_rate": 0.0}
 
 
+def test_adapter_refuses_a_base_from_another_checkpoint(tmp_path):
+    first, second = save_var(tiny_base(seed=0), tmp_path / "a.pth"), save_var(tiny_base(seed=1), tmp_path / "b.pth")
+    var = adapt(load_var(first, **_load_args()), SPECS["lora"])
+    save_adapter(var, tmp_path / "adapter.pt")
+    with pytest.raises(CheckpointError, match="was trained on the base checkpoint with SHA-256"):
+        load_adapter(load_var(second, **_load_args()), tmp_path / "adapter.pt")
+    load_adapter(load_var(first, **_load_args()), tmp_path / "adapter.pt")
+
+
 def test_adapter_refuses_another_base(tmp_path):
     var = adapt(tiny_base(), SPECS["lora"])
     save_adapter(var, tmp_path / "adapter.pt")

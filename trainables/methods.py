@@ -161,11 +161,12 @@ ADAPTER_KIND = "var-adapter"
 
 def save_adapter(var: VAR, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write the trainable tensors of an adapted VAR (adapters, class embedding; everything for ``full``) with a
-    sidecar holding the adaptation spec, the base architecture and ``metadata`` (e.g. trial config, base hash)."""
+    sidecar holding the adaptation spec, the base architecture, the base checkpoint's SHA-256 (when the base was
+    loaded with ``load_var``) and ``metadata`` (e.g. the trial config)."""
     spec = var.__dict__.get("adaptation")
     if spec is None:
         raise ValueError("this VAR was not prepared with adapt(); nothing identifies its trainable subset")
-    meta = {**dict(metadata or {}), "adaptation": spec.to_dict()}
+    meta = {**dict(metadata or {}), "adaptation": spec.to_dict(), "base_sha256": getattr(var, "checkpoint_sha256", None)}
     return save_tensors(path, trainable_parameters(var), kind=ADAPTER_KIND, architecture=_base_architecture(var), metadata=meta)
 
 
@@ -174,10 +175,15 @@ def _base_architecture(var: VAR) -> dict[str, Any]:
 
 
 def load_adapter(base: VAR, path: str | os.PathLike) -> VAR:
-    """Apply the adapter at ``path`` to a freshly loaded base VAR (in place) and return the fine-tuned model."""
+    """Apply the adapter at ``path`` to a freshly loaded base VAR (in place) and return the fine-tuned model.
+    Refuses a base loaded from another checkpoint file than the one the adapter was trained on."""
     metadata = verify_sidecar(path, kind=ADAPTER_KIND, architecture=_base_architecture(base))
     if metadata is None or "adaptation" not in metadata:
         raise CheckpointError(f"adapter {path} has no sidecar {path}.json with its adaptation spec; it cannot be applied")
+    trained_on, given = metadata.get("base_sha256"), getattr(base, "checkpoint_sha256", None)
+    if trained_on and given and trained_on != given:
+        raise CheckpointError(f"adapter {path} was trained on the base checkpoint with SHA-256 {trained_on}, "
+                              f"but the given base was loaded from a file with SHA-256 {given}")
     spec = AdaptationSpec.from_dict(metadata["adaptation"])
     state = read_state_dict(path)
     adapt(base, spec)

@@ -24,12 +24,17 @@ import torch.distributed as dist
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample, promote_current_grad_sample
 from opacus.optimizers import (DistributedDPOptimizer, DistributedDPOptimizerFastGradientClipping, DPOptimizer,
                                DPOptimizerFastGradientClipping)
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.utils.module_utils import trainable_parameters as opacus_trainable_parameters
 from torch import nn
 
 CLIPPING_MODES = ("auto", "hooks", "ghost")
+# Layers whose per-sample gradient is a sum over positions of (input, output-gradient) products: the k views of one
+# example can be folded into the position dimension and the example's gradient computed in one pass.
+FOLDABLE_LAYERS = (nn.Linear, nn.Embedding)
 AUTO_GHOST_TRAINABLE_SHARE = 0.1
 ACCOUNTANTS = ("rdp", "prv")
 LEDGER_VERSION = 1
@@ -66,6 +71,45 @@ class PrivacySpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class MultiViewGradSampleModule(GradSampleModule):
+    """Opacus hooks that give each example the per-sample gradient of the mean loss over its k views.
+
+    The batch holds k consecutive rows per example (example-major). For linear and embedding layers the views are
+    folded into the position dimension before the per-sample rule runs, so the example's gradient is formed
+    directly (k times fewer per-sample tensors than per-row gradients averaged afterwards); other layers (small
+    patched parameters) compute per-row gradients and average them over the views.
+    """
+
+    def __init__(self, module: nn.Module, *, views_per_example: int):
+        self.views_per_example = views_per_example
+        super().__init__(module, batch_first=True, loss_reduction="sum", strict=True)
+
+    def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output, loss_reduction: str, batch_first: bool) -> None:
+        if not self.hooks_enabled:
+            return
+        activations, backprops = self.rearrange_grad_samples(module=module, backprops=forward_output[0].detach(),
+                                                             loss_reduction=loss_reduction, batch_first=batch_first)
+        k, rule = self.views_per_example, self.GRAD_SAMPLERS[type(module)]
+        if isinstance(module, FOLDABLE_LAYERS):
+            folded = rule(module, [_fold_views(a, k) for a in activations], _fold_views(backprops, k))
+            grad_samples = {p: g / k for p, g in folded.items()}
+        else:
+            grad_samples = {p: g.view(-1, k, *g.shape[1:]).mean(1) for p, g in rule(module, activations, backprops).items()}
+        for param, grad_sample in grad_samples.items():
+            create_or_accumulate_grad_sample(param=param, grad_sample=grad_sample, max_batch_len=module.max_batch_len // k)
+        for _, param in opacus_trainable_parameters(module):
+            param._forward_counter -= 1
+            if param._forward_counter == 0:
+                promote_current_grad_sample(param)
+        if not module.activations and hasattr(module, "max_batch_len"):
+            del module.max_batch_len
+
+
+def _fold_views(rows_R: torch.Tensor, k: int) -> torch.Tensor:
+    """Example-major rows [B*k, ...] -> [B, k, ...]; the linear and embedding rules sum over every middle dim."""
+    return rows_R.reshape(rows_R.shape[0] // k, k, *rows_R.shape[1:])
 
 
 def validate_privacy(spec: PrivacySpec, *, dataset_size: int, planned_steps: int) -> float:
@@ -193,7 +237,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: Pr
                                                       max_grad_norm=spec.max_grad_norm, use_ghost_clipping=True)
         dp_optimizer = (DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping)(optimizer, **common)
     else:
-        module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+        module = MultiViewGradSampleModule(model, views_per_example=spec.augmentation_multiplicity)
         dp_optimizer = (DistributedDPOptimizer if world_size > 1 else DPOptimizer)(optimizer, **common)
     return PrivateTraining(module=module, optimizer=dp_optimizer, spec=spec, noise_multiplier=sigma, delta=delta,
                            dataset_size=dataset_size, planned_steps=planned_steps, world_size=world_size, rank=rank,
@@ -293,13 +337,12 @@ def _accumulate_clipped(state: PrivateTraining, part: torch.Tensor, loss_fn: Vie
     if state.clipping == "ghost":
         DPTensorFastGradientClipping(state.module, state.optimizer, loss_bk[:, 0], "mean").backward()
         return
-    loss_bk.sum().backward()
-    b, k = loss_bk.shape
-    for p in state.optimizer.params:
-        if p.grad_sample is None:
-            raise RuntimeError("a trainable parameter received no per-sample gradient (not used in the forward?)")
-        # rows are example-major (b0v0, b0v1, ...): the mean over an example's views is its gradient of the view-mean loss
-        p.grad_sample = p.grad_sample.view(b, k, *p.shape).mean(dim=1)
+    if loss_bk.shape[1] != state.spec.augmentation_multiplicity:
+        raise ValueError(f"loss_fn returned {loss_bk.shape[1]} views per example, the privacy spec says k={state.spec.augmentation_multiplicity}")
+    loss_bk.sum().backward()  # the hooks turn the per-view gradients into each example's view-mean gradient
+    missing = [i for i, p in enumerate(state.optimizer.params) if p.grad_sample is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} trainable parameters received no per-sample gradient (not used in the forward?)")
 
 
 def _empty_chunk(state: PrivateTraining) -> None:

@@ -135,7 +135,8 @@ def load_var(path: str | os.PathLike, *, depth: int, num_classes: int = 1000, pa
              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VAR:
     """Load a VAR from a local file. ``num_classes`` is the number of classes the checkpoint was trained with
     (1000 for the official ImageNet models); use ``resize_class_embedding`` to move to a new label set.
-    The scale-layout buffers are checked against ``patch_nums`` (a checkpoint of another resolution fails)."""
+    The scale-layout buffers are checked against ``patch_nums`` (a checkpoint of another resolution fails).
+    The returned model's ``checkpoint_sha256`` is the SHA-256 of the file."""
     def build_meta() -> VAR:
         return build_var(depth=depth, num_classes=num_classes, patch_nums=patch_nums, vocab_size=vocab_size, z_channels=z_channels,
                          embed_dim=embed_dim, num_heads=num_heads, attn_l2_norm=attn_l2_norm, shared_aln=shared_aln,
@@ -144,6 +145,7 @@ def load_var(path: str | os.PathLike, *, depth: int, num_classes: int = 1000, pa
     verify_sidecar(path, kind="var", architecture=build_meta().architecture)
     var = _load_into(path, build_meta=build_meta, what=f"VAR-d{depth} with {num_classes} classes", device=device, dtype=dtype)
     _check_scale_layout(var, path=path)
+    var.checkpoint_sha256 = file_sha256(path)  # adapters trained on this model record it and check it when applied
     return var
 
 
