@@ -35,12 +35,10 @@ MIB = 1024 ** 2
 
 
 def configurations() -> list[dict]:
-    rows = [dict(method=m, dp=None, k=1) for m in ("full", "lora", "ln_tuning")]
-    rows += [dict(method=m, dp="hooks", k=1) for m in ("full", "lora", "ln_tuning")]
-    rows += [dict(method=m, dp="ghost", k=1) for m in ("full", "lora", "ln_tuning")]
-    rows += [dict(method=m, dp="auto", k=1) for m in ("full", "lora", "ln_tuning")]
-    rows += [dict(method="lora", dp=dp, k=4) for dp in (None, "hooks")]
-    rows += [dict(method=m, dp=dp, k=8) for m in ("full", "lora", "ln_tuning") for dp in (None, "hooks")]
+    methods, modes = ("full", "lora", "ln_tuning"), ("hooks", "ghost", "bookkeeping")
+    rows = [dict(method=m, dp=dp, k=1) for dp in (None, *modes) for m in methods]
+    rows += [dict(method="lora", dp=dp, k=4) for dp in (None, "hooks", "bookkeeping")]
+    rows += [dict(method=m, dp=dp, k=8) for m in methods for dp in (None, "hooks", "bookkeeping")]
     return rows
 
 
@@ -79,7 +77,6 @@ def _dp_step(var, optimizer, config: dict, *, batch_size: int, loss_fn):
     spec = PrivacySpec(target_epsilon=10.0, sampling_rate=0.25, max_grad_norm=0.5, augmentation_multiplicity=config["k"],
                        physical_batch_size=batch_size, clipping=config["dp"])
     state = make_private(var, optimizer, spec=spec, dataset_size=4 * batch_size, planned_steps=1000)
-    config["clipping"] = state.clipping
     return lambda: private_step(state, torch.arange(batch_size), loss_fn)
 
 
@@ -89,7 +86,7 @@ def table(results: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         ref = base.get((r["method"], r["k"]), base[(r["method"], 1)])
-        mode = "no DP" if r["dp"] is None else (f"auto -> {r['clipping']}" if r["dp"] == "auto" else r["dp"])
+        mode = "no DP" if r["dp"] is None else r["dp"]
         lines.append(f"| {r['method']} | {mode} | {r['k']} | {r['rows_per_forward']} | {r['step_s']:.3f} | {r['step_s'] / ref['step_s']:.2f}x | "
                      f"{r['peak_over_start_mib']:.0f} | {r['peak_over_start_mib'] / max(ref['peak_over_start_mib'], 1):.2f}x |")
     return lines
@@ -98,18 +95,17 @@ def table(results: list[dict]) -> list[str]:
 def summary(results: list[dict]) -> list[str]:
     by = {(r["method"], r["dp"], r["k"]): r for r in results}
     ratio = lambda a, b: by[a]["step_s"] / by[b]["step_s"]  # noqa: E731
-    lines = [f"- DP-LoRA / LoRA: {ratio(('lora', 'hooks', 1), ('lora', None, 1)):.2f}x (hooks), "
-             f"{ratio(('lora', 'ghost', 1), ('lora', None, 1)):.2f}x (ghost); target <= 1.3x",
-             f"- DP-full / full: {ratio(('full', 'hooks', 1), ('full', None, 1)):.2f}x (hooks), "
-             f"{ratio(('full', 'ghost', 1), ('full', None, 1)):.2f}x (ghost); target <= 2x",
-             f"- DP-LN-tuning / LN-tuning: {ratio(('ln_tuning', 'hooks', 1), ('ln_tuning', None, 1)):.2f}x (hooks), "
-             f"{ratio(('ln_tuning', 'ghost', 1), ('ln_tuning', None, 1)):.2f}x (ghost)"]
-    for k in (4, 8):
-        lines.append(f"- DP-LoRA time(k={k}) / time(1) = {ratio(('lora', 'hooks', k), ('lora', 'hooks', 1)):.2f} "
-                     f"(target <= {1.1 * k:.1f}); non-DP LoRA on the same k views: {ratio(('lora', None, k), ('lora', None, 1)):.2f}")
-    lines.append("- DP / non-DP at k=8: " + ", ".join(f"{m} {ratio((m, 'hooks', 8), (m, None, 8)):.2f}x" for m in ("full", "lora", "ln_tuning")))
-    lines.append("- auto clipping picks: " + ", ".join(f"{m} {by[(m, 'auto', 1)]['clipping']} ({ratio((m, 'auto', 1), (m, None, 1)):.2f}x)"
-                                                  for m in ("full", "lora", "ln_tuning")))
+    memory = lambda a, b: by[a]["peak_over_start_mib"] / by[b]["peak_over_start_mib"]  # noqa: E731
+    lines = []
+    for method, name in (("lora", "DP-LoRA / LoRA"), ("full", "DP-full / full"), ("ln_tuning", "DP-LN-tuning / LN-tuning")):
+        modes = ", ".join(f"{ratio((method, mode, 1), (method, None, 1)):.2f}x time, {memory((method, mode, 1), (method, None, 1)):.2f}x memory ({mode})"
+                          for mode in ("bookkeeping", "hooks", "ghost"))
+        lines.append(f"- {name} at k=1: {modes}")
+    for mode in ("bookkeeping", "hooks"):
+        for k in (4, 8):
+            lines.append(f"- DP-LoRA ({mode}) time(k={k}) / time(1) = {ratio(('lora', mode, k), ('lora', mode, 1)):.2f} (target <= {1.1 * k:.1f}); "
+                         f"non-DP LoRA on the same k views: {ratio(('lora', None, k), ('lora', None, 1)):.2f}")
+    lines.append("- DP (bookkeeping) / non-DP at k=8: " + ", ".join(f"{m} {ratio((m, 'bookkeeping', 8), (m, None, 8)):.2f}x" for m in ("full", "lora", "ln_tuning")))
     return lines
 
 

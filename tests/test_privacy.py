@@ -121,7 +121,19 @@ def summed_clipped_gradient(var, vqvae, data, *, indices, k: int, clipping: str 
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("k, clipping", [(1, "hooks"), (3, "hooks"), (1, "ghost")])
+@pytest.mark.parametrize("k", [1, 3])
+def test_bookkeeping_clipped_sum_equals_per_sample_hooks(method, k, vqvae, data):
+    """Book-keeping never forms per-sample gradients of linear layers; its clipped sum must equal the one built
+    from Opacus's per-sample gradients (C small enough that most examples are clipped)."""
+    base = make_model(method)
+    kwargs = dict(indices=list(range(0, N, 2)), k=k, max_grad_norm=0.02)
+    hooks = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, clipping="hooks", **kwargs)
+    bookkeeping = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, clipping="bookkeeping", **kwargs)
+    torch.testing.assert_close(bookkeeping, hooks, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k, clipping", [(1, "hooks"), (3, "hooks"), (1, "ghost"), (1, "bookkeeping"), (3, "bookkeeping")])
 def test_sensitivity_of_one_adversarial_example_is_at_most_C(method, k, clipping, vqvae):
     """Adding one example (add/remove adjacency, the one the accountant assumes) moves the noiseless summed
     clipped gradient by at most C, however large that example's own gradient is; replacing one moves it by at most 2C."""
@@ -144,7 +156,7 @@ def test_sensitivity_of_one_adversarial_example_is_at_most_C(method, k, clipping
     assert (replaced - without).norm() <= 2 * C * (1 + 1e-4)
 
 
-@pytest.mark.parametrize("k, clipping", [(2, "hooks"), (1, "ghost")])
+@pytest.mark.parametrize("k, clipping", [(2, "hooks"), (1, "ghost"), (2, "bookkeeping")])
 def test_physical_batches_do_not_change_the_sum(k, clipping, vqvae, data):
     base = make_model("lora")
     indices = list(range(0, N, 2))
@@ -154,7 +166,7 @@ def test_physical_batches_do_not_change_the_sum(k, clipping, vqvae, data):
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+@pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
 def test_noise_std_matches_sigma_C_over_expected_batch(clipping, vqvae, data):
     var = make_model("full")
     C = 0.5
@@ -230,10 +242,11 @@ def test_impossible_settings_fail_before_compute(overrides, message):
         validate_privacy(spec(**overrides), dataset_size=N, planned_steps=10)
 
 
-def test_auto_clipping_uses_ghost_for_large_trainable_sets_at_k1():
-    assert resolve_clipping(spec(clipping="auto"), make_model("full")) == "ghost"
-    assert resolve_clipping(spec(clipping="auto"), make_model("lora")) == "hooks"
-    assert resolve_clipping(spec(clipping="auto", augmentation_multiplicity=2), make_model("full")) == "hooks"
+def test_auto_clipping_is_bookkeeping_for_adapted_vars():
+    for method in METHODS:
+        assert resolve_clipping(spec(clipping="auto", augmentation_multiplicity=2), make_model(method)) == "bookkeeping"
+    unsupported = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
+    assert resolve_clipping(spec(clipping="auto"), unsupported) == "hooks"
 
 
 def test_unpatched_var_is_refused():
@@ -271,7 +284,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, result_file: str, k: int,
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("k, clipping", [(2, "hooks"), (1, "ghost")])
+@pytest.mark.parametrize("k, clipping", [(2, "hooks"), (1, "ghost"), (2, "bookkeeping")])
 def test_dp_ddp_two_processes_match_one_process(k, clipping, tmp_path):
     """Same global Poisson batches, same noise (rank 0 only), so the same ledger and the same parameters."""
     single_ledger, single_params = run_dp_steps(steps=3, k=k, clipping=clipping)

@@ -7,6 +7,9 @@ to norm C once (so the sensitivity is C whatever k is), sums, adds N(0, (sigma C
 expected batch size q N. sigma is calibrated so that the planned number of steps spends at most the target epsilon
 at delta (RDP accountant, cross-checked with PRV); training cannot take more steps than planned.
 
+Clipping is done by book-keeping (``bookkeeping.py``: one backward, no per-sample weight copies) unless
+Opacus's per-sample hooks or ghost clipping are asked for.
+
 Under DDP every rank draws the same global Poisson mask (shared seed) and takes its share of the selected
 examples, so the global batch and the ledger are exactly those of one process; only rank 0 adds noise
 (Opacus's ``DistributedDPOptimizer``) and the all-reduce averages the per-rank sums.
@@ -31,7 +34,9 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from opacus.utils.module_utils import trainable_parameters as opacus_trainable_parameters
 from torch import nn
 
-CLIPPING_MODES = ("auto", "hooks", "ghost")
+from .bookkeeping import BookKeeping, bookkeeping_supports
+
+CLIPPING_MODES = ("auto", "hooks", "ghost", "bookkeeping")
 # Layers whose per-sample gradient is a sum over positions of (input, output-gradient) products: the k views of one
 # example can be folded into the position dimension and the example's gradient computed in one pass.
 FOLDABLE_LAYERS = (nn.Linear, nn.Embedding)
@@ -52,10 +57,10 @@ class PrivacySpec:
     delta: None means 1/N; augmentation_multiplicity: k views averaged per example before clipping;
     physical_batch_size: rows (example views) per forward/backward; a chunk holds max(1, physical_batch_size // k)
     examples, so memory stays bounded for any expected batch size and any k;
-    clipping: "hooks" (per-sample gradients), "ghost" (Opacus ghost clipping, k = 1 only) or "auto" (ghost when
-    k = 1 and more than AUTO_GHOST_TRAINABLE_SHARE of the parameters train, i.e. full and LN tuning, where per-sample
-    copies of large matrices dominate; hooks otherwise, e.g. LoRA, whose per-sample gradients are small;
-    docs/benchmarks.md has the measurements behind this rule);
+    clipping: "bookkeeping" (one backward, clipped sums rebuilt from layer inputs and output gradients; see
+    trainables/bookkeeping.py), "hooks" (Opacus per-sample gradients), "ghost" (Opacus ghost clipping, two
+    backward passes, k = 1 only) or "auto" (book-keeping where it has a rule for every trainable layer, else hooks;
+    docs/benchmarks.md compares the three);
     allow_delta_at_least_inverse_n: permit delta >= 1/N (a mechanism that may release a whole example).
     """
 
@@ -232,7 +237,10 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: Pr
     common = dict(noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm, expected_batch_size=expected_per_rank,
                   loss_reduction="mean", generator=noise_generator)
     clipping = resolve_clipping(spec, model)
-    if clipping == "ghost":
+    if clipping == "bookkeeping":
+        module = BookKeeping(model)
+        dp_optimizer = (DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping)(optimizer, **common)
+    elif clipping == "ghost":
         module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
                                                       max_grad_norm=spec.max_grad_norm, use_ghost_clipping=True)
         dp_optimizer = (DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping)(optimizer, **common)
@@ -264,13 +272,11 @@ def _entropy_seeded_generator(device: torch.device) -> torch.Generator:
 
 
 def resolve_clipping(spec: PrivacySpec, model: nn.Module) -> str:
-    """The clipping mode ``spec.clipping`` stands for with this model (see PrivacySpec)."""
+    """The clipping mode ``spec.clipping`` stands for with this model: "auto" is book-keeping when it has a rule
+    for every trainable layer (always, for an adapted VAR), per-sample hooks otherwise."""
     if spec.clipping != "auto":
         return spec.clipping
-    if spec.augmentation_multiplicity > 1:
-        return "hooks"
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return "ghost" if trainable > AUTO_GHOST_TRAINABLE_SHARE * sum(p.numel() for p in model.parameters()) else "hooks"
+    return "bookkeeping" if bookkeeping_supports(model) else "hooks"
 
 
 def _broadcast_parameters(model: nn.Module) -> None:
@@ -318,7 +324,10 @@ def private_step(state: PrivateTraining, indices: torch.Tensor, loss_fn: ViewLos
 
 def _add_public_gradient(state: PrivateTraining, public_grad_fn: Callable[[], None]) -> None:
     # The per-sample hooks must not see this backward: its gradient depends on no private example and is added
-    # to the already noised p.grad as is.
+    # to the already noised p.grad as is. (Book-keeping records only inside its own clipped_sum.)
+    if state.clipping == "bookkeeping":
+        public_grad_fn()
+        return
     state.module.disable_hooks()
     try:
         public_grad_fn()
@@ -331,24 +340,30 @@ def _accumulate_clipped(state: PrivateTraining, part: torch.Tensor, loss_fn: Vie
     if len(part) == 0:
         _empty_chunk(state)
         return
-    loss_bk = loss_fn(part)
-    if loss_bk.ndim != 2 or loss_bk.shape[0] != len(part):
-        raise ValueError(f"loss_fn must return per-view losses [b, k] for b={len(part)} examples, got {list(loss_bk.shape)}")
+    checked_losses = lambda: _checked(loss_fn(part), examples=len(part), k=state.spec.augmentation_multiplicity)  # noqa: E731
+    if state.clipping == "bookkeeping":
+        state.module.clipped_sum(checked_losses, max_grad_norm=state.spec.max_grad_norm)
+        return
+    loss_bk = checked_losses()
     if state.clipping == "ghost":
         DPTensorFastGradientClipping(state.module, state.optimizer, loss_bk[:, 0], "mean").backward()
         return
-    if loss_bk.shape[1] != state.spec.augmentation_multiplicity:
-        raise ValueError(f"loss_fn returned {loss_bk.shape[1]} views per example, the privacy spec says k={state.spec.augmentation_multiplicity}")
     loss_bk.sum().backward()  # the hooks turn the per-view gradients into each example's view-mean gradient
     missing = [i for i, p in enumerate(state.optimizer.params) if p.grad_sample is None]
     if missing:
         raise RuntimeError(f"{len(missing)} trainable parameters received no per-sample gradient (not used in the forward?)")
 
 
+def _checked(loss_bk: torch.Tensor, *, examples: int, k: int) -> torch.Tensor:
+    if loss_bk.ndim != 2 or tuple(loss_bk.shape) != (examples, k):
+        raise ValueError(f"loss_fn must return per-view losses [b={examples}, k={k}], got {list(loss_bk.shape)}")
+    return loss_bk
+
+
 def _empty_chunk(state: PrivateTraining) -> None:
     # An empty Poisson batch still takes a (pure noise) step: skipping it would change the privacy analysis.
     for p in state.optimizer.params:
-        if state.clipping == "ghost":
+        if state.clipping in ("ghost", "bookkeeping"):
             p.grad = torch.zeros_like(p)
         else:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
