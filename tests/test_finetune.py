@@ -88,6 +88,46 @@ def test_prior_loss_is_zero_for_the_teacher_and_trains_only_the_student(tiny_vqv
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable_parameters(student).values())
 
 
+def test_prior_targets_are_deterministic_with_a_training_mode_teacher(tiny_vqvae):
+    teacher = build_var(**TINY_VAR, drop_path_rate=0.3, generator=torch.Generator().manual_seed(0)).train()
+    student = adapt(copy.deepcopy(teacher), AdaptationSpec(method="full", num_classes=2)).eval()
+    with torch.no_grad():
+        student.head.weight.mul_(1.1)
+    idx = [torch.randint(0, 64, (3, pn * pn), generator=torch.Generator().manual_seed(pn)) for pn in TINY_VAR["patch_nums"]]
+    values = {prior_preservation_loss(student, teacher, tiny_vqvae, idx).item() for _ in range(3)}
+    assert len(values) == 1 and teacher.training
+
+
+def _ddp_finetune_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        params = _tiny_non_dp_finetune()
+        if rank == 0:
+            torch.save(params, result_file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _tiny_non_dp_finetune() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    data = TokenViews(torch.randint(0, 3, (16,), generator=g),
+                      tuple(torch.randint(0, 64, (16, 1, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]))
+    torch.manual_seed(0)
+    vqvae = build_vqvae(**TINY_VQVAE).eval()
+    var = adapt(base_var(), AdaptationSpec(method="lora", num_classes=3, lora_rank=4))
+    finetune(var, vqvae, data, options=FinetuneOptions(steps=3, lr=1e-2, batch_size=8, class_dropout=0.0), seed=0)
+    return {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
+
+
+def test_non_dp_finetune_under_two_processes_matches_one(tmp_path):
+    """Each rank trains on its half of every batch and gradients are averaged: the same update as one process."""
+    single = _tiny_non_dp_finetune()
+    torch.multiprocessing.spawn(_ddp_finetune_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for name, value in single.items():
+        torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_non_dp_finetune_lowers_held_out_nll_with_every_option(digits_setup):
     vqvae, data, (test_tokens, test_labels), K = digits_setup
     teacher = base_var().eval()
@@ -113,8 +153,9 @@ def test_dp_finetune_records_ledger_and_no_private_statistics(digits_setup):
         var = adapt(copy.deepcopy(teacher), AdaptationSpec(method="full", num_classes=K))
         privacy = PrivacySpec(target_epsilon=epsilon, sampling_rate=0.05, max_grad_norm=0.5, augmentation_multiplicity=2, physical_batch_size=32)
         options = FinetuneOptions(steps=30, lr=3e-3, augmentation_multiplicity=2, prior_weight=0.05, prior_batch_size=4, log_every=10)
-        out = finetune(var, vqvae, data, options=options, privacy=privacy, prior=Prior(teacher, bank), seed=0)
+        out = finetune(var, vqvae, data, options=options, privacy=privacy, prior=Prior(teacher, bank), seed=0, sampling_seed=0)
         ledger = out["privacy"]
+        assert ledger["sampling_rng"].startswith("caller-seeded") and ledger["noise_rng"].startswith("seeded from OS entropy")
         assert ledger["steps"] == 30 and ledger["epsilon_rdp"] <= epsilon and ledger["augmentation_multiplicity"] == 2
         assert ledger["delta"] == 1 / data.num_examples and len(ledger["actual_batch_sizes"]) == 30
         for entry in out["history"]:

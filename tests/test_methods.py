@@ -13,7 +13,7 @@ from trainables.models import CheckpointError, build_var, load_var
 from trainables.models.checkpoints import save_var
 from trainables.models.vqvae import OFFICIAL_PATCH_NUMS
 from trainables.patches import OPACUS_PATCHES, apply_patches, official_key, official_state_dict
-from trainables.training import build_optimizer
+from trainables.training import build_optimizer, parameter_groups
 
 NEW_CLASSES = 3
 SPECS = {
@@ -87,6 +87,14 @@ def test_only_intended_parameters_change(name):
     if allowed is not None and name.startswith("lora"):
         targets = {n.split(".lora_B.")[0] for n in lora_b}
         assert len(targets) == len(lora_b) and targets  # one adapter pair per targeted module
+
+
+def test_patched_positions_and_biases_stay_out_of_weight_decay():
+    var = adapt(tiny_base(), SPECS["full"])
+    decayed = {id(p) for p in parameter_groups(var, weight_decay=0.05)[0]["params"]}
+    for name, param in var.named_parameters():
+        if any(fragment in name for fragment in ("pos_start", "pos_1LC", "q_bias", "v_bias", "scale_mul")):
+            assert id(param) not in decayed, name
 
 
 def test_selective_blocks_beyond_depth_fail():

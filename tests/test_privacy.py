@@ -15,7 +15,8 @@ from conftest import TINY_VAR, TINY_VQVAE
 from trainables.methods import AdaptationSpec, adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
 from trainables.privacy import (PrivacyConfigError, PrivacySpec, _accumulate_clipped, epsilon_spent, make_private, poisson_batch,
-                                privacy_ledger, private_step, resolve_clipping, validate_privacy)
+                                next_batch, privacy_ledger, private_step, release, resolve_clipping,
+                                validate_privacy)
 from trainables.training import scale_loss_weights, view_losses
 
 N, K_MAX, CLASSES = 24, 3, 3
@@ -247,6 +248,39 @@ def test_auto_clipping_is_bookkeeping_for_adapted_vars():
         assert resolve_clipping(spec(clipping="auto", augmentation_multiplicity=2), make_model(method)) == "bookkeeping"
     unsupported = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
     assert resolve_clipping(spec(clipping="auto"), unsupported) == "hooks"
+
+
+def test_head_scale_rule_matches_autograd_at_the_clamp_bound():
+    from opacus.grad_sample import GradSampleModule
+    from trainables.models.var import MAX_LOG_SCALE_MUL
+    from trainables.patches import HeadScale
+    layer = HeadScale(torch.nn.Parameter(torch.tensor([MAX_LOG_SCALE_MUL, 1.0, MAX_LOG_SCALE_MUL + 0.5]).view(1, 3, 1, 1)))
+    q_BHLc = torch.randn(2, 3, 4, 5)
+    grad_out = torch.randn(2, 3, 4, 5)
+    rule = GradSampleModule.GRAD_SAMPLERS[HeadScale](layer, [q_BHLc], grad_out)[layer.scale_mul_1H11]
+    for b in range(2):
+        layer.zero_grad()
+        (layer(q_BHLc[b: b + 1]) * grad_out[b: b + 1]).sum().backward()
+        torch.testing.assert_close(rule[b], layer.scale_mul_1H11.grad)
+
+
+def test_released_model_can_be_made_private_again(vqvae, data):
+    var = make_model("lora")
+    for clipping in ("hooks", "bookkeeping", "hooks"):
+        state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(clipping=clipping), dataset_size=N, planned_steps=2)
+        private_step(state, torch.arange(3), loss_fn_for(var, vqvae, data, 1))
+        release(state)
+    assert not any(hasattr(m, "activations") and m.activations for m in var.modules())
+
+
+def test_sampling_is_entropy_seeded_unless_a_seed_is_given():
+    var = make_model("lora")
+    draws = []
+    for seed in (None, None, 5, 5):
+        state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(), dataset_size=1000, planned_steps=2, sampling_seed=seed)
+        draws.append(next_batch(state))
+        release(state)
+    assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[2], draws[3])
 
 
 def test_unpatched_var_is_refused():

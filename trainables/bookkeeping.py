@@ -35,21 +35,24 @@ def _fold(rows_R: torch.Tensor, k: int) -> torch.Tensor:
 def _linear_norms(layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
     a_BTi, g_BTo = _fold(a_R, k).to(g_R.dtype), _fold(g_R, k)
     T, out_features, in_features = a_BTi.shape[1], g_BTo.shape[-1], a_BTi.shape[-1]
-    if T * T <= out_features * in_features:  # Gram matrices over the example's T positions are the cheaper route
-        gram_g_BTT, gram_a_BTT = g_BTo @ g_BTo.transpose(1, 2), a_BTi @ a_BTi.transpose(1, 2)
-        sq_B = (gram_g_BTT * gram_a_BTT).sum(dim=(1, 2)).clamp_min(0)
-    else:
-        sq_B = torch.einsum("bto,bti->boi", g_BTo, a_BTi).pow(2).sum(dim=(1, 2))
-    sq_B = sq_B / (k * k)
-    if layer.bias is not None:
+    sq_B = g_BTo.new_zeros(g_BTo.shape[0])
+    if layer.weight.requires_grad:
+        if T * T <= out_features * in_features:  # Gram matrices over the example's T positions are the cheaper route
+            gram_g_BTT, gram_a_BTT = g_BTo @ g_BTo.transpose(1, 2), a_BTi @ a_BTi.transpose(1, 2)
+            sq_B = sq_B + (gram_g_BTT * gram_a_BTT).sum(dim=(1, 2)).clamp_min(0) / (k * k)
+        else:
+            sq_B = sq_B + torch.einsum("bto,bti->boi", g_BTo, a_BTi).pow(2).sum(dim=(1, 2)) / (k * k)
+    if layer.bias is not None and layer.bias.requires_grad:
         sq_B = sq_B + (g_BTo.sum(1) / k).pow(2).sum(-1)
     return sq_B, {}
 
 
 def _linear_clipped(layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, w_R: torch.Tensor, kept: dict) -> dict:
     gw_Ro = (g_R * w_R.view(-1, *([1] * (g_R.ndim - 1)))).reshape(-1, g_R.shape[-1])
-    grads = {layer.weight: gw_Ro.T @ a_R.reshape(-1, a_R.shape[-1]).to(gw_Ro.dtype)}
-    if layer.bias is not None:
+    grads = {}
+    if layer.weight.requires_grad:
+        grads[layer.weight] = gw_Ro.T @ a_R.reshape(-1, a_R.shape[-1]).to(gw_Ro.dtype)
+    if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = gw_Ro.sum(0)
     return grads
 
@@ -110,6 +113,11 @@ class BookKeeping:
         self.inputs: dict[nn.Module, torch.Tensor] = {}
         self.output_grads: dict[nn.Module, torch.Tensor] = {}
         self._handles = [m.register_forward_hook(self._record) for m in self.layers]
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
         if not self.active:

@@ -20,7 +20,8 @@ from .data.tokens import TokenViews
 from .models import VAR, VQVAE
 from .pretrain import epoch_batches, is_logging_step, record_history
 from .prior import PriorBank, prior_preservation_loss
-from .privacy import PrivacySpec, epsilon_spent, make_private, poisson_batch, privacy_ledger, private_step, validate_privacy
+from .privacy import (PrivacySpec, epsilon_spent, make_private, next_batch, privacy_ledger, private_step, release,
+                      validate_privacy)
 from .training import build_optimizer, lr_at, scale_loss_weights, set_lr, view_losses
 
 Logger = Callable[[dict], None]
@@ -75,13 +76,16 @@ def check_finetune(data: TokenViews, *, options: FinetuneOptions, privacy: Priva
 
 
 def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptions, privacy: PrivacySpec | None = None,
-             prior: Prior | None = None, seed: int = 0, log: Logger | None = None) -> dict:
-    """Train the trainable parameters of an adapted ``var``; returns {"history": [...], "privacy": ledger or None}."""
+             prior: Prior | None = None, seed: int = 0, sampling_seed: int | None = None, log: Logger | None = None) -> dict:
+    """Train the trainable parameters of an adapted ``var``; returns {"history": [...], "privacy": ledger or None}.
+    Under an initialised process group each rank trains on its share of every batch and gradients are averaged.
+    ``seed`` drives everything but the DP noise and the DP batch sampling, which are seeded from OS entropy
+    unless ``sampling_seed`` is given (tests, debugging: recorded in the ledger)."""
     check_finetune(data, options=options, privacy=privacy, prior=prior)
     device = next(var.parameters()).device
     rank = dist.get_rank() if dist.is_initialized() else 0
-    # Two streams: batch sampling (identical on every rank: DP-DDP ranks draw one global Poisson mask) and
-    # per-rank draws (views, class dropout, prior batches).
+    # Non-DP batches come from a stream shared by all ranks (each takes its share); views, class dropout and prior
+    # batches from a per-rank stream. DP batches come from the private sampler (privacy.make_private).
     sampling_generator = torch.Generator().manual_seed(seed)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + rank + 1)
     weights_L = scale_loss_weights(var.patch_nums, decay=options.scale_weight_decay).to(device) if options.scale_weight_decay != 1.0 else None
@@ -98,20 +102,23 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
     var.train()
     run = _private_run if privacy is not None else _plain_run
     history, ledger = run(var, optimizer, data, loss_fn=loss_fn, prior_loss=prior_loss if options.prior_weight > 0 else None,
-                          options=options, privacy=privacy, generator=sampling_generator, log=log)
+                          options=options, privacy=privacy, generator=sampling_generator, log=log, sampling_seed=sampling_seed)
     var.eval()
     return {"history": history, "privacy": ledger}
 
 
-def _plain_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log):
+def _plain_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed):
     batches, history, started = epoch_batches(data.num_examples, batch_size=options.batch_size, generator=generator), [], time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for step in range(options.steps):
         lr = _schedule(optimizer, step, options)
-        loss = loss_fn(next(batches)).mean()
+        loss = loss_fn(next(batches)[rank::world]).mean()
         kl = prior_loss() if prior_loss is not None else None
         optimizer.zero_grad(set_to_none=True)
         (loss if kl is None else loss + kl).backward()
+        if world > 1:
+            _average_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
         optimizer.step()
         if is_logging_step(step, options):
@@ -120,8 +127,24 @@ def _plain_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, g
     return history, None
 
 
-def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log):
-    state = make_private(var, optimizer, spec=privacy, dataset_size=data.num_examples, planned_steps=options.steps)
+def _average_gradients(params: list[torch.Tensor], world: int) -> None:
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed):
+    state = make_private(var, optimizer, spec=privacy, dataset_size=data.num_examples, planned_steps=options.steps,
+                         sampling_seed=sampling_seed)
+    try:
+        history = _private_steps(state, loss_fn=loss_fn, prior_loss=prior_loss, options=options, log=log)
+    finally:
+        release(state)
+    return history, privacy_ledger(state)
+
+
+def _private_steps(state, *, loss_fn, prior_loss, options, log) -> list[dict]:
     history, started, kl_values = [], time.perf_counter(), []
 
     def public_grad() -> None:
@@ -130,17 +153,16 @@ def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy,
         kl_values.append(kl.item())
 
     for step in range(options.steps):
-        lr = _schedule(optimizer, step, options)
-        indices = poisson_batch(data.num_examples, privacy.sampling_rate, generator=generator, rank=state.rank, world_size=state.world_size)
-        out = private_step(state, indices, loss_fn, public_grad_fn=public_grad if prior_loss is not None else None)
+        lr = _schedule(state.optimizer, step, options)
+        out = private_step(state, next_batch(state), loss_fn, public_grad_fn=public_grad if prior_loss is not None else None)
         if is_logging_step(step, options):
-            spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=privacy.sampling_rate, steps=state.steps,
+            spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=state.spec.sampling_rate, steps=state.steps,
                                   delta=state.delta, accountants=("rdp",))
             values = {"lr": lr, "batch_size": out["batch_size"], "epsilon_rdp": spent["rdp"]}
             if kl_values:
                 values["prior_kl"] = kl_values[-1] / options.prior_weight
             record_history(history, log, step=step, started=started, **values)
-    return history, privacy_ledger(state)
+    return history
 
 
 def _schedule(optimizer, step: int, options: FinetuneOptions) -> float:

@@ -25,6 +25,8 @@ from .models.var import MAX_LOG_SCALE_MUL, VAR, SelfAttention
 class AddParameter(nn.Module):
     """``x + weight`` with ``weight`` [1, ...] broadcast over the batch (and over any other size-1 dim)."""
 
+    no_weight_decay = True  # positions, biases and attention scales are not decayed (training.is_no_decay)
+
     def __init__(self, weight: nn.Parameter):
         super().__init__()
         self.weight = weight
@@ -35,6 +37,8 @@ class AddParameter(nn.Module):
 
 class QKVBias(nn.Module):
     """Adds (q_bias, 0, v_bias) to the fused qkv projection [B, L, 3C]; keys get no bias."""
+
+    no_weight_decay = True  # positions, biases and attention scales are not decayed (training.is_no_decay)
 
     def __init__(self, q_bias: nn.Parameter, v_bias: nn.Parameter):
         super().__init__()
@@ -47,6 +51,8 @@ class QKVBias(nn.Module):
 
 class HeadScale(nn.Module):
     """Multiplies unit queries [B, H, L, c] by ``exp(min(scale_mul_1H11, ln 100))`` per head."""
+
+    no_weight_decay = True  # positions, biases and attention scales are not decayed (training.is_no_decay)
 
     def __init__(self, scale_mul_1H11: nn.Parameter):
         super().__init__()
@@ -79,12 +85,12 @@ def _qkv_bias_grad_sample(layer: QKVBias, activations: list[torch.Tensor], backp
 
 @register_grad_sampler(HeadScale)
 def _head_scale_grad_sample(layer: HeadScale, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
-    """d(q * exp(s))/ds = q * exp(s) where s < ln 100 (clamp passes no gradient above its bound)."""
+    """d(q * exp(s))/ds = q * exp(s) where s < ln 100 (torch's clamp_max passes no gradient at or above its bound)."""
     s_1H11 = layer.scale_mul_1H11
     if not s_1H11.requires_grad:
         return {}
     out_BHLc = activations[0] * s_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
-    g_BH11 = (backprops * out_BHLc).sum(dim=(2, 3), keepdim=True) * (s_1H11 <= MAX_LOG_SCALE_MUL).to(backprops.dtype)
+    g_BH11 = (backprops * out_BHLc).sum(dim=(2, 3), keepdim=True) * (s_1H11 < MAX_LOG_SCALE_MUL).to(backprops.dtype)
     return {s_1H11: g_BH11.unsqueeze(1)}
 
 

@@ -44,11 +44,13 @@ def build_prior_bank(teacher: VAR, vqvae: VQVAE, *, num_samples: int, batch_size
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     device = next(teacher.parameters()).device
     labels_M = torch.randint(0, teacher.num_classes, (num_samples,), generator=generator)
+    # Sampling draws on the teacher's device: derive a generator there from ``generator`` (reproducible anywhere).
+    device_generator = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
     chunks = []
     for start in range(0, num_samples, batch_size):
         label_B = labels_M[start: start + batch_size].to(device)
         chunks.append(teacher.sample_tokens(label_B, vqvae=vqvae, cfg=cfg, top_k=min(top_k, teacher.vocab_size), top_p=top_p,
-                                            generator=generator if generator.device == device else None))
+                                            generator=device_generator))
     tokens = tuple(torch.cat([chunk[si] for chunk in chunks]).cpu() for si in range(len(teacher.patch_nums)))
     return PriorBank(labels_M, tokens)
 
@@ -58,8 +60,13 @@ def prior_preservation_loss(student: VAR, teacher: VAR, vqvae: VQVAE, idx_Bl: li
     conditioned on their unconditional label. Gradient flows into the student only."""
     x_BLCv, _ = teacher_forcing_batch(vqvae, idx_Bl)
     B = x_BLCv.shape[0]
-    with torch.no_grad():
-        teacher_logp_BLV = teacher(torch.full((B,), teacher.unconditional_label, device=x_BLCv.device), x_BLCv).log_softmax(-1)
+    was_training = teacher.training
+    teacher.eval()  # deterministic targets: no drop-path in the teacher
+    try:
+        with torch.no_grad():
+            teacher_logp_BLV = teacher(torch.full((B,), teacher.unconditional_label, device=x_BLCv.device), x_BLCv).log_softmax(-1)
+    finally:
+        teacher.train(was_training)
     student_logp_BLV = student(torch.full((B,), student.unconditional_label, device=x_BLCv.device), x_BLCv).log_softmax(-1)
     kl_BL = F.kl_div(student_logp_BLV, teacher_logp_BLV, log_target=True, reduction="none").sum(-1)
     return kl_BL.mean()

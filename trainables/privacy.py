@@ -201,6 +201,8 @@ class PrivateTraining:
     rank: int = 0
     clipping: str = "hooks"
     noise_seeded_by_caller: bool = False
+    sampling_generator: torch.Generator | None = None
+    sampling_seeded_by_caller: bool = False
     batch_sizes: list[int] = field(default_factory=list)
 
     @property
@@ -217,19 +219,24 @@ class PrivateTraining:
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: PrivacySpec, dataset_size: int,
-                 planned_steps: int, noise_generator: torch.Generator | None = None) -> PrivateTraining:
+                 planned_steps: int, noise_generator: torch.Generator | None = None,
+                 sampling_seed: int | None = None) -> PrivateTraining:
     """Wrap an adapted model and its optimiser for DP-SGD. Validates first; calibrates sigma for ``planned_steps``.
-    ``noise_generator`` (on the parameters' device) makes the noise reproducible, for tests and debugging only;
-    by default it is seeded from OS entropy.
+    Both the noise and the Poisson sampling must be unpredictable for the accounting to hold, so by default both
+    are seeded from OS entropy (the sampling seed is drawn on rank 0 and shared: all ranks draw one global mask).
+    ``noise_generator`` (on the parameters' device) and ``sampling_seed`` make a run reproducible, for tests and
+    debugging only; the ledger says when they were used.
     Under an initialised process group the model is synchronised from rank 0 and gradients are all-reduced."""
     delta = validate_privacy(spec, dataset_size=dataset_size, planned_steps=planned_steps)
     check_per_sample_support(model)
     sigma = calibrate_noise_multiplier(target_epsilon=spec.target_epsilon, delta=delta, sampling_rate=spec.sampling_rate,
                                        steps=planned_steps, accountant=spec.accountant)
     world_size, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    device = next(model.parameters()).device
     noise_seeded_by_caller = noise_generator is not None
     if noise_generator is None:
-        noise_generator = _entropy_seeded_generator(next(model.parameters()).device)
+        noise_generator = torch.Generator(device=device).manual_seed(_entropy_seed())
+    sampling_generator = torch.Generator().manual_seed(_shared_seed(sampling_seed, world_size=world_size, device=device))
     if world_size > 1:
         _broadcast_parameters(model)
     # Gradients are averaged over the expected *global* batch; each rank divides by its share before the all-reduce sum / W.
@@ -249,7 +256,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: Pr
         dp_optimizer = (DistributedDPOptimizer if world_size > 1 else DPOptimizer)(optimizer, **common)
     return PrivateTraining(module=module, optimizer=dp_optimizer, spec=spec, noise_multiplier=sigma, delta=delta,
                            dataset_size=dataset_size, planned_steps=planned_steps, world_size=world_size, rank=rank,
-                           clipping=clipping, noise_seeded_by_caller=noise_seeded_by_caller)
+                           clipping=clipping, noise_seeded_by_caller=noise_seeded_by_caller,
+                           sampling_generator=sampling_generator, sampling_seeded_by_caller=sampling_seed is not None)
 
 
 def check_per_sample_support(model: nn.Module) -> None:
@@ -264,11 +272,32 @@ def check_per_sample_support(model: nn.Module) -> None:
                                  "trainables.patches) before make_private")
 
 
-def _entropy_seeded_generator(device: torch.device) -> torch.Generator:
-    # The noise must be unpredictable to anyone who knows the training seed. torch's generators are not
-    # cryptographic (Opacus's secure_mode needs torchcsprng, which current torch lacks); seeding from OS entropy
-    # at least keeps the noise independent of every user-visible seed.
-    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+def _entropy_seed() -> int:
+    # torch's generators are not cryptographic (Opacus's secure_mode needs torchcsprng, which current torch lacks);
+    # seeding from OS entropy at least keeps noise and sampling independent of every user-visible seed.
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def _shared_seed(seed: int | None, *, world_size: int, device: torch.device) -> int:
+    """``seed``, or an entropy seed drawn on rank 0 and broadcast so that every rank draws the same mask."""
+    value = torch.tensor([_entropy_seed() if seed is None else seed], dtype=torch.long, device=device)
+    if world_size > 1:
+        dist.broadcast(value, src=0)
+    return int(value.item())
+
+
+def next_batch(state: PrivateTraining) -> torch.Tensor:
+    """This rank's share of the next Poisson batch, from the state's sampling generator."""
+    return poisson_batch(state.dataset_size, state.spec.sampling_rate, generator=state.sampling_generator,
+                         rank=state.rank, world_size=state.world_size)
+
+
+def release(state: PrivateTraining) -> None:
+    """Remove the per-sample-gradient hooks from the model (the model can then be trained or wrapped again)."""
+    if isinstance(state.module, BookKeeping):
+        state.module.remove_hooks()
+    else:
+        state.module._close()
 
 
 def resolve_clipping(spec: PrivacySpec, model: nn.Module) -> str:
@@ -315,10 +344,10 @@ def private_step(state: PrivateTraining, indices: torch.Tensor, loss_fn: ViewLos
         _add_public_gradient(state, public_grad_fn)
     if state.world_size > 1:
         optimizer.reduce_gradients()  # averages the ranks' public gradients too
+    global_batch = _global_count(len(indices), world_size=state.world_size, device=optimizer.params[0].device)
+    state.batch_sizes.append(global_batch)  # recorded before the update: a step is never taken unrecorded
     optimizer.original_optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    global_batch = _global_count(len(indices), world_size=state.world_size, device=indices.device)
-    state.batch_sizes.append(global_batch)
     return {"batch_size": float(global_batch)}
 
 
@@ -377,8 +406,14 @@ def _global_count(local: int, *, world_size: int, device: torch.device) -> int:
     return int(count.item())
 
 
+def _rng_note(seeded_by_caller: bool) -> str:
+    return "caller-seeded (reproducible; not for a real release)" if seeded_by_caller else "seeded from OS entropy (torch generator, not cryptographic)"
+
+
 def privacy_ledger(state: PrivateTraining) -> dict:
-    """What the trial spent, for the result file. No per-example quantity appears here."""
+    """What the trial spent, for the result file. No per-example quantity appears here. The dataset size and the
+    actual batch sizes are counts released without noise (needed for exact compute accounting); the guarantee
+    covers the model, not these counts: leave them out of a release that must be DP in the strict sense."""
     spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=state.spec.sampling_rate,
                           steps=state.steps, delta=state.delta)
     return {
@@ -390,6 +425,7 @@ def privacy_ledger(state: PrivateTraining) -> dict:
         "max_grad_norm": state.spec.max_grad_norm, "augmentation_multiplicity": state.spec.augmentation_multiplicity,
         "physical_batch_size": state.spec.physical_batch_size, "clipping": state.clipping,
         "calibration_accountant": state.spec.accountant, "world_size": state.world_size,
-        "noise_rng": "caller-seeded (reproducible; not for a real release)" if state.noise_seeded_by_caller else "seeded from OS entropy (torch generator, not cryptographic)",
+        "noise_rng": _rng_note(state.noise_seeded_by_caller), "sampling_rng": _rng_note(state.sampling_seeded_by_caller),
+        "released_without_noise": ["dataset_size", "actual_batch_sizes"],
         "accountants": {"rdp": f"opacus {opacus.__version__} RDPAccountant", "prv": f"opacus {opacus.__version__} PRVAccountant"},
     }

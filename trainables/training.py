@@ -76,8 +76,9 @@ def view_losses(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, idx_views: Sequen
 
 def is_no_decay(module: nn.Module, name: str, param: nn.Parameter) -> bool:
     """Biases, norm parameters, embeddings (class, level), positional and attention-scale parameters are not
-    decayed (the published study decayed embeddings and biases)."""
-    return param.ndim < 2 or isinstance(module, (nn.Embedding, nn.LayerNorm, nn.GroupNorm)) or name in NO_DECAY_PARAM_NAMES
+    decayed (the published study decayed embeddings and biases); modules may say so with ``no_weight_decay``."""
+    return (param.ndim < 2 or isinstance(module, (nn.Embedding, nn.LayerNorm, nn.GroupNorm)) or name in NO_DECAY_PARAM_NAMES
+            or getattr(module, "no_weight_decay", False))
 
 
 def parameter_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
