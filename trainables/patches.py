@@ -22,10 +22,14 @@ from torch import nn
 from .models.var import MAX_LOG_SCALE_MUL, VAR, SelfAttention
 
 
-class AddParameter(nn.Module):
-    """``x + weight`` with ``weight`` [1, ...] broadcast over the batch (and over any other size-1 dim)."""
+class PatchModule(nn.Module):
+    """Holds parameters moved out of a VAR module; they are positions, biases and scales: never weight-decayed."""
 
-    no_weight_decay = True  # positions, biases and attention scales are not decayed (training.is_no_decay)
+    no_weight_decay = True  # read by training.is_no_decay
+
+
+class AddParameter(PatchModule):
+    """``x + weight`` with ``weight`` [1, ...] broadcast over the batch (and over any other size-1 dim)."""
 
     def __init__(self, weight: nn.Parameter):
         super().__init__()
@@ -35,10 +39,8 @@ class AddParameter(nn.Module):
         return x_B + self.weight[:, : x_B.shape[1]] if self.weight.ndim > 1 else x_B + self.weight
 
 
-class QKVBias(nn.Module):
+class QKVBias(PatchModule):
     """Adds (q_bias, 0, v_bias) to the fused qkv projection [B, L, 3C]; keys get no bias."""
-
-    no_weight_decay = True  # positions, biases and attention scales are not decayed (training.is_no_decay)
 
     def __init__(self, q_bias: nn.Parameter, v_bias: nn.Parameter):
         super().__init__()
@@ -49,10 +51,8 @@ class QKVBias(nn.Module):
         return qkv_BL3C + torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
 
 
-class HeadScale(nn.Module):
+class HeadScale(PatchModule):
     """Multiplies unit queries [B, H, L, c] by ``exp(min(scale_mul_1H11, ln 100))`` per head."""
-
-    no_weight_decay = True  # positions, biases and attention scales are not decayed (training.is_no_decay)
 
     def __init__(self, scale_mul_1H11: nn.Parameter):
         super().__init__()
