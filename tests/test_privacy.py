@@ -15,7 +15,8 @@ from conftest import TINY_VAR, TINY_VQVAE
 from trainables.methods import AdaptationSpec, adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
 from trainables.privacy import (PrivacyConfigError, PrivacySpec, _accumulate_clipped, epsilon_spent, make_private, poisson_batch,
-                                next_batch, privacy_ledger, private_step, release, resolve_clipping,
+                                load_privacy_state, next_batch, privacy_ledger, privacy_state_dict, private_step, release,
+                                resolve_clipping,
                                 validate_privacy)
 from trainables.training import scale_loss_weights, view_losses
 
@@ -281,6 +282,23 @@ def test_sampling_is_entropy_seeded_unless_a_seed_is_given():
         draws.append(next_batch(state))
         release(state)
     assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[2], draws[3])
+
+
+def test_resumed_accounting_continues_and_refuses_other_settings(vqvae, data):
+    var = make_model("lora")
+    first = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(), dataset_size=N, planned_steps=3)
+    for _ in range(2):
+        private_step(first, next_batch(first), loss_fn_for(var, vqvae, data, 1))
+    saved = privacy_state_dict(first)
+    release(first)
+    resumed = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(), dataset_size=N, planned_steps=3)
+    load_privacy_state(resumed, saved)
+    private_step(resumed, next_batch(resumed), loss_fn_for(var, vqvae, data, 1))
+    assert resumed.batch_sizes[:2] == saved["batch_sizes"] and resumed.steps == 3 and not resumed.budget_left
+    release(resumed)
+    other = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(max_grad_norm=2.0), dataset_size=N, planned_steps=3)
+    with pytest.raises(PrivacyConfigError, match="differs from this run"):
+        load_privacy_state(other, saved)
 
 
 def test_unpatched_var_is_refused():

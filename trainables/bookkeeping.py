@@ -33,7 +33,8 @@ def _fold(rows_R: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _linear_norms(layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
-    a_BTi, g_BTo = _fold(a_R, k).to(g_R.dtype), _fold(g_R, k)
+    # Norms decide the clipping factor, hence the sensitivity: compute them in float32 whatever the autocast dtype.
+    a_BTi, g_BTo = _fold(a_R, k).float(), _fold(g_R, k).float()
     T, out_features, in_features = a_BTi.shape[1], g_BTo.shape[-1], a_BTi.shape[-1]
     sq_B = g_BTo.new_zeros(g_BTo.shape[0])
     if layer.weight.requires_grad:
@@ -58,7 +59,7 @@ def _linear_clipped(layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, w_R:
 
 
 def _embedding_norms(layer: nn.Embedding, ids_R: torch.Tensor, g_R: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
-    per_example = GradSampleModule.GRAD_SAMPLERS[nn.Embedding](layer, [_fold(ids_R, k)], _fold(g_R, k))[layer.weight] / k
+    per_example = GradSampleModule.GRAD_SAMPLERS[nn.Embedding](layer, [_fold(ids_R, k)], _fold(g_R, k).float())[layer.weight] / k
     return per_example.pow(2).flatten(1).sum(1), {}
 
 
@@ -70,7 +71,7 @@ def _embedding_clipped(layer: nn.Embedding, ids_R: torch.Tensor, g_R: torch.Tens
 def _small_norms(layer: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
     """Small parameters: explicit per-example gradients from the per-sample rule, kept for the clipped sum."""
     per_row = GradSampleModule.GRAD_SAMPLERS[type(layer)](layer, [a_R], g_R)
-    kept = {p: gs.view(-1, k, *gs.shape[1:]).mean(1) for p, gs in per_row.items()}
+    kept = {p: gs.float().view(-1, k, *gs.shape[1:]).mean(1) for p, gs in per_row.items()}
     sq_B = sum(gs.pow(2).flatten(1).sum(1) for gs in kept.values())
     return sq_B, kept
 

@@ -218,6 +218,24 @@ class PrivateTraining:
         return self.steps < self.planned_steps
 
 
+def privacy_state_dict(state: PrivateTraining) -> dict:
+    """What a resumed run needs to keep its accounting: the settings, sigma and every step already taken."""
+    return {"spec": state.spec.to_dict(), "noise_multiplier": state.noise_multiplier, "delta": state.delta,
+            "dataset_size": state.dataset_size, "planned_steps": state.planned_steps, "batch_sizes": list(state.batch_sizes)}
+
+
+def load_privacy_state(state: PrivateTraining, record: dict) -> None:
+    """Continue the accounting of an interrupted run in a freshly made ``state`` (same settings). Its sampling and
+    noise streams are fresh: each Poisson step is independent, so the analysis is unchanged."""
+    expected = privacy_state_dict(state)
+    differing = [key for key in ("spec", "noise_multiplier", "delta", "dataset_size", "planned_steps") if record.get(key) != expected[key]]
+    if differing:
+        raise PrivacyConfigError(f"the saved privacy state differs from this run in {differing}; a DP run resumes only with identical settings")
+    if len(record["batch_sizes"]) > state.planned_steps:
+        raise PrivacyConfigError(f"the saved run already took {len(record['batch_sizes'])} steps, more than the {state.planned_steps} planned")
+    state.batch_sizes[:] = record["batch_sizes"]
+
+
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: PrivacySpec, dataset_size: int,
                  planned_steps: int, noise_generator: torch.Generator | None = None,
                  sampling_seed: int | None = None) -> PrivateTraining:
