@@ -40,7 +40,6 @@ CLIPPING_MODES = ("auto", "hooks", "ghost", "bookkeeping")
 # Layers whose per-sample gradient is a sum over positions of (input, output-gradient) products: the k views of one
 # example can be folded into the position dimension and the example's gradient computed in one pass.
 FOLDABLE_LAYERS = (nn.Linear, nn.Embedding)
-AUTO_GHOST_TRAINABLE_SHARE = 0.1
 ACCOUNTANTS = ("rdp", "prv")
 LEDGER_VERSION = 1
 
