@@ -1,0 +1,186 @@
+"""Dataset readers on small fake copies of each official layout, class mapping, corrupt files, transforms."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.io import savemat
+
+from trainables.data.datasets import (DatasetError, ImageListDataset, check_images, eval_transform, read_dataset,
+                                      train_transform)
+
+
+def jpeg(path: Path, *, seed: int = 0, size: tuple[int, int] = (20, 12)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def make_cub(root: Path) -> None:
+    """Classes numbered 1, 2 and 10 (10 sorts before 2 as a string); class 10 has 3 train + 1 test images."""
+    base = root / "CUB_200_2011"
+    classes = {"1": "001.Albatross", "2": "002.Auklet", "10": "010.Blackbird"}
+    per_class = {"1": (1, 1), "2": (2, 1), "10": (3, 1)}
+    images, labels, split, image_id = [], [], [], 0
+    for cid, (train, test) in per_class.items():
+        for n in range(train + test):
+            image_id += 1
+            rel = f"{classes[cid]}/img_{n}.jpg"
+            jpeg(base / "images" / rel, seed=image_id)
+            images.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {cid}")
+            split.append(f"{image_id} {1 if n < train else 0}")
+    for name, lines in (("images.txt", images), ("image_class_labels.txt", labels), ("train_test_split.txt", split),
+                        ("classes.txt", [f"{cid} {name}" for cid, name in classes.items()])):
+        (base / name).write_text("\n".join(lines) + "\n")
+
+
+def make_food(root: Path) -> None:
+    base = root / "food-101"
+    meta = {"train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "waffles": ["waffles/3"]},
+            "test": {"apple_pie": ["apple_pie/4"], "waffles": ["waffles/5", "waffles/6"]}}
+    for split, table in meta.items():
+        (base / "meta").mkdir(parents=True, exist_ok=True)
+        (base / "meta" / f"{split}.json").write_text(json.dumps(table))
+        for rels in table.values():
+            for i, rel in enumerate(rels):
+                jpeg(base / "images" / f"{rel}.jpg", seed=i)
+
+
+def make_flowers(root: Path) -> None:
+    base = root / "flowers-102"
+    labels = np.array([1, 1, 2, 3, 3, 3, 102])
+    for i in range(1, len(labels) + 1):
+        jpeg(base / "jpg" / f"image_{i:05d}.jpg", seed=i)
+    savemat(base / "imagelabels.mat", {"labels": labels})
+    savemat(base / "setid.mat", {"trnid": np.array([1, 3, 4]), "valid": np.array([2]), "tstid": np.array([5, 6, 7])})
+
+
+def make_cars(root: Path) -> None:
+    base = root / "stanford_cars"
+    (base / "devkit").mkdir(parents=True)
+    savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(["AM General Hummer", "Acura RL", "Audi R8"], dtype=object)})
+    for split, annotations_path, entries in (("train", base / "devkit" / "cars_train_annos.mat", [("00001.jpg", 1), ("00002.jpg", 3)]),
+                                             ("test", base / "cars_test_annos_withlabels.mat", [("00001.jpg", 2), ("00002.jpg", 2), ("00003.jpg", 3)])):
+        record = np.array(entries, dtype=[("fname", "O"), ("class", "O")])
+        savemat(annotations_path, {"annotations": record})
+        for i, (fname, _) in enumerate(entries):
+            jpeg(base / f"cars_{split}" / fname, seed=i)
+
+
+def make_pet(root: Path) -> None:
+    base = root / "oxford-iiit-pet"
+    (base / "annotations").mkdir(parents=True)
+    rows = {"trainval": [("Abyssinian_1", 1, 1), ("Abyssinian_2", 1, 1), ("american_bulldog_1", 2, 2)],
+            "test": [("Abyssinian_3", 1, 1), ("american_bulldog_2", 2, 2)]}
+    for split, entries in rows.items():
+        (base / "annotations" / f"{split}.txt").write_text("".join(f"{name} {label} {species} 1\n" for name, label, species in entries))
+        for i, (name, _, _) in enumerate(entries):
+            jpeg(base / "images" / f"{name}.jpg", seed=i)
+
+
+def make_folder(root: Path) -> None:
+    for split, counts in (("train", {"2": 2, "10": 3}), ("test", {"2": 1, "10": 2})):
+        for cls, n in counts.items():
+            for i in range(n):
+                jpeg(root / split / cls / f"{i}.png", seed=i)
+
+
+LAYOUTS = {
+    "cub200": (make_cub, {"train": {"001.Albatross": 1, "002.Auklet": 2, "010.Blackbird": 3}, "test": {"001.Albatross": 1, "002.Auklet": 1, "010.Blackbird": 1}}),
+    "food101": (make_food, {"train": {"apple_pie": 2, "waffles": 1}, "test": {"apple_pie": 1, "waffles": 2}}),
+    "stanford_cars": (make_cars, {"train": {"AM General Hummer": 1, "Acura RL": 0, "Audi R8": 1}, "test": {"AM General Hummer": 0, "Acura RL": 2, "Audi R8": 1}}),
+    "oxford_pet": (make_pet, {"train": {"Abyssinian": 2, "American Bulldog": 1}, "test": {"Abyssinian": 1, "American Bulldog": 1}}),
+    "folder": (make_folder, {"train": {"10": 3, "2": 2}, "test": {"10": 2, "2": 1}}),
+}
+
+
+# Where each fake layout says which class a file belongs to, independently of the reader.
+CARS_FILES = {"train": {"00001.jpg": "AM General Hummer", "00002.jpg": "Audi R8"},
+              "test": {"00001.jpg": "Acura RL", "00002.jpg": "Acura RL", "00003.jpg": "Audi R8"}}
+CLASS_OF_PATH = {
+    "cub200": lambda path, split: path.parent.name,
+    "food101": lambda path, split: path.parent.name,
+    "folder": lambda path, split: path.parent.name,
+    "oxford_pet": lambda path, split: " ".join(part.title() for part in path.stem.rsplit("_", 1)[0].split("_")),
+    "stanford_cars": lambda path, split: CARS_FILES[split][path.name],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_reader_on_fake_official_layout(name, split, tmp_path):
+    make, expected = LAYOUTS[name]
+    make(tmp_path)
+    images = read_dataset(name, tmp_path, split)
+    assert images.class_counts == expected[split]
+    assert all(p.is_file() for p in images.paths) and len(images) == sum(expected[split].values())
+    truth = CLASS_OF_PATH[name]
+    assert [images.class_names[label] for label in images.labels] == [truth(path, split) for path in images.paths]
+
+
+def test_flowers_uses_official_split_ids_and_labels(tmp_path):
+    make_flowers(tmp_path)
+    train, test = read_dataset("flowers102", tmp_path, "train"), read_dataset("flowers102", tmp_path, "test")
+    assert [p.name for p in train.paths] == ["image_00001.jpg", "image_00003.jpg", "image_00004.jpg"]
+    assert train.labels == (0, 1, 2) and test.labels == (2, 2, 101) and len(train.class_names) == 102
+    assert read_dataset("flowers102", tmp_path, "val").labels == (0,)
+
+
+def test_numbered_classes_map_through_the_datasets_own_table(tmp_path):
+    """CUB ids 1, 2, 10 keep their numeric order; a folder dataset maps each image to its own folder's class."""
+    make_cub(tmp_path / "cub")
+    cub = read_dataset("cub200", tmp_path / "cub", "train")
+    assert cub.class_names == ("001.Albatross", "002.Auklet", "010.Blackbird")
+    assert [cub.class_names[label] for label in cub.labels] == [p.parent.name for p in cub.paths]
+    make_folder(tmp_path / "folder")
+    folder = read_dataset("folder", tmp_path / "folder", "train")
+    assert [folder.class_names[label] for label in folder.labels] == [p.parent.name for p in folder.paths]
+    assert folder.class_counts == {"10": 3, "2": 2}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS) + ["flowers102"])
+def test_missing_or_wrong_layout_is_named(name, tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        read_dataset(name, tmp_path / "nowhere", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=f"{name}: expected layout not found, missing"):
+        read_dataset(name, tmp_path / "empty", "train")
+
+
+def test_bad_names_and_splits():
+    with pytest.raises(DatasetError, match="unknown dataset 'imagenet'"):
+        read_dataset("imagenet", ".", "train")
+    with pytest.raises(DatasetError, match="unknown split 'validation'"):
+        read_dataset("folder", ".", "validation")
+
+
+def test_corrupt_images_are_named_and_skipped_only_on_request(tmp_path):
+    make_folder(tmp_path)
+    broken = tmp_path / "train" / "2" / "0.png"
+    broken.write_bytes(b"not an image at all")
+    (tmp_path / "train" / "10" / "1.png").write_bytes(broken.read_bytes()[:0] + b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    images = read_dataset("folder", tmp_path, "train")
+    with pytest.raises(DatasetError, match=r"2 unreadable image\(s\)") as error:
+        check_images(images)
+    assert str(broken) in str(error.value)
+    kept, dropped = check_images(images, skip_corrupt=True)
+    assert len(kept) == 3 and len(dropped) == 2 and sum(kept.class_counts.values()) == 3
+    with pytest.raises(DatasetError, match=f"cannot read image {broken}"):
+        ImageListDataset(images, eval_transform(16))[images.paths.index(broken)]
+
+
+def test_transforms_follow_the_paper(tmp_path):
+    jpeg(tmp_path / "wide.jpg", size=(60, 30))
+    image = Image.open(tmp_path / "wide.jpg")
+    torch.manual_seed(0)
+    x = train_transform(16)(image)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and -1.0 <= x.min() and x.max() <= 1.0
+    a, b = eval_transform(16)(image), eval_transform(16)(image)
+    assert torch.equal(a, b) and a.shape == (3, 16, 16)
+    crops = {tuple(train_transform(16)(image).flatten()[:8].tolist()) for _ in range(6)}
+    assert len(crops) > 1  # random crops differ

@@ -1,0 +1,216 @@
+"""The study's image datasets from local folders in their official layouts, plus a generic train/test folder layout.
+
+Every reader returns an ``ImageList``: image paths, labels indexing the dataset's own class table (never a
+re-sorted one: folders named by number sort differently as strings), the class names and per-class counts. Nothing
+is downloaded. Readers check the layout first and name the missing file or folder; ``check_images`` decodes every
+image before any compute and names each unreadable one (skipping them only when asked, and counting them).
+
+Official layouts (``root`` is the folder that contains the dataset's own top folder, as torchvision expects):
+- ``cub200``: ``CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/}``
+- ``food101``: ``food-101/{meta/train.json, meta/test.json, images/}`` (torchvision ``Food101``)
+- ``flowers102``: ``flowers-102/{imagelabels.mat, setid.mat, jpg/}``
+- ``stanford_cars``: ``stanford_cars/{devkit/, cars_train/, cars_test/, cars_test_annos_withlabels.mat}``
+  (torchvision ``StanfordCars``)
+- ``oxford_pet``: ``oxford-iiit-pet/{annotations/trainval.txt, annotations/test.txt, images/}`` (torchvision
+  ``OxfordIIITPet``)
+- ``folder``: ``train/<class>/*``, ``test/<class>/*`` (torchvision ``ImageFolder`` rules; e.g. medical images)
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import datasets as tv
+from torchvision.transforms import v2 as T
+
+SPLITS = ("train", "test")
+
+
+class DatasetError(ValueError):
+    """A missing folder, a wrong layout or an unreadable image, named."""
+
+
+@dataclass(frozen=True)
+class ImageList:
+    name: str
+    split: str
+    paths: tuple[Path, ...]
+    labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def class_counts(self) -> dict[str, int]:
+        """Images per class name, in class-index order (classes without images count 0)."""
+        counts = Counter(self.labels)
+        return {name: counts.get(index, 0) for index, name in enumerate(self.class_names)}
+
+    def without(self, drop: set[int]) -> "ImageList":
+        keep = [i for i in range(len(self.paths)) if i not in drop]
+        return ImageList(self.name, self.split, tuple(self.paths[i] for i in keep), tuple(self.labels[i] for i in keep), self.class_names)
+
+
+def _require(*paths: Path, dataset: str) -> None:
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise DatasetError(f"{dataset}: expected layout not found, missing {', '.join(missing)} (see trainables/data/datasets.py)")
+
+
+def _split(split: str, allowed: tuple[str, ...] = SPLITS) -> str:
+    if split not in allowed:
+        raise DatasetError(f"unknown split {split!r}; expected one of {allowed}")
+    return split
+
+
+def read_cub200(root: Path, split: str) -> ImageList:
+    base = root / "CUB_200_2011"
+    files = [base / n for n in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt", "images")]
+    _require(*files, dataset="cub200")
+    images, labels, is_train, classes = (_id_table(f) for f in files[:4])
+    wanted = "1" if _split(split) == "train" else "0"
+    class_ids = sorted(classes, key=int)  # the dataset's own numbering, 1..200
+    index_of = {cid: i for i, cid in enumerate(class_ids)}
+    chosen = [iid for iid in sorted(images, key=int) if is_train.get(iid) == wanted]
+    unlabeled = [iid for iid in chosen if iid not in labels]
+    if unlabeled:
+        raise DatasetError(f"cub200: images {unlabeled[:5]} have no entry in image_class_labels.txt")
+    return ImageList("cub200", split, tuple(base / "images" / images[i] for i in chosen), tuple(index_of[labels[i]] for i in chosen),
+                     tuple(classes[c] for c in class_ids))
+
+
+def _id_table(path: Path) -> dict[str, str]:
+    table = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2:
+                raise DatasetError(f"{path}:{number}: expected '<id> <value>', got {line!r}")
+            table[parts[0]] = parts[1].strip()
+    return table
+
+
+def read_flowers102(root: Path, split: str) -> ImageList:
+    # Own reader: torchvision's Flowers102 insists on the original files' MD5, which rules out subsets and copies.
+    from scipy.io import loadmat
+    base = root / "flowers-102"
+    _require(base / "imagelabels.mat", base / "setid.mat", base / "jpg", dataset="flowers102")
+    key = {"train": "trnid", "val": "valid", "test": "tstid"}[_split(split, ("train", "val", "test"))]
+    ids = np.atleast_1d(loadmat(base / "setid.mat", squeeze_me=True)[key]).tolist()
+    labels = np.atleast_1d(loadmat(base / "imagelabels.mat", squeeze_me=True)["labels"])
+    return ImageList("flowers102", split, tuple(base / "jpg" / f"image_{i:05d}.jpg" for i in ids),
+                     tuple(int(labels[i - 1]) - 1 for i in ids), tuple(tv.Flowers102.classes))
+
+
+def _from_torchvision(name: str, build: Callable[[], object], files_attr: str, labels_attr: str | None, split: str) -> ImageList:
+    try:
+        data = build()
+    except (RuntimeError, FileNotFoundError) as err:
+        raise DatasetError(f"{name}: {err} (local files only; see trainables/data/datasets.py for the layout)") from err
+    if labels_attr is None:  # list of (path, label)
+        paths, labels = zip(*getattr(data, files_attr)) if len(data) else ((), ())
+    else:
+        paths, labels = getattr(data, files_attr), getattr(data, labels_attr)
+    return ImageList(name, split, tuple(Path(p) for p in paths), tuple(int(x) for x in labels), tuple(data.classes))
+
+
+def read_food101(root: Path, split: str) -> ImageList:
+    _require(root / "food-101" / "meta" / f"{_split(split)}.json", dataset="food101")
+    return _from_torchvision("food101", lambda: tv.Food101(root, split=split, download=False), "_image_files", "_labels", split)
+
+
+def read_stanford_cars(root: Path, split: str) -> ImageList:
+    base = root / "stanford_cars"
+    annotations = base / "devkit" / "cars_train_annos.mat" if _split(split) == "train" else base / "cars_test_annos_withlabels.mat"
+    _require(base / "devkit" / "cars_meta.mat", annotations, dataset="stanford_cars")
+    return _from_torchvision("stanford_cars", lambda: tv.StanfordCars(root, split=split, download=False), "_samples", None, split)
+
+
+def read_oxford_pet(root: Path, split: str) -> ImageList:
+    official = {"train": "trainval", "test": "test"}[_split(split)]
+    _require(root / "oxford-iiit-pet" / "annotations" / f"{official}.txt", dataset="oxford_pet")
+    return _from_torchvision("oxford_pet", lambda: tv.OxfordIIITPet(root, split=official, download=False), "_images", "_labels", split)
+
+
+def read_folder(root: Path, split: str) -> ImageList:
+    folder = root / _split(split)
+    _require(folder, dataset="folder")
+    try:
+        data = tv.ImageFolder(folder, allow_empty=False)
+    except FileNotFoundError as err:
+        raise DatasetError(f"folder: {err}") from err
+    classes = tuple(data.classes)  # class_to_idx order: the mapping every label below uses
+    return ImageList("folder", split, tuple(Path(p) for p, _ in data.samples), tuple(label for _, label in data.samples), classes)
+
+
+READERS: dict[str, Callable[[Path, str], ImageList]] = {
+    "cub200": read_cub200, "food101": read_food101, "flowers102": read_flowers102,
+    "stanford_cars": read_stanford_cars, "oxford_pet": read_oxford_pet, "folder": read_folder,
+}
+
+
+def read_dataset(name: str, root: str | Path, split: str) -> ImageList:
+    if name not in READERS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {sorted(READERS)}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{name}: dataset root {root} does not exist or is not a folder")
+    images = READERS[name](root, split)
+    if not len(images):
+        raise DatasetError(f"{name}: split {split!r} under {root} lists no images")
+    return images
+
+
+def check_images(images: ImageList, *, skip_corrupt: bool = False) -> tuple[ImageList, list[str]]:
+    """Decode every image once. Unreadable files raise ``DatasetError`` naming them, unless ``skip_corrupt``:
+    then they are dropped and returned (the caller reports the count)."""
+    bad = {}
+    for i, path in enumerate(images.paths):
+        try:
+            with Image.open(path) as image:
+                image.convert("RGB").load()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+            bad[i] = f"{path}: {err}"
+    if bad and not skip_corrupt:
+        listed = "\n  ".join(list(bad.values())[:10])
+        raise DatasetError(f"{images.name} {images.split}: {len(bad)} unreadable image(s) (pass skip_corrupt=True to drop them):\n  {listed}")
+    return images.without(set(bad)), list(bad.values())
+
+
+def train_transform(resolution: int = 256, *, resize_ratio: float = 288 / 256) -> Callable:
+    """The paper's training augmentation: shorter side to resolution*288/256 (LANCZOS), random crop, [-1, 1]."""
+    return T.Compose([T.Resize(round(resolution * resize_ratio), interpolation=T.InterpolationMode.LANCZOS),
+                      T.RandomCrop(resolution), T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+def eval_transform(resolution: int = 256, *, resize_ratio: float = 288 / 256) -> Callable:
+    """Evaluation: the same resize, centre crop, [-1, 1]."""
+    return T.Compose([T.Resize(round(resolution * resize_ratio), interpolation=T.InterpolationMode.LANCZOS),
+                      T.CenterCrop(resolution), T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+class ImageListDataset(Dataset):
+    """(image [3, R, R] in [-1, 1], label) pairs; a file that fails to decode raises naming it."""
+
+    def __init__(self, images: ImageList, transform: Callable):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.images.paths[index]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except (OSError, UnidentifiedImageError) as err:
+            raise DatasetError(f"cannot read image {path}: {err}") from err
+        return self.transform(rgb), self.images.labels[index]
+
