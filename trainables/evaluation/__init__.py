@@ -1,0 +1,1 @@
+"""Evaluation: FID, precision/recall and KID on feature sets, reference statistics."""

@@ -1,0 +1,121 @@
+"""FID, precision/recall and KID from feature matrices, with torch-fidelity's implementations.
+
+The paper's protocol computes all three on the same Inception-v3 pool features (torch-fidelity's default
+precision/recall would use VGG16 features instead), so metrics here take features, whatever extractor made them;
+the extractor's name travels with every result (``EvaluationSettings``) and results of different extractors are
+never compared. Reference statistics of a real split are computed once and cached on disk (``ReferenceStats``).
+Features: float [N, D]; the first argument is always the generated set, the second the real one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+REFERENCE_FORMAT = "varsweep-reference-stats/1"
+
+
+def _check_features(generated_ND: torch.Tensor, real_MD: torch.Tensor, *, minimum: int) -> None:
+    if generated_ND.ndim != 2 or real_MD.ndim != 2 or generated_ND.shape[1] != real_MD.shape[1]:
+        raise ValueError(f"need two feature matrices [N, D] of one width, got {list(generated_ND.shape)} and {list(real_MD.shape)}")
+    if min(len(generated_ND), len(real_MD)) < minimum:
+        raise ValueError(f"need at least {minimum} samples per set, got {len(generated_ND)} generated and {len(real_MD)} real")
+    if not (torch.isfinite(generated_ND).all() and torch.isfinite(real_MD).all()):
+        raise ValueError("features contain NaN or inf")
+
+
+def gaussian_statistics(features_ND: torch.Tensor) -> dict[str, np.ndarray]:
+    """Mean [D] and covariance [D, D] (float64) of a feature set, as FID uses them."""
+    return fid_features_to_statistics(features_ND.detach().cpu().double())
+
+
+def fid_from_statistics(generated: dict[str, np.ndarray], real: dict[str, np.ndarray]) -> float:
+    return float(fid_statistics_to_metric(generated, real, verbose=False)["frechet_inception_distance"])
+
+
+def fid(generated_ND: torch.Tensor, real_MD: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to the two feature sets."""
+    _check_features(generated_ND, real_MD, minimum=2)
+    return fid_from_statistics(gaussian_statistics(generated_ND), gaussian_statistics(real_MD))
+
+
+def precision_recall(generated_ND: torch.Tensor, real_MD: torch.Tensor, *, neighborhood: int = 3) -> dict[str, float]:
+    """Improved precision/recall (Kynkaanniemi et al. 2019): a sample is covered by a set when it lies within the
+    k-th-nearest-neighbour radius of some member of that set. Precision: generated samples covered by the real
+    set; recall: real samples covered by the generated set."""
+    _check_features(generated_ND, real_MD, minimum=neighborhood + 1)
+    precision, recall = calculate_precision_recall_full(generated_ND.detach().cpu().double(), real_MD.detach().cpu().double(),
+                                                        neighborhood=neighborhood)
+    return {"precision": float(precision), "recall": float(recall)}
+
+
+def kid(generated_ND: torch.Tensor, real_MD: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000, seed: int = 2020) -> dict[str, float]:
+    """Kernel Inception Distance (cubic polynomial kernel, unbiased MMD^2 over random subsets)."""
+    subset_size = min(subset_size, len(generated_ND), len(real_MD))
+    _check_features(generated_ND, real_MD, minimum=2)
+    out = kid_features_to_metric(generated_ND.detach().cpu().double(), real_MD.detach().cpu().double(), kid_subsets=subsets,
+                                 kid_subset_size=subset_size, rng_seed=seed, verbose=False)
+    return {"kid_mean": float(out["kernel_inception_distance_mean"]), "kid_std": float(out["kernel_inception_distance_std"])}
+
+
+@dataclass(frozen=True)
+class ReferenceKey:
+    """What reference statistics depend on; two trials share them exactly when their keys are equal."""
+
+    dataset: str
+    split: str
+    resolution: int
+    extractor: str
+    num_images: int
+
+    def file_name(self) -> str:
+        return f"{self.dataset}-{self.split}-{self.resolution}px-{self.extractor}-{self.num_images}.npz"
+
+
+class ReferenceStats:
+    """Real-split features and their Gaussian statistics, cached on disk under ``root`` by ``ReferenceKey``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, key: ReferenceKey) -> Path:
+        return self.root / key.file_name()
+
+    def load(self, key: ReferenceKey) -> dict[str, np.ndarray] | None:
+        """The cached entry (mu, sigma, features) or None; a damaged or foreign file raises naming it."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                record = {name: data[name] for name in data.files}
+        except (OSError, ValueError) as err:
+            raise ValueError(f"reference statistics {path} are unreadable ({err}); delete the file to recompute") from err
+        meta = json.loads(str(record.pop("meta")))
+        if meta != {"format": REFERENCE_FORMAT, **asdict(key)}:
+            raise ValueError(f"reference statistics {path} were written for {meta}, not {asdict(key)}")
+        return record
+
+    def save(self, key: ReferenceKey, features_ND: torch.Tensor) -> dict[str, np.ndarray]:
+        if len(features_ND) != key.num_images:
+            raise ValueError(f"{len(features_ND)} features for a key of {key.num_images} images")
+        stats = gaussian_statistics(features_ND)
+        record = {**stats, "features": features_ND.detach().cpu().float().numpy()}
+        meta = json.dumps({"format": REFERENCE_FORMAT, **asdict(key)}, sort_keys=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".reference-", suffix=".npz", dir=self.root)
+        os.close(fd)
+        try:
+            np.savez(tmp, meta=np.array(meta), **record)
+            os.replace(tmp, self.path(key))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return record
