@@ -1,0 +1,91 @@
+"""Token cache: hit/miss, invalidation, resumable sharded build, bit-exactness against on-the-fly tokenisation."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_VQVAE
+from test_datasets import make_folder
+from trainables.data.datasets import DatasetError, read_dataset
+from trainables.data.token_cache import TokenCache, ViewSpec, cache_key, make_views, open_token_cache
+from trainables.models import build_vqvae
+
+SPEC = ViewSpec(resolution=16, num_views=3, seed=1)
+
+
+@pytest.fixture
+def images(tmp_path):
+    make_folder(tmp_path / "data")  # 5 train images of 20x12 px in two classes
+    return read_dataset("folder", tmp_path / "data", "train")
+
+
+def make_vqvae(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_vqvae(**TINY_VQVAE).eval()
+
+
+def test_miss_then_hit_with_identical_tokens(images, tmp_path):
+    vqvae = make_vqvae()
+    first, hit = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
+    assert not hit and first.num_examples == 5 and first.num_views == 3
+    assert first.views[0].dtype == torch.int16 and [v.shape[-1] for v in first.views] == [1, 4, 9, 16]
+    second, hit = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
+    assert hit and all(torch.equal(a, b) for a, b in zip(first.views, second.views))
+    assert torch.equal(second.labels_N, torch.tensor(images.labels))
+
+
+def test_cached_tokens_equal_on_the_fly_tokenisation_of_the_same_crops(images, tmp_path):
+    vqvae = make_vqvae()
+    cached, _ = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
+    for index in range(len(images)):
+        with Image.open(images.paths[index]) as image:
+            views = make_views(image, spec=SPEC, index=index)
+        with torch.no_grad():
+            direct = vqvae.img_to_idxBl(views)
+        for si, idx_Vl in enumerate(direct):
+            assert torch.equal(cached.views[si][index].long(), idx_Vl)
+    assert not torch.equal(views[0], views[1])  # the views really are different crops
+
+
+def test_any_change_of_weights_spec_or_images_misses(images, tmp_path):
+    vqvae = make_vqvae()
+    base = cache_key(images, vqvae, SPEC)
+    changed_vqvae = make_vqvae()
+    with torch.no_grad():
+        changed_vqvae.quantize.embedding.weight[0, 0] += 1e-3
+    assert cache_key(images, changed_vqvae, SPEC)["vqvae"] != base["vqvae"]
+    assert cache_key(images, vqvae, ViewSpec(resolution=16, num_views=3, seed=2)) != base
+    assert cache_key(images.without({0}), vqvae, SPEC) != base
+    open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC)
+    _, hit = open_token_cache(tmp_path / "cache", images, changed_vqvae, spec=SPEC)
+    assert not hit and len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_interrupted_build_resumes_at_the_missing_shard(images, tmp_path):
+    vqvae = make_vqvae()
+    cache = TokenCache(tmp_path / "cache", cache_key(images, vqvae, SPEC), shard_size=2)
+    cache.build(images, vqvae, spec=SPEC)
+    full = cache.load()
+    kept_mtime = os.stat(cache.shard_path(0)).st_mtime_ns
+    cache.shard_path(2).unlink()  # as if the build had died before the last shard
+    meta = json.loads((cache.folder / "meta.json").read_text())
+    (cache.folder / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    resumed, hit = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
+    assert not hit and os.stat(cache.shard_path(0)).st_mtime_ns == kept_mtime
+    assert all(torch.equal(a, b) for a, b in zip(full.views, resumed.views))
+
+
+def test_damaged_shard_and_unreadable_image_are_named(images, tmp_path):
+    vqvae = make_vqvae()
+    cache = TokenCache(tmp_path / "cache", cache_key(images, vqvae, SPEC), shard_size=2)
+    cache.build(images, vqvae, spec=SPEC)
+    cache.shard_path(1).write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="shard_00001.npz is damaged"):
+        cache.load()
+    images.paths[3].write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match=f"cannot read image {images.paths[3]}"):
+        open_token_cache(tmp_path / "other", images, vqvae, spec=SPEC)

@@ -1,0 +1,176 @@
+"""On-disk token cache: a dataset split tokenised once by the frozen VQVAE, for a fixed seeded set of augmented views.
+
+Training reads token maps instead of re-encoding every augmented view at every step (the published pipeline spent
+about a quarter of the d16 step in the VQVAE). Each image gets ``num_views`` views: the paper's train transform
+(shorter side to resolution*288/256, LANCZOS) followed by random crops whose offsets come from a generator seeded by
+(seed, image index), so any view can be reproduced exactly. Augmentation multiplicity k draws k of these views.
+
+Layout under ``root/<key hash>/``: ``meta.json`` (the key, shapes, dtype, completion), ``labels.npy`` and, per shard
+of ``shard_size`` images, ``shard_{i:05d}.npz`` with one array per scale [n, V, pn*pn] (int16 when the codebook
+fits, else int32). Shards are written atomically, so an interrupted build resumes at the first missing shard. The
+key covers the dataset, split, image list, VQVAE weights, resolution and augmentation spec: change any and the
+cache misses. A cache is shared by every trial (and sweep) with the same key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+
+from ..models import VQVAE
+from .datasets import DatasetError, ImageList
+from .tokens import TokenViews
+
+CACHE_FORMAT = "varsweep-token-cache/1"
+RESIZE_RATIO = 288 / 256
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How the cached views of an image are made: ``num_views`` random crops of size ``resolution`` after
+    resizing the shorter side to round(resolution * resize_ratio) with LANCZOS; offsets seeded by (seed, index)."""
+
+    resolution: int
+    num_views: int
+    seed: int = 0
+    resize_ratio: float = RESIZE_RATIO
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1 or self.num_views < 1 or self.resize_ratio < 1.0:
+            raise ValueError(f"invalid view spec {self}: need resolution >= 1, num_views >= 1, resize_ratio >= 1")
+
+
+def vqvae_fingerprint(vqvae: VQVAE) -> str:
+    """SHA-256 over the VQVAE's state dict (names, shapes, dtypes and bytes): changes whenever the weights do."""
+    digest = hashlib.sha256()
+    for name, tensor in vqvae.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def image_list_fingerprint(images: ImageList) -> str:
+    digest = hashlib.sha256()
+    for path, label in zip(images.paths, images.labels):
+        digest.update(f"{path}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_key(images: ImageList, vqvae: VQVAE, spec: ViewSpec) -> dict:
+    return {"format": CACHE_FORMAT, "dataset": images.name, "split": images.split, "images": image_list_fingerprint(images),
+            "num_images": len(images), "vqvae": vqvae_fingerprint(vqvae), "patch_nums": list(vqvae.patch_nums),
+            "vocab_size": vqvae.vocab_size, "views": asdict(spec)}
+
+
+def make_views(image: Image.Image, *, spec: ViewSpec, index: int) -> torch.Tensor:
+    """The ``num_views`` cached views of image ``index`` [V, 3, R, R] in [-1, 1]; deterministic in (spec, index)."""
+    resized = TF.resize(image.convert("RGB"), round(spec.resolution * spec.resize_ratio), interpolation=T.InterpolationMode.LANCZOS)
+    pixels = TF.to_dtype(TF.to_image(resized), torch.float32, scale=True) * 2 - 1
+    H, W = pixels.shape[-2:]
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
+    tops = torch.randint(0, H - spec.resolution + 1, (spec.num_views,), generator=generator).tolist()
+    lefts = torch.randint(0, W - spec.resolution + 1, (spec.num_views,), generator=generator).tolist()
+    return torch.stack([pixels[:, t: t + spec.resolution, s: s + spec.resolution] for t, s in zip(tops, lefts)])
+
+
+class TokenCache:
+    """A token cache directory for one key (see the module docstring)."""
+
+    def __init__(self, root: str | Path, key: dict, *, shard_size: int = 256):
+        self.key, self.shard_size = key, shard_size
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        self.folder = Path(root) / f"{key['dataset']}-{key['split']}-{digest}"
+        self.dtype = np.int16 if key["vocab_size"] <= np.iinfo(np.int16).max + 1 else np.int32
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.key["num_images"] // self.shard_size)
+
+    def shard_path(self, i: int) -> Path:
+        return self.folder / f"shard_{i:05d}.npz"
+
+    @property
+    def complete(self) -> bool:
+        meta = self.folder / "meta.json"
+        return meta.is_file() and json.loads(meta.read_text()).get("complete", False)
+
+    def build(self, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, batch_size: int = 64) -> None:
+        """Tokenise every missing shard (resumes an interrupted build), then mark the cache complete."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.folder / "meta.json", json.dumps({**self.key, "complete": False, "dtype": np.dtype(self.dtype).name}, indent=1))
+        device = next(vqvae.parameters()).device
+        for shard in range(self.num_shards):
+            if not self.shard_path(shard).is_file():
+                indices = range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(images)))
+                tokens = _tokenise(images, list(indices), vqvae, spec=spec, batch_size=batch_size, device=device)
+                _atomic_save_npz(self.shard_path(shard), {f"s{si}": t.astype(self.dtype) for si, t in enumerate(tokens)})
+        np.save(self.folder / "labels.npy", np.asarray(images.labels, dtype=np.int64))
+        _atomic_write_text(self.folder / "meta.json", json.dumps({**self.key, "complete": True, "dtype": np.dtype(self.dtype).name}, indent=1))
+
+    def load(self) -> TokenViews:
+        """All views as a ``TokenViews`` (compact integer dtype in memory; batches are widened on use)."""
+        if not self.complete:
+            raise DatasetError(f"token cache {self.folder} is incomplete; build it first")
+        scales = len(self.key["patch_nums"])
+        shards = []
+        for i in range(self.num_shards):
+            try:
+                with np.load(self.shard_path(i), allow_pickle=False) as data:
+                    shards.append([data[f"s{si}"] for si in range(scales)])
+            except (OSError, ValueError, KeyError) as err:
+                raise DatasetError(f"token cache shard {self.shard_path(i)} is damaged ({err}); delete it to rebuild that shard") from err
+        views = tuple(torch.from_numpy(np.concatenate([s[si] for s in shards])) for si in range(scales))
+        return TokenViews(torch.from_numpy(np.load(self.folder / "labels.npy")), views)
+
+
+def _tokenise(images: ImageList, indices: list[int], vqvae: VQVAE, *, spec: ViewSpec, batch_size: int,
+              device: torch.device) -> list[np.ndarray]:
+    """Token maps of every view of the given images: per scale [n, V, pn*pn]."""
+    per_image = []
+    for index in indices:
+        try:
+            with Image.open(images.paths[index]) as image:
+                views_V3RR = make_views(image, spec=spec, index=index)
+        except OSError as err:
+            raise DatasetError(f"cannot read image {images.paths[index]}: {err}") from err
+        per_image.append(views_V3RR)
+    rows = torch.cat(per_image)
+    with torch.no_grad():
+        chunks = [vqvae.img_to_idxBl(rows[s: s + batch_size].to(device)) for s in range(0, len(rows), batch_size)]
+    return [torch.cat([c[si] for c in chunks]).view(len(indices), spec.num_views, -1).cpu().numpy() for si in range(len(vqvae.patch_nums))]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def open_token_cache(root: str | Path, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, shard_size: int = 256,
+                     batch_size: int = 64) -> tuple[TokenViews, bool]:
+    """(token views of ``images``, whether the cache was already complete). Builds or finishes it on a miss."""
+    cache = TokenCache(root, cache_key(images, vqvae, spec), shard_size=shard_size)
+    hit = cache.complete
+    if not hit:
+        cache.build(images, vqvae, spec=spec, batch_size=batch_size)
+    return cache.load(), hit
