@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from PIL import Image
 from conftest import TINY_VQVAE
 from test_datasets import make_folder
 from trainables.data.datasets import DatasetError, read_dataset
+from trainables.data import token_cache
 from trainables.data.token_cache import TokenCache, ViewSpec, cache_key, make_views, open_token_cache
 from trainables.models import build_vqvae
 
@@ -65,26 +65,46 @@ def test_any_change_of_weights_spec_or_images_misses(images, tmp_path):
     assert not hit and len(list((tmp_path / "cache").iterdir())) == 2
 
 
-def test_interrupted_build_resumes_at_the_missing_shard(images, tmp_path):
+def test_interrupted_build_resumes_at_the_first_unfinished_shard(images, tmp_path, monkeypatch):
     vqvae = make_vqvae()
+    full, _ = open_token_cache(tmp_path / "reference", images, vqvae, spec=SPEC, shard_size=2)
+    calls = []
+    real_tokenise = token_cache._tokenise
+
+    def dying_after_two_shards(images_, indices, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        calls.append(indices)
+        return real_tokenise(images_, indices, *args, **kwargs)
+
+    monkeypatch.setattr(token_cache, "_tokenise", dying_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
     cache = TokenCache(tmp_path / "cache", cache_key(images, vqvae, SPEC), shard_size=2)
-    cache.build(images, vqvae, spec=SPEC)
-    full = cache.load()
-    kept_mtime = os.stat(cache.shard_path(0)).st_mtime_ns
-    cache.shard_path(2).unlink()  # as if the build had died before the last shard
-    meta = json.loads((cache.folder / "meta.json").read_text())
-    (cache.folder / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    assert not cache.complete and json.loads((cache.folder / "progress.json").read_text()) == [0, 1]
+    with pytest.raises(DatasetError, match="incomplete"):
+        cache.load()
+    calls.clear()
+    monkeypatch.setattr(token_cache, "_tokenise", real_tokenise)
     resumed, hit = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
-    assert not hit and os.stat(cache.shard_path(0)).st_mtime_ns == kept_mtime
-    assert all(torch.equal(a, b) for a, b in zip(full.views, resumed.views))
+    assert not hit and all(torch.equal(a, b) for a, b in zip(full.views, resumed.views))
 
 
-def test_damaged_shard_and_unreadable_image_are_named(images, tmp_path):
+def test_cache_is_memory_mapped_and_never_written_by_readers(images, tmp_path):
+    vqvae = make_vqvae()
+    views, _ = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC)
+    cache = TokenCache(tmp_path / "cache", cache_key(images, vqvae, SPEC))
+    before = cache.scale_path(3).read_bytes()
+    views.views[3][0, 0, 0] = -1  # copy-on-write: the file keeps its content
+    assert cache.scale_path(3).read_bytes() == before
+
+
+def test_damaged_file_and_unreadable_image_are_named(images, tmp_path):
     vqvae = make_vqvae()
     cache = TokenCache(tmp_path / "cache", cache_key(images, vqvae, SPEC), shard_size=2)
     cache.build(images, vqvae, spec=SPEC)
-    cache.shard_path(1).write_bytes(b"garbage")
-    with pytest.raises(DatasetError, match="shard_00001.npz is damaged"):
+    cache.scale_path(1).write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="tokens_s1.npy is damaged"):
         cache.load()
     images.paths[3].write_bytes(b"not an image")
     with pytest.raises(DatasetError, match=f"cannot read image {images.paths[3]}"):

@@ -5,11 +5,13 @@ about a quarter of the d16 step in the VQVAE). Each image gets ``num_views`` vie
 (shorter side to resolution*288/256, LANCZOS) followed by random crops whose offsets come from a generator seeded by
 (seed, image index), so any view can be reproduced exactly. Augmentation multiplicity k draws k of these views.
 
-Layout under ``root/<key hash>/``: ``meta.json`` (the key, shapes, dtype, completion), ``labels.npy`` and, per shard
-of ``shard_size`` images, ``shard_{i:05d}.npz`` with one array per scale [n, V, pn*pn] (int16 when the codebook
-fits, else int32). Shards are written atomically, so an interrupted build resumes at the first missing shard. The
-key covers the dataset, split, image list, VQVAE weights, resolution and augmentation spec: change any and the
-cache misses. A cache is shared by every trial (and sweep) with the same key.
+Layout under ``root/<dataset>-<split>-<key hash>/``: ``meta.json`` (the key, dtype, completion), ``labels.npy``
+and one memory-mapped array per scale ``tokens_s{si}.npy`` [N, V, pn*pn] (int16 when the codebook fits, else
+int32), filled shard by shard of ``shard_size`` images; ``progress.json`` (rewritten atomically after each shard
+is flushed) lists the finished shards, so an interrupted build resumes at the first unfinished one, and readers
+trust only a cache whose ``meta.json`` says complete. The key covers the dataset, split, image list, VQVAE weights,
+resolution and augmentation spec: change any and the cache misses. A cache is shared by every trial (and sweep)
+with the same key.
 """
 from __future__ import annotations
 
@@ -95,41 +97,62 @@ class TokenCache:
     def num_shards(self) -> int:
         return -(-self.key["num_images"] // self.shard_size)
 
-    def shard_path(self, i: int) -> Path:
-        return self.folder / f"shard_{i:05d}.npz"
+    def scale_path(self, si: int) -> Path:
+        return self.folder / f"tokens_s{si}.npy"
 
     @property
     def complete(self) -> bool:
         meta = self.folder / "meta.json"
         return meta.is_file() and json.loads(meta.read_text()).get("complete", False)
 
+    def _finished_shards(self) -> set[int]:
+        progress = self.folder / "progress.json"
+        return set(json.loads(progress.read_text())) if progress.is_file() else set()
+
     def build(self, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, batch_size: int = 64) -> None:
-        """Tokenise every missing shard (resumes an interrupted build), then mark the cache complete."""
+        """Tokenise every unfinished shard (resumes an interrupted build), then mark the cache complete."""
         self.folder.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.folder / "meta.json", json.dumps({**self.key, "complete": False, "dtype": np.dtype(self.dtype).name}, indent=1))
+        arrays = [self._open_for_writing(si, pn, spec) for si, pn in enumerate(self.key["patch_nums"])]
+        finished = self._finished_shards()
         device = next(vqvae.parameters()).device
         for shard in range(self.num_shards):
-            if not self.shard_path(shard).is_file():
-                indices = range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(images)))
-                tokens = _tokenise(images, list(indices), vqvae, spec=spec, batch_size=batch_size, device=device)
-                _atomic_save_npz(self.shard_path(shard), {f"s{si}": t.astype(self.dtype) for si, t in enumerate(tokens)})
+            if shard in finished:
+                continue
+            start, stop = shard * self.shard_size, min((shard + 1) * self.shard_size, len(images))
+            for array, tokens in zip(arrays, _tokenise(images, list(range(start, stop)), vqvae, spec=spec, batch_size=batch_size, device=device)):
+                array[start:stop] = tokens
+                array.flush()
+            finished.add(shard)
+            _atomic_write_text(self.folder / "progress.json", json.dumps(sorted(finished)))
         np.save(self.folder / "labels.npy", np.asarray(images.labels, dtype=np.int64))
         _atomic_write_text(self.folder / "meta.json", json.dumps({**self.key, "complete": True, "dtype": np.dtype(self.dtype).name}, indent=1))
 
+    def _open_for_writing(self, si: int, pn: int, spec: ViewSpec) -> np.memmap:
+        shape = (self.key["num_images"], spec.num_views, pn * pn)
+        path = self.scale_path(si)
+        if path.is_file():
+            array = np.load(path, mmap_mode="r+")
+            if array.shape == shape and array.dtype == self.dtype:
+                return array
+        (self.folder / "progress.json").unlink(missing_ok=True)  # a new or mismatched file: nothing in it is finished
+        return np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=shape)
+
     def load(self) -> TokenViews:
-        """All views as a ``TokenViews`` (compact integer dtype in memory; batches are widened on use)."""
+        """All views as a ``TokenViews`` over memory-mapped arrays (copy-on-write: the files are never modified;
+        pages are read on demand and batches are widened to int64 on use)."""
         if not self.complete:
             raise DatasetError(f"token cache {self.folder} is incomplete; build it first")
-        scales = len(self.key["patch_nums"])
-        shards = []
-        for i in range(self.num_shards):
+        views = []
+        for si, pn in enumerate(self.key["patch_nums"]):
             try:
-                with np.load(self.shard_path(i), allow_pickle=False) as data:
-                    shards.append([data[f"s{si}"] for si in range(scales)])
-            except (OSError, ValueError, KeyError) as err:
-                raise DatasetError(f"token cache shard {self.shard_path(i)} is damaged ({err}); delete it to rebuild that shard") from err
-        views = tuple(torch.from_numpy(np.concatenate([s[si] for s in shards])) for si in range(scales))
-        return TokenViews(torch.from_numpy(np.load(self.folder / "labels.npy")), views)
+                array = np.load(self.scale_path(si), mmap_mode="c")
+            except (OSError, ValueError) as err:
+                raise DatasetError(f"token cache file {self.scale_path(si)} is damaged ({err}); delete the folder to rebuild") from err
+            if array.shape[0] != self.key["num_images"] or array.shape[2] != pn * pn:
+                raise DatasetError(f"token cache file {self.scale_path(si)} has shape {array.shape}, expected [{self.key['num_images']}, V, {pn * pn}]")
+            views.append(torch.from_numpy(array))
+        return TokenViews(torch.from_numpy(np.load(self.folder / "labels.npy")), tuple(views))
 
 
 def _tokenise(images: ImageList, indices: list[int], vqvae: VQVAE, *, spec: ViewSpec, batch_size: int,
@@ -154,16 +177,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
-
-
-def _atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def open_token_cache(root: str | Path, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, shard_size: int = 256,
