@@ -1,0 +1,117 @@
+"""Class-conditional generation for evaluation: per-class counts, distinct randomness per batch, resumable PNGs.
+
+The published pipeline passed one seed to every batch (repeated images within a class) and mapped numbered class
+folders through a string sort. Here the plan comes from the evaluation split's own per-class counts (by class
+index), every batch b draws from a generator seeded by (seed, b) (so batches differ, and a resumed run regenerates
+exactly the missing batches), and the sampling settings travel with the images.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..models import VAR, VQVAE
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    batch_size: int = 32
+    seed: int = 0
+    autocast_bf16: bool = True  # on CUDA only
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def generation_plan(class_counts: Sequence[int], *, total: int | None = None) -> list[int]:
+    """Images to generate per class index: the evaluation split's own counts, or ``total`` images split in the
+    same proportions (largest remainders, ties to the lower index)."""
+    counts = [int(c) for c in class_counts]
+    if any(c < 0 for c in counts) or sum(counts) == 0:
+        raise ValueError(f"class counts must be >= 0 with a positive sum, got {counts}")
+    if total is None:
+        return counts
+    if total < 1:
+        raise ValueError(f"total must be >= 1, got {total}")
+    exact = [total * c / sum(counts) for c in counts]
+    plan = [int(x) for x in exact]
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-(exact[i] - plan[i]), i))
+    for i in by_remainder[: total - sum(plan)]:
+        plan[i] += 1
+    return plan
+
+
+def _labels(plan: Sequence[int]) -> list[int]:
+    return [index for index, count in enumerate(plan) for _ in range(count)]
+
+
+def image_path(out_dir: Path, label: int, number: int) -> Path:
+    return out_dir / f"class_{label:04d}" / f"{number:06d}.png"
+
+
+@torch.no_grad()
+def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, settings: SamplingSettings, out_dir: str | Path | None = None
+             ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Generate ``plan[c]`` images of every class c.
+
+    With ``out_dir``: lossless PNGs ``class_XXXX/NNNNNN.png`` (NNNNNN numbers the image within the whole run), each
+    written atomically; batches whose files all exist are skipped, so an interrupted run resumes. Returns
+    (images uint8 [N, 3, H, W] or None when writing to disk, labels [N])."""
+    labels_N = torch.tensor(_labels(plan), dtype=torch.long)
+    device = next(var.parameters()).device
+    out = None if out_dir is None else Path(out_dir)
+    kept = []
+    for b, start in enumerate(range(0, len(labels_N), settings.batch_size)):
+        label_B = labels_N[start: start + settings.batch_size]
+        paths = [] if out is None else [image_path(out, int(c), start + i) for i, c in enumerate(label_B)]
+        if paths and all(p.is_file() for p in paths):
+            continue
+        images_B3HW = _sample_batch(var, vqvae, label_B.to(device), settings=settings, batch_index=b)
+        if out is None:
+            kept.append(images_B3HW)
+        else:
+            for path, image in zip(paths, images_B3HW):
+                _write_png(path, image)
+    return (torch.cat(kept) if kept else torch.zeros(0, dtype=torch.uint8)) if out is None else None, labels_N
+
+
+def _sample_batch(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, *, settings: SamplingSettings, batch_index: int) -> torch.Tensor:
+    device = label_B.device
+    generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + batch_index)
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if settings.autocast_bf16 and device.type == "cuda"
+                else contextlib.nullcontext())
+    with autocast:
+        images = var.sample(label_B, vqvae=vqvae, cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p, generator=generator)
+    return images.float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
+def _write_png(path: Path, image_3HW: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(image_3HW.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_generated(out_dir: str | Path, plan: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 [N, 3, H, W] and labels [N] of a finished ``generate`` run, in generation order."""
+    labels = _labels(plan)
+    missing = [str(image_path(Path(out_dir), c, n)) for n, c in enumerate(labels) if not image_path(Path(out_dir), c, n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} generated images missing under {out_dir}, e.g. {missing[:3]}; rerun generate to finish")
+    images = [torch.from_numpy(np.array(Image.open(image_path(Path(out_dir), c, n)).convert("RGB"))).permute(2, 0, 1) for n, c in enumerate(labels)]
+    return torch.stack(images), torch.tensor(labels)
