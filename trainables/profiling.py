@@ -1,0 +1,80 @@
+"""Exact compute accounting: FLOPs from PyTorch's FLOP counter, totals over the rows actually processed.
+
+Every op the counter sees (matrix products, attention forward and backward) scales linearly with the number of
+rows (example views) in a batch, so one counted step at a known row count gives FLOPs per row, and a trial's
+training total is FLOPs per row times the rows it really processed: for DP runs the sum of the actual Poisson batch
+sizes times k, not an expectation. The counter does not count norms, softmax, element-wise ops or the optimiser
+(small next to the matrix products; stated in every report). Totals are reported in PFLOPs (1e15 FLOPs), not as a
+rate (the published "PFLOPs" was a rate).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+PETA = 1e15
+NOT_COUNTED = "norms, softmax, element-wise ops and the optimiser update are not counted"
+
+
+def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
+    """Run ``fn`` once under the FLOP counter: (total FLOPs, FLOPs per aten op)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return int(counter.get_total_flops()), by_op
+
+
+def flops_per_row(step: Callable[[int], object], *, rows: int) -> tuple[float, dict[str, int]]:
+    """FLOPs per row of ``step(rows)`` (one forward + backward on ``rows`` example views)."""
+    total, by_op = count_flops(lambda: step(rows))
+    return total / rows, by_op
+
+
+@dataclass
+class ComputeLedger:
+    """Training and sampling compute of one trial, plus wall time, throughput and peak memory."""
+
+    train_flops_per_row: float
+    sample_flops_per_image: float = 0.0
+    rows_trained: int = 0
+    images_sampled: int = 0
+    train_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    counted_ops: dict[str, int] = field(default_factory=dict)
+
+    def add_training(self, rows: int, seconds: float) -> None:
+        self.rows_trained += rows
+        self.train_seconds += seconds
+
+    def report(self, *, peak_flops_per_second: float | None = None) -> dict:
+        train = self.train_flops_per_row * self.rows_trained
+        out = {**asdict(self), "train_pflops": train / PETA, "sample_pflops": self.sample_flops_per_image * self.images_sampled / PETA,
+               "rows_per_second": self.rows_trained / self.train_seconds if self.train_seconds else None, "not_counted": NOT_COUNTED}
+        if peak_flops_per_second and self.train_seconds:
+            out["mfu"] = train / self.train_seconds / peak_flops_per_second
+        return out
+
+
+class Stopwatch:
+    """Wall time of a block, synchronising CUDA first so queued kernels are included."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        self._sync()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self._start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
