@@ -136,9 +136,17 @@ def test_non_dp_finetune_lowers_held_out_nll_with_every_option(digits_setup):
     var = adapt(copy.deepcopy(teacher), AdaptationSpec(method="full", num_classes=K))
     before = token_nll(var, vqvae, test_tokens, test_labels)
     options = FinetuneOptions(steps=40, lr=3e-3, batch_size=32, augmentation_multiplicity=2, scale_weight_decay=0.8,
-                              prior_weight=0.1, prior_batch_size=4, log_every=20)
-    out = finetune(var, vqvae, data, options=options, prior=Prior(teacher, bank), seed=0)
+                              prior_weight=0.1, prior_batch_size=4, log_every=20, eval_every=20)
+    evaluations = []
+
+    def held_out_nll(model) -> dict:
+        evaluations.append(model.training)
+        return {"nll": token_nll(model, vqvae, test_tokens, test_labels)}
+
+    out = finetune(var, vqvae, data, options=options, prior=Prior(teacher, bank), seed=0, evaluate_fn=held_out_nll)
     after = token_nll(var, vqvae, test_tokens, test_labels)
+    assert [c["step"] for c in out["convergence"]] == [20, 40] and evaluations == [False, False]
+    assert out["convergence"][-1]["nll"] == pytest.approx(after) and out["convergence"][0]["nll"] < before
     print(f"held-out NLL {before:.3f} -> {after:.3f}")
     assert after < before - 0.2
     assert out["privacy"] is None and {"loss", "grad_norm", "prior_kl"} <= set(out["history"][-1])

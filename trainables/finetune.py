@@ -47,12 +47,14 @@ class FinetuneOptions:
     prior_batch_size: int = 16
     max_grad_norm: float | None = 2.0
     log_every: int = 50
+    eval_every: int = 0  # convergence curve: call ``evaluate_fn`` every this many steps (0 = only if asked at the end)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"invalid options {self}: need steps >= 1, batch_size >= 1, lr > 0, 0 <= warmup_steps <= steps")
-        if self.prior_weight < 0 or self.prior_batch_size < 1 or self.augmentation_multiplicity < 1 or self.log_every < 1:
-            raise ValueError(f"invalid options {self}: need prior_weight >= 0, prior_batch_size >= 1, augmentation_multiplicity >= 1, log_every >= 1")
+        if self.prior_weight < 0 or self.prior_batch_size < 1 or self.augmentation_multiplicity < 1 or self.log_every < 1 or self.eval_every < 0:
+            raise ValueError(f"invalid options {self}: need prior_weight >= 0, prior_batch_size >= 1, augmentation_multiplicity >= 1, "
+                             "log_every >= 1, eval_every >= 0")
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,11 @@ def check_finetune(data: TokenViews, *, options: FinetuneOptions, privacy: Priva
 
 
 def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptions, privacy: PrivacySpec | None = None,
-             prior: Prior | None = None, seed: int = 0, sampling_seed: int | None = None, log: Logger | None = None) -> dict:
-    """Train the trainable parameters of an adapted ``var``; returns {"history": [...], "privacy": ledger or None}.
+             prior: Prior | None = None, seed: int = 0, sampling_seed: int | None = None, log: Logger | None = None,
+             evaluate_fn: Callable[[VAR], dict] | None = None) -> dict:
+    """Train the trainable parameters of an adapted ``var``; returns {"history": [...], "privacy": ledger or None,
+    "convergence": [{"step": s, **evaluate_fn(var)}, ...]} (evaluations every ``options.eval_every`` steps and at
+    the end; ``evaluate_fn`` sees the model in eval mode, e.g. a small-sample FID).
     Under an initialised process group each rank trains on its share of every batch and gradients are averaged.
     ``seed`` drives everything but the DP noise and the DP batch sampling, which are seeded from OS entropy
     unless ``sampling_seed`` is given (tests, debugging: recorded in the ledger)."""
@@ -99,15 +104,24 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
     def prior_loss() -> torch.Tensor:
         return options.prior_weight * prior_preservation_loss(var, prior.teacher, vqvae, prior.bank.batch(options.prior_batch_size, generator=generator, device=device))
 
+    convergence: list[dict] = []
+
+    def after_step(step: int) -> None:
+        if evaluate_fn is not None and ((options.eval_every and (step + 1) % options.eval_every == 0) or step == options.steps - 1):
+            var.eval()
+            convergence.append({"step": step + 1, **evaluate_fn(var)})
+            var.train()
+
     var.train()
     run = _private_run if privacy is not None else _plain_run
     history, ledger = run(var, optimizer, data, loss_fn=loss_fn, prior_loss=prior_loss if options.prior_weight > 0 else None,
-                          options=options, privacy=privacy, generator=sampling_generator, log=log, sampling_seed=sampling_seed)
+                          options=options, privacy=privacy, generator=sampling_generator, log=log, sampling_seed=sampling_seed,
+                          after_step=after_step)
     var.eval()
-    return {"history": history, "privacy": ledger}
+    return {"history": history, "privacy": ledger, "convergence": convergence}
 
 
-def _plain_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed):
+def _plain_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed, after_step):
     batches, history, started = epoch_batches(data.num_examples, batch_size=options.batch_size, generator=generator), [], time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -124,6 +138,7 @@ def _plain_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, g
         if is_logging_step(step, options):
             values = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
             record_history(history, log, step=step, started=started, **values, **({"prior_kl": kl.item() / options.prior_weight} if kl is not None else {}))
+        after_step(step)
     return history, None
 
 
@@ -134,17 +149,17 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
             p.grad /= world
 
 
-def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed):
+def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed, after_step):
     state = make_private(var, optimizer, spec=privacy, dataset_size=data.num_examples, planned_steps=options.steps,
                          sampling_seed=sampling_seed)
     try:
-        history = _private_steps(state, loss_fn=loss_fn, prior_loss=prior_loss, options=options, log=log)
+        history = _private_steps(state, loss_fn=loss_fn, prior_loss=prior_loss, options=options, log=log, after_step=after_step)
     finally:
         release(state)
     return history, privacy_ledger(state)
 
 
-def _private_steps(state, *, loss_fn, prior_loss, options, log) -> list[dict]:
+def _private_steps(state, *, loss_fn, prior_loss, options, log, after_step) -> list[dict]:
     history, started, kl_values = [], time.perf_counter(), []
 
     def public_grad() -> None:
@@ -162,6 +177,7 @@ def _private_steps(state, *, loss_fn, prior_loss, options, log) -> list[dict]:
             if kl_values:
                 values["prior_kl"] = kl_values[-1] / options.prior_weight
             record_history(history, log, step=step, started=started, **values)
+        after_step(step)
     return history
 
 
