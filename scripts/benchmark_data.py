@@ -11,14 +11,12 @@ Usage: python scripts/benchmark_data.py [--batch-size 2] [--steps 2] [--out docs
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import psutil
+import benchmark_common
 import torch
 from PIL import Image
 
@@ -108,8 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         reuse = reference_reuse(Path(folder))
     gen = generation(batch_size=args.batch_size)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 1024 ** 3:.0f} GiB, CPU fp32, torch {torch.__version__}"
+    stamp, machine = benchmark_common.stamp(), benchmark_common.machine()
     text = "\n".join([
         f"### Token cache, reference statistics, generation ({stamp})", "",
         f"Machine: {machine}. Script: `python scripts/benchmark_data.py --batch-size {args.batch_size} --steps {args.steps}`.", "",
@@ -121,10 +118,7 @@ def main() -> None:
         f"| same, second trial (cache hit: {reuse['second_hit']}) | {reuse['second_s']:.3f} s |",
         f"| VAR-d16 generation, batch {gen['batch_size']} (CFG 1.5, top-k 900, top-p 0.96) | {gen['seconds_per_batch']:.2f} s per batch, {gen['images_per_second']:.3f} images/s |",
         ""])
-    print(text)
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write("\n" + text)
+    benchmark_common.publish(text, args.out)
 
 
 if __name__ == "__main__":

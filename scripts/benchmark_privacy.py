@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+import benchmark_common
 import psutil
 import torch
 
@@ -127,17 +126,13 @@ def main() -> None:
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 1024 ** 3:.0f} GiB, CPU fp32, torch {torch.__version__}"
+    stamp, machine = benchmark_common.stamp(), benchmark_common.machine()
     section = [f"### DP vs non-DP step, VAR depth {args.depth}, 64x64 (L=30), batch {args.batch_size} ({stamp})", "",
                f"Machine: {machine}. Script: `python scripts/benchmark_privacy.py --depth {args.depth} --batch-size {args.batch_size} --steps {args.steps}` "
                f"(median of {args.steps} steps after one untimed step, each configuration in a fresh process).", "",
                *table(results), "", *summary(results), ""]
     text = "\n".join(section)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write("\n" + text)
+    benchmark_common.publish(text, args.out)
 
 
 if __name__ == "__main__":
