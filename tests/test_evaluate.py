@@ -29,6 +29,8 @@ def test_evaluate_generates_per_class_and_reuses_reference_statistics(tiny_var, 
     assert first["plan"] == [3, 2] and first["images_generated"] == 5 and not first["reference_cache_hit"]
     assert set(first["metrics"]) == {"fid", "precision", "recall", "kid_mean", "kid_std"} and first["metrics"]["fid"] > 0
     assert first["evaluation_settings"]["extractor"] == "substitute-randconv-v1" and first["sampling"]["seed"] == 0
+    assert first["compute"]["sample_flops_per_image"] > 0 and first["compute"]["sample_pflops"] == pytest.approx(
+        5 * first["compute"]["sample_flops_per_image"] / 1e15)
     second = evaluate(tiny_var, tiny_vqvae, split, settings=SETTINGS, sampling=SAMPLING, cache=cache, out_dir=tmp_path / "images")
     assert second["reference_cache_hit"] and second["metrics"] == first["metrics"]  # PNGs are lossless
 

@@ -146,6 +146,9 @@ def test_non_dp_finetune_lowers_held_out_nll_with_every_option(digits_setup):
     out = finetune(var, vqvae, data, options=options, prior=Prior(teacher, bank), seed=0, evaluate_fn=held_out_nll)
     after = token_nll(var, vqvae, test_tokens, test_labels)
     assert [c["step"] for c in out["convergence"]] == [20, 40] and evaluations == [False, False]
+    compute = out["compute"]
+    assert compute["rows_trained"] == 40 * 32 * 2 and compute["train_flops_per_row"] > 0
+    assert compute["train_pflops"] == pytest.approx(compute["train_flops_per_row"] * 40 * 32 * 2 / 1e15)
     assert out["convergence"][-1]["nll"] == pytest.approx(after) and out["convergence"][0]["nll"] < before
     print(f"held-out NLL {before:.3f} -> {after:.3f}")
     assert after < before - 0.2
@@ -166,6 +169,8 @@ def test_dp_finetune_records_ledger_and_no_private_statistics(digits_setup):
         assert ledger["sampling_rng"].startswith("caller-seeded") and ledger["noise_rng"].startswith("seeded from OS entropy")
         assert ledger["steps"] == 30 and ledger["epsilon_rdp"] <= epsilon and ledger["augmentation_multiplicity"] == 2
         assert ledger["delta"] == 1 / data.num_examples and len(ledger["actual_batch_sizes"]) == 30
+        assert out["compute"]["rows_trained"] == 2 * sum(ledger["actual_batch_sizes"])  # exact, not q*N*steps
+        assert any("scaled_dot_product" in op for op in out["compute"]["counted_ops"])
         for entry in out["history"]:
             assert not {"loss", "grad_norm"} & set(entry), entry  # nothing computed from private examples
             assert {"epsilon_rdp", "batch_size", "prior_kl"} <= set(entry)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from .data.tokens import TokenViews
 from .models import VAR, VQVAE
 from .pretrain import epoch_batches, is_logging_step, record_history
+from .profiling import StepMeter
 from .prior import PriorBank, prior_preservation_loss
 from .privacy import (PrivacySpec, epsilon_spent, make_private, next_batch, privacy_ledger, private_step, release,
                       validate_privacy)
@@ -113,21 +114,23 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
             var.train()
 
     var.train()
+    meter = StepMeter(device)
     run = _private_run if privacy is not None else _plain_run
     history, ledger = run(var, optimizer, data, loss_fn=loss_fn, prior_loss=prior_loss if options.prior_weight > 0 else None,
                           options=options, privacy=privacy, generator=sampling_generator, log=log, sampling_seed=sampling_seed,
-                          after_step=after_step)
+                          after_step=after_step, meter=meter)
     var.eval()
-    return {"history": history, "privacy": ledger, "convergence": convergence}
+    return {"history": history, "privacy": ledger, "convergence": convergence, "compute": meter.report()}
 
 
-def _plain_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed, after_step):
+def _plain_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed, after_step, meter):
     batches, history, started = epoch_batches(data.num_examples, batch_size=options.batch_size, generator=generator), [], time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    for step in range(options.steps):
-        lr = _schedule(optimizer, step, options)
-        loss = loss_fn(next(batches)[rank::world]).mean()
+    k = options.augmentation_multiplicity
+
+    def one_step(local: torch.Tensor):
+        loss = loss_fn(local).mean()
         kl = prior_loss() if prior_loss is not None else None
         optimizer.zero_grad(set_to_none=True)
         (loss if kl is None else loss + kl).backward()
@@ -135,6 +138,14 @@ def _plain_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, g
             _average_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
         optimizer.step()
+        return loss, kl, grad_norm
+
+    for step in range(options.steps):
+        lr = _schedule(optimizer, step, options)
+        batch = next(batches)
+        local = batch[rank::world]
+        (loss, kl, grad_norm), seconds = meter.run(lambda: one_step(local), local_rows=len(local) * k)
+        meter.ledger.add_training(len(batch) * k, seconds)
         if is_logging_step(step, options):
             values = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
             record_history(history, log, step=step, started=started, **values, **({"prior_kl": kl.item() / options.prior_weight} if kl is not None else {}))
@@ -149,17 +160,17 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
             p.grad /= world
 
 
-def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed, after_step):
+def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed, after_step, meter):
     state = make_private(var, optimizer, spec=privacy, dataset_size=data.num_examples, planned_steps=options.steps,
                          sampling_seed=sampling_seed)
     try:
-        history = _private_steps(state, loss_fn=loss_fn, prior_loss=prior_loss, options=options, log=log, after_step=after_step)
+        history = _private_steps(state, loss_fn=loss_fn, prior_loss=prior_loss, options=options, log=log, after_step=after_step, meter=meter)
     finally:
         release(state)
     return history, privacy_ledger(state)
 
 
-def _private_steps(state, *, loss_fn, prior_loss, options, log, after_step) -> list[dict]:
+def _private_steps(state, *, loss_fn, prior_loss, options, log, after_step, meter) -> list[dict]:
     history, started, kl_values = [], time.perf_counter(), []
 
     def public_grad() -> None:
@@ -169,7 +180,10 @@ def _private_steps(state, *, loss_fn, prior_loss, options, log, after_step) -> l
 
     for step in range(options.steps):
         lr = _schedule(state.optimizer, step, options)
-        out = private_step(state, next_batch(state), loss_fn, public_grad_fn=public_grad if prior_loss is not None else None)
+        indices, k = next_batch(state), state.spec.augmentation_multiplicity
+        public = public_grad if prior_loss is not None else None
+        out, seconds = meter.run(lambda: private_step(state, indices, loss_fn, public_grad_fn=public), local_rows=len(indices) * k)
+        meter.ledger.add_training(int(out["batch_size"]) * k, seconds)  # the actual global Poisson batch, not its expectation
         if is_logging_step(step, options):
             spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=state.spec.sampling_rate, steps=state.steps,
                                   delta=state.delta, accountants=("rdp",))

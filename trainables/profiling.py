@@ -9,6 +9,8 @@ rate (the published "PFLOPs" was a rate).
 """
 from __future__ import annotations
 
+import contextlib
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -78,3 +80,28 @@ class Stopwatch:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class StepMeter:
+    """Times every training step and counts the FLOPs of the first non-empty one (everything the step does:
+    forward, backward, clipping products, a prior term), giving FLOPs per row for the trial's total."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.ledger = ComputeLedger(train_flops_per_row=0.0)
+
+    def run(self, step: Callable[[], object], *, local_rows: int) -> tuple[object, float]:
+        """(step's result, seconds); ``local_rows`` = example views this process handles in the step."""
+        counting = self.ledger.train_flops_per_row == 0.0 and local_rows > 0
+        counter = FlopCounterMode(display=False) if counting else contextlib.nullcontext()
+        with Stopwatch(self.device) as watch, counter:
+            result = step()
+        if counting:
+            self.ledger.train_flops_per_row = counter.get_total_flops() / local_rows
+            self.ledger.counted_ops = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+        return result, watch.seconds
+
+    def report(self) -> dict:
+        self.ledger.peak_memory_bytes = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
+                                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return self.ledger.report()

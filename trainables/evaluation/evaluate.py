@@ -21,6 +21,7 @@ from PIL import Image
 from ..data.datasets import ImageList, check_images, eval_transform, read_dataset
 from ..models import VAR, VQVAE
 from ..models.checkpoints import sidecar_path
+from ..profiling import PETA, count_flops
 from .features import SUBSTITUTE, build_extractor, extract_features, uint8_batches
 from .generate import SamplingSettings, generate, generation_plan, read_generated
 from .metrics import ReferenceKey, ReferenceStats, fid_from_statistics, gaussian_statistics, kid, precision_recall
@@ -81,9 +82,20 @@ def evaluate(var: VAR, vqvae: VQVAE, images: ImageList, *, settings: EvaluationS
     metrics = {"fid": fid_from_statistics(gaussian_statistics(features), {"mu": reference["mu"], "sigma": reference["sigma"]}),
                **precision_recall(features, real, neighborhood=settings.neighborhood),
                **kid(features, real, subsets=settings.kid_subsets, subset_size=settings.kid_subset_size)}
-    return {"metrics": metrics, "evaluation_settings": {**asdict(settings), "extractor": extractor.name},
+    per_image = _sampling_flops_per_image(var, vqvae, label=next(i for i, c in enumerate(plan) if c > 0), sampling=sampling)
+    compute = {"sample_flops_per_image": per_image, "sample_pflops": per_image * len(generated) / PETA,
+               "images_per_second": len(generated) / generation_seconds if generation_seconds else None}
+    return {"metrics": metrics, "evaluation_settings": {**asdict(settings), "extractor": extractor.name}, "compute": compute,
             "sampling": sampling.to_dict(), "images_generated": len(generated), "plan": plan,
             "reference_cache_hit": hit, "reference_seconds": reference_seconds, "generation_seconds": generation_seconds}
+
+
+def _sampling_flops_per_image(var: VAR, vqvae: VQVAE, *, label: int, sampling: SamplingSettings) -> int:
+    """FLOPs of generating one image (both CFG branches, all scales, VQVAE decoding); linear in the batch."""
+    device = next(var.parameters()).device
+    flops, _ = count_flops(lambda: var.sample(torch.tensor([label], device=device), vqvae=vqvae, cfg=sampling.cfg, top_k=sampling.top_k,
+                                              top_p=sampling.top_p, generator=torch.Generator(device=device).manual_seed(0)))
+    return flops
 
 
 def main(argv: list[str] | None = None) -> None:
