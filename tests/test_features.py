@@ -40,3 +40,24 @@ def test_inception_needs_a_local_weights_file(tmp_path):
 def test_substitute_refuses_float_images():
     with pytest.raises(ValueError, match="expected uint8"):
         build_extractor(SUBSTITUTE)(torch.zeros(1, 3, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A randomly initialised Inception-v3 state dict in torch-fidelity's layout (the real file cannot be fetched
+    offline): built by constructing torch-fidelity's network with its weight loading switched off once."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
+    with mock.patch("torch.load", return_value={}), mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_extractor_runs_from_a_local_weights_file(inception_weights):
+    extractor = build_extractor(INCEPTION, weights_path=inception_weights)
+    images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    features = extract_features(extractor, [images])
+    assert extractor.name == INCEPTION and features.shape == (2, 2048) and torch.isfinite(features).all()
