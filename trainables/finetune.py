@@ -115,15 +115,17 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
 
     var.train()
     meter = StepMeter(device)
-    run = _private_run if privacy is not None else _plain_run
-    history, ledger = run(var, optimizer, data, loss_fn=loss_fn, prior_loss=prior_loss if options.prior_weight > 0 else None,
-                          options=options, privacy=privacy, generator=sampling_generator, log=log, sampling_seed=sampling_seed,
-                          after_step=after_step, meter=meter)
+    common = dict(loss_fn=loss_fn, prior_loss=prior_loss if options.prior_weight > 0 else None, options=options, log=log,
+                  after_step=after_step, meter=meter)
+    if privacy is None:
+        history, ledger = _plain_run(optimizer, data, generator=sampling_generator, **common)
+    else:
+        history, ledger = _private_run(var, optimizer, data, privacy=privacy, sampling_seed=sampling_seed, **common)
     var.eval()
     return {"history": history, "privacy": ledger, "convergence": convergence, "compute": meter.report()}
 
 
-def _plain_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed, after_step, meter):
+def _plain_run(optimizer, data, *, loss_fn, prior_loss, options, generator, log, after_step, meter):
     batches, history, started = epoch_batches(data.num_examples, batch_size=options.batch_size, generator=generator), [], time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -160,7 +162,7 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
             p.grad /= world
 
 
-def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, generator, log, sampling_seed, after_step, meter):
+def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, sampling_seed, log, after_step, meter):
     state = make_private(var, optimizer, spec=privacy, dataset_size=data.num_examples, planned_steps=options.steps,
                          sampling_seed=sampling_seed)
     try:

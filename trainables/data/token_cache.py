@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from ..models import VQVAE
+from ..models.checkpoints import atomic_write
 from .datasets import DatasetError, ImageList
 from .tokens import TokenViews
 
@@ -173,10 +172,7 @@ def _tokenise(images: ImageList, indices: list[int], vqvae: VQVAE, *, spec: View
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def open_token_cache(root: str | Path, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, shard_size: int = 256,

@@ -8,8 +8,6 @@ exactly the missing batches), and the sampling settings travel with the images.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..models import VAR, VQVAE
+from ..models.checkpoints import atomic_write
 
 
 @dataclass(frozen=True)
@@ -97,14 +96,7 @@ def _sample_batch(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, *, settings: Sa
 
 
 def _write_png(path: Path, image_3HW: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(image_3HW.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: Image.fromarray(image_3HW.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
 
 
 def read_generated(out_dir: str | Path, plan: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,13 +9,12 @@ Features: float [N, D]; the first argument is always the generated set, the seco
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from ..models.checkpoints import atomic_write
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import calculate_precision_recall_full
@@ -110,12 +109,10 @@ class ReferenceStats:
         stats = gaussian_statistics(features_ND)
         record = {**stats, "features": features_ND.detach().cpu().float().numpy()}
         meta = json.dumps({"format": REFERENCE_FORMAT, **asdict(key)}, sort_keys=True)
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".reference-", suffix=".npz", dir=self.root)
-        os.close(fd)
-        try:
-            np.savez(tmp, meta=np.array(meta), **record)
-            os.replace(tmp, self.path(key))
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write(self.path(key), lambda tmp: _savez(tmp, meta=np.array(meta), **record))
         return record
+
+
+def _savez(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.savez would append ".npz" to a path
+        np.savez(handle, **arrays)

@@ -184,8 +184,9 @@ def resize_class_embedding(var: VAR, num_classes: int, *, init: str = "unconditi
     return var
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    # Write beside the target then rename, so an interrupted save never leaves a half-written checkpoint.
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` a file beside ``path``, fsync it, then rename it over ``path``: an interrupted save never
+    leaves a half-written file (checkpoints, caches, generated images)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -204,10 +205,10 @@ def save_tensors(path: str | os.PathLike, state: Mapping[str, torch.Tensor], *, 
     """Atomically write a flat tensor dict plus its ``<path>.json`` sidecar (kind, architecture, SHA-256, metadata)."""
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     record = {"format": SIDECAR_FORMAT, "kind": kind, "architecture": _normalised(architecture),
               "sha256": file_sha256(path), "metadata": dict(metadata or {})}
-    _atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True)))
+    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True)))
     return path
 
 
