@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_VAR, TINY_VQVAE
 from trainables.data import offline
 from trainables.data.tokens import TokenViews
-from trainables.finetune import FinetuneOptions, Prior, finetune
+from trainables.finetune import Checkpointing, FinetuneOptions, Prior, finetune
 from trainables.methods import AdaptationSpec, adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
 from trainables.pretrain import Schedule, encode_tokens, token_nll, train_vqvae
@@ -191,3 +191,30 @@ def test_bad_finetune_settings_fail_before_compute(digits_setup):
     with pytest.raises(ValueError, match="augmentation_multiplicity differs"):
         finetune(var, vqvae, data, options=FinetuneOptions(steps=1, lr=1e-3),
                  privacy=PrivacySpec(target_epsilon=1, sampling_rate=0.1, max_grad_norm=1, augmentation_multiplicity=2))
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["non-dp", "dp"])
+def test_resume_from_checkpoint_is_bit_identical(digits_setup, private):
+    """Stop after a checkpoint, resume in a fresh model and optimiser: the same parameters, history and ledger as
+    one uninterrupted run (DP included: the sampling and noise streams continue where they were)."""
+    vqvae, data, _, num_classes = digits_setup
+    options = FinetuneOptions(steps=6, lr=1e-3, batch_size=16, augmentation_multiplicity=2, log_every=1, class_dropout=0.1)
+    privacy = PrivacySpec(target_epsilon=8.0, sampling_rate=0.02, max_grad_norm=1.0, augmentation_multiplicity=2) if private else None
+
+    def run(resume=None, states=None):
+        var = adapt(base_var(), AdaptationSpec(method="lora", num_classes=num_classes))
+        keep = (lambda state: states.append(copy.deepcopy(state))) if states is not None else (lambda state: None)
+        out = finetune(var, vqvae, data, options=options, privacy=privacy, seed=3, sampling_seed=5,
+                       checkpointing=Checkpointing(every=2, save=keep, resume=resume))
+        return trainable_parameters(var), out
+
+    states: list[dict] = []
+    whole, whole_out = run(states=states)
+    assert [s["step"] for s in states] == [2, 4]
+    resumed, resumed_out = run(resume=states[0])
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    assert len(resumed_out["history"]) == len(whole_out["history"]) == 6
+    assert resumed_out["history"] == [{**e, "seconds": r["seconds"]} for e, r in zip(whole_out["history"], resumed_out["history"])]
+    if private:
+        for key in ("epsilon_rdp", "steps", "actual_batch_sizes", "noise_multiplier"):
+            assert resumed_out["privacy"][key] == whole_out["privacy"][key], key

@@ -8,6 +8,7 @@ gradient norm): their history holds the step, learning rate, batch size, epsilon
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -17,12 +18,13 @@ import torch
 import torch.distributed as dist
 
 from .data.tokens import TokenViews
+from .methods import trainable_parameters
 from .models import VAR, VQVAE
 from .pretrain import epoch_batches, is_logging_step, record_history
 from .profiling import StepMeter
 from .prior import PriorBank, prior_preservation_loss
-from .privacy import (PrivacySpec, epsilon_spent, make_private, next_batch, privacy_ledger, private_step, release,
-                      validate_privacy)
+from .privacy import (PrivacySpec, PrivateTraining, epsilon_spent, load_privacy_state, make_private, next_batch, privacy_ledger,
+                      privacy_state_dict, private_step, release, validate_privacy)
 from .training import build_optimizer, lr_at, scale_loss_weights, set_lr, view_losses
 
 Logger = Callable[[dict], None]
@@ -66,6 +68,17 @@ class Prior:
     bank: PriorBank
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """Resumable training. ``save(state)`` is called on every rank after every ``every``-th step and after every
+    convergence evaluation (so an evaluation is never released from a step a resumed run would redo); ``resume`` is
+    a state saved that way. Under an initialised process group only rank 0's state is complete enough to keep."""
+
+    every: int
+    save: Callable[[dict], None]
+    resume: dict | None = None
+
+
 def check_finetune(data: TokenViews, *, options: FinetuneOptions, privacy: PrivacySpec | None, prior: Prior | None) -> None:
     """Every setting problem, before any compute."""
     data.check_multiplicity(options.augmentation_multiplicity)
@@ -80,20 +93,23 @@ def check_finetune(data: TokenViews, *, options: FinetuneOptions, privacy: Priva
 
 def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptions, privacy: PrivacySpec | None = None,
              prior: Prior | None = None, seed: int = 0, sampling_seed: int | None = None, log: Logger | None = None,
-             evaluate_fn: Callable[[VAR], dict] | None = None) -> dict:
+             evaluate_fn: Callable[[VAR], dict] | None = None, checkpointing: Checkpointing | None = None) -> dict:
     """Train the trainable parameters of an adapted ``var``; returns {"history": [...], "privacy": ledger or None,
     "convergence": [{"step": s, **evaluate_fn(var)}, ...]} (evaluations every ``options.eval_every`` steps and at
     the end; ``evaluate_fn`` sees the model in eval mode, e.g. a small-sample FID).
     Under an initialised process group each rank trains on its share of every batch and gradients are averaged.
     ``seed`` drives everything but the DP noise and the DP batch sampling, which are seeded from OS entropy
-    unless ``sampling_seed`` is given (tests, debugging: recorded in the ledger)."""
+    unless ``sampling_seed`` is given (tests, debugging: recorded in the ledger).
+    A run resumed from a ``checkpointing.resume`` state continues bit-identically on the same device: per-step
+    streams are seeded by (seed, rank, step), and the DP sampling and noise streams are restored, so the steps
+    redone after a failure repeat exactly what the lost run computed and no extra privacy is spent."""
     check_finetune(data, options=options, privacy=privacy, prior=prior)
     device = next(var.parameters()).device
     rank = dist.get_rank() if dist.is_initialized() else 0
     # Non-DP batches come from a stream shared by all ranks (each takes its share); views, class dropout and prior
     # batches from a per-rank stream. DP batches come from the private sampler (privacy.make_private).
     sampling_generator = torch.Generator().manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + rank + 1)
+    generator = torch.Generator()
     weights_L = scale_loss_weights(var.patch_nums, decay=options.scale_weight_decay).to(device) if options.scale_weight_decay != 1.0 else None
     optimizer = build_optimizer(var, lr=options.lr, weight_decay=options.weight_decay)
     k = options.augmentation_multiplicity
@@ -105,28 +121,72 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
     def prior_loss() -> torch.Tensor:
         return options.prior_weight * prior_preservation_loss(var, prior.teacher, vqvae, prior.bank.batch(options.prior_batch_size, generator=generator, device=device))
 
-    convergence: list[dict] = []
+    resume = checkpointing.resume if checkpointing is not None else None
+    run = _Run(history=[], convergence=[], meter=StepMeter(device), start_step=0)
+    if resume is not None:
+        _restore(var, optimizer, resume, run)
 
-    def after_step(step: int) -> None:
-        if evaluate_fn is not None and ((options.eval_every and (step + 1) % options.eval_every == 0) or step == options.steps - 1):
+    def begin_step(step: int) -> None:
+        generator.manual_seed((seed * 1_000_003 + rank + 1) * 1_000_033 + step)
+
+    def after_step(step: int, private: PrivateTraining | None = None) -> None:
+        evaluating = evaluate_fn is not None and ((options.eval_every and (step + 1) % options.eval_every == 0) or step == options.steps - 1)
+        if evaluating:
             var.eval()
-            convergence.append({"step": step + 1, **evaluate_fn(var)})
+            run.convergence.append({"step": step + 1, **evaluate_fn(var)})
             var.train()
+        if checkpointing is not None and step < options.steps - 1 and (evaluating or (step + 1) % checkpointing.every == 0):
+            checkpointing.save(_training_state(var, optimizer, step=step + 1, run=run, private=private))
 
     var.train()
-    meter = StepMeter(device)
     common = dict(loss_fn=loss_fn, prior_loss=prior_loss if options.prior_weight > 0 else None, options=options, log=log,
-                  after_step=after_step, meter=meter)
+                  begin_step=begin_step, after_step=after_step, run=run)
     if privacy is None:
-        history, ledger = _plain_run(optimizer, data, generator=sampling_generator, **common)
+        ledger = _plain_run(optimizer, data, generator=sampling_generator, **common)
     else:
-        history, ledger = _private_run(var, optimizer, data, privacy=privacy, sampling_seed=sampling_seed, **common)
+        ledger = _private_run(var, optimizer, data, privacy=privacy, sampling_seed=sampling_seed, resume=resume, **common)
     var.eval()
-    return {"history": history, "privacy": ledger, "convergence": convergence, "compute": meter.report()}
+    return {"history": run.history, "privacy": ledger, "convergence": run.convergence, "compute": run.meter.report()}
 
 
-def _plain_run(optimizer, data, *, loss_fn, prior_loss, options, generator, log, after_step, meter):
-    batches, history, started = epoch_batches(data.num_examples, batch_size=options.batch_size, generator=generator), [], time.perf_counter()
+@dataclass
+class _Run:
+    """What a run accumulates (and a checkpoint keeps)."""
+
+    history: list[dict]
+    convergence: list[dict]
+    meter: StepMeter
+    start_step: int
+
+
+def _training_state(var: VAR, optimizer, *, step: int, run: _Run, private: PrivateTraining | None) -> dict:
+    """Everything a resumed run needs, as tensors and plain values (``torch.save``-able with weights_only)."""
+    state = {"step": step, "trainable": {name: p.detach().cpu().clone() for name, p in trainable_parameters(var).items()},
+             "optimizer": optimizer.state_dict(), "history": list(run.history), "convergence": list(run.convergence),
+             "compute": dataclasses.asdict(run.meter.ledger)}
+    if private is not None:
+        state["privacy"] = {**privacy_state_dict(private), "sampling_rng": private.sampling_generator.get_state(),
+                            "noise_rng": private.optimizer.generator.get_state().cpu()}
+    return state
+
+
+def _restore(var: VAR, optimizer, state: dict, run: _Run) -> None:
+    params = trainable_parameters(var)
+    if set(params) != set(state["trainable"]):
+        raise ValueError(f"the checkpoint's trainable parameters differ from this model's: "
+                         f"{sorted(set(params) ^ set(state['trainable']))[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    run.history[:], run.convergence[:] = state["history"], state["convergence"]
+    for key, value in state["compute"].items():
+        setattr(run.meter.ledger, key, value)
+    run.start_step = int(state["step"])
+
+
+def _plain_run(optimizer, data, *, loss_fn, prior_loss, options, generator, log, begin_step, after_step, run):
+    batches, history, meter, started = epoch_batches(data.num_examples, batch_size=options.batch_size, generator=generator), run.history, run.meter, time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     k = options.augmentation_multiplicity
@@ -142,7 +202,10 @@ def _plain_run(optimizer, data, *, loss_fn, prior_loss, options, generator, log,
         optimizer.step()
         return loss, kl, grad_norm
 
-    for step in range(options.steps):
+    for _ in range(run.start_step):  # a resumed run skips the batches already trained on
+        next(batches)
+    for step in range(run.start_step, options.steps):
+        begin_step(step)
         lr = _schedule(optimizer, step, options)
         batch = next(batches)
         local = batch[rank::world]
@@ -152,7 +215,7 @@ def _plain_run(optimizer, data, *, loss_fn, prior_loss, options, generator, log,
             values = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
             record_history(history, log, step=step, started=started, **values, **({"prior_kl": kl.item() / options.prior_weight} if kl is not None else {}))
         after_step(step)
-    return history, None
+    return None
 
 
 def _average_gradients(params: list[torch.Tensor], world: int) -> None:
@@ -162,25 +225,31 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
             p.grad /= world
 
 
-def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, sampling_seed, log, after_step, meter):
+def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, sampling_seed, resume, log, begin_step, after_step, run):
     state = make_private(var, optimizer, spec=privacy, dataset_size=data.num_examples, planned_steps=options.steps,
                          sampling_seed=sampling_seed)
     try:
-        history = _private_steps(state, loss_fn=loss_fn, prior_loss=prior_loss, options=options, log=log, after_step=after_step, meter=meter)
+        if resume is not None:
+            load_privacy_state(state, resume["privacy"])
+            state.sampling_generator.set_state(resume["privacy"]["sampling_rng"])
+            state.optimizer.generator.set_state(resume["privacy"]["noise_rng"])
+        _private_steps(state, loss_fn=loss_fn, prior_loss=prior_loss, options=options, log=log, begin_step=begin_step,
+                       after_step=lambda step: after_step(step, state), run=run)
     finally:
         release(state)
-    return history, privacy_ledger(state)
+    return privacy_ledger(state)
 
 
-def _private_steps(state, *, loss_fn, prior_loss, options, log, after_step, meter) -> list[dict]:
-    history, started, kl_values = [], time.perf_counter(), []
+def _private_steps(state, *, loss_fn, prior_loss, options, log, begin_step, after_step, run) -> None:
+    history, meter, started, kl_values = run.history, run.meter, time.perf_counter(), []
 
     def public_grad() -> None:
         kl = prior_loss()
         kl.backward()
         kl_values.append(kl.item())
 
-    for step in range(options.steps):
+    for step in range(run.start_step, options.steps):
+        begin_step(step)
         lr = _schedule(state.optimizer, step, options)
         indices, k = next_batch(state), state.spec.augmentation_multiplicity
         public = public_grad if prior_loss is not None else None
@@ -194,7 +263,6 @@ def _private_steps(state, *, loss_fn, prior_loss, options, log, after_step, mete
                 values["prior_kl"] = kl_values[-1] / options.prior_weight
             record_history(history, log, step=step, started=started, **values)
         after_step(step)
-    return history
 
 
 def _schedule(optimizer, step: int, options: FinetuneOptions) -> float:

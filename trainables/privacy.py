@@ -224,8 +224,8 @@ def privacy_state_dict(state: PrivateTraining) -> dict:
 
 
 def load_privacy_state(state: PrivateTraining, record: dict) -> None:
-    """Continue the accounting of an interrupted run in a freshly made ``state`` (same settings). Its sampling and
-    noise streams are fresh: each Poisson step is independent, so the analysis is unchanged."""
+    """Continue the accounting of an interrupted run in a freshly made ``state`` (same settings). The caller restores
+    the sampling and noise streams too (``finetune`` does), so that steps redone after a failure repeat the lost ones."""
     expected = privacy_state_dict(state)
     differing = [key for key in ("spec", "noise_multiplier", "delta", "dataset_size", "planned_steps") if record.get(key) != expected[key]]
     if differing:

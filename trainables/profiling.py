@@ -105,3 +105,16 @@ class StepMeter:
         self.ledger.peak_memory_bytes = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return self.ledger.report()
+
+
+# Dense bf16 tensor-core peaks (vendor datasheets, FLOP/s), for MFU; matched on the device name.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def peak_flops_per_second(device: torch.device | str) -> float | None:
+    """The device's dense bf16 peak, or None (CPU, unknown GPU: no MFU is reported)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)

@@ -17,6 +17,8 @@ Official layouts (``root`` is the folder that contains the dataset's own top fol
 """
 from __future__ import annotations
 
+import hashlib
+
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,13 @@ class ImageList:
         """Images per class name, in class-index order (classes without images count 0)."""
         counts = Counter(self.labels)
         return {name: counts.get(index, 0) for index, name in enumerate(self.class_names)}
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the (path, label) list: identifies this exact split in cache keys."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels):
+            digest.update(f"{path}\t{label}\n".encode())
+        return digest.hexdigest()
 
     def without(self, drop: set[int]) -> "ImageList":
         keep = [i for i in range(len(self.paths)) if i not in drop]

@@ -13,10 +13,12 @@ Images are uint8 [N, 3, H, W]; ``to_unit_range`` maps them to the model's [-1, 1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 SHAPE_CLASSES = ("circle", "ring", "square", "diamond", "triangle", "plus", "wide bar", "tall bar", "two dots", "checker")
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
@@ -141,3 +143,26 @@ def _stratified_indices(labels_N: torch.Tensor, *, split: str, test_fraction: fl
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+OFFLINE_SETS = ("digits", "shapes")
+
+
+def write_folder(name: str, root: str | Path, *, image_size: int, seed: int = 0) -> Path:
+    """Write an offline set as a generic ``train/<class>/`` ``test/<class>/`` PNG folder (the layout users' own data
+    has) under ``root/<name>-<size>px-seed<seed>``, so sweeps read it through the same reader, token cache and
+    evaluation as real datasets. Written once: a ``complete`` marker is created last and later calls reuse it."""
+    if name not in OFFLINE_SETS:
+        raise ValueError(f"unknown offline set {name!r}; known: {OFFLINE_SETS}")
+    folder = Path(root) / f"{name}-{image_size}px-seed{seed}"
+    if (folder / "complete").is_file():
+        return folder
+    for split in SPLITS:
+        images = (digits(split=split, image_size=image_size, seed=seed) if name == "digits" else
+                  shapes(split=split, images_per_class=200 if split == "train" else 50, image_size=image_size, seed=seed))
+        for i, (image_3HW, label) in enumerate(zip(images.images_N3HW, images.labels_N.tolist())):
+            path = folder / split / f"{label:02d}_{images.class_names[label].replace(' ', '_')}" / f"{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image_3HW.permute(1, 2, 0).numpy()).save(path)
+    (folder / "complete").write_text("written by trainables.data.offline.write_folder\n")
+    return folder

@@ -27,7 +27,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from ..models import VQVAE
-from ..models.checkpoints import atomic_write
+from ..models.checkpoints import atomic_write, file_lock
 from .datasets import DatasetError, ImageList
 from .tokens import TokenViews
 
@@ -59,15 +59,8 @@ def vqvae_fingerprint(vqvae: VQVAE) -> str:
     return digest.hexdigest()
 
 
-def image_list_fingerprint(images: ImageList) -> str:
-    digest = hashlib.sha256()
-    for path, label in zip(images.paths, images.labels):
-        digest.update(f"{path}\t{label}\n".encode())
-    return digest.hexdigest()
-
-
 def cache_key(images: ImageList, vqvae: VQVAE, spec: ViewSpec) -> dict:
-    return {"format": CACHE_FORMAT, "dataset": images.name, "split": images.split, "images": image_list_fingerprint(images),
+    return {"format": CACHE_FORMAT, "dataset": images.name, "split": images.split, "images": images.fingerprint(),
             "num_images": len(images), "vqvae": vqvae_fingerprint(vqvae), "patch_nums": list(vqvae.patch_nums),
             "vocab_size": vqvae.vocab_size, "views": asdict(spec)}
 
@@ -181,5 +174,8 @@ def open_token_cache(root: str | Path, images: ImageList, vqvae: VQVAE, *, spec:
     cache = TokenCache(root, cache_key(images, vqvae, spec), shard_size=shard_size)
     hit = cache.complete
     if not hit:
-        cache.build(images, vqvae, spec=spec, batch_size=batch_size)
+        with file_lock(cache.folder.parent / f"{cache.folder.name}.lock"):  # concurrent trials: one builds, the others wait
+            hit = cache.complete
+            if not hit:
+                cache.build(images, vqvae, spec=spec, batch_size=batch_size)
     return cache.load(), hit

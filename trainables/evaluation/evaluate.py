@@ -53,7 +53,7 @@ def real_images_uint8(images: ImageList, resolution: int, *, batch_size: int = 6
 def reference_statistics(images: ImageList, *, extractor, settings: EvaluationSettings, cache: ReferenceStats,
                          device: torch.device | str = "cpu") -> tuple[dict, bool]:
     """(mu, sigma, features) of the real split, computed once per (dataset, split, resolution, extractor)."""
-    key = ReferenceKey(images.name, images.split, settings.resolution, extractor.name, len(images))
+    key = ReferenceKey(images.name, images.split, settings.resolution, extractor.name, len(images), images.fingerprint())
     cached = cache.load(key)
     if cached is not None:
         return cached, True

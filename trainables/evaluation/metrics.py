@@ -74,9 +74,10 @@ class ReferenceKey:
     resolution: int
     extractor: str
     num_images: int
+    images: str = ""  # fingerprint of the (path, label) list: two folders with equal names and counts never collide
 
     def file_name(self) -> str:
-        return f"{self.dataset}-{self.split}-{self.resolution}px-{self.extractor}-{self.num_images}.npz"
+        return f"{self.dataset}-{self.split}-{self.resolution}px-{self.extractor}-{self.num_images}-{self.images[:12]}.npz"
 
 
 class ReferenceStats:

@@ -7,12 +7,14 @@ Every problem raises ``CheckpointError`` naming the file and what is wrong, befo
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import pickle
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -182,6 +184,18 @@ def resize_class_embedding(var: VAR, num_classes: int, *, init: str = "unconditi
     new.weight.requires_grad_(old_KC.requires_grad)
     var.class_emb, var.num_classes = new, num_classes
     return var
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock (works across processes and, on NFS with lockd, across nodes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -1,0 +1,67 @@
+"""One JSON result per trial under ``<storage>/results/<trial_id>.json``, on a local or shared path or any URI
+pyarrow understands (s3://, gs://, ...). Written atomically: a local file is renamed into place, an object store
+publishes an object only when its upload completes. No torch, no Ray."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from pyarrow import fs as pafs
+
+from .schema import check_result
+
+
+def is_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+class ResultStore:
+    def __init__(self, storage: str | os.PathLike):
+        storage = str(storage)
+        if is_uri(storage):
+            self.fs, root = pafs.FileSystem.from_uri(storage)
+        else:
+            self.fs, root = pafs.LocalFileSystem(), str(Path(storage).resolve())
+        self.storage, self.folder = storage, f"{root.rstrip('/')}/results"
+        self.fs.create_dir(self.folder, recursive=True)
+
+    def path(self, trial_id: str) -> str:
+        return f"{self.folder}/{trial_id}.json"
+
+    def write(self, record: dict) -> str:
+        """Validate and write ``record`` (replacing an earlier one of the same trial)."""
+        check_result(record)
+        text, path = json.dumps(record, indent=1, sort_keys=True), self.path(record["trial_id"])
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            handle, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
+            with os.fdopen(handle, "w") as out:
+                out.write(text)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as out:
+                out.write(text.encode())
+        return path
+
+    def read(self, trial_id: str) -> dict | None:
+        try:
+            with self.fs.open_input_stream(self.path(trial_id)) as handle:
+                return json.loads(handle.read().decode())
+        except FileNotFoundError:
+            return None
+
+    def status(self, trial_id: str) -> str | None:
+        """"success", "failed" or None (no result yet). An unreadable file counts as no result (the trial reruns)."""
+        try:
+            record = self.read(trial_id)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return None if record is None else record.get("status")
+
+    def all(self) -> list[dict]:
+        selector = pafs.FileSelector(self.folder, allow_not_found=True)
+        ids = sorted(Path(info.path).stem for info in self.fs.get_file_info(selector) if info.path.endswith(".json"))
+        return [r for r in (self.read(i) for i in ids) if r is not None]

@@ -1,0 +1,344 @@
+"""What one trial is and what it leaves behind: ``TrialConfig`` (frozen, validated at construction) and the result
+record written for every trial. Standard library only, so the launcher's dry run and ``analysis`` can read it
+without torch or Ray.
+
+The trial id is a SHA-256 of the canonical JSON of everything that determines the trial's numbers (model, data,
+method, privacy, optimisation, evaluation). ``resources`` (workers, GPUs, checkpoint interval, retries) is left out:
+the same experiment on another cluster shape is the same trial, so a relaunch on bigger hardware still skips it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+SCHEMA_VERSION = 1
+OFFICIAL_DEPTHS = (16, 20, 24, 30)
+OFFICIAL_RESOLUTION = 256
+METHODS = ("base", "full", "lora", "lora_attention", "lora_mlp", "ln_tuning")  # "base": evaluate the base model, no training
+EXTRACTORS = ("inception-v3-compat", "substitute-randconv-v1")
+ACCOUNTANTS = ("rdp", "prv")
+CLIPPING_MODES = ("auto", "bookkeeping", "hooks", "ghost")
+STATUSES = ("success", "failed")
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """Published split sizes (used for dry-run estimates; trials always count the real files)."""
+
+    train_images: int
+    test_images: int
+    classes: int
+    offline: bool = False
+
+
+# REFERENCE.md §3; the two offline sets are generated locally (trainables/data/offline.py).
+DATASETS = {
+    "cub200": DatasetFacts(5994, 5794, 200), "food101": DatasetFacts(75750, 25250, 101),
+    "flowers102": DatasetFacts(1020, 6149, 102), "oxford_pet": DatasetFacts(3680, 3669, 37),
+    "stanford_cars": DatasetFacts(8144, 8041, 196), "folder": DatasetFacts(0, 0, 0),
+    "digits": DatasetFacts(1438, 359, 10, offline=True), "shapes": DatasetFacts(2000, 500, 10, offline=True),
+}
+
+
+class ConfigError(ValueError):
+    """An invalid trial configuration; the message names the field."""
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """base: "official" (VAR checkpoint of ``depth`` + the official VQVAE, local paths) or "tiny" (the built-in
+    tiny base pre-trained offline on procedural shapes for ``tiny_pretraining_steps``, cached in the sweep's cache
+    folder; ``depth`` is its depth)."""
+
+    base: str = "tiny"
+    depth: int = 2
+    var_checkpoint: str | None = None
+    vqvae_checkpoint: str | None = None
+    tiny_pretraining_steps: int = 600  # tiny base only (0 for official): steps of VQVAE training and of VAR pre-training
+
+
+    def __post_init__(self) -> None:
+        _require(self.base in ("official", "tiny"), "model.base", f"must be 'official' or 'tiny', got {self.base!r}")
+        if self.base == "official":
+            _require(self.depth in OFFICIAL_DEPTHS, "model.depth", f"official VAR depths are {OFFICIAL_DEPTHS}, got {self.depth}")
+            _require(bool(self.var_checkpoint) and bool(self.vqvae_checkpoint), "model.var_checkpoint",
+                     "an official base needs local paths to the VAR and VQVAE checkpoints (nothing is downloaded)")
+            _require(self.tiny_pretraining_steps == 0, "model.tiny_pretraining_steps", "only for base='tiny'")
+        else:
+            _require(1 <= self.depth <= 8, "model.depth", f"the tiny base has depth 1..8, got {self.depth}")
+            _require(self.var_checkpoint is None and self.vqvae_checkpoint is None, "model.var_checkpoint",
+                     "the tiny base is built in; checkpoint paths are for base='official'")
+            _require(self.tiny_pretraining_steps >= 1, "model.tiny_pretraining_steps", f"must be >= 1, got {self.tiny_pretraining_steps}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """dataset: a reader name (``trainables.data.datasets``) or an offline set; root: its local folder (None for
+    offline sets); resolution in pixels; cached_views: random crops per training image in the token cache
+    (k views per example are drawn from these)."""
+
+    dataset: str = "digits"
+    root: str | None = None
+    resolution: int = 16
+    cached_views: int = 1
+    view_seed: int = 0
+    train_split: str = "train"
+    evaluation_split: str = "test"
+    skip_corrupt_images: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.dataset in DATASETS, "data.dataset", f"unknown dataset {self.dataset!r}; known: {sorted(DATASETS)}")
+        offline = DATASETS[self.dataset].offline
+        _require(offline == (self.root is None), "data.root",
+                 "offline sets are generated locally and take no root" if offline else f"dataset {self.dataset!r} needs its local folder")
+        _require(self.resolution >= 8 and self.resolution % 8 == 0, "data.resolution", f"must be a multiple of 8, got {self.resolution}")
+        _require(self.cached_views >= 1, "data.cached_views", f"must be >= 1, got {self.cached_views}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """name: see ``METHODS``; LoRA rank/alpha; train_blocks restricts training to those blocks; scale_weight_decay:
+    scale s weighs decay**s; prior_weight: prior-preservation KL weight (0 = off)."""
+
+    name: str = "lora"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] | None = None
+    train_blocks: tuple[int, ...] | None = None
+    class_init: str = "unconditional"
+    scale_weight_decay: float = 1.0
+    prior_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.name in METHODS, "method.name", f"unknown method {self.name!r}; known: {list(METHODS)}")
+        _require(self.lora_rank >= 1 and self.lora_alpha > 0, "method.lora_rank", "need lora_rank >= 1 and lora_alpha > 0")
+        _require(self.lora_targets is None or self.name.startswith("lora"), "method.lora_targets", f"only for LoRA methods, not {self.name!r}")
+        _require(self.class_init in ("unconditional", "mean", "normal"), "method.class_init", f"got {self.class_init!r}")
+        _require(0 < self.scale_weight_decay <= 1, "method.scale_weight_decay", f"must be in (0, 1], got {self.scale_weight_decay}")
+        _require(self.prior_weight >= 0, "method.prior_weight", f"must be >= 0, got {self.prior_weight}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD: target_epsilon for the whole run; delta None = 1/N; sampling_rate q (Poisson); max_grad_norm C;
+    augmentation_multiplicity k views averaged per example before clipping; physical_batch_rows per backward."""
+
+    target_epsilon: float
+    sampling_rate: float
+    max_grad_norm: float
+    delta: float | None = None
+    augmentation_multiplicity: int = 1
+    accountant: str = "rdp"
+    clipping: str = "auto"
+    physical_batch_rows: int = 256
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.target_epsilon) and self.target_epsilon > 0, "privacy.target_epsilon", f"must be finite and > 0, got {self.target_epsilon}")
+        _require(0 < self.sampling_rate <= 1, "privacy.sampling_rate", f"must be in (0, 1], got {self.sampling_rate}")
+        _require(self.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        _require(self.delta is None or 0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
+        _require(self.augmentation_multiplicity >= 1, "privacy.augmentation_multiplicity", f"must be >= 1, got {self.augmentation_multiplicity}")
+        _require(self.accountant in ACCOUNTANTS, "privacy.accountant", f"one of {ACCOUNTANTS}, got {self.accountant!r}")
+        _require(self.clipping in CLIPPING_MODES, "privacy.clipping", f"one of {CLIPPING_MODES}, got {self.clipping!r}")
+        _require(self.clipping != "ghost" or self.augmentation_multiplicity == 1, "privacy.clipping",
+                 "ghost clipping cannot average k > 1 views before clipping; use 'bookkeeping' or 'hooks'")
+        _require(self.physical_batch_rows >= 1, "privacy.physical_batch_rows", f"must be >= 1, got {self.physical_batch_rows}")
+
+
+@dataclass(frozen=True)
+class OptimizationConfig:
+    """Exactly one of epochs (passes over the training split; under DP one epoch is 1/q steps) or steps.
+    batch_size: examples per non-DP step (DP batches are Poisson with rate q). Schedule: linear warm-up, cosine."""
+
+    learning_rate: float = 1e-4
+    batch_size: int = 256
+    epochs: float | None = None
+    steps: int | None = None
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    class_dropout: float = 0.1
+    max_grad_norm: float | None = 2.0
+    seed: int = 0
+    schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, "optimization.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.batch_size >= 1, "optimization.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require((self.epochs is None) != (self.steps is None), "optimization.epochs", "give exactly one of epochs and steps")
+        _require(self.epochs is None or self.epochs > 0, "optimization.epochs", f"must be > 0, got {self.epochs}")
+        _require(self.steps is None or self.steps >= 0, "optimization.steps", f"must be >= 0, got {self.steps}")
+        _require(self.warmup_steps >= 0, "optimization.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.class_dropout < 1, "optimization.class_dropout", f"must be in [0, 1), got {self.class_dropout}")
+        _require(self.schedule == "cosine", "optimization.schedule", f"only 'cosine' (warm-up + cosine) exists, got {self.schedule!r}")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """num_images None = per class as many as the evaluation split has; convergence_every_steps > 0 adds a FID on
+    ``convergence_num_images`` images every that many steps (the convergence curve)."""
+
+    extractor: str = "inception-v3-compat"
+    inception_weights: str | None = None
+    num_images: int | None = None
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    batch_size: int = 32
+    sampling_seed: int = 0
+    convergence_every_steps: int = 0
+    convergence_num_images: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(self.extractor in EXTRACTORS, "evaluation.extractor", f"one of {EXTRACTORS}, got {self.extractor!r}")
+        _require(self.extractor != "inception-v3-compat" or bool(self.inception_weights), "evaluation.inception_weights",
+                 "Inception-v3 needs a local weights file (weights-inception-2015-12-05-6726825d.pth); nothing is downloaded")
+        _require(self.num_images is None or self.num_images >= 2, "evaluation.num_images", f"must be >= 2, got {self.num_images}")
+        _require(self.cfg >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1, "evaluation.cfg", "need cfg >= 0, top_k >= 0, 0 < top_p <= 1")
+        _require(self.batch_size >= 1, "evaluation.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.convergence_every_steps >= 0 and self.convergence_num_images >= 2, "evaluation.convergence_every_steps",
+                 "need convergence_every_steps >= 0 and convergence_num_images >= 2")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """workers: DDP processes; gpus_per_worker: a fraction only for single-worker trials (NCCL cannot share a GPU
+    between ranks); checkpoint_every_steps: trial checkpoints for retries; max_failures: retries of a failed run."""
+
+    workers: int = 1
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    checkpoint_every_steps: int = 500
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, "resources.workers", f"must be >= 1, got {self.workers}")
+        _require(self.gpus_per_worker >= 0 and self.cpus_per_worker > 0, "resources.gpus_per_worker", "need gpus >= 0 and cpus > 0")
+        _require(self.workers == 1 or self.gpus_per_worker in (0, 1) or self.gpus_per_worker == int(self.gpus_per_worker),
+                 "resources.gpus_per_worker", "fractional GPUs only for single-worker trials (DDP ranks cannot share a GPU)")
+        _require(self.checkpoint_every_steps >= 1 and self.max_failures >= 0, "resources.checkpoint_every_steps",
+                 "need checkpoint_every_steps >= 1 and max_failures >= 0")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "privacy": PrivacyConfig,
+            "optimization": OptimizationConfig, "evaluation": EvaluationConfig, "resources": ResourcesConfig}
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One trial. ``privacy`` None = no DP. Build with keywords; every section validates itself, then the
+    cross-section rules below run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    privacy: PrivacyConfig | None = None
+    optimization: OptimizationConfig = field(default_factory=lambda: OptimizationConfig(steps=100))
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        for name, kind in SECTIONS.items():
+            value = getattr(self, name)
+            _require(isinstance(value, kind) or (name == "privacy" and value is None), name, f"must be a {kind.__name__}")
+        if self.model.base == "official":
+            _require(self.data.resolution == OFFICIAL_RESOLUTION, "data.resolution",
+                     f"the official VQVAE works at {OFFICIAL_RESOLUTION}px, got {self.data.resolution}")
+        trains = self.method.name != "base"
+        _require(trains or self.privacy is None, "privacy", "method 'base' trains nothing, so DP does not apply")
+        _require(trains or self.optimization.steps == 0, "optimization.steps", "method 'base' evaluates the base model: set steps=0")
+        _require(not trains or self.optimization.steps != 0, "optimization.steps", "a training method needs steps >= 1 (or epochs)")
+        if self.privacy is not None:
+            _require(self.privacy.augmentation_multiplicity <= self.data.cached_views, "privacy.augmentation_multiplicity",
+                     f"k={self.privacy.augmentation_multiplicity} distinct views need data.cached_views >= k (got {self.data.cached_views})")
+        _require(self.evaluation.convergence_every_steps == 0 or trains, "evaluation.convergence_every_steps", "method 'base' has no training steps")
+
+    # --- identity and serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> "TrialConfig":
+        unknown = set(record) - set(SECTIONS)
+        _require(not unknown, "config", f"unknown sections {sorted(unknown)}")
+        return cls(**{name: None if record[name] is None else _section(kind, record[name], name)
+                      for name, kind in SECTIONS.items() if name in record})
+
+    @property
+    def trial_id(self) -> str:
+        identity = {k: v for k, v in self.to_dict().items() if k != "resources"}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        """Short human-readable name for progress tables: method, depth, dataset, epsilon, k, seed."""
+        dp = "" if self.privacy is None else f"-eps{self.privacy.target_epsilon:g}-k{self.privacy.augmentation_multiplicity}"
+        return f"{self.method.name}-d{self.model.depth}-{self.data.dataset}{dp}-s{self.optimization.seed}"
+
+    def planned_steps(self, train_images: int) -> int:
+        """Optimiser steps for a training split of ``train_images`` examples (epochs converted by the batch size,
+        or under DP by the expected Poisson batch q*N: one epoch = 1/q steps)."""
+        if self.optimization.steps is not None:
+            return self.optimization.steps
+        if self.privacy is not None:
+            return max(1, math.ceil(self.optimization.epochs / self.privacy.sampling_rate))
+        return max(1, math.ceil(self.optimization.epochs * train_images / self.optimization.batch_size))
+
+
+def _section(kind: type, record: Mapping[str, Any], name: str):
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(record) - known
+    _require(not unknown, name, f"unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    tuples = {k: tuple(v) for k, v in record.items() if isinstance(v, list)}
+    return kind(**{**record, **tuples})
+
+
+def replace(config: TrialConfig, **sections: Mapping[str, Any] | None) -> TrialConfig:
+    """A copy with fields of the named sections changed, e.g. ``replace(c, method={"name": "lora"}, privacy=None)``."""
+    changes = {}
+    for name, values in sections.items():
+        _require(name in SECTIONS, name, "unknown section")
+        current = getattr(config, name)
+        if values is None or current is None:
+            changes[name] = None if values is None else _section(SECTIONS[name], values, name)
+        else:
+            changes[name] = dataclasses.replace(current, **values)
+    return dataclasses.replace(config, **changes)
+
+
+# --- results --------------------------------------------------------------------------------------------------
+RESULT_FIELDS = {"schema_version": int, "trial_id": str, "status": str, "error": (str, type(None)), "config": dict,
+                 "metrics": dict, "history": list, "convergence": list, "privacy": (dict, type(None)), "cost": dict,
+                 "evaluation_settings": (dict, type(None)), "parameters": dict, "data": dict, "environment": dict,
+                 "started_at": str, "finished_at": str}
+
+
+def make_result(config: TrialConfig, *, status: str, error: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A result record (plain JSON types). Missing parts of a failed trial are empty, never invented."""
+    record = {"schema_version": SCHEMA_VERSION, "trial_id": config.trial_id, "status": status, "error": error,
+              "config": config.to_dict(), "metrics": {}, "history": [], "convergence": [], "privacy": None, "cost": {},
+              "evaluation_settings": None, "parameters": {}, "data": {}, "environment": {}, "started_at": "", "finished_at": ""}
+    record.update(fields)
+    check_result(record)
+    return record
+
+
+def check_result(record: Mapping[str, Any]) -> TrialConfig:
+    """Raise ``ConfigError`` unless ``record`` is a valid result of this schema version; returns its config."""
+    _require(record.get("schema_version") == SCHEMA_VERSION, "schema_version", f"expected {SCHEMA_VERSION}, got {record.get('schema_version')}")
+    for name, kind in RESULT_FIELDS.items():
+        _require(name in record, name, "missing from the result")
+        _require(isinstance(record[name], kind), name, f"has type {type(record[name]).__name__}")
+    _require(record["status"] in STATUSES, "status", f"one of {STATUSES}, got {record['status']!r}")
+    _require(record["status"] == "success" or bool(record["error"]), "error", "a failed trial records its error")
+    config = TrialConfig.from_dict(record["config"])
+    _require(config.trial_id == record["trial_id"], "trial_id", f"{record['trial_id']} does not match its config ({config.trial_id})")
+    return config

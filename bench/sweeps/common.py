@@ -1,0 +1,121 @@
+"""Building blocks of the paper's sweeps: where the local assets live, the paper's hyper-parameters
+(REFERENCE.md §3) and the mapping of any paper trial to its smoke version (tiny base, offline digits, few steps,
+substitute extractor, CPU). Standard library only."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..schema import (DataConfig, EvaluationConfig, MethodConfig, ModelConfig, OptimizationConfig, PrivacyConfig,
+                      ResourcesConfig, TrialConfig)
+
+PAPER_DATASETS = ("food101", "cub200", "flowers102", "stanford_cars", "oxford_pet")
+PAPER_METHODS = ("full", "lora", "ln_tuning")
+VQVAE_FILE = "vae_ch160v4096z32.pth"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+ASSETS_ENV = "VARSWEEP_ASSETS"
+
+
+@dataclass(frozen=True)
+class Assets:
+    """Local files of a paper sweep: ``root/checkpoints/{var_d16.pth, var_d20.pth, ..., vae_ch160v4096z32.pth,
+    weights-inception-2015-12-05-6726825d.pth}`` and ``root/datasets/<dataset>/`` in each dataset's official layout.
+    Paths are recorded as given (absolute on a cluster: the same shared path on every node)."""
+
+    root: str = os.environ.get(ASSETS_ENV, "assets")
+
+    def checkpoint(self, name: str) -> str:
+        return str(Path(self.root) / "checkpoints" / name)
+
+    def dataset(self, name: str) -> str:
+        return str(Path(self.root) / "datasets" / name)
+
+
+# Non-DP (method, dataset) -> (learning rate, epochs); batch 512 for FFT on CUB, else 256 (REFERENCE.md §3).
+_EPOCHS = {"full": {"cub200": 50, "food101": 30, "flowers102": 24, "oxford_pet": 40, "stanford_cars": 50},
+           "lora": {"cub200": 40, "food101": 6, "flowers102": 40, "oxford_pet": 50, "stanford_cars": 50},
+           "ln_tuning": {"cub200": 40, "food101": 6, "flowers102": 45, "oxford_pet": 50, "stanford_cars": 50}}
+# DP (Oxford Flowers): method -> (learning rate, epochs, max grad norm C); q = 0.251, delta = 1/N.
+DP_SETTINGS = {"full": (1e-4, 180, 0.1), "lora": (5e-4, 80, 0.5), "lora_attention": (5e-4, 80, 0.5),
+               "lora_mlp": (5e-4, 80, 0.5), "ln_tuning": (5e-4, 100, 0.5)}
+DP_SAMPLING_RATE = 0.251
+GPU_RESOURCES = ResourcesConfig(workers=1, gpus_per_worker=1.0, cpus_per_worker=8.0, checkpoint_every_steps=500)
+
+
+def paper_model(depth: int, assets: Assets) -> ModelConfig:
+    return ModelConfig(base="official", depth=depth, var_checkpoint=assets.checkpoint(f"var_d{depth}.pth"),
+                       vqvae_checkpoint=assets.checkpoint(VQVAE_FILE), tiny_pretraining_steps=0)
+
+
+def paper_evaluation(assets: Assets, **changes) -> EvaluationConfig:
+    return EvaluationConfig(extractor="inception-v3-compat", inception_weights=assets.checkpoint(INCEPTION_FILE), **changes)
+
+
+def non_dp_optimization(method: str, dataset: str, *, seed: int = 0) -> OptimizationConfig:
+    lr = 1e-4 if method == "full" else (1e-3 if dataset == "cub200" else 5e-4)
+    batch = 512 if (method == "full" and dataset == "cub200") else 256
+    return OptimizationConfig(learning_rate=lr, batch_size=batch, epochs=_EPOCHS[method][dataset], warmup_steps=100, seed=seed)
+
+
+def paper_trial(method: str, depth: int, dataset: str, *, assets: Assets, seed: int = 0, **evaluation) -> TrialConfig:
+    """A Table-1 style (non-DP) trial with the paper's hyper-parameters."""
+    return TrialConfig(model=paper_model(depth, assets), data=DataConfig(dataset=dataset, root=assets.dataset(dataset), resolution=256),
+                       method=MethodConfig(name=method), optimization=non_dp_optimization(method, dataset, seed=seed),
+                       evaluation=paper_evaluation(assets, **evaluation), resources=GPU_RESOURCES)
+
+
+def dp_trial(method: str, depth: int, *, epsilon: float, k: int, assets: Assets, seed: int = 0) -> TrialConfig:
+    """A DP trial on Oxford Flowers with the paper's DP hyper-parameters; k cached crops per image."""
+    lr, epochs, clip = DP_SETTINGS[method]
+    return TrialConfig(model=paper_model(depth, assets),
+                       data=DataConfig(dataset="flowers102", root=assets.dataset("flowers102"), resolution=256, cached_views=max(k, 1)),
+                       method=MethodConfig(name=method),
+                       privacy=PrivacyConfig(target_epsilon=epsilon, sampling_rate=DP_SAMPLING_RATE, max_grad_norm=clip, augmentation_multiplicity=k),
+                       optimization=OptimizationConfig(learning_rate=lr, epochs=epochs, warmup_steps=10, seed=seed),
+                       evaluation=paper_evaluation(assets), resources=GPU_RESOURCES)
+
+
+# --- smoke versions --------------------------------------------------------------------------------------------
+TINY_DEPTHS = {16: 2, 20: 3, 24: 3, 30: 4}  # keeps the depth axis (a deeper paper model -> a deeper tiny model)
+SMOKE_PRETRAINING_STEPS = 150
+SMOKE_STEPS = 6
+SMOKE_MAX_VIEWS = 4
+CPU_RESOURCES = ResourcesConfig(workers=1, gpus_per_worker=0.0, cpus_per_worker=1.0, checkpoint_every_steps=3, max_failures=1)
+
+
+def tiny_model(depth: int = 2, *, pretraining_steps: int = SMOKE_PRETRAINING_STEPS) -> ModelConfig:
+    return ModelConfig(base="tiny", depth=depth, tiny_pretraining_steps=pretraining_steps)
+
+
+def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConfig:
+    """The same trial's axes (method, relative depth, epsilon, k capped at 4, seed, convergence on/off) on the tiny
+    base and offline digits, a few steps, the substitute extractor and one CPU worker."""
+    privacy = config.privacy
+    k = 1 if privacy is None else min(privacy.augmentation_multiplicity, SMOKE_MAX_VIEWS)
+    if privacy is not None:
+        privacy = PrivacyConfig(target_epsilon=privacy.target_epsilon, sampling_rate=0.05, max_grad_norm=privacy.max_grad_norm,
+                                augmentation_multiplicity=k, physical_batch_rows=64)
+    trains = config.method.name != "base"
+    return TrialConfig(
+        model=tiny_model(TINY_DEPTHS[config.model.depth] if config.model.base == "official" else config.model.depth),
+        data=DataConfig(dataset="digits", resolution=16, cached_views=k), method=config.method, privacy=privacy,
+        optimization=OptimizationConfig(learning_rate=1e-3, batch_size=32, steps=steps if trains else 0, seed=config.optimization.seed),
+        evaluation=EvaluationConfig(extractor="substitute-randconv-v1", num_images=40, top_k=0, batch_size=40,
+                                    convergence_every_steps=steps // 2 if config.evaluation.convergence_every_steps else 0,
+                                    convergence_num_images=20),
+        resources=CPU_RESOURCES)
+
+
+def unique(configs: list[TrialConfig]) -> list[TrialConfig]:
+    """Configs in order, each trial once (smoke versions of different paper trials may coincide)."""
+    seen, kept = set(), []
+    for config in configs:
+        if config.trial_id not in seen:
+            seen.add(config.trial_id)
+            kept.append(config)
+    return kept
+
+
+def paper_or_smoke(configs: list[TrialConfig], smoke: bool) -> list[TrialConfig]:
+    return unique([smoke_version(c) for c in configs] if smoke else configs)

@@ -1,0 +1,98 @@
+"""Trial configs: validation names the field, JSON round trips, ids ignore field order and resources; every sweep
+builds; result records validate."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from bench.schema import (ConfigError, DataConfig, EvaluationConfig, MethodConfig, ModelConfig, OptimizationConfig,
+                          PrivacyConfig, ResourcesConfig, TrialConfig, check_result, make_result, replace)
+from bench.sweeps import SWEEPS, build_sweep
+from bench.sweeps.common import Assets, smoke_version
+
+
+TINY = smoke_version(build_sweep("table1")[0])
+
+
+def _shuffled(value):
+    """The same JSON value with every object's keys in a random order."""
+    if isinstance(value, dict):
+        items = list(value.items())
+        random.Random(len(items)).shuffle(items)
+        return {k: _shuffled(v) for k, v in items}
+    return [_shuffled(v) for v in value] if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("name", sorted(SWEEPS))
+@pytest.mark.parametrize("smoke", [False, True])
+def test_every_sweep_builds_and_round_trips(name, smoke):
+    configs = build_sweep(name, smoke=smoke, assets=Assets("/data/varsweep"))
+    assert configs and len({c.trial_id for c in configs}) == len(configs)
+    for config in configs:
+        text = json.dumps(config.to_dict())
+        again = TrialConfig.from_dict(_shuffled(json.loads(text)))
+        assert again == config and again.trial_id == config.trial_id
+        if smoke:
+            assert config.model.base == "tiny" and config.data.root is None and config.resources.gpus_per_worker == 0
+
+
+def test_paper_hyper_parameters():
+    table1 = build_sweep("table1", assets=Assets("/a"))
+    assert len(table1) == 30
+    fft_cub = next(c for c in table1 if c.method.name == "full" and c.data.dataset == "cub200" and c.model.depth == 16)
+    assert (fft_cub.optimization.learning_rate, fft_cub.optimization.batch_size, fft_cub.optimization.epochs) == (1e-4, 512, 50)
+    assert fft_cub.model.var_checkpoint == "/a/checkpoints/var_d16.pth" and fft_cub.data.root == "/a/datasets/cub200"
+    lora_food = next(c for c in table1 if c.method.name == "lora" and c.data.dataset == "food101")
+    assert (lora_food.optimization.learning_rate, lora_food.optimization.epochs) == (5e-4, 6)
+    table3 = build_sweep("table3")
+    assert sorted({c.privacy.target_epsilon for c in table3}) == [1, 10, 20, 50, 100, 500, 1000]
+    assert all(c.privacy.sampling_rate == 0.251 and c.privacy.augmentation_multiplicity == 32 and c.data.cached_views == 32 for c in table3)
+    dp_lora = build_sweep("table2")[0]
+    assert dp_lora.planned_steps(1020) == 319  # 80 epochs at q = 0.251 -> ceil(80 / 0.251) steps
+    assert {c.trial_id for c in build_sweep("table9", assets=Assets("/a"))} == {c.trial_id for c in table1}  # precision/recall: the same trials
+    assert all(c.optimization.seed == 1 for c in build_sweep("second_seed"))
+
+
+def test_trial_id_ignores_resources_but_not_settings():
+    config = smoke_version(build_sweep("table1")[0])
+    assert replace(config, resources={"workers": 4}).trial_id == config.trial_id
+    assert replace(config, optimization={"seed": 7}).trial_id != config.trial_id
+    assert replace(config, data={"cached_views": 3}).trial_id != config.trial_id
+
+
+@pytest.mark.parametrize("build, field", [
+    (lambda: ModelConfig(base="official", depth=17, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0), "model.depth"),
+    (lambda: ModelConfig(base="official", depth=16, tiny_pretraining_steps=0), "model.var_checkpoint"),
+    (lambda: DataConfig(dataset="imagenet"), "data.dataset"),
+    (lambda: DataConfig(dataset="cub200"), "data.root"),
+    (lambda: MethodConfig(name="dora"), "method.name"),
+    (lambda: PrivacyConfig(target_epsilon=0, sampling_rate=0.1, max_grad_norm=1), "privacy.target_epsilon"),
+    (lambda: PrivacyConfig(target_epsilon=1, sampling_rate=1.5, max_grad_norm=1), "privacy.sampling_rate"),
+    (lambda: PrivacyConfig(target_epsilon=1, sampling_rate=0.1, max_grad_norm=1, clipping="ghost", augmentation_multiplicity=4), "privacy.clipping"),
+    (lambda: OptimizationConfig(epochs=3, steps=4), "optimization.epochs"),
+    (lambda: EvaluationConfig(extractor="inception-v3-compat"), "evaluation.inception_weights"),
+    (lambda: ResourcesConfig(workers=2, gpus_per_worker=0.5), "resources.gpus_per_worker"),
+    (lambda: replace(TINY, privacy={"target_epsilon": 1, "sampling_rate": 0.1, "max_grad_norm": 1, "augmentation_multiplicity": 4}),
+     "privacy.augmentation_multiplicity"),
+    (lambda: replace(TINY, method={"name": "base"}), "optimization.steps"),
+    (lambda: TrialConfig.from_dict({"method": {"name": "lora", "rank": 8}}), "method"),
+    (lambda: TrialConfig(model=ModelConfig(base="official", depth=16, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0),
+                         evaluation=EvaluationConfig(extractor="substitute-randconv-v1")), "data.resolution"),
+])
+def test_invalid_configs_name_the_field(build, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build()
+
+
+def test_result_records_validate():
+    config = smoke_version(build_sweep("table2")[0])
+    record = make_result(config, status="failed", error="RuntimeError: boom")
+    assert check_result(json.loads(json.dumps(record))) == config
+    with pytest.raises(ConfigError, match="error"):
+        make_result(config, status="failed")
+    with pytest.raises(ConfigError, match="trial_id"):
+        check_result({**record, "trial_id": "0" * 16})
+    with pytest.raises(ConfigError, match="schema_version"):
+        check_result({**record, "schema_version": 0})

@@ -1,0 +1,70 @@
+"""The per-worker function of a trial's Ray Train run (one of the two files that import Ray; the other is
+``bench/launcher.py``). Ray Train has already set up the torch process group (DDP, gloo on CPU, NCCL on GPU).
+
+Every rank runs ``trainables.trial.run_trial``; progress and training states go through ``ray.train.report`` (a
+barrier: every rank reports at the same steps, rank 0 attaches the checkpoint). A retried run resumes from the
+latest reported checkpoint. Rank 0 writes the trial's result JSON to the sweep's result store.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from bench.results import ResultStore
+from bench.schema import TrialConfig
+
+from .trial import run_trial
+
+STATE_FILE = "training_state.pt"
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """``loop_config``: {"trial": TrialConfig dict, "storage": result store path/URI, "cache_dir", "work_root",
+    "launched_at": wall-clock time the trial was launched}."""
+    startup_seconds = time.time() - loop_config["launched_at"]
+    config = TrialConfig.from_dict(loop_config["trial"])
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device() if config.resources.gpus_per_worker > 0 else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config.resources.cpus_per_worker)))
+    resume = _resume_state()
+
+    def report(metrics: dict, state: dict | None) -> None:
+        if state is None:
+            ray.train.report(_scalars(metrics))
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                torch.save(state, Path(folder) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(_scalars(metrics), checkpoint=checkpoint, checkpoint_dir_name=f"step_{state['step']:08d}")
+
+    work_dir = Path(loop_config["work_root"]) / config.trial_id
+    record = run_trial(config, cache_dir=loop_config["cache_dir"], work_dir=work_dir, device=device, report=report,
+                       resume=resume, log=lambda line: print(f"[{config.label} rank {rank}] {line}", flush=True),
+                       startup_seconds=startup_seconds)
+    if rank == 0:
+        path = ResultStore(loop_config["storage"]).write(record)
+        print(f"[{config.label}] result written to {path}", flush=True)
+    # Not "done": Tune reads that key as the trial's end and would release the trial (and this run) at once.
+    ray.train.report({"finished": 1, **_scalars(record["metrics"])})
+
+
+def _resume_state() -> dict | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, weights_only=True, map_location="cpu")
+    print(f"resuming from the checkpoint at step {state['step']}", flush=True)
+    return state
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))}

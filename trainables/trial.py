@@ -1,0 +1,305 @@
+"""One trial, end to end, in a plain Python process: ``run_trial(config, ...)`` returns its result record.
+
+preflight (cheap checks: files, dataset listing, privacy budget with the real N) -> base model (official
+checkpoints or the built-in tiny base) -> dataset splits (decoded once; corrupt images skipped only when asked)
+-> token cache (shared by every trial with the same key) -> adaptation -> fine-tuning (DP or not, checkpointed,
+convergence FIDs) -> evaluation (FID, precision/recall, KID) -> result record (``bench.schema``).
+Ray is not imported here: ``trainables/ray_worker.py`` calls ``run_trial`` inside a Ray Train worker, tests and
+debugging call it directly. Under an initialised process group every rank trains and rank 0 evaluates.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import platform
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from bench.schema import ConfigError, TrialConfig, make_result
+
+from .data import offline
+from .data.datasets import ImageList, check_images, read_dataset
+from .data.token_cache import ViewSpec, open_token_cache
+from .evaluation.evaluate import EvaluationSettings, evaluate
+from .evaluation.features import build_extractor
+from .evaluation.generate import SamplingSettings
+from .evaluation.metrics import ReferenceStats
+from .finetune import Checkpointing, FinetuneOptions, Prior, finetune
+from .methods import AdaptationSpec, adapt, parameter_counts, save_adapter
+from .models import load_var, load_vqvae, resize_class_embedding
+from .prior import build_prior_bank
+from .privacy import PrivacySpec, calibrate_noise_multiplier, validate_privacy
+from .profiling import peak_flops_per_second
+from .tiny_base import tiny_base
+
+Report = Callable[[dict, dict | None], None]  # (metrics for the progress table, training state to checkpoint or None)
+PACKAGES = ("torch", "torchvision", "peft", "opacus", "torch-fidelity", "numpy", "ray", "varsweep")
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the cheap checks found: the real split sizes and the steps the trial will take."""
+
+    train_images: int
+    evaluation_images: int
+    classes: int
+    planned_steps: int
+    noise_multiplier: float | None = None  # DP: the sigma that spends exactly the budget over planned_steps
+
+
+def data_root(config: TrialConfig, cache_dir: str | Path) -> Path:
+    """The dataset's folder; offline sets are written (once) under the cache folder."""
+    if config.data.root is not None:
+        return Path(config.data.root)
+    return offline.write_folder(config.data.dataset, Path(cache_dir) / "offline-data", image_size=config.data.resolution)
+
+
+def _reader_name(config: TrialConfig) -> str:
+    return "folder" if config.data.root is None else config.data.dataset
+
+
+def list_splits(config: TrialConfig, cache_dir: str | Path) -> tuple[ImageList, ImageList]:
+    root = data_root(config, cache_dir)
+    return tuple(read_dataset(_reader_name(config), root, split) for split in (config.data.train_split, config.data.evaluation_split))
+
+
+def preflight(config: TrialConfig, cache_dir: str | Path) -> Preflight:
+    """Every check that needs no compute: checkpoint and weight files exist, the dataset lists its splits, the
+    evaluation split's classes are the training split's, and the privacy budget is reachable. Raises ``ConfigError``
+    or ``DatasetError``/``PrivacyConfigError`` naming the problem."""
+    for field_name in ("var_checkpoint", "vqvae_checkpoint"):
+        path = getattr(config.model, field_name)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"model.{field_name}: no file at {path}")
+    weights = config.evaluation.inception_weights
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"evaluation.inception_weights: no file at {weights}")
+    train, evaluation = list_splits(config, cache_dir)
+    if train.class_names != evaluation.class_names:
+        raise ConfigError(f"data.dataset: the {train.split} and {evaluation.split} splits have different classes")
+    steps = config.planned_steps(len(train))
+    sigma = None
+    if config.privacy is not None:
+        spec = privacy_spec(config)
+        delta = validate_privacy(spec, dataset_size=len(train), planned_steps=steps)
+        sigma = calibrate_noise_multiplier(target_epsilon=spec.target_epsilon, delta=delta, sampling_rate=spec.sampling_rate,
+                                           steps=steps, accountant=spec.accountant)
+    return Preflight(len(train), len(evaluation), len(train.class_names), steps, sigma)
+
+
+def privacy_spec(config: TrialConfig) -> PrivacySpec | None:
+    p = config.privacy
+    return None if p is None else PrivacySpec(
+        target_epsilon=p.target_epsilon, sampling_rate=p.sampling_rate, max_grad_norm=p.max_grad_norm, delta=p.delta,
+        augmentation_multiplicity=p.augmentation_multiplicity, physical_batch_size=p.physical_batch_rows,
+        accountant=p.accountant, clipping=p.clipping)
+
+
+def load_base(config: TrialConfig, cache_dir: str | Path, *, device: torch.device, log=None):
+    """(vqvae, var) of the trial's base, on ``device``, in eval mode."""
+    m = config.model
+    if m.base == "tiny":
+        built = tiny_base(cache_dir, depth=m.depth, pretraining_steps=m.tiny_pretraining_steps, log=log)
+        vqvae = load_vqvae(built["vqvae"], **built["vqvae_architecture"], device=device)
+        var = load_var(built["var"], **built["var_architecture"], device=device)
+    else:
+        vqvae = load_vqvae(m.vqvae_checkpoint, device=device)
+        var = load_var(m.var_checkpoint, depth=m.depth, device=device)
+    return vqvae.eval(), var.eval()
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _rank0_first(fn: Callable[[], object]) -> object:
+    """Run ``fn`` on rank 0, then on the other ranks (shared caches are built once, then read)."""
+    rank, world = _rank_world()
+    result = fn() if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+        if rank != 0:
+            result = fn()
+    return result
+
+
+def run_trial(config: TrialConfig, *, cache_dir: str | Path, work_dir: str | Path, device: torch.device | str = "cpu",
+              report: Report | None = None, resume: dict | None = None, log: Callable[[str], None] = print,
+              startup_seconds: float | None = None) -> dict:
+    """Train and evaluate one trial; returns its result record (on ranks other than 0: the record without metrics).
+    ``cache_dir`` holds what trials share (tiny bases, offline data, token caches, reference statistics);
+    ``work_dir`` this trial's files (generated images, the trained adapter). ``resume`` is a training state saved
+    through ``report`` by an earlier attempt; ``startup_seconds`` (launch to this call, measured by the launcher's
+    worker) is recorded in the cost with the setup, training and evaluation times."""
+    started, wall = _now(), time.perf_counter()
+    device, cache_dir, work_dir = torch.device(device), Path(cache_dir), Path(work_dir)
+    rank, world = _rank_world()
+    plan = preflight(config, cache_dir)
+    vqvae, base = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=_stage_log(log, "tiny base")))
+    train, evaluation = list_splits(config, cache_dir)
+    train, skipped = check_images(train, skip_corrupt=config.data.skip_corrupt_images)
+    evaluation, skipped_eval = check_images(evaluation, skip_corrupt=config.data.skip_corrupt_images)
+    spec = ViewSpec(resolution=config.data.resolution, num_views=config.data.cached_views, seed=config.data.view_seed)
+    views, cache_hit = _rank0_first(lambda: open_token_cache(cache_dir / "token-cache", train, vqvae, spec=spec))
+    var, steps = _adapted(config, base, classes=len(train.class_names), device=device), config.planned_steps(len(train))
+    evaluator = _Evaluator(config, vqvae, evaluation, cache_dir=cache_dir, device=device)
+    out = {"history": [], "privacy": None, "convergence": [], "compute": {}}
+    setup_seconds = time.perf_counter() - wall
+    if config.method.name != "base":
+        out = _train(config, var, vqvae, views, base=base, steps=steps, evaluator=evaluator if rank == 0 else None,
+                     report=report, resume=resume, log=log)
+    record = dict(history=out["history"], convergence=out["convergence"], privacy=out["privacy"], parameters=_parameters(config, var),
+                  environment=environment(device, world_size=world), started_at=started,
+                  data={"train_images": len(train), "evaluation_images": len(evaluation), "classes": len(train.class_names),
+                        "skipped_images": skipped + skipped_eval, "token_cache_hit": bool(cache_hit), "planned_steps": plan.planned_steps,
+                        "resumed_from_step": None if resume is None else int(resume["step"])})
+    if rank != 0:
+        return make_result(config, status="success", **record, finished_at=_now())
+    evaluation_started = time.perf_counter()
+    final = evaluator(var, num_images=config.evaluation.num_images, out_dir=work_dir / "images")
+    phases = {"startup_seconds": startup_seconds, "setup_seconds": setup_seconds, "evaluation_seconds": time.perf_counter() - evaluation_started}
+    if config.method.name != "base":
+        save_adapter(var, work_dir / "adapter.pt", metadata={"trial": config.to_dict(), "trial_id": config.trial_id})
+    cost = {**_cost(out["compute"], final["compute"], device=device, world=world, wall_seconds=time.perf_counter() - wall), **phases}
+    return make_result(config, status="success", metrics=final["metrics"], cost=cost, evaluation_settings=_evaluation_record(final),
+                       **record, finished_at=_now())
+
+
+def _adapted(config: TrialConfig, base, *, classes: int, device: torch.device):
+    """A copy of the base prepared for the trial's method (``base``: only the new label set, nothing trained)."""
+    var = copy.deepcopy(base).to(device)
+    m = config.method
+    if m.name == "base":
+        resize_class_embedding(var, classes, init=m.class_init)
+        var.requires_grad_(False)
+        return var
+    return adapt(var, AdaptationSpec(method=m.name, num_classes=classes, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
+                                     lora_targets=m.lora_targets, train_blocks=m.train_blocks, class_init=m.class_init,
+                                     seed=config.optimization.seed))
+
+
+def _train(config: TrialConfig, var, vqvae, views, *, base, steps: int, evaluator, report: Report | None, resume, log) -> dict:
+    o, k = config.optimization, 1 if config.privacy is None else config.privacy.augmentation_multiplicity
+    options = FinetuneOptions(steps=steps, lr=o.learning_rate, batch_size=o.batch_size, warmup_steps=min(o.warmup_steps, steps),
+                              weight_decay=o.weight_decay, class_dropout=o.class_dropout, augmentation_multiplicity=k,
+                              scale_weight_decay=config.method.scale_weight_decay, prior_weight=config.method.prior_weight,
+                              max_grad_norm=o.max_grad_norm, log_every=max(1, min(50, steps // 20)),
+                              eval_every=config.evaluation.convergence_every_steps)
+    prior = _prior(config, base, vqvae) if config.method.prior_weight > 0 else None
+    first_step = resume["step"] if resume is not None else 0  # "seconds" in the history restart with each attempt
+
+    def on_log(entry: dict) -> None:
+        log(" ".join(f"{key}={value}" for key, value in entry.items()))
+        if report is not None:
+            done = entry["step"] - first_step
+            eta = entry["seconds"] / done * (steps - entry["step"]) if done > 0 else None
+            report({**entry, "steps_total": steps, **({"eta_seconds": round(eta)} if eta is not None else {})}, None)
+
+    def save(state: dict) -> None:
+        if report is not None:
+            report({"step": state["step"], "steps_total": steps, "checkpoint": True, **_last_convergence(state)}, state)
+
+    convergence = None
+    if evaluator is not None and config.evaluation.convergence_every_steps:
+        def convergence(model) -> dict:
+            return {key: value for key, value in evaluator(model, num_images=config.evaluation.convergence_num_images)["metrics"].items()
+                    if key in ("fid", "precision", "recall")}
+    return finetune(var, vqvae, views, options=options, privacy=privacy_spec(config), prior=prior, seed=o.seed, log=on_log,
+                    evaluate_fn=convergence, checkpointing=Checkpointing(every=config.resources.checkpoint_every_steps, save=save, resume=resume))
+
+
+def _parameters(config: TrialConfig, var) -> dict:
+    if config.method.name == "base":
+        return {"trainable": 0, "trainable_without_class_embedding": 0, "base_total": sum(p.numel() for p in var.parameters())}
+    return parameter_counts(var)
+
+
+def _last_convergence(state: dict) -> dict:
+    last = state["convergence"][-1] if state["convergence"] else {}
+    return {f"convergence_{key}": value for key, value in last.items() if key != "step"}
+
+
+def _prior(config: TrialConfig, base, vqvae) -> Prior:
+    teacher = copy.deepcopy(base).requires_grad_(False).eval()
+    e = config.evaluation
+    bank = build_prior_bank(teacher, vqvae, num_samples=256, cfg=e.cfg, top_k=e.top_k, top_p=e.top_p,
+                            generator=torch.Generator().manual_seed(config.optimization.seed))
+    return Prior(teacher=teacher, bank=bank)
+
+
+class _Evaluator:
+    """Evaluation with the trial's settings; the extractor is built once and reference statistics are cached."""
+
+    def __init__(self, config: TrialConfig, vqvae, images: ImageList, *, cache_dir: Path, device: torch.device):
+        e = config.evaluation
+        self.config, self.vqvae, self.images, self.device = config, vqvae, images, device
+        self.extractor = build_extractor(e.extractor, weights_path=e.inception_weights).to(device)
+        self.cache = ReferenceStats(cache_dir / "reference-stats")
+        self.sampling = SamplingSettings(cfg=e.cfg, top_k=e.top_k, top_p=e.top_p, batch_size=e.batch_size, seed=e.sampling_seed)
+
+    def __call__(self, var, *, num_images: int | None, out_dir: Path | None = None) -> dict:
+        settings = EvaluationSettings(extractor=self.config.evaluation.extractor, resolution=self.config.data.resolution, num_images=num_images,
+                                      kid_subset_size=min(1000, num_images or len(self.images), len(self.images)))
+        return evaluate(var, self.vqvae, self.images, settings=settings, sampling=self.sampling, cache=self.cache,
+                        extractor=self.extractor, out_dir=out_dir)
+
+
+def _evaluation_record(final: dict) -> dict:
+    return {**final["evaluation_settings"], "sampling": final["sampling"], "images_generated": final["images_generated"],
+            "plan": final["plan"], "reference_cache_hit": final["reference_cache_hit"]}
+
+
+def _cost(train: dict, sample: dict, *, device: torch.device, world: int, wall_seconds: float) -> dict:
+    """Totals of the trial: training PFLOPs over the rows actually processed, sampling PFLOPs, times, GPU hours, MFU."""
+    train_pflops = train.get("train_pflops", 0.0)
+    seconds = train.get("train_seconds", 0.0)
+    peak = peak_flops_per_second(device)
+    gpus = world if device.type == "cuda" else 0
+    return {"train_pflops": train_pflops, "sample_pflops": sample["sample_pflops"], "total_pflops": train_pflops + sample["sample_pflops"],
+            "train_flops_per_row": train.get("train_flops_per_row", 0.0), "rows_trained": train.get("rows_trained", 0),
+            "train_seconds": seconds, "rows_per_second": train.get("rows_per_second"), "peak_memory_bytes": train.get("peak_memory_bytes"),
+            "sample_images_per_second": sample["images_per_second"], "wall_seconds": wall_seconds, "gpu_hours": gpus * wall_seconds / 3600,
+            "mfu": (train_pflops * 1e15 / seconds / (peak * world)) if (peak and seconds) else None,
+            "not_counted": train.get("not_counted")}
+
+
+def environment(device: torch.device, *, world_size: int) -> dict:
+    """Provenance: code version, packages, devices, host."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if device.type == "cuda" else
+               [platform.processor() or platform.machine()])
+    return {"git_commit": _git_commit(), "packages": versions, "python": platform.python_version(), "device_type": device.type,
+            "devices": devices, "world_size": world_size, "host": socket.gethostname(), "torch_threads": torch.get_num_threads()}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 else None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).resolve().parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{commit}+dirty" if commit and dirty else commit
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _stage_log(log: Callable[[str], None], stage: str):
+    return lambda entry: log(f"[{stage}] " + " ".join(f"{k}={v}" for k, v in entry.items()))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
