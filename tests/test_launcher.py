@@ -74,8 +74,10 @@ def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path):
     thread.start()
     run_dir = Path(launch.train_storage) / f"trial-{config.trial_id}"
     deadline = time.time() + 600
-    while not list(run_dir.glob("step_*")) and time.time() < deadline:
-        time.sleep(0.2)
+    # The second checkpoint's folder appears after the first one was registered (reports are barriers): resuming
+    # from step 20 or later is then certain.
+    while len(list(run_dir.glob("step_*"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
     workers = _train_workers()
     assert workers, "no Ray Train worker found to kill"
     for worker in workers:
@@ -90,7 +92,7 @@ def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path):
 
 
 def test_killed_driver_relaunch_finishes_the_sweep(cluster, tmp_path):
-    storage, count, steps = tmp_path / "storage", 3, 30
+    storage, count, steps = tmp_path / "storage", 2, 30
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     driver = subprocess.Popen([sys.executable, str(REPO / "tests" / "sweep_driver.py"), str(storage), cluster.address, str(count), str(steps)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
