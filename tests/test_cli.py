@@ -50,3 +50,13 @@ def test_demo_checks(dp_fid, expected):
     assert list(checks.values()) == [True, expected]
     worse_base = demo_checks(summary_rows([_record(c, f) for c, f in zip(configs, [10.0, 8.5, 9.9, 11.4, 15.0, 13.2])]))
     assert list(worse_base.values())[0] is False
+
+
+def test_result_store_on_a_uri(tmp_path):
+    """Storage given as a URI goes through pyarrow's filesystems (here file://; s3:// and gs:// work the same way)."""
+    configs = build_sweep("demo", smoke=True)
+    store = ResultStore(f"file://{tmp_path}/bucket")
+    store.write(make_result(configs[0], status="success", metrics={"fid": 3.0}))
+    store.write(make_result(configs[0], status="success", metrics={"fid": 2.0}))  # a rerun replaces, never duplicates
+    assert [r["metrics"]["fid"] for r in store.all()] == [2.0] and store.status(configs[1].trial_id) is None
+    assert (tmp_path / "bucket" / "results" / f"{configs[0].trial_id}.json").is_file()

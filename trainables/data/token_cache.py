@@ -9,7 +9,8 @@ Layout under ``root/<dataset>-<split>-<key hash>/``: ``meta.json`` (the key, dty
 and one memory-mapped array per scale ``tokens_s{si}.npy`` [N, V, pn*pn] (int16 when the codebook fits, else
 int32), filled shard by shard of ``shard_size`` images; ``progress.json`` (rewritten atomically after each shard
 is flushed) lists the finished shards, so an interrupted build resumes at the first unfinished one, and readers
-trust only a cache whose ``meta.json`` says complete. The key covers the dataset, split, image list, VQVAE weights,
+trust only a cache whose ``meta.json`` says complete. Concurrent trials wanting the same cache serialise on the
+folder's ``build.lock``: one builds, the others wait and then read. The key covers the dataset, split, image list, VQVAE weights,
 resolution and augmentation spec: change any and the cache misses. A cache is shared by every trial (and sweep)
 with the same key.
 """
@@ -174,7 +175,7 @@ def open_token_cache(root: str | Path, images: ImageList, vqvae: VQVAE, *, spec:
     cache = TokenCache(root, cache_key(images, vqvae, spec), shard_size=shard_size)
     hit = cache.complete
     if not hit:
-        with file_lock(cache.folder.parent / f"{cache.folder.name}.lock"):  # concurrent trials: one builds, the others wait
+        with file_lock(cache.folder / "build.lock"):  # concurrent trials: one builds, the others wait
             hit = cache.complete
             if not hit:
                 cache.build(images, vqvae, spec=spec, batch_size=batch_size)
