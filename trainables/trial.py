@@ -150,11 +150,11 @@ def run_trial(config: TrialConfig, *, cache_dir: str | Path, work_dir: str | Pat
     spec = ViewSpec(resolution=config.data.resolution, num_views=config.data.cached_views, seed=config.data.view_seed)
     views, cache_hit = _rank0_first(lambda: open_token_cache(cache_dir / "token-cache", train, vqvae, spec=spec))
     var, steps = _adapted(config, base, classes=len(train.class_names), device=device), config.planned_steps(len(train))
-    evaluator = _Evaluator(config, vqvae, evaluation, cache_dir=cache_dir, device=device)
+    evaluator = _Evaluator(config, vqvae, evaluation, cache_dir=cache_dir, device=device) if rank == 0 else None  # rank 0 evaluates
     out = {"history": [], "privacy": None, "convergence": [], "compute": {}}
     setup_seconds = time.perf_counter() - wall
     if config.method.name != "base":
-        out = _train(config, var, vqvae, views, base=base, steps=steps, evaluator=evaluator if rank == 0 else None,
+        out = _train(config, var, vqvae, views, base=base, steps=steps, evaluator=evaluator,
                      report=report, resume=resume, log=log)
     record = dict(history=out["history"], convergence=out["convergence"], privacy=out["privacy"], parameters=_parameters(config, var),
                   environment=environment(device, world_size=world), started_at=started,
