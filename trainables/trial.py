@@ -15,7 +15,7 @@ import platform
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -53,6 +53,7 @@ class Preflight:
     classes: int
     planned_steps: int
     noise_multiplier: float | None = None  # DP: the sigma that spends exactly the budget over planned_steps
+    splits: tuple[ImageList, ImageList] | None = field(default=None, repr=False, compare=False)  # (train, evaluation) as listed
 
 
 def data_root(config: TrialConfig, cache_dir: str | Path) -> Path:
@@ -92,7 +93,7 @@ def preflight(config: TrialConfig, cache_dir: str | Path) -> Preflight:
         delta = validate_privacy(spec, dataset_size=len(train), planned_steps=steps)
         sigma = calibrate_noise_multiplier(target_epsilon=spec.target_epsilon, delta=delta, sampling_rate=spec.sampling_rate,
                                            steps=steps, accountant=spec.accountant)
-    return Preflight(len(train), len(evaluation), len(train.class_names), steps, sigma)
+    return Preflight(len(train), len(evaluation), len(train.class_names), steps, sigma, splits=(train, evaluation))
 
 
 def privacy_spec(config: TrialConfig) -> PrivacySpec | None:
@@ -144,9 +145,8 @@ def run_trial(config: TrialConfig, *, cache_dir: str | Path, work_dir: str | Pat
     rank, world = _rank_world()
     plan = preflight(config, cache_dir)
     vqvae, base = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=_stage_log(log, "tiny base")))
-    train, evaluation = list_splits(config, cache_dir)
-    train, skipped = check_images(train, skip_corrupt=config.data.skip_corrupt_images)
-    evaluation, skipped_eval = check_images(evaluation, skip_corrupt=config.data.skip_corrupt_images)
+    train, skipped = check_images(plan.splits[0], skip_corrupt=config.data.skip_corrupt_images)
+    evaluation, skipped_eval = check_images(plan.splits[1], skip_corrupt=config.data.skip_corrupt_images)
     spec = ViewSpec(resolution=config.data.resolution, num_views=config.data.cached_views, seed=config.data.view_seed)
     views, cache_hit = _rank0_first(lambda: open_token_cache(cache_dir / "token-cache", train, vqvae, spec=spec))
     var, steps = _adapted(config, base, classes=len(train.class_names), device=device), config.planned_steps(len(train))
@@ -159,7 +159,7 @@ def run_trial(config: TrialConfig, *, cache_dir: str | Path, work_dir: str | Pat
     record = dict(history=out["history"], convergence=out["convergence"], privacy=out["privacy"], parameters=_parameters(config, var),
                   environment=environment(device, world_size=world), started_at=started,
                   data={"train_images": len(train), "evaluation_images": len(evaluation), "classes": len(train.class_names),
-                        "skipped_images": skipped + skipped_eval, "token_cache_hit": bool(cache_hit), "planned_steps": plan.planned_steps,
+                        "skipped_images": skipped + skipped_eval, "token_cache_hit": bool(cache_hit), "planned_steps": steps,
                         "resumed_from_step": None if resume is None else int(resume["step"])})
     if rank != 0:
         return make_result(config, status="success", **record, finished_at=_now())
