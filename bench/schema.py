@@ -157,7 +157,9 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class OptimizationConfig:
     """Exactly one of epochs (passes over the training split; under DP one epoch is 1/q steps) or steps.
-    batch_size: examples per non-DP step (DP batches are Poisson with rate q). Schedule: linear warm-up, cosine."""
+    batch_size: examples per non-DP step (DP batches are Poisson with rate q). Schedule: linear warm-up, cosine.
+    autocast_bf16: forward passes run under bf16 autocast on CUDA devices (weights, optimiser state and DP clipping
+    norms stay float32; CPU runs are float32 whatever this says)."""
 
     learning_rate: float = 1e-4
     batch_size: int = 256
@@ -169,6 +171,7 @@ class OptimizationConfig:
     max_grad_norm: float | None = 2.0
     seed: int = 0
     schedule: str = "cosine"
+    autocast_bf16: bool = True
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, "optimization.learning_rate", f"must be > 0, got {self.learning_rate}")

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_VAR, TINY_VQVAE
 from trainables.data import offline
 from trainables.data.tokens import TokenViews
-from trainables.finetune import Checkpointing, FinetuneOptions, Prior, finetune
+from trainables.finetune import Checkpointing, FinetuneOptions, Prior, finetune, training_autocast
 from trainables.methods import AdaptationSpec, adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
 from trainables.pretrain import Schedule, encode_tokens, token_nll, train_vqvae
@@ -218,3 +218,13 @@ def test_resume_from_checkpoint_is_bit_identical(digits_setup, private):
     if private:
         for key in ("epsilon_rdp", "steps", "actual_batch_sizes", "noise_multiplier"):
             assert resumed_out["privacy"][key] == whole_out["privacy"][key], key
+
+
+def test_bf16_autocast_is_off_for_ghost_clipping_only():
+    """Ghost clipping takes its norms in the activations' dtype, so it trains in float32; the other modes may
+    autocast (their per-example norms are float32, see test_privacy)."""
+    options = FinetuneOptions(steps=1, lr=1e-3, autocast_bf16=True)
+    spec = lambda clipping: PrivacySpec(target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, clipping=clipping)  # noqa: E731
+    assert training_autocast(options, None)
+    assert [training_autocast(options, spec(c)) for c in ("auto", "hooks", "bookkeeping", "ghost")] == [True, True, True, False]
+    assert not training_autocast(FinetuneOptions(steps=1, lr=1e-3), None)

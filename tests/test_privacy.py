@@ -41,10 +41,14 @@ def make_model(method: str, *, train_blocks: tuple[int, ...] | None = None) -> t
     return adapt(var, AdaptationSpec(method=method, num_classes=CLASSES, lora_rank=4, train_blocks=train_blocks)).train()
 
 
-def loss_fn_for(var, vqvae, data, k: int, *, token_weights_L: torch.Tensor | None = None):
+def loss_fn_for(var, vqvae, data, k: int, *, token_weights_L: torch.Tensor | None = None, bf16: bool = False):
+    """Per-view losses; ``bf16``: forwards under CPU bf16 autocast, standing in for training's CUDA autocast."""
     label_N, views = data
-    return lambda part: view_losses(var, vqvae, label_N[part], [v[part][:, :k] for v in views], class_dropout=0.0,
-                                    token_weights_L=token_weights_L)
+
+    def loss_fn(part: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return view_losses(var, vqvae, label_N[part], [v[part][:, :k] for v in views], class_dropout=0.0, token_weights_L=token_weights_L)
+    return loss_fn
 
 
 def reference_grads(var, vqvae, data, k: int, indices, *, token_weights_L: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -111,14 +115,14 @@ def test_ghost_clipping_norms_equal_one_at_a_time(method, vqvae, data):
 
 
 def summed_clipped_gradient(var, vqvae, data, *, indices, k: int, clipping: str = "hooks", max_grad_norm: float,
-                            physical_batch_size: int = 4) -> torch.Tensor:
+                            physical_batch_size: int = 4, bf16: bool = False) -> torch.Tensor:
     """The flat sum of clipped per-example gradients of one noiseless DP step (read before the optimiser step)."""
     state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), dataset_size=N, planned_steps=3,
                          spec=spec(augmentation_multiplicity=k, clipping=clipping, max_grad_norm=max_grad_norm, physical_batch_size=physical_batch_size))
     state.optimizer.noise_multiplier = 0.0
     captured = []
     capture = lambda: captured.append(torch.cat([p.grad.flatten() for p in state.optimizer.params]) * state.expected_batch_size)  # noqa: E731
-    private_step(state, torch.tensor(indices, dtype=torch.long), loss_fn_for(var, vqvae, data, k), public_grad_fn=capture)
+    private_step(state, torch.tensor(indices, dtype=torch.long), loss_fn_for(var, vqvae, data, k, bf16=bf16), public_grad_fn=capture)
     return captured[0]
 
 
@@ -156,6 +160,16 @@ def test_sensitivity_of_one_adversarial_example_is_at_most_C(method, k, clipping
     assert 0.5 * C < change <= C * (1 + 1e-4)
     replaced = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=honest[:-1] + [adversary], k=k, clipping=clipping, max_grad_norm=C)
     assert (replaced - without).norm() <= 2 * C * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("k, clipping", [(1, "hooks"), (3, "hooks"), (1, "bookkeeping"), (3, "bookkeeping")])
+def test_clipping_under_bf16_autocast_bounds_each_example_by_C(k, clipping, vqvae, data):
+    """With bf16 forwards the per-example norms are still taken in float32: a bf16-rounded norm (8 bits of
+    mantissa) would let a clipped gradient exceed C by up to 0.4%."""
+    C, base = 1e-3, make_model("lora")
+    for i in range(6):
+        one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=[i], k=k, clipping=clipping, max_grad_norm=C, bf16=True)
+        assert 0.99 * C < one.norm() <= C * (1 + 1e-5), (i, one.norm() / C)
 
 
 @pytest.mark.parametrize("k, clipping", [(2, "hooks"), (1, "ghost"), (2, "bookkeeping")])

@@ -33,6 +33,7 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path):
     assert record["data"]["train_images"] == 1438 and record["data"]["token_cache_hit"] is False
     assert record["evaluation_settings"]["extractor"] == "substitute-randconv-v1" and record["evaluation_settings"]["images_generated"] == 20
     assert record["cost"]["train_pflops"] > 0 and record["cost"]["rows_trained"] == 2 * sum(record["privacy"]["actual_batch_sizes"])
+    assert record["cost"]["training_precision"] == "float32"  # bf16 autocast is asked for, but only CUDA runs use it
     assert record["parameters"]["trainable"] > record["parameters"]["trainable_without_class_embedding"] > 0
     assert (tmp_path / "dp" / "adapter.pt").is_file() and len(list((tmp_path / "dp" / "images").rglob("*.png"))) == 20
     checkpoints = [state for _, state in reports if state is not None]

@@ -25,7 +25,7 @@ from .profiling import StepMeter
 from .prior import PriorBank, prior_preservation_loss
 from .privacy import (PrivacySpec, PrivateTraining, epsilon_spent, load_privacy_state, make_private, next_batch, privacy_ledger,
                       privacy_state_dict, private_step, release, validate_privacy)
-from .training import build_optimizer, lr_at, scale_loss_weights, set_lr, view_losses
+from .training import bf16_autocast, build_optimizer, lr_at, scale_loss_weights, set_lr, view_losses
 
 Logger = Callable[[dict], None]
 
@@ -51,6 +51,7 @@ class FinetuneOptions:
     max_grad_norm: float | None = 2.0
     log_every: int = 50
     eval_every: int = 0  # convergence curve: call ``evaluate_fn`` every this many steps (0 = only if asked at the end)
+    autocast_bf16: bool = False  # forward passes under bf16 autocast when the model is on a CUDA device
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not 0 <= self.warmup_steps <= self.steps:
@@ -114,12 +115,18 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
     optimizer = build_optimizer(var, lr=options.lr, weight_decay=options.weight_decay)
     k = options.augmentation_multiplicity
 
+    # Only the forwards are autocast: backward ops follow their forward's dtypes, and the losses come out float32.
+    autocast = lambda: bf16_autocast(device, enabled=training_autocast(options, privacy))  # noqa: E731
+
     def loss_fn(indices: torch.Tensor) -> torch.Tensor:
         label_b, idx_views = data.take(indices, k=k, generator=generator, device=device)
-        return view_losses(var, vqvae, label_b, idx_views, class_dropout=options.class_dropout, token_weights_L=weights_L, generator=generator)
+        with autocast():
+            return view_losses(var, vqvae, label_b, idx_views, class_dropout=options.class_dropout, token_weights_L=weights_L, generator=generator)
 
     def prior_loss() -> torch.Tensor:
-        return options.prior_weight * prior_preservation_loss(var, prior.teacher, vqvae, prior.bank.batch(options.prior_batch_size, generator=generator, device=device))
+        batch = prior.bank.batch(options.prior_batch_size, generator=generator, device=device)
+        with autocast():
+            return options.prior_weight * prior_preservation_loss(var, prior.teacher, vqvae, batch)
 
     resume = checkpointing.resume if checkpointing is not None else None
     run = _Run(history=[], convergence=[], meter=StepMeter(device), start_step=0)
@@ -146,7 +153,15 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
     else:
         ledger = _private_run(var, optimizer, data, privacy=privacy, sampling_seed=sampling_seed, resume=resume, **common)
     var.eval()
-    return {"history": run.history, "privacy": ledger, "convergence": run.convergence, "compute": run.meter.report()}
+    precision = "bf16 autocast" if training_autocast(options, privacy) and device.type == "cuda" else "float32"
+    return {"history": run.history, "privacy": ledger, "convergence": run.convergence,
+            "compute": {**run.meter.report(), "training_precision": precision}}
+
+
+def training_autocast(options: FinetuneOptions, privacy: PrivacySpec | None) -> bool:
+    """Whether the forwards may run under bf16 autocast (on CUDA). Not with Opacus ghost clipping: its norms are
+    taken in the activations' dtype, and a bf16-rounded norm could let a clipped gradient exceed C."""
+    return options.autocast_bf16 and (privacy is None or privacy.clipping != "ghost")
 
 
 @dataclass

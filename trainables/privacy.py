@@ -95,6 +95,9 @@ class MultiViewGradSampleModule(GradSampleModule):
             return
         activations, backprops = self.rearrange_grad_samples(module=module, backprops=forward_output[0].detach(),
                                                              loss_reduction=loss_reduction, batch_first=batch_first)
+        # Per-sample gradients (hence their norms and the clipping factor) in float32 even under bf16 autocast.
+        activations = [a.float() if a.is_floating_point() else a for a in activations]
+        backprops = backprops.float()
         k, rule = self.views_per_example, self.GRAD_SAMPLERS[type(module)]
         if isinstance(module, FOLDABLE_LAYERS):
             folded = rule(module, [_fold_views(a, k) for a in activations], _fold_views(backprops, k))

@@ -4,6 +4,7 @@ Plain functions so that adaptation methods and DP (which wrap the model or the o
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -15,6 +16,13 @@ from .models import VAR, VQVAE
 
 ADAMW_BETAS = (0.9, 0.95)
 NO_DECAY_PARAM_NAMES = ("pos_start", "pos_1LC", "scale_mul_1H11", "ada_gss")
+
+
+def bf16_autocast(device: torch.device, *, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a CUDA device when ``enabled``; a no-op elsewhere (CPU bf16 autocast is slower than fp32)."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def apply_class_dropout(label_B: torch.Tensor, *, rate: float, unconditional_label: int,

@@ -192,7 +192,7 @@ def _train(config: TrialConfig, var, vqvae, views, *, base, steps: int, evaluato
                               weight_decay=o.weight_decay, class_dropout=o.class_dropout, augmentation_multiplicity=k,
                               scale_weight_decay=config.method.scale_weight_decay, prior_weight=config.method.prior_weight,
                               max_grad_norm=o.max_grad_norm, log_every=max(1, min(50, steps // 20)),
-                              eval_every=config.evaluation.convergence_every_steps)
+                              eval_every=config.evaluation.convergence_every_steps, autocast_bf16=o.autocast_bf16)
     prior = _prior(config, base, vqvae) if config.method.prior_weight > 0 else None
     first_step = resume["step"] if resume is not None else 0  # "seconds" in the history restart with each attempt
 
@@ -268,7 +268,7 @@ def _cost(train: dict, sample: dict, *, device: torch.device, world: int, wall_s
             "train_seconds": seconds, "rows_per_second": train.get("rows_per_second"), "peak_memory_bytes": train.get("peak_memory_bytes"),
             "sample_images_per_second": sample["images_per_second"], "wall_seconds": wall_seconds, "gpu_hours": gpus * wall_seconds / 3600,
             "mfu": (train_pflops * 1e15 / seconds / (peak * world)) if (peak and seconds) else None,
-            "not_counted": train.get("not_counted")}
+            "training_precision": train.get("training_precision"), "not_counted": train.get("not_counted")}
 
 
 def environment(device: torch.device, *, world_size: int) -> dict:

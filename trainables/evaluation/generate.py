@@ -7,7 +7,6 @@ exactly the missing batches), and the sampling settings travel with the images.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,7 @@ from PIL import Image
 
 from ..models import VAR, VQVAE
 from ..models.checkpoints import atomic_write
+from ..training import bf16_autocast
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,7 @@ def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, settings: SamplingS
 def _sample_batch(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, *, settings: SamplingSettings, batch_index: int) -> torch.Tensor:
     device = label_B.device
     generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + batch_index)
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if settings.autocast_bf16 and device.type == "cuda"
-                else contextlib.nullcontext())
-    with autocast:
+    with bf16_autocast(device, enabled=settings.autocast_bf16):
         images = var.sample(label_B, vqvae=vqvae, cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p, generator=generator)
     return images.float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
 
