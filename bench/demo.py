@@ -1,14 +1,17 @@
 """The embedded default (``make demo`` = ``python -m bench demo``): the ``demo`` sweep on a local Ray instance (tiny
 base pre-trained offline on procedural shapes, adapted to scikit-learn's handwritten digits: base model, full
-fine-tuning, LoRA, LN tuning, DP-LoRA at epsilon 1 and 8), then a summary table, sample grids and the two checks
-that show adaptation working: every fine-tuned model's FID is below the base model's, and DP at the smallest
-epsilon is worse than the same method without DP.
+fine-tuning, LoRA, LN tuning, DP-LoRA at epsilon 1 and 8), then a summary table, the two checks that show
+adaptation working (every fine-tuned model's FID is below the base model's; DP at the smallest epsilon is worse
+than the same method without DP) and the analysis of the results (``STORAGE/analysis/index.html``: tables,
+figures, sample grids).
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+
+from analysis.run import analyse
 
 from .launcher import Launch, default_cache_dir, run_sweep
 from .results import ResultStore
@@ -44,26 +47,6 @@ def _table(rows: list[dict]) -> str:
                                f"{fmt(r['train_seconds'], '.1f')} |" for r in rows])
 
 
-def sample_grids(records: list[dict], *, cache_dir: Path, out: Path, per_class: int = 8) -> list[Path]:
-    """One PNG per trial: ``per_class`` generated images of every class (rows = classes)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from torchvision.utils import save_image
-
-    written = []
-    for r in records:
-        folder = cache_dir / "work" / r["trial_id"] / "images"
-        rows = [sorted((folder / d).glob("*.png"))[:per_class] for d in sorted(p.name for p in folder.glob("class_*"))]
-        images = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for row in rows for p in row]
-        if images:
-            path = out / f"{r['config']['method']['name']}-{r['trial_id']}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(torch.stack(images).float() / 255, path, nrow=per_class, padding=1)
-            written.append(path)
-    return written
-
-
 def run_demo(*, storage: str = "runs/demo", smoke: bool = False) -> int:
     started = time.perf_counter()
     configs = build_sweep("demo", smoke=smoke)
@@ -73,12 +56,13 @@ def run_demo(*, storage: str = "runs/demo", smoke: bool = False) -> int:
     records = [r for r in (store.read(c.trial_id) for c in configs) if r is not None]
     rows = summary_rows(records)
     checks = demo_checks(rows) if all(r["status"] == "success" for r in rows) and len(rows) == len(configs) else {}
-    grids = sample_grids(records, cache_dir=Path(launch.cache_dir), out=Path(storage) / "grids")
+    analysis = analyse(storage, Path(storage) / "analysis")  # tables, figures, sample grids, report page
     report = "\n".join([f"# varsweep demo ({len(rows)} trials, {time.perf_counter() - started:.0f} s)", "", _table(rows), "",
                         *[f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()], "",
-                        f"Results: {Path(storage) / 'results'}", f"Sample grids: {Path(storage) / 'grids'}"])
+                        f"Results: {Path(storage) / 'results'}", f"Analysis (tables, figures, sample grids): {analysis.out / 'index.html'}"])
     (Path(storage) / "summary.md").write_text(report + "\n")
     (Path(storage) / "summary.json").write_text(json.dumps({"rows": rows, "checks": checks, "sweep": outcome}, indent=1))
     print(report)
-    print(f"summary: {Path(storage) / 'summary.md'}; {len(grids)} sample grids in {Path(storage) / 'grids'}")
+    print(f"summary: {Path(storage) / 'summary.md'}; analysis: {analysis.out / 'index.html'} ({len(analysis.tables)} tables, "
+          f"{len(analysis.figures)} figures, {len(analysis.grids)} sample grids)")
     return 0 if checks and all(checks.values()) else 1

@@ -61,7 +61,15 @@ class ResultStore:
             return None
         return None if record is None else record.get("status")
 
-    def all(self) -> list[dict]:
+    def files(self) -> list[str]:
+        """Paths of every ``*.json`` in the results folder (valid results or not), sorted."""
         selector = pafs.FileSelector(self.folder, allow_not_found=True)
-        ids = sorted(Path(info.path).stem for info in self.fs.get_file_info(selector) if info.path.endswith(".json"))
+        return sorted(info.path for info in self.fs.get_file_info(selector) if info.path.endswith(".json"))
+
+    def read_text(self, path: str) -> str:
+        with self.fs.open_input_stream(path) as handle:
+            return handle.read().decode()
+
+    def all(self) -> list[dict]:
+        ids = [Path(path).stem for path in self.files()]
         return [r for r in (self.read(i) for i in ids) if r is not None]

@@ -322,6 +322,9 @@ RESULT_FIELDS = {"schema_version": int, "trial_id": str, "status": str, "error":
                  "metrics": dict, "history": list, "convergence": list, "privacy": (dict, type(None)), "cost": dict,
                  "evaluation_settings": (dict, type(None)), "parameters": dict, "data": dict, "environment": dict,
                  "started_at": str, "finished_at": str}
+# Optional fields (absent from older records of the same version): ``artifacts`` = where the trial's generated
+# images and a few real evaluation images per class are ({"generated_images": dir, "real_images": {class: [paths]}}).
+OPTIONAL_RESULT_FIELDS = {"artifacts": dict}
 
 
 def make_result(config: TrialConfig, *, status: str, error: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -340,6 +343,8 @@ def check_result(record: Mapping[str, Any]) -> TrialConfig:
     for name, kind in RESULT_FIELDS.items():
         _require(name in record, name, "missing from the result")
         _require(isinstance(record[name], kind), name, f"has type {type(record[name]).__name__}")
+    for name, kind in OPTIONAL_RESULT_FIELDS.items():
+        _require(name not in record or isinstance(record[name], kind), name, f"has type {type(record.get(name)).__name__}")
     _require(record["status"] in STATUSES, "status", f"one of {STATUSES}, got {record['status']!r}")
     _require(record["status"] == "success" or bool(record["error"]), "error", "a failed trial records its error")
     config = TrialConfig.from_dict(record["config"])

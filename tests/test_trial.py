@@ -2,6 +2,8 @@
 fail before anything starts."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.estimates import estimate
@@ -36,6 +38,10 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path):
     assert record["cost"]["training_precision"] == "float32"  # bf16 autocast is asked for, but only CUDA runs use it
     assert record["parameters"]["trainable"] > record["parameters"]["trainable_without_class_embedding"] > 0
     assert (tmp_path / "dp" / "adapter.pt").is_file() and len(list((tmp_path / "dp" / "images").rglob("*.png"))) == 20
+    artifacts = record["artifacts"]  # what the analysis's sample grids read
+    assert Path(artifacts["generated_images"]) == (tmp_path / "dp" / "images").resolve()
+    assert list(artifacts["real_images"]) == [f"{d:02d}_{d}" for d in range(8)] and all(len(paths) == 6 and all(Path(p).is_file() for p in paths)
+                                                                              for paths in artifacts["real_images"].values())
     checkpoints = [state for _, state in reports if state is not None]
     assert [s["step"] for s in checkpoints] == [2] and "loss" not in reports[0][0]  # DP logs no private statistics
     base = run_trial(replace(tiny_trial("base", steps=0), data={"cached_views": 2}), cache_dir=cache_dir, work_dir=tmp_path / "base", log=lambda line: None)

@@ -170,7 +170,7 @@ def run_trial(config: TrialConfig, *, cache_dir: str | Path, work_dir: str | Pat
         save_adapter(var, work_dir / "adapter.pt", metadata={"trial": config.to_dict(), "trial_id": config.trial_id})
     cost = {**_cost(out["compute"], final["compute"], device=device, world=world, wall_seconds=time.perf_counter() - wall), **phases}
     return make_result(config, status="success", metrics=final["metrics"], cost=cost, evaluation_settings=_evaluation_record(final),
-                       **record, finished_at=_now())
+                       artifacts=_artifacts(work_dir / "images", evaluation), **record, finished_at=_now())
 
 
 def _adapted(config: TrialConfig, base, *, classes: int, device: torch.device):
@@ -214,6 +214,16 @@ def _train(config: TrialConfig, var, vqvae, views, *, base, steps: int, evaluato
                     if key in ("fid", "precision", "recall")}
     return finetune(var, vqvae, views, options=options, privacy=privacy_spec(config), prior=prior, seed=o.seed, log=on_log,
                     evaluate_fn=convergence, checkpointing=Checkpointing(every=config.resources.checkpoint_every_steps, save=save, resume=resume))
+
+
+def _artifacts(images_dir: Path, evaluation, *, classes: int = 8, per_class: int = 6) -> dict:
+    """Where the analysis finds this trial's generated images, and a few real evaluation images of the first
+    classes to show beside them (absolute paths, as the analysis may run elsewhere on the shared storage)."""
+    real: dict[str, list[str]] = {name: [] for name in evaluation.class_names[:classes]}
+    for path, label in zip(evaluation.paths, evaluation.labels):
+        if label < classes and len(real[evaluation.class_names[label]]) < per_class:
+            real[evaluation.class_names[label]].append(str(Path(path).resolve()))
+    return {"generated_images": str(images_dir.resolve()), "real_images": real}
 
 
 def _parameters(config: TrialConfig, var) -> dict:

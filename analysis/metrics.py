@@ -1,0 +1,87 @@
+"""Every quantity a table or figure shows, in one place: where it comes from in a result record, its direction
+(which way is better), its unit and how it is printed. Plain data; no torch, no Ray."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    """``source``: dotted path into a result record (``metrics.fid``); ``scale`` multiplies the stored value for
+    display (fractions shown as percent); ``decimals`` for tables; ``better``: "lower", "higher" or None."""
+
+    name: str
+    label: str
+    source: str
+    better: str | None
+    unit: str = ""
+    scale: float = 1.0
+    decimals: int = 2
+
+    def format(self, value: float) -> str:
+        if self.name == "trainable_params":
+            return format_count(value)
+        return f"{value:.{self.decimals}f}"
+
+    @property
+    def axis_label(self) -> str:
+        """"FID ↓", "Training compute [PFLOPs] ↓": the arrow points the better way."""
+        arrow = {"lower": " ↓", "higher": " ↑"}.get(self.better or "", "")
+        return f"{self.label}{f' [{self.unit}]' if self.unit else ''}{arrow}"
+
+
+def _metrics(*items: Metric) -> dict[str, Metric]:
+    return {m.name: m for m in items}
+
+
+METRICS = _metrics(
+    Metric("fid", "FID", "metrics.fid", "lower"),
+    Metric("precision", "Precision", "metrics.precision", "higher", unit="%", scale=100.0),
+    Metric("recall", "Recall", "metrics.recall", "higher", unit="%", scale=100.0),
+    Metric("kid", "KID", "metrics.kid", "lower", decimals=4),
+    Metric("train_pflops", "Training compute", "cost.train_pflops", "lower", unit="PFLOPs", decimals=1),
+    Metric("sample_pflops", "Sampling compute", "cost.sample_pflops", "lower", unit="PFLOPs", decimals=2),
+    Metric("gpu_hours", "GPU hours", "cost.gpu_hours", "lower", unit="h", decimals=2),
+    Metric("train_seconds", "Training time", "cost.train_seconds", "lower", unit="s", decimals=0),
+    Metric("wall_seconds", "Wall time", "cost.wall_seconds", "lower", unit="s", decimals=0),
+    Metric("rows_per_second", "Training throughput", "cost.rows_per_second", "higher", unit="samples/s", decimals=1),
+    Metric("sample_images_per_second", "Sampling throughput", "cost.sample_images_per_second", "higher", unit="images/s", decimals=1),
+    Metric("mfu", "MFU", "cost.mfu", "higher", unit="%", scale=100.0, decimals=1),
+    Metric("peak_memory_gib", "Peak memory", "cost.peak_memory_bytes", "lower", unit="GiB", scale=1 / 1024 ** 3, decimals=1),
+    Metric("trainable_params", "Trainable parameters", "parameters.trainable", None, decimals=0),
+    Metric("epsilon_spent", "epsilon spent (RDP)", "privacy.epsilon_rdp", "lower", decimals=2),
+    Metric("epsilon_spent_prv", "epsilon spent (PRV)", "privacy.epsilon_prv", "lower", decimals=2),
+    Metric("noise_multiplier", "sigma", "privacy.noise_multiplier", None, decimals=3),
+    Metric("dp_steps", "DP steps", "privacy.steps", None, decimals=0),
+)
+
+
+def lookup(record: dict, source: str):
+    """The value at a dotted path of a record, or None where any part is missing."""
+    value = record
+    for part in source.split("."):
+        if not isinstance(value, dict) or value.get(part) is None:
+            return None
+        value = value[part]
+    return value
+
+
+# Display names of the adaptation methods, in the order tables list them (the un-adapted base model first, as
+# the reference row).
+METHOD_LABELS = {"base": "Base", "full": "FFT", "lora": "LoRA", "ln_tuning": "LNTuning", "lora_attention": "LoRA-A", "lora_mlp": "LoRA-M"}
+# Table 10 names the LoRA variants by the layers they adapt.
+VARIANT_LABELS = {"lora_attention": "LoRA-A", "lora_mlp": "LoRA-M", "lora": "LoRA-AM+LN", "ln_tuning": "LNTuning"}
+VARIANT_TARGETS = {"lora_attention": "attention qkv+proj", "lora_mlp": "mlp fc1+fc2", "lora": "attention+mlp+adaln", "ln_tuning": "adaln"}
+# The paper's dataset column names.
+DATASET_COLUMNS = {"food101": "food101", "cub200": "cub200", "flowers102": "flowers102", "stanford_cars": "cars196", "oxford_pet": "pets"}
+
+
+def format_count(count: float) -> str:
+    """Parameter counts as the paper prints them: 309.6M, 6.02M, 0.83M."""
+    millions = count / 1e6
+    return f"{millions:.1f}M" if millions >= 100 else f"{millions:.2f}M"
+
+
+def format_percent_share(pct: float) -> str:
+    """Trainable share in percent: "100" for full fine-tuning, else two decimals."""
+    return "100" if abs(pct - 100.0) < 5e-3 else f"{pct:.2f}"

@@ -1,0 +1,135 @@
+"""The published tables (arXiv 2507.11441, copied in ``analysis/paper/``), our tables beside them, and a results
+fixture whose metrics equal the published values (the golden test regenerates the paper's tables from it).
+
+The paper's Table 1 also lists DiT-XL-2 baselines; varsweep adapts VAR only, so those rows are never regenerated.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from bench.estimates import ASSUMED_FLOPS_PER_GPU, training_flops
+from bench.schema import DATASETS, TrialConfig, make_result
+from bench.sweeps import table1, table2, table3, table10
+from bench.sweeps.common import Assets
+
+from .metrics import DATASET_COLUMNS, METHOD_LABELS, VARIANT_LABELS
+from .tables import Cell, Table
+
+PAPER_DIR = Path(__file__).parent / "paper"
+PAPER = "arXiv 2507.11441"
+# Key columns of each published table; every other column holds a value.
+KEYS = {"table1_fid": ("model", "method"), "table2_dp_multiplicity": ("model", "method", "epsilon", "k"),
+        "table3_dp_epsilon": ("model", "method", "k"), "table9_precision_recall": ("model", "method"),
+        "table10_dp_ablation": ("model", "variant", "targets", "epsilon", "k")}
+OUR_MODELS = ("VAR-",)  # rows of other model families (DiT) are published baselines only
+
+
+def published(name: str) -> list[dict[str, str]]:
+    with open(PAPER_DIR / f"{name}.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def number(text: str) -> float | None:
+    """A published or rendered cell as a number: "6.02M" -> 6.02e6, "" -> None."""
+    text = text.strip()
+    if not text:
+        return None
+    if text.endswith("M"):
+        return float(text[:-1]) * 1e6
+    return float(text)
+
+
+def ours_as_rows(table: Table) -> list[dict[str, str]]:
+    return [dict(zip(table.header, (c.csv() if isinstance(c, Cell) else c for c in row))) for row in table.rows]
+
+
+def comparison(table: Table) -> Table | None:
+    """Our numbers beside the published ones for every cell of a paper table (long form: key, column, ours,
+    paper, difference). Cells only one side has are listed with the other side marked missing."""
+    base = next((name for name in KEYS if table.name == name or table.name.startswith(f"{name}_")), None)
+    if base is None:
+        return None
+    keys, paper_rows = KEYS[base], [r for r in published(base) if r["model"].startswith(OUR_MODELS)]
+    ours = {tuple(r[k] for k in keys): r for r in ours_as_rows(table)}
+    theirs = {tuple(r[k] for k in keys): r for r in paper_rows}
+    values = [c for c in table.header if c not in keys]
+    rows = []
+    for key in list(theirs) + [k for k in ours if k not in theirs]:
+        for column in values:
+            mine, paper = (ours.get(key) or {}).get(column, ""), (theirs.get(key) or {}).get(column, "")
+            if not mine and not paper:
+                continue
+            a, b = number(mine) if mine else None, number(paper) if paper else None
+            diff = "" if a is None or b is None else f"{a - b:+.4g}"
+            rows.append([*key, column, mine or "—", paper or "—", diff])
+    return Table(f"compare_{table.name}", f"{table.title}: ours vs published ({PAPER})", [*keys, "column", "ours", "paper", "difference"], rows)
+
+
+# --- the golden fixture ----------------------------------------------------------------------------------------
+
+def paper_fixture(folder: str | Path, *, assets: Assets = Assets("/assets")) -> list[Path]:
+    """Write one result per published VAR cell (Tables 1, 2, 3, 9, 10): the paper sweeps' configs with metrics
+    equal to the published values, parameter counts that give the published counts and shares, and as cost the
+    dry-run estimate (model FLOPs). Returns the files written (``folder/results/<id>.json``)."""
+    records: dict[str, dict] = {}
+
+    def add(config: TrialConfig, **metrics: float) -> None:
+        record = records.setdefault(config.trial_id, _fixture_record(config))
+        record["metrics"].update(metrics)
+
+    params = {(r["model"], r["method"]): r for r in published("table1_fid")}
+    by_label = {label: name for name, label in METHOD_LABELS.items()}
+    for config in table1.sweep(assets=assets):
+        row = params[(f"VAR-d{config.model.depth}", METHOD_LABELS[config.method.name])]
+        pr = {r["method"]: r for r in published("table9_precision_recall") if r["model"] == f"VAR-d{config.model.depth}"}
+        column = DATASET_COLUMNS[config.data.dataset]
+        add(config, fid=float(row[column]), precision=float(pr[row["method"]][f"{column}_p"]) / 100, recall=float(pr[row["method"]][f"{column}_r"]) / 100)
+        _set_parameters(records[config.trial_id], row)
+    dp = {(c.model.depth, c.method.name, c.privacy.augmentation_multiplicity, c.privacy.target_epsilon): c
+          for c in [*table2.sweep(assets=assets), *table3.sweep(assets=assets), *table10.sweep(assets=assets)]}
+    for r in published("table2_dp_multiplicity"):
+        config = dp[(int(r["model"].removeprefix("VAR-d")), by_label[r["method"]], int(r["k"]), float(r["epsilon"]))]
+        add(config, fid=float(r["fid"]))
+        _set_parameters(records[config.trial_id], params[(r["model"], r["method"])])
+    for r in published("table3_dp_epsilon"):
+        for column in (c for c in r if c.startswith("eps_")):
+            config = dp[(int(r["model"].removeprefix("VAR-d")), by_label[r["method"]], int(r["k"]), float(column.removeprefix("eps_")))]
+            add(config, fid=float(r[column]))
+            _set_parameters(records[config.trial_id], params[(r["model"], r["method"])])
+    variants = {label: name for name, label in VARIANT_LABELS.items()}
+    for r in published("table10_dp_ablation"):
+        config = dp[(int(r["model"].removeprefix("VAR-d")), variants[r["variant"]], int(r["k"]), float(r["epsilon"]))]
+        add(config, fid=float(r["fid"]))
+        _set_parameters(records[config.trial_id], r)
+    out = Path(folder) / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for trial_id, record in sorted(records.items()):
+        path = out / f"{trial_id}.json"
+        path.write_text(json.dumps(record, indent=1, sort_keys=True))
+        written.append(path)
+    return written
+
+
+def _fixture_record(config: TrialConfig) -> dict:
+    images = DATASETS[config.data.dataset].train_images
+    steps = config.planned_steps(images)
+    flops = training_flops(config, train_images=images, steps=steps)
+    privacy = None
+    if config.privacy is not None:
+        p = config.privacy
+        privacy = {"target_epsilon": p.target_epsilon, "delta": p.delta or 1 / images, "sampling_rate": p.sampling_rate, "steps": steps,
+                   "max_grad_norm": p.max_grad_norm, "augmentation_multiplicity": p.augmentation_multiplicity}
+    cost = {"train_pflops": flops / 1e15, "gpu_hours": flops / ASSUMED_FLOPS_PER_GPU / 3600, "estimated": True}
+    return make_result(config, status="success", metrics={}, privacy=privacy, cost=cost,
+                       evaluation_settings={"extractor": config.evaluation.extractor},
+                       environment={"git_commit": "fixture", "devices": [f"published values ({PAPER}); cost is the dry-run estimate"]},
+                       started_at="2025-07-15T00:00:00+00:00", finished_at="2025-07-15T00:00:00+00:00")
+
+
+def _set_parameters(record: dict, row: dict[str, str]) -> None:
+    """Counts whose trainable share is the published one (the paper's shares use differing denominators)."""
+    trainable, pct = number(row["trainable_params"]), float(row["trainable_pct"])
+    record["parameters"] = {"trainable": int(round(trainable)), "base_total": trainable * 100 / pct}

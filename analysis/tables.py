@@ -1,0 +1,305 @@
+"""The paper's tables (1, 2, 3, 9, 10) plus a compute and a privacy table, built from the trials DataFrame.
+
+A table is key columns (strings) and value cells; a cell aggregates the trials that fall in it over seeds (mean,
+sample std, count) and remembers how many of its trials failed, so a gap is shown as missing or failed, never
+filled in. Each table renders as CSV (the paper's layout, means only), a long CSV with every cell's mean, std and
+counts, Markdown and LaTeX.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from .metrics import (DATASET_COLUMNS, METHOD_LABELS, METRICS, VARIANT_LABELS, VARIANT_TARGETS, format_count,
+                      format_percent_share)
+
+MISSING, FAILED = "—", "failed"
+TABLE1_METHODS = ("full", "lora", "ln_tuning")
+TABLE2_METHODS = ("lora", "ln_tuning")
+ABLATION_METHODS = ("lora_attention", "lora_mlp")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Aggregate of one table cell over seeds, in display units. ``n`` successful trials, ``failed`` failed ones."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    failed: int
+    formatter: Callable[[float], str]
+
+    def csv(self) -> str:
+        return "" if self.mean is None else self.formatter(self.mean)
+
+    def text(self, *, plus_minus: str = "±") -> str:
+        if self.mean is None:
+            return FAILED if self.failed else MISSING
+        shown = self.formatter(self.mean)
+        if self.n > 1:
+            shown += f" {plus_minus} {self.formatter(self.std)} (n={self.n})"
+        return shown + (f" ({self.failed} failed)" if self.failed else "")
+
+
+@dataclass
+class Table:
+    """``name``: file stem (the paper's CSV name where there is one); ``header``: column names; ``rows``: key
+    strings followed by Cells."""
+
+    name: str
+    title: str
+    header: list[str]
+    rows: list[list[str | Cell]]
+    notes: list[str] = field(default_factory=list)
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.header)
+        writer.writerows([[c.csv() if isinstance(c, Cell) else c for c in row] for row in self.rows])
+        return out.getvalue()
+
+    def long_csv(self) -> str:
+        """Every value cell on its own line: key columns, column, mean, std, n, failed."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        keys = [i for i, c in enumerate(self.rows[0]) if not isinstance(c, Cell)] if self.rows else []
+        writer.writerow([self.header[i] for i in keys] + ["column", "mean", "std", "n", "failed"])
+        for row in self.rows:
+            for i, c in enumerate(row):
+                if isinstance(c, Cell):
+                    writer.writerow([row[j] for j in keys] + [self.header[i], _num(c.mean), _num(c.std), c.n, c.failed])
+        return out.getvalue()
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(c.text() if isinstance(c, Cell) else c for c in row) + " |" for row in self.rows]
+        return "\n".join(lines + ([""] + [f"- {n}" for n in self.notes] if self.notes else []) + [""])
+
+    def latex(self) -> str:
+        spec = "".join("r" if any(isinstance(r[i], Cell) for r in self.rows) else "l" for i in range(len(self.header)))
+        body = [" & ".join(_tex(c.text(plus_minus="$\\pm$") if isinstance(c, Cell) else c, raw=isinstance(c, Cell)) for c in row) + r" \\"
+                for row in self.rows]
+        return "\n".join([r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex(self.title)}}}", f"\\begin{{tabular}}{{{spec}}}",
+                          r"\toprule", " & ".join(_tex(h) for h in self.header) + r" \\", r"\midrule", *body, r"\bottomrule",
+                          r"\end{tabular}", r"\end{table}", ""])
+
+    def renderers(self) -> dict[str, Callable[[], str]]:
+        """File suffix -> renderer; the long per-cell CSV only where the table has aggregated cells."""
+        out = {".csv": self.csv, ".md": self.markdown, ".tex": self.latex}
+        if any(isinstance(c, Cell) for row in self.rows for c in row):
+            out["_cells.csv"] = self.long_csv
+        return out
+
+    def write(self, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        outputs = {suffix: render() for suffix, render in self.renderers().items()}
+        paths = []
+        for suffix, text in outputs.items():
+            path = folder / f"{self.name}{suffix}"
+            path.write_text(text)
+            paths.append(path)
+        return paths
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _tex(text: str, *, raw: bool = False) -> str:
+    if raw:  # cells carry their own $\pm$; only the dash and the other specials need care
+        return text.replace(MISSING, "--").replace("%", r"\%").replace("_", r"\_")
+    for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("$", r"\$")):
+        text = text.replace(char, escaped)
+    return text.replace(MISSING, "--").replace("±", r"$\pm$")
+
+
+def cell(trials: pd.DataFrame, metric: str, *, formatter: Callable[[float], str] | None = None) -> Cell:
+    """Aggregate ``metric`` over the successful trials of ``trials`` (NaN values of successful trials count as missing)."""
+    ok = trials[trials["status"] == "success"][metric].dropna()
+    failed = int((trials["status"] != "success").sum())
+    fmt = formatter or METRICS[metric].format
+    if ok.empty:
+        return Cell(None, None, 0, failed, fmt)
+    return Cell(float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0, len(ok), failed, fmt)
+
+
+def _eps(value: float) -> str:
+    return f"{value:g}"
+
+
+def _method_order(methods) -> list[str]:
+    return sorted(set(methods), key=lambda m: list(METHOD_LABELS).index(m))
+
+
+def _models(trials: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(trials.sort_values("depth")["model"]))
+
+
+def dataset_columns(trials: pd.DataFrame) -> list[str]:
+    """The paper's dataset columns in its order where any paper dataset is present, then any other dataset."""
+    present = list(dict.fromkeys(trials["dataset"]))
+    paper = [d for d in DATASET_COLUMNS if d in present]
+    return (list(DATASET_COLUMNS) if paper else []) + [d for d in present if d not in DATASET_COLUMNS]
+
+
+def _params(group: pd.DataFrame) -> list[Cell]:
+    """Trainable parameters and share of a row: the median over its trials (class embeddings differ slightly
+    with the class count), as the paper prints them."""
+    ok = group[group["status"] == "success"]
+    if ok["trainable_params"].dropna().empty:
+        return [Cell(None, None, 0, 0, format_count), Cell(None, None, 0, 0, format_percent_share)]
+    return [Cell(float(ok["trainable_params"].median()), 0.0, 1, 0, format_count),
+            Cell(float(ok["trainable_pct"].median()), 0.0, 1, 0, format_percent_share)]
+
+
+def _model_method_groups(trials: pd.DataFrame):
+    """(model, method, that row's trials) in table order: model depth, then the methods' table order."""
+    for model in _models(trials):
+        for method in _method_order(trials[trials["model"] == model]["method"]):
+            yield model, method, trials[(trials["model"] == model) & (trials["method"] == method)]
+
+
+def table1(trials: pd.DataFrame) -> list[Table]:
+    """FID per model x method (rows) x dataset (columns), non-DP trials, with trainable parameters and share."""
+    plain = trials[~trials["dp"]]
+    if plain.empty:
+        return []
+    datasets = dataset_columns(plain)
+    rows = [[model, METHOD_LABELS[method], *[cell(group[group["dataset"] == d], "fid") for d in datasets], *_params(group)]
+            for model, method, group in _model_method_groups(plain)]
+    header = ["model", "method", *[DATASET_COLUMNS.get(d, d) for d in datasets], "trainable_params", "trainable_pct"]
+    return [Table("table1_fid", "Table 1: FID of non-private adaptation (lower is better)", header, rows,
+                  notes=["trainable_params / trainable_pct: median over the row's trials; share of the base model's parameters"])]
+
+
+def table9(trials: pd.DataFrame) -> list[Table]:
+    """Precision and recall (percent, k = 3 nearest neighbours) of the Table 1 trials."""
+    plain = trials[~trials["dp"] & (trials["method"] != "base")]
+    if plain.empty:
+        return []
+    datasets = dataset_columns(plain)
+    rows = [[model, METHOD_LABELS[method], *[cell(group[group["dataset"] == d], metric) for d in datasets for metric in ("precision", "recall")]]
+            for model, method, group in _model_method_groups(plain)]
+    header = ["model", "method", *[f"{DATASET_COLUMNS.get(d, d)}_{s}" for d in datasets for s in ("p", "r")]]
+    return [Table("table9_precision_recall", "Table 9: precision and recall (%) of non-private adaptation", header, rows)]
+
+
+def _per_dataset(trials: pd.DataFrame, name: str, build: Callable[[pd.DataFrame, str], Table | None]) -> list[Table]:
+    """DP tables are per dataset; with one dataset the file keeps the paper's name, else gets a suffix."""
+    datasets = list(dict.fromkeys(trials["dataset"]))
+    tables = []
+    for dataset in datasets:
+        table = build(trials[trials["dataset"] == dataset], dataset)
+        if table is not None:
+            if len(datasets) > 1:
+                table.name, table.title = f"{table.name}_{dataset}", f"{table.title} [{dataset}]"
+            tables.append(table)
+    return tables
+
+
+def table2(trials: pd.DataFrame, *, epsilon: float = 10.0) -> list[Table]:
+    """DP FID vs augmentation multiplicity k at one epsilon (LoRA and LNTuning)."""
+    dp = trials[trials["dp"] & trials["method"].isin(TABLE2_METHODS) & (trials["epsilon"] == epsilon)]
+
+    def build(group: pd.DataFrame, dataset: str) -> Table | None:
+        rows = [[model, METHOD_LABELS[method], _eps(epsilon), str(k), cell(sub[sub["k"] == k], "fid")]
+                for model, method, sub in _model_method_groups(group) for k in sorted(set(sub["k"]))]
+        return Table("table2_dp_multiplicity", f"Table 2: DP FID vs augmentation multiplicity k at epsilon {_eps(epsilon)}",
+                     ["model", "method", "epsilon", "k", "fid"], rows) if rows else None
+
+    return _per_dataset(dp, "table2", build)
+
+
+def table3(trials: pd.DataFrame) -> list[Table]:
+    """DP FID vs epsilon: one row per (model, method, k) run at two or more epsilons."""
+    dp = trials[trials["dp"]]
+
+    def build(group: pd.DataFrame, dataset: str) -> Table | None:
+        keyed = group.groupby(["model", "method", "k"])["epsilon"].nunique()
+        keys = [key for key, n in keyed.items() if n >= 2]
+        if not keys:
+            return None
+        epsilons = sorted(set(group[group.set_index(["model", "method", "k"]).index.isin(keys)]["epsilon"]))
+        rows = []
+        for model, method, k in sorted(keys, key=lambda key: (group[group["model"] == key[0]]["depth"].iloc[0], list(METHOD_LABELS).index(key[1]), key[2])):
+            sub = group[(group["model"] == model) & (group["method"] == method) & (group["k"] == k)]
+            rows.append([model, METHOD_LABELS[method], str(k), *[cell(sub[sub["epsilon"] == e], "fid") for e in epsilons]])
+        return Table("table3_dp_epsilon", "Table 3: DP FID vs privacy budget epsilon", ["model", "method", "k", *[f"eps_{_eps(e)}" for e in epsilons]], rows)
+
+    return _per_dataset(dp, "table3", build)
+
+
+def table10(trials: pd.DataFrame) -> list[Table]:
+    """DP LoRA ablation: every method at each (model, epsilon, k) where an attention-only or MLP-only LoRA ran."""
+    dp = trials[trials["dp"] & trials["method"].isin(VARIANT_LABELS)]
+
+    def build(group: pd.DataFrame, dataset: str) -> Table | None:
+        settings = group[group["method"].isin(ABLATION_METHODS)][["depth", "model", "epsilon", "k"]].drop_duplicates().sort_values(["depth", "epsilon", "k"])
+        rows = []
+        for _, s in settings.iterrows():
+            at = group[(group["model"] == s["model"]) & (group["epsilon"] == s["epsilon"]) & (group["k"] == s["k"])]
+            for method in [m for m in VARIANT_LABELS if m in set(at["method"])]:
+                sub = at[at["method"] == method]
+                targets = sub["lora_targets"].dropna()
+                rows.append([s["model"], VARIANT_LABELS[method], targets.iloc[0] if len(targets) else VARIANT_TARGETS[method],
+                             _eps(s["epsilon"]), str(s["k"]), cell(sub, "fid"), *_params(sub)])
+        return Table("table10_dp_ablation", "Table 10: which layers DP LoRA adapts",
+                     ["model", "variant", "targets", "epsilon", "k", "fid", "trainable_params", "trainable_pct"], rows) if rows else None
+
+    return _per_dataset(dp, "table10", build)
+
+
+COMPUTE_METRICS = ("train_pflops", "sample_pflops", "gpu_hours", "rows_per_second", "mfu", "peak_memory_gib", "train_seconds")
+
+
+def compute_table(trials: pd.DataFrame) -> list[Table]:
+    """Training and sampling compute per model x dataset x method x privacy setting (mean over seeds)."""
+    if trials.empty:
+        return []
+    keys = ["depth", "model", "dataset", "method", "epsilon", "k"]
+    keyed = []
+    for key, group in trials.groupby(keys, dropna=False):
+        depth, model, dataset, method, epsilon, k = key
+        dp = not math.isnan(epsilon)
+        keyed.append(((depth, dataset, list(METHOD_LABELS).index(method), dp, epsilon if dp else 0.0, k),
+                      [model, dataset, METHOD_LABELS[method], _eps(epsilon) if dp else "no DP", str(k), *[cell(group, m) for m in COMPUTE_METRICS]]))
+    rows = [row for _, row in sorted(keyed, key=lambda item: item[0])]
+    header = ["model", "dataset", "method", "epsilon", "k", "train_pflops", "sample_pflops", "gpu_hours", "samples_per_second", "mfu_pct",
+              "peak_memory_gib", "train_seconds"]
+    return [Table("compute", "Compute: training and sampling PFLOPs (totals, not rates), GPU hours, throughput, MFU, peak memory", header, rows,
+                  notes=["PFLOPs = 1e15 floating-point operations counted by PyTorch's FLOP counter over the rows actually trained "
+                         "(norms, softmax, element-wise ops and the optimiser are not counted)",
+                         "MFU against the device's dense bf16 peak; empty on CPUs and unknown GPUs"])]
+
+
+PRIVACY_METRICS = ("epsilon_spent", "epsilon_spent_prv", "noise_multiplier", "dp_steps")
+
+
+def privacy_table(trials: pd.DataFrame) -> list[Table]:
+    """One row per DP trial: target and spent epsilon, delta, sigma, q, steps, C, k."""
+    dp = trials[trials["dp"]]
+    if dp.empty:
+        return []
+    rows = []
+    for _, t in dp.iterrows():
+        one = dp[dp["trial_id"] == t["trial_id"]]
+        rows.append([t["model"], t["dataset"], METHOD_LABELS[t["method"]], str(t["k"]), str(t["seed"]), _eps(t["epsilon"]),
+                     *[cell(one, m) for m in PRIVACY_METRICS], "" if math.isnan(t["delta"]) else f"{t['delta']:.3g}",
+                     f"{t['sampling_rate']:.4g}", f"{t['dp_max_grad_norm']:g}", t["trial_id"][:12]])
+    header = ["model", "dataset", "method", "k", "seed", "target_epsilon", "epsilon_spent_rdp", "epsilon_spent_prv", "sigma", "steps",
+              "delta", "q", "C", "trial"]
+    return [Table("privacy", "Privacy: budget spent per DP trial", header, rows,
+                  notes=["epsilon spent is computed by both accountants from the steps actually taken; sigma was calibrated "
+                         "with the trial's own accountant"])]
+
+
+def all_tables(trials: pd.DataFrame, *, table2_epsilon: float = 10.0) -> list[Table]:
+    return [*table1(trials), *table2(trials, epsilon=table2_epsilon), *table3(trials), *table9(trials), *table10(trials),
+            *compute_table(trials), *privacy_table(trials)]
