@@ -7,9 +7,11 @@ feature extractors, no results)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .load import AnalysisError
+from .report import summary, notices
 from .run import analyse
 
 
@@ -20,23 +22,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-paper", action="store_true", help="put the published numbers beside ours for the same cells")
     parser.add_argument("--extractor", help="analyse only the trials evaluated with this feature extractor")
     parser.add_argument("--skip-invalid", action="store_true", help="list and skip files that are not valid results instead of stopping")
+    parser.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
+                        help="keep trials whose config field (dotted, e.g. method.lora_rank=16) has this value; repeatable")
     parser.add_argument("--table2-epsilon", type=float, default=10.0, help="the epsilon of Table 2 (DP FID vs k); default 10")
     parser.add_argument("--no-grids", action="store_true", help="do not draw per-trial sample grids")
     args = parser.parse_args(argv)
     try:
         analysis = analyse(args.results_dir, args.out, compare_paper=args.compare_paper, extractor=args.extractor,
-                           skip_invalid=args.skip_invalid, table2_epsilon=args.table2_epsilon, grids=not args.no_grids)
+                           skip_invalid=args.skip_invalid, where=parse_where(args.where), table2_epsilon=args.table2_epsilon,
+                           grids=not args.no_grids)
     except AnalysisError as error:
         print(f"analysis: {error}", file=sys.stderr)
         return 2
-    r = analysis.results
-    print(f"{len(r.trials)} trials ({len(r.succeeded)} succeeded, {len(r.failed)} failed"
-          + (f", {len(r.invalid)} invalid files skipped" if r.invalid else "") + f"): {len(analysis.tables)} tables, "
-          f"{len(analysis.comparisons)} comparisons, {len(analysis.figures)} figures, {len(analysis.grids)} sample grids")
-    for t in r.failed.itertuples():
-        print(f"  failed: {t.label} ({t.trial_id[:12]})")
+    print(f"{summary(analysis.results)} Wrote {len(analysis.tables)} tables, {len(analysis.comparisons)} comparisons, "
+          f"{len(analysis.figures)} figures, {len(analysis.grids)} sample grids.")
+    for heading, items in notices(analysis):
+        if items and items != ["None."]:
+            print(f"{heading}:\n" + "\n".join(f"  {item}" for item in items))
     print(f"report: {analysis.out / 'index.html'} (and index.md)")
     return 0
+
+
+def parse_where(pairs: list[str]) -> dict[str, object]:
+    """["method.lora_rank=16", "data.dataset=cub200"] -> {"method.lora_rank": 16, "data.dataset": "cub200"}
+    (values are JSON where they parse as JSON: numbers, true/false, null; else strings)."""
+    out = {}
+    for pair in pairs:
+        field, sep, text = pair.partition("=")
+        if not sep or not field:
+            raise AnalysisError(f"--where {pair!r}: expected FIELD=VALUE, e.g. method.lora_rank=16")
+        try:
+            out[field] = json.loads(text)
+        except json.JSONDecodeError:
+            out[field] = text
+    return out
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ FID vs training steps (Fig. 2), the privacy-utility curve, trainable parameters 
 and the report says why."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def convergence_figure(trials: pd.DataFrame, convergence: pd.DataFrame, folder: 
         fig, axes = _panels(len(panels))
         for ax, (model, dataset) in zip(axes, panels):
             sub = data[(data["model"] == model) & (data["dataset"] == dataset)]
-            dp_markers = iter("s^vDP*X" * 4)  # DP curves of one method share its colour: tell them apart by marker
+            dp_markers = itertools.cycle("s^vDP*X")  # DP curves of one method share its colour: tell them apart by marker
             for _, curve in sub.sort_values(["dp", "epsilon"]).groupby("trial_id", sort=False):
                 t = curve.iloc[0]
                 label = METHOD_LABELS[t["method"]] + (f", DP ε={t['epsilon']:g}, k={t['k']}" if t["dp"] else "") + (f", seed {t['seed']}" if t["seed"] else "")
@@ -137,19 +138,23 @@ def parameters_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
     data = trials[(trials["status"] == "success") & ~trials["dp"] & (trials["method"] != "base")].dropna(subset=["fid", "trainable_params"])
     if data.empty:
         return None
-    points = data.groupby(["model", "method", "dataset"], sort=False)[["trainable_params", "fid"]].mean().reset_index()
-    markers = dict(zip(dict.fromkeys(points["dataset"]), "osD^vP*X"))
+    points = data.groupby(["depth", "model", "method", "dataset"], sort=True)[["trainable_params", "fid"]].mean().reset_index()
+    markers = dict(zip(dict.fromkeys(points["dataset"]), itertools.cycle("osD^vP*X")))
+    models = list(dict.fromkeys(points["model"]))
     with plt.rc_context(STYLE):
-        fig, axes = _panels(1, width=5.5, height=3.8)
-        ax = axes[0]
-        for _, p in points.iterrows():
-            ax.scatter(p["trainable_params"] / 1e6, p["fid"], color=METHOD_COLORS[p["method"]], marker=markers[p["dataset"]], s=28)
-        handles = [plt.Line2D([], [], color=METHOD_COLORS[m], marker="o", linestyle="", label=METHOD_LABELS[m]) for m in dict.fromkeys(points["method"])]
-        handles += [plt.Line2D([], [], color="black", marker=markers[d], linestyle="", label=DATASET_COLUMNS.get(d, d)) for d in markers]
-        ax.legend(handles=handles, ncol=2)
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters [millions]")
-        ax.set_ylabel(METRICS["fid"].axis_label)
+        fig, axes = _panels(len(models), width=5.0, height=3.8)
+        for ax, model in zip(axes, models):
+            sub = points[points["model"] == model]
+            for _, p in sub.iterrows():
+                ax.scatter(p["trainable_params"] / 1e6, p["fid"], color=METHOD_COLORS[p["method"]], marker=markers[p["dataset"]], s=28)
+            handles = [plt.Line2D([], [], color=METHOD_COLORS[m], marker="o", linestyle="", label=METHOD_LABELS[m]) for m in dict.fromkeys(sub["method"])]
+            handles += [plt.Line2D([], [], color="black", marker=markers[d], linestyle="", label=DATASET_COLUMNS.get(d, d))
+                        for d in dict.fromkeys(sub["dataset"])]
+            ax.legend(handles=handles, ncol=2)
+            ax.set_xscale("log")
+            ax.set_title(model)
+            ax.set_xlabel("trainable parameters [millions]")
+            ax.set_ylabel(METRICS["fid"].axis_label)
         return _save(fig, folder, "parameters_vs_fid", "FID vs trainable parameters")
 
 
@@ -161,7 +166,12 @@ def all_figures(trials: pd.DataFrame, convergence: pd.DataFrame, folder: Path) -
               "parameters_vs_fid": lambda: parameters_figure(trials, folder)}
     written, skipped = [], []
     for name, make in makers.items():
-        figure = make()
+        try:
+            figure = make()
+        except Exception as error:  # one figure's failure must not cost the report and the other figures
+            plt.close("all")
+            skipped.append(f"{name}: drawing failed ({type(error).__name__}: {error})")
+            continue
         if figure is None:
             skipped.append(f"{name}: no trial has the data it plots")
         else:
@@ -175,17 +185,15 @@ def sample_grid(record: dict, folder: Path) -> tuple[Path | None, str | None]:
     """One PNG per trial: for up to 8 classes, generated images (left) beside real evaluation images (right).
     Returns (path, None) or (None, why no grid was drawn)."""
     artifacts = record.get("artifacts") or {}
-    generated_dir, real = artifacts.get("generated_images"), artifacts.get("real_images") or {}
+    generated_dir = artifacts.get("generated_images")
+    real = {int(entry["label"]): entry["paths"] for entry in artifacts.get("real_images") or []}
     if not generated_dir or not Path(generated_dir).is_dir():
         return None, f"generated images not found ({generated_dir or 'not recorded'})"
-    class_dirs = sorted(Path(generated_dir).glob("class_*"))[:GRID_CLASSES]
-    names = list(real)
     rows = []
-    for index, class_dir in enumerate(class_dirs):
+    for class_dir in sorted(Path(generated_dir).glob("class_*"))[:GRID_CLASSES]:
         label = int(class_dir.name.removeprefix("class_"))
         generated = [_thumb(p) for p in sorted(class_dir.glob("*.png"))[:GRID_IMAGES]]
-        reals = [_thumb(Path(p)) for p in (real.get(names[label]) if label < len(names) else [])[:GRID_IMAGES]]
-        rows.append(_row(generated, reals))
+        rows.append(_row(generated, [_thumb(Path(p)) for p in real.get(label, [])[:GRID_IMAGES]]))
     if not rows:
         return None, f"no generated images in {generated_dir}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ a file that is not a valid result stops the analysis with its name, unless the c
 which case they are listed in the report."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ class AnalysisError(ValueError):
 @dataclass
 class Results:
     """``trials``: one row per trial; ``convergence``: (trial_id, step, metric columns); ``history``: (trial_id,
-    step, logged columns); ``records``: trial_id -> the raw record; ``invalid``: (file, reason) of skipped files."""
+    step, logged columns); ``records``: trial_id -> the raw record; ``invalid``: (file, reason) of skipped files;
+    ``excluded``: trials left out by --where / --extractor; ``repeats``: trials not counted twice."""
 
     folder: str | Path
     trials: pd.DataFrame
@@ -32,6 +34,8 @@ class Results:
     history: pd.DataFrame
     records: dict[str, dict]
     invalid: list[tuple[str, str]] = field(default_factory=list)
+    excluded: list[tuple[str, str, str]] = field(default_factory=list)  # (trial id, label, why)
+    repeats: list[tuple[str, str, str]] = field(default_factory=list)  # (trial id, label, the trial counted instead)
 
     @property
     def succeeded(self) -> pd.DataFrame:
@@ -61,10 +65,19 @@ def result_texts(folder: str | Path) -> list[tuple[str, str]]:
     return texts
 
 
-def load_results(folder: str | Path, *, skip_invalid: bool = False, extractor: str | None = None) -> Results:
-    """Load and validate every result. Results of more than one feature extractor are refused (their FIDs are not
-    comparable) unless ``extractor`` selects one; the other trials are then left out and say so in the report."""
-    records, invalid = {}, []
+def load_results(folder: str | Path, *, skip_invalid: bool = False, extractor: str | None = None,
+                 where: dict[str, object] | None = None) -> Results:
+    """Load and validate every result, then select and check them:
+    - a file that is not a valid result, or repeats another file's trial id, stops the analysis (``skip_invalid``:
+      it is listed and skipped);
+    - ``where`` keeps the trials whose config has these values (dotted paths, e.g. {"optimization.seed": 0});
+    - results of more than one feature extractor are refused (their FIDs are not comparable) unless ``extractor``
+      selects one; left-out trials are listed in ``Results.excluded``;
+    - trials repeating another's setting and seed (e.g. a Table 1 trial and its convergence-sweep twin, which
+      differ only in convergence evaluations) count once: ``Results.repeats``;
+    - two different settings in one table cell (e.g. LoRA rank 16 and 64 for the same model, dataset and
+      privacy) are refused with the fields that differ, since averaging them would pass them off as seeds."""
+    records, invalid, files = {}, [], {}
     for name, text in result_texts(folder):
         try:
             record = json.loads(text)
@@ -72,16 +85,103 @@ def load_results(folder: str | Path, *, skip_invalid: bool = False, extractor: s
         except (json.JSONDecodeError, ConfigError, TypeError, KeyError, AttributeError) as error:
             invalid.append((name, f"{type(error).__name__}: {error}"))
             continue
-        records[record["trial_id"]] = record
+        if record["trial_id"] in records:
+            invalid.append((name, f"repeats trial {record['trial_id']} of {files[record['trial_id']]} (kept that file)"))
+            continue
+        records[record["trial_id"]], files[record["trial_id"]] = record, name
     if invalid and not skip_invalid:
         listing = "\n".join(f"  {name}: {reason}" for name, reason in invalid)
         raise AnalysisError(f"{len(invalid)} file(s) are not valid results of this schema (pass --skip-invalid to list and skip them):\n{listing}")
-    trials = pd.DataFrame([trial_row(r) for r in records.values()]) if records else _empty_trials()
-    trials = _select_extractor(trials, extractor)
-    kept = set(trials["trial_id"])
-    records = {tid: r for tid, r in records.items() if tid in kept}
-    return Results(folder=folder, trials=_ordered(trials), convergence=_long(records, "convergence"),
-                   history=_long(records, "history"), records=records, invalid=invalid)
+    if not records:
+        raise AnalysisError(f"no valid results in {folder}: all {len(invalid)} files are invalid")
+    trials = pd.DataFrame([trial_row(r) for r in records.values()])
+    trials, excluded = _select(trials, records, where=where or {}, extractor=extractor)
+    trials, repeats = _count_repeats_once(trials, records)
+    _check_one_setting_per_cell(trials, records)
+    records = {tid: r for tid, r in records.items() if tid in set(trials["trial_id"]) | {t for t, _, _ in repeats}}
+    return Results(folder=folder, trials=_ordered(trials), convergence=_long(records, "convergence"), history=_long(records, "history"),
+                   records=records, invalid=invalid, excluded=excluded, repeats=repeats)
+
+
+def config_value(config: dict, path: str):
+    """The value at a dotted path of a config dict (``method.lora_rank``); KeyError names a wrong path."""
+    value = config
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise AnalysisError(f"--where {path}: no such config field (sections: {', '.join(config)})")
+        value = value[part]
+    return value
+
+
+def flat_config(config: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# Fields that do not change a trial's final model or metrics: the seed (the replicate axis) and the convergence
+# evaluations made during training (evaluation only; the training streams do not depend on them).
+NOT_SETTING = ("optimization.seed", "evaluation.convergence_every_steps", "evaluation.convergence_num_images")
+
+
+def setting_of(config: dict) -> str:
+    """A short hash of everything in a config that decides a trial's final result, except the seed."""
+    kept = {k: v for k, v in flat_config(config).items() if k not in NOT_SETTING and not k.startswith("resources.")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _select(trials: pd.DataFrame, records: dict, *, where: dict, extractor: str | None) -> tuple[pd.DataFrame, list]:
+    excluded = []
+    for path, wanted in where.items():
+        keep = trials["trial_id"].map(lambda tid: config_value(records[tid]["config"], path) == wanted)
+        excluded += [(t.trial_id, t.label, f"{path} is not {wanted!r}") for t in trials[~keep].itertuples()]
+        trials = trials[keep]
+    found = {name: int(n) for name, n in trials.loc[trials["status"] == "success", "extractor"].value_counts().items()}
+    if extractor is not None:
+        if extractor not in set(trials["extractor"]):
+            raise AnalysisError(f"no trial was evaluated with extractor {extractor!r}; found: {found}")
+        excluded += [(t.trial_id, t.label, f"evaluated with {t.extractor}") for t in trials[trials["extractor"] != extractor].itertuples()]
+        trials = trials[trials["extractor"] == extractor]
+    elif len(found) > 1:
+        raise AnalysisError(f"these results mix feature extractors {found}: FIDs from different extractors are not "
+                            "comparable; choose one with --extractor NAME")
+    if trials.empty:
+        raise AnalysisError(f"no trial is left after the selection ({len(excluded)} excluded)")
+    return trials.reset_index(drop=True), excluded
+
+
+def _count_repeats_once(trials: pd.DataFrame, records: dict) -> tuple[pd.DataFrame, list]:
+    """One trial per (setting, seed): a success before a failure, then the one with more convergence
+    evaluations, then the smaller trial id. Returns (trials, [(repeat id, label, kept id), ...])."""
+    trials = trials.assign(setting=[setting_of(records[t]["config"]) for t in trials["trial_id"]])
+    rank = trials.assign(_ok=trials["status"] != "success", _curve=[-len(records[t]["convergence"]) for t in trials["trial_id"]])
+    rank = rank.sort_values(["setting", "seed", "_ok", "_curve", "trial_id"])
+    first = rank.groupby(["setting", "seed"])["trial_id"].transform("first")
+    repeats = [(t, label, kept) for t, label, kept in zip(rank["trial_id"], rank["label"], first) if t != kept]
+    return trials[trials["trial_id"].isin(set(first))].reset_index(drop=True), repeats
+
+
+CELL = ["model", "dataset", "method", "epsilon", "k"]
+
+
+def _check_one_setting_per_cell(trials: pd.DataFrame, records: dict) -> None:
+    conflicts = []
+    for key, group in trials.fillna({"epsilon": -1.0}).groupby(CELL):
+        if group["setting"].nunique() > 1:
+            configs = [flat_config(records[t]["config"]) for t in group.drop_duplicates("setting")["trial_id"]]
+            differ = sorted(k for k in set().union(*configs) if k not in NOT_SETTING and not k.startswith("resources.")
+                            and len({json.dumps(c.get(k), default=str) for c in configs}) > 1)
+            values = "; ".join(f"{k} = {', '.join(sorted({json.dumps(c.get(k), default=str) for c in configs}))}" for k in differ[:4])
+            model, dataset, method, epsilon, k = key
+            where = f"{model} {dataset} {method} {'no DP' if epsilon < 0 else f'ε={epsilon:g}'} k={k}"
+            conflicts.append(f"  {where}: {group['setting'].nunique()} settings differing in {values}")
+    if conflicts:
+        raise AnalysisError(f"{len(conflicts)} table cell(s) hold trials of different settings, which would be averaged as if they "
+                            "were seeds; analyse them separately (other folders, or --where FIELD=VALUE):\n" + "\n".join(conflicts[:10]))
 
 
 def trial_row(record: dict) -> dict:
@@ -115,18 +215,6 @@ def trial_row(record: dict) -> dict:
     return row
 
 
-def _select_extractor(trials: pd.DataFrame, extractor: str | None) -> pd.DataFrame:
-    found = trials.loc[trials["status"] == "success", "extractor"].value_counts()
-    if extractor is not None:
-        if extractor not in set(trials["extractor"]):
-            raise AnalysisError(f"no trial was evaluated with extractor {extractor!r}; found: {dict(found)}")
-        return trials[trials["extractor"] == extractor].reset_index(drop=True)
-    if len(found) > 1:
-        raise AnalysisError(f"these results mix feature extractors {dict(found)}: FIDs from different extractors are not "
-                            "comparable; choose one with --extractor NAME")
-    return trials
-
-
 def _ordered(trials: pd.DataFrame) -> pd.DataFrame:
     """Stable order: model depth, dataset, method (table order), privacy, k, seed; typed columns."""
     trials = trials.astype({"depth": "int64", "k": "int64", "seed": "int64", "dp": "bool", "epsilon": "float64"})
@@ -138,9 +226,3 @@ def _ordered(trials: pd.DataFrame) -> pd.DataFrame:
 def _long(records: dict[str, dict], key: str) -> pd.DataFrame:
     rows = [{"trial_id": tid, **entry} for tid, record in records.items() for entry in record[key]]
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["trial_id", "step"])
-
-
-def _empty_trials() -> pd.DataFrame:
-    columns = ["trial_id", "status", "error", "label", "model", "depth", "dataset", "dataset_column", "method", "method_label",
-               "dp", "epsilon", "k", "seed", "extractor", "trainable_params", "trainable_pct", *METRICS]
-    return pd.DataFrame(columns=columns)

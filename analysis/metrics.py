@@ -38,7 +38,7 @@ METRICS = _metrics(
     Metric("fid", "FID", "metrics.fid", "lower"),
     Metric("precision", "Precision", "metrics.precision", "higher", unit="%", scale=100.0),
     Metric("recall", "Recall", "metrics.recall", "higher", unit="%", scale=100.0),
-    Metric("kid", "KID", "metrics.kid", "lower", decimals=4),
+    Metric("kid", "KID", "metrics.kid_mean", "lower", decimals=4),
     Metric("train_pflops", "Training compute", "cost.train_pflops", "lower", unit="PFLOPs", decimals=1),
     Metric("sample_pflops", "Sampling compute", "cost.sample_pflops", "lower", unit="PFLOPs", decimals=2),
     Metric("gpu_hours", "GPU hours", "cost.gpu_hours", "lower", unit="h", decimals=2),

@@ -24,6 +24,7 @@ class Analysis:
     out: Path
     results: Results
     tables: list[Table]
+    skipped_tables: list[str] = field(default_factory=list)
     comparisons: list[Table] = field(default_factory=list)
     figures: list[FigureFile] = field(default_factory=list)
     skipped_figures: list[str] = field(default_factory=list)
@@ -49,35 +50,60 @@ def _rel(path: Path, out: Path) -> str:
     return path.relative_to(out).as_posix()
 
 
+def summary(r: Results) -> str:
+    parts = [f"{len(r.trials)} trials: {len(r.succeeded)} succeeded, {len(r.failed)} failed"]
+    parts += [f"{len(r.invalid)} files skipped as invalid"] * bool(r.invalid) + [f"{len(r.excluded)} trials left out by the selection"] * bool(r.excluded)
+    parts += [f"{len(r.repeats)} repeats counted once"] * bool(r.repeats)
+    return "; ".join(parts) + "."
+
+
+def notices(analysis: Analysis) -> list[tuple[str, list[str]]]:
+    """(heading, plain-text lines) of everything a reader must know is missing or was left out."""
+    r = analysis.results
+    labels = dict(zip(r.trials["trial_id"], r.trials["label"]))
+    return [("Failed trials", [f"{t.label} ({t.trial_id}): {_first_line(t.error)}" for t in r.failed.itertuples()] or ["None."]),
+            ("Files skipped as invalid", [f"{name}: {reason}" for name, reason in r.invalid]),
+            ("Trials left out by the selection", [f"{label} ({tid}): {why}" for tid, label, why in r.excluded]),
+            ("Repeats counted once (same setting and seed; they differ only in convergence evaluations)",
+             [f"{label} ({tid}) repeats {labels.get(kept, kept)} ({kept})" for tid, label, kept in r.repeats]),
+            ("Tables not produced", analysis.skipped_tables), ("Figures not drawn", analysis.skipped_figures),
+            ("Sample grids not drawn", [f"{n} trial(s): {why}" for why, n in _reasons(analysis.missing_grids)])]
+
+
+def _md(text: str) -> str:
+    """Plain text (error messages, file names) made inert in Markdown: no HTML, no table breaks."""
+    return html.escape(text, quote=False).replace("|", "\\|").replace("`", "'")
+
+
 def markdown(analysis: Analysis) -> str:
     r, out = analysis.results, analysis.out
-    lines = [f"# varsweep analysis of {r.folder}", "", f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}. "
-             f"{len(r.trials)} trials: {len(r.succeeded)} succeeded, {len(r.failed)} failed"
-             + (f"; {len(r.invalid)} files skipped as invalid" if r.invalid else "") + ".", "", "## Provenance", ""]
-    lines += [f"- {name}: {', '.join(values)}" for name, values in provenance(r).items()]
-    lines += ["", "## Failed trials", ""] + ([f"- `{t.trial_id}` {t.label}: {_first_line(t.error)}" for t in r.failed.itertuples()] or ["None."])
-    if r.invalid:
-        lines += ["", "## Files skipped as invalid", ""] + [f"- {name}: {reason}" for name, reason in r.invalid]
+    lines = [f"# varsweep analysis of {_md(str(r.folder))}", "",
+             f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}. {summary(r)}", "", "## Provenance", ""]
+    lines += [f"- {name}: {_md(', '.join(values))}" for name, values in provenance(r).items()]
+    for heading, items in notices(analysis):
+        if items:
+            lines += ["", f"## {heading}", ""] + [f"- {_md(item)}" for item in items]
     lines += ["", "## Tables", ""]
     for table in analysis.tables:
-        lines += [table.markdown(), _links(table, out), ""]
+        lines += [table.markdown(), _links(table), ""]
     if analysis.comparisons:
         lines += ["## Compared with the published tables", ""]
         for table in analysis.comparisons:
-            lines += [table.markdown(), _links(table, out), ""]
+            lines += [table.markdown(), _links(table), ""]
     lines += ["## Figures", ""]
     for figure in analysis.figures:
         png, pdf = figure.paths
         lines += [f"### {figure.title}", "", f"![{figure.title}]({_rel(png, out)})", "", f"PDF: [{_rel(pdf, out)}]({_rel(pdf, out)})", ""]
-    lines += [f"- not drawn: {why}" for why in analysis.skipped_figures]
-    lines += ["", "## Sample grids", "", "Each row is a class: generated images on the left, real evaluation images on the right.", ""]
+    lines += ["## Sample grids", "", GRID_NOTE, ""]
     labels = dict(zip(r.trials["trial_id"], r.trials["label"]))
     lines += [f"### {labels[tid]} (`{tid[:12]}`)\n\n![{labels[tid]}]({_rel(path, out)})\n" for tid, path in analysis.grids.items()]
-    lines += [f"- no grid for {n} trial(s): {why}" for why, n in _reasons(analysis.missing_grids)]
     return "\n".join(lines) + "\n"
 
 
-def _links(table: Table, out: Path) -> str:
+GRID_NOTE = "Each row is a class: generated images on the left, real evaluation images on the right."
+
+
+def _links(table: Table) -> str:
     return "Files: " + ", ".join(f"[{table.name}{s}](tables/{table.name}{s})" for s in table.renderers())
 
 
@@ -94,15 +120,12 @@ def page(analysis: Analysis) -> str:
     """index.html: the same content as index.md, as HTML."""
     r, out = analysis.results, analysis.out
     esc = html.escape
-    parts = [f"<h1>varsweep analysis of {esc(str(r.folder))}</h1>",
-             f"<p>{len(r.trials)} trials: {len(r.succeeded)} succeeded, {len(r.failed)} failed"
-             + (f", {len(r.invalid)} files skipped as invalid" if r.invalid else "") + ".</p>", "<h2>Provenance</h2><ul>"]
+    parts = [f"<h1>varsweep analysis of {esc(str(r.folder))}</h1>", f"<p>{esc(summary(r))}</p>", "<h2>Provenance</h2><ul>"]
     parts += [f"<li>{esc(name)}: {esc(', '.join(values))}</li>" for name, values in provenance(r).items()]
-    parts += ["</ul><h2>Failed trials</h2><ul>"]
-    parts += [f"<li><code>{esc(t.trial_id)}</code> {esc(t.label)}: {esc(_first_line(t.error))}</li>" for t in r.failed.itertuples()] or ["<li>None.</li>"]
     parts += ["</ul>"]
-    if r.invalid:
-        parts += ["<h2>Files skipped as invalid</h2><ul>"] + [f"<li>{esc(n)}: {esc(w)}</li>" for n, w in r.invalid] + ["</ul>"]
+    for heading, items in notices(analysis):
+        if items:
+            parts += [f"<h2>{esc(heading)}</h2><ul>"] + [f"<li>{esc(item)}</li>" for item in items] + ["</ul>"]
     parts += ["<h2>Tables</h2>"] + [_html_table(t) for t in analysis.tables]
     if analysis.comparisons:
         parts += ["<h2>Compared with the published tables</h2>"] + [_html_table(t) for t in analysis.comparisons]
@@ -110,11 +133,9 @@ def page(analysis: Analysis) -> str:
     for figure in analysis.figures:
         png, pdf = figure.paths
         parts += [f"<h3>{esc(figure.title)}</h3><img src='{_rel(png, out)}' style='max-width:100%'><p><a href='{_rel(pdf, out)}'>PDF</a></p>"]
-    parts += [f"<p>Not drawn: {esc(why)}</p>" for why in analysis.skipped_figures]
-    parts += ["<h2>Sample grids</h2><p>Each row is a class: generated images on the left, real evaluation images on the right.</p>"]
+    parts += [f"<h2>Sample grids</h2><p>{GRID_NOTE}</p>"]
     labels = dict(zip(r.trials["trial_id"], r.trials["label"]))
     parts += [f"<h3>{esc(labels[tid])}</h3><img src='{_rel(path, out)}'>" for tid, path in analysis.grids.items()]
-    parts += [f"<p>No grid for {n} trial(s): {esc(why)}</p>" for why, n in _reasons(analysis.missing_grids)]
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;margin:.5em 0}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td.key{text-align:left}caption{font-weight:bold;text-align:left}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>varsweep analysis</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"

@@ -11,14 +11,16 @@ from .tables import all_tables
 
 
 def analyse(results_dir: str | Path, out: str | Path, *, compare_paper: bool = False, extractor: str | None = None,
-            skip_invalid: bool = False, table2_epsilon: float = 10.0, grids: bool = True) -> Analysis:
+            skip_invalid: bool = False, where: dict[str, object] | None = None, table2_epsilon: float = 10.0,
+            grids: bool = True) -> Analysis:
     """Load every result (validated; see ``load_results``), then write ``out/tables/`` (CSV, long CSV, Markdown,
     LaTeX), ``out/figures/`` (PNG, PDF), ``out/grids/`` (one PNG per successful trial), ``out/trials.csv`` and
     the report ``out/index.md`` / ``out/index.html``."""
     out = Path(out)
-    results = load_results(results_dir, skip_invalid=skip_invalid, extractor=extractor)
-    tables = all_tables(results.trials, table2_epsilon=table2_epsilon)
-    analysis = Analysis(out=out, results=results, tables=tables)
+    results = load_results(results_dir, skip_invalid=skip_invalid, extractor=extractor, where=where)
+    out.mkdir(parents=True, exist_ok=True)
+    tables, skipped_tables = all_tables(results.trials, table2_epsilon=table2_epsilon)
+    analysis = Analysis(out=out, results=results, tables=tables, skipped_tables=skipped_tables)
     for table in tables:
         table.write(out / "tables")
     if compare_paper:

@@ -19,7 +19,7 @@ import pandas as pd
 from .metrics import (DATASET_COLUMNS, METHOD_LABELS, METRICS, VARIANT_LABELS, VARIANT_TARGETS, format_count,
                       format_percent_share)
 
-MISSING, FAILED = "—", "failed"
+MISSING, FAILED, NO_VALUE = "—", "failed", "no value"
 TABLE1_METHODS = ("full", "lora", "ln_tuning")
 TABLE2_METHODS = ("lora", "ln_tuning")
 ABLATION_METHODS = ("lora_attention", "lora_mlp")
@@ -27,24 +27,27 @@ ABLATION_METHODS = ("lora_attention", "lora_mlp")
 
 @dataclass(frozen=True)
 class Cell:
-    """Aggregate of one table cell over seeds, in display units. ``n`` successful trials, ``failed`` failed ones."""
+    """Aggregate of one table cell over seeds, in display units: ``n`` successful trials with a value, ``failed``
+    failed ones, ``no_value`` successful ones that recorded no (or a non-finite) value."""
 
     mean: float | None
     std: float | None
     n: int
     failed: int
     formatter: Callable[[float], str]
+    no_value: int = 0
 
     def csv(self) -> str:
         return "" if self.mean is None else self.formatter(self.mean)
 
     def text(self, *, plus_minus: str = "±") -> str:
         if self.mean is None:
-            return FAILED if self.failed else MISSING
+            return " / ".join([FAILED] * bool(self.failed) + [NO_VALUE] * bool(self.no_value)) or MISSING
+        notes = ([f"{self.failed} failed"] if self.failed else []) + ([f"{self.no_value} without value"] if self.no_value else [])
         shown = self.formatter(self.mean)
         if self.n > 1:
             shown += f" {plus_minus} {self.formatter(self.std)} (n={self.n})"
-        return shown + (f" ({self.failed} failed)" if self.failed else "")
+        return shown + (f" ({', '.join(notes)})" if notes else "")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Table:
     header: list[str]
     rows: list[list[str | Cell]]
     notes: list[str] = field(default_factory=list)
+    dataset: str | None = None  # the one dataset of a DP table
 
     def csv(self) -> str:
         out = io.StringIO()
@@ -70,11 +74,11 @@ class Table:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         keys = [i for i, c in enumerate(self.rows[0]) if not isinstance(c, Cell)] if self.rows else []
-        writer.writerow([self.header[i] for i in keys] + ["column", "mean", "std", "n", "failed"])
+        writer.writerow([self.header[i] for i in keys] + ["column", "mean", "std", "n", "failed", "without_value"])
         for row in self.rows:
             for i, c in enumerate(row):
                 if isinstance(c, Cell):
-                    writer.writerow([row[j] for j in keys] + [self.header[i], _num(c.mean), _num(c.std), c.n, c.failed])
+                    writer.writerow([row[j] for j in keys] + [self.header[i], _num(c.mean), _num(c.std), c.n, c.failed, c.no_value])
         return out.getvalue()
 
     def markdown(self) -> str:
@@ -121,13 +125,15 @@ def _tex(text: str, *, raw: bool = False) -> str:
 
 
 def cell(trials: pd.DataFrame, metric: str, *, formatter: Callable[[float], str] | None = None) -> Cell:
-    """Aggregate ``metric`` over the successful trials of ``trials`` (NaN values of successful trials count as missing)."""
-    ok = trials[trials["status"] == "success"][metric].dropna()
-    failed = int((trials["status"] != "success").sum())
+    """Aggregate ``metric`` over the successful trials of ``trials``; failed trials and successful ones without a
+    finite value are counted and shown, never averaged in."""
+    values = trials[trials["status"] == "success"][metric].astype(float)
+    ok = values[values.map(math.isfinite)]
+    failed, no_value = int((trials["status"] != "success").sum()), len(values) - len(ok)
     fmt = formatter or METRICS[metric].format
     if ok.empty:
-        return Cell(None, None, 0, failed, fmt)
-    return Cell(float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0, len(ok), failed, fmt)
+        return Cell(None, None, 0, failed, fmt, no_value)
+    return Cell(float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0, len(ok), failed, fmt, no_value)
 
 
 def _eps(value: float) -> str:
@@ -198,8 +204,9 @@ def _per_dataset(trials: pd.DataFrame, name: str, build: Callable[[pd.DataFrame,
     for dataset in datasets:
         table = build(trials[trials["dataset"] == dataset], dataset)
         if table is not None:
+            table.dataset, table.title = dataset, f"{table.title} [{dataset}]"
             if len(datasets) > 1:
-                table.name, table.title = f"{table.name}_{dataset}", f"{table.title} [{dataset}]"
+                table.name = f"{table.name}_{dataset}"
             tables.append(table)
     return tables
 
@@ -300,6 +307,21 @@ def privacy_table(trials: pd.DataFrame) -> list[Table]:
                          "with the trial's own accountant"])]
 
 
-def all_tables(trials: pd.DataFrame, *, table2_epsilon: float = 10.0) -> list[Table]:
-    return [*table1(trials), *table2(trials, epsilon=table2_epsilon), *table3(trials), *table9(trials), *table10(trials),
-            *compute_table(trials), *privacy_table(trials)]
+def all_tables(trials: pd.DataFrame, *, table2_epsilon: float = 10.0) -> tuple[list[Table], list[str]]:
+    """(tables, one line per table not produced, saying what data it lacks)."""
+    dp_epsilons = sorted(set(trials.loc[trials["dp"], "epsilon"]))
+    found = f" (DP trials ran at ε in {{{', '.join(_eps(e) for e in dp_epsilons)}}}; see --table2-epsilon)" if dp_epsilons else ""
+    builders = [("table1_fid", lambda: table1(trials), "no non-DP trial"),
+                ("table2_dp_multiplicity", lambda: table2(trials, epsilon=table2_epsilon),
+                 f"no DP LoRA or LNTuning trial at ε={_eps(table2_epsilon)}{found}"),
+                ("table3_dp_epsilon", lambda: table3(trials), "no DP model x method x k was run at two or more epsilons"),
+                ("table9_precision_recall", lambda: table9(trials), "no adapted non-DP trial"),
+                ("table10_dp_ablation", lambda: table10(trials), "no DP attention-only or MLP-only LoRA trial"),
+                ("compute", lambda: compute_table(trials), "no trial"),
+                ("privacy", lambda: privacy_table(trials), "no DP trial")]
+    tables, skipped = [], []
+    for name, build, why in builders:
+        built = build()
+        tables += built
+        skipped += [] if built else [f"{name}: {why}"]
+    return tables, skipped

@@ -323,7 +323,8 @@ RESULT_FIELDS = {"schema_version": int, "trial_id": str, "status": str, "error":
                  "evaluation_settings": (dict, type(None)), "parameters": dict, "data": dict, "environment": dict,
                  "started_at": str, "finished_at": str}
 # Optional fields (absent from older records of the same version): ``artifacts`` = where the trial's generated
-# images and a few real evaluation images per class are ({"generated_images": dir, "real_images": {class: [paths]}}).
+# images and a few real evaluation images per class are
+# ({"generated_images": dir, "real_images": [{"label": 0, "class": name, "paths": [...]}, ...]}).
 OPTIONAL_RESULT_FIELDS = {"artifacts": dict}
 
 

@@ -40,8 +40,8 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path):
     assert (tmp_path / "dp" / "adapter.pt").is_file() and len(list((tmp_path / "dp" / "images").rglob("*.png"))) == 20
     artifacts = record["artifacts"]  # what the analysis's sample grids read
     assert Path(artifacts["generated_images"]) == (tmp_path / "dp" / "images").resolve()
-    assert list(artifacts["real_images"]) == [f"{d:02d}_{d}" for d in range(8)] and all(len(paths) == 6 and all(Path(p).is_file() for p in paths)
-                                                                              for paths in artifacts["real_images"].values())
+    assert [(e["label"], e["class"]) for e in artifacts["real_images"]] == [(d, f"{d:02d}_{d}") for d in range(8)]
+    assert all(len(e["paths"]) == 6 and all(Path(p).is_file() for p in e["paths"]) for e in artifacts["real_images"])
     checkpoints = [state for _, state in reports if state is not None]
     assert [s["step"] for s in checkpoints] == [2] and "loss" not in reports[0][0]  # DP logs no private statistics
     base = run_trial(replace(tiny_trial("base", steps=0), data={"cached_views": 2}), cache_dir=cache_dir, work_dir=tmp_path / "base", log=lambda line: None)

@@ -217,12 +217,13 @@ def _train(config: TrialConfig, var, vqvae, views, *, base, steps: int, evaluato
 
 
 def _artifacts(images_dir: Path, evaluation, *, classes: int = 8, per_class: int = 6) -> dict:
-    """Where the analysis finds this trial's generated images, and a few real evaluation images of the first
-    classes to show beside them (absolute paths, as the analysis may run elsewhere on the shared storage)."""
-    real: dict[str, list[str]] = {name: [] for name in evaluation.class_names[:classes]}
+    """Where the analysis finds this trial's generated images (``class_<label>/``), and a few real evaluation
+    images of the first classes to show beside them, keyed by label (absolute paths: the analysis may run
+    elsewhere on the shared storage)."""
+    real = [{"label": label, "class": name, "paths": []} for label, name in enumerate(evaluation.class_names[:classes])]
     for path, label in zip(evaluation.paths, evaluation.labels):
-        if label < classes and len(real[evaluation.class_names[label]]) < per_class:
-            real[evaluation.class_names[label]].append(str(Path(path).resolve()))
+        if label < classes and len(real[label]["paths"]) < per_class:
+            real[label]["paths"].append(str(Path(path).resolve()))
     return {"generated_images": str(images_dir.resolve()), "real_images": real}
 
 
