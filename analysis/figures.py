@@ -185,8 +185,10 @@ def sample_grid(record: dict, folder: Path) -> tuple[Path | None, str | None]:
     """One PNG per trial: for up to 8 classes, generated images (left) beside real evaluation images (right).
     Returns (path, None) or (None, why no grid was drawn)."""
     artifacts = record.get("artifacts") or {}
-    generated_dir = artifacts.get("generated_images")
-    real = {int(entry["label"]): entry["paths"] for entry in artifacts.get("real_images") or []}
+    generated_dir, entries = artifacts.get("generated_images"), artifacts.get("real_images") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"label", "paths"} <= set(e) for e in entries):
+        return None, "artifacts.real_images is not a list of {label, class, paths}"
+    real = {int(entry["label"]): entry["paths"] for entry in entries}
     if not generated_dir or not Path(generated_dir).is_dir():
         return None, f"generated images not found ({generated_dir or 'not recorded'})"
     rows = []
