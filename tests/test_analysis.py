@@ -77,6 +77,7 @@ def test_fixture_regenerates_the_published_tables_cell_by_cell(golden_run, name)
     n_keys = KEYS[name]
     assert list(ours[0]) == list(paper[0]), "column layout differs from the paper's"
     keyed = {tuple(r.values())[:n_keys]: r for r in ours}
+    assert len(keyed) == len(ours), f"{name}: a row key appears twice"
     for row in paper:
         key = tuple(row.values())[:n_keys]
         assert key in keyed, f"{name}: row {key} missing"
