@@ -4,7 +4,7 @@ a file that is not a valid result stops the analysis with its name, unless the c
 which case they are listed in the report."""
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.results import ResultStore, is_uri
-from bench.schema import ConfigError, TrialConfig, check_result
+from bench.schema import ConfigError, EvaluationConfig, TrialConfig, check_result, replace
 
 from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup
 
@@ -123,15 +123,20 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-# Fields that do not change a trial's final model or metrics: the seed (the replicate axis) and the convergence
+def fields_default(kind: type, name: str):
+    return next(f.default for f in dataclasses.fields(kind) if f.name == name)
+
+
+# What does not change a trial's final model or metrics: the seed (the replicate axis) and the convergence
 # evaluations made during training (evaluation only; the training streams do not depend on them).
-NOT_SETTING = ("optimization.seed", "evaluation.convergence_every_steps", "evaluation.convergence_num_images")
+SETTING_NEUTRAL = {"optimization": {"seed": 0},
+                   "evaluation": {"convergence_every_steps": 0, "convergence_num_images": fields_default(EvaluationConfig, "convergence_num_images")}}
+NOT_SETTING = tuple(f"{section}.{name}" for section, fields in SETTING_NEUTRAL.items() for name in fields)
 
 
-def setting_of(config: dict) -> str:
-    """A short hash of everything in a config that decides a trial's final result, except the seed."""
-    kept = {k: v for k, v in flat_config(config).items() if k not in NOT_SETTING and not k.startswith("resources.")}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def setting_of(config: TrialConfig) -> str:
+    """The trial id of ``config`` with the seed and convergence evaluations neutralised: equal for replicates."""
+    return replace(config, **SETTING_NEUTRAL).trial_id
 
 
 def _select(trials: pd.DataFrame, records: dict, *, where: dict, extractor: str | None) -> tuple[pd.DataFrame, list]:
@@ -157,7 +162,6 @@ def _select(trials: pd.DataFrame, records: dict, *, where: dict, extractor: str 
 def _count_repeats_once(trials: pd.DataFrame, records: dict) -> tuple[pd.DataFrame, list]:
     """One trial per (setting, seed): a success before a failure, then the one with more convergence
     evaluations, then the smaller trial id. Returns (trials, [(repeat id, label, kept id), ...])."""
-    trials = trials.assign(setting=[setting_of(records[t]["config"]) for t in trials["trial_id"]])
     rank = trials.assign(_ok=trials["status"] != "success", _curve=[-len(records[t]["convergence"]) for t in trials["trial_id"]])
     rank = rank.sort_values(["setting", "seed", "_ok", "_curve", "trial_id"])
     first = rank.groupby(["setting", "seed"])["trial_id"].transform("first")
@@ -193,7 +197,8 @@ def trial_row(record: dict) -> dict:
     params = record.get("parameters") or {}
     trainable, total = params.get("trainable"), params.get("base_total")
     row = {
-        "trial_id": record["trial_id"], "status": record["status"], "error": record["error"], "label": config.label,
+        "trial_id": record["trial_id"], "setting": setting_of(config), "status": record["status"], "error": record["error"],
+        "label": config.label,
         "model": f"VAR-d{model.depth}" if model.base == "official" else f"tiny-d{model.depth}", "depth": model.depth,
         "dataset": config.data.dataset, "dataset_column": DATASET_COLUMNS.get(config.data.dataset, config.data.dataset),
         "resolution": config.data.resolution, "method": method.name, "method_label": METHOD_LABELS[method.name],

@@ -197,7 +197,7 @@ def table9(trials: pd.DataFrame) -> list[Table]:
     return [Table("table9_precision_recall", "Table 9: precision and recall (%) of non-private adaptation", header, rows)]
 
 
-def _per_dataset(trials: pd.DataFrame, name: str, build: Callable[[pd.DataFrame, str], Table | None]) -> list[Table]:
+def _per_dataset(trials: pd.DataFrame, build: Callable[[pd.DataFrame, str], Table | None]) -> list[Table]:
     """DP tables are per dataset; with one dataset the file keeps the paper's name, else gets a suffix."""
     datasets = list(dict.fromkeys(trials["dataset"]))
     tables = []
@@ -221,7 +221,7 @@ def table2(trials: pd.DataFrame, *, epsilon: float = 10.0) -> list[Table]:
         return Table("table2_dp_multiplicity", f"Table 2: DP FID vs augmentation multiplicity k at epsilon {_eps(epsilon)}",
                      ["model", "method", "epsilon", "k", "fid"], rows) if rows else None
 
-    return _per_dataset(dp, "table2", build)
+    return _per_dataset(dp, build)
 
 
 def table3(trials: pd.DataFrame) -> list[Table]:
@@ -240,7 +240,7 @@ def table3(trials: pd.DataFrame) -> list[Table]:
             rows.append([model, METHOD_LABELS[method], str(k), *[cell(sub[sub["epsilon"] == e], "fid") for e in epsilons]])
         return Table("table3_dp_epsilon", "Table 3: DP FID vs privacy budget epsilon", ["model", "method", "k", *[f"eps_{_eps(e)}" for e in epsilons]], rows)
 
-    return _per_dataset(dp, "table3", build)
+    return _per_dataset(dp, build)
 
 
 def table10(trials: pd.DataFrame) -> list[Table]:
@@ -260,7 +260,7 @@ def table10(trials: pd.DataFrame) -> list[Table]:
         return Table("table10_dp_ablation", "Table 10: which layers DP LoRA adapts",
                      ["model", "variant", "targets", "epsilon", "k", "fid", "trainable_params", "trainable_pct"], rows) if rows else None
 
-    return _per_dataset(dp, "table10", build)
+    return _per_dataset(dp, build)
 
 
 COMPUTE_METRICS = ("train_pflops", "sample_pflops", "gpu_hours", "rows_per_second", "mfu", "peak_memory_gib", "train_seconds")

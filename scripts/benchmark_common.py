@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import platform
+import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
 import torch
+
+from trainables.models import OFFICIAL_PATCH_NUMS, build_var, build_vqvae
+from trainables.profiling import Stopwatch
 
 
 def stamp() -> str:
@@ -24,3 +28,23 @@ def publish(text: str, out: Path | None) -> None:
     if out:
         with open(out, "a") as handle:
             handle.write("\n" + text)
+
+
+def timed(fn, *, steps: int, warmup: int = 1, device: torch.device | str = "cpu") -> float:
+    """Median seconds of ``fn`` over ``steps`` calls after ``warmup`` untimed ones (allocation, autotuning);
+    CUDA is synchronised around each call."""
+    seconds = []
+    for i in range(warmup + steps):
+        with Stopwatch(device) as watch:
+            fn()
+        if i >= warmup:
+            seconds.append(watch.seconds)
+    return statistics.median(seconds)
+
+
+def official_models(*, depth: int = 16, num_classes: int = 1000):
+    """(VQVAE, VAR) of the official architectures (256px, 10 scales, codebook 4096), random weights, seed 0."""
+    torch.manual_seed(0)
+    vqvae = build_vqvae(vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_PATCH_NUMS).eval()
+    var = build_var(depth=depth, num_classes=num_classes, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32)
+    return vqvae, var

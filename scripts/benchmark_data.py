@@ -11,12 +11,12 @@ Usage: python scripts/benchmark_data.py [--batch-size 2] [--steps 2] [--out docs
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import benchmark_common
+from benchmark_common import official_models, timed
 import torch
 from PIL import Image
 
@@ -27,25 +27,12 @@ from trainables.evaluation.evaluate import EvaluationSettings, reference_statist
 from trainables.evaluation.features import SUBSTITUTE, build_extractor
 from trainables.evaluation.metrics import ReferenceStats
 from trainables.methods import AdaptationSpec, adapt
-from trainables.models import OFFICIAL_PATCH_NUMS, build_var, build_vqvae
 from trainables.training import build_optimizer, view_losses
 
 
-def timed(fn, steps: int) -> float:
-    fn()
-    seconds = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
-
-
 def training_steps(*, batch_size: int, steps: int) -> dict:
-    torch.manual_seed(0)
-    vqvae = build_vqvae(vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_PATCH_NUMS).eval()
-    var = adapt(build_var(depth=16, num_classes=1000, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32),
-                AdaptationSpec(method="lora", num_classes=102)).train()
+    vqvae, var = official_models()
+    var = adapt(var, AdaptationSpec(method="lora", num_classes=102)).train()
     optimizer = build_optimizer(var, lr=1e-4)
     images_B3HW = torch.rand(batch_size, 3, 256, 256) * 2 - 1
     labels_B = torch.randint(0, 102, (batch_size,))
@@ -66,7 +53,7 @@ def training_steps(*, batch_size: int, steps: int) -> dict:
     def from_cache() -> None:
         step(cached.take(torch.arange(batch_size), k=1, generator=torch.Generator().manual_seed(0))[1])
 
-    fly, cache = timed(on_the_fly, steps), timed(from_cache, steps)
+    fly, cache = timed(on_the_fly, steps=steps), timed(from_cache, steps=steps)
     return {"on_the_fly_s": fly, "cached_s": cache, "speedup": fly / cache}
 
 
@@ -87,12 +74,11 @@ def reference_reuse(folder: Path) -> dict:
 
 
 def generation(*, batch_size: int) -> dict:
-    torch.manual_seed(0)
-    vqvae = build_vqvae(vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_PATCH_NUMS).eval()
-    var = build_var(depth=16, num_classes=1000, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32).eval()
+    vqvae, var = official_models()
+    var.eval()
     labels = torch.randint(0, 1000, (batch_size,))
     run = lambda: var.sample(labels, vqvae=vqvae, cfg=1.5, top_k=900, top_p=0.96, generator=torch.Generator().manual_seed(0))  # noqa: E731
-    seconds = timed(run, 1)
+    seconds = timed(run, steps=1)
     return {"batch_size": batch_size, "seconds_per_batch": seconds, "images_per_second": batch_size / seconds}
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -26,27 +25,17 @@ import traceback
 from pathlib import Path
 
 import benchmark_common
+from benchmark_common import official_models, timed
 import torch
 
 from trainables.data.tokens import TokenViews
 from trainables.methods import AdaptationSpec, adapt
-from trainables.models import OFFICIAL_PATCH_NUMS, build_var, build_vqvae
+from trainables.models import OFFICIAL_PATCH_NUMS
 from trainables.privacy import PrivacySpec, make_private, private_step
-from trainables.profiling import Stopwatch, count_flops, peak_flops_per_second
+from trainables.profiling import count_flops, peak_flops_per_second
 from trainables.training import bf16_autocast, build_optimizer, view_losses
 
 CLASSES, GIB = 102, 1024 ** 3
-
-
-def timed(fn, *, steps: int, device: torch.device) -> float:
-    """Median seconds of ``fn`` over ``steps`` calls after two untimed ones (allocation, autotuning)."""
-    seconds = []
-    for i in range(steps + 2):
-        with Stopwatch(device) as watch:
-            fn()
-        if i >= 2:
-            seconds.append(watch.seconds)
-    return statistics.median(seconds)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -59,9 +48,8 @@ def peak_gib(device: torch.device) -> float | None:
 
 
 def models(*, depth: int, method: str, device: torch.device):
-    torch.manual_seed(0)
-    vqvae = build_vqvae(vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_PATCH_NUMS).to(device).eval()
-    var = build_var(depth=depth, num_classes=1000, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32)
+    vqvae, var = official_models(depth=depth)
+    vqvae = vqvae.to(device)
     if method != "base":  # "base": the un-adapted model (generation)
         var = adapt(var, AdaptationSpec(method=method, num_classes=CLASSES)).train()
     return vqvae, var.to(device)
@@ -102,7 +90,7 @@ def _method_rows(method: str, images_B3HW: torch.Tensor, labels_B: torch.Tensor,
         flops, _ = count_flops(from_cache)
         for source, fn in (("on the fly", on_the_fly), ("token cache", from_cache)):
             reset_peak(device)
-            seconds = timed(fn, steps=steps, device=device)
+            seconds = timed(fn, steps=steps, warmup=2, device=device)
             rows.append({"method": method, "precision": "bf16 autocast" if bf16 else "float32", "tokens": source,
                          "step_s": seconds, "images_per_s": batch_size / seconds, "peak_gib": peak_gib(device),
                          "var_flops": flops, "mfu": flops / seconds / peak if peak else None})
@@ -139,7 +127,7 @@ def _privacy_row(k: int, clipping: str | None, *, rows: int, depth: int, steps: 
         state = make_private(var, optimizer, spec=spec, dataset_size=4 * examples, planned_steps=10_000)
         step = lambda: private_step(state, torch.arange(examples, device=device), loss_fn)  # noqa: E731
     reset_peak(device)
-    seconds = timed(step, steps=steps, device=device)
+    seconds = timed(step, steps=steps, warmup=2, device=device)
     return {"k": k, "examples": examples, "clipping": clipping or "no DP", "step_s": seconds, "peak_gib": peak_gib(device)}
 
 
@@ -156,7 +144,7 @@ def generation(*, depth: int, batch_sizes: tuple[int, ...], device: torch.device
                     var.sample(labels, vqvae=vqvae, cfg=1.5, top_k=900, top_p=0.96,
                                generator=torch.Generator(device=device).manual_seed(0))
             reset_peak(device)
-            seconds = timed(run, steps=3, device=device)
+            seconds = timed(run, steps=3, warmup=2, device=device)
             rows.append({"batch_size": batch_size, "precision": "bf16 autocast" if bf16 else "float32", "batch_s": seconds,
                          "images_per_s": batch_size / seconds, "peak_gib": peak_gib(device)})
     return rows

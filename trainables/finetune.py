@@ -116,7 +116,8 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
     k = options.augmentation_multiplicity
 
     # Only the forwards are autocast: backward ops follow their forward's dtypes, and the losses come out float32.
-    autocast = lambda: bf16_autocast(device, enabled=training_autocast(options, privacy))  # noqa: E731
+    bf16 = training_autocast(options, privacy) and device.type == "cuda"
+    autocast = lambda: bf16_autocast(device, enabled=bf16)  # noqa: E731
 
     def loss_fn(indices: torch.Tensor) -> torch.Tensor:
         label_b, idx_views = data.take(indices, k=k, generator=generator, device=device)
@@ -153,9 +154,8 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
     else:
         ledger = _private_run(var, optimizer, data, privacy=privacy, sampling_seed=sampling_seed, resume=resume, **common)
     var.eval()
-    precision = "bf16 autocast" if training_autocast(options, privacy) and device.type == "cuda" else "float32"
     return {"history": run.history, "privacy": ledger, "convergence": run.convergence,
-            "compute": {**run.meter.report(), "training_precision": precision}}
+            "compute": {**run.meter.report(), "training_precision": "bf16 autocast" if bf16 else "float32"}}
 
 
 def training_autocast(options: FinetuneOptions, privacy: PrivacySpec | None) -> bool:
