@@ -1,9 +1,10 @@
-"""python -m analysis RESULTS_DIR --out OUT_DIR [--compare-paper] [--extractor NAME] [--skip-invalid]
+"""python -m analysis RESULTS_DIR --out OUT_DIR [--compare-paper] [--extractor NAME] [--skip-invalid] [--where F=V]
 
 Turns a sweep's results (a storage folder or its results/ folder) into the paper's tables (CSV, Markdown, LaTeX),
 figures (PNG, PDF), per-trial sample grids and a report page (OUT_DIR/index.html and index.md). Imports neither
-torch nor Ray. Exits 2 with the reason when the results cannot be analysed as asked (invalid files, mixed
-feature extractors, no results)."""
+torch nor Ray. Exits 2 with the reason on one line, no traceback, when the results cannot be analysed as asked:
+no or unreadable results, invalid files, mixed feature extractors, several settings in one cell, a refused
+--compare-paper, an output folder that cannot be written."""
 from __future__ import annotations
 
 import argparse
@@ -26,14 +27,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep trials whose config field (dotted, e.g. method.lora_rank=16) has this value; repeatable")
     parser.add_argument("--table2-epsilon", type=float, default=10.0, help="the epsilon of Table 2 (DP FID vs k); default 10")
     parser.add_argument("--no-grids", action="store_true", help="do not draw per-trial sample grids")
+    parser.add_argument("--no-figures", action="store_true", help="do not draw figures (tables and report only)")
     args = parser.parse_args(argv)
     try:
         analysis = analyse(args.results_dir, args.out, compare_paper=args.compare_paper, extractor=args.extractor,
                            skip_invalid=args.skip_invalid, where=parse_where(args.where), table2_epsilon=args.table2_epsilon,
-                           grids=not args.no_grids)
+                           grids=not args.no_grids, figures=not args.no_figures)
     except AnalysisError as error:
-        print(f"analysis: {error}", file=sys.stderr)
-        return 2
+        return fail(str(error))
+    except OSError as error:  # the output folder is not writable, the disk is full: say so, no traceback
+        return fail(f"cannot write the analysis to {args.out}: {error}")
     print(f"{summary(analysis.results)} Wrote {len(analysis.tables)} tables, {len(analysis.comparisons)} comparisons, "
           f"{len(analysis.figures)} figures, {len(analysis.grids)} sample grids.")
     for heading, items in notices(analysis):
@@ -41,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{heading}:\n" + "\n".join(f"  {item}" for item in items))
     print(f"report: {analysis.out / 'index.html'} (and index.md)")
     return 0
+
+
+def fail(message: str) -> int:
+    """Exit status 2 with the reason: its first line as ``analysis: error: ...`` (the line to read), then any
+    listing it carries (which files, which cells), indented."""
+    first, *details = message.strip().splitlines() or ["unknown error"]
+    print(f"analysis: error: {first}", file=sys.stderr)
+    for line in details:
+        print(f"  {line.strip()}", file=sys.stderr)
+    return 2
 
 
 def parse_where(pairs: list[str]) -> dict[str, object]:

@@ -1,10 +1,18 @@
 """The paper's figures from the trials DataFrame, each as PNG and PDF in one style: training compute (Fig. 1/3),
-FID vs training steps (Fig. 2), the privacy-utility curve, trainable parameters vs FID, and per-trial sample grids
-(generated images per class beside real ones). matplotlib only (Agg backend); a figure without data is skipped
-and the report says why."""
+FID (and class accuracy, where recorded) vs training steps (Fig. 2), the privacy-utility curve, DP FID vs
+augmentation multiplicity k (Table 2), trainable parameters vs FID, and per-trial sample grids (generated images
+per class beside real ones, labelled). matplotlib (Agg backend) and PIL only; a figure without data is skipped and
+the report says why.
+
+Readability rules every figure follows: the title is wrapped to the figure's width, legends sit outside the axes
+(right of them), log axes print plain numbers (1, 2, 5, 10, not 10^0), each k has its own colour, and the no-DP
+reference lines are in the legend."""
 from __future__ import annotations
 
 import itertools
+import math
+import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,44 +22,111 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+from matplotlib import font_manager, ticker  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E402
 
-from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS  # noqa: E402
-from .tables import dataset_columns  # noqa: E402
+from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, method_label  # noqa: E402
+from .tables import TABLE2_METHODS, dataset_columns  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "savefig.dpi": 150, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
-         "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False, "legend.fontsize": 8}
-METHOD_COLORS = {"full": "#1b6ca8", "lora": "#d1495b", "ln_tuning": "#edae49", "lora_attention": "#66a182", "lora_mlp": "#8d6a9f", "base": "#7f7f7f"}
-GRID_CLASSES, GRID_IMAGES, GRID_PIXELS = 8, 6, 64
+         "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False, "legend.fontsize": 8,
+         "figure.titlesize": 11}
+METHOD_COLORS = {"full": "#1b6ca8", "lora": "#d1495b", "ln_tuning": "#edae49", "lora_attention": "#66a182", "lora_mlp": "#8d6a9f",
+                 "base": "#7f7f7f"}
+METHOD_MARKERS = {"full": "o", "lora": "o", "ln_tuning": "s", "lora_attention": "^", "lora_mlp": "v", "base": "D"}
+# No-DP reference lines are black; the method shows in the dash pattern (and the legend says which).
+REFERENCE_STYLES = {"full": (0, (1, 1)), "lora": (0, (1, 1.5)), "ln_tuning": (0, (4, 2)), "lora_attention": (0, (4, 1, 1, 1)),
+                    "lora_mlp": (0, (6, 2, 1, 2)), "base": (0, (2, 3))}
+LEGEND_WIDTH = 1.9  # inches added to a figure for the legend on its right
+MAX_COLUMNS = 3  # panels per row: wider figures shrink below legibility in a report or a paper column
 
 
 @dataclass(frozen=True)
 class FigureFile:
-    """A written figure: its name, files (PNG and PDF) and the axis labels actually drawn (for checks)."""
+    """A written figure: its name, files (PNG and PDF) and what was actually drawn (for checks): axis labels, tick
+    labels of each x axis, legend entries."""
 
     name: str
     title: str
     paths: tuple[Path, ...]
     xlabels: tuple[str, ...]
     ylabels: tuple[str, ...]
+    xticklabels: tuple[tuple[str, ...], ...] = ()
+    legend: tuple[str, ...] = ()
+
+
+def _figure(panels: int, *, width: float = 3.6, height: float = 3.0):
+    """A figure of ``panels`` axes, at most MAX_COLUMNS a row (returned as a flat list, unused cells hidden), with
+    room for a legend on the right; constrained layout keeps the title, the axes and the legend inside the canvas."""
+    columns = min(panels, MAX_COLUMNS)
+    rows = math.ceil(panels / columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(width * columns + LEGEND_WIDTH, height * rows), squeeze=False, layout="constrained")
+    axes = list(grid.flat)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, axes[:panels]
+
+
+def _legend(fig, *, extra: list | None = None) -> None:
+    """One legend for the whole figure, right of the axes, each label once (panels repeat methods)."""
+    entries = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    for handle in extra or []:
+        entries.setdefault(handle.get_label(), handle)
+    labels = sorted(entries, key=lambda label: label.endswith("no DP"))  # the references after the curves they refer to
+    if labels:
+        fig.legend([entries[label] for label in labels], labels, loc="outside right upper", ncols=1 if len(labels) <= 22 else 2)
+
+
+def _plain_log(axis, values) -> None:
+    """Log scale with ticks at the plotted values, printed as plain numbers (1, 8, 10, 128), no minor labels; a
+    value too close to the previous labelled one (under 7% of the axis' log span) keeps its tick but no label."""
+    ticks = sorted({float(v) for v in values if v > 0})
+    span = math.log(ticks[-1] / ticks[0]) if len(ticks) > 1 else 1.0
+    labelled = [ticks[0]]
+    for tick in ticks[1:]:
+        if math.log(tick / labelled[-1]) >= 0.07 * span:
+            labelled.append(tick)
+    axis.set_major_locator(ticker.FixedLocator(ticks))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if any(math.isclose(v, t) for t in labelled) else ""))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _plain_log_auto(axis) -> None:
+    """Log scale with matplotlib's ticks, printed as plain numbers (0.1, 1, 10, 100) rather than powers of ten."""
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _title(fig, title: str) -> None:
+    """The title centred over the axes, left of the legend, and wrapped to that width: a long title never runs off
+    the canvas or into the legend."""
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()  # places the legend, so its width is known
+    canvas = fig.get_figwidth() * fig.dpi
+    legend = max((lg.get_window_extent(renderer).width for lg in fig.legends), default=0.0)
+    room = 0.9 * (canvas - legend)  # a margin on both sides: the title never touches the legend
+    text = fig.suptitle(title, x=0.5 * (canvas - legend) / canvas)
+    chars = len(title)
+    while text.get_window_extent(renderer).width > room and chars > 12:  # characters differ in width: measure, not guess
+        chars = min(chars - 1, int(chars * room / text.get_window_extent(renderer).width))
+        text.set_text(textwrap.fill(title, chars))
 
 
 def _save(fig, folder: Path, name: str, title: str) -> FigureFile:
     folder.mkdir(parents=True, exist_ok=True)
-    fig.suptitle(title)
-    fig.tight_layout()
+    _title(fig, title)
     paths = tuple(folder / f"{name}.{ext}" for ext in ("png", "pdf"))
     for path in paths:
         fig.savefig(path)
     axes = [ax for ax in fig.axes if ax.get_visible()]
-    info = FigureFile(name, title, paths, tuple(ax.get_xlabel() for ax in axes), tuple(ax.get_ylabel() for ax in axes))
+    legend = tuple(t.get_text() for lg in fig.legends for t in lg.get_texts())
+    info = FigureFile(name, title, paths, tuple(ax.get_xlabel() for ax in axes), tuple(ax.get_ylabel() for ax in axes),
+                      tuple(tuple(t.get_text() for t in ax.get_xticklabels()) for ax in axes), legend)
     plt.close(fig)
     return info
-
-
-def _panels(n: int, *, width: float = 4.2, height: float = 3.2):
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, list(axes[0])
 
 
 def compute_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
@@ -61,76 +136,144 @@ def compute_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
         return None
     models = list(dict.fromkeys(data.sort_values("depth")["model"]))
     with plt.rc_context(STYLE):
-        fig, axes = _panels(len(models))
+        fig, axes = _figure(len(models), width=4.2)
         for ax, model in zip(axes, models):
-            sub = data[data["model"] == model]
-            datasets, methods = [d for d in dataset_columns(sub) if d in set(sub["dataset"])], [m for m in METHOD_LABELS if m in set(sub["method"])]
-            width = 0.8 / len(methods)
-            for i, method in enumerate(methods):
-                means = [sub[(sub["dataset"] == d) & (sub["method"] == method)]["train_pflops"].mean() for d in datasets]
-                ax.bar(np.arange(len(datasets)) + (i - (len(methods) - 1) / 2) * width, means, width, label=METHOD_LABELS[method],
-                       color=METHOD_COLORS[method])
-            ax.set_xticks(np.arange(len(datasets)), [DATASET_COLUMNS.get(d, d) for d in datasets])
-            ax.set_yscale("log")
+            _compute_panel(ax, data[data["model"] == model])
             ax.set_title(model)
-            ax.set_xlabel("dataset")
-            ax.set_ylabel(METRICS["train_pflops"].axis_label)
-            ax.legend()
+        _legend(fig)
         return _save(fig, folder, "compute_pflops", "Training compute per dataset, method and model")
 
 
+def _compute_panel(ax, sub: pd.DataFrame) -> None:
+    datasets, methods = [d for d in dataset_columns(sub) if d in set(sub["dataset"])], [m for m in METHOD_LABELS if m in set(sub["method"])]
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        means = [sub[(sub["dataset"] == d) & (sub["method"] == method)]["train_pflops"].mean() for d in datasets]
+        ax.bar(np.arange(len(datasets)) + (i - (len(methods) - 1) / 2) * width, means, width, label=METHOD_LABELS[method],
+               color=METHOD_COLORS[method])
+    ax.set_xticks(np.arange(len(datasets)), [DATASET_COLUMNS.get(d, d) for d in datasets])
+    ax.set_yscale("log")
+    _plain_log_auto(ax.yaxis)
+    ax.set_xlabel("dataset")
+    ax.set_ylabel(METRICS["train_pflops"].axis_label)
+
+
 def convergence_figure(trials: pd.DataFrame, convergence: pd.DataFrame, folder: Path) -> FigureFile | None:
-    """FID vs training steps, one line per method (DP trials labelled with epsilon and k), one panel per
-    (model, dataset) that has convergence evaluations."""
+    """FID vs training steps, one line per trial (DP trials labelled with epsilon and k), one panel per (model,
+    dataset) with convergence evaluations, each followed by a class-accuracy panel where the evaluations recorded it."""
     if convergence.empty or "fid" not in convergence:
         return None
+    # The curve's own metric columns keep their names; the trial's final values get "_final".
     data = convergence.dropna(subset=["fid"]).merge(trials[trials["status"] == "success"], on="trial_id", suffixes=("", "_final"))
     if data.empty:
         return None
-    panels = list(dict.fromkeys(zip(data.sort_values("depth")["model"], data.sort_values("depth")["dataset"])))
+    ordered = data.sort_values("depth")
+    panels = list(dict.fromkeys(zip(ordered["model"], ordered["dataset"])))
+    # Only the curves' own class accuracy (a trial's final value alone would draw a flat line).
+    curves_have_accuracy = "class_accuracy" in convergence and convergence["class_accuracy"].notna().any()
+    metrics = ["fid"] + (["class_accuracy"] if curves_have_accuracy else [])
     with plt.rc_context(STYLE):
-        fig, axes = _panels(len(panels))
-        for ax, (model, dataset) in zip(axes, panels):
-            sub = data[(data["model"] == model) & (data["dataset"] == dataset)]
-            dp_markers = itertools.cycle("s^vDP*X")  # DP curves of one method share its colour: tell them apart by marker
-            for _, curve in sub.sort_values(["dp", "epsilon"]).groupby("trial_id", sort=False):
-                t = curve.iloc[0]
-                label = METHOD_LABELS[t["method"]] + (f", DP ε={t['epsilon']:g}, k={t['k']}" if t["dp"] else "") + (f", seed {t['seed']}" if t["seed"] else "")
-                curve = curve.sort_values("step")
-                ax.plot(curve["step"], curve["fid"], marker=next(dp_markers) if t["dp"] else "o", markersize=4, label=label,
-                        color=METHOD_COLORS[t["method"]], linestyle="--" if t["dp"] else "-")
+        fig, axes = _figure(len(panels) * len(metrics), width=4.2)
+        for ax, ((model, dataset), metric) in zip(axes, itertools.product(panels, metrics)):
+            _convergence_panel(ax, data[(data["model"] == model) & (data["dataset"] == dataset)], metric)
             ax.set_title(f"{model}, {dataset}")
-            ax.set_xlabel("training step")
-            ax.set_ylabel(METRICS["fid"].axis_label)
-            ax.legend()
-        return _save(fig, folder, "convergence_fid", "FID during training")
+        _legend(fig)
+        return _save(fig, folder, "convergence_fid", "FID during training" + (" and class accuracy" if len(metrics) > 1 else ""))
+
+
+def _convergence_panel(ax, sub: pd.DataFrame, metric: str) -> None:
+    dp_markers = itertools.cycle("s^vDP*X")  # DP curves of one method share its colour: tell them apart by marker
+    scale = METRICS[metric].scale  # curves store fractions, like the final metrics
+    order = sub.assign(_method=sub["method"].map(list(METHOD_LABELS).index)).sort_values(["dp", "_method", "epsilon", "k", "seed"])
+    for _, curve in order.groupby("trial_id", sort=False):
+        t, curve = curve.iloc[0], curve.dropna(subset=[metric]).sort_values("step")
+        label = method_label(t["method"], t["epsilon"], t["k"]) + (f", seed {t['seed']}" if t["seed"] else "")
+        ax.plot(curve["step"], curve[metric] * scale, marker=next(dp_markers) if t["dp"] else "o", markersize=4, label=label,
+                color=METHOD_COLORS[t["method"]], linestyle="--" if t["dp"] else "-")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(METRICS[metric].axis_label)
+
+
+def k_colors(ks) -> dict[int, str]:
+    """A distinct colour for every augmentation multiplicity k (in increasing k), the same in every panel."""
+    distinct = sorted({int(k) for k in ks})
+    palette = plt.get_cmap("tab10" if len(distinct) <= 10 else "tab20").colors  # tab10 reads better; tab20 beyond ten k
+    return {k: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, k in enumerate(distinct)}
+
+
+def _no_dp_reference(ax, ok: pd.DataFrame, *, model: str, dataset: str, method: str, label: str) -> None:
+    """The method's non-DP FID as a horizontal black line (dash pattern per method), labelled for the legend."""
+    plain = ok[~ok["dp"] & (ok["model"] == model) & (ok["dataset"] == dataset) & (ok["method"] == method)]["fid"]
+    if not plain.empty:
+        ax.axhline(plain.mean(), color="black", linestyle=REFERENCE_STYLES[method], linewidth=1.1, label=label)
 
 
 def privacy_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
-    """FID vs epsilon (log scale), one line per (method, k), one panel per (model, dataset); non-DP FID of the
-    same method as a horizontal reference line where it exists."""
+    """FID vs epsilon (log scale, ticks at the epsilons run), one line per (method, k) -- colour per k, marker per
+    method --, one panel per (model, dataset); the same method's non-DP FID as a labelled reference line."""
     ok = trials[trials["status"] == "success"].dropna(subset=["fid"])
     dp = ok[ok["dp"]]
     if dp.empty:
         return None
-    panels = list(dict.fromkeys(zip(dp.sort_values("depth")["model"], dp.sort_values("depth")["dataset"])))
+    ordered = dp.sort_values("depth")
+    panels = list(dict.fromkeys(zip(ordered["model"], ordered["dataset"])))
+    colors = k_colors(dp["k"])
     with plt.rc_context(STYLE):
-        fig, axes = _panels(len(panels))
+        fig, axes = _figure(len(panels), width=4.2)
         for ax, (model, dataset) in zip(axes, panels):
             sub = dp[(dp["model"] == model) & (dp["dataset"] == dataset)]
-            for (method, k), line in sub.groupby(["method", "k"]):
+            lines = sorted(sub.groupby(["method", "k"]), key=lambda item: (list(METHOD_LABELS).index(item[0][0]), item[0][1]))
+            for (method, k), line in lines:
                 points = line.groupby("epsilon")["fid"].agg(["mean", "std"]).reset_index()
-                ax.errorbar(points["epsilon"], points["mean"], yerr=points["std"].fillna(0), marker="o", markersize=3, capsize=2,
-                            label=f"{METHOD_LABELS[method]}, k={k}", color=METHOD_COLORS[method], alpha=0.5 + 0.5 * k / sub["k"].max())
-                plain = ok[~ok["dp"] & (ok["model"] == model) & (ok["dataset"] == dataset) & (ok["method"] == method)]["fid"]
-                if not plain.empty:
-                    ax.axhline(plain.mean(), color=METHOD_COLORS[method], linestyle=":", linewidth=1)
+                ax.errorbar(points["epsilon"], points["mean"], yerr=points["std"].fillna(0), marker=METHOD_MARKERS[method], markersize=4,
+                            capsize=2, label=f"{METHOD_LABELS[method]}, k={k}", color=colors[int(k)])
+            for method in _in_table_order(sub["method"]):
+                _no_dp_reference(ax, ok, model=model, dataset=dataset, method=method, label=f"{METHOD_LABELS[method]}, no DP")
             ax.set_xscale("log")
-            ax.set_title(f"{model}, {dataset} (dotted: no DP)")
+            _plain_log(ax.xaxis, sub["epsilon"])
+            ax.set_title(f"{model}, {dataset}")
             ax.set_xlabel("privacy budget ε")
             ax.set_ylabel(METRICS["fid"].axis_label)
-            ax.legend()
-        return _save(fig, folder, "privacy_utility", "Privacy-utility: FID vs epsilon per augmentation multiplicity k")
+        _legend(fig)
+        return _save(fig, folder, "privacy_utility", "Privacy-utility: FID vs privacy budget ε per augmentation multiplicity k")
+
+
+def multiplicity_figure(trials: pd.DataFrame, folder: Path, *, epsilon: float) -> FigureFile | None:
+    """Table 2 as a figure: DP FID vs augmentation multiplicity k (log2 scale, ticks at the k run) at one epsilon,
+    one line per method, one panel per (model, dataset), with each method's non-DP FID as a dotted reference
+    line of its colour."""
+    ok = trials[trials["status"] == "success"].dropna(subset=["fid"])
+    dp = ok[ok["dp"] & ok["method"].isin(TABLE2_METHODS) & (ok["epsilon"] == epsilon)]
+    if dp.empty:
+        return None
+    ordered = dp.sort_values("depth")
+    panels = list(dict.fromkeys(zip(ordered["model"], ordered["dataset"])))
+    with plt.rc_context(STYLE):
+        fig, axes = _figure(len(panels))
+        for ax, (model, dataset) in zip(axes, panels):
+            _multiplicity_panel(ax, ok, dp[(dp["model"] == model) & (dp["dataset"] == dataset)])
+            ax.set_title(f"{model}, {dataset}")
+        _legend(fig)
+        return _save(fig, folder, "fid_vs_k", f"DP FID vs augmentation multiplicity k at ε={epsilon:g} (Table 2)")
+
+
+def _multiplicity_panel(ax, ok: pd.DataFrame, sub: pd.DataFrame) -> None:
+    model, dataset = sub["model"].iloc[0], sub["dataset"].iloc[0]
+    for method in _in_table_order(sub["method"]):
+        line = sub[sub["method"] == method].groupby("k")["fid"].agg(["mean", "std"]).reset_index()
+        ax.errorbar(line["k"], line["mean"], yerr=line["std"].fillna(0), marker=METHOD_MARKERS[method], markersize=4, capsize=2,
+                    color=METHOD_COLORS[method], label=f"{METHOD_LABELS[method]}, DP ε={sub['epsilon'].iloc[0]:g}")
+        plain = ok[~ok["dp"] & (ok["model"] == model) & (ok["dataset"] == dataset) & (ok["method"] == method)]["fid"]
+        if not plain.empty:
+            ax.axhline(plain.mean(), color=METHOD_COLORS[method], linestyle=":", linewidth=1.3, label=f"{METHOD_LABELS[method]}, no DP")
+    ax.set_xscale("log", base=2)
+    _plain_log(ax.xaxis, sub["k"])
+    ax.set_xlabel("augmentation multiplicity k")
+    ax.set_ylabel(METRICS["fid"].axis_label)
+
+
+def _in_table_order(methods) -> list[str]:
+    return [m for m in METHOD_LABELS if m in set(methods)]
 
 
 def parameters_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
@@ -142,30 +285,36 @@ def parameters_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
     markers = dict(zip(dict.fromkeys(points["dataset"]), itertools.cycle("osD^vP*X")))
     models = list(dict.fromkeys(points["model"]))
     with plt.rc_context(STYLE):
-        fig, axes = _panels(len(models), width=5.0, height=3.8)
+        fig, axes = _figure(len(models), width=4.2, height=3.4)
         for ax, model in zip(axes, models):
             sub = points[points["model"] == model]
             for _, p in sub.iterrows():
                 ax.scatter(p["trainable_params"] / 1e6, p["fid"], color=METHOD_COLORS[p["method"]], marker=markers[p["dataset"]], s=28)
-            handles = [plt.Line2D([], [], color=METHOD_COLORS[m], marker="o", linestyle="", label=METHOD_LABELS[m]) for m in dict.fromkeys(sub["method"])]
-            handles += [plt.Line2D([], [], color="black", marker=markers[d], linestyle="", label=DATASET_COLUMNS.get(d, d))
-                        for d in dict.fromkeys(sub["dataset"])]
-            ax.legend(handles=handles, ncol=2)
             ax.set_xscale("log")
+            _plain_log_auto(ax.xaxis)
             ax.set_title(model)
             ax.set_xlabel("trainable parameters [millions]")
             ax.set_ylabel(METRICS["fid"].axis_label)
+        handles = [plt.Line2D([], [], color=METHOD_COLORS[m], marker="o", linestyle="", label=METHOD_LABELS[m])
+                   for m in _in_table_order(points["method"])]
+        handles += [plt.Line2D([], [], color="black", marker=markers[d], linestyle="", label=DATASET_COLUMNS.get(d, d)) for d in markers]
+        _legend(fig, extra=handles)
         return _save(fig, folder, "parameters_vs_fid", "FID vs trainable parameters")
 
 
-def all_figures(trials: pd.DataFrame, convergence: pd.DataFrame, folder: Path) -> tuple[list[FigureFile], list[str]]:
+def all_figures(trials: pd.DataFrame, convergence: pd.DataFrame, folder: Path, *,
+                table2_epsilon: float = 10.0) -> tuple[list[FigureFile], list[str]]:
     """(written figures, one line per figure skipped for lack of data)."""
-    makers = {"compute_pflops": lambda: compute_figure(trials, folder),
-              "convergence_fid": lambda: convergence_figure(trials, convergence, folder),
-              "privacy_utility": lambda: privacy_figure(trials, folder),
-              "parameters_vs_fid": lambda: parameters_figure(trials, folder)}
+    dp_epsilons = sorted(set(trials.loc[trials["dp"], "epsilon"]))
+    ran = f" (DP trials ran at ε in {{{', '.join(f'{e:g}' for e in dp_epsilons)}}}; see --table2-epsilon)" if dp_epsilons else ""
+    makers = {"compute_pflops": (lambda: compute_figure(trials, folder), "no trial has the data it plots"),
+              "convergence_fid": (lambda: convergence_figure(trials, convergence, folder), "no trial has the data it plots"),
+              "privacy_utility": (lambda: privacy_figure(trials, folder), "no trial has the data it plots"),
+              "fid_vs_k": (lambda: multiplicity_figure(trials, folder, epsilon=table2_epsilon),
+                           f"no successful DP LoRA or LNTuning trial at ε={table2_epsilon:g}{ran}"),
+              "parameters_vs_fid": (lambda: parameters_figure(trials, folder), "no trial has the data it plots")}
     written, skipped = [], []
-    for name, make in makers.items():
+    for name, (make, why) in makers.items():
         try:
             figure = make()
         except Exception as error:  # one figure's failure must not cost the report and the other figures
@@ -173,54 +322,194 @@ def all_figures(trials: pd.DataFrame, convergence: pd.DataFrame, folder: Path) -
             skipped.append(f"{name}: drawing failed ({type(error).__name__}: {error})")
             continue
         if figure is None:
-            skipped.append(f"{name}: no trial has the data it plots")
+            skipped.append(f"{name}: {why}")
         else:
             written.append(figure)
     return written, skipped
 
 
 # --- sample grids ----------------------------------------------------------------------------------------------
+# A grid is: a caption (the trial's label and metrics), a header row ("generated" | "real"), then one row per
+# class: its name, GRID_IMAGES generated tiles, a gap, GRID_IMAGES real tiles. Sizes in pixels.
+GRID_IMAGES, GRID_PIXELS, GRID_BORDER = 6, 64, 2
+GRID_LABEL_WIDTH, GRID_GAP, GRID_MARGIN = 150, 32, 8
+GRID_CAPTION_HEIGHT, GRID_HEADER_HEIGHT = 56, 26
+
+
+def grid_layout(classes: int) -> dict[str, int]:
+    """Pixel geometry of a grid of ``classes`` rows: ``tile`` (pitch of one image with its border), the left edges
+    of the generated and real blocks, the top of the header row and of the first class row, width and height."""
+    tile = GRID_PIXELS + 2 * GRID_BORDER
+    generated_left = GRID_LABEL_WIDTH
+    real_left = generated_left + GRID_IMAGES * tile + GRID_GAP
+    rows_top = GRID_CAPTION_HEIGHT + GRID_HEADER_HEIGHT
+    return {"tile": tile, "generated_left": generated_left, "real_left": real_left, "header_top": GRID_CAPTION_HEIGHT,
+            "rows_top": rows_top, "width": real_left + GRID_IMAGES * tile + GRID_MARGIN, "height": rows_top + classes * tile + GRID_MARGIN}
+
 
 def sample_grid(record: dict, folder: Path) -> tuple[Path | None, str | None]:
-    """One PNG per trial: for up to 8 classes, generated images (left) beside real evaluation images (right).
-    Returns (path, None) or (None, why no grid was drawn)."""
+    """One PNG per trial: a caption with the trial's label and metrics, a header row, then for every class (its
+    name, and its class accuracy where recorded, on the left) generated images beside real evaluation images.
+    Small images are enlarged with nearest-neighbour (crisp pixels), large ones reduced; an unreadable image is a
+    blank tile. Returns (path, None) or (None, why no grid was drawn)."""
     artifacts = record.get("artifacts") or {}
     generated_dir, entries = artifacts.get("generated_images"), artifacts.get("real_images") or []
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"label", "paths"} <= set(e) for e in entries):
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"label", "paths"} <= set(e) and isinstance(e["paths"], list)
+                                                for e in entries):
         return None, "artifacts.real_images is not a list of {label, class, paths}"
-    real = {int(entry["label"]): entry["paths"] for entry in entries}
     if not generated_dir or not Path(generated_dir).is_dir():
         return None, f"generated images not found ({generated_dir or 'not recorded'})"
-    rows = []
-    for class_dir in sorted(Path(generated_dir).glob("class_*"))[:GRID_CLASSES]:
-        label = int(class_dir.name.removeprefix("class_"))
-        generated = [_thumb(p) for p in sorted(class_dir.glob("*.png"))[:GRID_IMAGES]]
-        rows.append(_row(generated, [_thumb(Path(p)) for p in real.get(label, [])[:GRID_IMAGES]]))
-    if not rows:
+    generated = _generated_by_label(Path(generated_dir))
+    if not any(generated.values()):
         return None, f"no generated images in {generated_dir}"
+    real = {int(e["label"]): [Path(p) for p in e["paths"]][:GRID_IMAGES] for e in entries}
+    names = {int(e["label"]): str(e.get("class", e["label"])) for e in entries}
+    labels = sorted(set(generated) | set(real))  # every class: one without generated images shows blank tiles
+    image = _grid_canvas(record, labels, names)
+    layout = grid_layout(len(labels))
+    for row, label in enumerate(labels):
+        top = layout["rows_top"] + row * layout["tile"]
+        _paste_tiles(image, generated.get(label, []), left=layout["generated_left"], top=top)
+        _paste_tiles(image, real.get(label, []), left=layout["real_left"], top=top)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{record['trial_id']}.png"
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    image.save(path)
     return path, None
 
 
-def _thumb(path: Path) -> np.ndarray | None:
-    """A square centre crop resized to the grid size; None for a file that cannot be read (shown blank)."""
+def _generated_by_label(folder: Path) -> dict[int, list[Path]]:
+    """class_<label>/ folders -> the first GRID_IMAGES PNGs of each (folders of other names are ignored)."""
+    out = {}
+    for class_dir in sorted(folder.glob("class_*")):
+        label = class_dir.name.removeprefix("class_")
+        if class_dir.is_dir() and label.isdigit():
+            out[int(label)] = sorted(class_dir.glob("*.png"))[:GRID_IMAGES]
+    return out
+
+
+def _paste_tiles(image: Image.Image, paths: list[Path], *, left: int, top: int) -> None:
+    tile = GRID_PIXELS + 2 * GRID_BORDER
+    for i, path in enumerate(paths[:GRID_IMAGES]):
+        thumb = _thumb(path)
+        if thumb is not None:  # unreadable: the tile stays blank (white)
+            image.paste(thumb, (left + i * tile + GRID_BORDER, top + GRID_BORDER))
+
+
+def _thumb(path: Path) -> Image.Image | None:
+    """A square centre crop at GRID_PIXELS: nearest-neighbour when enlarging (a 16 px digit stays crisp, each
+    pixel a 4x4 block), Lanczos when reducing; None for a file that cannot be read (shown blank)."""
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2
-            return np.asarray(image.crop((left, top, left + side, top + side)).resize((GRID_PIXELS, GRID_PIXELS), Image.LANCZOS))
-    except (OSError, UnidentifiedImageError):
+            square = image.crop((left, top, left + side, top + side))
+            return square.resize((GRID_PIXELS, GRID_PIXELS), Image.NEAREST if side < GRID_PIXELS else Image.LANCZOS)
+    except (OSError, UnidentifiedImageError, ValueError):
         return None
 
 
-def _row(generated: list, reals: list) -> np.ndarray:
-    """GRID_IMAGES generated tiles, a gap, GRID_IMAGES real tiles (blank where missing), 2-pixel white borders."""
-    blank = np.full((GRID_PIXELS, GRID_PIXELS, 3), 255, np.uint8)
-    tiles = [(t if t is not None else blank) for t in (generated + [None] * GRID_IMAGES)[:GRID_IMAGES]]
-    tiles += [np.full((GRID_PIXELS, GRID_PIXELS // 2, 3), 255, np.uint8)]
-    tiles += [(t if t is not None else blank) for t in (reals + [None] * GRID_IMAGES)[:GRID_IMAGES]]
-    padded = [np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles]
-    return np.concatenate(padded, axis=1)
+def _font(size: int, *, bold: bool = False) -> ImageFont.ImageFont:
+    """matplotlib's bundled DejaVu Sans (clean, has ε), else PIL's own font."""
+    try:
+        path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans", weight="bold" if bold else "normal"))
+        return ImageFont.truetype(path, size)
+    except (OSError, ValueError):
+        return ImageFont.load_default(size)
+
+
+def _grid_canvas(record: dict, labels: list[int], names: dict[int, str]) -> Image.Image:
+    """The white canvas with caption, header and class names drawn; tiles are pasted afterwards."""
+    layout = grid_layout(len(labels))
+    image = Image.new("RGB", (layout["width"], layout["height"]), "white")
+    draw = ImageDraw.Draw(image)
+    title, metrics = grid_caption(record)
+    room = layout["width"] - 2 * GRID_MARGIN
+    draw.text((GRID_MARGIN, 8), _fit(draw, title, _font(15, bold=True), room), fill="black", font=_font(15, bold=True))
+    draw.text((GRID_MARGIN, 31), _fit(draw, metrics, _font(13), room), fill="#333333", font=_font(13))
+    _draw_header(draw, layout)
+    per_class = (record.get("metrics") or {}).get("class_accuracy_per_class")
+    for row, label in enumerate(labels):
+        accuracy = per_class[label] if isinstance(per_class, list) and label < len(per_class) and _is_number(per_class[label]) else None
+        _draw_class_name(draw, display_class_name(names.get(label, str(label))), accuracy, top=layout["rows_top"] + row * layout["tile"], height=layout["tile"])
+    return image
+
+
+def _draw_header(draw: ImageDraw.ImageDraw, layout: dict[str, int]) -> None:
+    font, block = _font(14, bold=True), GRID_IMAGES * layout["tile"]
+    middle = layout["header_top"] + GRID_HEADER_HEIGHT // 2
+    for text, left in (("generated", layout["generated_left"]), ("real", layout["real_left"])):
+        draw.text((left + block // 2, middle), text, fill="black", font=font, anchor="mm")
+    gap_middle = layout["real_left"] - GRID_GAP // 2  # a thin rule between the two blocks
+    draw.line([(gap_middle, layout["header_top"]), (gap_middle, layout["height"] - GRID_MARGIN)], fill="#bbbbbb", width=1)
+    draw.text((GRID_MARGIN, middle), "class", fill="#555555", font=_font(13), anchor="lm")
+
+
+def display_class_name(name: str) -> str:
+    """A class folder's name as a reader wants it: without the "NN_" prefix that only fixes the folders' order
+    ("03_3" -> "3", "07_tall_bar" -> "tall bar")."""
+    return re.sub(r"^\d+_(?=.)", "", name).replace("_", " ")
+
+
+def _draw_class_name(draw: ImageDraw.ImageDraw, name: str, accuracy: float | None, *, top: int, height: int) -> None:
+    """The class name (wrapped to two lines at most) at the row's left, with its class accuracy below it."""
+    font, room = _font(13), GRID_LABEL_WIDTH - GRID_MARGIN - 6
+    lines = _wrap(draw, name, font, room)
+    if len(lines) > 2:  # two lines at most; the ellipsis says the name goes on
+        lines = [lines[0], _fit(draw, lines[1] + "…", font, room)]
+    if accuracy is not None:
+        lines.append(f"acc. {100 * accuracy:.0f}%")
+    line_height, names = 16, len(lines) - (accuracy is not None)
+    y = top + (height - line_height * len(lines)) // 2
+    for i, line in enumerate(lines):  # the name in black, the accuracy in grey
+        draw.text((GRID_MARGIN, y + i * line_height), line, fill="black" if i < names else "#666666", font=font)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, room: int) -> list[str]:
+    """Words into lines no wider than ``room`` pixels (a single over-long word is cut with an ellipsis)."""
+    lines, current = [], ""
+    for word in text.replace("_", " ").split() or [text]:
+        candidate = f"{current} {word}".strip()
+        if draw.textlength(candidate, font=font) <= room or not current:
+            current = candidate
+        else:
+            lines.append(current)
+            current = word
+    lines.append(current)
+    return [_fit(draw, line, font, room) for line in lines]
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, room: int) -> str:
+    """``text`` cut with an ellipsis where it is wider than ``room`` pixels."""
+    if draw.textlength(text, font=font) <= room:
+        return text
+    while text and draw.textlength(text + "…", font=font) > room:
+        text = text[:-1]
+    return text + "…"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def grid_caption(record: dict) -> tuple[str, str]:
+    """(title, metrics) of a trial's grid: "DP-LoRA ε=8, k=2 · tiny-d4 · digits · seed 0 · trial 0123abcd" and
+    "FID 12.34 · precision 56.70% · recall 45.60% · class accuracy 78.9%" (the metrics it recorded)."""
+    config = record.get("config") or {}
+    privacy, model = config.get("privacy") or {}, config.get("model") or {}
+    method = (config.get("method") or {}).get("name", "base")
+    label = method_label(method, privacy.get("target_epsilon"), privacy.get("augmentation_multiplicity", 1)) if privacy else METHOD_LABELS[method]
+    model_name = f"{'VAR' if model.get('base') == 'official' else 'tiny'}-d{model.get('depth', '?')}"
+    dataset, seed = (config.get("data") or {}).get("dataset", "?"), (config.get("optimization") or {}).get("seed", 0)
+    title = f"{label} · {model_name} · {dataset} · seed {seed} · trial {record['trial_id'][:12]}"
+    values, shown = record.get("metrics") or {}, []
+    for name, words in CAPTION_METRICS.items():
+        metric = METRICS[name]
+        value = values.get(metric.source.removeprefix("metrics."))
+        if _is_number(value):
+            shown.append(f"{words} {metric.format(value * metric.scale)}{'%' if metric.unit == '%' else ''}")
+    return title, " · ".join(shown) or "no metrics recorded"
+
+
+# What a grid's caption shows, in this order, and how it names each metric mid-sentence.
+CAPTION_METRICS = {"fid": "FID", "precision": "precision", "recall": "recall", "kid": "KID", "class_accuracy": "class accuracy"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,20 +50,42 @@ class Results:
 def result_texts(folder: str | Path) -> list[tuple[str, str]]:
     """(name, text) of every result file: ``folder/results/*.json`` or ``folder/*.json`` for a local folder, or
     ``URI/results/*.json`` for a storage URI (s3://, gs://, ... through pyarrow, as the sweep wrote them)."""
-    if is_uri(str(folder)):
-        store = ResultStore(str(folder))
-        texts = [(path, store.read_text(path)) for path in store.files()]
-        where = store.folder
-    else:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise AnalysisError(f"results folder {folder} does not exist")
-        inner = folder / "results"
-        where = inner if inner.is_dir() else folder
-        texts = [(str(path), path.read_text(errors="replace")) for path in sorted(where.glob("*.json"))]
+    try:
+        texts, where = _uri_texts(str(folder)) if is_uri(str(folder)) else _local_texts(Path(folder))
+    except AnalysisError:
+        raise
+    except (OSError, ValueError) as error:  # unreadable folder or file, storage not reachable (pyarrow raises both kinds)
+        raise AnalysisError(f"cannot read the results in {folder}: {type(error).__name__}: {_one_line(error)}") from error
     if not texts:
         raise AnalysisError(f"no result files (*.json) in {where}")
     return texts
+
+
+def _uri_texts(uri: str) -> tuple[list[tuple[str, str]], str]:
+    store = ResultStore(uri)
+    return [(path, store.read_text(path)) for path in store.files()], store.folder
+
+
+def _local_texts(folder: Path) -> tuple[list[tuple[str, str]], Path]:
+    if not folder.exists():
+        raise AnalysisError(f"results folder {folder} does not exist")
+    if not folder.is_dir():
+        raise AnalysisError(f"{folder} is not a folder (give a sweep's storage folder or a folder of result JSON files)")
+    inner = folder / "results"
+    where = inner if inner.is_dir() else folder
+    return [(str(where / name), (where / name).read_text(errors="replace")) for name in _json_names(where)], where
+
+
+def _json_names(folder: Path) -> list[str]:
+    """Sorted names of the folder's *.json files. Path.glob would return nothing for a folder it may not list;
+    os.scandir raises PermissionError, which is the truth to report."""
+    with os.scandir(folder) as entries:
+        return sorted(entry.name for entry in entries if entry.name.endswith(".json"))
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"
 
 
 def load_results(folder: str | Path, *, skip_invalid: bool = False, extractor: str | None = None,
@@ -77,30 +100,40 @@ def load_results(folder: str | Path, *, skip_invalid: bool = False, extractor: s
       differ only in convergence evaluations) count once: ``Results.repeats``;
     - two different settings in one table cell (e.g. LoRA rank 16 and 64 for the same model, dataset and
       privacy) are refused with the fields that differ, since averaging them would pass them off as seeds."""
-    records, invalid, files = {}, [], {}
+    records, rows, invalid, files = {}, {}, [], {}
     for name, text in result_texts(folder):
         try:
             record = json.loads(text)
             check_result(record)
-        except (json.JSONDecodeError, ConfigError, TypeError, KeyError, AttributeError) as error:
-            invalid.append((name, f"{type(error).__name__}: {error}"))
+            row = trial_row(record)  # a schema-valid record whose values cannot be read is as invalid as a broken file
+            _check_curves(record)
+        except (json.JSONDecodeError, ConfigError, TypeError, KeyError, AttributeError, ValueError) as error:
+            invalid.append((name, f"{type(error).__name__}: {_one_line(error)}"))
             continue
         if record["trial_id"] in records:
             invalid.append((name, f"repeats trial {record['trial_id']} of {files[record['trial_id']]} (kept that file)"))
             continue
-        records[record["trial_id"]], files[record["trial_id"]] = record, name
+        records[record["trial_id"]], rows[record["trial_id"]], files[record["trial_id"]] = record, row, name
     if invalid and not skip_invalid:
         listing = "\n".join(f"  {name}: {reason}" for name, reason in invalid)
         raise AnalysisError(f"{len(invalid)} file(s) are not valid results of this schema (pass --skip-invalid to list and skip them):\n{listing}")
     if not records:
         raise AnalysisError(f"no valid results in {folder}: all {len(invalid)} files are invalid")
-    trials = pd.DataFrame([trial_row(r) for r in records.values()])
+    trials = pd.DataFrame(list(rows.values()))
     trials, excluded = _select(trials, records, where=where or {}, extractor=extractor)
     trials, repeats = _count_repeats_once(trials, records)
     _check_one_setting_per_cell(trials, records)
     records = {tid: r for tid, r in records.items() if tid in set(trials["trial_id"]) | {t for t, _, _ in repeats}}
     return Results(folder=folder, trials=_ordered(trials), convergence=_long(records, "convergence"), history=_long(records, "history"),
                    records=records, invalid=invalid, excluded=excluded, repeats=repeats)
+
+
+def _check_curves(record: dict) -> None:
+    """Convergence and history entries are dicts with a step (the figures read them as rows)."""
+    for key in ("convergence", "history"):
+        for entry in record[key]:
+            if not isinstance(entry, dict) or "step" not in entry:
+                raise ValueError(f"{key}: every entry must be an object with a 'step', got {str(entry)[:60]}")
 
 
 def config_value(config: dict, path: str):
@@ -196,6 +229,7 @@ def trial_row(record: dict) -> dict:
     settings = record.get("evaluation_settings") or {}
     params = record.get("parameters") or {}
     trainable, total = params.get("trainable"), params.get("base_total")
+    classifier = settings.get("classifier") if isinstance(settings.get("classifier"), dict) else {}
     row = {
         "trial_id": record["trial_id"], "setting": setting_of(config), "status": record["status"], "error": record["error"],
         "label": config.label,
@@ -212,12 +246,19 @@ def trial_row(record: dict) -> dict:
         "trainable_params": float(trainable) if trainable is not None else math.nan,
         "trainable_pct": 100.0 * trainable / total if trainable is not None and total else math.nan,
         "delta": (record.get("privacy") or {}).get("delta", math.nan),
+        "classifier": classifier.get("name"), "classifier_test_accuracy": _percent(classifier.get("test_accuracy")),
     }
     for metric in METRICS.values():
         if metric.name not in row:
             value = lookup(record, metric.source)
-            row[metric.name] = float(value) * metric.scale if isinstance(value, (int, float)) else math.nan
+            # Only numbers: metrics may also hold lists (class_accuracy_per_class) or strings.
+            row[metric.name] = float(value) * metric.scale if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
     return row
+
+
+def _percent(fraction) -> float:
+    """A stored fraction in percent; NaN where it is missing or not a number."""
+    return 100.0 * float(fraction) if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else math.nan
 
 
 def _ordered(trials: pd.DataFrame) -> pd.DataFrame:

@@ -39,6 +39,9 @@ METRICS = _metrics(
     Metric("precision", "Precision", "metrics.precision", "higher", unit="%", scale=100.0),
     Metric("recall", "Recall", "metrics.recall", "higher", unit="%", scale=100.0),
     Metric("kid", "KID", "metrics.kid_mean", "lower", decimals=4),
+    # A fixed classifier's accuracy on images generated for each class: does the model draw the class it was asked
+    # for (FID and precision/recall ignore the label). Recorded where a classifier exists (the digits demo).
+    Metric("class_accuracy", "Class accuracy", "metrics.class_accuracy", "higher", unit="%", scale=100.0, decimals=1),
     Metric("train_pflops", "Training compute", "cost.train_pflops", "lower", unit="PFLOPs", decimals=1),
     Metric("sample_pflops", "Sampling compute", "cost.sample_pflops", "lower", unit="PFLOPs", decimals=2),
     Metric("gpu_hours", "GPU hours", "cost.gpu_hours", "lower", unit="h", decimals=2),
@@ -72,8 +75,19 @@ METHOD_LABELS = {"base": "Base", "full": "FFT", "lora": "LoRA", "ln_tuning": "LN
 # Table 10 names the LoRA variants by the layers they adapt.
 VARIANT_LABELS = {"lora_attention": "LoRA-A", "lora_mlp": "LoRA-M", "lora": "LoRA-AM+LN", "ln_tuning": "LNTuning"}
 VARIANT_TARGETS = {"lora_attention": "attention qkv+proj", "lora_mlp": "mlp fc1+fc2", "lora": "attention+mlp+adaln", "ln_tuning": "adaln"}
-# The paper's dataset column names.
+# The paper's dataset column names (the paper used exactly these datasets).
 DATASET_COLUMNS = {"food101": "food101", "cub200": "cub200", "flowers102": "flowers102", "stanford_cars": "cars196", "oxford_pet": "pets"}
+
+
+# The feature extractor of the published numbers: FIDs from any other extractor are not comparable with them.
+PAPER_EXTRACTOR = "inception-v3-compat"
+
+
+def method_label(method: str, epsilon: float | None = None, k: int = 1) -> str:
+    """"LoRA", "DP-LoRA ε=8, k=2": a trial's method as a reader names it (epsilon None or NaN: no DP)."""
+    if epsilon is None or epsilon != epsilon:  # NaN is how the trials table marks "no DP"
+        return METHOD_LABELS[method]
+    return f"DP-{METHOD_LABELS[method]} ε={epsilon:g}, k={k}"
 
 
 def format_count(count: float) -> str:

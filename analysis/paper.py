@@ -14,7 +14,8 @@ from bench.schema import DATASETS, TrialConfig, make_result
 from bench.sweeps import table1, table2, table3, table10
 from bench.sweeps.common import Assets
 
-from .metrics import DATASET_COLUMNS, METHOD_LABELS, VARIANT_LABELS
+from .load import AnalysisError
+from .metrics import DATASET_COLUMNS, METHOD_LABELS, PAPER_EXTRACTOR, VARIANT_LABELS
 from .tables import Cell, Table
 
 PAPER_DIR = Path(__file__).parent / "paper"
@@ -44,6 +45,24 @@ def number(text: str) -> float | None:
 
 def ours_as_rows(table: Table) -> list[dict[str, str]]:
     return [dict(zip(table.header, (c.csv() if isinstance(c, Cell) else c for c in row))) for row in table.rows]
+
+
+def check_comparable(trials) -> None:
+    """Refuse (AnalysisError, one line) to put results beside the published numbers that cannot stand there:
+    another feature extractor than the paper's (its FIDs are on another scale) or a dataset the paper did not use."""
+    problems = []
+    other = trials[trials["extractor"] != PAPER_EXTRACTOR]["extractor"].value_counts()
+    if len(other):
+        found = ", ".join(f"{name} ({n} trials)" for name, n in other.items())
+        problems.append(f"the published numbers use the {PAPER_EXTRACTOR} extractor, these results were evaluated with {found}, "
+                        "whose FIDs are not comparable")
+    unused = trials[~trials["dataset"].isin(list(DATASET_COLUMNS))]["dataset"].value_counts()
+    if len(unused):
+        found = ", ".join(f"{name} ({n} trials)" for name, n in unused.items())
+        problems.append(f"the paper did not use dataset{'s' * (len(unused) > 1)} {found} (it used {', '.join(DATASET_COLUMNS)}; "
+                        "select with --where data.dataset=NAME)")
+    if problems:
+        raise AnalysisError(f"--compare-paper refused: {'; '.join(problems)}")
 
 
 def comparison(table: Table) -> Table | None:

@@ -39,11 +39,30 @@ def provenance(results: Results) -> dict[str, list[str]]:
     out = {"git commit": count(e.get("git_commit") or "unknown" for e in envs),
            "devices": count(", ".join(sorted(set(e.get("devices") or []))) or "unknown" for e in envs),
            "feature extractor": count(results.trials["extractor"]), "result schema": [f"version {SCHEMA_VERSION}"]}
+    classifiers = [_classifier(r) for r in results.records.values()]
+    if any(classifiers):
+        out["class-accuracy classifier"] = count(c or "none recorded" for c in classifiers)
     for package in KEY_PACKAGES:
         versions = [(e.get("packages") or {}).get(package) for e in envs]
         if any(versions):
             out[package] = count(v or "absent" for v in versions)
     return out
+
+
+def _classifier(record: dict) -> str | None:
+    """"digits-cnn-v1 (98.6% on real test images, 16 px, weights sha256 0123456789ab)", or None."""
+    info = (record.get("evaluation_settings") or {}).get("classifier")
+    if not isinstance(info, dict) or not info.get("name"):
+        return None
+    details = []
+    if isinstance(info.get("test_accuracy"), (int, float)):
+        details.append(f"{100 * info['test_accuracy']:.1f}% on real test images")
+    size = info.get("resolution", info.get("input_size"))  # the classifier's input size, whichever name it was recorded under
+    if isinstance(size, int):
+        details.append(f"{size} px")
+    if isinstance(info.get("weights_sha256"), str):
+        details.append(f"weights sha256 {info['weights_sha256'][:12]}")
+    return f"{info['name']}" + (f" ({', '.join(details)})" if details else "")
 
 
 def _rel(path: Path, out: Path) -> str:
@@ -100,7 +119,9 @@ def markdown(analysis: Analysis) -> str:
     return "\n".join(lines) + "\n"
 
 
-GRID_NOTE = "Each row is a class: generated images on the left, real evaluation images on the right."
+GRID_NOTE = ("Each grid is captioned with its trial (method, privacy, model, dataset, seed) and metrics. Each row is a class, "
+             "named on the left (with its class accuracy where recorded): generated images on the left, real evaluation "
+             "images on the right.")
 
 
 def _links(table: Table) -> str:
@@ -135,7 +156,8 @@ def page(analysis: Analysis) -> str:
         parts += [f"<h3>{esc(figure.title)}</h3><img src='{_rel(png, out)}' style='max-width:100%'><p><a href='{_rel(pdf, out)}'>PDF</a></p>"]
     parts += [f"<h2>Sample grids</h2><p>{GRID_NOTE}</p>"]
     labels = dict(zip(r.trials["trial_id"], r.trials["label"]))
-    parts += [f"<h3>{esc(labels[tid])}</h3><img src='{_rel(path, out)}'>" for tid, path in analysis.grids.items()]
+    parts += [f"<h3>{esc(labels[tid])}</h3><img src='{_rel(path, out)}' style='max-width:100%' alt='{esc(labels[tid])}'>"
+              for tid, path in analysis.grids.items()]
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;margin:.5em 0}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td.key{text-align:left}caption{font-weight:bold;text-align:left}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>varsweep analysis</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"

@@ -4,21 +4,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from .figures import all_figures, sample_grid
-from .load import load_results
-from .paper import comparison
+from .load import AnalysisError, Results, load_results
+from .paper import check_comparable, comparison
 from .report import Analysis, markdown, page
 from .tables import all_tables
 
 
 def analyse(results_dir: str | Path, out: str | Path, *, compare_paper: bool = False, extractor: str | None = None,
             skip_invalid: bool = False, where: dict[str, object] | None = None, table2_epsilon: float = 10.0,
-            grids: bool = True) -> Analysis:
+            grids: bool = True, figures: bool = True) -> Analysis:
     """Load every result (validated; see ``load_results``), then write ``out/tables/`` (CSV, long CSV, Markdown,
     LaTeX), ``out/figures/`` (PNG, PDF), ``out/grids/`` (one PNG per successful trial), ``out/trials.csv`` and
-    the report ``out/index.md`` / ``out/index.html``."""
+    the report ``out/index.md`` / ``out/index.html``. ``compare_paper`` refuses results that cannot stand beside
+    the published numbers before anything is written (AnalysisError)."""
     out = Path(out)
     results = load_results(results_dir, skip_invalid=skip_invalid, extractor=extractor, where=where)
-    out.mkdir(parents=True, exist_ok=True)
+    if compare_paper:
+        check_comparable(results.trials)
+    _make_folder(out)
     tables, skipped_tables = all_tables(results.trials, table2_epsilon=table2_epsilon)
     analysis = Analysis(out=out, results=results, tables=tables, skipped_tables=skipped_tables)
     for table in tables:
@@ -27,15 +30,37 @@ def analyse(results_dir: str | Path, out: str | Path, *, compare_paper: bool = F
         analysis.comparisons = [c for c in (comparison(t) for t in tables) if c is not None]
         for table in analysis.comparisons:
             table.write(out / "tables")
-    analysis.figures, analysis.skipped_figures = all_figures(results.trials, results.convergence, out / "figures")
+    if figures:
+        analysis.figures, analysis.skipped_figures = all_figures(results.trials, results.convergence, out / "figures",
+                                                                 table2_epsilon=table2_epsilon)
+    else:
+        analysis.skipped_figures = ["all figures: not asked for (--no-figures)"]
     if grids:
-        for trial_id in results.succeeded["trial_id"]:
-            path, why = sample_grid(results.records[trial_id], out / "grids")
-            if path is None:
-                analysis.missing_grids[trial_id] = why
-            else:
-                analysis.grids[trial_id] = path
+        analysis.grids, analysis.missing_grids = _grids(results, out / "grids")
     results.trials.to_csv(out / "trials.csv", index=False)
     (out / "index.md").write_text(markdown(analysis))
     (out / "index.html").write_text(page(analysis))
     return analysis
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AnalysisError(f"cannot create the output folder {out}: {error.strerror or error}") from error
+
+
+def _grids(results: Results, folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """(trial id -> grid PNG, trial id -> why no grid) for every successful trial; one trial's broken images never
+    cost the others their grids or the report its page."""
+    drawn, missing = {}, {}
+    for trial_id in results.succeeded["trial_id"]:
+        try:
+            path, why = sample_grid(results.records[trial_id], folder)
+        except Exception as error:  # noqa: BLE001 - reported per trial, like a figure that fails to draw
+            path, why = None, f"drawing failed ({type(error).__name__}: {error})"
+        if path is None:
+            missing[trial_id] = why
+        else:
+            drawn[trial_id] = path
+    return drawn, missing

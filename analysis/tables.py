@@ -1,4 +1,5 @@
-"""The paper's tables (1, 2, 3, 9, 10) plus a compute and a privacy table, built from the trials DataFrame.
+"""The paper's tables (1, 2, 3, 9, 10) plus a compute, a privacy and a class-accuracy table, built from the trials
+DataFrame.
 
 A table is key columns (strings) and value cells; a cell aggregates the trials that fall in it over seeds (mean,
 sample std, count) and remembers how many of its trials failed, so a gap is shown as missing or failed, never
@@ -307,11 +308,49 @@ def privacy_table(trials: pd.DataFrame) -> list[Table]:
                          "with the trial's own accountant"])]
 
 
+CLASS_ACCURACY_COLUMNS = ("fid", "precision", "recall", "kid", "class_accuracy")
+
+
+def class_accuracy_table(trials: pd.DataFrame) -> list[Table]:
+    """Per dataset whose trials recorded class accuracy: every setting (model, method, epsilon, k; seeds averaged)
+    with FID, precision, recall, KID and the class accuracy of its generated images. Not a paper table: the
+    paper's datasets have no reference classifier."""
+    return _per_dataset(trials, _class_accuracy_build)
+
+
+def _class_accuracy_build(group: pd.DataFrame, dataset: str) -> Table | None:
+    if not group["class_accuracy"].map(math.isfinite).any():
+        return None
+    rows = []
+    for model, method, sub in _model_method_groups(group):
+        privacy = sub["epsilon"].fillna(-1.0)  # -1: no DP, listed before the DP settings
+        for epsilon, k in sorted(set(zip(privacy, sub["k"]))):
+            one = sub[(privacy == epsilon) & (sub["k"] == k)]
+            rows.append([model, METHOD_LABELS[method], "no DP" if epsilon < 0 else _eps(epsilon), str(k),
+                         *[cell(one, m) for m in CLASS_ACCURACY_COLUMNS]])
+    header = ["model", "method", "epsilon", "k", "fid", "precision_pct", "recall_pct", "kid", "class_accuracy_pct"]
+    return Table("class_accuracy", "Class accuracy of generated samples (%, higher is better) beside FID, precision, recall and KID",
+                 header, rows, notes=_classifier_notes(group))
+
+
+def _classifier_notes(trials: pd.DataFrame) -> list[str]:
+    """What measured class accuracy: a fixed classifier's accuracy on images generated for each class (does the
+    model draw the class it was asked for), with the classifier's own accuracy on real test images."""
+    notes = ["class accuracy: the share of images generated for class c that a fixed classifier assigns to class c"]
+    named = trials.dropna(subset=["classifier"]).drop_duplicates(["classifier", "classifier_test_accuracy"])
+    for _, t in named.iterrows():
+        real = "" if math.isnan(t["classifier_test_accuracy"]) else f" (its accuracy on real test images: {t['classifier_test_accuracy']:.1f}%)"
+        notes.append(f"classifier: {t['classifier']}{real}")
+    return notes
+
+
 def all_tables(trials: pd.DataFrame, *, table2_epsilon: float = 10.0) -> tuple[list[Table], list[str]]:
     """(tables, one line per table not produced, saying what data it lacks)."""
     dp_epsilons = sorted(set(trials.loc[trials["dp"], "epsilon"]))
     found = f" (DP trials ran at ε in {{{', '.join(_eps(e) for e in dp_epsilons)}}}; see --table2-epsilon)" if dp_epsilons else ""
     builders = [("table1_fid", lambda: table1(trials), "no non-DP trial"),
+                # right after Table 1: every setting with all its metrics, where a classifier scored the samples
+                ("class_accuracy", lambda: class_accuracy_table(trials), "no trial recorded class accuracy (metrics.class_accuracy)"),
                 ("table2_dp_multiplicity", lambda: table2(trials, epsilon=table2_epsilon),
                  f"no DP LoRA or LNTuning trial at ε={_eps(table2_epsilon)}{found}"),
                 ("table3_dp_epsilon", lambda: table3(trials), "no DP model x method x k was run at two or more epsilons"),

@@ -3,17 +3,21 @@
   python -m bench list
   python -m bench sweep NAME [--smoke] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR] [--dry-run] [--max-concurrent N]
   python -m bench status NAME [--smoke] [--storage PATH_OR_URI] [--assets DIR]
-  python -m bench demo [--storage runs/demo]      (the embedded default: the demo sweep, then a summary)
+  python -m bench demo [--storage runs/demo] [--smoke]   (the embedded default: the demo sweep, then a summary)
 On a cluster started with ``ray up cluster.yaml`` submit the same command with ``ray job submit -- python -m bench ...``;
-without a cluster a local Ray instance is started.
+without a cluster a local Ray instance is started. Local paths may be relative to the current folder: they are made
+absolute here, before anything reaches Ray. Every failure ends in one line ``error: ...`` and exit status 2
+(``VARSWEEP_DEBUG=1`` shows the traceback too).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from .results import ResultStore
-from .schema import ConfigError
+from .schema import with_absolute_paths
 from .sweeps import SWEEPS, build_sweep, describe
 from .sweeps.common import Assets
 
@@ -22,7 +26,8 @@ def _common(parser: argparse.ArgumentParser, storage: str) -> None:
     parser.add_argument("name", choices=sorted(SWEEPS))
     parser.add_argument("--smoke", action="store_true", help="the sweep's smoke version: tiny base, offline data, CPU")
     parser.add_argument("--storage", default=storage, help="results and checkpoints: a local or shared path, or a URI (s3://...)")
-    parser.add_argument("--assets", default=Assets().root, help="checkpoints/ and datasets/ of the paper sweeps (env VARSWEEP_ASSETS)")
+    parser.add_argument("--assets", default=Assets.__dataclass_fields__["root"].default,
+                        help="checkpoints/ and datasets/ of the paper sweeps (env VARSWEEP_ASSETS)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,19 +37,37 @@ def _parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="run a sweep (relaunch to resume)")
     _common(sweep, "runs/sweeps")
     sweep.add_argument("--cache-dir", help="shared caches (default: STORAGE/cache for a path, ~/.cache/varsweep for a URI; env VARSWEEP_CACHE)")
-    sweep.add_argument("--dry-run", action="store_true", help="check and print the grid, resources and estimated GPU hours; run nothing")
-    sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster's resources fit)")
+    sweep.add_argument("--dry-run", action="store_true", help="check and print the grid, resources and estimated GPU hours; run and create nothing")
+    sweep.add_argument("--max-concurrent", type=int, help="trials at once, >= 1 (default: as many as the cluster's resources fit)")
     sweep.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a running cluster, else a new local Ray)")
-    status = commands.add_parser("status", help="which trials of a sweep have results")
+    status = commands.add_parser("status", help="which trials of a sweep have results (reads only)")
     _common(status, "runs/sweeps")
-    demo = commands.add_parser("demo", help="the embedded default: demo sweep on a local Ray, then its summary")
+    demo = commands.add_parser("demo", help="the embedded default: demo sweep on a local Ray, then its summary and checks")
     demo.add_argument("--storage", default="runs/demo")
-    demo.add_argument("--smoke", action="store_true")
+    demo.add_argument("--smoke", action="store_true", help="a few steps only (CI): checks the pipeline, not the targets")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; relaunch the same command to resume (finished trials are kept)", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure ends in one line, the traceback only when asked
+        if os.environ.get("VARSWEEP_DEBUG"):
+            traceback.print_exc()
+        first = (str(err).strip().splitlines() or [""])[0]
+        details = str(err).strip().splitlines()[1:]
+        print(f"error: {first or type(err).__name__}" + ("" if isinstance(err, (ValueError, OSError)) else f" ({type(err).__name__})"),
+              file=sys.stderr)
+        for line in details:  # a listing (every bad trial) stays readable, one item a line
+            print(f"  {line.strip()}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "list":
         for name in sorted(SWEEPS):
             print(f"{name:<12} {len(build_sweep(name)):>3} trials ({len(build_sweep(name, smoke=True))} smoke)  {describe(name)}")
@@ -52,32 +75,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(storage=args.storage, smoke=args.smoke)
-    configs = build_sweep(args.name, smoke=args.smoke, assets=Assets(args.assets))
+    configs = [with_absolute_paths(c) for c in build_sweep(args.name, smoke=args.smoke, assets=Assets(args.assets))]
     if args.command == "status":
-        print(status_table(configs, ResultStore(args.storage)))
+        store = ResultStore(args.storage, create=False)
+        if not store.exists():
+            raise FileNotFoundError(f"no storage folder at {args.storage}: nothing has run there (give --storage of the sweep)")
+        print(status_table(configs, store))
         return 0
-    from .launcher import Launch, SweepError, default_cache_dir, run_sweep
+    from .launcher import Launch, default_cache_dir, run_sweep
     launch = Launch(storage=args.storage, cache_dir=args.cache_dir or default_cache_dir(args.storage),
                     max_concurrent=args.max_concurrent, address=args.address)
-    try:
-        summary = run_sweep(args.name + ("-smoke" if args.smoke else ""), configs, launch, dry_run=args.dry_run)
-    except (SweepError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = run_sweep(args.name + ("-smoke" if args.smoke else ""), configs, launch, dry_run=args.dry_run)
     return 1 if summary["failed"] else 0
 
 
 def status_table(configs, store: ResultStore) -> str:
-    lines = [f"{'trial':<44} {'id':<16} {'status':<8} {'FID':>8} {'epsilon':>8}"]
+    """One line per trial (finished with FID and epsilon, failed with its error's first line, invalid with the
+    reason, pending), then the counts. Reads only."""
+    lines = [f"{'trial':<44} {'id':<16} {'status':<8} {'FID':>8} {'epsilon':>8}  error"]
     counts: dict[str, int] = {}
     for c in configs:
-        record = store.read(c.trial_id)
-        state = "pending" if record is None else record["status"]
+        state, detail = store.state(c.trial_id)
         counts[state] = counts.get(state, 0) + 1
+        record = store.read(c.trial_id) if state in ("success", "failed") else None
         fid = (record or {}).get("metrics", {}).get("fid")
         eps = ((record or {}).get("privacy") or {}).get("epsilon_rdp")
-        lines.append(f"{c.label:<44} {c.trial_id:<16} {state:<8} {'' if fid is None else f'{fid:.2f}':>8} {'' if eps is None else f'{eps:.2f}':>8}")
-    lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" of {len(configs)} trials")
+        lines.append(f"{c.label:<44} {c.trial_id:<16} {state:<8} {'' if fid is None else f'{fid:.2f}':>8} "
+                     f"{'' if eps is None else f'{eps:.2f}':>8}  {detail}".rstrip())
+    lines.append(", ".join(f"{counts[s]} {s}" for s in ("success", "failed", "invalid", "pending") if s in counts) + f" of {len(configs)} trials")
     return "\n".join(lines)
 
 

@@ -10,22 +10,25 @@ from pathlib import Path
 
 from pyarrow import fs as pafs
 
-from .schema import check_result
-
-
-def is_uri(storage: str) -> bool:
-    return "://" in storage
+from .schema import check_result, is_uri
 
 
 class ResultStore:
-    def __init__(self, storage: str | os.PathLike):
+    """``create=False`` opens a store read-only: nothing is created (``bench status``, dry runs)."""
+
+    def __init__(self, storage: str | os.PathLike, *, create: bool = True):
         storage = str(storage)
         if is_uri(storage):
             self.fs, root = pafs.FileSystem.from_uri(storage)
         else:
             self.fs, root = pafs.LocalFileSystem(), str(Path(storage).resolve())
-        self.storage, self.folder = storage, f"{root.rstrip('/')}/results"
-        self.fs.create_dir(self.folder, recursive=True)
+        self.storage, self.root, self.folder = storage, root.rstrip("/"), f"{root.rstrip('/')}/results"
+        if create:
+            self.fs.create_dir(self.folder, recursive=True)
+
+    def exists(self) -> bool:
+        """Whether the storage folder itself exists."""
+        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
 
     def path(self, trial_id: str) -> str:
         return f"{self.folder}/{trial_id}.json"
@@ -60,6 +63,23 @@ class ResultStore:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
         return None if record is None else record.get("status")
+
+    def state(self, trial_id: str) -> tuple[str, str]:
+        """("pending" | "success" | "failed" | "invalid", detail): a failed trial's first error line, or why a
+        file is not a valid result (unreadable JSON, another schema version, a config not matching its id)."""
+        try:
+            record = self.read(trial_id)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return "invalid", f"not JSON ({err})"
+        if record is None:
+            return "pending", ""
+        try:
+            check_result(record)
+        except (ValueError, TypeError, KeyError) as err:
+            return "invalid", str(err)
+        if record["status"] == "failed":
+            return "failed", (record["error"] or "").strip().splitlines()[0] if (record["error"] or "").strip() else ""
+        return record["status"], ""
 
     def files(self) -> list[str]:
         """Paths of every ``*.json`` in the results folder (valid results or not), sorted."""

@@ -13,13 +13,14 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 SCHEMA_VERSION = 1
 OFFICIAL_DEPTHS = (16, 20, 24, 30)
 OFFICIAL_RESOLUTION = 256
 METHODS = ("base", "full", "lora", "lora_attention", "lora_mlp", "ln_tuning")  # "base": evaluate the base model, no training
-EXTRACTORS = ("inception-v3-compat", "substitute-randconv-v1")
+EXTRACTORS = ("inception-v3-compat", "substitute-randconv-v1", "digits-cnn-v1")  # digits-cnn-v1: digits only
 ACCOUNTANTS = ("rdp", "prv")
 CLIPPING_MODES = ("auto", "bookkeeping", "hooks", "ghost")
 STATUSES = ("success", "failed")
@@ -186,7 +187,8 @@ class OptimizationConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """num_images None = per class as many as the evaluation split has; convergence_every_steps > 0 adds a FID on
+    """Sampling: classifier-free guidance ``cfg``, ``top_k`` / ``top_p`` filters (0 = off). num_images None = per
+    class as many as the evaluation split has; convergence_every_steps > 0 adds a FID on
     ``convergence_num_images`` images every that many steps (the convergence curve)."""
 
     extractor: str = "inception-v3-compat"
@@ -205,7 +207,10 @@ class EvaluationConfig:
         _require(self.extractor != "inception-v3-compat" or bool(self.inception_weights), "evaluation.inception_weights",
                  "Inception-v3 needs a local weights file (weights-inception-2015-12-05-6726825d.pth); nothing is downloaded")
         _require(self.num_images is None or self.num_images >= 2, "evaluation.num_images", f"must be >= 2, got {self.num_images}")
-        _require(self.cfg >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1, "evaluation.cfg", "need cfg >= 0, top_k >= 0, 0 < top_p <= 1")
+        # The sampler's own ranges (``VAR.sample``): top_k=0 and top_p=0 switch those filters off; top_p=1 is invalid
+        # there, so it is refused here, before any compute.
+        _require(self.cfg >= 0 and self.top_k >= 0 and 0 <= self.top_p < 1, "evaluation.cfg",
+                 f"need cfg >= 0, top_k >= 0 and 0 <= top_p < 1 (0 switches top-k/top-p off), got cfg={self.cfg}, top_k={self.top_k}, top_p={self.top_p}")
         _require(self.batch_size >= 1, "evaluation.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.convergence_every_steps >= 0 and self.convergence_num_images >= 2, "evaluation.convergence_every_steps",
                  "need convergence_every_steps >= 0 and convergence_num_images >= 2")
@@ -263,6 +268,8 @@ class TrialConfig:
             _require(self.privacy.augmentation_multiplicity <= self.data.cached_views, "privacy.augmentation_multiplicity",
                      f"k={self.privacy.augmentation_multiplicity} distinct views need data.cached_views >= k (got {self.data.cached_views})")
         _require(self.evaluation.convergence_every_steps == 0 or trains, "evaluation.convergence_every_steps", "method 'base' has no training steps")
+        _require(self.evaluation.extractor != "digits-cnn-v1" or self.data.dataset == "digits", "evaluation.extractor",
+                 f"digits-cnn-v1 is a digit classifier's features, for data.dataset='digits' only (got {self.data.dataset!r})")
 
     # --- identity and serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -302,6 +309,29 @@ def _section(kind: type, record: Mapping[str, Any], name: str):
     _require(not unknown, name, f"unknown fields {sorted(unknown)}; known: {sorted(known)}")
     tuples = {k: tuple(v) for k, v in record.items() if isinstance(v, list)}
     return kind(**{**record, **tuples})
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def absolute(location: str) -> str:
+    """A local path made absolute (``~`` expanded); a URI (``s3://...``) unchanged."""
+    return location if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+PATH_FIELDS = (("model", "var_checkpoint"), ("model", "vqvae_checkpoint"), ("data", "root"), ("evaluation", "inception_weights"))
+
+
+def with_absolute_paths(config: TrialConfig) -> TrialConfig:
+    """The config with every local file or folder it names made absolute (the driver does this once, before any
+    trial reaches Ray, whose workers run in folders of their own). A config whose paths are absolute is unchanged."""
+    changes: dict[str, dict[str, str]] = {}
+    for section, name in PATH_FIELDS:
+        value = getattr(getattr(config, section), name)
+        if value is not None and absolute(value) != value:
+            changes.setdefault(section, {})[name] = absolute(value)
+    return replace(config, **changes) if changes else config
 
 
 def replace(config: TrialConfig, **sections: Mapping[str, Any] | None) -> TrialConfig:

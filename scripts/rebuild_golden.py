@@ -18,7 +18,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "golden" / "paper"
 def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         paper_fixture(Path(folder) / "storage")
-        analysis = analyse(Path(folder) / "storage", Path(folder) / "out", compare_paper=True, grids=False)
+        analysis = analyse(Path(folder) / "storage", Path(folder) / "out", compare_paper=True, grids=False, figures=False)
         if GOLDEN.exists():
             shutil.rmtree(GOLDEN)
         GOLDEN.mkdir(parents=True)

@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 
 from analysis.__main__ import main as cli
+import analysis.figures as analysis_figures
+from analysis.figures import grid_caption, grid_layout, k_colors, sample_grid
 from analysis.load import AnalysisError, load_results
 from analysis.paper import PAPER_DIR, number, paper_fixture, published
 from analysis.run import analyse
@@ -42,7 +44,7 @@ def fixture_storage(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def golden_run(fixture_storage, tmp_path_factory):
-    return analyse(fixture_storage, tmp_path_factory.mktemp("out"), compare_paper=True, grids=False)
+    return analyse(fixture_storage, tmp_path_factory.mktemp("out"), compare_paper=True, grids=False, figures=False)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -123,7 +125,7 @@ def test_failed_and_missing_trials_are_marked_not_invented(fixture_storage, tmp_
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     failed = rewrite(result_path(storage, "full-d16-food101"), lambda r: r.update(status="failed", error="CUDA out of memory\ntraceback...", metrics={}))
     result_path(storage, "lora-d20-stanford_cars").unlink()
-    analysis = analyse(storage, tmp_path / "out", grids=False)
+    analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
     assert len(analysis.results.failed) == 1 and analysis.results.failed.iloc[0]["trial_id"] == failed["trial_id"]
     table1 = read_csv(tmp_path / "out" / "tables" / "table1_fid.csv")
     row = lambda model, method: next(r for r in table1 if r["model"] == model and r["method"] == method)  # noqa: E731
@@ -156,7 +158,7 @@ def test_invalid_files_stop_the_analysis_unless_skipped(fixture_storage, tmp_pat
     with pytest.raises(AnalysisError, match=r"2 file\(s\)") as error:
         load_results(storage)
     assert "truncated.json: JSONDecodeError" in str(error.value) and "schema_version: expected 1, got 99" in str(error.value)
-    analysis = analyse(storage, tmp_path / "out", skip_invalid=True, grids=False)
+    analysis = analyse(storage, tmp_path / "out", skip_invalid=True, grids=False, figures=False)
     assert len(analysis.results.invalid) == 2 and len(analysis.results.trials) == 52
     assert "truncated.json" in (tmp_path / "out" / "index.md").read_text()
     with pytest.raises(AnalysisError, match="does not exist"):
@@ -170,7 +172,7 @@ def test_seeds_give_mean_and_std(fixture_storage, tmp_path):
         config = replace(TrialConfig.from_dict(record["config"]), optimization={"seed": seed})
         twin = {**record, "trial_id": config.trial_id, "config": config.to_dict(), "metrics": {**record["metrics"], "fid": fid}}
         (storage / "results" / f"{config.trial_id}.json").write_text(json.dumps(twin))
-    analysis = analyse(storage, tmp_path / "out", grids=False)
+    analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
     table1 = next(t for t in analysis.tables if t.name == "table1_fid")
     lora = next(r for r in table1.rows if r[:2] == ["VAR-d16", "LoRA"])
     flowers = lora[2 + 2]
@@ -186,7 +188,7 @@ def test_figures_have_files_and_axes(fixture_storage, tmp_path):
         rewrite(result_path(storage, label), lambda r, f=fids: r.update(convergence=[{"step": 500 * (i + 1), "fid": v} for i, v in enumerate(f)]))
     analysis = analyse(storage, tmp_path / "out", grids=False)
     figures = {f.name: f for f in analysis.figures}
-    assert sorted(figures) == ["compute_pflops", "convergence_fid", "parameters_vs_fid", "privacy_utility"] and not analysis.skipped_figures
+    assert sorted(figures) == ["compute_pflops", "convergence_fid", "fid_vs_k", "parameters_vs_fid", "privacy_utility"] and not analysis.skipped_figures
     for figure in figures.values():
         assert all(p.is_file() and p.stat().st_size > 5000 for p in figure.paths), figure.paths
         assert [p.suffix for p in figure.paths] == [".png", ".pdf"]
@@ -194,6 +196,13 @@ def test_figures_have_files_and_axes(fixture_storage, tmp_path):
     assert figures["convergence_fid"].xlabels == ("training step",) and figures["convergence_fid"].ylabels == ("FID ↓",)
     assert set(figures["privacy_utility"].xlabels) == {"privacy budget ε"} and len(figures["privacy_utility"].xlabels) == 2  # d16, d20
     assert figures["parameters_vs_fid"].xlabels == ("trainable parameters [millions]",) * 2  # a panel per model
+    # epsilon and k ticks are the values run, printed plainly (not 10^0); no-DP references are in the legend
+    assert figures["privacy_utility"].xticklabels == (("1", "10", "20", "50", "100", "500", "1000"),) * 2
+    assert {"LoRA, no DP", "LNTuning, no DP", "LoRA, k=32", "LoRA, k=128"} <= set(figures["privacy_utility"].legend)
+    assert figures["fid_vs_k"].xlabels == ("augmentation multiplicity k",) * 2 and figures["fid_vs_k"].xticklabels == (("1", "32", "128"),) * 2
+    assert figures["fid_vs_k"].legend == ("LoRA, DP ε=10", "LNTuning, DP ε=10", "LoRA, no DP", "LNTuning, no DP")
+    assert all(label.replace(".", "").isdigit() for f in figures.values() for ticks in f.xticklabels for label in ticks if label
+               and f.name != "compute_pflops"), [f.xticklabels for f in figures.values()]
     page = (tmp_path / "out" / "index.html").read_text()
     assert all(f"figures/{name}.png" in page for name in figures)
 
@@ -219,22 +228,26 @@ def test_sample_grid_puts_generated_beside_real_images(tmp_path):
     config = build_sweep("demo")[1]
     record = make_result(config, status="success", metrics={"fid": 9.0}, artifacts={"generated_images": str(generated), "real_images": real})
     ResultStore(tmp_path / "storage").write(record)
-    analysis = analyse(tmp_path / "storage", tmp_path / "out")
+    analysis = analyse(tmp_path / "storage", tmp_path / "out", figures=False)
     grid = Image.open(analysis.grids[config.trial_id])
-    tile = 64 + 4
-    assert grid.size == (2 * 6 * tile + 32 + 4, 3 * tile)
-    pixels = np.asarray(grid).astype(int)
-    real_left = 6 * tile + 36 + 2
+    layout = grid_layout(3)
+    assert grid.size == (layout["width"], layout["height"])
+    pixels, tile = np.asarray(grid).astype(int), layout["tile"]
+    real_left = layout["real_left"] + 2
     for row, grey in enumerate((40, 80, 120)):  # each class's real image beside its own generated images
-        assert np.abs(pixels[row * tile + 10: row * tile + 50, real_left + 10: real_left + 50] - grey).max() <= 2, row
-    assert (pixels[tile + 10, real_left + tile + 10] == 255).all()  # the orchid's unreadable second image: blank
+        top = layout["rows_top"] + row * tile
+        assert np.abs(pixels[top + 10: top + 50, real_left + 10: real_left + 50] - grey).max() <= 2, row
+    top = layout["rows_top"] + tile
+    assert (pixels[top + 10, real_left + tile + 10] == 255).all()  # the orchid's unreadable second image: blank
+    assert (pixels[top + 10, real_left + 2 * tile + 10] == 255).all()  # no third image recorded: blank
     assert f"grids/{config.trial_id}.png" in (tmp_path / "out" / "index.md").read_text()
+    assert not analysis.missing_grids
 
 
 def test_cli_writes_the_report_and_says_where(fixture_storage, tmp_path, capsys):
     assert cli([str(fixture_storage / "results"), "--out", str(tmp_path / "out"), "--compare-paper", "--no-grids"]) == 0
     printed = capsys.readouterr().out
-    assert "53 trials: 53 succeeded, 0 failed. Wrote 7 tables, 5 comparisons, 3 figures, 0 sample grids." in printed
+    assert "53 trials: 53 succeeded, 0 failed. Wrote 7 tables, 5 comparisons, 4 figures, 0 sample grids." in printed
     assert "Figures not drawn:\n  convergence_fid: no trial has the data it plots" in printed and "index.html" in printed
     html = (tmp_path / "out" / "index.html").read_text()
     for needle in ("Provenance", "feature extractor", "inception-v3-compat (53)", "tables/table1_fid.tex", "compare_table3_dp_epsilon",
@@ -270,10 +283,10 @@ def test_different_settings_in_one_cell_are_refused_not_averaged(fixture_storage
     with pytest.raises(AnalysisError, match=r"(?s)1 table cell.*VAR-d16 cub200 lora no DP k=1: 2 settings differing in method.lora_rank = 16, 64"):
         load_results(storage)
     assert cli([str(storage), "--out", str(tmp_path / "refused")]) == 2
-    rank64 = analyse(storage, tmp_path / "out", where={"method.lora_rank": 64}, grids=False)
+    rank64 = analyse(storage, tmp_path / "out", where={"method.lora_rank": 64}, grids=False, figures=False)
     assert list(rank64.results.trials["trial_id"]) == [other["trial_id"]] and len(rank64.results.excluded) == 53
     assert "lora_rank is not 64" in (tmp_path / "out" / "index.md").read_text()
-    assert cli([str(storage), "--out", str(tmp_path / "cli"), "--where", "method.lora_rank=16", "--no-grids"]) == 0
+    assert cli([str(storage), "--out", str(tmp_path / "cli"), "--where", "method.lora_rank=16", "--no-grids", "--no-figures"]) == 0
     assert read_csv(tmp_path / "cli" / "tables" / "table1_fid.csv")[1]["cub200"] == "7.84"
     with pytest.raises(AnalysisError, match="no such config field"):
         load_results(storage, where={"method.rank": 16})
@@ -299,7 +312,7 @@ def test_successful_trials_without_a_value_are_shown(fixture_storage, tmp_path):
     for seed in (1, 2):
         twin(storage, "lora-d16-flowers102", metrics={"fid": float("nan")}, optimization={"seed": seed})
     rewrite(result_path(storage, "lora-d16-cub200"), lambda r: r["metrics"].pop("fid"))
-    analysis = analyse(storage, tmp_path / "out", grids=False)
+    analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
     lora = next(r for r in next(t for t in analysis.tables if t.name == "table1_fid").rows if r[:2] == ["VAR-d16", "LoRA"])
     assert lora[4].text() == "13.18 (2 without value)" and lora[3].text() == "no value"
     assert read_csv(tmp_path / "out" / "tables" / "table1_fid.csv")[1]["cub200"] == ""
@@ -308,7 +321,7 @@ def test_successful_trials_without_a_value_are_shown(fixture_storage, tmp_path):
 def test_dp_tables_are_per_dataset_and_only_flowers_is_compared(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     cub = twin(storage, "lora-d16-flowers102-eps10-k1", metrics={"fid": 200.0}, data={"dataset": "cub200", "root": "/assets/datasets/cub200"})
-    analysis = analyse(storage, tmp_path / "out", compare_paper=True, grids=False)
+    analysis = analyse(storage, tmp_path / "out", compare_paper=True, grids=False, figures=False)
     names = {t.name for t in analysis.tables}
     assert {"table2_dp_multiplicity_flowers102", "table2_dp_multiplicity_cub200"} <= names
     cub_table = next(t for t in analysis.tables if t.name == "table2_dp_multiplicity_cub200")
@@ -323,10 +336,11 @@ def test_sweeps_of_one_kind_say_which_tables_they_lack(fixture_storage, tmp_path
     for path in (dp_only / "results").glob("*.json"):
         if json.loads(path.read_text())["config"]["privacy"] is None:
             path.unlink()
-    analysis = analyse(dp_only, tmp_path / "dp-out", grids=False)
+    analysis = analyse(dp_only, tmp_path / "dp-out", grids=False, figures=False)
     assert sorted(t.name for t in analysis.tables) == ["compute", "privacy", "table10_dp_ablation", "table2_dp_multiplicity", "table3_dp_epsilon"]
-    assert analysis.skipped_tables == ["table1_fid: no non-DP trial", "table9_precision_recall: no adapted non-DP trial"]
-    other_eps = analyse(dp_only, tmp_path / "eps3", table2_epsilon=3, grids=False)
+    assert analysis.skipped_tables == ["table1_fid: no non-DP trial", "class_accuracy: no trial recorded class accuracy (metrics.class_accuracy)",
+                                       "table9_precision_recall: no adapted non-DP trial"]
+    other_eps = analyse(dp_only, tmp_path / "eps3", table2_epsilon=3, grids=False, figures=False)
     assert any("table2_dp_multiplicity: no DP LoRA or LNTuning trial at ε=3 (DP trials ran at ε in {1, 10, 20, 50, 100, 500, 1000}" in line
                for line in other_eps.skipped_tables)
     assert "Tables not produced" in (tmp_path / "eps3" / "index.md").read_text()
@@ -342,7 +356,7 @@ def test_sweeps_of_one_kind_say_which_tables_they_lack(fixture_storage, tmp_path
 def test_error_text_is_inert_in_the_report_and_latex_is_escaped(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     rewrite(result_path(storage, "full-d16-food101"), lambda r: r.update(status="failed", metrics={}, error="<img src=x onerror=alert(1)> | `x`"))
-    analyse(storage, tmp_path / "out", grids=False)
+    analyse(storage, tmp_path / "out", grids=False, figures=False)
     md, page = (tmp_path / "out" / "index.md").read_text(), (tmp_path / "out" / "index.html").read_text()
     assert "<img src=x" not in md and "&lt;img src=x onerror=alert(1)&gt; \\| 'x'" in md
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
@@ -354,14 +368,14 @@ def test_many_dp_curves_and_a_broken_figure_do_not_cost_the_report(fixture_stora
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     for path in (storage / "results").glob("*.json"):
         rewrite(path, lambda r: r.update(convergence=[{"step": 100, "fid": 50.0}, {"step": 200, "fid": 40.0}]))
-    analysis = analyse(storage, tmp_path / "out", grids=False)
-    assert "convergence_fid" in {f.name for f in analysis.figures}  # 30+ DP curves in one panel: markers cycle
-    import analysis.figures as figures
+    results = load_results(storage)
+    many = analysis_figures.convergence_figure(results.trials, results.convergence, tmp_path / "many")  # 30+ DP curves in one panel
+    assert len(set(many.legend)) == len(many.legend) == 16 and "DP-LoRA ε=1000, k=32" in many.legend  # one entry per label
 
-    monkeypatch.setattr(figures, "parameters_figure", lambda trials, folder: 1 / 0)
-    broken = analyse(storage, tmp_path / "broken", grids=False)
+    monkeypatch.setattr(analysis_figures, "parameters_figure", lambda trials, folder: 1 / 0)
+    broken = analyse(fixture_storage, tmp_path / "broken", grids=False)
     assert "parameters_vs_fid: drawing failed (ZeroDivisionError: division by zero)" in broken.skipped_figures
-    assert (tmp_path / "broken" / "index.html").is_file() and len(broken.figures) == 3
+    assert (tmp_path / "broken" / "index.html").is_file() and len(broken.figures) == 3  # compute, privacy, FID vs k
 
 
 def test_nothing_valid_and_repeated_ids_are_named(fixture_storage, tmp_path):
@@ -376,3 +390,211 @@ def test_nothing_valid_and_repeated_ids_are_named(fixture_storage, tmp_path):
     (junk / "a.json").write_text("{}")
     with pytest.raises(AnalysisError, match="no valid results.*all 1 files are invalid"):
         analyse(tmp_path / "junk", tmp_path / "junk-out", skip_invalid=True)
+
+
+# --- demo-like results: digits, class accuracy, labelled sample grids -------------------------------------------
+# (method, epsilon, FID, precision, recall, class accuracy) of the six demo trials, made up but shaped like the demo.
+DIGIT_TRIALS = (("base", None, 180.0, 0.10, 0.05, 0.12), ("full", None, 40.0, 0.70, 0.60, 0.91), ("lora", None, 45.0, 0.66, 0.58, 0.87),
+                ("ln_tuning", None, 62.0, 0.55, 0.41, 0.64), ("lora", 1.0, 120.0, 0.30, 0.12, 0.31), ("lora", 8.0, 71.0, 0.48, 0.33, 0.58))
+CLASSIFIER = {"name": "digits-cnn-v1", "test_accuracy": 0.986, "weights_sha256": "ab" * 32, "resolution": 16}
+
+
+def digit_png(path: Path, digit: int, *, noise: float = 0.0, seed: int = 0) -> None:
+    """A 16 px digit, dark ink on light paper like the demo's (noisy for generated images)."""
+    from PIL import ImageDraw, ImageFont
+    import matplotlib.font_manager as fm
+
+    image = Image.new("L", (16, 16), 235)
+    font = ImageFont.truetype(fm.findfont(fm.FontProperties(family="DejaVu Sans")), 14)
+    ImageDraw.Draw(image).text((8, 8), str(digit), fill=20, font=font, anchor="mm")
+    pixels = np.asarray(image, dtype=float) + noise * np.random.default_rng(seed).normal(size=(16, 16))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("RGB").save(path)
+
+
+def digit_record(config: TrialConfig, row: tuple, folder: Path, real: list[dict], *, classes: int = 10) -> dict:
+    method, epsilon, fid, precision, recall, accuracy = row
+    generated = folder / "images" / config.trial_id
+    for label in range(classes):
+        for i in range(6):
+            digit_png(generated / f"class_{label:04d}" / f"{i:06d}.png", label, noise=40.0 * (1 - accuracy), seed=100 * label + i)
+    per_class = [round(min(1.0, max(0.0, accuracy + 0.05 * ((label % 3) - 1))), 3) for label in range(classes)]
+    per_class[-1] = None if method == "base" else per_class[-1]  # a class without generated images has no accuracy
+    curve = [] if method == "base" else [{"step": s, "fid": fid * f, "precision": precision, "recall": recall, "class_accuracy": accuracy / f}
+                                         for s, f in ((100, 1.8), (200, 1.2), (300, 1.0))]
+    privacy = None if epsilon is None else {"target_epsilon": epsilon, "epsilon_rdp": epsilon * 0.98, "epsilon_prv": epsilon * 0.95,
+                                            "delta": 1 / 1438, "noise_multiplier": 1.1, "steps": 300}
+    return make_result(config, status="success", metrics={"fid": fid, "precision": precision, "recall": recall, "kid_mean": fid / 1e4,
+                                                         "class_accuracy": accuracy, "class_accuracy_per_class": per_class},
+                       convergence=curve, privacy=privacy, cost={"train_pflops": 0.002, "gpu_hours": 0.0},
+                       parameters={"trainable": 1000 if method != "full" else 90000, "base_total": 100000},
+                       evaluation_settings={"extractor": "digits-cnn-v1", "classifier": CLASSIFIER},
+                       artifacts={"generated_images": str(generated), "real_images": real})
+
+
+def digit_storage(folder: Path, *, classes: int = 10) -> Path:
+    """Six demo-like results (base, full, lora, ln_tuning, DP-LoRA at epsilon 1 and 8 with k=2) with generated and
+    real 16 px digit PNGs on disk, evaluated with the digits classifier as extractor."""
+    configs = {(c.method.name, c.privacy.target_epsilon if c.privacy else None): c for c in build_sweep("demo")}
+    real = []
+    for label in range(classes):
+        paths = [folder / "real" / str(label) / f"{i}.png" for i in range(6)]
+        for i, path in enumerate(paths):
+            digit_png(path, label, seed=i)
+        real.append({"label": label, "class": str(label), "paths": [str(p) for p in paths]})
+    store = ResultStore(folder / "storage")
+    for row in DIGIT_TRIALS:
+        store.write(digit_record(configs[row[:2]], row, folder, real, classes=classes))
+    return folder / "storage"
+
+
+@pytest.fixture(scope="module")
+def digit_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digits")
+    return analyse(digit_storage(folder), folder / "out")
+
+
+def test_class_accuracy_is_a_metric_a_column_and_its_own_table(digit_run):
+    out = digit_run.out
+    trials = {(r["method"], r["epsilon"]): r for r in read_csv(out / "trials.csv")}
+    assert float(trials[("full", "")]["class_accuracy"]) == pytest.approx(91.0) and trials[("full", "")]["classifier"] == "digits-cnn-v1"
+    assert "class_accuracy_per_class" not in trials[("full", "")]  # a list, not a table column
+    rows = read_csv(out / "tables" / "class_accuracy.csv")
+    assert list(rows[0]) == ["model", "method", "epsilon", "k", "fid", "precision_pct", "recall_pct", "kid", "class_accuracy_pct"]
+    assert [(r["method"], r["epsilon"], r["k"], r["class_accuracy_pct"]) for r in rows] == [
+        ("Base", "no DP", "1", "12.0"), ("FFT", "no DP", "1", "91.0"), ("LoRA", "no DP", "1", "87.0"), ("LoRA", "1", "2", "31.0"),
+        ("LoRA", "8", "2", "58.0"), ("LNTuning", "no DP", "1", "64.0")]
+    assert rows[1]["fid"] == "40.00" and rows[1]["precision_pct"] == "70.00" and rows[1]["kid"] == "0.0040"
+    md = (out / "tables" / "class_accuracy.md").read_text()
+    assert "classifier: digits-cnn-v1 (its accuracy on real test images: 98.6%)" in md
+    page = (out / "index.html").read_text()
+    assert "Class accuracy of generated samples" in page and "digits-cnn-v1 (98.6% on real test images, 16 px" in page
+    assert "digits-cnn-v1 (6)" in page  # the extractor, in the provenance
+    assert not any(line.startswith("class_accuracy") for line in digit_run.skipped_tables)
+
+
+def test_without_class_accuracy_its_table_is_skipped_with_the_reason(golden_run):
+    assert "class_accuracy: no trial recorded class accuracy (metrics.class_accuracy)" in golden_run.skipped_tables
+
+
+def test_digit_grids_are_labelled_and_show_every_class(digit_run):
+    assert len(digit_run.grids) == 6 and not digit_run.missing_grids
+    full = next(tid for tid, label in zip(digit_run.results.trials["trial_id"], digit_run.results.trials["label"]) if label.startswith("full"))
+    grid = np.asarray(Image.open(digit_run.grids[full]).convert("L")).astype(int)
+    layout = grid_layout(10)
+    assert grid.shape == (layout["height"], layout["width"])
+    header = grid[layout["header_top"]: layout["rows_top"]]
+    for left in (layout["generated_left"], layout["real_left"]):  # "generated" and "real" written over their blocks
+        assert (header[:, left: left + 6 * layout["tile"]] < 128).sum() > 30
+    assert (grid[: layout["header_top"], :400] < 128).sum() > 200  # the caption
+    assert (grid[layout["rows_top"]:, : layout["generated_left"]] < 128).sum() > 10 * 20  # a class name on every row
+    last = layout["rows_top"] + 9 * layout["tile"]  # the tenth class (digit 9): real and generated tiles drawn
+    for left in (layout["generated_left"], layout["real_left"]):
+        tile = grid[last + 2: last + 66, left + 2: left + 66]
+        assert tile.min() < 80 and tile.max() > 200, left
+    # 16 px digits are enlarged 4x with nearest-neighbour: every 4x4 block of a real tile is one pixel
+    real = grid[last + 2: last + 66, layout["real_left"] + 2: layout["real_left"] + 66].reshape(16, 4, 16, 4)
+    assert (real.max(axis=(1, 3)) == real.min(axis=(1, 3))).all()
+
+
+def test_grid_caption_names_the_trial_and_its_metrics(digit_run):
+    records = digit_run.results.records
+    dp8 = next(r for r in records.values() if (r["config"]["privacy"] or {}).get("target_epsilon") == 8.0)
+    title, metrics = grid_caption(dp8)
+    assert title.startswith("DP-LoRA ε=8, k=2 · tiny-d") and "digits" in title and dp8["trial_id"][:12] in title
+    assert metrics == "FID 71.00 · precision 48.00% · recall 33.00% · KID 0.0071 · class accuracy 58.0%"
+    base = next(r for r in records.values() if r["config"]["method"]["name"] == "base")
+    assert grid_caption(base)[0].startswith("Base · ")
+
+
+def test_grid_grows_with_the_number_of_classes(tmp_path):
+    heights = {}
+    for classes in (3, 12):
+        folder = tmp_path / str(classes)
+        real = []
+        for label in range(classes):
+            path = folder / "real" / f"{label}.png"
+            digit_png(path, label % 10)
+            real.append({"label": label, "class": f"class number {label}", "paths": [str(path)]})
+        record = digit_record(build_sweep("demo")[1], DIGIT_TRIALS[1], folder, real, classes=classes)
+        path, why = sample_grid(record, folder / "grids")
+        assert why is None
+        heights[classes] = Image.open(path).height
+    assert heights[12] - heights[3] == 9 * grid_layout(1)["tile"]
+
+
+def test_digit_figures_have_plain_epsilon_ticks_and_no_dp_references(digit_run):
+    figures = {f.name: f for f in digit_run.figures}
+    assert {"privacy_utility", "convergence_fid", "compute_pflops", "parameters_vs_fid"} <= set(figures)
+    privacy = figures["privacy_utility"]
+    assert privacy.xticklabels == (("1", "8"),)  # not 10^0
+    assert "LoRA, no DP" in privacy.legend and "LoRA, k=2" in privacy.legend
+    assert figures["convergence_fid"].ylabels == ("FID ↓", "Class accuracy [%] ↑")  # class accuracy during training too
+    curves = digit_run.results.convergence.drop(columns="class_accuracy")  # final class accuracy alone draws no curve
+    only_fid = analysis_figures.convergence_figure(digit_run.results.trials, curves, digit_run.out / "fid-only")
+    assert only_fid.ylabels == ("FID ↓",)
+    assert any("fid_vs_k: no successful DP LoRA or LNTuning trial at ε=10 (DP trials ran at ε in {1, 8}" in line for line in digit_run.skipped_figures)
+
+
+def test_every_k_has_its_own_colour():
+    colours = k_colors([1, 4, 8, 16, 32, 64, 128, 4, 1])
+    assert sorted(colours) == [1, 4, 8, 16, 32, 64, 128] and len(set(colours.values())) == 7
+
+
+def test_compare_paper_refuses_other_extractors_and_datasets(tmp_path, capsys):
+    storage = digit_storage(tmp_path, classes=2)
+    assert cli([str(storage), "--out", str(tmp_path / "out"), "--compare-paper", "--no-grids", "--no-figures"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error, error
+    assert error.startswith("analysis: error: --compare-paper refused: the published numbers use the inception-v3-compat extractor, "
+                            "these results were evaluated with digits-cnn-v1 (6 trials), whose FIDs are not comparable")
+    assert not (tmp_path / "out").exists()  # nothing written
+    for path in (storage / "results").glob("*.json"):  # Inception features, but a dataset the paper did not use
+        rewrite(path, lambda r: r["evaluation_settings"].update(extractor="inception-v3-compat"))
+    with pytest.raises(AnalysisError, match=r"^--compare-paper refused: the paper did not use dataset digits \(6 trials\) \(it used food101, cub200"):
+        analyse(storage, tmp_path / "out", compare_paper=True)
+    assert not (tmp_path / "out").exists()
+    assert len(analyse(storage, tmp_path / "plain", grids=False, figures=False).tables) > 0  # without --compare-paper: fine
+
+
+def test_cli_expected_failures_end_in_one_line_without_traceback(fixture_storage, tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    invalid = tmp_path / "invalid" / "results"
+    invalid.mkdir(parents=True)
+    (invalid / "bad.json").write_text("{")
+    mixed = copy_storage(fixture_storage, tmp_path / "mixed")
+    record = json.loads(result_path(mixed, "lora-d16-cub200").read_text())
+    config = replace(TrialConfig.from_dict(record["config"]), evaluation={"extractor": "substitute-randconv-v1", "inception_weights": None})
+    ResultStore(mixed).write(make_result(config, status="success", metrics={"fid": 3.0}, evaluation_settings={"extractor": "digits-cnn-v1"}))
+    cases = {"empty": ([str(tmp_path / "empty")], "no result files"), "missing": ([str(tmp_path / "nowhere")], "does not exist"),
+             "file": ([str(tmp_path / "a-file")], "is not a folder"), "invalid": ([str(invalid)], "1 file(s) are not valid results"),
+             "mixed": ([str(mixed)], "mix feature extractors"),
+             "unwritable out": ([str(fixture_storage), "--out", str(tmp_path / "a-file" / "out")], "cannot create the output folder")}
+    for name, (args, needle) in cases.items():
+        argv = args + ([] if "--out" in args else ["--out", str(tmp_path / "out" / name.replace(" ", "_"))])
+        assert cli(argv + ["--no-grids", "--no-figures"]) == 2, name
+        error = capsys.readouterr().err
+        assert error.startswith("analysis: error: ") and needle in error.splitlines()[0] and "Traceback" not in error, (name, error)
+    import analysis.load as load
+
+    def unreadable(folder):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(load, "_json_names", unreadable)
+    assert cli([str(tmp_path / "empty"), "--out", str(tmp_path / "out" / "unreadable")]) == 2
+    error = capsys.readouterr().err
+    assert error == f"analysis: error: cannot read the results in {tmp_path / 'empty'}: PermissionError: [Errno 13] Permission denied: '{tmp_path / 'empty'}'\n"
+
+
+def test_a_long_title_is_wrapped_inside_the_figure_left_of_the_legend(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig, axes = analysis_figures._figure(1)
+    axes[0].plot([1, 2], [3, 4], label="a rather long legend entry, DP ε=8, k=2")
+    analysis_figures._legend(fig)
+    analysis_figures._title(fig, "A title far too long for one panel: " + "words " * 30)
+    renderer = fig.canvas.get_renderer()
+    title, legend = fig._suptitle.get_window_extent(renderer), fig.legends[0].get_window_extent(renderer)
+    assert "\n" in fig._suptitle.get_text() and title.x0 >= 0 and title.x1 <= legend.x0
+    plt.close(fig)

@@ -1,6 +1,9 @@
 """The command line (`python -m bench`) without Ray: list, dry run, status; and the demo's acceptance checks."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from bench.__main__ import main
@@ -17,39 +20,79 @@ def test_list_shows_every_sweep(capsys):
     assert "30 trials (6 smoke)" in out
 
 
-def test_dry_run_checks_and_prints_without_running(tmp_path, capsys):
+def test_dry_run_checks_and_prints_and_creates_nothing(tmp_path, capsys):
     storage = tmp_path / "runs"
     assert main(["sweep", "demo", "--smoke", "--dry-run", "--storage", str(storage)]) == 0
     out = capsys.readouterr().out
-    assert "6 of 6 trials to run" in out and "pending" in out
-    assert not list((storage / "results").glob("*.json"))
+    assert "5 of 5 trials to run" in out and "pending" in out
+    assert not storage.exists()  # no results folder, no cache, no offline data written
     assert main(["sweep", "table2", "--dry-run", "--assets", str(tmp_path / "nothing"), "--storage", str(storage)]) == 2
     captured = capsys.readouterr()
     assert "8 of 8 trials to run" in captured.out and "cannot run; nothing was started" in captured.err
+    assert captured.err.startswith("error: 8 of 8 trials cannot run") and "Traceback" not in captured.err
+    assert not storage.exists()
 
 
-def test_status_reads_results(tmp_path, capsys):
+def test_status_is_read_only_and_shows_every_state(tmp_path, capsys):
     configs = build_sweep("demo", smoke=True)
+    missing = tmp_path / "never-ran"
+    assert main(["status", "demo", "--smoke", "--storage", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no storage folder" in err and str(missing) in err and not missing.exists()
     store = ResultStore(tmp_path)
     store.write(make_result(configs[0], status="success", metrics={"fid": 12.5}))
-    store.write(make_result(configs[1], status="failed", error="RuntimeError: out of memory"))
+    store.write(make_result(configs[1], status="failed", error="RuntimeError: out of memory\n  at line 3"))
+    Path(store.path(configs[2].trial_id)).write_text('{"schema_version": 1, "truncat')
+    Path(store.path(configs[3].trial_id)).write_text(json.dumps({**make_result(configs[3], status="success"), "schema_version": 99}))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
     assert main(["status", "demo", "--smoke", "--storage", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "12.50" in out and "1 failed, 4 pending, 1 success of 6 trials" in out
+    assert "12.50" in out and "RuntimeError: out of memory" in out and "at line 3" not in out
+    assert "1 success, 1 failed, 2 invalid, 1 pending of 5 trials" in out and "not JSON" in out and "schema_version" in out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created or changed
 
 
-def _record(config, fid):
-    return make_result(config, status="success", metrics={"fid": fid, "precision": 0.1, "recall": 0.1})
+def test_bad_arguments_end_in_one_line(tmp_path, capsys):
+    assert main(["sweep", "demo", "--smoke", "--max-concurrent", "0", "--storage", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-concurrent must be >= 1") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("dp_fid, expected", [(15.0, True), (9.0, False)])
-def test_demo_checks(dp_fid, expected):
-    configs = build_sweep("demo", smoke=True)  # base, full, lora, ln_tuning, dp-lora eps 1, dp-lora eps 8
-    fids = [28.0, 8.5, 9.9, 11.4, dp_fid, 13.2]
-    checks = demo_checks(summary_rows([_record(c, f) for c, f in zip(configs, fids)]))
-    assert list(checks.values()) == [True, expected]
-    worse_base = demo_checks(summary_rows([_record(c, f) for c, f in zip(configs, [10.0, 8.5, 9.9, 11.4, 15.0, 13.2])]))
-    assert list(worse_base.values())[0] is False
+def _demo_rows(fids, accuracies, precision=0.5):
+    configs = sorted(build_sweep("demo", smoke=True), key=lambda c: (c.method.name != "base", c.privacy is not None,
+                                                                   c.privacy.target_epsilon if c.privacy else 0))
+    # base, full, lora, dp-lora eps 1, dp-lora eps 8
+    return summary_rows([make_result(c, status="success", metrics={"fid": f, "precision": precision, "recall": precision, "class_accuracy": a})
+                         for c, f, a in zip(configs, fids, accuracies)])
+
+
+GOOD_FIDS, GOOD_ACCURACIES = [28.0, 8.5, 9.9, 15.0, 13.2], [0.1, 0.95, 0.9, 0.4, 0.6]
+
+
+def test_demo_checks_pass_on_a_good_run():
+    checks = demo_checks(_demo_rows(GOOD_FIDS, GOOD_ACCURACIES))
+    assert len(checks) == 6 and all(checks.values())
+    assert len(build_sweep("demo")) == len(build_sweep("demo", smoke=True)) == 5
+
+
+@pytest.mark.parametrize("change, failing", [
+    ({"fids": [9.0, 8.5, 9.9, 15.0, 13.2]}, "every fine-tuned FID below the base model's"),
+    ({"accuracies": [0.1, 0.95, 0.79, 0.4, 0.6]}, "class accuracy >= 0.80 for full fine-tuning and LoRA"),
+    ({"accuracies": [0.31, 0.95, 0.9, 0.4, 0.6]}, "class accuracy <= 0.30 for the base model"),
+    ({"precision": 0.29}, "precision and recall >= 0.30 for every non-DP fine-tuned trial"),
+    ({"accuracies": [0.1, 0.95, 0.9, 0.9, 0.6]}, "DP at epsilon 1: class accuracy below the same method without DP"),
+    ({"fids": [28.0, 8.5, 9.9, 9.0, 13.2]}, "DP at epsilon 1: FID above the same method without DP"),
+])
+def test_each_demo_check_fails_alone(change, failing):
+    rows = _demo_rows(change.get("fids", GOOD_FIDS), change.get("accuracies", GOOD_ACCURACIES), change.get("precision", 0.5))
+    checks = demo_checks(rows)
+    assert [name for name, ok in checks.items() if not ok] == [failing]
+
+
+def test_a_missing_metric_fails_the_checks():
+    rows = _demo_rows(GOOD_FIDS, GOOD_ACCURACIES)
+    rows[1]["class_accuracy"] = None
+    assert demo_checks(rows)["class accuracy >= 0.80 for full fine-tuning and LoRA"] is False
 
 
 def test_result_store_on_a_uri(tmp_path):
@@ -60,3 +103,43 @@ def test_result_store_on_a_uri(tmp_path):
     store.write(make_result(configs[0], status="success", metrics={"fid": 2.0}))  # a rerun replaces, never duplicates
     assert [r["metrics"]["fid"] for r in store.all()] == [2.0] and store.status(configs[1].trial_id) is None
     assert (tmp_path / "bucket" / "results" / f"{configs[0].trial_id}.json").is_file()
+
+
+def test_launch_makes_local_paths_absolute_and_passes_uris(tmp_path, monkeypatch):
+    from bench.launcher import Launch, SweepError, default_cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VARSWEEP_CACHE", raising=False)
+    launch = Launch(storage="runs/demo", cache_dir=default_cache_dir("runs/demo"))
+    assert launch.storage == str(tmp_path / "runs" / "demo") and launch.cache_dir == str(tmp_path / "runs" / "demo" / "cache")
+    assert launch.train_storage == str(tmp_path / "runs" / "demo" / "train") and launch.work_root == str(tmp_path / "runs" / "demo" / "cache" / "work")
+    assert Launch(**launch.__dict__) == launch  # what the trial function rebuilds from Tune's parameters is the same
+    remote = Launch(storage="s3://bucket/runs", cache_dir="cache")
+    assert remote.storage == "s3://bucket/runs" and remote.tune_storage == "s3://bucket/runs/tune" and remote.cache_dir == str(tmp_path / "cache")
+    for bad in (0, -2):
+        with pytest.raises(SweepError, match="--max-concurrent must be >= 1"):
+            Launch(storage="runs", cache_dir="cache", max_concurrent=bad)
+
+
+def test_sweep_progress_line_counts_and_estimates(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from bench.launcher import SweepProgress
+
+    configs = build_sweep("demo", smoke=True)[:3]
+    store = ResultStore(tmp_path)
+    progress = SweepProgress("demo", configs, store=store, skipped=2, planned_steps={c.trial_id: 100 for c in configs}, parallel=2)
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={"trial": c.to_dict()}) for i, c in enumerate(configs)]
+    progress.on_trial_start(0, trials, trials[0])
+    progress.on_trial_start(0, trials, trials[1])
+    progress.on_trial_result(0, trials, trials[0], {"step": 50, "seconds": 10.0, "eta_seconds": 10})
+    progress.on_trial_result(0, trials, trials[1], {"step": 20, "seconds": 10.0, "eta_seconds": 40})
+    progress._print()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    # work left: 10 s + 40 s running, and the pending trial's 100 steps at the mean 0.35 s/step, over 2 at a time
+    assert line.startswith("sweep demo: 0 done, 2 running, 0 failed, 1 pending of 3 (2 already done)") and line.endswith("ETA 42 s")
+    store.write(make_result(configs[0], status="success", metrics={"fid": 1.0}))
+    progress.on_trial_complete(0, trials, trials[0])
+    store.write(make_result(configs[1], status="failed", error="ValueError: boom"))
+    progress.on_trial_complete(0, trials, trials[1])
+    assert "1 done, 0 running, 1 failed, 1 pending of 3" in capsys.readouterr().out

@@ -33,3 +33,33 @@ def test_unit_range():
 def test_bad_split():
     with pytest.raises(ValueError, match="split must be one of"):
         offline.shapes(split="val", images_per_class=1)
+
+
+def test_glyphs_are_letters_and_symbols_drawn_in_varied_styles():
+    from trainables.data import glyphs
+
+    assert not any(ch.isdigit() for ch in glyphs.GLYPH_CLASSES)  # the target domain stays unseen
+    assert len(set(glyphs.GLYPH_CLASSES)) == len(glyphs.GLYPH_CLASSES) >= 40
+    assert all(len(glyphs.fonts_for(ch)) >= 5 for ch in glyphs.GLYPH_CLASSES)  # several fonts draw every glyph
+    images, labels = glyphs.glyph_images(split="train", images_per_class=4, image_size=16, seed=3)
+    again, _ = glyphs.glyph_images(split="train", images_per_class=4, image_size=16, seed=3)
+    test, _ = glyphs.glyph_images(split="test", images_per_class=4, image_size=16, seed=3)
+    assert images.shape == (4 * len(glyphs.GLYPH_CLASSES), 3, 16, 16) and images.dtype == torch.uint8
+    assert torch.equal(images, again) and not torch.equal(images, test)
+    assert torch.bincount(labels).tolist() == [4] * len(glyphs.GLYPH_CLASSES)
+    # Strokes: every image has ink clearly apart from its paper, and the tones vary (dark on light and light on dark).
+    pixels = images.float().flatten(2)  # [N, 3, H*W]: coloured glyphs may differ from their paper in hue only
+    spread = (pixels.quantile(0.95, dim=2) - pixels.quantile(0.05, dim=2)).amax(dim=1)
+    assert (spread > 40).float().mean() > 0.95
+    paper = images.float().mean(dim=1)[:, 0, 0]
+    assert (paper > 170).any() and (paper < 80).any()
+
+
+def test_offline_listing_matches_the_written_folder(tmp_path):
+    from trainables.data.datasets import read_dataset
+
+    files, names = offline.listing("digits", tmp_path, "test", image_size=16)
+    assert not any(tmp_path.iterdir())  # listing writes nothing (dry runs)
+    written = read_dataset("folder", offline.write_folder("digits", tmp_path, image_size=16), "test")
+    assert written.paths == tuple(p for p, _ in files) and written.labels == tuple(label for _, label in files)
+    assert written.class_names == names

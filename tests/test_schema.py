@@ -80,6 +80,9 @@ def test_trial_id_ignores_resources_but_not_settings():
     (lambda: TrialConfig.from_dict({"method": {"name": "lora", "rank": 8}}), "method"),
     (lambda: TrialConfig(model=ModelConfig(base="official", depth=16, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0),
                          evaluation=EvaluationConfig(extractor="substitute-randconv-v1")), "data.resolution"),
+    (lambda: EvaluationConfig(extractor="substitute-randconv-v1", top_p=1.0), "evaluation.cfg"),  # the sampler refuses top_p=1
+    (lambda: replace(TINY, data={"dataset": "shapes"}, evaluation={"extractor": "digits-cnn-v1", "inception_weights": None}),
+     "evaluation.extractor"),
 ])
 def test_invalid_configs_name_the_field(build, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -96,3 +99,16 @@ def test_result_records_validate():
         check_result({**record, "trial_id": "0" * 16})
     with pytest.raises(ConfigError, match="schema_version"):
         check_result({**record, "schema_version": 0})
+
+
+def test_relative_paths_become_absolute_once_in_the_driver(tmp_path, monkeypatch):
+    from bench.schema import absolute, with_absolute_paths
+    from bench.sweeps.common import Assets
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute("runs/x") == str(tmp_path / "runs" / "x") and absolute("s3://bucket/runs") == "s3://bucket/runs"
+    assert Assets("assets").root == str(tmp_path / "assets")  # paper sweeps name absolute checkpoint and dataset paths
+    config = replace(TINY, data={"dataset": "folder", "root": "my-images"})
+    fixed = with_absolute_paths(config)
+    assert fixed.data.root == str(tmp_path / "my-images") and fixed.trial_id != config.trial_id
+    assert with_absolute_paths(fixed) is fixed and with_absolute_paths(TINY) is TINY

@@ -166,3 +166,19 @@ def test_from_scratch_init_is_reproducible():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     gamma = a.blocks[0].ada_lin[1].weight[: 2 * a.width].abs().max()
     assert gamma < 1e-2 * a.blocks[0].ada_lin[1].weight[2 * a.width:].abs().max() * 10
+
+
+def test_tiny_base_builds_once_and_shares_its_vqvae_across_depths(tmp_path):
+    from trainables.tiny_base import tiny_base
+
+    lines: list[str] = []
+    first = tiny_base(tmp_path, depth=1, pretraining_steps=4, log=lines.append)
+    assert first["vqvae"].is_file() and first["var"].is_file() and first["settings"]["source"] == "glyphs-v1"
+    assert sum("VQVAE step" in line for line in lines) >= 1 and any("building once" in line for line in lines)
+    lines.clear()
+    second = tiny_base(tmp_path, depth=2, pretraining_steps=4, log=lines.append)
+    assert second["vqvae"] == first["vqvae"] and second["var"] != first["var"]  # one VQVAE for every depth
+    assert not any("VQVAE step" in line for line in lines) and any("VAR step" in line for line in lines)
+    lines.clear()
+    again = tiny_base(tmp_path, depth=1, pretraining_steps=4, log=lines.append)
+    assert again["var"] == first["var"] and lines == []  # built once: later calls only load

@@ -34,13 +34,19 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path):
     assert [c["step"] for c in record["convergence"]] == [2, 4] and all(c["fid"] > 0 for c in record["convergence"])
     assert record["data"]["train_images"] == 1438 and record["data"]["token_cache_hit"] is False
     assert record["evaluation_settings"]["extractor"] == "substitute-randconv-v1" and record["evaluation_settings"]["images_generated"] == 20
+    # On digits every trial also scores what it draws with the digit classifier, whatever the FID extractor.
+    metrics, classifier = record["metrics"], record["evaluation_settings"]["classifier"]
+    assert 0 <= metrics["class_accuracy"] <= 1 and len(metrics["class_accuracy_per_class"]) == 10
+    assert classifier["name"] == "digits-cnn-v1" and classifier["test_accuracy"] > 0.97 and len(classifier["weights_sha256"]) == 64
+    assert metrics["kid_std"] > 0  # KID averages over subsets of half the images, which differ
+    assert all("class_accuracy" in entry for entry in record["convergence"])
     assert record["cost"]["train_pflops"] > 0 and record["cost"]["rows_trained"] == 2 * sum(record["privacy"]["actual_batch_sizes"])
     assert record["cost"]["training_precision"] == "float32"  # bf16 autocast is asked for, but only CUDA runs use it
     assert record["parameters"]["trainable"] > record["parameters"]["trainable_without_class_embedding"] > 0
     assert (tmp_path / "dp" / "adapter.pt").is_file() and len(list((tmp_path / "dp" / "images").rglob("*.png"))) == 20
     artifacts = record["artifacts"]  # what the analysis's sample grids read
     assert Path(artifacts["generated_images"]) == (tmp_path / "dp" / "images").resolve()
-    assert [(e["label"], e["class"]) for e in artifacts["real_images"]] == [(d, f"{d:02d}_{d}") for d in range(8)]
+    assert [(e["label"], e["class"]) for e in artifacts["real_images"]] == [(d, f"{d:02d}_{d}") for d in range(10)]  # every class
     assert all(len(e["paths"]) == 6 and all(Path(p).is_file() for p in e["paths"]) for e in artifacts["real_images"])
     checkpoints = [state for _, state in reports if state is not None]
     assert [s["step"] for s in checkpoints] == [2] and "loss" not in reports[0][0]  # DP logs no private statistics

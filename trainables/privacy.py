@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -156,8 +157,12 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sampling_
     """Smallest sigma (to Opacus's tolerance 0.01 in epsilon) whose ``steps`` Poisson-subsampled Gaussian steps
     spend at most ``target_epsilon`` at ``delta``."""
     try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sampling_rate,
-                                          steps=steps, accountant=accountant))
+        with warnings.catch_warnings():
+            # The bisection tries sigmas far from the answer, where Opacus warns that the optimal RDP order is the
+            # largest one it tries; that says nothing about the sigma returned (whose epsilon is reported as spent).
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sampling_rate,
+                                              steps=steps, accountant=accountant))
     except ValueError as err:
         raise PrivacyConfigError(f"cannot reach epsilon={target_epsilon} at delta={delta} with q={sampling_rate} over "
                                  f"{steps} steps: {err}") from err

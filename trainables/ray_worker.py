@@ -7,6 +7,7 @@ latest reported checkpoint. Rank 0 writes the trial's result JSON to the sweep's
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """``loop_config``: {"trial": TrialConfig dict, "storage": result store path/URI, "cache_dir", "work_root",
     "launched_at": wall-clock time the trial was launched}."""
     startup_seconds = time.time() - loop_config["launched_at"]
+    # Train sets the workers' root logger to INFO, which prints "Reporting training result ..." at every report;
+    # this code logs with print, so only warnings of libraries are worth a line.
+    logging.getLogger().setLevel(logging.WARNING)
     config = TrialConfig.from_dict(loop_config["trial"])
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device() if config.resources.gpus_per_worker > 0 else torch.device("cpu")

@@ -29,7 +29,8 @@ from .data import offline
 from .data.datasets import ImageList, check_images, read_dataset
 from .data.token_cache import ViewSpec, open_token_cache
 from .evaluation.evaluate import EvaluationSettings, evaluate
-from .evaluation.features import build_extractor
+from .evaluation.classifier import digit_classifier
+from .evaluation.features import DIGITS_CNN, build_extractor
 from .evaluation.generate import SamplingSettings
 from .evaluation.metrics import ReferenceStats
 from .finetune import Checkpointing, FinetuneOptions, Prior, finetune
@@ -38,6 +39,7 @@ from .models import load_var, load_vqvae, resize_class_embedding
 from .prior import build_prior_bank
 from .privacy import PrivacySpec, calibrate_noise_multiplier, validate_privacy
 from .profiling import peak_flops_per_second
+from .progress import Progress
 from .tiny_base import tiny_base
 
 Report = Callable[[dict, dict | None], None]  # (metrics for the progress table, training state to checkpoint or None)
@@ -67,15 +69,25 @@ def _reader_name(config: TrialConfig) -> str:
     return "folder" if config.data.root is None else config.data.dataset
 
 
-def list_splits(config: TrialConfig, cache_dir: str | Path) -> tuple[ImageList, ImageList]:
+def list_splits(config: TrialConfig, cache_dir: str | Path, *, write: bool = True) -> tuple[ImageList, ImageList]:
+    """(training, evaluation) split listings. ``write=False`` lists an offline set that is not written yet from
+    its generator, creating nothing (a dry run)."""
+    splits = (config.data.train_split, config.data.evaluation_split)
+    d = config.data
+    if not write and d.root is None:
+        root = Path(cache_dir) / "offline-data"
+        if not (offline.folder_path(d.dataset, root, image_size=d.resolution) / "complete").is_file():
+            listed = [offline.listing(d.dataset, root, split, image_size=d.resolution) for split in splits]
+            return tuple(ImageList("folder", split, tuple(p for p, _ in files), tuple(label for _, label in files), names)
+                         for split, (files, names) in zip(splits, listed))
     root = data_root(config, cache_dir)
-    return tuple(read_dataset(_reader_name(config), root, split) for split in (config.data.train_split, config.data.evaluation_split))
+    return tuple(read_dataset(_reader_name(config), root, split) for split in splits)
 
 
-def preflight(config: TrialConfig, cache_dir: str | Path) -> Preflight:
+def preflight(config: TrialConfig, cache_dir: str | Path, *, write: bool = True) -> Preflight:
     """Every check that needs no compute: checkpoint and weight files exist, the dataset lists its splits, the
     evaluation split's classes are the training split's, and the privacy budget is reachable. Raises ``ConfigError``
-    or ``DatasetError``/``PrivacyConfigError`` naming the problem."""
+    or ``DatasetError``/``PrivacyConfigError`` naming the problem. ``write=False`` creates nothing (a dry run)."""
     for field_name in ("var_checkpoint", "vqvae_checkpoint"):
         path = getattr(config.model, field_name)
         if path is not None and not Path(path).is_file():
@@ -83,7 +95,7 @@ def preflight(config: TrialConfig, cache_dir: str | Path) -> Preflight:
     weights = config.evaluation.inception_weights
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"evaluation.inception_weights: no file at {weights}")
-    train, evaluation = list_splits(config, cache_dir)
+    train, evaluation = list_splits(config, cache_dir, write=write)
     if train.class_names != evaluation.class_names:
         raise ConfigError(f"data.dataset: the {train.split} and {evaluation.split} splits have different classes")
     steps = config.planned_steps(len(train))
@@ -94,6 +106,28 @@ def preflight(config: TrialConfig, cache_dir: str | Path) -> Preflight:
         sigma = calibrate_noise_multiplier(target_epsilon=spec.target_epsilon, delta=delta, sampling_rate=spec.sampling_rate,
                                            steps=steps, accountant=spec.accountant)
     return Preflight(len(train), len(evaluation), len(train.class_names), steps, sigma, splits=(train, evaluation))
+
+
+def prepare_shared(configs: list[TrialConfig], cache_dir: str | Path, *, log: Callable[[str], None] | None = print) -> None:
+    """Build, once and before any trial starts, what trials on the built-in tiny base share: the tiny bases, the
+    offline data folders, their token caches and (on digits) the digit classifier. Each is cached under
+    ``cache_dir`` and built under a file lock, so trials then only load them; official-model trials build their
+    token caches in their own workers (on GPU nodes, not on the driver)."""
+    cache_dir, seen = Path(cache_dir), set()
+    for config in configs:
+        if config.model.base != "tiny":
+            continue
+        d = config.data
+        key = (config.model.depth, config.model.tiny_pretraining_steps, d.dataset, d.root, d.resolution, d.cached_views, d.view_seed, d.train_split)
+        if key in seen:
+            continue
+        seen.add(key)
+        vqvae, _ = load_base(config, cache_dir, device=torch.device("cpu"), log=log)
+        train, _ = check_images(list_splits(config, cache_dir)[0], skip_corrupt=d.skip_corrupt_images)
+        open_token_cache(cache_dir / "token-cache", train, vqvae, spec=ViewSpec(resolution=d.resolution, num_views=d.cached_views, seed=d.view_seed),
+                         log=log)
+    if any(c.data.dataset == "digits" for c in configs):
+        digit_classifier(cache_dir, log=log)
 
 
 def privacy_spec(config: TrialConfig) -> PrivacySpec | None:
@@ -144,13 +178,13 @@ def run_trial(config: TrialConfig, *, cache_dir: str | Path, work_dir: str | Pat
     device, cache_dir, work_dir = torch.device(device), Path(cache_dir), Path(work_dir)
     rank, world = _rank_world()
     plan = preflight(config, cache_dir)
-    vqvae, base = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=_stage_log(log, "tiny base")))
+    vqvae, base = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=log))
     train, skipped = check_images(plan.splits[0], skip_corrupt=config.data.skip_corrupt_images)
     evaluation, skipped_eval = check_images(plan.splits[1], skip_corrupt=config.data.skip_corrupt_images)
     spec = ViewSpec(resolution=config.data.resolution, num_views=config.data.cached_views, seed=config.data.view_seed)
-    views, cache_hit = _rank0_first(lambda: open_token_cache(cache_dir / "token-cache", train, vqvae, spec=spec))
+    views, cache_hit = _rank0_first(lambda: open_token_cache(cache_dir / "token-cache", train, vqvae, spec=spec, log=log))
     var, steps = _adapted(config, base, classes=len(train.class_names), device=device), config.planned_steps(len(train))
-    evaluator = _Evaluator(config, vqvae, evaluation, cache_dir=cache_dir, device=device) if rank == 0 else None  # rank 0 evaluates
+    evaluator = _Evaluator(config, vqvae, evaluation, cache_dir=cache_dir, device=device, log=log) if rank == 0 else None  # rank 0 evaluates
     out = {"history": [], "privacy": None, "convergence": [], "compute": {}}
     setup_seconds = time.perf_counter() - wall
     if config.method.name != "base":
@@ -196,8 +230,11 @@ def _train(config: TrialConfig, var, vqvae, views, *, base, steps: int, evaluato
     prior = _prior(config, base, vqvae) if config.method.prior_weight > 0 else None
     first_step = resume["step"] if resume is not None else 0  # "seconds" in the history restart with each attempt
 
+    progress = Progress("training", "step", steps, log=log, every_seconds=30.0)
+
     def on_log(entry: dict) -> None:
-        log(" ".join(f"{key}={value}" for key, value in entry.items()))
+        progress.update(entry["step"], " ".join(f"{key}={value:.4g}" for key, value in entry.items()
+                                                if key in ("loss", "epsilon_rdp") and isinstance(value, float)))
         if report is not None:
             done = entry["step"] - first_step
             eta = entry["seconds"] / done * (steps - entry["step"]) if done > 0 else None
@@ -210,19 +247,19 @@ def _train(config: TrialConfig, var, vqvae, views, *, base, steps: int, evaluato
     convergence = None
     if evaluator is not None and config.evaluation.convergence_every_steps:
         def convergence(model) -> dict:
-            return {key: value for key, value in evaluator(model, num_images=config.evaluation.convergence_num_images)["metrics"].items()
-                    if key in ("fid", "precision", "recall")}
+            return {key: value for key, value in evaluator(model, num_images=config.evaluation.convergence_num_images, quiet=True)["metrics"].items()
+                    if key in ("fid", "precision", "recall", "class_accuracy")}
     return finetune(var, vqvae, views, options=options, privacy=privacy_spec(config), prior=prior, seed=o.seed, log=on_log,
                     evaluate_fn=convergence, checkpointing=Checkpointing(every=config.resources.checkpoint_every_steps, save=save, resume=resume))
 
 
-def _artifacts(images_dir: Path, evaluation, *, classes: int = 8, per_class: int = 6) -> dict:
+def _artifacts(images_dir: Path, evaluation, *, per_class: int = 6) -> dict:
     """Where the analysis finds this trial's generated images (``class_<label>/``), and a few real evaluation
-    images of the first classes to show beside them, keyed by label (absolute paths: the analysis may run
-    elsewhere on the shared storage)."""
-    real = [{"label": label, "class": name, "paths": []} for label, name in enumerate(evaluation.class_names[:classes])]
+    images of every class to show beside them, keyed by label (absolute paths: the analysis may run elsewhere on
+    the shared storage)."""
+    real = [{"label": label, "class": name, "paths": []} for label, name in enumerate(evaluation.class_names)]
     for path, label in zip(evaluation.paths, evaluation.labels):
-        if label < classes and len(real[label]["paths"]) < per_class:
+        if len(real[label]["paths"]) < per_class:
             real[label]["paths"].append(str(Path(path).resolve()))
     return {"generated_images": str(images_dir.resolve()), "real_images": real}
 
@@ -247,20 +284,27 @@ def _prior(config: TrialConfig, base, vqvae) -> Prior:
 
 
 class _Evaluator:
-    """Evaluation with the trial's settings; the extractor is built once and reference statistics are cached."""
+    """Evaluation with the trial's settings; the extractor (and, on digits, the digit classifier that scores class
+    accuracy) is built once and reference statistics are cached."""
 
-    def __init__(self, config: TrialConfig, vqvae, images: ImageList, *, cache_dir: Path, device: torch.device):
+    def __init__(self, config: TrialConfig, vqvae, images: ImageList, *, cache_dir: Path, device: torch.device, log=None):
         e = config.evaluation
-        self.config, self.vqvae, self.images, self.device = config, vqvae, images, device
-        self.extractor = build_extractor(e.extractor, weights_path=e.inception_weights).to(device)
+        self.config, self.vqvae, self.images, self.device, self.log = config, vqvae, images, device, log
+        self.classifier = digit_classifier(cache_dir, device=device, log=log) if config.data.dataset == "digits" else None
+        self.extractor = (self.classifier[0] if e.extractor == DIGITS_CNN else
+                          build_extractor(e.extractor, weights_path=e.inception_weights)).to(device)
         self.cache = ReferenceStats(cache_dir / "reference-stats")
         self.sampling = SamplingSettings(cfg=e.cfg, top_k=e.top_k, top_p=e.top_p, batch_size=e.batch_size, seed=e.sampling_seed)
 
-    def __call__(self, var, *, num_images: int | None, out_dir: Path | None = None) -> dict:
+    def __call__(self, var, *, num_images: int | None, out_dir: Path | None = None, quiet: bool = False) -> dict:
+        generated = num_images or len(self.images)
+        # KID averages over random subsets: half of the smaller set (at most the usual 1000), so subsets differ and
+        # its standard deviation means something.
+        subset = max(2, min(1000, min(generated, len(self.images)) // 2))
         settings = EvaluationSettings(extractor=self.config.evaluation.extractor, resolution=self.config.data.resolution, num_images=num_images,
-                                      kid_subset_size=min(1000, num_images or len(self.images), len(self.images)))
+                                      kid_subset_size=subset)
         return evaluate(var, self.vqvae, self.images, settings=settings, sampling=self.sampling, cache=self.cache,
-                        extractor=self.extractor, out_dir=out_dir)
+                        extractor=self.extractor, out_dir=out_dir, classifier=self.classifier, log=None if quiet else self.log)
 
 
 def _evaluation_record(final: dict) -> dict:
@@ -305,10 +349,6 @@ def _git_commit() -> str | None:
         return f"{commit}+dirty" if commit and dirty else commit
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _stage_log(log: Callable[[str], None], stage: str):
-    return lambda entry: log(f"[{stage}] " + " ".join(f"{k}={v}" for k, v in entry.items()))
 
 
 def _now() -> str:

@@ -1,6 +1,6 @@
 """Building blocks of the paper's sweeps: where the local assets live, the paper's hyper-parameters
 (REFERENCE.md §3) and the mapping of any paper trial to its smoke version (tiny base, offline digits, few steps,
-substitute extractor, CPU). Standard library only."""
+the digit classifier's features, CPU). Standard library only."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..schema import (DataConfig, EvaluationConfig, MethodConfig, ModelConfig, OptimizationConfig, PrivacyConfig,
-                      ResourcesConfig, TrialConfig)
+                      ResourcesConfig, TrialConfig, absolute)
 
 PAPER_DATASETS = ("food101", "cub200", "flowers102", "stanford_cars", "oxford_pet")
 PAPER_METHODS = ("full", "lora", "ln_tuning")
@@ -21,9 +21,13 @@ ASSETS_ENV = "VARSWEEP_ASSETS"
 class Assets:
     """Local files of a paper sweep: ``root/checkpoints/{var_d16.pth, var_d20.pth, ..., vae_ch160v4096z32.pth,
     weights-inception-2015-12-05-6726825d.pth}`` and ``root/datasets/<dataset>/`` in each dataset's official layout.
-    Paths are recorded as given (absolute on a cluster: the same shared path on every node)."""
+    The root is made absolute when the object is built (in the driver): Ray runs trials in working folders of
+    its own, where a relative path would point elsewhere. On a cluster it is the same shared path on every node."""
 
     root: str = os.environ.get(ASSETS_ENV, "assets")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", absolute(self.root))
 
     def checkpoint(self, name: str) -> str:
         return str(Path(self.root) / "checkpoints" / name)
@@ -90,7 +94,7 @@ def tiny_model(depth: int = 2, *, pretraining_steps: int = SMOKE_PRETRAINING_STE
 
 def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConfig:
     """The same trial's axes (method, relative depth, epsilon, k capped at 4, seed, convergence on/off) on the tiny
-    base and offline digits, a few steps, the substitute extractor and one CPU worker."""
+    base and offline digits, a few steps, the digit classifier's features (digits-cnn-v1) and one CPU worker."""
     privacy = config.privacy
     k = 1 if privacy is None else min(privacy.augmentation_multiplicity, SMOKE_MAX_VIEWS)
     if privacy is not None:
@@ -101,7 +105,7 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
         model=tiny_model(TINY_DEPTHS[config.model.depth] if config.model.base == "official" else config.model.depth),
         data=DataConfig(dataset="digits", resolution=16, cached_views=k), method=config.method, privacy=privacy,
         optimization=OptimizationConfig(learning_rate=1e-3, batch_size=32, steps=steps if trains else 0, seed=config.optimization.seed),
-        evaluation=EvaluationConfig(extractor="substitute-randconv-v1", num_images=40, top_k=0, batch_size=40,
+        evaluation=EvaluationConfig(extractor="digits-cnn-v1", num_images=40, top_k=0, batch_size=40,
                                     convergence_every_steps=steps // 2 if config.evaluation.convergence_every_steps else 0,
                                     convergence_num_images=20),
         resources=CPU_RESOURCES)

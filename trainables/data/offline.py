@@ -148,20 +148,44 @@ def _check_split(split: str) -> None:
 OFFLINE_SETS = ("digits", "shapes")
 
 
+def folder_path(name: str, root: str | Path, *, image_size: int, seed: int = 0) -> Path:
+    """Where ``write_folder`` puts an offline set: ``root/<name>-<size>px-seed<seed>``."""
+    if name not in OFFLINE_SETS:
+        raise ValueError(f"unknown offline set {name!r}; known: {OFFLINE_SETS}")
+    return Path(root) / f"{name}-{image_size}px-seed{seed}"
+
+
+def _split_set(name: str, split: str, *, image_size: int, seed: int) -> ImageSet:
+    if name == "digits":
+        return digits(split=split, image_size=image_size, seed=seed)
+    return shapes(split=split, images_per_class=200 if split == "train" else 50, image_size=image_size, seed=seed)
+
+
+def _file_layout(images: ImageSet, folder: Path) -> list[tuple[Path, int]]:
+    """(PNG path, label) of every image, in generation order."""
+    return [(folder / images.split / f"{label:02d}_{images.class_names[label].replace(' ', '_')}" / f"{i:05d}.png", label)
+            for i, label in enumerate(images.labels_N.tolist())]
+
+
+def listing(name: str, root: str | Path, split: str, *, image_size: int, seed: int = 0) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
+    """The (path, label) list and class names a split of ``write_folder``'s folder has (or will have), in the
+    order the generic folder reader lists it (class folder, then file name), without writing anything: what a
+    dry run counts."""
+    images = _split_set(name, split, image_size=image_size, seed=seed)
+    files = sorted(_file_layout(images, folder_path(name, root, image_size=image_size, seed=seed)), key=lambda item: item[0])
+    return files, tuple(sorted({path.parent.name for path, _ in files}))  # the reader names classes by their folders
+
+
 def write_folder(name: str, root: str | Path, *, image_size: int, seed: int = 0) -> Path:
     """Write an offline set as a generic ``train/<class>/`` ``test/<class>/`` PNG folder (the layout users' own data
     has) under ``root/<name>-<size>px-seed<seed>``, so sweeps read it through the same reader, token cache and
     evaluation as real datasets. Written once: a ``complete`` marker is created last and later calls reuse it."""
-    if name not in OFFLINE_SETS:
-        raise ValueError(f"unknown offline set {name!r}; known: {OFFLINE_SETS}")
-    folder = Path(root) / f"{name}-{image_size}px-seed{seed}"
+    folder = folder_path(name, root, image_size=image_size, seed=seed)
     if (folder / "complete").is_file():
         return folder
     for split in SPLITS:
-        images = (digits(split=split, image_size=image_size, seed=seed) if name == "digits" else
-                  shapes(split=split, images_per_class=200 if split == "train" else 50, image_size=image_size, seed=seed))
-        for i, (image_3HW, label) in enumerate(zip(images.images_N3HW, images.labels_N.tolist())):
-            path = folder / split / f"{label:02d}_{images.class_names[label].replace(' ', '_')}" / f"{i:05d}.png"
+        images = _split_set(name, split, image_size=image_size, seed=seed)
+        for image_3HW, (path, _) in zip(images.images_N3HW, _file_layout(images, folder)):
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image_3HW.permute(1, 2, 0).numpy()).save(path)
     (folder / "complete").write_text("written by trainables.data.offline.write_folder\n")

@@ -29,6 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..models import VQVAE
 from ..models.checkpoints import atomic_write, file_lock
+from ..progress import Log, Progress
 from .datasets import DatasetError, ImageList
 from .tokens import TokenViews
 
@@ -102,13 +103,15 @@ class TokenCache:
         progress = self.folder / "progress.json"
         return set(json.loads(progress.read_text())) if progress.is_file() else set()
 
-    def build(self, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, batch_size: int = 64) -> None:
+    def build(self, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, batch_size: int = 64, log: Log | None = None) -> None:
         """Tokenise every unfinished shard (resumes an interrupted build), then mark the cache complete."""
         self.folder.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.folder / "meta.json", json.dumps({**self.key, "complete": False, "dtype": np.dtype(self.dtype).name}, indent=1))
         arrays = [self._open_for_writing(si, pn, spec) for si, pn in enumerate(self.key["patch_nums"])]
         finished = self._finished_shards()
         device = next(vqvae.parameters()).device
+        progress = Progress("token cache", "image", len(images), log=log)
+        progress.message(f"tokenising {len(images)} images x {spec.num_views} views once into {self.folder}")
         for shard in range(self.num_shards):
             if shard in finished:
                 continue
@@ -118,6 +121,7 @@ class TokenCache:
                 array.flush()
             finished.add(shard)
             _atomic_write_text(self.folder / "progress.json", json.dumps(sorted(finished)))
+            progress.update(stop)
         np.save(self.folder / "labels.npy", np.asarray(images.labels, dtype=np.int64))
         _atomic_write_text(self.folder / "meta.json", json.dumps({**self.key, "complete": True, "dtype": np.dtype(self.dtype).name}, indent=1))
 
@@ -170,7 +174,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def open_token_cache(root: str | Path, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, shard_size: int = 256,
-                     batch_size: int = 64) -> tuple[TokenViews, bool]:
+                     batch_size: int = 64, log: Log | None = None) -> tuple[TokenViews, bool]:
     """(token views of ``images``, whether the cache was already complete). Builds or finishes it on a miss."""
     cache = TokenCache(root, cache_key(images, vqvae, spec), shard_size=shard_size)
     hit = cache.complete
@@ -178,5 +182,5 @@ def open_token_cache(root: str | Path, images: ImageList, vqvae: VQVAE, *, spec:
         with file_lock(cache.folder / "build.lock"):  # concurrent trials: one builds, the others wait
             hit = cache.complete
             if not hit:
-                cache.build(images, vqvae, spec=spec, batch_size=batch_size)
+                cache.build(images, vqvae, spec=spec, batch_size=batch_size, log=log)
     return cache.load(), hit

@@ -22,6 +22,8 @@ from ..data.datasets import ImageList, check_images, eval_transform, read_datase
 from ..models import VAR, VQVAE
 from ..models.checkpoints import sidecar_path
 from ..profiling import PETA, count_flops
+from ..progress import Log, Progress
+from .classifier import DigitsCNN, class_accuracy, predict
 from .features import SUBSTITUTE, build_extractor, extract_features, uint8_batches
 from .generate import SamplingSettings, generate, generation_plan, read_generated
 from .metrics import ReferenceKey, ReferenceStats, fid_from_statistics, gaussian_statistics, kid, precision_recall
@@ -62,8 +64,10 @@ def reference_statistics(images: ImageList, *, extractor, settings: EvaluationSe
 
 
 def evaluate(var: VAR, vqvae: VQVAE, images: ImageList, *, settings: EvaluationSettings, sampling: SamplingSettings,
-             cache: ReferenceStats, extractor=None, inception_weights: str | None = None, out_dir: str | Path | None = None) -> dict:
-    """Metrics of ``var`` against the real split ``images`` with the evaluation and sampling settings recorded."""
+             cache: ReferenceStats, extractor=None, inception_weights: str | None = None, out_dir: str | Path | None = None,
+             classifier: tuple[DigitsCNN, dict] | None = None, log: Log | None = None) -> dict:
+    """Metrics of ``var`` against the real split ``images`` with the evaluation and sampling settings recorded.
+    ``classifier`` (model, record) adds the class accuracy of the generated images (does each show its class?)."""
     device = next(var.parameters()).device
     if vqvae.image_size != settings.resolution:
         raise ValueError(f"the model generates {vqvae.image_size}px images but the evaluation resolution is {settings.resolution}px")
@@ -73,19 +77,27 @@ def evaluate(var: VAR, vqvae: VQVAE, images: ImageList, *, settings: EvaluationS
     reference_seconds = time.perf_counter() - started
     plan = generation_plan(list(images.class_counts.values()), total=settings.num_images)
     started = time.perf_counter()
-    generated, _ = generate(var, vqvae, plan, settings=sampling, out_dir=out_dir)
+    generated, requested_N = generate(var, vqvae, plan, settings=sampling, out_dir=out_dir,
+                                      progress=Progress("evaluation", "generated image", sum(plan), log=log))
     if out_dir is not None:
-        generated, _ = read_generated(out_dir, plan)
+        generated, requested_N = read_generated(out_dir, plan)
     generation_seconds = time.perf_counter() - started
+    scoring = Progress("evaluation", "scoring", 1, log=log)
     features = extract_features(extractor, uint8_batches(generated), device=device)
     real = torch.from_numpy(reference["features"]).double()
     metrics = {"fid": fid_from_statistics(gaussian_statistics(features), {"mu": reference["mu"], "sigma": reference["sigma"]}),
                **precision_recall(features, real, neighborhood=settings.neighborhood),
                **kid(features, real, subsets=settings.kid_subsets, subset_size=settings.kid_subset_size)}
+    recorded = {**asdict(settings), "extractor": extractor.name}
+    if classifier is not None:
+        model, record = classifier
+        metrics.update(class_accuracy(predict(model.to(device), generated), requested_N, classes=len(plan)))
+        recorded["classifier"] = {key: record[key] for key in ("name", "test_accuracy", "weights_sha256", "input_size")}
+    scoring.update(1, " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     per_image = _sampling_flops_per_image(var, vqvae, label=next(i for i, c in enumerate(plan) if c > 0), sampling=sampling)
     compute = {"sample_flops_per_image": per_image, "sample_pflops": per_image * len(generated) / PETA,
                "images_per_second": len(generated) / generation_seconds if generation_seconds else None}
-    return {"metrics": metrics, "evaluation_settings": {**asdict(settings), "extractor": extractor.name}, "compute": compute,
+    return {"metrics": metrics, "evaluation_settings": recorded, "compute": compute,
             "sampling": sampling.to_dict(), "images_generated": len(generated), "plan": plan,
             "reference_cache_hit": hit, "reference_seconds": reference_seconds, "generation_seconds": generation_seconds}
 

@@ -7,6 +7,8 @@
   seeded random convolutional network (images resized to 64x64, three stride-2 3x3 conv + ReLU layers, per-channel
   mean and standard deviation pooled: 256-d). Its numbers are only comparable with themselves: the extractor's
   name is recorded in every result and tables never mix extractors.
+- ``digits-cnn-v1``: the 128-d penultimate layer of a digit classifier trained once on the digits train split
+  (``classifier.py``); for the offline digits only, where it measures what a reader of digits sees.
 Extractors take uint8 images [B, 3, H, W] and return float32 features [B, D].
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 INCEPTION = "inception-v3-compat"
 SUBSTITUTE = "substitute-randconv-v1"
+DIGITS_CNN = "digits-cnn-v1"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
@@ -72,14 +75,21 @@ class InceptionFeatures(nn.Module):
         return self.net(images_B3HW)[0]
 
 
-def build_extractor(name: str, *, weights_path: str | Path | None = None) -> nn.Module:
+def build_extractor(name: str, *, weights_path: str | Path | None = None, cache_dir: str | Path | None = None,
+                    log=None) -> nn.Module:
+    """The extractor ``name``: Inception needs ``weights_path``; the digit classifier is built in ``cache_dir``."""
+    if name == DIGITS_CNN:
+        if cache_dir is None:
+            raise ValueError(f"{DIGITS_CNN} is trained once into a cache folder: pass cache_dir")
+        from .classifier import digit_classifier
+        return digit_classifier(cache_dir, log=log)[0]
     if name == INCEPTION:
         if weights_path is None:
             raise ValueError(f"{INCEPTION} needs weights_path (the local {INCEPTION_WEIGHTS_FILE}); offline runs may use {SUBSTITUTE!r}")
         return InceptionFeatures(weights_path)
     if name == SUBSTITUTE:
         return RandomConvFeatures()
-    raise ValueError(f"unknown feature extractor {name!r}; known: {[INCEPTION, SUBSTITUTE]}")
+    raise ValueError(f"unknown feature extractor {name!r}; known: {[INCEPTION, SUBSTITUTE, DIGITS_CNN]}")
 
 
 @torch.no_grad()

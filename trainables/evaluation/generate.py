@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..models import VAR, VQVAE
 from ..models.checkpoints import atomic_write
+from ..progress import Progress
 from ..training import bf16_autocast
 
 
@@ -60,8 +61,8 @@ def image_path(out_dir: Path, label: int, number: int) -> Path:
 
 
 @torch.no_grad()
-def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, settings: SamplingSettings, out_dir: str | Path | None = None
-             ) -> tuple[torch.Tensor | None, torch.Tensor]:
+def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, settings: SamplingSettings, out_dir: str | Path | None = None,
+             progress: Progress | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Generate ``plan[c]`` images of every class c.
 
     With ``out_dir``: lossless PNGs ``class_XXXX/NNNNNN.png`` (NNNNNN numbers the image within the whole run), each
@@ -82,6 +83,8 @@ def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, settings: SamplingS
         else:
             for path, image in zip(paths, images_B3HW):
                 _write_png(path, image)
+        if progress is not None:
+            progress.update(start + len(label_B))
     return (torch.cat(kept) if kept else torch.zeros(0, dtype=torch.uint8)) if out is None else None, labels_N
 
 

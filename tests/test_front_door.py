@@ -1,0 +1,93 @@
+"""The front door, run the way a user runs it: the real command line in a subprocess, from a working folder of its
+own, with *relative* ``--storage`` and ``--cache-dir`` (Ray runs trials and workers in folders of its own, so a
+relative path that reached them would strand every result). A ``--smoke`` sweep, its relaunch, ``bench status``
+and ``bench demo --smoke`` (what CI runs) share one module-scoped folder and cache: the tiny base and the digit
+classifier are built once for all of them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.sweeps import build_sweep
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+STORAGE = "runs/ci"  # relative to the working folder, as a user types it
+CACHE = "runs/ci/cache"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("user")
+
+
+def bench(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("VARSWEEP_CACHE", None)
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _trial_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("train/trial-*") if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(workdir):
+    first = bench("sweep", "convergence", "--smoke", "--storage", STORAGE, "--cache-dir", CACHE, cwd=workdir)
+    again = bench("sweep", "convergence", "--smoke", "--storage", STORAGE, "--cache-dir", CACHE, cwd=workdir)
+    return first, again
+
+
+def test_relative_paths_land_under_the_working_folder(smoke_sweep, workdir):
+    first, _ = smoke_sweep
+    assert first.returncode == 0, first.stderr[-3000:]
+    configs = build_sweep("convergence", smoke=True)
+    storage = workdir / STORAGE
+    for config in configs:
+        record = json.loads((storage / "results" / f"{config.trial_id}.json").read_text())
+        assert record["status"] == "success" and record["metrics"]["class_accuracy"] is not None
+        assert Path(record["artifacts"]["generated_images"]).resolve().is_relative_to((workdir / CACHE / "work").resolve())
+    # Checkpoints (every 3 of 6 steps), Tune's state and every shared cache are in the user's folder.
+    assert len(_trial_folders(storage)) == len(configs) and all(list(p.glob("step_*")) for p in _trial_folders(storage))
+    assert (storage / "tune").is_dir()
+    cache = workdir / CACHE
+    assert len(list((cache / "tiny-base").glob("d2-*/var.pth"))) == 1 and len(list((cache / "tiny-base").glob("vqvae-*/vqvae.pth"))) == 1
+    assert len(list((cache / "digits-classifier").glob("*/weights.pt"))) == 1 and list((cache / "token-cache").iterdir())
+    # Built once, by the driver, before the trials: one build message each, and no trial rebuilt them.
+    assert first.stdout.count("building once into") == 1 and first.stdout.count("training once on the digits") == 1
+    assert first.stdout.count("tokenising 1438 images") == 1
+
+
+def test_console_is_one_progress_line_per_change_without_ray_noise(smoke_sweep):
+    first, _ = smoke_sweep
+    out = first.stdout + first.stderr
+    assert "Reporting training result" not in out and "Traceback" not in out
+    assert "sweep convergence-smoke: 3 done, 0 running, 0 failed, 0 pending of 3" in first.stdout
+    assert "ETA" in first.stdout and "[tiny base d2] VQVAE step" in first.stdout
+    lines = [line for line in out.splitlines() if line.strip()]
+    repeated = {line for line in lines if lines.count(line) > 1 and "sweep convergence-smoke" not in line}
+    assert not repeated, sorted(repeated)[:5]
+
+
+def test_relaunch_skips_every_finished_trial_and_status_reads_them(smoke_sweep, workdir):
+    _, again = smoke_sweep
+    assert again.returncode == 0 and "all 3 trials already have results" in again.stdout
+    status = bench("status", "convergence", "--smoke", "--storage", STORAGE, cwd=workdir)
+    assert status.returncode == 0 and "3 success of 3 trials" in status.stdout
+
+
+def test_demo_smoke_from_a_relative_storage(smoke_sweep, workdir):
+    demo = bench("demo", "--smoke", "--storage", STORAGE, cwd=workdir)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    storage = workdir / STORAGE
+    assert len(list((storage / "results").glob("*.json"))) == 3 + 5
+    assert (storage / "analysis" / "index.html").is_file() and len(list((storage / "analysis" / "grids").glob("*.png"))) == 3 + 5
+    assert "Traceback" not in demo.stdout + demo.stderr and "class accuracy" in demo.stdout
+    # The demo shares the sweep's cache folder (STORAGE/cache): nothing was built a second time.
+    assert "training once on the digits" not in demo.stdout and "VQVAE step" not in demo.stdout

@@ -1,0 +1,45 @@
+"""Stage messages for long steps (building the tiny base, the digit classifier, the token cache, generating,
+scoring): ``[stage] what 120/600 (20%), 35 s, ETA 2m20s``, at most one line every ``every_seconds`` plus the last.
+No Ray, no printing of its own: lines go to the ``log`` callable the caller passes (``print`` by default)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+Log = Callable[[str], None]
+
+
+def duration(seconds: float) -> str:
+    """12 s, 3m05s, 1h02m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Counts ``total`` units of one stage; ``update(done, note)`` logs when a line is due (first, throttled, last)."""
+
+    def __init__(self, stage: str, what: str, total: int, *, log: Log | None = print, every_seconds: float = 15.0):
+        self.stage, self.what, self.total, self.log, self.every = stage, what, max(1, int(total)), log, every_seconds
+        self.started = time.perf_counter()
+        self.last_logged: float | None = None
+
+    def update(self, done: int, note: str = "") -> None:
+        if self.log is None:
+            return
+        now = time.perf_counter()
+        due = self.last_logged is None or now - self.last_logged >= self.every or done >= self.total
+        if not due:
+            return
+        self.last_logged = now
+        elapsed = now - self.started
+        eta = f", ETA {duration(elapsed / done * (self.total - done))}" if 0 < done < self.total else ""
+        suffix = f" {note}" if note else ""
+        self.log(f"[{self.stage}] {self.what} {done}/{self.total} ({100 * done / self.total:.0f}%), {duration(elapsed)}{eta}{suffix}")
+
+    def message(self, text: str) -> None:
+        if self.log is not None:
+            self.log(f"[{self.stage}] {text}")
