@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test install benchmark clean
+.PHONY: demo test test-slow install benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The slow tests the default run leaves out (see pyproject.toml): a 2-node Ray cluster, killed workers and drivers.
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark_models.py --out docs/benchmarks.md

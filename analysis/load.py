@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,11 +90,12 @@ def _one_line(error: BaseException) -> str:
 
 
 def load_results(folder: str | Path, *, skip_invalid: bool = False, extractor: str | None = None,
-                 where: dict[str, object] | None = None) -> Results:
+                 where: dict[str, object] | None = None, trial_ids: Collection[str] | None = None) -> Results:
     """Load and validate every result, then select and check them:
     - a file that is not a valid result, or repeats another file's trial id, stops the analysis (``skip_invalid``:
       it is listed and skipped);
-    - ``where`` keeps the trials whose config has these values (dotted paths, e.g. {"optimization.seed": 0});
+    - ``where`` keeps the trials whose config has these values (dotted paths, e.g. {"optimization.seed": 0}), and
+      ``trial_ids`` only these trials (one sweep's, in a folder that holds others);
     - results of more than one feature extractor are refused (their FIDs are not comparable) unless ``extractor``
       selects one; left-out trials are listed in ``Results.excluded``;
     - trials repeating another's setting and seed (e.g. a Table 1 trial and its convergence-sweep twin, which
@@ -120,7 +122,7 @@ def load_results(folder: str | Path, *, skip_invalid: bool = False, extractor: s
     if not records:
         raise AnalysisError(f"no valid results in {folder}: all {len(invalid)} files are invalid")
     trials = pd.DataFrame(list(rows.values()))
-    trials, excluded = _select(trials, records, where=where or {}, extractor=extractor)
+    trials, excluded = _select(trials, records, where=where or {}, extractor=extractor, trial_ids=trial_ids)
     trials, repeats = _count_repeats_once(trials, records)
     _check_one_setting_per_cell(trials, records)
     records = {tid: r for tid, r in records.items() if tid in set(trials["trial_id"]) | {t for t, _, _ in repeats}}
@@ -172,8 +174,13 @@ def setting_of(config: TrialConfig) -> str:
     return replace(config, **SETTING_NEUTRAL).trial_id
 
 
-def _select(trials: pd.DataFrame, records: dict, *, where: dict, extractor: str | None) -> tuple[pd.DataFrame, list]:
+def _select(trials: pd.DataFrame, records: dict, *, where: dict, extractor: str | None,
+            trial_ids: Collection[str] | None) -> tuple[pd.DataFrame, list]:
     excluded = []
+    if trial_ids is not None:
+        keep = trials["trial_id"].isin(set(trial_ids))
+        excluded += [(t.trial_id, t.label, f"not one of the {len(set(trial_ids))} trials asked for") for t in trials[~keep].itertuples()]
+        trials = trials[keep]
     for path, wanted in where.items():
         keep = trials["trial_id"].map(lambda tid: config_value(records[tid]["config"], path) == wanted)
         excluded += [(t.trial_id, t.label, f"{path} is not {wanted!r}") for t in trials[~keep].itertuples()]

@@ -1,6 +1,7 @@
 """One analysis run: results folder -> tables, figures, sample grids and the report page under ``out``."""
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from .figures import all_figures, sample_grid
@@ -12,13 +13,13 @@ from .tables import all_tables
 
 def analyse(results_dir: str | Path, out: str | Path, *, compare_paper: bool = False, extractor: str | None = None,
             skip_invalid: bool = False, where: dict[str, object] | None = None, table2_epsilon: float = 10.0,
-            grids: bool = True, figures: bool = True) -> Analysis:
+            grids: bool = True, figures: bool = True, trial_ids: Collection[str] | None = None) -> Analysis:
     """Load every result (validated; see ``load_results``), then write ``out/tables/`` (CSV, long CSV, Markdown,
     LaTeX), ``out/figures/`` (PNG, PDF), ``out/grids/`` (one PNG per successful trial), ``out/trials.csv`` and
     the report ``out/index.md`` / ``out/index.html``. ``compare_paper`` refuses results that cannot stand beside
     the published numbers before anything is written (AnalysisError)."""
     out = Path(out)
-    results = load_results(results_dir, skip_invalid=skip_invalid, extractor=extractor, where=where)
+    results = load_results(results_dir, skip_invalid=skip_invalid, extractor=extractor, where=where, trial_ids=trial_ids)
     if compare_paper:
         check_comparable(results.trials)
     _make_folder(out)

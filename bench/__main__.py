@@ -1,8 +1,8 @@
 """``python -m bench``: list the sweeps, run one, or show its status.
 
   python -m bench list
-  python -m bench sweep NAME [--smoke] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR] [--dry-run] [--max-concurrent N]
-  python -m bench status NAME [--smoke] [--storage PATH_OR_URI] [--assets DIR]
+  python -m bench sweep NAME [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR] [--dry-run] [--max-concurrent N]
+  python -m bench status NAME [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--assets DIR]
   python -m bench demo [--storage runs/demo] [--smoke]   (the embedded default: the demo sweep, then a summary)
 On a cluster started with ``ray up cluster.yaml`` submit the same command with ``ray job submit -- python -m bench ...``;
 without a cluster a local Ray instance is started. Local paths may be relative to the current folder: they are made
@@ -28,6 +28,8 @@ def _common(parser: argparse.ArgumentParser, storage: str) -> None:
     parser.add_argument("--storage", default=storage, help="results and checkpoints: a local or shared path, or a URI (s3://...)")
     parser.add_argument("--assets", default=Assets.__dataclass_fields__["root"].default,
                         help="checkpoints/ and datasets/ of the paper sweeps (env VARSWEEP_ASSETS)")
+    parser.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
+                        help="only the trials whose config has this value, e.g. method.name=lora (repeatable; as in python -m analysis)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         from .demo import run_demo
         return run_demo(storage=args.storage, smoke=args.smoke)
     configs = [with_absolute_paths(c) for c in build_sweep(args.name, smoke=args.smoke, assets=Assets(args.assets))]
+    configs = select(configs, args.where, sweep=args.name)
     if args.command == "status":
         store = ResultStore(args.storage, create=False)
         if not store.exists():
@@ -87,6 +90,18 @@ def _run(args: argparse.Namespace) -> int:
                     max_concurrent=args.max_concurrent, address=args.address)
     summary = run_sweep(args.name + ("-smoke" if args.smoke else ""), configs, launch, dry_run=args.dry_run)
     return 1 if summary["failed"] else 0
+
+
+def select(configs: list, where: list[str], *, sweep: str) -> list:
+    """The configs matching every ``FIELD=VALUE`` of ``where`` (dotted config paths, JSON values); none is an error."""
+    from analysis.__main__ import parse_where
+    from analysis.load import config_value
+
+    wanted = parse_where(where)
+    kept = [c for c in configs if all(config_value(c.to_dict(), path) == value for path, value in wanted.items())]
+    if not kept:
+        raise ValueError(f"no trial of sweep {sweep} has {' and '.join(where)} ({len(configs)} trials)")
+    return kept
 
 
 def status_table(configs, store: ResultStore) -> str:

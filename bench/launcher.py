@@ -35,7 +35,6 @@ from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 
 from trainables.progress import duration  # noqa: E402
 from trainables.ray_worker import train_loop_per_worker  # noqa: E402
-from trainables.trial import prepare_shared, preflight  # noqa: E402
 
 from .estimates import estimate  # noqa: E402
 from .results import ResultStore  # noqa: E402
@@ -102,10 +101,12 @@ def pending_trials(configs: list[TrialConfig], store: ResultStore) -> tuple[list
 def check_sweep(configs: list[TrialConfig], *, cache_dir: str, write: bool = True) -> dict[str, object]:
     """Preflight of every trial (files, datasets, privacy budgets) before anything starts; raises ``SweepError``
     naming every failing trial and its problem. Returns {trial_id: Preflight}. ``write=False`` creates nothing."""
+    from trainables import trial  # the driver's only: Tune's trial actors import this module and never need it
+
     found, problems = {}, []
     for config in configs:
         try:
-            found[config.trial_id] = preflight(config, cache_dir, write=write)
+            found[config.trial_id] = trial.preflight(config, cache_dir, write=write)
         except (ValueError, OSError) as err:
             problems.append(f"  {config.label} ({config.trial_id}): {err}")
     if problems:
@@ -113,10 +114,19 @@ def check_sweep(configs: list[TrialConfig], *, cache_dir: str, write: bool = Tru
     return found
 
 
+def _quiet_expected_exit(unraisable) -> None:
+    if not issubclass(unraisable.exc_type, SystemExit):
+        sys.__unraisablehook__(unraisable)
+
+
 def _trial_function(param: dict) -> None:
     """A Tune trial: run the trial's Ray Train run (resuming its checkpoints) unless its result already exists.
     A run that fails after its retries leaves a ``failed`` result naming the error; the trial function then
     returns normally, so Tune prints no traceback (the result file is the record)."""
+    # This actor process is the trial's own (no actor reuse). When Tune stops it, Ray's SIGTERM handler may raise
+    # SystemExit inside a garbage-collection callback, which Python reports as an "Exception ignored" traceback on
+    # the console; that exit is expected, every other unraisable error is still reported.
+    sys.unraisablehook = _quiet_expected_exit
     config, launch = TrialConfig.from_dict(param["trial"]), Launch(**param["launch"])
     store = ResultStore(launch.storage)
     if store.status(config.trial_id) == "success":
@@ -239,12 +249,17 @@ def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run:
         print(estimate(configs, done={c.trial_id for c in done}, plans=plans))
         return {"ran": 0, "skipped": len(done), "failed": 0, "wall_seconds": 0.0, "concurrency": 0}
     if not todo:
-        print(f"sweep {name}: all {len(configs)} trials already have results in {store.folder}")
+        print(f"sweep {name}: every trial ({len(configs)}) already has its result in {store.folder}")
         return {"ran": 0, "skipped": len(done), "failed": 0, "wall_seconds": 0.0, "concurrency": 0}
     started = time.perf_counter()
+    from trainables.trial import prepare_shared
+
     prepare_shared(todo, launch.cache_dir, log=print)  # tiny bases, digit classifier, token caches: built once, here
     if not ray.is_initialized():
-        ray.init(address=launch.address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, include_dashboard=False,
+        address = launch.address or os.environ.get("RAY_ADDRESS")
+        if address is None:  # a new local instance keeps Ray's default token authentication, without its notice
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(address=address, logging_level=logging.WARNING,
                  runtime_env={"env_vars": RUNTIME_ENV_VARS})
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # Tune's own summaries and errors: ours are in the results
     parallel = min(concurrency(todo, launch), len(todo))

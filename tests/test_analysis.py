@@ -290,6 +290,9 @@ def test_different_settings_in_one_cell_are_refused_not_averaged(fixture_storage
     assert read_csv(tmp_path / "cli" / "tables" / "table1_fid.csv")[1]["cub200"] == "7.84"
     with pytest.raises(AnalysisError, match="no such config field"):
         load_results(storage, where={"method.rank": 16})
+    # One sweep's trials in a folder that holds others (the demo analyses its own): the rest are listed as excluded.
+    own = load_results(storage, trial_ids=[other["trial_id"]])
+    assert list(own.trials["trial_id"]) == [other["trial_id"]] and {why for *_, why in own.excluded} == {"not one of the 1 trials asked for"}
 
 
 def test_a_convergence_twin_counts_once(fixture_storage, tmp_path):
@@ -433,9 +436,10 @@ def digit_record(config: TrialConfig, row: tuple, folder: Path, real: list[dict]
 
 
 def digit_storage(folder: Path, *, classes: int = 10) -> Path:
-    """Six demo-like results (base, full, lora, ln_tuning, DP-LoRA at epsilon 1 and 8 with k=2) with generated and
+    """Six demo-like results (the demo's base, full, lora and DP-LoRA at epsilon 1 and 8 with k=2, and an LN-tuning twin) with generated and
     real 16 px digit PNGs on disk, evaluated with the digits classifier as extractor."""
     configs = {(c.method.name, c.privacy.target_epsilon if c.privacy else None): c for c in build_sweep("demo")}
+    configs["ln_tuning", None] = replace(configs["lora", None], method={"name": "ln_tuning"})  # not in the demo: its own setting
     real = []
     for label in range(classes):
         paths = [folder / "real" / str(label) / f"{i}.png" for i in range(6)]

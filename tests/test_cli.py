@@ -31,6 +31,14 @@ def test_dry_run_checks_and_prints_and_creates_nothing(tmp_path, capsys):
     assert "8 of 8 trials to run" in captured.out and "cannot run; nothing was started" in captured.err
     assert captured.err.startswith("error: 8 of 8 trials cannot run") and "Traceback" not in captured.err
     assert not storage.exists()
+    # --where runs part of a grid; a wrong field or a value no trial has is named, nothing starts.
+    assert main(["sweep", "demo", "--smoke", "--dry-run", "--where", "method.name=lora", "--where", "privacy=null", "--storage", str(storage)]) == 0
+    assert "1 of 1 trials to run" in capsys.readouterr().out
+    assert main(["sweep", "demo", "--smoke", "--dry-run", "--where", "method.rank=16", "--storage", str(storage)]) == 2
+    assert "no such config field" in capsys.readouterr().err
+    assert main(["status", "demo", "--smoke", "--where", "method.name=lora_mlp", "--storage", str(storage)]) == 2
+    assert capsys.readouterr().err.startswith("error: no trial of sweep demo has method.name=lora_mlp (5 trials)")
+    assert not storage.exists()
 
 
 def test_status_is_read_only_and_shows_every_state(tmp_path, capsys):

@@ -108,7 +108,7 @@ def test_relative_paths_become_absolute_once_in_the_driver(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert absolute("runs/x") == str(tmp_path / "runs" / "x") and absolute("s3://bucket/runs") == "s3://bucket/runs"
     assert Assets("assets").root == str(tmp_path / "assets")  # paper sweeps name absolute checkpoint and dataset paths
-    config = replace(TINY, data={"dataset": "folder", "root": "my-images"})
+    config = replace(TINY, data={"dataset": "folder", "root": "my-images"}, evaluation={"extractor": "substitute-randconv-v1"})
     fixed = with_absolute_paths(config)
     assert fixed.data.root == str(tmp_path / "my-images") and fixed.trial_id != config.trial_id
     assert with_absolute_paths(fixed) is fixed and with_absolute_paths(TINY) is TINY

@@ -19,8 +19,6 @@ import torch
 from bench.results import ResultStore
 from bench.schema import TrialConfig
 
-from .trial import run_trial
-
 STATE_FILE = "training_state.pt"
 
 
@@ -28,6 +26,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """``loop_config``: {"trial": TrialConfig dict, "storage": result store path/URI, "cache_dir", "work_root",
     "launched_at": wall-clock time the trial was launched}."""
     startup_seconds = time.time() - loop_config["launched_at"]
+    # Imported here, not at the top: the Train controller unpickles this function (importing this module) but never
+    # runs it, and the models, peft, Opacus and torchvision behind ``run_trial`` cost it ~10 s per trial on 2 cores.
+    from . import trial
     # Train sets the workers' root logger to INFO, which prints "Reporting training result ..." at every report;
     # this code logs with print, so only warnings of libraries are worth a line.
     logging.getLogger().setLevel(logging.WARNING)
@@ -50,7 +51,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(_scalars(metrics), checkpoint=checkpoint, checkpoint_dir_name=f"step_{state['step']:08d}")
 
     work_dir = Path(loop_config["work_root"]) / config.trial_id
-    record = run_trial(config, cache_dir=loop_config["cache_dir"], work_dir=work_dir, device=device, report=report,
+    record = trial.run_trial(config, cache_dir=loop_config["cache_dir"], work_dir=work_dir, device=device, report=report,
                        resume=resume, log=lambda line: print(f"[{config.label} rank {rank}] {line}", flush=True),
                        startup_seconds=startup_seconds)
     if rank == 0:

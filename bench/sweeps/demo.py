@@ -31,8 +31,10 @@ def sweep(*, smoke: bool = False, assets: Assets = Assets()) -> list[TrialConfig
     def evaluation(trained_steps: int) -> EvaluationConfig:
         # cfg 1.0 (not the paper's 1.5): on this small model stronger guidance narrows each class to fewer looks
         # (recall 0.27-0.30 at 1.5, 0.34 at 1.0, class accuracy 0.96 / 0.84 either way; docs/benchmarks.md).
-        return EvaluationConfig(extractor="digits-cnn-v1", top_k=0, top_p=0.96, cfg=1.0, batch_size=120,
-                                convergence_every_steps=trained_steps // 4 if trained_steps else 0, convergence_num_images=120)
+        # The smoke version scores 40 images (the full one as many as the test split) and one convergence point.
+        sizes = dict(num_images=40, batch_size=40, convergence_num_images=20) if smoke else dict(batch_size=120, convergence_num_images=120)
+        return EvaluationConfig(extractor="digits-cnn-v1", top_k=0, top_p=0.96, cfg=1.0,
+                                convergence_every_steps=trained_steps // (2 if smoke else 4), **sizes)
 
     def trial(method: str, lr: float, privacy: PrivacyConfig | None = None) -> TrialConfig:
         n = steps if privacy is None else dp_steps
