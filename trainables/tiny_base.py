@@ -88,12 +88,12 @@ def _stage_logger(progress: Progress, *, keys: tuple[str, ...]):
 def _build(paths: dict, *, depth: int, steps: int, log: Log | None) -> None:
     stage = f"tiny base d{depth}"
     n = GLYPHS_PER_CLASS * len(glyphs.GLYPH_CLASSES)
-    vq_plan = (f"the VQVAE of {paths['vqvae'].parent.name} (shared by every depth)" if paths["vqvae"].is_file()
-               else f"{max(1, steps // 2)} VQVAE steps (shared by every depth)")
-    Progress(stage, "", 1, log=log).message(f"building once into {paths['var'].parent.parent} (later trials and sweeps reuse it): "
-                                            f"{n} glyphs, {vq_plan}, {steps} VAR steps")
-    images_N3HW, labels_N = glyphs.glyph_images(split="train", images_per_class=GLYPHS_PER_CLASS, image_size=IMAGE_SIZE, seed=SEED)
     vq_schedule, var_schedule = schedules(steps)
+    vq_plan = (f"the VQVAE of {paths['vqvae'].parent.name} (shared by every depth)" if paths["vqvae"].is_file()
+               else f"{vq_schedule.steps} VQVAE steps (shared by every depth)")
+    Progress(stage, "", 1, log=log).message(f"building once into {paths['var'].parent.parent} (later trials and sweeps reuse it): "
+                                            f"{n} glyphs, {vq_plan}, {var_schedule.steps} VAR steps")
+    images_N3HW, labels_N = glyphs.glyph_images(split="train", images_per_class=GLYPHS_PER_CLASS, image_size=IMAGE_SIZE, seed=SEED)
     vqvae = _vqvae(paths["vqvae"], images_N3HW, schedule=vq_schedule, stage=stage, log=log)
     var = build_var(**var_architecture(depth), generator=torch.Generator().manual_seed(SEED))
     train_var(var, vqvae, encode_tokens(vqvae, images_N3HW), labels_N, schedule=var_schedule, seed=SEED,
