@@ -5,6 +5,7 @@
 Storage layout (a local or shared path, or a URI for results and checkpoints):
   <storage>/results/<trial_id>.json     one result per trial (success or failed), written atomically
   <storage>/train/trial-<trial_id>/     the trial's Ray Train run: checkpoints a retried or relaunched trial resumes from
+                                        (deleted when a DP trial's result is written)
   <storage>/tune/<sweep>/               Tune's experiment state
   <cache_dir>/                          shared caches (tiny bases, offline data, token caches, reference statistics)
   <cache_dir>/work/<trial_id>/          generated images and the trained adapter of each trial
@@ -28,6 +29,7 @@ if not sys.stdout.isatty():  # a log file or a pipe: worker lines without termin
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 import ray  # noqa: E402
+from pyarrow import fs as pafs  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
@@ -138,7 +140,7 @@ def _trial_function(param: dict) -> None:
         train_loop_config={"trial": config.to_dict(), "storage": launch.storage, "cache_dir": launch.cache_dir,
                            "work_root": launch.work_root, "launched_at": time.time()},
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker),
-        run_config=RunConfig(name=f"trial-{config.trial_id}", storage_path=launch.train_storage,
+        run_config=RunConfig(name=Path(training_run_dir(launch, config.trial_id)).name, storage_path=launch.train_storage,
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=[TuneReportCallback()],
                              logging_config=LoggingConfig(log_level="ERROR")))
@@ -152,6 +154,24 @@ def _trial_function(param: dict) -> None:
     if store.status(config.trial_id) != "success":
         store.write(make_result(config, status="failed", error="the training run ended without writing a result",
                                 started_at=started, finished_at=_now()))
+    elif config.privacy is not None:
+        delete_training_run(launch, config.trial_id)
+
+
+def training_run_dir(launch: Launch, trial_id: str) -> str:
+    """The trial's Ray Train run folder (its checkpoints and Train's record of them)."""
+    return f"{launch.train_storage.rstrip('/')}/trial-{trial_id}"
+
+
+def delete_training_run(launch: Launch, trial_id: str) -> None:
+    """Remove a finished DP trial's training checkpoints. They hold intermediate models (covered by the guarantee,
+    like every DP-SGD iterate) and no generator state, but nothing needs them once the result and the released
+    adapter are written, and a smaller release is a safer one. The whole run folder goes, so a trial run again
+    (its result deleted) starts afresh instead of resuming from checkpoints that are gone."""
+    folder = training_run_dir(launch, trial_id)
+    filesystem, path = pafs.FileSystem.from_uri(folder) if is_uri(folder) else (pafs.LocalFileSystem(), folder)
+    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        filesystem.delete_dir(path)
 
 
 def concurrency(configs: list[TrialConfig], launch: Launch) -> int:

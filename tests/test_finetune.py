@@ -168,12 +168,16 @@ def test_dp_finetune_records_ledger_and_no_private_statistics(digits_setup):
         ledger = out["privacy"]
         assert ledger["sampling_rng"].startswith("caller-seeded") and ledger["noise_rng"].startswith("seeded from OS entropy")
         assert ledger["steps"] == 30 and ledger["epsilon_rdp"] <= epsilon and ledger["augmentation_multiplicity"] == 2
-        assert ledger["delta"] == 1 / data.num_examples and len(ledger["actual_batch_sizes"]) == 30
-        assert out["compute"]["rows_trained"] == 2 * sum(ledger["actual_batch_sizes"])  # exact, not q*N*steps
-        assert any("scaled_dot_product" in op for op in out["compute"]["counted_ops"])
+        assert ledger["delta"] == 1 / data.num_examples and "actual_batch_sizes" not in ledger
+        # Compute at the expected batch (the actual Poisson sizes are private); the public prior term counted per step.
+        compute = out["compute"]
+        assert compute["rows_trained"] == pytest.approx(30 * 2 * 0.05 * data.num_examples) and compute["steps_trained"] == 30
+        assert compute["train_flops_per_step"] > 0 and compute["train_pflops"] == pytest.approx(
+            (compute["train_flops_per_row"] * compute["rows_trained"] + 30 * compute["train_flops_per_step"]) / 1e15)
+        assert any("scaled_dot_product" in op for op in compute["counted_ops"])
         for entry in out["history"]:
-            assert not {"loss", "grad_norm"} & set(entry), entry  # nothing computed from private examples
-            assert {"epsilon_rdp", "batch_size", "prior_kl"} <= set(entry)
+            assert not {"loss", "grad_norm", "batch_size"} & set(entry), entry  # nothing computed from private examples
+            assert {"epsilon_rdp", "prior_kl"} <= set(entry)
         results[epsilon] = token_nll(var, vqvae, test_tokens, test_labels)
     print(f"held-out NLL: eps=1 {results[1.0]:.3f}, eps=1e4 {results[1e4]:.3f}")
     assert results[1e4] < results[1.0]
@@ -193,31 +197,70 @@ def test_bad_finetune_settings_fail_before_compute(digits_setup):
                  privacy=PrivacySpec(target_epsilon=1, sampling_rate=0.1, max_grad_norm=1, augmentation_multiplicity=2))
 
 
-@pytest.mark.parametrize("private", [False, True], ids=["non-dp", "dp"])
-def test_resume_from_checkpoint_is_bit_identical(digits_setup, private):
-    """Stop after a checkpoint, resume in a fresh model and optimiser: the same parameters, history and ledger as
-    one uninterrupted run (DP included: the sampling and noise streams continue where they were)."""
+def _run_with_checkpoints(digits_setup, *, privacy, resume=None, states=None, sampling_seed=None):
     vqvae, data, _, num_classes = digits_setup
     options = FinetuneOptions(steps=6, lr=1e-3, batch_size=16, augmentation_multiplicity=2, log_every=1, class_dropout=0.1)
-    privacy = PrivacySpec(target_epsilon=8.0, sampling_rate=0.02, max_grad_norm=1.0, augmentation_multiplicity=2) if private else None
+    var = adapt(base_var(), AdaptationSpec(method="lora", num_classes=num_classes))
+    keep = (lambda state: states.append(copy.deepcopy(state))) if states is not None else (lambda state: None)
+    out = finetune(var, vqvae, data, options=options, privacy=privacy, seed=3, sampling_seed=sampling_seed,
+                   checkpointing=Checkpointing(every=2, save=keep, resume=resume))
+    return trainable_parameters(var), out
 
-    def run(resume=None, states=None):
-        var = adapt(base_var(), AdaptationSpec(method="lora", num_classes=num_classes))
-        keep = (lambda state: states.append(copy.deepcopy(state))) if states is not None else (lambda state: None)
-        out = finetune(var, vqvae, data, options=options, privacy=privacy, seed=3, sampling_seed=5,
-                       checkpointing=Checkpointing(every=2, save=keep, resume=resume))
-        return trainable_parameters(var), out
 
+def test_non_dp_resume_from_checkpoint_is_bit_identical(digits_setup):
+    """Stop after a checkpoint, resume in a fresh model and optimiser: the same parameters and history as one
+    uninterrupted run (every draw is keyed by the public seed and the step)."""
     states: list[dict] = []
-    whole, whole_out = run(states=states)
+    whole, whole_out = _run_with_checkpoints(digits_setup, privacy=None, states=states)
     assert [s["step"] for s in states] == [2, 4]
-    resumed, resumed_out = run(resume=states[0])
+    resumed, resumed_out = _run_with_checkpoints(digits_setup, privacy=None, resume=states[0])
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
     assert len(resumed_out["history"]) == len(whole_out["history"]) == 6
     assert resumed_out["history"] == [{**e, "seconds": r["seconds"]} for e, r in zip(whole_out["history"], resumed_out["history"])]
-    if private:
-        for key in ("epsilon_rdp", "steps", "actual_batch_sizes", "noise_multiplier"):
-            assert resumed_out["privacy"][key] == whole_out["privacy"][key], key
+
+
+DP_RESUME = PrivacySpec(target_epsilon=8.0, sampling_rate=0.02, max_grad_norm=1.0, augmentation_multiplicity=2)
+
+
+def test_dp_checkpoint_does_not_predict_the_noise_of_a_resumed_run(digits_setup):
+    """A DP checkpoint holds the accounting and no generator state: two runs resumed from it draw fresh noise,
+    sampling and per-example draws (different adapters), and both account exactly the steps of one whole run."""
+    states: list[dict] = []
+    _, whole_out = _run_with_checkpoints(digits_setup, privacy=DP_RESUME, states=states)
+    checkpoint = states[0]
+    assert set(checkpoint["privacy"]) == {"spec", "noise_multiplier", "delta", "dataset_size", "planned_steps", "steps"}
+    assert not [key for key, value in _leaves(checkpoint) if isinstance(value, torch.Tensor) and value.dtype == torch.uint8]  # no RNG state
+    first, first_out = _run_with_checkpoints(digits_setup, privacy=DP_RESUME, resume=checkpoint)
+    second, second_out = _run_with_checkpoints(digits_setup, privacy=DP_RESUME, resume=checkpoint)
+    assert all(not torch.equal(first[name], second[name]) for name in first)
+    for out in (first_out, second_out):
+        for key in ("epsilon_rdp", "epsilon_prv", "steps", "noise_multiplier"):
+            assert out["privacy"][key] == whole_out["privacy"][key], key
+        assert [e["step"] for e in out["history"]] == list(range(1, 7))
+
+
+def _leaves(value, path=""):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+def test_resume_across_dp_and_non_dp_is_refused_before_compute(digits_setup):
+    """A DP checkpoint resumed without privacy would train on without DP and release a model the ledger does not
+    cover; a non-DP checkpoint resumed under DP would claim a guarantee for steps taken without it."""
+    dp_states: list[dict] = []
+    _run_with_checkpoints(digits_setup, privacy=DP_RESUME, states=dp_states)
+    with pytest.raises(ValueError, match=r"checkpoint at step 2 was saved by a DP run, but this run is not DP"):
+        _run_with_checkpoints(digits_setup, privacy=None, resume=dp_states[0])
+    plain_states: list[dict] = []
+    _run_with_checkpoints(digits_setup, privacy=None, states=plain_states)
+    with pytest.raises(ValueError, match=r"saved by a non-DP run, but this run is DP"):
+        _run_with_checkpoints(digits_setup, privacy=DP_RESUME, resume=plain_states[0])
 
 
 def test_bf16_autocast_is_off_for_ghost_clipping_only():

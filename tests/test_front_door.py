@@ -92,3 +92,10 @@ def test_demo_smoke_from_a_relative_storage(smoke_sweep, workdir):
     assert "Traceback" not in demo.stdout + demo.stderr and "class accuracy" in demo.stdout
     # The demo shares the sweep's cache folder (STORAGE/cache): nothing was built a second time.
     assert "training once on the digits" not in demo.stdout and "VQVAE step" not in demo.stdout
+    # A DP trial's training checkpoints are deleted once its result is written; the others keep theirs for resuming.
+    records = [json.loads(path.read_text()) for path in (storage / "results").glob("*.json")]
+    dp = {r["trial_id"] for r in records if r["privacy"] is not None}
+    assert len(dp) == 2 and all((Path(r["artifacts"]["generated_images"]).parent / "adapter.pt").is_file() for r in records if r["trial_id"] in dp)
+    kept = {p.name.removeprefix("trial-") for p in _trial_folders(storage)}
+    trained = {r["trial_id"] for r in records if r["history"] and r["privacy"] is None}
+    assert not dp & kept and len(trained) == 3 and all(list((storage / "train" / f"trial-{i}").glob("step_*")) for i in trained)

@@ -13,7 +13,8 @@ from bench.schema import ConfigError, PrivacyConfig, check_result, replace
 from bench.sweeps import build_sweep
 from sweep_driver import tiny_trial
 from trainables.data.datasets import DatasetError
-from trainables.privacy import PrivacyConfigError
+from trainables import privacy
+from trainables.privacy import PrivacyConfigError, poisson_batch
 from trainables.trial import preflight, run_trial
 
 
@@ -22,10 +23,18 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path):
+def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
     dp = PrivacyConfig(target_epsilon=2.0, sampling_rate=0.02, max_grad_norm=1.0, augmentation_multiplicity=2, physical_batch_rows=32)
     config = replace(tiny_trial("lora", steps=4), privacy=dp.__dict__, data={"cached_views": 2},
                      evaluation={"convergence_every_steps": 2, "convergence_num_images": 10})
+    batch_sizes = []  # the actual Poisson batch sizes, seen by a spy on the real sampler
+
+    def spy(*args, **kwargs):
+        batch = poisson_batch(*args, **kwargs)
+        batch_sizes.append(len(batch))
+        return batch
+
+    monkeypatch.setattr(privacy, "poisson_batch", spy)
     reports = []
     record = run_trial(config, cache_dir=cache_dir, work_dir=tmp_path / "dp", report=lambda metrics, state: reports.append((metrics, state)),
                        log=lambda line: None)
@@ -40,7 +49,9 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path):
     assert classifier["name"] == "digits-cnn-v1" and classifier["test_accuracy"] > 0.97 and len(classifier["weights_sha256"]) == 64
     assert metrics["kid_std"] > 0  # KID averages over subsets of half the images, which differ
     assert all("class_accuracy" in entry for entry in record["convergence"])
-    assert record["cost"]["train_pflops"] > 0 and record["cost"]["rows_trained"] == 2 * sum(record["privacy"]["actual_batch_sizes"])
+    assert record["cost"]["train_pflops"] > 0 and record["cost"]["rows_trained"] == pytest.approx(4 * 2 * 0.02 * 1438)  # expected, not actual
+    assert len(batch_sizes) == 4 and len(set(batch_sizes)) > 1
+    assert not exact_batch_size_leaks(record, [metrics for metrics, _ in reports], batch_sizes, k=2)
     assert record["cost"]["training_precision"] == "float32"  # bf16 autocast is asked for, but only CUDA runs use it
     assert record["parameters"]["trainable"] > record["parameters"]["trainable_without_class_embedding"] > 0
     assert (tmp_path / "dp" / "adapter.pt").is_file() and len(list((tmp_path / "dp" / "images").rglob("*.png"))) == 20
@@ -55,6 +66,51 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path):
     assert base["parameters"]["trainable"] == 0 and base["history"] == [] and base["cost"]["train_pflops"] == 0
 
 
+def _numbers(value, path: str = ""):
+    """(path, value) of every number in a record; list items share the path ``name[]``."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _numbers(item, f"{path}[]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, float(value)
+
+
+def _proportional(values: list[float], to: list[int]) -> bool:
+    if len(values) < 2 or len(set(to)) < 2 or any(t == 0 for t in to):
+        return False
+    ratio = values[0] / to[0]
+    return ratio != 0 and all(abs(v - ratio * t) <= 1e-9 * max(1.0, abs(v)) for v, t in zip(values, to))
+
+
+def exact_batch_size_leaks(record: dict, metrics: list[dict], batch_sizes: list[int], *, k: int) -> list[str]:
+    """Every place a DP trial's record or its Tune metrics reveal the exact Poisson batch sizes, unless the privacy
+    ledger lists it as released without noise: a per-step series (history entries, reported metrics) or a list
+    proportional to the batch sizes of those steps, or a number equal to their total (times k, times the FLOPs per
+    row) or proportional to the running totals."""
+    listed = {part.strip() for key in record["privacy"]["released_without_noise"] for part in key.split(",")}
+    leaks, total, running = [], sum(batch_sizes), [sum(batch_sizes[:i + 1]) for i in range(len(batch_sizes))]
+    for source, entries in (("history[]", record["history"]), ("tune", [m for m in metrics if isinstance(m.get("step"), int)])):
+        for key in sorted({key for entry in entries for key in entry} - {"step"}):
+            if f"{source}.{key}" in listed:
+                continue
+            series = [(e["step"], e[key]) for e in entries if isinstance(e.get(key), (int, float)) and not isinstance(e.get(key), bool)]
+            values = [float(v) for _, v in series]
+            if (_proportional(values, [batch_sizes[step - 1] for step, _ in series])
+                    or _proportional(values, [running[step - 1] for step, _ in series])):
+                leaks.append(f"{source}.{key}: {values} follows the batch sizes {batch_sizes}")
+    flops_per_row = record["cost"].get("train_flops_per_row") or 0.0
+    totals = [total, total * k, total * k * flops_per_row / 1e15]
+    numbers = list(_numbers({key: value for key, value in record.items() if key != "history"}))
+    for path in sorted({path for path, _ in numbers} - listed):
+        values = [v for p, v in numbers if p == path]
+        if _proportional(values, batch_sizes) or any(abs(v - t) <= 1e-9 * max(1.0, abs(t)) for v in values for t in totals if t):
+            leaks.append(f"{path}: {values} reveals the batch sizes {batch_sizes}")
+    return leaks
+
+
 def test_preflight_names_the_problem(cache_dir, tmp_path):
     config = tiny_trial("lora")
     assert preflight(config, cache_dir).planned_steps == 6
@@ -65,6 +121,12 @@ def test_preflight_names_the_problem(cache_dir, tmp_path):
         preflight(replace(config, model=official, data={"resolution": 256}), cache_dir)
     with pytest.raises(PrivacyConfigError, match="delta"):
         preflight(replace(config, privacy={"target_epsilon": 1.0, "sampling_rate": 0.1, "max_grad_norm": 1.0, "delta": 0.01}), cache_dir)
+    # delta: None is the paper's 1/N; a sweep may set any delta below 1/N (the smoke keeps it), never one above.
+    from bench.sweeps import table3
+    small = table3.sweep(smoke=True, delta=1e-5)
+    assert {c.privacy.delta for c in small} == {1e-5} and preflight(small[0], cache_dir).noise_multiplier > preflight(table3.sweep(smoke=True)[0], cache_dir).noise_multiplier
+    with pytest.raises(PrivacyConfigError, match=r"delta=0.002 >= 1/N"):
+        preflight(table3.sweep(smoke=True, delta=0.002)[0], cache_dir)
     with pytest.raises(PrivacyConfigError, match="cannot reach epsilon"):
         preflight(replace(config, privacy={"target_epsilon": 1e-9, "sampling_rate": 1.0, "max_grad_norm": 1.0}, optimization={"steps": 10**6}), cache_dir)
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .data.tokens import TokenViews
+from .draws import ExampleKey, example_draws
 from .methods import trainable_parameters
 from .models import VAR, VQVAE
 from .pretrain import epoch_batches, is_logging_step, record_history
@@ -80,7 +81,8 @@ class Checkpointing:
     resume: dict | None = None
 
 
-def check_finetune(data: TokenViews, *, options: FinetuneOptions, privacy: PrivacySpec | None, prior: Prior | None) -> None:
+def check_finetune(data: TokenViews, *, options: FinetuneOptions, privacy: PrivacySpec | None, prior: Prior | None,
+                   resume: dict | None = None) -> None:
     """Every setting problem, before any compute."""
     data.check_multiplicity(options.augmentation_multiplicity)
     if options.prior_weight > 0 and prior is None:
@@ -90,6 +92,12 @@ def check_finetune(data: TokenViews, *, options: FinetuneOptions, privacy: Priva
         if privacy.augmentation_multiplicity != options.augmentation_multiplicity:
             raise ValueError(f"augmentation_multiplicity differs between the options ({options.augmentation_multiplicity}) "
                              f"and the privacy spec ({privacy.augmentation_multiplicity})")
+    if resume is not None and ("privacy" in resume) != (privacy is not None):
+        raise ValueError(f"the checkpoint at step {resume['step']} was saved by a {'DP' if 'privacy' in resume else 'non-DP'} run, but this run "
+                         f"is {'DP' if privacy is not None else 'not DP'}: "
+                         + ("resume it with the privacy spec it was trained under (continuing without DP would release a model the "
+                            "ledger does not cover)" if privacy is None else
+                            "a DP run cannot continue steps taken without DP; start it from the base model"))
 
 
 def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptions, privacy: PrivacySpec | None = None,
@@ -99,43 +107,51 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
     "convergence": [{"step": s, **evaluate_fn(var)}, ...]} (evaluations every ``options.eval_every`` steps and at
     the end; ``evaluate_fn`` sees the model in eval mode, e.g. a small-sample FID).
     Under an initialised process group each rank trains on its share of every batch and gradients are averaged.
-    ``seed`` drives everything but the DP noise and the DP batch sampling, which are seeded from OS entropy
-    unless ``sampling_seed`` is given (tests, debugging: recorded in the ledger).
-    A run resumed from a ``checkpointing.resume`` state continues bit-identically on the same device: per-step
-    streams are seeded by (seed, rank, step), and the DP sampling and noise streams are restored, so the steps
-    redone after a failure repeat exactly what the lost run computed and no extra privacy is spent."""
-    check_finetune(data, options=options, privacy=privacy, prior=prior)
+
+    Randomness. Each example's own draws (which k cached views, class dropout, drop-path) are keyed by (key, step,
+    example index) (``trainables/draws.py``): they do not depend on the rest of the batch, the rank or the physical
+    chunk. Prior-bank batches come from a public stream seeded by (seed, step), independent of the private batch.
+    Without DP the key comes from ``seed``, so a run resumed from ``checkpointing.resume`` continues bit-identically on
+    the same device. Under DP the example key, the Poisson sampling and the noise are seeded from OS entropy
+    (``sampling_seed``, for tests and debugging, seeds the sampling and the example key; the ledger says so); a
+    checkpoint holds no generator state, so a resumed DP run draws fresh entropy: nobody who reads a checkpoint can
+    predict the noise of later steps. Its accounting continues exactly (the steps taken are in the checkpoint)."""
+    resume = checkpointing.resume if checkpointing is not None else None
+    check_finetune(data, options=options, privacy=privacy, prior=prior, resume=resume)
     device = next(var.parameters()).device
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    # Non-DP batches come from a stream shared by all ranks (each takes its share); views, class dropout and prior
-    # batches from a per-rank stream. DP batches come from the private sampler (privacy.make_private).
+    # Non-DP batches come from a stream shared by all ranks (each takes its share); DP batches from the private sampler.
     sampling_generator = torch.Generator().manual_seed(seed)
-    generator = torch.Generator()
+    prior_generator = torch.Generator()
+    public_key = ExampleKey.from_seed(seed)
+    draws = _StepDraws(key=public_key)  # a DP run replaces the key by its secret one (privacy.make_private)
     weights_L = scale_loss_weights(var.patch_nums, decay=options.scale_weight_decay).to(device) if options.scale_weight_decay != 1.0 else None
     optimizer = build_optimizer(var, lr=options.lr, weight_decay=options.weight_decay)
-    k = options.augmentation_multiplicity
+    k, branches = options.augmentation_multiplicity, var.drop_path_branches
 
     # Only the forwards are autocast: backward ops follow their forward's dtypes, and the losses come out float32.
     bf16 = training_autocast(options, privacy) and device.type == "cuda"
     autocast = lambda: bf16_autocast(device, enabled=bf16)  # noqa: E731
 
     def loss_fn(indices: torch.Tensor) -> torch.Tensor:
-        label_b, idx_views = data.take(indices, k=k, generator=generator, device=device)
+        drawn = example_draws(draws.key, indices, step=draws.step, num_views=data.num_views, k=k, drop_path_branches=branches)
+        label_b, idx_views = data.take(indices, k=k, uniform_bV=drawn.views_bV, device=device)
         with autocast():
-            return view_losses(var, vqvae, label_b, idx_views, class_dropout=options.class_dropout, token_weights_L=weights_L, generator=generator)
+            return view_losses(var, vqvae, label_b, idx_views, class_dropout=options.class_dropout, token_weights_L=weights_L, draws=drawn)
 
     def prior_loss() -> torch.Tensor:
-        batch = prior.bank.batch(options.prior_batch_size, generator=generator, device=device)
+        batch = prior.bank.batch(options.prior_batch_size, generator=prior_generator, device=device)
+        rows = torch.arange(options.prior_batch_size)
+        drop_path_BD = public_key.uniform(rows, step=draws.step, purpose="prior_drop_path", count=branches).to(device) if branches else None
         with autocast():
-            return options.prior_weight * prior_preservation_loss(var, prior.teacher, vqvae, batch)
+            return options.prior_weight * prior_preservation_loss(var, prior.teacher, vqvae, batch, drop_path_uniform_BD=drop_path_BD)
 
-    resume = checkpointing.resume if checkpointing is not None else None
     run = _Run(history=[], convergence=[], meter=StepMeter(device), start_step=0)
     if resume is not None:
         _restore(var, optimizer, resume, run)
 
     def begin_step(step: int) -> None:
-        generator.manual_seed((seed * 1_000_003 + rank + 1) * 1_000_033 + step)
+        draws.step = step
+        prior_generator.manual_seed((seed * 1_000_003 + 1) * 1_000_033 + step)
 
     def after_step(step: int, private: PrivateTraining | None = None) -> None:
         evaluating = evaluate_fn is not None and ((options.eval_every and (step + 1) % options.eval_every == 0) or step == options.steps - 1)
@@ -147,15 +163,25 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
             checkpointing.save(_training_state(var, optimizer, step=step + 1, run=run, private=private))
 
     var.train()
-    common = dict(loss_fn=loss_fn, prior_loss=prior_loss if options.prior_weight > 0 else None, options=options, log=log,
-                  begin_step=begin_step, after_step=after_step, run=run)
+    common = dict(loss_fn=loss_fn, prior_loss=prior_loss if options.prior_weight > 0 else None, options=options,
+                  log=log, begin_step=begin_step, after_step=after_step, run=run)
     if privacy is None:
         ledger = _plain_run(optimizer, data, generator=sampling_generator, **common)
     else:
-        ledger = _private_run(var, optimizer, data, privacy=privacy, sampling_seed=sampling_seed, resume=resume, **common)
+        # A resumed DP run must not repeat the lost run's draws: caller-seeded sampling moves to a seed of its own.
+        seed_now = sampling_seed if resume is None or sampling_seed is None else sampling_seed * 1_000_003 + run.start_step
+        ledger = _private_run(var, optimizer, data, privacy=privacy, sampling_seed=seed_now, resume=resume, draws=draws, **common)
     var.eval()
     return {"history": run.history, "privacy": ledger, "convergence": run.convergence,
             "compute": {**run.meter.report(), "training_precision": "bf16 autocast" if bf16 else "float32"}}
+
+
+@dataclass
+class _StepDraws:
+    """The key and step the per-example draws of the current step use."""
+
+    key: ExampleKey
+    step: int = 0
 
 
 def training_autocast(options: FinetuneOptions, privacy: PrivacySpec | None) -> bool:
@@ -180,8 +206,7 @@ def _training_state(var: VAR, optimizer, *, step: int, run: _Run, private: Priva
              "optimizer": optimizer.state_dict(), "history": list(run.history), "convergence": list(run.convergence),
              "compute": dataclasses.asdict(run.meter.ledger)}
     if private is not None:
-        state["privacy"] = {**privacy_state_dict(private), "sampling_rng": private.sampling_generator.get_state(),
-                            "noise_rng": private.optimizer.generator.get_state().cpu()}
+        state["privacy"] = privacy_state_dict(private)  # the accounting only: no generator state (see finetune)
     return state
 
 
@@ -240,14 +265,13 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
             p.grad /= world
 
 
-def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, sampling_seed, resume, log, begin_step, after_step, run):
+def _private_run(var, optimizer, data, *, loss_fn, prior_loss, options, privacy, sampling_seed, resume, draws, log, begin_step, after_step, run):
     state = make_private(var, optimizer, spec=privacy, dataset_size=data.num_examples, planned_steps=options.steps,
                          sampling_seed=sampling_seed)
+    draws.key = state.example_key
     try:
         if resume is not None:
             load_privacy_state(state, resume["privacy"])
-            state.sampling_generator.set_state(resume["privacy"]["sampling_rng"])
-            state.optimizer.generator.set_state(resume["privacy"]["noise_rng"])
         _private_steps(state, loss_fn=loss_fn, prior_loss=prior_loss, options=options, log=log, begin_step=begin_step,
                        after_step=lambda step: after_step(step, state), run=run)
     finally:
@@ -263,17 +287,21 @@ def _private_steps(state, *, loss_fn, prior_loss, options, log, begin_step, afte
         kl.backward()
         kl_values.append(kl.item())
 
+    k = state.spec.augmentation_multiplicity
     for step in range(run.start_step, options.steps):
         begin_step(step)
         lr = _schedule(state.optimizer, step, options)
-        indices, k = next_batch(state), state.spec.augmentation_multiplicity
-        public = public_grad if prior_loss is not None else None
-        out, seconds = meter.run(lambda: private_step(state, indices, loss_fn, public_grad_fn=public), local_rows=len(indices) * k)
-        meter.ledger.add_training(int(out["batch_size"]) * k, seconds)  # the actual global Poisson batch, not its expectation
+        indices = next_batch(state)
+        # The prior term's cost is per step, not per row: counted apart, else FLOPs per row would reveal the batch size.
+        public = meter.fixed_cost(public_grad) if prior_loss is not None else None
+        _, seconds = meter.run(lambda: private_step(state, indices, loss_fn, public_grad_fn=public), local_rows=len(indices) * k)
+        # The actual Poisson batch size is private (nothing released may depend on it): compute is accounted at the
+        # expected batch q*N, and the history holds no batch size.
+        meter.ledger.add_training(state.expected_batch_size * k, seconds)
         if is_logging_step(step, options):
             spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=state.spec.sampling_rate, steps=state.steps,
                                   delta=state.delta, accountants=("rdp",))
-            values = {"lr": lr, "batch_size": out["batch_size"], "epsilon_rdp": spent["rdp"]}
+            values = {"lr": lr, "epsilon_rdp": spent["rdp"]}
             if kl_values:
                 values["prior_kl"] = kl_values[-1] / options.prior_weight
             record_history(history, log, step=step, started=started, **values)

@@ -55,9 +55,12 @@ def build_prior_bank(teacher: VAR, vqvae: VQVAE, *, num_samples: int, batch_size
     return PriorBank(labels_M, tokens)
 
 
-def prior_preservation_loss(student: VAR, teacher: VAR, vqvae: VQVAE, idx_Bl: list[torch.Tensor]) -> torch.Tensor:
+def prior_preservation_loss(student: VAR, teacher: VAR, vqvae: VQVAE, idx_Bl: list[torch.Tensor], *,
+                            drop_path_uniform_BD: torch.Tensor | None = None) -> torch.Tensor:
     """Token-mean KL(teacher || student) of the next-token distributions on bank token maps, both models
-    conditioned on their unconditional label. Gradient flows into the student only."""
+    conditioned on their unconditional label. Gradient flows into the student only. ``drop_path_uniform_BD``
+    decides the student's drop-path (see ``VAR.forward``; fine-tuning passes public draws, so this term depends
+    on nothing private, not even through torch's global generator)."""
     x_BLCv, _ = teacher_forcing_batch(vqvae, idx_Bl)
     B = x_BLCv.shape[0]
     was_training = teacher.training
@@ -67,6 +70,7 @@ def prior_preservation_loss(student: VAR, teacher: VAR, vqvae: VQVAE, idx_Bl: li
             teacher_logp_BLV = teacher(torch.full((B,), teacher.unconditional_label, device=x_BLCv.device), x_BLCv).log_softmax(-1)
     finally:
         teacher.train(was_training)
-    student_logp_BLV = student(torch.full((B,), student.unconditional_label, device=x_BLCv.device), x_BLCv).log_softmax(-1)
+    student_logp_BLV = student(torch.full((B,), student.unconditional_label, device=x_BLCv.device), x_BLCv,
+                               drop_path_uniform_BD=drop_path_uniform_BD).log_softmax(-1)
     kl_BL = F.kl_div(student_logp_BLV, teacher_logp_BLV, log_target=True, reduction="none").sum(-1)
     return kl_BL.mean()

@@ -16,10 +16,10 @@ examples, so the global batch and the ledger are exactly those of one process; o
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import opacus
@@ -36,13 +36,21 @@ from opacus.utils.module_utils import trainable_parameters as opacus_trainable_p
 from torch import nn
 
 from .bookkeeping import BookKeeping, bookkeeping_supports
+from .draws import ExampleKey
 
 CLIPPING_MODES = ("auto", "hooks", "ghost", "bookkeeping")
 # Layers whose per-sample gradient is a sum over positions of (input, output-gradient) products: the k views of one
 # example can be folded into the position dimension and the example's gradient computed in one pass.
 FOLDABLE_LAYERS = (nn.Linear, nn.Embedding)
 ACCOUNTANTS = ("rdp", "prv")
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
+# RDP orders for calibration and reporting. Opacus's defaults stop at 63 and start at 1.1: with few steps (the first
+# logged epsilons) or large noise the best order lies above 63, and for large epsilon (Table 3 goes to 1000) below
+# 1.1, so both ends over-state epsilon and calibrate sigma higher than needed. These add 1.01-1.08 and orders up to
+# 4096 (dp-accounting also goes to the thousands), sparsely because each order costs Python-loop time in every
+# epsilon evaluation; a superset of the defaults, so the bound is never looser.
+RDP_ORDERS = ([1.01, 1.02, 1.04, 1.06, 1.08] + [1 + x / 10 for x in range(1, 100)] + list(range(11, 64))
+              + [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096])
 
 
 class PrivacyConfigError(ValueError):
@@ -155,23 +163,27 @@ def validate_privacy(spec: PrivacySpec, *, dataset_size: int, planned_steps: int
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sampling_rate: float, steps: int,
                                accountant: str = "rdp") -> float:
     """Smallest sigma (to Opacus's tolerance 0.01 in epsilon) whose ``steps`` Poisson-subsampled Gaussian steps
-    spend at most ``target_epsilon`` at ``delta``."""
+    spend at most ``target_epsilon`` at ``delta`` (RDP over ``RDP_ORDERS``, or PRV)."""
     try:
-        with warnings.catch_warnings():
-            # The bisection tries sigmas far from the answer, where Opacus warns that the optimal RDP order is the
-            # largest one it tries; that says nothing about the sigma returned (whose epsilon is reported as spent).
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sampling_rate,
-                                              steps=steps, accountant=accountant))
+        return _calibrated(float(target_epsilon), float(delta), float(sampling_rate), int(steps), accountant)
     except ValueError as err:
         raise PrivacyConfigError(f"cannot reach epsilon={target_epsilon} at delta={delta} with q={sampling_rate} over "
                                  f"{steps} steps: {err}") from err
 
 
+@functools.lru_cache(maxsize=256)
+def _calibrated(target_epsilon: float, delta: float, sampling_rate: float, steps: int, accountant: str) -> float:
+    # A calibration takes seconds (a bisection, each point evaluating every order); the preflight and make_private
+    # of one trial, and the trials of a sweep, ask for the same one.
+    orders = {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sampling_rate,
+                                      steps=steps, accountant=accountant, **orders))
+
+
 def epsilon_spent(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
                   rdp_orders: list[float] | None = None, accountants: tuple[str, ...] = ACCOUNTANTS) -> dict[str, float]:
-    """Epsilon after ``steps`` steps by the RDP (Opacus's default orders unless ``rdp_orders``) and the PRV
-    accountant (0 for no steps). PRV takes ~0.1-1 s; pass ``accountants=("rdp",)`` for a quick reading."""
+    """Epsilon after ``steps`` steps by the RDP (over ``RDP_ORDERS`` unless ``rdp_orders``) and the PRV accountant
+    (0 for no steps). PRV takes ~0.1-1 s; pass ``accountants=("rdp",)`` for a quick reading."""
     spent = {}
     for name in accountants:
         if steps == 0:
@@ -179,7 +191,7 @@ def epsilon_spent(*, noise_multiplier: float, sampling_rate: float, steps: int, 
             continue
         accountant = RDPAccountant() if name == "rdp" else PRVAccountant()
         accountant.history = [(noise_multiplier, sampling_rate, steps)]
-        kwargs = {"alphas": rdp_orders} if name == "rdp" else {}
+        kwargs = {"alphas": rdp_orders or RDP_ORDERS} if name == "rdp" else {}
         spent[name] = float(accountant.get_epsilon(delta=delta, **kwargs))
     return spent
 
@@ -210,11 +222,12 @@ class PrivateTraining:
     noise_seeded_by_caller: bool = False
     sampling_generator: torch.Generator | None = None
     sampling_seeded_by_caller: bool = False
-    batch_sizes: list[int] = field(default_factory=list)
+    example_key: ExampleKey | None = None  # per-example draws (views, class dropout, drop-path): secret unless caller-seeded
+    steps_taken: int = 0  # the accounting needs the number of steps only; the actual batch sizes are never kept
 
     @property
     def steps(self) -> int:
-        return len(self.batch_sizes)
+        return self.steps_taken
 
     @property
     def expected_batch_size(self) -> float:
@@ -226,31 +239,34 @@ class PrivateTraining:
 
 
 def privacy_state_dict(state: PrivateTraining) -> dict:
-    """What a resumed run needs to keep its accounting: the settings, sigma and every step already taken."""
+    """What a resumed run needs to keep its accounting: the settings, sigma and the number of steps already taken.
+    No generator state: a checkpoint must not let its reader predict later noise, sampling or per-example draws."""
     return {"spec": state.spec.to_dict(), "noise_multiplier": state.noise_multiplier, "delta": state.delta,
-            "dataset_size": state.dataset_size, "planned_steps": state.planned_steps, "batch_sizes": list(state.batch_sizes)}
+            "dataset_size": state.dataset_size, "planned_steps": state.planned_steps, "steps": state.steps}
 
 
 def load_privacy_state(state: PrivateTraining, record: dict) -> None:
-    """Continue the accounting of an interrupted run in a freshly made ``state`` (same settings). The caller restores
-    the sampling and noise streams too (``finetune`` does), so that steps redone after a failure repeat the lost ones."""
+    """Continue the accounting of an interrupted run in a freshly made ``state`` (same settings, fresh entropy: the
+    steps redone after a failure are new draws, and each is accounted as a step)."""
     expected = privacy_state_dict(state)
     differing = [key for key in ("spec", "noise_multiplier", "delta", "dataset_size", "planned_steps") if record.get(key) != expected[key]]
     if differing:
         raise PrivacyConfigError(f"the saved privacy state differs from this run in {differing}; a DP run resumes only with identical settings")
-    if len(record["batch_sizes"]) > state.planned_steps:
-        raise PrivacyConfigError(f"the saved run already took {len(record['batch_sizes'])} steps, more than the {state.planned_steps} planned")
-    state.batch_sizes[:] = record["batch_sizes"]
+    steps = int(record["steps"]) if "steps" in record else len(record["batch_sizes"])  # ledger version 1 kept every batch size
+    if steps > state.planned_steps:
+        raise PrivacyConfigError(f"the saved run already took {steps} steps, more than the {state.planned_steps} planned")
+    state.steps_taken = steps
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: PrivacySpec, dataset_size: int,
                  planned_steps: int, noise_generator: torch.Generator | None = None,
                  sampling_seed: int | None = None) -> PrivateTraining:
     """Wrap an adapted model and its optimiser for DP-SGD. Validates first; calibrates sigma for ``planned_steps``.
-    Both the noise and the Poisson sampling must be unpredictable for the accounting to hold, so by default both
-    are seeded from OS entropy (the sampling seed is drawn on rank 0 and shared: all ranks draw one global mask).
-    ``noise_generator`` (on the parameters' device) and ``sampling_seed`` make a run reproducible, for tests and
-    debugging only; the ledger says when they were used.
+    The noise, the Poisson sampling and the per-example draws (``state.example_key``) must be unpredictable for the
+    accounting to hold, so by default all are seeded from OS entropy (the sampling seed is drawn on rank 0 and
+    shared: all ranks draw one global mask). ``noise_generator`` (on the parameters' device) and ``sampling_seed``
+    (sampling and per-example draws) make a run reproducible, for tests and debugging only; the ledger says when
+    they were used.
     Under an initialised process group the model is synchronised from rank 0 and gradients are all-reduced."""
     delta = validate_privacy(spec, dataset_size=dataset_size, planned_steps=planned_steps)
     check_per_sample_support(model)
@@ -282,7 +298,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: Pr
     return PrivateTraining(module=module, optimizer=dp_optimizer, spec=spec, noise_multiplier=sigma, delta=delta,
                            dataset_size=dataset_size, planned_steps=planned_steps, world_size=world_size, rank=rank,
                            clipping=clipping, noise_seeded_by_caller=noise_seeded_by_caller,
-                           sampling_generator=sampling_generator, sampling_seeded_by_caller=sampling_seed is not None)
+                           sampling_generator=sampling_generator, sampling_seeded_by_caller=sampling_seed is not None,
+                           example_key=ExampleKey.from_entropy() if sampling_seed is None else ExampleKey.from_seed(sampling_seed, purpose="dp examples"))
 
 
 def check_per_sample_support(model: nn.Module) -> None:
@@ -343,12 +360,12 @@ ViewLossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def private_step(state: PrivateTraining, indices: torch.Tensor, loss_fn: ViewLossFn, *,
-                 public_grad_fn: Callable[[], None] | None = None) -> dict[str, float]:
+                 public_grad_fn: Callable[[], None] | None = None) -> None:
     """One DP-SGD step over this rank's examples ``indices`` (possibly none), in physical chunks.
 
     ``public_grad_fn`` may add gradients that depend on no private example (e.g. a distillation term on
     generated samples) to the noised ``p.grad``, typically by a ``backward()``; per-sample hooks are off meanwhile.
-    Returns only the global batch size: no loss or gradient statistic of the private examples leaves this function.
+    Returns nothing: no loss, gradient statistic or batch size of the private examples leaves this function.
     """
     if not state.budget_left:
         raise RuntimeError(f"privacy budget exhausted: {state.steps} of {state.planned_steps} planned steps done")
@@ -369,11 +386,9 @@ def private_step(state: PrivateTraining, indices: torch.Tensor, loss_fn: ViewLos
         _add_public_gradient(state, public_grad_fn)
     if state.world_size > 1:
         optimizer.reduce_gradients()  # averages the ranks' public gradients too
-    global_batch = _global_count(len(indices), world_size=state.world_size, device=optimizer.params[0].device)
-    state.batch_sizes.append(global_batch)  # recorded before the update: a step is never taken unrecorded
+    state.steps_taken += 1  # counted before the update: a step is never taken unaccounted
     optimizer.original_optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"batch_size": float(global_batch)}
 
 
 def _add_public_gradient(state: PrivateTraining, public_grad_fn: Callable[[], None]) -> None:
@@ -423,22 +438,24 @@ def _empty_chunk(state: PrivateTraining) -> None:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
 
 
-def _global_count(local: int, *, world_size: int, device: torch.device) -> int:
-    if world_size == 1:
-        return local
-    count = torch.tensor([local], dtype=torch.long, device=device)
-    dist.all_reduce(count)
-    return int(count.item())
-
-
 def _rng_note(seeded_by_caller: bool) -> str:
     return "caller-seeded (reproducible; not for a real release)" if seeded_by_caller else "seeded from OS entropy (torch generator, not cryptographic)"
 
 
+# What a DP training run releases without noise, by where it appears in a result record (``privacy_ledger`` and
+# ``trial.run_trial`` add these to the ledger): the guarantee covers the model and every figure computed from it or
+# from public quantities, not these. Leave them out of a release that must be DP in the strict sense.
+RELEASED_WITHOUT_NOISE = {
+    "privacy.dataset_size": "N, the number of training examples",
+    "history[].seconds, cost.train_seconds, cost.rows_per_second, cost.mfu": "training wall-clock times: a step takes longer on a larger Poisson batch",
+    "cost.peak_memory_bytes": "peak memory: it grows with the largest physical chunk, which is smaller than physical_batch_rows only on small batches",
+}
+
+
 def privacy_ledger(state: PrivateTraining) -> dict:
-    """What the trial spent, for the result file. No per-example quantity appears here. The dataset size and the
-    actual batch sizes are counts released without noise (needed for exact compute accounting); the guarantee
-    covers the model, not these counts: leave them out of a release that must be DP in the strict sense."""
+    """What the trial spent, for the result file. No per-example quantity and no actual batch size appears here
+    (the accounting needs only the number of steps); ``released_without_noise`` names what is released outside
+    the guarantee."""
     spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=state.spec.sampling_rate,
                           steps=state.steps, delta=state.delta)
     return {
@@ -446,11 +463,14 @@ def privacy_ledger(state: PrivateTraining) -> dict:
         "epsilon_rdp": spent["rdp"], "epsilon_prv": spent["prv"], "target_epsilon": state.spec.target_epsilon,
         "delta": state.delta, "noise_multiplier": state.noise_multiplier, "sampling_rate": state.spec.sampling_rate,
         "steps": state.steps, "planned_steps": state.planned_steps, "dataset_size": state.dataset_size,
-        "expected_batch_size": state.expected_batch_size, "actual_batch_sizes": list(state.batch_sizes),
+        "expected_batch_size": state.expected_batch_size,
         "max_grad_norm": state.spec.max_grad_norm, "augmentation_multiplicity": state.spec.augmentation_multiplicity,
         "physical_batch_size": state.spec.physical_batch_size, "clipping": state.clipping,
         "calibration_accountant": state.spec.accountant, "world_size": state.world_size,
         "noise_rng": _rng_note(state.noise_seeded_by_caller), "sampling_rng": _rng_note(state.sampling_seeded_by_caller),
-        "released_without_noise": ["dataset_size", "actual_batch_sizes"],
-        "accountants": {"rdp": f"opacus {opacus.__version__} RDPAccountant", "prv": f"opacus {opacus.__version__} PRVAccountant"},
+        "example_rng": ("keyed BLAKE2b + murmur3 per (step, example), key " + ("from the caller's sampling seed (reproducible; not for a real release)"
+                        if state.sampling_seeded_by_caller else "from OS entropy, never stored")),
+        "released_without_noise": dict(RELEASED_WITHOUT_NOISE),
+        "accountants": {"rdp": f"opacus {opacus.__version__} RDPAccountant, orders {RDP_ORDERS[0]}..{RDP_ORDERS[-1]} ({len(RDP_ORDERS)})",
+                        "prv": f"opacus {opacus.__version__} PRVAccountant"},
     }

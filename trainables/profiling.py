@@ -2,8 +2,9 @@
 
 Every op the counter sees (matrix products, attention forward and backward) scales linearly with the number of
 rows (example views) in a batch, so one counted step at a known row count gives FLOPs per row, and a trial's
-training total is FLOPs per row times the rows it really processed: for DP runs the sum of the actual Poisson batch
-sizes times k, not an expectation. The counter does not count norms, softmax, element-wise ops or the optimiser
+training total is FLOPs per row times the rows it processed, plus any per-step work counted apart (a DP run's
+public prior term). Non-DP runs count the rows they really processed; DP runs count the expected rows (q*N*k per
+step), because the actual Poisson batch sizes are private and no released figure may depend on them. The counter does not count norms, softmax, element-wise ops or the optimiser
 (small next to the matrix products; stated in every report). Totals are reported in PFLOPs (1e15 FLOPs), not as a
 rate (the published "PFLOPs" was a rate).
 """
@@ -42,18 +43,21 @@ class ComputeLedger:
 
     train_flops_per_row: float
     sample_flops_per_image: float = 0.0
-    rows_trained: int = 0
+    rows_trained: float = 0  # DP runs count the expected rows (q*N*k per step): the actual Poisson batch sizes are private
     images_sampled: int = 0
     train_seconds: float = 0.0
     peak_memory_bytes: int = 0
     counted_ops: dict[str, int] = field(default_factory=dict)
+    train_flops_per_step: float = 0.0  # work done once per step whatever the batch (a DP run's public prior term)
+    steps_trained: int = 0
 
-    def add_training(self, rows: int, seconds: float) -> None:
+    def add_training(self, rows: float, seconds: float) -> None:
         self.rows_trained += rows
         self.train_seconds += seconds
+        self.steps_trained += 1
 
     def report(self, *, peak_flops_per_second: float | None = None) -> dict:
-        train = self.train_flops_per_row * self.rows_trained
+        train = self.train_flops_per_row * self.rows_trained + self.train_flops_per_step * self.steps_trained
         out = {**asdict(self), "train_pflops": train / PETA, "sample_pflops": self.sample_flops_per_image * self.images_sampled / PETA,
                "rows_per_second": self.rows_trained / self.train_seconds if self.train_seconds else None, "not_counted": NOT_COUNTED}
         if peak_flops_per_second and self.train_seconds:
@@ -89,17 +93,34 @@ class StepMeter:
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.ledger = ComputeLedger(train_flops_per_row=0.0)
+        self._counting = False
 
     def run(self, step: Callable[[], object], *, local_rows: int) -> tuple[object, float]:
         """(step's result, seconds); ``local_rows`` = example views this process handles in the step."""
         counting = self.ledger.train_flops_per_row == 0.0 and local_rows > 0
         counter = FlopCounterMode(display=False) if counting else contextlib.nullcontext()
-        with Stopwatch(self.device) as watch, counter:
-            result = step()
+        self._counting = counting
+        try:
+            with Stopwatch(self.device) as watch, counter:
+                result = step()
+        finally:
+            self._counting = False
         if counting:
-            self.ledger.train_flops_per_row = counter.get_total_flops() / local_rows
+            self.ledger.train_flops_per_row = (counter.get_total_flops() - self.ledger.train_flops_per_step) / local_rows
             self.ledger.counted_ops = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
         return result, watch.seconds
+
+    def fixed_cost(self, part: Callable[[], object]) -> Callable[[], object]:
+        """``part`` (called inside a step) counted apart on the counting step, as per-step work that does not scale
+        with the rows (a nested counter: the step's own counter sees these FLOPs too, and they are taken out)."""
+        def counted() -> object:
+            if not self._counting:
+                return part()
+            with FlopCounterMode(display=False) as counter:
+                result = part()
+            self.ledger.train_flops_per_step = float(counter.get_total_flops())
+            return result
+        return counted
 
     def report(self) -> dict:
         self.ledger.peak_memory_bytes = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .draws import ExampleDraws
 from .models import VAR, VQVAE
 
 ADAMW_BETAS = (0.9, 0.95)
@@ -26,15 +27,18 @@ def bf16_autocast(device: torch.device, *, enabled: bool = True) -> contextlib.A
 
 
 def apply_class_dropout(label_B: torch.Tensor, *, rate: float, unconditional_label: int,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+                        generator: torch.Generator | None = None, uniform_B: torch.Tensor | None = None) -> torch.Tensor:
     """Replace each example's label by the unconditional one with probability ``rate``, one draw per example
-    (the model learns the unconditional distribution used by classifier-free guidance)."""
+    (the model learns the unconditional distribution used by classifier-free guidance): the example's uniform in
+    ``uniform_B`` when given (per-example draws, see trainables/draws.py), else a draw from ``generator``."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"class dropout rate must be in [0, 1), got {rate}")
     if rate == 0.0:
         return label_B
-    device = generator.device if generator is not None else label_B.device
-    drop_B = torch.rand(label_B.shape, generator=generator, device=device).to(label_B.device) < rate
+    if uniform_B is None:
+        device = generator.device if generator is not None else label_B.device
+        uniform_B = torch.rand(label_B.shape, generator=generator, device=device)
+    drop_B = uniform_B.to(label_B.device) < rate
     return torch.where(drop_B, torch.full_like(label_B, unconditional_label), label_B)
 
 
@@ -69,14 +73,20 @@ def scale_loss_weights(patch_nums: Sequence[int], *, decay: float = 1.0) -> torc
 
 
 def view_losses(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, idx_views: Sequence[torch.Tensor], *, class_dropout: float,
-                token_weights_L: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                token_weights_L: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                draws: ExampleDraws | None = None) -> torch.Tensor:
     """Loss of every augmented view [B, k]: ``idx_views`` holds per scale the token maps [B, k, pn*pn] of k views
     of each example. All B*k views go through one batched forward (rows example-major); class dropout is drawn
-    once per example and shared by its views. ``token_weights_L`` weights the token mean (see scale_loss_weights)."""
+    once per example and shared by its views. ``token_weights_L`` weights the token mean (see scale_loss_weights).
+    ``draws``: the batch's per-example uniforms for class dropout and drop-path (DP training needs them: no
+    example's draws may depend on the rest of the batch); without them class dropout draws from ``generator`` and
+    drop-path from torch's global generator."""
     B, k = idx_views[0].shape[:2]
-    label_B = apply_class_dropout(label_B, rate=class_dropout, unconditional_label=var.unconditional_label, generator=generator)
+    label_B = apply_class_dropout(label_B, rate=class_dropout, unconditional_label=var.unconditional_label, generator=generator,
+                                  uniform_B=None if draws is None else draws.label_b)
     x_RLCv, target_RL = teacher_forcing_batch(vqvae, [idx_Bkl.reshape(B * k, -1) for idx_Bkl in idx_views])
-    ce_RL = token_cross_entropy(var(label_B.repeat_interleave(k), x_RLCv), target_RL)
+    drop_path_RD = None if draws is None or draws.drop_path_RD is None else draws.drop_path_RD.to(x_RLCv.device)
+    ce_RL = token_cross_entropy(var(label_B.repeat_interleave(k), x_RLCv, drop_path_uniform_BD=drop_path_RD), target_RL)
     if token_weights_L is not None:
         ce_RL = ce_RL * token_weights_L.to(ce_RL.device)
     return ce_RL.mean(dim=1).view(B, k)

@@ -42,6 +42,13 @@ from .profiling import peak_flops_per_second
 from .progress import Progress
 from .tiny_base import tiny_base
 
+# What a DP trial's record adds to the privacy ledger's list of figures released without noise.
+RECORD_RELEASED_WITHOUT_NOISE = {
+    "data.train_images": "N, the number of training examples",
+    "data.skipped_images": "how many training and evaluation images were corrupt and skipped (only with skip_corrupt_images)",
+    "cost.wall_seconds, cost.gpu_hours, cost.setup_seconds, cost.startup_seconds": "wall-clock times of the trial, training included",
+    "Tune progress metrics seconds, eta_seconds": "training wall-clock times, as in the history",
+}
 Report = Callable[[dict, dict | None], None]  # (metrics for the progress table, training state to checkpoint or None)
 PACKAGES = ("torch", "torchvision", "peft", "opacus", "torch-fidelity", "numpy", "ray", "varsweep")
 
@@ -190,6 +197,8 @@ def run_trial(config: TrialConfig, *, cache_dir: str | Path, work_dir: str | Pat
     if config.method.name != "base":
         out = _train(config, var, vqvae, views, base=base, steps=steps, evaluator=evaluator,
                      report=report, resume=resume, log=log)
+    if out["privacy"] is not None:
+        out["privacy"]["released_without_noise"].update(RECORD_RELEASED_WITHOUT_NOISE)
     record = dict(history=out["history"], convergence=out["convergence"], privacy=out["privacy"], parameters=_parameters(config, var),
                   environment=environment(device, world_size=world), started_at=started,
                   data={"train_images": len(train), "evaluation_images": len(evaluation), "classes": len(train.class_names),

@@ -69,13 +69,15 @@ def paper_trial(method: str, depth: int, dataset: str, *, assets: Assets, seed: 
                        evaluation=paper_evaluation(assets, **evaluation), resources=GPU_RESOURCES)
 
 
-def dp_trial(method: str, depth: int, *, epsilon: float, k: int, assets: Assets, seed: int = 0) -> TrialConfig:
-    """A DP trial on Oxford Flowers with the paper's DP hyper-parameters; k cached crops per image."""
+def dp_trial(method: str, depth: int, *, epsilon: float, k: int, assets: Assets, seed: int = 0, delta: float | None = None) -> TrialConfig:
+    """A DP trial on Oxford Flowers with the paper's DP hyper-parameters; k cached crops per image. ``delta``: None is
+    the paper's 1/N; an explicit delta must be below 1/N (Flowers: 1/1020), e.g. 1e-5."""
     lr, epochs, clip = DP_SETTINGS[method]
     return TrialConfig(model=paper_model(depth, assets),
                        data=DataConfig(dataset="flowers102", root=assets.dataset("flowers102"), resolution=256, cached_views=max(k, 1)),
                        method=MethodConfig(name=method),
-                       privacy=PrivacyConfig(target_epsilon=epsilon, sampling_rate=DP_SAMPLING_RATE, max_grad_norm=clip, augmentation_multiplicity=k),
+                       privacy=PrivacyConfig(target_epsilon=epsilon, sampling_rate=DP_SAMPLING_RATE, max_grad_norm=clip, augmentation_multiplicity=k,
+                                             delta=delta),
                        optimization=OptimizationConfig(learning_rate=lr, epochs=epochs, warmup_steps=10, seed=seed),
                        evaluation=paper_evaluation(assets), resources=GPU_RESOURCES)
 
@@ -99,7 +101,7 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
     k = 1 if privacy is None else min(privacy.augmentation_multiplicity, SMOKE_MAX_VIEWS)
     if privacy is not None:
         privacy = PrivacyConfig(target_epsilon=privacy.target_epsilon, sampling_rate=0.05, max_grad_norm=privacy.max_grad_norm,
-                                augmentation_multiplicity=k, physical_batch_rows=64)
+                                delta=privacy.delta, augmentation_multiplicity=k, physical_batch_rows=64)
     trains = config.method.name != "base"
     return TrialConfig(
         model=tiny_model(TINY_DEPTHS[config.model.depth] if config.model.base == "official" else config.model.depth),

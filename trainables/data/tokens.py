@@ -43,11 +43,17 @@ class TokenViews:
             raise ValueError(f"augmentation multiplicity k={k} needs k distinct cached views per example, "
                              f"but the token data holds {self.num_views}")
 
-    def take(self, indices: torch.Tensor, *, k: int, generator: torch.Generator, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(labels [b], per scale the token maps [b, k, pn*pn] of k distinct views of each example, int64)."""
+    def take(self, indices: torch.Tensor, *, k: int, generator: torch.Generator | None = None, uniform_bV: torch.Tensor | None = None,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(labels [b], per scale the token maps [b, k, pn*pn] of k distinct views of each example, int64). The views
+        are those with the k smallest of the example's V uniforms: ``uniform_bV`` (per-example draws, see
+        trainables/draws.py) or, without it, uniforms drawn from ``generator`` in batch order."""
         self.check_multiplicity(k)
-        pick_bk = torch.rand(len(indices), self.num_views, generator=generator).argsort(dim=1)[:, :k]
+        if uniform_bV is None:
+            uniform_bV = torch.rand(len(indices), self.num_views, generator=generator)
+        elif tuple(uniform_bV.shape) != (len(indices), self.num_views):
+            raise ValueError(f"uniform_bV must be [b={len(indices)}, V={self.num_views}], got {list(uniform_bV.shape)}")
+        pick_bk = uniform_bV.cpu().argsort(dim=1)[:, :k]
         rows_b1 = indices[:, None]
         return (self.labels_N[indices].to(device),
                 [v[rows_b1, pick_bk].to(device=device, dtype=torch.long) for v in self.views])

@@ -26,17 +26,22 @@ MAX_LOG_SCALE_MUL = math.log(100.0)
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: zero a whole example's residual branch with probability p (training only)."""
+    """Stochastic depth: zero a whole example's residual branch with probability p (training only).
+    ``uniform_B`` (uniforms in [0, 1), one per row) decides which rows keep the branch (u < 1 - p); without it the
+    mask is drawn from torch's global generator, as upstream VAR does."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
 
-    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, uniform_B: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x_BLC
         keep = 1.0 - self.p
-        mask_B11 = x_BLC.new_empty(x_BLC.shape[0], 1, 1).bernoulli_(keep)
+        if uniform_B is None:
+            mask_B11 = x_BLC.new_empty(x_BLC.shape[0], 1, 1).bernoulli_(keep)
+        else:
+            mask_B11 = (uniform_B < keep).to(x_BLC.dtype).view(-1, 1, 1)
         return x_BLC * mask_B11 / keep
 
     def extra_repr(self) -> str:
@@ -124,7 +129,7 @@ class AdaLNSelfAttn(nn.Module):
     def __init__(self, width: int, num_heads: int, *, mlp_ratio: float, drop_path: float, attn_l2_norm: bool, shared_aln: bool):
         super().__init__()
         self.width, self.shared_aln = width, shared_aln
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         self.attn = SelfAttention(width, num_heads, attn_l2_norm=attn_l2_norm)
         self.ffn = FFN(width, round(width * mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(width, eps=LN_EPS, elementwise_affine=False)
@@ -138,12 +143,15 @@ class AdaLNSelfAttn(nn.Module):
             return (self.ada_gss + cond_BD).unbind(2)  # cond is shared_ada_lin's [B, 1, 6, C]
         return self.ada_lin(cond_BD).view(-1, 1, 6, self.width).unbind(2)
 
-    def forward(self, x_BLC: torch.Tensor, *, cond_BD: torch.Tensor, attn_bias_11LL: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, *, cond_BD: torch.Tensor, attn_bias_11LL: torch.Tensor | None, kv_cache: KVCache | None = None,
+                drop_path_uniform_B2: torch.Tensor | None = None) -> torch.Tensor:
+        """``drop_path_uniform_B2``: the rows' uniforms for the attention and FFN branches' drop-path (None: global RNG)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
+        u_attn_B, u_ffn_B = (None, None) if drop_path_uniform_B2 is None else drop_path_uniform_B2.unbind(1)
         h_BLC = self.attn(self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_bias_11LL=attn_bias_11LL, kv_cache=kv_cache)
-        x_BLC = x_BLC + self.drop_path(h_BLC * gamma1)
+        x_BLC = x_BLC + self.drop_path(h_BLC * gamma1, u_attn_B)
         h_BLC = self.ffn(self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2)
-        return x_BLC + self.drop_path(h_BLC * gamma2)
+        return x_BLC + self.drop_path(h_BLC * gamma2, u_ffn_B)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -264,14 +272,24 @@ class VAR(nn.Module):
     def logits(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(x_BLC, cond_BC)).float()
 
-    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+    @property
+    def drop_path_branches(self) -> int:
+        """Residual branches with drop-path (2 per block, attention and FFN), 0 when the rate is 0."""
+        return 2 * self.depth if self.drop_path_rate > 0 else 0
+
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, *, drop_path_uniform_BD: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced training forward: labels [B] (``num_classes`` = unconditional) and the VQVAE's
-        ``idxBl_to_var_input`` [B, L-first_l, Cvae] -> logits [B, L, V] (float32). No class dropout here."""
+        ``idxBl_to_var_input`` [B, L-first_l, Cvae] -> logits [B, L, V] (float32). No class dropout here.
+        ``drop_path_uniform_BD``: uniforms [B, 2*depth] deciding each row's drop-path in every block (attention,
+        FFN), so a row's stochastic depth depends on no other row; None draws from torch's global generator."""
         self._check_inputs(label_B, x_BLCv_wo_first_l)
+        if drop_path_uniform_BD is not None and tuple(drop_path_uniform_BD.shape) != (label_B.shape[0], 2 * self.depth):
+            raise ValueError(f"drop_path_uniform_BD must be [B={label_B.shape[0]}, 2*depth={2 * self.depth}], got {list(drop_path_uniform_BD.shape)}")
         x_BLC, cond_BC = self.embed_tokens(label_B, x_BLCv_wo_first_l)
         block_cond = self.shared_ada_lin(cond_BC)
-        for block in self.blocks:
-            x_BLC = block(x_BLC, cond_BD=block_cond, attn_bias_11LL=self.attn_bias_for_masking)
+        for i, block in enumerate(self.blocks):
+            u_B2 = None if drop_path_uniform_BD is None else drop_path_uniform_BD[:, 2 * i: 2 * i + 2]
+            x_BLC = block(x_BLC, cond_BD=block_cond, attn_bias_11LL=self.attn_bias_for_masking, drop_path_uniform_B2=u_B2)
         return self.logits(x_BLC, cond_BC)
 
     @torch.no_grad()
