@@ -4,7 +4,7 @@ Composes the pieces as functions: the adapted model (``methods.adapt``), the per
 multiplicity and scale weights (``training.view_losses``), optional prior-preservation distillation
 (``prior``) and optional DP-SGD (``privacy``). Non-DP steps draw fixed-size batches from a fresh permutation per
 epoch; DP steps draw Poisson batches and never log statistics of private examples (no training loss, no
-gradient norm): their history holds the step, learning rate, batch size, epsilon spent and the public prior loss.
+gradient norm, no batch size): their history holds the step, learning rate, epsilon spent and the public prior loss.
 """
 from __future__ import annotations
 
