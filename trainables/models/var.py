@@ -129,7 +129,7 @@ class AdaLNSelfAttn(nn.Module):
     def __init__(self, width: int, num_heads: int, *, mlp_ratio: float, drop_path: float, attn_l2_norm: bool, shared_aln: bool):
         super().__init__()
         self.width, self.shared_aln = width, shared_aln
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # upstream's layout: block 0 has none
         self.attn = SelfAttention(width, num_heads, attn_l2_norm=attn_l2_norm)
         self.ffn = FFN(width, round(width * mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(width, eps=LN_EPS, elementwise_affine=False)
@@ -149,9 +149,12 @@ class AdaLNSelfAttn(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
         u_attn_B, u_ffn_B = (None, None) if drop_path_uniform_B2 is None else drop_path_uniform_B2.unbind(1)
         h_BLC = self.attn(self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_bias_11LL=attn_bias_11LL, kv_cache=kv_cache)
-        x_BLC = x_BLC + self.drop_path(h_BLC * gamma1, u_attn_B)
+        x_BLC = x_BLC + self._drop_path(h_BLC * gamma1, u_attn_B)
         h_BLC = self.ffn(self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2)
-        return x_BLC + self.drop_path(h_BLC * gamma2, u_ffn_B)
+        return x_BLC + self._drop_path(h_BLC * gamma2, u_ffn_B)
+
+    def _drop_path(self, h_BLC: torch.Tensor, uniform_B: torch.Tensor | None) -> torch.Tensor:
+        return h_BLC if isinstance(self.drop_path, nn.Identity) else self.drop_path(h_BLC, uniform_B)
 
 
 class AdaLNBeforeHead(nn.Module):
