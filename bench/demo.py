@@ -20,7 +20,12 @@ from .sweeps import build_sweep
 # Targets of the embedded default (docs/benchmarks.md records what `make demo` measured against them).
 MIN_TUNED_CLASS_ACCURACY = 0.80  # full fine-tuning and LoRA draw the digit they are asked for
 MAX_BASE_CLASS_ACCURACY = 0.30  # the base model, never trained on digits, does not (chance is 0.10)
-MIN_TUNED_PRECISION_RECALL = 0.30  # non-DP fine-tuned samples lie on the real digits' manifold and cover it
+# Non-DP fine-tuned samples lie on the real digits' manifold (precision) and cover it (recall), far above the base model
+# (0.22 / 0.01). Set from the spread over trial seeds (scripts/demo_seed_spread.py, docs/benchmarks.md): LoRA's recall
+# is 0.25-0.34 and full fine-tuning's 0.24-0.31 across seeds 0-2 (before and after issue 13's change of random
+# draws alike, for LoRA), so a 0.30 bar failed good runs.
+MIN_TUNED_PRECISION = 0.40
+MIN_TUNED_RECALL = 0.20
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
@@ -48,8 +53,8 @@ def demo_checks(rows: list[dict]) -> dict[str, bool]:
         f"class accuracy >= {MIN_TUNED_CLASS_ACCURACY:.2f} for full fine-tuning and LoRA":
             all(value(r, "class_accuracy") >= MIN_TUNED_CLASS_ACCURACY for r in drawn),
         f"class accuracy <= {MAX_BASE_CLASS_ACCURACY:.2f} for the base model": value(base, "class_accuracy") <= MAX_BASE_CLASS_ACCURACY,
-        f"precision and recall >= {MIN_TUNED_PRECISION_RECALL:.2f} for every non-DP fine-tuned trial":
-            all(min(value(r, "precision"), value(r, "recall")) >= MIN_TUNED_PRECISION_RECALL for r in tuned),
+        f"precision >= {MIN_TUNED_PRECISION:.2f} and recall >= {MIN_TUNED_RECALL:.2f} for every non-DP fine-tuned trial":
+            all(value(r, "precision") >= MIN_TUNED_PRECISION and value(r, "recall") >= MIN_TUNED_RECALL for r in tuned),
         f"DP at epsilon {dp[0]['epsilon']:g}: class accuracy below the same method without DP":
             value(dp[0], "class_accuracy") < value(same, "class_accuracy"),
         f"DP at epsilon {dp[0]['epsilon']:g}: FID above the same method without DP": value(dp[0], "fid") > value(same, "fid"),

@@ -66,11 +66,11 @@ def test_bad_arguments_end_in_one_line(tmp_path, capsys):
     assert err.startswith("error: --max-concurrent must be >= 1") and err.count("\n") == 1
 
 
-def _demo_rows(fids, accuracies, precision=0.5):
+def _demo_rows(fids, accuracies, precision=0.5, recall=0.3):
     configs = sorted(build_sweep("demo", smoke=True), key=lambda c: (c.method.name != "base", c.privacy is not None,
                                                                    c.privacy.target_epsilon if c.privacy else 0))
     # base, full, lora, dp-lora eps 1, dp-lora eps 8
-    return summary_rows([make_result(c, status="success", metrics={"fid": f, "precision": precision, "recall": precision, "class_accuracy": a})
+    return summary_rows([make_result(c, status="success", metrics={"fid": f, "precision": precision, "recall": recall, "class_accuracy": a})
                          for c, f, a in zip(configs, fids, accuracies)])
 
 
@@ -87,12 +87,13 @@ def test_demo_checks_pass_on_a_good_run():
     ({"fids": [9.0, 8.5, 9.9, 15.0, 13.2]}, "every fine-tuned FID below the base model's"),
     ({"accuracies": [0.1, 0.95, 0.79, 0.4, 0.6]}, "class accuracy >= 0.80 for full fine-tuning and LoRA"),
     ({"accuracies": [0.31, 0.95, 0.9, 0.4, 0.6]}, "class accuracy <= 0.30 for the base model"),
-    ({"precision": 0.29}, "precision and recall >= 0.30 for every non-DP fine-tuned trial"),
+    ({"precision": 0.39}, "precision >= 0.40 and recall >= 0.20 for every non-DP fine-tuned trial"),
+    ({"recall": 0.19}, "precision >= 0.40 and recall >= 0.20 for every non-DP fine-tuned trial"),
     ({"accuracies": [0.1, 0.95, 0.9, 0.9, 0.6]}, "DP at epsilon 1: class accuracy below the same method without DP"),
     ({"fids": [28.0, 8.5, 9.9, 9.0, 13.2]}, "DP at epsilon 1: FID above the same method without DP"),
 ])
 def test_each_demo_check_fails_alone(change, failing):
-    rows = _demo_rows(change.get("fids", GOOD_FIDS), change.get("accuracies", GOOD_ACCURACIES), change.get("precision", 0.5))
+    rows = _demo_rows(change.get("fids", GOOD_FIDS), change.get("accuracies", GOOD_ACCURACIES), change.get("precision", 0.5), change.get("recall", 0.3))
     checks = demo_checks(rows)
     assert [name for name, ok in checks.items() if not ok] == [failing]
 
