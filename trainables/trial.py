@@ -47,7 +47,7 @@ RECORD_RELEASED_WITHOUT_NOISE = {
     "data.train_images": "N, the number of training examples",
     "data.skipped_images": "how many training and evaluation images were corrupt and skipped (only with skip_corrupt_images)",
     "cost.wall_seconds, cost.gpu_hours, cost.setup_seconds, cost.startup_seconds": "wall-clock times of the trial, training included",
-    "Tune progress metrics seconds, eta_seconds": "training wall-clock times, as in the history",
+    "tune.seconds, tune.eta_seconds": "training wall-clock times reported to Ray Tune while the trial runs, as in the history",
 }
 Report = Callable[[dict, dict | None], None]  # (metrics for the progress table, training state to checkpoint or None)
 PACKAGES = ("torch", "torchvision", "peft", "opacus", "torch-fidelity", "numpy", "ray", "varsweep")
