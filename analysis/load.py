@@ -18,9 +18,10 @@ from bench.results import ResultStore, is_uri
 from bench.schema import ConfigError, EvaluationConfig, TrialConfig, check_result, replace
 
 from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup
+from bench.errors import VarsweepError
 
 
-class AnalysisError(ValueError):
+class AnalysisError(VarsweepError):
     """Results that cannot be analysed as asked; the message says which files or trials and why."""
 
 

@@ -39,6 +39,7 @@ from trainables.progress import duration  # noqa: E402
 from trainables.ray_worker import train_loop_per_worker  # noqa: E402
 
 from .estimates import estimate  # noqa: E402
+from .preflight import SweepError, check_sweep  # noqa: E402
 from .results import ResultStore  # noqa: E402
 from .schema import TrialConfig, absolute, is_uri, make_result, with_absolute_paths  # noqa: E402
 
@@ -52,10 +53,6 @@ RUNTIME_ENV_VARS = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # its C++ start-up line is noise on machines without preemption
 }
 PROGRESS_EVERY_SECONDS = 30.0
-
-
-class SweepError(ValueError):
-    """The sweep cannot start; lists every bad trial."""
 
 
 @dataclass(frozen=True)
@@ -98,22 +95,6 @@ def pending_trials(configs: list[TrialConfig], store: ResultStore) -> tuple[list
     done = [c for c in configs if store.status(c.trial_id) == "success"]
     finished = {c.trial_id for c in done}
     return [c for c in configs if c.trial_id not in finished], done
-
-
-def check_sweep(configs: list[TrialConfig], *, cache_dir: str, write: bool = True) -> dict[str, object]:
-    """Preflight of every trial (files, datasets, privacy budgets) before anything starts; raises ``SweepError``
-    naming every failing trial and its problem. Returns {trial_id: Preflight}. ``write=False`` creates nothing."""
-    from trainables import trial  # the driver's only: Tune's trial actors import this module and never need it
-
-    found, problems = {}, []
-    for config in configs:
-        try:
-            found[config.trial_id] = trial.preflight(config, cache_dir, write=write)
-        except (ValueError, OSError) as err:
-            problems.append(f"  {config.label} ({config.trial_id}): {err}")
-    if problems:
-        raise SweepError(f"{len(problems)} of {len(configs)} trials cannot run; nothing was started:\n" + "\n".join(problems))
-    return found
 
 
 def _quiet_expected_exit(unraisable) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import VarsweepError
+
 SCHEMA_VERSION = 1
 OFFICIAL_DEPTHS = (16, 20, 24, 30)
 OFFICIAL_RESOLUTION = 256
@@ -45,7 +47,7 @@ DATASETS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(VarsweepError):
     """An invalid trial configuration; the message names the field."""
 
 
@@ -188,8 +190,9 @@ class OptimizationConfig:
 @dataclass(frozen=True)
 class EvaluationConfig:
     """Sampling: classifier-free guidance ``cfg``, ``top_k`` / ``top_p`` filters (0 = off). num_images None = per
-    class as many as the evaluation split has; convergence_every_steps > 0 adds a FID on
-    ``convergence_num_images`` images every that many steps (the convergence curve)."""
+    class as many as the evaluation split has; the convergence curve adds a FID on ``convergence_num_images``
+    images every convergence_every_steps steps, or at convergence_points evenly spaced steps of the planned run
+    (at most one of the two; 0 = off)."""
 
     extractor: str = "inception-v3-compat"
     inception_weights: str | None = None
@@ -201,6 +204,7 @@ class EvaluationConfig:
     sampling_seed: int = 0
     convergence_every_steps: int = 0
     convergence_num_images: int = 1000
+    convergence_points: int = 0
 
     def __post_init__(self) -> None:
         _require(self.extractor in EXTRACTORS, "evaluation.extractor", f"one of {EXTRACTORS}, got {self.extractor!r}")
@@ -214,17 +218,24 @@ class EvaluationConfig:
         _require(self.batch_size >= 1, "evaluation.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.convergence_every_steps >= 0 and self.convergence_num_images >= 2, "evaluation.convergence_every_steps",
                  "need convergence_every_steps >= 0 and convergence_num_images >= 2")
+        _require(self.convergence_points >= 0, "evaluation.convergence_points", f"must be >= 0, got {self.convergence_points}")
+        _require(not (self.convergence_points and self.convergence_every_steps), "evaluation.convergence_points",
+                 "give convergence_points or convergence_every_steps, not both")
 
 
 @dataclass(frozen=True)
 class ResourcesConfig:
     """workers: DDP processes; gpus_per_worker: a fraction only for single-worker trials (NCCL cannot share a GPU
-    between ranks); checkpoint_every_steps: trial checkpoints for retries; max_failures: retries of a failed run."""
+    between ranks); a trial checkpoints (for retries and preemptions) at whichever comes first of every
+    checkpoint_every_steps steps, every checkpoint_every_minutes of training and every checkpoint_every_fraction of
+    its planned steps; max_failures: retries of a failed run."""
 
     workers: int = 1
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
     checkpoint_every_steps: int = 500
+    checkpoint_every_minutes: float = 30.0
+    checkpoint_every_fraction: float = 0.25
     max_failures: int = 2
 
     def __post_init__(self) -> None:
@@ -234,7 +245,14 @@ class ResourcesConfig:
                  "resources.gpus_per_worker", "fractional GPUs only for single-worker trials (DDP ranks cannot share a GPU)")
         _require(self.checkpoint_every_steps >= 1 and self.max_failures >= 0, "resources.checkpoint_every_steps",
                  "need checkpoint_every_steps >= 1 and max_failures >= 0")
+        _require(self.checkpoint_every_minutes > 0, "resources.checkpoint_every_minutes", f"must be > 0, got {self.checkpoint_every_minutes}")
+        _require(0 < self.checkpoint_every_fraction <= 1, "resources.checkpoint_every_fraction",
+                 f"must be in (0, 1], got {self.checkpoint_every_fraction}")
 
+
+# Fields added after schema version 1's first results: they enter the trial id only when they differ from this
+# default, so results written before they existed keep their ids (and relaunches keep skipping them).
+LATER_FIELDS = {("evaluation", "convergence_points"): 0}
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "privacy": PrivacyConfig,
             "optimization": OptimizationConfig, "evaluation": EvaluationConfig, "resources": ResourcesConfig}
@@ -267,7 +285,8 @@ class TrialConfig:
         if self.privacy is not None:
             _require(self.privacy.augmentation_multiplicity <= self.data.cached_views, "privacy.augmentation_multiplicity",
                      f"k={self.privacy.augmentation_multiplicity} distinct views need data.cached_views >= k (got {self.data.cached_views})")
-        _require(self.evaluation.convergence_every_steps == 0 or trains, "evaluation.convergence_every_steps", "method 'base' has no training steps")
+        _require(not (self.evaluation.convergence_every_steps or self.evaluation.convergence_points) or trains,
+                 "evaluation.convergence_every_steps", "method 'base' has no training steps")
         _require(self.evaluation.extractor != "digits-cnn-v1" or self.data.dataset == "digits", "evaluation.extractor",
                  f"digits-cnn-v1 is a digit classifier's features, for data.dataset='digits' only (got {self.data.dataset!r})")
 
@@ -285,6 +304,9 @@ class TrialConfig:
     @property
     def trial_id(self) -> str:
         identity = {k: v for k, v in self.to_dict().items() if k != "resources"}
+        for (section, name), default in LATER_FIELDS.items():  # at their default they leave earlier ids unchanged
+            if identity.get(section) is not None and identity[section].get(name) == default:
+                del identity[section][name]
         return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
     @property

@@ -37,6 +37,7 @@ from torch import nn
 
 from .bookkeeping import BookKeeping, bookkeeping_supports
 from .draws import ExampleKey
+from bench.errors import VarsweepError
 
 CLIPPING_MODES = ("auto", "hooks", "ghost", "bookkeeping")
 # Layers whose per-sample gradient is a sum over positions of (input, output-gradient) products: the k views of one
@@ -53,7 +54,7 @@ RDP_ORDERS = ([1.01, 1.02, 1.04, 1.06, 1.08] + [1 + x / 10 for x in range(1, 100
               + [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096])
 
 
-class PrivacyConfigError(ValueError):
+class PrivacyConfigError(VarsweepError):
     """An impossible or unsafe privacy setting, raised before any compute is spent."""
 
 

@@ -30,11 +30,12 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets as tv
 from torchvision.transforms import v2 as T
+from bench.errors import VarsweepError
 
 SPLITS = ("train", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(VarsweepError):
     """A missing folder, a wrong layout or an unreadable image, named."""
 
 
@@ -56,15 +57,50 @@ class ImageList:
         return {name: counts.get(index, 0) for index, name in enumerate(self.class_names)}
 
     def fingerprint(self) -> str:
-        """SHA-256 over the (path, label) list: identifies this exact split in cache keys."""
-        digest = hashlib.sha256()
-        for path, label in zip(self.paths, self.labels):
-            digest.update(f"{path}\t{label}\n".encode())
-        return digest.hexdigest()
+        """Cache key of this split's files on this machine (token caches, reference statistics): SHA-256 over every
+        (path, label, size, mtime) and the bytes of ``SAMPLED_FILES`` evenly spaced files, so pixels replaced at the
+        same path change the key. One ``stat`` per file; raises ``DatasetError`` naming missing files."""
+        return _digest(self, names=[str(p) for p in self.paths], with_mtime=True)
+
+    def content_id(self, root: str | Path) -> str:
+        """Where-mounted-independent identity of this split (trial ids): SHA-256 over the split name, every
+        (path relative to ``root``, label, size), the class names and the bytes of ``SAMPLED_FILES`` evenly spaced
+        files. The same files under another mount give the same id; a renamed, added, resized or (sampled) edited
+        file gives another."""
+        root = Path(root)
+        try:
+            names = [Path(p).relative_to(root).as_posix() for p in self.paths]
+        except ValueError as err:
+            raise DatasetError(f"{self.name} {self.split}: an image lies outside the dataset root {root}: {err}") from err
+        return _digest(self, names=names, with_mtime=False)
 
     def without(self, drop: set[int]) -> "ImageList":
         keep = [i for i in range(len(self.paths)) if i not in drop]
         return ImageList(self.name, self.split, tuple(self.paths[i] for i in keep), tuple(self.labels[i] for i in keep), self.class_names)
+
+
+SAMPLED_FILES = 64  # files whose bytes enter a split's fingerprint (all of them for smaller splits)
+
+
+def missing_files(images: ImageList) -> list[str]:
+    """Listed images that do not exist (one ``stat`` each): a split file naming images that were never copied."""
+    return [str(p) for p in images.paths if not Path(p).is_file()]
+
+
+def _digest(images: ImageList, *, names: list[str], with_mtime: bool) -> str:
+    missing = missing_files(images)
+    if missing:
+        raise DatasetError(f"{images.name} {images.split}: {len(missing)} listed image(s) do not exist: {', '.join(missing[:5])}"
+                           + (" ..." if len(missing) > 5 else ""))
+    digest = hashlib.sha256("\n".join([images.split, *images.class_names, ""]).encode())
+    for name, path, label in zip(names, images.paths, images.labels):
+        info = Path(path).stat()
+        fields = [name, label, info.st_size, *([info.st_mtime_ns] if with_mtime else [])]
+        digest.update(("\t".join(map(str, fields)) + "\n").encode())
+    count = len(images.paths)
+    for index in sorted({i * count // SAMPLED_FILES for i in range(min(count, SAMPLED_FILES))}):
+        digest.update(Path(images.paths[index]).read_bytes())
+    return digest.hexdigest()
 
 
 def _require(*paths: Path, dataset: str) -> None:
