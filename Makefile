@@ -5,15 +5,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow install benchmark clean
+.PHONY: demo test test-slow install constraints benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Reinstall when the dependency list changes; the project itself is installed editable.
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[dev]"
+# Reinstall when the dependency list or its pins change; the project itself is installed editable, every
+# dependency at the version constraints.txt pins (the same versions as on the cluster's nodes, see cluster.yaml).
+# The aws extra (boto3, for Ray's AWS autoscaler) is installed too so the suite tests that the head can use it.
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,aws]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +29,15 @@ test: $(STAMP)
 # The slow tests the default run leaves out (see pyproject.toml): a 2-node Ray cluster, killed workers and drivers.
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Refresh constraints.txt after changing pyproject.toml's dependencies: resolve them afresh (no constraints) in a
+# throwaway venv and write its freeze below the file's header comment. Downloads every wheel (torch's CUDA
+# wheels: several GB); run `make test` on the result before committing it.
+constraints:
+	lock=$$(mktemp -d) && $(PYTHON) -m venv $$lock && \
+	$$lock/bin/pip install --quiet -e ".[dev,aws]" && \
+	{ sed '/^[^#]/,$$d' constraints.txt; $$lock/bin/pip freeze --exclude-editable; } > constraints.txt.new && \
+	mv constraints.txt.new constraints.txt && rm -rf $$lock
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark_models.py --out docs/benchmarks.md

@@ -2,14 +2,16 @@
 
 Turns a sweep's results (a storage folder or its results/ folder) into the paper's tables (CSV, Markdown, LaTeX),
 figures (PNG, PDF), per-trial sample grids and a report page (OUT_DIR/index.html and index.md). Imports neither
-torch nor Ray. Exits 2 with the reason on one line, no traceback, when the results cannot be analysed as asked:
-no or unreadable results, invalid files, mixed feature extractors, several settings in one cell, a refused
+torch nor Ray. Exits 2 with a last stderr line ``error: ...`` naming the input and the problem, no traceback,
+when the command line is wrong or the results cannot be analysed as asked: no or unreadable results, invalid
+files (listed above that line), mixed feature extractors, several settings in one cell, a refused
 --compare-paper, an output folder that cannot be written."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from bench.cli import Parser, number, report, run_reporting
 
 from .load import AnalysisError
 from .report import summary, notices
@@ -17,7 +19,11 @@ from .run import analyse
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    return run_reporting(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = Parser(prog="python -m analysis", description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", help="a sweep's storage folder (with results/) or a folder of result JSON files")
     parser.add_argument("--out", required=True, help="folder for tables/, figures/, grids/, index.html, index.md")
     parser.add_argument("--compare-paper", action="store_true", help="put the published numbers beside ours for the same cells")
@@ -25,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-invalid", action="store_true", help="list and skip files that are not valid results instead of stopping")
     parser.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
                         help="keep trials whose config field (dotted, e.g. method.lora_rank=16) has this value; repeatable")
-    parser.add_argument("--table2-epsilon", type=float, default=10.0, help="the epsilon of Table 2 (DP FID vs k); default 10")
+    parser.add_argument("--table2-epsilon", type=number(float, above=0), default=10.0, help="the epsilon of Table 2 (DP FID vs k); default 10")
     parser.add_argument("--no-grids", action="store_true", help="do not draw per-trial sample grids")
     parser.add_argument("--no-figures", action="store_true", help="do not draw figures (tables and report only)")
     args = parser.parse_args(argv)
@@ -33,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         analysis = analyse(args.results_dir, args.out, compare_paper=args.compare_paper, extractor=args.extractor,
                            skip_invalid=args.skip_invalid, where=parse_where(args.where), table2_epsilon=args.table2_epsilon,
                            grids=not args.no_grids, figures=not args.no_figures)
-    except AnalysisError as error:
-        return fail(str(error))
     except OSError as error:  # the output folder is not writable, the disk is full: say so, no traceback
         return fail(f"cannot write the analysis to {args.out}: {error}")
     print(f"{summary(analysis.results)} Wrote {len(analysis.tables)} tables, {len(analysis.comparisons)} comparisons, "
@@ -47,13 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(message: str) -> int:
-    """Exit status 2 with the reason: its first line as ``analysis: error: ...`` (the line to read), then any
-    listing it carries (which files, which cells), indented."""
-    first, *details = message.strip().splitlines() or ["unknown error"]
-    print(f"analysis: error: {first}", file=sys.stderr)
-    for line in details:
-        print(f"  {line.strip()}", file=sys.stderr)
-    return 2
+    """Exit status 2 with the reason: any listing it carries (which files, which cells) indented, then the line to
+    read, ``error: ...`` (see ``bench.cli.report``)."""
+    return report(message)
 
 
 def parse_where(pairs: list[str]) -> dict[str, object]:

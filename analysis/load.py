@@ -17,8 +17,9 @@ import pandas as pd
 from bench.results import ResultStore, is_uri
 from bench.schema import ConfigError, EvaluationConfig, TrialConfig, check_result, replace
 
-from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup
 from bench.errors import VarsweepError
+
+from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup
 
 
 class AnalysisError(VarsweepError):
@@ -64,7 +65,7 @@ def result_texts(folder: str | Path) -> list[tuple[str, str]]:
 
 
 def _uri_texts(uri: str) -> tuple[list[tuple[str, str]], str]:
-    store = ResultStore(uri)
+    store = ResultStore(uri, create=False)  # reading creates nothing
     return [(path, store.read_text(path)) for path in store.files()], store.folder
 
 
@@ -166,7 +167,7 @@ def fields_default(kind: type, name: str):
 # What does not change a trial's final model or metrics: the seed (the replicate axis) and the convergence
 # evaluations made during training (evaluation only; the training streams do not depend on them).
 SETTING_NEUTRAL = {"optimization": {"seed": 0},
-                   "evaluation": {"convergence_every_steps": 0, "convergence_num_images": fields_default(EvaluationConfig, "convergence_num_images")}}
+                   "evaluation": {"convergence_every_steps": 0, "convergence_points": 0, "convergence_num_images": fields_default(EvaluationConfig, "convergence_num_images")}}
 NOT_SETTING = tuple(f"{section}.{name}" for section, fields in SETTING_NEUTRAL.items() for name in fields)
 
 
@@ -196,7 +197,8 @@ def _select(trials: pd.DataFrame, records: dict, *, where: dict, extractor: str 
         raise AnalysisError(f"these results mix feature extractors {found}: FIDs from different extractors are not "
                             "comparable; choose one with --extractor NAME")
     if trials.empty:
-        raise AnalysisError(f"no trial is left after the selection ({len(excluded)} excluded)")
+        asked = [f"--where {path}={json.dumps(value)}" for path, value in where.items()] + ([f"--extractor {extractor}"] if extractor else [])
+        raise AnalysisError(f"no trial is left after the selection {' '.join(asked) or '(the trials asked for)'} ({len(excluded)} excluded)")
     return trials.reset_index(drop=True), excluded
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
+from bench.cli import probe_folder
+
 from .figures import all_figures, sample_grid
 from .load import AnalysisError, Results, load_results
 from .paper import check_comparable, comparison
@@ -45,10 +47,14 @@ def analyse(results_dir: str | Path, out: str | Path, *, compare_paper: bool = F
 
 
 def _make_folder(out: Path) -> None:
+    """Create ``out`` and write a probe file in it: an output folder that is a file, lies under one or cannot be
+    written fails here, naming itself, before any table is drawn."""
+    if out.exists() and not out.is_dir():
+        raise AnalysisError(f"cannot create the output folder {out}: it is a file")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        probe_folder(out)
     except OSError as error:
-        raise AnalysisError(f"cannot create the output folder {out}: {error.strerror or error}") from error
+        raise AnalysisError(f"cannot create or write in the output folder {out}: {error.strerror or error}") from error
 
 
 def _grids(results: Results, folder: Path) -> tuple[dict[str, Path], dict[str, str]]:

@@ -1,23 +1,27 @@
 """``python -m bench``: list the sweeps, run one, or show its status.
 
   python -m bench list
-  python -m bench sweep NAME [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR] [--dry-run] [--max-concurrent N]
-  python -m bench status NAME [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--assets DIR]
+  python -m bench sweep NAME [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR] [--dry-run]
+                           [--max-concurrent N] [--cluster-config YAML] [--address ADDRESS]
+  python -m bench status NAME [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR]
   python -m bench demo [--storage runs/demo] [--smoke]   (the embedded default: the demo sweep, then a summary)
 On a cluster started with ``ray up cluster.yaml`` submit the same command with ``ray job submit -- python -m bench ...``;
 without a cluster a local Ray instance is started. Local paths may be relative to the current folder: they are made
-absolute here, before anything reaches Ray. Every failure ends in one line ``error: ...`` and exit status 2
-(``VARSWEEP_DEBUG=1`` shows the traceback too).
+absolute here, before anything reaches Ray. Every failure ends in exit status 2 and a last line ``error: ...``
+naming the input and the problem (a listing, such as every trial that cannot run, comes above it;
+``VARSWEEP_DEBUG=1`` shows the traceback too). Storage and cache folders are checked (created and probed with a
+small file) before Ray is imported or any trial starts; a dry run creates nothing.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import traceback
+from pathlib import Path
 
-from .results import ResultStore
-from .schema import with_absolute_paths
+from .cli import Parser, number, probe_folder, run_reporting
+from .preflight import SweepError
+from .results import ResultStore, StorageError, default_cache_dir
+from .schema import is_uri, with_absolute_paths
 from .sweeps import SWEEPS, build_sweep, describe
 from .sweeps.common import Assets
 
@@ -30,18 +34,21 @@ def _common(parser: argparse.ArgumentParser, storage: str) -> None:
                         help="checkpoints/ and datasets/ of the paper sweeps (env VARSWEEP_ASSETS)")
     parser.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
                         help="only the trials whose config has this value, e.g. method.name=lora (repeatable; as in python -m analysis)")
+    parser.add_argument("--cache-dir", help="caches, including the checkpoints' SHA-256 that trial ids are made of (default: STORAGE/cache "
+                                            "for a path, ~/.cache/varsweep for a URI; env VARSWEEP_CACHE)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="varsweep sweeps")
+    parser = Parser(prog="python -m bench", description="varsweep sweeps")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="the sweeps and their sizes")
     sweep = commands.add_parser("sweep", help="run a sweep (relaunch to resume)")
     _common(sweep, "runs/sweeps")
-    sweep.add_argument("--cache-dir", help="shared caches (default: STORAGE/cache for a path, ~/.cache/varsweep for a URI; env VARSWEEP_CACHE)")
     sweep.add_argument("--dry-run", action="store_true", help="check and print the grid, resources and estimated GPU hours; run and create nothing")
-    sweep.add_argument("--max-concurrent", type=int, help="trials at once, >= 1 (default: as many as the cluster's resources fit)")
+    sweep.add_argument("--max-concurrent", type=number(int, minimum=1), help="trials at once, >= 1 (default: as many as the cluster's resources fit)")
     sweep.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a running cluster, else a new local Ray)")
+    sweep.add_argument("--cluster-config", help="the autoscaler's cluster YAML whose node types and limits set how many trials run at once "
+                                                "(default: the running cluster's own, e.g. ~/ray_bootstrap_config.yaml on a `ray up` head)")
     status = commands.add_parser("status", help="which trials of a sweep have results (reads only)")
     _common(status, "runs/sweeps")
     demo = commands.add_parser("demo", help="the embedded default: demo sweep on a local Ray, then its summary and checks")
@@ -51,22 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print("error: interrupted; relaunch the same command to resume (finished trials are kept)", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - every failure ends in one line, the traceback only when asked
-        if os.environ.get("VARSWEEP_DEBUG"):
-            traceback.print_exc()
-        first = (str(err).strip().splitlines() or [""])[0]
-        details = str(err).strip().splitlines()[1:]
-        print(f"error: {first or type(err).__name__}" + ("" if isinstance(err, (ValueError, OSError)) else f" ({type(err).__name__})"),
-              file=sys.stderr)
-        for line in details:  # a listing (every bad trial) stays readable, one item a line
-            print(f"  {line.strip()}", file=sys.stderr)
-        return 2
+    return run_reporting(lambda: _run(_parser().parse_args(argv)),
+                         interrupted="interrupted; relaunch the same command to resume (finished trials are kept)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -81,13 +74,20 @@ def _run(args: argparse.Namespace) -> int:
     configs = select(configs, args.where, sweep=args.name)
     if args.command == "status":
         store = ResultStore(args.storage, create=False)
-        if not store.exists():
-            raise FileNotFoundError(f"no storage folder at {args.storage}: nothing has run there (give --storage of the sweep)")
+        store.require_folder()
+        from .preflight import identify  # trial ids follow the files' contents (hashes cached by the sweep, read only here)
+        configs = identify(configs, cache_dir=args.cache_dir or default_cache_dir(args.storage), write=False, log=print)
         print(status_table(configs, store))
         return 0
-    from .launcher import Launch, default_cache_dir, run_sweep
-    launch = Launch(storage=args.storage, cache_dir=args.cache_dir or default_cache_dir(args.storage),
-                    max_concurrent=args.max_concurrent, address=args.address)
+    # A bad storage or cache fails here, before Ray is imported or anything is built; a dry run creates nothing.
+    if args.dry_run and not is_uri(args.storage):
+        check_folder(args.storage, what="--storage", create=False)
+    ResultStore(args.storage, create=not args.dry_run)
+    from .launcher import Launch, run_sweep
+    cache_dir = args.cache_dir or default_cache_dir(args.storage)
+    check_folder(cache_dir, what="--cache-dir" if args.cache_dir else "cache folder", create=not args.dry_run)
+    launch = Launch(storage=args.storage, cache_dir=cache_dir, max_concurrent=args.max_concurrent, address=args.address,
+                    cluster_config=args.cluster_config)
     summary = run_sweep(args.name + ("-smoke" if args.smoke else ""), configs, launch, dry_run=args.dry_run)
     return 1 if summary["failed"] else 0
 
@@ -100,8 +100,26 @@ def select(configs: list, where: list[str], *, sweep: str) -> list:
     wanted = parse_where(where)
     kept = [c for c in configs if all(config_value(c.to_dict(), path) == value for path, value in wanted.items())]
     if not kept:
-        raise ValueError(f"no trial of sweep {sweep} has {' and '.join(where)} ({len(configs)} trials)")
+        raise SweepError(f"no trial of sweep {sweep} has {' and '.join(where)} ({len(configs)} trials)")
     return kept
+
+
+def check_folder(folder: str, *, what: str, create: bool) -> None:
+    """A local folder the sweep writes to (the cache, a dry run's storage): not a file, nor under one; with ``create`` it is made and
+    probed with a small file. ``StorageError`` names the folder and the problem. A dry run creates nothing."""
+    if is_uri(folder):
+        raise StorageError(f"{what} {folder}: must be a local or shared folder (a mounted path), not a URI")
+    path = Path(folder).expanduser().absolute()
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise StorageError(f"{what} {folder}: {'is' if part == path else 'lies under'} a file{'' if part == path else f' ({part})'}, not a folder")
+            break
+    if create:
+        try:
+            probe_folder(path)
+        except OSError as err:
+            raise StorageError(f"{what} {folder} is not writable: {err.strerror or err}") from err
 
 
 def status_table(configs, store: ResultStore) -> str:
@@ -113,12 +131,15 @@ def status_table(configs, store: ResultStore) -> str:
         state, detail = store.state(c.trial_id)
         counts[state] = counts.get(state, 0) + 1
         record = store.read(c.trial_id) if state in ("success", "failed") else None
-        fid = (record or {}).get("metrics", {}).get("fid")
-        eps = ((record or {}).get("privacy") or {}).get("epsilon_rdp")
-        lines.append(f"{c.label:<44} {c.trial_id:<16} {state:<8} {'' if fid is None else f'{fid:.2f}':>8} "
-                     f"{'' if eps is None else f'{eps:.2f}':>8}  {detail}".rstrip())
+        fid, eps = (record or {}).get("metrics", {}).get("fid"), ((record or {}).get("privacy") or {}).get("epsilon_rdp")
+        lines.append(f"{c.label:<44} {c.trial_id:<16} {state:<8} {_number(fid):>8} {_number(eps):>8}  {detail}".rstrip())
     lines.append(", ".join(f"{counts[s]} {s}" for s in ("success", "failed", "invalid", "pending") if s in counts) + f" of {len(configs)} trials")
     return "\n".join(lines)
+
+
+def _number(value) -> str:
+    """Two decimals, or blank where a record holds no number (a failed trial's FID)."""
+    return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
 
 
 if __name__ == "__main__":

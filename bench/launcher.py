@@ -13,6 +13,7 @@ Relaunching the same command skips every trial whose result says success and res
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ if not sys.stdout.isatty():  # a log file or a pipe: worker lines without termin
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 import ray  # noqa: E402
+import yaml  # noqa: E402
 from pyarrow import fs as pafs  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # noqa: E402
@@ -39,15 +41,27 @@ from trainables.progress import duration  # noqa: E402
 from trainables.ray_worker import train_loop_per_worker  # noqa: E402
 
 from .estimates import estimate  # noqa: E402
-from .preflight import SweepError, check_sweep  # noqa: E402
-from .results import ResultStore  # noqa: E402
-from .schema import TrialConfig, absolute, is_uri, make_result, with_absolute_paths  # noqa: E402
+from .preflight import SweepError, check_sweep, identify  # noqa: E402
+from .results import ResultStore, default_cache_dir  # noqa: E402,F401 - default_cache_dir: re-exported
+from .schema import TrialConfig, absolute, is_uri, make_result  # noqa: E402
 
 TRIAL_FUNCTION_MEMORY_BYTES = 64 * 2**20
+# How long a trial's Train controller waits for its workers' placement group before it gives up, removes the
+# group and asks again. Ray Train (2.60) counts that timeout as a retryable controller error, charged to
+# `controller_failure_limit` (unlimited, set explicitly in `_trial_function`), never to `max_failures`: a trial
+# that waits for resources queues, it does not fail. The value only sets how often a waiting trial re-requests.
+# Starting a worker process on a busy small machine can take minutes (Train's default, 60 s, churns); under an
+# autoscaler a GPU node takes minutes to boot and install (a spot node longer), so the wait there is an hour:
+# the pending request then stays in place, as demand the autoscaler sees, until the node has joined.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+START_TIMEOUT_LOCAL_S = 900.0
+START_TIMEOUT_AUTOSCALING_S = 3600.0
+# Where `ray up` puts the autoscaler's (prepared) config on the head; Ray Tune takes its presence to mean an
+# autoscaling cluster as well (ray.tune.execution.cluster_info).
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 RUNTIME_ENV_VARS = {
     "PYTHONUNBUFFERED": "1",
-    # Starting a worker process on a busy small machine can take minutes; Train's default start timeout is 60 s.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900",
+    START_TIMEOUT_ENV: str(int(START_TIMEOUT_LOCAL_S)),
     # Train V2 re-logs every print of a worker (stdout and the root logger): each line would appear twice.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # its C++ start-up line is noise on machines without preemption
@@ -64,12 +78,22 @@ class Launch:
     cache_dir: str
     max_concurrent: int | None = None
     address: str | None = None  # None: RAY_ADDRESS, else a running local cluster, else a new local Ray
+    # The autoscaler's cluster config (cluster.yaml or the head's ~/ray_bootstrap_config.yaml) that concurrency
+    # follows; None: the running cluster's own (see `autoscaling_limits`).
+    cluster_config: str | None = None
+    # Seconds a trial waits for its workers before re-requesting them (START_TIMEOUT_ENV); None: decided by
+    # `run_sweep` (START_TIMEOUT_LOCAL_S, or START_TIMEOUT_AUTOSCALING_S under an autoscaler).
+    worker_start_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "storage", absolute(str(self.storage)))
         object.__setattr__(self, "cache_dir", absolute(str(self.cache_dir)))
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise SweepError(f"--max-concurrent must be >= 1, got {self.max_concurrent} (leave it out to fit the cluster)")
+        if self.max_concurrent is not None and (not isinstance(self.max_concurrent, int) or isinstance(self.max_concurrent, bool)
+                                                or self.max_concurrent < 1):
+            raise SweepError(f"--max-concurrent must be >= 1, got {self.max_concurrent!r} (leave it out to fit the cluster)")
+        timeout = self.worker_start_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf):
+            raise SweepError(f"worker start timeout must be a positive number of seconds, got {timeout!r}")
 
     @property
     def train_storage(self) -> str:
@@ -82,12 +106,6 @@ class Launch:
     @property
     def work_root(self) -> str:
         return str(Path(self.cache_dir) / "work")
-
-
-def default_cache_dir(storage: str) -> str:
-    """``VARSWEEP_CACHE``, else ``STORAGE/cache`` for a local storage, else ``~/.cache/varsweep`` (absolute)."""
-    chosen = os.environ.get("VARSWEEP_CACHE") or (str(Path(storage) / "cache") if not is_uri(storage) else str(Path.home() / ".cache" / "varsweep"))
-    return absolute(chosen)
 
 
 def pending_trials(configs: list[TrialConfig], store: ResultStore) -> tuple[list[TrialConfig], list[TrialConfig]]:
@@ -114,6 +132,8 @@ def _trial_function(param: dict) -> None:
     store = ResultStore(launch.storage)
     if store.status(config.trial_id) == "success":
         return
+    if launch.worker_start_timeout_s is not None:  # read by Train from this process's environment (see START_TIMEOUT_ENV)
+        os.environ[START_TIMEOUT_ENV] = str(launch.worker_start_timeout_s)
     r = config.resources
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})}
     trainer = TorchTrainer(
@@ -122,7 +142,9 @@ def _trial_function(param: dict) -> None:
                            "work_root": launch.work_root, "launched_at": time.time()},
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker),
         run_config=RunConfig(name=Path(training_run_dir(launch, config.trial_id)).name, storage_path=launch.train_storage,
-                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             # A worker group that cannot be placed in time is re-requested without limit
+                             # (queued, see START_TIMEOUT_ENV); max_failures counts only failures of the training.
+                             failure_config=FailureConfig(max_failures=r.max_failures, controller_failure_limit=-1),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=[TuneReportCallback()],
                              logging_config=LoggingConfig(log_level="ERROR")))
     started = _now()
@@ -155,16 +177,180 @@ def delete_training_run(launch: Launch, trial_id: str) -> None:
         filesystem.delete_dir(path)
 
 
-def concurrency(configs: list[TrialConfig], launch: Launch) -> int:
-    """How many trials run at once: ``--max-concurrent``, else as many as the cluster's GPUs (GPU trials) or CPUs
-    fit (Tune does not reserve Train's resources, and a Train run waiting for resources waits forever)."""
-    if launch.max_concurrent:
-        return launch.max_concurrent
-    total = ray.cluster_resources()
+@dataclass(frozen=True)
+class NodeType:
+    """One kind of node the cluster can have: its Ray resources (CPU, GPU, ...) and how many of it may run.
+    ``count`` None: no limit of its own. ``head``: the head node, always there and outside the global limit."""
+
+    name: str
+    resources: dict[str, float]
+    count: int | None
+    head: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterLimits:
+    """The largest cluster an autoscaler may grow to: its node types, the most worker nodes over all types
+    (``max_workers``; None: no limit) and caps on total resources (``max_resources``), and where they came from."""
+
+    node_types: tuple[NodeType, ...]
+    source: str
+    max_workers: int | None = None
+    max_resources: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def limits_from_cluster_config(config: dict, *, source: str) -> ClusterLimits:
+    """``ClusterLimits`` of a Ray cluster-launcher config (cluster.yaml, or the head's prepared copy), with Ray's
+    defaults: a node type without ``max_workers`` may have the global ``max_workers``, the head type none besides
+    the head itself. ``SweepError`` names ``source`` and the setting that cannot serve."""
+    types = config.get("available_node_types")
+    if not isinstance(types, dict) or not types:
+        raise SweepError(f"cluster config {source}: no available_node_types (need each node type's resources and max_workers)")
+    head_type = config.get("head_node_type")
+    cap = _amount(config.get("max_workers"), f"cluster config {source}: max_workers", whole=True)
+    nodes = []
+    for name, spec in types.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("resources"), dict):
+            raise SweepError(f"cluster config {source}: node type {name} declares no resources (e.g. resources: {{CPU: 8, GPU: 1}}; "
+                             f"the head's ~/ray_bootstrap_config.yaml has them filled in)")
+        what = f"cluster config {source}: node type {name}"
+        resources = {key: _amount(value, f"{what}: resources.{key}") for key, value in spec["resources"].items()}
+        count = _amount(spec.get("max_workers", 0 if name == head_type else cap), f"{what}: max_workers", whole=True)
+        if name == head_type:
+            nodes.append(NodeType(name, resources, 1, head=True))
+            if count:  # the head's type may also be launched as workers
+                nodes.append(NodeType(name, resources, count))
+        else:
+            nodes.append(NodeType(name, resources, count))
+    return ClusterLimits(tuple(nodes), source, max_workers=cap)
+
+
+def _amount(value, what: str, *, whole: bool = False):
+    """``value`` as a number >= 0 (an int with ``whole``); None stays None; else ``SweepError`` naming ``what``."""
+    if value is None:
+        return None
+    ok = isinstance(value, int) if whole else isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or isinstance(value, bool) or value < 0:
+        raise SweepError(f"{what} must be a {'whole ' if whole else ''}number >= 0, got {value!r}")
+    return value if whole else float(value)
+
+
+def limits_from_gcs(cluster_config) -> ClusterLimits | None:
+    """``ClusterLimits`` of the cluster config an autoscaler reported to the GCS (autoscaler v2 platforms such as
+    KubeRay; a ``max_count`` of -1 means no limit); None when it has no node groups."""
+    groups = list(cluster_config.node_group_configs) if cluster_config is not None else []
+    if not groups:
+        return None
+    nodes = tuple(NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, None if g.max_count < 0 else int(g.max_count))
+                  for g in groups)
+    return ClusterLimits(nodes, "as reported to the GCS", max_resources={k: float(v) for k, v in cluster_config.max_resources.items()})
+
+
+def read_cluster_config(path: str) -> ClusterLimits:
+    """``ClusterLimits`` of a cluster-launcher YAML file; ``SweepError`` naming the file when it cannot serve."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise SweepError(f"cluster config {path}: no such file")
+    try:
+        config = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise SweepError(f"cluster config {path}: cannot read it as YAML ({type(err).__name__}: {err})") from None
+    if not isinstance(config, dict):
+        raise SweepError(f"cluster config {path}: not a mapping of cluster settings")
+    return limits_from_cluster_config(config, source=str(file))
+
+
+def autoscaling_limits(launch: Launch) -> ClusterLimits | None:
+    """What the connected cluster can grow to: ``launch.cluster_config`` when given, else the config an autoscaler
+    reported to the GCS, else ``~/ray_bootstrap_config.yaml`` (a `ray up` head, where `ray job submit` runs the
+    driver); None without an autoscaler (a local Ray, a fixed cluster)."""
+    if launch.cluster_config:
+        return read_cluster_config(launch.cluster_config)
+    try:  # the same record Ray Train checks a worker group against (ray._private.state: GlobalState)
+        reported = limits_from_gcs(ray._private.state.state.get_cluster_config())
+    except Exception:  # noqa: BLE001 - an older GCS, or none reported: fall through to the file
+        reported = None
+    if reported is not None:
+        return reported
+    bootstrap = Path(BOOTSTRAP_CONFIG).expanduser()
+    return read_cluster_config(str(bootstrap)) if bootstrap.is_file() else None
+
+
+def _trial_shapes(configs: list[TrialConfig]) -> list[tuple[int, dict[str, float]]]:
+    """The distinct (workers, resources of one worker) of the trials, as Train requests them."""
+    shapes = []
+    for c in configs:
+        r = c.resources
+        shape = (r.workers, {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})})
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def _per_node(resources: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many workers of ``bundle`` fit on one node with ``resources``."""
+    needed = [math.floor(resources.get(key, 0.0) / amount + 1e-9) for key, amount in bundle.items() if amount > 0]
+    return max(0, min(needed)) if needed else 0
+
+
+def fit_limits(limits: ClusterLimits, configs: list[TrialConfig]) -> int:
+    """Trials that run at once on the largest cluster ``limits`` allow: per node type, max nodes x the trial's
+    workers that fit on one node (GPUs and CPUs together); the global ``max_workers`` keeps the node types that fit
+    most workers. A trial's workers may span nodes (Train packs them, softly), so a trial needs ``workers`` slots
+    anywhere. With several trial shapes, the one that fits least decides (0: some trial fits nowhere)."""
+    fits = []
+    for workers, bundle in _trial_shapes(configs):
+        slots = sum(_per_node(t.resources, bundle) for t in limits.node_types if t.head)
+        budget = limits.max_workers
+        growable = [t for t in limits.node_types if not t.head and _per_node(t.resources, bundle) > 0]
+        for node in sorted(growable, key=lambda t: -_per_node(t.resources, bundle)):
+            count = node.count if budget is None else budget if node.count is None else min(node.count, budget)
+            if count is None:  # no limit at all: as many trials as the sweep has
+                slots = len(configs) * workers
+                break
+            slots += count * _per_node(node.resources, bundle)
+            budget = None if budget is None else budget - count
+        for key, cap in limits.max_resources.items():
+            if bundle.get(key, 0) > 0:
+                slots = min(slots, math.floor(cap / bundle[key] + 1e-9))
+        fits.append(slots // workers)
+    return min(fits)
+
+
+def fit_resources(total: dict[str, float], configs: list[TrialConfig]) -> int:
+    """Trials that fit the cluster's current resources: its GPUs (GPU trials) or CPUs, at least 1."""
     need_gpu = max(c.resources.workers * c.resources.gpus_per_worker for c in configs)
     need_cpu = max(c.resources.workers * c.resources.cpus_per_worker for c in configs)
     fits = math.floor(total.get("GPU", 0) / need_gpu) if need_gpu > 0 else math.floor(total.get("CPU", 1) / need_cpu)
     return max(1, fits)
+
+
+def concurrency(configs: list[TrialConfig], launch: Launch, *, resources: dict[str, float],
+                limits: ClusterLimits | None) -> tuple[int, str]:
+    """How many trials run at once, and what decided it: ``--max-concurrent``; else the larger of what fits the
+    cluster's current ``resources`` (``ray.cluster_resources()``) and what fits the largest cluster its autoscaler
+    may grow to (``limits``; None: no autoscaler). A trial started beyond the current resources queues until a node
+    has joined (see START_TIMEOUT_ENV). Tune does not reserve Train's resources, so more would only wait."""
+    if launch.max_concurrent is not None:
+        return launch.max_concurrent, "--max-concurrent"
+    current = fit_resources(resources, configs)
+    if limits is None:
+        return current, "the cluster's current resources; no autoscaler"
+    grown = fit_limits(limits, configs)
+    if grown > current:
+        return grown, f"the autoscaler's node types and limits, {limits.source}"
+    return current, f"the cluster's current resources; the autoscaler's limits, {limits.source}, add no room"
+
+
+def check_fits(configs: list[TrialConfig], limits: ClusterLimits | None) -> None:
+    """Refuse trials that no cluster ``limits`` allow can place (they would wait for resources forever)."""
+    if limits is None:
+        return
+    for config in configs:
+        if fit_limits(limits, [config]) == 0:
+            r = config.resources
+            raise SweepError(f"trial {config.label} ({config.trial_id}) needs {r.workers} worker(s) x {r.gpus_per_worker:g} GPU + "
+                             f"{r.cpus_per_worker:g} CPU; the largest cluster of {limits.source} cannot place it")
 
 
 class SweepProgress(tune.Callback):
@@ -237,7 +423,7 @@ class SweepProgress(tune.Callback):
 def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run: bool = False, verbose: int = 0) -> dict:
     """Check, then run every unfinished trial; returns {"ran", "skipped", "failed", "wall_seconds", "concurrency"}.
     A dry run creates nothing (no storage, cache or offline data folder)."""
-    configs = [with_absolute_paths(c) for c in configs]
+    configs = identify(configs, cache_dir=launch.cache_dir, write=not dry_run, log=print)  # content ids, so a mount change keeps ids
     store = ResultStore(launch.storage, create=not dry_run)
     todo, done = pending_trials(configs, store)
     try:
@@ -246,6 +432,8 @@ def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run:
         if dry_run:  # the grid is still worth seeing, with the published split sizes
             print(estimate(configs, done={c.trial_id for c in done}, plans={}))
         raise
+    limits = read_cluster_config(launch.cluster_config) if launch.cluster_config else None  # a bad file fails here
+    check_fits(todo, limits)
     if dry_run:
         print(estimate(configs, done={c.trial_id for c in done}, plans=plans))
         return {"ran": 0, "skipped": len(done), "failed": 0, "wall_seconds": 0.0, "concurrency": 0}
@@ -263,8 +451,15 @@ def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run:
         ray.init(address=address, logging_level=logging.WARNING,
                  runtime_env={"env_vars": RUNTIME_ENV_VARS})
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # Tune's own summaries and errors: ours are in the results
-    parallel = min(concurrency(todo, launch), len(todo))
-    print(f"sweep {name}: {len(todo)} trials to run ({len(done)} already done), up to {parallel} at a time; results in {store.folder}")
+    if limits is None:  # no --cluster-config: the running cluster's autoscaler, if any (needs the connection)
+        limits = autoscaling_limits(launch)
+        check_fits(todo, limits)
+    if launch.worker_start_timeout_s is None:
+        launch = dataclasses.replace(launch, worker_start_timeout_s=START_TIMEOUT_LOCAL_S if limits is None else START_TIMEOUT_AUTOSCALING_S)
+    parallel, source = concurrency(todo, launch, resources=ray.cluster_resources(), limits=limits)
+    parallel = min(parallel, len(todo))
+    print(f"sweep {name}: {len(todo)} trials to run ({len(done)} already done), up to {parallel} at a time "
+          f"(from {source}); results in {store.folder}")
     progress = SweepProgress(name, todo, store=store, skipped=len(done), planned_steps={c.trial_id: plans[c.trial_id].planned_steps for c in todo},
                              parallel=parallel)
     tuner = tune.Tuner(

@@ -5,13 +5,19 @@ without torch or Ray.
 The trial id is a SHA-256 of the canonical JSON of everything that determines the trial's numbers (model, data,
 method, privacy, optimisation, evaluation). ``resources`` (workers, GPUs, checkpoint interval, retries) is left out:
 the same experiment on another cluster shape is the same trial, so a relaunch on bigger hardware still skips it.
+Files and datasets enter it by content where their content ids are known (``CONTENT_IDS``, filled by
+``bench.preflight.identify``), so the same files mounted elsewhere are the same trial; paths stay in the config
+as provenance. Every field is checked against its annotated type first (``_check_types``), then its range.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -56,20 +62,80 @@ def _require(condition: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"{field_name}: {message}")
 
 
+# --- field types: one generic check, derived from each section's annotations ---------------------------------
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "finite number", str: "string", type(None): "null"}
+
+
+@functools.cache
+def _field_types(kind: type) -> dict[str, Any]:
+    return typing.get_type_hints(kind)  # the annotations are strings (``from __future__ import annotations``)
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether ``value`` has the annotated type. ``bool`` is no integer here and NaN/inf are no numbers (no
+    setting means them); an integer is a number. Tuples are ``tuple[X, ...]`` of X."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(option, value) for option in typing.get_args(hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and (isinstance(value, int) or math.isfinite(value))
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (bool, str, type(None)):
+        return isinstance(value, hint)
+    if typing.get_origin(hint) is tuple:
+        element = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_accepts(element, item) for item in value)
+    raise TypeError(f"no type check for annotation {hint!r}: extend bench.schema._accepts")  # a new kind of field
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"list of {_type_name(typing.get_args(hint)[0])}s"
+    return _TYPE_NAMES[hint]
+
+
+def _check_types(section: Any) -> None:
+    """Refuse any field whose value is not of its annotated type, naming the field (runs first in every section's
+    ``__post_init__``, so the range checks after it compare numbers with numbers)."""
+    name = _SECTION_NAMES[type(section)]
+    for field_name, hint in _field_types(type(section)).items():
+        value = getattr(section, field_name)
+        _require(_accepts(hint, value), f"{name}.{field_name}", f"expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _is_sha256(value: str | None) -> bool:
+    return value is None or (len(value) == 64 and all(c in "0123456789abcdef" for c in value))
+
+
+def _check_content_ids(section: Any, pairs: Mapping[str, str]) -> None:
+    """Content ids (``<path field>: <id field>``): 64 lowercase hex characters, and only beside the path they identify."""
+    name = _SECTION_NAMES[type(section)]
+    for path_field, id_field in pairs.items():
+        value = getattr(section, id_field)
+        _require(_is_sha256(value), f"{name}.{id_field}", f"expected a SHA-256 (64 lowercase hex characters) or null, got {value!r}")
+        _require(value is None or getattr(section, path_field) is not None, f"{name}.{id_field}", f"identifies {name}.{path_field}, which is not set")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """base: "official" (VAR checkpoint of ``depth`` + the official VQVAE, local paths) or "tiny" (the built-in
     tiny base pre-trained offline on procedural shapes for ``tiny_pretraining_steps``, cached in the sweep's cache
-    folder; ``depth`` is its depth)."""
+    folder; ``depth`` is its depth). ``*_sha256``: the checkpoint files' SHA-256 (hex); once set, the trial id
+    follows them instead of the paths."""
 
     base: str = "tiny"
     depth: int = 2
     var_checkpoint: str | None = None
     vqvae_checkpoint: str | None = None
     tiny_pretraining_steps: int = 600  # tiny base only (0 for official): steps of VQVAE training and of VAR pre-training
-
+    var_checkpoint_sha256: str | None = None  # content ids of the two files (filled by ``bench.preflight.identify``)
+    vqvae_checkpoint_sha256: str | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        _check_content_ids(self, {"var_checkpoint": "var_checkpoint_sha256", "vqvae_checkpoint": "vqvae_checkpoint_sha256"})
         _require(self.base in ("official", "tiny"), "model.base", f"must be 'official' or 'tiny', got {self.base!r}")
         if self.base == "official":
             _require(self.depth in OFFICIAL_DEPTHS, "model.depth", f"official VAR depths are {OFFICIAL_DEPTHS}, got {self.depth}")
@@ -87,7 +153,9 @@ class ModelConfig:
 class DataConfig:
     """dataset: a reader name (``trainables.data.datasets``) or an offline set; root: its local folder (None for
     offline sets); resolution in pixels; cached_views: random crops per training image in the token cache
-    (k views per example are drawn from these)."""
+    (k views per example are drawn from these); content_id: SHA-256 (hex) of the dataset name and the train and
+    evaluation split listings' content ids (``ImageList.content_id``: relative paths, labels, sizes, sampled
+    bytes); once set, the trial id follows it instead of ``root``."""
 
     dataset: str = "digits"
     root: str | None = None
@@ -97,8 +165,11 @@ class DataConfig:
     train_split: str = "train"
     evaluation_split: str = "test"
     skip_corrupt_images: bool = False
+    content_id: str | None = None  # the two splits' content (filled by ``bench.preflight.identify``)
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        _check_content_ids(self, {"root": "content_id"})
         _require(self.dataset in DATASETS, "data.dataset", f"unknown dataset {self.dataset!r}; known: {sorted(DATASETS)}")
         offline = DATASETS[self.dataset].offline
         _require(offline == (self.root is None), "data.root",
@@ -122,6 +193,7 @@ class MethodConfig:
     prior_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _require(self.name in METHODS, "method.name", f"unknown method {self.name!r}; known: {list(METHODS)}")
         _require(self.lora_rank >= 1 and self.lora_alpha > 0, "method.lora_rank", "need lora_rank >= 1 and lora_alpha > 0")
         _require(self.lora_targets is None or self.name.startswith("lora"), "method.lora_targets", f"only for LoRA methods, not {self.name!r}")
@@ -145,6 +217,7 @@ class PrivacyConfig:
     physical_batch_rows: int = 256
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _require(math.isfinite(self.target_epsilon) and self.target_epsilon > 0, "privacy.target_epsilon", f"must be finite and > 0, got {self.target_epsilon}")
         _require(0 < self.sampling_rate <= 1, "privacy.sampling_rate", f"must be in (0, 1], got {self.sampling_rate}")
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
@@ -177,6 +250,7 @@ class OptimizationConfig:
     autocast_bf16: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _require(self.learning_rate > 0, "optimization.learning_rate", f"must be > 0, got {self.learning_rate}")
         _require(self.batch_size >= 1, "optimization.batch_size", f"must be >= 1, got {self.batch_size}")
         _require((self.epochs is None) != (self.steps is None), "optimization.epochs", "give exactly one of epochs and steps")
@@ -205,16 +279,20 @@ class EvaluationConfig:
     convergence_every_steps: int = 0
     convergence_num_images: int = 1000
     convergence_points: int = 0
+    inception_weights_sha256: str | None = None  # content id of the weights file (filled by ``bench.preflight.identify``)
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        _check_content_ids(self, {"inception_weights": "inception_weights_sha256"})
         _require(self.extractor in EXTRACTORS, "evaluation.extractor", f"one of {EXTRACTORS}, got {self.extractor!r}")
         _require(self.extractor != "inception-v3-compat" or bool(self.inception_weights), "evaluation.inception_weights",
                  "Inception-v3 needs a local weights file (weights-inception-2015-12-05-6726825d.pth); nothing is downloaded")
         _require(self.num_images is None or self.num_images >= 2, "evaluation.num_images", f"must be >= 2, got {self.num_images}")
-        # The sampler's own ranges (``VAR.sample``): top_k=0 and top_p=0 switch those filters off; top_p=1 is invalid
-        # there, so it is refused here, before any compute.
-        _require(self.cfg >= 0 and self.top_k >= 0 and 0 <= self.top_p < 1, "evaluation.cfg",
-                 f"need cfg >= 0, top_k >= 0 and 0 <= top_p < 1 (0 switches top-k/top-p off), got cfg={self.cfg}, top_k={self.top_k}, top_p={self.top_p}")
+        # Exactly the sampler's own ranges (``VAR.sample``, ``check_sampling_settings``), refused here before any
+        # compute: top_k=0 and top_p=0 switch those filters off; top_p=1 is no valid nucleus.
+        _require(self.cfg >= 0, "evaluation.cfg", f"must be >= 0, got {self.cfg}")
+        _require(self.top_k >= 0, "evaluation.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        _require(0 <= self.top_p < 1, "evaluation.top_p", f"must be in [0, 1) (0 = off), got {self.top_p}")
         _require(self.batch_size >= 1, "evaluation.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.convergence_every_steps >= 0 and self.convergence_num_images >= 2, "evaluation.convergence_every_steps",
                  "need convergence_every_steps >= 0 and convergence_num_images >= 2")
@@ -239,6 +317,7 @@ class ResourcesConfig:
     max_failures: int = 2
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _require(self.workers >= 1, "resources.workers", f"must be >= 1, got {self.workers}")
         _require(self.gpus_per_worker >= 0 and self.cpus_per_worker > 0, "resources.gpus_per_worker", "need gpus >= 0 and cpus > 0")
         _require(self.workers == 1 or self.gpus_per_worker in (0, 1) or self.gpus_per_worker == int(self.gpus_per_worker),
@@ -252,10 +331,19 @@ class ResourcesConfig:
 
 # Fields added after schema version 1's first results: they enter the trial id only when they differ from this
 # default, so results written before they existed keep their ids (and relaunches keep skipping them).
-LATER_FIELDS = {("evaluation", "convergence_points"): 0}
+LATER_FIELDS = {("evaluation", "convergence_points"): 0, ("model", "var_checkpoint_sha256"): None,
+                ("model", "vqvae_checkpoint_sha256"): None, ("data", "content_id"): None,
+                ("evaluation", "inception_weights_sha256"): None}
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "privacy": PrivacyConfig,
             "optimization": OptimizationConfig, "evaluation": EvaluationConfig, "resources": ResourcesConfig}
+_SECTION_NAMES = {kind: name for name, kind in SECTIONS.items()}
+
+PATH_FIELDS = (("model", "var_checkpoint"), ("model", "vqvae_checkpoint"), ("data", "root"), ("evaluation", "inception_weights"))
+# The content id of each path field: where it is set, the trial id hashes it instead of the path (the same files
+# under another mount are the same trial); a path without its content id stays in the hash.
+CONTENT_IDS = {("model", "var_checkpoint"): "var_checkpoint_sha256", ("model", "vqvae_checkpoint"): "vqvae_checkpoint_sha256",
+               ("data", "root"): "content_id", ("evaluation", "inception_weights"): "inception_weights_sha256"}
 
 
 @dataclass(frozen=True)
@@ -296,14 +384,24 @@ class TrialConfig:
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> "TrialConfig":
-        unknown = set(record) - set(SECTIONS)
+        """The config of a record (``to_dict``'s output): every section present (``privacy`` null without DP), so
+        a record that lost a section is refused rather than read with defaults."""
+        _require(isinstance(record, Mapping), "config", f"expected an object of sections, got {type(record).__name__}")
+        unknown, missing = set(record) - set(SECTIONS), set(SECTIONS) - set(record)
         _require(not unknown, "config", f"unknown sections {sorted(unknown)}")
-        return cls(**{name: None if record[name] is None else _section(kind, record[name], name)
-                      for name, kind in SECTIONS.items() if name in record})
+        sections = {name: None if (name == "privacy" and record[name] is None) else _section(kind, record[name], name)
+                    for name, kind in SECTIONS.items() if name in record}
+        _require(not missing, "config", f"missing sections {sorted(missing)} (privacy is null for a trial without DP)")
+        return cls(**sections)
 
     @property
     def trial_id(self) -> str:
+        """What determines the trial's numbers: every section but ``resources``; the content ids of its files and
+        dataset in place of their paths where they are known (``CONTENT_IDS``)."""
         identity = {k: v for k, v in self.to_dict().items() if k != "resources"}
+        for (section, path_field), id_field in CONTENT_IDS.items():
+            if identity.get(section) is not None and identity[section].get(id_field) is not None:
+                del identity[section][path_field]
         for (section, name), default in LATER_FIELDS.items():  # at their default they leave earlier ids unchanged
             if identity.get(section) is not None and identity[section].get(name) == default:
                 del identity[section][name]
@@ -326,11 +424,19 @@ class TrialConfig:
 
 
 def _section(kind: type, record: Mapping[str, Any], name: str):
-    known = {f.name for f in dataclasses.fields(kind)}
+    _require(isinstance(record, Mapping), name, f"expected an object of fields, got {record!r} ({type(record).__name__})")
+    fields = dataclasses.fields(kind)
+    known = {f.name for f in fields}
     unknown = set(record) - known
     _require(not unknown, name, f"unknown fields {sorted(unknown)}; known: {sorted(known)}")
-    tuples = {k: tuple(v) for k, v in record.items() if isinstance(v, list)}
-    return kind(**{**record, **tuples})
+    required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    _require(required <= set(record), name, f"missing fields {sorted(required - set(record))}")
+    return kind(**_tuples(record))
+
+
+def _tuples(values: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON lists as the tuples the frozen configs hold (their other checks then see the element types)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 def is_uri(location: str) -> bool:
@@ -340,9 +446,6 @@ def is_uri(location: str) -> bool:
 def absolute(location: str) -> str:
     """A local path made absolute (``~`` expanded); a URI (``s3://...``) unchanged."""
     return location if is_uri(location) else str(Path(location).expanduser().resolve())
-
-
-PATH_FIELDS = (("model", "var_checkpoint"), ("model", "vqvae_checkpoint"), ("data", "root"), ("evaluation", "inception_weights"))
 
 
 def with_absolute_paths(config: TrialConfig) -> TrialConfig:
@@ -365,7 +468,10 @@ def replace(config: TrialConfig, **sections: Mapping[str, Any] | None) -> TrialC
         if values is None or current is None:
             changes[name] = None if values is None else _section(SECTIONS[name], values, name)
         else:
-            changes[name] = dataclasses.replace(current, **values)
+            _require(isinstance(values, Mapping), name, f"expected an object of fields, got {type(values).__name__}")
+            unknown = set(values) - {f.name for f in dataclasses.fields(current)}
+            _require(not unknown, name, f"unknown fields {sorted(unknown)}")
+            changes[name] = dataclasses.replace(current, **_tuples(values))
     return dataclasses.replace(config, **changes)
 
 

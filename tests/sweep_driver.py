@@ -19,7 +19,8 @@ def tiny_trial(method: str = "full", *, steps: int = 6, workers: int = 1, seed: 
                        optimization=OptimizationConfig(learning_rate=1e-3, batch_size=16, steps=steps, seed=seed),
                        evaluation=EvaluationConfig(extractor="substitute-randconv-v1", num_images=20, top_k=0, batch_size=20),
                        resources=ResourcesConfig(workers=workers, gpus_per_worker=0.0, cpus_per_worker=1.0,
-                                                 checkpoint_every_steps=checkpoint_every, max_failures=1))
+                                                 checkpoint_every_steps=checkpoint_every, checkpoint_every_fraction=1.0,
+                                                 max_failures=1))
 
 
 def driver_trials(count: int, steps: int) -> list[TrialConfig]:

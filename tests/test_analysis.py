@@ -295,11 +295,12 @@ def test_different_settings_in_one_cell_are_refused_not_averaged(fixture_storage
     assert list(own.trials["trial_id"]) == [other["trial_id"]] and {why for *_, why in own.excluded} == {"not one of the 1 trials asked for"}
 
 
-def test_a_convergence_twin_counts_once(fixture_storage, tmp_path):
-    """The convergence sweep re-runs Table 1 trials with evaluations during training: same setting and seed,
-    so the cell holds one value (the twin with the curve), not a fake n=2."""
+@pytest.mark.parametrize("curve_settings", [{"convergence_every_steps": 500}, {"convergence_points": 8}])
+def test_a_convergence_twin_counts_once(fixture_storage, tmp_path, curve_settings):
+    """The convergence sweep re-runs Table 1 trials with evaluations during training (every N steps, or at N
+    points of the run): same setting and seed, so the cell holds one value (the twin with the curve), not a fake n=2."""
     storage = copy_storage(fixture_storage, tmp_path / "storage")
-    curve = twin(storage, "full-d16-flowers102", evaluation={"convergence_every_steps": 500, "convergence_num_images": 1000})
+    curve = twin(storage, "full-d16-flowers102", evaluation={**curve_settings, "convergence_num_images": 1000})
     rewrite(storage / "results" / f"{curve['trial_id']}.json", lambda r: r.update(convergence=[{"step": 500, "fid": 30.0}]))
     analysis = analyse(storage, tmp_path / "out", grids=False)
     table1 = next(t for t in analysis.tables if t.name == "table1_fid")
@@ -550,7 +551,7 @@ def test_compare_paper_refuses_other_extractors_and_datasets(tmp_path, capsys):
     assert cli([str(storage), "--out", str(tmp_path / "out"), "--compare-paper", "--no-grids", "--no-figures"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "Traceback" not in error, error
-    assert error.startswith("analysis: error: --compare-paper refused: the published numbers use the inception-v3-compat extractor, "
+    assert error.startswith("error: --compare-paper refused: the published numbers use the inception-v3-compat extractor, "
                             "these results were evaluated with digits-cnn-v1 (6 trials), whose FIDs are not comparable")
     assert not (tmp_path / "out").exists()  # nothing written
     for path in (storage / "results").glob("*.json"):  # Inception features, but a dataset the paper did not use
@@ -574,12 +575,13 @@ def test_cli_expected_failures_end_in_one_line_without_traceback(fixture_storage
     cases = {"empty": ([str(tmp_path / "empty")], "no result files"), "missing": ([str(tmp_path / "nowhere")], "does not exist"),
              "file": ([str(tmp_path / "a-file")], "is not a folder"), "invalid": ([str(invalid)], "1 file(s) are not valid results"),
              "mixed": ([str(mixed)], "mix feature extractors"),
-             "unwritable out": ([str(fixture_storage), "--out", str(tmp_path / "a-file" / "out")], "cannot create the output folder")}
+             "unwritable out": ([str(fixture_storage), "--out", str(tmp_path / "a-file" / "out")], "cannot create or write in the output folder")}
     for name, (args, needle) in cases.items():
         argv = args + ([] if "--out" in args else ["--out", str(tmp_path / "out" / name.replace(" ", "_"))])
         assert cli(argv + ["--no-grids", "--no-figures"]) == 2, name
         error = capsys.readouterr().err
-        assert error.startswith("analysis: error: ") and needle in error.splitlines()[0] and "Traceback" not in error, (name, error)
+        last = error.strip().splitlines()[-1]  # a listing (which files) comes above the line that says what is wrong
+        assert last.startswith("error: ") and needle in last and "Traceback" not in error, (name, error)
     import analysis.load as load
 
     def unreadable(folder):
@@ -588,7 +590,7 @@ def test_cli_expected_failures_end_in_one_line_without_traceback(fixture_storage
     monkeypatch.setattr(load, "_json_names", unreadable)
     assert cli([str(tmp_path / "empty"), "--out", str(tmp_path / "out" / "unreadable")]) == 2
     error = capsys.readouterr().err
-    assert error == f"analysis: error: cannot read the results in {tmp_path / 'empty'}: PermissionError: [Errno 13] Permission denied: '{tmp_path / 'empty'}'\n"
+    assert error == f"error: cannot read the results in {tmp_path / 'empty'}: PermissionError: [Errno 13] Permission denied: '{tmp_path / 'empty'}'\n"
 
 
 def test_a_long_title_is_wrapped_inside_the_figure_left_of_the_legend(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -143,3 +144,69 @@ def test_resized_model_round_trips(tmp_path, tiny_var):
     assert torch.equal(var.class_emb.weight, tiny_var.class_emb.weight)
     with pytest.raises(CheckpointError, match="another var architecture"):
         load_var(tmp_path / "ft.pth", **TINY_VAR)
+
+
+@pytest.mark.parametrize("reader_can_write", [True, False])
+def test_a_re_save_stopped_at_any_point_leaves_the_old_or_the_new_pair(tmp_path, tiny_var, monkeypatch, reader_can_write):
+    """Kill a re-save at each of its renames (the k-th ``os.replace`` raises, as if the process died there): loading
+    then gives the old pair or the new pair, never a SHA-256 mismatch. A save stopped after its sidecar committed
+    is completed by the next reader (``reader_can_write``) or read from its staged file (a read-only reader)."""
+    path = tmp_path / "var.pth"
+    old_bias = tiny_var.head.bias.detach().clone()
+    new_state = {k: v.clone() for k, v in tiny_var.state_dict().items()}
+    new_state["head.bias"] = old_bias + 1.0
+    real_replace, seen, stop = os.replace, set(), 0
+    while True:
+        save_var(tiny_var, path, metadata={"version": "old"})
+        calls = []
+
+        def replace(src, dst, *, _calls=calls, _stop=stop):
+            if len(_calls) == _stop:
+                raise OSError("killed")
+            _calls.append(dst)
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            save_var(tiny_var, path, metadata={"version": "new"}, state=new_state)
+            finished = True
+        except OSError:
+            finished = False
+        if reader_can_write:
+            monkeypatch.setattr(os, "replace", real_replace)
+        bias = load_var(path, **TINY_VAR).head.bias.detach()  # never a SHA-256 mismatch
+        monkeypatch.setattr(os, "replace", real_replace)
+        version = "old" if torch.equal(bias, old_bias) else "new"
+        assert version == "old" or torch.equal(bias, old_bias + 1.0), stop
+        seen.add(version)
+        if reader_can_write:  # the files on disk are that pair now, sidecar included
+            on_disk = torch.load(path, weights_only=True)["head.bias"]
+            assert torch.equal(on_disk, bias) and json.loads((tmp_path / "var.pth.json").read_text())["metadata"]["version"] == version
+        if finished:
+            break
+        stop += 1
+    assert seen == {"old", "new"} and stop >= 2  # the kill points covered both sides of the commit
+    save_var(tiny_var, path, metadata={"version": "old"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["var.pth", "var.pth.json"]  # stale staged files are gone
+
+
+def test_a_reader_racing_a_re_save_reads_a_consistent_pair(tmp_path, tiny_var, monkeypatch):
+    """A reader that took the old sidecar while a save replaced both files re-reads the new pair instead of
+    reporting a SHA-256 mismatch."""
+    import trainables.models.checkpoints as checkpoints
+
+    path = save_var(tiny_var, tmp_path / "var.pth", metadata={"version": "old"})
+    new_state = {k: v.clone() for k, v in tiny_var.state_dict().items()}
+    new_state["head.bias"] += 1.0
+    real_read_sidecar, calls = checkpoints.read_sidecar, []
+
+    def read_sidecar_then_save(p):
+        record = real_read_sidecar(p)
+        if not calls:  # the first read returns the old sidecar, then a whole new pair lands
+            save_var(tiny_var, path, metadata={"version": "new"}, state=new_state)
+        calls.append(record)
+        return record
+
+    monkeypatch.setattr(checkpoints, "read_sidecar", read_sidecar_then_save)
+    state, _, metadata = checkpoints.read_verified(path, kind="var", architecture=tiny_var.architecture)
+    assert metadata["version"] == "new" and torch.equal(state["head.bias"], new_state["head.bias"]) and len(calls) >= 3

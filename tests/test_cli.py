@@ -29,7 +29,9 @@ def test_dry_run_checks_and_prints_and_creates_nothing(tmp_path, capsys):
     assert main(["sweep", "table2", "--dry-run", "--assets", str(tmp_path / "nothing"), "--storage", str(storage)]) == 2
     captured = capsys.readouterr()
     assert "8 of 8 trials to run" in captured.out and "cannot run; nothing was started" in captured.err
-    assert captured.err.startswith("error: 8 of 8 trials cannot run") and "Traceback" not in captured.err
+    # the listing first, then one last line that says what is wrong and names the first problem's input
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("error: 8 of 8 trials cannot run") and str(tmp_path / "nothing") in last and "Traceback" not in captured.err
     assert not storage.exists()
     # --where runs part of a grid; a wrong field or a value no trial has is named, nothing starts.
     assert main(["sweep", "demo", "--smoke", "--dry-run", "--where", "method.name=lora", "--where", "privacy=null", "--storage", str(storage)]) == 0
@@ -63,7 +65,8 @@ def test_status_is_read_only_and_shows_every_state(tmp_path, capsys):
 def test_bad_arguments_end_in_one_line(tmp_path, capsys):
     assert main(["sweep", "demo", "--smoke", "--max-concurrent", "0", "--storage", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --max-concurrent must be >= 1") and err.count("\n") == 1
+    assert err.startswith("error: python -m bench sweep: argument --max-concurrent: '0' is not an integer >= 1") and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()  # refused while parsing, before anything is created
 
 
 def _demo_rows(fids, accuracies, precision=0.5, recall=0.3):

@@ -184,3 +184,18 @@ def test_transforms_follow_the_paper(tmp_path):
     assert torch.equal(a, b) and a.shape == (3, 16, 16)
     crops = {tuple(train_transform(16)(image).flatten()[:8].tolist()) for _ in range(6)}
     assert len(crops) > 1  # random crops differ
+
+
+@pytest.mark.parametrize("split_lines, expected", [
+    (lambda lines: lines[:2] + lines[3:], r"cub200: 1 image\(s\) have no entry in train_test_split.txt \(ids \['3'\]\)"),
+    (lambda lines: [line if not line.startswith("5 ") else "5 2" for line in lines],
+     r"cub200: 1 image\(s\) have a split other than 1 \(train\) or 0 \(test\) \(id: value \{'5': '2'\}\)"),
+])
+def test_cub_image_in_no_split_is_an_error_naming_it(tmp_path, split_lines, expected):
+    """An image missing from train_test_split.txt (or marked neither 1 nor 0) used to drop out of both splits."""
+    make_cub(tmp_path)
+    split_file = tmp_path / "CUB_200_2011" / "train_test_split.txt"
+    split_file.write_text("\n".join(split_lines(split_file.read_text().splitlines())) + "\n")
+    for split in ("train", "test"):
+        with pytest.raises(DatasetError, match=expected):
+            read_dataset("cub200", tmp_path, split)

@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from conftest import TINY_VAR
 from test_datasets import make_folder
 from trainables.data.datasets import read_dataset
 from trainables.evaluation.evaluate import EvaluationSettings, evaluate, main
@@ -42,9 +41,11 @@ def test_resolution_mismatch_is_refused(tiny_var, tiny_vqvae, split, tmp_path):
 
 def test_standalone_command_on_saved_checkpoints(tiny_var, tiny_vqvae, split, tmp_path, capsys):
     var_path, vqvae_path = save_var(tiny_var, tmp_path / "var.pth"), save_vqvae(tiny_vqvae, tmp_path / "vqvae.pth")
-    main(["--var", str(var_path), "--depth", str(TINY_VAR["depth"]), "--vqvae", str(vqvae_path), "--dataset", "folder",
-          "--root", str(tmp_path / "data"), "--split", "train", "--extractor", "substitute-randconv-v1", "--resolution", "16",
-          "--cfg", "1.0", "--top-k", "0", "--top-p", "0", "--batch-size", "4", "--cache", str(tmp_path / "ref"), "--out", str(tmp_path / "eval")])
+    # --depth may be left out: the sidecar records the architecture (a different --depth is refused; see test_bad_inputs)
+    assert main(["--var", str(var_path), "--vqvae", str(vqvae_path), "--dataset", "folder",
+                 "--root", str(tmp_path / "data"), "--split", "train", "--extractor", "substitute-randconv-v1", "--resolution", "16",
+                 "--cfg", "1.0", "--top-k", "0", "--top-p", "0", "--batch-size", "4", "--cache", str(tmp_path / "ref"),
+                 "--out", str(tmp_path / "eval")]) == 0
     result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert result["images_generated"] == 5 and len(list((tmp_path / "eval" / "images").rglob("*.png"))) == 5
     assert "fid" in json.loads(capsys.readouterr().out)

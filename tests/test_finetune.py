@@ -108,13 +108,18 @@ def _ddp_finetune_worker(rank: int, world: int, init_file: str, result_file: str
         torch.distributed.destroy_process_group()
 
 
-def _tiny_non_dp_finetune() -> dict[str, torch.Tensor]:
+def _tiny_lora_setup():
+    """(token views of 16 random examples, a tiny VQVAE, a LoRA-adapted tiny VAR), the same in every process."""
     g = torch.Generator().manual_seed(0)
     data = TokenViews(torch.randint(0, 3, (16,), generator=g),
                       tuple(torch.randint(0, 64, (16, 1, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]))
     torch.manual_seed(0)
     vqvae = build_vqvae(**TINY_VQVAE).eval()
-    var = adapt(base_var(), AdaptationSpec(method="lora", num_classes=3, lora_rank=4))
+    return data, vqvae, adapt(base_var(), AdaptationSpec(method="lora", num_classes=3, lora_rank=4))
+
+
+def _tiny_non_dp_finetune() -> dict[str, torch.Tensor]:
+    data, vqvae, var = _tiny_lora_setup()
     finetune(var, vqvae, data, options=FinetuneOptions(steps=3, lr=1e-2, batch_size=8, class_dropout=0.0), seed=0)
     return {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
 
@@ -271,3 +276,64 @@ def test_bf16_autocast_is_off_for_ghost_clipping_only():
     assert training_autocast(options, None)
     assert [training_autocast(options, spec(c)) for c in ("auto", "hooks", "bookkeeping", "ghost")] == [True, True, True, False]
     assert not training_autocast(FinetuneOptions(steps=1, lr=1e-3), None)
+
+
+class TrainingClock:
+    """A wall clock (seconds) that advances ``per_step`` at every logged step: the run's own history drives time,
+    so the saves by time are deterministic."""
+
+    def __init__(self, per_step: float):
+        self.now, self.per_step = 0.0, per_step
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, entry: dict) -> None:
+        self.now += self.per_step
+
+
+def _timed_run(digits_setup, *, clock: TrainingClock, every: int = 1000, every_fraction=None, resume=None):
+    vqvae, data, _, num_classes = digits_setup
+    options = FinetuneOptions(steps=6, lr=1e-3, batch_size=16, log_every=1)
+    var = adapt(base_var(), AdaptationSpec(method="lora", num_classes=num_classes))
+    states: list[dict] = []
+    checkpointing = Checkpointing(every=every, every_minutes=1.0, every_fraction=every_fraction, clock=clock,
+                                  save=lambda state: states.append(copy.deepcopy(state)), resume=resume)
+    finetune(var, vqvae, data, options=options, seed=3, log=clock.tick, checkpointing=checkpointing)
+    return states
+
+
+def test_a_long_run_saves_by_wall_clock_time_and_not_after_the_final_step(digits_setup):
+    """No step-based save falls inside the run (every 1000 steps); 25 s per step and a 1-minute limit save after
+    step 3 (75 s), then 75 s later at the final step, where nothing is saved (the result follows)."""
+    states = _timed_run(digits_setup, clock=TrainingClock(per_step=25.0))
+    assert [s["step"] for s in states] == [3]
+    assert [s["step"] for s in _timed_run(digits_setup, clock=TrainingClock(per_step=1.0))] == []  # time never due
+
+
+def test_a_resumed_run_continues_the_step_schedule(digits_setup):
+    """A third of 6 planned steps: saves after steps 2 and 4; a run resumed at step 2 saves at 4 only."""
+    states = _timed_run(digits_setup, clock=TrainingClock(per_step=0.0), every_fraction=1 / 3)
+    assert [s["step"] for s in states] == [2, 4]
+    resumed = _timed_run(digits_setup, clock=TrainingClock(per_step=0.0), every_fraction=1 / 3, resume=states[0])
+    assert [s["step"] for s in resumed] == [4]
+
+
+def _ddp_timed_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        data, vqvae, var = _tiny_lora_setup()
+        # Rank 1's clock never reaches the limit, rank 0's does after step 3: every rank must save where rank 0 says.
+        clock, saved = TrainingClock(per_step=25.0 if rank == 0 else 0.0), []
+        checkpointing = Checkpointing(every=1000, every_minutes=1.0, clock=clock, save=lambda state: saved.append(state["step"]))
+        finetune(var, vqvae, data, options=FinetuneOptions(steps=6, lr=1e-2, batch_size=8, log_every=1), seed=0,
+                 log=clock.tick, checkpointing=checkpointing)
+        torch.save(saved, f"{result_file}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_every_rank_saves_where_rank_0s_clock_says(tmp_path):
+    """``ray.train.report`` is a barrier: a save by time on one rank only would hang the trial."""
+    torch.multiprocessing.spawn(_ddp_timed_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "saved")), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"saved.{rank}", weights_only=True) for rank in (0, 1)] == [[3], [3]]

@@ -1,12 +1,18 @@
 """Generation for evaluation: per-class plans, distinct randomness per batch, resumable lossless output."""
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
 
+from conftest import TINY_VAR
 from test_datasets import make_folder
 from trainables.data.datasets import read_dataset
-from trainables.evaluation.generate import SamplingSettings, generate, generation_plan, image_path, read_generated
+from trainables.evaluation.generate import (MANIFEST, SamplingSettings, generate, generation_plan, image_path, read_generated,
+                                            weights_fingerprint)
+from trainables.models import build_var
 
 SETTINGS = SamplingSettings(cfg=1.0, top_k=0, top_p=0.0, batch_size=3, seed=4)
 
@@ -43,3 +49,48 @@ def test_png_output_is_lossless_and_resumes(tiny_var, tiny_vqvae, tmp_path):
     generate(tiny_var, tiny_vqvae, plan, settings=SETTINGS, out_dir=tmp_path)
     assert survivor.stat().st_mtime_ns == before  # batch 0 was complete and not regenerated
     assert torch.equal(read_generated(tmp_path, plan)[0], in_memory)
+
+
+def test_a_new_model_never_inherits_an_earlier_models_images(tiny_var, tiny_vqvae, tmp_path):
+    """A retried trial evaluates into the folder where an earlier attempt's model stopped after two of three
+    batches: every image must then come from the new model (as a fresh generation of it), none from the old."""
+    plan = [4, 0, 2, 0, 1]
+    generate(tiny_var, tiny_vqvae, plan, settings=SETTINGS, out_dir=tmp_path)
+    image_path(tmp_path, 4, 6).unlink()  # the earlier attempt was interrupted in its last batch
+    other = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(1)).eval()
+    fresh, _ = generate(other, tiny_vqvae, plan, settings=SETTINGS)
+    assert not torch.equal(fresh[:3], generate(tiny_var, tiny_vqvae, plan, settings=SETTINGS)[0][:3])  # the models differ
+    generate(other, tiny_vqvae, plan, settings=SETTINGS, out_dir=tmp_path)
+    assert torch.equal(read_generated(tmp_path, plan)[0], fresh)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["weights_sha256"] == weights_fingerprint(other, tiny_vqvae) and manifest["sampling"]["seed"] == SETTINGS.seed
+    # Other sampling settings are another set of images too; the same model and settings resume (batch 0 kept).
+    reseeded = SamplingSettings(**{**SETTINGS.to_dict(), "seed": 5})
+    generate(other, tiny_vqvae, plan, settings=reseeded, out_dir=tmp_path)
+    assert torch.equal(read_generated(tmp_path, plan)[0], generate(other, tiny_vqvae, plan, settings=reseeded)[0])
+    kept = image_path(tmp_path, 0, 0).stat().st_mtime_ns
+    image_path(tmp_path, 4, 6).unlink()
+    generate(other, tiny_vqvae, plan, settings=reseeded, out_dir=tmp_path)
+    assert image_path(tmp_path, 0, 0).stat().st_mtime_ns == kept and image_path(tmp_path, 4, 6).is_file()
+
+
+def test_images_without_a_manifest_are_not_trusted(tiny_var, tiny_vqvae, tmp_path):
+    """PNGs of unknown origin (e.g. written before manifests existed) are regenerated, not scored."""
+    plan = [4, 0, 2, 0, 1]
+    other = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(1)).eval()
+    generate(other, tiny_vqvae, plan, settings=SETTINGS, out_dir=tmp_path)
+    (tmp_path / MANIFEST).unlink()
+    generate(tiny_var, tiny_vqvae, plan, settings=SETTINGS, out_dir=tmp_path)
+    assert torch.equal(read_generated(tmp_path, plan)[0], generate(tiny_var, tiny_vqvae, plan, settings=SETTINGS)[0])
+
+
+def test_weights_fingerprint_follows_every_weight_and_buffer(tiny_var, tiny_vqvae):
+    same = copy.deepcopy(tiny_var)
+    assert weights_fingerprint(same, tiny_vqvae) == weights_fingerprint(tiny_var, tiny_vqvae)
+    with torch.no_grad():
+        next(same.parameters()).view(-1)[0] += 1e-6
+    assert weights_fingerprint(same, tiny_vqvae) != weights_fingerprint(tiny_var, tiny_vqvae)
+    vqvae = copy.deepcopy(tiny_vqvae)
+    name, buffer = next((n, b) for n, b in vqvae.named_buffers() if b.is_floating_point() and b.numel())
+    buffer.view(-1)[0] += 1.0
+    assert weights_fingerprint(tiny_var, vqvae) != weights_fingerprint(tiny_var, tiny_vqvae), name

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -26,11 +27,18 @@ from sweep_driver import driver_trials, tiny_trial
 pytestmark = pytest.mark.slow
 
 
+# Every process of this module's cluster that runs our code (trial actors, Train controllers and workers) inherits
+# the job's runtime environment, so this variable marks them: a test kills only its own cluster's workers, never
+# those of another Ray on the same host.
+CLUSTER_MARK = "VARSWEEP_TEST_CLUSTER"
+
+
 @pytest.fixture(scope="module")
 def cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900"}})
+    cluster.mark = uuid.uuid4().hex
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900", CLUSTER_MARK: cluster.mark}})
     yield cluster
     ray.shutdown()
     cluster.shutdown()
@@ -57,12 +65,35 @@ def test_two_node_sweep_with_ddp_trials(cluster, tmp_path):
     assert again["ran"] == 0 and again["skipped"] == 2
 
 
-def _train_workers() -> list[psutil.Process]:
+def _train_workers(mark: str) -> list[psutil.Process]:
+    """The Ray Train worker processes of the cluster whose processes carry ``CLUSTER_MARK=mark``."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
-            found.append(process)
+        if "RayTrainWorker" not in " ".join(process.info["cmdline"] or []):
+            continue
+        try:
+            if process.environ().get(CLUSTER_MARK) == mark:
+                found.append(process)
+        except psutil.Error:  # gone, or another user's process: not ours
+            continue
     return found
+
+
+def _decoy(mark: str | None) -> subprocess.Popen:
+    """A process that looks like a Ray Train worker (by its command line) of the cluster marked ``mark``."""
+    env = {k: v for k, v in os.environ.items() if k != CLUSTER_MARK} | ({CLUSTER_MARK: mark} if mark else {})
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "RayTrainWorker"], env=env)
+
+
+def test_only_the_marked_clusters_workers_are_found():
+    mark = uuid.uuid4().hex
+    ours, other, unmarked = _decoy(mark), _decoy(uuid.uuid4().hex), _decoy(None)
+    try:
+        assert [p.pid for p in _train_workers(mark)] == [ours.pid]
+    finally:
+        for process in (ours, other, unmarked):
+            process.kill()
+            process.wait()
 
 
 def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path):
@@ -78,11 +109,15 @@ def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path):
     # from step 20 or later is then certain.
     while len(list(run_dir.glob("step_*"))) < 2 and time.time() < deadline:
         time.sleep(0.1)
-    workers = _train_workers()
-    assert workers, "no Ray Train worker found to kill"
+    bystander = _decoy(None)  # a worker of another Ray on this host: must survive
+    workers = _train_workers(cluster.mark)
+    assert workers, "no Ray Train worker of this test's cluster found to kill"
     for worker in workers:
         worker.send_signal(signal.SIGKILL)
     thread.join(timeout=900)
+    assert bystander.poll() is None
+    bystander.kill()
+    bystander.wait()
     record = ResultStore(launch.storage).read(config.trial_id)
     assert outcome["failed"] == 0 and record["status"] == "success"
     assert record["data"]["resumed_from_step"] >= 20

@@ -77,10 +77,10 @@ def test_trial_id_ignores_resources_but_not_settings():
     (lambda: replace(TINY, privacy={"target_epsilon": 1, "sampling_rate": 0.1, "max_grad_norm": 1, "augmentation_multiplicity": 4}),
      "privacy.augmentation_multiplicity"),
     (lambda: replace(TINY, method={"name": "base"}), "optimization.steps"),
-    (lambda: TrialConfig.from_dict({"method": {"name": "lora", "rank": 8}}), "method"),
+    (lambda: TrialConfig.from_dict({**TINY.to_dict(), "method": {"name": "lora", "rank": 8}}), "method"),
     (lambda: TrialConfig(model=ModelConfig(base="official", depth=16, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0),
                          evaluation=EvaluationConfig(extractor="substitute-randconv-v1")), "data.resolution"),
-    (lambda: EvaluationConfig(extractor="substitute-randconv-v1", top_p=1.0), "evaluation.cfg"),  # the sampler refuses top_p=1
+    (lambda: EvaluationConfig(extractor="substitute-randconv-v1", top_p=1.0), "evaluation.top_p"),  # the sampler refuses top_p=1
     (lambda: replace(TINY, data={"dataset": "shapes"}, evaluation={"extractor": "digits-cnn-v1", "inception_weights": None}),
      "evaluation.extractor"),
 ])
@@ -112,3 +112,108 @@ def test_relative_paths_become_absolute_once_in_the_driver(tmp_path, monkeypatch
     fixed = with_absolute_paths(config)
     assert fixed.data.root == str(tmp_path / "my-images") and fixed.trial_id != config.trial_id
     assert with_absolute_paths(fixed) is fixed and with_absolute_paths(TINY) is TINY
+
+
+# --- types: every field refuses a value of the wrong type, naming the field (before any range check) -----------
+def _record(**sections) -> dict:
+    record = TINY.to_dict()
+    for name, values in sections.items():
+        record[name] = values if not isinstance(values, dict) else {**(record[name] or {}), **values}
+    return record
+
+
+@pytest.mark.parametrize("build, field", [
+    (lambda: PrivacyConfig(target_epsilon="10", sampling_rate=0.1, max_grad_norm=1.0), "privacy.target_epsilon"),
+    (lambda: OptimizationConfig(steps=2.5), "optimization.steps"),
+    (lambda: OptimizationConfig(steps=True), "optimization.steps"),
+    (lambda: OptimizationConfig(epochs=float("nan")), "optimization.epochs"),
+    (lambda: OptimizationConfig(steps=3, learning_rate=float("inf")), "optimization.learning_rate"),
+    (lambda: OptimizationConfig(steps=3, autocast_bf16=1), "optimization.autocast_bf16"),
+    (lambda: OptimizationConfig(steps=3, seed=None), "optimization.seed"),
+    (lambda: PrivacyConfig(target_epsilon=1.0, sampling_rate=float("nan"), max_grad_norm=1.0), "privacy.sampling_rate"),
+    (lambda: PrivacyConfig(target_epsilon=1.0, sampling_rate=0.1, max_grad_norm=1.0, accountant=["rdp"]), "privacy.accountant"),
+    (lambda: DataConfig(dataset=["digits"]), "data.dataset"),
+    (lambda: DataConfig(resolution="16"), "data.resolution"),
+    (lambda: DataConfig(skip_corrupt_images="no"), "data.skip_corrupt_images"),
+    (lambda: MethodConfig(train_blocks=("a",)), "method.train_blocks"),
+    (lambda: MethodConfig(train_blocks=(True,)), "method.train_blocks"),
+    (lambda: MethodConfig(lora_targets="mat_qkv"), "method.lora_targets"),
+    (lambda: MethodConfig(lora_targets=("mat_qkv", 3)), "method.lora_targets"),
+    (lambda: ModelConfig(depth=2.0), "model.depth"),
+    (lambda: EvaluationConfig(extractor="substitute-randconv-v1", top_k=900.0), "evaluation.top_k"),
+    (lambda: EvaluationConfig(extractor="substitute-randconv-v1", num_images=False), "evaluation.num_images"),
+    (lambda: ResourcesConfig(workers="2"), "resources.workers"),
+    (lambda: ResourcesConfig(gpus_per_worker=None), "resources.gpus_per_worker"),
+    (lambda: ModelConfig(base="official", depth=16, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0,
+                         var_checkpoint_sha256="abc"), "model.var_checkpoint_sha256"),
+    (lambda: ModelConfig(base="official", depth=16, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0,
+                         vqvae_checkpoint_sha256="AB" * 32), "model.vqvae_checkpoint_sha256"),
+    (lambda: ModelConfig(var_checkpoint_sha256="ab" * 32), "model.var_checkpoint_sha256"),  # no path to identify
+    (lambda: DataConfig(content_id="ab" * 32), "data.content_id"),  # offline sets have no content id
+    (lambda: TrialConfig.from_dict(None), "config"),
+    (lambda: TrialConfig.from_dict([]), "config"),
+    (lambda: TrialConfig.from_dict("config"), "config"),
+    (lambda: TrialConfig.from_dict({k: v for k, v in TINY.to_dict().items() if k != "privacy"}), "config"),  # missing section
+    (lambda: TrialConfig.from_dict(_record(model="tiny")), "model"),
+    (lambda: TrialConfig.from_dict(_record(optimization=[1, 2])), "optimization"),
+    (lambda: TrialConfig.from_dict(_record(data=None)), "data"),
+    (lambda: TrialConfig.from_dict(_record(privacy={"sampling_rate": 0.1, "max_grad_norm": 1.0})), "privacy"),  # missing field
+    (lambda: TrialConfig.from_dict(_record(optimization={"steps": 2.5})), "optimization.steps"),
+    (lambda: TrialConfig.from_dict(_record(method={"train_blocks": ["a"]})), "method.train_blocks"),
+    (lambda: replace(TINY, method={"train_blocks": [0, "x"]}), "method.train_blocks"),
+    (lambda: replace(TINY, optimization={"sneaky": 1}), "optimization"),
+])
+def test_wrong_types_name_the_field(build, field):
+    with pytest.raises(ConfigError, match=rf"^{field.replace('.', chr(92) + '.')}:"):
+        build()
+
+
+def test_ints_are_numbers_and_lists_become_tuples():
+    assert PrivacyConfig(target_epsilon=10, sampling_rate=1, max_grad_norm=1).target_epsilon == 10
+    assert OptimizationConfig(epochs=3).epochs == 3 and ResourcesConfig(gpus_per_worker=0).gpus_per_worker == 0
+    config = TrialConfig.from_dict(_record(method={"name": "lora", "train_blocks": [0, 1], "lora_targets": ["mat_qkv"]}))
+    assert config.method.train_blocks == (0, 1) and config.method.lora_targets == ("mat_qkv",)
+    assert replace(TINY, method={"train_blocks": [1]}).method.train_blocks == (1,)
+    # A record written before a field existed still reads (the field takes its default).
+    older = _record()
+    del older["evaluation"]["convergence_points"], older["model"]["var_checkpoint_sha256"]
+    assert TrialConfig.from_dict(older) == TINY
+
+
+# --- sampling settings: the schema and the sampler accept and refuse exactly the same values ------------------
+SAMPLING_VALUES = [
+    ("top_p", 0, True), ("top_p", 0.0, True), ("top_p", 0.5, True), ("top_p", 0.999, True), ("top_p", 1, False),
+    ("top_p", 1.0, False), ("top_p", -0.1, False), ("top_p", float("nan"), False), ("top_p", float("inf"), False),
+    ("top_p", "0.5", False), ("top_p", True, False), ("top_p", None, False),
+    ("top_k", 0, True), ("top_k", 1, True), ("top_k", 900, True), ("top_k", -1, False), ("top_k", 2.5, False),
+    ("top_k", 2.0, False), ("top_k", True, False), ("top_k", "5", False),
+    ("cfg", 0, True), ("cfg", 1.5, True), ("cfg", 4, True), ("cfg", -0.5, False), ("cfg", float("nan"), False),
+    ("cfg", float("inf"), False), ("cfg", False, False),
+]
+
+
+@pytest.mark.parametrize("name, value, valid", SAMPLING_VALUES)
+def test_schema_and_sampler_agree_on_sampling_settings(name, value, valid, tiny_sampler):
+    import torch
+
+    var, vqvae = tiny_sampler
+    settings = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, name: value}
+    if valid:
+        EvaluationConfig(extractor="substitute-randconv-v1", **settings)
+        images = var.sample(torch.tensor([0]), vqvae=vqvae, generator=torch.Generator().manual_seed(0), **settings)
+        assert images.shape[0] == 1
+        return
+    with pytest.raises(ConfigError, match=rf"^evaluation\.{name}:"):
+        EvaluationConfig(extractor="substitute-randconv-v1", **settings)
+    with pytest.raises(ValueError, match=rf"^{name} must be"):
+        var.sample(torch.tensor([0]), vqvae=vqvae, **settings)
+
+
+@pytest.fixture(scope="module")
+def tiny_sampler():
+    import torch
+
+    from conftest import TINY_VAR, TINY_VQVAE
+    from trainables.models import build_var, build_vqvae
+
+    return build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0)).eval(), build_vqvae(**TINY_VQVAE).eval()

@@ -81,7 +81,7 @@ def test_interrupted_build_resumes_at_the_first_unfinished_shard(images, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
     cache = TokenCache(tmp_path / "cache", cache_key(images, vqvae, SPEC), shard_size=2)
-    assert not cache.complete and json.loads((cache.folder / "progress.json").read_text()) == [0, 1]
+    assert not cache.complete and json.loads((cache.folder / "progress.json").read_text())["finished_images"] == [[0, 4]]
     with pytest.raises(DatasetError, match="incomplete"):
         cache.load()
     calls.clear()
@@ -109,3 +109,26 @@ def test_damaged_file_and_unreadable_image_are_named(images, tmp_path):
     images.paths[3].write_bytes(b"not an image")
     with pytest.raises(DatasetError, match=f"cannot read image {images.paths[3]}"):
         open_token_cache(tmp_path / "other", images, vqvae, spec=SPEC)
+
+
+@pytest.mark.parametrize("resumed_shard_size", [8, 1, 3])
+def test_a_build_resumed_with_another_shard_size_has_every_token(images, tmp_path, monkeypatch, resumed_shard_size):
+    """Interrupted after the first shard of 2 images, then resumed with another shard size: the finished shards
+    must not be read as shards of the new size (with 8, "shard 0 finished" used to skip every image: zero tokens)."""
+    vqvae = make_vqvae()
+    full, _ = open_token_cache(tmp_path / "reference", images, vqvae, spec=SPEC, shard_size=2)
+    real_tokenise = token_cache._tokenise
+    calls = []
+
+    def dying_after_one_shard(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt("simulated crash")
+        calls.append(1)
+        return real_tokenise(*args, **kwargs)
+
+    monkeypatch.setattr(token_cache, "_tokenise", dying_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
+    monkeypatch.setattr(token_cache, "_tokenise", real_tokenise)
+    resumed, hit = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=resumed_shard_size)
+    assert not hit and all(torch.equal(a, b) for a, b in zip(full.views, resumed.views))

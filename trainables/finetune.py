@@ -52,6 +52,7 @@ class FinetuneOptions:
     max_grad_norm: float | None = 2.0
     log_every: int = 50
     eval_every: int = 0  # convergence curve: call ``evaluate_fn`` every this many steps (0 = only if asked at the end)
+    eval_points: int = 0  # or at this many evenly spaced steps of the run, the last one final (0 = off; not with eval_every)
     autocast_bf16: bool = False  # forward passes under bf16 autocast when the model is on a CUDA device
 
     def __post_init__(self) -> None:
@@ -60,6 +61,23 @@ class FinetuneOptions:
         if self.prior_weight < 0 or self.prior_batch_size < 1 or self.augmentation_multiplicity < 1 or self.log_every < 1 or self.eval_every < 0:
             raise ValueError(f"invalid options {self}: need prior_weight >= 0, prior_batch_size >= 1, augmentation_multiplicity >= 1, "
                              "log_every >= 1, eval_every >= 0")
+        if self.eval_points < 0 or (self.eval_points and self.eval_every):
+            raise ValueError(f"invalid options {self}: need eval_points >= 0, and at most one of eval_every and eval_points")
+
+    def evaluation_steps(self) -> list[int]:
+        """Steps done after which ``finetune`` calls its ``evaluate_fn`` (see ``evaluation_steps``)."""
+        return evaluation_steps(self.steps, every=self.eval_every, points=self.eval_points)
+
+
+def evaluation_steps(planned_steps: int, *, every: int = 0, points: int = 0) -> list[int]:
+    """The convergence curve's points, as steps done (1..planned_steps): every ``every`` steps, or ``points``
+    evenly spaced steps (step ceil(i * planned / points) for i = 1..points; fewer when the run is shorter), and
+    always the final step. Pure: every rank and a resumed run compute the same list."""
+    if every:
+        chosen = set(range(every, planned_steps + 1, every))
+    else:
+        chosen = {-(-i * planned_steps // points) for i in range(1, points + 1)}
+    return sorted(chosen | {planned_steps})
 
 
 @dataclass(frozen=True)
@@ -71,14 +89,64 @@ class Prior:
 
 
 @dataclass(frozen=True)
+class CheckpointPolicy:
+    """When a run saves its training state, whichever comes first: every ``every_steps`` steps, every
+    ``every_fraction`` of the planned steps (both step-based: saves after the multiples of the smaller interval,
+    floor(fraction * planned) >= 1 steps, so a resumed run continues the same schedule) and once ``every_minutes``
+    of wall-clock time have passed since the last save (or the run's start). Never after the final step: the
+    result follows it. Steps count steps done (1..planned). Pure: the caller measures the time."""
+
+    every_steps: int
+    every_fraction: float | None = None
+    every_minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1 or not (self.every_fraction is None or 0 < self.every_fraction <= 1) or not (
+                self.every_minutes is None or self.every_minutes > 0):
+            raise ValueError(f"invalid checkpoint policy {self}: need every_steps >= 1, every_fraction in (0, 1], every_minutes > 0")
+
+    def step_interval(self, planned_steps: int) -> int:
+        """Steps between step-based saves."""
+        if self.every_fraction is None:
+            return self.every_steps
+        # The epsilon keeps 0.29 * 100 = 28.999... at 29.
+        return min(self.every_steps, max(1, math.floor(self.every_fraction * planned_steps + 1e-9)))
+
+    def schedule(self, planned_steps: int) -> list[int]:
+        """The step-based saves of a run of ``planned_steps`` (steps done), without the wall clock."""
+        interval = self.step_interval(planned_steps)
+        return list(range(interval, planned_steps, interval))
+
+    def due_by_steps(self, done: int, planned_steps: int) -> bool:
+        return 0 < done < planned_steps and done % self.step_interval(planned_steps) == 0
+
+    def due_by_time(self, done: int, planned_steps: int, seconds_since_save: float) -> bool:
+        return self.every_minutes is not None and 0 < done < planned_steps and seconds_since_save >= 60 * self.every_minutes
+
+    def due(self, done: int, *, planned_steps: int, seconds_since_save: float) -> bool:
+        """Whether to save after ``done`` steps of ``planned_steps``, ``seconds_since_save`` after the last save."""
+        return self.due_by_steps(done, planned_steps) or self.due_by_time(done, planned_steps, seconds_since_save)
+
+
+@dataclass(frozen=True)
 class Checkpointing:
-    """Resumable training. ``save(state)`` is called on every rank after every ``every``-th step and after every
-    convergence evaluation (so an evaluation is never released from a step a resumed run would redo); ``resume`` is
-    a state saved that way. Under an initialised process group only rank 0's state is complete enough to keep."""
+    """Resumable training. ``save(state)`` is called on every rank at the same steps: when ``policy`` says so
+    (every ``every`` steps, every ``every_fraction`` of the planned steps, every ``every_minutes`` of wall-clock
+    time by ``clock`` (seconds), whichever comes first; under a process group rank 0's clock decides for all, as
+    ``ray.train.report`` is a barrier) and after every convergence evaluation step (so an evaluation is never
+    released from a step a resumed run would redo); never after the final step. ``resume`` is a state saved that
+    way. Under an initialised process group only rank 0's state is complete enough to keep."""
 
     every: int
     save: Callable[[dict], None]
     resume: dict | None = None
+    every_minutes: float | None = None
+    every_fraction: float | None = None
+    clock: Callable[[], float] = time.monotonic
+
+    @property
+    def policy(self) -> CheckpointPolicy:
+        return CheckpointPolicy(every_steps=self.every, every_fraction=self.every_fraction, every_minutes=self.every_minutes)
 
 
 def check_finetune(data: TokenViews, *, options: FinetuneOptions, privacy: PrivacySpec | None, prior: Prior | None,
@@ -104,8 +172,9 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
              prior: Prior | None = None, seed: int = 0, sampling_seed: int | None = None, log: Logger | None = None,
              evaluate_fn: Callable[[VAR], dict] | None = None, checkpointing: Checkpointing | None = None) -> dict:
     """Train the trainable parameters of an adapted ``var``; returns {"history": [...], "privacy": ledger or None,
-    "convergence": [{"step": s, **evaluate_fn(var)}, ...]} (evaluations every ``options.eval_every`` steps and at
-    the end; ``evaluate_fn`` sees the model in eval mode, e.g. a small-sample FID).
+    "convergence": [{"step": s, **evaluate_fn(var)}, ...]} (evaluations at ``options.evaluation_steps()``: every
+    ``eval_every`` steps or at ``eval_points`` evenly spaced steps, and at the end; ``evaluate_fn`` sees the model in
+    eval mode, e.g. a small-sample FID).
     Under an initialised process group each rank trains on its share of every batch and gradients are averaged.
 
     Randomness. Each example's own draws (which k cached views, class dropout, drop-path) are keyed by (key, step,
@@ -148,19 +217,23 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
     run = _Run(history=[], convergence=[], meter=StepMeter(device), start_step=0)
     if resume is not None:
         _restore(var, optimizer, resume, run)
+    evaluation_points = set(options.evaluation_steps())
+    saves = _SaveDecision(checkpointing, planned_steps=options.steps, device=device) if checkpointing is not None else None
 
     def begin_step(step: int) -> None:
         draws.step = step
         prior_generator.manual_seed((seed * 1_000_003 + 1) * 1_000_033 + step)
 
     def after_step(step: int, private: PrivateTraining | None = None) -> None:
-        evaluating = evaluate_fn is not None and ((options.eval_every and (step + 1) % options.eval_every == 0) or step == options.steps - 1)
-        if evaluating:
+        # Every rank knows the evaluation steps (only the evaluating rank has an evaluate_fn): all save after them.
+        evaluation_step = step + 1 in evaluation_points
+        if evaluate_fn is not None and evaluation_step:
             var.eval()
             run.convergence.append({"step": step + 1, **evaluate_fn(var)})
             var.train()
-        if checkpointing is not None and step < options.steps - 1 and (evaluating or (step + 1) % checkpointing.every == 0):
+        if saves is not None and saves.due(step + 1, evaluation_step=evaluation_step):
             checkpointing.save(_training_state(var, optimizer, step=step + 1, run=run, private=private))
+            saves.saved()
 
     var.train()
     common = dict(loss_fn=loss_fn, prior_loss=prior_loss if options.prior_weight > 0 else None, options=options,
@@ -174,6 +247,39 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, options: FinetuneOptio
     var.eval()
     return {"history": run.history, "privacy": ledger, "convergence": run.convergence,
             "compute": {**run.meter.report(), "training_precision": "bf16 autocast" if bf16 else "float32"}}
+
+
+class _SaveDecision:
+    """Applies a ``Checkpointing``'s policy during a run: step-based saves and saves after evaluation steps are
+    known to every rank; the wall-clock one is rank 0's, broadcast to the others (one int, only on steps where
+    nothing else decides and a time limit is set). Nothing about the batch enters the decision (DP: the times are
+    released without noise anyway)."""
+
+    def __init__(self, checkpointing: Checkpointing, *, planned_steps: int, device: torch.device):
+        self.policy, self.clock, self.planned, self.device = checkpointing.policy, checkpointing.clock, planned_steps, device
+        self.last_save = self.clock()
+
+    def due(self, done: int, *, evaluation_step: bool) -> bool:
+        if not 0 < done < self.planned:
+            return False
+        if evaluation_step or self.policy.due_by_steps(done, self.planned):
+            return True
+        if self.policy.every_minutes is None:
+            return False
+        return _rank0_decides(self.policy.due_by_time(done, self.planned, self.clock() - self.last_save), device=self.device)
+
+    def saved(self) -> None:
+        self.last_save = self.clock()
+
+
+def _rank0_decides(flag: bool, *, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank of an initialised process group (a one-element broadcast); ``flag`` alone."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")  # NCCL moves CUDA tensors only
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=on)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 @dataclass

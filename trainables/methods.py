@@ -23,7 +23,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .models.checkpoints import CheckpointError, read_state_dict, resize_class_embedding, save_tensors, verify_sidecar
+from .models.checkpoints import CheckpointError, read_verified, resize_class_embedding, save_tensors
 from .models.var import VAR
 from .patches import apply_patches
 
@@ -176,16 +176,22 @@ def _base_architecture(var: VAR) -> dict[str, Any]:
 
 def load_adapter(base: VAR, path: str | os.PathLike) -> VAR:
     """Apply the adapter at ``path`` to a freshly loaded base VAR (in place) and return the fine-tuned model.
-    Refuses a base loaded from another checkpoint file than the one the adapter was trained on."""
-    metadata = verify_sidecar(path, kind=ADAPTER_KIND, architecture=_base_architecture(base))
-    if metadata is None or "adaptation" not in metadata:
+    Refuses a base loaded from another checkpoint file than the one the adapter was trained on. The adapter's
+    tensors and sidecar are read as one verified pair (``read_verified``) before the base is touched."""
+    state, _, metadata = read_verified(path, kind=ADAPTER_KIND, architecture=_base_architecture(base))
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("adaptation"), dict):
         raise CheckpointError(f"adapter {path} has no sidecar {path}.json with its adaptation spec; it cannot be applied")
     trained_on, given = metadata.get("base_sha256"), getattr(base, "checkpoint_sha256", None)
     if trained_on and given and trained_on != given:
         raise CheckpointError(f"adapter {path} was trained on the base checkpoint with SHA-256 {trained_on}, "
                               f"but the given base was loaded from a file with SHA-256 {given}")
-    spec = AdaptationSpec.from_dict(metadata["adaptation"])
-    state = read_state_dict(path)
+    non_finite = sorted(k for k, v in state.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all()))
+    if non_finite:
+        raise CheckpointError(f"adapter {path} holds NaN/inf values in {len(non_finite)} tensor(s): {', '.join(non_finite[:8])}")
+    try:
+        spec = AdaptationSpec.from_dict(metadata["adaptation"])
+    except (TypeError, ValueError) as err:  # a sidecar edited by hand, or of another version
+        raise CheckpointError(f"adapter {path}: its sidecar's adaptation spec is not usable: {err}") from err
     adapt(base, spec)
     expected = trainable_parameters(base)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -2,7 +2,8 @@
 ``bench/launcher.py``). Ray Train has already set up the torch process group (DDP, gloo on CPU, NCCL on GPU).
 
 Every rank runs ``trainables.trial.run_trial``; progress and training states go through ``ray.train.report`` (a
-barrier: every rank reports at the same steps, rank 0 attaches the checkpoint). A retried run resumes from the
+barrier: every rank reports at the same steps, rank 0 attaches the checkpoint; a checkpoint due by wall-clock time
+is rank 0's decision, broadcast to the other ranks by ``trainables.finetune``). A retried run resumes from the
 latest reported checkpoint. Rank 0 writes the trial's result JSON to the sweep's result store.
 """
 from __future__ import annotations

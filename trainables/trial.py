@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from bench.schema import ConfigError, TrialConfig, make_result
 
+from .assets import verify_content
 from .data import offline
 from .data.datasets import ImageList, check_images, read_dataset
 from .data.token_cache import ViewSpec, open_token_cache
@@ -48,6 +49,7 @@ RECORD_RELEASED_WITHOUT_NOISE = {
     "data.skipped_images": "how many training and evaluation images were corrupt and skipped (only with skip_corrupt_images)",
     "cost.wall_seconds, cost.gpu_hours, cost.setup_seconds, cost.startup_seconds": "wall-clock times of the trial, training included",
     "tune.seconds, tune.eta_seconds": "training wall-clock times reported to Ray Tune while the trial runs, as in the history",
+    "tune.checkpoint": "the steps at which a training checkpoint was saved: by step count, or by wall-clock training time",
 }
 Report = Callable[[dict, dict | None], None]  # (metrics for the progress table, training state to checkpoint or None)
 PACKAGES = ("torch", "torchvision", "peft", "opacus", "torch-fidelity", "numpy", "ray", "varsweep")
@@ -92,9 +94,10 @@ def list_splits(config: TrialConfig, cache_dir: str | Path, *, write: bool = Tru
 
 
 def preflight(config: TrialConfig, cache_dir: str | Path, *, write: bool = True) -> Preflight:
-    """Every check that needs no compute: checkpoint and weight files exist, the dataset lists its splits, the
-    evaluation split's classes are the training split's, and the privacy budget is reachable. Raises ``ConfigError``
-    or ``DatasetError``/``PrivacyConfigError`` naming the problem. ``write=False`` creates nothing (a dry run)."""
+    """The checks each trial repeats cheaply before it loads anything: checkpoint and weight files exist, the
+    dataset lists its splits, then ``plan_trial``. Raises ``ConfigError`` or ``DatasetError``/``PrivacyConfigError``
+    naming the problem. ``write=False`` creates nothing (a dry run). The driver's ``bench.preflight.check_sweep``
+    reads more (checkpoint headers, every listed image, the Inception weights), once per sweep."""
     for field_name in ("var_checkpoint", "vqvae_checkpoint"):
         path = getattr(config.model, field_name)
         if path is not None and not Path(path).is_file():
@@ -102,7 +105,13 @@ def preflight(config: TrialConfig, cache_dir: str | Path, *, write: bool = True)
     weights = config.evaluation.inception_weights
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"evaluation.inception_weights: no file at {weights}")
-    train, evaluation = list_splits(config, cache_dir, write=write)
+    return plan_trial(config, list_splits(config, cache_dir, write=write))
+
+
+def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Preflight:
+    """What the trial will do with these split listings: the evaluation split's classes are the training split's,
+    the planned steps, and under DP a reachable budget and its noise multiplier (no files are read)."""
+    train, evaluation = splits
     if train.class_names != evaluation.class_names:
         raise ConfigError(f"data.dataset: the {train.split} and {evaluation.split} splits have different classes")
     steps = config.planned_steps(len(train))
@@ -185,6 +194,7 @@ def run_trial(config: TrialConfig, *, cache_dir: str | Path, work_dir: str | Pat
     device, cache_dir, work_dir = torch.device(device), Path(cache_dir), Path(work_dir)
     rank, world = _rank_world()
     plan = preflight(config, cache_dir)
+    verify_content(config, splits=plan.splits)  # the files are still those the trial id names (none are loaded yet)
     vqvae, base = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=log))
     train, skipped = check_images(plan.splits[0], skip_corrupt=config.data.skip_corrupt_images)
     evaluation, skipped_eval = check_images(plan.splits[1], skip_corrupt=config.data.skip_corrupt_images)
@@ -230,12 +240,13 @@ def _adapted(config: TrialConfig, base, *, classes: int, device: torch.device):
 
 
 def _train(config: TrialConfig, var, vqvae, views, *, base, steps: int, evaluator, report: Report | None, resume, log) -> dict:
-    o, k = config.optimization, 1 if config.privacy is None else config.privacy.augmentation_multiplicity
+    o, e, r = config.optimization, config.evaluation, config.resources
+    k = 1 if config.privacy is None else config.privacy.augmentation_multiplicity
     options = FinetuneOptions(steps=steps, lr=o.learning_rate, batch_size=o.batch_size, warmup_steps=min(o.warmup_steps, steps),
                               weight_decay=o.weight_decay, class_dropout=o.class_dropout, augmentation_multiplicity=k,
                               scale_weight_decay=config.method.scale_weight_decay, prior_weight=config.method.prior_weight,
                               max_grad_norm=o.max_grad_norm, log_every=max(1, min(50, steps // 20)),
-                              eval_every=config.evaluation.convergence_every_steps, autocast_bf16=o.autocast_bf16)
+                              eval_every=e.convergence_every_steps, eval_points=e.convergence_points, autocast_bf16=o.autocast_bf16)
     prior = _prior(config, base, vqvae) if config.method.prior_weight > 0 else None
     first_step = resume["step"] if resume is not None else 0  # "seconds" in the history restart with each attempt
 
@@ -254,12 +265,14 @@ def _train(config: TrialConfig, var, vqvae, views, *, base, steps: int, evaluato
             report({"step": state["step"], "steps_total": steps, "checkpoint": True, **_last_convergence(state)}, state)
 
     convergence = None
-    if evaluator is not None and config.evaluation.convergence_every_steps:
+    if evaluator is not None and (e.convergence_every_steps or e.convergence_points):
         def convergence(model) -> dict:
-            return {key: value for key, value in evaluator(model, num_images=config.evaluation.convergence_num_images, quiet=True)["metrics"].items()
+            return {key: value for key, value in evaluator(model, num_images=e.convergence_num_images, quiet=True)["metrics"].items()
                     if key in ("fid", "precision", "recall", "class_accuracy")}
+    checkpointing = Checkpointing(every=r.checkpoint_every_steps, every_minutes=r.checkpoint_every_minutes,
+                                  every_fraction=r.checkpoint_every_fraction, save=save, resume=resume)
     return finetune(var, vqvae, views, options=options, privacy=privacy_spec(config), prior=prior, seed=o.seed, log=on_log,
-                    evaluate_fn=convergence, checkpointing=Checkpointing(every=config.resources.checkpoint_every_steps, save=save, resume=resume))
+                    evaluate_fn=convergence, checkpointing=checkpointing)
 
 
 def _artifacts(images_dir: Path, evaluation, *, per_class: int = 6) -> dict:

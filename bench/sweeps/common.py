@@ -87,7 +87,9 @@ TINY_DEPTHS = {16: 2, 20: 3, 24: 3, 30: 4}  # keeps the depth axis (a deeper pap
 SMOKE_PRETRAINING_STEPS = 150
 SMOKE_STEPS = 6
 SMOKE_MAX_VIEWS = 4
-CPU_RESOURCES = ResourcesConfig(workers=1, gpus_per_worker=0.0, cpus_per_worker=1.0, checkpoint_every_steps=3, max_failures=1)
+# Smoke runs of 6 steps checkpoint once, at step 3 (a quarter of the run would checkpoint every step).
+CPU_RESOURCES = ResourcesConfig(workers=1, gpus_per_worker=0.0, cpus_per_worker=1.0, checkpoint_every_steps=3, checkpoint_every_fraction=0.5,
+                                max_failures=1)
 
 
 def tiny_model(depth: int = 2, *, pretraining_steps: int = SMOKE_PRETRAINING_STEPS) -> ModelConfig:
@@ -108,9 +110,13 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
         data=DataConfig(dataset="digits", resolution=16, cached_views=k), method=config.method, privacy=privacy,
         optimization=OptimizationConfig(learning_rate=1e-3, batch_size=32, steps=steps if trains else 0, seed=config.optimization.seed),
         evaluation=EvaluationConfig(extractor="digits-cnn-v1", num_images=40, top_k=0, batch_size=40,
-                                    convergence_every_steps=steps // 2 if config.evaluation.convergence_every_steps else 0,
+                                    convergence_every_steps=steps // 2 if _has_convergence(config) else 0,
                                     convergence_num_images=20),
         resources=CPU_RESOURCES)
+
+
+def _has_convergence(config: TrialConfig) -> bool:
+    return bool(config.evaluation.convergence_every_steps or config.evaluation.convergence_points)
 
 
 def unique(configs: list[TrialConfig]) -> list[TrialConfig]:

@@ -98,7 +98,8 @@ def _digest(images: ImageList, *, names: list[str], with_mtime: bool) -> str:
         fields = [name, label, info.st_size, *([info.st_mtime_ns] if with_mtime else [])]
         digest.update(("\t".join(map(str, fields)) + "\n").encode())
     count = len(images.paths)
-    for index in sorted({i * count // SAMPLED_FILES for i in range(min(count, SAMPLED_FILES))}):
+    sampled = min(count, SAMPLED_FILES)  # every file of a smaller split, else evenly spaced ones
+    for index in sorted({i * count // sampled for i in range(sampled)}):
         digest.update(Path(images.paths[index]).read_bytes())
     return digest.hexdigest()
 
@@ -123,12 +124,29 @@ def read_cub200(root: Path, split: str) -> ImageList:
     wanted = "1" if _split(split) == "train" else "0"
     class_ids = sorted(classes, key=int)  # the dataset's own numbering, 1..200
     index_of = {cid: i for i, cid in enumerate(class_ids)}
-    chosen = [iid for iid in sorted(images, key=int) if is_train.get(iid) == wanted]
+    _check_cub_split(images, is_train)
+    chosen = [iid for iid in sorted(images, key=int) if is_train[iid] == wanted]
     unlabeled = [iid for iid in chosen if iid not in labels]
     if unlabeled:
         raise DatasetError(f"cub200: images {unlabeled[:5]} have no entry in image_class_labels.txt")
     return ImageList("cub200", split, tuple(base / "images" / images[i] for i in chosen), tuple(index_of[labels[i]] for i in chosen),
                      tuple(classes[c] for c in class_ids))
+
+
+def _check_cub_split(images: dict[str, str], is_train: dict[str, str]) -> None:
+    """Every image must be in exactly one split: one missing from train_test_split.txt (or marked neither 1 nor 0)
+    would otherwise drop out of both splits silently."""
+    ids = sorted(images, key=int)
+    missing = [iid for iid in ids if iid not in is_train]
+    odd = {iid: is_train[iid] for iid in ids if iid in is_train and is_train[iid] not in ("0", "1")}
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} image(s) have no entry in train_test_split.txt (ids {missing[:5]}{' ...' if len(missing) > 5 else ''})")
+    if odd:
+        shown = dict(list(odd.items())[:5])
+        problems.append(f"{len(odd)} image(s) have a split other than 1 (train) or 0 (test) (id: value {shown}{' ...' if len(odd) > 5 else ''})")
+    if problems:
+        raise DatasetError("cub200: " + "; ".join(problems))
 
 
 def _id_table(path: Path) -> dict[str, str]:

@@ -8,11 +8,13 @@ about a quarter of the d16 step in the VQVAE). Each image gets ``num_views`` vie
 Layout under ``root/<dataset>-<split>-<key hash>/``: ``meta.json`` (the key, dtype, completion), ``labels.npy``
 and one memory-mapped array per scale ``tokens_s{si}.npy`` [N, V, pn*pn] (int16 when the codebook fits, else
 int32), filled shard by shard of ``shard_size`` images; ``progress.json`` (rewritten atomically after each shard
-is flushed) lists the finished shards, so an interrupted build resumes at the first unfinished one, and readers
+is flushed) lists the finished image ranges [start, stop), so an interrupted build resumes at the first unfinished
+shard, whatever shard size either build used (a shard counts as finished only when all its images are), and readers
 trust only a cache whose ``meta.json`` says complete. Concurrent trials wanting the same cache serialise on the
-folder's ``build.lock``: one builds, the others wait and then read. The key covers the dataset, split, image list, VQVAE weights,
-resolution and augmentation spec: change any and the cache misses. A cache is shared by every trial (and sweep)
-with the same key.
+folder's ``build.lock``: one builds, the others wait and then read. The key covers the dataset, split, the image
+files' content fingerprint (``ImageList.fingerprint()``: paths, labels, sizes, mtimes and sampled bytes), VQVAE
+weights, resolution and augmentation spec: change any, or replace an image's pixels at the same path, and the cache
+misses. A cache is shared by every trial (and sweep) with the same key.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .datasets import DatasetError, ImageList
 from .tokens import TokenViews
 
 CACHE_FORMAT = "varsweep-token-cache/1"
+PROGRESS_FORMAT = "varsweep-token-cache-progress/2"
 RESIZE_RATIO = 288 / 256
 
 
@@ -99,28 +102,37 @@ class TokenCache:
         meta = self.folder / "meta.json"
         return meta.is_file() and json.loads(meta.read_text()).get("complete", False)
 
-    def _finished_shards(self) -> set[int]:
+    def _finished_ranges(self) -> list[tuple[int, int]]:
+        """Image ranges [start, stop) already tokenised and flushed; none for a progress file of another format
+        (e.g. bare shard numbers, whose shard size is unknown: the build starts over)."""
         progress = self.folder / "progress.json"
-        return set(json.loads(progress.read_text())) if progress.is_file() else set()
+        record = json.loads(progress.read_text()) if progress.is_file() else None
+        if not isinstance(record, dict) or record.get("format") != PROGRESS_FORMAT:
+            return []
+        return [(int(start), int(stop)) for start, stop in record["finished_images"]]
+
+    def _record_finished(self, ranges: list[tuple[int, int]]) -> None:
+        record = {"format": PROGRESS_FORMAT, "shard_size": self.shard_size, "finished_images": [list(r) for r in _merged(ranges)]}
+        _atomic_write_text(self.folder / "progress.json", json.dumps(record))
 
     def build(self, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, batch_size: int = 64, log: Log | None = None) -> None:
         """Tokenise every unfinished shard (resumes an interrupted build), then mark the cache complete."""
         self.folder.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.folder / "meta.json", json.dumps({**self.key, "complete": False, "dtype": np.dtype(self.dtype).name}, indent=1))
         arrays = [self._open_for_writing(si, pn, spec) for si, pn in enumerate(self.key["patch_nums"])]
-        finished = self._finished_shards()
+        finished = self._finished_ranges()
         device = next(vqvae.parameters()).device
         progress = Progress("token cache", "image", len(images), log=log)
         progress.message(f"tokenising {len(images)} images x {spec.num_views} views once into {self.folder}")
         for shard in range(self.num_shards):
-            if shard in finished:
-                continue
             start, stop = shard * self.shard_size, min((shard + 1) * self.shard_size, len(images))
+            if _covered(start, stop, finished):
+                continue
             for array, tokens in zip(arrays, _tokenise(images, list(range(start, stop)), vqvae, spec=spec, batch_size=batch_size, device=device)):
                 array[start:stop] = tokens
                 array.flush()
-            finished.add(shard)
-            _atomic_write_text(self.folder / "progress.json", json.dumps(sorted(finished)))
+            finished = _merged([*finished, (start, stop)])
+            self._record_finished(finished)
             progress.update(stop)
         np.save(self.folder / "labels.npy", np.asarray(images.labels, dtype=np.int64))
         _atomic_write_text(self.folder / "meta.json", json.dumps({**self.key, "complete": True, "dtype": np.dtype(self.dtype).name}, indent=1))
@@ -167,6 +179,22 @@ def _tokenise(images: ImageList, indices: list[int], vqvae: VQVAE, *, spec: View
     with torch.no_grad():
         chunks = [vqvae.img_to_idxBl(rows[s: s + batch_size].to(device)) for s in range(0, len(rows), batch_size)]
     return [torch.cat([c[si] for c in chunks]).view(len(indices), spec.num_views, -1).cpu().numpy() for si in range(len(vqvae.patch_nums))]
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ranges covering the same images as ``ranges``."""
+    out: list[tuple[int, int]] = []
+    for start, stop in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        else:
+            out.append((start, stop))
+    return out
+
+
+def _covered(start: int, stop: int, ranges: list[tuple[int, int]]) -> bool:
+    """Whether the merged ``ranges`` hold every image of [start, stop)."""
+    return any(a <= start and stop <= b for a, b in ranges)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -6,11 +6,16 @@ Also a standalone command for a saved checkpoint (base + adapter, or a merged ch
     python -m trainables.evaluation.evaluate --var BASE.pth --depth 16 [--adapter ADAPTER.pt] --vqvae VAE.pth \
         --dataset flowers102 --root /data --split test --extractor inception-v3-compat \
         --inception-weights /weights/weights-inception-2015-12-05-6726825d.pth --out runs/eval
+
+Every bad input (a missing or corrupt checkpoint, a --depth/--num-classes that disagrees with the checkpoint's
+sidecar, a bad dataset folder, an out-of-range option) ends in exit status 2 and one last line ``error: ...``
+before any model is loaded or image generated.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,13 +23,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from bench.cli import Parser, number, probe_folder, run_reporting
+from bench.errors import VarsweepError
+
 from ..data.datasets import ImageList, check_images, eval_transform, read_dataset
 from ..models import VAR, VQVAE
-from ..models.checkpoints import sidecar_path
+from ..models.checkpoints import CheckpointError, read_sidecar, sidecar_path
 from ..profiling import PETA, count_flops
 from ..progress import Log, Progress
 from .classifier import DigitsCNN, class_accuracy, predict
-from .features import SUBSTITUTE, build_extractor, extract_features, uint8_batches
+from .features import DIGITS_CNN, INCEPTION, INCEPTION_WEIGHTS_FILE, SUBSTITUTE, build_extractor, extract_features, uint8_batches
 from .generate import SamplingSettings, generate, generation_plan, read_generated
 from .metrics import ReferenceKey, ReferenceStats, fid_from_statistics, gaussian_statistics, kid, precision_recall
 
@@ -110,53 +118,111 @@ def _sampling_flops_per_image(var: VAR, vqvae: VQVAE, *, label: int, sampling: S
     return flops
 
 
-def main(argv: list[str] | None = None) -> None:
-    from ..methods import load_adapter
-    from ..models import load_var, load_vqvae
-    parser = argparse.ArgumentParser(description="Evaluate a saved VAR checkpoint (FID, precision/recall, KID).")
+class EvaluationError(VarsweepError):
+    """A bad input of the standalone evaluation command; the message names the option or file and the problem."""
+
+
+def _parser() -> Parser:
+    parser = Parser(prog="python -m trainables.evaluation.evaluate",
+                    description="Evaluate a saved VAR checkpoint (FID, precision/recall, KID).")
     parser.add_argument("--var", required=True, help="base (or merged) VAR checkpoint")
-    parser.add_argument("--depth", type=int, required=True)
-    parser.add_argument("--num-classes", type=int, default=1000, help="classes of the --var checkpoint")
+    parser.add_argument("--depth", type=number(int, minimum=1),
+                        help="depth of the --var checkpoint (read from its sidecar when it has one; a different value is refused)")
+    parser.add_argument("--num-classes", type=number(int, minimum=1),
+                        help="classes of the --var checkpoint (default: its sidecar's, else 1000; a different value is refused)")
     parser.add_argument("--adapter", help="adapter saved by methods.save_adapter, applied to --var")
     parser.add_argument("--vqvae", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--root", required=True)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--extractor", default="inception-v3-compat")
-    parser.add_argument("--inception-weights")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--num-images", type=int)
-    parser.add_argument("--cfg", type=float, default=1.5)
-    parser.add_argument("--top-k", type=int, default=900)
-    parser.add_argument("--top-p", type=float, default=0.96)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--extractor", default=INCEPTION, choices=(INCEPTION, SUBSTITUTE, DIGITS_CNN))
+    parser.add_argument("--inception-weights", help=f"the local {INCEPTION_WEIGHTS_FILE} (for --extractor {INCEPTION})")
+    parser.add_argument("--resolution", type=number(int, minimum=8), default=256, help="pixels; the --vqvae model's image size")
+    parser.add_argument("--num-images", type=number(int, minimum=2), help="images to generate (default: as many per class as the split has)")
+    parser.add_argument("--cfg", type=number(float, minimum=0), default=1.5, help="classifier-free guidance scale, >= 0")
+    parser.add_argument("--top-k", type=number(int, minimum=0), default=900, help="top-k filter, >= 0 (0: off)")
+    parser.add_argument("--top-p", type=number(float, minimum=0, below=1), default=0.96, help="top-p filter in [0, 1) (0: off)")
+    parser.add_argument("--batch-size", type=number(int, minimum=1), default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", default="runs/reference-stats")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    parser.add_argument("--cache", default="runs/reference-stats", help="folder of the cached reference statistics")
+    parser.add_argument("--out", required=True, help="folder for evaluation.json and the generated images")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: 0 after writing OUT/evaluation.json; 2 with a last stderr line ``error: ...`` naming the bad
+    input (checked before any model is loaded or image generated), never a traceback."""
+    return run_reporting(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from ..models import load_var, load_vqvae
+    args = _parser().parse_args(argv)
+    for option in ("var", "vqvae", "adapter"):
+        if getattr(args, option) is not None and not Path(getattr(args, option)).is_file():
+            raise EvaluationError(f"--{option} {getattr(args, option)}: no such checkpoint file")
+    if args.extractor == INCEPTION and (args.inception_weights is None or not Path(args.inception_weights).is_file()):
+        raise EvaluationError(f"--inception-weights {args.inception_weights}: no such file (--extractor {INCEPTION} needs the local "
+                              f"{INCEPTION_WEIGHTS_FILE}; nothing is downloaded)" if args.inception_weights else
+                              f"--extractor {INCEPTION} needs --inception-weights (the local {INCEPTION_WEIGHTS_FILE})")
+    var_architecture = _var_architecture(args)
+    vqvae_architecture = _saved_architecture(args.vqvae, kind="vqvae") or {}
+    out, cache = _writable_folder(args.out, "--out"), _writable_folder(args.cache, "--cache")
+    images, _ = check_images(read_dataset(args.dataset, args.root, args.split))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    images, _ = check_images(read_dataset(args.dataset, args.root, args.split))  # fails before any compute
-    var = load_var(args.var, **_saved_architecture(args.var, depth=args.depth, num_classes=args.num_classes), device=device)
+    extractor = build_extractor(args.extractor, weights_path=args.inception_weights, cache_dir=cache)  # validates the weights
+    var = load_var(args.var, **var_architecture, device=device)
     if args.adapter:
+        from ..methods import load_adapter  # peft: imported only when an adapter is applied
         var = load_adapter(var, args.adapter)
-    vqvae_architecture = _saved_architecture(args.vqvae)
     vqvae = load_vqvae(args.vqvae, **vqvae_architecture, device=device)
-    result = evaluate(var.eval(), vqvae, images, cache=ReferenceStats(args.cache), inception_weights=args.inception_weights,
+    if vqvae.image_size != args.resolution:
+        raise EvaluationError(f"--resolution {args.resolution}: the --vqvae model {args.vqvae} makes {vqvae.image_size}px images")
+    result = evaluate(var.eval(), vqvae, images, cache=ReferenceStats(cache), extractor=extractor,
                       settings=EvaluationSettings(extractor=args.extractor, resolution=args.resolution, num_images=args.num_images),
                       sampling=SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed),
-                      out_dir=Path(args.out) / "images")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "evaluation.json").write_text(json.dumps(result, indent=1))
+                      out_dir=out / "images")
+    (out / "evaluation.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result["metrics"], indent=1))
+    return 0
 
 
-def _saved_architecture(path: str, **official) -> dict:
-    """The architecture recorded beside a checkpoint we saved, else the official one (``official`` keywords)."""
-    side = sidecar_path(path)
-    if not side.is_file():
-        return official
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(side.read_text())["architecture"].items()}
+def _var_architecture(args: argparse.Namespace) -> dict:
+    """The ``load_var`` keywords of --var: its sidecar's architecture (a --depth or --num-classes that disagrees
+    with it is refused, naming both values), else the official layout of --depth with --num-classes (1000)."""
+    saved = _saved_architecture(args.var, kind="var")
+    if saved is None:
+        if args.depth is None:
+            raise EvaluationError(f"--depth is needed: --var {args.var} has no sidecar {sidecar_path(args.var)} recording its architecture")
+        return {"depth": args.depth, "num_classes": 1000 if args.num_classes is None else args.num_classes}
+    conflicts = [f"--{option} {given} but the checkpoint's sidecar records {key}={saved.get(key)}"
+                 for option, key, given in (("depth", "depth", args.depth), ("num-classes", "num_classes", args.num_classes))
+                 if given is not None and given != saved.get(key)]
+    if conflicts:
+        raise EvaluationError(f"--var {args.var}: " + "; ".join(conflicts) + f" ({sidecar_path(args.var)}; leave the option out to use the sidecar's)")
+    return saved
+
+
+def _saved_architecture(path: str, *, kind: str) -> dict | None:
+    """The architecture recorded beside a checkpoint we saved (None without a sidecar); a sidecar of another kind
+    of checkpoint is refused."""
+    record = read_sidecar(path)
+    if record is None:
+        return None
+    if record.get("kind") != kind:
+        raise CheckpointError(f"{sidecar_path(path)} describes a {record.get('kind')!r} checkpoint, not a {kind!r} one")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in record.get("architecture", {}).items()}
+
+
+def _writable_folder(folder: str, option: str) -> Path:
+    """``folder`` created and probed with a small file; ``EvaluationError`` naming ``option`` when it cannot be."""
+    path = Path(folder)
+    try:
+        probe_folder(path)
+    except OSError as err:
+        raise EvaluationError(f"{option} {folder}: cannot write there ({err.strerror or err})") from err
+    return path
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,9 +4,17 @@ The published pipeline passed one seed to every batch (repeated images within a 
 folders through a string sort. Here the plan comes from the evaluation split's own per-class counts (by class
 index), every batch b draws from a generator seeded by (seed, b) (so batches differ, and a resumed run regenerates
 exactly the missing batches), and the sampling settings travel with the images.
+
+Images on disk are keyed by the model that drew them: ``generated.json`` in the output folder holds a fingerprint
+of the VAR's and the VQVAE's weights and the sampling settings, written before the first PNG. A run whose model or
+settings differ (a retried trial's new attempt, another checkpoint) clears the folder's images first, so a resumed
+run skips only batches its own model wrote and an evaluation never scores an earlier model's images.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +27,9 @@ from ..models import VAR, VQVAE
 from ..models.checkpoints import atomic_write
 from ..progress import Progress
 from ..training import bf16_autocast
+
+MANIFEST = "generated.json"
+GENERATED_FORMAT = "varsweep-generated/1"
 
 
 @dataclass(frozen=True)
@@ -66,11 +77,14 @@ def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, settings: SamplingS
     """Generate ``plan[c]`` images of every class c.
 
     With ``out_dir``: lossless PNGs ``class_XXXX/NNNNNN.png`` (NNNNNN numbers the image within the whole run), each
-    written atomically; batches whose files all exist are skipped, so an interrupted run resumes. Returns
+    written atomically; batches whose files all exist are skipped, so an interrupted run resumes, but only when the
+    folder's manifest names these weights and settings (else its images are deleted first). Returns
     (images uint8 [N, 3, H, W] or None when writing to disk, labels [N])."""
     labels_N = torch.tensor(_labels(plan), dtype=torch.long)
     device = next(var.parameters()).device
     out = None if out_dir is None else Path(out_dir)
+    if out is not None:
+        claim_folder(out, generation_manifest(var, vqvae, settings), progress=progress)
     kept = []
     for b, start in enumerate(range(0, len(labels_N), settings.batch_size)):
         label_B = labels_N[start: start + settings.batch_size]
@@ -86,6 +100,41 @@ def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, settings: SamplingS
         if progress is not None:
             progress.update(start + len(label_B))
     return (torch.cat(kept) if kept else torch.zeros(0, dtype=torch.uint8)) if out is None else None, labels_N
+
+
+def weights_fingerprint(*modules: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer of ``modules`` (position, name, shape, dtype and bytes): changes
+    whenever any weight does. One pass over the weights, tensor by tensor (VAR-d16 + VQVAE, ~1.6 GB: seconds)."""
+    digest = hashlib.sha256()
+    for position, module in enumerate(modules):
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            digest.update(f"{position}.{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+            digest.update(memoryview(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()))
+    return digest.hexdigest()
+
+
+def generation_manifest(var: VAR, vqvae: VQVAE, settings: SamplingSettings) -> dict:
+    """What the images of an output folder depend on: the weights that drew them and the sampling settings."""
+    return {"format": GENERATED_FORMAT, "weights_sha256": weights_fingerprint(var, vqvae), "sampling": settings.to_dict()}
+
+
+def claim_folder(out_dir: Path, manifest: dict, *, progress: Progress | None = None) -> None:
+    """Make ``out_dir`` hold only images of ``manifest``'s model: when its manifest differs (or is missing or
+    unreadable), delete its class folders, then write the manifest (before any PNG: a run killed in between
+    leaves the old manifest, and the next run clears again)."""
+    path = out_dir / MANIFEST
+    try:
+        current = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        current = None
+    if current == manifest:
+        return
+    stale = sorted(p for p in out_dir.glob("class_*") if p.is_dir()) if out_dir.is_dir() else []
+    if stale and progress is not None:
+        progress.message(f"{out_dir}: deleting the images of another model or sampling setting ({len(stale)} class folders)")
+    for folder in stale:
+        shutil.rmtree(folder)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
 
 
 def _sample_batch(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, *, settings: SamplingSettings, batch_index: int) -> torch.Tensor:

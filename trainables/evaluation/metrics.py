@@ -74,7 +74,9 @@ class ReferenceKey:
     resolution: int
     extractor: str
     num_images: int
-    images: str = ""  # fingerprint of the (path, label) list: two folders with equal names and counts never collide
+    # ``ImageList.fingerprint()``: every (path, label, size, mtime) and sampled file bytes, so two folders with equal
+    # names and counts never collide and pixels replaced at the same path miss.
+    images: str = ""
 
     def file_name(self) -> str:
         return f"{self.dataset}-{self.split}-{self.resolution}px-{self.extractor}-{self.num_images}-{self.images[:12]}.npz"

@@ -8,15 +8,14 @@ Every problem raises ``CheckpointError`` naming the file and what is wrong, befo
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
-import pickle
 import tempfile
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +26,7 @@ from .vqvae import OFFICIAL_CH_MULT, OFFICIAL_PATCH_NUMS, VQVAE, build_vqvae
 SIDECAR_FORMAT = "varsweep-checkpoint/1"
 CLASS_INITS = ("unconditional", "mean", "normal")
 _MAX_LISTED = 12
+_READ_ATTEMPTS = 3  # reads of a checkpoint whose pair is replaced meanwhile, before giving up
 
 
 class CheckpointError(ValueError):
@@ -39,15 +39,27 @@ def _listing(title: str, items: Sequence[str]) -> str:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a flat ``{str: Tensor}`` state dict on the CPU, with only tensor data unpickled."""
+    """Read a flat ``{str: Tensor}`` state dict on the CPU, with only tensor data unpickled (no sidecar check;
+    ``read_verified`` checks one)."""
     path = Path(path)
+    _require_file(path)
+    with open(path, "rb") as handle:
+        return _load_state(handle, path)
+
+
+def _require_file(path: Path) -> None:
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
+        raise CheckpointError(f"no checkpoint file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+
+
+def _load_state(handle: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in the open file ``handle`` (of ``path``, named in errors); ``weights_only``: a pickled
+    object other than tensors and plain containers is refused, never constructed."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as err:
+        state = torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever torch raises on these bytes, the file is not usable weights
         raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt or not a PyTorch weights file): "
-                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+                              f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a state dict of tensors")
     not_tensors = [f"{k!s} ({type(v).__name__})" for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
@@ -75,10 +87,14 @@ def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
+        return _stream_sha256(handle)
+
+
+def _stream_sha256(handle: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: handle.read(1 << 22), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -86,38 +102,126 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(path)}.json")
 
 
+def staged_path(path: str | os.PathLike, sha256: str) -> Path:
+    """Where ``save_tensors`` puts new weights until its sidecar commits them: beside ``path``, named by their
+    SHA-256 (a hidden file no reader opens unless the sidecar names that SHA-256)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{sha256}.staged")
+
+
 def _normalised(architecture: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(architecture)))  # tuples -> lists, so saved and requested compare equal
 
 
-def verify_sidecar(path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]) -> dict[str, Any] | None:
-    """If ``<path>.json`` exists: check it is ours, that the weights' SHA-256 matches (catches a file damaged or
-    replaced after saving) and that its architecture equals the requested one. Returns its metadata."""
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The sidecar ``<path>.json`` as a dict, None when there is none; one that is not a JSON object with an
+    architecture raises ``CheckpointError`` naming it."""
     side = sidecar_path(path)
     if not side.is_file():
         return None
     try:
         record = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint sidecar {side} is not valid JSON: {err}") from err
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"checkpoint sidecar {side} is not valid JSON: {type(err).__name__}: {err}") from err
+    if not isinstance(record, dict) or not isinstance(record.get("architecture", {}), dict):
+        raise CheckpointError(f"checkpoint sidecar {side} is not a sidecar record (a JSON object with format, kind, architecture, sha256)")
+    return record
+
+
+def _committed_weights(path: Path, record: Mapping[str, Any]) -> Path:
+    """The file holding the weights ``record`` (the sidecar) describes. A save stopped after committing its
+    sidecar and before moving the new weights into place left them staged under their SHA-256: finish that move
+    (another reader may finish it first), or read the staged file itself where we may not write."""
+    sha = record.get("sha256")
+    staged = staged_path(path, sha) if isinstance(sha, str) and sha else None
+    if staged is None or not staged.is_file():
+        return path
+    try:
+        os.replace(staged, path)
+    except FileNotFoundError:  # moved meanwhile, by the save itself or another reader
+        pass
+    except OSError:
+        return staged
+    return path
+
+
+def _check_sidecar_kind(record: Mapping[str, Any], *, path: Path, kind: str) -> None:
     if record.get("format") != SIDECAR_FORMAT or record.get("kind") != kind:
-        raise CheckpointError(f"{side} describes a {record.get('kind')!r} checkpoint of format {record.get('format')!r}, expected {kind!r} / {SIDECAR_FORMAT}")
-    if record.get("sha256") != file_sha256(path):
-        raise CheckpointError(f"checkpoint {path} does not match the SHA-256 recorded in {side}: the weights file was changed or damaged after saving")
+        raise CheckpointError(f"{sidecar_path(path)} describes a {record.get('kind')!r} checkpoint of format {record.get('format')!r}, "
+                              f"expected {kind!r} / {SIDECAR_FORMAT}")
+
+
+def _check_sidecar_architecture(record: Mapping[str, Any], *, path: Path, kind: str, architecture: Mapping[str, Any]) -> None:
     saved, wanted = _normalised(record.get("architecture", {})), _normalised(architecture)
     differing = [f"{k}: saved {saved.get(k)!r}, requested {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
     if differing:
         raise CheckpointError(f"checkpoint {path} was saved for another {kind} architecture:\n" + _listing("differences", differing))
-    return record.get("metadata")
 
 
-def _load_into(path: str | os.PathLike, *, build_meta: Callable[[], nn.Module], what: str,
-               device: torch.device | str | None, dtype: torch.dtype | None) -> nn.Module:
-    state = read_state_dict(path)
+def _sha_mismatch(path: Path, record: Mapping[str, Any], actual: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} does not match the SHA-256 recorded in {sidecar_path(path)} "
+                           f"({str(record.get('sha256'))[:12]}..., the file has {actual[:12]}...): the weights file was changed or damaged after saving")
+
+
+def verify_sidecar(path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]) -> dict[str, Any] | None:
+    """If ``<path>.json`` exists: check it is ours, that the weights' SHA-256 matches (catches a file damaged or
+    replaced after saving; a save interrupted after its commit is completed first) and that its architecture
+    equals the requested one. Returns its metadata. ``read_verified`` also reads the weights, in one pass."""
+    path = Path(path)
+    for _ in range(_READ_ATTEMPTS):
+        record = read_sidecar(path)
+        if record is None:
+            return None
+        _check_sidecar_kind(record, path=path, kind=kind)
+        source = _committed_weights(path, record)
+        _require_file(source)
+        actual = file_sha256(source)
+        if record.get("sha256") == actual:
+            _check_sidecar_architecture(record, path=path, kind=kind, architecture=architecture)
+            return record.get("metadata")
+        if read_sidecar(path) == record:  # not a save committing meanwhile: the weights are not the ones saved
+            raise _sha_mismatch(path, record, actual)
+    raise _changing(path)
+
+
+def _changing(path: Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} was replaced {_READ_ATTEMPTS} times while being read (another process keeps saving it)")
+
+
+def read_verified(path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]
+                  ) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:
+    """(state dict, SHA-256 of the bytes it was read from, sidecar metadata or None) of the checkpoint at ``path``,
+    read once: the hash and the tensors come from the same open file, so a concurrent re-save cannot pair one
+    file's tensors with another's hash. With a sidecar, its kind, SHA-256 and architecture are checked; a save
+    interrupted after its commit is completed first; a pair replaced while we read is read again."""
+    path = Path(path)
+    for _ in range(_READ_ATTEMPTS):
+        record = read_sidecar(path)
+        if record is not None:
+            _check_sidecar_kind(record, path=path, kind=kind)
+        source = path if record is None else _committed_weights(path, record)
+        _require_file(source)
+        with open(source, "rb") as handle:
+            actual = _stream_sha256(handle)
+            if record is not None and record.get("sha256") != actual:
+                if read_sidecar(path) == record:
+                    raise _sha_mismatch(path, record, actual)
+                continue  # a save committed a new pair while we read: read that one
+            if record is not None:
+                _check_sidecar_architecture(record, path=path, kind=kind, architecture=architecture)
+            handle.seek(0)
+            return _load_state(handle, path), actual, None if record is None else record.get("metadata")
+    raise _changing(path)
+
+
+def _load_into(path: str | os.PathLike, *, build_meta: Callable[[], nn.Module], what: str, kind: str,
+               device: torch.device | str | None, dtype: torch.dtype | None) -> tuple[nn.Module, str]:
+    """(model on ``device``, SHA-256 of the file) after checking sidecar, keys, shapes and finiteness."""
     model = build_meta()
+    state, sha, _ = read_verified(path, kind=kind, architecture=model.architecture)
     check_state_dict(state, model.state_dict(), finite_keys={name for name, _ in model.named_parameters()}, path=path, what=what)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device or "cpu", dtype=dtype)
+    return model.to(device=device or "cpu", dtype=dtype), sha
 
 
 def load_vqvae(path: str | os.PathLike, *, vocab_size: int = 4096, z_channels: int = 32, ch: int = 160,
@@ -126,8 +230,8 @@ def load_vqvae(path: str | os.PathLike, *, vocab_size: int = 4096, z_channels: i
     """Load a VQVAE from a local file; defaults describe the official ``vae_ch160v4096z32.pth``."""
     arch = dict(vocab_size=vocab_size, z_channels=z_channels, ch=ch, patch_nums=tuple(patch_nums), share_quant_resi=share_quant_resi,
                 ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks)
-    verify_sidecar(path, kind="vqvae", architecture=arch)
-    vqvae = _load_into(path, build_meta=lambda: build_vqvae(**arch, device="meta"), what=f"VQVAE {arch}", device=device, dtype=dtype)
+    vqvae, _ = _load_into(path, build_meta=lambda: build_vqvae(**arch, device="meta"), what=f"VQVAE {arch}", kind="vqvae",
+                          device=device, dtype=dtype)
     return vqvae.eval()
 
 
@@ -144,10 +248,9 @@ def load_var(path: str | os.PathLike, *, depth: int, num_classes: int = 1000, pa
                          embed_dim=embed_dim, num_heads=num_heads, attn_l2_norm=attn_l2_norm, shared_aln=shared_aln,
                          drop_path_rate=drop_path_rate, device="meta")
 
-    verify_sidecar(path, kind="var", architecture=build_meta().architecture)
-    var = _load_into(path, build_meta=build_meta, what=f"VAR-d{depth} with {num_classes} classes", device=device, dtype=dtype)
+    var, sha = _load_into(path, build_meta=build_meta, what=f"VAR-d{depth} with {num_classes} classes", kind="var", device=device, dtype=dtype)
     _check_scale_layout(var, path=path)
-    var.checkpoint_sha256 = file_sha256(path)  # adapters trained on this model record it and check it when applied
+    var.checkpoint_sha256 = sha  # adapters trained on this model record it and check it when applied
     return var
 
 
@@ -216,14 +319,44 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def save_tensors(path: str | os.PathLike, state: Mapping[str, torch.Tensor], *, kind: str, architecture: Mapping[str, Any],
                  metadata: Mapping[str, Any] | None) -> Path:
-    """Atomically write a flat tensor dict plus its ``<path>.json`` sidecar (kind, architecture, SHA-256, metadata)."""
+    """Write a flat tensor dict plus its ``<path>.json`` sidecar (kind, architecture, SHA-256, metadata) as one
+    atomic pair: a reader sees the old pair or the new one, never new weights with an old sidecar.
+
+    1. the weights go to a temporary file, then (renamed) to ``staged_path(path, sha)``, named by their SHA-256;
+    2. the sidecar naming that SHA-256 replaces the old one: the commit point (before it, readers see the old
+       pair; the staged file is ignored);
+    3. the staged weights replace ``path``. A reader that finds the new sidecar while the weights are still
+       staged (a save stopped between 2 and 3) completes step 3 itself (``_committed_weights``)."""
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-    record = {"format": SIDECAR_FORMAT, "kind": kind, "architecture": _normalised(architecture),
-              "sha256": file_sha256(path), "metadata": dict(metadata or {})}
-    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+            sha = _stream_sha256(handle)
+        staged = staged_path(path, sha)
+        os.replace(tmp, staged)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record = {"format": SIDECAR_FORMAT, "kind": kind, "architecture": _normalised(architecture), "sha256": sha,
+              "weights": path.name, "metadata": dict(metadata or {})}
+    atomic_write(sidecar_path(path), lambda out: out.write_text(json.dumps(record, indent=1, sort_keys=True)))
+    try:
+        os.replace(staged, path)
+    except FileNotFoundError:  # a reader completed the move already
+        pass
+    _remove_stale_staged(path)
     return path
+
+
+def _remove_stale_staged(path: Path) -> None:
+    """Staged weights of earlier saves stopped before their commit: no sidecar names them any more."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.staged"):
+        stale.unlink(missing_ok=True)
 
 
 def save_var(var: VAR, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,

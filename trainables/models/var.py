@@ -332,8 +332,7 @@ class VAR(nn.Module):
         if vqvae.patch_nums != self.patch_nums or vqvae.vocab_size != self.vocab_size or vqvae.z_channels != self.z_channels:
             raise ValueError(f"VQVAE (patch_nums={vqvae.patch_nums}, V={vqvae.vocab_size}, Cvae={vqvae.z_channels}) does not match "
                              f"VAR (patch_nums={self.patch_nums}, V={self.vocab_size}, Cvae={self.z_channels})")
-        if cfg < 0 or top_k < 0 or not 0.0 <= top_p < 1.0:
-            raise ValueError(f"need cfg >= 0, top_k >= 0 and 0 <= top_p < 1, got cfg={cfg}, top_k={top_k}, top_p={top_p}")
+        check_sampling_settings(cfg=cfg, top_k=top_k, top_p=top_p)
 
     def _sample_fhat(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float,
                      generator: torch.Generator | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -361,6 +360,21 @@ class VAR(nn.Module):
                 words_BlC = self.word_embed(next_BChw.flatten(2).transpose(1, 2))
                 next_2BlC = (words_BlC + lvl_pos_1LC[:, cur: cur + self.patch_nums[si + 1] ** 2]).repeat(2, 1, 1)
         return f_hat_BChw, idx_per_scale
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (isinstance(value, int) or math.isfinite(value))
+
+
+def check_sampling_settings(*, cfg: float, top_k: int, top_p: float) -> None:
+    """Raise ValueError naming the first bad argument: the ranges ``bench.schema.EvaluationConfig`` accepts
+    (finite cfg >= 0; integer top_k >= 0, 0 = off; finite 0 <= top_p < 1, 0 = off). A bool is no number here."""
+    if not (_is_number(cfg) and cfg >= 0):
+        raise ValueError(f"cfg must be a finite number >= 0, got {cfg!r}")
+    if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not (_is_number(top_p) and 0 <= top_p < 1):
+        raise ValueError(f"top_p must be a finite number in [0, 1) (0 = off), got {top_p!r}")
 
 
 def sample_top_k_top_p(logits_BlV: torch.Tensor, *, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""What the command-line entry points (``python -m bench``, ``python -m analysis``,
+``python -m trainables.evaluation.evaluate``) share: a bad command line or a bad input ends in exit status 2 and a
+last stderr line ``error: ...`` that names the input and the problem, never a traceback (``VARSWEEP_DEBUG=1``
+shows it too). Standard library only (``analysis`` imports this and neither torch nor Ray)."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable, TextIO
+
+from .errors import VarsweepError
+
+EXIT_ERROR = 2
+
+
+class UsageError(VarsweepError):
+    """A command line that does not parse: an unknown option or choice, a value of the wrong type or range."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises ``UsageError`` instead of printing ``prog: error:`` and exiting, so
+    every failure of a command reaches the same one-line report (and an in-process ``main(argv)`` returns 2)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def report(err: BaseException | str, *, stream: TextIO | None = None) -> int:
+    """Print ``err`` for a person and return exit status 2. A message of one line becomes ``error: <message>``; a
+    message with a listing (every bad trial, every invalid file) prints the listing first, indented, and ends
+    with the ``error:`` line, which then also names the first listed item, so the last line alone says which
+    input is wrong and why. Errors that are not about an input (a bug) carry their type name."""
+    stream = stream or sys.stderr
+    first, *details = [line for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    for line in details:
+        print(f"  {line.strip()}", file=stream)
+    if details and first.rstrip().endswith(":"):
+        more = f" (and {len(details) - 1} more listed above)" if len(details) > 1 else ""
+        first = f"{first.rstrip().rstrip(':')}: {details[0].strip()}{more}"
+    elif details:
+        first += " (details above)"
+    known = isinstance(err, (str, ValueError, OSError))
+    print(f"error: {first}" + ("" if known else f" ({type(err).__name__})"), file=stream)
+    return EXIT_ERROR
+
+
+def run_reporting(command: Callable[[], int], *, interrupted: str = "interrupted") -> int:
+    """Run ``command``; turn every exception into ``report``'s lines (status 2), an interrupt into status 130
+    with the line ``error: <interrupted>``."""
+    try:
+        return command()
+    except KeyboardInterrupt:
+        print(f"error: {interrupted}", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure ends in one line, the traceback only when asked
+        if os.environ.get("VARSWEEP_DEBUG"):
+            traceback.print_exc()
+        return report(err)
+
+
+def number(kind: type, *, minimum: float | None = None, maximum: float | None = None, below: float | None = None,
+           above: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite ``kind`` (int or float) in a range; a wrong value names itself and the
+    range (argparse adds the option's name)."""
+    bounds = [f">= {minimum:g}" if minimum is not None else "", f"> {above:g}" if above is not None else "",
+              f"<= {maximum:g}" if maximum is not None else "", f"< {below:g}" if below is not None else ""]
+    wanted = f"{'an integer' if kind is int else 'a number'}" + (f" {' and '.join(b for b in bounds if b)}" if any(bounds) else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum) \
+                or (below is not None and value >= below) or (above is not None and value <= above):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def probe_folder(folder: str | os.PathLike) -> None:
+    """Create ``folder`` (and its parents) and write, then delete, a small file in it. Raises ``OSError`` when it
+    cannot be made or written (a file in the way, read-only, out of quota); callers name the option in their error."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+        pass

@@ -1,0 +1,193 @@
+"""Trial identity follows the files, not where they are mounted: content ids (checkpoint SHA-256, dataset content
+ids) replace the paths in the trial id; they are computed once (sidecar or cache), dry runs create nothing, and a
+trial refuses files that changed after its sweep was identified."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.preflight import identify
+from bench.schema import (ConfigError, DataConfig, EvaluationConfig, MethodConfig, ModelConfig, OptimizationConfig, TrialConfig,
+                          replace)
+from bench.sweeps import SWEEPS, build_sweep
+from sweep_driver import tiny_trial
+from trainables.assets import CONTENT_IDS_FILE, verify_content
+from trainables.models.checkpoints import SIDECAR_FORMAT, file_sha256
+from trainables.trial import list_splits, run_trial
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def make_assets(root: Path) -> Path:
+    """Checkpoint and weights files (only their bytes matter to identity) and a two-class folder dataset."""
+    (root / "checkpoints").mkdir(parents=True)
+    for name, seed in (("var_d16.pth", 1), ("vae.pth", 2), ("inception.pth", 3)):
+        (root / "checkpoints" / name).write_bytes(np.random.default_rng(seed).bytes(4096))
+    seed = 10
+    for split, count in (("train", 3), ("test", 2)):
+        for label in ("a", "b"):
+            for i in range(count):
+                seed += 1
+                png(root / "datasets" / "mine" / split / label / f"{i}.png", seed=seed)
+    return root
+
+
+def official_trial(root: Path, seed: int = 0) -> TrialConfig:
+    checkpoints = root / "checkpoints"
+    return TrialConfig(model=ModelConfig(base="official", depth=16, var_checkpoint=str(checkpoints / "var_d16.pth"),
+                                         vqvae_checkpoint=str(checkpoints / "vae.pth"), tiny_pretraining_steps=0),
+                       data=DataConfig(dataset="folder", root=str(root / "datasets" / "mine"), resolution=256),
+                       method=MethodConfig(name="lora"), optimization=OptimizationConfig(steps=10, seed=seed),
+                       evaluation=EvaluationConfig(inception_weights=str(checkpoints / "inception.pth")))
+
+
+def later(path: Path) -> None:
+    """Move a file's mtime a second on: a real replacement happens long after the first hash, and some file
+    systems stamp mtimes at a coarse tick, so an edit within the test could otherwise keep the cached stamp."""
+    info = path.stat()
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.fixture
+def assets(tmp_path) -> Path:
+    return make_assets(tmp_path / "mount-a")
+
+
+def test_the_same_files_under_two_roots_give_the_same_trial_ids(assets, tmp_path):
+    other = tmp_path / "elsewhere" / "mount-b"
+    shutil.copytree(assets, other)
+    first = identify([official_trial(assets, seed) for seed in range(2)], cache_dir=str(tmp_path / "cache"))
+    second = identify([official_trial(other, seed) for seed in range(2)], cache_dir=str(tmp_path / "cache"))
+    assert [c.trial_id for c in first] == [c.trial_id for c in second]
+    assert first[0].trial_id != first[1].trial_id  # the seed still counts
+    assert official_trial(assets).trial_id != official_trial(other).trial_id  # without content ids, paths decide
+    # The paths stay in the config (provenance); the content ids sit beside them.
+    assert second[0].model.var_checkpoint == str(other / "checkpoints" / "var_d16.pth")
+    assert second[0].model.var_checkpoint_sha256 == file_sha256(other / "checkpoints" / "var_d16.pth")
+    assert second[0].evaluation.inception_weights_sha256 == file_sha256(other / "checkpoints" / "inception.pth")
+    assert len(second[0].data.content_id) == 64
+    assert TrialConfig.from_dict(json.loads(json.dumps(second[0].to_dict()))).trial_id == second[0].trial_id
+
+
+def test_a_changed_byte_or_an_added_image_is_another_trial(assets, tmp_path):
+    cache = str(tmp_path / "cache")
+    before = identify([official_trial(assets)], cache_dir=cache)[0].trial_id
+    checkpoint = assets / "checkpoints" / "var_d16.pth"
+    data = bytearray(checkpoint.read_bytes())
+    data[100] ^= 1
+    checkpoint.write_bytes(bytes(data))
+    later(checkpoint)
+    changed = identify([official_trial(assets)], cache_dir=cache)[0].trial_id
+    assert changed != before
+    png(assets / "datasets" / "mine" / "train" / "a" / "new.png", seed=99)
+    assert identify([official_trial(assets)], cache_dir=cache)[0].trial_id not in (before, changed)
+
+
+def test_a_fresh_process_computes_the_same_ids(assets, tmp_path):
+    here = [c.trial_id for c in identify([official_trial(assets, seed) for seed in range(3)], cache_dir=str(tmp_path / "cache"))]
+    script = ("import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_identity import official_trial; "
+              "from bench.preflight import identify; "
+              f"print(','.join(c.trial_id for c in identify([official_trial(Path({str(assets)!r}), s) for s in range(3)], "
+              f"cache_dir={str(tmp_path / 'cache2')!r})))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().split(",") == here
+
+
+def test_checkpoints_are_hashed_once_then_cached_and_a_dry_run_creates_nothing(assets, tmp_path):
+    cache = tmp_path / "cache"
+    dry = identify([official_trial(assets)], cache_dir=str(cache), write=False)
+    assert not cache.exists()  # a dry run hashes but writes no cache (nor the folder)
+    real = identify([official_trial(assets)], cache_dir=str(cache))
+    assert real[0].trial_id == dry[0].trial_id
+    record = json.loads((cache / CONTENT_IDS_FILE).read_text())
+    checkpoint = str(assets / "checkpoints" / "var_d16.pth")
+    assert record["files"][checkpoint]["sha256"] == file_sha256(checkpoint) and len(record["files"]) == 3
+    # The cache is what answers while (path, size, mtime) hold: a planted entry is believed ...
+    record["files"][checkpoint]["sha256"] = "ab" * 32
+    (cache / CONTENT_IDS_FILE).write_text(json.dumps(record))
+    assert identify([official_trial(assets)], cache_dir=str(cache))[0].model.var_checkpoint_sha256 == "ab" * 32
+    later(Path(checkpoint))  # ... and a newer file is hashed again
+    assert identify([official_trial(assets)], cache_dir=str(cache))[0].model.var_checkpoint_sha256 == file_sha256(checkpoint)
+
+
+def test_a_sidecar_names_the_checkpoint_without_hashing(assets, tmp_path):
+    checkpoint = assets / "checkpoints" / "vae.pth"
+    Path(f"{checkpoint}.json").write_text(json.dumps({"format": SIDECAR_FORMAT, "kind": "vqvae", "sha256": "cd" * 32}))
+    config = identify([official_trial(assets)], cache_dir=str(tmp_path / "cache"))[0]
+    assert config.model.vqvae_checkpoint_sha256 == "cd" * 32
+    assert str(checkpoint) not in json.loads((tmp_path / "cache" / CONTENT_IDS_FILE).read_text())["files"]
+
+
+def test_missing_files_keep_their_paths_in_the_id_and_do_not_raise(assets, tmp_path):
+    (assets / "checkpoints" / "inception.pth").unlink()
+    (assets / "datasets" / "mine" / "test" / "b" / "0.png").unlink()
+    shutil.rmtree(assets / "datasets" / "mine" / "train")
+    config = identify([official_trial(assets)], cache_dir=str(tmp_path / "cache"))[0]
+    assert config.evaluation.inception_weights_sha256 is None and config.data.content_id is None
+    assert config.model.var_checkpoint_sha256 is not None
+
+
+def test_a_checkpoint_replaced_after_identification_is_refused(assets, tmp_path):
+    config = identify([official_trial(assets)], cache_dir=str(tmp_path / "cache"))[0]
+    splits = list_splits(config, tmp_path / "cache")
+    verify_content(config, splits=splits)  # unchanged files pass
+    (assets / "checkpoints" / "var_d16.pth").write_bytes(b"other weights")
+    with pytest.raises(ConfigError, match=r"model\.var_checkpoint: .*var_d16\.pth .*replaced"):
+        verify_content(config, splits=splits)
+    # With a sidecar, the sidecar's SHA-256 is compared (the loader then checks the file against it).
+    fresh = identify([official_trial(assets)], cache_dir=str(tmp_path / "cache2"))[0]
+    Path(f"{assets / 'checkpoints' / 'vae.pth'}.json").write_text(json.dumps({"format": SIDECAR_FORMAT, "sha256": "ef" * 32}))
+    with pytest.raises(ConfigError, match=r"model\.vqvae_checkpoint: .*vae\.pth"):
+        verify_content(fresh, splits=splits)
+
+
+def test_run_trial_refuses_images_added_after_identification(tmp_path):
+    root = tmp_path / "images"
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            for i in range(2):
+                png(root / split / label / f"{i}.png", seed=i)
+    config = replace(tiny_trial("lora"), data={"dataset": "folder", "root": str(root), "resolution": 16})
+    identified = identify([config], cache_dir=str(tmp_path / "cache"))[0]
+    assert identified.data.content_id is not None and identified.trial_id != config.trial_id
+    png(root / "train" / "a" / "late.png", seed=7)
+    with pytest.raises(ConfigError, match=r"data\.root: .*changed after the sweep was launched"):
+        run_trial(identified, cache_dir=tmp_path / "cache", work_dir=tmp_path / "work", log=lambda line: None)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "work").exists()  # refused before any model was built
+
+
+# Digests of every smoke sweep's trial ids (and the tiny demo's) at 7b2b27d, before content ids existed: the new
+# fields, at their default None, must leave them unchanged (their results keep being skipped on relaunch).
+SMOKE_IDS_BEFORE = {("convergence", True): "6cd67c2f7d233727", ("demo", False): "9d487b631b4dc082", ("demo", True): "afed862254e1e991",
+                    ("second_seed", True): "023bd74865e09d66", ("table1", True): "fe002897871e5fc5", ("table10", True): "ca4d3f58f25273d3",
+                    ("table2", True): "c499a82b787bca50", ("table3", True): "726aaca172e4fce0", ("table9", True): "fe002897871e5fc5"}
+
+
+@pytest.mark.parametrize("name, smoke", sorted(SMOKE_IDS_BEFORE))
+def test_tiny_and_offline_trial_ids_are_unchanged(name, smoke, tmp_path):
+    configs = build_sweep(name, smoke=smoke)
+    assert all(c.model.base == "tiny" and c.data.root is None for c in configs)
+    identified = identify(configs, cache_dir=str(tmp_path / "cache"))
+    assert [c.trial_id for c in identified] == [c.trial_id for c in configs] and not (tmp_path / "cache").exists()
+    digest = hashlib.sha256(",".join(c.trial_id for c in configs).encode()).hexdigest()[:16]
+    assert digest == SMOKE_IDS_BEFORE[(name, smoke)]
+
+
+def test_every_smoke_sweep_is_checked():
+    assert {name for name, _ in SMOKE_IDS_BEFORE} == set(SWEEPS)
