@@ -18,7 +18,7 @@ from .schema import absolute
 from .sweeps import build_sweep
 
 # Targets of the embedded default (docs/benchmarks.md records what `make demo` measured against them).
-MIN_TUNED_CLASS_ACCURACY = 0.80  # full fine-tuning and LoRA draw the digit they are asked for
+MIN_TUNED_CLASS_ACCURACY = 0.70  # full fine-tuning and LoRA draw the digit they are asked for (LoRA: 0.78-0.82 over seeds)
 MAX_BASE_CLASS_ACCURACY = 0.30  # the base model, never trained on digits, does not (chance is 0.10)
 # Non-DP fine-tuned samples lie on the real digits' manifold (precision) and cover it (recall), far above the base model
 # (0.22 / 0.01). Set from the spread over trial seeds (scripts/demo_seed_spread.py, docs/benchmarks.md): LoRA's recall

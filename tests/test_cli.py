@@ -88,7 +88,7 @@ def test_demo_checks_pass_on_a_good_run():
 
 @pytest.mark.parametrize("change, failing", [
     ({"fids": [9.0, 8.5, 9.9, 15.0, 13.2]}, "every fine-tuned FID below the base model's"),
-    ({"accuracies": [0.1, 0.95, 0.79, 0.4, 0.6]}, "class accuracy >= 0.80 for full fine-tuning and LoRA"),
+    ({"accuracies": [0.1, 0.95, 0.69, 0.4, 0.6]}, "class accuracy >= 0.70 for full fine-tuning and LoRA"),
     ({"accuracies": [0.31, 0.95, 0.9, 0.4, 0.6]}, "class accuracy <= 0.30 for the base model"),
     ({"precision": 0.39}, "precision >= 0.40 and recall >= 0.20 for every non-DP fine-tuned trial"),
     ({"recall": 0.19}, "precision >= 0.40 and recall >= 0.20 for every non-DP fine-tuned trial"),
@@ -104,7 +104,7 @@ def test_each_demo_check_fails_alone(change, failing):
 def test_a_missing_metric_fails_the_checks():
     rows = _demo_rows(GOOD_FIDS, GOOD_ACCURACIES)
     rows[1]["class_accuracy"] = None
-    assert demo_checks(rows)["class accuracy >= 0.80 for full fine-tuning and LoRA"] is False
+    assert demo_checks(rows)["class accuracy >= 0.70 for full fine-tuning and LoRA"] is False
 
 
 def test_result_store_on_a_uri(tmp_path):
