@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import VarsweepError
+from .schema import INCEPTION_EXTRACTOR as INCEPTION
 from .schema import TrialConfig, is_uri, replace, with_absolute_paths
 from .sweeps.common import ASSETS_ENV
-
-INCEPTION = "inception-v3-compat"
 
 
 class SweepError(VarsweepError):

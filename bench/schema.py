@@ -28,9 +28,13 @@ SCHEMA_VERSION = 1
 OFFICIAL_DEPTHS = (16, 20, 24, 30)
 OFFICIAL_RESOLUTION = 256
 METHODS = ("base", "full", "lora", "lora_attention", "lora_mlp", "ln_tuning")  # "base": evaluate the base model, no training
-EXTRACTORS = ("inception-v3-compat", "substitute-randconv-v1", "digits-cnn-v1")  # digits-cnn-v1: digits only
+# The closed sets of names, defined here once; every registry keyed by one of them is tested to hold exactly these
+# (tests/test_closed_sets.py). trainables/models/ (torch only) keeps its own copy of CLASS_INITS, tested equal.
+INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR, DIGITS_EXTRACTOR = "inception-v3-compat", "substitute-randconv-v1", "digits-cnn-v1"
+EXTRACTORS = (INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR, DIGITS_EXTRACTOR)  # digits-cnn-v1: digits only
 ACCOUNTANTS = ("rdp", "prv")
 CLIPPING_MODES = ("auto", "bookkeeping", "hooks", "ghost")
+CLASS_INITS = ("unconditional", "mean", "normal")  # how new class-embedding rows start (models.resize_class_embedding)
 STATUSES = ("success", "failed")
 
 
@@ -197,7 +201,7 @@ class MethodConfig:
         _require(self.name in METHODS, "method.name", f"unknown method {self.name!r}; known: {list(METHODS)}")
         _require(self.lora_rank >= 1 and self.lora_alpha > 0, "method.lora_rank", "need lora_rank >= 1 and lora_alpha > 0")
         _require(self.lora_targets is None or self.name.startswith("lora"), "method.lora_targets", f"only for LoRA methods, not {self.name!r}")
-        _require(self.class_init in ("unconditional", "mean", "normal"), "method.class_init", f"got {self.class_init!r}")
+        _require(self.class_init in CLASS_INITS, "method.class_init", f"one of {CLASS_INITS}, got {self.class_init!r}")
         _require(0 < self.scale_weight_decay <= 1, "method.scale_weight_decay", f"must be in (0, 1], got {self.scale_weight_decay}")
         _require(self.prior_weight >= 0, "method.prior_weight", f"must be >= 0, got {self.prior_weight}")
 

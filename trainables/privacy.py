@@ -38,12 +38,11 @@ from torch import nn
 from .bookkeeping import BookKeeping, bookkeeping_supports
 from .draws import ExampleKey
 from bench.errors import VarsweepError
+from bench.schema import ACCOUNTANTS, CLIPPING_MODES
 
-CLIPPING_MODES = ("auto", "hooks", "ghost", "bookkeeping")
 # Layers whose per-sample gradient is a sum over positions of (input, output-gradient) products: the k views of one
 # example can be folded into the position dimension and the example's gradient computed in one pass.
 FOLDABLE_LAYERS = (nn.Linear, nn.Embedding)
-ACCOUNTANTS = ("rdp", "prv")
 LEDGER_VERSION = 2
 # RDP orders for calibration and reporting. Opacus's defaults stop at 63 and start at 1.1: with few steps (the first
 # logged epsilons) or large noise the best order lies above 63, and for large epsilon (Table 3 goes to 1000) below

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-INCEPTION = "inception-v3-compat"
-SUBSTITUTE = "substitute-randconv-v1"
-DIGITS_CNN = "digits-cnn-v1"
+from bench.schema import DIGITS_EXTRACTOR, EXTRACTORS, INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR
+
+INCEPTION, SUBSTITUTE, DIGITS_CNN = INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR, DIGITS_EXTRACTOR  # names: bench.schema.EXTRACTORS
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
@@ -89,7 +89,7 @@ def build_extractor(name: str, *, weights_path: str | Path | None = None, cache_
         return InceptionFeatures(weights_path)
     if name == SUBSTITUTE:
         return RandomConvFeatures()
-    raise ValueError(f"unknown feature extractor {name!r}; known: {[INCEPTION, SUBSTITUTE, DIGITS_CNN]}")
+    raise ValueError(f"unknown feature extractor {name!r}; known: {list(EXTRACTORS)}")
 
 
 @torch.no_grad()
