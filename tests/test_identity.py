@@ -20,7 +20,7 @@ from bench.schema import (ConfigError, DataConfig, EvaluationConfig, MethodConfi
                           replace)
 from bench.sweeps import SWEEPS, build_sweep
 from sweep_driver import tiny_trial
-from trainables.assets import CONTENT_IDS_FILE, verify_content
+from trainables.assets import CONTENT_IDS_FILE, FileIds, verify_content
 from trainables.models.checkpoints import SIDECAR_FORMAT, file_sha256
 from trainables.trial import list_splits, run_trial
 
@@ -143,18 +143,21 @@ def test_missing_files_keep_their_paths_in_the_id_and_do_not_raise(assets, tmp_p
     assert config.model.var_checkpoint_sha256 is not None
 
 
-def test_a_checkpoint_replaced_after_identification_is_refused(assets, tmp_path):
+def test_a_checkpoint_replaced_after_identification_is_refused(assets, tmp_path, monkeypatch):
     config = identify([official_trial(assets)], cache_dir=str(tmp_path / "cache"))[0]
     splits = list_splits(config, tmp_path / "cache")
-    verify_content(config, splits=splits)  # unchanged files pass
+    with monkeypatch.context() as patched:  # each trial reuses the driver's cached hashes: no checkpoint is read again
+        patched.setattr("trainables.assets.file_sha256", lambda path: pytest.fail(f"hashed {path} again"))
+        verify_content(config, splits=splits, files=FileIds(tmp_path / "cache", write=False))
+    verify_content(config, splits=splits, files=FileIds(tmp_path / 'no-cache', write=False))  # unchanged files pass
     (assets / "checkpoints" / "var_d16.pth").write_bytes(b"other weights")
     with pytest.raises(ConfigError, match=r"model\.var_checkpoint: .*var_d16\.pth .*replaced"):
-        verify_content(config, splits=splits)
+        verify_content(config, splits=splits, files=FileIds(tmp_path / 'no-cache', write=False))
     # With a sidecar, the sidecar's SHA-256 is compared (the loader then checks the file against it).
     fresh = identify([official_trial(assets)], cache_dir=str(tmp_path / "cache2"))[0]
     Path(f"{assets / 'checkpoints' / 'vae.pth'}.json").write_text(json.dumps({"format": SIDECAR_FORMAT, "sha256": "ef" * 32}))
     with pytest.raises(ConfigError, match=r"model\.vqvae_checkpoint: .*vae\.pth"):
-        verify_content(fresh, splits=splits)
+        verify_content(fresh, splits=splits, files=FileIds(tmp_path / 'no-cache', write=False))
 
 
 def test_run_trial_refuses_images_added_after_identification(tmp_path):

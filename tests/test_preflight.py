@@ -72,7 +72,7 @@ def test_headers_are_read_against_the_architecture(files, tmp_path):
     # A varsweep checkpoint's sidecar is read too: its architecture must be the one the trial builds.
     saved = save_var(build_var(**TINY_VAR), tmp_path / "saved.pth")
     check_checkpoint(saved, kind="var", architecture=TINY_VAR)
-    with pytest.raises(CheckpointError, match=r"saved for another var architecture: num_classes: saved 5, expected 7"):
+    with pytest.raises(CheckpointError, match=r"saved for another var architecture: num_classes: saved 5, requested 7"):
         check_checkpoint(saved, kind="var", architecture={**TINY_VAR, "num_classes": 7})
 
 

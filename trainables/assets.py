@@ -28,8 +28,8 @@ import torch
 from bench.schema import ConfigError, TrialConfig
 
 from .data.datasets import ImageList
-from .models.checkpoints import (SIDECAR_FORMAT, CheckpointError, atomic_write, check_state_dict, file_lock, file_sha256,
-                                 sidecar_path)
+from .models.checkpoints import (SIDECAR_FORMAT, CheckpointError, atomic_write, check_sidecar, check_state_dict, file_lock,
+                                 file_sha256, read_sidecar)
 from .models.var import build_var
 from .models.vqvae import OFFICIAL_CH_MULT, OFFICIAL_PATCH_NUMS, build_vqvae
 
@@ -50,12 +50,11 @@ def _is_sha256(value: Any) -> bool:
 def sidecar_sha256(path: str | os.PathLike) -> str | None:
     """The SHA-256 a varsweep sidecar (``<path>.json``) records for ``path``; None without a readable one. Cheap:
     the loaders check the file against it (``verify_sidecar``) before using the weights."""
-    side = sidecar_path(path)
     try:
-        record = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT or not _is_sha256(record.get("sha256")):
+        record = read_sidecar(path)
+    except CheckpointError:
+        return None  # a damaged sidecar: the file is hashed instead, and its loader names the problem
+    if record is None or record.get("format") != SIDECAR_FORMAT or not _is_sha256(record.get("sha256")):
         return None
     return record["sha256"]
 
@@ -121,18 +120,21 @@ def dataset_content_id(config: TrialConfig, splits: tuple[ImageList, ImageList])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def verify_content(config: TrialConfig, *, splits: tuple[ImageList, ImageList]) -> None:
+def verify_content(config: TrialConfig, *, splits: tuple[ImageList, ImageList], files: FileIds) -> None:
     """In the trial, before anything is loaded: every file and the dataset whose content id the config carries is
     still that content (a checkpoint replaced after the sweep was launched must not be trained on under the old
-    trial's id). A checkpoint with a varsweep sidecar is compared through the sidecar (its loader then checks the
-    file against it); any other file is hashed. Raises ``ConfigError`` naming the field and the file."""
+    trial's id). ``files`` answers as ``identify`` did: a varsweep sidecar's SHA-256 (its loader then checks the file
+    against it), else the cached hash of this path, size and mtime, else the file is hashed. Raises ``ConfigError``
+    naming the field and the file."""
     m, e = config.model, config.evaluation
     for field_name, path, expected, sidecar in (("model.var_checkpoint", m.var_checkpoint, m.var_checkpoint_sha256, True),
                                                 ("model.vqvae_checkpoint", m.vqvae_checkpoint, m.vqvae_checkpoint_sha256, True),
                                                 ("evaluation.inception_weights", e.inception_weights, e.inception_weights_sha256, False)):
         if expected is None:
             continue
-        actual = (sidecar_sha256(path) if sidecar else None) or file_sha256(path)
+        actual = files.sha256(path, sidecar=sidecar)
+        if actual is None:
+            raise ConfigError(f"{field_name}: cannot read {path} (it was identified when the sweep was launched)")
         if actual != expected:
             raise ConfigError(f"{field_name}: {path} has SHA-256 {actual[:16]}..., not the {expected[:16]}... this trial was "
                               "identified with: the file was replaced or changed after the sweep was launched; relaunch the sweep "
@@ -193,28 +195,9 @@ def check_checkpoint(path: str | os.PathLike, *, kind: str, architecture: Mappin
     if kind not in ("var", "vqvae"):
         raise ValueError(f"kind must be 'var' or 'vqvae', got {kind!r}")
     model = _meta_model(kind, json.dumps(dict(architecture), sort_keys=True))
-    _check_sidecar(path, kind=kind, architecture=model.architecture)
+    check_sidecar(path, kind=kind, architecture=model.architecture)
     state = read_header(path)
     check_state_dict(state, model.state_dict(), finite_keys=set(), path=path, what=f"{kind.upper()} {dict(architecture)}")
-
-
-def _check_sidecar(path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]) -> None:
-    side = sidecar_path(path)
-    if not side.is_file():
-        return
-    try:
-        record = json.loads(side.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint sidecar {side} is not valid JSON: {err}") from err
-    if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT or record.get("kind") != kind:
-        raise CheckpointError(f"{side} is not a varsweep sidecar of a {kind!r} checkpoint (format {SIDECAR_FORMAT})")
-    saved, wanted = record.get("architecture"), json.loads(json.dumps(dict(architecture)))  # tuples as JSON lists
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{side} records no architecture (got {type(saved).__name__})")
-    differing = [f"{k}: saved {saved.get(k)!r}, expected {wanted.get(k)!r}"
-                 for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
-    if differing:
-        raise CheckpointError(f"checkpoint {path} was saved for another {kind} architecture: {'; '.join(differing[:5])}")
 
 
 def check_inception_weights(path: str | os.PathLike) -> None:

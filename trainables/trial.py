@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from bench.schema import ConfigError, TrialConfig, make_result
 
-from .assets import verify_content
+from .assets import FileIds, verify_content
 from .data import offline
 from .data.datasets import ImageList, check_images, read_dataset
 from .data.token_cache import ViewSpec, open_token_cache
@@ -194,7 +194,8 @@ def run_trial(config: TrialConfig, *, cache_dir: str | Path, work_dir: str | Pat
     device, cache_dir, work_dir = torch.device(device), Path(cache_dir), Path(work_dir)
     rank, world = _rank_world()
     plan = preflight(config, cache_dir)
-    verify_content(config, splits=plan.splits)  # the files are still those the trial id names (none are loaded yet)
+    # The files are still those the trial id names (none are loaded yet); hashes the driver cached are reused.
+    verify_content(config, splits=plan.splits, files=FileIds(cache_dir, write=False))
     vqvae, base = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=log))
     train, skipped = check_images(plan.splits[0], skip_corrupt=config.data.skip_corrupt_images)
     evaluation, skipped_eval = check_images(plan.splits[1], skip_corrupt=config.data.skip_corrupt_images)

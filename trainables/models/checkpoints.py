@@ -155,12 +155,23 @@ def _check_sidecar_architecture(record: Mapping[str, Any], *, path: Path, kind: 
     saved, wanted = _normalised(record.get("architecture", {})), _normalised(architecture)
     differing = [f"{k}: saved {saved.get(k)!r}, requested {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
     if differing:
-        raise CheckpointError(f"checkpoint {path} was saved for another {kind} architecture:\n" + _listing("differences", differing))
+        raise CheckpointError(f"checkpoint {path} was saved for another {kind} architecture: {'; '.join(differing[:_MAX_LISTED])}"
+                              + (f" ... ({len(differing) - _MAX_LISTED} more)" if len(differing) > _MAX_LISTED else ""))
 
 
 def _sha_mismatch(path: Path, record: Mapping[str, Any], actual: str) -> CheckpointError:
     return CheckpointError(f"checkpoint {path} does not match the SHA-256 recorded in {sidecar_path(path)} "
                            f"({str(record.get('sha256'))[:12]}..., the file has {actual[:12]}...): the weights file was changed or damaged after saving")
+
+
+def check_sidecar(path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The sidecar record when ``<path>.json`` exists, checked to be ours, of ``kind`` and of ``architecture``,
+    without reading the weights (the preflight's check; ``verify_sidecar`` adds the SHA-256)."""
+    record = read_sidecar(path)
+    if record is not None:
+        _check_sidecar_kind(record, path=Path(path), kind=kind)
+        _check_sidecar_architecture(record, path=Path(path), kind=kind, architecture=architecture)
+    return record
 
 
 def verify_sidecar(path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]) -> dict[str, Any] | None:
