@@ -12,6 +12,7 @@ as provenance. Every field is checked against its annotated type first (``_check
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -24,7 +25,7 @@ from typing import Any, Mapping
 
 from .errors import VarsweepError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: evaluation.cfg -> guidance_scale, optimization.max_grad_norm -> global_clip_norm (see upgrade_record)
 OFFICIAL_DEPTHS = (16, 20, 24, 30)
 OFFICIAL_RESOLUTION = 256
 METHODS = ("base", "full", "lora", "lora_attention", "lora_mlp", "ln_tuning")  # "base": evaluate the base model, no training
@@ -208,8 +209,13 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """DP-SGD: target_epsilon for the whole run; delta None = 1/N; sampling_rate q (Poisson); max_grad_norm C;
-    augmentation_multiplicity k views averaged per example before clipping; physical_batch_rows per backward."""
+    """DP-SGD: target_epsilon for the whole run; delta None = 1/N; sampling_rate q (Poisson); max_grad_norm: C, the
+    per-example clipping norm; augmentation_multiplicity k views averaged per example before clipping;
+    physical_batch_rows: rows (example views) per forward/backward, a chunk holds max(1, rows // k) examples, so
+    memory stays bounded for any expected batch size and k; clipping: "bookkeeping" (one backward, clipped sums
+    rebuilt from layer inputs and output gradients), "hooks" (Opacus per-sample gradients), "ghost" (Opacus ghost
+    clipping, k = 1 only) or "auto" (book-keeping where it has a rule for every trainable layer, else hooks);
+    allow_delta_at_least_inverse_n: permit delta >= 1/N (a mechanism that may release a whole example)."""
 
     target_epsilon: float
     sampling_rate: float
@@ -219,6 +225,7 @@ class PrivacyConfig:
     accountant: str = "rdp"
     clipping: str = "auto"
     physical_batch_rows: int = 256
+    allow_delta_at_least_inverse_n: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -237,7 +244,10 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class OptimizationConfig:
     """Exactly one of epochs (passes over the training split; under DP one epoch is 1/q steps) or steps.
-    batch_size: examples per non-DP step (DP batches are Poisson with rate q). Schedule: linear warm-up, cosine.
+    batch_size: examples per non-DP step; global_clip_norm: non-DP clipping of the whole gradient's norm (None =
+    off). Under DP neither applies (batches are Poisson with rate q, each example is clipped to privacy's C): a DP
+    trial leaves both at their defaults (``NON_DP_ONLY``) and its id does not depend on them. Schedule: linear
+    warm-up, cosine.
     autocast_bf16: forward passes run under bf16 autocast on CUDA devices (weights, optimiser state and DP clipping
     norms stay float32; CPU runs are float32 whatever this says)."""
 
@@ -248,7 +258,7 @@ class OptimizationConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.05
     class_dropout: float = 0.1
-    max_grad_norm: float | None = 2.0
+    global_clip_norm: float | None = 2.0
     seed: int = 0
     schedule: str = "cosine"
     autocast_bf16: bool = True
@@ -267,7 +277,7 @@ class OptimizationConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Sampling: classifier-free guidance ``cfg``, ``top_k`` / ``top_p`` filters (0 = off). num_images None = per
+    """Sampling: classifier-free guidance scale ``guidance_scale``, ``top_k`` / ``top_p`` filters (0 = off). num_images None = per
     class as many as the evaluation split has; the convergence curve adds a FID on ``convergence_num_images``
     images every convergence_every_steps steps, or at convergence_points evenly spaced steps of the planned run
     (at most one of the two; 0 = off)."""
@@ -275,7 +285,7 @@ class EvaluationConfig:
     extractor: str = "inception-v3-compat"
     inception_weights: str | None = None
     num_images: int | None = None
-    cfg: float = 1.5
+    guidance_scale: float = 1.5
     top_k: int = 900
     top_p: float = 0.96
     batch_size: int = 32
@@ -294,7 +304,7 @@ class EvaluationConfig:
         _require(self.num_images is None or self.num_images >= 2, "evaluation.num_images", f"must be >= 2, got {self.num_images}")
         # Exactly the sampler's own ranges (``VAR.sample``, ``check_sampling_settings``), refused here before any
         # compute: top_k=0 and top_p=0 switch those filters off; top_p=1 is no valid nucleus.
-        _require(self.cfg >= 0, "evaluation.cfg", f"must be >= 0, got {self.cfg}")
+        _require(self.guidance_scale >= 0, "evaluation.guidance_scale", f"must be >= 0, got {self.guidance_scale}")
         _require(self.top_k >= 0, "evaluation.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         _require(0 <= self.top_p < 1, "evaluation.top_p", f"must be in [0, 1) (0 = off), got {self.top_p}")
         _require(self.batch_size >= 1, "evaluation.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -333,11 +343,12 @@ class ResourcesConfig:
                  f"must be in (0, 1], got {self.checkpoint_every_fraction}")
 
 
-# Fields added after schema version 1's first results: they enter the trial id only when they differ from this
-# default, so results written before they existed keep their ids (and relaunches keep skipping them).
-LATER_FIELDS = {("evaluation", "convergence_points"): 0, ("model", "var_checkpoint_sha256"): None,
-                ("model", "vqvae_checkpoint_sha256"): None, ("data", "content_id"): None,
-                ("evaluation", "inception_weights_sha256"): None}
+# Fields added after a schema version's first results: they enter the trial id only when they differ from this
+# default, so results written before they existed keep their ids (and relaunches keep skipping them). Emptied at
+# each version bump (a new version changes the ids anyway).
+LATER_FIELDS: dict[tuple[str, str], Any] = {}
+# Optimisation fields that only a non-DP trial uses: a DP trial keeps their defaults and its id leaves them out.
+NON_DP_ONLY = {"batch_size": 256, "global_clip_norm": 2.0}
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "privacy": PrivacyConfig,
             "optimization": OptimizationConfig, "evaluation": EvaluationConfig, "resources": ResourcesConfig}
@@ -375,6 +386,10 @@ class TrialConfig:
         _require(trains or self.optimization.steps == 0, "optimization.steps", "method 'base' evaluates the base model: set steps=0")
         _require(not trains or self.optimization.steps != 0, "optimization.steps", "a training method needs steps >= 1 (or epochs)")
         if self.privacy is not None:
+            for name, default in NON_DP_ONLY.items():
+                _require(getattr(self.optimization, name) == default, f"optimization.{name}",
+                         f"does not apply under DP (batches are Poisson with rate privacy.sampling_rate, each example is "
+                         f"clipped to privacy.max_grad_norm): leave it at its default {default}")
             _require(self.privacy.augmentation_multiplicity <= self.data.cached_views, "privacy.augmentation_multiplicity",
                      f"k={self.privacy.augmentation_multiplicity} distinct views need data.cached_views >= k (got {self.data.cached_views})")
         _require(not (self.evaluation.convergence_every_steps or self.evaluation.convergence_points) or trains,
@@ -406,6 +421,9 @@ class TrialConfig:
         for (section, path_field), id_field in CONTENT_IDS.items():
             if identity.get(section) is not None and identity[section].get(id_field) is not None:
                 del identity[section][path_field]
+        if identity["privacy"] is not None:
+            for name in NON_DP_ONLY:
+                del identity["optimization"][name]
         for (section, name), default in LATER_FIELDS.items():  # at their default they leave earlier ids unchanged
             if identity.get(section) is not None and identity[section].get(name) == default:
                 del identity[section][name]
@@ -487,7 +505,12 @@ RESULT_FIELDS = {"schema_version": int, "trial_id": str, "status": str, "error":
 # Optional fields (absent from older records of the same version): ``artifacts`` = where the trial's generated
 # images and a few real evaluation images per class are
 # ({"generated_images": dir, "real_images": [{"label": 0, "class": name, "paths": [...]}, ...]}).
-OPTIONAL_RESULT_FIELDS = {"artifacts": dict}
+OPTIONAL_RESULT_FIELDS = {"artifacts": dict, "upgraded_from": dict}  # upgraded_from: see upgrade_record
+
+
+def utc_now() -> str:
+    """The time stamp of records (``started_at``, ``finished_at``): UTC, ISO 8601 to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def make_result(config: TrialConfig, *, status: str, error: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -500,8 +523,36 @@ def make_result(config: TrialConfig, *, status: str, error: str | None = None, *
     return record
 
 
+# Version 1 -> 2: fields renamed in the config ((section, old name) -> new name).
+RENAMED_IN_2 = {("evaluation", "cfg"): "guidance_scale", ("optimization", "max_grad_norm"): "global_clip_norm"}
+
+
+def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A version-1 result as the version-2 result of the same experiment: renamed fields carry their values, a DP
+    trial's non-DP-only optimisation fields (which it never used) return to their defaults, and the trial id is
+    recomputed (``upgraded_from`` keeps the old one). A current record is returned unchanged (copied)."""
+    upgraded = json.loads(json.dumps(record))
+    version = upgraded.get("schema_version")
+    if version == SCHEMA_VERSION:
+        return upgraded
+    _require(version == 1 and isinstance(upgraded.get("config"), dict), "schema_version",
+             f"cannot upgrade a result of schema version {version!r} (this varsweep reads versions 1 and {SCHEMA_VERSION})")
+    config = upgraded["config"]
+    for (section, old), new in RENAMED_IN_2.items():
+        if isinstance(config.get(section), dict) and old in config[section]:
+            config[section][new] = config[section].pop(old)
+    if config.get("privacy") is not None and isinstance(config.get("optimization"), dict):
+        config["optimization"].update(NON_DP_ONLY)
+    upgraded.update(schema_version=SCHEMA_VERSION, trial_id=TrialConfig.from_dict(config).trial_id,
+                    upgraded_from={"schema_version": version, "trial_id": upgraded.get("trial_id")})
+    return upgraded
+
+
 def check_result(record: Mapping[str, Any]) -> TrialConfig:
     """Raise ``ConfigError`` unless ``record`` is a valid result of this schema version; returns its config."""
+    _require(record.get("schema_version") != 1, "schema_version",
+             f"written by schema version 1 (before {', '.join(f'{s}.{o} became {n}' for (s, o), n in RENAMED_IN_2.items())}); "
+             "`python -m bench upgrade-results STORAGE` rewrites such results under their new trial ids")
     _require(record.get("schema_version") == SCHEMA_VERSION, "schema_version", f"expected {SCHEMA_VERSION}, got {record.get('schema_version')}")
     for name, kind in RESULT_FIELDS.items():
         _require(name in record, name, "missing from the result")

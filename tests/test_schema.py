@@ -2,13 +2,16 @@
 builds; result records validate."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import random
 
 import pytest
 
 from bench.schema import (ConfigError, DataConfig, EvaluationConfig, MethodConfig, ModelConfig, OptimizationConfig,
-                          PrivacyConfig, ResourcesConfig, TrialConfig, check_result, make_result, replace)
+                          NON_DP_ONLY, PrivacyConfig, ResourcesConfig, TrialConfig, check_result, make_result, replace,
+                          upgrade_record)
 from bench.sweeps import SWEEPS, build_sweep
 from bench.sweeps.common import Assets, smoke_version
 
@@ -74,8 +77,12 @@ def test_trial_id_ignores_resources_but_not_settings():
     (lambda: OptimizationConfig(epochs=3, steps=4), "optimization.epochs"),
     (lambda: EvaluationConfig(extractor="inception-v3-compat"), "evaluation.inception_weights"),
     (lambda: ResourcesConfig(workers=2, gpus_per_worker=0.5), "resources.gpus_per_worker"),
-    (lambda: replace(TINY, privacy={"target_epsilon": 1, "sampling_rate": 0.1, "max_grad_norm": 1, "augmentation_multiplicity": 4}),
+    (lambda: replace(TINY, optimization=NON_DP_ONLY,
+                     privacy={"target_epsilon": 1, "sampling_rate": 0.1, "max_grad_norm": 1, "augmentation_multiplicity": 4}),
      "privacy.augmentation_multiplicity"),
+    (lambda: replace(TINY, privacy={"target_epsilon": 1, "sampling_rate": 0.1, "max_grad_norm": 1}), "optimization.batch_size"),
+    (lambda: replace(TINY, optimization={"batch_size": 256, "global_clip_norm": None},
+                     privacy={"target_epsilon": 1, "sampling_rate": 0.1, "max_grad_norm": 1}), "optimization.global_clip_norm"),
     (lambda: replace(TINY, method={"name": "base"}), "optimization.steps"),
     (lambda: TrialConfig.from_dict({**TINY.to_dict(), "method": {"name": "lora", "rank": 8}}), "method"),
     (lambda: TrialConfig(model=ModelConfig(base="official", depth=16, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0),
@@ -187,9 +194,12 @@ SAMPLING_VALUES = [
     ("top_p", "0.5", False), ("top_p", True, False), ("top_p", None, False),
     ("top_k", 0, True), ("top_k", 1, True), ("top_k", 900, True), ("top_k", -1, False), ("top_k", 2.5, False),
     ("top_k", 2.0, False), ("top_k", True, False), ("top_k", "5", False),
-    ("cfg", 0, True), ("cfg", 1.5, True), ("cfg", 4, True), ("cfg", -0.5, False), ("cfg", float("nan"), False),
-    ("cfg", float("inf"), False), ("cfg", False, False),
+    ("guidance_scale", 0, True), ("guidance_scale", 1.5, True), ("guidance_scale", 4, True), ("guidance_scale", -0.5, False), ("guidance_scale", float("nan"), False),
+    ("guidance_scale", float("inf"), False), ("guidance_scale", False, False),
 ]
+
+
+SAMPLER_NAMES = {"guidance_scale": "cfg"}  # VAR.sample keeps upstream's argument name
 
 
 @pytest.mark.parametrize("name, value, valid", SAMPLING_VALUES)
@@ -197,16 +207,17 @@ def test_schema_and_sampler_agree_on_sampling_settings(name, value, valid, tiny_
     import torch
 
     var, vqvae = tiny_sampler
-    settings = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, name: value}
+    settings = {"guidance_scale": 1.5, "top_k": 0, "top_p": 0.0, name: value}
+    sampler_settings = {SAMPLER_NAMES.get(key, key): v for key, v in settings.items()}
     if valid:
         EvaluationConfig(extractor="substitute-randconv-v1", **settings)
-        images = var.sample(torch.tensor([0]), vqvae=vqvae, generator=torch.Generator().manual_seed(0), **settings)
+        images = var.sample(torch.tensor([0]), vqvae=vqvae, generator=torch.Generator().manual_seed(0), **sampler_settings)
         assert images.shape[0] == 1
         return
     with pytest.raises(ConfigError, match=rf"^evaluation\.{name}:"):
         EvaluationConfig(extractor="substitute-randconv-v1", **settings)
-    with pytest.raises(ValueError, match=rf"^{name} must be"):
-        var.sample(torch.tensor([0]), vqvae=vqvae, **settings)
+    with pytest.raises(ValueError, match=rf"^{SAMPLER_NAMES.get(name, name)} must be"):
+        var.sample(torch.tensor([0]), vqvae=vqvae, **sampler_settings)
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +228,34 @@ def tiny_sampler():
     from trainables.models import build_var, build_vqvae
 
     return build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0)).eval(), build_vqvae(**TINY_VQVAE).eval()
+
+
+def test_non_dp_only_fields_are_at_their_defaults_and_out_of_a_dp_trials_id():
+    defaults = {f.name: f.default for f in dataclasses.fields(OptimizationConfig)}
+    assert NON_DP_ONLY == {name: defaults[name] for name in NON_DP_ONLY}
+    for config, hashed in ((build_sweep("table2")[0], False), (TINY, True)):
+        identity = {k: v for k, v in config.to_dict().items() if k != "resources"}
+        assert set(NON_DP_ONLY) <= set(identity["optimization"])  # written into the record as provenance
+        if not hashed:  # a DP trial's id is that of the experiment, without the fields it never uses
+            identity["optimization"] = {k: v for k, v in identity["optimization"].items() if k not in NON_DP_ONLY}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+        assert digest == config.trial_id
+
+
+def test_version_1_results_are_refused_with_the_upgrade_command_and_upgrade_to_the_same_experiment():
+    dp = build_sweep("table2", smoke=True)[0]
+    current = make_result(dp, status="failed", error="x")
+    old = json.loads(json.dumps(current))
+    old["schema_version"] = 1
+    old["config"]["evaluation"]["cfg"] = old["config"]["evaluation"].pop("guidance_scale")
+    old["config"]["optimization"]["max_grad_norm"] = old["config"]["optimization"].pop("global_clip_norm")
+    old["config"]["optimization"]["batch_size"] = 32  # version 1 let DP trials carry an unused batch size
+    old["trial_id"] = "0123456789abcdef"
+    with pytest.raises(ConfigError, match=r"schema version 1.*evaluation\.cfg became guidance_scale.*upgrade-results"):
+        check_result(old)
+    upgraded = upgrade_record(old)
+    assert check_result(upgraded) == dp and upgraded["trial_id"] == dp.trial_id
+    assert upgraded["upgraded_from"] == {"schema_version": 1, "trial_id": "0123456789abcdef"}
+    assert upgrade_record(current) == current
+    with pytest.raises(ConfigError, match="schema version 7"):
+        upgrade_record({**current, "schema_version": 7})

@@ -246,7 +246,7 @@ def _train(config: TrialConfig, var, vqvae, views, *, base, steps: int, evaluato
     options = FinetuneOptions(steps=steps, lr=o.learning_rate, batch_size=o.batch_size, warmup_steps=min(o.warmup_steps, steps),
                               weight_decay=o.weight_decay, class_dropout=o.class_dropout, augmentation_multiplicity=k,
                               scale_weight_decay=config.method.scale_weight_decay, prior_weight=config.method.prior_weight,
-                              max_grad_norm=o.max_grad_norm, log_every=max(1, min(50, steps // 20)),
+                              max_grad_norm=o.global_clip_norm, log_every=max(1, min(50, steps // 20)),
                               eval_every=e.convergence_every_steps, eval_points=e.convergence_points, autocast_bf16=o.autocast_bf16)
     prior = _prior(config, base, vqvae) if config.method.prior_weight > 0 else None
     first_step = resume["step"] if resume is not None else 0  # "seconds" in the history restart with each attempt
@@ -301,7 +301,7 @@ def _last_convergence(state: dict) -> dict:
 def _prior(config: TrialConfig, base, vqvae) -> Prior:
     teacher = copy.deepcopy(base).requires_grad_(False).eval()
     e = config.evaluation
-    bank = build_prior_bank(teacher, vqvae, num_samples=256, cfg=e.cfg, top_k=e.top_k, top_p=e.top_p,
+    bank = build_prior_bank(teacher, vqvae, num_samples=256, cfg=e.guidance_scale, top_k=e.top_k, top_p=e.top_p,
                             generator=torch.Generator().manual_seed(config.optimization.seed))
     return Prior(teacher=teacher, bank=bank)
 
@@ -317,7 +317,7 @@ class _Evaluator:
         self.extractor = (self.classifier[0] if e.extractor == DIGITS_CNN else
                           build_extractor(e.extractor, weights_path=e.inception_weights)).to(device)
         self.cache = ReferenceStats(cache_dir / "reference-stats")
-        self.sampling = SamplingSettings(cfg=e.cfg, top_k=e.top_k, top_p=e.top_p, batch_size=e.batch_size, seed=e.sampling_seed)
+        self.sampling = SamplingSettings(cfg=e.guidance_scale, top_k=e.top_k, top_p=e.top_p, batch_size=e.batch_size, seed=e.sampling_seed)
 
     def __call__(self, var, *, num_images: int | None, out_dir: Path | None = None, quiet: bool = False) -> dict:
         generated = num_images or len(self.images)

@@ -108,7 +108,8 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
     return TrialConfig(
         model=tiny_model(TINY_DEPTHS[config.model.depth] if config.model.base == "official" else config.model.depth),
         data=DataConfig(dataset="digits", resolution=16, cached_views=k), method=config.method, privacy=privacy,
-        optimization=OptimizationConfig(learning_rate=1e-3, batch_size=32, steps=steps if trains else 0, seed=config.optimization.seed),
+        optimization=OptimizationConfig(learning_rate=1e-3, steps=steps if trains else 0, seed=config.optimization.seed,
+                                        **({"batch_size": 32} if privacy is None else {})),
         evaluation=EvaluationConfig(extractor="digits-cnn-v1", num_images=40, top_k=0, batch_size=40,
                                     convergence_every_steps=steps // 2 if _has_convergence(config) else 0,
                                     convergence_num_images=20),

@@ -29,17 +29,18 @@ def sweep(*, smoke: bool = False, assets: Assets = Assets()) -> list[TrialConfig
                   resources=DEMO_RESOURCES)
 
     def evaluation(trained_steps: int) -> EvaluationConfig:
-        # cfg 1.0 (not the paper's 1.5): on this small model stronger guidance narrows each class to fewer looks
+        # guidance 1.0 (not the paper's 1.5): on this small model stronger guidance narrows each class to fewer looks
         # (recall 0.27-0.30 at 1.5, 0.34 at 1.0, class accuracy 0.96 / 0.84 either way; docs/benchmarks.md).
         # The smoke version scores 40 images (the full one as many as the test split) and one convergence point.
         sizes = dict(num_images=40, batch_size=40, convergence_num_images=20) if smoke else dict(batch_size=120, convergence_num_images=120)
-        return EvaluationConfig(extractor="digits-cnn-v1", top_k=0, top_p=0.96, cfg=1.0,
+        return EvaluationConfig(extractor="digits-cnn-v1", top_k=0, top_p=0.96, guidance_scale=1.0,
                                 convergence_every_steps=trained_steps // (2 if smoke else 4), **sizes)
 
     def trial(method: str, lr: float, privacy: PrivacyConfig | None = None) -> TrialConfig:
         n = steps if privacy is None else dp_steps
         return TrialConfig(method=MethodConfig(name=method, scale_weight_decay=SCALE_WEIGHT_DECAY), privacy=privacy,
-                           optimization=OptimizationConfig(learning_rate=lr, batch_size=BATCH, steps=n, warmup_steps=min(20, n)),
+                           optimization=OptimizationConfig(learning_rate=lr, steps=n, warmup_steps=min(20, n),
+                                                              **({"batch_size": BATCH} if privacy is None else {})),
                            evaluation=evaluation(n), **common)
 
     base = TrialConfig(method=MethodConfig(name="base"), optimization=OptimizationConfig(steps=0), evaluation=evaluation(0), **common)
