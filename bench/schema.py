@@ -35,6 +35,7 @@ INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR, DIGITS_EXTRACTOR = "inception-v3-comp
 EXTRACTORS = (INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR, DIGITS_EXTRACTOR)  # digits-cnn-v1: digits only
 ACCOUNTANTS = ("rdp", "prv")
 CLIPPING_MODES = ("auto", "bookkeeping", "hooks", "ghost")
+LORA_TARGETS = ("attention", "mlp", "modulation")  # groups of a block's linears LoRA can target (trainables.methods)
 CLASS_INITS = ("unconditional", "mean", "normal")  # how new class-embedding rows start (models.resize_class_embedding)
 STATUSES = ("success", "failed")
 
@@ -202,6 +203,10 @@ class MethodConfig:
         _require(self.name in METHODS, "method.name", f"unknown method {self.name!r}; known: {list(METHODS)}")
         _require(self.lora_rank >= 1 and self.lora_alpha > 0, "method.lora_rank", "need lora_rank >= 1 and lora_alpha > 0")
         _require(self.lora_targets is None or self.name.startswith("lora"), "method.lora_targets", f"only for LoRA methods, not {self.name!r}")
+        _require(self.lora_targets is None or (bool(self.lora_targets) and set(self.lora_targets) <= set(LORA_TARGETS)),
+                 "method.lora_targets", f"a non-empty list of {LORA_TARGETS}, got {self.lora_targets}")
+        _require(self.train_blocks is None or (bool(self.train_blocks) and min(self.train_blocks) >= 0), "method.train_blocks",
+                 f"a non-empty list of block indices >= 0, got {self.train_blocks}")
         _require(self.class_init in CLASS_INITS, "method.class_init", f"one of {CLASS_INITS}, got {self.class_init!r}")
         _require(0 < self.scale_weight_decay <= 1, "method.scale_weight_decay", f"must be in (0, 1], got {self.scale_weight_decay}")
         _require(self.prior_weight >= 0, "method.prior_weight", f"must be >= 0, got {self.prior_weight}")
