@@ -182,8 +182,8 @@ def test_wrong_types_name_the_field(build, field):
 def test_ints_are_numbers_and_lists_become_tuples():
     assert PrivacyConfig(target_epsilon=10, sampling_rate=1, max_grad_norm=1).target_epsilon == 10
     assert OptimizationConfig(epochs=3).epochs == 3 and ResourcesConfig(gpus_per_worker=0).gpus_per_worker == 0
-    config = TrialConfig.from_dict(_record(method={"name": "lora", "train_blocks": [0, 1], "lora_targets": ["mat_qkv"]}))
-    assert config.method.train_blocks == (0, 1) and config.method.lora_targets == ("mat_qkv",)
+    config = TrialConfig.from_dict(_record(method={"name": "lora", "train_blocks": [0, 1], "lora_targets": ["attention"]}))
+    assert config.method.train_blocks == (0, 1) and config.method.lora_targets == ("attention",)
     assert replace(TINY, method={"train_blocks": [1]}).method.train_blocks == (1,)
     # A record written before a field existed still reads (the field takes its default).
     older = _record()
