@@ -25,7 +25,12 @@ import pandas as pd  # noqa: E402
 from matplotlib import font_manager, ticker  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E402
 
-from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, method_label  # noqa: E402
+from pyarrow import fs as pafs  # noqa: E402
+
+from bench.results import open_storage  # noqa: E402
+from bench.schema import is_storage_relative, is_uri  # noqa: E402
+
+from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup, method_label  # noqa: E402
 from .tables import TABLE2_METHODS, dataset_columns  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "savefig.dpi": 150, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
@@ -347,19 +352,18 @@ def grid_layout(classes: int) -> dict[str, int]:
             "rows_top": rows_top, "width": real_left + GRID_IMAGES * tile + GRID_MARGIN, "height": rows_top + classes * tile + GRID_MARGIN}
 
 
-def sample_grid(record: dict, folder: Path) -> tuple[Path | None, str | None]:
+def sample_grid(record: dict, folder: Path, *, storage: str | Path | None = None) -> tuple[Path | None, str | None]:
     """One PNG per trial: a caption with the trial's label and metrics, a header row, then for every class (its
     name, and its class accuracy where recorded, on the left) generated images beside real evaluation images.
-    Small images are enlarged with nearest-neighbour (crisp pixels), large ones reduced; an unreadable image is a
-    blank tile. Returns (path, None) or (None, why no grid was drawn)."""
-    artifacts = record.get("artifacts") or {}
-    generated_dir, entries = artifacts.get("generated_images"), artifacts.get("real_images") or []
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"label", "paths"} <= set(e) and isinstance(e["paths"], list)
-                                                for e in entries):
-        return None, "artifacts.real_images is not a list of {label, class, paths}"
-    if not generated_dir or not Path(generated_dir).is_dir():
-        return None, f"generated images not found ({generated_dir or 'not recorded'})"
-    generated = _generated_by_label(Path(generated_dir))
+    The record's artifact paths are relative to ``storage`` (the storage root the results were read from; a URI
+    storage's images are downloaded into ``folder/downloaded/``). Small images are enlarged with nearest-neighbour
+    (crisp pixels), large ones reduced; an unreadable image is a blank tile. Returns (path, None) or (None, why no
+    grid was drawn)."""
+    found = _artifact_files(record, storage, download_to=folder / "downloaded")
+    if isinstance(found, str):
+        return None, found
+    generated_dir, entries = found
+    generated = _generated_by_label(generated_dir)
     if not any(generated.values()):
         return None, f"no generated images in {generated_dir}"
     real = {int(e["label"]): [Path(p) for p in e["paths"]][:GRID_IMAGES] for e in entries}
@@ -375,6 +379,56 @@ def sample_grid(record: dict, folder: Path) -> tuple[Path | None, str | None]:
     path = folder / f"{record['trial_id']}.png"
     image.save(path)
     return path, None
+
+
+def _artifact_files(record: dict, storage: str | Path | None, *, download_to: Path) -> tuple[Path, list[dict]] | str:
+    """(local folder of the generated images, real-image entries with local paths), or why there are none. Paths
+    in the record are relative to the storage root (``bench.schema.Artifacts``); records of the older layout
+    (absolute paths into a trial's work folder) are skipped with a note rather than trusted."""
+    artifacts = record.get("artifacts") or {}
+    if not artifacts:
+        return "no artifacts recorded"
+    if "folder" not in artifacts:
+        return ("artifacts recorded as absolute paths by an older varsweep (before <storage>/artifacts/<trial_id>/); "
+                "rerun the trial to draw its grid")
+    if storage is None:
+        return "no storage root given to resolve the artifact paths against"
+    paths = [artifacts["generated_images"]] + [p for e in artifacts["real_images"] for p in e["paths"]]
+    if not all(is_storage_relative(p) for p in paths):
+        return f"artifact paths are not relative to the storage root: {[p for p in paths if not is_storage_relative(p)][:2]}"
+    if is_uri(str(storage)):
+        try:
+            root = _download(artifacts, str(storage), download_to / record["trial_id"])
+        except (OSError, ValueError) as error:  # unreachable storage, missing object (pyarrow raises both kinds)
+            return f"cannot download the sample images from {storage}: {type(error).__name__}: {error}"
+    else:
+        root = Path(storage)
+    generated_dir = root / artifacts["generated_images"]
+    if not generated_dir.is_dir():
+        return f"generated images not found ({generated_dir})"
+    entries = [{**e, "paths": [str(root / p) for p in e["paths"]]} for e in artifacts["real_images"]]
+    return generated_dir, entries
+
+
+def _download(artifacts: dict, storage: str, target: Path) -> Path:
+    """Copy what a grid shows (the first GRID_IMAGES generated PNGs of every class, the real images) from a URI
+    storage into ``target`` under the same relative paths; returns ``target`` (the local stand-in for the root)."""
+    filesystem, root = open_storage(storage)
+    listing = filesystem.get_file_info(pafs.FileSelector(f"{root}/{artifacts['generated_images']}", recursive=True, allow_not_found=True))
+    by_class: dict[str, list[str]] = {}
+    for info in listing:
+        relative = info.path[len(root) + 1:]
+        parent = relative.rsplit("/", 2)
+        if info.is_file and relative.endswith(".png") and len(parent) == 3 and re.fullmatch(r"class_\d+", parent[1]):
+            by_class.setdefault(parent[1], []).append(relative)
+    wanted = [p for files in by_class.values() for p in sorted(files)[:GRID_IMAGES]]
+    wanted += [p for e in artifacts["real_images"] for p in e["paths"][:GRID_IMAGES]]
+    for relative in wanted:
+        local = target / relative
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with filesystem.open_input_stream(f"{root}/{relative}") as source:
+            local.write_bytes(source.read())
+    return target
 
 
 def _generated_by_label(folder: Path) -> dict[int, list[Path]]:
@@ -428,7 +482,7 @@ def _grid_canvas(record: dict, labels: list[int], names: dict[int, str]) -> Imag
     draw.text((GRID_MARGIN, 8), _fit(draw, title, _font(15, bold=True), room), fill="black", font=_font(15, bold=True))
     draw.text((GRID_MARGIN, 31), _fit(draw, metrics, _font(13), room), fill="#333333", font=_font(13))
     _draw_header(draw, layout)
-    per_class = (record.get("metrics") or {}).get("class_accuracy_per_class")
+    per_class = lookup(record, "metrics.class_accuracy_per_class")
     for row, label in enumerate(labels):
         accuracy = per_class[label] if isinstance(per_class, list) and label < len(per_class) and _is_number(per_class[label]) else None
         _draw_class_name(draw, display_class_name(names.get(label, str(label))), accuracy, top=layout["rows_top"] + row * layout["tile"], height=layout["tile"])
@@ -502,10 +556,10 @@ def grid_caption(record: dict) -> tuple[str, str]:
     model_name = f"{'VAR' if model.get('base') == 'official' else 'tiny'}-d{model.get('depth', '?')}"
     dataset, seed = (config.get("data") or {}).get("dataset", "?"), (config.get("optimization") or {}).get("seed", 0)
     title = f"{label} · {model_name} · {dataset} · seed {seed} · trial {record['trial_id'][:12]}"
-    values, shown = record.get("metrics") or {}, []
+    shown = []
     for name, words in CAPTION_METRICS.items():
         metric = METRICS[name]
-        value = values.get(metric.source.removeprefix("metrics."))
+        value = lookup(record, metric.source)
         if _is_number(value):
             shown.append(f"{words} {metric.format(value * metric.scale)}{'%' if metric.unit == '%' else ''}")
     return title, " · ".join(shown) or "no metrics recorded"

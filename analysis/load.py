@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.results import ResultStore, is_uri
-from bench.schema import ConfigError, EvaluationConfig, TrialConfig, check_result, replace
+from bench.schema import ConfigError, EvaluationConfig, TrialConfig, UnknownRecordPath, check_result, replace
 
 from bench.errors import VarsweepError
 
@@ -64,6 +64,15 @@ def result_texts(folder: str | Path) -> list[tuple[str, str]]:
     return texts
 
 
+def storage_root(folder: str | Path) -> str | Path:
+    """The storage root of a results folder, against which records' artifact paths resolve: a storage URI or a
+    sweep's storage folder itself, or the parent of its ``results/`` folder when given that."""
+    if is_uri(str(folder)):
+        return str(folder).rstrip("/")
+    folder = Path(folder)
+    return folder.parent if folder.name == "results" and not (folder / "results").is_dir() else folder
+
+
 def _uri_texts(uri: str) -> tuple[list[tuple[str, str]], str]:
     store = ResultStore(uri, create=False)  # reading creates nothing
     return [(path, store.read_text(path)) for path in store.files()], store.folder
@@ -108,9 +117,10 @@ def load_results(folder: str | Path, *, skip_invalid: bool = False, extractor: s
     for name, text in result_texts(folder):
         try:
             record = json.loads(text)
-            check_result(record)
+            check_result(record)  # typed: history and convergence entries are objects with a step, values of their types
             row = trial_row(record)  # a schema-valid record whose values cannot be read is as invalid as a broken file
-            _check_curves(record)
+        except UnknownRecordPath:  # our reader asks for a key the record type does not define: not the file's fault
+            raise
         except (json.JSONDecodeError, ConfigError, TypeError, KeyError, AttributeError, ValueError) as error:
             invalid.append((name, f"{type(error).__name__}: {_one_line(error)}"))
             continue
@@ -130,14 +140,6 @@ def load_results(folder: str | Path, *, skip_invalid: bool = False, extractor: s
     records = {tid: r for tid, r in records.items() if tid in set(trials["trial_id"]) | {t for t, _, _ in repeats}}
     return Results(folder=folder, trials=_ordered(trials), convergence=_long(records, "convergence"), history=_long(records, "history"),
                    records=records, invalid=invalid, excluded=excluded, repeats=repeats)
-
-
-def _check_curves(record: dict) -> None:
-    """Convergence and history entries are dicts with a step (the figures read them as rows)."""
-    for key in ("convergence", "history"):
-        for entry in record[key]:
-            if not isinstance(entry, dict) or "step" not in entry:
-                raise ValueError(f"{key}: every entry must be an object with a 'step', got {str(entry)[:60]}")
 
 
 def config_value(config: dict, path: str):
@@ -236,10 +238,10 @@ def trial_row(record: dict) -> dict:
     every registry metric (NaN where the trial has none)."""
     config = TrialConfig.from_dict(record["config"])
     model, method, privacy = config.model, config.method, config.privacy
-    settings = record.get("evaluation_settings") or {}
-    params = record.get("parameters") or {}
-    trainable, total = params.get("trainable"), params.get("base_total")
-    classifier = settings.get("classifier") if isinstance(settings.get("classifier"), dict) else {}
+    # Every read goes through ``lookup``: a path the typed record does not define raises instead of reading as NaN.
+    trainable, total = lookup(record, "parameters.trainable"), lookup(record, "parameters.base_total")
+    classifier = lookup(record, "evaluation_settings.classifier") or {}
+    delta = lookup(record, "privacy.delta")
     row = {
         "trial_id": record["trial_id"], "setting": setting_of(config), "status": record["status"], "error": record["error"],
         "label": config.label,
@@ -250,12 +252,12 @@ def trial_row(record: dict) -> dict:
         "dp": privacy is not None, "epsilon": privacy.target_epsilon if privacy else math.nan,
         "k": privacy.augmentation_multiplicity if privacy else 1, "sampling_rate": privacy.sampling_rate if privacy else math.nan,
         "dp_max_grad_norm": privacy.max_grad_norm if privacy else math.nan, "seed": config.optimization.seed,
-        "extractor": settings.get("extractor", config.evaluation.extractor), "finished_at": record["finished_at"],
-        "git_commit": (record.get("environment") or {}).get("git_commit"),
-        "devices": ", ".join(sorted(set((record.get("environment") or {}).get("devices") or []))),
+        "extractor": lookup(record, "evaluation_settings.extractor") or config.evaluation.extractor, "finished_at": record["finished_at"],
+        "git_commit": lookup(record, "environment.git_commit"),
+        "devices": ", ".join(sorted(set(lookup(record, "environment.devices") or []))),
         "trainable_params": float(trainable) if trainable is not None else math.nan,
         "trainable_pct": 100.0 * trainable / total if trainable is not None and total else math.nan,
-        "delta": (record.get("privacy") or {}).get("delta", math.nan),
+        "delta": delta if delta is not None else math.nan,
         "classifier": classifier.get("name"), "classifier_test_accuracy": _percent(classifier.get("test_accuracy")),
     }
     for metric in METRICS.values():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench.schema import record_key_type, record_value
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -60,13 +62,13 @@ METRICS = _metrics(
 
 
 def lookup(record: dict, source: str):
-    """The value at a dotted path of a record, or None where any part is missing."""
-    value = record
-    for part in source.split("."):
-        if not isinstance(value, dict) or value.get(part) is None:
-            return None
-        value = value[part]
-    return value
+    """The value at a dotted path of a record, or None where the record lacks it (not measured, section not
+    recorded); a path the typed result record does not define raises (``bench.schema.record_value``)."""
+    return record_value(record, source)
+
+
+for _metric in METRICS.values():  # a source the typed record does not define fails at import, naming it
+    record_key_type(_metric.source)
 
 
 # Display names of the adaptation methods, in the order tables list them (the un-adapted base model first, as

@@ -12,6 +12,7 @@ from bench.schema import SCHEMA_VERSION
 
 from .figures import FigureFile
 from .load import Results
+from .metrics import lookup
 from .tables import Cell, Table
 
 KEY_PACKAGES = ("torch", "torchvision", "ray", "peft", "opacus", "torch-fidelity")
@@ -34,16 +35,16 @@ class Analysis:
 
 def provenance(results: Results) -> dict[str, list[str]]:
     """Distinct values (with trial counts) of what produced the results: code version, packages, devices, extractor."""
-    envs = [r.get("environment") or {} for r in results.records.values()]
+    records = list(results.records.values())
     count = lambda values: [f"{v} ({n})" for v, n in Counter(values).most_common()]  # noqa: E731
-    out = {"git commit": count(e.get("git_commit") or "unknown" for e in envs),
-           "devices": count(", ".join(sorted(set(e.get("devices") or []))) or "unknown" for e in envs),
+    out = {"git commit": count(lookup(r, "environment.git_commit") or "unknown" for r in records),
+           "devices": count(", ".join(sorted(set(lookup(r, "environment.devices") or []))) or "unknown" for r in records),
            "feature extractor": count(results.trials["extractor"]), "result schema": [f"version {SCHEMA_VERSION}"]}
     classifiers = [_classifier(r) for r in results.records.values()]
     if any(classifiers):
         out["class-accuracy classifier"] = count(c or "none recorded" for c in classifiers)
     for package in KEY_PACKAGES:
-        versions = [(e.get("packages") or {}).get(package) for e in envs]
+        versions = [(lookup(r, "environment.packages") or {}).get(package) for r in records]  # package names are open-ended
         if any(versions):
             out[package] = count(v or "absent" for v in versions)
     return out
@@ -51,18 +52,21 @@ def provenance(results: Results) -> dict[str, list[str]]:
 
 def _classifier(record: dict) -> str | None:
     """"digits-cnn-v1 (98.6% on real test images, 16 px, weights sha256 0123456789ab)", or None."""
-    info = (record.get("evaluation_settings") or {}).get("classifier")
-    if not isinstance(info, dict) or not info.get("name"):
+    name = lookup(record, "evaluation_settings.classifier.name")
+    if not name:
         return None
     details = []
-    if isinstance(info.get("test_accuracy"), (int, float)):
-        details.append(f"{100 * info['test_accuracy']:.1f}% on real test images")
-    size = info.get("resolution", info.get("input_size"))  # the classifier's input size, whichever name it was recorded under
-    if isinstance(size, int):
+    accuracy = lookup(record, "evaluation_settings.classifier.test_accuracy")
+    if accuracy is not None:
+        details.append(f"{100 * accuracy:.1f}% on real test images")
+    # the classifier's input size, whichever name it was recorded under
+    size = lookup(record, "evaluation_settings.classifier.input_size") or lookup(record, "evaluation_settings.classifier.resolution")
+    if size is not None:
         details.append(f"{size} px")
-    if isinstance(info.get("weights_sha256"), str):
-        details.append(f"weights sha256 {info['weights_sha256'][:12]}")
-    return f"{info['name']}" + (f" ({', '.join(details)})" if details else "")
+    weights = lookup(record, "evaluation_settings.classifier.weights_sha256")
+    if weights is not None:
+        details.append(f"weights sha256 {weights[:12]}")
+    return f"{name}" + (f" ({', '.join(details)})" if details else "")
 
 
 def _rel(path: Path, out: Path) -> str:

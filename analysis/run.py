@@ -7,7 +7,7 @@ from pathlib import Path
 from bench.cli import probe_folder
 
 from .figures import all_figures, sample_grid
-from .load import AnalysisError, Results, load_results
+from .load import AnalysisError, Results, load_results, storage_root
 from .paper import check_comparable, comparison
 from .report import Analysis, markdown, page
 from .tables import all_tables
@@ -39,7 +39,7 @@ def analyse(results_dir: str | Path, out: str | Path, *, compare_paper: bool = F
     else:
         analysis.skipped_figures = ["all figures: not asked for (--no-figures)"]
     if grids:
-        analysis.grids, analysis.missing_grids = _grids(results, out / "grids")
+        analysis.grids, analysis.missing_grids = _grids(results, out / "grids", storage=storage_root(results_dir))
     results.trials.to_csv(out / "trials.csv", index=False)
     (out / "index.md").write_text(markdown(analysis))
     (out / "index.html").write_text(page(analysis))
@@ -57,13 +57,13 @@ def _make_folder(out: Path) -> None:
         raise AnalysisError(f"cannot create or write in the output folder {out}: {error.strerror or error}") from error
 
 
-def _grids(results: Results, folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
+def _grids(results: Results, folder: Path, *, storage: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
     """(trial id -> grid PNG, trial id -> why no grid) for every successful trial; one trial's broken images never
     cost the others their grids or the report its page."""
     drawn, missing = {}, {}
     for trial_id in results.succeeded["trial_id"]:
         try:
-            path, why = sample_grid(results.records[trial_id], folder)
+            path, why = sample_grid(results.records[trial_id], folder, storage=storage)
         except Exception as error:  # noqa: BLE001 - reported per trial, like a figure that fails to draw
             path, why = None, f"drawing failed ({type(error).__name__}: {error})"
         if path is None:

@@ -17,6 +17,8 @@ from typing import Callable
 
 import pandas as pd
 
+from bench.estimates import ATTENTION_NOTE
+
 from .metrics import (DATASET_COLUMNS, METHOD_LABELS, METRICS, VARIANT_LABELS, VARIANT_TARGETS, format_count,
                       format_percent_share)
 
@@ -284,6 +286,7 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
     return [Table("compute", "Compute: training and sampling PFLOPs (totals, not rates), GPU hours, throughput, MFU, peak memory", header, rows,
                   notes=["PFLOPs = 1e15 floating-point operations counted by PyTorch's FLOP counter over the rows actually trained "
                          "(norms, softmax, element-wise ops and the optimiser are not counted)",
+                         ATTENTION_NOTE,
                          "MFU against the device's dense bf16 peak; empty on CPUs and unknown GPUs"])]
 
 

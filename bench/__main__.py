@@ -1,16 +1,18 @@
-"""``python -m bench``: list the sweeps, run one, or show its status.
+"""``python -m bench``: list the sweeps, run one, show its status, or upgrade older results.
 
   python -m bench list
   python -m bench sweep NAME [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR] [--dry-run]
                            [--max-concurrent N] [--cluster-config YAML] [--address ADDRESS]
   python -m bench status NAME [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR]
   python -m bench demo [--storage runs/demo] [--smoke]   (the embedded default: the demo sweep, then a summary)
+  python -m bench upgrade-results STORAGE [--dry-run]   (results of an older schema version, rewritten under their new trial ids)
 On a cluster started with ``ray up cluster.yaml`` submit the same command with ``ray job submit -- python -m bench ...``;
 without a cluster a local Ray instance is started. Local paths may be relative to the current folder: they are made
 absolute here, before anything reaches Ray. Every failure ends in exit status 2 and a last line ``error: ...``
 naming the input and the problem (a listing, such as every trial that cannot run, comes above it;
 ``VARSWEEP_DEBUG=1`` shows the traceback too). Storage and cache folders are checked (created and probed with a
-small file) before Ray is imported or any trial starts; a dry run creates nothing.
+small file) before Ray is imported or any trial starts; a dry run creates nothing and imports neither Ray nor
+the training code (Opacus, peft).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from .cli import Parser, number, probe_folder, run_reporting
 from .preflight import SweepError
 from .results import ResultStore, StorageError, default_cache_dir
-from .schema import is_uri, with_absolute_paths
+from .schema import is_uri, record_value, with_absolute_paths
 from .sweeps import SWEEPS, build_sweep, describe
 from .sweeps.common import Assets
 
@@ -54,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the embedded default: demo sweep on a local Ray, then its summary and checks")
     demo.add_argument("--storage", default="runs/demo")
     demo.add_argument("--smoke", action="store_true", help="a few steps only (CI): checks the pipeline, not the targets")
+    upgrade = commands.add_parser("upgrade-results", help="rewrite the results of an older schema version under their new trial ids")
+    upgrade.add_argument("storage", help="the sweep's storage (a path or URI; its results/ folder is rewritten)")
+    upgrade.add_argument("--dry-run", action="store_true", help="list what would be rewritten; change nothing")
     return parser
 
 
@@ -70,6 +75,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(storage=args.storage, smoke=args.smoke)
+    if args.command == "upgrade-results":
+        return upgrade_results(args.storage, dry_run=args.dry_run)
     configs = [with_absolute_paths(c) for c in build_sweep(args.name, smoke=args.smoke, assets=Assets(args.assets))]
     configs = select(configs, args.where, sweep=args.name)
     if args.command == "status":
@@ -104,6 +111,24 @@ def select(configs: list, where: list[str], *, sweep: str) -> list:
     return kept
 
 
+def upgrade_results(storage: str, *, dry_run: bool = False) -> int:
+    """Rewrite every result of an older schema version in ``storage`` (``ResultStore.upgrade_file``): one line per
+    file, then the counts. 0 when every file is current (or, with ``dry_run``, could be made so), else 1."""
+    store = ResultStore(storage, create=False)
+    store.require_folder()
+    counts: dict[str, int] = {}
+    files = store.files()
+    for path in files:
+        outcome, line = store.upgrade_file(path, dry_run=dry_run)
+        counts[outcome] = counts.get(outcome, 0) + 1
+        print(line)
+    order = ("upgraded", "would upgrade", "current", "left")
+    summary = ", ".join(f"{counts[o]} {'left alone' if o == 'left' else o}" for o in order if o in counts)
+    total = f"{summary} of {len(files)} files in {store.folder}" if files else f"no result files in {store.folder}"
+    print(total + (" (dry run: nothing changed)" if dry_run else ""))
+    return 1 if counts.get("left") else 0
+
+
 def check_folder(folder: str, *, what: str, create: bool) -> None:
     """A local folder the sweep writes to (the cache, a dry run's storage): not a file, nor under one; with ``create`` it is made and
     probed with a small file. ``StorageError`` names the folder and the problem. A dry run creates nothing."""
@@ -127,13 +152,21 @@ def status_table(configs, store: ResultStore) -> str:
     reason, pending), then the counts. Reads only."""
     lines = [f"{'trial':<44} {'id':<16} {'status':<8} {'FID':>8} {'epsilon':>8}  error"]
     counts: dict[str, int] = {}
+    older = store.older_results()  # kept under their old trial ids: shown at the trial they upgrade to
+    upgrades = {new_id: path for path, new_id in older.items() if new_id}
     for c in configs:
         state, detail = store.state(c.trial_id)
+        if state == "pending" and c.trial_id in upgrades:
+            state, detail = "old", f"an older schema version's result, {Path(upgrades[c.trial_id]).name}: run upgrade-results (below)"
         counts[state] = counts.get(state, 0) + 1
         record = store.read(c.trial_id) if state in ("success", "failed") else None
-        fid, eps = (record or {}).get("metrics", {}).get("fid"), ((record or {}).get("privacy") or {}).get("epsilon_rdp")
+        fid, eps = record_value(record or {}, "metrics.fid"), record_value(record or {}, "privacy.epsilon_rdp")
         lines.append(f"{c.label:<44} {c.trial_id:<16} {state:<8} {_number(fid):>8} {_number(eps):>8}  {detail}".rstrip())
-    lines.append(", ".join(f"{counts[s]} {s}" for s in ("success", "failed", "invalid", "pending") if s in counts) + f" of {len(configs)} trials")
+    states = ("success", "failed", "invalid", "old", "pending")
+    lines.append(", ".join(f"{counts[s]} {s}" for s in states if s in counts) + f" of {len(configs)} trials")
+    if older:
+        lines.append(f"{len(older)} result file(s) in {store.folder} have an older schema version: "
+                     f"`python -m bench upgrade-results {store.storage}` rewrites them under their new trial ids")
     return "\n".join(lines)
 
 

@@ -1,14 +1,18 @@
 """Launch a sweep on Ray: a Tune ``Tuner`` over the sweep's trials, each trial function starting a Ray Train
 ``TorchTrainer`` (Train V2: the trainer is not passed to the Tuner; worker reports reach Tune through
-``TuneReportCallback``). One of the two files that import Ray (the other: ``trainables/ray_worker.py``).
+``TuneReportCallback``). One of the two files that import Ray (the other: ``trainables/ray_worker.py``), and only
+inside the functions that run a sweep: a dry run imports neither Ray nor the training code (Opacus, peft).
 
-Storage layout (a local or shared path, or a URI for results and checkpoints):
+Storage layout (a local or shared path, or a URI for results, artifacts and checkpoints):
   <storage>/results/<trial_id>.json     one result per trial (success or failed), written atomically
+  <storage>/artifacts/<trial_id>/       the trial's adapter.pt, generated images (images/) and a few real evaluation
+                                        images (real/), complete before its result is written (see ResultStore)
   <storage>/train/trial-<trial_id>/     the trial's Ray Train run: checkpoints a retried or relaunched trial resumes from
                                         (deleted when a DP trial's result is written)
   <storage>/tune/<sweep>/               Tune's experiment state
-  <cache_dir>/                          shared caches (tiny bases, offline data, token caches, reference statistics)
-  <cache_dir>/work/<trial_id>/          generated images and the trained adapter of each trial
+  <cache_dir>/                          shared caches (tiny bases, offline data, token caches, reference statistics);
+                                        nothing of a trial's own, so clearing it loses no result or artifact
+  <cache_dir>/staging/<trial_id>/       (URI storage only) a trial's artifacts on rank 0's node until they are uploaded
 Relaunching the same command skips every trial whose result says success and resumes the others.
 """
 from __future__ import annotations
@@ -29,21 +33,15 @@ os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # failures are record
 if not sys.stdout.isatty():  # a log file or a pipe: worker lines without terminal colour codes
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
-import ray  # noqa: E402
 import yaml  # noqa: E402
 from pyarrow import fs as pafs  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # noqa: E402
-from ray.train.torch import TorchTrainer  # noqa: E402
-from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 
 from trainables.progress import duration  # noqa: E402
-from trainables.ray_worker import train_loop_per_worker  # noqa: E402
 
 from .estimates import estimate  # noqa: E402
 from .preflight import SweepError, check_sweep, identify  # noqa: E402
 from .results import ResultStore, default_cache_dir  # noqa: E402,F401 - default_cache_dir: re-exported
-from .schema import TrialConfig, absolute, is_uri, make_result  # noqa: E402
+from .schema import TrialConfig, absolute, is_uri, make_result, utc_now  # noqa: E402
 
 TRIAL_FUNCTION_MEMORY_BYTES = 64 * 2**20
 # How long a trial's Train controller waits for its workers' placement group before it gives up, removes the
@@ -103,10 +101,6 @@ class Launch:
     def tune_storage(self) -> str:
         return f"{self.storage.rstrip('/')}/tune" if is_uri(self.storage) else str(Path(self.storage) / "tune")
 
-    @property
-    def work_root(self) -> str:
-        return str(Path(self.cache_dir) / "work")
-
 
 def pending_trials(configs: list[TrialConfig], store: ResultStore) -> tuple[list[TrialConfig], list[TrialConfig]]:
     """(trials still to run, trials already finished successfully). Failed trials run again."""
@@ -128,6 +122,12 @@ def _trial_function(param: dict) -> None:
     # SystemExit inside a garbage-collection callback, which Python reports as an "Exception ignored" traceback on
     # the console; that exit is expected, every other unraisable error is still reported.
     sys.unraisablehook = _quiet_expected_exit
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainables.ray_worker import train_loop_per_worker
+
     config, launch = TrialConfig.from_dict(param["trial"]), Launch(**param["launch"])
     store = ResultStore(launch.storage)
     if store.status(config.trial_id) == "success":
@@ -139,7 +139,7 @@ def _trial_function(param: dict) -> None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"trial": config.to_dict(), "storage": launch.storage, "cache_dir": launch.cache_dir,
-                           "work_root": launch.work_root, "launched_at": time.time()},
+                           "launched_at": time.time()},
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker),
         run_config=RunConfig(name=Path(training_run_dir(launch, config.trial_id)).name, storage_path=launch.train_storage,
                              # A worker group that cannot be placed in time is re-requested without limit
@@ -147,16 +147,17 @@ def _trial_function(param: dict) -> None:
                              failure_config=FailureConfig(max_failures=r.max_failures, controller_failure_limit=-1),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=[TuneReportCallback()],
                              logging_config=LoggingConfig(log_level="ERROR")))
-    started = _now()
+    started = utc_now()
     try:
         trainer.fit()
     except Exception as err:  # noqa: BLE001 - the run failed after its retries: record why, keep the sweep going
         if store.status(config.trial_id) != "success":  # a failure after the result was written leaves the result
-            store.write(make_result(config, status="failed", error=f"{type(err).__name__}: {err}", started_at=started, finished_at=_now()))
+            store.write(make_result(config, status="failed", error=f"{type(err).__name__}: {err}", started_at=started,
+                                    finished_at=utc_now()))
         return
     if store.status(config.trial_id) != "success":
         store.write(make_result(config, status="failed", error="the training run ended without writing a result",
-                                started_at=started, finished_at=_now()))
+                                started_at=started, finished_at=utc_now()))
     elif config.privacy is not None:
         delete_training_run(launch, config.trial_id)
 
@@ -266,6 +267,8 @@ def autoscaling_limits(launch: Launch) -> ClusterLimits | None:
     driver); None without an autoscaler (a local Ray, a fixed cluster)."""
     if launch.cluster_config:
         return read_cluster_config(launch.cluster_config)
+    import ray
+
     try:  # the same record Ray Train checks a worker group against (ray._private.state: GlobalState)
         reported = limits_from_gcs(ray._private.state.state.get_cluster_config())
     except Exception:  # noqa: BLE001 - an older GCS, or none reported: fall through to the file
@@ -353,8 +356,9 @@ def check_fits(configs: list[TrialConfig], limits: ClusterLimits | None) -> None
                              f"{r.cpus_per_worker:g} CPU; the largest cluster of {limits.source} cannot place it")
 
 
-class SweepProgress(tune.Callback):
-    """One driver line per change (a trial started or ended) and every ``PROGRESS_EVERY_SECONDS``:
+class SweepProgress:
+    """The sweep's Tune callback (``tune_callback_class`` adds Tune's base class when a sweep runs): one driver
+    line per change (a trial started or ended) and every ``PROGRESS_EVERY_SECONDS``:
     ``sweep demo: 2 done, 2 running, 0 failed, 1 pending of 5; 3m10s elapsed, ETA 4m05s``. A trial counts as failed
     when its result file says so (the trial function itself always returns). The ETA spreads the work left over
     the trials running at once: each running trial's own ETA (from its reports), and for each pending trial its
@@ -420,6 +424,14 @@ class SweepProgress(tune.Callback):
               f"{f', ETA {duration(eta)}' if eta is not None else ''}", flush=True)
 
 
+def tune_callback_class() -> type:
+    """``SweepProgress`` as the ``ray.tune.Callback`` subclass Tune requires; made here, when a sweep runs, because
+    importing this module must not import Ray (a dry run never does)."""
+    from ray import tune
+
+    return type("SweepProgressCallback", (SweepProgress, tune.Callback), {})
+
+
 def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run: bool = False, verbose: int = 0) -> dict:
     """Check, then run every unfinished trial; returns {"ran", "skipped", "failed", "wall_seconds", "concurrency"}.
     A dry run creates nothing (no storage, cache or offline data folder)."""
@@ -444,6 +456,9 @@ def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run:
     from trainables.trial import prepare_shared
 
     prepare_shared(todo, launch.cache_dir, log=print)  # tiny bases, digit classifier, token caches: built once, here
+    import ray
+    from ray import tune
+
     if not ray.is_initialized():
         address = launch.address or os.environ.get("RAY_ADDRESS")
         if address is None:  # a new local instance keeps Ray's default token authentication, without its notice
@@ -460,8 +475,8 @@ def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run:
     parallel = min(parallel, len(todo))
     print(f"sweep {name}: {len(todo)} trials to run ({len(done)} already done), up to {parallel} at a time "
           f"(from {source}); results in {store.folder}")
-    progress = SweepProgress(name, todo, store=store, skipped=len(done), planned_steps={c.trial_id: plans[c.trial_id].planned_steps for c in todo},
-                             parallel=parallel)
+    progress = tune_callback_class()(name, todo, store=store, skipped=len(done),
+                                     planned_steps={c.trial_id: plans[c.trial_id].planned_steps for c in todo}, parallel=parallel)
     tuner = tune.Tuner(
         # Tune needs a non-empty request for the trial function; a fraction of a CPU would leave the Train workers
         # one CPU short on a small machine, so it asks for a little memory instead.
@@ -486,7 +501,3 @@ def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run:
 def _trial_name(trial) -> str:
     config = TrialConfig.from_dict(trial.config["trial"])
     return f"{config.label}-{config.trial_id}"
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())

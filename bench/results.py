@@ -2,6 +2,12 @@
 pyarrow understands (s3://, gs://, ...). Written atomically: a local file is renamed into place, an object store
 publishes an object only when its upload completes. No torch, no Ray.
 
+A trial's artifacts (adapter, generated and real sample images) live beside the results, under
+``<storage>/artifacts/<trial_id>/``, and are complete before its result is written (``publish``): on a local or
+shared path the trial writes them in place; on a URI storage (every URI, file:// included) it writes them into a
+node-local staging folder under the cache that is uploaded, replacing an earlier attempt's upload, then removed.
+The cache therefore holds nothing of a trial's own: clearing it loses no result or artifact.
+
 A storage that cannot be used raises ``StorageError`` naming it and why, when the store is opened (a writable
 store is probed with a small file, so a read-only or unreachable storage fails before any trial starts). A file
 that is not a valid result of its trial (unreadable, not JSON, another schema version, a config that does not
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -20,11 +27,13 @@ from pyarrow import fs as pafs
 
 from .cli import probe_folder
 from .errors import VarsweepError
-from .schema import STATUSES, ConfigError, absolute, check_result, is_uri
+from .schema import SCHEMA_VERSION, STATUSES, ConfigError, absolute, check_result, is_uri, upgrade_record
 
 # What pyarrow raises for a URI it cannot parse or a filesystem it cannot reach (ArrowInvalid is a ValueError,
 # ArrowNotImplementedError a NotImplementedError, I/O failures OSError).
 _PYARROW_ERRORS = (pa.ArrowException, ValueError, NotImplementedError, OSError)
+ARTIFACTS_FOLDER = "artifacts"  # <storage>/artifacts/<trial_id>/: a trial's adapter and sample images
+STAGING_FOLDER = "staging"  # <cache_dir>/staging/<trial_id>/: a trial's artifacts before their upload to a URI storage
 
 
 def default_cache_dir(storage: str) -> str:
@@ -169,6 +178,8 @@ class ResultStore:
             return "invalid", f"{'not JSON' if isinstance(err, ValueError) else 'cannot be read'} ({_first_line(err)})"
         if record is None:
             return "pending", ""
+        if isinstance(record, Mapping) and record.get("schema_version") == 1:
+            return "invalid", f"schema version 1: run `python -m bench upgrade-results {self.storage}` (rewrites it under its new trial id)"
         try:
             validate_record(record, trial_id=trial_id)
         except ConfigError as err:
@@ -194,6 +205,163 @@ class ResultStore:
         """Every valid result in the folder (invalid files are left out; ``state`` says why)."""
         ids = [Path(path).stem for path in self.files()]
         return [self.read(i) for i in ids if self.state(i)[0] in STATUSES]
+
+    # --- artifacts -------------------------------------------------------------------------------------------
+    @property
+    def remote(self) -> bool:
+        """Whether the storage is a URI: a trial's artifacts are then staged on its node and uploaded."""
+        return is_uri(self.storage)
+
+    def artifacts_folder(self, trial_id: str) -> str:
+        """``<storage>/artifacts/<trial_id>`` as a path of this store's filesystem."""
+        return f"{self.root}/{ARTIFACTS_FOLDER}/{trial_id}"
+
+    def artifacts_dir(self, trial_id: str, *, cache_dir: str | os.PathLike, fresh: bool = False) -> Path:
+        """The local folder a trial writes its artifacts into: the artifacts folder itself on a local storage, else
+        ``<cache_dir>/staging/<trial_id>`` (uploaded by ``publish``). ``fresh`` (rank 0, at the start of an
+        attempt) empties and creates it, so nothing of an earlier attempt is mixed into this one's."""
+        folder = Path(cache_dir) / STAGING_FOLDER / trial_id if self.remote else Path(self.artifacts_folder(trial_id))
+        if fresh:
+            try:
+                if folder.exists():
+                    shutil.rmtree(folder)
+                folder.mkdir(parents=True)
+            except OSError as err:
+                raise StorageError(f"cannot prepare the artifacts folder {folder} of trial {trial_id}: {err.strerror or err}") from err
+        return folder
+
+    def upload_artifacts(self, trial_id: str, folder: str | os.PathLike) -> str:
+        """Copy every file under the local ``folder`` to ``<storage>/artifacts/<trial_id>/`` (same relative paths),
+        first deleting what an earlier attempt uploaded there; returns the destination. ``StorageError`` names it."""
+        destination = self.artifacts_folder(trial_id)
+        try:
+            if self.fs.get_file_info(destination).type != pafs.FileType.NotFound:
+                self.fs.delete_dir(destination)
+            self.fs.create_dir(destination, recursive=True)
+            pafs.copy_files(str(Path(folder).resolve()), destination, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+        except _PYARROW_ERRORS as err:
+            raise StorageError(f"cannot upload the artifacts of trial {trial_id} to {destination}: {_first_line(err)}") from err
+        return destination
+
+    def publish(self, record: Mapping[str, Any], *, artifacts_dir: str | os.PathLike) -> str:
+        """Write a trial's result once its artifacts are in place: on a URI storage ``artifacts_dir`` (the staging
+        folder) is uploaded first and removed after, so a result's existence implies complete artifacts. An invalid
+        record raises ``ConfigError`` before anything is uploaded. Returns the result's path."""
+        validate_record(record)
+        if self.remote:
+            self.upload_artifacts(record["trial_id"], artifacts_dir)
+        path = self.write(record)
+        if self.remote:
+            shutil.rmtree(artifacts_dir, ignore_errors=True)  # the cache keeps nothing of a trial's own
+        return path
+
+    # --- schema upgrades -------------------------------------------------------------------------------------
+    def upgrade_file(self, path: str, *, dry_run: bool = False) -> tuple[str, str]:
+        """Rewrite one result file of an older schema version as its current-version file (``upgrade_record``):
+        the new file (named by the new trial id) is written first, then the old one deleted, so an interrupted
+        upgrade leaves both and a rerun finishes it. Returns (outcome, one line for a person); outcome is
+        "upgraded" (or "would upgrade" with ``dry_run``, nothing written), "current" or "left" (left alone, with
+        the reason: unreadable, invalid, or its new trial already holds another result)."""
+        name = Path(path).name
+        try:
+            record = json.loads(self.read_text(path))
+        except (ValueError, OSError, pa.ArrowException) as err:
+            return "left", f"{name}: left alone: {'not JSON' if isinstance(err, ValueError) else 'cannot be read'} ({_first_line(err)})"
+        version = record.get("schema_version") if isinstance(record, Mapping) else None
+        if version == SCHEMA_VERSION:
+            return "current", f"{name}: schema version {SCHEMA_VERSION} already, nothing to do"
+        try:
+            upgraded = upgrade_record(record)
+            note, copies = self._old_artifacts(upgraded)
+            validate_record(upgraded)
+        except (ConfigError, TypeError, KeyError, AttributeError) as err:
+            return "left", f"{name}: left alone: {_first_line(err)}"
+        new_path = self.path(upgraded["trial_id"])
+        kept = self._other_result(new_path, upgraded)
+        if kept:
+            return "left", (f"{name}: left alone: trial {upgraded['trial_id']} already has {kept} in {new_path}; "
+                            f"delete {name} if it is not needed")
+        action = f"version {version} -> {SCHEMA_VERSION}, trial {record.get('trial_id')} -> {upgraded['trial_id']} ({Path(new_path).name})"
+        if dry_run:
+            return "would upgrade", f"{name}: would upgrade: {action}{note}"
+        for source, relative in copies:  # before the result that names them
+            destination = f"{self.root}/{relative}"
+            try:
+                self.fs.create_dir(destination.rsplit("/", 1)[0], recursive=True)  # a single file's copy makes no folders
+                pafs.copy_files(source, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            except _PYARROW_ERRORS as err:
+                raise StorageError(f"cannot copy {source} to {destination}: {_first_line(err)}") from err
+        self.write(upgraded)
+        if new_path != path:
+            try:
+                self.fs.delete_file(path)
+            except _PYARROW_ERRORS as err:
+                raise StorageError(f"wrote {new_path} but cannot delete {path}: {_first_line(err)} (delete it by hand)") from err
+        return "upgraded", f"{name}: upgraded: {action}{note}"
+
+    @staticmethod
+    def _old_artifacts(record: dict) -> tuple[str, list[tuple[str, str]]]:
+        """Rewrite an upgraded record's artifacts section in the storage layout; returns (a note for the summary
+        line, the (local source, path relative to the storage root) copies that put the files there). Older
+        records name the files by absolute paths on the machine that ran the trial (its cache's work/<trial_id>/
+        folder, the dataset's own images): they are copied, not moved, to ``<storage>/artifacts/<new trial id>/``.
+        When the generated images are not on this machine the section is left out. The adapter's sidecar keeps
+        the trial id it was trained under."""
+        section = record.get("artifacts")
+        if not isinstance(section, dict) or "folder" in section or not section:
+            return "", []
+        generated = section.get("generated_images")
+        if not isinstance(generated, str) or not Path(generated).is_dir():
+            del record["artifacts"]
+            return f"; its generated images ({generated}) are not on this machine: artifacts left out", []
+        folder = f"{ARTIFACTS_FOLDER}/{record['trial_id']}"
+        copies = [(generated, f"{folder}/images")]
+        adapter = Path(generated).parent / "adapter.pt"
+        if adapter.is_file():
+            copies += [(str(adapter), f"{folder}/adapter.pt")]
+            copies += [(f"{adapter}.json", f"{folder}/adapter.pt.json")] if Path(f"{adapter}.json").is_file() else []
+        real = []
+        for entry in section.get("real_images") or []:
+            found = [path for path in entry.get("paths", []) if isinstance(path, str) and Path(path).is_file()]
+            stored = [f"{folder}/real/class_{entry['label']}/{n}{Path(path).suffix}" for n, path in enumerate(found)]
+            copies += list(zip(found, stored))
+            real.append({"label": entry["label"], "class": entry.get("class", str(entry["label"])), "paths": stored})
+        record["artifacts"] = {"folder": folder, "adapter": f"{folder}/adapter.pt" if adapter.is_file() else None,
+                               "generated_images": f"{folder}/images", "real_images": real}
+        return f"; {len(copies)} artifact file(s) and folder(s) copied to {folder}/", copies
+
+    def older_results(self) -> dict[str, str]:
+        """{path: the trial id it upgrades to ("" when it cannot be upgraded)} of every result file of an older
+        schema version (``python -m bench upgrade-results`` rewrites them); unreadable files are not listed."""
+        found = {}
+        for path in self.files():
+            try:
+                record = json.loads(self.read_text(path))
+            except (ValueError, OSError, pa.ArrowException):
+                continue
+            version = record.get("schema_version") if isinstance(record, Mapping) else None
+            if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
+                try:
+                    found[path] = upgrade_record(record)["trial_id"]
+                except (ConfigError, TypeError, KeyError, AttributeError, ValueError):
+                    found[path] = ""
+        return found
+
+    def _other_result(self, path: str, upgraded: Mapping[str, Any]) -> str:
+        """What ``path`` holds when it is a different result than ``upgraded`` ("" when none, or the same: an
+        earlier, interrupted upgrade of this file)."""
+        try:
+            existing = json.loads(self.read_text(path))
+        except FileNotFoundError:
+            return ""
+        except (ValueError, OSError, pa.ArrowException):
+            return "an unreadable file"
+        if existing == json.loads(json.dumps(upgraded)):
+            return ""
+        version = existing.get("schema_version") if isinstance(existing, Mapping) else None
+        status = existing.get("status") if isinstance(existing, Mapping) else None
+        return f"a schema version {version} result ({status})"
 
 
 def validate_record(record: Any, *, trial_id: str | None = None) -> None:

@@ -21,14 +21,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NotRequired, TypedDict
 
 from .errors import VarsweepError
 
 SCHEMA_VERSION = 2  # 2: evaluation.cfg -> guidance_scale, optimization.max_grad_norm -> global_clip_norm (see upgrade_record)
 OFFICIAL_DEPTHS = (16, 20, 24, 30)
 OFFICIAL_RESOLUTION = 256
-METHODS = ("base", "full", "lora", "lora_attention", "lora_mlp", "ln_tuning")  # "base": evaluate the base model, no training
+# "base": evaluate the base model, no training. In the order tables list methods (analysis.metrics.METHOD_LABELS).
+METHODS = ("base", "full", "lora", "ln_tuning", "lora_attention", "lora_mlp")
 # The closed sets of names, defined here once; every registry keyed by one of them is tested to hold exactly these
 # (tests/test_closed_sets.py). trainables/models/ (torch only) keeps its own copy of CLASS_INITS, tested equal.
 INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR, DIGITS_EXTRACTOR = "inception-v3-compat", "substitute-randconv-v1", "digits-cnn-v1"
@@ -503,14 +504,377 @@ def replace(config: TrialConfig, **sections: Mapping[str, Any] | None) -> TrialC
 
 
 # --- results --------------------------------------------------------------------------------------------------
+# The result record, typed. Each section is described below (value types: int, float - an int is a float here -,
+# str, bool, None, nested); ``check_result`` checks every key and value against these descriptions.
+# Rules: a key a section does not define is refused (a renamed key fails loudly, never reads as a silent NaN);
+# a ``NotRequired`` key is a quantity a record may lack (absent = not measured: a record of published values,
+# a trial without a classifier), every other key is present in every recorded section. A section is either
+# recorded (every required key) or empty (``{}``, ``[]`` or null: not recorded, e.g. a failed trial's metrics),
+# never partial. Every key ``trainables.trial.run_trial`` writes is defined here (tests/test_result_record.py).
+
+
+class ResultMetrics(TypedDict):
+    """Final evaluation (``trainables.evaluation.evaluate``): FID; precision and recall as fractions; KID mean and
+    standard deviation over subsets; class accuracy (fraction) where a classifier exists (digits)."""
+
+    fid: float
+    precision: NotRequired[float]
+    recall: NotRequired[float]
+    kid_mean: NotRequired[float]
+    kid_std: NotRequired[float]
+    class_accuracy: NotRequired[float]
+    class_accuracy_per_class: NotRequired[list[float | None]]  # None: a class with no generated image
+
+
+class HistoryEntry(TypedDict):
+    """One logged training step: step number, seconds since this attempt's training began, learning rate; the
+    loss and global gradient norm without DP, the RDP epsilon spent so far with DP, the prior KL with a prior."""
+
+    step: int
+    seconds: float
+    lr: float
+    loss: NotRequired[float]
+    grad_norm: NotRequired[float]
+    epsilon_rdp: NotRequired[float]
+    prior_kl: NotRequired[float]
+
+
+class ConvergenceEntry(TypedDict):
+    """One convergence evaluation during training (on ``evaluation.convergence_num_images`` images)."""
+
+    step: int
+    fid: float
+    precision: NotRequired[float]
+    recall: NotRequired[float]
+    class_accuracy: NotRequired[float]
+
+
+class PrivacyLedger(TypedDict):
+    """What a DP trial spent (``trainables.privacy.privacy_ledger``, ledger version 3; version 2 named
+    ``physical_batch_rows`` ``physical_batch_size``). The settings carry ``PrivacyConfig``'s names; delta is the
+    resolved one (1/N where the config says null); ``released_without_noise``: record paths -> what they reveal."""
+
+    target_epsilon: float
+    delta: float
+    sampling_rate: float
+    steps: int
+    max_grad_norm: float
+    augmentation_multiplicity: int
+    ledger_version: NotRequired[int]
+    epsilon_rdp: NotRequired[float]
+    epsilon_prv: NotRequired[float]
+    noise_multiplier: NotRequired[float]
+    planned_steps: NotRequired[int]
+    dataset_size: NotRequired[int]
+    expected_batch_size: NotRequired[float]
+    physical_batch_rows: NotRequired[int]
+    clipping: NotRequired[str]
+    calibration_accountant: NotRequired[str]
+    world_size: NotRequired[int]
+    noise_rng: NotRequired[str]
+    sampling_rng: NotRequired[str]
+    example_rng: NotRequired[str]
+    released_without_noise: NotRequired[dict[str, str]]
+    accountants: NotRequired[dict[str, str]]
+
+
+# Older ledger versions: (their name -> today's name) of renamed keys.
+LEDGER_RENAMES = {2: {"physical_batch_size": "physical_batch_rows"}}
+
+
+class Cost(TypedDict):
+    """Compute and time of a trial: PFLOPs (1e15 FLOPs; attention counted as dense L x L, see
+    ``trainables.profiling.NOT_COUNTED``), seconds, bytes, GPU hours, MFU as a fraction; ``estimated``: the
+    numbers are the dry-run estimate (``bench.estimates``), not measured. None: does not apply (a base trial's
+    training throughput, MFU on a CPU)."""
+
+    train_pflops: float
+    gpu_hours: float
+    sample_pflops: NotRequired[float]
+    total_pflops: NotRequired[float]
+    train_flops_per_row: NotRequired[float]
+    rows_trained: NotRequired[float]
+    train_seconds: NotRequired[float]
+    rows_per_second: NotRequired[float | None]
+    peak_memory_bytes: NotRequired[int | None]
+    sample_images_per_second: NotRequired[float | None]
+    wall_seconds: NotRequired[float]
+    mfu: NotRequired[float | None]
+    training_precision: NotRequired[str | None]
+    not_counted: NotRequired[str | None]
+    startup_seconds: NotRequired[float | None]
+    setup_seconds: NotRequired[float]
+    evaluation_seconds: NotRequired[float]
+    estimated: NotRequired[bool]
+
+
+class ClassifierFacts(TypedDict):
+    """The fixed classifier that scores class accuracy: its name, test accuracy (fraction), weights' SHA-256, input
+    size in pixels (``resolution`` in records written before it was named ``input_size``)."""
+
+    name: str
+    test_accuracy: float
+    weights_sha256: str
+    input_size: NotRequired[int]
+    resolution: NotRequired[int]
+
+
+class SamplingRecord(TypedDict):
+    """The sampler's settings an image set was drawn with, under ``EvaluationConfig``'s names (``cfg`` and
+    ``seed`` in records written before they were renamed ``guidance_scale`` and ``sampling_seed``); autocast_bf16:
+    the trial's ``optimization.autocast_bf16`` (CUDA only)."""
+
+    top_k: int
+    top_p: float
+    batch_size: int
+    autocast_bf16: bool
+    guidance_scale: NotRequired[float]
+    sampling_seed: NotRequired[int]
+    cfg: NotRequired[float]
+    seed: NotRequired[int]
+
+
+class EvaluationSettings(TypedDict):
+    """How the final evaluation ran: extractor, resolution (pixels), images requested (None: as many as the
+    evaluation split has), nearest neighbours of precision/recall, KID subsets and their size, the classifier of
+    class accuracy, the sampler's settings, images generated, per class plan, whether reference statistics were cached."""
+
+    extractor: str
+    resolution: NotRequired[int]
+    num_images: NotRequired[int | None]
+    neighborhood: NotRequired[int]
+    kid_subsets: NotRequired[int]
+    kid_subset_size: NotRequired[int]
+    classifier: NotRequired[ClassifierFacts]
+    sampling: NotRequired[SamplingRecord]
+    images_generated: NotRequired[int]
+    plan: NotRequired[list[int]]
+    reference_cache_hit: NotRequired[bool]
+
+
+class ParameterCounts(TypedDict):
+    """Trainable parameters (with and without the new class embedding) and the base model's total, against which
+    the trainable share is reported."""
+
+    trainable: int
+    base_total: float
+    trainable_without_class_embedding: NotRequired[int]
+
+
+class DataFacts(TypedDict):
+    """The splits a trial really used: image counts, classes, the skipped corrupt images ("path: error"), whether
+    the token cache existed, the planned steps, the step an attempt resumed from (None: from the start)."""
+
+    train_images: int
+    evaluation_images: int
+    classes: int
+    planned_steps: int
+    skipped_images: NotRequired[list[str]]
+    token_cache_hit: NotRequired[bool]
+    resumed_from_step: NotRequired[int | None]
+
+
+class Environment(TypedDict):
+    """Provenance: code version (git commit, "+dirty" when modified), package versions, devices, host."""
+
+    git_commit: str | None
+    devices: list[str]
+    packages: NotRequired[dict[str, str | None]]
+    python: NotRequired[str]
+    device_type: NotRequired[str]
+    world_size: NotRequired[int]
+    host: NotRequired[str]
+    torch_threads: NotRequired[int]
+
+
+# A few real evaluation images of one class (``class`` is a Python keyword, hence this form).
+RealImages = TypedDict("RealImages", {"label": int, "class": str, "paths": list[str]})
+
+
+class Artifacts(TypedDict):
+    """A trial's files under ``<storage>/artifacts/<trial_id>/``, as paths relative to the storage root ("/"
+    separated): the folder, the trained adapter (None for the base method), the generated images
+    (``class_<label>/``), real evaluation images per class. Records written before this layout have only
+    ``generated_images`` and ``real_images``, as absolute paths (analysis skips their grids with a note)."""
+
+    generated_images: str
+    real_images: list[RealImages]
+    folder: NotRequired[str]
+    adapter: NotRequired[str | None]
+
+
+class UpgradedFrom(TypedDict):
+    """The schema version and trial id a record had before ``upgrade_record``."""
+
+    schema_version: int
+    trial_id: str | None
+
+
 RESULT_FIELDS = {"schema_version": int, "trial_id": str, "status": str, "error": (str, type(None)), "config": dict,
                  "metrics": dict, "history": list, "convergence": list, "privacy": (dict, type(None)), "cost": dict,
                  "evaluation_settings": (dict, type(None)), "parameters": dict, "data": dict, "environment": dict,
                  "started_at": str, "finished_at": str}
-# Optional fields (absent from older records of the same version): ``artifacts`` = where the trial's generated
-# images and a few real evaluation images per class are
-# ({"generated_images": dir, "real_images": [{"label": 0, "class": name, "paths": [...]}, ...]}).
 OPTIONAL_RESULT_FIELDS = {"artifacts": dict, "upgraded_from": dict}  # upgraded_from: see upgrade_record
+# The typed inner sections (``check_result`` checks each against its description).
+RESULT_SECTIONS: dict[str, Any] = {
+    "metrics": ResultMetrics, "history": list[HistoryEntry], "convergence": list[ConvergenceEntry], "privacy": PrivacyLedger | None,
+    "cost": Cost, "evaluation_settings": EvaluationSettings | None, "parameters": ParameterCounts, "data": DataFacts,
+    "environment": Environment, "artifacts": Artifacts, "upgraded_from": UpgradedFrom}
+RECORD_SCALARS = {"schema_version": int, "trial_id": str, "status": str, "error": str | None, "started_at": str, "finished_at": str}
+
+
+class RecordError(ConfigError):
+    """A result record that does not match the typed record; the message names the path (``cost.train_pflops``)."""
+
+
+class UnknownRecordPath(RecordError):
+    """Code asked for a record path the typed record does not define (a reader's mistake, not a bad file)."""
+
+
+@functools.cache
+def _record_fields(kind: Any) -> tuple[dict[str, Any], frozenset[str]]:
+    """(key -> value type, required keys) of a TypedDict. Computed from the annotations with their extras, because
+    ``__required_keys__`` is wrong under ``from __future__ import annotations`` in Python 3.11."""
+    value_types, required = {}, set()
+    for key, hint in typing.get_type_hints(kind, include_extras=True).items():
+        if typing.get_origin(hint) is NotRequired:
+            hint = typing.get_args(hint)[0]
+        else:
+            required.add(key)
+        value_types[key] = hint
+    return value_types, frozenset(required)
+
+
+def _record_type_name(hint: Any) -> str:
+    if typing.is_typeddict(hint):
+        return "object"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_record_type_name(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, dict):
+        return {list: "list", dict: "object"}[typing.get_origin(hint)]
+    return {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null"}[hint]
+
+
+def _record_accepts(hint: Any, value: Any) -> bool:
+    """Whether ``value`` has the outer shape of ``hint`` (nested values are checked by ``_check_record_value``). Records
+    may hold NaN (a metric that could not be computed); an integer is a number, a boolean is neither."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_record_accepts(option, value) for option in typing.get_args(hint))
+    if typing.is_typeddict(hint) or origin is dict:
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_record_value(hint: Any, value: Any, path: str) -> None:
+    """Raise ``RecordError`` naming ``path`` unless ``value`` has the type ``hint`` (recursively)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [option for option in typing.get_args(hint) if _record_accepts(option, value)]
+        if not options:
+            raise RecordError(f"{path}: expected {_record_type_name(hint)}, got {value!r:.80} ({type(value).__name__})")
+        _check_record_value(options[0], value, path)
+        return
+    if not _record_accepts(hint, value):
+        raise RecordError(f"{path}: expected {_record_type_name(hint)}, got {value!r:.80} ({type(value).__name__})")
+    origin = typing.get_origin(hint)
+    if typing.is_typeddict(hint):
+        _check_record_object(hint, value, path)
+    elif origin is list:
+        for item in value:
+            _check_record_value(typing.get_args(hint)[0], item, f"{path}[]")
+    elif origin is dict:
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise RecordError(f"{path}: keys are strings, got {key!r} ({type(key).__name__})")
+            _check_record_value(typing.get_args(hint)[1], item, f"{path}.{key}")
+
+
+def _check_record_object(kind: Any, value: Mapping[str, Any], path: str) -> None:
+    defined, required = _record_fields(kind)
+    unknown, missing = sorted(set(value) - set(defined)), sorted(required - set(value))
+    if unknown:
+        raise RecordError(f"{path}.{unknown[0]}: not a key of {path} (unknown keys {unknown}; defined: {sorted(defined)})")
+    if missing:
+        raise RecordError(f"{path}.{missing[0]}: missing (a recorded {path} has {sorted(required)}; empty means not recorded)")
+    for key, item in value.items():
+        _check_record_value(defined[key], item, f"{path}.{key}")
+
+
+def _check_sections(record: Mapping[str, Any]) -> None:
+    """Every inner section against its description; an empty section (not recorded) passes."""
+    for name, hint in RESULT_SECTIONS.items():
+        value = record.get(name)
+        if value in ({}, [], None):
+            continue
+        if name == "privacy" and isinstance(value, dict):
+            renamed = LEDGER_RENAMES.get(value.get("ledger_version"), {})
+            value = {renamed.get(key, key): item for key, item in value.items()}
+        _check_record_value(hint, value, name)
+    artifacts = record.get("artifacts")
+    if artifacts and "folder" in artifacts:  # the storage layout: every path relative to the storage root
+        paths = [artifacts["folder"], artifacts["generated_images"], artifacts.get("adapter")]
+        paths += [p for entry in artifacts["real_images"] for p in entry["paths"]]
+        bad = [p for p in paths if p is not None and not is_storage_relative(p)]
+        _require(not bad, "artifacts", f"paths must be relative to the storage root, '/' separated, got {bad[:3]}")
+
+
+def is_storage_relative(path: str) -> bool:
+    """A path relative to the storage root: "/" separated, not absolute, no "..", no backslash or drive."""
+    return bool(path) and not path.startswith("/") and "\\" not in path and ":" not in path and ".." not in path.split("/")
+
+
+def record_key_type(source: str) -> Any:
+    """The value type the typed record defines at a dotted path (``cost.train_pflops``); list entries are named
+    by the list (``history.loss``). Raises ``UnknownRecordPath`` for a path the record does not define."""
+    parts = source.split(".")
+    hint: Any = RESULT_SECTIONS.get(parts[0], RECORD_SCALARS.get(parts[0]))
+    if hint is None:
+        raise UnknownRecordPath(f"{source}: {parts[0]!r} is not a section of the result record (sections: {sorted(RESULT_SECTIONS)})")
+    for depth, part in enumerate(parts[1:], start=1):
+        hint = _container(hint)
+        where = ".".join(parts[:depth])
+        if typing.is_typeddict(hint):
+            defined, _ = _record_fields(hint)
+            if part not in defined:
+                raise UnknownRecordPath(f"{source}: {part!r} is not a key of {where} (defined: {sorted(defined)})")
+            hint = defined[part]
+        elif typing.get_origin(hint) is dict:
+            hint = typing.get_args(hint)[1]
+        else:
+            raise UnknownRecordPath(f"{source}: {where} holds a {_record_type_name(hint)}, which has no keys")
+    return hint
+
+
+@functools.cache
+def _defined_parts(source: str) -> tuple[str, ...]:
+    record_key_type(source)
+    return tuple(source.split("."))
+
+
+def record_value(record: Mapping[str, Any], source: str) -> Any:
+    """The value at a dotted path of a record (``cost.train_pflops``), or None where the record lacks it (not
+    measured, section not recorded). A path the typed record does not define raises ``UnknownRecordPath``, so a
+    renamed key fails where it is read instead of reading as a missing value."""
+    value: Any = record
+    for part in _defined_parts(source):
+        if not isinstance(value, Mapping) or value.get(part) is None:
+            return None
+        value = value[part]
+    return value
+
+
+def _container(hint: Any) -> Any:
+    """The object type inside ``X | None`` or ``list[X]`` (a path goes through them)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [option for option in typing.get_args(hint) if option is not type(None)]
+        hint = options[0] if len(options) == 1 else hint
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
 
 
 def utc_now() -> str:
@@ -554,7 +918,8 @@ def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_result(record: Mapping[str, Any]) -> TrialConfig:
-    """Raise ``ConfigError`` unless ``record`` is a valid result of this schema version; returns its config."""
+    """Raise ``ConfigError`` (``RecordError`` for an inner section) unless ``record`` is a valid result of this
+    schema version: every field of its type, every section typed as described above; returns its config."""
     _require(record.get("schema_version") != 1, "schema_version",
              f"written by schema version 1 (before {', '.join(f'{s}.{o} became {n}' for (s, o), n in RENAMED_IN_2.items())}); "
              "`python -m bench upgrade-results STORAGE` rewrites such results under their new trial ids")
@@ -566,6 +931,9 @@ def check_result(record: Mapping[str, Any]) -> TrialConfig:
         _require(name not in record or isinstance(record[name], kind), name, f"has type {type(record.get(name)).__name__}")
     _require(record["status"] in STATUSES, "status", f"one of {STATUSES}, got {record['status']!r}")
     _require(record["status"] == "success" or bool(record["error"]), "error", "a failed trial records its error")
+    unknown = sorted(set(record) - set(RESULT_FIELDS) - set(OPTIONAL_RESULT_FIELDS))
+    _require(not unknown, unknown[0] if unknown else "", f"not a field of the result record (unknown fields {unknown})")
+    _check_sections(record)
     config = TrialConfig.from_dict(record["config"])
     _require(config.trial_id == record["trial_id"], "trial_id", f"{record['trial_id']} does not match its config ({config.trial_id})")
     return config

@@ -23,16 +23,17 @@ from PIL import Image
 from trainables.data import offline
 from trainables.data.datasets import read_dataset
 from trainables.data.tokens import TokenViews
-from trainables.evaluation.evaluate import EvaluationSettings, reference_statistics
+from trainables.evaluation.evaluate import reference_statistics
 from trainables.evaluation.features import SUBSTITUTE, build_extractor
 from trainables.evaluation.metrics import ReferenceStats
-from trainables.methods import AdaptationSpec, adapt
+from bench.schema import MethodConfig
+from trainables.methods import adapt
 from trainables.training import build_optimizer, view_losses
 
 
 def training_steps(*, batch_size: int, steps: int) -> dict:
     vqvae, var = official_models()
-    var = adapt(var, AdaptationSpec(method="lora", num_classes=102)).train()
+    var = adapt(var, MethodConfig(name="lora"), num_classes=102, seed=0).train()
     optimizer = build_optimizer(var, lr=1e-4)
     images_B3HW = torch.rand(batch_size, 3, 256, 256) * 2 - 1
     labels_B = torch.randint(0, 102, (batch_size,))
@@ -64,11 +65,11 @@ def reference_reuse(folder: Path) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(digits.images_N3HW[i].permute(1, 2, 0).numpy()).save(path)
     images = read_dataset("folder", folder, "test")
-    cache, extractor, settings = ReferenceStats(folder / "cache"), build_extractor(SUBSTITUTE), EvaluationSettings(resolution=64)
+    cache, extractor = ReferenceStats(folder / "cache"), build_extractor(SUBSTITUTE)
     seconds = []
     for _ in range(2):
         started = time.perf_counter()
-        _, hit = reference_statistics(images, extractor=extractor, settings=settings, cache=cache)
+        _, hit = reference_statistics(images, extractor=extractor, resolution=64, cache=cache)
         seconds.append(time.perf_counter() - started)
     return {"images": len(images), "first_s": seconds[0], "second_s": seconds[1], "second_hit": hit}
 

@@ -28,10 +28,11 @@ import benchmark_common
 from benchmark_common import official_models, timed
 import torch
 
+from bench.schema import EvaluationConfig, MethodConfig, PrivacyConfig
 from trainables.data.tokens import TokenViews
-from trainables.methods import AdaptationSpec, adapt
+from trainables.methods import adapt
 from trainables.models import OFFICIAL_PATCH_NUMS
-from trainables.privacy import PrivacySpec, make_private, private_step
+from trainables.privacy import make_private, private_step
 from trainables.profiling import count_flops, peak_flops_per_second
 from trainables.training import bf16_autocast, build_optimizer, view_losses
 
@@ -51,7 +52,7 @@ def models(*, depth: int, method: str, device: torch.device):
     vqvae, var = official_models(depth=depth)
     vqvae = vqvae.to(device)
     if method != "base":  # "base": the un-adapted model (generation)
-        var = adapt(var, AdaptationSpec(method=method, num_classes=CLASSES)).train()
+        var = adapt(var, MethodConfig(name=method), num_classes=CLASSES, seed=0).train()
     return vqvae, var.to(device)
 
 
@@ -122,9 +123,9 @@ def _privacy_row(k: int, clipping: str | None, *, rows: int, depth: int, steps: 
 
     step = plain_step
     if clipping is not None:
-        spec = PrivacySpec(target_epsilon=10.0, sampling_rate=0.25, max_grad_norm=0.5, augmentation_multiplicity=k,
-                           physical_batch_size=rows, clipping=clipping)
-        state = make_private(var, optimizer, spec=spec, dataset_size=4 * examples, planned_steps=10_000)
+        privacy = PrivacyConfig(target_epsilon=10.0, sampling_rate=0.25, max_grad_norm=0.5, augmentation_multiplicity=k,
+                                physical_batch_rows=rows, clipping=clipping)
+        state = make_private(var, optimizer, privacy=privacy, dataset_size=4 * examples, planned_steps=10_000)
         step = lambda: private_step(state, torch.arange(examples, device=device), loss_fn)  # noqa: E731
     reset_peak(device)
     seconds = timed(step, steps=steps, warmup=2, device=device)
@@ -141,7 +142,8 @@ def generation(*, depth: int, batch_sizes: tuple[int, ...], device: torch.device
         for bf16 in (True, False):
             def run() -> None:
                 with torch.no_grad(), bf16_autocast(device, enabled=bf16):
-                    var.sample(labels, vqvae=vqvae, cfg=1.5, top_k=900, top_p=0.96,
+                    var.sample(labels, vqvae=vqvae, cfg=EvaluationConfig.guidance_scale, top_k=EvaluationConfig.top_k,
+                               top_p=EvaluationConfig.top_p,
                                generator=torch.Generator(device=device).manual_seed(0))
             reset_peak(device)
             seconds = timed(run, steps=3, warmup=2, device=device)
@@ -161,7 +163,8 @@ def end_to_end(*, device: torch.device, smoke: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         for config in configs:
             started = time.perf_counter()
-            result = run_trial(config, cache_dir=Path(folder) / "cache", work_dir=Path(folder) / config.trial_id, device=device)
+            result = run_trial(config, cache_dir=Path(folder) / "cache", artifacts_dir=Path(folder) / "artifacts" / config.trial_id,
+                               device=device)
             cost = result["cost"]
             rows.append({"trial": config.label, "status": result["status"], "error": result.get("error"), "wall_s": time.perf_counter() - started,
                          "fid": result["metrics"].get("fid"), "train_seconds": cost.get("train_seconds"), "mfu": cost.get("mfu"),

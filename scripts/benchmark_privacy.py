@@ -24,9 +24,10 @@ import benchmark_common
 import psutil
 import torch
 
-from trainables.methods import AdaptationSpec, adapt
+from bench.schema import MethodConfig, PrivacyConfig
+from trainables.methods import adapt
 from trainables.models import build_var, build_vqvae
-from trainables.privacy import PrivacySpec, make_private, private_step
+from trainables.privacy import make_private, private_step
 from trainables.training import build_optimizer, view_losses
 
 PATCH_NUMS, VOCAB, CLASSES = (1, 2, 3, 4), 4096, 10
@@ -46,7 +47,7 @@ def run_one(config: dict, *, depth: int, batch_size: int, steps: int) -> dict:
     vqvae = build_vqvae(vocab_size=VOCAB, z_channels=32, ch=32, patch_nums=PATCH_NUMS, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1).eval()
     var = build_var(depth=depth, num_classes=CLASSES, patch_nums=PATCH_NUMS, vocab_size=VOCAB, z_channels=32, drop_path_rate=0.0,
                     generator=torch.Generator().manual_seed(0))
-    adapt(var, AdaptationSpec(method=config["method"], num_classes=CLASSES)).train()
+    adapt(var, MethodConfig(name=config["method"]), num_classes=CLASSES, seed=0).train()
     k = config["k"]
     label_N = torch.randint(0, CLASSES, (batch_size,))
     views = [torch.randint(0, VOCAB, (batch_size, k, pn * pn)) for pn in PATCH_NUMS]
@@ -73,9 +74,9 @@ def _plain_step(var, optimizer, *, batch_size: int, loss_fn):
 
 
 def _dp_step(var, optimizer, config: dict, *, batch_size: int, loss_fn):
-    spec = PrivacySpec(target_epsilon=10.0, sampling_rate=0.25, max_grad_norm=0.5, augmentation_multiplicity=config["k"],
-                       physical_batch_size=batch_size, clipping=config["dp"])
-    state = make_private(var, optimizer, spec=spec, dataset_size=4 * batch_size, planned_steps=1000)
+    privacy = PrivacyConfig(target_epsilon=10.0, sampling_rate=0.25, max_grad_norm=0.5, augmentation_multiplicity=config["k"],
+                            physical_batch_rows=batch_size, clipping=config["dp"])
+    state = make_private(var, optimizer, privacy=privacy, dataset_size=4 * batch_size, planned_steps=1000)
     return lambda: private_step(state, torch.arange(batch_size), loss_fn)
 
 

@@ -23,10 +23,10 @@ import json, sys, torch
 from bench.schema import replace
 from bench.sweeps import build_sweep
 from trainables.trial import run_trial
-method, seed, cache, work = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+method, seed, cache, artifacts = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.set_num_threads(1)
 config = next(c for c in build_sweep("demo") if c.method.name == method and c.privacy is None)
-record = run_trial(replace(config, optimization={"seed": seed}), cache_dir=cache, work_dir=work, log=lambda line: None)
+record = run_trial(replace(config, optimization={"seed": seed}), cache_dir=cache, artifacts_dir=artifacts, log=lambda line: None)
 print(json.dumps({key: record["metrics"][key] for key in ("fid", "precision", "recall", "class_accuracy")}))
 """
 

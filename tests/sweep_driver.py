@@ -16,7 +16,8 @@ def tiny_trial(method: str = "full", *, steps: int = 6, workers: int = 1, seed: 
     """A trial small enough for 2 CPU cores: depth-1 tiny base (20 pre-training steps), digits at 16 px, 20 images."""
     return TrialConfig(model=tiny_model(1, pretraining_steps=20), data=DataConfig(dataset="digits", resolution=16),
                        method=MethodConfig(name=method), privacy=privacy,
-                       optimization=OptimizationConfig(learning_rate=1e-3, batch_size=16, steps=steps, seed=seed),
+                       # A DP trial's batches are Poisson (privacy.sampling_rate): batch_size stays at its default.
+                       optimization=OptimizationConfig(learning_rate=1e-3, steps=steps, seed=seed, **({"batch_size": 16} if privacy is None else {})),
                        evaluation=EvaluationConfig(extractor="substitute-randconv-v1", num_images=20, top_k=0, batch_size=20),
                        resources=ResourcesConfig(workers=workers, gpus_per_worker=0.0, cpus_per_worker=1.0,
                                                  checkpoint_every_steps=checkpoint_every, checkpoint_every_fraction=1.0,

@@ -157,7 +157,7 @@ def test_invalid_files_stop_the_analysis_unless_skipped(fixture_storage, tmp_pat
     rewrite(result_path(storage, "full-d20-food101"), lambda r: r.update(schema_version=99))
     with pytest.raises(AnalysisError, match=r"2 file\(s\)") as error:
         load_results(storage)
-    assert "truncated.json: JSONDecodeError" in str(error.value) and "schema_version: expected 1, got 99" in str(error.value)
+    assert "truncated.json: JSONDecodeError" in str(error.value) and "schema_version: expected 2, got 99" in str(error.value)
     analysis = analyse(storage, tmp_path / "out", skip_invalid=True, grids=False, figures=False)
     assert len(analysis.results.invalid) == 2 and len(analysis.results.trials) == 52
     assert "truncated.json" in (tmp_path / "out" / "index.md").read_text()
@@ -209,26 +209,27 @@ def test_figures_have_files_and_axes(fixture_storage, tmp_path):
 
 def test_sample_grid_puts_generated_beside_real_images(tmp_path):
     """Real images are matched to generated ones by label, whatever order the class names sort in (results are
-    written with sorted keys)."""
-    generated, real_dir = tmp_path / "images", tmp_path / "real"
+    written with sorted keys); the record's artifact paths are relative to the storage root."""
+    config = build_sweep("demo")[1]
+    storage, folder = tmp_path / "storage", f"artifacts/{config.trial_id}"
     real = []
     rng = np.random.default_rng(0)
     for label, name in enumerate(("pink primrose", "hard-leaved pocket orchid", "canterbury bells")):
-        (generated / f"class_{label:04d}").mkdir(parents=True)
+        generated = storage / folder / "images" / f"class_{label:04d}"
+        generated.mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(generated / f"class_{label:04d}" / f"{i:06d}.png")
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(generated / f"{i:06d}.png")
         paths = []
         for i in range(2):
-            path = real_dir / name / f"{i}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.full((90, 120, 3), 40 * (label + 1), np.uint8)).save(path, quality=100)
-            paths.append(str(path))
+            path = f"{folder}/real/class_{label}/{i}.jpg"
+            (storage / path).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((90, 120, 3), 40 * (label + 1), np.uint8)).save(storage / path, quality=100)
+            paths.append(path)
         real.append({"label": label, "class": name, "paths": paths})
-    Path(real[1]["paths"][1]).write_bytes(b"not a jpeg")  # an unreadable real image shows as a blank tile
-    config = build_sweep("demo")[1]
-    record = make_result(config, status="success", metrics={"fid": 9.0}, artifacts={"generated_images": str(generated), "real_images": real})
-    ResultStore(tmp_path / "storage").write(record)
-    analysis = analyse(tmp_path / "storage", tmp_path / "out", figures=False)
+    (storage / real[1]["paths"][1]).write_bytes(b"not a jpeg")  # an unreadable real image shows as a blank tile
+    record = make_result(config, status="success", metrics={"fid": 9.0}, artifacts=artifacts_of(folder, real))
+    ResultStore(storage).write(record)
+    analysis = analyse(storage, tmp_path / "out", figures=False)
     grid = Image.open(analysis.grids[config.trial_id])
     layout = grid_layout(3)
     assert grid.size == (layout["width"], layout["height"])
@@ -242,6 +243,34 @@ def test_sample_grid_puts_generated_beside_real_images(tmp_path):
     assert (pixels[top + 10, real_left + 2 * tile + 10] == 255).all()  # no third image recorded: blank
     assert f"grids/{config.trial_id}.png" in (tmp_path / "out" / "index.md").read_text()
     assert not analysis.missing_grids
+    # The same storage read through a URI: the images a grid shows are downloaded into the output folder.
+    remote = analyse(f"file://{storage}", tmp_path / "out-uri", figures=False)
+    assert np.array_equal(np.asarray(Image.open(remote.grids[config.trial_id])), np.asarray(grid))
+    assert (tmp_path / "out-uri" / "grids" / "downloaded" / config.trial_id / real[0]["paths"][0]).is_file()
+    # Given its results/ folder, the storage root is its parent.
+    assert analyse(storage / "results", tmp_path / "out-results", figures=False).grids
+
+
+def artifacts_of(folder: str, real: list[dict], *, adapter: bool = True) -> dict:
+    """An ``artifacts`` section of the storage layout (``bench.schema.Artifacts``)."""
+    return {"folder": folder, "adapter": f"{folder}/adapter.pt" if adapter else None, "generated_images": f"{folder}/images",
+            "real_images": real}
+
+
+def test_grids_of_old_absolute_paths_and_missing_images_are_skipped_with_a_note(tmp_path):
+    config = build_sweep("demo")[1]
+    images = tmp_path / "work" / "images" / "class_0"
+    digit_png(images / "0.png", 0)
+    old = make_result(config, status="success", metrics={"fid": 9.0},
+                      artifacts={"generated_images": str(images.parent), "real_images": [{"label": 0, "class": "0", "paths": []}]})
+    ResultStore(tmp_path / "storage").write(old)
+    analysis = analyse(tmp_path / "storage", tmp_path / "out", figures=False)
+    assert not analysis.grids and "absolute paths by an older varsweep" in analysis.missing_grids[config.trial_id]
+    assert "absolute paths by an older varsweep" in (tmp_path / "out" / "index.md").read_text()
+    moved = make_result(config, status="success", metrics={"fid": 9.0}, artifacts=artifacts_of(f"artifacts/{config.trial_id}", []))
+    ResultStore(tmp_path / "storage").write(moved)
+    analysis = analyse(tmp_path / "storage", tmp_path / "out2", figures=False)
+    assert analysis.missing_grids[config.trial_id].startswith("generated images not found")
 
 
 def test_cli_writes_the_report_and_says_where(fixture_storage, tmp_path, capsys):
@@ -315,7 +344,7 @@ def test_successful_trials_without_a_value_are_shown(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     for seed in (1, 2):
         twin(storage, "lora-d16-flowers102", metrics={"fid": float("nan")}, optimization={"seed": seed})
-    rewrite(result_path(storage, "lora-d16-cub200"), lambda r: r["metrics"].pop("fid"))
+    rewrite(result_path(storage, "lora-d16-cub200"), lambda r: r["metrics"].update(fid=float("nan")))  # a recorded FID is a number
     analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
     lora = next(r for r in next(t for t in analysis.tables if t.name == "table1_fid").rows if r[:2] == ["VAR-d16", "LoRA"])
     assert lora[4].text() == "13.18 (2 without value)" and lora[3].text() == "no value"
@@ -324,7 +353,7 @@ def test_successful_trials_without_a_value_are_shown(fixture_storage, tmp_path):
 
 def test_dp_tables_are_per_dataset_and_only_flowers_is_compared(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
-    cub = twin(storage, "lora-d16-flowers102-eps10-k1", metrics={"fid": 200.0}, data={"dataset": "cub200", "root": "/assets/datasets/cub200"})
+    cub = twin(storage, "lora-d16-flowers102-eps10-k1-", metrics={"fid": 200.0}, data={"dataset": "cub200", "root": "/assets/datasets/cub200"})
     analysis = analyse(storage, tmp_path / "out", compare_paper=True, grids=False, figures=False)
     names = {t.name for t in analysis.tables}
     assert {"table2_dp_multiplicity_flowers102", "table2_dp_multiplicity_cub200"} <= names
@@ -416,24 +445,41 @@ def digit_png(path: Path, digit: int, *, noise: float = 0.0, seed: int = 0) -> N
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("RGB").save(path)
 
 
-def digit_record(config: TrialConfig, row: tuple, folder: Path, real: list[dict], *, classes: int = 10) -> dict:
+def digit_record(config: TrialConfig, row: tuple, storage: Path, real: list[bytes], *, classes: int = 10) -> dict:
+    """A demo-like result whose artifacts (generated digits, and copies of the ``real`` PNGs per class) are
+    written into ``storage`` under the trial's artifacts folder."""
     method, epsilon, fid, precision, recall, accuracy = row
-    generated = folder / "images" / config.trial_id
+    folder = f"artifacts/{config.trial_id}"
     for label in range(classes):
         for i in range(6):
-            digit_png(generated / f"class_{label:04d}" / f"{i:06d}.png", label, noise=40.0 * (1 - accuracy), seed=100 * label + i)
+            digit_png(storage / folder / "images" / f"class_{label:04d}" / f"{i:06d}.png", label, noise=40.0 * (1 - accuracy), seed=100 * label + i)
+    entries = []
+    for label in range(classes):
+        paths = [f"{folder}/real/class_{label}/{i}.png" for i in range(6)]
+        for path in paths:
+            (storage / path).parent.mkdir(parents=True, exist_ok=True)
+            (storage / path).write_bytes(real[label])
+        entries.append({"label": label, "class": str(label), "paths": paths})
     per_class = [round(min(1.0, max(0.0, accuracy + 0.05 * ((label % 3) - 1))), 3) for label in range(classes)]
     per_class[-1] = None if method == "base" else per_class[-1]  # a class without generated images has no accuracy
     curve = [] if method == "base" else [{"step": s, "fid": fid * f, "precision": precision, "recall": recall, "class_accuracy": accuracy / f}
                                          for s, f in ((100, 1.8), (200, 1.2), (300, 1.0))]
     privacy = None if epsilon is None else {"target_epsilon": epsilon, "epsilon_rdp": epsilon * 0.98, "epsilon_prv": epsilon * 0.95,
-                                            "delta": 1 / 1438, "noise_multiplier": 1.1, "steps": 300}
+                                            "delta": 1 / 1438, "noise_multiplier": 1.1, "steps": 300, "sampling_rate": 0.1,
+                                            "max_grad_norm": 1.0, "augmentation_multiplicity": 2}
     return make_result(config, status="success", metrics={"fid": fid, "precision": precision, "recall": recall, "kid_mean": fid / 1e4,
                                                          "class_accuracy": accuracy, "class_accuracy_per_class": per_class},
                        convergence=curve, privacy=privacy, cost={"train_pflops": 0.002, "gpu_hours": 0.0},
                        parameters={"trainable": 1000 if method != "full" else 90000, "base_total": 100000},
                        evaluation_settings={"extractor": "digits-cnn-v1", "classifier": CLASSIFIER},
-                       artifacts={"generated_images": str(generated), "real_images": real})
+                       artifacts=artifacts_of(folder, entries, adapter=method != "base"))
+
+
+def real_digits(folder: Path, classes: int) -> list[bytes]:
+    """One real 16 px digit PNG per class (as bytes)."""
+    for label in range(classes):
+        digit_png(folder / f"{label}.png", label % 10)
+    return [(folder / f"{label}.png").read_bytes() for label in range(classes)]
 
 
 def digit_storage(folder: Path, *, classes: int = 10) -> Path:
@@ -441,15 +487,10 @@ def digit_storage(folder: Path, *, classes: int = 10) -> Path:
     real 16 px digit PNGs on disk, evaluated with the digits classifier as extractor."""
     configs = {(c.method.name, c.privacy.target_epsilon if c.privacy else None): c for c in build_sweep("demo")}
     configs["ln_tuning", None] = replace(configs["lora", None], method={"name": "ln_tuning"})  # not in the demo: its own setting
-    real = []
-    for label in range(classes):
-        paths = [folder / "real" / str(label) / f"{i}.png" for i in range(6)]
-        for i, path in enumerate(paths):
-            digit_png(path, label, seed=i)
-        real.append({"label": label, "class": str(label), "paths": [str(p) for p in paths]})
+    real = real_digits(folder / "real", classes)
     store = ResultStore(folder / "storage")
     for row in DIGIT_TRIALS:
-        store.write(digit_record(configs[row[:2]], row, folder, real, classes=classes))
+        store.write(digit_record(configs[row[:2]], row, folder / "storage", real, classes=classes))
     return folder / "storage"
 
 
@@ -516,13 +557,8 @@ def test_grid_grows_with_the_number_of_classes(tmp_path):
     heights = {}
     for classes in (3, 12):
         folder = tmp_path / str(classes)
-        real = []
-        for label in range(classes):
-            path = folder / "real" / f"{label}.png"
-            digit_png(path, label % 10)
-            real.append({"label": label, "class": f"class number {label}", "paths": [str(path)]})
-        record = digit_record(build_sweep("demo")[1], DIGIT_TRIALS[1], folder, real, classes=classes)
-        path, why = sample_grid(record, folder / "grids")
+        record = digit_record(build_sweep("demo")[1], DIGIT_TRIALS[1], folder, real_digits(folder / "real", classes), classes=classes)
+        path, why = sample_grid(record, folder / "grids", storage=folder)
         assert why is None
         heights[classes] = Image.open(path).height
     assert heights[12] - heights[3] == 9 * grid_layout(1)["tile"]

@@ -27,7 +27,7 @@ from bench.schema import DataConfig, EvaluationConfig, MethodConfig, ModelConfig
 from bench.sweeps import build_sweep
 from conftest import REPO, TINY_VAR, TINY_VQVAE
 from test_datasets import make_folder
-from trainables.methods import AdaptationSpec, adapt, load_adapter, save_adapter
+from trainables.methods import adapt, load_adapter, save_adapter
 from trainables.models import CheckpointError, build_var, build_vqvae, load_var, load_vqvae, save_var, save_vqvae
 from trainables.models.checkpoints import read_state_dict
 
@@ -51,7 +51,7 @@ def a(tmp_path_factory):
     save_vqvae(build_vqvae(**TINY_VQVAE), root / "vqvae.pth")
     make_folder(root / "data")
     base = load_var(root / "var.pth", **TINY_VAR)
-    save_adapter(adapt(base, AdaptationSpec(method="lora", num_classes=2, lora_rank=2)), root / "adapter.pt")
+    save_adapter(adapt(base, MethodConfig(name="lora", lora_rank=2), num_classes=2, seed=0), root / "adapter.pt")
     (root / "a-file").write_text("not a folder")
     torch.save(var.state_dict(), root / "plain.pth")  # no sidecar
     results = root / "storage"
@@ -147,7 +147,8 @@ INVALID_RECORDS = {
     "truncated JSON": (lambda a: '{"schema_version": 1, "trial', "not JSON"),
     "not UTF-8": (lambda a: b"\xff\xfe{}", "not JSON"),
     "JSON list": (lambda a: "[1, 2]", "JSON object"),
-    "schema version 2": (lambda a: json.dumps({**_valid(a), "schema_version": 2}), "schema_version"),
+    "schema version 3": (lambda a: json.dumps({**_valid(a), "schema_version": 3}), "schema_version"),
+    "schema version 1": (lambda a: json.dumps({**_valid(a), "schema_version": 1}), "upgrade-results"),
     "config not matching its id": (lambda a: json.dumps({**_valid(a), "config": _valid(a, 3)["config"]}), "does not match its config"),
     "bad status": (lambda a: json.dumps({**_valid(a), "status": "done"}), "status"),
     "another trial's result": (lambda a: json.dumps(_valid(a, 3)), "holds the result of trial"),
@@ -511,9 +512,9 @@ LOADING = {
     "store: not an object": _record_case(lambda a: [1, 2], ["JSON object"]),
     "store: bad status": _record_case(lambda a: {**_valid(a), "status": "done"}, ["status", "'done'"]),
     "store: config not matching its id": _record_case(lambda a: {**_valid(a), "trial_id": "0" * 16}, ["trial_id", "0" * 16]),
-    "store: schema version 2": _record_case(lambda a: {**_valid(a), "schema_version": 2}, ["schema_version", "got 2"]),
+    "store: schema version 3": _record_case(lambda a: {**_valid(a), "schema_version": 3}, ["schema_version", "got 3"]),
     "store: failed without error": _record_case(lambda a: make_result(a.configs[0], status="success") | {"status": "failed"}, ["error"]),
-    "store: not JSON-serialisable": _record_case(lambda a: _valid(a) | {"metrics": {"fid": {1, 2}}}, ["JSON-serialisable"]),
+    "store: metric not a number": _record_case(lambda a: _valid(a) | {"metrics": {"fid": {1, 2}}}, ["metrics.fid", "expected number"]),
     "store: unknown URI scheme": lambda a, t: (lambda: ResultStore("foo://bucket/runs"), ["foo://bucket/runs", "'foo'"]),
     "store: malformed URI": lambda a, t: (lambda: ResultStore("file:///tmp/a b"), ["file:///tmp/a b"]),
     "store: path is a file": lambda a, t: (lambda: ResultStore(a.file), [a.file, "is a file"]),

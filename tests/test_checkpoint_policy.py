@@ -6,7 +6,8 @@ import pytest
 
 from bench.schema import DATASETS
 from bench.sweeps import SWEEPS, build_sweep
-from trainables.finetune import CheckpointPolicy, FinetuneOptions, evaluation_steps
+from trainables.finetune import CheckpointPolicy, RunPlan
+from trainables.training import evaluation_steps
 
 
 def test_step_based_schedule_takes_the_smaller_interval_and_never_the_final_step():
@@ -77,9 +78,9 @@ def test_evaluation_steps_are_evenly_spaced_and_end_at_the_final_step():
     assert evaluation_steps(3, points=8) == [1, 2, 3]
     assert evaluation_steps(10, every=4) == [4, 8, 10]
     assert evaluation_steps(10) == [10]
-    assert FinetuneOptions(steps=96, lr=1e-3, eval_points=8).evaluation_steps() == evaluation_steps(96, points=8)
-    with pytest.raises(ValueError, match="at most one of eval_every and eval_points"):
-        FinetuneOptions(steps=96, lr=1e-3, eval_points=8, eval_every=10)
+    assert RunPlan(planned_steps=10, evaluation_steps=(4, 7)).evaluation_points() == {4, 7, 10}  # and always the final step
+    with pytest.raises(ValueError, match="must lie in 1..96"):
+        RunPlan(planned_steps=96, evaluation_steps=(0, 12))
 
 
 def test_the_smoke_convergence_sweep_still_evaluates_during_training():

@@ -9,7 +9,7 @@ import pytest
 from bench.__main__ import main
 from bench.demo import demo_checks, summary_rows
 from bench.results import ResultStore
-from bench.schema import make_result
+from bench.schema import make_result, upgrade_record
 from bench.sweeps import build_sweep
 
 
@@ -124,7 +124,7 @@ def test_launch_makes_local_paths_absolute_and_passes_uris(tmp_path, monkeypatch
     monkeypatch.delenv("VARSWEEP_CACHE", raising=False)
     launch = Launch(storage="runs/demo", cache_dir=default_cache_dir("runs/demo"))
     assert launch.storage == str(tmp_path / "runs" / "demo") and launch.cache_dir == str(tmp_path / "runs" / "demo" / "cache")
-    assert launch.train_storage == str(tmp_path / "runs" / "demo" / "train") and launch.work_root == str(tmp_path / "runs" / "demo" / "cache" / "work")
+    assert launch.train_storage == str(tmp_path / "runs" / "demo" / "train")
     assert Launch(**launch.__dict__) == launch  # what the trial function rebuilds from Tune's parameters is the same
     remote = Launch(storage="s3://bucket/runs", cache_dir="cache")
     assert remote.storage == "s3://bucket/runs" and remote.tune_storage == "s3://bucket/runs/tune" and remote.cache_dir == str(tmp_path / "cache")
@@ -155,3 +155,95 @@ def test_sweep_progress_line_counts_and_estimates(tmp_path, capsys):
     store.write(make_result(configs[1], status="failed", error="ValueError: boom"))
     progress.on_trial_complete(0, trials, trials[1])
     assert "1 done, 0 running, 1 failed, 1 pending of 3" in capsys.readouterr().out
+
+
+def _version_1(record: dict) -> dict:
+    """``record`` as schema version 1 wrote it: the two renamed config fields under their old names, its old id."""
+    old = json.loads(json.dumps(record))
+    old["schema_version"] = 1
+    old["config"]["evaluation"]["cfg"] = old["config"]["evaluation"].pop("guidance_scale")
+    old["config"]["optimization"]["max_grad_norm"] = old["config"]["optimization"].pop("global_clip_norm")
+    old["trial_id"] = f"{record['trial_id'][::-1]}"  # any other id: version 1 hashed other field names
+    return old
+
+
+def test_upgrade_results_rewrites_version_1_files_once(tmp_path, capsys):
+    configs = build_sweep("demo", smoke=True)
+    store = ResultStore(tmp_path)
+    store.write(make_result(configs[0], status="success", metrics={"fid": 1.0}))  # already current
+    old = [_version_1(make_result(c, status="success", metrics={"fid": 2.0})) for c in configs[1:3]]
+    for record in old:
+        Path(store.path(record["trial_id"])).write_text(json.dumps(record))
+    Path(store.path("0" * 16)).write_text('{"schema_version": 1, "truncat')
+    assert store.state(old[0]["trial_id"]) == ("invalid", f"schema version 1: run `python -m bench upgrade-results {tmp_path}` "
+                                                          "(rewrites it under its new trial id)")
+    before = sorted(p.name for p in (tmp_path / "results").iterdir())
+
+    assert main(["upgrade-results", str(tmp_path), "--dry-run"]) == 1  # one file is left alone
+    out = capsys.readouterr().out
+    assert out.count(": would upgrade: ") == 2 and sorted(p.name for p in (tmp_path / "results").iterdir()) == before
+    summary = f"2 would upgrade, 1 current, 1 left alone of 4 files in {store.folder} (dry run: nothing changed)"
+    assert out.strip().splitlines()[-1] == summary
+
+    assert main(["upgrade-results", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{'0' * 16}.json: left alone: not JSON" in out and f"{configs[0].trial_id}.json: schema version 2 already" in out
+    for record, config in zip(old, configs[1:3]):
+        assert f"{record['trial_id']}.json: upgraded: version 1 -> 2, trial {record['trial_id']} -> {config.trial_id}" in out
+        assert store.read(config.trial_id) == upgrade_record(record) and store.status(config.trial_id) == "success"
+        assert not Path(store.path(record["trial_id"])).exists()
+    assert main(["upgrade-results", str(tmp_path)]) == 1  # run again: nothing left to upgrade
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"3 current, 1 left alone of 4 files in {store.folder}"
+
+
+def test_an_interrupted_upgrade_finishes_and_a_newer_result_is_kept(tmp_path, capsys):
+    configs = build_sweep("demo", smoke=True)
+    store = ResultStore(tmp_path)
+    interrupted, superseded = (_version_1(make_result(c, status="success", metrics={"fid": 2.0})) for c in configs[:2])
+    for record in (interrupted, superseded):
+        Path(store.path(record["trial_id"])).write_text(json.dumps(record))
+    store.write(upgrade_record(interrupted))  # the new file was written, the old one not yet deleted
+    store.write(make_result(configs[1], status="failed", error="RuntimeError: rerun under version 2"))
+    assert main(["upgrade-results", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{interrupted['trial_id']}.json: upgraded" in out and not Path(store.path(interrupted["trial_id"])).exists()
+    assert f"{superseded['trial_id']}.json: left alone: trial {configs[1].trial_id} already has a schema version 2 result (failed)" in out
+    assert Path(store.path(superseded["trial_id"])).exists() and store.status(configs[1].trial_id) == "failed"
+
+
+def test_status_shows_version_1_results_at_the_trial_they_upgrade_to(tmp_path, capsys):
+    configs = build_sweep("demo", smoke=True)
+    store = ResultStore(tmp_path)
+    old = _version_1(make_result(configs[0], status="success", metrics={"fid": 2.0}))
+    Path(store.path(old["trial_id"])).write_text(json.dumps(old))
+    assert main(["status", "demo", "--smoke", "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if configs[0].trial_id in line)
+    assert " old " in row and f"{old['trial_id']}.json" in row and "upgrade-results" in row
+    assert "1 old, 4 pending of 5 trials" in out
+    assert f"1 result file(s) in {store.folder} have an older schema version: `python -m bench upgrade-results {tmp_path}`" in out
+
+
+def test_upgrade_results_moves_old_artifacts_into_the_storage(tmp_path, capsys):
+    """A version-1 record names its images by absolute paths (the cache's work folder, the dataset): the upgrade
+    copies them under artifacts/<new trial id>/ and names them relative to the storage root."""
+    config = build_sweep("demo", smoke=True)[1]
+    work, data = tmp_path / "cache" / "work" / "0123456789abcdef", tmp_path / "data"
+    for path in (work / "images" / "class_0" / "0.png", work / "adapter.pt", work / "adapter.pt.json", data / "seven.png"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(path.name.encode())
+    old = _version_1(make_result(config, status="success", metrics={"fid": 2.0}, artifacts={
+        "generated_images": str(work / "images"), "real_images": [{"label": 7, "class": "7", "paths": [str(data / "seven.png")]}]}))
+    storage = tmp_path / "storage"
+    store = ResultStore(storage)
+    Path(store.path(old["trial_id"])).write_text(json.dumps(old))
+    assert main(["upgrade-results", str(storage), "--dry-run"]) == 0
+    assert "4 artifact file(s) and folder(s) copied" in capsys.readouterr().out and not (storage / "artifacts").exists()
+    assert main(["upgrade-results", str(storage)]) == 0
+    folder = f"artifacts/{config.trial_id}"
+    assert store.read(config.trial_id)["artifacts"] == {
+        "folder": folder, "adapter": f"{folder}/adapter.pt", "generated_images": f"{folder}/images",
+        "real_images": [{"label": 7, "class": "7", "paths": [f"{folder}/real/class_7/0.png"]}]}
+    assert sorted(p.relative_to(storage / folder).as_posix() for p in (storage / folder).rglob("*") if p.is_file()) == \
+        ["adapter.pt", "adapter.pt.json", "images/class_0/0.png", "real/class_7/0.png"]
+    assert (storage / folder / "real" / "class_7" / "0.png").read_bytes() == b"seven.png" and (work / "adapter.pt").is_file()

@@ -11,7 +11,7 @@ from conftest import TINY_VQVAE
 from test_datasets import jpeg, make_folder
 from trainables.data.datasets import read_dataset
 from trainables.data.token_cache import ViewSpec, cache_key, open_token_cache
-from trainables.evaluation.evaluate import EvaluationSettings, reference_statistics
+from trainables.evaluation.evaluate import reference_statistics
 from trainables.evaluation.features import SUBSTITUTE, build_extractor
 from trainables.evaluation.metrics import ReferenceStats
 from trainables.models import build_vqvae
@@ -49,11 +49,11 @@ def test_replaced_pixels_miss_the_token_cache_and_an_unchanged_split_hits(split,
 
 def test_replaced_pixels_miss_the_reference_statistics(split, tmp_path):
     extractor = build_extractor(SUBSTITUTE)
-    settings, cache = EvaluationSettings(resolution=16), ReferenceStats(tmp_path / "reference")
-    first, hit = reference_statistics(split, extractor=extractor, settings=settings, cache=cache)
-    assert not hit and reference_statistics(split, extractor=extractor, settings=settings, cache=cache)[1]
+    cache = ReferenceStats(tmp_path / "reference")
+    first, hit = reference_statistics(split, extractor=extractor, resolution=16, cache=cache)
+    assert not hit and reference_statistics(split, extractor=extractor, resolution=16, cache=cache)[1]
     replace_pixels(split.paths[0], seed=99)
-    replaced, hit = reference_statistics(split, extractor=extractor, settings=settings, cache=cache)
+    replaced, hit = reference_statistics(split, extractor=extractor, resolution=16, cache=cache)
     assert not hit and not (replaced["mu"] == first["mu"]).all()
     assert len(list((tmp_path / "reference").iterdir())) == 2
 

@@ -7,13 +7,13 @@ import pytest
 
 from test_datasets import make_folder
 from trainables.data.datasets import read_dataset
-from trainables.evaluation.evaluate import EvaluationSettings, evaluate, main
-from trainables.evaluation.generate import SamplingSettings
+from bench.schema import SUBSTITUTE_EXTRACTOR, EvaluationConfig
+from trainables.evaluation.evaluate import ScoringSettings, evaluate, main
 from trainables.evaluation.metrics import ReferenceStats
 from trainables.models.checkpoints import save_var, save_vqvae
 
-SAMPLING = SamplingSettings(cfg=1.0, top_k=0, top_p=0.0, batch_size=4, seed=0)
-SETTINGS = EvaluationSettings(resolution=16, kid_subsets=5, kid_subset_size=4)
+EVALUATION = EvaluationConfig(extractor=SUBSTITUTE_EXTRACTOR, guidance_scale=1.0, top_k=0, top_p=0.0, batch_size=4, sampling_seed=0)
+SCORING = ScoringSettings(kid_subsets=5, kid_subset_size=4)
 
 
 @pytest.fixture
@@ -24,19 +24,27 @@ def split(tmp_path):
 
 def test_evaluate_generates_per_class_and_reuses_reference_statistics(tiny_var, tiny_vqvae, split, tmp_path):
     cache = ReferenceStats(tmp_path / "reference")
-    first = evaluate(tiny_var, tiny_vqvae, split, settings=SETTINGS, sampling=SAMPLING, cache=cache)
+    first = evaluate(tiny_var, tiny_vqvae, split, evaluation=EVALUATION, autocast_bf16=True, scoring=SCORING, cache=cache)
     assert first["plan"] == [3, 2] and first["images_generated"] == 5 and not first["reference_cache_hit"]
     assert set(first["metrics"]) == {"fid", "precision", "recall", "kid_mean", "kid_std"} and first["metrics"]["fid"] > 0
-    assert first["evaluation_settings"]["extractor"] == "substitute-randconv-v1" and first["sampling"]["seed"] == 0
+    assert first["evaluation_settings"] == {"extractor": SUBSTITUTE_EXTRACTOR, "resolution": 16, "num_images": None, "neighborhood": 3,
+                                           "kid_subsets": 5, "kid_subset_size": 4}
+    assert first["sampling"] == {"guidance_scale": 1.0, "top_k": 0, "top_p": 0.0, "batch_size": 4, "sampling_seed": 0, "autocast_bf16": True}
     assert first["compute"]["sample_flops_per_image"] > 0 and first["compute"]["sample_pflops"] == pytest.approx(
         5 * first["compute"]["sample_flops_per_image"] / 1e15)
-    second = evaluate(tiny_var, tiny_vqvae, split, settings=SETTINGS, sampling=SAMPLING, cache=cache, out_dir=tmp_path / "images")
+    second = evaluate(tiny_var, tiny_vqvae, split, evaluation=EVALUATION, autocast_bf16=True, scoring=SCORING, cache=cache, out_dir=tmp_path / "images")
     assert second["reference_cache_hit"] and second["metrics"] == first["metrics"]  # PNGs are lossless
 
 
-def test_resolution_mismatch_is_refused(tiny_var, tiny_vqvae, split, tmp_path):
-    with pytest.raises(ValueError, match="generates 16px images but the evaluation resolution is 32px"):
-        evaluate(tiny_var, tiny_vqvae, split, settings=EvaluationSettings(resolution=32), sampling=SAMPLING, cache=ReferenceStats(tmp_path))
+def test_command_defaults_are_the_configs(tmp_path):
+    """The command's sampling options default to EvaluationConfig's own values (a sweep trial's), and its options
+    become that section (checked by it)."""
+    from trainables.evaluation.evaluate import _parser, evaluation_config
+
+    args = _parser().parse_args(["--var", "v", "--vqvae", "q", "--dataset", "folder", "--root", "r", "--out", "o",
+                                 "--extractor", SUBSTITUTE_EXTRACTOR])
+    assert evaluation_config(args) == EvaluationConfig(extractor=SUBSTITUTE_EXTRACTOR)
+    assert args.autocast_bf16 is True and args.resolution is None
 
 
 def test_standalone_command_on_saved_checkpoints(tiny_var, tiny_vqvae, split, tmp_path, capsys):

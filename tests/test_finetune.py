@@ -9,13 +9,27 @@ import torch
 from conftest import TINY_VAR, TINY_VQVAE
 from trainables.data import offline
 from trainables.data.tokens import TokenViews
-from trainables.finetune import Checkpointing, FinetuneOptions, Prior, finetune, training_autocast
-from trainables.methods import AdaptationSpec, adapt, trainable_parameters
+from bench.schema import EvaluationConfig, MethodConfig, OptimizationConfig, PrivacyConfig, ResourcesConfig
+from trainables.finetune import Checkpointing, Prior, RunPlan, finetune, training_autocast
+from trainables.methods import adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
 from trainables.pretrain import Schedule, encode_tokens, token_nll, train_vqvae
 from trainables.prior import build_prior_bank, prior_preservation_loss
-from trainables.privacy import PrivacyConfigError, PrivacySpec
+from trainables.privacy import PrivacyConfigError
 from trainables.training import scale_loss_weights, view_losses
+
+FULL = MethodConfig(name="full")
+GREEDY = EvaluationConfig(extractor="substitute-randconv-v1", guidance_scale=1.0, top_k=0, top_p=0.0)  # bank sampling settings
+
+
+def resources(**checkpoint_fields) -> ResourcesConfig:
+    """The trial config's resources section with checkpoint settings (``every_steps``, ``every_minutes``, ``every_fraction``)."""
+    return ResourcesConfig(**{f"checkpoint_{name}": value for name, value in checkpoint_fields.items()})
+
+
+def optimization(steps: int, **fields) -> OptimizationConfig:
+    """The trial config's optimisation section for a run of ``steps`` steps (float32 on CPU whatever autocast says)."""
+    return OptimizationConfig(steps=steps, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +88,9 @@ def test_view_losses_weighting_and_class_dropout_once_per_example(tiny_vqvae):
 
 def test_prior_loss_is_zero_for_the_teacher_and_trains_only_the_student(tiny_vqvae):
     teacher = base_var().eval()
-    bank = build_prior_bank(teacher, tiny_vqvae, num_samples=6, batch_size=4, cfg=1.0, top_k=0, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    bank = build_prior_bank(teacher, tiny_vqvae, num_samples=6, chunk_size=4, evaluation=GREEDY, generator=torch.Generator().manual_seed(0))
     assert bank.size == 6 and [t.shape for t in bank.tokens] == [(6, pn * pn) for pn in TINY_VAR["patch_nums"]]
-    student = adapt(copy.deepcopy(teacher), AdaptationSpec(method="full", num_classes=2)).eval()
+    student = adapt(copy.deepcopy(teacher), FULL, num_classes=2, seed=0).eval()
     idx = bank.batch(4, generator=torch.Generator().manual_seed(1))
     assert prior_preservation_loss(student, teacher, tiny_vqvae, idx).item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
@@ -90,7 +104,7 @@ def test_prior_loss_is_zero_for_the_teacher_and_trains_only_the_student(tiny_vqv
 
 def test_prior_targets_are_deterministic_with_a_training_mode_teacher(tiny_vqvae):
     teacher = build_var(**TINY_VAR, drop_path_rate=0.3, generator=torch.Generator().manual_seed(0)).train()
-    student = adapt(copy.deepcopy(teacher), AdaptationSpec(method="full", num_classes=2)).eval()
+    student = adapt(copy.deepcopy(teacher), FULL, num_classes=2, seed=0).eval()
     with torch.no_grad():
         student.head.weight.mul_(1.1)
     idx = [torch.randint(0, 64, (3, pn * pn), generator=torch.Generator().manual_seed(pn)) for pn in TINY_VAR["patch_nums"]]
@@ -115,12 +129,13 @@ def _tiny_lora_setup():
                       tuple(torch.randint(0, 64, (16, 1, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]))
     torch.manual_seed(0)
     vqvae = build_vqvae(**TINY_VQVAE).eval()
-    return data, vqvae, adapt(base_var(), AdaptationSpec(method="lora", num_classes=3, lora_rank=4))
+    return data, vqvae, adapt(base_var(), MethodConfig(name="lora", lora_rank=4), num_classes=3, seed=0)
 
 
 def _tiny_non_dp_finetune() -> dict[str, torch.Tensor]:
     data, vqvae, var = _tiny_lora_setup()
-    finetune(var, vqvae, data, options=FinetuneOptions(steps=3, lr=1e-2, batch_size=8, class_dropout=0.0), seed=0)
+    finetune(var, vqvae, data, optimization=optimization(3, learning_rate=1e-2, batch_size=8, class_dropout=0.0), method=MethodConfig(name="lora", lora_rank=4),
+             plan=RunPlan(planned_steps=3))
     return {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
 
 
@@ -136,24 +151,25 @@ def test_non_dp_finetune_under_two_processes_matches_one(tmp_path):
 def test_non_dp_finetune_lowers_held_out_nll_with_every_option(digits_setup):
     vqvae, data, (test_tokens, test_labels), K = digits_setup
     teacher = base_var().eval()
-    bank = build_prior_bank(teacher, vqvae, num_samples=16, cfg=1.0, top_k=0, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    bank = build_prior_bank(teacher, vqvae, num_samples=16, evaluation=GREEDY, generator=torch.Generator().manual_seed(0))
     # Full fine-tuning: on a randomly initialised base (blocks near identity) adapters alone cannot move the logits much.
-    var = adapt(copy.deepcopy(teacher), AdaptationSpec(method="full", num_classes=K))
+    method = MethodConfig(name="full", scale_weight_decay=0.8, prior_weight=0.1)
+    var = adapt(copy.deepcopy(teacher), method, num_classes=K, seed=0)
     before = token_nll(var, vqvae, test_tokens, test_labels)
-    options = FinetuneOptions(steps=40, lr=3e-3, batch_size=32, augmentation_multiplicity=2, scale_weight_decay=0.8,
-                              prior_weight=0.1, prior_batch_size=4, log_every=20, eval_every=20)
+    plan = RunPlan(planned_steps=40, evaluation_steps=(20, 40), prior_batch_size=4, log_every=20)
     evaluations = []
 
     def held_out_nll(model) -> dict:
         evaluations.append(model.training)
         return {"nll": token_nll(model, vqvae, test_tokens, test_labels)}
 
-    out = finetune(var, vqvae, data, options=options, prior=Prior(teacher, bank), seed=0, evaluate_fn=held_out_nll)
+    out = finetune(var, vqvae, data, optimization=optimization(40, learning_rate=3e-3, batch_size=32), method=method, plan=plan,
+                   prior=Prior(teacher, bank), evaluate_fn=held_out_nll)
     after = token_nll(var, vqvae, test_tokens, test_labels)
     assert [c["step"] for c in out["convergence"]] == [20, 40] and evaluations == [False, False]
-    compute = out["compute"]
-    assert compute["rows_trained"] == 40 * 32 * 2 and compute["train_flops_per_row"] > 0
-    assert compute["train_pflops"] == pytest.approx(compute["train_flops_per_row"] * 40 * 32 * 2 / 1e15)
+    compute = out["compute"]  # without DP one view per example (k views are DP's augmentation multiplicity)
+    assert compute["rows_trained"] == 40 * 32 and compute["train_flops_per_row"] > 0
+    assert compute["train_pflops"] == pytest.approx(compute["train_flops_per_row"] * 40 * 32 / 1e15)
     assert out["convergence"][-1]["nll"] == pytest.approx(after) and out["convergence"][0]["nll"] < before
     print(f"held-out NLL {before:.3f} -> {after:.3f}")
     assert after < before - 0.2
@@ -163,13 +179,14 @@ def test_non_dp_finetune_lowers_held_out_nll_with_every_option(digits_setup):
 def test_dp_finetune_records_ledger_and_no_private_statistics(digits_setup):
     vqvae, data, (test_tokens, test_labels), K = digits_setup
     teacher = base_var().eval()
-    bank = build_prior_bank(teacher, vqvae, num_samples=8, cfg=1.0, top_k=0, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    bank = build_prior_bank(teacher, vqvae, num_samples=8, evaluation=GREEDY, generator=torch.Generator().manual_seed(0))
     results = {}
+    method = MethodConfig(name="full", prior_weight=0.05)
     for epsilon in (1.0, 1e4):
-        var = adapt(copy.deepcopy(teacher), AdaptationSpec(method="full", num_classes=K))
-        privacy = PrivacySpec(target_epsilon=epsilon, sampling_rate=0.05, max_grad_norm=0.5, augmentation_multiplicity=2, physical_batch_size=32)
-        options = FinetuneOptions(steps=30, lr=3e-3, augmentation_multiplicity=2, prior_weight=0.05, prior_batch_size=4, log_every=10)
-        out = finetune(var, vqvae, data, options=options, privacy=privacy, prior=Prior(teacher, bank), seed=0, sampling_seed=0)
+        var = adapt(copy.deepcopy(teacher), method, num_classes=K, seed=0)
+        privacy = PrivacyConfig(target_epsilon=epsilon, sampling_rate=0.05, max_grad_norm=0.5, augmentation_multiplicity=2, physical_batch_rows=32)
+        out = finetune(var, vqvae, data, optimization=optimization(30, learning_rate=3e-3), method=method, privacy=privacy,
+                       plan=RunPlan(planned_steps=30, prior_batch_size=4, log_every=10), prior=Prior(teacher, bank), debug_seed=0)
         ledger = out["privacy"]
         assert ledger["sampling_rng"].startswith("caller-seeded") and ledger["noise_rng"].startswith("seeded from OS entropy")
         assert ledger["steps"] == 30 and ledger["epsilon_rdp"] <= epsilon and ledger["augmentation_multiplicity"] == 2
@@ -190,25 +207,26 @@ def test_dp_finetune_records_ledger_and_no_private_statistics(digits_setup):
 
 def test_bad_finetune_settings_fail_before_compute(digits_setup):
     vqvae, data, _, K = digits_setup
-    var = adapt(base_var(), AdaptationSpec(method="full", num_classes=K))
+    var = adapt(base_var(), FULL, num_classes=K, seed=0)
+    one_step = dict(optimization=optimization(1), plan=RunPlan(planned_steps=1))
     with pytest.raises(ValueError, match="k=3 needs k distinct cached views"):
-        finetune(var, vqvae, data, options=FinetuneOptions(steps=1, lr=1e-3, augmentation_multiplicity=3))
+        finetune(var, vqvae, data, method=FULL, privacy=PrivacyConfig(target_epsilon=1, sampling_rate=0.1, max_grad_norm=1,
+                                                                      augmentation_multiplicity=3), **one_step)
     with pytest.raises(ValueError, match="needs a Prior"):
-        finetune(var, vqvae, data, options=FinetuneOptions(steps=1, lr=1e-3, prior_weight=1.0))
-    with pytest.raises(PrivacyConfigError, match="target_epsilon"):
-        finetune(var, vqvae, data, options=FinetuneOptions(steps=1, lr=1e-3), privacy=PrivacySpec(target_epsilon=0, sampling_rate=0.1, max_grad_norm=1))
-    with pytest.raises(ValueError, match="augmentation_multiplicity differs"):
-        finetune(var, vqvae, data, options=FinetuneOptions(steps=1, lr=1e-3),
-                 privacy=PrivacySpec(target_epsilon=1, sampling_rate=0.1, max_grad_norm=1, augmentation_multiplicity=2))
+        finetune(var, vqvae, data, method=MethodConfig(name="full", prior_weight=1.0), **one_step)
+    with pytest.raises(PrivacyConfigError, match="allow_delta_at_least_inverse_n"):  # delta >= 1/N: known only with the data
+        finetune(var, vqvae, data, method=FULL, privacy=PrivacyConfig(target_epsilon=1, sampling_rate=0.1, max_grad_norm=1, delta=0.5), **one_step)
+    with pytest.raises(ValueError, match="evaluation steps"):
+        RunPlan(planned_steps=4, evaluation_steps=(2, 5))
 
 
-def _run_with_checkpoints(digits_setup, *, privacy, resume=None, states=None, sampling_seed=None):
+def _run_with_checkpoints(digits_setup, *, privacy, resume=None, states=None, debug_seed=None):
     vqvae, data, _, num_classes = digits_setup
-    options = FinetuneOptions(steps=6, lr=1e-3, batch_size=16, augmentation_multiplicity=2, log_every=1, class_dropout=0.1)
-    var = adapt(base_var(), AdaptationSpec(method="lora", num_classes=num_classes))
+    var = adapt(base_var(), MethodConfig(name="lora"), num_classes=num_classes, seed=0)
     keep = (lambda state: states.append(copy.deepcopy(state))) if states is not None else (lambda state: None)
-    out = finetune(var, vqvae, data, options=options, privacy=privacy, seed=3, sampling_seed=sampling_seed,
-                   checkpointing=Checkpointing(every=2, save=keep, resume=resume))
+    out = finetune(var, vqvae, data, optimization=optimization(6, learning_rate=1e-3, batch_size=16, class_dropout=0.1, seed=3),
+                   method=MethodConfig(name="lora"), privacy=privacy, plan=RunPlan(planned_steps=6, log_every=1), debug_seed=debug_seed,
+                   checkpointing=Checkpointing(save=keep, resources=resources(every_steps=2, every_fraction=1.0), resume=resume))
     return trainable_parameters(var), out
 
 
@@ -224,7 +242,7 @@ def test_non_dp_resume_from_checkpoint_is_bit_identical(digits_setup):
     assert resumed_out["history"] == [{**e, "seconds": r["seconds"]} for e, r in zip(whole_out["history"], resumed_out["history"])]
 
 
-DP_RESUME = PrivacySpec(target_epsilon=8.0, sampling_rate=0.02, max_grad_norm=1.0, augmentation_multiplicity=2)
+DP_RESUME = PrivacyConfig(target_epsilon=8.0, sampling_rate=0.02, max_grad_norm=1.0, augmentation_multiplicity=2, physical_batch_rows=32)
 
 
 def test_dp_checkpoint_does_not_predict_the_noise_of_a_resumed_run(digits_setup):
@@ -271,11 +289,11 @@ def test_resume_across_dp_and_non_dp_is_refused_before_compute(digits_setup):
 def test_bf16_autocast_is_off_for_ghost_clipping_only():
     """Ghost clipping takes its norms in the activations' dtype, so it trains in float32; the other modes may
     autocast (their per-example norms are float32, see test_privacy)."""
-    options = FinetuneOptions(steps=1, lr=1e-3, autocast_bf16=True)
-    spec = lambda clipping: PrivacySpec(target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, clipping=clipping)  # noqa: E731
-    assert training_autocast(options, None)
-    assert [training_autocast(options, spec(c)) for c in ("auto", "hooks", "bookkeeping", "ghost")] == [True, True, True, False]
-    assert not training_autocast(FinetuneOptions(steps=1, lr=1e-3), None)
+    bf16 = optimization(1, autocast_bf16=True)
+    spec = lambda clipping: PrivacyConfig(target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, clipping=clipping)  # noqa: E731
+    assert training_autocast(bf16, None)
+    assert [training_autocast(bf16, spec(c)) for c in ("auto", "hooks", "bookkeeping", "ghost")] == [True, True, True, False]
+    assert not training_autocast(optimization(1, autocast_bf16=False), None)
 
 
 class TrainingClock:
@@ -292,14 +310,14 @@ class TrainingClock:
         self.now += self.per_step
 
 
-def _timed_run(digits_setup, *, clock: TrainingClock, every: int = 1000, every_fraction=None, resume=None):
+def _timed_run(digits_setup, *, clock: TrainingClock, every: int = 1000, every_fraction: float = 1.0, resume=None):
     vqvae, data, _, num_classes = digits_setup
-    options = FinetuneOptions(steps=6, lr=1e-3, batch_size=16, log_every=1)
-    var = adapt(base_var(), AdaptationSpec(method="lora", num_classes=num_classes))
+    var = adapt(base_var(), MethodConfig(name="lora"), num_classes=num_classes, seed=0)
     states: list[dict] = []
-    checkpointing = Checkpointing(every=every, every_minutes=1.0, every_fraction=every_fraction, clock=clock,
-                                  save=lambda state: states.append(copy.deepcopy(state)), resume=resume)
-    finetune(var, vqvae, data, options=options, seed=3, log=clock.tick, checkpointing=checkpointing)
+    checkpointing = Checkpointing(save=lambda state: states.append(copy.deepcopy(state)), clock=clock, resume=resume,
+                                  resources=resources(every_steps=every, every_minutes=1.0, every_fraction=every_fraction))
+    finetune(var, vqvae, data, optimization=optimization(6, learning_rate=1e-3, batch_size=16, seed=3), method=MethodConfig(name="lora"),
+             plan=RunPlan(planned_steps=6, log_every=1), log=clock.tick, checkpointing=checkpointing)
     return states
 
 
@@ -325,9 +343,10 @@ def _ddp_timed_worker(rank: int, world: int, init_file: str, result_file: str) -
         data, vqvae, var = _tiny_lora_setup()
         # Rank 1's clock never reaches the limit, rank 0's does after step 3: every rank must save where rank 0 says.
         clock, saved = TrainingClock(per_step=25.0 if rank == 0 else 0.0), []
-        checkpointing = Checkpointing(every=1000, every_minutes=1.0, clock=clock, save=lambda state: saved.append(state["step"]))
-        finetune(var, vqvae, data, options=FinetuneOptions(steps=6, lr=1e-2, batch_size=8, log_every=1), seed=0,
-                 log=clock.tick, checkpointing=checkpointing)
+        checkpointing = Checkpointing(save=lambda state: saved.append(state["step"]), clock=clock,
+                                      resources=resources(every_steps=1000, every_minutes=1.0, every_fraction=1.0))
+        finetune(var, vqvae, data, optimization=optimization(6, learning_rate=1e-2, batch_size=8), method=MethodConfig(name="lora", lora_rank=4),
+                 plan=RunPlan(planned_steps=6, log_every=1), log=clock.tick, checkpointing=checkpointing)
         torch.save(saved, f"{result_file}.{rank}")
     finally:
         torch.distributed.destroy_process_group()

@@ -2,11 +2,13 @@
 own, with *relative* ``--storage`` and ``--cache-dir`` (Ray runs trials and workers in folders of its own, so a
 relative path that reached them would strand every result). A ``--smoke`` sweep, its relaunch, ``bench status``
 and ``bench demo --smoke`` (what CI runs) share one module-scoped folder and cache: the tiny base and the digit
-classifier are built once for all of them."""
+classifier are built once for all of them. Last, the cache folder is deleted: every result and sample image is in
+the storage, so the analysis still draws every trial's grid."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +55,12 @@ def test_relative_paths_land_under_the_working_folder(smoke_sweep, workdir):
     for config in configs:
         record = json.loads((storage / "results" / f"{config.trial_id}.json").read_text())
         assert record["status"] == "success" and record["metrics"]["class_accuracy"] is not None
-        assert Path(record["artifacts"]["generated_images"]).resolve().is_relative_to((workdir / CACHE / "work").resolve())
+        # The trial's files are in the storage, named relative to it; the cache holds nothing of the trial's own.
+        artifacts = record["artifacts"]
+        assert artifacts["folder"] == f"artifacts/{config.trial_id}" and (storage / artifacts["adapter"]).is_file()
+        assert list((storage / artifacts["generated_images"]).glob("class_*/*.png"))
+        assert all((storage / path).is_file() for entry in artifacts["real_images"] for path in entry["paths"])
+    assert not (workdir / CACHE / "work").exists() and not (workdir / CACHE / "staging").exists()
     # Checkpoints (every 3 of 6 steps), Tune's state and every shared cache are in the user's folder.
     assert len(_trial_folders(storage)) == len(configs) and all(list(p.glob("step_*")) for p in _trial_folders(storage))
     assert (storage / "tune").is_dir()
@@ -83,8 +90,12 @@ def test_relaunch_skips_every_finished_trial_and_status_reads_them(smoke_sweep, 
     assert status.returncode == 0 and "1 success of 1 trials" in status.stdout
 
 
-def test_demo_smoke_from_a_relative_storage(smoke_sweep, workdir):
-    demo = bench("demo", "--smoke", "--storage", STORAGE, cwd=workdir)
+@pytest.fixture(scope="module")
+def demo(smoke_sweep, workdir) -> subprocess.CompletedProcess:
+    return bench("demo", "--smoke", "--storage", STORAGE, cwd=workdir)
+
+
+def test_demo_smoke_from_a_relative_storage(demo, workdir):
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     storage = workdir / STORAGE
     assert len(list((storage / "results").glob("*.json"))) == 1 + 5
@@ -95,7 +106,19 @@ def test_demo_smoke_from_a_relative_storage(smoke_sweep, workdir):
     # A DP trial's training checkpoints are deleted once its result is written; the others keep theirs for resuming.
     records = [json.loads(path.read_text()) for path in (storage / "results").glob("*.json")]
     dp = {r["trial_id"] for r in records if r["privacy"] is not None}
-    assert len(dp) == 2 and all((Path(r["artifacts"]["generated_images"]).parent / "adapter.pt").is_file() for r in records if r["trial_id"] in dp)
+    assert len(dp) == 2 and all((storage / r["artifacts"]["adapter"]).is_file() for r in records if r["trial_id"] in dp)
     kept = {p.name.removeprefix("trial-") for p in _trial_folders(storage)}
     trained = {r["trial_id"] for r in records if r["history"] and r["privacy"] is None}
     assert not dp & kept and len(trained) == 3 and all(list((storage / "train" / f"trial-{i}").glob("step_*")) for i in trained)
+
+
+def test_clearing_the_cache_keeps_every_result_and_sample_image(demo, workdir):
+    storage = workdir / STORAGE
+    shutil.rmtree(workdir / CACHE)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The demo's trials (the sweep's LoRA trial is another setting in the same table cell, which analysis refuses to mix).
+    after = subprocess.run([sys.executable, "-m", "analysis", STORAGE, "--out", "after", "--no-figures", "--where", "data.cached_views=2"],
+                           cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert after.returncode == 0, after.stdout[-2000:] + after.stderr[-2000:]
+    assert "5 sample grids" in after.stdout and "not found" not in after.stdout
+    assert len(list((workdir / "after" / "grids").glob("*.png"))) == 5 and len(list((storage / "results").glob("*.json"))) == 6

@@ -171,15 +171,16 @@ def test_run_trial_refuses_images_added_after_identification(tmp_path):
     assert identified.data.content_id is not None and identified.trial_id != config.trial_id
     png(root / "train" / "a" / "late.png", seed=7)
     with pytest.raises(ConfigError, match=r"data\.root: .*changed after the sweep was launched"):
-        run_trial(identified, cache_dir=tmp_path / "cache", work_dir=tmp_path / "work", log=lambda line: None)
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "work").exists()  # refused before any model was built
+        run_trial(identified, cache_dir=tmp_path / "cache", artifacts_dir=tmp_path / "artifacts", log=lambda line: None)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "artifacts").exists()  # refused before any model was built
 
 
-# Digests of every smoke sweep's trial ids (and the tiny demo's) at 7b2b27d, before content ids existed: the new
-# fields, at their default None, must leave them unchanged (their results keep being skipped on relaunch).
-SMOKE_IDS_BEFORE = {("convergence", True): "6cd67c2f7d233727", ("demo", False): "9d487b631b4dc082", ("demo", True): "afed862254e1e991",
-                    ("second_seed", True): "023bd74865e09d66", ("table1", True): "fe002897871e5fc5", ("table10", True): "ca4d3f58f25273d3",
-                    ("table2", True): "c499a82b787bca50", ("table3", True): "726aaca172e4fce0", ("table9", True): "fe002897871e5fc5"}
+# Digests of every smoke sweep's trial ids (and the tiny demo's) at 974ab03, schema version 2 (its renames changed
+# every id once; version-1 results are upgraded to these ids by `bench upgrade-results`). Later changes must leave
+# them unchanged, so results keep being skipped on relaunch; a deliberate change bumps SCHEMA_VERSION.
+SMOKE_IDS_BEFORE = {("convergence", True): "68a0e2dec8d7ce6c", ("demo", False): "8e46051e3f78ec2c", ("demo", True): "2f0b5feec9517881",
+                    ("second_seed", True): "8df401d65192d9cb", ("table1", True): "0950a829f9cc3c9e", ("table10", True): "6872932f03eedada",
+                    ("table2", True): "fdb9080925457249", ("table3", True): "7dbfe25895ff1c17", ("table9", True): "0950a829f9cc3c9e"}
 
 
 @pytest.mark.parametrize("name, smoke", sorted(SMOKE_IDS_BEFORE))

@@ -1,5 +1,5 @@
 """The sweep harness on a simulated 2-node Ray cluster (one module-scoped cluster for all tests): DDP trials write
-schema-valid results; a killed training worker is retried from its checkpoint; a killed sweep driver is relaunched
+schema-valid results and upload their artifacts to a URI storage; a killed training worker is retried from its checkpoint; a killed sweep driver is relaunched
 and finishes without re-running or losing any trial."""
 from __future__ import annotations
 
@@ -49,19 +49,27 @@ def _launch(tmp_path: Path, **changes) -> Launch:
 
 
 def test_two_node_sweep_with_ddp_trials(cluster, tmp_path):
+    """On a URI storage (file://, which takes the object-store path): results, Train checkpoints and the trials'
+    artifacts, staged by rank 0 under the cache and uploaded before the result, all land in the storage."""
     dp = PrivacyConfig(target_epsilon=4.0, sampling_rate=0.02, max_grad_norm=1.0, physical_batch_rows=32)
     configs = [tiny_trial("full", workers=2), tiny_trial("lora", workers=2, privacy=dp)]
-    outcome = run_sweep("two-node", configs, _launch(tmp_path), verbose=0)
+    launch = Launch(storage=f"file://{tmp_path}/storage", cache_dir=str(tmp_path / "cache"))
+    outcome = run_sweep("two-node", configs, launch, verbose=0)
     assert outcome["failed"] == 0 and outcome["ran"] == 2 and outcome["concurrency"] == 2
-    records = ResultStore(tmp_path / "storage").all()
+    storage = tmp_path / "storage"
+    records = ResultStore(storage).all()
     assert sorted(r["trial_id"] for r in records) == sorted(c.trial_id for c in configs)
     for record in records:
         assert check_result(record) and record["status"] == "success"
         assert record["environment"]["world_size"] == 2 and record["metrics"]["fid"] > 0
         assert record["cost"]["train_pflops"] > 0 and record["history"][-1]["step"] == 6
+        artifacts = record["artifacts"]
+        assert (storage / artifacts["adapter"]).is_file() and list((storage / artifacts["generated_images"]).glob("class_*/*.png"))
+    assert not list((tmp_path / "cache" / "staging").glob("*")) and not (tmp_path / "cache" / "work").exists()
     private = next(r for r in records if r["privacy"])
     assert private["privacy"]["world_size"] == 2 and private["privacy"]["epsilon_rdp"] <= 4.0
-    again = run_sweep("two-node", configs, _launch(tmp_path), verbose=0)
+    assert not (storage / "train" / f"trial-{private['trial_id']}").exists()  # a DP trial's checkpoints go with its result
+    again = run_sweep("two-node", configs, launch, verbose=0)
     assert again["ran"] == 0 and again["skipped"] == 2
 
 

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
 
 from conftest import TINY_VAR
-from trainables.methods import (AdaptationSpec, adapt, load_adapter, merge_adapters, official_export_state, parameter_counts,
+from bench.schema import LORA_TARGETS, ConfigError, MethodConfig
+from trainables.methods import (LORA_TARGET_GROUPS, adapt, load_adapter, merge_adapters, official_export_state, parameter_counts,
                                 save_adapter, trainable_parameters)
 from trainables.models import CheckpointError, build_var, load_var
 from trainables.models.checkpoints import save_var
@@ -16,15 +19,15 @@ from trainables.patches import OPACUS_PATCHES, apply_patches, official_key, offi
 from trainables.training import build_optimizer, parameter_groups
 
 NEW_CLASSES = 3
-SPECS = {
-    "full": AdaptationSpec(method="full", num_classes=NEW_CLASSES),
-    "lora": AdaptationSpec(method="lora", num_classes=NEW_CLASSES, lora_rank=4),
-    "lora_attention": AdaptationSpec(method="lora_attention", num_classes=NEW_CLASSES, lora_rank=4),
-    "lora_mlp": AdaptationSpec(method="lora_mlp", num_classes=NEW_CLASSES, lora_rank=4),
-    "ln_tuning": AdaptationSpec(method="ln_tuning", num_classes=NEW_CLASSES),
-    "full_block1": AdaptationSpec(method="full", num_classes=NEW_CLASSES, train_blocks=(1,)),
-    "lora_block0": AdaptationSpec(method="lora", num_classes=NEW_CLASSES, lora_rank=4, train_blocks=(0,)),
-    "ln_tuning_block1": AdaptationSpec(method="ln_tuning", num_classes=NEW_CLASSES, train_blocks=(1,)),
+SPECS = {  # the trial config's method sections
+    "full": MethodConfig(name="full"),
+    "lora": MethodConfig(name="lora", lora_rank=4),
+    "lora_attention": MethodConfig(name="lora_attention", lora_rank=4),
+    "lora_mlp": MethodConfig(name="lora_mlp", lora_rank=4),
+    "ln_tuning": MethodConfig(name="ln_tuning"),
+    "full_block1": MethodConfig(name="full", train_blocks=(1,)),
+    "lora_block0": MethodConfig(name="lora", lora_rank=4, train_blocks=(0,)),
+    "ln_tuning_block1": MethodConfig(name="ln_tuning", train_blocks=(1,)),
 }
 # Which base-module paths a spec may change (besides the new class embedding), as substrings of parameter names.
 EXPECTED_CHANGED = {
@@ -71,7 +74,7 @@ def train_steps(var, steps: int) -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_only_intended_parameters_change(name):
-    var = adapt(tiny_base(), SPECS[name])
+    var = adapt(tiny_base(), SPECS[name], num_classes=NEW_CLASSES, seed=0)
     before = {n: p.detach().clone() for n, p in var.named_parameters()}
     first_grads = train_steps(var, 3)
     changed = {n for n, p in var.named_parameters() if not torch.equal(p, before[n])}
@@ -90,7 +93,7 @@ def test_only_intended_parameters_change(name):
 
 
 def test_patched_positions_and_biases_stay_out_of_weight_decay():
-    var = adapt(tiny_base(), SPECS["full"])
+    var = adapt(tiny_base(), SPECS["full"], num_classes=NEW_CLASSES, seed=0)
     decayed = {id(p) for p in parameter_groups(var, weight_decay=0.05)[0]["params"]}
     for name, param in var.named_parameters():
         if any(fragment in name for fragment in ("pos_start", "pos_1LC", "q_bias", "v_bias", "scale_mul")):
@@ -98,23 +101,34 @@ def test_patched_positions_and_biases_stay_out_of_weight_decay():
 
 
 def test_selective_blocks_beyond_depth_fail():
-    with pytest.raises(ValueError, match="beyond the model's depth"):
-        adapt(tiny_base(), AdaptationSpec(method="lora", num_classes=3, train_blocks=(7,)))
+    with pytest.raises(ConfigError, match=r"method.train_blocks: \(7,\) names a block beyond the model's depth"):
+        adapt(tiny_base(), MethodConfig(name="lora", train_blocks=(7,)), num_classes=3, seed=0)
 
 
-@pytest.mark.parametrize("bad", [dict(method="prefix"), dict(method="full", lora_targets=("attention",)),
-                                 dict(method="lora", lora_targets=("conv",)), dict(method="lora", lora_rank=0),
-                                 dict(method="full", train_blocks=())])
-def test_spec_validation(bad):
-    with pytest.raises(ValueError):
-        AdaptationSpec(num_classes=3, **bad)
+def test_adapt_refuses_what_it_cannot_adapt():
+    with pytest.raises(ConfigError, match="method.name: 'base' trains nothing"):
+        adapt(tiny_base(), MethodConfig(name="base"), num_classes=3, seed=0)
+    with pytest.raises(ConfigError, match="num_classes"):
+        adapt(tiny_base(), SPECS["lora"], num_classes=0, seed=0)
+
+
+def test_lora_target_groups_are_the_schemas_closed_set():
+    assert tuple(LORA_TARGET_GROUPS) == LORA_TARGETS
+
+
+@pytest.mark.parametrize("bad", [dict(name="prefix"), dict(name="full", lora_targets=("attention",)),
+                                 dict(name="lora", lora_targets=("conv",)), dict(name="lora", lora_rank=0),
+                                 dict(name="full", train_blocks=())])
+def test_method_settings_are_checked_by_the_config_section(bad):
+    with pytest.raises(ConfigError, match="method."):
+        MethodConfig(**bad)
 
 
 @pytest.mark.parametrize("depth, lora_without_class_embedding", [(16, 6_029_312), (20, 9_420_800)])
 def test_lora_parameter_counts_match_the_paper(depth, lora_without_class_embedding):
     """Paper: LoRA d16 6.02-6.03M, d20 9.42M trainable at 1000-class shapes, class embedding excluded."""
     var = build_var(depth=depth, num_classes=1000, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32, device="meta")
-    counts = parameter_counts(adapt(var, AdaptationSpec(method="lora", num_classes=1000)))
+    counts = parameter_counts(adapt(var, MethodConfig(name="lora"), num_classes=1000, seed=0))
     width = 64 * depth
     assert counts["trainable_without_class_embedding"] == lora_without_class_embedding
     assert counts["trainable"] == lora_without_class_embedding + 1001 * width
@@ -124,7 +138,7 @@ def test_lora_parameter_counts_match_the_paper(depth, lora_without_class_embeddi
 @pytest.mark.parametrize("name", ["full", "lora", "ln_tuning", "lora_block0"])
 def test_adapter_round_trip_restores_the_fine_tuned_model(name, tmp_path):
     base_path = save_var(tiny_base(), tmp_path / "base.pth")
-    var = adapt(load_var(base_path, **_load_args()), SPECS[name])
+    var = adapt(load_var(base_path, **_load_args()), SPECS[name], num_classes=NEW_CLASSES, seed=0)
     train_steps(var, 3)
     save_adapter(var, tmp_path / "adapter.pt", metadata={"base_sha256": "recorded-by-caller"})
     restored = load_adapter(load_var(base_path, **_load_args()), tmp_path / "adapter.pt")
@@ -144,9 +158,26 @@ def _load_args() -> dict:
     return {**TINY_VAR, "drop_path_rate": 0.0}
 
 
+def test_adapter_sidecar_holds_the_method_section_and_older_flat_records_still_load(tmp_path):
+    base_path = save_var(tiny_base(), tmp_path / "base.pth")
+    var = adapt(load_var(base_path, **_load_args()), SPECS["lora_block0"], num_classes=NEW_CLASSES, seed=0)
+    save_adapter(var, tmp_path / "adapter.pt")
+    sidecar_file = tmp_path / "adapter.pt.json"
+    sidecar = json.loads(sidecar_file.read_text())
+    assert sidecar["metadata"]["adaptation"] == json.loads(json.dumps(
+        {"method": dataclasses.asdict(SPECS["lora_block0"]), "num_classes": NEW_CLASSES, "seed": 0}))
+    # Adapters saved before the method became the config's section kept a flat record ({"method": name, ...}).
+    sidecar["metadata"]["adaptation"] = {"method": "lora", "num_classes": NEW_CLASSES, "lora_rank": 4, "lora_alpha": 32.0,
+                                         "lora_targets": None, "train_blocks": [0], "class_init": "unconditional", "seed": 0}
+    sidecar_file.write_text(json.dumps(sidecar))
+    restored = load_adapter(load_var(base_path, **_load_args()), tmp_path / "adapter.pt")
+    assert restored.__dict__["adaptation"].method == SPECS["lora_block0"]
+    assert all(torch.equal(p, trainable_parameters(restored)[name]) for name, p in trainable_parameters(var).items())
+
+
 def test_adapter_refuses_a_base_from_another_checkpoint(tmp_path):
     first, second = save_var(tiny_base(seed=0), tmp_path / "a.pth"), save_var(tiny_base(seed=1), tmp_path / "b.pth")
-    var = adapt(load_var(first, **_load_args()), SPECS["lora"])
+    var = adapt(load_var(first, **_load_args()), SPECS["lora"], num_classes=NEW_CLASSES, seed=0)
     save_adapter(var, tmp_path / "adapter.pt")
     with pytest.raises(CheckpointError, match="was trained on the base checkpoint with SHA-256"):
         load_adapter(load_var(second, **_load_args()), tmp_path / "adapter.pt")
@@ -154,7 +185,7 @@ def test_adapter_refuses_a_base_from_another_checkpoint(tmp_path):
 
 
 def test_adapter_refuses_another_base(tmp_path):
-    var = adapt(tiny_base(), SPECS["lora"])
+    var = adapt(tiny_base(), SPECS["lora"], num_classes=NEW_CLASSES, seed=0)
     save_adapter(var, tmp_path / "adapter.pt")
     other = build_var(**{**TINY_VAR, "embed_dim": 32}, generator=torch.Generator().manual_seed(0))
     with pytest.raises(CheckpointError, match="another var-adapter architecture"):
@@ -163,7 +194,7 @@ def test_adapter_refuses_another_base(tmp_path):
 
 def test_merge_is_numerically_equivalent():
     for name in ("lora", "ln_tuning"):
-        var = adapt(tiny_base(), SPECS[name])
+        var = adapt(tiny_base(), SPECS[name], num_classes=NEW_CLASSES, seed=0)
         train_steps(var, 2)
         label_B, x_BLCv, _ = random_batch(seed=2)
         var.eval()

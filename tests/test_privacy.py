@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -12,9 +13,10 @@ import torch.multiprocessing as mp
 from scipy import special
 
 from conftest import TINY_VAR, TINY_VQVAE
-from trainables.methods import AdaptationSpec, adapt, trainable_parameters
+from bench.schema import ConfigError, MethodConfig, OptimizationConfig, PrivacyConfig
+from trainables.methods import adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
-from trainables.privacy import (PrivacyConfigError, PrivacySpec, _accumulate_clipped, epsilon_spent, make_private, poisson_batch,
+from trainables.privacy import (PrivacyConfigError, _accumulate_clipped, epsilon_spent, make_private, poisson_batch,
                                 load_privacy_state, next_batch, privacy_ledger, privacy_state_dict, private_step, release,
                                 resolve_clipping,
                                 validate_privacy)
@@ -38,7 +40,7 @@ def make_vqvae() -> torch.nn.Module:
 
 def make_model(method: str, *, train_blocks: tuple[int, ...] | None = None) -> torch.nn.Module:
     var = build_var(**TINY_VAR, drop_path_rate=0.0, generator=torch.Generator().manual_seed(0))
-    return adapt(var, AdaptationSpec(method=method, num_classes=CLASSES, lora_rank=4, train_blocks=train_blocks)).train()
+    return adapt(var, MethodConfig(name=method, lora_rank=4, train_blocks=train_blocks), num_classes=CLASSES, seed=0).train()
 
 
 def loss_fn_for(var, vqvae, data, k: int, *, token_weights_L: torch.Tensor | None = None, bf16: bool = False):
@@ -64,8 +66,8 @@ def reference_grads(var, vqvae, data, k: int, indices, *, token_weights_L: torch
     return {name: torch.stack(g) for name, g in grads.items()}
 
 
-def spec(**overrides) -> PrivacySpec:
-    return PrivacySpec(**{**dict(target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, physical_batch_size=4, clipping="hooks"), **overrides})
+def spec(**overrides) -> PrivacyConfig:
+    return PrivacyConfig(**{**dict(target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, physical_batch_rows=4, clipping="hooks"), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def test_per_sample_gradients_equal_one_at_a_time(method, k, vqvae, data):
     var = make_model(method)
     indices = [0, 5, 7, 11]
     expected = reference_grads(var, vqvae, data, k, indices)
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(augmentation_multiplicity=k), dataset_size=N, planned_steps=3)
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(augmentation_multiplicity=k), dataset_size=N, planned_steps=3)
     _accumulate_clipped(state, torch.tensor(indices), loss_fn_for(var, vqvae, data, k))
     for name, p in trainable_parameters(var).items():
         torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -97,7 +99,7 @@ def test_per_sample_gradients_with_selected_blocks_and_scale_weights(method, vqv
     weights_L = scale_loss_weights(TINY_VAR["patch_nums"], decay=0.5)
     indices = [2, 4, 6]
     expected = reference_grads(var, vqvae, data, 2, indices, token_weights_L=weights_L)
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(augmentation_multiplicity=2), dataset_size=N, planned_steps=3)
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(augmentation_multiplicity=2), dataset_size=N, planned_steps=3)
     _accumulate_clipped(state, torch.tensor(indices), loss_fn_for(var, vqvae, data, 2, token_weights_L=weights_L))
     for name, p in trainable_parameters(var).items():
         torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -109,16 +111,16 @@ def test_ghost_clipping_norms_equal_one_at_a_time(method, vqvae, data):
     indices = [1, 2, 3, 9]
     expected = reference_grads(var, vqvae, data, 1, indices)
     norms_B = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()], dim=1).norm(dim=1)
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(clipping="ghost"), dataset_size=N, planned_steps=3)
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(clipping="ghost"), dataset_size=N, planned_steps=3)
     _accumulate_clipped(state, torch.tensor(indices), loss_fn_for(var, vqvae, data, 1))
     torch.testing.assert_close(state.module.per_sample_gradient_norms, norms_B, rtol=1e-4, atol=1e-6)
 
 
 def summed_clipped_gradient(var, vqvae, data, *, indices, k: int, clipping: str = "hooks", max_grad_norm: float,
-                            physical_batch_size: int = 4, bf16: bool = False) -> torch.Tensor:
+                            physical_batch_rows: int = 4, bf16: bool = False) -> torch.Tensor:
     """The flat sum of clipped per-example gradients of one noiseless DP step (read before the optimiser step)."""
     state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), dataset_size=N, planned_steps=3,
-                         spec=spec(augmentation_multiplicity=k, clipping=clipping, max_grad_norm=max_grad_norm, physical_batch_size=physical_batch_size))
+                         privacy=spec(augmentation_multiplicity=k, clipping=clipping, max_grad_norm=max_grad_norm, physical_batch_rows=physical_batch_rows))
     state.optimizer.noise_multiplier = 0.0
     captured = []
     capture = lambda: captured.append(torch.cat([p.grad.flatten() for p in state.optimizer.params]) * state.expected_batch_size)  # noqa: E731
@@ -177,8 +179,8 @@ def test_physical_batches_do_not_change_the_sum(k, clipping, vqvae, data):
     base = make_model("lora")
     indices = list(range(0, N, 2))
     kwargs = dict(indices=indices, k=k, clipping=clipping, max_grad_norm=0.05)
-    one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, physical_batch_size=64, **kwargs)
-    many = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, physical_batch_size=5, **kwargs)  # chunks of 2 or 5 examples
+    one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, physical_batch_rows=64, **kwargs)
+    many = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, physical_batch_rows=5, **kwargs)  # chunks of 2 or 5 examples
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-7)
 
 
@@ -186,7 +188,7 @@ def test_physical_batches_do_not_change_the_sum(k, clipping, vqvae, data):
 def test_noise_std_matches_sigma_C_over_expected_batch(clipping, vqvae, data):
     var = make_model("full")
     C = 0.5
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(max_grad_norm=C, clipping=clipping),
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(max_grad_norm=C, clipping=clipping),
                          dataset_size=N, planned_steps=3, noise_generator=torch.Generator().manual_seed(0))
     real_loss = loss_fn_for(var, vqvae, data, 1)
     zero_gradient_loss = lambda part: 0.0 * real_loss(part)  # noqa: E731
@@ -203,7 +205,7 @@ def test_noise_std_matches_sigma_C_over_expected_batch(clipping, vqvae, data):
 def test_empty_poisson_batch_takes_a_noise_only_step(vqvae, data):
     var = make_model("lora")
     before = {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=1.0), spec=spec(), dataset_size=N, planned_steps=2)
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=1.0), privacy=spec(), dataset_size=N, planned_steps=2)
     private_step(state, torch.zeros(0, dtype=torch.long), loss_fn_for(var, vqvae, data, 1))
     assert state.steps == 1
     assert all(not torch.equal(p, before[n]) for n, p in trainable_parameters(var).items())
@@ -234,7 +236,7 @@ def test_reported_epsilon_equals_independent_computation(sigma, q, steps):
 
 def test_calibrated_sigma_spends_at_most_the_target_and_stops_there(vqvae, data):
     var = make_model("ln_tuning")
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=1e-3), spec=spec(target_epsilon=4.0), dataset_size=N, planned_steps=3)
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=1e-3), privacy=spec(target_epsilon=4.0), dataset_size=N, planned_steps=3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         private_step(state, poisson_batch(N, 0.25, generator=generator), loss_fn_for(var, vqvae, data, 1))
@@ -247,15 +249,23 @@ def test_calibrated_sigma_spends_at_most_the_target_and_stops_there(vqvae, data)
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(target_epsilon=0.0), "target_epsilon"), (dict(target_epsilon=-1.0), "target_epsilon"),
-    (dict(sampling_rate=0.0), "sampling_rate"), (dict(sampling_rate=1.5), "sampling_rate"),
-    (dict(augmentation_multiplicity=0), "augmentation_multiplicity"), (dict(max_grad_norm=0.0), "max_grad_norm"),
-    (dict(delta=0.1), "allow_delta_at_least_inverse_n"), (dict(clipping="ghost", augmentation_multiplicity=4), "ghost"),
-    (dict(accountant="gdp"), "accountant"),
+    (dict(target_epsilon=0.0), "privacy.target_epsilon"), (dict(target_epsilon=-1.0), "privacy.target_epsilon"),
+    (dict(sampling_rate=0.0), "privacy.sampling_rate"), (dict(sampling_rate=1.5), "privacy.sampling_rate"),
+    (dict(augmentation_multiplicity=0), "privacy.augmentation_multiplicity"), (dict(max_grad_norm=0.0), "privacy.max_grad_norm"),
+    (dict(clipping="ghost", augmentation_multiplicity=4), "ghost"), (dict(accountant="gdp"), "privacy.accountant"),
 ])
-def test_impossible_settings_fail_before_compute(overrides, message):
+def test_impossible_settings_fail_at_construction(overrides, message):
+    with pytest.raises(ConfigError, match=message):  # the settings are the trial config's section: checked once, there
+        spec(**overrides)
+
+
+@pytest.mark.parametrize("dataset_size, planned_steps, overrides, message", [
+    (N, 10, dict(delta=0.1), "allow_delta_at_least_inverse_n"), (0, 10, {}, "non-empty dataset"), (N, 0, {}, "planned step"),
+    (1, 10, {}, "1/N = 1"),
+])
+def test_settings_impossible_for_this_data_fail_before_compute(dataset_size, planned_steps, overrides, message):
     with pytest.raises(PrivacyConfigError, match=message):
-        validate_privacy(spec(**overrides), dataset_size=N, planned_steps=10)
+        validate_privacy(spec(**overrides), dataset_size=dataset_size, planned_steps=planned_steps)
 
 
 def test_auto_clipping_is_bookkeeping_for_adapted_vars():
@@ -282,7 +292,7 @@ def test_head_scale_rule_matches_autograd_at_the_clamp_bound():
 def test_released_model_can_be_made_private_again(vqvae, data):
     var = make_model("lora")
     for clipping in ("hooks", "bookkeeping", "hooks"):
-        state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(clipping=clipping), dataset_size=N, planned_steps=2)
+        state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(clipping=clipping), dataset_size=N, planned_steps=2)
         private_step(state, torch.arange(3), loss_fn_for(var, vqvae, data, 1))
         release(state)
     assert not any(hasattr(m, "activations") and m.activations for m in var.modules())
@@ -292,7 +302,7 @@ def test_sampling_is_entropy_seeded_unless_a_seed_is_given():
     var = make_model("lora")
     draws = []
     for seed in (None, None, 5, 5):
-        state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(), dataset_size=1000, planned_steps=2, sampling_seed=seed)
+        state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(), dataset_size=1000, planned_steps=2, debug_seed=seed)
         draws.append(next_batch(state))
         release(state)
     assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[2], draws[3])
@@ -300,26 +310,41 @@ def test_sampling_is_entropy_seeded_unless_a_seed_is_given():
 
 def test_resumed_accounting_continues_and_refuses_other_settings(vqvae, data):
     var = make_model("lora")
-    first = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(), dataset_size=N, planned_steps=3)
+    first = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(), dataset_size=N, planned_steps=3)
     for _ in range(2):
         private_step(first, next_batch(first), loss_fn_for(var, vqvae, data, 1))
     saved = privacy_state_dict(first)
     release(first)
-    resumed = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(), dataset_size=N, planned_steps=3)
+    resumed = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(), dataset_size=N, planned_steps=3)
     load_privacy_state(resumed, saved)
     private_step(resumed, next_batch(resumed), loss_fn_for(var, vqvae, data, 1))
     assert saved["steps"] == 2 and resumed.steps == 3 and not resumed.budget_left
     assert set(saved) == {"spec", "noise_multiplier", "delta", "dataset_size", "planned_steps", "steps"}  # no generator state
     release(resumed)
-    other = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), spec=spec(max_grad_norm=2.0), dataset_size=N, planned_steps=3)
+    other = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(max_grad_norm=2.0), dataset_size=N, planned_steps=3)
     with pytest.raises(PrivacyConfigError, match="differs from this run"):
         load_privacy_state(other, saved)
+
+
+def test_make_private_takes_the_plans_sigma_and_records_the_configs_names(monkeypatch):
+    """The trial's plan calibrated sigma already: make_private uses it (no second calibration), and what it records
+    names the settings as PrivacyConfig does."""
+    import trainables.privacy as privacy_module
+
+    monkeypatch.setattr(privacy_module, "calibrate_noise_multiplier", lambda **kwargs: pytest.fail("sigma calibrated twice"))
+    var = make_model("lora")
+    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(), dataset_size=N, planned_steps=3, noise_multiplier=2.5)
+    assert state.noise_multiplier == state.optimizer.noise_multiplier == 2.5
+    assert privacy_state_dict(state)["spec"] == dataclasses.asdict(spec())
+    ledger = privacy_ledger(state)
+    assert ledger["physical_batch_rows"] == 4 and "physical_batch_size" not in ledger and ledger["ledger_version"] == 3
+    release(state)
 
 
 def test_unpatched_var_is_refused():
     var = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0))
     with pytest.raises(PrivacyConfigError, match=r"<root> \(VAR\).*adapt\(\)"):
-        make_private(var, torch.optim.SGD(var.parameters(), lr=0.1), spec=spec(), dataset_size=N, planned_steps=3)
+        make_private(var, torch.optim.SGD(var.parameters(), lr=0.1), privacy=spec(), dataset_size=N, planned_steps=3)
 
 
 def test_large_delta_accepted_only_with_explicit_override():
@@ -333,7 +358,7 @@ def run_dp_steps(*, steps: int, k: int, clipping: str) -> tuple[dict, dict[str, 
     var = make_model("lora")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     state = make_private(var, torch.optim.AdamW(var.parameters(), lr=1e-2), dataset_size=N, planned_steps=steps,
-                         spec=spec(augmentation_multiplicity=k, physical_batch_size=2, clipping=clipping),
+                         privacy=spec(augmentation_multiplicity=k, physical_batch_rows=2, clipping=clipping),
                          noise_generator=torch.Generator().manual_seed(7))
     sampler = torch.Generator().manual_seed(3)
     for _ in range(steps):
@@ -379,13 +404,13 @@ def _finetune_loss_fn(method: str, monkeypatch, *, k: int, views: int, class_dro
     the loss function finetune handed to ``private_step`` (captured by a spy that calls the real step)."""
     from trainables import finetune as finetune_module
     from trainables.data.tokens import TokenViews
-    from trainables.finetune import FinetuneOptions, finetune
+    from trainables.finetune import RunPlan, finetune
 
     g = torch.Generator().manual_seed(4)
     label_N = torch.randint(0, CLASSES, (N,), generator=g)
     tokens = tuple(torch.randint(0, TINY_VQVAE["vocab_size"], (N, views, pn * pn), generator=g) for pn in TINY_VQVAE["patch_nums"])
     var = adapt(build_var(**TINY_VAR, drop_path_rate=0.5, generator=torch.Generator().manual_seed(0)),
-                AdaptationSpec(method=method, num_classes=CLASSES, lora_rank=4))
+                MethodConfig(name=method, lora_rank=4), num_classes=CLASSES, seed=0)
     captured = []
 
     def spy(state, indices, loss_fn, **kwargs):
@@ -393,8 +418,8 @@ def _finetune_loss_fn(method: str, monkeypatch, *, k: int, views: int, class_dro
         return private_step(state, indices, loss_fn, **kwargs)
 
     monkeypatch.setattr(finetune_module, "private_step", spy)
-    finetune(var, make_vqvae(), TokenViews(label_N, tokens), options=FinetuneOptions(steps=1, lr=1e-3, augmentation_multiplicity=k, class_dropout=class_dropout),
-             privacy=spec(augmentation_multiplicity=k, clipping="bookkeeping"))
+    finetune(var, make_vqvae(), TokenViews(label_N, tokens), optimization=OptimizationConfig(learning_rate=1e-3, steps=1, class_dropout=class_dropout),
+             method=MethodConfig(name=method, lora_rank=4), plan=RunPlan(planned_steps=1), privacy=spec(augmentation_multiplicity=k, clipping="bookkeeping"))
     return var.train(), captured[-1]
 
 
@@ -411,7 +436,7 @@ def test_adding_one_example_moves_finetunes_clipped_sum_by_at_most_C(method, k, 
 
     def clipped_sum(indices: list[int]) -> torch.Tensor:
         state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), dataset_size=N, planned_steps=3,
-                             spec=spec(augmentation_multiplicity=k, clipping=clipping, max_grad_norm=C, physical_batch_size=4))
+                             privacy=spec(augmentation_multiplicity=k, clipping=clipping, max_grad_norm=C, physical_batch_rows=4))
         state.optimizer.noise_multiplier = 0.0
         captured = []
         capture = lambda: captured.append(torch.cat([p.grad.flatten() for p in state.optimizer.params]) * state.expected_batch_size)  # noqa: E731

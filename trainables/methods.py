@@ -1,6 +1,7 @@
 """Adaptation methods: which parameters of a pre-trained VAR are trained, as plain functions behind a registry.
 
-``adapt(var, spec)`` gives the base VAR the target label set, applies the per-sample-gradient patches (the same
+``adapt(var, method, num_classes=..., seed=...)`` (``method``: the trial config's ``bench.schema.MethodConfig``) gives
+the base VAR the target label set, applies the per-sample-gradient patches (the same
 model structure with and without DP), then the method: ``full`` (every parameter), LoRA presets via peft
 (``lora`` = attention + MLP + the blocks' AdaLN modulation, the paper's main setting; ``lora_attention``;
 ``lora_mlp``) or ``ln_tuning`` (peft LayerNorm tuning of the blocks' ``ada_lin.1``: VAR's LayerNorms have no
@@ -23,6 +24,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from bench.schema import ConfigError, MethodConfig
+
 from .models.checkpoints import CheckpointError, read_verified, resize_class_embedding, save_tensors
 from .models.var import VAR
 from .patches import apply_patches
@@ -33,57 +36,43 @@ LORA_PRESETS = {"lora": ("attention", "mlp", "modulation"), "lora_attention": ("
 
 
 @dataclass(frozen=True)
-class AdaptationSpec:
-    """What is trained. ``lora_targets`` names groups of ``LORA_TARGET_GROUPS`` (default: the preset's);
-    ``train_blocks`` (block indices) restricts the method to those blocks; ``None`` means all blocks."""
+class Adaptation:
+    """What ``adapt`` did to a VAR: the method (the trial config's section, checked at its construction), the
+    label count and the seed of the new class rows and adapter initialisation. Saved in an adapter's sidecar."""
 
-    method: str
+    method: MethodConfig
     num_classes: int
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] | None = None
-    train_blocks: tuple[int, ...] | None = None
-    class_init: str = "unconditional"
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown adaptation method {self.method!r}; known: {sorted(METHODS)}")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.lora_rank < 1 or self.lora_alpha <= 0:
-            raise ValueError(f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
-        unknown = set(self.lora_targets or ()) - set(LORA_TARGET_GROUPS)
-        if unknown:
-            raise ValueError(f"unknown lora_targets {sorted(unknown)}; known: {sorted(LORA_TARGET_GROUPS)}")
-        if self.lora_targets is not None and not self.method.startswith("lora"):
-            raise ValueError(f"lora_targets is only meaningful for LoRA methods, not {self.method!r}")
-        if self.train_blocks is not None and (not self.train_blocks or min(self.train_blocks) < 0):
-            raise ValueError(f"train_blocks must be a non-empty tuple of block indices >= 0, got {self.train_blocks}")
+    def target_groups(self) -> tuple[str, ...]:
+        return self.method.lora_targets or LORA_PRESETS[self.method.name]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"method": dataclasses.asdict(self.method), "num_classes": self.num_classes, "seed": self.seed}
 
     @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> "AdaptationSpec":
-        tuples = {k: tuple(v) for k in ("lora_targets", "train_blocks") if (v := record.get(k)) is not None}
-        return cls(**{**record, **tuples})
+    def from_dict(cls, record: Mapping[str, Any]) -> "Adaptation":
+        """An adapter sidecar's record; also reads the flat ``AdaptationSpec`` dict adapters saved before the
+        method became the config's ``MethodConfig`` ({"method": name, "lora_rank": ..., ...})."""
+        method = record["method"]
+        if isinstance(method, str):  # the older flat layout
+            method = {"name": method, **{k: v for k, v in record.items() if k not in ("method", "num_classes", "seed")}}
+        tuples = {k: tuple(v) for k in ("lora_targets", "train_blocks") if (v := method.get(k)) is not None}
+        return cls(method=MethodConfig(**{**method, **tuples}), num_classes=int(record["num_classes"]), seed=int(record.get("seed", 0)))
 
-    def target_groups(self) -> tuple[str, ...]:
-        return self.lora_targets or LORA_PRESETS[self.method]
 
-
-def _blocks_pattern(spec: AdaptationSpec, depth: int) -> str:
-    blocks = range(depth) if spec.train_blocks is None else spec.train_blocks
-    if max(blocks) >= depth:
-        raise ValueError(f"train_blocks {spec.train_blocks} names a block beyond the model's depth {depth}")
+def _blocks_pattern(adaptation: Adaptation, depth: int) -> str:
+    train_blocks = adaptation.method.train_blocks
+    blocks = range(depth) if train_blocks is None else train_blocks
+    if max(blocks) >= depth:  # the one check that needs the model (MethodConfig checked the rest)
+        raise ConfigError(f"method.train_blocks: {train_blocks} names a block beyond the model's depth {depth}")
     return "(" + "|".join(str(b) for b in sorted(set(blocks))) + ")"
 
 
-def _full(var: VAR, spec: AdaptationSpec) -> None:
-    pattern = re.compile(rf"blocks\.{_blocks_pattern(spec, var.depth)}\.")
+def _full(var: VAR, adaptation: Adaptation) -> None:
+    pattern = re.compile(rf"blocks\.{_blocks_pattern(adaptation, var.depth)}\.")
     for name, param in var.named_parameters():
-        param.requires_grad_(spec.train_blocks is None or bool(pattern.match(name)))
+        param.requires_grad_(adaptation.method.train_blocks is None or bool(pattern.match(name)))
 
 
 def _peft_inject(var: VAR, config: peft.PeftConfig, *, seed: int) -> None:
@@ -93,31 +82,39 @@ def _peft_inject(var: VAR, config: peft.PeftConfig, *, seed: int) -> None:
         peft.get_peft_model(var, config)  # modifies ``var`` in place and freezes every non-adapter parameter
 
 
-def _lora(var: VAR, spec: AdaptationSpec) -> None:
-    modules = "|".join(re.escape(path) for group in spec.target_groups() for path in LORA_TARGET_GROUPS[group])
-    target = rf"blocks\.{_blocks_pattern(spec, var.depth)}\.({modules})"
-    _peft_inject(var, peft.LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules=target), seed=spec.seed)
+def _lora(var: VAR, adaptation: Adaptation) -> None:
+    method = adaptation.method
+    modules = "|".join(re.escape(path) for group in adaptation.target_groups() for path in LORA_TARGET_GROUPS[group])
+    target = rf"blocks\.{_blocks_pattern(adaptation, var.depth)}\.({modules})"
+    _peft_inject(var, peft.LoraConfig(r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=0.0, target_modules=target),
+                 seed=adaptation.seed)
 
 
-def _ln_tuning(var: VAR, spec: AdaptationSpec) -> None:
-    target = rf"blocks\.{_blocks_pattern(spec, var.depth)}\.ada_lin\.1"
-    _peft_inject(var, peft.LNTuningConfig(target_modules=target), seed=spec.seed)
+def _ln_tuning(var: VAR, adaptation: Adaptation) -> None:
+    target = rf"blocks\.{_blocks_pattern(adaptation, var.depth)}\.ada_lin\.1"
+    _peft_inject(var, peft.LNTuningConfig(target_modules=target), seed=adaptation.seed)
 
 
-METHODS: dict[str, Callable[[VAR, AdaptationSpec], None]] = {
+METHODS: dict[str, Callable[[VAR, Adaptation], None]] = {
     "full": _full, "lora": _lora, "lora_attention": _lora, "lora_mlp": _lora, "ln_tuning": _ln_tuning,
 }
 
 
-def adapt(var: VAR, spec: AdaptationSpec) -> VAR:
-    """Prepare a base VAR for fine-tuning, in place: new label set, patches, method, trainable class embedding.
+def adapt(var: VAR, method: MethodConfig, *, num_classes: int, seed: int) -> VAR:
+    """Prepare a base VAR for fine-tuning, in place: ``num_classes`` new labels, patches, ``method``, trainable
+    class embedding; ``seed`` (the trial's ``optimization.seed``) draws the new class rows and adapter weights.
     Move ``var`` to its training device first (peft adapters are created where the base weights live)."""
-    if var.num_classes != spec.num_classes:
-        resize_class_embedding(var, spec.num_classes, init=spec.class_init, generator=torch.Generator().manual_seed(spec.seed))
+    if method.name not in METHODS:  # "base" is a MethodConfig name too: it evaluates the base model, adapting nothing
+        raise ConfigError(f"method.name: {method.name!r} trains nothing, so there is nothing to adapt; trained methods: {sorted(METHODS)}")
+    if num_classes < 1:
+        raise ConfigError(f"num_classes: must be >= 1, got {num_classes}")
+    adaptation = Adaptation(method=method, num_classes=num_classes, seed=seed)
+    if var.num_classes != num_classes:
+        resize_class_embedding(var, num_classes, init=method.class_init, generator=torch.Generator().manual_seed(seed))
     apply_patches(var)
-    METHODS[spec.method](var, spec)
+    METHODS[method.name](var, adaptation)
     var.class_emb.weight.requires_grad_(True)
-    var.__dict__["adaptation"] = spec
+    var.__dict__["adaptation"] = adaptation
     return var
 
 
@@ -161,12 +158,13 @@ ADAPTER_KIND = "var-adapter"
 
 def save_adapter(var: VAR, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write the trainable tensors of an adapted VAR (adapters, class embedding; everything for ``full``) with a
-    sidecar holding the adaptation spec, the base architecture, the base checkpoint's SHA-256 (when the base was
+    sidecar holding the adaptation (method section, label count, seed), the base architecture, the base
+    checkpoint's SHA-256 (when the base was
     loaded with ``load_var``) and ``metadata`` (e.g. the trial config)."""
-    spec = var.__dict__.get("adaptation")
-    if spec is None:
+    adaptation = var.__dict__.get("adaptation")
+    if adaptation is None:
         raise ValueError("this VAR was not prepared with adapt(); nothing identifies its trainable subset")
-    meta = {**dict(metadata or {}), "adaptation": spec.to_dict(), "base_sha256": getattr(var, "checkpoint_sha256", None)}
+    meta = {**dict(metadata or {}), "adaptation": adaptation.to_dict(), "base_sha256": getattr(var, "checkpoint_sha256", None)}
     return save_tensors(path, trainable_parameters(var), kind=ADAPTER_KIND, architecture=_base_architecture(var), metadata=meta)
 
 
@@ -189,10 +187,10 @@ def load_adapter(base: VAR, path: str | os.PathLike) -> VAR:
     if non_finite:
         raise CheckpointError(f"adapter {path} holds NaN/inf values in {len(non_finite)} tensor(s): {', '.join(non_finite[:8])}")
     try:
-        spec = AdaptationSpec.from_dict(metadata["adaptation"])
-    except (TypeError, ValueError) as err:  # a sidecar edited by hand, or of another version
-        raise CheckpointError(f"adapter {path}: its sidecar's adaptation spec is not usable: {err}") from err
-    adapt(base, spec)
+        adaptation = Adaptation.from_dict(metadata["adaptation"])
+    except (TypeError, ValueError, KeyError, AttributeError) as err:  # a sidecar edited by hand, or of another version
+        raise CheckpointError(f"adapter {path}: its sidecar's adaptation record is not usable: {err!r}") from err
+    adapt(base, adaptation.method, num_classes=adaptation.num_classes, seed=adaptation.seed)
     expected = trainable_parameters(base)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     mismatched = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .data.offline import to_unit_range
 from .models import VAR, VQVAE
-from .training import build_optimizer, lr_at, set_lr, token_cross_entropy, teacher_forcing_batch, var_training_step
-
-Logger = Callable[[dict], None]
+from .training import (Logger, build_optimizer, epoch_batches, is_logging_step, lr_at, record_history, set_lr, token_cross_entropy,
+                       teacher_forcing_batch, var_training_step)
 
 
 @dataclass(frozen=True)
@@ -34,15 +33,6 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"invalid schedule {self}: need steps >= 1, batch_size >= 1, lr > 0, 0 <= warmup_steps <= steps")
-
-
-def epoch_batches(num_examples: int, *, batch_size: int, generator: torch.Generator):
-    """Endless stream of index batches [b]; a fresh permutation every epoch (the order never repeats)."""
-    full_batches = max(1, num_examples // batch_size)  # the incomplete tail of an epoch is dropped
-    while True:
-        order = torch.randperm(num_examples, generator=generator)
-        for start in range(0, full_batches * batch_size, batch_size):
-            yield order[start: start + batch_size]
 
 
 @torch.no_grad()
@@ -103,21 +93,11 @@ def train_vqvae(vqvae: VQVAE, images_N3HW: torch.Tensor, *, schedule: Schedule, 
         (rec_loss + vq_loss).backward()
         optimizer.step()
         restarted = restart_dead_codes(vqvae, f_BChw.detach(), generator=generator) if (step + 1) % restart_every == 0 else 0
-        if is_logging_step(step, schedule):  # reading losses forces a device sync: only when logging
+        # Reading losses forces a device sync: only when logging.
+        if is_logging_step(step, log_every=schedule.log_every, total_steps=schedule.steps):
             record_history(history, log, step=step, started=started, rec_mse=rec_loss.item(), vq_loss=vq_loss.item(), codes_restarted=restarted)
     vqvae.eval()
     return history
-
-
-def is_logging_step(step: int, schedule: Schedule) -> bool:
-    return step % schedule.log_every == 0 or step == schedule.steps - 1
-
-
-def record_history(history: list[dict], log: Logger | None, *, step: int, started: float, **values: float) -> None:
-    entry = {"step": step + 1, "seconds": round(time.perf_counter() - started, 3), **{k: round(v, 6) for k, v in values.items()}}
-    history.append(entry)
-    if log is not None:
-        log(entry)
 
 
 @torch.no_grad()
@@ -141,7 +121,7 @@ def train_var(var: VAR, vqvae: VQVAE, tokens: Sequence[torch.Tensor], labels_N: 
         pick = next(batches)
         out = var_training_step(var, vqvae, optimizer, labels_N[pick].to(device), [t[pick].to(device) for t in tokens],
                                 class_dropout=class_dropout, max_grad_norm=max_grad_norm, generator=generator)
-        if is_logging_step(step, schedule):
+        if is_logging_step(step, log_every=schedule.log_every, total_steps=schedule.steps):
             record_history(history, log, step=step, started=started, **out)
     var.eval()
     return history

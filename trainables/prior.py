@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bench.schema import EvaluationConfig
+
 from .models import VAR, VQVAE
 from .training import teacher_forcing_batch
 
@@ -37,9 +39,10 @@ class PriorBank:
 
 
 @torch.no_grad()
-def build_prior_bank(teacher: VAR, vqvae: VQVAE, *, num_samples: int, batch_size: int = 64, cfg: float = 1.5,
-                     top_k: int = 900, top_p: float = 0.96, generator: torch.Generator) -> PriorBank:
-    """Sample ``num_samples`` token maps from ``teacher`` for uniformly drawn base classes (on the teacher's device)."""
+def build_prior_bank(teacher: VAR, vqvae: VQVAE, *, num_samples: int, evaluation: EvaluationConfig, generator: torch.Generator,
+                     chunk_size: int = 64) -> PriorBank:
+    """Sample ``num_samples`` token maps from ``teacher`` for uniformly drawn base classes (on the teacher's device),
+    ``chunk_size`` at a time, with the trial's sampling settings (``evaluation``'s guidance scale, top-k, top-p)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     device = next(teacher.parameters()).device
@@ -47,10 +50,10 @@ def build_prior_bank(teacher: VAR, vqvae: VQVAE, *, num_samples: int, batch_size
     # Sampling draws on the teacher's device: derive a generator there from ``generator`` (reproducible anywhere).
     device_generator = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
     chunks = []
-    for start in range(0, num_samples, batch_size):
-        label_B = labels_M[start: start + batch_size].to(device)
-        chunks.append(teacher.sample_tokens(label_B, vqvae=vqvae, cfg=cfg, top_k=min(top_k, teacher.vocab_size), top_p=top_p,
-                                            generator=device_generator))
+    for start in range(0, num_samples, chunk_size):
+        label_B = labels_M[start: start + chunk_size].to(device)
+        chunks.append(teacher.sample_tokens(label_B, vqvae=vqvae, cfg=evaluation.guidance_scale, top_p=evaluation.top_p,
+                                            top_k=min(evaluation.top_k, teacher.vocab_size), generator=device_generator))
     tokens = tuple(torch.cat([chunk[si] for chunk in chunks]).cpu() for si in range(len(teacher.patch_nums)))
     return PriorBank(labels_M, tokens)
 

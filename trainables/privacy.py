@@ -16,10 +16,10 @@ examples, so the global batch and the ledger are exactly those of one process; o
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import opacus
@@ -37,13 +37,14 @@ from torch import nn
 
 from .bookkeeping import BookKeeping, bookkeeping_supports
 from .draws import ExampleKey
+from .training import rank_and_world
 from bench.errors import VarsweepError
-from bench.schema import ACCOUNTANTS, CLIPPING_MODES
+from bench.schema import ACCOUNTANTS, PrivacyConfig
 
 # Layers whose per-sample gradient is a sum over positions of (input, output-gradient) products: the k views of one
 # example can be folded into the position dimension and the example's gradient computed in one pass.
 FOLDABLE_LAYERS = (nn.Linear, nn.Embedding)
-LEDGER_VERSION = 2
+LEDGER_VERSION = 3  # 3: the settings under their PrivacyConfig names (physical_batch_size -> physical_batch_rows)
 # RDP orders for calibration and reporting. Opacus's defaults stop at 63 and start at 1.1: with few steps (the first
 # logged epsilons) or large noise the best order lies above 63, and for large epsilon (Table 3 goes to 1000) below
 # 1.1, so both ends over-state epsilon and calibrate sigma higher than needed. These add 1.01-1.08 and orders up to
@@ -54,36 +55,9 @@ RDP_ORDERS = ([1.01, 1.02, 1.04, 1.06, 1.08] + [1 + x / 10 for x in range(1, 100
 
 
 class PrivacyConfigError(VarsweepError):
-    """An impossible or unsafe privacy setting, raised before any compute is spent."""
-
-
-@dataclass(frozen=True)
-class PrivacySpec:
-    """DP-SGD settings of one trial.
-
-    target_epsilon: budget for the whole training; sampling_rate: Poisson rate q in (0, 1]; max_grad_norm: C;
-    delta: None means 1/N; augmentation_multiplicity: k views averaged per example before clipping;
-    physical_batch_size: rows (example views) per forward/backward; a chunk holds max(1, physical_batch_size // k)
-    examples, so memory stays bounded for any expected batch size and any k;
-    clipping: "bookkeeping" (one backward, clipped sums rebuilt from layer inputs and output gradients; see
-    trainables/bookkeeping.py), "hooks" (Opacus per-sample gradients), "ghost" (Opacus ghost clipping, two
-    backward passes, k = 1 only) or "auto" (book-keeping where it has a rule for every trainable layer, else hooks;
-    docs/benchmarks.md compares the three);
-    allow_delta_at_least_inverse_n: permit delta >= 1/N (a mechanism that may release a whole example).
-    """
-
-    target_epsilon: float
-    sampling_rate: float
-    max_grad_norm: float
-    delta: float | None = None
-    augmentation_multiplicity: int = 1
-    physical_batch_size: int = 32
-    accountant: str = "rdp"
-    clipping: str = "auto"
-    allow_delta_at_least_inverse_n: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    """An impossible or unsafe privacy setting, raised before any compute is spent. The settings themselves are
+    ``bench.schema.PrivacyConfig``, which checks every value on its own at construction; what is raised here
+    depends on the training split's size N or the step count."""
 
 
 class MultiViewGradSampleModule(GradSampleModule):
@@ -128,33 +102,19 @@ def _fold_views(rows_R: torch.Tensor, k: int) -> torch.Tensor:
     return rows_R.reshape(rows_R.shape[0] // k, k, *rows_R.shape[1:])
 
 
-def validate_privacy(spec: PrivacySpec, *, dataset_size: int, planned_steps: int) -> float:
-    """Raise ``PrivacyConfigError`` naming the field for an impossible setting; return the resolved delta."""
+def validate_privacy(privacy: PrivacyConfig, *, dataset_size: int, planned_steps: int) -> float:
+    """The checks that need N and the step count (the settings alone were checked by ``PrivacyConfig``): raise
+    ``PrivacyConfigError`` naming the field for an impossible combination; return the resolved delta (1/N when
+    ``privacy.delta`` is None)."""
     problems = []
-    if not (spec.target_epsilon > 0 and math.isfinite(spec.target_epsilon)):
-        problems.append(f"target_epsilon must be a finite number > 0, got {spec.target_epsilon}")
-    if not 0.0 < spec.sampling_rate <= 1.0:
-        problems.append(f"sampling_rate q must be in (0, 1], got {spec.sampling_rate}")
-    if not spec.max_grad_norm > 0:
-        problems.append(f"max_grad_norm C must be > 0, got {spec.max_grad_norm}")
-    if spec.augmentation_multiplicity < 1:
-        problems.append(f"augmentation_multiplicity k must be >= 1, got {spec.augmentation_multiplicity}")
-    if spec.physical_batch_size < 1:
-        problems.append(f"physical_batch_size must be >= 1, got {spec.physical_batch_size}")
-    if spec.accountant not in ACCOUNTANTS:
-        problems.append(f"accountant must be one of {ACCOUNTANTS}, got {spec.accountant!r}")
-    if spec.clipping not in CLIPPING_MODES:
-        problems.append(f"clipping must be one of {CLIPPING_MODES}, got {spec.clipping!r}")
-    if spec.clipping == "ghost" and spec.augmentation_multiplicity != 1:
-        problems.append("clipping='ghost' cannot average gradients over augmented views before clipping; "
-                        f"use clipping='hooks' for augmentation_multiplicity={spec.augmentation_multiplicity}")
     if dataset_size < 1 or planned_steps < 1:
         problems.append(f"need a non-empty dataset and >= 1 planned step, got N={dataset_size}, steps={planned_steps}")
-    delta = 1.0 / max(dataset_size, 1) if spec.delta is None else spec.delta
-    if not 0.0 < delta < 1.0:
-        problems.append(f"delta must be in (0, 1), got {delta}")
-    elif delta >= 1.0 / max(dataset_size, 1) and spec.delta is not None and not spec.allow_delta_at_least_inverse_n:
-        problems.append(f"delta={delta} >= 1/N = {1.0 / dataset_size:.3g}; set allow_delta_at_least_inverse_n=True to accept it")
+    delta = 1.0 / max(dataset_size, 1) if privacy.delta is None else privacy.delta
+    if dataset_size >= 1 and not delta < 1.0:
+        problems.append(f"privacy.delta: 1/N = 1 for N={dataset_size} training example; give privacy.delta below 1")
+    elif privacy.delta is not None and dataset_size >= 1 and delta >= 1.0 / dataset_size and not privacy.allow_delta_at_least_inverse_n:
+        problems.append(f"privacy.delta={delta} >= 1/N = {1.0 / dataset_size:.3g}; set privacy.allow_delta_at_least_inverse_n=true "
+                        "to accept it")
     if problems:
         raise PrivacyConfigError("invalid privacy settings:\n  - " + "\n  - ".join(problems))
     return delta
@@ -211,7 +171,7 @@ class PrivateTraining:
 
     module: nn.Module
     optimizer: DPOptimizer
-    spec: PrivacySpec
+    privacy: PrivacyConfig
     noise_multiplier: float
     delta: float
     dataset_size: int
@@ -231,7 +191,7 @@ class PrivateTraining:
 
     @property
     def expected_batch_size(self) -> float:
-        return self.spec.sampling_rate * self.dataset_size
+        return self.privacy.sampling_rate * self.dataset_size
 
     @property
     def budget_left(self) -> bool:
@@ -241,7 +201,7 @@ class PrivateTraining:
 def privacy_state_dict(state: PrivateTraining) -> dict:
     """What a resumed run needs to keep its accounting: the settings, sigma and the number of steps already taken.
     No generator state: a checkpoint must not let its reader predict later noise, sampling or per-example draws."""
-    return {"spec": state.spec.to_dict(), "noise_multiplier": state.noise_multiplier, "delta": state.delta,
+    return {"spec": dataclasses.asdict(state.privacy), "noise_multiplier": state.noise_multiplier, "delta": state.delta,
             "dataset_size": state.dataset_size, "planned_steps": state.planned_steps, "steps": state.steps}
 
 
@@ -258,48 +218,52 @@ def load_privacy_state(state: PrivateTraining, record: dict) -> None:
     state.steps_taken = steps
 
 
-def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, spec: PrivacySpec, dataset_size: int,
-                 planned_steps: int, noise_generator: torch.Generator | None = None,
-                 sampling_seed: int | None = None) -> PrivateTraining:
-    """Wrap an adapted model and its optimiser for DP-SGD. Validates first; calibrates sigma for ``planned_steps``.
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, privacy: PrivacyConfig, dataset_size: int,
+                 planned_steps: int, noise_multiplier: float | None = None, noise_generator: torch.Generator | None = None,
+                 debug_seed: int | None = None) -> PrivateTraining:
+    """Wrap an adapted model and its optimiser for DP-SGD. Checks what depends on N and the steps first; uses
+    ``noise_multiplier`` (sigma, the trial plan's) or calibrates it for ``planned_steps``.
     The noise, the Poisson sampling and the per-example draws (``state.example_key``) must be unpredictable for the
     accounting to hold, so by default all are seeded from OS entropy (the sampling seed is drawn on rank 0 and
-    shared: all ranks draw one global mask). ``noise_generator`` (on the parameters' device) and ``sampling_seed``
+    shared: all ranks draw one global mask). ``noise_generator`` (on the parameters' device) and ``debug_seed``
     (sampling and per-example draws) make a run reproducible, for tests and debugging only; the ledger says when
     they were used.
     Under an initialised process group the model is synchronised from rank 0 and gradients are all-reduced."""
-    delta = validate_privacy(spec, dataset_size=dataset_size, planned_steps=planned_steps)
+    delta = validate_privacy(privacy, dataset_size=dataset_size, planned_steps=planned_steps)
     check_per_sample_support(model)
-    sigma = calibrate_noise_multiplier(target_epsilon=spec.target_epsilon, delta=delta, sampling_rate=spec.sampling_rate,
-                                       steps=planned_steps, accountant=spec.accountant)
-    world_size, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    sigma = noise_multiplier if noise_multiplier is not None else calibrate_noise_multiplier(
+        target_epsilon=privacy.target_epsilon, delta=delta, sampling_rate=privacy.sampling_rate, steps=planned_steps,
+        accountant=privacy.accountant)
+    rank, world_size = rank_and_world()
     device = next(model.parameters()).device
     noise_seeded_by_caller = noise_generator is not None
     if noise_generator is None:
         noise_generator = torch.Generator(device=device).manual_seed(_entropy_seed())
-    sampling_generator = torch.Generator().manual_seed(_shared_seed(sampling_seed, world_size=world_size, device=device))
+    sampling_generator = torch.Generator().manual_seed(_shared_seed(debug_seed, world_size=world_size, device=device))
     if world_size > 1:
         _broadcast_parameters(model)
     # Gradients are averaged over the expected *global* batch; each rank divides by its share before the all-reduce sum / W.
-    expected_per_rank = spec.sampling_rate * dataset_size / world_size
-    common = dict(noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm, expected_batch_size=expected_per_rank,
-                  loss_reduction="mean", generator=noise_generator)
-    clipping = resolve_clipping(spec, model)
+    expected_per_rank = privacy.sampling_rate * dataset_size / world_size
+    dp_options = dict(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, expected_batch_size=expected_per_rank,
+                      loss_reduction="mean", generator=noise_generator)
+    clipping = resolve_clipping(privacy, model)
+    fast_clipping = DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping
     if clipping == "bookkeeping":
         module = BookKeeping(model)
-        dp_optimizer = (DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping)(optimizer, **common)
+        dp_optimizer = fast_clipping(optimizer, **dp_options)
     elif clipping == "ghost":
         module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
-                                                      max_grad_norm=spec.max_grad_norm, use_ghost_clipping=True)
-        dp_optimizer = (DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping)(optimizer, **common)
+                                                      max_grad_norm=privacy.max_grad_norm, use_ghost_clipping=True)
+        dp_optimizer = fast_clipping(optimizer, **dp_options)
     else:
-        module = MultiViewGradSampleModule(model, views_per_example=spec.augmentation_multiplicity)
-        dp_optimizer = (DistributedDPOptimizer if world_size > 1 else DPOptimizer)(optimizer, **common)
-    return PrivateTraining(module=module, optimizer=dp_optimizer, spec=spec, noise_multiplier=sigma, delta=delta,
+        module = MultiViewGradSampleModule(model, views_per_example=privacy.augmentation_multiplicity)
+        dp_optimizer = (DistributedDPOptimizer if world_size > 1 else DPOptimizer)(optimizer, **dp_options)
+    example_key = ExampleKey.from_entropy() if debug_seed is None else ExampleKey.from_seed(debug_seed, purpose="dp examples")
+    return PrivateTraining(module=module, optimizer=dp_optimizer, privacy=privacy, noise_multiplier=sigma, delta=delta,
                            dataset_size=dataset_size, planned_steps=planned_steps, world_size=world_size, rank=rank,
                            clipping=clipping, noise_seeded_by_caller=noise_seeded_by_caller,
-                           sampling_generator=sampling_generator, sampling_seeded_by_caller=sampling_seed is not None,
-                           example_key=ExampleKey.from_entropy() if sampling_seed is None else ExampleKey.from_seed(sampling_seed, purpose="dp examples"))
+                           sampling_generator=sampling_generator, sampling_seeded_by_caller=debug_seed is not None,
+                           example_key=example_key)
 
 
 def check_per_sample_support(model: nn.Module) -> None:
@@ -330,7 +294,7 @@ def _shared_seed(seed: int | None, *, world_size: int, device: torch.device) -> 
 
 def next_batch(state: PrivateTraining) -> torch.Tensor:
     """This rank's share of the next Poisson batch, from the state's sampling generator."""
-    return poisson_batch(state.dataset_size, state.spec.sampling_rate, generator=state.sampling_generator,
+    return poisson_batch(state.dataset_size, state.privacy.sampling_rate, generator=state.sampling_generator,
                          rank=state.rank, world_size=state.world_size)
 
 
@@ -342,11 +306,11 @@ def release(state: PrivateTraining) -> None:
         state.module._close()
 
 
-def resolve_clipping(spec: PrivacySpec, model: nn.Module) -> str:
-    """The clipping mode ``spec.clipping`` stands for with this model: "auto" is book-keeping when it has a rule
+def resolve_clipping(privacy: PrivacyConfig, model: nn.Module) -> str:
+    """The clipping mode ``privacy.clipping`` stands for with this model: "auto" is book-keeping when it has a rule
     for every trainable layer (always, for an adapted VAR), per-sample hooks otherwise."""
-    if spec.clipping != "auto":
-        return spec.clipping
+    if privacy.clipping != "auto":
+        return privacy.clipping
     return "bookkeeping" if bookkeeping_supports(model) else "hooks"
 
 
@@ -370,7 +334,7 @@ def private_step(state: PrivateTraining, indices: torch.Tensor, loss_fn: ViewLos
     if not state.budget_left:
         raise RuntimeError(f"privacy budget exhausted: {state.steps} of {state.planned_steps} planned steps done")
     optimizer = state.optimizer
-    chunk = max(1, state.spec.physical_batch_size // state.spec.augmentation_multiplicity)
+    chunk = max(1, state.privacy.physical_batch_rows // state.privacy.augmentation_multiplicity)
     starts = list(range(0, len(indices), chunk)) or [0]
     for i, start in enumerate(starts):
         part = indices[start: start + chunk]
@@ -409,9 +373,9 @@ def _accumulate_clipped(state: PrivateTraining, part: torch.Tensor, loss_fn: Vie
     if len(part) == 0:
         _empty_chunk(state)
         return
-    checked_losses = lambda: _checked(loss_fn(part), examples=len(part), k=state.spec.augmentation_multiplicity)  # noqa: E731
+    checked_losses = lambda: _checked(loss_fn(part), examples=len(part), k=state.privacy.augmentation_multiplicity)  # noqa: E731
     if state.clipping == "bookkeeping":
-        state.module.clipped_sum(checked_losses, max_grad_norm=state.spec.max_grad_norm)
+        state.module.clipped_sum(checked_losses, max_grad_norm=state.privacy.max_grad_norm)
         return
     loss_bk = checked_losses()
     if state.clipping == "ghost":
@@ -456,17 +420,17 @@ def privacy_ledger(state: PrivateTraining) -> dict:
     """What the trial spent, for the result file. No per-example quantity and no actual batch size appears here
     (the accounting needs only the number of steps); ``released_without_noise`` names what is released outside
     the guarantee."""
-    spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=state.spec.sampling_rate,
+    spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=state.privacy.sampling_rate,
                           steps=state.steps, delta=state.delta)
     return {
         "ledger_version": LEDGER_VERSION,
-        "epsilon_rdp": spent["rdp"], "epsilon_prv": spent["prv"], "target_epsilon": state.spec.target_epsilon,
-        "delta": state.delta, "noise_multiplier": state.noise_multiplier, "sampling_rate": state.spec.sampling_rate,
+        "epsilon_rdp": spent["rdp"], "epsilon_prv": spent["prv"], "target_epsilon": state.privacy.target_epsilon,
+        "delta": state.delta, "noise_multiplier": state.noise_multiplier, "sampling_rate": state.privacy.sampling_rate,
         "steps": state.steps, "planned_steps": state.planned_steps, "dataset_size": state.dataset_size,
         "expected_batch_size": state.expected_batch_size,
-        "max_grad_norm": state.spec.max_grad_norm, "augmentation_multiplicity": state.spec.augmentation_multiplicity,
-        "physical_batch_size": state.spec.physical_batch_size, "clipping": state.clipping,
-        "calibration_accountant": state.spec.accountant, "world_size": state.world_size,
+        "max_grad_norm": state.privacy.max_grad_norm, "augmentation_multiplicity": state.privacy.augmentation_multiplicity,
+        "physical_batch_rows": state.privacy.physical_batch_rows, "clipping": state.clipping,
+        "calibration_accountant": state.privacy.accountant, "world_size": state.world_size,
         "noise_rng": _rng_note(state.noise_seeded_by_caller), "sampling_rng": _rng_note(state.sampling_seeded_by_caller),
         "example_rng": ("keyed BLAKE2b + murmur3 per (step, example), key " + ("from the caller's sampling seed (reproducible; not for a real release)"
                         if state.sampling_seeded_by_caller else "from OS entropy, never stored")),

@@ -4,11 +4,14 @@
 Every rank runs ``trainables.trial.run_trial``; progress and training states go through ``ray.train.report`` (a
 barrier: every rank reports at the same steps, rank 0 attaches the checkpoint; a checkpoint due by wall-clock time
 is rank 0's decision, broadcast to the other ranks by ``trainables.finetune``). A retried run resumes from the
-latest reported checkpoint. Rank 0 writes the trial's result JSON to the sweep's result store.
+latest reported checkpoint. Rank 0 writes the trial's artifacts (adapter, sample images) to
+``<storage>/artifacts/<trial_id>/`` (on a URI storage through a staging folder it uploads), then its result JSON to
+the sweep's result store (``ResultStore.publish``): a result's existence implies its artifacts are complete.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +27,7 @@ STATE_FILE = "training_state.pt"
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """``loop_config``: {"trial": TrialConfig dict, "storage": result store path/URI, "cache_dir", "work_root",
+    """``loop_config``: {"trial": TrialConfig dict, "storage": result store path/URI, "cache_dir",
     "launched_at": wall-clock time the trial was launched}."""
     startup_seconds = time.time() - loop_config["launched_at"]
     # Imported here, not at the top: the Train controller unpickles this function (importing this module) but never
@@ -51,12 +54,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(_scalars(metrics), checkpoint=checkpoint, checkpoint_dir_name=f"step_{state['step']:08d}")
 
-    work_dir = Path(loop_config["work_root"]) / config.trial_id
-    record = trial.run_trial(config, cache_dir=loop_config["cache_dir"], work_dir=work_dir, device=device, report=report,
-                       resume=resume, log=lambda line: print(f"[{config.label} rank {rank}] {line}", flush=True),
-                       startup_seconds=startup_seconds)
+    store = ResultStore(loop_config["storage"], create=rank == 0)  # only rank 0 writes to it (and probes it)
+    # Only rank 0 writes artifacts; it starts each attempt from an empty folder (a retry may land on another node).
+    artifacts_dir = store.artifacts_dir(config.trial_id, cache_dir=loop_config["cache_dir"], fresh=rank == 0)
+    try:
+        record = trial.run_trial(config, cache_dir=loop_config["cache_dir"], artifacts_dir=artifacts_dir, device=device, report=report,
+                                 resume=resume, log=lambda line: print(f"[{config.label} rank {rank}] {line}", flush=True),
+                                 startup_seconds=startup_seconds)
+    except BaseException:
+        if rank == 0 and store.remote:  # a failed attempt leaves no staged files on the node (a retry stages afresh)
+            shutil.rmtree(artifacts_dir, ignore_errors=True)
+        raise
     if rank == 0:
-        path = ResultStore(loop_config["storage"]).write(record)
+        path = store.publish(record, artifacts_dir=artifacts_dir)
         print(f"[{config.label}] result written to {path}", flush=True)
     # Not "done": Tune reads that key as the trial's end and would release the trial (and this run) at once.
     ray.train.report({"finished": 1, **_scalars(record["metrics"])})

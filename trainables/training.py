@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -17,6 +19,35 @@ from .models import VAR, VQVAE
 
 ADAMW_BETAS = (0.9, 0.95)
 NO_DECAY_PARAM_NAMES = ("pos_start", "pos_1LC", "scale_mul_1H11", "ada_gss")
+Logger = Callable[[dict], None]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) outside an initialised process group. The one
+    place the trainables read them (privacy, fine-tuning and the trial all ask here)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def epoch_batches(num_examples: int, *, batch_size: int, generator: torch.Generator):
+    """Endless stream of index batches [b]; a fresh permutation every epoch (the order never repeats)."""
+    full_batches = max(1, num_examples // batch_size)  # the incomplete tail of an epoch is dropped
+    while True:
+        order = torch.randperm(num_examples, generator=generator)
+        for start in range(0, full_batches * batch_size, batch_size):
+            yield order[start: start + batch_size]
+
+
+def is_logging_step(step: int, *, log_every: int, total_steps: int) -> bool:
+    """Whether step ``step`` (0-based) of ``total_steps`` is logged: every ``log_every`` steps and the last one."""
+    return step % log_every == 0 or step == total_steps - 1
+
+
+def record_history(history: list[dict], log: Logger | None, *, step: int, started: float, **values: float) -> None:
+    """Append {"step": step + 1 (steps done), "seconds" since ``started`` (perf_counter), **values} and log it."""
+    entry = {"step": step + 1, "seconds": round(time.perf_counter() - started, 3), **{k: round(v, 6) for k, v in values.items()}}
+    history.append(entry)
+    if log is not None:
+        log(entry)
 
 
 def bf16_autocast(device: torch.device, *, enabled: bool = True) -> contextlib.AbstractContextManager:
@@ -143,3 +174,14 @@ def var_training_step(var: VAR, vqvae: VQVAE, optimizer: torch.optim.Optimizer, 
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
     optimizer.step()
     return {"loss": loss.item(), "grad_norm": float(grad_norm)}
+
+
+def evaluation_steps(planned_steps: int, *, every: int = 0, points: int = 0) -> list[int]:
+    """The convergence curve's points, as steps done (1..planned_steps): every ``every`` steps, or ``points``
+    evenly spaced steps (step ceil(i * planned / points) for i = 1..points; fewer when the run is shorter), and
+    always the final step. Pure: every rank and a resumed run compute the same list."""
+    if every:
+        chosen = set(range(every, planned_steps + 1, every))
+    else:
+        chosen = {-(-i * planned_steps // points) for i in range(1, points + 1)}
+    return sorted(chosen | {planned_steps})

@@ -6,12 +6,17 @@ checkpoints or the built-in tiny base) -> dataset splits (decoded once; corrupt 
 convergence FIDs) -> evaluation (FID, precision/recall, KID) -> result record (``bench.schema``).
 Ray is not imported here: ``trainables/ray_worker.py`` calls ``run_trial`` inside a Ray Train worker, tests and
 debugging call it directly. Under an initialised process group every rank trains and rank 0 evaluates.
+
+The trial's own files (adapter, generated images, a few real evaluation images per class) go to ``artifacts_dir``,
+which the launcher maps to ``<storage>/artifacts/<trial_id>/``; the record names them relative to the storage root.
+Nothing of a trial's own is written under the cache.
 """
 from __future__ import annotations
 
 import copy
-import datetime
+import dataclasses
 import platform
+import shutil
 import socket
 import subprocess
 import time
@@ -23,25 +28,25 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from bench.schema import ConfigError, TrialConfig, make_result
+from bench.schema import ConfigError, EvaluationConfig, TrialConfig, make_result, utc_now
 
 from .assets import FileIds, verify_content
-from .data import offline
-from .data.datasets import ImageList, check_images, read_dataset
+from .data.datasets import ImageList, check_images
 from .data.token_cache import ViewSpec, open_token_cache
-from .evaluation.evaluate import EvaluationSettings, evaluate
+from .evaluation.evaluate import ScoringSettings, evaluate
 from .evaluation.classifier import digit_classifier
 from .evaluation.features import DIGITS_CNN, build_extractor
-from .evaluation.generate import SamplingSettings
 from .evaluation.metrics import ReferenceStats
-from .finetune import Checkpointing, FinetuneOptions, Prior, finetune
-from .methods import AdaptationSpec, adapt, parameter_counts, save_adapter
+from .finetune import Checkpointing, Prior, RunPlan, finetune
+from .methods import adapt, parameter_counts, save_adapter
 from .models import load_var, load_vqvae, resize_class_embedding
+from .models.checkpoints import atomic_write
+from .plan import TrialPlan, list_splits, plan_trial, preflight  # noqa: F401 (plan_trial: re-exported for callers)
 from .prior import build_prior_bank
-from .privacy import PrivacySpec, calibrate_noise_multiplier, validate_privacy
 from .profiling import peak_flops_per_second
 from .progress import Progress
 from .tiny_base import tiny_base
+from .training import rank_and_world
 
 # What a DP trial's record adds to the privacy ledger's list of figures released without noise.
 RECORD_RELEASED_WITHOUT_NOISE = {
@@ -53,75 +58,6 @@ RECORD_RELEASED_WITHOUT_NOISE = {
 }
 Report = Callable[[dict, dict | None], None]  # (metrics for the progress table, training state to checkpoint or None)
 PACKAGES = ("torch", "torchvision", "peft", "opacus", "torch-fidelity", "numpy", "ray", "varsweep")
-
-
-@dataclass(frozen=True)
-class Preflight:
-    """What the cheap checks found: the real split sizes and the steps the trial will take."""
-
-    train_images: int
-    evaluation_images: int
-    classes: int
-    planned_steps: int
-    noise_multiplier: float | None = None  # DP: the sigma that spends exactly the budget over planned_steps
-    splits: tuple[ImageList, ImageList] | None = field(default=None, repr=False, compare=False)  # (train, evaluation) as listed
-
-
-def data_root(config: TrialConfig, cache_dir: str | Path) -> Path:
-    """The dataset's folder; offline sets are written (once) under the cache folder."""
-    if config.data.root is not None:
-        return Path(config.data.root)
-    return offline.write_folder(config.data.dataset, Path(cache_dir) / "offline-data", image_size=config.data.resolution)
-
-
-def _reader_name(config: TrialConfig) -> str:
-    return "folder" if config.data.root is None else config.data.dataset
-
-
-def list_splits(config: TrialConfig, cache_dir: str | Path, *, write: bool = True) -> tuple[ImageList, ImageList]:
-    """(training, evaluation) split listings. ``write=False`` lists an offline set that is not written yet from
-    its generator, creating nothing (a dry run)."""
-    splits = (config.data.train_split, config.data.evaluation_split)
-    d = config.data
-    if not write and d.root is None:
-        root = Path(cache_dir) / "offline-data"
-        if not (offline.folder_path(d.dataset, root, image_size=d.resolution) / "complete").is_file():
-            listed = [offline.listing(d.dataset, root, split, image_size=d.resolution) for split in splits]
-            return tuple(ImageList("folder", split, tuple(p for p, _ in files), tuple(label for _, label in files), names)
-                         for split, (files, names) in zip(splits, listed))
-    root = data_root(config, cache_dir)
-    return tuple(read_dataset(_reader_name(config), root, split) for split in splits)
-
-
-def preflight(config: TrialConfig, cache_dir: str | Path, *, write: bool = True) -> Preflight:
-    """The checks each trial repeats cheaply before it loads anything: checkpoint and weight files exist, the
-    dataset lists its splits, then ``plan_trial``. Raises ``ConfigError`` or ``DatasetError``/``PrivacyConfigError``
-    naming the problem. ``write=False`` creates nothing (a dry run). The driver's ``bench.preflight.check_sweep``
-    reads more (checkpoint headers, every listed image, the Inception weights), once per sweep."""
-    for field_name in ("var_checkpoint", "vqvae_checkpoint"):
-        path = getattr(config.model, field_name)
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"model.{field_name}: no file at {path}")
-    weights = config.evaluation.inception_weights
-    if weights is not None and not Path(weights).is_file():
-        raise ConfigError(f"evaluation.inception_weights: no file at {weights}")
-    return plan_trial(config, list_splits(config, cache_dir, write=write))
-
-
-def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Preflight:
-    """What the trial will do with these split listings: the evaluation split's classes are the training split's,
-    the planned steps, and under DP a reachable budget and its noise multiplier (no files are read)."""
-    train, evaluation = splits
-    if train.class_names != evaluation.class_names:
-        raise ConfigError(f"data.dataset: the {train.split} and {evaluation.split} splits have different classes")
-    steps = config.planned_steps(len(train))
-    sigma = None
-    if config.privacy is not None:
-        spec = privacy_spec(config)
-        delta = validate_privacy(spec, dataset_size=len(train), planned_steps=steps)
-        sigma = calibrate_noise_multiplier(target_epsilon=spec.target_epsilon, delta=delta, sampling_rate=spec.sampling_rate,
-                                           steps=steps, accountant=spec.accountant)
-    return Preflight(len(train), len(evaluation), len(train.class_names), steps, sigma, splits=(train, evaluation))
 
 
 def prepare_shared(configs: list[TrialConfig], cache_dir: str | Path, *, log: Callable[[str], None] | None = print) -> None:
@@ -146,14 +82,6 @@ def prepare_shared(configs: list[TrialConfig], cache_dir: str | Path, *, log: Ca
         digit_classifier(cache_dir, log=log)
 
 
-def privacy_spec(config: TrialConfig) -> PrivacySpec | None:
-    p = config.privacy
-    return None if p is None else PrivacySpec(
-        target_epsilon=p.target_epsilon, sampling_rate=p.sampling_rate, max_grad_norm=p.max_grad_norm, delta=p.delta,
-        augmentation_multiplicity=p.augmentation_multiplicity, physical_batch_size=p.physical_batch_rows,
-        accountant=p.accountant, clipping=p.clipping)
-
-
 def load_base(config: TrialConfig, cache_dir: str | Path, *, device: torch.device, log=None):
     """(vqvae, var) of the trial's base, on ``device``, in eval mode."""
     m = config.model
@@ -167,13 +95,9 @@ def load_base(config: TrialConfig, cache_dir: str | Path, *, device: torch.devic
     return vqvae.eval(), var.eval()
 
 
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def _rank0_first(fn: Callable[[], object]) -> object:
     """Run ``fn`` on rank 0, then on the other ranks (shared caches are built once, then read)."""
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     result = fn() if rank == 0 else None
     if world > 1:
         dist.barrier()
@@ -182,17 +106,19 @@ def _rank0_first(fn: Callable[[], object]) -> object:
     return result
 
 
-def run_trial(config: TrialConfig, *, cache_dir: str | Path, work_dir: str | Path, device: torch.device | str = "cpu",
+def run_trial(config: TrialConfig, *, cache_dir: str | Path, artifacts_dir: str | Path, device: torch.device | str = "cpu",
               report: Report | None = None, resume: dict | None = None, log: Callable[[str], None] = print,
               startup_seconds: float | None = None) -> dict:
     """Train and evaluate one trial; returns its result record (on ranks other than 0: the record without metrics).
     ``cache_dir`` holds what trials share (tiny bases, offline data, token caches, reference statistics);
-    ``work_dir`` this trial's files (generated images, the trained adapter). ``resume`` is a training state saved
-    through ``report`` by an earlier attempt; ``startup_seconds`` (launch to this call, measured by the launcher's
-    worker) is recorded in the cost with the setup, training and evaluation times."""
-    started, wall = _now(), time.perf_counter()
-    device, cache_dir, work_dir = torch.device(device), Path(cache_dir), Path(work_dir)
-    rank, world = _rank_world()
+    ``artifacts_dir`` this trial's own files (``adapter.pt``, ``images/``, ``real/``), the local folder that is or
+    becomes ``<storage>/artifacts/<trial_id>/`` (the record's ``artifacts`` paths are relative to the storage root).
+    ``resume`` is a training state saved through ``report`` by an earlier attempt; ``startup_seconds`` (launch to
+    this call, measured by the launcher's worker) is recorded in the cost with the setup, training and evaluation
+    times."""
+    started, wall = utc_now(), time.perf_counter()
+    device, cache_dir, artifacts_dir = torch.device(device), Path(cache_dir), Path(artifacts_dir)
+    rank, world = rank_and_world()
     plan = preflight(config, cache_dir)
     # The files are still those the trial id names (none are loaded yet); hashes the driver cached are reused.
     verify_content(config, splits=plan.splits, files=FileIds(cache_dir, write=False))
@@ -201,30 +127,30 @@ def run_trial(config: TrialConfig, *, cache_dir: str | Path, work_dir: str | Pat
     evaluation, skipped_eval = check_images(plan.splits[1], skip_corrupt=config.data.skip_corrupt_images)
     spec = ViewSpec(resolution=config.data.resolution, num_views=config.data.cached_views, seed=config.data.view_seed)
     views, cache_hit = _rank0_first(lambda: open_token_cache(cache_dir / "token-cache", train, vqvae, spec=spec, log=log))
-    var, steps = _adapted(config, base, classes=len(train.class_names), device=device), config.planned_steps(len(train))
+    var = _adapted(config, base, classes=len(train.class_names), device=device)
     evaluator = _Evaluator(config, vqvae, evaluation, cache_dir=cache_dir, device=device, log=log) if rank == 0 else None  # rank 0 evaluates
     out = {"history": [], "privacy": None, "convergence": [], "compute": {}}
     setup_seconds = time.perf_counter() - wall
     if config.method.name != "base":
-        out = _train(config, var, vqvae, views, base=base, steps=steps, evaluator=evaluator,
-                     report=report, resume=resume, log=log)
+        out = _train(config, var, vqvae, views, base=base, plan=plan, evaluator=evaluator, report=report, resume=resume, log=log)
     if out["privacy"] is not None:
         out["privacy"]["released_without_noise"].update(RECORD_RELEASED_WITHOUT_NOISE)
     record = dict(history=out["history"], convergence=out["convergence"], privacy=out["privacy"], parameters=_parameters(config, var),
                   environment=environment(device, world_size=world), started_at=started,
                   data={"train_images": len(train), "evaluation_images": len(evaluation), "classes": len(train.class_names),
-                        "skipped_images": skipped + skipped_eval, "token_cache_hit": bool(cache_hit), "planned_steps": steps,
+                        "skipped_images": skipped + skipped_eval, "token_cache_hit": bool(cache_hit), "planned_steps": plan.planned_steps,
                         "resumed_from_step": None if resume is None else int(resume["step"])})
     if rank != 0:
-        return make_result(config, status="success", **record, finished_at=_now())
+        return make_result(config, status="success", **record, finished_at=utc_now())
     evaluation_started = time.perf_counter()
-    final = evaluator(var, num_images=config.evaluation.num_images, out_dir=work_dir / "images")
+    final = evaluator(var, evaluation=config.evaluation, out_dir=artifacts_dir / "images")
     phases = {"startup_seconds": startup_seconds, "setup_seconds": setup_seconds, "evaluation_seconds": time.perf_counter() - evaluation_started}
-    if config.method.name != "base":
-        save_adapter(var, work_dir / "adapter.pt", metadata={"trial": config.to_dict(), "trial_id": config.trial_id})
+    trained = config.method.name != "base"
+    if trained:
+        save_adapter(var, artifacts_dir / "adapter.pt", metadata={"trial": config.to_dict(), "trial_id": config.trial_id})
     cost = {**_cost(out["compute"], final["compute"], device=device, world=world, wall_seconds=time.perf_counter() - wall), **phases}
     return make_result(config, status="success", metrics=final["metrics"], cost=cost, evaluation_settings=_evaluation_record(final),
-                       artifacts=_artifacts(work_dir / "images", evaluation), **record, finished_at=_now())
+                       artifacts=_artifacts(config, artifacts_dir, evaluation, adapter=trained), **record, finished_at=utc_now())
 
 
 def _adapted(config: TrialConfig, base, *, classes: int, device: torch.device):
@@ -235,19 +161,13 @@ def _adapted(config: TrialConfig, base, *, classes: int, device: torch.device):
         resize_class_embedding(var, classes, init=m.class_init)
         var.requires_grad_(False)
         return var
-    return adapt(var, AdaptationSpec(method=m.name, num_classes=classes, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
-                                     lora_targets=m.lora_targets, train_blocks=m.train_blocks, class_init=m.class_init,
-                                     seed=config.optimization.seed))
+    return adapt(var, m, num_classes=classes, seed=config.optimization.seed)
 
 
-def _train(config: TrialConfig, var, vqvae, views, *, base, steps: int, evaluator, report: Report | None, resume, log) -> dict:
-    o, e, r = config.optimization, config.evaluation, config.resources
-    k = 1 if config.privacy is None else config.privacy.augmentation_multiplicity
-    options = FinetuneOptions(steps=steps, lr=o.learning_rate, batch_size=o.batch_size, warmup_steps=min(o.warmup_steps, steps),
-                              weight_decay=o.weight_decay, class_dropout=o.class_dropout, augmentation_multiplicity=k,
-                              scale_weight_decay=config.method.scale_weight_decay, prior_weight=config.method.prior_weight,
-                              max_grad_norm=o.global_clip_norm, log_every=max(1, min(50, steps // 20)),
-                              eval_every=e.convergence_every_steps, eval_points=e.convergence_points, autocast_bf16=o.autocast_bf16)
+def _train(config: TrialConfig, var, vqvae, views, *, base, plan: TrialPlan, evaluator, report: Report | None, resume, log) -> dict:
+    e, steps = config.evaluation, plan.planned_steps
+    run_plan = RunPlan(planned_steps=steps, evaluation_steps=plan.evaluation_steps, log_every=max(1, min(50, steps // 20)),
+                       noise_multiplier=plan.noise_multiplier)
     prior = _prior(config, base, vqvae) if config.method.prior_weight > 0 else None
     first_step = resume["step"] if resume is not None else 0  # "seconds" in the history restart with each attempt
 
@@ -266,25 +186,31 @@ def _train(config: TrialConfig, var, vqvae, views, *, base, steps: int, evaluato
             report({"step": state["step"], "steps_total": steps, "checkpoint": True, **_last_convergence(state)}, state)
 
     convergence = None
-    if evaluator is not None and (e.convergence_every_steps or e.convergence_points):
+    if evaluator is not None and plan.evaluation_steps:
+        small = dataclasses.replace(e, num_images=e.convergence_num_images)  # a small-sample FID per point
+
         def convergence(model) -> dict:
-            return {key: value for key, value in evaluator(model, num_images=e.convergence_num_images, quiet=True)["metrics"].items()
+            return {key: value for key, value in evaluator(model, evaluation=small, quiet=True)["metrics"].items()
                     if key in ("fid", "precision", "recall", "class_accuracy")}
-    checkpointing = Checkpointing(every=r.checkpoint_every_steps, every_minutes=r.checkpoint_every_minutes,
-                                  every_fraction=r.checkpoint_every_fraction, save=save, resume=resume)
-    return finetune(var, vqvae, views, options=options, privacy=privacy_spec(config), prior=prior, seed=o.seed, log=on_log,
-                    evaluate_fn=convergence, checkpointing=checkpointing)
+    checkpointing = Checkpointing(save=save, resources=config.resources, resume=resume)
+    return finetune(var, vqvae, views, optimization=config.optimization, method=config.method, privacy=config.privacy, plan=run_plan,
+                    prior=prior, log=on_log, evaluate_fn=convergence, checkpointing=checkpointing)
 
 
-def _artifacts(images_dir: Path, evaluation, *, per_class: int = 6) -> dict:
-    """Where the analysis finds this trial's generated images (``class_<label>/``), and a few real evaluation
-    images of every class to show beside them, keyed by label (absolute paths: the analysis may run elsewhere on
-    the shared storage)."""
+def _artifacts(config: TrialConfig, artifacts_dir: Path, evaluation: ImageList, *, adapter: bool, per_class: int = 6) -> dict:
+    """The record's ``artifacts``: paths relative to the storage root ("/" separated; the folder is
+    ``artifacts/<trial_id>``), after copying up to ``per_class`` real evaluation images of every class into
+    ``real/class_<label>/<n><suffix>`` so the analysis can show them beside the generated ones without the dataset."""
+    folder = f"artifacts/{config.trial_id}"
     real = [{"label": label, "class": name, "paths": []} for label, name in enumerate(evaluation.class_names)]
     for path, label in zip(evaluation.paths, evaluation.labels):
-        if len(real[label]["paths"]) < per_class:
-            real[label]["paths"].append(str(Path(path).resolve()))
-    return {"generated_images": str(images_dir.resolve()), "real_images": real}
+        paths = real[label]["paths"]
+        if len(paths) < per_class:
+            relative = f"real/class_{label}/{len(paths)}{Path(path).suffix.lower()}"
+            atomic_write(artifacts_dir / relative, lambda tmp, source=path: shutil.copyfile(source, tmp))
+            paths.append(f"{folder}/{relative}")
+    return {"folder": folder, "adapter": f"{folder}/adapter.pt" if adapter else None, "generated_images": f"{folder}/images",
+            "real_images": real}
 
 
 def _parameters(config: TrialConfig, var) -> dict:
@@ -300,8 +226,7 @@ def _last_convergence(state: dict) -> dict:
 
 def _prior(config: TrialConfig, base, vqvae) -> Prior:
     teacher = copy.deepcopy(base).requires_grad_(False).eval()
-    e = config.evaluation
-    bank = build_prior_bank(teacher, vqvae, num_samples=256, cfg=e.guidance_scale, top_k=e.top_k, top_p=e.top_p,
+    bank = build_prior_bank(teacher, vqvae, num_samples=256, evaluation=config.evaluation,
                             generator=torch.Generator().manual_seed(config.optimization.seed))
     return Prior(teacher=teacher, bank=bank)
 
@@ -317,17 +242,16 @@ class _Evaluator:
         self.extractor = (self.classifier[0] if e.extractor == DIGITS_CNN else
                           build_extractor(e.extractor, weights_path=e.inception_weights)).to(device)
         self.cache = ReferenceStats(cache_dir / "reference-stats")
-        self.sampling = SamplingSettings(cfg=e.guidance_scale, top_k=e.top_k, top_p=e.top_p, batch_size=e.batch_size, seed=e.sampling_seed)
 
-    def __call__(self, var, *, num_images: int | None, out_dir: Path | None = None, quiet: bool = False) -> dict:
-        generated = num_images or len(self.images)
+    def __call__(self, var, *, evaluation: EvaluationConfig, out_dir: Path | None = None, quiet: bool = False) -> dict:
+        """Metrics of ``var`` with ``evaluation`` (the trial's section, or a copy with the convergence curve's image count)."""
+        generated = evaluation.num_images or len(self.images)
         # KID averages over random subsets: half of the smaller set (at most the usual 1000), so subsets differ and
         # its standard deviation means something.
         subset = max(2, min(1000, min(generated, len(self.images)) // 2))
-        settings = EvaluationSettings(extractor=self.config.evaluation.extractor, resolution=self.config.data.resolution, num_images=num_images,
-                                      kid_subset_size=subset)
-        return evaluate(var, self.vqvae, self.images, settings=settings, sampling=self.sampling, cache=self.cache,
-                        extractor=self.extractor, out_dir=out_dir, classifier=self.classifier, log=None if quiet else self.log)
+        return evaluate(var, self.vqvae, self.images, evaluation=evaluation, autocast_bf16=self.config.optimization.autocast_bf16,
+                        cache=self.cache, scoring=ScoringSettings(kid_subset_size=subset), feature_extractor=self.extractor,
+                        out_dir=out_dir, classifier=self.classifier, log=None if quiet else self.log)
 
 
 def _evaluation_record(final: dict) -> dict:
@@ -372,8 +296,3 @@ def _git_commit() -> str | None:
         return f"{commit}+dirty" if commit and dirty else commit
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-

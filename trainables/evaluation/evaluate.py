@@ -25,6 +25,7 @@ from PIL import Image
 
 from bench.cli import Parser, number, probe_folder, run_reporting
 from bench.errors import VarsweepError
+from bench.schema import EvaluationConfig, OptimizationConfig
 
 from ..data.datasets import ImageList, check_images, eval_transform, read_dataset
 from ..models import VAR, VQVAE
@@ -33,17 +34,15 @@ from ..profiling import PETA, count_flops
 from ..progress import Log, Progress
 from .classifier import DigitsCNN, class_accuracy, predict
 from .features import DIGITS_CNN, INCEPTION, INCEPTION_WEIGHTS_FILE, SUBSTITUTE, build_extractor, extract_features, uint8_batches
-from .generate import SamplingSettings, generate, generation_plan, read_generated
+from .generate import generate, generation_plan, read_generated, sampling_record
 from .metrics import ReferenceKey, ReferenceStats, fid_from_statistics, gaussian_statistics, kid, precision_recall
 
 
 @dataclass(frozen=True)
-class EvaluationSettings:
-    """Recorded with every result: what the numbers mean."""
+class ScoringSettings:
+    """How generated images are scored beyond the trial config (recorded with every result, with the extractor,
+    resolution and image count): k of the precision/recall neighbourhoods, KID's subsets and their size."""
 
-    extractor: str = SUBSTITUTE
-    resolution: int = 256
-    num_images: int | None = None  # None: as many per class as the split has
     neighborhood: int = 3
     kid_subsets: int = 100
     kid_subset_size: int = 1000
@@ -60,61 +59,65 @@ def real_images_uint8(images: ImageList, resolution: int, *, batch_size: int = 6
         yield torch.stack(batch)
 
 
-def reference_statistics(images: ImageList, *, extractor, settings: EvaluationSettings, cache: ReferenceStats,
+def reference_statistics(images: ImageList, *, extractor, resolution: int, cache: ReferenceStats,
                          device: torch.device | str = "cpu") -> tuple[dict, bool]:
-    """(mu, sigma, features) of the real split, computed once per (dataset, split, resolution, extractor)."""
-    key = ReferenceKey(images.name, images.split, settings.resolution, extractor.name, len(images), images.fingerprint())
+    """(mu, sigma, features) of the real split at ``resolution`` pixels, computed once per (dataset, split,
+    resolution, extractor)."""
+    key = ReferenceKey(images.name, images.split, resolution, extractor.name, len(images), images.fingerprint())
     cached = cache.load(key)
     if cached is not None:
         return cached, True
-    features = extract_features(extractor, real_images_uint8(images, settings.resolution), device=device)
+    features = extract_features(extractor, real_images_uint8(images, resolution), device=device)
     return cache.save(key, features), False
 
 
-def evaluate(var: VAR, vqvae: VQVAE, images: ImageList, *, settings: EvaluationSettings, sampling: SamplingSettings,
-             cache: ReferenceStats, extractor=None, inception_weights: str | None = None, out_dir: str | Path | None = None,
-             classifier: tuple[DigitsCNN, dict] | None = None, log: Log | None = None) -> dict:
-    """Metrics of ``var`` against the real split ``images`` with the evaluation and sampling settings recorded.
-    ``classifier`` (model, record) adds the class accuracy of the generated images (does each show its class?)."""
+def evaluate(var: VAR, vqvae: VQVAE, images: ImageList, *, evaluation: EvaluationConfig, autocast_bf16: bool,
+             cache: ReferenceStats, scoring: ScoringSettings = ScoringSettings(), feature_extractor=None,
+             out_dir: str | Path | None = None, classifier: tuple[DigitsCNN, dict] | None = None, log: Log | None = None) -> dict:
+    """Metrics of ``var`` against the real split ``images``, at the VQVAE's image size, with ``evaluation``'s
+    extractor, image count and sampling settings (``autocast_bf16``: the trial's ``optimization.autocast_bf16``),
+    all recorded. ``feature_extractor``: the built extractor (default: built from ``evaluation.extractor`` and
+    ``evaluation.inception_weights``). ``classifier`` (model, record) adds the class accuracy of the generated
+    images (does each show its class?)."""
     device = next(var.parameters()).device
-    if vqvae.image_size != settings.resolution:
-        raise ValueError(f"the model generates {vqvae.image_size}px images but the evaluation resolution is {settings.resolution}px")
-    extractor = (extractor or build_extractor(settings.extractor, weights_path=inception_weights)).to(device)
+    resolution = vqvae.image_size
+    feature_extractor = (feature_extractor or build_extractor(evaluation.extractor, weights_path=evaluation.inception_weights)).to(device)
     started = time.perf_counter()
-    reference, hit = reference_statistics(images, extractor=extractor, settings=settings, cache=cache, device=device)
+    reference, hit = reference_statistics(images, extractor=feature_extractor, resolution=resolution, cache=cache, device=device)
     reference_seconds = time.perf_counter() - started
-    plan = generation_plan(list(images.class_counts.values()), total=settings.num_images)
+    plan = generation_plan(list(images.class_counts.values()), total=evaluation.num_images)
     started = time.perf_counter()
-    generated, requested_N = generate(var, vqvae, plan, settings=sampling, out_dir=out_dir,
+    generated, requested_N = generate(var, vqvae, plan, evaluation=evaluation, autocast_bf16=autocast_bf16, out_dir=out_dir,
                                       progress=Progress("evaluation", "generated image", sum(plan), log=log))
     if out_dir is not None:
         generated, requested_N = read_generated(out_dir, plan)
     generation_seconds = time.perf_counter() - started
-    scoring = Progress("evaluation", "scoring", 1, log=log)
-    features = extract_features(extractor, uint8_batches(generated), device=device)
+    progress = Progress("evaluation", "scoring", 1, log=log)
+    features = extract_features(feature_extractor, uint8_batches(generated), device=device)
     real = torch.from_numpy(reference["features"]).double()
     metrics = {"fid": fid_from_statistics(gaussian_statistics(features), {"mu": reference["mu"], "sigma": reference["sigma"]}),
-               **precision_recall(features, real, neighborhood=settings.neighborhood),
-               **kid(features, real, subsets=settings.kid_subsets, subset_size=settings.kid_subset_size)}
-    recorded = {**asdict(settings), "extractor": extractor.name}
+               **precision_recall(features, real, neighborhood=scoring.neighborhood),
+               **kid(features, real, subsets=scoring.kid_subsets, subset_size=scoring.kid_subset_size)}
+    recorded = {"extractor": feature_extractor.name, "resolution": resolution, "num_images": evaluation.num_images, **asdict(scoring)}
     if classifier is not None:
         model, record = classifier
         metrics.update(class_accuracy(predict(model.to(device), generated), requested_N, classes=len(plan)))
         recorded["classifier"] = {key: record[key] for key in ("name", "test_accuracy", "weights_sha256", "input_size")}
-    scoring.update(1, " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    per_image = _sampling_flops_per_image(var, vqvae, label=next(i for i, c in enumerate(plan) if c > 0), sampling=sampling)
+    progress.update(1, " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    per_image = _sampling_flops_per_image(var, vqvae, label=next(i for i, c in enumerate(plan) if c > 0), evaluation=evaluation)
     compute = {"sample_flops_per_image": per_image, "sample_pflops": per_image * len(generated) / PETA,
                "images_per_second": len(generated) / generation_seconds if generation_seconds else None}
     return {"metrics": metrics, "evaluation_settings": recorded, "compute": compute,
-            "sampling": sampling.to_dict(), "images_generated": len(generated), "plan": plan,
+            "sampling": sampling_record(evaluation, autocast_bf16=autocast_bf16), "images_generated": len(generated), "plan": plan,
             "reference_cache_hit": hit, "reference_seconds": reference_seconds, "generation_seconds": generation_seconds}
 
 
-def _sampling_flops_per_image(var: VAR, vqvae: VQVAE, *, label: int, sampling: SamplingSettings) -> int:
+def _sampling_flops_per_image(var: VAR, vqvae: VQVAE, *, label: int, evaluation: EvaluationConfig) -> int:
     """FLOPs of generating one image (both CFG branches, all scales, VQVAE decoding); linear in the batch."""
     device = next(var.parameters()).device
-    flops, _ = count_flops(lambda: var.sample(torch.tensor([label], device=device), vqvae=vqvae, cfg=sampling.cfg, top_k=sampling.top_k,
-                                              top_p=sampling.top_p, generator=torch.Generator(device=device).manual_seed(0)))
+    flops, _ = count_flops(lambda: var.sample(torch.tensor([label], device=device), vqvae=vqvae, cfg=evaluation.guidance_scale,
+                                              top_k=evaluation.top_k, top_p=evaluation.top_p,
+                                              generator=torch.Generator(device=device).manual_seed(0)))
     return flops
 
 
@@ -135,15 +138,22 @@ def _parser() -> Parser:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--root", required=True)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--extractor", default=INCEPTION, choices=(INCEPTION, SUBSTITUTE, DIGITS_CNN))
+    # The sampling options' defaults are EvaluationConfig's (a sweep trial's), never a copy of their values.
+    defaults = EvaluationConfig  # its fields' defaults, read as class attributes
+    parser.add_argument("--extractor", default=EvaluationConfig.extractor, choices=(INCEPTION, SUBSTITUTE, DIGITS_CNN))
     parser.add_argument("--inception-weights", help=f"the local {INCEPTION_WEIGHTS_FILE} (for --extractor {INCEPTION})")
-    parser.add_argument("--resolution", type=number(int, minimum=8), default=256, help="pixels; the --vqvae model's image size")
-    parser.add_argument("--num-images", type=number(int, minimum=2), help="images to generate (default: as many per class as the split has)")
-    parser.add_argument("--cfg", type=number(float, minimum=0), default=1.5, help="classifier-free guidance scale, >= 0")
-    parser.add_argument("--top-k", type=number(int, minimum=0), default=900, help="top-k filter, >= 0 (0: off)")
-    parser.add_argument("--top-p", type=number(float, minimum=0, below=1), default=0.96, help="top-p filter in [0, 1) (0: off)")
-    parser.add_argument("--batch-size", type=number(int, minimum=1), default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=number(int, minimum=8),
+                        help="pixels, checked against the --vqvae model's image size (default: that size)")
+    parser.add_argument("--num-images", type=number(int, minimum=2), default=defaults.num_images,
+                        help="images to generate (default: as many per class as the split has)")
+    parser.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=number(float, minimum=0), default=defaults.guidance_scale,
+                        help="classifier-free guidance scale, >= 0")
+    parser.add_argument("--top-k", type=number(int, minimum=0), default=defaults.top_k, help="top-k filter, >= 0 (0: off)")
+    parser.add_argument("--top-p", type=number(float, minimum=0, below=1), default=defaults.top_p, help="top-p filter in [0, 1) (0: off)")
+    parser.add_argument("--batch-size", type=number(int, minimum=1), default=defaults.batch_size, help="images per sampling batch")
+    parser.add_argument("--sampling-seed", "--seed", dest="sampling_seed", type=int, default=defaults.sampling_seed)
+    parser.add_argument("--autocast-bf16", action=argparse.BooleanOptionalAction, default=OptimizationConfig.autocast_bf16,
+                        help="sample under bf16 autocast on CUDA")
     parser.add_argument("--cache", default="runs/reference-stats", help="folder of the cached reference statistics")
     parser.add_argument("--out", required=True, help="folder for evaluation.json and the generated images")
     return parser
@@ -165,6 +175,7 @@ def _main(argv: list[str] | None) -> int:
         raise EvaluationError(f"--inception-weights {args.inception_weights}: no such file (--extractor {INCEPTION} needs the local "
                               f"{INCEPTION_WEIGHTS_FILE}; nothing is downloaded)" if args.inception_weights else
                               f"--extractor {INCEPTION} needs --inception-weights (the local {INCEPTION_WEIGHTS_FILE})")
+    evaluation = evaluation_config(args)
     var_architecture = _var_architecture(args)
     vqvae_architecture = _saved_architecture(args.vqvae, kind="vqvae") or {}
     out, cache = _writable_folder(args.out, "--out"), _writable_folder(args.cache, "--cache")
@@ -176,15 +187,20 @@ def _main(argv: list[str] | None) -> int:
         from ..methods import load_adapter  # peft: imported only when an adapter is applied
         var = load_adapter(var, args.adapter)
     vqvae = load_vqvae(args.vqvae, **vqvae_architecture, device=device)
-    if vqvae.image_size != args.resolution:
+    if args.resolution is not None and vqvae.image_size != args.resolution:
         raise EvaluationError(f"--resolution {args.resolution}: the --vqvae model {args.vqvae} makes {vqvae.image_size}px images")
-    result = evaluate(var.eval(), vqvae, images, cache=ReferenceStats(cache), extractor=extractor,
-                      settings=EvaluationSettings(extractor=args.extractor, resolution=args.resolution, num_images=args.num_images),
-                      sampling=SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed),
-                      out_dir=out / "images")
+    result = evaluate(var.eval(), vqvae, images, evaluation=evaluation, autocast_bf16=args.autocast_bf16, cache=ReferenceStats(cache),
+                      feature_extractor=extractor, out_dir=out / "images")
     (out / "evaluation.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result["metrics"], indent=1))
     return 0
+
+
+def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
+    """The command's options as the trial config's evaluation section (its checks name the field)."""
+    return EvaluationConfig(extractor=args.extractor, inception_weights=args.inception_weights, num_images=args.num_images,
+                            guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size,
+                            sampling_seed=args.sampling_seed)
 
 
 def _var_architecture(args: argparse.Namespace) -> dict:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from bench.schema import EvaluationConfig
 
 from ..models import VAR, VQVAE
 from ..models.checkpoints import atomic_write
@@ -32,17 +33,13 @@ MANIFEST = "generated.json"
 GENERATED_FORMAT = "varsweep-generated/1"
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    cfg: float = 1.5
-    top_k: int = 900
-    top_p: float = 0.96
-    batch_size: int = 32
-    seed: int = 0
-    autocast_bf16: bool = True  # on CUDA only
+SAMPLING_FIELDS = ("guidance_scale", "top_k", "top_p", "batch_size", "sampling_seed")  # of EvaluationConfig: what an image depends on
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def sampling_record(evaluation: EvaluationConfig, *, autocast_bf16: bool) -> dict:
+    """The sampling settings an image set was drawn with, under the config's names (recorded with results and in
+    the generated folder's manifest); ``autocast_bf16`` is the trial's ``optimization.autocast_bf16`` (CUDA only)."""
+    return {**{name: getattr(evaluation, name) for name in SAMPLING_FIELDS}, "autocast_bf16": autocast_bf16}
 
 
 def generation_plan(class_counts: Sequence[int], *, total: int | None = None) -> list[int]:
@@ -72,9 +69,10 @@ def image_path(out_dir: Path, label: int, number: int) -> Path:
 
 
 @torch.no_grad()
-def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, settings: SamplingSettings, out_dir: str | Path | None = None,
-             progress: Progress | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Generate ``plan[c]`` images of every class c.
+def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, evaluation: EvaluationConfig, autocast_bf16: bool,
+             out_dir: str | Path | None = None, progress: Progress | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Generate ``plan[c]`` images of every class c with the sampling settings of ``evaluation`` (guidance scale,
+    top-k/top-p, batch size, sampling seed); forwards under bf16 autocast when ``autocast_bf16`` on CUDA.
 
     With ``out_dir``: lossless PNGs ``class_XXXX/NNNNNN.png`` (NNNNNN numbers the image within the whole run), each
     written atomically; batches whose files all exist are skipped, so an interrupted run resumes, but only when the
@@ -84,14 +82,14 @@ def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, settings: SamplingS
     device = next(var.parameters()).device
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
-        claim_folder(out, generation_manifest(var, vqvae, settings), progress=progress)
+        claim_folder(out, generation_manifest(var, vqvae, sampling_record(evaluation, autocast_bf16=autocast_bf16)), progress=progress)
     kept = []
-    for b, start in enumerate(range(0, len(labels_N), settings.batch_size)):
-        label_B = labels_N[start: start + settings.batch_size]
+    for b, start in enumerate(range(0, len(labels_N), evaluation.batch_size)):
+        label_B = labels_N[start: start + evaluation.batch_size]
         paths = [] if out is None else [image_path(out, int(c), start + i) for i, c in enumerate(label_B)]
         if paths and all(p.is_file() for p in paths):
             continue
-        images_B3HW = _sample_batch(var, vqvae, label_B.to(device), settings=settings, batch_index=b)
+        images_B3HW = _sample_batch(var, vqvae, label_B.to(device), evaluation=evaluation, autocast_bf16=autocast_bf16, batch_index=b)
         if out is None:
             kept.append(images_B3HW)
         else:
@@ -113,9 +111,10 @@ def weights_fingerprint(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def generation_manifest(var: VAR, vqvae: VQVAE, settings: SamplingSettings) -> dict:
-    """What the images of an output folder depend on: the weights that drew them and the sampling settings."""
-    return {"format": GENERATED_FORMAT, "weights_sha256": weights_fingerprint(var, vqvae), "sampling": settings.to_dict()}
+def generation_manifest(var: VAR, vqvae: VQVAE, sampling: dict) -> dict:
+    """What the images of an output folder depend on: the weights that drew them and the sampling settings
+    (``sampling_record``)."""
+    return {"format": GENERATED_FORMAT, "weights_sha256": weights_fingerprint(var, vqvae), "sampling": sampling}
 
 
 def claim_folder(out_dir: Path, manifest: dict, *, progress: Progress | None = None) -> None:
@@ -137,11 +136,13 @@ def claim_folder(out_dir: Path, manifest: dict, *, progress: Progress | None = N
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
 
 
-def _sample_batch(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, *, settings: SamplingSettings, batch_index: int) -> torch.Tensor:
+def _sample_batch(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, *, evaluation: EvaluationConfig, autocast_bf16: bool,
+                  batch_index: int) -> torch.Tensor:
     device = label_B.device
-    generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + batch_index)
-    with bf16_autocast(device, enabled=settings.autocast_bf16):
-        images = var.sample(label_B, vqvae=vqvae, cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p, generator=generator)
+    generator = torch.Generator(device=device).manual_seed(evaluation.sampling_seed * 1_000_003 + batch_index)
+    with bf16_autocast(device, enabled=autocast_bf16):
+        images = var.sample(label_B, vqvae=vqvae, cfg=evaluation.guidance_scale, top_k=evaluation.top_k, top_p=evaluation.top_p,
+                            generator=generator)
     return images.float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
 
 

@@ -2,7 +2,7 @@
 
 The paper's protocol computes all three on the same Inception-v3 pool features (torch-fidelity's default
 precision/recall would use VGG16 features instead), so metrics here take features, whatever extractor made them;
-the extractor's name travels with every result (``EvaluationSettings``) and results of different extractors are
+the extractor's name travels with every result (the result's ``evaluation_settings``) and results of different extractors are
 never compared. Reference statistics of a real split are computed once and cached on disk (``ReferenceStats``).
 Features: float [N, D]; the first argument is always the generated set, the second the real one.
 """

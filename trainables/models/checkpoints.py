@@ -312,9 +312,12 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], *, name_from_content: Callable[[BinaryIO], Path] | None = None) -> Path:
     """``write(tmp)`` a file beside ``path``, fsync it, then rename it over ``path``: an interrupted save never
-    leaves a half-written file (checkpoints, caches, generated images)."""
+    leaves a half-written file (checkpoints, their sidecars, caches, generated images). ``name_from_content``
+    (given the written file, open for reading) names another destination beside it instead, e.g. by the bytes'
+    SHA-256. Returns the path written. The one writer of this package: every file is written this way."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -323,9 +326,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            destination = path if name_from_content is None else name_from_content(handle)
+        os.replace(tmp, destination)
     finally:
         tmp.unlink(missing_ok=True)
+    return destination
 
 
 def save_tensors(path: str | os.PathLike, state: Mapping[str, torch.Tensor], *, kind: str, architecture: Mapping[str, Any],
@@ -340,19 +345,14 @@ def save_tensors(path: str | os.PathLike, state: Mapping[str, torch.Tensor], *, 
        staged (a save stopped between 2 and 3) completes step 3 itself (``_committed_weights``)."""
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-            sha = _stream_sha256(handle)
-        staged = staged_path(path, sha)
-        os.replace(tmp, staged)
-    finally:
-        tmp.unlink(missing_ok=True)
+    written: dict[str, str] = {}
+
+    def staged_by_sha(handle: BinaryIO) -> Path:
+        written["sha"] = _stream_sha256(handle)
+        return staged_path(path, written["sha"])
+
+    staged = atomic_write(path, lambda tmp: torch.save(state, tmp), name_from_content=staged_by_sha)
+    sha = written["sha"]
     record = {"format": SIDECAR_FORMAT, "kind": kind, "architecture": _normalised(architecture), "sha256": sha,
               "weights": path.name, "metadata": dict(metadata or {})}
     atomic_write(sidecar_path(path), lambda out: out.write_text(json.dumps(record, indent=1, sort_keys=True)))

@@ -1,0 +1,68 @@
+"""A trial's artifacts belong to the storage, not to the cache: written in place under a local storage, staged on
+the node and uploaded before the result under a URI storage (file:// here, which takes the same path as s3://),
+replaced by a new attempt. (tests/test_front_door.py clears the cache after real sweeps and analyses them again.)"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.results import ResultStore
+from bench.schema import ConfigError, make_result
+from sweep_driver import tiny_trial
+
+CONFIG = tiny_trial("lora", steps=2)
+FIRST_ATTEMPT = {"adapter.pt": b"weights", "adapter.pt.json": b"{}", "images/class_0/0.png": b"png 0", "images/class_1/0.png": b"png 1",
+                 "real/class_0/0.png": b"real 0"}
+
+
+def fill(folder: Path, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_uri_storage_gets_the_staged_artifacts_before_the_result(tmp_path):
+    store, cache = ResultStore(f"file://{tmp_path}/bucket"), tmp_path / "cache"
+    staged = store.artifacts_dir(CONFIG.trial_id, cache_dir=cache, fresh=True)
+    assert store.remote and staged == cache / "staging" / CONFIG.trial_id and staged.is_dir()
+    fill(staged, FIRST_ATTEMPT)
+    store.publish(make_result(CONFIG, status="success"), artifacts_dir=staged)
+    uploaded = tmp_path / "bucket" / "artifacts" / CONFIG.trial_id
+    assert tree(uploaded) == FIRST_ATTEMPT and store.status(CONFIG.trial_id) == "success"
+    assert not staged.exists()  # the node keeps nothing of the trial's own
+
+    # A new attempt (the trial run again) starts from an empty staging folder and replaces the whole upload.
+    fill(staged, {"images/class_9/stale.png": b"left on this node by an attempt that failed"})
+    staged = store.artifacts_dir(CONFIG.trial_id, cache_dir=cache, fresh=True)
+    assert tree(staged) == {}
+    fill(staged, {"images/class_0/0.png": b"new 0"})
+    store.publish(make_result(CONFIG, status="success"), artifacts_dir=staged)
+    assert tree(uploaded) == {"images/class_0/0.png": b"new 0"}
+
+
+def test_an_invalid_result_uploads_nothing(tmp_path):
+    store = ResultStore(f"file://{tmp_path}/bucket")
+    staged = store.artifacts_dir(CONFIG.trial_id, cache_dir=tmp_path / "cache", fresh=True)
+    fill(staged, FIRST_ATTEMPT)
+    with pytest.raises(ConfigError, match="status"):
+        store.publish({**make_result(CONFIG, status="success"), "status": "done"}, artifacts_dir=staged)
+    assert not (tmp_path / "bucket" / "artifacts").exists() and store.status(CONFIG.trial_id) is None
+
+
+def test_a_local_storage_takes_the_artifacts_in_place(tmp_path):
+    store, cache = ResultStore(tmp_path / "storage"), tmp_path / "cache"
+    folder = store.artifacts_dir(CONFIG.trial_id, cache_dir=cache, fresh=True)
+    assert not store.remote and folder == tmp_path / "storage" / "artifacts" / CONFIG.trial_id
+    fill(folder, FIRST_ATTEMPT)
+    assert store.artifacts_dir(CONFIG.trial_id, cache_dir=cache) == folder and tree(folder) == FIRST_ATTEMPT  # other ranks: untouched
+    folder = store.artifacts_dir(CONFIG.trial_id, cache_dir=cache, fresh=True)  # rank 0 of a new attempt
+    assert tree(folder) == {}
+    fill(folder, {"images/class_0/0.png": b"new 0"})
+    store.publish(make_result(CONFIG, status="success"), artifacts_dir=folder)
+    assert tree(folder) == {"images/class_0/0.png": b"new 0"} and not cache.exists()
+
