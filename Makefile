@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow install constraints benchmark clean
+.PHONY: demo test test-slow install constraints benchmark clean format
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m bench demo --storage $(DEMO_OUT)
 
+# Lint and format check first (ruff, settings in pyproject.toml; `make format` applies the formatter), then the suite.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # The slow tests the default run leaves out (see pyproject.toml): a 2-node Ray cluster, killed workers and drivers.
 test-slow: $(STAMP)

@@ -6,6 +6,7 @@ torch nor Ray. Exits 2 with a last stderr line ``error: ...`` naming the input a
 when the command line is wrong or the results cannot be analysed as asked: no or unreadable results, invalid
 files (listed above that line), mixed feature extractors, several settings in one cell, a refused
 --compare-paper, an output folder that cannot be written."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import sys
 from bench.cli import Parser, number, report, run_reporting
 
 from .load import AnalysisError
-from .report import summary, notices
+from .report import notices, summary
 from .run import analyse
 
 
@@ -24,25 +25,59 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = Parser(prog="python -m analysis", description=__doc__.splitlines()[0])
-    parser.add_argument("results_dir", help="a sweep's storage folder (with results/) or a folder of result JSON files")
-    parser.add_argument("--out", required=True, help="folder for tables/, figures/, grids/, index.html, index.md")
-    parser.add_argument("--compare-paper", action="store_true", help="put the published numbers beside ours for the same cells")
+    parser.add_argument(
+        "results_dir", help="a sweep's storage folder (with results/) or a folder of result JSON files"
+    )
+    parser.add_argument(
+        "--out", required=True, help="folder for tables/, figures/, grids/, index.html, index.md"
+    )
+    parser.add_argument(
+        "--compare-paper",
+        action="store_true",
+        help="put the published numbers beside ours for the same cells",
+    )
     parser.add_argument("--extractor", help="analyse only the trials evaluated with this feature extractor")
-    parser.add_argument("--skip-invalid", action="store_true", help="list and skip files that are not valid results instead of stopping")
-    parser.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
-                        help="keep trials whose config field (dotted, e.g. method.lora_rank=16) has this value; repeatable")
-    parser.add_argument("--table2-epsilon", type=number(float, above=0), default=10.0, help="the epsilon of Table 2 (DP FID vs k); default 10")
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="list and skip files that are not valid results instead of stopping",
+    )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="keep trials whose config field (dotted, e.g. method.lora_rank=16) has this value; repeatable",
+    )
+    parser.add_argument(
+        "--table2-epsilon",
+        type=number(float, above=0),
+        default=10.0,
+        help="the epsilon of Table 2 (DP FID vs k); default 10",
+    )
     parser.add_argument("--no-grids", action="store_true", help="do not draw per-trial sample grids")
-    parser.add_argument("--no-figures", action="store_true", help="do not draw figures (tables and report only)")
+    parser.add_argument(
+        "--no-figures", action="store_true", help="do not draw figures (tables and report only)"
+    )
     args = parser.parse_args(argv)
     try:
-        analysis = analyse(args.results_dir, args.out, compare_paper=args.compare_paper, extractor=args.extractor,
-                           skip_invalid=args.skip_invalid, where=parse_where(args.where), table2_epsilon=args.table2_epsilon,
-                           grids=not args.no_grids, figures=not args.no_figures)
+        analysis = analyse(
+            args.results_dir,
+            args.out,
+            compare_paper=args.compare_paper,
+            extractor=args.extractor,
+            skip_invalid=args.skip_invalid,
+            where=parse_where(args.where),
+            table2_epsilon=args.table2_epsilon,
+            grids=not args.no_grids,
+            figures=not args.no_figures,
+        )
     except OSError as error:  # the output folder is not writable, the disk is full: say so, no traceback
         return fail(f"cannot write the analysis to {args.out}: {error}")
-    print(f"{summary(analysis.results)} Wrote {len(analysis.tables)} tables, {len(analysis.comparisons)} comparisons, "
-          f"{len(analysis.figures)} figures, {len(analysis.grids)} sample grids.")
+    print(
+        f"{summary(analysis.results)} Wrote {len(analysis.tables)} tables, {len(analysis.comparisons)} comparisons, "
+        f"{len(analysis.figures)} figures, {len(analysis.grids)} sample grids."
+    )
     for heading, items in notices(analysis):
         if items and items != ["None."]:
             print(f"{heading}:\n" + "\n".join(f"  {item}" for item in items))

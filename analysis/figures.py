@@ -7,6 +7,7 @@ the report says why.
 Readability rules every figure follows: the title is wrapped to the figure's width, legends sit outside the axes
 (right of them), log axes print plain numbers (1, 2, 5, 10, not 10^0), each k has its own colour, and the no-DP
 reference lines are in the legend."""
+
 from __future__ import annotations
 
 import itertools
@@ -19,29 +20,56 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib import font_manager, ticker  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib import font_manager, ticker
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from pyarrow import fs as pafs
 
-from pyarrow import fs as pafs  # noqa: E402
+from bench.results import open_storage
+from bench.schema import is_storage_relative, is_uri
 
-from bench.results import open_storage  # noqa: E402
-from bench.schema import is_storage_relative, is_uri  # noqa: E402
+from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup, method_label
+from .tables import TABLE2_METHODS, dataset_columns
 
-from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup, method_label  # noqa: E402
-from .tables import TABLE2_METHODS, dataset_columns  # noqa: E402
-
-STYLE = {"figure.dpi": 110, "savefig.dpi": 150, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
-         "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False, "legend.fontsize": 8,
-         "figure.titlesize": 11}
-METHOD_COLORS = {"full": "#1b6ca8", "lora": "#d1495b", "ln_tuning": "#edae49", "lora_attention": "#66a182", "lora_mlp": "#8d6a9f",
-                 "base": "#7f7f7f"}
-METHOD_MARKERS = {"full": "o", "lora": "o", "ln_tuning": "s", "lora_attention": "^", "lora_mlp": "v", "base": "D"}
+STYLE = {
+    "figure.dpi": 110,
+    "savefig.dpi": 150,
+    "font.size": 9,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "legend.frameon": False,
+    "legend.fontsize": 8,
+    "figure.titlesize": 11,
+}
+METHOD_COLORS = {
+    "full": "#1b6ca8",
+    "lora": "#d1495b",
+    "ln_tuning": "#edae49",
+    "lora_attention": "#66a182",
+    "lora_mlp": "#8d6a9f",
+    "base": "#7f7f7f",
+}
+METHOD_MARKERS = {
+    "full": "o",
+    "lora": "o",
+    "ln_tuning": "s",
+    "lora_attention": "^",
+    "lora_mlp": "v",
+    "base": "D",
+}
 # No-DP reference lines are black; the method shows in the dash pattern (and the legend says which).
-REFERENCE_STYLES = {"full": (0, (1, 1)), "lora": (0, (1, 1.5)), "ln_tuning": (0, (4, 2)), "lora_attention": (0, (4, 1, 1, 1)),
-                    "lora_mlp": (0, (6, 2, 1, 2)), "base": (0, (2, 3))}
+REFERENCE_STYLES = {
+    "full": (0, (1, 1)),
+    "lora": (0, (1, 1.5)),
+    "ln_tuning": (0, (4, 2)),
+    "lora_attention": (0, (4, 1, 1, 1)),
+    "lora_mlp": (0, (6, 2, 1, 2)),
+    "base": (0, (2, 3)),
+}
 LEGEND_WIDTH = 1.9  # inches added to a figure for the legend on its right
 MAX_COLUMNS = 3  # panels per row: wider figures shrink below legibility in a report or a paper column
 
@@ -65,7 +93,13 @@ def _figure(panels: int, *, width: float = 3.6, height: float = 3.0):
     room for a legend on the right; constrained layout keeps the title, the axes and the legend inside the canvas."""
     columns = min(panels, MAX_COLUMNS)
     rows = math.ceil(panels / columns)
-    fig, grid = plt.subplots(rows, columns, figsize=(width * columns + LEGEND_WIDTH, height * rows), squeeze=False, layout="constrained")
+    fig, grid = plt.subplots(
+        rows,
+        columns,
+        figsize=(width * columns + LEGEND_WIDTH, height * rows),
+        squeeze=False,
+        layout="constrained",
+    )
     axes = list(grid.flat)
     for ax in axes[panels:]:
         ax.set_visible(False)
@@ -80,9 +114,16 @@ def _legend(fig, *, extra: list | None = None) -> None:
             entries.setdefault(label, handle)
     for handle in extra or []:
         entries.setdefault(handle.get_label(), handle)
-    labels = sorted(entries, key=lambda label: label.endswith("no DP"))  # the references after the curves they refer to
+    labels = sorted(
+        entries, key=lambda label: label.endswith("no DP")
+    )  # the references after the curves they refer to
     if labels:
-        fig.legend([entries[label] for label in labels], labels, loc="outside right upper", ncols=1 if len(labels) <= 22 else 2)
+        fig.legend(
+            [entries[label] for label in labels],
+            labels,
+            loc="outside right upper",
+            ncols=1 if len(labels) <= 22 else 2,
+        )
 
 
 def _plain_log(axis, values) -> None:
@@ -95,7 +136,9 @@ def _plain_log(axis, values) -> None:
         if math.log(tick / labelled[-1]) >= 0.07 * span:
             labelled.append(tick)
     axis.set_major_locator(ticker.FixedLocator(ticks))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if any(math.isclose(v, t) for t in labelled) else ""))
+    axis.set_major_formatter(
+        ticker.FuncFormatter(lambda v, _: f"{v:g}" if any(math.isclose(v, t) for t in labelled) else "")
+    )
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
@@ -115,7 +158,9 @@ def _title(fig, title: str) -> None:
     room = 0.9 * (canvas - legend)  # a margin on both sides: the title never touches the legend
     text = fig.suptitle(title, x=0.5 * (canvas - legend) / canvas)
     chars = len(title)
-    while text.get_window_extent(renderer).width > room and chars > 12:  # characters differ in width: measure, not guess
+    while (
+        text.get_window_extent(renderer).width > room and chars > 12
+    ):  # characters differ in width: measure, not guess
         chars = min(chars - 1, int(chars * room / text.get_window_extent(renderer).width))
         text.set_text(textwrap.fill(title, chars))
 
@@ -128,15 +173,24 @@ def _save(fig, folder: Path, name: str, title: str) -> FigureFile:
         fig.savefig(path)
     axes = [ax for ax in fig.axes if ax.get_visible()]
     legend = tuple(t.get_text() for lg in fig.legends for t in lg.get_texts())
-    info = FigureFile(name, title, paths, tuple(ax.get_xlabel() for ax in axes), tuple(ax.get_ylabel() for ax in axes),
-                      tuple(tuple(t.get_text() for t in ax.get_xticklabels()) for ax in axes), legend)
+    info = FigureFile(
+        name,
+        title,
+        paths,
+        tuple(ax.get_xlabel() for ax in axes),
+        tuple(ax.get_ylabel() for ax in axes),
+        tuple(tuple(t.get_text() for t in ax.get_xticklabels()) for ax in axes),
+        legend,
+    )
     plt.close(fig)
     return info
 
 
 def compute_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
     """Training PFLOPs per dataset (x) and method (bars), one panel per model (non-DP trials; log scale)."""
-    data = trials[(trials["status"] == "success") & ~trials["dp"] & (trials["method"] != "base")].dropna(subset=["train_pflops"])
+    data = trials[(trials["status"] == "success") & ~trials["dp"] & (trials["method"] != "base")].dropna(
+        subset=["train_pflops"]
+    )
     if data.empty:
         return None
     models = list(dict.fromkeys(data.sort_values("depth")["model"]))
@@ -150,12 +204,22 @@ def compute_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
 
 
 def _compute_panel(ax, sub: pd.DataFrame) -> None:
-    datasets, methods = [d for d in dataset_columns(sub) if d in set(sub["dataset"])], [m for m in METHOD_LABELS if m in set(sub["method"])]
+    datasets, methods = (
+        [d for d in dataset_columns(sub) if d in set(sub["dataset"])],
+        [m for m in METHOD_LABELS if m in set(sub["method"])],
+    )
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
-        means = [sub[(sub["dataset"] == d) & (sub["method"] == method)]["train_pflops"].mean() for d in datasets]
-        ax.bar(np.arange(len(datasets)) + (i - (len(methods) - 1) / 2) * width, means, width, label=METHOD_LABELS[method],
-               color=METHOD_COLORS[method])
+        means = [
+            sub[(sub["dataset"] == d) & (sub["method"] == method)]["train_pflops"].mean() for d in datasets
+        ]
+        ax.bar(
+            np.arange(len(datasets)) + (i - (len(methods) - 1) / 2) * width,
+            means,
+            width,
+            label=METHOD_LABELS[method],
+            color=METHOD_COLORS[method],
+        )
     ax.set_xticks(np.arange(len(datasets)), [DATASET_COLUMNS.get(d, d) for d in datasets])
     ax.set_yscale("log")
     _plain_log_auto(ax.yaxis)
@@ -169,7 +233,9 @@ def convergence_figure(trials: pd.DataFrame, convergence: pd.DataFrame, folder: 
     if convergence.empty or "fid" not in convergence:
         return None
     # The curve's own metric columns keep their names; the trial's final values get "_final".
-    data = convergence.dropna(subset=["fid"]).merge(trials[trials["status"] == "success"], on="trial_id", suffixes=("", "_final"))
+    data = convergence.dropna(subset=["fid"]).merge(
+        trials[trials["status"] == "success"], on="trial_id", suffixes=("", "_final")
+    )
     if data.empty:
         return None
     ordered = data.sort_values("depth")
@@ -183,18 +249,34 @@ def convergence_figure(trials: pd.DataFrame, convergence: pd.DataFrame, folder: 
             _convergence_panel(ax, data[(data["model"] == model) & (data["dataset"] == dataset)], metric)
             ax.set_title(f"{model}, {dataset}")
         _legend(fig)
-        return _save(fig, folder, "convergence_fid", "FID during training" + (" and class accuracy" if len(metrics) > 1 else ""))
+        return _save(
+            fig,
+            folder,
+            "convergence_fid",
+            "FID during training" + (" and class accuracy" if len(metrics) > 1 else ""),
+        )
 
 
 def _convergence_panel(ax, sub: pd.DataFrame, metric: str) -> None:
-    dp_markers = itertools.cycle("s^vDP*X")  # DP curves of one method share its colour: tell them apart by marker
+    dp_markers = itertools.cycle(
+        "s^vDP*X"
+    )  # DP curves of one method share its colour: tell them apart by marker
     scale = METRICS[metric].scale  # curves store fractions, like the final metrics
-    order = sub.assign(_method=sub["method"].map(list(METHOD_LABELS).index)).sort_values(["dp", "_method", "epsilon", "k", "seed"])
+    order = sub.assign(_method=sub["method"].map(list(METHOD_LABELS).index)).sort_values(
+        ["dp", "_method", "epsilon", "k", "seed"]
+    )
     for _, curve in order.groupby("trial_id", sort=False):
         t, curve = curve.iloc[0], curve.dropna(subset=[metric]).sort_values("step")
         label = method_label(t["method"], t["epsilon"], t["k"]) + (f", seed {t['seed']}" if t["seed"] else "")
-        ax.plot(curve["step"], curve[metric] * scale, marker=next(dp_markers) if t["dp"] else "o", markersize=4, label=label,
-                color=METHOD_COLORS[t["method"]], linestyle="--" if t["dp"] else "-")
+        ax.plot(
+            curve["step"],
+            curve[metric] * scale,
+            marker=next(dp_markers) if t["dp"] else "o",
+            markersize=4,
+            label=label,
+            color=METHOD_COLORS[t["method"]],
+            linestyle="--" if t["dp"] else "-",
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel(METRICS[metric].axis_label)
 
@@ -202,15 +284,21 @@ def _convergence_panel(ax, sub: pd.DataFrame, metric: str) -> None:
 def k_colors(ks) -> dict[int, str]:
     """A distinct colour for every augmentation multiplicity k (in increasing k), the same in every panel."""
     distinct = sorted({int(k) for k in ks})
-    palette = plt.get_cmap("tab10" if len(distinct) <= 10 else "tab20").colors  # tab10 reads better; tab20 beyond ten k
+    palette = plt.get_cmap(
+        "tab10" if len(distinct) <= 10 else "tab20"
+    ).colors  # tab10 reads better; tab20 beyond ten k
     return {k: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, k in enumerate(distinct)}
 
 
 def _no_dp_reference(ax, ok: pd.DataFrame, *, model: str, dataset: str, method: str, label: str) -> None:
     """The method's non-DP FID as a horizontal black line (dash pattern per method), labelled for the legend."""
-    plain = ok[~ok["dp"] & (ok["model"] == model) & (ok["dataset"] == dataset) & (ok["method"] == method)]["fid"]
+    plain = ok[~ok["dp"] & (ok["model"] == model) & (ok["dataset"] == dataset) & (ok["method"] == method)][
+        "fid"
+    ]
     if not plain.empty:
-        ax.axhline(plain.mean(), color="black", linestyle=REFERENCE_STYLES[method], linewidth=1.1, label=label)
+        ax.axhline(
+            plain.mean(), color="black", linestyle=REFERENCE_STYLES[method], linewidth=1.1, label=label
+        )
 
 
 def privacy_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
@@ -227,20 +315,43 @@ def privacy_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
         fig, axes = _figure(len(panels), width=4.2)
         for ax, (model, dataset) in zip(axes, panels):
             sub = dp[(dp["model"] == model) & (dp["dataset"] == dataset)]
-            lines = sorted(sub.groupby(["method", "k"]), key=lambda item: (list(METHOD_LABELS).index(item[0][0]), item[0][1]))
+            lines = sorted(
+                sub.groupby(["method", "k"]),
+                key=lambda item: (list(METHOD_LABELS).index(item[0][0]), item[0][1]),
+            )
             for (method, k), line in lines:
                 points = line.groupby("epsilon")["fid"].agg(["mean", "std"]).reset_index()
-                ax.errorbar(points["epsilon"], points["mean"], yerr=points["std"].fillna(0), marker=METHOD_MARKERS[method], markersize=4,
-                            capsize=2, label=f"{METHOD_LABELS[method]}, k={k}", color=colors[int(k)])
+                ax.errorbar(
+                    points["epsilon"],
+                    points["mean"],
+                    yerr=points["std"].fillna(0),
+                    marker=METHOD_MARKERS[method],
+                    markersize=4,
+                    capsize=2,
+                    label=f"{METHOD_LABELS[method]}, k={k}",
+                    color=colors[int(k)],
+                )
             for method in _in_table_order(sub["method"]):
-                _no_dp_reference(ax, ok, model=model, dataset=dataset, method=method, label=f"{METHOD_LABELS[method]}, no DP")
+                _no_dp_reference(
+                    ax,
+                    ok,
+                    model=model,
+                    dataset=dataset,
+                    method=method,
+                    label=f"{METHOD_LABELS[method]}, no DP",
+                )
             ax.set_xscale("log")
             _plain_log(ax.xaxis, sub["epsilon"])
             ax.set_title(f"{model}, {dataset}")
             ax.set_xlabel("privacy budget ε")
             ax.set_ylabel(METRICS["fid"].axis_label)
         _legend(fig)
-        return _save(fig, folder, "privacy_utility", "Privacy-utility: FID vs privacy budget ε per augmentation multiplicity k")
+        return _save(
+            fig,
+            folder,
+            "privacy_utility",
+            "Privacy-utility: FID vs privacy budget ε per augmentation multiplicity k",
+        )
 
 
 def multiplicity_figure(trials: pd.DataFrame, folder: Path, *, epsilon: float) -> FigureFile | None:
@@ -259,18 +370,36 @@ def multiplicity_figure(trials: pd.DataFrame, folder: Path, *, epsilon: float) -
             _multiplicity_panel(ax, ok, dp[(dp["model"] == model) & (dp["dataset"] == dataset)])
             ax.set_title(f"{model}, {dataset}")
         _legend(fig)
-        return _save(fig, folder, "fid_vs_k", f"DP FID vs augmentation multiplicity k at ε={epsilon:g} (Table 2)")
+        return _save(
+            fig, folder, "fid_vs_k", f"DP FID vs augmentation multiplicity k at ε={epsilon:g} (Table 2)"
+        )
 
 
 def _multiplicity_panel(ax, ok: pd.DataFrame, sub: pd.DataFrame) -> None:
     model, dataset = sub["model"].iloc[0], sub["dataset"].iloc[0]
     for method in _in_table_order(sub["method"]):
         line = sub[sub["method"] == method].groupby("k")["fid"].agg(["mean", "std"]).reset_index()
-        ax.errorbar(line["k"], line["mean"], yerr=line["std"].fillna(0), marker=METHOD_MARKERS[method], markersize=4, capsize=2,
-                    color=METHOD_COLORS[method], label=f"{METHOD_LABELS[method]}, DP ε={sub['epsilon'].iloc[0]:g}")
-        plain = ok[~ok["dp"] & (ok["model"] == model) & (ok["dataset"] == dataset) & (ok["method"] == method)]["fid"]
+        ax.errorbar(
+            line["k"],
+            line["mean"],
+            yerr=line["std"].fillna(0),
+            marker=METHOD_MARKERS[method],
+            markersize=4,
+            capsize=2,
+            color=METHOD_COLORS[method],
+            label=f"{METHOD_LABELS[method]}, DP ε={sub['epsilon'].iloc[0]:g}",
+        )
+        plain = ok[
+            ~ok["dp"] & (ok["model"] == model) & (ok["dataset"] == dataset) & (ok["method"] == method)
+        ]["fid"]
         if not plain.empty:
-            ax.axhline(plain.mean(), color=METHOD_COLORS[method], linestyle=":", linewidth=1.3, label=f"{METHOD_LABELS[method]}, no DP")
+            ax.axhline(
+                plain.mean(),
+                color=METHOD_COLORS[method],
+                linestyle=":",
+                linewidth=1.3,
+                label=f"{METHOD_LABELS[method]}, no DP",
+            )
     ax.set_xscale("log", base=2)
     _plain_log(ax.xaxis, sub["k"])
     ax.set_xlabel("augmentation multiplicity k")
@@ -283,10 +412,16 @@ def _in_table_order(methods) -> list[str]:
 
 def parameters_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
     """FID vs trainable parameters (log scale), one point per (model, method, dataset), non-DP."""
-    data = trials[(trials["status"] == "success") & ~trials["dp"] & (trials["method"] != "base")].dropna(subset=["fid", "trainable_params"])
+    data = trials[(trials["status"] == "success") & ~trials["dp"] & (trials["method"] != "base")].dropna(
+        subset=["fid", "trainable_params"]
+    )
     if data.empty:
         return None
-    points = data.groupby(["depth", "model", "method", "dataset"], sort=True)[["trainable_params", "fid"]].mean().reset_index()
+    points = (
+        data.groupby(["depth", "model", "method", "dataset"], sort=True)[["trainable_params", "fid"]]
+        .mean()
+        .reset_index()
+    )
     markers = dict(zip(dict.fromkeys(points["dataset"]), itertools.cycle("osD^vP*X")))
     models = list(dict.fromkeys(points["model"]))
     with plt.rc_context(STYLE):
@@ -294,30 +429,55 @@ def parameters_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
         for ax, model in zip(axes, models):
             sub = points[points["model"] == model]
             for _, p in sub.iterrows():
-                ax.scatter(p["trainable_params"] / 1e6, p["fid"], color=METHOD_COLORS[p["method"]], marker=markers[p["dataset"]], s=28)
+                ax.scatter(
+                    p["trainable_params"] / 1e6,
+                    p["fid"],
+                    color=METHOD_COLORS[p["method"]],
+                    marker=markers[p["dataset"]],
+                    s=28,
+                )
             ax.set_xscale("log")
             _plain_log_auto(ax.xaxis)
             ax.set_title(model)
             ax.set_xlabel("trainable parameters [millions]")
             ax.set_ylabel(METRICS["fid"].axis_label)
-        handles = [plt.Line2D([], [], color=METHOD_COLORS[m], marker="o", linestyle="", label=METHOD_LABELS[m])
-                   for m in _in_table_order(points["method"])]
-        handles += [plt.Line2D([], [], color="black", marker=markers[d], linestyle="", label=DATASET_COLUMNS.get(d, d)) for d in markers]
+        handles = [
+            plt.Line2D([], [], color=METHOD_COLORS[m], marker="o", linestyle="", label=METHOD_LABELS[m])
+            for m in _in_table_order(points["method"])
+        ]
+        handles += [
+            plt.Line2D(
+                [], [], color="black", marker=markers[d], linestyle="", label=DATASET_COLUMNS.get(d, d)
+            )
+            for d in markers
+        ]
         _legend(fig, extra=handles)
         return _save(fig, folder, "parameters_vs_fid", "FID vs trainable parameters")
 
 
-def all_figures(trials: pd.DataFrame, convergence: pd.DataFrame, folder: Path, *,
-                table2_epsilon: float = 10.0) -> tuple[list[FigureFile], list[str]]:
+def all_figures(
+    trials: pd.DataFrame, convergence: pd.DataFrame, folder: Path, *, table2_epsilon: float = 10.0
+) -> tuple[list[FigureFile], list[str]]:
     """(written figures, one line per figure skipped for lack of data)."""
     dp_epsilons = sorted(set(trials.loc[trials["dp"], "epsilon"]))
-    ran = f" (DP trials ran at ε in {{{', '.join(f'{e:g}' for e in dp_epsilons)}}}; see --table2-epsilon)" if dp_epsilons else ""
-    makers = {"compute_pflops": (lambda: compute_figure(trials, folder), "no trial has the data it plots"),
-              "convergence_fid": (lambda: convergence_figure(trials, convergence, folder), "no trial has the data it plots"),
-              "privacy_utility": (lambda: privacy_figure(trials, folder), "no trial has the data it plots"),
-              "fid_vs_k": (lambda: multiplicity_figure(trials, folder, epsilon=table2_epsilon),
-                           f"no successful DP LoRA or LNTuning trial at ε={table2_epsilon:g}{ran}"),
-              "parameters_vs_fid": (lambda: parameters_figure(trials, folder), "no trial has the data it plots")}
+    ran = (
+        f" (DP trials ran at ε in {{{', '.join(f'{e:g}' for e in dp_epsilons)}}}; see --table2-epsilon)"
+        if dp_epsilons
+        else ""
+    )
+    makers = {
+        "compute_pflops": (lambda: compute_figure(trials, folder), "no trial has the data it plots"),
+        "convergence_fid": (
+            lambda: convergence_figure(trials, convergence, folder),
+            "no trial has the data it plots",
+        ),
+        "privacy_utility": (lambda: privacy_figure(trials, folder), "no trial has the data it plots"),
+        "fid_vs_k": (
+            lambda: multiplicity_figure(trials, folder, epsilon=table2_epsilon),
+            f"no successful DP LoRA or LNTuning trial at ε={table2_epsilon:g}{ran}",
+        ),
+        "parameters_vs_fid": (lambda: parameters_figure(trials, folder), "no trial has the data it plots"),
+    }
     written, skipped = [], []
     for name, (make, why) in makers.items():
         try:
@@ -348,11 +508,20 @@ def grid_layout(classes: int) -> dict[str, int]:
     generated_left = GRID_LABEL_WIDTH
     real_left = generated_left + GRID_IMAGES * tile + GRID_GAP
     rows_top = GRID_CAPTION_HEIGHT + GRID_HEADER_HEIGHT
-    return {"tile": tile, "generated_left": generated_left, "real_left": real_left, "header_top": GRID_CAPTION_HEIGHT,
-            "rows_top": rows_top, "width": real_left + GRID_IMAGES * tile + GRID_MARGIN, "height": rows_top + classes * tile + GRID_MARGIN}
+    return {
+        "tile": tile,
+        "generated_left": generated_left,
+        "real_left": real_left,
+        "header_top": GRID_CAPTION_HEIGHT,
+        "rows_top": rows_top,
+        "width": real_left + GRID_IMAGES * tile + GRID_MARGIN,
+        "height": rows_top + classes * tile + GRID_MARGIN,
+    }
 
 
-def sample_grid(record: dict, folder: Path, *, storage: str | Path | None = None) -> tuple[Path | None, str | None]:
+def sample_grid(
+    record: dict, folder: Path, *, storage: str | Path | None = None
+) -> tuple[Path | None, str | None]:
     """One PNG per trial: a caption with the trial's label and metrics, a header row, then for every class (its
     name, and its class accuracy where recorded, on the left) generated images beside real evaluation images.
     The record's artifact paths are relative to ``storage`` (the storage root the results were read from; a URI
@@ -381,7 +550,9 @@ def sample_grid(record: dict, folder: Path, *, storage: str | Path | None = None
     return path, None
 
 
-def _artifact_files(record: dict, storage: str | Path | None, *, download_to: Path) -> tuple[Path, list[dict]] | str:
+def _artifact_files(
+    record: dict, storage: str | Path | None, *, download_to: Path
+) -> tuple[Path, list[dict]] | str:
     """(local folder of the generated images, real-image entries with local paths), or why there are none. Paths
     in the record are relative to the storage root (``bench.schema.Artifacts``); records of the older layout
     (absolute paths into a trial's work folder) are skipped with a note rather than trusted."""
@@ -389,8 +560,10 @@ def _artifact_files(record: dict, storage: str | Path | None, *, download_to: Pa
     if not artifacts:
         return "no artifacts recorded"
     if "folder" not in artifacts:
-        return ("artifacts recorded as absolute paths by an older varsweep (before <storage>/artifacts/<trial_id>/); "
-                "rerun the trial to draw its grid")
+        return (
+            "artifacts recorded as absolute paths by an older varsweep (before <storage>/artifacts/<trial_id>/); "
+            "rerun the trial to draw its grid"
+        )
     if storage is None:
         return "no storage root given to resolve the artifact paths against"
     paths = [artifacts["generated_images"]] + [p for e in artifacts["real_images"] for p in e["paths"]]
@@ -399,7 +572,10 @@ def _artifact_files(record: dict, storage: str | Path | None, *, download_to: Pa
     if is_uri(str(storage)):
         try:
             root = _download(artifacts, str(storage), download_to / record["trial_id"])
-        except (OSError, ValueError) as error:  # unreachable storage, missing object (pyarrow raises both kinds)
+        except (
+            OSError,
+            ValueError,
+        ) as error:  # unreachable storage, missing object (pyarrow raises both kinds)
             return f"cannot download the sample images from {storage}: {type(error).__name__}: {error}"
     else:
         root = Path(storage)
@@ -414,12 +590,19 @@ def _download(artifacts: dict, storage: str, target: Path) -> Path:
     """Copy what a grid shows (the first GRID_IMAGES generated PNGs of every class, the real images) from a URI
     storage into ``target`` under the same relative paths; returns ``target`` (the local stand-in for the root)."""
     filesystem, root = open_storage(storage)
-    listing = filesystem.get_file_info(pafs.FileSelector(f"{root}/{artifacts['generated_images']}", recursive=True, allow_not_found=True))
+    listing = filesystem.get_file_info(
+        pafs.FileSelector(f"{root}/{artifacts['generated_images']}", recursive=True, allow_not_found=True)
+    )
     by_class: dict[str, list[str]] = {}
     for info in listing:
-        relative = info.path[len(root) + 1:]
+        relative = info.path[len(root) + 1 :]
         parent = relative.rsplit("/", 2)
-        if info.is_file and relative.endswith(".png") and len(parent) == 3 and re.fullmatch(r"class_\d+", parent[1]):
+        if (
+            info.is_file
+            and relative.endswith(".png")
+            and len(parent) == 3
+            and re.fullmatch(r"class_\d+", parent[1])
+        ):
             by_class.setdefault(parent[1], []).append(relative)
     wanted = [p for files in by_class.values() for p in sorted(files)[:GRID_IMAGES]]
     wanted += [p for e in artifacts["real_images"] for p in e["paths"][:GRID_IMAGES]]
@@ -458,7 +641,9 @@ def _thumb(path: Path) -> Image.Image | None:
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2
             square = image.crop((left, top, left + side, top + side))
-            return square.resize((GRID_PIXELS, GRID_PIXELS), Image.NEAREST if side < GRID_PIXELS else Image.LANCZOS)
+            return square.resize(
+                (GRID_PIXELS, GRID_PIXELS), Image.NEAREST if side < GRID_PIXELS else Image.LANCZOS
+            )
     except (OSError, UnidentifiedImageError, ValueError):
         return None
 
@@ -466,7 +651,9 @@ def _thumb(path: Path) -> Image.Image | None:
 def _font(size: int, *, bold: bool = False) -> ImageFont.ImageFont:
     """matplotlib's bundled DejaVu Sans (clean, has ε), else PIL's own font."""
     try:
-        path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans", weight="bold" if bold else "normal"))
+        path = font_manager.findfont(
+            font_manager.FontProperties(family="DejaVu Sans", weight="bold" if bold else "normal")
+        )
         return ImageFont.truetype(path, size)
     except (OSError, ValueError):
         return ImageFont.load_default(size)
@@ -479,13 +666,28 @@ def _grid_canvas(record: dict, labels: list[int], names: dict[int, str]) -> Imag
     draw = ImageDraw.Draw(image)
     title, metrics = grid_caption(record)
     room = layout["width"] - 2 * GRID_MARGIN
-    draw.text((GRID_MARGIN, 8), _fit(draw, title, _font(15, bold=True), room), fill="black", font=_font(15, bold=True))
+    draw.text(
+        (GRID_MARGIN, 8),
+        _fit(draw, title, _font(15, bold=True), room),
+        fill="black",
+        font=_font(15, bold=True),
+    )
     draw.text((GRID_MARGIN, 31), _fit(draw, metrics, _font(13), room), fill="#333333", font=_font(13))
     _draw_header(draw, layout)
     per_class = lookup(record, "metrics.class_accuracy_per_class")
     for row, label in enumerate(labels):
-        accuracy = per_class[label] if isinstance(per_class, list) and label < len(per_class) and _is_number(per_class[label]) else None
-        _draw_class_name(draw, display_class_name(names.get(label, str(label))), accuracy, top=layout["rows_top"] + row * layout["tile"], height=layout["tile"])
+        accuracy = (
+            per_class[label]
+            if isinstance(per_class, list) and label < len(per_class) and _is_number(per_class[label])
+            else None
+        )
+        _draw_class_name(
+            draw,
+            display_class_name(names.get(label, str(label))),
+            accuracy,
+            top=layout["rows_top"] + row * layout["tile"],
+            height=layout["tile"],
+        )
     return image
 
 
@@ -495,7 +697,11 @@ def _draw_header(draw: ImageDraw.ImageDraw, layout: dict[str, int]) -> None:
     for text, left in (("generated", layout["generated_left"]), ("real", layout["real_left"])):
         draw.text((left + block // 2, middle), text, fill="black", font=font, anchor="mm")
     gap_middle = layout["real_left"] - GRID_GAP // 2  # a thin rule between the two blocks
-    draw.line([(gap_middle, layout["header_top"]), (gap_middle, layout["height"] - GRID_MARGIN)], fill="#bbbbbb", width=1)
+    draw.line(
+        [(gap_middle, layout["header_top"]), (gap_middle, layout["height"] - GRID_MARGIN)],
+        fill="#bbbbbb",
+        width=1,
+    )
     draw.text((GRID_MARGIN, middle), "class", fill="#555555", font=_font(13), anchor="lm")
 
 
@@ -505,7 +711,9 @@ def display_class_name(name: str) -> str:
     return re.sub(r"^\d+_(?=.)", "", name).replace("_", " ")
 
 
-def _draw_class_name(draw: ImageDraw.ImageDraw, name: str, accuracy: float | None, *, top: int, height: int) -> None:
+def _draw_class_name(
+    draw: ImageDraw.ImageDraw, name: str, accuracy: float | None, *, top: int, height: int
+) -> None:
     """The class name (wrapped to two lines at most) at the row's left, with its class accuracy below it."""
     font, room = _font(13), GRID_LABEL_WIDTH - GRID_MARGIN - 6
     lines = _wrap(draw, name, font, room)
@@ -516,7 +724,9 @@ def _draw_class_name(draw: ImageDraw.ImageDraw, name: str, accuracy: float | Non
     line_height, names = 16, len(lines) - (accuracy is not None)
     y = top + (height - line_height * len(lines)) // 2
     for i, line in enumerate(lines):  # the name in black, the accuracy in grey
-        draw.text((GRID_MARGIN, y + i * line_height), line, fill="black" if i < names else "#666666", font=font)
+        draw.text(
+            (GRID_MARGIN, y + i * line_height), line, fill="black" if i < names else "#666666", font=font
+        )
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, room: int) -> list[str]:
@@ -552,9 +762,16 @@ def grid_caption(record: dict) -> tuple[str, str]:
     config = record.get("config") or {}
     privacy, model = config.get("privacy") or {}, config.get("model") or {}
     method = (config.get("method") or {}).get("name", "base")
-    label = method_label(method, privacy.get("target_epsilon"), privacy.get("augmentation_multiplicity", 1)) if privacy else METHOD_LABELS[method]
+    label = (
+        method_label(method, privacy.get("target_epsilon"), privacy.get("augmentation_multiplicity", 1))
+        if privacy
+        else METHOD_LABELS[method]
+    )
     model_name = f"{'VAR' if model.get('base') == 'official' else 'tiny'}-d{model.get('depth', '?')}"
-    dataset, seed = (config.get("data") or {}).get("dataset", "?"), (config.get("optimization") or {}).get("seed", 0)
+    dataset, seed = (
+        (config.get("data") or {}).get("dataset", "?"),
+        (config.get("optimization") or {}).get("seed", 0),
+    )
     title = f"{label} · {model_name} · {dataset} · seed {seed} · trial {record['trial_id'][:12]}"
     shown = []
     for name, words in CAPTION_METRICS.items():
@@ -566,4 +783,10 @@ def grid_caption(record: dict) -> tuple[str, str]:
 
 
 # What a grid's caption shows, in this order, and how it names each metric mid-sentence.
-CAPTION_METRICS = {"fid": "FID", "precision": "precision", "recall": "recall", "kid": "KID", "class_accuracy": "class accuracy"}
+CAPTION_METRICS = {
+    "fid": "FID",
+    "precision": "precision",
+    "recall": "recall",
+    "kid": "KID",
+    "class_accuracy": "class accuracy",
+}

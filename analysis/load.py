@@ -2,6 +2,7 @@
 convergence curves and the training histories in long form. Every file is validated against the result schema;
 a file that is not a valid result stops the analysis with its name, unless the caller asks to skip such files, in
 which case they are listed in the report."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,10 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.errors import VarsweepError
 from bench.results import ResultStore, is_uri
 from bench.schema import ConfigError, EvaluationConfig, TrialConfig, UnknownRecordPath, check_result, replace
-
-from bench.errors import VarsweepError
 
 from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup
 
@@ -39,7 +39,9 @@ class Results:
     records: dict[str, dict]
     invalid: list[tuple[str, str]] = field(default_factory=list)
     excluded: list[tuple[str, str, str]] = field(default_factory=list)  # (trial id, label, why)
-    repeats: list[tuple[str, str, str]] = field(default_factory=list)  # (trial id, label, the trial counted instead)
+    repeats: list[tuple[str, str, str]] = field(
+        default_factory=list
+    )  # (trial id, label, the trial counted instead)
 
     @property
     def succeeded(self) -> pd.DataFrame:
@@ -57,8 +59,13 @@ def result_texts(folder: str | Path) -> list[tuple[str, str]]:
         texts, where = _uri_texts(str(folder)) if is_uri(str(folder)) else _local_texts(Path(folder))
     except AnalysisError:
         raise
-    except (OSError, ValueError) as error:  # unreadable folder or file, storage not reachable (pyarrow raises both kinds)
-        raise AnalysisError(f"cannot read the results in {folder}: {type(error).__name__}: {_one_line(error)}") from error
+    except (
+        OSError,
+        ValueError,
+    ) as error:  # unreadable folder or file, storage not reachable (pyarrow raises both kinds)
+        raise AnalysisError(
+            f"cannot read the results in {folder}: {type(error).__name__}: {_one_line(error)}"
+        ) from error
     if not texts:
         raise AnalysisError(f"no result files (*.json) in {where}")
     return texts
@@ -82,10 +89,14 @@ def _local_texts(folder: Path) -> tuple[list[tuple[str, str]], Path]:
     if not folder.exists():
         raise AnalysisError(f"results folder {folder} does not exist")
     if not folder.is_dir():
-        raise AnalysisError(f"{folder} is not a folder (give a sweep's storage folder or a folder of result JSON files)")
+        raise AnalysisError(
+            f"{folder} is not a folder (give a sweep's storage folder or a folder of result JSON files)"
+        )
     inner = folder / "results"
     where = inner if inner.is_dir() else folder
-    return [(str(where / name), (where / name).read_text(errors="replace")) for name in _json_names(where)], where
+    return [
+        (str(where / name), (where / name).read_text(errors="replace")) for name in _json_names(where)
+    ], where
 
 
 def _json_names(folder: Path) -> list[str]:
@@ -100,8 +111,14 @@ def _one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else "no message"
 
 
-def load_results(folder: str | Path, *, skip_invalid: bool = False, extractor: str | None = None,
-                 where: dict[str, object] | None = None, trial_ids: Collection[str] | None = None) -> Results:
+def load_results(
+    folder: str | Path,
+    *,
+    skip_invalid: bool = False,
+    extractor: str | None = None,
+    where: dict[str, object] | None = None,
+    trial_ids: Collection[str] | None = None,
+) -> Results:
     """Load and validate every result, then select and check them:
     - a file that is not a valid result, or repeats another file's trial id, stops the analysis (``skip_invalid``:
       it is listed and skipped);
@@ -117,29 +134,49 @@ def load_results(folder: str | Path, *, skip_invalid: bool = False, extractor: s
     for name, text in result_texts(folder):
         try:
             record = json.loads(text)
-            check_result(record)  # typed: history and convergence entries are objects with a step, values of their types
-            row = trial_row(record)  # a schema-valid record whose values cannot be read is as invalid as a broken file
-        except UnknownRecordPath:  # our reader asks for a key the record type does not define: not the file's fault
+            check_result(
+                record
+            )  # typed: history and convergence entries are objects with a step, values of their types
+            row = trial_row(
+                record
+            )  # a schema-valid record whose values cannot be read is as invalid as a broken file
+        except (
+            UnknownRecordPath
+        ):  # our reader asks for a key the record type does not define: not the file's fault
             raise
         except (json.JSONDecodeError, ConfigError, TypeError, KeyError, AttributeError, ValueError) as error:
             invalid.append((name, f"{type(error).__name__}: {_one_line(error)}"))
             continue
         if record["trial_id"] in records:
-            invalid.append((name, f"repeats trial {record['trial_id']} of {files[record['trial_id']]} (kept that file)"))
+            invalid.append(
+                (name, f"repeats trial {record['trial_id']} of {files[record['trial_id']]} (kept that file)")
+            )
             continue
         records[record["trial_id"]], rows[record["trial_id"]], files[record["trial_id"]] = record, row, name
     if invalid and not skip_invalid:
         listing = "\n".join(f"  {name}: {reason}" for name, reason in invalid)
-        raise AnalysisError(f"{len(invalid)} file(s) are not valid results of this schema (pass --skip-invalid to list and skip them):\n{listing}")
+        raise AnalysisError(
+            f"{len(invalid)} file(s) are not valid results of this schema (pass --skip-invalid to list and skip them):\n{listing}"
+        )
     if not records:
         raise AnalysisError(f"no valid results in {folder}: all {len(invalid)} files are invalid")
     trials = pd.DataFrame(list(rows.values()))
     trials, excluded = _select(trials, records, where=where or {}, extractor=extractor, trial_ids=trial_ids)
     trials, repeats = _count_repeats_once(trials, records)
     _check_one_setting_per_cell(trials, records)
-    records = {tid: r for tid, r in records.items() if tid in set(trials["trial_id"]) | {t for t, _, _ in repeats}}
-    return Results(folder=folder, trials=_ordered(trials), convergence=_long(records, "convergence"), history=_long(records, "history"),
-                   records=records, invalid=invalid, excluded=excluded, repeats=repeats)
+    records = {
+        tid: r for tid, r in records.items() if tid in set(trials["trial_id"]) | {t for t, _, _ in repeats}
+    }
+    return Results(
+        folder=folder,
+        trials=_ordered(trials),
+        convergence=_long(records, "convergence"),
+        history=_long(records, "history"),
+        records=records,
+        invalid=invalid,
+        excluded=excluded,
+        repeats=repeats,
+    )
 
 
 def config_value(config: dict, path: str):
@@ -168,8 +205,14 @@ def fields_default(kind: type, name: str):
 
 # What does not change a trial's final model or metrics: the seed (the replicate axis) and the convergence
 # evaluations made during training (evaluation only; the training streams do not depend on them).
-SETTING_NEUTRAL = {"optimization": {"seed": 0},
-                   "evaluation": {"convergence_every_steps": 0, "convergence_points": 0, "convergence_num_images": fields_default(EvaluationConfig, "convergence_num_images")}}
+SETTING_NEUTRAL = {
+    "optimization": {"seed": 0},
+    "evaluation": {
+        "convergence_every_steps": 0,
+        "convergence_points": 0,
+        "convergence_num_images": fields_default(EvaluationConfig, "convergence_num_images"),
+    },
+}
 NOT_SETTING = tuple(f"{section}.{name}" for section, fields in SETTING_NEUTRAL.items() for name in fields)
 
 
@@ -178,39 +221,65 @@ def setting_of(config: TrialConfig) -> str:
     return replace(config, **SETTING_NEUTRAL).trial_id
 
 
-def _select(trials: pd.DataFrame, records: dict, *, where: dict, extractor: str | None,
-            trial_ids: Collection[str] | None) -> tuple[pd.DataFrame, list]:
+def _select(
+    trials: pd.DataFrame,
+    records: dict,
+    *,
+    where: dict,
+    extractor: str | None,
+    trial_ids: Collection[str] | None,
+) -> tuple[pd.DataFrame, list]:
     excluded = []
     if trial_ids is not None:
         keep = trials["trial_id"].isin(set(trial_ids))
-        excluded += [(t.trial_id, t.label, f"not one of the {len(set(trial_ids))} trials asked for") for t in trials[~keep].itertuples()]
+        excluded += [
+            (t.trial_id, t.label, f"not one of the {len(set(trial_ids))} trials asked for")
+            for t in trials[~keep].itertuples()
+        ]
         trials = trials[keep]
     for path, wanted in where.items():
-        keep = trials["trial_id"].map(lambda tid: config_value(records[tid]["config"], path) == wanted)
+        keep = trials["trial_id"].map(lambda tid: config_value(records[tid]["config"], path) == wanted)  # noqa: B023
         excluded += [(t.trial_id, t.label, f"{path} is not {wanted!r}") for t in trials[~keep].itertuples()]
         trials = trials[keep]
-    found = {name: int(n) for name, n in trials.loc[trials["status"] == "success", "extractor"].value_counts().items()}
+    found = {
+        name: int(n)
+        for name, n in trials.loc[trials["status"] == "success", "extractor"].value_counts().items()
+    }
     if extractor is not None:
         if extractor not in set(trials["extractor"]):
             raise AnalysisError(f"no trial was evaluated with extractor {extractor!r}; found: {found}")
-        excluded += [(t.trial_id, t.label, f"evaluated with {t.extractor}") for t in trials[trials["extractor"] != extractor].itertuples()]
+        excluded += [
+            (t.trial_id, t.label, f"evaluated with {t.extractor}")
+            for t in trials[trials["extractor"] != extractor].itertuples()
+        ]
         trials = trials[trials["extractor"] == extractor]
     elif len(found) > 1:
-        raise AnalysisError(f"these results mix feature extractors {found}: FIDs from different extractors are not "
-                            "comparable; choose one with --extractor NAME")
+        raise AnalysisError(
+            f"these results mix feature extractors {found}: FIDs from different extractors are not "
+            "comparable; choose one with --extractor NAME"
+        )
     if trials.empty:
-        asked = [f"--where {path}={json.dumps(value)}" for path, value in where.items()] + ([f"--extractor {extractor}"] if extractor else [])
-        raise AnalysisError(f"no trial is left after the selection {' '.join(asked) or '(the trials asked for)'} ({len(excluded)} excluded)")
+        asked = [f"--where {path}={json.dumps(value)}" for path, value in where.items()] + (
+            [f"--extractor {extractor}"] if extractor else []
+        )
+        raise AnalysisError(
+            f"no trial is left after the selection {' '.join(asked) or '(the trials asked for)'} ({len(excluded)} excluded)"
+        )
     return trials.reset_index(drop=True), excluded
 
 
 def _count_repeats_once(trials: pd.DataFrame, records: dict) -> tuple[pd.DataFrame, list]:
     """One trial per (setting, seed): a success before a failure, then the one with more convergence
     evaluations, then the smaller trial id. Returns (trials, [(repeat id, label, kept id), ...])."""
-    rank = trials.assign(_ok=trials["status"] != "success", _curve=[-len(records[t]["convergence"]) for t in trials["trial_id"]])
+    rank = trials.assign(
+        _ok=trials["status"] != "success",
+        _curve=[-len(records[t]["convergence"]) for t in trials["trial_id"]],
+    )
     rank = rank.sort_values(["setting", "seed", "_ok", "_curve", "trial_id"])
     first = rank.groupby(["setting", "seed"])["trial_id"].transform("first")
-    repeats = [(t, label, kept) for t, label, kept in zip(rank["trial_id"], rank["label"], first) if t != kept]
+    repeats = [
+        (t, label, kept) for t, label, kept in zip(rank["trial_id"], rank["label"], first) if t != kept
+    ]
     return trials[trials["trial_id"].isin(set(first))].reset_index(drop=True), repeats
 
 
@@ -221,16 +290,29 @@ def _check_one_setting_per_cell(trials: pd.DataFrame, records: dict) -> None:
     conflicts = []
     for key, group in trials.fillna({"epsilon": -1.0}).groupby(CELL):
         if group["setting"].nunique() > 1:
-            configs = [flat_config(records[t]["config"]) for t in group.drop_duplicates("setting")["trial_id"]]
-            differ = sorted(k for k in set().union(*configs) if k not in NOT_SETTING and not k.startswith("resources.")
-                            and len({json.dumps(c.get(k), default=str) for c in configs}) > 1)
-            values = "; ".join(f"{k} = {', '.join(sorted({json.dumps(c.get(k), default=str) for c in configs}))}" for k in differ[:4])
+            configs = [
+                flat_config(records[t]["config"]) for t in group.drop_duplicates("setting")["trial_id"]
+            ]
+            differ = sorted(
+                k
+                for k in set().union(*configs)
+                if k not in NOT_SETTING
+                and not k.startswith("resources.")
+                and len({json.dumps(c.get(k), default=str) for c in configs}) > 1
+            )
+            values = "; ".join(
+                f"{k} = {', '.join(sorted({json.dumps(c.get(k), default=str) for c in configs}))}"
+                for k in differ[:4]
+            )
             model, dataset, method, epsilon, k = key
             where = f"{model} {dataset} {method} {'no DP' if epsilon < 0 else f'ε={epsilon:g}'} k={k}"
             conflicts.append(f"  {where}: {group['setting'].nunique()} settings differing in {values}")
     if conflicts:
-        raise AnalysisError(f"{len(conflicts)} table cell(s) hold trials of different settings, which would be averaged as if they "
-                            "were seeds; analyse them separately (other folders, or --where FIELD=VALUE):\n" + "\n".join(conflicts[:10]))
+        raise AnalysisError(
+            f"{len(conflicts)} table cell(s) hold trials of different settings, which would be averaged as if they "
+            "were seeds; analyse them separately (other folders, or --where FIELD=VALUE):\n"
+            + "\n".join(conflicts[:10])
+        )
 
 
 def trial_row(record: dict) -> dict:
@@ -243,41 +325,66 @@ def trial_row(record: dict) -> dict:
     classifier = lookup(record, "evaluation_settings.classifier") or {}
     delta = lookup(record, "privacy.delta")
     row = {
-        "trial_id": record["trial_id"], "setting": setting_of(config), "status": record["status"], "error": record["error"],
+        "trial_id": record["trial_id"],
+        "setting": setting_of(config),
+        "status": record["status"],
+        "error": record["error"],
         "label": config.label,
-        "model": f"VAR-d{model.depth}" if model.base == "official" else f"tiny-d{model.depth}", "depth": model.depth,
-        "dataset": config.data.dataset, "dataset_column": DATASET_COLUMNS.get(config.data.dataset, config.data.dataset),
-        "resolution": config.data.resolution, "method": method.name, "method_label": METHOD_LABELS[method.name],
-        "lora_rank": method.lora_rank, "lora_targets": "+".join(method.lora_targets) if method.lora_targets else None,
-        "dp": privacy is not None, "epsilon": privacy.target_epsilon if privacy else math.nan,
-        "k": privacy.augmentation_multiplicity if privacy else 1, "sampling_rate": privacy.sampling_rate if privacy else math.nan,
-        "dp_max_grad_norm": privacy.max_grad_norm if privacy else math.nan, "seed": config.optimization.seed,
-        "extractor": lookup(record, "evaluation_settings.extractor") or config.evaluation.extractor, "finished_at": record["finished_at"],
+        "model": f"VAR-d{model.depth}" if model.base == "official" else f"tiny-d{model.depth}",
+        "depth": model.depth,
+        "dataset": config.data.dataset,
+        "dataset_column": DATASET_COLUMNS.get(config.data.dataset, config.data.dataset),
+        "resolution": config.data.resolution,
+        "method": method.name,
+        "method_label": METHOD_LABELS[method.name],
+        "lora_rank": method.lora_rank,
+        "lora_targets": "+".join(method.lora_targets) if method.lora_targets else None,
+        "dp": privacy is not None,
+        "epsilon": privacy.target_epsilon if privacy else math.nan,
+        "k": privacy.augmentation_multiplicity if privacy else 1,
+        "sampling_rate": privacy.sampling_rate if privacy else math.nan,
+        "dp_max_grad_norm": privacy.max_grad_norm if privacy else math.nan,
+        "seed": config.optimization.seed,
+        "extractor": lookup(record, "evaluation_settings.extractor") or config.evaluation.extractor,
+        "finished_at": record["finished_at"],
         "git_commit": lookup(record, "environment.git_commit"),
         "devices": ", ".join(sorted(set(lookup(record, "environment.devices") or []))),
         "trainable_params": float(trainable) if trainable is not None else math.nan,
         "trainable_pct": 100.0 * trainable / total if trainable is not None and total else math.nan,
         "delta": delta if delta is not None else math.nan,
-        "classifier": classifier.get("name"), "classifier_test_accuracy": _percent(classifier.get("test_accuracy")),
+        "classifier": classifier.get("name"),
+        "classifier_test_accuracy": _percent(classifier.get("test_accuracy")),
     }
     for metric in METRICS.values():
         if metric.name not in row:
             value = lookup(record, metric.source)
             # Only numbers: metrics may also hold lists (class_accuracy_per_class) or strings.
-            row[metric.name] = float(value) * metric.scale if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+            row[metric.name] = (
+                float(value) * metric.scale
+                if isinstance(value, (int, float)) and not isinstance(value, bool)
+                else math.nan
+            )
     return row
 
 
 def _percent(fraction) -> float:
     """A stored fraction in percent; NaN where it is missing or not a number."""
-    return 100.0 * float(fraction) if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) else math.nan
+    return (
+        100.0 * float(fraction)
+        if isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+        else math.nan
+    )
 
 
 def _ordered(trials: pd.DataFrame) -> pd.DataFrame:
     """Stable order: model depth, dataset, method (table order), privacy, k, seed; typed columns."""
-    trials = trials.astype({"depth": "int64", "k": "int64", "seed": "int64", "dp": "bool", "epsilon": "float64"})
+    trials = trials.astype(
+        {"depth": "int64", "k": "int64", "seed": "int64", "dp": "bool", "epsilon": "float64"}
+    )
     order = trials["method"].map({name: i for i, name in enumerate(METHOD_LABELS)})
-    trials = trials.assign(_order=order).sort_values(["depth", "dataset", "_order", "dp", "epsilon", "k", "seed"], na_position="first")
+    trials = trials.assign(_order=order).sort_values(
+        ["depth", "dataset", "_order", "dp", "epsilon", "k", "seed"], na_position="first"
+    )
     return trials.drop(columns="_order").reset_index(drop=True)
 
 

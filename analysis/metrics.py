@@ -1,5 +1,6 @@
 """Every quantity a table or figure shows, in one place: where it comes from in a result record, its direction
 (which way is better), its unit and how it is printed. Plain data; no torch, no Ray."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class Metric:
 
     @property
     def axis_label(self) -> str:
-        """"FID ↓", "Training compute [PFLOPs] ↓": the arrow points the better way."""
+        """ "FID ↓", "Training compute [PFLOPs] ↓": the arrow points the better way."""
         arrow = {"lower": " ↓", "higher": " ↑"}.get(self.better or "", "")
         return f"{self.label}{f' [{self.unit}]' if self.unit else ''}{arrow}"
 
@@ -43,16 +44,46 @@ METRICS = _metrics(
     Metric("kid", "KID", "metrics.kid_mean", "lower", decimals=4),
     # A fixed classifier's accuracy on images generated for each class: does the model draw the class it was asked
     # for (FID and precision/recall ignore the label). Recorded where a classifier exists (the digits demo).
-    Metric("class_accuracy", "Class accuracy", "metrics.class_accuracy", "higher", unit="%", scale=100.0, decimals=1),
+    Metric(
+        "class_accuracy",
+        "Class accuracy",
+        "metrics.class_accuracy",
+        "higher",
+        unit="%",
+        scale=100.0,
+        decimals=1,
+    ),
     Metric("train_pflops", "Training compute", "cost.train_pflops", "lower", unit="PFLOPs", decimals=1),
     Metric("sample_pflops", "Sampling compute", "cost.sample_pflops", "lower", unit="PFLOPs", decimals=2),
     Metric("gpu_hours", "GPU hours", "cost.gpu_hours", "lower", unit="h", decimals=2),
     Metric("train_seconds", "Training time", "cost.train_seconds", "lower", unit="s", decimals=0),
     Metric("wall_seconds", "Wall time", "cost.wall_seconds", "lower", unit="s", decimals=0),
-    Metric("rows_per_second", "Training throughput", "cost.rows_per_second", "higher", unit="samples/s", decimals=1),
-    Metric("sample_images_per_second", "Sampling throughput", "cost.sample_images_per_second", "higher", unit="images/s", decimals=1),
+    Metric(
+        "rows_per_second",
+        "Training throughput",
+        "cost.rows_per_second",
+        "higher",
+        unit="samples/s",
+        decimals=1,
+    ),
+    Metric(
+        "sample_images_per_second",
+        "Sampling throughput",
+        "cost.sample_images_per_second",
+        "higher",
+        unit="images/s",
+        decimals=1,
+    ),
     Metric("mfu", "MFU", "cost.mfu", "higher", unit="%", scale=100.0, decimals=1),
-    Metric("peak_memory_gib", "Peak memory", "cost.peak_memory_bytes", "lower", unit="GiB", scale=1 / 1024 ** 3, decimals=1),
+    Metric(
+        "peak_memory_gib",
+        "Peak memory",
+        "cost.peak_memory_bytes",
+        "lower",
+        unit="GiB",
+        scale=1 / 1024**3,
+        decimals=1,
+    ),
     Metric("trainable_params", "Trainable parameters", "parameters.trainable", None, decimals=0),
     Metric("epsilon_spent", "epsilon spent (RDP)", "privacy.epsilon_rdp", "lower", decimals=2),
     Metric("epsilon_spent_prv", "epsilon spent (PRV)", "privacy.epsilon_prv", "lower", decimals=2),
@@ -73,12 +104,35 @@ for _metric in METRICS.values():  # a source the typed record does not define fa
 
 # Display names of the adaptation methods, in the order tables list them (the un-adapted base model first, as
 # the reference row).
-METHOD_LABELS = {"base": "Base", "full": "FFT", "lora": "LoRA", "ln_tuning": "LNTuning", "lora_attention": "LoRA-A", "lora_mlp": "LoRA-M"}
+METHOD_LABELS = {
+    "base": "Base",
+    "full": "FFT",
+    "lora": "LoRA",
+    "ln_tuning": "LNTuning",
+    "lora_attention": "LoRA-A",
+    "lora_mlp": "LoRA-M",
+}
 # Table 10 names the LoRA variants by the layers they adapt.
-VARIANT_LABELS = {"lora_attention": "LoRA-A", "lora_mlp": "LoRA-M", "lora": "LoRA-AM+LN", "ln_tuning": "LNTuning"}
-VARIANT_TARGETS = {"lora_attention": "attention qkv+proj", "lora_mlp": "mlp fc1+fc2", "lora": "attention+mlp+adaln", "ln_tuning": "adaln"}
+VARIANT_LABELS = {
+    "lora_attention": "LoRA-A",
+    "lora_mlp": "LoRA-M",
+    "lora": "LoRA-AM+LN",
+    "ln_tuning": "LNTuning",
+}
+VARIANT_TARGETS = {
+    "lora_attention": "attention qkv+proj",
+    "lora_mlp": "mlp fc1+fc2",
+    "lora": "attention+mlp+adaln",
+    "ln_tuning": "adaln",
+}
 # The paper's dataset column names (the paper used exactly these datasets).
-DATASET_COLUMNS = {"food101": "food101", "cub200": "cub200", "flowers102": "flowers102", "stanford_cars": "cars196", "oxford_pet": "pets"}
+DATASET_COLUMNS = {
+    "food101": "food101",
+    "cub200": "cub200",
+    "flowers102": "flowers102",
+    "stanford_cars": "cars196",
+    "oxford_pet": "pets",
+}
 
 
 # The feature extractor of the published numbers: FIDs from any other extractor are not comparable with them.
@@ -86,7 +140,7 @@ PAPER_EXTRACTOR = "inception-v3-compat"
 
 
 def method_label(method: str, epsilon: float | None = None, k: int = 1) -> str:
-    """"LoRA", "DP-LoRA ε=8, k=2": a trial's method as a reader names it (epsilon None or NaN: no DP)."""
+    """ "LoRA", "DP-LoRA ε=8, k=2": a trial's method as a reader names it (epsilon None or NaN: no DP)."""
     if epsilon is None or epsilon != epsilon:  # NaN is how the trials table marks "no DP"
         return METHOD_LABELS[method]
     return f"DP-{METHOD_LABELS[method]} ε={epsilon:g}, k={k}"

@@ -3,6 +3,7 @@ fixture whose metrics equal the published values (the golden test regenerates th
 
 The paper's Table 1 also lists DiT-XL-2 baselines; varsweep adapts VAR only, so those rows are never regenerated.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,9 +22,13 @@ from .tables import Cell, Table
 PAPER_DIR = Path(__file__).parent / "paper"
 PAPER = "arXiv 2507.11441"
 # Key columns of each published table; every other column holds a value.
-KEYS = {"table1_fid": ("model", "method"), "table2_dp_multiplicity": ("model", "method", "epsilon", "k"),
-        "table3_dp_epsilon": ("model", "method", "k"), "table9_precision_recall": ("model", "method"),
-        "table10_dp_ablation": ("model", "variant", "targets", "epsilon", "k")}
+KEYS = {
+    "table1_fid": ("model", "method"),
+    "table2_dp_multiplicity": ("model", "method", "epsilon", "k"),
+    "table3_dp_epsilon": ("model", "method", "k"),
+    "table9_precision_recall": ("model", "method"),
+    "table10_dp_ablation": ("model", "variant", "targets", "epsilon", "k"),
+}
 OUR_MODELS = ("VAR-",)  # rows of other model families (DiT) are published baselines only
 DP_DATASET = "flowers102"  # the paper's DP tables (2, 3, 10) are on Oxford Flowers
 
@@ -44,7 +49,9 @@ def number(text: str) -> float | None:
 
 
 def ours_as_rows(table: Table) -> list[dict[str, str]]:
-    return [dict(zip(table.header, (c.csv() if isinstance(c, Cell) else c for c in row))) for row in table.rows]
+    return [
+        dict(zip(table.header, (c.csv() if isinstance(c, Cell) else c for c in row))) for row in table.rows
+    ]
 
 
 def check_comparable(trials) -> None:
@@ -54,13 +61,17 @@ def check_comparable(trials) -> None:
     other = trials[trials["extractor"] != PAPER_EXTRACTOR]["extractor"].value_counts()
     if len(other):
         found = ", ".join(f"{name} ({n} trials)" for name, n in other.items())
-        problems.append(f"the published numbers use the {PAPER_EXTRACTOR} extractor, these results were evaluated with {found}, "
-                        "whose FIDs are not comparable")
+        problems.append(
+            f"the published numbers use the {PAPER_EXTRACTOR} extractor, these results were evaluated with {found}, "
+            "whose FIDs are not comparable"
+        )
     unused = trials[~trials["dataset"].isin(list(DATASET_COLUMNS))]["dataset"].value_counts()
     if len(unused):
         found = ", ".join(f"{name} ({n} trials)" for name, n in unused.items())
-        problems.append(f"the paper did not use dataset{'s' * (len(unused) > 1)} {found} (it used {', '.join(DATASET_COLUMNS)}; "
-                        "select with --where data.dataset=NAME)")
+        problems.append(
+            f"the paper did not use dataset{'s' * (len(unused) > 1)} {found} (it used {', '.join(DATASET_COLUMNS)}; "
+            "select with --where data.dataset=NAME)"
+        )
     if problems:
         raise AnalysisError(f"--compare-paper refused: {'; '.join(problems)}")
 
@@ -69,7 +80,10 @@ def comparison(table: Table) -> Table | None:
     """Our numbers beside the published ones for every cell of a paper table (long form: key, column, ours,
     paper, difference). Cells only one side has are listed with the other side marked missing."""
     base = next((name for name in KEYS if table.name == name or table.name.startswith(f"{name}_")), None)
-    if base is None or table.dataset not in (None, DP_DATASET):  # a DP table of another dataset has no published twin
+    if base is None or table.dataset not in (
+        None,
+        DP_DATASET,
+    ):  # a DP table of another dataset has no published twin
         return None
     keys, paper_rows = KEYS[base], [r for r in published(base) if r["model"].startswith(OUR_MODELS)]
     ours = {tuple(r[k] for k in keys): r for r in ours_as_rows(table)}
@@ -84,10 +98,16 @@ def comparison(table: Table) -> Table | None:
             a, b = number(mine) if mine else None, number(paper) if paper else None
             diff = "" if a is None or b is None else f"{a - b:+.4g}"  # ours - paper
             rows.append([*key, column, mine or "—", paper or "—", diff])
-    return Table(f"compare_{table.name}", f"{table.title}: ours vs published ({PAPER})", [*keys, "column", "ours", "paper", "difference"], rows)
+    return Table(
+        f"compare_{table.name}",
+        f"{table.title}: ours vs published ({PAPER})",
+        [*keys, "column", "ours", "paper", "difference"],
+        rows,
+    )
 
 
 # --- the golden fixture ----------------------------------------------------------------------------------------
+
 
 def paper_fixture(folder: str | Path, *, assets: Assets = Assets("/assets")) -> list[Path]:
     """Write one result per published VAR cell (Tables 1, 2, 3, 9, 10): the paper sweeps' configs with metrics
@@ -103,24 +123,46 @@ def paper_fixture(folder: str | Path, *, assets: Assets = Assets("/assets")) -> 
     by_label = {label: name for name, label in METHOD_LABELS.items()}
     for config in table1.sweep(assets=assets):
         row = params[(f"VAR-d{config.model.depth}", METHOD_LABELS[config.method.name])]
-        pr = {r["method"]: r for r in published("table9_precision_recall") if r["model"] == f"VAR-d{config.model.depth}"}
+        pr = {
+            r["method"]: r
+            for r in published("table9_precision_recall")
+            if r["model"] == f"VAR-d{config.model.depth}"
+        }
         column = DATASET_COLUMNS[config.data.dataset]
-        add(config, fid=float(row[column]), precision=float(pr[row["method"]][f"{column}_p"]) / 100, recall=float(pr[row["method"]][f"{column}_r"]) / 100)
+        add(
+            config,
+            fid=float(row[column]),
+            precision=float(pr[row["method"]][f"{column}_p"]) / 100,
+            recall=float(pr[row["method"]][f"{column}_r"]) / 100,
+        )
         _set_parameters(records[config.trial_id], row)
-    dp = {(c.model.depth, c.method.name, c.privacy.augmentation_multiplicity, c.privacy.target_epsilon): c
-          for c in [*table2.sweep(assets=assets), *table3.sweep(assets=assets), *table10.sweep(assets=assets)]}
+    dp = {
+        (c.model.depth, c.method.name, c.privacy.augmentation_multiplicity, c.privacy.target_epsilon): c
+        for c in [*table2.sweep(assets=assets), *table3.sweep(assets=assets), *table10.sweep(assets=assets)]
+    }
     for r in published("table2_dp_multiplicity"):
-        config = dp[(int(r["model"].removeprefix("VAR-d")), by_label[r["method"]], int(r["k"]), float(r["epsilon"]))]
+        config = dp[
+            (int(r["model"].removeprefix("VAR-d")), by_label[r["method"]], int(r["k"]), float(r["epsilon"]))
+        ]
         add(config, fid=float(r["fid"]))
         _set_parameters(records[config.trial_id], params[(r["model"], r["method"])])
     for r in published("table3_dp_epsilon"):
         for column in (c for c in r if c.startswith("eps_")):
-            config = dp[(int(r["model"].removeprefix("VAR-d")), by_label[r["method"]], int(r["k"]), float(column.removeprefix("eps_")))]
+            config = dp[
+                (
+                    int(r["model"].removeprefix("VAR-d")),
+                    by_label[r["method"]],
+                    int(r["k"]),
+                    float(column.removeprefix("eps_")),
+                )
+            ]
             add(config, fid=float(r[column]))
             _set_parameters(records[config.trial_id], params[(r["model"], r["method"])])
     variants = {label: name for name, label in VARIANT_LABELS.items()}
     for r in published("table10_dp_ablation"):
-        config = dp[(int(r["model"].removeprefix("VAR-d")), variants[r["variant"]], int(r["k"]), float(r["epsilon"]))]
+        config = dp[
+            (int(r["model"].removeprefix("VAR-d")), variants[r["variant"]], int(r["k"]), float(r["epsilon"]))
+        ]
         add(config, fid=float(r["fid"]))
         _set_parameters(records[config.trial_id], r)
     out = Path(folder) / "results"
@@ -140,13 +182,33 @@ def _fixture_record(config: TrialConfig) -> dict:
     privacy = None
     if config.privacy is not None:
         p = config.privacy
-        privacy = {"target_epsilon": p.target_epsilon, "delta": p.delta or 1 / images, "sampling_rate": p.sampling_rate, "steps": steps,
-                   "max_grad_norm": p.max_grad_norm, "augmentation_multiplicity": p.augmentation_multiplicity}
-    cost = {"train_pflops": flops / 1e15, "gpu_hours": flops / ASSUMED_FLOPS_PER_GPU / 3600, "estimated": True}
-    return make_result(config, status="success", metrics={}, privacy=privacy, cost=cost,
-                       evaluation_settings={"extractor": config.evaluation.extractor},
-                       environment={"git_commit": "fixture", "devices": [f"published values ({PAPER}); cost is the dry-run estimate"]},
-                       started_at="2025-07-15T00:00:00+00:00", finished_at="2025-07-15T00:00:00+00:00")
+        privacy = {
+            "target_epsilon": p.target_epsilon,
+            "delta": p.delta or 1 / images,
+            "sampling_rate": p.sampling_rate,
+            "steps": steps,
+            "max_grad_norm": p.max_grad_norm,
+            "augmentation_multiplicity": p.augmentation_multiplicity,
+        }
+    cost = {
+        "train_pflops": flops / 1e15,
+        "gpu_hours": flops / ASSUMED_FLOPS_PER_GPU / 3600,
+        "estimated": True,
+    }
+    return make_result(
+        config,
+        status="success",
+        metrics={},
+        privacy=privacy,
+        cost=cost,
+        evaluation_settings={"extractor": config.evaluation.extractor},
+        environment={
+            "git_commit": "fixture",
+            "devices": [f"published values ({PAPER}); cost is the dry-run estimate"],
+        },
+        started_at="2025-07-15T00:00:00+00:00",
+        finished_at="2025-07-15T00:00:00+00:00",
+    )
 
 
 def _set_parameters(record: dict, row: dict[str, str]) -> None:

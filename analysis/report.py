@@ -1,5 +1,6 @@
 """The report page: every table, figure and sample grid of an analysis, with the sweep's provenance and the list of
 failed or skipped trials, as ``index.md`` and a self-contained-but-linked ``index.html``."""
+
 from __future__ import annotations
 
 import datetime
@@ -37,21 +38,28 @@ def provenance(results: Results) -> dict[str, list[str]]:
     """Distinct values (with trial counts) of what produced the results: code version, packages, devices, extractor."""
     records = list(results.records.values())
     count = lambda values: [f"{v} ({n})" for v, n in Counter(values).most_common()]  # noqa: E731
-    out = {"git commit": count(lookup(r, "environment.git_commit") or "unknown" for r in records),
-           "devices": count(", ".join(sorted(set(lookup(r, "environment.devices") or []))) or "unknown" for r in records),
-           "feature extractor": count(results.trials["extractor"]), "result schema": [f"version {SCHEMA_VERSION}"]}
+    out = {
+        "git commit": count(lookup(r, "environment.git_commit") or "unknown" for r in records),
+        "devices": count(
+            ", ".join(sorted(set(lookup(r, "environment.devices") or []))) or "unknown" for r in records
+        ),
+        "feature extractor": count(results.trials["extractor"]),
+        "result schema": [f"version {SCHEMA_VERSION}"],
+    }
     classifiers = [_classifier(r) for r in results.records.values()]
     if any(classifiers):
         out["class-accuracy classifier"] = count(c or "none recorded" for c in classifiers)
     for package in KEY_PACKAGES:
-        versions = [(lookup(r, "environment.packages") or {}).get(package) for r in records]  # package names are open-ended
+        versions = [
+            (lookup(r, "environment.packages") or {}).get(package) for r in records
+        ]  # package names are open-ended
         if any(versions):
             out[package] = count(v or "absent" for v in versions)
     return out
 
 
 def _classifier(record: dict) -> str | None:
-    """"digits-cnn-v1 (98.6% on real test images, 16 px, weights sha256 0123456789ab)", or None."""
+    """ "digits-cnn-v1 (98.6% on real test images, 16 px, weights sha256 0123456789ab)", or None."""
     name = lookup(record, "evaluation_settings.classifier.name")
     if not name:
         return None
@@ -60,7 +68,9 @@ def _classifier(record: dict) -> str | None:
     if accuracy is not None:
         details.append(f"{100 * accuracy:.1f}% on real test images")
     # the classifier's input size, whichever name it was recorded under
-    size = lookup(record, "evaluation_settings.classifier.input_size") or lookup(record, "evaluation_settings.classifier.resolution")
+    size = lookup(record, "evaluation_settings.classifier.input_size") or lookup(
+        record, "evaluation_settings.classifier.resolution"
+    )
     if size is not None:
         details.append(f"{size} px")
     weights = lookup(record, "evaluation_settings.classifier.weights_sha256")
@@ -75,7 +85,9 @@ def _rel(path: Path, out: Path) -> str:
 
 def summary(r: Results) -> str:
     parts = [f"{len(r.trials)} trials: {len(r.succeeded)} succeeded, {len(r.failed)} failed"]
-    parts += [f"{len(r.invalid)} files skipped as invalid"] * bool(r.invalid) + [f"{len(r.excluded)} trials left out by the selection"] * bool(r.excluded)
+    parts += [f"{len(r.invalid)} files skipped as invalid"] * bool(r.invalid) + [
+        f"{len(r.excluded)} trials left out by the selection"
+    ] * bool(r.excluded)
     parts += [f"{len(r.repeats)} repeats counted once"] * bool(r.repeats)
     return "; ".join(parts) + "."
 
@@ -84,13 +96,21 @@ def notices(analysis: Analysis) -> list[tuple[str, list[str]]]:
     """(heading, plain-text lines) of everything a reader must know is missing or was left out."""
     r = analysis.results
     labels = dict(zip(r.trials["trial_id"], r.trials["label"]))
-    return [("Failed trials", [f"{t.label} ({t.trial_id}): {_first_line(t.error)}" for t in r.failed.itertuples()] or ["None."]),
-            ("Files skipped as invalid", [f"{name}: {reason}" for name, reason in r.invalid]),
-            ("Trials left out by the selection", [f"{label} ({tid}): {why}" for tid, label, why in r.excluded]),
-            ("Repeats counted once (same setting and seed; they differ only in convergence evaluations)",
-             [f"{label} ({tid}) repeats {labels.get(kept, kept)} ({kept})" for tid, label, kept in r.repeats]),
-            ("Tables not produced", analysis.skipped_tables), ("Figures not drawn", analysis.skipped_figures),
-            ("Sample grids not drawn", [f"{n} trial(s): {why}" for why, n in _reasons(analysis.missing_grids)])]
+    return [
+        (
+            "Failed trials",
+            [f"{t.label} ({t.trial_id}): {_first_line(t.error)}" for t in r.failed.itertuples()] or ["None."],
+        ),
+        ("Files skipped as invalid", [f"{name}: {reason}" for name, reason in r.invalid]),
+        ("Trials left out by the selection", [f"{label} ({tid}): {why}" for tid, label, why in r.excluded]),
+        (
+            "Repeats counted once (same setting and seed; they differ only in convergence evaluations)",
+            [f"{label} ({tid}) repeats {labels.get(kept, kept)} ({kept})" for tid, label, kept in r.repeats],
+        ),
+        ("Tables not produced", analysis.skipped_tables),
+        ("Figures not drawn", analysis.skipped_figures),
+        ("Sample grids not drawn", [f"{n} trial(s): {why}" for why, n in _reasons(analysis.missing_grids)]),
+    ]
 
 
 def _md(text: str) -> str:
@@ -100,8 +120,14 @@ def _md(text: str) -> str:
 
 def markdown(analysis: Analysis) -> str:
     r, out = analysis.results, analysis.out
-    lines = [f"# varsweep analysis of {_md(str(r.folder))}", "",
-             f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}. {summary(r)}", "", "## Provenance", ""]
+    lines = [
+        f"# varsweep analysis of {_md(str(r.folder))}",
+        "",
+        f"Generated {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}. {summary(r)}",
+        "",
+        "## Provenance",
+        "",
+    ]
     lines += [f"- {name}: {_md(', '.join(values))}" for name, values in provenance(r).items()]
     for heading, items in notices(analysis):
         if items:
@@ -116,16 +142,28 @@ def markdown(analysis: Analysis) -> str:
     lines += ["## Figures", ""]
     for figure in analysis.figures:
         png, pdf = figure.paths
-        lines += [f"### {figure.title}", "", f"![{figure.title}]({_rel(png, out)})", "", f"PDF: [{_rel(pdf, out)}]({_rel(pdf, out)})", ""]
+        lines += [
+            f"### {figure.title}",
+            "",
+            f"![{figure.title}]({_rel(png, out)})",
+            "",
+            f"PDF: [{_rel(pdf, out)}]({_rel(pdf, out)})",
+            "",
+        ]
     lines += ["## Sample grids", "", GRID_NOTE, ""]
     labels = dict(zip(r.trials["trial_id"], r.trials["label"]))
-    lines += [f"### {labels[tid]} (`{tid[:12]}`)\n\n![{labels[tid]}]({_rel(path, out)})\n" for tid, path in analysis.grids.items()]
+    lines += [
+        f"### {labels[tid]} (`{tid[:12]}`)\n\n![{labels[tid]}]({_rel(path, out)})\n"
+        for tid, path in analysis.grids.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
-GRID_NOTE = ("Each grid is captioned with its trial (method, privacy, model, dataset, seed) and metrics. Each row is a class, "
-             "named on the left (with its class accuracy where recorded): generated images on the left, real evaluation "
-             "images on the right.")
+GRID_NOTE = (
+    "Each grid is captioned with its trial (method, privacy, model, dataset, seed) and metrics. Each row is a class, "
+    "named on the left (with its class accuracy where recorded): generated images on the left, real evaluation "
+    "images on the right."
+)
 
 
 def _links(table: Table) -> str:
@@ -145,33 +183,56 @@ def page(analysis: Analysis) -> str:
     """index.html: the same content as index.md, as HTML."""
     r, out = analysis.results, analysis.out
     esc = html.escape
-    parts = [f"<h1>varsweep analysis of {esc(str(r.folder))}</h1>", f"<p>{esc(summary(r))}</p>", "<h2>Provenance</h2><ul>"]
+    parts = [
+        f"<h1>varsweep analysis of {esc(str(r.folder))}</h1>",
+        f"<p>{esc(summary(r))}</p>",
+        "<h2>Provenance</h2><ul>",
+    ]
     parts += [f"<li>{esc(name)}: {esc(', '.join(values))}</li>" for name, values in provenance(r).items()]
     parts += ["</ul>"]
     for heading, items in notices(analysis):
         if items:
-            parts += [f"<h2>{esc(heading)}</h2><ul>"] + [f"<li>{esc(item)}</li>" for item in items] + ["</ul>"]
+            parts += (
+                [f"<h2>{esc(heading)}</h2><ul>"] + [f"<li>{esc(item)}</li>" for item in items] + ["</ul>"]
+            )
     parts += ["<h2>Tables</h2>"] + [_html_table(t) for t in analysis.tables]
     if analysis.comparisons:
-        parts += ["<h2>Compared with the published tables</h2>"] + [_html_table(t) for t in analysis.comparisons]
+        parts += ["<h2>Compared with the published tables</h2>"] + [
+            _html_table(t) for t in analysis.comparisons
+        ]
     parts += ["<h2>Figures</h2>"]
     for figure in analysis.figures:
         png, pdf = figure.paths
-        parts += [f"<h3>{esc(figure.title)}</h3><img src='{_rel(png, out)}' style='max-width:100%'><p><a href='{_rel(pdf, out)}'>PDF</a></p>"]
+        parts += [
+            f"<h3>{esc(figure.title)}</h3><img src='{_rel(png, out)}' style='max-width:100%'><p><a href='{_rel(pdf, out)}'>PDF</a></p>"
+        ]
     parts += [f"<h2>Sample grids</h2><p>{GRID_NOTE}</p>"]
     labels = dict(zip(r.trials["trial_id"], r.trials["label"]))
-    parts += [f"<h3>{esc(labels[tid])}</h3><img src='{_rel(path, out)}' style='max-width:100%' alt='{esc(labels[tid])}'>"
-              for tid, path in analysis.grids.items()]
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;margin:.5em 0}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td.key{text-align:left}caption{font-weight:bold;text-align:left}")
+    parts += [
+        f"<h3>{esc(labels[tid])}</h3><img src='{_rel(path, out)}' style='max-width:100%' alt='{esc(labels[tid])}'>"
+        for tid, path in analysis.grids.items()
+    ]
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td.key{text-align:left}caption{font-weight:bold;text-align:left}"
+    )
     return f"<!doctype html><html><head><meta charset='utf-8'><title>varsweep analysis</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
 
 
 def _html_table(table: Table) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in table.header)
-    rows = "".join("<tr>" + "".join(f"<td>{esc(c.text())}</td>" if isinstance(c, Cell) else f"<td class='key'>{esc(c)}</td>" for c in row) + "</tr>"
-                   for row in table.rows)
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{esc(c.text())}</td>" if isinstance(c, Cell) else f"<td class='key'>{esc(c)}</td>"
+            for c in row
+        )
+        + "</tr>"
+        for row in table.rows
+    )
     links = " ".join(f"<a href='tables/{table.name}{s}'>{s.lstrip('_.')}</a>" for s in table.renderers())
     notes = "".join(f"<li>{esc(n)}</li>" for n in table.notes)
-    return f"<table><caption>{esc(table.title)}</caption><tr>{head}</tr>{rows}</table><p>{links}</p>" + (f"<ul>{notes}</ul>" if notes else "")
+    return f"<table><caption>{esc(table.title)}</caption><tr>{head}</tr>{rows}</table><p>{links}</p>" + (
+        f"<ul>{notes}</ul>" if notes else ""
+    )

@@ -1,4 +1,5 @@
 """One analysis run: results folder -> tables, figures, sample grids and the report page under ``out``."""
+
 from __future__ import annotations
 
 from collections.abc import Collection
@@ -13,15 +14,27 @@ from .report import Analysis, markdown, page
 from .tables import all_tables
 
 
-def analyse(results_dir: str | Path, out: str | Path, *, compare_paper: bool = False, extractor: str | None = None,
-            skip_invalid: bool = False, where: dict[str, object] | None = None, table2_epsilon: float = 10.0,
-            grids: bool = True, figures: bool = True, trial_ids: Collection[str] | None = None) -> Analysis:
+def analyse(
+    results_dir: str | Path,
+    out: str | Path,
+    *,
+    compare_paper: bool = False,
+    extractor: str | None = None,
+    skip_invalid: bool = False,
+    where: dict[str, object] | None = None,
+    table2_epsilon: float = 10.0,
+    grids: bool = True,
+    figures: bool = True,
+    trial_ids: Collection[str] | None = None,
+) -> Analysis:
     """Load every result (validated; see ``load_results``), then write ``out/tables/`` (CSV, long CSV, Markdown,
     LaTeX), ``out/figures/`` (PNG, PDF), ``out/grids/`` (one PNG per successful trial), ``out/trials.csv`` and
     the report ``out/index.md`` / ``out/index.html``. ``compare_paper`` refuses results that cannot stand beside
     the published numbers before anything is written (AnalysisError)."""
     out = Path(out)
-    results = load_results(results_dir, skip_invalid=skip_invalid, extractor=extractor, where=where, trial_ids=trial_ids)
+    results = load_results(
+        results_dir, skip_invalid=skip_invalid, extractor=extractor, where=where, trial_ids=trial_ids
+    )
     if compare_paper:
         check_comparable(results.trials)
     _make_folder(out)
@@ -34,12 +47,15 @@ def analyse(results_dir: str | Path, out: str | Path, *, compare_paper: bool = F
         for table in analysis.comparisons:
             table.write(out / "tables")
     if figures:
-        analysis.figures, analysis.skipped_figures = all_figures(results.trials, results.convergence, out / "figures",
-                                                                 table2_epsilon=table2_epsilon)
+        analysis.figures, analysis.skipped_figures = all_figures(
+            results.trials, results.convergence, out / "figures", table2_epsilon=table2_epsilon
+        )
     else:
         analysis.skipped_figures = ["all figures: not asked for (--no-figures)"]
     if grids:
-        analysis.grids, analysis.missing_grids = _grids(results, out / "grids", storage=storage_root(results_dir))
+        analysis.grids, analysis.missing_grids = _grids(
+            results, out / "grids", storage=storage_root(results_dir)
+        )
     results.trials.to_csv(out / "trials.csv", index=False)
     (out / "index.md").write_text(markdown(analysis))
     (out / "index.html").write_text(page(analysis))
@@ -54,7 +70,9 @@ def _make_folder(out: Path) -> None:
     try:
         probe_folder(out)
     except OSError as error:
-        raise AnalysisError(f"cannot create or write in the output folder {out}: {error.strerror or error}") from error
+        raise AnalysisError(
+            f"cannot create or write in the output folder {out}: {error.strerror or error}"
+        ) from error
 
 
 def _grids(results: Results, folder: Path, *, storage: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
@@ -64,7 +82,7 @@ def _grids(results: Results, folder: Path, *, storage: str | Path) -> tuple[dict
     for trial_id in results.succeeded["trial_id"]:
         try:
             path, why = sample_grid(results.records[trial_id], folder, storage=storage)
-        except Exception as error:  # noqa: BLE001 - reported per trial, like a figure that fails to draw
+        except Exception as error:
             path, why = None, f"drawing failed ({type(error).__name__}: {error})"
         if path is None:
             missing[trial_id] = why

@@ -6,21 +6,29 @@ sample std, count) and remembers how many of its trials failed, so a gap is show
 filled in. Each table renders as CSV (the paper's layout, means only), a long CSV with every cell's mean, std and
 counts, Markdown and LaTeX.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
 from bench.estimates import ATTENTION_NOTE
 
-from .metrics import (DATASET_COLUMNS, METHOD_LABELS, METRICS, VARIANT_LABELS, VARIANT_TARGETS, format_count,
-                      format_percent_share)
+from .metrics import (
+    DATASET_COLUMNS,
+    METHOD_LABELS,
+    METRICS,
+    VARIANT_LABELS,
+    VARIANT_TARGETS,
+    format_count,
+    format_percent_share,
+)
 
 MISSING, FAILED, NO_VALUE = "—", "failed", "no value"
 TABLE1_METHODS = ("full", "lora", "ln_tuning")
@@ -46,7 +54,9 @@ class Cell:
     def text(self, *, plus_minus: str = "±") -> str:
         if self.mean is None:
             return " / ".join([FAILED] * bool(self.failed) + [NO_VALUE] * bool(self.no_value)) or MISSING
-        notes = ([f"{self.failed} failed"] if self.failed else []) + ([f"{self.no_value} without value"] if self.no_value else [])
+        notes = ([f"{self.failed} failed"] if self.failed else []) + (
+            [f"{self.no_value} without value"] if self.no_value else []
+        )
         shown = self.formatter(self.mean)
         if self.n > 1:
             shown += f" {plus_minus} {self.formatter(self.std)} (n={self.n})"
@@ -77,25 +87,58 @@ class Table:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         keys = [i for i, c in enumerate(self.rows[0]) if not isinstance(c, Cell)] if self.rows else []
-        writer.writerow([self.header[i] for i in keys] + ["column", "mean", "std", "n", "failed", "without_value"])
+        writer.writerow(
+            [self.header[i] for i in keys] + ["column", "mean", "std", "n", "failed", "without_value"]
+        )
         for row in self.rows:
             for i, c in enumerate(row):
                 if isinstance(c, Cell):
-                    writer.writerow([row[j] for j in keys] + [self.header[i], _num(c.mean), _num(c.std), c.n, c.failed, c.no_value])
+                    writer.writerow(
+                        [row[j] for j in keys]
+                        + [self.header[i], _num(c.mean), _num(c.std), c.n, c.failed, c.no_value]
+                    )
         return out.getvalue()
 
     def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
-        lines += ["| " + " | ".join(c.text() if isinstance(c, Cell) else c for c in row) + " |" for row in self.rows]
+        lines = [
+            f"### {self.title}",
+            "",
+            "| " + " | ".join(self.header) + " |",
+            "|" + "---|" * len(self.header),
+        ]
+        lines += [
+            "| " + " | ".join(c.text() if isinstance(c, Cell) else c for c in row) + " |" for row in self.rows
+        ]
         return "\n".join(lines + ([""] + [f"- {n}" for n in self.notes] if self.notes else []) + [""])
 
     def latex(self) -> str:
-        spec = "".join("r" if any(isinstance(r[i], Cell) for r in self.rows) else "l" for i in range(len(self.header)))
-        body = [" & ".join(_tex(c.text(plus_minus="$\\pm$") if isinstance(c, Cell) else c, raw=isinstance(c, Cell)) for c in row) + r" \\"
-                for row in self.rows]
-        return "\n".join([r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex(self.title)}}}", f"\\begin{{tabular}}{{{spec}}}",
-                          r"\toprule", " & ".join(_tex(h) for h in self.header) + r" \\", r"\midrule", *body, r"\bottomrule",
-                          r"\end{tabular}", r"\end{table}", ""])
+        spec = "".join(
+            "r" if any(isinstance(r[i], Cell) for r in self.rows) else "l" for i in range(len(self.header))
+        )
+        body = [
+            " & ".join(
+                _tex(c.text(plus_minus="$\\pm$") if isinstance(c, Cell) else c, raw=isinstance(c, Cell))
+                for c in row
+            )
+            + r" \\"
+            for row in self.rows
+        ]
+        return "\n".join(
+            [
+                r"\begin{table}[t]",
+                r"\centering",
+                f"\\caption{{{_tex(self.title)}}}",
+                f"\\begin{{tabular}}{{{spec}}}",
+                r"\toprule",
+                " & ".join(_tex(h) for h in self.header) + r" \\",
+                r"\midrule",
+                *body,
+                r"\bottomrule",
+                r"\end{tabular}",
+                r"\end{table}",
+                "",
+            ]
+        )
 
     def renderers(self) -> dict[str, Callable[[], str]]:
         """File suffix -> renderer; the long per-cell CSV only where the table has aggregated cells."""
@@ -122,7 +165,14 @@ def _num(value: float | None) -> str:
 def _tex(text: str, *, raw: bool = False) -> str:
     if raw:  # cells carry their own $\pm$; only the dash and the other specials need care
         return text.replace(MISSING, "--").replace("%", r"\%").replace("_", r"\_")
-    for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("$", r"\$")):
+    for char, escaped in (
+        ("\\", r"\textbackslash{}"),
+        ("&", r"\&"),
+        ("%", r"\%"),
+        ("_", r"\_"),
+        ("#", r"\#"),
+        ("$", r"\$"),
+    ):
         text = text.replace(char, escaped)
     return text.replace(MISSING, "--").replace("±", r"$\pm$")
 
@@ -136,7 +186,9 @@ def cell(trials: pd.DataFrame, metric: str, *, formatter: Callable[[float], str]
     fmt = formatter or METRICS[metric].format
     if ok.empty:
         return Cell(None, None, 0, failed, fmt, no_value)
-    return Cell(float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0, len(ok), failed, fmt, no_value)
+    return Cell(
+        float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0, len(ok), failed, fmt, no_value
+    )
 
 
 def _eps(value: float) -> str:
@@ -164,8 +216,10 @@ def _params(group: pd.DataFrame) -> list[Cell]:
     ok = group[group["status"] == "success"]
     if ok["trainable_params"].dropna().empty:
         return [Cell(None, None, 0, 0, format_count), Cell(None, None, 0, 0, format_percent_share)]
-    return [Cell(float(ok["trainable_params"].median()), 0.0, 1, 0, format_count),
-            Cell(float(ok["trainable_pct"].median()), 0.0, 1, 0, format_percent_share)]
+    return [
+        Cell(float(ok["trainable_params"].median()), 0.0, 1, 0, format_count),
+        Cell(float(ok["trainable_pct"].median()), 0.0, 1, 0, format_percent_share),
+    ]
 
 
 def _model_method_groups(trials: pd.DataFrame):
@@ -181,11 +235,33 @@ def table1(trials: pd.DataFrame) -> list[Table]:
     if plain.empty:
         return []
     datasets = dataset_columns(plain)
-    rows = [[model, METHOD_LABELS[method], *[cell(group[group["dataset"] == d], "fid") for d in datasets], *_params(group)]
-            for model, method, group in _model_method_groups(plain)]
-    header = ["model", "method", *[DATASET_COLUMNS.get(d, d) for d in datasets], "trainable_params", "trainable_pct"]
-    return [Table("table1_fid", "Table 1: FID of non-private adaptation (lower is better)", header, rows,
-                  notes=["trainable_params / trainable_pct: median over the row's trials; share of the base model's parameters"])]
+    rows = [
+        [
+            model,
+            METHOD_LABELS[method],
+            *[cell(group[group["dataset"] == d], "fid") for d in datasets],
+            *_params(group),
+        ]
+        for model, method, group in _model_method_groups(plain)
+    ]
+    header = [
+        "model",
+        "method",
+        *[DATASET_COLUMNS.get(d, d) for d in datasets],
+        "trainable_params",
+        "trainable_pct",
+    ]
+    return [
+        Table(
+            "table1_fid",
+            "Table 1: FID of non-private adaptation (lower is better)",
+            header,
+            rows,
+            notes=[
+                "trainable_params / trainable_pct: median over the row's trials; share of the base model's parameters"
+            ],
+        )
+    ]
 
 
 def table9(trials: pd.DataFrame) -> list[Table]:
@@ -194,10 +270,27 @@ def table9(trials: pd.DataFrame) -> list[Table]:
     if plain.empty:
         return []
     datasets = dataset_columns(plain)
-    rows = [[model, METHOD_LABELS[method], *[cell(group[group["dataset"] == d], metric) for d in datasets for metric in ("precision", "recall")]]
-            for model, method, group in _model_method_groups(plain)]
+    rows = [
+        [
+            model,
+            METHOD_LABELS[method],
+            *[
+                cell(group[group["dataset"] == d], metric)
+                for d in datasets
+                for metric in ("precision", "recall")
+            ],
+        ]
+        for model, method, group in _model_method_groups(plain)
+    ]
     header = ["model", "method", *[f"{DATASET_COLUMNS.get(d, d)}_{s}" for d in datasets for s in ("p", "r")]]
-    return [Table("table9_precision_recall", "Table 9: precision and recall (%) of non-private adaptation", header, rows)]
+    return [
+        Table(
+            "table9_precision_recall",
+            "Table 9: precision and recall (%) of non-private adaptation",
+            header,
+            rows,
+        )
+    ]
 
 
 def _per_dataset(trials: pd.DataFrame, build: Callable[[pd.DataFrame, str], Table | None]) -> list[Table]:
@@ -219,10 +312,21 @@ def table2(trials: pd.DataFrame, *, epsilon: float = 10.0) -> list[Table]:
     dp = trials[trials["dp"] & trials["method"].isin(TABLE2_METHODS) & (trials["epsilon"] == epsilon)]
 
     def build(group: pd.DataFrame, dataset: str) -> Table | None:
-        rows = [[model, METHOD_LABELS[method], _eps(epsilon), str(k), cell(sub[sub["k"] == k], "fid")]
-                for model, method, sub in _model_method_groups(group) for k in sorted(set(sub["k"]))]
-        return Table("table2_dp_multiplicity", f"Table 2: DP FID vs augmentation multiplicity k at epsilon {_eps(epsilon)}",
-                     ["model", "method", "epsilon", "k", "fid"], rows) if rows else None
+        rows = [
+            [model, METHOD_LABELS[method], _eps(epsilon), str(k), cell(sub[sub["k"] == k], "fid")]
+            for model, method, sub in _model_method_groups(group)
+            for k in sorted(set(sub["k"]))
+        ]
+        return (
+            Table(
+                "table2_dp_multiplicity",
+                f"Table 2: DP FID vs augmentation multiplicity k at epsilon {_eps(epsilon)}",
+                ["model", "method", "epsilon", "k", "fid"],
+                rows,
+            )
+            if rows
+            else None
+        )
 
     return _per_dataset(dp, build)
 
@@ -238,10 +342,29 @@ def table3(trials: pd.DataFrame) -> list[Table]:
             return None
         epsilons = sorted(set(group[group.set_index(["model", "method", "k"]).index.isin(keys)]["epsilon"]))
         rows = []
-        for model, method, k in sorted(keys, key=lambda key: (group[group["model"] == key[0]]["depth"].iloc[0], list(METHOD_LABELS).index(key[1]), key[2])):
+        for model, method, k in sorted(
+            keys,
+            key=lambda key: (
+                group[group["model"] == key[0]]["depth"].iloc[0],
+                list(METHOD_LABELS).index(key[1]),
+                key[2],
+            ),
+        ):
             sub = group[(group["model"] == model) & (group["method"] == method) & (group["k"] == k)]
-            rows.append([model, METHOD_LABELS[method], str(k), *[cell(sub[sub["epsilon"] == e], "fid") for e in epsilons]])
-        return Table("table3_dp_epsilon", "Table 3: DP FID vs privacy budget epsilon", ["model", "method", "k", *[f"eps_{_eps(e)}" for e in epsilons]], rows)
+            rows.append(
+                [
+                    model,
+                    METHOD_LABELS[method],
+                    str(k),
+                    *[cell(sub[sub["epsilon"] == e], "fid") for e in epsilons],
+                ]
+            )
+        return Table(
+            "table3_dp_epsilon",
+            "Table 3: DP FID vs privacy budget epsilon",
+            ["model", "method", "k", *[f"eps_{_eps(e)}" for e in epsilons]],
+            rows,
+        )
 
     return _per_dataset(dp, build)
 
@@ -251,22 +374,53 @@ def table10(trials: pd.DataFrame) -> list[Table]:
     dp = trials[trials["dp"] & trials["method"].isin(VARIANT_LABELS)]
 
     def build(group: pd.DataFrame, dataset: str) -> Table | None:
-        settings = group[group["method"].isin(ABLATION_METHODS)][["depth", "model", "epsilon", "k"]].drop_duplicates().sort_values(["depth", "epsilon", "k"])
+        settings = (
+            group[group["method"].isin(ABLATION_METHODS)][["depth", "model", "epsilon", "k"]]
+            .drop_duplicates()
+            .sort_values(["depth", "epsilon", "k"])
+        )
         rows = []
         for _, s in settings.iterrows():
-            at = group[(group["model"] == s["model"]) & (group["epsilon"] == s["epsilon"]) & (group["k"] == s["k"])]
+            at = group[
+                (group["model"] == s["model"]) & (group["epsilon"] == s["epsilon"]) & (group["k"] == s["k"])
+            ]
             for method in [m for m in VARIANT_LABELS if m in set(at["method"])]:
                 sub = at[at["method"] == method]
                 targets = sub["lora_targets"].dropna()
-                rows.append([s["model"], VARIANT_LABELS[method], targets.iloc[0] if len(targets) else VARIANT_TARGETS[method],
-                             _eps(s["epsilon"]), str(s["k"]), cell(sub, "fid"), *_params(sub)])
-        return Table("table10_dp_ablation", "Table 10: which layers DP LoRA adapts",
-                     ["model", "variant", "targets", "epsilon", "k", "fid", "trainable_params", "trainable_pct"], rows) if rows else None
+                rows.append(
+                    [
+                        s["model"],
+                        VARIANT_LABELS[method],
+                        targets.iloc[0] if len(targets) else VARIANT_TARGETS[method],
+                        _eps(s["epsilon"]),
+                        str(s["k"]),
+                        cell(sub, "fid"),
+                        *_params(sub),
+                    ]
+                )
+        return (
+            Table(
+                "table10_dp_ablation",
+                "Table 10: which layers DP LoRA adapts",
+                ["model", "variant", "targets", "epsilon", "k", "fid", "trainable_params", "trainable_pct"],
+                rows,
+            )
+            if rows
+            else None
+        )
 
     return _per_dataset(dp, build)
 
 
-COMPUTE_METRICS = ("train_pflops", "sample_pflops", "gpu_hours", "rows_per_second", "mfu", "peak_memory_gib", "train_seconds")
+COMPUTE_METRICS = (
+    "train_pflops",
+    "sample_pflops",
+    "gpu_hours",
+    "rows_per_second",
+    "mfu",
+    "peak_memory_gib",
+    "train_seconds",
+)
 
 
 def compute_table(trials: pd.DataFrame) -> list[Table]:
@@ -278,16 +432,48 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
     for key, group in trials.groupby(keys, dropna=False):
         depth, model, dataset, method, epsilon, k = key
         dp = not math.isnan(epsilon)
-        keyed.append(((depth, dataset, list(METHOD_LABELS).index(method), dp, epsilon if dp else 0.0, k),
-                      [model, dataset, METHOD_LABELS[method], _eps(epsilon) if dp else "no DP", str(k), *[cell(group, m) for m in COMPUTE_METRICS]]))
+        keyed.append(
+            (
+                (depth, dataset, list(METHOD_LABELS).index(method), dp, epsilon if dp else 0.0, k),
+                [
+                    model,
+                    dataset,
+                    METHOD_LABELS[method],
+                    _eps(epsilon) if dp else "no DP",
+                    str(k),
+                    *[cell(group, m) for m in COMPUTE_METRICS],
+                ],
+            )
+        )
     rows = [row for _, row in sorted(keyed, key=lambda item: item[0])]
-    header = ["model", "dataset", "method", "epsilon", "k", "train_pflops", "sample_pflops", "gpu_hours", "samples_per_second", "mfu_pct",
-              "peak_memory_gib", "train_seconds"]
-    return [Table("compute", "Compute: training and sampling PFLOPs (totals, not rates), GPU hours, throughput, MFU, peak memory", header, rows,
-                  notes=["PFLOPs = 1e15 floating-point operations counted by PyTorch's FLOP counter over the rows actually trained "
-                         "(norms, softmax, element-wise ops and the optimiser are not counted)",
-                         ATTENTION_NOTE,
-                         "MFU against the device's dense bf16 peak; empty on CPUs and unknown GPUs"])]
+    header = [
+        "model",
+        "dataset",
+        "method",
+        "epsilon",
+        "k",
+        "train_pflops",
+        "sample_pflops",
+        "gpu_hours",
+        "samples_per_second",
+        "mfu_pct",
+        "peak_memory_gib",
+        "train_seconds",
+    ]
+    return [
+        Table(
+            "compute",
+            "Compute: training and sampling PFLOPs (totals, not rates), GPU hours, throughput, MFU, peak memory",
+            header,
+            rows,
+            notes=[
+                "PFLOPs = 1e15 floating-point operations counted by PyTorch's FLOP counter over the rows actually trained "
+                "(norms, softmax, element-wise ops and the optimiser are not counted)",
+                ATTENTION_NOTE,
+                "MFU against the device's dense bf16 peak; empty on CPUs and unknown GPUs",
+            ],
+        )
+    ]
 
 
 PRIVACY_METRICS = ("epsilon_spent", "epsilon_spent_prv", "noise_multiplier", "dp_steps")
@@ -301,14 +487,49 @@ def privacy_table(trials: pd.DataFrame) -> list[Table]:
     rows = []
     for _, t in dp.iterrows():
         one = dp[dp["trial_id"] == t["trial_id"]]
-        rows.append([t["model"], t["dataset"], METHOD_LABELS[t["method"]], str(t["k"]), str(t["seed"]), _eps(t["epsilon"]),
-                     *[cell(one, m) for m in PRIVACY_METRICS], "" if math.isnan(t["delta"]) else f"{t['delta']:.3g}",
-                     f"{t['sampling_rate']:.4g}", f"{t['dp_max_grad_norm']:g}", t["trial_id"][:12]])
-    header = ["model", "dataset", "method", "k", "seed", "target_epsilon", "epsilon_spent_rdp", "epsilon_spent_prv", "sigma", "steps",
-              "delta", "q", "C", "trial"]
-    return [Table("privacy", "Privacy: budget spent per DP trial", header, rows,
-                  notes=["epsilon spent is computed by both accountants from the steps actually taken; sigma was calibrated "
-                         "with the trial's own accountant"])]
+        rows.append(
+            [
+                t["model"],
+                t["dataset"],
+                METHOD_LABELS[t["method"]],
+                str(t["k"]),
+                str(t["seed"]),
+                _eps(t["epsilon"]),
+                *[cell(one, m) for m in PRIVACY_METRICS],
+                "" if math.isnan(t["delta"]) else f"{t['delta']:.3g}",
+                f"{t['sampling_rate']:.4g}",
+                f"{t['dp_max_grad_norm']:g}",
+                t["trial_id"][:12],
+            ]
+        )
+    header = [
+        "model",
+        "dataset",
+        "method",
+        "k",
+        "seed",
+        "target_epsilon",
+        "epsilon_spent_rdp",
+        "epsilon_spent_prv",
+        "sigma",
+        "steps",
+        "delta",
+        "q",
+        "C",
+        "trial",
+    ]
+    return [
+        Table(
+            "privacy",
+            "Privacy: budget spent per DP trial",
+            header,
+            rows,
+            notes=[
+                "epsilon spent is computed by both accountants from the steps actually taken; sigma was calibrated "
+                "with the trial's own accountant"
+            ],
+        )
+    ]
 
 
 CLASS_ACCURACY_COLUMNS = ("fid", "precision", "recall", "kid", "class_accuracy")
@@ -329,20 +550,48 @@ def _class_accuracy_build(group: pd.DataFrame, dataset: str) -> Table | None:
         privacy = sub["epsilon"].fillna(-1.0)  # -1: no DP, listed before the DP settings
         for epsilon, k in sorted(set(zip(privacy, sub["k"]))):
             one = sub[(privacy == epsilon) & (sub["k"] == k)]
-            rows.append([model, METHOD_LABELS[method], "no DP" if epsilon < 0 else _eps(epsilon), str(k),
-                         *[cell(one, m) for m in CLASS_ACCURACY_COLUMNS]])
-    header = ["model", "method", "epsilon", "k", "fid", "precision_pct", "recall_pct", "kid", "class_accuracy_pct"]
-    return Table("class_accuracy", "Class accuracy of generated samples (%, higher is better) beside FID, precision, recall and KID",
-                 header, rows, notes=_classifier_notes(group))
+            rows.append(
+                [
+                    model,
+                    METHOD_LABELS[method],
+                    "no DP" if epsilon < 0 else _eps(epsilon),
+                    str(k),
+                    *[cell(one, m) for m in CLASS_ACCURACY_COLUMNS],
+                ]
+            )
+    header = [
+        "model",
+        "method",
+        "epsilon",
+        "k",
+        "fid",
+        "precision_pct",
+        "recall_pct",
+        "kid",
+        "class_accuracy_pct",
+    ]
+    return Table(
+        "class_accuracy",
+        "Class accuracy of generated samples (%, higher is better) beside FID, precision, recall and KID",
+        header,
+        rows,
+        notes=_classifier_notes(group),
+    )
 
 
 def _classifier_notes(trials: pd.DataFrame) -> list[str]:
     """What measured class accuracy: a fixed classifier's accuracy on images generated for each class (does the
     model draw the class it was asked for), with the classifier's own accuracy on real test images."""
-    notes = ["class accuracy: the share of images generated for class c that a fixed classifier assigns to class c"]
+    notes = [
+        "class accuracy: the share of images generated for class c that a fixed classifier assigns to class c"
+    ]
     named = trials.dropna(subset=["classifier"]).drop_duplicates(["classifier", "classifier_test_accuracy"])
     for _, t in named.iterrows():
-        real = "" if math.isnan(t["classifier_test_accuracy"]) else f" (its accuracy on real test images: {t['classifier_test_accuracy']:.1f}%)"
+        real = (
+            ""
+            if math.isnan(t["classifier_test_accuracy"])
+            else f" (its accuracy on real test images: {t['classifier_test_accuracy']:.1f}%)"
+        )
         notes.append(f"classifier: {t['classifier']}{real}")
     return notes
 
@@ -350,17 +599,34 @@ def _classifier_notes(trials: pd.DataFrame) -> list[str]:
 def all_tables(trials: pd.DataFrame, *, table2_epsilon: float = 10.0) -> tuple[list[Table], list[str]]:
     """(tables, one line per table not produced, saying what data it lacks)."""
     dp_epsilons = sorted(set(trials.loc[trials["dp"], "epsilon"]))
-    found = f" (DP trials ran at ε in {{{', '.join(_eps(e) for e in dp_epsilons)}}}; see --table2-epsilon)" if dp_epsilons else ""
-    builders = [("table1_fid", lambda: table1(trials), "no non-DP trial"),
-                # right after Table 1: every setting with all its metrics, where a classifier scored the samples
-                ("class_accuracy", lambda: class_accuracy_table(trials), "no trial recorded class accuracy (metrics.class_accuracy)"),
-                ("table2_dp_multiplicity", lambda: table2(trials, epsilon=table2_epsilon),
-                 f"no DP LoRA or LNTuning trial at ε={_eps(table2_epsilon)}{found}"),
-                ("table3_dp_epsilon", lambda: table3(trials), "no DP model x method x k was run at two or more epsilons"),
-                ("table9_precision_recall", lambda: table9(trials), "no adapted non-DP trial"),
-                ("table10_dp_ablation", lambda: table10(trials), "no DP attention-only or MLP-only LoRA trial"),
-                ("compute", lambda: compute_table(trials), "no trial"),
-                ("privacy", lambda: privacy_table(trials), "no DP trial")]
+    found = (
+        f" (DP trials ran at ε in {{{', '.join(_eps(e) for e in dp_epsilons)}}}; see --table2-epsilon)"
+        if dp_epsilons
+        else ""
+    )
+    builders = [
+        ("table1_fid", lambda: table1(trials), "no non-DP trial"),
+        # right after Table 1: every setting with all its metrics, where a classifier scored the samples
+        (
+            "class_accuracy",
+            lambda: class_accuracy_table(trials),
+            "no trial recorded class accuracy (metrics.class_accuracy)",
+        ),
+        (
+            "table2_dp_multiplicity",
+            lambda: table2(trials, epsilon=table2_epsilon),
+            f"no DP LoRA or LNTuning trial at ε={_eps(table2_epsilon)}{found}",
+        ),
+        (
+            "table3_dp_epsilon",
+            lambda: table3(trials),
+            "no DP model x method x k was run at two or more epsilons",
+        ),
+        ("table9_precision_recall", lambda: table9(trials), "no adapted non-DP trial"),
+        ("table10_dp_ablation", lambda: table10(trials), "no DP attention-only or MLP-only LoRA trial"),
+        ("compute", lambda: compute_table(trials), "no trial"),
+        ("privacy", lambda: privacy_table(trials), "no DP trial"),
+    ]
     tables, skipped = [], []
     for name, build, why in builders:
         built = build()

@@ -14,6 +14,7 @@ naming the input and the problem (a listing, such as every trial that cannot run
 small file) before Ray is imported or any trial starts; a dry run creates nothing and imports neither Ray nor
 the training code (Opacus, peft).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,31 @@ from .sweeps.common import Assets
 
 def _common(parser: argparse.ArgumentParser, storage: str) -> None:
     parser.add_argument("name", choices=sorted(SWEEPS))
-    parser.add_argument("--smoke", action="store_true", help="the sweep's smoke version: tiny base, offline data, CPU")
-    parser.add_argument("--storage", default=storage, help="results and checkpoints: a local or shared path, or a URI (s3://...)")
-    parser.add_argument("--assets", default=Assets.__dataclass_fields__["root"].default,
-                        help="checkpoints/ and datasets/ of the paper sweeps (env VARSWEEP_ASSETS)")
-    parser.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
-                        help="only the trials whose config has this value, e.g. method.name=lora (repeatable; as in python -m analysis)")
-    parser.add_argument("--cache-dir", help="caches, including the checkpoints' SHA-256 that trial ids are made of (default: STORAGE/cache "
-                                            "for a path, ~/.cache/varsweep for a URI; env VARSWEEP_CACHE)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="the sweep's smoke version: tiny base, offline data, CPU"
+    )
+    parser.add_argument(
+        "--storage",
+        default=storage,
+        help="results and checkpoints: a local or shared path, or a URI (s3://...)",
+    )
+    parser.add_argument(
+        "--assets",
+        default=Assets.__dataclass_fields__["root"].default,
+        help="checkpoints/ and datasets/ of the paper sweeps (env VARSWEEP_ASSETS)",
+    )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="only the trials whose config has this value, e.g. method.name=lora (repeatable; as in python -m analysis)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        help="caches, including the checkpoints' SHA-256 that trial ids are made of (default: STORAGE/cache "
+        "for a path, ~/.cache/varsweep for a URI; env VARSWEEP_CACHE)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,44 +64,79 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="the sweeps and their sizes")
     sweep = commands.add_parser("sweep", help="run a sweep (relaunch to resume)")
     _common(sweep, "runs/sweeps")
-    sweep.add_argument("--dry-run", action="store_true", help="check and print the grid, resources and estimated GPU hours; run and create nothing")
-    sweep.add_argument("--max-concurrent", type=number(int, minimum=1), help="trials at once, >= 1 (default: as many as the cluster's resources fit)")
-    sweep.add_argument("--address", help="Ray address (default: RAY_ADDRESS, a running cluster, else a new local Ray)")
-    sweep.add_argument("--cluster-config", help="the autoscaler's cluster YAML whose node types and limits set how many trials run at once "
-                                                "(default: the running cluster's own, e.g. ~/ray_bootstrap_config.yaml on a `ray up` head)")
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check and print the grid, resources and estimated GPU hours; run and create nothing",
+    )
+    sweep.add_argument(
+        "--max-concurrent",
+        type=number(int, minimum=1),
+        help="trials at once, >= 1 (default: as many as the cluster's resources fit)",
+    )
+    sweep.add_argument(
+        "--address", help="Ray address (default: RAY_ADDRESS, a running cluster, else a new local Ray)"
+    )
+    sweep.add_argument(
+        "--cluster-config",
+        help="the autoscaler's cluster YAML whose node types and limits set how many trials run at once "
+        "(default: the running cluster's own, e.g. ~/ray_bootstrap_config.yaml on a `ray up` head)",
+    )
     status = commands.add_parser("status", help="which trials of a sweep have results (reads only)")
     _common(status, "runs/sweeps")
-    demo = commands.add_parser("demo", help="the embedded default: demo sweep on a local Ray, then its summary and checks")
+    demo = commands.add_parser(
+        "demo", help="the embedded default: demo sweep on a local Ray, then its summary and checks"
+    )
     demo.add_argument("--storage", default="runs/demo")
-    demo.add_argument("--smoke", action="store_true", help="a few steps only (CI): checks the pipeline, not the targets")
-    upgrade = commands.add_parser("upgrade-results", help="rewrite the results of an older schema version under their new trial ids")
-    upgrade.add_argument("storage", help="the sweep's storage (a path or URI; its results/ folder is rewritten)")
-    upgrade.add_argument("--dry-run", action="store_true", help="list what would be rewritten; change nothing")
+    demo.add_argument(
+        "--smoke", action="store_true", help="a few steps only (CI): checks the pipeline, not the targets"
+    )
+    upgrade = commands.add_parser(
+        "upgrade-results", help="rewrite the results of an older schema version under their new trial ids"
+    )
+    upgrade.add_argument(
+        "storage", help="the sweep's storage (a path or URI; its results/ folder is rewritten)"
+    )
+    upgrade.add_argument(
+        "--dry-run", action="store_true", help="list what would be rewritten; change nothing"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_reporting(lambda: _run(_parser().parse_args(argv)),
-                         interrupted="interrupted; relaunch the same command to resume (finished trials are kept)")
+    return run_reporting(
+        lambda: _run(_parser().parse_args(argv)),
+        interrupted="interrupted; relaunch the same command to resume (finished trials are kept)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "list":
         for name in sorted(SWEEPS):
-            print(f"{name:<12} {len(build_sweep(name)):>3} trials ({len(build_sweep(name, smoke=True))} smoke)  {describe(name)}")
+            print(
+                f"{name:<12} {len(build_sweep(name)):>3} trials ({len(build_sweep(name, smoke=True))} smoke)  {describe(name)}"
+            )
         return 0
     if args.command == "demo":
         from .demo import run_demo
+
         return run_demo(storage=args.storage, smoke=args.smoke)
     if args.command == "upgrade-results":
         return upgrade_results(args.storage, dry_run=args.dry_run)
-    configs = [with_absolute_paths(c) for c in build_sweep(args.name, smoke=args.smoke, assets=Assets(args.assets))]
+    configs = [
+        with_absolute_paths(c) for c in build_sweep(args.name, smoke=args.smoke, assets=Assets(args.assets))
+    ]
     configs = select(configs, args.where, sweep=args.name)
     if args.command == "status":
         store = ResultStore(args.storage, create=False)
         store.require_folder()
-        from .preflight import identify  # trial ids follow the files' contents (hashes cached by the sweep, read only here)
-        configs = identify(configs, cache_dir=args.cache_dir or default_cache_dir(args.storage), write=False, log=print)
+        from .preflight import (
+            identify,
+        )  # trial ids follow the files' contents (hashes cached by the sweep, read only here)
+
+        configs = identify(
+            configs, cache_dir=args.cache_dir or default_cache_dir(args.storage), write=False, log=print
+        )
         print(status_table(configs, store))
         return 0
     # A bad storage or cache fails here, before Ray is imported or anything is built; a dry run creates nothing.
@@ -91,10 +144,16 @@ def _run(args: argparse.Namespace) -> int:
         check_folder(args.storage, what="--storage", create=False)
     ResultStore(args.storage, create=not args.dry_run)
     from .launcher import Launch, run_sweep
+
     cache_dir = args.cache_dir or default_cache_dir(args.storage)
     check_folder(cache_dir, what="--cache-dir" if args.cache_dir else "cache folder", create=not args.dry_run)
-    launch = Launch(storage=args.storage, cache_dir=cache_dir, max_concurrent=args.max_concurrent, address=args.address,
-                    cluster_config=args.cluster_config)
+    launch = Launch(
+        storage=args.storage,
+        cache_dir=cache_dir,
+        max_concurrent=args.max_concurrent,
+        address=args.address,
+        cluster_config=args.cluster_config,
+    )
     summary = run_sweep(args.name + ("-smoke" if args.smoke else ""), configs, launch, dry_run=args.dry_run)
     return 1 if summary["failed"] else 0
 
@@ -105,7 +164,9 @@ def select(configs: list, where: list[str], *, sweep: str) -> list:
     from analysis.load import config_value
 
     wanted = parse_where(where)
-    kept = [c for c in configs if all(config_value(c.to_dict(), path) == value for path, value in wanted.items())]
+    kept = [
+        c for c in configs if all(config_value(c.to_dict(), path) == value for path, value in wanted.items())
+    ]
     if not kept:
         raise SweepError(f"no trial of sweep {sweep} has {' and '.join(where)} ({len(configs)} trials)")
     return kept
@@ -124,7 +185,11 @@ def upgrade_results(storage: str, *, dry_run: bool = False) -> int:
         print(line)
     order = ("upgraded", "would upgrade", "current", "left")
     summary = ", ".join(f"{counts[o]} {'left alone' if o == 'left' else o}" for o in order if o in counts)
-    total = f"{summary} of {len(files)} files in {store.folder}" if files else f"no result files in {store.folder}"
+    total = (
+        f"{summary} of {len(files)} files in {store.folder}"
+        if files
+        else f"no result files in {store.folder}"
+    )
     print(total + (" (dry run: nothing changed)" if dry_run else ""))
     return 1 if counts.get("left") else 0
 
@@ -138,7 +203,9 @@ def check_folder(folder: str, *, what: str, create: bool) -> None:
     for part in (path, *path.parents):
         if part.exists():
             if not part.is_dir():
-                raise StorageError(f"{what} {folder}: {'is' if part == path else 'lies under'} a file{'' if part == path else f' ({part})'}, not a folder")
+                raise StorageError(
+                    f"{what} {folder}: {'is' if part == path else 'lies under'} a file{'' if part == path else f' ({part})'}, not a folder"
+                )
             break
     if create:
         try:
@@ -157,16 +224,26 @@ def status_table(configs, store: ResultStore) -> str:
     for c in configs:
         state, detail = store.state(c.trial_id)
         if state == "pending" and c.trial_id in upgrades:
-            state, detail = "old", f"an older schema version's result, {Path(upgrades[c.trial_id]).name}: run upgrade-results (below)"
+            state, detail = (
+                "old",
+                f"an older schema version's result, {Path(upgrades[c.trial_id]).name}: run upgrade-results (below)",
+            )
         counts[state] = counts.get(state, 0) + 1
         record = store.read(c.trial_id) if state in ("success", "failed") else None
-        fid, eps = record_value(record or {}, "metrics.fid"), record_value(record or {}, "privacy.epsilon_rdp")
-        lines.append(f"{c.label:<44} {c.trial_id:<16} {state:<8} {_number(fid):>8} {_number(eps):>8}  {detail}".rstrip())
+        fid, eps = (
+            record_value(record or {}, "metrics.fid"),
+            record_value(record or {}, "privacy.epsilon_rdp"),
+        )
+        lines.append(
+            f"{c.label:<44} {c.trial_id:<16} {state:<8} {_number(fid):>8} {_number(eps):>8}  {detail}".rstrip()
+        )
     states = ("success", "failed", "invalid", "old", "pending")
     lines.append(", ".join(f"{counts[s]} {s}" for s in states if s in counts) + f" of {len(configs)} trials")
     if older:
-        lines.append(f"{len(older)} result file(s) in {store.folder} have an older schema version: "
-                     f"`python -m bench upgrade-results {store.storage}` rewrites them under their new trial ids")
+        lines.append(
+            f"{len(older)} result file(s) in {store.folder} have an older schema version: "
+            f"`python -m bench upgrade-results {store.storage}` rewrites them under their new trial ids"
+        )
     return "\n".join(lines)
 
 

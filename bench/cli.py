@@ -2,6 +2,7 @@
 ``python -m trainables.evaluation.evaluate``) share: a bad command line or a bad input ends in exit status 2 and a
 last stderr line ``error: ...`` that names the input and the problem, never a traceback (``VARSWEEP_DEBUG=1``
 shows it too). Standard library only (``analysis`` imports this and neither torch nor Ray)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,9 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from .errors import VarsweepError
 
@@ -57,27 +59,44 @@ def run_reporting(command: Callable[[], int], *, interrupted: str = "interrupted
     except KeyboardInterrupt:
         print(f"error: {interrupted}", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - every failure ends in one line, the traceback only when asked
+    except Exception as err:
         if os.environ.get("VARSWEEP_DEBUG"):
             traceback.print_exc()
         return report(err)
 
 
-def number(kind: type, *, minimum: float | None = None, maximum: float | None = None, below: float | None = None,
-           above: float | None = None) -> Callable[[str], float]:
+def number(
+    kind: type,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    below: float | None = None,
+    above: float | None = None,
+) -> Callable[[str], float]:
     """An argparse ``type`` for a finite ``kind`` (int or float) in a range; a wrong value names itself and the
     range (argparse adds the option's name)."""
-    bounds = [f">= {minimum:g}" if minimum is not None else "", f"> {above:g}" if above is not None else "",
-              f"<= {maximum:g}" if maximum is not None else "", f"< {below:g}" if below is not None else ""]
-    wanted = f"{'an integer' if kind is int else 'a number'}" + (f" {' and '.join(b for b in bounds if b)}" if any(bounds) else "")
+    bounds = [
+        f">= {minimum:g}" if minimum is not None else "",
+        f"> {above:g}" if above is not None else "",
+        f"<= {maximum:g}" if maximum is not None else "",
+        f"< {below:g}" if below is not None else "",
+    ]
+    wanted = f"{'an integer' if kind is int else 'a number'}" + (
+        f" {' and '.join(b for b in bounds if b)}" if any(bounds) else ""
+    )
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
-        if not math.isfinite(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum) \
-                or (below is not None and value >= below) or (above is not None and value <= above):
+        if (
+            not math.isfinite(value)
+            or (minimum is not None and value < minimum)
+            or (maximum is not None and value > maximum)
+            or (below is not None and value >= below)
+            or (above is not None and value <= above)
+        ):
             raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
         return value
 

@@ -4,6 +4,7 @@ fine-tuning, LoRA, DP-LoRA at epsilon 1 and 8), then a summary table, the checks
 working (``demo_checks``) and the analysis of the results (``STORAGE/analysis/index.html``: tables, figures,
 sample grids). Exits 1 when a check fails; ``--smoke`` (CI) runs a few steps and checks the pipeline only.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,9 @@ from .schema import absolute, record_value
 from .sweeps import build_sweep
 
 # Targets of the embedded default (docs/benchmarks.md records what `make demo` measured against them).
-MIN_TUNED_CLASS_ACCURACY = 0.70  # full fine-tuning and LoRA draw the digit they are asked for (LoRA: 0.78-0.82 over seeds)
+MIN_TUNED_CLASS_ACCURACY = (
+    0.70  # full fine-tuning and LoRA draw the digit they are asked for (LoRA: 0.78-0.82 over seeds)
+)
 MAX_BASE_CLASS_ACCURACY = 0.30  # the base model, never trained on digits, does not (chance is 0.10)
 # Non-DP fine-tuned samples lie on the real digits' manifold (precision) and cover it (recall), far above the base model
 # (0.22 / 0.01). Set from the spread over trial seeds (scripts/demo_seed_spread.py, docs/benchmarks.md): LoRA's recall
@@ -27,9 +30,15 @@ MIN_TUNED_RECALL = 0.20
 
 
 # Summary columns and the record paths they read (``record_value``: a renamed key fails here, never reads as None).
-SUMMARY_SOURCES = {"fid": "metrics.fid", "precision": "metrics.precision", "recall": "metrics.recall",
-                   "class_accuracy": "metrics.class_accuracy", "train_pflops": "cost.train_pflops",
-                   "train_seconds": "cost.train_seconds", "epsilon_spent": "privacy.epsilon_rdp"}
+SUMMARY_SOURCES = {
+    "fid": "metrics.fid",
+    "precision": "metrics.precision",
+    "recall": "metrics.recall",
+    "class_accuracy": "metrics.class_accuracy",
+    "train_pflops": "cost.train_pflops",
+    "train_seconds": "cost.train_seconds",
+    "epsilon_spent": "privacy.epsilon_rdp",
+}
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
@@ -37,8 +46,15 @@ def summary_rows(records: list[dict]) -> list[dict]:
     for r in records:
         c = r["config"]
         values = {name: record_value(r, source) for name, source in SUMMARY_SOURCES.items()}
-        rows.append({"trial": r["trial_id"], "method": c["method"]["name"], "epsilon": (c["privacy"] or {}).get("target_epsilon"),
-                     "status": r["status"], **values})
+        rows.append(
+            {
+                "trial": r["trial_id"],
+                "method": c["method"]["name"],
+                "epsilon": (c["privacy"] or {}).get("target_epsilon"),
+                "status": r["status"],
+                **values,
+            }
+        )
     return rows
 
 
@@ -52,31 +68,50 @@ def demo_checks(rows: list[dict]) -> dict[str, bool]:
     drawn = [r for r in tuned if r["method"] in ("full", "lora")]
     value = lambda r, key: r[key] if r[key] is not None else float("nan")  # noqa: E731 - a missing value fails every check
     return {
-        "every fine-tuned FID below the base model's": all(value(r, "fid") < value(base, "fid") for r in tuned),
-        f"class accuracy >= {MIN_TUNED_CLASS_ACCURACY:.2f} for full fine-tuning and LoRA":
-            all(value(r, "class_accuracy") >= MIN_TUNED_CLASS_ACCURACY for r in drawn),
-        f"class accuracy <= {MAX_BASE_CLASS_ACCURACY:.2f} for the base model": value(base, "class_accuracy") <= MAX_BASE_CLASS_ACCURACY,
-        f"precision >= {MIN_TUNED_PRECISION:.2f} and recall >= {MIN_TUNED_RECALL:.2f} for every non-DP fine-tuned trial":
-            all(value(r, "precision") >= MIN_TUNED_PRECISION and value(r, "recall") >= MIN_TUNED_RECALL for r in tuned),
-        f"DP at epsilon {dp[0]['epsilon']:g}: class accuracy below the same method without DP":
-            value(dp[0], "class_accuracy") < value(same, "class_accuracy"),
-        f"DP at epsilon {dp[0]['epsilon']:g}: FID above the same method without DP": value(dp[0], "fid") > value(same, "fid"),
+        "every fine-tuned FID below the base model's": all(
+            value(r, "fid") < value(base, "fid") for r in tuned
+        ),
+        f"class accuracy >= {MIN_TUNED_CLASS_ACCURACY:.2f} for full fine-tuning and LoRA": all(
+            value(r, "class_accuracy") >= MIN_TUNED_CLASS_ACCURACY for r in drawn
+        ),
+        f"class accuracy <= {MAX_BASE_CLASS_ACCURACY:.2f} for the base model": value(base, "class_accuracy")
+        <= MAX_BASE_CLASS_ACCURACY,
+        f"precision >= {MIN_TUNED_PRECISION:.2f} and recall >= {MIN_TUNED_RECALL:.2f} for every non-DP fine-tuned trial": all(
+            value(r, "precision") >= MIN_TUNED_PRECISION and value(r, "recall") >= MIN_TUNED_RECALL
+            for r in tuned
+        ),
+        f"DP at epsilon {dp[0]['epsilon']:g}: class accuracy below the same method without DP": value(
+            dp[0], "class_accuracy"
+        )
+        < value(same, "class_accuracy"),
+        f"DP at epsilon {dp[0]['epsilon']:g}: FID above the same method without DP": value(dp[0], "fid")
+        > value(same, "fid"),
     }
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("| method | epsilon | FID | precision | recall | class accuracy | epsilon spent | train PFLOPs | train s |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| method | epsilon | FID | precision | recall | class accuracy | epsilon spent | train PFLOPs | train s |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
-    return "\n".join([head] + [f"| {r['method']} | {fmt(r['epsilon'], 'g') or 'no DP'} | {fmt(r['fid'], '.3f')} | {fmt(r['precision'], '.3f')} | "
-                               f"{fmt(r['recall'], '.3f')} | {fmt(r['class_accuracy'], '.3f')} | {fmt(r['epsilon_spent'], '.2f')} | "
-                               f"{fmt(r['train_pflops'], '.2e')} | {fmt(r['train_seconds'], '.1f')} |" for r in rows])
+    return "\n".join(
+        [head]
+        + [
+            f"| {r['method']} | {fmt(r['epsilon'], 'g') or 'no DP'} | {fmt(r['fid'], '.3f')} | {fmt(r['precision'], '.3f')} | "
+            f"{fmt(r['recall'], '.3f')} | {fmt(r['class_accuracy'], '.3f')} | {fmt(r['epsilon_spent'], '.2f')} | "
+            f"{fmt(r['train_pflops'], '.2e')} | {fmt(r['train_seconds'], '.1f')} |"
+            for r in rows
+        ]
+    )
 
 
 def run_demo(*, storage: str = "runs/demo", smoke: bool = False) -> int:
     """Run (or resume) the demo sweep, summarise, check and analyse; 0 when every trial succeeded and (unless
     ``smoke``) every check passed, else 1. Raises with a one-line reason when the sweep or analysis cannot run."""
-    from analysis.run import analyse  # the demo's last step; importing bench.demo (its checks) needs no analysis
+    from analysis.run import (
+        analyse,
+    )  # the demo's last step; importing bench.demo (its checks) needs no analysis
 
     started = time.perf_counter()
     storage = absolute(storage)
@@ -85,7 +120,10 @@ def run_demo(*, storage: str = "runs/demo", smoke: bool = False) -> int:
     outcome = run_sweep("demo-smoke" if smoke else "demo", configs, launch)
     store = ResultStore(storage)
     records = [r for r in (store.read(c.trial_id) for c in configs) if r is not None]
-    rows = sorted(summary_rows(records), key=lambda r: (r["method"] != "base", r["epsilon"] is not None, r["epsilon"] or 0.0))
+    rows = sorted(
+        summary_rows(records),
+        key=lambda r: (r["method"] != "base", r["epsilon"] is not None, r["epsilon"] or 0.0),
+    )
     complete = len(rows) == len(configs) and all(r["status"] == "success" for r in rows)
     checks = demo_checks(rows) if complete else {}
     print("analysing the results ...", flush=True)
@@ -93,16 +131,34 @@ def run_demo(*, storage: str = "runs/demo", smoke: bool = False) -> int:
     analysis = analyse(storage, Path(storage) / "analysis", trial_ids=[c.trial_id for c in configs])
     verdicts = [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()]
     if smoke:
-        verdicts = [f"- (smoke run: {len(configs)} trials of a few steps check the pipeline; the targets below need the full demo)"] + verdicts
+        verdicts = [
+            f"- (smoke run: {len(configs)} trials of a few steps check the pipeline; the targets below need the full demo)"
+        ] + verdicts
     if not complete:
-        verdicts = [f"- FAIL: {len(configs) - sum(r['status'] == 'success' for r in rows)} of {len(configs)} trials did not succeed"
-                    " (see the errors above, or `python -m bench status demo`)"]
-    report = "\n".join([f"# varsweep demo ({len(rows)} trials, {time.perf_counter() - started:.0f} s)", "", _table(rows), "", *verdicts, "",
-                        f"Results: {Path(storage) / 'results'}", f"Analysis (tables, figures, sample grids): {analysis.out / 'index.html'}"])
+        verdicts = [
+            f"- FAIL: {len(configs) - sum(r['status'] == 'success' for r in rows)} of {len(configs)} trials did not succeed"
+            " (see the errors above, or `python -m bench status demo`)"
+        ]
+    report = "\n".join(
+        [
+            f"# varsweep demo ({len(rows)} trials, {time.perf_counter() - started:.0f} s)",
+            "",
+            _table(rows),
+            "",
+            *verdicts,
+            "",
+            f"Results: {Path(storage) / 'results'}",
+            f"Analysis (tables, figures, sample grids): {analysis.out / 'index.html'}",
+        ]
+    )
     (Path(storage) / "summary.md").write_text(report + "\n")
-    (Path(storage) / "summary.json").write_text(json.dumps({"rows": rows, "checks": checks, "sweep": outcome, "smoke": smoke}, indent=1))
+    (Path(storage) / "summary.json").write_text(
+        json.dumps({"rows": rows, "checks": checks, "sweep": outcome, "smoke": smoke}, indent=1)
+    )
     print(report)
-    print(f"summary: {Path(storage) / 'summary.md'}; analysis: {analysis.out / 'index.html'} ({len(analysis.tables)} tables, "
-          f"{len(analysis.figures)} figures, {len(analysis.grids)} sample grids)")
+    print(
+        f"summary: {Path(storage) / 'summary.md'}; analysis: {analysis.out / 'index.html'} ({len(analysis.tables)} tables, "
+        f"{len(analysis.figures)} figures, {len(analysis.grids)} sample grids)"
+    )
     passed = complete and (smoke or all(checks.values()))
     return 0 if passed else 1

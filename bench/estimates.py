@@ -8,6 +8,7 @@ embedding); attention's two L x L products per block, counted dense (the block-c
 at 680 tokens; ``visible_attention_fraction``). Norms, softmax, element-wise ops, the optimiser and the adapters'
 own small products (~2% for rank-16 LoRA) are not counted.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ class VarShape:
     patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
 
     @classmethod
-    def official(cls, depth: int) -> "VarShape":
+    def official(cls, depth: int) -> VarShape:
         return cls(depth=depth, embed_dim=64 * depth)
 
     @property
@@ -62,7 +63,7 @@ class VarShape:
     @property
     def attention_flops(self) -> int:
         """Forward FLOPs of attention's two L x L products in every block, dense (masked pairs included)."""
-        return self.depth * 4 * self.tokens ** 2 * self.embed_dim
+        return self.depth * 4 * self.tokens**2 * self.embed_dim
 
 
 def visible_attention_fraction(patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS) -> float:
@@ -81,21 +82,32 @@ def training_flops_per_row(shape: VarShape, method: str, *, dense_attention: boo
         return 0.0
     full = method == "full"
     linear = 2 * (shape.per_token_weights * shape.tokens + shape.per_image_weights)
-    attention = shape.attention_flops * (1.0 if dense_attention else visible_attention_fraction(shape.patch_nums))
-    return (3 if full else 2) * linear + (2 if full else 1) * shape.word_embedding_flops + (1 + ATTENTION_BACKWARD) * attention
+    attention = shape.attention_flops * (
+        1.0 if dense_attention else visible_attention_fraction(shape.patch_nums)
+    )
+    return (
+        (3 if full else 2) * linear
+        + (2 if full else 1) * shape.word_embedding_flops
+        + (1 + ATTENTION_BACKWARD) * attention
+    )
 
 
 def dense_attention_overhead(method: str, *, depth: int = 16) -> float:
     """How much a training total with attention counted dense exceeds one counting only the visible pairs
     (0.045 = 4.5%), for the official VAR of ``depth``."""
     shape = VarShape.official(depth)
-    return training_flops_per_row(shape, method) / training_flops_per_row(shape, method, dense_attention=False) - 1
+    return (
+        training_flops_per_row(shape, method) / training_flops_per_row(shape, method, dense_attention=False)
+        - 1
+    )
 
 
-ATTENTION_NOTE = (f"training attention is counted as dense L x L: the block-causal mask hides {1 - visible_attention_fraction():.0%} of the "
-                  f"pairs at 680 tokens, so d16 training totals are {dense_attention_overhead('full'):.1%} (full fine-tuning) to "
-                  f"{dense_attention_overhead('lora'):.1%} (adapters) above the FLOPs of the visible pairs; sampling (KV cache) "
-                  "computes only visible pairs")
+ATTENTION_NOTE = (
+    f"training attention is counted as dense L x L: the block-causal mask hides {1 - visible_attention_fraction():.0%} of the "
+    f"pairs at 680 tokens, so d16 training totals are {dense_attention_overhead('full'):.1%} (full fine-tuning) to "
+    f"{dense_attention_overhead('lora'):.1%} (adapters) above the FLOPs of the visible pairs; sampling (KV cache) "
+    "computes only visible pairs"
+)
 
 
 def training_flops(config: TrialConfig, *, train_images: int, steps: int) -> float:
@@ -104,7 +116,11 @@ def training_flops(config: TrialConfig, *, train_images: int, steps: int) -> flo
     if config.model.base != "official":
         return 0.0
     k = 1 if config.privacy is None else config.privacy.augmentation_multiplicity
-    rows = steps * k * (config.privacy.sampling_rate * train_images if config.privacy else config.optimization.batch_size)
+    rows = (
+        steps
+        * k
+        * (config.privacy.sampling_rate * train_images if config.privacy else config.optimization.batch_size)
+    )
     return training_flops_per_row(VarShape.official(config.model.depth), config.method.name) * rows
 
 
@@ -121,7 +137,11 @@ def estimate(configs: list[TrialConfig], *, done: set[str], plans: dict) -> str:
         if not finished:
             total_hours, todo = total_hours + hours, todo + 1
         gpus = f"{c.resources.workers} x {c.resources.gpus_per_worker:g}"
-        lines.append(f"{c.label:<44} {c.trial_id:<16} {'done' if finished else 'pending':<8} {gpus:>13} {steps:>7} {hours:>8.2f}")
-    lines.append(f"{todo} of {len(configs)} trials to run; estimated training GPU hours {total_hours:.1f} "
-                 f"(model FLOPs at {ASSUMED_FLOPS_PER_GPU / 1e12:.0f} TFLOP/s per GPU; evaluation and tiny models not included)")
+        lines.append(
+            f"{c.label:<44} {c.trial_id:<16} {'done' if finished else 'pending':<8} {gpus:>13} {steps:>7} {hours:>8.2f}"
+        )
+    lines.append(
+        f"{todo} of {len(configs)} trials to run; estimated training GPU hours {total_hours:.1f} "
+        f"(model FLOPs at {ASSUMED_FLOPS_PER_GPU / 1e12:.0f} TFLOP/s per GPU; evaluation and tiny models not included)"
+    )
     return "\n".join(lines)

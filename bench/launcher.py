@@ -15,6 +15,7 @@ Storage layout (a local or shared path, or a URI for results, artifacts and chec
   <cache_dir>/staging/<trial_id>/       (URI storage only) a trial's artifacts on rank 0's node until they are uploaded
 Relaunching the same command skips every trial whose result says success and resumes the others.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,20 +29,22 @@ from pathlib import Path
 
 # Read by Ray when it is imported: keep every worker line (Ray would fold similar lines of different processes).
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic engine honours verbose=0 (the new one prints tables)
+os.environ.setdefault(
+    "RAY_AIR_NEW_OUTPUT", "0"
+)  # the classic engine honours verbose=0 (the new one prints tables)
 os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # failures are recorded in the result files instead
 if not sys.stdout.isatty():  # a log file or a pipe: worker lines without terminal colour codes
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
-import yaml  # noqa: E402
-from pyarrow import fs as pafs  # noqa: E402
+import yaml
+from pyarrow import fs as pafs
 
-from trainables.progress import duration  # noqa: E402
+from trainables.progress import duration
 
-from .estimates import estimate  # noqa: E402
-from .preflight import SweepError, check_sweep, identify  # noqa: E402
-from .results import ResultStore, default_cache_dir  # noqa: E402,F401 - default_cache_dir: re-exported
-from .schema import TrialConfig, absolute, is_uri, make_result, utc_now  # noqa: E402
+from .estimates import estimate
+from .preflight import SweepError, check_sweep, identify
+from .results import ResultStore, default_cache_dir  # noqa: F401 - default_cache_dir: re-exported
+from .schema import TrialConfig, absolute, is_uri, make_result, utc_now
 
 TRIAL_FUNCTION_MEMORY_BYTES = 64 * 2**20
 # How long a trial's Train controller waits for its workers' placement group before it gives up, removes the
@@ -86,23 +89,36 @@ class Launch:
     def __post_init__(self) -> None:
         object.__setattr__(self, "storage", absolute(str(self.storage)))
         object.__setattr__(self, "cache_dir", absolute(str(self.cache_dir)))
-        if self.max_concurrent is not None and (not isinstance(self.max_concurrent, int) or isinstance(self.max_concurrent, bool)
-                                                or self.max_concurrent < 1):
-            raise SweepError(f"--max-concurrent must be >= 1, got {self.max_concurrent!r} (leave it out to fit the cluster)")
+        if self.max_concurrent is not None and (
+            not isinstance(self.max_concurrent, int)
+            or isinstance(self.max_concurrent, bool)
+            or self.max_concurrent < 1
+        ):
+            raise SweepError(
+                f"--max-concurrent must be >= 1, got {self.max_concurrent!r} (leave it out to fit the cluster)"
+            )
         timeout = self.worker_start_timeout_s
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf):
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
+        ):
             raise SweepError(f"worker start timeout must be a positive number of seconds, got {timeout!r}")
 
     @property
     def train_storage(self) -> str:
-        return f"{self.storage.rstrip('/')}/train" if is_uri(self.storage) else str(Path(self.storage) / "train")
+        return (
+            f"{self.storage.rstrip('/')}/train" if is_uri(self.storage) else str(Path(self.storage) / "train")
+        )
 
     @property
     def tune_storage(self) -> str:
-        return f"{self.storage.rstrip('/')}/tune" if is_uri(self.storage) else str(Path(self.storage) / "tune")
+        return (
+            f"{self.storage.rstrip('/')}/tune" if is_uri(self.storage) else str(Path(self.storage) / "tune")
+        )
 
 
-def pending_trials(configs: list[TrialConfig], store: ResultStore) -> tuple[list[TrialConfig], list[TrialConfig]]:
+def pending_trials(
+    configs: list[TrialConfig], store: ResultStore
+) -> tuple[list[TrialConfig], list[TrialConfig]]:
     """(trials still to run, trials already finished successfully). Failed trials run again."""
     done = [c for c in configs if store.status(c.trial_id) == "success"]
     finished = {c.trial_id for c in done}
@@ -132,32 +148,61 @@ def _trial_function(param: dict) -> None:
     store = ResultStore(launch.storage)
     if store.status(config.trial_id) == "success":
         return
-    if launch.worker_start_timeout_s is not None:  # read by Train from this process's environment (see START_TIMEOUT_ENV)
+    if (
+        launch.worker_start_timeout_s is not None
+    ):  # read by Train from this process's environment (see START_TIMEOUT_ENV)
         os.environ[START_TIMEOUT_ENV] = str(launch.worker_start_timeout_s)
     r = config.resources
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trial": config.to_dict(), "storage": launch.storage, "cache_dir": launch.cache_dir,
-                           "launched_at": time.time()},
-        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker),
-        run_config=RunConfig(name=Path(training_run_dir(launch, config.trial_id)).name, storage_path=launch.train_storage,
-                             # A worker group that cannot be placed in time is re-requested without limit
-                             # (queued, see START_TIMEOUT_ENV); max_failures counts only failures of the training.
-                             failure_config=FailureConfig(max_failures=r.max_failures, controller_failure_limit=-1),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=[TuneReportCallback()],
-                             logging_config=LoggingConfig(log_level="ERROR")))
+        train_loop_config={
+            "trial": config.to_dict(),
+            "storage": launch.storage,
+            "cache_dir": launch.cache_dir,
+            "launched_at": time.time(),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=Path(training_run_dir(launch, config.trial_id)).name,
+            storage_path=launch.train_storage,
+            # A worker group that cannot be placed in time is re-requested without limit
+            # (queued, see START_TIMEOUT_ENV); max_failures counts only failures of the training.
+            failure_config=FailureConfig(max_failures=r.max_failures, controller_failure_limit=-1),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+            logging_config=LoggingConfig(log_level="ERROR"),
+        ),
+    )
     started = utc_now()
     try:
         trainer.fit()
-    except Exception as err:  # noqa: BLE001 - the run failed after its retries: record why, keep the sweep going
-        if store.status(config.trial_id) != "success":  # a failure after the result was written leaves the result
-            store.write(make_result(config, status="failed", error=f"{type(err).__name__}: {err}", started_at=started,
-                                    finished_at=utc_now()))
+    except Exception as err:
+        if (
+            store.status(config.trial_id) != "success"
+        ):  # a failure after the result was written leaves the result
+            store.write(
+                make_result(
+                    config,
+                    status="failed",
+                    error=f"{type(err).__name__}: {err}",
+                    started_at=started,
+                    finished_at=utc_now(),
+                )
+            )
         return
     if store.status(config.trial_id) != "success":
-        store.write(make_result(config, status="failed", error="the training run ended without writing a result",
-                                started_at=started, finished_at=utc_now()))
+        store.write(
+            make_result(
+                config,
+                status="failed",
+                error="the training run ended without writing a result",
+                started_at=started,
+                finished_at=utc_now(),
+            )
+        )
     elif config.privacy is not None:
         delete_training_run(launch, config.trial_id)
 
@@ -173,7 +218,9 @@ def delete_training_run(launch: Launch, trial_id: str) -> None:
     adapter are written, and a smaller release is a safer one. The whole run folder goes, so a trial run again
     (its result deleted) starts afresh instead of resuming from checkpoints that are gone."""
     folder = training_run_dir(launch, trial_id)
-    filesystem, path = pafs.FileSystem.from_uri(folder) if is_uri(folder) else (pafs.LocalFileSystem(), folder)
+    filesystem, path = (
+        pafs.FileSystem.from_uri(folder) if is_uri(folder) else (pafs.LocalFileSystem(), folder)
+    )
     if filesystem.get_file_info(path).type == pafs.FileType.Directory:
         filesystem.delete_dir(path)
 
@@ -206,17 +253,25 @@ def limits_from_cluster_config(config: dict, *, source: str) -> ClusterLimits:
     the head itself. ``SweepError`` names ``source`` and the setting that cannot serve."""
     types = config.get("available_node_types")
     if not isinstance(types, dict) or not types:
-        raise SweepError(f"cluster config {source}: no available_node_types (need each node type's resources and max_workers)")
+        raise SweepError(
+            f"cluster config {source}: no available_node_types (need each node type's resources and max_workers)"
+        )
     head_type = config.get("head_node_type")
     cap = _amount(config.get("max_workers"), f"cluster config {source}: max_workers", whole=True)
     nodes = []
     for name, spec in types.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("resources"), dict):
-            raise SweepError(f"cluster config {source}: node type {name} declares no resources (e.g. resources: {{CPU: 8, GPU: 1}}; "
-                             f"the head's ~/ray_bootstrap_config.yaml has them filled in)")
+            raise SweepError(
+                f"cluster config {source}: node type {name} declares no resources (e.g. resources: {{CPU: 8, GPU: 1}}; "
+                f"the head's ~/ray_bootstrap_config.yaml has them filled in)"
+            )
         what = f"cluster config {source}: node type {name}"
-        resources = {key: _amount(value, f"{what}: resources.{key}") for key, value in spec["resources"].items()}
-        count = _amount(spec.get("max_workers", 0 if name == head_type else cap), f"{what}: max_workers", whole=True)
+        resources = {
+            key: _amount(value, f"{what}: resources.{key}") for key, value in spec["resources"].items()
+        }
+        count = _amount(
+            spec.get("max_workers", 0 if name == head_type else cap), f"{what}: max_workers", whole=True
+        )
         if name == head_type:
             nodes.append(NodeType(name, resources, 1, head=True))
             if count:  # the head's type may also be launched as workers
@@ -242,9 +297,19 @@ def limits_from_gcs(cluster_config) -> ClusterLimits | None:
     groups = list(cluster_config.node_group_configs) if cluster_config is not None else []
     if not groups:
         return None
-    nodes = tuple(NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, None if g.max_count < 0 else int(g.max_count))
-                  for g in groups)
-    return ClusterLimits(nodes, "as reported to the GCS", max_resources={k: float(v) for k, v in cluster_config.max_resources.items()})
+    nodes = tuple(
+        NodeType(
+            g.name,
+            {k: float(v) for k, v in g.resources.items()},
+            None if g.max_count < 0 else int(g.max_count),
+        )
+        for g in groups
+    )
+    return ClusterLimits(
+        nodes,
+        "as reported to the GCS",
+        max_resources={k: float(v) for k, v in cluster_config.max_resources.items()},
+    )
 
 
 def read_cluster_config(path: str) -> ClusterLimits:
@@ -255,7 +320,9 @@ def read_cluster_config(path: str) -> ClusterLimits:
     try:
         config = yaml.safe_load(file.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise SweepError(f"cluster config {path}: cannot read it as YAML ({type(err).__name__}: {err})") from None
+        raise SweepError(
+            f"cluster config {path}: cannot read it as YAML ({type(err).__name__}: {err})"
+        ) from None
     if not isinstance(config, dict):
         raise SweepError(f"cluster config {path}: not a mapping of cluster settings")
     return limits_from_cluster_config(config, source=str(file))
@@ -271,7 +338,7 @@ def autoscaling_limits(launch: Launch) -> ClusterLimits | None:
 
     try:  # the same record Ray Train checks a worker group against (ray._private.state: GlobalState)
         reported = limits_from_gcs(ray._private.state.state.get_cluster_config())
-    except Exception:  # noqa: BLE001 - an older GCS, or none reported: fall through to the file
+    except Exception:
         reported = None
     if reported is not None:
         return reported
@@ -284,7 +351,10 @@ def _trial_shapes(configs: list[TrialConfig]) -> list[tuple[int, dict[str, float
     shapes = []
     for c in configs:
         r = c.resources
-        shape = (r.workers, {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})})
+        shape = (
+            r.workers,
+            {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})},
+        )
         if shape not in shapes:
             shapes.append(shape)
     return shapes
@@ -292,7 +362,9 @@ def _trial_shapes(configs: list[TrialConfig]) -> list[tuple[int, dict[str, float
 
 def _per_node(resources: dict[str, float], bundle: dict[str, float]) -> int:
     """How many workers of ``bundle`` fit on one node with ``resources``."""
-    needed = [math.floor(resources.get(key, 0.0) / amount + 1e-9) for key, amount in bundle.items() if amount > 0]
+    needed = [
+        math.floor(resources.get(key, 0.0) / amount + 1e-9) for key, amount in bundle.items() if amount > 0
+    ]
     return max(0, min(needed)) if needed else 0
 
 
@@ -307,7 +379,9 @@ def fit_limits(limits: ClusterLimits, configs: list[TrialConfig]) -> int:
         budget = limits.max_workers
         growable = [t for t in limits.node_types if not t.head and _per_node(t.resources, bundle) > 0]
         for node in sorted(growable, key=lambda t: -_per_node(t.resources, bundle)):
-            count = node.count if budget is None else budget if node.count is None else min(node.count, budget)
+            count = (
+                node.count if budget is None else budget if node.count is None else min(node.count, budget)
+            )
             if count is None:  # no limit at all: as many trials as the sweep has
                 slots = len(configs) * workers
                 break
@@ -324,12 +398,17 @@ def fit_resources(total: dict[str, float], configs: list[TrialConfig]) -> int:
     """Trials that fit the cluster's current resources: its GPUs (GPU trials) or CPUs, at least 1."""
     need_gpu = max(c.resources.workers * c.resources.gpus_per_worker for c in configs)
     need_cpu = max(c.resources.workers * c.resources.cpus_per_worker for c in configs)
-    fits = math.floor(total.get("GPU", 0) / need_gpu) if need_gpu > 0 else math.floor(total.get("CPU", 1) / need_cpu)
+    fits = (
+        math.floor(total.get("GPU", 0) / need_gpu)
+        if need_gpu > 0
+        else math.floor(total.get("CPU", 1) / need_cpu)
+    )
     return max(1, fits)
 
 
-def concurrency(configs: list[TrialConfig], launch: Launch, *, resources: dict[str, float],
-                limits: ClusterLimits | None) -> tuple[int, str]:
+def concurrency(
+    configs: list[TrialConfig], launch: Launch, *, resources: dict[str, float], limits: ClusterLimits | None
+) -> tuple[int, str]:
     """How many trials run at once, and what decided it: ``--max-concurrent``; else the larger of what fits the
     cluster's current ``resources`` (``ray.cluster_resources()``) and what fits the largest cluster its autoscaler
     may grow to (``limits``; None: no autoscaler). A trial started beyond the current resources queues until a node
@@ -352,8 +431,10 @@ def check_fits(configs: list[TrialConfig], limits: ClusterLimits | None) -> None
     for config in configs:
         if fit_limits(limits, [config]) == 0:
             r = config.resources
-            raise SweepError(f"trial {config.label} ({config.trial_id}) needs {r.workers} worker(s) x {r.gpus_per_worker:g} GPU + "
-                             f"{r.cpus_per_worker:g} CPU; the largest cluster of {limits.source} cannot place it")
+            raise SweepError(
+                f"trial {config.label} ({config.trial_id}) needs {r.workers} worker(s) x {r.gpus_per_worker:g} GPU + "
+                f"{r.cpus_per_worker:g} CPU; the largest cluster of {limits.source} cannot place it"
+            )
 
 
 class SweepProgress:
@@ -364,8 +445,23 @@ class SweepProgress:
     the trials running at once: each running trial's own ETA (from its reports), and for each pending trial its
     planned steps at the seconds per step measured so far plus the mean overhead of the trials that ended."""
 
-    def __init__(self, name: str, todo: list[TrialConfig], *, store: ResultStore, skipped: int, planned_steps: dict[str, int], parallel: int):
-        self.name, self.total, self.store, self.skipped, self.parallel = name, len(todo), store, skipped, parallel
+    def __init__(
+        self,
+        name: str,
+        todo: list[TrialConfig],
+        *,
+        store: ResultStore,
+        skipped: int,
+        planned_steps: dict[str, int],
+        parallel: int,
+    ):
+        self.name, self.total, self.store, self.skipped, self.parallel = (
+            name,
+            len(todo),
+            store,
+            skipped,
+            parallel,
+        )
         self.planned = planned_steps  # by config trial id
         self.started, self.last = time.perf_counter(), 0.0
         self.running: dict[str, dict] = {}  # Tune trial id -> {"config_id", "started", "step", "eta"}
@@ -375,13 +471,23 @@ class SweepProgress:
 
     def on_trial_start(self, iteration, trials, trial, **info):
         config_id = TrialConfig.from_dict(trial.config["trial"]).trial_id
-        self.running[trial.trial_id] = {"config_id": config_id, "started": time.perf_counter(), "step": 0, "eta": None, "train_seconds": 0.0}
+        self.running[trial.trial_id] = {
+            "config_id": config_id,
+            "started": time.perf_counter(),
+            "step": 0,
+            "eta": None,
+            "train_seconds": 0.0,
+        }
         self._print()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         state = self.running.get(trial.trial_id)
         if state is not None and isinstance(result.get("step"), int) and not result.get("checkpoint"):
-            state.update(step=result["step"], eta=result.get("eta_seconds"), train_seconds=result.get("seconds") or state["train_seconds"])
+            state.update(
+                step=result["step"],
+                eta=result.get("eta_seconds"),
+                train_seconds=result.get("seconds") or state["train_seconds"],
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended(trial)
@@ -409,7 +515,9 @@ class SweepProgress:
         overhead = sum(self.overheads) / len(self.overheads) if self.overheads else 0.0
         started = {s["config_id"] for s in self.running.values()} | self.ended_ids
         pending = [steps for config_id, steps in self.planned.items() if config_id not in started]
-        work = sum(s["eta"] or 0.0 for s in self.running.values()) + sum(steps * sum(rates) / len(rates) + overhead for steps in pending)
+        work = sum(s["eta"] or 0.0 for s in self.running.values()) + sum(
+            steps * sum(rates) / len(rates) + overhead for steps in pending
+        )
         return work / max(1, min(self.parallel, len(self.running) + len(pending)))
 
     def _print(self) -> None:
@@ -419,9 +527,12 @@ class SweepProgress:
         failed = len(self.ended) - done
         pending = self.total - len(self.ended) - len(self.running)
         eta = self._eta() if len(self.ended) < self.total else None
-        print(f"sweep {self.name}: {done} done, {len(self.running)} running, {failed} failed, {pending} pending of {self.total}"
-              f"{f' ({self.skipped} already done)' if self.skipped else ''}; {duration(elapsed)} elapsed"
-              f"{f', ETA {duration(eta)}' if eta is not None else ''}", flush=True)
+        print(
+            f"sweep {self.name}: {done} done, {len(self.running)} running, {failed} failed, {pending} pending of {self.total}"
+            f"{f' ({self.skipped} already done)' if self.skipped else ''}; {duration(elapsed)} elapsed"
+            f"{f', ETA {duration(eta)}' if eta is not None else ''}",
+            flush=True,
+        )
 
 
 def tune_callback_class() -> type:
@@ -432,10 +543,14 @@ def tune_callback_class() -> type:
     return type("SweepProgressCallback", (SweepProgress, tune.Callback), {})
 
 
-def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run: bool = False, verbose: int = 0) -> dict:
+def run_sweep(
+    name: str, configs: list[TrialConfig], launch: Launch, *, dry_run: bool = False, verbose: int = 0
+) -> dict:
     """Check, then run every unfinished trial; returns {"ran", "skipped", "failed", "wall_seconds", "concurrency"}.
     A dry run creates nothing (no storage, cache or offline data folder)."""
-    configs = identify(configs, cache_dir=launch.cache_dir, write=not dry_run, log=print)  # content ids, so a mount change keeps ids
+    configs = identify(
+        configs, cache_dir=launch.cache_dir, write=not dry_run, log=print
+    )  # content ids, so a mount change keeps ids
     store = ResultStore(launch.storage, create=not dry_run)
     todo, done = pending_trials(configs, store)
     try:
@@ -444,7 +559,9 @@ def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run:
         if dry_run:  # the grid is still worth seeing, with the published split sizes
             print(estimate(configs, done={c.trial_id for c in done}, plans={}))
         raise
-    limits = read_cluster_config(launch.cluster_config) if launch.cluster_config else None  # a bad file fails here
+    limits = (
+        read_cluster_config(launch.cluster_config) if launch.cluster_config else None
+    )  # a bad file fails here
     check_fits(todo, limits)
     if dry_run:
         print(estimate(configs, done={c.trial_id for c in done}, plans=plans))
@@ -455,28 +572,46 @@ def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run:
     started = time.perf_counter()
     from trainables.trial import prepare_shared
 
-    prepare_shared(todo, launch.cache_dir, log=print)  # tiny bases, digit classifier, token caches: built once, here
+    prepare_shared(
+        todo, launch.cache_dir, log=print
+    )  # tiny bases, digit classifier, token caches: built once, here
     import ray
     from ray import tune
 
     if not ray.is_initialized():
         address = launch.address or os.environ.get("RAY_ADDRESS")
-        if address is None:  # a new local instance keeps Ray's default token authentication, without its notice
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(address=address, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": RUNTIME_ENV_VARS})
-    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # Tune's own summaries and errors: ours are in the results
+        if (
+            address is None
+        ):  # a new local instance keeps Ray's default token authentication, without its notice
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+                logging.ERROR
+            )
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": RUNTIME_ENV_VARS})
+    logging.getLogger("ray.tune").setLevel(
+        logging.CRITICAL
+    )  # Tune's own summaries and errors: ours are in the results
     if limits is None:  # no --cluster-config: the running cluster's autoscaler, if any (needs the connection)
         limits = autoscaling_limits(launch)
         check_fits(todo, limits)
     if launch.worker_start_timeout_s is None:
-        launch = dataclasses.replace(launch, worker_start_timeout_s=START_TIMEOUT_LOCAL_S if limits is None else START_TIMEOUT_AUTOSCALING_S)
+        launch = dataclasses.replace(
+            launch,
+            worker_start_timeout_s=START_TIMEOUT_LOCAL_S if limits is None else START_TIMEOUT_AUTOSCALING_S,
+        )
     parallel, source = concurrency(todo, launch, resources=ray.cluster_resources(), limits=limits)
     parallel = min(parallel, len(todo))
-    print(f"sweep {name}: {len(todo)} trials to run ({len(done)} already done), up to {parallel} at a time "
-          f"(from {source}); results in {store.folder}")
-    progress = tune_callback_class()(name, todo, store=store, skipped=len(done),
-                                     planned_steps={c.trial_id: plans[c.trial_id].planned_steps for c in todo}, parallel=parallel)
+    print(
+        f"sweep {name}: {len(todo)} trials to run ({len(done)} already done), up to {parallel} at a time "
+        f"(from {source}); results in {store.folder}"
+    )
+    progress = tune_callback_class()(
+        name,
+        todo,
+        store=store,
+        skipped=len(done),
+        planned_steps={c.trial_id: plans[c.trial_id].planned_steps for c in todo},
+        parallel=parallel,
+    )
     tuner = tune.Tuner(
         # Tune needs a non-empty request for the trial function; a fraction of a CPU would leave the Train workers
         # one CPU short on a small machine, so it asks for a little memory instead.
@@ -484,18 +619,40 @@ def run_sweep(name: str, configs: list[TrialConfig], launch: Launch, *, dry_run:
         param_space={"trial": tune.grid_search([c.to_dict() for c in todo]), "launch": launch.__dict__},
         # No actor reuse: a reused trial actor's placement group is released with the old trial, taking the new
         # trial's Train controller (scheduled inside it) down with it.
-        tune_config=tune.TuneConfig(max_concurrent_trials=parallel, reuse_actors=False, trial_name_creator=_trial_name,
-                                    trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name=name, storage_path=launch.tune_storage, failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[progress], verbose=verbose))
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=parallel,
+            reuse_actors=False,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=launch.tune_storage,
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[progress],
+            verbose=verbose,
+        ),
+    )
     tuner.fit()
-    time.sleep(2.0)  # worker lines reach the driver asynchronously: let the last ones arrive before the summary
+    time.sleep(
+        2.0
+    )  # worker lines reach the driver asynchronously: let the last ones arrive before the summary
     failed = [c for c in todo if store.status(c.trial_id) != "success"]
     wall = time.perf_counter() - started
-    print(f"sweep {name}: {len(todo) - len(failed)} trials finished, {len(failed)} failed, {len(done)} skipped, {duration(wall)}; results in {store.folder}")
+    print(
+        f"sweep {name}: {len(todo) - len(failed)} trials finished, {len(failed)} failed, {len(done)} skipped, {duration(wall)}; results in {store.folder}"
+    )
     for config in failed:
-        print(f"  failed: {config.label} ({config.trial_id}): {store.state(config.trial_id)[1] or 'no result written'}")
-    return {"ran": len(todo), "skipped": len(done), "failed": len(failed), "wall_seconds": wall, "concurrency": parallel}
+        print(
+            f"  failed: {config.label} ({config.trial_id}): {store.state(config.trial_id)[1] or 'no result written'}"
+        )
+    return {
+        "ran": len(todo),
+        "skipped": len(done),
+        "failed": len(failed),
+        "wall_seconds": wall,
+        "concurrency": parallel,
+    }
 
 
 def _trial_name(trial) -> str:

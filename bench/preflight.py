@@ -7,11 +7,12 @@
   headers and key lists (memory-mapped, ``weights_only``), the Inception weights, every listed image's existence,
   the split classes and privacy budgets. All problems of all trials are reported at once, grouped by problem.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import VarsweepError
 from .schema import INCEPTION_EXTRACTOR as INCEPTION
@@ -24,8 +25,13 @@ class SweepError(VarsweepError):
 
 
 # --- identity ------------------------------------------------------------------------------------------------
-def identify(configs: list[TrialConfig], *, cache_dir: str, write: bool = True,
-             log: Callable[[str], None] | None = None) -> list[TrialConfig]:
+def identify(
+    configs: list[TrialConfig],
+    *,
+    cache_dir: str,
+    write: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[TrialConfig]:
     """The configs with absolute paths and content ids: each checkpoint's and the Inception weights' SHA-256 (the
     varsweep sidecar's when there is one, else hashed once and cached in ``<cache_dir>/content-ids.json``), each
     dataset's content id (its name and both split listings). A missing or unreadable file or dataset keeps its
@@ -38,7 +44,9 @@ def identify(configs: list[TrialConfig], *, cache_dir: str, write: bool = True,
 
     files = FileIds(cache_dir, write=write, log=log)
     datasets: dict[tuple, str | None] = {}
-    identified = [_identified(c, files=files, datasets=datasets, cache_dir=cache_dir, write=write) for c in configs]
+    identified = [
+        _identified(c, files=files, datasets=datasets, cache_dir=cache_dir, write=write) for c in configs
+    ]
     files.save()
     return identified
 
@@ -49,12 +57,20 @@ def _identified(config: TrialConfig, *, files, datasets: dict, cache_dir: str, w
     def file_id(path: str | None, *, sidecar: bool = True) -> str | None:
         return None if path is None or is_uri(path) else files.sha256(path, sidecar=sidecar)
 
-    changes = {"model": {"var_checkpoint_sha256": file_id(m.var_checkpoint), "vqvae_checkpoint_sha256": file_id(m.vqvae_checkpoint)},
-               "data": {"content_id": _dataset_id(config, datasets, cache_dir=cache_dir, write=write)},
-               # An Inception file has no varsweep sidecar (nothing checks one at load), so it is always hashed.
-               "evaluation": {"inception_weights_sha256": file_id(e.inception_weights, sidecar=False)}}
-    changes = {section: values for section, values in changes.items()
-               if any(getattr(getattr(config, section), k) != v for k, v in values.items())}
+    changes = {
+        "model": {
+            "var_checkpoint_sha256": file_id(m.var_checkpoint),
+            "vqvae_checkpoint_sha256": file_id(m.vqvae_checkpoint),
+        },
+        "data": {"content_id": _dataset_id(config, datasets, cache_dir=cache_dir, write=write)},
+        # An Inception file has no varsweep sidecar (nothing checks one at load), so it is always hashed.
+        "evaluation": {"inception_weights_sha256": file_id(e.inception_weights, sidecar=False)},
+    }
+    changes = {
+        section: values
+        for section, values in changes.items()
+        if any(getattr(getattr(config, section), k) != v for k, v in values.items())
+    }
     return replace(config, **changes) if changes else config
 
 
@@ -66,16 +82,22 @@ def _dataset_id(config: TrialConfig, datasets: dict, *, cache_dir: str, write: b
     if key not in datasets:
         from trainables import plan as trial_plan
         from trainables.assets import dataset_content_id
+
         try:
             datasets[key] = dataset_content_id(config, trial_plan.list_splits(config, cache_dir, write=write))
-        except Exception:  # noqa: BLE001 - missing, unreadable or damaged in a reader's own way: check_sweep names it
+        except Exception:
             datasets[key] = None
     return datasets[key]
 
 
 def _asset_paths(config: TrialConfig) -> list[str]:
     """The local files and folders a trial reads (checkpoints, dataset root, Inception weights)."""
-    paths = [config.model.var_checkpoint, config.model.vqvae_checkpoint, config.data.root, config.evaluation.inception_weights]
+    paths = [
+        config.model.var_checkpoint,
+        config.model.vqvae_checkpoint,
+        config.data.root,
+        config.evaluation.inception_weights,
+    ]
     return [p for p in paths if p is not None and not is_uri(p)]
 
 
@@ -123,18 +145,40 @@ def _file_problems(config: TrialConfig, memo: dict) -> list[str | None]:
     m, e = config.model, config.evaluation
     found = []
     if m.var_checkpoint is not None:
-        found.append(_once(memo, ("var", m.var_checkpoint, m.depth), prefix="model.var_checkpoint", check=lambda: check_checkpoint(
-            m.var_checkpoint, kind="var", architecture={"depth": m.depth, **OFFICIAL_VAR})))
+        found.append(
+            _once(
+                memo,
+                ("var", m.var_checkpoint, m.depth),
+                prefix="model.var_checkpoint",
+                check=lambda: check_checkpoint(
+                    m.var_checkpoint, kind="var", architecture={"depth": m.depth, **OFFICIAL_VAR}
+                ),
+            )
+        )
     if m.vqvae_checkpoint is not None:
-        found.append(_once(memo, ("vqvae", m.vqvae_checkpoint), prefix="model.vqvae_checkpoint", check=lambda: check_checkpoint(
-            m.vqvae_checkpoint, kind="vqvae", architecture=OFFICIAL_VQVAE)))
+        found.append(
+            _once(
+                memo,
+                ("vqvae", m.vqvae_checkpoint),
+                prefix="model.vqvae_checkpoint",
+                check=lambda: check_checkpoint(m.vqvae_checkpoint, kind="vqvae", architecture=OFFICIAL_VQVAE),
+            )
+        )
     if e.extractor == INCEPTION and e.inception_weights is not None:
-        found.append(_once(memo, ("inception", e.inception_weights), prefix="evaluation.inception_weights",
-                           check=lambda: check_inception_weights(e.inception_weights)))
+        found.append(
+            _once(
+                memo,
+                ("inception", e.inception_weights),
+                prefix="evaluation.inception_weights",
+                check=lambda: check_inception_weights(e.inception_weights),
+            )
+        )
     return found
 
 
-def _listing(config: TrialConfig, memo: dict, *, cache_dir: str, write: bool) -> tuple[tuple | None, str | None]:
+def _listing(
+    config: TrialConfig, memo: dict, *, cache_dir: str, write: bool
+) -> tuple[tuple | None, str | None]:
     """(train, evaluation) listings and the dataset's problem (a layout that does not list, listed images that do
     not exist), once per dataset and sweep."""
     from trainables import plan as trial_plan
@@ -147,15 +191,22 @@ def _listing(config: TrialConfig, memo: dict, *, cache_dir: str, write: bool) ->
             splits = trial_plan.list_splits(config, cache_dir, write=write)
         except (ValueError, OSError) as err:
             memo[key] = (None, f"data: {err}")
-        except Exception as err:  # noqa: BLE001 - a damaged layout file fails inside scipy / torchvision in their own ways
-            memo[key] = (None, f"data: {d.dataset} under {d.root}: cannot list the splits: {type(err).__name__}: {err}")
+        except Exception as err:
+            memo[key] = (
+                None,
+                f"data: {d.dataset} under {d.root}: cannot list the splits: {type(err).__name__}: {err}",
+            )
         else:
             problems = []
-            for split in splits if d.root is not None else ():  # offline sets are generated, not listed by hand
+            for split in (
+                splits if d.root is not None else ()
+            ):  # offline sets are generated, not listed by hand
                 missing = missing_files(split)
                 if missing:
-                    problems.append(f"data.root: {len(missing)} of the {len(split)} images the {split.split} split of {d.dataset} "
-                                    f"lists under {d.root} do not exist: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+                    problems.append(
+                        f"data.root: {len(missing)} of the {len(split)} images the {split.split} split of {d.dataset} "
+                        f"lists under {d.root} do not exist: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+                    )
             memo[key] = (None, "\n".join(problems)) if problems else (splits, None)
     return memo[key]
 
@@ -193,5 +244,7 @@ def assets_hint(configs: list[TrialConfig]) -> str | None:
         root = root.parent
     if (root / "checkpoints").is_dir() or (root / "datasets").is_dir():
         return None
-    return (f"none of the sweep's {len(paths)} asset paths exist and {root} has no checkpoints/ or datasets/ folder: is the "
-            f"assets root right? Give the folder that holds checkpoints/ and datasets/ with --assets DIR or {ASSETS_ENV}=DIR")
+    return (
+        f"none of the sweep's {len(paths)} asset paths exist and {root} has no checkpoints/ or datasets/ folder: is the "
+        f"assets root right? Give the folder that holds checkpoints/ and datasets/ with --assets DIR or {ASSETS_ENV}=DIR"
+    )

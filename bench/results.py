@@ -12,6 +12,7 @@ A storage that cannot be used raises ``StorageError`` naming it and why, when th
 store is probed with a small file, so a read-only or unreachable storage fails before any trial starts). A file
 that is not a valid result of its trial (unreadable, not JSON, another schema version, a config that does not
 match its id) is ``invalid``: never counted as done, so the trial runs again."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 from pyarrow import fs as pafs
@@ -33,12 +35,16 @@ from .schema import SCHEMA_VERSION, STATUSES, ConfigError, absolute, check_resul
 # ArrowNotImplementedError a NotImplementedError, I/O failures OSError).
 _PYARROW_ERRORS = (pa.ArrowException, ValueError, NotImplementedError, OSError)
 ARTIFACTS_FOLDER = "artifacts"  # <storage>/artifacts/<trial_id>/: a trial's adapter and sample images
-STAGING_FOLDER = "staging"  # <cache_dir>/staging/<trial_id>/: a trial's artifacts before their upload to a URI storage
+STAGING_FOLDER = (
+    "staging"  # <cache_dir>/staging/<trial_id>/: a trial's artifacts before their upload to a URI storage
+)
 
 
 def default_cache_dir(storage: str) -> str:
     """``VARSWEEP_CACHE``, else ``STORAGE/cache`` for a local storage, else ``~/.cache/varsweep`` (absolute)."""
-    chosen = os.environ.get("VARSWEEP_CACHE") or (str(Path(storage) / "cache") if not is_uri(storage) else str(Path.home() / ".cache" / "varsweep"))
+    chosen = os.environ.get("VARSWEEP_CACHE") or (
+        str(Path(storage) / "cache") if not is_uri(storage) else str(Path.home() / ".cache" / "varsweep")
+    )
     return absolute(chosen)
 
 
@@ -60,7 +66,9 @@ def open_storage(storage: str) -> tuple[pafs.FileSystem, str]:
     try:
         filesystem, root = pafs.FileSystem.from_uri(storage)
     except _PYARROW_ERRORS as err:
-        raise StorageError(f"storage URI {storage!r} (scheme {scheme!r}) cannot be opened: {_first_line(err)}") from err
+        raise StorageError(
+            f"storage URI {storage!r} (scheme {scheme!r}) cannot be opened: {_first_line(err)}"
+        ) from err
     if not root.strip("/"):
         raise StorageError(f"storage URI {storage!r} names no bucket or folder (e.g. {scheme}://bucket/runs)")
     return filesystem, root.rstrip("/")
@@ -91,8 +99,14 @@ class ResultStore:
             try:
                 probe_folder(self.folder)
             except OSError as err:
-                where = f" ({err.filename})" if err.filename and str(err.filename) not in (self.storage, self.root) else ""
-                raise StorageError(f"storage {self.storage} is not writable: {err.strerror or _first_line(err)}{where}") from err
+                where = (
+                    f" ({err.filename})"
+                    if err.filename and str(err.filename) not in (self.storage, self.root)
+                    else ""
+                )
+                raise StorageError(
+                    f"storage {self.storage} is not writable: {err.strerror or _first_line(err)}{where}"
+                ) from err
             return
         probe = f"{self.folder}/.write-probe-{uuid.uuid4().hex}"
         try:
@@ -111,9 +125,13 @@ class ResultStore:
         """Raise ``StorageError`` unless the storage folder exists (a missing storage, or a file given as one)."""
         kind = self._type(self.root)
         if kind == pafs.FileType.NotFound:
-            raise StorageError(f"no storage folder at {self.storage}: nothing has run there (give --storage of the sweep)")
+            raise StorageError(
+                f"no storage folder at {self.storage}: nothing has run there (give --storage of the sweep)"
+            )
         if kind != pafs.FileType.Directory:
-            raise StorageError(f"storage {self.storage} is a file, not a storage folder (give --storage of the sweep)")
+            raise StorageError(
+                f"storage {self.storage} is a file, not a storage folder (give --storage of the sweep)"
+            )
 
     def _type(self, path: str):
         try:
@@ -131,7 +149,9 @@ class ResultStore:
         try:
             text = json.dumps(record, indent=1, sort_keys=True)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"result of trial {record['trial_id']} is not JSON-serialisable: {err}") from err
+            raise ConfigError(
+                f"result of trial {record['trial_id']} is not JSON-serialisable: {err}"
+            ) from err
         path = self.path(record["trial_id"])
         try:
             self._write_text(path, text)
@@ -163,7 +183,7 @@ class ResultStore:
             return None
 
     def status(self, trial_id: str) -> str | None:
-        """"success" or "failed" for a valid result of this trial; None when there is none or the file is invalid
+        """ "success" or "failed" for a valid result of this trial; None when there is none or the file is invalid
         (see ``state``), so the trial runs again and its new result replaces the file."""
         state, _ = self.state(trial_id)
         return state if state in STATUSES else None
@@ -175,11 +195,17 @@ class ResultStore:
         try:
             record = self.read(trial_id)
         except (ValueError, OSError, pa.ArrowException) as err:  # JSON and UTF-8 errors are ValueErrors
-            return "invalid", f"{'not JSON' if isinstance(err, ValueError) else 'cannot be read'} ({_first_line(err)})"
+            return (
+                "invalid",
+                f"{'not JSON' if isinstance(err, ValueError) else 'cannot be read'} ({_first_line(err)})",
+            )
         if record is None:
             return "pending", ""
         if isinstance(record, Mapping) and record.get("schema_version") == 1:
-            return "invalid", f"schema version 1: run `python -m bench upgrade-results {self.storage}` (rewrites it under its new trial id)"
+            return (
+                "invalid",
+                f"schema version 1: run `python -m bench upgrade-results {self.storage}` (rewrites it under its new trial id)",
+            )
         try:
             validate_record(record, trial_id=trial_id)
         except ConfigError as err:
@@ -220,14 +246,20 @@ class ResultStore:
         """The local folder a trial writes its artifacts into: the artifacts folder itself on a local storage, else
         ``<cache_dir>/staging/<trial_id>`` (uploaded by ``publish``). ``fresh`` (rank 0, at the start of an
         attempt) empties and creates it, so nothing of an earlier attempt is mixed into this one's."""
-        folder = Path(cache_dir) / STAGING_FOLDER / trial_id if self.remote else Path(self.artifacts_folder(trial_id))
+        folder = (
+            Path(cache_dir) / STAGING_FOLDER / trial_id
+            if self.remote
+            else Path(self.artifacts_folder(trial_id))
+        )
         if fresh:
             try:
                 if folder.exists():
                     shutil.rmtree(folder)
                 folder.mkdir(parents=True)
             except OSError as err:
-                raise StorageError(f"cannot prepare the artifacts folder {folder} of trial {trial_id}: {err.strerror or err}") from err
+                raise StorageError(
+                    f"cannot prepare the artifacts folder {folder} of trial {trial_id}: {err.strerror or err}"
+                ) from err
         return folder
 
     def upload_artifacts(self, trial_id: str, folder: str | os.PathLike) -> str:
@@ -238,10 +270,16 @@ class ResultStore:
             if self.fs.get_file_info(destination).type != pafs.FileType.NotFound:
                 self.fs.delete_dir(destination)
             self.fs.create_dir(destination, recursive=True)
-            pafs.copy_files(str(Path(folder).resolve()), destination, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.fs)
+            pafs.copy_files(
+                str(Path(folder).resolve()),
+                destination,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.fs,
+            )
         except _PYARROW_ERRORS as err:
-            raise StorageError(f"cannot upload the artifacts of trial {trial_id} to {destination}: {_first_line(err)}") from err
+            raise StorageError(
+                f"cannot upload the artifacts of trial {trial_id} to {destination}: {_first_line(err)}"
+            ) from err
         return destination
 
     def publish(self, record: Mapping[str, Any], *, artifacts_dir: str | os.PathLike) -> str:
@@ -267,7 +305,10 @@ class ResultStore:
         try:
             record = json.loads(self.read_text(path))
         except (ValueError, OSError, pa.ArrowException) as err:
-            return "left", f"{name}: left alone: {'not JSON' if isinstance(err, ValueError) else 'cannot be read'} ({_first_line(err)})"
+            return (
+                "left",
+                f"{name}: left alone: {'not JSON' if isinstance(err, ValueError) else 'cannot be read'} ({_first_line(err)})",
+            )
         version = record.get("schema_version") if isinstance(record, Mapping) else None
         if version == SCHEMA_VERSION:
             return "current", f"{name}: schema version {SCHEMA_VERSION} already, nothing to do"
@@ -280,16 +321,25 @@ class ResultStore:
         new_path = self.path(upgraded["trial_id"])
         kept = self._other_result(new_path, upgraded)
         if kept:
-            return "left", (f"{name}: left alone: trial {upgraded['trial_id']} already has {kept} in {new_path}; "
-                            f"delete {name} if it is not needed")
+            return "left", (
+                f"{name}: left alone: trial {upgraded['trial_id']} already has {kept} in {new_path}; "
+                f"delete {name} if it is not needed"
+            )
         action = f"version {version} -> {SCHEMA_VERSION}, trial {record.get('trial_id')} -> {upgraded['trial_id']} ({Path(new_path).name})"
         if dry_run:
             return "would upgrade", f"{name}: would upgrade: {action}{note}"
         for source, relative in copies:  # before the result that names them
             destination = f"{self.root}/{relative}"
             try:
-                self.fs.create_dir(destination.rsplit("/", 1)[0], recursive=True)  # a single file's copy makes no folders
-                pafs.copy_files(source, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+                self.fs.create_dir(
+                    destination.rsplit("/", 1)[0], recursive=True
+                )  # a single file's copy makes no folders
+                pafs.copy_files(
+                    source,
+                    destination,
+                    source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=self.fs,
+                )
             except _PYARROW_ERRORS as err:
                 raise StorageError(f"cannot copy {source} to {destination}: {_first_line(err)}") from err
         self.write(upgraded)
@@ -297,7 +347,9 @@ class ResultStore:
             try:
                 self.fs.delete_file(path)
             except _PYARROW_ERRORS as err:
-                raise StorageError(f"wrote {new_path} but cannot delete {path}: {_first_line(err)} (delete it by hand)") from err
+                raise StorageError(
+                    f"wrote {new_path} but cannot delete {path}: {_first_line(err)} (delete it by hand)"
+                ) from err
         return "upgraded", f"{name}: upgraded: {action}{note}"
 
     @staticmethod
@@ -320,15 +372,29 @@ class ResultStore:
         adapter = Path(generated).parent / "adapter.pt"
         if adapter.is_file():
             copies += [(str(adapter), f"{folder}/adapter.pt")]
-            copies += [(f"{adapter}.json", f"{folder}/adapter.pt.json")] if Path(f"{adapter}.json").is_file() else []
+            copies += (
+                [(f"{adapter}.json", f"{folder}/adapter.pt.json")]
+                if Path(f"{adapter}.json").is_file()
+                else []
+            )
         real = []
         for entry in section.get("real_images") or []:
-            found = [path for path in entry.get("paths", []) if isinstance(path, str) and Path(path).is_file()]
-            stored = [f"{folder}/real/class_{entry['label']}/{n}{Path(path).suffix}" for n, path in enumerate(found)]
+            found = [
+                path for path in entry.get("paths", []) if isinstance(path, str) and Path(path).is_file()
+            ]
+            stored = [
+                f"{folder}/real/class_{entry['label']}/{n}{Path(path).suffix}" for n, path in enumerate(found)
+            ]
             copies += list(zip(found, stored))
-            real.append({"label": entry["label"], "class": entry.get("class", str(entry["label"])), "paths": stored})
-        record["artifacts"] = {"folder": folder, "adapter": f"{folder}/adapter.pt" if adapter.is_file() else None,
-                               "generated_images": f"{folder}/images", "real_images": real}
+            real.append(
+                {"label": entry["label"], "class": entry.get("class", str(entry["label"])), "paths": stored}
+            )
+        record["artifacts"] = {
+            "folder": folder,
+            "adapter": f"{folder}/adapter.pt" if adapter.is_file() else None,
+            "generated_images": f"{folder}/images",
+            "real_images": real,
+        }
         return f"; {len(copies)} artifact file(s) and folder(s) copied to {folder}/", copies
 
     def older_results(self) -> dict[str, str]:
@@ -372,7 +438,16 @@ def validate_record(record: Any, *, trial_id: str | None = None) -> None:
         check_result(record)
     except ConfigError:
         raise
-    except (TypeError, KeyError, AttributeError, ValueError) as err:  # a config of the wrong shape inside the record
-        raise ConfigError(f"result of trial {record.get('trial_id')!r}: config: {type(err).__name__}: {_first_line(err)}") from err
+    except (
+        TypeError,
+        KeyError,
+        AttributeError,
+        ValueError,
+    ) as err:  # a config of the wrong shape inside the record
+        raise ConfigError(
+            f"result of trial {record.get('trial_id')!r}: config: {type(err).__name__}: {_first_line(err)}"
+        ) from err
     if trial_id is not None and record["trial_id"] != trial_id:
-        raise ConfigError(f"trial_id: the file of trial {trial_id} holds the result of trial {record['trial_id']}")
+        raise ConfigError(
+            f"trial_id: the file of trial {trial_id} holds the result of trial {record['trial_id']}"
+        )

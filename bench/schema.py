@@ -9,6 +9,7 @@ Files and datasets enter it by content where their content ids are known (``CONT
 ``bench.preflight.identify``), so the same files mounted elsewhere are the same trial; paths stay in the config
 as provenance. Every field is checked against its annotated type first (``_check_types``), then its range.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,9 +20,10 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from .errors import VarsweepError
 
@@ -32,12 +34,24 @@ OFFICIAL_RESOLUTION = 256
 METHODS = ("base", "full", "lora", "ln_tuning", "lora_attention", "lora_mlp")
 # The closed sets of names, defined here once; every registry keyed by one of them is tested to hold exactly these
 # (tests/test_closed_sets.py). trainables/models/ (torch only) keeps its own copy of CLASS_INITS, tested equal.
-INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR, DIGITS_EXTRACTOR = "inception-v3-compat", "substitute-randconv-v1", "digits-cnn-v1"
+INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR, DIGITS_EXTRACTOR = (
+    "inception-v3-compat",
+    "substitute-randconv-v1",
+    "digits-cnn-v1",
+)
 EXTRACTORS = (INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR, DIGITS_EXTRACTOR)  # digits-cnn-v1: digits only
 ACCOUNTANTS = ("rdp", "prv")
 CLIPPING_MODES = ("auto", "bookkeeping", "hooks", "ghost")
-LORA_TARGETS = ("attention", "mlp", "modulation")  # groups of a block's linears LoRA can target (trainables.methods)
-CLASS_INITS = ("unconditional", "mean", "normal")  # how new class-embedding rows start (models.resize_class_embedding)
+LORA_TARGETS = (
+    "attention",
+    "mlp",
+    "modulation",
+)  # groups of a block's linears LoRA can target (trainables.methods)
+CLASS_INITS = (
+    "unconditional",
+    "mean",
+    "normal",
+)  # how new class-embedding rows start (models.resize_class_embedding)
 STATUSES = ("success", "failed")
 
 
@@ -53,10 +67,14 @@ class DatasetFacts:
 
 # REFERENCE.md §3; the two offline sets are generated locally (trainables/data/offline.py).
 DATASETS = {
-    "cub200": DatasetFacts(5994, 5794, 200), "food101": DatasetFacts(75750, 25250, 101),
-    "flowers102": DatasetFacts(1020, 6149, 102), "oxford_pet": DatasetFacts(3680, 3669, 37),
-    "stanford_cars": DatasetFacts(8144, 8041, 196), "folder": DatasetFacts(0, 0, 0),
-    "digits": DatasetFacts(1438, 359, 10, offline=True), "shapes": DatasetFacts(2000, 500, 10, offline=True),
+    "cub200": DatasetFacts(5994, 5794, 200),
+    "food101": DatasetFacts(75750, 25250, 101),
+    "flowers102": DatasetFacts(1020, 6149, 102),
+    "oxford_pet": DatasetFacts(3680, 3669, 37),
+    "stanford_cars": DatasetFacts(8144, 8041, 196),
+    "folder": DatasetFacts(0, 0, 0),
+    "digits": DatasetFacts(1438, 359, 10, offline=True),
+    "shapes": DatasetFacts(2000, 500, 10, offline=True),
 }
 
 
@@ -84,7 +102,11 @@ def _accepts(hint: Any, value: Any) -> bool:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_accepts(option, value) for option in typing.get_args(hint))
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and (isinstance(value, int) or math.isfinite(value))
+        return (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and (isinstance(value, int) or math.isfinite(value))
+        )
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint in (bool, str, type(None)):
@@ -92,7 +114,9 @@ def _accepts(hint: Any, value: Any) -> bool:
     if typing.get_origin(hint) is tuple:
         element = typing.get_args(hint)[0]
         return isinstance(value, tuple) and all(_accepts(element, item) for item in value)
-    raise TypeError(f"no type check for annotation {hint!r}: extend bench.schema._accepts")  # a new kind of field
+    raise TypeError(
+        f"no type check for annotation {hint!r}: extend bench.schema._accepts"
+    )  # a new kind of field
 
 
 def _type_name(hint: Any) -> str:
@@ -109,7 +133,11 @@ def _check_types(section: Any) -> None:
     name = _SECTION_NAMES[type(section)]
     for field_name, hint in _field_types(type(section)).items():
         value = getattr(section, field_name)
-        _require(_accepts(hint, value), f"{name}.{field_name}", f"expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        _require(
+            _accepts(hint, value),
+            f"{name}.{field_name}",
+            f"expected {_type_name(hint)}, got {value!r} ({type(value).__name__})",
+        )
 
 
 def _is_sha256(value: str | None) -> bool:
@@ -121,8 +149,16 @@ def _check_content_ids(section: Any, pairs: Mapping[str, str]) -> None:
     name = _SECTION_NAMES[type(section)]
     for path_field, id_field in pairs.items():
         value = getattr(section, id_field)
-        _require(_is_sha256(value), f"{name}.{id_field}", f"expected a SHA-256 (64 lowercase hex characters) or null, got {value!r}")
-        _require(value is None or getattr(section, path_field) is not None, f"{name}.{id_field}", f"identifies {name}.{path_field}, which is not set")
+        _require(
+            _is_sha256(value),
+            f"{name}.{id_field}",
+            f"expected a SHA-256 (64 lowercase hex characters) or null, got {value!r}",
+        )
+        _require(
+            value is None or getattr(section, path_field) is not None,
+            f"{name}.{id_field}",
+            f"identifies {name}.{path_field}, which is not set",
+        )
 
 
 @dataclass(frozen=True)
@@ -136,24 +172,48 @@ class ModelConfig:
     depth: int = 2
     var_checkpoint: str | None = None
     vqvae_checkpoint: str | None = None
-    tiny_pretraining_steps: int = 600  # tiny base only (0 for official): steps of VQVAE training and of VAR pre-training
-    var_checkpoint_sha256: str | None = None  # content ids of the two files (filled by ``bench.preflight.identify``)
+    tiny_pretraining_steps: int = (
+        600  # tiny base only (0 for official): steps of VQVAE training and of VAR pre-training
+    )
+    var_checkpoint_sha256: str | None = (
+        None  # content ids of the two files (filled by ``bench.preflight.identify``)
+    )
     vqvae_checkpoint_sha256: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _check_content_ids(self, {"var_checkpoint": "var_checkpoint_sha256", "vqvae_checkpoint": "vqvae_checkpoint_sha256"})
-        _require(self.base in ("official", "tiny"), "model.base", f"must be 'official' or 'tiny', got {self.base!r}")
+        _check_content_ids(
+            self, {"var_checkpoint": "var_checkpoint_sha256", "vqvae_checkpoint": "vqvae_checkpoint_sha256"}
+        )
+        _require(
+            self.base in ("official", "tiny"),
+            "model.base",
+            f"must be 'official' or 'tiny', got {self.base!r}",
+        )
         if self.base == "official":
-            _require(self.depth in OFFICIAL_DEPTHS, "model.depth", f"official VAR depths are {OFFICIAL_DEPTHS}, got {self.depth}")
-            _require(bool(self.var_checkpoint) and bool(self.vqvae_checkpoint), "model.var_checkpoint",
-                     "an official base needs local paths to the VAR and VQVAE checkpoints (nothing is downloaded)")
+            _require(
+                self.depth in OFFICIAL_DEPTHS,
+                "model.depth",
+                f"official VAR depths are {OFFICIAL_DEPTHS}, got {self.depth}",
+            )
+            _require(
+                bool(self.var_checkpoint) and bool(self.vqvae_checkpoint),
+                "model.var_checkpoint",
+                "an official base needs local paths to the VAR and VQVAE checkpoints (nothing is downloaded)",
+            )
             _require(self.tiny_pretraining_steps == 0, "model.tiny_pretraining_steps", "only for base='tiny'")
         else:
             _require(1 <= self.depth <= 8, "model.depth", f"the tiny base has depth 1..8, got {self.depth}")
-            _require(self.var_checkpoint is None and self.vqvae_checkpoint is None, "model.var_checkpoint",
-                     "the tiny base is built in; checkpoint paths are for base='official'")
-            _require(self.tiny_pretraining_steps >= 1, "model.tiny_pretraining_steps", f"must be >= 1, got {self.tiny_pretraining_steps}")
+            _require(
+                self.var_checkpoint is None and self.vqvae_checkpoint is None,
+                "model.var_checkpoint",
+                "the tiny base is built in; checkpoint paths are for base='official'",
+            )
+            _require(
+                self.tiny_pretraining_steps >= 1,
+                "model.tiny_pretraining_steps",
+                f"must be >= 1, got {self.tiny_pretraining_steps}",
+            )
 
 
 @dataclass(frozen=True)
@@ -177,11 +237,24 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _check_content_ids(self, {"root": "content_id"})
-        _require(self.dataset in DATASETS, "data.dataset", f"unknown dataset {self.dataset!r}; known: {sorted(DATASETS)}")
+        _require(
+            self.dataset in DATASETS,
+            "data.dataset",
+            f"unknown dataset {self.dataset!r}; known: {sorted(DATASETS)}",
+        )
         offline = DATASETS[self.dataset].offline
-        _require(offline == (self.root is None), "data.root",
-                 "offline sets are generated locally and take no root" if offline else f"dataset {self.dataset!r} needs its local folder")
-        _require(self.resolution >= 8 and self.resolution % 8 == 0, "data.resolution", f"must be a multiple of 8, got {self.resolution}")
+        _require(
+            offline == (self.root is None),
+            "data.root",
+            "offline sets are generated locally and take no root"
+            if offline
+            else f"dataset {self.dataset!r} needs its local folder",
+        )
+        _require(
+            self.resolution >= 8 and self.resolution % 8 == 0,
+            "data.resolution",
+            f"must be a multiple of 8, got {self.resolution}",
+        )
         _require(self.cached_views >= 1, "data.cached_views", f"must be >= 1, got {self.cached_views}")
 
 
@@ -202,14 +275,37 @@ class MethodConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _require(self.name in METHODS, "method.name", f"unknown method {self.name!r}; known: {list(METHODS)}")
-        _require(self.lora_rank >= 1 and self.lora_alpha > 0, "method.lora_rank", "need lora_rank >= 1 and lora_alpha > 0")
-        _require(self.lora_targets is None or self.name.startswith("lora"), "method.lora_targets", f"only for LoRA methods, not {self.name!r}")
-        _require(self.lora_targets is None or (bool(self.lora_targets) and set(self.lora_targets) <= set(LORA_TARGETS)),
-                 "method.lora_targets", f"a non-empty list of {LORA_TARGETS}, got {self.lora_targets}")
-        _require(self.train_blocks is None or (bool(self.train_blocks) and min(self.train_blocks) >= 0), "method.train_blocks",
-                 f"a non-empty list of block indices >= 0, got {self.train_blocks}")
-        _require(self.class_init in CLASS_INITS, "method.class_init", f"one of {CLASS_INITS}, got {self.class_init!r}")
-        _require(0 < self.scale_weight_decay <= 1, "method.scale_weight_decay", f"must be in (0, 1], got {self.scale_weight_decay}")
+        _require(
+            self.lora_rank >= 1 and self.lora_alpha > 0,
+            "method.lora_rank",
+            "need lora_rank >= 1 and lora_alpha > 0",
+        )
+        _require(
+            self.lora_targets is None or self.name.startswith("lora"),
+            "method.lora_targets",
+            f"only for LoRA methods, not {self.name!r}",
+        )
+        _require(
+            self.lora_targets is None
+            or (bool(self.lora_targets) and set(self.lora_targets) <= set(LORA_TARGETS)),
+            "method.lora_targets",
+            f"a non-empty list of {LORA_TARGETS}, got {self.lora_targets}",
+        )
+        _require(
+            self.train_blocks is None or (bool(self.train_blocks) and min(self.train_blocks) >= 0),
+            "method.train_blocks",
+            f"a non-empty list of block indices >= 0, got {self.train_blocks}",
+        )
+        _require(
+            self.class_init in CLASS_INITS,
+            "method.class_init",
+            f"one of {CLASS_INITS}, got {self.class_init!r}",
+        )
+        _require(
+            0 < self.scale_weight_decay <= 1,
+            "method.scale_weight_decay",
+            f"must be in (0, 1], got {self.scale_weight_decay}",
+        )
         _require(self.prior_weight >= 0, "method.prior_weight", f"must be >= 0, got {self.prior_weight}")
 
 
@@ -235,16 +331,45 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _require(math.isfinite(self.target_epsilon) and self.target_epsilon > 0, "privacy.target_epsilon", f"must be finite and > 0, got {self.target_epsilon}")
-        _require(0 < self.sampling_rate <= 1, "privacy.sampling_rate", f"must be in (0, 1], got {self.sampling_rate}")
+        _require(
+            math.isfinite(self.target_epsilon) and self.target_epsilon > 0,
+            "privacy.target_epsilon",
+            f"must be finite and > 0, got {self.target_epsilon}",
+        )
+        _require(
+            0 < self.sampling_rate <= 1,
+            "privacy.sampling_rate",
+            f"must be in (0, 1], got {self.sampling_rate}",
+        )
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        _require(self.delta is None or 0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
-        _require(self.augmentation_multiplicity >= 1, "privacy.augmentation_multiplicity", f"must be >= 1, got {self.augmentation_multiplicity}")
-        _require(self.accountant in ACCOUNTANTS, "privacy.accountant", f"one of {ACCOUNTANTS}, got {self.accountant!r}")
-        _require(self.clipping in CLIPPING_MODES, "privacy.clipping", f"one of {CLIPPING_MODES}, got {self.clipping!r}")
-        _require(self.clipping != "ghost" or self.augmentation_multiplicity == 1, "privacy.clipping",
-                 "ghost clipping cannot average k > 1 views before clipping; use 'bookkeeping' or 'hooks'")
-        _require(self.physical_batch_rows >= 1, "privacy.physical_batch_rows", f"must be >= 1, got {self.physical_batch_rows}")
+        _require(
+            self.delta is None or 0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}"
+        )
+        _require(
+            self.augmentation_multiplicity >= 1,
+            "privacy.augmentation_multiplicity",
+            f"must be >= 1, got {self.augmentation_multiplicity}",
+        )
+        _require(
+            self.accountant in ACCOUNTANTS,
+            "privacy.accountant",
+            f"one of {ACCOUNTANTS}, got {self.accountant!r}",
+        )
+        _require(
+            self.clipping in CLIPPING_MODES,
+            "privacy.clipping",
+            f"one of {CLIPPING_MODES}, got {self.clipping!r}",
+        )
+        _require(
+            self.clipping != "ghost" or self.augmentation_multiplicity == 1,
+            "privacy.clipping",
+            "ghost clipping cannot average k > 1 views before clipping; use 'bookkeeping' or 'hooks'",
+        )
+        _require(
+            self.physical_batch_rows >= 1,
+            "privacy.physical_batch_rows",
+            f"must be >= 1, got {self.physical_batch_rows}",
+        )
 
 
 @dataclass(frozen=True)
@@ -271,14 +396,34 @@ class OptimizationConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _require(self.learning_rate > 0, "optimization.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(
+            self.learning_rate > 0, "optimization.learning_rate", f"must be > 0, got {self.learning_rate}"
+        )
         _require(self.batch_size >= 1, "optimization.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require((self.epochs is None) != (self.steps is None), "optimization.epochs", "give exactly one of epochs and steps")
-        _require(self.epochs is None or self.epochs > 0, "optimization.epochs", f"must be > 0, got {self.epochs}")
-        _require(self.steps is None or self.steps >= 0, "optimization.steps", f"must be >= 0, got {self.steps}")
-        _require(self.warmup_steps >= 0, "optimization.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _require(0 <= self.class_dropout < 1, "optimization.class_dropout", f"must be in [0, 1), got {self.class_dropout}")
-        _require(self.schedule == "cosine", "optimization.schedule", f"only 'cosine' (warm-up + cosine) exists, got {self.schedule!r}")
+        _require(
+            (self.epochs is None) != (self.steps is None),
+            "optimization.epochs",
+            "give exactly one of epochs and steps",
+        )
+        _require(
+            self.epochs is None or self.epochs > 0, "optimization.epochs", f"must be > 0, got {self.epochs}"
+        )
+        _require(
+            self.steps is None or self.steps >= 0, "optimization.steps", f"must be >= 0, got {self.steps}"
+        )
+        _require(
+            self.warmup_steps >= 0, "optimization.warmup_steps", f"must be >= 0, got {self.warmup_steps}"
+        )
+        _require(
+            0 <= self.class_dropout < 1,
+            "optimization.class_dropout",
+            f"must be in [0, 1), got {self.class_dropout}",
+        )
+        _require(
+            self.schedule == "cosine",
+            "optimization.schedule",
+            f"only 'cosine' (warm-up + cosine) exists, got {self.schedule!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -299,26 +444,51 @@ class EvaluationConfig:
     convergence_every_steps: int = 0
     convergence_num_images: int = 1000
     convergence_points: int = 0
-    inception_weights_sha256: str | None = None  # content id of the weights file (filled by ``bench.preflight.identify``)
+    inception_weights_sha256: str | None = (
+        None  # content id of the weights file (filled by ``bench.preflight.identify``)
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check_content_ids(self, {"inception_weights": "inception_weights_sha256"})
-        _require(self.extractor in EXTRACTORS, "evaluation.extractor", f"one of {EXTRACTORS}, got {self.extractor!r}")
-        _require(self.extractor != "inception-v3-compat" or bool(self.inception_weights), "evaluation.inception_weights",
-                 "Inception-v3 needs a local weights file (weights-inception-2015-12-05-6726825d.pth); nothing is downloaded")
-        _require(self.num_images is None or self.num_images >= 2, "evaluation.num_images", f"must be >= 2, got {self.num_images}")
+        _require(
+            self.extractor in EXTRACTORS,
+            "evaluation.extractor",
+            f"one of {EXTRACTORS}, got {self.extractor!r}",
+        )
+        _require(
+            self.extractor != "inception-v3-compat" or bool(self.inception_weights),
+            "evaluation.inception_weights",
+            "Inception-v3 needs a local weights file (weights-inception-2015-12-05-6726825d.pth); nothing is downloaded",
+        )
+        _require(
+            self.num_images is None or self.num_images >= 2,
+            "evaluation.num_images",
+            f"must be >= 2, got {self.num_images}",
+        )
         # Exactly the sampler's own ranges (``VAR.sample``, ``check_sampling_settings``), refused here before any
         # compute: top_k=0 and top_p=0 switch those filters off; top_p=1 is no valid nucleus.
-        _require(self.guidance_scale >= 0, "evaluation.guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+        _require(
+            self.guidance_scale >= 0, "evaluation.guidance_scale", f"must be >= 0, got {self.guidance_scale}"
+        )
         _require(self.top_k >= 0, "evaluation.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         _require(0 <= self.top_p < 1, "evaluation.top_p", f"must be in [0, 1) (0 = off), got {self.top_p}")
         _require(self.batch_size >= 1, "evaluation.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.convergence_every_steps >= 0 and self.convergence_num_images >= 2, "evaluation.convergence_every_steps",
-                 "need convergence_every_steps >= 0 and convergence_num_images >= 2")
-        _require(self.convergence_points >= 0, "evaluation.convergence_points", f"must be >= 0, got {self.convergence_points}")
-        _require(not (self.convergence_points and self.convergence_every_steps), "evaluation.convergence_points",
-                 "give convergence_points or convergence_every_steps, not both")
+        _require(
+            self.convergence_every_steps >= 0 and self.convergence_num_images >= 2,
+            "evaluation.convergence_every_steps",
+            "need convergence_every_steps >= 0 and convergence_num_images >= 2",
+        )
+        _require(
+            self.convergence_points >= 0,
+            "evaluation.convergence_points",
+            f"must be >= 0, got {self.convergence_points}",
+        )
+        _require(
+            not (self.convergence_points and self.convergence_every_steps),
+            "evaluation.convergence_points",
+            "give convergence_points or convergence_every_steps, not both",
+        )
 
 
 @dataclass(frozen=True)
@@ -339,14 +509,33 @@ class ResourcesConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _require(self.workers >= 1, "resources.workers", f"must be >= 1, got {self.workers}")
-        _require(self.gpus_per_worker >= 0 and self.cpus_per_worker > 0, "resources.gpus_per_worker", "need gpus >= 0 and cpus > 0")
-        _require(self.workers == 1 or self.gpus_per_worker in (0, 1) or self.gpus_per_worker == int(self.gpus_per_worker),
-                 "resources.gpus_per_worker", "fractional GPUs only for single-worker trials (DDP ranks cannot share a GPU)")
-        _require(self.checkpoint_every_steps >= 1 and self.max_failures >= 0, "resources.checkpoint_every_steps",
-                 "need checkpoint_every_steps >= 1 and max_failures >= 0")
-        _require(self.checkpoint_every_minutes > 0, "resources.checkpoint_every_minutes", f"must be > 0, got {self.checkpoint_every_minutes}")
-        _require(0 < self.checkpoint_every_fraction <= 1, "resources.checkpoint_every_fraction",
-                 f"must be in (0, 1], got {self.checkpoint_every_fraction}")
+        _require(
+            self.gpus_per_worker >= 0 and self.cpus_per_worker > 0,
+            "resources.gpus_per_worker",
+            "need gpus >= 0 and cpus > 0",
+        )
+        _require(
+            self.workers == 1
+            or self.gpus_per_worker in (0, 1)
+            or self.gpus_per_worker == int(self.gpus_per_worker),
+            "resources.gpus_per_worker",
+            "fractional GPUs only for single-worker trials (DDP ranks cannot share a GPU)",
+        )
+        _require(
+            self.checkpoint_every_steps >= 1 and self.max_failures >= 0,
+            "resources.checkpoint_every_steps",
+            "need checkpoint_every_steps >= 1 and max_failures >= 0",
+        )
+        _require(
+            self.checkpoint_every_minutes > 0,
+            "resources.checkpoint_every_minutes",
+            f"must be > 0, got {self.checkpoint_every_minutes}",
+        )
+        _require(
+            0 < self.checkpoint_every_fraction <= 1,
+            "resources.checkpoint_every_fraction",
+            f"must be in (0, 1], got {self.checkpoint_every_fraction}",
+        )
 
 
 # Fields added after a schema version's first results: they enter the trial id only when they differ from this
@@ -356,15 +545,31 @@ LATER_FIELDS: dict[tuple[str, str], Any] = {}
 # Optimisation fields that only a non-DP trial uses: a DP trial keeps their defaults and its id leaves them out.
 NON_DP_ONLY = {"batch_size": 256, "global_clip_norm": 2.0}
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "privacy": PrivacyConfig,
-            "optimization": OptimizationConfig, "evaluation": EvaluationConfig, "resources": ResourcesConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "method": MethodConfig,
+    "privacy": PrivacyConfig,
+    "optimization": OptimizationConfig,
+    "evaluation": EvaluationConfig,
+    "resources": ResourcesConfig,
+}
 _SECTION_NAMES = {kind: name for name, kind in SECTIONS.items()}
 
-PATH_FIELDS = (("model", "var_checkpoint"), ("model", "vqvae_checkpoint"), ("data", "root"), ("evaluation", "inception_weights"))
+PATH_FIELDS = (
+    ("model", "var_checkpoint"),
+    ("model", "vqvae_checkpoint"),
+    ("data", "root"),
+    ("evaluation", "inception_weights"),
+)
 # The content id of each path field: where it is set, the trial id hashes it instead of the path (the same files
 # under another mount are the same trial); a path without its content id stays in the hash.
-CONTENT_IDS = {("model", "var_checkpoint"): "var_checkpoint_sha256", ("model", "vqvae_checkpoint"): "vqvae_checkpoint_sha256",
-               ("data", "root"): "content_id", ("evaluation", "inception_weights"): "inception_weights_sha256"}
+CONTENT_IDS = {
+    ("model", "var_checkpoint"): "var_checkpoint_sha256",
+    ("model", "vqvae_checkpoint"): "vqvae_checkpoint_sha256",
+    ("data", "root"): "content_id",
+    ("evaluation", "inception_weights"): "inception_weights_sha256",
+}
 
 
 @dataclass(frozen=True)
@@ -383,40 +588,80 @@ class TrialConfig:
     def __post_init__(self) -> None:
         for name, kind in SECTIONS.items():
             value = getattr(self, name)
-            _require(isinstance(value, kind) or (name == "privacy" and value is None), name, f"must be a {kind.__name__}")
+            _require(
+                isinstance(value, kind) or (name == "privacy" and value is None),
+                name,
+                f"must be a {kind.__name__}",
+            )
         if self.model.base == "official":
-            _require(self.data.resolution == OFFICIAL_RESOLUTION, "data.resolution",
-                     f"the official VQVAE works at {OFFICIAL_RESOLUTION}px, got {self.data.resolution}")
+            _require(
+                self.data.resolution == OFFICIAL_RESOLUTION,
+                "data.resolution",
+                f"the official VQVAE works at {OFFICIAL_RESOLUTION}px, got {self.data.resolution}",
+            )
         trains = self.method.name != "base"
-        _require(trains or self.privacy is None, "privacy", "method 'base' trains nothing, so DP does not apply")
-        _require(trains or self.optimization.steps == 0, "optimization.steps", "method 'base' evaluates the base model: set steps=0")
-        _require(not trains or self.optimization.steps != 0, "optimization.steps", "a training method needs steps >= 1 (or epochs)")
+        _require(
+            trains or self.privacy is None, "privacy", "method 'base' trains nothing, so DP does not apply"
+        )
+        _require(
+            trains or self.optimization.steps == 0,
+            "optimization.steps",
+            "method 'base' evaluates the base model: set steps=0",
+        )
+        _require(
+            not trains or self.optimization.steps != 0,
+            "optimization.steps",
+            "a training method needs steps >= 1 (or epochs)",
+        )
         if self.privacy is not None:
             for name, default in NON_DP_ONLY.items():
-                _require(getattr(self.optimization, name) == default, f"optimization.{name}",
-                         f"does not apply under DP (batches are Poisson with rate privacy.sampling_rate, each example is "
-                         f"clipped to privacy.max_grad_norm): leave it at its default {default}")
-            _require(self.privacy.augmentation_multiplicity <= self.data.cached_views, "privacy.augmentation_multiplicity",
-                     f"k={self.privacy.augmentation_multiplicity} distinct views need data.cached_views >= k (got {self.data.cached_views})")
-        _require(not (self.evaluation.convergence_every_steps or self.evaluation.convergence_points) or trains,
-                 "evaluation.convergence_every_steps", "method 'base' has no training steps")
-        _require(self.evaluation.extractor != "digits-cnn-v1" or self.data.dataset == "digits", "evaluation.extractor",
-                 f"digits-cnn-v1 is a digit classifier's features, for data.dataset='digits' only (got {self.data.dataset!r})")
+                _require(
+                    getattr(self.optimization, name) == default,
+                    f"optimization.{name}",
+                    f"does not apply under DP (batches are Poisson with rate privacy.sampling_rate, each example is "
+                    f"clipped to privacy.max_grad_norm): leave it at its default {default}",
+                )
+            _require(
+                self.privacy.augmentation_multiplicity <= self.data.cached_views,
+                "privacy.augmentation_multiplicity",
+                f"k={self.privacy.augmentation_multiplicity} distinct views need data.cached_views >= k (got {self.data.cached_views})",
+            )
+        _require(
+            not (self.evaluation.convergence_every_steps or self.evaluation.convergence_points) or trains,
+            "evaluation.convergence_every_steps",
+            "method 'base' has no training steps",
+        )
+        _require(
+            self.evaluation.extractor != "digits-cnn-v1" or self.data.dataset == "digits",
+            "evaluation.extractor",
+            f"digits-cnn-v1 is a digit classifier's features, for data.dataset='digits' only (got {self.data.dataset!r})",
+        )
 
     # --- identity and serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> "TrialConfig":
+    def from_dict(cls, record: Mapping[str, Any]) -> TrialConfig:
         """The config of a record (``to_dict``'s output): every section present (``privacy`` null without DP), so
         a record that lost a section is refused rather than read with defaults."""
-        _require(isinstance(record, Mapping), "config", f"expected an object of sections, got {type(record).__name__}")
+        _require(
+            isinstance(record, Mapping),
+            "config",
+            f"expected an object of sections, got {type(record).__name__}",
+        )
         unknown, missing = set(record) - set(SECTIONS), set(SECTIONS) - set(record)
         _require(not unknown, "config", f"unknown sections {sorted(unknown)}")
-        sections = {name: None if (name == "privacy" and record[name] is None) else _section(kind, record[name], name)
-                    for name, kind in SECTIONS.items() if name in record}
-        _require(not missing, "config", f"missing sections {sorted(missing)} (privacy is null for a trial without DP)")
+        sections = {
+            name: None if (name == "privacy" and record[name] is None) else _section(kind, record[name], name)
+            for name, kind in SECTIONS.items()
+            if name in record
+        }
+        _require(
+            not missing,
+            "config",
+            f"missing sections {sorted(missing)} (privacy is null for a trial without DP)",
+        )
         return cls(**sections)
 
     @property
@@ -430,15 +675,24 @@ class TrialConfig:
         if identity["privacy"] is not None:
             for name in NON_DP_ONLY:
                 del identity["optimization"][name]
-        for (section, name), default in LATER_FIELDS.items():  # at their default they leave earlier ids unchanged
+        for (
+            section,
+            name,
+        ), default in LATER_FIELDS.items():  # at their default they leave earlier ids unchanged
             if identity.get(section) is not None and identity[section].get(name) == default:
                 del identity[section][name]
-        return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+        return hashlib.sha256(
+            json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()[:16]
 
     @property
     def label(self) -> str:
         """Short human-readable name for progress tables: method, depth, dataset, epsilon, k, seed."""
-        dp = "" if self.privacy is None else f"-eps{self.privacy.target_epsilon:g}-k{self.privacy.augmentation_multiplicity}"
+        dp = (
+            ""
+            if self.privacy is None
+            else f"-eps{self.privacy.target_epsilon:g}-k{self.privacy.augmentation_multiplicity}"
+        )
         return f"{self.method.name}-d{self.model.depth}-{self.data.dataset}{dp}-s{self.optimization.seed}"
 
     def planned_steps(self, train_images: int) -> int:
@@ -452,12 +706,20 @@ class TrialConfig:
 
 
 def _section(kind: type, record: Mapping[str, Any], name: str):
-    _require(isinstance(record, Mapping), name, f"expected an object of fields, got {record!r} ({type(record).__name__})")
+    _require(
+        isinstance(record, Mapping),
+        name,
+        f"expected an object of fields, got {record!r} ({type(record).__name__})",
+    )
     fields = dataclasses.fields(kind)
     known = {f.name for f in fields}
     unknown = set(record) - known
     _require(not unknown, name, f"unknown fields {sorted(unknown)}; known: {sorted(known)}")
-    required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = {
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
     _require(required <= set(record), name, f"missing fields {sorted(required - set(record))}")
     return kind(**_tuples(record))
 
@@ -496,7 +758,11 @@ def replace(config: TrialConfig, **sections: Mapping[str, Any] | None) -> TrialC
         if values is None or current is None:
             changes[name] = None if values is None else _section(SECTIONS[name], values, name)
         else:
-            _require(isinstance(values, Mapping), name, f"expected an object of fields, got {type(values).__name__}")
+            _require(
+                isinstance(values, Mapping),
+                name,
+                f"expected an object of fields, got {type(values).__name__}",
+            )
             unknown = set(values) - {f.name for f in dataclasses.fields(current)}
             _require(not unknown, name, f"unknown fields {sorted(unknown)}")
             changes[name] = dataclasses.replace(current, **_tuples(values))
@@ -710,17 +976,47 @@ class UpgradedFrom(TypedDict):
     trial_id: str | None
 
 
-RESULT_FIELDS = {"schema_version": int, "trial_id": str, "status": str, "error": (str, type(None)), "config": dict,
-                 "metrics": dict, "history": list, "convergence": list, "privacy": (dict, type(None)), "cost": dict,
-                 "evaluation_settings": (dict, type(None)), "parameters": dict, "data": dict, "environment": dict,
-                 "started_at": str, "finished_at": str}
+RESULT_FIELDS = {
+    "schema_version": int,
+    "trial_id": str,
+    "status": str,
+    "error": (str, type(None)),
+    "config": dict,
+    "metrics": dict,
+    "history": list,
+    "convergence": list,
+    "privacy": (dict, type(None)),
+    "cost": dict,
+    "evaluation_settings": (dict, type(None)),
+    "parameters": dict,
+    "data": dict,
+    "environment": dict,
+    "started_at": str,
+    "finished_at": str,
+}
 OPTIONAL_RESULT_FIELDS = {"artifacts": dict, "upgraded_from": dict}  # upgraded_from: see upgrade_record
 # The typed inner sections (``check_result`` checks each against its description).
 RESULT_SECTIONS: dict[str, Any] = {
-    "metrics": ResultMetrics, "history": list[HistoryEntry], "convergence": list[ConvergenceEntry], "privacy": PrivacyLedger | None,
-    "cost": Cost, "evaluation_settings": EvaluationSettings | None, "parameters": ParameterCounts, "data": DataFacts,
-    "environment": Environment, "artifacts": Artifacts, "upgraded_from": UpgradedFrom}
-RECORD_SCALARS = {"schema_version": int, "trial_id": str, "status": str, "error": str | None, "started_at": str, "finished_at": str}
+    "metrics": ResultMetrics,
+    "history": list[HistoryEntry],
+    "convergence": list[ConvergenceEntry],
+    "privacy": PrivacyLedger | None,
+    "cost": Cost,
+    "evaluation_settings": EvaluationSettings | None,
+    "parameters": ParameterCounts,
+    "data": DataFacts,
+    "environment": Environment,
+    "artifacts": Artifacts,
+    "upgraded_from": UpgradedFrom,
+}
+RECORD_SCALARS = {
+    "schema_version": int,
+    "trial_id": str,
+    "status": str,
+    "error": str | None,
+    "started_at": str,
+    "finished_at": str,
+}
 
 
 class RecordError(ConfigError):
@@ -777,11 +1073,15 @@ def _check_record_value(hint: Any, value: Any, path: str) -> None:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         options = [option for option in typing.get_args(hint) if _record_accepts(option, value)]
         if not options:
-            raise RecordError(f"{path}: expected {_record_type_name(hint)}, got {value!r:.80} ({type(value).__name__})")
+            raise RecordError(
+                f"{path}: expected {_record_type_name(hint)}, got {value!r:.80} ({type(value).__name__})"
+            )
         _check_record_value(options[0], value, path)
         return
     if not _record_accepts(hint, value):
-        raise RecordError(f"{path}: expected {_record_type_name(hint)}, got {value!r:.80} ({type(value).__name__})")
+        raise RecordError(
+            f"{path}: expected {_record_type_name(hint)}, got {value!r:.80} ({type(value).__name__})"
+        )
     origin = typing.get_origin(hint)
     if typing.is_typeddict(hint):
         _check_record_object(hint, value, path)
@@ -799,9 +1099,13 @@ def _check_record_object(kind: Any, value: Mapping[str, Any], path: str) -> None
     defined, required = _record_fields(kind)
     unknown, missing = sorted(set(value) - set(defined)), sorted(required - set(value))
     if unknown:
-        raise RecordError(f"{path}.{unknown[0]}: not a key of {path} (unknown keys {unknown}; defined: {sorted(defined)})")
+        raise RecordError(
+            f"{path}.{unknown[0]}: not a key of {path} (unknown keys {unknown}; defined: {sorted(defined)})"
+        )
     if missing:
-        raise RecordError(f"{path}.{missing[0]}: missing (a recorded {path} has {sorted(required)}; empty means not recorded)")
+        raise RecordError(
+            f"{path}.{missing[0]}: missing (a recorded {path} has {sorted(required)}; empty means not recorded)"
+        )
     for key, item in value.items():
         _check_record_value(defined[key], item, f"{path}.{key}")
 
@@ -821,12 +1125,20 @@ def _check_sections(record: Mapping[str, Any]) -> None:
         paths = [artifacts["folder"], artifacts["generated_images"], artifacts.get("adapter")]
         paths += [p for entry in artifacts["real_images"] for p in entry["paths"]]
         bad = [p for p in paths if p is not None and not is_storage_relative(p)]
-        _require(not bad, "artifacts", f"paths must be relative to the storage root, '/' separated, got {bad[:3]}")
+        _require(
+            not bad, "artifacts", f"paths must be relative to the storage root, '/' separated, got {bad[:3]}"
+        )
 
 
 def is_storage_relative(path: str) -> bool:
     """A path relative to the storage root: "/" separated, not absolute, no "..", no backslash or drive."""
-    return bool(path) and not path.startswith("/") and "\\" not in path and ":" not in path and ".." not in path.split("/")
+    return (
+        bool(path)
+        and not path.startswith("/")
+        and "\\" not in path
+        and ":" not in path
+        and ".." not in path.split("/")
+    )
 
 
 def record_key_type(source: str) -> Any:
@@ -835,14 +1147,18 @@ def record_key_type(source: str) -> Any:
     parts = source.split(".")
     hint: Any = RESULT_SECTIONS.get(parts[0], RECORD_SCALARS.get(parts[0]))
     if hint is None:
-        raise UnknownRecordPath(f"{source}: {parts[0]!r} is not a section of the result record (sections: {sorted(RESULT_SECTIONS)})")
+        raise UnknownRecordPath(
+            f"{source}: {parts[0]!r} is not a section of the result record (sections: {sorted(RESULT_SECTIONS)})"
+        )
     for depth, part in enumerate(parts[1:], start=1):
         hint = _container(hint)
         where = ".".join(parts[:depth])
         if typing.is_typeddict(hint):
             defined, _ = _record_fields(hint)
             if part not in defined:
-                raise UnknownRecordPath(f"{source}: {part!r} is not a key of {where} (defined: {sorted(defined)})")
+                raise UnknownRecordPath(
+                    f"{source}: {part!r} is not a key of {where} (defined: {sorted(defined)})"
+                )
             hint = defined[part]
         elif typing.get_origin(hint) is dict:
             hint = typing.get_args(hint)[1]
@@ -879,21 +1195,41 @@ def _container(hint: Any) -> Any:
 
 def utc_now() -> str:
     """The time stamp of records (``started_at``, ``finished_at``): UTC, ISO 8601 to the second."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def make_result(config: TrialConfig, *, status: str, error: str | None = None, **fields: Any) -> dict[str, Any]:
+def make_result(
+    config: TrialConfig, *, status: str, error: str | None = None, **fields: Any
+) -> dict[str, Any]:
     """A result record (plain JSON types). Missing parts of a failed trial are empty, never invented."""
-    record = {"schema_version": SCHEMA_VERSION, "trial_id": config.trial_id, "status": status, "error": error,
-              "config": config.to_dict(), "metrics": {}, "history": [], "convergence": [], "privacy": None, "cost": {},
-              "evaluation_settings": None, "parameters": {}, "data": {}, "environment": {}, "started_at": "", "finished_at": ""}
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "trial_id": config.trial_id,
+        "status": status,
+        "error": error,
+        "config": config.to_dict(),
+        "metrics": {},
+        "history": [],
+        "convergence": [],
+        "privacy": None,
+        "cost": {},
+        "evaluation_settings": None,
+        "parameters": {},
+        "data": {},
+        "environment": {},
+        "started_at": "",
+        "finished_at": "",
+    }
     record.update(fields)
     check_result(record)
     return record
 
 
 # Version 1 -> 2: fields renamed in the config ((section, old name) -> new name).
-RENAMED_IN_2 = {("evaluation", "cfg"): "guidance_scale", ("optimization", "max_grad_norm"): "global_clip_norm"}
+RENAMED_IN_2 = {
+    ("evaluation", "cfg"): "guidance_scale",
+    ("optimization", "max_grad_norm"): "global_clip_norm",
+}
 
 
 def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -904,36 +1240,63 @@ def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
     version = upgraded.get("schema_version")
     if version == SCHEMA_VERSION:
         return upgraded
-    _require(version == 1 and isinstance(upgraded.get("config"), dict), "schema_version",
-             f"cannot upgrade a result of schema version {version!r} (this varsweep reads versions 1 and {SCHEMA_VERSION})")
+    _require(
+        version == 1 and isinstance(upgraded.get("config"), dict),
+        "schema_version",
+        f"cannot upgrade a result of schema version {version!r} (this varsweep reads versions 1 and {SCHEMA_VERSION})",
+    )
     config = upgraded["config"]
     for (section, old), new in RENAMED_IN_2.items():
         if isinstance(config.get(section), dict) and old in config[section]:
             config[section][new] = config[section].pop(old)
     if config.get("privacy") is not None and isinstance(config.get("optimization"), dict):
         config["optimization"].update(NON_DP_ONLY)
-    upgraded.update(schema_version=SCHEMA_VERSION, trial_id=TrialConfig.from_dict(config).trial_id,
-                    upgraded_from={"schema_version": version, "trial_id": upgraded.get("trial_id")})
+    upgraded.update(
+        schema_version=SCHEMA_VERSION,
+        trial_id=TrialConfig.from_dict(config).trial_id,
+        upgraded_from={"schema_version": version, "trial_id": upgraded.get("trial_id")},
+    )
     return upgraded
 
 
 def check_result(record: Mapping[str, Any]) -> TrialConfig:
     """Raise ``ConfigError`` (``RecordError`` for an inner section) unless ``record`` is a valid result of this
     schema version: every field of its type, every section typed as described above; returns its config."""
-    _require(record.get("schema_version") != 1, "schema_version",
-             f"written by schema version 1 (before {', '.join(f'{s}.{o} became {n}' for (s, o), n in RENAMED_IN_2.items())}); "
-             "`python -m bench upgrade-results STORAGE` rewrites such results under their new trial ids")
-    _require(record.get("schema_version") == SCHEMA_VERSION, "schema_version", f"expected {SCHEMA_VERSION}, got {record.get('schema_version')}")
+    _require(
+        record.get("schema_version") != 1,
+        "schema_version",
+        f"written by schema version 1 (before {', '.join(f'{s}.{o} became {n}' for (s, o), n in RENAMED_IN_2.items())}); "
+        "`python -m bench upgrade-results STORAGE` rewrites such results under their new trial ids",
+    )
+    _require(
+        record.get("schema_version") == SCHEMA_VERSION,
+        "schema_version",
+        f"expected {SCHEMA_VERSION}, got {record.get('schema_version')}",
+    )
     for name, kind in RESULT_FIELDS.items():
         _require(name in record, name, "missing from the result")
         _require(isinstance(record[name], kind), name, f"has type {type(record[name]).__name__}")
     for name, kind in OPTIONAL_RESULT_FIELDS.items():
-        _require(name not in record or isinstance(record[name], kind), name, f"has type {type(record.get(name)).__name__}")
+        _require(
+            name not in record or isinstance(record[name], kind),
+            name,
+            f"has type {type(record.get(name)).__name__}",
+        )
     _require(record["status"] in STATUSES, "status", f"one of {STATUSES}, got {record['status']!r}")
-    _require(record["status"] == "success" or bool(record["error"]), "error", "a failed trial records its error")
+    _require(
+        record["status"] == "success" or bool(record["error"]), "error", "a failed trial records its error"
+    )
     unknown = sorted(set(record) - set(RESULT_FIELDS) - set(OPTIONAL_RESULT_FIELDS))
-    _require(not unknown, unknown[0] if unknown else "", f"not a field of the result record (unknown fields {unknown})")
+    _require(
+        not unknown,
+        unknown[0] if unknown else "",
+        f"not a field of the result record (unknown fields {unknown})",
+    )
     _check_sections(record)
     config = TrialConfig.from_dict(record["config"])
-    _require(config.trial_id == record["trial_id"], "trial_id", f"{record['trial_id']} does not match its config ({config.trial_id})")
+    _require(
+        config.trial_id == record["trial_id"],
+        "trial_id",
+        f"{record['trial_id']} does not match its config ({config.trial_id})",
+    )
     return config

@@ -7,6 +7,7 @@ delta = 1/N): sigma calibrated by Opacus's ``get_noise_multiplier`` with its def
 calibrations (reported over our orders), the best order, and whether Opacus warns that the optimal order is the
 largest (or smallest) one at any of the steps a run logs. Appends a dated Markdown section to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,10 @@ N_FLOWERS = 1020
 
 def settings() -> list[tuple[float, float, int]]:
     configs = table2.sweep() + table3.sweep() + table10.sweep()
-    return sorted({(c.privacy.target_epsilon, c.privacy.sampling_rate, c.planned_steps(N_FLOWERS)) for c in configs}, key=lambda s: (s[2], s[0]))
+    return sorted(
+        {(c.privacy.target_epsilon, c.privacy.sampling_rate, c.planned_steps(N_FLOWERS)) for c in configs},
+        key=lambda s: (s[2], s[0]),
+    )
 
 
 def edge_warnings(sigma: float, *, q: float, steps: int, orders: list[float] | None) -> str:
@@ -59,30 +63,41 @@ def main() -> None:
     for epsilon, q, steps in settings():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opacus_sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=1 / N_FLOWERS, sample_rate=q, steps=steps)
+            opacus_sigma = get_noise_multiplier(
+                target_epsilon=epsilon, target_delta=1 / N_FLOWERS, sample_rate=q, steps=steps
+            )
         t = time.perf_counter()
-        ours = calibrate_noise_multiplier(target_epsilon=epsilon, delta=1 / N_FLOWERS, sampling_rate=q, steps=steps)
+        ours = calibrate_noise_multiplier(
+            target_epsilon=epsilon, delta=1 / N_FLOWERS, sampling_rate=q, steps=steps
+        )
         seconds = time.perf_counter() - t
-        (eps_opacus, _), (eps_ours, order) = spent(opacus_sigma, q=q, steps=steps), spent(ours, q=q, steps=steps)
-        rows.append(f"| {epsilon:g} | {q} | {steps} | {opacus_sigma:.4f} | {ours:.4f} | {100 * (ours / opacus_sigma - 1):+.2f}% | "
-                    f"{eps_opacus:.3f} | {eps_ours:.3f} | {order:g} | {edge_warnings(opacus_sigma, q=q, steps=steps, orders=None)} | "
-                    f"{edge_warnings(ours, q=q, steps=steps, orders=RDP_ORDERS)} | {seconds:.1f} |")
-    text = "\n".join([
-        f"### Paper DP settings: RDP orders 1.01-4096 vs Opacus's 1.1-63 ({benchmark_common.stamp()})",
-        "",
-        f"`python scripts/benchmark_accounting.py`; {benchmark_common.machine()}. Oxford Flowers N = {N_FLOWERS}, delta = 1/N; "
-        "steps = epochs / q (LoRA 80, LN-tuning 100 epochs). sigma by Opacus's `get_noise_multiplier` with its default orders "
-        "and by ours; epsilon spent at the end by each sigma, both over our orders; edge warnings over the epsilons a run "
-        "logs (steps 1, 2, 5, 10, 50, half, all).",
-        "",
-        "| target eps | q | steps | sigma (Opacus orders) | sigma (ours) | change | eps spent, Opacus sigma | eps spent, our sigma "
-        "| best order | edge warnings, Opacus orders | edge warnings, ours | calibration s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        f"{len(rows)} settings in {time.perf_counter() - started:.0f} s.",
-        "",
-    ])
+        (eps_opacus, _), (eps_ours, order) = (
+            spent(opacus_sigma, q=q, steps=steps),
+            spent(ours, q=q, steps=steps),
+        )
+        rows.append(
+            f"| {epsilon:g} | {q} | {steps} | {opacus_sigma:.4f} | {ours:.4f} | {100 * (ours / opacus_sigma - 1):+.2f}% | "
+            f"{eps_opacus:.3f} | {eps_ours:.3f} | {order:g} | {edge_warnings(opacus_sigma, q=q, steps=steps, orders=None)} | "
+            f"{edge_warnings(ours, q=q, steps=steps, orders=RDP_ORDERS)} | {seconds:.1f} |"
+        )
+    text = "\n".join(
+        [
+            f"### Paper DP settings: RDP orders 1.01-4096 vs Opacus's 1.1-63 ({benchmark_common.stamp()})",
+            "",
+            f"`python scripts/benchmark_accounting.py`; {benchmark_common.machine()}. Oxford Flowers N = {N_FLOWERS}, delta = 1/N; "
+            "steps = epochs / q (LoRA 80, LN-tuning 100 epochs). sigma by Opacus's `get_noise_multiplier` with its default orders "
+            "and by ours; epsilon spent at the end by each sigma, both over our orders; edge warnings over the epsilons a run "
+            "logs (steps 1, 2, 5, 10, 50, half, all).",
+            "",
+            "| target eps | q | steps | sigma (Opacus orders) | sigma (ours) | change | eps spent, Opacus sigma | eps spent, our sigma "
+            "| best order | edge warnings, Opacus orders | edge warnings, ours | calibration s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"{len(rows)} settings in {time.perf_counter() - started:.0f} s.",
+            "",
+        ]
+    )
     benchmark_common.publish(text, args.out)
 
 

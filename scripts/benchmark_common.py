@@ -1,9 +1,10 @@
 """Shared by the benchmark scripts: the machine line and how a report is printed and appended."""
+
 from __future__ import annotations
 
 import platform
 import statistics
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -14,12 +15,14 @@ from trainables.profiling import Stopwatch
 
 
 def stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def machine() -> str:
-    return (f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 1024 ** 3:.0f} GiB, "
-            f"CPU fp32, torch {torch.__version__}")
+    return (
+        f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 1024**3:.0f} GiB, "
+        f"CPU fp32, torch {torch.__version__}"
+    )
 
 
 def publish(text: str, out: Path | None) -> None:
@@ -46,5 +49,7 @@ def official_models(*, depth: int = 16, num_classes: int = 1000):
     """(VQVAE, VAR) of the official architectures (256px, 10 scales, codebook 4096), random weights, seed 0."""
     torch.manual_seed(0)
     vqvae = build_vqvae(vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_PATCH_NUMS).eval()
-    var = build_var(depth=depth, num_classes=num_classes, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32)
+    var = build_var(
+        depth=depth, num_classes=num_classes, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32
+    )
     return vqvae, var

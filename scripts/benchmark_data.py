@@ -8,6 +8,7 @@ Usage: python scripts/benchmark_data.py [--batch-size 2] [--steps 2] [--out docs
    and caches) vs second trial (reads the cache).
 3. Generation: images per second of VAR-d16 sampling (CFG 1.5, top-k 900, top-p 0.96) on this machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,17 +17,17 @@ import time
 from pathlib import Path
 
 import benchmark_common
-from benchmark_common import official_models, timed
 import torch
+from benchmark_common import official_models, timed
 from PIL import Image
 
+from bench.schema import MethodConfig
 from trainables.data import offline
 from trainables.data.datasets import read_dataset
 from trainables.data.tokens import TokenViews
 from trainables.evaluation.evaluate import reference_statistics
 from trainables.evaluation.features import SUBSTITUTE, build_extractor
 from trainables.evaluation.metrics import ReferenceStats
-from bench.schema import MethodConfig
 from trainables.methods import adapt
 from trainables.training import build_optimizer, view_losses
 
@@ -78,7 +79,9 @@ def generation(*, batch_size: int) -> dict:
     vqvae, var = official_models()
     var.eval()
     labels = torch.randint(0, 1000, (batch_size,))
-    run = lambda: var.sample(labels, vqvae=vqvae, cfg=1.5, top_k=900, top_p=0.96, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    run = lambda: var.sample(  # noqa: E731
+        labels, vqvae=vqvae, cfg=1.5, top_k=900, top_p=0.96, generator=torch.Generator().manual_seed(0)
+    )
     seconds = timed(run, steps=1)
     return {"batch_size": batch_size, "seconds_per_batch": seconds, "images_per_second": batch_size / seconds}
 
@@ -94,17 +97,23 @@ def main() -> None:
         reuse = reference_reuse(Path(folder))
     gen = generation(batch_size=args.batch_size)
     stamp, machine = benchmark_common.stamp(), benchmark_common.machine()
-    text = "\n".join([
-        f"### Token cache, reference statistics, generation ({stamp})", "",
-        f"Machine: {machine}. Script: `python scripts/benchmark_data.py --batch-size {args.batch_size} --steps {args.steps}`.", "",
-        "| quantity | value |", "|---|---|",
-        f"| VAR-d16 LoRA step, batch {args.batch_size} at 256x256, VQVAE encoding on the fly | {train['on_the_fly_s']:.2f} s |",
-        f"| same step with tokens from the cache | {train['cached_s']:.2f} s |",
-        f"| speed-up from the token cache (target >= 1.2x) | {train['speedup']:.2f}x |",
-        f"| reference statistics of {reuse['images']} real images, first trial (compute + cache) | {reuse['first_s']:.2f} s |",
-        f"| same, second trial (cache hit: {reuse['second_hit']}) | {reuse['second_s']:.3f} s |",
-        f"| VAR-d16 generation, batch {gen['batch_size']} (CFG 1.5, top-k 900, top-p 0.96) | {gen['seconds_per_batch']:.2f} s per batch, {gen['images_per_second']:.3f} images/s |",
-        ""])
+    text = "\n".join(
+        [
+            f"### Token cache, reference statistics, generation ({stamp})",
+            "",
+            f"Machine: {machine}. Script: `python scripts/benchmark_data.py --batch-size {args.batch_size} --steps {args.steps}`.",
+            "",
+            "| quantity | value |",
+            "|---|---|",
+            f"| VAR-d16 LoRA step, batch {args.batch_size} at 256x256, VQVAE encoding on the fly | {train['on_the_fly_s']:.2f} s |",
+            f"| same step with tokens from the cache | {train['cached_s']:.2f} s |",
+            f"| speed-up from the token cache (target >= 1.2x) | {train['speedup']:.2f}x |",
+            f"| reference statistics of {reuse['images']} real images, first trial (compute + cache) | {reuse['first_s']:.2f} s |",
+            f"| same, second trial (cache hit: {reuse['second_hit']}) | {reuse['second_s']:.3f} s |",
+            f"| VAR-d16 generation, batch {gen['batch_size']} (CFG 1.5, top-k 900, top-p 0.96) | {gen['seconds_per_batch']:.2f} s per batch, {gen['images_per_second']:.3f} images/s |",
+            "",
+        ]
+    )
     benchmark_common.publish(text, args.out)
 
 

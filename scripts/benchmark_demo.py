@@ -5,6 +5,7 @@ demo's targets (``bench.demo``: class accuracy, precision/recall, DP below non-D
 Usage: python scripts/benchmark_demo.py [--storage DIR (must not exist; default: a new temporary folder)] [--out docs/benchmarks.md]
 Run from the repository root, as `make demo` does (relative --storage works too).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,16 @@ from bench.sweeps import build_sweep
 
 def _row(record: dict) -> str:
     c, m, cost = record["config"], record["metrics"], record["cost"]
-    name = c["method"]["name"] + ("" if c["privacy"] is None else f" DP eps {c['privacy']['target_epsilon']:g}, k {c['privacy']['augmentation_multiplicity']}")
+    name = c["method"]["name"] + (
+        ""
+        if c["privacy"] is None
+        else f" DP eps {c['privacy']['target_epsilon']:g}, k {c['privacy']['augmentation_multiplicity']}"
+    )
     fmt = lambda key, spec: format(m[key], spec) if isinstance(m.get(key), float) else "-"  # noqa: E731
-    return (f"| {name} | {fmt('class_accuracy', '.3f')} | {fmt('fid', '.2f')} | {fmt('precision', '.3f')} | {fmt('recall', '.3f')} | "
-            f"{fmt('kid_mean', '.3f')} ± {fmt('kid_std', '.3f')} | {cost.get('train_seconds') or 0:.0f} | {cost.get('wall_seconds') or 0:.0f} |")
+    return (
+        f"| {name} | {fmt('class_accuracy', '.3f')} | {fmt('fid', '.2f')} | {fmt('precision', '.3f')} | {fmt('recall', '.3f')} | "
+        f"{fmt('kid_mean', '.3f')} ± {fmt('kid_std', '.3f')} | {cost.get('train_seconds') or 0:.0f} | {cost.get('wall_seconds') or 0:.0f} |"
+    )
 
 
 def main() -> None:
@@ -38,21 +45,33 @@ def main() -> None:
     if storage.exists():
         sys.exit(f"{storage} exists: the benchmark measures a demo that builds everything, give a new folder")
     started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "bench", "demo", "--storage", str(storage)], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "demo", "--storage", str(storage)], capture_output=True, text=True
+    )
     wall = time.perf_counter() - started
     summary = json.loads((storage / "summary.json").read_text())
     store = ResultStore(storage, create=False)
     records = [store.read(c.trial_id) for c in build_sweep("demo")]
-    classifier = next((r["evaluation_settings"] or {}).get("classifier") for r in records if r and r["evaluation_settings"])
-    text = "\n".join([
-        f"### `python -m bench demo` from scratch ({benchmark_common.stamp()})", "",
-        f"Machine: {benchmark_common.machine()}. Script: `python scripts/benchmark_demo.py` (a fresh storage: the tiny base, the digit "
-        f"classifier and the token cache are built, as on a fresh clone). Exit status {run.returncode}; "
-        f"wall time {wall:.0f} s ({wall / 60:.1f} min) for the whole command, analysis included. Digit classifier "
-        f"{classifier['name']}: test accuracy {classifier['test_accuracy']:.4f} on the held-out digits.", "",
-        "| trial | class accuracy | FID | precision | recall | KID | train s | trial wall s |", "|---|---|---|---|---|---|---|---|",
-        *[_row(r) for r in records if r is not None], "",
-        *[f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in summary["checks"].items()], ""])
+    classifier = next(
+        (r["evaluation_settings"] or {}).get("classifier") for r in records if r and r["evaluation_settings"]
+    )
+    text = "\n".join(
+        [
+            f"### `python -m bench demo` from scratch ({benchmark_common.stamp()})",
+            "",
+            f"Machine: {benchmark_common.machine()}. Script: `python scripts/benchmark_demo.py` (a fresh storage: the tiny base, the digit "
+            f"classifier and the token cache are built, as on a fresh clone). Exit status {run.returncode}; "
+            f"wall time {wall:.0f} s ({wall / 60:.1f} min) for the whole command, analysis included. Digit classifier "
+            f"{classifier['name']}: test accuracy {classifier['test_accuracy']:.4f} on the held-out digits.",
+            "",
+            "| trial | class accuracy | FID | precision | recall | KID | train s | trial wall s |",
+            "|---|---|---|---|---|---|---|---|",
+            *[_row(r) for r in records if r is not None],
+            "",
+            *[f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in summary["checks"].items()],
+            "",
+        ]
+    )
     benchmark_common.publish(text, args.out)
     if run.returncode != 0:
         print(run.stdout[-3000:], run.stderr[-3000:], sep="\n", file=sys.stderr)

@@ -6,6 +6,7 @@ official-size VQVAE's quantiser for the teacher-forcing input. Memory is the pro
 the first step (model + VQVAE resident) and the peak over the whole run (which includes gradients and the two
 AdamW moments created by the first step). Appends a dated section to ``--out`` when given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ import platform
 import resource
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -22,7 +23,7 @@ import torch
 from trainables.models import OFFICIAL_PATCH_NUMS, build_var, build_vqvae, count_parameters
 from trainables.training import build_optimizer, var_training_step
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def peak_rss_bytes() -> int:
@@ -31,8 +32,17 @@ def peak_rss_bytes() -> int:
 
 def measure(*, depth: int, batch_size: int, repeats: int, device: str) -> dict:
     torch.manual_seed(0)
-    vqvae = build_vqvae(vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_PATCH_NUMS, device=device).eval()
-    var = build_var(depth=depth, num_classes=1000, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32, device=device)
+    vqvae = build_vqvae(
+        vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_PATCH_NUMS, device=device
+    ).eval()
+    var = build_var(
+        depth=depth,
+        num_classes=1000,
+        patch_nums=OFFICIAL_PATCH_NUMS,
+        vocab_size=4096,
+        z_channels=32,
+        device=device,
+    )
     optimizer = build_optimizer(var, lr=1e-4)
     idx_Bl = [torch.randint(0, 4096, (batch_size, pn * pn), device=device) for pn in OFFICIAL_PATCH_NUMS]
     labels_B = torch.randint(0, 1000, (batch_size,), device=device)
@@ -42,33 +52,44 @@ def measure(*, depth: int, batch_size: int, repeats: int, device: str) -> dict:
         started = time.perf_counter()
         var_training_step(var, vqvae, optimizer, labels_B, idx_Bl)
         seconds.append(time.perf_counter() - started)
-    return {"depth": depth, "params": count_parameters(var), "batch_size": batch_size, "tokens_per_example": var.seq_len,
-            "first_step_s": seconds[0], "step_s_median": statistics.median(seconds[1:]), "step_s_all": seconds[1:],
-            "rss_before_first_step_gib": rss_before / GIB, "peak_rss_gib": peak_rss_bytes() / GIB,
-            "threads": torch.get_num_threads(), "device": device}
+    return {
+        "depth": depth,
+        "params": count_parameters(var),
+        "batch_size": batch_size,
+        "tokens_per_example": var.seq_len,
+        "first_step_s": seconds[0],
+        "step_s_median": statistics.median(seconds[1:]),
+        "step_s_all": seconds[1:],
+        "rss_before_first_step_gib": rss_before / GIB,
+        "peak_rss_gib": peak_rss_bytes() / GIB,
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
 
 
 def report(result: dict) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / GIB:.0f} GiB"
-    return "\n".join([
-        f"### VAR-d{result['depth']} training step, batch {result['batch_size']}, {result['device'].upper()} fp32 ({stamp})",
-        "",
-        f"Machine: {machine}; torch {torch.__version__}, {result['threads']} threads. "
-        f"Script: `python scripts/benchmark_models.py --depth {result['depth']} --batch-size {result['batch_size']}`.",
-        f"One step = class dropout + teacher-forcing input from the quantiser + forward over {result['tokens_per_example']} tokens "
-        "+ token-mean cross-entropy + backward + grad clipping + AdamW.",
-        "",
-        "| quantity | value |",
-        "|---|---|",
-        f"| VAR parameters | {result['params']:,} |",
-        f"| first step (allocates AdamW state) | {result['first_step_s']:.2f} s |",
-        f"| step time, median of {len(result['step_s_all'])} | {result['step_s_median']:.2f} s |",
-        f"| all timed steps | {', '.join(f'{s:.2f}' for s in result['step_s_all'])} s |",
-        f"| resident memory before the first step (VAR + VQVAE) | {result['rss_before_first_step_gib']:.2f} GiB |",
-        f"| peak resident memory (weights, grads, AdamW moments, activations) | {result['peak_rss_gib']:.2f} GiB |",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"### VAR-d{result['depth']} training step, batch {result['batch_size']}, {result['device'].upper()} fp32 ({stamp})",
+            "",
+            f"Machine: {machine}; torch {torch.__version__}, {result['threads']} threads. "
+            f"Script: `python scripts/benchmark_models.py --depth {result['depth']} --batch-size {result['batch_size']}`.",
+            f"One step = class dropout + teacher-forcing input from the quantiser + forward over {result['tokens_per_example']} tokens "
+            "+ token-mean cross-entropy + backward + grad clipping + AdamW.",
+            "",
+            "| quantity | value |",
+            "|---|---|",
+            f"| VAR parameters | {result['params']:,} |",
+            f"| first step (allocates AdamW state) | {result['first_step_s']:.2f} s |",
+            f"| step time, median of {len(result['step_s_all'])} | {result['step_s_median']:.2f} s |",
+            f"| all timed steps | {', '.join(f'{s:.2f}' for s in result['step_s_all'])} s |",
+            f"| resident memory before the first step (VAR + VQVAE) | {result['rss_before_first_step_gib']:.2f} GiB |",
+            f"| peak resident memory (weights, grads, AdamW moments, activations) | {result['peak_rss_gib']:.2f} GiB |",
+            "",
+        ]
+    )
 
 
 def main() -> None:
@@ -79,7 +100,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="Markdown file to append the result to")
     args = parser.parse_args()
-    text = report(measure(depth=args.depth, batch_size=args.batch_size, repeats=args.repeats, device=args.device))
+    text = report(
+        measure(depth=args.depth, batch_size=args.batch_size, repeats=args.repeats, device=args.device)
+    )
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

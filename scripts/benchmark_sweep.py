@@ -6,6 +6,7 @@ Per trial: startup = launch (Tune trial function) -> the Train worker's function
 process group); setup = worker start -> first training step (base model loaded or built, splits decoded, token
 cache opened or built, adapter prepared); train = the optimiser steps; evaluation = generation + features + metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,10 @@ def most_concurrent(records: list[dict]) -> int:
     """Largest number of trials whose [started_at, finished_at] intervals overlap."""
     events = []
     for r in records:
-        events += [(datetime.fromisoformat(r["started_at"]), 1), (datetime.fromisoformat(r["finished_at"]), -1)]
+        events += [
+            (datetime.fromisoformat(r["started_at"]), 1),
+            (datetime.fromisoformat(r["finished_at"]), -1),
+        ]
     running = peak = 0
     for _, change in sorted(events, key=lambda e: (e[0], e[1])):
         running += change
@@ -42,29 +46,43 @@ def main() -> None:
     storage = args.storage or Path(tempfile.mkdtemp(prefix="varsweep-demo-"))
     configs = build_sweep("demo")
     started = time.perf_counter()
-    outcome = run_sweep("demo", configs, Launch(storage=str(storage), cache_dir=default_cache_dir(str(storage))), verbose=0)
+    outcome = run_sweep(
+        "demo", configs, Launch(storage=str(storage), cache_dir=default_cache_dir(str(storage))), verbose=0
+    )
     wall = time.perf_counter() - started
     records = [ResultStore(storage).read(c.trial_id) for c in configs]
     rows, overheads, trains = [], [], []
     for r in records:
         cost, c = r["cost"], r["config"]
         overhead = (cost.get("startup_seconds") or 0.0) + (cost.get("setup_seconds") or 0.0)
-        name = c["method"]["name"] + ("" if c["privacy"] is None else f" DP eps {c['privacy']['target_epsilon']:g}")
-        rows.append(f"| {name} | {cost.get('startup_seconds', 0):.1f} | {cost.get('setup_seconds', 0):.1f} | {cost.get('train_seconds', 0):.1f} | "
-                    f"{cost.get('evaluation_seconds', 0):.1f} | {r['metrics'].get('fid', float('nan')):.2f} |")
+        name = c["method"]["name"] + (
+            "" if c["privacy"] is None else f" DP eps {c['privacy']['target_epsilon']:g}"
+        )
+        rows.append(
+            f"| {name} | {cost.get('startup_seconds', 0):.1f} | {cost.get('setup_seconds', 0):.1f} | {cost.get('train_seconds', 0):.1f} | "
+            f"{cost.get('evaluation_seconds', 0):.1f} | {r['metrics'].get('fid', float('nan')):.2f} |"
+        )
         overheads.append(overhead)
         if cost.get("train_seconds"):
             trains.append(cost["train_seconds"])
-    text = "\n".join([
-        f"### Demo sweep on a local Ray ({benchmark_common.stamp()})", "",
-        f"Machine: {benchmark_common.machine()}. Script: `python scripts/benchmark_sweep.py` (fresh storage: the tiny base is built "
-        f"inside the first trial's setup).", "",
-        "| trial | startup s (launch -> worker) | setup s (-> first step) | train s | evaluation s | FID |", "|---|---|---|---|---|---|",
-        *rows, "",
-        f"- Sweep wall time: {wall:.0f} s for {len(records)} trials ({outcome['failed']} failed); Tune ran up to {outcome['concurrency']} at a time, "
-        f"and up to {most_concurrent(records)} trials overlapped in their recorded run times.",
-        f"- Fixed overhead per trial (startup + setup), median: {statistics.median(overheads):.1f} s; training time of the training trials, "
-        f"median: {statistics.median(trains):.1f} s (ratio {statistics.median(overheads) / statistics.median(trains):.2f}).", ""])
+    text = "\n".join(
+        [
+            f"### Demo sweep on a local Ray ({benchmark_common.stamp()})",
+            "",
+            f"Machine: {benchmark_common.machine()}. Script: `python scripts/benchmark_sweep.py` (fresh storage: the tiny base is built "
+            f"inside the first trial's setup).",
+            "",
+            "| trial | startup s (launch -> worker) | setup s (-> first step) | train s | evaluation s | FID |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"- Sweep wall time: {wall:.0f} s for {len(records)} trials ({outcome['failed']} failed); Tune ran up to {outcome['concurrency']} at a time, "
+            f"and up to {most_concurrent(records)} trials overlapped in their recorded run times.",
+            f"- Fixed overhead per trial (startup + setup), median: {statistics.median(overheads):.1f} s; training time of the training trials, "
+            f"median: {statistics.median(trains):.1f} s (ratio {statistics.median(overheads) / statistics.median(trains):.2f}).",
+            "",
+        ]
+    )
     benchmark_common.publish(text, args.out)
 
 

@@ -5,6 +5,7 @@ Usage: python scripts/demo_seed_spread.py [--seeds 0 1 2] [--methods full lora] 
 The cache folder is a finished demo's (tiny base, digit classifier, token cache: nothing is rebuilt). The demo's
 targets (bench.demo) must hold for every seed, not only for seed 0, so their thresholds are set from this spread.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,12 @@ print(json.dumps({key: record["metrics"][key] for key in ("fid", "precision", "r
 
 
 def one(method: str, seed: int, *, cache_dir: str, work: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", ONE_TRIAL, method, str(seed), cache_dir, f"{work}/{method}-{seed}"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", ONE_TRIAL, method, str(seed), cache_dir, f"{work}/{method}-{seed}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return {"method": method, "seed": seed, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
@@ -46,17 +51,38 @@ def main() -> None:
     args = parser.parse_args()
     cache_dir = str(Path(args.cache_dir).resolve())
     with tempfile.TemporaryDirectory() as work, ThreadPoolExecutor(max_workers=2) as pool:
-        rows = list(pool.map(lambda ms: one(*ms, cache_dir=cache_dir, work=work), [(m, s) for m in args.methods for s in args.seeds]))
-    lines = [f"| {r['method']} | {r['seed']} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_accuracy']:.3f} |" for r in rows]
+        rows = list(
+            pool.map(
+                lambda ms: one(*ms, cache_dir=cache_dir, work=work),
+                [(m, s) for m in args.methods for s in args.seeds],
+            )
+        )
+    lines = [
+        f"| {r['method']} | {r['seed']} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_accuracy']:.3f} |"
+        for r in rows
+    ]
     for method in args.methods:
         mine = [r for r in rows if r["method"] == method]
-        lines.append(f"| {method} | min over seeds | {max(r['fid'] for r in mine):.2f} (max) | {min(r['precision'] for r in mine):.3f} | "
-                     f"{min(r['recall'] for r in mine):.3f} | {min(r['class_accuracy'] for r in mine):.3f} |")
-        lines.append(f"| {method} | spread (stdev) | {statistics.pstdev(r['fid'] for r in mine):.2f} | {statistics.pstdev(r['precision'] for r in mine):.3f} | "
-                     f"{statistics.pstdev(r['recall'] for r in mine):.3f} | {statistics.pstdev(r['class_accuracy'] for r in mine):.3f} |")
-    text = "\n".join([f"### Demo metrics across trial seeds ({benchmark_common.stamp()})", "",
-                      f"`python scripts/demo_seed_spread.py --seeds {' '.join(map(str, args.seeds))}`; {benchmark_common.machine()}.", "",
-                      "| method | seed | FID | precision | recall | class accuracy |", "|---|---|---|---|---|---|", *lines, ""])
+        lines.append(
+            f"| {method} | min over seeds | {max(r['fid'] for r in mine):.2f} (max) | {min(r['precision'] for r in mine):.3f} | "
+            f"{min(r['recall'] for r in mine):.3f} | {min(r['class_accuracy'] for r in mine):.3f} |"
+        )
+        lines.append(
+            f"| {method} | spread (stdev) | {statistics.pstdev(r['fid'] for r in mine):.2f} | {statistics.pstdev(r['precision'] for r in mine):.3f} | "
+            f"{statistics.pstdev(r['recall'] for r in mine):.3f} | {statistics.pstdev(r['class_accuracy'] for r in mine):.3f} |"
+        )
+    text = "\n".join(
+        [
+            f"### Demo metrics across trial seeds ({benchmark_common.stamp()})",
+            "",
+            f"`python scripts/demo_seed_spread.py --seeds {' '.join(map(str, args.seeds))}`; {benchmark_common.machine()}.",
+            "",
+            "| method | seed | FID | precision | recall | class accuracy |",
+            "|---|---|---|---|---|---|",
+            *lines,
+            "",
+        ]
+    )
     benchmark_common.publish(text, args.out)
 
 

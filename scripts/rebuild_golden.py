@@ -3,6 +3,7 @@ results fixture whose metrics equal the published values (analysis.paper.paper_f
 
 Usage: python scripts/rebuild_golden.py   (then review the diff: a change here changes what users' tables look like)
 """
+
 from __future__ import annotations
 
 import shutil
@@ -18,7 +19,9 @@ GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "golden" / "paper"
 def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         paper_fixture(Path(folder) / "storage")
-        analysis = analyse(Path(folder) / "storage", Path(folder) / "out", compare_paper=True, grids=False, figures=False)
+        analysis = analyse(
+            Path(folder) / "storage", Path(folder) / "out", compare_paper=True, grids=False, figures=False
+        )
         if GOLDEN.exists():
             shutil.rmtree(GOLDEN)
         GOLDEN.mkdir(parents=True)

@@ -1,4 +1,5 @@
 """Shared fixtures: the reference files in ../shared and tiny model builders."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VARSWEEP_SHARED", REPO.parent / "shared"))
 
 # Small enough for CPU tests: 16x16 images, 4x4 latent, 4 scales (L = 30 tokens).
-TINY_VQVAE = dict(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4), ch_mult=(1, 2, 2), num_res_blocks=1)
-TINY_VAR = dict(depth=2, num_classes=5, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, embed_dim=64, num_heads=2)
+TINY_VQVAE = dict(
+    vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4), ch_mult=(1, 2, 2), num_res_blocks=1
+)
+TINY_VAR = dict(
+    depth=2, num_classes=5, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, embed_dim=64, num_heads=2
+)
 
 
 def reference_file(name: str) -> Path:

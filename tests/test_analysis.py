@@ -1,6 +1,7 @@
 """analysis: the paper's tables regenerated cell by cell from a fixture of published values (golden), gaps of
 failed and partial sweeps, refusal of mixed feature extractors and invalid files, seeds, figures, sample grids,
 the report, the CLI, and that analysis imports neither torch nor Ray."""
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.__main__ import main as cli
 import analysis.figures as analysis_figures
+from analysis.__main__ import main as cli
 from analysis.figures import grid_caption, grid_layout, k_colors, sample_grid
 from analysis.load import AnalysisError, load_results
 from analysis.paper import PAPER_DIR, number, paper_fixture, published
@@ -28,11 +29,27 @@ from bench.sweeps import build_sweep
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "paper"
 SHARED_PAPER = Path(os.environ.get("VARSWEEP_SHARED", REPO.parent / "shared")) / "paper"
-PAPER_TABLES = ("table1_fid", "table2_dp_multiplicity", "table3_dp_epsilon", "table9_precision_recall", "table10_dp_ablation")
-KEYS = {"table1_fid": 2, "table2_dp_multiplicity": 4, "table3_dp_epsilon": 3, "table9_precision_recall": 2, "table10_dp_ablation": 5}
+PAPER_TABLES = (
+    "table1_fid",
+    "table2_dp_multiplicity",
+    "table3_dp_epsilon",
+    "table9_precision_recall",
+    "table10_dp_ablation",
+)
+KEYS = {
+    "table1_fid": 2,
+    "table2_dp_multiplicity": 4,
+    "table3_dp_epsilon": 3,
+    "table9_precision_recall": 2,
+    "table10_dp_ablation": 5,
+}
 # Cells our Table 2 has beyond the paper's: the same sweep's k = 32 trials (Table 3's epsilon-10 column) and the
 # ablation's LNTuning at k = 128 (Table 10), which the paper prints elsewhere.
-TABLE2_EXTRA = {("VAR-d16", "LoRA", "10", "32"), ("VAR-d20", "LoRA", "10", "32"), ("VAR-d16", "LNTuning", "10", "128")}
+TABLE2_EXTRA = {
+    ("VAR-d16", "LoRA", "10", "32"),
+    ("VAR-d20", "LoRA", "10", "32"),
+    ("VAR-d16", "LNTuning", "10", "128"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +61,9 @@ def fixture_storage(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def golden_run(fixture_storage, tmp_path_factory):
-    return analyse(fixture_storage, tmp_path_factory.mktemp("out"), compare_paper=True, grids=False, figures=False)
+    return analyse(
+        fixture_storage, tmp_path_factory.mktemp("out"), compare_paper=True, grids=False, figures=False
+    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -75,7 +94,9 @@ def result_path(storage: Path, label_part: str) -> Path:
 @pytest.mark.parametrize("name", PAPER_TABLES)
 def test_fixture_regenerates_the_published_tables_cell_by_cell(golden_run, name):
     ours = read_csv(golden_run.out / "tables" / f"{name}.csv")
-    paper = [r for r in published(name) if r["model"].startswith("VAR-")]  # DiT baselines are not ours to regenerate
+    paper = [
+        r for r in published(name) if r["model"].startswith("VAR-")
+    ]  # DiT baselines are not ours to regenerate
     n_keys = KEYS[name]
     assert list(ours[0]) == list(paper[0]), "column layout differs from the paper's"
     keyed = {tuple(r.values())[:n_keys]: r for r in ours}
@@ -88,7 +109,13 @@ def test_fixture_regenerates_the_published_tables_cell_by_cell(golden_run, name)
             if column in ("model", "method", "variant", "targets"):
                 assert mine == value, (name, key, column)
             else:
-                assert number(mine) == pytest.approx(number(value), rel=1e-9, abs=1e-9), (name, key, column, mine, value)
+                assert number(mine) == pytest.approx(number(value), rel=1e-9, abs=1e-9), (
+                    name,
+                    key,
+                    column,
+                    mine,
+                    value,
+                )
     extra = set(keyed) - {tuple(r.values())[:n_keys] for r in paper}
     assert extra == (TABLE2_EXTRA if name == "table2_dp_multiplicity" else set()), extra
 
@@ -109,7 +136,9 @@ def test_comparison_with_the_paper_shows_no_difference_for_the_fixture(golden_ru
         both = [row for row in table.rows if "—" not in row[-3:-1]]
         assert both and {row[-1] for row in both} <= {"+0", "-0"}, table.name
         only_ours = {tuple(row[:4]) for row in table.rows if row[-2] == "—"}
-        assert only_ours == (TABLE2_EXTRA if table.name == "compare_table2_dp_multiplicity" else set()), only_ours
+        assert only_ours == (TABLE2_EXTRA if table.name == "compare_table2_dp_multiplicity" else set()), (
+            only_ours
+        )
 
 
 def test_packaged_published_tables_equal_the_shared_copy():
@@ -123,27 +152,50 @@ def test_packaged_published_tables_equal_the_shared_copy():
 
 def test_failed_and_missing_trials_are_marked_not_invented(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
-    failed = rewrite(result_path(storage, "full-d16-food101"), lambda r: r.update(status="failed", error="CUDA out of memory\ntraceback...", metrics={}))
+    failed = rewrite(
+        result_path(storage, "full-d16-food101"),
+        lambda r: r.update(status="failed", error="CUDA out of memory\ntraceback...", metrics={}),
+    )
     result_path(storage, "lora-d20-stanford_cars").unlink()
     analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
-    assert len(analysis.results.failed) == 1 and analysis.results.failed.iloc[0]["trial_id"] == failed["trial_id"]
+    assert (
+        len(analysis.results.failed) == 1
+        and analysis.results.failed.iloc[0]["trial_id"] == failed["trial_id"]
+    )
     table1 = read_csv(tmp_path / "out" / "tables" / "table1_fid.csv")
     row = lambda model, method: next(r for r in table1 if r["model"] == model and r["method"] == method)  # noqa: E731
     assert row("VAR-d16", "FFT")["food101"] == "" and row("VAR-d20", "LoRA")["cars196"] == ""
     markdown = (tmp_path / "out" / "tables" / "table1_fid.md").read_text()
-    assert "| VAR-d16 | FFT | failed | 5.74 |" in markdown and "| VAR-d20 | LoRA | 6.97 | 6.29 | 11.16 | — | 12.97 |" in markdown
+    assert (
+        "| VAR-d16 | FFT | failed | 5.74 |" in markdown
+        and "| VAR-d20 | LoRA | 6.97 | 6.29 | 11.16 | — | 12.97 |" in markdown
+    )
     report = (tmp_path / "out" / "index.md").read_text()
-    assert "52 trials: 51 succeeded, 1 failed." in report and f"({failed['trial_id']}): CUDA out of memory" in report
+    assert (
+        "52 trials: 51 succeeded, 1 failed." in report
+        and f"({failed['trial_id']}): CUDA out of memory" in report
+    )
     assert "traceback" not in report  # first line of the error only
 
 
 def test_mixed_feature_extractors_are_refused(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     record = json.loads(result_path(storage, "lora-d16-cub200").read_text())
-    config = replace(TrialConfig.from_dict(record["config"]), evaluation={"extractor": "substitute-randconv-v1", "inception_weights": None})
-    other = make_result(config, status="success", metrics={"fid": 3.0}, evaluation_settings={"extractor": "substitute-randconv-v1"})
+    config = replace(
+        TrialConfig.from_dict(record["config"]),
+        evaluation={"extractor": "substitute-randconv-v1", "inception_weights": None},
+    )
+    other = make_result(
+        config,
+        status="success",
+        metrics={"fid": 3.0},
+        evaluation_settings={"extractor": "substitute-randconv-v1"},
+    )
     (storage / "results" / f"{config.trial_id}.json").write_text(json.dumps(other))
-    with pytest.raises(AnalysisError, match="mix feature extractors.*inception-v3-compat.*substitute-randconv-v1.*--extractor"):
+    with pytest.raises(
+        AnalysisError,
+        match="mix feature extractors.*inception-v3-compat.*substitute-randconv-v1.*--extractor",
+    ):
         load_results(storage)
     assert cli([str(storage), "--out", str(tmp_path / "refused")]) == 2
     assert not (tmp_path / "refused" / "index.md").exists()
@@ -157,7 +209,9 @@ def test_invalid_files_stop_the_analysis_unless_skipped(fixture_storage, tmp_pat
     rewrite(result_path(storage, "full-d20-food101"), lambda r: r.update(schema_version=99))
     with pytest.raises(AnalysisError, match=r"2 file\(s\)") as error:
         load_results(storage)
-    assert "truncated.json: JSONDecodeError" in str(error.value) and "schema_version: expected 2, got 99" in str(error.value)
+    assert "truncated.json: JSONDecodeError" in str(
+        error.value
+    ) and "schema_version: expected 2, got 99" in str(error.value)
     analysis = analyse(storage, tmp_path / "out", skip_invalid=True, grids=False, figures=False)
     assert len(analysis.results.invalid) == 2 and len(analysis.results.trials) == 52
     assert "truncated.json" in (tmp_path / "out" / "index.md").read_text()
@@ -170,7 +224,12 @@ def test_seeds_give_mean_and_std(fixture_storage, tmp_path):
     record = json.loads(result_path(storage, "lora-d16-flowers102").read_text())
     for seed, fid in ((1, 13.58), (2, 12.78)):
         config = replace(TrialConfig.from_dict(record["config"]), optimization={"seed": seed})
-        twin = {**record, "trial_id": config.trial_id, "config": config.to_dict(), "metrics": {**record["metrics"], "fid": fid}}
+        twin = {
+            **record,
+            "trial_id": config.trial_id,
+            "config": config.to_dict(),
+            "metrics": {**record["metrics"], "fid": fid},
+        }
         (storage / "results" / f"{config.trial_id}.json").write_text(json.dumps(twin))
     analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
     table1 = next(t for t in analysis.tables if t.name == "table1_fid")
@@ -184,25 +243,61 @@ def test_seeds_give_mean_and_std(fixture_storage, tmp_path):
 
 def test_figures_have_files_and_axes(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
-    for label, fids in (("full-d16-flowers102", (40.0, 20.5, 12.08)), ("lora-d16-flowers102", (45.0, 25.1, 13.18))):
-        rewrite(result_path(storage, label), lambda r, f=fids: r.update(convergence=[{"step": 500 * (i + 1), "fid": v} for i, v in enumerate(f)]))
+    for label, fids in (
+        ("full-d16-flowers102", (40.0, 20.5, 12.08)),
+        ("lora-d16-flowers102", (45.0, 25.1, 13.18)),
+    ):
+        rewrite(
+            result_path(storage, label),
+            lambda r, f=fids: r.update(
+                convergence=[{"step": 500 * (i + 1), "fid": v} for i, v in enumerate(f)]
+            ),
+        )
     analysis = analyse(storage, tmp_path / "out", grids=False)
     figures = {f.name: f for f in analysis.figures}
-    assert sorted(figures) == ["compute_pflops", "convergence_fid", "fid_vs_k", "parameters_vs_fid", "privacy_utility"] and not analysis.skipped_figures
+    assert (
+        sorted(figures)
+        == ["compute_pflops", "convergence_fid", "fid_vs_k", "parameters_vs_fid", "privacy_utility"]
+        and not analysis.skipped_figures
+    )
     for figure in figures.values():
         assert all(p.is_file() and p.stat().st_size > 5000 for p in figure.paths), figure.paths
         assert [p.suffix for p in figure.paths] == [".png", ".pdf"]
-    assert set(figures["compute_pflops"].ylabels) == {"Training compute [PFLOPs] ↓"} and set(figures["compute_pflops"].xlabels) == {"dataset"}
-    assert figures["convergence_fid"].xlabels == ("training step",) and figures["convergence_fid"].ylabels == ("FID ↓",)
-    assert set(figures["privacy_utility"].xlabels) == {"privacy budget ε"} and len(figures["privacy_utility"].xlabels) == 2  # d16, d20
-    assert figures["parameters_vs_fid"].xlabels == ("trainable parameters [millions]",) * 2  # a panel per model
+    assert set(figures["compute_pflops"].ylabels) == {"Training compute [PFLOPs] ↓"} and set(
+        figures["compute_pflops"].xlabels
+    ) == {"dataset"}
+    assert figures["convergence_fid"].xlabels == ("training step",) and figures[
+        "convergence_fid"
+    ].ylabels == ("FID ↓",)
+    assert (
+        set(figures["privacy_utility"].xlabels) == {"privacy budget ε"}
+        and len(figures["privacy_utility"].xlabels) == 2
+    )  # d16, d20
+    assert (
+        figures["parameters_vs_fid"].xlabels == ("trainable parameters [millions]",) * 2
+    )  # a panel per model
     # epsilon and k ticks are the values run, printed plainly (not 10^0); no-DP references are in the legend
     assert figures["privacy_utility"].xticklabels == (("1", "10", "20", "50", "100", "500", "1000"),) * 2
-    assert {"LoRA, no DP", "LNTuning, no DP", "LoRA, k=32", "LoRA, k=128"} <= set(figures["privacy_utility"].legend)
-    assert figures["fid_vs_k"].xlabels == ("augmentation multiplicity k",) * 2 and figures["fid_vs_k"].xticklabels == (("1", "32", "128"),) * 2
-    assert figures["fid_vs_k"].legend == ("LoRA, DP ε=10", "LNTuning, DP ε=10", "LoRA, no DP", "LNTuning, no DP")
-    assert all(label.replace(".", "").isdigit() for f in figures.values() for ticks in f.xticklabels for label in ticks if label
-               and f.name != "compute_pflops"), [f.xticklabels for f in figures.values()]
+    assert {"LoRA, no DP", "LNTuning, no DP", "LoRA, k=32", "LoRA, k=128"} <= set(
+        figures["privacy_utility"].legend
+    )
+    assert (
+        figures["fid_vs_k"].xlabels == ("augmentation multiplicity k",) * 2
+        and figures["fid_vs_k"].xticklabels == (("1", "32", "128"),) * 2
+    )
+    assert figures["fid_vs_k"].legend == (
+        "LoRA, DP ε=10",
+        "LNTuning, DP ε=10",
+        "LoRA, no DP",
+        "LNTuning, no DP",
+    )
+    assert all(
+        label.replace(".", "").isdigit()
+        for f in figures.values()
+        for ticks in f.xticklabels
+        for label in ticks
+        if label and f.name != "compute_pflops"
+    ), [f.xticklabels for f in figures.values()]
     page = (tmp_path / "out" / "index.html").read_text()
     assert all(f"figures/{name}.png" in page for name in figures)
 
@@ -218,15 +313,21 @@ def test_sample_grid_puts_generated_beside_real_images(tmp_path):
         generated = storage / folder / "images" / f"class_{label:04d}"
         generated.mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(generated / f"{i:06d}.png")
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                generated / f"{i:06d}.png"
+            )
         paths = []
         for i in range(2):
             path = f"{folder}/real/class_{label}/{i}.jpg"
             (storage / path).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.full((90, 120, 3), 40 * (label + 1), np.uint8)).save(storage / path, quality=100)
+            Image.fromarray(np.full((90, 120, 3), 40 * (label + 1), np.uint8)).save(
+                storage / path, quality=100
+            )
             paths.append(path)
         real.append({"label": label, "class": name, "paths": paths})
-    (storage / real[1]["paths"][1]).write_bytes(b"not a jpeg")  # an unreadable real image shows as a blank tile
+    (storage / real[1]["paths"][1]).write_bytes(
+        b"not a jpeg"
+    )  # an unreadable real image shows as a blank tile
     record = make_result(config, status="success", metrics={"fid": 9.0}, artifacts=artifacts_of(folder, real))
     ResultStore(storage).write(record)
     analysis = analyse(storage, tmp_path / "out", figures=False)
@@ -237,9 +338,11 @@ def test_sample_grid_puts_generated_beside_real_images(tmp_path):
     real_left = layout["real_left"] + 2
     for row, grey in enumerate((40, 80, 120)):  # each class's real image beside its own generated images
         top = layout["rows_top"] + row * tile
-        assert np.abs(pixels[top + 10: top + 50, real_left + 10: real_left + 50] - grey).max() <= 2, row
+        assert np.abs(pixels[top + 10 : top + 50, real_left + 10 : real_left + 50] - grey).max() <= 2, row
     top = layout["rows_top"] + tile
-    assert (pixels[top + 10, real_left + tile + 10] == 255).all()  # the orchid's unreadable second image: blank
+    assert (
+        pixels[top + 10, real_left + tile + 10] == 255
+    ).all()  # the orchid's unreadable second image: blank
     assert (pixels[top + 10, real_left + 2 * tile + 10] == 255).all()  # no third image recorded: blank
     assert f"grids/{config.trial_id}.png" in (tmp_path / "out" / "index.md").read_text()
     assert not analysis.missing_grids
@@ -253,41 +356,85 @@ def test_sample_grid_puts_generated_beside_real_images(tmp_path):
 
 def artifacts_of(folder: str, real: list[dict], *, adapter: bool = True) -> dict:
     """An ``artifacts`` section of the storage layout (``bench.schema.Artifacts``)."""
-    return {"folder": folder, "adapter": f"{folder}/adapter.pt" if adapter else None, "generated_images": f"{folder}/images",
-            "real_images": real}
+    return {
+        "folder": folder,
+        "adapter": f"{folder}/adapter.pt" if adapter else None,
+        "generated_images": f"{folder}/images",
+        "real_images": real,
+    }
 
 
 def test_grids_of_old_absolute_paths_and_missing_images_are_skipped_with_a_note(tmp_path):
     config = build_sweep("demo")[1]
     images = tmp_path / "work" / "images" / "class_0"
     digit_png(images / "0.png", 0)
-    old = make_result(config, status="success", metrics={"fid": 9.0},
-                      artifacts={"generated_images": str(images.parent), "real_images": [{"label": 0, "class": "0", "paths": []}]})
+    old = make_result(
+        config,
+        status="success",
+        metrics={"fid": 9.0},
+        artifacts={
+            "generated_images": str(images.parent),
+            "real_images": [{"label": 0, "class": "0", "paths": []}],
+        },
+    )
     ResultStore(tmp_path / "storage").write(old)
     analysis = analyse(tmp_path / "storage", tmp_path / "out", figures=False)
-    assert not analysis.grids and "absolute paths by an older varsweep" in analysis.missing_grids[config.trial_id]
+    assert (
+        not analysis.grids
+        and "absolute paths by an older varsweep" in analysis.missing_grids[config.trial_id]
+    )
     assert "absolute paths by an older varsweep" in (tmp_path / "out" / "index.md").read_text()
-    moved = make_result(config, status="success", metrics={"fid": 9.0}, artifacts=artifacts_of(f"artifacts/{config.trial_id}", []))
+    moved = make_result(
+        config,
+        status="success",
+        metrics={"fid": 9.0},
+        artifacts=artifacts_of(f"artifacts/{config.trial_id}", []),
+    )
     ResultStore(tmp_path / "storage").write(moved)
     analysis = analyse(tmp_path / "storage", tmp_path / "out2", figures=False)
     assert analysis.missing_grids[config.trial_id].startswith("generated images not found")
 
 
 def test_cli_writes_the_report_and_says_where(fixture_storage, tmp_path, capsys):
-    assert cli([str(fixture_storage / "results"), "--out", str(tmp_path / "out"), "--compare-paper", "--no-grids"]) == 0
+    assert (
+        cli(
+            [
+                str(fixture_storage / "results"),
+                "--out",
+                str(tmp_path / "out"),
+                "--compare-paper",
+                "--no-grids",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "53 trials: 53 succeeded, 0 failed. Wrote 7 tables, 5 comparisons, 4 figures, 0 sample grids." in printed
-    assert "Figures not drawn:\n  convergence_fid: no trial has the data it plots" in printed and "index.html" in printed
+    assert (
+        "53 trials: 53 succeeded, 0 failed. Wrote 7 tables, 5 comparisons, 4 figures, 0 sample grids."
+        in printed
+    )
+    assert (
+        "Figures not drawn:\n  convergence_fid: no trial has the data it plots" in printed
+        and "index.html" in printed
+    )
     html = (tmp_path / "out" / "index.html").read_text()
-    for needle in ("Provenance", "feature extractor", "inception-v3-compat (53)", "tables/table1_fid.tex", "compare_table3_dp_epsilon",
-                   "convergence_fid: no trial has the data it plots"):
+    for needle in (
+        "Provenance",
+        "feature extractor",
+        "inception-v3-compat (53)",
+        "tables/table1_fid.tex",
+        "compare_table3_dp_epsilon",
+        "convergence_fid: no trial has the data it plots",
+    ):
         assert needle in html, needle
     assert len(read_csv(tmp_path / "out" / "trials.csv")) == 53
 
 
 def test_analysis_imports_neither_torch_nor_ray():
-    code = ("import sys, analysis.__main__, analysis.run, analysis.paper; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'torchvision')); assert not bad, bad")
+    code = (
+        "import sys, analysis.__main__, analysis.run, analysis.paper; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'torchvision')); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -301,7 +448,12 @@ def twin(storage: Path, label_part: str, *, metrics: dict | None = None, **secti
     """Write a copy of a fixture trial with config sections changed (a new trial id) and return it."""
     record = json.loads(result_path(storage, label_part).read_text())
     config = replace(TrialConfig.from_dict(record["config"]), **sections)
-    copy = {**record, "trial_id": config.trial_id, "config": config.to_dict(), "metrics": {**record["metrics"], **(metrics or {})}}
+    copy = {
+        **record,
+        "trial_id": config.trial_id,
+        "config": config.to_dict(),
+        "metrics": {**record["metrics"], **(metrics or {})},
+    }
     (storage / "results" / f"{config.trial_id}.json").write_text(json.dumps(copy))
     return copy
 
@@ -309,19 +461,39 @@ def twin(storage: Path, label_part: str, *, metrics: dict | None = None, **secti
 def test_different_settings_in_one_cell_are_refused_not_averaged(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     other = twin(storage, "lora-d16-cub200", metrics={"fid": 30.0}, method={"lora_rank": 64})
-    with pytest.raises(AnalysisError, match=r"(?s)1 table cell.*VAR-d16 cub200 lora no DP k=1: 2 settings differing in method.lora_rank = 16, 64"):
+    with pytest.raises(
+        AnalysisError,
+        match=r"(?s)1 table cell.*VAR-d16 cub200 lora no DP k=1: 2 settings differing in method.lora_rank = 16, 64",
+    ):
         load_results(storage)
     assert cli([str(storage), "--out", str(tmp_path / "refused")]) == 2
     rank64 = analyse(storage, tmp_path / "out", where={"method.lora_rank": 64}, grids=False, figures=False)
-    assert list(rank64.results.trials["trial_id"]) == [other["trial_id"]] and len(rank64.results.excluded) == 53
+    assert (
+        list(rank64.results.trials["trial_id"]) == [other["trial_id"]] and len(rank64.results.excluded) == 53
+    )
     assert "lora_rank is not 64" in (tmp_path / "out" / "index.md").read_text()
-    assert cli([str(storage), "--out", str(tmp_path / "cli"), "--where", "method.lora_rank=16", "--no-grids", "--no-figures"]) == 0
+    assert (
+        cli(
+            [
+                str(storage),
+                "--out",
+                str(tmp_path / "cli"),
+                "--where",
+                "method.lora_rank=16",
+                "--no-grids",
+                "--no-figures",
+            ]
+        )
+        == 0
+    )
     assert read_csv(tmp_path / "cli" / "tables" / "table1_fid.csv")[1]["cub200"] == "7.84"
     with pytest.raises(AnalysisError, match="no such config field"):
         load_results(storage, where={"method.rank": 16})
     # One sweep's trials in a folder that holds others (the demo analyses its own): the rest are listed as excluded.
     own = load_results(storage, trial_ids=[other["trial_id"]])
-    assert list(own.trials["trial_id"]) == [other["trial_id"]] and {why for *_, why in own.excluded} == {"not one of the 1 trials asked for"}
+    assert list(own.trials["trial_id"]) == [other["trial_id"]] and {why for *_, why in own.excluded} == {
+        "not one of the 1 trials asked for"
+    }
 
 
 @pytest.mark.parametrize("curve_settings", [{"convergence_every_steps": 500}, {"convergence_points": 8}])
@@ -329,8 +501,13 @@ def test_a_convergence_twin_counts_once(fixture_storage, tmp_path, curve_setting
     """The convergence sweep re-runs Table 1 trials with evaluations during training (every N steps, or at N
     points of the run): same setting and seed, so the cell holds one value (the twin with the curve), not a fake n=2."""
     storage = copy_storage(fixture_storage, tmp_path / "storage")
-    curve = twin(storage, "full-d16-flowers102", evaluation={**curve_settings, "convergence_num_images": 1000})
-    rewrite(storage / "results" / f"{curve['trial_id']}.json", lambda r: r.update(convergence=[{"step": 500, "fid": 30.0}]))
+    curve = twin(
+        storage, "full-d16-flowers102", evaluation={**curve_settings, "convergence_num_images": 1000}
+    )
+    rewrite(
+        storage / "results" / f"{curve['trial_id']}.json",
+        lambda r: r.update(convergence=[{"step": 500, "fid": 30.0}]),
+    )
     analysis = analyse(storage, tmp_path / "out", grids=False)
     table1 = next(t for t in analysis.tables if t.name == "table1_fid")
     cell_ = next(r for r in table1.rows if r[:2] == ["VAR-d16", "FFT"])[4]
@@ -344,24 +521,39 @@ def test_successful_trials_without_a_value_are_shown(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     for seed in (1, 2):
         twin(storage, "lora-d16-flowers102", metrics={"fid": float("nan")}, optimization={"seed": seed})
-    rewrite(result_path(storage, "lora-d16-cub200"), lambda r: r["metrics"].update(fid=float("nan")))  # a recorded FID is a number
+    rewrite(
+        result_path(storage, "lora-d16-cub200"), lambda r: r["metrics"].update(fid=float("nan"))
+    )  # a recorded FID is a number
     analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
-    lora = next(r for r in next(t for t in analysis.tables if t.name == "table1_fid").rows if r[:2] == ["VAR-d16", "LoRA"])
+    lora = next(
+        r
+        for r in next(t for t in analysis.tables if t.name == "table1_fid").rows
+        if r[:2] == ["VAR-d16", "LoRA"]
+    )
     assert lora[4].text() == "13.18 (2 without value)" and lora[3].text() == "no value"
     assert read_csv(tmp_path / "out" / "tables" / "table1_fid.csv")[1]["cub200"] == ""
 
 
 def test_dp_tables_are_per_dataset_and_only_flowers_is_compared(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
-    cub = twin(storage, "lora-d16-flowers102-eps10-k1-", metrics={"fid": 200.0}, data={"dataset": "cub200", "root": "/assets/datasets/cub200"})
+    cub = twin(
+        storage,
+        "lora-d16-flowers102-eps10-k1-",
+        metrics={"fid": 200.0},
+        data={"dataset": "cub200", "root": "/assets/datasets/cub200"},
+    )
     analysis = analyse(storage, tmp_path / "out", compare_paper=True, grids=False, figures=False)
     names = {t.name for t in analysis.tables}
     assert {"table2_dp_multiplicity_flowers102", "table2_dp_multiplicity_cub200"} <= names
     cub_table = next(t for t in analysis.tables if t.name == "table2_dp_multiplicity_cub200")
-    assert cub_table.title.endswith("[cub200]") and [r[:4] for r in cub_table.rows] == [["VAR-d16", "LoRA", "10", "1"]]
+    assert cub_table.title.endswith("[cub200]") and [r[:4] for r in cub_table.rows] == [
+        ["VAR-d16", "LoRA", "10", "1"]
+    ]
     assert cub_table.rows[0][4].text() == "200.00" and cub["trial_id"] in analysis.results.records
     compared = {t.name for t in analysis.comparisons}
-    assert "compare_table2_dp_multiplicity_flowers102" in compared and not any("cub200" in name for name in compared)
+    assert "compare_table2_dp_multiplicity_flowers102" in compared and not any(
+        "cub200" in name for name in compared
+    )
 
 
 def test_sweeps_of_one_kind_say_which_tables_they_lack(fixture_storage, tmp_path):
@@ -370,12 +562,24 @@ def test_sweeps_of_one_kind_say_which_tables_they_lack(fixture_storage, tmp_path
         if json.loads(path.read_text())["config"]["privacy"] is None:
             path.unlink()
     analysis = analyse(dp_only, tmp_path / "dp-out", grids=False, figures=False)
-    assert sorted(t.name for t in analysis.tables) == ["compute", "privacy", "table10_dp_ablation", "table2_dp_multiplicity", "table3_dp_epsilon"]
-    assert analysis.skipped_tables == ["table1_fid: no non-DP trial", "class_accuracy: no trial recorded class accuracy (metrics.class_accuracy)",
-                                       "table9_precision_recall: no adapted non-DP trial"]
+    assert sorted(t.name for t in analysis.tables) == [
+        "compute",
+        "privacy",
+        "table10_dp_ablation",
+        "table2_dp_multiplicity",
+        "table3_dp_epsilon",
+    ]
+    assert analysis.skipped_tables == [
+        "table1_fid: no non-DP trial",
+        "class_accuracy: no trial recorded class accuracy (metrics.class_accuracy)",
+        "table9_precision_recall: no adapted non-DP trial",
+    ]
     other_eps = analyse(dp_only, tmp_path / "eps3", table2_epsilon=3, grids=False, figures=False)
-    assert any("table2_dp_multiplicity: no DP LoRA or LNTuning trial at ε=3 (DP trials ran at ε in {1, 10, 20, 50, 100, 500, 1000}" in line
-               for line in other_eps.skipped_tables)
+    assert any(
+        "table2_dp_multiplicity: no DP LoRA or LNTuning trial at ε=3 (DP trials ran at ε in {1, 10, 20, 50, 100, 500, 1000}"
+        in line
+        for line in other_eps.skipped_tables
+    )
     assert "Tables not produced" in (tmp_path / "eps3" / "index.md").read_text()
 
     failed_only = copy_storage(fixture_storage, tmp_path / "failed")
@@ -383,12 +587,17 @@ def test_sweeps_of_one_kind_say_which_tables_they_lack(fixture_storage, tmp_path
         rewrite(path, lambda r: r.update(status="failed", error="worker died", metrics={}))
     analysis = analyse(failed_only, tmp_path / "failed-out", grids=False)
     assert len(analysis.results.failed) == 53 and not analysis.figures
-    assert {c.text() for t in analysis.tables if t.name == "table1_fid" for r in t.rows for c in r[2:7]} == {"failed"}
+    assert {c.text() for t in analysis.tables if t.name == "table1_fid" for r in t.rows for c in r[2:7]} == {
+        "failed"
+    }
 
 
 def test_error_text_is_inert_in_the_report_and_latex_is_escaped(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
-    rewrite(result_path(storage, "full-d16-food101"), lambda r: r.update(status="failed", metrics={}, error="<img src=x onerror=alert(1)> | `x`"))
+    rewrite(
+        result_path(storage, "full-d16-food101"),
+        lambda r: r.update(status="failed", metrics={}, error="<img src=x onerror=alert(1)> | `x`"),
+    )
     analyse(storage, tmp_path / "out", grids=False, figures=False)
     md, page = (tmp_path / "out" / "index.md").read_text(), (tmp_path / "out" / "index.html").read_text()
     assert "<img src=x" not in md and "&lt;img src=x onerror=alert(1)&gt; \\| 'x'" in md
@@ -400,15 +609,23 @@ def test_error_text_is_inert_in_the_report_and_latex_is_escaped(fixture_storage,
 def test_many_dp_curves_and_a_broken_figure_do_not_cost_the_report(fixture_storage, tmp_path, monkeypatch):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     for path in (storage / "results").glob("*.json"):
-        rewrite(path, lambda r: r.update(convergence=[{"step": 100, "fid": 50.0}, {"step": 200, "fid": 40.0}]))
+        rewrite(
+            path, lambda r: r.update(convergence=[{"step": 100, "fid": 50.0}, {"step": 200, "fid": 40.0}])
+        )
     results = load_results(storage)
-    many = analysis_figures.convergence_figure(results.trials, results.convergence, tmp_path / "many")  # 30+ DP curves in one panel
-    assert len(set(many.legend)) == len(many.legend) == 16 and "DP-LoRA ε=1000, k=32" in many.legend  # one entry per label
+    many = analysis_figures.convergence_figure(
+        results.trials, results.convergence, tmp_path / "many"
+    )  # 30+ DP curves in one panel
+    assert (
+        len(set(many.legend)) == len(many.legend) == 16 and "DP-LoRA ε=1000, k=32" in many.legend
+    )  # one entry per label
 
     monkeypatch.setattr(analysis_figures, "parameters_figure", lambda trials, folder: 1 / 0)
     broken = analyse(fixture_storage, tmp_path / "broken", grids=False)
     assert "parameters_vs_fid: drawing failed (ZeroDivisionError: division by zero)" in broken.skipped_figures
-    assert (tmp_path / "broken" / "index.html").is_file() and len(broken.figures) == 3  # compute, privacy, FID vs k
+    assert (tmp_path / "broken" / "index.html").is_file() and len(
+        broken.figures
+    ) == 3  # compute, privacy, FID vs k
 
 
 def test_nothing_valid_and_repeated_ids_are_named(fixture_storage, tmp_path):
@@ -427,15 +644,21 @@ def test_nothing_valid_and_repeated_ids_are_named(fixture_storage, tmp_path):
 
 # --- demo-like results: digits, class accuracy, labelled sample grids -------------------------------------------
 # (method, epsilon, FID, precision, recall, class accuracy) of the six demo trials, made up but shaped like the demo.
-DIGIT_TRIALS = (("base", None, 180.0, 0.10, 0.05, 0.12), ("full", None, 40.0, 0.70, 0.60, 0.91), ("lora", None, 45.0, 0.66, 0.58, 0.87),
-                ("ln_tuning", None, 62.0, 0.55, 0.41, 0.64), ("lora", 1.0, 120.0, 0.30, 0.12, 0.31), ("lora", 8.0, 71.0, 0.48, 0.33, 0.58))
+DIGIT_TRIALS = (
+    ("base", None, 180.0, 0.10, 0.05, 0.12),
+    ("full", None, 40.0, 0.70, 0.60, 0.91),
+    ("lora", None, 45.0, 0.66, 0.58, 0.87),
+    ("ln_tuning", None, 62.0, 0.55, 0.41, 0.64),
+    ("lora", 1.0, 120.0, 0.30, 0.12, 0.31),
+    ("lora", 8.0, 71.0, 0.48, 0.33, 0.58),
+)
 CLASSIFIER = {"name": "digits-cnn-v1", "test_accuracy": 0.986, "weights_sha256": "ab" * 32, "resolution": 16}
 
 
 def digit_png(path: Path, digit: int, *, noise: float = 0.0, seed: int = 0) -> None:
     """A 16 px digit, dark ink on light paper like the demo's (noisy for generated images)."""
-    from PIL import ImageDraw, ImageFont
     import matplotlib.font_manager as fm
+    from PIL import ImageDraw, ImageFont
 
     image = Image.new("L", (16, 16), 235)
     font = ImageFont.truetype(fm.findfont(fm.FontProperties(family="DejaVu Sans")), 14)
@@ -445,14 +668,21 @@ def digit_png(path: Path, digit: int, *, noise: float = 0.0, seed: int = 0) -> N
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("RGB").save(path)
 
 
-def digit_record(config: TrialConfig, row: tuple, storage: Path, real: list[bytes], *, classes: int = 10) -> dict:
+def digit_record(
+    config: TrialConfig, row: tuple, storage: Path, real: list[bytes], *, classes: int = 10
+) -> dict:
     """A demo-like result whose artifacts (generated digits, and copies of the ``real`` PNGs per class) are
     written into ``storage`` under the trial's artifacts folder."""
     method, epsilon, fid, precision, recall, accuracy = row
     folder = f"artifacts/{config.trial_id}"
     for label in range(classes):
         for i in range(6):
-            digit_png(storage / folder / "images" / f"class_{label:04d}" / f"{i:06d}.png", label, noise=40.0 * (1 - accuracy), seed=100 * label + i)
+            digit_png(
+                storage / folder / "images" / f"class_{label:04d}" / f"{i:06d}.png",
+                label,
+                noise=40.0 * (1 - accuracy),
+                seed=100 * label + i,
+            )
     entries = []
     for label in range(classes):
         paths = [f"{folder}/real/class_{label}/{i}.png" for i in range(6)]
@@ -460,19 +690,59 @@ def digit_record(config: TrialConfig, row: tuple, storage: Path, real: list[byte
             (storage / path).parent.mkdir(parents=True, exist_ok=True)
             (storage / path).write_bytes(real[label])
         entries.append({"label": label, "class": str(label), "paths": paths})
-    per_class = [round(min(1.0, max(0.0, accuracy + 0.05 * ((label % 3) - 1))), 3) for label in range(classes)]
-    per_class[-1] = None if method == "base" else per_class[-1]  # a class without generated images has no accuracy
-    curve = [] if method == "base" else [{"step": s, "fid": fid * f, "precision": precision, "recall": recall, "class_accuracy": accuracy / f}
-                                         for s, f in ((100, 1.8), (200, 1.2), (300, 1.0))]
-    privacy = None if epsilon is None else {"target_epsilon": epsilon, "epsilon_rdp": epsilon * 0.98, "epsilon_prv": epsilon * 0.95,
-                                            "delta": 1 / 1438, "noise_multiplier": 1.1, "steps": 300, "sampling_rate": 0.1,
-                                            "max_grad_norm": 1.0, "augmentation_multiplicity": 2}
-    return make_result(config, status="success", metrics={"fid": fid, "precision": precision, "recall": recall, "kid_mean": fid / 1e4,
-                                                         "class_accuracy": accuracy, "class_accuracy_per_class": per_class},
-                       convergence=curve, privacy=privacy, cost={"train_pflops": 0.002, "gpu_hours": 0.0},
-                       parameters={"trainable": 1000 if method != "full" else 90000, "base_total": 100000},
-                       evaluation_settings={"extractor": "digits-cnn-v1", "classifier": CLASSIFIER},
-                       artifacts=artifacts_of(folder, entries, adapter=method != "base"))
+    per_class = [
+        round(min(1.0, max(0.0, accuracy + 0.05 * ((label % 3) - 1))), 3) for label in range(classes)
+    ]
+    per_class[-1] = (
+        None if method == "base" else per_class[-1]
+    )  # a class without generated images has no accuracy
+    curve = (
+        []
+        if method == "base"
+        else [
+            {
+                "step": s,
+                "fid": fid * f,
+                "precision": precision,
+                "recall": recall,
+                "class_accuracy": accuracy / f,
+            }
+            for s, f in ((100, 1.8), (200, 1.2), (300, 1.0))
+        ]
+    )
+    privacy = (
+        None
+        if epsilon is None
+        else {
+            "target_epsilon": epsilon,
+            "epsilon_rdp": epsilon * 0.98,
+            "epsilon_prv": epsilon * 0.95,
+            "delta": 1 / 1438,
+            "noise_multiplier": 1.1,
+            "steps": 300,
+            "sampling_rate": 0.1,
+            "max_grad_norm": 1.0,
+            "augmentation_multiplicity": 2,
+        }
+    )
+    return make_result(
+        config,
+        status="success",
+        metrics={
+            "fid": fid,
+            "precision": precision,
+            "recall": recall,
+            "kid_mean": fid / 1e4,
+            "class_accuracy": accuracy,
+            "class_accuracy_per_class": per_class,
+        },
+        convergence=curve,
+        privacy=privacy,
+        cost={"train_pflops": 0.002, "gpu_hours": 0.0},
+        parameters={"trainable": 1000 if method != "full" else 90000, "base_total": 100000},
+        evaluation_settings={"extractor": "digits-cnn-v1", "classifier": CLASSIFIER},
+        artifacts=artifacts_of(folder, entries, adapter=method != "base"),
+    )
 
 
 def real_digits(folder: Path, classes: int) -> list[bytes]:
@@ -485,8 +755,12 @@ def real_digits(folder: Path, classes: int) -> list[bytes]:
 def digit_storage(folder: Path, *, classes: int = 10) -> Path:
     """Six demo-like results (the demo's base, full, lora and DP-LoRA at epsilon 1 and 8 with k=2, and an LN-tuning twin) with generated and
     real 16 px digit PNGs on disk, evaluated with the digits classifier as extractor."""
-    configs = {(c.method.name, c.privacy.target_epsilon if c.privacy else None): c for c in build_sweep("demo")}
-    configs["ln_tuning", None] = replace(configs["lora", None], method={"name": "ln_tuning"})  # not in the demo: its own setting
+    configs = {
+        (c.method.name, c.privacy.target_epsilon if c.privacy else None): c for c in build_sweep("demo")
+    }
+    configs["ln_tuning", None] = replace(
+        configs["lora", None], method={"name": "ln_tuning"}
+    )  # not in the demo: its own setting
     real = real_digits(folder / "real", classes)
     store = ResultStore(folder / "storage")
     for row in DIGIT_TRIALS:
@@ -503,43 +777,80 @@ def digit_run(tmp_path_factory):
 def test_class_accuracy_is_a_metric_a_column_and_its_own_table(digit_run):
     out = digit_run.out
     trials = {(r["method"], r["epsilon"]): r for r in read_csv(out / "trials.csv")}
-    assert float(trials[("full", "")]["class_accuracy"]) == pytest.approx(91.0) and trials[("full", "")]["classifier"] == "digits-cnn-v1"
+    assert (
+        float(trials[("full", "")]["class_accuracy"]) == pytest.approx(91.0)
+        and trials[("full", "")]["classifier"] == "digits-cnn-v1"
+    )
     assert "class_accuracy_per_class" not in trials[("full", "")]  # a list, not a table column
     rows = read_csv(out / "tables" / "class_accuracy.csv")
-    assert list(rows[0]) == ["model", "method", "epsilon", "k", "fid", "precision_pct", "recall_pct", "kid", "class_accuracy_pct"]
+    assert list(rows[0]) == [
+        "model",
+        "method",
+        "epsilon",
+        "k",
+        "fid",
+        "precision_pct",
+        "recall_pct",
+        "kid",
+        "class_accuracy_pct",
+    ]
     assert [(r["method"], r["epsilon"], r["k"], r["class_accuracy_pct"]) for r in rows] == [
-        ("Base", "no DP", "1", "12.0"), ("FFT", "no DP", "1", "91.0"), ("LoRA", "no DP", "1", "87.0"), ("LoRA", "1", "2", "31.0"),
-        ("LoRA", "8", "2", "58.0"), ("LNTuning", "no DP", "1", "64.0")]
+        ("Base", "no DP", "1", "12.0"),
+        ("FFT", "no DP", "1", "91.0"),
+        ("LoRA", "no DP", "1", "87.0"),
+        ("LoRA", "1", "2", "31.0"),
+        ("LoRA", "8", "2", "58.0"),
+        ("LNTuning", "no DP", "1", "64.0"),
+    ]
     assert rows[1]["fid"] == "40.00" and rows[1]["precision_pct"] == "70.00" and rows[1]["kid"] == "0.0040"
     md = (out / "tables" / "class_accuracy.md").read_text()
     assert "classifier: digits-cnn-v1 (its accuracy on real test images: 98.6%)" in md
     page = (out / "index.html").read_text()
-    assert "Class accuracy of generated samples" in page and "digits-cnn-v1 (98.6% on real test images, 16 px" in page
+    assert (
+        "Class accuracy of generated samples" in page
+        and "digits-cnn-v1 (98.6% on real test images, 16 px" in page
+    )
     assert "digits-cnn-v1 (6)" in page  # the extractor, in the provenance
     assert not any(line.startswith("class_accuracy") for line in digit_run.skipped_tables)
 
 
 def test_without_class_accuracy_its_table_is_skipped_with_the_reason(golden_run):
-    assert "class_accuracy: no trial recorded class accuracy (metrics.class_accuracy)" in golden_run.skipped_tables
+    assert (
+        "class_accuracy: no trial recorded class accuracy (metrics.class_accuracy)"
+        in golden_run.skipped_tables
+    )
 
 
 def test_digit_grids_are_labelled_and_show_every_class(digit_run):
     assert len(digit_run.grids) == 6 and not digit_run.missing_grids
-    full = next(tid for tid, label in zip(digit_run.results.trials["trial_id"], digit_run.results.trials["label"]) if label.startswith("full"))
+    full = next(
+        tid
+        for tid, label in zip(digit_run.results.trials["trial_id"], digit_run.results.trials["label"])
+        if label.startswith("full")
+    )
     grid = np.asarray(Image.open(digit_run.grids[full]).convert("L")).astype(int)
     layout = grid_layout(10)
     assert grid.shape == (layout["height"], layout["width"])
-    header = grid[layout["header_top"]: layout["rows_top"]]
-    for left in (layout["generated_left"], layout["real_left"]):  # "generated" and "real" written over their blocks
-        assert (header[:, left: left + 6 * layout["tile"]] < 128).sum() > 30
+    header = grid[layout["header_top"] : layout["rows_top"]]
+    for left in (
+        layout["generated_left"],
+        layout["real_left"],
+    ):  # "generated" and "real" written over their blocks
+        assert (header[:, left : left + 6 * layout["tile"]] < 128).sum() > 30
     assert (grid[: layout["header_top"], :400] < 128).sum() > 200  # the caption
-    assert (grid[layout["rows_top"]:, : layout["generated_left"]] < 128).sum() > 10 * 20  # a class name on every row
-    last = layout["rows_top"] + 9 * layout["tile"]  # the tenth class (digit 9): real and generated tiles drawn
+    assert (
+        grid[layout["rows_top"] :, : layout["generated_left"]] < 128
+    ).sum() > 10 * 20  # a class name on every row
+    last = (
+        layout["rows_top"] + 9 * layout["tile"]
+    )  # the tenth class (digit 9): real and generated tiles drawn
     for left in (layout["generated_left"], layout["real_left"]):
-        tile = grid[last + 2: last + 66, left + 2: left + 66]
+        tile = grid[last + 2 : last + 66, left + 2 : left + 66]
         assert tile.min() < 80 and tile.max() > 200, left
     # 16 px digits are enlarged 4x with nearest-neighbour: every 4x4 block of a real tile is one pixel
-    real = grid[last + 2: last + 66, layout["real_left"] + 2: layout["real_left"] + 66].reshape(16, 4, 16, 4)
+    real = grid[last + 2 : last + 66, layout["real_left"] + 2 : layout["real_left"] + 66].reshape(
+        16, 4, 16, 4
+    )
     assert (real.max(axis=(1, 3)) == real.min(axis=(1, 3))).all()
 
 
@@ -547,7 +858,9 @@ def test_grid_caption_names_the_trial_and_its_metrics(digit_run):
     records = digit_run.results.records
     dp8 = next(r for r in records.values() if (r["config"]["privacy"] or {}).get("target_epsilon") == 8.0)
     title, metrics = grid_caption(dp8)
-    assert title.startswith("DP-LoRA ε=8, k=2 · tiny-d") and "digits" in title and dp8["trial_id"][:12] in title
+    assert (
+        title.startswith("DP-LoRA ε=8, k=2 · tiny-d") and "digits" in title and dp8["trial_id"][:12] in title
+    )
     assert metrics == "FID 71.00 · precision 48.00% · recall 33.00% · KID 0.0071 · class accuracy 58.0%"
     base = next(r for r in records.values() if r["config"]["method"]["name"] == "base")
     assert grid_caption(base)[0].startswith("Base · ")
@@ -557,7 +870,13 @@ def test_grid_grows_with_the_number_of_classes(tmp_path):
     heights = {}
     for classes in (3, 12):
         folder = tmp_path / str(classes)
-        record = digit_record(build_sweep("demo")[1], DIGIT_TRIALS[1], folder, real_digits(folder / "real", classes), classes=classes)
+        record = digit_record(
+            build_sweep("demo")[1],
+            DIGIT_TRIALS[1],
+            folder,
+            real_digits(folder / "real", classes),
+            classes=classes,
+        )
         path, why = sample_grid(record, folder / "grids", storage=folder)
         assert why is None
         heights[classes] = Image.open(path).height
@@ -570,11 +889,21 @@ def test_digit_figures_have_plain_epsilon_ticks_and_no_dp_references(digit_run):
     privacy = figures["privacy_utility"]
     assert privacy.xticklabels == (("1", "8"),)  # not 10^0
     assert "LoRA, no DP" in privacy.legend and "LoRA, k=2" in privacy.legend
-    assert figures["convergence_fid"].ylabels == ("FID ↓", "Class accuracy [%] ↑")  # class accuracy during training too
-    curves = digit_run.results.convergence.drop(columns="class_accuracy")  # final class accuracy alone draws no curve
-    only_fid = analysis_figures.convergence_figure(digit_run.results.trials, curves, digit_run.out / "fid-only")
+    assert figures["convergence_fid"].ylabels == (
+        "FID ↓",
+        "Class accuracy [%] ↑",
+    )  # class accuracy during training too
+    curves = digit_run.results.convergence.drop(
+        columns="class_accuracy"
+    )  # final class accuracy alone draws no curve
+    only_fid = analysis_figures.convergence_figure(
+        digit_run.results.trials, curves, digit_run.out / "fid-only"
+    )
     assert only_fid.ylabels == ("FID ↓",)
-    assert any("fid_vs_k: no successful DP LoRA or LNTuning trial at ε=10 (DP trials ran at ε in {1, 8}" in line for line in digit_run.skipped_figures)
+    assert any(
+        "fid_vs_k: no successful DP LoRA or LNTuning trial at ε=10 (DP trials ran at ε in {1, 8}" in line
+        for line in digit_run.skipped_figures
+    )
 
 
 def test_every_k_has_its_own_colour():
@@ -584,21 +913,35 @@ def test_every_k_has_its_own_colour():
 
 def test_compare_paper_refuses_other_extractors_and_datasets(tmp_path, capsys):
     storage = digit_storage(tmp_path, classes=2)
-    assert cli([str(storage), "--out", str(tmp_path / "out"), "--compare-paper", "--no-grids", "--no-figures"]) == 2
+    assert (
+        cli([str(storage), "--out", str(tmp_path / "out"), "--compare-paper", "--no-grids", "--no-figures"])
+        == 2
+    )
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "Traceback" not in error, error
-    assert error.startswith("error: --compare-paper refused: the published numbers use the inception-v3-compat extractor, "
-                            "these results were evaluated with digits-cnn-v1 (6 trials), whose FIDs are not comparable")
+    assert error.startswith(
+        "error: --compare-paper refused: the published numbers use the inception-v3-compat extractor, "
+        "these results were evaluated with digits-cnn-v1 (6 trials), whose FIDs are not comparable"
+    )
     assert not (tmp_path / "out").exists()  # nothing written
-    for path in (storage / "results").glob("*.json"):  # Inception features, but a dataset the paper did not use
+    for path in (storage / "results").glob(
+        "*.json"
+    ):  # Inception features, but a dataset the paper did not use
         rewrite(path, lambda r: r["evaluation_settings"].update(extractor="inception-v3-compat"))
-    with pytest.raises(AnalysisError, match=r"^--compare-paper refused: the paper did not use dataset digits \(6 trials\) \(it used food101, cub200"):
+    with pytest.raises(
+        AnalysisError,
+        match=r"^--compare-paper refused: the paper did not use dataset digits \(6 trials\) \(it used food101, cub200",
+    ):
         analyse(storage, tmp_path / "out", compare_paper=True)
     assert not (tmp_path / "out").exists()
-    assert len(analyse(storage, tmp_path / "plain", grids=False, figures=False).tables) > 0  # without --compare-paper: fine
+    assert (
+        len(analyse(storage, tmp_path / "plain", grids=False, figures=False).tables) > 0
+    )  # without --compare-paper: fine
 
 
-def test_cli_expected_failures_end_in_one_line_without_traceback(fixture_storage, tmp_path, capsys, monkeypatch):
+def test_cli_expected_failures_end_in_one_line_without_traceback(
+    fixture_storage, tmp_path, capsys, monkeypatch
+):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("x")
     invalid = tmp_path / "invalid" / "results"
@@ -606,17 +949,33 @@ def test_cli_expected_failures_end_in_one_line_without_traceback(fixture_storage
     (invalid / "bad.json").write_text("{")
     mixed = copy_storage(fixture_storage, tmp_path / "mixed")
     record = json.loads(result_path(mixed, "lora-d16-cub200").read_text())
-    config = replace(TrialConfig.from_dict(record["config"]), evaluation={"extractor": "substitute-randconv-v1", "inception_weights": None})
-    ResultStore(mixed).write(make_result(config, status="success", metrics={"fid": 3.0}, evaluation_settings={"extractor": "digits-cnn-v1"}))
-    cases = {"empty": ([str(tmp_path / "empty")], "no result files"), "missing": ([str(tmp_path / "nowhere")], "does not exist"),
-             "file": ([str(tmp_path / "a-file")], "is not a folder"), "invalid": ([str(invalid)], "1 file(s) are not valid results"),
-             "mixed": ([str(mixed)], "mix feature extractors"),
-             "unwritable out": ([str(fixture_storage), "--out", str(tmp_path / "a-file" / "out")], "cannot create or write in the output folder")}
+    config = replace(
+        TrialConfig.from_dict(record["config"]),
+        evaluation={"extractor": "substitute-randconv-v1", "inception_weights": None},
+    )
+    ResultStore(mixed).write(
+        make_result(
+            config, status="success", metrics={"fid": 3.0}, evaluation_settings={"extractor": "digits-cnn-v1"}
+        )
+    )
+    cases = {
+        "empty": ([str(tmp_path / "empty")], "no result files"),
+        "missing": ([str(tmp_path / "nowhere")], "does not exist"),
+        "file": ([str(tmp_path / "a-file")], "is not a folder"),
+        "invalid": ([str(invalid)], "1 file(s) are not valid results"),
+        "mixed": ([str(mixed)], "mix feature extractors"),
+        "unwritable out": (
+            [str(fixture_storage), "--out", str(tmp_path / "a-file" / "out")],
+            "cannot create or write in the output folder",
+        ),
+    }
     for name, (args, needle) in cases.items():
         argv = args + ([] if "--out" in args else ["--out", str(tmp_path / "out" / name.replace(" ", "_"))])
         assert cli(argv + ["--no-grids", "--no-figures"]) == 2, name
         error = capsys.readouterr().err
-        last = error.strip().splitlines()[-1]  # a listing (which files) comes above the line that says what is wrong
+        last = error.strip().splitlines()[
+            -1
+        ]  # a listing (which files) comes above the line that says what is wrong
         assert last.startswith("error: ") and needle in last and "Traceback" not in error, (name, error)
     import analysis.load as load
 
@@ -626,7 +985,10 @@ def test_cli_expected_failures_end_in_one_line_without_traceback(fixture_storage
     monkeypatch.setattr(load, "_json_names", unreadable)
     assert cli([str(tmp_path / "empty"), "--out", str(tmp_path / "out" / "unreadable")]) == 2
     error = capsys.readouterr().err
-    assert error == f"error: cannot read the results in {tmp_path / 'empty'}: PermissionError: [Errno 13] Permission denied: '{tmp_path / 'empty'}'\n"
+    assert (
+        error
+        == f"error: cannot read the results in {tmp_path / 'empty'}: PermissionError: [Errno 13] Permission denied: '{tmp_path / 'empty'}'\n"
+    )
 
 
 def test_a_long_title_is_wrapped_inside_the_figure_left_of_the_legend(tmp_path):

@@ -7,6 +7,7 @@ a Python call raises a ``VarsweepError`` (or ``CheckpointError``) whose message 
 in-process (their ``main(argv)``) so the battery stays fast; a few run as real ``python -m`` processes. No case
 trains a model or starts Ray (a guard fails any case that would reach the sweep's first compute step).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,32 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REPO, TINY_VAR, TINY_VQVAE
+from test_datasets import make_folder
 
 from bench.errors import VarsweepError
 from bench.results import ResultStore
-from bench.schema import DataConfig, EvaluationConfig, MethodConfig, ModelConfig, OptimizationConfig, PrivacyConfig, TrialConfig, make_result
+from bench.schema import (
+    DataConfig,
+    EvaluationConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimizationConfig,
+    PrivacyConfig,
+    TrialConfig,
+    make_result,
+)
 from bench.sweeps import build_sweep
-from conftest import REPO, TINY_VAR, TINY_VQVAE
-from test_datasets import make_folder
 from trainables.methods import adapt, load_adapter, save_adapter
-from trainables.models import CheckpointError, build_var, build_vqvae, load_var, load_vqvae, save_var, save_vqvae
+from trainables.models import (
+    CheckpointError,
+    build_var,
+    build_vqvae,
+    load_var,
+    load_vqvae,
+    save_var,
+    save_vqvae,
+)
 from trainables.models.checkpoints import read_state_dict
 
 MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / f"varsweep-unpickled-{os.getpid()}"
@@ -51,24 +69,37 @@ def a(tmp_path_factory):
     save_vqvae(build_vqvae(**TINY_VQVAE), root / "vqvae.pth")
     make_folder(root / "data")
     base = load_var(root / "var.pth", **TINY_VAR)
-    save_adapter(adapt(base, MethodConfig(name="lora", lora_rank=2), num_classes=2, seed=0), root / "adapter.pt")
+    save_adapter(
+        adapt(base, MethodConfig(name="lora", lora_rank=2), num_classes=2, seed=0), root / "adapter.pt"
+    )
     (root / "a-file").write_text("not a folder")
     torch.save(var.state_dict(), root / "plain.pth")  # no sidecar
     results = root / "storage"
     configs = build_sweep("demo", smoke=True)
     for config in configs[:2]:
         ResultStore(results).write(make_result(config, status="success", metrics={"fid": 3.0}))
-    return SimpleNamespace(root=root, var=root / "var.pth", vqvae=root / "vqvae.pth", data=root / "data", adapter=root / "adapter.pt",
-                           file=root / "a-file", plain=root / "plain.pth", storage=results, configs=configs)
+    return SimpleNamespace(
+        root=root,
+        var=root / "var.pth",
+        vqvae=root / "vqvae.pth",
+        data=root / "data",
+        adapter=root / "adapter.pt",
+        file=root / "a-file",
+        plain=root / "plain.pth",
+        storage=results,
+        configs=configs,
+    )
 
 
 @pytest.fixture(autouse=True)
 def no_compute(monkeypatch):
     """A bad input must be refused before the sweep builds anything: reaching its first compute step fails."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("compute started for a bad input")
 
     import trainables.trial
+
     monkeypatch.setattr(trainables.trial, "prepare_shared", refuse)
 
 
@@ -97,32 +128,97 @@ def _status_storage_file(a, t):
 
 BENCH = {
     "unknown sweep": lambda a, t: (["sweep", "nosuch", "--dry-run"], ["'nosuch'", "invalid choice"]),
-    "where without =": lambda a, t: (["sweep", "demo", "--smoke", "--dry-run", "--where", "method.name"], ["method.name", "FIELD=VALUE"]),
-    "where unknown field": lambda a, t: (["sweep", "demo", "--smoke", "--dry-run", "--where", "method.rank=16"], ["method.rank", "no such config field"]),
-    "where matches nothing": lambda a, t: (["sweep", "demo", "--smoke", "--dry-run", "--where", "method.name=lora_mlp"], ["method.name=lora_mlp"]),
-    "max-concurrent 0": lambda a, t: (["sweep", "demo", "--smoke", "--max-concurrent", "0", "--storage", str(t / "s")], ["--max-concurrent", "'0'"]),
-    "max-concurrent -1": lambda a, t: (["sweep", "demo", "--smoke", "--max-concurrent", "-1", "--storage", str(t / "s")], ["--max-concurrent", "'-1'"]),
-    "max-concurrent x": lambda a, t: (["sweep", "demo", "--smoke", "--max-concurrent", "x", "--storage", str(t / "s")], ["--max-concurrent", "'x'"]),
-    "storage not writable": lambda a, t: (["sweep", "demo", "--smoke", "--storage", "/sys/varsweep-storage"], ["/sys/varsweep-storage", "not writable"]),
-    "storage is a file": lambda a, t: (["sweep", "demo", "--smoke", "--storage", str(a.file)], [a.file, "is a file"]),
-    "storage under a file": lambda a, t: (["sweep", "demo", "--smoke", "--storage", str(a.file / "runs")], [a.file / "runs"]),
-    "dry-run storage is a file": lambda a, t: (["sweep", "demo", "--smoke", "--dry-run", "--storage", str(a.file)], [a.file, "is a file"]),
-    "unknown URI scheme": lambda a, t: (["sweep", "demo", "--smoke", "--storage", "foo://x"], ["foo://x", "'foo'"]),
-    "malformed URI": lambda a, t: (["sweep", "demo", "--smoke", "--storage", "file://relative/runs"], ["file://relative/runs"]),
-    "URI without a bucket": lambda a, t: (["sweep", "demo", "--smoke", "--storage", "s3:///runs"], ["s3:///runs"]),
-    "paper sweep, assets nowhere": lambda a, t: (["sweep", "table2", "--dry-run", "--assets", str(t / "nowhere"), "--storage", str(t / "s")],
-                                                 [t / "nowhere", "cannot run"]),
-    "paper sweep, assets nowhere, no dry run": lambda a, t: (["sweep", "table2", "--assets", str(t / "nowhere"), "--storage", str(t / "s"),
-                                                              "--cache-dir", str(t / "cache")], [t / "nowhere", "cannot run"]),
-    "cache-dir is a file": lambda a, t: (["sweep", "demo", "--smoke", "--storage", str(t / "s"), "--cache-dir", str(a.file)], ["--cache-dir", a.file]),
-    "dry-run cache-dir is a file": lambda a, t: (["sweep", "demo", "--smoke", "--dry-run", "--storage", str(t / "s"), "--cache-dir", str(a.file)],
-                                                 ["--cache-dir", a.file]),
-    "cache-dir not writable": lambda a, t: (["sweep", "demo", "--smoke", "--storage", str(t / "s"), "--cache-dir", "/sys/varsweep-cache"],
-                                            ["--cache-dir", "/sys/varsweep-cache"]),
+    "where without =": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--dry-run", "--where", "method.name"],
+        ["method.name", "FIELD=VALUE"],
+    ),
+    "where unknown field": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--dry-run", "--where", "method.rank=16"],
+        ["method.rank", "no such config field"],
+    ),
+    "where matches nothing": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--dry-run", "--where", "method.name=lora_mlp"],
+        ["method.name=lora_mlp"],
+    ),
+    "max-concurrent 0": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--max-concurrent", "0", "--storage", str(t / "s")],
+        ["--max-concurrent", "'0'"],
+    ),
+    "max-concurrent -1": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--max-concurrent", "-1", "--storage", str(t / "s")],
+        ["--max-concurrent", "'-1'"],
+    ),
+    "max-concurrent x": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--max-concurrent", "x", "--storage", str(t / "s")],
+        ["--max-concurrent", "'x'"],
+    ),
+    "storage not writable": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--storage", "/sys/varsweep-storage"],
+        ["/sys/varsweep-storage", "not writable"],
+    ),
+    "storage is a file": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--storage", str(a.file)],
+        [a.file, "is a file"],
+    ),
+    "storage under a file": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--storage", str(a.file / "runs")],
+        [a.file / "runs"],
+    ),
+    "dry-run storage is a file": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--dry-run", "--storage", str(a.file)],
+        [a.file, "is a file"],
+    ),
+    "unknown URI scheme": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--storage", "foo://x"],
+        ["foo://x", "'foo'"],
+    ),
+    "malformed URI": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--storage", "file://relative/runs"],
+        ["file://relative/runs"],
+    ),
+    "URI without a bucket": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--storage", "s3:///runs"],
+        ["s3:///runs"],
+    ),
+    "paper sweep, assets nowhere": lambda a, t: (
+        ["sweep", "table2", "--dry-run", "--assets", str(t / "nowhere"), "--storage", str(t / "s")],
+        [t / "nowhere", "cannot run"],
+    ),
+    "paper sweep, assets nowhere, no dry run": lambda a, t: (
+        [
+            "sweep",
+            "table2",
+            "--assets",
+            str(t / "nowhere"),
+            "--storage",
+            str(t / "s"),
+            "--cache-dir",
+            str(t / "cache"),
+        ],
+        [t / "nowhere", "cannot run"],
+    ),
+    "cache-dir is a file": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--storage", str(t / "s"), "--cache-dir", str(a.file)],
+        ["--cache-dir", a.file],
+    ),
+    "dry-run cache-dir is a file": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--dry-run", "--storage", str(t / "s"), "--cache-dir", str(a.file)],
+        ["--cache-dir", a.file],
+    ),
+    "cache-dir not writable": lambda a, t: (
+        ["sweep", "demo", "--smoke", "--storage", str(t / "s"), "--cache-dir", "/sys/varsweep-cache"],
+        ["--cache-dir", "/sys/varsweep-cache"],
+    ),
     "unknown option": lambda a, t: (["sweep", "demo", "--smoke", "--dry-run", "--bogus"], ["--bogus"]),
-    "status: missing storage": lambda a, t: (["status", "demo", "--smoke", "--storage", str(t / "never")], [t / "never", "no storage folder"]),
+    "status: missing storage": lambda a, t: (
+        ["status", "demo", "--smoke", "--storage", str(t / "never")],
+        [t / "never", "no storage folder"],
+    ),
     "status: storage is a file": _status_storage_file,
-    "status: unknown URI scheme": lambda a, t: (["status", "demo", "--smoke", "--storage", "foo://x"], ["foo://x"]),
+    "status: unknown URI scheme": lambda a, t: (
+        ["status", "demo", "--smoke", "--storage", "foo://x"],
+        ["foo://x"],
+    ),
     "status: unknown sweep": lambda a, t: (["status", "tabel1"], ["'tabel1'"]),
 }
 
@@ -149,7 +245,10 @@ INVALID_RECORDS = {
     "JSON list": (lambda a: "[1, 2]", "JSON object"),
     "schema version 3": (lambda a: json.dumps({**_valid(a), "schema_version": 3}), "schema_version"),
     "schema version 1": (lambda a: json.dumps({**_valid(a), "schema_version": 1}), "upgrade-results"),
-    "config not matching its id": (lambda a: json.dumps({**_valid(a), "config": _valid(a, 3)["config"]}), "does not match its config"),
+    "config not matching its id": (
+        lambda a: json.dumps({**_valid(a), "config": _valid(a, 3)["config"]}),
+        "does not match its config",
+    ),
     "bad status": (lambda a: json.dumps({**_valid(a), "status": "done"}), "status"),
     "another trial's result": (lambda a: json.dumps(_valid(a, 3)), "holds the result of trial"),
     "config of the wrong shape": (lambda a: json.dumps({**_valid(a), "config": {"model": 3}}), "model"),
@@ -201,21 +300,51 @@ def _empty(a, t):
 
 
 ANALYSIS = {
-    "missing results folder": lambda a, t: ([str(t / "nowhere"), "--out", str(t / "out")], [t / "nowhere", "does not exist"]),
+    "missing results folder": lambda a, t: (
+        [str(t / "nowhere"), "--out", str(t / "out")],
+        [t / "nowhere", "does not exist"],
+    ),
     "empty folder": _empty,
-    "results folder is a file": lambda a, t: ([str(a.file), "--out", str(t / "out")], [a.file, "is not a folder"]),
+    "results folder is a file": lambda a, t: (
+        [str(a.file), "--out", str(t / "out")],
+        [a.file, "is not a folder"],
+    ),
     "only invalid files": _invalid_only,
     "only invalid files, skipped": _invalid_skipped,
-    "where without =": lambda a, t: ([str(a.storage), "--out", str(t / "out"), "--where", "seed"], ["--where 'seed'", "FIELD=VALUE"]),
-    "where unknown field": lambda a, t: ([str(a.storage), "--out", str(t / "out"), "--where", "method.rnak=4"], ["method.rnak", "no such config field"]),
-    "where matches nothing": lambda a, t: ([str(a.storage), "--out", str(t / "out"), "--where", "optimization.seed=7"], ["optimization.seed=7"]),
-    "unknown extractor": lambda a, t: ([str(a.storage), "--out", str(t / "out"), "--extractor", "vgg"], ["'vgg'"]),
-    "table2 epsilon negative": lambda a, t: ([str(a.storage), "--out", str(t / "out"), "--table2-epsilon", "-1"], ["--table2-epsilon", "'-1'"]),
-    "table2 epsilon nan": lambda a, t: ([str(a.storage), "--out", str(t / "out"), "--table2-epsilon", "nan"], ["--table2-epsilon", "'nan'"]),
+    "where without =": lambda a, t: (
+        [str(a.storage), "--out", str(t / "out"), "--where", "seed"],
+        ["--where 'seed'", "FIELD=VALUE"],
+    ),
+    "where unknown field": lambda a, t: (
+        [str(a.storage), "--out", str(t / "out"), "--where", "method.rnak=4"],
+        ["method.rnak", "no such config field"],
+    ),
+    "where matches nothing": lambda a, t: (
+        [str(a.storage), "--out", str(t / "out"), "--where", "optimization.seed=7"],
+        ["optimization.seed=7"],
+    ),
+    "unknown extractor": lambda a, t: (
+        [str(a.storage), "--out", str(t / "out"), "--extractor", "vgg"],
+        ["'vgg'"],
+    ),
+    "table2 epsilon negative": lambda a, t: (
+        [str(a.storage), "--out", str(t / "out"), "--table2-epsilon", "-1"],
+        ["--table2-epsilon", "'-1'"],
+    ),
+    "table2 epsilon nan": lambda a, t: (
+        [str(a.storage), "--out", str(t / "out"), "--table2-epsilon", "nan"],
+        ["--table2-epsilon", "'nan'"],
+    ),
     "out is a file": lambda a, t: ([str(a.storage), "--out", str(a.file)], [a.file, "is a file"]),
-    "out not writable": lambda a, t: ([str(a.storage), "--out", "/sys/varsweep-analysis"], ["/sys/varsweep-analysis"]),
+    "out not writable": lambda a, t: (
+        [str(a.storage), "--out", "/sys/varsweep-analysis"],
+        ["/sys/varsweep-analysis"],
+    ),
     "out missing": lambda a, t: ([str(a.storage)], ["--out", "required"]),
-    "unknown URI scheme": lambda a, t: (["foo://results", "--out", str(t / "out")], ["foo://results", "'foo'"]),
+    "unknown URI scheme": lambda a, t: (
+        ["foo://results", "--out", str(t / "out")],
+        ["foo://results", "'foo'"],
+    ),
     "unknown option": lambda a, t: ([str(a.storage), "--out", str(t / "out"), "--grids"], ["--grids"]),
 }
 
@@ -231,9 +360,21 @@ def test_analysis_refuses(case, a, tmp_path, capsys):
 
 # --- python -m trainables.evaluation.evaluate ------------------------------------------------------------------------
 def _evaluate_argv(a, t, **change):
-    options = {"--var": a.var, "--vqvae": a.vqvae, "--dataset": "folder", "--root": a.data, "--split": "train",
-               "--extractor": "substitute-randconv-v1", "--resolution": 16, "--cfg": 1.0, "--top-k": 0, "--top-p": 0,
-               "--batch-size": 4, "--cache": t / "ref", "--out": t / "eval"}
+    options = {
+        "--var": a.var,
+        "--vqvae": a.vqvae,
+        "--dataset": "folder",
+        "--root": a.data,
+        "--split": "train",
+        "--extractor": "substitute-randconv-v1",
+        "--resolution": 16,
+        "--cfg": 1.0,
+        "--top-k": 0,
+        "--top-p": 0,
+        "--batch-size": 4,
+        "--cache": t / "ref",
+        "--out": t / "eval",
+    }
     options.update(change)
     return [str(x) for key, value in options.items() if value is not None for x in (key, value)]
 
@@ -257,8 +398,12 @@ def _text_file(a, t):
 
 def _bad_inception(a, t):
     (t / "inception.pth").write_bytes(b"not weights")
-    return (_evaluate_argv(a, t, **{"--extractor": "inception-v3-compat", "--inception-weights": t / "inception.pth"}),
-            [t / "inception.pth", "not a readable Inception-v3"])
+    return (
+        _evaluate_argv(
+            a, t, **{"--extractor": "inception-v3-compat", "--inception-weights": t / "inception.pth"}
+        ),
+        [t / "inception.pth", "not a readable Inception-v3"],
+    )
 
 
 def _sidecar_not_json(a, t):
@@ -287,18 +432,36 @@ def _corrupt_image(a, t):
 
 
 EVALUATE = {
-    "missing checkpoint": lambda a, t: (_evaluate_argv(a, t, **{"--var": t / "absent.pth"}), [t / "absent.pth", "no such checkpoint"]),
+    "missing checkpoint": lambda a, t: (
+        _evaluate_argv(a, t, **{"--var": t / "absent.pth"}),
+        [t / "absent.pth", "no such checkpoint"],
+    ),
     "truncated checkpoint": _truncated,
     "pickle payload": _pickled,
     "not a checkpoint": _text_file,
     "checkpoint is a folder": lambda a, t: (_evaluate_argv(a, t, **{"--var": a.data}), [a.data]),
     "damaged weights": _damaged,
     "sidecar not JSON": _sidecar_not_json,
-    "depth disagrees with sidecar": lambda a, t: (_evaluate_argv(a, t, **{"--depth": 3}), ["--depth 3", "depth=2", a.var]),
-    "num-classes disagrees with sidecar": lambda a, t: (_evaluate_argv(a, t, **{"--num-classes": 7}), ["--num-classes 7", "num_classes=5"]),
-    "no sidecar and no depth": lambda a, t: (_evaluate_argv(a, t, **{"--var": a.plain}), ["--depth", a.plain]),
-    "vqvae is a VAR checkpoint": lambda a, t: (_evaluate_argv(a, t, **{"--vqvae": a.var}), [f"{a.var}.json", "'var'"]),
-    "missing adapter": lambda a, t: (_evaluate_argv(a, t, **{"--adapter": t / "adapter.pt"}), ["--adapter", t / "adapter.pt"]),
+    "depth disagrees with sidecar": lambda a, t: (
+        _evaluate_argv(a, t, **{"--depth": 3}),
+        ["--depth 3", "depth=2", a.var],
+    ),
+    "num-classes disagrees with sidecar": lambda a, t: (
+        _evaluate_argv(a, t, **{"--num-classes": 7}),
+        ["--num-classes 7", "num_classes=5"],
+    ),
+    "no sidecar and no depth": lambda a, t: (
+        _evaluate_argv(a, t, **{"--var": a.plain}),
+        ["--depth", a.plain],
+    ),
+    "vqvae is a VAR checkpoint": lambda a, t: (
+        _evaluate_argv(a, t, **{"--vqvae": a.var}),
+        [f"{a.var}.json", "'var'"],
+    ),
+    "missing adapter": lambda a, t: (
+        _evaluate_argv(a, t, **{"--adapter": t / "adapter.pt"}),
+        ["--adapter", t / "adapter.pt"],
+    ),
     "adapter without sidecar": _adapter_without_sidecar,
     "image folder missing": lambda a, t: (_evaluate_argv(a, t, **{"--root": t / "no-data"}), [t / "no-data"]),
     "image folder is a file": lambda a, t: (_evaluate_argv(a, t, **{"--root": a.file}), [a.file]),
@@ -306,19 +469,33 @@ EVALUATE = {
     "unknown dataset": lambda a, t: (_evaluate_argv(a, t, **{"--dataset": "imagenet"}), ["'imagenet'"]),
     "unknown split": lambda a, t: (_evaluate_argv(a, t, **{"--split": "val"}), ["'val'"]),
     "num-images 0": lambda a, t: (_evaluate_argv(a, t, **{"--num-images": 0}), ["--num-images", "'0'"]),
-    "num-images negative": lambda a, t: (_evaluate_argv(a, t, **{"--num-images": -5}), ["--num-images", "'-5'"]),
+    "num-images negative": lambda a, t: (
+        _evaluate_argv(a, t, **{"--num-images": -5}),
+        ["--num-images", "'-5'"],
+    ),
     "top-p 1": lambda a, t: (_evaluate_argv(a, t, **{"--top-p": 1.0}), ["--top-p", "'1.0'"]),
     "top-p negative": lambda a, t: (_evaluate_argv(a, t, **{"--top-p": -0.1}), ["--top-p", "'-0.1'"]),
     "top-k negative": lambda a, t: (_evaluate_argv(a, t, **{"--top-k": -1}), ["--top-k", "'-1'"]),
     "cfg negative": lambda a, t: (_evaluate_argv(a, t, **{"--cfg": -1}), ["--cfg", "'-1'"]),
     "cfg nan": lambda a, t: (_evaluate_argv(a, t, **{"--cfg": "nan"}), ["--cfg", "'nan'"]),
     "batch-size 0": lambda a, t: (_evaluate_argv(a, t, **{"--batch-size": 0}), ["--batch-size", "'0'"]),
-    "resolution not the model's": lambda a, t: (_evaluate_argv(a, t, **{"--resolution": 32}), ["--resolution 32", "16px"]),
-    "missing inception weights": lambda a, t: (_evaluate_argv(a, t, **{"--extractor": "inception-v3-compat", "--inception-weights": t / "w.pth"}),
-                                               ["--inception-weights", t / "w.pth"]),
-    "inception without weights": lambda a, t: (_evaluate_argv(a, t, **{"--extractor": "inception-v3-compat"}), ["--inception-weights"]),
+    "resolution not the model's": lambda a, t: (
+        _evaluate_argv(a, t, **{"--resolution": 32}),
+        ["--resolution 32", "16px"],
+    ),
+    "missing inception weights": lambda a, t: (
+        _evaluate_argv(a, t, **{"--extractor": "inception-v3-compat", "--inception-weights": t / "w.pth"}),
+        ["--inception-weights", t / "w.pth"],
+    ),
+    "inception without weights": lambda a, t: (
+        _evaluate_argv(a, t, **{"--extractor": "inception-v3-compat"}),
+        ["--inception-weights"],
+    ),
     "bad inception weights": _bad_inception,
-    "unknown extractor": lambda a, t: (_evaluate_argv(a, t, **{"--extractor": "vgg"}), ["'vgg'", "--extractor"]),
+    "unknown extractor": lambda a, t: (
+        _evaluate_argv(a, t, **{"--extractor": "vgg"}),
+        ["'vgg'", "--extractor"],
+    ),
     "out is a file": lambda a, t: (_evaluate_argv(a, t, **{"--out": a.file}), ["--out", a.file]),
     "var missing": lambda a, t: (_evaluate_argv(a, t, **{"--var": None}), ["--var", "required"]),
 }
@@ -348,8 +525,11 @@ def _delta_at_least_inverse_n(tmp):
     from bench.preflight import check_sweep
 
     make_folder(tmp / "data")  # 5 training images: delta 0.5 >= 1/N
-    config = TrialConfig(data=DataConfig(dataset="folder", root=str(tmp / "data"), resolution=16),
-                         privacy=PrivacyConfig(**_dp(delta=0.5)), evaluation=EvaluationConfig(extractor="substitute-randconv-v1"))
+    config = TrialConfig(
+        data=DataConfig(dataset="folder", root=str(tmp / "data"), resolution=16),
+        privacy=PrivacyConfig(**_dp(delta=0.5)),
+        evaluation=EvaluationConfig(extractor="substitute-randconv-v1"),
+    )
     check_sweep([config], cache_dir=str(tmp / "cache"), write=False)
 
 
@@ -357,11 +537,23 @@ CONFIGS = {
     "epsilon as a string": (lambda t: PrivacyConfig(**_dp(target_epsilon="10")), "privacy.target_epsilon"),
     "steps as a float": (lambda t: OptimizationConfig(steps=2.5), "optimization.steps"),
     "depth as a string": (lambda t: TrialConfig.from_dict(_demo_dict("model", depth="2")), "model.depth"),
-    "learning rate as a string": (lambda t: TrialConfig.from_dict(_demo_dict("optimization", learning_rate="1e-4")), "optimization.learning_rate"),
-    "autocast as a string": (lambda t: OptimizationConfig(steps=10, autocast_bf16="no"), "optimization.autocast_bf16"),
-    "unknown section": (lambda t: TrialConfig.from_dict({**build_sweep("demo", smoke=True)[1].to_dict(), "modle": {}}), "modle"),
+    "learning rate as a string": (
+        lambda t: TrialConfig.from_dict(_demo_dict("optimization", learning_rate="1e-4")),
+        "optimization.learning_rate",
+    ),
+    "autocast as a string": (
+        lambda t: OptimizationConfig(steps=10, autocast_bf16="no"),
+        "optimization.autocast_bf16",
+    ),
+    "unknown section": (
+        lambda t: TrialConfig.from_dict({**build_sweep("demo", smoke=True)[1].to_dict(), "modle": {}}),
+        "modle",
+    ),
     "unknown field": (lambda t: TrialConfig.from_dict(_demo_dict("method", lora_rnak=4)), "lora_rnak"),
-    "section not an object": (lambda t: TrialConfig.from_dict({**build_sweep("demo", smoke=True)[1].to_dict(), "model": 3}), "model"),
+    "section not an object": (
+        lambda t: TrialConfig.from_dict({**build_sweep("demo", smoke=True)[1].to_dict(), "model": 3}),
+        "model",
+    ),
     "sampling rate 0": (lambda t: PrivacyConfig(**_dp(sampling_rate=0.0)), "privacy.sampling_rate"),
     "epsilon negative": (lambda t: PrivacyConfig(**_dp(target_epsilon=-1.0)), "privacy.target_epsilon"),
     "epsilon inf": (lambda t: PrivacyConfig(**_dp(target_epsilon=math.inf)), "privacy.target_epsilon"),
@@ -373,7 +565,10 @@ CONFIGS = {
     "resolution 12": (lambda t: DataConfig(resolution=12), "data.resolution"),
     "unknown dataset": (lambda t: DataConfig(dataset="imagenet", root="/data"), "data.dataset"),
     "top_p 1": (lambda t: EvaluationConfig(top_p=1.0, inception_weights="w.pth"), "top_p"),
-    "official base without checkpoints": (lambda t: ModelConfig(base="official", depth=16, tiny_pretraining_steps=0), "model.var_checkpoint"),
+    "official base without checkpoints": (
+        lambda t: ModelConfig(base="official", depth=16, tiny_pretraining_steps=0),
+        "model.var_checkpoint",
+    ),
 }
 
 
@@ -470,7 +665,10 @@ def _adapter_nan(a, t):
     torch.save(state, path)
     record = json.loads(Path(f"{path}.json").read_text())
     from trainables.models.checkpoints import file_sha256
-    Path(f"{path}.json").write_text(json.dumps({**record, "sha256": file_sha256(path)}))  # a consistent pair holding NaN
+
+    Path(f"{path}.json").write_text(
+        json.dumps({**record, "sha256": file_sha256(path)})
+    )  # a consistent pair holding NaN
     return lambda: load_adapter(load_var(a.var, **TINY_VAR), path), [path, "NaN"]
 
 
@@ -490,7 +688,10 @@ def _record_case(make, needles):
 
 
 LOADING = {
-    "missing file": lambda a, t: (lambda: load_var(t / "absent.pth", **TINY_VAR), [t / "absent.pth", "no checkpoint file"]),
+    "missing file": lambda a, t: (
+        lambda: load_var(t / "absent.pth", **TINY_VAR),
+        [t / "absent.pth", "no checkpoint file"],
+    ),
     "a folder": lambda a, t: (lambda: load_vqvae(a.data, **TINY_VQVAE), [a.data, "folder"]),
     "empty file": _empty_file,
     "truncated zip": _truncated_zip,
@@ -511,14 +712,28 @@ LOADING = {
     "adapter is a VAR checkpoint": _adapter_on_var_file,
     "store: not an object": _record_case(lambda a: [1, 2], ["JSON object"]),
     "store: bad status": _record_case(lambda a: {**_valid(a), "status": "done"}, ["status", "'done'"]),
-    "store: config not matching its id": _record_case(lambda a: {**_valid(a), "trial_id": "0" * 16}, ["trial_id", "0" * 16]),
-    "store: schema version 3": _record_case(lambda a: {**_valid(a), "schema_version": 3}, ["schema_version", "got 3"]),
-    "store: failed without error": _record_case(lambda a: make_result(a.configs[0], status="success") | {"status": "failed"}, ["error"]),
-    "store: metric not a number": _record_case(lambda a: _valid(a) | {"metrics": {"fid": {1, 2}}}, ["metrics.fid", "expected number"]),
-    "store: unknown URI scheme": lambda a, t: (lambda: ResultStore("foo://bucket/runs"), ["foo://bucket/runs", "'foo'"]),
+    "store: config not matching its id": _record_case(
+        lambda a: {**_valid(a), "trial_id": "0" * 16}, ["trial_id", "0" * 16]
+    ),
+    "store: schema version 3": _record_case(
+        lambda a: {**_valid(a), "schema_version": 3}, ["schema_version", "got 3"]
+    ),
+    "store: failed without error": _record_case(
+        lambda a: make_result(a.configs[0], status="success") | {"status": "failed"}, ["error"]
+    ),
+    "store: metric not a number": _record_case(
+        lambda a: _valid(a) | {"metrics": {"fid": {1, 2}}}, ["metrics.fid", "expected number"]
+    ),
+    "store: unknown URI scheme": lambda a, t: (
+        lambda: ResultStore("foo://bucket/runs"),
+        ["foo://bucket/runs", "'foo'"],
+    ),
     "store: malformed URI": lambda a, t: (lambda: ResultStore("file:///tmp/a b"), ["file:///tmp/a b"]),
     "store: path is a file": lambda a, t: (lambda: ResultStore(a.file), [a.file, "is a file"]),
-    "store: not writable": lambda a, t: (lambda: ResultStore("/sys/varsweep-store"), ["/sys/varsweep-store", "not writable"]),
+    "store: not writable": lambda a, t: (
+        lambda: ResultStore("/sys/varsweep-store"),
+        ["/sys/varsweep-store", "not writable"],
+    ),
 }
 
 
@@ -538,7 +753,10 @@ SUBPROCESS = {
     "bench sweep": lambda a, t: (["bench", "sweep", "demo", "--smoke", "--storage", "foo://x"], ["foo://x"]),
     "bench status": lambda a, t: (["bench", "status", "demo", "--smoke", "--storage", str(a.file)], [a.file]),
     "analysis": lambda a, t: (["analysis", str(t / "nowhere"), "--out", str(t / "out")], [t / "nowhere"]),
-    "evaluate": lambda a, t: (["trainables.evaluation.evaluate"] + _evaluate_argv(a, t, **{"--depth": 3}), ["--depth 3"]),
+    "evaluate": lambda a, t: (
+        ["trainables.evaluation.evaluate"] + _evaluate_argv(a, t, **{"--depth": 3}),
+        ["--depth 3"],
+    ),
 }
 
 
@@ -546,6 +764,8 @@ SUBPROCESS = {
 def test_entry_points_print_no_traceback(case, a, tmp_path):
     argv, needles = SUBPROCESS[case](a, tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "VARSWEEP_DEBUG"}
-    done = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert_cli_refuses(done.returncode, done.stderr, needles)
     assert "Traceback" not in done.stdout

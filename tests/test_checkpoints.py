@@ -1,4 +1,5 @@
 """Saving and loading from local paths: round trips, official layout, and clear errors for bad files."""
+
 from __future__ import annotations
 
 import json
@@ -6,9 +7,17 @@ import os
 
 import pytest
 import torch
-
 from conftest import TINY_VAR, TINY_VQVAE
-from trainables.models import CheckpointError, load_var, load_vqvae, resize_class_embedding, save_var, save_vqvae
+
+from trainables.models import (
+    CheckpointError,
+    load_var,
+    load_vqvae,
+    resize_class_embedding,
+    save_var,
+    save_vqvae,
+)
+
 
 def _outputs(var, vqvae):
     torch.manual_seed(1)
@@ -16,7 +25,14 @@ def _outputs(var, vqvae):
     with torch.no_grad():
         idx_Bl = vqvae.img_to_idxBl(img)
         logits = var(torch.tensor([0, 4]), vqvae.idxBl_to_var_input(idx_Bl))
-        samples = var.sample(torch.tensor([1, 2]), vqvae=vqvae, cfg=1.5, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(3))
+        samples = var.sample(
+            torch.tensor([1, 2]),
+            vqvae=vqvae,
+            cfg=1.5,
+            top_k=10,
+            top_p=0.9,
+            generator=torch.Generator().manual_seed(3),
+        )
     return idx_Bl, logits, samples
 
 
@@ -85,7 +101,9 @@ def test_mismatched_architecture_lists_keys(tmp_path, tiny_var):
     assert "missing keys" in str(err.value) and "blocks.2.attn.mat_qkv.weight" in str(err.value)
     with pytest.raises(CheckpointError) as err:
         load_var(path, **(TINY_VAR | {"num_classes": 7}))
-    assert "mis-shaped keys" in str(err.value) and "class_emb.weight [6, 64] (expected [8, 64])" in str(err.value)
+    assert "mis-shaped keys" in str(err.value) and "class_emb.weight [6, 64] (expected [8, 64])" in str(
+        err.value
+    )
 
 
 def test_unexpected_and_non_finite_values(tmp_path, tiny_var):
@@ -96,7 +114,9 @@ def test_unexpected_and_non_finite_values(tmp_path, tiny_var):
     torch.save(state, path)
     with pytest.raises(CheckpointError) as err:
         load_var(path, **TINY_VAR)
-    assert "unexpected keys (1): extra.weight" in str(err.value) and "NaN/inf values (1): head.bias" in str(err.value)
+    assert "unexpected keys (1): extra.weight" in str(err.value) and "NaN/inf values (1): head.bias" in str(
+        err.value
+    )
 
 
 def test_other_patch_nums_are_detected(tmp_path):
@@ -129,10 +149,14 @@ def test_resize_class_embedding_keeps_unconditional_row(tiny_var):
     old = tiny_var.class_emb.weight.detach().clone()
     resize_class_embedding(tiny_var, 3)
     new = tiny_var.class_emb.weight
-    assert new.shape == (4, tiny_var.width) and tiny_var.num_classes == 3 and tiny_var.unconditional_label == 3
+    assert (
+        new.shape == (4, tiny_var.width) and tiny_var.num_classes == 3 and tiny_var.unconditional_label == 3
+    )
     assert torch.equal(new[3], old[-1]) and torch.equal(new[:3], old[-1].expand(3, -1))
     resize_class_embedding(tiny_var, 8, init="normal", generator=torch.Generator().manual_seed(0))
-    assert tiny_var.class_emb.weight.shape == (9, tiny_var.width) and torch.equal(tiny_var.class_emb.weight[8], old[-1])
+    assert tiny_var.class_emb.weight.shape == (9, tiny_var.width) and torch.equal(
+        tiny_var.class_emb.weight[8], old[-1]
+    )
     with pytest.raises(ValueError, match="init must be one of"):
         resize_class_embedding(tiny_var, 3, init="zeros")
 
@@ -147,7 +171,9 @@ def test_resized_model_round_trips(tmp_path, tiny_var):
 
 
 @pytest.mark.parametrize("reader_can_write", [True, False])
-def test_a_re_save_stopped_at_any_point_leaves_the_old_or_the_new_pair(tmp_path, tiny_var, monkeypatch, reader_can_write):
+def test_a_re_save_stopped_at_any_point_leaves_the_old_or_the_new_pair(
+    tmp_path, tiny_var, monkeypatch, reader_can_write
+):
     """Kill a re-save at each of its renames (the k-th ``os.replace`` raises, as if the process died there): loading
     then gives the old pair or the new pair, never a SHA-256 mismatch. A save stopped after its sidecar committed
     is completed by the next reader (``reader_can_write``) or read from its staged file (a read-only reader)."""
@@ -181,13 +207,19 @@ def test_a_re_save_stopped_at_any_point_leaves_the_old_or_the_new_pair(tmp_path,
         seen.add(version)
         if reader_can_write:  # the files on disk are that pair now, sidecar included
             on_disk = torch.load(path, weights_only=True)["head.bias"]
-            assert torch.equal(on_disk, bias) and json.loads((tmp_path / "var.pth.json").read_text())["metadata"]["version"] == version
+            assert (
+                torch.equal(on_disk, bias)
+                and json.loads((tmp_path / "var.pth.json").read_text())["metadata"]["version"] == version
+            )
         if finished:
             break
         stop += 1
     assert seen == {"old", "new"} and stop >= 2  # the kill points covered both sides of the commit
     save_var(tiny_var, path, metadata={"version": "old"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["var.pth", "var.pth.json"]  # stale staged files are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "var.pth",
+        "var.pth.json",
+    ]  # stale staged files are gone
 
 
 def test_a_reader_racing_a_re_save_reads_a_consistent_pair(tmp_path, tiny_var, monkeypatch):
@@ -209,4 +241,8 @@ def test_a_reader_racing_a_re_save_reads_a_consistent_pair(tmp_path, tiny_var, m
 
     monkeypatch.setattr(checkpoints, "read_sidecar", read_sidecar_then_save)
     state, _, metadata = checkpoints.read_verified(path, kind="var", architecture=tiny_var.architecture)
-    assert metadata["version"] == "new" and torch.equal(state["head.bias"], new_state["head.bias"]) and len(calls) >= 3
+    assert (
+        metadata["version"] == "new"
+        and torch.equal(state["head.bias"], new_state["head.bias"])
+        and len(calls) >= 3
+    )

@@ -1,6 +1,7 @@
 """The digit classifier behind the embedded default's metrics (``digits-cnn-v1``): trained once per cache folder on
 the digits train split only, accurate on the held-out split, cached with its record, and the class accuracy of
 generated samples it gives."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,14 @@ import pytest
 import torch
 
 from trainables.data import offline
-from trainables.evaluation.classifier import CLASSIFIER, TRAINING, classifier_folder, class_accuracy, digit_classifier, predict
+from trainables.evaluation.classifier import (
+    CLASSIFIER,
+    TRAINING,
+    class_accuracy,
+    classifier_folder,
+    digit_classifier,
+    predict,
+)
 from trainables.evaluation.features import build_extractor
 
 
@@ -28,9 +36,13 @@ def test_classifier_is_accurate_on_held_out_digits_and_records_it(built):
     assert accuracy >= 0.97 and record["test_accuracy"] == pytest.approx(accuracy)
     assert record["name"] == CLASSIFIER and record["train_images"] == 1438 and record["test_images"] == 359
     epochs = TRAINING["epochs"]
-    assert any("test accuracy" in line for line in lines) and any(f"epoch {epochs}/{epochs}" in line for line in lines)
+    assert any("test accuracy" in line for line in lines) and any(
+        f"epoch {epochs}/{epochs}" in line for line in lines
+    )
     # Other resolutions and colours go through the same 16x16 grey input.
-    big = torch.nn.functional.interpolate(test.images_N3HW[:64].float(), size=(32, 32), mode="nearest").to(torch.uint8)
+    big = torch.nn.functional.interpolate(test.images_N3HW[:64].float(), size=(32, 32), mode="nearest").to(
+        torch.uint8
+    )
     assert (predict(model, big) == test.labels_N[:64]).double().mean() >= 0.9
     assert model(test.images_N3HW[:5]).shape == (5, 128)
 
@@ -49,7 +61,10 @@ def test_classifier_is_built_once_and_checked_when_loaded(built):
             digit_classifier(cache)
     finally:
         weights.write_bytes(original)
-    assert json.loads((classifier_folder(cache) / "classifier.json").read_text())["weights_sha256"] == record["weights_sha256"]
+    assert (
+        json.loads((classifier_folder(cache) / "classifier.json").read_text())["weights_sha256"]
+        == record["weights_sha256"]
+    )
 
 
 def test_class_accuracy_counts_each_requested_class():

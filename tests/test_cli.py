@@ -1,4 +1,5 @@
 """The command line (`python -m bench`) without Ray: list, dry run, status; and the demo's acceptance checks."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,10 @@ from bench.sweeps import build_sweep
 def test_list_shows_every_sweep(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("demo", "table1", "table2", "table3", "table9", "table10", "convergence", "second_seed"))
+    assert all(
+        name in out
+        for name in ("demo", "table1", "table2", "table3", "table9", "table10", "convergence", "second_seed")
+    )
     assert "30 trials (6 smoke)" in out
 
 
@@ -26,20 +30,54 @@ def test_dry_run_checks_and_prints_and_creates_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "5 of 5 trials to run" in out and "pending" in out
     assert not storage.exists()  # no results folder, no cache, no offline data written
-    assert main(["sweep", "table2", "--dry-run", "--assets", str(tmp_path / "nothing"), "--storage", str(storage)]) == 2
+    assert (
+        main(
+            ["sweep", "table2", "--dry-run", "--assets", str(tmp_path / "nothing"), "--storage", str(storage)]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     assert "8 of 8 trials to run" in captured.out and "cannot run; nothing was started" in captured.err
     # the listing first, then one last line that says what is wrong and names the first problem's input
     last = captured.err.strip().splitlines()[-1]
-    assert last.startswith("error: 8 of 8 trials cannot run") and str(tmp_path / "nothing") in last and "Traceback" not in captured.err
+    assert (
+        last.startswith("error: 8 of 8 trials cannot run")
+        and str(tmp_path / "nothing") in last
+        and "Traceback" not in captured.err
+    )
     assert not storage.exists()
     # --where runs part of a grid; a wrong field or a value no trial has is named, nothing starts.
-    assert main(["sweep", "demo", "--smoke", "--dry-run", "--where", "method.name=lora", "--where", "privacy=null", "--storage", str(storage)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "demo",
+                "--smoke",
+                "--dry-run",
+                "--where",
+                "method.name=lora",
+                "--where",
+                "privacy=null",
+                "--storage",
+                str(storage),
+            ]
+        )
+        == 0
+    )
     assert "1 of 1 trials to run" in capsys.readouterr().out
-    assert main(["sweep", "demo", "--smoke", "--dry-run", "--where", "method.rank=16", "--storage", str(storage)]) == 2
+    assert (
+        main(
+            ["sweep", "demo", "--smoke", "--dry-run", "--where", "method.rank=16", "--storage", str(storage)]
+        )
+        == 2
+    )
     assert "no such config field" in capsys.readouterr().err
-    assert main(["status", "demo", "--smoke", "--where", "method.name=lora_mlp", "--storage", str(storage)]) == 2
-    assert capsys.readouterr().err.startswith("error: no trial of sweep demo has method.name=lora_mlp (5 trials)")
+    assert (
+        main(["status", "demo", "--smoke", "--where", "method.name=lora_mlp", "--storage", str(storage)]) == 2
+    )
+    assert capsys.readouterr().err.startswith(
+        "error: no trial of sweep demo has method.name=lora_mlp (5 trials)"
+    )
     assert not storage.exists()
 
 
@@ -48,33 +86,58 @@ def test_status_is_read_only_and_shows_every_state(tmp_path, capsys):
     missing = tmp_path / "never-ran"
     assert main(["status", "demo", "--smoke", "--storage", str(missing)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no storage folder" in err and str(missing) in err and not missing.exists()
+    assert (
+        err.count("\n") == 1 and "no storage folder" in err and str(missing) in err and not missing.exists()
+    )
     store = ResultStore(tmp_path)
     store.write(make_result(configs[0], status="success", metrics={"fid": 12.5}))
     store.write(make_result(configs[1], status="failed", error="RuntimeError: out of memory\n  at line 3"))
     Path(store.path(configs[2].trial_id)).write_text('{"schema_version": 1, "truncat')
-    Path(store.path(configs[3].trial_id)).write_text(json.dumps({**make_result(configs[3], status="success"), "schema_version": 99}))
+    Path(store.path(configs[3].trial_id)).write_text(
+        json.dumps({**make_result(configs[3], status="success"), "schema_version": 99})
+    )
     before = sorted(p.name for p in tmp_path.rglob("*"))
     assert main(["status", "demo", "--smoke", "--storage", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "12.50" in out and "RuntimeError: out of memory" in out and "at line 3" not in out
-    assert "1 success, 1 failed, 2 invalid, 1 pending of 5 trials" in out and "not JSON" in out and "schema_version" in out
+    assert (
+        "1 success, 1 failed, 2 invalid, 1 pending of 5 trials" in out
+        and "not JSON" in out
+        and "schema_version" in out
+    )
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created or changed
 
 
 def test_bad_arguments_end_in_one_line(tmp_path, capsys):
     assert main(["sweep", "demo", "--smoke", "--max-concurrent", "0", "--storage", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: python -m bench sweep: argument --max-concurrent: '0' is not an integer >= 1") and err.count("\n") == 1
+    assert (
+        err.startswith("error: python -m bench sweep: argument --max-concurrent: '0' is not an integer >= 1")
+        and err.count("\n") == 1
+    )
     assert not (tmp_path / "s").exists()  # refused while parsing, before anything is created
 
 
 def _demo_rows(fids, accuracies, precision=0.5, recall=0.3):
-    configs = sorted(build_sweep("demo", smoke=True), key=lambda c: (c.method.name != "base", c.privacy is not None,
-                                                                   c.privacy.target_epsilon if c.privacy else 0))
+    configs = sorted(
+        build_sweep("demo", smoke=True),
+        key=lambda c: (
+            c.method.name != "base",
+            c.privacy is not None,
+            c.privacy.target_epsilon if c.privacy else 0,
+        ),
+    )
     # base, full, lora, dp-lora eps 1, dp-lora eps 8
-    return summary_rows([make_result(c, status="success", metrics={"fid": f, "precision": precision, "recall": recall, "class_accuracy": a})
-                         for c, f, a in zip(configs, fids, accuracies)])
+    return summary_rows(
+        [
+            make_result(
+                c,
+                status="success",
+                metrics={"fid": f, "precision": precision, "recall": recall, "class_accuracy": a},
+            )
+            for c, f, a in zip(configs, fids, accuracies)
+        ]
+    )
 
 
 GOOD_FIDS, GOOD_ACCURACIES = [28.0, 8.5, 9.9, 15.0, 13.2], [0.1, 0.95, 0.9, 0.4, 0.6]
@@ -86,17 +149,28 @@ def test_demo_checks_pass_on_a_good_run():
     assert len(build_sweep("demo")) == len(build_sweep("demo", smoke=True)) == 5
 
 
-@pytest.mark.parametrize("change, failing", [
-    ({"fids": [9.0, 8.5, 9.9, 15.0, 13.2]}, "every fine-tuned FID below the base model's"),
-    ({"accuracies": [0.1, 0.95, 0.69, 0.4, 0.6]}, "class accuracy >= 0.70 for full fine-tuning and LoRA"),
-    ({"accuracies": [0.31, 0.95, 0.9, 0.4, 0.6]}, "class accuracy <= 0.30 for the base model"),
-    ({"precision": 0.39}, "precision >= 0.40 and recall >= 0.20 for every non-DP fine-tuned trial"),
-    ({"recall": 0.19}, "precision >= 0.40 and recall >= 0.20 for every non-DP fine-tuned trial"),
-    ({"accuracies": [0.1, 0.95, 0.9, 0.9, 0.6]}, "DP at epsilon 1: class accuracy below the same method without DP"),
-    ({"fids": [28.0, 8.5, 9.9, 9.0, 13.2]}, "DP at epsilon 1: FID above the same method without DP"),
-])
+@pytest.mark.parametrize(
+    "change, failing",
+    [
+        ({"fids": [9.0, 8.5, 9.9, 15.0, 13.2]}, "every fine-tuned FID below the base model's"),
+        ({"accuracies": [0.1, 0.95, 0.69, 0.4, 0.6]}, "class accuracy >= 0.70 for full fine-tuning and LoRA"),
+        ({"accuracies": [0.31, 0.95, 0.9, 0.4, 0.6]}, "class accuracy <= 0.30 for the base model"),
+        ({"precision": 0.39}, "precision >= 0.40 and recall >= 0.20 for every non-DP fine-tuned trial"),
+        ({"recall": 0.19}, "precision >= 0.40 and recall >= 0.20 for every non-DP fine-tuned trial"),
+        (
+            {"accuracies": [0.1, 0.95, 0.9, 0.9, 0.6]},
+            "DP at epsilon 1: class accuracy below the same method without DP",
+        ),
+        ({"fids": [28.0, 8.5, 9.9, 9.0, 13.2]}, "DP at epsilon 1: FID above the same method without DP"),
+    ],
+)
 def test_each_demo_check_fails_alone(change, failing):
-    rows = _demo_rows(change.get("fids", GOOD_FIDS), change.get("accuracies", GOOD_ACCURACIES), change.get("precision", 0.5), change.get("recall", 0.3))
+    rows = _demo_rows(
+        change.get("fids", GOOD_FIDS),
+        change.get("accuracies", GOOD_ACCURACIES),
+        change.get("precision", 0.5),
+        change.get("recall", 0.3),
+    )
     checks = demo_checks(rows)
     assert [name for name, ok in checks.items() if not ok] == [failing]
 
@@ -112,7 +186,9 @@ def test_result_store_on_a_uri(tmp_path):
     configs = build_sweep("demo", smoke=True)
     store = ResultStore(f"file://{tmp_path}/bucket")
     store.write(make_result(configs[0], status="success", metrics={"fid": 3.0}))
-    store.write(make_result(configs[0], status="success", metrics={"fid": 2.0}))  # a rerun replaces, never duplicates
+    store.write(
+        make_result(configs[0], status="success", metrics={"fid": 2.0})
+    )  # a rerun replaces, never duplicates
     assert [r["metrics"]["fid"] for r in store.all()] == [2.0] and store.status(configs[1].trial_id) is None
     assert (tmp_path / "bucket" / "results" / f"{configs[0].trial_id}.json").is_file()
 
@@ -123,11 +199,19 @@ def test_launch_makes_local_paths_absolute_and_passes_uris(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VARSWEEP_CACHE", raising=False)
     launch = Launch(storage="runs/demo", cache_dir=default_cache_dir("runs/demo"))
-    assert launch.storage == str(tmp_path / "runs" / "demo") and launch.cache_dir == str(tmp_path / "runs" / "demo" / "cache")
+    assert launch.storage == str(tmp_path / "runs" / "demo") and launch.cache_dir == str(
+        tmp_path / "runs" / "demo" / "cache"
+    )
     assert launch.train_storage == str(tmp_path / "runs" / "demo" / "train")
-    assert Launch(**launch.__dict__) == launch  # what the trial function rebuilds from Tune's parameters is the same
+    assert (
+        Launch(**launch.__dict__) == launch
+    )  # what the trial function rebuilds from Tune's parameters is the same
     remote = Launch(storage="s3://bucket/runs", cache_dir="cache")
-    assert remote.storage == "s3://bucket/runs" and remote.tune_storage == "s3://bucket/runs/tune" and remote.cache_dir == str(tmp_path / "cache")
+    assert (
+        remote.storage == "s3://bucket/runs"
+        and remote.tune_storage == "s3://bucket/runs/tune"
+        and remote.cache_dir == str(tmp_path / "cache")
+    )
     for bad in (0, -2):
         with pytest.raises(SweepError, match="--max-concurrent must be >= 1"):
             Launch(storage="runs", cache_dir="cache", max_concurrent=bad)
@@ -140,7 +224,9 @@ def test_sweep_progress_line_counts_and_estimates(tmp_path, capsys):
 
     configs = build_sweep("demo", smoke=True)[:3]
     store = ResultStore(tmp_path)
-    progress = SweepProgress("demo", configs, store=store, skipped=2, planned_steps={c.trial_id: 100 for c in configs}, parallel=2)
+    progress = SweepProgress(
+        "demo", configs, store=store, skipped=2, planned_steps={c.trial_id: 100 for c in configs}, parallel=2
+    )
     trials = [SimpleNamespace(trial_id=f"t{i}", config={"trial": c.to_dict()}) for i, c in enumerate(configs)]
     progress.on_trial_start(0, trials, trials[0])
     progress.on_trial_start(0, trials, trials[1])
@@ -149,7 +235,9 @@ def test_sweep_progress_line_counts_and_estimates(tmp_path, capsys):
     progress._print()
     line = capsys.readouterr().out.strip().splitlines()[-1]
     # work left: 10 s + 40 s running, and the pending trial's 100 steps at the mean 0.35 s/step, over 2 at a time
-    assert line.startswith("sweep demo: 0 done, 2 running, 0 failed, 1 pending of 3 (2 already done)") and line.endswith("ETA 42 s")
+    assert line.startswith(
+        "sweep demo: 0 done, 2 running, 0 failed, 1 pending of 3 (2 already done)"
+    ) and line.endswith("ETA 42 s")
     store.write(make_result(configs[0], status="success", metrics={"fid": 1.0}))
     progress.on_trial_complete(0, trials, trials[0])
     store.write(make_result(configs[1], status="failed", error="ValueError: boom"))
@@ -175,39 +263,67 @@ def test_upgrade_results_rewrites_version_1_files_once(tmp_path, capsys):
     for record in old:
         Path(store.path(record["trial_id"])).write_text(json.dumps(record))
     Path(store.path("0" * 16)).write_text('{"schema_version": 1, "truncat')
-    assert store.state(old[0]["trial_id"]) == ("invalid", f"schema version 1: run `python -m bench upgrade-results {tmp_path}` "
-                                                          "(rewrites it under its new trial id)")
+    assert store.state(old[0]["trial_id"]) == (
+        "invalid",
+        f"schema version 1: run `python -m bench upgrade-results {tmp_path}` "
+        "(rewrites it under its new trial id)",
+    )
     before = sorted(p.name for p in (tmp_path / "results").iterdir())
 
     assert main(["upgrade-results", str(tmp_path), "--dry-run"]) == 1  # one file is left alone
     out = capsys.readouterr().out
-    assert out.count(": would upgrade: ") == 2 and sorted(p.name for p in (tmp_path / "results").iterdir()) == before
-    summary = f"2 would upgrade, 1 current, 1 left alone of 4 files in {store.folder} (dry run: nothing changed)"
+    assert (
+        out.count(": would upgrade: ") == 2
+        and sorted(p.name for p in (tmp_path / "results").iterdir()) == before
+    )
+    summary = (
+        f"2 would upgrade, 1 current, 1 left alone of 4 files in {store.folder} (dry run: nothing changed)"
+    )
     assert out.strip().splitlines()[-1] == summary
 
     assert main(["upgrade-results", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert f"{'0' * 16}.json: left alone: not JSON" in out and f"{configs[0].trial_id}.json: schema version 2 already" in out
+    assert (
+        f"{'0' * 16}.json: left alone: not JSON" in out
+        and f"{configs[0].trial_id}.json: schema version 2 already" in out
+    )
     for record, config in zip(old, configs[1:3]):
-        assert f"{record['trial_id']}.json: upgraded: version 1 -> 2, trial {record['trial_id']} -> {config.trial_id}" in out
-        assert store.read(config.trial_id) == upgrade_record(record) and store.status(config.trial_id) == "success"
+        assert (
+            f"{record['trial_id']}.json: upgraded: version 1 -> 2, trial {record['trial_id']} -> {config.trial_id}"
+            in out
+        )
+        assert (
+            store.read(config.trial_id) == upgrade_record(record)
+            and store.status(config.trial_id) == "success"
+        )
         assert not Path(store.path(record["trial_id"])).exists()
     assert main(["upgrade-results", str(tmp_path)]) == 1  # run again: nothing left to upgrade
-    assert capsys.readouterr().out.strip().splitlines()[-1] == f"3 current, 1 left alone of 4 files in {store.folder}"
+    assert (
+        capsys.readouterr().out.strip().splitlines()[-1]
+        == f"3 current, 1 left alone of 4 files in {store.folder}"
+    )
 
 
 def test_an_interrupted_upgrade_finishes_and_a_newer_result_is_kept(tmp_path, capsys):
     configs = build_sweep("demo", smoke=True)
     store = ResultStore(tmp_path)
-    interrupted, superseded = (_version_1(make_result(c, status="success", metrics={"fid": 2.0})) for c in configs[:2])
+    interrupted, superseded = (
+        _version_1(make_result(c, status="success", metrics={"fid": 2.0})) for c in configs[:2]
+    )
     for record in (interrupted, superseded):
         Path(store.path(record["trial_id"])).write_text(json.dumps(record))
     store.write(upgrade_record(interrupted))  # the new file was written, the old one not yet deleted
     store.write(make_result(configs[1], status="failed", error="RuntimeError: rerun under version 2"))
     assert main(["upgrade-results", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert f"{interrupted['trial_id']}.json: upgraded" in out and not Path(store.path(interrupted["trial_id"])).exists()
-    assert f"{superseded['trial_id']}.json: left alone: trial {configs[1].trial_id} already has a schema version 2 result (failed)" in out
+    assert (
+        f"{interrupted['trial_id']}.json: upgraded" in out
+        and not Path(store.path(interrupted["trial_id"])).exists()
+    )
+    assert (
+        f"{superseded['trial_id']}.json: left alone: trial {configs[1].trial_id} already has a schema version 2 result (failed)"
+        in out
+    )
     assert Path(store.path(superseded["trial_id"])).exists() and store.status(configs[1].trial_id) == "failed"
 
 
@@ -221,7 +337,10 @@ def test_status_shows_version_1_results_at_the_trial_they_upgrade_to(tmp_path, c
     row = next(line for line in out.splitlines() if configs[0].trial_id in line)
     assert " old " in row and f"{old['trial_id']}.json" in row and "upgrade-results" in row
     assert "1 old, 4 pending of 5 trials" in out
-    assert f"1 result file(s) in {store.folder} have an older schema version: `python -m bench upgrade-results {tmp_path}`" in out
+    assert (
+        f"1 result file(s) in {store.folder} have an older schema version: `python -m bench upgrade-results {tmp_path}`"
+        in out
+    )
 
 
 def test_upgrade_results_moves_old_artifacts_into_the_storage(tmp_path, capsys):
@@ -229,21 +348,44 @@ def test_upgrade_results_moves_old_artifacts_into_the_storage(tmp_path, capsys):
     copies them under artifacts/<new trial id>/ and names them relative to the storage root."""
     config = build_sweep("demo", smoke=True)[1]
     work, data = tmp_path / "cache" / "work" / "0123456789abcdef", tmp_path / "data"
-    for path in (work / "images" / "class_0" / "0.png", work / "adapter.pt", work / "adapter.pt.json", data / "seven.png"):
+    for path in (
+        work / "images" / "class_0" / "0.png",
+        work / "adapter.pt",
+        work / "adapter.pt.json",
+        data / "seven.png",
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(path.name.encode())
-    old = _version_1(make_result(config, status="success", metrics={"fid": 2.0}, artifacts={
-        "generated_images": str(work / "images"), "real_images": [{"label": 7, "class": "7", "paths": [str(data / "seven.png")]}]}))
+    old = _version_1(
+        make_result(
+            config,
+            status="success",
+            metrics={"fid": 2.0},
+            artifacts={
+                "generated_images": str(work / "images"),
+                "real_images": [{"label": 7, "class": "7", "paths": [str(data / "seven.png")]}],
+            },
+        )
+    )
     storage = tmp_path / "storage"
     store = ResultStore(storage)
     Path(store.path(old["trial_id"])).write_text(json.dumps(old))
     assert main(["upgrade-results", str(storage), "--dry-run"]) == 0
-    assert "4 artifact file(s) and folder(s) copied" in capsys.readouterr().out and not (storage / "artifacts").exists()
+    assert (
+        "4 artifact file(s) and folder(s) copied" in capsys.readouterr().out
+        and not (storage / "artifacts").exists()
+    )
     assert main(["upgrade-results", str(storage)]) == 0
     folder = f"artifacts/{config.trial_id}"
     assert store.read(config.trial_id)["artifacts"] == {
-        "folder": folder, "adapter": f"{folder}/adapter.pt", "generated_images": f"{folder}/images",
-        "real_images": [{"label": 7, "class": "7", "paths": [f"{folder}/real/class_7/0.png"]}]}
-    assert sorted(p.relative_to(storage / folder).as_posix() for p in (storage / folder).rglob("*") if p.is_file()) == \
-        ["adapter.pt", "adapter.pt.json", "images/class_0/0.png", "real/class_7/0.png"]
-    assert (storage / folder / "real" / "class_7" / "0.png").read_bytes() == b"seven.png" and (work / "adapter.pt").is_file()
+        "folder": folder,
+        "adapter": f"{folder}/adapter.pt",
+        "generated_images": f"{folder}/images",
+        "real_images": [{"label": 7, "class": "7", "paths": [f"{folder}/real/class_7/0.png"]}],
+    }
+    assert sorted(
+        p.relative_to(storage / folder).as_posix() for p in (storage / folder).rglob("*") if p.is_file()
+    ) == ["adapter.pt", "adapter.pt.json", "images/class_0/0.png", "real/class_7/0.png"]
+    assert (storage / folder / "real" / "class_7" / "0.png").read_bytes() == b"seven.png" and (
+        work / "adapter.pt"
+    ).is_file()

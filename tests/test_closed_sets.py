@@ -1,6 +1,7 @@
 """Every closed set of names is defined once (``bench.schema``), and every registry keyed by one of them holds
 exactly that set (in its order where the order shows): a name added in one place and forgotten in another fails
 here, not mid-sweep."""
+
 from __future__ import annotations
 
 import pytest
@@ -57,18 +58,26 @@ def test_privacy_uses_the_schemas_sets():
 
 @pytest.mark.parametrize("accountant", schema.ACCOUNTANTS)
 def test_every_accountant_calibrates(accountant):
-    sigma = privacy.calibrate_noise_multiplier(target_epsilon=8.0, delta=1e-3, sampling_rate=0.25, steps=8, accountant=accountant)
+    sigma = privacy.calibrate_noise_multiplier(
+        target_epsilon=8.0, delta=1e-3, sampling_rate=0.25, steps=8, accountant=accountant
+    )
     assert 0 < sigma < 10
 
 
 @pytest.mark.parametrize("clipping", schema.CLIPPING_MODES)
 def test_every_clipping_mode_is_valid_for_the_library(clipping):
     """Each mode passes the library's checks and makes a private model: "auto" resolves to a concrete mode."""
-    config = schema.PrivacyConfig(target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, clipping=clipping, physical_batch_rows=32)
+    config = schema.PrivacyConfig(
+        target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, clipping=clipping, physical_batch_rows=32
+    )
     assert privacy.validate_privacy(config, dataset_size=100, planned_steps=8) == pytest.approx(1e-2)
     model = nn.Sequential(nn.Linear(4, 3))
-    state = privacy.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), privacy=config, dataset_size=100, planned_steps=8)
-    assert state.clipping in set(schema.CLIPPING_MODES) - {"auto"} and (clipping == "auto" or state.clipping == clipping)
+    state = privacy.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), privacy=config, dataset_size=100, planned_steps=8
+    )
+    assert state.clipping in set(schema.CLIPPING_MODES) - {"auto"} and (
+        clipping == "auto" or state.clipping == clipping
+    )
     privacy.release(state)
 
 

@@ -2,6 +2,7 @@
 a GPU-less head, GPU worker types with autoscaling limits, varsweep installed on every node at the versions
 constraints.txt pins (Ray exactly the driver's), the aws extra on the head so that Ray's AWS node provider loads,
 shared storage mounted, the dashboard bound to localhost."""
+
 from __future__ import annotations
 
 import copy
@@ -12,11 +13,10 @@ from importlib.metadata import version
 import pytest
 import ray
 import yaml
+from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from ray.autoscaler._private.util import prepare_config, validate_config
-
-from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,7 @@ def test_validation_catches_a_broken_file(cluster):
 
 # The cluster's install: pinned, reproducible, and enough for the head's autoscaler to launch AWS workers.
 
+
 def _pip_installs(commands: list[str]) -> list[list[str]]:
     """The arguments after ``pip install`` of every pip invocation in ``commands`` (shell lines joined by &&)."""
     found = []
@@ -55,7 +56,7 @@ def _pip_installs(commands: list[str]) -> list[list[str]]:
             words = shlex.split(part)
             for i in range(len(words) - 1):
                 if words[i].endswith("pip") and words[i + 1] == "install":
-                    found.append(words[i + 2:])
+                    found.append(words[i + 2 :])
     return found
 
 
@@ -67,7 +68,9 @@ def _constraints() -> dict[str, str]:
         if line:
             requirement = Requirement(line)
             (spec,) = requirement.specifier
-            assert spec.operator == "==" and not requirement.extras, f"constraints.txt: {line} is not an exact pin"
+            assert spec.operator == "==" and not requirement.extras, (
+                f"constraints.txt: {line} is not an exact pin"
+            )
             pins[canonicalize_name(requirement.name)] = spec.version
     return pins
 
@@ -86,18 +89,27 @@ def _installs_with_constraints(args: list[str], extra: str | None) -> bool:
 
 def test_every_node_installs_varsweep_with_the_constraints(cluster):
     assert any(_installs_with_constraints(args, None) for args in _pip_installs(cluster["setup_commands"]))
-    every = _pip_installs(cluster["setup_commands"] + cluster["head_setup_commands"] + cluster["worker_setup_commands"])
+    every = _pip_installs(
+        cluster["setup_commands"] + cluster["head_setup_commands"] + cluster["worker_setup_commands"]
+    )
     assert every and all(any(a == "-c" for a in args) for args in every)  # no unpinned pip install anywhere
 
 
 def test_the_head_installs_the_aws_extra_with_the_constraints(cluster):
     # An empty head_setup_commands replaces Ray's AWS default (pip install boto3): the head then has no boto3.
-    assert any(_installs_with_constraints(args, "aws") for args in _pip_installs(cluster["head_setup_commands"]))
-    assert {canonicalize_name(Requirement(r).name) for r in _project()["optional-dependencies"]["aws"]} == {"boto3", "botocore"}
+    assert any(
+        _installs_with_constraints(args, "aws") for args in _pip_installs(cluster["head_setup_commands"])
+    )
+    assert {canonicalize_name(Requirement(r).name) for r in _project()["optional-dependencies"]["aws"]} == {
+        "boto3",
+        "botocore",
+    }
 
 
 def test_ray_is_pinned_exactly_and_to_the_installed_version():
-    (ray_requirement,) = [Requirement(r) for r in _project()["dependencies"] if canonicalize_name(Requirement(r).name) == "ray"]
+    (ray_requirement,) = [
+        Requirement(r) for r in _project()["dependencies"] if canonicalize_name(Requirement(r).name) == "ray"
+    ]
     (spec,) = ray_requirement.specifier
     assert spec.operator == "==" and spec.version == ray.__version__ == _constraints()["ray"]
     assert {"default", "tune", "train"} <= ray_requirement.extras
@@ -112,7 +124,9 @@ def test_every_direct_dependency_is_pinned_to_a_version_it_allows():
     for requirement in requirements:
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} has no pin in constraints.txt"
-        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {requirement}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} is outside {requirement}"
+        )
         assert "+" not in pins[name], f"{name}=={pins[name]}: a local build, not the registry's"
 
 
@@ -122,7 +136,9 @@ def test_this_environment_is_installed_as_the_cluster_installs():
     project = _project()
     for line in project["dependencies"] + project["optional-dependencies"]["aws"]:
         name = canonicalize_name(Requirement(line).name)
-        assert version(name) == pins[name], f"{name} {version(name)} is installed, constraints.txt pins {pins[name]}"
+        assert version(name) == pins[name], (
+            f"{name} {version(name)} is installed, constraints.txt pins {pins[name]}"
+        )
 
 
 def test_makefile_installs_with_the_constraints_and_reinstalls_when_they_change():
@@ -143,7 +159,10 @@ def test_ray_aws_node_provider_loads_and_accepts_the_node_configs(cluster, monke
 
     assert _get_node_provider_cls(cluster["provider"]) is AWSNodeProvider
     provider = _get_node_provider(cluster["provider"], cluster["cluster_name"], use_cache=False)
-    assert isinstance(provider, AWSNodeProvider) and provider.ec2.meta.client.meta.region_name == cluster["provider"]["region"]
+    assert (
+        isinstance(provider, AWSNodeProvider)
+        and provider.ec2.meta.client.meta.region_name == cluster["provider"]["region"]
+    )
     # The installed botocore knows every field the node types pass to EC2 RunInstances (e.g. spot InstanceMarketOptions).
     run_instances = provider.ec2.meta.client.meta.service_model.operation_model("RunInstances").input_shape
     for node_type in cluster["available_node_types"].values():

@@ -1,6 +1,7 @@
 """How many trials a sweep runs at once follows what the cluster can grow to (the autoscaler's node types and
 limits, here the repo's own cluster.yaml), not only what it has at launch; a local Ray without an autoscaler
 keeps fitting its current resources; trials started beyond the current resources queue, they do not fail."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,23 +11,40 @@ import shutil
 import pytest
 import ray
 import yaml
-
-from bench.launcher import (RUNTIME_ENV_VARS, Launch, autoscaling_limits, check_fits, concurrency, limits_from_cluster_config,
-                            limits_from_gcs, read_cluster_config, run_sweep)
-from bench.preflight import SweepError
-from bench.results import ResultStore
-from bench.schema import TrialConfig
 from conftest import REPO
 from sweep_driver import tiny_trial
 
-HEAD_ONLY = {"CPU": 8.0, "GPU": 0.0, "memory": 3e10}  # what cluster.yaml's head reports before any worker joined
+from bench.launcher import (
+    RUNTIME_ENV_VARS,
+    Launch,
+    autoscaling_limits,
+    check_fits,
+    concurrency,
+    limits_from_cluster_config,
+    limits_from_gcs,
+    read_cluster_config,
+    run_sweep,
+)
+from bench.preflight import SweepError
+from bench.results import ResultStore
+from bench.schema import TrialConfig
+
+HEAD_ONLY = {
+    "CPU": 8.0,
+    "GPU": 0.0,
+    "memory": 3e10,
+}  # what cluster.yaml's head reports before any worker joined
 
 
 def trial(*, workers: int = 1, gpus: float = 1.0, cpus: float = 8.0, seed: int = 0) -> TrialConfig:
     """A trial asking for ``workers`` x (``gpus`` GPUs + ``cpus`` CPUs), like the paper's (1 GPU + 8 CPUs)."""
     base = tiny_trial(seed=seed)
-    return dataclasses.replace(base, resources=dataclasses.replace(base.resources, workers=workers, gpus_per_worker=gpus,
-                                                                   cpus_per_worker=cpus))
+    return dataclasses.replace(
+        base,
+        resources=dataclasses.replace(
+            base.resources, workers=workers, gpus_per_worker=gpus, cpus_per_worker=cpus
+        ),
+    )
 
 
 def launch(tmp_path, **changes) -> Launch:
@@ -49,8 +67,10 @@ def test_one_gpu_trials_fill_every_gpu_the_autoscaler_can_start(tmp_path):
     limits = read_cluster_config(str(REPO / "cluster.yaml"))
     configs = [trial(seed=s) for s in range(50)]
     # 4 x 8 H100 + 4 x 1 L40S (8 CPUs each: one 1-GPU + 8-CPU trial per L40S node); the head has no GPU.
-    assert concurrency(configs, launch(tmp_path), resources=HEAD_ONLY, limits=limits) == \
-        (36, f"the autoscaler's node types and limits, {REPO / 'cluster.yaml'}")
+    assert concurrency(configs, launch(tmp_path), resources=HEAD_ONLY, limits=limits) == (
+        36,
+        f"the autoscaler's node types and limits, {REPO / 'cluster.yaml'}",
+    )
     # the old rule, the head's resources at launch, ran them one at a time
     assert concurrency(configs, launch(tmp_path), resources=HEAD_ONLY, limits=None)[0] == 1
 
@@ -59,7 +79,12 @@ def test_one_gpu_trials_fill_every_gpu_the_autoscaler_can_start(tmp_path):
 def test_eight_gpu_trials_fit_the_h100_nodes(tmp_path, workers, gpus):
     limits = read_cluster_config(str(REPO / "cluster.yaml"))
     # one trial per 8-GPU node; the four 1-GPU L40S nodes hold half of an 8-worker trial at most
-    assert concurrency([trial(workers=workers, gpus=gpus)], launch(tmp_path), resources=HEAD_ONLY, limits=limits)[0] == 4
+    assert (
+        concurrency(
+            [trial(workers=workers, gpus=gpus)], launch(tmp_path), resources=HEAD_ONLY, limits=limits
+        )[0]
+        == 4
+    )
 
 
 @pytest.mark.parametrize("cap,expected", [(2, 16), (5, 33), (8, 36)])
@@ -70,9 +95,16 @@ def test_global_max_workers_caps_the_nodes(cluster_yaml, tmp_path, cap, expected
 
 
 def test_a_node_type_without_its_own_limit_takes_the_global_one(cluster_yaml, tmp_path):
-    types = {name: {k: v for k, v in spec.items() if k != "max_workers"} for name, spec in cluster_yaml["available_node_types"].items()}
-    limits = limits_from_cluster_config({**cluster_yaml, "available_node_types": types, "max_workers": 3}, source="defaults")
-    assert concurrency([trial()], launch(tmp_path), resources=HEAD_ONLY, limits=limits)[0] == 24  # 3 H100 nodes
+    types = {
+        name: {k: v for k, v in spec.items() if k != "max_workers"}
+        for name, spec in cluster_yaml["available_node_types"].items()
+    }
+    limits = limits_from_cluster_config(
+        {**cluster_yaml, "available_node_types": types, "max_workers": 3}, source="defaults"
+    )
+    assert (
+        concurrency([trial()], launch(tmp_path), resources=HEAD_ONLY, limits=limits)[0] == 24
+    )  # 3 H100 nodes
 
 
 def test_current_resources_decide_when_they_fit_more(tmp_path):
@@ -83,12 +115,19 @@ def test_current_resources_decide_when_they_fit_more(tmp_path):
 
 
 def test_without_an_autoscaler_the_current_resources_decide(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/ray_bootstrap_config.yaml, and Ray not started: no GCS record
+    monkeypatch.setenv(
+        "HOME", str(tmp_path)
+    )  # no ~/ray_bootstrap_config.yaml, and Ray not started: no GCS record
     assert autoscaling_limits(launch(tmp_path)) is None
     cpu_trials = [trial(gpus=0.0, cpus=1.0, seed=s) for s in range(4)]
-    assert concurrency(cpu_trials, launch(tmp_path), resources={"CPU": 2.0}, limits=None) == \
-        (2, "the cluster's current resources; no autoscaler")
-    assert concurrency([trial(gpus=1.0)], launch(tmp_path), resources={"CPU": 16.0, "GPU": 3.0}, limits=None)[0] == 3
+    assert concurrency(cpu_trials, launch(tmp_path), resources={"CPU": 2.0}, limits=None) == (
+        2,
+        "the cluster's current resources; no autoscaler",
+    )
+    assert (
+        concurrency([trial(gpus=1.0)], launch(tmp_path), resources={"CPU": 16.0, "GPU": 3.0}, limits=None)[0]
+        == 3
+    )
 
 
 def test_a_ray_up_head_is_found_by_its_bootstrap_config(tmp_path, monkeypatch):
@@ -103,19 +142,35 @@ def test_limits_an_autoscaler_reported_to_the_gcs(tmp_path):
     # KubeRay-style autoscaler v2 platforms report node groups (max_count -1: no limit) and total caps instead.
     from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
 
-    groups = [NodeGroupConfig(name="head", resources={"CPU": 8}, max_count=1),
-              NodeGroupConfig(name="gpu8", resources={"CPU": 192, "GPU": 8}, max_count=4)]
+    groups = [
+        NodeGroupConfig(name="head", resources={"CPU": 8}, max_count=1),
+        NodeGroupConfig(name="gpu8", resources={"CPU": 192, "GPU": 8}, max_count=4),
+    ]
     limits = limits_from_gcs(ClusterConfig(node_group_configs=groups, max_resources={"GPU": 20}))
-    assert concurrency([trial()], launch(tmp_path), resources=HEAD_ONLY, limits=limits) == \
-        (20, "the autoscaler's node types and limits, as reported to the GCS")
-    unlimited = limits_from_gcs(ClusterConfig(node_group_configs=[NodeGroupConfig(name="gpu1", resources={"CPU": 8, "GPU": 1}, max_count=-1)]))
-    assert concurrency([trial(seed=s) for s in range(7)], launch(tmp_path), resources=HEAD_ONLY, limits=unlimited)[0] == 7
+    assert concurrency([trial()], launch(tmp_path), resources=HEAD_ONLY, limits=limits) == (
+        20,
+        "the autoscaler's node types and limits, as reported to the GCS",
+    )
+    unlimited = limits_from_gcs(
+        ClusterConfig(
+            node_group_configs=[NodeGroupConfig(name="gpu1", resources={"CPU": 8, "GPU": 1}, max_count=-1)]
+        )
+    )
+    assert (
+        concurrency(
+            [trial(seed=s) for s in range(7)], launch(tmp_path), resources=HEAD_ONLY, limits=unlimited
+        )[0]
+        == 7
+    )
     assert limits_from_gcs(ClusterConfig()) is None and limits_from_gcs(None) is None
 
 
 def test_max_concurrent_decides_over_everything(tmp_path):
     limits = read_cluster_config(str(REPO / "cluster.yaml"))
-    assert concurrency([trial()], launch(tmp_path, max_concurrent=3), resources=HEAD_ONLY, limits=limits) == (3, "--max-concurrent")
+    assert concurrency([trial()], launch(tmp_path, max_concurrent=3), resources=HEAD_ONLY, limits=limits) == (
+        3,
+        "--max-concurrent",
+    )
 
 
 @pytest.mark.parametrize("bad", [0, -1, -8, 2.5, True, "2"])
@@ -134,20 +189,35 @@ def test_a_trial_no_node_type_can_place_is_refused(tmp_path):
     limits = read_cluster_config(str(REPO / "cluster.yaml"))
     check_fits([trial(workers=4, gpus=8.0)], limits)  # 4 H100 nodes: fits
     too_big = trial(gpus=16.0, seed=1)  # no node has 16 GPUs, and one worker cannot span nodes
-    with pytest.raises(SweepError, match=rf"trial {too_big.label} \({too_big.trial_id}\) needs 1 worker\(s\) x 16 GPU .* cannot place it"):
+    with pytest.raises(
+        SweepError,
+        match=rf"trial {too_big.label} \({too_big.trial_id}\) needs 1 worker\(s\) x 16 GPU .* cannot place it",
+    ):
         check_fits([trial(), too_big], limits)
     check_fits([too_big], None)  # without an autoscaler nothing is known to refuse it
 
 
-@pytest.mark.parametrize("text,problem", [
-    ("max_workers: [", "cannot read it as YAML"),
-    ("- a list", "not a mapping"),
-    ("max_workers: 2\n", "no available_node_types"),
-    ("available_node_types: {gpu: {max_workers: 1}}\n", "node type gpu declares no resources"),
-    ("available_node_types: {gpu: {max_workers: lots, resources: {GPU: 1}}}\n", "node type gpu: max_workers must be a whole number >= 0, got 'lots'"),
-    ("available_node_types: {gpu: {max_workers: 2, resources: {GPU: -1}}}\n", r"node type gpu: resources.GPU must be a number >= 0, got -1"),
-    ("max_workers: 1.5\navailable_node_types: {gpu: {resources: {GPU: 1}}}\n", "max_workers must be a whole number >= 0, got 1.5"),
-])
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ("max_workers: [", "cannot read it as YAML"),
+        ("- a list", "not a mapping"),
+        ("max_workers: 2\n", "no available_node_types"),
+        ("available_node_types: {gpu: {max_workers: 1}}\n", "node type gpu declares no resources"),
+        (
+            "available_node_types: {gpu: {max_workers: lots, resources: {GPU: 1}}}\n",
+            "node type gpu: max_workers must be a whole number >= 0, got 'lots'",
+        ),
+        (
+            "available_node_types: {gpu: {max_workers: 2, resources: {GPU: -1}}}\n",
+            r"node type gpu: resources.GPU must be a number >= 0, got -1",
+        ),
+        (
+            "max_workers: 1.5\navailable_node_types: {gpu: {resources: {GPU: 1}}}\n",
+            "max_workers must be a whole number >= 0, got 1.5",
+        ),
+    ],
+)
 def test_a_bad_cluster_config_is_named(tmp_path, text, problem):
     path = tmp_path / "cluster.yaml"
     path.write_text(text)
@@ -167,7 +237,9 @@ def test_a_bad_cluster_config_fails_the_dry_run_before_anything_starts(tmp_path)
 
 @pytest.fixture
 def one_cpu_ray(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))  # this machine is no `ray up` head, whatever the user's home holds
+    monkeypatch.setenv(
+        "HOME", str(tmp_path)
+    )  # this machine is no `ray up` head, whatever the user's home holds
     ray.init(num_cpus=1, logging_level=logging.ERROR, runtime_env={"env_vars": RUNTIME_ENV_VARS})
     yield
     ray.shutdown()
@@ -178,8 +250,10 @@ def test_trials_beyond_the_resources_queue_and_finish(one_cpu_ray, tmp_path, cap
     # Two 1-CPU trials at once on a 1-CPU Ray: the second one's workers cannot be placed until the first trial
     # ends. A 3 s start timeout makes its Train controller give up and re-request them several times meanwhile;
     # with max_failures=0 any of those counted as a failure would fail the trial.
-    configs = [dataclasses.replace(c, resources=dataclasses.replace(c.resources, max_failures=0))
-               for c in (tiny_trial("lora", seed=1), tiny_trial("lora", seed=2))]
+    configs = [
+        dataclasses.replace(c, resources=dataclasses.replace(c.resources, max_failures=0))
+        for c in (tiny_trial("lora", seed=1), tiny_trial("lora", seed=2))
+    ]
     outcome = run_sweep("queue", configs, launch(tmp_path, max_concurrent=2, worker_start_timeout_s=3.0))
     assert outcome["concurrency"] == 2 and outcome["failed"] == 0 and outcome["ran"] == 2
     assert [ResultStore(tmp_path / "storage").status(c.trial_id) for c in configs] == ["success", "success"]

@@ -1,14 +1,15 @@
 """Caches keyed by the content of a split, not its listing: pixels replaced at the same path miss the token cache
 and the reference statistics; an unchanged split keeps its keys and hits."""
+
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
-
 from conftest import TINY_VQVAE
 from test_datasets import jpeg, make_folder
+
 from trainables.data.datasets import read_dataset
 from trainables.data.token_cache import ViewSpec, cache_key, open_token_cache
 from trainables.evaluation.evaluate import reference_statistics
@@ -39,7 +40,10 @@ def test_replaced_pixels_miss_the_token_cache_and_an_unchanged_split_hits(split,
     first, hit = open_token_cache(tmp_path / "cache", split, vqvae, spec=SPEC)
     assert not hit
     again = read_dataset("folder", split.paths[0].parents[2], "train")  # listed afresh, files untouched
-    assert cache_key(again, vqvae, SPEC) == key and open_token_cache(tmp_path / "cache", again, vqvae, spec=SPEC)[1]
+    assert (
+        cache_key(again, vqvae, SPEC) == key
+        and open_token_cache(tmp_path / "cache", again, vqvae, spec=SPEC)[1]
+    )
     replace_pixels(split.paths[2], seed=99)
     assert cache_key(split, vqvae, SPEC)["images"] != key["images"]
     replaced, hit = open_token_cache(tmp_path / "cache", split, vqvae, spec=SPEC)

@@ -1,4 +1,5 @@
 """Offline source (procedural shapes) and target (scikit-learn digits) image sets."""
+
 from __future__ import annotations
 
 import pytest
@@ -40,7 +41,9 @@ def test_glyphs_are_letters_and_symbols_drawn_in_varied_styles():
 
     assert not any(ch.isdigit() for ch in glyphs.GLYPH_CLASSES)  # the target domain stays unseen
     assert len(set(glyphs.GLYPH_CLASSES)) == len(glyphs.GLYPH_CLASSES) >= 40
-    assert all(len(glyphs.fonts_for(ch)) >= 5 for ch in glyphs.GLYPH_CLASSES)  # several fonts draw every glyph
+    assert all(
+        len(glyphs.fonts_for(ch)) >= 5 for ch in glyphs.GLYPH_CLASSES
+    )  # several fonts draw every glyph
     images, labels = glyphs.glyph_images(split="train", images_per_class=4, image_size=16, seed=3)
     again, _ = glyphs.glyph_images(split="train", images_per_class=4, image_size=16, seed=3)
     test, _ = glyphs.glyph_images(split="test", images_per_class=4, image_size=16, seed=3)
@@ -61,5 +64,7 @@ def test_offline_listing_matches_the_written_folder(tmp_path):
     files, names = offline.listing("digits", tmp_path, "test", image_size=16)
     assert not any(tmp_path.iterdir())  # listing writes nothing (dry runs)
     written = read_dataset("folder", offline.write_folder("digits", tmp_path, image_size=16), "test")
-    assert written.paths == tuple(p for p, _ in files) and written.labels == tuple(label for _, label in files)
+    assert written.paths == tuple(p for p, _ in files) and written.labels == tuple(
+        label for _, label in files
+    )
     assert written.class_names == names

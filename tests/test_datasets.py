@@ -1,4 +1,5 @@
 """Dataset readers on small fake copies of each official layout, class mapping, corrupt files, transforms."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,14 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from trainables.data.datasets import (DatasetError, ImageListDataset, check_images, eval_transform, read_dataset,
-                                      train_transform)
+from trainables.data.datasets import (
+    DatasetError,
+    ImageListDataset,
+    check_images,
+    eval_transform,
+    read_dataset,
+    train_transform,
+)
 
 
 def jpeg(path: Path, *, seed: int = 0, size: tuple[int, int] = (20, 12)) -> None:
@@ -34,15 +41,21 @@ def make_cub(root: Path) -> None:
             images.append(f"{image_id} {rel}")
             labels.append(f"{image_id} {cid}")
             split.append(f"{image_id} {1 if n < train else 0}")
-    for name, lines in (("images.txt", images), ("image_class_labels.txt", labels), ("train_test_split.txt", split),
-                        ("classes.txt", [f"{cid} {name}" for cid, name in classes.items()])):
+    for name, lines in (
+        ("images.txt", images),
+        ("image_class_labels.txt", labels),
+        ("train_test_split.txt", split),
+        ("classes.txt", [f"{cid} {name}" for cid, name in classes.items()]),
+    ):
         (base / name).write_text("\n".join(lines) + "\n")
 
 
 def make_food(root: Path) -> None:
     base = root / "food-101"
-    meta = {"train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "waffles": ["waffles/3"]},
-            "test": {"apple_pie": ["apple_pie/4"], "waffles": ["waffles/5", "waffles/6"]}}
+    meta = {
+        "train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "waffles": ["waffles/3"]},
+        "test": {"apple_pie": ["apple_pie/4"], "waffles": ["waffles/5", "waffles/6"]},
+    }
     for split, table in meta.items():
         (base / "meta").mkdir(parents=True, exist_ok=True)
         (base / "meta" / f"{split}.json").write_text(json.dumps(table))
@@ -57,15 +70,27 @@ def make_flowers(root: Path) -> None:
     for i in range(1, len(labels) + 1):
         jpeg(base / "jpg" / f"image_{i:05d}.jpg", seed=i)
     savemat(base / "imagelabels.mat", {"labels": labels})
-    savemat(base / "setid.mat", {"trnid": np.array([1, 3, 4]), "valid": np.array([2]), "tstid": np.array([5, 6, 7])})
+    savemat(
+        base / "setid.mat",
+        {"trnid": np.array([1, 3, 4]), "valid": np.array([2]), "tstid": np.array([5, 6, 7])},
+    )
 
 
 def make_cars(root: Path) -> None:
     base = root / "stanford_cars"
     (base / "devkit").mkdir(parents=True)
-    savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(["AM General Hummer", "Acura RL", "Audi R8"], dtype=object)})
-    for split, annotations_path, entries in (("train", base / "devkit" / "cars_train_annos.mat", [("00001.jpg", 1), ("00002.jpg", 3)]),
-                                             ("test", base / "cars_test_annos_withlabels.mat", [("00001.jpg", 2), ("00002.jpg", 2), ("00003.jpg", 3)])):
+    savemat(
+        base / "devkit" / "cars_meta.mat",
+        {"class_names": np.array(["AM General Hummer", "Acura RL", "Audi R8"], dtype=object)},
+    )
+    for split, annotations_path, entries in (
+        ("train", base / "devkit" / "cars_train_annos.mat", [("00001.jpg", 1), ("00002.jpg", 3)]),
+        (
+            "test",
+            base / "cars_test_annos_withlabels.mat",
+            [("00001.jpg", 2), ("00002.jpg", 2), ("00003.jpg", 3)],
+        ),
+    ):
         record = np.array(entries, dtype=[("fname", "O"), ("class", "O")])
         savemat(annotations_path, {"annotations": record})
         for i, (fname, _) in enumerate(entries):
@@ -75,10 +100,14 @@ def make_cars(root: Path) -> None:
 def make_pet(root: Path) -> None:
     base = root / "oxford-iiit-pet"
     (base / "annotations").mkdir(parents=True)
-    rows = {"trainval": [("Abyssinian_1", 1, 1), ("Abyssinian_2", 1, 1), ("american_bulldog_1", 2, 2)],
-            "test": [("Abyssinian_3", 1, 1), ("american_bulldog_2", 2, 2)]}
+    rows = {
+        "trainval": [("Abyssinian_1", 1, 1), ("Abyssinian_2", 1, 1), ("american_bulldog_1", 2, 2)],
+        "test": [("Abyssinian_3", 1, 1), ("american_bulldog_2", 2, 2)],
+    }
     for split, entries in rows.items():
-        (base / "annotations" / f"{split}.txt").write_text("".join(f"{name} {label} {species} 1\n" for name, label, species in entries))
+        (base / "annotations" / f"{split}.txt").write_text(
+            "".join(f"{name} {label} {species} 1\n" for name, label, species in entries)
+        )
         for i, (name, _, _) in enumerate(entries):
             jpeg(base / "images" / f"{name}.jpg", seed=i)
 
@@ -91,22 +120,41 @@ def make_folder(root: Path) -> None:
 
 
 LAYOUTS = {
-    "cub200": (make_cub, {"train": {"001.Albatross": 1, "002.Auklet": 2, "010.Blackbird": 3}, "test": {"001.Albatross": 1, "002.Auklet": 1, "010.Blackbird": 1}}),
+    "cub200": (
+        make_cub,
+        {
+            "train": {"001.Albatross": 1, "002.Auklet": 2, "010.Blackbird": 3},
+            "test": {"001.Albatross": 1, "002.Auklet": 1, "010.Blackbird": 1},
+        },
+    ),
     "food101": (make_food, {"train": {"apple_pie": 2, "waffles": 1}, "test": {"apple_pie": 1, "waffles": 2}}),
-    "stanford_cars": (make_cars, {"train": {"AM General Hummer": 1, "Acura RL": 0, "Audi R8": 1}, "test": {"AM General Hummer": 0, "Acura RL": 2, "Audi R8": 1}}),
-    "oxford_pet": (make_pet, {"train": {"Abyssinian": 2, "American Bulldog": 1}, "test": {"Abyssinian": 1, "American Bulldog": 1}}),
+    "stanford_cars": (
+        make_cars,
+        {
+            "train": {"AM General Hummer": 1, "Acura RL": 0, "Audi R8": 1},
+            "test": {"AM General Hummer": 0, "Acura RL": 2, "Audi R8": 1},
+        },
+    ),
+    "oxford_pet": (
+        make_pet,
+        {"train": {"Abyssinian": 2, "American Bulldog": 1}, "test": {"Abyssinian": 1, "American Bulldog": 1}},
+    ),
     "folder": (make_folder, {"train": {"10": 3, "2": 2}, "test": {"10": 2, "2": 1}}),
 }
 
 
 # Where each fake layout says which class a file belongs to, independently of the reader.
-CARS_FILES = {"train": {"00001.jpg": "AM General Hummer", "00002.jpg": "Audi R8"},
-              "test": {"00001.jpg": "Acura RL", "00002.jpg": "Acura RL", "00003.jpg": "Audi R8"}}
+CARS_FILES = {
+    "train": {"00001.jpg": "AM General Hummer", "00002.jpg": "Audi R8"},
+    "test": {"00001.jpg": "Acura RL", "00002.jpg": "Acura RL", "00003.jpg": "Audi R8"},
+}
 CLASS_OF_PATH = {
     "cub200": lambda path, split: path.parent.name,
     "food101": lambda path, split: path.parent.name,
     "folder": lambda path, split: path.parent.name,
-    "oxford_pet": lambda path, split: " ".join(part.title() for part in path.stem.rsplit("_", 1)[0].split("_")),
+    "oxford_pet": lambda path, split: " ".join(
+        part.title() for part in path.stem.rsplit("_", 1)[0].split("_")
+    ),
     "stanford_cars": lambda path, split: CARS_FILES[split][path.name],
 }
 
@@ -120,7 +168,9 @@ def test_reader_on_fake_official_layout(name, split, tmp_path):
     assert images.class_counts == expected[split]
     assert all(p.is_file() for p in images.paths) and len(images) == sum(expected[split].values())
     truth = CLASS_OF_PATH[name]
-    assert [images.class_names[label] for label in images.labels] == [truth(path, split) for path in images.paths]
+    assert [images.class_names[label] for label in images.labels] == [
+        truth(path, split) for path in images.paths
+    ]
 
 
 def test_flowers_uses_official_split_ids_and_labels(tmp_path):
@@ -163,7 +213,9 @@ def test_corrupt_images_are_named_and_skipped_only_on_request(tmp_path):
     make_folder(tmp_path)
     broken = tmp_path / "train" / "2" / "0.png"
     broken.write_bytes(b"not an image at all")
-    (tmp_path / "train" / "10" / "1.png").write_bytes(broken.read_bytes()[:0] + b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    (tmp_path / "train" / "10" / "1.png").write_bytes(
+        broken.read_bytes()[:0] + b"\x89PNG\r\n\x1a\n" + b"\0" * 10
+    )
     images = read_dataset("folder", tmp_path, "train")
     with pytest.raises(DatasetError, match=r"2 unreadable image\(s\)") as error:
         check_images(images)
@@ -186,11 +238,19 @@ def test_transforms_follow_the_paper(tmp_path):
     assert len(crops) > 1  # random crops differ
 
 
-@pytest.mark.parametrize("split_lines, expected", [
-    (lambda lines: lines[:2] + lines[3:], r"cub200: 1 image\(s\) have no entry in train_test_split.txt \(ids \['3'\]\)"),
-    (lambda lines: [line if not line.startswith("5 ") else "5 2" for line in lines],
-     r"cub200: 1 image\(s\) have a split other than 1 \(train\) or 0 \(test\) \(id: value \{'5': '2'\}\)"),
-])
+@pytest.mark.parametrize(
+    "split_lines, expected",
+    [
+        (
+            lambda lines: lines[:2] + lines[3:],
+            r"cub200: 1 image\(s\) have no entry in train_test_split.txt \(ids \['3'\]\)",
+        ),
+        (
+            lambda lines: [line if not line.startswith("5 ") else "5 2" for line in lines],
+            r"cub200: 1 image\(s\) have a split other than 1 \(train\) or 0 \(test\) \(id: value \{'5': '2'\}\)",
+        ),
+    ],
+)
 def test_cub_image_in_no_split_is_an_error_naming_it(tmp_path, split_lines, expected):
     """An image missing from train_test_split.txt (or marked neither 1 nor 0) used to drop out of both splits."""
     make_cub(tmp_path)

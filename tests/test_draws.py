@@ -1,10 +1,11 @@
 """Per-example random draws (trainables/draws.py) and the model's keyed drop-path: an example's draws depend on the
 key, the step and its own index only."""
+
 from __future__ import annotations
 
 import torch
-
 from conftest import TINY_VAR
+
 from trainables.data.tokens import TokenViews
 from trainables.draws import ExampleKey, example_draws
 from trainables.models import build_var
@@ -16,11 +17,19 @@ def test_an_examples_draws_do_not_depend_on_the_rest_of_the_batch():
     for batch in ([7, 1, 2], [0, 9, 7], list(range(100))):
         drawn = example_draws(key, torch.tensor(batch), step=3, num_views=5, k=2, drop_path_branches=4)
         row = batch.index(7)
-        assert torch.equal(drawn.views_bV[row], alone.views_bV[0]) and torch.equal(drawn.label_b[row], alone.label_b[0])
-        assert torch.equal(drawn.drop_path_RD[2 * row: 2 * row + 2], alone.drop_path_RD)  # its k rows, example-major
+        assert torch.equal(drawn.views_bV[row], alone.views_bV[0]) and torch.equal(
+            drawn.label_b[row], alone.label_b[0]
+        )
+        assert torch.equal(
+            drawn.drop_path_RD[2 * row : 2 * row + 2], alone.drop_path_RD
+        )  # its k rows, example-major
     other_step = example_draws(key, torch.tensor([7]), step=4, num_views=5, k=2, drop_path_branches=4)
-    other_key = example_draws(ExampleKey.from_entropy(), torch.tensor([7]), step=3, num_views=5, k=2, drop_path_branches=4)
-    assert not torch.equal(other_step.views_bV, alone.views_bV) and not torch.equal(other_key.views_bV, alone.views_bV)
+    other_key = example_draws(
+        ExampleKey.from_entropy(), torch.tensor([7]), step=3, num_views=5, k=2, drop_path_branches=4
+    )
+    assert not torch.equal(other_step.views_bV, alone.views_bV) and not torch.equal(
+        other_key.views_bV, alone.views_bV
+    )
     assert "key=" not in repr(key) and key.secret and not ExampleKey.from_seed(0).secret
 
 
@@ -33,9 +42,15 @@ def test_draws_are_uniform_and_independent_across_examples_slots_and_steps():
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     assert chi2 < 49 + 5 * (2 * 49) ** 0.5  # 49 degrees of freedom, five standard deviations
     flat_next = key.uniform(torch.arange(50_000), step=1, purpose="views", count=8)
-    for a, b in ((u[:-1, 0], u[1:, 0]), (u[:, 0], u[:, 1]), (u[:, 0], flat_next[:, 0])):  # neighbours, slots, steps
+    for a, b in (
+        (u[:-1, 0], u[1:, 0]),
+        (u[:, 0], u[:, 1]),
+        (u[:, 0], flat_next[:, 0]),
+    ):  # neighbours, slots, steps
         assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.02
-    assert torch.equal(ExampleKey.from_seed(0).uniform(torch.tensor([3]), step=0, purpose="views", count=8), u[3:4])
+    assert torch.equal(
+        ExampleKey.from_seed(0).uniform(torch.tensor([3]), step=0, purpose="views", count=8), u[3:4]
+    )
 
 
 def test_token_views_take_the_k_views_with_the_smallest_uniforms():
@@ -46,7 +61,9 @@ def test_token_views_take_the_k_views_with_the_smallest_uniforms():
 
 
 def test_keyed_drop_path_drops_rows_independently_and_leaves_the_global_generator_alone():
-    var = build_var(**{**TINY_VAR, "depth": 3}, drop_path_rate=0.5, generator=torch.Generator().manual_seed(0)).train()
+    var = build_var(
+        **{**TINY_VAR, "depth": 3}, drop_path_rate=0.5, generator=torch.Generator().manual_seed(0)
+    ).train()
     label_B = torch.tensor([1, 2, 3])
     x_BLC = torch.randn(3, var.seq_len - var.first_l, TINY_VAR["z_channels"])
     u_BD = ExampleKey.from_seed(1).uniform(torch.arange(3), step=0, purpose="drop_path", count=2 * var.depth)
@@ -54,9 +71,20 @@ def test_keyed_drop_path_drops_rows_independently_and_leaves_the_global_generato
     together = var(label_B, x_BLC, drop_path_uniform_BD=u_BD)
     assert torch.equal(torch.get_rng_state(), rng)
     for b in range(3):
-        torch.testing.assert_close(var(label_B[b: b + 1], x_BLC[b: b + 1], drop_path_uniform_BD=u_BD[b: b + 1]), together[b: b + 1])
-    torch.testing.assert_close(var(label_B, x_BLC, drop_path_uniform_BD=u_BD), together)  # the uniforms decide, nothing else
-    keep_all, drop_all = (var(label_B, x_BLC, drop_path_uniform_BD=torch.full_like(u_BD, value)) for value in (0.0, 0.99))
+        torch.testing.assert_close(
+            var(label_B[b : b + 1], x_BLC[b : b + 1], drop_path_uniform_BD=u_BD[b : b + 1]),
+            together[b : b + 1],
+        )
+    torch.testing.assert_close(
+        var(label_B, x_BLC, drop_path_uniform_BD=u_BD), together
+    )  # the uniforms decide, nothing else
+    keep_all, drop_all = (
+        var(label_B, x_BLC, drop_path_uniform_BD=torch.full_like(u_BD, value)) for value in (0.0, 0.99)
+    )
     assert not torch.allclose(keep_all, drop_all) and not torch.allclose(keep_all, together)
-    no_drop = build_var(**{**TINY_VAR, "depth": 3}, drop_path_rate=0.0, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(no_drop.train()(label_B, x_BLC, drop_path_uniform_BD=u_BD), no_drop.eval()(label_B, x_BLC))
+    no_drop = build_var(
+        **{**TINY_VAR, "depth": 3}, drop_path_rate=0.0, generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(
+        no_drop.train()(label_B, x_BLC, drop_path_uniform_BD=u_BD), no_drop.eval()(label_B, x_BLC)
+    )

@@ -1,18 +1,21 @@
 """The evaluation pipeline end to end on tiny models and a fake folder dataset, and its standalone command."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from test_datasets import make_folder
-from trainables.data.datasets import read_dataset
+
 from bench.schema import SUBSTITUTE_EXTRACTOR, EvaluationConfig
+from trainables.data.datasets import read_dataset
 from trainables.evaluation.evaluate import ScoringSettings, evaluate, main
 from trainables.evaluation.metrics import ReferenceStats
 from trainables.models.checkpoints import save_var, save_vqvae
 
-EVALUATION = EvaluationConfig(extractor=SUBSTITUTE_EXTRACTOR, guidance_scale=1.0, top_k=0, top_p=0.0, batch_size=4, sampling_seed=0)
+EVALUATION = EvaluationConfig(
+    extractor=SUBSTITUTE_EXTRACTOR, guidance_scale=1.0, top_k=0, top_p=0.0, batch_size=4, sampling_seed=0
+)
 SCORING = ScoringSettings(kid_subsets=5, kid_subset_size=4)
 
 
@@ -24,15 +27,43 @@ def split(tmp_path):
 
 def test_evaluate_generates_per_class_and_reuses_reference_statistics(tiny_var, tiny_vqvae, split, tmp_path):
     cache = ReferenceStats(tmp_path / "reference")
-    first = evaluate(tiny_var, tiny_vqvae, split, evaluation=EVALUATION, autocast_bf16=True, scoring=SCORING, cache=cache)
+    first = evaluate(
+        tiny_var, tiny_vqvae, split, evaluation=EVALUATION, autocast_bf16=True, scoring=SCORING, cache=cache
+    )
     assert first["plan"] == [3, 2] and first["images_generated"] == 5 and not first["reference_cache_hit"]
-    assert set(first["metrics"]) == {"fid", "precision", "recall", "kid_mean", "kid_std"} and first["metrics"]["fid"] > 0
-    assert first["evaluation_settings"] == {"extractor": SUBSTITUTE_EXTRACTOR, "resolution": 16, "num_images": None, "neighborhood": 3,
-                                           "kid_subsets": 5, "kid_subset_size": 4}
-    assert first["sampling"] == {"guidance_scale": 1.0, "top_k": 0, "top_p": 0.0, "batch_size": 4, "sampling_seed": 0, "autocast_bf16": True}
-    assert first["compute"]["sample_flops_per_image"] > 0 and first["compute"]["sample_pflops"] == pytest.approx(
-        5 * first["compute"]["sample_flops_per_image"] / 1e15)
-    second = evaluate(tiny_var, tiny_vqvae, split, evaluation=EVALUATION, autocast_bf16=True, scoring=SCORING, cache=cache, out_dir=tmp_path / "images")
+    assert (
+        set(first["metrics"]) == {"fid", "precision", "recall", "kid_mean", "kid_std"}
+        and first["metrics"]["fid"] > 0
+    )
+    assert first["evaluation_settings"] == {
+        "extractor": SUBSTITUTE_EXTRACTOR,
+        "resolution": 16,
+        "num_images": None,
+        "neighborhood": 3,
+        "kid_subsets": 5,
+        "kid_subset_size": 4,
+    }
+    assert first["sampling"] == {
+        "guidance_scale": 1.0,
+        "top_k": 0,
+        "top_p": 0.0,
+        "batch_size": 4,
+        "sampling_seed": 0,
+        "autocast_bf16": True,
+    }
+    assert first["compute"]["sample_flops_per_image"] > 0 and first["compute"][
+        "sample_pflops"
+    ] == pytest.approx(5 * first["compute"]["sample_flops_per_image"] / 1e15)
+    second = evaluate(
+        tiny_var,
+        tiny_vqvae,
+        split,
+        evaluation=EVALUATION,
+        autocast_bf16=True,
+        scoring=SCORING,
+        cache=cache,
+        out_dir=tmp_path / "images",
+    )
     assert second["reference_cache_hit"] and second["metrics"] == first["metrics"]  # PNGs are lossless
 
 
@@ -41,19 +72,65 @@ def test_command_defaults_are_the_configs(tmp_path):
     become that section (checked by it)."""
     from trainables.evaluation.evaluate import _parser, evaluation_config
 
-    args = _parser().parse_args(["--var", "v", "--vqvae", "q", "--dataset", "folder", "--root", "r", "--out", "o",
-                                 "--extractor", SUBSTITUTE_EXTRACTOR])
+    args = _parser().parse_args(
+        [
+            "--var",
+            "v",
+            "--vqvae",
+            "q",
+            "--dataset",
+            "folder",
+            "--root",
+            "r",
+            "--out",
+            "o",
+            "--extractor",
+            SUBSTITUTE_EXTRACTOR,
+        ]
+    )
     assert evaluation_config(args) == EvaluationConfig(extractor=SUBSTITUTE_EXTRACTOR)
     assert args.autocast_bf16 is True and args.resolution is None
 
 
 def test_standalone_command_on_saved_checkpoints(tiny_var, tiny_vqvae, split, tmp_path, capsys):
-    var_path, vqvae_path = save_var(tiny_var, tmp_path / "var.pth"), save_vqvae(tiny_vqvae, tmp_path / "vqvae.pth")
+    var_path, vqvae_path = (
+        save_var(tiny_var, tmp_path / "var.pth"),
+        save_vqvae(tiny_vqvae, tmp_path / "vqvae.pth"),
+    )
     # --depth may be left out: the sidecar records the architecture (a different --depth is refused; see test_bad_inputs)
-    assert main(["--var", str(var_path), "--vqvae", str(vqvae_path), "--dataset", "folder",
-                 "--root", str(tmp_path / "data"), "--split", "train", "--extractor", "substitute-randconv-v1", "--resolution", "16",
-                 "--cfg", "1.0", "--top-k", "0", "--top-p", "0", "--batch-size", "4", "--cache", str(tmp_path / "ref"),
-                 "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "--var",
+                str(var_path),
+                "--vqvae",
+                str(vqvae_path),
+                "--dataset",
+                "folder",
+                "--root",
+                str(tmp_path / "data"),
+                "--split",
+                "train",
+                "--extractor",
+                "substitute-randconv-v1",
+                "--resolution",
+                "16",
+                "--cfg",
+                "1.0",
+                "--top-k",
+                "0",
+                "--top-p",
+                "0",
+                "--batch-size",
+                "4",
+                "--cache",
+                str(tmp_path / "ref"),
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert result["images_generated"] == 5 and len(list((tmp_path / "eval" / "images").rglob("*.png"))) == 5
     assert "fid" in json.loads(capsys.readouterr().out)

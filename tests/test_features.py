@@ -1,11 +1,18 @@
 """Feature extractors: the offline substitute separates real domains; Inception refuses to run without local weights."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from trainables.data import offline
-from trainables.evaluation.features import INCEPTION, SUBSTITUTE, build_extractor, extract_features, uint8_batches
+from trainables.evaluation.features import (
+    INCEPTION,
+    SUBSTITUTE,
+    build_extractor,
+    extract_features,
+    uint8_batches,
+)
 from trainables.evaluation.metrics import fid
 
 
@@ -49,9 +56,15 @@ def inception_weights(tmp_path_factory):
     from unittest import mock
 
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
     path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
-    with mock.patch("torch.load", return_value={}), mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    with (
+        mock.patch("torch.load", return_value={}),
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
+    ):
+        net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path="unused"
+        )
     torch.save(net.state_dict(), path)
     return path
 

@@ -1,15 +1,16 @@
 """The fine-tuning loop: token views, scale weights, prior preservation, and DP/non-DP runs on real offline data."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-
 from conftest import TINY_VAR, TINY_VQVAE
+
+from bench.schema import EvaluationConfig, MethodConfig, OptimizationConfig, PrivacyConfig, ResourcesConfig
 from trainables.data import offline
 from trainables.data.tokens import TokenViews
-from bench.schema import EvaluationConfig, MethodConfig, OptimizationConfig, PrivacyConfig, ResourcesConfig
 from trainables.finetune import Checkpointing, Prior, RunPlan, finetune, training_autocast
 from trainables.methods import adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
@@ -19,7 +20,9 @@ from trainables.privacy import PrivacyConfigError
 from trainables.training import scale_loss_weights, view_losses
 
 FULL = MethodConfig(name="full")
-GREEDY = EvaluationConfig(extractor="substitute-randconv-v1", guidance_scale=1.0, top_k=0, top_p=0.0)  # bank sampling settings
+GREEDY = EvaluationConfig(
+    extractor="substitute-randconv-v1", guidance_scale=1.0, top_k=0, top_p=0.0
+)  # bank sampling settings
 
 
 def resources(**checkpoint_fields) -> ResourcesConfig:
@@ -39,9 +42,16 @@ def digits_setup():
     test = offline.digits(split="test", image_size=16, seed=0)
     torch.manual_seed(0)
     vqvae = build_vqvae(**TINY_VQVAE)
-    train_vqvae(vqvae, train.images_N3HW, schedule=Schedule(steps=60, batch_size=32, lr=1e-3, weight_decay=0.0, log_every=60))
+    train_vqvae(
+        vqvae,
+        train.images_N3HW,
+        schedule=Schedule(steps=60, batch_size=32, lr=1e-3, weight_decay=0.0, log_every=60),
+    )
     shifted = torch.roll(train.images_N3HW, shifts=1, dims=3)
-    views = tuple(torch.stack([a, b], dim=1) for a, b in zip(encode_tokens(vqvae, train.images_N3HW), encode_tokens(vqvae, shifted)))
+    views = tuple(
+        torch.stack([a, b], dim=1)
+        for a, b in zip(encode_tokens(vqvae, train.images_N3HW), encode_tokens(vqvae, shifted))
+    )
     data = TokenViews(train.labels_N, views)
     held_out = (encode_tokens(vqvae, test.images_N3HW), test.labels_N)
     return vqvae, data, held_out, len(train.class_names)
@@ -77,24 +87,44 @@ def test_view_losses_weighting_and_class_dropout_once_per_example(tiny_vqvae):
     idx = [torch.randint(0, 64, (3, 4, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]]
     labels = torch.tensor([0, 1, 2])
     plain_bk = view_losses(var, tiny_vqvae, labels, idx, class_dropout=0.0)
-    ones = view_losses(var, tiny_vqvae, labels, idx, class_dropout=0.0, token_weights_L=scale_loss_weights(TINY_VAR["patch_nums"]))
+    ones = view_losses(
+        var,
+        tiny_vqvae,
+        labels,
+        idx,
+        class_dropout=0.0,
+        token_weights_L=scale_loss_weights(TINY_VAR["patch_nums"]),
+    )
     assert plain_bk.shape == (3, 4) and torch.allclose(plain_bk, ones)
     # With dropout 0.999 nearly every example is unconditional, and its k views share the decision: rows of equal
     # views give equal losses only if all views of an example saw the same label.
     same_views = [t[:, :1].expand(-1, 4, -1) for t in idx]
-    dropped_bk = view_losses(var, tiny_vqvae, labels, same_views, class_dropout=0.5, generator=torch.Generator().manual_seed(1))
+    dropped_bk = view_losses(
+        var, tiny_vqvae, labels, same_views, class_dropout=0.5, generator=torch.Generator().manual_seed(1)
+    )
     assert torch.allclose(dropped_bk, dropped_bk[:, :1].expand(-1, 4))
 
 
 def test_prior_loss_is_zero_for_the_teacher_and_trains_only_the_student(tiny_vqvae):
     teacher = base_var().eval()
-    bank = build_prior_bank(teacher, tiny_vqvae, num_samples=6, chunk_size=4, evaluation=GREEDY, generator=torch.Generator().manual_seed(0))
-    assert bank.size == 6 and [t.shape for t in bank.tokens] == [(6, pn * pn) for pn in TINY_VAR["patch_nums"]]
+    bank = build_prior_bank(
+        teacher,
+        tiny_vqvae,
+        num_samples=6,
+        chunk_size=4,
+        evaluation=GREEDY,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert bank.size == 6 and [t.shape for t in bank.tokens] == [
+        (6, pn * pn) for pn in TINY_VAR["patch_nums"]
+    ]
     student = adapt(copy.deepcopy(teacher), FULL, num_classes=2, seed=0).eval()
     idx = bank.batch(4, generator=torch.Generator().manual_seed(1))
     assert prior_preservation_loss(student, teacher, tiny_vqvae, idx).item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
-        student.head.weight.add_(torch.randn(student.head.weight.shape, generator=torch.Generator().manual_seed(2)), alpha=0.05)
+        student.head.weight.add_(
+            torch.randn(student.head.weight.shape, generator=torch.Generator().manual_seed(2)), alpha=0.05
+        )
     kl = prior_preservation_loss(student, teacher, tiny_vqvae, idx)
     assert kl.item() > 1e-4
     kl.backward()
@@ -107,13 +137,18 @@ def test_prior_targets_are_deterministic_with_a_training_mode_teacher(tiny_vqvae
     student = adapt(copy.deepcopy(teacher), FULL, num_classes=2, seed=0).eval()
     with torch.no_grad():
         student.head.weight.mul_(1.1)
-    idx = [torch.randint(0, 64, (3, pn * pn), generator=torch.Generator().manual_seed(pn)) for pn in TINY_VAR["patch_nums"]]
+    idx = [
+        torch.randint(0, 64, (3, pn * pn), generator=torch.Generator().manual_seed(pn))
+        for pn in TINY_VAR["patch_nums"]
+    ]
     values = {prior_preservation_loss(student, teacher, tiny_vqvae, idx).item() for _ in range(3)}
     assert len(values) == 1 and teacher.training
 
 
 def _ddp_finetune_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     try:
         params = _tiny_non_dp_finetune()
         if rank == 0:
@@ -125,8 +160,10 @@ def _ddp_finetune_worker(rank: int, world: int, init_file: str, result_file: str
 def _tiny_lora_setup():
     """(token views of 16 random examples, a tiny VQVAE, a LoRA-adapted tiny VAR), the same in every process."""
     g = torch.Generator().manual_seed(0)
-    data = TokenViews(torch.randint(0, 3, (16,), generator=g),
-                      tuple(torch.randint(0, 64, (16, 1, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]))
+    data = TokenViews(
+        torch.randint(0, 3, (16,), generator=g),
+        tuple(torch.randint(0, 64, (16, 1, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]),
+    )
     torch.manual_seed(0)
     vqvae = build_vqvae(**TINY_VQVAE).eval()
     return data, vqvae, adapt(base_var(), MethodConfig(name="lora", lora_rank=4), num_classes=3, seed=0)
@@ -134,24 +171,37 @@ def _tiny_lora_setup():
 
 def _tiny_non_dp_finetune() -> dict[str, torch.Tensor]:
     data, vqvae, var = _tiny_lora_setup()
-    finetune(var, vqvae, data, optimization=optimization(3, learning_rate=1e-2, batch_size=8, class_dropout=0.0), method=MethodConfig(name="lora", lora_rank=4),
-             plan=RunPlan(planned_steps=3))
+    finetune(
+        var,
+        vqvae,
+        data,
+        optimization=optimization(3, learning_rate=1e-2, batch_size=8, class_dropout=0.0),
+        method=MethodConfig(name="lora", lora_rank=4),
+        plan=RunPlan(planned_steps=3),
+    )
     return {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
 
 
 def test_non_dp_finetune_under_two_processes_matches_one(tmp_path):
     """Each rank trains on its half of every batch and gradients are averaged: the same update as one process."""
     single = _tiny_non_dp_finetune()
-    torch.multiprocessing.spawn(_ddp_finetune_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    torch.multiprocessing.spawn(
+        _ddp_finetune_worker,
+        args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ddp.pt")),
+        nprocs=2,
+        join=True,
+    )
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for name, value in single.items():
-        torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")  # noqa: B023
 
 
 def test_non_dp_finetune_lowers_held_out_nll_with_every_option(digits_setup):
     vqvae, data, (test_tokens, test_labels), K = digits_setup
     teacher = base_var().eval()
-    bank = build_prior_bank(teacher, vqvae, num_samples=16, evaluation=GREEDY, generator=torch.Generator().manual_seed(0))
+    bank = build_prior_bank(
+        teacher, vqvae, num_samples=16, evaluation=GREEDY, generator=torch.Generator().manual_seed(0)
+    )
     # Full fine-tuning: on a randomly initialised base (blocks near identity) adapters alone cannot move the logits much.
     method = MethodConfig(name="full", scale_weight_decay=0.8, prior_weight=0.1)
     var = adapt(copy.deepcopy(teacher), method, num_classes=K, seed=0)
@@ -163,8 +213,16 @@ def test_non_dp_finetune_lowers_held_out_nll_with_every_option(digits_setup):
         evaluations.append(model.training)
         return {"nll": token_nll(model, vqvae, test_tokens, test_labels)}
 
-    out = finetune(var, vqvae, data, optimization=optimization(40, learning_rate=3e-3, batch_size=32), method=method, plan=plan,
-                   prior=Prior(teacher, bank), evaluate_fn=held_out_nll)
+    out = finetune(
+        var,
+        vqvae,
+        data,
+        optimization=optimization(40, learning_rate=3e-3, batch_size=32),
+        method=method,
+        plan=plan,
+        prior=Prior(teacher, bank),
+        evaluate_fn=held_out_nll,
+    )
     after = token_nll(var, vqvae, test_tokens, test_labels)
     assert [c["step"] for c in out["convergence"]] == [20, 40] and evaluations == [False, False]
     compute = out["compute"]  # without DP one view per example (k views are DP's augmentation multiplicity)
@@ -179,26 +237,56 @@ def test_non_dp_finetune_lowers_held_out_nll_with_every_option(digits_setup):
 def test_dp_finetune_records_ledger_and_no_private_statistics(digits_setup):
     vqvae, data, (test_tokens, test_labels), K = digits_setup
     teacher = base_var().eval()
-    bank = build_prior_bank(teacher, vqvae, num_samples=8, evaluation=GREEDY, generator=torch.Generator().manual_seed(0))
+    bank = build_prior_bank(
+        teacher, vqvae, num_samples=8, evaluation=GREEDY, generator=torch.Generator().manual_seed(0)
+    )
     results = {}
     method = MethodConfig(name="full", prior_weight=0.05)
     for epsilon in (1.0, 1e4):
         var = adapt(copy.deepcopy(teacher), method, num_classes=K, seed=0)
-        privacy = PrivacyConfig(target_epsilon=epsilon, sampling_rate=0.05, max_grad_norm=0.5, augmentation_multiplicity=2, physical_batch_rows=32)
-        out = finetune(var, vqvae, data, optimization=optimization(30, learning_rate=3e-3), method=method, privacy=privacy,
-                       plan=RunPlan(planned_steps=30, prior_batch_size=4, log_every=10), prior=Prior(teacher, bank), debug_seed=0)
+        privacy = PrivacyConfig(
+            target_epsilon=epsilon,
+            sampling_rate=0.05,
+            max_grad_norm=0.5,
+            augmentation_multiplicity=2,
+            physical_batch_rows=32,
+        )
+        out = finetune(
+            var,
+            vqvae,
+            data,
+            optimization=optimization(30, learning_rate=3e-3),
+            method=method,
+            privacy=privacy,
+            plan=RunPlan(planned_steps=30, prior_batch_size=4, log_every=10),
+            prior=Prior(teacher, bank),
+            debug_seed=0,
+        )
         ledger = out["privacy"]
-        assert ledger["sampling_rng"].startswith("caller-seeded") and ledger["noise_rng"].startswith("seeded from OS entropy")
-        assert ledger["steps"] == 30 and ledger["epsilon_rdp"] <= epsilon and ledger["augmentation_multiplicity"] == 2
+        assert ledger["sampling_rng"].startswith("caller-seeded") and ledger["noise_rng"].startswith(
+            "seeded from OS entropy"
+        )
+        assert (
+            ledger["steps"] == 30
+            and ledger["epsilon_rdp"] <= epsilon
+            and ledger["augmentation_multiplicity"] == 2
+        )
         assert ledger["delta"] == 1 / data.num_examples and "actual_batch_sizes" not in ledger
         # Compute at the expected batch (the actual Poisson sizes are private); the public prior term counted per step.
         compute = out["compute"]
-        assert compute["rows_trained"] == pytest.approx(30 * 2 * 0.05 * data.num_examples) and compute["steps_trained"] == 30
+        assert (
+            compute["rows_trained"] == pytest.approx(30 * 2 * 0.05 * data.num_examples)
+            and compute["steps_trained"] == 30
+        )
         assert compute["train_flops_per_step"] > 0 and compute["train_pflops"] == pytest.approx(
-            (compute["train_flops_per_row"] * compute["rows_trained"] + 30 * compute["train_flops_per_step"]) / 1e15)
+            (compute["train_flops_per_row"] * compute["rows_trained"] + 30 * compute["train_flops_per_step"])
+            / 1e15
+        )
         assert any("scaled_dot_product" in op for op in compute["counted_ops"])
         for entry in out["history"]:
-            assert not {"loss", "grad_norm", "batch_size"} & set(entry), entry  # nothing computed from private examples
+            assert not {"loss", "grad_norm", "batch_size"} & set(entry), (
+                entry
+            )  # nothing computed from private examples
             assert {"epsilon_rdp", "prior_kl"} <= set(entry)
         results[epsilon] = token_nll(var, vqvae, test_tokens, test_labels)
     print(f"held-out NLL: eps=1 {results[1.0]:.3f}, eps=1e4 {results[1e4]:.3f}")
@@ -210,12 +298,29 @@ def test_bad_finetune_settings_fail_before_compute(digits_setup):
     var = adapt(base_var(), FULL, num_classes=K, seed=0)
     one_step = dict(optimization=optimization(1), plan=RunPlan(planned_steps=1))
     with pytest.raises(ValueError, match="k=3 needs k distinct cached views"):
-        finetune(var, vqvae, data, method=FULL, privacy=PrivacyConfig(target_epsilon=1, sampling_rate=0.1, max_grad_norm=1,
-                                                                      augmentation_multiplicity=3), **one_step)
+        finetune(
+            var,
+            vqvae,
+            data,
+            method=FULL,
+            privacy=PrivacyConfig(
+                target_epsilon=1, sampling_rate=0.1, max_grad_norm=1, augmentation_multiplicity=3
+            ),
+            **one_step,
+        )
     with pytest.raises(ValueError, match="needs a Prior"):
         finetune(var, vqvae, data, method=MethodConfig(name="full", prior_weight=1.0), **one_step)
-    with pytest.raises(PrivacyConfigError, match="allow_delta_at_least_inverse_n"):  # delta >= 1/N: known only with the data
-        finetune(var, vqvae, data, method=FULL, privacy=PrivacyConfig(target_epsilon=1, sampling_rate=0.1, max_grad_norm=1, delta=0.5), **one_step)
+    with pytest.raises(
+        PrivacyConfigError, match="allow_delta_at_least_inverse_n"
+    ):  # delta >= 1/N: known only with the data
+        finetune(
+            var,
+            vqvae,
+            data,
+            method=FULL,
+            privacy=PrivacyConfig(target_epsilon=1, sampling_rate=0.1, max_grad_norm=1, delta=0.5),
+            **one_step,
+        )
     with pytest.raises(ValueError, match="evaluation steps"):
         RunPlan(planned_steps=4, evaluation_steps=(2, 5))
 
@@ -224,9 +329,19 @@ def _run_with_checkpoints(digits_setup, *, privacy, resume=None, states=None, de
     vqvae, data, _, num_classes = digits_setup
     var = adapt(base_var(), MethodConfig(name="lora"), num_classes=num_classes, seed=0)
     keep = (lambda state: states.append(copy.deepcopy(state))) if states is not None else (lambda state: None)
-    out = finetune(var, vqvae, data, optimization=optimization(6, learning_rate=1e-3, batch_size=16, class_dropout=0.1, seed=3),
-                   method=MethodConfig(name="lora"), privacy=privacy, plan=RunPlan(planned_steps=6, log_every=1), debug_seed=debug_seed,
-                   checkpointing=Checkpointing(save=keep, resources=resources(every_steps=2, every_fraction=1.0), resume=resume))
+    out = finetune(
+        var,
+        vqvae,
+        data,
+        optimization=optimization(6, learning_rate=1e-3, batch_size=16, class_dropout=0.1, seed=3),
+        method=MethodConfig(name="lora"),
+        privacy=privacy,
+        plan=RunPlan(planned_steps=6, log_every=1),
+        debug_seed=debug_seed,
+        checkpointing=Checkpointing(
+            save=keep, resources=resources(every_steps=2, every_fraction=1.0), resume=resume
+        ),
+    )
     return trainable_parameters(var), out
 
 
@@ -239,10 +354,18 @@ def test_non_dp_resume_from_checkpoint_is_bit_identical(digits_setup):
     resumed, resumed_out = _run_with_checkpoints(digits_setup, privacy=None, resume=states[0])
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
     assert len(resumed_out["history"]) == len(whole_out["history"]) == 6
-    assert resumed_out["history"] == [{**e, "seconds": r["seconds"]} for e, r in zip(whole_out["history"], resumed_out["history"])]
+    assert resumed_out["history"] == [
+        {**e, "seconds": r["seconds"]} for e, r in zip(whole_out["history"], resumed_out["history"])
+    ]
 
 
-DP_RESUME = PrivacyConfig(target_epsilon=8.0, sampling_rate=0.02, max_grad_norm=1.0, augmentation_multiplicity=2, physical_batch_rows=32)
+DP_RESUME = PrivacyConfig(
+    target_epsilon=8.0,
+    sampling_rate=0.02,
+    max_grad_norm=1.0,
+    augmentation_multiplicity=2,
+    physical_batch_rows=32,
+)
 
 
 def test_dp_checkpoint_does_not_predict_the_noise_of_a_resumed_run(digits_setup):
@@ -251,8 +374,19 @@ def test_dp_checkpoint_does_not_predict_the_noise_of_a_resumed_run(digits_setup)
     states: list[dict] = []
     _, whole_out = _run_with_checkpoints(digits_setup, privacy=DP_RESUME, states=states)
     checkpoint = states[0]
-    assert set(checkpoint["privacy"]) == {"spec", "noise_multiplier", "delta", "dataset_size", "planned_steps", "steps"}
-    assert not [key for key, value in _leaves(checkpoint) if isinstance(value, torch.Tensor) and value.dtype == torch.uint8]  # no RNG state
+    assert set(checkpoint["privacy"]) == {
+        "spec",
+        "noise_multiplier",
+        "delta",
+        "dataset_size",
+        "planned_steps",
+        "steps",
+    }
+    assert not [
+        key
+        for key, value in _leaves(checkpoint)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+    ]  # no RNG state
     first, first_out = _run_with_checkpoints(digits_setup, privacy=DP_RESUME, resume=checkpoint)
     second, second_out = _run_with_checkpoints(digits_setup, privacy=DP_RESUME, resume=checkpoint)
     assert all(not torch.equal(first[name], second[name]) for name in first)
@@ -278,7 +412,9 @@ def test_resume_across_dp_and_non_dp_is_refused_before_compute(digits_setup):
     cover; a non-DP checkpoint resumed under DP would claim a guarantee for steps taken without it."""
     dp_states: list[dict] = []
     _run_with_checkpoints(digits_setup, privacy=DP_RESUME, states=dp_states)
-    with pytest.raises(ValueError, match=r"checkpoint at step 2 was saved by a DP run, but this run is not DP"):
+    with pytest.raises(
+        ValueError, match=r"checkpoint at step 2 was saved by a DP run, but this run is not DP"
+    ):
         _run_with_checkpoints(digits_setup, privacy=None, resume=dp_states[0])
     plain_states: list[dict] = []
     _run_with_checkpoints(digits_setup, privacy=None, states=plain_states)
@@ -290,9 +426,16 @@ def test_bf16_autocast_is_off_for_ghost_clipping_only():
     """Ghost clipping takes its norms in the activations' dtype, so it trains in float32; the other modes may
     autocast (their per-example norms are float32, see test_privacy)."""
     bf16 = optimization(1, autocast_bf16=True)
-    spec = lambda clipping: PrivacyConfig(target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, clipping=clipping)  # noqa: E731
+    spec = lambda clipping: PrivacyConfig(  # noqa: E731
+        target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, clipping=clipping
+    )
     assert training_autocast(bf16, None)
-    assert [training_autocast(bf16, spec(c)) for c in ("auto", "hooks", "bookkeeping", "ghost")] == [True, True, True, False]
+    assert [training_autocast(bf16, spec(c)) for c in ("auto", "hooks", "bookkeeping", "ghost")] == [
+        True,
+        True,
+        True,
+        False,
+    ]
     assert not training_autocast(optimization(1, autocast_bf16=False), None)
 
 
@@ -310,14 +453,28 @@ class TrainingClock:
         self.now += self.per_step
 
 
-def _timed_run(digits_setup, *, clock: TrainingClock, every: int = 1000, every_fraction: float = 1.0, resume=None):
+def _timed_run(
+    digits_setup, *, clock: TrainingClock, every: int = 1000, every_fraction: float = 1.0, resume=None
+):
     vqvae, data, _, num_classes = digits_setup
     var = adapt(base_var(), MethodConfig(name="lora"), num_classes=num_classes, seed=0)
     states: list[dict] = []
-    checkpointing = Checkpointing(save=lambda state: states.append(copy.deepcopy(state)), clock=clock, resume=resume,
-                                  resources=resources(every_steps=every, every_minutes=1.0, every_fraction=every_fraction))
-    finetune(var, vqvae, data, optimization=optimization(6, learning_rate=1e-3, batch_size=16, seed=3), method=MethodConfig(name="lora"),
-             plan=RunPlan(planned_steps=6, log_every=1), log=clock.tick, checkpointing=checkpointing)
+    checkpointing = Checkpointing(
+        save=lambda state: states.append(copy.deepcopy(state)),
+        clock=clock,
+        resume=resume,
+        resources=resources(every_steps=every, every_minutes=1.0, every_fraction=every_fraction),
+    )
+    finetune(
+        var,
+        vqvae,
+        data,
+        optimization=optimization(6, learning_rate=1e-3, batch_size=16, seed=3),
+        method=MethodConfig(name="lora"),
+        plan=RunPlan(planned_steps=6, log_every=1),
+        log=clock.tick,
+        checkpointing=checkpointing,
+    )
     return states
 
 
@@ -326,27 +483,44 @@ def test_a_long_run_saves_by_wall_clock_time_and_not_after_the_final_step(digits
     step 3 (75 s), then 75 s later at the final step, where nothing is saved (the result follows)."""
     states = _timed_run(digits_setup, clock=TrainingClock(per_step=25.0))
     assert [s["step"] for s in states] == [3]
-    assert [s["step"] for s in _timed_run(digits_setup, clock=TrainingClock(per_step=1.0))] == []  # time never due
+    assert [
+        s["step"] for s in _timed_run(digits_setup, clock=TrainingClock(per_step=1.0))
+    ] == []  # time never due
 
 
 def test_a_resumed_run_continues_the_step_schedule(digits_setup):
     """A third of 6 planned steps: saves after steps 2 and 4; a run resumed at step 2 saves at 4 only."""
     states = _timed_run(digits_setup, clock=TrainingClock(per_step=0.0), every_fraction=1 / 3)
     assert [s["step"] for s in states] == [2, 4]
-    resumed = _timed_run(digits_setup, clock=TrainingClock(per_step=0.0), every_fraction=1 / 3, resume=states[0])
+    resumed = _timed_run(
+        digits_setup, clock=TrainingClock(per_step=0.0), every_fraction=1 / 3, resume=states[0]
+    )
     assert [s["step"] for s in resumed] == [4]
 
 
 def _ddp_timed_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     try:
         data, vqvae, var = _tiny_lora_setup()
         # Rank 1's clock never reaches the limit, rank 0's does after step 3: every rank must save where rank 0 says.
         clock, saved = TrainingClock(per_step=25.0 if rank == 0 else 0.0), []
-        checkpointing = Checkpointing(save=lambda state: saved.append(state["step"]), clock=clock,
-                                      resources=resources(every_steps=1000, every_minutes=1.0, every_fraction=1.0))
-        finetune(var, vqvae, data, optimization=optimization(6, learning_rate=1e-2, batch_size=8), method=MethodConfig(name="lora", lora_rank=4),
-                 plan=RunPlan(planned_steps=6, log_every=1), log=clock.tick, checkpointing=checkpointing)
+        checkpointing = Checkpointing(
+            save=lambda state: saved.append(state["step"]),
+            clock=clock,
+            resources=resources(every_steps=1000, every_minutes=1.0, every_fraction=1.0),
+        )
+        finetune(
+            var,
+            vqvae,
+            data,
+            optimization=optimization(6, learning_rate=1e-2, batch_size=8),
+            method=MethodConfig(name="lora", lora_rank=4),
+            plan=RunPlan(planned_steps=6, log_every=1),
+            log=clock.tick,
+            checkpointing=checkpointing,
+        )
         torch.save(saved, f"{result_file}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
@@ -354,5 +528,10 @@ def _ddp_timed_worker(rank: int, world: int, init_file: str, result_file: str) -
 
 def test_under_ddp_every_rank_saves_where_rank_0s_clock_says(tmp_path):
     """``ray.train.report`` is a barrier: a save by time on one rank only would hang the trial."""
-    torch.multiprocessing.spawn(_ddp_timed_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "saved")), nprocs=2, join=True)
+    torch.multiprocessing.spawn(
+        _ddp_timed_worker,
+        args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "saved")),
+        nprocs=2,
+        join=True,
+    )
     assert [torch.load(tmp_path / f"saved.{rank}", weights_only=True) for rank in (0, 1)] == [[3], [3]]

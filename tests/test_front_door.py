@@ -4,6 +4,7 @@ relative path that reached them would strand every result). A ``--smoke`` sweep,
 and ``bench demo --smoke`` (what CI runs) share one module-scoped folder and cache: the tiny base and the digit
 classifier are built once for all of them. Last, the cache folder is deleted: every result and sample image is in
 the storage, so the analysis still draws every trial's grid."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from bench.sweeps import build_sweep
-from conftest import REPO
 
 STORAGE = "runs/ci"  # relative to the working folder, as a user types it
 CACHE = "runs/ci/cache"
-SWEEP = ("sweep", "convergence", "--smoke", "--where", "method.name=lora")  # one trial of the grid: checkpoints, convergence
+SWEEP = (
+    "sweep",
+    "convergence",
+    "--smoke",
+    "--where",
+    "method.name=lora",
+)  # one trial of the grid: checkpoints, convergence
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +39,14 @@ def bench(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProc
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     env.pop("VARSWEEP_CACHE", None)
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _trial_folders(root: Path) -> list[Path]:
@@ -57,18 +71,33 @@ def test_relative_paths_land_under_the_working_folder(smoke_sweep, workdir):
         assert record["status"] == "success" and record["metrics"]["class_accuracy"] is not None
         # The trial's files are in the storage, named relative to it; the cache holds nothing of the trial's own.
         artifacts = record["artifacts"]
-        assert artifacts["folder"] == f"artifacts/{config.trial_id}" and (storage / artifacts["adapter"]).is_file()
+        assert (
+            artifacts["folder"] == f"artifacts/{config.trial_id}"
+            and (storage / artifacts["adapter"]).is_file()
+        )
         assert list((storage / artifacts["generated_images"]).glob("class_*/*.png"))
-        assert all((storage / path).is_file() for entry in artifacts["real_images"] for path in entry["paths"])
+        assert all(
+            (storage / path).is_file() for entry in artifacts["real_images"] for path in entry["paths"]
+        )
     assert not (workdir / CACHE / "work").exists() and not (workdir / CACHE / "staging").exists()
     # Checkpoints (every 3 of 6 steps), Tune's state and every shared cache are in the user's folder.
-    assert len(_trial_folders(storage)) == len(configs) and all(list(p.glob("step_*")) for p in _trial_folders(storage))
+    assert len(_trial_folders(storage)) == len(configs) and all(
+        list(p.glob("step_*")) for p in _trial_folders(storage)
+    )
     assert (storage / "tune").is_dir()
     cache = workdir / CACHE
-    assert len(list((cache / "tiny-base").glob("d2-*/var.pth"))) == 1 and len(list((cache / "tiny-base").glob("vqvae-*/vqvae.pth"))) == 1
-    assert len(list((cache / "digits-classifier").glob("*/weights.pt"))) == 1 and list((cache / "token-cache").iterdir())
+    assert (
+        len(list((cache / "tiny-base").glob("d2-*/var.pth"))) == 1
+        and len(list((cache / "tiny-base").glob("vqvae-*/vqvae.pth"))) == 1
+    )
+    assert len(list((cache / "digits-classifier").glob("*/weights.pt"))) == 1 and list(
+        (cache / "token-cache").iterdir()
+    )
     # Built once, by the driver, before the trials: one build message each, and no trial rebuilt them.
-    assert first.stdout.count("building once into") == 1 and first.stdout.count("training once on the digits") == 1
+    assert (
+        first.stdout.count("building once into") == 1
+        and first.stdout.count("training once on the digits") == 1
+    )
     assert first.stdout.count("tokenising 1438 images") == 1
 
 
@@ -99,17 +128,25 @@ def test_demo_smoke_from_a_relative_storage(demo, workdir):
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     storage = workdir / STORAGE
     assert len(list((storage / "results").glob("*.json"))) == 1 + 5
-    assert (storage / "analysis" / "index.html").is_file() and len(list((storage / "analysis" / "grids").glob("*.png"))) == 5
+    assert (storage / "analysis" / "index.html").is_file() and len(
+        list((storage / "analysis" / "grids").glob("*.png"))
+    ) == 5
     assert "Traceback" not in demo.stdout + demo.stderr and "class accuracy" in demo.stdout
     # The demo shares the sweep's cache folder (STORAGE/cache): nothing was built a second time.
     assert "training once on the digits" not in demo.stdout and "VQVAE step" not in demo.stdout
     # A DP trial's training checkpoints are deleted once its result is written; the others keep theirs for resuming.
     records = [json.loads(path.read_text()) for path in (storage / "results").glob("*.json")]
     dp = {r["trial_id"] for r in records if r["privacy"] is not None}
-    assert len(dp) == 2 and all((storage / r["artifacts"]["adapter"]).is_file() for r in records if r["trial_id"] in dp)
+    assert len(dp) == 2 and all(
+        (storage / r["artifacts"]["adapter"]).is_file() for r in records if r["trial_id"] in dp
+    )
     kept = {p.name.removeprefix("trial-") for p in _trial_folders(storage)}
     trained = {r["trial_id"] for r in records if r["history"] and r["privacy"] is None}
-    assert not dp & kept and len(trained) == 3 and all(list((storage / "train" / f"trial-{i}").glob("step_*")) for i in trained)
+    assert (
+        not dp & kept
+        and len(trained) == 3
+        and all(list((storage / "train" / f"trial-{i}").glob("step_*")) for i in trained)
+    )
 
 
 def test_clearing_the_cache_keeps_every_result_and_sample_image(demo, workdir):
@@ -117,8 +154,27 @@ def test_clearing_the_cache_keeps_every_result_and_sample_image(demo, workdir):
     shutil.rmtree(workdir / CACHE)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # The demo's trials (the sweep's LoRA trial is another setting in the same table cell, which analysis refuses to mix).
-    after = subprocess.run([sys.executable, "-m", "analysis", STORAGE, "--out", "after", "--no-figures", "--where", "data.cached_views=2"],
-                           cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    after = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analysis",
+            STORAGE,
+            "--out",
+            "after",
+            "--no-figures",
+            "--where",
+            "data.cached_views=2",
+        ],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert after.returncode == 0, after.stdout[-2000:] + after.stderr[-2000:]
     assert "5 sample grids" in after.stdout and "not found" not in after.stdout
-    assert len(list((workdir / "after" / "grids").glob("*.png"))) == 5 and len(list((storage / "results").glob("*.json"))) == 6
+    assert (
+        len(list((workdir / "after" / "grids").glob("*.png"))) == 5
+        and len(list((storage / "results").glob("*.json"))) == 6
+    )

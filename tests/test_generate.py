@@ -1,4 +1,5 @@
 """Generation for evaluation: per-class plans, distinct randomness per batch, resumable lossless output."""
+
 from __future__ import annotations
 
 import copy
@@ -7,16 +8,24 @@ import json
 
 import pytest
 import torch
-
-from bench.schema import SUBSTITUTE_EXTRACTOR, EvaluationConfig
 from conftest import TINY_VAR
 from test_datasets import make_folder
+
+from bench.schema import SUBSTITUTE_EXTRACTOR, EvaluationConfig
 from trainables.data.datasets import read_dataset
-from trainables.evaluation.generate import (MANIFEST, generate, generation_plan, image_path, read_generated,
-                                            weights_fingerprint)
+from trainables.evaluation.generate import (
+    MANIFEST,
+    generate,
+    generation_plan,
+    image_path,
+    read_generated,
+    weights_fingerprint,
+)
 from trainables.models import build_var
 
-SETTINGS = EvaluationConfig(extractor=SUBSTITUTE_EXTRACTOR, guidance_scale=1.0, top_k=0, top_p=0.0, batch_size=3, sampling_seed=4)
+SETTINGS = EvaluationConfig(
+    extractor=SUBSTITUTE_EXTRACTOR, guidance_scale=1.0, top_k=0, top_p=0.0, batch_size=3, sampling_seed=4
+)
 
 
 def test_plan_follows_the_split_counts_in_class_index_order(tmp_path):
@@ -30,7 +39,11 @@ def test_plan_follows_the_split_counts_in_class_index_order(tmp_path):
 
 def test_batches_draw_distinct_randomness_and_counts_per_class(tiny_var, tiny_vqvae):
     images, labels = generate(tiny_var, tiny_vqvae, [4, 0, 2, 0, 1], evaluation=SETTINGS, autocast_bf16=True)
-    assert labels.tolist() == [0, 0, 0, 0, 2, 2, 4] and images.shape == (7, 3, 16, 16) and images.dtype == torch.uint8
+    assert (
+        labels.tolist() == [0, 0, 0, 0, 2, 2, 4]
+        and images.shape == (7, 3, 16, 16)
+        and images.dtype == torch.uint8
+    )
     # images 0-2 (batch 0) and image 3 (batch 1) are all class 0: no two may repeat
     assert len({tuple(images[i].flatten().tolist()) for i in range(4)}) == 4
     again, _ = generate(tiny_var, tiny_vqvae, [4, 0, 2, 0, 1], evaluation=SETTINGS, autocast_bf16=True)
@@ -40,7 +53,10 @@ def test_batches_draw_distinct_randomness_and_counts_per_class(tiny_var, tiny_vq
 def test_png_output_is_lossless_and_resumes(tiny_var, tiny_vqvae, tmp_path):
     plan = [4, 0, 2, 0, 1]
     in_memory, _ = generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True)
-    assert generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)[0] is None
+    assert (
+        generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)[0]
+        is None
+    )
     written, labels = read_generated(tmp_path, plan)
     assert torch.equal(written, in_memory) and labels.tolist() == [0, 0, 0, 0, 2, 2, 4]
     survivor = image_path(tmp_path, 0, 0)
@@ -61,15 +77,23 @@ def test_a_new_model_never_inherits_an_earlier_models_images(tiny_var, tiny_vqva
     image_path(tmp_path, 4, 6).unlink()  # the earlier attempt was interrupted in its last batch
     other = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(1)).eval()
     fresh, _ = generate(other, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True)
-    assert not torch.equal(fresh[:3], generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True)[0][:3])  # the models differ
+    assert not torch.equal(
+        fresh[:3], generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True)[0][:3]
+    )  # the models differ
     generate(other, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)
     assert torch.equal(read_generated(tmp_path, plan)[0], fresh)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
-    assert manifest["weights_sha256"] == weights_fingerprint(other, tiny_vqvae) and manifest["sampling"]["sampling_seed"] == SETTINGS.sampling_seed
+    assert (
+        manifest["weights_sha256"] == weights_fingerprint(other, tiny_vqvae)
+        and manifest["sampling"]["sampling_seed"] == SETTINGS.sampling_seed
+    )
     # Other sampling settings are another set of images too; the same model and settings resume (batch 0 kept).
     reseeded = dataclasses.replace(SETTINGS, sampling_seed=5)
     generate(other, tiny_vqvae, plan, evaluation=reseeded, autocast_bf16=True, out_dir=tmp_path)
-    assert torch.equal(read_generated(tmp_path, plan)[0], generate(other, tiny_vqvae, plan, evaluation=reseeded, autocast_bf16=True)[0])
+    assert torch.equal(
+        read_generated(tmp_path, plan)[0],
+        generate(other, tiny_vqvae, plan, evaluation=reseeded, autocast_bf16=True)[0],
+    )
     kept = image_path(tmp_path, 0, 0).stat().st_mtime_ns
     image_path(tmp_path, 4, 6).unlink()
     generate(other, tiny_vqvae, plan, evaluation=reseeded, autocast_bf16=True, out_dir=tmp_path)
@@ -83,7 +107,10 @@ def test_images_without_a_manifest_are_not_trusted(tiny_var, tiny_vqvae, tmp_pat
     generate(other, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)
     (tmp_path / MANIFEST).unlink()
     generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)
-    assert torch.equal(read_generated(tmp_path, plan)[0], generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True)[0])
+    assert torch.equal(
+        read_generated(tmp_path, plan)[0],
+        generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True)[0],
+    )
 
 
 def test_weights_fingerprint_follows_every_weight_and_buffer(tiny_var, tiny_vqvae):

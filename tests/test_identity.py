@@ -1,6 +1,7 @@
 """Trial identity follows the files, not where they are mounted: content ids (checkpoint SHA-256, dataset content
 ids) replace the paths in the trial id; they are computed once (sidecar or cache), dry runs create nothing, and a
 trial refuses files that changed after its sweep was identified."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,12 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sweep_driver import tiny_trial
 
 from bench.preflight import identify
-from bench.schema import (ConfigError, DataConfig, EvaluationConfig, MethodConfig, ModelConfig, OptimizationConfig, TrialConfig,
-                          replace)
+from bench.schema import (
+    ConfigError,
+    DataConfig,
+    EvaluationConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimizationConfig,
+    TrialConfig,
+    replace,
+)
 from bench.sweeps import SWEEPS, build_sweep
-from sweep_driver import tiny_trial
 from trainables.assets import CONTENT_IDS_FILE, FileIds, verify_content
 from trainables.models.checkpoints import SIDECAR_FORMAT, file_sha256
 from trainables.trial import list_splits, run_trial
@@ -48,11 +57,19 @@ def make_assets(root: Path) -> Path:
 
 def official_trial(root: Path, seed: int = 0) -> TrialConfig:
     checkpoints = root / "checkpoints"
-    return TrialConfig(model=ModelConfig(base="official", depth=16, var_checkpoint=str(checkpoints / "var_d16.pth"),
-                                         vqvae_checkpoint=str(checkpoints / "vae.pth"), tiny_pretraining_steps=0),
-                       data=DataConfig(dataset="folder", root=str(root / "datasets" / "mine"), resolution=256),
-                       method=MethodConfig(name="lora"), optimization=OptimizationConfig(steps=10, seed=seed),
-                       evaluation=EvaluationConfig(inception_weights=str(checkpoints / "inception.pth")))
+    return TrialConfig(
+        model=ModelConfig(
+            base="official",
+            depth=16,
+            var_checkpoint=str(checkpoints / "var_d16.pth"),
+            vqvae_checkpoint=str(checkpoints / "vae.pth"),
+            tiny_pretraining_steps=0,
+        ),
+        data=DataConfig(dataset="folder", root=str(root / "datasets" / "mine"), resolution=256),
+        method=MethodConfig(name="lora"),
+        optimization=OptimizationConfig(steps=10, seed=seed),
+        evaluation=EvaluationConfig(inception_weights=str(checkpoints / "inception.pth")),
+    )
 
 
 def later(path: Path) -> None:
@@ -74,11 +91,15 @@ def test_the_same_files_under_two_roots_give_the_same_trial_ids(assets, tmp_path
     second = identify([official_trial(other, seed) for seed in range(2)], cache_dir=str(tmp_path / "cache"))
     assert [c.trial_id for c in first] == [c.trial_id for c in second]
     assert first[0].trial_id != first[1].trial_id  # the seed still counts
-    assert official_trial(assets).trial_id != official_trial(other).trial_id  # without content ids, paths decide
+    assert (
+        official_trial(assets).trial_id != official_trial(other).trial_id
+    )  # without content ids, paths decide
     # The paths stay in the config (provenance); the content ids sit beside them.
     assert second[0].model.var_checkpoint == str(other / "checkpoints" / "var_d16.pth")
     assert second[0].model.var_checkpoint_sha256 == file_sha256(other / "checkpoints" / "var_d16.pth")
-    assert second[0].evaluation.inception_weights_sha256 == file_sha256(other / "checkpoints" / "inception.pth")
+    assert second[0].evaluation.inception_weights_sha256 == file_sha256(
+        other / "checkpoints" / "inception.pth"
+    )
     assert len(second[0].data.content_id) == 64
     assert TrialConfig.from_dict(json.loads(json.dumps(second[0].to_dict()))).trial_id == second[0].trial_id
 
@@ -98,13 +119,22 @@ def test_a_changed_byte_or_an_added_image_is_another_trial(assets, tmp_path):
 
 
 def test_a_fresh_process_computes_the_same_ids(assets, tmp_path):
-    here = [c.trial_id for c in identify([official_trial(assets, seed) for seed in range(3)], cache_dir=str(tmp_path / "cache"))]
-    script = ("import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_identity import official_trial; "
-              "from bench.preflight import identify; "
-              f"print(','.join(c.trial_id for c in identify([official_trial(Path({str(assets)!r}), s) for s in range(3)], "
-              f"cache_dir={str(tmp_path / 'cache2')!r})))")
+    here = [
+        c.trial_id
+        for c in identify(
+            [official_trial(assets, seed) for seed in range(3)], cache_dir=str(tmp_path / "cache")
+        )
+    ]
+    script = (
+        "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_identity import official_trial; "
+        "from bench.preflight import identify; "
+        f"print(','.join(c.trial_id for c in identify([official_trial(Path({str(assets)!r}), s) for s in range(3)], "
+        f"cache_dir={str(tmp_path / 'cache2')!r})))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().split(",") == here
 
@@ -121,14 +151,20 @@ def test_checkpoints_are_hashed_once_then_cached_and_a_dry_run_creates_nothing(a
     # The cache is what answers while (path, size, mtime) hold: a planted entry is believed ...
     record["files"][checkpoint]["sha256"] = "ab" * 32
     (cache / CONTENT_IDS_FILE).write_text(json.dumps(record))
-    assert identify([official_trial(assets)], cache_dir=str(cache))[0].model.var_checkpoint_sha256 == "ab" * 32
+    assert (
+        identify([official_trial(assets)], cache_dir=str(cache))[0].model.var_checkpoint_sha256 == "ab" * 32
+    )
     later(Path(checkpoint))  # ... and a newer file is hashed again
-    assert identify([official_trial(assets)], cache_dir=str(cache))[0].model.var_checkpoint_sha256 == file_sha256(checkpoint)
+    assert identify([official_trial(assets)], cache_dir=str(cache))[
+        0
+    ].model.var_checkpoint_sha256 == file_sha256(checkpoint)
 
 
 def test_a_sidecar_names_the_checkpoint_without_hashing(assets, tmp_path):
     checkpoint = assets / "checkpoints" / "vae.pth"
-    Path(f"{checkpoint}.json").write_text(json.dumps({"format": SIDECAR_FORMAT, "kind": "vqvae", "sha256": "cd" * 32}))
+    Path(f"{checkpoint}.json").write_text(
+        json.dumps({"format": SIDECAR_FORMAT, "kind": "vqvae", "sha256": "cd" * 32})
+    )
     config = identify([official_trial(assets)], cache_dir=str(tmp_path / "cache"))[0]
     assert config.model.vqvae_checkpoint_sha256 == "cd" * 32
     assert str(checkpoint) not in json.loads((tmp_path / "cache" / CONTENT_IDS_FILE).read_text())["files"]
@@ -146,18 +182,24 @@ def test_missing_files_keep_their_paths_in_the_id_and_do_not_raise(assets, tmp_p
 def test_a_checkpoint_replaced_after_identification_is_refused(assets, tmp_path, monkeypatch):
     config = identify([official_trial(assets)], cache_dir=str(tmp_path / "cache"))[0]
     splits = list_splits(config, tmp_path / "cache")
-    with monkeypatch.context() as patched:  # each trial reuses the driver's cached hashes: no checkpoint is read again
+    with (
+        monkeypatch.context() as patched
+    ):  # each trial reuses the driver's cached hashes: no checkpoint is read again
         patched.setattr("trainables.assets.file_sha256", lambda path: pytest.fail(f"hashed {path} again"))
         verify_content(config, splits=splits, files=FileIds(tmp_path / "cache", write=False))
-    verify_content(config, splits=splits, files=FileIds(tmp_path / 'no-cache', write=False))  # unchanged files pass
+    verify_content(
+        config, splits=splits, files=FileIds(tmp_path / "no-cache", write=False)
+    )  # unchanged files pass
     (assets / "checkpoints" / "var_d16.pth").write_bytes(b"other weights")
     with pytest.raises(ConfigError, match=r"model\.var_checkpoint: .*var_d16\.pth .*replaced"):
-        verify_content(config, splits=splits, files=FileIds(tmp_path / 'no-cache', write=False))
+        verify_content(config, splits=splits, files=FileIds(tmp_path / "no-cache", write=False))
     # With a sidecar, the sidecar's SHA-256 is compared (the loader then checks the file against it).
     fresh = identify([official_trial(assets)], cache_dir=str(tmp_path / "cache2"))[0]
-    Path(f"{assets / 'checkpoints' / 'vae.pth'}.json").write_text(json.dumps({"format": SIDECAR_FORMAT, "sha256": "ef" * 32}))
+    Path(f"{assets / 'checkpoints' / 'vae.pth'}.json").write_text(
+        json.dumps({"format": SIDECAR_FORMAT, "sha256": "ef" * 32})
+    )
     with pytest.raises(ConfigError, match=r"model\.vqvae_checkpoint: .*vae\.pth"):
-        verify_content(fresh, splits=splits, files=FileIds(tmp_path / 'no-cache', write=False))
+        verify_content(fresh, splits=splits, files=FileIds(tmp_path / "no-cache", write=False))
 
 
 def test_run_trial_refuses_images_added_after_identification(tmp_path):
@@ -171,16 +213,31 @@ def test_run_trial_refuses_images_added_after_identification(tmp_path):
     assert identified.data.content_id is not None and identified.trial_id != config.trial_id
     png(root / "train" / "a" / "late.png", seed=7)
     with pytest.raises(ConfigError, match=r"data\.root: .*changed after the sweep was launched"):
-        run_trial(identified, cache_dir=tmp_path / "cache", artifacts_dir=tmp_path / "artifacts", log=lambda line: None)
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "artifacts").exists()  # refused before any model was built
+        run_trial(
+            identified,
+            cache_dir=tmp_path / "cache",
+            artifacts_dir=tmp_path / "artifacts",
+            log=lambda line: None,
+        )
+    assert (
+        not (tmp_path / "cache").exists() and not (tmp_path / "artifacts").exists()
+    )  # refused before any model was built
 
 
 # Digests of every smoke sweep's trial ids (and the tiny demo's) at 974ab03, schema version 2 (its renames changed
 # every id once; version-1 results are upgraded to these ids by `bench upgrade-results`). Later changes must leave
 # them unchanged, so results keep being skipped on relaunch; a deliberate change bumps SCHEMA_VERSION.
-SMOKE_IDS_BEFORE = {("convergence", True): "68a0e2dec8d7ce6c", ("demo", False): "8e46051e3f78ec2c", ("demo", True): "2f0b5feec9517881",
-                    ("second_seed", True): "8df401d65192d9cb", ("table1", True): "0950a829f9cc3c9e", ("table10", True): "6872932f03eedada",
-                    ("table2", True): "fdb9080925457249", ("table3", True): "7dbfe25895ff1c17", ("table9", True): "0950a829f9cc3c9e"}
+SMOKE_IDS_BEFORE = {
+    ("convergence", True): "68a0e2dec8d7ce6c",
+    ("demo", False): "8e46051e3f78ec2c",
+    ("demo", True): "2f0b5feec9517881",
+    ("second_seed", True): "8df401d65192d9cb",
+    ("table1", True): "0950a829f9cc3c9e",
+    ("table10", True): "6872932f03eedada",
+    ("table2", True): "fdb9080925457249",
+    ("table3", True): "7dbfe25895ff1c17",
+    ("table9", True): "0950a829f9cc3c9e",
+}
 
 
 @pytest.mark.parametrize("name, smoke", sorted(SMOKE_IDS_BEFORE))
@@ -188,7 +245,9 @@ def test_tiny_and_offline_trial_ids_are_unchanged(name, smoke, tmp_path):
     configs = build_sweep(name, smoke=smoke)
     assert all(c.model.base == "tiny" and c.data.root is None for c in configs)
     identified = identify(configs, cache_dir=str(tmp_path / "cache"))
-    assert [c.trial_id for c in identified] == [c.trial_id for c in configs] and not (tmp_path / "cache").exists()
+    assert [c.trial_id for c in identified] == [c.trial_id for c in configs] and not (
+        tmp_path / "cache"
+    ).exists()
     digest = hashlib.sha256(",".join(c.trial_id for c in configs).encode()).hexdigest()[:16]
     assert digest == SMOKE_IDS_BEFORE[(name, smoke)]
 

@@ -1,6 +1,7 @@
 """The sweep harness on a simulated 2-node Ray cluster (one module-scoped cluster for all tests): DDP trials write
 schema-valid results and upload their artifacts to a URI storage; a killed training worker is retried from its checkpoint; a killed sweep driver is relaunched
 and finishes without re-running or losing any trial."""
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,13 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
+from conftest import REPO
 from ray.cluster_utils import Cluster
+from sweep_driver import driver_trials, tiny_trial
 
 from bench.launcher import Launch, run_sweep
 from bench.results import ResultStore
 from bench.schema import PrivacyConfig, check_result
-from conftest import REPO
-from sweep_driver import driver_trials, tiny_trial
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,12 @@ def cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=2)
     cluster.mark = uuid.uuid4().hex
-    ray.init(address=cluster.address, runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900", CLUSTER_MARK: cluster.mark}})
+    ray.init(
+        address=cluster.address,
+        runtime_env={
+            "env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900", CLUSTER_MARK: cluster.mark}
+        },
+    )
     yield cluster
     ray.shutdown()
     cluster.shutdown()
@@ -64,11 +70,15 @@ def test_two_node_sweep_with_ddp_trials(cluster, tmp_path):
         assert record["environment"]["world_size"] == 2 and record["metrics"]["fid"] > 0
         assert record["cost"]["train_pflops"] > 0 and record["history"][-1]["step"] == 6
         artifacts = record["artifacts"]
-        assert (storage / artifacts["adapter"]).is_file() and list((storage / artifacts["generated_images"]).glob("class_*/*.png"))
+        assert (storage / artifacts["adapter"]).is_file() and list(
+            (storage / artifacts["generated_images"]).glob("class_*/*.png")
+        )
     assert not list((tmp_path / "cache" / "staging").glob("*")) and not (tmp_path / "cache" / "work").exists()
     private = next(r for r in records if r["privacy"])
     assert private["privacy"]["world_size"] == 2 and private["privacy"]["epsilon_rdp"] <= 4.0
-    assert not (storage / "train" / f"trial-{private['trial_id']}").exists()  # a DP trial's checkpoints go with its result
+    assert not (
+        storage / "train" / f"trial-{private['trial_id']}"
+    ).exists()  # a DP trial's checkpoints go with its result
     again = run_sweep("two-node", configs, launch, verbose=0)
     assert again["ran"] == 0 and again["skipped"] == 2
 
@@ -109,7 +119,9 @@ def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path):
     config = tiny_trial("lora", steps=steps, checkpoint_every=20, seed=11)
     launch = _launch(tmp_path)
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(run_sweep("kill-worker", [config], launch, verbose=0)))
+    thread = threading.Thread(
+        target=lambda: outcome.update(run_sweep("kill-worker", [config], launch, verbose=0))
+    )
     thread.start()
     run_dir = Path(launch.train_storage) / f"trial-{config.trial_id}"
     deadline = time.time() + 600
@@ -130,15 +142,29 @@ def test_killed_worker_resumes_from_checkpoint(cluster, tmp_path):
     assert outcome["failed"] == 0 and record["status"] == "success"
     assert record["data"]["resumed_from_step"] >= 20
     logged = [entry["step"] for entry in record["history"]]
-    expected = [s + 1 for s in range(steps) if s % 15 == 0 or s == steps - 1]  # log_every = min(50, steps // 20)
+    expected = [
+        s + 1 for s in range(steps) if s % 15 == 0 or s == steps - 1
+    ]  # log_every = min(50, steps // 20)
     assert logged == expected  # the checkpoint's history continues: nothing lost, nothing logged twice
 
 
 def test_killed_driver_relaunch_finishes_the_sweep(cluster, tmp_path):
     storage, count, steps = tmp_path / "storage", 2, 30
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    driver = subprocess.Popen([sys.executable, str(REPO / "tests" / "sweep_driver.py"), str(storage), cluster.address, str(count), str(steps)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests" / "sweep_driver.py"),
+            str(storage),
+            cluster.address,
+            str(count),
+            str(steps),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     results = storage / "results"
     deadline = time.time() + 600
     while not list(results.glob("*.json")) and time.time() < deadline and driver.poll() is None:
@@ -147,9 +173,16 @@ def test_killed_driver_relaunch_finishes_the_sweep(cluster, tmp_path):
     driver.wait()
     first = {p.name: json.loads(p.read_text()) for p in results.glob("*.json")}
     assert len(first) >= 1
-    outcome = run_sweep("driver", driver_trials(count, steps), Launch(storage=str(storage), cache_dir=str(storage / "cache"), max_concurrent=1), verbose=0)
+    outcome = run_sweep(
+        "driver",
+        driver_trials(count, steps),
+        Launch(storage=str(storage), cache_dir=str(storage / "cache"), max_concurrent=1),
+        verbose=0,
+    )
     final = {p.name: json.loads(p.read_text()) for p in results.glob("*.json")}
-    assert outcome["failed"] == 0 and outcome["skipped"] >= len([r for r in first.values() if r["status"] == "success"])
+    assert outcome["failed"] == 0 and outcome["skipped"] >= len(
+        [r for r in first.values() if r["status"] == "success"]
+    )
     assert sorted(final) == sorted(f"{c.trial_id}.json" for c in driver_trials(count, steps))
     assert all(r["status"] == "success" for r in final.values())
     for name, record in first.items():  # finished before the kill: kept, not re-run

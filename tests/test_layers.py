@@ -9,6 +9,7 @@
   which may import anything; nothing imports them but the top.
 
 Every import of every module counts, function-level ones included (parsed, not executed)."""
+
 from __future__ import annotations
 
 import ast
@@ -16,7 +17,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bench", "analysis", "trainables")
@@ -31,7 +31,7 @@ def _within(module: str, prefixes) -> bool:
 
 
 def layer(module: str) -> str:
-    """"contract", "trainables", "analysis" or "top" (``bench/__init__`` counts as contract: it is empty)."""
+    """ "contract", "trainables", "analysis" or "top" (``bench/__init__`` counts as contract: it is empty)."""
     if _within(module, TOP):
         return "top"
     if module == "bench" or _within(module, CONTRACT):
@@ -98,25 +98,35 @@ def wrong_arrows(root: Path = REPO) -> list[tuple[str, str]]:
 
 def test_imports_point_one_way():
     problems = wrong_arrows()
-    assert not problems, f"{len(problems)} import(s) point the wrong way:\n" + "\n".join(f"{where}: {rule}" for where, rule in problems)
+    assert not problems, f"{len(problems)} import(s) point the wrong way:\n" + "\n".join(
+        f"{where}: {rule}" for where, rule in problems
+    )
 
 
 def test_the_checker_finds_each_kind_of_wrong_arrow(tmp_path):
     """A small tree with one wrong arrow of each kind, function-level and relative imports among them."""
-    files = {"bench/__init__.py": "", "bench/launcher.py": "import ray\nfrom trainables import trial\n",
-             "bench/schema.py": "import json\n\ndef late():\n    from .launcher import run_sweep\n    import torch\n",
-             "analysis/__init__.py": "", "analysis/load.py": "import pandas\nfrom bench import schema\nfrom trainables.trial import run_trial\n",
-             "trainables/__init__.py": "", "trainables/trial.py": "from analysis.load import load_results\nfrom bench.schema import utc_now\n",
-             "trainables/models/__init__.py": "import numpy\nfrom ..trial import run_trial\n"}
+    files = {
+        "bench/__init__.py": "",
+        "bench/launcher.py": "import ray\nfrom trainables import trial\n",
+        "bench/schema.py": "import json\n\ndef late():\n    from .launcher import run_sweep\n    import torch\n",
+        "analysis/__init__.py": "",
+        "analysis/load.py": "import pandas\nfrom bench import schema\nfrom trainables.trial import run_trial\n",
+        "trainables/__init__.py": "",
+        "trainables/trial.py": "from analysis.load import load_results\nfrom bench.schema import utc_now\n",
+        "trainables/models/__init__.py": "import numpy\nfrom ..trial import run_trial\n",
+    }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     found = sorted(where for where, _ in wrong_arrows(tmp_path))
-    expected = ["analysis/load.py:3: analysis.load (analysis) imports trainables.trial (trainables)",
-                "bench/schema.py:4: bench.schema (contract) imports bench.launcher (top)", "bench/schema.py:5: bench.schema (contract) imports torch",
-                "trainables/models/__init__.py:1: trainables.models (trainables) imports numpy",
-                "trainables/models/__init__.py:2: trainables.models (trainables) imports trainables.trial",
-                "trainables/trial.py:1: trainables.trial (trainables) imports analysis.load (analysis)"]
+    expected = [
+        "analysis/load.py:3: analysis.load (analysis) imports trainables.trial (trainables)",
+        "bench/schema.py:4: bench.schema (contract) imports bench.launcher (top)",
+        "bench/schema.py:5: bench.schema (contract) imports torch",
+        "trainables/models/__init__.py:1: trainables.models (trainables) imports numpy",
+        "trainables/models/__init__.py:2: trainables.models (trainables) imports trainables.trial",
+        "trainables/trial.py:1: trainables.trial (trainables) imports analysis.load (analysis)",
+    ]
     assert found == expected
 
 
@@ -124,10 +134,14 @@ def test_contract_modules_import_nothing_heavy():
     """One fresh interpreter imports the contract modules one by one; the first whose import brings in a heavy
     package is named with it."""
     contract = sorted(m for m in modules() if layer(m) == "contract")
-    code = ("import importlib, json, sys\nfound = {}\n"
-            f"for name in {contract!r}:\n    importlib.import_module(name)\n"
-            f"    heavy = [m for m in {HEAVY!r} if m in sys.modules and not any(m in v for v in found.values())]\n"
-            "    if heavy:\n        found[name] = heavy\nprint(json.dumps(found))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import importlib, json, sys\nfound = {}\n"
+        f"for name in {contract!r}:\n    importlib.import_module(name)\n"
+        f"    heavy = [m for m in {HEAVY!r} if m in sys.modules and not any(m in v for v in found.values())]\n"
+        "    if heavy:\n        found[name] = heavy\nprint(json.dumps(found))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout) == {}, f"contract modules pull in heavy packages: {result.stdout}"

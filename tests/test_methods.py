@@ -1,4 +1,5 @@
 """Adaptation methods and per-sample-gradient patches: what trains, counts, adapter round trips, numeric equivalence."""
+
 from __future__ import annotations
 
 import copy
@@ -7,11 +8,19 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_VAR
+
 from bench.schema import LORA_TARGETS, ConfigError, MethodConfig
-from trainables.methods import (LORA_TARGET_GROUPS, adapt, load_adapter, merge_adapters, official_export_state, parameter_counts,
-                                save_adapter, trainable_parameters)
+from trainables.methods import (
+    LORA_TARGET_GROUPS,
+    adapt,
+    load_adapter,
+    merge_adapters,
+    official_export_state,
+    parameter_counts,
+    save_adapter,
+    trainable_parameters,
+)
 from trainables.models import CheckpointError, build_var, load_var
 from trainables.models.checkpoints import save_var
 from trainables.models.vqvae import OFFICIAL_PATCH_NUMS
@@ -37,7 +46,16 @@ EXPECTED_CHANGED = {
     "lora_mlp": ("ffn.fc1.lora_", "ffn.fc2.lora_"),
     "ln_tuning": ("ada_lin.1.ln_tuning_layers.",),
     "full_block1": ("blocks.1.",),
-    "lora_block0": tuple(f"blocks.0.{p}" for p in ("attn.mat_qkv.lora_", "attn.proj.lora_", "ffn.fc1.lora_", "ffn.fc2.lora_", "ada_lin.1.lora_")),
+    "lora_block0": tuple(
+        f"blocks.0.{p}"
+        for p in (
+            "attn.mat_qkv.lora_",
+            "attn.proj.lora_",
+            "ffn.fc1.lora_",
+            "ffn.fc2.lora_",
+            "ada_lin.1.lora_",
+        )
+    ),
     "ln_tuning_block1": ("blocks.1.ada_lin.1.ln_tuning_layers.",),
 }
 
@@ -79,7 +97,9 @@ def test_only_intended_parameters_change(name):
     first_grads = train_steps(var, 3)
     changed = {n for n, p in var.named_parameters() if not torch.equal(p, before[n])}
     trainable = set(trainable_parameters(var))
-    assert changed == trainable, f"changed but frozen: {sorted(changed - trainable)}; trainable but unchanged: {sorted(trainable - changed)}"
+    assert changed == trainable, (
+        f"changed but frozen: {sorted(changed - trainable)}; trainable but unchanged: {sorted(trainable - changed)}"
+    )
     allowed = EXPECTED_CHANGED[name]
     for param_name in trainable - {"class_emb.weight"}:
         assert allowed is None or any(fragment in param_name for fragment in allowed), param_name
@@ -101,7 +121,9 @@ def test_patched_positions_and_biases_stay_out_of_weight_decay():
 
 
 def test_selective_blocks_beyond_depth_fail():
-    with pytest.raises(ConfigError, match=r"method.train_blocks: \(7,\) names a block beyond the model's depth"):
+    with pytest.raises(
+        ConfigError, match=r"method.train_blocks: \(7,\) names a block beyond the model's depth"
+    ):
         adapt(tiny_base(), MethodConfig(name="lora", train_blocks=(7,)), num_classes=3, seed=0)
 
 
@@ -116,9 +138,16 @@ def test_lora_target_groups_are_the_schemas_closed_set():
     assert tuple(LORA_TARGET_GROUPS) == LORA_TARGETS
 
 
-@pytest.mark.parametrize("bad", [dict(name="prefix"), dict(name="full", lora_targets=("attention",)),
-                                 dict(name="lora", lora_targets=("conv",)), dict(name="lora", lora_rank=0),
-                                 dict(name="full", train_blocks=())])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(name="prefix"),
+        dict(name="full", lora_targets=("attention",)),
+        dict(name="lora", lora_targets=("conv",)),
+        dict(name="lora", lora_rank=0),
+        dict(name="full", train_blocks=()),
+    ],
+)
 def test_method_settings_are_checked_by_the_config_section(bad):
     with pytest.raises(ConfigError, match="method."):
         MethodConfig(**bad)
@@ -127,7 +156,14 @@ def test_method_settings_are_checked_by_the_config_section(bad):
 @pytest.mark.parametrize("depth, lora_without_class_embedding", [(16, 6_029_312), (20, 9_420_800)])
 def test_lora_parameter_counts_match_the_paper(depth, lora_without_class_embedding):
     """Paper: LoRA d16 6.02-6.03M, d20 9.42M trainable at 1000-class shapes, class embedding excluded."""
-    var = build_var(depth=depth, num_classes=1000, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32, device="meta")
+    var = build_var(
+        depth=depth,
+        num_classes=1000,
+        patch_nums=OFFICIAL_PATCH_NUMS,
+        vocab_size=4096,
+        z_channels=32,
+        device="meta",
+    )
     counts = parameter_counts(adapt(var, MethodConfig(name="lora"), num_classes=1000, seed=0))
     width = 64 * depth
     assert counts["trainable_without_class_embedding"] == lora_without_class_embedding
@@ -164,19 +200,35 @@ def test_adapter_sidecar_holds_the_method_section_and_older_flat_records_still_l
     save_adapter(var, tmp_path / "adapter.pt")
     sidecar_file = tmp_path / "adapter.pt.json"
     sidecar = json.loads(sidecar_file.read_text())
-    assert sidecar["metadata"]["adaptation"] == json.loads(json.dumps(
-        {"method": dataclasses.asdict(SPECS["lora_block0"]), "num_classes": NEW_CLASSES, "seed": 0}))
+    assert sidecar["metadata"]["adaptation"] == json.loads(
+        json.dumps(
+            {"method": dataclasses.asdict(SPECS["lora_block0"]), "num_classes": NEW_CLASSES, "seed": 0}
+        )
+    )
     # Adapters saved before the method became the config's section kept a flat record ({"method": name, ...}).
-    sidecar["metadata"]["adaptation"] = {"method": "lora", "num_classes": NEW_CLASSES, "lora_rank": 4, "lora_alpha": 32.0,
-                                         "lora_targets": None, "train_blocks": [0], "class_init": "unconditional", "seed": 0}
+    sidecar["metadata"]["adaptation"] = {
+        "method": "lora",
+        "num_classes": NEW_CLASSES,
+        "lora_rank": 4,
+        "lora_alpha": 32.0,
+        "lora_targets": None,
+        "train_blocks": [0],
+        "class_init": "unconditional",
+        "seed": 0,
+    }
     sidecar_file.write_text(json.dumps(sidecar))
     restored = load_adapter(load_var(base_path, **_load_args()), tmp_path / "adapter.pt")
     assert restored.__dict__["adaptation"].method == SPECS["lora_block0"]
-    assert all(torch.equal(p, trainable_parameters(restored)[name]) for name, p in trainable_parameters(var).items())
+    assert all(
+        torch.equal(p, trainable_parameters(restored)[name]) for name, p in trainable_parameters(var).items()
+    )
 
 
 def test_adapter_refuses_a_base_from_another_checkpoint(tmp_path):
-    first, second = save_var(tiny_base(seed=0), tmp_path / "a.pth"), save_var(tiny_base(seed=1), tmp_path / "b.pth")
+    first, second = (
+        save_var(tiny_base(seed=0), tmp_path / "a.pth"),
+        save_var(tiny_base(seed=1), tmp_path / "b.pth"),
+    )
     var = adapt(load_var(first, **_load_args()), SPECS["lora"], num_classes=NEW_CLASSES, seed=0)
     save_adapter(var, tmp_path / "adapter.pt")
     with pytest.raises(CheckpointError, match="was trained on the base checkpoint with SHA-256"):
@@ -203,7 +255,9 @@ def test_merge_is_numerically_equivalent():
         assert not any(".lora_" in n or "ln_tuning" in n for n, _ in var.named_parameters())
 
 
-@pytest.mark.parametrize("names", [("positions_as_modules",), ("attention_parameters_as_modules",), OPACUS_PATCHES])
+@pytest.mark.parametrize(
+    "names", [("positions_as_modules",), ("attention_parameters_as_modules",), OPACUS_PATCHES]
+)
 def test_patches_are_numerically_equivalent(names, tiny_vqvae):
     plain = tiny_base()
     plain.train()
@@ -211,7 +265,9 @@ def test_patches_are_numerically_equivalent(names, tiny_vqvae):
     owners = {"positions_as_modules": "VAR", "attention_parameters_as_modules": "SelfAttention"}
     for module in patched.modules():
         own = [n for n, p in module.named_parameters(recurse=False)]
-        assert type(module).__name__ not in {owners[n] for n in names} or not own, f"{type(module).__name__} still owns {own}"
+        assert type(module).__name__ not in {owners[n] for n in names} or not own, (
+            f"{type(module).__name__} still owns {own}"
+        )
     label_B, x_BLCv, target_BL = random_batch(seed=3)
     out_plain, out_patched = plain(label_B, x_BLCv), patched(label_B, x_BLCv)
     assert torch.equal(out_plain, out_patched)
@@ -222,7 +278,9 @@ def test_patches_are_numerically_equivalent(names, tiny_vqvae):
     assert grads_plain.keys() == grads_patched.keys()
     for name in grads_plain:
         assert torch.equal(grads_plain[name], grads_patched[name]), name
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), official_state_dict(patched).values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(plain.state_dict().values(), official_state_dict(patched).values())
+    )
     assert list(plain.state_dict()) == list(official_state_dict(patched))
     kwargs = dict(vqvae=tiny_vqvae, cfg=1.5, top_k=10, top_p=0.9)
     labels = torch.tensor([0, 1, 4])

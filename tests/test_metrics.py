@@ -1,4 +1,5 @@
 """FID / precision-recall / KID on constructed features, against independent computations, and the reference cache."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,7 @@ def test_fid_grows_with_the_distance_between_distributions():
     real = gaussian(2000, 8, seed=1)
     values = [fid(gaussian(2000, 8, shift=s, seed=2), real) for s in (0.0, 0.5, 1.0, 2.0)]
     assert values == sorted(values) and values[0] < 0.1
-    assert values[-1] == pytest.approx(8 * 2.0 ** 2, rel=0.05)  # mean shift of 2 in each of 8 dims
+    assert values[-1] == pytest.approx(8 * 2.0**2, rel=0.05)  # mean shift of 2 in each of 8 dims
 
 
 def test_fid_equals_an_independent_scipy_computation():
@@ -67,13 +68,17 @@ def test_bad_features_are_refused():
 
 def test_reference_statistics_are_cached_and_keyed(tmp_path):
     cache = ReferenceStats(tmp_path)
-    key = ReferenceKey(dataset="flowers102", split="test", resolution=256, extractor="inception-v3-compat", num_images=50)
+    key = ReferenceKey(
+        dataset="flowers102", split="test", resolution=256, extractor="inception-v3-compat", num_images=50
+    )
     assert cache.load(key) is None
     features = gaussian(50, 6, seed=8).float()
     saved = cache.save(key, features)
     loaded = cache.load(key)
     assert np.array_equal(loaded["mu"], saved["mu"]) and np.array_equal(loaded["features"], features.numpy())
-    other = ReferenceKey(dataset="flowers102", split="test", resolution=256, extractor="substitute", num_images=50)
+    other = ReferenceKey(
+        dataset="flowers102", split="test", resolution=256, extractor="substitute", num_images=50
+    )
     assert cache.load(other) is None  # another extractor never reuses these statistics
     cache.path(key).write_bytes(b"damaged")
     with pytest.raises(ValueError, match="unreadable"):

@@ -5,6 +5,7 @@ For every entry point that takes settings, each parameter, and each field of a d
 config section, is checked: a config section's name annotated as a section carries that section; a config field's name carries no
 default of its own (the caller passes the config's value); a name an earlier mirror gave a config field is gone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,16 +24,36 @@ from trainables.prior import build_prior_bank
 from trainables.privacy import make_private, validate_privacy
 from trainables.trial import run_trial
 
-ENTRY_POINTS = (finetune, make_private, validate_privacy, adapt, generate, evaluate_module.evaluate, build_prior_bank, run_trial)
-CONFIG_FIELDS: dict[str, str] = {}  # field name -> the fields of that name ("optimization.batch_size or evaluation.batch_size")
+ENTRY_POINTS = (
+    finetune,
+    make_private,
+    validate_privacy,
+    adapt,
+    generate,
+    evaluate_module.evaluate,
+    build_prior_bank,
+    run_trial,
+)
+CONFIG_FIELDS: dict[
+    str, str
+] = {}  # field name -> the fields of that name ("optimization.batch_size or evaluation.batch_size")
 for _section, _kind in schema.SECTIONS.items():
     for _field in dataclasses.fields(_kind):
-        CONFIG_FIELDS[_field.name] = " or ".join(filter(None, (CONFIG_FIELDS.get(_field.name), f"{_section}.{_field.name}")))
+        CONFIG_FIELDS[_field.name] = " or ".join(
+            filter(None, (CONFIG_FIELDS.get(_field.name), f"{_section}.{_field.name}"))
+        )
 # Names the library's former mirrors (PrivacySpec, FinetuneOptions, AdaptationSpec, SamplingSettings) gave config fields.
-ALIASES = {"lr": "optimization.learning_rate", "cfg": "evaluation.guidance_scale", "physical_batch_size": "privacy.physical_batch_rows",
-           "eval_every": "evaluation.convergence_every_steps", "eval_points": "evaluation.convergence_points",
-           "every": "resources.checkpoint_every_steps", "every_minutes": "resources.checkpoint_every_minutes",
-           "every_fraction": "resources.checkpoint_every_fraction", "num_classes_init": "method.class_init"}
+ALIASES = {
+    "lr": "optimization.learning_rate",
+    "cfg": "evaluation.guidance_scale",
+    "physical_batch_size": "privacy.physical_batch_rows",
+    "eval_every": "evaluation.convergence_every_steps",
+    "eval_points": "evaluation.convergence_points",
+    "every": "resources.checkpoint_every_steps",
+    "every_minutes": "resources.checkpoint_every_minutes",
+    "every_fraction": "resources.checkpoint_every_fraction",
+    "num_classes_init": "method.class_init",
+}
 SECTION_TYPES = set(schema.SECTIONS.values())
 
 
@@ -49,7 +70,11 @@ def _settings_problems(where: str, name: str, hint, default) -> list[str]:
     sections = [c for c in _classes(hint) if c in SECTION_TYPES]
     if name in schema.SECTIONS and sections and schema.SECTIONS[name] not in sections:
         return [f"{where}: '{name}' is not the {schema.SECTIONS[name].__name__} section"]
-    if name in CONFIG_FIELDS and default is not inspect.Parameter.empty and default is not dataclasses.MISSING:
+    if (
+        name in CONFIG_FIELDS
+        and default is not inspect.Parameter.empty
+        and default is not dataclasses.MISSING
+    ):
         return [f"{where}: '{name}' repeats {CONFIG_FIELDS[name]} with a default of its own ({default!r})"]
     return []
 
@@ -67,7 +92,9 @@ def settings_problems(function) -> list[str]:
         for kind in _run_time_dataclasses(hints.get(name)):
             field_hints = typing.get_type_hints(kind)
             for field in dataclasses.fields(kind):
-                default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory
+                default = (
+                    field.default if field.default_factory is dataclasses.MISSING else field.default_factory
+                )
                 where = f"{function.__qualname__}({name}: {kind.__name__})"
                 problems += _settings_problems(where, field.name, field_hints[field.name], default)
     return problems
@@ -87,17 +114,22 @@ def test_the_check_finds_a_repeated_setting():
         lr: float
         batch_size: int = 32
 
-    def mirrored(var, *, options: Mirror, optimization: schema.PrivacyConfig, autocast_bf16: bool = False) -> None:
+    def mirrored(
+        var, *, options: Mirror, optimization: schema.PrivacyConfig, autocast_bf16: bool = False
+    ) -> None:
         pass
 
     mirrored.__globals__.update(Mirror=Mirror)  # get_type_hints resolves the string annotations here
     try:
         where = mirrored.__qualname__
-        assert sorted(settings_problems(mirrored)) == sorted([
-            f"{where}: 'optimization' is not the OptimizationConfig section",
-            f"{where}: 'autocast_bf16' repeats optimization.autocast_bf16 with a default of its own (False)",
-            f"{where}(options: Mirror): 'lr' repeats optimization.learning_rate under another name",
-            f"{where}(options: Mirror): 'batch_size' repeats optimization.batch_size or evaluation.batch_size with a default of its own (32)"])
+        assert sorted(settings_problems(mirrored)) == sorted(
+            [
+                f"{where}: 'optimization' is not the OptimizationConfig section",
+                f"{where}: 'autocast_bf16' repeats optimization.autocast_bf16 with a default of its own (False)",
+                f"{where}(options: Mirror): 'lr' repeats optimization.learning_rate under another name",
+                f"{where}(options: Mirror): 'batch_size' repeats optimization.batch_size or evaluation.batch_size with a default of its own (32)",
+            ]
+        )
     finally:
         del mirrored.__globals__["Mirror"]
 
@@ -110,6 +142,15 @@ def test_the_evaluate_command_defaults_to_the_configs_values():
     evaluation_fields = {field.name: field.default for field in dataclasses.fields(schema.EvaluationConfig)}
     assert not set(defaults) & set(ALIASES)
     assert {dest: default for dest, default in defaults.items() if dest in evaluation_fields} == {
-        dest: evaluation_fields[dest] for dest in defaults if dest in evaluation_fields}
-    assert {"guidance_scale", "top_k", "top_p", "batch_size", "sampling_seed", "num_images", "extractor"} <= set(defaults)
+        dest: evaluation_fields[dest] for dest in defaults if dest in evaluation_fields
+    }
+    assert {
+        "guidance_scale",
+        "top_k",
+        "top_p",
+        "batch_size",
+        "sampling_seed",
+        "num_images",
+        "extractor",
+    } <= set(defaults)
     assert defaults["autocast_bf16"] == schema.OptimizationConfig.autocast_bf16

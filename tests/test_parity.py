@@ -1,4 +1,5 @@
 """Numeric parity with the original implementation (fixture produced by the published VAR code)."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,9 +13,23 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def models(parity_fixture, parity_config):
     c = parity_config
-    vqvae = build_vqvae(vocab_size=c["V"], z_channels=c["Cvae"], ch=c["ch"], patch_nums=c["patch_nums"], share_quant_resi=c["share_quant_resi"])
-    var = build_var(depth=c["depth"], num_classes=c["num_classes"], patch_nums=c["patch_nums"], vocab_size=c["V"], z_channels=c["Cvae"],
-                    embed_dim=c["embed_dim"], num_heads=c["num_heads"], drop_path_rate=0.0)
+    vqvae = build_vqvae(
+        vocab_size=c["V"],
+        z_channels=c["Cvae"],
+        ch=c["ch"],
+        patch_nums=c["patch_nums"],
+        share_quant_resi=c["share_quant_resi"],
+    )
+    var = build_var(
+        depth=c["depth"],
+        num_classes=c["num_classes"],
+        patch_nums=c["patch_nums"],
+        vocab_size=c["V"],
+        z_channels=c["Cvae"],
+        embed_dim=c["embed_dim"],
+        num_heads=c["num_heads"],
+        drop_path_rate=0.0,
+    )
     vqvae.load_state_dict(parity_fixture["vqvae_state_dict"], strict=True)
     var.load_state_dict(parity_fixture["var_state_dict"], strict=True)
     return vqvae.eval(), var.eval()
@@ -22,7 +37,10 @@ def models(parity_fixture, parity_config):
 
 def test_state_dict_layout_matches_fixture(models, parity_fixture):
     vqvae, var = models
-    for ours, theirs in ((vqvae.state_dict(), parity_fixture["vqvae_state_dict"]), (var.state_dict(), parity_fixture["var_state_dict"])):
+    for ours, theirs in (
+        (vqvae.state_dict(), parity_fixture["vqvae_state_dict"]),
+        (var.state_dict(), parity_fixture["var_state_dict"]),
+    ):
         assert list(ours) == list(theirs)
         assert all(ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype for k in ours)
 
@@ -35,7 +53,9 @@ def test_tokenisation_is_exact(models, parity_fixture):
         assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("name", ["x_BLCv_wo_first_l", "reconstruction_B3HW", "logits_BLV", "greedy_samples_B3HW"])
+@pytest.mark.parametrize(
+    "name", ["x_BLCv_wo_first_l", "reconstruction_B3HW", "logits_BLV", "greedy_samples_B3HW"]
+)
 def test_tensor_parity(models, parity_fixture, parity_config, name):
     vqvae, var = models
     idx_Bl, label_B = parity_fixture["idx_Bl"], parity_fixture["label_B"]
@@ -44,8 +64,14 @@ def test_tensor_parity(models, parity_fixture, parity_config, name):
             "x_BLCv_wo_first_l": lambda: vqvae.idxBl_to_var_input(idx_Bl),
             "reconstruction_B3HW": lambda: vqvae.idxBl_to_img(idx_Bl),
             "logits_BLV": lambda: var(label_B, parity_fixture["x_BLCv_wo_first_l"]),
-            "greedy_samples_B3HW": lambda: var.sample(label_B, vqvae=vqvae, cfg=parity_config["cfg"], top_k=1, top_p=0.0,
-                                                      generator=torch.Generator().manual_seed(0)),
+            "greedy_samples_B3HW": lambda: var.sample(
+                label_B,
+                vqvae=vqvae,
+                cfg=parity_config["cfg"],
+                top_k=1,
+                top_p=0.0,
+                generator=torch.Generator().manual_seed(0),
+            ),
         }
         ours = compute[name]()
     expected = parity_fixture[name]

@@ -1,6 +1,7 @@
 """The driver's preflight reads what it can before any GPU is used: checkpoint headers and key lists (memory-mapped,
 weights_only), the Inception weights, every listed image; all problems of all trials in one error, grouped by
 problem, each distinct file read once, nothing created by a dry run, and a hint when the assets root is wrong."""
+
 from __future__ import annotations
 
 import re
@@ -8,14 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bench.preflight import SweepError, check_sweep
-from bench.schema import DataConfig, EvaluationConfig, MethodConfig, ModelConfig, OptimizationConfig, TrialConfig
-from bench.sweeps import build_sweep
-from bench.sweeps.common import Assets
 from conftest import TINY_VAR, TINY_VQVAE
 from test_datasets import jpeg, make_cub
-from trainables.assets import OFFICIAL_VAR, OFFICIAL_VQVAE, check_checkpoint, check_inception_weights, read_header
+
+from bench.preflight import SweepError, check_sweep
+from bench.schema import (
+    DataConfig,
+    EvaluationConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimizationConfig,
+    TrialConfig,
+)
+from bench.sweeps import build_sweep
+from bench.sweeps.common import Assets
+from trainables.assets import (
+    OFFICIAL_VAR,
+    OFFICIAL_VQVAE,
+    check_checkpoint,
+    check_inception_weights,
+    read_header,
+)
 from trainables.models import build_var, build_vqvae
 from trainables.models.checkpoints import CheckpointError, save_var
 
@@ -39,7 +53,10 @@ class Payload:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("assets")
-    paths = {name: root / f"{name}.pth" for name in ("var_ok", "vqvae_ok", "truncated", "empty", "payload", "inception_bad")}
+    paths = {
+        name: root / f"{name}.pth"
+        for name in ("var_ok", "vqvae_ok", "truncated", "empty", "payload", "inception_bad")
+    }
     torch.save(shaped_like(build_var(depth=16, **OFFICIAL_VAR, device="meta")), paths["var_ok"])
     torch.save(shaped_like(build_vqvae(**OFFICIAL_VQVAE, device="meta")), paths["vqvae_ok"])
     whole = paths["var_ok"].read_bytes()
@@ -52,9 +69,19 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def official(var: Path, vqvae: Path, inception: Path, data: DataConfig, *, seed: int = 0) -> TrialConfig:
-    return TrialConfig(model=ModelConfig(base="official", depth=16, var_checkpoint=str(var), vqvae_checkpoint=str(vqvae), tiny_pretraining_steps=0),
-                       data=data, method=MethodConfig(name="lora"), optimization=OptimizationConfig(steps=10, seed=seed),
-                       evaluation=EvaluationConfig(inception_weights=str(inception)))
+    return TrialConfig(
+        model=ModelConfig(
+            base="official",
+            depth=16,
+            var_checkpoint=str(var),
+            vqvae_checkpoint=str(vqvae),
+            tiny_pretraining_steps=0,
+        ),
+        data=data,
+        method=MethodConfig(name="lora"),
+        optimization=OptimizationConfig(steps=10, seed=seed),
+        evaluation=EvaluationConfig(inception_weights=str(inception)),
+    )
 
 
 def test_headers_are_read_against_the_architecture(files, tmp_path):
@@ -72,12 +99,20 @@ def test_headers_are_read_against_the_architecture(files, tmp_path):
     # A varsweep checkpoint's sidecar is read too: its architecture must be the one the trial builds.
     saved = save_var(build_var(**TINY_VAR), tmp_path / "saved.pth")
     check_checkpoint(saved, kind="var", architecture=TINY_VAR)
-    with pytest.raises(CheckpointError, match=r"saved for another var architecture: num_classes: saved 5, requested 7"):
+    with pytest.raises(
+        CheckpointError, match=r"saved for another var architecture: num_classes: saved 5, requested 7"
+    ):
         check_checkpoint(saved, kind="var", architecture={**TINY_VAR, "num_classes": 7})
 
 
-@pytest.mark.parametrize("name, problem", [("truncated", "cannot read checkpoint"), ("empty", r"is empty \(0 bytes\)"),
-                                           ("payload", "cannot read checkpoint")])
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("truncated", "cannot read checkpoint"),
+        ("empty", r"is empty \(0 bytes\)"),
+        ("payload", "cannot read checkpoint"),
+    ],
+)
 def test_unreadable_checkpoints_are_named(files, name, problem):
     with pytest.raises(CheckpointError, match=problem):
         read_header(files[name])
@@ -101,41 +136,71 @@ def test_every_problem_of_every_trial_once_grouped(files, tmp_path):
     cub = DataConfig(dataset="cub200", root=str(cub_root), resolution=256)
     folder = DataConfig(dataset="folder", root=str(tmp_path / "folder"), resolution=256)
     bad_inception = files["inception_bad"]
-    configs = [official(files["truncated"], files["vqvae_ok"], bad_inception, cub, seed=0),
-               official(files["truncated"], files["vqvae_ok"], bad_inception, cub, seed=1),
-               official(files["empty"], files["vqvae_ok"], bad_inception, folder),
-               official(files["payload"], files["vqvae_ok"], bad_inception, folder),
-               official(files["var_ok"], files["vqvae_ok"], bad_inception, folder)]
+    configs = [
+        official(files["truncated"], files["vqvae_ok"], bad_inception, cub, seed=0),
+        official(files["truncated"], files["vqvae_ok"], bad_inception, cub, seed=1),
+        official(files["empty"], files["vqvae_ok"], bad_inception, folder),
+        official(files["payload"], files["vqvae_ok"], bad_inception, folder),
+        official(files["var_ok"], files["vqvae_ok"], bad_inception, folder),
+    ]
     cache = tmp_path / "cache"
     with pytest.raises(SweepError) as raised:
         check_sweep(configs, cache_dir=str(cache), write=False)
     message = str(raised.value)
     assert message.startswith("5 of 5 trials cannot run; nothing was started:")
     for path in (files["truncated"], files["empty"], files["payload"], bad_inception, gone):
-        assert message.count(str(path)) == 1, (path, message)  # each problem once, however many trials share it
+        assert message.count(str(path)) == 1, (
+            path,
+            message,
+        )  # each problem once, however many trials share it
     lines = message.splitlines()
 
     def affected(path: Path) -> str:
         at = next(i for i, line in enumerate(lines) if str(path) in line)
-        return next(line for line in lines[at + 1:] if line.strip().startswith("affects"))
+        return next(line for line in lines[at + 1 :] if line.strip().startswith("affects"))
 
-    assert affected(files["truncated"]).strip().startswith("affects 2 trials") and configs[1].trial_id in affected(files["truncated"])
-    assert configs[2].trial_id in affected(files["empty"]) and configs[3].trial_id in affected(files["payload"])
+    assert affected(files["truncated"]).strip().startswith("affects 2 trials") and configs[
+        1
+    ].trial_id in affected(files["truncated"])
+    assert configs[2].trial_id in affected(files["empty"]) and configs[3].trial_id in affected(
+        files["payload"]
+    )
     assert affected(bad_inception).strip() == "affects all 5 trials"
     assert re.search(r"data\.root: 1 of the 6 images the train split of cub200 lists", message)
     assert configs[0].trial_id in affected(gone) and configs[2].trial_id not in affected(gone)
-    assert "model.vqvae_checkpoint" not in message and str(files["var_ok"]) not in message  # the valid headers pass
+    assert (
+        "model.vqvae_checkpoint" not in message and str(files["var_ok"]) not in message
+    )  # the valid headers pass
     assert "hint" not in message
-    assert not cache.exists() and not files["marker"].exists()  # the dry run created nothing and ran no pickle
+    assert (
+        not cache.exists() and not files["marker"].exists()
+    )  # the dry run created nothing and ran no pickle
 
 
 def test_a_wrong_assets_root_gets_a_hint(tmp_path):
     with pytest.raises(SweepError) as raised:
-        check_sweep(build_sweep("table2", assets=Assets(str(tmp_path / "wrong"))), cache_dir=str(tmp_path / "cache"), write=False)
-    hint = str(raised.value).splitlines()[1]  # right under the count: it explains every problem listed after it
-    assert hint.strip().startswith("hint:") and str(tmp_path / "wrong") in hint and "--assets" in hint and "VARSWEEP_ASSETS" in hint
-    (tmp_path / "right" / "checkpoints").mkdir(parents=True)  # the right root, its files not copied yet: no hint
+        check_sweep(
+            build_sweep("table2", assets=Assets(str(tmp_path / "wrong"))),
+            cache_dir=str(tmp_path / "cache"),
+            write=False,
+        )
+    hint = str(raised.value).splitlines()[
+        1
+    ]  # right under the count: it explains every problem listed after it
+    assert (
+        hint.strip().startswith("hint:")
+        and str(tmp_path / "wrong") in hint
+        and "--assets" in hint
+        and "VARSWEEP_ASSETS" in hint
+    )
+    (tmp_path / "right" / "checkpoints").mkdir(
+        parents=True
+    )  # the right root, its files not copied yet: no hint
     with pytest.raises(SweepError) as raised:
-        check_sweep(build_sweep("table2", assets=Assets(str(tmp_path / "right"))), cache_dir=str(tmp_path / "cache"), write=False)
+        check_sweep(
+            build_sweep("table2", assets=Assets(str(tmp_path / "right"))),
+            cache_dir=str(tmp_path / "cache"),
+            write=False,
+        )
     assert "hint" not in str(raised.value) and "var_d16.pth" in str(raised.value)
     assert not (tmp_path / "cache").exists()

@@ -1,4 +1,5 @@
 """DP-SGD correctness: per-sample gradients, sensitivity, noise scale, accounting, validation, DP-DDP."""
+
 from __future__ import annotations
 
 import copy
@@ -10,16 +11,27 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY_VAR, TINY_VQVAE
 from scipy import special
 
-from conftest import TINY_VAR, TINY_VQVAE
 from bench.schema import ConfigError, MethodConfig, OptimizationConfig, PrivacyConfig
 from trainables.methods import adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
-from trainables.privacy import (PrivacyConfigError, _accumulate_clipped, epsilon_spent, make_private, poisson_batch,
-                                load_privacy_state, next_batch, privacy_ledger, privacy_state_dict, private_step, release,
-                                resolve_clipping,
-                                validate_privacy)
+from trainables.privacy import (
+    PrivacyConfigError,
+    _accumulate_clipped,
+    epsilon_spent,
+    load_privacy_state,
+    make_private,
+    next_batch,
+    poisson_batch,
+    privacy_ledger,
+    privacy_state_dict,
+    private_step,
+    release,
+    resolve_clipping,
+    validate_privacy,
+)
 from trainables.training import scale_loss_weights, view_losses
 
 N, K_MAX, CLASSES = 24, 3, 3
@@ -29,7 +41,10 @@ METHODS = ("full", "lora", "ln_tuning")
 def make_data(seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     label_N = torch.randint(0, CLASSES, (N,), generator=g)
-    views = [torch.randint(0, TINY_VQVAE["vocab_size"], (N, K_MAX, pn * pn), generator=g) for pn in TINY_VQVAE["patch_nums"]]
+    views = [
+        torch.randint(0, TINY_VQVAE["vocab_size"], (N, K_MAX, pn * pn), generator=g)
+        for pn in TINY_VQVAE["patch_nums"]
+    ]
     return label_N, views
 
 
@@ -40,7 +55,9 @@ def make_vqvae() -> torch.nn.Module:
 
 def make_model(method: str, *, train_blocks: tuple[int, ...] | None = None) -> torch.nn.Module:
     var = build_var(**TINY_VAR, drop_path_rate=0.0, generator=torch.Generator().manual_seed(0))
-    return adapt(var, MethodConfig(name=method, lora_rank=4, train_blocks=train_blocks), num_classes=CLASSES, seed=0).train()
+    return adapt(
+        var, MethodConfig(name=method, lora_rank=4, train_blocks=train_blocks), num_classes=CLASSES, seed=0
+    ).train()
 
 
 def loss_fn_for(var, vqvae, data, k: int, *, token_weights_L: torch.Tensor | None = None, bf16: bool = False):
@@ -49,11 +66,21 @@ def loss_fn_for(var, vqvae, data, k: int, *, token_weights_L: torch.Tensor | Non
 
     def loss_fn(part: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return view_losses(var, vqvae, label_N[part], [v[part][:, :k] for v in views], class_dropout=0.0, token_weights_L=token_weights_L)
+            return view_losses(
+                var,
+                vqvae,
+                label_N[part],
+                [v[part][:, :k] for v in views],
+                class_dropout=0.0,
+                token_weights_L=token_weights_L,
+            )
+
     return loss_fn
 
 
-def reference_grads(var, vqvae, data, k: int, indices, *, token_weights_L: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def reference_grads(
+    var, vqvae, data, k: int, indices, *, token_weights_L: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Per-example gradients [B, ...] of the view-mean loss, one example at a time with plain autograd."""
     var = copy.deepcopy(var)
     loss_fn = loss_fn_for(var, vqvae, data, k, token_weights_L=token_weights_L)
@@ -67,7 +94,18 @@ def reference_grads(var, vqvae, data, k: int, indices, *, token_weights_L: torch
 
 
 def spec(**overrides) -> PrivacyConfig:
-    return PrivacyConfig(**{**dict(target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, physical_batch_rows=4, clipping="hooks"), **overrides})
+    return PrivacyConfig(
+        **{
+            **dict(
+                target_epsilon=8.0,
+                sampling_rate=0.25,
+                max_grad_norm=1.0,
+                physical_batch_rows=4,
+                clipping="hooks",
+            ),
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +124,22 @@ def test_per_sample_gradients_equal_one_at_a_time(method, k, vqvae, data):
     var = make_model(method)
     indices = [0, 5, 7, 11]
     expected = reference_grads(var, vqvae, data, k, indices)
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(augmentation_multiplicity=k), dataset_size=N, planned_steps=3)
+    state = make_private(
+        var,
+        torch.optim.SGD(var.parameters(), lr=0.0),
+        privacy=spec(augmentation_multiplicity=k),
+        dataset_size=N,
+        planned_steps=3,
+    )
     _accumulate_clipped(state, torch.tensor(indices), loss_fn_for(var, vqvae, data, k))
     for name, p in trainable_parameters(var).items():
-        torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            p.grad_sample,
+            expected[name],
+            rtol=1e-4,
+            atol=1e-6,
+            msg=lambda m: f"{name}: {m}",  # noqa: B023
+        )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -99,10 +149,24 @@ def test_per_sample_gradients_with_selected_blocks_and_scale_weights(method, vqv
     weights_L = scale_loss_weights(TINY_VAR["patch_nums"], decay=0.5)
     indices = [2, 4, 6]
     expected = reference_grads(var, vqvae, data, 2, indices, token_weights_L=weights_L)
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(augmentation_multiplicity=2), dataset_size=N, planned_steps=3)
-    _accumulate_clipped(state, torch.tensor(indices), loss_fn_for(var, vqvae, data, 2, token_weights_L=weights_L))
+    state = make_private(
+        var,
+        torch.optim.SGD(var.parameters(), lr=0.0),
+        privacy=spec(augmentation_multiplicity=2),
+        dataset_size=N,
+        planned_steps=3,
+    )
+    _accumulate_clipped(
+        state, torch.tensor(indices), loss_fn_for(var, vqvae, data, 2, token_weights_L=weights_L)
+    )
     for name, p in trainable_parameters(var).items():
-        torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            p.grad_sample,
+            expected[name],
+            rtol=1e-4,
+            atol=1e-6,
+            msg=lambda m: f"{name}: {m}",  # noqa: B023
+        )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -111,20 +175,53 @@ def test_ghost_clipping_norms_equal_one_at_a_time(method, vqvae, data):
     indices = [1, 2, 3, 9]
     expected = reference_grads(var, vqvae, data, 1, indices)
     norms_B = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()], dim=1).norm(dim=1)
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(clipping="ghost"), dataset_size=N, planned_steps=3)
+    state = make_private(
+        var,
+        torch.optim.SGD(var.parameters(), lr=0.0),
+        privacy=spec(clipping="ghost"),
+        dataset_size=N,
+        planned_steps=3,
+    )
     _accumulate_clipped(state, torch.tensor(indices), loss_fn_for(var, vqvae, data, 1))
     torch.testing.assert_close(state.module.per_sample_gradient_norms, norms_B, rtol=1e-4, atol=1e-6)
 
 
-def summed_clipped_gradient(var, vqvae, data, *, indices, k: int, clipping: str = "hooks", max_grad_norm: float,
-                            physical_batch_rows: int = 4, bf16: bool = False) -> torch.Tensor:
+def summed_clipped_gradient(
+    var,
+    vqvae,
+    data,
+    *,
+    indices,
+    k: int,
+    clipping: str = "hooks",
+    max_grad_norm: float,
+    physical_batch_rows: int = 4,
+    bf16: bool = False,
+) -> torch.Tensor:
     """The flat sum of clipped per-example gradients of one noiseless DP step (read before the optimiser step)."""
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), dataset_size=N, planned_steps=3,
-                         privacy=spec(augmentation_multiplicity=k, clipping=clipping, max_grad_norm=max_grad_norm, physical_batch_rows=physical_batch_rows))
+    state = make_private(
+        var,
+        torch.optim.SGD(var.parameters(), lr=0.0),
+        dataset_size=N,
+        planned_steps=3,
+        privacy=spec(
+            augmentation_multiplicity=k,
+            clipping=clipping,
+            max_grad_norm=max_grad_norm,
+            physical_batch_rows=physical_batch_rows,
+        ),
+    )
     state.optimizer.noise_multiplier = 0.0
     captured = []
-    capture = lambda: captured.append(torch.cat([p.grad.flatten() for p in state.optimizer.params]) * state.expected_batch_size)  # noqa: E731
-    private_step(state, torch.tensor(indices, dtype=torch.long), loss_fn_for(var, vqvae, data, k, bf16=bf16), public_grad_fn=capture)
+    capture = lambda: captured.append(  # noqa: E731
+        torch.cat([p.grad.flatten() for p in state.optimizer.params]) * state.expected_batch_size
+    )
+    private_step(
+        state,
+        torch.tensor(indices, dtype=torch.long),
+        loss_fn_for(var, vqvae, data, k, bf16=bf16),
+        public_grad_fn=capture,
+    )
     return captured[0]
 
 
@@ -141,7 +238,9 @@ def test_bookkeeping_clipped_sum_equals_per_sample_hooks(method, k, vqvae, data)
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("k, clipping", [(1, "hooks"), (3, "hooks"), (1, "ghost"), (1, "bookkeeping"), (3, "bookkeeping")])
+@pytest.mark.parametrize(
+    "k, clipping", [(1, "hooks"), (3, "hooks"), (1, "ghost"), (1, "bookkeeping"), (3, "bookkeeping")]
+)
 def test_sensitivity_of_one_adversarial_example_is_at_most_C(method, k, clipping, vqvae):
     """Adding one example (add/remove adjacency, the one the accountant assumes) moves the noiseless summed
     clipped gradient by at most C, however large that example's own gradient is; replacing one moves it by at most 2C."""
@@ -156,11 +255,29 @@ def test_sensitivity_of_one_adversarial_example_is_at_most_C(method, k, clipping
     raw_norm = torch.cat([g.flatten() for g in raw.values()]).norm()
     assert raw_norm > 10 * C, raw_norm  # clipping is what bounds it
     honest = list(range(8))
-    without = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=honest, k=k, clipping=clipping, max_grad_norm=C)
-    with_adv = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=honest + [adversary], k=k, clipping=clipping, max_grad_norm=C)
+    without = summed_clipped_gradient(
+        copy.deepcopy(base), vqvae, data, indices=honest, k=k, clipping=clipping, max_grad_norm=C
+    )
+    with_adv = summed_clipped_gradient(
+        copy.deepcopy(base),
+        vqvae,
+        data,
+        indices=honest + [adversary],
+        k=k,
+        clipping=clipping,
+        max_grad_norm=C,
+    )
     change = (with_adv - without).norm()
     assert 0.5 * C < change <= C * (1 + 1e-4)
-    replaced = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=honest[:-1] + [adversary], k=k, clipping=clipping, max_grad_norm=C)
+    replaced = summed_clipped_gradient(
+        copy.deepcopy(base),
+        vqvae,
+        data,
+        indices=honest[:-1] + [adversary],
+        k=k,
+        clipping=clipping,
+        max_grad_norm=C,
+    )
     assert (replaced - without).norm() <= 2 * C * (1 + 1e-4)
 
 
@@ -170,7 +287,9 @@ def test_clipping_under_bf16_autocast_bounds_each_example_by_C(k, clipping, vqva
     mantissa) would let a clipped gradient exceed C by up to 0.4%."""
     C, base = 1e-3, make_model("lora")
     for i in range(6):
-        one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, indices=[i], k=k, clipping=clipping, max_grad_norm=C, bf16=True)
+        one = summed_clipped_gradient(
+            copy.deepcopy(base), vqvae, data, indices=[i], k=k, clipping=clipping, max_grad_norm=C, bf16=True
+        )
         assert 0.99 * C < one.norm() <= C * (1 + 1e-5), (i, one.norm() / C)
 
 
@@ -180,7 +299,9 @@ def test_physical_batches_do_not_change_the_sum(k, clipping, vqvae, data):
     indices = list(range(0, N, 2))
     kwargs = dict(indices=indices, k=k, clipping=clipping, max_grad_norm=0.05)
     one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, physical_batch_rows=64, **kwargs)
-    many = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, physical_batch_rows=5, **kwargs)  # chunks of 2 or 5 examples
+    many = summed_clipped_gradient(
+        copy.deepcopy(base), vqvae, data, physical_batch_rows=5, **kwargs
+    )  # chunks of 2 or 5 examples
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-7)
 
 
@@ -188,8 +309,14 @@ def test_physical_batches_do_not_change_the_sum(k, clipping, vqvae, data):
 def test_noise_std_matches_sigma_C_over_expected_batch(clipping, vqvae, data):
     var = make_model("full")
     C = 0.5
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(max_grad_norm=C, clipping=clipping),
-                         dataset_size=N, planned_steps=3, noise_generator=torch.Generator().manual_seed(0))
+    state = make_private(
+        var,
+        torch.optim.SGD(var.parameters(), lr=0.0),
+        privacy=spec(max_grad_norm=C, clipping=clipping),
+        dataset_size=N,
+        planned_steps=3,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
     real_loss = loss_fn_for(var, vqvae, data, 1)
     zero_gradient_loss = lambda part: 0.0 * real_loss(part)  # noqa: E731
     captured = []
@@ -205,7 +332,9 @@ def test_noise_std_matches_sigma_C_over_expected_batch(clipping, vqvae, data):
 def test_empty_poisson_batch_takes_a_noise_only_step(vqvae, data):
     var = make_model("lora")
     before = {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=1.0), privacy=spec(), dataset_size=N, planned_steps=2)
+    state = make_private(
+        var, torch.optim.SGD(var.parameters(), lr=1.0), privacy=spec(), dataset_size=N, planned_steps=2
+    )
     private_step(state, torch.zeros(0, dtype=torch.long), loss_fn_for(var, vqvae, data, 1))
     assert state.steps == 1
     assert all(not torch.equal(p, before[n]) for n, p in trainable_parameters(var).items())
@@ -216,8 +345,13 @@ def independent_epsilon(*, sigma: float, q: float, steps: int, delta: float, ord
     composed over steps and converted with Balle et al. 2020 (Thm. 21); written from the papers, not from Opacus."""
     best = math.inf
     for a in orders:
-        log_terms = [math.log(special.comb(a, j, exact=True)) + (a - j) * math.log1p(-q) + j * math.log(q)
-                     + (j * j - j) / (2 * sigma ** 2) for j in range(a + 1)]
+        log_terms = [
+            math.log(special.comb(a, j, exact=True))
+            + (a - j) * math.log1p(-q)
+            + j * math.log(q)
+            + (j * j - j) / (2 * sigma**2)
+            for j in range(a + 1)
+        ]
         rdp = steps * special.logsumexp(log_terms) / (a - 1)
         eps = rdp + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
         best = min(best, eps)
@@ -227,16 +361,28 @@ def independent_epsilon(*, sigma: float, q: float, steps: int, delta: float, ord
 @pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.01, 1000), (0.8, 0.251, 80), (2.0, 0.05, 300)])
 def test_reported_epsilon_equals_independent_computation(sigma, q, steps):
     delta = 1e-5
-    ours = epsilon_spent(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta, rdp_orders=list(range(2, 64)))
-    assert ours["rdp"] == pytest.approx(independent_epsilon(sigma=sigma, q=q, steps=steps, delta=delta), rel=1e-6)
+    ours = epsilon_spent(
+        noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta, rdp_orders=list(range(2, 64))
+    )
+    assert ours["rdp"] == pytest.approx(
+        independent_epsilon(sigma=sigma, q=q, steps=steps, delta=delta), rel=1e-6
+    )
     default_orders = epsilon_spent(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta)
     assert default_orders["rdp"] <= ours["rdp"] * (1 + 1e-9)  # fractional orders can only tighten the bound
-    assert 0.5 * default_orders["rdp"] < default_orders["prv"] <= default_orders["rdp"] * 1.01  # PRV is the tighter accountant
+    assert (
+        0.5 * default_orders["rdp"] < default_orders["prv"] <= default_orders["rdp"] * 1.01
+    )  # PRV is the tighter accountant
 
 
 def test_calibrated_sigma_spends_at_most_the_target_and_stops_there(vqvae, data):
     var = make_model("ln_tuning")
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=1e-3), privacy=spec(target_epsilon=4.0), dataset_size=N, planned_steps=3)
+    state = make_private(
+        var,
+        torch.optim.SGD(var.parameters(), lr=1e-3),
+        privacy=spec(target_epsilon=4.0),
+        dataset_size=N,
+        planned_steps=3,
+    )
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         private_step(state, poisson_batch(N, 0.25, generator=generator), loss_fn_for(var, vqvae, data, 1))
@@ -248,51 +394,80 @@ def test_calibrated_sigma_spends_at_most_the_target_and_stops_there(vqvae, data)
         private_step(state, torch.arange(3), loss_fn_for(var, vqvae, data, 1))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(target_epsilon=0.0), "privacy.target_epsilon"), (dict(target_epsilon=-1.0), "privacy.target_epsilon"),
-    (dict(sampling_rate=0.0), "privacy.sampling_rate"), (dict(sampling_rate=1.5), "privacy.sampling_rate"),
-    (dict(augmentation_multiplicity=0), "privacy.augmentation_multiplicity"), (dict(max_grad_norm=0.0), "privacy.max_grad_norm"),
-    (dict(clipping="ghost", augmentation_multiplicity=4), "ghost"), (dict(accountant="gdp"), "privacy.accountant"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(target_epsilon=0.0), "privacy.target_epsilon"),
+        (dict(target_epsilon=-1.0), "privacy.target_epsilon"),
+        (dict(sampling_rate=0.0), "privacy.sampling_rate"),
+        (dict(sampling_rate=1.5), "privacy.sampling_rate"),
+        (dict(augmentation_multiplicity=0), "privacy.augmentation_multiplicity"),
+        (dict(max_grad_norm=0.0), "privacy.max_grad_norm"),
+        (dict(clipping="ghost", augmentation_multiplicity=4), "ghost"),
+        (dict(accountant="gdp"), "privacy.accountant"),
+    ],
+)
 def test_impossible_settings_fail_at_construction(overrides, message):
-    with pytest.raises(ConfigError, match=message):  # the settings are the trial config's section: checked once, there
+    with pytest.raises(
+        ConfigError, match=message
+    ):  # the settings are the trial config's section: checked once, there
         spec(**overrides)
 
 
-@pytest.mark.parametrize("dataset_size, planned_steps, overrides, message", [
-    (N, 10, dict(delta=0.1), "allow_delta_at_least_inverse_n"), (0, 10, {}, "non-empty dataset"), (N, 0, {}, "planned step"),
-    (1, 10, {}, "1/N = 1"),
-])
-def test_settings_impossible_for_this_data_fail_before_compute(dataset_size, planned_steps, overrides, message):
+@pytest.mark.parametrize(
+    "dataset_size, planned_steps, overrides, message",
+    [
+        (N, 10, dict(delta=0.1), "allow_delta_at_least_inverse_n"),
+        (0, 10, {}, "non-empty dataset"),
+        (N, 0, {}, "planned step"),
+        (1, 10, {}, "1/N = 1"),
+    ],
+)
+def test_settings_impossible_for_this_data_fail_before_compute(
+    dataset_size, planned_steps, overrides, message
+):
     with pytest.raises(PrivacyConfigError, match=message):
         validate_privacy(spec(**overrides), dataset_size=dataset_size, planned_steps=planned_steps)
 
 
 def test_auto_clipping_is_bookkeeping_for_adapted_vars():
     for method in METHODS:
-        assert resolve_clipping(spec(clipping="auto", augmentation_multiplicity=2), make_model(method)) == "bookkeeping"
+        assert (
+            resolve_clipping(spec(clipping="auto", augmentation_multiplicity=2), make_model(method))
+            == "bookkeeping"
+        )
     unsupported = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
     assert resolve_clipping(spec(clipping="auto"), unsupported) == "hooks"
 
 
 def test_head_scale_rule_matches_autograd_at_the_clamp_bound():
     from opacus.grad_sample import GradSampleModule
+
     from trainables.models.var import MAX_LOG_SCALE_MUL
     from trainables.patches import HeadScale
-    layer = HeadScale(torch.nn.Parameter(torch.tensor([MAX_LOG_SCALE_MUL, 1.0, MAX_LOG_SCALE_MUL + 0.5]).view(1, 3, 1, 1)))
+
+    layer = HeadScale(
+        torch.nn.Parameter(torch.tensor([MAX_LOG_SCALE_MUL, 1.0, MAX_LOG_SCALE_MUL + 0.5]).view(1, 3, 1, 1))
+    )
     q_BHLc = torch.randn(2, 3, 4, 5)
     grad_out = torch.randn(2, 3, 4, 5)
     rule = GradSampleModule.GRAD_SAMPLERS[HeadScale](layer, [q_BHLc], grad_out)[layer.scale_mul_1H11]
     for b in range(2):
         layer.zero_grad()
-        (layer(q_BHLc[b: b + 1]) * grad_out[b: b + 1]).sum().backward()
+        (layer(q_BHLc[b : b + 1]) * grad_out[b : b + 1]).sum().backward()
         torch.testing.assert_close(rule[b], layer.scale_mul_1H11.grad)
 
 
 def test_released_model_can_be_made_private_again(vqvae, data):
     var = make_model("lora")
     for clipping in ("hooks", "bookkeeping", "hooks"):
-        state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(clipping=clipping), dataset_size=N, planned_steps=2)
+        state = make_private(
+            var,
+            torch.optim.SGD(var.parameters(), lr=0.0),
+            privacy=spec(clipping=clipping),
+            dataset_size=N,
+            planned_steps=2,
+        )
         private_step(state, torch.arange(3), loss_fn_for(var, vqvae, data, 1))
         release(state)
     assert not any(hasattr(m, "activations") and m.activations for m in var.modules())
@@ -302,7 +477,14 @@ def test_sampling_is_entropy_seeded_unless_a_seed_is_given():
     var = make_model("lora")
     draws = []
     for seed in (None, None, 5, 5):
-        state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(), dataset_size=1000, planned_steps=2, debug_seed=seed)
+        state = make_private(
+            var,
+            torch.optim.SGD(var.parameters(), lr=0.0),
+            privacy=spec(),
+            dataset_size=1000,
+            planned_steps=2,
+            debug_seed=seed,
+        )
         draws.append(next_batch(state))
         release(state)
     assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[2], draws[3])
@@ -310,18 +492,35 @@ def test_sampling_is_entropy_seeded_unless_a_seed_is_given():
 
 def test_resumed_accounting_continues_and_refuses_other_settings(vqvae, data):
     var = make_model("lora")
-    first = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(), dataset_size=N, planned_steps=3)
+    first = make_private(
+        var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(), dataset_size=N, planned_steps=3
+    )
     for _ in range(2):
         private_step(first, next_batch(first), loss_fn_for(var, vqvae, data, 1))
     saved = privacy_state_dict(first)
     release(first)
-    resumed = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(), dataset_size=N, planned_steps=3)
+    resumed = make_private(
+        var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(), dataset_size=N, planned_steps=3
+    )
     load_privacy_state(resumed, saved)
     private_step(resumed, next_batch(resumed), loss_fn_for(var, vqvae, data, 1))
     assert saved["steps"] == 2 and resumed.steps == 3 and not resumed.budget_left
-    assert set(saved) == {"spec", "noise_multiplier", "delta", "dataset_size", "planned_steps", "steps"}  # no generator state
+    assert set(saved) == {
+        "spec",
+        "noise_multiplier",
+        "delta",
+        "dataset_size",
+        "planned_steps",
+        "steps",
+    }  # no generator state
     release(resumed)
-    other = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(max_grad_norm=2.0), dataset_size=N, planned_steps=3)
+    other = make_private(
+        var,
+        torch.optim.SGD(var.parameters(), lr=0.0),
+        privacy=spec(max_grad_norm=2.0),
+        dataset_size=N,
+        planned_steps=3,
+    )
     with pytest.raises(PrivacyConfigError, match="differs from this run"):
         load_privacy_state(other, saved)
 
@@ -331,24 +530,44 @@ def test_make_private_takes_the_plans_sigma_and_records_the_configs_names(monkey
     names the settings as PrivacyConfig does."""
     import trainables.privacy as privacy_module
 
-    monkeypatch.setattr(privacy_module, "calibrate_noise_multiplier", lambda **kwargs: pytest.fail("sigma calibrated twice"))
+    monkeypatch.setattr(
+        privacy_module, "calibrate_noise_multiplier", lambda **kwargs: pytest.fail("sigma calibrated twice")
+    )
     var = make_model("lora")
-    state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), privacy=spec(), dataset_size=N, planned_steps=3, noise_multiplier=2.5)
+    state = make_private(
+        var,
+        torch.optim.SGD(var.parameters(), lr=0.0),
+        privacy=spec(),
+        dataset_size=N,
+        planned_steps=3,
+        noise_multiplier=2.5,
+    )
     assert state.noise_multiplier == state.optimizer.noise_multiplier == 2.5
     assert privacy_state_dict(state)["spec"] == dataclasses.asdict(spec())
     ledger = privacy_ledger(state)
-    assert ledger["physical_batch_rows"] == 4 and "physical_batch_size" not in ledger and ledger["ledger_version"] == 3
+    assert (
+        ledger["physical_batch_rows"] == 4
+        and "physical_batch_size" not in ledger
+        and ledger["ledger_version"] == 3
+    )
     release(state)
 
 
 def test_unpatched_var_is_refused():
     var = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0))
     with pytest.raises(PrivacyConfigError, match=r"<root> \(VAR\).*adapt\(\)"):
-        make_private(var, torch.optim.SGD(var.parameters(), lr=0.1), privacy=spec(), dataset_size=N, planned_steps=3)
+        make_private(
+            var, torch.optim.SGD(var.parameters(), lr=0.1), privacy=spec(), dataset_size=N, planned_steps=3
+        )
 
 
 def test_large_delta_accepted_only_with_explicit_override():
-    assert validate_privacy(spec(delta=0.1, allow_delta_at_least_inverse_n=True), dataset_size=N, planned_steps=10) == 0.1
+    assert (
+        validate_privacy(
+            spec(delta=0.1, allow_delta_at_least_inverse_n=True), dataset_size=N, planned_steps=10
+        )
+        == 0.1
+    )
     assert validate_privacy(spec(), dataset_size=N, planned_steps=10) == 1 / N
 
 
@@ -357,12 +576,21 @@ def run_dp_steps(*, steps: int, k: int, clipping: str) -> tuple[dict, dict[str, 
     vqvae, data = make_vqvae(), make_data()
     var = make_model("lora")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    state = make_private(var, torch.optim.AdamW(var.parameters(), lr=1e-2), dataset_size=N, planned_steps=steps,
-                         privacy=spec(augmentation_multiplicity=k, physical_batch_rows=2, clipping=clipping),
-                         noise_generator=torch.Generator().manual_seed(7))
+    state = make_private(
+        var,
+        torch.optim.AdamW(var.parameters(), lr=1e-2),
+        dataset_size=N,
+        planned_steps=steps,
+        privacy=spec(augmentation_multiplicity=k, physical_batch_rows=2, clipping=clipping),
+        noise_generator=torch.Generator().manual_seed(7),
+    )
     sampler = torch.Generator().manual_seed(3)
     for _ in range(steps):
-        private_step(state, poisson_batch(N, 0.25, generator=sampler, rank=rank, world_size=world), loss_fn_for(var, vqvae, data, k))
+        private_step(
+            state,
+            poisson_batch(N, 0.25, generator=sampler, rank=rank, world_size=world),
+            loss_fn_for(var, vqvae, data, k),
+        )
     return privacy_ledger(state), {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
 
 
@@ -380,19 +608,43 @@ def _ddp_worker(rank: int, world: int, init_file: str, result_file: str, k: int,
 def test_dp_ddp_two_processes_match_one_process(k, clipping, tmp_path):
     """Same global Poisson batches, same noise (rank 0 only), so the same ledger and the same parameters."""
     single_ledger, single_params = run_dp_steps(steps=3, k=k, clipping=clipping)
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ddp.pt"), k, clipping), nprocs=2, join=True)
+    mp.spawn(
+        _ddp_worker,
+        args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ddp.pt"), k, clipping),
+        nprocs=2,
+        join=True,
+    )
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
     assert ddp["ledger"]["world_size"] == 2
-    for key in ("epsilon_rdp", "epsilon_prv", "noise_multiplier", "sampling_rate", "steps", "expected_batch_size", "delta"):
+    for key in (
+        "epsilon_rdp",
+        "epsilon_prv",
+        "noise_multiplier",
+        "sampling_rate",
+        "steps",
+        "expected_batch_size",
+        "delta",
+    ):
         assert ddp["ledger"][key] == single_ledger[key], key
     sampler = torch.Generator().manual_seed(3)
-    assert sum(len(poisson_batch(N, 0.25, generator=sampler)) for _ in range(3)) > 0  # the run trained on examples
+    assert (
+        sum(len(poisson_batch(N, 0.25, generator=sampler)) for _ in range(3)) > 0
+    )  # the run trained on examples
     for name, value in single_params.items():
-        torch.testing.assert_close(ddp["params"][name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            ddp["params"][name],
+            value,
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda m: f"{name}: {m}",  # noqa: B023
+        )
 
 
 def test_poisson_batch_is_shared_across_ranks():
-    masks = [poisson_batch(1000, 0.3, generator=torch.Generator().manual_seed(1), rank=r, world_size=3) for r in range(3)]
+    masks = [
+        poisson_batch(1000, 0.3, generator=torch.Generator().manual_seed(1), rank=r, world_size=3)
+        for r in range(3)
+    ]
     union = torch.cat(masks).sort().values
     assert torch.equal(union, poisson_batch(1000, 0.3, generator=torch.Generator().manual_seed(1)))
     assert abs(len(union) - 300) < 4 * np.sqrt(1000 * 0.3 * 0.7)
@@ -408,9 +660,16 @@ def _finetune_loss_fn(method: str, monkeypatch, *, k: int, views: int, class_dro
 
     g = torch.Generator().manual_seed(4)
     label_N = torch.randint(0, CLASSES, (N,), generator=g)
-    tokens = tuple(torch.randint(0, TINY_VQVAE["vocab_size"], (N, views, pn * pn), generator=g) for pn in TINY_VQVAE["patch_nums"])
-    var = adapt(build_var(**TINY_VAR, drop_path_rate=0.5, generator=torch.Generator().manual_seed(0)),
-                MethodConfig(name=method, lora_rank=4), num_classes=CLASSES, seed=0)
+    tokens = tuple(
+        torch.randint(0, TINY_VQVAE["vocab_size"], (N, views, pn * pn), generator=g)
+        for pn in TINY_VQVAE["patch_nums"]
+    )
+    var = adapt(
+        build_var(**TINY_VAR, drop_path_rate=0.5, generator=torch.Generator().manual_seed(0)),
+        MethodConfig(name=method, lora_rank=4),
+        num_classes=CLASSES,
+        seed=0,
+    )
     captured = []
 
     def spy(state, indices, loss_fn, **kwargs):
@@ -418,8 +677,15 @@ def _finetune_loss_fn(method: str, monkeypatch, *, k: int, views: int, class_dro
         return private_step(state, indices, loss_fn, **kwargs)
 
     monkeypatch.setattr(finetune_module, "private_step", spy)
-    finetune(var, make_vqvae(), TokenViews(label_N, tokens), optimization=OptimizationConfig(learning_rate=1e-3, steps=1, class_dropout=class_dropout),
-             method=MethodConfig(name=method, lora_rank=4), plan=RunPlan(planned_steps=1), privacy=spec(augmentation_multiplicity=k, clipping="bookkeeping"))
+    finetune(
+        var,
+        make_vqvae(),
+        TokenViews(label_N, tokens),
+        optimization=OptimizationConfig(learning_rate=1e-3, steps=1, class_dropout=class_dropout),
+        method=MethodConfig(name=method, lora_rank=4),
+        plan=RunPlan(planned_steps=1),
+        privacy=spec(augmentation_multiplicity=k, clipping="bookkeeping"),
+    )
     return var.train(), captured[-1]
 
 
@@ -432,14 +698,26 @@ def test_adding_one_example_moves_finetunes_clipped_sum_by_at_most_C(method, k, 
     sum moved by several C. Nor may the loss touch torch's global generator (drop-path used it)."""
     C = 1e-4
     var, loss_fn = _finetune_loss_fn(method, monkeypatch, k=k, views=4, class_dropout=0.5)
-    honest, added = [1, 3, 5, 8, 10, 13, 15, 19], 11  # the added example sits inside the batch, not at its end
+    honest, added = (
+        [1, 3, 5, 8, 10, 13, 15, 19],
+        11,
+    )  # the added example sits inside the batch, not at its end
 
     def clipped_sum(indices: list[int]) -> torch.Tensor:
-        state = make_private(var, torch.optim.SGD(var.parameters(), lr=0.0), dataset_size=N, planned_steps=3,
-                             privacy=spec(augmentation_multiplicity=k, clipping=clipping, max_grad_norm=C, physical_batch_rows=4))
+        state = make_private(
+            var,
+            torch.optim.SGD(var.parameters(), lr=0.0),
+            dataset_size=N,
+            planned_steps=3,
+            privacy=spec(
+                augmentation_multiplicity=k, clipping=clipping, max_grad_norm=C, physical_batch_rows=4
+            ),
+        )
         state.optimizer.noise_multiplier = 0.0
         captured = []
-        capture = lambda: captured.append(torch.cat([p.grad.flatten() for p in state.optimizer.params]) * state.expected_batch_size)  # noqa: E731
+        capture = lambda: captured.append(  # noqa: E731
+            torch.cat([p.grad.flatten() for p in state.optimizer.params]) * state.expected_batch_size
+        )
         try:
             private_step(state, torch.tensor(sorted(indices)), loss_fn, public_grad_fn=capture)
         finally:
@@ -449,7 +727,9 @@ def test_adding_one_example_moves_finetunes_clipped_sum_by_at_most_C(method, k, 
     rng_before = torch.get_rng_state()
     without, with_added = clipped_sum(honest), clipped_sum(honest + [added])
     assert torch.equal(torch.get_rng_state(), rng_before)
-    assert abs(clipped_sum(honest[:1]).norm() / C - 1) < 1e-3  # examples are clipped (C is small next to their gradients)
+    assert (
+        abs(clipped_sum(honest[:1]).norm() / C - 1) < 1e-3
+    )  # examples are clipped (C is small next to their gradients)
     change = (with_added - without).norm()
     assert 0.5 * C < change <= C * (1 + 1e-4), change / C
 
@@ -475,12 +755,22 @@ def test_rdp_orders_tighten_paper_calibrations_and_silence_the_largest_order_war
     assert (q, steps) == (0.251, 319)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="Optimal order is the largest alpha")
-        sigma = calibrate_noise_multiplier(target_epsilon=epsilon, delta=1 / n_flowers, sampling_rate=q, steps=steps)
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=epsilon, delta=1 / n_flowers, sampling_rate=q, steps=steps
+        )
         for logged in (1, 2, 5, 10, 50, steps // 2, steps):
-            epsilon_spent(noise_multiplier=sigma, sampling_rate=q, steps=logged, delta=1 / n_flowers, accountants=("rdp",))
+            epsilon_spent(
+                noise_multiplier=sigma,
+                sampling_rate=q,
+                steps=logged,
+                delta=1 / n_flowers,
+                accountants=("rdp",),
+            )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opacus_sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=1 / n_flowers, sample_rate=q, steps=steps)
+        opacus_sigma = get_noise_multiplier(
+            target_epsilon=epsilon, target_delta=1 / n_flowers, sample_rate=q, steps=steps
+        )
     assert sigma <= opacus_sigma
     if epsilon == 1000:
         assert sigma < 0.95 * opacus_sigma, (sigma, opacus_sigma)

@@ -1,6 +1,7 @@
 """The result record is typed (``bench.schema.RESULT_SECTIONS``): a renamed, missing or wrongly typed inner key is
 refused naming its path; every key ``run_trial`` writes is defined; every analysis metric reads a defined key and
 finds a number in a real record; analysis finds a real trial's artifacts from the storage root."""
+
 from __future__ import annotations
 
 import copy
@@ -8,13 +9,23 @@ import json
 import typing
 
 import pytest
+from sweep_driver import tiny_trial
 
 from analysis.metrics import METRICS, lookup
 from analysis.run import analyse
 from bench.results import ResultStore
-from bench.schema import (RESULT_SECTIONS, ConfigError, PrivacyConfig, RecordError, UnknownRecordPath, check_result, make_result,
-                          record_key_type, replace, upgrade_record)
-from sweep_driver import tiny_trial
+from bench.schema import (
+    RESULT_SECTIONS,
+    ConfigError,
+    PrivacyConfig,
+    RecordError,
+    UnknownRecordPath,
+    check_result,
+    make_result,
+    record_key_type,
+    replace,
+    upgrade_record,
+)
 from trainables.trial import run_trial
 
 # Keys the typed record defines that no tiny CPU trial writes, and why.
@@ -34,12 +45,26 @@ def storage(tmp_path_factory):
     """A storage folder with the results and artifacts of two tiny real trials (2 steps each): LoRA without DP
     (with a convergence curve) and LoRA with DP. About 30 s on 2 CPU cores, most of it building the shared caches."""
     root, cache = tmp_path_factory.mktemp("storage"), tmp_path_factory.mktemp("cache")
-    plain = replace(tiny_trial("lora", steps=2), evaluation={"convergence_every_steps": 1, "convergence_num_images": 10})
-    dp = replace(tiny_trial("lora", steps=2), optimization={"batch_size": 256, "global_clip_norm": 2.0},
-                 privacy=PrivacyConfig(target_epsilon=2.0, sampling_rate=0.02, max_grad_norm=1.0, physical_batch_rows=32).__dict__)
+    plain = replace(
+        tiny_trial("lora", steps=2), evaluation={"convergence_every_steps": 1, "convergence_num_images": 10}
+    )
+    dp = replace(
+        tiny_trial("lora", steps=2),
+        optimization={"batch_size": 256, "global_clip_norm": 2.0},
+        privacy=PrivacyConfig(
+            target_epsilon=2.0, sampling_rate=0.02, max_grad_norm=1.0, physical_batch_rows=32
+        ).__dict__,
+    )
     store = ResultStore(root)
     for config in (plain, dp):
-        store.write(run_trial(config, cache_dir=cache, artifacts_dir=root / "artifacts" / config.trial_id, log=lambda line: None))
+        store.write(
+            run_trial(
+                config,
+                cache_dir=cache,
+                artifacts_dir=root / "artifacts" / config.trial_id,
+                log=lambda line: None,
+            )
+        )
     return root
 
 
@@ -83,10 +108,18 @@ def test_real_records_validate_and_use_every_defined_key(records):
         written |= _written_paths({name: record.get(name) for name in RESULT_SECTIONS if record.get(name)})
     for name, hint in RESULT_SECTIONS.items():
         defined |= {name} | _defined_paths(hint, name)
-    dynamic = ("environment.packages.", "privacy.released_without_noise.", "privacy.accountants.")  # open-ended mappings
+    dynamic = (
+        "environment.packages.",
+        "privacy.released_without_noise.",
+        "privacy.accountants.",
+    )  # open-ended mappings
     written = {path for path in written if not path.startswith(dynamic)}
     assert written <= defined  # check_result refuses undefined keys: this only restates it
-    assert defined - written - {"upgraded_from", "upgraded_from.schema_version", "upgraded_from.trial_id"} == set(NEVER_WRITTEN_HERE)
+    assert defined - written - {
+        "upgraded_from",
+        "upgraded_from.schema_version",
+        "upgraded_from.trial_id",
+    } == set(NEVER_WRITTEN_HERE)
 
 
 def test_every_metric_source_is_defined_and_a_number_in_a_real_record(records):
@@ -98,39 +131,84 @@ def test_every_metric_source_is_defined_and_a_number_in_a_real_record(records):
         value = lookup(records["dp"], metric.source)
         if not metric.source.startswith("privacy."):  # the ledger exists only with DP
             value = lookup(records["plain"], metric.source)
-            assert lookup(records["plain"], metric.source) is not None and lookup(records["dp"], metric.source) is not None
+            assert (
+                lookup(records["plain"], metric.source) is not None
+                and lookup(records["dp"], metric.source) is not None
+            )
         assert isinstance(value, (int, float)) and not isinstance(value, bool), (metric.source, value)
 
 
 def test_analysis_draws_a_real_trials_grid_from_the_storage_root(storage, records, tmp_path):
     analysis = analyse(storage, tmp_path / "out", figures=False)
-    assert set(analysis.grids) == {record["trial_id"] for record in records.values()} and not analysis.missing_grids
+    assert (
+        set(analysis.grids) == {record["trial_id"] for record in records.values()}
+        and not analysis.missing_grids
+    )
     artifacts = records["plain"]["artifacts"]
-    assert artifacts["folder"] == f"artifacts/{records['plain']['trial_id']}" and (storage / artifacts["adapter"]).is_file()
+    assert (
+        artifacts["folder"] == f"artifacts/{records['plain']['trial_id']}"
+        and (storage / artifacts["adapter"]).is_file()
+    )
     assert all((storage / path).is_file() for entry in artifacts["real_images"] for path in entry["paths"])
 
 
 def _record():
     config = tiny_trial("lora", steps=2)
-    return make_result(config, status="success", metrics={"fid": 3.0, "precision": 0.5}, cost={"train_pflops": 1e-6, "gpu_hours": 0.0},
-                       history=[{"step": 1, "seconds": 0.1, "lr": 1e-3, "loss": 4.2}])
+    return make_result(
+        config,
+        status="success",
+        metrics={"fid": 3.0, "precision": 0.5},
+        cost={"train_pflops": 1e-6, "gpu_hours": 0.0},
+        history=[{"step": 1, "seconds": 0.1, "lr": 1e-3, "loss": 4.2}],
+    )
 
 
-@pytest.mark.parametrize("change, path", [
-    (lambda r: r["cost"].update(train_pflop=r["cost"].pop("train_pflops")), "cost.train_pflop: not a key of cost"),  # renamed
-    (lambda r: r["cost"].update(train_pflops="1e-6"), "cost.train_pflops: expected number"),  # wrong type
-    (lambda r: r["cost"].pop("train_pflops"), "cost.train_pflops: missing"),  # missing from a recorded section
-    (lambda r: r["metrics"].update(precision=True), "metrics.precision: expected number"),  # a boolean is no number
-    (lambda r: r["history"][0].update(loss=None), r"history\[\].loss: expected number"),
-    (lambda r: r["history"][0].pop("lr"), r"history\[\].lr: missing"),
-    (lambda r: r.update(metrics={"precision": 0.5}), "metrics.fid: missing"),  # partial, not empty
-    (lambda r: r.update(data={"train_images": 10, "evaluation_images": 2, "classes": 2, "planned_steps": "2"}), "data.planned_steps"),
-    (lambda r: r.update(privacy={"target_epsilon": 1.0}), "privacy.augmentation_multiplicity: missing"),
-    (lambda r: r.update(artifacts={"folder": "artifacts/x", "adapter": None, "generated_images": "/abs/images", "real_images": []}),
-     "artifacts: paths must be relative"),
-    (lambda r: r.update(artifacts={"generated_images": "images", "real_images": [{"label": 0, "paths": []}]}), r"artifacts.real_images\[\].class: missing"),
-    (lambda r: r.update(extra=1), "extra: not a field of the result record"),
-])
+@pytest.mark.parametrize(
+    "change, path",
+    [
+        (
+            lambda r: r["cost"].update(train_pflop=r["cost"].pop("train_pflops")),
+            "cost.train_pflop: not a key of cost",
+        ),  # renamed
+        (lambda r: r["cost"].update(train_pflops="1e-6"), "cost.train_pflops: expected number"),  # wrong type
+        (
+            lambda r: r["cost"].pop("train_pflops"),
+            "cost.train_pflops: missing",
+        ),  # missing from a recorded section
+        (
+            lambda r: r["metrics"].update(precision=True),
+            "metrics.precision: expected number",
+        ),  # a boolean is no number
+        (lambda r: r["history"][0].update(loss=None), r"history\[\].loss: expected number"),
+        (lambda r: r["history"][0].pop("lr"), r"history\[\].lr: missing"),
+        (lambda r: r.update(metrics={"precision": 0.5}), "metrics.fid: missing"),  # partial, not empty
+        (
+            lambda r: r.update(
+                data={"train_images": 10, "evaluation_images": 2, "classes": 2, "planned_steps": "2"}
+            ),
+            "data.planned_steps",
+        ),
+        (lambda r: r.update(privacy={"target_epsilon": 1.0}), "privacy.augmentation_multiplicity: missing"),
+        (
+            lambda r: r.update(
+                artifacts={
+                    "folder": "artifacts/x",
+                    "adapter": None,
+                    "generated_images": "/abs/images",
+                    "real_images": [],
+                }
+            ),
+            "artifacts: paths must be relative",
+        ),
+        (
+            lambda r: r.update(
+                artifacts={"generated_images": "images", "real_images": [{"label": 0, "paths": []}]}
+            ),
+            r"artifacts.real_images\[\].class: missing",
+        ),
+        (lambda r: r.update(extra=1), "extra: not a field of the result record"),
+    ],
+)
 def test_a_bad_inner_key_is_refused_naming_its_path(change, path):
     record = _record()
     check_result(record)
@@ -140,25 +218,42 @@ def test_a_bad_inner_key_is_refused_naming_its_path(change, path):
 
 
 def test_empty_sections_are_not_recorded_and_old_records_validate(records):
-    failed = make_result(tiny_trial("lora"), status="failed", error="RuntimeError: boom")  # every section empty
+    failed = make_result(
+        tiny_trial("lora"), status="failed", error="RuntimeError: boom"
+    )  # every section empty
     assert failed["metrics"] == {} and failed["privacy"] is None
     old = copy.deepcopy(records["dp"])  # ledger version 2 named physical_batch_rows physical_batch_size
     old["privacy"].update(ledger_version=2, physical_batch_size=old["privacy"].pop("physical_batch_rows"))
-    old["evaluation_settings"]["sampling"] = {"cfg": 1.5, "top_k": 0, "top_p": 0.96, "batch_size": 20, "seed": 0, "autocast_bf16": True}
+    old["evaluation_settings"]["sampling"] = {
+        "cfg": 1.5,
+        "top_k": 0,
+        "top_p": 0.96,
+        "batch_size": 20,
+        "seed": 0,
+        "autocast_bf16": True,
+    }
     check_result(old)
     old["privacy"]["ledger_version"] = 3
     with pytest.raises(RecordError, match="privacy.physical_batch_size: not a key"):
         check_result(old)
     version_1 = copy.deepcopy(records["plain"])
-    version_1["schema_version"], version_1["config"]["evaluation"]["cfg"] = 1, version_1["config"]["evaluation"].pop("guidance_scale")
+    version_1["schema_version"], version_1["config"]["evaluation"]["cfg"] = (
+        1,
+        version_1["config"]["evaluation"].pop("guidance_scale"),
+    )
     check_result(upgrade_record(version_1))
 
 
 def test_lookup_refuses_undefined_keys_and_reads_absent_ones_as_none():
     record = _record()
-    assert lookup(record, "cost.train_pflops") == 1e-6 and lookup(record, "metrics.kid_mean") is None  # not measured
+    assert (
+        lookup(record, "cost.train_pflops") == 1e-6 and lookup(record, "metrics.kid_mean") is None
+    )  # not measured
     assert lookup(record, "privacy.epsilon_rdp") is None  # no ledger without DP
-    for source, message in (("cost.train_pflop", "'train_pflop' is not a key of cost"), ("metric.fid", "'metric' is not a section"),
-                            ("metrics.fid.value", "metrics.fid holds a number")):
+    for source, message in (
+        ("cost.train_pflop", "'train_pflop' is not a key of cost"),
+        ("metric.fid", "'metric' is not a section"),
+        ("metrics.fid.value", "metrics.fid holds a number"),
+    ):
         with pytest.raises(UnknownRecordPath, match=message):
             lookup(record, source)

@@ -1,5 +1,6 @@
 """Trial configs: validation names the field, JSON round trips, ids ignore field order and resources; every sweep
 builds; result records validate."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +10,24 @@ import random
 
 import pytest
 
-from bench.schema import (ConfigError, DataConfig, EvaluationConfig, MethodConfig, ModelConfig, OptimizationConfig,
-                          NON_DP_ONLY, PrivacyConfig, ResourcesConfig, TrialConfig, check_result, make_result, replace,
-                          upgrade_record)
+from bench.schema import (
+    NON_DP_ONLY,
+    ConfigError,
+    DataConfig,
+    EvaluationConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimizationConfig,
+    PrivacyConfig,
+    ResourcesConfig,
+    TrialConfig,
+    check_result,
+    make_result,
+    replace,
+    upgrade_record,
+)
 from bench.sweeps import SWEEPS, build_sweep
 from bench.sweeps.common import Assets, smoke_version
-
 
 TINY = smoke_version(build_sweep("table1")[0])
 
@@ -38,23 +51,43 @@ def test_every_sweep_builds_and_round_trips(name, smoke):
         again = TrialConfig.from_dict(_shuffled(json.loads(text)))
         assert again == config and again.trial_id == config.trial_id
         if smoke:
-            assert config.model.base == "tiny" and config.data.root is None and config.resources.gpus_per_worker == 0
+            assert (
+                config.model.base == "tiny"
+                and config.data.root is None
+                and config.resources.gpus_per_worker == 0
+            )
 
 
 def test_paper_hyper_parameters():
     table1 = build_sweep("table1", assets=Assets("/a"))
     assert len(table1) == 30
-    fft_cub = next(c for c in table1 if c.method.name == "full" and c.data.dataset == "cub200" and c.model.depth == 16)
-    assert (fft_cub.optimization.learning_rate, fft_cub.optimization.batch_size, fft_cub.optimization.epochs) == (1e-4, 512, 50)
-    assert fft_cub.model.var_checkpoint == "/a/checkpoints/var_d16.pth" and fft_cub.data.root == "/a/datasets/cub200"
+    fft_cub = next(
+        c for c in table1 if c.method.name == "full" and c.data.dataset == "cub200" and c.model.depth == 16
+    )
+    assert (
+        fft_cub.optimization.learning_rate,
+        fft_cub.optimization.batch_size,
+        fft_cub.optimization.epochs,
+    ) == (1e-4, 512, 50)
+    assert (
+        fft_cub.model.var_checkpoint == "/a/checkpoints/var_d16.pth"
+        and fft_cub.data.root == "/a/datasets/cub200"
+    )
     lora_food = next(c for c in table1 if c.method.name == "lora" and c.data.dataset == "food101")
     assert (lora_food.optimization.learning_rate, lora_food.optimization.epochs) == (5e-4, 6)
     table3 = build_sweep("table3")
     assert sorted({c.privacy.target_epsilon for c in table3}) == [1, 10, 20, 50, 100, 500, 1000]
-    assert all(c.privacy.sampling_rate == 0.251 and c.privacy.augmentation_multiplicity == 32 and c.data.cached_views == 32 for c in table3)
+    assert all(
+        c.privacy.sampling_rate == 0.251
+        and c.privacy.augmentation_multiplicity == 32
+        and c.data.cached_views == 32
+        for c in table3
+    )
     dp_lora = build_sweep("table2")[0]
     assert dp_lora.planned_steps(1020) == 319  # 80 epochs at q = 0.251 -> ceil(80 / 0.251) steps
-    assert {c.trial_id for c in build_sweep("table9", assets=Assets("/a"))} == {c.trial_id for c in table1}  # precision/recall: the same trials
+    assert {c.trial_id for c in build_sweep("table9", assets=Assets("/a"))} == {
+        c.trial_id for c in table1
+    }  # precision/recall: the same trials
     assert all(c.optimization.seed == 1 for c in build_sweep("second_seed"))
 
 
@@ -65,36 +98,98 @@ def test_trial_id_ignores_resources_but_not_settings():
     assert replace(config, data={"cached_views": 3}).trial_id != config.trial_id
 
 
-@pytest.mark.parametrize("build, field", [
-    (lambda: ModelConfig(base="official", depth=17, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0), "model.depth"),
-    (lambda: ModelConfig(base="official", depth=16, tiny_pretraining_steps=0), "model.var_checkpoint"),
-    (lambda: DataConfig(dataset="imagenet"), "data.dataset"),
-    (lambda: DataConfig(dataset="cub200"), "data.root"),
-    (lambda: MethodConfig(name="dora"), "method.name"),
-    (lambda: PrivacyConfig(target_epsilon=0, sampling_rate=0.1, max_grad_norm=1), "privacy.target_epsilon"),
-    (lambda: PrivacyConfig(target_epsilon=1, sampling_rate=1.5, max_grad_norm=1), "privacy.sampling_rate"),
-    (lambda: PrivacyConfig(target_epsilon=1, sampling_rate=0.1, max_grad_norm=1, clipping="ghost", augmentation_multiplicity=4), "privacy.clipping"),
-    (lambda: OptimizationConfig(epochs=3, steps=4), "optimization.epochs"),
-    (lambda: EvaluationConfig(extractor="inception-v3-compat"), "evaluation.inception_weights"),
-    (lambda: ResourcesConfig(workers=2, gpus_per_worker=0.5), "resources.gpus_per_worker"),
-    (lambda: replace(TINY, optimization=NON_DP_ONLY,
-                     privacy={"target_epsilon": 1, "sampling_rate": 0.1, "max_grad_norm": 1, "augmentation_multiplicity": 4}),
-     "privacy.augmentation_multiplicity"),
-    (lambda: replace(TINY, privacy={"target_epsilon": 1, "sampling_rate": 0.1, "max_grad_norm": 1}), "optimization.batch_size"),
-    (lambda: MethodConfig(name="lora", lora_targets=("attention", "ffn")), "method.lora_targets"),
-    (lambda: MethodConfig(name="lora", lora_targets=()), "method.lora_targets"),
-    (lambda: MethodConfig(name="full", train_blocks=()), "method.train_blocks"),
-    (lambda: MethodConfig(name="full", train_blocks=(0, -1)), "method.train_blocks"),
-    (lambda: replace(TINY, optimization={"batch_size": 256, "global_clip_norm": None},
-                     privacy={"target_epsilon": 1, "sampling_rate": 0.1, "max_grad_norm": 1}), "optimization.global_clip_norm"),
-    (lambda: replace(TINY, method={"name": "base"}), "optimization.steps"),
-    (lambda: TrialConfig.from_dict({**TINY.to_dict(), "method": {"name": "lora", "rank": 8}}), "method"),
-    (lambda: TrialConfig(model=ModelConfig(base="official", depth=16, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0),
-                         evaluation=EvaluationConfig(extractor="substitute-randconv-v1")), "data.resolution"),
-    (lambda: EvaluationConfig(extractor="substitute-randconv-v1", top_p=1.0), "evaluation.top_p"),  # the sampler refuses top_p=1
-    (lambda: replace(TINY, data={"dataset": "shapes"}, evaluation={"extractor": "digits-cnn-v1", "inception_weights": None}),
-     "evaluation.extractor"),
-])
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (
+            lambda: ModelConfig(
+                base="official", depth=17, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0
+            ),
+            "model.depth",
+        ),
+        (lambda: ModelConfig(base="official", depth=16, tiny_pretraining_steps=0), "model.var_checkpoint"),
+        (lambda: DataConfig(dataset="imagenet"), "data.dataset"),
+        (lambda: DataConfig(dataset="cub200"), "data.root"),
+        (lambda: MethodConfig(name="dora"), "method.name"),
+        (
+            lambda: PrivacyConfig(target_epsilon=0, sampling_rate=0.1, max_grad_norm=1),
+            "privacy.target_epsilon",
+        ),
+        (
+            lambda: PrivacyConfig(target_epsilon=1, sampling_rate=1.5, max_grad_norm=1),
+            "privacy.sampling_rate",
+        ),
+        (
+            lambda: PrivacyConfig(
+                target_epsilon=1,
+                sampling_rate=0.1,
+                max_grad_norm=1,
+                clipping="ghost",
+                augmentation_multiplicity=4,
+            ),
+            "privacy.clipping",
+        ),
+        (lambda: OptimizationConfig(epochs=3, steps=4), "optimization.epochs"),
+        (lambda: EvaluationConfig(extractor="inception-v3-compat"), "evaluation.inception_weights"),
+        (lambda: ResourcesConfig(workers=2, gpus_per_worker=0.5), "resources.gpus_per_worker"),
+        (
+            lambda: replace(
+                TINY,
+                optimization=NON_DP_ONLY,
+                privacy={
+                    "target_epsilon": 1,
+                    "sampling_rate": 0.1,
+                    "max_grad_norm": 1,
+                    "augmentation_multiplicity": 4,
+                },
+            ),
+            "privacy.augmentation_multiplicity",
+        ),
+        (
+            lambda: replace(TINY, privacy={"target_epsilon": 1, "sampling_rate": 0.1, "max_grad_norm": 1}),
+            "optimization.batch_size",
+        ),
+        (lambda: MethodConfig(name="lora", lora_targets=("attention", "ffn")), "method.lora_targets"),
+        (lambda: MethodConfig(name="lora", lora_targets=()), "method.lora_targets"),
+        (lambda: MethodConfig(name="full", train_blocks=()), "method.train_blocks"),
+        (lambda: MethodConfig(name="full", train_blocks=(0, -1)), "method.train_blocks"),
+        (
+            lambda: replace(
+                TINY,
+                optimization={"batch_size": 256, "global_clip_norm": None},
+                privacy={"target_epsilon": 1, "sampling_rate": 0.1, "max_grad_norm": 1},
+            ),
+            "optimization.global_clip_norm",
+        ),
+        (lambda: replace(TINY, method={"name": "base"}), "optimization.steps"),
+        (lambda: TrialConfig.from_dict({**TINY.to_dict(), "method": {"name": "lora", "rank": 8}}), "method"),
+        (
+            lambda: TrialConfig(
+                model=ModelConfig(
+                    base="official",
+                    depth=16,
+                    var_checkpoint="a",
+                    vqvae_checkpoint="b",
+                    tiny_pretraining_steps=0,
+                ),
+                evaluation=EvaluationConfig(extractor="substitute-randconv-v1"),
+            ),
+            "data.resolution",
+        ),
+        (
+            lambda: EvaluationConfig(extractor="substitute-randconv-v1", top_p=1.0),
+            "evaluation.top_p",
+        ),  # the sampler refuses top_p=1
+        (
+            lambda: replace(
+                TINY,
+                data={"dataset": "shapes"},
+                evaluation={"extractor": "digits-cnn-v1", "inception_weights": None},
+            ),
+            "evaluation.extractor",
+        ),
+    ],
+)
 def test_invalid_configs_name_the_field(build, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build()
@@ -117,9 +212,18 @@ def test_relative_paths_become_absolute_once_in_the_driver(tmp_path, monkeypatch
     from bench.sweeps.common import Assets
 
     monkeypatch.chdir(tmp_path)
-    assert absolute("runs/x") == str(tmp_path / "runs" / "x") and absolute("s3://bucket/runs") == "s3://bucket/runs"
-    assert Assets("assets").root == str(tmp_path / "assets")  # paper sweeps name absolute checkpoint and dataset paths
-    config = replace(TINY, data={"dataset": "folder", "root": "my-images"}, evaluation={"extractor": "substitute-randconv-v1"})
+    assert (
+        absolute("runs/x") == str(tmp_path / "runs" / "x")
+        and absolute("s3://bucket/runs") == "s3://bucket/runs"
+    )
+    assert Assets("assets").root == str(
+        tmp_path / "assets"
+    )  # paper sweeps name absolute checkpoint and dataset paths
+    config = replace(
+        TINY,
+        data={"dataset": "folder", "root": "my-images"},
+        evaluation={"extractor": "substitute-randconv-v1"},
+    )
     fixed = with_absolute_paths(config)
     assert fixed.data.root == str(tmp_path / "my-images") and fixed.trial_id != config.trial_id
     assert with_absolute_paths(fixed) is fixed and with_absolute_paths(TINY) is TINY
@@ -133,47 +237,91 @@ def _record(**sections) -> dict:
     return record
 
 
-@pytest.mark.parametrize("build, field", [
-    (lambda: PrivacyConfig(target_epsilon="10", sampling_rate=0.1, max_grad_norm=1.0), "privacy.target_epsilon"),
-    (lambda: OptimizationConfig(steps=2.5), "optimization.steps"),
-    (lambda: OptimizationConfig(steps=True), "optimization.steps"),
-    (lambda: OptimizationConfig(epochs=float("nan")), "optimization.epochs"),
-    (lambda: OptimizationConfig(steps=3, learning_rate=float("inf")), "optimization.learning_rate"),
-    (lambda: OptimizationConfig(steps=3, autocast_bf16=1), "optimization.autocast_bf16"),
-    (lambda: OptimizationConfig(steps=3, seed=None), "optimization.seed"),
-    (lambda: PrivacyConfig(target_epsilon=1.0, sampling_rate=float("nan"), max_grad_norm=1.0), "privacy.sampling_rate"),
-    (lambda: PrivacyConfig(target_epsilon=1.0, sampling_rate=0.1, max_grad_norm=1.0, accountant=["rdp"]), "privacy.accountant"),
-    (lambda: DataConfig(dataset=["digits"]), "data.dataset"),
-    (lambda: DataConfig(resolution="16"), "data.resolution"),
-    (lambda: DataConfig(skip_corrupt_images="no"), "data.skip_corrupt_images"),
-    (lambda: MethodConfig(train_blocks=("a",)), "method.train_blocks"),
-    (lambda: MethodConfig(train_blocks=(True,)), "method.train_blocks"),
-    (lambda: MethodConfig(lora_targets="mat_qkv"), "method.lora_targets"),
-    (lambda: MethodConfig(lora_targets=("mat_qkv", 3)), "method.lora_targets"),
-    (lambda: ModelConfig(depth=2.0), "model.depth"),
-    (lambda: EvaluationConfig(extractor="substitute-randconv-v1", top_k=900.0), "evaluation.top_k"),
-    (lambda: EvaluationConfig(extractor="substitute-randconv-v1", num_images=False), "evaluation.num_images"),
-    (lambda: ResourcesConfig(workers="2"), "resources.workers"),
-    (lambda: ResourcesConfig(gpus_per_worker=None), "resources.gpus_per_worker"),
-    (lambda: ModelConfig(base="official", depth=16, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0,
-                         var_checkpoint_sha256="abc"), "model.var_checkpoint_sha256"),
-    (lambda: ModelConfig(base="official", depth=16, var_checkpoint="a", vqvae_checkpoint="b", tiny_pretraining_steps=0,
-                         vqvae_checkpoint_sha256="AB" * 32), "model.vqvae_checkpoint_sha256"),
-    (lambda: ModelConfig(var_checkpoint_sha256="ab" * 32), "model.var_checkpoint_sha256"),  # no path to identify
-    (lambda: DataConfig(content_id="ab" * 32), "data.content_id"),  # offline sets have no content id
-    (lambda: TrialConfig.from_dict(None), "config"),
-    (lambda: TrialConfig.from_dict([]), "config"),
-    (lambda: TrialConfig.from_dict("config"), "config"),
-    (lambda: TrialConfig.from_dict({k: v for k, v in TINY.to_dict().items() if k != "privacy"}), "config"),  # missing section
-    (lambda: TrialConfig.from_dict(_record(model="tiny")), "model"),
-    (lambda: TrialConfig.from_dict(_record(optimization=[1, 2])), "optimization"),
-    (lambda: TrialConfig.from_dict(_record(data=None)), "data"),
-    (lambda: TrialConfig.from_dict(_record(privacy={"sampling_rate": 0.1, "max_grad_norm": 1.0})), "privacy"),  # missing field
-    (lambda: TrialConfig.from_dict(_record(optimization={"steps": 2.5})), "optimization.steps"),
-    (lambda: TrialConfig.from_dict(_record(method={"train_blocks": ["a"]})), "method.train_blocks"),
-    (lambda: replace(TINY, method={"train_blocks": [0, "x"]}), "method.train_blocks"),
-    (lambda: replace(TINY, optimization={"sneaky": 1}), "optimization"),
-])
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (
+            lambda: PrivacyConfig(target_epsilon="10", sampling_rate=0.1, max_grad_norm=1.0),
+            "privacy.target_epsilon",
+        ),
+        (lambda: OptimizationConfig(steps=2.5), "optimization.steps"),
+        (lambda: OptimizationConfig(steps=True), "optimization.steps"),
+        (lambda: OptimizationConfig(epochs=float("nan")), "optimization.epochs"),
+        (lambda: OptimizationConfig(steps=3, learning_rate=float("inf")), "optimization.learning_rate"),
+        (lambda: OptimizationConfig(steps=3, autocast_bf16=1), "optimization.autocast_bf16"),
+        (lambda: OptimizationConfig(steps=3, seed=None), "optimization.seed"),
+        (
+            lambda: PrivacyConfig(target_epsilon=1.0, sampling_rate=float("nan"), max_grad_norm=1.0),
+            "privacy.sampling_rate",
+        ),
+        (
+            lambda: PrivacyConfig(
+                target_epsilon=1.0, sampling_rate=0.1, max_grad_norm=1.0, accountant=["rdp"]
+            ),
+            "privacy.accountant",
+        ),
+        (lambda: DataConfig(dataset=["digits"]), "data.dataset"),
+        (lambda: DataConfig(resolution="16"), "data.resolution"),
+        (lambda: DataConfig(skip_corrupt_images="no"), "data.skip_corrupt_images"),
+        (lambda: MethodConfig(train_blocks=("a",)), "method.train_blocks"),
+        (lambda: MethodConfig(train_blocks=(True,)), "method.train_blocks"),
+        (lambda: MethodConfig(lora_targets="mat_qkv"), "method.lora_targets"),
+        (lambda: MethodConfig(lora_targets=("mat_qkv", 3)), "method.lora_targets"),
+        (lambda: ModelConfig(depth=2.0), "model.depth"),
+        (lambda: EvaluationConfig(extractor="substitute-randconv-v1", top_k=900.0), "evaluation.top_k"),
+        (
+            lambda: EvaluationConfig(extractor="substitute-randconv-v1", num_images=False),
+            "evaluation.num_images",
+        ),
+        (lambda: ResourcesConfig(workers="2"), "resources.workers"),
+        (lambda: ResourcesConfig(gpus_per_worker=None), "resources.gpus_per_worker"),
+        (
+            lambda: ModelConfig(
+                base="official",
+                depth=16,
+                var_checkpoint="a",
+                vqvae_checkpoint="b",
+                tiny_pretraining_steps=0,
+                var_checkpoint_sha256="abc",
+            ),
+            "model.var_checkpoint_sha256",
+        ),
+        (
+            lambda: ModelConfig(
+                base="official",
+                depth=16,
+                var_checkpoint="a",
+                vqvae_checkpoint="b",
+                tiny_pretraining_steps=0,
+                vqvae_checkpoint_sha256="AB" * 32,
+            ),
+            "model.vqvae_checkpoint_sha256",
+        ),
+        (
+            lambda: ModelConfig(var_checkpoint_sha256="ab" * 32),
+            "model.var_checkpoint_sha256",
+        ),  # no path to identify
+        (lambda: DataConfig(content_id="ab" * 32), "data.content_id"),  # offline sets have no content id
+        (lambda: TrialConfig.from_dict(None), "config"),
+        (lambda: TrialConfig.from_dict([]), "config"),
+        (lambda: TrialConfig.from_dict("config"), "config"),
+        (
+            lambda: TrialConfig.from_dict({k: v for k, v in TINY.to_dict().items() if k != "privacy"}),
+            "config",
+        ),  # missing section
+        (lambda: TrialConfig.from_dict(_record(model="tiny")), "model"),
+        (lambda: TrialConfig.from_dict(_record(optimization=[1, 2])), "optimization"),
+        (lambda: TrialConfig.from_dict(_record(data=None)), "data"),
+        (
+            lambda: TrialConfig.from_dict(_record(privacy={"sampling_rate": 0.1, "max_grad_norm": 1.0})),
+            "privacy",
+        ),  # missing field
+        (lambda: TrialConfig.from_dict(_record(optimization={"steps": 2.5})), "optimization.steps"),
+        (lambda: TrialConfig.from_dict(_record(method={"train_blocks": ["a"]})), "method.train_blocks"),
+        (lambda: replace(TINY, method={"train_blocks": [0, "x"]}), "method.train_blocks"),
+        (lambda: replace(TINY, optimization={"sneaky": 1}), "optimization"),
+    ],
+)
 def test_wrong_types_name_the_field(build, field):
     with pytest.raises(ConfigError, match=rf"^{field.replace('.', chr(92) + '.')}:"):
         build()
@@ -181,8 +329,12 @@ def test_wrong_types_name_the_field(build, field):
 
 def test_ints_are_numbers_and_lists_become_tuples():
     assert PrivacyConfig(target_epsilon=10, sampling_rate=1, max_grad_norm=1).target_epsilon == 10
-    assert OptimizationConfig(epochs=3).epochs == 3 and ResourcesConfig(gpus_per_worker=0).gpus_per_worker == 0
-    config = TrialConfig.from_dict(_record(method={"name": "lora", "train_blocks": [0, 1], "lora_targets": ["attention"]}))
+    assert (
+        OptimizationConfig(epochs=3).epochs == 3 and ResourcesConfig(gpus_per_worker=0).gpus_per_worker == 0
+    )
+    config = TrialConfig.from_dict(
+        _record(method={"name": "lora", "train_blocks": [0, 1], "lora_targets": ["attention"]})
+    )
     assert config.method.train_blocks == (0, 1) and config.method.lora_targets == ("attention",)
     assert replace(TINY, method={"train_blocks": [1]}).method.train_blocks == (1,)
     # A record written before a field existed still reads (the field takes its default).
@@ -193,13 +345,33 @@ def test_ints_are_numbers_and_lists_become_tuples():
 
 # --- sampling settings: the schema and the sampler accept and refuse exactly the same values ------------------
 SAMPLING_VALUES = [
-    ("top_p", 0, True), ("top_p", 0.0, True), ("top_p", 0.5, True), ("top_p", 0.999, True), ("top_p", 1, False),
-    ("top_p", 1.0, False), ("top_p", -0.1, False), ("top_p", float("nan"), False), ("top_p", float("inf"), False),
-    ("top_p", "0.5", False), ("top_p", True, False), ("top_p", None, False),
-    ("top_k", 0, True), ("top_k", 1, True), ("top_k", 900, True), ("top_k", -1, False), ("top_k", 2.5, False),
-    ("top_k", 2.0, False), ("top_k", True, False), ("top_k", "5", False),
-    ("guidance_scale", 0, True), ("guidance_scale", 1.5, True), ("guidance_scale", 4, True), ("guidance_scale", -0.5, False), ("guidance_scale", float("nan"), False),
-    ("guidance_scale", float("inf"), False), ("guidance_scale", False, False),
+    ("top_p", 0, True),
+    ("top_p", 0.0, True),
+    ("top_p", 0.5, True),
+    ("top_p", 0.999, True),
+    ("top_p", 1, False),
+    ("top_p", 1.0, False),
+    ("top_p", -0.1, False),
+    ("top_p", float("nan"), False),
+    ("top_p", float("inf"), False),
+    ("top_p", "0.5", False),
+    ("top_p", True, False),
+    ("top_p", None, False),
+    ("top_k", 0, True),
+    ("top_k", 1, True),
+    ("top_k", 900, True),
+    ("top_k", -1, False),
+    ("top_k", 2.5, False),
+    ("top_k", 2.0, False),
+    ("top_k", True, False),
+    ("top_k", "5", False),
+    ("guidance_scale", 0, True),
+    ("guidance_scale", 1.5, True),
+    ("guidance_scale", 4, True),
+    ("guidance_scale", -0.5, False),
+    ("guidance_scale", float("nan"), False),
+    ("guidance_scale", float("inf"), False),
+    ("guidance_scale", False, False),
 ]
 
 
@@ -215,7 +387,9 @@ def test_schema_and_sampler_agree_on_sampling_settings(name, value, valid, tiny_
     sampler_settings = {SAMPLER_NAMES.get(key, key): v for key, v in settings.items()}
     if valid:
         EvaluationConfig(extractor="substitute-randconv-v1", **settings)
-        images = var.sample(torch.tensor([0]), vqvae=vqvae, generator=torch.Generator().manual_seed(0), **sampler_settings)
+        images = var.sample(
+            torch.tensor([0]), vqvae=vqvae, generator=torch.Generator().manual_seed(0), **sampler_settings
+        )
         assert images.shape[0] == 1
         return
     with pytest.raises(ConfigError, match=rf"^evaluation\.{name}:"):
@@ -227,11 +401,13 @@ def test_schema_and_sampler_agree_on_sampling_settings(name, value, valid, tiny_
 @pytest.fixture(scope="module")
 def tiny_sampler():
     import torch
-
     from conftest import TINY_VAR, TINY_VQVAE
+
     from trainables.models import build_var, build_vqvae
 
-    return build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0)).eval(), build_vqvae(**TINY_VQVAE).eval()
+    return build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0)).eval(), build_vqvae(
+        **TINY_VQVAE
+    ).eval()
 
 
 def test_non_dp_only_fields_are_at_their_defaults_and_out_of_a_dp_trials_id():
@@ -241,8 +417,12 @@ def test_non_dp_only_fields_are_at_their_defaults_and_out_of_a_dp_trials_id():
         identity = {k: v for k, v in config.to_dict().items() if k != "resources"}
         assert set(NON_DP_ONLY) <= set(identity["optimization"])  # written into the record as provenance
         if not hashed:  # a DP trial's id is that of the experiment, without the fields it never uses
-            identity["optimization"] = {k: v for k, v in identity["optimization"].items() if k not in NON_DP_ONLY}
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+            identity["optimization"] = {
+                k: v for k, v in identity["optimization"].items() if k not in NON_DP_ONLY
+            }
+        digest = hashlib.sha256(
+            json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()[:16]
         assert digest == config.trial_id
 
 
@@ -255,7 +435,9 @@ def test_version_1_results_are_refused_with_the_upgrade_command_and_upgrade_to_t
     old["config"]["optimization"]["max_grad_norm"] = old["config"]["optimization"].pop("global_clip_norm")
     old["config"]["optimization"]["batch_size"] = 32  # version 1 let DP trials carry an unused batch size
     old["trial_id"] = "0123456789abcdef"
-    with pytest.raises(ConfigError, match=r"schema version 1.*evaluation\.cfg became guidance_scale.*upgrade-results"):
+    with pytest.raises(
+        ConfigError, match=r"schema version 1.*evaluation\.cfg became guidance_scale.*upgrade-results"
+    ):
         check_result(old)
     upgraded = upgrade_record(old)
     assert check_result(upgraded) == dp and upgraded["trial_id"] == dp.trial_id

@@ -1,19 +1,25 @@
 """A trial's artifacts belong to the storage, not to the cache: written in place under a local storage, staged on
 the node and uploaded before the result under a URI storage (file:// here, which takes the same path as s3://),
 replaced by a new attempt. (tests/test_front_door.py clears the cache after real sweeps and analyses them again.)"""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from sweep_driver import tiny_trial
 
 from bench.results import ResultStore
 from bench.schema import ConfigError, make_result
-from sweep_driver import tiny_trial
 
 CONFIG = tiny_trial("lora", steps=2)
-FIRST_ATTEMPT = {"adapter.pt": b"weights", "adapter.pt.json": b"{}", "images/class_0/0.png": b"png 0", "images/class_1/0.png": b"png 1",
-                 "real/class_0/0.png": b"real 0"}
+FIRST_ATTEMPT = {
+    "adapter.pt": b"weights",
+    "adapter.pt.json": b"{}",
+    "images/class_0/0.png": b"png 0",
+    "images/class_1/0.png": b"png 1",
+    "real/class_0/0.png": b"real 0",
+}
 
 
 def fill(folder: Path, files: dict[str, bytes]) -> None:
@@ -23,7 +29,9 @@ def fill(folder: Path, files: dict[str, bytes]) -> None:
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_a_uri_storage_gets_the_staged_artifacts_before_the_result(tmp_path):
@@ -59,10 +67,11 @@ def test_a_local_storage_takes_the_artifacts_in_place(tmp_path):
     folder = store.artifacts_dir(CONFIG.trial_id, cache_dir=cache, fresh=True)
     assert not store.remote and folder == tmp_path / "storage" / "artifacts" / CONFIG.trial_id
     fill(folder, FIRST_ATTEMPT)
-    assert store.artifacts_dir(CONFIG.trial_id, cache_dir=cache) == folder and tree(folder) == FIRST_ATTEMPT  # other ranks: untouched
+    assert (
+        store.artifacts_dir(CONFIG.trial_id, cache_dir=cache) == folder and tree(folder) == FIRST_ATTEMPT
+    )  # other ranks: untouched
     folder = store.artifacts_dir(CONFIG.trial_id, cache_dir=cache, fresh=True)  # rank 0 of a new attempt
     assert tree(folder) == {}
     fill(folder, {"images/class_0/0.png": b"new 0"})
     store.publish(make_result(CONFIG, status="success"), artifacts_dir=folder)
     assert tree(folder) == {"images/class_0/0.png": b"new 0"} and not cache.exists()
-

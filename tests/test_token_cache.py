@@ -1,16 +1,17 @@
 """Token cache: hit/miss, invalidation, resumable sharded build, bit-exactness against on-the-fly tokenisation."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import TINY_VQVAE
+from PIL import Image
 from test_datasets import make_folder
-from trainables.data.datasets import DatasetError, read_dataset
+
 from trainables.data import token_cache
+from trainables.data.datasets import DatasetError, read_dataset
 from trainables.data.token_cache import TokenCache, ViewSpec, cache_key, make_views, open_token_cache
 from trainables.models import build_vqvae
 
@@ -81,7 +82,9 @@ def test_interrupted_build_resumes_at_the_first_unfinished_shard(images, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
     cache = TokenCache(tmp_path / "cache", cache_key(images, vqvae, SPEC), shard_size=2)
-    assert not cache.complete and json.loads((cache.folder / "progress.json").read_text())["finished_images"] == [[0, 4]]
+    assert not cache.complete and json.loads((cache.folder / "progress.json").read_text())[
+        "finished_images"
+    ] == [[0, 4]]
     with pytest.raises(DatasetError, match="incomplete"):
         cache.load()
     calls.clear()
@@ -112,7 +115,9 @@ def test_damaged_file_and_unreadable_image_are_named(images, tmp_path):
 
 
 @pytest.mark.parametrize("resumed_shard_size", [8, 1, 3])
-def test_a_build_resumed_with_another_shard_size_has_every_token(images, tmp_path, monkeypatch, resumed_shard_size):
+def test_a_build_resumed_with_another_shard_size_has_every_token(
+    images, tmp_path, monkeypatch, resumed_shard_size
+):
     """Interrupted after the first shard of 2 images, then resumed with another shard size: the finished shards
     must not be read as shards of the new size (with 8, "shard 0 finished" used to skip every image: zero tokens)."""
     vqvae = make_vqvae()
@@ -130,5 +135,7 @@ def test_a_build_resumed_with_another_shard_size_has_every_token(images, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
     monkeypatch.setattr(token_cache, "_tokenise", real_tokenise)
-    resumed, hit = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=resumed_shard_size)
+    resumed, hit = open_token_cache(
+        tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=resumed_shard_size
+    )
     assert not hit and all(torch.equal(a, b) for a, b in zip(full.views, resumed.views))

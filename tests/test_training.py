@@ -1,16 +1,24 @@
 """Training step, optimiser groups, schedule, sampling behaviour and the module-call contract of VAR."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_VAR, TINY_VQVAE
 from torch import nn
 
-from conftest import TINY_VAR, TINY_VQVAE
 from trainables.data import offline
 from trainables.models import KVCache, build_var, build_vqvae
 from trainables.pretrain import Schedule, encode_tokens, reconstruction_mse, train_vqvae
-from trainables.training import (apply_class_dropout, build_optimizer, lr_at, parameter_groups, teacher_forcing_batch,
-                                 token_cross_entropy, var_training_step)
+from trainables.training import (
+    apply_class_dropout,
+    build_optimizer,
+    lr_at,
+    parameter_groups,
+    teacher_forcing_batch,
+    token_cross_entropy,
+    var_training_step,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +30,11 @@ def test_tiny_vqvae_reconstruction_improves(shapes16):
     torch.manual_seed(0)
     vqvae = build_vqvae(**TINY_VQVAE)
     before = reconstruction_mse(vqvae, shapes16.images_N3HW)
-    history = train_vqvae(vqvae, shapes16.images_N3HW, schedule=Schedule(steps=120, batch_size=16, lr=1e-3, warmup_steps=5, weight_decay=0.0, log_every=40))
+    history = train_vqvae(
+        vqvae,
+        shapes16.images_N3HW,
+        schedule=Schedule(steps=120, batch_size=16, lr=1e-3, warmup_steps=5, weight_decay=0.0, log_every=40),
+    )
     after = reconstruction_mse(vqvae, shapes16.images_N3HW)
     print(f"reconstruction MSE {before:.4f} -> {after:.4f}")
     assert after < 0.7 * before
@@ -33,7 +45,10 @@ def test_tiny_var_loss_drops_on_fixed_batch(tiny_var, tiny_vqvae, shapes16):
     tokens = encode_tokens(tiny_vqvae, shapes16.images_N3HW[:16])
     labels = shapes16.labels_N[:16] % TINY_VAR["num_classes"]
     optimizer = build_optimizer(tiny_var, lr=3e-3)
-    losses = [var_training_step(tiny_var, tiny_vqvae, optimizer, labels, tokens, class_dropout=0.0)["loss"] for _ in range(40)]
+    losses = [
+        var_training_step(tiny_var, tiny_vqvae, optimizer, labels, tokens, class_dropout=0.0)["loss"]
+        for _ in range(40)
+    ]
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.5 * losses[0]
 
@@ -49,7 +64,9 @@ def test_loss_is_token_mean_cross_entropy(tiny_var, tiny_vqvae):
 
 def test_class_dropout_once_per_example():
     labels = torch.zeros(20000, dtype=torch.long)
-    dropped = apply_class_dropout(labels, rate=0.1, unconditional_label=7, generator=torch.Generator().manual_seed(0))
+    dropped = apply_class_dropout(
+        labels, rate=0.1, unconditional_label=7, generator=torch.Generator().manual_seed(0)
+    )
     assert set(dropped.unique().tolist()) == {0, 7}
     assert abs((dropped == 7).float().mean().item() - 0.1) < 0.01
     assert torch.equal(apply_class_dropout(labels, rate=0.0, unconditional_label=7), labels)
@@ -67,15 +84,36 @@ def test_forward_has_no_class_dropout(tiny_var):
 def test_no_weight_decay_groups(tiny_var):
     decay, no_decay = parameter_groups(tiny_var, weight_decay=0.05)
     names = {id(p): n for n, p in tiny_var.named_parameters()}
-    decay_names, no_decay_names = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+    decay_names, no_decay_names = (
+        {names[id(p)] for p in decay["params"]},
+        {names[id(p)] for p in no_decay["params"]},
+    )
     assert decay_names | no_decay_names == set(names.values()) and not decay_names & no_decay_names
-    for name in ("class_emb.weight", "lvl_embed.weight", "pos_start", "pos_1LC", "word_embed.bias", "head.bias",
-                 "blocks.0.attn.q_bias", "blocks.0.attn.v_bias", "blocks.0.attn.scale_mul_1H11", "blocks.1.ada_lin.1.bias"):
+    for name in (
+        "class_emb.weight",
+        "lvl_embed.weight",
+        "pos_start",
+        "pos_1LC",
+        "word_embed.bias",
+        "head.bias",
+        "blocks.0.attn.q_bias",
+        "blocks.0.attn.v_bias",
+        "blocks.0.attn.scale_mul_1H11",
+        "blocks.1.ada_lin.1.bias",
+    ):
         assert name in no_decay_names, name
-    for name in ("word_embed.weight", "head.weight", "blocks.0.attn.mat_qkv.weight", "blocks.0.ffn.fc1.weight", "blocks.1.ada_lin.1.weight"):
+    for name in (
+        "word_embed.weight",
+        "head.weight",
+        "blocks.0.attn.mat_qkv.weight",
+        "blocks.0.ffn.fc1.weight",
+        "blocks.1.ada_lin.1.weight",
+    ):
         assert name in decay_names, name
     tiny_var.class_emb.weight.requires_grad_(False)
-    assert "class_emb.weight" not in {names[id(p)] for g in parameter_groups(tiny_var, weight_decay=0.05) for p in g["params"]}
+    assert "class_emb.weight" not in {
+        names[id(p)] for g in parameter_groups(tiny_var, weight_decay=0.05) for p in g["params"]
+    }
 
 
 def test_lr_schedule():
@@ -88,7 +126,9 @@ def test_every_linear_layer_is_called_as_a_module(tiny_var, tiny_vqvae):
     """LoRA and per-sample-gradient hooks only see modules that are called (REFERENCE.md defect 1)."""
     called = set()
     linears = {name: m for name, m in tiny_var.named_modules() if isinstance(m, nn.Linear)}
-    handles = [m.register_forward_hook(lambda mod, i, o, n=name: called.add(n)) for name, m in linears.items()]
+    handles = [
+        m.register_forward_hook(lambda mod, i, o, n=name: called.add(n)) for name, m in linears.items()
+    ]
     tiny_var(torch.tensor([0, 1]), torch.randn(2, tiny_var.seq_len - 1, 8))
     assert called == set(linears)
     called.clear()
@@ -108,7 +148,7 @@ def test_kv_cache_matches_masked_forward(tiny_var):
             full_BLC = block(full_BLC, cond_BD=cond_BC, attn_bias_11LL=tiny_var.attn_bias_for_masking)
         caches, start, pieces = [KVCache() for _ in tiny_var.blocks], 0, []
         for pn in tiny_var.patch_nums:
-            h_BlC = tokens_BLC[:, start: start + pn * pn]
+            h_BlC = tokens_BLC[:, start : start + pn * pn]
             for block, cache in zip(tiny_var.blocks, caches):
                 h_BlC = block(h_BlC, cond_BD=cond_BC, attn_bias_11LL=None, kv_cache=cache)
             pieces.append(h_BlC)
@@ -124,7 +164,10 @@ def test_sampling_is_reproducible_and_never_repeats(tiny_var, tiny_vqvae):
     assert first.shape == (4, 3, 16, 16) and 0.0 <= first.min() and first.max() <= 1.0
     assert torch.equal(first, again)
     generator = torch.Generator().manual_seed(5)
-    batch_a, batch_b = tiny_var.sample(labels, generator=generator, **kw), tiny_var.sample(labels, generator=generator, **kw)
+    batch_a, batch_b = (
+        tiny_var.sample(labels, generator=generator, **kw),
+        tiny_var.sample(labels, generator=generator, **kw),
+    )
     assert torch.equal(batch_a, first) and not torch.equal(batch_a, batch_b)
     assert len({tuple(img.flatten().tolist()) for img in batch_a}) == 4  # same class, distinct images
 
@@ -165,7 +208,7 @@ def test_from_scratch_init_is_reproducible():
     b = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(3))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     gamma = a.blocks[0].ada_lin[1].weight[: 2 * a.width].abs().max()
-    assert gamma < 1e-2 * a.blocks[0].ada_lin[1].weight[2 * a.width:].abs().max() * 10
+    assert gamma < 1e-2 * a.blocks[0].ada_lin[1].weight[2 * a.width :].abs().max() * 10
 
 
 def test_tiny_base_builds_once_and_shares_its_vqvae_across_depths(tmp_path):

@@ -1,19 +1,20 @@
 """One trial in a plain Python process (no Ray): result records, shared caches, resumable training, and sweeps that
 fail before anything starts."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from sweep_driver import tiny_trial
 
 from bench.estimates import estimate
 from bench.launcher import Launch, SweepError, check_sweep, run_sweep
 from bench.results import ResultStore
 from bench.schema import NON_DP_ONLY, ConfigError, PrivacyConfig, TrialConfig, check_result, replace
 from bench.sweeps import build_sweep
-from sweep_driver import tiny_trial
-from trainables.data.datasets import DatasetError
 from trainables import privacy
+from trainables.data.datasets import DatasetError
 from trainables.privacy import PrivacyConfigError, poisson_batch
 from trainables.trial import plan_trial, preflight, run_trial
 
@@ -24,9 +25,20 @@ def cache_dir(tmp_path_factory):
 
 
 def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
-    dp = PrivacyConfig(target_epsilon=2.0, sampling_rate=0.02, max_grad_norm=1.0, augmentation_multiplicity=2, physical_batch_rows=32)
-    config = replace(tiny_trial("lora", steps=4), privacy=dp.__dict__, data={"cached_views": 2}, optimization=NON_DP_ONLY,
-                     evaluation={"convergence_every_steps": 2, "convergence_num_images": 10})
+    dp = PrivacyConfig(
+        target_epsilon=2.0,
+        sampling_rate=0.02,
+        max_grad_norm=1.0,
+        augmentation_multiplicity=2,
+        physical_batch_rows=32,
+    )
+    config = replace(
+        tiny_trial("lora", steps=4),
+        privacy=dp.__dict__,
+        data={"cached_views": 2},
+        optimization=NON_DP_ONLY,
+        evaluation={"convergence_every_steps": 2, "convergence_num_images": 10},
+    )
     batch_sizes = []  # the actual Poisson batch sizes, seen by a spy on the real sampler
 
     def spy(*args, **kwargs):
@@ -47,49 +59,101 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
         calls["planned_steps"] += 1
         return planned_steps(self, train_images)
 
-    monkeypatch.setattr(privacy, "calibrate_noise_multiplier", counted_calibration)  # trainables.plan imports it when it calibrates
+    monkeypatch.setattr(
+        privacy, "calibrate_noise_multiplier", counted_calibration
+    )  # trainables.plan imports it when it calibrates
     monkeypatch.setattr(TrialConfig, "planned_steps", counted_steps)
     reports, storage = [], tmp_path / "storage"
     cache_before = {p.name for p in cache_dir.iterdir()}
-    record = run_trial(config, cache_dir=cache_dir, artifacts_dir=storage / "artifacts" / config.trial_id,
-                       report=lambda metrics, state: reports.append((metrics, state)), log=lambda line: None)
+    record = run_trial(
+        config,
+        cache_dir=cache_dir,
+        artifacts_dir=storage / "artifacts" / config.trial_id,
+        report=lambda metrics, state: reports.append((metrics, state)),
+        log=lambda line: None,
+    )
     assert calls == {"calibrations": 1, "planned_steps": 1}
-    assert record["privacy"]["noise_multiplier"] == calibrate(target_epsilon=2.0, delta=1 / 1438, sampling_rate=0.02, steps=4)
+    assert record["privacy"]["noise_multiplier"] == calibrate(
+        target_epsilon=2.0, delta=1 / 1438, sampling_rate=0.02, steps=4
+    )
     assert check_result(record) == config and record["status"] == "success"
     assert record["privacy"]["epsilon_rdp"] <= 2.0 and record["privacy"]["steps"] == 4
-    assert [c["step"] for c in record["convergence"]] == [2, 4] and all(c["fid"] > 0 for c in record["convergence"])
+    assert [c["step"] for c in record["convergence"]] == [2, 4] and all(
+        c["fid"] > 0 for c in record["convergence"]
+    )
     assert record["data"]["train_images"] == 1438 and record["data"]["token_cache_hit"] is False
-    assert record["evaluation_settings"]["extractor"] == "substitute-randconv-v1" and record["evaluation_settings"]["images_generated"] == 20
+    assert (
+        record["evaluation_settings"]["extractor"] == "substitute-randconv-v1"
+        and record["evaluation_settings"]["images_generated"] == 20
+    )
     # On digits every trial also scores what it draws with the digit classifier, whatever the FID extractor.
     metrics, classifier = record["metrics"], record["evaluation_settings"]["classifier"]
     assert 0 <= metrics["class_accuracy"] <= 1 and len(metrics["class_accuracy_per_class"]) == 10
-    assert classifier["name"] == "digits-cnn-v1" and classifier["test_accuracy"] > 0.97 and len(classifier["weights_sha256"]) == 64
+    assert (
+        classifier["name"] == "digits-cnn-v1"
+        and classifier["test_accuracy"] > 0.97
+        and len(classifier["weights_sha256"]) == 64
+    )
     assert metrics["kid_std"] > 0  # KID averages over subsets of half the images, which differ
     assert all("class_accuracy" in entry for entry in record["convergence"])
-    assert record["cost"]["train_pflops"] > 0 and record["cost"]["rows_trained"] == pytest.approx(4 * 2 * 0.02 * 1438)  # expected, not actual
+    assert record["cost"]["train_pflops"] > 0 and record["cost"]["rows_trained"] == pytest.approx(
+        4 * 2 * 0.02 * 1438
+    )  # expected, not actual
     assert len(batch_sizes) == 4 and len(set(batch_sizes)) > 1
     assert not exact_batch_size_leaks(record, [metrics for metrics, _ in reports], batch_sizes, k=2)
-    assert record["cost"]["training_precision"] == "float32"  # bf16 autocast is asked for, but only CUDA runs use it
+    assert (
+        record["cost"]["training_precision"] == "float32"
+    )  # bf16 autocast is asked for, but only CUDA runs use it
     assert record["parameters"]["trainable"] > record["parameters"]["trainable_without_class_embedding"] > 0
     # The trial's artifacts live in storage (artifacts/<trial id>/), named relative to its root; nothing of it in the cache.
     artifacts, folder = record["artifacts"], f"artifacts/{config.trial_id}"
-    assert (artifacts["folder"], artifacts["adapter"], artifacts["generated_images"]) == (folder, f"{folder}/adapter.pt", f"{folder}/images")
-    assert [(e["label"], e["class"]) for e in artifacts["real_images"]] == [(d, f"{d:02d}_{d}") for d in range(10)]  # every class
+    assert (artifacts["folder"], artifacts["adapter"], artifacts["generated_images"]) == (
+        folder,
+        f"{folder}/adapter.pt",
+        f"{folder}/images",
+    )
+    assert [(e["label"], e["class"]) for e in artifacts["real_images"]] == [
+        (d, f"{d:02d}_{d}") for d in range(10)
+    ]  # every class
     assert all(len(e["paths"]) == 6 for e in artifacts["real_images"])
-    paths = [artifacts["adapter"], artifacts["generated_images"], *(p for e in artifacts["real_images"] for p in e["paths"])]
+    paths = [
+        artifacts["adapter"],
+        artifacts["generated_images"],
+        *(p for e in artifacts["real_images"] for p in e["paths"]),
+    ]
     for path in paths:
-        assert not Path(path).is_absolute() and "\\" not in path and (storage / path).resolve().is_relative_to(storage.resolve())
+        assert (
+            not Path(path).is_absolute()
+            and "\\" not in path
+            and (storage / path).resolve().is_relative_to(storage.resolve())
+        )
         assert (storage / path).exists(), path
     assert len(list((storage / artifacts["generated_images"]).rglob("*.png"))) == 20
-    assert {p.name for p in cache_dir.iterdir()} - cache_before <= {"offline-data", "token-cache", "reference-stats", "tiny-base", "digits-classifier",
-                                                                   "content-ids.json"}
+    assert {p.name for p in cache_dir.iterdir()} - cache_before <= {
+        "offline-data",
+        "token-cache",
+        "reference-stats",
+        "tiny-base",
+        "digits-classifier",
+        "content-ids.json",
+    }
     assert not list(cache_dir.rglob("adapter.pt")) and not (cache_dir / "work").exists()
     checkpoints = [state for _, state in reports if state is not None]
-    assert [s["step"] for s in checkpoints] == [2] and "loss" not in reports[0][0]  # DP logs no private statistics
-    base = run_trial(replace(tiny_trial("base", steps=0), data={"cached_views": 2}), cache_dir=cache_dir, artifacts_dir=tmp_path / "base",
-                     log=lambda line: None)
-    assert base["data"]["token_cache_hit"] is True and base["evaluation_settings"]["reference_cache_hit"] is True
-    assert base["parameters"]["trainable"] == 0 and base["history"] == [] and base["cost"]["train_pflops"] == 0
+    assert [s["step"] for s in checkpoints] == [2] and "loss" not in reports[0][
+        0
+    ]  # DP logs no private statistics
+    base = run_trial(
+        replace(tiny_trial("base", steps=0), data={"cached_views": 2}),
+        cache_dir=cache_dir,
+        artifacts_dir=tmp_path / "base",
+        log=lambda line: None,
+    )
+    assert (
+        base["data"]["token_cache_hit"] is True and base["evaluation_settings"]["reference_cache_hit"] is True
+    )
+    assert (
+        base["parameters"]["trainable"] == 0 and base["history"] == [] and base["cost"]["train_pflops"] == 0
+    )
     assert base["artifacts"]["adapter"] is None and not (tmp_path / "base" / "adapter.pt").exists()
 
 
@@ -118,22 +182,32 @@ def exact_batch_size_leaks(record: dict, metrics: list[dict], batch_sizes: list[
     proportional to the batch sizes of those steps, or a number equal to their total (times k, times the FLOPs per
     row) or proportional to the running totals."""
     listed = {part.strip() for key in record["privacy"]["released_without_noise"] for part in key.split(",")}
-    leaks, total, running = [], sum(batch_sizes), [sum(batch_sizes[:i + 1]) for i in range(len(batch_sizes))]
-    for source, entries in (("history[]", record["history"]), ("tune", [m for m in metrics if isinstance(m.get("step"), int)])):
+    leaks, total, running = [], sum(batch_sizes), [sum(batch_sizes[: i + 1]) for i in range(len(batch_sizes))]
+    for source, entries in (
+        ("history[]", record["history"]),
+        ("tune", [m for m in metrics if isinstance(m.get("step"), int)]),
+    ):
         for key in sorted({key for entry in entries for key in entry} - {"step"}):
             if f"{source}.{key}" in listed:
                 continue
-            series = [(e["step"], e[key]) for e in entries if isinstance(e.get(key), (int, float)) and not isinstance(e.get(key), bool)]
+            series = [
+                (e["step"], e[key])
+                for e in entries
+                if isinstance(e.get(key), (int, float)) and not isinstance(e.get(key), bool)
+            ]
             values = [float(v) for _, v in series]
-            if (_proportional(values, [batch_sizes[step - 1] for step, _ in series])
-                    or _proportional(values, [running[step - 1] for step, _ in series])):
+            if _proportional(values, [batch_sizes[step - 1] for step, _ in series]) or _proportional(
+                values, [running[step - 1] for step, _ in series]
+            ):
                 leaks.append(f"{source}.{key}: {values} follows the batch sizes {batch_sizes}")
     flops_per_row = record["cost"].get("train_flops_per_row") or 0.0
     totals = [total, total * k, total * k * flops_per_row / 1e15]
     numbers = list(_numbers({key: value for key, value in record.items() if key != "history"}))
     for path in sorted({path for path, _ in numbers} - listed):
         values = [v for p, v in numbers if p == path]
-        if _proportional(values, batch_sizes) or any(abs(v - t) <= 1e-9 * max(1.0, abs(t)) for v in values for t in totals if t):
+        if _proportional(values, batch_sizes) or any(
+            abs(v - t) <= 1e-9 * max(1.0, abs(t)) for v in values for t in totals if t
+        ):
             leaks.append(f"{path}: {values} reveals the batch sizes {batch_sizes}")
     return leaks
 
@@ -145,27 +219,54 @@ def test_preflight_names_the_problem(cache_dir, tmp_path):
     assert plan_trial(config, plan.splits) == plan  # what another rank, listing the same files, plans
     with pytest.raises(DatasetError, match="does not exist"):
         preflight(replace(config, data={"dataset": "cub200", "root": str(tmp_path / "missing")}), cache_dir)
-    official = {"base": "official", "depth": 16, "var_checkpoint": str(tmp_path / "var_d16.pth"), "vqvae_checkpoint": "v.pth", "tiny_pretraining_steps": 0}
+    official = {
+        "base": "official",
+        "depth": 16,
+        "var_checkpoint": str(tmp_path / "var_d16.pth"),
+        "vqvae_checkpoint": "v.pth",
+        "tiny_pretraining_steps": 0,
+    }
     with pytest.raises(ConfigError, match="model.var_checkpoint: no file"):
         preflight(replace(config, model=official, data={"resolution": 256}), cache_dir)
     with pytest.raises(PrivacyConfigError, match="delta"):
-        preflight(replace(config, privacy={"target_epsilon": 1.0, "sampling_rate": 0.1, "max_grad_norm": 1.0, "delta": 0.01},
-                          optimization=NON_DP_ONLY), cache_dir)
+        preflight(
+            replace(
+                config,
+                privacy={"target_epsilon": 1.0, "sampling_rate": 0.1, "max_grad_norm": 1.0, "delta": 0.01},
+                optimization=NON_DP_ONLY,
+            ),
+            cache_dir,
+        )
     # delta: None is the paper's 1/N; a sweep may set any delta below 1/N (the smoke keeps it), never one above.
     from bench.sweeps import table3
+
     small = table3.sweep(smoke=True, delta=1e-5)
-    assert {c.privacy.delta for c in small} == {1e-5} and preflight(small[0], cache_dir).noise_multiplier > preflight(table3.sweep(smoke=True)[0], cache_dir).noise_multiplier
+    assert {c.privacy.delta for c in small} == {1e-5} and preflight(
+        small[0], cache_dir
+    ).noise_multiplier > preflight(table3.sweep(smoke=True)[0], cache_dir).noise_multiplier
     with pytest.raises(PrivacyConfigError, match=r"delta=0.002 >= 1/N"):
         preflight(table3.sweep(smoke=True, delta=0.002)[0], cache_dir)
     with pytest.raises(PrivacyConfigError, match="cannot reach epsilon"):
-        preflight(replace(config, privacy={"target_epsilon": 1e-9, "sampling_rate": 1.0, "max_grad_norm": 1.0},
-                          optimization={**NON_DP_ONLY, "steps": 10**6}), cache_dir)
+        preflight(
+            replace(
+                config,
+                privacy={"target_epsilon": 1e-9, "sampling_rate": 1.0, "max_grad_norm": 1.0},
+                optimization={**NON_DP_ONLY, "steps": 10**6},
+            ),
+            cache_dir,
+        )
 
 
 def test_bad_sweep_fails_before_anything_starts(cache_dir, tmp_path):
     good = tiny_trial("full")
-    bad = [replace(good, data={"dataset": "flowers102", "root": str(tmp_path / "no-flowers")}),
-           replace(good, privacy={"target_epsilon": 1.0, "sampling_rate": 0.5, "max_grad_norm": 1.0, "delta": 0.5}, optimization=NON_DP_ONLY)]
+    bad = [
+        replace(good, data={"dataset": "flowers102", "root": str(tmp_path / "no-flowers")}),
+        replace(
+            good,
+            privacy={"target_epsilon": 1.0, "sampling_rate": 0.5, "max_grad_norm": 1.0, "delta": 0.5},
+            optimization=NON_DP_ONLY,
+        ),
+    ]
     launch = Launch(storage=str(tmp_path / "storage"), cache_dir=str(cache_dir))
     with pytest.raises(SweepError) as raised:
         run_sweep("bad", [good, *bad], launch)

@@ -11,6 +11,7 @@ them before any GPU is allocated, and their content ids.
   (``ImageList.content_id``).
 - ``verify_content`` runs in each trial: the files it is about to use are still the ones its id names.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,16 +21,25 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
 from bench.schema import ConfigError, TrialConfig
 
 from .data.datasets import ImageList
-from .models.checkpoints import (SIDECAR_FORMAT, CheckpointError, atomic_write, check_sidecar, check_state_dict, file_lock,
-                                 file_sha256, read_sidecar)
+from .models.checkpoints import (
+    SIDECAR_FORMAT,
+    CheckpointError,
+    atomic_write,
+    check_sidecar,
+    check_state_dict,
+    file_lock,
+    file_sha256,
+    read_sidecar,
+)
 from .models.var import build_var
 from .models.vqvae import OFFICIAL_CH_MULT, OFFICIAL_PATCH_NUMS, build_vqvae
 
@@ -37,9 +47,24 @@ CONTENT_IDS_FILE = "content-ids.json"
 CONTENT_IDS_FORMAT = "varsweep-content-ids/1"
 # What ``trial.load_base`` loads for an official base (the ``load_var`` / ``load_vqvae`` defaults).
 OFFICIAL_VAR = dict(num_classes=1000, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32)
-OFFICIAL_VQVAE = dict(vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_PATCH_NUMS, share_quant_resi=4,
-                      ch_mult=OFFICIAL_CH_MULT, num_res_blocks=2)
-_READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError)
+OFFICIAL_VQVAE = dict(
+    vocab_size=4096,
+    z_channels=32,
+    ch=160,
+    patch_nums=OFFICIAL_PATCH_NUMS,
+    share_quant_resi=4,
+    ch_mult=OFFICIAL_CH_MULT,
+    num_res_blocks=2,
+)
+_READ_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    zipfile.BadZipFile,
+    ValueError,
+    KeyError,
+)
 
 
 def _is_sha256(value: Any) -> bool:
@@ -64,7 +89,9 @@ class FileIds:
     remembered in ``<cache_dir>/content-ids.json`` under (absolute path, size, mtime_ns), so an 8 GB checkpoint
     is read once per machine and file version. ``write=False`` reads the cache and creates nothing."""
 
-    def __init__(self, cache_dir: str | os.PathLike, *, write: bool, log: Callable[[str], None] | None = None):
+    def __init__(
+        self, cache_dir: str | os.PathLike, *, write: bool, log: Callable[[str], None] | None = None
+    ):
         self.path, self.write, self.log = Path(cache_dir) / CONTENT_IDS_FILE, write, log
         self.known = self._read()
         self.new: dict[str, dict] = {}
@@ -74,7 +101,11 @@ class FileIds:
             record = json.loads(self.path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return {}  # no cache yet, or a damaged one: hashing again is always right
-        files = record.get("files") if isinstance(record, dict) and record.get("format") == CONTENT_IDS_FORMAT else None
+        files = (
+            record.get("files")
+            if isinstance(record, dict) and record.get("format") == CONTENT_IDS_FORMAT
+            else None
+        )
         return files if isinstance(files, dict) else {}
 
     def sha256(self, path: str | os.PathLike, *, sidecar: bool = True) -> str | None:
@@ -88,10 +119,16 @@ class FileIds:
             return recorded
         key = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
         entry = self.new.get(path) or self.known.get(path)
-        if isinstance(entry, dict) and {k: entry.get(k) for k in key} == key and _is_sha256(entry.get("sha256")):
+        if (
+            isinstance(entry, dict)
+            and {k: entry.get(k) for k in key} == key
+            and _is_sha256(entry.get("sha256"))
+        ):
             return entry["sha256"]
         if self.log is not None:
-            self.log(f"hashing {path} ({info.st_size / 2**30:.2f} GiB), once: its SHA-256 identifies the trials that use it")
+            self.log(
+                f"hashing {path} ({info.st_size / 2**30:.2f} GiB), once: its SHA-256 identifies the trials that use it"
+            )
         try:
             digest = file_sha256(path)
         except OSError:
@@ -115,8 +152,11 @@ def dataset_content_id(config: TrialConfig, splits: tuple[ImageList, ImageList])
     labels, sizes, sampled bytes). Raises ``DatasetError`` when a listed image is missing."""
     train, evaluation = splits
     root = config.data.root
-    parts = {"dataset": config.data.dataset, "train": [train.split, train.content_id(root)],
-             "evaluation": [evaluation.split, evaluation.content_id(root)]}
+    parts = {
+        "dataset": config.data.dataset,
+        "train": [train.split, train.content_id(root)],
+        "evaluation": [evaluation.split, evaluation.content_id(root)],
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -127,24 +167,32 @@ def verify_content(config: TrialConfig, *, splits: tuple[ImageList, ImageList], 
     against it), else the cached hash of this path, size and mtime, else the file is hashed. Raises ``ConfigError``
     naming the field and the file."""
     m, e = config.model, config.evaluation
-    for field_name, path, expected, sidecar in (("model.var_checkpoint", m.var_checkpoint, m.var_checkpoint_sha256, True),
-                                                ("model.vqvae_checkpoint", m.vqvae_checkpoint, m.vqvae_checkpoint_sha256, True),
-                                                ("evaluation.inception_weights", e.inception_weights, e.inception_weights_sha256, False)):
+    for field_name, path, expected, sidecar in (
+        ("model.var_checkpoint", m.var_checkpoint, m.var_checkpoint_sha256, True),
+        ("model.vqvae_checkpoint", m.vqvae_checkpoint, m.vqvae_checkpoint_sha256, True),
+        ("evaluation.inception_weights", e.inception_weights, e.inception_weights_sha256, False),
+    ):
         if expected is None:
             continue
         actual = files.sha256(path, sidecar=sidecar)
         if actual is None:
-            raise ConfigError(f"{field_name}: cannot read {path} (it was identified when the sweep was launched)")
+            raise ConfigError(
+                f"{field_name}: cannot read {path} (it was identified when the sweep was launched)"
+            )
         if actual != expected:
-            raise ConfigError(f"{field_name}: {path} has SHA-256 {actual[:16]}..., not the {expected[:16]}... this trial was "
-                              "identified with: the file was replaced or changed after the sweep was launched; relaunch the sweep "
-                              "(the new file is a new trial)")
+            raise ConfigError(
+                f"{field_name}: {path} has SHA-256 {actual[:16]}..., not the {expected[:16]}... this trial was "
+                "identified with: the file was replaced or changed after the sweep was launched; relaunch the sweep "
+                "(the new file is a new trial)"
+            )
     if config.data.content_id is not None:
         actual = dataset_content_id(config, splits)
         if actual != config.data.content_id:
-            raise ConfigError(f"data.root: the {config.data.dataset} images under {config.data.root} changed after the sweep was "
-                              f"launched (content id {actual[:16]}..., expected {config.data.content_id[:16]}...): images were added, "
-                              "removed or replaced; relaunch the sweep (the new data is a new trial)")
+            raise ConfigError(
+                f"data.root: the {config.data.dataset} images under {config.data.root} changed after the sweep was "
+                f"launched (content id {actual[:16]}..., expected {config.data.content_id[:16]}...): images were added, "
+                "removed or replaced; relaunch the sweep (the new data is a new trial)"
+            )
 
 
 # --- checks --------------------------------------------------------------------------------------------------
@@ -162,22 +210,36 @@ def read_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except RuntimeError as err:
             if "_use_new_zipfile_serialization" not in str(err):
                 raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+            state = torch.load(
+                path, map_location="cpu", weights_only=True
+            )  # the legacy format cannot be mapped
     except _READ_ERRORS as err:
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt, a pickle of other objects, or not a "
-                              f"PyTorch weights file): {type(err).__name__}: {_reason(err)}") from err
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated, corrupt, a pickle of other objects, or not a "
+            f"PyTorch weights file): {type(err).__name__}: {_reason(err)}"
+        ) from err
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a state dict of tensors")
-    not_tensors = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}, expected a state dict of tensors"
+        )
+    not_tensors = [
+        str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+    ]
     if not_tensors:
-        raise CheckpointError(f"checkpoint {path} is not a flat state dict of tensors (entries {not_tensors[:5]} are not tensors)")
+        raise CheckpointError(
+            f"checkpoint {path} is not a flat state dict of tensors (entries {not_tensors[:5]} are not tensors)"
+        )
     return dict(state)
 
 
 def _reason(err: BaseException) -> str:
     """The informative line of a ``torch.load`` error (weights_only's names the refused global, after a preamble)."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
-    refused = [line.split("WeightsUnpickler error:", 1)[1].split(". Please")[0].strip() for line in lines if "WeightsUnpickler error:" in line]
+    refused = [
+        line.split("WeightsUnpickler error:", 1)[1].split(". Please")[0].strip()
+        for line in lines
+        if "WeightsUnpickler error:" in line
+    ]
     return (refused or [line for line in lines if line] or [""])[0][:300]
 
 
@@ -197,7 +259,9 @@ def check_checkpoint(path: str | os.PathLike, *, kind: str, architecture: Mappin
     model = _meta_model(kind, json.dumps(dict(architecture), sort_keys=True))
     check_sidecar(path, kind=kind, architecture=model.architecture)
     state = read_header(path)
-    check_state_dict(state, model.state_dict(), finite_keys=set(), path=path, what=f"{kind.upper()} {dict(architecture)}")
+    check_state_dict(
+        state, model.state_dict(), finite_keys=set(), path=path, what=f"{kind.upper()} {dict(architecture)}"
+    )
 
 
 def check_inception_weights(path: str | os.PathLike) -> None:
@@ -210,8 +274,10 @@ def check_inception_weights(path: str | os.PathLike) -> None:
         raise CheckpointError(f"no file at {path}")
     try:
         build_extractor(INCEPTION, weights_path=path)
-    except Exception as err:  # noqa: BLE001 - torch-fidelity's strict load fails in several ways; each means a wrong file
+    except Exception as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
         detail = "; ".join(lines[:2])[:300]
-        raise CheckpointError(f"{path} is not torch-fidelity's Inception-v3 weights file "
-                              f"(weights-inception-2015-12-05-6726825d.pth): {type(err).__name__}: {detail}") from err
+        raise CheckpointError(
+            f"{path} is not torch-fidelity's Inception-v3 weights file "
+            f"(weights-inception-2015-12-05-6726825d.pth): {type(err).__name__}: {detail}"
+        ) from err

@@ -14,9 +14,10 @@ clipped quantity is the gradient of the example's mean loss over its views.
 Rules exist for the layer types an adapted VAR trains (``nn.Linear`` incl. peft's LoRA/LN-tuning layers,
 ``nn.Embedding`` and the small modules of ``trainables.patches``); any other trainable layer is refused.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -32,13 +33,17 @@ def _fold(rows_R: torch.Tensor, k: int) -> torch.Tensor:
     return rows_R.reshape(rows_R.shape[0] // k, -1, rows_R.shape[-1])
 
 
-def _linear_norms(layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
+def _linear_norms(
+    layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, k: int
+) -> tuple[torch.Tensor, dict]:
     # Norms decide the clipping factor, hence the sensitivity: compute them in float32 whatever the autocast dtype.
     a_BTi, g_BTo = _fold(a_R, k).float(), _fold(g_R, k).float()
     T, out_features, in_features = a_BTi.shape[1], g_BTo.shape[-1], a_BTi.shape[-1]
     sq_B = g_BTo.new_zeros(g_BTo.shape[0])
     if layer.weight.requires_grad:
-        if T * T <= out_features * in_features:  # Gram matrices over the example's T positions are the cheaper route
+        if (
+            T * T <= out_features * in_features
+        ):  # Gram matrices over the example's T positions are the cheaper route
             gram_g_BTT, gram_a_BTT = g_BTo @ g_BTo.transpose(1, 2), a_BTi @ a_BTi.transpose(1, 2)
             sq_B = sq_B + (gram_g_BTT * gram_a_BTT).sum(dim=(1, 2)).clamp_min(0) / (k * k)
         else:
@@ -48,7 +53,9 @@ def _linear_norms(layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, k: int
     return sq_B, {}
 
 
-def _linear_clipped(layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, w_R: torch.Tensor, kept: dict) -> dict:
+def _linear_clipped(
+    layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, w_R: torch.Tensor, kept: dict
+) -> dict:
     gw_Ro = (g_R * w_R.view(-1, *([1] * (g_R.ndim - 1)))).reshape(-1, g_R.shape[-1])
     grads = {}
     if layer.weight.requires_grad:
@@ -58,14 +65,27 @@ def _linear_clipped(layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, w_R:
     return grads
 
 
-def _embedding_norms(layer: nn.Embedding, ids_R: torch.Tensor, g_R: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
-    per_example = GradSampleModule.GRAD_SAMPLERS[nn.Embedding](layer, [_fold(ids_R, k)], _fold(g_R, k).float())[layer.weight] / k
+def _embedding_norms(
+    layer: nn.Embedding, ids_R: torch.Tensor, g_R: torch.Tensor, k: int
+) -> tuple[torch.Tensor, dict]:
+    per_example = (
+        GradSampleModule.GRAD_SAMPLERS[nn.Embedding](layer, [_fold(ids_R, k)], _fold(g_R, k).float())[
+            layer.weight
+        ]
+        / k
+    )
     return per_example.pow(2).flatten(1).sum(1), {}
 
 
-def _embedding_clipped(layer: nn.Embedding, ids_R: torch.Tensor, g_R: torch.Tensor, w_R: torch.Tensor, kept: dict) -> dict:
+def _embedding_clipped(
+    layer: nn.Embedding, ids_R: torch.Tensor, g_R: torch.Tensor, w_R: torch.Tensor, kept: dict
+) -> dict:
     gw = (g_R * w_R.view(-1, *([1] * (g_R.ndim - 1)))).reshape(-1, layer.embedding_dim)
-    return {layer.weight: torch.zeros_like(layer.weight).index_add_(0, ids_R.reshape(-1), gw.to(layer.weight.dtype))}
+    return {
+        layer.weight: torch.zeros_like(layer.weight).index_add_(
+            0, ids_R.reshape(-1), gw.to(layer.weight.dtype)
+        )
+    }
 
 
 def _small_norms(layer: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
@@ -76,7 +96,9 @@ def _small_norms(layer: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor, k: int)
     return sq_B, kept
 
 
-def _small_clipped(layer: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor, w_R: torch.Tensor, kept: dict) -> dict:
+def _small_clipped(
+    layer: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor, w_R: torch.Tensor, kept: dict
+) -> dict:
     k = a_R.shape[0] // next(iter(kept.values())).shape[0]
     c_B = w_R.view(-1, k)[:, 0] * k  # the clipping factors (w_R holds c_b / k per row)
     return {p: torch.einsum("b,b...->...", c_B.to(gs.dtype), gs) for p, gs in kept.items()}
@@ -108,7 +130,9 @@ class BookKeeping:
         self.layers = _trainable_layers(model)
         unsupported = sorted({type(m).__name__ for m in self.layers if type(m) not in RULES})
         if unsupported:
-            raise NotImplementedError(f"book-keeping clipping has no rule for trainable layers of type {unsupported}")
+            raise NotImplementedError(
+                f"book-keeping clipping has no rule for trainable layers of type {unsupported}"
+            )
         self.params = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
         self.active = False
         self.inputs: dict[nn.Module, torch.Tensor] = {}
@@ -124,9 +148,13 @@ class BookKeeping:
         if not self.active:
             return None
         if module in self.inputs:
-            raise NotImplementedError(f"{type(module).__name__} is called twice in one forward; book-keeping clipping needs one call")
+            raise NotImplementedError(
+                f"{type(module).__name__} is called twice in one forward; book-keeping clipping needs one call"
+            )
         self.inputs[module] = inputs[0].detach()
-        if not output.requires_grad:  # a first layer (its input needs no gradient): make its output a leaf to get g
+        if (
+            not output.requires_grad
+        ):  # a first layer (its input needs no gradient): make its output a leaf to get g
             output = output.detach().requires_grad_(True)
         output.register_hook(lambda grad: self.output_grads.__setitem__(module, grad.detach()))
         return output
@@ -148,7 +176,9 @@ class BookKeeping:
                 p.requires_grad_(True)
         missing = [type(m).__name__ for m in self.layers if m not in self.output_grads]
         if missing:
-            raise RuntimeError(f"no output gradient reached trainable layers {missing[:8]} (not used by the loss?)")
+            raise RuntimeError(
+                f"no output gradient reached trainable layers {missing[:8]} (not used by the loss?)"
+            )
         self._write_clipped(k, max_grad_norm=max_grad_norm)
         self.inputs.clear(), self.output_grads.clear()
         return b

@@ -14,6 +14,7 @@ The per-step words come from keyed BLAKE2b of (step, purpose); within a step, a 
 finaliser mix those words with the example index and the draw's slot. Arithmetic stays within int64 (32-bit
 products are split into 16-bit halves), so the values are the same on every device.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 MASK32 = 0xFFFFFFFF
-MAX_INDEX = 2 ** 32
+MAX_INDEX = 2**32
 
 
 def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -48,11 +49,11 @@ class ExampleKey:
     secret: bool
 
     @classmethod
-    def from_entropy(cls) -> "ExampleKey":
+    def from_entropy(cls) -> ExampleKey:
         return cls(os.urandom(32), secret=True)
 
     @classmethod
-    def from_seed(cls, seed: int, *, purpose: str = "examples") -> "ExampleKey":
+    def from_seed(cls, seed: int, *, purpose: str = "examples") -> ExampleKey:
         digest = hashlib.blake2b(f"varsweep {purpose} {int(seed)}".encode(), digest_size=32).digest()
         return cls(digest, secret=False)
 
@@ -61,20 +62,24 @@ class ExampleKey:
 
     def _step_words(self, step: int, purpose: str) -> list[int]:
         digest = hashlib.blake2b(f"{int(step)} {purpose}".encode(), key=self.key, digest_size=16).digest()
-        return [int.from_bytes(digest[i: i + 4], "little") for i in range(0, 16, 4)]
+        return [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
 
     def uniform(self, index_B: torch.Tensor, *, step: int, purpose: str, count: int) -> torch.Tensor:
         """Uniforms in [0, 1) [B, count] float32 on ``index_B``'s device: row b depends only on (key, step, purpose,
         index_B[b]), so the same example gets the same draws in any batch, at any position, on any rank."""
         index_B = index_B.to(torch.int64)
         if index_B.numel() and (int(index_B.min()) < 0 or int(index_B.max()) >= MAX_INDEX):
-            raise ValueError(f"example indices must be in [0, 2**32), got [{int(index_B.min())}, {int(index_B.max())}]")
+            raise ValueError(
+                f"example indices must be in [0, 2**32), got [{int(index_B.min())}, {int(index_B.max())}]"
+            )
         w0, w1, w2, w3 = self._step_words(step, purpose)
         example_B1 = _mix32(_mix32(index_B[:, None] ^ w0) ^ w1)
         slot_1S = _mix32(torch.arange(count, device=index_B.device, dtype=torch.int64)[None] ^ w2)
         h_BS = _mix32(_mix32((example_B1 + slot_1S) & MASK32) ^ w3)
-        h_BS = _mix32(h_BS ^ example_B1)  # a second pass over the example word: (i, s) pairs with equal sums differ
-        return (h_BS >> 8).to(torch.float32) * 2.0 ** -24
+        h_BS = _mix32(
+            h_BS ^ example_B1
+        )  # a second pass over the example word: (i, s) pairs with equal sums differ
+        return (h_BS >> 8).to(torch.float32) * 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -89,13 +94,19 @@ class ExampleDraws:
     drop_path_RD: torch.Tensor | None
 
 
-def example_draws(key: ExampleKey, index_b: torch.Tensor, *, step: int, num_views: int, k: int,
-                  drop_path_branches: int = 0) -> ExampleDraws:
+def example_draws(
+    key: ExampleKey, index_b: torch.Tensor, *, step: int, num_views: int, k: int, drop_path_branches: int = 0
+) -> ExampleDraws:
     """Draws for examples ``index_b`` (dataset indices) at ``step``; ``drop_path_branches`` = 2*depth when the model
     trains with drop-path, else 0."""
     b = index_b.shape[0]
     drop_path = None
     if drop_path_branches:
-        drop_path = key.uniform(index_b, step=step, purpose="drop_path", count=k * drop_path_branches).view(b * k, drop_path_branches)
-    return ExampleDraws(views_bV=key.uniform(index_b, step=step, purpose="views", count=num_views),
-                        label_b=key.uniform(index_b, step=step, purpose="class_dropout", count=1)[:, 0], drop_path_RD=drop_path)
+        drop_path = key.uniform(index_b, step=step, purpose="drop_path", count=k * drop_path_branches).view(
+            b * k, drop_path_branches
+        )
+    return ExampleDraws(
+        views_bV=key.uniform(index_b, step=step, purpose="views", count=num_views),
+        label_b=key.uniform(index_b, step=step, purpose="class_dropout", count=1)[:, 0],
+        drop_path_RD=drop_path,
+    )

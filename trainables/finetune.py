@@ -10,13 +10,14 @@ Settings come from the trial config's own sections (``bench.schema``: ``Optimiza
 ``PrivacyConfig``), which checked themselves at construction; ``RunPlan`` holds the few values known only once the
 training split is (planned steps, convergence steps, log interval, sigma).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -27,12 +28,33 @@ from .data.tokens import TokenViews
 from .draws import ExampleKey, example_draws
 from .methods import trainable_parameters
 from .models import VAR, VQVAE
-from .profiling import StepMeter
 from .prior import PriorBank, prior_preservation_loss
-from .privacy import (PrivateTraining, epsilon_spent, load_privacy_state, make_private, next_batch, privacy_ledger,
-                      privacy_state_dict, private_step, release, validate_privacy)
-from .training import (Logger, bf16_autocast, build_optimizer, epoch_batches, is_logging_step, lr_at, rank_and_world, record_history,
-                       scale_loss_weights, set_lr, view_losses)
+from .privacy import (
+    PrivateTraining,
+    epsilon_spent,
+    load_privacy_state,
+    make_private,
+    next_batch,
+    privacy_ledger,
+    privacy_state_dict,
+    private_step,
+    release,
+    validate_privacy,
+)
+from .profiling import StepMeter
+from .training import (
+    Logger,
+    bf16_autocast,
+    build_optimizer,
+    epoch_batches,
+    is_logging_step,
+    lr_at,
+    rank_and_world,
+    record_history,
+    scale_loss_weights,
+    set_lr,
+    view_losses,
+)
 
 
 @dataclass(frozen=True)
@@ -52,9 +74,13 @@ class RunPlan:
 
     def __post_init__(self) -> None:
         if self.planned_steps < 1 or self.log_every < 1 or self.prior_batch_size < 1:
-            raise ValueError(f"invalid run plan {self}: need planned_steps >= 1, log_every >= 1, prior_batch_size >= 1")
+            raise ValueError(
+                f"invalid run plan {self}: need planned_steps >= 1, log_every >= 1, prior_batch_size >= 1"
+            )
         if any(not 1 <= step <= self.planned_steps for step in self.evaluation_steps):
-            raise ValueError(f"invalid run plan: evaluation steps {list(self.evaluation_steps)} must lie in 1..{self.planned_steps}")
+            raise ValueError(
+                f"invalid run plan: evaluation steps {list(self.evaluation_steps)} must lie in 1..{self.planned_steps}"
+            )
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ValueError(f"invalid run plan: noise_multiplier must be > 0, got {self.noise_multiplier}")
 
@@ -84,9 +110,14 @@ class CheckpointPolicy:
     every_minutes: float | None = None
 
     def __post_init__(self) -> None:
-        if self.every_steps < 1 or not (self.every_fraction is None or 0 < self.every_fraction <= 1) or not (
-                self.every_minutes is None or self.every_minutes > 0):
-            raise ValueError(f"invalid checkpoint policy {self}: need every_steps >= 1, every_fraction in (0, 1], every_minutes > 0")
+        if (
+            self.every_steps < 1
+            or not (self.every_fraction is None or 0 < self.every_fraction <= 1)
+            or not (self.every_minutes is None or self.every_minutes > 0)
+        ):
+            raise ValueError(
+                f"invalid checkpoint policy {self}: need every_steps >= 1, every_fraction in (0, 1], every_minutes > 0"
+            )
 
     def step_interval(self, planned_steps: int) -> int:
         """Steps between step-based saves."""
@@ -104,11 +135,17 @@ class CheckpointPolicy:
         return 0 < done < planned_steps and done % self.step_interval(planned_steps) == 0
 
     def due_by_time(self, done: int, planned_steps: int, seconds_since_save: float) -> bool:
-        return self.every_minutes is not None and 0 < done < planned_steps and seconds_since_save >= 60 * self.every_minutes
+        return (
+            self.every_minutes is not None
+            and 0 < done < planned_steps
+            and seconds_since_save >= 60 * self.every_minutes
+        )
 
     def due(self, done: int, *, planned_steps: int, seconds_since_save: float) -> bool:
         """Whether to save after ``done`` steps of ``planned_steps``, ``seconds_since_save`` after the last save."""
-        return self.due_by_steps(done, planned_steps) or self.due_by_time(done, planned_steps, seconds_since_save)
+        return self.due_by_steps(done, planned_steps) or self.due_by_time(
+            done, planned_steps, seconds_since_save
+        )
 
 
 @dataclass(frozen=True)
@@ -129,12 +166,22 @@ class Checkpointing:
     @property
     def policy(self) -> CheckpointPolicy:
         r = self.resources
-        return CheckpointPolicy(every_steps=r.checkpoint_every_steps, every_fraction=r.checkpoint_every_fraction,
-                                every_minutes=r.checkpoint_every_minutes)
+        return CheckpointPolicy(
+            every_steps=r.checkpoint_every_steps,
+            every_fraction=r.checkpoint_every_fraction,
+            every_minutes=r.checkpoint_every_minutes,
+        )
 
 
-def check_finetune(data: TokenViews, *, privacy: PrivacyConfig | None, plan: RunPlan, prior: Prior | None, prior_weight: float,
-                   resume: dict | None = None) -> None:
+def check_finetune(
+    data: TokenViews,
+    *,
+    privacy: PrivacyConfig | None,
+    plan: RunPlan,
+    prior: Prior | None,
+    prior_weight: float,
+    resume: dict | None = None,
+) -> None:
     """Every problem that depends on the data, the plan or the checkpoint, before any compute (the settings
     themselves were checked by their config sections)."""
     data.check_multiplicity(1 if privacy is None else privacy.augmentation_multiplicity)
@@ -143,17 +190,33 @@ def check_finetune(data: TokenViews, *, privacy: PrivacyConfig | None, plan: Run
     if privacy is not None:
         validate_privacy(privacy, dataset_size=data.num_examples, planned_steps=plan.planned_steps)
     if resume is not None and ("privacy" in resume) != (privacy is not None):
-        raise ValueError(f"the checkpoint at step {resume['step']} was saved by a {'DP' if 'privacy' in resume else 'non-DP'} run, but this run "
-                         f"is {'DP' if privacy is not None else 'not DP'}: "
-                         + ("resume it with the privacy settings it was trained under (continuing without DP would release a model the "
-                            "ledger does not cover)" if privacy is None else
-                            "a DP run cannot continue steps taken without DP; start it from the base model"))
+        raise ValueError(
+            f"the checkpoint at step {resume['step']} was saved by a {'DP' if 'privacy' in resume else 'non-DP'} run, but this run "
+            f"is {'DP' if privacy is not None else 'not DP'}: "
+            + (
+                "resume it with the privacy settings it was trained under (continuing without DP would release a model the "
+                "ledger does not cover)"
+                if privacy is None
+                else "a DP run cannot continue steps taken without DP; start it from the base model"
+            )
+        )
 
 
-def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, optimization: OptimizationConfig, method: MethodConfig, plan: RunPlan,
-             privacy: PrivacyConfig | None = None, prior: Prior | None = None, debug_seed: int | None = None,
-             log: Logger | None = None, evaluate_fn: Callable[[VAR], dict] | None = None,
-             checkpointing: Checkpointing | None = None) -> dict:
+def finetune(
+    var: VAR,
+    vqvae: VQVAE,
+    data: TokenViews,
+    *,
+    optimization: OptimizationConfig,
+    method: MethodConfig,
+    plan: RunPlan,
+    privacy: PrivacyConfig | None = None,
+    prior: Prior | None = None,
+    debug_seed: int | None = None,
+    log: Logger | None = None,
+    evaluate_fn: Callable[[VAR], dict] | None = None,
+    checkpointing: Checkpointing | None = None,
+) -> dict:
     """Train the trainable parameters of an adapted ``var`` with the trial's ``optimization`` (learning rate,
     batch size, warm-up capped at the planned steps, weight decay, class dropout, global clipping, seed, bf16),
     ``method`` (scale weights, prior weight) and, under DP, ``privacy`` (k views per example; without DP k = 1).
@@ -171,38 +234,83 @@ def finetune(var: VAR, vqvae: VQVAE, data: TokenViews, *, optimization: Optimiza
     a checkpoint holds no generator state, so a resumed DP run draws fresh entropy: nobody who reads a checkpoint can
     predict the noise of later steps. Its accounting continues exactly (the steps taken are in the checkpoint)."""
     resume = checkpointing.resume if checkpointing is not None else None
-    check_finetune(data, privacy=privacy, plan=plan, prior=prior, prior_weight=method.prior_weight, resume=resume)
+    check_finetune(
+        data, privacy=privacy, plan=plan, prior=prior, prior_weight=method.prior_weight, resume=resume
+    )
     device = next(var.parameters()).device
     seed = optimization.seed
     optimizer = build_optimizer(var, lr=optimization.learning_rate, weight_decay=optimization.weight_decay)
     # Only the forwards are autocast: backward ops follow their forward's dtypes, and the losses come out float32.
     bf16 = training_autocast(optimization, privacy) and device.type == "cuda"
     inputs = _StepInputs(
-        var=var, vqvae=vqvae, data=data, device=device, views_per_example=1 if privacy is None else privacy.augmentation_multiplicity,
-        class_dropout=optimization.class_dropout, bf16=bf16, seed=seed, prior=prior, prior_weight=method.prior_weight,
-        prior_batch_size=plan.prior_batch_size, draws=_StepDraws(key=ExampleKey.from_seed(seed)),
-        token_weights_L=(scale_loss_weights(var.patch_nums, decay=method.scale_weight_decay).to(device)
-                         if method.scale_weight_decay != 1.0 else None))
+        var=var,
+        vqvae=vqvae,
+        data=data,
+        device=device,
+        views_per_example=1 if privacy is None else privacy.augmentation_multiplicity,
+        class_dropout=optimization.class_dropout,
+        bf16=bf16,
+        seed=seed,
+        prior=prior,
+        prior_weight=method.prior_weight,
+        prior_batch_size=plan.prior_batch_size,
+        draws=_StepDraws(key=ExampleKey.from_seed(seed)),
+        token_weights_L=(
+            scale_loss_weights(var.patch_nums, decay=method.scale_weight_decay).to(device)
+            if method.scale_weight_decay != 1.0
+            else None
+        ),
+    )
     run = _Run(history=[], convergence=[], meter=StepMeter(device), start_step=0)
     if resume is not None:
         _restore(var, optimizer, resume, run)
-    saves = _SaveDecision(checkpointing, planned_steps=plan.planned_steps, device=device) if checkpointing is not None else None
-    after_step = _AfterStep(var=var, optimizer=optimizer, run=run, evaluate_fn=evaluate_fn, evaluation_points=plan.evaluation_points(),
-                            checkpointing=checkpointing, saves=saves)
-    loop = _Loop(inputs=inputs, after_step=after_step, run=run, log=log, plan=plan, learning_rate=optimization.learning_rate,
-                 warmup_steps=min(optimization.warmup_steps, plan.planned_steps))
+    saves = (
+        _SaveDecision(checkpointing, planned_steps=plan.planned_steps, device=device)
+        if checkpointing is not None
+        else None
+    )
+    after_step = _AfterStep(
+        var=var,
+        optimizer=optimizer,
+        run=run,
+        evaluate_fn=evaluate_fn,
+        evaluation_points=plan.evaluation_points(),
+        checkpointing=checkpointing,
+        saves=saves,
+    )
+    loop = _Loop(
+        inputs=inputs,
+        after_step=after_step,
+        run=run,
+        log=log,
+        plan=plan,
+        learning_rate=optimization.learning_rate,
+        warmup_steps=min(optimization.warmup_steps, plan.planned_steps),
+    )
     var.train()
     if privacy is None:
         # Non-DP batches come from a stream shared by all ranks (each takes its share); DP batches from the private sampler.
-        ledger = _plain_run(optimizer, data, loop, generator=torch.Generator().manual_seed(seed), batch_size=optimization.batch_size,
-                            global_clip_norm=optimization.global_clip_norm)
+        ledger = _plain_run(
+            optimizer,
+            data,
+            loop,
+            generator=torch.Generator().manual_seed(seed),
+            batch_size=optimization.batch_size,
+            global_clip_norm=optimization.global_clip_norm,
+        )
     else:
         # A resumed DP run must not repeat the lost run's draws: caller-seeded sampling moves to a seed of its own.
-        seed_now = debug_seed if resume is None or debug_seed is None else debug_seed * 1_000_003 + run.start_step
+        seed_now = (
+            debug_seed if resume is None or debug_seed is None else debug_seed * 1_000_003 + run.start_step
+        )
         ledger = _private_run(var, optimizer, data, loop, privacy=privacy, debug_seed=seed_now, resume=resume)
     var.eval()
-    return {"history": run.history, "privacy": ledger, "convergence": run.convergence,
-            "compute": {**run.meter.report(), "training_precision": "bf16 autocast" if bf16 else "float32"}}
+    return {
+        "history": run.history,
+        "privacy": ledger,
+        "convergence": run.convergence,
+        "compute": {**run.meter.report(), "training_precision": "bf16 autocast" if bf16 else "float32"},
+    }
 
 
 class _SaveDecision:
@@ -212,7 +320,12 @@ class _SaveDecision:
     released without noise anyway)."""
 
     def __init__(self, checkpointing: Checkpointing, *, planned_steps: int, device: torch.device):
-        self.policy, self.clock, self.planned, self.device = checkpointing.policy, checkpointing.clock, planned_steps, device
+        self.policy, self.clock, self.planned, self.device = (
+            checkpointing.policy,
+            checkpointing.clock,
+            planned_steps,
+            device,
+        )
         self.last_save = self.clock()
 
     def due(self, done: int, *, evaluation_step: bool) -> bool:
@@ -222,7 +335,9 @@ class _SaveDecision:
             return True
         if self.policy.every_minutes is None:
             return False
-        return _rank0_decides(self.policy.due_by_time(done, self.planned, self.clock() - self.last_save), device=self.device)
+        return _rank0_decides(
+            self.policy.due_by_time(done, self.planned, self.clock() - self.last_save), device=self.device
+        )
 
     def saved(self) -> None:
         self.last_save = self.clock()
@@ -238,7 +353,6 @@ def _rank0_decides(flag: bool, *, device: torch.device) -> bool:
     return bool(value.item())
 
 
-
 @dataclass
 class _Run:
     """What a run accumulates (and a checkpoint keeps)."""
@@ -251,19 +365,28 @@ class _Run:
 
 def _training_state(var: VAR, optimizer, *, step: int, run: _Run, private: PrivateTraining | None) -> dict:
     """Everything a resumed run needs, as tensors and plain values (``torch.save``-able with weights_only)."""
-    state = {"step": step, "trainable": {name: p.detach().cpu().clone() for name, p in trainable_parameters(var).items()},
-             "optimizer": optimizer.state_dict(), "history": list(run.history), "convergence": list(run.convergence),
-             "compute": dataclasses.asdict(run.meter.ledger)}
+    state = {
+        "step": step,
+        "trainable": {name: p.detach().cpu().clone() for name, p in trainable_parameters(var).items()},
+        "optimizer": optimizer.state_dict(),
+        "history": list(run.history),
+        "convergence": list(run.convergence),
+        "compute": dataclasses.asdict(run.meter.ledger),
+    }
     if private is not None:
-        state["privacy"] = privacy_state_dict(private)  # the accounting only: no generator state (see finetune)
+        state["privacy"] = privacy_state_dict(
+            private
+        )  # the accounting only: no generator state (see finetune)
     return state
 
 
 def _restore(var: VAR, optimizer, state: dict, run: _Run) -> None:
     params = trainable_parameters(var)
     if set(params) != set(state["trainable"]):
-        raise ValueError(f"the checkpoint's trainable parameters differ from this model's: "
-                         f"{sorted(set(params) ^ set(state['trainable']))[:5]}")
+        raise ValueError(
+            f"the checkpoint's trainable parameters differ from this model's: "
+            f"{sorted(set(params) ^ set(state['trainable']))[:5]}"
+        )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state["trainable"][name])
@@ -272,7 +395,6 @@ def _restore(var: VAR, optimizer, state: dict, run: _Run) -> None:
     for key, value in state["compute"].items():
         setattr(run.meter.ledger, key, value)
     run.start_step = int(state["step"])
-
 
 
 @dataclass
@@ -324,21 +446,43 @@ class _StepInputs:
     def view_losses(self, indices: torch.Tensor) -> torch.Tensor:
         """Per-view losses [b, k] of the examples ``indices`` (their own draws: views, class dropout, drop-path)."""
         k, branches = self.views_per_example, self.var.drop_path_branches
-        drawn = example_draws(self.draws.key, indices, step=self.draws.step, num_views=self.data.num_views, k=k,
-                              drop_path_branches=branches)
+        drawn = example_draws(
+            self.draws.key,
+            indices,
+            step=self.draws.step,
+            num_views=self.data.num_views,
+            k=k,
+            drop_path_branches=branches,
+        )
         label_b, idx_views = self.data.take(indices, k=k, uniform_bV=drawn.views_bV, device=self.device)
         with bf16_autocast(self.device, enabled=self.bf16):
-            return view_losses(self.var, self.vqvae, label_b, idx_views, class_dropout=self.class_dropout,
-                               token_weights_L=self.token_weights_L, draws=drawn)
+            return view_losses(
+                self.var,
+                self.vqvae,
+                label_b,
+                idx_views,
+                class_dropout=self.class_dropout,
+                token_weights_L=self.token_weights_L,
+                draws=drawn,
+            )
 
     def prior_loss(self) -> torch.Tensor:
         """The weighted prior-preservation KL on a public bank batch (drop-path from the public key)."""
-        batch = self.prior.bank.batch(self.prior_batch_size, generator=self.prior_generator, device=self.device)
+        batch = self.prior.bank.batch(
+            self.prior_batch_size, generator=self.prior_generator, device=self.device
+        )
         rows, branches = torch.arange(self.prior_batch_size), self.var.drop_path_branches
-        drop_path_BD = (self.public_key.uniform(rows, step=self.draws.step, purpose="prior_drop_path", count=branches).to(self.device)
-                        if branches else None)
+        drop_path_BD = (
+            self.public_key.uniform(rows, step=self.draws.step, purpose="prior_drop_path", count=branches).to(
+                self.device
+            )
+            if branches
+            else None
+        )
         with bf16_autocast(self.device, enabled=self.bf16):
-            kl = prior_preservation_loss(self.var, self.prior.teacher, self.vqvae, batch, drop_path_uniform_BD=drop_path_BD)
+            kl = prior_preservation_loss(
+                self.var, self.prior.teacher, self.vqvae, batch, drop_path_uniform_BD=drop_path_BD
+            )
             return self.prior_weight * kl
 
 
@@ -362,7 +506,9 @@ class _AfterStep:
             self.run.convergence.append({"step": step + 1, **self.evaluate_fn(self.var)})
             self.var.train()
         if self.saves is not None and self.saves.due(step + 1, evaluation_step=evaluation_step):
-            self.checkpointing.save(_training_state(self.var, self.optimizer, step=step + 1, run=self.run, private=private))
+            self.checkpointing.save(
+                _training_state(self.var, self.optimizer, step=step + 1, run=self.run, private=private)
+            )
             self.saves.saved()
 
 
@@ -380,7 +526,12 @@ class _Loop:
     warmup_steps: int
 
     def schedule(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        lr = lr_at(step, base_lr=self.learning_rate, total_steps=self.plan.planned_steps, warmup_steps=self.warmup_steps)
+        lr = lr_at(
+            step,
+            base_lr=self.learning_rate,
+            total_steps=self.plan.planned_steps,
+            warmup_steps=self.warmup_steps,
+        )
         set_lr(optimizer, lr)
         return lr
 
@@ -388,12 +539,22 @@ class _Loop:
         return is_logging_step(step, log_every=self.plan.log_every, total_steps=self.plan.planned_steps)
 
 
-
-def _plain_run(optimizer: torch.optim.Optimizer, data: TokenViews, loop: _Loop, *, generator: torch.Generator, batch_size: int,
-               global_clip_norm: float | None) -> None:
+def _plain_run(
+    optimizer: torch.optim.Optimizer,
+    data: TokenViews,
+    loop: _Loop,
+    *,
+    generator: torch.Generator,
+    batch_size: int,
+    global_clip_norm: float | None,
+) -> None:
     """Non-DP steps: fixed-size batches of ``batch_size`` examples from a fresh permutation per epoch (each rank
     takes its share), global gradient-norm clipping at ``global_clip_norm`` (None: off)."""
-    batches, run, inputs = epoch_batches(data.num_examples, batch_size=batch_size, generator=generator), loop.run, loop.inputs
+    batches, run, inputs = (
+        epoch_batches(data.num_examples, batch_size=batch_size, generator=generator),
+        loop.run,
+        loop.inputs,
+    )
     history, meter, started = run.history, run.meter, time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     rank, world = rank_and_world()
@@ -417,7 +578,7 @@ def _plain_run(optimizer: torch.optim.Optimizer, data: TokenViews, loop: _Loop, 
         lr = loop.schedule(optimizer, step)
         batch = next(batches)
         local = batch[rank::world]
-        (loss, kl, grad_norm), seconds = meter.run(lambda: one_step(local), local_rows=len(local) * k)
+        (loss, kl, grad_norm), seconds = meter.run(lambda: one_step(local), local_rows=len(local) * k)  # noqa: B023
         meter.ledger.add_training(len(batch) * k, seconds)
         if loop.logging_step(step):
             values = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
@@ -435,13 +596,26 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
             p.grad /= world
 
 
-
-
-def _private_run(var: VAR, optimizer: torch.optim.Optimizer, data: TokenViews, loop: _Loop, *, privacy: PrivacyConfig,
-                 debug_seed: int | None, resume: dict | None) -> dict:
+def _private_run(
+    var: VAR,
+    optimizer: torch.optim.Optimizer,
+    data: TokenViews,
+    loop: _Loop,
+    *,
+    privacy: PrivacyConfig,
+    debug_seed: int | None,
+    resume: dict | None,
+) -> dict:
     """DP-SGD steps (``privacy.make_private`` with the plan's sigma); returns the privacy ledger."""
-    state = make_private(var, optimizer, privacy=privacy, dataset_size=data.num_examples, planned_steps=loop.plan.planned_steps,
-                         noise_multiplier=loop.plan.noise_multiplier, debug_seed=debug_seed)
+    state = make_private(
+        var,
+        optimizer,
+        privacy=privacy,
+        dataset_size=data.num_examples,
+        planned_steps=loop.plan.planned_steps,
+        noise_multiplier=loop.plan.noise_multiplier,
+        debug_seed=debug_seed,
+    )
     loop.inputs.draws.key = state.example_key
     try:
         if resume is not None:
@@ -468,13 +642,21 @@ def _private_steps(state: PrivateTraining, loop: _Loop) -> None:
         indices = next_batch(state)
         # The prior term's cost is per step, not per row: counted apart, else FLOPs per row would reveal the batch size.
         public = meter.fixed_cost(public_grad) if inputs.uses_prior else None
-        _, seconds = meter.run(lambda: private_step(state, indices, inputs.view_losses, public_grad_fn=public), local_rows=len(indices) * k)
+        _, seconds = meter.run(
+            lambda: private_step(state, indices, inputs.view_losses, public_grad_fn=public),  # noqa: B023
+            local_rows=len(indices) * k,
+        )
         # The actual Poisson batch size is private (nothing released may depend on it): compute is accounted at the
         # expected batch q*N, and the history holds no batch size.
         meter.ledger.add_training(state.expected_batch_size * k, seconds)
         if loop.logging_step(step):
-            spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=state.privacy.sampling_rate, steps=state.steps,
-                                  delta=state.delta, accountants=("rdp",))
+            spent = epsilon_spent(
+                noise_multiplier=state.noise_multiplier,
+                sampling_rate=state.privacy.sampling_rate,
+                steps=state.steps,
+                delta=state.delta,
+                accountants=("rdp",),
+            )
             values = {"lr": lr, "epsilon_rdp": spent["rdp"]}
             if kl_values:
                 values["prior_kl"] = kl_values[-1] / inputs.prior_weight

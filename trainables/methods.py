@@ -10,14 +10,16 @@ weights, the modulation linears are its norm parameters). The new class embeddin
 
 Adapter files hold exactly the trainable tensors; with the base checkpoint they restore the fine-tuned model.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import peft
 import torch
@@ -31,8 +33,16 @@ from .models.var import VAR
 from .patches import apply_patches
 
 # Module paths inside a block, by role (REFERENCE.md §3: LoRA on mat_qkv, proj, fc1, fc2 and the blocks' ada_lin.1).
-LORA_TARGET_GROUPS = {"attention": ("attn.mat_qkv", "attn.proj"), "mlp": ("ffn.fc1", "ffn.fc2"), "modulation": ("ada_lin.1",)}
-LORA_PRESETS = {"lora": ("attention", "mlp", "modulation"), "lora_attention": ("attention",), "lora_mlp": ("mlp",)}
+LORA_TARGET_GROUPS = {
+    "attention": ("attn.mat_qkv", "attn.proj"),
+    "mlp": ("ffn.fc1", "ffn.fc2"),
+    "modulation": ("ada_lin.1",),
+}
+LORA_PRESETS = {
+    "lora": ("attention", "mlp", "modulation"),
+    "lora_attention": ("attention",),
+    "lora_mlp": ("mlp",),
+}
 
 
 @dataclass(frozen=True)
@@ -51,21 +61,30 @@ class Adaptation:
         return {"method": dataclasses.asdict(self.method), "num_classes": self.num_classes, "seed": self.seed}
 
     @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> "Adaptation":
+    def from_dict(cls, record: Mapping[str, Any]) -> Adaptation:
         """An adapter sidecar's record; also reads the flat ``AdaptationSpec`` dict adapters saved before the
         method became the config's ``MethodConfig`` ({"method": name, "lora_rank": ..., ...})."""
         method = record["method"]
         if isinstance(method, str):  # the older flat layout
-            method = {"name": method, **{k: v for k, v in record.items() if k not in ("method", "num_classes", "seed")}}
+            method = {
+                "name": method,
+                **{k: v for k, v in record.items() if k not in ("method", "num_classes", "seed")},
+            }
         tuples = {k: tuple(v) for k in ("lora_targets", "train_blocks") if (v := method.get(k)) is not None}
-        return cls(method=MethodConfig(**{**method, **tuples}), num_classes=int(record["num_classes"]), seed=int(record.get("seed", 0)))
+        return cls(
+            method=MethodConfig(**{**method, **tuples}),
+            num_classes=int(record["num_classes"]),
+            seed=int(record.get("seed", 0)),
+        )
 
 
 def _blocks_pattern(adaptation: Adaptation, depth: int) -> str:
     train_blocks = adaptation.method.train_blocks
     blocks = range(depth) if train_blocks is None else train_blocks
     if max(blocks) >= depth:  # the one check that needs the model (MethodConfig checked the rest)
-        raise ConfigError(f"method.train_blocks: {train_blocks} names a block beyond the model's depth {depth}")
+        raise ConfigError(
+            f"method.train_blocks: {train_blocks} names a block beyond the model's depth {depth}"
+        )
     return "(" + "|".join(str(b) for b in sorted(set(blocks))) + ")"
 
 
@@ -84,10 +103,17 @@ def _peft_inject(var: VAR, config: peft.PeftConfig, *, seed: int) -> None:
 
 def _lora(var: VAR, adaptation: Adaptation) -> None:
     method = adaptation.method
-    modules = "|".join(re.escape(path) for group in adaptation.target_groups() for path in LORA_TARGET_GROUPS[group])
+    modules = "|".join(
+        re.escape(path) for group in adaptation.target_groups() for path in LORA_TARGET_GROUPS[group]
+    )
     target = rf"blocks\.{_blocks_pattern(adaptation, var.depth)}\.({modules})"
-    _peft_inject(var, peft.LoraConfig(r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=0.0, target_modules=target),
-                 seed=adaptation.seed)
+    _peft_inject(
+        var,
+        peft.LoraConfig(
+            r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=0.0, target_modules=target
+        ),
+        seed=adaptation.seed,
+    )
 
 
 def _ln_tuning(var: VAR, adaptation: Adaptation) -> None:
@@ -96,7 +122,11 @@ def _ln_tuning(var: VAR, adaptation: Adaptation) -> None:
 
 
 METHODS: dict[str, Callable[[VAR, Adaptation], None]] = {
-    "full": _full, "lora": _lora, "lora_attention": _lora, "lora_mlp": _lora, "ln_tuning": _ln_tuning,
+    "full": _full,
+    "lora": _lora,
+    "lora_attention": _lora,
+    "lora_mlp": _lora,
+    "ln_tuning": _ln_tuning,
 }
 
 
@@ -104,13 +134,19 @@ def adapt(var: VAR, method: MethodConfig, *, num_classes: int, seed: int) -> VAR
     """Prepare a base VAR for fine-tuning, in place: ``num_classes`` new labels, patches, ``method``, trainable
     class embedding; ``seed`` (the trial's ``optimization.seed``) draws the new class rows and adapter weights.
     Move ``var`` to its training device first (peft adapters are created where the base weights live)."""
-    if method.name not in METHODS:  # "base" is a MethodConfig name too: it evaluates the base model, adapting nothing
-        raise ConfigError(f"method.name: {method.name!r} trains nothing, so there is nothing to adapt; trained methods: {sorted(METHODS)}")
+    if (
+        method.name not in METHODS
+    ):  # "base" is a MethodConfig name too: it evaluates the base model, adapting nothing
+        raise ConfigError(
+            f"method.name: {method.name!r} trains nothing, so there is nothing to adapt; trained methods: {sorted(METHODS)}"
+        )
     if num_classes < 1:
         raise ConfigError(f"num_classes: must be >= 1, got {num_classes}")
     adaptation = Adaptation(method=method, num_classes=num_classes, seed=seed)
     if var.num_classes != num_classes:
-        resize_class_embedding(var, num_classes, init=method.class_init, generator=torch.Generator().manual_seed(seed))
+        resize_class_embedding(
+            var, num_classes, init=method.class_init, generator=torch.Generator().manual_seed(seed)
+        )
     apply_patches(var)
     METHODS[method.name](var, adaptation)
     var.class_emb.weight.requires_grad_(True)
@@ -128,7 +164,11 @@ def parameter_counts(var: VAR) -> dict[str, int]:
     trainable = sum(p.numel() for p in trainable_parameters(var).values())
     adapter = sum(p.numel() for name, p in var.named_parameters() if _is_adapter_parameter(name))
     total = sum(p.numel() for p in var.parameters()) - adapter
-    return {"trainable": trainable, "trainable_without_class_embedding": trainable - var.class_emb.weight.numel(), "base_total": total}
+    return {
+        "trainable": trainable,
+        "trainable_without_class_embedding": trainable - var.class_emb.weight.numel(),
+        "base_total": total,
+    }
 
 
 def _is_adapter_parameter(name: str) -> bool:
@@ -164,12 +204,25 @@ def save_adapter(var: VAR, path: str | os.PathLike, *, metadata: Mapping[str, An
     adaptation = var.__dict__.get("adaptation")
     if adaptation is None:
         raise ValueError("this VAR was not prepared with adapt(); nothing identifies its trainable subset")
-    meta = {**dict(metadata or {}), "adaptation": adaptation.to_dict(), "base_sha256": getattr(var, "checkpoint_sha256", None)}
-    return save_tensors(path, trainable_parameters(var), kind=ADAPTER_KIND, architecture=_base_architecture(var), metadata=meta)
+    meta = {
+        **dict(metadata or {}),
+        "adaptation": adaptation.to_dict(),
+        "base_sha256": getattr(var, "checkpoint_sha256", None),
+    }
+    return save_tensors(
+        path,
+        trainable_parameters(var),
+        kind=ADAPTER_KIND,
+        architecture=_base_architecture(var),
+        metadata=meta,
+    )
 
 
 def _base_architecture(var: VAR) -> dict[str, Any]:
-    return {**var.architecture, "num_classes": None}  # the class count belongs to the adaptation, not the base
+    return {
+        **var.architecture,
+        "num_classes": None,
+    }  # the class count belongs to the adaptation, not the base
 
 
 def load_adapter(base: VAR, path: str | os.PathLike) -> VAR:
@@ -178,25 +231,42 @@ def load_adapter(base: VAR, path: str | os.PathLike) -> VAR:
     tensors and sidecar are read as one verified pair (``read_verified``) before the base is touched."""
     state, _, metadata = read_verified(path, kind=ADAPTER_KIND, architecture=_base_architecture(base))
     if not isinstance(metadata, dict) or not isinstance(metadata.get("adaptation"), dict):
-        raise CheckpointError(f"adapter {path} has no sidecar {path}.json with its adaptation spec; it cannot be applied")
+        raise CheckpointError(
+            f"adapter {path} has no sidecar {path}.json with its adaptation spec; it cannot be applied"
+        )
     trained_on, given = metadata.get("base_sha256"), getattr(base, "checkpoint_sha256", None)
     if trained_on and given and trained_on != given:
-        raise CheckpointError(f"adapter {path} was trained on the base checkpoint with SHA-256 {trained_on}, "
-                              f"but the given base was loaded from a file with SHA-256 {given}")
-    non_finite = sorted(k for k, v in state.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all()))
+        raise CheckpointError(
+            f"adapter {path} was trained on the base checkpoint with SHA-256 {trained_on}, "
+            f"but the given base was loaded from a file with SHA-256 {given}"
+        )
+    non_finite = sorted(
+        k for k, v in state.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())
+    )
     if non_finite:
-        raise CheckpointError(f"adapter {path} holds NaN/inf values in {len(non_finite)} tensor(s): {', '.join(non_finite[:8])}")
+        raise CheckpointError(
+            f"adapter {path} holds NaN/inf values in {len(non_finite)} tensor(s): {', '.join(non_finite[:8])}"
+        )
     try:
         adaptation = Adaptation.from_dict(metadata["adaptation"])
-    except (TypeError, ValueError, KeyError, AttributeError) as err:  # a sidecar edited by hand, or of another version
-        raise CheckpointError(f"adapter {path}: its sidecar's adaptation record is not usable: {err!r}") from err
+    except (
+        TypeError,
+        ValueError,
+        KeyError,
+        AttributeError,
+    ) as err:  # a sidecar edited by hand, or of another version
+        raise CheckpointError(
+            f"adapter {path}: its sidecar's adaptation record is not usable: {err!r}"
+        ) from err
     adapt(base, adaptation.method, num_classes=adaptation.num_classes, seed=adaptation.seed)
     expected = trainable_parameters(base)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     mismatched = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
     if missing or unexpected or mismatched:
-        raise CheckpointError(f"adapter {path} does not fit this base model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-                              f"mis-shaped {sorted(mismatched)[:8]}")
+        raise CheckpointError(
+            f"adapter {path} does not fit this base model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+            f"mis-shaped {sorted(mismatched)[:8]}"
+        )
     with torch.no_grad():
         for name, param in expected.items():
             param.copy_(state[name])
@@ -207,4 +277,5 @@ def official_export_state(var: VAR) -> dict[str, torch.Tensor]:
     """The fine-tuned model as one plain checkpoint in the official key layout (adapters merged, patches undone
     in the key names). Merges in place: call on a model you no longer train."""
     from .patches import official_state_dict
+
     return official_state_dict(merge_adapters(var))

@@ -11,9 +11,10 @@ Parameter objects themselves move (no copies), so optimiser state and tied refer
 Patches act on one instance (never on the class) and are recorded in ``var.applied_patches``;
 ``official_state_dict`` maps a patched (and merged, unwrapped) model back to the official key layout.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from opacus.grad_sample import register_grad_sampler
@@ -63,7 +64,9 @@ class HeadScale(PatchModule):
 
 
 @register_grad_sampler(AddParameter)
-def _add_parameter_grad_sample(layer: AddParameter, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+def _add_parameter_grad_sample(
+    layer: AddParameter, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict:
     """d(x + w)/dw per example: the output gradient summed over the dims that ``w`` broadcasts along."""
     weight = layer.weight
     g_B = backprops
@@ -79,18 +82,22 @@ def _add_parameter_grad_sample(layer: AddParameter, activations: list[torch.Tens
 def _qkv_bias_grad_sample(layer: QKVBias, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
     g_B3C = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1]).sum(1)
     C = layer.q_bias.shape[0]
-    grads = {layer.q_bias: g_B3C[:, :C], layer.v_bias: g_B3C[:, 2 * C:]}
+    grads = {layer.q_bias: g_B3C[:, :C], layer.v_bias: g_B3C[:, 2 * C :]}
     return {p: g for p, g in grads.items() if p.requires_grad}
 
 
 @register_grad_sampler(HeadScale)
-def _head_scale_grad_sample(layer: HeadScale, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+def _head_scale_grad_sample(
+    layer: HeadScale, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict:
     """d(q * exp(s))/ds = q * exp(s) where s < ln 100 (torch's clamp_max passes no gradient at or above its bound)."""
     s_1H11 = layer.scale_mul_1H11
     if not s_1H11.requires_grad:
         return {}
     out_BHLc = activations[0] * s_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
-    g_BH11 = (backprops * out_BHLc).sum(dim=(2, 3), keepdim=True) * (s_1H11 < MAX_LOG_SCALE_MUL).to(backprops.dtype)
+    g_BH11 = (backprops * out_BHLc).sum(dim=(2, 3), keepdim=True) * (s_1H11 < MAX_LOG_SCALE_MUL).to(
+        backprops.dtype
+    )
     return {s_1H11: g_BH11.unsqueeze(1)}
 
 
@@ -126,10 +133,18 @@ def attention_parameters_as_modules(var: VAR) -> None:
 
 # name -> (patch function, {patched key fragment: official key fragment})
 PATCHES: dict[str, tuple[Callable[[VAR], None], dict[str, str]]] = {
-    "positions_as_modules": (positions_as_modules, {"pos_start_add.weight": "pos_start", "pos_1LC_add.weight": "pos_1LC"}),
-    "attention_parameters_as_modules": (attention_parameters_as_modules, {
-        "attn.qkv_bias.q_bias": "attn.q_bias", "attn.qkv_bias.v_bias": "attn.v_bias",
-        "attn.head_scale.scale_mul_1H11": "attn.scale_mul_1H11"}),
+    "positions_as_modules": (
+        positions_as_modules,
+        {"pos_start_add.weight": "pos_start", "pos_1LC_add.weight": "pos_1LC"},
+    ),
+    "attention_parameters_as_modules": (
+        attention_parameters_as_modules,
+        {
+            "attn.qkv_bias.q_bias": "attn.q_bias",
+            "attn.qkv_bias.v_bias": "attn.v_bias",
+            "attn.head_scale.scale_mul_1H11": "attn.scale_mul_1H11",
+        },
+    ),
 }
 OPACUS_PATCHES = ("positions_as_modules", "attention_parameters_as_modules")
 
@@ -137,8 +152,10 @@ OPACUS_PATCHES = ("positions_as_modules", "attention_parameters_as_modules")
 def apply_patches(var: VAR, names: tuple[str, ...] = OPACUS_PATCHES) -> VAR:
     """Apply the named patches once each (idempotent) and return the same instance."""
     if var.shared_aln:
-        raise NotImplementedError("per-sample-gradient patches do not cover shared_aln=True VARs (ada_gss); "
-                                  "the official VAR-d16..d30 checkpoints use shared_aln=False")
+        raise NotImplementedError(
+            "per-sample-gradient patches do not cover shared_aln=True VARs (ada_gss); "
+            "the official VAR-d16..d30 checkpoints use shared_aln=False"
+        )
     applied = var.__dict__.setdefault("applied_patches", [])
     for name in names:
         if name not in PATCHES:
@@ -168,4 +185,3 @@ def _official_order(var: VAR) -> list[str]:
     with torch.device("meta"):
         reference = VAR(**var.architecture)
     return list(reference.state_dict())
-

@@ -2,6 +2,7 @@
 is DP): the real split sizes, the planned steps, the convergence steps and, under DP, delta and the noise
 multiplier. The driver's preflight (``bench.preflight``, also in ``--dry-run``) and every trial use the same
 ``plan_trial``, so a trial takes what the driver checked."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,21 +29,27 @@ class TrialPlan:
     evaluation_steps: tuple[int, ...] = ()
     delta: float | None = None
     noise_multiplier: float | None = None
-    splits: tuple[ImageList, ImageList] | None = field(default=None, repr=False, compare=False)  # (train, evaluation) as listed
+    splits: tuple[ImageList, ImageList] | None = field(
+        default=None, repr=False, compare=False
+    )  # (train, evaluation) as listed
 
 
 def data_root(config: TrialConfig, cache_dir: str | Path) -> Path:
     """The dataset's folder; offline sets are written (once) under the cache folder."""
     if config.data.root is not None:
         return Path(config.data.root)
-    return offline.write_folder(config.data.dataset, Path(cache_dir) / "offline-data", image_size=config.data.resolution)
+    return offline.write_folder(
+        config.data.dataset, Path(cache_dir) / "offline-data", image_size=config.data.resolution
+    )
 
 
 def _reader_name(config: TrialConfig) -> str:
     return "folder" if config.data.root is None else config.data.dataset
 
 
-def list_splits(config: TrialConfig, cache_dir: str | Path, *, write: bool = True) -> tuple[ImageList, ImageList]:
+def list_splits(
+    config: TrialConfig, cache_dir: str | Path, *, write: bool = True
+) -> tuple[ImageList, ImageList]:
     """(training, evaluation) split listings. ``write=False`` lists an offline set that is not written yet from
     its generator, creating nothing (a dry run)."""
     splits = (config.data.train_split, config.data.evaluation_split)
@@ -51,8 +58,12 @@ def list_splits(config: TrialConfig, cache_dir: str | Path, *, write: bool = Tru
         root = Path(cache_dir) / "offline-data"
         if not (offline.folder_path(d.dataset, root, image_size=d.resolution) / "complete").is_file():
             listed = [offline.listing(d.dataset, root, split, image_size=d.resolution) for split in splits]
-            return tuple(ImageList("folder", split, tuple(p for p, _ in files), tuple(label for _, label in files), names)
-                         for split, (files, names) in zip(splits, listed))
+            return tuple(
+                ImageList(
+                    "folder", split, tuple(p for p, _ in files), tuple(label for _, label in files), names
+                )
+                for split, (files, names) in zip(splits, listed)
+            )
     root = data_root(config, cache_dir)
     return tuple(read_dataset(_reader_name(config), root, split) for split in splits)
 
@@ -78,17 +89,35 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
     budget) and the noise multiplier (no files are read; the driver's ``bench.preflight`` and every trial use this)."""
     train, evaluation = splits
     if train.class_names != evaluation.class_names:
-        raise ConfigError(f"data.dataset: the {train.split} and {evaluation.split} splits have different classes")
+        raise ConfigError(
+            f"data.dataset: the {train.split} and {evaluation.split} splits have different classes"
+        )
     steps, e, p = config.planned_steps(len(train)), config.evaluation, config.privacy
-    curve = tuple(evaluation_steps(steps, every=e.convergence_every_steps, points=e.convergence_points)) if (
-        steps and (e.convergence_every_steps or e.convergence_points)) else ()
+    curve = (
+        tuple(evaluation_steps(steps, every=e.convergence_every_steps, points=e.convergence_points))
+        if (steps and (e.convergence_every_steps or e.convergence_points))
+        else ()
+    )
     delta = sigma = None
     if p is not None:
         # Imported here: the accountant is Opacus's, and a dry run of a sweep without DP imports no Opacus.
         from .privacy import calibrate_noise_multiplier, validate_privacy
 
         delta = validate_privacy(p, dataset_size=len(train), planned_steps=steps)
-        sigma = calibrate_noise_multiplier(target_epsilon=p.target_epsilon, delta=delta, sampling_rate=p.sampling_rate, steps=steps,
-                                           accountant=p.accountant)
-    return TrialPlan(len(train), len(evaluation), len(train.class_names), steps, evaluation_steps=curve, delta=delta,
-                     noise_multiplier=sigma, splits=(train, evaluation))
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=p.target_epsilon,
+            delta=delta,
+            sampling_rate=p.sampling_rate,
+            steps=steps,
+            accountant=p.accountant,
+        )
+    return TrialPlan(
+        len(train),
+        len(evaluation),
+        len(train.class_names),
+        steps,
+        evaluation_steps=curve,
+        delta=delta,
+        noise_multiplier=sigma,
+        splits=(train, evaluation),
+    )

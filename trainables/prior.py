@@ -9,6 +9,7 @@ the term preserves the base model's unconditional prior over base-domain images.
 The bank depends on no training example, so under DP its gradient is public: it is added after noising and
 costs no privacy (``private_step(public_grad_fn=...)``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,14 +34,23 @@ class PriorBank:
     def size(self) -> int:
         return self.base_labels_M.shape[0]
 
-    def batch(self, size: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    def batch(
+        self, size: int, *, generator: torch.Generator, device: torch.device | str = "cpu"
+    ) -> list[torch.Tensor]:
         pick = torch.randint(0, self.size, (size,), generator=generator)
         return [t[pick].to(device) for t in self.tokens]
 
 
 @torch.no_grad()
-def build_prior_bank(teacher: VAR, vqvae: VQVAE, *, num_samples: int, evaluation: EvaluationConfig, generator: torch.Generator,
-                     chunk_size: int = 64) -> PriorBank:
+def build_prior_bank(
+    teacher: VAR,
+    vqvae: VQVAE,
+    *,
+    num_samples: int,
+    evaluation: EvaluationConfig,
+    generator: torch.Generator,
+    chunk_size: int = 64,
+) -> PriorBank:
     """Sample ``num_samples`` token maps from ``teacher`` for uniformly drawn base classes (on the teacher's device),
     ``chunk_size`` at a time, with the trial's sampling settings (``evaluation``'s guidance scale, top-k, top-p)."""
     if num_samples < 1:
@@ -48,18 +58,34 @@ def build_prior_bank(teacher: VAR, vqvae: VQVAE, *, num_samples: int, evaluation
     device = next(teacher.parameters()).device
     labels_M = torch.randint(0, teacher.num_classes, (num_samples,), generator=generator)
     # Sampling draws on the teacher's device: derive a generator there from ``generator`` (reproducible anywhere).
-    device_generator = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
+    device_generator = torch.Generator(device=device).manual_seed(
+        int(torch.randint(0, 2**62, (1,), generator=generator))
+    )
     chunks = []
     for start in range(0, num_samples, chunk_size):
-        label_B = labels_M[start: start + chunk_size].to(device)
-        chunks.append(teacher.sample_tokens(label_B, vqvae=vqvae, cfg=evaluation.guidance_scale, top_p=evaluation.top_p,
-                                            top_k=min(evaluation.top_k, teacher.vocab_size), generator=device_generator))
+        label_B = labels_M[start : start + chunk_size].to(device)
+        chunks.append(
+            teacher.sample_tokens(
+                label_B,
+                vqvae=vqvae,
+                cfg=evaluation.guidance_scale,
+                top_p=evaluation.top_p,
+                top_k=min(evaluation.top_k, teacher.vocab_size),
+                generator=device_generator,
+            )
+        )
     tokens = tuple(torch.cat([chunk[si] for chunk in chunks]).cpu() for si in range(len(teacher.patch_nums)))
     return PriorBank(labels_M, tokens)
 
 
-def prior_preservation_loss(student: VAR, teacher: VAR, vqvae: VQVAE, idx_Bl: list[torch.Tensor], *,
-                            drop_path_uniform_BD: torch.Tensor | None = None) -> torch.Tensor:
+def prior_preservation_loss(
+    student: VAR,
+    teacher: VAR,
+    vqvae: VQVAE,
+    idx_Bl: list[torch.Tensor],
+    *,
+    drop_path_uniform_BD: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Token-mean KL(teacher || student) of the next-token distributions on bank token maps, both models
     conditioned on their unconditional label. Gradient flows into the student only. ``drop_path_uniform_BD``
     decides the student's drop-path (see ``VAR.forward``; fine-tuning passes public draws, so this term depends
@@ -70,10 +96,15 @@ def prior_preservation_loss(student: VAR, teacher: VAR, vqvae: VQVAE, idx_Bl: li
     teacher.eval()  # deterministic targets: no drop-path in the teacher
     try:
         with torch.no_grad():
-            teacher_logp_BLV = teacher(torch.full((B,), teacher.unconditional_label, device=x_BLCv.device), x_BLCv).log_softmax(-1)
+            teacher_logp_BLV = teacher(
+                torch.full((B,), teacher.unconditional_label, device=x_BLCv.device), x_BLCv
+            ).log_softmax(-1)
     finally:
         teacher.train(was_training)
-    student_logp_BLV = student(torch.full((B,), student.unconditional_label, device=x_BLCv.device), x_BLCv,
-                               drop_path_uniform_BD=drop_path_uniform_BD).log_softmax(-1)
+    student_logp_BLV = student(
+        torch.full((B,), student.unconditional_label, device=x_BLCv.device),
+        x_BLCv,
+        drop_path_uniform_BD=drop_path_uniform_BD,
+    ).log_softmax(-1)
     kl_BL = F.kl_div(student_logp_BLV, teacher_logp_BLV, log_target=True, reduction="none").sum(-1)
     return kl_BL.mean()

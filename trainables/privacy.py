@@ -14,13 +14,14 @@ Under DDP every rank draws the same global Poisson mask (shared seed) and takes 
 examples, so the global batch and the ledger are exactly those of one process; only rank 0 adds noise
 (Opacus's ``DistributedDPOptimizer``) and the all-reduce averages the per-rank sums.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import opacus
 import torch
@@ -28,30 +29,44 @@ import torch.distributed as dist
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
-from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample, promote_current_grad_sample
-from opacus.optimizers import (DistributedDPOptimizer, DistributedDPOptimizerFastGradientClipping, DPOptimizer,
-                               DPOptimizerFastGradientClipping)
+from opacus.grad_sample.grad_sample_module import (
+    create_or_accumulate_grad_sample,
+    promote_current_grad_sample,
+)
+from opacus.optimizers import (
+    DistributedDPOptimizer,
+    DistributedDPOptimizerFastGradientClipping,
+    DPOptimizer,
+    DPOptimizerFastGradientClipping,
+)
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.module_utils import trainable_parameters as opacus_trainable_parameters
 from torch import nn
 
+from bench.errors import VarsweepError
+from bench.schema import ACCOUNTANTS, PrivacyConfig
+
 from .bookkeeping import BookKeeping, bookkeeping_supports
 from .draws import ExampleKey
 from .training import rank_and_world
-from bench.errors import VarsweepError
-from bench.schema import ACCOUNTANTS, PrivacyConfig
 
 # Layers whose per-sample gradient is a sum over positions of (input, output-gradient) products: the k views of one
 # example can be folded into the position dimension and the example's gradient computed in one pass.
 FOLDABLE_LAYERS = (nn.Linear, nn.Embedding)
-LEDGER_VERSION = 3  # 3: the settings under their PrivacyConfig names (physical_batch_size -> physical_batch_rows)
+LEDGER_VERSION = (
+    3  # 3: the settings under their PrivacyConfig names (physical_batch_size -> physical_batch_rows)
+)
 # RDP orders for calibration and reporting. Opacus's defaults stop at 63 and start at 1.1: with few steps (the first
 # logged epsilons) or large noise the best order lies above 63, and for large epsilon (Table 3 goes to 1000) below
 # 1.1, so both ends over-state epsilon and calibrate sigma higher than needed. These add 1.01-1.08 and orders up to
 # 4096 (dp-accounting also goes to the thousands), sparsely because each order costs Python-loop time in every
 # epsilon evaluation; a superset of the defaults, so the bound is never looser.
-RDP_ORDERS = ([1.01, 1.02, 1.04, 1.06, 1.08] + [1 + x / 10 for x in range(1, 100)] + list(range(11, 64))
-              + [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096])
+RDP_ORDERS = (
+    [1.01, 1.02, 1.04, 1.06, 1.08]
+    + [1 + x / 10 for x in range(1, 100)]
+    + list(range(11, 64))
+    + [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+)
 
 
 class PrivacyConfigError(VarsweepError):
@@ -73,11 +88,17 @@ class MultiViewGradSampleModule(GradSampleModule):
         self.views_per_example = views_per_example
         super().__init__(module, batch_first=True, loss_reduction="sum", strict=True)
 
-    def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output, loss_reduction: str, batch_first: bool) -> None:
+    def capture_backprops_hook(
+        self, module: nn.Module, _forward_input, forward_output, loss_reduction: str, batch_first: bool
+    ) -> None:
         if not self.hooks_enabled:
             return
-        activations, backprops = self.rearrange_grad_samples(module=module, backprops=forward_output[0].detach(),
-                                                             loss_reduction=loss_reduction, batch_first=batch_first)
+        activations, backprops = self.rearrange_grad_samples(
+            module=module,
+            backprops=forward_output[0].detach(),
+            loss_reduction=loss_reduction,
+            batch_first=batch_first,
+        )
         # Per-sample gradients (hence their norms and the clipping factor) in float32 even under bf16 autocast.
         activations = [a.float() if a.is_floating_point() else a for a in activations]
         backprops = backprops.float()
@@ -86,9 +107,14 @@ class MultiViewGradSampleModule(GradSampleModule):
             folded = rule(module, [_fold_views(a, k) for a in activations], _fold_views(backprops, k))
             grad_samples = {p: g / k for p, g in folded.items()}
         else:
-            grad_samples = {p: g.view(-1, k, *g.shape[1:]).mean(1) for p, g in rule(module, activations, backprops).items()}
+            grad_samples = {
+                p: g.view(-1, k, *g.shape[1:]).mean(1)
+                for p, g in rule(module, activations, backprops).items()
+            }
         for param, grad_sample in grad_samples.items():
-            create_or_accumulate_grad_sample(param=param, grad_sample=grad_sample, max_batch_len=module.max_batch_len // k)
+            create_or_accumulate_grad_sample(
+                param=param, grad_sample=grad_sample, max_batch_len=module.max_batch_len // k
+            )
         for _, param in opacus_trainable_parameters(module):
             param._forward_counter -= 1
             if param._forward_counter == 0:
@@ -108,40 +134,71 @@ def validate_privacy(privacy: PrivacyConfig, *, dataset_size: int, planned_steps
     ``privacy.delta`` is None)."""
     problems = []
     if dataset_size < 1 or planned_steps < 1:
-        problems.append(f"need a non-empty dataset and >= 1 planned step, got N={dataset_size}, steps={planned_steps}")
+        problems.append(
+            f"need a non-empty dataset and >= 1 planned step, got N={dataset_size}, steps={planned_steps}"
+        )
     delta = 1.0 / max(dataset_size, 1) if privacy.delta is None else privacy.delta
     if dataset_size >= 1 and not delta < 1.0:
-        problems.append(f"privacy.delta: 1/N = 1 for N={dataset_size} training example; give privacy.delta below 1")
-    elif privacy.delta is not None and dataset_size >= 1 and delta >= 1.0 / dataset_size and not privacy.allow_delta_at_least_inverse_n:
-        problems.append(f"privacy.delta={delta} >= 1/N = {1.0 / dataset_size:.3g}; set privacy.allow_delta_at_least_inverse_n=true "
-                        "to accept it")
+        problems.append(
+            f"privacy.delta: 1/N = 1 for N={dataset_size} training example; give privacy.delta below 1"
+        )
+    elif (
+        privacy.delta is not None
+        and dataset_size >= 1
+        and delta >= 1.0 / dataset_size
+        and not privacy.allow_delta_at_least_inverse_n
+    ):
+        problems.append(
+            f"privacy.delta={delta} >= 1/N = {1.0 / dataset_size:.3g}; set privacy.allow_delta_at_least_inverse_n=true "
+            "to accept it"
+        )
     if problems:
         raise PrivacyConfigError("invalid privacy settings:\n  - " + "\n  - ".join(problems))
     return delta
 
 
-def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sampling_rate: float, steps: int,
-                               accountant: str = "rdp") -> float:
+def calibrate_noise_multiplier(
+    *, target_epsilon: float, delta: float, sampling_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
     """Smallest sigma (to Opacus's tolerance 0.01 in epsilon) whose ``steps`` Poisson-subsampled Gaussian steps
     spend at most ``target_epsilon`` at ``delta`` (RDP over ``RDP_ORDERS``, or PRV)."""
     try:
         return _calibrated(float(target_epsilon), float(delta), float(sampling_rate), int(steps), accountant)
     except ValueError as err:
-        raise PrivacyConfigError(f"cannot reach epsilon={target_epsilon} at delta={delta} with q={sampling_rate} over "
-                                 f"{steps} steps: {err}") from err
+        raise PrivacyConfigError(
+            f"cannot reach epsilon={target_epsilon} at delta={delta} with q={sampling_rate} over "
+            f"{steps} steps: {err}"
+        ) from err
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrated(target_epsilon: float, delta: float, sampling_rate: float, steps: int, accountant: str) -> float:
+def _calibrated(
+    target_epsilon: float, delta: float, sampling_rate: float, steps: int, accountant: str
+) -> float:
     # A calibration takes seconds (a bisection, each point evaluating every order); the preflight and make_private
     # of one trial, and the trials of a sweep, ask for the same one.
     orders = {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sampling_rate,
-                                      steps=steps, accountant=accountant, **orders))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sampling_rate,
+            steps=steps,
+            accountant=accountant,
+            **orders,
+        )
+    )
 
 
-def epsilon_spent(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
-                  rdp_orders: list[float] | None = None, accountants: tuple[str, ...] = ACCOUNTANTS) -> dict[str, float]:
+def epsilon_spent(
+    *,
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    rdp_orders: list[float] | None = None,
+    accountants: tuple[str, ...] = ACCOUNTANTS,
+) -> dict[str, float]:
     """Epsilon after ``steps`` steps by the RDP (over ``RDP_ORDERS`` unless ``rdp_orders``) and the PRV accountant
     (0 for no steps). PRV takes ~0.1-1 s; pass ``accountants=("rdp",)`` for a quick reading."""
     spent = {}
@@ -156,8 +213,9 @@ def epsilon_spent(*, noise_multiplier: float, sampling_rate: float, steps: int, 
     return spent
 
 
-def poisson_batch(num_examples: int, sampling_rate: float, *, generator: torch.Generator, rank: int = 0,
-                  world_size: int = 1) -> torch.Tensor:
+def poisson_batch(
+    num_examples: int, sampling_rate: float, *, generator: torch.Generator, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
     """Indices [b] of this rank's share of one Poisson-sampled global batch. Every rank must pass a generator in
     the same state: they draw the same global mask and split the selected examples round-robin."""
     selected_N = torch.rand(num_examples, generator=generator) < sampling_rate
@@ -182,8 +240,12 @@ class PrivateTraining:
     noise_seeded_by_caller: bool = False
     sampling_generator: torch.Generator | None = None
     sampling_seeded_by_caller: bool = False
-    example_key: ExampleKey | None = None  # per-example draws (views, class dropout, drop-path): secret unless caller-seeded
-    steps_taken: int = 0  # the accounting needs the number of steps only; the actual batch sizes are never kept
+    example_key: ExampleKey | None = (
+        None  # per-example draws (views, class dropout, drop-path): secret unless caller-seeded
+    )
+    steps_taken: int = (
+        0  # the accounting needs the number of steps only; the actual batch sizes are never kept
+    )
 
     @property
     def steps(self) -> int:
@@ -201,26 +263,50 @@ class PrivateTraining:
 def privacy_state_dict(state: PrivateTraining) -> dict:
     """What a resumed run needs to keep its accounting: the settings, sigma and the number of steps already taken.
     No generator state: a checkpoint must not let its reader predict later noise, sampling or per-example draws."""
-    return {"spec": dataclasses.asdict(state.privacy), "noise_multiplier": state.noise_multiplier, "delta": state.delta,
-            "dataset_size": state.dataset_size, "planned_steps": state.planned_steps, "steps": state.steps}
+    return {
+        "spec": dataclasses.asdict(state.privacy),
+        "noise_multiplier": state.noise_multiplier,
+        "delta": state.delta,
+        "dataset_size": state.dataset_size,
+        "planned_steps": state.planned_steps,
+        "steps": state.steps,
+    }
 
 
 def load_privacy_state(state: PrivateTraining, record: dict) -> None:
     """Continue the accounting of an interrupted run in a freshly made ``state`` (same settings, fresh entropy: the
     steps redone after a failure are new draws, and each is accounted as a step)."""
     expected = privacy_state_dict(state)
-    differing = [key for key in ("spec", "noise_multiplier", "delta", "dataset_size", "planned_steps") if record.get(key) != expected[key]]
+    differing = [
+        key
+        for key in ("spec", "noise_multiplier", "delta", "dataset_size", "planned_steps")
+        if record.get(key) != expected[key]
+    ]
     if differing:
-        raise PrivacyConfigError(f"the saved privacy state differs from this run in {differing}; a DP run resumes only with identical settings")
-    steps = int(record["steps"]) if "steps" in record else len(record["batch_sizes"])  # ledger version 1 kept every batch size
+        raise PrivacyConfigError(
+            f"the saved privacy state differs from this run in {differing}; a DP run resumes only with identical settings"
+        )
+    steps = (
+        int(record["steps"]) if "steps" in record else len(record["batch_sizes"])
+    )  # ledger version 1 kept every batch size
     if steps > state.planned_steps:
-        raise PrivacyConfigError(f"the saved run already took {steps} steps, more than the {state.planned_steps} planned")
+        raise PrivacyConfigError(
+            f"the saved run already took {steps} steps, more than the {state.planned_steps} planned"
+        )
     state.steps_taken = steps
 
 
-def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, privacy: PrivacyConfig, dataset_size: int,
-                 planned_steps: int, noise_multiplier: float | None = None, noise_generator: torch.Generator | None = None,
-                 debug_seed: int | None = None) -> PrivateTraining:
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    privacy: PrivacyConfig,
+    dataset_size: int,
+    planned_steps: int,
+    noise_multiplier: float | None = None,
+    noise_generator: torch.Generator | None = None,
+    debug_seed: int | None = None,
+) -> PrivateTraining:
     """Wrap an adapted model and its optimiser for DP-SGD. Checks what depends on N and the steps first; uses
     ``noise_multiplier`` (sigma, the trial plan's) or calibrates it for ``planned_steps``.
     The noise, the Poisson sampling and the per-example draws (``state.example_key``) must be unpredictable for the
@@ -231,51 +317,96 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, privacy:
     Under an initialised process group the model is synchronised from rank 0 and gradients are all-reduced."""
     delta = validate_privacy(privacy, dataset_size=dataset_size, planned_steps=planned_steps)
     check_per_sample_support(model)
-    sigma = noise_multiplier if noise_multiplier is not None else calibrate_noise_multiplier(
-        target_epsilon=privacy.target_epsilon, delta=delta, sampling_rate=privacy.sampling_rate, steps=planned_steps,
-        accountant=privacy.accountant)
+    sigma = (
+        noise_multiplier
+        if noise_multiplier is not None
+        else calibrate_noise_multiplier(
+            target_epsilon=privacy.target_epsilon,
+            delta=delta,
+            sampling_rate=privacy.sampling_rate,
+            steps=planned_steps,
+            accountant=privacy.accountant,
+        )
+    )
     rank, world_size = rank_and_world()
     device = next(model.parameters()).device
     noise_seeded_by_caller = noise_generator is not None
     if noise_generator is None:
         noise_generator = torch.Generator(device=device).manual_seed(_entropy_seed())
-    sampling_generator = torch.Generator().manual_seed(_shared_seed(debug_seed, world_size=world_size, device=device))
+    sampling_generator = torch.Generator().manual_seed(
+        _shared_seed(debug_seed, world_size=world_size, device=device)
+    )
     if world_size > 1:
         _broadcast_parameters(model)
     # Gradients are averaged over the expected *global* batch; each rank divides by its share before the all-reduce sum / W.
     expected_per_rank = privacy.sampling_rate * dataset_size / world_size
-    dp_options = dict(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, expected_batch_size=expected_per_rank,
-                      loss_reduction="mean", generator=noise_generator)
+    dp_options = dict(
+        noise_multiplier=sigma,
+        max_grad_norm=privacy.max_grad_norm,
+        expected_batch_size=expected_per_rank,
+        loss_reduction="mean",
+        generator=noise_generator,
+    )
     clipping = resolve_clipping(privacy, model)
-    fast_clipping = DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping
+    fast_clipping = (
+        DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping
+    )
     if clipping == "bookkeeping":
         module = BookKeeping(model)
         dp_optimizer = fast_clipping(optimizer, **dp_options)
     elif clipping == "ghost":
-        module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
-                                                      max_grad_norm=privacy.max_grad_norm, use_ghost_clipping=True)
+        module = GradSampleModuleFastGradientClipping(
+            model,
+            batch_first=True,
+            loss_reduction="mean",
+            max_grad_norm=privacy.max_grad_norm,
+            use_ghost_clipping=True,
+        )
         dp_optimizer = fast_clipping(optimizer, **dp_options)
     else:
         module = MultiViewGradSampleModule(model, views_per_example=privacy.augmentation_multiplicity)
         dp_optimizer = (DistributedDPOptimizer if world_size > 1 else DPOptimizer)(optimizer, **dp_options)
-    example_key = ExampleKey.from_entropy() if debug_seed is None else ExampleKey.from_seed(debug_seed, purpose="dp examples")
-    return PrivateTraining(module=module, optimizer=dp_optimizer, privacy=privacy, noise_multiplier=sigma, delta=delta,
-                           dataset_size=dataset_size, planned_steps=planned_steps, world_size=world_size, rank=rank,
-                           clipping=clipping, noise_seeded_by_caller=noise_seeded_by_caller,
-                           sampling_generator=sampling_generator, sampling_seeded_by_caller=debug_seed is not None,
-                           example_key=example_key)
+    example_key = (
+        ExampleKey.from_entropy()
+        if debug_seed is None
+        else ExampleKey.from_seed(debug_seed, purpose="dp examples")
+    )
+    return PrivateTraining(
+        module=module,
+        optimizer=dp_optimizer,
+        privacy=privacy,
+        noise_multiplier=sigma,
+        delta=delta,
+        dataset_size=dataset_size,
+        planned_steps=planned_steps,
+        world_size=world_size,
+        rank=rank,
+        clipping=clipping,
+        noise_seeded_by_caller=noise_seeded_by_caller,
+        sampling_generator=sampling_generator,
+        sampling_seeded_by_caller=debug_seed is not None,
+        example_key=example_key,
+    )
 
 
 def check_per_sample_support(model: nn.Module) -> None:
     """Every module owning trainable parameters must have an exact per-sample-gradient rule. Opacus would
     otherwise hand it to functorch with its positional inputs only: for VAR's root module or attention (keyword
     causal mask) that is slow or wrong. ``methods.adapt`` applies the patches that make VAR pass."""
-    unsupported = sorted({f"{name or '<root>'} ({type(module).__name__})" for name, module in model.named_modules()
-                          if any(p.requires_grad for p in module.parameters(recurse=False)) and type(module) not in GradSampleModule.GRAD_SAMPLERS})
+    unsupported = sorted(
+        {
+            f"{name or '<root>'} ({type(module).__name__})"
+            for name, module in model.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False))
+            and type(module) not in GradSampleModule.GRAD_SAMPLERS
+        }
+    )
     if unsupported:
-        raise PrivacyConfigError("these modules own trainable parameters but have no per-sample-gradient rule: "
-                                 f"{', '.join(unsupported[:8])}; prepare a VAR with trainables.methods.adapt() (it applies "
-                                 "trainables.patches) before make_private")
+        raise PrivacyConfigError(
+            "these modules own trainable parameters but have no per-sample-gradient rule: "
+            f"{', '.join(unsupported[:8])}; prepare a VAR with trainables.methods.adapt() (it applies "
+            "trainables.patches) before make_private"
+        )
 
 
 def _entropy_seed() -> int:
@@ -294,8 +425,13 @@ def _shared_seed(seed: int | None, *, world_size: int, device: torch.device) -> 
 
 def next_batch(state: PrivateTraining) -> torch.Tensor:
     """This rank's share of the next Poisson batch, from the state's sampling generator."""
-    return poisson_batch(state.dataset_size, state.privacy.sampling_rate, generator=state.sampling_generator,
-                         rank=state.rank, world_size=state.world_size)
+    return poisson_batch(
+        state.dataset_size,
+        state.privacy.sampling_rate,
+        generator=state.sampling_generator,
+        rank=state.rank,
+        world_size=state.world_size,
+    )
 
 
 def release(state: PrivateTraining) -> None:
@@ -323,8 +459,13 @@ def _broadcast_parameters(model: nn.Module) -> None:
 ViewLossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def private_step(state: PrivateTraining, indices: torch.Tensor, loss_fn: ViewLossFn, *,
-                 public_grad_fn: Callable[[], None] | None = None) -> None:
+def private_step(
+    state: PrivateTraining,
+    indices: torch.Tensor,
+    loss_fn: ViewLossFn,
+    *,
+    public_grad_fn: Callable[[], None] | None = None,
+) -> None:
     """One DP-SGD step over this rank's examples ``indices`` (possibly none), in physical chunks.
 
     ``public_grad_fn`` may add gradients that depend on no private example (e.g. a distillation term on
@@ -332,12 +473,14 @@ def private_step(state: PrivateTraining, indices: torch.Tensor, loss_fn: ViewLos
     Returns nothing: no loss, gradient statistic or batch size of the private examples leaves this function.
     """
     if not state.budget_left:
-        raise RuntimeError(f"privacy budget exhausted: {state.steps} of {state.planned_steps} planned steps done")
+        raise RuntimeError(
+            f"privacy budget exhausted: {state.steps} of {state.planned_steps} planned steps done"
+        )
     optimizer = state.optimizer
     chunk = max(1, state.privacy.physical_batch_rows // state.privacy.augmentation_multiplicity)
     starts = list(range(0, len(indices), chunk)) or [0]
     for i, start in enumerate(starts):
-        part = indices[start: start + chunk]
+        part = indices[start : start + chunk]
         _accumulate_clipped(state, part, loss_fn)
         if i < len(starts) - 1:
             optimizer.signal_skip_step(do_skip=True)
@@ -373,7 +516,9 @@ def _accumulate_clipped(state: PrivateTraining, part: torch.Tensor, loss_fn: Vie
     if len(part) == 0:
         _empty_chunk(state)
         return
-    checked_losses = lambda: _checked(loss_fn(part), examples=len(part), k=state.privacy.augmentation_multiplicity)  # noqa: E731
+    checked_losses = lambda: _checked(  # noqa: E731
+        loss_fn(part), examples=len(part), k=state.privacy.augmentation_multiplicity
+    )
     if state.clipping == "bookkeeping":
         state.module.clipped_sum(checked_losses, max_grad_norm=state.privacy.max_grad_norm)
         return
@@ -384,12 +529,16 @@ def _accumulate_clipped(state: PrivateTraining, part: torch.Tensor, loss_fn: Vie
     loss_bk.sum().backward()  # the hooks turn the per-view gradients into each example's view-mean gradient
     missing = [i for i, p in enumerate(state.optimizer.params) if p.grad_sample is None]
     if missing:
-        raise RuntimeError(f"{len(missing)} trainable parameters received no per-sample gradient (not used in the forward?)")
+        raise RuntimeError(
+            f"{len(missing)} trainable parameters received no per-sample gradient (not used in the forward?)"
+        )
 
 
 def _checked(loss_bk: torch.Tensor, *, examples: int, k: int) -> torch.Tensor:
     if loss_bk.ndim != 2 or tuple(loss_bk.shape) != (examples, k):
-        raise ValueError(f"loss_fn must return per-view losses [b={examples}, k={k}], got {list(loss_bk.shape)}")
+        raise ValueError(
+            f"loss_fn must return per-view losses [b={examples}, k={k}], got {list(loss_bk.shape)}"
+        )
     return loss_bk
 
 
@@ -403,7 +552,11 @@ def _empty_chunk(state: PrivateTraining) -> None:
 
 
 def _rng_note(seeded_by_caller: bool) -> str:
-    return "caller-seeded (reproducible; not for a real release)" if seeded_by_caller else "seeded from OS entropy (torch generator, not cryptographic)"
+    return (
+        "caller-seeded (reproducible; not for a real release)"
+        if seeded_by_caller
+        else "seeded from OS entropy (torch generator, not cryptographic)"
+    )
 
 
 # What a DP training run releases without noise, by where it appears in a result record (``privacy_ledger`` and
@@ -420,21 +573,43 @@ def privacy_ledger(state: PrivateTraining) -> dict:
     """What the trial spent, for the result file. No per-example quantity and no actual batch size appears here
     (the accounting needs only the number of steps); ``released_without_noise`` names what is released outside
     the guarantee."""
-    spent = epsilon_spent(noise_multiplier=state.noise_multiplier, sampling_rate=state.privacy.sampling_rate,
-                          steps=state.steps, delta=state.delta)
+    spent = epsilon_spent(
+        noise_multiplier=state.noise_multiplier,
+        sampling_rate=state.privacy.sampling_rate,
+        steps=state.steps,
+        delta=state.delta,
+    )
     return {
         "ledger_version": LEDGER_VERSION,
-        "epsilon_rdp": spent["rdp"], "epsilon_prv": spent["prv"], "target_epsilon": state.privacy.target_epsilon,
-        "delta": state.delta, "noise_multiplier": state.noise_multiplier, "sampling_rate": state.privacy.sampling_rate,
-        "steps": state.steps, "planned_steps": state.planned_steps, "dataset_size": state.dataset_size,
+        "epsilon_rdp": spent["rdp"],
+        "epsilon_prv": spent["prv"],
+        "target_epsilon": state.privacy.target_epsilon,
+        "delta": state.delta,
+        "noise_multiplier": state.noise_multiplier,
+        "sampling_rate": state.privacy.sampling_rate,
+        "steps": state.steps,
+        "planned_steps": state.planned_steps,
+        "dataset_size": state.dataset_size,
         "expected_batch_size": state.expected_batch_size,
-        "max_grad_norm": state.privacy.max_grad_norm, "augmentation_multiplicity": state.privacy.augmentation_multiplicity,
-        "physical_batch_rows": state.privacy.physical_batch_rows, "clipping": state.clipping,
-        "calibration_accountant": state.privacy.accountant, "world_size": state.world_size,
-        "noise_rng": _rng_note(state.noise_seeded_by_caller), "sampling_rng": _rng_note(state.sampling_seeded_by_caller),
-        "example_rng": ("keyed BLAKE2b + murmur3 per (step, example), key " + ("from the caller's sampling seed (reproducible; not for a real release)"
-                        if state.sampling_seeded_by_caller else "from OS entropy, never stored")),
+        "max_grad_norm": state.privacy.max_grad_norm,
+        "augmentation_multiplicity": state.privacy.augmentation_multiplicity,
+        "physical_batch_rows": state.privacy.physical_batch_rows,
+        "clipping": state.clipping,
+        "calibration_accountant": state.privacy.accountant,
+        "world_size": state.world_size,
+        "noise_rng": _rng_note(state.noise_seeded_by_caller),
+        "sampling_rng": _rng_note(state.sampling_seeded_by_caller),
+        "example_rng": (
+            "keyed BLAKE2b + murmur3 per (step, example), key "
+            + (
+                "from the caller's sampling seed (reproducible; not for a real release)"
+                if state.sampling_seeded_by_caller
+                else "from OS entropy, never stored"
+            )
+        ),
         "released_without_noise": dict(RELEASED_WITHOUT_NOISE),
-        "accountants": {"rdp": f"opacus {opacus.__version__} RDPAccountant, orders {RDP_ORDERS[0]}..{RDP_ORDERS[-1]} ({len(RDP_ORDERS)})",
-                        "prv": f"opacus {opacus.__version__} PRVAccountant"},
+        "accountants": {
+            "rdp": f"opacus {opacus.__version__} RDPAccountant, orders {RDP_ORDERS[0]}..{RDP_ORDERS[-1]} ({len(RDP_ORDERS)})",
+            "prv": f"opacus {opacus.__version__} PRVAccountant",
+        },
     }

@@ -12,13 +12,14 @@ above the FLOPs of the pairs it lets through (``bench.estimates.ATTENTION_NOTE``
 through the KV cache, computes only those pairs. Totals are reported in PFLOPs (1e15 FLOPs), not as a
 rate (the published "PFLOPs" was a rate).
 """
+
 from __future__ import annotations
 
 import contextlib
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -51,12 +52,16 @@ class ComputeLedger:
 
     train_flops_per_row: float
     sample_flops_per_image: float = 0.0
-    rows_trained: float = 0  # DP runs count the expected rows (q*N*k per step): the actual Poisson batch sizes are private
+    rows_trained: float = (
+        0  # DP runs count the expected rows (q*N*k per step): the actual Poisson batch sizes are private
+    )
     images_sampled: int = 0
     train_seconds: float = 0.0
     peak_memory_bytes: int = 0
     counted_ops: dict[str, int] = field(default_factory=dict)
-    train_flops_per_step: float = 0.0  # work done once per step whatever the batch (a DP run's public prior term)
+    train_flops_per_step: float = (
+        0.0  # work done once per step whatever the batch (a DP run's public prior term)
+    )
     steps_trained: int = 0
 
     def add_training(self, rows: float, seconds: float) -> None:
@@ -66,8 +71,13 @@ class ComputeLedger:
 
     def report(self, *, peak_flops_per_second: float | None = None) -> dict:
         train = self.train_flops_per_row * self.rows_trained + self.train_flops_per_step * self.steps_trained
-        out = {**asdict(self), "train_pflops": train / PETA, "sample_pflops": self.sample_flops_per_image * self.images_sampled / PETA,
-               "rows_per_second": self.rows_trained / self.train_seconds if self.train_seconds else None, "not_counted": NOT_COUNTED}
+        out = {
+            **asdict(self),
+            "train_pflops": train / PETA,
+            "sample_pflops": self.sample_flops_per_image * self.images_sampled / PETA,
+            "rows_per_second": self.rows_trained / self.train_seconds if self.train_seconds else None,
+            "not_counted": NOT_COUNTED,
+        }
         if peak_flops_per_second and self.train_seconds:
             out["mfu"] = train / self.train_seconds / peak_flops_per_second
         return out
@@ -80,7 +90,7 @@ class Stopwatch:
         self.device = torch.device(device)
         self.seconds = 0.0
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self._sync()
         self._start = time.perf_counter()
         return self
@@ -114,13 +124,18 @@ class StepMeter:
         finally:
             self._counting = False
         if counting:
-            self.ledger.train_flops_per_row = (counter.get_total_flops() - self.ledger.train_flops_per_step) / local_rows
-            self.ledger.counted_ops = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+            self.ledger.train_flops_per_row = (
+                counter.get_total_flops() - self.ledger.train_flops_per_step
+            ) / local_rows
+            self.ledger.counted_ops = {
+                str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()
+            }
         return result, watch.seconds
 
     def fixed_cost(self, part: Callable[[], object]) -> Callable[[], object]:
         """``part`` (called inside a step) counted apart on the counting step, as per-step work that does not scale
         with the rows (a nested counter: the step's own counter sees these FLOPs too, and they are taken out)."""
+
         def counted() -> object:
             if not self._counting:
                 return part()
@@ -128,11 +143,15 @@ class StepMeter:
                 result = part()
             self.ledger.train_flops_per_step = float(counter.get_total_flops())
             return result
+
         return counted
 
     def report(self) -> dict:
-        self.ledger.peak_memory_bytes = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
-                                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        self.ledger.peak_memory_bytes = (
+            torch.cuda.max_memory_allocated(self.device)
+            if self.device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
         return self.ledger.report()
 
 

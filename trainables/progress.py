@@ -1,10 +1,11 @@
 """Stage messages for long steps (building the tiny base, the digit classifier, the token cache, generating,
 scoring): ``[stage] what 120/600 (20%), 35 s, ETA 2m20s``, at most one line every ``every_seconds`` plus the last.
 No Ray, no printing of its own: lines go to the ``log`` callable the caller passes (``print`` by default)."""
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 Log = Callable[[str], None]
 
@@ -22,8 +23,16 @@ def duration(seconds: float) -> str:
 class Progress:
     """Counts ``total`` units of one stage; ``update(done, note)`` logs when a line is due (first, throttled, last)."""
 
-    def __init__(self, stage: str, what: str, total: int, *, log: Log | None = print, every_seconds: float = 15.0):
-        self.stage, self.what, self.total, self.log, self.every = stage, what, max(1, int(total)), log, every_seconds
+    def __init__(
+        self, stage: str, what: str, total: int, *, log: Log | None = print, every_seconds: float = 15.0
+    ):
+        self.stage, self.what, self.total, self.log, self.every = (
+            stage,
+            what,
+            max(1, int(total)),
+            log,
+            every_seconds,
+        )
         self.started = time.perf_counter()
         self.last_logged: float | None = None
 
@@ -38,7 +47,9 @@ class Progress:
         elapsed = now - self.started
         eta = f", ETA {duration(elapsed / done * (self.total - done))}" if 0 < done < self.total else ""
         suffix = f" {note}" if note else ""
-        self.log(f"[{self.stage}] {self.what} {done}/{self.total} ({100 * done / self.total:.0f}%), {duration(elapsed)}{eta}{suffix}")
+        self.log(
+            f"[{self.stage}] {self.what} {done}/{self.total} ({100 * done / self.total:.0f}%), {duration(elapsed)}{eta}{suffix}"
+        )
 
     def message(self, text: str) -> None:
         if self.log is not None:

@@ -8,6 +8,7 @@ latest reported checkpoint. Rank 0 writes the trial's artifacts (adapter, sample
 ``<storage>/artifacts/<trial_id>/`` (on a URI storage through a staging folder it uploads), then its result JSON to
 the sweep's result store (``ResultStore.publish``): a result's existence implies its artifacts are complete.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,6 +34,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Imported here, not at the top: the Train controller unpickles this function (importing this module) but never
     # runs it, and the models, peft, Opacus and torchvision behind ``run_trial`` cost it ~10 s per trial on 2 cores.
     from . import trial
+
     # Train sets the workers' root logger to INFO, which prints "Reporting training result ..." at every report;
     # this code logs with print, so only warnings of libraries are worth a line.
     logging.getLogger().setLevel(logging.WARNING)
@@ -52,17 +54,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 torch.save(state, Path(folder) / STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(_scalars(metrics), checkpoint=checkpoint, checkpoint_dir_name=f"step_{state['step']:08d}")
+            ray.train.report(
+                _scalars(metrics), checkpoint=checkpoint, checkpoint_dir_name=f"step_{state['step']:08d}"
+            )
 
     store = ResultStore(loop_config["storage"], create=rank == 0)  # only rank 0 writes to it (and probes it)
     # Only rank 0 writes artifacts; it starts each attempt from an empty folder (a retry may land on another node).
     artifacts_dir = store.artifacts_dir(config.trial_id, cache_dir=loop_config["cache_dir"], fresh=rank == 0)
     try:
-        record = trial.run_trial(config, cache_dir=loop_config["cache_dir"], artifacts_dir=artifacts_dir, device=device, report=report,
-                                 resume=resume, log=lambda line: print(f"[{config.label} rank {rank}] {line}", flush=True),
-                                 startup_seconds=startup_seconds)
+        record = trial.run_trial(
+            config,
+            cache_dir=loop_config["cache_dir"],
+            artifacts_dir=artifacts_dir,
+            device=device,
+            report=report,
+            resume=resume,
+            log=lambda line: print(f"[{config.label} rank {rank}] {line}", flush=True),
+            startup_seconds=startup_seconds,
+        )
     except BaseException:
-        if rank == 0 and store.remote:  # a failed attempt leaves no staged files on the node (a retry stages afresh)
+        if (
+            rank == 0 and store.remote
+        ):  # a failed attempt leaves no staged files on the node (a retry stages afresh)
             shutil.rmtree(artifacts_dir, ignore_errors=True)
         raise
     if rank == 0:

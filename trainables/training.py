@@ -2,12 +2,13 @@
 
 Plain functions so that adaptation methods and DP (which wrap the model or the optimiser) compose with them.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,7 @@ def epoch_batches(num_examples: int, *, batch_size: int, generator: torch.Genera
     while True:
         order = torch.randperm(num_examples, generator=generator)
         for start in range(0, full_batches * batch_size, batch_size):
-            yield order[start: start + batch_size]
+            yield order[start : start + batch_size]
 
 
 def is_logging_step(step: int, *, log_every: int, total_steps: int) -> bool:
@@ -42,9 +43,15 @@ def is_logging_step(step: int, *, log_every: int, total_steps: int) -> bool:
     return step % log_every == 0 or step == total_steps - 1
 
 
-def record_history(history: list[dict], log: Logger | None, *, step: int, started: float, **values: float) -> None:
+def record_history(
+    history: list[dict], log: Logger | None, *, step: int, started: float, **values: float
+) -> None:
     """Append {"step": step + 1 (steps done), "seconds" since ``started`` (perf_counter), **values} and log it."""
-    entry = {"step": step + 1, "seconds": round(time.perf_counter() - started, 3), **{k: round(v, 6) for k, v in values.items()}}
+    entry = {
+        "step": step + 1,
+        "seconds": round(time.perf_counter() - started, 3),
+        **{k: round(v, 6) for k, v in values.items()},
+    }
     history.append(entry)
     if log is not None:
         log(entry)
@@ -57,8 +64,14 @@ def bf16_autocast(device: torch.device, *, enabled: bool = True) -> contextlib.A
     return contextlib.nullcontext()
 
 
-def apply_class_dropout(label_B: torch.Tensor, *, rate: float, unconditional_label: int,
-                        generator: torch.Generator | None = None, uniform_B: torch.Tensor | None = None) -> torch.Tensor:
+def apply_class_dropout(
+    label_B: torch.Tensor,
+    *,
+    rate: float,
+    unconditional_label: int,
+    generator: torch.Generator | None = None,
+    uniform_B: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Replace each example's label by the unconditional one with probability ``rate``, one draw per example
     (the model learns the unconditional distribution used by classifier-free guidance): the example's uniform in
     ``uniform_B`` when given (per-example draws, see trainables/draws.py), else a draw from ``generator``."""
@@ -83,14 +96,25 @@ def teacher_forcing_batch(vqvae: VQVAE, idx_Bl: Sequence[torch.Tensor]) -> tuple
 def token_cross_entropy(logits_BLV: torch.Tensor, target_BL: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy [B, L] (no label smoothing)."""
     B, L, V = logits_BLV.shape
-    return F.cross_entropy(logits_BLV.reshape(B * L, V), target_BL.reshape(B * L), reduction="none").view(B, L)
+    return F.cross_entropy(logits_BLV.reshape(B * L, V), target_BL.reshape(B * L), reduction="none").view(
+        B, L
+    )
 
 
-def var_loss(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, idx_Bl: Sequence[torch.Tensor], *, class_dropout: float,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def var_loss(
+    var: VAR,
+    vqvae: VQVAE,
+    label_B: torch.Tensor,
+    idx_Bl: Sequence[torch.Tensor],
+    *,
+    class_dropout: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Token-mean cross-entropy over all L tokens of the batch, with class dropout applied here (not in forward)."""
     x_BLCv_wo_first_l, target_BL = teacher_forcing_batch(vqvae, idx_Bl)
-    label_B = apply_class_dropout(label_B, rate=class_dropout, unconditional_label=var.unconditional_label, generator=generator)
+    label_B = apply_class_dropout(
+        label_B, rate=class_dropout, unconditional_label=var.unconditional_label, generator=generator
+    )
     return token_cross_entropy(var(label_B, x_BLCv_wo_first_l), target_BL).mean()
 
 
@@ -103,9 +127,17 @@ def scale_loss_weights(patch_nums: Sequence[int], *, decay: float = 1.0) -> torc
     return weights_L / weights_L.mean()
 
 
-def view_losses(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, idx_views: Sequence[torch.Tensor], *, class_dropout: float,
-                token_weights_L: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                draws: ExampleDraws | None = None) -> torch.Tensor:
+def view_losses(
+    var: VAR,
+    vqvae: VQVAE,
+    label_B: torch.Tensor,
+    idx_views: Sequence[torch.Tensor],
+    *,
+    class_dropout: float,
+    token_weights_L: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    draws: ExampleDraws | None = None,
+) -> torch.Tensor:
     """Loss of every augmented view [B, k]: ``idx_views`` holds per scale the token maps [B, k, pn*pn] of k views
     of each example. All B*k views go through one batched forward (rows example-major); class dropout is drawn
     once per example and shared by its views. ``token_weights_L`` weights the token mean (see scale_loss_weights).
@@ -113,11 +145,20 @@ def view_losses(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, idx_views: Sequen
     example's draws may depend on the rest of the batch); without them class dropout draws from ``generator`` and
     drop-path from torch's global generator."""
     B, k = idx_views[0].shape[:2]
-    label_B = apply_class_dropout(label_B, rate=class_dropout, unconditional_label=var.unconditional_label, generator=generator,
-                                  uniform_B=None if draws is None else draws.label_b)
+    label_B = apply_class_dropout(
+        label_B,
+        rate=class_dropout,
+        unconditional_label=var.unconditional_label,
+        generator=generator,
+        uniform_B=None if draws is None else draws.label_b,
+    )
     x_RLCv, target_RL = teacher_forcing_batch(vqvae, [idx_Bkl.reshape(B * k, -1) for idx_Bkl in idx_views])
-    drop_path_RD = None if draws is None or draws.drop_path_RD is None else draws.drop_path_RD.to(x_RLCv.device)
-    ce_RL = token_cross_entropy(var(label_B.repeat_interleave(k), x_RLCv, drop_path_uniform_BD=drop_path_RD), target_RL)
+    drop_path_RD = (
+        None if draws is None or draws.drop_path_RD is None else draws.drop_path_RD.to(x_RLCv.device)
+    )
+    ce_RL = token_cross_entropy(
+        var(label_B.repeat_interleave(k), x_RLCv, drop_path_uniform_BD=drop_path_RD), target_RL
+    )
     if token_weights_L is not None:
         ce_RL = ce_RL * token_weights_L.to(ce_RL.device)
     return ce_RL.mean(dim=1).view(B, k)
@@ -126,8 +167,12 @@ def view_losses(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, idx_views: Sequen
 def is_no_decay(module: nn.Module, name: str, param: nn.Parameter) -> bool:
     """Biases, norm parameters, embeddings (class, level), positional and attention-scale parameters are not
     decayed (the published study decayed embeddings and biases); modules may say so with ``no_weight_decay``."""
-    return (param.ndim < 2 or isinstance(module, (nn.Embedding, nn.LayerNorm, nn.GroupNorm)) or name in NO_DECAY_PARAM_NAMES
-            or getattr(module, "no_weight_decay", False))
+    return (
+        param.ndim < 2
+        or isinstance(module, (nn.Embedding, nn.LayerNorm, nn.GroupNorm))
+        or name in NO_DECAY_PARAM_NAMES
+        or getattr(module, "no_weight_decay", False)
+    )
 
 
 def parameter_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
@@ -142,7 +187,9 @@ def parameter_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.05, betas: tuple[float, float] = ADAMW_BETAS) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float = 0.05, betas: tuple[float, float] = ADAMW_BETAS
+) -> torch.optim.AdamW:
     groups = parameter_groups(model, weight_decay=weight_decay)
     if not any(group["params"] for group in groups):
         raise ValueError("the model has no trainable parameters")
@@ -162,9 +209,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def var_training_step(var: VAR, vqvae: VQVAE, optimizer: torch.optim.Optimizer, label_B: torch.Tensor,
-                      idx_Bl: Sequence[torch.Tensor], *, class_dropout: float = 0.1, max_grad_norm: float | None = 2.0,
-                      generator: torch.Generator | None = None) -> dict[str, float]:
+def var_training_step(
+    var: VAR,
+    vqvae: VQVAE,
+    optimizer: torch.optim.Optimizer,
+    label_B: torch.Tensor,
+    idx_Bl: Sequence[torch.Tensor],
+    *,
+    class_dropout: float = 0.1,
+    max_grad_norm: float | None = 2.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
     """One optimiser step on a batch of token maps; returns the loss and the pre-clip gradient norm."""
     var.train()
     loss = var_loss(var, vqvae, label_B, idx_Bl, class_dropout=class_dropout, generator=generator)

@@ -11,6 +11,7 @@ The trial's own files (adapter, generated images, a few real evaluation images p
 which the launcher maps to ``<storage>/artifacts/<trial_id>/``; the record names them relative to the storage root.
 Nothing of a trial's own is written under the cache.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,21 +21,20 @@ import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from bench.schema import ConfigError, EvaluationConfig, TrialConfig, make_result, utc_now
+from bench.schema import EvaluationConfig, TrialConfig, make_result, utc_now
 
 from .assets import FileIds, verify_content
 from .data.datasets import ImageList, check_images
 from .data.token_cache import ViewSpec, open_token_cache
-from .evaluation.evaluate import ScoringSettings, evaluate
 from .evaluation.classifier import digit_classifier
+from .evaluation.evaluate import ScoringSettings, evaluate
 from .evaluation.features import DIGITS_CNN, build_extractor
 from .evaluation.metrics import ReferenceStats
 from .finetune import Checkpointing, Prior, RunPlan, finetune
@@ -56,11 +56,15 @@ RECORD_RELEASED_WITHOUT_NOISE = {
     "tune.seconds, tune.eta_seconds": "training wall-clock times reported to Ray Tune while the trial runs, as in the history",
     "tune.checkpoint": "the steps at which a training checkpoint was saved: by step count, or by wall-clock training time",
 }
-Report = Callable[[dict, dict | None], None]  # (metrics for the progress table, training state to checkpoint or None)
+Report = Callable[
+    [dict, dict | None], None
+]  # (metrics for the progress table, training state to checkpoint or None)
 PACKAGES = ("torch", "torchvision", "peft", "opacus", "torch-fidelity", "numpy", "ray", "varsweep")
 
 
-def prepare_shared(configs: list[TrialConfig], cache_dir: str | Path, *, log: Callable[[str], None] | None = print) -> None:
+def prepare_shared(
+    configs: list[TrialConfig], cache_dir: str | Path, *, log: Callable[[str], None] | None = print
+) -> None:
     """Build, once and before any trial starts, what trials on the built-in tiny base share: the tiny bases, the
     offline data folders, their token caches and (on digits) the digit classifier. Each is cached under
     ``cache_dir`` and built under a file lock, so trials then only load them; official-model trials build their
@@ -70,14 +74,28 @@ def prepare_shared(configs: list[TrialConfig], cache_dir: str | Path, *, log: Ca
         if config.model.base != "tiny":
             continue
         d = config.data
-        key = (config.model.depth, config.model.tiny_pretraining_steps, d.dataset, d.root, d.resolution, d.cached_views, d.view_seed, d.train_split)
+        key = (
+            config.model.depth,
+            config.model.tiny_pretraining_steps,
+            d.dataset,
+            d.root,
+            d.resolution,
+            d.cached_views,
+            d.view_seed,
+            d.train_split,
+        )
         if key in seen:
             continue
         seen.add(key)
         vqvae, _ = load_base(config, cache_dir, device=torch.device("cpu"), log=log)
         train, _ = check_images(list_splits(config, cache_dir)[0], skip_corrupt=d.skip_corrupt_images)
-        open_token_cache(cache_dir / "token-cache", train, vqvae, spec=ViewSpec(resolution=d.resolution, num_views=d.cached_views, seed=d.view_seed),
-                         log=log)
+        open_token_cache(
+            cache_dir / "token-cache",
+            train,
+            vqvae,
+            spec=ViewSpec(resolution=d.resolution, num_views=d.cached_views, seed=d.view_seed),
+            log=log,
+        )
     if any(c.data.dataset == "digits" for c in configs):
         digit_classifier(cache_dir, log=log)
 
@@ -106,9 +124,17 @@ def _rank0_first(fn: Callable[[], object]) -> object:
     return result
 
 
-def run_trial(config: TrialConfig, *, cache_dir: str | Path, artifacts_dir: str | Path, device: torch.device | str = "cpu",
-              report: Report | None = None, resume: dict | None = None, log: Callable[[str], None] = print,
-              startup_seconds: float | None = None) -> dict:
+def run_trial(
+    config: TrialConfig,
+    *,
+    cache_dir: str | Path,
+    artifacts_dir: str | Path,
+    device: torch.device | str = "cpu",
+    report: Report | None = None,
+    resume: dict | None = None,
+    log: Callable[[str], None] = print,
+    startup_seconds: float | None = None,
+) -> dict:
     """Train and evaluate one trial; returns its result record (on ranks other than 0: the record without metrics).
     ``cache_dir`` holds what trials share (tiny bases, offline data, token caches, reference statistics);
     ``artifacts_dir`` this trial's own files (``adapter.pt``, ``images/``, ``real/``), the local folder that is or
@@ -125,32 +151,88 @@ def run_trial(config: TrialConfig, *, cache_dir: str | Path, artifacts_dir: str 
     vqvae, base = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=log))
     train, skipped = check_images(plan.splits[0], skip_corrupt=config.data.skip_corrupt_images)
     evaluation, skipped_eval = check_images(plan.splits[1], skip_corrupt=config.data.skip_corrupt_images)
-    spec = ViewSpec(resolution=config.data.resolution, num_views=config.data.cached_views, seed=config.data.view_seed)
-    views, cache_hit = _rank0_first(lambda: open_token_cache(cache_dir / "token-cache", train, vqvae, spec=spec, log=log))
+    spec = ViewSpec(
+        resolution=config.data.resolution, num_views=config.data.cached_views, seed=config.data.view_seed
+    )
+    views, cache_hit = _rank0_first(
+        lambda: open_token_cache(cache_dir / "token-cache", train, vqvae, spec=spec, log=log)
+    )
     var = _adapted(config, base, classes=len(train.class_names), device=device)
-    evaluator = _Evaluator(config, vqvae, evaluation, cache_dir=cache_dir, device=device, log=log) if rank == 0 else None  # rank 0 evaluates
+    evaluator = (
+        _Evaluator(config, vqvae, evaluation, cache_dir=cache_dir, device=device, log=log)
+        if rank == 0
+        else None
+    )  # rank 0 evaluates
     out = {"history": [], "privacy": None, "convergence": [], "compute": {}}
     setup_seconds = time.perf_counter() - wall
     if config.method.name != "base":
-        out = _train(config, var, vqvae, views, base=base, plan=plan, evaluator=evaluator, report=report, resume=resume, log=log)
+        out = _train(
+            config,
+            var,
+            vqvae,
+            views,
+            base=base,
+            plan=plan,
+            evaluator=evaluator,
+            report=report,
+            resume=resume,
+            log=log,
+        )
     if out["privacy"] is not None:
         out["privacy"]["released_without_noise"].update(RECORD_RELEASED_WITHOUT_NOISE)
-    record = dict(history=out["history"], convergence=out["convergence"], privacy=out["privacy"], parameters=_parameters(config, var),
-                  environment=environment(device, world_size=world), started_at=started,
-                  data={"train_images": len(train), "evaluation_images": len(evaluation), "classes": len(train.class_names),
-                        "skipped_images": skipped + skipped_eval, "token_cache_hit": bool(cache_hit), "planned_steps": plan.planned_steps,
-                        "resumed_from_step": None if resume is None else int(resume["step"])})
+    record = dict(
+        history=out["history"],
+        convergence=out["convergence"],
+        privacy=out["privacy"],
+        parameters=_parameters(config, var),
+        environment=environment(device, world_size=world),
+        started_at=started,
+        data={
+            "train_images": len(train),
+            "evaluation_images": len(evaluation),
+            "classes": len(train.class_names),
+            "skipped_images": skipped + skipped_eval,
+            "token_cache_hit": bool(cache_hit),
+            "planned_steps": plan.planned_steps,
+            "resumed_from_step": None if resume is None else int(resume["step"]),
+        },
+    )
     if rank != 0:
         return make_result(config, status="success", **record, finished_at=utc_now())
     evaluation_started = time.perf_counter()
     final = evaluator(var, evaluation=config.evaluation, out_dir=artifacts_dir / "images")
-    phases = {"startup_seconds": startup_seconds, "setup_seconds": setup_seconds, "evaluation_seconds": time.perf_counter() - evaluation_started}
+    phases = {
+        "startup_seconds": startup_seconds,
+        "setup_seconds": setup_seconds,
+        "evaluation_seconds": time.perf_counter() - evaluation_started,
+    }
     trained = config.method.name != "base"
     if trained:
-        save_adapter(var, artifacts_dir / "adapter.pt", metadata={"trial": config.to_dict(), "trial_id": config.trial_id})
-    cost = {**_cost(out["compute"], final["compute"], device=device, world=world, wall_seconds=time.perf_counter() - wall), **phases}
-    return make_result(config, status="success", metrics=final["metrics"], cost=cost, evaluation_settings=_evaluation_record(final),
-                       artifacts=_artifacts(config, artifacts_dir, evaluation, adapter=trained), **record, finished_at=utc_now())
+        save_adapter(
+            var,
+            artifacts_dir / "adapter.pt",
+            metadata={"trial": config.to_dict(), "trial_id": config.trial_id},
+        )
+    cost = {
+        **_cost(
+            out["compute"],
+            final["compute"],
+            device=device,
+            world=world,
+            wall_seconds=time.perf_counter() - wall,
+        ),
+        **phases,
+    }
+    return make_result(
+        config,
+        status="success",
+        metrics=final["metrics"],
+        cost=cost,
+        evaluation_settings=_evaluation_record(final),
+        artifacts=_artifacts(config, artifacts_dir, evaluation, adapter=trained),
+        **record,
+        finished_at=utc_now(),
+    )
 
 
 def _adapted(config: TrialConfig, base, *, classes: int, device: torch.device):
@@ -164,40 +246,87 @@ def _adapted(config: TrialConfig, base, *, classes: int, device: torch.device):
     return adapt(var, m, num_classes=classes, seed=config.optimization.seed)
 
 
-def _train(config: TrialConfig, var, vqvae, views, *, base, plan: TrialPlan, evaluator, report: Report | None, resume, log) -> dict:
+def _train(
+    config: TrialConfig,
+    var,
+    vqvae,
+    views,
+    *,
+    base,
+    plan: TrialPlan,
+    evaluator,
+    report: Report | None,
+    resume,
+    log,
+) -> dict:
     e, steps = config.evaluation, plan.planned_steps
-    run_plan = RunPlan(planned_steps=steps, evaluation_steps=plan.evaluation_steps, log_every=max(1, min(50, steps // 20)),
-                       noise_multiplier=plan.noise_multiplier)
+    run_plan = RunPlan(
+        planned_steps=steps,
+        evaluation_steps=plan.evaluation_steps,
+        log_every=max(1, min(50, steps // 20)),
+        noise_multiplier=plan.noise_multiplier,
+    )
     prior = _prior(config, base, vqvae) if config.method.prior_weight > 0 else None
-    first_step = resume["step"] if resume is not None else 0  # "seconds" in the history restart with each attempt
+    first_step = (
+        resume["step"] if resume is not None else 0
+    )  # "seconds" in the history restart with each attempt
 
     progress = Progress("training", "step", steps, log=log, every_seconds=30.0)
 
     def on_log(entry: dict) -> None:
-        progress.update(entry["step"], " ".join(f"{key}={value:.4g}" for key, value in entry.items()
-                                                if key in ("loss", "epsilon_rdp") and isinstance(value, float)))
+        progress.update(
+            entry["step"],
+            " ".join(
+                f"{key}={value:.4g}"
+                for key, value in entry.items()
+                if key in ("loss", "epsilon_rdp") and isinstance(value, float)
+            ),
+        )
         if report is not None:
             done = entry["step"] - first_step
             eta = entry["seconds"] / done * (steps - entry["step"]) if done > 0 else None
-            report({**entry, "steps_total": steps, **({"eta_seconds": round(eta)} if eta is not None else {})}, None)
+            report(
+                {**entry, "steps_total": steps, **({"eta_seconds": round(eta)} if eta is not None else {})},
+                None,
+            )
 
     def save(state: dict) -> None:
         if report is not None:
-            report({"step": state["step"], "steps_total": steps, "checkpoint": True, **_last_convergence(state)}, state)
+            report(
+                {"step": state["step"], "steps_total": steps, "checkpoint": True, **_last_convergence(state)},
+                state,
+            )
 
     convergence = None
     if evaluator is not None and plan.evaluation_steps:
         small = dataclasses.replace(e, num_images=e.convergence_num_images)  # a small-sample FID per point
 
         def convergence(model) -> dict:
-            return {key: value for key, value in evaluator(model, evaluation=small, quiet=True)["metrics"].items()
-                    if key in ("fid", "precision", "recall", "class_accuracy")}
+            return {
+                key: value
+                for key, value in evaluator(model, evaluation=small, quiet=True)["metrics"].items()
+                if key in ("fid", "precision", "recall", "class_accuracy")
+            }
+
     checkpointing = Checkpointing(save=save, resources=config.resources, resume=resume)
-    return finetune(var, vqvae, views, optimization=config.optimization, method=config.method, privacy=config.privacy, plan=run_plan,
-                    prior=prior, log=on_log, evaluate_fn=convergence, checkpointing=checkpointing)
+    return finetune(
+        var,
+        vqvae,
+        views,
+        optimization=config.optimization,
+        method=config.method,
+        privacy=config.privacy,
+        plan=run_plan,
+        prior=prior,
+        log=on_log,
+        evaluate_fn=convergence,
+        checkpointing=checkpointing,
+    )
 
 
-def _artifacts(config: TrialConfig, artifacts_dir: Path, evaluation: ImageList, *, adapter: bool, per_class: int = 6) -> dict:
+def _artifacts(
+    config: TrialConfig, artifacts_dir: Path, evaluation: ImageList, *, adapter: bool, per_class: int = 6
+) -> dict:
     """The record's ``artifacts``: paths relative to the storage root ("/" separated; the folder is
     ``artifacts/<trial_id>``), after copying up to ``per_class`` real evaluation images of every class into
     ``real/class_<label>/<n><suffix>`` so the analysis can show them beside the generated ones without the dataset."""
@@ -209,13 +338,21 @@ def _artifacts(config: TrialConfig, artifacts_dir: Path, evaluation: ImageList, 
             relative = f"real/class_{label}/{len(paths)}{Path(path).suffix.lower()}"
             atomic_write(artifacts_dir / relative, lambda tmp, source=path: shutil.copyfile(source, tmp))
             paths.append(f"{folder}/{relative}")
-    return {"folder": folder, "adapter": f"{folder}/adapter.pt" if adapter else None, "generated_images": f"{folder}/images",
-            "real_images": real}
+    return {
+        "folder": folder,
+        "adapter": f"{folder}/adapter.pt" if adapter else None,
+        "generated_images": f"{folder}/images",
+        "real_images": real,
+    }
 
 
 def _parameters(config: TrialConfig, var) -> dict:
     if config.method.name == "base":
-        return {"trainable": 0, "trainable_without_class_embedding": 0, "base_total": sum(p.numel() for p in var.parameters())}
+        return {
+            "trainable": 0,
+            "trainable_without_class_embedding": 0,
+            "base_total": sum(p.numel() for p in var.parameters()),
+        }
     return parameter_counts(var)
 
 
@@ -226,8 +363,13 @@ def _last_convergence(state: dict) -> dict:
 
 def _prior(config: TrialConfig, base, vqvae) -> Prior:
     teacher = copy.deepcopy(base).requires_grad_(False).eval()
-    bank = build_prior_bank(teacher, vqvae, num_samples=256, evaluation=config.evaluation,
-                            generator=torch.Generator().manual_seed(config.optimization.seed))
+    bank = build_prior_bank(
+        teacher,
+        vqvae,
+        num_samples=256,
+        evaluation=config.evaluation,
+        generator=torch.Generator().manual_seed(config.optimization.seed),
+    )
     return Prior(teacher=teacher, bank=bank)
 
 
@@ -235,28 +377,59 @@ class _Evaluator:
     """Evaluation with the trial's settings; the extractor (and, on digits, the digit classifier that scores class
     accuracy) is built once and reference statistics are cached."""
 
-    def __init__(self, config: TrialConfig, vqvae, images: ImageList, *, cache_dir: Path, device: torch.device, log=None):
+    def __init__(
+        self,
+        config: TrialConfig,
+        vqvae,
+        images: ImageList,
+        *,
+        cache_dir: Path,
+        device: torch.device,
+        log=None,
+    ):
         e = config.evaluation
         self.config, self.vqvae, self.images, self.device, self.log = config, vqvae, images, device, log
-        self.classifier = digit_classifier(cache_dir, device=device, log=log) if config.data.dataset == "digits" else None
-        self.extractor = (self.classifier[0] if e.extractor == DIGITS_CNN else
-                          build_extractor(e.extractor, weights_path=e.inception_weights)).to(device)
+        self.classifier = (
+            digit_classifier(cache_dir, device=device, log=log) if config.data.dataset == "digits" else None
+        )
+        self.extractor = (
+            self.classifier[0]
+            if e.extractor == DIGITS_CNN
+            else build_extractor(e.extractor, weights_path=e.inception_weights)
+        ).to(device)
         self.cache = ReferenceStats(cache_dir / "reference-stats")
 
-    def __call__(self, var, *, evaluation: EvaluationConfig, out_dir: Path | None = None, quiet: bool = False) -> dict:
+    def __call__(
+        self, var, *, evaluation: EvaluationConfig, out_dir: Path | None = None, quiet: bool = False
+    ) -> dict:
         """Metrics of ``var`` with ``evaluation`` (the trial's section, or a copy with the convergence curve's image count)."""
         generated = evaluation.num_images or len(self.images)
         # KID averages over random subsets: half of the smaller set (at most the usual 1000), so subsets differ and
         # its standard deviation means something.
         subset = max(2, min(1000, min(generated, len(self.images)) // 2))
-        return evaluate(var, self.vqvae, self.images, evaluation=evaluation, autocast_bf16=self.config.optimization.autocast_bf16,
-                        cache=self.cache, scoring=ScoringSettings(kid_subset_size=subset), feature_extractor=self.extractor,
-                        out_dir=out_dir, classifier=self.classifier, log=None if quiet else self.log)
+        return evaluate(
+            var,
+            self.vqvae,
+            self.images,
+            evaluation=evaluation,
+            autocast_bf16=self.config.optimization.autocast_bf16,
+            cache=self.cache,
+            scoring=ScoringSettings(kid_subset_size=subset),
+            feature_extractor=self.extractor,
+            out_dir=out_dir,
+            classifier=self.classifier,
+            log=None if quiet else self.log,
+        )
 
 
 def _evaluation_record(final: dict) -> dict:
-    return {**final["evaluation_settings"], "sampling": final["sampling"], "images_generated": final["images_generated"],
-            "plan": final["plan"], "reference_cache_hit": final["reference_cache_hit"]}
+    return {
+        **final["evaluation_settings"],
+        "sampling": final["sampling"],
+        "images_generated": final["images_generated"],
+        "plan": final["plan"],
+        "reference_cache_hit": final["reference_cache_hit"],
+    }
 
 
 def _cost(train: dict, sample: dict, *, device: torch.device, world: int, wall_seconds: float) -> dict:
@@ -265,12 +438,22 @@ def _cost(train: dict, sample: dict, *, device: torch.device, world: int, wall_s
     seconds = train.get("train_seconds", 0.0)
     peak = peak_flops_per_second(device)
     gpus = world if device.type == "cuda" else 0
-    return {"train_pflops": train_pflops, "sample_pflops": sample["sample_pflops"], "total_pflops": train_pflops + sample["sample_pflops"],
-            "train_flops_per_row": train.get("train_flops_per_row", 0.0), "rows_trained": train.get("rows_trained", 0),
-            "train_seconds": seconds, "rows_per_second": train.get("rows_per_second"), "peak_memory_bytes": train.get("peak_memory_bytes"),
-            "sample_images_per_second": sample["images_per_second"], "wall_seconds": wall_seconds, "gpu_hours": gpus * wall_seconds / 3600,
-            "mfu": (train_pflops * 1e15 / seconds / (peak * world)) if (peak and seconds) else None,
-            "training_precision": train.get("training_precision"), "not_counted": train.get("not_counted")}
+    return {
+        "train_pflops": train_pflops,
+        "sample_pflops": sample["sample_pflops"],
+        "total_pflops": train_pflops + sample["sample_pflops"],
+        "train_flops_per_row": train.get("train_flops_per_row", 0.0),
+        "rows_trained": train.get("rows_trained", 0),
+        "train_seconds": seconds,
+        "rows_per_second": train.get("rows_per_second"),
+        "peak_memory_bytes": train.get("peak_memory_bytes"),
+        "sample_images_per_second": sample["images_per_second"],
+        "wall_seconds": wall_seconds,
+        "gpu_hours": gpus * wall_seconds / 3600,
+        "mfu": (train_pflops * 1e15 / seconds / (peak * world)) if (peak and seconds) else None,
+        "training_precision": train.get("training_precision"),
+        "not_counted": train.get("not_counted"),
+    }
 
 
 def environment(device: torch.device, *, world_size: int) -> dict:
@@ -281,18 +464,40 @@ def environment(device: torch.device, *, world_size: int) -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if device.type == "cuda" else
-               [platform.processor() or platform.machine()])
-    return {"git_commit": _git_commit(), "packages": versions, "python": platform.python_version(), "device_type": device.type,
-            "devices": devices, "world_size": world_size, "host": socket.gethostname(), "torch_threads": torch.get_num_threads()}
+    devices = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if device.type == "cuda"
+        else [platform.processor() or platform.machine()]
+    )
+    return {
+        "git_commit": _git_commit(),
+        "packages": versions,
+        "python": platform.python_version(),
+        "device_type": device.type,
+        "devices": devices,
+        "world_size": world_size,
+        "host": socket.gethostname(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         commit = out.stdout.strip() if out.returncode == 0 else None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).resolve().parent,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return f"{commit}+dirty" if commit and dirty else commit
     except (OSError, subprocess.SubprocessError):
         return None

@@ -1,8 +1,9 @@
 """Sweeps as code: each module's ``sweep(smoke=False, assets=Assets())`` returns the list of ``TrialConfig`` of one
 experiment of the paper (``smoke=True``: the same axes on the tiny base and offline data, for a laptop or CI)."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..schema import TrialConfig
 from . import convergence, demo, second_seed, table1, table2, table3, table9, table10
@@ -10,8 +11,14 @@ from .common import Assets
 
 SweepFn = Callable[..., list[TrialConfig]]
 SWEEPS: dict[str, SweepFn] = {
-    "demo": demo.sweep, "table1": table1.sweep, "table2": table2.sweep, "table3": table3.sweep, "table9": table9.sweep,
-    "table10": table10.sweep, "convergence": convergence.sweep, "second_seed": second_seed.sweep,
+    "demo": demo.sweep,
+    "table1": table1.sweep,
+    "table2": table2.sweep,
+    "table3": table3.sweep,
+    "table9": table9.sweep,
+    "table10": table10.sweep,
+    "convergence": convergence.sweep,
+    "second_seed": second_seed.sweep,
 }
 
 

@@ -1,14 +1,24 @@
 """Building blocks of the paper's sweeps: where the local assets live, the paper's hyper-parameters
 (REFERENCE.md §3) and the mapping of any paper trial to its smoke version (tiny base, offline digits, few steps,
 the digit classifier's features, CPU). Standard library only."""
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..schema import (DataConfig, EvaluationConfig, MethodConfig, ModelConfig, OptimizationConfig, PrivacyConfig,
-                      ResourcesConfig, TrialConfig, absolute)
+from ..schema import (
+    DataConfig,
+    EvaluationConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimizationConfig,
+    PrivacyConfig,
+    ResourcesConfig,
+    TrialConfig,
+    absolute,
+)
 
 PAPER_DATASETS = ("food101", "cub200", "flowers102", "stanford_cars", "oxford_pet")
 PAPER_METHODS = ("full", "lora", "ln_tuning")
@@ -37,59 +47,114 @@ class Assets:
 
 
 # Non-DP (method, dataset) -> (learning rate, epochs); batch 512 for FFT on CUB, else 256 (REFERENCE.md §3).
-_EPOCHS = {"full": {"cub200": 50, "food101": 30, "flowers102": 24, "oxford_pet": 40, "stanford_cars": 50},
-           "lora": {"cub200": 40, "food101": 6, "flowers102": 40, "oxford_pet": 50, "stanford_cars": 50},
-           "ln_tuning": {"cub200": 40, "food101": 6, "flowers102": 45, "oxford_pet": 50, "stanford_cars": 50}}
+_EPOCHS = {
+    "full": {"cub200": 50, "food101": 30, "flowers102": 24, "oxford_pet": 40, "stanford_cars": 50},
+    "lora": {"cub200": 40, "food101": 6, "flowers102": 40, "oxford_pet": 50, "stanford_cars": 50},
+    "ln_tuning": {"cub200": 40, "food101": 6, "flowers102": 45, "oxford_pet": 50, "stanford_cars": 50},
+}
 # DP (Oxford Flowers): method -> (learning rate, epochs, max grad norm C); q = 0.251, delta = 1/N.
-DP_SETTINGS = {"full": (1e-4, 180, 0.1), "lora": (5e-4, 80, 0.5), "lora_attention": (5e-4, 80, 0.5),
-               "lora_mlp": (5e-4, 80, 0.5), "ln_tuning": (5e-4, 100, 0.5)}
+DP_SETTINGS = {
+    "full": (1e-4, 180, 0.1),
+    "lora": (5e-4, 80, 0.5),
+    "lora_attention": (5e-4, 80, 0.5),
+    "lora_mlp": (5e-4, 80, 0.5),
+    "ln_tuning": (5e-4, 100, 0.5),
+}
 DP_SAMPLING_RATE = 0.251
-GPU_RESOURCES = ResourcesConfig(workers=1, gpus_per_worker=1.0, cpus_per_worker=8.0, checkpoint_every_steps=500)
+GPU_RESOURCES = ResourcesConfig(
+    workers=1, gpus_per_worker=1.0, cpus_per_worker=8.0, checkpoint_every_steps=500
+)
 
 
 def paper_model(depth: int, assets: Assets) -> ModelConfig:
-    return ModelConfig(base="official", depth=depth, var_checkpoint=assets.checkpoint(f"var_d{depth}.pth"),
-                       vqvae_checkpoint=assets.checkpoint(VQVAE_FILE), tiny_pretraining_steps=0)
+    return ModelConfig(
+        base="official",
+        depth=depth,
+        var_checkpoint=assets.checkpoint(f"var_d{depth}.pth"),
+        vqvae_checkpoint=assets.checkpoint(VQVAE_FILE),
+        tiny_pretraining_steps=0,
+    )
 
 
 def paper_evaluation(assets: Assets, **changes) -> EvaluationConfig:
-    return EvaluationConfig(extractor="inception-v3-compat", inception_weights=assets.checkpoint(INCEPTION_FILE), **changes)
+    return EvaluationConfig(
+        extractor="inception-v3-compat", inception_weights=assets.checkpoint(INCEPTION_FILE), **changes
+    )
 
 
 def non_dp_optimization(method: str, dataset: str, *, seed: int = 0) -> OptimizationConfig:
     lr = 1e-4 if method == "full" else (1e-3 if dataset == "cub200" else 5e-4)
     batch = 512 if (method == "full" and dataset == "cub200") else 256
-    return OptimizationConfig(learning_rate=lr, batch_size=batch, epochs=_EPOCHS[method][dataset], warmup_steps=100, seed=seed)
+    return OptimizationConfig(
+        learning_rate=lr, batch_size=batch, epochs=_EPOCHS[method][dataset], warmup_steps=100, seed=seed
+    )
 
 
-def paper_trial(method: str, depth: int, dataset: str, *, assets: Assets, seed: int = 0, **evaluation) -> TrialConfig:
+def paper_trial(
+    method: str, depth: int, dataset: str, *, assets: Assets, seed: int = 0, **evaluation
+) -> TrialConfig:
     """A Table-1 style (non-DP) trial with the paper's hyper-parameters."""
-    return TrialConfig(model=paper_model(depth, assets), data=DataConfig(dataset=dataset, root=assets.dataset(dataset), resolution=256),
-                       method=MethodConfig(name=method), optimization=non_dp_optimization(method, dataset, seed=seed),
-                       evaluation=paper_evaluation(assets, **evaluation), resources=GPU_RESOURCES)
+    return TrialConfig(
+        model=paper_model(depth, assets),
+        data=DataConfig(dataset=dataset, root=assets.dataset(dataset), resolution=256),
+        method=MethodConfig(name=method),
+        optimization=non_dp_optimization(method, dataset, seed=seed),
+        evaluation=paper_evaluation(assets, **evaluation),
+        resources=GPU_RESOURCES,
+    )
 
 
-def dp_trial(method: str, depth: int, *, epsilon: float, k: int, assets: Assets, seed: int = 0, delta: float | None = None) -> TrialConfig:
+def dp_trial(
+    method: str,
+    depth: int,
+    *,
+    epsilon: float,
+    k: int,
+    assets: Assets,
+    seed: int = 0,
+    delta: float | None = None,
+) -> TrialConfig:
     """A DP trial on Oxford Flowers with the paper's DP hyper-parameters; k cached crops per image. ``delta``: None is
     the paper's 1/N; an explicit delta must be below 1/N (Flowers: 1/1020), e.g. 1e-5."""
     lr, epochs, clip = DP_SETTINGS[method]
-    return TrialConfig(model=paper_model(depth, assets),
-                       data=DataConfig(dataset="flowers102", root=assets.dataset("flowers102"), resolution=256, cached_views=max(k, 1)),
-                       method=MethodConfig(name=method),
-                       privacy=PrivacyConfig(target_epsilon=epsilon, sampling_rate=DP_SAMPLING_RATE, max_grad_norm=clip, augmentation_multiplicity=k,
-                                             delta=delta),
-                       optimization=OptimizationConfig(learning_rate=lr, epochs=epochs, warmup_steps=10, seed=seed),
-                       evaluation=paper_evaluation(assets), resources=GPU_RESOURCES)
+    return TrialConfig(
+        model=paper_model(depth, assets),
+        data=DataConfig(
+            dataset="flowers102", root=assets.dataset("flowers102"), resolution=256, cached_views=max(k, 1)
+        ),
+        method=MethodConfig(name=method),
+        privacy=PrivacyConfig(
+            target_epsilon=epsilon,
+            sampling_rate=DP_SAMPLING_RATE,
+            max_grad_norm=clip,
+            augmentation_multiplicity=k,
+            delta=delta,
+        ),
+        optimization=OptimizationConfig(learning_rate=lr, epochs=epochs, warmup_steps=10, seed=seed),
+        evaluation=paper_evaluation(assets),
+        resources=GPU_RESOURCES,
+    )
 
 
 # --- smoke versions --------------------------------------------------------------------------------------------
-TINY_DEPTHS = {16: 2, 20: 3, 24: 3, 30: 4}  # keeps the depth axis (a deeper paper model -> a deeper tiny model)
+TINY_DEPTHS = {
+    16: 2,
+    20: 3,
+    24: 3,
+    30: 4,
+}  # keeps the depth axis (a deeper paper model -> a deeper tiny model)
 SMOKE_PRETRAINING_STEPS = 150
 SMOKE_STEPS = 6
 SMOKE_MAX_VIEWS = 4
 # Smoke runs of 6 steps checkpoint once, at step 3 (a quarter of the run would checkpoint every step).
-CPU_RESOURCES = ResourcesConfig(workers=1, gpus_per_worker=0.0, cpus_per_worker=1.0, checkpoint_every_steps=3, checkpoint_every_fraction=0.5,
-                                max_failures=1)
+CPU_RESOURCES = ResourcesConfig(
+    workers=1,
+    gpus_per_worker=0.0,
+    cpus_per_worker=1.0,
+    checkpoint_every_steps=3,
+    checkpoint_every_fraction=0.5,
+    max_failures=1,
+)
 
 
 def tiny_model(depth: int = 2, *, pretraining_steps: int = SMOKE_PRETRAINING_STEPS) -> ModelConfig:
@@ -102,18 +167,38 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
     privacy = config.privacy
     k = 1 if privacy is None else min(privacy.augmentation_multiplicity, SMOKE_MAX_VIEWS)
     if privacy is not None:
-        privacy = PrivacyConfig(target_epsilon=privacy.target_epsilon, sampling_rate=0.05, max_grad_norm=privacy.max_grad_norm,
-                                delta=privacy.delta, augmentation_multiplicity=k, physical_batch_rows=64)
+        privacy = PrivacyConfig(
+            target_epsilon=privacy.target_epsilon,
+            sampling_rate=0.05,
+            max_grad_norm=privacy.max_grad_norm,
+            delta=privacy.delta,
+            augmentation_multiplicity=k,
+            physical_batch_rows=64,
+        )
     trains = config.method.name != "base"
     return TrialConfig(
-        model=tiny_model(TINY_DEPTHS[config.model.depth] if config.model.base == "official" else config.model.depth),
-        data=DataConfig(dataset="digits", resolution=16, cached_views=k), method=config.method, privacy=privacy,
-        optimization=OptimizationConfig(learning_rate=1e-3, steps=steps if trains else 0, seed=config.optimization.seed,
-                                        **({"batch_size": 32} if privacy is None else {})),
-        evaluation=EvaluationConfig(extractor="digits-cnn-v1", num_images=40, top_k=0, batch_size=40,
-                                    convergence_every_steps=steps // 2 if _has_convergence(config) else 0,
-                                    convergence_num_images=20),
-        resources=CPU_RESOURCES)
+        model=tiny_model(
+            TINY_DEPTHS[config.model.depth] if config.model.base == "official" else config.model.depth
+        ),
+        data=DataConfig(dataset="digits", resolution=16, cached_views=k),
+        method=config.method,
+        privacy=privacy,
+        optimization=OptimizationConfig(
+            learning_rate=1e-3,
+            steps=steps if trains else 0,
+            seed=config.optimization.seed,
+            **({"batch_size": 32} if privacy is None else {}),
+        ),
+        evaluation=EvaluationConfig(
+            extractor="digits-cnn-v1",
+            num_images=40,
+            top_k=0,
+            batch_size=40,
+            convergence_every_steps=steps // 2 if _has_convergence(config) else 0,
+            convergence_num_images=20,
+        ),
+        resources=CPU_RESOURCES,
+    )
 
 
 def _has_convergence(config: TrialConfig) -> bool:

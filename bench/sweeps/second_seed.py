@@ -1,4 +1,5 @@
 """The second seed of Table 1 (mean +- std over seeds in the tables): the same trials with seed 1."""
+
 from __future__ import annotations
 
 from ..schema import TrialConfig

@@ -1,5 +1,6 @@
 """Table 9: precision and recall (k=3, Inception features) of the Table 1 models. Every evaluation computes them, so
 these are Table 1's trials: a sweep that already ran Table 1 finds them finished and runs nothing."""
+
 from __future__ import annotations
 
 from ..schema import TrialConfig

@@ -15,14 +15,14 @@ Official layouts (``root`` is the folder that contains the dataset's own top fol
   ``OxfordIIITPet``)
 - ``folder``: ``train/<class>/*``, ``test/<class>/*`` (torchvision ``ImageFolder`` rules; e.g. medical images)
 """
+
 from __future__ import annotations
 
 import hashlib
-
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets as tv
 from torchvision.transforms import v2 as T
+
 from bench.errors import VarsweepError
 
 SPLITS = ("train", "test")
@@ -71,12 +72,20 @@ class ImageList:
         try:
             names = [Path(p).relative_to(root).as_posix() for p in self.paths]
         except ValueError as err:
-            raise DatasetError(f"{self.name} {self.split}: an image lies outside the dataset root {root}: {err}") from err
+            raise DatasetError(
+                f"{self.name} {self.split}: an image lies outside the dataset root {root}: {err}"
+            ) from err
         return _digest(self, names=names, with_mtime=False)
 
-    def without(self, drop: set[int]) -> "ImageList":
+    def without(self, drop: set[int]) -> ImageList:
         keep = [i for i in range(len(self.paths)) if i not in drop]
-        return ImageList(self.name, self.split, tuple(self.paths[i] for i in keep), tuple(self.labels[i] for i in keep), self.class_names)
+        return ImageList(
+            self.name,
+            self.split,
+            tuple(self.paths[i] for i in keep),
+            tuple(self.labels[i] for i in keep),
+            self.class_names,
+        )
 
 
 SAMPLED_FILES = 64  # files whose bytes enter a split's fingerprint (all of them for smaller splits)
@@ -90,8 +99,10 @@ def missing_files(images: ImageList) -> list[str]:
 def _digest(images: ImageList, *, names: list[str], with_mtime: bool) -> str:
     missing = missing_files(images)
     if missing:
-        raise DatasetError(f"{images.name} {images.split}: {len(missing)} listed image(s) do not exist: {', '.join(missing[:5])}"
-                           + (" ..." if len(missing) > 5 else ""))
+        raise DatasetError(
+            f"{images.name} {images.split}: {len(missing)} listed image(s) do not exist: {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else "")
+        )
     digest = hashlib.sha256("\n".join([images.split, *images.class_names, ""]).encode())
     for name, path, label in zip(names, images.paths, images.labels):
         info = Path(path).stat()
@@ -107,7 +118,9 @@ def _digest(images: ImageList, *, names: list[str], with_mtime: bool) -> str:
 def _require(*paths: Path, dataset: str) -> None:
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        raise DatasetError(f"{dataset}: expected layout not found, missing {', '.join(missing)} (see trainables/data/datasets.py)")
+        raise DatasetError(
+            f"{dataset}: expected layout not found, missing {', '.join(missing)} (see trainables/data/datasets.py)"
+        )
 
 
 def _split(split: str, allowed: tuple[str, ...] = SPLITS) -> str:
@@ -118,7 +131,10 @@ def _split(split: str, allowed: tuple[str, ...] = SPLITS) -> str:
 
 def read_cub200(root: Path, split: str) -> ImageList:
     base = root / "CUB_200_2011"
-    files = [base / n for n in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt", "images")]
+    files = [
+        base / n
+        for n in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt", "images")
+    ]
     _require(*files, dataset="cub200")
     images, labels, is_train, classes = (_id_table(f) for f in files[:4])
     wanted = "1" if _split(split) == "train" else "0"
@@ -129,8 +145,13 @@ def read_cub200(root: Path, split: str) -> ImageList:
     unlabeled = [iid for iid in chosen if iid not in labels]
     if unlabeled:
         raise DatasetError(f"cub200: images {unlabeled[:5]} have no entry in image_class_labels.txt")
-    return ImageList("cub200", split, tuple(base / "images" / images[i] for i in chosen), tuple(index_of[labels[i]] for i in chosen),
-                     tuple(classes[c] for c in class_ids))
+    return ImageList(
+        "cub200",
+        split,
+        tuple(base / "images" / images[i] for i in chosen),
+        tuple(index_of[labels[i]] for i in chosen),
+        tuple(classes[c] for c in class_ids),
+    )
 
 
 def _check_cub_split(images: dict[str, str], is_train: dict[str, str]) -> None:
@@ -141,10 +162,14 @@ def _check_cub_split(images: dict[str, str], is_train: dict[str, str]) -> None:
     odd = {iid: is_train[iid] for iid in ids if iid in is_train and is_train[iid] not in ("0", "1")}
     problems = []
     if missing:
-        problems.append(f"{len(missing)} image(s) have no entry in train_test_split.txt (ids {missing[:5]}{' ...' if len(missing) > 5 else ''})")
+        problems.append(
+            f"{len(missing)} image(s) have no entry in train_test_split.txt (ids {missing[:5]}{' ...' if len(missing) > 5 else ''})"
+        )
     if odd:
         shown = dict(list(odd.items())[:5])
-        problems.append(f"{len(odd)} image(s) have a split other than 1 (train) or 0 (test) (id: value {shown}{' ...' if len(odd) > 5 else ''})")
+        problems.append(
+            f"{len(odd)} image(s) have a split other than 1 (train) or 0 (test) (id: value {shown}{' ...' if len(odd) > 5 else ''})"
+        )
     if problems:
         raise DatasetError("cub200: " + "; ".join(problems))
 
@@ -163,43 +188,69 @@ def _id_table(path: Path) -> dict[str, str]:
 def read_flowers102(root: Path, split: str) -> ImageList:
     # Own reader: torchvision's Flowers102 insists on the original files' MD5, which rules out subsets and copies.
     from scipy.io import loadmat
+
     base = root / "flowers-102"
     _require(base / "imagelabels.mat", base / "setid.mat", base / "jpg", dataset="flowers102")
     key = {"train": "trnid", "val": "valid", "test": "tstid"}[_split(split, ("train", "val", "test"))]
     ids = np.atleast_1d(loadmat(base / "setid.mat", squeeze_me=True)[key]).tolist()
     labels = np.atleast_1d(loadmat(base / "imagelabels.mat", squeeze_me=True)["labels"])
-    return ImageList("flowers102", split, tuple(base / "jpg" / f"image_{i:05d}.jpg" for i in ids),
-                     tuple(int(labels[i - 1]) - 1 for i in ids), tuple(tv.Flowers102.classes))
+    return ImageList(
+        "flowers102",
+        split,
+        tuple(base / "jpg" / f"image_{i:05d}.jpg" for i in ids),
+        tuple(int(labels[i - 1]) - 1 for i in ids),
+        tuple(tv.Flowers102.classes),
+    )
 
 
-def _from_torchvision(name: str, build: Callable[[], object], files_attr: str, labels_attr: str | None, split: str) -> ImageList:
+def _from_torchvision(
+    name: str, build: Callable[[], object], files_attr: str, labels_attr: str | None, split: str
+) -> ImageList:
     try:
         data = build()
     except (RuntimeError, FileNotFoundError) as err:
-        raise DatasetError(f"{name}: {err} (local files only; see trainables/data/datasets.py for the layout)") from err
+        raise DatasetError(
+            f"{name}: {err} (local files only; see trainables/data/datasets.py for the layout)"
+        ) from err
     if labels_attr is None:  # list of (path, label)
         paths, labels = zip(*getattr(data, files_attr)) if len(data) else ((), ())
     else:
         paths, labels = getattr(data, files_attr), getattr(data, labels_attr)
-    return ImageList(name, split, tuple(Path(p) for p in paths), tuple(int(x) for x in labels), tuple(data.classes))
+    return ImageList(
+        name, split, tuple(Path(p) for p in paths), tuple(int(x) for x in labels), tuple(data.classes)
+    )
 
 
 def read_food101(root: Path, split: str) -> ImageList:
     _require(root / "food-101" / "meta" / f"{_split(split)}.json", dataset="food101")
-    return _from_torchvision("food101", lambda: tv.Food101(root, split=split, download=False), "_image_files", "_labels", split)
+    return _from_torchvision(
+        "food101", lambda: tv.Food101(root, split=split, download=False), "_image_files", "_labels", split
+    )
 
 
 def read_stanford_cars(root: Path, split: str) -> ImageList:
     base = root / "stanford_cars"
-    annotations = base / "devkit" / "cars_train_annos.mat" if _split(split) == "train" else base / "cars_test_annos_withlabels.mat"
+    annotations = (
+        base / "devkit" / "cars_train_annos.mat"
+        if _split(split) == "train"
+        else base / "cars_test_annos_withlabels.mat"
+    )
     _require(base / "devkit" / "cars_meta.mat", annotations, dataset="stanford_cars")
-    return _from_torchvision("stanford_cars", lambda: tv.StanfordCars(root, split=split, download=False), "_samples", None, split)
+    return _from_torchvision(
+        "stanford_cars", lambda: tv.StanfordCars(root, split=split, download=False), "_samples", None, split
+    )
 
 
 def read_oxford_pet(root: Path, split: str) -> ImageList:
     official = {"train": "trainval", "test": "test"}[_split(split)]
     _require(root / "oxford-iiit-pet" / "annotations" / f"{official}.txt", dataset="oxford_pet")
-    return _from_torchvision("oxford_pet", lambda: tv.OxfordIIITPet(root, split=official, download=False), "_images", "_labels", split)
+    return _from_torchvision(
+        "oxford_pet",
+        lambda: tv.OxfordIIITPet(root, split=official, download=False),
+        "_images",
+        "_labels",
+        split,
+    )
 
 
 def read_folder(root: Path, split: str) -> ImageList:
@@ -210,12 +261,22 @@ def read_folder(root: Path, split: str) -> ImageList:
     except FileNotFoundError as err:
         raise DatasetError(f"folder: {err}") from err
     classes = tuple(data.classes)  # class_to_idx order: the mapping every label below uses
-    return ImageList("folder", split, tuple(Path(p) for p, _ in data.samples), tuple(label for _, label in data.samples), classes)
+    return ImageList(
+        "folder",
+        split,
+        tuple(Path(p) for p, _ in data.samples),
+        tuple(label for _, label in data.samples),
+        classes,
+    )
 
 
 READERS: dict[str, Callable[[Path, str], ImageList]] = {
-    "cub200": read_cub200, "food101": read_food101, "flowers102": read_flowers102,
-    "stanford_cars": read_stanford_cars, "oxford_pet": read_oxford_pet, "folder": read_folder,
+    "cub200": read_cub200,
+    "food101": read_food101,
+    "flowers102": read_flowers102,
+    "stanford_cars": read_stanford_cars,
+    "oxford_pet": read_oxford_pet,
+    "folder": read_folder,
 }
 
 
@@ -243,20 +304,36 @@ def check_images(images: ImageList, *, skip_corrupt: bool = False) -> tuple[Imag
             bad[i] = f"{path}: {err}"
     if bad and not skip_corrupt:
         listed = "\n  ".join(list(bad.values())[:10])
-        raise DatasetError(f"{images.name} {images.split}: {len(bad)} unreadable image(s) (pass skip_corrupt=True to drop them):\n  {listed}")
+        raise DatasetError(
+            f"{images.name} {images.split}: {len(bad)} unreadable image(s) (pass skip_corrupt=True to drop them):\n  {listed}"
+        )
     return images.without(set(bad)), list(bad.values())
 
 
 def train_transform(resolution: int = 256, *, resize_ratio: float = 288 / 256) -> Callable:
     """The paper's training augmentation: shorter side to resolution*288/256 (LANCZOS), random crop, [-1, 1]."""
-    return T.Compose([T.Resize(round(resolution * resize_ratio), interpolation=T.InterpolationMode.LANCZOS),
-                      T.RandomCrop(resolution), T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.5] * 3)])
+    return T.Compose(
+        [
+            T.Resize(round(resolution * resize_ratio), interpolation=T.InterpolationMode.LANCZOS),
+            T.RandomCrop(resolution),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize([0.5] * 3, [0.5] * 3),
+        ]
+    )
 
 
 def eval_transform(resolution: int = 256, *, resize_ratio: float = 288 / 256) -> Callable:
     """Evaluation: the same resize, centre crop, [-1, 1]."""
-    return T.Compose([T.Resize(round(resolution * resize_ratio), interpolation=T.InterpolationMode.LANCZOS),
-                      T.CenterCrop(resolution), T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.5] * 3)])
+    return T.Compose(
+        [
+            T.Resize(round(resolution * resize_ratio), interpolation=T.InterpolationMode.LANCZOS),
+            T.CenterCrop(resolution),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize([0.5] * 3, [0.5] * 3),
+        ]
+    )
 
 
 class ImageListDataset(Dataset):
@@ -276,4 +353,3 @@ class ImageListDataset(Dataset):
         except (OSError, UnidentifiedImageError) as err:
             raise DatasetError(f"cannot read image {path}: {err}") from err
         return self.transform(rgb), self.images.labels[index]
-

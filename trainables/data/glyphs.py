@@ -7,9 +7,10 @@ it can represent a new stroke domain; it has never seen a digit: no digit is eve
 holds letters and symbols only), so handwritten digits stay a domain the base must be adapted to.
 Images are uint8 [N, 3, H, W], fully determined by (split, seed); no files are read but the fonts.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,25 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 # Uppercase letters, the lowercase letters whose shapes differ from their capitals, and symbols; never a digit.
 GLYPH_CLASSES = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ") + tuple("abdeghnqrt") + tuple("+#%&@?")
-FONT_FILES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-              "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-              "DejaVuSerif-Italic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
-              "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmb10.ttf", "cmti10.ttf")
+FONT_FILES = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "cmr10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+    "cmb10.ttf",
+    "cmti10.ttf",
+)
 LOW_RESOLUTION_SHARE = 0.5
 MAX_STROKE = 0.07  # extra stroke width, as a share of the font size
 SUPERSAMPLE = 4  # render at 4x, then box-filter down: anti-aliased strokes at any size
@@ -34,7 +50,7 @@ def font_folder() -> Path:
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font(file: str, size_px: int) -> ImageFont.FreeTypeFont:
     path = font_folder() / file
     if not path.is_file():
@@ -48,7 +64,7 @@ def _drawn(font: ImageFont.FreeTypeFont, char: str) -> np.ndarray:
     return np.asarray(canvas)
 
 
-@lru_cache(maxsize=None)
+@cache
 def fonts_for(char: str) -> tuple[str, ...]:
     """The font files that draw ``char`` as a real glyph (not blank, not the font's 'missing glyph' box)."""
     usable = []
@@ -83,18 +99,31 @@ def ink_mask(char: str, *, image_size: int, rng: np.random.Generator, max_blur_p
     big = image_size * SUPERSAMPLE
     font_file = fonts_for(char)[rng.integers(len(fonts_for(char)))]
     size = 2 * big // 3  # the font size only sets the stroke/shape detail: the glyph is rescaled below
-    stroke = int(round(rng.uniform(0.0, MAX_STROKE) * size))  # hairline to marker strokes on top of the font's own weight
+    stroke = int(
+        round(rng.uniform(0.0, MAX_STROKE) * size)
+    )  # hairline to marker strokes on top of the font's own weight
     canvas = Image.new("L", (2 * big, 2 * big), 0)
-    ImageDraw.Draw(canvas).text((big, big), char, font=_font(font_file, size), fill=255, anchor="mm",
-                                stroke_width=stroke, stroke_fill=255)
+    ImageDraw.Draw(canvas).text(
+        (big, big),
+        char,
+        font=_font(font_file, size),
+        fill=255,
+        anchor="mm",
+        stroke_width=stroke,
+        stroke_fill=255,
+    )
     canvas = canvas.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR)
     glyph = canvas.crop(canvas.getbbox() or (0, 0, 2 * big, 2 * big))
     scale = rng.uniform(0.55, 0.95) * big / max(glyph.size)  # its longer side spans 55-95% of the frame
-    glyph = glyph.resize((max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))), Image.BILINEAR)
+    glyph = glyph.resize(
+        (max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))), Image.BILINEAR
+    )
     frame = Image.new("L", (big, big), 0)
     slack_x, slack_y = big - glyph.width, big - glyph.height
     frame.paste(glyph, (int(rng.uniform(0.2, 0.8) * slack_x), int(rng.uniform(0.2, 0.8) * slack_y)))
-    blur = rng.uniform(0.0, max_blur_px) * SUPERSAMPLE  # up to one output pixel: soft strokes like scanned ink
+    blur = (
+        rng.uniform(0.0, max_blur_px) * SUPERSAMPLE
+    )  # up to one output pixel: soft strokes like scanned ink
     if blur > 0.3:
         frame = frame.filter(ImageFilter.GaussianBlur(blur))
     return np.asarray(frame.resize((image_size, image_size), Image.BOX), dtype=np.float32) / 255.0
@@ -111,16 +140,22 @@ def render(char: str, *, image_size: int, rng: np.random.Generator) -> np.ndarra
     else:
         mask = ink_mask(char, image_size=image_size, rng=rng)[..., None]
     ink, paper = _colours(rng)
-    shading = 1.0 + 0.08 * rng.uniform(-1, 1) * np.linspace(-1, 1, image_size)[None, :, None]  # uneven lighting
+    shading = (
+        1.0 + 0.08 * rng.uniform(-1, 1) * np.linspace(-1, 1, image_size)[None, :, None]
+    )  # uneven lighting
     return np.clip(paper * shading * (1 - mask) + ink * mask, 0.0, 1.0)
 
 
-def glyph_images(*, split: str, images_per_class: int, image_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def glyph_images(
+    *, split: str, images_per_class: int, image_size: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 [N, 3, H, W], labels int64 [N] indexing ``GLYPH_CLASSES``); splits use disjoint streams."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if images_per_class < 1 or image_size < 8:
-        raise ValueError(f"need images_per_class >= 1 and image_size >= 8, got {images_per_class}, {image_size}")
+        raise ValueError(
+            f"need images_per_class >= 1 and image_size >= 8, got {images_per_class}, {image_size}"
+        )
     rng = np.random.default_rng([seed, SPLITS.index(split), 7])
     labels = np.repeat(np.arange(len(GLYPH_CLASSES)), images_per_class)
     pixels = np.stack([render(GLYPH_CLASSES[k], image_size=image_size, rng=rng) for k in labels])

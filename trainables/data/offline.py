@@ -10,6 +10,7 @@ Two domains, so that the tiny pipeline has something real to adapt *to*:
   stroke-based, hand-made) is clearly different from the source.
 Images are uint8 [N, 3, H, W]; ``to_unit_range`` maps them to the model's [-1, 1].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-SHAPE_CLASSES = ("circle", "ring", "square", "diamond", "triangle", "plus", "wide bar", "tall bar", "two dots", "checker")
+SHAPE_CLASSES = (
+    "circle",
+    "ring",
+    "square",
+    "diamond",
+    "triangle",
+    "plus",
+    "wide bar",
+    "tall bar",
+    "two dots",
+    "checker",
+)
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 SUPERSAMPLE = 4  # render at 4x then area-average, for anti-aliased edges
 SPLITS = ("train", "test")
@@ -84,7 +96,9 @@ def _render_shape(kind: int, *, image_size: int, rng: np.random.Generator) -> np
     gx, gy = np.meshgrid(coords, coords)
     size = rng.uniform(0.35, 0.6)
     cx, cy = rng.uniform(-0.95 + size, 0.95 - size, size=2)
-    angle = rng.uniform(-0.35, 0.35)  # small tilt only: larger turns would make 'plus' and 'checker' ambiguous
+    angle = rng.uniform(
+        -0.35, 0.35
+    )  # small tilt only: larger turns would make 'plus' and 'checker' ambiguous
     dx, dy = (gx - cx) / size, (gy - cy) / size
     x, y = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
     mask = _shape_mask(kind, x, y).astype(np.float32)
@@ -103,7 +117,9 @@ def shapes(*, split: str, images_per_class: int, image_size: int = 32, seed: int
     Splits use disjoint random streams, so train and test never share an image."""
     _check_split(split)
     if images_per_class < 1 or image_size < 8:
-        raise ValueError(f"need images_per_class >= 1 and image_size >= 8, got {images_per_class}, {image_size}")
+        raise ValueError(
+            f"need images_per_class >= 1 and image_size >= 8, got {images_per_class}, {image_size}"
+        )
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     labels = np.repeat(np.arange(len(SHAPE_CLASSES)), images_per_class)
     pixels = np.stack([_render_shape(int(k), image_size=image_size, rng=rng) for k in labels])
@@ -121,13 +137,17 @@ def digits(*, split: str, image_size: int = 32, test_fraction: float = 0.2, seed
     ink_N88 = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)
     labels_N = torch.from_numpy(bunch.target.astype(np.int64))
     chosen = _stratified_indices(labels_N, split=split, test_fraction=test_fraction, seed=seed)
-    ink_N1HW = F.interpolate(ink_N88[chosen, None], size=(image_size, image_size), mode="bicubic", align_corners=False).clamp(0, 1)
+    ink_N1HW = F.interpolate(
+        ink_N88[chosen, None], size=(image_size, image_size), mode="bicubic", align_corners=False
+    ).clamp(0, 1)
     paper_N3HW = (1.0 - 0.85 * ink_N1HW).expand(-1, 3, -1, -1)
     images = paper_N3HW.mul(255).round().to(torch.uint8).contiguous()
     return ImageSet("digits", split, images, labels_N[chosen], DIGIT_CLASSES)
 
 
-def _stratified_indices(labels_N: torch.Tensor, *, split: str, test_fraction: float, seed: int) -> torch.Tensor:
+def _stratified_indices(
+    labels_N: torch.Tensor, *, split: str, test_fraction: float, seed: int
+) -> torch.Tensor:
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     generator = torch.Generator().manual_seed(seed)
@@ -158,22 +178,39 @@ def folder_path(name: str, root: str | Path, *, image_size: int, seed: int = 0) 
 def _split_set(name: str, split: str, *, image_size: int, seed: int) -> ImageSet:
     if name == "digits":
         return digits(split=split, image_size=image_size, seed=seed)
-    return shapes(split=split, images_per_class=200 if split == "train" else 50, image_size=image_size, seed=seed)
+    return shapes(
+        split=split, images_per_class=200 if split == "train" else 50, image_size=image_size, seed=seed
+    )
 
 
 def _file_layout(images: ImageSet, folder: Path) -> list[tuple[Path, int]]:
     """(PNG path, label) of every image, in generation order."""
-    return [(folder / images.split / f"{label:02d}_{images.class_names[label].replace(' ', '_')}" / f"{i:05d}.png", label)
-            for i, label in enumerate(images.labels_N.tolist())]
+    return [
+        (
+            folder
+            / images.split
+            / f"{label:02d}_{images.class_names[label].replace(' ', '_')}"
+            / f"{i:05d}.png",
+            label,
+        )
+        for i, label in enumerate(images.labels_N.tolist())
+    ]
 
 
-def listing(name: str, root: str | Path, split: str, *, image_size: int, seed: int = 0) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
+def listing(
+    name: str, root: str | Path, split: str, *, image_size: int, seed: int = 0
+) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
     """The (path, label) list and class names a split of ``write_folder``'s folder has (or will have), in the
     order the generic folder reader lists it (class folder, then file name), without writing anything: what a
     dry run counts."""
     images = _split_set(name, split, image_size=image_size, seed=seed)
-    files = sorted(_file_layout(images, folder_path(name, root, image_size=image_size, seed=seed)), key=lambda item: item[0])
-    return files, tuple(sorted({path.parent.name for path, _ in files}))  # the reader names classes by their folders
+    files = sorted(
+        _file_layout(images, folder_path(name, root, image_size=image_size, seed=seed)),
+        key=lambda item: item[0],
+    )
+    return files, tuple(
+        sorted({path.parent.name for path, _ in files})
+    )  # the reader names classes by their folders
 
 
 def write_folder(name: str, root: str | Path, *, image_size: int, seed: int = 0) -> Path:

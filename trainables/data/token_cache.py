@@ -16,6 +16,7 @@ files' content fingerprint (``ImageList.fingerprint()``: paths, labels, sizes, m
 weights, resolution and augmentation spec: change any, or replace an image's pixels at the same path, and the cache
 misses. A cache is shared by every trial (and sweep) with the same key.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,7 +53,9 @@ class ViewSpec:
 
     def __post_init__(self) -> None:
         if self.resolution < 1 or self.num_views < 1 or self.resize_ratio < 1.0:
-            raise ValueError(f"invalid view spec {self}: need resolution >= 1, num_views >= 1, resize_ratio >= 1")
+            raise ValueError(
+                f"invalid view spec {self}: need resolution >= 1, num_views >= 1, resize_ratio >= 1"
+            )
 
 
 def vqvae_fingerprint(vqvae: VQVAE) -> str:
@@ -65,20 +68,34 @@ def vqvae_fingerprint(vqvae: VQVAE) -> str:
 
 
 def cache_key(images: ImageList, vqvae: VQVAE, spec: ViewSpec) -> dict:
-    return {"format": CACHE_FORMAT, "dataset": images.name, "split": images.split, "images": images.fingerprint(),
-            "num_images": len(images), "vqvae": vqvae_fingerprint(vqvae), "patch_nums": list(vqvae.patch_nums),
-            "vocab_size": vqvae.vocab_size, "views": asdict(spec)}
+    return {
+        "format": CACHE_FORMAT,
+        "dataset": images.name,
+        "split": images.split,
+        "images": images.fingerprint(),
+        "num_images": len(images),
+        "vqvae": vqvae_fingerprint(vqvae),
+        "patch_nums": list(vqvae.patch_nums),
+        "vocab_size": vqvae.vocab_size,
+        "views": asdict(spec),
+    }
 
 
 def make_views(image: Image.Image, *, spec: ViewSpec, index: int) -> torch.Tensor:
     """The ``num_views`` cached views of image ``index`` [V, 3, R, R] in [-1, 1]; deterministic in (spec, index)."""
-    resized = TF.resize(image.convert("RGB"), round(spec.resolution * spec.resize_ratio), interpolation=T.InterpolationMode.LANCZOS)
+    resized = TF.resize(
+        image.convert("RGB"),
+        round(spec.resolution * spec.resize_ratio),
+        interpolation=T.InterpolationMode.LANCZOS,
+    )
     pixels = TF.to_dtype(TF.to_image(resized), torch.float32, scale=True) * 2 - 1
     H, W = pixels.shape[-2:]
     generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
     tops = torch.randint(0, H - spec.resolution + 1, (spec.num_views,), generator=generator).tolist()
     lefts = torch.randint(0, W - spec.resolution + 1, (spec.num_views,), generator=generator).tolist()
-    return torch.stack([pixels[:, t: t + spec.resolution, s: s + spec.resolution] for t, s in zip(tops, lefts)])
+    return torch.stack(
+        [pixels[:, t : t + spec.resolution, s : s + spec.resolution] for t, s in zip(tops, lefts)]
+    )
 
 
 class TokenCache:
@@ -112,13 +129,22 @@ class TokenCache:
         return [(int(start), int(stop)) for start, stop in record["finished_images"]]
 
     def _record_finished(self, ranges: list[tuple[int, int]]) -> None:
-        record = {"format": PROGRESS_FORMAT, "shard_size": self.shard_size, "finished_images": [list(r) for r in _merged(ranges)]}
+        record = {
+            "format": PROGRESS_FORMAT,
+            "shard_size": self.shard_size,
+            "finished_images": [list(r) for r in _merged(ranges)],
+        }
         _atomic_write_text(self.folder / "progress.json", json.dumps(record))
 
-    def build(self, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, batch_size: int = 64, log: Log | None = None) -> None:
+    def build(
+        self, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, batch_size: int = 64, log: Log | None = None
+    ) -> None:
         """Tokenise every unfinished shard (resumes an interrupted build), then mark the cache complete."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.folder / "meta.json", json.dumps({**self.key, "complete": False, "dtype": np.dtype(self.dtype).name}, indent=1))
+        _atomic_write_text(
+            self.folder / "meta.json",
+            json.dumps({**self.key, "complete": False, "dtype": np.dtype(self.dtype).name}, indent=1),
+        )
         arrays = [self._open_for_writing(si, pn, spec) for si, pn in enumerate(self.key["patch_nums"])]
         finished = self._finished_ranges()
         device = next(vqvae.parameters()).device
@@ -128,14 +154,22 @@ class TokenCache:
             start, stop = shard * self.shard_size, min((shard + 1) * self.shard_size, len(images))
             if _covered(start, stop, finished):
                 continue
-            for array, tokens in zip(arrays, _tokenise(images, list(range(start, stop)), vqvae, spec=spec, batch_size=batch_size, device=device)):
+            for array, tokens in zip(
+                arrays,
+                _tokenise(
+                    images, list(range(start, stop)), vqvae, spec=spec, batch_size=batch_size, device=device
+                ),
+            ):
                 array[start:stop] = tokens
                 array.flush()
             finished = _merged([*finished, (start, stop)])
             self._record_finished(finished)
             progress.update(stop)
         np.save(self.folder / "labels.npy", np.asarray(images.labels, dtype=np.int64))
-        _atomic_write_text(self.folder / "meta.json", json.dumps({**self.key, "complete": True, "dtype": np.dtype(self.dtype).name}, indent=1))
+        _atomic_write_text(
+            self.folder / "meta.json",
+            json.dumps({**self.key, "complete": True, "dtype": np.dtype(self.dtype).name}, indent=1),
+        )
 
     def _open_for_writing(self, si: int, pn: int, spec: ViewSpec) -> np.memmap:
         shape = (self.key["num_images"], spec.num_views, pn * pn)
@@ -144,7 +178,9 @@ class TokenCache:
             array = np.load(path, mmap_mode="r+")
             if array.shape == shape and array.dtype == self.dtype:
                 return array
-        (self.folder / "progress.json").unlink(missing_ok=True)  # a new or mismatched file: nothing in it is finished
+        (self.folder / "progress.json").unlink(
+            missing_ok=True
+        )  # a new or mismatched file: nothing in it is finished
         return np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=shape)
 
     def load(self) -> TokenViews:
@@ -157,15 +193,26 @@ class TokenCache:
             try:
                 array = np.load(self.scale_path(si), mmap_mode="c")
             except (OSError, ValueError) as err:
-                raise DatasetError(f"token cache file {self.scale_path(si)} is damaged ({err}); delete the folder to rebuild") from err
+                raise DatasetError(
+                    f"token cache file {self.scale_path(si)} is damaged ({err}); delete the folder to rebuild"
+                ) from err
             if array.shape[0] != self.key["num_images"] or array.shape[2] != pn * pn:
-                raise DatasetError(f"token cache file {self.scale_path(si)} has shape {array.shape}, expected [{self.key['num_images']}, V, {pn * pn}]")
+                raise DatasetError(
+                    f"token cache file {self.scale_path(si)} has shape {array.shape}, expected [{self.key['num_images']}, V, {pn * pn}]"
+                )
             views.append(torch.from_numpy(array))
         return TokenViews(torch.from_numpy(np.load(self.folder / "labels.npy")), tuple(views))
 
 
-def _tokenise(images: ImageList, indices: list[int], vqvae: VQVAE, *, spec: ViewSpec, batch_size: int,
-              device: torch.device) -> list[np.ndarray]:
+def _tokenise(
+    images: ImageList,
+    indices: list[int],
+    vqvae: VQVAE,
+    *,
+    spec: ViewSpec,
+    batch_size: int,
+    device: torch.device,
+) -> list[np.ndarray]:
     """Token maps of every view of the given images: per scale [n, V, pn*pn]."""
     per_image = []
     for index in indices:
@@ -177,8 +224,13 @@ def _tokenise(images: ImageList, indices: list[int], vqvae: VQVAE, *, spec: View
         per_image.append(views_V3RR)
     rows = torch.cat(per_image)
     with torch.no_grad():
-        chunks = [vqvae.img_to_idxBl(rows[s: s + batch_size].to(device)) for s in range(0, len(rows), batch_size)]
-    return [torch.cat([c[si] for c in chunks]).view(len(indices), spec.num_views, -1).cpu().numpy() for si in range(len(vqvae.patch_nums))]
+        chunks = [
+            vqvae.img_to_idxBl(rows[s : s + batch_size].to(device)) for s in range(0, len(rows), batch_size)
+        ]
+    return [
+        torch.cat([c[si] for c in chunks]).view(len(indices), spec.num_views, -1).cpu().numpy()
+        for si in range(len(vqvae.patch_nums))
+    ]
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -201,8 +253,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def open_token_cache(root: str | Path, images: ImageList, vqvae: VQVAE, *, spec: ViewSpec, shard_size: int = 256,
-                     batch_size: int = 64, log: Log | None = None) -> tuple[TokenViews, bool]:
+def open_token_cache(
+    root: str | Path,
+    images: ImageList,
+    vqvae: VQVAE,
+    *,
+    spec: ViewSpec,
+    shard_size: int = 256,
+    batch_size: int = 64,
+    log: Log | None = None,
+) -> tuple[TokenViews, bool]:
     """(token views of ``images``, whether the cache was already complete). Builds or finishes it on a miss."""
     cache = TokenCache(root, cache_key(images, vqvae, spec), shard_size=shard_size)
     hit = cache.complete

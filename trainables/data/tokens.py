@@ -4,10 +4,11 @@
 (computed once by the frozen VQVAE; the on-disk cache of a later issue produces the same structure).
 Augmentation multiplicity k draws k distinct views of each sampled example per step.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -23,10 +24,12 @@ class TokenViews:
         N, V = self.labels_N.shape[0], self.views[0].shape[1]
         bad = [si for si, v in enumerate(self.views) if v.ndim != 3 or v.shape[:2] != (N, V)]
         if bad:
-            raise ValueError(f"token views of scales {bad} are not [N={N}, V={V}, pn*pn]: {[list(self.views[si].shape) for si in bad]}")
+            raise ValueError(
+                f"token views of scales {bad} are not [N={N}, V={V}, pn*pn]: {[list(self.views[si].shape) for si in bad]}"
+            )
 
     @classmethod
-    def single_view(cls, labels_N: torch.Tensor, tokens: Sequence[torch.Tensor]) -> "TokenViews":
+    def single_view(cls, labels_N: torch.Tensor, tokens: Sequence[torch.Tensor]) -> TokenViews:
         """From one token map per example ([N, pn*pn] per scale)."""
         return cls(labels_N, tuple(t[:, None] for t in tokens))
 
@@ -40,11 +43,20 @@ class TokenViews:
 
     def check_multiplicity(self, k: int) -> None:
         if not 1 <= k <= self.num_views:
-            raise ValueError(f"augmentation multiplicity k={k} needs k distinct cached views per example, "
-                             f"but the token data holds {self.num_views}")
+            raise ValueError(
+                f"augmentation multiplicity k={k} needs k distinct cached views per example, "
+                f"but the token data holds {self.num_views}"
+            )
 
-    def take(self, indices: torch.Tensor, *, k: int, generator: torch.Generator | None = None, uniform_bV: torch.Tensor | None = None,
-             device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def take(
+        self,
+        indices: torch.Tensor,
+        *,
+        k: int,
+        generator: torch.Generator | None = None,
+        uniform_bV: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(labels [b], per scale the token maps [b, k, pn*pn] of k distinct views of each example, int64). The views
         are those with the k smallest of the example's V uniforms: ``uniform_bV`` (per-example draws, see
         trainables/draws.py) or, without it, uniforms drawn from ``generator`` in batch order."""
@@ -52,8 +64,12 @@ class TokenViews:
         if uniform_bV is None:
             uniform_bV = torch.rand(len(indices), self.num_views, generator=generator)
         elif tuple(uniform_bV.shape) != (len(indices), self.num_views):
-            raise ValueError(f"uniform_bV must be [b={len(indices)}, V={self.num_views}], got {list(uniform_bV.shape)}")
+            raise ValueError(
+                f"uniform_bV must be [b={len(indices)}, V={self.num_views}], got {list(uniform_bV.shape)}"
+            )
         pick_bk = uniform_bV.cpu().argsort(dim=1)[:, :k]
         rows_b1 = indices[:, None]
-        return (self.labels_N[indices].to(device),
-                [v[rows_b1, pick_bk].to(device=device, dtype=torch.long) for v in self.views])
+        return (
+            self.labels_N[indices].to(device),
+            [v[rows_b1, pick_bk].to(device=device, dtype=torch.long) for v in self.views],
+        )

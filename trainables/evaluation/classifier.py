@@ -10,6 +10,7 @@ Images of any size and colour are converted to grey and resized to 16x16 (the di
 exists), so one classifier serves every resolution. Built once per cache folder under a file lock, seeded, with its
 test accuracy (digits *test* split) in a JSON sidecar that every result records.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,19 @@ from .features import DIGITS_CNN
 CLASSIFIER = DIGITS_CNN
 INPUT_SIZE = 16
 FEATURES = 128
-TRAINING = {"epochs": 10, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4, "max_shift_px": 1, "max_zoom": 1.15, "max_blur_px": 1.0, "seed": 0,
-            "train_split": "train", "test_split": "test", "split_seed": 0}
+TRAINING = {
+    "epochs": 10,
+    "batch_size": 64,
+    "lr": 2e-3,
+    "weight_decay": 1e-4,
+    "max_shift_px": 1,
+    "max_zoom": 1.15,
+    "max_blur_px": 1.0,
+    "seed": 0,
+    "train_split": "train",
+    "test_split": "test",
+    "split_seed": 0,
+}
 
 
 class DigitsCNN(nn.Module):
@@ -42,22 +54,34 @@ class DigitsCNN(nn.Module):
         # Like Inception-v3's pool3 features (the paper's extractor): the last convolutions' channels averaged over
         # positions, so the features describe which strokes are drawn rather than the exact pixels they sit on.
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 8x8
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 4x4
-            nn.Conv2d(64, FEATURES, 3, padding=1), nn.BatchNorm2d(FEATURES), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.Conv2d(64, FEATURES, 3, padding=1),
+            nn.BatchNorm2d(FEATURES),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(FEATURES, classes))
 
     @staticmethod
     def prepare(images_B3HW: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> grey float [B, 1, 16, 16] in [-1, 1]."""
         if images_B3HW.dtype != torch.uint8 or images_B3HW.ndim != 4 or images_B3HW.shape[1] != 3:
-            raise ValueError(f"expected uint8 images [B, 3, H, W], got {images_B3HW.dtype} {list(images_B3HW.shape)}")
+            raise ValueError(
+                f"expected uint8 images [B, 3, H, W], got {images_B3HW.dtype} {list(images_B3HW.shape)}"
+            )
         grey_B1HW = images_B3HW.float().mean(dim=1, keepdim=True).div(127.5).sub(1.0)
         if grey_B1HW.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-            grey_B1HW = F.interpolate(grey_B1HW, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
+            grey_B1HW = F.interpolate(
+                grey_B1HW, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False
+            )
         return grey_B1HW
 
     def forward(self, images_B3HW: torch.Tensor) -> torch.Tensor:
@@ -67,7 +91,9 @@ class DigitsCNN(nn.Module):
         return self.head(self.forward(images_B3HW))
 
 
-def _augmented(images_N3HW: torch.Tensor, *, max_shift: int, max_zoom: float, max_blur: float, generator: torch.Generator) -> torch.Tensor:
+def _augmented(
+    images_N3HW: torch.Tensor, *, max_shift: int, max_zoom: float, max_blur: float, generator: torch.Generator
+) -> torch.Tensor:
     """Each image zoomed in by up to ``max_zoom`` (the evaluation transform's resize-and-crop enlarges real images
     by 288/256), moved by up to ``max_shift`` pixels (paper-coloured border) and blurred by a Gaussian of a random
     width up to ``max_blur`` pixels: the features should tell digits apart, not where a digit sits in its frame,
@@ -77,15 +103,15 @@ def _augmented(images_N3HW: torch.Tensor, *, max_shift: int, max_zoom: float, ma
     x = torch.stack([_zoomed(image, zoom) for image, zoom in zip(images_N3HW.float(), zooms)])
     x = F.pad(x, (max_shift,) * 4, mode="replicate")
     dx, dy = torch.randint(0, 2 * max_shift + 1, (2, N), generator=generator).tolist()
-    x = torch.stack([x[i, :, y: y + H, x_: x_ + W] for i, (x_, y) in enumerate(zip(dx, dy))])
+    x = torch.stack([x[i, :, y : y + H, x_ : x_ + W] for i, (x_, y) in enumerate(zip(dx, dy))])
     if max_blur > 0:
         sigma_N = torch.rand(N, generator=generator) * max_blur
         offsets = torch.arange(-2, 3, dtype=torch.float32)
-        kernel_N5 = torch.exp(-offsets[None] ** 2 / (2 * sigma_N[:, None].clamp_min(1e-3) ** 2))
+        kernel_N5 = torch.exp(-(offsets[None] ** 2) / (2 * sigma_N[:, None].clamp_min(1e-3) ** 2))
         kernel_N5 = kernel_N5 / kernel_N5.sum(dim=1, keepdim=True)
         padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
-        rows = sum(kernel_N5[:, k, None, None, None] * padded[..., :, k: k + W] for k in range(5))
-        x = sum(kernel_N5[:, k, None, None, None] * rows[..., k: k + H, :] for k in range(5))
+        rows = sum(kernel_N5[:, k, None, None, None] * padded[..., :, k : k + W] for k in range(5))
+        x = sum(kernel_N5[:, k, None, None, None] * rows[..., k : k + H, :] for k in range(5))
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
@@ -97,7 +123,7 @@ def _zoomed(image_3HW: torch.Tensor, zoom: float) -> torch.Tensor:
         return image_3HW
     big = F.interpolate(image_3HW[None], size=size, mode="bilinear", align_corners=False)[0]
     top, left = (size[0] - H) // 2, (size[1] - W) // 2
-    return big[:, top: top + H, left: left + W]
+    return big[:, top : top + H, left : left + W]
 
 
 def train_classifier(train: offline.ImageSet, *, log: Log | None = None) -> DigitsCNN:
@@ -114,9 +140,14 @@ def train_classifier(train: offline.ImageSet, *, log: Log | None = None) -> Digi
     for epoch in range(t["epochs"]):
         order = torch.randperm(len(train), generator=generator)
         for start in range(0, per_epoch * t["batch_size"], t["batch_size"]):
-            pick = order[start: start + t["batch_size"]]
-            images = _augmented(train.images_N3HW[pick], max_shift=t["max_shift_px"], max_zoom=t["max_zoom"], max_blur=t["max_blur_px"],
-                                generator=generator)
+            pick = order[start : start + t["batch_size"]]
+            images = _augmented(
+                train.images_N3HW[pick],
+                max_shift=t["max_shift_px"],
+                max_zoom=t["max_zoom"],
+                max_blur=t["max_blur_px"],
+                generator=generator,
+            )
             loss = F.cross_entropy(model.logits(images), train.labels_N[pick])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -130,15 +161,21 @@ def train_classifier(train: offline.ImageSet, *, log: Log | None = None) -> Digi
 def predict(model: DigitsCNN, images_N3HW: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """Predicted class [N] of uint8 images."""
     device = next(model.parameters()).device
-    return torch.cat([model.logits(images_N3HW[s: s + batch_size].to(device)).argmax(dim=1).cpu()
-                      for s in range(0, len(images_N3HW), batch_size)])
+    return torch.cat(
+        [
+            model.logits(images_N3HW[s : s + batch_size].to(device)).argmax(dim=1).cpu()
+            for s in range(0, len(images_N3HW), batch_size)
+        ]
+    )
 
 
 def class_accuracy(predicted_N: torch.Tensor, requested_N: torch.Tensor, *, classes: int) -> dict:
     """{"class_accuracy": share of images read as the class they were generated for, "class_accuracy_per_class":
     the same per class index (None for a class with no image)}."""
     hits_N = (predicted_N == requested_N).double()
-    per_class = [hits_N[requested_N == c].mean().item() if (requested_N == c).any() else None for c in range(classes)]
+    per_class = [
+        hits_N[requested_N == c].mean().item() if (requested_N == c).any() else None for c in range(classes)
+    ]
     return {"class_accuracy": hits_N.mean().item(), "class_accuracy_per_class": per_class}
 
 
@@ -148,7 +185,9 @@ def classifier_folder(cache_dir: str | Path) -> Path:
     return Path(cache_dir) / "digits-classifier" / f"{CLASSIFIER}-{key}"
 
 
-def digit_classifier(cache_dir: str | Path, *, device: torch.device | str = "cpu", log: Log | None = None) -> tuple[DigitsCNN, dict]:
+def digit_classifier(
+    cache_dir: str | Path, *, device: torch.device | str = "cpu", log: Log | None = None
+) -> tuple[DigitsCNN, dict]:
     """(the classifier in eval mode on ``device``, its record: name, test accuracy, weights SHA-256, training
     settings), trained on first use and cached under ``cache_dir``."""
     folder = classifier_folder(cache_dir)
@@ -158,7 +197,9 @@ def digit_classifier(cache_dir: str | Path, *, device: torch.device | str = "cpu
             _build(weights, sidecar, log=log)
     record = json.loads(sidecar.read_text())
     if _sha256(weights) != record["weights_sha256"]:
-        raise ValueError(f"{weights} does not match the SHA-256 in {sidecar}; delete {folder} to retrain the classifier")
+        raise ValueError(
+            f"{weights} does not match the SHA-256 in {sidecar}; delete {folder} to retrain the classifier"
+        )
     model = DigitsCNN()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device).eval().requires_grad_(False), record
@@ -166,16 +207,28 @@ def digit_classifier(cache_dir: str | Path, *, device: torch.device | str = "cpu
 
 def _build(weights: Path, sidecar: Path, *, log: Log | None) -> None:
     t = TRAINING
-    Progress(CLASSIFIER, "", 1, log=log).message(f"training once on the digits train split ({t['epochs']} epochs) into {weights.parent}")
+    Progress(CLASSIFIER, "", 1, log=log).message(
+        f"training once on the digits train split ({t['epochs']} epochs) into {weights.parent}"
+    )
     train = offline.digits(split=t["train_split"], image_size=INPUT_SIZE, seed=t["split_seed"])
     test = offline.digits(split=t["test_split"], image_size=INPUT_SIZE, seed=t["split_seed"])
     model = train_classifier(train, log=log)
     accuracy = (predict(model, test.images_N3HW) == test.labels_N).double().mean().item()
     atomic_write(weights, lambda tmp: torch.save(model.state_dict(), tmp))
-    record = {"name": CLASSIFIER, "test_accuracy": accuracy, "weights_sha256": _sha256(weights), "train_images": len(train),
-              "test_images": len(test), "input_size": INPUT_SIZE, "features": FEATURES, "training": t}
+    record = {
+        "name": CLASSIFIER,
+        "test_accuracy": accuracy,
+        "weights_sha256": _sha256(weights),
+        "train_images": len(train),
+        "test_images": len(test),
+        "input_size": INPUT_SIZE,
+        "features": FEATURES,
+        "training": t,
+    }
     atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-    Progress(CLASSIFIER, "", 1, log=log).message(f"test accuracy {accuracy:.4f} on {len(test)} held-out digits")
+    Progress(CLASSIFIER, "", 1, log=log).message(
+        f"test accuracy {accuracy:.4f} on {len(test)} held-out digits"
+    )
 
 
 def _sha256(path: Path) -> str:

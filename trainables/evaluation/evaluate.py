@@ -11,6 +11,7 @@ Every bad input (a missing or corrupt checkpoint, a --depth/--num-classes that d
 sidecar, a bad dataset folder, an out-of-range option) ends in exit status 2 and one last line ``error: ...``
 before any model is loaded or image generated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,24 @@ from ..models.checkpoints import CheckpointError, read_sidecar, sidecar_path
 from ..profiling import PETA, count_flops
 from ..progress import Log, Progress
 from .classifier import DigitsCNN, class_accuracy, predict
-from .features import DIGITS_CNN, INCEPTION, INCEPTION_WEIGHTS_FILE, SUBSTITUTE, build_extractor, extract_features, uint8_batches
+from .features import (
+    DIGITS_CNN,
+    INCEPTION,
+    INCEPTION_WEIGHTS_FILE,
+    SUBSTITUTE,
+    build_extractor,
+    extract_features,
+    uint8_batches,
+)
 from .generate import generate, generation_plan, read_generated, sampling_record
-from .metrics import ReferenceKey, ReferenceStats, fid_from_statistics, gaussian_statistics, kid, precision_recall
+from .metrics import (
+    ReferenceKey,
+    ReferenceStats,
+    fid_from_statistics,
+    gaussian_statistics,
+    kid,
+    precision_recall,
+)
 
 
 @dataclass(frozen=True)
@@ -53,17 +69,27 @@ def real_images_uint8(images: ImageList, resolution: int, *, batch_size: int = 6
     transform = eval_transform(resolution)
     for start in range(0, len(images), batch_size):
         batch = []
-        for path in images.paths[start: start + batch_size]:
+        for path in images.paths[start : start + batch_size]:
             with Image.open(path) as image:
-                batch.append(transform(image.convert("RGB")).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8))
+                batch.append(
+                    transform(image.convert("RGB")).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+                )
         yield torch.stack(batch)
 
 
-def reference_statistics(images: ImageList, *, extractor, resolution: int, cache: ReferenceStats,
-                         device: torch.device | str = "cpu") -> tuple[dict, bool]:
+def reference_statistics(
+    images: ImageList,
+    *,
+    extractor,
+    resolution: int,
+    cache: ReferenceStats,
+    device: torch.device | str = "cpu",
+) -> tuple[dict, bool]:
     """(mu, sigma, features) of the real split at ``resolution`` pixels, computed once per (dataset, split,
     resolution, extractor)."""
-    key = ReferenceKey(images.name, images.split, resolution, extractor.name, len(images), images.fingerprint())
+    key = ReferenceKey(
+        images.name, images.split, resolution, extractor.name, len(images), images.fingerprint()
+    )
     cached = cache.load(key)
     if cached is not None:
         return cached, True
@@ -71,9 +97,20 @@ def reference_statistics(images: ImageList, *, extractor, resolution: int, cache
     return cache.save(key, features), False
 
 
-def evaluate(var: VAR, vqvae: VQVAE, images: ImageList, *, evaluation: EvaluationConfig, autocast_bf16: bool,
-             cache: ReferenceStats, scoring: ScoringSettings = ScoringSettings(), feature_extractor=None,
-             out_dir: str | Path | None = None, classifier: tuple[DigitsCNN, dict] | None = None, log: Log | None = None) -> dict:
+def evaluate(
+    var: VAR,
+    vqvae: VQVAE,
+    images: ImageList,
+    *,
+    evaluation: EvaluationConfig,
+    autocast_bf16: bool,
+    cache: ReferenceStats,
+    scoring: ScoringSettings = ScoringSettings(),
+    feature_extractor=None,
+    out_dir: str | Path | None = None,
+    classifier: tuple[DigitsCNN, dict] | None = None,
+    log: Log | None = None,
+) -> dict:
     """Metrics of ``var`` against the real split ``images``, at the VQVAE's image size, with ``evaluation``'s
     extractor, image count and sampling settings (``autocast_bf16``: the trial's ``optimization.autocast_bf16``),
     all recorded. ``feature_extractor``: the built extractor (default: built from ``evaluation.extractor`` and
@@ -81,43 +118,85 @@ def evaluate(var: VAR, vqvae: VQVAE, images: ImageList, *, evaluation: Evaluatio
     images (does each show its class?)."""
     device = next(var.parameters()).device
     resolution = vqvae.image_size
-    feature_extractor = (feature_extractor or build_extractor(evaluation.extractor, weights_path=evaluation.inception_weights)).to(device)
+    feature_extractor = (
+        feature_extractor or build_extractor(evaluation.extractor, weights_path=evaluation.inception_weights)
+    ).to(device)
     started = time.perf_counter()
-    reference, hit = reference_statistics(images, extractor=feature_extractor, resolution=resolution, cache=cache, device=device)
+    reference, hit = reference_statistics(
+        images, extractor=feature_extractor, resolution=resolution, cache=cache, device=device
+    )
     reference_seconds = time.perf_counter() - started
     plan = generation_plan(list(images.class_counts.values()), total=evaluation.num_images)
     started = time.perf_counter()
-    generated, requested_N = generate(var, vqvae, plan, evaluation=evaluation, autocast_bf16=autocast_bf16, out_dir=out_dir,
-                                      progress=Progress("evaluation", "generated image", sum(plan), log=log))
+    generated, requested_N = generate(
+        var,
+        vqvae,
+        plan,
+        evaluation=evaluation,
+        autocast_bf16=autocast_bf16,
+        out_dir=out_dir,
+        progress=Progress("evaluation", "generated image", sum(plan), log=log),
+    )
     if out_dir is not None:
         generated, requested_N = read_generated(out_dir, plan)
     generation_seconds = time.perf_counter() - started
     progress = Progress("evaluation", "scoring", 1, log=log)
     features = extract_features(feature_extractor, uint8_batches(generated), device=device)
     real = torch.from_numpy(reference["features"]).double()
-    metrics = {"fid": fid_from_statistics(gaussian_statistics(features), {"mu": reference["mu"], "sigma": reference["sigma"]}),
-               **precision_recall(features, real, neighborhood=scoring.neighborhood),
-               **kid(features, real, subsets=scoring.kid_subsets, subset_size=scoring.kid_subset_size)}
-    recorded = {"extractor": feature_extractor.name, "resolution": resolution, "num_images": evaluation.num_images, **asdict(scoring)}
+    metrics = {
+        "fid": fid_from_statistics(
+            gaussian_statistics(features), {"mu": reference["mu"], "sigma": reference["sigma"]}
+        ),
+        **precision_recall(features, real, neighborhood=scoring.neighborhood),
+        **kid(features, real, subsets=scoring.kid_subsets, subset_size=scoring.kid_subset_size),
+    }
+    recorded = {
+        "extractor": feature_extractor.name,
+        "resolution": resolution,
+        "num_images": evaluation.num_images,
+        **asdict(scoring),
+    }
     if classifier is not None:
         model, record = classifier
         metrics.update(class_accuracy(predict(model.to(device), generated), requested_N, classes=len(plan)))
-        recorded["classifier"] = {key: record[key] for key in ("name", "test_accuracy", "weights_sha256", "input_size")}
+        recorded["classifier"] = {
+            key: record[key] for key in ("name", "test_accuracy", "weights_sha256", "input_size")
+        }
     progress.update(1, " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    per_image = _sampling_flops_per_image(var, vqvae, label=next(i for i, c in enumerate(plan) if c > 0), evaluation=evaluation)
-    compute = {"sample_flops_per_image": per_image, "sample_pflops": per_image * len(generated) / PETA,
-               "images_per_second": len(generated) / generation_seconds if generation_seconds else None}
-    return {"metrics": metrics, "evaluation_settings": recorded, "compute": compute,
-            "sampling": sampling_record(evaluation, autocast_bf16=autocast_bf16), "images_generated": len(generated), "plan": plan,
-            "reference_cache_hit": hit, "reference_seconds": reference_seconds, "generation_seconds": generation_seconds}
+    per_image = _sampling_flops_per_image(
+        var, vqvae, label=next(i for i, c in enumerate(plan) if c > 0), evaluation=evaluation
+    )
+    compute = {
+        "sample_flops_per_image": per_image,
+        "sample_pflops": per_image * len(generated) / PETA,
+        "images_per_second": len(generated) / generation_seconds if generation_seconds else None,
+    }
+    return {
+        "metrics": metrics,
+        "evaluation_settings": recorded,
+        "compute": compute,
+        "sampling": sampling_record(evaluation, autocast_bf16=autocast_bf16),
+        "images_generated": len(generated),
+        "plan": plan,
+        "reference_cache_hit": hit,
+        "reference_seconds": reference_seconds,
+        "generation_seconds": generation_seconds,
+    }
 
 
 def _sampling_flops_per_image(var: VAR, vqvae: VQVAE, *, label: int, evaluation: EvaluationConfig) -> int:
     """FLOPs of generating one image (both CFG branches, all scales, VQVAE decoding); linear in the batch."""
     device = next(var.parameters()).device
-    flops, _ = count_flops(lambda: var.sample(torch.tensor([label], device=device), vqvae=vqvae, cfg=evaluation.guidance_scale,
-                                              top_k=evaluation.top_k, top_p=evaluation.top_p,
-                                              generator=torch.Generator(device=device).manual_seed(0)))
+    flops, _ = count_flops(
+        lambda: var.sample(
+            torch.tensor([label], device=device),
+            vqvae=vqvae,
+            cfg=evaluation.guidance_scale,
+            top_k=evaluation.top_k,
+            top_p=evaluation.top_p,
+            generator=torch.Generator(device=device).manual_seed(0),
+        )
+    )
     return flops
 
 
@@ -126,13 +205,21 @@ class EvaluationError(VarsweepError):
 
 
 def _parser() -> Parser:
-    parser = Parser(prog="python -m trainables.evaluation.evaluate",
-                    description="Evaluate a saved VAR checkpoint (FID, precision/recall, KID).")
+    parser = Parser(
+        prog="python -m trainables.evaluation.evaluate",
+        description="Evaluate a saved VAR checkpoint (FID, precision/recall, KID).",
+    )
     parser.add_argument("--var", required=True, help="base (or merged) VAR checkpoint")
-    parser.add_argument("--depth", type=number(int, minimum=1),
-                        help="depth of the --var checkpoint (read from its sidecar when it has one; a different value is refused)")
-    parser.add_argument("--num-classes", type=number(int, minimum=1),
-                        help="classes of the --var checkpoint (default: its sidecar's, else 1000; a different value is refused)")
+    parser.add_argument(
+        "--depth",
+        type=number(int, minimum=1),
+        help="depth of the --var checkpoint (read from its sidecar when it has one; a different value is refused)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=number(int, minimum=1),
+        help="classes of the --var checkpoint (default: its sidecar's, else 1000; a different value is refused)",
+    )
     parser.add_argument("--adapter", help="adapter saved by methods.save_adapter, applied to --var")
     parser.add_argument("--vqvae", required=True)
     parser.add_argument("--dataset", required=True)
@@ -140,21 +227,58 @@ def _parser() -> Parser:
     parser.add_argument("--split", default="test")
     # The sampling options' defaults are EvaluationConfig's (a sweep trial's), never a copy of their values.
     defaults = EvaluationConfig  # its fields' defaults, read as class attributes
-    parser.add_argument("--extractor", default=EvaluationConfig.extractor, choices=(INCEPTION, SUBSTITUTE, DIGITS_CNN))
-    parser.add_argument("--inception-weights", help=f"the local {INCEPTION_WEIGHTS_FILE} (for --extractor {INCEPTION})")
-    parser.add_argument("--resolution", type=number(int, minimum=8),
-                        help="pixels, checked against the --vqvae model's image size (default: that size)")
-    parser.add_argument("--num-images", type=number(int, minimum=2), default=defaults.num_images,
-                        help="images to generate (default: as many per class as the split has)")
-    parser.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=number(float, minimum=0), default=defaults.guidance_scale,
-                        help="classifier-free guidance scale, >= 0")
-    parser.add_argument("--top-k", type=number(int, minimum=0), default=defaults.top_k, help="top-k filter, >= 0 (0: off)")
-    parser.add_argument("--top-p", type=number(float, minimum=0, below=1), default=defaults.top_p, help="top-p filter in [0, 1) (0: off)")
-    parser.add_argument("--batch-size", type=number(int, minimum=1), default=defaults.batch_size, help="images per sampling batch")
-    parser.add_argument("--sampling-seed", "--seed", dest="sampling_seed", type=int, default=defaults.sampling_seed)
-    parser.add_argument("--autocast-bf16", action=argparse.BooleanOptionalAction, default=OptimizationConfig.autocast_bf16,
-                        help="sample under bf16 autocast on CUDA")
-    parser.add_argument("--cache", default="runs/reference-stats", help="folder of the cached reference statistics")
+    parser.add_argument(
+        "--extractor", default=EvaluationConfig.extractor, choices=(INCEPTION, SUBSTITUTE, DIGITS_CNN)
+    )
+    parser.add_argument(
+        "--inception-weights", help=f"the local {INCEPTION_WEIGHTS_FILE} (for --extractor {INCEPTION})"
+    )
+    parser.add_argument(
+        "--resolution",
+        type=number(int, minimum=8),
+        help="pixels, checked against the --vqvae model's image size (default: that size)",
+    )
+    parser.add_argument(
+        "--num-images",
+        type=number(int, minimum=2),
+        default=defaults.num_images,
+        help="images to generate (default: as many per class as the split has)",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        "--cfg",
+        dest="guidance_scale",
+        type=number(float, minimum=0),
+        default=defaults.guidance_scale,
+        help="classifier-free guidance scale, >= 0",
+    )
+    parser.add_argument(
+        "--top-k", type=number(int, minimum=0), default=defaults.top_k, help="top-k filter, >= 0 (0: off)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=number(float, minimum=0, below=1),
+        default=defaults.top_p,
+        help="top-p filter in [0, 1) (0: off)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=number(int, minimum=1),
+        default=defaults.batch_size,
+        help="images per sampling batch",
+    )
+    parser.add_argument(
+        "--sampling-seed", "--seed", dest="sampling_seed", type=int, default=defaults.sampling_seed
+    )
+    parser.add_argument(
+        "--autocast-bf16",
+        action=argparse.BooleanOptionalAction,
+        default=OptimizationConfig.autocast_bf16,
+        help="sample under bf16 autocast on CUDA",
+    )
+    parser.add_argument(
+        "--cache", default="runs/reference-stats", help="folder of the cached reference statistics"
+    )
     parser.add_argument("--out", required=True, help="folder for evaluation.json and the generated images")
     return parser
 
@@ -167,30 +291,49 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     from ..models import load_var, load_vqvae
+
     args = _parser().parse_args(argv)
     for option in ("var", "vqvae", "adapter"):
         if getattr(args, option) is not None and not Path(getattr(args, option)).is_file():
             raise EvaluationError(f"--{option} {getattr(args, option)}: no such checkpoint file")
-    if args.extractor == INCEPTION and (args.inception_weights is None or not Path(args.inception_weights).is_file()):
-        raise EvaluationError(f"--inception-weights {args.inception_weights}: no such file (--extractor {INCEPTION} needs the local "
-                              f"{INCEPTION_WEIGHTS_FILE}; nothing is downloaded)" if args.inception_weights else
-                              f"--extractor {INCEPTION} needs --inception-weights (the local {INCEPTION_WEIGHTS_FILE})")
+    if args.extractor == INCEPTION and (
+        args.inception_weights is None or not Path(args.inception_weights).is_file()
+    ):
+        raise EvaluationError(
+            f"--inception-weights {args.inception_weights}: no such file (--extractor {INCEPTION} needs the local "
+            f"{INCEPTION_WEIGHTS_FILE}; nothing is downloaded)"
+            if args.inception_weights
+            else f"--extractor {INCEPTION} needs --inception-weights (the local {INCEPTION_WEIGHTS_FILE})"
+        )
     evaluation = evaluation_config(args)
     var_architecture = _var_architecture(args)
     vqvae_architecture = _saved_architecture(args.vqvae, kind="vqvae") or {}
     out, cache = _writable_folder(args.out, "--out"), _writable_folder(args.cache, "--cache")
     images, _ = check_images(read_dataset(args.dataset, args.root, args.split))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    extractor = build_extractor(args.extractor, weights_path=args.inception_weights, cache_dir=cache)  # validates the weights
+    extractor = build_extractor(
+        args.extractor, weights_path=args.inception_weights, cache_dir=cache
+    )  # validates the weights
     var = load_var(args.var, **var_architecture, device=device)
     if args.adapter:
         from ..methods import load_adapter  # peft: imported only when an adapter is applied
+
         var = load_adapter(var, args.adapter)
     vqvae = load_vqvae(args.vqvae, **vqvae_architecture, device=device)
     if args.resolution is not None and vqvae.image_size != args.resolution:
-        raise EvaluationError(f"--resolution {args.resolution}: the --vqvae model {args.vqvae} makes {vqvae.image_size}px images")
-    result = evaluate(var.eval(), vqvae, images, evaluation=evaluation, autocast_bf16=args.autocast_bf16, cache=ReferenceStats(cache),
-                      feature_extractor=extractor, out_dir=out / "images")
+        raise EvaluationError(
+            f"--resolution {args.resolution}: the --vqvae model {args.vqvae} makes {vqvae.image_size}px images"
+        )
+    result = evaluate(
+        var.eval(),
+        vqvae,
+        images,
+        evaluation=evaluation,
+        autocast_bf16=args.autocast_bf16,
+        cache=ReferenceStats(cache),
+        feature_extractor=extractor,
+        out_dir=out / "images",
+    )
     (out / "evaluation.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result["metrics"], indent=1))
     return 0
@@ -198,9 +341,16 @@ def _main(argv: list[str] | None) -> int:
 
 def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
     """The command's options as the trial config's evaluation section (its checks name the field)."""
-    return EvaluationConfig(extractor=args.extractor, inception_weights=args.inception_weights, num_images=args.num_images,
-                            guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size,
-                            sampling_seed=args.sampling_seed)
+    return EvaluationConfig(
+        extractor=args.extractor,
+        inception_weights=args.inception_weights,
+        num_images=args.num_images,
+        guidance_scale=args.guidance_scale,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        sampling_seed=args.sampling_seed,
+    )
 
 
 def _var_architecture(args: argparse.Namespace) -> dict:
@@ -209,13 +359,24 @@ def _var_architecture(args: argparse.Namespace) -> dict:
     saved = _saved_architecture(args.var, kind="var")
     if saved is None:
         if args.depth is None:
-            raise EvaluationError(f"--depth is needed: --var {args.var} has no sidecar {sidecar_path(args.var)} recording its architecture")
+            raise EvaluationError(
+                f"--depth is needed: --var {args.var} has no sidecar {sidecar_path(args.var)} recording its architecture"
+            )
         return {"depth": args.depth, "num_classes": 1000 if args.num_classes is None else args.num_classes}
-    conflicts = [f"--{option} {given} but the checkpoint's sidecar records {key}={saved.get(key)}"
-                 for option, key, given in (("depth", "depth", args.depth), ("num-classes", "num_classes", args.num_classes))
-                 if given is not None and given != saved.get(key)]
+    conflicts = [
+        f"--{option} {given} but the checkpoint's sidecar records {key}={saved.get(key)}"
+        for option, key, given in (
+            ("depth", "depth", args.depth),
+            ("num-classes", "num_classes", args.num_classes),
+        )
+        if given is not None and given != saved.get(key)
+    ]
     if conflicts:
-        raise EvaluationError(f"--var {args.var}: " + "; ".join(conflicts) + f" ({sidecar_path(args.var)}; leave the option out to use the sidecar's)")
+        raise EvaluationError(
+            f"--var {args.var}: "
+            + "; ".join(conflicts)
+            + f" ({sidecar_path(args.var)}; leave the option out to use the sidecar's)"
+        )
     return saved
 
 
@@ -226,7 +387,9 @@ def _saved_architecture(path: str, *, kind: str) -> dict | None:
     if record is None:
         return None
     if record.get("kind") != kind:
-        raise CheckpointError(f"{sidecar_path(path)} describes a {record.get('kind')!r} checkpoint, not a {kind!r} one")
+        raise CheckpointError(
+            f"{sidecar_path(path)} describes a {record.get('kind')!r} checkpoint, not a {kind!r} one"
+        )
     return {k: tuple(v) if isinstance(v, list) else v for k, v in record.get("architecture", {}).items()}
 
 

@@ -11,10 +11,11 @@
   (``classifier.py``); for the offline digits only, where it measures what a reader of digits sees.
 Extractors take uint8 images [B, 3, H, W] and return float32 features [B, D].
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,11 @@ from torch import nn
 
 from bench.schema import DIGITS_EXTRACTOR, EXTRACTORS, INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR
 
-INCEPTION, SUBSTITUTE, DIGITS_CNN = INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR, DIGITS_EXTRACTOR  # names: bench.schema.EXTRACTORS
+INCEPTION, SUBSTITUTE, DIGITS_CNN = (
+    INCEPTION_EXTRACTOR,
+    SUBSTITUTE_EXTRACTOR,
+    DIGITS_EXTRACTOR,
+)  # names: bench.schema.EXTRACTORS
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
@@ -35,7 +40,9 @@ class RandomConvFeatures(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         widths = (3, 32, 64, 128)
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:]))
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:])
+        )
         with torch.no_grad():
             for conv in self.convs:
                 conv.weight.normal_(0.0, (2.0 / (conv.in_channels * 9)) ** 0.5, generator=generator)
@@ -45,7 +52,9 @@ class RandomConvFeatures(nn.Module):
 
     def forward(self, images_B3HW: torch.Tensor) -> torch.Tensor:
         if images_B3HW.dtype != torch.uint8 or images_B3HW.ndim != 4 or images_B3HW.shape[1] != 3:
-            raise ValueError(f"expected uint8 images [B, 3, H, W], got {images_B3HW.dtype} {list(images_B3HW.shape)}")
+            raise ValueError(
+                f"expected uint8 images [B, 3, H, W], got {images_B3HW.dtype} {list(images_B3HW.shape)}"
+            )
         x = images_B3HW.float().div(127.5).sub(1.0)
         x = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
         for conv in self.convs:
@@ -62,30 +71,37 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         path = Path(weights_path)
         if not path.is_file():
-            raise FileNotFoundError(f"Inception-v3 weights not found at {path}: download {INCEPTION_WEIGHTS_FILE} once "
-                                    "(torch-fidelity's release) and pass its local path; runs never download")
+            raise FileNotFoundError(
+                f"Inception-v3 weights not found at {path}: download {INCEPTION_WEIGHTS_FILE} once "
+                "(torch-fidelity's release) and pass its local path; runs never download"
+            )
         try:  # validate as plain tensors first: torch-fidelity itself loads with weights_only=False
             torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any failure means the file is not a plain state dict
+        except Exception as err:
             raise ValueError(f"{path} is not a readable Inception-v3 state dict: {err}") from err
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
         self.net = FeatureExtractorInceptionV3(INCEPTION, ["2048"], feature_extractor_weights_path=str(path))
 
     def forward(self, images_B3HW: torch.Tensor) -> torch.Tensor:
         return self.net(images_B3HW)[0]
 
 
-def build_extractor(name: str, *, weights_path: str | Path | None = None, cache_dir: str | Path | None = None,
-                    log=None) -> nn.Module:
+def build_extractor(
+    name: str, *, weights_path: str | Path | None = None, cache_dir: str | Path | None = None, log=None
+) -> nn.Module:
     """The extractor ``name``: Inception needs ``weights_path``; the digit classifier is built in ``cache_dir``."""
     if name == DIGITS_CNN:
         if cache_dir is None:
             raise ValueError(f"{DIGITS_CNN} is trained once into a cache folder: pass cache_dir")
         from .classifier import digit_classifier
+
         return digit_classifier(cache_dir, log=log)[0]
     if name == INCEPTION:
         if weights_path is None:
-            raise ValueError(f"{INCEPTION} needs weights_path (the local {INCEPTION_WEIGHTS_FILE}); offline runs may use {SUBSTITUTE!r}")
+            raise ValueError(
+                f"{INCEPTION} needs weights_path (the local {INCEPTION_WEIGHTS_FILE}); offline runs may use {SUBSTITUTE!r}"
+            )
         return InceptionFeatures(weights_path)
     if name == SUBSTITUTE:
         return RandomConvFeatures()
@@ -93,8 +109,12 @@ def build_extractor(name: str, *, weights_path: str | Path | None = None, cache_
 
 
 @torch.no_grad()
-def extract_features(extractor: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor], *,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+def extract_features(
+    extractor: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[torch.Tensor],
+    *,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Features [N, D] (float64 on CPU) of uint8 image batches [B, 3, H, W]."""
     features = [extractor(batch.to(device)).double().cpu() for batch in batches]
     if not features:
@@ -104,4 +124,4 @@ def extract_features(extractor: Callable[[torch.Tensor], torch.Tensor], batches:
 
 def uint8_batches(images_N3HW: torch.Tensor, batch_size: int = 64) -> Iterable[torch.Tensor]:
     for start in range(0, len(images_N3HW), batch_size):
-        yield images_N3HW[start: start + batch_size]
+        yield images_N3HW[start : start + batch_size]

@@ -10,13 +10,14 @@ of the VAR's and the VQVAE's weights and the sampling settings, written before t
 settings differ (a retried trial's new attempt, another checkpoint) clears the folder's images first, so a resumed
 run skips only batches its own model wrote and an evaluation never scores an earlier model's images.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,7 +34,13 @@ MANIFEST = "generated.json"
 GENERATED_FORMAT = "varsweep-generated/1"
 
 
-SAMPLING_FIELDS = ("guidance_scale", "top_k", "top_p", "batch_size", "sampling_seed")  # of EvaluationConfig: what an image depends on
+SAMPLING_FIELDS = (
+    "guidance_scale",
+    "top_k",
+    "top_p",
+    "batch_size",
+    "sampling_seed",
+)  # of EvaluationConfig: what an image depends on
 
 
 def sampling_record(evaluation: EvaluationConfig, *, autocast_bf16: bool) -> dict:
@@ -69,8 +76,16 @@ def image_path(out_dir: Path, label: int, number: int) -> Path:
 
 
 @torch.no_grad()
-def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, evaluation: EvaluationConfig, autocast_bf16: bool,
-             out_dir: str | Path | None = None, progress: Progress | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+def generate(
+    var: VAR,
+    vqvae: VQVAE,
+    plan: Sequence[int],
+    *,
+    evaluation: EvaluationConfig,
+    autocast_bf16: bool,
+    out_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Generate ``plan[c]`` images of every class c with the sampling settings of ``evaluation`` (guidance scale,
     top-k/top-p, batch size, sampling seed); forwards under bf16 autocast when ``autocast_bf16`` on CUDA.
 
@@ -82,14 +97,20 @@ def generate(var: VAR, vqvae: VQVAE, plan: Sequence[int], *, evaluation: Evaluat
     device = next(var.parameters()).device
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
-        claim_folder(out, generation_manifest(var, vqvae, sampling_record(evaluation, autocast_bf16=autocast_bf16)), progress=progress)
+        claim_folder(
+            out,
+            generation_manifest(var, vqvae, sampling_record(evaluation, autocast_bf16=autocast_bf16)),
+            progress=progress,
+        )
     kept = []
     for b, start in enumerate(range(0, len(labels_N), evaluation.batch_size)):
-        label_B = labels_N[start: start + evaluation.batch_size]
+        label_B = labels_N[start : start + evaluation.batch_size]
         paths = [] if out is None else [image_path(out, int(c), start + i) for i, c in enumerate(label_B)]
         if paths and all(p.is_file() for p in paths):
             continue
-        images_B3HW = _sample_batch(var, vqvae, label_B.to(device), evaluation=evaluation, autocast_bf16=autocast_bf16, batch_index=b)
+        images_B3HW = _sample_batch(
+            var, vqvae, label_B.to(device), evaluation=evaluation, autocast_bf16=autocast_bf16, batch_index=b
+        )
         if out is None:
             kept.append(images_B3HW)
         else:
@@ -107,14 +128,20 @@ def weights_fingerprint(*modules: torch.nn.Module) -> str:
     for position, module in enumerate(modules):
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             digest.update(f"{position}.{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
-            digest.update(memoryview(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()))
+            digest.update(
+                memoryview(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+            )
     return digest.hexdigest()
 
 
 def generation_manifest(var: VAR, vqvae: VQVAE, sampling: dict) -> dict:
     """What the images of an output folder depend on: the weights that drew them and the sampling settings
     (``sampling_record``)."""
-    return {"format": GENERATED_FORMAT, "weights_sha256": weights_fingerprint(var, vqvae), "sampling": sampling}
+    return {
+        "format": GENERATED_FORMAT,
+        "weights_sha256": weights_fingerprint(var, vqvae),
+        "sampling": sampling,
+    }
 
 
 def claim_folder(out_dir: Path, manifest: dict, *, progress: Progress | None = None) -> None:
@@ -130,31 +157,59 @@ def claim_folder(out_dir: Path, manifest: dict, *, progress: Progress | None = N
         return
     stale = sorted(p for p in out_dir.glob("class_*") if p.is_dir()) if out_dir.is_dir() else []
     if stale and progress is not None:
-        progress.message(f"{out_dir}: deleting the images of another model or sampling setting ({len(stale)} class folders)")
+        progress.message(
+            f"{out_dir}: deleting the images of another model or sampling setting ({len(stale)} class folders)"
+        )
     for folder in stale:
         shutil.rmtree(folder)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
 
 
-def _sample_batch(var: VAR, vqvae: VQVAE, label_B: torch.Tensor, *, evaluation: EvaluationConfig, autocast_bf16: bool,
-                  batch_index: int) -> torch.Tensor:
+def _sample_batch(
+    var: VAR,
+    vqvae: VQVAE,
+    label_B: torch.Tensor,
+    *,
+    evaluation: EvaluationConfig,
+    autocast_bf16: bool,
+    batch_index: int,
+) -> torch.Tensor:
     device = label_B.device
     generator = torch.Generator(device=device).manual_seed(evaluation.sampling_seed * 1_000_003 + batch_index)
     with bf16_autocast(device, enabled=autocast_bf16):
-        images = var.sample(label_B, vqvae=vqvae, cfg=evaluation.guidance_scale, top_k=evaluation.top_k, top_p=evaluation.top_p,
-                            generator=generator)
+        images = var.sample(
+            label_B,
+            vqvae=vqvae,
+            cfg=evaluation.guidance_scale,
+            top_k=evaluation.top_k,
+            top_p=evaluation.top_p,
+            generator=generator,
+        )
     return images.float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
 
 
 def _write_png(path: Path, image_3HW: torch.Tensor) -> None:
-    atomic_write(path, lambda tmp: Image.fromarray(image_3HW.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
+    atomic_write(
+        path, lambda tmp: Image.fromarray(image_3HW.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    )
 
 
 def read_generated(out_dir: str | Path, plan: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images uint8 [N, 3, H, W] and labels [N] of a finished ``generate`` run, in generation order."""
     labels = _labels(plan)
-    missing = [str(image_path(Path(out_dir), c, n)) for n, c in enumerate(labels) if not image_path(Path(out_dir), c, n).is_file()]
+    missing = [
+        str(image_path(Path(out_dir), c, n))
+        for n, c in enumerate(labels)
+        if not image_path(Path(out_dir), c, n).is_file()
+    ]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} generated images missing under {out_dir}, e.g. {missing[:3]}; rerun generate to finish")
-    images = [torch.from_numpy(np.array(Image.open(image_path(Path(out_dir), c, n)).convert("RGB"))).permute(2, 0, 1) for n, c in enumerate(labels)]
+        raise FileNotFoundError(
+            f"{len(missing)} generated images missing under {out_dir}, e.g. {missing[:3]}; rerun generate to finish"
+        )
+    images = [
+        torch.from_numpy(np.array(Image.open(image_path(Path(out_dir), c, n)).convert("RGB"))).permute(
+            2, 0, 1
+        )
+        for n, c in enumerate(labels)
+    ]
     return torch.stack(images), torch.tensor(labels)

@@ -6,6 +6,7 @@ the extractor's name travels with every result (the result's ``evaluation_settin
 never compared. Reference statistics of a real split are computed once and cached on disk (``ReferenceStats``).
 Features: float [N, D]; the first argument is always the generated set, the second the real one.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,19 +15,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ..models.checkpoints import atomic_write
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+from ..models.checkpoints import atomic_write
 
 REFERENCE_FORMAT = "varsweep-reference-stats/1"
 
 
 def _check_features(generated_ND: torch.Tensor, real_MD: torch.Tensor, *, minimum: int) -> None:
     if generated_ND.ndim != 2 or real_MD.ndim != 2 or generated_ND.shape[1] != real_MD.shape[1]:
-        raise ValueError(f"need two feature matrices [N, D] of one width, got {list(generated_ND.shape)} and {list(real_MD.shape)}")
+        raise ValueError(
+            f"need two feature matrices [N, D] of one width, got {list(generated_ND.shape)} and {list(real_MD.shape)}"
+        )
     if min(len(generated_ND), len(real_MD)) < minimum:
-        raise ValueError(f"need at least {minimum} samples per set, got {len(generated_ND)} generated and {len(real_MD)} real")
+        raise ValueError(
+            f"need at least {minimum} samples per set, got {len(generated_ND)} generated and {len(real_MD)} real"
+        )
     if not (torch.isfinite(generated_ND).all() and torch.isfinite(real_MD).all()):
         raise ValueError("features contain NaN or inf")
 
@@ -46,23 +52,42 @@ def fid(generated_ND: torch.Tensor, real_MD: torch.Tensor) -> float:
     return fid_from_statistics(gaussian_statistics(generated_ND), gaussian_statistics(real_MD))
 
 
-def precision_recall(generated_ND: torch.Tensor, real_MD: torch.Tensor, *, neighborhood: int = 3) -> dict[str, float]:
+def precision_recall(
+    generated_ND: torch.Tensor, real_MD: torch.Tensor, *, neighborhood: int = 3
+) -> dict[str, float]:
     """Improved precision/recall (Kynkaanniemi et al. 2019): a sample is covered by a set when it lies within the
     k-th-nearest-neighbour radius of some member of that set. Precision: generated samples covered by the real
     set; recall: real samples covered by the generated set."""
     _check_features(generated_ND, real_MD, minimum=neighborhood + 1)
-    precision, recall = calculate_precision_recall_full(generated_ND.detach().cpu().double(), real_MD.detach().cpu().double(),
-                                                        neighborhood=neighborhood)
+    precision, recall = calculate_precision_recall_full(
+        generated_ND.detach().cpu().double(), real_MD.detach().cpu().double(), neighborhood=neighborhood
+    )
     return {"precision": float(precision), "recall": float(recall)}
 
 
-def kid(generated_ND: torch.Tensor, real_MD: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000, seed: int = 2020) -> dict[str, float]:
+def kid(
+    generated_ND: torch.Tensor,
+    real_MD: torch.Tensor,
+    *,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 2020,
+) -> dict[str, float]:
     """Kernel Inception Distance (cubic polynomial kernel, unbiased MMD^2 over random subsets)."""
     subset_size = min(subset_size, len(generated_ND), len(real_MD))
     _check_features(generated_ND, real_MD, minimum=2)
-    out = kid_features_to_metric(generated_ND.detach().cpu().double(), real_MD.detach().cpu().double(), kid_subsets=subsets,
-                                 kid_subset_size=subset_size, rng_seed=seed, verbose=False)
-    return {"kid_mean": float(out["kernel_inception_distance_mean"]), "kid_std": float(out["kernel_inception_distance_std"])}
+    out = kid_features_to_metric(
+        generated_ND.detach().cpu().double(),
+        real_MD.detach().cpu().double(),
+        kid_subsets=subsets,
+        kid_subset_size=subset_size,
+        rng_seed=seed,
+        verbose=False,
+    )
+    return {
+        "kid_mean": float(out["kernel_inception_distance_mean"]),
+        "kid_std": float(out["kernel_inception_distance_std"]),
+    }
 
 
 @dataclass(frozen=True)
@@ -100,7 +125,9 @@ class ReferenceStats:
             with np.load(path, allow_pickle=False) as data:
                 record = {name: data[name] for name in data.files}
         except (OSError, ValueError) as err:
-            raise ValueError(f"reference statistics {path} are unreadable ({err}); delete the file to recompute") from err
+            raise ValueError(
+                f"reference statistics {path} are unreadable ({err}); delete the file to recompute"
+            ) from err
         meta = json.loads(str(record.pop("meta")))
         if meta != {"format": REFERENCE_FORMAT, **asdict(key)}:
             raise ValueError(f"reference statistics {path} were written for {meta}, not {asdict(key)}")

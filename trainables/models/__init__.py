@@ -2,11 +2,24 @@
 
 Imports only torch: device and dtype are arguments, nothing is printed, patched globally or downloaded.
 """
+
 from .checkpoints import CheckpointError, load_var, load_vqvae, resize_class_embedding, save_var, save_vqvae
 from .var import VAR, KVCache, build_var, sample_top_k_top_p
 from .vqvae import OFFICIAL_PATCH_NUMS, VQVAE, build_vqvae, count_parameters
 
 __all__ = [
-    "VAR", "VQVAE", "KVCache", "CheckpointError", "OFFICIAL_PATCH_NUMS", "build_var", "build_vqvae", "count_parameters",
-    "load_var", "load_vqvae", "resize_class_embedding", "save_var", "save_vqvae", "sample_top_k_top_p",
+    "VAR",
+    "VQVAE",
+    "KVCache",
+    "CheckpointError",
+    "OFFICIAL_PATCH_NUMS",
+    "build_var",
+    "build_vqvae",
+    "count_parameters",
+    "load_var",
+    "load_vqvae",
+    "resize_class_embedding",
+    "save_var",
+    "save_vqvae",
+    "sample_top_k_top_p",
 ]

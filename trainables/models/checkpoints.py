@@ -5,6 +5,7 @@ Files are plain ``{key: tensor}`` dicts (``torch.load(weights_only=True)``), so 
 the weights, free-form metadata such as the trial config); when that sidecar exists, loading verifies it.
 Every problem raises ``CheckpointError`` naming the file and what is wrong, before any model memory is allocated.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -13,9 +14,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -34,7 +36,9 @@ class CheckpointError(ValueError):
 
 
 def _listing(title: str, items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED]) + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+    shown = ", ".join(items[:_MAX_LISTED]) + (
+        f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    )
     return f"  {title} ({len(items)}): {shown}"
 
 
@@ -49,7 +53,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _require_file(path: Path) -> None:
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+        raise CheckpointError(
+            f"no checkpoint file at {path}" + (" (it is a folder)" if path.is_dir() else "")
+        )
 
 
 def _load_state(handle: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
@@ -57,33 +63,71 @@ def _load_state(handle: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
     object other than tensors and plain containers is refused, never constructed."""
     try:
         state = torch.load(handle, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - whatever torch raises on these bytes, the file is not usable weights
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt or not a PyTorch weights file): "
-                              f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated, corrupt or not a PyTorch weights file): "
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        ) from err
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a state dict of tensors")
-    not_tensors = [f"{k!s} ({type(v).__name__})" for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}, expected a state dict of tensors"
+        )
+    not_tensors = [
+        f"{k!s} ({type(v).__name__})"
+        for k, v in state.items()
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+    ]
     if not_tensors:
-        raise CheckpointError(f"checkpoint {path} is not a flat state dict of tensors (nested checkpoints such as "
-                              f"{{'model': ...}} must be unpacked first):\n" + _listing("non-tensor entries", not_tensors))
+        raise CheckpointError(
+            f"checkpoint {path} is not a flat state dict of tensors (nested checkpoints such as "
+            f"{{'model': ...}} must be unpacked first):\n" + _listing("non-tensor entries", not_tensors)
+        )
     return dict(state)
 
 
-def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, finite_keys: set[str],
-                     path: str | os.PathLike, what: str) -> None:
+def check_state_dict(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    *,
+    finite_keys: set[str],
+    path: str | os.PathLike,
+    what: str,
+) -> None:
     """Compare keys, shapes and dtype kinds with ``expected`` (a meta-device model's state dict) and look for
     NaN/inf in ``finite_keys`` (the parameters: the attention-mask buffer holds -inf by design); raise one
     ``CheckpointError`` listing every problem."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {list(state[k].shape)} (expected {list(v.shape)})" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    kinds = [f"{k} {state[k].dtype} (expected {v.dtype})" for k, v in expected.items()
-             if k in state and state[k].dtype.is_floating_point != v.dtype.is_floating_point]
-    non_finite = [k for k in finite_keys if k in state and state[k].dtype.is_floating_point and not bool(torch.isfinite(state[k]).all())]
-    problems = [_listing(title, items) for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                ("mis-shaped keys", shapes), ("wrong dtype kind", kinds), ("keys with NaN/inf values", non_finite)) if items]
+    shapes = [
+        f"{k} {list(state[k].shape)} (expected {list(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    kinds = [
+        f"{k} {state[k].dtype} (expected {v.dtype})"
+        for k, v in expected.items()
+        if k in state and state[k].dtype.is_floating_point != v.dtype.is_floating_point
+    ]
+    non_finite = [
+        k
+        for k in finite_keys
+        if k in state and state[k].dtype.is_floating_point and not bool(torch.isfinite(state[k]).all())
+    ]
+    problems = [
+        _listing(title, items)
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("mis-shaped keys", shapes),
+            ("wrong dtype kind", kinds),
+            ("keys with NaN/inf values", non_finite),
+        )
+        if items
+    ]
     if problems:
-        raise CheckpointError(f"checkpoint {path} does not match the {what} it is loaded into:\n" + "\n".join(problems))
+        raise CheckpointError(
+            f"checkpoint {path} does not match the {what} it is loaded into:\n" + "\n".join(problems)
+        )
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -122,9 +166,13 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         record = json.loads(side.read_text())
     except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
-        raise CheckpointError(f"checkpoint sidecar {side} is not valid JSON: {type(err).__name__}: {err}") from err
+        raise CheckpointError(
+            f"checkpoint sidecar {side} is not valid JSON: {type(err).__name__}: {err}"
+        ) from err
     if not isinstance(record, dict) or not isinstance(record.get("architecture", {}), dict):
-        raise CheckpointError(f"checkpoint sidecar {side} is not a sidecar record (a JSON object with format, kind, architecture, sha256)")
+        raise CheckpointError(
+            f"checkpoint sidecar {side} is not a sidecar record (a JSON object with format, kind, architecture, sha256)"
+        )
     return record
 
 
@@ -147,24 +195,38 @@ def _committed_weights(path: Path, record: Mapping[str, Any]) -> Path:
 
 def _check_sidecar_kind(record: Mapping[str, Any], *, path: Path, kind: str) -> None:
     if record.get("format") != SIDECAR_FORMAT or record.get("kind") != kind:
-        raise CheckpointError(f"{sidecar_path(path)} describes a {record.get('kind')!r} checkpoint of format {record.get('format')!r}, "
-                              f"expected {kind!r} / {SIDECAR_FORMAT}")
+        raise CheckpointError(
+            f"{sidecar_path(path)} describes a {record.get('kind')!r} checkpoint of format {record.get('format')!r}, "
+            f"expected {kind!r} / {SIDECAR_FORMAT}"
+        )
 
 
-def _check_sidecar_architecture(record: Mapping[str, Any], *, path: Path, kind: str, architecture: Mapping[str, Any]) -> None:
+def _check_sidecar_architecture(
+    record: Mapping[str, Any], *, path: Path, kind: str, architecture: Mapping[str, Any]
+) -> None:
     saved, wanted = _normalised(record.get("architecture", {})), _normalised(architecture)
-    differing = [f"{k}: saved {saved.get(k)!r}, requested {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    differing = [
+        f"{k}: saved {saved.get(k)!r}, requested {wanted.get(k)!r}"
+        for k in sorted(set(saved) | set(wanted))
+        if saved.get(k) != wanted.get(k)
+    ]
     if differing:
-        raise CheckpointError(f"checkpoint {path} was saved for another {kind} architecture: {'; '.join(differing[:_MAX_LISTED])}"
-                              + (f" ... ({len(differing) - _MAX_LISTED} more)" if len(differing) > _MAX_LISTED else ""))
+        raise CheckpointError(
+            f"checkpoint {path} was saved for another {kind} architecture: {'; '.join(differing[:_MAX_LISTED])}"
+            + (f" ... ({len(differing) - _MAX_LISTED} more)" if len(differing) > _MAX_LISTED else "")
+        )
 
 
 def _sha_mismatch(path: Path, record: Mapping[str, Any], actual: str) -> CheckpointError:
-    return CheckpointError(f"checkpoint {path} does not match the SHA-256 recorded in {sidecar_path(path)} "
-                           f"({str(record.get('sha256'))[:12]}..., the file has {actual[:12]}...): the weights file was changed or damaged after saving")
+    return CheckpointError(
+        f"checkpoint {path} does not match the SHA-256 recorded in {sidecar_path(path)} "
+        f"({str(record.get('sha256'))[:12]}..., the file has {actual[:12]}...): the weights file was changed or damaged after saving"
+    )
 
 
-def check_sidecar(path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]) -> dict[str, Any] | None:
+def check_sidecar(
+    path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]
+) -> dict[str, Any] | None:
     """The sidecar record when ``<path>.json`` exists, checked to be ours, of ``kind`` and of ``architecture``,
     without reading the weights (the preflight's check; ``verify_sidecar`` adds the SHA-256)."""
     record = read_sidecar(path)
@@ -174,7 +236,9 @@ def check_sidecar(path: str | os.PathLike, *, kind: str, architecture: Mapping[s
     return record
 
 
-def verify_sidecar(path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]) -> dict[str, Any] | None:
+def verify_sidecar(
+    path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]
+) -> dict[str, Any] | None:
     """If ``<path>.json`` exists: check it is ours, that the weights' SHA-256 matches (catches a file damaged or
     replaced after saving; a save interrupted after its commit is completed first) and that its architecture
     equals the requested one. Returns its metadata. ``read_verified`` also reads the weights, in one pass."""
@@ -190,17 +254,22 @@ def verify_sidecar(path: str | os.PathLike, *, kind: str, architecture: Mapping[
         if record.get("sha256") == actual:
             _check_sidecar_architecture(record, path=path, kind=kind, architecture=architecture)
             return record.get("metadata")
-        if read_sidecar(path) == record:  # not a save committing meanwhile: the weights are not the ones saved
+        if (
+            read_sidecar(path) == record
+        ):  # not a save committing meanwhile: the weights are not the ones saved
             raise _sha_mismatch(path, record, actual)
     raise _changing(path)
 
 
 def _changing(path: Path) -> CheckpointError:
-    return CheckpointError(f"checkpoint {path} was replaced {_READ_ATTEMPTS} times while being read (another process keeps saving it)")
+    return CheckpointError(
+        f"checkpoint {path} was replaced {_READ_ATTEMPTS} times while being read (another process keeps saving it)"
+    )
 
 
-def read_verified(path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]
-                  ) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:
+def read_verified(
+    path: str | os.PathLike, *, kind: str, architecture: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:
     """(state dict, SHA-256 of the bytes it was read from, sidecar metadata or None) of the checkpoint at ``path``,
     read once: the hash and the tensors come from the same open file, so a concurrent re-save cannot pair one
     file's tensors with another's hash. With a sidecar, its kind, SHA-256 and architecture are checked; a save
@@ -225,41 +294,107 @@ def read_verified(path: str | os.PathLike, *, kind: str, architecture: Mapping[s
     raise _changing(path)
 
 
-def _load_into(path: str | os.PathLike, *, build_meta: Callable[[], nn.Module], what: str, kind: str,
-               device: torch.device | str | None, dtype: torch.dtype | None) -> tuple[nn.Module, str]:
+def _load_into(
+    path: str | os.PathLike,
+    *,
+    build_meta: Callable[[], nn.Module],
+    what: str,
+    kind: str,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> tuple[nn.Module, str]:
     """(model on ``device``, SHA-256 of the file) after checking sidecar, keys, shapes and finiteness."""
     model = build_meta()
     state, sha, _ = read_verified(path, kind=kind, architecture=model.architecture)
-    check_state_dict(state, model.state_dict(), finite_keys={name for name, _ in model.named_parameters()}, path=path, what=what)
+    check_state_dict(
+        state,
+        model.state_dict(),
+        finite_keys={name for name, _ in model.named_parameters()},
+        path=path,
+        what=what,
+    )
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device or "cpu", dtype=dtype), sha
 
 
-def load_vqvae(path: str | os.PathLike, *, vocab_size: int = 4096, z_channels: int = 32, ch: int = 160,
-               patch_nums: Sequence[int] = OFFICIAL_PATCH_NUMS, share_quant_resi: int = 4, ch_mult: Sequence[int] = OFFICIAL_CH_MULT,
-               num_res_blocks: int = 2, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VQVAE:
+def load_vqvae(
+    path: str | os.PathLike,
+    *,
+    vocab_size: int = 4096,
+    z_channels: int = 32,
+    ch: int = 160,
+    patch_nums: Sequence[int] = OFFICIAL_PATCH_NUMS,
+    share_quant_resi: int = 4,
+    ch_mult: Sequence[int] = OFFICIAL_CH_MULT,
+    num_res_blocks: int = 2,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> VQVAE:
     """Load a VQVAE from a local file; defaults describe the official ``vae_ch160v4096z32.pth``."""
-    arch = dict(vocab_size=vocab_size, z_channels=z_channels, ch=ch, patch_nums=tuple(patch_nums), share_quant_resi=share_quant_resi,
-                ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks)
-    vqvae, _ = _load_into(path, build_meta=lambda: build_vqvae(**arch, device="meta"), what=f"VQVAE {arch}", kind="vqvae",
-                          device=device, dtype=dtype)
+    arch = dict(
+        vocab_size=vocab_size,
+        z_channels=z_channels,
+        ch=ch,
+        patch_nums=tuple(patch_nums),
+        share_quant_resi=share_quant_resi,
+        ch_mult=tuple(ch_mult),
+        num_res_blocks=num_res_blocks,
+    )
+    vqvae, _ = _load_into(
+        path,
+        build_meta=lambda: build_vqvae(**arch, device="meta"),
+        what=f"VQVAE {arch}",
+        kind="vqvae",
+        device=device,
+        dtype=dtype,
+    )
     return vqvae.eval()
 
 
-def load_var(path: str | os.PathLike, *, depth: int, num_classes: int = 1000, patch_nums: Sequence[int] = OFFICIAL_PATCH_NUMS,
-             vocab_size: int = 4096, z_channels: int = 32, embed_dim: int | None = None, num_heads: int | None = None,
-             attn_l2_norm: bool = True, shared_aln: bool = False, drop_path_rate: float | None = None,
-             device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VAR:
+def load_var(
+    path: str | os.PathLike,
+    *,
+    depth: int,
+    num_classes: int = 1000,
+    patch_nums: Sequence[int] = OFFICIAL_PATCH_NUMS,
+    vocab_size: int = 4096,
+    z_channels: int = 32,
+    embed_dim: int | None = None,
+    num_heads: int | None = None,
+    attn_l2_norm: bool = True,
+    shared_aln: bool = False,
+    drop_path_rate: float | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> VAR:
     """Load a VAR from a local file. ``num_classes`` is the number of classes the checkpoint was trained with
     (1000 for the official ImageNet models); use ``resize_class_embedding`` to move to a new label set.
     The scale-layout buffers are checked against ``patch_nums`` (a checkpoint of another resolution fails).
     The returned model's ``checkpoint_sha256`` is the SHA-256 of the file."""
-    def build_meta() -> VAR:
-        return build_var(depth=depth, num_classes=num_classes, patch_nums=patch_nums, vocab_size=vocab_size, z_channels=z_channels,
-                         embed_dim=embed_dim, num_heads=num_heads, attn_l2_norm=attn_l2_norm, shared_aln=shared_aln,
-                         drop_path_rate=drop_path_rate, device="meta")
 
-    var, sha = _load_into(path, build_meta=build_meta, what=f"VAR-d{depth} with {num_classes} classes", kind="var", device=device, dtype=dtype)
+    def build_meta() -> VAR:
+        return build_var(
+            depth=depth,
+            num_classes=num_classes,
+            patch_nums=patch_nums,
+            vocab_size=vocab_size,
+            z_channels=z_channels,
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            attn_l2_norm=attn_l2_norm,
+            shared_aln=shared_aln,
+            drop_path_rate=drop_path_rate,
+            device="meta",
+        )
+
+    var, sha = _load_into(
+        path,
+        build_meta=build_meta,
+        what=f"VAR-d{depth} with {num_classes} classes",
+        kind="var",
+        device=device,
+        dtype=dtype,
+    )
     _check_scale_layout(var, path=path)
     var.checkpoint_sha256 = sha  # adapters trained on this model record it and check it when applied
     return var
@@ -267,12 +402,18 @@ def load_var(path: str | os.PathLike, *, depth: int, num_classes: int = 1000, pa
 
 def _check_scale_layout(var: VAR, *, path: str | os.PathLike) -> None:
     lvl_1L, attn_bias_11LL = scale_layout(var.patch_nums)
-    if not torch.equal(var.lvl_1L.cpu(), lvl_1L) or not torch.equal(var.attn_bias_for_masking.float().cpu(), attn_bias_11LL):
-        raise CheckpointError(f"checkpoint {path}: buffers lvl_1L / attn_bias_for_masking do not match patch_nums {var.patch_nums}")
+    if not torch.equal(var.lvl_1L.cpu(), lvl_1L) or not torch.equal(
+        var.attn_bias_for_masking.float().cpu(), attn_bias_11LL
+    ):
+        raise CheckpointError(
+            f"checkpoint {path}: buffers lvl_1L / attn_bias_for_masking do not match patch_nums {var.patch_nums}"
+        )
 
 
 @torch.no_grad()
-def resize_class_embedding(var: VAR, num_classes: int, *, init: str = "unconditional", generator: torch.Generator | None = None) -> VAR:
+def resize_class_embedding(
+    var: VAR, num_classes: int, *, init: str = "unconditional", generator: torch.Generator | None = None
+) -> VAR:
     """Give ``var`` a new label set of ``num_classes`` classes (K+1 rows, the last one unconditional), in place.
 
     The unconditional row is kept, so classifier-free guidance starts from the base model's unconditional
@@ -312,7 +453,9 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], *, name_from_content: Callable[[BinaryIO], Path] | None = None) -> Path:
+def atomic_write(
+    path: Path, write: Callable[[Path], None], *, name_from_content: Callable[[BinaryIO], Path] | None = None
+) -> Path:
     """``write(tmp)`` a file beside ``path``, fsync it, then rename it over ``path``: an interrupted save never
     leaves a half-written file (checkpoints, their sidecars, caches, generated images). ``name_from_content``
     (given the written file, open for reading) names another destination beside it instead, e.g. by the bytes'
@@ -333,8 +476,14 @@ def atomic_write(path: Path, write: Callable[[Path], None], *, name_from_content
     return destination
 
 
-def save_tensors(path: str | os.PathLike, state: Mapping[str, torch.Tensor], *, kind: str, architecture: Mapping[str, Any],
-                 metadata: Mapping[str, Any] | None) -> Path:
+def save_tensors(
+    path: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    *,
+    kind: str,
+    architecture: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+) -> Path:
     """Write a flat tensor dict plus its ``<path>.json`` sidecar (kind, architecture, SHA-256, metadata) as one
     atomic pair: a reader sees the old pair or the new one, never new weights with an old sidecar.
 
@@ -353,8 +502,14 @@ def save_tensors(path: str | os.PathLike, state: Mapping[str, torch.Tensor], *, 
 
     staged = atomic_write(path, lambda tmp: torch.save(state, tmp), name_from_content=staged_by_sha)
     sha = written["sha"]
-    record = {"format": SIDECAR_FORMAT, "kind": kind, "architecture": _normalised(architecture), "sha256": sha,
-              "weights": path.name, "metadata": dict(metadata or {})}
+    record = {
+        "format": SIDECAR_FORMAT,
+        "kind": kind,
+        "architecture": _normalised(architecture),
+        "sha256": sha,
+        "weights": path.name,
+        "metadata": dict(metadata or {}),
+    }
     atomic_write(sidecar_path(path), lambda out: out.write_text(json.dumps(record, indent=1, sort_keys=True)))
     try:
         os.replace(staged, path)
@@ -370,13 +525,26 @@ def _remove_stale_staged(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def save_var(var: VAR, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,
-             state: Mapping[str, torch.Tensor] | None = None) -> Path:
+def save_var(
+    var: VAR,
+    path: str | os.PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``var``'s state dict in the official layout (loadable by the original code) plus ``<path>.json``
     with the architecture, SHA-256 and ``metadata`` (e.g. the trial config). Atomic. ``state`` overrides the
     module's own state dict (a patched model passes its official-layout state)."""
-    return save_tensors(path, var.state_dict() if state is None else state, kind="var", architecture=var.architecture, metadata=metadata)
+    return save_tensors(
+        path,
+        var.state_dict() if state is None else state,
+        kind="var",
+        architecture=var.architecture,
+        metadata=metadata,
+    )
 
 
 def save_vqvae(vqvae: VQVAE, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
-    return save_tensors(path, vqvae.state_dict(), kind="vqvae", architecture=vqvae.architecture, metadata=metadata)
+    return save_tensors(
+        path, vqvae.state_dict(), kind="vqvae", architecture=vqvae.architecture, metadata=metadata
+    )

@@ -9,11 +9,12 @@ all numerically neutral for the same inputs:
 - sampling takes a ``torch.Generator`` that advances across calls instead of re-seeding.
 Shapes: B batch, L = sum(pn^2) tokens, C width, H heads, V codebook size, Cvae latent channels.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +91,9 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(width))  # keys get no bias (kept for the key layout)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x_BLC: torch.Tensor, *, attn_bias_11LL: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x_BLC: torch.Tensor, *, attn_bias_11LL: torch.Tensor | None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
         B, L, C = x_BLC.shape
         qkv_BL3Hc = self.add_qkv_bias(self.mat_qkv(x_BLC)).view(B, L, 3, self.num_heads, self.head_dim)
         q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(0)
@@ -126,15 +129,26 @@ class AdaLNSelfAttn(nn.Module):
     ``ada_lin(cond)`` gives gamma1, gamma2, scale1, scale2, shift1, shift2 (in that order), each [B, 1, C].
     """
 
-    def __init__(self, width: int, num_heads: int, *, mlp_ratio: float, drop_path: float, attn_l2_norm: bool, shared_aln: bool):
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float,
+        drop_path: float,
+        attn_l2_norm: bool,
+        shared_aln: bool,
+    ):
         super().__init__()
         self.width, self.shared_aln = width, shared_aln
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # upstream's layout: block 0 has none
+        self.drop_path = (
+            DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        )  # upstream's layout: block 0 has none
         self.attn = SelfAttention(width, num_heads, attn_l2_norm=attn_l2_norm)
         self.ffn = FFN(width, round(width * mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(width, eps=LN_EPS, elementwise_affine=False)
         if shared_aln:
-            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, width) / width ** 0.5)
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, width) / width**0.5)
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
@@ -143,12 +157,21 @@ class AdaLNSelfAttn(nn.Module):
             return (self.ada_gss + cond_BD).unbind(2)  # cond is shared_ada_lin's [B, 1, 6, C]
         return self.ada_lin(cond_BD).view(-1, 1, 6, self.width).unbind(2)
 
-    def forward(self, x_BLC: torch.Tensor, *, cond_BD: torch.Tensor, attn_bias_11LL: torch.Tensor | None, kv_cache: KVCache | None = None,
-                drop_path_uniform_B2: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BLC: torch.Tensor,
+        *,
+        cond_BD: torch.Tensor,
+        attn_bias_11LL: torch.Tensor | None,
+        kv_cache: KVCache | None = None,
+        drop_path_uniform_B2: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``drop_path_uniform_B2``: the rows' uniforms for the attention and FFN branches' drop-path (None: global RNG)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
         u_attn_B, u_ffn_B = (None, None) if drop_path_uniform_B2 is None else drop_path_uniform_B2.unbind(1)
-        h_BLC = self.attn(self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_bias_11LL=attn_bias_11LL, kv_cache=kv_cache)
+        h_BLC = self.attn(
+            self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_bias_11LL=attn_bias_11LL, kv_cache=kv_cache
+        )
         x_BLC = x_BLC + self._drop_path(h_BLC * gamma1, u_attn_B)
         h_BLC = self.ffn(self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2)
         return x_BLC + self._drop_path(h_BLC * gamma2, u_ffn_B)
@@ -179,8 +202,21 @@ def scale_layout(patch_nums: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class VAR(nn.Module):
-    def __init__(self, *, depth: int, num_classes: int, patch_nums: Sequence[int], vocab_size: int, z_channels: int,
-                 embed_dim: int, num_heads: int, attn_l2_norm: bool, shared_aln: bool, drop_path_rate: float, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        *,
+        depth: int,
+        num_classes: int,
+        patch_nums: Sequence[int],
+        vocab_size: int,
+        z_channels: int,
+        embed_dim: int,
+        num_heads: int,
+        attn_l2_norm: bool,
+        shared_aln: bool,
+        drop_path_rate: float,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         self.depth, self.num_classes, self.width, self.num_heads = depth, num_classes, embed_dim, num_heads
         self.patch_nums, self.vocab_size, self.z_channels = tuple(patch_nums), vocab_size, z_channels
@@ -197,10 +233,19 @@ class VAR(nn.Module):
         self.word_embed = nn.Linear(z_channels, C)
         self.class_emb = nn.Embedding(num_classes + 1, C)  # last row: the unconditional class
         self.lvl_embed = nn.Embedding(len(self.patch_nums), C)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if shared_aln else nn.Identity()
+        self.shared_ada_lin = (
+            nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if shared_aln else nn.Identity()
+        )
         drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # block 0: none
         self.blocks = nn.ModuleList(
-            AdaLNSelfAttn(C, num_heads, mlp_ratio=mlp_ratio, drop_path=drop_path_rates[i], attn_l2_norm=attn_l2_norm, shared_aln=shared_aln)
+            AdaLNSelfAttn(
+                C,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                drop_path=drop_path_rates[i],
+                attn_l2_norm=attn_l2_norm,
+                shared_aln=shared_aln,
+            )
             for i in range(depth)
         )
         self.head_nm = AdaLNBeforeHead(C)
@@ -209,16 +254,31 @@ class VAR(nn.Module):
     @property
     def architecture(self) -> dict:
         """The ``build_var`` keyword arguments that rebuild this model's layout (saved beside checkpoints)."""
-        return dict(depth=self.depth, num_classes=self.num_classes, patch_nums=self.patch_nums, vocab_size=self.vocab_size,
-                    z_channels=self.z_channels, embed_dim=self.width, num_heads=self.num_heads, attn_l2_norm=self.attn_l2_norm,
-                    shared_aln=self.shared_aln, drop_path_rate=self.drop_path_rate)
+        return dict(
+            depth=self.depth,
+            num_classes=self.num_classes,
+            patch_nums=self.patch_nums,
+            vocab_size=self.vocab_size,
+            z_channels=self.z_channels,
+            embed_dim=self.width,
+            num_heads=self.num_heads,
+            attn_l2_norm=self.attn_l2_norm,
+            shared_aln=self.shared_aln,
+            drop_path_rate=self.drop_path_rate,
+        )
 
     @property
     def unconditional_label(self) -> int:
         return self.num_classes
 
-    def init_weights(self, *, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-3, init_head: float = 0.02,
-                     generator: torch.Generator | None = None) -> None:
+    def init_weights(
+        self,
+        *,
+        init_adaln: float = 0.5,
+        init_adaln_gamma: float = 1e-3,
+        init_head: float = 0.02,
+        generator: torch.Generator | None = None,
+    ) -> None:
         """From-scratch init of the VAR recipe: Linear/Embedding/positional weights ~ N(0, 1/(3C)) (truncated at
         +-2), biases 0; head x0.02; head_nm modulation x0.5; proj and fc2 / sqrt(2*depth); block modulation rows
         scale/shift x init_adaln and gamma x init_adaln_gamma (small gamma: blocks start near identity)."""
@@ -238,7 +298,9 @@ class VAR(nn.Module):
                 block.attn.proj.weight.div_(math.sqrt(2 * self.depth))
                 block.ffn.fc2.weight.div_(math.sqrt(2 * self.depth))
                 if self.shared_aln:
-                    block.ada_gss.normal_(generator=generator).div_(math.sqrt(self.width)).mul_(gains_R.view(1, 1, 6, self.width))
+                    block.ada_gss.normal_(generator=generator).div_(math.sqrt(self.width)).mul_(
+                        gains_R.view(1, 1, 6, self.width)
+                    )
                 else:
                     block.ada_lin[-1].weight.mul_(gains_R[:, None])
 
@@ -250,9 +312,13 @@ class VAR(nn.Module):
     def _check_inputs(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> None:
         expected = (label_B.shape[0], self.seq_len - self.first_l, self.z_channels)
         if label_B.ndim != 1 or tuple(x_BLCv_wo_first_l.shape) != expected:
-            raise ValueError(f"expected label_B [B] and x_BLCv_wo_first_l {list(expected)}, got {list(label_B.shape)} and {list(x_BLCv_wo_first_l.shape)}")
+            raise ValueError(
+                f"expected label_B [B] and x_BLCv_wo_first_l {list(expected)}, got {list(label_B.shape)} and {list(x_BLCv_wo_first_l.shape)}"
+            )
 
-    def embed_tokens(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_tokens(
+        self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(token embeddings [B, L, C], class condition [B, C])."""
         B = label_B.shape[0]
         cond_BC = self.class_emb(label_B)
@@ -280,24 +346,48 @@ class VAR(nn.Module):
         """Residual branches with drop-path (2 per block, attention and FFN), 0 when the rate is 0."""
         return 2 * self.depth if self.drop_path_rate > 0 else 0
 
-    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, *, drop_path_uniform_BD: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        label_B: torch.Tensor,
+        x_BLCv_wo_first_l: torch.Tensor,
+        *,
+        drop_path_uniform_BD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Teacher-forced training forward: labels [B] (``num_classes`` = unconditional) and the VQVAE's
         ``idxBl_to_var_input`` [B, L-first_l, Cvae] -> logits [B, L, V] (float32). No class dropout here.
         ``drop_path_uniform_BD``: uniforms [B, 2*depth] deciding each row's drop-path in every block (attention,
         FFN), so a row's stochastic depth depends on no other row; None draws from torch's global generator."""
         self._check_inputs(label_B, x_BLCv_wo_first_l)
-        if drop_path_uniform_BD is not None and tuple(drop_path_uniform_BD.shape) != (label_B.shape[0], 2 * self.depth):
-            raise ValueError(f"drop_path_uniform_BD must be [B={label_B.shape[0]}, 2*depth={2 * self.depth}], got {list(drop_path_uniform_BD.shape)}")
+        if drop_path_uniform_BD is not None and tuple(drop_path_uniform_BD.shape) != (
+            label_B.shape[0],
+            2 * self.depth,
+        ):
+            raise ValueError(
+                f"drop_path_uniform_BD must be [B={label_B.shape[0]}, 2*depth={2 * self.depth}], got {list(drop_path_uniform_BD.shape)}"
+            )
         x_BLC, cond_BC = self.embed_tokens(label_B, x_BLCv_wo_first_l)
         block_cond = self.shared_ada_lin(cond_BC)
         for i, block in enumerate(self.blocks):
-            u_B2 = None if drop_path_uniform_BD is None else drop_path_uniform_BD[:, 2 * i: 2 * i + 2]
-            x_BLC = block(x_BLC, cond_BD=block_cond, attn_bias_11LL=self.attn_bias_for_masking, drop_path_uniform_B2=u_B2)
+            u_B2 = None if drop_path_uniform_BD is None else drop_path_uniform_BD[:, 2 * i : 2 * i + 2]
+            x_BLC = block(
+                x_BLC,
+                cond_BD=block_cond,
+                attn_bias_11LL=self.attn_bias_for_masking,
+                drop_path_uniform_B2=u_B2,
+            )
         return self.logits(x_BLC, cond_BC)
 
     @torch.no_grad()
-    def sample(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        label_B: torch.Tensor,
+        *,
+        vqvae: VQVAE,
+        cfg: float,
+        top_k: int,
+        top_p: float,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Class-conditional sampling with classifier-free guidance and a KV cache.
 
         label_B [B] int64 (``num_classes`` = unconditional); guidance at scale si is ``t = cfg * si/(S-1)`` on
@@ -305,42 +395,87 @@ class VAR(nn.Module):
         advanced, never re-seeded, so successive calls give new samples. Returns images [B, 3, H, W] in [0, 1].
         Runs in eval mode (drop-path off) whatever the module's mode, and restores it.
         """
-        f_hat_BChw, _ = self._sample_eval_mode(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
+        f_hat_BChw, _ = self._sample_eval_mode(
+            label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator
+        )
         return vqvae.fhat_to_img(f_hat_BChw).add(1).mul(0.5)
 
     @torch.no_grad()
-    def sample_tokens(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float,
-                      generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def sample_tokens(
+        self,
+        label_B: torch.Tensor,
+        *,
+        vqvae: VQVAE,
+        cfg: float,
+        top_k: int,
+        top_p: float,
+        generator: torch.Generator | None = None,
+    ) -> list[torch.Tensor]:
         """Like ``sample`` but returns the drawn token indices, one [B, pn*pn] int64 tensor per scale."""
-        return self._sample_eval_mode(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)[1]
+        return self._sample_eval_mode(
+            label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator
+        )[1]
 
-    def _sample_eval_mode(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float,
-                          generator: torch.Generator | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _sample_eval_mode(
+        self,
+        label_B: torch.Tensor,
+        *,
+        vqvae: VQVAE,
+        cfg: float,
+        top_k: int,
+        top_p: float,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._check_sampling_args(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p)
         was_training = self.training
         self.eval()
         try:
-            return self._sample_fhat(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
+            return self._sample_fhat(
+                label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator
+            )
         finally:
             self.train(was_training)
 
-    def _check_sampling_args(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float) -> None:
+    def _check_sampling_args(
+        self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float
+    ) -> None:
         if label_B.ndim != 1 or label_B.numel() == 0 or label_B.dtype != torch.long:
-            raise ValueError(f"label_B must be a non-empty 1-D int64 tensor, got {label_B.dtype} {list(label_B.shape)}")
+            raise ValueError(
+                f"label_B must be a non-empty 1-D int64 tensor, got {label_B.dtype} {list(label_B.shape)}"
+            )
         if bool(((label_B < 0) | (label_B > self.num_classes)).any()):
-            raise ValueError(f"labels must be in [0, {self.num_classes}] ({self.num_classes} = unconditional), got {label_B.tolist()}")
-        if vqvae.patch_nums != self.patch_nums or vqvae.vocab_size != self.vocab_size or vqvae.z_channels != self.z_channels:
-            raise ValueError(f"VQVAE (patch_nums={vqvae.patch_nums}, V={vqvae.vocab_size}, Cvae={vqvae.z_channels}) does not match "
-                             f"VAR (patch_nums={self.patch_nums}, V={self.vocab_size}, Cvae={self.z_channels})")
+            raise ValueError(
+                f"labels must be in [0, {self.num_classes}] ({self.num_classes} = unconditional), got {label_B.tolist()}"
+            )
+        if (
+            vqvae.patch_nums != self.patch_nums
+            or vqvae.vocab_size != self.vocab_size
+            or vqvae.z_channels != self.z_channels
+        ):
+            raise ValueError(
+                f"VQVAE (patch_nums={vqvae.patch_nums}, V={vqvae.vocab_size}, Cvae={vqvae.z_channels}) does not match "
+                f"VAR (patch_nums={self.patch_nums}, V={self.vocab_size}, Cvae={self.z_channels})"
+            )
         check_sampling_settings(cfg=cfg, top_k=top_k, top_p=top_p)
 
-    def _sample_fhat(self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float,
-                     generator: torch.Generator | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _sample_fhat(
+        self,
+        label_B: torch.Tensor,
+        *,
+        vqvae: VQVAE,
+        cfg: float,
+        top_k: int,
+        top_p: float,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         B, S, full = label_B.shape[0], len(self.patch_nums), self.patch_nums[-1]
         cond_2BC = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.unconditional_label))))
         block_cond = self.shared_ada_lin(cond_2BC)
         lvl_pos_1LC = self.add_positions(self.lvl_embed(self.lvl_1L))
-        next_2BlC = self.add_start_position(cond_2BC[:, None].expand(-1, self.first_l, -1)) + lvl_pos_1LC[:, : self.first_l]
+        next_2BlC = (
+            self.add_start_position(cond_2BC[:, None].expand(-1, self.first_l, -1))
+            + lvl_pos_1LC[:, : self.first_l]
+        )
         caches = [KVCache() for _ in self.blocks]
         f_hat_BChw = cond_2BC.new_zeros(B, self.z_channels, full, full)
         idx_per_scale, cur = [], 0
@@ -358,12 +493,18 @@ class VAR(nn.Module):
             f_hat_BChw, next_BChw = vqvae.quantize.next_autoregressive_input(si, f_hat_BChw, h_BChw)
             if si != S - 1:
                 words_BlC = self.word_embed(next_BChw.flatten(2).transpose(1, 2))
-                next_2BlC = (words_BlC + lvl_pos_1LC[:, cur: cur + self.patch_nums[si + 1] ** 2]).repeat(2, 1, 1)
+                next_2BlC = (words_BlC + lvl_pos_1LC[:, cur : cur + self.patch_nums[si + 1] ** 2]).repeat(
+                    2, 1, 1
+                )
         return f_hat_BChw, idx_per_scale
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and (isinstance(value, int) or math.isfinite(value))
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (isinstance(value, int) or math.isfinite(value))
+    )
 
 
 def check_sampling_settings(*, cfg: float, top_k: int, top_p: float) -> None:
@@ -377,10 +518,12 @@ def check_sampling_settings(*, cfg: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_p must be a finite number in [0, 1) (0 = off), got {top_p!r}")
 
 
-def sample_top_k_top_p(logits_BlV: torch.Tensor, *, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample_top_k_top_p(
+    logits_BlV: torch.Tensor, *, top_k: int, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """Filter logits to the top-k and to the smallest set holding probability mass top_p, then draw one index
     per position [B, l]. Ties at the k-th value are kept."""
-    B, l, V = logits_BlV.shape
+    B, l, V = logits_BlV.shape  # noqa: E741
     logits_BlV = logits_BlV.float()
     if 0 < top_k < V:
         kth_Bl1 = logits_BlV.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
@@ -389,39 +532,85 @@ def sample_top_k_top_p(logits_BlV: torch.Tensor, *, top_k: int, top_p: float, ge
         sorted_BlV, order_BlV = logits_BlV.sort(dim=-1, descending=False)
         drop_sorted_BlV = sorted_BlV.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
         drop_sorted_BlV[..., -1] = False  # always keep the most likely token
-        logits_BlV = logits_BlV.masked_fill(drop_sorted_BlV.scatter(-1, order_BlV, drop_sorted_BlV), -torch.inf)
+        logits_BlV = logits_BlV.masked_fill(
+            drop_sorted_BlV.scatter(-1, order_BlV, drop_sorted_BlV), -torch.inf
+        )
     probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
     return torch.multinomial(probs_NV, num_samples=1, generator=generator).view(B, l)
 
 
-def validate_var_layout(*, depth: int, num_classes: int, patch_nums: Sequence[int], vocab_size: int, z_channels: int,
-                        embed_dim: int, num_heads: int, drop_path_rate: float) -> None:
+def validate_var_layout(
+    *,
+    depth: int,
+    num_classes: int,
+    patch_nums: Sequence[int],
+    vocab_size: int,
+    z_channels: int,
+    embed_dim: int,
+    num_heads: int,
+    drop_path_rate: float,
+) -> None:
     """Raise ValueError naming the bad argument; called before any allocation."""
     if depth < 1 or num_classes < 1 or vocab_size < 2 or z_channels < 1:
-        raise ValueError(f"need depth >= 1, num_classes >= 1, vocab_size >= 2, z_channels >= 1; got {depth}, {num_classes}, {vocab_size}, {z_channels}")
+        raise ValueError(
+            f"need depth >= 1, num_classes >= 1, vocab_size >= 2, z_channels >= 1; got {depth}, {num_classes}, {vocab_size}, {z_channels}"
+        )
     if len(patch_nums) < 2 or list(patch_nums) != sorted(set(patch_nums)) or patch_nums[0] < 1:
-        raise ValueError(f"patch_nums must be >= 2 strictly increasing positive ints, got {tuple(patch_nums)}")
+        raise ValueError(
+            f"patch_nums must be >= 2 strictly increasing positive ints, got {tuple(patch_nums)}"
+        )
     if num_heads < 1 or embed_dim % num_heads:
         raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
 
 
-def build_var(*, depth: int, num_classes: int, patch_nums: Sequence[int], vocab_size: int, z_channels: int,
-              embed_dim: int | None = None, num_heads: int | None = None, attn_l2_norm: bool = True, shared_aln: bool = False,
-              drop_path_rate: float | None = None, init_adaln_gamma: float = 1e-3, generator: torch.Generator | None = None,
-              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VAR:
+def build_var(
+    *,
+    depth: int,
+    num_classes: int,
+    patch_nums: Sequence[int],
+    vocab_size: int,
+    z_channels: int,
+    embed_dim: int | None = None,
+    num_heads: int | None = None,
+    attn_l2_norm: bool = True,
+    shared_aln: bool = False,
+    drop_path_rate: float | None = None,
+    init_adaln_gamma: float = 1e-3,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> VAR:
     """Build a VAR of the official family: width 64*depth and ``depth`` heads unless given, drop-path up to
     0.1*depth/24 unless given; initialised from scratch (``generator`` makes it reproducible). ``device="meta"``
     allocates nothing."""
     embed_dim = 64 * depth if embed_dim is None else embed_dim
     num_heads = depth if num_heads is None else num_heads
     drop_path_rate = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
-    validate_var_layout(depth=depth, num_classes=num_classes, patch_nums=patch_nums, vocab_size=vocab_size, z_channels=z_channels,
-                        embed_dim=embed_dim, num_heads=num_heads, drop_path_rate=drop_path_rate)
+    validate_var_layout(
+        depth=depth,
+        num_classes=num_classes,
+        patch_nums=patch_nums,
+        vocab_size=vocab_size,
+        z_channels=z_channels,
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        drop_path_rate=drop_path_rate,
+    )
     with torch.device(device or "cpu"):
-        var = VAR(depth=depth, num_classes=num_classes, patch_nums=patch_nums, vocab_size=vocab_size, z_channels=z_channels,
-                  embed_dim=embed_dim, num_heads=num_heads, attn_l2_norm=attn_l2_norm, shared_aln=shared_aln, drop_path_rate=drop_path_rate)
+        var = VAR(
+            depth=depth,
+            num_classes=num_classes,
+            patch_nums=patch_nums,
+            vocab_size=vocab_size,
+            z_channels=z_channels,
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            attn_l2_norm=attn_l2_norm,
+            shared_aln=shared_aln,
+            drop_path_rate=drop_path_rate,
+        )
     if str(device) != "meta":
         var.init_weights(init_adaln_gamma=init_adaln_gamma, generator=generator)
     return var.to(dtype=dtype) if dtype is not None else var

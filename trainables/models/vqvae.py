@@ -4,9 +4,10 @@ State-dict compatible with the official ``vae_ch160v4096z32.pth``: module names,
 shapes follow the published layout, so ``VQVAE.state_dict()`` has exactly the official keys in the
 official order. Images are in [-1, 1]; latents are ``[B, Cvae, h, w]`` with ``h = image_size / 2**(levels-1)``.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,9 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.nin_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        )
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         h_BCHW = self.conv1(F.silu(self.norm1(x_BCHW)))
@@ -50,7 +53,7 @@ class AttnBlock(nn.Module):
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x_BCHW.shape
         q_BCN, k_BCN, v_BCN = self.qkv(self.norm(x_BCHW)).reshape(B, 3, C, H * W).unbind(1)
-        attn_BNN = torch.bmm(q_BCN.transpose(1, 2), k_BCN).mul_(C ** -0.5).softmax(dim=2)
+        attn_BNN = torch.bmm(q_BCN.transpose(1, 2), k_BCN).mul_(C**-0.5).softmax(dim=2)
         h_BCN = torch.bmm(v_BCN, attn_BNN.transpose(1, 2))
         return x_BCHW + self.proj_out(h_BCN.reshape(B, C, H, W))
 
@@ -86,7 +89,11 @@ def _level(blocks: nn.ModuleList, attns: nn.ModuleList, resample: nn.Module | No
 
 def _middle(channels: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
+    mid.block_1, mid.attn_1, mid.block_2 = (
+        ResnetBlock(channels, channels),
+        AttnBlock(channels),
+        ResnetBlock(channels, channels),
+    )
     return mid
 
 
@@ -199,7 +206,15 @@ class SharedPhis(nn.Module):
 class MultiScaleQuantizer(nn.Module):
     """Residual quantiser over ``patch_nums`` scales with one codebook [V, Cvae] shared by all scales."""
 
-    def __init__(self, *, vocab_size: int, z_channels: int, patch_nums: Sequence[int], share_quant_resi: int, beta: float = 0.25):
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        z_channels: int,
+        patch_nums: Sequence[int],
+        share_quant_resi: int,
+        beta: float = 0.25,
+    ):
         super().__init__()
         self.vocab_size, self.z_channels, self.beta = vocab_size, z_channels, beta
         self.patch_nums = tuple(patch_nums)
@@ -239,7 +254,9 @@ class MultiScaleQuantizer(nn.Module):
     def _check_latent(self, f_BChw: torch.Tensor) -> None:
         full = self.patch_nums[-1]
         if f_BChw.ndim != 4 or f_BChw.shape[1] != self.z_channels or f_BChw.shape[2:] != (full, full):
-            raise ValueError(f"latent must be [B, {self.z_channels}, {full}, {full}] for patch_nums {self.patch_nums}, got {list(f_BChw.shape)}")
+            raise ValueError(
+                f"latent must be [B, {self.z_channels}, {full}, {full}] for patch_nums {self.patch_nums}, got {list(f_BChw.shape)}"
+            )
 
     @torch.no_grad()
     def f_to_idxBl(self, f_BChw: torch.Tensor) -> list[torch.Tensor]:
@@ -271,10 +288,14 @@ class MultiScaleQuantizer(nn.Module):
         for si in range(self.num_scales - 1):
             f_hat_BChw = f_hat_BChw + self._codes_to_full(idx_Bl[si], si, full)
             pn_next = self.patch_nums[si + 1]
-            next_inputs.append(F.interpolate(f_hat_BChw, size=(pn_next, pn_next), mode="area").flatten(2).transpose(1, 2))
+            next_inputs.append(
+                F.interpolate(f_hat_BChw, size=(pn_next, pn_next), mode="area").flatten(2).transpose(1, 2)
+            )
         return torch.cat(next_inputs, dim=1)
 
-    def next_autoregressive_input(self, si: int, f_hat_BChw: torch.Tensor, h_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_autoregressive_input(
+        self, si: int, f_hat_BChw: torch.Tensor, h_BChw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampling: add scale si's code map h [B,Cvae,pn,pn] to f_hat; return (f_hat, next scale's input map)."""
         full = self.patch_nums[-1]
         if si != self.num_scales - 1:
@@ -302,7 +323,11 @@ class MultiScaleQuantizer(nn.Module):
             f_hat_BChw = f_hat_BChw + h_BChw
             r_BChw = r_BChw - h_BChw.detach()
             # Codebook and phi learn from the first term; the encoder is pulled towards codes by the second.
-            vq_loss = vq_loss + F.mse_loss(f_hat_BChw, f_detached) + self.beta * F.mse_loss(f_hat_BChw.detach(), f_BChw)
+            vq_loss = (
+                vq_loss
+                + F.mse_loss(f_hat_BChw, f_detached)
+                + self.beta * F.mse_loss(f_hat_BChw.detach(), f_BChw)
+            )
         if self.training:
             self._record_hits(hits_SV)
         # Straight-through: the decoder's gradient reaches the encoder; codebook and phi learn from vq_loss only.
@@ -319,24 +344,51 @@ class MultiScaleQuantizer(nn.Module):
 class VQVAE(nn.Module):
     """Encoder + multi-scale quantiser + decoder. Images in [-1, 1], size ``patch_nums[-1] * downsample``."""
 
-    def __init__(self, *, vocab_size: int, z_channels: int, ch: int, patch_nums: Sequence[int], share_quant_resi: int = 4,
-                 ch_mult: Sequence[int] = OFFICIAL_CH_MULT, num_res_blocks: int = 2):
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        z_channels: int,
+        ch: int,
+        patch_nums: Sequence[int],
+        share_quant_resi: int = 4,
+        ch_mult: Sequence[int] = OFFICIAL_CH_MULT,
+        num_res_blocks: int = 2,
+    ):
         super().__init__()
         self.vocab_size, self.z_channels, self.patch_nums = vocab_size, z_channels, tuple(patch_nums)
-        self.architecture = dict(vocab_size=vocab_size, z_channels=z_channels, ch=ch, patch_nums=self.patch_nums,
-                                 share_quant_resi=share_quant_resi, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks)
+        self.architecture = dict(
+            vocab_size=vocab_size,
+            z_channels=z_channels,
+            ch=ch,
+            patch_nums=self.patch_nums,
+            share_quant_resi=share_quant_resi,
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks,
+        )
         self.downsample = 2 ** (len(ch_mult) - 1)
         self.image_size = self.patch_nums[-1] * self.downsample
         layout = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels)
         self.encoder = Encoder(**layout)
         self.decoder = Decoder(**layout)
-        self.quantize = MultiScaleQuantizer(vocab_size=vocab_size, z_channels=z_channels, patch_nums=patch_nums, share_quant_resi=share_quant_resi)
+        self.quantize = MultiScaleQuantizer(
+            vocab_size=vocab_size,
+            z_channels=z_channels,
+            patch_nums=patch_nums,
+            share_quant_resi=share_quant_resi,
+        )
         self.quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1)
 
     def _check_image(self, img_B3HW: torch.Tensor) -> None:
-        if img_B3HW.ndim != 4 or img_B3HW.shape[1] != 3 or img_B3HW.shape[2:] != (self.image_size, self.image_size):
-            raise ValueError(f"images must be [B, 3, {self.image_size}, {self.image_size}] in [-1, 1], got {list(img_B3HW.shape)}")
+        if (
+            img_B3HW.ndim != 4
+            or img_B3HW.shape[1] != 3
+            or img_B3HW.shape[2:] != (self.image_size, self.image_size)
+        ):
+            raise ValueError(
+                f"images must be [B, 3, {self.image_size}, {self.image_size}] in [-1, 1], got {list(img_B3HW.shape)}"
+            )
 
     def img_to_f(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] in [-1,1] -> continuous latent [B,Cvae,h,w] (before quantisation)."""
@@ -355,7 +407,9 @@ class VQVAE(nn.Module):
         """Latent [B,Cvae,h,w] -> images [B,3,H,W] clamped to [-1, 1]."""
         return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1)
 
-    def idxBl_to_img(self, idx_Bl: Sequence[torch.Tensor], *, last_one: bool = True) -> torch.Tensor | list[torch.Tensor]:
+    def idxBl_to_img(
+        self, idx_Bl: Sequence[torch.Tensor], *, last_one: bool = True
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Token indices -> images in [-1, 1]; with ``last_one=False`` one image per prefix of scales."""
         if last_one:
             return self.fhat_to_img(self.quantize.idxBl_to_fhat(idx_Bl))
@@ -367,28 +421,70 @@ class VQVAE(nn.Module):
         return self.decoder(self.post_quant_conv(f_hat_BChw)), vq_loss, hits_SV
 
 
-def validate_vqvae_layout(*, vocab_size: int, z_channels: int, ch: int, patch_nums: Sequence[int], share_quant_resi: int, ch_mult: Sequence[int]) -> None:
+def validate_vqvae_layout(
+    *,
+    vocab_size: int,
+    z_channels: int,
+    ch: int,
+    patch_nums: Sequence[int],
+    share_quant_resi: int,
+    ch_mult: Sequence[int],
+) -> None:
     """Raise ValueError naming the bad argument; called before any allocation."""
-    if len(patch_nums) < 2 or any(int(p) != p or p < 1 for p in patch_nums) or list(patch_nums) != sorted(set(patch_nums)):
-        raise ValueError(f"patch_nums must be >= 2 strictly increasing positive ints, got {tuple(patch_nums)}")
+    if (
+        len(patch_nums) < 2
+        or any(int(p) != p or p < 1 for p in patch_nums)
+        or list(patch_nums) != sorted(set(patch_nums))
+    ):
+        raise ValueError(
+            f"patch_nums must be >= 2 strictly increasing positive ints, got {tuple(patch_nums)}"
+        )
     if vocab_size < 2 or z_channels < 1:
         raise ValueError(f"vocab_size must be >= 2 and z_channels >= 1, got {vocab_size}, {z_channels}")
     if ch < NORM_GROUPS or any((ch * m) % NORM_GROUPS for m in ch_mult):
-        raise ValueError(f"ch * each ch_mult must be a multiple of {NORM_GROUPS} (GroupNorm groups), got ch={ch}, ch_mult={tuple(ch_mult)}")
+        raise ValueError(
+            f"ch * each ch_mult must be a multiple of {NORM_GROUPS} (GroupNorm groups), got ch={ch}, ch_mult={tuple(ch_mult)}"
+        )
     if share_quant_resi < 1:
-        raise ValueError(f"share_quant_resi must be >= 1 (number of shared phi convolutions), got {share_quant_resi}")
+        raise ValueError(
+            f"share_quant_resi must be >= 1 (number of shared phi convolutions), got {share_quant_resi}"
+        )
     if not ch_mult:
         raise ValueError("ch_mult must name at least one level")
 
 
-def build_vqvae(*, vocab_size: int, z_channels: int, ch: int, patch_nums: Sequence[int], share_quant_resi: int = 4,
-                ch_mult: Sequence[int] = OFFICIAL_CH_MULT, num_res_blocks: int = 2,
-                device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VQVAE:
+def build_vqvae(
+    *,
+    vocab_size: int,
+    z_channels: int,
+    ch: int,
+    patch_nums: Sequence[int],
+    share_quant_resi: int = 4,
+    ch_mult: Sequence[int] = OFFICIAL_CH_MULT,
+    num_res_blocks: int = 2,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> VQVAE:
     """Build a VQVAE; ``device="meta"`` allocates nothing (shape checks). The official tokenizer is
     ``build_vqvae(vocab_size=4096, z_channels=32, ch=160, patch_nums=(1,2,3,4,5,6,8,10,13,16))``."""
-    validate_vqvae_layout(vocab_size=vocab_size, z_channels=z_channels, ch=ch, patch_nums=patch_nums, share_quant_resi=share_quant_resi, ch_mult=ch_mult)
+    validate_vqvae_layout(
+        vocab_size=vocab_size,
+        z_channels=z_channels,
+        ch=ch,
+        patch_nums=patch_nums,
+        share_quant_resi=share_quant_resi,
+        ch_mult=ch_mult,
+    )
     with torch.device(device or "cpu"):
-        vqvae = VQVAE(vocab_size=vocab_size, z_channels=z_channels, ch=ch, patch_nums=patch_nums, share_quant_resi=share_quant_resi, ch_mult=ch_mult, num_res_blocks=num_res_blocks)
+        vqvae = VQVAE(
+            vocab_size=vocab_size,
+            z_channels=z_channels,
+            ch=ch,
+            patch_nums=patch_nums,
+            share_quant_resi=share_quant_resi,
+            ch_mult=ch_mult,
+            num_res_blocks=num_res_blocks,
+        )
     if str(device) != "meta":
         # Codebook small and centred so early training lets the encoder, not the init, set the code scale.
         nn.init.uniform_(vqvae.quantize.embedding.weight, -1 / vocab_size, 1 / vocab_size)
