@@ -34,7 +34,8 @@ from trainables.training import build_optimizer, view_losses
 
 def training_steps(*, batch_size: int, steps: int) -> dict:
     vqvae, var = official_models()
-    var = adapt(var, MethodConfig(name="lora"), num_classes=102, seed=0).train()
+    adapt(var, MethodConfig(name="lora"), num_classes=102, seed=0)
+    var.train()
     optimizer = build_optimizer(var, lr=1e-4)
     images_B3HW = torch.rand(batch_size, 3, 256, 256) * 2 - 1
     labels_B = torch.randint(0, 102, (batch_size,))

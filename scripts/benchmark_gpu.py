@@ -53,7 +53,8 @@ def models(*, depth: int, method: str, device: torch.device):
     vqvae, var = official_models(depth=depth)
     vqvae = vqvae.to(device)
     if method != "base":  # "base": the un-adapted model (generation)
-        var = adapt(var, MethodConfig(name=method), num_classes=CLASSES, seed=0).train()
+        adapt(var, MethodConfig(name=method), num_classes=CLASSES, seed=0)
+        var.train()
     return vqvae, var.to(device)
 
 

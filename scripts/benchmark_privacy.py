@@ -62,7 +62,8 @@ def run_one(config: dict, *, depth: int, batch_size: int, steps: int) -> dict:
         drop_path_rate=0.0,
         generator=torch.Generator().manual_seed(0),
     )
-    adapt(var, MethodConfig(name=config["method"]), num_classes=CLASSES, seed=0).train()
+    adapt(var, MethodConfig(name=config["method"]), num_classes=CLASSES, seed=0)
+    var.train()
     k = config["k"]
     label_N = torch.randint(0, CLASSES, (batch_size,))
     views = [torch.randint(0, VOCAB, (batch_size, k, pn * pn)) for pn in PATCH_NUMS]

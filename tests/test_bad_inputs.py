@@ -47,7 +47,7 @@ from trainables.models import (
     save_var,
     save_vqvae,
 )
-from trainables.models.checkpoints import read_state_dict
+from trainables.models.checkpoints import checkpoint_sha256, read_state_dict
 
 MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / f"varsweep-unpickled-{os.getpid()}"
 
@@ -69,9 +69,14 @@ def a(tmp_path_factory):
     save_vqvae(build_vqvae(**TINY_VQVAE), root / "vqvae.pth")
     make_folder(root / "data")
     base = load_var(root / "var.pth", **TINY_VAR)
-    save_adapter(
-        adapt(base, MethodConfig(name="lora", lora_rank=2), num_classes=2, seed=0), root / "adapter.pt"
+    adaptation = adapt(
+        base,
+        MethodConfig(name="lora", lora_rank=2),
+        num_classes=2,
+        seed=0,
+        base_sha256=checkpoint_sha256(root / "var.pth"),
     )
+    save_adapter(base, root / "adapter.pt", adaptation=adaptation)
     (root / "a-file").write_text("not a folder")
     torch.save(var.state_dict(), root / "plain.pth")  # no sidecar
     results = root / "storage"
@@ -654,7 +659,7 @@ def _other_architecture(a, t):
 
 def _adapter_missing_sidecar(a, t):
     path = copy_of(a.adapter, t, sidecar=False)
-    return lambda: load_adapter(load_var(a.var, **TINY_VAR), path), [path, "no sidecar"]
+    return lambda: load_adapter(load_var(a.var, **TINY_VAR), path, base_sha256=None), [path, "no sidecar"]
 
 
 def _adapter_nan(a, t):
@@ -669,17 +674,25 @@ def _adapter_nan(a, t):
     Path(f"{path}.json").write_text(
         json.dumps({**record, "sha256": file_sha256(path)})
     )  # a consistent pair holding NaN
-    return lambda: load_adapter(load_var(a.var, **TINY_VAR), path), [path, "NaN"]
+    return lambda: load_adapter(load_var(a.var, **TINY_VAR), path, base_sha256=None), [path, "NaN"]
 
 
 def _adapter_other_base(a, t):
     other = t / "other.pth"
     save_var(build_var(**TINY_VAR, generator=torch.Generator().manual_seed(5)), other)
-    return lambda: load_adapter(load_var(other, **TINY_VAR), a.adapter), [a.adapter, "SHA-256"]
+    return lambda: load_adapter(
+        load_var(other, **TINY_VAR), a.adapter, base_sha256=checkpoint_sha256(other)
+    ), [
+        a.adapter,
+        "SHA-256",
+    ]
 
 
 def _adapter_on_var_file(a, t):
-    return lambda: load_adapter(load_var(a.var, **TINY_VAR), a.var), [f"{a.var}.json", "'var'"]
+    return lambda: load_adapter(load_var(a.var, **TINY_VAR), a.var, base_sha256=None), [
+        f"{a.var}.json",
+        "'var'",
+    ]
 
 
 def _record_case(make, needles):

@@ -118,7 +118,9 @@ def test_prior_loss_is_zero_for_the_teacher_and_trains_only_the_student(tiny_vqv
     assert bank.size == 6 and [t.shape for t in bank.tokens] == [
         (6, pn * pn) for pn in TINY_VAR["patch_nums"]
     ]
-    student = adapt(copy.deepcopy(teacher), FULL, num_classes=2, seed=0).eval()
+    student = copy.deepcopy(teacher)
+    adapt(student, FULL, num_classes=2, seed=0)
+    student.eval()
     idx = bank.batch(4, generator=torch.Generator().manual_seed(1))
     assert prior_preservation_loss(student, teacher, tiny_vqvae, idx).item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
@@ -134,7 +136,9 @@ def test_prior_loss_is_zero_for_the_teacher_and_trains_only_the_student(tiny_vqv
 
 def test_prior_targets_are_deterministic_with_a_training_mode_teacher(tiny_vqvae):
     teacher = build_var(**TINY_VAR, drop_path_rate=0.3, generator=torch.Generator().manual_seed(0)).train()
-    student = adapt(copy.deepcopy(teacher), FULL, num_classes=2, seed=0).eval()
+    student = copy.deepcopy(teacher)
+    adapt(student, FULL, num_classes=2, seed=0)
+    student.eval()
     with torch.no_grad():
         student.head.weight.mul_(1.1)
     idx = [
@@ -166,7 +170,9 @@ def _tiny_lora_setup():
     )
     torch.manual_seed(0)
     vqvae = build_vqvae(**TINY_VQVAE).eval()
-    return data, vqvae, adapt(base_var(), MethodConfig(name="lora", lora_rank=4), num_classes=3, seed=0)
+    var = base_var()
+    adapt(var, MethodConfig(name="lora", lora_rank=4), num_classes=3, seed=0)
+    return data, vqvae, var
 
 
 def _tiny_non_dp_finetune() -> dict[str, torch.Tensor]:
@@ -204,7 +210,8 @@ def test_non_dp_finetune_lowers_held_out_nll_with_every_option(digits_setup):
     )
     # Full fine-tuning: on a randomly initialised base (blocks near identity) adapters alone cannot move the logits much.
     method = MethodConfig(name="full", scale_weight_decay=0.8, prior_weight=0.1)
-    var = adapt(copy.deepcopy(teacher), method, num_classes=K, seed=0)
+    var = copy.deepcopy(teacher)
+    adapt(var, method, num_classes=K, seed=0)
     before = token_nll(var, vqvae, test_tokens, test_labels)
     plan = RunPlan(planned_steps=40, evaluation_steps=(20, 40), prior_batch_size=4, log_every=20)
     evaluations = []
@@ -243,7 +250,8 @@ def test_dp_finetune_records_ledger_and_no_private_statistics(digits_setup):
     results = {}
     method = MethodConfig(name="full", prior_weight=0.05)
     for epsilon in (1.0, 1e4):
-        var = adapt(copy.deepcopy(teacher), method, num_classes=K, seed=0)
+        var = copy.deepcopy(teacher)
+        adapt(var, method, num_classes=K, seed=0)
         privacy = PrivacyConfig(
             target_epsilon=epsilon,
             sampling_rate=0.05,
@@ -295,7 +303,8 @@ def test_dp_finetune_records_ledger_and_no_private_statistics(digits_setup):
 
 def test_bad_finetune_settings_fail_before_compute(digits_setup):
     vqvae, data, _, K = digits_setup
-    var = adapt(base_var(), FULL, num_classes=K, seed=0)
+    var = base_var()
+    adapt(var, FULL, num_classes=K, seed=0)
     one_step = dict(optimization=optimization(1), plan=RunPlan(planned_steps=1))
     with pytest.raises(ValueError, match="k=3 needs k distinct cached views"):
         finetune(
@@ -327,7 +336,8 @@ def test_bad_finetune_settings_fail_before_compute(digits_setup):
 
 def _run_with_checkpoints(digits_setup, *, privacy, resume=None, states=None, debug_seed=None):
     vqvae, data, _, num_classes = digits_setup
-    var = adapt(base_var(), MethodConfig(name="lora"), num_classes=num_classes, seed=0)
+    var = base_var()
+    adapt(var, MethodConfig(name="lora"), num_classes=num_classes, seed=0)
     keep = (lambda state: states.append(copy.deepcopy(state))) if states is not None else (lambda state: None)
     out = finetune(
         var,
@@ -457,7 +467,8 @@ def _timed_run(
     digits_setup, *, clock: TrainingClock, every: int = 1000, every_fraction: float = 1.0, resume=None
 ):
     vqvae, data, _, num_classes = digits_setup
-    var = adapt(base_var(), MethodConfig(name="lora"), num_classes=num_classes, seed=0)
+    var = base_var()
+    adapt(var, MethodConfig(name="lora"), num_classes=num_classes, seed=0)
     states: list[dict] = []
     checkpointing = Checkpointing(
         save=lambda state: states.append(copy.deepcopy(state)),

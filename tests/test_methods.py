@@ -22,9 +22,15 @@ from trainables.methods import (
     trainable_parameters,
 )
 from trainables.models import CheckpointError, build_var, load_var
-from trainables.models.checkpoints import save_var
+from trainables.models.checkpoints import checkpoint_sha256, file_sha256, save_var
 from trainables.models.vqvae import OFFICIAL_PATCH_NUMS
-from trainables.patches import OPACUS_PATCHES, apply_patches, official_key, official_state_dict
+from trainables.patches import (
+    OPACUS_PATCHES,
+    apply_patches,
+    official_key,
+    official_state_dict,
+    patches_applied,
+)
 from trainables.training import build_optimizer, parameter_groups
 
 NEW_CLASSES = 3
@@ -64,6 +70,12 @@ def tiny_base(seed: int = 0) -> torch.nn.Module:
     return build_var(**TINY_VAR, drop_path_rate=0.0, generator=torch.Generator().manual_seed(seed))
 
 
+def adapted(var, method: MethodConfig, *, num_classes: int = NEW_CLASSES):
+    """``var`` prepared by ``adapt`` (in place) with seed 0, for tests that need only the model."""
+    adapt(var, method, num_classes=num_classes, seed=0)
+    return var
+
+
 def random_batch(B: int = 4, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     L, first_l = sum(pn * pn for pn in TINY_VAR["patch_nums"]), TINY_VAR["patch_nums"][0] ** 2
@@ -92,7 +104,7 @@ def train_steps(var, steps: int) -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_only_intended_parameters_change(name):
-    var = adapt(tiny_base(), SPECS[name], num_classes=NEW_CLASSES, seed=0)
+    var = adapted(tiny_base(), SPECS[name])
     before = {n: p.detach().clone() for n, p in var.named_parameters()}
     first_grads = train_steps(var, 3)
     changed = {n for n, p in var.named_parameters() if not torch.equal(p, before[n])}
@@ -113,7 +125,7 @@ def test_only_intended_parameters_change(name):
 
 
 def test_patched_positions_and_biases_stay_out_of_weight_decay():
-    var = adapt(tiny_base(), SPECS["full"], num_classes=NEW_CLASSES, seed=0)
+    var = adapted(tiny_base(), SPECS["full"])
     decayed = {id(p) for p in parameter_groups(var, weight_decay=0.05)[0]["params"]}
     for name, param in var.named_parameters():
         if any(fragment in name for fragment in ("pos_start", "pos_1LC", "q_bias", "v_bias", "scale_mul")):
@@ -164,7 +176,7 @@ def test_lora_parameter_counts_match_the_paper(depth, lora_without_class_embeddi
         z_channels=32,
         device="meta",
     )
-    counts = parameter_counts(adapt(var, MethodConfig(name="lora"), num_classes=1000, seed=0))
+    counts = parameter_counts(adapted(var, MethodConfig(name="lora"), num_classes=1000))
     width = 64 * depth
     assert counts["trainable_without_class_embedding"] == lora_without_class_embedding
     assert counts["trainable"] == lora_without_class_embedding + 1001 * width
@@ -174,10 +186,12 @@ def test_lora_parameter_counts_match_the_paper(depth, lora_without_class_embeddi
 @pytest.mark.parametrize("name", ["full", "lora", "ln_tuning", "lora_block0"])
 def test_adapter_round_trip_restores_the_fine_tuned_model(name, tmp_path):
     base_path = save_var(tiny_base(), tmp_path / "base.pth")
-    var = adapt(load_var(base_path, **_load_args()), SPECS[name], num_classes=NEW_CLASSES, seed=0)
+    var = load_var(base_path, **_load_args())
+    adaptation = adapt(var, SPECS[name], num_classes=NEW_CLASSES, seed=0)
     train_steps(var, 3)
-    save_adapter(var, tmp_path / "adapter.pt", metadata={"base_sha256": "recorded-by-caller"})
-    restored = load_adapter(load_var(base_path, **_load_args()), tmp_path / "adapter.pt")
+    save_adapter(var, tmp_path / "adapter.pt", adaptation=adaptation, metadata={"note": "from the caller"})
+    restored = load_var(base_path, **_load_args())
+    assert load_adapter(restored, tmp_path / "adapter.pt", base_sha256=None) == adaptation
     label_B, x_BLCv, _ = random_batch(seed=1)
     var.eval(), restored.eval()
     assert torch.equal(var(label_B, x_BLCv), restored(label_B, x_BLCv))
@@ -196,15 +210,24 @@ def _load_args() -> dict:
 
 def test_adapter_sidecar_holds_the_method_section_and_older_flat_records_still_load(tmp_path):
     base_path = save_var(tiny_base(), tmp_path / "base.pth")
-    var = adapt(load_var(base_path, **_load_args()), SPECS["lora_block0"], num_classes=NEW_CLASSES, seed=0)
-    save_adapter(var, tmp_path / "adapter.pt")
+    var = load_var(base_path, **_load_args())
+    adaptation = adapt(
+        var, SPECS["lora_block0"], num_classes=NEW_CLASSES, seed=0, base_sha256=checkpoint_sha256(base_path)
+    )
+    save_adapter(var, tmp_path / "adapter.pt", adaptation=adaptation)
     sidecar_file = tmp_path / "adapter.pt.json"
     sidecar = json.loads(sidecar_file.read_text())
     assert sidecar["metadata"]["adaptation"] == json.loads(
         json.dumps(
-            {"method": dataclasses.asdict(SPECS["lora_block0"]), "num_classes": NEW_CLASSES, "seed": 0}
+            {
+                "method": dataclasses.asdict(SPECS["lora_block0"]),
+                "num_classes": NEW_CLASSES,
+                "seed": 0,
+                "patches": list(OPACUS_PATCHES),
+            }
         )
     )
+    assert sidecar["metadata"]["base_sha256"] == checkpoint_sha256(base_path) == file_sha256(base_path)
     # Adapters saved before the method became the config's section kept a flat record ({"method": name, ...}).
     sidecar["metadata"]["adaptation"] = {
         "method": "lora",
@@ -217,11 +240,18 @@ def test_adapter_sidecar_holds_the_method_section_and_older_flat_records_still_l
         "seed": 0,
     }
     sidecar_file.write_text(json.dumps(sidecar))
-    restored = load_adapter(load_var(base_path, **_load_args()), tmp_path / "adapter.pt")
-    assert restored.__dict__["adaptation"].method == SPECS["lora_block0"]
+    restored = load_var(base_path, **_load_args())
+    assert load_adapter(restored, tmp_path / "adapter.pt", base_sha256=None) == dataclasses.replace(
+        adaptation, base_sha256=None
+    )
     assert all(
         torch.equal(p, trainable_parameters(restored)[name]) for name, p in trainable_parameters(var).items()
     )
+    # The patches rename parameter keys: a record naming other patches than adapt() applies does not fit.
+    sidecar["metadata"]["adaptation"] = {**adaptation.to_dict(), "patches": ["positions_as_modules"]}
+    sidecar_file.write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointError, match=r"saved from a VAR with patches \['positions_as_modules'\]"):
+        load_adapter(load_var(base_path, **_load_args()), tmp_path / "adapter.pt", base_sha256=None)
 
 
 def test_adapter_refuses_a_base_from_another_checkpoint(tmp_path):
@@ -229,24 +259,32 @@ def test_adapter_refuses_a_base_from_another_checkpoint(tmp_path):
         save_var(tiny_base(seed=0), tmp_path / "a.pth"),
         save_var(tiny_base(seed=1), tmp_path / "b.pth"),
     )
-    var = adapt(load_var(first, **_load_args()), SPECS["lora"], num_classes=NEW_CLASSES, seed=0)
-    save_adapter(var, tmp_path / "adapter.pt")
+    var = load_var(first, **_load_args())
+    adaptation = adapt(
+        var, SPECS["lora"], num_classes=NEW_CLASSES, seed=0, base_sha256=checkpoint_sha256(first)
+    )
+    save_adapter(var, tmp_path / "adapter.pt", adaptation=adaptation)
     with pytest.raises(CheckpointError, match="was trained on the base checkpoint with SHA-256"):
-        load_adapter(load_var(second, **_load_args()), tmp_path / "adapter.pt")
-    load_adapter(load_var(first, **_load_args()), tmp_path / "adapter.pt")
+        load_adapter(
+            load_var(second, **_load_args()), tmp_path / "adapter.pt", base_sha256=checkpoint_sha256(second)
+        )
+    restored = load_var(first, **_load_args())
+    assert load_adapter(restored, tmp_path / "adapter.pt", base_sha256=checkpoint_sha256(first)) == adaptation
 
 
 def test_adapter_refuses_another_base(tmp_path):
-    var = adapt(tiny_base(), SPECS["lora"], num_classes=NEW_CLASSES, seed=0)
-    save_adapter(var, tmp_path / "adapter.pt")
+    var = tiny_base()
+    save_adapter(
+        var, tmp_path / "adapter.pt", adaptation=adapt(var, SPECS["lora"], num_classes=NEW_CLASSES, seed=0)
+    )
     other = build_var(**{**TINY_VAR, "embed_dim": 32}, generator=torch.Generator().manual_seed(0))
     with pytest.raises(CheckpointError, match="another var-adapter architecture"):
-        load_adapter(other, tmp_path / "adapter.pt")
+        load_adapter(other, tmp_path / "adapter.pt", base_sha256=None)
 
 
 def test_merge_is_numerically_equivalent():
     for name in ("lora", "ln_tuning"):
-        var = adapt(tiny_base(), SPECS[name], num_classes=NEW_CLASSES, seed=0)
+        var = adapted(tiny_base(), SPECS[name])
         train_steps(var, 2)
         label_B, x_BLCv, _ = random_batch(seed=2)
         var.eval()
@@ -261,7 +299,8 @@ def test_merge_is_numerically_equivalent():
 def test_patches_are_numerically_equivalent(names, tiny_vqvae):
     plain = tiny_base()
     plain.train()
-    patched = apply_patches(copy.deepcopy(plain), names)
+    patched = copy.deepcopy(plain)
+    assert apply_patches(patched, names) == tuple(name for name in OPACUS_PATCHES if name in names)
     owners = {"positions_as_modules": "VAR", "attention_parameters_as_modules": "SelfAttention"}
     for module in patched.modules():
         own = [n for n, p in module.named_parameters(recurse=False)]
@@ -287,3 +326,31 @@ def test_patches_are_numerically_equivalent(names, tiny_vqvae):
     a = plain.sample(labels, generator=torch.Generator().manual_seed(5), **kwargs)
     b = patched.sample(labels, generator=torch.Generator().manual_seed(5), **kwargs)
     assert torch.equal(a, b)
+
+
+# What varsweep once hid on model instances (issue 15): the adaptation record, the applied patch names, the base
+# checkpoint's SHA-256, and instance attributes shadowing the model's methods.
+HIDDEN_STATE = {"adaptation", "applied_patches", "checkpoint_sha256"}
+SHADOWED_METHODS = {"add_start_position", "add_positions", "add_qkv_bias", "scale_queries"}
+
+
+def test_no_state_is_hidden_on_model_instances_the_records_are_returned(tmp_path):
+    base_path = save_var(tiny_base(), tmp_path / "base.pth")
+    var = load_var(base_path, **_load_args())
+    assert not HIDDEN_STATE & set(var.__dict__)
+    assert patches_applied(var) == () and apply_patches(var) == OPACUS_PATCHES == patches_applied(var)
+    adaptation = adapt(
+        var, SPECS["lora"], num_classes=NEW_CLASSES, seed=5, base_sha256=checkpoint_sha256(base_path)
+    )
+    assert (adaptation.method, adaptation.num_classes, adaptation.seed) == (SPECS["lora"], NEW_CLASSES, 5)
+    assert adaptation.patches == OPACUS_PATCHES and adaptation.base_sha256 == file_sha256(base_path)
+    for module in var.modules():  # the forward reaches the patch modules through ordinary submodule slots
+        assert not (HIDDEN_STATE | SHADOWED_METHODS) & set(module.__dict__), type(module).__name__
+    assert isinstance(var.pos_start_add, torch.nn.Module) and isinstance(
+        var.blocks[0].attn.qkv_bias, torch.nn.Module
+    )
+    with pytest.raises(TypeError, match="adaptation: expected the Adaptation that adapt"):
+        save_adapter(var, tmp_path / "adapter.pt", adaptation=adaptation.to_dict())
+    # An unpatched model keeps the official layout: the empty slots add no state-dict keys.
+    slots = ("pos_start_add", "pos_1LC_add", "qkv_bias", "head_scale")
+    assert not any(slot in key for key in tiny_base().state_dict() for slot in slots)

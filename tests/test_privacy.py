@@ -55,9 +55,8 @@ def make_vqvae() -> torch.nn.Module:
 
 def make_model(method: str, *, train_blocks: tuple[int, ...] | None = None) -> torch.nn.Module:
     var = build_var(**TINY_VAR, drop_path_rate=0.0, generator=torch.Generator().manual_seed(0))
-    return adapt(
-        var, MethodConfig(name=method, lora_rank=4, train_blocks=train_blocks), num_classes=CLASSES, seed=0
-    ).train()
+    adapt(var, MethodConfig(name=method, lora_rank=4, train_blocks=train_blocks), num_classes=CLASSES, seed=0)
+    return var.train()
 
 
 def loss_fn_for(var, vqvae, data, k: int, *, token_weights_L: torch.Tensor | None = None, bf16: bool = False):
@@ -664,12 +663,8 @@ def _finetune_loss_fn(method: str, monkeypatch, *, k: int, views: int, class_dro
         torch.randint(0, TINY_VQVAE["vocab_size"], (N, views, pn * pn), generator=g)
         for pn in TINY_VQVAE["patch_nums"]
     )
-    var = adapt(
-        build_var(**TINY_VAR, drop_path_rate=0.5, generator=torch.Generator().manual_seed(0)),
-        MethodConfig(name=method, lora_rank=4),
-        num_classes=CLASSES,
-        seed=0,
-    )
+    var = build_var(**TINY_VAR, drop_path_rate=0.5, generator=torch.Generator().manual_seed(0))
+    adapt(var, MethodConfig(name=method, lora_rank=4), num_classes=CLASSES, seed=0)
     captured = []
 
     def spy(state, indices, loss_fn, **kwargs):

@@ -38,9 +38,9 @@ def hand_flops(rows: int) -> float:
 
 
 def test_counter_matches_the_hand_formula_within_5_percent(tiny_vqvae):
-    var = adapt(
-        build_var(**TINY_VAR, drop_path_rate=0.0), MethodConfig(name="full"), num_classes=3, seed=0
-    ).train()
+    var = build_var(**TINY_VAR, drop_path_rate=0.0)
+    adapt(var, MethodConfig(name="full"), num_classes=3, seed=0)
+    var.train()
     g = torch.Generator().manual_seed(0)
 
     def step(rows: int) -> None:
@@ -72,9 +72,9 @@ def test_ledger_totals_use_actual_rows():
 
 def test_dry_run_estimate_counts_like_the_counter_on_the_tiny_model(tiny_vqvae):
     """bench.estimates' FLOP model (AdaLN per image, attention dense) against the counter on a real step."""
-    var = adapt(
-        build_var(**TINY_VAR, drop_path_rate=0.0), MethodConfig(name="full"), num_classes=3, seed=0
-    ).train()
+    var = build_var(**TINY_VAR, drop_path_rate=0.0)
+    adapt(var, MethodConfig(name="full"), num_classes=3, seed=0)
+    var.train()
 
     def step(rows: int) -> None:
         idx = [torch.randint(0, 64, (rows, 1, p * p)) for p in TINY_VAR["patch_nums"]]

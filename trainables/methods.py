@@ -8,7 +8,9 @@ model structure with and without DP), then the method: ``full`` (every parameter
 weights, the modulation linears are its norm parameters). The new class embedding is always trained.
 ``train_blocks`` restricts any method to a subset of the transformer blocks (selective layer tuning).
 
-Adapter files hold exactly the trainable tensors; with the base checkpoint they restore the fine-tuned model.
+``adapt`` returns what it did as an ``Adaptation`` record (nothing is hidden on the model): ``save_adapter`` takes
+it, and ``load_adapter`` returns the one it read. Adapter files hold exactly the trainable tensors; with the base
+checkpoint they restore the fine-tuned model.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from bench.schema import ConfigError, MethodConfig
 
 from .models.checkpoints import CheckpointError, read_verified, resize_class_embedding, save_tensors
 from .models.var import VAR
-from .patches import apply_patches
+from .patches import OPACUS_PATCHES, apply_patches
 
 # Module paths inside a block, by role (REFERENCE.md §3: LoRA on mat_qkv, proj, fc1, fc2 and the blocks' ada_lin.1).
 LORA_TARGET_GROUPS = {
@@ -48,33 +50,46 @@ LORA_PRESETS = {
 @dataclass(frozen=True)
 class Adaptation:
     """What ``adapt`` did to a VAR: the method (the trial config's section, checked at its construction), the
-    label count and the seed of the new class rows and adapter initialisation. Saved in an adapter's sidecar."""
+    label count, the seed of the new class rows and adapter initialisation, the per-sample-gradient patches
+    applied (``trainables.patches`` names) and the SHA-256 of the base checkpoint file (None: not given).
+    Saved in an adapter's sidecar (the SHA-256 as its ``base_sha256``)."""
 
     method: MethodConfig
     num_classes: int
     seed: int = 0
+    patches: tuple[str, ...] = OPACUS_PATCHES
+    base_sha256: str | None = None
 
     def target_groups(self) -> tuple[str, ...]:
         return self.method.lora_targets or LORA_PRESETS[self.method.name]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": dataclasses.asdict(self.method), "num_classes": self.num_classes, "seed": self.seed}
+        """The sidecar's ``adaptation`` record (the base SHA-256 is saved beside it, as ``base_sha256``)."""
+        return {
+            "method": dataclasses.asdict(self.method),
+            "num_classes": self.num_classes,
+            "seed": self.seed,
+            "patches": list(self.patches),
+        }
 
     @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> Adaptation:
+    def from_dict(cls, record: Mapping[str, Any], *, base_sha256: str | None = None) -> Adaptation:
         """An adapter sidecar's record; also reads the flat ``AdaptationSpec`` dict adapters saved before the
-        method became the config's ``MethodConfig`` ({"method": name, "lora_rank": ..., ...})."""
+        method became the config's ``MethodConfig`` ({"method": name, "lora_rank": ..., ...}), and records
+        without ``patches`` (saved when ``adapt`` always applied ``OPACUS_PATCHES``)."""
         method = record["method"]
         if isinstance(method, str):  # the older flat layout
             method = {
                 "name": method,
-                **{k: v for k, v in record.items() if k not in ("method", "num_classes", "seed")},
+                **{k: v for k, v in record.items() if k not in ("method", "num_classes", "seed", "patches")},
             }
         tuples = {k: tuple(v) for k in ("lora_targets", "train_blocks") if (v := method.get(k)) is not None}
         return cls(
             method=MethodConfig(**{**method, **tuples}),
             num_classes=int(record["num_classes"]),
             seed=int(record.get("seed", 0)),
+            patches=tuple(record.get("patches", OPACUS_PATCHES)),
+            base_sha256=base_sha256,
         )
 
 
@@ -130,10 +145,15 @@ METHODS: dict[str, Callable[[VAR, Adaptation], None]] = {
 }
 
 
-def adapt(var: VAR, method: MethodConfig, *, num_classes: int, seed: int) -> VAR:
+def adapt(
+    var: VAR, method: MethodConfig, *, num_classes: int, seed: int, base_sha256: str | None = None
+) -> Adaptation:
     """Prepare a base VAR for fine-tuning, in place: ``num_classes`` new labels, patches, ``method``, trainable
     class embedding; ``seed`` (the trial's ``optimization.seed``) draws the new class rows and adapter weights.
-    Move ``var`` to its training device first (peft adapters are created where the base weights live)."""
+    ``base_sha256`` (the base checkpoint file's SHA-256, e.g. ``checkpoint_sha256(path)``) is only recorded, so an
+    adapter saved with the returned record refuses another base. Returns what was done (hand it to
+    ``save_adapter``). Move ``var`` to its training device first (peft adapters are created where the base
+    weights live)."""
     if (
         method.name not in METHODS
     ):  # "base" is a MethodConfig name too: it evaluates the base model, adapting nothing
@@ -142,16 +162,16 @@ def adapt(var: VAR, method: MethodConfig, *, num_classes: int, seed: int) -> VAR
         )
     if num_classes < 1:
         raise ConfigError(f"num_classes: must be >= 1, got {num_classes}")
-    adaptation = Adaptation(method=method, num_classes=num_classes, seed=seed)
     if var.num_classes != num_classes:
         resize_class_embedding(
             var, num_classes, init=method.class_init, generator=torch.Generator().manual_seed(seed)
         )
-    apply_patches(var)
+    adaptation = Adaptation(
+        method=method, num_classes=num_classes, seed=seed, patches=apply_patches(var), base_sha256=base_sha256
+    )
     METHODS[method.name](var, adaptation)
     var.class_emb.weight.requires_grad_(True)
-    var.__dict__["adaptation"] = adaptation
-    return var
+    return adaptation
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -183,7 +203,6 @@ def merge_adapters(var: VAR) -> VAR:
             module.merge()
             parent_name, _, child = name.rpartition(".")
             setattr(var.get_submodule(parent_name) if parent_name else var, child, _merged_layer(module))
-    var.__dict__.pop("adaptation", None)
     return var
 
 
@@ -196,18 +215,25 @@ def _merged_layer(module: BaseTunerLayer) -> nn.Module:
 ADAPTER_KIND = "var-adapter"
 
 
-def save_adapter(var: VAR, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write the trainable tensors of an adapted VAR (adapters, class embedding; everything for ``full``) with a
-    sidecar holding the adaptation (method section, label count, seed), the base architecture, the base
-    checkpoint's SHA-256 (when the base was
-    loaded with ``load_var``) and ``metadata`` (e.g. the trial config)."""
-    adaptation = var.__dict__.get("adaptation")
-    if adaptation is None:
-        raise ValueError("this VAR was not prepared with adapt(); nothing identifies its trainable subset")
+def save_adapter(
+    var: VAR,
+    path: str | os.PathLike,
+    *,
+    adaptation: Adaptation,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the trainable tensors of a VAR prepared by ``adapt`` (adapters, class embedding; everything for
+    ``full``) with a sidecar holding ``adaptation`` (what ``adapt`` returned: method section, label count, seed,
+    patches), the base architecture, the base checkpoint's SHA-256 (``adaptation.base_sha256``) and ``metadata``
+    (e.g. the trial config)."""
+    if not isinstance(adaptation, Adaptation):
+        raise TypeError(
+            f"adaptation: expected the Adaptation that adapt() returned, got {type(adaptation).__name__}"
+        )
     meta = {
         **dict(metadata or {}),
         "adaptation": adaptation.to_dict(),
-        "base_sha256": getattr(var, "checkpoint_sha256", None),
+        "base_sha256": adaptation.base_sha256,
     }
     return save_tensors(
         path,
@@ -225,16 +251,19 @@ def _base_architecture(var: VAR) -> dict[str, Any]:
     }  # the class count belongs to the adaptation, not the base
 
 
-def load_adapter(base: VAR, path: str | os.PathLike) -> VAR:
-    """Apply the adapter at ``path`` to a freshly loaded base VAR (in place) and return the fine-tuned model.
-    Refuses a base loaded from another checkpoint file than the one the adapter was trained on. The adapter's
-    tensors and sidecar are read as one verified pair (``read_verified``) before the base is touched."""
+def load_adapter(base: VAR, path: str | os.PathLike, *, base_sha256: str | None) -> Adaptation:
+    """Apply the adapter at ``path`` to a freshly loaded base VAR, in place (``base`` becomes the fine-tuned
+    model), and return its ``Adaptation`` record. ``base_sha256``: the SHA-256 of the file ``base`` was loaded
+    from (``checkpoint_sha256(path)``), required so that no caller skips the check by accident: a base other than
+    the one the adapter was trained on is refused; None only for a base that has no file (built in memory).
+    The adapter's tensors and sidecar are read as one verified pair (``read_verified``) before the base is
+    touched."""
     state, _, metadata = read_verified(path, kind=ADAPTER_KIND, architecture=_base_architecture(base))
     if not isinstance(metadata, dict) or not isinstance(metadata.get("adaptation"), dict):
         raise CheckpointError(
             f"adapter {path} has no sidecar {path}.json with its adaptation spec; it cannot be applied"
         )
-    trained_on, given = metadata.get("base_sha256"), getattr(base, "checkpoint_sha256", None)
+    trained_on, given = metadata.get("base_sha256"), base_sha256
     if trained_on and given and trained_on != given:
         raise CheckpointError(
             f"adapter {path} was trained on the base checkpoint with SHA-256 {trained_on}, "
@@ -248,7 +277,7 @@ def load_adapter(base: VAR, path: str | os.PathLike) -> VAR:
             f"adapter {path} holds NaN/inf values in {len(non_finite)} tensor(s): {', '.join(non_finite[:8])}"
         )
     try:
-        adaptation = Adaptation.from_dict(metadata["adaptation"])
+        saved = Adaptation.from_dict(metadata["adaptation"])
     except (
         TypeError,
         ValueError,
@@ -258,7 +287,14 @@ def load_adapter(base: VAR, path: str | os.PathLike) -> VAR:
         raise CheckpointError(
             f"adapter {path}: its sidecar's adaptation record is not usable: {err!r}"
         ) from err
-    adapt(base, adaptation.method, num_classes=adaptation.num_classes, seed=adaptation.seed)
+    adaptation = adapt(
+        base, saved.method, num_classes=saved.num_classes, seed=saved.seed, base_sha256=base_sha256
+    )
+    if adaptation.patches != saved.patches:  # the patches rename keys: another set would not fit the tensors
+        raise CheckpointError(
+            f"adapter {path} was saved from a VAR with patches {list(saved.patches)}, adapt() now applies "
+            f"{list(adaptation.patches)}"
+        )
     expected = trainable_parameters(base)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     mismatched = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
@@ -270,7 +306,7 @@ def load_adapter(base: VAR, path: str | os.PathLike) -> VAR:
     with torch.no_grad():
         for name, param in expected.items():
             param.copy_(state[name])
-    return base
+    return adaptation
 
 
 def official_export_state(var: VAR) -> dict[str, torch.Tensor]:

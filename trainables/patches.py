@@ -8,13 +8,16 @@ model as one layer (a per-sample copy of every weight, the published study's def
 mask. Each patch below moves such parameters into a tiny module with an exact per-sample-gradient rule. The
 Parameter objects themselves move (no copies), so optimiser state and tied references stay valid.
 
-Patches act on one instance (never on the class) and are recorded in ``var.applied_patches``;
-``official_state_dict`` maps a patched (and merged, unwrapped) model back to the official key layout.
+Patches act on one instance (never on the class) by normal module assignment into the empty slots the model
+keeps for them (``VAR.pos_start_add``, ``SelfAttention.qkv_bias``, ...: its forward calls a filled slot). Nothing
+is recorded on the instance: ``apply_patches`` returns the names applied, ``patches_applied`` reads them off the
+modules, and ``official_state_dict`` maps a patched (and merged, unwrapped) model back to the official key layout.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from opacus.grad_sample import register_grad_sampler
@@ -113,32 +116,48 @@ def positions_as_modules(var: VAR) -> None:
     ``pos_1LC_add.weight``; ``add_start_position``/``add_positions`` call those modules."""
     var.pos_start_add = AddParameter(_move_parameter(var, "pos_start"))
     var.pos_1LC_add = AddParameter(_move_parameter(var, "pos_1LC"))
-    # Instance attributes shadow the class methods of the same name (plain setattr would register them twice).
-    object.__setattr__(var, "add_start_position", var.pos_start_add)
-    object.__setattr__(var, "add_positions", var.pos_1LC_add)
 
 
 def attention_parameters_as_modules(var: VAR) -> None:
     """Each block's ``attn.q_bias``/``v_bias`` -> ``attn.qkv_bias.{q,v}_bias`` and ``attn.scale_mul_1H11`` ->
     ``attn.head_scale.scale_mul_1H11``; the key bias stays a (zero) buffer of the attention module."""
-    for module in var.modules():
-        if not isinstance(module, SelfAttention):
-            continue
+    for module in _attention_modules(var):
         module.qkv_bias = QKVBias(_move_parameter(module, "q_bias"), _move_parameter(module, "v_bias"))
-        object.__setattr__(module, "add_qkv_bias", module.qkv_bias)
         if module.attn_l2_norm:
             module.head_scale = HeadScale(_move_parameter(module, "scale_mul_1H11"))
-            object.__setattr__(module, "scale_queries", module.head_scale)
 
 
-# name -> (patch function, {patched key fragment: official key fragment})
-PATCHES: dict[str, tuple[Callable[[VAR], None], dict[str, str]]] = {
-    "positions_as_modules": (
+def _attention_modules(var: VAR) -> list[SelfAttention]:
+    return [module for module in var.modules() if isinstance(module, SelfAttention)]
+
+
+def _positions_patched(var: VAR) -> bool:
+    return isinstance(var.pos_start_add, AddParameter)
+
+
+def _attention_patched(var: VAR) -> bool:
+    return any(isinstance(module.qkv_bias, QKVBias) for module in _attention_modules(var))
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A named patch: the function applying it, a test whether a model already has it (read off its modules), and
+    {patched key fragment: official key fragment} for its state-dict keys."""
+
+    apply: Callable[[VAR], None]
+    is_applied: Callable[[VAR], bool]
+    official_keys: dict[str, str]
+
+
+PATCHES: dict[str, Patch] = {
+    "positions_as_modules": Patch(
         positions_as_modules,
+        _positions_patched,
         {"pos_start_add.weight": "pos_start", "pos_1LC_add.weight": "pos_1LC"},
     ),
-    "attention_parameters_as_modules": (
+    "attention_parameters_as_modules": Patch(
         attention_parameters_as_modules,
+        _attention_patched,
         {
             "attn.qkv_bias.q_bias": "attn.q_bias",
             "attn.qkv_bias.v_bias": "attn.v_bias",
@@ -149,27 +168,32 @@ PATCHES: dict[str, tuple[Callable[[VAR], None], dict[str, str]]] = {
 OPACUS_PATCHES = ("positions_as_modules", "attention_parameters_as_modules")
 
 
-def apply_patches(var: VAR, names: tuple[str, ...] = OPACUS_PATCHES) -> VAR:
-    """Apply the named patches once each (idempotent) and return the same instance."""
+def patches_applied(var: VAR) -> tuple[str, ...]:
+    """The names of the patches ``var`` carries (in ``PATCHES`` order), read off its modules."""
+    return tuple(name for name, patch in PATCHES.items() if patch.is_applied(var))
+
+
+def apply_patches(var: VAR, names: tuple[str, ...] = OPACUS_PATCHES) -> tuple[str, ...]:
+    """Apply the named patches to ``var`` in place, once each (a patch it already carries is skipped); returns
+    the names of all patches it carries afterwards."""
     if var.shared_aln:
         raise NotImplementedError(
             "per-sample-gradient patches do not cover shared_aln=True VARs (ada_gss); "
             "the official VAR-d16..d30 checkpoints use shared_aln=False"
         )
-    applied = var.__dict__.setdefault("applied_patches", [])
+    unknown = [name for name in names if name not in PATCHES]
+    if unknown:
+        raise KeyError(f"unknown patch {unknown[0]!r}; known: {sorted(PATCHES)}")
     for name in names:
-        if name not in PATCHES:
-            raise KeyError(f"unknown patch {name!r}; known: {sorted(PATCHES)}")
-        if name not in applied:
-            PATCHES[name][0](var)
-            applied.append(name)
-    return var
+        if not PATCHES[name].is_applied(var):
+            PATCHES[name].apply(var)
+    return patches_applied(var)
 
 
 def official_key(var: VAR, key: str) -> str:
     """The official name of a (parameter or buffer) key of a patched VAR."""
-    for name in var.__dict__.get("applied_patches", []):
-        for patched, official in PATCHES[name][1].items():
+    for name in patches_applied(var):
+        for patched, official in PATCHES[name].official_keys.items():
             if key == patched or key.endswith("." + patched):
                 return key[: len(key) - len(patched)] + official
     return key

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,9 +39,9 @@ from .evaluation.evaluate import ScoringSettings, evaluate
 from .evaluation.features import DIGITS_CNN, build_extractor
 from .evaluation.metrics import ReferenceStats
 from .finetune import Checkpointing, Prior, RunPlan, finetune
-from .methods import adapt, parameter_counts, save_adapter
-from .models import load_var, load_vqvae, resize_class_embedding
-from .models.checkpoints import atomic_write
+from .methods import Adaptation, adapt, parameter_counts, save_adapter
+from .models import VAR, VQVAE, load_var, load_vqvae, resize_class_embedding
+from .models.checkpoints import atomic_write, checkpoint_sha256
 from .plan import TrialPlan, list_splits, plan_trial, preflight  # noqa: F401 (plan_trial: re-exported for callers)
 from .prior import build_prior_bank
 from .profiling import peak_flops_per_second
@@ -87,7 +88,7 @@ def prepare_shared(
         if key in seen:
             continue
         seen.add(key)
-        vqvae, _ = load_base(config, cache_dir, device=torch.device("cpu"), log=log)
+        vqvae = load_base(config, cache_dir, device=torch.device("cpu"), log=log).vqvae
         train, _ = check_images(list_splits(config, cache_dir)[0], skip_corrupt=d.skip_corrupt_images)
         open_token_cache(
             cache_dir / "token-cache",
@@ -100,17 +101,28 @@ def prepare_shared(
         digit_classifier(cache_dir, log=log)
 
 
-def load_base(config: TrialConfig, cache_dir: str | Path, *, device: torch.device, log=None):
-    """(vqvae, var) of the trial's base, on ``device``, in eval mode."""
+class Base(NamedTuple):
+    """The trial's base models, in eval mode, and the SHA-256 of the VAR checkpoint file (recorded in adapters)."""
+
+    vqvae: VQVAE
+    var: VAR
+    var_sha256: str
+
+
+def load_base(config: TrialConfig, cache_dir: str | Path, *, device: torch.device, log=None) -> Base:
+    """The trial's base models on ``device``, and the VAR checkpoint's SHA-256 (the one the trial id names when
+    ``bench.preflight.identify`` filled it; ``verify_content`` checked the file against it)."""
     m = config.model
     if m.base == "tiny":
         built = tiny_base(cache_dir, depth=m.depth, pretraining_steps=m.tiny_pretraining_steps, log=log)
         vqvae = load_vqvae(built["vqvae"], **built["vqvae_architecture"], device=device)
         var = load_var(built["var"], **built["var_architecture"], device=device)
+        var_sha256 = checkpoint_sha256(built["var"])
     else:
         vqvae = load_vqvae(m.vqvae_checkpoint, device=device)
         var = load_var(m.var_checkpoint, depth=m.depth, device=device)
-    return vqvae.eval(), var.eval()
+        var_sha256 = m.var_checkpoint_sha256 or checkpoint_sha256(m.var_checkpoint)
+    return Base(vqvae.eval(), var.eval(), var_sha256)
 
 
 def _rank0_first(fn: Callable[[], object]) -> object:
@@ -148,7 +160,7 @@ def run_trial(
     plan = preflight(config, cache_dir)
     # The files are still those the trial id names (none are loaded yet); hashes the driver cached are reused.
     verify_content(config, splits=plan.splits, files=FileIds(cache_dir, write=False))
-    vqvae, base = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=log))
+    vqvae, base, base_sha256 = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=log))
     train, skipped = check_images(plan.splits[0], skip_corrupt=config.data.skip_corrupt_images)
     evaluation, skipped_eval = check_images(plan.splits[1], skip_corrupt=config.data.skip_corrupt_images)
     spec = ViewSpec(
@@ -157,7 +169,9 @@ def run_trial(
     views, cache_hit = _rank0_first(
         lambda: open_token_cache(cache_dir / "token-cache", train, vqvae, spec=spec, log=log)
     )
-    var = _adapted(config, base, classes=len(train.class_names), device=device)
+    var, adaptation = _adapted(
+        config, base, classes=len(train.class_names), device=device, base_sha256=base_sha256
+    )
     evaluator = (
         _Evaluator(config, vqvae, evaluation, cache_dir=cache_dir, device=device, log=log)
         if rank == 0
@@ -206,11 +220,12 @@ def run_trial(
         "setup_seconds": setup_seconds,
         "evaluation_seconds": time.perf_counter() - evaluation_started,
     }
-    trained = config.method.name != "base"
+    trained = adaptation is not None
     if trained:
         save_adapter(
             var,
             artifacts_dir / "adapter.pt",
+            adaptation=adaptation,
             metadata={"trial": config.to_dict(), "trial_id": config.trial_id},
         )
     cost = {
@@ -235,15 +250,18 @@ def run_trial(
     )
 
 
-def _adapted(config: TrialConfig, base, *, classes: int, device: torch.device):
-    """A copy of the base prepared for the trial's method (``base``: only the new label set, nothing trained)."""
+def _adapted(
+    config: TrialConfig, base: VAR, *, classes: int, device: torch.device, base_sha256: str
+) -> tuple[VAR, Adaptation | None]:
+    """A copy of the base prepared for the trial's method, and what ``adapt`` did (None for method ``base``:
+    only the new label set, nothing trained)."""
     var = copy.deepcopy(base).to(device)
     m = config.method
     if m.name == "base":
         resize_class_embedding(var, classes, init=m.class_init)
         var.requires_grad_(False)
-        return var
-    return adapt(var, m, num_classes=classes, seed=config.optimization.seed)
+        return var, None
+    return var, adapt(var, m, num_classes=classes, seed=config.optimization.seed, base_sha256=base_sha256)
 
 
 def _train(

@@ -30,7 +30,7 @@ from bench.schema import EvaluationConfig, OptimizationConfig
 
 from ..data.datasets import ImageList, check_images, eval_transform, read_dataset
 from ..models import VAR, VQVAE
-from ..models.checkpoints import CheckpointError, read_sidecar, sidecar_path
+from ..models.checkpoints import CheckpointError, checkpoint_sha256, read_sidecar, sidecar_path
 from ..profiling import PETA, count_flops
 from ..progress import Log, Progress
 from .classifier import DigitsCNN, class_accuracy, predict
@@ -318,7 +318,8 @@ def _main(argv: list[str] | None) -> int:
     if args.adapter:
         from ..methods import load_adapter  # peft: imported only when an adapter is applied
 
-        var = load_adapter(var, args.adapter)
+        # In place: var becomes the fine-tuned model; an adapter trained on another base file is refused.
+        load_adapter(var, args.adapter, base_sha256=checkpoint_sha256(args.var))
     vqvae = load_vqvae(args.vqvae, **vqvae_architecture, device=device)
     if args.resolution is not None and vqvae.image_size != args.resolution:
         raise EvaluationError(

@@ -3,7 +3,15 @@
 Imports only torch: device and dtype are arguments, nothing is printed, patched globally or downloaded.
 """
 
-from .checkpoints import CheckpointError, load_var, load_vqvae, resize_class_embedding, save_var, save_vqvae
+from .checkpoints import (
+    CheckpointError,
+    checkpoint_sha256,
+    load_var,
+    load_vqvae,
+    resize_class_embedding,
+    save_var,
+    save_vqvae,
+)
 from .var import VAR, KVCache, build_var, sample_top_k_top_p
 from .vqvae import OFFICIAL_PATCH_NUMS, VQVAE, build_vqvae, count_parameters
 
@@ -15,6 +23,7 @@ __all__ = [
     "OFFICIAL_PATCH_NUMS",
     "build_var",
     "build_vqvae",
+    "checkpoint_sha256",
     "count_parameters",
     "load_var",
     "load_vqvae",

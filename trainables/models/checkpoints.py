@@ -131,8 +131,17 @@ def check_state_dict(
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of the file's bytes."""
     with open(path, "rb") as handle:
         return _stream_sha256(handle)
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """The identity of a checkpoint as ``load_var``/``load_vqvae`` read it: the SHA-256 its sidecar records (the
+    loaders refuse weights that differ from it), else the file's own; hashes a file only when it has no sidecar."""
+    record = read_sidecar(path)
+    sha = None if record is None else record.get("sha256")
+    return sha if isinstance(sha, str) and sha else file_sha256(path)
 
 
 def _stream_sha256(handle: BinaryIO) -> str:
@@ -370,7 +379,8 @@ def load_var(
     """Load a VAR from a local file. ``num_classes`` is the number of classes the checkpoint was trained with
     (1000 for the official ImageNet models); use ``resize_class_embedding`` to move to a new label set.
     The scale-layout buffers are checked against ``patch_nums`` (a checkpoint of another resolution fails).
-    The returned model's ``checkpoint_sha256`` is the SHA-256 of the file."""
+    Nothing is recorded on the model: a caller that needs the file's identity (e.g. for ``methods.adapt``) takes
+    ``checkpoint_sha256(path)``."""
 
     def build_meta() -> VAR:
         return build_var(
@@ -387,7 +397,7 @@ def load_var(
             device="meta",
         )
 
-    var, sha = _load_into(
+    var, _ = _load_into(
         path,
         build_meta=build_meta,
         what=f"VAR-d{depth} with {num_classes} classes",
@@ -396,7 +406,6 @@ def load_var(
         dtype=dtype,
     )
     _check_scale_layout(var, path=path)
-    var.checkpoint_sha256 = sha  # adapters trained on this model record it and check it when applied
     return var
 
 

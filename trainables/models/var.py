@@ -90,6 +90,10 @@ class SelfAttention(nn.Module):
         self.q_bias, self.v_bias = nn.Parameter(torch.zeros(width)), nn.Parameter(torch.zeros(width))
         self.register_buffer("zero_k_bias", torch.zeros(width))  # keys get no bias (kept for the key layout)
         self.proj = nn.Linear(width, width)
+        # Empty slots (no state-dict keys) for modules that take over q_bias/v_bias and scale_mul_1H11: a
+        # per-sample-gradient patch (trainables/patches.py) assigns them; see add_qkv_bias / scale_queries.
+        self.register_module("qkv_bias", None)
+        self.register_module("head_scale", None)
 
     def forward(
         self, x_BLC: torch.Tensor, *, attn_bias_11LL: torch.Tensor | None, kv_cache: KVCache | None = None
@@ -106,13 +110,17 @@ class SelfAttention(nn.Module):
         out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=mask, scale=self.scale)
         return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
 
-    # The two uses of this module's own parameters are methods so that an instance can route them through small
-    # submodules (trainables/patches.py does, for per-sample gradients) without changing the numbers.
+    # The two uses of this module's own parameters go through a submodule when one fills the slot (it then owns
+    # the parameters, for per-sample gradients), with the same numbers.
     def add_qkv_bias(self, qkv_BL3C: torch.Tensor) -> torch.Tensor:
+        if self.qkv_bias is not None:
+            return self.qkv_bias(qkv_BL3C)
         return qkv_BL3C + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
 
     def scale_queries(self, q_BHLc: torch.Tensor) -> torch.Tensor:
         """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``."""
+        if self.head_scale is not None:
+            return self.head_scale(q_BHLc)
         return q_BHLc * self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
 
 
@@ -227,6 +235,10 @@ class VAR(nn.Module):
         C = embed_dim
         self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, self.seq_len, C))
+        # Empty slots (no state-dict keys) for modules that take over pos_start / pos_1LC: a per-sample-gradient
+        # patch (trainables/patches.py) assigns them; see add_start_position / add_positions.
+        self.register_module("pos_start_add", None)
+        self.register_module("pos_1LC_add", None)
         lvl_1L, attn_bias_11LL = scale_layout(self.patch_nums)
         self.register_buffer("lvl_1L", lvl_1L)
         self.register_buffer("attn_bias_for_masking", attn_bias_11LL)
@@ -328,14 +340,18 @@ class VAR(nn.Module):
         # contiguous level ids: per-sample-gradient tools reshape an embedding's input with view()
         return self.add_positions(x_BLC + self.lvl_embed(self.lvl_1L.expand(B, -1).contiguous())), cond_BC
 
-    # The root module's own parameters are used only here, so an instance can route them through submodules
-    # (trainables/patches.py) and per-sample-gradient tools never treat the whole VAR as one layer.
+    # The root module's own parameters are used only here, through a submodule when one fills the slot (it then
+    # owns the parameter), so per-sample-gradient tools never treat the whole VAR as one layer.
     def add_start_position(self, sos_BlC: torch.Tensor) -> torch.Tensor:
         """Start tokens [B, first_l, C] plus the learned start position."""
+        if self.pos_start_add is not None:
+            return self.pos_start_add(sos_BlC)
         return sos_BlC + self.pos_start
 
     def add_positions(self, x_BLC: torch.Tensor) -> torch.Tensor:
         """Tokens [B, L, C] (or the first l of them) plus the learned absolute positions."""
+        if self.pos_1LC_add is not None:
+            return self.pos_1LC_add(x_BLC)
         return x_BLC + self.pos_1LC[:, : x_BLC.shape[1]]
 
     def logits(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:
