@@ -86,6 +86,7 @@ class FigureFile:
     ylabels: tuple[str, ...]
     xticklabels: tuple[tuple[str, ...], ...] = ()
     legend: tuple[str, ...] = ()
+    yticklabels: tuple[tuple[str, ...], ...] = ()  # the labelled y ticks inside each axis' limits
 
 
 def _figure(panels: int, *, width: float = 3.6, height: float = 3.0):
@@ -181,13 +182,25 @@ def _save(fig, folder: Path, name: str, title: str) -> FigureFile:
         tuple(ax.get_ylabel() for ax in axes),
         tuple(tuple(t.get_text() for t in ax.get_xticklabels()) for ax in axes),
         legend,
+        tuple(_visible_tick_labels(ax.yaxis) for ax in axes),
     )
     plt.close(fig)
     return info
 
 
+def _visible_tick_labels(axis) -> tuple[str, ...]:
+    low, high = sorted(axis.get_view_interval())
+    labels = (
+        t.get_text()
+        for t in axis.get_majorticklabels()
+        if low <= t.get_position()[axis.axis_name == "y"] <= high
+    )
+    return tuple(label for label in labels if label)
+
+
 def compute_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
-    """Training PFLOPs per dataset (x) and method (bars), one panel per model (non-DP trials; log scale)."""
+    """Training PFLOPs per dataset (x) and method (bars), one panel per model (non-DP trials; a log scale when the
+    values span a decade or more, else linear from zero)."""
     data = trials[(trials["status"] == "success") & ~trials["dp"] & (trials["method"] != "base")].dropna(
         subset=["train_pflops"]
     )
@@ -221,8 +234,14 @@ def _compute_panel(ax, sub: pd.DataFrame) -> None:
             color=METHOD_COLORS[method],
         )
     ax.set_xticks(np.arange(len(datasets)), [DATASET_COLUMNS.get(d, d) for d in datasets])
-    ax.set_yscale("log")
-    _plain_log_auto(ax.yaxis)
+    positive = sub["train_pflops"][sub["train_pflops"] > 0]
+    if len(positive) and positive.max() >= 10 * positive.min():  # methods decades apart: log scale
+        ax.set_yscale("log")
+        _plain_log_auto(ax.yaxis)
+        if positive.max() < 100 * positive.min():  # one or two decades: label 1, 2 and 5 of each, not only 1
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    else:  # within a decade a log axis has no labelled tick and makes close bars look far apart
+        ax.set_ylim(bottom=0)
     ax.set_xlabel("dataset")
     ax.set_ylabel(METRICS["train_pflops"].axis_label)
 
