@@ -143,10 +143,15 @@ def _plain_log(axis, values) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
-def _plain_log_auto(axis) -> None:
-    """Log scale with matplotlib's ticks, printed as plain numbers (0.1, 1, 10, 100) rather than powers of ten."""
+def _plain_log_auto(axis, values) -> None:
+    """Log scale with matplotlib's ticks, printed as plain numbers (0.1, 1, 10, 100) rather than powers of ten.
+    ``values``: the positive data on the axis; over less than two decades 1, 2 and 5 of each are labelled, so the
+    axis never shows a single labelled tick (or none)."""
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(ticker.NullFormatter())
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) < 100 * min(positive):
+        axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
 
 
 def _title(fig, title: str) -> None:
@@ -237,9 +242,7 @@ def _compute_panel(ax, sub: pd.DataFrame) -> None:
     positive = sub["train_pflops"][sub["train_pflops"] > 0]
     if len(positive) and positive.max() >= 10 * positive.min():  # methods decades apart: log scale
         ax.set_yscale("log")
-        _plain_log_auto(ax.yaxis)
-        if positive.max() < 100 * positive.min():  # one or two decades: label 1, 2 and 5 of each, not only 1
-            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        _plain_log_auto(ax.yaxis, positive)
     else:  # within a decade a log axis has no labelled tick and makes close bars look far apart
         ax.set_ylim(bottom=0)
     ax.set_xlabel("dataset")
@@ -456,7 +459,7 @@ def parameters_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
                     s=28,
                 )
             ax.set_xscale("log")
-            _plain_log_auto(ax.xaxis)
+            _plain_log_auto(ax.xaxis, sub["trainable_params"] / 1e6)
             ax.set_title(model)
             ax.set_xlabel("trainable parameters [millions]")
             ax.set_ylabel(METRICS["fid"].axis_label)
