@@ -145,12 +145,12 @@ def test_kv_cache_matches_masked_forward(tiny_var):
         tokens_BLC, cond_BC = tiny_var.embed_tokens(labels, x)
         full_BLC = tokens_BLC
         for block in tiny_var.blocks:
-            full_BLC = block(full_BLC, cond_BD=cond_BC, attn_bias_11LL=tiny_var.attn_bias_for_masking)
+            full_BLC = block(full_BLC, cond_BD=cond_BC, attn_mask=tiny_var.attn_bias_for_masking)
         caches, start, pieces = [KVCache() for _ in tiny_var.blocks], 0, []
         for pn in tiny_var.patch_nums:
             h_BlC = tokens_BLC[:, start : start + pn * pn]
             for block, cache in zip(tiny_var.blocks, caches):
-                h_BlC = block(h_BlC, cond_BD=cond_BC, attn_bias_11LL=None, kv_cache=cache)
+                h_BlC = block(h_BlC, cond_BD=cond_BC, attn_mask=None, kv_cache=cache)
             pieces.append(h_BlC)
             start += pn * pn
     assert torch.allclose(torch.cat(pieces, dim=1), full_BLC, atol=1e-5)

@@ -12,10 +12,11 @@ from .checkpoints import (
     save_var,
     save_vqvae,
 )
-from .var import VAR, KVCache, build_var, sample_top_k_top_p
+from .var import ATTENTION_KERNELS, VAR, KVCache, build_var, sample_top_k_top_p
 from .vqvae import OFFICIAL_PATCH_NUMS, VQVAE, build_vqvae, count_parameters
 
 __all__ = [
+    "ATTENTION_KERNELS",
     "VAR",
     "VQVAE",
     "KVCache",

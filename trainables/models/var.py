@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .vqvae import VQVAE
 
@@ -74,6 +75,58 @@ class KVCache:
         return k_BHlc, v_BHlc
 
 
+# How the training forward computes VAR's scale-causal attention (a token sees every token of its own and coarser
+# scales). All three give the same numbers up to float rounding (tests/test_fast_paths.py):
+# - "masked": one SDPA call over all L x L pairs with an additive -inf bias (the published code's way; the float
+#   bias keeps SDPA off its flash kernels and computes the 38% of pairs that are hidden at 680 tokens);
+# - "per_scale": one unmasked SDPA call per scale, its queries against the keys of the scales up to it: exactly
+#   the visible pairs, and every call may use the flash/efficient kernels;
+# - "flex": FlexAttention with a block mask of the layout (compiled on CUDA; eager elsewhere, which materialises
+#   the scores and is slow: for tests).
+ATTENTION_KERNELS = ("masked", "per_scale", "flex")
+
+
+@dataclass(frozen=True)
+class ScaleBlocks:
+    """The scale-causal layout as token ranges: the queries of scale s, [ends[s-1], ends[s]), see keys [0, ends[s])."""
+
+    ends: tuple[int, ...]
+
+
+AttentionMask = torch.Tensor | ScaleBlocks | BlockMask | None
+_compiled_flex = {}
+
+
+def _flex(device_type: str):
+    """flex_attention, compiled once per process on CUDA (the fused kernel); the eager reference elsewhere."""
+    if device_type != "cuda":
+        return flex_attention
+    if "cuda" not in _compiled_flex:
+        _compiled_flex["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex["cuda"]
+
+
+def scale_causal_attention(
+    q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, *, mask: AttentionMask, scale: float
+) -> torch.Tensor:
+    """softmax(scale * q k^T + mask) v [B, H, L, c] for any of the mask forms of ``ATTENTION_KERNELS`` (None:
+    every key visible, as in cached sampling)."""
+    if isinstance(mask, ScaleBlocks):
+        out, start = [], 0
+        for end in mask.ends:
+            out.append(
+                F.scaled_dot_product_attention(
+                    q_BHLc[:, :, start:end], k_BHLc[:, :, :end], v_BHLc[:, :, :end], scale=scale
+                )
+            )
+            start = end
+        return torch.cat(out, dim=2)
+    if isinstance(mask, BlockMask):
+        return _flex(q_BHLc.device.type)(q_BHLc, k_BHLc, v_BHLc, block_mask=mask, scale=scale)
+    bias = None if mask is None else mask.to(q_BHLc.dtype)
+    return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=bias, scale=scale)
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention; with ``attn_l2_norm`` q and k are unit vectors per head and q is scaled by the
     learned ``exp(min(scale_mul_1H11, ln 100))`` (softmax scale 1)."""
@@ -96,7 +149,7 @@ class SelfAttention(nn.Module):
         self.register_module("head_scale", None)
 
     def forward(
-        self, x_BLC: torch.Tensor, *, attn_bias_11LL: torch.Tensor | None, kv_cache: KVCache | None = None
+        self, x_BLC: torch.Tensor, *, attn_mask: AttentionMask, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
         B, L, C = x_BLC.shape
         qkv_BL3Hc = self.add_qkv_bias(self.mat_qkv(x_BLC)).view(B, L, 3, self.num_heads, self.head_dim)
@@ -106,8 +159,7 @@ class SelfAttention(nn.Module):
             k_BHLc = F.normalize(k_BHLc, dim=-1)
         if kv_cache is not None:
             k_BHLc, v_BHLc = kv_cache.extend(k_BHLc, v_BHLc)
-        mask = None if attn_bias_11LL is None else attn_bias_11LL.to(q_BHLc.dtype)
-        out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=mask, scale=self.scale)
+        out_BHLc = scale_causal_attention(q_BHLc, k_BHLc, v_BHLc, mask=attn_mask, scale=self.scale)
         return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
 
     # The two uses of this module's own parameters go through a submodule when one fills the slot (it then owns
@@ -170,15 +222,17 @@ class AdaLNSelfAttn(nn.Module):
         x_BLC: torch.Tensor,
         *,
         cond_BD: torch.Tensor,
-        attn_bias_11LL: torch.Tensor | None,
+        attn_mask: AttentionMask,
         kv_cache: KVCache | None = None,
         drop_path_uniform_B2: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``drop_path_uniform_B2``: the rows' uniforms for the attention and FFN branches' drop-path (None: global RNG)."""
+        """``attn_mask``: the scale-causal layout in one of the forms of ``scale_causal_attention`` (None: all keys
+        visible). ``drop_path_uniform_B2``: the rows' uniforms for the attention and FFN branches' drop-path (None:
+        global RNG)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
         u_attn_B, u_ffn_B = (None, None) if drop_path_uniform_B2 is None else drop_path_uniform_B2.unbind(1)
         h_BLC = self.attn(
-            self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_bias_11LL=attn_bias_11LL, kv_cache=kv_cache
+            self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_mask=attn_mask, kv_cache=kv_cache
         )
         x_BLC = x_BLC + self._drop_path(h_BLC * gamma1, u_attn_B)
         h_BLC = self.ffn(self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2)
@@ -224,6 +278,7 @@ class VAR(nn.Module):
         shared_aln: bool,
         drop_path_rate: float,
         mlp_ratio: float = 4.0,
+        attention_kernel: str = "masked",
     ):
         super().__init__()
         self.depth, self.num_classes, self.width, self.num_heads = depth, num_classes, embed_dim, num_heads
@@ -232,6 +287,10 @@ class VAR(nn.Module):
         self.first_l = self.patch_nums[0] ** 2
         self.attn_l2_norm, self.shared_aln, self.drop_path_rate = attn_l2_norm, shared_aln, drop_path_rate
         self.mlp_ratio = mlp_ratio
+        if attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {attention_kernel!r}")
+        self.attention_kernel = attention_kernel  # may be changed between forwards
+        self._block_masks: dict[str, BlockMask] = {}  # flex block masks by device (built once, not weights)
         C = embed_dim
         self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, self.seq_len, C))
@@ -278,6 +337,29 @@ class VAR(nn.Module):
             shared_aln=self.shared_aln,
             drop_path_rate=self.drop_path_rate,
         )
+
+    def attention_mask(self, device: torch.device) -> AttentionMask:
+        """The training forward's scale-causal layout in the form ``self.attention_kernel`` computes it with."""
+        kernel = self.attention_kernel
+        if kernel == "masked":
+            return self.attn_bias_for_masking
+        if kernel == "per_scale":
+            ends = [pn * pn for pn in self.patch_nums]
+            return ScaleBlocks(tuple(sum(ends[: i + 1]) for i in range(len(ends))))
+        if kernel == "flex":
+            key = str(device)
+            if key not in self._block_masks:
+                lvl_L = self.lvl_1L[0].to(device)
+                self._block_masks[key] = create_block_mask(
+                    lambda b, h, q, k: lvl_L[q] >= lvl_L[k],
+                    None,
+                    None,
+                    self.seq_len,
+                    self.seq_len,
+                    device=key,
+                )
+            return self._block_masks[key]
+        raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
 
     @property
     def unconditional_label(self) -> int:
@@ -382,13 +464,13 @@ class VAR(nn.Module):
                 f"drop_path_uniform_BD must be [B={label_B.shape[0]}, 2*depth={2 * self.depth}], got {list(drop_path_uniform_BD.shape)}"
             )
         x_BLC, cond_BC = self.embed_tokens(label_B, x_BLCv_wo_first_l)
-        block_cond = self.shared_ada_lin(cond_BC)
+        block_cond, attn_mask = self.shared_ada_lin(cond_BC), self.attention_mask(x_BLC.device)
         for i, block in enumerate(self.blocks):
             u_B2 = None if drop_path_uniform_BD is None else drop_path_uniform_BD[:, 2 * i : 2 * i + 2]
             x_BLC = block(
                 x_BLC,
                 cond_BD=block_cond,
-                attn_bias_11LL=self.attn_bias_for_masking,
+                attn_mask=attn_mask,
                 drop_path_uniform_B2=u_B2,
             )
         return self.logits(x_BLC, cond_BC)
@@ -499,7 +581,7 @@ class VAR(nn.Module):
             cur += pn * pn
             x_2BlC = next_2BlC
             for block, cache in zip(self.blocks, caches):
-                x_2BlC = block(x_2BlC, cond_BD=block_cond, attn_bias_11LL=None, kv_cache=cache)
+                x_2BlC = block(x_2BlC, cond_BD=block_cond, attn_mask=None, kv_cache=cache)
             logits_2BlV = self.logits(x_2BlC, cond_2BC)
             t = cfg * si / (S - 1)
             logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
@@ -593,6 +675,7 @@ def build_var(
     attn_l2_norm: bool = True,
     shared_aln: bool = False,
     drop_path_rate: float | None = None,
+    attention_kernel: str = "masked",
     init_adaln_gamma: float = 1e-3,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -626,6 +709,7 @@ def build_var(
             attn_l2_norm=attn_l2_norm,
             shared_aln=shared_aln,
             drop_path_rate=drop_path_rate,
+            attention_kernel=attention_kernel,
         )
     if str(device) != "meta":
         var.init_weights(init_adaln_gamma=init_adaln_gamma, generator=generator)
