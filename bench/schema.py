@@ -491,12 +491,28 @@ class EvaluationConfig:
         )
 
 
+# resources.attention_kernel: "auto" and trainables.models.ATTENTION_KERNELS (tested equal; the schema imports no
+# torch). "auto" runs per-scale SDPA: the masked kernel's numbers up to rounding, without the hidden pairs' FLOPs.
+ATTENTION_KERNEL_CHOICES = ("auto", "masked", "per_scale", "flex")
+AUTO_ATTENTION_KERNEL = "per_scale"
+# The DP clipping modes resources.compile composes with ("auto" is book-keeping for every adapted VAR).
+COMPILE_CLIPPING = ("auto", "bookkeeping")
+
+
 @dataclass(frozen=True)
 class ResourcesConfig:
     """workers: DDP processes; gpus_per_worker: a fraction only for single-worker trials (NCCL cannot share a GPU
     between ranks); a trial checkpoints (for retries and preemptions) at whichever comes first of every
     checkpoint_every_steps steps, every checkpoint_every_minutes of training and every checkpoint_every_fraction of
-    its planned steps; max_failures: retries of a failed run."""
+    its planned steps; max_failures: retries of a failed run.
+
+    How the training computes, none of which changes its numbers beyond float rounding (so none enters the trial
+    id): attention_kernel, the training forward's scale-causal attention (``ATTENTION_KERNEL_CHOICES``; "auto" is
+    ``AUTO_ATTENTION_KERNEL``, per-scale SDPA over exactly the visible pairs; "flex" cannot train on a CPU, which
+    has no FlexAttention backward); compile: ``torch.compile`` every transformer block before training (not with
+    Opacus hooks or ghost clipping, see ``TrialConfig``); rows_per_forward: without DP, the most rows (examples x
+    views) one worker puts through one forward, the rest of its share of the batch accumulated over further
+    forwards into the same gradient (0: its whole share at once; under DP privacy.physical_batch_rows does this)."""
 
     workers: int = 1
     gpus_per_worker: float = 1.0
@@ -505,6 +521,9 @@ class ResourcesConfig:
     checkpoint_every_minutes: float = 30.0
     checkpoint_every_fraction: float = 0.25
     max_failures: int = 2
+    attention_kernel: str = "auto"
+    compile: bool = False
+    rows_per_forward: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -536,6 +555,21 @@ class ResourcesConfig:
             "resources.checkpoint_every_fraction",
             f"must be in (0, 1], got {self.checkpoint_every_fraction}",
         )
+        _require(
+            self.attention_kernel in ATTENTION_KERNEL_CHOICES,
+            "resources.attention_kernel",
+            f"must be one of {ATTENTION_KERNEL_CHOICES}, got {self.attention_kernel!r}",
+        )
+        _require(
+            self.rows_per_forward >= 0,
+            "resources.rows_per_forward",
+            f"must be >= 0 (0: the whole local batch in one forward), got {self.rows_per_forward}",
+        )
+
+    @property
+    def training_attention_kernel(self) -> str:
+        """The kernel the training forward runs: ``attention_kernel`` with "auto" resolved."""
+        return AUTO_ATTENTION_KERNEL if self.attention_kernel == "auto" else self.attention_kernel
 
 
 # Fields added after a schema version's first results: they enter the trial id only when they differ from this
@@ -621,6 +655,18 @@ class TrialConfig:
                     f"does not apply under DP (batches are Poisson with rate privacy.sampling_rate, each example is "
                     f"clipped to privacy.max_grad_norm): leave it at its default {default}",
                 )
+            _require(
+                self.resources.rows_per_forward == 0,
+                "resources.rows_per_forward",
+                "applies without DP only (DP splits its Poisson batches into privacy.physical_batch_rows rows): leave it 0",
+            )
+            _require(
+                not self.resources.compile or self.privacy.clipping in COMPILE_CLIPPING,
+                "resources.compile",
+                f"does not compose with privacy.clipping={self.privacy.clipping!r} (Opacus's per-layer hooks recompile "
+                "the blocks for every layer, ghost clipping's second backward cannot run through compiled ones): "
+                f"use clipping in {COMPILE_CLIPPING} or compile=false",
+            )
             _require(
                 self.privacy.augmentation_multiplicity <= self.data.cached_views,
                 "privacy.augmentation_multiplicity",
@@ -867,6 +913,11 @@ class Cost(TypedDict):
     wall_seconds: NotRequired[float]
     mfu: NotRequired[float | None]
     training_precision: NotRequired[str | None]
+    # How the training computed (``resources``; None: no training): the attention kernel it ran ("auto" resolved),
+    # how many transformer blocks it ran compiled (0: eager), the most rows per forward without DP (0: all at once).
+    attention_kernel: NotRequired[str | None]
+    compiled_blocks: NotRequired[int | None]
+    rows_per_forward: NotRequired[int | None]
     not_counted: NotRequired[str | None]
     startup_seconds: NotRequired[float | None]
     setup_seconds: NotRequired[float]

@@ -45,10 +45,14 @@ def timed(fn, *, steps: int, warmup: int = 1, device: torch.device | str = "cpu"
     return statistics.median(seconds)
 
 
-def official_models(*, depth: int = 16, num_classes: int = 1000):
-    """(VQVAE, VAR) of the official architectures (256px, 10 scales, codebook 4096), random weights, seed 0."""
+def official_models(*, depth: int = 16, num_classes: int = 1000, vqvae_channels: int = 160):
+    """(VQVAE, VAR) of the official architectures (256px, 10 scales, codebook 4096), random weights, seed 0.
+    ``vqvae_channels`` below the official 160 narrows the VQVAE's convolutions only (same layout, latent and
+    codebook): for smoke runs on a CPU, where the 256px decoder would dominate."""
     torch.manual_seed(0)
-    vqvae = build_vqvae(vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_PATCH_NUMS).eval()
+    vqvae = build_vqvae(
+        vocab_size=4096, z_channels=32, ch=vqvae_channels, patch_nums=OFFICIAL_PATCH_NUMS
+    ).eval()
     var = build_var(
         depth=depth, num_classes=num_classes, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32
     )

@@ -1,43 +1,208 @@
-"""GPU figures at real VAR-d16 size, measured side by side in one run.
+"""GPU efficiency of VAR-d16/d20 training, DP-SGD and generation (issue 16), measured side by side in one call.
 
-Usage: python scripts/benchmark_gpu.py [--device cuda] [--depth 16] [--batch-size 16] [--steps 10]
-                                      [--json results.json] [--out docs/benchmarks.md] [--skip-trial]
-Models: the official VAR-d16 and VQVAE architectures (256x256, 10 scales, L=680 tokens, codebook 4096), random
-weights. Every section is timed as the median of ``--steps`` steps after two untimed ones, with CUDA synchronised.
-1. Training step (AdamW) for LoRA and full fine-tuning, bf16 autocast vs float32, with the VQVAE encoding the crop
-   on the fly every step (the published pipeline) vs token maps read from the token cache; peak GPU memory; MFU
-   = FLOPs counted by PyTorch's FLOP counter / step time / the device's dense bf16 peak.
-2. DP-SGD step of LoRA (book-keeping and Opacus hooks clipping) for k = 1 and 4 views per example, vs the non-DP
-   step on the same views; bf16 autocast.
-3. Generation (CFG 1.5, top-k 900, top-p 0.96): images/s, bf16 autocast vs float32.
-4. End to end (unless --skip-trial): ``run_trial`` of the demo sweep's LoRA and DP-LoRA trials on this device,
-   with their recorded cost (MFU, training precision, peak memory).
-Each finished section is written to ``--json`` at once, so a run cut short keeps what it measured.
+Usage: python scripts/benchmark_gpu.py [--quick] [--device cuda] [--depth 16 ...] [--out RUN.json]
+                                      [--report docs/benchmarks.md] [--write-throughput bench/measured_throughput.json]
+       python scripts/benchmark_gpu.py --write-throughput bench/measured_throughput.json --from RUN.json
+       python scripts/benchmark_gpu.py --device cpu --depth 2 --quick      (a smoke run of the script on a CPU)
+
+One call (under 8 minutes on an H200; ``--quick`` about 2) measures, in this order:
+1. matmul: the achievable dense bf16 rate (large square products, random inputs rotated, CUDA-synchronised
+   medians), beside the datasheet peak (``trainables.profiling.PEAK_FLOPS``).
+2. training: for each depth and for full fine-tuning and LoRA, a training step (bf16 autocast, AdamW, token-cache
+   style inputs: random token maps, no VQVAE encoding) with the attention kernel masked / per_scale / flex, fused
+   AdamW off/on, physical batch sizes, for LoRA frozen base weights stored in bf16; later (costly compiles)
+   ``compile_blocks`` on. Images/s, peak GiB, MFU = useful FLOPs (``bench.estimates.training_flops_per_row``:
+   attention over the visible query/key pairs only) / the matmul rate measured in step 1, and / the datasheet.
+3. privacy: DP-LoRA and DP-full at k = 1 and k = 32 views per example (``--dp-rows`` rows per physical batch)
+   with book-keeping, Opacus hooks and ghost clipping (ghost: k = 1, float32, as trials run it) beside the
+   non-DP step on the same rows: time and peak-memory ratios.
+4. generation: d16 (CFG 1.5, top-k 900, top-p 0.96), bf16 autocast, eager vs ``compiled=True``, per batch size.
+5. evaluation: the Oxford-Flowers-sized evaluation, 6,149 images generated at the fastest setting of step 4 plus
+   their Inception-v3 features (torch-fidelity's FID architecture, random weights: nothing is downloaded).
+Every measurement runs in its own try/except (the error is recorded and the run goes on) and the JSON is written
+to ``--out`` (default ``$OUT/benchmark_gpu.json`` when $OUT is set) after every one, so a run cut short keeps
+what it measured. Phases stop starting measurements once past their share of ``--budget-s`` (recorded as
+skipped). Markdown tables are printed at the end (and appended to ``--report``). Timings: median of ``steps``
+calls after ``warmup`` untimed ones (allocation, autotuning, compilation), CUDA synchronised around each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import gc
 import json
+import os
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import benchmark_common
 import torch
 from benchmark_common import official_models, timed
+from torch import nn
 
+from bench.estimates import MEASURED_THROUGHPUT_FILE, VarShape, training_flops_per_row
 from bench.schema import EvaluationConfig, MethodConfig, PrivacyConfig
-from trainables.data.tokens import TokenViews
 from trainables.methods import adapt
-from trainables.models import OFFICIAL_PATCH_NUMS
 from trainables.privacy import make_private, private_step
-from trainables.profiling import count_flops, peak_flops_per_second
-from trainables.training import bf16_autocast, build_optimizer, view_losses
+from trainables.profiling import PEAK_FLOPS, Stopwatch, peak_flops_per_second
+from trainables.training import bf16_autocast, build_optimizer, compile_blocks, view_losses
 
-CLASSES, GIB = 102, 1024**3
+CLASSES, VOCAB, GIB = 102, 4096, 1024**3  # Oxford Flowers' classes; the official codebook
+FLOWERS_TEST_IMAGES = 6149
+GENERATION_DEPTH = 16
+DP_KERNEL = "per_scale"  # the kernel trials use ("auto"); the DP rows compare clipping modes, not kernels
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one call measures. ``phase_ends``: seconds from the start after which a phase starts nothing new."""
+
+    depths: tuple[int, ...]
+    batches: tuple[int, ...]
+    steps: int
+    warmup: int
+    kernels: tuple[str, ...]
+    compile: bool
+    compile_batches: str  # "base and best" or "best"
+    dp_configs: tuple[tuple[str, int], ...]  # (method, k views per example)
+    dp_rows: int
+    dp_clippings: tuple[str, ...]
+    generation_depth: int
+    generation_batches: tuple[int, ...]
+    generation_compiled: bool
+    generation_steps: int
+    evaluation_images: int
+    matmul_sizes: tuple[int, ...]
+    vqvae_channels: int
+    phase_ends: dict
+
+
+def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
+    cuda = device.type == "cuda"
+    # The last measurement a phase starts may run past its end (a compile: up to ~90 s), so the full budget
+    # leaves that much under 8 minutes; a CPU smoke run measures everything.
+    default_budget = (110.0 if args.quick else 390.0) if cuda else 3600.0
+    budget = args.budget_s or default_budget
+    share = {  # cumulative: the share of the budget by which each phase has started its last measurement
+        "matmul": 0.03,
+        "training": 0.35 if args.quick else 0.26,
+        "privacy": 0.45 if args.quick else 0.41,
+        "generation": 0.7 if args.quick else 0.6,
+        "evaluation": 0.78 if args.quick else 0.67,
+        "training_compiled": 1.0 if args.quick else 0.84,
+        "training_more_depths": 1.0,
+    }
+    plan = Plan(
+        depths=(16, 20),
+        batches=(16, 32, 64, 128),
+        steps=5,
+        warmup=2,
+        kernels=("masked", "per_scale", "flex"),
+        compile=True,
+        compile_batches="base and best",
+        dp_configs=(("lora", 1), ("lora", 32), ("full", 1), ("full", 32)),
+        dp_rows=32,
+        dp_clippings=("bookkeeping", "hooks", "ghost"),
+        generation_depth=GENERATION_DEPTH,
+        generation_batches=(64, 128, 256, 512),
+        generation_compiled=True,
+        generation_steps=2,
+        evaluation_images=FLOWERS_TEST_IMAGES,
+        matmul_sizes=(4096, 8192, 16384),
+        vqvae_channels=160,
+        phase_ends={name: budget * f for name, f in share.items()},
+    )
+    if args.quick:
+        plan = replace(
+            plan,
+            depths=(16,),
+            batches=(16, 64),
+            steps=3,
+            compile_batches="best",
+            dp_configs=(("lora", 1),),
+            dp_clippings=("bookkeeping",),
+            generation_batches=(64, 256),
+            evaluation_images=1024,
+            matmul_sizes=(8192,),
+        )
+    if not cuda:  # a smoke run of the script: tiny sizes; no FlexAttention backward and no compiling on a CPU
+        plan = replace(
+            plan,
+            batches=(1, 2),
+            steps=1,
+            warmup=0,
+            kernels=("masked", "per_scale"),
+            compile=False,
+            dp_rows=2,
+            dp_configs=(("lora", 1), ("lora", 2), ("full", 1)),
+            dp_clippings=("bookkeeping", "hooks", "ghost"),
+            generation_batches=(2,),
+            generation_compiled=False,
+            generation_steps=1,
+            evaluation_images=2,
+            matmul_sizes=(256,),
+            vqvae_channels=32,
+        )
+    if args.depth:
+        plan = replace(plan, depths=tuple(args.depth), generation_depth=args.depth[0])
+    return plan
+
+
+class Recorder:
+    """The run's results, written to ``path`` after every measurement; failures and skips are recorded too."""
+
+    def __init__(self, path: Path | None, meta: dict):
+        self.path, self.started = path, time.perf_counter()
+        self.data = {"meta": meta, "errors": [], "skipped": []}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def add(self, section: str, row: dict) -> dict:
+        self.data.setdefault(section, []).append(row)
+        self.write()
+        return row
+
+    def measure(self, section: str, what: str, fn: Callable[[], dict | None]) -> dict | None:
+        """``fn()``'s row, added to ``section``; an exception is recorded (and printed) and gives None."""
+        started = time.perf_counter()
+        try:
+            row = fn()
+        except Exception as error:  # one failed measurement must not end the run
+            traceback.print_exc()
+            self.data["errors"].append(
+                {"section": section, "what": what, "error": f"{type(error).__name__}: {error}"}
+            )
+            self.write()
+            return None
+        finally:
+            free_memory()
+        print(
+            f"[{self.elapsed():6.1f} s] {section}: {what} ({time.perf_counter() - started:.1f} s)", flush=True
+        )
+        return None if row is None else self.add(section, row)
+
+    def skip(self, section: str, what: str, why: str) -> None:
+        self.data["skipped"].append({"section": section, "what": what, "why": why})
+        self.write()
+
+    def write(self) -> None:
+        self.data["elapsed_s"] = self.elapsed()
+        if self.path:
+            self.path.write_text(json.dumps(self.data, indent=1))
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def reset_peak(device: torch.device) -> None:
@@ -49,337 +214,732 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
-def models(*, depth: int, method: str, device: torch.device):
-    vqvae, var = official_models(depth=depth)
-    vqvae = vqvae.to(device)
-    if method != "base":  # "base": the un-adapted model (generation)
-        adapt(var, MethodConfig(name=method), num_classes=CLASSES, seed=0)
-        var.train()
-    return vqvae, var.to(device)
+def in_time(rec: Recorder, plan: Plan, phase: str, what: str) -> bool:
+    """Whether ``phase`` may still start ``what`` (else it is recorded as skipped)."""
+    if rec.elapsed() < plan.phase_ends[phase]:
+        return True
+    rec.skip(phase, what, f"time budget: phase ends at {plan.phase_ends[phase]:.0f} s")
+    return False
 
 
-def training(*, depth: int, batch_size: int, steps: int, device: torch.device) -> list[dict]:
-    """Section 1: one row per (method, precision, token source)."""
-    images_B3HW = torch.rand(batch_size, 3, 256, 256, device=device) * 2 - 1
-    labels_B = torch.randint(0, CLASSES, (batch_size,), device=device)
-    return [
-        row
-        for method in ("lora", "full")
-        for row in _method_rows(method, images_B3HW, labels_B, depth=depth, steps=steps, device=device)
+# --- 1. matmul rate ---------------------------------------------------------------------------------------------
+
+
+def matmul_rate(size: int, *, device: torch.device, reps: int = 20) -> dict:
+    """Dense matmul rate of [size x size] @ [size x size] (bf16 on CUDA, float32 elsewhere) on random inputs,
+    three pairs rotated so no product reads what the previous one left in cache."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(size)
+    pairs = [
+        (
+            torch.randn(size, size, device=device, dtype=dtype, generator=g),
+            torch.randn(size, size, device=device, dtype=dtype, generator=g),
+        )
+        for _ in range(3)
     ]
+    calls = iter(range(10**9))
+
+    def product() -> None:
+        a, b = pairs[next(calls) % 3]
+        torch.mm(a, b)
+
+    seconds = timed(product, steps=reps, warmup=3, device=device)
+    return {
+        "size": size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "ms": 1e3 * seconds,
+        "tflops": 2 * size**3 / seconds / 1e12,
+    }
 
 
-def _method_rows(
-    method: str,
-    images_B3HW: torch.Tensor,
-    labels_B: torch.Tensor,
-    *,
-    depth: int,
-    steps: int,
-    device: torch.device,
-) -> list[dict]:
-    # One function per model, so its weights and optimiser state are freed before the next model is built.
-    rows, peak, batch_size = [], peak_flops_per_second(device), len(labels_B)
-    vqvae, var = models(depth=depth, method=method, device=device)
-    optimizer = build_optimizer(var, lr=1e-4)
-    with torch.no_grad():
-        cached = TokenViews(labels_B.cpu(), tuple(t[:, None].cpu() for t in vqvae.img_to_idxBl(images_B3HW)))
-    for bf16 in (True, False):
-
-        def step(idx_views) -> None:
-            with bf16_autocast(device, enabled=bf16):  # noqa: B023
-                loss = view_losses(var, vqvae, labels_B, idx_views, class_dropout=0.1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        def on_the_fly() -> None:
-            with torch.no_grad():  # tokens are computed in float32, as the cache computes them
-                idx = vqvae.img_to_idxBl(images_B3HW)
-            step([t[:, None] for t in idx])
-
-        def from_cache() -> None:
-            step(
-                cached.take(
-                    torch.arange(batch_size), k=1, generator=torch.Generator().manual_seed(0), device=device
-                )[1]
-            )
-
-        flops, _ = count_flops(from_cache)
-        for source, fn in (("on the fly", on_the_fly), ("token cache", from_cache)):
-            reset_peak(device)
-            seconds = timed(fn, steps=steps, warmup=2, device=device)
-            rows.append(
-                {
-                    "method": method,
-                    "precision": "bf16 autocast" if bf16 else "float32",
-                    "tokens": source,
-                    "step_s": seconds,
-                    "images_per_s": batch_size / seconds,
-                    "peak_gib": peak_gib(device),
-                    "var_flops": flops,
-                    "mfu": flops / seconds / peak if peak else None,
-                }
-            )
-    return rows
+def measure_matmul(rec: Recorder, plan: Plan, device: torch.device) -> None:
+    for size in plan.matmul_sizes:
+        rec.measure("matmul", f"{size}^3", lambda size=size: matmul_rate(size, device=device))
+    rates = [r["tflops"] for r in rec.data.get("matmul", [])]
+    peak = peak_flops_per_second(device)
+    rec.data["rates"] = {
+        "achievable_tflops": max(rates) if rates else None,
+        "datasheet_tflops": None if peak is None else peak / 1e12,
+    }
+    rec.write()
 
 
-def privacy(*, depth: int, batch_size: int, steps: int, device: torch.device) -> list[dict]:
-    """Section 2: DP-LoRA vs LoRA on ``batch_size`` rows (``batch_size / k`` examples of k views), bf16 autocast."""
-    return [
-        _privacy_row(k, clipping, rows=batch_size, depth=depth, steps=steps, device=device)
-        for k in (1, 4)
-        for clipping in (None, "bookkeeping", "hooks")
-    ]
+# --- 2. training ------------------------------------------------------------------------------------------------
 
 
-def _privacy_row(
-    k: int, clipping: str | None, *, rows: int, depth: int, steps: int, device: torch.device
-) -> dict:
-    examples = rows // k
-    vqvae, var = models(depth=depth, method="lora", device=device)
-    optimizer = build_optimizer(var, lr=1e-4)
-    label_N = torch.randint(0, CLASSES, (examples,), device=device)
-    views = [torch.randint(0, 4096, (examples, k, pn * pn), device=device) for pn in OFFICIAL_PATCH_NUMS]
+@dataclass(frozen=True)
+class Setting:
+    """One training configuration."""
 
-    def loss_fn(part: torch.Tensor) -> torch.Tensor:
-        with bf16_autocast(device):
-            return view_losses(var, vqvae, label_N[part], [v[part] for v in views], class_dropout=0.1)
+    depth: int
+    method: str
+    kernel: str
+    fused: bool
+    batch: int
+    compiled: bool = False
+    frozen_bf16: bool = False
 
-    def plain_step() -> None:
-        loss = loss_fn(torch.arange(examples, device=device)).mean()
+    def label(self) -> str:
+        return (
+            f"d{self.depth} {self.method} {self.kernel} fused={self.fused} compiled={self.compiled} "
+            f"batch={self.batch} frozen_bf16={self.frozen_bf16}"
+        )
+
+
+class Models:
+    """The official-layout VQVAE and a pristine VAR per depth (random weights, seed 0), built once and copied."""
+
+    def __init__(self, device: torch.device, *, vqvae_channels: int):
+        self.device, self.vqvae_channels, self._cache = device, vqvae_channels, {}
+
+    def base(self, depth: int) -> tuple[nn.Module, nn.Module]:
+        if depth not in self._cache:
+            self._cache.clear()  # one depth at a time in memory
+            free_memory()
+            vqvae, var = official_models(depth=depth, vqvae_channels=self.vqvae_channels)
+            self._cache[depth] = (vqvae.to(self.device), var)
+        return self._cache[depth]
+
+    def adapted(self, depth: int, method: str) -> tuple[nn.Module, nn.Module]:
+        """(VQVAE, a fresh copy of the base VAR on the device, adapted with ``method`` for CLASSES classes)."""
+        vqvae, var = self.base(depth)
+        var = copy.deepcopy(var).to(self.device)
+        if method != "base":
+            adapt(var, MethodConfig(name=method), num_classes=CLASSES, seed=0)
+            var.train()
+        return vqvae, var
+
+
+def store_frozen_linear_weights_in_bf16(var: nn.Module) -> int:
+    """Store the frozen weights (and biases) of every linear layer in bf16, so bf16 autocast stops casting them
+    on every forward (it caches casts of trainable leaves only); returns how many layers. A lever measured
+    here only: trials keep float32 weights."""
+    count = 0
+    for module in var.modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+            for p in (module.weight, module.bias):
+                if p is not None and not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+            count += 1
+    return count
+
+
+def token_batch(var: nn.Module, batch: int, *, k: int = 1, device: torch.device):
+    """(labels [B], token maps per scale [B, k, pn*pn]): random, as the token cache would hand them over."""
+    labels_B = torch.randint(0, CLASSES, (batch,), device=device)
+    idx = [torch.randint(0, VOCAB, (batch, k, pn * pn), device=device) for pn in var.patch_nums]
+    return labels_B, idx
+
+
+def train_step_fn(var, vqvae, optimizer, labels_B, idx, *, device: torch.device, autocast_any: bool = False):
+    """One AdamW step on a batch. ``autocast_any``: bf16 autocast on a CPU too (the frozen-bf16 lever needs it)."""
+    ctx = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if autocast_any
+        else (lambda: bf16_autocast(device))
+    )
+
+    def step() -> None:
+        with ctx():
+            loss = view_losses(var, vqvae, labels_B, idx, class_dropout=0.1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    step = plain_step
-    if clipping is not None:
-        privacy = PrivacyConfig(
-            target_epsilon=10.0,
-            sampling_rate=0.25,
-            max_grad_norm=0.5,
-            augmentation_multiplicity=k,
-            physical_batch_rows=rows,
-            clipping=clipping,
-        )
-        state = make_private(var, optimizer, privacy=privacy, dataset_size=4 * examples, planned_steps=10_000)
-        step = lambda: private_step(state, torch.arange(examples, device=device), loss_fn)  # noqa: E731
-    reset_peak(device)
-    seconds = timed(step, steps=steps, warmup=2, device=device)
+    return step
+
+
+def useful_flops_per_row(depth: int, method: str) -> float:
+    return training_flops_per_row(VarShape.official(depth), method)
+
+
+def training_row(rec: Recorder, s: Setting, *, seconds: float, device: torch.device) -> dict:
+    useful = useful_flops_per_row(s.depth, s.method) * s.batch
+    rates = rec.data.get("rates", {})
+    measured, datasheet = rates.get("achievable_tflops"), rates.get("datasheet_tflops")
     return {
-        "k": k,
-        "examples": examples,
-        "clipping": clipping or "no DP",
-        "step_s": seconds,
+        **asdict(s),
+        "precision": "bf16 autocast",
+        "step_ms": 1e3 * seconds,
+        "images_per_s": s.batch / seconds,
         "peak_gib": peak_gib(device),
+        "useful_tflop_per_step": useful / 1e12,
+        "mfu_measured": useful / seconds / (measured * 1e12) if measured else None,
+        "mfu_datasheet": useful / seconds / (datasheet * 1e12) if datasheet else None,
     }
 
 
-def generation(*, depth: int, batch_sizes: tuple[int, ...], device: torch.device) -> list[dict]:
-    """Section 3: sampling throughput."""
-    vqvae, var = models(depth=depth, method="base", device=device)
-    var.eval()
-    rows = []
-    for batch_size in batch_sizes:
-        labels = torch.randint(0, CLASSES, (batch_size,), device=device)
-        for bf16 in (True, False):
+def measure_setting(
+    rec: Recorder, plan: Plan, models: Models, s: Setting, *, var=None, vqvae=None
+) -> dict | None:
+    """Time ``s`` on a fresh adapted model (or on ``var``, e.g. one compiled already)."""
+    device = models.device
 
-            def run() -> None:
-                with torch.no_grad(), bf16_autocast(device, enabled=bf16):  # noqa: B023
-                    var.sample(
-                        labels,  # noqa: B023
-                        vqvae=vqvae,
-                        cfg=EvaluationConfig.guidance_scale,
-                        top_k=EvaluationConfig.top_k,
-                        top_p=EvaluationConfig.top_p,
-                        generator=torch.Generator(device=device).manual_seed(0),
-                    )
+    def run() -> dict:
+        vqvae_, var_ = models.adapted(s.depth, s.method) if var is None else (vqvae, var)
+        var_.attention_kernel = s.kernel
+        if s.frozen_bf16:
+            store_frozen_linear_weights_in_bf16(var_)
+        optimizer = build_optimizer(var_, lr=1e-4, fused=s.fused)
+        labels_B, idx = token_batch(var_, s.batch, device=device)
+        step = train_step_fn(
+            var_, vqvae_, optimizer, labels_B, idx, device=device, autocast_any=s.frozen_bf16
+        )
+        reset_peak(device)
+        seconds = timed(step, steps=plan.steps, warmup=plan.warmup, device=device)
+        return training_row(rec, s, seconds=seconds, device=device)
 
-            reset_peak(device)
-            seconds = timed(run, steps=3, warmup=2, device=device)
-            rows.append(
-                {
-                    "batch_size": batch_size,
+    return rec.measure("training", s.label(), run)
+
+
+def fastest(rows: list[dict], **match) -> dict | None:
+    rows = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return max(rows, key=lambda r: r["images_per_s"], default=None)
+
+
+def measure_training_eager(rec: Recorder, plan: Plan, models: Models, depth: int, phase: str) -> None:
+    """The eager ladder: kernels at the first batch size, then fused AdamW, then larger batches, then (LoRA)
+    frozen base weights in bf16; each lever on top of the fastest setting so far."""
+    base_batch = plan.batches[0]
+    for method in ("full", "lora"):
+
+        def rows(method: str = method) -> list[dict]:
+            return [r for r in rec.data.get("training", []) if r["depth"] == depth and r["method"] == method]
+
+        for kernel in plan.kernels:
+            if in_time(rec, plan, phase, f"d{depth} {method} {kernel}"):
+                measure_setting(
+                    rec, plan, models, Setting(depth, method, kernel, fused=False, batch=base_batch)
+                )
+        best = fastest(rows())
+        if best is None:
+            continue
+        if in_time(rec, plan, phase, f"d{depth} {method} fused"):
+            measure_setting(
+                rec, plan, models, Setting(depth, method, best["kernel"], fused=True, batch=base_batch)
+            )
+        best = fastest(rows(), compiled=False, frozen_bf16=False)
+        for batch in plan.batches[1:]:
+            if in_time(rec, plan, phase, f"d{depth} {method} batch {batch}"):
+                row = measure_setting(rec, plan, models, replace(_setting(best), batch=batch))
+                if row is None:  # out of memory: larger batches will not fit either
+                    break
+        best = fastest(rows(), compiled=False, frozen_bf16=False)
+        if method == "lora" and in_time(rec, plan, phase, f"d{depth} lora frozen bf16"):
+            measure_setting(rec, plan, models, replace(_setting(best), frozen_bf16=True))
+
+
+def _setting(row: dict) -> Setting:
+    return Setting(**{k: row[k] for k in Setting.__dataclass_fields__})
+
+
+def measure_training_compiled(rec: Recorder, plan: Plan, models: Models, depth: int, phase: str) -> None:
+    """``compile_blocks`` on the fastest eager setting: once per model, at the base batch and the best one."""
+    if not plan.compile:
+        rec.skip(
+            phase, f"d{depth} compile_blocks", "not on this device (inductor's CPU compile is for GPU runs)"
+        )
+        return
+    for method in ("full", "lora"):
+        best = fastest(
+            rec.data.get("training", []), depth=depth, method=method, compiled=False, frozen_bf16=False
+        )
+        if best is None or not in_time(rec, plan, phase, f"d{depth} {method} compiled"):
+            continue
+        vqvae, var = models.adapted(depth, method)
+        compile_blocks(var)
+        batches = (
+            [best["batch"]] if plan.compile_batches == "best" else sorted({plan.batches[0], best["batch"]})
+        )
+        for batch in batches:
+            if in_time(rec, plan, phase, f"d{depth} {method} compiled batch {batch}"):
+                setting = replace(_setting(best), batch=batch, compiled=True)
+                measure_setting(rec, plan, models, setting, var=var, vqvae=vqvae)
+        del var
+        free_memory()
+
+
+# --- 3. DP-SGD --------------------------------------------------------------------------------------------------
+
+
+def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, device: torch.device):
+    """(step, precision): one step on ``rows`` rows = rows // k examples of k views, DP with ``clipping`` (None:
+    the non-DP step on the same rows). Ghost clipping runs in float32, as trials run it."""
+    examples = max(1, rows // k)
+    bf16 = clipping != "ghost"
+    optimizer = build_optimizer(var, lr=1e-4)
+    label_N, views = token_batch(var, examples, k=k, device=device)
+
+    def loss_fn(part: torch.Tensor) -> torch.Tensor:
+        with bf16_autocast(device, enabled=bf16):
+            return view_losses(var, vqvae, label_N[part], [v[part] for v in views], class_dropout=0.1)
+
+    everyone = torch.arange(examples, device=device)
+    if clipping is None:
+
+        def plain() -> None:
+            loss = loss_fn(everyone).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return plain, bf16
+    dataset = 64 * examples
+    privacy = PrivacyConfig(
+        target_epsilon=10.0,
+        sampling_rate=examples / dataset,
+        max_grad_norm=0.5,
+        augmentation_multiplicity=k,
+        physical_batch_rows=rows,
+        clipping=clipping,
+    )
+    state = make_private(var, optimizer, privacy=privacy, dataset_size=dataset, planned_steps=1000)
+    return (lambda: private_step(state, everyone, loss_fn)), bf16
+
+
+def measure_privacy(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+    depth, device = plan.depths[0], models.device
+    for method, k in plan.dp_configs:
+        base = None
+        for clipping in (None, *plan.dp_clippings):
+            if clipping == "ghost" and k != 1:
+                continue  # Opacus ghost clipping takes one view per example
+            name = f"d{depth} {method} k={k} {clipping or 'no DP'}"
+            if not in_time(rec, plan, phase, name):
+                continue
+
+            def run(clipping=clipping, method=method, k=k) -> dict:
+                vqvae, var = models.adapted(depth, method)
+                var.attention_kernel = DP_KERNEL
+                step, bf16 = dp_step(var, vqvae, clipping=clipping, k=k, rows=plan.dp_rows, device=device)
+                reset_peak(device)
+                seconds = timed(step, steps=plan.steps, warmup=plan.warmup, device=device)
+                return {
+                    "depth": depth,
+                    "method": method,
+                    "k": k,
+                    "rows": plan.dp_rows,
+                    "examples": max(1, plan.dp_rows // k),
+                    "clipping": clipping,
+                    "kernel": DP_KERNEL,
                     "precision": "bf16 autocast" if bf16 else "float32",
-                    "batch_s": seconds,
-                    "images_per_s": batch_size / seconds,
+                    "step_ms": 1e3 * seconds,
+                    "rows_per_s": plan.dp_rows / seconds,
                     "peak_gib": peak_gib(device),
                 }
+
+            row = rec.measure("privacy", name, run)
+            if row is not None and clipping is None:
+                base = row
+            if row is not None and base is not None:
+                row["time_vs_non_dp"] = row["step_ms"] / base["step_ms"]
+                row["memory_vs_non_dp"] = (
+                    row["peak_gib"] / base["peak_gib"] if row["peak_gib"] and base["peak_gib"] else None
+                )
+                rec.write()
+
+
+# --- 4. generation ----------------------------------------------------------------------------------------------
+
+
+def sample_fn(var, vqvae, batch: int, *, compiled: bool, device: torch.device, seed: int = 0):
+    labels = torch.randint(0, CLASSES, (batch,), device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad(), bf16_autocast(device):
+            return var.sample(
+                labels,
+                vqvae=vqvae,
+                cfg=EvaluationConfig.guidance_scale,
+                top_k=EvaluationConfig.top_k,
+                top_p=EvaluationConfig.top_p,
+                generator=generator,
+                compiled=compiled,
             )
-    return rows
+
+    return run
 
 
-def end_to_end(*, device: torch.device, smoke: bool) -> list[dict]:
-    """Section 4: the demo's LoRA and DP-LoRA trials through ``run_trial`` on this device (``smoke``: their
-    few-step versions, to check this script)."""
-    from bench.sweeps import build_sweep
-    from trainables.trial import run_trial
+def _generation_order(rec: Recorder, plan: Plan, *, compiled: bool) -> list[int]:
+    """Eager: ascending. Compiled (a compile per batch size): the fastest eager batch first, then the larger ones
+    before the smaller, so a cut-short phase has measured the likely best."""
+    if not compiled:
+        return list(plan.generation_batches)
+    eager = [r for r in rec.data.get("generation", []) if not r["compiled"]]
+    best = max(eager, key=lambda r: r["images_per_s"])["batch"] if eager else None
+    rest = sorted((b for b in plan.generation_batches if b != best), reverse=True)
+    return ([best] if best is not None else []) + rest
 
-    configs = [c for c in build_sweep("demo", smoke=smoke) if c.method.name == "lora"]
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        for config in configs:
-            started = time.perf_counter()
-            result = run_trial(
-                config,
-                cache_dir=Path(folder) / "cache",
-                artifacts_dir=Path(folder) / "artifacts" / config.trial_id,
-                device=device,
-            )
-            cost = result["cost"]
-            rows.append(
-                {
-                    "trial": config.label,
-                    "status": result["status"],
-                    "error": result.get("error"),
-                    "wall_s": time.perf_counter() - started,
-                    "fid": result["metrics"].get("fid"),
-                    "train_seconds": cost.get("train_seconds"),
-                    "mfu": cost.get("mfu"),
-                    "training_precision": cost.get("training_precision"),
-                    "peak_gib": (cost.get("peak_memory_bytes") or 0) / GIB,
-                    "rows_per_second": cost.get("rows_per_second"),
+
+def measure_generation(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+    device, depth = models.device, plan.generation_depth
+    vqvae, var = models.adapted(depth, "base")
+    var.eval()
+    modes = (False, True) if plan.generation_compiled else (False,)
+    if not plan.generation_compiled:
+        rec.skip(phase, "compiled generation", "not on this device (CUDA graphs)")
+    for compiled in modes:
+        for batch in _generation_order(rec, plan, compiled=compiled):
+            if not in_time(rec, plan, phase, f"batch {batch} compiled={compiled}"):
+                continue
+
+            def run(batch=batch, compiled=compiled) -> dict:
+                fn = sample_fn(var, vqvae, batch, compiled=compiled, device=device)
+                reset_peak(device)
+                started = time.perf_counter()
+                fn()  # the first call allocates (and, compiled, compiles): timed apart
+                first = time.perf_counter() - started
+                seconds = timed(fn, steps=plan.generation_steps, warmup=0, device=device)
+                return {
+                    "depth": depth,
+                    "batch": batch,
+                    "compiled": compiled,
+                    "precision": "bf16 autocast",
+                    "first_call_s": first,
+                    "batch_s": seconds,
+                    "images_per_s": batch / seconds,
+                    "peak_gib": peak_gib(device),
                 }
-            )
-    return rows
+
+            row = rec.measure("generation", f"d{depth} batch {batch} compiled={compiled}", run)
+            if row is None and not compiled:  # eager goes up in size: out of memory here, larger ones too
+                break
 
 
-def report(results: dict, *, args: argparse.Namespace) -> str:
+# --- 5. evaluation ----------------------------------------------------------------------------------------------
+
+
+def random_inception(device: torch.device) -> nn.Module:
+    """torch-fidelity's Inception-v3 (the FID architecture varsweep uses) with PyTorch's default random init: its
+    constructor reads a weights file, so it gets an empty one and the load is skipped."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from trainables.evaluation.features import INCEPTION
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+            return None  # keep the random weights: the run times the architecture, it measures no images
+
+    with tempfile.TemporaryDirectory() as folder:
+        empty = Path(folder) / "empty.pth"
+        torch.save({}, empty)
+        return RandomInception(INCEPTION, ["2048"], feature_extractor_weights_path=str(empty)).to(device)
+
+
+def measure_evaluation(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+    device = models.device
+    gens = rec.data.get("generation", [])
+    best = max(gens, key=lambda r: r["images_per_s"], default=None)
+    if best is None or not in_time(rec, plan, phase, "evaluation"):
+        if best is None:
+            rec.skip(phase, "evaluation", "no generation setting was measured")
+        return
+
+    def run() -> dict:
+        vqvae, var = models.adapted(best["depth"], "base")
+        var.eval()
+        extractor = random_inception(device)
+        batch, n = best["batch"], plan.evaluation_images
+        # Every batch has the measured size (a last, smaller one would compile again); extras are dropped.
+        fn = sample_fn(var, vqvae, batch, compiled=best["compiled"], device=device, seed=1)
+        if best["compiled"]:
+            fn()  # warm (this model's graphs): the compile cost was measured in the generation phase
+        features, generated = [], 0
+        with Stopwatch(device) as total:
+            with Stopwatch(device) as gen_watch:
+                images = []
+                while generated < n:
+                    images.append((fn()[: n - generated] * 255).round().to(torch.uint8))
+                    generated += len(images[-1])
+            with Stopwatch(device) as feat_watch, torch.no_grad():
+                features = [extractor(chunk) for chunk in images]
+        return {
+            "images": n,
+            "depth": best["depth"],
+            "batch": batch,
+            "compiled": best["compiled"],
+            "generation_s": gen_watch.seconds,
+            "features_s": feat_watch.seconds,
+            "total_s": total.seconds,
+            "flowers_total_s_extrapolated": total.seconds * FLOWERS_TEST_IMAGES / n,
+            "feature_dim": int(features[0][0].shape[-1]),
+        }
+
+    rec.measure("evaluation", f"{plan.evaluation_images} images", run)
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def _num(value, fmt: str = ".1f", scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(value * scale, fmt)
+
+
+def _ratio(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def report(data: dict, *, command: str) -> str:
+    meta, rates = data["meta"], data.get("rates", {})
     lines = [
-        f"### VAR-d{args.depth} on {results['device']} ({benchmark_common.stamp()})",
+        f"### GPU efficiency on {meta['device']} ({meta['stamp']})",
         "",
-        f"torch {torch.__version__}. Script: `python scripts/benchmark_gpu.py --depth {args.depth} --batch-size {args.batch_size} "
-        f"--steps {args.steps}`. MFU against the dense bf16 peak ({results['peak_tflops']} TFLOP/s).",
+        f"torch {meta['torch']}. Script: `{command}` ({data['elapsed_s']:.0f} s). Achievable dense matmul rate "
+        f"measured in this run: {_num(rates.get('achievable_tflops'))} TFLOP/s (datasheet "
+        f"{_num(rates.get('datasheet_tflops'))}). MFU counts useful FLOPs (attention over the visible query/key "
+        "pairs only; `bench.estimates.training_flops_per_row`).",
+        "",
+        "| matmul | dtype | ms | TFLOP/s |",
+        "|---|---|---|---|",
+        *(
+            f"| {r['size']}^3 | {r['dtype']} | {r['ms']:.2f} | {r['tflops']:.1f} |"
+            for r in data.get("matmul", [])
+        ),
         "",
     ]
-    if "training" in results:
+    training = data.get("training", [])
+    if training:
         lines += [
-            f"Training step, batch {args.batch_size} at 256x256:",
+            "Training step (bf16 autocast, AdamW, token-cache inputs), vs the first row of its depth and method:",
             "",
-            "| method | precision | tokens | step (ms) | images/s | peak GiB | MFU |",
+            "| depth | method | kernel | fused AdamW | compiled | frozen bf16 | batch | step (ms) | images/s | vs first "
+            "| peak GiB | MFU (measured) | MFU (datasheet) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in training:
+            first = next(x for x in training if x["depth"] == r["depth"] and x["method"] == r["method"])
+            lines.append(
+                f"| {r['depth']} | {r['method']} | {r['kernel']} | {r['fused']} | {r['compiled']} | {r['frozen_bf16']} | "
+                f"{r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
+                f"{r['images_per_s'] / first['images_per_s']:.2f}x | {_num(r['peak_gib'])} | "
+                f"{_num(r['mfu_measured'], '.1%')} | {_num(r['mfu_datasheet'], '.1%')} |"
+            )
+        lines.append("")
+    if data.get("privacy"):
+        lines += [
+            "DP-SGD step vs the non-DP step on the same rows (examples x k views):",
+            "",
+            "| depth | method | k | examples | clipping | precision | step (ms) | rows/s | time vs non-DP | peak GiB | memory vs non-DP |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['depth']} | {r['method']} | {r['k']} | {r['examples']} | {r['clipping'] or 'no DP'} | {r['precision']} | "
+            f"{r['step_ms']:.1f} | {r['rows_per_s']:.1f} | {_ratio(r.get('time_vs_non_dp'))} | "
+            f"{_num(r['peak_gib'])} | {_ratio(r.get('memory_vs_non_dp'))} |"
+            for r in data["privacy"]
+        ]
+        lines.append("")
+    if data.get("generation"):
+        lines += [
+            "Generation (CFG 1.5, top-k 900, top-p 0.96, bf16 autocast):",
+            "",
+            "| depth | batch | compiled | first call (s) | s per batch | images/s | peak GiB |",
             "|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['method']} | {r['precision']} | {r['tokens']} | {1e3 * r['step_s']:.1f} | {r['images_per_s']:.1f} | "
-            f"{_gib(r['peak_gib'])} | {_pct(r['mfu'])} |"
-            for r in results["training"]
-        ]
-        lines += ["", *_speedups(results["training"]), ""]
-    if "privacy" in results:
-        base = {r["k"]: r["step_s"] for r in results["privacy"] if r["clipping"] == "no DP"}
-        lines += [
-            f"DP-LoRA step, {args.batch_size} rows (examples x k views), bf16 autocast:",
-            "",
-            "| k | examples | clipping | step (ms) | vs non-DP, same views | peak GiB |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['k']} | {r['examples']} | {r['clipping']} | {1e3 * r['step_s']:.1f} | {r['step_s'] / base[r['k']]:.2f}x | {_gib(r['peak_gib'])} |"
-            for r in results["privacy"]
+            f"| {r['depth']} | {r['batch']} | {r['compiled']} | {r['first_call_s']:.2f} | {r['batch_s']:.3f} | "
+            f"{r['images_per_s']:.1f} | {_num(r['peak_gib'])} |"
+            for r in data["generation"]
         ]
         lines.append("")
-    if "generation" in results:
+    for r in data.get("evaluation", []):
         lines += [
-            "Generation (CFG 1.5, top-k 900, top-p 0.96):",
+            f"Evaluation: {r['images']} images at batch {r['batch']} (compiled={r['compiled']}): generation "
+            f"{r['generation_s']:.1f} s + Inception-v3 features {r['features_s']:.1f} s = {r['total_s']:.1f} s; "
+            f"{FLOWERS_TEST_IMAGES:,} images (Oxford Flowers' test set): {r['flowers_total_s_extrapolated']:.1f} s "
+            "(target < 30 s).",
             "",
-            "| batch | precision | s per batch | images/s | peak GiB |",
-            "|---|---|---|---|---|",
         ]
-        lines += [
-            f"| {r['batch_size']} | {r['precision']} | {r['batch_s']:.2f} | {r['images_per_s']:.1f} | {_gib(r['peak_gib'])} |"
-            for r in results["generation"]
-        ]
-        lines.append("")
-    if "end_to_end" in results:
-        lines += [
-            "End to end, demo trials through `run_trial` on this device:",
-            "",
-            "| trial | status | wall (s) | training (s) | rows/s | precision | MFU | FID |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['trial']} | {r['status']} | {r['wall_s']:.0f} | {r['train_seconds'] or 0:.1f} | {r['rows_per_second'] or 0:.0f} | "
-            f"{r['training_precision']} | {_pct(r['mfu'])} | {r['fid'] if r['fid'] is None else round(r['fid'], 2)} |"
-            for r in results["end_to_end"]
-        ]
-        lines.append("")
-    lines += [f"Section failed: {name}: {error}" for name, error in results.get("errors", {}).items()]
+    lines += [f"- failed: {e['section']}: {e['what']}: {e['error']}" for e in data["errors"]]
+    lines += [f"- skipped: {s['section']}: {s['what']} ({s['why']})" for s in data["skipped"]]
     return "\n".join(lines)
 
 
-def _gib(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+# --- measured throughput for the dry-run estimate ---------------------------------------------------------------
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _speedups(rows: list[dict]) -> list[str]:
-    by = {(r["method"], r["precision"], r["tokens"]): r["step_s"] for r in rows}
-    out = []
-    for method in ("lora", "full"):
-        for precision in ("bf16 autocast", "float32"):
-            ratio = by[(method, precision, "on the fly")] / by[(method, precision, "token cache")]
-            out.append(f"- token cache speed-up, {method}, {precision}: {ratio:.2f}x (target >= 1.2x)")
-        out.append(
-            f"- step time float32 / bf16 autocast, {method}, token cache: "
-            f"{by[(method, 'float32', 'token cache')] / by[(method, 'bf16 autocast', 'token cache')]:.2f}x"
+def throughput_entries(data: dict, *, command: str, docs: str) -> list[dict]:
+    """Entries for ``bench/measured_throughput.json`` from a run's results: per depth, method and (kernel,
+    compile) the fastest setting with the fused AdamW trials use on CUDA and float32 weights (the frozen-bf16
+    lever is no trial option); per DP configuration its row."""
+    meta = data["meta"]
+    source = {"script": command, "date": meta["stamp"][:10], "docs": docs, "torch": meta["torch"]}
+    common = {"device": meta["device"], "tokens": "token cache", "source": source}
+    entries, best = [], {}
+    for r in data.get("training", []):
+        if r["frozen_bf16"] or not r["fused"]:
+            continue
+        key = (r["depth"], r["method"], r["kernel"], r["compiled"])
+        if key not in best or r["images_per_s"] > best[key]["images_per_s"]:
+            best[key] = r
+    for r in best.values():
+        entries.append(
+            {
+                **common,
+                "depth": r["depth"],
+                "method": r["method"],
+                "clipping": None,
+                "augmentation_multiplicity": 1,
+                "precision": r["precision"],
+                "rows_per_second": round(r["images_per_s"], 1),
+                "physical_batch_rows": r["batch"],
+                "attention_kernel": r["kernel"],
+                "compile": r["compiled"],
+                "fused_adamw": r["fused"],
+                "step_ms": round(r["step_ms"], 1),
+            }
         )
-    return out
+    for r in data.get("privacy", []):
+        if r["clipping"] is None:
+            continue
+        entries.append(
+            {
+                **common,
+                "depth": r["depth"],
+                "method": r["method"],
+                "clipping": r["clipping"],
+                "augmentation_multiplicity": r["k"],
+                "precision": r["precision"],
+                "rows_per_second": round(r["rows_per_s"], 1),
+                "physical_batch_rows": r["rows"],
+                "attention_kernel": r["kernel"],
+                "compile": False,
+                "fused_adamw": True,
+                "step_ms": round(r["step_ms"], 1),
+            }
+        )
+    return entries
 
 
-def main() -> None:
+SAME_SETTING = (
+    "device",
+    "depth",
+    "method",
+    "clipping",
+    "augmentation_multiplicity",
+    "precision",
+    "attention_kernel",
+    "compile",
+)
+
+
+def write_throughput(path: Path, entries: list[dict]) -> None:
+    """Merge ``entries`` into the throughput file: each replaces an older entry of the same setting."""
+    data = json.loads(path.read_text()) if path.is_file() else {"measurements": []}
+    keys = {tuple(e.get(k) for k in SAME_SETTING) for e in entries}
+    kept = [m for m in data["measurements"] if tuple(m.get(k) for k in SAME_SETTING) not in keys]
+    data["measurements"] = kept + entries
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {len(entries)} measurements to {path} ({len(kept)} others kept)")
+
+
+# --- main -------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--generation-batches", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--skip-trial", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a first look: about 2 minutes on an H200")
+    parser.add_argument("--depth", type=int, nargs="+", help="VAR depths (default 16 20; --quick 16)")
     parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="few-step end-to-end trials, and allow a CPU device (to check the script)",
+        "--budget-s",
+        type=float,
+        help="seconds the phases share (default 390; --quick 110; a CPU run: no limit)",
     )
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    default_out = Path(os.environ["OUT"]) / "benchmark_gpu.json" if os.environ.get("OUT") else None
+    parser.add_argument(
+        "--out", type=Path, default=default_out, help="the run's JSON (default $OUT/benchmark_gpu.json)"
+    )
+    parser.add_argument("--report", type=Path, help="append the Markdown tables here (docs/benchmarks.md)")
+    parser.add_argument(
+        "--write-throughput",
+        type=Path,
+        nargs="?",
+        const=MEASURED_THROUGHPUT_FILE,
+        help="merge the training rates into this measured-throughput file (default bench/measured_throughput.json)",
+    )
+    parser.add_argument(
+        "--from", dest="from_json", type=Path, help="with --write-throughput: a run's JSON; measure nothing"
+    )
+    parser.add_argument(
+        "--docs", default="docs/benchmarks.md", help="where the run's tables are published (recorded)"
+    )
+    return parser.parse_args(argv)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    return (
+        "python scripts/benchmark_gpu.py " + " ".join(sys.argv[1:])
+        if sys.argv[1:]
+        else "python scripts/benchmark_gpu.py"
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    if device.type != "cuda" and not args.smoke:
-        sys.exit(
-            "benchmark_gpu.py measures a CUDA device (--device cuda); --smoke runs it elsewhere to check it"
-        )
-    peak = peak_flops_per_second(device)
+    plan = make_plan(args, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    results = {"device": name, "peak_tflops": None if peak is None else peak / 1e12, "errors": {}}
-    sections = {
-        "training": lambda: training(
-            depth=args.depth, batch_size=args.batch_size, steps=args.steps, device=device
-        ),
-        "privacy": lambda: privacy(
-            depth=args.depth, batch_size=args.batch_size, steps=args.steps, device=device
-        ),
-        "generation": lambda: generation(
-            depth=args.depth, batch_sizes=tuple(args.generation_batches), device=device
-        ),
-        "end_to_end": lambda: end_to_end(device=device, smoke=args.smoke),
+    meta = {
+        "device": name,
+        "torch": torch.__version__,
+        "stamp": benchmark_common.stamp(),
+        "command": command_line(args),
+        "plan": asdict(plan),
+        "datasheet_peaks_tflops": {k: v / 1e12 for k, v in PEAK_FLOPS.items()},
     }
-    for name, section in sections.items():
-        if name == "end_to_end" and args.skip_trial:
-            continue
-        started = time.perf_counter()
-        try:
-            results[name] = section()
-        except Exception as error:  # a failed section is reported; the others still run
-            traceback.print_exc()
-            results["errors"][name] = f"{type(error).__name__}: {error}"
-        print(f"[{name}] {time.perf_counter() - started:.0f} s", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1))
-    benchmark_common.publish(report(results, args=args), args.out)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    rec = Recorder(args.out, meta)
+    models = Models(device, vqvae_channels=plan.vqvae_channels)
+    torch.manual_seed(0)
+    with contextlib.suppress(AttributeError):  # TF32 for any float32 matmul left (the features)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    first = plan.depths[0]
+    phases = [
+        ("matmul", lambda: measure_matmul(rec, plan, device)),
+        ("training", lambda: measure_training_eager(rec, plan, models, first, "training")),
+        ("privacy", lambda: measure_privacy(rec, plan, models, "privacy")),
+        ("generation", lambda: measure_generation(rec, plan, models, "generation")),
+        ("evaluation", lambda: measure_evaluation(rec, plan, models, "evaluation")),
+        (
+            "training_compiled",
+            lambda: measure_training_compiled(rec, plan, models, first, "training_compiled"),
+        ),
+    ]
+    for depth in plan.depths[1:]:
+        phases += [
+            (
+                f"d{depth}",
+                lambda d=depth: measure_training_eager(rec, plan, models, d, "training_more_depths"),
+            ),
+            (
+                f"d{depth} compiled",
+                lambda d=depth: measure_training_compiled(rec, plan, models, d, "training_more_depths"),
+            ),
+        ]
+    for name, phase in phases:
+        rec.measure(
+            "phases", name, lambda phase=phase: phase()
+        )  # a phase's own failure (a model build) is recorded
+    return rec.data
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.from_json:
+        if not args.write_throughput:
+            sys.exit("--from needs --write-throughput")
+        data = json.loads(args.from_json.read_text())
+        entries = throughput_entries(data, command=data["meta"]["command"], docs=args.docs)
+        write_throughput(args.write_throughput, entries)
+        return
+    data = run(args)
+    benchmark_common.publish(report(data, command=data["meta"]["command"]), args.report)
+    if args.write_throughput:
+        write_throughput(
+            args.write_throughput, throughput_entries(data, command=data["meta"]["command"], docs=args.docs)
+        )
 
 
 if __name__ == "__main__":

@@ -2,17 +2,25 @@
 multiplicity k, measured side by side in one run (each configuration in its own fresh process).
 
 Usage: python scripts/benchmark_privacy.py [--depth 6] [--batch-size 32] [--steps 6] [--out docs/benchmarks.md]
+       python scripts/benchmark_privacy.py --versus a7366f3 [--width 1024 --heads 16 --depth 2 --views 1:4,32:32]
 Model: VAR of the given depth (width 64*depth) for 64x64 images (VQVAE 16x downsampling, patch_nums 1..4, L=30
 tokens, codebook 4096), random weights. A DP step is a fixed batch of ``batch-size`` examples (no Poisson draw, so
 every configuration does the same work) in physical batches of ``batch-size`` rows (batch-size/k examples of k
 views each): per-sample gradients (or ghost norms), clipping, noise, AdamW. Non-DP steps run all batch-size*k
 views in one forward. Memory = peak resident set size of the configuration's process minus its size just before the first
 step. Appends a dated Markdown section to ``--out``.
+
+``--versus REV``: book-keeping of the code at git revision REV (its ``trainables/bookkeeping.py``, from a temporary
+``git worktree``) beside the current one and the non-DP step on the same rows, everything else (model, training
+code) current, at a VAR-d16-like geometry: the 680 tokens of 256x256 images (patch_nums 1..16), ``--width`` and
+``--heads`` as VAR-d16 (1024, 16) but ``--depth`` blocks; ``--views`` lists k:rows (rows = examples x k).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import importlib.util
 import json
 import resource
 import statistics
@@ -26,8 +34,9 @@ import psutil
 import torch
 
 from bench.schema import MethodConfig, PrivacyConfig
+from trainables import privacy as privacy_module
 from trainables.methods import adapt
-from trainables.models import build_var, build_vqvae
+from trainables.models import OFFICIAL_PATCH_NUMS, build_var, build_vqvae
 from trainables.privacy import make_private, private_step
 from trainables.training import build_optimizer, view_losses
 
@@ -158,14 +167,199 @@ def summary(results: list[dict]) -> list[str]:
     return lines
 
 
+def _peak_reset() -> bool:
+    """Return freed heap memory to the OS (glibc malloc_trim: else one step's freed pools hide the next step's
+    peak) and reset the process's peak resident set size (Linux: 5 > /proc/self/clear_refs); False where
+    unsupported."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _load_bookkeeping(path: str):
+    """The BookKeeping class of another revision's ``trainables/bookkeeping.py`` (loaded inside this package, so its
+    relative imports resolve to the current ``trainables``)."""
+    spec = importlib.util.spec_from_file_location("trainables._bookkeeping_versus", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.BookKeeping
+
+
+def _versus_step(config: dict, kind: str, bookkeeping_from: str, *, depth: int, width: int, heads: int):
+    """A fresh model (same seed for every kind) and its step: kind "none" (no DP), "versus" (book-keeping from
+    ``bookkeeping_from``) or "current" (this tree's book-keeping)."""
+    torch.manual_seed(0)
+    patch_nums = OFFICIAL_PATCH_NUMS
+    vqvae = build_vqvae(
+        vocab_size=VOCAB, z_channels=32, ch=32, patch_nums=patch_nums, ch_mult=(1, 1), num_res_blocks=1
+    )
+    var = build_var(
+        depth=depth,
+        embed_dim=width,
+        num_heads=heads,
+        num_classes=CLASSES,
+        patch_nums=patch_nums,
+        vocab_size=VOCAB,
+        z_channels=32,
+        drop_path_rate=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    adapt(var, MethodConfig(name=config["method"]), num_classes=CLASSES, seed=0)
+    var.train()
+    k, rows = config["k"], config["rows"]
+    examples = rows // k
+    label_N = torch.randint(0, CLASSES, (examples,))
+    views = [torch.randint(0, VOCAB, (examples, k, pn * pn)) for pn in patch_nums]
+    loss_fn = lambda part: view_losses(var, vqvae, label_N[part], [v[part] for v in views], class_dropout=0.1)  # noqa: E731
+    optimizer = build_optimizer(var, lr=1e-4)
+    if kind == "none":
+        return _plain_step(var, optimizer, batch_size=examples, loss_fn=loss_fn)
+    privacy = PrivacyConfig(
+        target_epsilon=10.0,
+        sampling_rate=0.25,
+        max_grad_norm=0.5,
+        augmentation_multiplicity=k,
+        physical_batch_rows=rows,
+        clipping="bookkeeping",
+    )
+    current = privacy_module.BookKeeping
+    if kind == "versus":
+        privacy_module.BookKeeping = _load_bookkeeping(bookkeeping_from)
+    try:
+        state = make_private(var, optimizer, privacy=privacy, dataset_size=4 * examples, planned_steps=1000)
+    finally:
+        privacy_module.BookKeeping = current
+    return lambda: private_step(state, torch.arange(examples), loss_fn)
+
+
+def run_versus_one(config: dict, *, depth: int, width: int, heads: int, steps: int) -> dict:
+    """One method and k at the d16-like geometry: the non-DP step, the other revision's book-keeping
+    (``config["bookkeeping_from"]``) and this tree's, each on its own copy of the model, interleaved step by step
+    (so that a load change on a shared machine hits all three alike). Time: median over rounds of each step's
+    time; memory: each step's peak resident set size over its start (the peak is reset before every step)."""
+    kinds = ("none", "versus", "current")
+    steps_by_kind = {
+        kind: _versus_step(config, kind, config["bookkeeping_from"], depth=depth, width=width, heads=heads)
+        for kind in kinds
+    }
+    seconds = {kind: [] for kind in kinds}
+    peaks = {kind: [] for kind in kinds}
+    for round_ in range(steps + 1):  # round 0: optimiser state, allocator pools: not counted
+        for kind in kinds:
+            exact = _peak_reset()
+            rss_before = psutil.Process().memory_info().rss
+            started = time.perf_counter()
+            steps_by_kind[kind]()
+            if round_:
+                seconds[kind].append(time.perf_counter() - started)
+                peaks[kind].append((_peak_rss() - rss_before) / MIB if exact else float("nan"))
+    return {
+        **config,
+        **{f"{kind}_s": statistics.median(seconds[kind]) for kind in kinds},
+        **{f"{kind}_mib": max(peaks[kind]) for kind in kinds},
+    }
+
+
+def versus_table(results: list[dict], *, revision: str) -> list[str]:
+    lines = [
+        f"| method | k | rows | no DP (s) | book-keeping {revision} (s) | this tree (s) | time vs no DP: {revision} | "
+        f"this tree | step peak over start, no DP (MiB) | memory vs no DP: {revision} | this tree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        base_s, base_mib = r["none_s"], max(r["none_mib"], 1)
+        lines.append(
+            f"| {r['method']} | {r['k']} | {r['rows']} | {base_s:.2f} | {r['versus_s']:.2f} | {r['current_s']:.2f} | "
+            f"{r['versus_s'] / base_s:.2f}x | {r['current_s'] / base_s:.2f}x | {r['none_mib']:.0f} | "
+            f"{r['versus_mib'] / base_mib:.2f}x | {r['current_mib'] / base_mib:.2f}x |"
+        )
+    return lines
+
+
+def versus(args) -> None:
+    """Book-keeping of ``args.versus`` vs this tree's vs no DP, one process per method and k."""
+    root = Path(__file__).resolve().parent.parent
+    worktree = Path(f"/tmp/varsweep-bookkeeping-{args.versus}")
+    subprocess.run(
+        ["git", "-C", str(root), "worktree", "add", "--detach", str(worktree), args.versus], check=True
+    )
+    try:
+        old = str(worktree / "trainables" / "bookkeeping.py")
+        results = []
+        for view in args.views.split(","):
+            k, rows = (int(x) for x in view.split(":"))
+            for method in ("full", "lora"):
+                config = dict(method=method, k=k, rows=rows, bookkeeping_from=old)
+                command = [sys.executable, __file__, "--one-versus", json.dumps(config)]
+                command += [
+                    "--depth",
+                    str(args.depth),
+                    "--width",
+                    str(args.width),
+                    "--heads",
+                    str(args.heads),
+                ]
+                command += ["--steps", str(args.steps)]
+                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                results.append(json.loads(output.strip().splitlines()[-1]))
+                print(json.dumps(results[-1]), flush=True)
+    finally:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(worktree)], check=True)
+    stamp, machine = benchmark_common.stamp(), benchmark_common.machine()
+    section = [
+        f"### Book-keeping DP vs {args.versus} vs no DP, width {args.width}, {args.heads} heads, depth {args.depth}, "
+        f"680 tokens ({stamp})",
+        "",
+        f"Machine: {machine}. Script: `python scripts/benchmark_privacy.py --versus {args.versus} --width {args.width} "
+        f"--heads {args.heads} --depth {args.depth} --views {args.views} --steps {args.steps}` (the three steps "
+        f"interleaved in one process per row, median of {args.steps} rounds after one untimed round; DP steps "
+        "include noise and AdamW like the non-DP ones; rows = examples x k, the same rows for all three).",
+        "",
+        *versus_table(results, revision=args.versus),
+        "",
+    ]
+    benchmark_common.publish("\n".join(section), args.out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--versus", help="git revision whose book-keeping to measure beside this tree's")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--views", default="1:4,32:32", help="k:rows pairs for --versus")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--one-versus", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_versus:
+        result = run_versus_one(
+            json.loads(args.one_versus),
+            depth=args.depth,
+            width=args.width,
+            heads=args.heads,
+            steps=args.steps,
+        )
+        print(json.dumps(result))
+        return
+    if args.versus:
+        versus(args)
+        return
     if args.one:
         print(
             json.dumps(

@@ -2,14 +2,22 @@
 
 Ghost clipping needs a second backward pass to form the clipped gradient sum; per-sample hooks store a copy of
 every weight per example. Book-keeping keeps what one backward already produces, each trainable layer's input
-``a`` and output gradient ``g``, and then
-1. computes every example's gradient norm layer by layer (linear layers from the Gram matrices of ``a`` and ``g``
-   over the example's positions, or from the explicit per-example gradient when that is cheaper),
+``a`` and output gradient ``g``, and
+1. computes every example's gradient norm layer by layer, inside the backward as each layer's ``g`` arrives,
 2. forms the clipping factors c_b = min(1, C / ||grad_b||), and
-3. builds each layer's clipped sum as one weighted weight-gradient product, sum_b c_b grad_b.
+3. builds each layer's clipped sum sum_b c_b grad_b.
 During the backward itself the trainable weights are frozen, so autograd skips the weight-gradient products that
-step 3 replaces. An example's k augmented views (consecutive rows) are treated as one longer sequence, so the
-clipped quantity is the gradient of the example's mean loss over its views.
+step 3 replaces. An example's k augmented views (consecutive rows) are treated as one longer sequence of T positions
+(k x the positions of one row), so the clipped quantity is the gradient of the example's mean loss over its views.
+
+A linear layer (in -> out) takes the cheaper of two routes (the "mixed ghost norm" rule of Bu et al.):
+- ``"gram"``: ||g_b^T a_b||^2 = <g_b g_b^T, a_b a_b^T> from two [T, T] Gram matrices, ~2 T^2 (in + out) FLOPs per
+  example; the clipped sum is then one weighted product (g * c)^T a over all rows, ~2 T in out FLOPs per example.
+- ``"direct"``: the per-example gradient g_b^T a_b itself, ~2 T in out FLOPs. Where it takes no more memory than
+  the ``a`` and ``g`` it replaces it is kept and the clipped sum is its c-weighted sum (~in out FLOPs per example),
+  and ``a``, ``g`` are released during the backward; otherwise it is formed in chunks of examples and dropped.
+Direct is the cheaper when in out < T (in + out): always for LoRA's rank-r factors, and for every layer with many
+views (T = k x 680 at VAR-d16). Norms are float32 whatever the autocast dtype (they decide the sensitivity).
 
 Rules exist for the layer types an adapted VAR trains (``nn.Linear`` incl. peft's LoRA/LN-tuning layers,
 ``nn.Embedding`` and the small modules of ``trainables.patches``); any other trainable layer is refused.
@@ -17,6 +25,7 @@ Rules exist for the layer types an adapted VAR trains (``nn.Linear`` incl. peft'
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -24,6 +33,12 @@ from opacus.grad_sample import GradSampleModule
 from torch import nn
 
 from .patches import AddParameter, HeadScale, QKVBias
+
+LINEAR_ROUTES = ("auto", "gram", "direct")
+# Largest transient a chunk of per-example products (direct gradients or Gram matrices) may take; bounds the
+# memory of the routes where nothing is kept, e.g. the direct route at k = 32 views.
+CHUNK_BYTES = 256 * 1024**2
+F32_BYTES = 4
 
 
 def _fold(rows_R: torch.Tensor, k: int) -> torch.Tensor:
@@ -33,40 +48,114 @@ def _fold(rows_R: torch.Tensor, k: int) -> torch.Tensor:
     return rows_R.reshape(rows_R.shape[0] // k, -1, rows_R.shape[-1])
 
 
+def linear_route(*, positions: int, in_features: int, out_features: int) -> str:
+    """The cheaper norm route for a linear layer over ``positions`` (T) per example: "gram" costs
+    ~2 T^2 (in + out) FLOPs per example, "direct" ~2 T in out (the same count as the weighted product it can then
+    replace)."""
+    return "gram" if in_features * out_features > positions * (in_features + out_features) else "direct"
+
+
+def _keeps_direct(*, positions: int, a_R: torch.Tensor, g_R: torch.Tensor) -> bool:
+    """Whether a float32 per-example gradient [out, in] takes no more memory than the example's ``a`` and ``g``."""
+    in_features, out_features = a_R.shape[-1], g_R.shape[-1]
+    released = positions * (in_features * a_R.element_size() + out_features * g_R.element_size())
+    return in_features * out_features * F32_BYTES <= released
+
+
+def _matmul_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y [..., m, n] with float32 output from operands of any float dtype, upcasting only what is not float32;
+    two half-precision CUDA operands go through a matmul with float32 output (no float32 copies; the products
+    of bf16/fp16 values are exact in float32, so this equals the upcast product up to summation order)."""
+    if x.dtype == y.dtype == torch.float32:
+        return x @ y
+    if (
+        x.is_cuda
+        and x.dtype == y.dtype
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.ndim == y.ndim == 3
+    ):
+        return torch.bmm(x, y, out_dtype=torch.float32)
+    return x.float() @ y.float()
+
+
+def _example_chunks(examples: int, bytes_per_example: int) -> list[slice]:
+    step = max(1, CHUNK_BYTES // max(1, bytes_per_example))
+    return [slice(s, s + step) for s in range(0, examples, step)]
+
+
+def _direct_norms(a_BTi: torch.Tensor, g_BTo: torch.Tensor, k: int, *, keep: bool):
+    """Per-example weight gradients g_b^T a_b / k: their squared norms [B] (float32) and, if ``keep``, the
+    gradients themselves [B, out, in] (float32)."""
+    if keep:
+        grad_Boi = _matmul_f32(g_BTo.transpose(1, 2), a_BTi) / k
+        return torch.einsum("boi,boi->b", grad_Boi, grad_Boi), grad_Boi
+    per_example = g_BTo.shape[-1] * a_BTi.shape[-1] * F32_BYTES
+    sq = []
+    for part in _example_chunks(a_BTi.shape[0], per_example):
+        grad_boi = _matmul_f32(g_BTo[part].transpose(1, 2), a_BTi[part])
+        sq.append(torch.einsum("boi,boi->b", grad_boi, grad_boi))
+    return torch.cat(sq) / (k * k), None
+
+
+def _gram_norms(a_BTi: torch.Tensor, g_BTo: torch.Tensor, k: int) -> torch.Tensor:
+    """Squared norms [B] of g_b^T a_b / k as <g_b g_b^T, a_b a_b^T> (float32), in chunks of examples."""
+    T = a_BTi.shape[1]
+    sq = []
+    for part in _example_chunks(a_BTi.shape[0], 2 * T * T * F32_BYTES):
+        gram_g_bTT = _matmul_f32(g_BTo[part], g_BTo[part].transpose(1, 2))
+        gram_a_bTT = _matmul_f32(a_BTi[part], a_BTi[part].transpose(1, 2))
+        sq.append(torch.einsum("bst,bst->b", gram_g_bTT, gram_a_bTT).clamp_min(0))
+    return torch.cat(sq) / (k * k)
+
+
 def _linear_norms(
-    layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, k: int
+    layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, k: int, *, trainable: set, route: str = "auto"
 ) -> tuple[torch.Tensor, dict]:
-    # Norms decide the clipping factor, hence the sensitivity: compute them in float32 whatever the autocast dtype.
-    a_BTi, g_BTo = _fold(a_R, k).float(), _fold(g_R, k).float()
-    T, out_features, in_features = a_BTi.shape[1], g_BTo.shape[-1], a_BTi.shape[-1]
-    sq_B = g_BTo.new_zeros(g_BTo.shape[0])
-    if layer.weight.requires_grad:
-        if (
-            T * T <= out_features * in_features
-        ):  # Gram matrices over the example's T positions are the cheaper route
-            gram_g_BTT, gram_a_BTT = g_BTo @ g_BTo.transpose(1, 2), a_BTi @ a_BTi.transpose(1, 2)
-            sq_B = sq_B + (gram_g_BTT * gram_a_BTT).sum(dim=(1, 2)).clamp_min(0) / (k * k)
+    """Squared per-example norms [B] (float32) of the layer's weight and bias gradients, and what the clipped sum
+    needs: kept per-example gradients {param: [B, ...]} and/or the rows ``"a"``, ``"g"`` for a weighted product."""
+    a_BTi, g_BTo = _fold(a_R, k), _fold(g_R, k)
+    T, kept = a_BTi.shape[1], {}
+    sq_B = torch.zeros(a_BTi.shape[0], device=g_R.device, dtype=torch.float32)
+    if layer.weight in trainable:
+        if route == "auto":
+            route = linear_route(positions=T, in_features=a_R.shape[-1], out_features=g_R.shape[-1])
+        keep = route == "direct" and _keeps_direct(positions=T, a_R=a_R, g_R=g_R)
+        if route == "direct":
+            sq_weight_B, grad_Boi = _direct_norms(a_BTi, g_BTo, k, keep=keep)
         else:
-            sq_B = sq_B + torch.einsum("bto,bti->boi", g_BTo, a_BTi).pow(2).sum(dim=(1, 2)) / (k * k)
-    if layer.bias is not None and layer.bias.requires_grad:
-        sq_B = sq_B + (g_BTo.sum(1) / k).pow(2).sum(-1)
-    return sq_B, {}
+            sq_weight_B, grad_Boi = _gram_norms(a_BTi, g_BTo, k), None
+        sq_B = sq_B + sq_weight_B
+        if keep:
+            kept[layer.weight] = grad_Boi
+        else:
+            kept["a"], kept["g"] = a_R, g_R
+    if layer.bias is not None and layer.bias in trainable:
+        kept[layer.bias] = g_BTo.sum(1, dtype=torch.float32) / k
+        sq_B = sq_B + kept[layer.bias].pow(2).sum(-1)
+    return sq_B, kept
 
 
-def _linear_clipped(
-    layer: nn.Linear, a_R: torch.Tensor, g_R: torch.Tensor, w_R: torch.Tensor, kept: dict
-) -> dict:
-    gw_Ro = (g_R * w_R.view(-1, *([1] * (g_R.ndim - 1)))).reshape(-1, g_R.shape[-1])
-    grads = {}
-    if layer.weight.requires_grad:
+def _kept_clipped(kept: dict, c_B: torch.Tensor) -> dict:
+    """sum_b c_b grad_b for every kept per-example gradient [B, ...] (float32)."""
+    return {
+        p: torch.einsum("b,bj->j", c_B, grad.flatten(1)).view(grad.shape[1:])
+        for p, grad in kept.items()
+        if isinstance(p, nn.Parameter)
+    }
+
+
+def _linear_clipped(layer: nn.Linear, kept: dict, c_B: torch.Tensor, k: int) -> dict:
+    grads = _kept_clipped(kept, c_B)
+    if "a" in kept:  # one weighted product over all rows (weights c_b / k per row), in float32
+        a_R, g_R = kept["a"], kept["g"]
+        w_R = (c_B / k).repeat_interleave(k)
+        gw_Ro = (g_R * w_R.view(-1, *([1] * (g_R.ndim - 1)))).reshape(-1, g_R.shape[-1])
         grads[layer.weight] = gw_Ro.T @ a_R.reshape(-1, a_R.shape[-1]).to(gw_Ro.dtype)
-    if layer.bias is not None and layer.bias.requires_grad:
-        grads[layer.bias] = gw_Ro.sum(0)
     return grads
 
 
 def _embedding_norms(
-    layer: nn.Embedding, ids_R: torch.Tensor, g_R: torch.Tensor, k: int
+    layer: nn.Embedding, ids_R: torch.Tensor, g_R: torch.Tensor, k: int, **_
 ) -> tuple[torch.Tensor, dict]:
     per_example = (
         GradSampleModule.GRAD_SAMPLERS[nn.Embedding](layer, [_fold(ids_R, k)], _fold(g_R, k).float())[
@@ -74,12 +163,12 @@ def _embedding_norms(
         ]
         / k
     )
-    return per_example.pow(2).flatten(1).sum(1), {}
+    return per_example.pow(2).flatten(1).sum(1), {"ids": ids_R, "g": g_R}
 
 
-def _embedding_clipped(
-    layer: nn.Embedding, ids_R: torch.Tensor, g_R: torch.Tensor, w_R: torch.Tensor, kept: dict
-) -> dict:
+def _embedding_clipped(layer: nn.Embedding, kept: dict, c_B: torch.Tensor, k: int) -> dict:
+    ids_R, g_R = kept["ids"], kept["g"]
+    w_R = (c_B / k).repeat_interleave(k)
     gw = (g_R * w_R.view(-1, *([1] * (g_R.ndim - 1)))).reshape(-1, layer.embedding_dim)
     return {
         layer.weight: torch.zeros_like(layer.weight).index_add_(
@@ -88,7 +177,9 @@ def _embedding_clipped(
     }
 
 
-def _small_norms(layer: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
+def _small_norms(
+    layer: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor, k: int, **_
+) -> tuple[torch.Tensor, dict]:
     """Small parameters: explicit per-example gradients from the per-sample rule, kept for the clipped sum."""
     per_row = GradSampleModule.GRAD_SAMPLERS[type(layer)](layer, [a_R], g_R)
     kept = {p: gs.float().view(-1, k, *gs.shape[1:]).mean(1) for p, gs in per_row.items()}
@@ -96,16 +187,12 @@ def _small_norms(layer: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor, k: int)
     return sq_B, kept
 
 
-def _small_clipped(
-    layer: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor, w_R: torch.Tensor, kept: dict
-) -> dict:
-    k = a_R.shape[0] // next(iter(kept.values())).shape[0]
-    c_B = w_R.view(-1, k)[:, 0] * k  # the clipping factors (w_R holds c_b / k per row)
-    return {p: torch.einsum("b,b...->...", c_B.to(gs.dtype), gs) for p, gs in kept.items()}
+def _small_clipped(layer: nn.Module, kept: dict, c_B: torch.Tensor, k: int) -> dict:
+    return _kept_clipped(kept, c_B)
 
 
-NormRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, dict]]
-SumRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict], dict]
+NormRule = Callable[..., tuple[torch.Tensor, dict]]
+SumRule = Callable[[nn.Module, dict, torch.Tensor, int], dict]
 RULES: dict[type, tuple[NormRule, SumRule]] = {
     nn.Linear: (_linear_norms, _linear_clipped),
     nn.Embedding: (_embedding_norms, _embedding_clipped),
@@ -113,6 +200,9 @@ RULES: dict[type, tuple[NormRule, SumRule]] = {
     QKVBias: (_small_norms, _small_clipped),
     HeadScale: (_small_norms, _small_clipped),
 }
+# Layers whose norms are taken inside the backward. The others (few, small) wait for its end: their per-sample
+# rules read ``requires_grad``, which is off for every trainable parameter while the backward runs.
+IN_BACKWARD = (nn.Linear,)
 
 
 def _trainable_layers(model: nn.Module) -> list[nn.Module]:
@@ -124,19 +214,32 @@ def bookkeeping_supports(model: nn.Module) -> bool:
 
 
 class BookKeeping:
-    """Records inputs and output gradients of every trainable layer of ``model`` while ``active``."""
+    """Records inputs of every trainable layer of ``model`` while ``active`` and turns each output gradient into
+    per-example norms as it arrives in the backward.
 
-    def __init__(self, model: nn.Module):
+    ``linear_route``: "auto" (the cheaper route per layer, see the module docstring), or "gram" / "direct" for
+    every linear layer (tests and measurements)."""
+
+    def __init__(self, model: nn.Module, *, linear_route: str = "auto"):
+        if linear_route not in LINEAR_ROUTES:
+            raise ValueError(f"linear_route must be one of {LINEAR_ROUTES}, got {linear_route!r}")
         self.layers = _trainable_layers(model)
         unsupported = sorted({type(m).__name__ for m in self.layers if type(m) not in RULES})
         if unsupported:
             raise NotImplementedError(
                 f"book-keeping clipping has no rule for trainable layers of type {unsupported}"
             )
+        self.linear_route = linear_route
         self.params = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
+        self.trainable = set(self.params)
         self.active = False
+        self._k = 0  # views per example of the running backward
         self.inputs: dict[nn.Module, torch.Tensor] = {}
-        self.output_grads: dict[nn.Module, torch.Tensor] = {}
+        self.norms: dict[nn.Module, torch.Tensor] = {}  # squared per-example norms [B], float32
+        self.kept: dict[nn.Module, dict] = {}  # what each layer's clipped sum needs
+        self.pending: dict[
+            nn.Module, tuple[torch.Tensor, torch.Tensor]
+        ] = {}  # (a, g) of layers not IN_BACKWARD
         self._handles = [m.register_forward_hook(self._record) for m in self.layers]
 
     def remove_hooks(self) -> None:
@@ -144,10 +247,13 @@ class BookKeeping:
             handle.remove()
         self._handles = []
 
+    def _clear(self) -> None:
+        self.inputs.clear(), self.norms.clear(), self.kept.clear(), self.pending.clear()
+
     def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
         if not self.active:
             return None
-        if module in self.inputs:
+        if module in self.inputs or module in self.norms or module in self.pending:
             raise NotImplementedError(
                 f"{type(module).__name__} is called twice in one forward; book-keeping clipping needs one call"
             )
@@ -156,41 +262,57 @@ class BookKeeping:
             not output.requires_grad
         ):  # a first layer (its input needs no gradient): make its output a leaf to get g
             output = output.detach().requires_grad_(True)
-        output.register_hook(lambda grad: self.output_grads.__setitem__(module, grad.detach()))
+        output.register_hook(functools.partial(self._on_output_grad, module))
         return output
+
+    def _on_output_grad(self, module: nn.Module, grad: torch.Tensor) -> None:
+        """The layer's norms as soon as its output gradient exists, overlapping the rest of the backward; its
+        input is released here unless the clipped sum needs it."""
+        a_R = self.inputs.pop(module)
+        if isinstance(module, IN_BACKWARD):
+            self._norms(module, a_R, grad.detach())
+        else:
+            self.pending[module] = (a_R, grad.detach())
+
+    def _norms(self, module: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor) -> None:
+        # No autocast here whatever the caller's context: the norms' matmuls must stay float32.
+        with torch.autocast(g_R.device.type, enabled=False):
+            self.norms[module], self.kept[module] = RULES[type(module)][0](
+                module, a_R, g_R, self._k, trainable=self.trainable, route=self.linear_route
+            )
 
     def clipped_sum(self, loss_fn: Callable[[], torch.Tensor], *, max_grad_norm: float) -> int:
         """Run ``loss_fn`` (-> per-view losses [b, k]) and backward with weights frozen, then write each trainable
         parameter's sum over examples of its clipped view-mean gradient into ``p.grad``. Returns b."""
-        self.inputs.clear(), self.output_grads.clear()
+        self._clear()
         for p in self.params:
             p.requires_grad_(False)  # autograd then skips the weight-gradient products rebuilt below
         self.active = True
         try:
             loss_bk = loss_fn()
-            b, k = loss_bk.shape
+            b, self._k = loss_bk.shape
             loss_bk.sum().backward()
         finally:
             self.active = False
             for p in self.params:
                 p.requires_grad_(True)
-        missing = [type(m).__name__ for m in self.layers if m not in self.output_grads]
-        if missing:
-            raise RuntimeError(
-                f"no output gradient reached trainable layers {missing[:8]} (not used by the loss?)"
-            )
-        self._write_clipped(k, max_grad_norm=max_grad_norm)
-        self.inputs.clear(), self.output_grads.clear()
+        try:
+            for module, (a_R, g_R) in list(self.pending.items()):
+                self._norms(module, a_R, g_R)
+            self.pending.clear()
+            missing = [type(m).__name__ for m in self.layers if m not in self.norms]
+            if missing:
+                raise RuntimeError(
+                    f"no output gradient reached trainable layers {missing[:8]} (not used by the loss?)"
+                )
+            self._write_clipped(max_grad_norm=max_grad_norm)
+        finally:
+            self._clear()
         return b
 
-    def _write_clipped(self, k: int, *, max_grad_norm: float) -> None:
-        norms, kept = [], {}
-        for m in self.layers:
-            sq_B, kept[m] = RULES[type(m)][0](m, self.inputs[m], self.output_grads[m], k)
-            norms.append(sq_B)
-        norm_B = torch.stack(norms).sum(0).sqrt()
+    def _write_clipped(self, *, max_grad_norm: float) -> None:
+        norm_B = torch.stack([self.norms[m] for m in self.layers]).sum(0).sqrt()
         c_B = (max_grad_norm / (norm_B + 1e-6)).clamp(max=1.0)
-        w_R = (c_B / k).repeat_interleave(k)
         for m in self.layers:
-            for p, grad in RULES[type(m)][1](m, self.inputs[m], self.output_grads[m], w_R, kept[m]).items():
+            for p, grad in RULES[type(m)][1](m, self.kept.pop(m), c_B, self._k).items():
                 p.grad = grad.to(p.dtype).view_as(p)

@@ -13,6 +13,7 @@ training split is (planned steps, convergence steps, log interval, sigma).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from bench.schema import MethodConfig, OptimizationConfig, PrivacyConfig, ResourcesConfig
+from bench.schema import ConfigError, MethodConfig, OptimizationConfig, PrivacyConfig, ResourcesConfig
 
 from .data.tokens import TokenViews
 from .draws import ExampleKey, example_draws
@@ -39,6 +40,7 @@ from .privacy import (
     privacy_state_dict,
     private_step,
     release,
+    resolve_clipping,
     validate_privacy,
 )
 from .profiling import StepMeter
@@ -46,13 +48,16 @@ from .training import (
     Logger,
     bf16_autocast,
     build_optimizer,
+    compile_blocks,
     epoch_batches,
     is_logging_step,
+    load_optimizer_state,
     lr_at,
     rank_and_world,
     record_history,
     scale_loss_weights,
     set_lr,
+    uncompile_blocks,
     view_losses,
 )
 
@@ -181,10 +186,13 @@ def check_finetune(
     prior: Prior | None,
     prior_weight: float,
     resume: dict | None = None,
+    resources: ResourcesConfig | None = None,
+    device: torch.device | str = "cpu",
 ) -> None:
-    """Every problem that depends on the data, the plan or the checkpoint, before any compute (the settings
-    themselves were checked by their config sections)."""
+    """Every problem that depends on the data, the plan, the checkpoint or the device, before any compute (the
+    settings themselves were checked by their config sections)."""
     data.check_multiplicity(1 if privacy is None else privacy.augmentation_multiplicity)
+    check_resources(resources or ResourcesConfig(), device=device, privacy=privacy)
     if prior_weight > 0 and prior is None:
         raise ValueError("method.prior_weight > 0 needs a Prior (frozen base model and its sample bank)")
     if privacy is not None:
@@ -202,6 +210,51 @@ def check_finetune(
         )
 
 
+def check_resources(
+    resources: ResourcesConfig, *, device: torch.device | str, privacy: PrivacyConfig | None
+) -> None:
+    """What ``resources`` asks that this device or run cannot do (``ConfigError`` naming the field): FlexAttention
+    has no backward on a CPU; ``rows_per_forward`` is for non-DP runs only (a DP run chunks its batches by
+    ``privacy.physical_batch_rows``). Without DP an example has one view, so any rows_per_forward > 0 holds one."""
+    if resources.training_attention_kernel == "flex" and torch.device(device).type == "cpu":
+        raise ConfigError(
+            "resources.attention_kernel: 'flex' cannot train on a CPU (FlexAttention has no CPU backward); "
+            "use 'auto' or 'per_scale'"
+        )
+    if privacy is not None and resources.rows_per_forward:
+        raise ConfigError(
+            "resources.rows_per_forward: applies without DP only (DP chunks its batches by "
+            "privacy.physical_batch_rows): leave it 0"
+        )
+
+
+def prepare_model(var: VAR, resources: ResourcesConfig, *, privacy: PrivacyConfig | None) -> dict:
+    """Set ``var`` up (in place) for training as ``resources`` says: the resolved attention kernel, compiled blocks.
+    Returns what the trial's cost records of it: {"attention_kernel", "compiled_blocks", "rows_per_forward"}.
+    Compiled blocks are refused with Opacus's hooks or ghost clipping (see ``bench.schema.COMPILE_CLIPPING``)."""
+    if resources.compile and privacy is not None and resolve_clipping(privacy, var) != "bookkeeping":
+        raise ConfigError(
+            f"resources.compile: does not compose with clipping {resolve_clipping(privacy, var)!r} (Opacus's "
+            "per-layer hooks recompile the blocks for every layer; ghost clipping's second backward cannot run "
+            "through them)"
+        )
+    var.attention_kernel = resources.training_attention_kernel
+    return {
+        "attention_kernel": var.attention_kernel,
+        "compiled_blocks": compile_blocks(var) if resources.compile else 0,
+        "rows_per_forward": resources.rows_per_forward,
+    }
+
+
+@contextlib.contextmanager
+def _attention_kernel(var: VAR, kernel: str):
+    before, var.attention_kernel = var.attention_kernel, kernel
+    try:
+        yield
+    finally:
+        var.attention_kernel = before
+
+
 def finetune(
     var: VAR,
     vqvae: VQVAE,
@@ -216,6 +269,7 @@ def finetune(
     log: Logger | None = None,
     evaluate_fn: Callable[[VAR], dict] | None = None,
     checkpointing: Checkpointing | None = None,
+    resources: ResourcesConfig | None = None,
 ) -> dict:
     """Train the trainable parameters of an adapted ``var`` with the trial's ``optimization`` (learning rate,
     batch size, warm-up capped at the planned steps, weight decay, class dropout, global clipping, seed, bf16),
@@ -223,6 +277,9 @@ def finetune(
     Returns {"history": [...], "privacy": ledger or None, "convergence": [{"step": s, **evaluate_fn(var)}, ...],
     "compute": {...}} (evaluations at ``plan.evaluation_points()``; ``evaluate_fn`` sees the model in eval mode,
     e.g. a small-sample FID).
+    ``resources`` (None: its defaults) says how the steps compute (``prepare_model``): the attention kernel (also
+    the prior teacher's), compiled blocks (undone before returning) and, without DP, how many rows go through one
+    forward; the compute record names them.
     Under an initialised process group each rank trains on its share of every batch and gradients are averaged.
 
     Randomness. Each example's own draws (which k cached views, class dropout, drop-path) are keyed by (key, step,
@@ -234,11 +291,22 @@ def finetune(
     a checkpoint holds no generator state, so a resumed DP run draws fresh entropy: nobody who reads a checkpoint can
     predict the noise of later steps. Its accounting continues exactly (the steps taken are in the checkpoint)."""
     resume = checkpointing.resume if checkpointing is not None else None
-    check_finetune(
-        data, privacy=privacy, plan=plan, prior=prior, prior_weight=method.prior_weight, resume=resume
-    )
+    resources = resources or ResourcesConfig()
     device = next(var.parameters()).device
+    check_finetune(
+        data,
+        privacy=privacy,
+        plan=plan,
+        prior=prior,
+        prior_weight=method.prior_weight,
+        resume=resume,
+        resources=resources,
+        device=device,
+    )
     seed = optimization.seed
+    how = prepare_model(var, resources, privacy=privacy)
+    if prior is not None:
+        prior.teacher.attention_kernel = how["attention_kernel"]
     optimizer = build_optimizer(var, lr=optimization.learning_rate, weight_decay=optimization.weight_decay)
     # Only the forwards are autocast: backward ops follow their forward's dtypes, and the losses come out float32.
     bf16 = training_autocast(optimization, privacy) and device.type == "cuda"
@@ -261,7 +329,14 @@ def finetune(
             else None
         ),
     )
-    run = _Run(history=[], convergence=[], meter=StepMeter(device), start_step=0)
+    # FlexAttention's fused kernel is opaque to the FLOP counter: the one counted step uses per_scale (the same
+    # visible pairs, the same numbers up to rounding).
+    counting_context = (
+        (lambda: _attention_kernel(var, "per_scale")) if var.attention_kernel == "flex" else None
+    )
+    run = _Run(
+        history=[], convergence=[], meter=StepMeter(device, counting_context=counting_context), start_step=0
+    )
     if resume is not None:
         _restore(var, optimizer, resume, run)
     saves = (
@@ -288,28 +363,41 @@ def finetune(
         warmup_steps=min(optimization.warmup_steps, plan.planned_steps),
     )
     var.train()
-    if privacy is None:
-        # Non-DP batches come from a stream shared by all ranks (each takes its share); DP batches from the private sampler.
-        ledger = _plain_run(
-            optimizer,
-            data,
-            loop,
-            generator=torch.Generator().manual_seed(seed),
-            batch_size=optimization.batch_size,
-            global_clip_norm=optimization.global_clip_norm,
-        )
-    else:
-        # A resumed DP run must not repeat the lost run's draws: caller-seeded sampling moves to a seed of its own.
-        seed_now = (
-            debug_seed if resume is None or debug_seed is None else debug_seed * 1_000_003 + run.start_step
-        )
-        ledger = _private_run(var, optimizer, data, loop, privacy=privacy, debug_seed=seed_now, resume=resume)
+    try:
+        if privacy is None:
+            # Non-DP batches come from a stream shared by all ranks (each takes its share); DP batches from the private sampler.
+            ledger = _plain_run(
+                optimizer,
+                data,
+                loop,
+                generator=torch.Generator().manual_seed(seed),
+                batch_size=optimization.batch_size,
+                global_clip_norm=optimization.global_clip_norm,
+                rows_per_forward=resources.rows_per_forward,
+            )
+        else:
+            # A resumed DP run must not repeat the lost run's draws: caller-seeded sampling moves to a seed of its own.
+            seed_now = (
+                debug_seed
+                if resume is None or debug_seed is None
+                else debug_seed * 1_000_003 + run.start_step
+            )
+            ledger = _private_run(
+                var, optimizer, data, loop, privacy=privacy, debug_seed=seed_now, resume=resume
+            )
+    finally:
+        # The trained model leaves as it came: its evaluation samples through eager blocks.
+        uncompile_blocks(var)
     var.eval()
     return {
         "history": run.history,
         "privacy": ledger,
         "convergence": run.convergence,
-        "compute": {**run.meter.report(), "training_precision": "bf16 autocast" if bf16 else "float32"},
+        "compute": {
+            **run.meter.report(),
+            "training_precision": "bf16 autocast" if bf16 else "float32",
+            **how,
+        },
     }
 
 
@@ -390,7 +478,7 @@ def _restore(var: VAR, optimizer, state: dict, run: _Run) -> None:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state["trainable"][name])
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     run.history[:], run.convergence[:] = state["history"], state["convergence"]
     for key, value in state["compute"].items():
         setattr(run.meter.ledger, key, value)
@@ -503,7 +591,10 @@ class _AfterStep:
         evaluation_step = step + 1 in self.evaluation_points
         if self.evaluate_fn is not None and evaluation_step:
             self.var.eval()
+            compiled = uncompile_blocks(self.var)  # sampling runs the eager blocks (see uncompile_blocks)
             self.run.convergence.append({"step": step + 1, **self.evaluate_fn(self.var)})
+            if compiled:
+                compile_blocks(self.var)
             self.var.train()
         if self.saves is not None and self.saves.due(step + 1, evaluation_step=evaluation_step):
             self.checkpointing.save(
@@ -547,9 +638,12 @@ def _plain_run(
     generator: torch.Generator,
     batch_size: int,
     global_clip_norm: float | None,
+    rows_per_forward: int = 0,
 ) -> None:
     """Non-DP steps: fixed-size batches of ``batch_size`` examples from a fresh permutation per epoch (each rank
-    takes its share), global gradient-norm clipping at ``global_clip_norm`` (None: off)."""
+    takes its share), global gradient-norm clipping at ``global_clip_norm`` (None: off). ``rows_per_forward`` > 0
+    puts at most that many rows (examples x k views) through one forward and accumulates the gradients (0: the
+    rank's whole share at once); the prior term is computed once per step."""
     batches, run, inputs = (
         epoch_batches(data.num_examples, batch_size=batch_size, generator=generator),
         loop.run,
@@ -559,12 +653,19 @@ def _plain_run(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     rank, world = rank_and_world()
     k = inputs.views_per_example
+    chunk = examples_per_forward(rows_per_forward, views_per_example=k)
 
     def one_step(local: torch.Tensor):
-        loss = inputs.view_losses(local).mean()
-        kl = inputs.prior_loss() if inputs.uses_prior else None
         optimizer.zero_grad(set_to_none=True)
-        (loss if kl is None else loss + kl).backward()
+        if chunk is None:  # one forward and one backward of the whole local batch and the prior term
+            loss = inputs.view_losses(local).mean()
+            kl = inputs.prior_loss() if inputs.uses_prior else None
+            (loss if kl is None else loss + kl).backward()
+        else:
+            loss = accumulate_loss_gradients(inputs.view_losses, local, examples_per_forward=chunk)
+            kl = inputs.prior_loss() if inputs.uses_prior else None
+            if kl is not None:
+                kl.backward()
         if world > 1:
             _average_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, global_clip_norm or math.inf)
@@ -587,6 +688,38 @@ def _plain_run(
             record_history(history, loop.log, step=step, started=started, **values)
         loop.after_step(step)
     return None
+
+
+def examples_per_forward(rows_per_forward: int, *, views_per_example: int) -> int | None:
+    """Examples per forward for ``rows_per_forward`` rows of ``views_per_example`` views each (None: all at once).
+    An example's views are never split over forwards, so fewer rows than views are refused."""
+    if rows_per_forward == 0:
+        return None
+    if rows_per_forward < views_per_example:
+        raise ConfigError(
+            f"resources.rows_per_forward: {rows_per_forward} rows cannot hold one example's "
+            f"{views_per_example} views"
+        )
+    return rows_per_forward // views_per_example
+
+
+def accumulate_loss_gradients(
+    view_losses_fn: Callable[[torch.Tensor], torch.Tensor],
+    indices: torch.Tensor,
+    *,
+    examples_per_forward: int | None,
+) -> torch.Tensor:
+    """Backward the mean per-view loss of the examples ``indices`` ([b] -> losses [b, k] by ``view_losses_fn``),
+    ``examples_per_forward`` examples at a time (None: all at once), each chunk's mean weighted by its share of the
+    b examples so the accumulated ``p.grad`` is the one-shot gradient. Returns the (detached) mean loss."""
+    size = examples_per_forward or max(1, len(indices))
+    total = None
+    for start in range(0, len(indices), size):
+        part = indices[start : start + size]
+        loss = view_losses_fn(part).mean() * (len(part) / len(indices))
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
 
 
 def _average_gradients(params: list[torch.Tensor], world: int) -> None:

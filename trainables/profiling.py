@@ -6,11 +6,11 @@ training total is FLOPs per row times the rows it processed, plus any per-step w
 public prior term). Non-DP runs count the rows they really processed; DP runs count the expected rows (q*N*k per
 step), because the actual Poisson batch sizes are private and no released figure may depend on them. The
 counter does not count norms, softmax, element-wise ops or the optimiser (small next to the matrix products;
-stated in every report). Training attention is counted dense, L x L: the block-causal mask hides 38% of the
-query-key pairs at VAR's 680 tokens, which puts d16 training totals 4.5% (full fine-tuning) to 6.5% (adapters)
-above the FLOPs of the pairs it lets through (``bench.estimates.ATTENTION_NOTE``, computed there); sampling,
-through the KV cache, computes only those pairs. Totals are reported in PFLOPs (1e15 FLOPs), not as a
-rate (the published "PFLOPs" was a rate).
+stated in every report). Attention counts useful work only, the query/key pairs the mask lets through, whichever
+kernel computes it (``visible_pair_counter``): the block-causal mask hides 38% of the pairs at VAR's 680
+tokens, which a dense count would put on d16 training totals as 4.5% (full fine-tuning) to 6.5% (adapters)
+(``bench.estimates.ATTENTION_NOTE``, computed there); sampling, through the KV cache, computes only those pairs.
+Totals are reported in PFLOPs (1e15 FLOPs), not as a rate (the published "PFLOPs" was a rate).
 """
 
 from __future__ import annotations
@@ -31,10 +31,54 @@ PETA = 1e15
 
 NOT_COUNTED = "norms, softmax, element-wise ops and the optimiser update are not counted; " + ATTENTION_NOTE
 
+# The fused attention kernels that take a mask (an additive bias: -inf hides a pair; or a boolean: False hides
+# it), and the name of that argument in their schema. Their stock FLOP formulas count every L x L pair. SDPA
+# without a mask (VAR's per-scale kernel, the flash kernels, sampling) is counted as is: it computes only the
+# pairs it is given. Not covered: SDPA's math fallback (decomposed into matrix products, counted dense) and
+# FlexAttention, which PyTorch's counter counts dense and which cannot run under a counter outside compilation.
+_MASKED_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: "attn_mask",
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: "attn_mask",
+    torch.ops.aten._scaled_dot_product_efficient_attention: "attn_bias",
+    torch.ops.aten._scaled_dot_product_efficient_attention_backward: "attn_bias",
+    torch.ops.aten._scaled_dot_product_cudnn_attention: "attn_bias",
+    torch.ops.aten._scaled_dot_product_cudnn_attention_backward: "attn_bias",
+}
+
+
+def visible_share(mask: torch.Tensor | None) -> float:
+    """Share of the query/key pairs an attention mask lets through (1 without a mask): finite entries of an
+    additive bias, True entries of a boolean mask. A mask broadcast over batch and heads counts the same share."""
+    if mask is None:
+        return 1.0
+    seen = mask if mask.dtype == torch.bool else torch.isfinite(mask)
+    return seen.float().mean().item()
+
+
+def _visible_pair_formula(op: torch._ops.OpOverloadPacket, mask_name: str):
+    dense = FlopCounterMode(display=False).flop_registry[op]  # the stock formula, as the counter applies it
+    position = [a.name for a in op.default._schema.arguments].index(mask_name)
+
+    def formula(*args, out_val=None, **kwargs) -> int:
+        mask = kwargs.get(mask_name, args[position] if position < len(args) else None)
+        return round(dense(*args, out_val=out_val, **kwargs) * visible_share(mask))
+
+    formula._get_raw = True  # FlopCounterMode hands it the tensors themselves, not their shapes
+    return formula
+
+
+def visible_pair_counter() -> FlopCounterMode:
+    """PyTorch's FLOP counter with masked attention counted over the visible query/key pairs only, so a step
+    counts the same useful FLOPs with the masked, per-scale or any other exact kernel."""
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={op: _visible_pair_formula(op, name) for op, name in _MASKED_ATTENTION.items()},
+    )
+
 
 def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
-    """Run ``fn`` once under the FLOP counter: (total FLOPs, FLOPs per aten op)."""
-    with FlopCounterMode(display=False) as counter:
+    """Run ``fn`` once under the visible-pair FLOP counter: (total FLOPs, FLOPs per aten op)."""
+    with visible_pair_counter() as counter:
         fn()
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return int(counter.get_total_flops()), by_op
@@ -108,18 +152,30 @@ class StepMeter:
     """Times every training step and counts the FLOPs of the first non-empty one (everything the step does:
     forward, backward, clipping products, a prior term), giving FLOPs per row for the trial's total."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        *,
+        counting_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ):
+        """``counting_context``: entered around the counting step only (e.g. to run it with an attention kernel
+        PyTorch's FLOP counter can see through: FlexAttention's compiled kernel is opaque to it)."""
         self.device = torch.device(device)
         self.ledger = ComputeLedger(train_flops_per_row=0.0)
         self._counting = False
+        self._counting_context = counting_context or contextlib.nullcontext
 
     def run(self, step: Callable[[], object], *, local_rows: int) -> tuple[object, float]:
         """(step's result, seconds); ``local_rows`` = example views this process handles in the step."""
         counting = self.ledger.train_flops_per_row == 0.0 and local_rows > 0
-        counter = FlopCounterMode(display=False) if counting else contextlib.nullcontext()
+        counter = visible_pair_counter() if counting else contextlib.nullcontext()
         self._counting = counting
         try:
-            with Stopwatch(self.device) as watch, counter:
+            with (
+                Stopwatch(self.device) as watch,
+                self._counting_context() if counting else contextlib.nullcontext(),
+                counter,
+            ):
                 result = step()
         finally:
             self._counting = False
@@ -139,7 +195,7 @@ class StepMeter:
         def counted() -> object:
             if not self._counting:
                 return part()
-            with FlopCounterMode(display=False) as counter:
+            with visible_pair_counter() as counter:
                 result = part()
             self.ledger.train_flops_per_step = float(counter.get_total_flops())
             return result

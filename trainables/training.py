@@ -17,6 +17,7 @@ from torch import nn
 
 from .draws import ExampleDraws
 from .models import VAR, VQVAE
+from .models.var import AdaLNSelfAttn
 
 ADAMW_BETAS = (0.9, 0.95)
 NO_DECAY_PARAM_NAMES = ("pos_start", "pos_1LC", "scale_mul_1H11", "ada_gss")
@@ -188,12 +189,63 @@ def parameter_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module, *, lr: float, weight_decay: float = 0.05, betas: tuple[float, float] = ADAMW_BETAS
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.05,
+    betas: tuple[float, float] = ADAMW_BETAS,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
+    """AdamW over ``parameter_groups``. ``fused``: None = the fused kernel when every trainable parameter is on
+    CUDA (one kernel per step instead of the multi-tensor ``foreach`` launches), else torch's default
+    implementation. Both keep the same state (``step``, ``exp_avg``, ``exp_avg_sq``), so an optimiser state saved
+    by one loads into the other."""
     groups = parameter_groups(model, weight_decay=weight_decay)
-    if not any(group["params"] for group in groups):
+    params = [p for group in groups for p in group["params"]]
+    if not params:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if fused is None:
+        fused = all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
+
+
+# AdamW's choice of kernel: not a hyperparameter, so a checkpoint does not set it.
+IMPLEMENTATION_FLAGS = ("fused", "foreach")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)`` keeping this optimiser's own implementation (fused or not): a state
+    saved by a fused AdamW on a GPU resumes in the default one on a CPU and vice versa (same ``step``,
+    ``exp_avg``, ``exp_avg_sq``; the step counters are placed as this implementation needs them)."""
+    groups = [
+        {**saved, **{flag: current.get(flag) for flag in IMPLEMENTATION_FLAGS}}
+        for saved, current in zip(state["param_groups"], optimizer.param_groups)
+    ]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every transformer block (``AdaLNSelfAttn``) inside ``model`` in place, through peft and
+    Opacus wrappers (which keep the blocks as submodules); returns how many. In place (``nn.Module.compile``) so
+    that module names, state-dict keys and the hooks of DP book-keeping stay where they are. ``dynamic=None``:
+    the first shape is compiled static; a second batch size (the last physical chunk, a Poisson batch) recompiles
+    once with a dynamic batch dimension instead of once per size."""
+    blocks = [m for m in model.modules() if isinstance(m, AdaLNSelfAttn)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def uncompile_blocks(model: nn.Module) -> int:
+    """Undo ``compile_blocks``: every block of ``model`` calls its eager forward again (sampling, with its KV cache
+    and ten shapes, is not what the blocks were compiled for); returns how many were compiled. The compiled graphs
+    stay in torch's cache, so compiling again is cheap."""
+    blocks = [
+        m for m in model.modules() if isinstance(m, AdaLNSelfAttn) and m._compiled_call_impl is not None
+    ]
+    for block in blocks:  # nn.Module.compile keeps the compiled call here and has no inverse
+        block._compiled_call_impl = None
+    return len(blocks)
 
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:

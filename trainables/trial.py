@@ -38,7 +38,7 @@ from .evaluation.classifier import digit_classifier
 from .evaluation.evaluate import ScoringSettings, evaluate
 from .evaluation.features import DIGITS_CNN, build_extractor
 from .evaluation.metrics import ReferenceStats
-from .finetune import Checkpointing, Prior, RunPlan, finetune
+from .finetune import Checkpointing, Prior, RunPlan, check_resources, finetune
 from .methods import Adaptation, adapt, parameter_counts, save_adapter
 from .models import VAR, VQVAE, load_var, load_vqvae, resize_class_embedding
 from .models.checkpoints import atomic_write, checkpoint_sha256
@@ -158,6 +158,9 @@ def run_trial(
     device, cache_dir, artifacts_dir = torch.device(device), Path(cache_dir), Path(artifacts_dir)
     rank, world = rank_and_world()
     plan = preflight(config, cache_dir)
+    # What the device cannot train (flex attention on a CPU), before anything is loaded.
+    if config.method.name != "base":
+        check_resources(config.resources, device=device, privacy=config.privacy)
     # The files are still those the trial id names (none are loaded yet); hashes the driver cached are reused.
     verify_content(config, splits=plan.splits, files=FileIds(cache_dir, write=False))
     vqvae, base, base_sha256 = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=log))
@@ -339,6 +342,7 @@ def _train(
         log=on_log,
         evaluate_fn=convergence,
         checkpointing=checkpointing,
+        resources=config.resources,
     )
 
 
@@ -470,6 +474,9 @@ def _cost(train: dict, sample: dict, *, device: torch.device, world: int, wall_s
         "gpu_hours": gpus * wall_seconds / 3600,
         "mfu": (train_pflops * 1e15 / seconds / (peak * world)) if (peak and seconds) else None,
         "training_precision": train.get("training_precision"),
+        "attention_kernel": train.get("attention_kernel"),
+        "compiled_blocks": train.get("compiled_blocks"),
+        "rows_per_forward": train.get("rows_per_forward"),
         "not_counted": train.get("not_counted"),
     }
 

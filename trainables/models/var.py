@@ -13,6 +13,7 @@ Shapes: B batch, L = sum(pn^2) tokens, C width, H heads, V codebook size, Cvae l
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,16 +64,46 @@ class FFN(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys and values [B, H, l, c] of the scales seen so far in one sampling call (one per block)."""
+    """Keys and values [B, H, l, c] of the scales seen so far in one sampling call (one per block).
+
+    ``capacity`` 0 grows the cache by concatenation at every scale; ``capacity`` L preallocates [B, H, L, c]
+    buffers on the first ``extend`` (dtype and device of the first keys) and writes each scale in place, so no
+    scale copies the earlier ones and the buffers keep one address (CUDA graphs replay against it)."""
 
     k_BHlc: torch.Tensor | None = None
     v_BHlc: torch.Tensor | None = None
+    capacity: int = 0
+    length: int = 0  # tokens written so far (static buffers only)
+
+    @property
+    def allocated(self) -> bool:
+        return self.k_BHlc is not None
+
+    def reset(self) -> None:
+        """Start a new sampling call on the same buffers."""
+        self.length = 0
+        if self.capacity == 0:
+            self.k_BHlc = self.v_BHlc = None
 
     def extend(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k_BHlc is not None:
-            k_BHlc, v_BHlc = torch.cat((self.k_BHlc, k_BHlc), dim=2), torch.cat((self.v_BHlc, v_BHlc), dim=2)
-        self.k_BHlc, self.v_BHlc = k_BHlc, v_BHlc
-        return k_BHlc, v_BHlc
+        """Append one scale's keys and values; return every key and value so far."""
+        if self.capacity == 0:
+            if self.k_BHlc is not None:
+                k_BHlc = torch.cat((self.k_BHlc, k_BHlc), dim=2)
+                v_BHlc = torch.cat((self.v_BHlc, v_BHlc), dim=2)
+            self.k_BHlc, self.v_BHlc = k_BHlc, v_BHlc
+            return k_BHlc, v_BHlc
+        if self.k_BHlc is None:
+            B, H, _, c = k_BHlc.shape
+            self.k_BHlc = k_BHlc.new_empty(B, H, self.capacity, c)
+            self.v_BHlc = v_BHlc.new_empty(B, H, self.capacity, c)
+        start, end = self.length, self.length + k_BHlc.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} tokens cannot hold {end}")
+        self.k_BHlc[:, :, start:end].copy_(k_BHlc)
+        self.v_BHlc[:, :, start:end].copy_(v_BHlc)
+        self.length = end
+        return self.k_BHlc[:, :, :end], self.v_BHlc[:, :, :end]
 
 
 # How the training forward computes VAR's scale-causal attention (a token sees every token of its own and coarser
@@ -162,6 +193,32 @@ class SelfAttention(nn.Module):
         out_BHLc = scale_causal_attention(q_BHLc, k_BHLc, v_BHLc, mask=attn_mask, scale=self.scale)
         return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
 
+    def step(self, x_BlC: torch.Tensor, *, kv_cache: KVCache) -> torch.Tensor:
+        """Cached sampling: one scale's tokens [B, l, C] attend to every cached token and their own."""
+        B, l, C = x_BlC.shape  # noqa: E741
+        qkv_Bl3Hc = self.qkv_with_bias(x_BlC).view(B, l, 3, self.num_heads, self.head_dim)
+        q_BHlc, k_BHlc, v_BHlc = qkv_Bl3Hc.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.attn_l2_norm:
+            q_BHlc = self.scale_queries(F.normalize(q_BHlc, dim=-1))
+            k_BHlc = F.normalize(k_BHlc, dim=-1)
+        k_BHLc, v_BHLc = kv_cache.extend(k_BHlc, v_BHlc)
+        out_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, scale=self.scale)
+        return self.proj(out_BHlc.transpose(1, 2).reshape(B, l, C))
+
+    def qkv_with_bias(self, x_BlC: torch.Tensor) -> torch.Tensor:
+        """``add_qkv_bias(mat_qkv(x))`` [B, l, 3C]. When ``mat_qkv`` is a plain, unhooked Linear and no patch fills
+        ``qkv_bias``, the bias goes into the product itself (one addmm instead of a matmul and an add over 3C);
+        otherwise the modules are called, so LoRA layers, hooks and patches see the call."""
+        mat = self.mat_qkv
+        if (
+            self.qkv_bias is None
+            and type(mat) is nn.Linear
+            and not (mat._forward_hooks or mat._forward_pre_hooks)
+        ):
+            bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+            return F.linear(x_BlC, mat.weight, bias_3C.to(mat.weight.dtype))
+        return self.add_qkv_bias(mat(x_BlC))
+
     # The two uses of this module's own parameters go through a submodule when one fills the slot (it then owns
     # the parameters, for per-sample gradients), with the same numbers.
     def add_qkv_bias(self, qkv_BL3C: torch.Tensor) -> torch.Tensor:
@@ -238,6 +295,22 @@ class AdaLNSelfAttn(nn.Module):
         h_BLC = self.ffn(self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2)
         return x_BLC + self._drop_path(h_BLC * gamma2, u_ffn_B)
 
+    def sampling_modulation(self, cond_BD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2), each [B, 1, C], for ``step``: the condition
+        is the same at every scale, so sampling computes this once per call instead of once per scale."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
+        return gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2
+
+    def step(
+        self, x_BlC: torch.Tensor, *, modulation: tuple[torch.Tensor, ...], kv_cache: KVCache
+    ) -> torch.Tensor:
+        """Cached sampling (eval: no drop-path) of one scale's tokens [B, l, C] with ``sampling_modulation``."""
+        gamma1, gamma2, mul1, mul2, shift1, shift2 = modulation
+        h_BlC = self.attn.step(self.ln_wo_grad(x_BlC) * mul1 + shift1, kv_cache=kv_cache)
+        x_BlC = x_BlC + h_BlC * gamma1
+        h_BlC = self.ffn(self.ln_wo_grad(x_BlC) * mul2 + shift2)
+        return x_BlC + h_BlC * gamma2
+
     def _drop_path(self, h_BLC: torch.Tensor, uniform_B: torch.Tensor | None) -> torch.Tensor:
         return h_BLC if isinstance(self.drop_path, nn.Identity) else self.drop_path(h_BLC, uniform_B)
 
@@ -252,6 +325,15 @@ class AdaLNBeforeHead(nn.Module):
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale_B1C, shift_B1C = self.ada_lin(cond_BD).view(-1, 1, 2, self.width).unbind(2)
         return self.ln_wo_grad(x_BLC) * (1 + scale_B1C) + shift_B1C
+
+    def sampling_modulation(self, cond_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + scale, shift), each [B, 1, C]: computed once per sampling call (the condition is fixed)."""
+        scale_B1C, shift_B1C = self.ada_lin(cond_BD).view(-1, 1, 2, self.width).unbind(2)
+        return 1 + scale_B1C, shift_B1C
+
+    def step(self, x_BlC: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        mul_B1C, shift_B1C = modulation
+        return self.ln_wo_grad(x_BlC) * mul_B1C + shift_B1C
 
 
 def scale_layout(patch_nums: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,16 +567,19 @@ class VAR(nn.Module):
         top_k: int,
         top_p: float,
         generator: torch.Generator | None = None,
+        compiled: bool = False,
     ) -> torch.Tensor:
         """Class-conditional sampling with classifier-free guidance and a KV cache.
 
         label_B [B] int64 (``num_classes`` = unconditional); guidance at scale si is ``t = cfg * si/(S-1)`` on
         logits ``(1+t)*cond - t*uncond``; ``top_k=0`` / ``top_p=0`` disable those filters. ``generator`` is
         advanced, never re-seeded, so successive calls give new samples. Returns images [B, 3, H, W] in [0, 1].
-        Runs in eval mode (drop-path off) whatever the module's mode, and restores it.
+        Runs in eval mode (drop-path off) whatever the module's mode, and restores it. ``compiled``: each scale's
+        step (blocks, head, guidance, filter) runs torch.compile'd, one graph per scale shape (CUDA graphs on
+        CUDA); the same draws as eager up to float rounding. The first call per batch size compiles (slow).
         """
         f_hat_BChw, _ = self._sample_eval_mode(
-            label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator
+            label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator, compiled=compiled
         )
         return vqvae.fhat_to_img(f_hat_BChw).add(1).mul(0.5)
 
@@ -508,10 +593,11 @@ class VAR(nn.Module):
         top_k: int,
         top_p: float,
         generator: torch.Generator | None = None,
+        compiled: bool = False,
     ) -> list[torch.Tensor]:
         """Like ``sample`` but returns the drawn token indices, one [B, pn*pn] int64 tensor per scale."""
         return self._sample_eval_mode(
-            label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator
+            label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator, compiled=compiled
         )[1]
 
     def _sample_eval_mode(
@@ -523,13 +609,20 @@ class VAR(nn.Module):
         top_k: int,
         top_p: float,
         generator: torch.Generator | None,
+        compiled: bool,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._check_sampling_args(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p)
         was_training = self.training
         self.eval()
         try:
             return self._sample_fhat(
-                label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator
+                label_B,
+                vqvae=vqvae,
+                cfg=cfg,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+                compiled=compiled,
             )
         finally:
             self.train(was_training)
@@ -565,27 +658,40 @@ class VAR(nn.Module):
         top_k: int,
         top_p: float,
         generator: torch.Generator | None,
+        compiled: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         B, S, full = label_B.shape[0], len(self.patch_nums), self.patch_nums[-1]
         cond_2BC = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.unconditional_label))))
         block_cond = self.shared_ada_lin(cond_2BC)
+        # The condition is the same at every scale: modulate once per call, not once per scale.
+        block_mods = [block.sampling_modulation(block_cond) for block in self.blocks]
+        head_mod = self.head_nm.sampling_modulation(cond_2BC)
         lvl_pos_1LC = self.add_positions(self.lvl_embed(self.lvl_1L))
         next_2BlC = (
             self.add_start_position(cond_2BC[:, None].expand(-1, self.first_l, -1))
             + lvl_pos_1LC[:, : self.first_l]
         )
-        caches = [KVCache() for _ in self.blocks]
+        caches = _sampling_caches(self, batch=2 * B, device=cond_2BC.device, compiled=compiled)
+        step = _compiled_scale_probs(cond_2BC.device) if compiled else _scale_probs
         f_hat_BChw = cond_2BC.new_zeros(B, self.z_channels, full, full)
         idx_per_scale, cur = [], 0
         for si, pn in enumerate(self.patch_nums):
             cur += pn * pn
-            x_2BlC = next_2BlC
-            for block, cache in zip(self.blocks, caches):
-                x_2BlC = block(x_2BlC, cond_BD=block_cond, attn_mask=None, kv_cache=cache)
-            logits_2BlV = self.logits(x_2BlC, cond_2BC)
-            t = cfg * si / (S - 1)
-            logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-            idx_Bl = sample_top_k_top_p(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
+            # static buffers are allocated by an eager step (never inside a graph, whose outputs it may reuse)
+            run = step if caches[0].allocated else _scale_probs
+            probs_NV = run(
+                self,
+                next_2BlC,
+                block_mods=block_mods,
+                head_mod=head_mod,
+                caches=caches,
+                t=cfg * si / (S - 1),
+                top_k=top_k,
+                top_p=top_p,
+            )
+            if compiled and cond_2BC.device.type == "cuda" and si == 0:
+                _pin_addresses(caches)
+            idx_Bl = torch.multinomial(probs_NV, num_samples=1, generator=generator).view(B, pn * pn)
             idx_per_scale.append(idx_Bl)
             h_BChw = vqvae.quantize.embedding(idx_Bl).transpose(1, 2).reshape(B, self.z_channels, pn, pn)
             f_hat_BChw, next_BChw = vqvae.quantize.next_autoregressive_input(si, f_hat_BChw, h_BChw)
@@ -595,6 +701,76 @@ class VAR(nn.Module):
                     2, 1, 1
                 )
         return f_hat_BChw, idx_per_scale
+
+
+def _scale_probs(
+    var: VAR,
+    x_2BlC: torch.Tensor,
+    *,
+    block_mods: Sequence[tuple[torch.Tensor, ...]],
+    head_mod: tuple[torch.Tensor, torch.Tensor],
+    caches: Sequence[KVCache],
+    t: float,
+    top_k: int,
+    top_p: float,
+) -> torch.Tensor:
+    """One scale of guided sampling: conditional and unconditional tokens [2B, l, C] (rows B: are the
+    unconditional copies) through every block and the head, guided logits ``(1+t)*cond - t*uncond``, filtered
+    -> sampling probabilities [B*l, V] (float32). Draws nothing, so compiling it leaves the random stream alone."""
+    for block, modulation, cache in zip(var.blocks, block_mods, caches):
+        x_2BlC = block.step(x_2BlC, modulation=modulation, kv_cache=cache)
+    logits_2BlV = var.head(var.head_nm.step(x_2BlC, head_mod)).float()
+    B = x_2BlC.shape[0] // 2
+    logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+    return top_k_top_p_probs(logits_BlV, top_k=top_k, top_p=top_p)
+
+
+_COMPILED_STEPS: dict[str, object] = {}
+# One graph per scale (token count), batch size, guidance t and filter: more than dynamo's default of 8 per code
+# object, after which it would silently fall back to eager.
+_RECOMPILE_LIMIT = 256
+# Static KV buffers of the compiled CUDA path, kept per model and batch layout: CUDA graphs replay against fixed
+# addresses, so a new allocation per call would record the graphs again.
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_scale_probs(device: torch.device):
+    """``_scale_probs`` under torch.compile (dynamic=False; "reduce-overhead", i.e. CUDA graphs, on CUDA)."""
+    key = device.type
+    if key not in _COMPILED_STEPS:
+        mode = "reduce-overhead" if key == "cuda" else "default"
+        _COMPILED_STEPS[key] = torch.compile(_scale_probs, dynamic=False, mode=mode)
+    compiled = _COMPILED_STEPS[key]
+
+    def run(*args, **kwargs) -> torch.Tensor:
+        if key == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            return compiled(*args, **kwargs)
+
+    return run
+
+
+def _sampling_caches(var: VAR, *, batch: int, device: torch.device, compiled: bool) -> list[KVCache]:
+    """Static KV caches [batch, H, L, c] per block: fresh per call, except for the compiled CUDA path, which
+    reuses the buffers of its model, batch size and autocast setting."""
+    if not (compiled and device.type == "cuda"):
+        return [KVCache(capacity=var.seq_len) for _ in var.blocks]
+    autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+    key = (batch, str(device), autocast, var.head.weight.dtype)
+    per_model = _STATIC_CACHES.setdefault(var, {})
+    if key not in per_model:
+        per_model[key] = [KVCache(capacity=var.seq_len) for _ in var.blocks]
+    for cache in per_model[key]:
+        cache.reset()
+    return per_model[key]
+
+
+def _pin_addresses(caches: Sequence[KVCache]) -> None:
+    """Mark the static buffers as fixed-address graph inputs, so CUDA graphs may write them in place."""
+    for cache in caches:
+        torch._dynamo.mark_static_address(cache.k_BHlc)
+        torch._dynamo.mark_static_address(cache.v_BHlc)
 
 
 def _is_number(value: object) -> bool:
@@ -620,21 +796,31 @@ def sample_top_k_top_p(
     logits_BlV: torch.Tensor, *, top_k: int, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Filter logits to the top-k and to the smallest set holding probability mass top_p, then draw one index
-    per position [B, l]. Ties at the k-th value are kept."""
-    B, l, V = logits_BlV.shape  # noqa: E741
-    logits_BlV = logits_BlV.float()
-    if 0 < top_k < V:
-        kth_Bl1 = logits_BlV.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_Bl1, -torch.inf)
-    if top_p > 0:
-        sorted_BlV, order_BlV = logits_BlV.sort(dim=-1, descending=False)
-        drop_sorted_BlV = sorted_BlV.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-        drop_sorted_BlV[..., -1] = False  # always keep the most likely token
-        logits_BlV = logits_BlV.masked_fill(
-            drop_sorted_BlV.scatter(-1, order_BlV, drop_sorted_BlV), -torch.inf
-        )
-    probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
+    per position [B, l] with ``torch.multinomial`` (the generator advances as for an unfiltered draw)."""
+    B, l, _ = logits_BlV.shape  # noqa: E741
+    probs_NV = top_k_top_p_probs(logits_BlV, top_k=top_k, top_p=top_p)
     return torch.multinomial(probs_NV, num_samples=1, generator=generator).view(B, l)
+
+
+def top_k_top_p_probs(logits_BlV: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
+    """Sampling probabilities [B*l, V] (float32) of logits [B, l, V] kept to the top_k most likely codes
+    (0 = all; exactly k kept, ties at the k-th broken by ``topk``) and of those to the fewest, most likely, holding
+    probability mass top_p (0 = off; the most likely code always stays). Only the k largest logits are sorted
+    (``topk``), not all V; no host synchronisation and no data-dependent shape."""
+    V = logits_BlV.shape[-1]
+    logits_NV = logits_BlV.float().reshape(-1, V)
+    k = top_k if 0 < top_k < V else V
+    if k == V and top_p == 0:
+        return logits_NV.softmax(dim=-1)
+    kept_NK, code_NK = logits_NV.topk(k, dim=-1, sorted=top_p > 0)
+    if top_p > 0:
+        # Mass of each code and every less likely one, summed from the least likely up (as a full ascending sort
+        # would): a code goes when that mass is at most 1 - top_p, i.e. the codes above it already hold top_p.
+        tail_mass_NK = kept_NK.softmax(dim=-1).flip(-1).cumsum(dim=-1).flip(-1)
+        drop_NK = tail_mass_NK <= 1 - top_p
+        drop_NK[:, 0] = False  # always keep the most likely code
+        kept_NK = kept_NK.masked_fill(drop_NK, -torch.inf)
+    return logits_NV.new_zeros(logits_NV.shape).scatter_(-1, code_NK, kept_NK.softmax(dim=-1))
 
 
 def validate_var_layout(

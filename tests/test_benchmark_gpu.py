@@ -1,0 +1,137 @@
+"""scripts/benchmark_gpu.py cannot rot before a GPU session: its CPU smoke run (tiny official-layout models) measures
+every section and writes numbers; its rows refresh the measured-throughput file the dry-run estimate reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def _number(value) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("benchmark_gpu") / "run.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env.pop("OUT", None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "scripts/benchmark_gpu.py",
+            "--device",
+            "cpu",
+            "--depth",
+            "2",
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"data": json.loads(out.read_text()), "stdout": done.stdout}
+
+
+def test_every_section_is_measured_with_numbers(smoke):
+    data = smoke["data"]
+    assert data["errors"] == [], data["errors"]
+    assert _number(data["rates"]["achievable_tflops"])
+    training = data["training"]
+    assert {r["kernel"] for r in training} >= {"masked", "per_scale"}
+    assert {r["method"] for r in training} == {"full", "lora"}
+    assert any(r["fused"] for r in training) and any(r["frozen_bf16"] for r in training)
+    assert len({r["batch"] for r in training}) >= 2
+    for r in training:
+        assert all(
+            _number(r[key]) for key in ("step_ms", "images_per_s", "useful_tflop_per_step", "mfu_measured")
+        )
+    privacy = data["privacy"]
+    assert {(r["method"], r["clipping"]) for r in privacy} >= {
+        ("lora", None),
+        ("lora", "bookkeeping"),
+        ("lora", "hooks"),
+        ("lora", "ghost"),
+        ("full", None),
+        ("full", "bookkeeping"),
+    }
+    assert {r["k"] for r in privacy} >= {1, 2}
+    assert all(_number(r["step_ms"]) and _number(r["time_vs_non_dp"]) for r in privacy)
+    assert all(_number(r["images_per_s"]) for r in data["generation"])
+    (evaluation,) = data["evaluation"]
+    assert evaluation["feature_dim"] == 2048  # the Inception-v3 pool features
+    assert all(_number(evaluation[key]) for key in ("generation_s", "features_s", "total_s"))
+    assert (
+        "| matmul |" in smoke["stdout"]
+        and "DP-SGD step" in smoke["stdout"]
+        and "Evaluation:" in smoke["stdout"]
+    )
+
+
+def test_mfu_counts_the_visible_pairs(smoke):
+    """MFU = useful FLOPs (attention over the visible pairs) / the rate measured in the same run."""
+    from bench.estimates import VarShape, training_flops_per_row
+
+    data = smoke["data"]
+    rate = data["rates"]["achievable_tflops"] * 1e12
+    for r in data["training"]:
+        useful = training_flops_per_row(VarShape.official(2), r["method"], dense_attention=False) * r["batch"]
+        assert r["useful_tflop_per_step"] * 1e12 == pytest.approx(useful, rel=1e-9)
+        assert r["mfu_measured"] == pytest.approx(useful / (r["step_ms"] / 1e3) / rate, rel=1e-9)
+
+
+def test_a_run_refreshes_the_measured_throughput(smoke, tmp_path):
+    """--write-throughput --from: the run's rates replace older entries of the same setting, keep the others, and
+    the dry-run estimate then uses them for a matching trial."""
+    import benchmark_gpu
+
+    from bench.estimates import load_measured_throughput, measured_rate
+    from bench.sweeps import build_sweep
+
+    path = tmp_path / "throughput.json"
+    run_json = tmp_path / "run.json"
+    data = smoke["data"]
+    data["meta"]["device"] = "NVIDIA H200"  # priced as the estimate's device
+    run_json.write_text(json.dumps(data))
+    old = {
+        "device": "NVIDIA H200",
+        "depth": 2,
+        "method": "lora",
+        "clipping": "bookkeeping",
+        "augmentation_multiplicity": 1,
+        "precision": "bf16 autocast",
+        "rows_per_second": 1e6,
+        "attention_kernel": "per_scale",
+        "compile": False,
+        "source": {"script": "old", "date": "2000-01-01"},
+    }
+    other = {**old, "depth": 16, "rows_per_second": 5.0}
+    path.write_text(json.dumps({"measurements": [old, other]}))
+    benchmark_gpu.main(["--write-throughput", str(path), "--from", str(run_json)])
+    entries = load_measured_throughput(path)
+    assert other in entries and old not in entries  # replaced by the run's DP-LoRA book-keeping row at k = 1
+    new = next(
+        e for e in entries if e["depth"] == 2 and e["method"] == "lora" and e["clipping"] == "bookkeeping"
+    )
+    row = next(
+        r for r in data["privacy"] if r["method"] == "lora" and r["clipping"] == "bookkeeping" and r["k"] == 1
+    )
+    assert new["rows_per_second"] == round(row["rows_per_s"], 1)
+    assert any(e["clipping"] is None and e["method"] == "full" for e in entries)  # a non-DP training rate too
+    demo = build_sweep("demo")[0]
+    assert measured_rate(demo, entries) is None  # the tiny base is never priced from official measurements

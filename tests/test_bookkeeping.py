@@ -1,0 +1,114 @@
+"""Book-keeping clipping against an independent reference: per-example gradients from plain autograd, one example at
+a time, clipped and summed. Every linear route (Gram, direct with and without keeping the per-example gradients,
+chunked or not) must give the same clipped sum; reference and book-keeping both run in float32, so the tolerance is
+rtol 1e-4 with an absolute floor of 1e-6 x the largest entry."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_privacy import METHODS, loss_fn_for, make_data, make_model, make_vqvae, reference_grads
+
+from trainables import bookkeeping
+from trainables.bookkeeping import BookKeeping, linear_route
+from trainables.methods import trainable_parameters
+
+INDICES = [0, 3, 4, 9, 13, 17]
+
+
+@pytest.fixture(scope="module")
+def vqvae():
+    return make_vqvae()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data()
+
+
+_REFERENCES: dict = {}
+
+
+def reference(method: str, k: int, vqvae, data) -> dict[str, torch.Tensor]:
+    """Per-example view-mean gradients [B, ...] by name (cached: the reference does not depend on the route)."""
+    if (method, k) not in _REFERENCES:
+        _REFERENCES[method, k] = reference_grads(make_model(method), vqvae, data, k, INDICES)
+    return _REFERENCES[method, k]
+
+
+def clipped_reference(per_example: dict[str, torch.Tensor], C: float) -> torch.Tensor:
+    flat_BP = torch.cat([g.flatten(1) for g in per_example.values()], dim=1)
+    c_B = (C / (flat_BP.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    return (c_B[:, None] * flat_BP).sum(0)
+
+
+def bookkeeping_sum(
+    method: str, k: int, vqvae, data, *, C: float, route: str, bf16: bool = False, indices=tuple(INDICES)
+):
+    var = make_model(method)
+    keeper = BookKeeping(var, linear_route=route)
+    loss_fn = loss_fn_for(var, vqvae, data, k, bf16=bf16)
+    examples = keeper.clipped_sum(lambda: loss_fn(torch.tensor(indices)), max_grad_norm=C)
+    assert examples == len(indices)
+    return torch.cat([p.grad.flatten() for p in trainable_parameters(var).values()])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("route", ["gram", "direct", "auto", "direct, one example per chunk"])
+def test_clipped_sum_equals_clipped_per_example_autograd(method, k, route, vqvae, data, monkeypatch):
+    """C lies between the middle two per-example norms: half the examples are clipped, half pass unchanged."""
+    if route.endswith("chunk"):
+        monkeypatch.setattr(bookkeeping, "CHUNK_BYTES", 1)
+    per_example = reference(method, k, vqvae, data)
+    norms_B = torch.cat([g.flatten(1) for g in per_example.values()], dim=1).norm(dim=1)
+    sorted_B = norms_B.sort().values
+    C = sorted_B[len(INDICES) // 2 - 1 : len(INDICES) // 2 + 1].mean().item()
+    assert (norms_B < C).sum() == (norms_B > C).sum() == len(INDICES) // 2
+    expected = clipped_reference(per_example, C)
+    got = bookkeeping_sum(method, k, vqvae, data, C=C, route=route.split(",")[0])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("route", ["gram", "direct"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_each_route_bounds_one_example_by_C_under_bf16_autocast(route, k, vqvae, data):
+    """bf16 forwards: a and g arrive in bf16, the norms are still float32 (a bf16 norm could overshoot C by 0.4%)."""
+    C = 1e-3
+    for i in range(4):
+        one = bookkeeping_sum("full", k, vqvae, data, C=C, route=route, bf16=True, indices=[i])
+        assert 0.99 * C < one.norm() <= C * (1 + 1e-5), (i, one.norm() / C)
+
+
+def test_route_rule_at_var_d16_geometry():
+    """Bu et al.'s rule at width 1024, 680 positions: the 1024 x 1024 projection and LoRA factors go direct, the
+    wider qkv and MLP layers through Gram matrices; with 32 views (T = 21,760) every layer goes direct."""
+    T, C = 680, 1024
+    assert linear_route(positions=T, in_features=C, out_features=C) == "direct"
+    for in_features, out_features in ((C, 3 * C), (C, 4 * C), (4 * C, C)):
+        assert linear_route(positions=T, in_features=in_features, out_features=out_features) == "gram"
+        assert linear_route(positions=32 * T, in_features=in_features, out_features=out_features) == "direct"
+    assert linear_route(positions=T, in_features=C, out_features=16) == "direct"
+
+
+def test_direct_route_releases_inputs_it_does_not_need(vqvae, data):
+    """LoRA's factors on the token stream (attention, MLP) keep their per-example gradients: their inputs and output
+    gradients are not held to the end. (ada_lin's factors see one position per row: there a and g are smaller.)"""
+    var = make_model("lora")
+    keeper = BookKeeping(var, linear_route="direct")
+    loss_fn = loss_fn_for(var, vqvae, data, 3)
+    seen = []
+    original = keeper._write_clipped
+    keeper._write_clipped = lambda **kw: (seen.append(copy.copy(keeper.kept)), original(**kw))[1]
+    keeper.clipped_sum(lambda: loss_fn(torch.tensor(INDICES)), max_grad_norm=1.0)
+    names = {m: name for name, m in var.named_modules()}
+    linear_kept = [kept for m, kept in seen[0].items() if "lora_" in names[m] and "ada_lin" not in names[m]]
+    assert len(linear_kept) == 16 and all("a" not in kept and "g" not in kept for kept in linear_kept)
+    assert not keeper.inputs and not keeper.kept
+
+
+def test_forcing_an_unknown_route_is_refused():
+    with pytest.raises(ValueError, match="linear_route"):
+        BookKeeping(make_model("lora"), linear_route="fast")

@@ -1,0 +1,206 @@
+"""The generation fast path (issue 16) against the eager sampler it replaced.
+
+The reference below is the sampler as it was before the fast path: AdaLN modulation recomputed at every scale,
+a KV cache grown by concatenation, the q/v bias added after the qkv product and a filter that sorts all V
+logits. The fast path must give the same filtered probabilities (float rounding), the same greedy tokens and,
+at a fixed seed, the same drawn tokens.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import TINY_VAR, TINY_VQVAE
+
+from trainables.models import KVCache, build_var, build_vqvae, sample_top_k_top_p
+from trainables.models.var import top_k_top_p_probs
+
+PROB_ATOL = 1e-6  # float32 softmax over the same kept logits, summed in another order
+IMAGE_ATOL = 1e-4  # same tokens; hidden states differ by float rounding only (fused bias, cached modulation)
+
+
+def reference_filtered_probs(logits_BlV: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
+    """The former filter: mask below the k-th largest logit (ties kept), sort all V ascending for top-p."""
+    V = logits_BlV.shape[-1]
+    logits_BlV = logits_BlV.float()
+    if 0 < top_k < V:
+        kth_Bl1 = logits_BlV.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits_BlV = logits_BlV.masked_fill(logits_BlV < kth_Bl1, -torch.inf)
+    if top_p > 0:
+        sorted_BlV, order_BlV = logits_BlV.sort(dim=-1, descending=False)
+        drop_sorted_BlV = sorted_BlV.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop_sorted_BlV[..., -1] = False
+        drop_BlV = drop_sorted_BlV.scatter(-1, order_BlV, drop_sorted_BlV)
+        logits_BlV = logits_BlV.masked_fill(drop_BlV, -torch.inf)
+    return logits_BlV.softmax(dim=-1).view(-1, V)
+
+
+def reference_draw(logits_BlV, *, top_k, top_p, generator):
+    B, l, _ = logits_BlV.shape  # noqa: E741
+    probs_NV = reference_filtered_probs(logits_BlV, top_k=top_k, top_p=top_p)
+    return torch.multinomial(probs_NV, num_samples=1, generator=generator).view(B, l)
+
+
+@torch.no_grad()
+def reference_sample_tokens(var, label_B, *, vqvae, cfg, top_k, top_p, generator):
+    """The former sampling loop: blocks' training forward with a growing cache, modulation at every scale."""
+    B, S, full = label_B.shape[0], len(var.patch_nums), var.patch_nums[-1]
+    cond_2BC = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.unconditional_label))))
+    block_cond = var.shared_ada_lin(cond_2BC)
+    lvl_pos_1LC = var.add_positions(var.lvl_embed(var.lvl_1L))
+    x_2BlC = (
+        var.add_start_position(cond_2BC[:, None].expand(-1, var.first_l, -1)) + lvl_pos_1LC[:, : var.first_l]
+    )
+    caches = [KVCache() for _ in var.blocks]
+    f_hat_BChw = cond_2BC.new_zeros(B, var.z_channels, full, full)
+    tokens, cur = [], 0
+    for si, pn in enumerate(var.patch_nums):
+        cur += pn * pn
+        for block, cache in zip(var.blocks, caches):
+            x_2BlC = block(x_2BlC, cond_BD=block_cond, attn_mask=None, kv_cache=cache)
+        logits_2BlV = var.logits(x_2BlC, cond_2BC)
+        t = cfg * si / (S - 1)
+        logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+        idx_Bl = reference_draw(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
+        tokens.append(idx_Bl)
+        h_BChw = vqvae.quantize.embedding(idx_Bl).transpose(1, 2).reshape(B, var.z_channels, pn, pn)
+        f_hat_BChw, next_BChw = vqvae.quantize.next_autoregressive_input(si, f_hat_BChw, h_BChw)
+        if si != S - 1:
+            words_BlC = var.word_embed(next_BChw.flatten(2).transpose(1, 2))
+            x_2BlC = (words_BlC + lvl_pos_1LC[:, cur : cur + var.patch_nums[si + 1] ** 2]).repeat(2, 1, 1)
+    return tokens
+
+
+def realistic_logits(seed: int = 0) -> torch.Tensor:
+    """[4, 256, 4096]: the finest scale's guided logits of a batch of 4 at V = 4096, spread like a trained
+    model's (a few hundred plausible codes, a long tail), so both the top-k and the top-p cut bite."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 256, 4096, generator=g) * 2.5 + torch.randn(4, 256, 1, generator=g)
+
+
+@pytest.fixture
+def nonzero_bias_var():
+    """tiny VAR with nonzero q/v biases and head modulation, so the fused bias and cached modulation matter."""
+    var = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in var.blocks:
+            block.attn.q_bias.copy_(torch.randn(block.attn.q_bias.shape, generator=g) * 0.3)
+            block.attn.v_bias.copy_(torch.randn(block.attn.v_bias.shape, generator=g) * 0.3)
+            # modulation of order 1 (gammas far from their 1e-3 init) and a head of order-1 logits: the tokens
+            # then depend on every block's attention and modulation, not only on the input embeddings
+            block.ada_lin[-1].weight.normal_(0.0, 0.1, generator=g)
+            block.attn.scale_mul_1H11.fill_(4.0)  # sharp attention (softmax scale e^4): every key matters
+        var.head.weight.mul_(50)
+    return var
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p"), [(900, 0.96), (900, 0.0), (0, 0.96), (0, 0.0), (50, 0.5), (1, 0.9)]
+)
+def test_filtered_probs_match_reference(top_k, top_p):
+    logits_BlV = realistic_logits()
+    ours = top_k_top_p_probs(logits_BlV, top_k=top_k, top_p=top_p)
+    theirs = reference_filtered_probs(logits_BlV, top_k=top_k, top_p=top_p)
+    assert ours.shape == theirs.shape == (4 * 256, 4096)
+    assert torch.equal(ours > 0, theirs > 0)  # the same codes kept
+    assert (ours - theirs).abs().max().item() <= PROB_ATOL
+
+
+def test_greedy_filter_takes_the_argmax():
+    logits_BlV = realistic_logits(1)
+    idx_Bl = sample_top_k_top_p(logits_BlV, top_k=1, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(idx_Bl, logits_BlV.argmax(dim=-1))
+
+
+def test_draws_match_reference_at_a_fixed_seed():
+    """Same multinomial call on the same-shaped probabilities: the same random numbers. A draw could only flip
+    where a uniform falls within float rounding (~1e-7) of a cumulative boundary; none does here."""
+    for seed in range(3):
+        logits_BlV = realistic_logits(seed)
+        ours = sample_top_k_top_p(
+            logits_BlV, top_k=900, top_p=0.96, generator=torch.Generator().manual_seed(seed)
+        )
+        theirs = reference_draw(
+            logits_BlV, top_k=900, top_p=0.96, generator=torch.Generator().manual_seed(seed)
+        )
+        assert torch.equal(ours, theirs)
+
+
+def test_static_kv_cache_matches_growing_cache():
+    g = torch.Generator().manual_seed(0)
+    static, growing = KVCache(capacity=14), KVCache()
+    for length in (1, 4, 9):
+        k_BHlc, v_BHlc = torch.randn(2, 3, length, 5, generator=g), torch.randn(2, 3, length, 5, generator=g)
+        for ours, theirs in zip(static.extend(k_BHlc, v_BHlc), growing.extend(k_BHlc, v_BHlc)):
+            assert torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="cannot hold"):
+        static.extend(torch.zeros(2, 3, 1, 5), torch.zeros(2, 3, 1, 5))
+
+
+def test_fused_qkv_bias_matches_module_path(nonzero_bias_var):
+    attn = nonzero_bias_var.blocks[0].attn
+    x_BlC = torch.randn(2, 9, attn.mat_qkv.in_features)
+    with torch.no_grad():
+        fused = attn.qkv_with_bias(x_BlC)
+        modules = attn.add_qkv_bias(attn.mat_qkv(x_BlC))
+    assert (fused - modules).abs().max().item() <= 1e-5
+    calls = []
+    handle = attn.mat_qkv.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        attn.qkv_with_bias(x_BlC)
+    handle.remove()
+    assert calls == [1]  # a hooked (or LoRA-wrapped) mat_qkv is called as a module
+
+
+@pytest.mark.parametrize(
+    ("cfg", "top_k", "top_p"), [(1.5, 1, 0.0), (1.5, 5, 0.6), (0.0, 0, 0.0), (2.0, 0, 0.5)]
+)
+def test_sampler_draws_match_reference(nonzero_bias_var, tiny_vqvae, cfg, top_k, top_p):
+    labels = torch.tensor([0, 3, 5, 1])
+    kw = dict(vqvae=tiny_vqvae, cfg=cfg, top_k=top_k, top_p=top_p)
+    ours = nonzero_bias_var.sample_tokens(labels, generator=torch.Generator().manual_seed(7), **kw)
+    theirs = reference_sample_tokens(
+        nonzero_bias_var, labels, generator=torch.Generator().manual_seed(7), **kw
+    )
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_compiled_sampling_matches_eager():
+    """torch.compile'd scale steps (inductor on CPU) against eager, on 3 scales (1, 2, 4) to keep the compile
+    short: greedy tokens identical, then images within IMAGE_ATOL; a non-greedy filter draws the same tokens."""
+    patch_nums = (1, 2, 4)
+    var = build_var(
+        **(TINY_VAR | {"patch_nums": patch_nums}), generator=torch.Generator().manual_seed(0)
+    ).eval()
+    with torch.no_grad():
+        for block in var.blocks:
+            block.ada_lin[-1].weight.mul_(30)
+            block.attn.v_bias.normal_(generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    vqvae = build_vqvae(**(TINY_VQVAE | {"patch_nums": patch_nums})).eval()
+    labels, started = torch.tensor([0, 3, 5]), time.perf_counter()
+    for top_k, top_p in ((1, 0.0), (5, 0.6)):
+        kw = dict(vqvae=vqvae, cfg=1.5, top_k=top_k, top_p=top_p)
+        eager = var.sample_tokens(labels, generator=torch.Generator().manual_seed(3), **kw)
+        fast = var.sample_tokens(labels, generator=torch.Generator().manual_seed(3), compiled=True, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(eager, fast))
+    kw = dict(vqvae=vqvae, cfg=1.5, top_k=1, top_p=0.0)
+    eager = var.sample(labels, generator=torch.Generator().manual_seed(0), **kw)
+    fast = var.sample(labels, generator=torch.Generator().manual_seed(0), compiled=True, **kw)
+    assert (eager - fast).abs().max().item() <= IMAGE_ATOL
+    print(f"compiled sampling test: {time.perf_counter() - started:.1f} s")
+
+
+def test_fast_decode_matches_reference_decoder(tiny_vqvae):
+    """fhat_to_img without autograd (in-place SiLU and residual adds; channels-last on CPU) against the decoder
+    run with autograd on the NCHW latent (allocating every intermediate): the same images up to IMAGE_ATOL."""
+    f_hat_BChw = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = tiny_vqvae.fhat_to_img(f_hat_BChw)
+    with torch.enable_grad():
+        reference = tiny_vqvae.decoder(tiny_vqvae.post_quant_conv(f_hat_BChw)).clamp(-1, 1).detach()
+    assert fast.is_contiguous() and fast.shape == reference.shape == (3, 3, 16, 16)
+    assert (fast - reference).abs().max().item() <= IMAGE_ATOL

@@ -1,0 +1,396 @@
+"""Training-side fast paths of issue 16, each against the eager path on CPU: the per-scale attention kernel (and
+flex's forward) against the masked one, gradient accumulation (``resources.rows_per_forward``) against the one-shot
+step, compiled blocks against eager ones, fused AdamW against the default, and the resources fields that select
+them (validated, outside the trial id)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from conftest import TINY_VAR, TINY_VQVAE
+
+from bench.schema import (
+    ATTENTION_KERNEL_CHOICES,
+    ConfigError,
+    EvaluationConfig,
+    MethodConfig,
+    OptimizationConfig,
+    PrivacyConfig,
+    ResourcesConfig,
+    TrialConfig,
+    replace,
+)
+from bench.sweeps import build_sweep
+from bench.sweeps.common import smoke_version
+from trainables.data.tokens import TokenViews
+from trainables.draws import ExampleKey
+from trainables.finetune import (
+    Prior,
+    RunPlan,
+    _StepDraws,
+    _StepInputs,
+    accumulate_loss_gradients,
+    check_resources,
+    examples_per_forward,
+    finetune,
+)
+from trainables.methods import adapt, trainable_parameters
+from trainables.models import ATTENTION_KERNELS, build_var, build_vqvae
+from trainables.prior import build_prior_bank
+from trainables.privacy import make_private, private_step, release
+from trainables.training import (
+    build_optimizer,
+    compile_blocks,
+    load_optimizer_state,
+    uncompile_blocks,
+    var_training_step,
+    view_losses,
+)
+
+# float32 on CPU: the kernels sum the same products in another order. Measured differences are ~1e-7 relative
+# (logits) and ~1e-6 relative (gradients); a wrong mask or a lost chunk weight moves them by 1e-2 or more.
+LOGITS_TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+METHODS = ("full", "lora", "ln_tuning")
+GREEDY = EvaluationConfig(extractor="substitute-randconv-v1", top_k=0, top_p=0.0)  # the prior bank's sampling
+DP = PrivacyConfig(target_epsilon=8.0, sampling_rate=0.05, max_grad_norm=1.0)
+
+
+def trial(**sections) -> TrialConfig:
+    """A valid trial config (the substitute extractor needs no weights file) with ``sections`` replaced."""
+    return TrialConfig(**{"evaluation": GREEDY, **sections})
+
+
+@pytest.fixture(scope="module")
+def vqvae() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_vqvae(**TINY_VQVAE).eval()
+
+
+def adapted(method: str, *, kernel: str = "masked", drop_path_rate: float = 0.0) -> torch.nn.Module:
+    """A tiny VAR adapted for ``method`` (3 classes, seed 0), in training mode, running ``kernel``."""
+    var = build_var(**TINY_VAR, drop_path_rate=drop_path_rate, generator=torch.Generator().manual_seed(0))
+    adapt(var, MethodConfig(name=method, lora_rank=4), num_classes=3, seed=0)
+    # A fresh LoRA adapter's B is zero: its A would get no gradient. Move B off zero so every gradient is tested.
+    with torch.no_grad():
+        for name, p in var.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    var.attention_kernel = kernel
+    return var.train()
+
+
+def batch(size: int = 6, seed: int = 1) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(labels [B], token maps [B, pn*pn] of every scale)."""
+    g = torch.Generator().manual_seed(seed)
+    label_B = torch.randint(0, 3, (size,), generator=g)
+    return label_B, [torch.randint(0, 64, (size, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]]
+
+
+def gradients(var: torch.nn.Module) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad for name, p in trainable_parameters(var).items()}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    return {name: g.clone() for name, g in grads.items()}
+
+
+def assert_same_gradients(got: dict, expected: dict, tol: dict = GRAD_TOL) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], **tol, msg=lambda m: f"{name}: {m}")  # noqa: B023
+
+
+def step_gradients(var, vqvae, label_B, idx_Bl) -> dict[str, torch.Tensor]:
+    """The gradients of one real training step (``var_training_step``; AdamW then moves the weights)."""
+    var_training_step(var, vqvae, build_optimizer(var, lr=1e-3), label_B, idx_Bl, class_dropout=0.0)
+    return gradients(var)
+
+
+# --- attention kernels --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_per_scale_attention_trains_like_the_masked_kernel(method, vqvae):
+    label_B, idx_Bl = batch()
+    x_BLCv = vqvae.idxBl_to_var_input(idx_Bl)
+    models = {kernel: adapted(method, kernel=kernel) for kernel in ("masked", "per_scale")}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            models["per_scale"](label_B, x_BLCv), models["masked"](label_B, x_BLCv), **LOGITS_TOL
+        )
+    expected = step_gradients(models["masked"], vqvae, label_B, idx_Bl)
+    assert_same_gradients(step_gradients(models["per_scale"], vqvae, label_B, idx_Bl), expected)
+
+
+def dp_step_gradients(var, vqvae, *, clipping: str = "bookkeeping") -> dict[str, torch.Tensor]:
+    """The noiseless clipped gradient sum of one DP step (sigma 0, caller-seeded sampling; C small enough that
+    every example is clipped), read off an SGD step of learning rate 1."""
+    label_N, idx_Nl = batch(size=8, seed=2)
+    privacy = PrivacyConfig(
+        target_epsilon=10.0,
+        sampling_rate=0.5,
+        max_grad_norm=1e-3,
+        augmentation_multiplicity=2,
+        physical_batch_rows=6,
+        clipping=clipping,
+    )
+    before = {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
+    state = make_private(
+        var,
+        torch.optim.SGD(list(before and trainable_parameters(var).values()), lr=1.0),
+        privacy=privacy,
+        dataset_size=8,
+        planned_steps=2,
+        noise_multiplier=0.0,
+        debug_seed=0,
+    )
+
+    def two_views(indices: torch.Tensor) -> torch.Tensor:  # view 2: the token maps rolled by one position
+        idx = [torch.stack([t[indices], t[indices].roll(1, dims=1)], dim=1) for t in idx_Nl]
+        return view_losses(var, vqvae, label_N[indices], idx, class_dropout=0.0)
+
+    try:
+        private_step(state, torch.arange(8), two_views)
+    finally:
+        release(state)
+    return {n: before[n] - p.detach() for n, p in trainable_parameters(var).items()}
+
+
+@pytest.mark.parametrize("method", ("full", "lora"))
+def test_per_scale_attention_gives_the_masked_kernels_clipped_dp_step(method, vqvae):
+    expected = dp_step_gradients(adapted(method, kernel="masked"), vqvae)
+    got = dp_step_gradients(adapted(method, kernel="per_scale"), vqvae)
+    # Every example was clipped (sum of 8 clipped examples, scaled by 1/(q N) = 1/4): the sum's norm <= 8 C / 4.
+    norm = torch.cat([g.flatten() for g in expected.values()]).norm()
+    assert 0 < norm <= 8 * 1e-3 / 4 + 1e-9
+    assert_same_gradients(got, expected, tol=dict(rtol=1e-4, atol=1e-9))
+
+
+def test_flex_attention_forward_equals_the_masked_kernel(vqvae):
+    label_B, idx_Bl = batch()
+    x_BLCv = vqvae.idxBl_to_var_input(idx_Bl)
+    masked, flex = adapted("full", kernel="masked").eval(), adapted("full", kernel="flex").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(flex(label_B, x_BLCv), masked(label_B, x_BLCv), **LOGITS_TOL)
+
+
+def test_flex_attention_cannot_train_on_a_cpu_and_is_refused_first():
+    with pytest.raises(ConfigError, match="resources.attention_kernel.*CPU"):
+        check_resources(ResourcesConfig(attention_kernel="flex"), device="cpu", privacy=None)
+    check_resources(ResourcesConfig(attention_kernel="flex"), device="cuda", privacy=None)  # a GPU may
+    data, vqvae, var = token_setup()
+    with pytest.raises(ConfigError, match="resources.attention_kernel"):
+        finetune(
+            var,
+            vqvae,
+            data,
+            optimization=OptimizationConfig(steps=1, batch_size=4),
+            method=MethodConfig(name="lora", lora_rank=4),
+            plan=RunPlan(planned_steps=1),
+            resources=ResourcesConfig(attention_kernel="flex"),
+        )
+    assert var.attention_kernel == "masked"  # refused before anything was set up
+
+
+# --- gradient accumulation --------------------------------------------------------------------------------
+def token_setup(examples: int = 16, views: int = 2):
+    """(token views of random examples with ``views`` views each, a tiny VQVAE, a LoRA-adapted tiny VAR)."""
+    g = torch.Generator().manual_seed(0)
+    data = TokenViews(
+        torch.randint(0, 3, (examples,), generator=g),
+        tuple(torch.randint(0, 64, (examples, views, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]),
+    )
+    torch.manual_seed(0)
+    vqvae = build_vqvae(**TINY_VQVAE).eval()
+    var = build_var(**TINY_VAR, drop_path_rate=0.1, generator=torch.Generator().manual_seed(0))
+    adapt(var, MethodConfig(name="lora", lora_rank=4), num_classes=3, seed=0)
+    return data, vqvae, var.train()
+
+
+def step_inputs(var, vqvae, data, *, k: int) -> _StepInputs:
+    """What a finetune step's losses read, with class dropout and drop-path drawn per example (so a chunked
+    forward draws what the one-shot forward draws)."""
+    inputs = _StepInputs(
+        var=var,
+        vqvae=vqvae,
+        data=data,
+        device=torch.device("cpu"),
+        views_per_example=k,
+        class_dropout=0.5,
+        token_weights_L=None,
+        bf16=False,
+        seed=0,
+        prior=None,
+        prior_weight=0.0,
+        prior_batch_size=4,
+        draws=_StepDraws(key=ExampleKey.from_seed(0)),
+    )
+    inputs.begin_step(3)
+    return inputs
+
+
+@pytest.mark.parametrize("k", (1, 2))
+def test_accumulated_gradients_equal_the_one_shot_gradients(k):
+    data, vqvae, var = token_setup()
+    inputs, indices = step_inputs(var, vqvae, data, k=k), torch.tensor([5, 0, 11, 3, 8, 14, 2])
+    losses = {}
+    grads = {}
+    for rows in (0, 3 * k, 2 * k + 1, k):  # all at once; 3 examples (7 = 3 + 3 + 1); 2 examples; 1 example
+        var.zero_grad(set_to_none=True)
+        chunk = examples_per_forward(rows, views_per_example=k)
+        losses[rows] = accumulate_loss_gradients(inputs.view_losses, indices, examples_per_forward=chunk)
+        grads[rows] = gradients(var)
+    for rows in (3 * k, 2 * k + 1, k):
+        torch.testing.assert_close(losses[rows], losses[0], rtol=1e-6, atol=1e-7)
+        assert_same_gradients(grads[rows], grads[0])
+
+
+def test_rows_per_forward_must_hold_one_example_and_is_for_non_dp_runs_only():
+    assert examples_per_forward(0, views_per_example=2) is None
+    assert examples_per_forward(5, views_per_example=2) == 2
+    with pytest.raises(
+        ConfigError, match="resources.rows_per_forward.*1 rows cannot hold one example's 2 views"
+    ):
+        examples_per_forward(1, views_per_example=2)
+    with pytest.raises(ConfigError, match="resources.rows_per_forward"):
+        ResourcesConfig(rows_per_forward=-1)
+    with pytest.raises(ConfigError, match="resources.rows_per_forward"):
+        ResourcesConfig(rows_per_forward=2.0)
+    with pytest.raises(ConfigError, match="resources.rows_per_forward.*without DP only"):
+        trial(privacy=DP, resources=ResourcesConfig(rows_per_forward=64))
+    with pytest.raises(ConfigError, match="resources.rows_per_forward.*without DP only"):
+        check_resources(ResourcesConfig(rows_per_forward=64), device="cpu", privacy=DP)
+
+
+def short_run(resources: ResourcesConfig, *, prior: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Four non-DP LoRA steps of 8 examples (with a prior term), logging every step: (output, trained weights)."""
+    data, vqvae, var = token_setup(views=1)
+    teacher = build_var(**TINY_VAR, drop_path_rate=0.0, generator=torch.Generator().manual_seed(0)).eval()
+    bank = build_prior_bank(
+        teacher, vqvae, num_samples=8, evaluation=GREEDY, generator=torch.Generator().manual_seed(0)
+    )
+    out = finetune(
+        var,
+        vqvae,
+        data,
+        optimization=OptimizationConfig(steps=4, batch_size=8, learning_rate=1e-2),
+        method=MethodConfig(name="lora", lora_rank=4, prior_weight=0.1 if prior else 0.0),
+        plan=RunPlan(planned_steps=4, log_every=1, prior_batch_size=4),
+        prior=Prior(teacher, bank) if prior else None,
+        resources=resources,
+    )
+    return out, {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
+
+
+def test_a_finetune_with_accumulation_reproduces_the_one_shot_run():
+    one_shot, weights = short_run(ResourcesConfig())
+    accumulated, accumulated_weights = short_run(ResourcesConfig(rows_per_forward=3))
+    for a, b in zip(accumulated["history"], one_shot["history"], strict=True):
+        for key in ("loss", "grad_norm", "prior_kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+    assert_same_gradients(accumulated_weights, weights, tol=dict(rtol=1e-4, atol=1e-5))
+    assert accumulated["compute"]["rows_per_forward"] == 3 and one_shot["compute"]["rows_per_forward"] == 0
+    assert one_shot["compute"]["attention_kernel"] == "per_scale"  # "auto"
+    assert accumulated["compute"]["rows_trained"] == one_shot["compute"]["rows_trained"] == 4 * 8
+
+
+# --- compiled blocks --------------------------------------------------------------------------------------
+def test_compiled_blocks_give_the_eager_logits_and_gradients(vqvae):
+    """LoRA through peft: the blocks are found inside the wrapped model, compiled in place (names unchanged)."""
+    label_B, idx_Bl = batch()
+    x_BLCv = vqvae.idxBl_to_var_input(idx_Bl)
+    eager, compiled = adapted("lora", kernel="per_scale"), adapted("lora", kernel="per_scale")
+    names = [n for n, _ in compiled.named_parameters()]
+    assert compile_blocks(compiled) == TINY_VAR["depth"]
+    assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+    assert [n for n, _ in compiled.named_parameters()] == names
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(label_B, x_BLCv), eager(label_B, x_BLCv), **LOGITS_TOL)
+    assert_same_gradients(
+        step_gradients(compiled, vqvae, label_B, idx_Bl), step_gradients(eager, vqvae, label_B, idx_Bl)
+    )
+    assert uncompile_blocks(compiled) == TINY_VAR["depth"] and uncompile_blocks(compiled) == 0
+
+
+def test_compiled_blocks_give_the_eager_clipped_dp_step_with_bookkeeping(vqvae):
+    """Book-keeping's hooks on the linears inside compiled blocks still see every input and output gradient."""
+    expected = dp_step_gradients(adapted("lora", kernel="per_scale"), vqvae)
+    var = adapted("lora", kernel="per_scale")
+    compile_blocks(var)
+    assert_same_gradients(dp_step_gradients(var, vqvae), expected, tol=dict(rtol=1e-4, atol=1e-9))
+
+
+def test_compile_is_refused_with_opacus_hooks_and_ghost_clipping():
+    for clipping in ("hooks", "ghost"):
+        with pytest.raises(ConfigError, match="resources.compile.*clipping"):
+            trial(privacy=dataclasses.replace(DP, clipping=clipping), resources=ResourcesConfig(compile=True))
+    trial(privacy=dataclasses.replace(DP, clipping="bookkeeping"), resources=ResourcesConfig(compile=True))
+    trial(privacy=DP, resources=ResourcesConfig(compile=True))  # auto: book-keeping for an adapted VAR
+
+
+# --- fused AdamW ------------------------------------------------------------------------------------------
+def test_fused_adamw_steps_like_the_default_and_their_states_load_into_each_other():
+    """torch 2.15 runs fused AdamW on CPU: three steps on the same gradients agree to float rounding (measured
+    ~1e-8 here; the updates are ~1e-2), and a state saved by either resumes in the other, which keeps its own
+    implementation and continues as the saving one would."""
+    models = {fused: adapted("full") for fused in (True, False)}
+    optimizers = {fused: build_optimizer(m, lr=1e-2, fused=fused) for fused, m in models.items()}
+    assert optimizers[True].param_groups[0]["fused"] and not optimizers[False].param_groups[0]["fused"]
+    assert not build_optimizer(models[True], lr=1e-2).param_groups[0]["fused"]  # None on CPU: the default
+    g = torch.Generator().manual_seed(3)
+    grads = [
+        {
+            n: torch.randn(p.shape, generator=g) * 10.0**-s
+            for n, p in trainable_parameters(models[True]).items()
+        }
+        for s in range(4)
+    ]
+
+    def step(var, optimizer, grads) -> None:
+        for name, p in trainable_parameters(var).items():
+            p.grad = grads[name].clone()
+        optimizer.step()
+
+    for i in range(3):
+        for fused, var in models.items():
+            step(var, optimizers[fused], grads[i])
+    tol = dict(rtol=1e-5, atol=1e-7)
+    assert_same_gradients(
+        dict(trainable_parameters(models[True])), dict(trainable_parameters(models[False])), tol
+    )
+
+    for saved in (
+        True,
+        False,
+    ):  # resume each from the other's state: one more step, as the saver would take it
+        resumed, reference = copy.deepcopy(models[saved]), copy.deepcopy(models[saved])
+        optimizer = build_optimizer(resumed, lr=1e-2, fused=not saved)
+        saved_state = copy.deepcopy(optimizers[saved].state_dict())  # as from a file: no tensor shared
+        load_optimizer_state(optimizer, saved_state)
+        assert bool(optimizer.param_groups[0]["fused"]) is (not saved)
+        reference_optimizer = build_optimizer(reference, lr=1e-2, fused=saved)
+        reference_optimizer.load_state_dict(copy.deepcopy(saved_state))
+        step(resumed, optimizer, grads[3])
+        step(reference, reference_optimizer, grads[3])
+        assert_same_gradients(dict(trainable_parameters(resumed)), dict(trainable_parameters(reference)), tol)
+
+
+# --- schema -----------------------------------------------------------------------------------------------
+def test_attention_kernel_names_are_the_models_and_auto_is_per_scale():
+    assert ATTENTION_KERNEL_CHOICES == ("auto", *ATTENTION_KERNELS)
+    assert ResourcesConfig().training_attention_kernel == "per_scale"
+    assert ResourcesConfig(attention_kernel="masked").training_attention_kernel == "masked"
+    with pytest.raises(ConfigError, match="resources.attention_kernel.*'sdpa'"):
+        ResourcesConfig(attention_kernel="sdpa")
+    with pytest.raises(ConfigError, match="resources.compile"):
+        ResourcesConfig(compile=1)
+
+
+@pytest.mark.parametrize("dp", (False, True))
+def test_how_the_training_computes_leaves_the_trial_id_alone(dp):
+    config = smoke_version(build_sweep("table2" if dp else "table1")[0])
+    assert (config.privacy is not None) == dp
+    for fields in ({"attention_kernel": "masked"}, {"compile": True}, {"rows_per_forward": 0 if dp else 64}):
+        changed = replace(config, resources=fields)
+        assert changed.trial_id == config.trial_id
+        assert TrialConfig.from_dict(changed.to_dict()) == changed
