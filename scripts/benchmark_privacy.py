@@ -52,6 +52,22 @@ def configurations() -> list[dict]:
     return rows
 
 
+def _adapted_var(method: str, *, depth: int, patch_nums, **layout):
+    """A seeded VAR (no drop-path) adapted by ``method``, in training mode; ``layout``: embed_dim, num_heads."""
+    var = build_var(
+        depth=depth,
+        num_classes=CLASSES,
+        patch_nums=patch_nums,
+        vocab_size=VOCAB,
+        z_channels=32,
+        drop_path_rate=0.0,
+        generator=torch.Generator().manual_seed(0),
+        **layout,
+    )
+    adapt(var, MethodConfig(name=method), num_classes=CLASSES, seed=0)
+    return var.train()
+
+
 def run_one(config: dict, *, depth: int, batch_size: int, steps: int) -> dict:
     torch.manual_seed(0)
     vqvae = build_vqvae(
@@ -62,17 +78,7 @@ def run_one(config: dict, *, depth: int, batch_size: int, steps: int) -> dict:
         ch_mult=(1, 1, 2, 2, 4),
         num_res_blocks=1,
     ).eval()
-    var = build_var(
-        depth=depth,
-        num_classes=CLASSES,
-        patch_nums=PATCH_NUMS,
-        vocab_size=VOCAB,
-        z_channels=32,
-        drop_path_rate=0.0,
-        generator=torch.Generator().manual_seed(0),
-    )
-    adapt(var, MethodConfig(name=config["method"]), num_classes=CLASSES, seed=0)
-    var.train()
+    var = _adapted_var(config["method"], depth=depth, patch_nums=PATCH_NUMS)
     k = config["k"]
     label_N = torch.randint(0, CLASSES, (batch_size,))
     views = [torch.randint(0, VOCAB, (batch_size, k, pn * pn)) for pn in PATCH_NUMS]
@@ -206,19 +212,7 @@ def _versus_step(config: dict, kind: str, bookkeeping_from: str, *, depth: int, 
     vqvae = build_vqvae(
         vocab_size=VOCAB, z_channels=32, ch=32, patch_nums=patch_nums, ch_mult=(1, 1), num_res_blocks=1
     )
-    var = build_var(
-        depth=depth,
-        embed_dim=width,
-        num_heads=heads,
-        num_classes=CLASSES,
-        patch_nums=patch_nums,
-        vocab_size=VOCAB,
-        z_channels=32,
-        drop_path_rate=0.0,
-        generator=torch.Generator().manual_seed(0),
-    )
-    adapt(var, MethodConfig(name=config["method"]), num_classes=CLASSES, seed=0)
-    var.train()
+    var = _adapted_var(config["method"], depth=depth, patch_nums=patch_nums, embed_dim=width, num_heads=heads)
     k, rows = config["k"], config["rows"]
     examples = rows // k
     label_N = torch.randint(0, CLASSES, (examples,))
