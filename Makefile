@@ -13,9 +13,12 @@ $(PY):
 
 # Reinstall when the dependency list or its pins change; the project itself is installed editable, every
 # dependency at the version constraints.txt pins (the same versions as on the cluster's nodes, see cluster.yaml).
-# The aws extra (boto3, for Ray's AWS autoscaler) is installed too so the suite tests that the head can use it.
+# Everything the suite tests: the analysis side (the bare package), the training side (train), MLflow for
+# experiment tracking (tracking), the test tools (dev) and boto3 for Ray's AWS autoscaler (aws: the suite tests
+# that the head can use it). `pip install .` alone is the analysis-only install (see README).
+EXTRAS := train,tracking,dev,aws
 $(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,aws]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,7 +45,7 @@ test-slow: $(STAMP)
 # wheels: several GB); run `make test` on the result before committing it.
 constraints:
 	lock=$$(mktemp -d) && $(PYTHON) -m venv $$lock && \
-	$$lock/bin/pip install --quiet -e ".[dev,aws]" && \
+	$$lock/bin/pip install --quiet -e ".[$(EXTRAS)]" && \
 	{ sed '/^[^#]/,$$d' constraints.txt; $$lock/bin/pip freeze --exclude-editable; } > constraints.txt.new && \
 	mv constraints.txt.new constraints.txt && rm -rf $$lock
 

@@ -17,6 +17,9 @@ from .metrics import lookup
 from .tables import Cell, Table
 
 KEY_PACKAGES = ("torch", "torchvision", "ray", "peft", "opacus", "torch-fidelity")
+# Every trial, one row each, beside index.md (written by ``analysis.run.write_trials``, linked from the page).
+TRIAL_TABLES = ("trials.csv", "trials.parquet")
+TRIALS_NOTE = "Every trial, one row each (its settings, status, error and metrics):"
 
 
 @dataclass
@@ -132,7 +135,13 @@ def markdown(analysis: Analysis) -> str:
     for heading, items in notices(analysis):
         if items:
             lines += ["", f"## {heading}", ""] + [f"- {_md(item)}" for item in items]
-    lines += ["", "## Tables", ""]
+    lines += [
+        "",
+        "## Tables",
+        "",
+        f"{TRIALS_NOTE} " + ", ".join(f"[{name}]({name})" for name in TRIAL_TABLES),
+        "",
+    ]
     for table in analysis.tables:
         lines += [table.markdown(), _links(table), ""]
     if analysis.comparisons:
@@ -195,7 +204,9 @@ def page(analysis: Analysis) -> str:
             parts += (
                 [f"<h2>{esc(heading)}</h2><ul>"] + [f"<li>{esc(item)}</li>" for item in items] + ["</ul>"]
             )
-    parts += ["<h2>Tables</h2>"] + [_html_table(t) for t in analysis.tables]
+    trial_links = ", ".join(f"<a href='{name}'>{name}</a>" for name in TRIAL_TABLES)
+    parts += ["<h2>Tables</h2>", f"<p>{esc(TRIALS_NOTE)} {trial_links}</p>"]
+    parts += [_html_table(t) for t in analysis.tables]
     if analysis.comparisons:
         parts += ["<h2>Compared with the published tables</h2>"] + [
             _html_table(t) for t in analysis.comparisons

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
+import pandas as pd
+
 from bench.cli import probe_folder
 
 from .figures import all_figures, sample_grid
 from .load import AnalysisError, Results, load_results, storage_root
 from .paper import check_comparable, comparison
-from .report import Analysis, markdown, page
+from .report import TRIAL_TABLES, Analysis, markdown, page
 from .tables import all_tables
 
 
@@ -29,7 +31,7 @@ def analyse(
 ) -> Analysis:
     """Load every result (validated; see ``load_results``), then write ``out/tables/`` (CSV, long CSV, Markdown,
     LaTeX), ``out/figures/`` (PNG, PDF), ``out/grids/`` (one PNG per successful trial), ``out/trials.csv`` and
-    the report ``out/index.md`` / ``out/index.html``. ``compare_paper`` refuses results that cannot stand beside
+    ``out/trials.parquet`` (``write_trials``) and the report ``out/index.md`` / ``out/index.html``. ``compare_paper`` refuses results that cannot stand beside
     the published numbers before anything is written (AnalysisError)."""
     out = Path(out)
     results = load_results(
@@ -56,10 +58,18 @@ def analyse(
         analysis.grids, analysis.missing_grids = _grids(
             results, out / "grids", storage=storage_root(results_dir)
         )
-    results.trials.to_csv(out / "trials.csv", index=False)
+    write_trials(results.trials, out)
     (out / "index.md").write_text(markdown(analysis))
     (out / "index.html").write_text(page(analysis))
     return analysis
+
+
+def write_trials(trials: pd.DataFrame, out: Path) -> None:
+    """One row per trial, every column of ``load_results``' table, as ``out/trials.csv`` (for a spreadsheet) and
+    ``out/trials.parquet`` (for pandas, polars, DuckDB, Spark: the column types survive, so a reader needs no
+    parsing of numbers, booleans or missing values). Both are written from the same frame: the same rows."""
+    trials.to_csv(out / TRIAL_TABLES[0], index=False)
+    trials.to_parquet(out / TRIAL_TABLES[1], index=False)
 
 
 def _make_folder(out: Path) -> None:

@@ -1,9 +1,11 @@
 """``python -m bench``: list the sweeps, run one, show its status, or upgrade older results.
 
   python -m bench list
-  python -m bench sweep NAME [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR] [--dry-run]
-                           [--max-concurrent N] [--cluster-config YAML] [--address ADDRESS]
-  python -m bench status NAME [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR]
+  python -m bench sweep NAME_OR_FILE [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR]
+                           [--workers N] [--gpus-per-worker G] [--dry-run] [--max-concurrent N] [--cluster-config YAML]
+                           [--address ADDRESS] [--tracking {none,tensorboard,mlflow,wandb}] [--tracking-uri URI]
+  python -m bench status NAME_OR_FILE [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR]
+                           [--workers N] [--gpus-per-worker G]   (accepted so a sweep's command line works here too)
   python -m bench demo [--storage runs/demo] [--smoke]   (the embedded default: the demo sweep, then a summary)
   python -m bench upgrade-results STORAGE [--dry-run]   (results of an older schema version, rewritten under their new trial ids)
 On a cluster started with ``ray up cluster.yaml`` submit the same command with ``ray job submit -- python -m bench ...``;
@@ -13,6 +15,10 @@ naming the input and the problem (a listing, such as every trial that cannot run
 ``VARSWEEP_DEBUG=1`` shows the traceback too). Storage and cache folders are checked (created and probed with a
 small file) before Ray is imported or any trial starts; a dry run creates nothing and imports neither Ray nor
 the training code (Opacus, peft).
+
+NAME_OR_FILE: a built-in sweep (``list`` shows them) or a sweep file, a path ending in .yaml, .yml or .toml
+(``bench.sweep_file`` says what it holds; ``examples/`` has three). ``--workers`` and ``--gpus-per-worker`` replace
+those fields of every trial's ``resources``, which no trial id includes, so the ids (and finished results) stay.
 """
 
 from __future__ import annotations
@@ -24,15 +30,22 @@ from pathlib import Path
 from .cli import Parser, number, probe_folder, run_reporting
 from .preflight import SweepError
 from .results import ResultStore, StorageError, default_cache_dir
-from .schema import is_uri, record_value, with_absolute_paths
+from .schema import ConfigError, is_uri, record_value, replace, with_absolute_paths
+from .sweep_file import SUFFIXES, named_sweep
 from .sweeps import SWEEPS, build_sweep, describe
 from .sweeps.common import Assets
 
 
 def _common(parser: argparse.ArgumentParser, storage: str) -> None:
-    parser.add_argument("name", choices=sorted(SWEEPS))
     parser.add_argument(
-        "--smoke", action="store_true", help="the sweep's smoke version: tiny base, offline data, CPU"
+        "name",
+        metavar="NAME_OR_FILE",
+        help=f"a built-in sweep ({', '.join(sorted(SWEEPS))}) or a sweep file ({', '.join(SUFFIXES)})",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the sweep's smoke version: tiny base, offline data, CPU (a file's smoke: section on top)",
     )
     parser.add_argument(
         "--storage",
@@ -55,6 +68,17 @@ def _common(parser: argparse.ArgumentParser, storage: str) -> None:
         "--cache-dir",
         help="caches, including the checkpoints' SHA-256 that trial ids are made of (default: STORAGE/cache "
         "for a path, ~/.cache/varsweep for a URI; env VARSWEEP_CACHE)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=number(int, minimum=1),
+        help="DDP workers per trial, >= 1, in place of each trial's resources.workers (trial ids do not change)",
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=number(float, minimum=0),
+        help="GPUs per worker, >= 0 (a fraction for single-worker trials only), in place of each trial's "
+        "resources.gpus_per_worker (trial ids do not change)",
     )
 
 
@@ -81,6 +105,18 @@ def _parser() -> argparse.ArgumentParser:
         "--cluster-config",
         help="the autoscaler's cluster YAML whose node types and limits set how many trials run at once "
         "(default: the running cluster's own, e.g. ~/ray_bootstrap_config.yaml on a `ray up` head)",
+    )
+    from .tracking import TRACKERS
+
+    sweep.add_argument(
+        "--tracking",
+        choices=TRACKERS,
+        help="where each trial's config, metrics and artifacts are also logged (default: the sweep file's "
+        "tracking:, else none)",
+    )
+    sweep.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI or W&B folder (default: under the storage, STORAGE/mlflow.db or STORAGE/wandb)",
     )
     status = commands.add_parser("status", help="which trials of a sweep have results (reads only)")
     _common(status, "runs/sweeps")
@@ -116,6 +152,7 @@ def _run(args: argparse.Namespace) -> int:
             print(
                 f"{name:<12} {len(build_sweep(name)):>3} trials ({len(build_sweep(name, smoke=True))} smoke)  {describe(name)}"
             )
+        print("or a sweep file of your own: python -m bench sweep path/to/sweep.yaml (examples/ has three)")
         return 0
     if args.command == "demo":
         from .demo import run_demo
@@ -123,10 +160,14 @@ def _run(args: argparse.Namespace) -> int:
         return run_demo(storage=args.storage, smoke=args.smoke)
     if args.command == "upgrade-results":
         return upgrade_results(args.storage, dry_run=args.dry_run)
-    configs = [
-        with_absolute_paths(c) for c in build_sweep(args.name, smoke=args.smoke, assets=Assets(args.assets))
-    ]
-    configs = select(configs, args.where, sweep=args.name)
+    sweep = named_sweep(args.name, smoke=args.smoke, assets=Assets(args.assets))
+    configs = [with_absolute_paths(c) for c in sweep.configs]
+    configs = override_resources(configs, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
+    configs = select(configs, args.where, sweep=sweep.name)
+    if sweep.source:
+        size = f"{len(configs)} trial{'' if len(configs) == 1 else 's'}{' (smoke)' if args.smoke else ''}"
+        about = f"; {sweep.description}" if sweep.description else ""
+        print(f"sweep file {sweep.source}: {sweep.name}, {size}{about}")
     if args.command == "status":
         store = ResultStore(args.storage, create=False)
         store.require_folder()
@@ -139,6 +180,11 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(status_table(configs, store))
         return 0
+    from .tracking import check_tracking
+
+    tracking = args.tracking or sweep.tracking or "none"
+    # a tracker whose package is missing is named before anything is created
+    check_tracking(tracking, tracking_uri=args.tracking_uri)
     # A bad storage or cache fails here, before Ray is imported or anything is built; a dry run creates nothing.
     if args.dry_run and not is_uri(args.storage):
         check_folder(args.storage, what="--storage", create=False)
@@ -153,9 +199,29 @@ def _run(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent,
         address=args.address,
         cluster_config=args.cluster_config,
+        tracking=tracking,
+        tracking_uri=args.tracking_uri,
     )
-    summary = run_sweep(args.name + ("-smoke" if args.smoke else ""), configs, launch, dry_run=args.dry_run)
+    summary = run_sweep(sweep.name + ("-smoke" if args.smoke else ""), configs, launch, dry_run=args.dry_run)
     return 1 if summary["failed"] else 0
+
+
+def override_resources(configs: list, *, workers: int | None, gpus_per_worker: float | None) -> list:
+    """The configs with ``resources.workers`` / ``resources.gpus_per_worker`` replaced where given (None keeps
+    each trial's own). ``resources`` is not part of a trial id, so the ids stay; a combination the schema refuses
+    (a fractional GPU per worker with several workers) is a ``ConfigError`` naming the options."""
+    changes = {
+        name: value
+        for name, value in (("workers", workers), ("gpus_per_worker", gpus_per_worker))
+        if value is not None
+    }
+    if not changes:
+        return configs
+    try:
+        return [replace(c, resources=changes) for c in configs]
+    except ConfigError as err:
+        given = " ".join(f"--{name.replace('_', '-')} {value:g}" for name, value in changes.items())
+        raise ConfigError(f"{given}: {err}") from err
 
 
 def select(configs: list, where: list[str], *, sweep: str) -> list:

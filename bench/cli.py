@@ -18,6 +18,12 @@ from typing import TextIO
 from .errors import VarsweepError
 
 EXIT_ERROR = 2
+# The training side's packages (the `train` extra, by import name): from the analysis-only install
+# (`pip install varsweep`) a command that needs one ends in the command that installs them, not "No module named".
+TRAINING_PACKAGES = frozenset(
+    {"torch", "torchvision", "ray", "peft", "opacus", "torch_fidelity", "sklearn", "psutil"}
+)
+TRAIN_INSTALL = "pip install 'varsweep[train]'"
 
 
 class UsageError(VarsweepError):
@@ -62,7 +68,21 @@ def run_reporting(command: Callable[[], int], *, interrupted: str = "interrupted
     except Exception as err:
         if os.environ.get("VARSWEEP_DEBUG"):
             traceback.print_exc()
+        missing = missing_training_package(err)
+        if missing:
+            return report(
+                f"{missing} is not installed: this command needs varsweep's training side, "
+                f"which an analysis-only install leaves out; install it with: {TRAIN_INSTALL}"
+            )
         return report(err)
+
+
+def missing_training_package(err: BaseException) -> str | None:
+    """The training-side package (import name) whose absence ``err`` reports, or None for any other error."""
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        package = err.name.split(".")[0]
+        return package if package in TRAINING_PACKAGES else None
+    return None
 
 
 def number(

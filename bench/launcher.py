@@ -9,7 +9,9 @@ Storage layout (a local or shared path, or a URI for results, artifacts and chec
                                         images (real/), complete before its result is written (see ResultStore)
   <storage>/train/trial-<trial_id>/     the trial's Ray Train run: checkpoints a retried or relaunched trial resumes from
                                         (deleted when a DP trial's result is written)
-  <storage>/tune/<sweep>/               Tune's experiment state
+  <storage>/tune/<sweep>/               Tune's experiment state (and TensorBoard events, one folder per trial)
+  <storage>/mlflow.db, mlflow-artifacts/ (--tracking mlflow, the default store) one MLflow run per trial
+  <storage>/wandb/                      (--tracking wandb) W&B offline runs
   <cache_dir>/                          shared caches (tiny bases, offline data, token caches, reference statistics);
                                         nothing of a trial's own, so clearing it loses no result or artifact
   <cache_dir>/staging/<trial_id>/       (URI storage only) a trial's artifacts on rank 0's node until they are uploaded
@@ -45,6 +47,7 @@ from .estimates import estimate
 from .preflight import SweepError, check_sweep, identify
 from .results import ResultStore, default_cache_dir  # noqa: F401 - default_cache_dir: re-exported
 from .schema import TrialConfig, absolute, is_uri, make_result, utc_now
+from .tracking import TRACKERS, Tracker, check_target, check_tracking, default_target, describe, open_tracker
 
 TRIAL_FUNCTION_MEMORY_BYTES = 64 * 2**20
 # How long a trial's Train controller waits for its workers' placement group before it gives up, removes the
@@ -85,6 +88,10 @@ class Launch:
     # Seconds a trial waits for its workers before re-requesting them (START_TIMEOUT_ENV); None: decided by
     # `run_sweep` (START_TIMEOUT_LOCAL_S, or START_TIMEOUT_AUTOSCALING_S under an autoscaler).
     worker_start_timeout_s: float | None = None
+    # One of bench.tracking.TRACKERS: where each trial's params, metrics and artifacts also go (from the driver).
+    tracking: str = "none"
+    # The MLflow tracking URI or the W&B folder; None: under the storage (`bench.tracking.default_target`).
+    tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "storage", absolute(str(self.storage)))
@@ -102,6 +109,20 @@ class Launch:
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
         ):
             raise SweepError(f"worker start timeout must be a positive number of seconds, got {timeout!r}")
+        self._check_tracking()
+
+    def _check_tracking(self) -> None:
+        """The tracker's name and target (not its package: trial processes rebuild this object on nodes that need
+        no tracker installed; `run_sweep` checks the package in the driver)."""
+        if self.tracking not in TRACKERS:
+            raise SweepError(
+                f"unknown tracker {self.tracking!r}: --tracking takes one of {', '.join(TRACKERS)}"
+            )
+        if self.tracking_uri is not None:
+            if not isinstance(self.tracking_uri, str) or not self.tracking_uri.strip():
+                raise SweepError(f"--tracking-uri must be a URI or a folder, got {self.tracking_uri!r}")
+            object.__setattr__(self, "tracking_uri", absolute(self.tracking_uri))
+        check_target(self.tracking, storage=self.storage, tracking_uri=self.tracking_uri)
 
     @property
     def train_storage(self) -> str:
@@ -535,12 +556,67 @@ class SweepProgress:
         )
 
 
-def tune_callback_class() -> type:
-    """``SweepProgress`` as the ``ray.tune.Callback`` subclass Tune requires; made here, when a sweep runs, because
-    importing this module must not import Ray (a dry run never does)."""
+class TrialTracking:
+    """The sweep's Tune callback for ``--tracking mlflow|wandb`` (``tune_callback_class(TrialTracking)`` adds
+    Tune's base class): hands each trial's start, progress reports and end to the driver's ``Tracker``. Ray's own
+    ``MLflowLoggerCallback`` does not fit these trials: it logs Tune's whole parameter space under slash-joined names
+    (the launch settings included), steps by Tune iteration instead of the training step, marks every trial
+    FINISHED (the trial function returns normally after a failure too; the result file is the verdict) and creates
+    the experiment without an artifact location (artifacts would land in the driver's working folder). A tracker
+    that fails mid-sweep costs its records, never the sweep: the first error is printed and tracking stops."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker, self.broken = tracker, False
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its run config, callbacks included, into the experiment folder (for Tuner.restore, which
+        # sweeps do not use): a tracker's client (database engine, HTTP session) stays out of it.
+        return {"tracker": None, "broken": True}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._safely(self.tracker.start, TrialConfig.from_dict(trial.config["trial"]))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._safely(self.tracker.log_step, _config_id(trial), result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._safely(self.tracker.finish, _config_id(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._safely(self.tracker.finish, _config_id(trial))
+
+    def _safely(self, call, *args) -> None:
+        if self.broken:
+            return
+        try:
+            call(*args)
+        except Exception as err:
+            self.broken = True
+            print(
+                f"tracking stopped: {type(err).__name__}: {err} (the trials go on; their results are in the storage)"
+            )
+
+
+def _config_id(trial) -> str:
+    return TrialConfig.from_dict(trial.config["trial"]).trial_id
+
+
+def tune_callback_class(base: type = SweepProgress) -> type:
+    """``base`` (``SweepProgress`` or ``TrialTracking``) as the ``ray.tune.Callback`` subclass Tune requires; made
+    here, when a sweep runs, because importing this module must not import Ray (a dry run never does)."""
     from ray import tune
 
-    return type("SweepProgressCallback", (SweepProgress, tune.Callback), {})
+    return type(f"{base.__name__}Callback", (base, tune.Callback), {})
+
+
+def tracking_callbacks(launch: Launch, tracker: Tracker | None) -> list:
+    """Tune callbacks of the launch's tracker: Tune's own TensorBoard logger (named, so it does not depend on Tune
+    adding it by default) or ``TrialTracking`` around the driver's MLflow or W&B tracker."""
+    if launch.tracking == "tensorboard":
+        from ray.tune.logger import TBXLoggerCallback
+
+        return [TBXLoggerCallback()]
+    return [tune_callback_class(TrialTracking)(tracker)] if tracker is not None else []
 
 
 def run_sweep(
@@ -548,6 +624,7 @@ def run_sweep(
 ) -> dict:
     """Check, then run every unfinished trial; returns {"ran", "skipped", "failed", "wall_seconds", "concurrency"}.
     A dry run creates nothing (no storage, cache or offline data folder)."""
+    check_tracking(launch.tracking, tracking_uri=launch.tracking_uri)  # its package, before anything is read
     configs = identify(
         configs, cache_dir=launch.cache_dir, write=not dry_run, log=print
     )  # content ids, so a mount change keeps ids
@@ -570,6 +647,11 @@ def run_sweep(
         print(f"sweep {name}: every trial ({len(configs)}) already has its result in {store.folder}")
         return {"ran": 0, "skipped": len(done), "failed": 0, "wall_seconds": 0.0, "concurrency": 0}
     started = time.perf_counter()
+    target = default_target(launch.tracking, storage=launch.storage, tracking_uri=launch.tracking_uri)
+    # Opened before any compute: a tracking store that cannot be opened stops the sweep here.
+    tracker = open_tracker(
+        launch.tracking, sweep=name, storage=launch.storage, tracking_uri=launch.tracking_uri
+    )
     from trainables.trial import prepare_shared
 
     prepare_shared(
@@ -604,6 +686,9 @@ def run_sweep(
         f"sweep {name}: {len(todo)} trials to run ({len(done)} already done), up to {parallel} at a time "
         f"(from {source}); results in {store.folder}"
     )
+    line = describe(launch.tracking, sweep=name, target=target)
+    if line:
+        print(line)
     progress = tune_callback_class()(
         name,
         todo,
@@ -629,11 +714,15 @@ def run_sweep(
             name=name,
             storage_path=launch.tune_storage,
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[progress],
+            callbacks=[progress, *tracking_callbacks(launch, tracker)],
             verbose=verbose,
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        if tracker is not None:  # runs of trials that never ended (an interrupted sweep) are marked failed
+            tracker.close()
     time.sleep(
         2.0
     )  # worker lines reach the driver asynchronously: let the last ones arrive before the summary

@@ -1011,13 +1011,16 @@ RealImages = TypedDict("RealImages", {"label": int, "class": str, "paths": list[
 class Artifacts(TypedDict):
     """A trial's files under ``<storage>/artifacts/<trial_id>/``, as paths relative to the storage root ("/"
     separated): the folder, the trained adapter (None for the base method), the generated images
-    (``class_<label>/``), real evaluation images per class. Records written before this layout have only
-    ``generated_images`` and ``real_images``, as absolute paths (analysis skips their grids with a note)."""
+    (``class_<label>/``), real evaluation images per class, and the adapter again as a folder peft loads
+    (``peft.PeftModel.from_pretrained``; None for full fine-tuning and the base method; absent from records
+    written before it). Records written before this layout have only ``generated_images`` and ``real_images``,
+    as absolute paths (analysis skips their grids with a note)."""
 
     generated_images: str
     real_images: list[RealImages]
     folder: NotRequired[str]
     adapter: NotRequired[str | None]
+    peft_adapter: NotRequired[str | None]
 
 
 class UpgradedFrom(TypedDict):
@@ -1173,7 +1176,8 @@ def _check_sections(record: Mapping[str, Any]) -> None:
         _check_record_value(hint, value, name)
     artifacts = record.get("artifacts")
     if artifacts and "folder" in artifacts:  # the storage layout: every path relative to the storage root
-        paths = [artifacts["folder"], artifacts["generated_images"], artifacts.get("adapter")]
+        paths = [artifacts["folder"], artifacts["generated_images"]]
+        paths += [artifacts.get("adapter"), artifacts.get("peft_adapter")]
         paths += [p for entry in artifacts["real_images"] for p in entry["paths"]]
         bad = [p for p in paths if p is not None and not is_storage_relative(p)]
         _require(

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -428,6 +429,19 @@ def test_cli_writes_the_report_and_says_where(fixture_storage, tmp_path, capsys)
     ):
         assert needle in html, needle
     assert len(read_csv(tmp_path / "out" / "trials.csv")) == 53
+
+
+def test_trials_parquet_has_the_rows_and_types_of_trials_csv(golden_run):
+    out = golden_run.out
+    parquet, from_csv = pd.read_parquet(out / "trials.parquet"), pd.read_csv(out / "trials.csv")
+    pd.testing.assert_frame_equal(parquet, golden_run.results.trials)  # every column's type survives
+    assert list(parquet.columns) == list(from_csv.columns) and len(parquet) == len(from_csv) == 53
+    # The same values as the CSV, where CSV cannot say None (it reads an empty cell back as NaN).
+    as_read = [frame.astype(object).where(frame.notna(), None) for frame in (parquet, from_csv)]
+    pd.testing.assert_frame_equal(*as_read, check_dtype=False, check_exact=False)
+    for page in ("index.html", "index.md"):
+        text = (out / page).read_text()
+        assert "trials.parquet" in text and "trials.csv" in text, page
 
 
 def test_analysis_imports_neither_torch_nor_ray():

@@ -88,7 +88,8 @@ def _installs_with_constraints(args: list[str], extra: str | None) -> bool:
 
 
 def test_every_node_installs_varsweep_with_the_constraints(cluster):
-    assert any(_installs_with_constraints(args, None) for args in _pip_installs(cluster["setup_commands"]))
+    # the training side: the bare package is the analysis only (no torch, no Ray)
+    assert any(_installs_with_constraints(args, "train") for args in _pip_installs(cluster["setup_commands"]))
     every = _pip_installs(
         cluster["setup_commands"] + cluster["head_setup_commands"] + cluster["worker_setup_commands"]
     )
@@ -108,7 +109,9 @@ def test_the_head_installs_the_aws_extra_with_the_constraints(cluster):
 
 def test_ray_is_pinned_exactly_and_to_the_installed_version():
     (ray_requirement,) = [
-        Requirement(r) for r in _project()["dependencies"] if canonicalize_name(Requirement(r).name) == "ray"
+        Requirement(r)
+        for r in _project()["optional-dependencies"]["train"]
+        if canonicalize_name(Requirement(r).name) == "ray"
     ]
     (spec,) = ray_requirement.specifier
     assert spec.operator == "==" and spec.version == ray.__version__ == _constraints()["ray"]
@@ -120,6 +123,7 @@ def test_every_direct_dependency_is_pinned_to_a_version_it_allows():
     project = _project()
     requirements = [Requirement(r) for r in project["dependencies"]]
     requirements += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    requirements = [r for r in requirements if r.name != project["name"]]  # `all`: varsweep's own extras
     assert {"boto3", "botocore"} <= {canonicalize_name(r.name) for r in requirements}
     for requirement in requirements:
         name = canonicalize_name(requirement.name)
@@ -134,7 +138,8 @@ def test_this_environment_is_installed_as_the_cluster_installs():
     # the suite runs where `make install` put the pinned versions: what passes here is what the nodes get
     pins = _constraints()
     project = _project()
-    for line in project["dependencies"] + project["optional-dependencies"]["aws"]:
+    extras = project["optional-dependencies"]
+    for line in project["dependencies"] + [r for e in ("train", "tracking", "aws") for r in extras[e]]:
         name = canonicalize_name(Requirement(line).name)
         assert version(name) == pins[name], (
             f"{name} {version(name)} is installed, constraints.txt pins {pins[name]}"
@@ -145,7 +150,9 @@ def test_makefile_installs_with_the_constraints_and_reinstalls_when_they_change(
     text = (REPO / "Makefile").read_text()
     rule = next(line for line in text.splitlines() if line.startswith("$(STAMP):"))
     assert "pyproject.toml" in rule and "constraints.txt" in rule
-    assert '-c constraints.txt -e ".[dev,aws]"' in text
+    assert '-c constraints.txt -e ".[$(EXTRAS)]"' in text
+    (extras,) = [line.split(":=")[1].strip() for line in text.splitlines() if line.startswith("EXTRAS :=")]
+    assert set(extras.split(",")) == {"train", "tracking", "dev", "aws"}  # the suite tests each of them
 
 
 def test_ray_aws_node_provider_loads_and_accepts_the_node_configs(cluster, monkeypatch):

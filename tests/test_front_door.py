@@ -1,6 +1,6 @@
 """The front door, run the way a user runs it: the real command line in a subprocess, from a working folder of its
 own, with *relative* ``--storage`` and ``--cache-dir`` (Ray runs trials and workers in folders of its own, so a
-relative path that reached them would strand every result). A ``--smoke`` sweep, its relaunch, ``bench status``
+relative path that reached them would strand every result). A ``--smoke`` sweep tracked in MLflow, its relaunch, ``bench status``
 and ``bench demo --smoke`` (what CI runs) share one module-scoped folder and cache: the tiny base and the digit
 classifier are built once for all of them. Last, the cache folder is deleted: every result and sample image is in
 the storage, so the analysis still draws every trial's grid."""
@@ -55,8 +55,9 @@ def _trial_folders(root: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def smoke_sweep(workdir):
-    first = bench(*SWEEP, "--storage", STORAGE, "--cache-dir", CACHE, cwd=workdir)
-    again = bench(*SWEEP, "--storage", STORAGE, "--cache-dir", CACHE, cwd=workdir)
+    """The sweep and its relaunch, both tracked in MLflow's default store under the storage (``--tracking``)."""
+    first = bench(*SWEEP, "--storage", STORAGE, "--cache-dir", CACHE, "--tracking", "mlflow", cwd=workdir)
+    again = bench(*SWEEP, "--storage", STORAGE, "--cache-dir", CACHE, "--tracking", "mlflow", cwd=workdir)
     return first, again
 
 
@@ -117,6 +118,29 @@ def test_relaunch_skips_every_finished_trial_and_status_reads_them(smoke_sweep, 
     assert again.returncode == 0 and "every trial (1) already has its result" in again.stdout
     status = bench("status", *SWEEP[1:], "--storage", STORAGE, cwd=workdir)
     assert status.returncode == 0 and "1 success of 1 trials" in status.stdout
+
+
+def test_the_sweep_is_tracked_in_mlflow_and_read_back_with_its_client(smoke_sweep, workdir):
+    """One MLflow run per trial, read with MLflow's own client: the config as params, tags, the training loss per
+    step, the final metrics, the result JSON and sample grid as artifacts; the relaunch adds no run."""
+    from mlflow.tracking import MlflowClient
+
+    first, again = smoke_sweep
+    storage = (workdir / STORAGE).resolve()
+    database = f"sqlite:///{storage / 'mlflow.db'}"
+    assert f"mlflow ui --backend-store-uri {database}" in first.stdout
+    client = MlflowClient(tracking_uri=database)
+    experiment = client.get_experiment_by_name("convergence-smoke")
+    (run,) = client.search_runs([experiment.experiment_id])  # the relaunch ran nothing and opened no run
+    (config,) = [c for c in build_sweep("convergence", smoke=True) if c.method.name == "lora"]
+    record = json.loads((storage / "results" / f"{config.trial_id}.json").read_text())
+    assert run.info.status == "FINISHED" and run.data.tags["trial_id"] == config.trial_id
+    assert run.data.params["method.name"] == "lora" and run.data.params["data.dataset"] == "digits"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, config.optimization.steps + 1))
+    assert run.data.metrics["fid"] == pytest.approx(record["metrics"]["fid"])
+    artifacts = sorted(entry.path for entry in client.list_artifacts(run.info.run_id))
+    assert artifacts == ["result.json", "sample_grid.png"]
 
 
 @pytest.fixture(scope="module")

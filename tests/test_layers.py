@@ -5,8 +5,9 @@
   standard library, other contract modules and (the result store, for URIs) pyarrow;
 - ``trainables`` and ``analysis``: each imports the contract, third-party packages and itself, never the other
   (``trainables.models`` imports only torch and itself);
-- the top: ``bench.launcher``, ``bench.preflight``, ``bench.demo``, ``bench.__main__``, ``trainables.ray_worker``,
-  which may import anything; nothing imports them but the top.
+- the top: ``bench.launcher``, ``bench.preflight``, ``bench.sweep_file``, ``bench.tracking``, ``bench.demo``,
+  ``bench.__main__``, ``trainables.ray_worker`` and the ``varsweep`` command, which may import anything; nothing
+  imports them but the top.
 
 Every import of every module counts, function-level ones included (parsed, not executed)."""
 
@@ -19,9 +20,18 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("bench", "analysis", "trainables")
+PACKAGES = ("bench", "analysis", "trainables", "varsweep")
 CONTRACT = ("bench.errors", "bench.schema", "bench.results", "bench.cli", "bench.estimates", "bench.sweeps")
-TOP = ("bench.launcher", "bench.preflight", "bench.demo", "bench.__main__", "trainables.ray_worker")
+TOP = (
+    "bench.launcher",
+    "bench.preflight",
+    "bench.sweep_file",
+    "bench.tracking",
+    "bench.demo",
+    "bench.__main__",
+    "trainables.ray_worker",
+    "varsweep",
+)
 CONTRACT_THIRD_PARTY = {"bench.results": {"pyarrow"}}  # the result store opens URIs through pyarrow
 HEAVY = ("torch", "ray", "opacus", "peft", "pandas", "matplotlib")
 

@@ -107,17 +107,19 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
     assert record["parameters"]["trainable"] > record["parameters"]["trainable_without_class_embedding"] > 0
     # The trial's artifacts live in storage (artifacts/<trial id>/), named relative to its root; nothing of it in the cache.
     artifacts, folder = record["artifacts"], f"artifacts/{config.trial_id}"
-    assert (artifacts["folder"], artifacts["adapter"], artifacts["generated_images"]) == (
-        folder,
-        f"{folder}/adapter.pt",
-        f"{folder}/images",
-    )
+    assert (
+        artifacts["folder"],
+        artifacts["adapter"],
+        artifacts["peft_adapter"],
+        artifacts["generated_images"],
+    ) == (folder, f"{folder}/adapter.pt", f"{folder}/adapter-peft", f"{folder}/images")
     assert [(e["label"], e["class"]) for e in artifacts["real_images"]] == [
         (d, f"{d:02d}_{d}") for d in range(10)
     ]  # every class
     assert all(len(e["paths"]) == 6 for e in artifacts["real_images"])
     paths = [
         artifacts["adapter"],
+        artifacts["peft_adapter"],
         artifacts["generated_images"],
         *(p for e in artifacts["real_images"] for p in e["paths"]),
     ]
@@ -154,7 +156,8 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
     assert (
         base["parameters"]["trainable"] == 0 and base["history"] == [] and base["cost"]["train_pflops"] == 0
     )
-    assert base["artifacts"]["adapter"] is None and not (tmp_path / "base" / "adapter.pt").exists()
+    assert base["artifacts"]["adapter"] is base["artifacts"]["peft_adapter"] is None
+    assert not (tmp_path / "base" / "adapter.pt").exists()
 
 
 def _numbers(value, path: str = ""):

@@ -10,7 +10,9 @@ weights, the modulation linears are its norm parameters). The new class embeddin
 
 ``adapt`` returns what it did as an ``Adaptation`` record (nothing is hidden on the model): ``save_adapter`` takes
 it, and ``load_adapter`` returns the one it read. Adapter files hold exactly the trainable tensors; with the base
-checkpoint they restore the fine-tuned model.
+checkpoint they restore the fine-tuned model. The peft methods' adapters are also written in peft's own format
+(``trainables.peft_format``: a folder ``peft.PeftModel.from_pretrained`` loads, built from ``peft_config``, the
+same configuration ``adapt`` injects); ``load_adapter`` reads such a folder too.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ LORA_PRESETS = {
     "lora_attention": ("attention",),
     "lora_mlp": ("mlp",),
 }
+CLASS_EMBEDDING = "class_emb"  # the VAR module of the new label set: trained whole by every method
+# The methods that train peft adapters (saved in peft's own format too, ``trainables.peft_format``).
+PEFT_METHODS = (*LORA_PRESETS, "ln_tuning")
+FULL_HAS_NO_ADAPTER = (
+    "full fine-tuning changes the base weights themselves, so there is no adapter to hand to peft: "
+    "export the whole fine-tuned model with official_export_state (an official-layout VAR checkpoint) "
+    "or keep save_adapter's adapter.pt (all trained tensors)"
+)
 
 
 @dataclass(frozen=True)
@@ -116,32 +126,44 @@ def _peft_inject(var: VAR, config: peft.PeftConfig, *, seed: int) -> None:
         peft.get_peft_model(var, config)  # modifies ``var`` in place and freezes every non-adapter parameter
 
 
-def _lora(var: VAR, adaptation: Adaptation) -> None:
+def peft_config(adaptation: Adaptation, *, depth: int, with_class_embedding: bool = False) -> peft.PeftConfig:
+    """The peft configuration ``adapt`` injects for ``adaptation``'s method into a VAR of ``depth`` blocks: LoRA
+    (rank, alpha, no dropout) on the method's target groups, or LN tuning of ``ada_lin.1``, in the method's blocks.
+    One builder for training and export, so an exported ``adapter_config.json`` is what was trained.
+    ``with_class_embedding`` (the peft export) adds the trained class embedding the way each peft method carries a
+    whole trained module: LoRA saves it as a module to save, LN tuning tunes a copy of it like its other targets
+    (peft's LN-tuning merge does not unwrap modules to save, and this way ``merge_and_unload`` leaves a plain VAR)."""
     method = adaptation.method
+    if method.name not in PEFT_METHODS:
+        raise ConfigError(
+            f"method.name: {method.name!r} has no peft adapter (peft methods: {sorted(PEFT_METHODS)}); "
+            + (FULL_HAS_NO_ADAPTER if method.name == "full" else "it trains nothing")
+        )
+    blocks = rf"blocks\.{_blocks_pattern(adaptation, depth)}\."
+    if method.name == "ln_tuning":
+        target = rf"{blocks}ada_lin\.1"
+        return peft.LNTuningConfig(
+            target_modules=f"({target}|{CLASS_EMBEDDING})" if with_class_embedding else target
+        )
     modules = "|".join(
         re.escape(path) for group in adaptation.target_groups() for path in LORA_TARGET_GROUPS[group]
     )
-    target = rf"blocks\.{_blocks_pattern(adaptation, var.depth)}\.({modules})"
-    _peft_inject(
-        var,
-        peft.LoraConfig(
-            r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=0.0, target_modules=target
-        ),
-        seed=adaptation.seed,
+    return peft.LoraConfig(
+        r=method.lora_rank,
+        lora_alpha=method.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=rf"{blocks}({modules})",
+        modules_to_save=[CLASS_EMBEDDING] if with_class_embedding else None,
     )
 
 
-def _ln_tuning(var: VAR, adaptation: Adaptation) -> None:
-    target = rf"blocks\.{_blocks_pattern(adaptation, var.depth)}\.ada_lin\.1"
-    _peft_inject(var, peft.LNTuningConfig(target_modules=target), seed=adaptation.seed)
+def _peft_method(var: VAR, adaptation: Adaptation) -> None:
+    _peft_inject(var, peft_config(adaptation, depth=var.depth), seed=adaptation.seed)
 
 
 METHODS: dict[str, Callable[[VAR, Adaptation], None]] = {
     "full": _full,
-    "lora": _lora,
-    "lora_attention": _lora,
-    "lora_mlp": _lora,
-    "ln_tuning": _ln_tuning,
+    **{name: _peft_method for name in PEFT_METHODS},
 }
 
 
@@ -239,12 +261,13 @@ def save_adapter(
         path,
         trainable_parameters(var),
         kind=ADAPTER_KIND,
-        architecture=_base_architecture(var),
+        architecture=base_architecture(var),
         metadata=meta,
     )
 
 
-def _base_architecture(var: VAR) -> dict[str, Any]:
+def base_architecture(var: VAR) -> dict[str, Any]:
+    """The architecture an adapter records of its base: the VAR's, less the class count (the adaptation's)."""
     return {
         **var.architecture,
         "num_classes": None,
@@ -257,18 +280,56 @@ def load_adapter(base: VAR, path: str | os.PathLike, *, base_sha256: str | None)
     from (``checkpoint_sha256(path)``), required so that no caller skips the check by accident: a base other than
     the one the adapter was trained on is refused; None only for a base that has no file (built in memory).
     The adapter's tensors and sidecar are read as one verified pair (``read_verified``) before the base is
-    touched."""
-    state, _, metadata = read_verified(path, kind=ADAPTER_KIND, architecture=_base_architecture(base))
+    touched. ``path`` may also be a peft adapter folder written by ``trainables.peft_format.save_peft_adapter``
+    (``adapter_config.json``, ``adapter_model.safetensors`` and varsweep's provenance file), checked the same way."""
+    if Path(path).is_dir():
+        # Imported here: peft_format builds on this module (Adaptation, adapt), so it cannot be imported at its top.
+        from .peft_format import load_peft_folder
+
+        return load_peft_folder(base, path, base_sha256=base_sha256)
+    state, _, metadata = read_verified(path, kind=ADAPTER_KIND, architecture=base_architecture(base))
     if not isinstance(metadata, dict) or not isinstance(metadata.get("adaptation"), dict):
         raise CheckpointError(
             f"adapter {path} has no sidecar {path}.json with its adaptation spec; it cannot be applied"
         )
-    trained_on, given = metadata.get("base_sha256"), base_sha256
-    if trained_on and given and trained_on != given:
+    saved = saved_adaptation(path, metadata, base_sha256=base_sha256)
+    return apply_adapter_state(base, path, saved=saved, state=state, base_sha256=base_sha256)
+
+
+def saved_adaptation(
+    path: str | os.PathLike, record: Mapping[str, Any], *, base_sha256: str | None
+) -> Adaptation:
+    """The ``Adaptation`` an adapter's record holds (``{"adaptation": ..., "base_sha256": ...}``: the sidecar's
+    metadata, or a peft folder's provenance file), after refusing a base loaded from another file than the one
+    the adapter was trained on (``base_sha256``: the given base's; None skips that check)."""
+    trained_on = record.get("base_sha256")
+    if trained_on and base_sha256 and trained_on != base_sha256:
         raise CheckpointError(
             f"adapter {path} was trained on the base checkpoint with SHA-256 {trained_on}, "
-            f"but the given base was loaded from a file with SHA-256 {given}"
+            f"but the given base was loaded from a file with SHA-256 {base_sha256}"
         )
+    try:
+        return Adaptation.from_dict(record["adaptation"], base_sha256=trained_on)
+    except (
+        TypeError,
+        ValueError,
+        KeyError,
+        AttributeError,
+    ) as err:  # a record edited by hand, or of another version
+        raise CheckpointError(f"adapter {path}: its adaptation record is not usable: {err!r}") from err
+
+
+def apply_adapter_state(
+    base: VAR,
+    path: str | os.PathLike,
+    *,
+    saved: Adaptation,
+    state: Mapping[str, torch.Tensor],
+    base_sha256: str | None,
+) -> Adaptation:
+    """Adapt ``base`` as ``saved`` records (in place) and copy ``state`` (trainable parameter name -> tensor,
+    read from the adapter at ``path``) into its trainable parameters; refuses NaN/inf, another patch set, and
+    tensors that do not fit exactly. Returns what ``adapt`` did."""
     non_finite = sorted(
         k for k, v in state.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())
     )
@@ -276,17 +337,6 @@ def load_adapter(base: VAR, path: str | os.PathLike, *, base_sha256: str | None)
         raise CheckpointError(
             f"adapter {path} holds NaN/inf values in {len(non_finite)} tensor(s): {', '.join(non_finite[:8])}"
         )
-    try:
-        saved = Adaptation.from_dict(metadata["adaptation"])
-    except (
-        TypeError,
-        ValueError,
-        KeyError,
-        AttributeError,
-    ) as err:  # a sidecar edited by hand, or of another version
-        raise CheckpointError(
-            f"adapter {path}: its sidecar's adaptation record is not usable: {err!r}"
-        ) from err
     adaptation = adapt(
         base, saved.method, num_classes=saved.num_classes, seed=saved.seed, base_sha256=base_sha256
     )

@@ -39,9 +39,10 @@ from .evaluation.evaluate import ScoringSettings, evaluate
 from .evaluation.features import DIGITS_CNN, build_extractor
 from .evaluation.metrics import ReferenceStats
 from .finetune import Checkpointing, Prior, RunPlan, check_resources, finetune
-from .methods import Adaptation, adapt, parameter_counts, save_adapter
+from .methods import PEFT_METHODS, Adaptation, adapt, parameter_counts, save_adapter
 from .models import VAR, VQVAE, load_var, load_vqvae, resize_class_embedding
 from .models.checkpoints import atomic_write, checkpoint_sha256
+from .peft_format import save_peft_adapter
 from .plan import TrialPlan, list_splits, plan_trial, preflight  # noqa: F401 (plan_trial: re-exported for callers)
 from .prior import build_prior_bank
 from .profiling import peak_flops_per_second
@@ -149,8 +150,9 @@ def run_trial(
 ) -> dict:
     """Train and evaluate one trial; returns its result record (on ranks other than 0: the record without metrics).
     ``cache_dir`` holds what trials share (tiny bases, offline data, token caches, reference statistics);
-    ``artifacts_dir`` this trial's own files (``adapter.pt``, ``images/``, ``real/``), the local folder that is or
-    becomes ``<storage>/artifacts/<trial_id>/`` (the record's ``artifacts`` paths are relative to the storage root).
+    ``artifacts_dir`` this trial's own files (``adapter.pt``, ``adapter-peft/``, ``images/``, ``real/``), the local
+    folder that is or becomes ``<storage>/artifacts/<trial_id>/`` (the record's ``artifacts`` paths are relative to
+    the storage root).
     ``resume`` is a training state saved through ``report`` by an earlier attempt; ``startup_seconds`` (launch to
     this call, measured by the launcher's worker) is recorded in the cost with the setup, training and evaluation
     times."""
@@ -225,12 +227,7 @@ def run_trial(
     }
     trained = adaptation is not None
     if trained:
-        save_adapter(
-            var,
-            artifacts_dir / "adapter.pt",
-            adaptation=adaptation,
-            metadata={"trial": config.to_dict(), "trial_id": config.trial_id},
-        )
+        _save_adapters(config, var, artifacts_dir, adaptation=adaptation)
     cost = {
         **_cost(
             out["compute"],
@@ -247,10 +244,29 @@ def run_trial(
         metrics=final["metrics"],
         cost=cost,
         evaluation_settings=_evaluation_record(final),
-        artifacts=_artifacts(config, artifacts_dir, evaluation, adapter=trained),
+        artifacts=_artifacts(
+            config,
+            artifacts_dir,
+            evaluation,
+            adapter=trained,
+            peft=trained and config.method.name in PEFT_METHODS,
+        ),
         **record,
         finished_at=utc_now(),
     )
+
+
+PEFT_ADAPTER_FOLDER = "adapter-peft"  # beside adapter.pt: the same adapter in peft's own format
+
+
+def _save_adapters(config: TrialConfig, var: VAR, artifacts_dir: Path, *, adaptation: Adaptation) -> None:
+    """``adapter.pt`` (varsweep's format, every trained tensor) and, for the peft methods, ``adapter-peft/``: the
+    same adapter as a folder ``peft.PeftModel.from_pretrained`` loads (``trainables.peft_format``). Full
+    fine-tuning has no adapter to give peft; its model is exported whole (``methods.official_export_state``)."""
+    metadata = {"trial": config.to_dict(), "trial_id": config.trial_id}
+    save_adapter(var, artifacts_dir / "adapter.pt", adaptation=adaptation, metadata=metadata)
+    if adaptation.method.name in PEFT_METHODS:
+        save_peft_adapter(var, artifacts_dir / PEFT_ADAPTER_FOLDER, adaptation=adaptation, metadata=metadata)
 
 
 def _adapted(
@@ -347,7 +363,13 @@ def _train(
 
 
 def _artifacts(
-    config: TrialConfig, artifacts_dir: Path, evaluation: ImageList, *, adapter: bool, per_class: int = 6
+    config: TrialConfig,
+    artifacts_dir: Path,
+    evaluation: ImageList,
+    *,
+    adapter: bool,
+    peft: bool,
+    per_class: int = 6,
 ) -> dict:
     """The record's ``artifacts``: paths relative to the storage root ("/" separated; the folder is
     ``artifacts/<trial_id>``), after copying up to ``per_class`` real evaluation images of every class into
@@ -363,6 +385,7 @@ def _artifacts(
     return {
         "folder": folder,
         "adapter": f"{folder}/adapter.pt" if adapter else None,
+        "peft_adapter": f"{folder}/{PEFT_ADAPTER_FOLDER}" if peft else None,
         "generated_images": f"{folder}/images",
         "real_images": real,
     }

@@ -3,8 +3,8 @@ FID, precision/recall (k=3) and KID against cached reference statistics of the r
 
 Also a standalone command for a saved checkpoint (base + adapter, or a merged checkpoint):
 
-    python -m trainables.evaluation.evaluate --var BASE.pth --depth 16 [--adapter ADAPTER.pt] --vqvae VAE.pth \
-        --dataset flowers102 --root /data --split test --extractor inception-v3-compat \
+    python -m trainables.evaluation.evaluate --var BASE.pth --depth 16 [--adapter ADAPTER.pt|PEFT_FOLDER] \
+        --vqvae VAE.pth --dataset flowers102 --root /data --split test --extractor inception-v3-compat \
         --inception-weights /weights/weights-inception-2015-12-05-6726825d.pth --out runs/eval
 
 Every bad input (a missing or corrupt checkpoint, a --depth/--num-classes that disagrees with the checkpoint's
@@ -220,7 +220,11 @@ def _parser() -> Parser:
         type=number(int, minimum=1),
         help="classes of the --var checkpoint (default: its sidecar's, else 1000; a different value is refused)",
     )
-    parser.add_argument("--adapter", help="adapter saved by methods.save_adapter, applied to --var")
+    parser.add_argument(
+        "--adapter",
+        help="adapter applied to --var: an adapter.pt (methods.save_adapter) or a peft adapter folder "
+        "(peft_format.save_peft_adapter, a trial's adapter-peft/)",
+    )
     parser.add_argument("--vqvae", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--root", required=True)
@@ -293,9 +297,11 @@ def _main(argv: list[str] | None) -> int:
     from ..models import load_var, load_vqvae
 
     args = _parser().parse_args(argv)
-    for option in ("var", "vqvae", "adapter"):
-        if getattr(args, option) is not None and not Path(getattr(args, option)).is_file():
+    for option in ("var", "vqvae"):
+        if not Path(getattr(args, option)).is_file():
             raise EvaluationError(f"--{option} {getattr(args, option)}: no such checkpoint file")
+    if args.adapter is not None:
+        _check_adapter(args.adapter)
     if args.extractor == INCEPTION and (
         args.inception_weights is None or not Path(args.inception_weights).is_file()
     ):
@@ -338,6 +344,20 @@ def _main(argv: list[str] | None) -> int:
     (out / "evaluation.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result["metrics"], indent=1))
     return 0
+
+
+def _check_adapter(adapter: str) -> None:
+    """--adapter: an ``adapter.pt`` file, or a peft adapter folder whose files and provenance are checked here,
+    before any model is loaded (the tensors are checked against the base when applied)."""
+    if Path(adapter).is_dir():
+        from ..peft_format import read_provenance  # peft: imported only when an adapter is applied
+
+        read_provenance(adapter)
+    elif not Path(adapter).is_file():
+        raise EvaluationError(
+            f"--adapter {adapter}: no such checkpoint file or peft adapter folder (adapter.pt, or the "
+            "adapter-peft/ folder beside it)"
+        )
 
 
 def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:

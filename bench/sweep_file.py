@@ -1,0 +1,503 @@
+"""Sweeps from a file: ``python -m bench sweep path/to/sweep.yaml`` (or ``.yml``, ``.toml``) instead of a module in
+``bench/sweeps/``. Standard library only (PyYAML for YAML files, imported when one is read), so a dry run stays light.
+
+A file holds (``examples/`` has three)::
+
+    name: my-sweep                # names the run (Tune's folder STORAGE/tune/<name>); not a built-in sweep's name
+    description: one line         # optional
+    base:                         # a partial TrialConfig, same sections and fields as TrialConfig.to_dict()
+      method: {name: lora}        # a section given is built from that section's defaults; a section left out is
+      optimization: {steps: 100}  # TrialConfig's default; no privacy section (or privacy: null) is a trial without DP
+    axes:                         # the grid: every combination, the first axis outermost
+      method.name: [full, lora]   # a dotted field: its values
+      privacy:                    # a whole section: partial mappings merged into the base's section, or null
+        - null
+        - {target_epsilon: 8, sampling_rate: 0.02, max_grad_norm: 0.5}
+    smoke:                        # optional, used by --smoke only (see below)
+      optimization: {steps: 2}
+    tracking: mlflow              # optional: none, tensorboard, mlflow or wandb (the command line's --tracking wins)
+
+A grid point is the base, then its values of the section axes, then those of the field axes (so the result does
+not depend on the order the axes are written in). Paths (``model.var_checkpoint``, ``model.vqvae_checkpoint``,
+``data.root``, ``evaluation.inception_weights``) may start with ``{assets}``, the ``--assets`` root (default
+``$VARSWEEP_ASSETS``, else ``./assets``) as the built-in paper sweeps use it; any other relative path is relative to
+the sweep file's folder, so a file and the images beside it work from any current folder. No DP is ``null`` or
+the string ``"none"`` (TOML has no null: ``privacy = ["none", {target_epsilon = 8, ...}]``), in ``base`` and in a
+``privacy`` axis; a privacy field (``privacy.target_epsilon``) on a point without DP is an error. YAML numbers follow YAML
+1.2 (``5e-4`` is a number, as in TOML and JSON, not PyYAML's string) and a key given twice is refused.
+
+``--smoke`` runs each grid point's smoke version (``bench.sweeps.common.smoke_version``, as for the built-in
+sweeps: the same method, relative depth, epsilon, k and seed on the tiny base and offline digits, a few steps, one
+CPU worker), then the file's ``smoke:`` section (same shape as ``base``) on top; points whose smoke versions
+coincide run once.
+
+Everything is checked before anything starts, and every problem is reported at once in one ``SweepFileError``:
+unknown keys, sections and fields (with the closest known name), values of the wrong type, a point that
+``TrialConfig`` refuses (each problem once, with the points it affects), repeated values of an axis and points that
+are the same trial (an axis over ``resources`` changes no trial id).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .preflight import SweepError
+from .schema import PATH_FIELDS, SECTIONS, ConfigError, TrialConfig, absolute, is_uri
+from .sweeps import SWEEPS, build_sweep
+from .sweeps.common import Assets, smoke_version
+
+SUFFIXES = (".yaml", ".yml", ".toml")
+TOP_LEVEL_KEYS = ("name", "description", "base", "axes", "smoke", "tracking")
+ASSETS_PLACEHOLDER = "{assets}"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+FIELDS = {name: tuple(f.name for f in dataclasses.fields(kind)) for name, kind in SECTIONS.items()}
+DOTTED_FIELDS = tuple(f"{section}.{field}" for section, fields in FIELDS.items() for field in fields)
+SHOWN_POINTS = 6  # points named under each problem; the rest are counted
+
+
+class SweepFileError(SweepError):
+    """A sweep file that cannot run: unreadable, malformed or with invalid grid points; lists every problem."""
+
+
+@dataclass(frozen=True)
+class NamedSweep:
+    """The trials of a built-in sweep or a sweep file, with what the command line needs to run them.
+    ``source``: the file's path, or None for a built-in sweep; ``tracking``: the file's tracker, if it names one."""
+
+    name: str
+    configs: tuple[TrialConfig, ...]
+    source: str | None = None
+    tracking: str | None = None
+    description: str = ""
+
+
+def is_sweep_file(argument: str) -> bool:
+    """Whether a NAME argument means a sweep file (a path ending in .yaml, .yml or .toml) rather than a built-in."""
+    return Path(argument).suffix.lower() in SUFFIXES
+
+
+def named_sweep(argument: str, *, smoke: bool = False, assets: Assets = Assets()) -> NamedSweep:
+    """A built-in sweep by name, or a sweep file by path; neither is a ``SweepFileError`` naming the argument."""
+    if argument in SWEEPS:
+        return NamedSweep(name=argument, configs=tuple(build_sweep(argument, smoke=smoke, assets=assets)))
+    if is_sweep_file(argument):
+        return load_sweep_file(argument, smoke=smoke, assets=assets)
+    raise SweepFileError(
+        f"sweep {argument!r}: invalid choice{_closest(argument, SWEEPS)}: neither a built-in sweep "
+        f"({', '.join(sorted(SWEEPS))}) nor a sweep file (a path ending in {', '.join(SUFFIXES)})"
+    )
+
+
+def load_sweep_file(path: str | Path, *, smoke: bool = False, assets: Assets = Assets()) -> NamedSweep:
+    """The trials of a sweep file (the module docstring says what it holds), each validated; ``smoke``: their
+    smoke versions. Raises one ``SweepFileError`` listing every problem of the file and of every grid point."""
+    where = f"sweep file {path}"
+    document = _read(Path(path), where=where)
+    problems = _structure_problems(document)
+    if problems:
+        raise SweepFileError(_listing(f"{where}: {_count(len(problems), 'problem')}", problems))
+    folder = Path(path).expanduser().resolve().parent
+    paths = dict(folder=folder, assets_root=assets.root)
+    points = _grid(document.get("base") or {}, document.get("axes") or {})
+    configs, failures = _build_points(points, paths=paths)
+    if not failures:
+        failures = _duplicates(configs)
+    if failures:
+        raise SweepFileError(_point_listing(where, failures, total=len(points)))
+    if smoke:
+        configs = _smoke_versions(configs, document.get("smoke") or {}, paths=paths, where=where)
+    return NamedSweep(
+        name=document["name"],
+        configs=tuple(config for config, _ in configs),
+        source=str(path),
+        tracking=document.get("tracking"),
+        description=document.get("description", ""),
+    )
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+def _read(path: Path, *, where: str) -> dict:
+    """The file's top-level mapping; a missing, unreadable or malformed file is named with the parser's position."""
+    if not path.exists():
+        raise SweepFileError(f"{where} does not exist")
+    if not path.is_file():
+        raise SweepFileError(f"{where} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SweepFileError(f"{where} cannot be read: {err}") from err
+    document = (
+        _parse_toml(text, where=where) if path.suffix.lower() == ".toml" else _parse_yaml(text, where=where)
+    )
+    if not isinstance(document, dict):
+        raise SweepFileError(
+            f"{where}: expected a mapping with name, base and axes at the top, got {_type(document)}"
+        )
+    return document
+
+
+def _parse_toml(text: str, *, where: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise SweepFileError(f"{where} is not valid TOML: {err}") from err
+
+
+def _parse_yaml(text: str, *, where: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        place = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SweepFileError(
+            f"{where} is not valid YAML: {place}{problem or ' '.join(str(err).split())}"
+        ) from err
+
+
+def _yaml_loader():
+    """PyYAML's safe loader with YAML 1.2 numbers (``5e-4`` and ``1e3`` are numbers: YAML 1.1 wants ``5.0e-4``,
+    a surprise for anyone writing a learning rate) that refuses a key given twice (YAML 1.1 keeps the last one)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)) or key is None:
+                    continue  # an unhashable key: the safe loader refuses it itself
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    exponent_number = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent_number, list("-+0123456789."))
+    return Loader
+
+
+# --- the file's structure -------------------------------------------------------------------------------------------
+def _structure_problems(document: dict) -> list[str]:
+    """Every problem of the top level, ``base``, ``axes`` and ``smoke`` (unknown keys with the closest known one,
+    containers of the wrong type, repeated axis values); an empty list when the grid can be built."""
+    problems = [
+        f"unknown key {key!r}{_closest(key, TOP_LEVEL_KEYS)}; known: {', '.join(TOP_LEVEL_KEYS)}"
+        for key in document
+        if key not in TOP_LEVEL_KEYS
+    ]
+    problems += _name_problems(document.get("name"))
+    if not isinstance(document.get("description", ""), str):
+        problems.append(f"description: expected a string, got {_type(document['description'])}")
+    problems += _tracking_problems(document.get("tracking"))
+    for key in ("base", "smoke"):
+        problems += _partial_config_problems(document.get(key), key)
+    problems += _axes_problems(document.get("axes"))
+    return problems
+
+
+def _name_problems(name: Any) -> list[str]:
+    if name is None:
+        return ["name: missing (it names the run: STORAGE/tune/<name>)"]
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        return [f"name: expected letters, digits, '_', '.' or '-' (a folder name), got {name!r}"]
+    if name in SWEEPS:
+        return [
+            f"name: {name!r} is a built-in sweep's name; choose another (each has its own STORAGE/tune/<name>)"
+        ]
+    return []
+
+
+def _tracking_problems(tracking: Any) -> list[str]:
+    if tracking is None:
+        return []
+    from .tracking import TRACKERS
+
+    if tracking not in TRACKERS:
+        return [f"tracking: expected one of {', '.join(TRACKERS)}, got {tracking!r}"]
+    return []
+
+
+def _partial_config_problems(config: Any, where: str) -> list[str]:
+    """Problems of a nested partial config (``base`` or ``smoke``): a mapping of known sections, each a mapping of
+    known fields (``privacy`` may be null)."""
+    if config is None:
+        return []
+    if not isinstance(config, dict):
+        return [f"{where}: expected a mapping of sections ({', '.join(SECTIONS)}), got {_type(config)}"]
+    problems = []
+    for section, fields in config.items():
+        if section not in SECTIONS:
+            problems.append(
+                f"{where}.{section}: unknown section{_closest(section, (*SECTIONS, *DOTTED_FIELDS))}; known: "
+                f"{', '.join(SECTIONS)}"
+            )
+        else:
+            problems += _section_problems(fields, section, where=f"{where}.{section}")
+    return problems
+
+
+def _section_problems(fields: Any, section: str, *, where: str) -> list[str]:
+    """Problems of one partial section: a mapping of known fields, or null for ``privacy`` (a trial without DP)."""
+    if section == "privacy" and _no_dp(fields):
+        return []
+    if not isinstance(fields, dict):
+        null = ' or null / "none" (no DP)' if section == "privacy" else ""
+        return [f"{where}: expected a mapping of fields{null}, got {_type(fields)}"]
+    return [
+        f"{where}.{field}: unknown field{_closest(f'{section}.{field}', DOTTED_FIELDS)}; {section} has "
+        f"{', '.join(FIELDS[section])}"
+        for field in fields
+        if field not in FIELDS[section]
+    ]
+
+
+def _axes_problems(axes: Any) -> list[str]:
+    """Problems of ``axes``: each key a section or a dotted field, each value a non-empty list without repeats, a
+    section's values partial sections; no field set by two axes."""
+    if axes is None:
+        return []
+    if not isinstance(axes, dict):
+        return [
+            f"axes: expected a mapping of a dotted field (or a section) to a list of values, got {_type(axes)}"
+        ]
+    problems = []
+    for axis, values in axes.items():
+        problems += _axis_problems(axis, values)
+    for section in SECTIONS:
+        if isinstance(axes.get(section), list):
+            given = {field for value in axes[section] if isinstance(value, dict) for field in value}
+            problems += [
+                f"axes.{section}.{field}: set by both the axis {section} and the axis {section}.{field}; give it once"
+                for field in sorted(given)
+                if f"{section}.{field}" in axes
+            ]
+    return problems
+
+
+def _axis_problems(axis: Any, values: Any) -> list[str]:
+    where = f"axes.{axis}"
+    if axis not in SECTIONS and axis not in DOTTED_FIELDS:
+        return [
+            f"{where}: no such config field{_closest(str(axis), (*DOTTED_FIELDS, *SECTIONS))} (a dotted field such "
+            "as method.name, or a whole section such as privacy)"
+        ]
+    if not isinstance(values, list) or not values:
+        return [f"{where}: expected a non-empty list of values, got {_type(values)}"]
+    problems = []
+    if axis in SECTIONS:
+        for index, value in enumerate(values):
+            problems += _section_problems(value, axis, where=f"{where}[{index}]")
+    seen: dict[str, int] = {}
+    for index, value in enumerate(values):
+        key = json.dumps(value, sort_keys=True, default=str)
+        if key in seen:
+            problems.append(
+                f"{where}: the value {_show(value)} is given twice (items {seen[key]} and {index})"
+            )
+        seen.setdefault(key, index)
+    return problems
+
+
+# --- the grid ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Point:
+    """One grid point: its nested partial config and its axis values (how the listings name it)."""
+
+    config: dict
+    values: tuple[tuple[str, Any], ...]
+    problem: str | None = (
+        None  # why the axis values cannot be combined (a privacy field on a point without DP)
+    )
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{axis}={_show(value)}" for axis, value in self.values) or "the base"
+
+
+def _grid(base: dict, axes: dict) -> list[_Point]:
+    """Every combination of the axes' values (the first axis outermost), each applied to a copy of the base:
+    section axes first, then field axes."""
+    names = list(axes)
+    points = []
+    for combination in itertools.product(*(axes[name] for name in names)):
+        values = tuple(zip(names, combination))
+        config, problem = copy.deepcopy(base), None
+        try:
+            for axis, value in sorted(values, key=lambda item: "." in item[0]):
+                _apply(config, axis, value)
+        except ConfigError as err:
+            problem = str(err)
+        points.append(_Point(config=config, values=values, problem=problem))
+    return points
+
+
+def _apply(config: dict, axis: str, value: Any) -> None:
+    """Set one axis value in a nested partial config: a section's mapping merged into that section (null for
+    ``privacy``), a dotted field's value into its section. A privacy field on a point without DP is a
+    ``ConfigError`` saying why (it would otherwise read as an incomplete privacy section)."""
+    section, _, field = axis.partition(".")
+    if not field:
+        current = config.get(section)
+        no_dp = section == "privacy" and _no_dp(value)
+        config[section] = None if no_dp else {**(current if isinstance(current, dict) else {}), **value}
+    elif section == "privacy" and _no_dp(config.get("privacy")):
+        raise ConfigError(
+            f"{axis}: set on a point without DP (privacy is null or not given): give the privacy section in base, "
+            "or as mappings of a privacy axis"
+        )
+    else:
+        config.setdefault(section, {})
+        config[section][field] = value
+
+
+def _build_points(points: list[_Point], *, paths: dict) -> tuple[list[tuple[TrialConfig, _Point]], dict]:
+    """(config, point) of every valid point, and {problem: [points]} of the others."""
+    built, failures = [], {}
+    for point in points:
+        if point.problem:
+            failures.setdefault(point.problem, []).append(point)
+            continue
+        try:
+            built.append((_trial(point.config, **paths), point))
+        except ConfigError as err:
+            failures.setdefault(str(err), []).append(point)
+    return built, failures
+
+
+def _trial(config: dict, *, folder: Path, assets_root: str) -> TrialConfig:
+    """A ``TrialConfig`` from a nested partial config: each given section from its dataclass defaults, the others
+    from ``TrialConfig``'s; paths resolved (``_resolve``). Raises ``ConfigError`` naming the field."""
+    sections = {}
+    for name, fields in config.items():
+        if name == "privacy" and _no_dp(fields):
+            sections[name] = None
+            continue
+        kind = SECTIONS[name]
+        required = {
+            f.name
+            for f in dataclasses.fields(kind)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        missing = sorted(required - set(fields))
+        if missing:
+            raise ConfigError(f"{name}: missing fields {missing} (a {name} section needs them)")
+        values = {
+            key: _value(key, value, section=name, folder=folder, assets_root=assets_root)
+            for key, value in fields.items()
+        }
+        sections[name] = kind(**values)
+    return TrialConfig(**sections)
+
+
+def _value(field: str, value: Any, *, section: str, folder: Path, assets_root: str) -> Any:
+    """A field's value as the frozen config holds it: a list as a tuple, a path resolved."""
+    if isinstance(value, list):
+        return tuple(value)
+    if (section, field) in PATH_FIELDS and isinstance(value, str):
+        return _resolve(value, field=f"{section}.{field}", folder=folder, assets_root=assets_root)
+    return value
+
+
+def _resolve(value: str, *, field: str, folder: Path, assets_root: str) -> str:
+    """A path of the file made absolute: ``{assets}/...`` under the assets root, another relative path under the
+    file's folder, ``~`` expanded; a URI unchanged. Another ``{...}`` placeholder is an error naming the field."""
+    if is_uri(value):
+        return value
+    if value.startswith(ASSETS_PLACEHOLDER):
+        value = assets_root + "/" + value[len(ASSETS_PLACEHOLDER) :].lstrip("/\\")
+    placeholder = re.search(r"\{[^}]*\}", value)
+    if placeholder:
+        raise ConfigError(
+            f"{field}: unknown placeholder {placeholder.group()} in {value!r}; the only one is {ASSETS_PLACEHOLDER} "
+            "(the --assets root) at the start of a path"
+        )
+    path = Path(value).expanduser()
+    return absolute(str(path if path.is_absolute() else folder / path))
+
+
+def _duplicates(configs: list[tuple[TrialConfig, _Point]]) -> dict[str, list[_Point]]:
+    """{problem: [points]} for points that are the same trial (same id): an axis that changes nothing the id hashes."""
+    by_id: dict[str, list[_Point]] = {}
+    for config, point in configs:
+        by_id.setdefault(config.trial_id, []).append(point)
+    return {
+        f"the same trial {trial_id} (resources and settings a trial does not use do not enter the trial id): "
+        "drop the axis or the repeated values": same
+        for trial_id, same in by_id.items()
+        if len(same) > 1
+    }
+
+
+def _smoke_versions(
+    configs: list[tuple[TrialConfig, _Point]], smoke: dict, *, paths: dict, where: str
+) -> list[tuple[TrialConfig, _Point]]:
+    """Each point's smoke version with the file's ``smoke:`` section on top, each trial once."""
+    kept, failures, seen = [], {}, set()
+    for config, point in configs:
+        small = smoke_version(config).to_dict()
+        try:
+            for section, fields in smoke.items():
+                _apply(small, section, fields)
+            trial = _trial(small, **paths)
+        except ConfigError as err:
+            failures.setdefault(f"smoke: {err}", []).append(point)
+            continue
+        if trial.trial_id not in seen:
+            seen.add(trial.trial_id)
+            kept.append((trial, point))
+    if failures:
+        raise SweepFileError(_point_listing(f"{where} (--smoke)", failures, total=len(configs)))
+    return kept
+
+
+def _no_dp(privacy: Any) -> bool:
+    """Whether a privacy section's value means no DP: null (YAML) or "none" (any format; TOML has no null)."""
+    return privacy is None or privacy == "none"
+
+
+# --- messages ---------------------------------------------------------------------------------------------------
+def _point_listing(where: str, failures: dict[str, list[_Point]], *, total: int) -> str:
+    bad = len({id(point) for points in failures.values() for point in points})
+    lines = []
+    for problem, points in failures.items():
+        named = "; ".join(point.label for point in points[:SHOWN_POINTS])
+        more = f"; ... ({len(points) - SHOWN_POINTS} more)" if len(points) > SHOWN_POINTS else ""
+        lines.append(f"{problem}\n  affects {_count(len(points), 'point')}: {named}{more}")
+    return _listing(f"{where}: {bad} of {_count(total, 'grid point')} cannot run; nothing was started", lines)
+
+
+def _listing(header: str, problems: list[str]) -> str:
+    return "\n".join([f"{header}:", *problems])
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _closest(name: Any, known) -> str:
+    match = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+
+
+def _type(value: Any) -> str:
+    return (
+        f"{value!r} ({type(value).__name__})" if not isinstance(value, (dict, list)) else type(value).__name__
+    )

@@ -1,0 +1,197 @@
+"""The install variants (pyproject.toml): the bare package is the analysis side and runs without torch and Ray;
+the training side (`varsweep[train]`), when missing, is named with the command that installs it; the `varsweep`
+console command wraps both entry points; the packages whose internals varsweep uses carry upper bounds.
+
+The light-install tests run fresh interpreters of this venv with the training side's packages made unimportable
+(a ``sitecustomize`` on PYTHONPATH puts a finder first on ``sys.meta_path`` that refuses them), which is what a
+light install looks like to varsweep; the ``slow`` test builds a real one in a new venv."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import venv
+from importlib.metadata import packages_distributions, requires, version
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from analysis.paper import paper_fixture
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY_EXTRAS = ("train", "tracking")
+# The training side's core: whatever else the extras hold, these must be among the refused modules.
+TRAINING_CORE = {"torch", "torchvision", "ray", "opacus", "peft", "torch_fidelity"}
+TRAIN_INSTALL = "pip install 'varsweep[train]'"
+# Packages whose internals (private attributes, non-exported modules) varsweep uses: each needs an upper bound.
+INTERNALS_USED = {
+    "torch": "torch._dynamo.config, aten._scaled_dot_product_* ops, Module._compiled_call_impl",
+    "torchvision": "dataset attributes _image_files, _labels, _samples",
+    "opacus": "grad_sample_module's create_or_accumulate_grad_sample, Parameter._forward_counter",
+    "peft": "peft.tuners.tuners_utils.BaseTunerLayer, peft.tuners.ln_tuning.layer.LNTuningLayer",
+    "torch-fidelity": "torch_fidelity.metric_fid / metric_kid / metric_prc functions",
+    "ray": "ray.autoscaler._private (the suite), Train V2 callbacks",
+}
+BLOCKER = """\
+import sys
+
+REFUSED = frozenset({names})
+
+
+class RefuseTrainingSide:
+    \"\"\"Makes the training side's packages look uninstalled, as in `pip install varsweep`.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in REFUSED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, RefuseTrainingSide())
+"""
+
+
+def project() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def training_import_names() -> set[str]:
+    """Import names of the distributions the heavy extras add to the bare package (e.g. scikit-learn: sklearn)."""
+    base = {canonicalize_name(Requirement(r).name) for r in project()["dependencies"]}
+    extras = project()["optional-dependencies"]
+    heavy = {canonicalize_name(Requirement(r).name) for e in HEAVY_EXTRAS for r in extras[e]} - base
+    names = {
+        module
+        for module, distributions in packages_distributions().items()
+        if any(canonicalize_name(d) in heavy for d in distributions)
+    }
+    return names | {name.replace("-", "_") for name in heavy}  # an extra's package not installed here
+
+
+@pytest.fixture(scope="module")
+def light(tmp_path_factory) -> dict[str, str]:
+    """The environment of a light install: this venv with the training side refused."""
+    folder = tmp_path_factory.mktemp("light")
+    refused = sorted(training_import_names())
+    assert TRAINING_CORE <= set(refused), TRAINING_CORE - set(refused)
+    (folder / "sitecustomize.py").write_text(BLOCKER.format(names=json.dumps(refused)))
+    return {**os.environ, "PYTHONPATH": str(folder), "VARSWEEP_DEBUG": ""}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """A finished sweep's storage: one result per published cell (the analysis tests' fixture)."""
+    storage = tmp_path_factory.mktemp("paper") / "storage"
+    paper_fixture(storage)
+    return storage
+
+
+def run(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def console_command() -> str:
+    """The `varsweep` script pip installed beside this interpreter (`make install` puts it there)."""
+    script = Path(sys.executable).parent / "varsweep"
+    assert script.exists(), f"{script} is missing: reinstall the project (make install)"
+    return str(script)
+
+
+def test_the_blocker_refuses_the_training_side(light, tmp_path):
+    # Without this, a blocker that blocks nothing would let every light-install test pass vacuously.
+    for module in sorted(TRAINING_CORE):
+        done = run([sys.executable, "-c", f"import {module}"], light, tmp_path)
+        assert done.returncode != 0 and "ModuleNotFoundError" in done.stderr, module
+
+
+def test_analysis_makes_tables_figures_and_report_without_the_training_side(light, results, tmp_path):
+    out = tmp_path / "out"
+    done = run([sys.executable, "-m", "analysis", str(results), "--out", str(out)], light, REPO)
+    assert done.returncode == 0, done.stderr
+    assert "53 trials: 53 succeeded" in done.stdout and "index.html" in done.stdout
+    for made in ("index.html", "index.md", "trials.csv", "trials.parquet", "tables/table1_fid.csv"):
+        assert (out / made).is_file(), made
+    assert list((out / "figures").glob("*.png")) and list((out / "figures").glob("*.pdf"))
+
+
+def test_the_console_command_runs_the_analysis_without_the_training_side(light, results, tmp_path):
+    script = console_command()
+    out = tmp_path / "out"
+    done = run([script, "analysis", str(results), "--out", str(out), "--no-figures"], light, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (out / "index.html").is_file() and (out / "trials.parquet").is_file()
+    alias = run([script, "report", "--help"], light, tmp_path)  # `report` is the same command
+    assert alias.returncode == 0 and "usage: python -m analysis" in alias.stdout, alias.stderr
+    helped = run([script, "--help"], light, tmp_path)
+    assert helped.returncode == 0, helped.stderr
+    for word in ("varsweep analysis", "python -m analysis", "python -m bench", "sweep", "status", "demo"):
+        assert word in helped.stdout, word
+    bare = run([script], light, tmp_path)
+    assert bare.returncode == 2 and bare.stderr.splitlines()[-1].startswith("error: ")
+
+
+def test_a_sweep_without_the_training_side_says_what_to_install(light, tmp_path):
+    for command in ([sys.executable, "-m", "bench"], [console_command()]):
+        done = run([*command, "sweep", "demo", "--storage", str(tmp_path / "runs")], light, tmp_path)
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert last.startswith("error: ") and TRAIN_INSTALL in last, last
+
+
+def test_the_installed_metadata_is_this_pyproject():
+    # The checks below read the installed metadata; it must be the current pyproject's (else: make install).
+    installed = {str(Requirement(r)) for r in requires("varsweep") or []}
+    declared = {str(Requirement(r)) for r in project()["dependencies"]}
+    for extra, lines in project()["optional-dependencies"].items():
+        declared |= {str(Requirement(f'{r}; extra == "{extra}"')) for r in lines}
+    assert installed == declared, "the installed varsweep is older than pyproject.toml: run make install"
+
+
+def test_packages_whose_internals_are_used_have_upper_bounds_that_hold_here():
+    requirements = {
+        canonicalize_name(Requirement(r).name): Requirement(r) for r in requires("varsweep") or []
+    }
+    for name, internals in INTERNALS_USED.items():
+        requirement = requirements.get(name)
+        assert requirement is not None, f"{name} is not a requirement of varsweep"
+        bounded = any(spec.operator in ("<", "<=", "==", "~=", "===") for spec in requirement.specifier)
+        assert bounded, f"{requirement}: no upper bound, but varsweep uses {internals}"
+        assert requirement.specifier.contains(version(name), prereleases=True), (
+            f"{name} {version(name)} is installed, outside {requirement}"
+        )
+
+
+def test_the_light_install_installs_no_training_package():
+    base = {canonicalize_name(Requirement(r).name) for r in project()["dependencies"]}
+    heavy = {"torch", "torchvision", "ray", "opacus", "peft", "torch-fidelity", "scikit-learn", "mlflow"}
+    assert not base & heavy, base & heavy
+    assert project()["scripts"]["varsweep"] == "varsweep.__main__:main"
+
+
+@pytest.mark.slow  # ~1-2 min: a new venv and the light dependencies from the registry (or pip's cache)
+def test_the_light_install_in_a_new_venv_runs_the_analysis_without_torch(results, tmp_path):
+    source = tmp_path / "source"  # a copy: building from the checkout would leave build/ in it
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md", "constraints.txt"):
+        shutil.copy2(REPO / part, source / part)
+    for package in ("bench", "trainables", "analysis", "varsweep"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    venv.create(tmp_path / "venv", with_pip=True)
+    python, script = tmp_path / "venv" / "bin" / "python", tmp_path / "venv" / "bin" / "varsweep"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    install = [str(python), "-m", "pip", "install", "--quiet", "-c", "constraints.txt", "."]
+    done = run(install, env, source)
+    assert done.returncode == 0, done.stderr
+    absent = run([str(python), "-c", "import torch"], env, tmp_path)
+    assert absent.returncode != 0 and "No module named 'torch'" in absent.stderr
+    done = run([str(script), "analysis", str(results), "--out", str(tmp_path / "out")], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "index.html").is_file() and list((tmp_path / "out" / "figures").glob("*.png"))
+    done = run([str(script), "sweep", "demo", "--storage", str(tmp_path / "runs")], env, tmp_path)
+    assert done.returncode == 2 and TRAIN_INSTALL in done.stderr.strip().splitlines()[-1], done.stderr

@@ -1,0 +1,173 @@
+"""Adapters in peft's own format (``trainables.peft_format``): peft's ``PeftModel.from_pretrained`` loads what a
+trained tiny VAR saved and gives the logits varsweep's ``load_adapter`` gives, peft's ``merge_and_unload`` gives
+``merge_adapters``' logits as a plain VAR, and a wrong base, depth or file is refused by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import peft
+import pytest
+import torch
+from conftest import TINY_VAR
+from safetensors.torch import load_file, save_file
+from sweep_driver import tiny_trial
+from test_methods import NEW_CLASSES, random_batch, tiny_base, train_steps
+
+from bench.schema import ConfigError, MethodConfig
+from trainables.evaluation.evaluate import main as evaluate_main
+from trainables.methods import adapt, load_adapter, merge_adapters, save_adapter
+from trainables.models import CheckpointError, build_var, load_var
+from trainables.models.checkpoints import checkpoint_sha256, save_var
+from trainables.peft_format import PROVENANCE_FILE, peft_base, save_peft_adapter
+from trainables.trial import PEFT_ADAPTER_FOLDER, _save_adapters
+
+SPECS = {
+    "lora": MethodConfig(name="lora", lora_rank=4),
+    "ln_tuning": MethodConfig(name="ln_tuning"),
+    "lora_attention_block1": MethodConfig(name="lora_attention", lora_rank=2, train_blocks=(1,)),
+}
+TRAINING_STEPS = 2
+
+
+def _architecture() -> dict:
+    return {**TINY_VAR, "drop_path_rate": 0.0}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny base checkpoint and, per method, the model trained a few steps and its adapter saved in both formats
+    (varsweep's ``adapter.pt`` and the peft folder)."""
+    root = tmp_path_factory.mktemp("peft")
+    base_path = save_var(tiny_base(), root / "base.pth")
+    sha = checkpoint_sha256(base_path)
+    trained = {}
+    for name, method in SPECS.items():
+        var = load_var(base_path, **_architecture())
+        adaptation = adapt(var, method, num_classes=NEW_CLASSES, seed=0, base_sha256=sha)
+        train_steps(var, TRAINING_STEPS)
+        save_adapter(var, root / f"{name}.pt", adaptation=adaptation)
+        folder = save_peft_adapter(
+            var, root / name, adaptation=adaptation, metadata={"note": "from the test"}
+        )
+        trained[name] = SimpleNamespace(
+            var=var.eval(), adaptation=adaptation, folder=folder, pt=root / f"{name}.pt"
+        )
+    return SimpleNamespace(root=root, base=base_path, sha=sha, trained=trained)
+
+
+def _peft_model(saved, name: str) -> peft.PeftModel:
+    """The fine-tuned model as a peft user gets it: a fresh base, ``peft_base``, then peft's own loader."""
+    folder = saved.trained[name].folder
+    base = peft_base(load_var(saved.base, **_architecture()), folder, base_sha256=saved.sha)
+    return peft.PeftModel.from_pretrained(base, folder).eval()
+
+
+def _varsweep_model(saved, name: str, *, source: str = "pt"):
+    trained = saved.trained[name]
+    var = load_var(saved.base, **_architecture())
+    adaptation = load_adapter(var, trained.pt if source == "pt" else trained.folder, base_sha256=saved.sha)
+    assert adaptation == trained.adaptation
+    return var.eval()
+
+
+@pytest.mark.parametrize("name", ["lora", "ln_tuning"])
+def test_peft_loads_the_adapter_with_varsweeps_logits_and_merges_to_a_plain_var(saved, name):
+    folder = saved.trained[name].folder
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        PROVENANCE_FILE,
+    ]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == {"lora": "LORA", "ln_tuning": "LN_TUNING"}[name]
+    label_B, x_BLCv, _ = random_batch(seed=1)
+    with torch.no_grad():
+        expected_BLV = _varsweep_model(saved, name)(label_B, x_BLCv)
+        from_peft_BLV = _peft_model(saved, name)(label_B, x_BLCv)
+        from_folder_BLV = _varsweep_model(saved, name, source="folder")(label_B, x_BLCv)
+    # Tolerance: none. The same modules run the same operations (the patches are numerically exact).
+    assert torch.equal(from_peft_BLV, expected_BLV) and torch.equal(from_folder_BLV, expected_BLV)
+    assert torch.equal(saved.trained[name].var(label_B, x_BLCv), expected_BLV)
+    merged = _peft_model(saved, name).merge_and_unload()
+    assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in merged.modules())
+    assert list(merged.state_dict()) == list(tiny_base().state_dict())  # the official layout, new class count
+    assert merged.class_emb.weight.shape[0] == NEW_CLASSES + 1
+    with torch.no_grad():
+        # Merging folds the low-rank product into the weights: float32 rounding, hence 1e-5.
+        torch.testing.assert_close(
+            merged(label_B, x_BLCv),
+            merge_adapters(_varsweep_model(saved, name))(label_B, x_BLCv),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_selected_blocks_and_targets_reach_peft_and_the_provenance_is_kept(saved):
+    name = "lora_attention_block1"
+    folder = saved.trained[name].folder
+    tensors = load_file(folder / "adapter_model.safetensors")
+    adapted = {key.split(".lora_")[0] for key in tensors if ".lora_" in key}
+    assert adapted == {"base_model.model.blocks.1.attn.mat_qkv", "base_model.model.blocks.1.attn.proj"}
+    assert json.loads((folder / "adapter_config.json").read_text())["modules_to_save"] == ["class_emb"]
+    provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    assert provenance["base_sha256"] == saved.sha and provenance["metadata"] == {"note": "from the test"}
+    assert provenance["adaptation"] == json.loads(json.dumps(saved.trained[name].adaptation.to_dict()))
+    label_B, x_BLCv, _ = random_batch(seed=2)
+    with torch.no_grad():
+        assert torch.equal(
+            _peft_model(saved, name)(label_B, x_BLCv), _varsweep_model(saved, name)(label_B, x_BLCv)
+        )
+
+
+def test_peft_base_refuses_another_checkpoint_or_depth(saved):
+    folder = saved.trained["lora"].folder
+    other = save_var(tiny_base(seed=1), saved.root / "other.pth")
+    for load in (peft_base, load_adapter):
+        with pytest.raises(CheckpointError, match="was trained on the base checkpoint with SHA-256"):
+            load(load_var(other, **_architecture()), folder, base_sha256=checkpoint_sha256(other))
+        deeper = build_var(**{**TINY_VAR, "depth": 3}, generator=torch.Generator().manual_seed(0))
+        with pytest.raises(CheckpointError, match=r"trained on another VAR: depth=2 \(this base: 3\)"):
+            load(deeper, folder, base_sha256=None)
+
+
+def test_edited_or_incomplete_folders_and_full_fine_tuning_are_refused(saved, capsys):
+    source = saved.trained["lora"].folder
+    edited = saved.root / "edited"
+    edited.mkdir()
+    for file in source.iterdir():
+        (edited / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(edited / "adapter_model.safetensors")
+    save_file({key: value + 1 for key, value in tensors.items()}, edited / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        peft_base(load_var(saved.base, **_architecture()), edited, base_sha256=None)
+    (edited / PROVENANCE_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"missing {PROVENANCE_FILE}"):
+        load_adapter(load_var(saved.base, **_architecture()), edited, base_sha256=None)
+    # The evaluation command checks a peft folder before it loads any model.
+    argv = ["--var", str(saved.base), "--vqvae", str(saved.base), "--adapter", str(edited)]
+    argv += ["--dataset", "digits", "--root", str(saved.root), "--out", str(saved.root / "eval")]
+    assert evaluate_main(argv) == 2
+    assert f"missing {PROVENANCE_FILE}" in capsys.readouterr().err.strip().splitlines()[-1]
+    var = tiny_base()
+    adaptation = adapt(var, MethodConfig(name="full"), num_classes=NEW_CLASSES, seed=0)
+    with pytest.raises(ConfigError, match="'full' has no peft adapter.*official_export_state"):
+        save_peft_adapter(var, saved.root / "full", adaptation=adaptation)
+    assert not (saved.root / "full").exists()
+
+
+def test_a_trial_writes_the_peft_folder_beside_adapter_pt_except_for_full(saved, tmp_path):
+    for method in ("lora", "full"):
+        config = tiny_trial(method)
+        var = tiny_base()
+        adaptation = adapt(var, config.method, num_classes=NEW_CLASSES, seed=0)
+        _save_adapters(config, var, tmp_path / method, adaptation=adaptation)
+        written = sorted(p.name for p in (tmp_path / method).iterdir())
+        peft_folder = [PEFT_ADAPTER_FOLDER] if method == "lora" else []
+        assert written == sorted(["adapter.pt", "adapter.pt.json", *peft_folder])
+    provenance = json.loads((tmp_path / "lora" / PEFT_ADAPTER_FOLDER / PROVENANCE_FILE).read_text())
+    assert provenance["metadata"]["trial_id"] == tiny_trial("lora").trial_id
+    assert not list(Path(tmp_path).glob("**/.*tmp-*"))  # no staging folder left behind

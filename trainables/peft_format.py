@@ -1,0 +1,229 @@
+"""Adapters in peft's own format: a folder that ``peft.PeftModel.from_pretrained`` loads onto a VAR.
+
+``save_peft_adapter(var, folder, adaptation=...)`` writes what ``adapt`` trained with peft's own
+``save_pretrained``: ``adapter_config.json`` (the LoRA / LN-tuning configuration ``adapt`` injected, plus the new
+class embedding as a whole trained module: LoRA's ``modules_to_save=["class_emb"]``, one more LN-tuning target) and
+``adapter_model.safetensors``. Beside them, ``varsweep_adapter.json`` keeps the provenance peft's config has no
+field for: the adaptation record, the base checkpoint's SHA-256 and architecture, the SHA-256 of the weights file
+and the caller's metadata (e.g. the trial config).
+
+Loading is peft's API on a base prepared by one documented call::
+
+    base = load_var("var_d16.pth", depth=16)                     # or build_var(...) for a base built in memory
+    model = PeftModel.from_pretrained(peft_base(base, folder, base_sha256=checkpoint_sha256("var_d16.pth")), folder)
+    merged = model.merge_and_unload()                            # a plain VAR in the official key layout
+
+``peft_base`` is needed because the adapter's class embedding has the new label count (K+1 rows), and peft only
+loads a saved module into one of the same shape: it checks the base against the provenance (architecture, depth,
+SHA-256) and re-sizes the class embedding as ``adapt`` did. The per-sample-gradient patches
+(``trainables.patches``) are not needed: they leave every adapter target and the outputs unchanged. varsweep's own
+``load_adapter`` accepts such a folder too. Full fine-tuning has no adapter and is refused with a message naming
+the official-layout export instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import peft
+import safetensors.torch
+import torch
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+from .methods import (
+    CLASS_EMBEDDING,
+    Adaptation,
+    apply_adapter_state,
+    base_architecture,
+    peft_config,
+    saved_adaptation,
+    trainable_parameters,
+)
+from .models.checkpoints import CheckpointError, atomic_write, resize_class_embedding
+from .models.var import VAR
+
+PROVENANCE_FILE = "varsweep_adapter.json"
+PROVENANCE_KIND = "varsweep-peft-adapter"
+ADAPTER_NAME = "default"  # the adapter name ``adapt`` injects under (peft's default)
+# Where each peft method's wrapper of the class embedding holds the trained copy (``methods.peft_config``).
+CLASS_EMBEDDING_COPY = {peft.PeftType.LORA: "modules_to_save", peft.PeftType.LN_TUNING: "ln_tuning_layers"}
+PEFT_PREFIX = "base_model.model."  # where PeftModel keeps the wrapped VAR's keys
+
+
+def save_peft_adapter(
+    var: VAR,
+    folder: str | os.PathLike,
+    *,
+    adaptation: Adaptation,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the adapter of a VAR prepared by ``adapt`` (and trained) as a peft folder (see the module docstring),
+    replacing ``folder`` as a whole only once everything is written. ``adaptation``: what ``adapt`` returned;
+    ``metadata``: the caller's (JSON), kept in the provenance file. Refuses ``full`` fine-tuning (no adapter) and a
+    model with trainable tensors outside the adapter and the class embedding."""
+    config = peft_config(adaptation, depth=var.depth, with_class_embedding=True)  # refuses "full": no adapter
+    trained = {name: param.detach().cpu() for name, param in trainable_parameters(var).items()}
+    others = sorted(name for name in trained if name != f"{CLASS_EMBEDDING}.weight" and not _is_adapter(name))
+    if others:
+        raise ValueError(
+            f"save_peft_adapter: {len(others)} trainable tensor(s) are neither adapter weights nor the class "
+            f"embedding, so peft could not restore them: {others[:8]}"
+        )
+    twin = _peft_twin(var, config)
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    twin.save_pretrained(staging, state_dict=_twin_state(twin, trained))
+    weights = (staging / SAFETENSORS_WEIGHTS_NAME).read_bytes()
+    provenance = {
+        "kind": PROVENANCE_KIND,
+        "adaptation": adaptation.to_dict(),
+        "base_sha256": adaptation.base_sha256,
+        "base_architecture": base_architecture(var),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "peft_version": peft.__version__,
+        "metadata": dict(metadata or {}),
+    }
+    text = json.dumps(provenance, indent=1)
+    atomic_write(staging / PROVENANCE_FILE, lambda tmp: tmp.write_text(text))
+    shutil.rmtree(folder, ignore_errors=True)  # a retried trial's earlier folder
+    os.replace(staging, folder)
+    return folder
+
+
+def _is_adapter(name: str) -> bool:
+    return f".{ADAPTER_NAME}." in name and (".lora_" in name or ".ln_tuning_layers." in name)
+
+
+def _peft_twin(var: VAR, config: peft.PeftConfig) -> peft.PeftModel:
+    """A weightless (meta-device) PeftModel of ``var``'s layout under ``config``: peft's own ``save_pretrained``
+    runs on it with the trained tensors passed in, so nothing of the base is copied."""
+    with torch.device("meta"):
+        twin = VAR(**var.architecture)
+    return peft.get_peft_model(twin, copy.deepcopy(config))
+
+
+def _twin_state(twin: peft.PeftModel, trained: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained tensors under the twin's keys: the adapters' as they are, the class embedding as the trained
+    copy its peft wrapper holds (LoRA: a module to save; LN tuning: a tuned layer)."""
+    holder = CLASS_EMBEDDING_COPY[twin.peft_config[ADAPTER_NAME].peft_type]
+    state = {
+        PEFT_PREFIX + name.replace(f"{CLASS_EMBEDDING}.", f"{CLASS_EMBEDDING}.{holder}.{ADAPTER_NAME}.", 1)
+        if name.startswith(f"{CLASS_EMBEDDING}.")
+        else PEFT_PREFIX + name: tensor
+        for name, tensor in trained.items()
+    }
+    unknown = sorted(set(state) - set(twin.state_dict()))
+    if unknown:  # peft's in-memory layout is not the one this module was written against
+        raise RuntimeError(
+            f"peft {peft.__version__} keeps these VAR tensors under other names: {unknown[:8]}"
+        )
+    return state
+
+
+def read_provenance(folder: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
+    """(provenance record, bytes of ``adapter_model.safetensors``) of a peft folder written by
+    ``save_peft_adapter``; ``CheckpointError`` naming a missing file, another kind of folder, or weights that are
+    not the ones the provenance records (edited, truncated or from another save)."""
+    folder = Path(folder)
+    missing = [
+        name
+        for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, PROVENANCE_FILE)
+        if not (folder / name).is_file()
+    ]
+    if missing:
+        raise CheckpointError(
+            f"peft adapter folder {folder}: missing {', '.join(missing)} (expected a folder written by "
+            "trainables.peft_format.save_peft_adapter)"
+        )
+    try:
+        record = json.loads((folder / PROVENANCE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"peft adapter folder {folder}: {PROVENANCE_FILE} is not readable JSON ({err})"
+        ) from err
+    if not isinstance(record, dict) or record.get("kind") != PROVENANCE_KIND:
+        raise CheckpointError(
+            f"peft adapter folder {folder}: {PROVENANCE_FILE} is not a {PROVENANCE_KIND!r} record"
+        )
+    weights = (folder / SAFETENSORS_WEIGHTS_NAME).read_bytes()
+    if hashlib.sha256(weights).hexdigest() != record.get("weights_sha256"):
+        raise CheckpointError(
+            f"peft adapter folder {folder}: {SAFETENSORS_WEIGHTS_NAME} is not the file its {PROVENANCE_FILE} "
+            "records (SHA-256 differs): changed or replaced after saving"
+        )
+    return record, weights
+
+
+def check_base(base: VAR, folder: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Refuse a base whose architecture (depth, width, heads, scales, vocabulary, ...) is not the one the adapter
+    in ``folder`` was trained on, naming each field that differs."""
+    saved = record.get("base_architecture")
+    given = json.loads(json.dumps(base_architecture(base)))  # tuples as lists, as saved
+    if not isinstance(saved, dict):
+        raise CheckpointError(
+            f"peft adapter folder {folder}: its {PROVENANCE_FILE} records no base architecture"
+        )
+    differences = [
+        f"{key}={saved.get(key)!r} (this base: {given.get(key)!r})"
+        for key in sorted(set(saved) | set(given))
+        if saved.get(key) != given.get(key)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"peft adapter folder {folder} was trained on another VAR: " + "; ".join(differences)
+        )
+
+
+def peft_base(base: VAR, folder: str | os.PathLike, *, base_sha256: str | None) -> VAR:
+    """Prepare ``base`` (a VAR from ``build_var``/``load_var``, without adapters) for
+    ``peft.PeftModel.from_pretrained(base, folder)``, in place, and return it: refuses another architecture or
+    (``base_sha256``: the SHA-256 of the file ``base`` was loaded from, None for a base built in memory) another
+    base checkpoint, then gives it the adapter's label count as ``adapt`` did (same rows, same seed), so peft's
+    copy of the saved class embedding has the shape it loads into."""
+    record, _ = read_provenance(folder)
+    check_base(base, folder, record)
+    adaptation = saved_adaptation(folder, record, base_sha256=base_sha256)
+    if any(isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer) for module in base.modules()):
+        raise CheckpointError(
+            f"peft_base: the given VAR already carries adapters; pass a fresh base for {folder}"
+        )
+    if base.num_classes != adaptation.num_classes:
+        resize_class_embedding(
+            base,
+            adaptation.num_classes,
+            init=adaptation.method.class_init,
+            generator=torch.Generator().manual_seed(adaptation.seed),
+        )
+    return base
+
+
+def load_peft_folder(base: VAR, folder: str | os.PathLike, *, base_sha256: str | None) -> Adaptation:
+    """``methods.load_adapter`` for a peft folder: adapt ``base`` as recorded (patches included, ready to train or
+    sample like any varsweep-adapted VAR) and copy the folder's tensors in; the same refusals as for ``adapter.pt``
+    (another architecture or base checkpoint, NaN/inf, tensors that do not fit), checked before ``base`` changes."""
+    record, weights = read_provenance(folder)
+    check_base(base, folder, record)
+    saved = saved_adaptation(folder, record, base_sha256=base_sha256)
+    state = {_varsweep_name(key): tensor for key, tensor in safetensors.torch.load(weights).items()}
+    return apply_adapter_state(base, folder, saved=saved, state=state, base_sha256=base_sha256)
+
+
+def _varsweep_name(key: str) -> str:
+    """A key of ``adapter_model.safetensors`` as the parameter name in a VAR adapted by ``adapt``. peft saves
+    without the adapter name (``blocks.0.attn.proj.lora_A.weight``), ``adapt`` names it
+    (``blocks.0.attn.proj.lora_A.default.weight``); the class embedding, a plain trained module in ``adapt``,
+    is saved by LoRA as ``class_emb.weight`` and by LN tuning as ``class_emb.ln_tuning_layers.weight``."""
+    name = key.removeprefix(PEFT_PREFIX)
+    if name.startswith(f"{CLASS_EMBEDDING}."):
+        return f"{CLASS_EMBEDDING}.{name.rpartition('.')[2]}"
+    for layer in ("lora_A", "lora_B", "ln_tuning_layers"):
+        name = name.replace(f".{layer}.", f".{layer}.{ADAPTER_NAME}.", 1)
+    return name
