@@ -477,6 +477,131 @@ def parameters_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
         return _save(fig, folder, "parameters_vs_fid", "FID vs trainable parameters")
 
 
+# The privacy audit figure: where the non-DP trials stand (this factor right of the largest claimed epsilon on
+# the log axis, past a dotted rule) and how a deliberately broken mechanism (a test of the audit) is drawn.
+NO_DP_OFFSET = 4.0
+BROKEN_STYLE = {"color": "#c00000", "marker": "X", "s": 60, "linewidths": 0.5}
+AUDIT_CAPTION = (
+    "Each point is an audited training run: its empirical ε lower bound (one-run audit with canaries, at the "
+    "stated confidence) against the ε its DP accounting claims. A point above the y = x line would prove the DP "
+    "implementation or accounting wrong; points far below it are expected and do not show extra privacy."
+)
+
+
+def audit_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
+    """Empirical epsilon lower bound (y) vs claimed epsilon spent (x, log scale), one panel per (model, dataset):
+    DP trials coloured by k with each method's marker (mean and std over seeds), the y = x line, non-DP trials in
+    black at a "no DP" position right of the DP ones, and failed trials of a broken mechanism as red crosses (a
+    test of the audit, never a result). None without a successful audited trial."""
+    audited = trials[trials["audited"]].dropna(subset=["audit_epsilon_lower_bound"])
+    broken = audited[audited["audit_mechanism"].map(lambda m: isinstance(m, str) and m.startswith("broken"))]
+    ok = audited[audited["status"] == "success"]
+    if ok.empty:
+        return None
+    ordered = pd.concat([ok, broken]).sort_values("depth")
+    panels = list(dict.fromkeys(zip(ordered["model"], ordered["dataset"])))
+    colors = k_colors(ok.loc[ok["dp"], "k"]) if ok["dp"].any() else {}
+    with plt.rc_context(STYLE):
+        fig, axes = _figure(len(panels), width=4.2, height=3.4)
+        for ax, (model, dataset) in zip(axes, panels):
+            _audit_panel(ax, _in_panel(ok, model, dataset), _in_panel(broken, model, dataset), colors)
+            ax.set_title(f"{model}, {dataset}")
+        _legend(fig)
+        return _save(
+            fig,
+            folder,
+            "privacy_audit",
+            "Privacy audit: empirical ε lower bound vs claimed ε (y = x: the claim)",
+        )
+
+
+def _in_panel(trials: pd.DataFrame, model: str, dataset: str) -> pd.DataFrame:
+    return trials[(trials["model"] == model) & (trials["dataset"] == dataset)]
+
+
+def _audit_panel(ax, ok: pd.DataFrame, broken: pd.DataFrame, colors: dict[int, str]) -> None:
+    dp = ok[ok["dp"]]
+    claimed = pd.concat([dp["audit_claimed_epsilon"], broken["audit_claimed_epsilon"]]).dropna()
+    low, high = (float(claimed.min()), float(claimed.max())) if len(claimed) else (1.0, 10.0)
+    no_dp_x = high * NO_DP_OFFSET
+    lines = sorted(
+        dp.groupby(["method", "k"]), key=lambda item: (list(METHOD_LABELS).index(item[0][0]), item[0][1])
+    )
+    for i, ((method, k), line) in enumerate(lines):
+        _audit_points(
+            ax,
+            line,
+            color=colors[int(k)],
+            marker=METHOD_MARKERS[method],
+            size=max(3.0, 7.0 - 1.5 * i),  # later lines smaller: equal bounds (often all 0) stay visible
+            label=f"{METHOD_LABELS[method]}, k={k}",
+        )
+    for method in _in_table_order(ok.loc[~ok["dp"], "method"]):
+        plain = ok[~ok["dp"] & (ok["method"] == method)]["audit_epsilon_lower_bound"]
+        ax.errorbar(
+            [no_dp_x],
+            [plain.mean()],
+            yerr=[plain.std() if len(plain) > 1 else 0.0],
+            color="black",
+            marker=METHOD_MARKERS[method],
+            markersize=5,
+            capsize=2,
+            linestyle="",
+            label=f"{METHOD_LABELS[method]}, no DP",
+        )
+    if not broken.empty:
+        ax.scatter(
+            broken["audit_claimed_epsilon"],
+            broken["audit_epsilon_lower_bound"],
+            label="broken mechanism (test only)",
+            zorder=3,
+            **BROKEN_STYLE,
+        )
+    line_x = np.geomspace(low / 2, high * 1.5, 200)
+    ax.plot(line_x, line_x, color="#555555", linestyle="--", linewidth=1.0, label="y = x (bound = claimed ε)")
+    # Up to the largest claim, so the y = x line spans the DP points; a margin below 0 shows bounds of 0 whole.
+    bounds = pd.concat([ok["audit_epsilon_lower_bound"], broken["audit_epsilon_lower_bound"]])
+    top = 1.1 * max(1.0, float(bounds.max()), high if len(claimed) else 0.0)
+    ax.set_ylim(-0.04 * top, top)
+    _audit_axis(ax, low=low, high=high, no_dp_x=no_dp_x, with_no_dp=bool((~ok["dp"]).any()))
+    ax.set_xlabel("claimed ε (DP accounting, spent)")
+    ax.set_ylabel("empirical ε lower bound")
+
+
+def _audit_points(ax, line: pd.DataFrame, *, color: str, marker: str, size: float, label: str) -> None:
+    """One (method, k): a point per target epsilon at its mean claimed and mean bound, std over seeds as bars."""
+    points = line.groupby("epsilon")[["audit_claimed_epsilon", "audit_epsilon_lower_bound"]].agg(
+        ["mean", "std"]
+    )
+    ax.errorbar(
+        points[("audit_claimed_epsilon", "mean")],
+        points[("audit_epsilon_lower_bound", "mean")],
+        yerr=points[("audit_epsilon_lower_bound", "std")].fillna(0),
+        color=color,
+        marker=marker,
+        markersize=size,
+        capsize=2,
+        label=label,
+    )
+
+
+def _audit_axis(ax, *, low: float, high: float, no_dp_x: float, with_no_dp: bool) -> None:
+    """Log x with plain labels at 1, 2, 5 x 10^n inside the claimed range (every decade when it spans three or
+    more), and "no DP" at its own position past a dotted rule."""
+    ax.set_xscale("log")
+    decades = range(math.floor(math.log10(low / 2)), math.ceil(math.log10(high * 1.5)) + 1)
+    steps = (1.0,) if math.log10(3 * high / low) >= 3 else (1.0, 2.0, 5.0)
+    ticks = [m * 10.0**d for d in decades for m in steps if low / 2 <= m * 10.0**d <= high * 1.5]
+    labels = [f"{t:g}" for t in ticks]
+    if with_no_dp:
+        ax.axvline(math.sqrt(high * 1.5 * no_dp_x), color="#999999", linestyle=":", linewidth=1.0)
+        ticks, labels = ticks + [no_dp_x], labels + ["no DP"]
+    ax.set_xlim(low / 2, no_dp_x * 1.6 if with_no_dp else high * 1.5)
+    ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ticker.FixedFormatter(labels))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def all_figures(
     trials: pd.DataFrame, convergence: pd.DataFrame, folder: Path, *, table2_epsilon: float = 10.0
 ) -> tuple[list[FigureFile], list[str]]:
@@ -499,6 +624,10 @@ def all_figures(
             f"no successful DP LoRA or LNTuning trial at ε={table2_epsilon:g}{ran}",
         ),
         "parameters_vs_fid": (lambda: parameters_figure(trials, folder), "no trial has the data it plots"),
+        "privacy_audit": (
+            lambda: audit_figure(trials, folder),
+            "no successful trial has a privacy audit (config audit)",
+        ),
     }
     written, skipped = [], []
     for name, (make, why) in makers.items():

@@ -17,7 +17,16 @@ import pandas as pd
 
 from bench.errors import VarsweepError
 from bench.results import ResultStore, is_uri
-from bench.schema import ConfigError, EvaluationConfig, TrialConfig, UnknownRecordPath, check_result, replace
+from bench.schema import (
+    OPTIONAL_SECTIONS,
+    AuditConfig,
+    ConfigError,
+    EvaluationConfig,
+    TrialConfig,
+    UnknownRecordPath,
+    check_result,
+    replace,
+)
 
 from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup
 
@@ -180,8 +189,12 @@ def load_results(
 
 
 def config_value(config: dict, path: str):
-    """The value at a dotted path of a config dict (``method.lora_rank``); KeyError names a wrong path."""
+    """The value at a dotted path of a config dict (``method.lora_rank``); KeyError names a wrong path. An optional
+    section a record leaves out (``audit`` of a trial without an audit) reads as None, as do the fields below it,
+    so ``--where audit=null`` keeps the trials without an audit."""
     value = config
+    if path.split(".")[0] in OPTIONAL_SECTIONS and path.split(".")[0] not in config:
+        return None
     for part in path.split("."):
         if not isinstance(value, dict) or part not in value:
             raise AnalysisError(f"--where {path}: no such config field (sections: {', '.join(config)})")
@@ -355,6 +368,7 @@ def trial_row(record: dict) -> dict:
         "classifier": classifier.get("name"),
         "classifier_test_accuracy": _percent(classifier.get("test_accuracy")),
     }
+    row.update(audit_columns(record, audit=config.audit))
     for metric in METRICS.values():
         if metric.name not in row:
             value = lookup(record, metric.source)
@@ -365,6 +379,37 @@ def trial_row(record: dict) -> dict:
                 else math.nan
             )
     return row
+
+
+# The privacy audit's columns of the trials table (column -> path in the record); NaN (None for the mechanism)
+# where a trial has no ``audit`` section. Fractions stay fractions here; the table shows them in percent.
+AUDIT_COLUMNS = {
+    "audit_included": "audit.included",
+    "audit_delta": "audit.delta",
+    "audit_claimed_epsilon": "audit.claimed_epsilon",
+    "audit_epsilon_lower_bound": "audit.epsilon_lower_bound",
+    "audit_guesses": "audit.guesses",
+    "audit_correct_guesses": "audit.correct_guesses",
+    "audit_tpr_at_1pct_fpr": "audit.tpr_at_1pct_fpr",
+    "audit_tpr_at_0_1pct_fpr": "audit.tpr_at_0_1pct_fpr",
+    "audit_auc": "audit.auc",
+}
+
+
+def audit_columns(record: dict, *, audit: AuditConfig | None) -> dict:
+    """The trial's audit as flat columns: ``audited`` (its config asks for an audit), the configured canaries and
+    confidence (NaN without an audit; a record's own are checked equal to them), ``audit_mechanism`` (str or
+    None) and every ``AUDIT_COLUMNS`` number (NaN where not recorded, e.g. a failed audited trial)."""
+    columns = {
+        "audited": audit is not None,
+        "audit_canaries": float(audit.canaries) if audit else math.nan,
+        "audit_confidence": audit.confidence if audit else math.nan,
+        "audit_mechanism": lookup(record, "audit.mechanism"),
+    }
+    for column, source in AUDIT_COLUMNS.items():
+        value = lookup(record, source)
+        columns[column] = float(value) if value is not None else math.nan
+    return columns
 
 
 def _percent(fraction) -> float:

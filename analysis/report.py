@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.schema import SCHEMA_VERSION
 
-from .figures import FigureFile
+from .figures import AUDIT_CAPTION, FigureFile
 from .load import Results
 from .metrics import lookup
 from .tables import Cell, Table
@@ -20,6 +20,8 @@ KEY_PACKAGES = ("torch", "torchvision", "ray", "peft", "opacus", "torch-fidelity
 # Every trial, one row each, beside index.md (written by ``analysis.run.write_trials``, linked from the page).
 TRIAL_TABLES = ("trials.csv", "trials.parquet")
 TRIALS_NOTE = "Every trial, one row each (its settings, status, error and metrics):"
+# What a figure means where its axes alone do not say it (figure name -> one sentence below it).
+FIGURE_CAPTIONS = {"privacy_audit": AUDIT_CAPTION}
 
 
 @dataclass
@@ -156,6 +158,7 @@ def markdown(analysis: Analysis) -> str:
             "",
             f"![{figure.title}]({_rel(png, out)})",
             "",
+            *([FIGURE_CAPTIONS[figure.name], ""] if figure.name in FIGURE_CAPTIONS else []),
             f"PDF: [{_rel(pdf, out)}]({_rel(pdf, out)})",
             "",
         ]
@@ -215,7 +218,9 @@ def page(analysis: Analysis) -> str:
     for figure in analysis.figures:
         png, pdf = figure.paths
         parts += [
-            f"<h3>{esc(figure.title)}</h3><img src='{_rel(png, out)}' style='max-width:100%'><p><a href='{_rel(pdf, out)}'>PDF</a></p>"
+            f"<h3>{esc(figure.title)}</h3><img src='{_rel(png, out)}' style='max-width:100%'>"
+            + (f"<p>{esc(FIGURE_CAPTIONS[figure.name])}</p>" if figure.name in FIGURE_CAPTIONS else "")
+            + f"<p><a href='{_rel(pdf, out)}'>PDF</a></p>"
         ]
     parts += [f"<h2>Sample grids</h2><p>{GRID_NOTE}</p>"]
     labels = dict(zip(r.trials["trial_id"], r.trials["label"]))

@@ -10,6 +10,7 @@ counts, Markdown and LaTeX.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.estimates import ATTENTION_NOTE
+from bench.schema import AUDIT_MECHANISMS
 
 from .metrics import (
     DATASET_COLUMNS,
@@ -596,6 +598,102 @@ def _classifier_notes(trials: pd.DataFrame) -> list[str]:
     return notes
 
 
+# The privacy audit's value columns: (trials column, header, formatter); fractions shown in percent.
+AUDIT_VALUES = (
+    ("audit_claimed_epsilon", "claimed_epsilon_spent", lambda v: f"{v:.2f}"),
+    ("audit_delta", "delta", lambda v: f"{v:.3g}"),
+    ("audit_epsilon_lower_bound", "epsilon_lower_bound", lambda v: f"{v:.2f}"),
+    ("audit_tpr_at_1pct_fpr", "tpr_at_1pct_fpr_pct", lambda v: f"{100 * v:.1f}"),
+    ("audit_auc", "auc", lambda v: f"{v:.3f}"),
+)
+AUDIT_NOTES = [
+    "epsilon_lower_bound: with probability at least the stated confidence, no mechanism whose epsilon (at this "
+    "delta) is below this number could let the membership guesses on the canaries be as accurate as they were "
+    "(one-run audit, Steinke, Nasr & Jagielski 2023). It bounds epsilon from below; it does not estimate it: a "
+    "bound far below the claimed epsilon is expected of DP-SGD and proves no extra privacy, while a bound above the "
+    "claimed epsilon proves a bug in the training's DP mechanism or its accounting",
+    "claimed_epsilon_spent: the DP ledger's epsilon spent (no DP: none); delta: the trial's DP delta (no DP: the "
+    "delta a DP trial on the same data would use)",
+    "canaries: m, each in the training set with probability 1/2, never in the evaluation; score: the drop of a "
+    "canary's per-token NLL from the start of fine-tuning to the released model; tpr_at_1pct_fpr_pct: the share "
+    "of included canaries flagged when 1% of the excluded ones are; auc: of that score",
+    "a 'broken' mechanism row is a test of the audit (clipping skipped on purpose), recorded as failed: never a "
+    "result",
+]
+
+
+def audit_table(trials: pd.DataFrame) -> list[Table]:
+    """The privacy audit: one row per audited setting (model, dataset, method, epsilon, k, canaries, confidence,
+    mechanism; seeds averaged) with the claimed epsilon, delta, the empirical lower bound, TPR at 1% FPR and AUC.
+    Only trials whose config asks for an audit; a failed one counts as failed in its row."""
+    audited = _audit_keys(trials[trials["audited"]])
+    if audited.empty:
+        return []
+    rows = []
+    for key, group in audited.groupby(AUDIT_KEYS, sort=True):
+        _, model, dataset, _, method, epsilon, k, canaries, confidence, _, mechanism = key
+        values = [cell(group, column, formatter=formatter) for column, _, formatter in AUDIT_VALUES]
+        if epsilon < 0:  # no DP claims no epsilon: a dash, not "no value"
+            values[0] = dataclasses.replace(values[0], no_value=0)
+        rows.append(
+            [
+                model,
+                dataset,
+                METHOD_LABELS[method],
+                "no DP" if epsilon < 0 else _eps(epsilon),
+                str(k),
+                f"{canaries:.0f}",
+                f"{100 * confidence:g}%",
+                mechanism,
+                *values,
+            ]
+        )
+    header = ["model", "dataset", "method", "epsilon", "k", "canaries", "confidence", "mechanism"]
+    return [
+        Table(
+            "privacy_audit",
+            "Privacy audit: empirical lower bound on epsilon vs the claimed epsilon",
+            header + [name for _, name, _ in AUDIT_VALUES],
+            rows,
+            notes=AUDIT_NOTES,
+        )
+    ]
+
+
+# A row of the audit table, in sort order: depth, then the methods' table order, no DP before DP, the mechanism
+# as ``AUDIT_MECHANISMS`` lists it (a broken one after the correct run of its setting).
+AUDIT_KEYS = [
+    "depth",
+    "model",
+    "dataset",
+    "_method_order",
+    "method",
+    "_epsilon",
+    "k",
+    "audit_canaries",
+    "audit_confidence",
+    "_mechanism_order",
+    "_mechanism",
+]
+
+
+def _audit_keys(audited: pd.DataFrame) -> pd.DataFrame:
+    """``audited`` with the sort and key columns of ``AUDIT_KEYS``; a trial that failed before recording its
+    audit gets the mechanism its config implies (DP-SGD or none)."""
+    mechanisms = [
+        m if isinstance(m, str) else ("dp-sgd" if dp else "none")
+        for m, dp in zip(audited["audit_mechanism"], audited["dp"])
+    ]
+    return audited.assign(
+        _mechanism=mechanisms,
+        _mechanism_order=[
+            AUDIT_MECHANISMS.index(m) if m in AUDIT_MECHANISMS else len(AUDIT_MECHANISMS) for m in mechanisms
+        ],
+        _method_order=audited["method"].map(list(METHOD_LABELS).index),
+        _epsilon=audited["epsilon"].fillna(-1.0),  # -1: no DP, listed before the DP settings
+    )
+
+
 def all_tables(trials: pd.DataFrame, *, table2_epsilon: float = 10.0) -> tuple[list[Table], list[str]]:
     """(tables, one line per table not produced, saying what data it lacks)."""
     dp_epsilons = sorted(set(trials.loc[trials["dp"], "epsilon"]))
@@ -626,6 +724,7 @@ def all_tables(trials: pd.DataFrame, *, table2_epsilon: float = 10.0) -> tuple[l
         ("table10_dp_ablation", lambda: table10(trials), "no DP attention-only or MLP-only LoRA trial"),
         ("compute", lambda: compute_table(trials), "no trial"),
         ("privacy", lambda: privacy_table(trials), "no DP trial"),
+        ("privacy_audit", lambda: audit_table(trials), "no trial has a privacy audit (config audit)"),
     ]
     tables, skipped = [], []
     for name, build, why in builders:

@@ -491,6 +491,49 @@ class EvaluationConfig:
         )
 
 
+# Canary kinds of a privacy audit (``trainables.audit``): "glyphs", procedural glyph images out of every dataset's
+# domain, each with a uniformly random label of the dataset's classes.
+CANARY_KINDS = ("glyphs",)
+MIN_CANARIES, MAX_CANARIES = 20, 100_000  # fewer than 20 cannot move the bound; more only costs scoring time
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """An empirical privacy audit in one training run (Steinke, Nasr & Jagielski 2023): ``canaries`` (m) canaries
+    of ``canary_kind``, each included in the training set independently with probability 1/2; ``seed`` draws the
+    canaries and which are included (from a stream of its own, never the training's); ``confidence`` of the
+    epsilon lower bound. The canaries never enter the evaluation.
+    ``delta``: the delta a trial *without* DP is audited at (None: 1/N', what a DP trial on the same N' examples
+    resolves by default); set it to the delta of the DP trials it is compared with. A DP trial is always audited at
+    its own delta, so there it must stay None. The one-run bound is ~0 unless 2 m delta is small beside the
+    significance (e.g. m = 100 canaries and delta = 1/1500 give 0 even for perfect guesses): small sets need an
+    explicit small delta (privacy.delta with DP, this without)."""
+
+    canaries: int = 256
+    canary_kind: str = "glyphs"
+    seed: int = 0
+    confidence: float = 0.95
+    delta: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _require(
+            MIN_CANARIES <= self.canaries <= MAX_CANARIES,
+            "audit.canaries",
+            f"must be in [{MIN_CANARIES}, {MAX_CANARIES}], got {self.canaries}",
+        )
+        _require(
+            self.canary_kind in CANARY_KINDS,
+            "audit.canary_kind",
+            f"one of {CANARY_KINDS}, got {self.canary_kind!r}",
+        )
+        _require(self.seed >= 0, "audit.seed", f"must be >= 0, got {self.seed}")
+        _require(0.5 < self.confidence < 1, "audit.confidence", f"must be in (0.5, 1), got {self.confidence}")
+        _require(
+            self.delta is None or 0 < self.delta < 1, "audit.delta", f"must be in (0, 1), got {self.delta}"
+        )
+
+
 # resources.attention_kernel: "auto" and trainables.models.ATTENTION_KERNELS (tested equal; the schema imports no
 # torch). "auto" runs per-scale SDPA: the masked kernel's numbers up to rounding, without the hidden pairs' FLOPs.
 ATTENTION_KERNEL_CHOICES = ("auto", "masked", "per_scale", "flex")
@@ -587,7 +630,11 @@ SECTIONS = {
     "optimization": OptimizationConfig,
     "evaluation": EvaluationConfig,
     "resources": ResourcesConfig,
+    "audit": AuditConfig,
 }
+# Sections that may be None; an optional section at None is left out of ``to_dict`` (hence of the trial id, so ids of
+# trials written before it existed stay) and read as None where a record lacks it. ``privacy`` is written as null.
+OPTIONAL_SECTIONS = ("privacy", "audit")
 _SECTION_NAMES = {kind: name for name, kind in SECTIONS.items()}
 
 PATH_FIELDS = (
@@ -618,12 +665,13 @@ class TrialConfig:
     optimization: OptimizationConfig = field(default_factory=lambda: OptimizationConfig(steps=100))
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    audit: AuditConfig | None = None
 
     def __post_init__(self) -> None:
         for name, kind in SECTIONS.items():
             value = getattr(self, name)
             _require(
-                isinstance(value, kind) or (name == "privacy" and value is None),
+                isinstance(value, kind) or (name in OPTIONAL_SECTIONS and value is None),
                 name,
                 f"must be a {kind.__name__}",
             )
@@ -636,6 +684,16 @@ class TrialConfig:
         trains = self.method.name != "base"
         _require(
             trains or self.privacy is None, "privacy", "method 'base' trains nothing, so DP does not apply"
+        )
+        _require(
+            trains or self.audit is None,
+            "audit",
+            "method 'base' trains nothing, so there is no membership to audit",
+        )
+        _require(
+            self.audit is None or self.audit.delta is None or self.privacy is None,
+            "audit.delta",
+            "a DP trial is audited at its own delta (privacy.delta): leave audit.delta null",
         )
         _require(
             trains or self.optimization.steps == 0,
@@ -685,7 +743,11 @@ class TrialConfig:
 
     # --- identity and serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON types; ``audit`` only when set (see ``OPTIONAL_SECTIONS``)."""
+        values = json.loads(json.dumps(dataclasses.asdict(self)))
+        if values["audit"] is None:
+            del values["audit"]
+        return values
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> TrialConfig:
@@ -696,10 +758,13 @@ class TrialConfig:
             "config",
             f"expected an object of sections, got {type(record).__name__}",
         )
-        unknown, missing = set(record) - set(SECTIONS), set(SECTIONS) - set(record)
+        unknown = set(record) - set(SECTIONS)
+        missing = set(SECTIONS) - set(record) - {"audit"}  # a record without an audit lacks the section
         _require(not unknown, "config", f"unknown sections {sorted(unknown)}")
         sections = {
-            name: None if (name == "privacy" and record[name] is None) else _section(kind, record[name], name)
+            name: None
+            if (name in OPTIONAL_SECTIONS and record[name] is None)
+            else _section(kind, record[name], name)
             for name, kind in SECTIONS.items()
             if name in record
         }
@@ -739,7 +804,10 @@ class TrialConfig:
             if self.privacy is None
             else f"-eps{self.privacy.target_epsilon:g}-k{self.privacy.augmentation_multiplicity}"
         )
-        return f"{self.method.name}-d{self.model.depth}-{self.data.dataset}{dp}-s{self.optimization.seed}"
+        audit = "" if self.audit is None else f"-audit{self.audit.canaries}"
+        return (
+            f"{self.method.name}-d{self.model.depth}-{self.data.dataset}{dp}{audit}-s{self.optimization.seed}"
+        )
 
     def planned_steps(self, train_images: int) -> int:
         """Optimiser steps for a training split of ``train_images`` examples (epochs converted by the batch size,
@@ -1023,6 +1091,41 @@ class Artifacts(TypedDict):
     peft_adapter: NotRequired[str | None]
 
 
+# What ``audit.mechanism`` says of how the trial trained; the last is a test-only broken DP step (per-example
+# clipping skipped, noise still calibrated to C) whose records are refused as results (``check_result``).
+AUDIT_MECHANISMS = ("dp-sgd", "none", "broken: clipping skipped (test only)")
+BROKEN_MECHANISM = AUDIT_MECHANISMS[2]
+AUDIT_SCORES = ("nll_drop",)
+
+
+class AuditRecord(TypedDict):
+    """A privacy audit in one run (``trainables.audit``; ``AuditConfig``): m canaries, how many were included,
+    their kind; ``score``: "nll_drop", each canary's per-token NLL (nats) of its token maps under its label at the
+    start of fine-tuning minus under the released model (higher = more likely a member); the lower bound on
+    epsilon at ``delta`` (the trial's DP delta; without DP the delta a DP trial on the same data would resolve)
+    with ``confidence``, from ``guesses`` (r) guesses of which ``correct_guesses`` (v) were right
+    (``trainables.audit_bound``); ``claimed_epsilon``: the DP ledger's epsilon spent (None without DP); the ROC's
+    AUC and true positive rates (fractions) at 1% and 0.1% false positives; ``mechanism``: one of
+    ``AUDIT_MECHANISMS``; per canary its score and whether it was included (the audit's ground truth)."""
+
+    canaries: int
+    included: int
+    canary_kind: str
+    score: str
+    confidence: float
+    delta: float
+    claimed_epsilon: float | None
+    epsilon_lower_bound: float
+    guesses: int
+    correct_guesses: int
+    tpr_at_1pct_fpr: float
+    tpr_at_0_1pct_fpr: float
+    auc: float
+    mechanism: str
+    scores: list[float]
+    included_mask: list[bool]
+
+
 class UpgradedFrom(TypedDict):
     """The schema version and trial id a record had before ``upgrade_record``."""
 
@@ -1048,7 +1151,8 @@ RESULT_FIELDS = {
     "started_at": str,
     "finished_at": str,
 }
-OPTIONAL_RESULT_FIELDS = {"artifacts": dict, "upgraded_from": dict}  # upgraded_from: see upgrade_record
+# upgraded_from: see upgrade_record; audit: only for a trial with an ``AuditConfig``
+OPTIONAL_RESULT_FIELDS = {"artifacts": dict, "upgraded_from": dict, "audit": (dict, type(None))}
 # The typed inner sections (``check_result`` checks each against its description).
 RESULT_SECTIONS: dict[str, Any] = {
     "metrics": ResultMetrics,
@@ -1062,6 +1166,7 @@ RESULT_SECTIONS: dict[str, Any] = {
     "environment": Environment,
     "artifacts": Artifacts,
     "upgraded_from": UpgradedFrom,
+    "audit": AuditRecord | None,
 }
 RECORD_SCALARS = {
     "schema_version": int,
@@ -1354,4 +1459,59 @@ def check_result(record: Mapping[str, Any]) -> TrialConfig:
         "trial_id",
         f"{record['trial_id']} does not match its config ({config.trial_id})",
     )
+    if record.get("audit"):  # absent: no audit asked, a failed trial, or a DDP rank other than 0
+        _check_audit(record["audit"], config, status=record["status"])
     return config
+
+
+def _check_audit(audit: Mapping[str, Any], config: TrialConfig, *, status: str) -> None:
+    """The audit section against its trial's config and itself (the types were checked by ``_check_sections``)."""
+    _require(config.audit is not None, "audit", "recorded for a trial whose config has no audit")
+    m = config.audit.canaries
+    _require(
+        audit["canaries"] == m and len(audit["scores"]) == m and len(audit["included_mask"]) == m,
+        "audit.canaries",
+        f"the config's {m} canaries need {m} scores and mask entries, got {audit['canaries']}, "
+        f"{len(audit['scores'])} and {len(audit['included_mask'])}",
+    )
+    _require(
+        audit["included"] == sum(audit["included_mask"]),
+        "audit.included",
+        f"{audit['included']} is not the number of included canaries in the mask",
+    )
+    _require(
+        (audit["canary_kind"], audit["confidence"]) == (config.audit.canary_kind, config.audit.confidence),
+        "audit.canary_kind",
+        "canary_kind and confidence must be the config's",
+    )
+    _require(audit["score"] in AUDIT_SCORES, "audit.score", f"one of {AUDIT_SCORES}, got {audit['score']!r}")
+    _require(
+        audit["mechanism"] in AUDIT_MECHANISMS,
+        "audit.mechanism",
+        f"one of {AUDIT_MECHANISMS}, got {audit['mechanism']!r}",
+    )
+    dp = config.privacy is not None
+    _require(
+        (audit["mechanism"] != "none") == dp and (audit["claimed_epsilon"] is not None) == dp,
+        "audit.mechanism",
+        "a DP trial audits a DP mechanism with a claimed epsilon; a trial without DP has mechanism 'none' and none",
+    )
+    # A deliberately broken mechanism is a test of the audit, never a result: its record can only be a failed one.
+    _require(
+        audit["mechanism"] != BROKEN_MECHANISM or status == "failed",
+        "audit.mechanism",
+        f"{BROKEN_MECHANISM!r} is not a DP result: such a record must have status 'failed'",
+    )
+    _require(
+        audit["epsilon_lower_bound"] >= 0 and 0 < audit["delta"] < 1,
+        "audit.epsilon_lower_bound",
+        f"need a bound >= 0 and delta in (0, 1), got {audit['epsilon_lower_bound']} and {audit['delta']}",
+    )
+    _require(
+        0 <= audit["correct_guesses"] <= audit["guesses"] <= m,
+        "audit.guesses",
+        f"need 0 <= correct_guesses <= guesses <= {m}, got {audit['correct_guesses']} of {audit['guesses']}",
+    )
+    rates = {key: audit[key] for key in ("tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "auc")}
+    bad = {key: value for key, value in rates.items() if not 0 <= value <= 1}
+    _require(not bad, "audit." + next(iter(bad), "auc"), f"fractions in [0, 1], got {bad}")

@@ -5,6 +5,7 @@ trial refuses files that changed after its sweep was identified."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -231,6 +232,7 @@ SMOKE_IDS_BEFORE = {
     ("convergence", True): "68a0e2dec8d7ce6c",
     ("demo", False): "8e46051e3f78ec2c",
     ("demo", True): "2f0b5feec9517881",
+    ("privacy_audit", True): "65ceb9b6e23c8ee7",
     ("second_seed", True): "8df401d65192d9cb",
     ("table1", True): "0950a829f9cc3c9e",
     ("table10", True): "6872932f03eedada",
@@ -254,3 +256,43 @@ def test_tiny_and_offline_trial_ids_are_unchanged(name, smoke, tmp_path):
 
 def test_every_smoke_sweep_is_checked():
     assert {name for name, _ in SMOKE_IDS_BEFORE} == set(SWEEPS)
+
+
+SCHEMA_BEFORE_AUDIT = "115315e"  # the last commit before the optional ``audit`` section (issue 18)
+
+
+def _schema_at(commit: str, folder: Path):
+    """bench/schema.py as it was at ``commit``, loaded as a module of the ``bench`` package (its relative imports
+    resolve), or a skip where the repository's history is not at hand (an unpacked release)."""
+    shown = subprocess.run(
+        ["git", "show", f"{commit}:bench/schema.py"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    if shown.returncode != 0:
+        pytest.skip(f"git history with {commit} not available: {shown.stderr.strip()[:200]}")
+    path = folder / "schema_before_audit.py"
+    path.write_text(shown.stdout)
+    spec = importlib.util.spec_from_file_location("bench.schema_before_audit", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_trial_ids_without_an_audit_are_those_before_it(tmp_path):
+    """Every built-in sweep, smoke and full: the ids this schema gives are the ones the schema before the audit
+    section gave to the same configs (an audit of None leaves the config's dict and id as they were)."""
+    before = _schema_at(SCHEMA_BEFORE_AUDIT, tmp_path)
+    compared = 0
+    for name in SWEEPS:
+        for smoke in (True, False):
+            for config in build_sweep(name, smoke=smoke):
+                if config.audit is not None:
+                    continue  # an audited trial (issue 18's own sweep) had no id before
+                assert before.TrialConfig.from_dict(config.to_dict()).trial_id == config.trial_id, (
+                    config.label
+                )
+                compared += 1
+    assert compared > 100

@@ -43,10 +43,12 @@ NOT_A_NUMBER_ON_CPU = {"mfu"}
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory):
     """A storage folder with the results and artifacts of two tiny real trials (2 steps each): LoRA without DP
-    (with a convergence curve) and LoRA with DP. About 30 s on 2 CPU cores, most of it building the shared caches."""
+    (with a convergence curve and a 20-canary privacy audit) and LoRA with DP. About 30 s on 2 CPU cores, most of it building the shared caches."""
     root, cache = tmp_path_factory.mktemp("storage"), tmp_path_factory.mktemp("cache")
     plain = replace(
-        tiny_trial("lora", steps=2), evaluation={"convergence_every_steps": 1, "convergence_num_images": 10}
+        tiny_trial("lora", steps=2),
+        evaluation={"convergence_every_steps": 1, "convergence_num_images": 10},
+        audit={"canaries": 20},  # the record's audit section: every key written by a real trial
     )
     dp = replace(
         tiny_trial("lora", steps=2),

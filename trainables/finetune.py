@@ -270,6 +270,7 @@ def finetune(
     evaluate_fn: Callable[[VAR], dict] | None = None,
     checkpointing: Checkpointing | None = None,
     resources: ResourcesConfig | None = None,
+    unsafe_skip_clipping: bool = False,
 ) -> dict:
     """Train the trainable parameters of an adapted ``var`` with the trial's ``optimization`` (learning rate,
     batch size, warm-up capped at the planned steps, weight decay, class dropout, global clipping, seed, bf16),
@@ -289,7 +290,8 @@ def finetune(
     bit-identically on the same device. Under DP the example key, the Poisson sampling and the noise are seeded from
     OS entropy (``debug_seed``, for tests and debugging, seeds the sampling and the example key; the ledger says so);
     a checkpoint holds no generator state, so a resumed DP run draws fresh entropy: nobody who reads a checkpoint can
-    predict the noise of later steps. Its accounting continues exactly (the steps taken are in the checkpoint)."""
+    predict the noise of later steps. Its accounting continues exactly (the steps taken are in the checkpoint).
+    ``unsafe_skip_clipping``: the privacy audit's test-only broken DP step (``privacy.make_private``)."""
     resume = checkpointing.resume if checkpointing is not None else None
     resources = resources or ResourcesConfig()
     device = next(var.parameters()).device
@@ -303,6 +305,8 @@ def finetune(
         resources=resources,
         device=device,
     )
+    if unsafe_skip_clipping and privacy is None:
+        raise ConfigError("unsafe_skip_clipping breaks a DP step: it needs a privacy section")
     seed = optimization.seed
     how = prepare_model(var, resources, privacy=privacy)
     if prior is not None:
@@ -383,7 +387,14 @@ def finetune(
                 else debug_seed * 1_000_003 + run.start_step
             )
             ledger = _private_run(
-                var, optimizer, data, loop, privacy=privacy, debug_seed=seed_now, resume=resume
+                var,
+                optimizer,
+                data,
+                loop,
+                privacy=privacy,
+                debug_seed=seed_now,
+                resume=resume,
+                unsafe_skip_clipping=unsafe_skip_clipping,
             )
     finally:
         # The trained model leaves as it came: its evaluation samples through eager blocks.
@@ -738,6 +749,7 @@ def _private_run(
     privacy: PrivacyConfig,
     debug_seed: int | None,
     resume: dict | None,
+    unsafe_skip_clipping: bool = False,
 ) -> dict:
     """DP-SGD steps (``privacy.make_private`` with the plan's sigma); returns the privacy ledger."""
     state = make_private(
@@ -748,6 +760,7 @@ def _private_run(
         planned_steps=loop.plan.planned_steps,
         noise_multiplier=loop.plan.noise_multiplier,
         debug_seed=debug_seed,
+        unsafe_skip_clipping=unsafe_skip_clipping,
     )
     loop.inputs.draws.key = state.example_key
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bench.schema import ConfigError, TrialConfig
 
+from .audit import included_count
 from .data import offline
 from .data.datasets import ImageList, read_dataset
 from .training import evaluation_steps
@@ -19,7 +20,8 @@ from .training import evaluation_steps
 class TrialPlan:
     """What the cheap checks found and what the trial then does: the real split sizes, the steps it will take,
     the convergence curve's steps (steps done; empty without one) and under DP the resolved delta and the sigma
-    that spends the budget over ``planned_steps``. ``run_trial`` uses it as is: nothing here is computed twice.
+    that spends the budget over ``planned_steps``. With an audit the trial trains on ``train_images`` +
+    ``canaries_included`` examples, and steps, delta and sigma are planned for that count (``examples``). ``run_trial`` uses it as is: nothing here is computed twice.
     Every rank of a DDP trial lists the same files, so their plans are equal."""
 
     train_images: int
@@ -29,9 +31,21 @@ class TrialPlan:
     evaluation_steps: tuple[int, ...] = ()
     delta: float | None = None
     noise_multiplier: float | None = None
+    canaries_included: int = 0  # an audit's canaries that train beside the real split (``trainables.audit``)
     splits: tuple[ImageList, ImageList] | None = field(
         default=None, repr=False, compare=False
     )  # (train, evaluation) as listed
+
+    @property
+    def examples(self) -> int:
+        """N' = the real training images plus the included canaries: the dataset the mechanism runs on."""
+        return self.train_images + self.canaries_included
+
+    @property
+    def audit_delta(self) -> float:
+        """The delta of an audit's bound: the DP trial's own, else the one a DP trial on the same data resolves
+        (1/N')."""
+        return self.delta if self.delta is not None else 1.0 / self.examples
 
 
 def data_root(config: TrialConfig, cache_dir: str | Path) -> Path:
@@ -92,7 +106,10 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
         raise ConfigError(
             f"data.dataset: the {train.split} and {evaluation.split} splits have different classes"
         )
-    steps, e, p = config.planned_steps(len(train)), config.evaluation, config.privacy
+    # An audit's included canaries train like any example: the steps, Poisson sampling and delta count them.
+    canaries = included_count(config.audit)
+    examples = len(train) + canaries
+    steps, e, p = config.planned_steps(examples), config.evaluation, config.privacy
     curve = (
         tuple(evaluation_steps(steps, every=e.convergence_every_steps, points=e.convergence_points))
         if (steps and (e.convergence_every_steps or e.convergence_points))
@@ -103,7 +120,7 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
         # Imported here: the accountant is Opacus's, and a dry run of a sweep without DP imports no Opacus.
         from .privacy import calibrate_noise_multiplier, validate_privacy
 
-        delta = validate_privacy(p, dataset_size=len(train), planned_steps=steps)
+        delta = validate_privacy(p, dataset_size=examples, planned_steps=steps)
         sigma = calibrate_noise_multiplier(
             target_epsilon=p.target_epsilon,
             delta=delta,
@@ -119,5 +136,6 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
         evaluation_steps=curve,
         delta=delta,
         noise_multiplier=sigma,
+        canaries_included=canaries,
         splits=(train, evaluation),
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -246,6 +247,7 @@ class PrivateTraining:
     steps_taken: int = (
         0  # the accounting needs the number of steps only; the actual batch sizes are never kept
     )
+    unsafe_skip_clipping: bool = False  # test-only broken mechanism (see make_private): no DP guarantee
 
     @property
     def steps(self) -> int:
@@ -306,6 +308,7 @@ def make_private(
     noise_multiplier: float | None = None,
     noise_generator: torch.Generator | None = None,
     debug_seed: int | None = None,
+    unsafe_skip_clipping: bool = False,
 ) -> PrivateTraining:
     """Wrap an adapted model and its optimiser for DP-SGD. Checks what depends on N and the steps first; uses
     ``noise_multiplier`` (sigma, the trial plan's) or calibrates it for ``planned_steps``.
@@ -314,6 +317,9 @@ def make_private(
     shared: all ranks draw one global mask). ``noise_generator`` (on the parameters' device) and ``debug_seed``
     (sampling and per-example draws) make a run reproducible, for tests and debugging only; the ledger says when
     they were used.
+    ``unsafe_skip_clipping`` breaks the mechanism on purpose, for the privacy audit's tests only (never a config
+    field): per-example gradients are summed unclipped while the noise stays calibrated to C, so the ledger's
+    epsilon no longer holds (its ``clipping`` says so). Book-keeping clipping only (the others are refused).
     Under an initialised process group the model is synchronised from rank 0 and gradients are all-reduced."""
     delta = validate_privacy(privacy, dataset_size=dataset_size, planned_steps=planned_steps)
     check_per_sample_support(model)
@@ -348,6 +354,10 @@ def make_private(
         generator=noise_generator,
     )
     clipping = resolve_clipping(privacy, model)
+    if unsafe_skip_clipping and clipping != "bookkeeping":
+        raise PrivacyConfigError(
+            f"the test-only unsafe_skip_clipping switch works with book-keeping clipping, not {clipping!r}"
+        )
     fast_clipping = (
         DistributedDPOptimizerFastGradientClipping if world_size > 1 else DPOptimizerFastGradientClipping
     )
@@ -386,6 +396,7 @@ def make_private(
         sampling_generator=sampling_generator,
         sampling_seeded_by_caller=debug_seed is not None,
         example_key=example_key,
+        unsafe_skip_clipping=unsafe_skip_clipping,
     )
 
 
@@ -520,7 +531,10 @@ def _accumulate_clipped(state: PrivateTraining, part: torch.Tensor, loss_fn: Vie
         loss_fn(part), examples=len(part), k=state.privacy.augmentation_multiplicity
     )
     if state.clipping == "bookkeeping":
-        state.module.clipped_sum(checked_losses, max_grad_norm=state.privacy.max_grad_norm)
+        # The broken test-only mechanism: an infinite clipping norm leaves every per-example gradient whole, while
+        # the optimiser's noise (std sigma * C) stays that of the real mechanism.
+        norm = math.inf if state.unsafe_skip_clipping else state.privacy.max_grad_norm
+        state.module.clipped_sum(checked_losses, max_grad_norm=norm)
         return
     loss_bk = checked_losses()
     if state.clipping == "ghost":
@@ -569,6 +583,9 @@ RELEASED_WITHOUT_NOISE = {
 }
 
 
+UNSAFE_CLIPPING_NOTE = "skipped (test-only broken mechanism: the epsilon below does not hold)"
+
+
 def privacy_ledger(state: PrivateTraining) -> dict:
     """What the trial spent, for the result file. No per-example quantity and no actual batch size appears here
     (the accounting needs only the number of steps); ``released_without_noise`` names what is released outside
@@ -594,7 +611,7 @@ def privacy_ledger(state: PrivateTraining) -> dict:
         "max_grad_norm": state.privacy.max_grad_norm,
         "augmentation_multiplicity": state.privacy.augmentation_multiplicity,
         "physical_batch_rows": state.privacy.physical_batch_rows,
-        "clipping": state.clipping,
+        "clipping": UNSAFE_CLIPPING_NOTE if state.unsafe_skip_clipping else state.clipping,
         "calibration_accountant": state.privacy.accountant,
         "world_size": state.world_size,
         "noise_rng": _rng_note(state.noise_seeded_by_caller),

@@ -26,14 +26,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from bench.schema import EvaluationConfig, TrialConfig, make_result, utc_now
+from bench.schema import BROKEN_MECHANISM, ConfigError, EvaluationConfig, TrialConfig, make_result, utc_now
 
 from .assets import FileIds, verify_content
+from .audit import audit_record, canary_images, canary_nll, inclusion_mask, with_canaries
 from .data.datasets import ImageList, check_images
 from .data.token_cache import ViewSpec, open_token_cache
+from .data.tokens import TokenViews
 from .evaluation.classifier import digit_classifier
 from .evaluation.evaluate import ScoringSettings, evaluate
 from .evaluation.features import DIGITS_CNN, build_extractor
@@ -147,6 +150,7 @@ def run_trial(
     resume: dict | None = None,
     log: Callable[[str], None] = print,
     startup_seconds: float | None = None,
+    unsafe_mechanism: str | None = None,
 ) -> dict:
     """Train and evaluate one trial; returns its result record (on ranks other than 0: the record without metrics).
     ``cache_dir`` holds what trials share (tiny bases, offline data, token caches, reference statistics);
@@ -155,10 +159,16 @@ def run_trial(
     the storage root).
     ``resume`` is a training state saved through ``report`` by an earlier attempt; ``startup_seconds`` (launch to
     this call, measured by the launcher's worker) is recorded in the cost with the setup, training and evaluation
-    times."""
+    times. With ``config.audit`` the included canaries train beside the split and the record gets its ``audit``
+    section (``trainables.audit``).
+    ``unsafe_mechanism="skip_clipping"`` exists for the privacy audit's tests only (no config field, no command
+    line reaches it): the DP step skips per-example clipping, noise still calibrated to C. Such a record has
+    status "failed" (``UNSAFE_ERROR``), ``audit.mechanism`` ``bench.schema.BROKEN_MECHANISM`` and a ledger whose
+    ``clipping`` says it was skipped, so it can never pass for a DP result."""
     started, wall = utc_now(), time.perf_counter()
     device, cache_dir, artifacts_dir = torch.device(device), Path(cache_dir), Path(artifacts_dir)
     rank, world = rank_and_world()
+    _check_unsafe_mechanism(config, unsafe_mechanism)
     plan = preflight(config, cache_dir)
     # What the device cannot train (flex attention on a CPU), before anything is loaded.
     if config.method.name != "base":
@@ -174,8 +184,17 @@ def run_trial(
     views, cache_hit = _rank0_first(
         lambda: open_token_cache(cache_dir / "token-cache", train, vqvae, spec=spec, log=log)
     )
+    canaries = (
+        _canaries(config, train, vqvae, plan=plan, cache_dir=cache_dir, spec=spec, log=log)
+        if config.audit is not None
+        else None
+    )
     var, adaptation = _adapted(
         config, base, classes=len(train.class_names), device=device, base_sha256=base_sha256
+    )
+    # The audit's reference: every canary's NLL under the adapted model before its first step (rank 0 audits).
+    reference_M = (
+        canary_nll(var, vqvae, canaries.views, device=device) if canaries is not None and rank == 0 else None
     )
     evaluator = (
         _Evaluator(config, vqvae, evaluation, cache_dir=cache_dir, device=device, log=log)
@@ -189,16 +208,19 @@ def run_trial(
             config,
             var,
             vqvae,
-            views,
+            views if canaries is None else with_canaries(views, canaries.views, canaries.mask_M),
             base=base,
             plan=plan,
             evaluator=evaluator,
             report=report,
             resume=resume,
             log=log,
+            unsafe_skip_clipping=unsafe_mechanism == "skip_clipping",
         )
     if out["privacy"] is not None:
         out["privacy"]["released_without_noise"].update(RECORD_RELEASED_WITHOUT_NOISE)
+        if canaries is not None:
+            out["privacy"]["released_without_noise"].update(AUDIT_RELEASED_WITHOUT_NOISE)
     record = dict(
         history=out["history"],
         convergence=out["convergence"],
@@ -216,8 +238,19 @@ def run_trial(
             "resumed_from_step": None if resume is None else int(resume["step"]),
         },
     )
+    status, error = ("failed", UNSAFE_ERROR) if unsafe_mechanism is not None else ("success", None)
     if rank != 0:
-        return make_result(config, status="success", **record, finished_at=utc_now())
+        return make_result(config, status=status, error=error, **record, finished_at=utc_now())
+    if canaries is not None:
+        record["audit"] = _audit_section(
+            config,
+            canaries,
+            reference_M=reference_M,
+            released_M=canary_nll(var, vqvae, canaries.views, device=device),
+            plan=plan,
+            ledger=out["privacy"],
+            unsafe=unsafe_mechanism is not None,
+        )
     evaluation_started = time.perf_counter()
     final = evaluator(var, evaluation=config.evaluation, out_dir=artifacts_dir / "images")
     phases = {
@@ -240,7 +273,8 @@ def run_trial(
     }
     return make_result(
         config,
-        status="success",
+        status=status,
+        error=error,
         metrics=final["metrics"],
         cost=cost,
         evaluation_settings=_evaluation_record(final),
@@ -253,6 +287,81 @@ def run_trial(
         ),
         **record,
         finished_at=utc_now(),
+    )
+
+
+UNSAFE_MECHANISMS = ("skip_clipping",)
+UNSAFE_ERROR = (
+    "not a DP result: trained with the test-only broken mechanism unsafe_mechanism='skip_clipping' (per-example "
+    "clipping skipped, noise calibrated to C), so the privacy ledger's epsilon does not hold"
+)
+AUDIT_RELEASED_WITHOUT_NOISE = {
+    "audit": "the privacy audit: which canaries trained (its ground truth) and their scores under the released model",
+}
+
+
+def _check_unsafe_mechanism(config: TrialConfig, unsafe_mechanism: str | None) -> None:
+    """Refuse, before anything is built, a broken mechanism the trial cannot run."""
+    if unsafe_mechanism is None:
+        return
+    if unsafe_mechanism not in UNSAFE_MECHANISMS:
+        raise ConfigError(f"unsafe_mechanism: one of {UNSAFE_MECHANISMS} or None, got {unsafe_mechanism!r}")
+    if config.privacy is None or config.privacy.clipping not in ("auto", "bookkeeping"):
+        raise ConfigError(
+            "unsafe_mechanism: skipping clipping breaks a DP step with book-keeping clipping; the trial has "
+            + ("no privacy section" if config.privacy is None else f"clipping {config.privacy.clipping!r}")
+        )
+
+
+class _Canaries(NamedTuple):
+    """An audit's canaries as token views [m, V, pn*pn] per scale, and which of them train (bool [m])."""
+
+    views: TokenViews
+    mask_M: np.ndarray
+
+
+def _canaries(
+    config: TrialConfig, train: ImageList, vqvae, *, plan: TrialPlan, cache_dir: Path, spec: ViewSpec, log
+) -> _Canaries:
+    """The audit's canaries (written and tokenised once under the cache) and its inclusion mask, which must be the
+    one the plan counted."""
+    images = _rank0_first(
+        lambda: canary_images(
+            cache_dir, config.audit, resolution=config.data.resolution, class_names=train.class_names
+        )
+    )
+    views, _ = _rank0_first(
+        lambda: open_token_cache(cache_dir / "token-cache", images, vqvae, spec=spec, log=log)
+    )
+    mask_M = inclusion_mask(config.audit)
+    if int(mask_M.sum()) != plan.canaries_included:
+        raise RuntimeError(
+            f"{int(mask_M.sum())} canaries included, the plan counted {plan.canaries_included}"
+        )
+    return _Canaries(views, mask_M)
+
+
+def _audit_section(
+    config: TrialConfig,
+    canaries: _Canaries,
+    *,
+    reference_M,
+    released_M,
+    plan: TrialPlan,
+    ledger,
+    unsafe: bool,
+) -> dict:
+    """The record's ``audit``: the claimed epsilon is the ledger's spent epsilon under the calibration accountant."""
+    claimed = None if ledger is None else ledger[f"epsilon_{config.privacy.accountant}"]
+    mechanism = BROKEN_MECHANISM if unsafe else ("none" if ledger is None else "dp-sgd")
+    return audit_record(
+        config.audit,
+        reference_M=reference_M,
+        released_M=released_M,
+        mask_M=canaries.mask_M,
+        delta=plan.audit_delta if config.audit.delta is None else config.audit.delta,
+        claimed_epsilon=claimed,
+        mechanism=mechanism,
     )
 
 
@@ -295,6 +404,7 @@ def _train(
     report: Report | None,
     resume,
     log,
+    unsafe_skip_clipping: bool = False,
 ) -> dict:
     e, steps = config.evaluation, plan.planned_steps
     run_plan = RunPlan(
@@ -359,6 +469,7 @@ def _train(
         evaluate_fn=convergence,
         checkpointing=checkpointing,
         resources=config.resources,
+        unsafe_skip_clipping=unsafe_skip_clipping,
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..schema import TrialConfig
-from . import convergence, demo, second_seed, table1, table2, table3, table9, table10
+from . import convergence, demo, privacy_audit, second_seed, table1, table2, table3, table9, table10
 from .common import Assets
 
 SweepFn = Callable[..., list[TrialConfig]]
@@ -19,6 +19,7 @@ SWEEPS: dict[str, SweepFn] = {
     "table10": table10.sweep,
     "convergence": convergence.sweep,
     "second_seed": second_seed.sweep,
+    "privacy_audit": privacy_audit.sweep,
 }
 
 

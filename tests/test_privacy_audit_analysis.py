@@ -1,0 +1,337 @@
+"""The privacy_audit sweep (paper and smoke versions, every trial audited, its dry run) and its analysis: the
+``privacy_audit`` table's rows and values, the figure (claimed vs empirical epsilon with the y = x line, "no DP"
+apart, a broken mechanism drawn distinctly), the report's links and sentence, and results without an audit."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.figures import AUDIT_CAPTION, audit_figure
+from analysis.load import AnalysisError, load_results
+from analysis.run import analyse
+from bench.__main__ import main as bench_main
+from bench.results import ResultStore
+from bench.schema import BROKEN_MECHANISM, DATASETS, MethodConfig, TrialConfig, make_result
+from bench.sweeps import SWEEPS, build_sweep, privacy_audit
+
+DELTA = privacy_audit.AUDIT_DELTA
+
+
+# --- the sweep --------------------------------------------------------------------------------------------------
+def test_the_sweep_is_registered_and_every_trial_is_audited():
+    assert SWEEPS["privacy_audit"] is privacy_audit.sweep
+    for smoke, canaries in ((False, 1000), (True, 200)):
+        configs = build_sweep("privacy_audit", smoke=smoke)
+        ids = [c.trial_id for c in configs]
+        assert len(set(ids)) == len(ids), "trial ids repeat"
+        assert all(c.audit is not None and c.audit.canaries == canaries for c in configs)
+        assert all(c.audit.confidence == 0.95 and c.audit.canary_kind == "glyphs" for c in configs)
+        assert all(TrialConfig.from_dict(c.to_dict()) == c for c in configs)  # valid and round-trips
+        # One small delta for all: a DP trial's own (the audit uses it), the audit's where there is no DP.
+        assert all(
+            (c.privacy.delta, c.audit.delta) == (1e-6, None) if c.privacy else c.audit.delta == 1e-6
+            for c in configs
+        )
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_the_sweeps_delta_leaves_room_for_a_positive_bound(smoke):
+    """Perfect membership guesses on the sweep's canaries give a clearly positive bound at its delta; at the
+    paper's 1/N (N real images plus the included canaries) the same guesses prove nothing."""
+    from trainables.audit_bound import epsilon_lower_bound
+
+    config = build_sweep("privacy_audit", smoke=smoke)[0]
+    m = config.audit.canaries
+    mask = np.arange(m) % 2 == 0
+    scores = mask.astype(float)  # members score 1, non-members 0: every confident guess is right
+    at_sweep = epsilon_lower_bound(scores, mask, delta=privacy_audit.AUDIT_DELTA)["epsilon_lower_bound"]
+    one_over_n = 1 / (DATASETS[config.data.dataset].train_images + m // 2)
+    at_one_over_n = epsilon_lower_bound(scores, mask, delta=one_over_n)["epsilon_lower_bound"]
+    assert at_sweep > 2.0 and at_one_over_n == 0.0
+
+
+def test_the_paper_sweep_covers_epsilon_k_and_every_method_on_flowers():
+    configs = build_sweep("privacy_audit")
+    assert {(c.model.base, c.model.depth, c.data.dataset) for c in configs} == {
+        ("official", 16, "flowers102")
+    }
+    points = {
+        (c.method.name, None if c.privacy is None else c.privacy.target_epsilon,
+         1 if c.privacy is None else c.privacy.augmentation_multiplicity)
+        for c in configs
+    }  # fmt: skip
+    lora = {(e, k) for m, e, k in points if m == "lora" and e is not None}
+    assert lora == {(e, k) for e in (1, 10, 100) for k in (1, 32)}
+    assert {(m, e) for m, e, _ in points if m != "lora" and e is not None} == {
+        ("full", 10),
+        ("ln_tuning", 10),
+    }
+    assert {m for m, e, _ in points if e is None} == {"full", "lora", "ln_tuning"}
+    assert len(configs) == 11
+
+
+def test_the_smoke_sweep_is_small_and_on_the_tiny_base():
+    configs = build_sweep("privacy_audit", smoke=True)
+    assert len(configs) == 5
+    assert all(c.model.base == "tiny" and c.data.dataset == "digits" and c.data.root is None for c in configs)
+    assert all(c.optimization.steps == privacy_audit.SMOKE_STEPS <= 100 for c in configs)
+    assert all(c.resources.gpus_per_worker == 0 for c in configs)
+    dp = {(c.privacy.target_epsilon, c.privacy.augmentation_multiplicity) for c in configs if c.privacy}
+    assert dp == {(1, 1), (1, 4), (8, 1), (8, 4)} and sum(c.privacy is None for c in configs) == 1
+
+
+def test_the_smoke_sweeps_dry_run_lists_every_trial_and_writes_nothing(tmp_path, capsys):
+    storage = tmp_path / "runs"
+    assert bench_main(["sweep", "privacy_audit", "--smoke", "--dry-run", "--storage", str(storage)]) == 0
+    out = capsys.readouterr().out
+    assert "5 of 5 trials to run" in out and "lora-d2-digits-eps8-k4-audit200-s0" in out
+    assert not storage.exists()
+
+
+# --- results with audits ----------------------------------------------------------------------------------------
+def audit_section(config: TrialConfig, *, claimed: float | None, bound: float, tpr: float, auc: float,
+                  mechanism: str) -> dict:  # fmt: skip
+    """An ``AuditRecord`` for ``config``'s canaries: a seeded inclusion mask, member scores shifted up by the
+    AUC's separation, and the given summary numbers."""
+    m = config.audit.canaries
+    rng = np.random.default_rng(m + int(1000 * auc))
+    mask = rng.random(m) < 0.5
+    scores = rng.normal(size=m) + 2.0 * (auc - 0.5) * mask
+    return {
+        "canaries": m,
+        "included": int(mask.sum()),
+        "canary_kind": config.audit.canary_kind,
+        "score": "nll_drop",
+        "confidence": config.audit.confidence,
+        "delta": DELTA,
+        "claimed_epsilon": claimed,
+        "epsilon_lower_bound": bound,
+        "guesses": 40,
+        "correct_guesses": 30,
+        "tpr_at_1pct_fpr": tpr,
+        "tpr_at_0_1pct_fpr": tpr / 2,
+        "auc": auc,
+        "mechanism": mechanism,
+        "scores": [float(s) for s in scores],
+        "included_mask": [bool(b) for b in mask],
+    }
+
+
+def ledger(config: TrialConfig, claimed: float) -> dict:
+    p = config.privacy
+    return {
+        "target_epsilon": p.target_epsilon,
+        "epsilon_rdp": claimed,
+        "delta": DELTA,
+        "noise_multiplier": 1.2,
+        "steps": config.optimization.steps,
+        "sampling_rate": p.sampling_rate,
+        "max_grad_norm": p.max_grad_norm,
+        "augmentation_multiplicity": p.augmentation_multiplicity,
+    }
+
+
+def audited_record(config: TrialConfig, *, bound: float, tpr: float, auc: float, status: str = "success",
+                   mechanism: str | None = None) -> dict:  # fmt: skip
+    """A result of an audited smoke trial: claimed epsilon 0.98 of the target (none without DP)."""
+    claimed = None if config.privacy is None else 0.98 * config.privacy.target_epsilon
+    mechanism = mechanism or ("none" if config.privacy is None else "dp-sgd")
+    failed = status != "success"
+    return make_result(
+        config,
+        status=status,
+        error="broken mechanism: a test of the audit, not a result" if failed else None,
+        metrics={} if failed else {"fid": 50.0},
+        privacy=None if config.privacy is None else ledger(config, claimed),
+        cost={"train_pflops": 0.001, "gpu_hours": 0.0},
+        evaluation_settings={"extractor": config.evaluation.extractor},
+        audit=audit_section(config, claimed=claimed, bound=bound, tpr=tpr, auc=auc, mechanism=mechanism),
+    )
+
+
+def smoke_configs() -> dict[tuple, TrialConfig]:
+    """(epsilon or None, k) -> the smoke sweep's trial."""
+    return {
+        (c.privacy.target_epsilon if c.privacy else None, c.privacy.augmentation_multiplicity if c.privacy else 1): c
+        for c in build_sweep("privacy_audit", smoke=True)
+    }  # fmt: skip
+
+
+def seed(config: TrialConfig, value: int) -> TrialConfig:
+    return dataclasses.replace(config, optimization=dataclasses.replace(config.optimization, seed=value))
+
+
+# (epsilon, k) -> (bound, TPR at 1% FPR, AUC) of the successful audited trials (seed 0).
+AUDITS = {
+    (None, 1): (2.5, 0.30, 0.90),
+    (1, 1): (0.0, 0.01, 0.51),
+    (1, 4): (0.1, 0.02, 0.52),
+    (8, 1): (0.4, 0.05, 0.60),
+    (8, 4): (0.6, 0.06, 0.62),
+}
+
+
+def write_audit_storage(folder: Path) -> Path:
+    """The five smoke audits, a second seed at (1, 1), a failed broken-mechanism run at (8, 4) seed 1 whose bound
+    (9.5) exceeds its claim (7.84), and a full fine-tuning trial without an audit (ignored by the audit outputs)."""
+    configs, store = smoke_configs(), ResultStore(folder)
+    for key, (bound, tpr, auc) in AUDITS.items():
+        store.write(audited_record(configs[key], bound=bound, tpr=tpr, auc=auc))
+    store.write(audited_record(seed(configs[1, 1], 1), bound=0.2, tpr=0.03, auc=0.55))
+    store.write(
+        audited_record(
+            seed(configs[8, 4], 1), bound=9.5, tpr=0.9, auc=0.99, status="failed", mechanism=BROKEN_MECHANISM
+        )
+    )
+    plain = dataclasses.replace(configs[None, 1], method=MethodConfig(name="full"), audit=None)
+    store.write(
+        make_result(
+            plain,
+            status="success",
+            metrics={"fid": 40.0},
+            cost={"train_pflops": 0.001, "gpu_hours": 0.0},
+            evaluation_settings={"extractor": plain.evaluation.extractor},
+        )
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def audit_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("audit")
+    return analyse(write_audit_storage(folder / "storage"), folder / "out", grids=False)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_the_table_has_a_row_per_audited_setting_with_its_numbers(audit_run):
+    rows = read_csv(audit_run.out / "tables" / "privacy_audit.csv")
+    assert list(rows[0]) == [
+        "model", "dataset", "method", "epsilon", "k", "canaries", "confidence", "mechanism",
+        "claimed_epsilon_spent", "delta", "epsilon_lower_bound", "tpr_at_1pct_fpr_pct", "auc",
+    ]  # fmt: skip
+    keyed = {(r["epsilon"], r["k"], r["mechanism"]): r for r in rows}
+    assert list(keyed) == [
+        ("no DP", "1", "none"),
+        ("1", "1", "dp-sgd"),
+        ("1", "4", "dp-sgd"),
+        ("8", "1", "dp-sgd"),
+        ("8", "4", "dp-sgd"),
+        ("8", "4", BROKEN_MECHANISM),
+    ]  # no row for the trial without an audit (full fine-tuning)
+    assert all(r["model"] == "tiny-d2" and r["dataset"] == "digits" and r["method"] == "LoRA" for r in rows)
+    assert all(r["canaries"] == "200" and r["confidence"] == "95%" for r in rows)
+    plain, eps8 = keyed["no DP", "1", "none"], keyed["8", "4", "dp-sgd"]
+    assert (plain["claimed_epsilon_spent"], plain["epsilon_lower_bound"], plain["auc"]) == (
+        "",
+        "2.50",
+        "0.900",
+    )
+    assert plain["tpr_at_1pct_fpr_pct"] == "30.0" and plain["delta"] == f"{DELTA:.3g}"
+    assert (eps8["claimed_epsilon_spent"], eps8["epsilon_lower_bound"], eps8["tpr_at_1pct_fpr_pct"]) == (
+        "7.84",
+        "0.60",
+        "6.0",
+    )
+    assert keyed["1", "1", "dp-sgd"]["epsilon_lower_bound"] == "0.10"  # the mean of seeds 0 and 1
+    broken = keyed["8", "4", BROKEN_MECHANISM]
+    assert broken["epsilon_lower_bound"] == "" and broken["claimed_epsilon_spent"] == ""  # never a result
+
+
+def test_the_tables_markdown_shows_seeds_failures_and_what_the_bound_means(audit_run):
+    text = (audit_run.out / "tables" / "privacy_audit.md").read_text()
+    assert "0.10 ± 0.14 (n=2)" in text  # bound over the two seeds at epsilon 1, k 1
+    no_dp = next(line for line in text.splitlines() if "| no DP |" in line)
+    assert "| none | — |" in no_dp and "no value" not in no_dp  # no DP claims no epsilon
+    broken_line = next(line for line in text.splitlines() if BROKEN_MECHANISM in line)
+    assert broken_line.count("failed") == 5 and "9.50" not in broken_line
+    assert "lower bound" in text and "does not estimate it" in text
+
+
+def test_the_figure_puts_the_claim_against_the_bound_with_no_dp_apart(audit_run):
+    figure = {f.name: f for f in audit_run.figures}["privacy_audit"]
+    assert all(p.is_file() and p.stat().st_size > 5000 for p in figure.paths)
+    assert [p.suffix for p in figure.paths] == [".png", ".pdf"]
+    assert figure.xlabels == ("claimed ε (DP accounting, spent)",) and figure.ylabels == (
+        "empirical ε lower bound",
+    )
+    (ticks,) = figure.xticklabels
+    assert ticks[-1] == "no DP" and {"1", "2", "5"} <= set(ticks)  # plain numbers, not 10^0
+    assert set(figure.legend) == {
+        "LoRA, k=1",
+        "LoRA, k=4",
+        "LoRA, no DP",
+        "broken mechanism (test only)",
+        "y = x (bound = claimed ε)",
+    }
+
+
+def test_the_report_shows_the_table_and_the_figure_with_their_meaning(audit_run):
+    for page in ("index.md", "index.html"):
+        text = (audit_run.out / page).read_text()
+        assert "figures/privacy_audit.png" in text and "figures/privacy_audit.pdf" in text, page
+        assert "tables/privacy_audit.csv" in text and "Privacy audit" in text, page
+        assert AUDIT_CAPTION.split(":")[0] in text, page
+    assert not any(
+        line.startswith("privacy_audit") for line in audit_run.skipped_tables + audit_run.skipped_figures
+    )
+
+
+def test_results_without_an_audit_say_so_instead_of_drawing(tmp_path):
+    store = ResultStore(tmp_path / "storage")
+    config = dataclasses.replace(smoke_configs()[8, 1], audit=None)
+    store.write(
+        make_result(
+            config,
+            status="success",
+            metrics={"fid": 60.0},
+            privacy=ledger(config, 7.9),
+            evaluation_settings={"extractor": config.evaluation.extractor},
+        )
+    )
+    analysis = analyse(tmp_path / "storage", tmp_path / "out", grids=False)
+    assert "privacy_audit: no trial has a privacy audit (config audit)" in analysis.skipped_tables
+    assert "privacy_audit: no successful trial has a privacy audit (config audit)" in analysis.skipped_figures
+    assert not (tmp_path / "out" / "tables" / "privacy_audit.csv").exists()
+    assert not (tmp_path / "out" / "figures" / "privacy_audit.png").exists()
+
+
+def test_only_failed_audits_draw_no_figure(tmp_path):
+    config = smoke_configs()[8, 4]
+    store = ResultStore(tmp_path / "storage")
+    store.write(
+        audited_record(config, bound=9.5, tpr=0.9, auc=0.99, status="failed", mechanism=BROKEN_MECHANISM)
+    )
+    results = load_results(tmp_path / "storage")
+    assert audit_figure(results.trials, tmp_path / "figures") is None
+
+
+def test_an_audited_and_an_unaudited_twin_are_not_averaged_and_can_be_selected(tmp_path):
+    """The same cell with and without canaries are two settings: refused together, separable with --where."""
+    configs = smoke_configs()
+    store = ResultStore(tmp_path / "storage")
+    store.write(audited_record(configs[8, 1], bound=0.4, tpr=0.05, auc=0.6))
+    twin = dataclasses.replace(configs[8, 1], audit=None)
+    store.write(
+        make_result(
+            twin,
+            status="success",
+            metrics={"fid": 55.0},
+            privacy=ledger(twin, 7.9),
+            evaluation_settings={"extractor": twin.evaluation.extractor},
+        )
+    )
+    with pytest.raises(AnalysisError, match="audit.canaries"):
+        load_results(tmp_path / "storage")
+    plain = load_results(tmp_path / "storage", where={"audit": None})
+    assert list(plain.trials["trial_id"]) == [twin.trial_id]
+    audited = load_results(tmp_path / "storage", where={"audit.canaries": 200})
+    assert list(audited.trials["trial_id"]) == [configs[8, 1].trial_id]
