@@ -46,7 +46,12 @@ from .methods import (
     saved_adaptation,
     trainable_parameters,
 )
-from .models.checkpoints import CheckpointError, atomic_write, resize_class_embedding
+from .models.checkpoints import (
+    CheckpointError,
+    architecture_differences,
+    atomic_write,
+    resize_class_embedding,
+)
 from .models.var import VAR
 
 PROVENANCE_FILE = "varsweep_adapter.json"
@@ -166,16 +171,11 @@ def check_base(base: VAR, folder: str | os.PathLike, record: Mapping[str, Any]) 
     """Refuse a base whose architecture (depth, width, heads, scales, vocabulary, ...) is not the one the adapter
     in ``folder`` was trained on, naming each field that differs."""
     saved = record.get("base_architecture")
-    given = json.loads(json.dumps(base_architecture(base)))  # tuples as lists, as saved
     if not isinstance(saved, dict):
         raise CheckpointError(
             f"peft adapter folder {folder}: its {PROVENANCE_FILE} records no base architecture"
         )
-    differences = [
-        f"{key}={saved.get(key)!r} (this base: {given.get(key)!r})"
-        for key in sorted(set(saved) | set(given))
-        if saved.get(key) != given.get(key)
-    ]
+    differences = architecture_differences(saved, base_architecture(base))
     if differences:
         raise CheckpointError(
             f"peft adapter folder {folder} was trained on another VAR: " + "; ".join(differences)

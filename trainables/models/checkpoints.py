@@ -210,15 +210,21 @@ def _check_sidecar_kind(record: Mapping[str, Any], *, path: Path, kind: str) -> 
         )
 
 
-def _check_sidecar_architecture(
-    record: Mapping[str, Any], *, path: Path, kind: str, architecture: Mapping[str, Any]
-) -> None:
-    saved, wanted = _normalised(record.get("architecture", {})), _normalised(architecture)
-    differing = [
+def architecture_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """One ``"field: saved X, requested Y"`` line per architecture field (depth, width, scales, ...) that differs;
+    tuples and lists compare equal (a JSON sidecar holds lists)."""
+    saved, wanted = _normalised(saved), _normalised(wanted)
+    return [
         f"{k}: saved {saved.get(k)!r}, requested {wanted.get(k)!r}"
         for k in sorted(set(saved) | set(wanted))
         if saved.get(k) != wanted.get(k)
     ]
+
+
+def _check_sidecar_architecture(
+    record: Mapping[str, Any], *, path: Path, kind: str, architecture: Mapping[str, Any]
+) -> None:
+    differing = architecture_differences(record.get("architecture", {}), architecture)
     if differing:
         raise CheckpointError(
             f"checkpoint {path} was saved for another {kind} architecture: {'; '.join(differing[:_MAX_LISTED])}"
