@@ -231,6 +231,14 @@ def _basis(config: TrialConfig, measured: dict | None) -> str:
     return f"measured {measured['rows_per_second']:.1f} rows/s"
 
 
+def expected_examples(config: TrialConfig) -> int:
+    """The examples a trial trains on by the dataset's published size: its training split plus, under a privacy
+    audit, the expected half of the canaries (each is included with probability 1/2; the plan counts the real
+    ones)."""
+    canaries = config.audit.canaries // 2 if config.audit is not None else 0
+    return DATASETS[config.data.dataset].train_images + canaries
+
+
 def estimate(
     configs: list[TrialConfig], *, done: set[str], plans: dict, measurements: list[dict] | None = None
 ) -> str:
@@ -244,7 +252,7 @@ def estimate(
     lines, total_hours, todo, used = [header], 0.0, 0, {}
     for c in configs:
         plan = plans.get(c.trial_id)
-        images = plan.train_images if plan is not None else DATASETS[c.data.dataset].train_images
+        images = plan.examples if plan is not None else expected_examples(c)
         steps = plan.planned_steps if plan is not None else c.planned_steps(images)
         hours, measured = training_gpu_hours(c, train_images=images, steps=steps, measurements=measurements)
         finished = c.trial_id in done
