@@ -632,9 +632,11 @@ SECTIONS = {
     "resources": ResourcesConfig,
     "audit": AuditConfig,
 }
-# Sections that may be None; an optional section at None is left out of ``to_dict`` (hence of the trial id, so ids of
-# trials written before it existed stay) and read as None where a record lacks it. ``privacy`` is written as null.
+# Sections that may be None. ``privacy`` is written as null; a section added after the first results
+# (``LATER_SECTIONS``) is left out of ``to_dict`` at None (hence of the trial id, so ids of trials written before it
+# existed stay) and read as None where a record lacks it.
 OPTIONAL_SECTIONS = ("privacy", "audit")
+LATER_SECTIONS = ("audit",)
 _SECTION_NAMES = {kind: name for name, kind in SECTIONS.items()}
 
 PATH_FIELDS = (
@@ -743,11 +745,9 @@ class TrialConfig:
 
     # --- identity and serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types; ``audit`` only when set (see ``OPTIONAL_SECTIONS``)."""
+        """Plain JSON types; the ``LATER_SECTIONS`` only when set."""
         values = json.loads(json.dumps(dataclasses.asdict(self)))
-        if values["audit"] is None:
-            del values["audit"]
-        return values
+        return {k: v for k, v in values.items() if not (k in LATER_SECTIONS and v is None)}
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> TrialConfig:
@@ -759,7 +759,7 @@ class TrialConfig:
             f"expected an object of sections, got {type(record).__name__}",
         )
         unknown = set(record) - set(SECTIONS)
-        missing = set(SECTIONS) - set(record) - {"audit"}  # a record without an audit lacks the section
+        missing = set(SECTIONS) - set(record) - set(LATER_SECTIONS)  # older records lack those
         _require(not unknown, "config", f"unknown sections {sorted(unknown)}")
         sections = {
             name: None

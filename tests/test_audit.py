@@ -196,7 +196,9 @@ def test_the_plan_counts_the_included_canaries(small_digits, cache_dir):
     included = int(audit_module.inclusion_mask(config.audit).sum())
     assert plan.canaries_included == included and plan.examples == 10 * PER_CLASS + included
     assert plan.planned_steps == math.ceil(2.0 * (10 * PER_CLASS + included) / 16)
-    assert plan.audit_delta == 1 / plan.examples  # without DP and without audit.delta: 1/N'
+    assert plan.audit_delta == config.audit.delta  # without DP: the audit's own delta
+    unset = preflight(replace(config, audit={**config.audit.__dict__, "delta": None}), cache_dir)
+    assert unset.audit_delta == 1 / unset.examples  # without DP and without audit.delta: 1/N'
 
 
 def audit_section(config: TrialConfig, **changes) -> dict:

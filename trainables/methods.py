@@ -204,7 +204,7 @@ def parameter_counts(var: VAR) -> dict[str, int]:
     """Trainable parameters with and without the new class embedding, and the base model's total (adapter
     parameters excluded) against which the paper reports the trainable share."""
     trainable = sum(p.numel() for p in trainable_parameters(var).values())
-    adapter = sum(p.numel() for name, p in var.named_parameters() if _is_adapter_parameter(name))
+    adapter = sum(p.numel() for name, p in var.named_parameters() if is_adapter_parameter(name))
     total = sum(p.numel() for p in var.parameters()) - adapter
     return {
         "trainable": trainable,
@@ -213,7 +213,8 @@ def parameter_counts(var: VAR) -> dict[str, int]:
     }
 
 
-def _is_adapter_parameter(name: str) -> bool:
+def is_adapter_parameter(name: str) -> bool:
+    """A parameter that peft's LoRA or LN tuning added (not a base weight, not the class embedding)."""
     return ".lora_" in name or ".ln_tuning_layers." in name
 
 

@@ -42,6 +42,7 @@ from .methods import (
     Adaptation,
     apply_adapter_state,
     base_architecture,
+    is_adapter_parameter,
     peft_config,
     saved_adaptation,
     trainable_parameters,
@@ -75,7 +76,9 @@ def save_peft_adapter(
     model with trainable tensors outside the adapter and the class embedding."""
     config = peft_config(adaptation, depth=var.depth, with_class_embedding=True)  # refuses "full": no adapter
     trained = {name: param.detach().cpu() for name, param in trainable_parameters(var).items()}
-    others = sorted(name for name in trained if name != f"{CLASS_EMBEDDING}.weight" and not _is_adapter(name))
+    others = sorted(
+        name for name in trained if name != f"{CLASS_EMBEDDING}.weight" and not is_adapter_parameter(name)
+    )
     if others:
         raise ValueError(
             f"save_peft_adapter: {len(others)} trainable tensor(s) are neither adapter weights nor the class "
@@ -101,10 +104,6 @@ def save_peft_adapter(
     shutil.rmtree(folder, ignore_errors=True)  # a retried trial's earlier folder
     os.replace(staging, folder)
     return folder
-
-
-def _is_adapter(name: str) -> bool:
-    return f".{ADAPTER_NAME}." in name and (".lora_" in name or ".ln_tuning_layers." in name)
 
 
 def _peft_twin(var: VAR, config: peft.PeftConfig) -> peft.PeftModel:

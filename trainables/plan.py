@@ -32,6 +32,9 @@ class TrialPlan:
     delta: float | None = None
     noise_multiplier: float | None = None
     canaries_included: int = 0  # an audit's canaries that train beside the real split (``trainables.audit``)
+    # The delta of an audit's bound: the DP trial's own; without DP ``audit.delta``, else 1/N' (the delta a DP
+    # trial on the same data resolves). None without an audit.
+    audit_delta: float | None = None
     splits: tuple[ImageList, ImageList] | None = field(
         default=None, repr=False, compare=False
     )  # (train, evaluation) as listed
@@ -40,12 +43,6 @@ class TrialPlan:
     def examples(self) -> int:
         """N' = the real training images plus the included canaries: the dataset the mechanism runs on."""
         return self.train_images + self.canaries_included
-
-    @property
-    def audit_delta(self) -> float:
-        """The delta of an audit's bound: the DP trial's own, else the one a DP trial on the same data resolves
-        (1/N')."""
-        return self.delta if self.delta is not None else 1.0 / self.examples
 
 
 def data_root(config: TrialConfig, cache_dir: str | Path) -> Path:
@@ -137,5 +134,6 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
         delta=delta,
         noise_multiplier=sigma,
         canaries_included=canaries,
+        audit_delta=None if config.audit is None else (delta or config.audit.delta or 1.0 / examples),
         splits=(train, evaluation),
     )

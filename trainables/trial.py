@@ -259,8 +259,7 @@ def run_trial(
         "evaluation_seconds": time.perf_counter() - evaluation_started,
     }
     trained = adaptation is not None
-    if trained:
-        _save_adapters(config, var, artifacts_dir, adaptation=adaptation)
+    peft_written = trained and _save_adapters(config, var, artifacts_dir, adaptation=adaptation)
     cost = {
         **_cost(
             out["compute"],
@@ -278,13 +277,7 @@ def run_trial(
         metrics=final["metrics"],
         cost=cost,
         evaluation_settings=_evaluation_record(final),
-        artifacts=_artifacts(
-            config,
-            artifacts_dir,
-            evaluation,
-            adapter=trained,
-            peft=trained and config.method.name in PEFT_METHODS,
-        ),
+        artifacts=_artifacts(config, artifacts_dir, evaluation, adapter=trained, peft=peft_written),
         **record,
         finished_at=utc_now(),
     )
@@ -359,7 +352,7 @@ def _audit_section(
         reference_M=reference_M,
         released_M=released_M,
         mask_M=canaries.mask_M,
-        delta=plan.audit_delta if config.audit.delta is None else config.audit.delta,
+        delta=plan.audit_delta,
         claimed_epsilon=claimed,
         mechanism=mechanism,
     )
@@ -368,14 +361,17 @@ def _audit_section(
 PEFT_ADAPTER_FOLDER = "adapter-peft"  # beside adapter.pt: the same adapter in peft's own format
 
 
-def _save_adapters(config: TrialConfig, var: VAR, artifacts_dir: Path, *, adaptation: Adaptation) -> None:
+def _save_adapters(config: TrialConfig, var: VAR, artifacts_dir: Path, *, adaptation: Adaptation) -> bool:
     """``adapter.pt`` (varsweep's format, every trained tensor) and, for the peft methods, ``adapter-peft/``: the
     same adapter as a folder ``peft.PeftModel.from_pretrained`` loads (``trainables.peft_format``). Full
-    fine-tuning has no adapter to give peft; its model is exported whole (``methods.official_export_state``)."""
+    fine-tuning has no adapter to give peft; its model is exported whole (``methods.official_export_state``).
+    Returns whether the peft folder was written."""
     metadata = {"trial": config.to_dict(), "trial_id": config.trial_id}
     save_adapter(var, artifacts_dir / "adapter.pt", adaptation=adaptation, metadata=metadata)
-    if adaptation.method.name in PEFT_METHODS:
-        save_peft_adapter(var, artifacts_dir / PEFT_ADAPTER_FOLDER, adaptation=adaptation, metadata=metadata)
+    if adaptation.method.name not in PEFT_METHODS:
+        return False
+    save_peft_adapter(var, artifacts_dir / PEFT_ADAPTER_FOLDER, adaptation=adaptation, metadata=metadata)
+    return True
 
 
 def _adapted(
