@@ -53,22 +53,24 @@ METHOD_COLORS = {
     "lora_mlp": "#8d6a9f",
     "base": "#7f7f7f",
 }
+# Distinct per method: figures that colour by k tell methods apart by marker alone.
 METHOD_MARKERS = {
-    "full": "o",
+    "full": "D",
     "lora": "o",
     "ln_tuning": "s",
     "lora_attention": "^",
     "lora_mlp": "v",
-    "base": "D",
+    "base": "P",
 }
-# No-DP reference lines are black; the method shows in the dash pattern (and the legend says which).
+# No-DP reference lines are black; the method shows in the dash pattern (and the legend says which), each pattern
+# unlike the others at a glance.
 REFERENCE_STYLES = {
-    "full": (0, (1, 1)),
+    "full": (0, ()),
     "lora": (0, (1, 1.5)),
-    "ln_tuning": (0, (4, 2)),
-    "lora_attention": (0, (4, 1, 1, 1)),
-    "lora_mlp": (0, (6, 2, 1, 2)),
-    "base": (0, (2, 3)),
+    "ln_tuning": (0, (5, 2)),
+    "lora_attention": (0, (4, 1.5, 1, 1.5)),
+    "lora_mlp": (0, (8, 2, 1, 2, 1, 2)),
+    "base": (0, (2, 4)),
 }
 LEGEND_WIDTH = 1.9  # inches added to a figure for the legend on its right
 MAX_COLUMNS = 3  # panels per row: wider figures shrink below legibility in a report or a paper column
@@ -602,10 +604,78 @@ def _audit_axis(ax, *, low: float, high: float, no_dp_x: float, with_no_dp: bool
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
 
 
+ROC_CAPTION = (
+    "The membership score's ROC for each audited run, on log-log axes: the share of included canaries flagged "
+    "against the share of excluded ones flagged, as the threshold on the score moves. The diagonal is guessing. "
+    "What matters for privacy is the low false-positive end (Carlini et al. 2022): a curve far above the "
+    "diagonal there means some canaries can be told apart confidently."
+)
+GUESSING_STYLE = {"color": "#555555", "linestyle": "--", "linewidth": 1.0}
+BROKEN_CURVE = {"color": BROKEN_STYLE["color"], "linestyle": "--", "linewidth": 1.2}
+
+
+def audit_roc_figure(trials: pd.DataFrame, roc: pd.DataFrame, folder: Path) -> FigureFile | None:
+    """The membership ROC of every audited trial (``Results.audit_roc``), log-log, one panel per (model, dataset):
+    one colour per DP setting (its seeds share it), trials without DP in black with the method's dash pattern, a
+    broken mechanism (a test of the audit) dashed red, and the diagonal of guessing. The axes start at the
+    smallest non-zero false positive rate drawn (1 / excluded canaries); a rate of 0 sits on the axis. None
+    without a successful audited trial."""
+    audited = trials[trials["audited"] & trials["trial_id"].isin(roc["trial_id"])]
+    broken = audited[audited["audit_mechanism"].map(lambda m: isinstance(m, str) and m.startswith("broken"))]
+    ok = audited[audited["status"] == "success"]
+    if ok.empty:
+        return None
+    shown = pd.concat([ok, broken]).sort_values("depth", kind="stable")
+    curves = {trial_id: points for trial_id, points in roc.groupby("trial_id")}
+    styles = _roc_styles(ok)
+    panels = list(dict.fromkeys(zip(shown["model"], shown["dataset"])))
+    with plt.rc_context(STYLE):
+        fig, axes = _figure(len(panels), width=4.0, height=3.6)
+        for ax, (model, dataset) in zip(axes, panels):
+            here = _in_panel(shown, model, dataset)
+            for _, trial in here.iterrows():
+                label, style = styles.get(trial["trial_id"], ("broken mechanism (test only)", BROKEN_CURVE))
+                points = curves[trial["trial_id"]]
+                ax.plot(points["fpr"], points["tpr"], label=label, **style)
+            floor = float(roc.loc[roc["trial_id"].isin(here["trial_id"]) & (roc["fpr"] > 0), "fpr"].min())
+            ax.plot([floor, 1.0], [floor, 1.0], label="guessing (TPR = FPR)", **GUESSING_STYLE)
+            ax.set_xscale("log", nonpositive="clip")
+            ax.set_yscale("log", nonpositive="clip")
+            ax.set_xlim(floor, 1.0)
+            ax.set_ylim(floor, 1.05)
+            ax.set_title(f"{model}, {dataset}")
+            ax.set_xlabel("false positive rate (excluded canaries flagged)")
+            ax.set_ylabel("true positive rate (included canaries flagged)")
+        _legend(fig)
+        return _save(fig, folder, "privacy_audit_roc", "Privacy audit: membership ROC")
+
+
+def _roc_styles(ok: pd.DataFrame) -> dict[str, tuple[str, dict]]:
+    """trial_id -> (legend label, line style) of each successful audited trial: a colour per DP setting in table
+    order, black with the method's dash pattern without DP."""
+    styles, colors = {}, {}
+    palette = plt.get_cmap("tab10" if ok["dp"].sum() <= 10 else "tab20").colors
+    for _, trial in ok.iterrows():
+        method = trial["method"]
+        if not trial["dp"]:
+            style = {"color": "black", "linestyle": REFERENCE_STYLES[method], "linewidth": 1.4}
+            styles[trial["trial_id"]] = (f"{METHOD_LABELS[method]}, no DP", style)
+            continue
+        label = method_label(method, trial["epsilon"], int(trial["k"]))
+        color = colors.setdefault(label, matplotlib.colors.to_hex(palette[len(colors) % len(palette)]))
+        styles[trial["trial_id"]] = (label, {"color": color, "linewidth": 1.2})
+    return styles
+
+
 def all_figures(
-    trials: pd.DataFrame, convergence: pd.DataFrame, folder: Path, *, table2_epsilon: float = 10.0
+    trials: pd.DataFrame,
+    convergence: pd.DataFrame,
+    folder: Path,
+    *,
+    audit_roc: pd.DataFrame,
+    table2_epsilon: float = 10.0,
 ) -> tuple[list[FigureFile], list[str]]:
-    """(written figures, one line per figure skipped for lack of data)."""
+    """(written figures, one line per figure skipped for lack of data); ``audit_roc``: ``Results.audit_roc``."""
     dp_epsilons = sorted(set(trials.loc[trials["dp"], "epsilon"]))
     ran = (
         f" (DP trials ran at ε in {{{', '.join(f'{e:g}' for e in dp_epsilons)}}}; see --table2-epsilon)"
@@ -626,6 +696,10 @@ def all_figures(
         "parameters_vs_fid": (lambda: parameters_figure(trials, folder), "no trial has the data it plots"),
         "privacy_audit": (
             lambda: audit_figure(trials, folder),
+            "no successful trial has a privacy audit (config audit)",
+        ),
+        "privacy_audit_roc": (
+            lambda: audit_roc_figure(trials, audit_roc, folder),
             "no successful trial has a privacy audit (config audit)",
         ),
     }

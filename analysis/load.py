@@ -17,6 +17,7 @@ import pandas as pd
 
 from bench.errors import VarsweepError
 from bench.results import ResultStore, is_uri
+from bench.roc import roc_vertices
 from bench.schema import (
     OPTIONAL_SECTIONS,
     AuditConfig,
@@ -38,14 +39,17 @@ class AnalysisError(VarsweepError):
 @dataclass
 class Results:
     """``trials``: one row per trial; ``convergence``: (trial_id, step, metric columns); ``history``: (trial_id,
-    step, logged columns); ``records``: trial_id -> the raw record; ``invalid``: (file, reason) of skipped files;
-    ``excluded``: trials left out by --where / --extractor; ``repeats``: trials not counted twice."""
+    step, logged columns); ``audit_roc``: (trial_id, fpr, tpr), the membership ROC of every trial whose record
+    holds a privacy audit, from (0, 0) to (1, 1); ``records``: trial_id -> the raw record; ``invalid``: (file,
+    reason) of skipped files; ``excluded``: trials left out by --where / --extractor; ``repeats``: trials not
+    counted twice."""
 
     folder: str | Path
     trials: pd.DataFrame
     convergence: pd.DataFrame
     history: pd.DataFrame
     records: dict[str, dict]
+    audit_roc: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["trial_id", "fpr", "tpr"]))
     invalid: list[tuple[str, str]] = field(default_factory=list)
     excluded: list[tuple[str, str, str]] = field(default_factory=list)  # (trial id, label, why)
     repeats: list[tuple[str, str, str]] = field(
@@ -182,10 +186,22 @@ def load_results(
         convergence=_long(records, "convergence"),
         history=_long(records, "history"),
         records=records,
+        audit_roc=_audit_roc(records),
         invalid=invalid,
         excluded=excluded,
         repeats=repeats,
     )
+
+
+def _audit_roc(records: dict[str, dict]) -> pd.DataFrame:
+    """(trial_id, fpr, tpr) vertices of each audited record's ROC, from its per-canary scores and inclusion."""
+    rows = []
+    for trial_id, record in records.items():
+        audit = record.get("audit")
+        if audit:
+            fpr, tpr = roc_vertices(audit["scores"], audit["included_mask"])
+            rows += [{"trial_id": trial_id, "fpr": x, "tpr": y} for x, y in zip(fpr, tpr)]
+    return pd.DataFrame(rows, columns=["trial_id", "fpr", "tpr"])
 
 
 def config_value(config: dict, path: str):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.schema import SCHEMA_VERSION
 
-from .figures import AUDIT_CAPTION, FigureFile
+from .figures import AUDIT_CAPTION, ROC_CAPTION, FigureFile
 from .load import Results
 from .metrics import lookup
 from .tables import Cell, Table
@@ -21,7 +21,7 @@ KEY_PACKAGES = ("torch", "torchvision", "ray", "peft", "opacus", "torch-fidelity
 TRIAL_TABLES = ("trials.csv", "trials.parquet")
 TRIALS_NOTE = "Every trial, one row each (its settings, status, error and metrics):"
 # What a figure means where its axes alone do not say it (figure name -> one sentence below it).
-FIGURE_CAPTIONS = {"privacy_audit": AUDIT_CAPTION}
+FIGURE_CAPTIONS = {"privacy_audit": AUDIT_CAPTION, "privacy_audit_roc": ROC_CAPTION}
 
 
 @dataclass

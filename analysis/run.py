@@ -50,7 +50,11 @@ def analyse(
             table.write(out / "tables")
     if figures:
         analysis.figures, analysis.skipped_figures = all_figures(
-            results.trials, results.convergence, out / "figures", table2_epsilon=table2_epsilon
+            results.trials,
+            results.convergence,
+            out / "figures",
+            audit_roc=results.audit_roc,
+            table2_epsilon=table2_epsilon,
         )
     else:
         analysis.skipped_figures = ["all figures: not asked for (--no-figures)"]

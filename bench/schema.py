@@ -1480,6 +1480,11 @@ def _check_audit(audit: Mapping[str, Any], config: TrialConfig, *, status: str) 
         f"{audit['included']} is not the number of included canaries in the mask",
     )
     _require(
+        0 < audit["included"] < m,
+        "audit.included",
+        f"an audit needs both included and excluded canaries, got {audit['included']} of {m} included",
+    )
+    _require(
         (audit["canary_kind"], audit["confidence"]) == (config.audit.canary_kind, config.audit.confidence),
         "audit.canary_kind",
         "canary_kind and confidence must be the config's",

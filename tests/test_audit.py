@@ -222,6 +222,7 @@ def test_the_audit_section_is_checked_against_its_config():
     assert record["audit"]["epsilon_lower_bound"] > 0 and record["audit"]["auc"] == 1.0
     for changes, message in (
         ({"included": 0}, "audit.included"),
+        ({"included": 50, "included_mask": [True] * 50}, "audit.included: an audit needs both"),
         ({"scores": [0.0] * 49}, "audit.canaries"),
         ({"mechanism": "dp-sgd"}, "audit.mechanism"),
         ({"mechanism": BROKEN_MECHANISM}, "audit.mechanism"),

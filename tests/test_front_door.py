@@ -1,12 +1,14 @@
 """The front door, run the way a user runs it: the real command line in a subprocess, from a working folder of its
 own, with *relative* ``--storage`` and ``--cache-dir`` (Ray runs trials and workers in folders of its own, so a
-relative path that reached them would strand every result). A ``--smoke`` sweep tracked in MLflow, its relaunch, ``bench status``
-and ``bench demo --smoke`` (what CI runs) share one module-scoped folder and cache: the tiny base and the digit
-classifier are built once for all of them. Last, the cache folder is deleted: every result and sample image is in
-the storage, so the analysis still draws every trial's grid."""
+relative path that reached them would strand every result). A ``--smoke`` sweep tracked in MLflow, its relaunch,
+``bench status``, ``bench demo --smoke`` (what CI runs) and the smoke privacy audit with its analysis share one
+module-scoped folder and cache: the tiny base and the digit classifier are built once for all of them. Last, the
+cache folder is deleted: every result and sample image is in the storage, so the analysis still draws every
+trial's grid."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -14,9 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 
+from bench.roc import roc_vertices
 from bench.sweeps import build_sweep
 
 STORAGE = "runs/ci"  # relative to the working folder, as a user types it
@@ -171,6 +175,63 @@ def test_demo_smoke_from_a_relative_storage(demo, workdir):
         and len(trained) == 3
         and all(list((storage / "train" / f"trial-{i}").glob("step_*")) for i in trained)
     )
+
+
+AUDIT_STORAGE = "runs/audit"
+
+
+@pytest.fixture(scope="module")
+def audit_sweep(demo, workdir) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """The smoke privacy audit (issue 18) through Ray, then its analysis, both from the command line; it shares
+    the cache (tiny base, classifier, digits tokens) with the sweeps before it."""
+    sweep = bench(
+        "sweep", "privacy_audit", "--smoke", "--storage", AUDIT_STORAGE, "--cache-dir", CACHE, cwd=workdir
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    analysis = subprocess.run(
+        [sys.executable, "-m", "analysis", AUDIT_STORAGE, "--out", f"{AUDIT_STORAGE}/analysis"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return sweep, analysis
+
+
+def test_the_smoke_privacy_audit_sees_memorisation_and_no_dp_run_exceeds_its_claim(audit_sweep, workdir):
+    """Measured while writing it: the memorising full fine-tuning without DP bounds epsilon by 1.17-1.99 (audit
+    seeds 0-2, two training seeds); every DP run (LoRA at epsilon 1 and 8, k 1 and 4; the memorising run at 8)
+    by 0."""
+    sweep, analysis = audit_sweep
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    assert analysis.returncode == 0, analysis.stdout[-3000:] + analysis.stderr[-3000:]
+    configs = build_sweep("privacy_audit", smoke=True)
+    storage = workdir / AUDIT_STORAGE
+    records = {c: json.loads((storage / "results" / f"{c.trial_id}.json").read_text()) for c in configs}
+    assert all(r["status"] == "success" and r["audit"]["canaries"] == 200 for r in records.values())
+    for config, record in records.items():
+        audit = record["audit"]
+        if config.privacy is None:
+            expected = (
+                0.5 if config.method.name == "full" else 0.0
+            )  # LoRA's 24 steps memorise nothing to speak of
+            assert audit["epsilon_lower_bound"] >= expected and audit["mechanism"] == "none", audit
+        else:
+            assert audit["epsilon_lower_bound"] <= audit["claimed_epsilon"] <= config.privacy.target_epsilon
+        # The analysis's ROC curve is the trial's: its area is the AUC the trial recorded.
+        fpr, tpr = roc_vertices(audit["scores"], audit["included_mask"])
+        assert np.trapezoid(tpr, fpr) == pytest.approx(audit["auc"], abs=1e-12)
+    out = storage / "analysis"
+    with open(out / "tables" / "privacy_audit.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(configs)
+    memorising = next(r for r in rows if r["method"] == "FFT" and r["epsilon"] == "no DP")
+    assert float(memorising["epsilon_lower_bound"]) >= 0.5 and float(memorising["auc"]) > 0.6
+    page = (out / "index.html").read_text()
+    for figure in ("privacy_audit", "privacy_audit_roc"):
+        assert (out / "figures" / f"{figure}.png").stat().st_size > 5000 and f"figures/{figure}.png" in page
+    assert "tables/privacy_audit.csv" in page
 
 
 def test_clearing_the_cache_keeps_every_result_and_sample_image(demo, workdir):

@@ -1,8 +1,8 @@
 """Imports point one way. Three layers:
 
 - the contract (configs, the result schema, the result store, names, sweeps as data): ``bench.errors``,
-  ``bench.schema``, ``bench.results``, ``bench.cli``, ``bench.estimates``, ``bench.sweeps.*``; it imports only the
-  standard library, other contract modules and (the result store, for URIs) pyarrow;
+  ``bench.schema``, ``bench.results``, ``bench.cli``, ``bench.estimates``, ``bench.roc``, ``bench.sweeps.*``; it
+  imports only the standard library, other contract modules and (the result store, for URIs) pyarrow;
 - ``trainables`` and ``analysis``: each imports the contract, third-party packages and itself, never the other
   (``trainables.models`` imports only torch and itself);
 - the top: ``bench.launcher``, ``bench.preflight``, ``bench.sweep_file``, ``bench.tracking``, ``bench.demo``,
@@ -21,7 +21,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bench", "analysis", "trainables", "varsweep")
-CONTRACT = ("bench.errors", "bench.schema", "bench.results", "bench.cli", "bench.estimates", "bench.sweeps")
+CONTRACT = (
+    "bench.errors",
+    "bench.schema",
+    "bench.results",
+    "bench.cli",
+    "bench.estimates",
+    "bench.roc",
+    "bench.sweeps",
+)
 TOP = (
     "bench.launcher",
     "bench.preflight",

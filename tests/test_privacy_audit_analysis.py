@@ -1,6 +1,7 @@
 """The privacy_audit sweep (paper and smoke versions, every trial audited, its dry run) and its analysis: the
 ``privacy_audit`` table's rows and values, the figure (claimed vs empirical epsilon with the y = x line, "no DP"
-apart, a broken mechanism drawn distinctly), the report's links and sentence, and results without an audit."""
+apart, a broken mechanism drawn distinctly), the membership ROC figure, the report's links and sentences, and results
+without an audit."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.figures import AUDIT_CAPTION, audit_figure
+from analysis.figures import AUDIT_CAPTION, audit_figure, audit_roc_figure
 from analysis.load import AnalysisError, load_results
 from analysis.run import analyse
 from bench.__main__ import main as bench_main
 from bench.results import ResultStore
+from bench.roc import roc_vertices
 from bench.schema import BROKEN_MECHANISM, DATASETS, MethodConfig, TrialConfig, make_result
 from bench.sweeps import SWEEPS, build_sweep, privacy_audit
 
@@ -77,19 +79,32 @@ def test_the_paper_sweep_covers_epsilon_k_and_every_method_on_flowers():
 
 def test_the_smoke_sweep_is_small_and_on_the_tiny_base():
     configs = build_sweep("privacy_audit", smoke=True)
-    assert len(configs) == 5
+    assert len(configs) == 7
     assert all(c.model.base == "tiny" and c.data.dataset == "digits" and c.data.root is None for c in configs)
-    assert all(c.optimization.steps == privacy_audit.SMOKE_STEPS <= 100 for c in configs)
     assert all(c.resources.gpus_per_worker == 0 for c in configs)
-    dp = {(c.privacy.target_epsilon, c.privacy.augmentation_multiplicity) for c in configs if c.privacy}
-    assert dp == {(1, 1), (1, 4), (8, 1), (8, 4)} and sum(c.privacy is None for c in configs) == 1
+    points = {
+        (c.method.name, c.privacy.target_epsilon if c.privacy else None,
+         c.privacy.augmentation_multiplicity if c.privacy else 1): c
+        for c in configs
+    }  # fmt: skip
+    assert set(points) == {("lora", None, 1), ("full", None, 1), ("full", 8, 1)} | {
+        ("lora", e, k) for e in (1, 8) for k in (1, 4)
+    }
+    lora = [c for (method, _, _), c in points.items() if method == "lora"]
+    assert all(c.optimization.steps == privacy_audit.SMOKE_STEPS <= 100 for c in lora)
+    # The memorising pair: the same training with and without DP (a DP trial's batches are Poisson).
+    plain, dp = points["full", None, 1], points["full", 8, 1]
+    assert plain.optimization.steps == dp.optimization.steps == privacy_audit.MEMORISING_STEPS
+    assert plain.optimization.learning_rate == dp.optimization.learning_rate == 1e-2
+    assert plain.optimization.class_dropout == dp.optimization.class_dropout == 0.0
+    assert plain.optimization.batch_size == 64 and dp.privacy.sampling_rate == 0.05
 
 
 def test_the_smoke_sweeps_dry_run_lists_every_trial_and_writes_nothing(tmp_path, capsys):
     storage = tmp_path / "runs"
     assert bench_main(["sweep", "privacy_audit", "--smoke", "--dry-run", "--storage", str(storage)]) == 0
     out = capsys.readouterr().out
-    assert "5 of 5 trials to run" in out and "lora-d2-digits-eps8-k4-audit200-s0" in out
+    assert "7 of 7 trials to run" in out and "lora-d2-digits-eps8-k4-audit200-s0" in out
     assert not storage.exists()
 
 
@@ -155,10 +170,11 @@ def audited_record(config: TrialConfig, *, bound: float, tpr: float, auc: float,
 
 
 def smoke_configs() -> dict[tuple, TrialConfig]:
-    """(epsilon or None, k) -> the smoke sweep's trial."""
+    """(epsilon or None, k) -> the smoke sweep's LoRA trial."""
     return {
         (c.privacy.target_epsilon if c.privacy else None, c.privacy.augmentation_multiplicity if c.privacy else 1): c
         for c in build_sweep("privacy_audit", smoke=True)
+        if c.method.name == "lora"
     }  # fmt: skip
 
 
@@ -299,9 +315,10 @@ def test_results_without_an_audit_say_so_instead_of_drawing(tmp_path):
     )
     analysis = analyse(tmp_path / "storage", tmp_path / "out", grids=False)
     assert "privacy_audit: no trial has a privacy audit (config audit)" in analysis.skipped_tables
-    assert "privacy_audit: no successful trial has a privacy audit (config audit)" in analysis.skipped_figures
+    for figure in ("privacy_audit", "privacy_audit_roc"):
+        assert f"{figure}: no successful trial has a privacy audit (config audit)" in analysis.skipped_figures
     assert not (tmp_path / "out" / "tables" / "privacy_audit.csv").exists()
-    assert not (tmp_path / "out" / "figures" / "privacy_audit.png").exists()
+    assert not list((tmp_path / "out" / "figures").glob("privacy_audit*"))
 
 
 def test_only_failed_audits_draw_no_figure(tmp_path):
@@ -312,6 +329,8 @@ def test_only_failed_audits_draw_no_figure(tmp_path):
     )
     results = load_results(tmp_path / "storage")
     assert audit_figure(results.trials, tmp_path / "figures") is None
+    assert len(results.audit_roc) > 2  # the broken run's curve is there, but alone it is no figure
+    assert audit_roc_figure(results.trials, results.audit_roc, tmp_path / "figures") is None
 
 
 def test_an_audited_and_an_unaudited_twin_are_not_averaged_and_can_be_selected(tmp_path):
@@ -357,3 +376,37 @@ def test_the_dry_run_estimate_counts_the_expected_canaries():
     ratio = expected_examples(audited) / train_images
     assert audited_steps == pytest.approx(plain_steps * ratio, rel=0.01)
     assert audited_hours == pytest.approx(plain_hours * ratio, rel=0.02)
+
+
+def test_the_roc_figure_draws_every_audited_trial_against_guessing(audit_run):
+    figure = {f.name: f for f in audit_run.figures}["privacy_audit_roc"]
+    assert all(p.is_file() and p.stat().st_size > 5000 for p in figure.paths)
+    assert figure.xlabels == ("false positive rate (excluded canaries flagged)",)
+    assert set(figure.legend) == {
+        "LoRA, no DP",
+        "DP-LoRA ε=1, k=1",  # seeds 0 and 1 share it
+        "DP-LoRA ε=1, k=4",
+        "DP-LoRA ε=8, k=1",
+        "DP-LoRA ε=8, k=4",
+        "broken mechanism (test only)",
+        "guessing (TPR = FPR)",
+    }
+    # One curve per audited trial (six successful, one broken), from the recorded scores and inclusion.
+    roc, records = audit_run.results.audit_roc, audit_run.results.records
+    audited = {tid for tid, record in records.items() if record.get("audit")}
+    assert set(roc["trial_id"]) == audited and len(audited) == 7
+    for trial_id in audited:
+        audit, curve = records[trial_id]["audit"], roc[roc["trial_id"] == trial_id]
+        assert (curve[["fpr", "tpr"]].to_numpy().tolist()) == [
+            list(p) for p in zip(*roc_vertices(audit["scores"], audit["included_mask"]))
+        ]
+    for page in ("index.md", "index.html"):
+        text = (audit_run.out / page).read_text()
+        assert "figures/privacy_audit_roc.png" in text and "each audited run, on log-log axes" in text, page
+
+
+def test_roc_vertices_move_once_per_tie_group_whatever_the_order():
+    fpr, tpr = roc_vertices([3.0, 2.0, 2.0, 1.0], [True, True, False, False])
+    assert (fpr, tpr) == ([0.0, 0.0, 0.5, 1.0], [0.0, 0.5, 1.0, 1.0])  # the tie moves both rates at once
+    assert roc_vertices([1.0, 2.0, 2.0, 3.0], [False, False, True, True]) == (fpr, tpr)
+    assert roc_vertices([2.0, 2.0], [True, False]) == ([0.0, 1.0], [0.0, 1.0])

@@ -207,7 +207,9 @@ def exact_batch_size_leaks(record: dict, metrics: list[dict], batch_sizes: list[
     totals = [total, total * k, total * k * flops_per_row / 1e15]
     # The config is fixed before any data is read, so a number in it cannot reveal a batch; once, Poisson batches of
     # 31+38+40+19 rows times k=2 equalled its batch_size of 256.
-    numbers = list(_numbers({key: value for key, value in record.items() if key not in ("history", "config")}))
+    numbers = list(
+        _numbers({key: value for key, value in record.items() if key not in ("history", "config")})
+    )
     for path in sorted({path for path, _ in numbers} - listed):
         values = [v for p, v in numbers if p == path]
         if _proportional(values, batch_sizes) or any(

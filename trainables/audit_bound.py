@@ -30,6 +30,8 @@ from numbers import Real
 import numpy as np
 from scipy import special
 
+from bench.roc import roc_vertices
+
 # Fractions of m for k+ (guesses "in", highest scores) and, independently, for k- (guesses "out", lowest scores).
 # Small fractions catch a few strongly memorised canaries (the usual DP-SGD case); 0.5 on both sides guesses
 # every canary (the best choice when every canary leaks a little, as randomized response does).
@@ -165,7 +167,9 @@ def membership_roc(scores, included_mask) -> dict:
         <= 101, from (0, 0) to (1, 1), evenly spaced along the curve's vertices}.
     """
     scores_m, included_m = _validated_scores_and_mask(scores, included_mask)
-    false_positive_rate, true_positive_rate = _roc_vertices(scores_m, included_m)
+    false_positive_rate, true_positive_rate = map(
+        np.asarray, roc_vertices(scores_m.tolist(), included_m.tolist())
+    )
     # Keep the top of each vertical step so interpolation sees strictly increasing FPRs.
     last_of_each = np.append(false_positive_rate[1:] != false_positive_rate[:-1], True)
     fpr_unique, tpr_unique = false_positive_rate[last_of_each], true_positive_rate[last_of_each]
@@ -316,18 +320,6 @@ def _p_value(guesses: int, correct_guesses: int, *, q: float, weight: float) -> 
     offsets = np.arange(1, successes.size + 1, dtype=np.float64)
     terms = weight / offsets * upper_tails + np.maximum(0.0, 1.0 - weight / offsets) * tail
     return min(max(float(terms.max()), tail), 1.0)
-
-
-def _roc_vertices(scores_m: np.ndarray, included_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n,) FPR and TPR after thresholding at each distinct score, highest first, with (0, 0) prepended."""
-    order = np.argsort(-scores_m, kind="stable")
-    descending = scores_m[order]
-    members = np.cumsum(included_m[order])
-    non_members = np.cumsum(~included_m[order])
-    group_ends = np.append(descending[1:] != descending[:-1], True)  # last position of each tie group
-    true_positive_rate = np.concatenate([[0.0], members[group_ends] / members[-1]])
-    false_positive_rate = np.concatenate([[0.0], non_members[group_ends] / non_members[-1]])
-    return false_positive_rate, true_positive_rate
 
 
 def _mann_whitney_auc(scores_m: np.ndarray, included_m: np.ndarray) -> float:
