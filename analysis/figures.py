@@ -617,9 +617,8 @@ BROKEN_CURVE = {"color": BROKEN_STYLE["color"], "linestyle": "--", "linewidth": 
 def audit_roc_figure(trials: pd.DataFrame, roc: pd.DataFrame, folder: Path) -> FigureFile | None:
     """The membership ROC of every audited trial (``Results.audit_roc``), log-log, one panel per (model, dataset):
     one colour per DP setting (its seeds share it), trials without DP in black with the method's dash pattern, a
-    broken mechanism (a test of the audit) dashed red, and the diagonal of guessing. The axes start at the
-    smallest non-zero false positive rate drawn (1 / excluded canaries); a rate of 0 sits on the axis. None
-    without a successful audited trial."""
+    broken mechanism (a test of the audit) dashed red, and the diagonal of guessing. None without a successful
+    audited trial."""
     audited = trials[trials["audited"] & trials["trial_id"].isin(roc["trial_id"])]
     broken = audited[audited["audit_mechanism"].map(lambda m: isinstance(m, str) and m.startswith("broken"))]
     ok = audited[audited["status"] == "success"]
@@ -633,37 +632,49 @@ def audit_roc_figure(trials: pd.DataFrame, roc: pd.DataFrame, folder: Path) -> F
         fig, axes = _figure(len(panels), width=4.0, height=3.6)
         for ax, (model, dataset) in zip(axes, panels):
             here = _in_panel(shown, model, dataset)
-            for _, trial in here.iterrows():
-                label, style = styles.get(trial["trial_id"], ("broken mechanism (test only)", BROKEN_CURVE))
-                points = curves[trial["trial_id"]]
-                ax.plot(points["fpr"], points["tpr"], label=label, **style)
-            floor = float(roc.loc[roc["trial_id"].isin(here["trial_id"]) & (roc["fpr"] > 0), "fpr"].min())
-            ax.plot([floor, 1.0], [floor, 1.0], label="guessing (TPR = FPR)", **GUESSING_STYLE)
-            ax.set_xscale("log", nonpositive="clip")
-            ax.set_yscale("log", nonpositive="clip")
-            ax.set_xlim(floor, 1.0)
-            ax.set_ylim(floor, 1.05)
+            _roc_panel(ax, [(curves[t], *styles.get(t, BROKEN_ROC)) for t in here["trial_id"]])
             ax.set_title(f"{model}, {dataset}")
-            ax.set_xlabel("false positive rate (excluded canaries flagged)")
-            ax.set_ylabel("true positive rate (included canaries flagged)")
         _legend(fig)
         return _save(fig, folder, "privacy_audit_roc", "Privacy audit: membership ROC")
 
 
+BROKEN_ROC = ("broken mechanism (test only)", BROKEN_CURVE)
+
+
+def _roc_panel(ax, curves: list[tuple[pd.DataFrame, str, dict]]) -> None:
+    """(points with fpr and tpr columns, label, line style) per curve. Both axes start at the smallest non-zero
+    rate of any curve (1 / excluded or 1 / included canaries), so every curve's first step is in view; a rate of
+    0 is drawn at the axis' edge."""
+    floor = min(float(p.loc[p[rate] > 0, rate].min()) for p, _, _ in curves for rate in ("fpr", "tpr"))
+    for points, label, style in curves:
+        ax.plot(points["fpr"], points["tpr"], label=label, **style)
+    ax.plot([floor, 1.0], [floor, 1.0], label="guessing (TPR = FPR)", **GUESSING_STYLE)
+    ax.set_xscale("log", nonpositive="clip")
+    ax.set_yscale("log", nonpositive="clip")
+    ax.set_xlim(floor, 1.0)
+    ax.set_ylim(floor, 1.05)
+    ax.set_xlabel("false positive rate (excluded canaries flagged)")
+    ax.set_ylabel("true positive rate (included canaries flagged)")
+
+
 def _roc_styles(ok: pd.DataFrame) -> dict[str, tuple[str, dict]]:
     """trial_id -> (legend label, line style) of each successful audited trial: a colour per DP setting in table
-    order, black with the method's dash pattern without DP."""
-    styles, colors = {}, {}
-    palette = plt.get_cmap("tab10" if ok["dp"].sum() <= 10 else "tab20").colors
-    for _, trial in ok.iterrows():
-        method = trial["method"]
-        if not trial["dp"]:
-            style = {"color": "black", "linestyle": REFERENCE_STYLES[method], "linewidth": 1.4}
-            styles[trial["trial_id"]] = (f"{METHOD_LABELS[method]}, no DP", style)
-            continue
-        label = method_label(method, trial["epsilon"], int(trial["k"]))
-        color = colors.setdefault(label, matplotlib.colors.to_hex(palette[len(colors) % len(palette)]))
-        styles[trial["trial_id"]] = (label, {"color": color, "linewidth": 1.2})
+    order (tab20 past ten settings; colours repeat past twenty), black with the method's dash pattern without
+    DP."""
+    dp = ok[ok["dp"]]
+    labels = {
+        t: method_label(m, e, int(k))
+        for t, m, e, k in zip(dp["trial_id"], dp["method"], dp["epsilon"], dp["k"])
+    }
+    palette = plt.get_cmap("tab10" if len(set(labels.values())) <= 10 else "tab20").colors
+    colors = {
+        label: matplotlib.colors.to_hex(palette[i % len(palette)])
+        for i, label in enumerate(dict.fromkeys(labels.values()))
+    }
+    styles = {t: (label, {"color": colors[label], "linewidth": 1.2}) for t, label in labels.items()}
+    for trial_id, method in zip(ok.loc[~ok["dp"], "trial_id"], ok.loc[~ok["dp"], "method"]):
+        style = {"color": "black", "linestyle": REFERENCE_STYLES[method], "linewidth": 1.4}
+        styles[trial_id] = (f"{METHOD_LABELS[method]}, no DP", style)
     return styles
 
 

@@ -63,7 +63,8 @@ START_TIMEOUT_AUTOSCALING_S = 3600.0
 # Train's controller takes one report off a worker per poll of its workers (every 2 s by default), and a worker's
 # report blocks while the one before it still waits: a run that reports faster than that trains at the poll rate.
 # A trial reports every logged step (every step of a short run): 24 steps of a smoke trial on 2 CPU cores took
-# 48 s, of which 2 s were training. Polling every 0.2 s costs the controller one small call per worker each time.
+# 51 s, of which 2.4 s were optimiser steps (docs/benchmarks.md). Polling every 0.2 s costs the controller one
+# small call per worker each time. A value in the driver's environment wins (it travels in the job's runtime env).
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_INTERVAL_S = 0.2
 # Where `ray up` puts the autoscaler's (prepared) config on the head; Ray Tune takes its presence to mean an
@@ -179,7 +180,8 @@ def _trial_function(param: dict) -> None:
         launch.worker_start_timeout_s is not None
     ):  # read by Train from this process's environment (see START_TIMEOUT_ENV)
         os.environ[START_TIMEOUT_ENV] = str(launch.worker_start_timeout_s)
-    os.environ.setdefault(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S))  # Train passes it on to its controller
+    # Train passes it on to its controller; set here too for a Ray the caller initialised without our runtime env.
+    os.environ.setdefault(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S))
     r = config.resources
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})}
     trainer = TorchTrainer(
@@ -675,7 +677,12 @@ def run_sweep(
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
                 logging.ERROR
             )
-        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": RUNTIME_ENV_VARS})
+        poll = {POLL_INTERVAL_ENV: os.environ.get(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S))}
+        ray.init(
+            address=address,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": {**RUNTIME_ENV_VARS, **poll}},
+        )
     logging.getLogger("ray.tune").setLevel(
         logging.CRITICAL
     )  # Tune's own summaries and errors: ours are in the results

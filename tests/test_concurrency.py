@@ -15,6 +15,8 @@ from conftest import REPO
 from sweep_driver import tiny_trial
 
 from bench.launcher import (
+    POLL_INTERVAL_ENV,
+    POLL_INTERVAL_S,
     RUNTIME_ENV_VARS,
     Launch,
     autoscaling_limits,
@@ -258,3 +260,13 @@ def test_trials_beyond_the_resources_queue_and_finish(one_cpu_ray, tmp_path, cap
     assert outcome["concurrency"] == 2 and outcome["failed"] == 0 and outcome["ran"] == 2
     assert [ResultStore(tmp_path / "storage").status(c.trial_id) for c in configs] == ["success", "success"]
     assert "up to 2 at a time (from --max-concurrent)" in capsys.readouterr().out
+
+
+def test_train_passes_the_poll_interval_on_to_its_controller():
+    """The launcher's poll interval only reaches Train's controller (which reads it once, at its start) because
+    Train copies the variables of this list from the process that calls ``fit``; a Ray upgrade that drops it would
+    bring back a 2 s wait per report, 7.5x a short trial's wall time (docs/benchmarks.md)."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    assert POLL_INTERVAL_ENV == HEALTH_CHECK_INTERVAL_S_ENV_VAR and POLL_INTERVAL_ENV in ENV_VARS_TO_PROPAGATE
+    assert 0 < POLL_INTERVAL_S < 1

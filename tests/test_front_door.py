@@ -199,6 +199,7 @@ def audit_sweep(demo, workdir) -> tuple[subprocess.CompletedProcess, subprocess.
     return sweep, analysis
 
 
+@pytest.mark.timeout(1800)  # the fixture's sweep (~5 min on 2 cores) and analysis count against this test
 def test_the_smoke_privacy_audit_sees_memorisation_and_no_dp_run_exceeds_its_claim(audit_sweep, workdir):
     """Measured while writing it: the memorising full fine-tuning without DP bounds epsilon by 1.17-1.99 (audit
     seeds 0-2, two training seeds); every DP run (LoRA at epsilon 1 and 8, k 1 and 4; the memorising run at 8)

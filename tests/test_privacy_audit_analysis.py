@@ -410,3 +410,16 @@ def test_roc_vertices_move_once_per_tie_group_whatever_the_order():
     assert (fpr, tpr) == ([0.0, 0.0, 0.5, 1.0], [0.0, 0.5, 1.0, 1.0])  # the tie moves both rates at once
     assert roc_vertices([1.0, 2.0, 2.0, 3.0], [False, False, True, True]) == (fpr, tpr)
     assert roc_vertices([2.0, 2.0], [True, False]) == ([0.0, 1.0], [0.0, 1.0])
+
+
+def test_the_area_under_the_drawn_curve_is_the_auc_the_trial_records():
+    """Independently of the shared ROC code: the trapezoid area under ``roc_vertices`` (ties as straight
+    segments) equals the trial's Mann-Whitney AUC, ties counting 1/2."""
+    from trainables.audit_bound import membership_roc
+
+    rng = np.random.default_rng(0)
+    for m in (20, 201, 1000):
+        mask = rng.random(m) < 0.5
+        scores = (rng.normal(size=m) + 0.7 * mask).round(1)  # rounding makes ties between members and not
+        fpr, tpr = roc_vertices(scores.tolist(), mask.tolist())
+        assert np.trapezoid(tpr, fpr) == pytest.approx(membership_roc(scores, mask)["auc"], abs=1e-12)

@@ -21,7 +21,8 @@ PAPER_CANARIES = 1000
 AUDIT_DELTA = 1e-6
 # Smoke: the same design at a laptop's size. 200 canaries beside digits' 1,438 images; LoRA at the two budgets
 # the demo uses and k up to the smoke cap of 4, 24 steps each (a DP k = 4 trial: ~20 s on 2 CPU cores). 24 steps
-# of 32 see each canary about once: a run that short leaks too little for the bound to leave 0, with DP or without.
+# draw an included canary about once (0.5 times in batches of 32 without DP, 1.2 times at the DP sampling rate of
+# 0.05): a run that short leaks too little for the bound to leave 0, with DP or without.
 SMOKE_CANARIES = 200
 SMOKE_EPSILONS = (1, 8)
 SMOKE_MULTIPLICITIES = (1, 4)
@@ -31,7 +32,8 @@ SMOKE_RESOURCES = dataclasses.replace(CPU_RESOURCES, checkpoint_every_steps=SMOK
 # ... so the smoke also has a pair that memorises: full fine-tuning, 300 steps at learning rate 1e-2 without class
 # dropout (without DP 64 examples a step: each included canary is drawn ~12 times), once without DP and once at
 # epsilon 8. Measured on 2 CPU cores (audit seeds 0-2, training seeds 0-1): without DP bounds 1.17-1.99, AUC
-# 0.78-0.85, ~40 s; with DP bound 0.0, AUC 0.47, ~60 s. The non-DP bound is how CI knows the audit can see a leak.
+# 0.78-0.85; with DP bound 0.0, AUC 0.47-0.49. Alone in one process a run takes ~40 s and ~60 s; in the sweep on
+# Ray, two trials at a time, 65 s and 90 s. The non-DP bound is how CI knows the audit can see a leak.
 MEMORISING_STEPS = 300
 MEMORISING_OPTIMIZATION = {"learning_rate": 1e-2, "class_dropout": 0.0}
 MEMORISING_BATCH_SIZE = 64  # without DP; a DP trial's batches are Poisson at the smoke's sampling rate
