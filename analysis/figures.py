@@ -495,9 +495,9 @@ def audit_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
     DP trials coloured by k with each method's marker (mean and std over seeds), the y = x line, non-DP trials in
     black at a "no DP" position right of the DP ones, and failed trials of a broken mechanism as red crosses (a
     test of the audit, never a result). None without a successful audited trial."""
-    audited = trials[trials["audited"]].dropna(subset=["audit_epsilon_lower_bound"])
-    broken = audited[audited["audit_mechanism"].map(lambda m: isinstance(m, str) and m.startswith("broken"))]
-    ok = audited[audited["status"] == "success"]
+    ok, broken = _successful_and_broken(
+        trials[trials["audited"]].dropna(subset=["audit_epsilon_lower_bound"])
+    )
     if ok.empty:
         return None
     ordered = pd.concat([ok, broken]).sort_values("depth")
@@ -515,6 +515,12 @@ def audit_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
             "privacy_audit",
             "Privacy audit: empirical ε lower bound vs claimed ε (y = x: the claim)",
         )
+
+
+def _successful_and_broken(audited: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the successful audited trials, the runs of a deliberately broken mechanism: a test of the audit)."""
+    broken = audited["audit_mechanism"].map(lambda m: isinstance(m, str) and m.startswith("broken"))
+    return audited[audited["status"] == "success"], audited[broken]
 
 
 def _in_panel(trials: pd.DataFrame, model: str, dataset: str) -> pd.DataFrame:
@@ -619,9 +625,7 @@ def audit_roc_figure(trials: pd.DataFrame, roc: pd.DataFrame, folder: Path) -> F
     one colour per DP setting (its seeds share it), trials without DP in black with the method's dash pattern, a
     broken mechanism (a test of the audit) dashed red, and the diagonal of guessing. None without a successful
     audited trial."""
-    audited = trials[trials["audited"] & trials["trial_id"].isin(roc["trial_id"])]
-    broken = audited[audited["audit_mechanism"].map(lambda m: isinstance(m, str) and m.startswith("broken"))]
-    ok = audited[audited["status"] == "success"]
+    ok, broken = _successful_and_broken(trials[trials["audited"] & trials["trial_id"].isin(roc["trial_id"])])
     if ok.empty:
         return None
     shown = pd.concat([ok, broken]).sort_values("depth", kind="stable")
