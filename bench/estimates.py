@@ -268,7 +268,7 @@ def estimate(
     lines.append(
         f"{todo} of {len(configs)} trials to run; estimated training GPU hours {total_hours:.1f} on an "
         f"{ESTIMATE_DEVICE}: 'measured' rows at the training throughput measured for the same depth, method, DP "
-        f"clipping, k and precision (any physical batch); 'assumed' rows at useful model FLOPs / "
+        f"clipping, k and precision (any rows per forward); 'assumed' rows at useful model FLOPs / "
         f"{ASSUMED_FLOPS_PER_GPU / 1e12:.0f} TFLOP/s per GPU ({ASSUMED_UTILISATION:.0%} of the dense bf16 peak); "
         "evaluation and tiny models not included"
     )
@@ -280,7 +280,7 @@ def _describe(m: dict) -> str:
     dp = "no DP" if m["clipping"] is None else f"DP {m['clipping']}"
     source = m["source"]
     settings = ", ".join(
-        f"{key} {m[key]}" for key in ("attention_kernel", "compile", "physical_batch_rows") if key in m
+        f"{key} {m[key]}" for key in ("attention_kernel", "compile", "rows_per_forward") if key in m
     )
     return (
         f"{m['device']} d{m['depth']} {m['method']} {dp} k={m['augmentation_multiplicity']} {m['precision']}: "

@@ -29,7 +29,16 @@ from pyarrow import fs as pafs
 
 from .cli import probe_folder
 from .errors import VarsweepError
-from .schema import SCHEMA_VERSION, STATUSES, ConfigError, absolute, check_result, is_uri, upgrade_record
+from .schema import (
+    OLDER_SCHEMA_VERSIONS,
+    SCHEMA_VERSION,
+    STATUSES,
+    ConfigError,
+    absolute,
+    check_result,
+    is_uri,
+    upgrade_record,
+)
 
 # What pyarrow raises for a URI it cannot parse or a filesystem it cannot reach (ArrowInvalid is a ValueError,
 # ArrowNotImplementedError a NotImplementedError, I/O failures OSError).
@@ -201,10 +210,11 @@ class ResultStore:
             )
         if record is None:
             return "pending", ""
-        if isinstance(record, Mapping) and record.get("schema_version") == 1:
+        version = record.get("schema_version") if isinstance(record, Mapping) else None
+        if version in OLDER_SCHEMA_VERSIONS:
             return (
                 "invalid",
-                f"schema version 1: run `python -m bench upgrade-results {self.storage}` (rewrites it under its new trial id)",
+                f"schema version {version}: run `python -m bench upgrade-results {self.storage}` (rewrites it under its new trial id)",
             )
         try:
             validate_record(record, trial_id=trial_id)

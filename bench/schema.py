@@ -7,7 +7,8 @@ method, privacy, optimisation, evaluation). ``resources`` (workers, GPUs, checkp
 the same experiment on another cluster shape is the same trial, so a relaunch on bigger hardware still skips it.
 Files and datasets enter it by content where their content ids are known (``CONTENT_IDS``, filled by
 ``bench.preflight.identify``), so the same files mounted elsewhere are the same trial; paths stay in the config
-as provenance. Every field is checked against its annotated type first (``_check_types``), then its range.
+as provenance. Every field is checked against its annotated type first (``_check_types``), then its range. An
+integer given for a float field is stored as a float, so ``epsilon: 8`` and ``epsilon: 8.0`` are one trial.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from typing import Any, NotRequired, TypedDict
 
 from .errors import VarsweepError
 
-SCHEMA_VERSION = 2  # 2: evaluation.cfg -> guidance_scale, optimization.max_grad_norm -> global_clip_norm (see upgrade_record)
+# 2: evaluation.cfg -> guidance_scale, optimization.max_grad_norm -> global_clip_norm; 3: integers in float fields
+# are floats (one id for 8 and 8.0), privacy.physical_batch_rows -> resources.rows_per_forward (see upgrade_record)
+SCHEMA_VERSION = 3
+OLDER_SCHEMA_VERSIONS = (1, 2)  # read only to be upgraded (``upgrade_record``)
+# Fields that left their section in a version bump: where they went (an old sweep file's error names it).
+MOVED_FIELDS = {"privacy.physical_batch_rows": "resources.rows_per_forward (since schema version 3)"}
 OFFICIAL_DEPTHS = (16, 20, 24, 30)
 OFFICIAL_RESOLUTION = 256
 # "base": evaluate the base model, no training. In the order tables list methods (analysis.metrics.METHOD_LABELS).
@@ -129,7 +135,9 @@ def _type_name(hint: Any) -> str:
 
 def _check_types(section: Any) -> None:
     """Refuse any field whose value is not of its annotated type, naming the field (runs first in every section's
-    ``__post_init__``, so the range checks after it compare numbers with numbers)."""
+    ``__post_init__``, so the range checks after it compare numbers with numbers); store an integer given for a
+    float field as that float, so the config, its record and its trial id do not depend on how a number was
+    written (8 or 8.0)."""
     name = _SECTION_NAMES[type(section)]
     for field_name, hint in _field_types(type(section)).items():
         value = getattr(section, field_name)
@@ -138,6 +146,18 @@ def _check_types(section: Any) -> None:
             f"{name}.{field_name}",
             f"expected {_type_name(hint)}, got {value!r} ({type(value).__name__})",
         )
+        object.__setattr__(section, field_name, _as_declared(hint, value))
+
+
+def _as_declared(hint: Any, value: Any) -> Any:
+    """``value`` (already accepted by ``hint``) with integers in float places made floats."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if isinstance(value, int) and not isinstance(value, bool) and float in options and int not in options:
+        return float(value)
+    if isinstance(value, tuple):
+        element = next(typing.get_args(o)[0] for o in options if typing.get_origin(o) is tuple)
+        return tuple(_as_declared(element, item) for item in value)
+    return value
 
 
 def _is_sha256(value: str | None) -> bool:
@@ -312,9 +332,8 @@ class MethodConfig:
 @dataclass(frozen=True)
 class PrivacyConfig:
     """DP-SGD: target_epsilon for the whole run; delta None = 1/N; sampling_rate q (Poisson); max_grad_norm: C, the
-    per-example clipping norm; augmentation_multiplicity k views averaged per example before clipping;
-    physical_batch_rows: rows (example views) per forward/backward, a chunk holds max(1, rows // k) examples, so
-    memory stays bounded for any expected batch size and k; clipping: "bookkeeping" (one backward, clipped sums
+    per-example clipping norm; augmentation_multiplicity k views averaged per example before clipping (how many
+    rows go through one forward is ``resources.rows_per_forward``: it changes no number); clipping: "bookkeeping" (one backward, clipped sums
     rebuilt from layer inputs and output gradients), "hooks" (Opacus per-sample gradients), "ghost" (Opacus ghost
     clipping, k = 1 only) or "auto" (book-keeping where it has a rule for every trainable layer, else hooks);
     allow_delta_at_least_inverse_n: permit delta >= 1/N (a mechanism that may release a whole example)."""
@@ -326,7 +345,6 @@ class PrivacyConfig:
     augmentation_multiplicity: int = 1
     accountant: str = "rdp"
     clipping: str = "auto"
-    physical_batch_rows: int = 256
     allow_delta_at_least_inverse_n: bool = False
 
     def __post_init__(self) -> None:
@@ -364,11 +382,6 @@ class PrivacyConfig:
             self.clipping != "ghost" or self.augmentation_multiplicity == 1,
             "privacy.clipping",
             "ghost clipping cannot average k > 1 views before clipping; use 'bookkeeping' or 'hooks'",
-        )
-        _require(
-            self.physical_batch_rows >= 1,
-            "privacy.physical_batch_rows",
-            f"must be >= 1, got {self.physical_batch_rows}",
         )
 
 
@@ -553,9 +566,11 @@ class ResourcesConfig:
     id): attention_kernel, the training forward's scale-causal attention (``ATTENTION_KERNEL_CHOICES``; "auto" is
     ``AUTO_ATTENTION_KERNEL``, per-scale SDPA over exactly the visible pairs; "flex" cannot train on a CPU, which
     has no FlexAttention backward); compile: ``torch.compile`` every transformer block before training (not with
-    Opacus hooks or ghost clipping, see ``TrialConfig``); rows_per_forward: without DP, the most rows (examples x
-    views) one worker puts through one forward, the rest of its share of the batch accumulated over further
-    forwards into the same gradient (0: its whole share at once; under DP privacy.physical_batch_rows does this)."""
+    Opacus hooks or ghost clipping, see ``TrialConfig``); rows_per_forward: the most rows (examples x k views) one
+    worker puts through one forward and backward, with or without DP, the rest of its share of the batch
+    accumulated over further forwards into the same gradient (an example's views always share a forward, so it is
+    0 or at least k; 0: the whole share at once). It bounds memory for any batch size, Poisson batches included;
+    a smaller GPU lowers it and keeps the trial id."""
 
     workers: int = 1
     gpus_per_worker: float = 1.0
@@ -566,7 +581,7 @@ class ResourcesConfig:
     max_failures: int = 2
     attention_kernel: str = "auto"
     compile: bool = False
-    rows_per_forward: int = 0
+    rows_per_forward: int = 256
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -716,11 +731,6 @@ class TrialConfig:
                     f"clipped to privacy.max_grad_norm): leave it at its default {default}",
                 )
             _require(
-                self.resources.rows_per_forward == 0,
-                "resources.rows_per_forward",
-                "applies without DP only (DP splits its Poisson batches into privacy.physical_batch_rows rows): leave it 0",
-            )
-            _require(
                 not self.resources.compile or self.privacy.clipping in COMPILE_CLIPPING,
                 "resources.compile",
                 f"does not compose with privacy.clipping={self.privacy.clipping!r} (Opacus's per-layer hooks recompile "
@@ -731,6 +741,13 @@ class TrialConfig:
                 self.privacy.augmentation_multiplicity <= self.data.cached_views,
                 "privacy.augmentation_multiplicity",
                 f"k={self.privacy.augmentation_multiplicity} distinct views need data.cached_views >= k (got {self.data.cached_views})",
+            )
+            _require(
+                self.resources.rows_per_forward == 0
+                or self.resources.rows_per_forward >= self.privacy.augmentation_multiplicity,
+                "resources.rows_per_forward",
+                f"{self.resources.rows_per_forward} rows cannot hold one example's k="
+                f"{self.privacy.augmentation_multiplicity} views (they share a forward): use 0 or at least k",
             )
         _require(
             not (self.evaluation.convergence_every_steps or self.evaluation.convergence_points) or trains,
@@ -930,9 +947,10 @@ class ConvergenceEntry(TypedDict):
 
 
 class PrivacyLedger(TypedDict):
-    """What a DP trial spent (``trainables.privacy.privacy_ledger``, ledger version 3; version 2 named
-    ``physical_batch_rows`` ``physical_batch_size``). The settings carry ``PrivacyConfig``'s names; delta is the
-    resolved one (1/N where the config says null); ``released_without_noise``: record paths -> what they reveal."""
+    """What a DP trial spent (``trainables.privacy.privacy_ledger``, ledger version 4). The settings carry
+    ``PrivacyConfig``'s names; delta is the resolved one (1/N where the config says null);
+    ``released_without_noise``: record paths -> what they reveal. ``physical_batch_rows`` is in ledgers of versions
+    2 (named ``physical_batch_size``) and 3 only: since 4 the rows per forward are ``cost.rows_per_forward``."""
 
     target_epsilon: float
     delta: float
@@ -982,7 +1000,7 @@ class Cost(TypedDict):
     mfu: NotRequired[float | None]
     training_precision: NotRequired[str | None]
     # How the training computed (``resources``; None: no training): the attention kernel it ran ("auto" resolved),
-    # how many transformer blocks it ran compiled (0: eager), the most rows per forward without DP (0: all at once).
+    # how many transformer blocks it ran compiled (0: eager), the most rows per forward (0: all at once).
     attention_kernel: NotRequired[str | None]
     compiled_blocks: NotRequired[int | None]
     rows_per_forward: NotRequired[int | None]
@@ -1392,40 +1410,64 @@ RENAMED_IN_2 = {
 }
 
 
+VERSION_CHANGES = (
+    ", ".join(f"{s}.{o} became {n}" for (s, o), n in RENAMED_IN_2.items())
+    + " in version 2; in version 3 privacy.physical_batch_rows became resources.rows_per_forward and integers in "
+    "float fields floats, which changes trial ids"
+)
+
+
 def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A version-1 result as the version-2 result of the same experiment: renamed fields carry their values, a DP
-    trial's non-DP-only optimisation fields (which it never used) return to their defaults, and the trial id is
-    recomputed (``upgraded_from`` keeps the old one). A current record is returned unchanged (copied)."""
+    """An older result as the current version's result of the same experiment, its trial id recomputed
+    (``upgraded_from`` keeps the old one and version). 1 -> 2: renamed fields carry their values and a DP trial's
+    non-DP-only optimisation fields (which it never used) return to their defaults; 2 -> 3: a DP trial's
+    ``privacy.physical_batch_rows`` becomes its ``resources.rows_per_forward``, and the config is rewritten as
+    validated (integers in float fields become floats). A current record is returned unchanged (copied)."""
     upgraded = json.loads(json.dumps(record))
     version = upgraded.get("schema_version")
     if version == SCHEMA_VERSION:
         return upgraded
     _require(
-        version == 1 and isinstance(upgraded.get("config"), dict),
+        version in OLDER_SCHEMA_VERSIONS and isinstance(upgraded.get("config"), dict),
         "schema_version",
-        f"cannot upgrade a result of schema version {version!r} (this varsweep reads versions 1 and {SCHEMA_VERSION})",
+        f"cannot upgrade a result of schema version {version!r} (this varsweep reads versions 1 to {SCHEMA_VERSION})",
     )
     config = upgraded["config"]
+    if version == 1:
+        _upgrade_config_1_to_2(config)
+    _upgrade_config_2_to_3(config)
+    upgraded_config = TrialConfig.from_dict(config)
+    upgraded.update(
+        schema_version=SCHEMA_VERSION,
+        config=upgraded_config.to_dict(),
+        trial_id=upgraded_config.trial_id,
+        upgraded_from={"schema_version": version, "trial_id": upgraded.get("trial_id")},
+    )
+    return upgraded
+
+
+def _upgrade_config_1_to_2(config: dict[str, Any]) -> None:
     for (section, old), new in RENAMED_IN_2.items():
         if isinstance(config.get(section), dict) and old in config[section]:
             config[section][new] = config[section].pop(old)
     if config.get("privacy") is not None and isinstance(config.get("optimization"), dict):
         config["optimization"].update(NON_DP_ONLY)
-    upgraded.update(
-        schema_version=SCHEMA_VERSION,
-        trial_id=TrialConfig.from_dict(config).trial_id,
-        upgraded_from={"schema_version": version, "trial_id": upgraded.get("trial_id")},
-    )
-    return upgraded
+
+
+def _upgrade_config_2_to_3(config: dict[str, Any]) -> None:
+    privacy = config.get("privacy")
+    if isinstance(privacy, dict) and isinstance(config.get("resources"), dict):
+        # version 2 required rows_per_forward 0 under DP (unused): the physical batch was the privacy field
+        config["resources"]["rows_per_forward"] = privacy.pop("physical_batch_rows", 256)  # 256: its default
 
 
 def check_result(record: Mapping[str, Any]) -> TrialConfig:
     """Raise ``ConfigError`` (``RecordError`` for an inner section) unless ``record`` is a valid result of this
     schema version: every field of its type, every section typed as described above; returns its config."""
     _require(
-        record.get("schema_version") != 1,
+        record.get("schema_version") not in OLDER_SCHEMA_VERSIONS,
         "schema_version",
-        f"written by schema version 1 (before {', '.join(f'{s}.{o} became {n}' for (s, o), n in RENAMED_IN_2.items())}); "
+        f"written by schema version {record.get('schema_version')} (before {VERSION_CHANGES}); "
         "`python -m bench upgrade-results STORAGE` rewrites such results under their new trial ids",
     )
     _require(

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from .preflight import SweepError
-from .schema import PATH_FIELDS, SECTIONS, ConfigError, TrialConfig, absolute, is_uri
+from .schema import MOVED_FIELDS, PATH_FIELDS, SECTIONS, ConfigError, TrialConfig, absolute, is_uri
 from .sweeps import SWEEPS, build_sweep
 from .sweeps.common import Assets, smoke_version
 
@@ -489,6 +489,8 @@ def _count(number: int, noun: str) -> str:
 
 
 def _closest(name: Any, known) -> str:
+    if name in MOVED_FIELDS:
+        return f" (moved to {MOVED_FIELDS[name]})"
     match = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
     return f" (did you mean {match[0]}?)" if match else ""
 

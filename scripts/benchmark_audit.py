@@ -37,11 +37,7 @@ DELTA = 1e-5  # small beside m: at 1/N the one-run bound is 0 whatever the score
 def trial(*, dp: bool, steps: int, canaries: int | None) -> TrialConfig:
     """LoRA on the depth-1 tiny base and 16 px digits; ``canaries`` None: no audit."""
     privacy = (
-        PrivacyConfig(
-            target_epsilon=8.0, sampling_rate=0.02, max_grad_norm=1.0, delta=DELTA, physical_batch_rows=64
-        )
-        if dp
-        else None
+        PrivacyConfig(target_epsilon=8.0, sampling_rate=0.02, max_grad_norm=1.0, delta=DELTA) if dp else None
     )
     return TrialConfig(
         model=tiny_model(1, pretraining_steps=20),
@@ -54,7 +50,7 @@ def trial(*, dp: bool, steps: int, canaries: int | None) -> TrialConfig:
         evaluation=EvaluationConfig(
             extractor="substitute-randconv-v1", num_images=20, top_k=0, batch_size=20
         ),
-        resources=ResourcesConfig(workers=1, gpus_per_worker=0.0, cpus_per_worker=1.0),
+        resources=ResourcesConfig(workers=1, gpus_per_worker=0.0, cpus_per_worker=1.0, rows_per_forward=64),
         audit=None if canaries is None else AuditConfig(canaries=canaries, delta=None if dp else DELTA),
     )
 

@@ -48,7 +48,7 @@ from benchmark_common import official_models, timed
 from torch import nn
 
 from bench.estimates import MEASURED_THROUGHPUT_FILE, VarShape, training_flops_per_row
-from bench.schema import EvaluationConfig, MethodConfig, PrivacyConfig
+from bench.schema import EvaluationConfig, MethodConfig, PrivacyConfig, ResourcesConfig
 from trainables.methods import adapt
 from trainables.privacy import make_private, private_step
 from trainables.profiling import PEAK_FLOPS, Stopwatch, peak_flops_per_second
@@ -490,10 +490,16 @@ def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, device: torc
         sampling_rate=examples / dataset,
         max_grad_norm=0.5,
         augmentation_multiplicity=k,
-        physical_batch_rows=rows,
         clipping=clipping,
     )
-    state = make_private(var, optimizer, privacy=privacy, dataset_size=dataset, planned_steps=1000)
+    state = make_private(
+        var,
+        optimizer,
+        privacy=privacy,
+        resources=ResourcesConfig(rows_per_forward=rows),
+        dataset_size=dataset,
+        planned_steps=1000,
+    )
     return (lambda: private_step(state, everyone, loss_fn)), bf16
 
 
@@ -783,7 +789,7 @@ def throughput_entries(data: dict, *, command: str, docs: str) -> list[dict]:
                 "augmentation_multiplicity": 1,
                 "precision": r["precision"],
                 "rows_per_second": round(r["images_per_s"], 1),
-                "physical_batch_rows": r["batch"],
+                "rows_per_forward": r["batch"],
                 "attention_kernel": r["kernel"],
                 "compile": r["compiled"],
                 "fused_adamw": r["fused"],
@@ -802,7 +808,7 @@ def throughput_entries(data: dict, *, command: str, docs: str) -> list[dict]:
                 "augmentation_multiplicity": r["k"],
                 "precision": r["precision"],
                 "rows_per_second": round(r["rows_per_s"], 1),
-                "physical_batch_rows": r["rows"],
+                "rows_per_forward": r["rows"],
                 "attention_kernel": r["kernel"],
                 "compile": False,
                 "fused_adamw": True,

@@ -33,7 +33,7 @@ import benchmark_common
 import psutil
 import torch
 
-from bench.schema import MethodConfig, PrivacyConfig
+from bench.schema import MethodConfig, PrivacyConfig, ResourcesConfig
 from trainables import privacy as privacy_module
 from trainables.methods import adapt
 from trainables.models import OFFICIAL_PATCH_NUMS, build_var, build_vqvae
@@ -120,10 +120,16 @@ def _dp_step(var, optimizer, config: dict, *, batch_size: int, loss_fn):
         sampling_rate=0.25,
         max_grad_norm=0.5,
         augmentation_multiplicity=config["k"],
-        physical_batch_rows=batch_size,
         clipping=config["dp"],
     )
-    state = make_private(var, optimizer, privacy=privacy, dataset_size=4 * batch_size, planned_steps=1000)
+    state = make_private(
+        var,
+        optimizer,
+        privacy=privacy,
+        resources=ResourcesConfig(rows_per_forward=batch_size),
+        dataset_size=4 * batch_size,
+        planned_steps=1000,
+    )
     return lambda: private_step(state, torch.arange(batch_size), loss_fn)
 
 
@@ -226,14 +232,20 @@ def _versus_step(config: dict, kind: str, bookkeeping_from: str, *, depth: int, 
         sampling_rate=0.25,
         max_grad_norm=0.5,
         augmentation_multiplicity=k,
-        physical_batch_rows=rows,
         clipping="bookkeeping",
     )
     current = privacy_module.BookKeeping
     if kind == "versus":
         privacy_module.BookKeeping = _load_bookkeeping(bookkeeping_from)
     try:
-        state = make_private(var, optimizer, privacy=privacy, dataset_size=4 * examples, planned_steps=1000)
+        state = make_private(
+            var,
+            optimizer,
+            privacy=privacy,
+            resources=ResourcesConfig(rows_per_forward=rows),
+            dataset_size=4 * examples,
+            planned_steps=1000,
+        )
     finally:
         privacy_module.BookKeeping = current
     return lambda: private_step(state, torch.arange(examples), loss_fn)

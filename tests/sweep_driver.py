@@ -48,6 +48,7 @@ def tiny_trial(
             checkpoint_every_steps=checkpoint_every,
             checkpoint_every_fraction=1.0,
             max_failures=1,
+            rows_per_forward=32,  # a DP batch (~29 examples x k views) goes through in chunks
         ),
     )
 

@@ -78,11 +78,13 @@ def audit_trial(root: Path, *, dp: bool, seed: int = 0) -> TrialConfig:
         return replace(
             base, optimization={"batch_size": 22}, audit={"canaries": CANARIES, "seed": seed, "delta": DELTA}
         )
-    privacy = PrivacyConfig(
-        target_epsilon=1.0, sampling_rate=0.25, max_grad_norm=1e-3, delta=DELTA, physical_batch_rows=512
-    )
+    privacy = PrivacyConfig(target_epsilon=1.0, sampling_rate=0.25, max_grad_norm=1e-3, delta=DELTA)
     return replace(
-        base, privacy=privacy.__dict__, optimization=NON_DP_ONLY, audit={"canaries": CANARIES, "seed": seed}
+        base,
+        privacy=privacy.__dict__,
+        optimization=NON_DP_ONLY,
+        audit={"canaries": CANARIES, "seed": seed},
+        resources={"rows_per_forward": 512},
     )
 
 

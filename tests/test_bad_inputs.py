@@ -248,7 +248,7 @@ INVALID_RECORDS = {
     "truncated JSON": (lambda a: '{"schema_version": 1, "trial', "not JSON"),
     "not UTF-8": (lambda a: b"\xff\xfe{}", "not JSON"),
     "JSON list": (lambda a: "[1, 2]", "JSON object"),
-    "schema version 3": (lambda a: json.dumps({**_valid(a), "schema_version": 3}), "schema_version"),
+    "schema version 4": (lambda a: json.dumps({**_valid(a), "schema_version": 4}), "schema_version"),
     "schema version 1": (lambda a: json.dumps({**_valid(a), "schema_version": 1}), "upgrade-results"),
     "config not matching its id": (
         lambda a: json.dumps({**_valid(a), "config": _valid(a, 3)["config"]}),
@@ -728,8 +728,8 @@ LOADING = {
     "store: config not matching its id": _record_case(
         lambda a: {**_valid(a), "trial_id": "0" * 16}, ["trial_id", "0" * 16]
     ),
-    "store: schema version 3": _record_case(
-        lambda a: {**_valid(a), "schema_version": 3}, ["schema_version", "got 3"]
+    "store: schema version 4": _record_case(
+        lambda a: {**_valid(a), "schema_version": 4}, ["schema_version", "got 4"]
     ),
     "store: failed without error": _record_case(
         lambda a: make_result(a.configs[0], status="success") | {"status": "failed"}, ["error"]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from old_records import as_version
 
 from bench.__main__ import main
 from bench.demo import demo_checks, summary_rows
@@ -246,13 +247,8 @@ def test_sweep_progress_line_counts_and_estimates(tmp_path, capsys):
 
 
 def _version_1(record: dict) -> dict:
-    """``record`` as schema version 1 wrote it: the two renamed config fields under their old names, its old id."""
-    old = json.loads(json.dumps(record))
-    old["schema_version"] = 1
-    old["config"]["evaluation"]["cfg"] = old["config"]["evaluation"].pop("guidance_scale")
-    old["config"]["optimization"]["max_grad_norm"] = old["config"]["optimization"].pop("global_clip_norm")
-    old["trial_id"] = f"{record['trial_id'][::-1]}"  # any other id: version 1 hashed other field names
-    return old
+    """``record`` as schema version 1 wrote it (renamed fields, the DP rows per forward under privacy, its old id)."""
+    return as_version(record, 1)
 
 
 def test_upgrade_results_rewrites_version_1_files_once(tmp_path, capsys):
@@ -285,11 +281,11 @@ def test_upgrade_results_rewrites_version_1_files_once(tmp_path, capsys):
     out = capsys.readouterr().out
     assert (
         f"{'0' * 16}.json: left alone: not JSON" in out
-        and f"{configs[0].trial_id}.json: schema version 2 already" in out
+        and f"{configs[0].trial_id}.json: schema version 3 already" in out
     )
     for record, config in zip(old, configs[1:3]):
         assert (
-            f"{record['trial_id']}.json: upgraded: version 1 -> 2, trial {record['trial_id']} -> {config.trial_id}"
+            f"{record['trial_id']}.json: upgraded: version 1 -> 3, trial {record['trial_id']} -> {config.trial_id}"
             in out
         )
         assert (
@@ -313,7 +309,7 @@ def test_an_interrupted_upgrade_finishes_and_a_newer_result_is_kept(tmp_path, ca
     for record in (interrupted, superseded):
         Path(store.path(record["trial_id"])).write_text(json.dumps(record))
     store.write(upgrade_record(interrupted))  # the new file was written, the old one not yet deleted
-    store.write(make_result(configs[1], status="failed", error="RuntimeError: rerun under version 2"))
+    store.write(make_result(configs[1], status="failed", error="RuntimeError: rerun under version 3"))
     assert main(["upgrade-results", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert (
@@ -321,7 +317,7 @@ def test_an_interrupted_upgrade_finishes_and_a_newer_result_is_kept(tmp_path, ca
         and not Path(store.path(interrupted["trial_id"])).exists()
     )
     assert (
-        f"{superseded['trial_id']}.json: left alone: trial {configs[1].trial_id} already has a schema version 2 result (failed)"
+        f"{superseded['trial_id']}.json: left alone: trial {configs[1].trial_id} already has a schema version 3 result (failed)"
         in out
     )
     assert Path(store.path(superseded["trial_id"])).exists() and store.status(configs[1].trial_id) == "failed"

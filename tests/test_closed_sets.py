@@ -68,12 +68,17 @@ def test_every_accountant_calibrates(accountant):
 def test_every_clipping_mode_is_valid_for_the_library(clipping):
     """Each mode passes the library's checks and makes a private model: "auto" resolves to a concrete mode."""
     config = schema.PrivacyConfig(
-        target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, clipping=clipping, physical_batch_rows=32
+        target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, clipping=clipping
     )
     assert privacy.validate_privacy(config, dataset_size=100, planned_steps=8) == pytest.approx(1e-2)
     model = nn.Sequential(nn.Linear(4, 3))
     state = privacy.make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), privacy=config, dataset_size=100, planned_steps=8
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        privacy=config,
+        resources=schema.ResourcesConfig(rows_per_forward=32),
+        dataset_size=100,
+        planned_steps=8,
     )
     assert state.clipping in set(schema.CLIPPING_MODES) - {"auto"} and (
         clipping == "auto" or state.clipping == clipping

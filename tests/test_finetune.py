@@ -257,7 +257,6 @@ def test_dp_finetune_records_ledger_and_no_private_statistics(digits_setup):
             sampling_rate=0.05,
             max_grad_norm=0.5,
             augmentation_multiplicity=2,
-            physical_batch_rows=32,
         )
         out = finetune(
             var,
@@ -266,6 +265,7 @@ def test_dp_finetune_records_ledger_and_no_private_statistics(digits_setup):
             optimization=optimization(30, learning_rate=3e-3),
             method=method,
             privacy=privacy,
+            resources=ResourcesConfig(rows_per_forward=32),
             plan=RunPlan(planned_steps=30, prior_batch_size=4, log_every=10),
             prior=Prior(teacher, bank),
             debug_seed=0,
@@ -374,7 +374,6 @@ DP_RESUME = PrivacyConfig(
     sampling_rate=0.02,
     max_grad_norm=1.0,
     augmentation_multiplicity=2,
-    physical_batch_rows=32,
 )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from old_records import as_version
 from PIL import Image
 from sweep_driver import tiny_trial
 
@@ -28,6 +29,7 @@ from bench.schema import (
     OptimizationConfig,
     TrialConfig,
     replace,
+    upgrade_record,
 )
 from bench.sweeps import SWEEPS, build_sweep
 from trainables.assets import CONTENT_IDS_FILE, FileIds, verify_content
@@ -225,20 +227,20 @@ def test_run_trial_refuses_images_added_after_identification(tmp_path):
     )  # refused before any model was built
 
 
-# Digests of every smoke sweep's trial ids (and the tiny demo's) at 974ab03, schema version 2 (its renames changed
-# every id once; version-1 results are upgraded to these ids by `bench upgrade-results`). Later changes must leave
-# them unchanged, so results keep being skipped on relaunch; a deliberate change bumps SCHEMA_VERSION.
+# Digests of every smoke sweep's trial ids (and the tiny demo's) at schema version 3 (integers in float fields became
+# floats and the DP rows per forward left the privacy section, which changed ids once; results of versions 1 and 2
+# are upgraded to these ids by `bench upgrade-results`, see the last test). Later changes must leave them
+# unchanged, so results keep being skipped on relaunch; a deliberate change bumps SCHEMA_VERSION.
 SMOKE_IDS_BEFORE = {
     ("convergence", True): "68a0e2dec8d7ce6c",
-    ("demo", False): "8e46051e3f78ec2c",
-    ("demo", True): "2f0b5feec9517881",
-    # Redesigned while issue 18 was open (a memorising full fine-tuning pair added): its ids were never released.
-    ("privacy_audit", True): "7a5c677bdd1bdf6c",
+    ("demo", False): "6ca375a82a4b34f8",
+    ("demo", True): "3de367dd90c816b1",
+    ("privacy_audit", True): "388236ebc8bb7b6b",
     ("second_seed", True): "8df401d65192d9cb",
     ("table1", True): "0950a829f9cc3c9e",
-    ("table10", True): "6872932f03eedada",
-    ("table2", True): "fdb9080925457249",
-    ("table3", True): "7dbfe25895ff1c17",
+    ("table10", True): "ed3386e70bfa3f02",
+    ("table2", True): "e47baa8e4ad9e445",
+    ("table3", True): "ab0b0fae3fbcd6b8",
     ("table9", True): "0950a829f9cc3c9e",
 }
 
@@ -259,7 +261,7 @@ def test_every_smoke_sweep_is_checked():
     assert {name for name, _ in SMOKE_IDS_BEFORE} == set(SWEEPS)
 
 
-SCHEMA_BEFORE_AUDIT = "115315e"  # the last commit before the optional ``audit`` section (issue 18)
+SCHEMA_2 = "56a1946"  # the last commit of schema version 2
 
 
 def _schema_at(commit: str, folder: Path):
@@ -270,9 +272,9 @@ def _schema_at(commit: str, folder: Path):
     )
     if shown.returncode != 0:
         pytest.skip(f"git history with {commit} not available: {shown.stderr.strip()[:200]}")
-    path = folder / "schema_before_audit.py"
+    path = folder / f"schema_{commit}.py"
     path.write_text(shown.stdout)
-    spec = importlib.util.spec_from_file_location("bench.schema_before_audit", path)
+    spec = importlib.util.spec_from_file_location(f"bench.schema_{commit}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     try:
@@ -282,18 +284,19 @@ def _schema_at(commit: str, folder: Path):
     return module
 
 
-def test_trial_ids_without_an_audit_are_those_before_it(tmp_path):
-    """Every built-in sweep, smoke and full: the ids this schema gives are the ones the schema before the audit
-    section gave to the same configs (an audit of None leaves the config's dict and id as they were)."""
-    before = _schema_at(SCHEMA_BEFORE_AUDIT, tmp_path)
-    compared = 0
+def test_version_2_results_of_every_built_in_trial_upgrade_to_its_id(tmp_path):
+    """Every built-in sweep, smoke and full: the config as version 2 wrote it (validated by that schema, under the
+    id it gave) upgrades to this schema's config and id, so `bench upgrade-results` finds every finished trial."""
+    before = _schema_at(SCHEMA_2, tmp_path)
+    assert before.SCHEMA_VERSION == 2
+    compared, changed = 0, 0
     for name in SWEEPS:
         for smoke in (True, False):
             for config in build_sweep(name, smoke=smoke):
-                if config.audit is not None:
-                    continue  # an audited trial (issue 18's own sweep) had no id before
-                assert before.TrialConfig.from_dict(config.to_dict()).trial_id == config.trial_id, (
-                    config.label
-                )
-                compared += 1
-    assert compared > 100
+                old = as_version({"config": config.to_dict(), "trial_id": config.trial_id}, 2)
+                old["trial_id"] = before.TrialConfig.from_dict(old["config"]).trial_id
+                upgraded = upgrade_record(old)
+                assert upgraded["trial_id"] == config.trial_id, config.label
+                assert upgraded["config"] == config.to_dict(), config.label
+                compared, changed = compared + 1, changed + (old["trial_id"] != config.trial_id)
+    assert compared > 100 and changed > 50

@@ -57,7 +57,7 @@ def _launch(tmp_path: Path, **changes) -> Launch:
 def test_two_node_sweep_with_ddp_trials(cluster, tmp_path):
     """On a URI storage (file://, which takes the object-store path): results, Train checkpoints and the trials'
     artifacts, staged by rank 0 under the cache and uploaded before the result, all land in the storage."""
-    dp = PrivacyConfig(target_epsilon=4.0, sampling_rate=0.02, max_grad_norm=1.0, physical_batch_rows=32)
+    dp = PrivacyConfig(target_epsilon=4.0, sampling_rate=0.02, max_grad_norm=1.0)
     configs = [tiny_trial("full", workers=2), tiny_trial("lora", workers=2, privacy=dp)]
     launch = Launch(storage=f"file://{tmp_path}/storage", cache_dir=str(tmp_path / "cache"))
     outcome = run_sweep("two-node", configs, launch, verbose=0)

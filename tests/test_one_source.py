@@ -46,7 +46,8 @@ for _section, _kind in schema.SECTIONS.items():
 ALIASES = {
     "lr": "optimization.learning_rate",
     "cfg": "evaluation.guidance_scale",
-    "physical_batch_size": "privacy.physical_batch_rows",
+    "physical_batch_size": "resources.rows_per_forward",
+    "physical_batch_rows": "resources.rows_per_forward",
     "eval_every": "evaluation.convergence_every_steps",
     "eval_points": "evaluation.convergence_points",
     "every": "resources.checkpoint_every_steps",

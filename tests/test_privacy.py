@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from conftest import TINY_VAR, TINY_VQVAE
 from scipy import special
 
-from bench.schema import ConfigError, MethodConfig, OptimizationConfig, PrivacyConfig
+from bench.schema import ConfigError, MethodConfig, OptimizationConfig, PrivacyConfig, ResourcesConfig
 from trainables.methods import adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
 from trainables.privacy import (
@@ -99,7 +99,6 @@ def spec(**overrides) -> PrivacyConfig:
                 target_epsilon=8.0,
                 sampling_rate=0.25,
                 max_grad_norm=1.0,
-                physical_batch_rows=4,
                 clipping="hooks",
             ),
             **overrides,
@@ -194,7 +193,7 @@ def summed_clipped_gradient(
     k: int,
     clipping: str = "hooks",
     max_grad_norm: float,
-    physical_batch_rows: int = 4,
+    rows_per_forward: int = 4,
     bf16: bool = False,
 ) -> torch.Tensor:
     """The flat sum of clipped per-example gradients of one noiseless DP step (read before the optimiser step)."""
@@ -207,8 +206,8 @@ def summed_clipped_gradient(
             augmentation_multiplicity=k,
             clipping=clipping,
             max_grad_norm=max_grad_norm,
-            physical_batch_rows=physical_batch_rows,
         ),
+        resources=ResourcesConfig(rows_per_forward=rows_per_forward),
     )
     state.optimizer.noise_multiplier = 0.0
     captured = []
@@ -297,9 +296,9 @@ def test_physical_batches_do_not_change_the_sum(k, clipping, vqvae, data):
     base = make_model("lora")
     indices = list(range(0, N, 2))
     kwargs = dict(indices=indices, k=k, clipping=clipping, max_grad_norm=0.05)
-    one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, physical_batch_rows=64, **kwargs)
+    one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, rows_per_forward=64, **kwargs)
     many = summed_clipped_gradient(
-        copy.deepcopy(base), vqvae, data, physical_batch_rows=5, **kwargs
+        copy.deepcopy(base), vqvae, data, rows_per_forward=5, **kwargs
     )  # chunks of 2 or 5 examples
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-7)
 
@@ -545,9 +544,9 @@ def test_make_private_takes_the_plans_sigma_and_records_the_configs_names(monkey
     assert privacy_state_dict(state)["spec"] == dataclasses.asdict(spec())
     ledger = privacy_ledger(state)
     assert (
-        ledger["physical_batch_rows"] == 4
+        "physical_batch_rows" not in ledger
         and "physical_batch_size" not in ledger
-        and ledger["ledger_version"] == 3
+        and ledger["ledger_version"] == 4
     )
     release(state)
 
@@ -580,7 +579,8 @@ def run_dp_steps(*, steps: int, k: int, clipping: str) -> tuple[dict, dict[str, 
         torch.optim.AdamW(var.parameters(), lr=1e-2),
         dataset_size=N,
         planned_steps=steps,
-        privacy=spec(augmentation_multiplicity=k, physical_batch_rows=2, clipping=clipping),
+        privacy=spec(augmentation_multiplicity=k, clipping=clipping),
+        resources=ResourcesConfig(rows_per_forward=2),
         noise_generator=torch.Generator().manual_seed(7),
     )
     sampler = torch.Generator().manual_seed(3)
@@ -704,9 +704,8 @@ def test_adding_one_example_moves_finetunes_clipped_sum_by_at_most_C(method, k, 
             torch.optim.SGD(var.parameters(), lr=0.0),
             dataset_size=N,
             planned_steps=3,
-            privacy=spec(
-                augmentation_multiplicity=k, clipping=clipping, max_grad_norm=C, physical_batch_rows=4
-            ),
+            privacy=spec(augmentation_multiplicity=k, clipping=clipping, max_grad_norm=C),
+            resources=ResourcesConfig(rows_per_forward=4),
         )
         state.optimizer.noise_multiplier = 0.0
         captured = []

@@ -9,6 +9,7 @@ import json
 import typing
 
 import pytest
+from old_records import as_version
 from sweep_driver import tiny_trial
 
 from analysis.metrics import METRICS, lookup
@@ -35,6 +36,7 @@ NEVER_WRITTEN_HERE = {
     "evaluation_settings.classifier.resolution": "the older name of input_size",
     "evaluation_settings.sampling.cfg": "the older name of guidance_scale",
     "evaluation_settings.sampling.seed": "the older name of sampling_seed",
+    "privacy.physical_batch_rows": "ledger versions 2 and 3 only (since 4 it is cost.rows_per_forward)",
 }
 # Metrics that are no number on a CPU trial: MFU needs a GPU's peak FLOP rate.
 NOT_A_NUMBER_ON_CPU = {"mfu"}
@@ -53,9 +55,7 @@ def storage(tmp_path_factory):
     dp = replace(
         tiny_trial("lora", steps=2),
         optimization={"batch_size": 256, "global_clip_norm": 2.0},
-        privacy=PrivacyConfig(
-            target_epsilon=2.0, sampling_rate=0.02, max_grad_norm=1.0, physical_batch_rows=32
-        ).__dict__,
+        privacy=PrivacyConfig(target_epsilon=2.0, sampling_rate=0.02, max_grad_norm=1.0).__dict__,
     )
     store = ResultStore(root)
     for config in (plain, dp):
@@ -224,8 +224,8 @@ def test_empty_sections_are_not_recorded_and_old_records_validate(records):
         tiny_trial("lora"), status="failed", error="RuntimeError: boom"
     )  # every section empty
     assert failed["metrics"] == {} and failed["privacy"] is None
-    old = copy.deepcopy(records["dp"])  # ledger version 2 named physical_batch_rows physical_batch_size
-    old["privacy"].update(ledger_version=2, physical_batch_size=old["privacy"].pop("physical_batch_rows"))
+    old = copy.deepcopy(records["dp"])
+    assert old["privacy"]["ledger_version"] == 4 and "physical_batch_rows" not in old["privacy"]
     old["evaluation_settings"]["sampling"] = {
         "cfg": 1.5,
         "top_k": 0,
@@ -234,16 +234,15 @@ def test_empty_sections_are_not_recorded_and_old_records_validate(records):
         "seed": 0,
         "autocast_bf16": True,
     }
-    check_result(old)
-    old["privacy"]["ledger_version"] = 3
+    # Ledger versions 2 and 3 recorded the rows per forward (version 2 as physical_batch_size).
+    for version, key in ((2, "physical_batch_size"), (3, "physical_batch_rows")):
+        check_result({**old, "privacy": {**old["privacy"], "ledger_version": version, key: 32}})
     with pytest.raises(RecordError, match="privacy.physical_batch_size: not a key"):
-        check_result(old)
-    version_1 = copy.deepcopy(records["plain"])
-    version_1["schema_version"], version_1["config"]["evaluation"]["cfg"] = (
-        1,
-        version_1["config"]["evaluation"].pop("guidance_scale"),
-    )
-    check_result(upgrade_record(version_1))
+        check_result({**old, "privacy": {**old["privacy"], "ledger_version": 3, "physical_batch_size": 32}})
+    for name in ("plain", "dp"):
+        for version in (1, 2):
+            upgraded = upgrade_record(as_version(records[name], version))
+            assert check_result(upgraded) and upgraded["config"] == records[name]["config"]
 
 
 def test_lookup_refuses_undefined_keys_and_reads_absent_ones_as_none():

@@ -9,6 +9,7 @@ import json
 import random
 
 import pytest
+from old_records import as_version
 
 from bench.schema import (
     NON_DP_ONLY,
@@ -429,19 +430,62 @@ def test_non_dp_only_fields_are_at_their_defaults_and_out_of_a_dp_trials_id():
 def test_version_1_results_are_refused_with_the_upgrade_command_and_upgrade_to_the_same_experiment():
     dp = build_sweep("table2", smoke=True)[0]
     current = make_result(dp, status="failed", error="x")
-    old = json.loads(json.dumps(current))
-    old["schema_version"] = 1
-    old["config"]["evaluation"]["cfg"] = old["config"]["evaluation"].pop("guidance_scale")
-    old["config"]["optimization"]["max_grad_norm"] = old["config"]["optimization"].pop("global_clip_norm")
+    old = as_version(current, 1)
     old["config"]["optimization"]["batch_size"] = 32  # version 1 let DP trials carry an unused batch size
-    old["trial_id"] = "0123456789abcdef"
     with pytest.raises(
         ConfigError, match=r"schema version 1.*evaluation\.cfg became guidance_scale.*upgrade-results"
     ):
         check_result(old)
     upgraded = upgrade_record(old)
     assert check_result(upgraded) == dp and upgraded["trial_id"] == dp.trial_id
-    assert upgraded["upgraded_from"] == {"schema_version": 1, "trial_id": "0123456789abcdef"}
+    assert upgraded["upgraded_from"] == {"schema_version": 1, "trial_id": old["trial_id"]}
     assert upgrade_record(current) == current
     with pytest.raises(ConfigError, match="schema version 7"):
         upgrade_record({**current, "schema_version": 7})
+
+
+def test_version_2_results_upgrade_with_their_rows_per_forward_and_float_fields():
+    """Version 2 kept a DP trial's rows per forward in privacy.physical_batch_rows and hashed 8 and 8.0 apart."""
+    dp = next(c for c in build_sweep("table3", smoke=True) if c.privacy is not None)
+    assert dp.privacy.target_epsilon == int(
+        dp.privacy.target_epsilon
+    )  # the upgrade below must turn 8 into 8.0
+    current = make_result(dp, status="success", metrics={"fid": 1.0})
+    old = as_version(current, 2)
+    assert isinstance(old["config"]["privacy"]["target_epsilon"], int)
+    with pytest.raises(ConfigError, match=r"schema version 2 .*resources\.rows_per_forward.*upgrade-results"):
+        check_result(old)
+    upgraded = upgrade_record(old)
+    assert upgraded["config"] == current["config"] and upgraded["trial_id"] == dp.trial_id
+    assert check_result(upgraded).resources.rows_per_forward == dp.resources.rows_per_forward == 64
+    assert upgraded["upgraded_from"] == {"schema_version": 2, "trial_id": old["trial_id"]}
+
+
+def test_an_integer_in_a_float_field_is_that_float_and_the_same_trial():
+    config = build_sweep("demo", smoke=True)[-2]
+    assert config.privacy is not None
+    written = {"target_epsilon": 8, "max_grad_norm": 1, "sampling_rate": 1}
+    as_ints = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, **written))
+    as_floats = dataclasses.replace(
+        config, privacy=dataclasses.replace(config.privacy, **{k: float(v) for k, v in written.items()})
+    )
+    assert as_ints.trial_id == as_floats.trial_id and as_ints.to_dict() == as_floats.to_dict()
+    assert all(type(getattr(as_ints.privacy, name)) is float for name in written)
+    assert type(as_ints.optimization.steps) is int  # an integer field keeps its integer
+    epochs = OptimizationConfig(epochs=3, learning_rate=1)
+    assert type(epochs.epochs) is float and type(epochs.learning_rate) is float
+
+
+def test_rows_per_forward_must_hold_an_examples_views_and_leaves_the_trial_id():
+    config = next(c for c in build_sweep("table3", smoke=True) if c.privacy is not None)
+    k = config.privacy.augmentation_multiplicity
+    assert k > 1
+    with pytest.raises(
+        ConfigError, match=rf"resources\.rows_per_forward: {k - 1} rows cannot hold one example's k={k}"
+    ):
+        dataclasses.replace(config, resources=dataclasses.replace(config.resources, rows_per_forward=k - 1))
+    for rows in (0, k, 1000):
+        other = dataclasses.replace(
+            config, resources=dataclasses.replace(config.resources, rows_per_forward=rows)
+        )
+        assert other.trial_id == config.trial_id

@@ -130,6 +130,17 @@ BAD_FILES = {
         "name: x\nbase: {method: {nmae: lora}}\n",
         ["base.method.nmae: unknown field (did you mean method.name?)"],
     ),
+    "moved field": (
+        GOOD
+        + "axes: {privacy: [{target_epsilon: 8, sampling_rate: 0.1, max_grad_norm: 1, physical_batch_rows: 64}]}\n",
+        [
+            "axes.privacy[0].physical_batch_rows: unknown field (moved to resources.rows_per_forward (since schema version 3))"
+        ],
+    ),
+    "moved axis": (
+        GOOD + "axes: {privacy.physical_batch_rows: [64]}\n",
+        ["axes.privacy.physical_batch_rows: no such config field (moved to resources.rows_per_forward"],
+    ),
     "unknown axis": (
         GOOD + "axes: {method.lora_rnak: [4, 8]}\n",
         ["axes.method.lora_rnak: no such config field (did you mean method.lora_rank?)"],
@@ -229,6 +240,16 @@ def test_the_paper_table_file_is_the_built_in_table(tmp_path):
     assert list(from_file.configs) == built_in  # every field, resources included
     smoke = load_sweep_file(EXAMPLES / "table3.yaml", assets=assets, smoke=True)
     assert [c.trial_id for c in smoke.configs] == [c.trial_id for c in build_sweep("table3", smoke=True)]
+    # The numbers written as floats (10.0, 80.0, 1.0, ...) are the same trials.
+    text = (EXAMPLES / "table3.yaml").read_text()
+    as_floats = text.replace("epochs: 80,", "epochs: 80.0,").replace(
+        "privacy.target_epsilon: [1, 10, 20, 50, 100, 500, 1000]",
+        "privacy.target_epsilon: [1.0, 10.0, 20.0, 50.0, 100.0, 500.0, 1000.0]",
+    )
+    assert as_floats.count(".0") >= text.count(".0") + 8
+    (tmp_path / "table3.yaml").write_text(as_floats)
+    rewritten = load_sweep_file(tmp_path / "table3.yaml", assets=assets).configs
+    assert [c.trial_id for c in rewritten] == [c.trial_id for c in from_file.configs]
 
 
 def test_smoke_applies_the_files_smoke_section():

@@ -32,7 +32,7 @@ from bench.tracking import (
 )
 
 SWEEP = "tracked"
-DP = PrivacyConfig(target_epsilon=4.0, sampling_rate=0.02, max_grad_norm=1.0, physical_batch_rows=32)
+DP = PrivacyConfig(target_epsilon=4.0, sampling_rate=0.02, max_grad_norm=1.0)
 
 
 def _configs():

@@ -131,7 +131,6 @@ def dp_step_gradients(var, vqvae, *, clipping: str = "bookkeeping") -> dict[str,
         sampling_rate=0.5,
         max_grad_norm=1e-3,
         augmentation_multiplicity=2,
-        physical_batch_rows=6,
         clipping=clipping,
     )
     before = {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
@@ -139,6 +138,7 @@ def dp_step_gradients(var, vqvae, *, clipping: str = "bookkeeping") -> dict[str,
         var,
         torch.optim.SGD(list(before and trainable_parameters(var).values()), lr=1.0),
         privacy=privacy,
+        resources=ResourcesConfig(rows_per_forward=6),
         dataset_size=8,
         planned_steps=2,
         noise_multiplier=0.0,
@@ -245,7 +245,7 @@ def test_accumulated_gradients_equal_the_one_shot_gradients(k):
         assert_same_gradients(grads[rows], grads[0])
 
 
-def test_rows_per_forward_must_hold_one_example_and_is_for_non_dp_runs_only():
+def test_rows_per_forward_must_hold_one_example_with_and_without_dp():
     assert examples_per_forward(0, views_per_example=2) is None
     assert examples_per_forward(5, views_per_example=2) == 2
     with pytest.raises(
@@ -256,10 +256,14 @@ def test_rows_per_forward_must_hold_one_example_and_is_for_non_dp_runs_only():
         ResourcesConfig(rows_per_forward=-1)
     with pytest.raises(ConfigError, match="resources.rows_per_forward"):
         ResourcesConfig(rows_per_forward=2.0)
-    with pytest.raises(ConfigError, match="resources.rows_per_forward.*without DP only"):
-        trial(privacy=DP, resources=ResourcesConfig(rows_per_forward=64))
-    with pytest.raises(ConfigError, match="resources.rows_per_forward.*without DP only"):
-        check_resources(ResourcesConfig(rows_per_forward=64), device="cpu", privacy=DP)
+    # Under DP too (it chunks the Poisson batches): an example's k views share a forward.
+    dp_k3 = dataclasses.replace(DP, augmentation_multiplicity=3)
+    assert trial(privacy=DP, resources=ResourcesConfig(rows_per_forward=64)).resources.rows_per_forward == 64
+    check_resources(ResourcesConfig(rows_per_forward=3), device="cpu", privacy=dp_k3)
+    with pytest.raises(
+        ConfigError, match="resources.rows_per_forward: 2 rows cannot hold one example's 3 views"
+    ):
+        check_resources(ResourcesConfig(rows_per_forward=2), device="cpu", privacy=dp_k3)
 
 
 def short_run(resources: ResourcesConfig, *, prior: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -283,7 +287,7 @@ def short_run(resources: ResourcesConfig, *, prior: bool = True) -> tuple[dict, 
 
 
 def test_a_finetune_with_accumulation_reproduces_the_one_shot_run():
-    one_shot, weights = short_run(ResourcesConfig())
+    one_shot, weights = short_run(ResourcesConfig(rows_per_forward=0))
     accumulated, accumulated_weights = short_run(ResourcesConfig(rows_per_forward=3))
     for a, b in zip(accumulated["history"], one_shot["history"], strict=True):
         for key in ("loss", "grad_norm", "prior_kl"):

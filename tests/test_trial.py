@@ -30,7 +30,6 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
         sampling_rate=0.02,
         max_grad_norm=1.0,
         augmentation_multiplicity=2,
-        physical_batch_rows=32,
     )
     config = replace(
         tiny_trial("lora", steps=4),

@@ -50,6 +50,7 @@ from .training import (
     build_optimizer,
     compile_blocks,
     epoch_batches,
+    examples_per_forward,
     is_logging_step,
     load_optimizer_state,
     lr_at,
@@ -214,18 +215,14 @@ def check_resources(
     resources: ResourcesConfig, *, device: torch.device | str, privacy: PrivacyConfig | None
 ) -> None:
     """What ``resources`` asks that this device or run cannot do (``ConfigError`` naming the field): FlexAttention
-    has no backward on a CPU; ``rows_per_forward`` is for non-DP runs only (a DP run chunks its batches by
-    ``privacy.physical_batch_rows``). Without DP an example has one view, so any rows_per_forward > 0 holds one."""
+    has no backward on a CPU; ``rows_per_forward`` must hold one example's k views (k under DP; 1 without)."""
     if resources.training_attention_kernel == "flex" and torch.device(device).type == "cpu":
         raise ConfigError(
             "resources.attention_kernel: 'flex' cannot train on a CPU (FlexAttention has no CPU backward); "
             "use 'auto' or 'per_scale'"
         )
-    if privacy is not None and resources.rows_per_forward:
-        raise ConfigError(
-            "resources.rows_per_forward: applies without DP only (DP chunks its batches by "
-            "privacy.physical_batch_rows): leave it 0"
-        )
+    views = 1 if privacy is None else privacy.augmentation_multiplicity
+    examples_per_forward(resources.rows_per_forward, views_per_example=views)
 
 
 def prepare_model(var: VAR, resources: ResourcesConfig, *, privacy: PrivacyConfig | None) -> dict:
@@ -392,6 +389,7 @@ def finetune(
                 data,
                 loop,
                 privacy=privacy,
+                resources=resources,
                 debug_seed=seed_now,
                 resume=resume,
                 unsafe_skip_clipping=unsafe_skip_clipping,
@@ -701,19 +699,6 @@ def _plain_run(
     return None
 
 
-def examples_per_forward(rows_per_forward: int, *, views_per_example: int) -> int | None:
-    """Examples per forward for ``rows_per_forward`` rows of ``views_per_example`` views each (None: all at once).
-    An example's views are never split over forwards, so fewer rows than views are refused."""
-    if rows_per_forward == 0:
-        return None
-    if rows_per_forward < views_per_example:
-        raise ConfigError(
-            f"resources.rows_per_forward: {rows_per_forward} rows cannot hold one example's "
-            f"{views_per_example} views"
-        )
-    return rows_per_forward // views_per_example
-
-
 def accumulate_loss_gradients(
     view_losses_fn: Callable[[torch.Tensor], torch.Tensor],
     indices: torch.Tensor,
@@ -747,6 +732,7 @@ def _private_run(
     loop: _Loop,
     *,
     privacy: PrivacyConfig,
+    resources: ResourcesConfig,
     debug_seed: int | None,
     resume: dict | None,
     unsafe_skip_clipping: bool = False,
@@ -756,6 +742,7 @@ def _private_run(
         var,
         optimizer,
         privacy=privacy,
+        resources=resources,
         dataset_size=data.num_examples,
         planned_steps=loop.plan.planned_steps,
         noise_multiplier=loop.plan.noise_multiplier,

@@ -45,18 +45,18 @@ from opacus.utils.module_utils import trainable_parameters as opacus_trainable_p
 from torch import nn
 
 from bench.errors import VarsweepError
-from bench.schema import ACCOUNTANTS, PrivacyConfig
+from bench.schema import ACCOUNTANTS, PrivacyConfig, ResourcesConfig
 
 from .bookkeeping import BookKeeping, bookkeeping_supports
 from .draws import ExampleKey
-from .training import rank_and_world
+from .training import examples_per_forward, rank_and_world
 
 # Layers whose per-sample gradient is a sum over positions of (input, output-gradient) products: the k views of one
 # example can be folded into the position dimension and the example's gradient computed in one pass.
 FOLDABLE_LAYERS = (nn.Linear, nn.Embedding)
-LEDGER_VERSION = (
-    3  # 3: the settings under their PrivacyConfig names (physical_batch_size -> physical_batch_rows)
-)
+# 3: the settings under their PrivacyConfig names (physical_batch_size -> physical_batch_rows); 4: no
+# physical_batch_rows (it left the privacy settings: the trial's cost records its rows_per_forward)
+LEDGER_VERSION = 4
 # RDP orders for calibration and reporting. Opacus's defaults stop at 63 and start at 1.1: with few steps (the first
 # logged epsilons) or large noise the best order lies above 63, and for large epsilon (Table 3 goes to 1000) below
 # 1.1, so both ends over-state epsilon and calibrate sigma higher than needed. These add 1.01-1.08 and orders up to
@@ -248,6 +248,7 @@ class PrivateTraining:
         0  # the accounting needs the number of steps only; the actual batch sizes are never kept
     )
     unsafe_skip_clipping: bool = False  # test-only broken mechanism (see make_private): no DP guarantee
+    examples_per_chunk: int | None = None  # examples per forward/backward (None: the whole local batch)
 
     @property
     def steps(self) -> int:
@@ -306,6 +307,7 @@ def make_private(
     dataset_size: int,
     planned_steps: int,
     noise_multiplier: float | None = None,
+    resources: ResourcesConfig | None = None,
     noise_generator: torch.Generator | None = None,
     debug_seed: int | None = None,
     unsafe_skip_clipping: bool = False,
@@ -320,8 +322,14 @@ def make_private(
     ``unsafe_skip_clipping`` breaks the mechanism on purpose, for the privacy audit's tests only (never a config
     field): per-example gradients are summed unclipped while the noise stays calibrated to C, so the ledger's
     epsilon no longer holds (its ``clipping`` says so). Book-keeping clipping only (the others are refused).
-    Under an initialised process group the model is synchronised from rank 0 and gradients are all-reduced."""
+    Under an initialised process group the model is synchronised from rank 0 and gradients are all-reduced.
+    ``resources`` (None: the defaults) gives ``rows_per_forward``: a step's examples go through forward and
+    backward in chunks of that many rows (examples x k views; 0: all at once); the clipped sum is the same up to
+    rounding."""
     delta = validate_privacy(privacy, dataset_size=dataset_size, planned_steps=planned_steps)
+    chunk = examples_per_forward(
+        (resources or ResourcesConfig()).rows_per_forward, views_per_example=privacy.augmentation_multiplicity
+    )
     check_per_sample_support(model)
     sigma = (
         noise_multiplier
@@ -397,6 +405,7 @@ def make_private(
         sampling_seeded_by_caller=debug_seed is not None,
         example_key=example_key,
         unsafe_skip_clipping=unsafe_skip_clipping,
+        examples_per_chunk=chunk,
     )
 
 
@@ -488,7 +497,7 @@ def private_step(
             f"privacy budget exhausted: {state.steps} of {state.planned_steps} planned steps done"
         )
     optimizer = state.optimizer
-    chunk = max(1, state.privacy.physical_batch_rows // state.privacy.augmentation_multiplicity)
+    chunk = state.examples_per_chunk or max(1, len(indices))
     starts = list(range(0, len(indices), chunk)) or [0]
     for i, start in enumerate(starts):
         part = indices[start : start + chunk]
@@ -579,7 +588,7 @@ def _rng_note(seeded_by_caller: bool) -> str:
 RELEASED_WITHOUT_NOISE = {
     "privacy.dataset_size": "N, the number of training examples",
     "history[].seconds, cost.train_seconds, cost.rows_per_second, cost.mfu": "training wall-clock times: a step takes longer on a larger Poisson batch",
-    "cost.peak_memory_bytes": "peak memory: it grows with the largest physical chunk, which is smaller than physical_batch_rows only on small batches",
+    "cost.peak_memory_bytes": "peak memory: it grows with the largest physical chunk, which is smaller than resources.rows_per_forward only on small batches",
 }
 
 
@@ -610,7 +619,6 @@ def privacy_ledger(state: PrivateTraining) -> dict:
         "expected_batch_size": state.expected_batch_size,
         "max_grad_norm": state.privacy.max_grad_norm,
         "augmentation_multiplicity": state.privacy.augmentation_multiplicity,
-        "physical_batch_rows": state.privacy.physical_batch_rows,
         "clipping": UNSAFE_CLIPPING_NOTE if state.unsafe_skip_clipping else state.clipping,
         "calibration_accountant": state.privacy.accountant,
         "world_size": state.world_size,

@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bench.schema import ConfigError
+
 from .draws import ExampleDraws
 from .models import VAR, VQVAE
 from .models.var import AdaLNSelfAttn
@@ -292,3 +294,16 @@ def evaluation_steps(planned_steps: int, *, every: int = 0, points: int = 0) -> 
     else:
         chosen = {-(-i * planned_steps // points) for i in range(1, points + 1)}
     return sorted(chosen | {planned_steps})
+
+
+def examples_per_forward(rows_per_forward: int, *, views_per_example: int) -> int | None:
+    """Examples per forward for ``rows_per_forward`` rows of ``views_per_example`` views each (None: all at once).
+    An example's views are never split over forwards, so fewer rows than views are refused."""
+    if rows_per_forward == 0:
+        return None
+    if rows_per_forward < views_per_example:
+        raise ConfigError(
+            f"resources.rows_per_forward: {rows_per_forward} rows cannot hold one example's "
+            f"{views_per_example} views"
+        )
+    return rows_per_forward // views_per_example

@@ -152,7 +152,8 @@ TINY_DEPTHS = {
 SMOKE_PRETRAINING_STEPS = 150
 SMOKE_STEPS = 6
 SMOKE_MAX_VIEWS = 4
-# Smoke runs of 6 steps checkpoint once, at step 3 (a quarter of the run would checkpoint every step).
+# Smoke runs of 6 steps checkpoint once, at step 3 (a quarter of the run would checkpoint every step). 64 rows per
+# forward: a DP smoke batch (~72 examples x k views) goes through in several chunks, as a paper trial's does.
 CPU_RESOURCES = ResourcesConfig(
     workers=1,
     gpus_per_worker=0.0,
@@ -160,6 +161,7 @@ CPU_RESOURCES = ResourcesConfig(
     checkpoint_every_steps=3,
     checkpoint_every_fraction=0.5,
     max_failures=1,
+    rows_per_forward=64,
 )
 
 
@@ -179,7 +181,6 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
             max_grad_norm=privacy.max_grad_norm,
             delta=privacy.delta,
             augmentation_multiplicity=k,
-            physical_batch_rows=64,
         )
     trains = config.method.name != "base"
     return TrialConfig(

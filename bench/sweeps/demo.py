@@ -89,7 +89,6 @@ def sweep(*, smoke: bool = False, assets: Assets = Assets()) -> list[TrialConfig
                 sampling_rate=DP_EXPECTED_BATCH / 1438,
                 max_grad_norm=0.5,
                 augmentation_multiplicity=2,
-                physical_batch_rows=128,
             ),
         )
         for eps in DP_EPSILONS
