@@ -114,21 +114,28 @@ def _plain_step(var, optimizer, *, batch_size: int, loss_fn):
     return step
 
 
-def _dp_step(var, optimizer, config: dict, *, batch_size: int, loss_fn):
+def _private(var, optimizer, *, k: int, clipping: str, rows: int, examples: int):
+    """DP training state for one step of ``examples`` examples (k views each) in forwards of ``rows`` rows."""
     privacy = PrivacyConfig(
         target_epsilon=10.0,
         sampling_rate=0.25,
         max_grad_norm=0.5,
-        augmentation_multiplicity=config["k"],
-        clipping=config["dp"],
+        augmentation_multiplicity=k,
+        clipping=clipping,
     )
-    state = make_private(
+    return make_private(
         var,
         optimizer,
         privacy=privacy,
-        resources=ResourcesConfig(rows_per_forward=batch_size),
-        dataset_size=4 * batch_size,
+        resources=ResourcesConfig(rows_per_forward=rows),
+        dataset_size=4 * examples,
         planned_steps=1000,
+    )
+
+
+def _dp_step(var, optimizer, config: dict, *, batch_size: int, loss_fn):
+    state = _private(
+        var, optimizer, k=config["k"], clipping=config["dp"], rows=batch_size, examples=batch_size
     )
     return lambda: private_step(state, torch.arange(batch_size), loss_fn)
 
@@ -227,25 +234,11 @@ def _versus_step(config: dict, kind: str, bookkeeping_from: str, *, depth: int, 
     optimizer = build_optimizer(var, lr=1e-4)
     if kind == "none":
         return _plain_step(var, optimizer, batch_size=examples, loss_fn=loss_fn)
-    privacy = PrivacyConfig(
-        target_epsilon=10.0,
-        sampling_rate=0.25,
-        max_grad_norm=0.5,
-        augmentation_multiplicity=k,
-        clipping="bookkeeping",
-    )
     current = privacy_module.BookKeeping
     if kind == "versus":
         privacy_module.BookKeeping = _load_bookkeeping(bookkeeping_from)
     try:
-        state = make_private(
-            var,
-            optimizer,
-            privacy=privacy,
-            resources=ResourcesConfig(rows_per_forward=rows),
-            dataset_size=4 * examples,
-            planned_steps=1000,
-        )
+        state = _private(var, optimizer, k=k, clipping="bookkeeping", rows=rows, examples=examples)
     finally:
         privacy_module.BookKeeping = current
     return lambda: private_step(state, torch.arange(examples), loss_fn)
@@ -353,6 +346,10 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-versus", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    largest_k = max(config["k"] for config in configurations())
+    if not args.versus and args.batch_size < largest_k:
+        # a DP step's forwards hold batch-size rows, and one example's k views must share a forward
+        parser.error(f"--batch-size {args.batch_size} is below the largest k measured ({largest_k})")
     if args.one_versus:
         result = run_versus_one(
             json.loads(args.one_versus),
