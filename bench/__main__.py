@@ -7,7 +7,7 @@
   python -m bench status NAME_OR_FILE [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR]
                            [--workers N] [--gpus-per-worker G]   (accepted so a sweep's command line works here too)
   python -m bench demo [--storage runs/demo] [--smoke]   (the embedded default: the demo sweep, then a summary)
-  python -m bench upgrade-results STORAGE [--dry-run]   (results of an older schema version, rewritten under their new trial ids)
+  python -m bench upgrade-results STORAGE [--dry-run]   (results of an older schema version, rewritten under their current trial ids)
 On a cluster started with ``ray up cluster.yaml`` submit the same command with ``ray job submit -- python -m bench ...``;
 without a cluster a local Ray instance is started. Local paths may be relative to the current folder: they are made
 absolute here, before anything reaches Ray. Every failure ends in exit status 2 and a last line ``error: ...``
@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         "--smoke", action="store_true", help="a few steps only (CI): checks the pipeline, not the targets"
     )
     upgrade = commands.add_parser(
-        "upgrade-results", help="rewrite the results of an older schema version under their new trial ids"
+        "upgrade-results", help="rewrite the results of an older schema version under their current trial ids"
     )
     upgrade.add_argument(
         "storage", help="the sweep's storage (a path or URI; its results/ folder is rewritten)"
@@ -289,7 +289,9 @@ def status_table(configs, store: ResultStore) -> str:
     upgrades = {new_id: path for path, new_id in older.items() if new_id}
     for c in configs:
         state, detail = store.state(c.trial_id)
-        if state == "pending" and c.trial_id in upgrades:
+        # pending, or the trial's own file is the older result (an upgrade that keeps the id)
+        own = Path(upgrades.get(c.trial_id, "")).stem == c.trial_id
+        if c.trial_id in upgrades and (state == "pending" or (state == "invalid" and own)):
             state, detail = (
                 "old",
                 f"an older schema version's result, {Path(upgrades[c.trial_id]).name}: run upgrade-results (below)",
@@ -308,7 +310,7 @@ def status_table(configs, store: ResultStore) -> str:
     if older:
         lines.append(
             f"{len(older)} result file(s) in {store.folder} have an older schema version: "
-            f"`python -m bench upgrade-results {store.storage}` rewrites them under their new trial ids"
+            f"`python -m bench upgrade-results {store.storage}` rewrites them under their current trial ids"
         )
     return "\n".join(lines)
 

@@ -45,7 +45,7 @@ from trainables.progress import duration
 
 from .estimates import estimate
 from .preflight import SweepError, check_sweep, identify
-from .results import ResultStore, default_cache_dir  # noqa: F401 - default_cache_dir: re-exported
+from .results import TRAIN_FOLDER, ResultStore, default_cache_dir  # noqa: F401 - default_cache_dir: re-exported
 from .schema import TrialConfig, absolute, is_uri, make_result, utc_now
 from .tracking import TRACKERS, Tracker, check_target, check_tracking, default_target, describe, open_tracker
 
@@ -134,7 +134,9 @@ class Launch:
     @property
     def train_storage(self) -> str:
         return (
-            f"{self.storage.rstrip('/')}/train" if is_uri(self.storage) else str(Path(self.storage) / "train")
+            f"{self.storage.rstrip('/')}/{TRAIN_FOLDER}"
+            if is_uri(self.storage)
+            else str(Path(self.storage) / TRAIN_FOLDER)
         )
 
     @property
@@ -151,6 +153,20 @@ def pending_trials(
     done = [c for c in configs if store.status(c.trial_id) == "success"]
     finished = {c.trial_id for c in done}
     return [c for c in configs if c.trial_id not in finished], done
+
+
+def refuse_older_results(todo: list[TrialConfig], store: ResultStore) -> None:
+    """Raise ``SweepError`` when a trial still to run has a result of an older schema version: running it would
+    spend the compute again (and, where the upgrade keeps its id, overwrite that result); ``upgrade-results``
+    keeps it instead."""
+    older = {new_id: path for path, new_id in store.older_results().items() if new_id}
+    stale = [c for c in todo if c.trial_id in older]
+    if stale:
+        raise SweepError(
+            f"{len(stale)} trial(s) to run have a result of an older schema version in {store.folder} "
+            f"({stale[0].label}: {Path(older[stale[0].trial_id]).name}): run `python -m bench upgrade-results "
+            f"{store.storage}` first, which rewrites them under their current trial ids, so they are not run again"
+        )
 
 
 def _quiet_expected_exit(unraisable) -> None:
@@ -640,6 +656,7 @@ def run_sweep(
     store = ResultStore(launch.storage, create=not dry_run)
     todo, done = pending_trials(configs, store)
     try:
+        refuse_older_results(todo, store)
         plans = check_sweep(todo, cache_dir=launch.cache_dir, write=not dry_run)
     except SweepError:
         if dry_run:  # the grid is still worth seeing, with the published split sizes

@@ -44,6 +44,7 @@ from .schema import (
 # ArrowNotImplementedError a NotImplementedError, I/O failures OSError).
 _PYARROW_ERRORS = (pa.ArrowException, ValueError, NotImplementedError, OSError)
 ARTIFACTS_FOLDER = "artifacts"  # <storage>/artifacts/<trial_id>/: a trial's adapter and sample images
+TRAIN_FOLDER = "train"  # <storage>/train/trial-<trial_id>/: a trial's Ray Train run (its checkpoints)
 STAGING_FOLDER = (
     "staging"  # <cache_dir>/staging/<trial_id>/: a trial's artifacts before their upload to a URI storage
 )
@@ -214,7 +215,7 @@ class ResultStore:
         if version in OLDER_SCHEMA_VERSIONS:
             return (
                 "invalid",
-                f"schema version {version}: run `python -m bench upgrade-results {self.storage}` (rewrites it under its new trial id)",
+                f"schema version {version}: run `python -m bench upgrade-results {self.storage}` (rewrites it as a version-{SCHEMA_VERSION} result)",
             )
         try:
             validate_record(record, trial_id=trial_id)
@@ -307,10 +308,11 @@ class ResultStore:
     # --- schema upgrades -------------------------------------------------------------------------------------
     def upgrade_file(self, path: str, *, dry_run: bool = False) -> tuple[str, str]:
         """Rewrite one result file of an older schema version as its current-version file (``upgrade_record``):
-        the new file (named by the new trial id) is written first, then the old one deleted, so an interrupted
-        upgrade leaves both and a rerun finishes it. Returns (outcome, one line for a person); outcome is
-        "upgraded" (or "would upgrade" with ``dry_run``, nothing written), "current" or "left" (left alone, with
-        the reason: unreadable, invalid, or its new trial already holds another result)."""
+        the new file (named by the new trial id; the same file, replaced atomically, where the id is unchanged) is
+        written first, then the old one deleted, so an interrupted upgrade leaves both and a rerun finishes it.
+        Returns (outcome, one line for a person); outcome is "upgraded" (or "would upgrade" with ``dry_run``,
+        nothing written), "current" or "left" (left alone, with the reason: unreadable, invalid, or its new trial
+        already holds another result)."""
         name = Path(path).name
         try:
             record = json.loads(self.read_text(path))
@@ -329,13 +331,16 @@ class ResultStore:
         except (ConfigError, TypeError, KeyError, AttributeError) as err:
             return "left", f"{name}: left alone: {_first_line(err)}"
         new_path = self.path(upgraded["trial_id"])
-        kept = self._other_result(new_path, upgraded)
+        # A trial whose id the upgrade leaves unchanged (no changed field in its config) is rewritten in place.
+        in_place = Path(new_path).name == name
+        kept = "" if in_place else self._other_result(new_path, upgraded)
         if kept:
             return "left", (
                 f"{name}: left alone: trial {upgraded['trial_id']} already has {kept} in {new_path}; "
                 f"delete {name} if it is not needed"
             )
         action = f"version {version} -> {SCHEMA_VERSION}, trial {record.get('trial_id')} -> {upgraded['trial_id']} ({Path(new_path).name})"
+        note += "" if in_place else self._stale_checkpoints(record.get("trial_id"))
         if dry_run:
             return "would upgrade", f"{name}: would upgrade: {action}{note}"
         for source, relative in copies:  # before the result that names them
@@ -353,7 +358,7 @@ class ResultStore:
             except _PYARROW_ERRORS as err:
                 raise StorageError(f"cannot copy {source} to {destination}: {_first_line(err)}") from err
         self.write(upgraded)
-        if new_path != path:
+        if not in_place:
             try:
                 self.fs.delete_file(path)
             except _PYARROW_ERRORS as err:
@@ -406,6 +411,14 @@ class ResultStore:
             "real_images": real,
         }
         return f"; {len(copies)} artifact file(s) and folder(s) copied to {folder}/", copies
+
+    def _stale_checkpoints(self, old_id: Any) -> str:
+        """A note naming the training run folder of ``old_id`` when there is one: a trial run again under its new
+        id starts afresh, so those checkpoints (of a failed run; a finished DP run's are deleted) are not used."""
+        folder = f"{self.root}/{TRAIN_FOLDER}/trial-{old_id}"
+        if not isinstance(old_id, str) or self._type(folder) != pafs.FileType.Directory:
+            return ""
+        return f"; its checkpoints under the old id, {folder}, are no longer used: delete that folder"
 
     def older_results(self) -> dict[str, str]:
         """{path: the trial id it upgrades to ("" when it cannot be upgraded)} of every result file of an older

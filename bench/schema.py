@@ -146,13 +146,19 @@ def _check_types(section: Any) -> None:
             f"{name}.{field_name}",
             f"expected {_type_name(hint)}, got {value!r} ({type(value).__name__})",
         )
-        object.__setattr__(section, field_name, _as_declared(hint, value))
+        try:
+            declared = _as_declared(hint, value)
+        except ValueError as err:
+            raise ConfigError(f"{name}.{field_name}: {err}") from None
+        object.__setattr__(section, field_name, declared)
 
 
 def _as_declared(hint: Any, value: Any) -> Any:
     """``value`` (already accepted by ``hint``) with integers in float places made floats."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if isinstance(value, int) and not isinstance(value, bool) and float in options and int not in options:
+        if abs(value) > 2**53:  # not every such integer is a float: the id would hash a rounded number
+            raise ValueError(f"{value} cannot be stored as a float exactly")
         return float(value)
     if isinstance(value, tuple):
         element = next(typing.get_args(o)[0] for o in options if typing.get_origin(o) is tuple)
@@ -1435,7 +1441,10 @@ def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
     config = upgraded["config"]
     if version == 1:
         _upgrade_config_1_to_2(config)
-    _upgrade_config_2_to_3(config)
+    rows = _upgrade_config_2_to_3(config)
+    cost = upgraded.get("cost")
+    if rows is not None and isinstance(cost, dict) and "rows_per_forward" in cost:
+        cost["rows_per_forward"] = rows  # version 2 recorded a DP trial's unused resources field (0)
     upgraded_config = TrialConfig.from_dict(config)
     upgraded.update(
         schema_version=SCHEMA_VERSION,
@@ -1454,11 +1463,19 @@ def _upgrade_config_1_to_2(config: dict[str, Any]) -> None:
         config["optimization"].update(NON_DP_ONLY)
 
 
-def _upgrade_config_2_to_3(config: dict[str, Any]) -> None:
+def _upgrade_config_2_to_3(config: dict[str, Any]) -> int | None:
+    """Move a DP trial's ``privacy.physical_batch_rows`` (default 256) to ``resources.rows_per_forward``; returns
+    the rows it moved (None for a non-DP trial). Version 2 put max(1, rows // k) examples through a forward, which
+    allowed rows < k; version 3 counts whole examples' rows, so the same examples per forward are that times k."""
     privacy = config.get("privacy")
-    if isinstance(privacy, dict) and isinstance(config.get("resources"), dict):
-        # version 2 required rows_per_forward 0 under DP (unused): the physical batch was the privacy field
-        config["resources"]["rows_per_forward"] = privacy.pop("physical_batch_rows", 256)  # 256: its default
+    if not (isinstance(privacy, dict) and isinstance(config.get("resources"), dict)):
+        return None
+    # version 2 required rows_per_forward 0 under DP (unused): the physical batch was the privacy field
+    rows, k = privacy.pop("physical_batch_rows", 256), privacy.get("augmentation_multiplicity", 1)
+    if all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (rows, k)):
+        rows = max(1, rows // k) * k
+    config["resources"]["rows_per_forward"] = rows  # anything else fails validation, naming the field
+    return rows
 
 
 def check_result(record: Mapping[str, Any]) -> TrialConfig:
@@ -1468,7 +1485,7 @@ def check_result(record: Mapping[str, Any]) -> TrialConfig:
         record.get("schema_version") not in OLDER_SCHEMA_VERSIONS,
         "schema_version",
         f"written by schema version {record.get('schema_version')} (before {VERSION_CHANGES}); "
-        "`python -m bench upgrade-results STORAGE` rewrites such results under their new trial ids",
+        "`python -m bench upgrade-results STORAGE` rewrites such results under their current trial ids",
     )
     _require(
         record.get("schema_version") == SCHEMA_VERSION,

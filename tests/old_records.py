@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA_2 = "56a1946"  # the last commit of schema version 2
 
 
 def as_version(record: dict, version: int) -> dict:
@@ -22,3 +31,30 @@ def as_version(record: dict, version: int) -> dict:
         config["evaluation"]["cfg"] = config["evaluation"].pop("guidance_scale")
         config["optimization"]["max_grad_norm"] = config["optimization"].pop("global_clip_norm")
     return old
+
+
+def schema_at(commit: str, folder: Path):
+    """bench/schema.py as it was at ``commit``, loaded as a module of the ``bench`` package (its relative imports
+    resolve), or a skip where the repository's history is not at hand (an unpacked release)."""
+    shown = subprocess.run(
+        ["git", "show", f"{commit}:bench/schema.py"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    if shown.returncode != 0:
+        pytest.skip(f"git history with {commit} not available: {shown.stderr.strip()[:200]}")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"schema_{commit}.py"
+    path.write_text(shown.stdout)
+    spec = importlib.util.spec_from_file_location(f"bench.schema_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    # registered for good: dataclasses and type hints (the result sections' TypedDicts) look their module up
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def written_by_version_2(config, folder: Path, **result) -> dict:
+    """The result version 2 (``SCHEMA_2``) wrote for the experiment of ``config`` (current): its config validated by
+    that schema, under the id it gave, ``result`` passed to its ``make_result``."""
+    before = schema_at(SCHEMA_2, folder)
+    old = before.TrialConfig.from_dict(as_version({"config": config.to_dict(), "trial_id": ""}, 2)["config"])
+    return before.make_result(old, **result)

@@ -249,7 +249,6 @@ INVALID_RECORDS = {
     "not UTF-8": (lambda a: b"\xff\xfe{}", "not JSON"),
     "JSON list": (lambda a: "[1, 2]", "JSON object"),
     "schema version 4": (lambda a: json.dumps({**_valid(a), "schema_version": 4}), "schema_version"),
-    "schema version 1": (lambda a: json.dumps({**_valid(a), "schema_version": 1}), "upgrade-results"),
     "config not matching its id": (
         lambda a: json.dumps({**_valid(a), "config": _valid(a, 3)["config"]}),
         "does not match its config",
@@ -285,6 +284,21 @@ def test_status_lists_invalid_results_and_a_sweep_reruns_them(case, a, tmp_path,
 
     todo, done = pending_trials(a.configs, store)
     assert done == [a.configs[0]] and a.configs[2] in todo
+
+
+def test_an_older_versions_result_at_its_own_id_is_old_and_stops_a_sweep(a, tmp_path, capsys):
+    """Unlike an invalid file, a result of an older schema version is kept: `status` shows it as old and a sweep
+    refuses to run its trial again until `upgrade-results` has rewritten it (tests/test_cli.py upgrades it)."""
+    from bench.__main__ import main
+    from bench.launcher import SweepError, refuse_older_results
+
+    store = ResultStore(tmp_path)
+    Path(store.path(a.configs[2].trial_id)).write_text(json.dumps({**_valid(a), "schema_version": 1}))
+    assert main(["status", "demo", "--smoke", "--storage", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if a.configs[2].trial_id in line)
+    assert " old " in row and "upgrade-results" in row, row
+    with pytest.raises(SweepError, match=rf"1 trial\(s\) to run .* \({a.configs[2].label}: "):
+        refuse_older_results(a.configs, store)
 
 
 # --- python -m analysis ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from old_records import as_version
+from old_records import as_version, written_by_version_2
 
 from bench.__main__ import main
 from bench.demo import demo_checks, summary_rows
@@ -262,7 +262,7 @@ def test_upgrade_results_rewrites_version_1_files_once(tmp_path, capsys):
     assert store.state(old[0]["trial_id"]) == (
         "invalid",
         f"schema version 1: run `python -m bench upgrade-results {tmp_path}` "
-        "(rewrites it under its new trial id)",
+        "(rewrites it as a version-3 result)",
     )
     before = sorted(p.name for p in (tmp_path / "results").iterdir())
 
@@ -337,6 +337,54 @@ def test_status_shows_version_1_results_at_the_trial_they_upgrade_to(tmp_path, c
         f"1 result file(s) in {store.folder} have an older schema version: `python -m bench upgrade-results {tmp_path}`"
         in out
     )
+
+
+def test_version_2_results_are_kept_whether_or_not_their_trial_id_changed(tmp_path, capsys):
+    """Real version-2 records (written by that schema): a non-DP trial keeps its id in version 3 (its file is the
+    old record itself), a DP trial gets a new one. Until they are upgraded `status` shows both as old and a sweep
+    refuses to run them again (that would spend the compute twice and overwrite the first); the upgrade rewrites
+    the first in place, moves the second and names the checkpoints left under its old id."""
+    configs = build_sweep("demo", smoke=True)
+    plain, dp = configs[0], next(c for c in configs if c.privacy is not None)
+    storage, store = tmp_path / "runs", ResultStore(tmp_path / "runs")
+    old = {
+        c.label: written_by_version_2(c, tmp_path / "v2", status="success", metrics={"fid": 2.0})
+        for c in (plain, dp)
+    }
+    assert old[plain.label]["trial_id"] == plain.trial_id and old[dp.label]["trial_id"] != dp.trial_id
+    for record in old.values():
+        Path(store.path(record["trial_id"])).write_text(json.dumps(record))
+    stale_run = storage / "train" / f"trial-{old[dp.label]['trial_id']}"
+    stale_run.mkdir(parents=True)
+
+    assert main(["status", "demo", "--smoke", "--storage", str(storage)]) == 0
+    out = capsys.readouterr().out
+    for config in (plain, dp):
+        row = next(line for line in out.splitlines() if config.trial_id in line)
+        assert " old " in row and f"{old[config.label]['trial_id']}.json" in row, row
+    assert "2 old, 3 pending of 5 trials" in out
+
+    assert main(["sweep", "demo", "--smoke", "--storage", str(storage), "--dry-run"]) == 2  # bad input
+    err = capsys.readouterr().err
+    assert "2 trial(s) to run have a result of an older schema version" in err and "upgrade-results" in err
+
+    assert main(["upgrade-results", str(storage)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"{plain.trial_id}.json: upgraded: version 2 -> 3, trial {plain.trial_id} -> {plain.trial_id}" in out
+    )
+    assert f"its checkpoints under the old id, {stale_run}, are no longer used: delete that folder" in out
+    for config in (plain, dp):
+        assert store.status(config.trial_id) == "success"
+        assert store.read(config.trial_id)["upgraded_from"] == {
+            "schema_version": 2,
+            "trial_id": old[config.label]["trial_id"],
+        }
+    assert sorted(p.stem for p in (storage / "results").glob("*.json")) == sorted(
+        [plain.trial_id, dp.trial_id]
+    )
+    assert main(["sweep", "demo", "--smoke", "--storage", str(storage), "--dry-run"]) == 0  # 3 left to run
+    assert "3 of 5 trials to run" in capsys.readouterr().out
 
 
 def test_upgrade_results_moves_old_artifacts_into_the_storage(tmp_path, capsys):

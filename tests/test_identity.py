@@ -5,7 +5,6 @@ trial refuses files that changed after its sweep was identified."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from old_records import as_version
+from old_records import SCHEMA_2, as_version, schema_at
 from PIL import Image
 from sweep_driver import tiny_trial
 
@@ -261,33 +260,10 @@ def test_every_smoke_sweep_is_checked():
     assert {name for name, _ in SMOKE_IDS_BEFORE} == set(SWEEPS)
 
 
-SCHEMA_2 = "56a1946"  # the last commit of schema version 2
-
-
-def _schema_at(commit: str, folder: Path):
-    """bench/schema.py as it was at ``commit``, loaded as a module of the ``bench`` package (its relative imports
-    resolve), or a skip where the repository's history is not at hand (an unpacked release)."""
-    shown = subprocess.run(
-        ["git", "show", f"{commit}:bench/schema.py"], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    if shown.returncode != 0:
-        pytest.skip(f"git history with {commit} not available: {shown.stderr.strip()[:200]}")
-    path = folder / f"schema_{commit}.py"
-    path.write_text(shown.stdout)
-    spec = importlib.util.spec_from_file_location(f"bench.schema_{commit}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
-
-
 def test_version_2_results_of_every_built_in_trial_upgrade_to_its_id(tmp_path):
     """Every built-in sweep, smoke and full: the config as version 2 wrote it (validated by that schema, under the
     id it gave) upgrades to this schema's config and id, so `bench upgrade-results` finds every finished trial."""
-    before = _schema_at(SCHEMA_2, tmp_path)
+    before = schema_at(SCHEMA_2, tmp_path)
     assert before.SCHEMA_VERSION == 2
     compared, changed = 0, 0
     for name in SWEEPS:

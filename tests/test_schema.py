@@ -9,7 +9,7 @@ import json
 import random
 
 import pytest
-from old_records import as_version
+from old_records import as_version, written_by_version_2
 
 from bench.schema import (
     NON_DP_ONLY,
@@ -459,6 +459,37 @@ def test_version_2_results_upgrade_with_their_rows_per_forward_and_float_fields(
     assert upgraded["config"] == current["config"] and upgraded["trial_id"] == dp.trial_id
     assert check_result(upgraded).resources.rows_per_forward == dp.resources.rows_per_forward == 64
     assert upgraded["upgraded_from"] == {"schema_version": 2, "trial_id": old["trial_id"]}
+
+
+@pytest.mark.parametrize(("rows", "k", "moved"), [(1, 4, 4), (5, 2, 4), (64, 2, 64), (3, 1, 3)])
+def test_version_2_physical_batch_rows_keep_their_examples_per_forward(tmp_path, rows, k, moved):
+    """Version 2 put max(1, rows // k) examples through a forward (rows below k allowed); version 3 counts whole
+    examples' rows, so a real version-2 record (written by that schema) upgrades to the same examples per forward,
+    and the cost section, where version 2 recorded the unused resources field (0), says the rows too."""
+    dp = next(c for c in build_sweep("demo", smoke=True) if c.privacy is not None)
+    dp = dataclasses.replace(
+        dp,
+        privacy=dataclasses.replace(dp.privacy, augmentation_multiplicity=k),
+        data=dataclasses.replace(dp.data, cached_views=max(k, dp.data.cached_views)),
+    )
+    cost = {"gpu_hours": 0.1, "train_pflops": 0.01, "rows_per_forward": 0}
+    old = written_by_version_2(dp, tmp_path, status="success", cost=cost)
+    old["config"]["privacy"]["physical_batch_rows"] = rows
+    upgraded = upgrade_record(old)
+    assert (
+        upgraded["config"]["resources"]["rows_per_forward"] == upgraded["cost"]["rows_per_forward"] == moved
+    )
+    assert moved // k == max(1, rows // k) and check_result(upgraded).privacy.augmentation_multiplicity == k
+
+
+def test_an_integer_a_float_cannot_hold_exactly_is_refused():
+    """Above 2**53 not every integer is a float: storing the rounded number would hash another value."""
+    assert OptimizationConfig(steps=1, learning_rate=2**53).learning_rate == float(2**53)
+    for value in (2**53 + 1, 10**400, -(10**30)):
+        with pytest.raises(
+            ConfigError, match=rf"optimization\.learning_rate: {value} cannot be stored as a float"
+        ):
+            OptimizationConfig(steps=1, learning_rate=value)
 
 
 def test_an_integer_in_a_float_field_is_that_float_and_the_same_trial():
