@@ -285,16 +285,14 @@ def status_table(configs, store: ResultStore) -> str:
     reason, pending), then the counts. Reads only."""
     lines = [f"{'trial':<44} {'id':<16} {'status':<8} {'FID':>8} {'epsilon':>8}  error"]
     counts: dict[str, int] = {}
-    older = store.older_results()  # kept under their old trial ids: shown at the trial they upgrade to
-    upgrades = {new_id: path for path, new_id in older.items() if new_id}
+    older = store.older_results()
+    due = store.upgrades_due()  # shown at the trial they upgrade to
     for c in configs:
         state, detail = store.state(c.trial_id)
-        # pending, or the trial's own file is the older result (an upgrade that keeps the id)
-        own = Path(upgrades.get(c.trial_id, "")).stem == c.trial_id
-        if c.trial_id in upgrades and (state == "pending" or (state == "invalid" and own)):
+        if c.trial_id in due:
             state, detail = (
                 "old",
-                f"an older schema version's result, {Path(upgrades[c.trial_id]).name}: run upgrade-results (below)",
+                f"an older schema version's result, {Path(due[c.trial_id]).name}: run upgrade-results (below)",
             )
         counts[state] = counts.get(state, 0) + 1
         record = store.read(c.trial_id) if state in ("success", "failed") else None

@@ -159,12 +159,12 @@ def refuse_older_results(todo: list[TrialConfig], store: ResultStore) -> None:
     """Raise ``SweepError`` when a trial still to run has a result of an older schema version: running it would
     spend the compute again (and, where the upgrade keeps its id, overwrite that result); ``upgrade-results``
     keeps it instead."""
-    older = {new_id: path for path, new_id in store.older_results().items() if new_id}
-    stale = [c for c in todo if c.trial_id in older]
+    due = store.upgrades_due()
+    stale = [c for c in todo if c.trial_id in due]
     if stale:
         raise SweepError(
             f"{len(stale)} trial(s) to run have a result of an older schema version in {store.folder} "
-            f"({stale[0].label}: {Path(older[stale[0].trial_id]).name}): run `python -m bench upgrade-results "
+            f"({stale[0].label}: {Path(due[stale[0].trial_id]).name}): run `python -m bench upgrade-results "
             f"{store.storage}` first, which rewrites them under their current trial ids, so they are not run again"
         )
 

@@ -437,6 +437,18 @@ class ResultStore:
                     found[path] = ""
         return found
 
+    def upgrades_due(self) -> dict[str, str]:
+        """{trial id: path} of the older results that ``upgrade-results`` would rewrite as that trial's result: its
+        file is missing or is the older result itself (an upgrade that keeps the id). A trial that already holds a
+        current result (a newer run, an interrupted upgrade's copy) is not listed: the upgrade leaves the older
+        file alone there."""
+        due = {}
+        for path, new_id in self.older_results().items():
+            own_file = Path(path).name == Path(self.path(new_id)).name
+            if new_id and (own_file or self.state(new_id)[0] == "pending"):
+                due[new_id] = path
+        return due
+
     def _other_result(self, path: str, upgraded: Mapping[str, Any]) -> str:
         """What ``path`` holds when it is a different result than ``upgraded`` ("" when none, or the same: an
         earlier, interrupted upgrade of this file)."""

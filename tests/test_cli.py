@@ -321,6 +321,13 @@ def test_an_interrupted_upgrade_finishes_and_a_newer_result_is_kept(tmp_path, ca
         in out
     )
     assert Path(store.path(superseded["trial_id"])).exists() and store.status(configs[1].trial_id) == "failed"
+    # The older file left alone blocks nothing: the trial shows (and runs again) as the failed run it now is.
+    from bench.launcher import refuse_older_results  # imports Ray, starts nothing
+
+    refuse_older_results(configs, store)
+    assert main(["status", "demo", "--smoke", "--storage", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if configs[1].trial_id in line)
+    assert " failed " in row and "rerun under version 3" in row, row
 
 
 def test_status_shows_version_1_results_at_the_trial_they_upgrade_to(tmp_path, capsys):
