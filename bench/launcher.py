@@ -155,11 +155,15 @@ def pending_trials(
     return [c for c in configs if c.trial_id not in finished], done
 
 
-def refuse_older_results(todo: list[TrialConfig], store: ResultStore) -> None:
+def refuse_older_results(
+    todo: list[TrialConfig], store: ResultStore, *, done: list[TrialConfig] | None = None
+) -> None:
     """Raise ``SweepError`` when a trial still to run has a result of an older schema version: running it would
     spend the compute again (and, where the upgrade keeps its id, overwrite that result); ``upgrade-results``
-    keeps it instead."""
-    due = store.upgrades_due()
+    keeps it instead. ``done``: trials known to hold a current result, whose files need not be read again."""
+    if not todo:
+        return
+    due = store.upgrades_due(skip={c.trial_id for c in done or ()})
     stale = [c for c in todo if c.trial_id in due]
     if stale:
         raise SweepError(
@@ -656,7 +660,7 @@ def run_sweep(
     store = ResultStore(launch.storage, create=not dry_run)
     todo, done = pending_trials(configs, store)
     try:
-        refuse_older_results(todo, store)
+        refuse_older_results(todo, store, done=done)
         plans = check_sweep(todo, cache_dir=launch.cache_dir, write=not dry_run)
     except SweepError:
         if dry_run:  # the grid is still worth seeing, with the published split sizes

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ from .schema import (
 # What pyarrow raises for a URI it cannot parse or a filesystem it cannot reach (ArrowInvalid is a ValueError,
 # ArrowNotImplementedError a NotImplementedError, I/O failures OSError).
 _PYARROW_ERRORS = (pa.ArrowException, ValueError, NotImplementedError, OSError)
+# What an older record that cannot be upgraded raises (bad fields, wrong types, a value a check refuses).
+_UPGRADE_ERRORS = (ConfigError, TypeError, KeyError, AttributeError, ValueError)
 ARTIFACTS_FOLDER = "artifacts"  # <storage>/artifacts/<trial_id>/: a trial's adapter and sample images
 TRAIN_FOLDER = "train"  # <storage>/train/trial-<trial_id>/: a trial's Ray Train run (its checkpoints)
 STAGING_FOLDER = (
@@ -325,10 +327,8 @@ class ResultStore:
         if version == SCHEMA_VERSION:
             return "current", f"{name}: schema version {SCHEMA_VERSION} already, nothing to do"
         try:
-            upgraded = upgrade_record(record)
-            note, copies = self._old_artifacts(upgraded)
-            validate_record(upgraded)
-        except (ConfigError, TypeError, KeyError, AttributeError) as err:
+            upgraded, note, copies = self._upgraded(record)
+        except _UPGRADE_ERRORS as err:
             return "left", f"{name}: left alone: {_first_line(err)}"
         new_path = self.path(upgraded["trial_id"])
         # A trial whose id the upgrade leaves unchanged (no changed field in its config) is rewritten in place.
@@ -337,7 +337,8 @@ class ResultStore:
         if kept:
             return "left", (
                 f"{name}: left alone: trial {upgraded['trial_id']} already has {kept} in {new_path}; "
-                f"delete {name} if it is not needed"
+                f"delete {name} if it is not needed, or {Path(new_path).name} to keep this one in its place "
+                "(then run upgrade-results again)"
             )
         action = f"version {version} -> {SCHEMA_VERSION}, trial {record.get('trial_id')} -> {upgraded['trial_id']} ({Path(new_path).name})"
         note += "" if in_place else self._stale_checkpoints(record.get("trial_id"))
@@ -366,6 +367,14 @@ class ResultStore:
                     f"wrote {new_path} but cannot delete {path}: {_first_line(err)} (delete it by hand)"
                 ) from err
         return "upgraded", f"{name}: upgraded: {action}{note}"
+
+    def _upgraded(self, record: Any) -> tuple[dict, str, list[tuple[str, str]]]:
+        """(the current-version result, the artifacts note, the artifact copies) of an older ``record``; raises one
+        of ``_UPGRADE_ERRORS`` where it cannot be upgraded (the file is then left alone)."""
+        upgraded = upgrade_record(record)
+        note, copies = self._old_artifacts(upgraded)
+        validate_record(upgraded)
+        return upgraded, note, copies
 
     @staticmethod
     def _old_artifacts(record: dict) -> tuple[str, list[tuple[str, str]]]:
@@ -420,11 +429,14 @@ class ResultStore:
             return ""
         return f"; its checkpoints under the old id, {folder}, are no longer used: delete that folder"
 
-    def older_results(self) -> dict[str, str]:
+    def older_results(self, *, skip: Collection[str] = ()) -> dict[str, str]:
         """{path: the trial id it upgrades to ("" when it cannot be upgraded)} of every result file of an older
-        schema version (``python -m bench upgrade-results`` rewrites them); unreadable files are not listed."""
+        schema version (``python -m bench upgrade-results`` rewrites them); unreadable files are not listed, nor
+        the files of the trial ids in ``skip`` (ones known to hold a current result)."""
         found = {}
         for path in self.files():
+            if Path(path).stem in skip:
+                continue
             try:
                 record = json.loads(self.read_text(path))
             except (ValueError, OSError, pa.ArrowException):
@@ -432,18 +444,18 @@ class ResultStore:
             version = record.get("schema_version") if isinstance(record, Mapping) else None
             if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
                 try:
-                    found[path] = upgrade_record(record)["trial_id"]
-                except (ConfigError, TypeError, KeyError, AttributeError, ValueError):
+                    found[path] = self._upgraded(record)[0]["trial_id"]
+                except _UPGRADE_ERRORS:
                     found[path] = ""
         return found
 
-    def upgrades_due(self) -> dict[str, str]:
+    def upgrades_due(self, *, skip: Collection[str] = ()) -> dict[str, str]:
         """{trial id: path} of the older results that ``upgrade-results`` would rewrite as that trial's result: its
         file is missing or is the older result itself (an upgrade that keeps the id). A trial that already holds a
         current result (a newer run, an interrupted upgrade's copy) is not listed: the upgrade leaves the older
         file alone there."""
         due = {}
-        for path, new_id in self.older_results().items():
+        for path, new_id in self.older_results(skip=skip).items():
             own_file = Path(path).name == Path(self.path(new_id)).name
             if new_id and (own_file or self.state(new_id)[0] == "pending"):
                 due[new_id] = path

@@ -157,9 +157,13 @@ def _as_declared(hint: Any, value: Any) -> Any:
     """``value`` (already accepted by ``hint``) with integers in float places made floats."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if isinstance(value, int) and not isinstance(value, bool) and float in options and int not in options:
-        if abs(value) > 2**53:  # not every such integer is a float: the id would hash a rounded number
+        try:
+            as_float = float(value)
+        except OverflowError:
+            as_float = math.inf
+        if as_float != value:  # above 2**53 not every integer is a float: the id would hash a rounded number
             raise ValueError(f"{value} cannot be stored as a float exactly")
-        return float(value)
+        return as_float
     if isinstance(value, tuple):
         element = next(typing.get_args(o)[0] for o in options if typing.get_origin(o) is tuple)
         return tuple(_as_declared(element, item) for item in value)

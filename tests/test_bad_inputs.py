@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import REPO, TINY_VAR, TINY_VQVAE
+from old_records import as_version
 from test_datasets import make_folder
 
 from bench.errors import VarsweepError
@@ -299,6 +300,21 @@ def test_an_older_versions_result_at_its_own_id_is_old_and_stops_a_sweep(a, tmp_
     assert " old " in row and "upgrade-results" in row, row
     with pytest.raises(SweepError, match=rf"1 trial\(s\) to run .* \({a.configs[2].label}: "):
         refuse_older_results(a.configs, store)
+
+
+def test_an_older_result_the_upgrade_cannot_take_does_not_stop_a_sweep(a, tmp_path, capsys):
+    """Its config upgrades but the record does not validate: upgrade-results leaves it alone (naming why), so the
+    sweep must not wait for an upgrade that never comes; the trial runs again."""
+    from bench.__main__ import main
+    from bench.launcher import refuse_older_results
+
+    store = ResultStore(tmp_path)
+    broken = {**as_version(_valid(a), 1), "metrics": "not a dict"}
+    Path(store.path(broken["trial_id"])).write_text(json.dumps(broken))
+    assert main(["upgrade-results", str(tmp_path)]) == 1
+    assert f"{broken['trial_id']}.json: left alone: metrics" in capsys.readouterr().out
+    assert store.upgrades_due() == {}
+    refuse_older_results(a.configs, store)
 
 
 # --- python -m analysis ----------------------------------------------------------------------------------------------

@@ -484,7 +484,8 @@ def test_version_2_physical_batch_rows_keep_their_examples_per_forward(tmp_path,
 
 def test_an_integer_a_float_cannot_hold_exactly_is_refused():
     """Above 2**53 not every integer is a float: storing the rounded number would hash another value."""
-    assert OptimizationConfig(steps=1, learning_rate=2**53).learning_rate == float(2**53)
+    for exact in (2**53, 2**54, 10**22):
+        assert OptimizationConfig(steps=1, learning_rate=exact).learning_rate == float(exact)
     for value in (2**53 + 1, 10**400, -(10**30)):
         with pytest.raises(
             ConfigError, match=rf"optimization\.learning_rate: {value} cannot be stored as a float"
