@@ -286,7 +286,7 @@ def status_table(configs, store: ResultStore) -> str:
     lines = [f"{'trial':<44} {'id':<16} {'status':<8} {'FID':>8} {'epsilon':>8}  error"]
     counts: dict[str, int] = {}
     older = store.older_results()
-    due = store.upgrades_due()  # shown at the trial they upgrade to
+    due = store.upgrades_due(older)  # shown at the trial they upgrade to
     for c in configs:
         state, detail = store.state(c.trial_id)
         if c.trial_id in due:

@@ -163,7 +163,7 @@ def refuse_older_results(
     keeps it instead. ``done``: trials known to hold a current result, whose files need not be read again."""
     if not todo:
         return
-    due = store.upgrades_due(skip={c.trial_id for c in done or ()})
+    due = store.upgrades_due(store.older_results(skip={c.trial_id for c in done or ()}))
     stale = [c for c in todo if c.trial_id in due]
     if stale:
         raise SweepError(

@@ -213,7 +213,7 @@ class ResultStore:
             )
         if record is None:
             return "pending", ""
-        version = record.get("schema_version") if isinstance(record, Mapping) else None
+        version = _schema_version(record)
         if version in OLDER_SCHEMA_VERSIONS:
             return (
                 "invalid",
@@ -323,7 +323,7 @@ class ResultStore:
                 "left",
                 f"{name}: left alone: {'not JSON' if isinstance(err, ValueError) else 'cannot be read'} ({_first_line(err)})",
             )
-        version = record.get("schema_version") if isinstance(record, Mapping) else None
+        version = _schema_version(record)
         if version == SCHEMA_VERSION:
             return "current", f"{name}: schema version {SCHEMA_VERSION} already, nothing to do"
         try:
@@ -441,7 +441,7 @@ class ResultStore:
                 record = json.loads(self.read_text(path))
             except (ValueError, OSError, pa.ArrowException):
                 continue
-            version = record.get("schema_version") if isinstance(record, Mapping) else None
+            version = _schema_version(record)
             if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
                 try:
                     found[path] = self._upgraded(record)[0]["trial_id"]
@@ -449,13 +449,13 @@ class ResultStore:
                     found[path] = ""
         return found
 
-    def upgrades_due(self, *, skip: Collection[str] = ()) -> dict[str, str]:
-        """{trial id: path} of the older results that ``upgrade-results`` would rewrite as that trial's result: its
-        file is missing or is the older result itself (an upgrade that keeps the id). A trial that already holds a
+    def upgrades_due(self, older: Mapping[str, str]) -> dict[str, str]:
+        """{trial id: path} of the ``older`` results (``older_results``) that ``upgrade-results`` would rewrite as
+        that trial's result: its file is missing or is the older result itself (an upgrade that keeps the id). A trial that already holds a
         current result (a newer run, an interrupted upgrade's copy) is not listed: the upgrade leaves the older
         file alone there."""
         due = {}
-        for path, new_id in self.older_results(skip=skip).items():
+        for path, new_id in older.items():
             own_file = Path(path).name == Path(self.path(new_id)).name
             if new_id and (own_file or self.state(new_id)[0] == "pending"):
                 due[new_id] = path
@@ -472,9 +472,14 @@ class ResultStore:
             return "an unreadable file"
         if existing == json.loads(json.dumps(upgraded)):
             return ""
-        version = existing.get("schema_version") if isinstance(existing, Mapping) else None
+        version = _schema_version(existing)
         status = existing.get("status") if isinstance(existing, Mapping) else None
         return f"a schema version {version} result ({status})"
+
+
+def _schema_version(record: Any) -> Any:
+    """The schema version a parsed result file says it has (None when it is not a JSON object)."""
+    return record.get("schema_version") if isinstance(record, Mapping) else None
 
 
 def validate_record(record: Any, *, trial_id: str | None = None) -> None:

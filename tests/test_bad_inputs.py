@@ -313,7 +313,7 @@ def test_an_older_result_the_upgrade_cannot_take_does_not_stop_a_sweep(a, tmp_pa
     Path(store.path(broken["trial_id"])).write_text(json.dumps(broken))
     assert main(["upgrade-results", str(tmp_path)]) == 1
     assert f"{broken['trial_id']}.json: left alone: metrics" in capsys.readouterr().out
-    assert store.upgrades_due() == {}
+    assert store.upgrades_due(store.older_results()) == {}
     refuse_older_results(a.configs, store)
 
 
