@@ -136,6 +136,20 @@ def training_flops(config: TrialConfig, *, train_images: int, steps: int) -> flo
     return training_flops_per_row(VarShape.official(config.model.depth), config.method.name) * rows
 
 
+def longest_first(configs: list[TrialConfig], plans: dict) -> list[TrialConfig]:
+    """``configs`` in the order a sweep starts them: the most training work first (longest-processing-time-first
+    scheduling), so that no long trial starts last and holds the sweep open while the other workers idle. Work is
+    the useful FLOPs of an official model's training, then the rows trained (the tiny base's FLOPs are not
+    estimated); ties keep the sweep's order. ``plans``: {trial_id: TrialPlan} from the preflight (N, steps)."""
+
+    def work(config: TrialConfig) -> tuple[float, float]:
+        plan = plans[config.trial_id]
+        size = {"train_images": plan.examples, "steps": plan.planned_steps}
+        return training_flops(config, **size), training_rows(config, **size)
+
+    return sorted(configs, key=work, reverse=True)
+
+
 # Measured training throughput (rows per second on one GPU), one entry per measured setting; see
 # ``measured_rate`` for how an entry is matched to a trial. Refreshed by
 # ``python scripts/benchmark_gpu.py --write-throughput bench/measured_throughput.json``.

@@ -43,7 +43,7 @@ from pyarrow import fs as pafs
 
 from trainables.progress import duration
 
-from .estimates import estimate
+from .estimates import estimate, longest_first
 from .preflight import SweepError, check_sweep, identify
 from .results import TRAIN_FOLDER, ResultStore, default_cache_dir  # noqa: F401 - default_cache_dir: re-exported
 from .schema import TrialConfig, absolute, is_uri, make_result, utc_now
@@ -676,6 +676,7 @@ def run_sweep(
     if not todo:
         print(f"sweep {name}: every trial ({len(configs)}) already has its result in {store.folder}")
         return {"ran": 0, "skipped": len(done), "failed": 0, "wall_seconds": 0.0, "concurrency": 0}
+    todo = longest_first(todo, plans)
     started = time.perf_counter()
     target = default_target(launch.tracking, storage=launch.storage, tracking_uri=launch.tracking_uri)
     # Opened before any compute: a tracking store that cannot be opened stops the sweep here.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from bench.schema import ConfigError, MethodConfig, OptimizationConfig, PrivacyC
 from trainables.methods import adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
 from trainables.privacy import (
+    PRV_MAX_EPSILON,
     PrivacyConfigError,
     _accumulate_clipped,
     epsilon_spent,
@@ -372,6 +374,30 @@ def test_reported_epsilon_equals_independent_computation(sigma, q, steps):
     )  # PRV is the tighter accountant
 
 
+def test_the_prv_cross_check_is_left_out_above_its_limit_unless_it_calibrated(vqvae, data):
+    """Above PRV_MAX_EPSILON (by RDP) the ledger has no PRV reading and says why; a trial calibrated with PRV keeps
+    it. (At epsilon 10,000 Opacus's PRV took 47 s and returned infinity.)"""
+    var = make_model("ln_tuning")
+    state = make_private(
+        var,
+        torch.optim.SGD(var.parameters(), lr=1e-3),
+        privacy=spec(target_epsilon=1.5 * PRV_MAX_EPSILON),
+        dataset_size=N,
+        planned_steps=2,
+    )
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        private_step(state, poisson_batch(N, 0.25, generator=generator), loss_fn_for(var, vqvae, data, 1))
+    ledger = privacy_ledger(state)
+    assert PRV_MAX_EPSILON < ledger["epsilon_rdp"] <= 1.5 * PRV_MAX_EPSILON and "epsilon_prv" not in ledger
+    assert ledger["accountants"]["prv"].startswith("not run: the RDP epsilon is above 100")
+    state.privacy = dataclasses.replace(state.privacy, accountant="prv")
+    ledger = privacy_ledger(state)
+    assert (
+        0 < ledger["epsilon_prv"] <= ledger["epsilon_rdp"] and "PRVAccountant" in ledger["accountants"]["prv"]
+    )
+
+
 def test_calibrated_sigma_spends_at_most_the_target_and_stops_there(vqvae, data):
     var = make_model("ln_tuning")
     state = make_private(
@@ -593,27 +619,34 @@ def run_dp_steps(*, steps: int, k: int, clipping: str) -> tuple[dict, dict[str, 
     return privacy_ledger(state), {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, result_file: str, k: int, clipping: str) -> None:
+DDP_SETTINGS = [(2, "hooks"), (1, "ghost"), (2, "bookkeeping")]  # (k, clipping)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, result_folder: str) -> None:
+    """Every setting of ``DDP_SETTINGS`` in turn, in one process group (one spawn for all: each costs seconds)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        ledger, params = run_dp_steps(steps=3, k=k, clipping=clipping)
-        if rank == 0:
-            torch.save({"ledger": ledger, "params": params}, result_file)
+        for k, clipping in DDP_SETTINGS:
+            ledger, params = run_dp_steps(steps=3, k=k, clipping=clipping)
+            if rank == 0:
+                torch.save({"ledger": ledger, "params": params}, Path(result_folder) / f"{clipping}-{k}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("k, clipping", [(2, "hooks"), (1, "ghost"), (2, "bookkeeping")])
-def test_dp_ddp_two_processes_match_one_process(k, clipping, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """Rank 0's ledger and parameters after 3 DP steps on 2 processes, one file per setting."""
+    folder = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_ddp_worker, args=(2, str(folder / "rendezvous"), str(folder)), nprocs=2, join=True)
+    return folder
+
+
+@pytest.mark.parametrize("k, clipping", DDP_SETTINGS)
+def test_dp_ddp_two_processes_match_one_process(k, clipping, ddp_runs):
     """Same global Poisson batches, same noise (rank 0 only), so the same ledger and the same parameters."""
     single_ledger, single_params = run_dp_steps(steps=3, k=k, clipping=clipping)
-    mp.spawn(
-        _ddp_worker,
-        args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ddp.pt"), k, clipping),
-        nprocs=2,
-        join=True,
-    )
-    ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    ddp = torch.load(ddp_runs / f"{clipping}-{k}.pt", weights_only=False)
     assert ddp["ledger"]["world_size"] == 2
     for key in (
         "epsilon_rdp",

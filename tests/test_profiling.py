@@ -22,6 +22,7 @@ from bench.estimates import (
     VarShape,
     estimate,
     load_measured_throughput,
+    longest_first,
     measured_rate,
     training_flops,
     training_flops_per_row,
@@ -33,6 +34,7 @@ from bench.schema import DATASETS, MethodConfig
 from bench.sweeps import build_sweep
 from trainables.methods import adapt
 from trainables.models import build_var
+from trainables.plan import TrialPlan
 from trainables.profiling import (
     NOT_COUNTED,
     ComputeLedger,
@@ -295,6 +297,45 @@ def test_gpu_hours_come_from_the_measured_rate_where_one_matches():
     rows = text.splitlines()
     assert "measured 50.0 rows/s" in rows[1] and "assumed 35% MFU" in rows[2]
     assert "measured: NVIDIA H200 d16 lora no DP k=1 bf16 autocast: 50.0 rows/s" in text
+
+
+def _plans(configs, *, train_images: int, canaries: int = 0) -> dict:
+    return {
+        c.trial_id: TrialPlan(
+            train_images=train_images,
+            evaluation_images=100,
+            classes=10,
+            planned_steps=c.planned_steps(train_images + canaries),
+            canaries_included=canaries,
+        )
+        for c in configs
+    }
+
+
+def test_a_sweep_starts_its_longest_trials_first():
+    """The smoke privacy audit in sweep order starts its 300-step memorising pair last; started longest first, the
+    pair goes first and the 24-step LoRA trials fill the other worker (DP: the expected Poisson batch q N' times
+    k views). Official models are ordered by useful FLOPs (d20 before d16 at equal rows); ties keep their order."""
+    audit = build_sweep("privacy_audit", smoke=True)
+    assert [c.optimization.steps for c in audit] == [24] * 5 + [300] * 2
+    ordered = longest_first(audit, _plans(audit, train_images=1438, canaries=84))
+    assert sorted(ordered, key=audit.index) == audit
+    expected = [
+        "full-d2-digits-eps8-k1",
+        "full-d2-digits",
+        "lora-d2-digits-eps1-k4",
+        "lora-d2-digits-eps8-k4",
+    ]
+    assert [c.label.removesuffix("-audit200-s0") for c in ordered[:4]] == expected
+    assert ordered[-1].privacy is None and ordered[-1].method.name == "lora"
+    table1 = [c for c in build_sweep("table1") if c.data.dataset == "flowers102"]
+    ordered = longest_first(table1, _plans(table1, train_images=1020))
+    work = [training_flops(c, train_images=1020, steps=c.planned_steps(1020)) for c in ordered]
+    assert work == sorted(work, reverse=True) and ordered[0].model.depth == max(c.model.depth for c in table1)
+    # The demo is in that order already: full and LoRA tie (1,000 steps of 32), then the DP pair (tied), then
+    # the base, which trains nothing.
+    demo = build_sweep("demo")
+    assert longest_first(demo, _plans(demo, train_images=1438)) == demo and demo[-1].method.name == "base"
 
 
 def test_step_meter_enters_counting_context_on_the_counting_step_only():
