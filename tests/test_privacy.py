@@ -374,20 +374,27 @@ def test_reported_epsilon_equals_independent_computation(sigma, q, steps):
     )  # PRV is the tighter accountant
 
 
-def test_the_prv_cross_check_is_left_out_above_its_limit_unless_it_calibrated(vqvae, data):
-    """Above PRV_MAX_EPSILON (by RDP) the ledger has no PRV reading and says why; a trial calibrated with PRV keeps
-    it. (At epsilon 10,000 Opacus's PRV took 47 s and returned infinity.)"""
+def _ln_tuning_steps(vqvae, data, *, steps: int, target_epsilon: float):
+    """(model, DP state) after ``steps`` planned steps of LN tuning (k = 1, q = 0.25, sigma calibrated to the
+    target)."""
     var = make_model("ln_tuning")
     state = make_private(
         var,
         torch.optim.SGD(var.parameters(), lr=1e-3),
-        privacy=spec(target_epsilon=1.5 * PRV_MAX_EPSILON),
+        privacy=spec(target_epsilon=target_epsilon),
         dataset_size=N,
-        planned_steps=2,
+        planned_steps=steps,
     )
     generator = torch.Generator().manual_seed(0)
-    for _ in range(2):
+    for _ in range(steps):
         private_step(state, poisson_batch(N, 0.25, generator=generator), loss_fn_for(var, vqvae, data, 1))
+    return var, state
+
+
+def test_the_prv_cross_check_is_left_out_above_its_limit_unless_it_calibrated(vqvae, data):
+    """Above PRV_MAX_EPSILON (by RDP) the ledger has no PRV reading and says why; a trial calibrated with PRV keeps
+    it. (At epsilon 10,000 Opacus's PRV took 47 s and returned infinity.)"""
+    _, state = _ln_tuning_steps(vqvae, data, steps=2, target_epsilon=1.5 * PRV_MAX_EPSILON)
     ledger = privacy_ledger(state)
     assert PRV_MAX_EPSILON < ledger["epsilon_rdp"] <= 1.5 * PRV_MAX_EPSILON and "epsilon_prv" not in ledger
     assert ledger["accountants"]["prv"].startswith("not run: the RDP epsilon is above 100")
@@ -399,17 +406,7 @@ def test_the_prv_cross_check_is_left_out_above_its_limit_unless_it_calibrated(vq
 
 
 def test_calibrated_sigma_spends_at_most_the_target_and_stops_there(vqvae, data):
-    var = make_model("ln_tuning")
-    state = make_private(
-        var,
-        torch.optim.SGD(var.parameters(), lr=1e-3),
-        privacy=spec(target_epsilon=4.0),
-        dataset_size=N,
-        planned_steps=3,
-    )
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        private_step(state, poisson_batch(N, 0.25, generator=generator), loss_fn_for(var, vqvae, data, 1))
+    var, state = _ln_tuning_steps(vqvae, data, steps=3, target_epsilon=4.0)
     ledger = privacy_ledger(state)
     assert 3.9 < ledger["epsilon_rdp"] <= 4.0 and ledger["epsilon_prv"] <= ledger["epsilon_rdp"]
     assert ledger["steps"] == 3 and ledger["expected_batch_size"] == 6.0
