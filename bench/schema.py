@@ -960,7 +960,9 @@ class PrivacyLedger(TypedDict):
     """What a DP trial spent (``trainables.privacy.privacy_ledger``, ledger version 4). The settings carry
     ``PrivacyConfig``'s names; delta is the resolved one (1/N where the config says null);
     ``released_without_noise``: record paths -> what they reveal. ``physical_batch_rows`` is in ledgers of versions
-    2 (named ``physical_batch_size``) and 3 only: since 4 the rows per forward are ``cost.rows_per_forward``."""
+    2 (named ``physical_batch_size``) and 3 only: since 4 the rows per forward are ``cost.rows_per_forward``.
+    ``epsilon_prv`` is left out above an RDP epsilon of 100 unless the PRV accountant calibrated the trial
+    (``trainables.privacy.PRV_MAX_EPSILON``; ``accountants.prv`` then says so)."""
 
     target_epsilon: float
     delta: float
