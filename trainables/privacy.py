@@ -613,13 +613,8 @@ def privacy_ledger(state: PrivateTraining) -> dict:
         delta=state.delta,
     )
     spent = epsilon_spent(**settings, accountants=("rdp",))
-    prv = f"opacus {opacus.__version__} PRVAccountant"
     if state.privacy.accountant == "prv" or spent["rdp"] <= PRV_MAX_EPSILON:
         spent |= epsilon_spent(**settings, accountants=("prv",))
-    else:
-        prv = (
-            f"not run: the RDP epsilon is above {PRV_MAX_EPSILON:g} (see trainables.privacy.PRV_MAX_EPSILON)"
-        )
     return {
         "ledger_version": LEDGER_VERSION,
         "epsilon_rdp": spent["rdp"],
@@ -650,6 +645,8 @@ def privacy_ledger(state: PrivateTraining) -> dict:
         "released_without_noise": dict(RELEASED_WITHOUT_NOISE),
         "accountants": {
             "rdp": f"opacus {opacus.__version__} RDPAccountant, orders {RDP_ORDERS[0]}..{RDP_ORDERS[-1]} ({len(RDP_ORDERS)})",
-            "prv": prv,
+            "prv": f"opacus {opacus.__version__} PRVAccountant"
+            if "prv" in spent
+            else f"not run: the RDP epsilon is above {PRV_MAX_EPSILON:g} (see trainables.privacy.PRV_MAX_EPSILON)",
         },
     }
