@@ -80,11 +80,12 @@ def loss_fn_for(var, vqvae, data, k: int, *, token_weights_L: torch.Tensor | Non
 
 
 def reference_grads(
-    var, vqvae, data, k: int, indices, *, token_weights_L: torch.Tensor | None = None
+    var, vqvae, data, k: int, indices, *, token_weights_L: torch.Tensor | None = None, bf16: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Per-example gradients [B, ...] of the view-mean loss, one example at a time with plain autograd."""
+    """Per-example gradients [B, ...] of the view-mean loss, one example at a time with plain autograd (``bf16``:
+    forwards under CPU bf16 autocast)."""
     var = copy.deepcopy(var)
-    loss_fn = loss_fn_for(var, vqvae, data, k, token_weights_L=token_weights_L)
+    loss_fn = loss_fn_for(var, vqvae, data, k, token_weights_L=token_weights_L, bf16=bf16)
     grads = {name: [] for name in trainable_parameters(var)}
     for i in indices:
         var.zero_grad()
@@ -327,6 +328,42 @@ def test_noise_std_matches_sigma_C_over_expected_batch(clipping, vqvae, data):
     assert noise.numel() > 50_000
     assert abs(noise.std().item() / expected_std - 1) < 0.03
     assert abs(noise.mean().item()) < 0.03 * expected_std
+
+
+@pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
+def test_the_update_runs_without_the_buffers_the_noised_gradient_came_from(clipping, vqvae, data):
+    """Opacus keeps each parameter's summed clipped gradient (and, with hooks, its per-example gradients) until
+    zero_grad; the optimiser's update must not run beside them (it was the step's memory peak). Two chunks of
+    examples, so Opacus accumulates across forwards as in training."""
+    var = make_model("full")
+    optimizer = torch.optim.AdamW(var.parameters(), lr=1e-3)
+    state = make_private(
+        var,
+        optimizer,
+        privacy=spec(clipping=clipping),
+        resources=ResourcesConfig(rows_per_forward=2),
+        dataset_size=N,
+        planned_steps=3,
+    )
+    held = []
+    update = optimizer.step
+    params = state.optimizer.params
+
+    def watched_update(*args, **kwargs):
+        held.append(
+            [
+                name
+                for name in ("summed_grad", "grad_sample")
+                for p in params
+                if getattr(p, name, None) is not None
+            ]
+        )
+        assert all(p.grad is not None for p in params)
+        return update(*args, **kwargs)
+
+    optimizer.step = watched_update
+    private_step(state, torch.arange(4), loss_fn_for(var, vqvae, data, 1))
+    assert held == [[]] and state.steps == 1
 
 
 def test_empty_poisson_batch_takes_a_noise_only_step(vqvae, data):

@@ -205,6 +205,21 @@ RULES: dict[type, tuple[NormRule, SumRule]] = {
 IN_BACKWARD = (nn.Linear,)
 
 
+def _as_multiplied(module: nn.Module, a_R: torch.Tensor) -> torch.Tensor:
+    """A linear layer's input in the dtype its product used: under autocast a float32 input is multiplied as an
+    autocast-dtype copy, the copy autograd would save for the weight gradient (and does not here, the weights being
+    frozen). Keeping the float32 input instead would hold twice those bytes to the backward, and the gradient whose
+    norm is clipped would not be the one autocast computes."""
+    device_type = a_R.device.type
+    if (
+        isinstance(module, nn.Linear)
+        and a_R.dtype == torch.float32
+        and torch.is_autocast_enabled(device_type)
+    ):
+        return a_R.to(torch.get_autocast_dtype(device_type))
+    return a_R
+
+
 def _trainable_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
@@ -257,7 +272,7 @@ class BookKeeping:
             raise NotImplementedError(
                 f"{type(module).__name__} is called twice in one forward; book-keeping clipping needs one call"
             )
-        self.inputs[module] = inputs[0].detach()
+        self.inputs[module] = _as_multiplied(module, inputs[0].detach())
         if (
             not output.requires_grad
         ):  # a first layer (its input needs no gradient): make its output a leaf to get g

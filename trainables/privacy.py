@@ -516,6 +516,7 @@ def private_step(
     stepped = optimizer.pre_step()
     if not stepped:
         raise RuntimeError("DP optimiser skipped its final step: physical-batch bookkeeping is inconsistent")
+    _release_accumulators(optimizer)
     if public_grad_fn is not None:
         _add_public_gradient(state, public_grad_fn)
     if state.world_size > 1:
@@ -523,6 +524,15 @@ def private_step(
     state.steps_taken += 1  # counted before the update: a step is never taken unaccounted
     optimizer.original_optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _release_accumulators(optimizer) -> None:
+    """Drop what the noised ``p.grad`` was built from before the update. Opacus keeps ``p.summed_grad`` (one
+    parameter-sized copy each) and, with hooks, ``p.grad_sample`` (one per example) until ``zero_grad``: beside the
+    optimiser's own temporaries they made the update the step's memory peak."""
+    for p in optimizer.params:
+        p.summed_grad = None
+        p.grad_sample = None
 
 
 def _add_public_gradient(state: PrivateTraining, public_grad_fn: Callable[[], None]) -> None:

@@ -1,0 +1,53 @@
+"""scripts/benchmark_dp_memory.py counts tensor memory itself: its counter must see creations and releases exactly,
+views and in-place results as nothing new, and name the phase where the peak fell."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchmark_dp_memory import LiveTensorBytes, _phased
+
+MIB = 1024**2
+
+
+def test_counts_what_is_created_and_released_and_nothing_twice():
+    with LiveTensorBytes() as tracker:
+        a = torch.ones(MIB // 4)  # 1 MiB of float32
+        b = torch.ones(MIB // 2)  # 2 MiB
+        view = b[: MIB // 4]
+        view.add_(1.0)  # in place, on b's storage
+        b.view(2, -1).mul_(2.0)
+        assert tracker.live == 3 * MIB
+        del b
+        assert tracker.live == 3 * MIB  # the view keeps b's storage alive
+        del view
+        assert tracker.live == MIB
+        c = a.to(torch.bfloat16)  # 0.5 MiB
+        assert tracker.live == MIB + MIB // 2 and tracker.peak == 3 * MIB
+        del a, c
+    assert tracker.live == 0
+
+
+def test_the_peak_is_placed_in_its_phase():
+    """A model whose backward creates more than its forward (a gradient for its 4 MiB weight) and an update that
+    creates more still (SGD's momentum buffer, 4 MiB, beside the gradient)."""
+    model = torch.nn.Linear(1024, 1024, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    tracker = LiveTensorBytes()
+    backward = torch.autograd.backward
+    restore = _phased(model, optimizer, tracker)
+    try:
+        with tracker:
+            model(torch.ones(2, 1024)).sum().backward()
+            after_backward = tracker.peak, tracker.peak_phase
+            optimizer.step()
+    finally:
+        restore()
+    assert torch.autograd.backward is backward and optimizer.step.__func__ is torch.optim.SGD.step
+    assert after_backward[1] == "backward" and after_backward[0] >= 4 * MIB
+    assert tracker.peak_phase == "update" and tracker.peak >= 8 * MIB
