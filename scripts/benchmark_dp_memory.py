@@ -27,16 +27,13 @@ from pathlib import Path
 
 import benchmark_common
 import torch
-from benchmark_privacy import _adapted_var, _plain_step, _private
+from benchmark_privacy import _plain_step, _private, d16_like
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from trainables.models import OFFICIAL_PATCH_NUMS, build_vqvae
 from trainables.privacy import private_step
-from trainables.training import view_losses
 
 MIB = 1024**2
-CLASSES, VOCAB = 10, 4096
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -109,27 +106,17 @@ def _phased(
 
 def measure(config: dict, *, depth: int) -> dict:
     """One configuration's step: {held_mib, peak_mib (over held), peak_phase}."""
-    torch.manual_seed(0)
-    vqvae = build_vqvae(
-        vocab_size=VOCAB,
-        z_channels=32,
-        ch=32,
-        patch_nums=OFFICIAL_PATCH_NUMS,
-        ch_mult=(1, 1),
-        num_res_blocks=1,
-    )
-    var = _adapted_var(
-        config["method"], depth=depth, patch_nums=OFFICIAL_PATCH_NUMS, embed_dim=1024, num_heads=16
-    )
-    k, rows, bf16 = config["k"], config["rows"], config["precision"] == "bf16"
+    k, rows = config["k"], config["rows"]
     examples = rows // k
-    label_N = torch.randint(0, CLASSES, (examples,))
-    views = [torch.randint(0, VOCAB, (examples, k, pn * pn)) for pn in OFFICIAL_PATCH_NUMS]
-
-    def loss_fn(part):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return view_losses(var, vqvae, label_N[part], [v[part] for v in views], class_dropout=0.1)
-
+    var, loss_fn = d16_like(
+        config["method"],
+        depth=depth,
+        width=1024,
+        heads=16,
+        k=k,
+        rows=rows,
+        bf16=config["precision"] == "bf16",
+    )
     optimizer = torch.optim.AdamW([p for p in var.parameters() if p.requires_grad], lr=1e-4)
     if config["dp"]:
         state = _private(var, optimizer, k=k, clipping="bookkeeping", rows=rows, examples=examples)
@@ -166,16 +153,8 @@ def configurations(views: str, precisions: str) -> list[dict]:
 def run_in_process(config: dict, *, depth: int, code: Path) -> dict:
     """``measure`` in a fresh process importing ``trainables`` from ``code`` (a checkout's root)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), str(ROOT / "scripts")])}
-    command = [
-        sys.executable,
-        __file__,
-        "--one",
-        json.dumps(config),
-        "--depth",
-        str(depth),
-        "--expect",
-        str(code),
-    ]
+    command = [sys.executable, __file__, "--one", json.dumps(config), "--depth", str(depth)]
+    command += ["--expect", str(code)]  # the child checks that it imported the code measured
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 

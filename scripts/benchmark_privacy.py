@@ -217,20 +217,34 @@ def _load_bookkeeping(path: str):
     return module.BookKeeping
 
 
-def _versus_step(config: dict, kind: str, bookkeeping_from: str, *, depth: int, width: int, heads: int):
-    """A fresh model (same seed for every kind) and its step: kind "none" (no DP), "versus" (book-keeping from
-    ``bookkeeping_from``) or "current" (this tree's book-keeping)."""
+def d16_like(method: str, *, depth: int, width: int, heads: int, k: int, rows: int, bf16: bool = False):
+    """(var, loss_fn) at VAR-d16's token layout (680 tokens per view) with ``depth`` blocks of ``width`` and
+    ``heads``, adapted by ``method`` (seed 0), and ``rows // k`` examples of k random token views: loss_fn(example
+    indices) -> per-view losses, forwards under CPU bf16 autocast when ``bf16``. A narrow VQVAE: only its
+    embedding is used."""
     torch.manual_seed(0)
     patch_nums = OFFICIAL_PATCH_NUMS
     vqvae = build_vqvae(
         vocab_size=VOCAB, z_channels=32, ch=32, patch_nums=patch_nums, ch_mult=(1, 1), num_res_blocks=1
     )
-    var = _adapted_var(config["method"], depth=depth, patch_nums=patch_nums, embed_dim=width, num_heads=heads)
-    k, rows = config["k"], config["rows"]
+    var = _adapted_var(method, depth=depth, patch_nums=patch_nums, embed_dim=width, num_heads=heads)
     examples = rows // k
     label_N = torch.randint(0, CLASSES, (examples,))
     views = [torch.randint(0, VOCAB, (examples, k, pn * pn)) for pn in patch_nums]
-    loss_fn = lambda part: view_losses(var, vqvae, label_N[part], [v[part] for v in views], class_dropout=0.1)  # noqa: E731
+
+    def loss_fn(part: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return view_losses(var, vqvae, label_N[part], [v[part] for v in views], class_dropout=0.1)
+
+    return var, loss_fn
+
+
+def _versus_step(config: dict, kind: str, bookkeeping_from: str, *, depth: int, width: int, heads: int):
+    """A fresh model (same seed for every kind) and its step: kind "none" (no DP), "versus" (book-keeping from
+    ``bookkeeping_from``) or "current" (this tree's book-keeping)."""
+    k, rows = config["k"], config["rows"]
+    examples = rows // k
+    var, loss_fn = d16_like(config["method"], depth=depth, width=width, heads=heads, k=k, rows=rows)
     optimizer = build_optimizer(var, lr=1e-4)
     if kind == "none":
         return _plain_step(var, optimizer, batch_size=examples, loss_fn=loss_fn)
