@@ -205,21 +205,6 @@ RULES: dict[type, tuple[NormRule, SumRule]] = {
 IN_BACKWARD = (nn.Linear,)
 
 
-def _as_multiplied(module: nn.Module, a_R: torch.Tensor) -> torch.Tensor:
-    """A linear layer's input in the dtype its product used: under autocast a float32 input is multiplied as an
-    autocast-dtype copy, the copy autograd would save for the weight gradient (and does not here, the weights being
-    frozen). Keeping the float32 input instead would hold twice those bytes to the backward, and the gradient whose
-    norm is clipped would not be the one autocast computes."""
-    device_type = a_R.device.type
-    if (
-        isinstance(module, nn.Linear)
-        and a_R.dtype == torch.float32
-        and torch.is_autocast_enabled(device_type)
-    ):
-        return a_R.to(torch.get_autocast_dtype(device_type))
-    return a_R
-
-
 def _trainable_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
@@ -256,6 +241,11 @@ class BookKeeping:
             nn.Module, tuple[torch.Tensor, torch.Tensor]
         ] = {}  # (a, g) of layers not IN_BACKWARD
         self._handles = [m.register_forward_hook(self._record) for m in self.layers]
+        self._handles += [
+            m.register_forward_pre_hook(self._cast_as_autocast)
+            for m in self.layers
+            if isinstance(m, nn.Linear)
+        ]
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -265,6 +255,16 @@ class BookKeeping:
     def _clear(self) -> None:
         self.inputs.clear(), self.norms.clear(), self.kept.clear(), self.pending.clear()
 
+    def _cast_as_autocast(self, module: nn.Linear, inputs: tuple):
+        """Under autocast a linear layer multiplies a bf16 (autocast-dtype) copy of a float32 input. Made here, that
+        copy is both the layer's operand (autocast then casts nothing) and what ``_record`` holds for the backward:
+        the bytes the non-DP step's autograd would save, not the float32 input's twice as many, and the gradient
+        whose norm is clipped is the one autocast computes."""
+        x = inputs[0]
+        if not self.active or x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
+            return None
+        return (x.to(torch.get_autocast_dtype(x.device.type)), *inputs[1:])
+
     def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
         if not self.active:
             return None
@@ -272,7 +272,7 @@ class BookKeeping:
             raise NotImplementedError(
                 f"{type(module).__name__} is called twice in one forward; book-keeping clipping needs one call"
             )
-        self.inputs[module] = _as_multiplied(module, inputs[0].detach())
+        self.inputs[module] = inputs[0].detach()
         if (
             not output.requires_grad
         ):  # a first layer (its input needs no gradient): make its output a leaf to get g
