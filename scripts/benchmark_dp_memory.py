@@ -52,13 +52,15 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # One Python object per storage for as long as it lives: its id names it.
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for tensor in tree_leaves(out):
             if not isinstance(tensor, torch.Tensor):
                 continue
-            storage = tensor.untyped_storage()  # one Python object per storage for as long as it lives
+            storage = tensor.untyped_storage()
             key = id(storage)
-            if key in self._sizes or storage.nbytes() == 0:
-                continue  # a view, an in-place result or an empty tensor: nothing new
+            if key in self._sizes or key in inputs or storage.nbytes() == 0:
+                continue  # a view, an in-place result (of a tensor made before the mode too) or empty: nothing new
             self._sizes[key] = storage.nbytes()
             weakref.finalize(storage, self._release, key)
             self.live += storage.nbytes()

@@ -16,7 +16,11 @@ MIB = 1024**2
 
 
 def test_counts_what_is_created_and_released_and_nothing_twice():
+    before = torch.zeros(MIB // 4)  # made before the mode: updating it in place or viewing it creates nothing
     with LiveTensorBytes() as tracker:
+        before.add_(1.0)
+        before[:8].mul_(2.0)
+        assert tracker.live == 0
         a = torch.ones(MIB // 4)  # 1 MiB of float32
         b = torch.ones(MIB // 2)  # 2 MiB
         view = b[: MIB // 4]
