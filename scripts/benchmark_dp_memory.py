@@ -1,6 +1,7 @@
-"""Peak tensor memory of a DP step (book-keeping) against the non-DP step on the same rows, counted exactly on a CPU:
-every tensor storage an operation creates is counted from its creation to its release, as CUDA's allocator counts
-``max_memory_allocated`` (without its rounding, caching and kernel workspaces). Optionally beside another git
+"""Peak tensor memory and FLOPs of a DP step (book-keeping) against the non-DP step on the same rows, counted exactly
+on a CPU: every tensor storage an operation creates is counted from its creation to its release, as CUDA's allocator
+counts ``max_memory_allocated`` (without its rounding, caching and kernel workspaces), and every operation's FLOPs by
+PyTorch's FLOP counter (matrix products and attention; the same count on any device). Optionally beside another git
 revision's code, each configuration in its own process.
 
 Usage: python scripts/benchmark_dp_memory.py [--depth 2] [--views 1:8,8:16] [--precision bf16,fp32]
@@ -9,9 +10,9 @@ Geometry: VAR-d16's layer widths (1024, 16 heads) and tokens (256 px: 680 per vi
 VQVAE (only its embedding is used). Rows = examples x k views; DP takes one physical batch of all rows. Parameters
 and optimiser state scale with depth like the activations, so a few blocks give d16's ratios at the same rows
 (the class embedding and the head are a larger share). ``bf16``: the forwards under CPU bf16 autocast, as GPU
-training runs them; ``fp32``: as CPU trials run. Step 1 creates AdamW's state; step 2 is counted. Reported: the
-memory held before the step (parameters, optimiser state), the peak of what the step adds over it, and where it
-peaked (forward, backward, the clipped sum after the backward, the update).
+training runs them; ``fp32``: as CPU trials run. Step 1 creates AdamW's state; step 2's memory is counted, step 3's
+FLOPs. Reported: the memory held before the step (parameters, optimiser state), the peak of what the step adds over
+it, where it peaked (forward, backward, the clipped sum after the backward, the update) and the step's FLOPs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from benchmark_privacy import _plain_step, _private, d16_like
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 from trainables.privacy import private_step
 
@@ -107,7 +109,7 @@ def _phased(
 
 
 def measure(config: dict, *, depth: int) -> dict:
-    """One configuration's step: {held_mib, peak_mib (over held), peak_phase}."""
+    """One configuration's step: {held_mib, peak_mib (over held), peak_phase, flops}."""
     k, rows = config["k"], config["rows"]
     examples = rows // k
     var, loss_fn = d16_like(
@@ -132,11 +134,15 @@ def measure(config: dict, *, depth: int) -> dict:
     with tracker:
         step()
     restore()
+    flops = FlopCounterMode(display=False)
+    with flops:
+        step()
     return {
         **config,
         "held_mib": held / MIB,
         "peak_mib": tracker.peak / MIB,
         "peak_phase": tracker.peak_phase,
+        "flops": flops.get_total_flops(),
     }
 
 
@@ -164,8 +170,8 @@ def run_in_process(config: dict, *, depth: int, code: Path) -> dict:
 def table(rows: list[dict], versus: str | None) -> list[str]:
     """One line per method, k, precision: non-DP, then book-keeping (this tree, and ``versus``'s)."""
     head = "| method | k | rows | precision | held (MiB) | no DP: step peak over held (MiB) | phase |"
-    head += f" book-keeping {versus}: peak | phase | total vs no DP |" if versus else ""
-    head += " book-keeping: peak (MiB) | phase | total vs no DP |"
+    head += f" book-keeping {versus}: peak | phase | total vs no DP | FLOPs vs no DP |" if versus else ""
+    head += " book-keeping: peak (MiB) | phase | total vs no DP | FLOPs vs no DP |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     key = lambda r: (r["method"], r["k"], r["rows"], r["precision"])  # noqa: E731
     for plain in (r for r in rows if not r["dp"] and r["code"] == "current"):
@@ -175,7 +181,7 @@ def table(rows: list[dict], versus: str | None) -> list[str]:
         for code in ([versus] if versus else []) + ["current"]:
             (dp,) = [r for r in same if r["code"] == code]
             total = (dp["held_mib"] + dp["peak_mib"]) / (plain["held_mib"] + plain["peak_mib"])
-            line += f" {dp['peak_mib']:.0f} | {dp['peak_phase']} | {total:.2f}x |"
+            line += f" {dp['peak_mib']:.0f} | {dp['peak_phase']} | {total:.2f}x | {dp['flops'] / plain['flops']:.3f}x |"
         lines.append(line)
     return lines
 
@@ -224,7 +230,7 @@ def main() -> None:
         "",
         f"Machine: {benchmark_common.machine()}. Script: `{command}`. Held: parameters and AdamW state before the "
         "step; peak: the most the step's own tensors occupied at once; total vs no DP: (held + peak) over the "
-        "non-DP step's on the same rows.",
+        "non-DP step's on the same rows; FLOPs: PyTorch's FLOP counter over one step.",
         "",
         *table(rows, args.versus),
         "",

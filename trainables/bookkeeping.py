@@ -10,14 +10,20 @@ During the backward itself the trainable weights are frozen, so autograd skips t
 step 3 replaces. An example's k augmented views (consecutive rows) are treated as one longer sequence of T positions
 (k x the positions of one row), so the clipped quantity is the gradient of the example's mean loss over its views.
 
-A linear layer (in -> out) takes the cheaper of two routes (the "mixed ghost norm" rule of Bu et al.):
-- ``"gram"``: ||g_b^T a_b||^2 = <g_b g_b^T, a_b a_b^T> from two [T, T] Gram matrices, ~2 T^2 (in + out) FLOPs per
-  example; the clipped sum is then one weighted product (g * c)^T a over all rows, ~2 T in out FLOPs per example.
-- ``"direct"``: the per-example gradient g_b^T a_b itself, ~2 T in out FLOPs. Where it takes no more memory than
-  the ``a`` and ``g`` it replaces it is kept and the clipped sum is its c-weighted sum (~in out FLOPs per example),
-  and ``a``, ``g`` are released during the backward; otherwise it is formed in chunks of examples and dropped.
-Direct is the cheaper when in out < T (in + out): always for LoRA's rank-r factors, and for every layer with many
-views (T = k x 680 at VAR-d16). Norms are float32 whatever the autocast dtype (they decide the sensitivity).
+A linear layer (in -> out) takes the cheapest of three routes (after the "mixed ghost norm" rule of Bu et al.):
+- ``"direct"``, kept: the per-example gradient g_b^T a_b itself, ~2 T in out FLOPs (the weight-gradient product the
+  frozen backward skipped), kept where it takes no more memory than the ``a`` and ``g`` it lets go during the
+  backward; the clipped sum is then its c-weighted sum (~in out FLOPs per example). No extra products at all.
+- ``"gram"``: ||g_b^T a_b||^2 = <g_b g_b^T, a_b a_b^T> from the two [T, T] Gram matrices. Both are symmetric, so
+  only their block upper triangle is formed: n row tiles of >= GRAM_TILE_ROWS rows, ~2 T^2 (in + out) (n + 1) / 2n
+  FLOPs per example (0.625 of the whole at n = 4). The clipped sum is then one weighted product (g * c)^T a over all
+  rows, ~2 T in out FLOPs per example.
+- ``"direct"``, not kept: formed in chunks of examples for the norms and dropped; the clipped sum as for Gram.
+The Gram route is the cheaper of the last two when in out > T (in + out) (n + 1) / 2n; direct is always the
+route of LoRA's rank-r factors, and of every layer with many views (T = k x 680 at VAR-d16). At VAR-d16 and k = 1
+full fine-tuning's step costs 1.23x the non-DP step's FLOPs with whole Gram matrices and 1.14x with tiles of 170
+rows (PyTorch's FLOP counter, docs/benchmarks.md). Norms are float32 whatever the autocast dtype, summed pairwise
+(they decide the sensitivity).
 
 Rules exist for the layer types an adapted VAR trains (``nn.Linear`` incl. peft's LoRA/LN-tuning layers,
 ``nn.Embedding`` and the small modules of ``trainables.patches``); any other trainable layer is refused.
@@ -39,6 +45,11 @@ LINEAR_ROUTES = ("auto", "gram", "direct")
 # memory of the routes where nothing is kept, e.g. the direct route at k = 32 views.
 CHUNK_BYTES = 256 * 1024**2
 F32_BYTES = 4
+# Gram products are formed in row tiles (see the module docstring): rows of the smallest tile, and most tiles. A
+# tile of 128 rows still fills a GPU's matrix units and a CPU's kernels (measured on 2 cores, T = 680, 1024 -> 3072:
+# 0.166 s whole, 0.111 s at 2 tiles, 0.093 s at 4, 0.091 s at 5).
+GRAM_TILE_ROWS = 128
+MAX_GRAM_TILES = 4
 
 
 def _fold(rows_R: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,11 +59,19 @@ def _fold(rows_R: torch.Tensor, k: int) -> torch.Tensor:
     return rows_R.reshape(rows_R.shape[0] // k, -1, rows_R.shape[-1])
 
 
+def gram_tiles(positions: int) -> int:
+    """Row tiles of the block-triangular Gram products over ``positions`` (T) rows: as many as keep each tile at
+    least GRAM_TILE_ROWS rows, at most MAX_GRAM_TILES (further tiles save little: (n + 1) / 2n tends to 1/2)."""
+    return max(1, min(MAX_GRAM_TILES, positions // GRAM_TILE_ROWS))
+
+
 def linear_route(*, positions: int, in_features: int, out_features: int) -> str:
-    """The cheaper norm route for a linear layer over ``positions`` (T) per example: "gram" costs
-    ~2 T^2 (in + out) FLOPs per example, "direct" ~2 T in out (the same count as the weighted product it can then
-    replace)."""
-    return "gram" if in_features * out_features > positions * (in_features + out_features) else "direct"
+    """The cheaper norm route for a linear layer over ``positions`` (T) per example when its per-example gradient
+    cannot be kept: "gram" costs ~2 T^2 (in + out) (n + 1) / 2n FLOPs per example (n = ``gram_tiles(T)``),
+    "direct" ~2 T in out; both then pay the same weighted product for the clipped sum."""
+    tiles = gram_tiles(positions)
+    gram = positions * (in_features + out_features) * (tiles + 1) / (2 * tiles)
+    return "gram" if in_features * out_features > gram else "direct"
 
 
 def _keeps_direct(*, positions: int, a_R: torch.Tensor, g_R: torch.Tensor) -> bool:
@@ -83,29 +102,46 @@ def _example_chunks(examples: int, bytes_per_example: int) -> list[slice]:
     return [slice(s, s + step) for s in range(0, examples, step)]
 
 
+def _square_sums(x_B: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+    """Per-example sums of squares [B] (float32) of x [B, ...], reduced pairwise: an einsum or matmul dot product
+    accumulates millions of terms in sequence and missed by 2.4e-3 relative on a CPU (1024 x 3072), enough to let a
+    clipped gradient exceed C. ``in_place`` squares x itself; otherwise in chunks of examples (CHUNK_BYTES)."""
+    if in_place:
+        return x_B.square_().flatten(1).sum(1, dtype=torch.float32)
+    chunks = _example_chunks(x_B.shape[0], x_B[0].numel() * F32_BYTES)
+    return torch.cat([x_B[part].float().square().flatten(1).sum(1) for part in chunks])
+
+
 def _direct_norms(a_BTi: torch.Tensor, g_BTo: torch.Tensor, k: int, *, keep: bool):
     """Per-example weight gradients g_b^T a_b / k: their squared norms [B] (float32) and, if ``keep``, the
     gradients themselves [B, out, in] (float32)."""
     if keep:
         grad_Boi = _matmul_f32(g_BTo.transpose(1, 2), a_BTi) / k
-        return torch.einsum("boi,boi->b", grad_Boi, grad_Boi), grad_Boi
+        return _square_sums(grad_Boi), grad_Boi
     per_example = g_BTo.shape[-1] * a_BTi.shape[-1] * F32_BYTES
     sq = []
     for part in _example_chunks(a_BTi.shape[0], per_example):
-        grad_boi = _matmul_f32(g_BTo[part].transpose(1, 2), a_BTi[part])
-        sq.append(torch.einsum("boi,boi->b", grad_boi, grad_boi))
+        sq.append(_square_sums(_matmul_f32(g_BTo[part].transpose(1, 2), a_BTi[part]), in_place=True))
     return torch.cat(sq) / (k * k), None
 
 
 def _gram_norms(a_BTi: torch.Tensor, g_BTo: torch.Tensor, k: int) -> torch.Tensor:
-    """Squared norms [B] of g_b^T a_b / k as <g_b g_b^T, a_b a_b^T> (float32), in chunks of examples."""
-    T = a_BTi.shape[1]
-    sq = []
-    for part in _example_chunks(a_BTi.shape[0], 2 * T * T * F32_BYTES):
-        gram_g_bTT = _matmul_f32(g_BTo[part], g_BTo[part].transpose(1, 2))
-        gram_a_bTT = _matmul_f32(a_BTi[part], a_BTi[part].transpose(1, 2))
-        sq.append(torch.einsum("bst,bst->b", gram_g_bTT, gram_a_bTT).clamp_min(0))
-    return torch.cat(sq) / (k * k)
+    """Squared norms [B] of g_b^T a_b / k as <g_b g_b^T, a_b a_b^T> (float32), in chunks of examples.
+
+    Both Gram matrices are symmetric: row tile [r0, r1) is multiplied only against the columns from r0 on, and the
+    sum counts its off-diagonal part twice and its diagonal block [r0, r1) x [r0, r1) once."""
+    B, T = a_BTi.shape[:2]
+    tiles = gram_tiles(T)
+    bounds = [T * j // tiles for j in range(tiles + 1)]
+    largest = max((r1 - r0) * (T - r0) for r0, r1 in zip(bounds[:-1], bounds[1:]))
+    sq_B = torch.zeros(B, device=g_BTo.device, dtype=torch.float32)
+    for part in _example_chunks(B, 2 * largest * F32_BYTES):
+        for r0, r1 in zip(bounds[:-1], bounds[1:]):
+            prod_btT = _matmul_f32(g_BTo[part, r0:r1], g_BTo[part, r0:].transpose(1, 2))
+            prod_btT.mul_(_matmul_f32(a_BTi[part, r0:r1], a_BTi[part, r0:].transpose(1, 2)))
+            diagonal_b = prod_btT[..., : r1 - r0].sum((1, 2))
+            sq_B[part] += 2 * prod_btT.sum((1, 2)) - diagonal_b
+    return sq_B.clamp_min(0) / (k * k)
 
 
 def _linear_norms(
@@ -117,9 +153,13 @@ def _linear_norms(
     T, kept = a_BTi.shape[1], {}
     sq_B = torch.zeros(a_BTi.shape[0], device=g_R.device, dtype=torch.float32)
     if layer.weight in trainable:
-        if route == "auto":
-            route = linear_route(positions=T, in_features=a_R.shape[-1], out_features=g_R.shape[-1])
-        keep = route == "direct" and _keeps_direct(positions=T, a_R=a_R, g_R=g_R)
+        keep = route != "gram" and _keeps_direct(positions=T, a_R=a_R, g_R=g_R)
+        if route == "auto":  # a kept per-example gradient costs no extra product: the cheapest route
+            route = (
+                "direct"
+                if keep
+                else linear_route(positions=T, in_features=a_R.shape[-1], out_features=g_R.shape[-1])
+            )
         if route == "direct":
             sq_weight_B, grad_Boi = _direct_norms(a_BTi, g_BTo, k, keep=keep)
         else:
