@@ -147,8 +147,31 @@ def test_norms_of_a_d16_sized_layer_are_float64_accurate(route):
     if route == "gram":
         got_B = bookkeeping._gram_norms(a_BTi, g_BTo, 1)
     else:
-        got_B = bookkeeping._direct_norms(a_BTi, g_BTo, 1, keep=route.endswith("kept"))[0]
+        keep_as = torch.float32 if route.endswith("kept") else None
+        got_B = bookkeeping._direct_norms(a_BTi, g_BTo, 1, keep_as=keep_as)[0]
     assert ((got_B.double() - exact_B).abs() / exact_B).max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kept_gradients_take_the_operands_precision_and_their_norms_are_of_what_is_summed(dtype):
+    """A projection whose per-example gradient fits in its a and g: kept in bf16 when a and g are bf16 (autocast's
+    weight gradients are bf16 too; a float32 copy would not fit and would send the layer through Gram matrices),
+    in float32 otherwise. The norms are those of the stored values, which the clipped sum adds."""
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(32, 32, bias=False)
+    a_R = torch.randn(2, 40, 32, generator=generator).to(dtype)
+    g_R = torch.randn(2, 40, 32, generator=generator).to(dtype)
+    sq_B, kept = bookkeeping._linear_norms(layer, a_R, g_R, 1, trainable={layer.weight})
+    grad_Boi = kept[layer.weight]
+    assert grad_Boi.dtype == dtype and "a" not in kept
+    torch.testing.assert_close(sq_B, grad_Boi.float().square().sum((1, 2)), rtol=1e-6, atol=0)
+    exact_Boi = g_R.double().transpose(1, 2) @ a_R.double()
+    assert ((grad_Boi.double() - exact_Boi).norm() / exact_Boi.norm()) < (
+        4e-3 if dtype == torch.bfloat16 else 1e-6
+    )
+    c_B = torch.tensor([0.5, 1.0])
+    summed = bookkeeping._kept_clipped(kept, c_B)[layer.weight]
+    torch.testing.assert_close(summed, (c_B[:, None, None] * grad_Boi.float()).sum(0))
 
 
 def test_direct_route_releases_inputs_it_does_not_need(vqvae, data):

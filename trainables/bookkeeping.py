@@ -12,8 +12,9 @@ step 3 replaces. An example's k augmented views (consecutive rows) are treated a
 
 A linear layer (in -> out) takes the cheapest of three routes (after the "mixed ghost norm" rule of Bu et al.):
 - ``"direct"``, kept: the per-example gradient g_b^T a_b itself, ~2 T in out FLOPs (the weight-gradient product the
-  frozen backward skipped), kept where it takes no more memory than the ``a`` and ``g`` it lets go during the
-  backward; the clipped sum is then its c-weighted sum (~in out FLOPs per example). No extra products at all.
+  frozen backward skipped), kept (in bfloat16 under autocast) where it takes no more memory than the ``a`` and ``g``
+  it lets go during the backward; the clipped sum is then its c-weighted sum (~in out FLOPs per example). No extra
+  products at all.
 - ``"gram"``: ||g_b^T a_b||^2 = <g_b g_b^T, a_b a_b^T> from the two [T, T] Gram matrices. Both are symmetric, so
   only their block upper triangle is formed: n row tiles of >= GRAM_TILE_ROWS rows, ~2 T^2 (in + out) (n + 1) / 2n
   FLOPs per example (0.625 of the whole at n = 4). The clipped sum is then one weighted product (g * c)^T a over all
@@ -74,11 +75,18 @@ def linear_route(*, positions: int, in_features: int, out_features: int) -> str:
     return "gram" if in_features * out_features > gram else "direct"
 
 
+def _kept_dtype(a_R: torch.Tensor, g_R: torch.Tensor) -> torch.dtype:
+    """The dtype of a kept per-example gradient: bfloat16 where both operands are (under autocast: the precision of
+    autocast's own weight gradient, and half the bytes), else float32. Its norm is taken from the rounded values, so
+    what the clipped sum adds is what was clipped."""
+    return torch.bfloat16 if a_R.dtype == g_R.dtype == torch.bfloat16 else torch.float32
+
+
 def _keeps_direct(*, positions: int, a_R: torch.Tensor, g_R: torch.Tensor) -> bool:
-    """Whether a float32 per-example gradient [out, in] takes no more memory than the example's ``a`` and ``g``."""
+    """Whether a per-example gradient [out, in] takes no more memory than the example's ``a`` and ``g``."""
     in_features, out_features = a_R.shape[-1], g_R.shape[-1]
     released = positions * (in_features * a_R.element_size() + out_features * g_R.element_size())
-    return in_features * out_features * F32_BYTES <= released
+    return in_features * out_features * torch.finfo(_kept_dtype(a_R, g_R)).bits // 8 <= released
 
 
 def _matmul_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -112,11 +120,11 @@ def _square_sums(x_B: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
     return torch.cat([x_B[part].float().square().flatten(1).sum(1) for part in chunks])
 
 
-def _direct_norms(a_BTi: torch.Tensor, g_BTo: torch.Tensor, k: int, *, keep: bool):
-    """Per-example weight gradients g_b^T a_b / k: their squared norms [B] (float32) and, if ``keep``, the
-    gradients themselves [B, out, in] (float32)."""
-    if keep:
-        grad_Boi = _matmul_f32(g_BTo.transpose(1, 2), a_BTi) / k
+def _direct_norms(a_BTi: torch.Tensor, g_BTo: torch.Tensor, k: int, *, keep_as: torch.dtype | None):
+    """Per-example weight gradients g_b^T a_b / k: their squared norms [B] (float32) and, if ``keep_as`` is a
+    dtype, the gradients themselves [B, out, in] in it (the norms are those of the rounded values)."""
+    if keep_as is not None:
+        grad_Boi = (_matmul_f32(g_BTo.transpose(1, 2), a_BTi) / k).to(keep_as)
         return _square_sums(grad_Boi), grad_Boi
     per_example = g_BTo.shape[-1] * a_BTi.shape[-1] * F32_BYTES
     sq = []
@@ -161,7 +169,8 @@ def _linear_norms(
                 else linear_route(positions=T, in_features=a_R.shape[-1], out_features=g_R.shape[-1])
             )
         if route == "direct":
-            sq_weight_B, grad_Boi = _direct_norms(a_BTi, g_BTo, k, keep=keep)
+            keep_as = _kept_dtype(a_R, g_R) if keep else None
+            sq_weight_B, grad_Boi = _direct_norms(a_BTi, g_BTo, k, keep_as=keep_as)
         else:
             sq_weight_B, grad_Boi = _gram_norms(a_BTi, g_BTo, k), None
         sq_B = sq_B + sq_weight_B
@@ -176,9 +185,9 @@ def _linear_norms(
 
 
 def _kept_clipped(kept: dict, c_B: torch.Tensor) -> dict:
-    """sum_b c_b grad_b for every kept per-example gradient [B, ...] (float32)."""
+    """sum_b c_b grad_b (float32) for every kept per-example gradient [B, ...] (float32 or bfloat16)."""
     return {
-        p: torch.einsum("b,bj->j", c_B, grad.flatten(1)).view(grad.shape[1:])
+        p: torch.einsum("b,bj->j", c_B, grad.flatten(1).float()).view(grad.shape[1:])
         for p, grad in kept.items()
         if isinstance(p, nn.Parameter)
     }
