@@ -21,9 +21,10 @@ A linear layer (in -> out) takes the cheapest of three routes (after the "mixed 
   rows, ~2 T in out FLOPs per example.
 - ``"direct"``, not kept: formed in chunks of examples for the norms and dropped; the clipped sum as for Gram.
 The Gram route is the cheaper of the last two when in out > T (in + out) (n + 1) / 2n; direct is always the
-route of LoRA's rank-r factors, and of every layer with many views (T = k x 680 at VAR-d16). At VAR-d16 and k = 1
-full fine-tuning's step costs 1.23x the non-DP step's FLOPs with whole Gram matrices and 1.14x with tiles of 170
-rows (PyTorch's FLOP counter, docs/benchmarks.md). Norms are float32 whatever the autocast dtype, summed pairwise
+route of LoRA's rank-r factors, and of every layer with many views (T = k x 680 at VAR-d16). At VAR-d16's geometry
+and k = 1, full fine-tuning's DP step costs 1.23-1.26x the non-DP step's FLOPs with whole Gram matrices and
+1.14-1.15x with tiles of 170 rows (PyTorch's FLOP counter, docs/benchmarks.md); LoRA's, and every step at k >= 8,
+1.00x. Norms are float32 whatever the autocast dtype, summed pairwise
 (they decide the sensitivity).
 
 Rules exist for the layer types an adapted VAR trains (``nn.Linear`` incl. peft's LoRA/LN-tuning layers,
