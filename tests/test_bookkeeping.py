@@ -174,6 +174,19 @@ def test_kept_gradients_take_the_operands_precision_and_their_norms_are_of_what_
     torch.testing.assert_close(summed, (c_B[:, None, None] * grad_Boi.float()).sum(0))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_clipped_gradients_carry_no_autograd_graph(method, vqvae, data):
+    """The clipped sums are plain tensors. HeadScale's per-sample rule reads its parameter; with autograd on, its
+    norms, then the clipping factors and every p.grad carried a graph that held float32 copies of each layer's input
+    and weighted output gradient for as long as the gradients lived (measured: 187 MiB at depth 1, 4 rows)."""
+    var = make_model(method)
+    keeper = BookKeeping(var)
+    loss_fn = loss_fn_for(var, vqvae, data, 1)
+    keeper.clipped_sum(lambda: loss_fn(torch.tensor(INDICES)), max_grad_norm=1e-3)
+    grads = [p.grad for p in trainable_parameters(var).values()]
+    assert grads and all(g is not None and g.grad_fn is None and not g.requires_grad for g in grads)
+
+
 def test_direct_route_releases_inputs_it_does_not_need(vqvae, data):
     """LoRA's factors on the token stream (attention, MLP) keep their per-example gradients: their inputs and output
     gradients are not held to the end. (ada_lin's factors see one position per row: there a and g are smaller.)"""

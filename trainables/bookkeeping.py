@@ -340,8 +340,10 @@ class BookKeeping:
             self.pending[module] = (a_R, grad.detach())
 
     def _norms(self, module: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor) -> None:
-        # No autocast here whatever the caller's context: the norms' matmuls must stay float32.
-        with torch.autocast(g_R.device.type, enabled=False):
+        # No autocast here whatever the caller's context: the norms' matmuls must stay float32. No autograd either:
+        # a per-sample rule that reads its parameter (HeadScale's) would otherwise give the norms, the clipping
+        # factors and every clipped gradient a graph holding float32 copies of the layers' inputs.
+        with torch.autocast(g_R.device.type, enabled=False), torch.no_grad():
             self.norms[module], self.kept[module] = RULES[type(module)][0](
                 module, a_R, g_R, self._k, trainable=self.trainable, route=self.linear_route
             )
@@ -375,6 +377,7 @@ class BookKeeping:
             self._clear()
         return b
 
+    @torch.no_grad()
     def _write_clipped(self, *, max_grad_norm: float) -> None:
         norm_B = torch.stack([self.norms[m] for m in self.layers]).sum(0).sqrt()
         c_B = (max_grad_norm / (norm_B + 1e-6)).clamp(max=1.0)
