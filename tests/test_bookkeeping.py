@@ -134,6 +134,18 @@ def test_route_rule_at_var_d16_geometry():
     assert linear_route(positions=T, in_features=16, out_features=3 * C) == "direct"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_var_d16_keeps_every_per_example_gradient_at_one_view(dtype):
+    """At 680 positions every linear layer of VAR-d16 (qkv, projection, MLP, head) keeps its per-example gradient,
+    so full fine-tuning's DP step adds no Gram products; VAR-d20's MLP (1280 <-> 5120: 1.5x its a and g) does not."""
+    C = 1024
+    for in_features, out_features in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C), (C, 4096)):
+        a_R, g_R = torch.empty(1, in_features, dtype=dtype), torch.empty(1, out_features, dtype=dtype)
+        assert bookkeeping._keeps_direct(positions=680, a_R=a_R, g_R=g_R), (in_features, out_features)
+    a_R, g_R = torch.empty(1, 1280, dtype=dtype), torch.empty(1, 5120, dtype=dtype)
+    assert not bookkeeping._keeps_direct(positions=680, a_R=a_R, g_R=g_R)
+
+
 @pytest.mark.parametrize("route", ["gram", "direct, kept", "direct"])
 def test_norms_of_a_d16_sized_layer_are_float64_accurate(route):
     """Squared per-example norms of a 1024 -> 3072 layer over 680 positions against float64: within 1e-5 relative

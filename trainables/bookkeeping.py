@@ -12,9 +12,9 @@ step 3 replaces. An example's k augmented views (consecutive rows) are treated a
 
 A linear layer (in -> out) takes the cheapest of three routes (after the "mixed ghost norm" rule of Bu et al.):
 - ``"direct"``, kept: the per-example gradient g_b^T a_b itself, ~2 T in out FLOPs (the weight-gradient product the
-  frozen backward skipped), kept (in bfloat16 under autocast) where it takes no more memory than the ``a`` and ``g``
-  it lets go during the backward; the clipped sum is then its c-weighted sum (~in out FLOPs per example). No extra
-  products at all.
+  frozen backward skipped), kept (in bfloat16 under autocast) where it takes at most KEEP_MEMORY_RATIO x the memory
+  of the ``a`` and ``g`` it lets go during the backward; the clipped sum is then its c-weighted sum (~in out FLOPs
+  per example). No extra products at all.
 - ``"gram"``: ||g_b^T a_b||^2 = <g_b g_b^T, a_b a_b^T> from the two [T, T] Gram matrices. Both are symmetric, so
   only their block upper triangle is formed: n row tiles of >= GRAM_TILE_ROWS rows, ~2 T^2 (in + out) (n + 1) / 2n
   FLOPs per example (0.625 of the whole at n = 4). The clipped sum is then one weighted product (g * c)^T a over all
@@ -22,9 +22,9 @@ A linear layer (in -> out) takes the cheapest of three routes (after the "mixed 
 - ``"direct"``, not kept: formed in chunks of examples for the norms and dropped; the clipped sum as for Gram.
 The Gram route is the cheaper of the last two when in out > T (in + out) (n + 1) / 2n; direct is always the
 route of LoRA's rank-r factors, and of every layer with many views (T = k x 680 at VAR-d16). At VAR-d16's geometry
-and k = 1, full fine-tuning's DP step costs 1.23-1.26x the non-DP step's FLOPs with whole Gram matrices and
-1.14-1.15x with tiles of 170 rows (PyTorch's FLOP counter, docs/benchmarks.md); LoRA's, and every step at k >= 8,
-1.00x. Norms are float32 whatever the autocast dtype, summed pairwise
+and k = 1, full fine-tuning's DP step costs 1.23-1.26x the non-DP step's FLOPs with whole Gram matrices,
+1.14-1.15x with tiles of 170 rows, and 1.00x with every per-example gradient kept, as now (PyTorch's FLOP counter,
+docs/benchmarks.md); LoRA's, and every step at k >= 8, 1.00x. Norms are float32 whatever the autocast dtype, summed pairwise
 (they decide the sensitivity).
 
 Rules exist for the layer types an adapted VAR trains (``nn.Linear`` incl. peft's LoRA/LN-tuning layers,
@@ -52,6 +52,12 @@ F32_BYTES = 4
 # 0.166 s whole, 0.111 s at 2 tiles, 0.093 s at 4, 0.091 s at 5).
 GRAM_TILE_ROWS = 128
 MAX_GRAM_TILES = 4
+# A per-example gradient is kept (then the norms cost no product beyond the non-DP step's) where it takes at most
+# this many times the bytes of the layer's a and g, which it replaces. 1.25 keeps every layer of VAR-d16 at k = 1
+# (the MLP's and head's 1024 x 4096 gradients are 1.2x their a and g over 680 positions): full fine-tuning's DP
+# step then costs 1.000x the non-DP step's FLOPs at 1.14x its memory (bf16; 1.147x and 1.07x through Gram
+# matrices; docs/benchmarks.md). Wider models (d20's MLP: 1.5x) go through Gram matrices.
+KEEP_MEMORY_RATIO = 1.25
 
 
 def _fold(rows_R: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,10 +90,12 @@ def _kept_dtype(a_R: torch.Tensor, g_R: torch.Tensor) -> torch.dtype:
 
 
 def _keeps_direct(*, positions: int, a_R: torch.Tensor, g_R: torch.Tensor) -> bool:
-    """Whether a per-example gradient [out, in] takes no more memory than the example's ``a`` and ``g``."""
+    """Whether a per-example gradient [out, in] takes at most KEEP_MEMORY_RATIO x the memory of the example's
+    ``a`` and ``g``, which it lets go."""
     in_features, out_features = a_R.shape[-1], g_R.shape[-1]
     released = positions * (in_features * a_R.element_size() + out_features * g_R.element_size())
-    return in_features * out_features * torch.finfo(_kept_dtype(a_R, g_R)).bits // 8 <= released
+    kept = in_features * out_features * torch.finfo(_kept_dtype(a_R, g_R)).bits // 8
+    return kept <= KEEP_MEMORY_RATIO * released
 
 
 def _matmul_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
