@@ -24,8 +24,8 @@ The Gram route is the cheaper of the last two when in out > T (in + out) (n + 1)
 route of LoRA's rank-r factors, and of every layer with many views (T = k x 680 at VAR-d16). At VAR-d16's geometry
 and k = 1, full fine-tuning's DP step costs 1.23-1.26x the non-DP step's FLOPs with whole Gram matrices,
 1.14-1.15x with tiles of 170 rows, and 1.00x with every per-example gradient kept, as now (PyTorch's FLOP counter,
-docs/benchmarks.md); LoRA's, and every step at k >= 8, 1.00x. Norms are float32 whatever the autocast dtype, summed pairwise
-(they decide the sensitivity).
+docs/benchmarks.md); LoRA's, and every step at k >= 8, 1.00x. Norms are float32 whatever the autocast dtype, and
+summed pairwise (they decide the sensitivity).
 
 Rules exist for the layer types an adapted VAR trains (``nn.Linear`` incl. peft's LoRA/LN-tuning layers,
 ``nn.Embedding`` and the small modules of ``trainables.patches``); any other trainable layer is refused.
@@ -189,7 +189,7 @@ def _linear_norms(
             kept["a"], kept["g"] = a_R, g_R
     if layer.bias is not None and layer.bias in trainable:
         kept[layer.bias] = g_BTo.sum(1, dtype=torch.float32) / k
-        sq_B = sq_B + kept[layer.bias].pow(2).sum(-1)
+        sq_B = sq_B + _square_sums(kept[layer.bias])
     return sq_B, kept
 
 
@@ -221,7 +221,7 @@ def _embedding_norms(
         ]
         / k
     )
-    return per_example.pow(2).flatten(1).sum(1), {"ids": ids_R, "g": g_R}
+    return _square_sums(per_example, in_place=True), {"ids": ids_R, "g": g_R}
 
 
 def _embedding_clipped(layer: nn.Embedding, kept: dict, c_B: torch.Tensor, k: int) -> dict:
@@ -241,7 +241,7 @@ def _small_norms(
     """Small parameters: explicit per-example gradients from the per-sample rule, kept for the clipped sum."""
     per_row = GradSampleModule.GRAD_SAMPLERS[type(layer)](layer, [a_R], g_R)
     kept = {p: gs.float().view(-1, k, *gs.shape[1:]).mean(1) for p, gs in per_row.items()}
-    sq_B = sum(gs.pow(2).flatten(1).sum(1) for gs in kept.values())
+    sq_B = sum(_square_sums(gs) for gs in kept.values())
     return sq_B, kept
 
 
