@@ -19,6 +19,10 @@ One call (under 8 minutes on an H200; ``--quick`` about 2) measures, in this ord
 4. generation: d16 (CFG 1.5, top-k 900, top-p 0.96), bf16 autocast, eager vs ``compiled=True``, per batch size.
 5. evaluation: the Oxford-Flowers-sized evaluation, 6,149 images generated at the fastest setting of step 4 plus
    their Inception-v3 features (torch-fidelity's FID architecture, random weights: nothing is downloaded).
+6. profiles (``torch.profiler``): where the time goes in the fastest eager training step per method, the DP step
+   beside its non-DP step, the fastest eager generation batch and (in the compiled phase, while compiled) the
+   compiled training step: kernel time by category (matmul, attention, norms, element-wise, ...), the share of
+   the wall time the GPU was busy, and the costliest kernels; the explanation of any target missed.
 Every measurement runs in its own try/except (the error is recorded and the run goes on) and the JSON is written
 to ``--out`` (default ``$OUT/benchmark_gpu.json`` when $OUT is set) after every one, so a run cut short keeps
 what it measured. Phases stop starting measurements once past their share of ``--budget-s`` (recorded as
@@ -29,11 +33,11 @@ calls after ``warmup`` untimed ones (allocation, autotuning, compilation), CUDA 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -81,6 +85,7 @@ class Plan:
     evaluation_images: int
     matmul_sizes: tuple[int, ...]
     vqvae_channels: int
+    profile_steps: int
     phase_ends: dict
 
 
@@ -94,9 +99,10 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         "matmul": 0.03,
         "training": 0.35 if args.quick else 0.26,
         "privacy": 0.45 if args.quick else 0.41,
-        "generation": 0.7 if args.quick else 0.6,
-        "evaluation": 0.78 if args.quick else 0.67,
-        "training_compiled": 1.0 if args.quick else 0.84,
+        "generation": 0.62 if args.quick else 0.6,
+        "evaluation": 0.7 if args.quick else 0.66,
+        "profiles": 0.76 if args.quick else 0.71,
+        "training_compiled": 1.0 if args.quick else 0.86,
         "training_more_depths": 1.0,
     }
     plan = Plan(
@@ -109,7 +115,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         compile_batches="base and best",
         dp_configs=(("lora", 1), ("lora", 32), ("full", 1), ("full", 32)),
         dp_rows=32,
-        dp_clippings=("bookkeeping", "hooks", "ghost"),
+        dp_clippings=("bookkeeping", "bookkeeping:gram", "hooks", "ghost"),
         generation_depth=GENERATION_DEPTH,
         generation_batches=(64, 128, 256, 512),
         generation_compiled=True,
@@ -117,6 +123,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         evaluation_images=FLOWERS_TEST_IMAGES,
         matmul_sizes=(4096, 8192, 16384),
         vqvae_channels=160,
+        profile_steps=3,
         phase_ends={name: budget * f for name, f in share.items()},
     )
     if args.quick:
@@ -126,8 +133,8 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             batches=(16, 64),
             steps=3,
             compile_batches="best",
-            dp_configs=(("lora", 1),),
-            dp_clippings=("bookkeeping",),
+            dp_configs=(("lora", 1), ("full", 1)),
+            dp_clippings=("bookkeeping", "bookkeeping:gram"),
             generation_batches=(64, 256),
             evaluation_images=1024,
             matmul_sizes=(8192,),
@@ -142,13 +149,14 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             compile=False,
             dp_rows=2,
             dp_configs=(("lora", 1), ("lora", 2), ("full", 1)),
-            dp_clippings=("bookkeeping", "hooks", "ghost"),
+            dp_clippings=("bookkeeping", "bookkeeping:gram", "hooks", "ghost"),
             generation_batches=(2,),
             generation_compiled=False,
             generation_steps=1,
             evaluation_images=2,
             matmul_sizes=(256,),
             vqvae_channels=32,
+            profile_steps=1,
         )
     if args.depth:
         plan = replace(plan, depths=tuple(args.depth), generation_depth=args.depth[0])
@@ -369,25 +377,36 @@ def training_row(rec: Recorder, s: Setting, *, seconds: float, device: torch.dev
     }
 
 
+def training_step(models: Models, s: Setting, *, var=None, vqvae=None) -> Callable[[], None]:
+    """One training step of setting ``s`` on a fresh adapted model (or on ``var``, e.g. one compiled already)."""
+    device = models.device
+    vqvae, var = models.adapted(s.depth, s.method) if var is None else (vqvae, var)
+    var.attention_kernel = s.kernel
+    if s.frozen_bf16:
+        store_frozen_linear_weights_in_bf16(var)
+    optimizer = build_optimizer(var, lr=1e-4, fused=s.fused)
+    labels_B, idx = token_batch(var, s.batch, device=device)
+    return train_step_fn(var, vqvae, optimizer, labels_B, idx, device=device, autocast_any=s.frozen_bf16)
+
+
 def measure_setting(
-    rec: Recorder, plan: Plan, models: Models, s: Setting, *, var=None, vqvae=None
+    rec: Recorder, plan: Plan, models: Models, s: Setting, *, var=None, vqvae=None, profile: bool = False
 ) -> dict | None:
-    """Time ``s`` on a fresh adapted model (or on ``var``, e.g. one compiled already)."""
+    """Time ``s`` on a fresh adapted model (or on ``var``); ``profile``: then profile the same step (section 6)."""
     device = models.device
 
     def run() -> dict:
-        vqvae_, var_ = models.adapted(s.depth, s.method) if var is None else (vqvae, var)
-        var_.attention_kernel = s.kernel
-        if s.frozen_bf16:
-            store_frozen_linear_weights_in_bf16(var_)
-        optimizer = build_optimizer(var_, lr=1e-4, fused=s.fused)
-        labels_B, idx = token_batch(var_, s.batch, device=device)
-        step = train_step_fn(
-            var_, vqvae_, optimizer, labels_B, idx, device=device, autocast_any=s.frozen_bf16
-        )
+        step = training_step(models, s, var=var, vqvae=vqvae)
         reset_peak(device)
         seconds = timed(step, steps=plan.steps, warmup=plan.warmup, device=device)
-        return training_row(rec, s, seconds=seconds, device=device)
+        row = training_row(rec, s, seconds=seconds, device=device)
+        if profile:
+            rec.measure(
+                "profiles",
+                f"training {s.label()}",
+                lambda: profile_row(f"training {s.label()}", step, plan, device),
+            )
+        return row
 
     return rec.measure("training", s.label(), run)
 
@@ -454,7 +473,10 @@ def measure_training_compiled(rec: Recorder, plan: Plan, models: Models, depth: 
         for batch in batches:
             if in_time(rec, plan, phase, f"d{depth} {method} compiled batch {batch}"):
                 setting = replace(_setting(best), batch=batch, compiled=True)
-                measure_setting(rec, plan, models, setting, var=var, vqvae=vqvae)
+                last = (
+                    batch == batches[-1] and depth == plan.depths[0]
+                )  # profiled while compiled: no recompile
+                measure_setting(rec, plan, models, setting, var=var, vqvae=vqvae, profile=last)
         del var
         free_memory()
 
@@ -464,7 +486,10 @@ def measure_training_compiled(rec: Recorder, plan: Plan, models: Models, depth: 
 
 def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, device: torch.device):
     """(step, precision): one step on ``rows`` rows = rows // k examples of k views, DP with ``clipping`` (None:
-    the non-DP step on the same rows). Ghost clipping runs in float32, as trials run it."""
+    the non-DP step on the same rows; "bookkeeping:gram": book-keeping with every linear layer's norms through
+    Gram matrices, where trials choose per layer). Ghost clipping runs in float32, as trials run it."""
+    clipping, _, route = (clipping or "").partition(":")
+    clipping = clipping or None
     examples = max(1, rows // k)
     bf16 = clipping != "ghost"
     optimizer = build_optimizer(var, lr=1e-4)
@@ -500,16 +525,45 @@ def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, device: torc
         dataset_size=dataset,
         planned_steps=1000,
     )
+    if route:
+        state.module.linear_route = route
     return (lambda: private_step(state, everyone, loss_fn)), bf16
 
 
+def norm_errors(device: torch.device, dtype: torch.dtype, *, examples: int = 4) -> dict:
+    """Largest relative error of book-keeping's squared per-example norms of a VAR-d16 qkv layer (1024 -> 3072, 680
+    positions) against float64, per route, as this device computes them (on CUDA: one-pass reductions and float32-
+    output products, which the CPU suite cannot run). A kept gradient's norm is checked against its stored values."""
+    from trainables import bookkeeping
+
+    g = torch.Generator(device=device).manual_seed(0)
+    a_BTi = torch.randn(examples, 680, 1024, device=device, generator=g).to(dtype)
+    g_BTo = torch.randn(examples, 680, 3072, device=device, generator=g).to(dtype)
+    exact_B = (g_BTo.double().transpose(1, 2) @ a_BTi.double()).square().sum((1, 2))
+
+    def error(got_B: torch.Tensor, want_B: torch.Tensor) -> float:
+        return ((got_B.double() - want_B).abs() / want_B).max().item()
+
+    kept_sq_B, kept_Boi = bookkeeping._direct_norms(
+        a_BTi, g_BTo, 1, keep_as=bookkeeping._kept_dtype(a_BTi, g_BTo)
+    )
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "gram": error(bookkeeping._gram_norms(a_BTi, g_BTo, 1), exact_B),
+        "direct": error(bookkeeping._direct_norms(a_BTi, g_BTo, 1, keep_as=None)[0], exact_B),
+        "direct_kept": error(kept_sq_B, kept_Boi.double().square().sum((1, 2))),
+    }
+
+
 def measure_privacy(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+    for dtype in (torch.bfloat16, torch.float32):
+        rec.measure("norm_accuracy", str(dtype), lambda dtype=dtype: norm_errors(models.device, dtype))
     depth, device = plan.depths[0], models.device
     for method, k in plan.dp_configs:
         base = None
         for clipping in (None, *plan.dp_clippings):
-            if clipping == "ghost" and k != 1:
-                continue  # Opacus ghost clipping takes one view per example
+            if clipping in ("ghost", "bookkeeping:gram") and k != 1:
+                continue  # Opacus ghost clipping takes one view per example; Gram matrices of k x 680 rows are absurd
             name = f"d{depth} {method} k={k} {clipping or 'no DP'}"
             if not in_time(rec, plan, phase, name):
                 continue
@@ -526,7 +580,10 @@ def measure_privacy(rec: Recorder, plan: Plan, models: Models, phase: str) -> No
                     "k": k,
                     "rows": plan.dp_rows,
                     "examples": max(1, plan.dp_rows // k),
-                    "clipping": clipping,
+                    "clipping": clipping and clipping.partition(":")[0],
+                    "route": None
+                    if clipping is None or not clipping.startswith("bookkeeping")
+                    else (clipping.partition(":")[2] or "auto"),
                     "kernel": DP_KERNEL,
                     "precision": "bf16 autocast" if bf16 else "float32",
                     "step_ms": 1e3 * seconds,
@@ -675,6 +732,119 @@ def measure_evaluation(rec: Recorder, plan: Plan, models: Models, phase: str) ->
     rec.measure("evaluation", f"{plan.evaluation_images} images", run)
 
 
+# --- 6. profiles -----------------------------------------------------------------------------------------------
+
+# Kernel (CUDA) or operator (CPU) names by what they do, case-insensitive; the first pattern that matches names the
+# category, and "other" takes the rest. "triton_tem" kernels are Inductor's templates: FlexAttention's.
+CATEGORIES = (
+    ("attention", r"flash|fmha|attention|sdpa|flex|triton_tem"),
+    ("matmul", r"gemm|gemv|cutlass|xmma|nvjet|cublas|^aten::(mm|bmm|addmm|baddbmm|matmul)$"),
+    ("compiled", r"^triton_"),
+    ("norm", r"norm"),
+    ("softmax / CE", r"softmax|nll_loss|cross_entropy"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("sampling", r"topk|sort|multinomial|cumsum|radix"),
+    ("copy / cast", r"copy|memcpy|memset|fill|clone|catarray|^aten::cat$"),
+    ("element-wise", r"elementwise|vectorized|reduce|unrolled|^aten::"),
+)
+TOP_NAMES = 6
+
+
+def category(name: str) -> str:
+    return next((c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (µs)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def profile_calls(fn: Callable[[], object], *, steps: int, device: torch.device) -> dict:
+    """Where ``steps`` calls of ``fn`` (after one untimed call) spend their time, per call: wall ms; ms of device
+    kernels (CUDA) or of operators' own time (CPU); ``busy``: the share of the wall time in which some kernel ran
+    (CUDA; on a CPU, some operator: the rest is Python and dispatch); the ms by category and by costliest name."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        with Stopwatch(device) as watch:
+            for _ in range(steps):
+                fn()
+    names = {}
+    for event in prof.key_averages():
+        if event.device_type == kind:
+            us = event.self_device_time_total if cuda else event.self_cpu_time_total
+            names[event.key] = (us / 1e3 / steps, event.count / steps)
+    busy_us = _union_us(
+        [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == kind]
+    )
+    categories = {c: 0.0 for c, _ in CATEGORIES} | {"other": 0.0}
+    for name, (ms, _) in names.items():
+        categories[category(name)] += ms
+    top = sorted(names.items(), key=lambda item: -item[1][0])[:TOP_NAMES]
+    return {
+        "steps": steps,
+        "wall_ms": 1e3 * watch.seconds / steps,
+        "kernel_ms": sum(ms for ms, _ in names.values()),
+        "busy": busy_us / 1e6 / watch.seconds,
+        "kernels_per_call": sum(n for _, n in names.values()),
+        "categories_ms": categories,
+        "top": [{"name": name[:100], "ms": ms, "calls": n} for name, (ms, n) in top],
+    }
+
+
+def profile_row(what: str, fn: Callable[[], object], plan: Plan, device: torch.device) -> dict:
+    return {"what": what, **profile_calls(fn, steps=plan.profile_steps, device=device)}
+
+
+def measure_profiles(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+    """Profiles of the eager paths the tables measured: the fastest training step per method, the DP step with
+    book-keeping and the non-DP step on the same rows (full fine-tuning at k = 1 where measured), and the fastest
+    eager generation batch. (The compiled training step is profiled in its own phase, while compiled.)"""
+    device, depth = models.device, plan.depths[0]
+    targets = []
+    for method in ("full", "lora"):
+        best = fastest(rec.data.get("training", []), depth=depth, method=method, compiled=False)
+        if best is not None:
+            s = _setting(best)
+            targets.append((f"training {s.label()}", lambda s=s: training_step(models, s)))
+    dp = rec.data.get("privacy", [])
+    measured = [(r["method"], r["k"]) for r in dp if r["clipping"] == "bookkeeping"]
+    if measured:
+        method, k = ("full", 1) if ("full", 1) in measured else measured[0]
+        for clipping in (None, "bookkeeping"):
+
+            def build(clipping=clipping, method=method, k=k):
+                vqvae, var = models.adapted(depth, method)
+                var.attention_kernel = DP_KERNEL
+                return dp_step(var, vqvae, clipping=clipping, k=k, rows=plan.dp_rows, device=device)[0]
+
+            targets.append((f"d{depth} {method} k={k} {clipping or 'no DP'} ({plan.dp_rows} rows)", build))
+    eager = [r for r in rec.data.get("generation", []) if not r["compiled"]]
+    if eager:
+        batch = max(eager, key=lambda r: r["images_per_s"])["batch"]
+
+        def sampler(batch=batch):
+            vqvae, var = models.adapted(plan.generation_depth, "base")
+            return sample_fn(var.eval(), vqvae, batch, compiled=False, device=device)
+
+        targets.append((f"generation d{plan.generation_depth} batch {batch}", sampler))
+    for what, build in targets:
+        if in_time(rec, plan, phase, what):
+            rec.measure(
+                "profiles", what, lambda what=what, build=build: profile_row(what, build(), plan, device)
+            )
+
+
 # --- report -----------------------------------------------------------------------------------------------------
 
 
@@ -684,6 +854,44 @@ def _num(value, fmt: str = ".1f", scale: float = 1.0) -> str:
 
 def _ratio(value) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _clipping(row: dict) -> str:
+    route = row.get("route")
+    return (row["clipping"] or "no DP") + (f" ({route} routes)" if route else "")
+
+
+def profile_tables(profiles: list[dict]) -> list[str]:
+    if not profiles:
+        return []
+    names = [c for c, _ in CATEGORIES] + ["other"]
+    lines = [
+        "Where the time goes (`torch.profiler`, per call; busy: share of the wall time with a kernel running; "
+        "categories: shares of the kernel time):",
+        "",
+        "| profiled | wall ms | kernel ms | busy | kernels | " + " | ".join(names) + " |",
+        "|---" * (5 + len(names)) + "|",
+    ]
+    for r in profiles:
+        kernel_ms = r["kernel_ms"] or float("nan")
+        shares = " | ".join(f"{r['categories_ms'][c] / kernel_ms:.0%}" for c in names)
+        lines.append(
+            f"| {r['what']} | {r['wall_ms']:.1f} | {r['kernel_ms']:.1f} | {r['busy']:.0%} | "
+            f"{r['kernels_per_call']:.0f} | {shares} |"
+        )
+    lines += [
+        "",
+        "Costliest kernels, per call:",
+        "",
+        "| profiled | kernel | ms | calls |",
+        "|---|---|---|---|",
+    ]
+    for r in profiles:
+        lines += [
+            f"| {r['what']} | `{t['name'].replace('|', '/')}` | {t['ms']:.2f} | {t['calls']:.0f} |"
+            for t in r["top"]
+        ]
+    return [*lines, ""]
 
 
 def report(data: dict, *, command: str) -> str:
@@ -730,7 +938,7 @@ def report(data: dict, *, command: str) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['depth']} | {r['method']} | {r['k']} | {r['examples']} | {r['clipping'] or 'no DP'} | {r['precision']} | "
+            f"| {r['depth']} | {r['method']} | {r['k']} | {r['examples']} | {_clipping(r)} | {r['precision']} | "
             f"{r['step_ms']:.1f} | {r['rows_per_s']:.1f} | {_ratio(r.get('time_vs_non_dp'))} | "
             f"{_num(r['peak_gib'])} | {_ratio(r.get('memory_vs_non_dp'))} |"
             for r in data["privacy"]
@@ -757,6 +965,12 @@ def report(data: dict, *, command: str) -> str:
             "(target < 30 s).",
             "",
         ]
+    lines += [
+        f"Squared per-example norms against float64 ({r['dtype']} operands, 1024 -> 3072, 680 positions), largest "
+        f"relative error: Gram {r['gram']:.1e}, direct {r['direct']:.1e}, direct kept {r['direct_kept']:.1e}."
+        for r in data.get("norm_accuracy", [])
+    ]
+    lines += profile_tables(data.get("profiles", []))
     lines += [f"- failed: {e['section']}: {e['what']}: {e['error']}" for e in data["errors"]]
     lines += [f"- skipped: {s['section']}: {s['what']} ({s['why']})" for s in data["skipped"]]
     return "\n".join(lines)
@@ -797,8 +1011,8 @@ def throughput_entries(data: dict, *, command: str, docs: str) -> list[dict]:
             }
         )
     for r in data.get("privacy", []):
-        if r["clipping"] is None:
-            continue
+        if r["clipping"] is None or r.get("route") not in (None, "auto"):
+            continue  # a forced route is a measurement, not a trial's setting
         entries.append(
             {
                 **common,
@@ -899,8 +1113,6 @@ def run(args: argparse.Namespace) -> dict:
     rec = Recorder(args.out, meta)
     models = Models(device, vqvae_channels=plan.vqvae_channels)
     torch.manual_seed(0)
-    with contextlib.suppress(AttributeError):  # TF32 for any float32 matmul left (the features)
-        torch.backends.cuda.matmul.allow_tf32 = True
     first = plan.depths[0]
     phases = [
         ("matmul", lambda: measure_matmul(rec, plan, device)),
@@ -908,6 +1120,7 @@ def run(args: argparse.Namespace) -> dict:
         ("privacy", lambda: measure_privacy(rec, plan, models, "privacy")),
         ("generation", lambda: measure_generation(rec, plan, models, "generation")),
         ("evaluation", lambda: measure_evaluation(rec, plan, models, "evaluation")),
+        ("profiles", lambda: measure_profiles(rec, plan, models, "profiles")),
         (
             "training_compiled",
             lambda: measure_training_compiled(rec, plan, models, first, "training_compiled"),

@@ -83,6 +83,26 @@ def test_every_section_is_measured_with_numbers(smoke):
     )
 
 
+def test_dp_routes_norm_accuracy_and_profiles_are_recorded(smoke):
+    """Book-keeping as trials run it beside every linear layer through Gram matrices (k = 1 only); the norms'
+    accuracy on the device; profiles whose categories add up to the kernel time, beside a readable table."""
+    data = smoke["data"]
+    routes = {(r["method"], r["k"], r["route"]) for r in data["privacy"] if r["clipping"] == "bookkeeping"}
+    assert {("full", 1, "auto"), ("full", 1, "gram"), ("lora", 2, "auto")} <= routes
+    assert ("lora", 2, "gram") not in routes
+    assert {r["dtype"] for r in data["norm_accuracy"]} == {"bfloat16", "float32"}
+    for r in data["norm_accuracy"]:
+        assert all(0 <= r[route] < 1e-5 for route in ("gram", "direct", "direct_kept")), r
+    profiled = {r["what"].split(" ")[0] for r in data["profiles"]}
+    assert {"training", "generation", "d2"} <= profiled
+    for r in data["profiles"]:
+        assert sum(r["categories_ms"].values()) == pytest.approx(r["kernel_ms"], rel=1e-6)
+        assert 0 < r["kernel_ms"] and 0 < r["busy"] <= 1.0 + 1e-6 and r["top"]
+    training = next(r for r in data["profiles"] if r["what"].startswith("training d2 full"))
+    assert training["categories_ms"]["matmul"] > 0.1 * training["kernel_ms"]  # the products are named as such
+    assert "Where the time goes" in smoke["stdout"] and "(gram routes)" in smoke["stdout"]
+
+
 def test_mfu_counts_the_visible_pairs(smoke):
     """MFU = useful FLOPs (attention over the visible pairs) / the rate measured in the same run."""
     from bench.estimates import VarShape, training_flops_per_row

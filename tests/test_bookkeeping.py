@@ -77,9 +77,18 @@ def test_clipped_sum_equals_clipped_per_example_autograd(method, k, route, vqvae
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
 
 
+@pytest.fixture(params=["upcast", "native"])
+def half_path(request, monkeypatch):
+    """The CPU's upcasting path, and the native-half path CUDA takes (bf16 products, one-pass norms, clipped sums
+    weighted by c's bf16 parts) run here on the CPU's kernels."""
+    if request.param == "native":
+        monkeypatch.setattr(bookkeeping, "NATIVE_HALF_DEVICES", ("cpu",))
+    return request.param
+
+
 @pytest.mark.parametrize("route", ["gram", "direct"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_each_route_bounds_one_example_by_C_under_bf16_autocast(route, k, vqvae, data):
+def test_each_route_bounds_one_example_by_C_under_bf16_autocast(route, k, vqvae, data, half_path):
     """bf16 forwards: a and g arrive in bf16, the norms are still float32 (a bf16 norm could overshoot C by 0.4%)."""
     C = 1e-3
     for i in range(4):
@@ -88,7 +97,7 @@ def test_each_route_bounds_one_example_by_C_under_bf16_autocast(route, k, vqvae,
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_clipped_sum_under_bf16_autocast_is_that_of_autocast_autograd(method, vqvae, data):
+def test_clipped_sum_under_bf16_autocast_is_that_of_autocast_autograd(method, vqvae, data, half_path):
     """Under autocast a linear layer multiplies a bf16 copy of its float32 input, and that product's gradient is
     what gets clipped. Reference: per-example gradients of plain autograd under the same autocast. Both round the
     same bf16 operands, autograd its weight gradient to bf16 once more: measured 1.3e-3 (LoRA) and 1.7e-3 (full)
@@ -184,6 +193,33 @@ def test_kept_gradients_take_the_operands_precision_and_their_norms_are_of_what_
     c_B = torch.tensor([0.5, 1.0])
     summed = bookkeeping._kept_clipped(kept, c_B)[layer.weight]
     torch.testing.assert_close(summed, (c_B[:, None, None] * grad_Boi.float()).sum(0))
+
+
+def test_clipping_factors_in_bfloat16_parts_never_exceed_float32_ones():
+    """A bf16 per-example gradient is weighted by c = hi + lo, two bf16 numbers each rounded toward zero: never above
+    c (the sensitivity stays C), within 2^-15 of it (a bf16 c rounded to nearest would overshoot by up to 2^-9)."""
+    c_B = torch.cat(
+        [torch.rand(10_000, generator=torch.Generator().manual_seed(0)), torch.tensor([1.0, 1e-30])]
+    )
+    parts_2B = bookkeeping.bfloat16_parts(c_B)
+    assert parts_2B.dtype == torch.bfloat16 and parts_2B.shape == (2, len(c_B))
+    c_eff_B = parts_2B.double().sum(0)
+    assert (c_eff_B <= c_B.double()).all()
+    assert ((c_B.double() - c_eff_B) <= 2**-15 * c_B.double()).all()
+    assert (c_B.bfloat16().double() > c_B.double()).any()  # what rounding to nearest would have done
+
+
+def test_a_matmul_without_float32_output_falls_back_to_the_upcast_product(monkeypatch):
+    """The float32-output bmm is CUDA's (PyTorch 2.8+). Claimed for the CPU, where no kernel exists, the call fails
+    once, is turned off for the device type, and the product is the upcast one: a torch without it costs copies,
+    not the DP step."""
+    monkeypatch.setitem(bookkeeping.NATIVE_FLOAT32_OUTPUT, "cpu", True)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 16, generator=generator).bfloat16()
+    y = torch.randn(2, 16, 8, generator=generator).bfloat16()
+    got = bookkeeping._matmul_f32(x, y.transpose(1, 2).contiguous().transpose(1, 2))
+    assert got.dtype == torch.float32 and not bookkeeping.NATIVE_FLOAT32_OUTPUT["cpu"]
+    torch.testing.assert_close(got, x.float() @ y.float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", METHODS)

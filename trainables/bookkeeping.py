@@ -98,6 +98,18 @@ def _keeps_direct(*, positions: int, a_R: torch.Tensor, g_R: torch.Tensor) -> bo
     return kept <= KEEP_MEMORY_RATIO * released
 
 
+# Devices with native half-precision kernels (CUDA): there a bf16 per-example gradient is formed by one bf16
+# product (float32 accumulation, one rounding), a squared norm is one float32-accumulating pass over it, and the
+# clipped sum reads it once through a matmul with float32 output. A CPU's path upcasts to float32 first (its bf16
+# matmul ran 3x slower than the upcast one here) and sums squares pairwise in chunks; the results agree to the
+# tolerances of tests/test_bookkeeping.py, which also runs the native path on the CPU.
+NATIVE_HALF_DEVICES = ("cuda",)
+# Device types whose bmm takes two half-precision operands to a float32 output (``torch.bmm(..., out_dtype=)``,
+# CUDA only in PyTorch 2.8+); the first failure (an older torch, an unsupported layout) turns its use off.
+NATIVE_FLOAT32_OUTPUT = {"cuda": True}
+HALF = (torch.bfloat16, torch.float16)
+
+
 def _matmul_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x @ y [..., m, n] with float32 output from operands of any float dtype, upcasting only what is not float32;
     two half-precision CUDA operands go through a matmul with float32 output (no float32 copies; the products
@@ -105,13 +117,24 @@ def _matmul_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if x.dtype == y.dtype == torch.float32:
         return x @ y
     if (
-        x.is_cuda
+        NATIVE_FLOAT32_OUTPUT.get(x.device.type, False)
         and x.dtype == y.dtype
-        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.dtype in HALF
         and x.ndim == y.ndim == 3
     ):
-        return torch.bmm(x, y, out_dtype=torch.float32)
+        try:
+            return torch.bmm(x, y, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # the upcast product below is the same sum
+            NATIVE_FLOAT32_OUTPUT[x.device.type] = False
     return x.float() @ y.float()
+
+
+def _product_as(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x @ y in ``dtype``: on a native-half device, operands of that half dtype give it directly (one rounding of
+    the float32-accumulated product, as autocast's own weight gradient); otherwise float32, then cast."""
+    if x.device.type in NATIVE_HALF_DEVICES and x.dtype == y.dtype == dtype and dtype in HALF:
+        return x @ y
+    return _matmul_f32(x, y).to(dtype)
 
 
 def _example_chunks(examples: int, bytes_per_example: int) -> list[slice]:
@@ -123,6 +146,8 @@ def _square_sums(x_B: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
     """Per-example sums of squares [B] (float32) of x [B, ...], reduced pairwise: an einsum or matmul dot product
     accumulates millions of terms in sequence and missed by 2.4e-3 relative on a CPU (1024 x 3072), enough to let a
     clipped gradient exceed C. ``in_place`` squares x itself; otherwise in chunks of examples (CHUNK_BYTES)."""
+    if x_B.device.type in NATIVE_HALF_DEVICES:  # one pass, accumulated in float32 by a tree of partial sums
+        return torch.linalg.vector_norm(x_B.flatten(1), dim=1, dtype=torch.float32).square()
     if in_place:
         return x_B.square_().flatten(1).sum(1, dtype=torch.float32)
     chunks = _example_chunks(x_B.shape[0], x_B[0].numel() * F32_BYTES)
@@ -133,7 +158,9 @@ def _direct_norms(a_BTi: torch.Tensor, g_BTo: torch.Tensor, k: int, *, keep_as: 
     """Per-example weight gradients g_b^T a_b / k: their squared norms [B] (float32) and, if ``keep_as`` is a
     dtype, the gradients themselves [B, out, in] in it (the norms are those of the rounded values)."""
     if keep_as is not None:
-        grad_Boi = (_matmul_f32(g_BTo.transpose(1, 2), a_BTi) / k).to(keep_as)
+        grad_Boi = _product_as(g_BTo.transpose(1, 2), a_BTi, keep_as)
+        if k != 1:
+            grad_Boi.div_(k)
         return _square_sums(grad_Boi), grad_Boi
     per_example = g_BTo.shape[-1] * a_BTi.shape[-1] * F32_BYTES
     sq = []
@@ -193,13 +220,28 @@ def _linear_norms(
     return sq_B, kept
 
 
+def bfloat16_parts(c_B: torch.Tensor) -> torch.Tensor:
+    """[2, B] bfloat16 (hi, lo) with hi + lo <= c and within 2^-15 of it, for c [B] >= 0 (float32): each part is
+    truncated, rounded toward zero, so a clipping factor applied in bf16 never exceeds the float32 one."""
+
+    def truncated(x: torch.Tensor) -> torch.Tensor:  # the top 16 bits of a float32 are its bf16 toward zero
+        return (x.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+    hi = truncated(c_B.float().contiguous())
+    return torch.stack([hi, truncated(c_B.float() - hi.float())])
+
+
 def _kept_clipped(kept: dict, c_B: torch.Tensor) -> dict:
-    """sum_b c_b grad_b (float32) for every kept per-example gradient [B, ...] (float32 or bfloat16)."""
-    return {
-        p: torch.einsum("b,bj->j", c_B, grad.flatten(1).float()).view(grad.shape[1:])
-        for p, grad in kept.items()
-        if isinstance(p, nn.Parameter)
-    }
+    """sum_b c_b grad_b (float32) for every kept per-example gradient [B, ...] (float32 or bfloat16). A bf16
+    gradient is weighted by c's two bf16 parts in one product with float32 output, which reads it once."""
+    sums = {}
+    for p, grad in kept.items():
+        if not isinstance(p, nn.Parameter):
+            continue
+        grad_1BJ = grad.flatten(1).unsqueeze(0)
+        c_1PB = (bfloat16_parts(c_B) if grad.dtype == torch.bfloat16 else c_B.view(1, -1)).unsqueeze(0)
+        sums[p] = _matmul_f32(c_1PB.to(grad.dtype), grad_1BJ).sum((0, 1)).view(grad.shape[1:])
+    return sums
 
 
 def _linear_clipped(layer: nn.Linear, kept: dict, c_B: torch.Tensor, k: int) -> dict:
