@@ -71,6 +71,93 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+# NVIDIA's H200 datasheet (SXM, dense): bf16/fp16 tensor cores 989 TFLOP/s, fp32 67 TFLOP/s, HBM3e 4.8 TB/s.
+H200_DATASHEET = {"half_flops": 989e12, "float32_flops": 67e12, "bytes": 4.8e12}
+HALF_TYPES = (torch.bfloat16, torch.float16)
+# In-place ops that overwrite their output without reading it.
+# Allocations and storage swaps (Opacus's ``p.data = ...``): no kernel moves data.
+NO_DATA = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_"}
+WRITE_ONLY = {"normal_", "uniform_", "bernoulli_", "exponential_", "random_", "fill_", "zero_", "copy_"}
+
+
+class Traffic(TorchDispatchMode):
+    """The memory traffic, FLOPs and kernels of an eager step, op by op: each tensor an operation takes counted as
+    read once and each tensor it returns as written once (no reuse through caches between kernels: what an eager
+    GPU step moves at least), views and allocations excluded. ``roofline_s``: the sum over operations of
+    max(FLOPs / matmul rate, bytes / bandwidth) at the H200 datasheet's rates (half-precision rate where every
+    floating operand is bf16/fp16, else float32's), an estimate of the step on that chip, not a measurement."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = self.flops = self.kernels = 0
+        self.roofline_s = 0.0
+        self.by_op: dict[str, list] = {}  # name -> [kernels, GB, roofline ms]
+        self.formulas = FlopCounterMode(display=False).flop_registry
+
+    def _flops(self, func, args, kwargs, out) -> int:
+        formula = self.formulas.get(func.overloadpacket)
+        if formula is None:
+            return 0
+        if func is torch.ops.aten.bmm.dtype:  # its out_dtype is no shape
+            return formula(args[0], args[1], out_val=out)
+        return formula(*args, **kwargs, out_val=out)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        mutable = func._schema.is_mutable
+        held = {t.untyped_storage().data_ptr() for t in inputs}
+        name = func.__name__.split(".")[0]
+        if name in NO_DATA or (not mutable and all(t.untyped_storage().data_ptr() in held for t in outputs)):
+            return out  # an allocation, a view or other metadata: no kernel moves data
+        written = {t.untyped_storage().data_ptr() for t in outputs}
+        read = [t for t in inputs if not (name in WRITE_ONLY and t.untyped_storage().data_ptr() in written)]
+        moved = sum(t.numel() * t.element_size() for t in read + outputs)
+        flops = self._flops(func, args, kwargs, out)
+        floating = [t for t in inputs if t.is_floating_point()]
+        half = bool(floating) and all(t.dtype in HALF_TYPES for t in floating)
+        rate = H200_DATASHEET["half_flops" if half else "float32_flops"]
+        self.bytes += moved
+        self.flops += flops
+        self.kernels += 1
+        seconds = max(flops / rate, moved / H200_DATASHEET["bytes"])
+        self.roofline_s += seconds
+        entry = self.by_op.setdefault(func.__name__, [0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += moved / 1e9
+        entry[2] += 1e3 * seconds
+        return out
+
+
+_EMULATION = []  # the library registration must outlive the call that made it
+
+
+def emulate_cuda_kernels() -> None:
+    """Run book-keeping as it runs on CUDA, on the CPU's kernels: bf16 products and one-pass norms (the
+    native-half path), a CPU kernel for bmm's float32-output overload (CUDA's only), and, in code older than the
+    native-half path, its CUDA branch of ``_matmul_f32`` taken for CPU tensors too. Counts, not times, are what
+    such a run is for."""
+    from trainables import bookkeeping
+
+    library = torch.library.Library("aten", "IMPL")
+    library.impl("bmm.dtype", lambda x, y, out_dtype: torch.bmm(x.to(out_dtype), y.to(out_dtype)), "CPU")
+    _EMULATION.append(library)
+    if hasattr(bookkeeping, "NATIVE_HALF_DEVICES"):
+        bookkeeping.NATIVE_HALF_DEVICES = ("cuda", "cpu")
+        bookkeeping.NATIVE_FLOAT32_OUTPUT["cpu"] = True
+        return
+    upcasting = bookkeeping._matmul_f32
+
+    def as_on_cuda(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.dtype == y.dtype and x.dtype in HALF_TYPES and x.ndim == y.ndim == 3:
+            return torch.bmm(x, y, out_dtype=torch.float32)
+        return upcasting(x, y)
+
+    bookkeeping._matmul_f32 = as_on_cuda
+
+
 def _held_bytes(var: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     tensors = list(var.parameters()) + list(var.buffers())
     tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
@@ -112,6 +199,8 @@ def measure(config: dict, *, depth: int) -> dict:
     """One configuration's step: {held_mib, peak_mib (over held), peak_phase, flops}."""
     k, rows = config["k"], config["rows"]
     examples = rows // k
+    if config.get("kernel_set") == "cuda":
+        emulate_cuda_kernels()
     var, loss_fn = d16_like(
         config["method"],
         depth=depth,
@@ -124,6 +213,7 @@ def measure(config: dict, *, depth: int) -> dict:
     optimizer = torch.optim.AdamW([p for p in var.parameters() if p.requires_grad], lr=1e-4)
     if config["dp"]:
         state = _private(var, optimizer, k=k, clipping="bookkeeping", rows=rows, examples=examples)
+        state.module.linear_route = config.get("route", "auto")
         step = lambda: private_step(state, torch.arange(examples), loss_fn)  # noqa: E731
     else:
         step = _plain_step(var, optimizer, batch_size=examples, loss_fn=loss_fn)
@@ -137,23 +227,34 @@ def measure(config: dict, *, depth: int) -> dict:
     flops = FlopCounterMode(display=False)
     with flops:
         step()
+    traffic = Traffic()
+    with traffic:
+        step()
     return {
         **config,
         "held_mib": held / MIB,
         "peak_mib": tracker.peak / MIB,
         "peak_phase": tracker.peak_phase,
         "flops": flops.get_total_flops(),
+        "traffic_gb": traffic.bytes / 1e9,
+        "kernel_count": traffic.kernels,
+        "roofline_ms": 1e3 * traffic.roofline_s,
+        "roofline_by_op": dict(sorted(traffic.by_op.items(), key=lambda item: -item[1][2])[:20]),
     }
 
 
-def configurations(views: str, precisions: str) -> list[dict]:
+def configurations(views: str, precisions: str, *, routes: str, kernel_set: str) -> list[dict]:
+    """No DP, then book-keeping per route ("auto": as trials run; "gram": every linear layer's norms through Gram
+    matrices), on the CPU's kernels or CUDA's emulated (``emulate_cuda_kernels``)."""
     configs = []
     for view in views.split(","):
         k, rows = (int(x) for x in view.split(":"))
         for precision in precisions.split(","):
             for method in ("full", "lora"):
+                common = dict(method=method, k=k, rows=rows, precision=precision)
+                configs.append(dict(common, dp=False))
                 configs += [
-                    dict(method=method, k=k, rows=rows, precision=precision, dp=dp) for dp in (False, True)
+                    dict(common, dp=True, route=route, kernel_set=kernel_set) for route in routes.split(",")
                 ]
     return configs
 
@@ -167,22 +268,24 @@ def run_in_process(config: dict, *, depth: int, code: Path) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def table(rows: list[dict], versus: str | None) -> list[str]:
-    """One line per method, k, precision: non-DP, then book-keeping (this tree, and ``versus``'s)."""
-    head = "| method | k | rows | precision | held (MiB) | no DP: step peak over held (MiB) | phase |"
-    head += f" book-keeping {versus}: peak | phase | total vs no DP | FLOPs vs no DP |" if versus else ""
-    head += " book-keeping: peak (MiB) | phase | total vs no DP | FLOPs vs no DP |"
+def table(rows: list[dict]) -> list[str]:
+    """One line per step: the non-DP step, then each book-keeping step (code, routes) against it."""
+    head = (
+        "| method | k | rows | precision | step | peak over held (MiB) | phase | total memory vs no DP | FLOPs vs "
+        "no DP | traffic (GB) | vs no DP | kernels | H200 roofline (ms) | vs no DP |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     key = lambda r: (r["method"], r["k"], r["rows"], r["precision"])  # noqa: E731
-    for plain in (r for r in rows if not r["dp"] and r["code"] == "current"):
-        same = [r for r in rows if r["dp"] and key(r) == key(plain)]
-        line = f"| {plain['method']} | {plain['k']} | {plain['rows']} | {plain['precision']} | {plain['held_mib']:.0f} | "
-        line += f"{plain['peak_mib']:.0f} | {plain['peak_phase']} |"
-        for code in ([versus] if versus else []) + ["current"]:
-            (dp,) = [r for r in same if r["code"] == code]
-            total = (dp["held_mib"] + dp["peak_mib"]) / (plain["held_mib"] + plain["peak_mib"])
-            line += f" {dp['peak_mib']:.0f} | {dp['peak_phase']} | {total:.2f}x | {dp['flops'] / plain['flops']:.3f}x |"
-        lines.append(line)
+    for plain in (r for r in rows if not r["dp"]):
+        for r in [plain] + [r for r in rows if r["dp"] and key(r) == key(plain)]:
+            step = "no DP" if r is plain else f"book-keeping {r['code']}, {r['route']} routes"
+            total = (r["held_mib"] + r["peak_mib"]) / (plain["held_mib"] + plain["peak_mib"])
+            lines.append(
+                f"| {r['method']} | {r['k']} | {r['rows']} | {r['precision']} | {step} | {r['peak_mib']:.0f} | "
+                f"{r['peak_phase']} | {total:.2f}x | {r['flops'] / plain['flops']:.3f}x | {r['traffic_gb']:.2f} | "
+                f"{r['traffic_gb'] / plain['traffic_gb']:.2f}x | {r['kernel_count']} | {r['roofline_ms']:.2f} | "
+                f"{r['roofline_ms'] / plain['roofline_ms']:.2f}x |"
+            )
     return lines
 
 
@@ -192,6 +295,13 @@ def main() -> None:
     parser.add_argument("--views", default="1:8,8:16", help="k:rows pairs (rows = examples x k)")
     parser.add_argument("--precision", default="bf16,fp32")
     parser.add_argument("--versus", help="a git revision whose code to measure beside this tree's")
+    parser.add_argument("--routes", default="auto", help="book-keeping's linear routes: auto,gram")
+    parser.add_argument(
+        "--kernels",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="DP steps on the CPU's kernels or CUDA's (emulated)",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--expect", help=argparse.SUPPRESS)
@@ -212,8 +322,9 @@ def main() -> None:
         )
     rows = []
     try:
-        for config in configurations(args.views, args.precision):
-            codes = {"current": ROOT} | ({args.versus: worktree} if worktree and config["dp"] else {})
+        for config in configurations(args.views, args.precision, routes=args.routes, kernel_set=args.kernels):
+            versus = worktree and config["dp"] and config["route"] == "auto"
+            codes = ({args.versus: worktree} if versus else {}) | {"this tree": ROOT}
             for name, code in codes.items():
                 rows.append({**run_in_process(config, depth=args.depth, code=code), "code": name})
                 print(json.dumps(rows[-1]), flush=True)
@@ -223,6 +334,7 @@ def main() -> None:
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=True
             )
     command = f"python scripts/benchmark_dp_memory.py --depth {args.depth} --views {args.views} --precision {args.precision}"
+    command += f" --routes {args.routes} --kernels {args.kernels}"
     command += f" --versus {args.versus}" if args.versus else ""
     section = [
         f"### DP step memory, counted tensor by tensor: width 1024, 16 heads, depth {args.depth}, 680 tokens "
@@ -230,9 +342,11 @@ def main() -> None:
         "",
         f"Machine: {benchmark_common.machine()}. Script: `{command}`. Held: parameters and AdamW state before the "
         "step; peak: the most the step's own tensors occupied at once; total vs no DP: (held + peak) over the "
-        "non-DP step's on the same rows; FLOPs: PyTorch's FLOP counter over one step.",
+        "non-DP step's on the same rows; FLOPs: PyTorch's FLOP counter over one step; traffic: every tensor an "
+        "operation reads or writes, once (`Traffic`); H200 roofline: the sum over operations of max(FLOPs / "
+        f"rate, bytes / bandwidth) at the datasheet's rates, an estimate. DP kernels: {args.kernels}.",
         "",
-        *table(rows, args.versus),
+        *table(rows),
         "",
     ]
     benchmark_common.publish("\n".join(section), args.out)

@@ -27,6 +27,11 @@ and k = 1, full fine-tuning's DP step costs 1.23-1.26x the non-DP step's FLOPs w
 docs/benchmarks.md); LoRA's, and every step at k >= 8, 1.00x. Norms are float32 whatever the autocast dtype, and
 summed pairwise (they decide the sensitivity).
 
+On a GPU the kept route's cost is memory traffic, not FLOPs: a per-example gradient is written once, read once for
+its norm and once for the clipped sum (2 bytes each in bf16, ``NATIVE_HALF_DEVICES``), where float32 intermediates,
+a division by k = 1 and upcast copies had moved ~46 bytes per entry. Its clipping factors enter that product as two
+bf16 parts rounded toward zero (``bfloat16_parts``): never above the float32 factor, within 2^-15 of it.
+
 Rules exist for the layer types an adapted VAR trains (``nn.Linear`` incl. peft's LoRA/LN-tuning layers,
 ``nn.Embedding`` and the small modules of ``trainables.patches``); any other trainable layer is refused.
 """
