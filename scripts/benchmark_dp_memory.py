@@ -84,8 +84,8 @@ class Traffic(TorchDispatchMode):
     """The memory traffic, FLOPs and kernels of an eager step, op by op: each tensor an operation takes counted as
     read once and each tensor it returns as written once (no reuse through caches between kernels: what an eager
     GPU step moves at least), views and allocations excluded. ``roofline_s``: the sum over operations of
-    max(FLOPs / matmul rate, bytes / bandwidth) at the H200 datasheet's rates (half-precision rate where every
-    floating operand is bf16/fp16, else float32's), an estimate of the step on that chip, not a measurement."""
+    max(FLOPs / matmul rate, bytes / bandwidth) at the H200 datasheet's rates (the half-precision rate where the
+    first floating operand is bf16/fp16, else float32's), an estimate of the step on that chip, not a measurement."""
 
     def __init__(self):
         super().__init__()
@@ -117,7 +117,9 @@ class Traffic(TorchDispatchMode):
         moved = sum(t.numel() * t.element_size() for t in read + outputs)
         flops = self._flops(func, args, kwargs, out)
         floating = [t for t in inputs if t.is_floating_point()]
-        half = bool(floating) and all(t.dtype in HALF_TYPES for t in floating)
+        half = (
+            bool(floating) and floating[0].dtype in HALF_TYPES
+        )  # the first operand's (not a float32 mask's)
         rate = H200_DATASHEET["half_flops" if half else "float32_flops"]
         self.bytes += moved
         self.flops += flops

@@ -7,7 +7,8 @@ Usage: python scripts/benchmark_gpu.py [--quick] [--device cuda] [--depth 16 ...
 
 One call (under 8 minutes on an H200; ``--quick`` about 2) measures, in this order:
 1. matmul: the achievable dense bf16 rate (large square products, random inputs rotated, CUDA-synchronised
-   medians), beside the datasheet peak (``trainables.profiling.PEAK_FLOPS``).
+   medians), beside the datasheet peak (``trainables.profiling.PEAK_FLOPS``), and the memory bandwidth (a 4 GiB
+   device-to-device copy): the two ceilings.
 2. training: for each depth and for full fine-tuning and LoRA, a training step (bf16 autocast, AdamW, token-cache
    style inputs: random token maps, no VQVAE encoding) with the attention kernel masked / per_scale / flex, fused
    AdamW off/on, physical batch sizes, for LoRA frozen base weights stored in bf16; later (costly compiles)
@@ -84,6 +85,7 @@ class Plan:
     generation_steps: int
     evaluation_images: int
     matmul_sizes: tuple[int, ...]
+    copy_mib: int
     vqvae_channels: int
     profile_steps: int
     phase_ends: dict
@@ -97,8 +99,8 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
     budget = args.budget_s or default_budget
     share = {  # cumulative: the share of the budget by which each phase has started its last measurement
         "matmul": 0.03,
-        "training": 0.35 if args.quick else 0.26,
-        "privacy": 0.45 if args.quick else 0.41,
+        "training": 0.33 if args.quick else 0.24,
+        "privacy": 0.48 if args.quick else 0.45,
         "generation": 0.62 if args.quick else 0.6,
         "evaluation": 0.7 if args.quick else 0.66,
         "profiles": 0.76 if args.quick else 0.71,
@@ -113,15 +115,18 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         kernels=("masked", "per_scale", "flex"),
         compile=True,
         compile_batches="base and best",
-        dp_configs=(("lora", 1), ("lora", 32), ("full", 1), ("full", 32)),
+        # Most telling first (a cut-short phase keeps them): full fine-tuning at k = 1 is the one setting with a
+        # choice of routes; Opacus's ghost and hooks, options beside book-keeping, come last.
+        dp_configs=(("full", 1), ("lora", 1), ("full", 32), ("lora", 32)),
         dp_rows=32,
-        dp_clippings=("bookkeeping", "bookkeeping:gram", "hooks", "ghost"),
+        dp_clippings=("bookkeeping", "bookkeeping:gram", "ghost", "hooks"),
         generation_depth=GENERATION_DEPTH,
         generation_batches=(64, 128, 256, 512),
         generation_compiled=True,
         generation_steps=2,
         evaluation_images=FLOWERS_TEST_IMAGES,
         matmul_sizes=(4096, 8192, 16384),
+        copy_mib=4096,
         vqvae_channels=160,
         profile_steps=3,
         phase_ends={name: budget * f for name, f in share.items()},
@@ -133,7 +138,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             batches=(16, 64),
             steps=3,
             compile_batches="best",
-            dp_configs=(("lora", 1), ("full", 1)),
+            dp_configs=(("full", 1),),
             dp_clippings=("bookkeeping", "bookkeeping:gram"),
             generation_batches=(64, 256),
             evaluation_images=1024,
@@ -155,6 +160,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             generation_steps=1,
             evaluation_images=2,
             matmul_sizes=(256,),
+            copy_mib=64,
             vqvae_channels=32,
             profile_steps=1,
         )
@@ -260,14 +266,40 @@ def matmul_rate(size: int, *, device: torch.device, reps: int = 20) -> dict:
     }
 
 
+def copy_rate(mib: int, *, device: torch.device, reps: int = 20) -> dict:
+    """Device memory bandwidth: a copy between two buffers of ``mib`` MiB (random bytes), counting bytes read plus
+    bytes written, two pairs rotated."""
+    n = mib * 1024**2
+    g = torch.Generator(device=device).manual_seed(mib)
+    pairs = [
+        (
+            torch.empty(n, dtype=torch.uint8, device=device),
+            torch.randint(0, 256, (n,), dtype=torch.uint8, device=device, generator=g),
+        )
+        for _ in range(2)
+    ]
+    calls = iter(range(10**9))
+
+    def copy() -> None:
+        dst, src = pairs[next(calls) % 2]
+        dst.copy_(src)
+
+    seconds = timed(copy, steps=reps, warmup=3, device=device)
+    return {"mib": mib, "ms": 1e3 * seconds, "tb_per_s": 2 * n / seconds / 1e12}
+
+
 def measure_matmul(rec: Recorder, plan: Plan, device: torch.device) -> None:
+    """The two ceilings: the dense matmul rate and the memory bandwidth (a large device-to-device copy)."""
     for size in plan.matmul_sizes:
         rec.measure("matmul", f"{size}^3", lambda size=size: matmul_rate(size, device=device))
+    rec.measure("bandwidth", f"{plan.copy_mib} MiB copy", lambda: copy_rate(plan.copy_mib, device=device))
     rates = [r["tflops"] for r in rec.data.get("matmul", [])]
+    copies = [r["tb_per_s"] for r in rec.data.get("bandwidth", [])]
     peak = peak_flops_per_second(device)
     rec.data["rates"] = {
         "achievable_tflops": max(rates) if rates else None,
         "datasheet_tflops": None if peak is None else peak / 1e12,
+        "bandwidth_tb_per_s": max(copies) if copies else None,
     }
     rec.write()
 
@@ -901,7 +933,8 @@ def report(data: dict, *, command: str) -> str:
         "",
         f"torch {meta['torch']}. Script: `{command}` ({data['elapsed_s']:.0f} s). Achievable dense matmul rate "
         f"measured in this run: {_num(rates.get('achievable_tflops'))} TFLOP/s (datasheet "
-        f"{_num(rates.get('datasheet_tflops'))}). MFU counts useful FLOPs (attention over the visible query/key "
+        f"{_num(rates.get('datasheet_tflops'))}); memory bandwidth (a device-to-device copy, bytes read and "
+        f"written): {_num(rates.get('bandwidth_tb_per_s'), '.2f')} TB/s. MFU counts useful FLOPs (attention over the visible query/key "
         "pairs only; `bench.estimates.training_flops_per_row`).",
         "",
         "| matmul | dtype | ms | TFLOP/s |",

@@ -1,16 +1,19 @@
 """scripts/benchmark_dp_memory.py counts tensor memory itself: its counter must see creations and releases exactly,
-views and in-place results as nothing new, and name the phase where the peak fell."""
+views and in-place results as nothing new, and name the phase where the peak fell; its traffic counter must count
+each operand read once and each result written once, views and allocations as nothing, a product's FLOPs, and put
+an operation on the roofline at the slower of its two times."""
 
 from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchmark_dp_memory import LiveTensorBytes, _phased
+from benchmark_dp_memory import H200_DATASHEET, LiveTensorBytes, Traffic, _phased
 
 MIB = 1024**2
 
@@ -55,3 +58,24 @@ def test_the_peak_is_placed_in_its_phase():
     assert torch.autograd.backward is backward and optimizer.step.__func__ is torch.optim.SGD.step
     assert after_backward[1] == "backward" and after_backward[0] >= 4 * MIB
     assert tracker.peak_phase == "update" and tracker.peak >= 8 * MIB
+
+
+def test_traffic_counts_reads_writes_flops_and_the_roofline():
+    x = torch.ones(256, 1024)  # 1 MiB of float32
+    w = torch.ones(1024, 1024, dtype=torch.bfloat16)  # 2 MiB
+    with Traffic() as traffic:
+        x.view(1024, 256).t()  # views: nothing moves
+        torch.empty(1024, 1024)  # an allocation: nothing moves
+        y = x * 2.0  # reads 1 MiB, writes 1 MiB
+        y.add_(x)  # reads y and x, writes y: 3 MiB
+        y.normal_()  # overwritten, not read: 1 MiB
+        assert (traffic.kernels, traffic.bytes, traffic.flops) == (3, 6 * MIB, 0)
+        element_wise_s = traffic.roofline_s
+        z = x.bfloat16() @ w  # the cast (1 + 0.5 MiB), then a bf16 product: reads 0.5 + 2, writes 0.5 MiB
+    assert traffic.kernels == 5 and traffic.bytes == 6 * MIB + 3 * MIB // 2 + 3 * MIB
+    product_flops = 2 * 256 * 1024 * 1024
+    assert traffic.flops == product_flops and z.dtype == torch.bfloat16
+    assert element_wise_s == pytest.approx(6 * MIB / H200_DATASHEET["bytes"], rel=1e-12)
+    product_s = max(product_flops / H200_DATASHEET["half_flops"], 3 * MIB / H200_DATASHEET["bytes"])
+    cast_s = (3 * MIB // 2) / H200_DATASHEET["bytes"]
+    assert traffic.roofline_s == pytest.approx(element_wise_s + cast_s + product_s, rel=1e-12)

@@ -51,7 +51,7 @@ def smoke(tmp_path_factory) -> dict:
 def test_every_section_is_measured_with_numbers(smoke):
     data = smoke["data"]
     assert data["errors"] == [], data["errors"]
-    assert _number(data["rates"]["achievable_tflops"])
+    assert _number(data["rates"]["achievable_tflops"]) and _number(data["rates"]["bandwidth_tb_per_s"])
     training = data["training"]
     assert {r["kernel"] for r in training} >= {"masked", "per_scale"}
     assert {r["method"] for r in training} == {"full", "lora"}

@@ -243,9 +243,10 @@ def _kept_clipped(kept: dict, c_B: torch.Tensor) -> dict:
     for p, grad in kept.items():
         if not isinstance(p, nn.Parameter):
             continue
-        grad_1BJ = grad.flatten(1).unsqueeze(0)
-        c_1PB = (bfloat16_parts(c_B) if grad.dtype == torch.bfloat16 else c_B.view(1, -1)).unsqueeze(0)
-        sums[p] = _matmul_f32(c_1PB.to(grad.dtype), grad_1BJ).sum((0, 1)).view(grad.shape[1:])
+        c_PB = bfloat16_parts(c_B) if grad.dtype == torch.bfloat16 else c_B.view(1, -1).to(grad.dtype)
+        sum_PJ = _matmul_f32(c_PB.unsqueeze(0), grad.flatten(1).unsqueeze(0))[0]
+        sum_J = sum_PJ[0] if len(sum_PJ) == 1 else sum_PJ[0].add_(sum_PJ[1])
+        sums[p] = sum_J.view(grad.shape[1:])
     return sums
 
 
