@@ -245,7 +245,9 @@ def _kept_clipped(kept: dict, c_B: torch.Tensor) -> dict:
             continue
         c_PB = bfloat16_parts(c_B) if grad.dtype == torch.bfloat16 else c_B.view(1, -1).to(grad.dtype)
         sum_PJ = _matmul_f32(c_PB.unsqueeze(0), grad.flatten(1).unsqueeze(0))[0]
-        sum_J = sum_PJ[0] if len(sum_PJ) == 1 else sum_PJ[0].add_(sum_PJ[1])
+        # A fresh tensor for two parts, not a view of both: Opacus deep-copies p.grad, and a view's copy is its
+        # whole storage.
+        sum_J = sum_PJ[0] if len(sum_PJ) == 1 else torch.add(sum_PJ[0], sum_PJ[1])
         sums[p] = sum_J.view(grad.shape[1:])
     return sums
 
