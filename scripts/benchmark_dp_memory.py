@@ -74,9 +74,9 @@ class LiveTensorBytes(TorchDispatchMode):
 # NVIDIA's H200 datasheet (SXM, dense): bf16/fp16 tensor cores 989 TFLOP/s, fp32 67 TFLOP/s, HBM3e 4.8 TB/s.
 H200_DATASHEET = {"half_flops": 989e12, "float32_flops": 67e12, "bytes": 4.8e12}
 HALF_TYPES = (torch.bfloat16, torch.float16)
-# In-place ops that overwrite their output without reading it.
 # Allocations and storage swaps (Opacus's ``p.data = ...``): no kernel moves data.
 NO_DATA = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_"}
+# In-place ops that overwrite their output without reading it.
 WRITE_ONLY = {"normal_", "uniform_", "bernoulli_", "exponential_", "random_", "fill_", "zero_", "copy_"}
 
 
@@ -117,9 +117,8 @@ class Traffic(TorchDispatchMode):
         moved = sum(t.numel() * t.element_size() for t in read + outputs)
         flops = self._flops(func, args, kwargs, out)
         floating = [t for t in inputs if t.is_floating_point()]
-        half = (
-            bool(floating) and floating[0].dtype in HALF_TYPES
-        )  # the first operand's (not a float32 mask's)
+        # The rate follows the first operand's dtype, not that of a float32 mask beside it.
+        half = bool(floating) and floating[0].dtype in HALF_TYPES
         rate = H200_DATASHEET["half_flops" if half else "float32_flops"]
         self.bytes += moved
         self.flops += flops

@@ -505,9 +505,8 @@ def measure_training_compiled(rec: Recorder, plan: Plan, models: Models, depth: 
         for batch in batches:
             if in_time(rec, plan, phase, f"d{depth} {method} compiled batch {batch}"):
                 setting = replace(_setting(best), batch=batch, compiled=True)
-                last = (
-                    batch == batches[-1] and depth == plan.depths[0]
-                )  # profiled while compiled: no recompile
+                # The first depth's last batch is profiled while compiled (no second compile).
+                last = batch == batches[-1] and depth == plan.depths[0]
                 measure_setting(rec, plan, models, setting, var=var, vqvae=vqvae, profile=last)
         del var
         free_memory()
@@ -516,12 +515,18 @@ def measure_training_compiled(rec: Recorder, plan: Plan, models: Models, depth: 
 # --- 3. DP-SGD --------------------------------------------------------------------------------------------------
 
 
+def split_clipping(clipping: str | None) -> tuple[str | None, str | None]:
+    """(clipping, book-keeping's linear routes) of a plan entry: "bookkeeping:gram" -> ("bookkeeping", "gram"),
+    "bookkeeping" -> ("bookkeeping", "auto"), "hooks" -> ("hooks", None), None (no DP) -> (None, None)."""
+    name, _, route = (clipping or "").partition(":")
+    return name or None, (route or "auto") if name == "bookkeeping" else None
+
+
 def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, device: torch.device):
     """(step, precision): one step on ``rows`` rows = rows // k examples of k views, DP with ``clipping`` (None:
     the non-DP step on the same rows; "bookkeeping:gram": book-keeping with every linear layer's norms through
     Gram matrices, where trials choose per layer). Ghost clipping runs in float32, as trials run it."""
-    clipping, _, route = (clipping or "").partition(":")
-    clipping = clipping or None
+    clipping, route = split_clipping(clipping)
     examples = max(1, rows // k)
     bf16 = clipping != "ghost"
     optimizer = build_optimizer(var, lr=1e-4)
@@ -557,7 +562,7 @@ def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, device: torc
         dataset_size=dataset,
         planned_steps=1000,
     )
-    if route:
+    if route not in (None, "auto"):
         state.module.linear_route = route
     return (lambda: private_step(state, everyone, loss_fn)), bf16
 
@@ -612,10 +617,7 @@ def measure_privacy(rec: Recorder, plan: Plan, models: Models, phase: str) -> No
                     "k": k,
                     "rows": plan.dp_rows,
                     "examples": max(1, plan.dp_rows // k),
-                    "clipping": clipping and clipping.partition(":")[0],
-                    "route": None
-                    if clipping is None or not clipping.startswith("bookkeeping")
-                    else (clipping.partition(":")[2] or "auto"),
+                    **dict(zip(("clipping", "route"), split_clipping(clipping), strict=True)),
                     "kernel": DP_KERNEL,
                     "precision": "bf16 autocast" if bf16 else "float32",
                     "step_ms": 1e3 * seconds,

@@ -191,7 +191,7 @@ def test_kept_gradients_take_the_operands_precision_and_their_norms_are_of_what_
         4e-3 if dtype == torch.bfloat16 else 1e-6
     )
     c_B = torch.tensor([0.5, 1.0])
-    summed = bookkeeping._kept_clipped(kept, c_B)[layer.weight]
+    summed = bookkeeping._kept_clipped(kept, c_B, bookkeeping.bfloat16_parts(c_B))[layer.weight]
     torch.testing.assert_close(summed, (c_B[:, None, None] * grad_Boi.float()).sum(0))
 
 

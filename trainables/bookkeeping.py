@@ -236,14 +236,15 @@ def bfloat16_parts(c_B: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, truncated(c_B.float() - hi.float())])
 
 
-def _kept_clipped(kept: dict, c_B: torch.Tensor) -> dict:
+def _kept_clipped(kept: dict, c_B: torch.Tensor, c_parts_2B: torch.Tensor) -> dict:
     """sum_b c_b grad_b (float32) for every kept per-example gradient [B, ...] (float32 or bfloat16). A bf16
-    gradient is weighted by c's two bf16 parts in one product with float32 output, which reads it once."""
+    gradient is weighted by c's two bf16 parts (``bfloat16_parts(c_B)``, formed once per step) in one product with
+    float32 output, which reads it once."""
     sums = {}
     for p, grad in kept.items():
         if not isinstance(p, nn.Parameter):
             continue
-        c_PB = bfloat16_parts(c_B) if grad.dtype == torch.bfloat16 else c_B.view(1, -1).to(grad.dtype)
+        c_PB = c_parts_2B if grad.dtype == torch.bfloat16 else c_B.view(1, -1).to(grad.dtype)
         sum_PJ = _matmul_f32(c_PB.unsqueeze(0), grad.flatten(1).unsqueeze(0))[0]
         # A fresh tensor for two parts, not a view of both: Opacus deep-copies p.grad, and a view's copy is its
         # whole storage.
@@ -252,8 +253,8 @@ def _kept_clipped(kept: dict, c_B: torch.Tensor) -> dict:
     return sums
 
 
-def _linear_clipped(layer: nn.Linear, kept: dict, c_B: torch.Tensor, k: int) -> dict:
-    grads = _kept_clipped(kept, c_B)
+def _linear_clipped(layer: nn.Linear, kept: dict, c_B: torch.Tensor, k: int, *, c_parts_2B) -> dict:
+    grads = _kept_clipped(kept, c_B, c_parts_2B)
     if "a" in kept:  # one weighted product over all rows (weights c_b / k per row), in float32
         a_R, g_R = kept["a"], kept["g"]
         w_R = (c_B / k).repeat_interleave(k)
@@ -274,7 +275,7 @@ def _embedding_norms(
     return _square_sums(per_example, in_place=True), {"ids": ids_R, "g": g_R}
 
 
-def _embedding_clipped(layer: nn.Embedding, kept: dict, c_B: torch.Tensor, k: int) -> dict:
+def _embedding_clipped(layer: nn.Embedding, kept: dict, c_B: torch.Tensor, k: int, **_) -> dict:
     ids_R, g_R = kept["ids"], kept["g"]
     w_R = (c_B / k).repeat_interleave(k)
     gw = (g_R * w_R.view(-1, *([1] * (g_R.ndim - 1)))).reshape(-1, layer.embedding_dim)
@@ -295,12 +296,12 @@ def _small_norms(
     return sq_B, kept
 
 
-def _small_clipped(layer: nn.Module, kept: dict, c_B: torch.Tensor, k: int) -> dict:
-    return _kept_clipped(kept, c_B)
+def _small_clipped(layer: nn.Module, kept: dict, c_B: torch.Tensor, k: int, *, c_parts_2B) -> dict:
+    return _kept_clipped(kept, c_B, c_parts_2B)
 
 
 NormRule = Callable[..., tuple[torch.Tensor, dict]]
-SumRule = Callable[[nn.Module, dict, torch.Tensor, int], dict]
+SumRule = Callable[..., dict]  # (layer, kept, c_B, k, *, c_parts_2B) -> {param: clipped sum}
 RULES: dict[type, tuple[NormRule, SumRule]] = {
     nn.Linear: (_linear_norms, _linear_clipped),
     nn.Embedding: (_embedding_norms, _embedding_clipped),
@@ -439,6 +440,9 @@ class BookKeeping:
     def _write_clipped(self, *, max_grad_norm: float) -> None:
         norm_B = torch.stack([self.norms[m] for m in self.layers]).sum(0).sqrt()
         c_B = (max_grad_norm / (norm_B + 1e-6)).clamp(max=1.0)
+        c_parts_2B = bfloat16_parts(c_B)
         for m in self.layers:
-            for p, grad in RULES[type(m)][1](m, self.kept.pop(m), c_B, self._k).items():
+            for p, grad in RULES[type(m)][1](
+                m, self.kept.pop(m), c_B, self._k, c_parts_2B=c_parts_2B
+            ).items():
                 p.grad = grad.to(p.dtype).view_as(p)
