@@ -4,10 +4,10 @@ counts ``max_memory_allocated`` (without its rounding, caching and kernel worksp
 PyTorch's FLOP counter (matrix products and attention; the same count on any device). Optionally beside another git
 revision's code, each configuration in its own process.
 
-Usage: python scripts/benchmark_dp_memory.py [--depth 2] [--views 1:8,8:16] [--precision bf16,fp32]
-                                             [--versus REV] [--out docs/benchmarks.md]
-Geometry: VAR-d16's layer widths (1024, 16 heads) and tokens (256 px: 680 per view), ``--depth`` blocks, a narrow
-VQVAE (only its embedding is used). Rows = examples x k views; DP takes one physical batch of all rows. Parameters
+Usage: python scripts/benchmark_dp_memory.py [--depth 2] [--width 1024 --heads 16] [--views 1:8,8:16]
+                                             [--precision bf16,fp32] [--versus REV] [--out docs/benchmarks.md]
+Geometry: VAR-d16's layer widths (1024, 16 heads; ``--width 1280 --heads 20`` for VAR-d20's) and tokens (256 px:
+680 per view), ``--depth`` blocks, a narrow VQVAE (only its embedding is used). Rows = examples x k views; DP takes one physical batch of all rows. Parameters
 and optimiser state scale with depth like the activations, so a few blocks give d16's ratios at the same rows
 (the class embedding and the head are a larger share). ``bf16``: the forwards under CPU bf16 autocast, as GPU
 training runs them; ``fp32``: as CPU trials run. Step 1 creates AdamW's state; step 2's memory is counted, step 3's
@@ -202,11 +202,15 @@ def measure(config: dict, *, depth: int) -> dict:
     examples = rows // k
     if config.get("kernel_set") == "cuda":
         emulate_cuda_kernels()
+    if config.get("keep_ratio") is not None:
+        from trainables import bookkeeping
+
+        bookkeeping.KEEP_MEMORY_RATIO = config["keep_ratio"]
     var, loss_fn = d16_like(
         config["method"],
         depth=depth,
-        width=1024,
-        heads=16,
+        width=config.get("width", 1024),
+        heads=config.get("heads", 16),
         k=k,
         rows=rows,
         bf16=config["precision"] == "bf16",
@@ -244,19 +248,29 @@ def measure(config: dict, *, depth: int) -> dict:
     }
 
 
-def configurations(views: str, precisions: str, *, routes: str, kernel_set: str) -> list[dict]:
+def configurations(
+    views: str,
+    precisions: str,
+    *,
+    routes: str,
+    kernel_set: str,
+    geometry: dict | None = None,
+    methods: str = "full,lora",
+) -> list[dict]:
     """No DP, then book-keeping per route ("auto": as trials run; "gram": every linear layer's norms through Gram
-    matrices), on the CPU's kernels or CUDA's emulated (``emulate_cuda_kernels``)."""
+    matrices; "auto@R": auto with per-example gradients kept up to R x their a and g, not KEEP_MEMORY_RATIO), on
+    the CPU's kernels or CUDA's emulated (``emulate_cuda_kernels``). ``geometry``: {width, heads}."""
     configs = []
     for view in views.split(","):
         k, rows = (int(x) for x in view.split(":"))
         for precision in precisions.split(","):
-            for method in ("full", "lora"):
-                common = dict(method=method, k=k, rows=rows, precision=precision)
+            for method in methods.split(","):
+                common = dict(method=method, k=k, rows=rows, precision=precision, **(geometry or {}))
                 configs.append(dict(common, dp=False))
-                configs += [
-                    dict(common, dp=True, route=route, kernel_set=kernel_set) for route in routes.split(",")
-                ]
+                for route in routes.split(","):
+                    route, _, ratio = route.partition("@")
+                    keep = dict(keep_ratio=float(ratio)) if ratio else {}
+                    configs.append(dict(common, dp=True, route=route, kernel_set=kernel_set, **keep))
     return configs
 
 
@@ -280,6 +294,8 @@ def table(rows: list[dict]) -> list[str]:
     for plain in (r for r in rows if not r["dp"]):
         for r in [plain] + [r for r in rows if r["dp"] and key(r) == key(plain)]:
             step = "no DP" if r is plain else f"book-keeping {r['code']}, {r['route']} routes"
+            if r.get("keep_ratio") is not None:
+                step += f", kept up to {r['keep_ratio']:g}x"
             total = (r["held_mib"] + r["peak_mib"]) / (plain["held_mib"] + plain["peak_mib"])
             lines.append(
                 f"| {r['method']} | {r['k']} | {r['rows']} | {r['precision']} | {step} | {r['peak_mib']:.0f} | "
@@ -293,10 +309,15 @@ def table(rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--width", type=int, default=1024, help="1024: VAR-d16's layers; 1280: VAR-d20's")
+    parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--views", default="1:8,8:16", help="k:rows pairs (rows = examples x k)")
     parser.add_argument("--precision", default="bf16,fp32")
+    parser.add_argument("--methods", default="full,lora")
     parser.add_argument("--versus", help="a git revision whose code to measure beside this tree's")
-    parser.add_argument("--routes", default="auto", help="book-keeping's linear routes: auto,gram")
+    parser.add_argument(
+        "--routes", default="auto", help="book-keeping's linear routes: auto,gram,auto@1.6 (keep ratio 1.6)"
+    )
     parser.add_argument(
         "--kernels",
         default="cpu",
@@ -323,8 +344,17 @@ def main() -> None:
         )
     rows = []
     try:
-        for config in configurations(args.views, args.precision, routes=args.routes, kernel_set=args.kernels):
-            versus = worktree and config["dp"] and config["route"] == "auto"
+        geometry = dict(width=args.width, heads=args.heads)
+        configs = configurations(
+            args.views,
+            args.precision,
+            routes=args.routes,
+            kernel_set=args.kernels,
+            geometry=geometry,
+            methods=args.methods,
+        )
+        for config in configs:
+            versus = worktree and config["dp"] and config["route"] == "auto" and "keep_ratio" not in config
             codes = ({args.versus: worktree} if versus else {}) | {"this tree": ROOT}
             for name, code in codes.items():
                 rows.append({**run_in_process(config, depth=args.depth, code=code), "code": name})
@@ -334,11 +364,13 @@ def main() -> None:
             subprocess.run(
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=True
             )
-    command = f"python scripts/benchmark_dp_memory.py --depth {args.depth} --views {args.views} --precision {args.precision}"
+    command = f"python scripts/benchmark_dp_memory.py --depth {args.depth} --width {args.width} --heads {args.heads}"
+    command += f" --views {args.views} --precision {args.precision} --methods {args.methods}"
     command += f" --routes {args.routes} --kernels {args.kernels}"
     command += f" --versus {args.versus}" if args.versus else ""
     section = [
-        f"### DP step memory, counted tensor by tensor: width 1024, 16 heads, depth {args.depth}, 680 tokens "
+        f"### DP step memory, counted tensor by tensor: width {args.width}, {args.heads} heads, depth {args.depth}, "
+        "680 tokens "
         f"({benchmark_common.stamp()})",
         "",
         f"Machine: {benchmark_common.machine()}. Script: `{command}`. Held: parameters and AdamW state before the "

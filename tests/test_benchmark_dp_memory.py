@@ -13,7 +13,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchmark_dp_memory import H200_DATASHEET, LiveTensorBytes, Traffic, _phased
+from benchmark_dp_memory import H200_DATASHEET, LiveTensorBytes, Traffic, _phased, configurations
 
 MIB = 1024**2
 
@@ -79,3 +79,23 @@ def test_traffic_counts_reads_writes_flops_and_the_roofline():
     product_s = max(product_flops / H200_DATASHEET["half_flops"], 3 * MIB / H200_DATASHEET["bytes"])
     cast_s = (3 * MIB // 2) / H200_DATASHEET["bytes"]
     assert traffic.roofline_s == pytest.approx(element_wise_s + cast_s + product_s, rel=1e-12)
+
+
+def test_configurations_pair_each_dp_step_with_its_non_dp_step():
+    """ "auto@R" is the auto routes with a keep ratio R, and every configuration carries the geometry asked for."""
+    configs = configurations(
+        "1:8",
+        "bf16",
+        routes="auto,auto@2.5",
+        kernel_set="cuda",
+        geometry=dict(width=1920, heads=30),
+        methods="full",
+    )
+    assert [(c["dp"], c.get("route"), c.get("keep_ratio")) for c in configs] == [
+        (False, None, None),
+        (True, "auto", None),
+        (True, "auto", 2.5),
+    ]
+    assert all(
+        (c["method"], c["k"], c["rows"], c["width"], c["heads"]) == ("full", 1, 8, 1920, 30) for c in configs
+    )

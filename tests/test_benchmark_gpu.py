@@ -155,3 +155,25 @@ def test_a_run_refreshes_the_measured_throughput(smoke, tmp_path):
     assert any(e["clipping"] is None and e["method"] == "full" for e in entries)  # a non-DP training rate too
     demo = build_sweep("demo")[0]
     assert measured_rate(demo, entries) is None  # the tiny base is never priced from official measurements
+
+
+def test_the_privacy_phase_measures_the_widest_depth_second():
+    """Full fine-tuning at k = 1 is measured at VAR-d20 too, right after VAR-d16 (routes change with the width), as
+    trials run it only; ghost clipping and Gram routes only at one view per example."""
+    import argparse
+
+    import benchmark_gpu
+    import torch
+
+    def schedule(**args) -> list:
+        namespace = argparse.Namespace(**{"quick": False, "budget_s": None, "depth": None, **args})
+        return benchmark_gpu.privacy_schedule(benchmark_gpu.make_plan(namespace, torch.device("cuda")))
+
+    full = schedule()
+    assert [entry[:3] for entry in full[:3]] == [(16, "full", 1), (20, "full", 1), (16, "lora", 1)]
+    assert full[1][3] == (None, "bookkeeping")
+    assert full[0][3] == (None, "bookkeeping", "bookkeeping:gram", "ghost", "hooks")
+    assert all(
+        "ghost" not in clippings and "bookkeeping:gram" not in clippings for *_, k, clippings in full if k > 1
+    )
+    assert [entry[:3] for entry in schedule(quick=True)] == [(16, "full", 1)]  # one depth: no second

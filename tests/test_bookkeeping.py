@@ -144,14 +144,17 @@ def test_route_rule_at_var_d16_geometry():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_var_d16_keeps_every_per_example_gradient_at_one_view(dtype):
-    """At 680 positions every linear layer of VAR-d16 (qkv, projection, MLP, head) keeps its per-example gradient,
-    so full fine-tuning's DP step adds no Gram products; VAR-d20's MLP (1280 <-> 5120: 1.5x its a and g) does not."""
-    C = 1024
-    for in_features, out_features in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C), (C, 4096)):
-        a_R, g_R = torch.empty(1, in_features, dtype=dtype), torch.empty(1, out_features, dtype=dtype)
-        assert bookkeeping._keeps_direct(positions=680, a_R=a_R, g_R=g_R), (in_features, out_features)
-    a_R, g_R = torch.empty(1, 1280, dtype=dtype), torch.empty(1, 5120, dtype=dtype)
+def test_var_d16_to_d30_keep_every_per_example_gradient_at_one_view(dtype):
+    """At 680 positions every linear layer of VAR-d16 to d30 (qkv, projection, MLP, head; d30's MLP: 1920 <-> 7680,
+    2.26x its a and g) keeps its per-example gradient, so full fine-tuning's DP step adds no Gram products. AdaLN's
+    modulation (one position per example: 7 D^2 / 7 D) does not, nor does a layer beyond the ratio."""
+    for C in (1024, 1280, 1536, 1920):
+        for in_features, out_features in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C), (C, 4096)):
+            a_R, g_R = torch.empty(1, in_features, dtype=dtype), torch.empty(1, out_features, dtype=dtype)
+            assert bookkeeping._keeps_direct(positions=680, a_R=a_R, g_R=g_R), (in_features, out_features)
+    a_R, g_R = torch.empty(1, 1920, dtype=dtype), torch.empty(1, 6 * 1920, dtype=dtype)
+    assert not bookkeeping._keeps_direct(positions=1, a_R=a_R, g_R=g_R)
+    a_R, g_R = torch.empty(1, 2560, dtype=dtype), torch.empty(1, 4 * 2560, dtype=dtype)  # 3.0x
     assert not bookkeeping._keeps_direct(positions=680, a_R=a_R, g_R=g_R)
 
 

@@ -13,8 +13,8 @@ step 3 replaces. An example's k augmented views (consecutive rows) are treated a
 A linear layer (in -> out) takes the cheapest of three routes (after the "mixed ghost norm" rule of Bu et al.):
 - ``"direct"``, kept: the per-example gradient g_b^T a_b itself, ~2 T in out FLOPs (the weight-gradient product the
   frozen backward skipped), kept (in bfloat16 under autocast) where it takes at most KEEP_MEMORY_RATIO x the memory
-  of the ``a`` and ``g`` it lets go during the backward; the clipped sum is then its c-weighted sum (~in out FLOPs
-  per example). No extra products at all.
+  of the ``a`` and ``g`` it lets go during the backward (every layer of VAR-d16 to d30 at one view); the clipped
+  sum is then its c-weighted sum (~in out FLOPs per example). No extra products at all.
 - ``"gram"``: ||g_b^T a_b||^2 = <g_b g_b^T, a_b a_b^T> from the two [T, T] Gram matrices. Both are symmetric, so
   only their block upper triangle is formed: n row tiles of >= GRAM_TILE_ROWS rows, ~2 T^2 (in + out) (n + 1) / 2n
   FLOPs per example (0.625 of the whole at n = 4). The clipped sum is then one weighted product (g * c)^T a over all
@@ -58,11 +58,14 @@ F32_BYTES = 4
 GRAM_TILE_ROWS = 128
 MAX_GRAM_TILES = 4
 # A per-example gradient is kept (then the norms cost no product beyond the non-DP step's) where it takes at most
-# this many times the bytes of the layer's a and g, which it replaces. 1.25 keeps every layer of VAR-d16 at k = 1
-# (the MLP's and head's 1024 x 4096 gradients are 1.2x their a and g over 680 positions): full fine-tuning's DP
-# step then costs 1.000x the non-DP step's FLOPs at 1.14x its memory (bf16; 1.147x and 1.07x through Gram
-# matrices; docs/benchmarks.md). Wider models (d20's MLP: 1.5x) go through Gram matrices.
-KEEP_MEMORY_RATIO = 1.25
+# this many times the bytes of the layer's a and g, which it replaces. At 680 positions (256 px) and one view, the
+# qkv, MLP and head gradients are 1.13-1.2x their a and g at VAR-d16, 1.41-1.51x at d20, 1.64-1.81x at d24 and
+# 1.92-2.26x at d30; 2.5 keeps them all. Measured with two blocks of each width, 8 rows, bf16, on an H200 roofline
+# (docs/benchmarks.md): through Gram matrices (fp32 weighted products) a DP-full step cost 2.39x the non-DP step at
+# d20's width and 2.69x at d30's; kept, 1.19x and 1.21x (1.001x its FLOPs). Memory: the same peak at d20's width
+# (1.07x the non-DP step's total), 1.06x -> 1.13x at d30's (1.05x -> 1.12x with four blocks: kept gradients mostly
+# take the place of activations the backward has freed).
+KEEP_MEMORY_RATIO = 2.5
 
 
 def _fold(rows_R: torch.Tensor, k: int) -> torch.Tensor:
