@@ -26,6 +26,7 @@ from trainables.privacy import (
     load_privacy_state,
     make_private,
     next_batch,
+    noised_mean,
     poisson_batch,
     privacy_ledger,
     privacy_state_dict,
@@ -304,6 +305,71 @@ def test_physical_batches_do_not_change_the_sum(k, clipping, vqvae, data):
         copy.deepcopy(base), vqvae, data, rows_per_forward=5, **kwargs
     )  # chunks of 2 or 5 examples
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-7)
+
+
+def test_physical_batches_add_the_bf16_sums_part_by_part(monkeypatch, vqvae, data):
+    """Under bf16 autocast a kept gradient's clipped sum comes as two float32 parts (c's two bf16 parts), added
+    part by part across chunks of examples and into the noise at the end: the chunks do not change the sum."""
+    from trainables import bookkeeping
+
+    lengths = []
+    add_parts = bookkeeping.add_parts
+    monkeypatch.setattr(
+        bookkeeping,
+        "add_parts",
+        lambda into, parts: (lengths.extend(len(v) for v in parts.values()), add_parts(into, parts))[1],
+    )
+    base = make_model("full")
+    kwargs = dict(indices=list(range(0, N, 2)), k=1, clipping="bookkeeping", max_grad_norm=0.05, bf16=True)
+    one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, rows_per_forward=64, **kwargs)
+    assert 2 in lengths
+    many = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, rows_per_forward=5, **kwargs)
+    torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_noised_mean_is_opacus_mechanism_with_its_draws(rank):
+    """Book-keeping's noised mean, (sum + N(0, sigma^2 C^2)) / B, draws from the same generator in the parameters'
+    order as Opacus's pre-step (std sigma C, then the division), so the two agree to rounding; a parameter no
+    example reached gets noise alone. Rank > 0 adds no noise (rank 0's is averaged in) and draws nothing."""
+    var, C = make_model("lora"), 0.5
+    state = make_private(
+        var,
+        torch.optim.SGD(var.parameters(), lr=0.0),
+        privacy=spec(max_grad_norm=C, clipping="bookkeeping"),
+        dataset_size=N,
+        planned_steps=3,
+        noise_generator=torch.Generator().manual_seed(5),
+    )
+    state.rank = rank
+    params, B = state.optimizer.params, state.optimizer.expected_batch_size
+    draws = torch.Generator().manual_seed(1)
+    sums = {
+        p: [torch.randn(p.shape, generator=draws), 1e-3 * torch.randn(p.shape, generator=draws)]
+        for p in params[::2]
+    }
+    opacus_noise = torch.Generator().manual_seed(5)
+    want = []
+    for p in params:
+        clipped = sum(sums[p]) if p in sums else torch.zeros_like(p)
+        noise = torch.normal(0, state.noise_multiplier * C, size=p.shape, generator=opacus_noise)
+        want.append((clipped + (noise if rank == 0 else 0)) / B)
+    generator_state = state.optimizer.generator.get_state()
+    noised_mean(state, {p: list(parts) for p, parts in sums.items()})
+    for p, expected in zip(params, want, strict=True):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(state.optimizer.generator.get_state(), generator_state) == (rank > 0)
+
+
+def test_parts_of_different_counts_are_added_exactly():
+    from trainables.bookkeeping import add_parts
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    into = {}
+    add_parts(into, {p: [torch.ones(3), torch.full((3,), 0.5)]})
+    add_parts(into, {p: [torch.full((3,), 2.0), torch.full((3,), 0.25)]})
+    add_parts(into, {p: [torch.full((3,), 4.0)]})
+    assert len(into[p]) == 1 and torch.equal(into[p][0], torch.full((3,), 7.75))
 
 
 @pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])

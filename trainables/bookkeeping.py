@@ -240,20 +240,32 @@ def bfloat16_parts(c_B: torch.Tensor) -> torch.Tensor:
 
 
 def _kept_clipped(kept: dict, c_B: torch.Tensor, c_parts_2B: torch.Tensor) -> dict:
-    """sum_b c_b grad_b (float32) for every kept per-example gradient [B, ...] (float32 or bfloat16). A bf16
-    gradient is weighted by c's two bf16 parts (``bfloat16_parts(c_B)``, formed once per step) in one product with
-    float32 output, which reads it once."""
+    """sum_b c_b grad_b (float32) for every kept per-example gradient [B, ...] (float32 or bfloat16), as the parts
+    whose sum it is. A bf16 gradient is weighted by c's two bf16 parts (``bfloat16_parts(c_B)``, formed once per
+    step) in one product with float32 output, which reads it once; its two rows are not added here: DP-SGD's noised
+    mean adds each into the noise (``add_parts``), one pass over the parameter fewer."""
     sums = {}
     for p, grad in kept.items():
         if not isinstance(p, nn.Parameter):
             continue
         c_PB = c_parts_2B if grad.dtype == torch.bfloat16 else c_B.view(1, -1).to(grad.dtype)
         sum_PJ = _matmul_f32(c_PB.unsqueeze(0), grad.flatten(1).unsqueeze(0))[0]
-        # A fresh tensor for two parts, not a view of both: Opacus deep-copies p.grad, and a view's copy is its
-        # whole storage.
-        sum_J = sum_PJ[0] if len(sum_PJ) == 1 else torch.add(sum_PJ[0], sum_PJ[1])
-        sums[p] = sum_J.view(grad.shape[1:])
+        sums[p] = [part_J.view(grad.shape[1:]) for part_J in sum_PJ]
     return sums
+
+
+def add_parts(into: dict, parts: dict) -> None:
+    """Accumulate clipped sums given as parts ({param: [float32 tensors]}, see ``_kept_clipped``) into ``into``,
+    part by part in place (a step's chunks of examples)."""
+    for p, new in parts.items():
+        held = into.setdefault(p, new)
+        if held is new:
+            continue
+        if len(held) != len(new):  # never within one step (routes depend on dtypes and positions); kept exact
+            held[:] = [torch.add(sum(held[1:], held[0]), sum(new[1:], new[0]))]
+            continue
+        for part, more in zip(held, new, strict=True):
+            part.add_(more)
 
 
 def _linear_clipped(layer: nn.Linear, kept: dict, c_B: torch.Tensor, k: int, *, c_parts_2B) -> dict:
@@ -262,7 +274,7 @@ def _linear_clipped(layer: nn.Linear, kept: dict, c_B: torch.Tensor, k: int, *, 
         a_R, g_R = kept["a"], kept["g"]
         w_R = (c_B / k).repeat_interleave(k)
         gw_Ro = (g_R * w_R.view(-1, *([1] * (g_R.ndim - 1)))).reshape(-1, g_R.shape[-1])
-        grads[layer.weight] = gw_Ro.T @ a_R.reshape(-1, a_R.shape[-1]).to(gw_Ro.dtype)
+        grads[layer.weight] = [gw_Ro.T @ a_R.reshape(-1, a_R.shape[-1]).to(gw_Ro.dtype)]
     return grads
 
 
@@ -283,9 +295,9 @@ def _embedding_clipped(layer: nn.Embedding, kept: dict, c_B: torch.Tensor, k: in
     w_R = (c_B / k).repeat_interleave(k)
     gw = (g_R * w_R.view(-1, *([1] * (g_R.ndim - 1)))).reshape(-1, layer.embedding_dim)
     return {
-        layer.weight: torch.zeros_like(layer.weight).index_add_(
-            0, ids_R.reshape(-1), gw.to(layer.weight.dtype)
-        )
+        layer.weight: [
+            torch.zeros_like(layer.weight).index_add_(0, ids_R.reshape(-1), gw.to(layer.weight.dtype))
+        ]
     }
 
 
@@ -304,7 +316,7 @@ def _small_clipped(layer: nn.Module, kept: dict, c_B: torch.Tensor, k: int, *, c
 
 
 NormRule = Callable[..., tuple[torch.Tensor, dict]]
-SumRule = Callable[..., dict]  # (layer, kept, c_B, k, *, c_parts_2B) -> {param: clipped sum}
+SumRule = Callable[..., dict]  # (layer, kept, c_B, k, *, c_parts_2B) -> {param: [parts of its clipped sum]}
 RULES: dict[type, tuple[NormRule, SumRule]] = {
     nn.Linear: (_linear_norms, _linear_clipped),
     nn.Embedding: (_embedding_norms, _embedding_clipped),
@@ -410,9 +422,13 @@ class BookKeeping:
                 module, a_R, g_R, self._k, trainable=self.trainable, route=self.linear_route
             )
 
-    def clipped_sum(self, loss_fn: Callable[[], torch.Tensor], *, max_grad_norm: float) -> int:
+    def clipped_sum(
+        self, loss_fn: Callable[[], torch.Tensor], *, max_grad_norm: float, into: dict | None = None
+    ) -> int:
         """Run ``loss_fn`` (-> per-view losses [b, k]) and backward with weights frozen, then write each trainable
-        parameter's sum over examples of its clipped view-mean gradient into ``p.grad``. Returns b."""
+        parameter's sum over examples of its clipped view-mean gradient into ``p.grad``, or, given ``into``, add it
+        there as float32 parts ({param: [parts]}, ``add_parts``), which DP-SGD's noised mean adds into its noise
+        without forming the sum. Returns b."""
         self._clear()
         for p in self.params:
             p.requires_grad_(False)  # autograd then skips the weight-gradient products rebuilt below
@@ -434,18 +450,20 @@ class BookKeeping:
                 raise RuntimeError(
                     f"no output gradient reached trainable layers {missing[:8]} (not used by the loss?)"
                 )
-            self._write_clipped(max_grad_norm=max_grad_norm)
+            self._write_clipped(max_grad_norm=max_grad_norm, into=into)
         finally:
             self._clear()
         return b
 
     @torch.no_grad()
-    def _write_clipped(self, *, max_grad_norm: float) -> None:
+    def _write_clipped(self, *, max_grad_norm: float, into: dict | None = None) -> None:
         norm_B = torch.stack([self.norms[m] for m in self.layers]).sum(0).sqrt()
         c_B = (max_grad_norm / (norm_B + 1e-6)).clamp(max=1.0)
         c_parts_2B = bfloat16_parts(c_B)
         for m in self.layers:
-            for p, grad in RULES[type(m)][1](
-                m, self.kept.pop(m), c_B, self._k, c_parts_2B=c_parts_2B
-            ).items():
-                p.grad = grad.to(p.dtype).view_as(p)
+            sums = RULES[type(m)][1](m, self.kept.pop(m), c_B, self._k, c_parts_2B=c_parts_2B)
+            if into is not None:
+                add_parts(into, sums)
+                continue
+            for p, parts in sums.items():
+                p.grad = sum(parts[1:], parts[0]).to(p.dtype).view_as(p)
