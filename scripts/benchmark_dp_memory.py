@@ -169,7 +169,7 @@ def _phased(
     var: torch.nn.Module, optimizer: torch.optim.Optimizer, tracker: LiveTensorBytes
 ) -> Callable[[], None]:
     """Name the step's phases for the tracker: forward, backward, after the backward (book-keeping's clipped sum,
-    Opacus's noise) and the update. Patches ``torch.autograd.backward`` and ``optimizer.step``; returns the
+    the noise) and the update. Patches ``torch.autograd.backward`` and ``optimizer.step``; returns the
     function that undoes that."""
 
     def forward_starts(*_):
