@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -329,9 +330,12 @@ def test_physical_batches_add_the_bf16_sums_part_by_part(monkeypatch, vqvae, dat
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_noised_mean_is_opacus_mechanism_with_its_draws(rank):
-    """Book-keeping's noised mean, (sum + N(0, sigma^2 C^2)) / B, draws from the same generator in the parameters'
-    order as Opacus's pre-step (std sigma C, then the division), so the two agree to rounding; a parameter no
-    example reached gets noise alone. Rank > 0 adds no noise (rank 0's is averaged in) and draws nothing."""
+    """Book-keeping's noised mean against Opacus's own pre-step (noise at std sigma C, then the division by the
+    expected batch) on twin parameters with twin generators: equal to rounding, and the generators end in the same
+    state (the same draws, in the parameters' order; none for rank > 0, whose sums rank 0's noise is averaged
+    with). Every other parameter got no example: noise alone."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
     var, C = make_model("lora"), 0.5
     state = make_private(
         var,
@@ -342,23 +346,46 @@ def test_noised_mean_is_opacus_mechanism_with_its_draws(rank):
         noise_generator=torch.Generator().manual_seed(5),
     )
     state.rank = rank
-    params, B = state.optimizer.params, state.optimizer.expected_batch_size
+    params = state.optimizer.params
     draws = torch.Generator().manual_seed(1)
     sums = {
         p: [torch.randn(p.shape, generator=draws), 1e-3 * torch.randn(p.shape, generator=draws)]
         for p in params[::2]
     }
-    opacus_noise = torch.Generator().manual_seed(5)
-    want = []
-    for p in params:
-        clipped = sum(sums[p]) if p in sums else torch.zeros_like(p)
-        noise = torch.normal(0, state.noise_multiplier * C, size=p.shape, generator=opacus_noise)
-        want.append((clipped + (noise if rank == 0 else 0)) / B)
-    generator_state = state.optimizer.generator.get_state()
+    twins = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
+    for p, twin in zip(params, twins, strict=True):
+        twin.grad = sum(sums[p]) if p in sums else torch.zeros_like(p)
+    opacus = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(twins, lr=0.0),
+        noise_multiplier=state.noise_multiplier if rank == 0 else 0.0,  # Opacus's DDP: noise on rank 0 only
+        max_grad_norm=C,
+        expected_batch_size=state.optimizer.expected_batch_size,
+        loss_reduction="mean",
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert opacus.pre_step()
     noised_mean(state, {p: list(parts) for p, parts in sums.items()})
-    for p, expected in zip(params, want, strict=True):
-        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7)
-    assert torch.equal(state.optimizer.generator.get_state(), generator_state) == (rank > 0)
+    for p, twin in zip(params, twins, strict=True):
+        torch.testing.assert_close(p.grad, twin.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(state.optimizer.generator.get_state(), opacus.generator.get_state())
+    assert torch.equal(opacus.generator.get_state(), torch.Generator().manual_seed(5).get_state()) == (
+        rank > 0
+    )
+
+
+def test_bookkeeping_refuses_an_optimiser_over_other_parameters():
+    """The noised mean gives each optimised parameter its clipped sum or, with none, noise alone: an optimiser
+    holding a parameter book-keeping does not clip would take a silently wrong step, so it is refused up front."""
+    var = make_model("lora")
+    stray = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(PrivacyConfigError, match="1 optimised but not clipped"):
+        make_private(
+            var,
+            torch.optim.SGD([*var.parameters(), stray], lr=0.0),
+            privacy=spec(clipping="bookkeeping"),
+            dataset_size=N,
+            planned_steps=3,
+        )
 
 
 def test_parts_of_different_counts_are_added_exactly():
@@ -397,10 +424,24 @@ def test_noise_std_matches_sigma_C_over_expected_batch(clipping, vqvae, data):
 
 
 @pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
-def test_the_update_runs_without_the_buffers_the_noised_gradient_came_from(clipping, vqvae, data):
+def test_the_update_runs_without_the_buffers_the_noised_gradient_came_from(
+    clipping, monkeypatch, vqvae, data
+):
     """Opacus keeps each parameter's summed clipped gradient (and, with hooks, its per-example gradients) until
-    zero_grad; the optimiser's update must not run beside them (it was the step's memory peak). Two chunks of
-    examples, so Opacus accumulates across forwards as in training."""
+    zero_grad; book-keeping, the parts of its clipped sums. The optimiser's update must not run beside them (it
+    was the step's memory peak). Two chunks of examples, so the sums accumulate across forwards as in training."""
+    from trainables import bookkeeping
+
+    parts = []
+    add_parts = bookkeeping.add_parts
+    monkeypatch.setattr(
+        bookkeeping,
+        "add_parts",
+        lambda into, new: (
+            parts.extend(weakref.ref(t) for ts in new.values() for t in ts),
+            add_parts(into, new),
+        )[1],
+    )
     var = make_model("full")
     optimizer = torch.optim.AdamW(var.parameters(), lr=1e-3)
     state = make_private(
@@ -425,22 +466,37 @@ def test_the_update_runs_without_the_buffers_the_noised_gradient_came_from(clipp
             ]
         )
         assert all(p.grad is not None for p in params)
+        held[-1] += [part for part in parts if part() is not None]
         return update(*args, **kwargs)
 
     optimizer.step = watched_update
     private_step(state, torch.arange(4), loss_fn_for(var, vqvae, data, 1))
     assert held == [[]] and state.steps == 1
+    assert (len(parts) > 0) == (clipping == "bookkeeping")
 
 
-def test_empty_poisson_batch_takes_a_noise_only_step(vqvae, data):
+@pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
+def test_empty_poisson_batch_takes_a_noise_only_step(clipping, vqvae, data):
+    """No example drawn: the step is noise alone, N(0, (sigma C)^2) / B on every parameter, and it is counted."""
     var = make_model("lora")
     before = {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
+    C = 0.5
     state = make_private(
-        var, torch.optim.SGD(var.parameters(), lr=1.0), privacy=spec(), dataset_size=N, planned_steps=2
+        var,
+        torch.optim.SGD(var.parameters(), lr=1.0),
+        privacy=spec(clipping=clipping, max_grad_norm=C),
+        dataset_size=N,
+        planned_steps=2,
     )
-    private_step(state, torch.zeros(0, dtype=torch.long), loss_fn_for(var, vqvae, data, 1))
+    captured = []
+    capture = lambda: captured.append(torch.cat([p.grad.flatten() for p in state.optimizer.params]))  # noqa: E731
+    private_step(
+        state, torch.zeros(0, dtype=torch.long), loss_fn_for(var, vqvae, data, 1), public_grad_fn=capture
+    )
     assert state.steps == 1
     assert all(not torch.equal(p, before[n]) for n, p in trainable_parameters(var).items())
+    expected_std = state.noise_multiplier * C / state.expected_batch_size
+    assert captured[0].numel() > 5_000 and abs(captured[0].std().item() / expected_std - 1) < 0.05
 
 
 def independent_epsilon(*, sigma: float, q: float, steps: int, delta: float, orders=range(2, 64)) -> float:

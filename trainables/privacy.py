@@ -381,6 +381,7 @@ def make_private(
     if clipping == "bookkeeping":
         module = BookKeeping(model)
         dp_optimizer = fast_clipping(optimizer, **dp_options)
+        _check_same_parameters(module.params, dp_optimizer.params)
     elif clipping == "ghost":
         module = GradSampleModuleFastGradientClipping(
             model,
@@ -534,6 +535,19 @@ def private_step(
     optimizer.zero_grad(set_to_none=True)
 
 
+def _check_same_parameters(clipped: list, optimised: list) -> None:
+    """Book-keeping's noised mean gives every optimised parameter its clipped sum, or noise alone where it has
+    none: a parameter the optimiser updates but book-keeping does not clip (or the reverse) would be silently
+    wrong, so it is refused before any step."""
+    unclipped = len({id(p) for p in optimised} - {id(p) for p in clipped})
+    unoptimised = len({id(p) for p in clipped} - {id(p) for p in optimised})
+    if unclipped or unoptimised:
+        raise PrivacyConfigError(
+            f"book-keeping clips other parameters than the optimiser updates: {unclipped} optimised but not "
+            f"clipped, {unoptimised} clipped but not optimised (pass the optimiser exactly the trainable parameters)"
+        )
+
+
 def noised_mean(state: PrivateTraining, sums: dict) -> None:
     """p.grad = (clipped sum + N(0, sigma^2 C^2)) / B for every trainable parameter, B the expected batch size
     (per rank: the ranks' gradients are then averaged, and only rank 0 adds noise, as Opacus's distributed
@@ -542,9 +556,10 @@ def noised_mean(state: PrivateTraining, sums: dict) -> None:
     Opacus's pre-step (copy, zeroed buffer, noise, sum, division) plus forming the sum cost ~12; same distribution,
     same generator, in the parameters' order."""
     optimizer = state.optimizer
-    if optimizer.secure_mode:
+    if optimizer.secure_mode or optimizer.loss_reduction != "mean" or optimizer.step_hook is not None:
         raise NotImplementedError(
-            "book-keeping's noised mean draws plain Gaussian noise, not Opacus's secure mode"
+            "book-keeping's noised mean is Opacus's mean reduction with plain Gaussian noise: no secure mode, "
+            "no step hook"
         )
     scale = 1.0 / (optimizer.expected_batch_size * optimizer.accumulated_iterations)
     std = optimizer.noise_multiplier * optimizer.max_grad_norm * scale
