@@ -7,9 +7,9 @@ revision's code, each configuration in its own process.
 Usage: python scripts/benchmark_dp_memory.py [--depth 2] [--width 1024 --heads 16] [--views 1:8,8:16]
                                              [--precision bf16,fp32] [--versus REV] [--out docs/benchmarks.md]
 Geometry: VAR-d16's layer widths (1024, 16 heads; ``--width 1280 --heads 20`` for VAR-d20's) and tokens (256 px:
-680 per view), ``--depth`` blocks, a narrow VQVAE (only its embedding is used). Rows = examples x k views; DP takes one physical batch of all rows. Parameters
-and optimiser state scale with depth like the activations, so a few blocks give d16's ratios at the same rows
-(the class embedding and the head are a larger share). ``bf16``: the forwards under CPU bf16 autocast, as GPU
+680 per view), ``--depth`` blocks, a narrow VQVAE (only its embedding is used). Rows = examples x k views; DP takes
+one physical batch of all rows. Parameters and optimiser state scale with depth like the activations, so a few
+blocks give d16's ratios at the same rows (the class embedding and the head are a larger share). ``bf16``: the forwards under CPU bf16 autocast, as GPU
 training runs them; ``fp32``: as CPU trials run. Step 1 creates AdamW's state; step 2's memory is counted, step 3's
 FLOPs. Reported: the memory held before the step (parameters, optimiser state), the peak of what the step adds over
 it, where it peaked (forward, backward, the clipped sum after the backward, the update) and the step's FLOPs.

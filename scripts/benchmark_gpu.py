@@ -596,17 +596,11 @@ def privacy_schedule(plan: Plan) -> list[tuple[int, str, int, tuple[str | None, 
     """(depth, method, k, clippings from no DP on) in the order measured: the first depth's settings, with full
     fine-tuning at k = 1 at the widest depth second (the one setting whose routes change with the width: VAR-d20's
     per-example gradients are 1.4-1.5x their a and g), as trials run it only."""
-    clippings = (
-        "ghost",
-        "bookkeeping:gram",
-    )  # one view per example only: Opacus's ghost; Gram of k x 680 rows
+    # Opacus's ghost clipping takes one view per example; Gram matrices of k x 680 rows are absurd.
+    one_view = ("ghost", "bookkeeping:gram")
+    first = plan.depths[0]
     schedule = [
-        (
-            plan.depths[0],
-            method,
-            k,
-            tuple(c for c in (None, *plan.dp_clippings) if k == 1 or c not in clippings),
-        )
+        (first, method, k, tuple(c for c in (None, *plan.dp_clippings) if k == 1 or c not in one_view))
         for method, k in plan.dp_configs
     ]
     if len(plan.depths) > 1 and ("full", 1) in plan.dp_configs:

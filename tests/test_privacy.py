@@ -388,17 +388,6 @@ def test_bookkeeping_refuses_an_optimiser_over_other_parameters():
         )
 
 
-def test_parts_of_different_counts_are_added_exactly():
-    from trainables.bookkeeping import add_parts
-
-    p = torch.nn.Parameter(torch.zeros(3))
-    into = {}
-    add_parts(into, {p: [torch.ones(3), torch.full((3,), 0.5)]})
-    add_parts(into, {p: [torch.full((3,), 2.0), torch.full((3,), 0.25)]})
-    add_parts(into, {p: [torch.full((3,), 4.0)]})
-    assert len(into[p]) == 1 and torch.equal(into[p][0], torch.full((3,), 7.75))
-
-
 @pytest.mark.parametrize("clipping", ["hooks", "ghost", "bookkeeping"])
 def test_noise_std_matches_sigma_C_over_expected_batch(clipping, vqvae, data):
     var = make_model("full")

@@ -259,13 +259,9 @@ def add_parts(into: dict, parts: dict) -> None:
     part by part in place (a step's chunks of examples)."""
     for p, new in parts.items():
         held = into.setdefault(p, new)
-        if held is new:
-            continue
-        if len(held) != len(new):  # never within one step (routes depend on dtypes and positions); kept exact
-            held[:] = [torch.add(sum(held[1:], held[0]), sum(new[1:], new[0]))]
-            continue
-        for part, more in zip(held, new, strict=True):
-            part.add_(more)
+        if held is not new:  # the same parts in every chunk: routes depend on dtypes and positions only
+            for part, more in zip(held, new, strict=True):
+                part.add_(more)
 
 
 def _linear_clipped(layer: nn.Linear, kept: dict, c_B: torch.Tensor, k: int, *, c_parts_2B) -> dict:
