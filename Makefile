@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow install constraints benchmark clean format
+.PHONY: demo test test-slow install constraints benchmark device-wheels clean format
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,20 @@ constraints:
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark_models.py --out docs/benchmarks.md
+
+# The lent GPU machine runs its own image (Python 3.12, its own torch, no network): scripts/benchmark_gpu.py needs
+# there the pinned pure-Python packages that image lacks (Opacus, torch-fidelity) or holds at another version
+# (peft). This fetches their wheels into .whl/ (ignored; carried with the run); the device command is in the
+# script's docstring.
+DEVICE_WHEELS := opacus torch_fidelity peft
+device-wheels:
+	rm -rf .whl && mkdir .whl
+	for name in $(DEVICE_WHEELS); do \
+	  pin=$$(grep -i "^$$name==" constraints.txt) || { echo "$$name is not pinned in constraints.txt"; exit 1; }; \
+	  $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "$$pin" || exit 1; \
+	done
+	ls .whl
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

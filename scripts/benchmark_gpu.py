@@ -2,8 +2,19 @@
 
 Usage: python scripts/benchmark_gpu.py [--quick] [--device cuda] [--depth 16 ...] [--out RUN.json]
                                       [--report docs/benchmarks.md] [--write-throughput bench/measured_throughput.json]
-       python scripts/benchmark_gpu.py --write-throughput bench/measured_throughput.json --from RUN.json
+       python scripts/benchmark_gpu.py --from RUN.json [--report docs/benchmarks.md] [--write-throughput ...]
        python scripts/benchmark_gpu.py --device cpu --depth 2 --quick      (a smoke run of the script on a CPU)
+
+On the lent H200 (its image's Python 3.12 and torch, no network, nothing of ours installed): run ``make
+device-wheels`` here once (the pinned Opacus, torch-fidelity and peft wheels into .whl/), then the device tool's
+``run`` with ``carry: [".whl"]``, ``timeout_s: 540`` and the command
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1;
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; python3 scripts/benchmark_gpu.py 2>&1 | tee $OUT/log
+
+then ``--from`` the returned benchmark_gpu.json with ``--report`` and ``--write-throughput`` here. The
+same command, in a Python holding only the image's packages at its torch 2.11 and ``--device cpu --depth 2 --quick``,
+is how it was checked here (2026-12-04): nothing else is needed there.
 
 One call (under 8 minutes on an H200; ``--quick`` about 2) measures, in this order:
 1. matmul: the achievable dense bf16 rate (large square products, random inputs rotated, CUDA-synchronised
@@ -1129,7 +1140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="merge the training rates into this measured-throughput file (default bench/measured_throughput.json)",
     )
     parser.add_argument(
-        "--from", dest="from_json", type=Path, help="with --write-throughput: a run's JSON; measure nothing"
+        "--from",
+        dest="from_json",
+        type=Path,
+        help="a run's JSON: measure nothing, report (and write) from it",
     )
     parser.add_argument(
         "--docs", default="docs/benchmarks.md", help="where the run's tables are published (recorded)"
@@ -1195,14 +1209,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.from_json:
-        if not args.write_throughput:
-            sys.exit("--from needs --write-throughput")
-        data = json.loads(args.from_json.read_text())
-        entries = throughput_entries(data, command=data["meta"]["command"], docs=args.docs)
-        write_throughput(args.write_throughput, entries)
-        return
-    data = run(args)
+    # A run on the lent device returns its JSON whole but only the tail of its printed tables: --from rebuilds
+    # the report (and the throughput file) from the JSON without measuring anything.
+    data = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     benchmark_common.publish(report(data, command=data["meta"]["command"]), args.report)
     if args.write_throughput:
         write_throughput(

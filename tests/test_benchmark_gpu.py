@@ -157,6 +157,21 @@ def test_a_run_refreshes_the_measured_throughput(smoke, tmp_path):
     assert measured_rate(demo, entries) is None  # the tiny base is never priced from official measurements
 
 
+def test_from_a_returned_json_rebuilds_the_report_the_run_printed(smoke, tmp_path, capsys):
+    """The lent device returns a run's JSON whole but only the tail of its output: --from must publish the
+    same tables from the JSON alone, measuring nothing."""
+    import benchmark_gpu
+
+    run_json, docs = tmp_path / "run.json", tmp_path / "benchmarks.md"
+    run_json.write_text(json.dumps(smoke["data"]))
+    docs.write_text("# Benchmarks\n")
+    benchmark_gpu.main(["--from", str(run_json), "--report", str(docs)])
+    tables = benchmark_gpu.report(smoke["data"], command=smoke["data"]["meta"]["command"])
+    assert "| depth | method |" in tables and tables in smoke["stdout"]  # the run printed these tables
+    assert capsys.readouterr().out.strip() == tables.strip()
+    assert docs.read_text() == "# Benchmarks\n\n" + tables
+
+
 def test_the_privacy_phase_measures_the_widest_depth_second():
     """Full fine-tuning at k = 1 is measured at VAR-d20 too, right after VAR-d16 (routes change with the width), as
     trials run it only; ghost clipping and Gram routes only at one view per example."""

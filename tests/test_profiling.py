@@ -41,6 +41,7 @@ from trainables.profiling import (
     StepMeter,
     count_flops,
     flops_per_row,
+    visible_pair_counter,
     visible_share,
 )
 from trainables.training import view_losses
@@ -151,6 +152,31 @@ def test_the_counter_counts_visible_pairs_whichever_kernel_runs(tiny_vqvae, meth
     hidden = 1 - visible_attention_fraction(TINY_VAR["patch_nums"])
     dense_attention = attention / (1 - hidden)
     assert stock.get_total_flops() - counts["masked"] == pytest.approx(hidden * dense_attention, rel=1e-6)
+
+
+def test_a_torch_without_a_kernels_formula_meters_the_step_instead_of_failing(tiny_vqvae, monkeypatch):
+    """torch 2.11 (the lent GPU machine's image) has no FLOP formula for the CPU flash kernels: the counter then
+    leaves them uncounted, as the stock counter does, and the step still runs; the other kernels keep their
+    visible-pair formula. Before, building the counter raised KeyError, failing every trial's counted step."""
+    import torch.utils.flop_counter as flop_counter
+
+    missing = (
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    )
+    older = {op: f for op, f in flop_counter.flop_registry.items() if op not in missing}
+    monkeypatch.setattr(flop_counter, "flop_registry", older)
+    counter = visible_pair_counter()
+    assert not any(op in counter.flop_registry for op in missing)
+    assert torch.ops.aten._scaled_dot_product_efficient_attention in counter.flop_registry
+    var = build_var(**TINY_VAR, drop_path_rate=0.0).train()
+    idx = [torch.randint(0, 64, (3, 1, p * p)) for p in TINY_VAR["patch_nums"]]
+    with counter:
+        view_losses(
+            var, tiny_vqvae, torch.zeros(3, dtype=torch.long), idx, class_dropout=0.0
+        ).sum().backward()
+    by_op = {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert counter.get_total_flops() > 0 and not any("scaled_dot_product" in op for op in by_op)
 
 
 def test_visible_share_of_a_mask():

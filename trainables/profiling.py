@@ -55,8 +55,8 @@ def visible_share(mask: torch.Tensor | None) -> float:
     return seen.float().mean().item()
 
 
-def _visible_pair_formula(op: torch._ops.OpOverloadPacket, mask_name: str):
-    dense = FlopCounterMode(display=False).flop_registry[op]  # the stock formula, as the counter applies it
+def _visible_pair_formula(dense: Callable, op: torch._ops.OpOverloadPacket, mask_name: str):
+    """``dense``: the stock formula of ``op``, as the counter applies it."""
     position = [a.name for a in op.default._schema.arguments].index(mask_name)
 
     def formula(*args, out_val=None, **kwargs) -> int:
@@ -69,10 +69,17 @@ def _visible_pair_formula(op: torch._ops.OpOverloadPacket, mask_name: str):
 
 def visible_pair_counter() -> FlopCounterMode:
     """PyTorch's FLOP counter with masked attention counted over the visible query/key pairs only, so a step
-    counts the same useful FLOPs with the masked, per-scale or any other exact kernel."""
+    counts the same useful FLOPs with the masked, per-scale or any other exact kernel. An op the installed
+    torch's counter has no formula for (torch 2.11 has none for the CPU flash kernels) stays uncounted, as the
+    stock counter leaves it, rather than failing the step that meters it."""
+    stock = FlopCounterMode(display=False).flop_registry
     return FlopCounterMode(
         display=False,
-        custom_mapping={op: _visible_pair_formula(op, name) for op, name in _MASKED_ATTENTION.items()},
+        custom_mapping={
+            op: _visible_pair_formula(stock[op], op, name)
+            for op, name in _MASKED_ATTENTION.items()
+            if op in stock
+        },
     )
 
 
