@@ -3,6 +3,7 @@ every section and writes numbers; its rows refresh the measured-throughput file 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -125,7 +126,7 @@ def test_a_run_refreshes_the_measured_throughput(smoke, tmp_path):
 
     path = tmp_path / "throughput.json"
     run_json = tmp_path / "run.json"
-    data = smoke["data"]
+    data = copy.deepcopy(smoke["data"])  # the module's other tests read the run as it was
     data["meta"]["device"] = "NVIDIA H200"  # priced as the estimate's device
     run_json.write_text(json.dumps(data))
     old = {
@@ -170,6 +171,24 @@ def test_from_a_returned_json_rebuilds_the_report_the_run_printed(smoke, tmp_pat
     assert "| depth | method |" in tables and tables in smoke["stdout"]  # the run printed these tables
     assert capsys.readouterr().out.strip() == tables.strip()
     assert docs.read_text() == "# Benchmarks\n\n" + tables
+
+
+def test_profiles_leave_annotation_ranges_out():
+    """The profiler puts annotation ranges (``record_function``; on a GPU also ``Optimizer.step#AdamW.step`` and
+    ``Torch-Compiled Region``) on the device's timeline, spanning the kernels inside them: counted as kernels,
+    they doubled the optimizer's share and inflated the kernel time and the GPU-busy share."""
+    import benchmark_gpu
+    import torch
+
+    a = torch.randn(256, 256)
+
+    def fn() -> None:
+        with torch.profiler.record_function("annotation_range"):
+            a @ a
+
+    row = benchmark_gpu.profile_calls(fn, steps=2, device=torch.device("cpu"))
+    names = [entry["name"] for entry in row["top"]]
+    assert "aten::mm" in names and "annotation_range" not in names
 
 
 def test_the_privacy_phase_measures_the_widest_depth_second():

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import TINY_VAR, TINY_VQVAE
 
-from trainables.models import KVCache, build_var, build_vqvae, sample_top_k_top_p
-from trainables.models.var import top_k_top_p_probs
+from trainables.models import KVCache, build_var, build_vqvae, release_sampling_caches, sample_top_k_top_p
+from trainables.models.var import _sampling_caches, top_k_top_p_probs
 
 PROB_ATOL = 1e-6  # float32 softmax over the same kept logits, summed in another order
 IMAGE_ATOL = 1e-4  # same tokens; hidden states differ by float rounding only (fused bias, cached modulation)
@@ -138,6 +138,25 @@ def test_static_kv_cache_matches_growing_cache():
             assert torch.equal(ours, theirs)
     with pytest.raises(ValueError, match="cannot hold"):
         static.extend(torch.zeros(2, 3, 1, 5), torch.zeros(2, 3, 1, 5))
+
+
+def test_compiled_cuda_sampling_keeps_one_cache_set_per_batch_size_until_released():
+    """Compiled CUDA sampling reuses its static KV caches per (model, batch size, autocast) so CUDA graphs may write
+    them in place; every batch size's set stays held, so a caller measuring several sizes releases them between
+    (the GPU benchmark at batch 512, 256, 128, 64 would otherwise hold all four sets). Nothing is allocated until a
+    step writes, so the bookkeeping is checked here without a GPU."""
+    var = build_var(**TINY_VAR)
+    cuda = torch.device("cuda")
+    first = _sampling_caches(var, batch=4, device=cuda, compiled=True)
+    assert _sampling_caches(var, batch=4, device=cuda, compiled=True) is first  # reused: fixed addresses
+    other = _sampling_caches(var, batch=8, device=cuda, compiled=True)
+    assert other is not first and len(other) == len(first) == var.depth
+    release_sampling_caches(var)
+    assert _sampling_caches(var, batch=4, device=cuda, compiled=True) is not first
+    assert (
+        _sampling_caches(var, batch=4, device=torch.device("cpu"), compiled=True) is not first
+    )  # CPU: fresh
+    release_sampling_caches(build_var(**TINY_VAR))  # a model that holds none: nothing to do
 
 
 def test_fused_qkv_bias_matches_module_path(nonzero_bias_var):

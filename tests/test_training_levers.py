@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import TINY_VAR, TINY_VQVAE
+from torch.nn.attention.flex_attention import flex_attention
 
 from bench.schema import (
     ATTENTION_KERNEL_CHOICES,
@@ -187,6 +188,38 @@ def test_flex_attention_forward_equals_the_masked_kernel(vqvae):
         torch.testing.assert_close(flex(label_B, x_BLCv), masked(label_B, x_BLCv), **LOGITS_TOL)
 
 
+def test_flex_attention_runs_at_the_autocast_precision_as_sdpa_does(monkeypatch):
+    """Autocast casts SDPA's q, k and v to bf16 but has no rule for flex_attention, whose inputs the qkv bias
+    leaves float32: uncast, the compiled CUDA kernel (the GPU benchmark's flex rows) ran attention in float32
+    while labelled bf16. The eager CPU reference is made of autocast ops, so the kernel's inputs are checked."""
+    import trainables.models.var as var_module
+    from trainables.models.var import scale_causal_attention
+
+    seen = []
+
+    def recording_flex(device_type: str):
+        def flex(q, k, v, **kwargs):
+            seen.append({q.dtype, k.dtype, v.dtype})
+            return flex_attention(q, k, v, **kwargs)
+
+        return flex
+
+    monkeypatch.setattr(var_module, "_flex", recording_flex)
+    var = build_var(**TINY_VAR)
+    L, H = var.seq_len, TINY_VAR["num_heads"]
+    g = torch.Generator().manual_seed(0)
+    q_BHLc, k_BHLc, v_BHLc = (torch.randn(2, H, L, 32, generator=g) for _ in range(3))
+    out = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for kernel in ("masked", "flex"):
+            var.attention_kernel = kernel
+            mask = var.attention_mask(torch.device("cpu"))
+            out[kernel] = scale_causal_attention(q_BHLc, k_BHLc, v_BHLc, mask=mask, scale=0.2)
+    assert seen == [{torch.bfloat16}]
+    assert out["flex"].dtype == out["masked"].dtype == torch.bfloat16
+    torch.testing.assert_close(out["flex"].float(), out["masked"].float(), rtol=2e-2, atol=2e-2)
+
+
 def test_flex_attention_cannot_train_on_a_cpu_and_is_refused_first():
     with pytest.raises(ConfigError, match="resources.attention_kernel.*CPU"):
         check_resources(ResourcesConfig(attention_kernel="flex"), device="cpu", privacy=None)
@@ -327,6 +360,42 @@ def test_compiled_blocks_give_the_eager_logits_and_gradients(vqvae):
         step_gradients(compiled, vqvae, label_B, idx_Bl), step_gradients(eager, vqvae, label_B, idx_Bl)
     )
     assert uncompile_blocks(compiled) == TINY_VAR["depth"] and uncompile_blocks(compiled) == 0
+
+
+def test_every_block_of_a_deep_model_with_drop_path_shares_one_compiled_graph(vqvae):
+    """Drop-path's p grows with depth. Compiled blocks that read p as a float attribute compiled anew per block:
+    with torch's global generator (``bernoulli_(1 - p)``, the GPU benchmark's path) until dynamo's recompile limit
+    (8) left the rest eager, so VAR-d16's blocks 8-15 ran uncompiled in rows recorded as compiled; with keyed
+    uniforms (trials) into three graphs. p now enters as a tensor: block 0 (no drop-path) and all the others make
+    two graphs at any depth on either path, and the step equals the eager one under the same draws."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    depth = torch._dynamo.config.recompile_limit + 2
+    eager = build_var(
+        **{**TINY_VAR, "depth": depth},
+        drop_path_rate=0.5,
+        attention_kernel="per_scale",
+        generator=torch.Generator().manual_seed(0),
+    ).train()
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_blocks(compiled) == depth
+    label_B, idx_Bl = batch()
+    x_BLCv = vqvae.idxBl_to_var_input(idx_Bl).detach()
+    u_BD = torch.rand(len(label_B), 2 * depth, generator=torch.Generator().manual_seed(0))
+    assert 0 < (u_BD[:, 2:] < 0.5).float().mean() < 1  # some branches dropped, some kept
+    for uniforms in (u_BD, None):  # keyed draws, then torch's global generator (seeded alike for both)
+        logits = {}
+        for name, var in (("eager", eager), ("compiled", compiled)):
+            var.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            logits[name] = var(label_B, x_BLCv, drop_path_uniform_BD=uniforms)
+            logits[name].square().mean().backward()
+        torch.testing.assert_close(logits["compiled"], logits["eager"], **LOGITS_TOL)
+        assert_same_gradients(gradients(compiled), gradients(eager))
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
 def test_compiled_blocks_give_the_eager_clipped_dp_step_with_bookkeeping(vqvae):

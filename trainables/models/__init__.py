@@ -12,7 +12,7 @@ from .checkpoints import (
     save_var,
     save_vqvae,
 )
-from .var import ATTENTION_KERNELS, VAR, KVCache, build_var, sample_top_k_top_p
+from .var import ATTENTION_KERNELS, VAR, KVCache, build_var, release_sampling_caches, sample_top_k_top_p
 from .vqvae import OFFICIAL_PATCH_NUMS, VQVAE, build_vqvae, count_parameters
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "count_parameters",
     "load_var",
     "load_vqvae",
+    "release_sampling_caches",
     "resize_class_embedding",
     "save_var",
     "save_vqvae",

@@ -29,23 +29,23 @@ MAX_LOG_SCALE_MUL = math.log(100.0)
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: zero a whole example's residual branch with probability p (training only).
-    ``uniform_B`` (uniforms in [0, 1), one per row) decides which rows keep the branch (u < 1 - p); without it the
-    mask is drawn from torch's global generator, as upstream VAR does."""
+    """Stochastic depth: zero a whole row's residual branch with probability p (training only) and scale the kept
+    rows by 1/(1-p). The decision is made outside the block's forward (``row_scale``, called by ``VAR.forward``)
+    and enters it as a tensor: torch.compile specialises a compiled block on a float attribute such as p, which
+    grows with depth, so blocks that read it each compiled anew until the recompile limit left the deeper ones
+    eager; with the factor as an input every block of a model shares one graph."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
 
-    def forward(self, x_BLC: torch.Tensor, uniform_B: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x_BLC
+    def row_scale(self, uniform_B: torch.Tensor) -> torch.Tensor:
+        """Each row's factor [B] (float32): 1/(1-p) where its uniform in [0, 1) is below 1-p (kept), else 0."""
         keep = 1.0 - self.p
-        if uniform_B is None:
-            mask_B11 = x_BLC.new_empty(x_BLC.shape[0], 1, 1).bernoulli_(keep)
-        else:
-            mask_B11 = (uniform_B < keep).to(x_BLC.dtype).view(-1, 1, 1)
-        return x_BLC * mask_B11 / keep
+        return (uniform_B < keep).to(torch.float32) / keep
+
+    def forward(self, x_BLC: torch.Tensor, scale_B: torch.Tensor) -> torch.Tensor:
+        return x_BLC * scale_B.view(-1, 1, 1)
 
     def extra_repr(self) -> str:
         return f"p={self.p:.4f}"
@@ -153,7 +153,13 @@ def scale_causal_attention(
             start = end
         return torch.cat(out, dim=2)
     if isinstance(mask, BlockMask):
-        return _flex(q_BHLc.device.type)(q_BHLc, k_BHLc, v_BHLc, block_mask=mask, scale=scale)
+        device_type = q_BHLc.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Autocast casts SDPA's q, k and v to its dtype but has no rule for flex_attention, which would then
+            # run in float32 (the qkv bias promotes them): cast as SDPA does, so every kernel runs at one precision.
+            dtype = torch.get_autocast_dtype(device_type)
+            q_BHLc, k_BHLc, v_BHLc = q_BHLc.to(dtype), k_BHLc.to(dtype), v_BHLc.to(dtype)
+        return _flex(device_type)(q_BHLc, k_BHLc, v_BHLc, block_mask=mask, scale=scale)
     bias = None if mask is None else mask.to(q_BHLc.dtype)
     return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=bias, scale=scale)
 
@@ -281,19 +287,27 @@ class AdaLNSelfAttn(nn.Module):
         cond_BD: torch.Tensor,
         attn_mask: AttentionMask,
         kv_cache: KVCache | None = None,
-        drop_path_uniform_B2: torch.Tensor | None = None,
+        drop_path_scale_B2: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``attn_mask``: the scale-causal layout in one of the forms of ``scale_causal_attention`` (None: all keys
-        visible). ``drop_path_uniform_B2``: the rows' uniforms for the attention and FFN branches' drop-path (None:
-        global RNG)."""
+        visible). ``drop_path_scale_B2``: the rows' drop-path factors for the attention and FFN branches
+        (``drop_path_scales``; None: no drop-path)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
-        u_attn_B, u_ffn_B = (None, None) if drop_path_uniform_B2 is None else drop_path_uniform_B2.unbind(1)
+        s_attn_B, s_ffn_B = (None, None) if drop_path_scale_B2 is None else drop_path_scale_B2.unbind(1)
         h_BLC = self.attn(
             self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_mask=attn_mask, kv_cache=kv_cache
         )
-        x_BLC = x_BLC + self._drop_path(h_BLC * gamma1, u_attn_B)
+        x_BLC = x_BLC + self._drop_path(h_BLC * gamma1, s_attn_B)
         h_BLC = self.ffn(self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2)
-        return x_BLC + self._drop_path(h_BLC * gamma2, u_ffn_B)
+        return x_BLC + self._drop_path(h_BLC * gamma2, s_ffn_B)
+
+    def drop_path_scales(self, uniform_B2: torch.Tensor) -> torch.Tensor | None:
+        """The rows' drop-path factors [B, 2] for ``forward`` from their uniforms [B, 2] (attention, FFN); None
+        in eval mode or for a block without drop-path (block 0). Outside ``forward``, so a compiled block never
+        reads p (``DropPath``)."""
+        if not self.training or not isinstance(self.drop_path, DropPath):
+            return None
+        return self.drop_path.row_scale(uniform_B2)
 
     def sampling_modulation(self, cond_BD: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2), each [B, 1, C], for ``step``: the condition
@@ -311,8 +325,8 @@ class AdaLNSelfAttn(nn.Module):
         h_BlC = self.ffn(self.ln_wo_grad(x_BlC) * mul2 + shift2)
         return x_BlC + h_BlC * gamma2
 
-    def _drop_path(self, h_BLC: torch.Tensor, uniform_B: torch.Tensor | None) -> torch.Tensor:
-        return h_BLC if isinstance(self.drop_path, nn.Identity) else self.drop_path(h_BLC, uniform_B)
+    def _drop_path(self, h_BLC: torch.Tensor, scale_B: torch.Tensor | None) -> torch.Tensor:
+        return h_BLC if scale_B is None else self.drop_path(h_BLC, scale_B)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -547,13 +561,16 @@ class VAR(nn.Module):
             )
         x_BLC, cond_BC = self.embed_tokens(label_B, x_BLCv_wo_first_l)
         block_cond, attn_mask = self.shared_ada_lin(cond_BC), self.attention_mask(x_BLC.device)
+        if self.training and self.drop_path_rate > 0 and drop_path_uniform_BD is None:
+            drop_path_uniform_BD = torch.rand(x_BLC.shape[0], 2 * self.depth, device=x_BLC.device)
         for i, block in enumerate(self.blocks):
-            u_B2 = None if drop_path_uniform_BD is None else drop_path_uniform_BD[:, 2 * i : 2 * i + 2]
             x_BLC = block(
                 x_BLC,
                 cond_BD=block_cond,
                 attn_mask=attn_mask,
-                drop_path_uniform_B2=u_B2,
+                drop_path_scale_B2=None
+                if drop_path_uniform_BD is None
+                else block.drop_path_scales(drop_path_uniform_BD[:, 2 * i : 2 * i + 2]),
             )
         return self.logits(x_BLC, cond_BC)
 
@@ -764,6 +781,13 @@ def _sampling_caches(var: VAR, *, batch: int, device: torch.device, compiled: bo
     for cache in per_model[key]:
         cache.reset()
     return per_model[key]
+
+
+def release_sampling_caches(var: VAR) -> None:
+    """Free the static KV caches that compiled CUDA sampling keeps for ``var``, one set per batch size and
+    autocast setting (at a large batch, tens of GiB): a caller moving on to another batch size frees the last
+    one's. A later compiled call at a released size allocates anew and records its CUDA graphs again."""
+    _STATIC_CACHES.pop(var, None)
 
 
 def _pin_addresses(caches: Sequence[KVCache]) -> None:
