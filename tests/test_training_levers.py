@@ -398,6 +398,23 @@ def test_every_block_of_a_deep_model_with_drop_path_shares_one_compiled_graph(vq
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
+def test_drop_path_keeps_a_bf16_models_residual_stream_bf16(vqvae):
+    """The drop-path factor is float32 (1/(1-p) rounded to bf16 would bias the kept branch); the scaled branch is
+    rounded back to the branch's dtype, so a model held in bf16 trains: a float32 branch once made the residual
+    float32 and the next block's bf16 qkv product failed."""
+    var = build_var(
+        **{**TINY_VAR, "depth": 3}, drop_path_rate=0.5, generator=torch.Generator().manual_seed(0)
+    )
+    var = var.to(torch.bfloat16).train()
+    label_B, idx_Bl = batch()
+    x_BLCv = vqvae.idxBl_to_var_input(idx_Bl).detach().to(torch.bfloat16)
+    u_BD = torch.rand(len(label_B), 2 * var.depth, generator=torch.Generator().manual_seed(0))
+    logits_BLV = var(label_B, x_BLCv, drop_path_uniform_BD=u_BD)
+    logits_BLV.float().square().mean().backward()
+    assert torch.isfinite(logits_BLV.float()).all()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in var.blocks.parameters())
+
+
 def test_compiled_blocks_give_the_eager_clipped_dp_step_with_bookkeeping(vqvae):
     """Book-keeping's hooks on the linears inside compiled blocks still see every input and output gradient."""
     expected = dp_step_gradients(adapted("lora", kernel="per_scale"), vqvae)

@@ -45,7 +45,9 @@ class DropPath(nn.Module):
         return (uniform_B < keep).to(torch.float32) / keep
 
     def forward(self, x_BLC: torch.Tensor, scale_B: torch.Tensor) -> torch.Tensor:
-        return x_BLC * scale_B.view(-1, 1, 1)
+        # In float32, rounded once to the branch's dtype: a bf16 branch stays bf16 (so a bf16 model's residual
+        # stream does too), and the factor is not rounded to bf16 (1/(1-p) would be off by up to 2^-9, a bias).
+        return (x_BLC * scale_B.view(-1, 1, 1)).to(x_BLC.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p:.4f}"
