@@ -235,6 +235,13 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def release_caches(var: nn.Module) -> None:
+    """Free the static KV caches compiled sampling keeps for ``var`` (tens of GiB at a large batch), so they do
+    not stay beside the next measurement's memory."""
+    release_sampling_caches(var)
+    free_memory()
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -707,36 +714,38 @@ def measure_generation(rec: Recorder, plan: Plan, models: Models, phase: str) ->
     modes = (False, True) if plan.generation_compiled else (False,)
     if not plan.generation_compiled:
         rec.skip(phase, "compiled generation", "not on this device (CUDA graphs)")
+
+    def row(batch: int, compiled: bool) -> dict:
+        fn = sample_fn(var, vqvae, batch, compiled=compiled, device=device)
+        try:
+            reset_peak(device)
+            started = time.perf_counter()
+            fn()  # the first call allocates (and, compiled, compiles): timed apart
+            first = time.perf_counter() - started
+            warm = COMPILED_WARM_CALLS if compiled else 0
+            seconds = timed(fn, steps=plan.generation_steps, warmup=warm, device=device)
+            peak = peak_gib(device)
+        finally:
+            release_caches(var)
+        return {
+            "depth": depth,
+            "batch": batch,
+            "compiled": compiled,
+            "precision": "bf16 autocast",
+            "first_call_s": first,
+            "batch_s": seconds,
+            "images_per_s": batch / seconds,
+            "peak_gib": peak,
+        }
+
     for compiled in modes:
         for batch in _generation_order(rec, plan, compiled=compiled):
             if not in_time(rec, plan, phase, f"batch {batch} compiled={compiled}"):
                 continue
-
-            def run(batch=batch, compiled=compiled) -> dict:
-                fn = sample_fn(var, vqvae, batch, compiled=compiled, device=device)
-                reset_peak(device)
-                started = time.perf_counter()
-                fn()  # the first call allocates (and, compiled, compiles): timed apart
-                first = time.perf_counter() - started
-                warm = COMPILED_WARM_CALLS if compiled else 0
-                seconds = timed(fn, steps=plan.generation_steps, warmup=warm, device=device)
-                return {
-                    "depth": depth,
-                    "batch": batch,
-                    "compiled": compiled,
-                    "precision": "bf16 autocast",
-                    "first_call_s": first,
-                    "batch_s": seconds,
-                    "images_per_s": batch / seconds,
-                    "peak_gib": peak_gib(device),
-                }
-
-            row = rec.measure("generation", f"d{depth} batch {batch} compiled={compiled}", run)
-            if compiled:  # this batch size's static caches would otherwise stay beside the next one's
-                release_sampling_caches(var)
-                gc.collect()
-                torch.cuda.empty_cache()
-            if row is None and not compiled:  # eager goes up in size: out of memory here, larger ones too
+            name = f"d{depth} batch {batch} compiled={compiled}"
+            measured = rec.measure("generation", name, lambda b=batch, c=compiled: row(b, c))
+            # Eager goes up in size: out of memory here, larger ones too.
+            if measured is None and not compiled:
                 break
 
 
@@ -773,8 +782,8 @@ def measure_evaluation(rec: Recorder, plan: Plan, models: Models, phase: str) ->
         vqvae, var = models.adapted(best["depth"], "base")
         try:
             return _evaluation(var, vqvae)
-        finally:  # its static caches (compiled) would stay beside the next phases' memory
-            release_sampling_caches(var)
+        finally:
+            release_caches(var)
 
     def _evaluation(var, vqvae) -> dict:
         var.eval()
