@@ -10,8 +10,10 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_VAR, TINY_VQVAE
 from torch.nn.attention.flex_attention import flex_attention
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.schema import (
     ATTENTION_KERNEL_CHOICES,
@@ -40,6 +42,7 @@ from trainables.finetune import (
 )
 from trainables.methods import adapt, trainable_parameters
 from trainables.models import ATTENTION_KERNELS, build_var, build_vqvae
+from trainables.models.var import ScaleBlocks, _scale_pieces, scale_causal_attention
 from trainables.prior import build_prior_bank
 from trainables.privacy import make_private, private_step, release
 from trainables.training import (
@@ -193,7 +196,6 @@ def test_flex_attention_runs_at_the_autocast_precision_as_sdpa_does(monkeypatch)
     leaves float32: uncast, the compiled CUDA kernel (the GPU benchmark's flex rows) ran attention in float32
     while labelled bf16. The eager CPU reference is made of autocast ops, so the kernel's inputs are checked."""
     import trainables.models.var as var_module
-    from trainables.models.var import scale_causal_attention
 
     seen = []
 
@@ -218,6 +220,104 @@ def test_flex_attention_runs_at_the_autocast_precision_as_sdpa_does(monkeypatch)
     assert seen == [{torch.bfloat16}]
     assert out["flex"].dtype == out["masked"].dtype == torch.bfloat16
     torch.testing.assert_close(out["flex"].float(), out["masked"].float(), rtol=2e-2, atol=2e-2)
+
+
+class _Recorder(TorchDispatchMode):
+    """The names of the aten ops dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def sliced_reference(q_BHLc, k_BHLc, v_BHLc, ends, *, scale):
+    """The per-scale kernel as plain autograd sees it: SDPA per scale on slices (autocast casts every slice)."""
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(*qkv, scale=scale)
+            for qkv in _scale_pieces((q_BHLc, k_BHLc, v_BHLc), ends)
+        ],
+        dim=2,
+    )
+
+
+def per_scale_run(attention, ends, *, autocast: bool, needs=(True, True, True), seed: int = 0):
+    """(output [B, H, L, c] as float32, grads of q, k and v) of ``attention`` for a fixed upstream gradient; the
+    inputs are float32 leaves, as the qkv bias leaves q, k and v under autocast."""
+    g = torch.Generator().manual_seed(seed)
+    L = ends[-1]
+    qkv = [torch.randn(2, 3, L, 8, generator=g).requires_grad_(need) for need in needs]
+    upstream_BHLc = torch.randn(2, 3, L, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out_BHLc = attention(*qkv, ends, scale=0.3)
+    (out_BHLc.float() * upstream_BHLc).sum().backward()
+    return out_BHLc, [t.grad for t in qkv]
+
+
+def kernel_attention(q_BHLc, k_BHLc, v_BHLc, ends, *, scale):
+    return scale_causal_attention(q_BHLc, k_BHLc, v_BHLc, mask=ScaleBlocks(tuple(ends)), scale=scale)
+
+
+@pytest.mark.parametrize("autocast", (False, True))
+def test_per_scale_attention_backward_equals_autograd_through_the_slices(autocast):
+    """The kernel's own backward against autograd's through the sliced calls: the same output bits (the same SDPA
+    calls on the same values) and the same gradients up to the order of the key and value sums (float32: a
+    few ulps; under bf16 autocast both add bf16 per-scale gradients in float32). Gradients come back in the
+    inputs' float32, as autocast's casts return them."""
+    ends = (1, 5, 14, 30, 55, 91)
+    out, grads = per_scale_run(kernel_attention, ends, autocast=autocast)
+    expected_out, expected_grads = per_scale_run(sliced_reference, ends, autocast=autocast)
+    assert out.dtype == expected_out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    for got, expected in zip(grads, expected_grads, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_per_scale_attention_backward_writes_no_full_size_slice_gradients():
+    """Autograd's backward of each slice is a zero-filled tensor of the whole input: 28 of them per block at ten
+    scales (a whole-range slice makes none), and as many full-size adds, around kernels that compute less; the
+    kernel's backward has none."""
+    ends = (1, 5, 14, 30, 55, 91)
+    for attention, slices_expected in ((sliced_reference, True), (kernel_attention, False)):
+        g = torch.Generator().manual_seed(0)
+        qkv = [torch.randn(2, 3, ends[-1], 8, generator=g, requires_grad=True) for _ in range(3)]
+        out = attention(*qkv, ends, scale=0.3)
+        with _Recorder() as recorder:
+            out.sum().backward()
+        full_size = [op for op in recorder.ops if op.startswith(("slice_backward.", "zeros."))]
+        if slices_expected:  # one per sliced q, k and v of every scale (a whole-range slice records none)
+            assert full_size.count("slice_backward.default") >= 3 * (len(ends) - 1)
+        else:  # one gradient buffer per input
+            assert full_size == ["zeros.default"] * 3
+
+
+def test_per_scale_attention_backward_returns_only_the_wanted_gradients():
+    ends = (1, 5, 14, 30)
+    _, grads = per_scale_run(kernel_attention, ends, autocast=False, needs=(False, False, True))
+    _, expected = per_scale_run(sliced_reference, ends, autocast=False, needs=(False, False, True))
+    assert grads[:2] == [None, None]
+    torch.testing.assert_close(grads[2], expected[2], rtol=1e-6, atol=1e-6)
+
+
+def test_per_scale_attention_backward_runs_again_through_a_retained_graph_only():
+    """Opacus's ghost clipping runs a second backward through a retained graph: the kernel keeps each scale's graph
+    for it. Without retain_graph the graph goes with the block's backward (kept to the end of the step it would
+    raise the peak), and a second backward says so as autograd does."""
+    ends = (1, 5, 14)
+    qkv = [torch.randn(1, 2, ends[-1], 4, requires_grad=True) for _ in range(3)]
+    loss = kernel_attention(*qkv, ends, scale=0.5).sum()  # (sum saves nothing: the kernel is what refuses)
+    loss.backward(retain_graph=True)
+    once = [t.grad.clone() for t in qkv]
+    loss.backward()
+    for t, grad in zip(qkv, once, strict=True):
+        torch.testing.assert_close(t.grad, 2 * grad)
+    with pytest.raises(RuntimeError, match="backward through per-scale attention a second time"):
+        loss.backward()
 
 
 def test_flex_attention_cannot_train_on_a_cpu_and_is_refused_first():

@@ -109,11 +109,11 @@ class KVCache:
 
 
 # How the training forward computes VAR's scale-causal attention (a token sees every token of its own and coarser
-# scales). All three give the same numbers up to float rounding (tests/test_fast_paths.py):
+# scales). All three give the same numbers up to float rounding (tests/test_training_levers.py):
 # - "masked": one SDPA call over all L x L pairs with an additive -inf bias (the published code's way; the float
 #   bias keeps SDPA off its flash kernels and computes the 38% of pairs that are hidden at 680 tokens);
 # - "per_scale": one unmasked SDPA call per scale, its queries against the keys of the scales up to it: exactly
-#   the visible pairs, and every call may use the flash/efficient kernels;
+#   the visible pairs, and every call may use the flash/efficient kernels (its backward: ``_PerScaleAttention``);
 # - "flex": FlexAttention with a block mask of the layout (compiled on CUDA; eager elsewhere, which materialises
 #   the scores and is slow: for tests).
 ATTENTION_KERNELS = ("masked", "per_scale", "flex")
@@ -139,31 +139,88 @@ def _flex(device_type: str):
     return _compiled_flex["cuda"]
 
 
+def _autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast gives SDPA's inputs on this device (``default`` where autocast is off)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
+def _scale_pieces(qkv: Sequence[torch.Tensor], ends: tuple[int, ...]):
+    """Per scale: its queries and the keys and values of the scales up to it, views [B, H, *, c]."""
+    q_BHLc, k_BHLc, v_BHLc = qkv
+    for start, end in zip((0, *ends[:-1]), ends, strict=True):
+        yield q_BHLc[:, :, start:end], k_BHLc[:, :, :end], v_BHLc[:, :, :end]
+
+
+class _PerScaleAttention(torch.autograd.Function):
+    """The "per_scale" kernel with a backward that adds each scale's gradients into one buffer per input.
+
+    Autograd's backward of a slice is a zero-filled gradient of the whole input: ten scales made 28 full-size
+    [B, H, L, c] tensors per block (a whole-range slice makes none) and as many full-size adds, around attention
+    kernels that compute far less. Here each scale's gradients are added into their ranges only. q, k and v are
+    cast once to ``dtype`` (autocast's, which SDPA would apply to every call's slices, 2.5x the keys); their
+    gradients are accumulated and returned in the inputs' own dtypes. Each scale's SDPA graph is built in the forward and differentiated in the
+    backward: nothing is recomputed and the same kernels run."""
+
+    @staticmethod
+    def forward(ctx, q_BHLc, k_BHLc, v_BHLc, ends: tuple[int, ...], scale: float, dtype: torch.dtype):
+        inputs = (q_BHLc, k_BHLc, v_BHLc)
+        ctx.dtypes, ctx.ends, ctx.graphs = [t.dtype for t in inputs], ends, []
+        with torch.enable_grad():
+            for pieces in _scale_pieces([t.detach().to(dtype) for t in inputs], ends):
+                leaves = [
+                    p.detach().requires_grad_(need) for p, need in zip(pieces, ctx.needs_input_grad[:3])
+                ]
+                ctx.graphs.append((leaves, F.scaled_dot_product_attention(*leaves, scale=scale)))
+        return torch.cat([out_BHlc.detach() for _, out_BHlc in ctx.graphs], dim=2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_BHLc):
+        if ctx.graphs is None:
+            raise RuntimeError(
+                "Trying to backward through per-scale attention a second time: pass retain_graph=True to the first"
+            )
+        # A retained graph (Opacus's ghost clipping runs two backwards) keeps each scale's graph for the next;
+        # otherwise their saved tensors go now, with the rest of this block's, not when the whole graph is freed.
+        keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        buffers = [
+            torch.zeros(grad_BHLc.shape, dtype=dtype, device=grad_BHLc.device) if need else None
+            for dtype, need in zip(ctx.dtypes, ctx.needs_input_grad[:3])
+        ]
+        for (leaves, out_BHlc), start, end in zip(ctx.graphs, (0, *ctx.ends[:-1]), ctx.ends, strict=True):
+            wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+            grads = torch.autograd.grad(
+                out_BHlc, [leaves[i] for i in wanted], grad_BHLc[:, :, start:end], retain_graph=keep
+            )
+            # q's gradient covers this scale's rows; k's and v's every row up to its end.
+            for i, grad in zip(wanted, grads, strict=True):
+                buffers[i][:, :, (start if i == 0 else 0) : end].add_(grad)
+        if not keep:
+            ctx.graphs = None
+        return (*buffers, None, None, None)
+
+
 def scale_causal_attention(
     q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, *, mask: AttentionMask, scale: float
 ) -> torch.Tensor:
     """softmax(scale * q k^T + mask) v [B, H, L, c] for any of the mask forms of ``ATTENTION_KERNELS`` (None:
     every key visible, as in cached sampling)."""
-    if isinstance(mask, ScaleBlocks):
-        out, start = [], 0
-        for end in mask.ends:
-            out.append(
-                F.scaled_dot_product_attention(
-                    q_BHLc[:, :, start:end], k_BHLc[:, :, :end], v_BHLc[:, :, :end], scale=scale
-                )
-            )
-            start = end
-        return torch.cat(out, dim=2)
+    if mask is None or isinstance(mask, torch.Tensor):
+        bias = None if mask is None else mask.to(q_BHLc.dtype)
+        return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=bias, scale=scale)
+    # Autocast casts SDPA's inputs at every call (the per-scale calls' key prefixes add up to 2.5x the keys) and
+    # has no rule for flex_attention, which would run in float32 (the qkv bias promotes q, k and v): cast once.
+    dtype = _autocast_dtype(q_BHLc.device.type, q_BHLc.dtype)
     if isinstance(mask, BlockMask):
-        device_type = q_BHLc.device.type
-        if torch.is_autocast_enabled(device_type):
-            # Autocast casts SDPA's q, k and v to its dtype but has no rule for flex_attention, which would then
-            # run in float32 (the qkv bias promotes them): cast as SDPA does, so every kernel runs at one precision.
-            dtype = torch.get_autocast_dtype(device_type)
-            q_BHLc, k_BHLc, v_BHLc = q_BHLc.to(dtype), k_BHLc.to(dtype), v_BHLc.to(dtype)
-        return _flex(device_type)(q_BHLc, k_BHLc, v_BHLc, block_mask=mask, scale=scale)
-    bias = None if mask is None else mask.to(q_BHLc.dtype)
-    return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=bias, scale=scale)
+        q_BHLc, k_BHLc, v_BHLc = q_BHLc.to(dtype), k_BHLc.to(dtype), v_BHLc.to(dtype)
+        return _flex(q_BHLc.device.type)(q_BHLc, k_BHLc, v_BHLc, block_mask=mask, scale=scale)
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHLc, k_BHLc, v_BHLc))
+    # Dynamo cannot trace the Function's inner autograd.grad: a compiled block traces the plain slices instead,
+    # and their backward is compiled with the rest of the block's.
+    if differentiable and not torch.compiler.is_compiling():
+        return _PerScaleAttention.apply(q_BHLc, k_BHLc, v_BHLc, mask.ends, scale, dtype)
+    pieces = _scale_pieces([q_BHLc.to(dtype), k_BHLc.to(dtype), v_BHLc.to(dtype)], mask.ends)
+    return torch.cat([F.scaled_dot_product_attention(*qkv, scale=scale) for qkv in pieces], dim=2)
 
 
 class SelfAttention(nn.Module):

@@ -1,0 +1,240 @@
+"""Generation or a training step on CPU, side by side: the model code at a base commit against this working tree's.
+
+Usage: python scripts/benchmark_cpu_side_by_side.py [--task generation] [--base a7366f3] [--depths 4,16]
+    [--batch-size 2] [--threads 2] [--repeats 3]
+       python scripts/benchmark_cpu_side_by_side.py --task training --base 14bb342 --depths 16
+    [--kernel per_scale] [--precision bf16]
+
+Checks the base commit out into a temporary ``git worktree`` and, for every depth, runs one subprocess that loads
+both versions of ``trainables.models`` (the base one under another package name) with the same weights (random,
+official layout: 1000 classes, patch_nums 1..16, V 4096, Cvae 32, the official-size VQVAE) and times, alternating
+base and ours call by call (one warm-up each, then the median of ``--repeats``) so background load hits both
+alike, either
+- generation: ``VAR.sample`` at CFG 1.5, top-k 900, top-p 0.96 (fp32; each call re-seeds its generator, and the
+  images of both versions are compared: the same draws give the same images up to float rounding), or
+- training: the forward, token cross-entropy and backward of ``--batch-size`` random token maps (no optimizer;
+  drop-path at the official rate, the same draws for both), the training attention kernel ``--kernel``, fp32 or bf16 autocast (``--precision``); the
+  gradients of both versions are compared.
+Peak RSS comes from one further subprocess per version that builds the models and runs once. Prints a markdown
+table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLING = dict(cfg=1.5, top_k=900, top_p=0.96)
+
+WORKER = r"""
+import importlib.util, json, resource, statistics, sys, time
+import torch
+
+mode, base_tree, depth, batch, threads, repeats = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+task, settings = sys.argv[7], json.loads(sys.argv[8])
+torch.set_num_threads(threads)
+
+
+def load_base_models():
+    folder = f"{base_tree}/trainables/models"
+    spec = importlib.util.spec_from_file_location(
+        "base_models", f"{folder}/__init__.py", submodule_search_locations=[folder]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["base_models"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(models):
+    torch.manual_seed(0)
+    vqvae = models.build_vqvae(
+        vocab_size=4096, z_channels=32, ch=160, patch_nums=models.OFFICIAL_PATCH_NUMS
+    ).eval()
+    var = models.build_var(
+        depth=depth, num_classes=1000, patch_nums=models.OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32,
+        generator=torch.Generator().manual_seed(0),
+    ).eval()
+    return var, vqvae
+
+
+def generate(var, vqvae):
+    labels = torch.arange(batch) * 7 % 1000
+    with torch.no_grad():
+        return var.sample(labels, vqvae=vqvae, generator=torch.Generator().manual_seed(0), **settings)
+
+
+def train(var, vqvae):  # forward, token cross-entropy, backward: every parameter's gradient, flattened [P] float32
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(2)  # drop-path's draws (the global generator's), the same for both versions
+    labels = torch.randint(0, 1000, (batch,), generator=g)
+    idx_Bl = [torch.randint(0, 4096, (batch, pn * pn), generator=g) for pn in var.patch_nums]
+    var.train().zero_grad(set_to_none=True)
+    var.attention_kernel = settings["kernel"]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings["precision"] == "bf16"):
+        logits_BLV = var(labels, vqvae.idxBl_to_var_input(idx_Bl))
+    torch.nn.functional.cross_entropy(logits_BLV.float().flatten(0, 1), torch.cat(idx_Bl, 1).flatten()).backward()
+    return torch.cat([p.grad.flatten().float() for p in var.parameters() if p.grad is not None])
+
+
+run = generate if task == "generation" else train
+
+
+def peak_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+if mode == "time":
+    import trainables.models as ours
+    versions = {"base": build(load_base_models()), "ours": build(ours)}
+    versions["base"][0].load_state_dict(versions["ours"][0].state_dict())  # the very same weights
+    versions["base"][1].load_state_dict(versions["ours"][1].state_dict())
+    seconds, images = {name: [] for name in versions}, {}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for name, (var, vqvae) in versions.items():
+            started = time.perf_counter()
+            images[name] = run(var, vqvae)
+            if round_:
+                seconds[name].append(time.perf_counter() - started)
+    diff = (images["base"] - images["ours"]).abs().max().item()
+    counted = {}
+    if task == "training":  # what an eager GPU step would move: bytes and kernels, op by op (benchmark_dp_memory)
+        from benchmark_dp_memory import Traffic
+        for name, (var, vqvae) in versions.items():
+            with Traffic() as traffic:
+                run(var, vqvae)
+            counted[name] = {"gb": traffic.bytes / 1e9, "kernels": traffic.kernels, "roofline_ms": 1e3 * traffic.roofline_s}
+    print(json.dumps({
+        "median_s": {name: statistics.median(s) for name, s in seconds.items()},
+        "max_diff": diff,  # images (generation) or gradients (training)
+        "max_abs": images["base"].abs().max().item(),
+        "traffic": counted,
+    }))
+else:
+    models = load_base_models() if mode == "base" else __import__("trainables.models").models
+    var, vqvae = build(models)
+    resident = peak_gib()
+    run(var, vqvae)
+    print(json.dumps({"built_gib": resident, "peak_gib": peak_gib()}))
+"""
+
+
+def worker(
+    mode: str,
+    base_tree: Path,
+    *,
+    depth: int,
+    batch: int,
+    threads: int,
+    repeats: int,
+    task: str,
+    settings: dict,
+) -> dict:
+    argv = [sys.executable, "-c", WORKER, mode, str(base_tree), str(depth), str(batch), str(threads)]
+    argv += [str(repeats), task, json.dumps(settings)]
+    env = {
+        "PYTHONPATH": f"{REPO}:{REPO / 'scripts'}",
+        "OMP_NUM_THREADS": str(threads),
+        "PATH": "/usr/bin:/bin",
+    }
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"worker {mode} depth {depth} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(base_tree: Path, *, depth: int, **run) -> dict:
+    timing = worker("time", base_tree, depth=depth, **run)
+    memory = {name: worker(name, base_tree, depth=depth, **run) for name in ("base", "ours")}
+    return {"depth": depth, **timing, "memory": memory}
+
+
+def table(
+    rows: list[dict], *, base: str, batch: int, threads: int, repeats: int, task: str, settings: dict
+) -> str:
+    what = (
+        f"Generation on CPU, fp32, {threads} threads, batch {batch}, CFG {settings['cfg']}, top-k "
+        f"{settings['top_k']}, top-p {settings['top_p']}"
+        if task == "generation"
+        else f"Training step (forward, loss, backward) on CPU, {settings['precision']}, {threads} threads, batch "
+        f"{batch}, attention kernel {settings['kernel']}"
+    )
+    diff = "image" if task == "generation" else "gradient"
+    lines = [
+        f"{what}; median of {repeats} calls after one warm-up, base and ours alternating in one process; peak RSS "
+        "of a separate build-and-run process.",
+        "",
+        f"| depth | {base} s/call | ours s/call | ours / {base} | max {diff} diff (of max abs) | "
+        f"peak RSS {base} (GiB) | peak RSS ours (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        base_s, ours_s = row["median_s"]["base"], row["median_s"]["ours"]
+        lines.append(
+            f"| d{row['depth']} | {base_s:.2f} | {ours_s:.2f} | {ours_s / base_s:.3f} | "
+            f"{row['max_diff']:.1e} ({row['max_abs']:.1e}) | {row['memory']['base']['peak_gib']:.2f} | "
+            f"{row['memory']['ours']['peak_gib']:.2f} |"
+        )
+    if task == "training":
+        lines += [
+            "",
+            "Counted op by op in one step (`benchmark_dp_memory.Traffic`: each operand read once, each result written "
+            "once, views excluded: what an eager GPU step moves at least), with its H200 roofline estimate (sum over "
+            "ops of max(FLOPs / datasheet rate, bytes / datasheet bandwidth); an estimate, not a measurement):",
+            "",
+            f"| depth | GB {base} | GB ours | ours / {base} | kernels {base} | kernels ours | roofline ms {base} | "
+            "roofline ms ours | ours / base |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            b, o = row["traffic"]["base"], row["traffic"]["ours"]
+            lines.append(
+                f"| d{row['depth']} | {b['gb']:.2f} | {o['gb']:.2f} | {o['gb'] / b['gb']:.3f} | {b['kernels']} | "
+                f"{o['kernels']} | {b['roofline_ms']:.2f} | {o['roofline_ms']:.2f} | "
+                f"{o['roofline_ms'] / b['roofline_ms']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="a7366f3", help="git revision to compare against")
+    parser.add_argument("--depths", default="4,16", help="comma-separated VAR depths")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--task", choices=("generation", "training"), default="generation")
+    parser.add_argument(
+        "--kernel", choices=("masked", "per_scale"), default="per_scale", help="training only"
+    )
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training only")
+    args = parser.parse_args()
+    settings = SAMPLING if args.task == "generation" else {"kernel": args.kernel, "precision": args.precision}
+    run = dict(
+        batch=args.batch_size, threads=args.threads, repeats=args.repeats, task=args.task, settings=settings
+    )
+    with tempfile.TemporaryDirectory(prefix="side-by-side-base-") as scratch:
+        base_tree = Path(scratch) / "tree"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(base_tree), args.base],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        try:
+            rows = []
+            for depth in map(int, args.depths.split(",")):
+                rows.append(measure(base_tree, depth=depth, **run))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, check=False)
+    print(table(rows, base=args.base, **run))
+
+
+if __name__ == "__main__":
+    main()
