@@ -16,25 +16,34 @@ then ``--from`` the returned benchmark_gpu.json with ``--report`` and ``--write-
 same command, in a Python holding only the image's packages at its torch 2.11 and ``--device cpu --depth 2 --quick``,
 is how it was checked here (2026-12-04): nothing else is needed there.
 
-One call (under 8 minutes on an H200; ``--quick`` about 2) measures, in this order:
+One call (under 8 minutes on an H200; ``--quick`` about 2) measures, every eager target before anything that
+compiles (a compile takes tens of seconds, and a run cut short keeps the targets' rows), in this order:
 1. matmul: the achievable dense bf16 rate (large square products, random inputs rotated, CUDA-synchronised
    medians), beside the datasheet peak (``trainables.profiling.PEAK_FLOPS``), and the memory bandwidth (a 4 GiB
    device-to-device copy): the two ceilings.
-2. training: for each depth and for full fine-tuning and LoRA, a training step (bf16 autocast, AdamW, token-cache
-   style inputs: random token maps, no VQVAE encoding) with the attention kernel masked / per_scale / flex, fused
-   AdamW off/on, physical batch sizes, for LoRA frozen base weights stored in bf16; later (costly compiles)
-   ``compile_blocks`` on. Images/s, peak GiB, MFU = useful FLOPs (``bench.estimates.training_flops_per_row``:
+2. training, eager, first depth: for full fine-tuning and LoRA, a training step (bf16 autocast, AdamW, token-cache
+   style inputs: random token maps, no VQVAE encoding) with the trials' attention kernel (per_scale), fused AdamW
+   off/on and larger physical batches; then the masked and flex kernels beside the first row; for LoRA frozen
+   base weights stored in bf16. Images/s, peak GiB, MFU = useful FLOPs (``bench.estimates.training_flops_per_row``:
    attention over the visible query/key pairs only) / the matmul rate measured in step 1, and / the datasheet.
-3. privacy: DP-LoRA and DP-full at k = 1 and k = 32 views per example (``--dp-rows`` rows per physical batch)
-   with book-keeping, Opacus hooks and ghost clipping (ghost: k = 1, float32, as trials run it) beside the
-   non-DP step on the same rows: time and peak-memory ratios.
-4. generation: d16 (CFG 1.5, top-k 900, top-p 0.96), bf16 autocast, eager vs ``compiled=True``, per batch size.
-5. evaluation: the Oxford-Flowers-sized evaluation, 6,149 images generated at the fastest setting of step 4 plus
-   their Inception-v3 features (torch-fidelity's FID architecture, random weights: nothing is downloaded).
+3. privacy: the non-DP step and book-keeping for DP-full and DP-LoRA at k = 1 and k = 32 views per example
+   (``dp_rows`` rows per physical batch; at k = 32 one example), with DP-full at k = 1 at the widest depth too;
+   then the options: Gram routes, Opacus's ghost clipping (k = 1, float32 as trials run it, against a float32
+   non-DP step) and hooks. Time and peak-memory ratios against the non-DP step on the same rows and precision.
+4. generation, eager: d16 (CFG 1.5, top-k 900, top-p 0.96), bf16 autocast, per batch size.
+5. evaluation: generation plus Inception-v3 features (torch-fidelity's FID architecture, random weights: nothing
+   is downloaded) at a trial's setting (eager, ``EvaluationConfig.batch_size``; 1,024 images, extrapolated) and
+   at the fastest setting of step 4 (6,149 images, Oxford Flowers' test set).
 6. profiles (``torch.profiler``): where the time goes in the fastest eager training step per method, the DP step
-   beside its non-DP step, the fastest eager generation batch and (in the compiled phase, while compiled) the
-   compiled training step: kernel time by category (matmul, attention, norms, element-wise, ...), the share of
-   the wall time the GPU was busy, and the costliest kernels; the explanation of any target missed.
+   beside its non-DP step, the fastest eager generation batch and (in step 7, while compiled) the compiled
+   training step: kernel time by category (matmul, attention, norms, element-wise, ...), the share of the wall
+   time the GPU was busy, and the costliest kernels; the explanation of any target missed.
+7. ``compile_blocks`` on the fastest eager training setting per method (its batch, then the first batch), each
+   compiled afresh (dynamo reset: no graphs of another model or batch size count toward its recompile limit);
+   rows record the graphs dynamo compiled.
+8. generation with ``compiled=True`` (CUDA graphs), the fastest eager batch first; rows record CUDA-graph skips.
+   Then the evaluation at it, if it is the fastest setting.
+9. the other depths' eager and compiled training.
 Every measurement runs in its own try/except (the error is recorded and the run goes on) and the JSON is written
 to ``--out`` (default ``$OUT/benchmark_gpu.json`` when $OUT is set) after every one, so a run cut short keeps
 what it measured. Phases stop starting measurements once past their share of ``--budget-s`` (recorded as
@@ -64,7 +73,7 @@ from benchmark_common import official_models, timed
 from torch import nn
 
 from bench.estimates import MEASURED_THROUGHPUT_FILE, VarShape, training_flops_per_row
-from bench.schema import EvaluationConfig, MethodConfig, PrivacyConfig, ResourcesConfig
+from bench.schema import AUTO_ATTENTION_KERNEL, EvaluationConfig, MethodConfig, PrivacyConfig, ResourcesConfig
 from trainables.methods import adapt
 from trainables.models import release_sampling_caches
 from trainables.privacy import make_private, private_step
@@ -78,7 +87,7 @@ GENERATION_DEPTH = 16
 # static KV caches), compiles scales 1-9 and runs their CUDA-graph warm-up; the second compiles scale 0 and records
 # scales 1-9; the third records scale 0. The two after the first run untimed, or a timed median holds a compile.
 COMPILED_WARM_CALLS = 2
-DP_KERNEL = "per_scale"  # the kernel trials use ("auto"); the DP rows compare clipping modes, not kernels
+DP_KERNEL = AUTO_ATTENTION_KERNEL  # the kernel trials use; the DP rows compare clipping modes, not kernels
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,7 @@ class Plan:
     generation_compiled: bool
     generation_steps: int
     evaluation_images: int
+    evaluation_trial_images: int
     matmul_sizes: tuple[int, ...]
     copy_mib: int
     vqvae_channels: int
@@ -113,14 +123,18 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
     # leaves that much under 8 minutes; a CPU smoke run measures everything.
     default_budget = (110.0 if args.quick else 390.0) if cuda else 3600.0
     budget = args.budget_s or default_budget
-    share = {  # cumulative: the share of the budget by which each phase has started its last measurement
+    # Cumulative: the share of the budget by which each phase has started its last measurement. The phases that
+    # compile (tens of seconds each) come after every eager target, so an overrun costs only compiled rows.
+    share = {
         "matmul": 0.03,
         "training": 0.33 if args.quick else 0.24,
         "privacy": 0.48 if args.quick else 0.45,
-        "generation": 0.62 if args.quick else 0.6,
-        "evaluation": 0.7 if args.quick else 0.66,
-        "profiles": 0.76 if args.quick else 0.71,
-        "training_compiled": 1.0 if args.quick else 0.86,
+        "generation": 0.55 if args.quick else 0.52,
+        "evaluation": 0.63 if args.quick else 0.6,
+        "profiles": 0.68 if args.quick else 0.65,
+        "training_compiled": 0.85 if args.quick else 0.78,
+        "generation_compiled": 1.0 if args.quick else 0.88,
+        "evaluation_compiled": 1.0 if args.quick else 0.92,
         "training_more_depths": 1.0,
     }
     plan = Plan(
@@ -139,8 +153,9 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         generation_depth=GENERATION_DEPTH,
         generation_batches=(64, 128, 256, 512),
         generation_compiled=True,
-        generation_steps=2,
+        generation_steps=3,
         evaluation_images=FLOWERS_TEST_IMAGES,
+        evaluation_trial_images=1024,
         matmul_sizes=(4096, 8192, 16384),
         copy_mib=4096,
         vqvae_channels=160,
@@ -158,6 +173,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             dp_clippings=("bookkeeping", "bookkeeping:gram"),
             generation_batches=(64, 256),
             evaluation_images=1024,
+            evaluation_trial_images=512,
             matmul_sizes=(8192,),
         )
     if not cuda:  # a smoke run of the script: tiny sizes; no FlexAttention backward and no compiling on a CPU
@@ -175,6 +191,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             generation_compiled=False,
             generation_steps=1,
             evaluation_images=2,
+            evaluation_trial_images=2,
             matmul_sizes=(256,),
             copy_mib=64,
             vqvae_channels=32,
@@ -473,43 +490,64 @@ def fastest(rows: list[dict], **match) -> dict | None:
 
 
 def measure_training_eager(rec: Recorder, plan: Plan, models: Models, depth: int, phase: str) -> None:
-    """The eager ladder: kernels at the first batch size, then fused AdamW, then larger batches, then (LoRA)
-    frozen base weights in bf16; each lever on top of the fastest setting so far."""
-    base_batch = plan.batches[0]
+    """The eager ladder, targets first: per method, the trials' kernel at the first batch size, fused AdamW,
+    larger batches on the faster; then the other kernels beside the first row of their method (same batch and
+    AdamW); then (LoRA) frozen base weights in bf16 on the fastest setting. A cut-short phase keeps both methods'
+    best batch sizes."""
+    base_batch, kernel = plan.batches[0], AUTO_ATTENTION_KERNEL
+
+    def rows(method: str) -> list[dict]:
+        return [r for r in rec.data.get("training", []) if r["depth"] == depth and r["method"] == method]
+
+    def measure_if_in_time(what: str, setting: Setting) -> dict | None:
+        return measure_setting(rec, plan, models, setting) if in_time(rec, plan, phase, what) else None
+
     for method in ("full", "lora"):
-
-        def rows(method: str = method) -> list[dict]:
-            return [r for r in rec.data.get("training", []) if r["depth"] == depth and r["method"] == method]
-
-        for kernel in plan.kernels:
-            if in_time(rec, plan, phase, f"d{depth} {method} {kernel}"):
-                measure_setting(
-                    rec, plan, models, Setting(depth, method, kernel, fused=False, batch=base_batch)
-                )
-        best = fastest(rows())
-        if best is None:
-            continue
-        if in_time(rec, plan, phase, f"d{depth} {method} fused"):
-            measure_setting(
-                rec, plan, models, Setting(depth, method, best["kernel"], fused=True, batch=base_batch)
+        for fused in (False, True):
+            measure_if_in_time(
+                f"d{depth} {method} fused={fused}", Setting(depth, method, kernel, fused, base_batch)
             )
-        best = fastest(rows(), compiled=False, frozen_bf16=False)
-        for batch in plan.batches[1:]:
-            if in_time(rec, plan, phase, f"d{depth} {method} batch {batch}"):
-                row = measure_setting(rec, plan, models, replace(_setting(best), batch=batch))
-                if row is None:  # out of memory: larger batches will not fit either
-                    break
-        best = fastest(rows(), compiled=False, frozen_bf16=False)
-        if method == "lora" and in_time(rec, plan, phase, f"d{depth} lora frozen bf16"):
-            measure_setting(rec, plan, models, replace(_setting(best), frozen_bf16=True))
+        best = fastest(rows(method))
+        for batch in plan.batches[1:] if best else ():
+            if (
+                measure_if_in_time(f"d{depth} {method} batch {batch}", replace(_setting(best), batch=batch))
+                is None
+            ):
+                break  # out of memory (or out of time): larger batches will not fit either
+    for method in ("full", "lora"):
+        first = next(iter(rows(method)), None)
+        for other in (k for k in plan.kernels if k != kernel) if first else ():
+            measure_if_in_time(f"d{depth} {method} {other}", replace(_setting(first), kernel=other))
+    best = fastest(rows("lora"), compiled=False, frozen_bf16=False)
+    if best is not None:
+        measure_if_in_time(f"d{depth} lora frozen bf16", replace(_setting(best), frozen_bf16=True))
 
 
 def _setting(row: dict) -> Setting:
     return Setting(**{k: row[k] for k in Setting.__dataclass_fields__})
 
 
+def fresh_compile_state() -> None:
+    """Forget every compiled graph: the blocks of all models share one code object (``AdaLNSelfAttn.forward``),
+    so graphs of an earlier model or batch size count toward dynamo's recompile limit (past it, blocks run eager in
+    a row labelled compiled) and a second batch size recompiles with a dynamic batch dimension, which trials at a
+    fixed batch never run."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
+def compile_counters() -> dict:
+    """What dynamo and inductor did since ``fresh_compile_state``: graphs compiled and CUDA graphs skipped."""
+    counters = torch._dynamo.utils.counters
+    return {
+        "dynamo_graphs": counters["stats"]["unique_graphs"],
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+    }
+
+
 def measure_training_compiled(rec: Recorder, plan: Plan, models: Models, depth: int, phase: str) -> None:
-    """``compile_blocks`` on the fastest eager setting: once per model, at the base batch and the best one."""
+    """``compile_blocks`` on the fastest eager setting: the best batch first, then (full plan) the first batch, each
+    compiled afresh on a fresh model (``fresh_compile_state``)."""
     if not plan.compile:
         rec.skip(
             phase, f"d{depth} compile_blocks", "not on this device (inductor's CPU compile is for GPU runs)"
@@ -519,21 +557,24 @@ def measure_training_compiled(rec: Recorder, plan: Plan, models: Models, depth: 
         best = fastest(
             rec.data.get("training", []), depth=depth, method=method, compiled=False, frozen_bf16=False
         )
-        if best is None or not in_time(rec, plan, phase, f"d{depth} {method} compiled"):
+        if best is None:
             continue
-        vqvae, var = models.adapted(depth, method)
-        compile_blocks(var)
-        batches = (
-            [best["batch"]] if plan.compile_batches == "best" else sorted({plan.batches[0], best["batch"]})
-        )
-        for batch in batches:
-            if in_time(rec, plan, phase, f"d{depth} {method} compiled batch {batch}"):
-                setting = replace(_setting(best), batch=batch, compiled=True)
-                # The first depth's last batch is profiled while compiled (no second compile).
-                last = batch == batches[-1] and depth == plan.depths[0]
-                measure_setting(rec, plan, models, setting, var=var, vqvae=vqvae, profile=last)
-        del var
-        free_memory()
+        batches = [best["batch"]] + ([plan.batches[0]] if plan.compile_batches == "base and best" else [])
+        for i, batch in enumerate(dict.fromkeys(batches)):
+            if not in_time(rec, plan, phase, f"d{depth} {method} compiled batch {batch}"):
+                continue
+            fresh_compile_state()
+            vqvae, var = models.adapted(depth, method)
+            compile_blocks(var)
+            setting = replace(_setting(best), batch=batch, compiled=True)
+            # The first depth's best batch is profiled while compiled (no second compile).
+            profile = i == 0 and depth == plan.depths[0]
+            row = measure_setting(rec, plan, models, setting, var=var, vqvae=vqvae, profile=profile)
+            if row is not None:
+                row.update(compile_counters())
+                rec.write()
+            del var
+            free_memory()
 
 
 # --- 3. DP-SGD --------------------------------------------------------------------------------------------------
@@ -546,13 +587,12 @@ def split_clipping(clipping: str | None) -> tuple[str | None, str | None]:
     return name or None, (route or "auto") if name == "bookkeeping" else None
 
 
-def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, device: torch.device):
-    """(step, precision): one step on ``rows`` rows = rows // k examples of k views, DP with ``clipping`` (None:
-    the non-DP step on the same rows; "bookkeeping:gram": book-keeping with every linear layer's norms through
-    Gram matrices, where trials choose per layer). Ghost clipping runs in float32, as trials run it."""
+def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, bf16: bool, device: torch.device):
+    """One step on ``rows`` rows = rows // k examples of k views, DP with ``clipping`` (None: the non-DP step on
+    the same rows; "bookkeeping:gram": book-keeping with every linear layer's norms through Gram matrices, where
+    trials choose per layer), under bf16 autocast or (``bf16`` False: ghost clipping, as trials run it) in float32."""
     clipping, route = split_clipping(clipping)
     examples = max(1, rows // k)
-    bf16 = clipping != "ghost"
     optimizer = build_optimizer(var, lr=1e-4)
     label_N, views = token_batch(var, examples, k=k, device=device)
 
@@ -569,7 +609,7 @@ def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, device: torc
             loss.backward()
             optimizer.step()
 
-        return plain, bf16
+        return plain
     dataset = 64 * examples
     privacy = PrivacyConfig(
         target_epsilon=10.0,
@@ -588,7 +628,7 @@ def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, device: torc
     )
     if route not in (None, "auto"):
         state.module.linear_route = route
-    return (lambda: private_step(state, everyone, loss_fn)), bf16
+    return lambda: private_step(state, everyone, loss_fn)
 
 
 def norm_errors(device: torch.device, dtype: torch.dtype, *, examples: int = 4) -> dict:
@@ -616,62 +656,85 @@ def norm_errors(device: torch.device, dtype: torch.dtype, *, examples: int = 4) 
     }
 
 
-def privacy_schedule(plan: Plan) -> list[tuple[int, str, int, tuple[str | None, ...]]]:
-    """(depth, method, k, clippings from no DP on) in the order measured: the first depth's settings, with full
-    fine-tuning at k = 1 at the widest depth second (the one setting whose routes change with the width: VAR-d20's
-    per-example gradients are 1.4-1.5x their a and g), as trials run it only."""
-    # Opacus's ghost clipping takes one view per example; Gram matrices of k x 680 rows are absurd.
-    one_view = ("ghost", "bookkeeping:gram")
+def privacy_schedule(plan: Plan) -> list[tuple[int, str, int, str | None, str]]:
+    """(depth, method, k, clipping, precision) in the order measured. The targets first: the non-DP step and
+    book-keeping (as trials run it) for every configuration of the first depth, with full fine-tuning at k = 1 at
+    the widest depth second (the one setting whose routes change with the width: VAR-d20's per-example gradients
+    are 1.4-1.5x their a and g). Then the options: Gram routes, Opacus's ghost clipping (float32, as trials run
+    it, beside a float32 non-DP step) and hooks. A cut-short phase keeps the rows the targets need."""
     first = plan.depths[0]
-    schedule = [
-        (first, method, k, tuple(c for c in (None, *plan.dp_clippings) if k == 1 or c not in one_view))
-        for method, k in plan.dp_configs
-    ]
+    configs = [(first, method, k) for method, k in plan.dp_configs]
+    targets = [(*config, clipping, "bf16") for config in configs for clipping in (None, "bookkeeping")]
     if len(plan.depths) > 1 and ("full", 1) in plan.dp_configs:
-        schedule.insert(1, (max(plan.depths), "full", 1, (None, "bookkeeping")))
-    return schedule
+        at = 2 * plan.dp_configs.index(("full", 1)) + 2
+        targets[at:at] = [
+            (max(plan.depths), "full", 1, clipping, "bf16") for clipping in (None, "bookkeeping")
+        ]
+    options = []
+    for config in configs:
+        k = config[2]
+        for clipping in plan.dp_clippings:
+            # Opacus's ghost clipping takes one view per example; Gram matrices of k x 680 rows are absurd.
+            if clipping == "bookkeeping" or (k > 1 and clipping in ("ghost", "bookkeeping:gram")):
+                continue
+            if clipping == "ghost":
+                options += [(*config, None, "float32"), (*config, "ghost", "float32")]
+            else:
+                options.append((*config, clipping, "bf16"))
+    return targets + options
+
+
+def _non_dp_row(rec: Recorder, row: dict) -> dict | None:
+    """The non-DP row of ``row``'s depth, method, k and precision, if measured."""
+    same = ("depth", "method", "k", "precision")
+    return next(
+        (
+            r
+            for r in rec.data.get("privacy", [])
+            if r["clipping"] is None and all(r[f] == row[f] for f in same)
+        ),
+        None,
+    )
 
 
 def measure_privacy(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
     for dtype in (torch.bfloat16, torch.float32):
         rec.measure("norm_accuracy", str(dtype), lambda dtype=dtype: norm_errors(models.device, dtype))
     device = models.device
-    for depth, method, k, clippings in privacy_schedule(plan):
-        base = None
-        for clipping in clippings:
-            name = f"d{depth} {method} k={k} {clipping or 'no DP'}"
-            if not in_time(rec, plan, phase, name):
-                continue
+    for depth, method, k, clipping, precision in privacy_schedule(plan):
+        name = f"d{depth} {method} k={k} {clipping or 'no DP'} {precision}"
+        if not in_time(rec, plan, phase, name):
+            continue
 
-            def run(clipping=clipping, method=method, k=k, depth=depth) -> dict:
-                vqvae, var = models.adapted(depth, method)
-                var.attention_kernel = DP_KERNEL
-                step, bf16 = dp_step(var, vqvae, clipping=clipping, k=k, rows=plan.dp_rows, device=device)
-                reset_peak(device)
-                seconds = timed(step, steps=plan.steps, warmup=plan.warmup, device=device)
-                return {
-                    "depth": depth,
-                    "method": method,
-                    "k": k,
-                    "rows": plan.dp_rows,
-                    "examples": max(1, plan.dp_rows // k),
-                    **dict(zip(("clipping", "route"), split_clipping(clipping), strict=True)),
-                    "kernel": DP_KERNEL,
-                    "precision": "bf16 autocast" if bf16 else "float32",
-                    "step_ms": 1e3 * seconds,
-                    "rows_per_s": plan.dp_rows / seconds,
-                    "peak_gib": peak_gib(device),
-                }
+        def run(clipping=clipping, method=method, k=k, depth=depth, precision=precision) -> dict:
+            vqvae, var = models.adapted(depth, method)
+            var.attention_kernel = DP_KERNEL
+            bf16 = precision == "bf16"
+            step = dp_step(var, vqvae, clipping=clipping, k=k, rows=plan.dp_rows, bf16=bf16, device=device)
+            reset_peak(device)
+            seconds = timed(step, steps=plan.steps, warmup=plan.warmup, device=device)
+            return {
+                "depth": depth,
+                "method": method,
+                "k": k,
+                "rows": plan.dp_rows,
+                "examples": max(1, plan.dp_rows // k),
+                **dict(zip(("clipping", "route"), split_clipping(clipping), strict=True)),
+                "kernel": DP_KERNEL,
+                "precision": "bf16 autocast" if bf16 else "float32",
+                "step_ms": 1e3 * seconds,
+                "rows_per_s": plan.dp_rows / seconds,
+                "peak_gib": peak_gib(device),
+            }
 
-            row = rec.measure("privacy", name, run)
-            if row is not None and clipping is None:
-                base = row
-            if row is not None and base is not None:
-                row["time_vs_non_dp"] = row["step_ms"] / base["step_ms"]
-                row["memory_vs_non_dp"] = (
-                    row["peak_gib"] / base["peak_gib"] if row["peak_gib"] and base["peak_gib"] else None
-                )
-                rec.write()
+        row = rec.measure("privacy", name, run)
+        base = None if row is None else _non_dp_row(rec, row)
+        if base is not None:  # (a non-DP row is its own base: 1.00x)
+            row["time_vs_non_dp"] = row["step_ms"] / base["step_ms"]
+            row["memory_vs_non_dp"] = (
+                row["peak_gib"] / base["peak_gib"] if row["peak_gib"] and base["peak_gib"] else None
+            )
+            rec.write()
 
 
 # --- 4. generation ----------------------------------------------------------------------------------------------
@@ -707,21 +770,24 @@ def _generation_order(rec: Recorder, plan: Plan, *, compiled: bool) -> list[int]
     return ([best] if best is not None else []) + rest
 
 
-def measure_generation(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+def measure_generation(rec: Recorder, plan: Plan, models: Models, phase: str, *, compiled: bool) -> None:
+    """Eager or compiled sampling per batch size. Compiled runs in a later phase, after the evaluation: its
+    compiles (one per scale and batch size, tens of seconds each) must not leave the evaluation unmeasured."""
     device, depth = models.device, plan.generation_depth
+    if compiled and not plan.generation_compiled:
+        rec.skip(phase, "compiled generation", "not on this device (CUDA graphs)")
+        return
     vqvae, var = models.adapted(depth, "base")
     var.eval()
-    modes = (False, True) if plan.generation_compiled else (False,)
-    if not plan.generation_compiled:
-        rec.skip(phase, "compiled generation", "not on this device (CUDA graphs)")
+    if compiled:
+        fresh_compile_state()
 
-    def row(batch: int, compiled: bool) -> dict:
+    def row(batch: int) -> dict:
         fn = sample_fn(var, vqvae, batch, compiled=compiled, device=device)
         try:
             reset_peak(device)
-            started = time.perf_counter()
-            fn()  # the first call allocates (and, compiled, compiles): timed apart
-            first = time.perf_counter() - started
+            with Stopwatch(device) as first:
+                fn()  # the first call allocates (and, compiled, compiles): timed apart
             warm = COMPILED_WARM_CALLS if compiled else 0
             seconds = timed(fn, steps=plan.generation_steps, warmup=warm, device=device)
             peak = peak_gib(device)
@@ -732,21 +798,21 @@ def measure_generation(rec: Recorder, plan: Plan, models: Models, phase: str) ->
             "batch": batch,
             "compiled": compiled,
             "precision": "bf16 autocast",
-            "first_call_s": first,
+            "first_call_s": first.seconds,
             "batch_s": seconds,
             "images_per_s": batch / seconds,
             "peak_gib": peak,
+            **(compile_counters() if compiled else {}),
         }
 
-    for compiled in modes:
-        for batch in _generation_order(rec, plan, compiled=compiled):
-            if not in_time(rec, plan, phase, f"batch {batch} compiled={compiled}"):
-                continue
-            name = f"d{depth} batch {batch} compiled={compiled}"
-            measured = rec.measure("generation", name, lambda b=batch, c=compiled: row(b, c))
-            # Eager goes up in size: out of memory here, larger ones too.
-            if measured is None and not compiled:
-                break
+    for batch in _generation_order(rec, plan, compiled=compiled):
+        if not in_time(rec, plan, phase, f"batch {batch} compiled={compiled}"):
+            continue
+        measured = rec.measure(
+            "generation", f"d{depth} batch {batch} compiled={compiled}", lambda b=batch: row(b)
+        )
+        if measured is None and not compiled:  # eager goes up in size: out of memory here, larger ones too
+            break
 
 
 # --- 5. evaluation ----------------------------------------------------------------------------------------------
@@ -769,52 +835,71 @@ def random_inception(device: torch.device) -> nn.Module:
         return RandomInception(INCEPTION, ["2048"], feature_extractor_weights_path=str(empty)).to(device)
 
 
-def measure_evaluation(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
-    device = models.device
+def measure_evaluation(
+    rec: Recorder, plan: Plan, models: Models, phase: str, *, fastest_only: bool = False
+) -> None:
+    """Generation plus Inception-v3 features, timed together, at two settings: a trial's (eager sampling at
+    ``EvaluationConfig.batch_size``, on ``plan.evaluation_trial_images`` images, extrapolated: what a trial's
+    evaluation costs today) and the fastest generation setting measured (on ``plan.evaluation_images``: what the
+    target asks of the fast paths). ``fastest_only``: the second alone, and only if the fastest setting is one not
+    evaluated yet (after compiled generation)."""
     gens = rec.data.get("generation", [])
     best = max(gens, key=lambda r: r["images_per_s"], default=None)
-    if best is None or not in_time(rec, plan, phase, "evaluation"):
-        if best is None:
-            rec.skip(phase, "evaluation", "no generation setting was measured")
+    if best is None:
+        rec.skip(phase, "evaluation", "no generation setting was measured")
         return
+    done = {(r["batch"], r["compiled"]) for r in rec.data.get("evaluation", [])}
+    trial_batch = min(EvaluationConfig.batch_size, plan.evaluation_trial_images)
+    trial = ("trial", trial_batch, False, plan.evaluation_trial_images)
+    settings = [] if fastest_only else [trial]
+    settings.append(("fastest", best["batch"], best["compiled"], plan.evaluation_images))
+    for name, batch, compiled, images in settings:
+        if (batch, compiled) in done or not in_time(rec, plan, phase, f"evaluation {name}"):
+            continue  # (a CPU smoke run's fastest setting is the trial's)
+        done.add((batch, compiled))
+        rec.measure(
+            "evaluation",
+            f"{name}: {images} images at batch {batch}",
+            lambda n=name, b=batch, c=compiled, i=images: evaluation_row(
+                models, n, batch=b, compiled=c, images=i, depth=best["depth"]
+            ),
+        )
 
-    def run() -> dict:
-        vqvae, var = models.adapted(best["depth"], "base")
-        try:
-            return _evaluation(var, vqvae)
-        finally:
-            release_caches(var)
 
-    def _evaluation(var, vqvae) -> dict:
+def evaluation_row(
+    models: Models, setting: str, *, batch: int, compiled: bool, images: int, depth: int
+) -> dict:
+    vqvae, var = models.adapted(depth, "base")
+    try:
         var.eval()
-        extractor = random_inception(device)
-        batch, n = best["batch"], plan.evaluation_images
-        # Every batch has the measured size (a last, smaller one would compile again); extras are dropped.
-        fn = sample_fn(var, vqvae, batch, compiled=best["compiled"], device=device, seed=1)
-        for _ in range(1 + COMPILED_WARM_CALLS if best["compiled"] else 0):
+        extractor = random_inception(models.device)
+        # Every batch has the one size (a last, smaller one would compile again); extras are dropped.
+        fn = sample_fn(var, vqvae, batch, compiled=compiled, device=models.device, seed=1)
+        for _ in range(1 + COMPILED_WARM_CALLS if compiled else 0):
             fn()  # this model's graphs: the compile cost was measured in the generation phase
-        features, generated = [], 0
-        with Stopwatch(device) as total:
-            with Stopwatch(device) as gen_watch:
-                images = []
-                while generated < n:
-                    images.append((fn()[: n - generated] * 255).round().to(torch.uint8))
-                    generated += len(images[-1])
-            with Stopwatch(device) as feat_watch, torch.no_grad():
-                features = [extractor(chunk) for chunk in images]
-        return {
-            "images": n,
-            "depth": best["depth"],
-            "batch": batch,
-            "compiled": best["compiled"],
-            "generation_s": gen_watch.seconds,
-            "features_s": feat_watch.seconds,
-            "total_s": total.seconds,
-            "flowers_total_s_extrapolated": total.seconds * FLOWERS_TEST_IMAGES / n,
-            "feature_dim": int(features[0][0].shape[-1]),
-        }
-
-    rec.measure("evaluation", f"{plan.evaluation_images} images", run)
+        generated = 0
+        with Stopwatch(models.device) as total:
+            with Stopwatch(models.device) as gen_watch:
+                uint8_images = []
+                while generated < images:
+                    uint8_images.append((fn()[: images - generated] * 255).round().to(torch.uint8))
+                    generated += len(uint8_images[-1])
+            with Stopwatch(models.device) as feat_watch, torch.no_grad():
+                features = [extractor(chunk) for chunk in uint8_images]
+    finally:
+        release_caches(var)
+    return {
+        "setting": setting,
+        "images": images,
+        "depth": depth,
+        "batch": batch,
+        "compiled": compiled,
+        "generation_s": gen_watch.seconds,
+        "features_s": feat_watch.seconds,
+        "total_s": total.seconds,
+        "flowers_total_s_extrapolated": total.seconds * FLOWERS_TEST_IMAGES / images,
+        "feature_dim": int(features[0][0].shape[-1]),
+    }
 
 
 # --- 6. profiles -----------------------------------------------------------------------------------------------
@@ -917,7 +1002,9 @@ def measure_profiles(rec: Recorder, plan: Plan, models: Models, phase: str) -> N
             def build(clipping=clipping, method=method, k=k):
                 vqvae, var = models.adapted(depth, method)
                 var.attention_kernel = DP_KERNEL
-                return dp_step(var, vqvae, clipping=clipping, k=k, rows=plan.dp_rows, device=device)[0]
+                return dp_step(
+                    var, vqvae, clipping=clipping, k=k, rows=plan.dp_rows, bf16=True, device=device
+                )
 
             targets.append((f"d{depth} {method} k={k} {clipping or 'no DP'} ({plan.dp_rows} rows)", build))
     eager = [r for r in rec.data.get("generation", []) if not r["compiled"]]
@@ -1024,7 +1111,9 @@ def report(data: dict, *, command: str) -> str:
         lines.append("")
     if data.get("privacy"):
         lines += [
-            "DP-SGD step vs the non-DP step on the same rows (examples x k views):",
+            "DP-SGD step vs the non-DP step on the same rows and precision (examples x k views; with one example "
+            "per step, as at k = 32, the noise and update fall on one example where a trial spreads them over its "
+            "expected batch, so such a ratio errs high):",
             "",
             "| depth | method | k | examples | clipping | precision | step (ms) | rows/s | time vs non-DP | peak GiB | memory vs non-DP |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -1050,8 +1139,12 @@ def report(data: dict, *, command: str) -> str:
         ]
         lines.append("")
     for r in data.get("evaluation", []):
+        setting = {"trial": "a trial's setting", "fastest": "the fastest generation setting"}.get(
+            r.get("setting")
+        )
         lines += [
-            f"Evaluation: {r['images']} images at batch {r['batch']} (compiled={r['compiled']}): generation "
+            f"Evaluation at {setting or 'the fastest generation setting'}: {r['images']} images at batch {r['batch']} "
+            f"(compiled={r['compiled']}): generation "
             f"{r['generation_s']:.1f} s + Inception-v3 features {r['features_s']:.1f} s = {r['total_s']:.1f} s; "
             f"{FLOWERS_TEST_IMAGES:,} images (Oxford Flowers' test set): {r['flowers_total_s_extrapolated']:.1f} s "
             "(target < 30 s).",
@@ -1213,12 +1306,20 @@ def run(args: argparse.Namespace) -> dict:
         ("matmul", lambda: measure_matmul(rec, plan, device)),
         ("training", lambda: measure_training_eager(rec, plan, models, first, "training")),
         ("privacy", lambda: measure_privacy(rec, plan, models, "privacy")),
-        ("generation", lambda: measure_generation(rec, plan, models, "generation")),
+        ("generation", lambda: measure_generation(rec, plan, models, "generation", compiled=False)),
         ("evaluation", lambda: measure_evaluation(rec, plan, models, "evaluation")),
         ("profiles", lambda: measure_profiles(rec, plan, models, "profiles")),
         (
             "training_compiled",
             lambda: measure_training_compiled(rec, plan, models, first, "training_compiled"),
+        ),
+        (
+            "generation_compiled",
+            lambda: measure_generation(rec, plan, models, "generation_compiled", compiled=True),
+        ),
+        (
+            "evaluation_compiled",
+            lambda: measure_evaluation(rec, plan, models, "evaluation_compiled", fastest_only=True),
         ),
     ]
     for depth in plan.depths[1:]:

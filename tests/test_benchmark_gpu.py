@@ -74,13 +74,14 @@ def test_every_section_is_measured_with_numbers(smoke):
     assert {r["k"] for r in privacy} >= {1, 2}
     assert all(_number(r["step_ms"]) and _number(r["time_vs_non_dp"]) for r in privacy)
     assert all(_number(r["images_per_s"]) for r in data["generation"])
-    (evaluation,) = data["evaluation"]
+    (evaluation,) = data["evaluation"]  # a trial's setting (on a CPU also the fastest: batch 2, eager)
+    assert evaluation["setting"] == "trial" and (evaluation["batch"], evaluation["compiled"]) == (2, False)
     assert evaluation["feature_dim"] == 2048  # the Inception-v3 pool features
     assert all(_number(evaluation[key]) for key in ("generation_s", "features_s", "total_s"))
     assert (
         "| matmul |" in smoke["stdout"]
         and "DP-SGD step" in smoke["stdout"]
-        and "Evaluation:" in smoke["stdout"]
+        and "Evaluation at a trial's setting:" in smoke["stdout"]
     )
 
 
@@ -191,9 +192,10 @@ def test_profiles_leave_annotation_ranges_out():
     assert "aten::mm" in names and "annotation_range" not in names
 
 
-def test_the_privacy_phase_measures_the_widest_depth_second():
-    """Full fine-tuning at k = 1 is measured at VAR-d20 too, right after VAR-d16 (routes change with the width), as
-    trials run it only; ghost clipping and Gram routes only at one view per example."""
+def test_the_privacy_phase_measures_every_target_before_the_options():
+    """The targets first (no DP and book-keeping for every configuration, DP-full at k = 1 at VAR-d20 right after
+    VAR-d16: routes change with the width), then the options: Gram routes and ghost clipping only at one view per
+    example, ghost in float32 beside a float32 non-DP step, hooks. A phase cut short keeps the targets' rows."""
     import argparse
 
     import benchmark_gpu
@@ -203,11 +205,35 @@ def test_the_privacy_phase_measures_the_widest_depth_second():
         namespace = argparse.Namespace(**{"quick": False, "budget_s": None, "depth": None, **args})
         return benchmark_gpu.privacy_schedule(benchmark_gpu.make_plan(namespace, torch.device("cuda")))
 
-    full = schedule()
-    assert [entry[:3] for entry in full[:3]] == [(16, "full", 1), (20, "full", 1), (16, "lora", 1)]
-    assert full[1][3] == (None, "bookkeeping")
-    assert full[0][3] == (None, "bookkeeping", "bookkeeping:gram", "ghost", "hooks")
-    assert all(
-        "ghost" not in clippings and "bookkeeping:gram" not in clippings for *_, k, clippings in full if k > 1
-    )
-    assert [entry[:3] for entry in schedule(quick=True)] == [(16, "full", 1)]  # one depth: no second
+    bf16 = "bf16"
+    targets = [
+        (depth, method, k, clipping, bf16)
+        for depth, method, k in (
+            (16, "full", 1),
+            (20, "full", 1),
+            (16, "lora", 1),
+            (16, "full", 32),
+            (16, "lora", 32),
+        )
+        for clipping in (None, "bookkeeping")
+    ]
+    options = [
+        *(
+            (16, method, 1, clipping, precision)
+            for method in ("full", "lora")
+            for clipping, precision in (
+                ("bookkeeping:gram", bf16),
+                (None, "float32"),
+                ("ghost", "float32"),
+                ("hooks", bf16),
+            )
+        ),
+        (16, "full", 32, "hooks", bf16),
+        (16, "lora", 32, "hooks", bf16),
+    ]
+    assert schedule() == targets + options
+    assert schedule(quick=True) == [
+        (16, "full", 1, None, bf16),
+        (16, "full", 1, "bookkeeping", bf16),
+        (16, "full", 1, "bookkeeping:gram", bf16),
+    ]

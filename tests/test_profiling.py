@@ -378,3 +378,20 @@ def test_step_meter_enters_counting_context_on_the_counting_step_only():
     for _ in range(3):
         meter.run(lambda: weight @ weight, local_rows=4)
     assert entered == [True] and meter.ledger.train_flops_per_row == 2 * 4**3 / 4
+
+
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    (
+        ("NVIDIA H200", 989),
+        ("NVIDIA H200 NVL", 835),
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 PCIe", 756),
+    ),
+)
+def test_the_datasheet_peak_is_the_named_parts_not_a_shorter_names(monkeypatch, name, tflops):
+    """The NVL and PCIe parts contain the SXM part's name; their lower peaks must win (MFU against the datasheet)."""
+    from trainables.profiling import peak_flops_per_second
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops_per_second("cuda") == tflops * 1e12

@@ -219,7 +219,18 @@ class StepMeter:
 
 
 # Dense bf16 tensor-core peaks (vendor datasheets, FLOP/s), for MFU; matched on the device name.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+# Dense bf16 datasheet peaks, matched as substrings of the device name, the longest key first (an "H200 NVL" or
+# "H100 PCIe" is not the SXM part: 835 and 756 TFLOP/s).
+PEAK_FLOPS = {
+    "H200 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
 
 
 def peak_flops_per_second(device: torch.device | str) -> float | None:
@@ -228,4 +239,4 @@ def peak_flops_per_second(device: torch.device | str) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+    return next((PEAK_FLOPS[key] for key in sorted(PEAK_FLOPS, key=len, reverse=True) if key in name), None)
