@@ -188,7 +188,7 @@ def table(
             "ops of max(FLOPs / datasheet rate, bytes / datasheet bandwidth); an estimate, not a measurement):",
             "",
             f"| depth | GB {base} | GB ours | ours / {base} | kernels {base} | kernels ours | roofline ms {base} | "
-            "roofline ms ours | ours / base |",
+            f"roofline ms ours | ours / {base} |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:

@@ -43,6 +43,7 @@ from trainables.finetune import (
 from trainables.methods import adapt, trainable_parameters
 from trainables.models import ATTENTION_KERNELS, build_var, build_vqvae
 from trainables.models.var import ScaleBlocks, _scale_pieces, scale_causal_attention
+from trainables.patches import QKVBias, _qkv_bias_grad_sample, attention_parameters_as_modules
 from trainables.prior import build_prior_bank
 from trainables.privacy import make_private, private_step, release
 from trainables.training import (
@@ -189,6 +190,38 @@ def test_flex_attention_forward_equals_the_masked_kernel(vqvae):
     masked, flex = adapted("full", kernel="masked").eval(), adapted("full", kernel="flex").eval()
     with torch.no_grad():
         torch.testing.assert_close(flex(label_B, x_BLCv), masked(label_B, x_BLCv), **LOGITS_TOL)
+
+
+@pytest.mark.parametrize("patched", (False, True))
+def test_the_qkv_bias_keeps_q_k_and_v_in_the_autocast_dtype(patched):
+    """The published code adds the q/v biases inside ``F.linear``, so under autocast q, k and v are bf16; added as a
+    float32 tensor after the module call (as LoRA and per-sample hooks need it) they were promoted to float32,
+    twice the bytes through the norms and the casts into attention. Also through the DP patch's module."""
+    var = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0))
+    if patched:
+        attention_parameters_as_modules(var)
+    attention = var.blocks[0].attn
+    assert (attention.qkv_bias is not None) == patched
+    with torch.no_grad():  # (zero at build: give the add something to round)
+        (attention.qkv_bias.q_bias if patched else attention.q_bias).normal_()
+    x_BLC = torch.randn(2, 5, TINY_VAR["embed_dim"], generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qkv_BL3C = attention.add_qkv_bias(attention.mat_qkv(x_BLC))
+    assert qkv_BL3C.dtype == torch.bfloat16
+    expected = attention.add_qkv_bias(attention.mat_qkv(x_BLC))  # float32
+    torch.testing.assert_close(qkv_BL3C.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_the_qkv_bias_per_example_gradient_is_summed_in_float32():
+    """Its bf16 backprops (under autocast) are summed over the positions in float32, not rounded to bf16."""
+    C = 4
+    layer = QKVBias(torch.nn.Parameter(torch.zeros(C)), torch.nn.Parameter(torch.zeros(C)))
+    backprops_BL3C = torch.randn(2, 680, 3 * C, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    grads = _qkv_bias_grad_sample(layer, [], backprops_BL3C)
+    exact_B3C = backprops_BL3C.double().sum(1)
+    for param, columns in ((layer.q_bias, slice(0, C)), (layer.v_bias, slice(2 * C, 3 * C))):
+        assert grads[param].dtype == torch.float32
+        torch.testing.assert_close(grads[param].double(), exact_B3C[:, columns], rtol=1e-6, atol=1e-5)
 
 
 def test_flex_attention_runs_at_the_autocast_precision_as_sdpa_does(monkeypatch):

@@ -51,8 +51,10 @@ class QKVBias(PatchModule):
         self.q_bias, self.v_bias = q_bias, v_bias
 
     def forward(self, qkv_BL3C: torch.Tensor) -> torch.Tensor:
-        # No buffer here: Opacus refuses trainable modules that hold buffers; zeros are made per call instead.
-        return qkv_BL3C + torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        # No buffer here: Opacus refuses trainable modules that hold buffers; zeros are made per call instead. In
+        # qkv's dtype, as SelfAttention.add_qkv_bias.
+        bias_3C = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        return qkv_BL3C + bias_3C.to(qkv_BL3C.dtype)
 
 
 class HeadScale(PatchModule):
@@ -83,7 +85,8 @@ def _add_parameter_grad_sample(
 
 @register_grad_sampler(QKVBias)
 def _qkv_bias_grad_sample(layer: QKVBias, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
-    g_B3C = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1]).sum(1)
+    # Summed in float32: under autocast the backprops are bf16, and a bf16 sum over L positions would round.
+    g_B3C = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1]).sum(1, dtype=torch.float32)
     C = layer.q_bias.shape[0]
     grads = {layer.q_bias: g_B3C[:, :C], layer.v_bias: g_B3C[:, 2 * C :]}
     return {p: g for p, g in grads.items() if p.requires_grad}

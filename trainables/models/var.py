@@ -287,9 +287,11 @@ class SelfAttention(nn.Module):
     # The two uses of this module's own parameters go through a submodule when one fills the slot (it then owns
     # the parameters, for per-sample gradients), with the same numbers.
     def add_qkv_bias(self, qkv_BL3C: torch.Tensor) -> torch.Tensor:
+        """qkv [B, L, 3C] plus the biases in qkv's dtype: under autocast, as the published code's ``F.linear`` adds
+        them (a float32 bias would promote q, k and v to float32, twice the bytes through the norms and casts)."""
         if self.qkv_bias is not None:
             return self.qkv_bias(qkv_BL3C)
-        return qkv_BL3C + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        return qkv_BL3C + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(qkv_BL3C.dtype)
 
     def scale_queries(self, q_BHLc: torch.Tensor) -> torch.Tensor:
         """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``."""
