@@ -154,6 +154,14 @@ def measure(base_tree: Path, *, depth: int, **run) -> dict:
     return {"depth": depth, **timing, "memory": memory}
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
 def table(
     rows: list[dict], *, base: str, batch: int, threads: int, repeats: int, task: str, settings: dict
 ) -> str:
@@ -169,35 +177,45 @@ def table(
         f"{what}; median of {repeats} calls after one warm-up, base and ours alternating in one process; peak RSS "
         "of a separate build-and-run process.",
         "",
-        f"| depth | {base} s/call | ours s/call | ours / {base} | max {diff} diff (of max abs) | "
-        f"peak RSS {base} (GiB) | peak RSS ours (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        *markdown_table(
+            ["depth", f"{base} s/call", "ours s/call", f"ours / {base}", f"max {diff} diff (of max abs)"]
+            + [f"peak RSS {base} (GiB)", "peak RSS ours (GiB)"],
+            [
+                [f"d{r['depth']}", f"{r['median_s']['base']:.2f}", f"{r['median_s']['ours']:.2f}"]
+                + [
+                    f"{r['median_s']['ours'] / r['median_s']['base']:.3f}",
+                    f"{r['max_diff']:.1e} ({r['max_abs']:.1e})",
+                ]
+                + [f"{r['memory'][name]['peak_gib']:.2f}" for name in ("base", "ours")]
+                for r in rows
+            ],
+        ),
     ]
-    for row in rows:
-        base_s, ours_s = row["median_s"]["base"], row["median_s"]["ours"]
-        lines.append(
-            f"| d{row['depth']} | {base_s:.2f} | {ours_s:.2f} | {ours_s / base_s:.3f} | "
-            f"{row['max_diff']:.1e} ({row['max_abs']:.1e}) | {row['memory']['base']['peak_gib']:.2f} | "
-            f"{row['memory']['ours']['peak_gib']:.2f} |"
-        )
     if task == "training":
+        counted = [(r["depth"], r["traffic"]["base"], r["traffic"]["ours"]) for r in rows]
         lines += [
             "",
             "Counted op by op in one step (`benchmark_dp_memory.Traffic`: each operand read once, each result written "
             "once, views excluded: what an eager GPU step moves at least), with its H200 roofline estimate (sum over "
             "ops of max(FLOPs / datasheet rate, bytes / datasheet bandwidth); an estimate, not a measurement):",
             "",
-            f"| depth | GB {base} | GB ours | ours / {base} | kernels {base} | kernels ours | roofline ms {base} | "
-            f"roofline ms ours | ours / {base} |",
-            "|---|---|---|---|---|---|---|---|---|",
+            *markdown_table(
+                ["depth", f"GB {base}", "GB ours", f"ours / {base}", f"kernels {base}", "kernels ours"]
+                + [f"roofline ms {base}", "roofline ms ours", f"ours / {base}"],
+                [
+                    [
+                        f"d{depth}",
+                        f"{b['gb']:.2f}",
+                        f"{o['gb']:.2f}",
+                        f"{o['gb'] / b['gb']:.3f}",
+                        str(b["kernels"]),
+                    ]
+                    + [str(o["kernels"]), f"{b['roofline_ms']:.2f}", f"{o['roofline_ms']:.2f}"]
+                    + [f"{o['roofline_ms'] / b['roofline_ms']:.3f}"]
+                    for depth, b, o in counted
+                ],
+            ),
         ]
-        for row in rows:
-            b, o = row["traffic"]["base"], row["traffic"]["ours"]
-            lines.append(
-                f"| d{row['depth']} | {b['gb']:.2f} | {o['gb']:.2f} | {o['gb'] / b['gb']:.3f} | {b['kernels']} | "
-                f"{o['kernels']} | {b['roofline_ms']:.2f} | {o['roofline_ms']:.2f} | "
-                f"{o['roofline_ms'] / b['roofline_ms']:.3f} |"
-            )
     return "\n".join(lines)
 
 
