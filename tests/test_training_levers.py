@@ -127,15 +127,18 @@ def test_per_scale_attention_trains_like_the_masked_kernel(method, vqvae):
     assert_same_gradients(step_gradients(models["per_scale"], vqvae, label_B, idx_Bl), expected)
 
 
-def dp_step_gradients(var, vqvae, *, clipping: str = "bookkeeping") -> dict[str, torch.Tensor]:
+def dp_step_gradients(
+    var, vqvae, *, clipping: str = "bookkeeping", views: int = 2
+) -> dict[str, torch.Tensor]:
     """The noiseless clipped gradient sum of one DP step (sigma 0, caller-seeded sampling; C small enough that
-    every example is clipped), read off an SGD step of learning rate 1."""
+    every example is clipped), read off an SGD step of learning rate 1. ``views``: 1 or 2 per example (ghost
+    clipping takes one)."""
     label_N, idx_Nl = batch(size=8, seed=2)
     privacy = PrivacyConfig(
         target_epsilon=10.0,
         sampling_rate=0.5,
         max_grad_norm=1e-3,
-        augmentation_multiplicity=2,
+        augmentation_multiplicity=views,
         clipping=clipping,
     )
     before = {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
@@ -150,12 +153,12 @@ def dp_step_gradients(var, vqvae, *, clipping: str = "bookkeeping") -> dict[str,
         debug_seed=0,
     )
 
-    def two_views(indices: torch.Tensor) -> torch.Tensor:  # view 2: the token maps rolled by one position
-        idx = [torch.stack([t[indices], t[indices].roll(1, dims=1)], dim=1) for t in idx_Nl]
+    def view_loss(indices: torch.Tensor) -> torch.Tensor:  # view 2: the token maps rolled by one position
+        idx = [torch.stack([t[indices], t[indices].roll(1, dims=1)][:views], dim=1) for t in idx_Nl]
         return view_losses(var, vqvae, label_N[indices], idx, class_dropout=0.0)
 
     try:
-        private_step(state, torch.arange(8), two_views)
+        private_step(state, torch.arange(8), view_loss)
     finally:
         release(state)
     return {n: before[n] - p.detach() for n, p in trainable_parameters(var).items()}
@@ -174,10 +177,15 @@ def assert_same_readouts(got: dict, expected: dict, var: torch.nn.Module) -> Non
         )
 
 
-@pytest.mark.parametrize("method", ("full", "lora"))
-def test_per_scale_attention_gives_the_masked_kernels_clipped_dp_step(method, vqvae):
-    expected = dp_step_gradients(adapted(method, kernel="masked"), vqvae)
-    got = dp_step_gradients(var := adapted(method, kernel="per_scale"), vqvae)
+@pytest.mark.parametrize(
+    ("method", "clipping", "views"),
+    (("full", "bookkeeping", 2), ("lora", "bookkeeping", 2), ("lora", "hooks", 2), ("lora", "ghost", 1)),
+)
+def test_per_scale_attention_gives_the_masked_kernels_clipped_dp_step(method, clipping, views, vqvae):
+    """Every clipping mode through the per-scale kernel's own backward (ghost clipping runs two backwards through
+    one retained graph) against the masked kernel's."""
+    expected = dp_step_gradients(adapted(method, kernel="masked"), vqvae, clipping=clipping, views=views)
+    got = dp_step_gradients(var := adapted(method, kernel="per_scale"), vqvae, clipping=clipping, views=views)
     # Every example was clipped (sum of 8 clipped examples, scaled by 1/(q N) = 1/4): the sum's norm <= 8 C / 4.
     norm = torch.cat([g.flatten() for g in expected.values()]).norm()
     assert 0 < norm <= 8 * 1e-3 / 4 + 1e-9
@@ -322,11 +330,11 @@ def test_per_scale_attention_backward_writes_no_full_size_slice_gradients():
         out = attention(*qkv, ends, scale=0.3)
         with _Recorder() as recorder:
             out.sum().backward()
-        full_size = [op for op in recorder.ops if op.startswith(("slice_backward.", "zeros."))]
+        full_size = [op for op in recorder.ops if op.startswith(("slice_backward.", "zeros.", "new_zeros."))]
         if slices_expected:  # one per sliced q, k and v of every scale (a whole-range slice records none)
             assert full_size.count("slice_backward.default") >= 3 * (len(ends) - 1)
         else:  # one gradient buffer per input
-            assert full_size == ["zeros.default"] * 3
+            assert full_size == ["new_zeros.default"] * 3
 
 
 def test_per_scale_attention_backward_returns_only_the_wanted_gradients():
@@ -351,6 +359,40 @@ def test_per_scale_attention_backward_runs_again_through_a_retained_graph_only()
         torch.testing.assert_close(t.grad, 2 * grad)
     with pytest.raises(RuntimeError, match="backward through per-scale attention a second time"):
         loss.backward()
+
+
+def test_per_scale_attention_accumulates_half_precision_gradients_in_float32():
+    """Under CUDA autocast v reaches attention in bf16 (q and k come out of the norms in float32): its gradient, a
+    sum over every scale that sees it, is accumulated in float32 and rounded once, not rounded at every add."""
+    ends = (1, 5, 14, 30, 55, 91, 155)
+    g = torch.Generator().manual_seed(3)
+    q_BHLc, k_BHLc = (torch.randn(2, 3, ends[-1], 8, generator=g, requires_grad=True) for _ in range(2))
+    v_BHLc = torch.randn(2, 3, ends[-1], 8, generator=g).to(torch.bfloat16).requires_grad_()
+    upstream_BHLc = torch.randn(2, 3, ends[-1], 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_BHLc = kernel_attention(q_BHLc, k_BHLc, v_BHLc, ends, scale=0.3)
+    (out_BHLc.float() * upstream_BHLc).sum().backward()
+    # The same kernels on the same bf16 pieces, their v gradients summed in float32 once, or in bf16 one by one.
+    pieces = list(_scale_pieces([t.detach().to(torch.bfloat16) for t in (q_BHLc, k_BHLc, v_BHLc)], ends))
+    float32_sum, bf16_sum = torch.zeros(v_BHLc.shape), torch.zeros(v_BHLc.shape, dtype=torch.bfloat16)
+    for (q, k, v), start, end in zip(pieces, (0, *ends[:-1]), ends, strict=True):
+        v = v.detach().requires_grad_()
+        upstream = upstream_BHLc[:, :, start:end].to(torch.bfloat16)
+        (grad,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, scale=0.3), v, upstream)
+        float32_sum[:, :, :end] += grad
+        bf16_sum[:, :, :end] += grad
+    assert v_BHLc.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(v_BHLc.grad, float32_sum.to(torch.bfloat16), rtol=0, atol=0)
+    assert not torch.equal(v_BHLc.grad, bf16_sum)  # the test tells the two apart
+
+
+def test_per_scale_attention_refuses_a_double_backward():
+    """Its backward sums outside autograd; a create_graph backward would silently lose the second derivative."""
+    ends = (1, 5, 14)
+    qkv = [torch.randn(1, 2, ends[-1], 4, requires_grad=True) for _ in range(3)]
+    out = kernel_attention(*qkv, ends, scale=0.5).square().sum()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out, qkv, create_graph=True)
 
 
 def test_flex_attention_cannot_train_on_a_cpu_and_is_refused_first():

@@ -158,8 +158,9 @@ class _PerScaleAttention(torch.autograd.Function):
     [B, H, L, c] tensors per block (a whole-range slice makes none) and as many full-size adds, around attention
     kernels that compute far less. Here each scale's gradients are added into their ranges only. q, k and v are
     cast once to ``dtype`` (autocast's, which SDPA would apply to every call's slices, 2.5x the keys); their
-    gradients are accumulated and returned in the inputs' own dtypes. Each scale's SDPA graph is built in the forward and differentiated in the
-    backward: nothing is recomputed and the same kernels run."""
+    gradients are accumulated in float32 (or double) and returned in the inputs' own dtypes. Each scale's SDPA
+    graph is built in the forward and differentiated in the backward: nothing is recomputed and the same kernels
+    run. No double backward (create_graph=True raises)."""
 
     @staticmethod
     def forward(ctx, q_BHLc, k_BHLc, v_BHLc, ends: tuple[int, ...], scale: float, dtype: torch.dtype):
@@ -174,8 +175,10 @@ class _PerScaleAttention(torch.autograd.Function):
         return torch.cat([out_BHlc.detach() for _, out_BHlc in ctx.graphs], dim=2)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_BHLc):
+        # Grad mode is on in a backward only under create_graph=True: the sums below would cut the second derivative.
+        if torch.is_grad_enabled():
+            raise RuntimeError("per-scale attention has no double backward: use attention_kernel 'masked'")
         if ctx.graphs is None:
             raise RuntimeError(
                 "Trying to backward through per-scale attention a second time: pass retain_graph=True to the first"
@@ -183,9 +186,11 @@ class _PerScaleAttention(torch.autograd.Function):
         # A retained graph (Opacus's ghost clipping runs two backwards) keeps each scale's graph for the next;
         # otherwise their saved tensors go now, with the rest of this block's, not when the whole graph is freed.
         keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        # Half-precision inputs (v under CUDA autocast) are accumulated in float32 and rounded once at the end.
+        sums = [torch.promote_types(dtype, torch.float32) for dtype in ctx.dtypes]
         buffers = [
-            torch.zeros(grad_BHLc.shape, dtype=dtype, device=grad_BHLc.device) if need else None
-            for dtype, need in zip(ctx.dtypes, ctx.needs_input_grad[:3])
+            grad_BHLc.new_zeros(grad_BHLc.shape, dtype=dtype) if need else None
+            for dtype, need in zip(sums, ctx.needs_input_grad[:3])
         ]
         for (leaves, out_BHlc), start, end in zip(ctx.graphs, (0, *ctx.ends[:-1]), ctx.ends, strict=True):
             wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
@@ -197,7 +202,8 @@ class _PerScaleAttention(torch.autograd.Function):
                 buffers[i][:, :, (start if i == 0 else 0) : end].add_(grad)
         if not keep:
             ctx.graphs = None
-        return (*buffers, None, None, None)
+        grads = [None if b is None else b.to(dtype) for b, dtype in zip(buffers, ctx.dtypes, strict=True)]
+        return (*grads, None, None, None)
 
 
 def scale_causal_attention(
