@@ -218,9 +218,8 @@ class StepMeter:
         return self.ledger.report()
 
 
-# Dense bf16 tensor-core peaks (vendor datasheets, FLOP/s), for MFU; matched on the device name.
-# Dense bf16 datasheet peaks, matched as substrings of the device name, the longest key first (an "H200 NVL" or
-# "H100 PCIe" is not the SXM part: 835 and 756 TFLOP/s).
+# Dense bf16 tensor-core peaks (vendor datasheets, FLOP/s), for MFU; matched as substrings of the device name, the
+# longest key first (an "H200 NVL" or "H100 PCIe" is not the SXM part: 835 and 756 TFLOP/s).
 PEAK_FLOPS = {
     "H200 NVL": 835e12,
     "H100 PCIe": 756e12,

@@ -217,16 +217,18 @@ def scale_causal_attention(
     # Autocast casts SDPA's inputs at every call (the per-scale calls' key prefixes add up to 2.5x the keys) and
     # has no rule for flex_attention, which would run in float32 (the qkv bias promotes q, k and v): cast once.
     dtype = _autocast_dtype(q_BHLc.device.type, q_BHLc.dtype)
-    if isinstance(mask, BlockMask):
-        q_BHLc, k_BHLc, v_BHLc = q_BHLc.to(dtype), k_BHLc.to(dtype), v_BHLc.to(dtype)
-        return _flex(q_BHLc.device.type)(q_BHLc, k_BHLc, v_BHLc, block_mask=mask, scale=scale)
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHLc, k_BHLc, v_BHLc))
     # Dynamo cannot trace the Function's inner autograd.grad: a compiled block traces the plain slices instead,
-    # and their backward is compiled with the rest of the block's.
-    if differentiable and not torch.compiler.is_compiling():
+    # and their backward is compiled with the rest of the block's. (The Function casts inside, keeping the
+    # gradients' dtypes.)
+    if isinstance(mask, ScaleBlocks) and differentiable and not torch.compiler.is_compiling():
         return _PerScaleAttention.apply(q_BHLc, k_BHLc, v_BHLc, mask.ends, scale, dtype)
-    pieces = _scale_pieces([q_BHLc.to(dtype), k_BHLc.to(dtype), v_BHLc.to(dtype)], mask.ends)
-    return torch.cat([F.scaled_dot_product_attention(*qkv, scale=scale) for qkv in pieces], dim=2)
+    qkv = [q_BHLc.to(dtype), k_BHLc.to(dtype), v_BHLc.to(dtype)]
+    if isinstance(mask, BlockMask):
+        return _flex(q_BHLc.device.type)(*qkv, block_mask=mask, scale=scale)
+    return torch.cat(
+        [F.scaled_dot_product_attention(*p, scale=scale) for p in _scale_pieces(qkv, mask.ends)], dim=2
+    )
 
 
 class SelfAttention(nn.Module):
