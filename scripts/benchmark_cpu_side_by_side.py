@@ -104,9 +104,9 @@ if mode == "time":
     diff = (images["base"] - images["ours"]).abs().max().item()
     counted = {}
     if task == "training":  # what an eager GPU step would move: bytes and kernels, op by op (benchmark_dp_memory)
-        from benchmark_dp_memory import Traffic
+        from benchmark_dp_memory import CudaAutocastNorms, Traffic
         for name, (var, vqvae) in versions.items():
-            with Traffic() as traffic:
+            with CudaAutocastNorms(), Traffic() as traffic:  # F.normalize's norms in float32, as on CUDA
                 run(var, vqvae)
             counted[name] = {"gb": traffic.bytes / 1e9, "kernels": traffic.kernels, "roofline_ms": 1e3 * traffic.roofline_s}
     print(json.dumps({

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 import benchmark_common
 import torch
 from benchmark_privacy import _plain_step, _private, d16_like
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -80,6 +82,13 @@ NO_DATA = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strid
 WRITE_ONLY = {"normal_", "uniform_", "bernoulli_", "exponential_", "random_", "fill_", "zero_", "copy_"}
 
 
+def _distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a tensor holds: a broadcast (stride-0) dimension is read once, not once per
+    element it stands for (an expanded norm [B, H, L, 1] is not a [B, H, L, c] read)."""
+    distinct = math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0)
+    return distinct * t.element_size()
+
+
 class Traffic(TorchDispatchMode):
     """The memory traffic, FLOPs and kernels of an eager step, op by op: each tensor an operation takes counted as
     read once and each tensor it returns as written once (no reuse through caches between kernels: what an eager
@@ -113,8 +122,10 @@ class Traffic(TorchDispatchMode):
         if name in NO_DATA or (not mutable and all(t.untyped_storage().data_ptr() in held for t in outputs)):
             return out  # an allocation, a view or other metadata: no kernel moves data
         written = {t.untyped_storage().data_ptr() for t in outputs}
-        read = [t for t in inputs if not (name in WRITE_ONLY and t.untyped_storage().data_ptr() in written)]
-        moved = sum(t.numel() * t.element_size() for t in read + outputs)
+        # An ``out=`` tensor is written, not read, as is the target of a fill or a copy.
+        overwritten = name in WRITE_ONLY or "out" in kwargs
+        read = [t for t in inputs if not (overwritten and t.untyped_storage().data_ptr() in written)]
+        moved = sum(_distinct_bytes(t) for t in read + outputs)
         flops = self._flops(func, args, kwargs, out)
         floating = [t for t in inputs if t.is_floating_point()]
         # The rate follows the first operand's dtype, not that of a float32 mask beside it.
@@ -130,6 +141,29 @@ class Traffic(TorchDispatchMode):
         entry[1] += moved / 1e9
         entry[2] += 1e3 * seconds
         return out
+
+
+class CudaAutocastNorms(TorchFunctionMode):
+    """CUDA autocast's float32 policy for ``Tensor.norm`` on a CPU under autocast, which keeps a bf16 input's norm
+    in bf16: on CUDA the input is copied to float32 and the norm, and so the quotient ``F.normalize`` returns, is
+    float32. Counts of a CPU step under autocast then move the bytes a CUDA step would. (A mode sees F.normalize
+    whole, not the norm inside it, so F.normalize is run as CUDA autocast runs it.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        half = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dtype in HALF_TYPES
+        if not (half and torch.is_autocast_enabled("cpu")):
+            return func(*args, **kwargs)
+        if func is torch.nn.functional.normalize:
+            return _normalize_with_float32_norm(*args, **kwargs)
+        if func in (torch.Tensor.norm, torch.norm):
+            return func(args[0].float(), *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+def _normalize_with_float32_norm(x, p=2.0, dim=1, eps=1e-12, out=None):
+    assert out is None
+    return x / x.float().norm(p, dim, keepdim=True).clamp_min(eps).expand_as(x)
 
 
 _EMULATION = []  # the library registration must outlive the call that made it
@@ -198,10 +232,16 @@ def _phased(
 
 def measure(config: dict, *, depth: int) -> dict:
     """One configuration's step: {held_mib, peak_mib (over held), peak_phase, flops}."""
+    if config.get("kernel_set") != "cuda":
+        return _measure(config, depth=depth)
+    emulate_cuda_kernels()
+    with CudaAutocastNorms():
+        return _measure(config, depth=depth)
+
+
+def _measure(config: dict, *, depth: int) -> dict:
     k, rows = config["k"], config["rows"]
     examples = rows // k
-    if config.get("kernel_set") == "cuda":
-        emulate_cuda_kernels()
     if config.get("keep_ratio") is not None:
         from trainables import bookkeeping
 

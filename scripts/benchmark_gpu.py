@@ -20,7 +20,9 @@ One call (under 8 minutes on an H200; ``--quick`` about 2) measures, every eager
 compiles (a compile takes tens of seconds, and a run cut short keeps the targets' rows), in this order:
 1. matmul: the achievable dense bf16 rate (large square products, random inputs rotated, CUDA-synchronised
    medians), beside the datasheet peak (``trainables.profiling.PEAK_FLOPS``), and the memory bandwidth (a 4 GiB
-   device-to-device copy): the two ceilings.
+   device-to-device copy): the two ceilings. Then a block's element-wise pieces that varsweep computes otherwise
+   than the published code (the q and k normalisation, the residual add with drop-path), each beside the
+   published form: time, output dtypes (the CPU's traffic counts assume CUDA autocast's float32 norms), values.
 2. training, eager, first depth: for full fine-tuning and LoRA, a training step (bf16 autocast, AdamW, token-cache
    style inputs: random token maps, no VQVAE encoding) with the trials' attention kernel (per_scale), fused AdamW
    off/on and larger physical batches; then the masked and flex kernels beside the first row; for LoRA frozen
@@ -71,11 +73,13 @@ import benchmark_common
 import torch
 from benchmark_common import official_models, timed
 from torch import nn
+from torch.nn import functional as F
 
 from bench.estimates import MEASURED_THROUGHPUT_FILE, VarShape, training_flops_per_row
 from bench.schema import AUTO_ATTENTION_KERNEL, EvaluationConfig, MethodConfig, PrivacyConfig, ResourcesConfig
 from trainables.methods import adapt
 from trainables.models import release_sampling_caches
+from trainables.models.var import AdaLNSelfAttn, unit_vectors
 from trainables.privacy import make_private, private_step
 from trainables.profiling import PEAK_FLOPS, Stopwatch, peak_flops_per_second
 from trainables.training import bf16_autocast, build_optimizer, compile_blocks, view_losses
@@ -342,6 +346,86 @@ def measure_matmul(rec: Recorder, plan: Plan, device: torch.device) -> None:
         "bandwidth_tb_per_s": max(copies) if copies else None,
     }
     rec.write()
+
+
+def _forward_backward(
+    fn: Callable, inputs: list[torch.Tensor], upstream: torch.Tensor, *, device: torch.device
+):
+    """(output, gradients of ``inputs``) of ``fn`` under bf16 autocast, for a float32 upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = fn(*leaves)
+    out.backward(upstream.to(out.dtype))
+    return out.detach(), [t.grad for t in leaves if t.requires_grad]
+
+
+def block_op_cases(device: torch.device, *, heads: int, batch: int) -> dict:
+    """What a training block computes otherwise than the published code: {name: (published, ours, inputs,
+    upstream)}, on a block's shapes (``heads`` of 64 channels, 680 positions)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    width, L = 64 * heads, 680
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=device, generator=g).to(dtype)
+
+    q = randn(batch, heads, L, 64, dtype=torch.bfloat16)  # the qkv product's bf16, as under autocast
+    gain = torch.rand(1, heads, 1, 1, device=device, generator=g) * 10 + 1
+    block = AdaLNSelfAttn(width, heads, mlp_ratio=4.0, drop_path=0.1, attn_l2_norm=True, shared_aln=False)
+    factor = torch.tensor([0.0, *[1 / 0.9] * (batch - 1)], device=device)  # one dropped row
+    residual = [randn(batch, L, width), randn(batch, L, width, dtype=torch.bfloat16)]
+    residual.append(randn(batch, 1, width, dtype=torch.bfloat16))
+    return {
+        "keys: F.normalize": (lambda x: F.normalize(x, dim=-1), unit_vectors, [q], randn(*q.shape)),
+        "queries: F.normalize, then the gain": (
+            lambda x, a: F.normalize(x, dim=-1) * a,
+            unit_vectors,
+            [q, gain],
+            randn(*q.shape),
+        ),
+        "residual: x + branch * gamma * drop-path factor": (
+            lambda x, h, gamma: x + ((h * gamma) * factor.view(-1, 1, 1)).to(h.dtype),
+            lambda x, h, gamma: block._add_branch(x, h, gamma, factor),
+            residual,
+            randn(batch, L, width),
+        ),
+    }
+
+
+def block_op_row(name: str, case: tuple, *, steps: int, device: torch.device) -> dict:
+    published, ours, inputs, upstream = case
+    results = [_forward_backward(fn, inputs, upstream, device=device) for fn in (published, ours)]
+    (out_p, grads_p), (out_o, grads_o) = results
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+    times = [
+        timed(
+            lambda fn=fn: _forward_backward(fn, inputs, upstream, device=device), steps=steps, device=device
+        )
+        for fn in (published, ours)
+    ]
+    return {
+        "what": name,
+        "published_ms": 1e3 * times[0],
+        "ours_ms": 1e3 * times[1],
+        "ratio": times[1] / times[0],
+        "dtypes": [str(out_p.dtype).removeprefix("torch."), str(out_o.dtype).removeprefix("torch.")],
+        "output_diff": relative(out_o, out_p),
+        "gradient_diff": max(relative(o, p) for o, p in zip(grads_o, grads_p, strict=True)),
+    }
+
+
+def measure_block_ops(rec: Recorder, plan: Plan, device: torch.device) -> None:
+    """varsweep's forms of a block's element-wise pieces against the published forms, forward and backward side by
+    side at the first depth and batch: the CPU suite checks their values, this their time and CUDA's dtypes."""
+    heads = plan.depths[0]
+    for name, case in block_op_cases(device, heads=heads, batch=plan.batches[0]).items():
+        rec.measure(
+            "block_ops",
+            name,
+            lambda name=name, case=case: block_op_row(name, case, steps=plan.steps * 4, device=device),
+        )
 
 
 # --- 2. training ------------------------------------------------------------------------------------------------
@@ -1091,6 +1175,22 @@ def report(data: dict, *, command: str) -> str:
         ),
         "",
     ]
+    block_ops = data.get("block_ops", [])
+    if block_ops:
+        lines += [
+            "A block's element-wise pieces, varsweep's form vs the published one on the same inputs (forward and "
+            "backward, bf16 autocast, the first depth and batch; differences relative to the largest entry):",
+            "",
+            "| piece | published (ms) | ours (ms) | ours / published | output dtypes (published, ours) "
+            "| output diff | gradient diff |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {r['what']} | {r['published_ms']:.3f} | {r['ours_ms']:.3f} | {r['ratio']:.3f} "
+                f"| {', '.join(r['dtypes'])} | {r['output_diff']:.1e} | {r['gradient_diff']:.1e} |"
+                for r in block_ops
+            ),
+            "",
+        ]
     training = data.get("training", [])
     if training:
         lines += [
@@ -1304,6 +1404,7 @@ def run(args: argparse.Namespace) -> dict:
     first = plan.depths[0]
     phases = [
         ("matmul", lambda: measure_matmul(rec, plan, device)),
+        ("block_ops", lambda: measure_block_ops(rec, plan, device)),
         ("training", lambda: measure_training_eager(rec, plan, models, first, "training")),
         ("privacy", lambda: measure_privacy(rec, plan, models, "privacy")),
         ("generation", lambda: measure_generation(rec, plan, models, "generation", compiled=False)),

@@ -1,7 +1,8 @@
 """scripts/benchmark_dp_memory.py counts tensor memory itself: its counter must see creations and releases exactly,
 views and in-place results as nothing new, and name the phase where the peak fell; its traffic counter must count
 each operand read once and each result written once, views and allocations as nothing, a product's FLOPs, and put
-an operation on the roofline at the slower of its two times."""
+an operation on the roofline at the slower of its two times (a broadcast operand read once, an ``out=`` tensor
+written only); and CUDA autocast's float32 norms can be replayed under CPU autocast."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchmark_dp_memory import H200_DATASHEET, LiveTensorBytes, Traffic, _phased, configurations
+import torch.nn.functional as F
+from benchmark_dp_memory import (
+    H200_DATASHEET,
+    CudaAutocastNorms,
+    LiveTensorBytes,
+    Traffic,
+    _phased,
+    configurations,
+)
+
+from trainables.models.var import unit_vectors
 
 MIB = 1024**2
 
@@ -79,6 +90,47 @@ def test_traffic_counts_reads_writes_flops_and_the_roofline():
     product_s = max(product_flops / H200_DATASHEET["half_flops"], 3 * MIB / H200_DATASHEET["bytes"])
     cast_s = (3 * MIB // 2) / H200_DATASHEET["bytes"]
     assert traffic.roofline_s == pytest.approx(element_wise_s + cast_s + product_s, rel=1e-12)
+
+
+def test_traffic_reads_a_broadcast_operand_once_and_does_not_read_an_out_tensor():
+    x = torch.ones(256, 1024)  # 1 MiB
+    norm = torch.ones(256, 1)
+    out = torch.empty(256, 1024, dtype=torch.bfloat16)
+    with Traffic() as traffic:
+        x / norm.expand_as(x)  # reads 1 MiB + 1 KiB (the expanded norm's 256 values), writes 1 MiB
+        torch.div(x, norm, out=out)  # reads 1 MiB + 1 KiB, writes 0.5 MiB into out (not read)
+    assert traffic.bytes == 2 * MIB + 1024 + MIB + 1024 + MIB // 2
+
+
+def test_cuda_autocast_norms_make_f_normalize_float32_as_cuda_autocast_does():
+    x = torch.randn(2, 3, 5, 8).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.normalize(x, dim=-1).dtype == torch.bfloat16  # CPU autocast: the norm stays bf16
+        with CudaAutocastNorms():
+            ours, theirs = F.normalize(x, dim=-1), x.float() / x.float().norm(dim=-1, keepdim=True)
+            assert x.norm(dim=-1).dtype == torch.float32
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    with CudaAutocastNorms():  # no autocast: nothing changes
+        assert F.normalize(x, dim=-1).dtype == torch.bfloat16
+
+
+def test_unit_vectors_move_fewer_bytes_than_f_normalize_as_cuda_autocast_runs_it():
+    """The point of the kernel: under autocast (F.normalize's norm in float32, as on CUDA) the forward and backward
+    of a bf16 q or k move well under half of autograd's bytes through F.normalize, with fewer kernels."""
+    x_BHLc = torch.randn(2, 16, 680, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    upstream_BHLc = torch.randn(2, 16, 680, 64, generator=torch.Generator().manual_seed(1))
+    counted = {}
+    for name, normalize in (("ours", unit_vectors), ("F.normalize", lambda x: F.normalize(x, dim=-1))):
+        x = x_BHLc.clone().requires_grad_()
+        with CudaAutocastNorms(), Traffic() as traffic:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = normalize(x)
+            y.backward(upstream_BHLc)
+        assert y.dtype == torch.float32  # as on CUDA
+        counted[name] = traffic
+    assert counted["ours"].bytes < 0.5 * counted["F.normalize"].bytes
+    assert counted["ours"].kernels < counted["F.normalize"].kernels
 
 
 def test_configurations_pair_each_dp_step_with_its_non_dp_step():

@@ -85,6 +85,18 @@ def test_every_section_is_measured_with_numbers(smoke):
     )
 
 
+def test_block_ops_are_timed_beside_the_published_forms_with_the_same_values(smoke):
+    rows = {r["what"]: r for r in smoke["data"]["block_ops"]}
+    assert len(rows) == 3
+    for r in rows.values():
+        assert _number(r["published_ms"]) and _number(r["ours_ms"]) and _number(r["ratio"])
+        assert r["dtypes"][0] == r["dtypes"][1]
+        assert r["gradient_diff"] < 2**-7  # bf16 gradients: a rounding apart
+    assert rows["keys: F.normalize"]["output_diff"] == 0  # the same operations forward
+    assert all(r["output_diff"] < 2**-7 for r in rows.values())
+    assert "A block's element-wise pieces" in smoke["stdout"]
+
+
 def test_dp_routes_norm_accuracy_and_profiles_are_recorded(smoke):
     """Book-keeping as trials run it beside every linear layer through Gram matrices (k = 1 only); the norms'
     accuracy on the device; profiles whose categories add up to the kernel time, beside a readable table."""

@@ -309,14 +309,19 @@ def test_patches_are_numerically_equivalent(names, tiny_vqvae):
         )
     label_B, x_BLCv, target_BL = random_batch(seed=3)
     out_plain, out_patched = plain(label_B, x_BLCv), patched(label_B, x_BLCv)
-    assert torch.equal(out_plain, out_patched)
+    # Equal up to float32 rounding, not bit for bit, where a patch owns the queries' scale: the plain model folds
+    # it into the queries' normalisation (one pass), the patch module multiplies after it (per-sample gradients
+    # need its own call). Measured: 1.4e-6 of the largest entry at most (a sum over every row); a wrong
+    # gradient is off by far more.
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())  # noqa: E731
+    close(out_patched, out_plain)
     loss = lambda out: torch.nn.functional.cross_entropy(out.flatten(0, 1), target_BL.flatten())  # noqa: E731
     loss(out_plain).backward(), loss(out_patched).backward()
     grads_plain = {n: p.grad for n, p in plain.named_parameters()}
     grads_patched = {official_key(patched, n): p.grad for n, p in patched.named_parameters()}
     assert grads_plain.keys() == grads_patched.keys()
     for name in grads_plain:
-        assert torch.equal(grads_plain[name], grads_patched[name]), name
+        close(grads_patched[name], grads_plain[name])
     assert all(
         torch.equal(a, b) for a, b in zip(plain.state_dict().values(), official_state_dict(patched).values())
     )

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VAR, TINY_VQVAE
+from conftest import REPO, TINY_VAR, TINY_VQVAE
 from torch.nn.attention.flex_attention import flex_attention
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -42,7 +43,13 @@ from trainables.finetune import (
 )
 from trainables.methods import adapt, trainable_parameters
 from trainables.models import ATTENTION_KERNELS, build_var, build_vqvae
-from trainables.models.var import ScaleBlocks, _scale_pieces, scale_causal_attention
+from trainables.models.var import (
+    AdaLNSelfAttn,
+    ScaleBlocks,
+    _scale_pieces,
+    scale_causal_attention,
+    unit_vectors,
+)
 from trainables.patches import QKVBias, _qkv_bias_grad_sample, attention_parameters_as_modules
 from trainables.prior import build_prior_bank
 from trainables.privacy import make_private, private_step, release
@@ -54,6 +61,9 @@ from trainables.training import (
     var_training_step,
     view_losses,
 )
+
+sys.path.insert(0, str(REPO / "scripts"))
+from benchmark_dp_memory import CudaAutocastNorms
 
 # float32 on CPU: the kernels sum the same products in another order. Measured differences are ~1e-7 relative
 # (logits) and ~1e-6 relative (gradients); a wrong mask or a lost chunk weight moves them by 1e-2 or more.
@@ -321,8 +331,9 @@ def test_per_scale_attention_backward_equals_autograd_through_the_slices(autocas
 
 def test_per_scale_attention_backward_writes_no_full_size_slice_gradients():
     """Autograd's backward of each slice is a zero-filled tensor of the whole input: 28 of them per block at ten
-    scales (a whole-range slice makes none), and as many full-size adds, around kernels that compute less; the
-    kernel's backward has none."""
+    scales (a whole-range slice makes none), and as many full-size adds, around kernels that compute less. The
+    kernel's backward has none, and no zero-filled buffer either: the finest scale's key and value gradients
+    start their sums, and q's rows are written once each."""
     ends = (1, 5, 14, 30, 55, 91)
     for attention, slices_expected in ((sliced_reference, True), (kernel_attention, False)):
         g = torch.Generator().manual_seed(0)
@@ -333,8 +344,11 @@ def test_per_scale_attention_backward_writes_no_full_size_slice_gradients():
         full_size = [op for op in recorder.ops if op.startswith(("slice_backward.", "zeros.", "new_zeros."))]
         if slices_expected:  # one per sliced q, k and v of every scale (a whole-range slice records none)
             assert full_size.count("slice_backward.default") >= 3 * (len(ends) - 1)
-        else:  # one gradient buffer per input
-            assert full_size == ["new_zeros.default"] * 3
+        else:
+            assert full_size == []
+            assert recorder.ops.count("add_.Tensor") == 2 * (
+                len(ends) - 1
+            )  # k and v: one add per coarser scale
 
 
 def test_per_scale_attention_backward_returns_only_the_wanted_gradients():
@@ -372,10 +386,11 @@ def test_per_scale_attention_accumulates_half_precision_gradients_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_BHLc = kernel_attention(q_BHLc, k_BHLc, v_BHLc, ends, scale=0.3)
     (out_BHLc.float() * upstream_BHLc).sum().backward()
-    # The same kernels on the same bf16 pieces, their v gradients summed in float32 once, or in bf16 one by one.
+    # The same kernels on the same bf16 pieces, their v gradients summed in float32 once, or in bf16 one by one
+    # (finest scale first, as the kernel adds them).
     pieces = list(_scale_pieces([t.detach().to(torch.bfloat16) for t in (q_BHLc, k_BHLc, v_BHLc)], ends))
     float32_sum, bf16_sum = torch.zeros(v_BHLc.shape), torch.zeros(v_BHLc.shape, dtype=torch.bfloat16)
-    for (q, k, v), start, end in zip(pieces, (0, *ends[:-1]), ends, strict=True):
+    for (q, k, v), start, end in reversed(list(zip(pieces, (0, *ends[:-1]), ends, strict=True))):
         v = v.detach().requires_grad_()
         upstream = upstream_BHLc[:, :, start:end].to(torch.bfloat16)
         (grad,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, scale=0.3), v, upstream)
@@ -393,6 +408,105 @@ def test_per_scale_attention_refuses_a_double_backward():
     out = kernel_attention(*qkv, ends, scale=0.5).square().sum()
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad(out, qkv, create_graph=True)
+
+
+def unit_vectors_run(normalize, x_BHLc, upstream_BHLc, *, autocast: bool):
+    """(F.normalize-like output, x's gradient) for an upstream gradient given in float32."""
+    x_BHLc = x_BHLc.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y_BHLc = normalize(x_BHLc)
+    y_BHLc.backward(upstream_BHLc.to(y_BHLc.dtype))
+    return y_BHLc.detach(), x_BHLc.grad
+
+
+@pytest.mark.parametrize(
+    "dtype, autocast, tol",
+    # float32: another order of the same float32 operations; bf16 (a model held in bf16, or q and k under autocast):
+    # both round the gradient to bf16 (1 ulp = 2^-8 relative), each as far from the float64 one (checked below).
+    [
+        (torch.float32, False, 1e-6),
+        (torch.float32, True, 1e-6),
+        (torch.bfloat16, False, 1e-2),
+        (torch.bfloat16, True, 1e-2),
+    ],
+)
+def test_unit_vectors_equal_f_normalize_forward_bit_for_bit_and_backward_to_rounding(dtype, autocast, tol):
+    g = torch.Generator().manual_seed(0)
+    x_BHLc = torch.randn(2, 3, 91, 16, generator=g).to(dtype)
+    x_BHLc[0, 0, :3] = torch.tensor([0.0, 1e-14, 1e-12])[
+        :, None
+    ]  # a zero row, a row below eps, one just above
+    upstream_BHLc = torch.randn(2, 3, 91, 16, generator=g)
+    ours, ours_grad = unit_vectors_run(unit_vectors, x_BHLc, upstream_BHLc, autocast=autocast)
+    theirs, theirs_grad = unit_vectors_run(
+        lambda x: F.normalize(x, dim=-1), x_BHLc, upstream_BHLc, autocast=autocast
+    )
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    assert ours_grad.dtype == theirs_grad.dtype == dtype
+    # Rows at and below eps have gradients of 1e12 (g / eps): compared relative to each row's scale.
+    scale_BHL1 = theirs_grad.abs().amax(-1, keepdim=True).clamp_min(1.0)
+    torch.testing.assert_close(ours_grad / scale_BHL1, theirs_grad / scale_BHL1, rtol=0, atol=tol)
+    exact = x_BHLc.double().requires_grad_()
+    F.normalize(exact, dim=-1).backward(upstream_BHLc.to(theirs.dtype).double())
+    ours_error, theirs_error = (
+        (grad.double() - exact.grad) / scale_BHL1 for grad in (ours_grad, theirs_grad)
+    )
+    assert ours_error.abs().max() <= 1.5 * theirs_error.abs().max() + 1e-12
+
+
+@pytest.mark.parametrize("autocast", (False, True))
+def test_unit_queries_with_the_gain_folded_in_equal_the_published_normalise_then_scale(autocast):
+    """With the queries' gain, x * (gain / norm) in one pass against (x / norm) * gain: values to a float32 rounding
+    (under CUDA's autocast, replayed here, a bf16 q gives float32 queries in both; CPU autocast would round the
+    published unit vectors to bf16 first), gradients of q and of the learned scale too."""
+    attention = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0)).blocks[0].attn
+    with torch.no_grad():
+        attention.scale_mul_1H11.add_(torch.linspace(-0.5, 5.0, TINY_VAR["num_heads"]).view(1, -1, 1, 1))
+    g = torch.Generator().manual_seed(1)
+    q_BHLc = torch.randn(2, TINY_VAR["num_heads"], 30, 8, generator=g).to(
+        torch.bfloat16 if autocast else torch.float32
+    )
+    upstream_BHLc = torch.randn(q_BHLc.shape, generator=g)
+    results = []
+    for queries in (attention.unit_queries, lambda q: attention.scale_queries(F.normalize(q, dim=-1))):
+        q = q_BHLc.clone().requires_grad_()
+        with CudaAutocastNorms(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out_BHLc = queries(q)
+        grads = torch.autograd.grad(out_BHLc, (q, attention.scale_mul_1H11), upstream_BHLc.to(out_BHLc.dtype))
+        results.append((out_BHLc, *grads))
+    (ours, *ours_grads), (published, *published_grads) = results
+    assert ours.dtype == published.dtype
+    torch.testing.assert_close(ours, published, rtol=1e-6, atol=1e-6)
+    # q's gradient in q's dtype (bf16: up to one ulp apart, 2^-7 of the largest); the scale's summed in float32.
+    largest = published_grads[0].abs().max().item()
+    tol = 2**-7 * largest if autocast else 1e-6 * largest
+    torch.testing.assert_close(ours_grads[0].float(), published_grads[0].float(), rtol=0, atol=tol)
+    torch.testing.assert_close(ours_grads[1], published_grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_patched_head_scale_sees_its_own_call():
+    """DP's per-sample gradients of the scale come from the patch module's own call, so the gain is not folded."""
+    var = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0))
+    attention_parameters_as_modules(var)
+    attention = var.blocks[0].attn
+    seen = []
+    attention.head_scale.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    attention.unit_queries(torch.randn(1, TINY_VAR["num_heads"], 5, 8, requires_grad=True))
+    assert seen == [torch.Size([1, TINY_VAR["num_heads"], 5, 8])]
+
+
+def test_unit_vectors_backward_passes_gradcheck_and_refuses_a_double_backward():
+    g = torch.Generator().manual_seed(1)
+    x_BHLc = torch.randn(1, 2, 5, 4, dtype=torch.float64, generator=g)
+    gain_1H11 = torch.rand(1, 2, 1, 1, dtype=torch.float64, generator=g) + 0.5
+    # (The eps branch, a constant divisor, is compared with F.normalize above: finite differences of a zero row
+    # step out of it.)
+    assert torch.autograd.gradcheck(unit_vectors, (x_BHLc.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(unit_vectors, (x_BHLc.requires_grad_(), gain_1H11.requires_grad_()))
+    y = unit_vectors(x_BHLc)
+    (grad,) = torch.autograd.grad(y.square().sum() + y.sum(), x_BHLc, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|marked with @once_differentiable"):
+        grad.sum().backward()
 
 
 def test_flex_attention_cannot_train_on_a_cpu_and_is_refused_first():
@@ -588,6 +702,36 @@ def test_drop_path_keeps_a_bf16_models_residual_stream_bf16(vqvae):
     logits_BLV.float().square().mean().backward()
     assert torch.isfinite(logits_BLV.float()).all()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in var.blocks.parameters())
+
+
+def test_a_blocks_residual_adds_branch_times_gamma_times_the_drop_path_factor_in_one_pass():
+    """x + h * gamma * factor with the rows' factors folded into gamma [B, 1, C]: the published order (the branch
+    times gamma, then the row's factor, then the sum) up to float32 rounding, gradients too; a dropped row's
+    residual passes through bit for bit; bf16 branch and gamma (autocast's) are multiplied in float32, not rounded
+    to bf16 before the float32 residual."""
+    block = AdaLNSelfAttn(32, 4, mlp_ratio=4.0, drop_path=0.5, attn_l2_norm=True, shared_aln=False)
+    g = torch.Generator().manual_seed(0)
+    x_BLC, h_BLC = (torch.randn(3, 14, 32, generator=g, requires_grad=True) for _ in range(2))
+    gamma_B1C = torch.randn(3, 1, 32, generator=g, requires_grad=True)
+    scale_B = torch.tensor([2.0, 0.0, 2.0])
+    upstream_BLC = torch.randn(3, 14, 32, generator=g)
+    results = []
+    for add in (
+        lambda: block._add_branch(x_BLC, h_BLC, gamma_B1C, scale_B),
+        lambda: x_BLC + (h_BLC * gamma_B1C) * scale_B.view(-1, 1, 1),
+    ):
+        out_BLC = add()
+        grads = torch.autograd.grad(out_BLC, (x_BLC, h_BLC, gamma_B1C), upstream_BLC)
+        results.append((out_BLC, *grads))
+    for ours, published in zip(*results, strict=True):
+        torch.testing.assert_close(ours, published, rtol=1e-6, atol=1e-6)
+    assert torch.equal(results[0][0][1], x_BLC[1])  # the dropped row
+    h_bf16, gamma_bf16 = h_BLC.detach().bfloat16(), gamma_B1C.detach().bfloat16()
+    ours = block._add_branch(x_BLC.detach(), h_bf16, gamma_bf16, None)
+    exact = x_BLC.detach() + h_bf16.float() * gamma_bf16.float()
+    torch.testing.assert_close(ours, exact, rtol=1e-6, atol=1e-6)
+    rounded_first = x_BLC.detach() + (h_bf16 * gamma_bf16).float()
+    assert (rounded_first - exact).abs().max() > 1e-3  # the test tells the two apart
 
 
 def test_compiled_blocks_give_the_eager_clipped_dp_step_with_bookkeeping(vqvae):

@@ -30,10 +30,11 @@ MAX_LOG_SCALE_MUL = math.log(100.0)
 
 class DropPath(nn.Module):
     """Stochastic depth: zero a whole row's residual branch with probability p (training only) and scale the kept
-    rows by 1/(1-p). The decision is made outside the block's forward (``row_scale``, called by ``VAR.forward``)
-    and enters it as a tensor: torch.compile specialises a compiled block on a float attribute such as p, which
-    grows with depth, so blocks that read it each compiled anew until the recompile limit left the deeper ones
-    eager; with the factor as an input every block of a model shares one graph."""
+    rows by 1/(1-p), applied to the branch's gain gamma [B, 1, C] (``forward``) rather than to the branch. The
+    decision is made outside the block's forward (``row_scale``, called by ``VAR.forward``) and enters it as a
+    tensor: torch.compile specialises a compiled block on a float attribute such as p, which grows with depth, so
+    blocks that read it each compiled anew until the recompile limit left the deeper ones eager; with the factor as
+    an input every block of a model shares one graph."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -44,10 +45,10 @@ class DropPath(nn.Module):
         keep = 1.0 - self.p
         return (uniform_B < keep).to(torch.float32) / keep
 
-    def forward(self, x_BLC: torch.Tensor, scale_B: torch.Tensor) -> torch.Tensor:
-        # In float32, rounded once to the branch's dtype: a bf16 branch stays bf16 (so a bf16 model's residual
-        # stream does too), and the factor is not rounded to bf16 (1/(1-p) would be off by up to 2^-9, a bias).
-        return (x_BLC * scale_B.view(-1, 1, 1)).to(x_BLC.dtype)
+    def forward(self, gamma_B1C: torch.Tensor, scale_B: torch.Tensor) -> torch.Tensor:
+        """gamma times each row's factor [B, 1, C], float32: the factor is not rounded to bf16 (1/(1-p) would be
+        off by up to 2^-9, a bias), and scaling the gain instead of the branch [B, L, C] makes no full-size tensor."""
+        return gamma_B1C.float() * scale_B.view(-1, 1, 1)
 
     def extra_repr(self) -> str:
         return f"p={self.p:.4f}"
@@ -188,18 +189,24 @@ class _PerScaleAttention(torch.autograd.Function):
         keep = torch._C._autograd._get_current_graph_task_keep_graph()
         # Half-precision inputs (v under CUDA autocast) are accumulated in float32 and rounded once at the end.
         sums = [torch.promote_types(dtype, torch.float32) for dtype in ctx.dtypes]
-        buffers = [
-            grad_BHLc.new_zeros(grad_BHLc.shape, dtype=dtype) if need else None
-            for dtype, need in zip(sums, ctx.needs_input_grad[:3])
-        ]
-        for (leaves, out_BHlc), start, end in zip(ctx.graphs, (0, *ctx.ends[:-1]), ctx.ends, strict=True):
+        buffers: list[torch.Tensor | None] = [None, None, None]
+        starts = (0, *ctx.ends[:-1])
+        # Finest scale first: its keys and values span every row, so its gradients start k's and v's sums (no
+        # zero-filled buffer to add into), and q's rows, one range per scale, are each written once.
+        for (leaves, out_BHlc), start, end in reversed(list(zip(ctx.graphs, starts, ctx.ends, strict=True))):
             wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
             grads = torch.autograd.grad(
                 out_BHlc, [leaves[i] for i in wanted], grad_BHLc[:, :, start:end], retain_graph=keep
             )
-            # q's gradient covers this scale's rows; k's and v's every row up to its end.
             for i, grad in zip(wanted, grads, strict=True):
-                buffers[i][:, :, (start if i == 0 else 0) : end].add_(grad)
+                if i == 0:  # q: this scale's rows only
+                    if buffers[0] is None:
+                        buffers[0] = grad_BHLc.new_empty(grad_BHLc.shape, dtype=sums[0])
+                    buffers[0][:, :, start:end].copy_(grad)
+                elif buffers[i] is None:  # k, v at the finest scale: every row; a fresh tensor, ours
+                    buffers[i] = grad.to(sums[i])
+                else:
+                    buffers[i][:, :, :end].add_(grad)
         if not keep:
             ctx.graphs = None
         grads = [None if b is None else b.to(dtype) for b, dtype in zip(buffers, ctx.dtypes, strict=True)]
@@ -231,6 +238,57 @@ def scale_causal_attention(
     )
 
 
+NORMALIZE_EPS = 1e-12  # F.normalize's
+
+
+class _UnitVectors(torch.autograd.Function):
+    """``F.normalize(x, dim=-1)`` [..., c] for training, times a per-head ``gain_1H11`` when one is given (the
+    queries' learned scale): forward the same norm (``Tensor.norm``, which CUDA autocast runs in float32, so a bf16
+    x gives float32 unit vectors there as F.normalize's do) and clamp, then the quotient (no gain: F.normalize's
+    bits) or one product by gain / norm (the published (x / norm) * gain up to a float32 rounding, one pass over x
+    instead of two). Backward: three passes over x's size where autograd makes about ten through the division by
+    an expanded norm (the quotient's two gradients, the norm's, their sum and, under autocast, a copy of x), and
+    three more for the gain's product; the gain's gradient is reduced from per-row sums."""
+
+    @staticmethod
+    def forward(ctx, x_BHLc, gain_1H11):
+        n_BHL1 = x_BHLc.norm(2, dim=-1, keepdim=True)
+        d_BHL1 = n_BHL1.clamp_min(NORMALIZE_EPS)
+        ctx.save_for_backward(x_BHLc, n_BHL1, d_BHL1, gain_1H11)
+        return x_BHLc / d_BHL1 if gain_1H11 is None else x_BHLc * (gain_1H11 / d_BHL1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_BHLc):
+        x_BHLc, n_BHL1, d_BHL1, gain_1H11 = ctx.saved_tensors
+        # y = a x / d, d = max(|x|, eps): dx = a (g - x (g.x) / (d |x|)) / d where |x| > eps (there d = |x|),
+        # a g / d elsewhere (d is the constant eps); da = sum of (g.x) / d over the head's rows.
+        gx_BHL1 = (grad_BHLc * x_BHLc).sum(-1, keepdim=True)
+        coef_BHL1 = torch.where(n_BHL1 > NORMALIZE_EPS, -gx_BHL1 / (d_BHL1 * d_BHL1), 0.0)
+        rate_BHL1 = d_BHL1.reciprocal() if gain_1H11 is None else gain_1H11 / d_BHL1
+        # The last pass scales and writes x's dtype at once (no float32 gradient and a cast after it).
+        grad_x = torch.mul(
+            torch.addcmul(grad_BHLc, x_BHLc, coef_BHL1), rate_BHL1, out=torch.empty_like(x_BHLc)
+        )
+        grad_gain = None
+        if gain_1H11 is not None and ctx.needs_input_grad[1]:
+            grad_gain = (
+                (gx_BHL1 / d_BHL1).sum((0, 2, 3), keepdim=True, dtype=torch.float32).to(gain_1H11.dtype)
+            )
+        return grad_x, grad_gain
+
+
+def unit_vectors(x_BHLc: torch.Tensor, gain_1H11: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)`` [B, H, L, c], times ``gain_1H11`` if given, differentiated by ``_UnitVectors``
+    when a gradient will flow (gradients equal up to rounding; with a gain the values too). Without a gradient,
+    and in a compiled block (inductor fuses the backward anyway), F.normalize and a product, as published."""
+    wanted = any(t is not None and t.requires_grad for t in (x_BHLc, gain_1H11))
+    if torch.is_grad_enabled() and wanted and not torch.compiler.is_compiling():
+        return _UnitVectors.apply(x_BHLc, gain_1H11)
+    unit_BHLc = F.normalize(x_BHLc, dim=-1)
+    return unit_BHLc if gain_1H11 is None else unit_BHLc * gain_1H11
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention; with ``attn_l2_norm`` q and k are unit vectors per head and q is scaled by the
     learned ``exp(min(scale_mul_1H11, ln 100))`` (softmax scale 1)."""
@@ -259,8 +317,8 @@ class SelfAttention(nn.Module):
         qkv_BL3Hc = self.add_qkv_bias(self.mat_qkv(x_BLC)).view(B, L, 3, self.num_heads, self.head_dim)
         q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:
-            q_BHLc = self.scale_queries(F.normalize(q_BHLc, dim=-1))
-            k_BHLc = F.normalize(k_BHLc, dim=-1)
+            q_BHLc = self.unit_queries(q_BHLc)
+            k_BHLc = unit_vectors(k_BHLc)
         if kv_cache is not None:
             k_BHLc, v_BHLc = kv_cache.extend(k_BHLc, v_BHLc)
         out_BHLc = scale_causal_attention(q_BHLc, k_BHLc, v_BHLc, mask=attn_mask, scale=self.scale)
@@ -300,6 +358,13 @@ class SelfAttention(nn.Module):
         if self.qkv_bias is not None:
             return self.qkv_bias(qkv_BL3C)
         return qkv_BL3C + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(qkv_BL3C.dtype)
+
+    def unit_queries(self, q_BHLc: torch.Tensor) -> torch.Tensor:
+        """``scale_queries(F.normalize(q))`` [B, H, L, c]: the scale folded into the normalisation when this
+        module owns it (a patch's ``head_scale`` must see its own call, for per-sample gradients)."""
+        if self.head_scale is not None:
+            return self.head_scale(unit_vectors(q_BHLc))
+        return unit_vectors(q_BHLc, self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp())
 
     def scale_queries(self, q_BHLc: torch.Tensor) -> torch.Tensor:
         """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``."""
@@ -366,9 +431,9 @@ class AdaLNSelfAttn(nn.Module):
         h_BLC = self.attn(
             self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_mask=attn_mask, kv_cache=kv_cache
         )
-        x_BLC = x_BLC + self._drop_path(h_BLC * gamma1, s_attn_B)
+        x_BLC = self._add_branch(x_BLC, h_BLC, gamma1, s_attn_B)
         h_BLC = self.ffn(self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2)
-        return x_BLC + self._drop_path(h_BLC * gamma2, s_ffn_B)
+        return self._add_branch(x_BLC, h_BLC, gamma2, s_ffn_B)
 
     def drop_path_scales(self, uniform_B2: torch.Tensor) -> torch.Tensor | None:
         """The rows' drop-path factors [B, 2] for ``forward`` from their uniforms [B, 2] (attention, FFN); None
@@ -390,12 +455,19 @@ class AdaLNSelfAttn(nn.Module):
         """Cached sampling (eval: no drop-path) of one scale's tokens [B, l, C] with ``sampling_modulation``."""
         gamma1, gamma2, mul1, mul2, shift1, shift2 = modulation
         h_BlC = self.attn.step(self.ln_wo_grad(x_BlC) * mul1 + shift1, kv_cache=kv_cache)
-        x_BlC = x_BlC + h_BlC * gamma1
+        x_BlC = self._add_branch(x_BlC, h_BlC, gamma1, None)
         h_BlC = self.ffn(self.ln_wo_grad(x_BlC) * mul2 + shift2)
-        return x_BlC + h_BlC * gamma2
+        return self._add_branch(x_BlC, h_BlC, gamma2, None)
 
-    def _drop_path(self, h_BLC: torch.Tensor, scale_B: torch.Tensor | None) -> torch.Tensor:
-        return h_BLC if scale_B is None else self.drop_path(h_BLC, scale_B)
+    def _add_branch(
+        self, x_BLC: torch.Tensor, h_BLC: torch.Tensor, gamma_B1C: torch.Tensor, scale_B: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x + h * gamma, the rows' drop-path factors (None: none) folded into gamma: one pass over [B, L, C] where
+        the product, the factor and the sum made three (and, under autocast, a float32 copy of the branch). The
+        product is not rounded to bf16 before the float32 residual; a bf16 residual stream stays bf16."""
+        if scale_B is not None:
+            gamma_B1C = self.drop_path(gamma_B1C, scale_B)
+        return torch.addcmul(x_BLC, h_BLC, gamma_B1C).to(x_BLC.dtype)
 
 
 class AdaLNBeforeHead(nn.Module):
