@@ -13,8 +13,10 @@ alike, either
 - generation: ``VAR.sample`` at CFG 1.5, top-k 900, top-p 0.96 (fp32; each call re-seeds its generator, and the
   images of both versions are compared: the same draws give the same images up to float rounding), or
 - training: the forward, token cross-entropy and backward of ``--batch-size`` random token maps (no optimizer;
-  drop-path at the official rate, the same draws for both), the training attention kernel ``--kernel``, fp32 or bf16 autocast (``--precision``); the
-  gradients of both versions are compared.
+  drop-path at the official rate, the same draws for both), the training attention kernel ``--kernel``, fp32 or
+  bf16 autocast (``--precision``); the gradients of both versions are compared, and two further steps of each are
+  counted with CUDA autocast's float32 norms replayed: op by op (bytes moved, kernels, an H200 roofline
+  estimate) and tensor by tensor (the step's peak).
 Peak RSS comes from one further subprocess per version that builds the models and runs once. Prints a markdown
 table.
 """
@@ -70,6 +72,11 @@ def generate(var, vqvae):
 
 
 def train(var, vqvae):  # forward, token cross-entropy, backward: every parameter's gradient, flattened [P] float32
+    train_step(var, vqvae)
+    return torch.cat([p.grad.flatten().float() for p in var.parameters() if p.grad is not None])
+
+
+def train_step(var, vqvae):
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(2)  # drop-path's draws (the global generator's), the same for both versions
     labels = torch.randint(0, 1000, (batch,), generator=g)
@@ -79,7 +86,6 @@ def train(var, vqvae):  # forward, token cross-entropy, backward: every paramete
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings["precision"] == "bf16"):
         logits_BLV = var(labels, vqvae.idxBl_to_var_input(idx_Bl))
     torch.nn.functional.cross_entropy(logits_BLV.float().flatten(0, 1), torch.cat(idx_Bl, 1).flatten()).backward()
-    return torch.cat([p.grad.flatten().float() for p in var.parameters() if p.grad is not None])
 
 
 run = generate if task == "generation" else train
@@ -104,11 +110,16 @@ if mode == "time":
     diff = (images["base"] - images["ours"]).abs().max().item()
     counted = {}
     if task == "training":  # what an eager GPU step would move: bytes and kernels, op by op (benchmark_dp_memory)
-        from benchmark_dp_memory import CudaAutocastNorms, Traffic
+        from benchmark_dp_memory import CudaAutocastNorms, LiveTensorBytes, Traffic
         for name, (var, vqvae) in versions.items():
             with CudaAutocastNorms(), Traffic() as traffic:  # F.normalize's norms in float32, as on CUDA
-                run(var, vqvae)
-            counted[name] = {"gb": traffic.bytes / 1e9, "kernels": traffic.kernels, "roofline_ms": 1e3 * traffic.roofline_s}
+                train_step(var, vqvae)
+            with CudaAutocastNorms(), LiveTensorBytes() as live:  # tensors the step makes, its gradients among them
+                train_step(var, vqvae)
+            counted[name] = {
+                "gb": traffic.bytes / 1e9, "kernels": traffic.kernels, "roofline_ms": 1e3 * traffic.roofline_s,
+                "peak_mib": live.peak / 2**20,
+            }
     print(json.dumps({
         "median_s": {name: statistics.median(s) for name, s in seconds.items()},
         "max_diff": diff,  # images (generation) or gradients (training)
@@ -197,11 +208,14 @@ def table(
             "",
             "Counted op by op in one step (`benchmark_dp_memory.Traffic`: each operand read once, each result written "
             "once, views excluded: what an eager GPU step moves at least), with its H200 roofline estimate (sum over "
-            "ops of max(FLOPs / datasheet rate, bytes / datasheet bandwidth); an estimate, not a measurement):",
+            "ops of max(FLOPs / datasheet rate, bytes / datasheet bandwidth); an estimate, not a measurement), and the "
+            "step's peak tensor memory (`benchmark_dp_memory.LiveTensorBytes`: every tensor it makes, its gradients "
+            "among them; CUDA autocast's float32 norms replayed for both counts):",
             "",
             *markdown_table(
                 ["depth", f"GB {base}", "GB ours", f"ours / {base}", f"kernels {base}", "kernels ours"]
-                + [f"roofline ms {base}", "roofline ms ours", f"ours / {base}"],
+                + [f"roofline ms {base}", "roofline ms ours", f"ours / {base}"]
+                + [f"peak MiB {base}", "peak MiB ours", f"ours / {base}"],
                 [
                     [
                         f"d{depth}",
@@ -212,6 +226,7 @@ def table(
                     ]
                     + [str(o["kernels"]), f"{b['roofline_ms']:.2f}", f"{o['roofline_ms']:.2f}"]
                     + [f"{o['roofline_ms'] / b['roofline_ms']:.3f}"]
+                    + [f"{b['peak_mib']:.0f}", f"{o['peak_mib']:.0f}", f"{o['peak_mib'] / b['peak_mib']:.3f}"]
                     for depth, b, o in counted
                 ],
             ),

@@ -351,7 +351,8 @@ def measure_matmul(rec: Recorder, plan: Plan, device: torch.device) -> None:
 def _forward_backward(
     fn: Callable, inputs: list[torch.Tensor], upstream: torch.Tensor, *, device: torch.device
 ):
-    """(output, gradients of ``inputs``) of ``fn`` under bf16 autocast, for a float32 upstream gradient."""
+    """(output, gradients of ``inputs``) of ``fn`` under bf16 autocast, for a float32 upstream gradient. Each call
+    copies its inputs into fresh leaves (timed with it, alike for both forms)."""
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
     with torch.autocast(device.type, dtype=torch.bfloat16):
         out = fn(*leaves)
