@@ -23,7 +23,7 @@ import torch
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from .models.var import MAX_LOG_SCALE_MUL, VAR, SelfAttention
+from .models.var import MAX_LOG_SCALE_MUL, VAR, SelfAttention, query_gain
 
 
 class PatchModule(nn.Module):
@@ -65,7 +65,7 @@ class HeadScale(PatchModule):
         self.scale_mul_1H11 = scale_mul_1H11
 
     def forward(self, q_BHLc: torch.Tensor) -> torch.Tensor:
-        return q_BHLc * self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
+        return q_BHLc * query_gain(self.scale_mul_1H11)
 
 
 @register_grad_sampler(AddParameter)
@@ -100,7 +100,7 @@ def _head_scale_grad_sample(
     s_1H11 = layer.scale_mul_1H11
     if not s_1H11.requires_grad:
         return {}
-    out_BHLc = activations[0] * s_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
+    out_BHLc = activations[0] * query_gain(s_1H11)
     g_BH11 = (backprops * out_BHLc).sum(dim=(2, 3), keepdim=True) * (s_1H11 < MAX_LOG_SCALE_MUL).to(
         backprops.dtype
     )

@@ -289,6 +289,11 @@ def unit_vectors(x_BHLc: torch.Tensor, gain_1H11: torch.Tensor | None = None) ->
     return unit_BHLc if gain_1H11 is None else unit_BHLc * gain_1H11
 
 
+def query_gain(scale_mul_1H11: torch.Tensor) -> torch.Tensor:
+    """The queries' per-head gain ``exp(min(scale_mul, ln 100))`` [1, H, 1, 1]."""
+    return scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention; with ``attn_l2_norm`` q and k are unit vectors per head and q is scaled by the
     learned ``exp(min(scale_mul_1H11, ln 100))`` (softmax scale 1)."""
@@ -364,13 +369,13 @@ class SelfAttention(nn.Module):
         module owns it (a patch's ``head_scale`` must see its own call, for per-sample gradients)."""
         if self.head_scale is not None:
             return self.head_scale(unit_vectors(q_BHLc))
-        return unit_vectors(q_BHLc, self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp())
+        return unit_vectors(q_BHLc, query_gain(self.scale_mul_1H11))
 
     def scale_queries(self, q_BHLc: torch.Tensor) -> torch.Tensor:
         """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``."""
         if self.head_scale is not None:
             return self.head_scale(q_BHLc)
-        return q_BHLc * self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
+        return q_BHLc * query_gain(self.scale_mul_1H11)
 
 
 class SharedAdaLin(nn.Linear):
