@@ -336,7 +336,7 @@ def test_patches_are_numerically_equivalent(names, tiny_vqvae):
 # What varsweep once hid on model instances (issue 15): the adaptation record, the applied patch names, the base
 # checkpoint's SHA-256, and instance attributes shadowing the model's methods.
 HIDDEN_STATE = {"adaptation", "applied_patches", "checkpoint_sha256"}
-SHADOWED_METHODS = {"add_start_position", "add_positions", "add_qkv_bias", "scale_queries"}
+SHADOWED_METHODS = {"add_start_position", "add_positions", "add_qkv_bias", "unit_queries"}
 
 
 def test_no_state_is_hidden_on_model_instances_the_records_are_returned(tmp_path):

@@ -47,6 +47,7 @@ from trainables.models.var import (
     AdaLNSelfAttn,
     ScaleBlocks,
     _scale_pieces,
+    query_gain,
     scale_causal_attention,
     unit_vectors,
 )
@@ -468,7 +469,8 @@ def test_unit_queries_with_the_gain_folded_in_equal_the_published_normalise_then
     )
     upstream_BHLc = torch.randn(q_BHLc.shape, generator=g)
     results = []
-    for queries in (attention.unit_queries, lambda q: attention.scale_queries(F.normalize(q, dim=-1))):
+    published = lambda q: F.normalize(q, dim=-1) * query_gain(attention.scale_mul_1H11)  # noqa: E731
+    for queries in (attention.unit_queries, published):
         q = q_BHLc.clone().requires_grad_()
         with CudaAutocastNorms(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out_BHLc = queries(q)

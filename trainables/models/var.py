@@ -311,7 +311,7 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(width))  # keys get no bias (kept for the key layout)
         self.proj = nn.Linear(width, width)
         # Empty slots (no state-dict keys) for modules that take over q_bias/v_bias and scale_mul_1H11: a
-        # per-sample-gradient patch (trainables/patches.py) assigns them; see add_qkv_bias / scale_queries.
+        # per-sample-gradient patch (trainables/patches.py) assigns them; see add_qkv_bias / unit_queries.
         self.register_module("qkv_bias", None)
         self.register_module("head_scale", None)
 
@@ -335,7 +335,7 @@ class SelfAttention(nn.Module):
         qkv_Bl3Hc = self.qkv_with_bias(x_BlC).view(B, l, 3, self.num_heads, self.head_dim)
         q_BHlc, k_BHlc, v_BHlc = qkv_Bl3Hc.permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:
-            q_BHlc = self.scale_queries(F.normalize(q_BHlc, dim=-1))
+            q_BHlc = self.unit_queries(q_BHlc)
             k_BHlc = F.normalize(k_BHlc, dim=-1)
         k_BHLc, v_BHLc = kv_cache.extend(k_BHlc, v_BHlc)
         out_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, scale=self.scale)
@@ -365,17 +365,12 @@ class SelfAttention(nn.Module):
         return qkv_BL3C + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(qkv_BL3C.dtype)
 
     def unit_queries(self, q_BHLc: torch.Tensor) -> torch.Tensor:
-        """``scale_queries(F.normalize(q))`` [B, H, L, c]: the scale folded into the normalisation when this
-        module owns it (a patch's ``head_scale`` must see its own call, for per-sample gradients)."""
+        """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``: with a gradient, the gain
+        folded into the normalisation (``unit_vectors``) when this module owns it; a patch's ``head_scale`` must
+        see its own call, for per-sample gradients."""
         if self.head_scale is not None:
             return self.head_scale(unit_vectors(q_BHLc))
         return unit_vectors(q_BHLc, query_gain(self.scale_mul_1H11))
-
-    def scale_queries(self, q_BHLc: torch.Tensor) -> torch.Tensor:
-        """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``."""
-        if self.head_scale is not None:
-            return self.head_scale(q_BHLc)
-        return q_BHLc * query_gain(self.scale_mul_1H11)
 
 
 class SharedAdaLin(nn.Linear):
