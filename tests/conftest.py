@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 
+from trainables.methods import LoraLinear
 from trainables.models import build_var, build_vqvae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,3 +55,20 @@ def tiny_vqvae() -> torch.nn.Module:
 @pytest.fixture
 def tiny_var() -> torch.nn.Module:
     return build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0)).eval()
+
+
+def lora_twins(alpha: float, *, rank: int = 4) -> tuple[torch.nn.Module, LoraLinear]:
+    """peft's stock LoRA linear layer and varsweep's, on the same base weights and (non-zero) adapter weights."""
+    base = torch.nn.Linear(24, 40)
+    with torch.no_grad():
+        base.weight.normal_(generator=torch.Generator().manual_seed(0))
+    base.requires_grad_(False)  # frozen, as peft leaves it
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha)
+    stock = peft.tuners.lora.layer.Linear(
+        copy.deepcopy(base), "default", config=config, r=rank, lora_alpha=alpha
+    )
+    with torch.no_grad():
+        stock.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(1))
+    ours = LoraLinear(copy.deepcopy(base), "default", config=config, r=rank, lora_alpha=alpha)
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours

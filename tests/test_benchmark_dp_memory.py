@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, lora_twins
 
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -131,6 +131,26 @@ def test_unit_vectors_move_fewer_bytes_than_f_normalize_as_cuda_autocast_runs_it
         counted[name] = traffic
     assert counted["ours"].bytes < 0.5 * counted["F.normalize"].bytes
     assert counted["ours"].kernels < counted["F.normalize"].kernels
+
+
+def test_lora_layer_saves_peft_s_float32_round_trip_and_full_width_scaling():
+    """A bf16 input under autocast (fc2's, proj's): peft's layer casts it to float32 and autocast casts it back,
+    and each cast has a backward (24 bytes per input entry: 2 + 4 and 4 + 2 each way); it scales the full-width
+    product, forward and backward (8 bytes per output entry), where varsweep's scales the rank-r one."""
+    stock, ours = lora_twins(32.0)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    tokens, rank = 3 * 7, 4
+    counted = {}
+    for name, layer in (("stock", stock), ("ours", ours)):
+        x_in = x.clone().requires_grad_()
+        with Traffic() as traffic:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x_in)
+            y.backward(torch.ones_like(y))
+        counted[name] = traffic
+    saved = 24 * tokens * layer.in_features + 8 * tokens * (layer.out_features - rank)
+    assert counted["stock"].bytes - counted["ours"].bytes == saved
+    assert counted["ours"].kernels < counted["stock"].kernels
 
 
 def test_configurations_pair_each_dp_step_with_its_non_dp_step():

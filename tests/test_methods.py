@@ -6,13 +6,16 @@ import copy
 import dataclasses
 import json
 
+import peft
 import pytest
 import torch
-from conftest import TINY_VAR
+from conftest import TINY_VAR, lora_twins
+from torch import nn
 
 from bench.schema import LORA_TARGETS, ConfigError, MethodConfig
 from trainables.methods import (
     LORA_TARGET_GROUPS,
+    LoraLinear,
     adapt,
     load_adapter,
     merge_adapters,
@@ -291,6 +294,56 @@ def test_merge_is_numerically_equivalent():
         before_BLV = var(label_B, x_BLCv)
         torch.testing.assert_close(merge_adapters(var)(label_B, x_BLCv), before_BLV, rtol=1e-5, atol=1e-5)
         assert not any(".lora_" in n or "ln_tuning" in n for n, _ in var.named_parameters())
+
+
+def _lora_step(layer: nn.Module, x: torch.Tensor, *, autocast: bool) -> list[torch.Tensor]:
+    """The layer's output, and the gradients of its input and adapter weights, under a fixed upstream gradient."""
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y).to(y.dtype))
+    return [y, x.grad, *(p.grad for p in layer.parameters() if p.requires_grad)]
+
+
+@pytest.mark.parametrize(
+    "autocast, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)]
+)
+def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dtype):
+    """rank 4, alpha 32: scaling 8, where moving it to the rank side changes no rounding. A bf16 input under
+    autocast (fc2's and proj's) is the case where peft made a float32 copy: the same values without it."""
+    stock, ours = lora_twins(32.0)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2)).to(dtype)
+    theirs, mine = _lora_step(stock, x, autocast=autocast), _lora_step(ours, x, autocast=autocast)
+    assert len(mine) == 4  # output, input, lora_A and lora_B gradients
+    for a, b in zip(theirs, mine):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("autocast, tolerance", [(False, 1e-6), (True, 2**-7)])
+def test_lora_layer_is_peft_s_to_rounding_at_any_scaling(autocast, tolerance):
+    """alpha 24, rank 4: scaling 6 rounds differently on the rank side; each tensor within ``tolerance`` of its
+    largest entry (float32's rounding, or one bf16 step)."""
+    stock, ours = lora_twins(24.0)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2))
+    for a, b in zip(_lora_step(stock, x, autocast=autocast), _lora_step(ours, x, autocast=autocast)):
+        assert (a.float() - b.float()).abs().max() <= tolerance * a.float().abs().max()
+
+
+def test_adapt_gives_every_lora_target_varsweep_s_layer_and_peft_s_forward_handles_the_rest():
+    var = adapted(tiny_base(), SPECS["lora"])
+    layers = [m for m in var.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert layers and all(type(m) is LoraLinear for m in layers)
+    assert len(layers) == TINY_VAR["depth"] * sum(len(paths) for paths in LORA_TARGET_GROUPS.values())
+    layer = var.blocks[0].ffn.fc1
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(0.5)
+        adapted_out = layer(x)
+        layer.enable_adapters(False)  # peft's disabled-adapter path: the base layer alone
+        torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+        layer.enable_adapters(True)
+        layer.merge()  # peft's merged path: the base layer holds the adapter
+        torch.testing.assert_close(layer(x), adapted_out, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

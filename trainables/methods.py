@@ -119,7 +119,38 @@ def _full(var: VAR, adaptation: Adaptation) -> None:
         param.requires_grad_(adaptation.method.train_blocks is None or bool(pattern.match(name)))
 
 
+class LoraLinear(peft.tuners.lora.layer.Linear):
+    """peft's LoRA linear layer, y = base(x) + B(A x) * scaling, with the same parameters, state-dict keys, merge and
+    export, and a forward that moves fewer bytes (the step's input and output are [B, L, features]):
+    - no copy of a bf16 input in float32: peft casts the input to the adapter's dtype, which under autocast made a
+      float32 copy of fc2's and proj's bf16 inputs that autocast then cast straight back, a full-size round trip
+      each way of the step for the same values; outside autocast input and weights share a dtype anyway;
+    - the scaling applied to A x [B, L, r] rather than to the layer's full-width product, in the forward and, by
+      autograd, the backward: B(A x * s) = B(A x) * s up to rounding, and bit for bit where s is a power of two
+      (varsweep's default rank 16, alpha 32: s = 2). ``lora_B``'s hooks (DP) see A x * s, whose per-example
+      gradient is exactly this layer's.
+    Anything else peft's forward handles (merged or disabled adapters, mixed batches, LoRA variants) goes to it."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.cast_input_dtype_enabled = False
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or self.disable_adapters or self.merged or self.lora_variant:
+            return super().forward(x, *args, **kwargs)
+        y = self.base_layer(x)
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                a = self.lora_A[name](self.lora_dropout[name](x))
+                y = y + self.lora_B[name](a * self.scaling[name])
+        return y
+
+
 def _peft_inject(var: VAR, config: peft.PeftConfig, *, seed: int) -> None:
+    if isinstance(config, peft.LoraConfig):
+        config._register_custom_module(
+            {nn.Linear: LoraLinear}
+        )  # peft's (experimental) API for custom LoRA layers
     # Adapter initialisation draws from the global RNG inside peft: fork it so the result depends on ``seed`` only.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
