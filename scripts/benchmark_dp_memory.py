@@ -324,16 +324,20 @@ def run_in_process(config: dict, *, depth: int, code: Path) -> dict:
 
 
 def table(rows: list[dict]) -> list[str]:
-    """One line per step: the non-DP step, then each book-keeping step (code, routes) against it."""
+    """One line per step: the non-DP step, then each book-keeping step (code, routes) against it; with two codes
+    measured (``--versus``), each code's steps against its own non-DP step."""
     head = (
         "| method | k | rows | precision | step | peak over held (MiB) | phase | total memory vs no DP | FLOPs vs "
         "no DP | traffic (GB) | vs no DP | kernels | H200 roofline (ms) | vs no DP |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     key = lambda r: (r["method"], r["k"], r["rows"], r["precision"])  # noqa: E731
+    codes = {r["code"] for r in rows if not r["dp"]}
     for plain in (r for r in rows if not r["dp"]):
-        for r in [plain] + [r for r in rows if r["dp"] and key(r) == key(plain)]:
+        dp = [r for r in rows if r["dp"] and key(r) == key(plain)]
+        for r in [plain] + [r for r in dp if len(codes) == 1 or r["code"] == plain["code"]]:
             step = "no DP" if r is plain else f"book-keeping {r['code']}, {r['route']} routes"
+            step += f" {r['code']}" if r is plain and len(codes) > 1 else ""
             if r.get("keep_ratio") is not None:
                 step += f", kept up to {r['keep_ratio']:g}x"
             total = (r["held_mib"] + r["peak_mib"]) / (plain["held_mib"] + plain["peak_mib"])
@@ -394,7 +398,9 @@ def main() -> None:
             methods=args.methods,
         )
         for config in configs:
-            versus = worktree and config["dp"] and config["route"] == "auto" and "keep_ratio" not in config
+            versus = worktree and (
+                not config["dp"] or config["route"] == "auto" and "keep_ratio" not in config
+            )
             codes = ({args.versus: worktree} if versus else {}) | {"this tree": ROOT}
             for name, code in codes.items():
                 rows.append({**run_in_process(config, depth=args.depth, code=code), "code": name})

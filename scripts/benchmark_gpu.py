@@ -70,6 +70,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import benchmark_common
+import peft
 import torch
 from benchmark_common import official_models, timed
 from torch import nn
@@ -77,7 +78,7 @@ from torch.nn import functional as F
 
 from bench.estimates import MEASURED_THROUGHPUT_FILE, VarShape, training_flops_per_row
 from bench.schema import AUTO_ATTENTION_KERNEL, EvaluationConfig, MethodConfig, PrivacyConfig, ResourcesConfig
-from trainables.methods import adapt
+from trainables.methods import LoraLinear, adapt
 from trainables.models import release_sampling_caches
 from trainables.models.var import AdaLNSelfAttn, unit_vectors
 from trainables.privacy import make_private, private_step
@@ -361,8 +362,8 @@ def _forward_backward(
 
 
 def block_op_cases(device: torch.device, *, heads: int, batch: int) -> dict:
-    """What a training block computes otherwise than the published code: {name: (published, ours, inputs,
-    upstream)}, on a block's shapes (``heads`` of 64 channels, 680 positions). The residual's "published" form is
+    """What a training block computes otherwise than the published code (and peft): {name: (published, ours,
+    inputs, upstream)}, on a block's shapes (``heads`` of 64 channels, 680 positions). The residual's "published" form is
     the published order (branch times gamma, then the row's factor, then the sum) with the factor in float32, as
     varsweep computed it before."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -377,6 +378,9 @@ def block_op_cases(device: torch.device, *, heads: int, batch: int) -> dict:
     factor = torch.tensor([0.0, *[1 / 0.9] * (batch - 1)], device=device)  # one dropped row
     residual = [randn(batch, L, width), randn(batch, L, width, dtype=torch.bfloat16)]
     residual.append(randn(batch, 1, width, dtype=torch.bfloat16))
+    fc2, qkv = (
+        lora_layer_pair(i, o, device=device, generator=g) for i, o in ((4 * width, width), (width, 3 * width))
+    )
     return {
         "keys: F.normalize": (lambda x: F.normalize(x, dim=-1), unit_vectors, [q], randn(*q.shape)),
         "queries: F.normalize, then the gain": (
@@ -391,7 +395,31 @@ def block_op_cases(device: torch.device, *, heads: int, batch: int) -> dict:
             residual,
             randn(batch, L, width),
         ),
+        "LoRA fc2 (bf16 input): peft's layer": (
+            *fc2,
+            [randn(batch, L, 4 * width, dtype=torch.bfloat16)],
+            randn(batch, L, width),
+        ),
+        "LoRA mat_qkv (float32 input): peft's layer": (
+            *qkv,
+            [randn(batch, L, width)],
+            randn(batch, L, 3 * width),
+        ),
     }
+
+
+def lora_layer_pair(
+    in_features: int, out_features: int, *, device: torch.device, generator: torch.Generator
+) -> tuple[nn.Module, nn.Module]:
+    """peft's own LoRA linear layer and varsweep's (``trainables.methods.LoraLinear``) at the trials' rank 16 and
+    alpha 32, on the same frozen base weights and a non-zero B (a trained adapter, not the zero start)."""
+    base = nn.Linear(in_features, out_features, device=device).requires_grad_(False)
+    config = peft.LoraConfig(r=16, lora_alpha=32)
+    published = peft.tuners.lora.layer.Linear(base, "default", config=config, r=16, lora_alpha=32)
+    nn.init.normal_(published.lora_B["default"].weight, std=0.02, generator=generator)
+    ours = LoraLinear(copy.deepcopy(base), "default", config=config, r=16, lora_alpha=32)
+    ours.load_state_dict(published.state_dict())
+    return published, ours
 
 
 def block_op_row(name: str, case: tuple, *, steps: int, device: torch.device) -> dict:

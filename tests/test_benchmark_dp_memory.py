@@ -22,6 +22,7 @@ from benchmark_dp_memory import (
     Traffic,
     _phased,
     configurations,
+    table,
 )
 
 from trainables.models.var import unit_vectors
@@ -151,6 +152,37 @@ def test_lora_layer_saves_peft_s_float32_round_trip_and_full_width_scaling():
     saved = 24 * tokens * layer.in_features + 8 * tokens * (layer.out_features - rank)
     assert counted["stock"].bytes - counted["ours"].bytes == saved
     assert counted["ours"].kernels < counted["stock"].kernels
+
+
+def test_table_compares_each_code_s_dp_step_with_its_own_non_dp_step():
+    """With ``--versus`` both codes' non-DP steps are measured, and each DP row's ratios are against its own."""
+
+    def row(code: str, dp: bool, traffic_gb: float) -> dict:
+        return dict(method="lora", k=1, rows=8, precision="bf16", dp=dp, code=code, route="auto") | dict(
+            held_mib=100.0,
+            peak_mib=100.0,
+            peak_phase="backward",
+            flops=1e12,
+            traffic_gb=traffic_gb,
+            kernel_count=10,
+            roofline_ms=traffic_gb,
+        )
+
+    rows = [row("c1eeb15", False, 10.0), row("this tree", False, 8.0)]
+    rows += [row("c1eeb15", True, 11.0), row("this tree", True, 8.4)]
+    lines = table(rows)[2:]
+    assert [line.split(" | ")[4] for line in lines] == [
+        "no DP c1eeb15",
+        "book-keeping c1eeb15, auto routes",
+        "no DP this tree",
+        "book-keeping this tree, auto routes",
+    ]
+    assert [line.split(" | ")[10] for line in lines] == ["1.00x", "1.10x", "1.00x", "1.05x"]
+    single = table([row("this tree", False, 8.0), row("c1eeb15", True, 11.0), row("this tree", True, 8.4)])
+    assert [line.split(" | ")[4] for line in single[2:]][
+        0
+    ] == "no DP"  # one non-DP code: every DP row beside it
+    assert len(single) == 5
 
 
 def test_configurations_pair_each_dp_step_with_its_non_dp_step():

@@ -87,12 +87,14 @@ def test_every_section_is_measured_with_numbers(smoke):
 
 def test_block_ops_are_timed_beside_the_published_forms_with_the_same_values(smoke):
     rows = {r["what"]: r for r in smoke["data"]["block_ops"]}
-    assert len(rows) == 3
+    assert len(rows) == 5
     for r in rows.values():
         assert _number(r["published_ms"]) and _number(r["ours_ms"]) and _number(r["ratio"])
         assert r["dtypes"][0] == r["dtypes"][1]
         assert r["gradient_diff"] < 2**-7  # bf16 gradients: a rounding apart
     assert rows["keys: F.normalize"]["output_diff"] == 0  # the same operations forward
+    lora = [r for name, r in rows.items() if name.startswith("LoRA")]
+    assert len(lora) == 2 and all(r["output_diff"] == r["gradient_diff"] == 0 for r in lora)  # scaling 2
     assert all(r["output_diff"] < 2**-7 for r in rows.values())
     assert "A block's element-wise pieces" in smoke["stdout"]
 
