@@ -378,8 +378,14 @@ def block_op_cases(device: torch.device, *, heads: int, batch: int) -> dict:
     factor = torch.tensor([0.0, *[1 / 0.9] * (batch - 1)], device=device)  # one dropped row
     residual = [randn(batch, L, width), randn(batch, L, width, dtype=torch.bfloat16)]
     residual.append(randn(batch, 1, width, dtype=torch.bfloat16))
+    # Each layer gets a view of its input leaf: a block's activation is no leaf, and autocast caches the cast of a
+    # float32 leaf, which would make peft's two casts one here and not in a block.
     fc2, qkv = (
-        lora_layer_pair(i, o, device=device, generator=g) for i, o in ((4 * width, width), (width, 3 * width))
+        [
+            lambda x, layer=layer: layer(x.view_as(x))
+            for layer in lora_layer_pair(i, o, device=device, generator=g)
+        ]
+        for i, o in ((4 * width, width), (width, 3 * width))
     )
     return {
         "keys: F.normalize": (lambda x: F.normalize(x, dim=-1), unit_vectors, [q], randn(*q.shape)),

@@ -297,10 +297,12 @@ def test_merge_is_numerically_equivalent():
 
 
 def _lora_step(layer: nn.Module, x: torch.Tensor, *, autocast: bool) -> list[torch.Tensor]:
-    """The layer's output, and the gradients of its input and adapter weights, under a fixed upstream gradient."""
+    """The layer's output, and the gradients of its input and adapter weights, under a fixed upstream gradient.
+    The layer gets a view of the input, as a block's activation is no leaf: autocast caches its cast of a float32
+    leaf that requires grad, so two casts of a leaf are one and their gradients are summed in bf16."""
     x = x.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y = layer(x)
+        y = layer(x.view_as(x))
     y.backward(torch.linspace(-1, 1, y.numel()).view_as(y).to(y.dtype))
     return [y, x.grad, *(p.grad for p in layer.parameters() if p.requires_grad)]
 
