@@ -58,17 +58,17 @@ def tiny_var() -> torch.nn.Module:
 
 
 def lora_twins(alpha: float, *, rank: int = 4) -> tuple[torch.nn.Module, LoraLinear]:
-    """peft's stock LoRA linear layer and varsweep's, on the same base weights and (non-zero) adapter weights."""
-    base = torch.nn.Linear(24, 40)
-    with torch.no_grad():
-        base.weight.normal_(generator=torch.Generator().manual_seed(0))
-    base.requires_grad_(False)  # frozen, as peft leaves it
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha)
-    stock = peft.tuners.lora.layer.Linear(
-        copy.deepcopy(base), "default", config=config, r=rank, lora_alpha=alpha
-    )
-    with torch.no_grad():
-        stock.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(1))
+    """peft's stock LoRA linear layer and varsweep's, on the same base weights and (non-zero) adapter weights,
+    drawn from seeded generators only (peft draws lora_A from the global one)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = torch.nn.Linear(24, 40).requires_grad_(False)  # frozen, as peft leaves it
+        config = peft.LoraConfig(r=rank, lora_alpha=alpha)
+        stock = peft.tuners.lora.layer.Linear(
+            copy.deepcopy(base), "default", config=config, r=rank, lora_alpha=alpha
+        )
+        with torch.no_grad():
+            stock.lora_B["default"].weight.normal_()
     ours = LoraLinear(copy.deepcopy(base), "default", config=config, r=rank, lora_alpha=alpha)
     ours.load_state_dict(stock.state_dict())
     return stock, ours

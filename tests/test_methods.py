@@ -321,14 +321,23 @@ def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dt
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("autocast, tolerance", [(False, 1e-6), (True, 2**-7)])
+@pytest.mark.parametrize("autocast, tolerance", [(False, 1e-6), (True, 2 * 2**-7)])
 def test_lora_layer_is_peft_s_to_rounding_at_any_scaling(autocast, tolerance):
     """alpha 24, rank 4: scaling 6 rounds differently on the rank side; each tensor within ``tolerance`` of its
-    largest entry (float32's rounding, or one bf16 step)."""
+    largest entry (float32's rounding, or two bf16 steps: each form rounds once where the other does not)."""
     stock, ours = lora_twins(24.0)
     x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2))
     for a, b in zip(_lora_step(stock, x, autocast=autocast), _lora_step(ours, x, autocast=autocast)):
         assert (a.float() - b.float()).abs().max() <= tolerance * a.float().abs().max()
+
+
+def test_lora_layer_leaves_an_input_of_another_dtype_to_peft_outside_autocast():
+    """bf16 base weights, float32 adapter, bf16 input, no autocast: peft casts the input for the adapter."""
+    stock, ours = lora_twins(32.0)
+    for layer in (stock, ours):
+        layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    torch.testing.assert_close(ours(x), stock(x), rtol=0, atol=0)
 
 
 def test_adapt_gives_every_lora_target_varsweep_s_layer_and_peft_s_forward_handles_the_rest():

@@ -137,44 +137,39 @@ class _CastOnce(torch.autograd.Function):
 
 class LoraLinear(peft.tuners.lora.layer.Linear):
     """peft's LoRA linear layer, y = base(x) + B(A x) * scaling, with the same parameters, state-dict keys, merge and
-    export, and a forward that moves fewer bytes (the step's input and output are [B, L, features]):
+    export, and a forward that moves fewer bytes under autocast (the step's input and output are [B, L, features]):
     - no copy of a bf16 input in float32: peft casts the input to the adapter's dtype, which under autocast made a
       float32 copy of fc2's and proj's bf16 inputs that autocast then cast straight back, a full-size round trip
-      each way of the step for the same values; outside autocast input and weights share a dtype anyway;
+      each way of the step for the same values;
     - a float32 input (mat_qkv's, fc1's) cast to the autocast dtype once for the base layer and the adapter, which
       autocast cast once each (``_CastOnce``; compiled blocks fuse the casts themselves and keep two);
     - the scaling applied to A x [B, L, r] rather than to the layer's full-width product, in the forward and, by
       autograd, the backward: B(A x * s) = B(A x) * s up to rounding, and bit for bit where s is a power of two
       (varsweep's default rank 16, alpha 32: s = 2). ``lora_B``'s hooks (DP) see A x * s, whose per-example
       gradient is exactly this layer's.
-    Anything else peft's forward handles (merged or disabled adapters, several active adapters, mixed batches,
-    LoRA variants) goes to it."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.cast_input_dtype_enabled = False
+    Anything else goes to peft's forward: merged or disabled adapters, several active adapters, mixed batches, LoRA
+    variants, and, outside autocast, an input whose dtype is not the adapter's (peft casts it)."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = [name for name in self.active_adapters if name in self.lora_A]
         if args or kwargs or self.disable_adapters or self.merged or self.lora_variant or len(names) != 1:
             return super().forward(x, *args, **kwargs)
-        x_base = x_adapter = x
+        lora_A, lora_B = self.lora_A[names[0]], self.lora_B[names[0]]
         device = x.device.type
-        if (
-            x.dtype == torch.float32
-            and torch.is_autocast_enabled(device)
-            and not torch.compiler.is_compiling()
-        ):
+        autocast = device != "meta" and torch.is_autocast_enabled(device)  # no autocast state on meta
+        if not autocast and x.dtype != lora_A.weight.dtype:
+            return super().forward(x, *args, **kwargs)
+        x_base = x_adapter = x
+        if autocast and x.dtype == torch.float32 and not torch.compiler.is_compiling():
             x_base, x_adapter = _CastOnce.apply(x, torch.get_autocast_dtype(device))
-        a = self.lora_A[names[0]](self.lora_dropout[names[0]](x_adapter))
-        return self.base_layer(x_base) + self.lora_B[names[0]](a * self.scaling[names[0]])
+        a = lora_A(self.lora_dropout[names[0]](x_adapter))
+        return self.base_layer(x_base) + lora_B(a * self.scaling[names[0]])
 
 
 def _peft_inject(var: VAR, config: peft.PeftConfig, *, seed: int) -> None:
     if isinstance(config, peft.LoraConfig):
-        config._register_custom_module(
-            {nn.Linear: LoraLinear}
-        )  # peft's (experimental) API for custom LoRA layers
+        # peft's (experimental) API for custom LoRA layers
+        config._register_custom_module({nn.Linear: LoraLinear})
     # Adapter initialisation draws from the global RNG inside peft: fork it so the result depends on ``seed`` only.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
