@@ -363,9 +363,9 @@ def _forward_backward(
 
 def block_op_cases(device: torch.device, *, heads: int, batch: int) -> dict:
     """What a training block computes otherwise than the published code (and peft): {name: (published, ours,
-    inputs, upstream)}, on a block's shapes (``heads`` of 64 channels, 680 positions). The residual's "published" form is
-    the published order (branch times gamma, then the row's factor, then the sum) with the factor in float32, as
-    varsweep computed it before."""
+    inputs, upstream)}, on a block's shapes (``heads`` of 64 channels, 680 positions). The residual's "published"
+    form is the published order (branch times gamma, then the row's factor, then the sum) with the factor in
+    float32, as varsweep computed it before."""
     g = torch.Generator(device=device).manual_seed(0)
     width, L = 64 * heads, 680
 
