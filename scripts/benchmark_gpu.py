@@ -80,7 +80,7 @@ from bench.estimates import MEASURED_THROUGHPUT_FILE, VarShape, training_flops_p
 from bench.schema import AUTO_ATTENTION_KERNEL, EvaluationConfig, MethodConfig, PrivacyConfig, ResourcesConfig
 from trainables.methods import LoraLinear, adapt
 from trainables.models import release_sampling_caches
-from trainables.models.var import AdaLNSelfAttn, unit_vectors
+from trainables.models.var import LN_EPS, AdaLNSelfAttn, modulate, unit_vectors
 from trainables.privacy import make_private, private_step
 from trainables.profiling import PEAK_FLOPS, Stopwatch, peak_flops_per_second
 from trainables.training import bf16_autocast, build_optimizer, compile_blocks, view_losses
@@ -378,6 +378,12 @@ def block_op_cases(device: torch.device, *, heads: int, batch: int) -> dict:
     factor = torch.tensor([0.0, *[1 / 0.9] * (batch - 1)], device=device)  # one dropped row
     residual = [randn(batch, L, width), randn(batch, L, width, dtype=torch.bfloat16)]
     residual.append(randn(batch, 1, width, dtype=torch.bfloat16))
+    # AdaLN's input: the float32 residual stream and a block's bf16 scale and shift (ada_lin's, under autocast).
+    adaln = [randn(batch, L, width), *(randn(batch, 1, width, dtype=torch.bfloat16) for _ in range(2))]
+
+    def ln(x):
+        return F.layer_norm(x, (width,), eps=LN_EPS)
+
     # Each layer gets a view of its input leaf: a block's activation is no leaf, and autocast caches the cast of a
     # float32 leaf, which would make peft's two casts one here and not in a block.
     fc2, qkv = (
@@ -399,6 +405,12 @@ def block_op_cases(device: torch.device, *, heads: int, batch: int) -> dict:
             lambda x, h, gamma: x + ((h * gamma) * factor.view(-1, 1, 1)).to(h.dtype),
             lambda x, h, gamma: block._add_branch(x, h, gamma, factor),
             residual,
+            randn(batch, L, width),
+        ),
+        "AdaLN: ln(x) * (1 + scale) + shift, then the product's cast": (
+            lambda x, scale, shift: (ln(x) * (1 + scale) + shift).to(torch.bfloat16),
+            lambda x, scale, shift: modulate(ln(x), 1 + scale, shift),
+            adaln,
             randn(batch, L, width),
         ),
         "LoRA fc2 (bf16 input): peft's layer": (

@@ -25,7 +25,7 @@ from benchmark_dp_memory import (
     table,
 )
 
-from trainables.models.var import unit_vectors
+from trainables.models.var import AdaLNSelfAttn, modulate, unit_vectors
 
 MIB = 1024**2
 
@@ -158,6 +158,52 @@ def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input):
     saved = saved_per_input * tokens * layer.in_features + 8 * tokens * (layer.out_features - rank)
     assert counted["stock"].bytes - counted["ours"].bytes == saved
     assert counted["ours"].kernels < counted["stock"].kernels
+
+
+def test_adaln_modulation_moves_28_fewer_bytes_per_entry_under_autocast():
+    """Per entry of the modulated stream [B, L, C], under autocast. The published ``ln * mul + shift`` then the
+    next product's cast: forward 8 + 8 + 6 bytes, backward the cast's 2 + 4, shift's sum 4, ln's gradient 4 + 4
+    and mul's product and sum 4 + 4 + 4 + 4 (56). ``modulate``: forward 4 + 2, backward ln's gradient 2 + 4, mul's
+    2 + 4 + 4 + 4 and shift's sum 2 (28). What differs beyond that is on the [B, 1, C] modulation only."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 680, 64, generator=g)
+    mul, shift = (torch.randn(2, 1, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    upstream = torch.randn(2, 680, 64, generator=g).to(torch.bfloat16)
+    published = lambda ln, m, s: (ln * m + s).to(torch.bfloat16)  # noqa: E731
+    counted = {}
+    for name, fn in (("published", published), ("ours", modulate)):
+        ln = F.layer_norm(x.clone().requires_grad_(), (64,))
+        m, s = mul.clone().requires_grad_(), shift.clone().requires_grad_()
+        with Traffic() as traffic:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = fn(ln, m, s)
+            y.backward(upstream)
+        counted[name] = traffic
+    saved = counted["published"].bytes - counted["ours"].bytes
+    assert abs(saved - 28 * x.numel()) <= 16 * mul.numel()
+    assert counted["ours"].kernels < counted["published"].kernels
+
+
+@pytest.mark.parametrize("h_dtype, saved_per_entry", [(torch.bfloat16, 12), (torch.float32, 8)])
+def test_a_blocks_residual_backward_moves_fewer_bytes_than_autograd_s_addcmul(h_dtype, saved_per_entry):
+    """Per entry of the branch h [B, L, C], autograd's addcmul backward: h times the scalar 1 (2 + 2 bytes in bf16,
+    4 + 4 in float32), the float32 product grad * gamma (4 + 4) and, for a bf16 h, its cast (4 + 2). ``_AddBranch``
+    writes grad * gamma in h's dtype (4 + 2, or 4 + 4) and multiplies grad by h and gamma themselves."""
+    block = AdaLNSelfAttn(64, 4, mlp_ratio=4.0, drop_path=0.0, attn_l2_norm=True, shared_aln=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 680, 64, generator=g)
+    h = torch.randn(2, 680, 64, generator=g).to(h_dtype)
+    gamma = torch.randn(2, 1, 64, generator=g).to(torch.bfloat16)
+    upstream = torch.randn(2, 680, 64, generator=g)
+    counted = {}
+    for name, add in (("autograd", torch.addcmul), ("ours", lambda *t: block._add_branch(*t, None))):
+        leaves = [t.clone().requires_grad_() for t in (x, h, gamma)]
+        with Traffic() as traffic:
+            add(*leaves).backward(upstream)
+        counted[name] = traffic
+    saved = counted["autograd"].bytes - counted["ours"].bytes
+    assert saved == saved_per_entry * h.numel() + 4 * gamma.numel()  # and gamma times 1 (2 + 2)
+    assert counted["ours"].kernels < counted["autograd"].kernels
 
 
 def test_table_compares_each_code_s_dp_step_with_its_own_non_dp_step():

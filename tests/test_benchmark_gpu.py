@@ -87,7 +87,7 @@ def test_every_section_is_measured_with_numbers(smoke):
 
 def test_block_ops_are_timed_beside_the_published_forms_with_the_same_values(smoke):
     rows = {r["what"]: r for r in smoke["data"]["block_ops"]}
-    assert len(rows) == 5
+    assert len(rows) == 6
     for r in rows.values():
         assert _number(r["published_ms"]) and _number(r["ours_ms"]) and _number(r["ratio"])
         assert r["dtypes"][0] == r["dtypes"][1]

@@ -47,6 +47,7 @@ from trainables.models.var import (
     AdaLNSelfAttn,
     ScaleBlocks,
     _scale_pieces,
+    modulate,
     query_gain,
     scale_causal_attention,
     unit_vectors,
@@ -734,6 +735,119 @@ def test_a_blocks_residual_adds_branch_times_gamma_times_the_drop_path_factor_in
     torch.testing.assert_close(ours, exact, rtol=1e-6, atol=1e-6)
     rounded_first = x_BLC.detach() + (h_bf16 * gamma_bf16).float()
     assert (rounded_first - exact).abs().max() > 1e-3  # the test tells the two apart
+
+
+@pytest.mark.parametrize(
+    "h_dtype, gamma_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)],
+)
+def test_a_blocks_residual_backward_is_autograd_s_through_addcmul_bit_for_bit(h_dtype, gamma_dtype):
+    """The residual's own backward (``_AddBranch``) against autograd's through ``torch.addcmul``: the branch's
+    gradient written in its dtype (bf16 under autocast; gamma bf16 from ada_lin, float32 with a drop-path factor)
+    and gamma's sum over L are the same bits, and so is the output."""
+    block = AdaLNSelfAttn(32, 4, mlp_ratio=4.0, drop_path=0.0, attn_l2_norm=True, shared_aln=False)
+    g = torch.Generator().manual_seed(0)
+    x_BLC = torch.randn(3, 680, 32, generator=g)
+    h_BLC = torch.randn(3, 680, 32, generator=g).to(h_dtype)
+    gamma_B1C = torch.randn(3, 1, 32, generator=g).to(gamma_dtype)
+    upstream_BLC = torch.randn(3, 680, 32, generator=g)
+    results = []
+    for add in (lambda *t: block._add_branch(*t, None), torch.addcmul):
+        leaves = [t.clone().requires_grad_() for t in (x_BLC, h_BLC, gamma_B1C)]
+        out_BLC = add(*leaves)
+        results.append((out_BLC, *torch.autograd.grad(out_BLC, leaves, upstream_BLC)))
+    assert results[0][0].grad_fn.name().startswith("_AddBranch")
+    for ours, autograds in zip(*results, strict=True):
+        assert ours.dtype == autograds.dtype and torch.equal(ours, autograds)
+
+
+def modulation_inputs(*, mul_dtype: torch.dtype, seed: int = 0):
+    """x [3, 680, 64] (float32), mul and shift [3, 1, 64] in ``mul_dtype`` (bf16 as a block's ada_lin gives them
+    under autocast, float32 as the shared variant's sum does), and a bf16 upstream gradient (a linear layer's input
+    gradient under autocast)."""
+    g = torch.Generator().manual_seed(seed)
+    x_BLC = torch.randn(3, 680, 64, generator=g, requires_grad=True)
+    mul_B1C, shift_B1C = (
+        (torch.randn(3, 1, 64, generator=g) + 1).to(mul_dtype).requires_grad_() for _ in range(2)
+    )
+    return x_BLC, mul_B1C, shift_B1C, torch.randn(3, 680, 64, generator=g).to(torch.bfloat16)
+
+
+def modulation_run(fn, *, mul_dtype: torch.dtype, autocast: bool = True):
+    """(output, gradients of x, mul and shift) of ``fn(layer_norm(x), mul, shift)`` (``modulation_inputs``)."""
+    x_BLC, mul_B1C, shift_B1C, upstream_BLC = modulation_inputs(mul_dtype=mul_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out_BLC = fn(F.layer_norm(x_BLC, (64,), eps=1e-6), mul_B1C, shift_B1C)
+    grads = torch.autograd.grad(out_BLC, (x_BLC, mul_B1C, shift_B1C), upstream_BLC.to(out_BLC.dtype))
+    return out_BLC, *grads
+
+
+def published_modulation(ln_BLC, mul_B1C, shift_B1C):
+    """The published ``ln * mul + shift`` (float32), then the cast the linear layer after it makes under autocast."""
+    return (ln_BLC * mul_B1C + shift_B1C).to(torch.get_autocast_dtype("cpu"))
+
+
+@pytest.mark.parametrize("mul_dtype", (torch.bfloat16, torch.float32))
+def test_adaln_modulation_comes_in_the_autocast_dtype_with_autograd_s_gradients(mul_dtype):
+    """Under autocast the modulated stream comes in bf16 (what the next product casts it to): one rounding of the
+    float32 arithmetic instead of two, so a few entries differ by one bf16 step (measured: about 2 in 10^5), none
+    by more. For the same upstream gradient the gradients are autograd's through the published expression and its
+    cast: x's (through ln's) bit for bit, the modulation's sums over L to summation order. A bf16 product for ln's
+    gradient (both operands bf16) would round it and fail."""
+    ours = modulation_run(modulate, mul_dtype=mul_dtype)
+    published = modulation_run(published_modulation, mul_dtype=mul_dtype)
+    assert ours[0].dtype == published[0].dtype == torch.bfloat16
+    differ = ours[0] != published[0]
+    assert differ.float().mean() < 1e-3
+    # A bf16 step is at most 2^-7 of the value; where ln * mul nearly cancels shift, the float32 roundings of the
+    # operands' size (2^-24 each) decide instead.
+    x_BLC, mul_B1C, shift_B1C, _ = modulation_inputs(mul_dtype=mul_dtype)
+    ln_BLC = F.layer_norm(x_BLC.detach(), (64,), eps=1e-6)
+    operands = (ln_BLC * mul_B1C.detach().float()).abs() + shift_B1C.detach().float().abs()
+    bound = published[0].float().abs() * 2**-7 + operands * 2**-22
+    assert ((ours[0] - published[0]).float().abs() <= bound).all()
+    assert torch.equal(ours[1], published[1])
+    for got, expected in zip(ours[2:], published[2:], strict=True):
+        assert got.dtype == expected.dtype == mul_dtype
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    # Sampling's path: no autograd function, the same single pass.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        again = modulate(ln_BLC, mul_B1C, shift_B1C)
+    assert torch.equal(again, ours[0])
+
+
+def test_adaln_modulation_outside_autocast_is_the_published_float32_expression():
+    """No autocast (float32 training, the CPU path, parity with the official code): the same bits, in float32."""
+    ours = modulation_run(modulate, mul_dtype=torch.float32, autocast=False)
+    published = modulation_run(lambda *a: a[0] * a[1] + a[2], mul_dtype=torch.float32, autocast=False)
+    assert ours[0].dtype == torch.float32
+    for got, expected in zip(ours, published, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_a_tiny_var_trains_under_autocast_with_the_modulation_as_with_the_published_expression(
+    vqvae, monkeypatch
+):
+    """A whole LoRA model under CPU bf16 autocast (its mat_qkv and fc1 adapters now get a bf16 input, whose two
+    branch gradients are summed in bf16): loss and gradients as with the published modulation to bf16 rounding."""
+    import trainables.models.var as var_module
+
+    label_B, idx_Bl = batch()
+    x_BLCv = vqvae.idxBl_to_var_input(idx_Bl).detach()
+    results = []
+    for fn in (modulate, lambda ln, mul, shift: ln * mul + shift):
+        monkeypatch.setattr(var_module, "modulate", fn)
+        var = adapted("lora")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits_BLV = var(label_B, x_BLCv, drop_path_uniform_BD=None)
+        loss = F.cross_entropy(logits_BLV.flatten(0, 1), torch.cat(idx_Bl, dim=1).flatten())
+        loss.backward()
+        results.append((loss.detach(), gradients(var)))
+    (loss, grads), (published_loss, published_grads) = results
+    torch.testing.assert_close(loss, published_loss, rtol=1e-3, atol=0)
+    for name, expected in published_grads.items():
+        scale = expected.abs().max()
+        assert (grads[name] - expected).abs().max() <= 2**-6 * scale, name
 
 
 def test_compiled_blocks_give_the_eager_clipped_dp_step_with_bookkeeping(vqvae):

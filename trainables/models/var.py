@@ -1,12 +1,14 @@
 """VAR: class-conditional next-scale prediction transformer (Tian et al. 2024).
 
 State-dict compatible with the official ``var_d{16,20,24,30}.pth``. Differences from the published code,
-all numerically neutral for the same inputs:
+numerically neutral for the same inputs except the last:
 - every linear layer is called as a module (LoRA and per-sample-gradient hooks see ``mat_qkv``; the q/v biases
   are added after the module call instead of being fused into ``F.linear``);
 - class dropout is not applied in ``forward`` (the training step applies it, once per example);
 - the KV cache is an explicit per-call object, not module state;
-- sampling takes a ``torch.Generator`` that advances across calls instead of re-seeding.
+- sampling takes a ``torch.Generator`` that advances across calls instead of re-seeding;
+- under autocast, AdaLN's modulated input to a linear layer comes in autocast's dtype, rounded once where the
+  published expression rounds in float32 and then casts (``modulate``: an entry may differ by one bf16 step).
 Shapes: B batch, L = sum(pn^2) tokens, C width, H heads, V codebook size, Cvae latent channels.
 """
 
@@ -294,6 +296,50 @@ def query_gain(scale_mul_1H11: torch.Tensor) -> torch.Tensor:
     return scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
 
 
+class _Modulate(torch.autograd.Function):
+    """AdaLN's ``ln * mul + shift`` [B, L, C] written straight in ``dtype`` (autocast's), which the linear layer it
+    feeds would cast it to anyway. Forward: one pass in float32 arithmetic, rounded once to ``dtype``, where the
+    product, the sum and autocast's cast made three passes (two of them writing float32). Where the kernel fuses
+    the multiply-add, an entry may differ by one step of ``dtype`` from the cast of the twice-rounded float32
+    result (about 2 in 10^5 entries in bf16). Backward: the output's gradient is read as it comes, in ``dtype``,
+    where the cast's backward first wrote a float32 copy of it. For the same output gradient, ln's gradient
+    ``grad * mul`` and the modulation's, the sums over L of ``grad * ln`` and of ``grad`` (float32), are
+    autograd's."""
+
+    @staticmethod
+    def forward(ctx, ln_BLC, mul_B1C, shift_B1C, dtype: torch.dtype):
+        ctx.save_for_backward(ln_BLC, mul_B1C)
+        return torch.addcmul(shift_B1C, ln_BLC, mul_B1C, out=ln_BLC.new_empty(ln_BLC.shape, dtype=dtype))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_BLC):
+        ln_BLC, mul_B1C = ctx.saved_tensors
+        # mul in float32: two bf16 operands would be multiplied in bf16 and rounded before a float32 output.
+        grad_ln = torch.mul(grad_BLC, mul_B1C.float()) if ctx.needs_input_grad[0] else None
+        grad_mul = (grad_BLC * ln_BLC).sum(1, keepdim=True) if ctx.needs_input_grad[1] else None
+        grad_shift = grad_BLC.sum(1, keepdim=True, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        return grad_ln, grad_mul, grad_shift, None
+
+
+def modulate(ln_BLC: torch.Tensor, mul_B1C: torch.Tensor, shift_B1C: torch.Tensor) -> torch.Tensor:
+    """AdaLN's modulation ``ln * mul + shift`` [B, L, C] of a normalised float32 stream (mul, shift [B, 1, C]).
+    Under autocast it comes in autocast's dtype, which every consumer (a linear layer) casts it to anyway
+    (``_Modulate``; with no gradient, the same single pass). Elsewhere, and in a compiled block (inductor fuses
+    the chain itself), the published expression, in float32."""
+    device_type = ln_BLC.device.type
+    if (
+        ln_BLC.dtype != torch.float32
+        or not torch.is_autocast_enabled(device_type)
+        or torch.compiler.is_compiling()
+    ):
+        return ln_BLC * mul_B1C + shift_B1C
+    dtype = torch.get_autocast_dtype(device_type)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (ln_BLC, mul_B1C, shift_B1C)):
+        return _Modulate.apply(ln_BLC, mul_B1C, shift_B1C, dtype)
+    return torch.addcmul(shift_B1C, ln_BLC, mul_B1C, out=ln_BLC.new_empty(ln_BLC.shape, dtype=dtype))
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention; with ``attn_l2_norm`` q and k are unit vectors per head and q is scaled by the
     learned ``exp(min(scale_mul_1H11, ln 100))`` (softmax scale 1)."""
@@ -380,6 +426,29 @@ class SharedAdaLin(nn.Linear):
         return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)
 
 
+class _AddBranch(torch.autograd.Function):
+    """A block's residual ``x + h * gamma`` [B, L, C] (x float32, h the branch [B, L, C], gamma [B, 1, C]) with
+    autograd's gradients of ``torch.addcmul`` bit for bit in fewer passes: h's gradient ``grad * gamma`` is written
+    straight in h's dtype, where autograd wrote it in float32 and then cast it (to bf16 under autocast), and
+    gamma's, the sum over L of ``grad * h``, skips autograd's first pass over h, its product with addcmul's
+    scalar 1."""
+
+    @staticmethod
+    def forward(ctx, x_BLC, h_BLC, gamma_B1C):
+        ctx.save_for_backward(h_BLC, gamma_B1C)
+        return torch.addcmul(x_BLC, h_BLC, gamma_B1C)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_BLC):
+        h_BLC, gamma_B1C = ctx.saved_tensors
+        grad_h = (
+            torch.mul(grad_BLC, gamma_B1C, out=torch.empty_like(h_BLC)) if ctx.needs_input_grad[1] else None
+        )
+        grad_gamma = (grad_BLC * h_BLC).sum(1, keepdim=True) if ctx.needs_input_grad[2] else None
+        return grad_BLC if ctx.needs_input_grad[0] else None, grad_h, grad_gamma
+
+
 class AdaLNSelfAttn(nn.Module):
     """Transformer block with adaptive LayerNorm conditioned on the class embedding.
 
@@ -429,10 +498,10 @@ class AdaLNSelfAttn(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
         s_attn_B, s_ffn_B = (None, None) if drop_path_scale_B2 is None else drop_path_scale_B2.unbind(1)
         h_BLC = self.attn(
-            self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_mask=attn_mask, kv_cache=kv_cache
+            modulate(self.ln_wo_grad(x_BLC), 1 + scale1, shift1), attn_mask=attn_mask, kv_cache=kv_cache
         )
         x_BLC = self._add_branch(x_BLC, h_BLC, gamma1, s_attn_B)
-        h_BLC = self.ffn(self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2)
+        h_BLC = self.ffn(modulate(self.ln_wo_grad(x_BLC), 1 + scale2, shift2))
         return self._add_branch(x_BLC, h_BLC, gamma2, s_ffn_B)
 
     def drop_path_scales(self, uniform_B2: torch.Tensor) -> torch.Tensor | None:
@@ -454,19 +523,23 @@ class AdaLNSelfAttn(nn.Module):
     ) -> torch.Tensor:
         """Cached sampling (eval: no drop-path) of one scale's tokens [B, l, C] with ``sampling_modulation``."""
         gamma1, gamma2, mul1, mul2, shift1, shift2 = modulation
-        h_BlC = self.attn.step(self.ln_wo_grad(x_BlC) * mul1 + shift1, kv_cache=kv_cache)
+        h_BlC = self.attn.step(modulate(self.ln_wo_grad(x_BlC), mul1, shift1), kv_cache=kv_cache)
         x_BlC = self._add_branch(x_BlC, h_BlC, gamma1, None)
-        h_BlC = self.ffn(self.ln_wo_grad(x_BlC) * mul2 + shift2)
+        h_BlC = self.ffn(modulate(self.ln_wo_grad(x_BlC), mul2, shift2))
         return self._add_branch(x_BlC, h_BlC, gamma2, None)
 
     def _add_branch(
         self, x_BLC: torch.Tensor, h_BLC: torch.Tensor, gamma_B1C: torch.Tensor, scale_B: torch.Tensor | None
     ) -> torch.Tensor:
         """x + h * gamma, the rows' drop-path factors (None: none) folded into gamma: one pass over [B, L, C] where
-        the product, the factor and the sum made three (and, under autocast, a float32 copy of the branch). The
-        product is not rounded to bf16 before the float32 residual; a bf16 residual stream stays bf16."""
+        the product, the factor and the sum made three (and, under autocast, a float32 copy of the branch), and a
+        float32 stream's backward through ``_AddBranch``. The product is not rounded to bf16 before the float32
+        residual; a bf16 residual stream stays bf16."""
         if scale_B is not None:
             gamma_B1C = self.drop_path(gamma_B1C, scale_B)
+        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (x_BLC, h_BLC, gamma_B1C))
+        if x_BLC.dtype == torch.float32 and differentiable and not torch.compiler.is_compiling():
+            return _AddBranch.apply(x_BLC, h_BLC, gamma_B1C)
         return torch.addcmul(x_BLC, h_BLC, gamma_B1C).to(x_BLC.dtype)
 
 
@@ -479,7 +552,7 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale_B1C, shift_B1C = self.ada_lin(cond_BD).view(-1, 1, 2, self.width).unbind(2)
-        return self.ln_wo_grad(x_BLC) * (1 + scale_B1C) + shift_B1C
+        return modulate(self.ln_wo_grad(x_BLC), 1 + scale_B1C, shift_B1C)
 
     def sampling_modulation(self, cond_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 + scale, shift), each [B, 1, C]: computed once per sampling call (the condition is fixed)."""
@@ -488,7 +561,7 @@ class AdaLNBeforeHead(nn.Module):
 
     def step(self, x_BlC: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         mul_B1C, shift_B1C = modulation
-        return self.ln_wo_grad(x_BlC) * mul_B1C + shift_B1C
+        return modulate(self.ln_wo_grad(x_BlC), mul_B1C, shift_B1C)
 
 
 def scale_layout(patch_nums: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
