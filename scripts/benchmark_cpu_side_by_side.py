@@ -110,11 +110,11 @@ if mode == "time":
     diff = (images["base"] - images["ours"]).abs().max().item()
     counted = {}
     if task == "training":  # what an eager GPU step would move: bytes and kernels, op by op (benchmark_dp_memory)
-        from benchmark_dp_memory import CudaAutocastNorms, LiveTensorBytes, Traffic
+        from benchmark_dp_memory import CudaAutocast, LiveTensorBytes, Traffic
         for name, (var, vqvae) in versions.items():
-            with CudaAutocastNorms(), Traffic() as traffic:  # F.normalize's norms in float32, as on CUDA
+            with CudaAutocast(), Traffic() as traffic:  # CUDA autocast's rules: float32 norms, promoted addcmul
                 train_step(var, vqvae)
-            with CudaAutocastNorms(), LiveTensorBytes() as live:  # tensors the step makes, its gradients among them
+            with CudaAutocast(), LiveTensorBytes() as live:  # tensors the step makes, its gradients among them
                 train_step(var, vqvae)
             counted[name] = {
                 "gb": traffic.bytes / 1e9, "kernels": traffic.kernels, "roofline_ms": 1e3 * traffic.roofline_s,

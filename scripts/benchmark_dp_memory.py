@@ -18,6 +18,7 @@ it, where it peaked (forward, backward, the clipped sum after the backward, the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -143,22 +144,38 @@ class Traffic(TorchDispatchMode):
         return out
 
 
-class CudaAutocastNorms(TorchFunctionMode):
-    """CUDA autocast's float32 policy for ``Tensor.norm`` on a CPU under autocast, which keeps a bf16 input's norm
-    in bf16: on CUDA the input is copied to float32 and the norm, and so the quotient ``F.normalize`` returns, is
-    float32. Counts of a CPU step under autocast then move the bytes a CUDA step would. (A mode sees F.normalize
-    whole, not the norm inside it, so F.normalize is run as CUDA autocast runs it.)"""
+class CudaAutocast(TorchFunctionMode):
+    """CUDA autocast's rules where CPU autocast's differ, replayed on a CPU under autocast, so that counts of a CPU
+    step move the bytes a CUDA step would:
+    - ``Tensor.norm`` runs in float32. CPU autocast keeps a bf16 input's norm in bf16; on CUDA the input is
+      copied to float32, and the norm, and so the quotient ``F.normalize`` returns, is float32. (A mode sees
+      F.normalize whole, not the norm inside it, so F.normalize is run as CUDA autocast runs it.)
+    - ``addcmul`` and ``addcdiv`` are promoted: CUDA autocast casts their floating inputs to the widest of their
+      dtypes (a bf16 branch beside a float32 stream is copied to float32 in full), CPU autocast passes them
+      through. Their ``out=`` forms pass through on both."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        half = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dtype in HALF_TYPES
-        if not (half and torch.is_autocast_enabled("cpu")):
+        if not torch.is_autocast_enabled("cpu"):
             return func(*args, **kwargs)
-        if func is torch.nn.functional.normalize:
+        if func in PROMOTED_ON_CUDA and kwargs.get("out") is None:
+            return func(*_promoted(args), **kwargs)
+        half = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dtype in HALF_TYPES
+        if half and func is torch.nn.functional.normalize:
             return _normalize_with_float32_norm(*args, **kwargs)
-        if func in (torch.Tensor.norm, torch.norm):
+        if half and func in (torch.Tensor.norm, torch.norm):
             return func(args[0].float(), *args[1:], **kwargs)
         return func(*args, **kwargs)
+
+
+# Operations CUDA autocast promotes to their widest floating input and CPU autocast does not (used in a step).
+PROMOTED_ON_CUDA = (torch.addcmul, torch.Tensor.addcmul, torch.addcdiv, torch.Tensor.addcdiv)
+
+
+def _promoted(args: tuple) -> tuple:
+    floating = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    widest = functools.reduce(torch.promote_types, (a.dtype for a in floating))
+    return tuple(a.to(widest) if any(a is f for f in floating) else a for a in args)
 
 
 def _normalize_with_float32_norm(x, p=2.0, dim=1, eps=1e-12, out=None):
@@ -232,10 +249,9 @@ def _phased(
 
 def measure(config: dict, *, depth: int) -> dict:
     """One configuration's step: {held_mib, peak_mib (over held), peak_phase, flops}."""
-    if config.get("kernel_set") != "cuda":
-        return _measure(config, depth=depth)
-    emulate_cuda_kernels()
-    with CudaAutocastNorms():
+    if config.get("kernel_set") == "cuda":
+        emulate_cuda_kernels()
+    with CudaAutocast():  # every row as CUDA autocast runs it (nothing changes without autocast)
         return _measure(config, depth=depth)
 
 

@@ -6,6 +6,7 @@ written only); and CUDA autocast's float32 norms can be replayed under CPU autoc
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import pytest
@@ -17,7 +18,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import torch.nn.functional as F
 from benchmark_dp_memory import (
     H200_DATASHEET,
-    CudaAutocastNorms,
+    CudaAutocast,
     LiveTensorBytes,
     Traffic,
     _phased,
@@ -107,12 +108,12 @@ def test_cuda_autocast_norms_make_f_normalize_float32_as_cuda_autocast_does():
     x = torch.randn(2, 3, 5, 8).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert F.normalize(x, dim=-1).dtype == torch.bfloat16  # CPU autocast: the norm stays bf16
-        with CudaAutocastNorms():
+        with CudaAutocast():
             ours, theirs = F.normalize(x, dim=-1), x.float() / x.float().norm(dim=-1, keepdim=True)
             assert x.norm(dim=-1).dtype == torch.float32
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    with CudaAutocastNorms():  # no autocast: nothing changes
+    with CudaAutocast():  # no autocast: nothing changes
         assert F.normalize(x, dim=-1).dtype == torch.bfloat16
 
 
@@ -124,7 +125,7 @@ def test_unit_vectors_move_fewer_bytes_than_f_normalize_as_cuda_autocast_runs_it
     counted = {}
     for name, normalize in (("ours", unit_vectors), ("F.normalize", lambda x: F.normalize(x, dim=-1))):
         x = x_BHLc.clone().requires_grad_()
-        with CudaAutocastNorms(), Traffic() as traffic:
+        with CudaAutocast(), Traffic() as traffic:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = normalize(x)
             y.backward(upstream_BHLc)
@@ -184,11 +185,15 @@ def test_adaln_modulation_moves_28_fewer_bytes_per_entry_under_autocast():
     assert counted["ours"].kernels < counted["published"].kernels
 
 
-@pytest.mark.parametrize("h_dtype, saved_per_entry", [(torch.bfloat16, 12), (torch.float32, 8)])
-def test_a_blocks_residual_backward_moves_fewer_bytes_than_autograd_s_addcmul(h_dtype, saved_per_entry):
-    """Per entry of the branch h [B, L, C], autograd's addcmul backward: h times the scalar 1 (2 + 2 bytes in bf16,
-    4 + 4 in float32), the float32 product grad * gamma (4 + 4) and, for a bf16 h, its cast (4 + 2). ``_AddBranch``
-    writes grad * gamma in h's dtype (4 + 2, or 4 + 4) and multiplies grad by h and gamma themselves."""
+@pytest.mark.parametrize("h_dtype, saved_per_entry", [(torch.bfloat16, 26), (torch.float32, 8)])
+def test_a_blocks_residual_moves_fewer_bytes_than_a_plain_addcmul_as_cuda_autocast_runs_it(
+    h_dtype, saved_per_entry
+):
+    """Per entry of the branch h [B, L, C], forward and backward under autocast with CUDA's rules. A plain
+    ``addcmul`` (varsweep's residual before): for a bf16 h, CUDA autocast first copies it to float32 (2 + 4) and
+    the sum reads that copy (4, not 2); autograd's backward multiplies h by the scalar 1, writes grad * gamma in
+    float32 (4 + 4) and casts it to h's dtype (4 + 2): 26 bytes more than ``residual_sum`` with ``_AddBranch``'s
+    backward, which writes grad * gamma in h's dtype. For a float32 h, the product with 1 (4 + 4): 8."""
     block = AdaLNSelfAttn(64, 4, mlp_ratio=4.0, drop_path=0.0, attn_l2_norm=True, shared_aln=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 680, 64, generator=g)
@@ -196,14 +201,35 @@ def test_a_blocks_residual_backward_moves_fewer_bytes_than_autograd_s_addcmul(h_
     gamma = torch.randn(2, 1, 64, generator=g).to(torch.bfloat16)
     upstream = torch.randn(2, 680, 64, generator=g)
     counted = {}
-    for name, add in (("autograd", torch.addcmul), ("ours", lambda *t: block._add_branch(*t, None))):
+    for name, add in (("addcmul", torch.addcmul), ("ours", lambda *t: block._add_branch(*t, None))):
         leaves = [t.clone().requires_grad_() for t in (x, h, gamma)]
-        with Traffic() as traffic:
-            add(*leaves).backward(upstream)
+        with CudaAutocast(), Traffic() as traffic:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = add(*leaves)
+            out.backward(upstream)
         counted[name] = traffic
-    saved = counted["autograd"].bytes - counted["ours"].bytes
-    assert saved == saved_per_entry * h.numel() + 4 * gamma.numel()  # and gamma times 1 (2 + 2)
-    assert counted["ours"].kernels < counted["autograd"].kernels
+    saved = counted["addcmul"].bytes - counted["ours"].bytes
+    assert (
+        saved == saved_per_entry * h.numel() + 18 * gamma.numel()
+    )  # and gamma's own copy and product with 1
+    assert counted["ours"].kernels < counted["addcmul"].kernels
+
+
+def test_cuda_autocast_promotes_addcmul_but_not_its_out_form():
+    """CUDA autocast copies a bf16 operand of ``addcmul`` beside a float32 one to float32 (its promote list); CPU
+    autocast does not, and neither copies for the ``out=`` form: the mode replays the first on a CPU."""
+    x, h = torch.randn(2, 30, 8), torch.randn(2, 30, 8).to(torch.bfloat16)
+    gamma = torch.randn(2, 1, 8).to(torch.bfloat16)
+    copies = {}
+    for name, mode in (("cpu", contextlib.nullcontext), ("cuda", CudaAutocast)):
+        for form, call in (
+            ("plain", lambda: torch.addcmul(x, h, gamma)),
+            ("out", lambda: torch.addcmul(x, h, gamma, out=torch.empty_like(x))),
+        ):
+            with mode(), Traffic() as traffic, torch.autocast("cpu", dtype=torch.bfloat16):
+                assert call().dtype == torch.float32
+            copies[name, form] = traffic.by_op.get("_to_copy.default", [0])[0]
+    assert copies == {("cpu", "plain"): 0, ("cpu", "out"): 0, ("cuda", "plain"): 2, ("cuda", "out"): 0}
 
 
 def test_table_compares_each_code_s_dp_step_with_its_own_non_dp_step():

@@ -114,7 +114,8 @@ def test_clipped_sum_under_bf16_autocast_is_that_of_autocast_autograd(method, vq
 def test_linear_inputs_are_held_as_the_product_used_them(bf16, vqvae, data):
     """What book-keeping holds from the forward to the backward: each linear layer's input in the dtype of its
     product (a bf16 copy under autocast: half the bytes of the float32 input; without autocast the input itself, no
-    copy). Full fine-tuning's VAR has float32 inputs (norm outputs, modulated) and bf16 ones (GELU, attention)."""
+    copy). Full fine-tuning's VAR has float32 inputs (ada_lin's condition, word_embed's features) and, under
+    autocast, bf16 ones (the modulated streams, GELU, attention)."""
     var = make_model("full")
     keeper = BookKeeping(var)
     loss_fn = loss_fn_for(var, vqvae, data, 1, bf16=bf16)

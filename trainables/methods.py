@@ -141,8 +141,9 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
     - no copy of a bf16 input in float32: peft casts the input to the adapter's dtype, which under autocast made a
       float32 copy of fc2's and proj's bf16 inputs that autocast then cast straight back, a full-size round trip
       each way of the step for the same values;
-    - a float32 input (mat_qkv's, fc1's) cast to the autocast dtype once for the base layer and the adapter, which
-      autocast cast once each (``_CastOnce``; compiled blocks fuse the casts themselves and keep two);
+    - a float32 input (ada_lin's condition; mat_qkv and fc1 get AdaLN's modulation in the autocast dtype already)
+      cast to the autocast dtype once for the base layer and the adapter, which autocast cast once each
+      (``_CastOnce``; compiled blocks fuse the casts themselves and keep two);
     - the scaling applied to A x [B, L, r] rather than to the layer's full-width product, in the forward and, by
       autograd, the backward: B(A x * s) = B(A x) * s up to rounding, and bit for bit where s is a power of two
       (varsweep's default rank 16, alpha 32: s = 2). ``lora_B``'s hooks (DP) see A x * s, whose per-example
