@@ -297,6 +297,11 @@ def query_gain(scale_mul_1H11: torch.Tensor) -> torch.Tensor:
     return scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
 
 
+def _modulated(ln_BLC: torch.Tensor, mul_B1C: torch.Tensor, shift_B1C: torch.Tensor, dtype: torch.dtype):
+    """``ln * mul + shift`` [B, L, C] in ``dtype``, one pass (``out=``: also untouched by autocast)."""
+    return torch.addcmul(shift_B1C, ln_BLC, mul_B1C, out=ln_BLC.new_empty(ln_BLC.shape, dtype=dtype))
+
+
 class _Modulate(torch.autograd.Function):
     """AdaLN's ``ln * mul + shift`` [B, L, C] written straight in ``dtype`` (autocast's), which the linear layer it
     feeds would cast it to anyway. Forward: one pass in float32 arithmetic, rounded once to ``dtype``, where the
@@ -311,7 +316,7 @@ class _Modulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ln_BLC, mul_B1C, shift_B1C, dtype: torch.dtype):
         ctx.save_for_backward(ln_BLC, mul_B1C)
-        return torch.addcmul(shift_B1C, ln_BLC, mul_B1C, out=ln_BLC.new_empty(ln_BLC.shape, dtype=dtype))
+        return _modulated(ln_BLC, mul_B1C, shift_B1C, dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -339,7 +344,7 @@ def modulate(ln_BLC: torch.Tensor, mul_B1C: torch.Tensor, shift_B1C: torch.Tenso
     dtype = torch.get_autocast_dtype(device_type)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (ln_BLC, mul_B1C, shift_B1C)):
         return _Modulate.apply(ln_BLC, mul_B1C, shift_B1C, dtype)
-    return torch.addcmul(shift_B1C, ln_BLC, mul_B1C, out=ln_BLC.new_empty(ln_BLC.shape, dtype=dtype))
+    return _modulated(ln_BLC, mul_B1C, shift_B1C, dtype)
 
 
 class SelfAttention(nn.Module):
