@@ -148,6 +148,14 @@ def _autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
 
 
+def _own_backward(*tensors: torch.Tensor | None) -> bool:
+    """Whether a gradient will flow through any of ``tensors`` outside a compiled region: where this module's
+    autograd functions replace autograd's backward (dynamo traces the plain operations instead, and inductor fuses
+    their backward itself)."""
+    wanted = any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and wanted and not torch.compiler.is_compiling()
+
+
 def _scale_pieces(qkv: Sequence[torch.Tensor], ends: tuple[int, ...]):
     """Per scale: its queries and the keys and values of the scales up to it, views [B, H, *, c]."""
     q_BHLc, k_BHLc, v_BHLc = qkv
@@ -227,11 +235,10 @@ def scale_causal_attention(
     # Autocast casts SDPA's inputs at every call (the per-scale calls' key prefixes add up to 2.5x the keys) and
     # has no rule for flex_attention, which would run in float32 (the qkv bias promotes q, k and v): cast once.
     dtype = _autocast_dtype(q_BHLc.device.type, q_BHLc.dtype)
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHLc, k_BHLc, v_BHLc))
     # Dynamo cannot trace the Function's inner autograd.grad: a compiled block traces the plain slices instead,
     # and their backward is compiled with the rest of the block's. (The Function casts inside, keeping the
     # gradients' dtypes.)
-    if isinstance(mask, ScaleBlocks) and differentiable and not torch.compiler.is_compiling():
+    if isinstance(mask, ScaleBlocks) and _own_backward(q_BHLc, k_BHLc, v_BHLc):
         return _PerScaleAttention.apply(q_BHLc, k_BHLc, v_BHLc, mask.ends, scale, dtype)
     qkv = [q_BHLc.to(dtype), k_BHLc.to(dtype), v_BHLc.to(dtype)]
     if isinstance(mask, BlockMask):
@@ -285,8 +292,7 @@ def unit_vectors(x_BHLc: torch.Tensor, gain_1H11: torch.Tensor | None = None) ->
     """``F.normalize(x, dim=-1)`` [B, H, L, c], times ``gain_1H11`` if given, differentiated by ``_UnitVectors``
     when a gradient will flow (gradients equal up to rounding; with a gain the values too). Without a gradient,
     and in a compiled block (inductor fuses the backward anyway), F.normalize and a product, as published."""
-    wanted = any(t is not None and t.requires_grad for t in (x_BHLc, gain_1H11))
-    if torch.is_grad_enabled() and wanted and not torch.compiler.is_compiling():
+    if _own_backward(x_BHLc, gain_1H11):
         return _UnitVectors.apply(x_BHLc, gain_1H11)
     unit_BHLc = F.normalize(x_BHLc, dim=-1)
     return unit_BHLc if gain_1H11 is None else unit_BHLc * gain_1H11
@@ -342,7 +348,7 @@ def modulate(ln_BLC: torch.Tensor, mul_B1C: torch.Tensor, shift_B1C: torch.Tenso
     ):
         return ln_BLC * mul_B1C + shift_B1C
     dtype = torch.get_autocast_dtype(device_type)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (ln_BLC, mul_B1C, shift_B1C)):
+    if _own_backward(ln_BLC, mul_B1C, shift_B1C):
         return _Modulate.apply(ln_BLC, mul_B1C, shift_B1C, dtype)
     return _modulated(ln_BLC, mul_B1C, shift_B1C, dtype)
 
@@ -443,10 +449,9 @@ def residual_sum(x_BLC: torch.Tensor, h_BLC: torch.Tensor, gamma_B1C: torch.Tens
 class _AddBranch(torch.autograd.Function):
     """A block's residual ``x + h * gamma`` [B, L, C] (x float32, h the branch [B, L, C], gamma [B, 1, C],
     ``residual_sum``) with autograd's gradients of ``torch.addcmul`` bit for bit in fewer passes: h's gradient
-    ``grad * gamma`` is written
-    straight in h's dtype, where autograd wrote it in float32 and then cast it (to bf16 under autocast), and
-    gamma's, the sum over L of ``grad * h``, skips autograd's first pass over h, its product with addcmul's
-    scalar 1."""
+    ``grad * gamma`` is written straight in h's dtype, where autograd wrote it in float32 and then cast it (to
+    bf16 under autocast), and gamma's, the sum over L of ``grad * h``, skips autograd's first pass over h, its
+    product with addcmul's scalar 1."""
 
     @staticmethod
     def forward(ctx, x_BLC, h_BLC, gamma_B1C):
@@ -554,7 +559,7 @@ class AdaLNSelfAttn(nn.Module):
             gamma_B1C = self.drop_path(gamma_B1C, scale_B)
         if x_BLC.dtype != torch.float32 or torch.compiler.is_compiling():
             return torch.addcmul(x_BLC, h_BLC, gamma_B1C).to(x_BLC.dtype)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x_BLC, h_BLC, gamma_B1C)):
+        if _own_backward(x_BLC, h_BLC, gamma_B1C):
             return _AddBranch.apply(x_BLC, h_BLC, gamma_B1C)
         return residual_sum(x_BLC, h_BLC, gamma_B1C)
 
