@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainables.privacy import private_step
+from trainables.training import build_optimizer
 
 MIB = 1024**2
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +82,40 @@ HALF_TYPES = (torch.bfloat16, torch.float16)
 NO_DATA = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_"}
 # In-place ops that overwrite their output without reading it.
 WRITE_ONLY = {"normal_", "uniform_", "bernoulli_", "exponential_", "random_", "fill_", "zero_", "copy_"}
+# Factories that take a tensor for its shape, dtype and device only: they write their output, read nothing.
+SHAPE_ONLY = {
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "rand_like",
+    "randn_like",
+}
+
+
+# Arguments a schema marks as written that the kernel only reads when the keyword named is None: the fused
+# optimisers write the gradients only to unscale them by ``grad_scale``.
+READ_UNLESS = {"_fused_adamw_": ("grads", "grad_scale"), "_fused_adam_": ("grads", "grad_scale")}
+
+
+def _written_arguments(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an operation writes in place without returning them (``_fused_adamw_`` returns nothing and
+    updates its parameters and moments), from the schema's write annotations (``Tensor(a!)[]``)."""
+    schema = func._schema
+    if not schema.is_mutable:
+        return []
+    bound = dict(zip((a.name for a in schema.arguments), args)) | kwargs
+    read_only, unless = READ_UNLESS.get(func.__name__.split(".")[0], (None, None))
+    written = []
+    for argument in schema.arguments:
+        if not (argument.alias_info and argument.alias_info.is_write) or argument.name not in bound:
+            continue
+        if argument.name == read_only and bound.get(unless) is None:
+            continue
+        written += [t for t in tree_leaves(bound[argument.name]) if isinstance(t, torch.Tensor)]
+    return written
 
 
 def _distinct_bytes(t: torch.Tensor) -> int:
@@ -117,6 +152,12 @@ class Traffic(TorchDispatchMode):
         out = func(*args, **kwargs)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        returned = {t.untyped_storage().data_ptr() for t in outputs}
+        outputs += [
+            t
+            for t in _written_arguments(func, args, kwargs)
+            if t.untyped_storage().data_ptr() not in returned
+        ]
         mutable = func._schema.is_mutable
         held = {t.untyped_storage().data_ptr() for t in inputs}
         name = func.__name__.split(".")[0]
@@ -126,6 +167,7 @@ class Traffic(TorchDispatchMode):
         # An ``out=`` tensor is written, not read, as is the target of a fill or a copy.
         overwritten = name in WRITE_ONLY or "out" in kwargs
         read = [t for t in inputs if not (overwritten and t.untyped_storage().data_ptr() in written)]
+        read = [] if name in SHAPE_ONLY else read
         moved = sum(_distinct_bytes(t) for t in read + outputs)
         flops = self._flops(func, args, kwargs, out)
         floating = [t for t in inputs if t.is_floating_point()]
@@ -147,9 +189,11 @@ class Traffic(TorchDispatchMode):
 class CudaAutocast(TorchFunctionMode):
     """CUDA autocast's rules where CPU autocast's differ, replayed on a CPU under autocast, so that counts of a CPU
     step move the bytes a CUDA step would:
-    - ``Tensor.norm`` runs in float32. CPU autocast keeps a bf16 input's norm in bf16; on CUDA the input is
-      copied to float32, and the norm, and so the quotient ``F.normalize`` returns, is float32. (A mode sees
-      F.normalize whole, not the norm inside it, so F.normalize is run as CUDA autocast runs it.)
+    - ``Tensor.norm`` runs in float32. CPU autocast keeps a bf16 input's norm in bf16; CUDA autocast appends
+      ``dtype=torch.float32`` to the call (its ``fp32_append_dtype`` policy, ATen/autocast_mode.h: no cast of the
+      input; the reduction reads the bf16 entries), so the norm, and the quotient ``F.normalize`` returns, is
+      float32. (A mode sees F.normalize whole, not the norm inside it, so F.normalize is run as CUDA autocast
+      runs it.) Until 2026-12-05 this replay copied the input to float32 first, a copy CUDA does not make.
     - ``addcmul`` and ``addcdiv`` are promoted: CUDA autocast casts their floating inputs to the widest of their
       dtypes (a bf16 branch beside a float32 stream is copied to float32 in full), CPU autocast passes them
       through. Their ``out=`` forms pass through on both."""
@@ -163,8 +207,8 @@ class CudaAutocast(TorchFunctionMode):
         half = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dtype in HALF_TYPES
         if half and func is torch.nn.functional.normalize:
             return _normalize_with_float32_norm(*args, **kwargs)
-        if half and func in (torch.Tensor.norm, torch.norm):
-            return func(args[0].float(), *args[1:], **kwargs)
+        if half and func in (torch.Tensor.norm, torch.norm) and kwargs.get("dtype") is None:
+            return func(*args, **{**kwargs, "dtype": torch.float32})
         return func(*args, **kwargs)
 
 
@@ -180,7 +224,7 @@ def _promoted(args: tuple) -> tuple:
 
 def _normalize_with_float32_norm(x, p=2.0, dim=1, eps=1e-12, out=None):
     assert out is None
-    return x / x.float().norm(p, dim, keepdim=True).clamp_min(eps).expand_as(x)
+    return x / x.norm(p, dim, keepdim=True, dtype=torch.float32).clamp_min(eps).expand_as(x)
 
 
 _EMULATION = []  # the library registration must outlive the call that made it
@@ -271,7 +315,12 @@ def _measure(config: dict, *, depth: int) -> dict:
         rows=rows,
         bf16=config["precision"] == "bf16",
     )
-    optimizer = torch.optim.AdamW([p for p in var.parameters() if p.requires_grad], lr=1e-4)
+    # AdamW as trials build it on the device the row stands for: fused on a GPU (bf16), torch's default on a CPU.
+    fused = config["precision"] == "bf16"
+    try:
+        optimizer = build_optimizer(var, lr=1e-4, fused=fused)
+    except TypeError:  # code before 96d2061 (``--versus``) had no choice of kernel
+        optimizer = torch.optim.AdamW([p for p in var.parameters() if p.requires_grad], lr=1e-4, fused=fused)
     if config["dp"]:
         state = _private(var, optimizer, k=k, clipping="bookkeeping", rows=rows, examples=examples)
         state.module.linear_route = config.get("route", "auto")

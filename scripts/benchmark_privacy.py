@@ -65,6 +65,7 @@ def _adapted_var(method: str, *, depth: int, patch_nums, **layout):
         **layout,
     )
     adapt(var, MethodConfig(name=method), num_classes=CLASSES, seed=0)
+    var.attention_kernel = ResourcesConfig().training_attention_kernel  # the trials' default
     return var.train()
 
 

@@ -94,14 +94,39 @@ def test_traffic_counts_reads_writes_flops_and_the_roofline():
     assert traffic.roofline_s == pytest.approx(element_wise_s + cast_s + product_s, rel=1e-12)
 
 
-def test_traffic_reads_a_broadcast_operand_once_and_does_not_read_an_out_tensor():
+def test_traffic_reads_a_broadcast_operand_once_and_reads_no_out_tensor_or_shape_source():
     x = torch.ones(256, 1024)  # 1 MiB
     norm = torch.ones(256, 1)
     out = torch.empty(256, 1024, dtype=torch.bfloat16)
     with Traffic() as traffic:
         x / norm.expand_as(x)  # reads 1 MiB + 1 KiB (the expanded norm's 256 values), writes 1 MiB
         torch.div(x, norm, out=out)  # reads 1 MiB + 1 KiB, writes 0.5 MiB into out (not read)
-    assert traffic.bytes == 2 * MIB + 1024 + MIB + 1024 + MIB // 2
+        torch.zeros_like(x)  # x gives only its shape: writes 1 MiB
+        x.new_zeros(())  # writes 4 bytes
+    assert traffic.bytes == 2 * MIB + 1024 + MIB + 1024 + MIB // 2 + MIB + 4
+
+
+def test_fused_adamw_reads_four_and_writes_three_float32_tensors_per_parameter():
+    """The fused kernel returns nothing: its parameters and moments are written in place (the schema's ``a!``),
+    its gradients only read (they are written only to unscale them by a grad_scale). 28 bytes per parameter,
+    against the several passes of the default implementation."""
+    params = [torch.nn.Parameter(torch.ones(256, 1024)), torch.nn.Parameter(torch.ones(1024))]
+    count = sum(p.numel() for p in params)
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    moved = {}
+    for fused in (True, False):
+        optimizer = torch.optim.AdamW(params, lr=1e-3, fused=fused, foreach=False if not fused else None)
+        optimizer.step()  # the state
+        with Traffic() as traffic:
+            optimizer.step()
+        moved[fused] = traffic.bytes
+        if fused:  # beside the step counters' increment, one kernel reading them (4-byte scalars) too
+            assert traffic.by_op["_fused_adamw_.default"][:2] == [
+                1,
+                pytest.approx((28 * count + 4 * 2) / 1e9),
+            ]
+    assert moved[False] > 2 * moved[True]
 
 
 def test_cuda_autocast_norms_make_f_normalize_float32_as_cuda_autocast_does():
@@ -133,6 +158,24 @@ def test_unit_vectors_move_fewer_bytes_than_f_normalize_as_cuda_autocast_runs_it
         counted[name] = traffic
     assert counted["ours"].bytes < 0.5 * counted["F.normalize"].bytes
     assert counted["ours"].kernels < counted["F.normalize"].kernels
+
+
+def test_unit_vectors_in_the_attention_s_dtype_move_18_fewer_bytes_per_entry_as_cuda_autocast_runs_them():
+    """Forward: the quotient written in bf16 (2 bytes, not 4) and no cast of it (4 + 2): 8 (both norms read the
+    bf16 x, in float32, with no copy). Backward: no float32 copy of the gradient (2 + 4), and the bf16 gradient
+    read twice instead of the copy (2 + 2): 10. Per row, a few float32 scalars fewer or more."""
+    x_BHLc = torch.randn(2, 16, 680, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    upstream_BHLc = torch.randn(x_BHLc.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    moved = {}
+    for dtype in (None, torch.bfloat16):
+        x = x_BHLc.clone().requires_grad_()
+        with CudaAutocast(), Traffic() as traffic:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = unit_vectors(x, dtype=dtype).to(torch.bfloat16)  # the attention's cast (none for bf16)
+            y.backward(upstream_BHLc)
+        moved[dtype] = traffic.bytes
+    entries, rows = x_BHLc.numel(), x_BHLc.numel() // 64
+    assert abs(moved[None] - moved[torch.bfloat16] - 18 * entries) <= 4 * rows
 
 
 @pytest.mark.parametrize("dtype, saved_per_input", [(torch.bfloat16, 24), (torch.float32, 14)])
