@@ -394,10 +394,16 @@ def block_op_cases(device: torch.device, *, heads: int, batch: int) -> dict:
         for i, o in ((4 * width, width), (width, 3 * width))
     )
     return {
-        "keys: F.normalize": (lambda x: F.normalize(x, dim=-1), unit_vectors, [q], randn(*q.shape)),
-        "queries: F.normalize, then the gain": (
-            lambda x, a: F.normalize(x, dim=-1) * a,
-            unit_vectors,
+        # Both end in the dtype the attention takes q and k in (its autocast casts the published float32).
+        "keys: F.normalize, then the attention's cast": (
+            lambda x: F.normalize(x, dim=-1).to(torch.bfloat16),
+            lambda x: unit_vectors(x, dtype=torch.bfloat16),
+            [q],
+            randn(*q.shape),
+        ),
+        "queries: F.normalize, then the gain, then the attention's cast": (
+            lambda x, a: (F.normalize(x, dim=-1) * a).to(torch.bfloat16),
+            lambda x, a: unit_vectors(x, a, dtype=torch.bfloat16),
             [q, gain],
             randn(*q.shape),
         ),

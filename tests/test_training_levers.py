@@ -403,6 +403,35 @@ def test_per_scale_attention_accumulates_half_precision_gradients_in_float32():
     assert not torch.equal(v_BHLc.grad, bf16_sum)  # the test tells the two apart
 
 
+def test_per_scale_attention_writes_a_bf16_query_s_gradient_once_without_a_float32_buffer():
+    """Under autocast the unit queries and keys reach attention in bf16 (``unit_vectors(dtype=...)``). Each row of
+    q's gradient is one scale's: written straight into a bf16 buffer (the same bits as through float32), while
+    k's and v's, sums over scales, are accumulated in float32 and rounded once."""
+    ends = (1, 5, 14, 30, 55)
+    g = torch.Generator().manual_seed(4)
+    qkv = [torch.randn(2, 3, ends[-1], 8, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3)]
+    upstream_BHLc = torch.randn(2, 3, ends[-1], 8, generator=g).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_BHLc = kernel_attention(*qkv, ends, scale=0.3)
+    with _Recorder() as recorder:
+        out_BHLc.backward(upstream_BHLc)
+    pieces = list(_scale_pieces([t.detach() for t in qkv], ends))
+    expected_q = torch.cat(
+        [
+            torch.autograd.grad(
+                F.scaled_dot_product_attention(q.requires_grad_(), k, v, scale=0.3),
+                q,
+                upstream_BHLc[:, :, s:e],
+            )[0]
+            for (q, k, v), s, e in zip(pieces, (0, *ends[:-1]), ends, strict=True)
+        ],
+        dim=2,
+    )
+    assert all(t.grad.dtype == torch.bfloat16 for t in qkv) and torch.equal(qkv[0].grad, expected_q)
+    # k and v: one float32 copy each to start their sums; q: a bf16 buffer, no float32 one and no cast after it.
+    assert recorder.ops.count("new_empty.default") == 1 and recorder.ops.count("_to_copy.default") == 4
+
+
 def test_per_scale_attention_refuses_a_double_backward():
     """Its backward sums outside autograd; a create_graph backward would silently lose the second derivative."""
     ends = (1, 5, 14)
@@ -485,6 +514,33 @@ def test_unit_queries_with_the_gain_folded_in_equal_the_published_normalise_then
     tol = 2**-7 * largest if autocast else 1e-6 * largest
     torch.testing.assert_close(ours_grads[0].float(), published_grads[0].float(), rtol=0, atol=tol)
     torch.testing.assert_close(ours_grads[1], published_grads[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_gain", (False, True))
+def test_unit_vectors_in_the_attention_s_dtype_are_the_cast_of_the_float32_ones_with_the_same_gradients(
+    with_gain,
+):
+    """Under (CUDA's, replayed) autocast, a bf16 q or k normalised straight into bf16 gives the bits the attention's
+    cast of the float32 unit vectors gave, and, for the same bf16 gradient, bit for bit the gradients of x and of
+    the gain that came through the cast's backward (a float32 copy of that gradient). Fails for a bf16 product of
+    the gradient and x in the backward (rounded before its float32 sum), or a bf16 norm."""
+    g = torch.Generator().manual_seed(2)
+    x_BHLc = torch.randn(2, 3, 91, 16, generator=g).to(torch.bfloat16)
+    x_BHLc[0, 0, :3] = torch.tensor([0.0, 1e-14, 1e-12])[:, None]  # a zero row, a row below eps, one above
+    gain_1H11 = (torch.rand(1, 3, 1, 1, generator=g) * 10 + 1) if with_gain else None
+    upstream_BHLc = torch.randn(x_BHLc.shape, generator=g).to(torch.bfloat16)
+    results = []
+    for dtype in (None, torch.bfloat16):
+        x = x_BHLc.clone().requires_grad_()
+        gain = None if gain_1H11 is None else gain_1H11.clone().requires_grad_()
+        with CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y_BHLc = unit_vectors(x, gain, dtype=dtype).to(torch.bfloat16)  # the attention's cast
+        leaves = [t for t in (x, gain) if t is not None]
+        results.append((y_BHLc, *torch.autograd.grad(y_BHLc, leaves, upstream_BHLc)))
+    (cast, *cast_grads), (ours, *ours_grads) = results
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, cast)
+    assert all(torch.equal(o, c) for o, c in zip(ours_grads, cast_grads, strict=True))
+    assert ours_grads[0].dtype == torch.bfloat16
 
 
 def test_a_patched_head_scale_sees_its_own_call():
@@ -852,6 +908,46 @@ def test_a_tiny_var_trains_under_autocast_with_the_modulation_as_with_the_publis
     for name, expected in published_grads.items():
         scale = expected.abs().max()
         assert (grads[name] - expected).abs().max() <= 2**-6 * scale, name
+
+
+@pytest.mark.parametrize("autocast", (False, True))
+def test_unhooked_patch_modules_are_folded_with_the_numbers_of_their_calls(vqvae, autocast, monkeypatch):
+    """Full fine-tuning without DP: nothing hooks the patch modules holding the q/v biases and the queries' scale,
+    so the biases go into the qkv product and the gain into the normalisation, neither module called. Hooked (as
+    per-sample gradients hook them), each module is called. Loss and gradients as with the calls: float32 to its
+    rounding; under CPU bf16 autocast, to bf16 roundings (the bias added before the product's rounding, once)."""
+    from trainables.patches import HeadScale, QKVBias
+
+    label_B, idx_Bl = batch()
+    x_BLCv = vqvae.idxBl_to_var_input(idx_Bl).detach()
+    results = {}
+    for hooked in (True, False):
+        calls = []
+        var = adapted("full")
+        with torch.no_grad():  # the biases and scales off their zero and published starts
+            for name, p in var.named_parameters():
+                if name.endswith(("q_bias", "v_bias", "scale_mul_1H11")):
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+        for module in var.modules():
+            if isinstance(module, (QKVBias, HeadScale)) and hooked:
+                module.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        for cls in (QKVBias, HeadScale):
+            monkeypatch.setattr(
+                cls, "__call__", lambda self, *a, c=cls.__call__, calls=calls: calls.append(0) or c(self, *a)
+            )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits_BLV = var(label_B, x_BLCv, drop_path_uniform_BD=None)
+        loss = F.cross_entropy(logits_BLV.float().flatten(0, 1), torch.cat(idx_Bl, dim=1).flatten())
+        loss.backward()
+        monkeypatch.undo()
+        results[hooked] = (loss.detach(), gradients(var), calls)
+    blocks = TINY_VAR["depth"]
+    assert results[True][2].count(1) == 2 * blocks and results[False][2] == []
+    (loss, grads, _), (called_loss, called_grads, _) = results[False], results[True]
+    torch.testing.assert_close(loss, called_loss, rtol=1e-2 if autocast else 1e-6, atol=0)
+    for name, expected in called_grads.items():
+        scale = expected.abs().max()
+        assert (grads[name] - expected).abs().max() <= (2**-5 if autocast else 1e-5) * scale, name
 
 
 def test_compiled_blocks_give_the_eager_clipped_dp_step_with_bookkeeping(vqvae):

@@ -1,15 +1,19 @@
 """VAR: class-conditional next-scale prediction transformer (Tian et al. 2024).
 
 State-dict compatible with the official ``var_d{16,20,24,30}.pth``. Differences from the published code,
-numerically neutral for the same inputs except the last:
-- every linear layer is called as a module (LoRA and per-sample-gradient hooks see ``mat_qkv``; the q/v biases
-  are added after the module call instead of being fused into ``F.linear``);
+numerically neutral for the same inputs except the last two:
+- a linear layer that is wrapped (LoRA) or hooked (per-sample gradients) is called as a module, and then the q/v
+  biases are added after ``mat_qkv``'s call instead of being fused into ``F.linear`` (the published code's form,
+  kept where nothing would miss the call);
 - class dropout is not applied in ``forward`` (the training step applies it, once per example);
 - the KV cache is an explicit per-call object, not module state;
 - sampling takes a ``torch.Generator`` that advances across calls instead of re-seeding;
 - under autocast, AdaLN's modulated input to a linear layer comes in autocast's dtype, rounded once where the
   published expression rounds in float32 and then casts (``modulate``: a few entries in 10^5 differ, ours the
-  closer to the exact value).
+  closer to the exact value);
+- in training, the queries' gain multiplies x by gain / norm where the published code divides by the norm and then
+  multiplies (``unit_vectors``: a float32 rounding apart, a few bf16 queries in 10^6 one step), and under autocast
+  q's and k's norms are float32 on any device (CUDA autocast's; CPU autocast's are bf16).
 Shapes: B batch, L = sum(pn^2) tokens, C width, H heads, V codebook size, Cvae latent channels.
 """
 
@@ -148,6 +152,17 @@ def _autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
 
 
+def _unhooked(module: nn.Module) -> bool:
+    """No forward or backward hook on ``module`` (those of per-sample gradients: Opacus's, book-keeping's), so its
+    computation may be folded into a neighbour's without anything missing its call."""
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
 def _own_backward(*tensors: torch.Tensor | None) -> bool:
     """Whether a gradient will flow through any of ``tensors`` outside a compiled region: where this module's
     autograd functions replace autograd's backward (dynamo traces the plain operations instead, and inductor fuses
@@ -169,15 +184,16 @@ class _PerScaleAttention(torch.autograd.Function):
     Autograd's backward of a slice is a zero-filled gradient of the whole input: ten scales made 28 full-size
     [B, H, L, c] tensors per block (a whole-range slice makes none) and as many full-size adds, around attention
     kernels that compute far less. Here each scale's gradients are added into their ranges only. q, k and v are
-    cast once to ``dtype`` (autocast's, which SDPA would apply to every call's slices, 2.5x the keys); their
-    gradients are accumulated in float32 (or double) and returned in the inputs' own dtypes. Each scale's SDPA
+    cast once to ``dtype`` (autocast's, which SDPA would apply to every call's slices, 2.5x the keys); k's and v's
+    gradients are accumulated in float32 (or double), q's rows each written once, and all are returned in the
+    inputs' own dtypes. Each scale's SDPA
     graph is built in the forward and differentiated in the backward: nothing is recomputed and the same kernels
     run. No double backward (create_graph=True raises)."""
 
     @staticmethod
     def forward(ctx, q_BHLc, k_BHLc, v_BHLc, ends: tuple[int, ...], scale: float, dtype: torch.dtype):
         inputs = (q_BHLc, k_BHLc, v_BHLc)
-        ctx.dtypes, ctx.ends, ctx.graphs = [t.dtype for t in inputs], ends, []
+        ctx.dtypes, ctx.dtype, ctx.ends, ctx.graphs = [t.dtype for t in inputs], dtype, ends, []
         with torch.enable_grad():
             for pieces in _scale_pieces([t.detach().to(dtype) for t in inputs], ends):
                 leaves = [
@@ -198,8 +214,10 @@ class _PerScaleAttention(torch.autograd.Function):
         # A retained graph (Opacus's ghost clipping runs two backwards) keeps each scale's graph for the next;
         # otherwise their saved tensors go now, with the rest of this block's, not when the whole graph is freed.
         keep = torch._C._autograd._get_current_graph_task_keep_graph()
-        # Half-precision inputs (v under CUDA autocast) are accumulated in float32 and rounded once at the end.
+        # Half-precision k and v are accumulated in float32 and rounded once at the end. q's rows are each written
+        # once: its buffer, in the promotion of q's dtype and the attention's, holds the attention's gradients exactly.
         sums = [torch.promote_types(dtype, torch.float32) for dtype in ctx.dtypes]
+        sums[0] = torch.promote_types(ctx.dtypes[0], ctx.dtype)
         buffers: list[torch.Tensor | None] = [None, None, None]
         starts = (0, *ctx.ends[:-1])
         # Finest scale first: its keys and values span every row, so its gradients start k's and v's sums (no
@@ -253,19 +271,33 @@ NORMALIZE_EPS = 1e-12  # F.normalize's
 
 class _UnitVectors(torch.autograd.Function):
     """``F.normalize(x, dim=-1)`` [..., c] for training, times a per-head ``gain_1H11`` when one is given (the
-    queries' learned scale): forward the same norm (``Tensor.norm``, which CUDA autocast runs in float32, so a bf16
-    x gives float32 unit vectors there as F.normalize's do) and clamp, then the quotient (no gain: F.normalize's
-    bits) or one product by gain / norm (the published (x / norm) * gain up to a float32 rounding, one pass over x
-    instead of two). Backward: three passes over x's size where autograd makes about ten through the division by
-    an expanded norm (the quotient's two gradients, the norm's, their sum and, under autocast, a copy of x), and
-    three more for the gain's product; the gain's gradient is reduced from per-row sums."""
+    queries' learned scale): forward the same norm and clamp, then the quotient (no gain: F.normalize's bits) or
+    one product by gain / norm (the published (x / norm) * gain up to a float32 rounding, one pass over x instead
+    of two). Backward: three passes over x's size where autograd makes about ten through the division by an
+    expanded norm (the quotient's two gradients, the norm's and their sum), and three more for the gain's product;
+    the gain's gradient is reduced from per-row sums.
+
+    ``dtype`` None: the norm as ``Tensor.norm`` takes it (CUDA autocast: float32, so a bf16 x gives float32 unit
+    vectors there, as F.normalize's), and the result in that type. ``dtype`` given (the attention's autocast
+    dtype, which it casts q and k to): the norm in float32 from x's entries (as CUDA autocast takes it: its
+    ``fp32_append_dtype`` policy adds the dtype, no copy of x), and the result written in ``dtype``, rounded once
+    from float32 (the values the attention's cast gave). Its gradient then comes in ``dtype`` and is read as it comes, with the same
+    float32 arithmetic (the products of two bf16 numbers are exact in float32): where the float32 result's
+    gradient came through the cast's backward, which wrote a float32 copy of it, the same bits."""
 
     @staticmethod
-    def forward(ctx, x_BHLc, gain_1H11):
-        n_BHL1 = x_BHLc.norm(2, dim=-1, keepdim=True)
+    def forward(ctx, x_BHLc, gain_1H11, dtype: torch.dtype | None):
+        if dtype is None:
+            n_BHL1 = x_BHLc.norm(2, dim=-1, keepdim=True)
+        else:
+            norm_dtype = torch.promote_types(x_BHLc.dtype, torch.float32)
+            n_BHL1 = torch.linalg.vector_norm(x_BHLc, dim=-1, keepdim=True, dtype=norm_dtype)
         d_BHL1 = n_BHL1.clamp_min(NORMALIZE_EPS)
         ctx.save_for_backward(x_BHLc, n_BHL1, d_BHL1, gain_1H11)
-        return x_BHLc / d_BHL1 if gain_1H11 is None else x_BHLc * (gain_1H11 / d_BHL1)
+        out = None if dtype is None else x_BHLc.new_empty(x_BHLc.shape, dtype=dtype)
+        if gain_1H11 is None:
+            return torch.div(x_BHLc, d_BHL1, out=out)
+        return torch.mul(x_BHLc, gain_1H11 / d_BHL1, out=out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -273,7 +305,7 @@ class _UnitVectors(torch.autograd.Function):
         x_BHLc, n_BHL1, d_BHL1, gain_1H11 = ctx.saved_tensors
         # y = a x / d, d = max(|x|, eps): dx = a (g - x (g.x) / (d |x|)) / d where |x| > eps (there d = |x|),
         # a g / d elsewhere (d is the constant eps); da = sum of (g.x) / d over the head's rows.
-        gx_BHL1 = (grad_BHLc * x_BHLc).sum(-1, keepdim=True)
+        gx_BHL1 = _wide_products(grad_BHLc, x_BHLc, n_BHL1.dtype).sum(-1, keepdim=True)
         coef_BHL1 = torch.where(n_BHL1 > NORMALIZE_EPS, -gx_BHL1 / (d_BHL1 * d_BHL1), 0.0)
         rate_BHL1 = d_BHL1.reciprocal() if gain_1H11 is None else gain_1H11 / d_BHL1
         # The last pass scales and writes x's dtype at once (no float32 gradient and a cast after it).
@@ -285,15 +317,28 @@ class _UnitVectors(torch.autograd.Function):
             grad_gain = (
                 (gx_BHL1 / d_BHL1).sum((0, 2, 3), keepdim=True, dtype=torch.float32).to(gain_1H11.dtype)
             )
-        return grad_x, grad_gain
+        return grad_x, grad_gain, None
 
 
-def unit_vectors(x_BHLc: torch.Tensor, gain_1H11: torch.Tensor | None = None) -> torch.Tensor:
+def _wide_products(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a * b`` computed and written in ``dtype`` (float32 for bf16 operands, in which their products are exact),
+    without a copy of either operand in it: an ``addcmul`` onto a broadcast zero of ``dtype`` computes in that
+    type (a plain product of two bf16 tensors rounds to bf16). ``out=``: CUDA autocast would copy the operands."""
+    if torch.promote_types(a.dtype, b.dtype) == dtype:
+        return a * b
+    zero = a.new_zeros((), dtype=dtype).expand(a.shape)
+    return torch.addcmul(zero, a, b, out=a.new_empty(a.shape, dtype=dtype))
+
+
+def unit_vectors(
+    x_BHLc: torch.Tensor, gain_1H11: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``F.normalize(x, dim=-1)`` [B, H, L, c], times ``gain_1H11`` if given, differentiated by ``_UnitVectors``
-    when a gradient will flow (gradients equal up to rounding; with a gain the values too). Without a gradient,
-    and in a compiled block (inductor fuses the backward anyway), F.normalize and a product, as published."""
+    when a gradient will flow (gradients equal up to rounding; with a gain the values too), and then written in
+    ``dtype`` if given (the attention's autocast dtype; see ``_UnitVectors``). Without a gradient, and in a
+    compiled block (inductor fuses the backward anyway), F.normalize and a product, as published."""
     if _own_backward(x_BHLc, gain_1H11):
-        return _UnitVectors.apply(x_BHLc, gain_1H11)
+        return _UnitVectors.apply(x_BHLc, gain_1H11, dtype)
     unit_BHLc = F.normalize(x_BHLc, dim=-1)
     return unit_BHLc if gain_1H11 is None else unit_BHLc * gain_1H11
 
@@ -378,11 +423,13 @@ class SelfAttention(nn.Module):
         self, x_BLC: torch.Tensor, *, attn_mask: AttentionMask, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
         B, L, C = x_BLC.shape
-        qkv_BL3Hc = self.add_qkv_bias(self.mat_qkv(x_BLC)).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv_BL3Hc = self.qkv_with_bias(x_BLC).view(B, L, 3, self.num_heads, self.head_dim)
         q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:
-            q_BHLc = self.unit_queries(q_BHLc)
-            k_BHLc = unit_vectors(k_BHLc)
+            # Under autocast, written in the dtype the attention takes them in (None: as F.normalize's).
+            dtype = _autocast_dtype(x_BLC.device.type, None)
+            q_BHLc = self.unit_queries(q_BHLc, dtype=dtype)
+            k_BHLc = unit_vectors(k_BHLc, dtype=dtype)
         if kv_cache is not None:
             k_BHLc, v_BHLc = kv_cache.extend(k_BHLc, v_BHLc)
         out_BHLc = scale_causal_attention(q_BHLc, k_BHLc, v_BHLc, mask=attn_mask, scale=self.scale)
@@ -401,16 +448,14 @@ class SelfAttention(nn.Module):
         return self.proj(out_BHlc.transpose(1, 2).reshape(B, l, C))
 
     def qkv_with_bias(self, x_BlC: torch.Tensor) -> torch.Tensor:
-        """``add_qkv_bias(mat_qkv(x))`` [B, l, 3C]. When ``mat_qkv`` is a plain, unhooked Linear and no patch fills
-        ``qkv_bias``, the bias goes into the product itself (one addmm instead of a matmul and an add over 3C);
-        otherwise the modules are called, so LoRA layers, hooks and patches see the call."""
-        mat = self.mat_qkv
-        if (
-            self.qkv_bias is None
-            and type(mat) is nn.Linear
-            and not (mat._forward_hooks or mat._forward_pre_hooks)
-        ):
-            bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        """``add_qkv_bias(mat_qkv(x))`` [B, l, 3C]. When ``mat_qkv`` is a plain Linear and neither it nor the patch
+        module holding the biases (if one does) is hooked, the bias goes into the product itself, as the published
+        code's ``F.linear`` adds it (one addmm instead of a matmul and an add over 3C); otherwise the modules are
+        called, so LoRA layers and the hooks of per-sample gradients see their calls."""
+        mat, biases = self.mat_qkv, self.qkv_bias
+        if type(mat) is nn.Linear and _unhooked(mat) and (biases is None or _unhooked(biases)):
+            owner = self if biases is None else biases
+            bias_3C = torch.cat((owner.q_bias, self.zero_k_bias, owner.v_bias))
             return F.linear(x_BlC, mat.weight, bias_3C.to(mat.weight.dtype))
         return self.add_qkv_bias(mat(x_BlC))
 
@@ -423,13 +468,16 @@ class SelfAttention(nn.Module):
             return self.qkv_bias(qkv_BL3C)
         return qkv_BL3C + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(qkv_BL3C.dtype)
 
-    def unit_queries(self, q_BHLc: torch.Tensor) -> torch.Tensor:
+    def unit_queries(self, q_BHLc: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``: with a gradient, the gain
-        folded into the normalisation (``unit_vectors``) when this module owns it; a patch's ``head_scale`` must
-        see its own call, for per-sample gradients."""
-        if self.head_scale is not None:
-            return self.head_scale(unit_vectors(q_BHLc))
-        return unit_vectors(q_BHLc, query_gain(self.scale_mul_1H11))
+        folded into the normalisation (``unit_vectors``, the result in ``dtype`` if given), unless a patch's
+        ``head_scale`` holds the scale and is hooked: per-sample gradients need its own call (its input is then
+        F.normalize's: float32 under CUDA autocast)."""
+        scale = self.head_scale
+        if scale is not None and not _unhooked(scale):
+            return scale(unit_vectors(q_BHLc))
+        owner = self if scale is None else scale
+        return unit_vectors(q_BHLc, query_gain(owner.scale_mul_1H11), dtype=dtype)
 
 
 class SharedAdaLin(nn.Linear):
