@@ -172,6 +172,10 @@ def _numbers(value, path: str = ""):
 
 
 def _proportional(values: list[float], to: list[int]) -> bool:
+    # Only the sizes the values are compared with count: two equal values beside two equal batch sizes reveal
+    # nothing (a tiny model's class accuracy of 0.1 at both convergence points, when the first two Poisson batches
+    # drew the same size, about 1 run in 20, was once taken for a leak).
+    to = to[: len(values)]
     if len(values) < 2 or len(set(to)) < 2 or any(t == 0 for t in to):
         return False
     ratio = values[0] / to[0]
