@@ -281,9 +281,9 @@ class _UnitVectors(torch.autograd.Function):
     vectors there, as F.normalize's), and the result in that type. ``dtype`` given (the attention's autocast
     dtype, which it casts q and k to): the norm in float32 from x's entries (as CUDA autocast takes it: its
     ``fp32_append_dtype`` policy adds the dtype, no copy of x), and the result written in ``dtype``, rounded once
-    from float32 (the values the attention's cast gave). Its gradient then comes in ``dtype`` and is read as it comes, with the same
-    float32 arithmetic (the products of two bf16 numbers are exact in float32): where the float32 result's
-    gradient came through the cast's backward, which wrote a float32 copy of it, the same bits."""
+    from float32 (the values the attention's cast gave). Its gradient then comes in ``dtype`` and is read as it
+    comes, with the same float32 arithmetic (the products of two bf16 numbers are exact in float32): where the
+    float32 result's gradient came through the cast's backward, which wrote a float32 copy of it, the same bits."""
 
     @staticmethod
     def forward(ctx, x_BHLc, gain_1H11, dtype: torch.dtype | None):
