@@ -2,18 +2,18 @@
 
 State-dict compatible with the official ``var_d{16,20,24,30}.pth``. Differences from the published code,
 numerically neutral for the same inputs except the last two:
-- a linear layer that is wrapped (LoRA) or hooked (per-sample gradients) is called as a module, and then the q/v
-  biases are added after ``mat_qkv``'s call instead of being fused into ``F.linear`` (the published code's form,
-  kept where nothing would miss the call);
+- a linear layer that is wrapped (LoRA) or hooked (per-sample gradients) is called as a module, and then the
+  q/v biases are added after ``mat_qkv``'s call instead of being fused into ``F.linear`` (the published code's
+  form, kept where nothing would miss the call);
 - class dropout is not applied in ``forward`` (the training step applies it, once per example);
 - the KV cache is an explicit per-call object, not module state;
 - sampling takes a ``torch.Generator`` that advances across calls instead of re-seeding;
 - under autocast, AdaLN's modulated input to a linear layer comes in autocast's dtype, rounded once where the
   published expression rounds in float32 and then casts (``modulate``: a few entries in 10^5 differ, ours the
   closer to the exact value);
-- in training, the queries' gain multiplies x by gain / norm where the published code divides by the norm and then
-  multiplies (``unit_vectors``: a float32 rounding apart, a few bf16 queries in 10^6 one step), and under autocast
-  q's and k's norms are float32 on any device (CUDA autocast's; CPU autocast's are bf16).
+- in training, the queries' gain multiplies x by gain / norm where the published code divides by the norm and
+  then multiplies (``unit_vectors``: a float32 rounding apart, a few bf16 queries in 10^6 one step), and under
+  autocast q's and k's norms are float32 on any device (CUDA autocast's; CPU autocast's are bf16).
 Shapes: B batch, L = sum(pn^2) tokens, C width, H heads, V codebook size, Cvae latent channels.
 """
 
