@@ -454,10 +454,13 @@ class SelfAttention(nn.Module):
         called, so LoRA layers and the hooks of per-sample gradients see their calls."""
         mat, biases = self.mat_qkv, self.qkv_bias
         if type(mat) is nn.Linear and _unhooked(mat) and (biases is None or _unhooked(biases)):
-            owner = self if biases is None else biases
-            bias_3C = torch.cat((owner.q_bias, self.zero_k_bias, owner.v_bias))
-            return F.linear(x_BlC, mat.weight, bias_3C.to(mat.weight.dtype))
+            return F.linear(x_BlC, mat.weight, self.biases_3C().to(mat.weight.dtype))
         return self.add_qkv_bias(mat(x_BlC))
+
+    def biases_3C(self) -> torch.Tensor:
+        """(q_bias, 0, v_bias) [3C] from whichever module holds them (this one, or a patch's ``qkv_bias``)."""
+        owner = self if self.qkv_bias is None else self.qkv_bias
+        return torch.cat((owner.q_bias, self.zero_k_bias, owner.v_bias))
 
     # The two uses of this module's own parameters go through a submodule when one fills the slot (it then owns
     # the parameters, for per-sample gradients), with the same numbers.
@@ -466,7 +469,7 @@ class SelfAttention(nn.Module):
         them (a float32 bias would promote q, k and v to float32, twice the bytes through the norms and casts)."""
         if self.qkv_bias is not None:
             return self.qkv_bias(qkv_BL3C)
-        return qkv_BL3C + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(qkv_BL3C.dtype)
+        return qkv_BL3C + self.biases_3C().to(qkv_BL3C.dtype)
 
     def unit_queries(self, q_BHLc: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``: with a gradient, the gain
