@@ -95,6 +95,10 @@ SHAPE_ONLY = {
 }
 
 
+# Products that add beta x ``self`` to their result.
+ACCUMULATING = {"addmm", "baddbmm", "addbmm", "addmv"}
+
+
 # Arguments a schema marks as written that the kernel only reads when the keyword named is None: the fused
 # optimisers write the gradients only to unscale them by ``grad_scale``.
 READ_UNLESS = {"_fused_adamw_": ("grads", "grad_scale"), "_fused_adam_": ("grads", "grad_scale")}
@@ -164,9 +168,18 @@ class Traffic(TorchDispatchMode):
         if name in NO_DATA or (not mutable and all(t.untyped_storage().data_ptr() in held for t in outputs)):
             return out  # an allocation, a view or other metadata: no kernel moves data
         written = {t.untyped_storage().data_ptr() for t in outputs}
-        # An ``out=`` tensor is written, not read, as is the target of a fill or a copy.
-        overwritten = name in WRITE_ONLY or "out" in kwargs
-        read = [t for t in inputs if not (overwritten and t.untyped_storage().data_ptr() in written)]
+        # An ``out=`` tensor is written, not read, as is the target of a fill or a copy; a product accumulating
+        # into its ``out=`` (``beta`` != 0, ``out`` is ``self``) reads it once, as ``self``; in place with
+        # ``beta`` 0, it only writes ``self``.
+        product = name.removesuffix("_") in ACCUMULATING
+        accumulates = product and kwargs.get("beta", 1) != 0
+        overwritten = (
+            name in WRITE_ONLY
+            or ("out" in kwargs and not accumulates)
+            or (product and name.endswith("_") and not accumulates)
+        )
+        operands = [t for t in tree_leaves((args, kwargs | {"out": None})) if isinstance(t, torch.Tensor)]
+        read = [t for t in operands if not (overwritten and t.untyped_storage().data_ptr() in written)]
         read = [] if name in SHAPE_ONLY else read
         moved = sum(_distinct_bytes(t) for t in read + outputs)
         flops = self._flops(func, args, kwargs, out)
@@ -230,16 +243,29 @@ def _normalize_with_float32_norm(x, p=2.0, dim=1, eps=1e-12, out=None):
 _EMULATION = []  # the library registration must outlive the call that made it
 
 
-def emulate_cuda_kernels() -> None:
-    """Run book-keeping as it runs on CUDA, on the CPU's kernels: bf16 products and one-pass norms (the
-    native-half path), a CPU kernel for bmm's float32-output overload (CUDA's only), and, in code older than the
-    native-half path, its CUDA branch of ``_matmul_f32`` taken for CPU tensors too. Counts, not times, are what
-    such a run is for."""
-    from trainables import bookkeeping
-
+def cuda_products_library() -> torch.library.Library:
+    """CPU kernels for CUDA's float32-output bmm and baddbmm (products with float32 output from bf16 operands):
+    alive while the returned registration is."""
     library = torch.library.Library("aten", "IMPL")
     library.impl("bmm.dtype", lambda x, y, out_dtype: torch.bmm(x.to(out_dtype), y.to(out_dtype)), "CPU")
-    _EMULATION.append(library)
+    library.impl("baddbmm.dtype_out", _baddbmm_dtype_out, "CPU")
+    return library
+
+
+def _baddbmm_dtype_out(acc, x, y, out_dtype, *, beta=1, alpha=1, out):
+    """CUDA's float32-output baddbmm into ``out`` (CUDA accumulates into ``out`` itself: ``acc`` is ``out``)."""
+    assert out.data_ptr() == acc.data_ptr() or beta == 0
+    return out.baddbmm_(x.to(out_dtype), y.to(out_dtype), beta=beta, alpha=alpha)
+
+
+def emulate_cuda_kernels() -> None:
+    """Run book-keeping as it runs on CUDA, on the CPU's kernels: bf16 products and one-pass norms (the
+    native-half path), CPU kernels for the float32-output overloads of bmm and baddbmm (CUDA's only), and, in code
+    older than the native-half path, its CUDA branch of ``_matmul_f32`` taken for CPU tensors too. Counts, not
+    times, are what such a run is for."""
+    from trainables import bookkeeping
+
+    _EMULATION.append(cuda_products_library())
     if hasattr(bookkeeping, "NATIVE_HALF_DEVICES"):
         bookkeeping.NATIVE_HALF_DEVICES = ("cuda", "cpu")
         bookkeeping.NATIVE_FLOAT32_OUTPUT["cpu"] = True
@@ -255,8 +281,12 @@ def emulate_cuda_kernels() -> None:
 
 
 def _held_bytes(var: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Parameters, buffers, the optimiser's state and what modules keep between steps (LoRA layers' casts of their
+    frozen base, ``LoraLinear._base_output``)."""
     tensors = list(var.parameters()) + list(var.buffers())
     tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    kept = [getattr(m, "_frozen_cast", None) or {} for m in var.modules()]
+    tensors += [t for cast in kept for t in (cast.get("weight"), cast.get("bias")) if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -533,7 +533,9 @@ class Models:
 def store_frozen_linear_weights_in_bf16(var: nn.Module) -> int:
     """Store the frozen weights (and biases) of every linear layer in bf16, so bf16 autocast stops casting them
     on every forward (it caches casts of trainable leaves only); returns how many layers. A lever measured
-    here only: trials keep float32 weights."""
+    here only: trials keep float32 weights, and LoRA's layers keep their bf16 cast between steps instead
+    (``LoraLinear._base_output``), so beside them this row measures the frozen layers LoRA does not wrap and
+    the memory of the float32 copies."""
     count = 0
     for module in var.modules():
         if isinstance(module, nn.Linear) and not module.weight.requires_grad:
@@ -773,7 +775,8 @@ def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, bf16: bool, 
 def norm_errors(device: torch.device, dtype: torch.dtype, *, examples: int = 4) -> dict:
     """Largest relative error of book-keeping's squared per-example norms of a VAR-d16 qkv layer (1024 -> 3072, 680
     positions) against float64, per route, as this device computes them (on CUDA: one-pass reductions and float32-
-    output products, which the CPU suite cannot run). A kept gradient's norm is checked against its stored values."""
+    output products, which the CPU suite cannot run). A kept gradient's norm is checked against its stored values;
+    its clipped sum, added into noise by one float32-output product, against float64."""
     from trainables import bookkeeping
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -787,11 +790,26 @@ def norm_errors(device: torch.device, dtype: torch.dtype, *, examples: int = 4) 
     kept_sq_B, kept_Boi = bookkeeping._direct_norms(
         a_BTi, g_BTo, 1, keep_as=bookkeeping._kept_dtype(a_BTi, g_BTo)
     )
+    c_B = torch.rand(examples, device=device, generator=g)
+    weights_B = bookkeeping.bfloat16_toward_zero(c_B) if kept_Boi.dtype == torch.bfloat16 else c_B
+    noise_oi = torch.randn(kept_Boi.shape[1:], device=device, generator=g)
+    noised_oi = noise_oi.clone()
+    bookkeeping.add_term(noised_oi, bookkeeping.WeightedRows(weights_B, kept_Boi), alpha=0.5)
+    clipped_oi = 0.5 * torch.einsum("b,boi->oi", weights_B.double(), kept_Boi.double())
+    want_oi = noise_oi.double() + clipped_oi
+    # ``formed`` (no noise: ranks > 0) writes over an uninitialised output with beta 0: its content must not count
+    over_nan_oi = torch.full_like(noise_oi, float("nan"))
+    bookkeeping._weighted_rows_into(
+        over_nan_oi, bookkeeping.WeightedRows(weights_B, kept_Boi), alpha=0.5, beta=0.0
+    )
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "gram": error(bookkeeping._gram_norms(a_BTi, g_BTo, 1), exact_B),
         "direct": error(bookkeeping._direct_norms(a_BTi, g_BTo, 1, keep_as=None)[0], exact_B),
         "direct_kept": error(kept_sq_B, kept_Boi.double().square().sum((1, 2))),
+        "noised_sum": ((noised_oi.double() - want_oi).norm() / want_oi.norm()).item(),
+        "sum_over_nan": ((over_nan_oi.double() - clipped_oi).norm() / clipped_oi.norm()).item(),
+        "float32_output_products": bookkeeping.NATIVE_FLOAT32_OUTPUT.get(device.type, False),
     }
 
 
@@ -1307,7 +1325,10 @@ def report(data: dict, *, command: str) -> str:
         ]
     lines += [
         f"Squared per-example norms against float64 ({r['dtype']} operands, 1024 -> 3072, 680 positions), largest "
-        f"relative error: Gram {r['gram']:.1e}, direct {r['direct']:.1e}, direct kept {r['direct_kept']:.1e}."
+        f"relative error: Gram {r['gram']:.1e}, direct {r['direct']:.1e}, direct kept {r['direct_kept']:.1e}; "
+        f"the kept gradients' clipped sum added into noise: {r.get('noised_sum', float('nan')):.1e}, written over "
+        f"NaN with beta 0: {r.get('sum_over_nan', float('nan')):.1e} (relative L2, float32-output products: "
+        f"{r.get('float32_output_products', '-')})."
         for r in data.get("norm_accuracy", [])
     ]
     lines += profile_tables(data.get("profiles", []))

@@ -23,9 +23,11 @@ from benchmark_dp_memory import (
     Traffic,
     _phased,
     configurations,
+    cuda_products_library,
     table,
 )
 
+from trainables import bookkeeping
 from trainables.models.var import AdaLNSelfAttn, modulate, unit_vectors
 
 MIB = 1024**2
@@ -129,6 +131,57 @@ def test_fused_adamw_reads_four_and_writes_three_float32_tensors_per_parameter()
     assert moved[False] > 2 * moved[True]
 
 
+@pytest.fixture
+def cuda_products(monkeypatch):
+    """CUDA's float32-output products replayed on the CPU, and book-keeping's use of them, for one test."""
+    library = cuda_products_library()
+    monkeypatch.setitem(bookkeeping.NATIVE_FLOAT32_OUTPUT, "cpu", True)
+    monkeypatch.setattr(bookkeeping, "_PROBED", set())
+    assert bookkeeping._accumulates_float32(torch.device("cpu"))  # probed here, outside the counts
+    yield
+    library._destroy()
+
+
+def test_the_noise_takes_kept_gradients_clipped_sum_in_one_pass(cuda_products):
+    """DP-SGD's noised mean on a kept bf16 per-example gradient (B examples, J entries): the noise written once,
+    then read and written once by the product that adds the clipped sum (the gradients read once): 12 bytes per
+    entry beside the gradients' 2 B, where two float32 parts added one by one moved 36. The value is the upcast
+    product's."""
+    examples, entries = 8, 256 * 1024
+    rows_B = torch.randn(examples, entries).bfloat16()
+    term = bookkeeping.WeightedRows(bookkeeping.bfloat16_toward_zero(torch.rand(examples)), rows_B)
+    with Traffic() as traffic:
+        grad = torch.normal(0.0, 1.0, size=(entries,), generator=torch.Generator().manual_seed(0))
+        bookkeeping.add_term(grad, term, alpha=0.25)
+    assert bookkeeping.NATIVE_FLOAT32_OUTPUT["cpu"]  # the float32-output product ran, no fallback
+    assert traffic.kernels == 2
+    assert traffic.bytes == 12 * entries + 2 * examples * entries + 2 * examples
+    noise = torch.normal(0.0, 1.0, size=(entries,), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(grad, noise + 0.25 * (term.weights_B.float() @ rows_B.float()))
+
+
+def test_outer_products_go_into_the_noise_in_one_pass():
+    """A weight whose per-example gradients were not kept (its rows' weighted outer products): added into the noise
+    by one float32 product that reads and writes the noise once (8 bytes per entry), where forming the product
+    (4, written over an uninitialised output: nothing read) and adding it (4 + 4 + 4) moved 16."""
+    out_features, in_features, rows = 512, 256, 8
+    term = bookkeeping.WeightedOuterProducts(
+        torch.rand(rows), torch.randn(rows, out_features).bfloat16(), torch.randn(rows, in_features)
+    )
+    moved, sums = [], []
+    for fused in (False, True):
+        noise = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
+        with Traffic() as traffic:
+            if fused:
+                bookkeeping.add_term(noise, term, alpha=0.5)
+            else:
+                noise.add_(bookkeeping.formed([term]), alpha=0.5)
+        moved.append(traffic.bytes)
+        sums.append(noise)
+    assert moved[0] - moved[1] == 8 * out_features * in_features
+    torch.testing.assert_close(sums[1], sums[0])
+
+
 def test_cuda_autocast_norms_make_f_normalize_float32_as_cuda_autocast_does():
     x = torch.randn(2, 3, 5, 8).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -178,15 +231,45 @@ def test_unit_vectors_in_the_attention_s_dtype_move_18_fewer_bytes_per_entry_as_
     assert abs(moved[None] - moved[torch.bfloat16] - 18 * entries) <= 4 * rows
 
 
+@pytest.mark.parametrize("gain_trained, saved_per_entry", [(False, 16), (True, 18)])
+def test_a_hooked_head_scale_writes_the_attention_s_dtype_and_moves_fewer_bytes(
+    gain_trained, saved_per_entry
+):
+    """DP hooks the queries' scale (``HeadScale``), so its product is not folded into the normalisation. Its
+    float32 unit queries times the gain, written in bf16: forward 2 bytes written instead of 4, and no cast
+    (4 + 2): 8; backward no float32 copy of the bf16 gradient (2 + 4) and that gradient read as bf16 (2, not 4):
+    8; the gain's gradient, where autograd forms it (Opacus's hooks; book-keeping freezes the gain during its
+    backward), reads the bf16 gradient too: 2 more."""
+    from trainables.models.var import scaled
+
+    g = torch.Generator().manual_seed(0)
+    x_BHLc = torch.randn(2, 16, 680, 64, generator=g)
+    gain_1H11 = torch.rand(1, 16, 1, 1, generator=g) + 1
+    upstream_BHLc = torch.randn(x_BHLc.shape, generator=g).to(torch.bfloat16)
+    moved = {}
+    for dtype in (None, torch.bfloat16):
+        x, gain = x_BHLc.clone().requires_grad_(), gain_1H11.clone().requires_grad_(gain_trained)
+        with Traffic() as traffic:
+            y = scaled(x, gain, dtype=dtype).to(torch.bfloat16)  # the attention's cast (none for bf16)
+            y.backward(upstream_BHLc)
+        moved[dtype] = traffic.bytes
+    assert moved[None] - moved[torch.bfloat16] == saved_per_entry * x_BHLc.numel()
+
+
 @pytest.mark.parametrize("dtype, saved_per_input", [(torch.bfloat16, 24), (torch.float32, 14)])
-def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input):
+@pytest.mark.parametrize("hooked, summed_per_output", [(True, 0), (False, 4)])
+def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input, hooked, summed_per_output):
     """Bytes per input entry saved under autocast. A bf16 input (fc2's, proj's): peft's layer casts it to float32
     and autocast casts it back, each cast with a backward (2 + 4 and 4 + 2 bytes each way: 24). A float32 input
     (mat_qkv's, fc1's): autocast casts it once for the base layer and once for the adapter (4 + 2), and the
     backward casts both gradients (2 + 4 each) and sums them in float32 (4 + 4 + 4); varsweep's casts once each
     way and adds the bf16 gradient into the other in place (4 + 2 + 4): 14. Per output entry, 8 bytes: peft
-    scales the full-width product forward and backward, varsweep the rank-r one."""
+    scales the full-width product forward and backward, varsweep the rank-r one; and where nothing hooks
+    ``lora_B`` (no DP), 4 more: the base output read as the adapter product's addend (2) instead of that product
+    written (2) and both read and the sum written by an add (6)."""
     stock, ours = lora_twins(32.0)
+    if hooked:
+        ours.lora_B["default"].register_forward_hook(lambda *_: None)
     x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2)).to(dtype)
     tokens, rank = 3 * 7, 4
     counted = {}
@@ -200,8 +283,28 @@ def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input):
             y.backward(torch.ones_like(y))
         counted[name] = traffic
     saved = saved_per_input * tokens * layer.in_features + 8 * tokens * (layer.out_features - rank)
+    saved += summed_per_output * tokens * layer.out_features
     assert counted["stock"].bytes - counted["ours"].bytes == saved
     assert counted["ours"].kernels < counted["stock"].kernels
+
+
+def test_later_steps_do_not_cast_a_frozen_base_weight():
+    """Counted under autocast: from the second call on, the base weight [40, 24] and bias [40] are not read in
+    float32 and written in bf16 (4 + 2 bytes each), one kernel each fewer."""
+    _, ours = lora_twins(32.0)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2))
+    counted = []
+    for _ in range(2):
+        for p in ours.parameters():
+            p.grad = None  # no accumulation into the last step's
+        with Traffic() as traffic:
+            x_in = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = ours(x_in.view_as(x_in))
+            y.backward(torch.ones_like(y))
+        counted.append(traffic)
+    assert counted[0].bytes - counted[1].bytes == 6 * (40 * 24 + 40)
+    assert counted[0].kernels - counted[1].kernels == 2
 
 
 def test_adaln_modulation_moves_28_fewer_bytes_per_entry_under_autocast():

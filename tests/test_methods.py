@@ -310,15 +310,102 @@ def _lora_step(layer: nn.Module, x: torch.Tensor, *, autocast: bool) -> list[tor
 @pytest.mark.parametrize(
     "autocast, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)]
 )
-def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dtype):
+@pytest.mark.parametrize("hooked", [True, False])
+def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dtype, hooked):
     """rank 4, alpha 32: scaling 8, where moving it to the rank side changes no rounding. A bf16 input under
-    autocast (fc2's and proj's) is the case where peft made a float32 copy: the same values without it."""
+    autocast (fc2's and proj's) is the case where peft made a float32 copy: the same values without it. With
+    ``lora_B`` hooked (DP's per-sample gradients) the layer calls it: bit for bit. Unhooked, the base output is
+    added inside the adapter's product: the gradients bit for bit, the output within float32's rounding or one
+    bf16 step of its largest entry (rounded once, not twice; see the next test)."""
     stock, ours = lora_twins(32.0)
+    if hooked:
+        ours.lora_B["default"].register_forward_hook(lambda *_: None)
     x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2)).to(dtype)
     theirs, mine = _lora_step(stock, x, autocast=autocast), _lora_step(ours, x, autocast=autocast)
     assert len(mine) == 4  # output, input, lora_A and lora_B gradients
-    for a, b in zip(theirs, mine):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert all(a.dtype == b.dtype for a, b in zip(theirs, mine, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(theirs[1:], mine[1:]))
+    if hooked:
+        assert torch.equal(theirs[0], mine[0])
+    elif autocast:  # peft's rounding of the adapter's product alone: up to one bf16 step of the addends' size
+        largest = theirs[0].float().abs().max()
+        assert (theirs[0].float() - mine[0].float()).abs().max() <= torch.finfo(torch.bfloat16).eps * largest
+    else:
+        torch.testing.assert_close(mine[0], theirs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_lora_layer_adds_the_base_output_inside_the_adapter_s_product_rounding_once():
+    """Under bf16 autocast, unhooked: the output is the bf16 rounding of base + (A x s) B^T (float32 accumulation),
+    closer to the exact sum of the same bf16 operands than peft's, which rounds the adapter's product first."""
+    stock, ours = lora_twins(32.0)
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs, mine = stock(x), ours(x)
+        base = ours.base_layer(x)
+        a = ours.lora_A["default"](x) * ours.scaling["default"]
+    exact = base.double() + a.double() @ ours.lora_B["default"].weight.bfloat16().double().T
+    step = torch.finfo(torch.bfloat16).eps * exact.abs()
+    assert ((mine.double() - exact).abs() <= step / 2 * (1 + 1e-3)).all()  # the sum rounded once
+    assert (mine.double() - exact).abs().mean() < (theirs.double() - exact).abs().mean()
+
+
+def test_a_frozen_base_weight_is_cast_once_and_recast_when_it_changes():
+    """Under autocast the frozen base's bf16 cast is kept between calls (autocast would cast it at every call):
+    later steps give the first step's outputs and gradients bit for bit, with no cast of the weight; an in-place
+    update, a state-dict load, a merge and an unmerge (peft writes those through ``.data``), and a new storage
+    each give the new weights' output; a move and a copy drop the cast; inference mode keeps nothing."""
+    stock, ours = lora_twins(32.0)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2))
+    first = _lora_step(ours, x, autocast=True)
+    cast = ours._frozen_cast
+    assert (
+        cast is not None
+        and cast["weight"].dtype == torch.bfloat16
+        and torch.equal(cast["weight"], ours.base_layer.weight.bfloat16())
+    )
+    for _ in range(2):
+        for p in ours.parameters():
+            p.grad = None
+        again = _lora_step(ours, x, autocast=True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert ours._frozen_cast is cast  # not recast
+
+    def output(layer):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x)
+
+    def check():
+        torch.testing.assert_close(
+            output(ours), output(stock), rtol=0, atol=1e-6 + 2**-7 * output(stock).abs().max()
+        )
+
+    with torch.no_grad():
+        for layer in (stock, ours):
+            layer.base_layer.weight.mul_(-1.5)
+    check()
+    ours.load_state_dict(lora_twins(32.0)[0].state_dict())
+    stock.load_state_dict(ours.state_dict())
+    check()
+    output(ours)
+    for layer in (stock, ours):
+        layer.merge()
+    assert ours._frozen_cast is None
+    check()
+    for layer in (stock, ours):
+        layer.unmerge()  # while merged, peft's forward ran and nothing was cast
+    check()
+    for layer in (stock, ours):
+        layer.base_layer.weight.data = layer.base_layer.weight.data * 0.5  # a new storage, the same version
+    check()
+    output(ours)
+    ours.to(torch.float32)  # a move drops the cast
+    assert ours._frozen_cast is None
+    output(ours)
+    assert copy.deepcopy(ours)._frozen_cast is None and ours._frozen_cast is not None  # not copied along
+    fresh = lora_twins(32.0)[1]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh(x)
+    assert fresh._frozen_cast is None
 
 
 @pytest.mark.parametrize("autocast, tolerance", [(False, 1e-6), (True, 2 * 2**-7)])
@@ -338,6 +425,12 @@ def test_lora_layer_leaves_an_input_of_another_dtype_to_peft_outside_autocast():
         layer.base_layer.to(torch.bfloat16)
     x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     torch.testing.assert_close(ours(x), stock(x), rtol=0, atol=0)
+
+
+def test_lora_layer_takes_a_single_vector_as_peft_s_does():
+    stock, ours = lora_twins(32.0)
+    x = torch.randn(24, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ours(x), stock(x))
 
 
 def test_adapt_gives_every_lora_target_varsweep_s_layer_and_peft_s_forward_handles_the_rest():

@@ -308,23 +308,30 @@ def test_physical_batches_do_not_change_the_sum(k, clipping, vqvae, data):
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-7)
 
 
-def test_physical_batches_add_the_bf16_sums_part_by_part(monkeypatch, vqvae, data):
-    """Under bf16 autocast a kept gradient's clipped sum comes as two float32 parts (c's two bf16 parts), added
-    part by part across chunks of examples and into the noise at the end: the chunks do not change the sum."""
+def test_physical_batches_form_the_bf16_sums_between_chunks(monkeypatch, vqvae, data):
+    """Under bf16 autocast a kept gradient's clipped sum comes as weighted rows (c in bf16 times the kept bf16
+    per-example gradients), not formed. Between chunks of examples they are formed (``settle``), so the next
+    chunk's backward runs without the last chunk's per-example gradients; the last chunk's go into the noised
+    mean as they are. The chunks do not change the sum."""
     from trainables import bookkeeping
 
-    lengths = []
-    add_parts = bookkeeping.add_parts
-    monkeypatch.setattr(
-        bookkeeping,
-        "add_parts",
-        lambda into, parts: (lengths.extend(len(v) for v in parts.values()), add_parts(into, parts))[1],
-    )
+    settled = []
+    settle = bookkeeping.settle
+
+    def watched(into):
+        before = sum(isinstance(t, bookkeeping.WeightedRows) for ts in into.values() for t in ts)
+        settle(into)
+        after = sum(len(ts) > 1 or isinstance(ts[0], bookkeeping.WeightedRows) for ts in into.values())
+        settled.append((before, after))
+
+    monkeypatch.setattr(bookkeeping, "settle", watched)
     base = make_model("full")
     kwargs = dict(indices=list(range(0, N, 2)), k=1, clipping="bookkeeping", max_grad_norm=0.05, bf16=True)
     one = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, rows_per_forward=64, **kwargs)
-    assert 2 in lengths
+    assert settled == []
     many = summed_clipped_gradient(copy.deepcopy(base), vqvae, data, rows_per_forward=5, **kwargs)
+    assert len(settled) == math.ceil(len(kwargs["indices"]) / 5) - 1
+    assert all(before > 0 and after == 0 for before, after in settled)
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-7)
 
 
@@ -333,8 +340,12 @@ def test_noised_mean_is_opacus_mechanism_with_its_draws(rank):
     """Book-keeping's noised mean against Opacus's own pre-step (noise at std sigma C, then the division by the
     expected batch) on twin parameters with twin generators: equal to rounding, and the generators end in the same
     state (the same draws, in the parameters' order; none for rank > 0, whose sums rank 0's noise is averaged
-    with). Every other parameter got no example: noise alone."""
+    with). Every other parameter got no example: noise alone. The sums come as book-keeping's terms: a float32
+    tensor, kept bf16 per-example gradients with their bf16 clipping factors, and for weights the weighted outer
+    products of rows no per-example gradient was kept for, each added into the noise by one product."""
     from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from trainables import bookkeeping
 
     var, C = make_model("lora"), 0.5
     state = make_private(
@@ -348,13 +359,27 @@ def test_noised_mean_is_opacus_mechanism_with_its_draws(rank):
     state.rank = rank
     params = state.optimizer.params
     draws = torch.Generator().manual_seed(1)
-    sums = {
-        p: [torch.randn(p.shape, generator=draws), 1e-3 * torch.randn(p.shape, generator=draws)]
+    sums = {  # dense float32 terms, and weighted bf16 per-example gradients (3 examples) as kept ones come
+        p: [
+            torch.randn(p.shape, generator=draws),
+            bookkeeping.WeightedRows(
+                bookkeeping.bfloat16_toward_zero(torch.rand(3, generator=draws)),
+                torch.randn(3, *p.shape, generator=draws).bfloat16(),
+            ),
+        ]
         for p in params[::2]
     }
+    for p in [p for p in params[::2] if p.ndim == 2]:  # a weight whose rows' products were not kept (5 rows)
+        w_R, g_Ro, a_Ri = torch.rand(5), torch.randn(5, p.shape[0]), torch.randn(5, p.shape[1])
+        sums[p].append(bookkeeping.WeightedOuterProducts(w_R, g_Ro.bfloat16(), a_Ri))
     twins = [torch.nn.Parameter(torch.zeros_like(p)) for p in params]
     for p, twin in zip(params, twins, strict=True):
-        twin.grad = sum(sums[p]) if p in sums else torch.zeros_like(p)
+        twin.grad = torch.zeros_like(p)
+        if p in sums:
+            dense, (weights_B, rows_B), *outer = sums[p]
+            twin.grad += dense + (weights_B.float().view(-1, *[1] * p.ndim) * rows_B.float()).sum(0)
+            for w_R, g_Ro, a_Ri in outer:
+                twin.grad += (g_Ro.float() * w_R[:, None]).T @ a_Ri
     opacus = DPOptimizerFastGradientClipping(
         torch.optim.SGD(twins, lr=0.0),
         noise_multiplier=state.noise_multiplier if rank == 0 else 0.0,  # Opacus's DDP: noise on rank 0 only
@@ -417,18 +442,23 @@ def test_the_update_runs_without_the_buffers_the_noised_gradient_came_from(
     clipping, monkeypatch, vqvae, data
 ):
     """Opacus keeps each parameter's summed clipped gradient (and, with hooks, its per-example gradients) until
-    zero_grad; book-keeping, the parts of its clipped sums. The optimiser's update must not run beside them (it
+    zero_grad; book-keeping, the terms of its clipped sums. The optimiser's update must not run beside them (it
     was the step's memory peak). Two chunks of examples, so the sums accumulate across forwards as in training."""
     from trainables import bookkeeping
 
-    parts = []
-    add_parts = bookkeeping.add_parts
+    parts = []  # the tensors of the clipped sums' terms (unformed ones: the tensors they hold)
+    add_terms = bookkeeping.add_terms
     monkeypatch.setattr(
         bookkeeping,
-        "add_parts",
+        "add_terms",
         lambda into, new: (
-            parts.extend(weakref.ref(t) for ts in new.values() for t in ts),
-            add_parts(into, new),
+            parts.extend(
+                weakref.ref(held)
+                for ts in new.values()
+                for t in ts
+                for held in ([t] if isinstance(t, torch.Tensor) else t)
+            ),
+            add_terms(into, new),
         )[1],
     )
     var = make_model("full")
@@ -618,13 +648,23 @@ def test_head_scale_rule_matches_autograd_at_the_clamp_bound():
     layer = HeadScale(
         torch.nn.Parameter(torch.tensor([MAX_LOG_SCALE_MUL, 1.0, MAX_LOG_SCALE_MUL + 0.5]).view(1, 3, 1, 1))
     )
-    q_BHLc = torch.randn(2, 3, 4, 5)
-    grad_out = torch.randn(2, 3, 4, 5)
-    rule = GradSampleModule.GRAD_SAMPLERS[HeadScale](layer, [q_BHLc], grad_out)[layer.scale_mul_1H11]
-    for b in range(2):
-        layer.zero_grad()
-        (layer(q_BHLc[b : b + 1]) * grad_out[b : b + 1]).sum().backward()
-        torch.testing.assert_close(rule[b], layer.scale_mul_1H11.grad)
+    # bf16 output: the product written in the attention's dtype, as under autocast; bf16 q: CPU autocast's
+    # unit queries (a product of two bf16 operands rounded to bf16 would be off by several percent here)
+    for q_dtype, dtype in (
+        (torch.float32, None),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),
+    ):
+        q_BHLc = torch.randn(2, 3, 64, 16, generator=torch.Generator().manual_seed(0)).to(q_dtype)
+        grad_out = torch.randn(q_BHLc.shape, generator=torch.Generator().manual_seed(1)).to(
+            dtype or torch.float32
+        )
+        rule = GradSampleModule.GRAD_SAMPLERS[HeadScale](layer, [q_BHLc], grad_out)[layer.scale_mul_1H11]
+        assert rule.dtype == torch.float32
+        for b in range(2):
+            layer.zero_grad()
+            layer(q_BHLc[b : b + 1], dtype=dtype).backward(grad_out[b : b + 1])
+            torch.testing.assert_close(rule[b], layer.scale_mul_1H11.grad)
 
 
 def test_released_model_can_be_made_private_again(vqvae, data):

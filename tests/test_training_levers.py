@@ -50,6 +50,7 @@ from trainables.models.var import (
     modulate,
     query_gain,
     scale_causal_attention,
+    scaled,
     unit_vectors,
 )
 from trainables.patches import QKVBias, _qkv_bias_grad_sample, attention_parameters_as_modules
@@ -543,6 +544,37 @@ def test_unit_vectors_in_the_attention_s_dtype_are_the_cast_of_the_float32_ones_
     assert ours_grads[0].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_queries_scaled_into_the_attention_s_dtype_are_the_cast_product_with_its_gradients(x_dtype):
+    """A hooked ``HeadScale`` writes q * gain in the attention's dtype: the bits of the float32 product cast after
+    it, and, for the same bf16 gradient, bit for bit the gradients of q and of the gain that came through the
+    cast's backward. (Unit queries come in float32 under CUDA autocast, in bf16 under the CPU's.)"""
+    g = torch.Generator().manual_seed(3)
+    x_BHLc = torch.randn(2, 3, 91, 16, generator=g).to(x_dtype)
+    gain_1H11 = torch.rand(1, 3, 1, 1, generator=g) * 10 + 1
+    upstream_BHLc = torch.randn(x_BHLc.shape, generator=g).to(torch.bfloat16)
+    results = []
+    for dtype in (None, torch.bfloat16):
+        x, gain = x_BHLc.clone().requires_grad_(), gain_1H11.clone().requires_grad_()
+        y_BHLc = scaled(x, gain, dtype=dtype).to(torch.bfloat16)  # the attention's cast (none for bf16)
+        results.append((y_BHLc, *torch.autograd.grad(y_BHLc, [x, gain], upstream_BHLc)))
+    (cast, *cast_grads), (ours, *ours_grads) = results
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, cast)
+    assert [t.dtype for t in ours_grads] == [x_dtype, torch.float32]
+    assert all(torch.equal(o, c) for o, c in zip(ours_grads, cast_grads, strict=True))
+
+
+def test_a_patched_head_scale_writes_the_attention_s_dtype_under_autocast():
+    var = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0))
+    attention_parameters_as_modules(var)
+    attention = var.blocks[0].attn
+    attention.head_scale.register_forward_hook(lambda module, args, out: None)  # as DP's hooks: not folded
+    q_BHLc = torch.randn(1, TINY_VAR["num_heads"], 5, 8, requires_grad=True)
+    with CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention.unit_queries(q_BHLc, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert attention.unit_queries(q_BHLc).dtype == torch.float32
+
+
 def test_a_patched_head_scale_sees_its_own_call():
     """DP's per-sample gradients of the scale come from the patch module's own call, so the gain is not folded."""
     var = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0))
@@ -933,7 +965,9 @@ def test_unhooked_patch_modules_are_folded_with_the_numbers_of_their_calls(vqvae
                 module.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         for cls in (QKVBias, HeadScale):
             monkeypatch.setattr(
-                cls, "__call__", lambda self, *a, c=cls.__call__, calls=calls: calls.append(0) or c(self, *a)
+                cls,
+                "__call__",
+                lambda self, *a, c=cls.__call__, calls=calls, **kw: calls.append(0) or c(self, *a, **kw),
             )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits_BLV = var(label_B, x_BLCv, drop_path_uniform_BD=None)

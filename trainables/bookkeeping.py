@@ -29,8 +29,12 @@ summed pairwise (they decide the sensitivity).
 
 On a GPU the kept route's cost is memory traffic, not FLOPs: a per-example gradient is written once, read once for
 its norm and once for the clipped sum (2 bytes each in bf16, ``NATIVE_HALF_DEVICES``), where float32 intermediates,
-a division by k = 1 and upcast copies had moved ~46 bytes per entry. Its clipping factors enter that product as two
-bf16 parts rounded toward zero (``bfloat16_parts``): never above the float32 factor, within 2^-15 of it.
+a division by k = 1 and upcast copies had moved ~46 bytes per entry. The clipped sum is not formed on its own: one
+product with float32 output adds it straight into DP-SGD's noise (``WeightedRows``, ``add_term``). Its clipping
+factors enter that product in bf16, rounded toward zero (``bfloat16_toward_zero``): never above the float32 factor,
+1 exactly for an unclipped example, and within 2^-7 below it for a clipped one, which then counts as if clipped to
+a norm between (1 - 2^-7) C and C. (Two bf16 parts came within 2^-15 but cost two float32 sums and two more passes
+over the noise: 24 bytes per parameter, ~1 ms of a VAR-d16 step on an H200.)
 
 Rules exist for the layer types an adapted VAR trains (``nn.Linear`` incl. peft's LoRA/LN-tuning layers,
 ``nn.Embedding`` and the small modules of ``trainables.patches``); any other trainable layer is refused.
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -228,49 +233,140 @@ def _linear_norms(
     return sq_B, kept
 
 
-def bfloat16_parts(c_B: torch.Tensor) -> torch.Tensor:
-    """[2, B] bfloat16 (hi, lo) with hi + lo <= c and within 2^-15 of it, for c [B] >= 0 (float32): each part is
-    truncated, rounded toward zero, so a clipping factor applied in bf16 never exceeds the float32 one."""
-
-    def truncated(x: torch.Tensor) -> torch.Tensor:  # the top 16 bits of a float32 are its bf16 toward zero
-        return (x.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
-
-    hi = truncated(c_B.float().contiguous())
-    return torch.stack([hi, truncated(c_B.float() - hi.float())])
+def bfloat16_toward_zero(c_B: torch.Tensor) -> torch.Tensor:
+    """[B] bfloat16 clipping factors for c [B] >= 0 (float32), each rounded toward zero: never above the float32
+    factor (the sensitivity stays C), within 2^-7 of it relatively, and 1 (an unclipped example) exactly."""
+    return (c_B.float().contiguous().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def _kept_clipped(kept: dict, c_B: torch.Tensor, c_parts_2B: torch.Tensor) -> dict:
-    """sum_b c_b grad_b (float32) for every kept per-example gradient [B, ...] (float32 or bfloat16), as the parts
-    whose sum it is. A bf16 gradient is weighted by c's two bf16 parts (``bfloat16_parts(c_B)``, formed once per
-    step) in one product with float32 output, which reads it once; its two rows are not added here: DP-SGD's noised
-    mean adds each into the noise (``add_parts``), one pass over the parameter fewer."""
-    sums = {}
-    for p, grad in kept.items():
-        if not isinstance(p, nn.Parameter):
-            continue
-        c_PB = c_parts_2B if grad.dtype == torch.bfloat16 else c_B.view(1, -1).to(grad.dtype)
-        sum_PJ = _matmul_f32(c_PB.unsqueeze(0), grad.flatten(1).unsqueeze(0))[0]
-        sums[p] = [part_J.view(grad.shape[1:]) for part_J in sum_PJ]
-    return sums
+class WeightedRows(NamedTuple):
+    """sum_b weights_B[b] * rows_B[b], a clipped sum not yet formed: ``add_term`` adds it where it is needed in one
+    product that reads the rows once (float32 output), e.g. straight into DP-SGD's noise."""
+
+    weights_B: torch.Tensor
+    rows_B: torch.Tensor  # [B, *parameter shape]
 
 
-def add_parts(into: dict, parts: dict) -> None:
-    """Accumulate clipped sums given as parts ({param: [float32 tensors]}, see ``_kept_clipped``) into ``into``,
-    part by part in place (a step's chunks of examples)."""
-    for p, new in parts.items():
-        held = into.setdefault(p, new)
-        if held is not new:  # the same parts in every chunk: routes depend on dtypes and positions only
-            for part, more in zip(held, new, strict=True):
-                part.add_(more)
+class WeightedOuterProducts(NamedTuple):
+    """sum_r weights_R[r] g_R[r]^T a_R[r] [out, in], a linear layer's clipped weight sum over its rows (weights
+    c_b / k per row) where no per-example gradient was kept, not yet formed: ``add_term`` adds it with one float32
+    product into its target, which reads and writes the target once instead of writing the product and adding it."""
+
+    weights_R: torch.Tensor
+    g_R: torch.Tensor  # [R, ..., out]
+    a_R: torch.Tensor  # [R, ..., in]
 
 
-def _linear_clipped(layer: nn.Linear, kept: dict, c_B: torch.Tensor, k: int, *, c_parts_2B) -> dict:
-    grads = _kept_clipped(kept, c_B, c_parts_2B)
+def _outer_products_into(
+    acc: torch.Tensor, term: WeightedOuterProducts, *, alpha: float, beta: float
+) -> None:
+    """acc = beta * acc + alpha * (g * w)^T a in place (acc float32 [out, in]; beta 0: acc's content ignored)."""
+    g_R, a_R = term.g_R, term.a_R
+    gw_Ro = (g_R * term.weights_R.view(-1, *([1] * (g_R.ndim - 1)))).reshape(-1, g_R.shape[-1])
+    acc.addmm_(gw_Ro.T, a_R.reshape(-1, a_R.shape[-1]).to(gw_Ro.dtype), beta=beta, alpha=alpha)
+
+
+# A term of a clipped sum: a float32 tensor, or products not yet formed.
+Term = torch.Tensor | WeightedRows | WeightedOuterProducts
+
+
+def _weighted_rows_into(acc: torch.Tensor, term: WeightedRows, *, alpha: float, beta: float) -> None:
+    """acc = beta * acc + alpha * sum_b w_b rows_b in place (acc float32, contiguous, of a row's shape; beta 0:
+    acc's content ignored). Half-precision rows on a CUDA device: one baddbmm with float32 output, reading the rows
+    and acc once; elsewhere, or on the first failure, the upcast product."""
+    w_11B, rows_1BJ = term.weights_B.view(1, 1, -1), term.rows_B.flatten(1).unsqueeze(0)
+    acc_11J = acc.view(1, 1, -1)
+    if w_11B.dtype == rows_1BJ.dtype and w_11B.dtype in HALF and _accumulates_float32(acc.device):
+        # out= acc itself: PyTorch's out_dtype baddbmm accumulates into its output (no copy of acc)
+        torch.baddbmm(acc_11J, w_11B, rows_1BJ, out_dtype=torch.float32, beta=beta, alpha=alpha, out=acc_11J)
+        return
+    acc_11J.baddbmm_(w_11B.float(), rows_1BJ.float(), beta=beta, alpha=alpha)
+
+
+_PROBED: set = set()  # device types whose float32-output baddbmm was tried
+
+
+def _accumulates_float32(device: torch.device) -> bool:
+    """Whether a half-precision baddbmm can accumulate into a float32 output on ``device`` (CUDA, PyTorch 2.8+),
+    tried once on a tiny product: a failure inside a step could not tell whether the sum was already added."""
+    if NATIVE_FLOAT32_OUTPUT.get(device.type, False) and device.type not in _PROBED:
+        _PROBED.add(device.type)
+        acc_111 = torch.ones(1, 1, 1, device=device)
+        half_111 = acc_111.bfloat16()
+        try:
+            torch.baddbmm(acc_111, half_111, half_111, out_dtype=torch.float32, out=acc_111)
+        except (TypeError, RuntimeError, NotImplementedError):
+            NATIVE_FLOAT32_OUTPUT[device.type] = False
+    return NATIVE_FLOAT32_OUTPUT.get(device.type, False)
+
+
+# How each unformed term is added into a float32 target: (acc, term, *, alpha, beta), beta 0 ignoring acc.
+ADDERS = {WeightedRows: _weighted_rows_into, WeightedOuterProducts: _outer_products_into}
+
+
+def _shape(term: Term) -> torch.Size:
+    if isinstance(term, WeightedRows):
+        return term.rows_B.shape[1:]
+    if isinstance(term, WeightedOuterProducts):
+        return torch.Size((term.g_R.shape[-1], term.a_R.shape[-1]))
+    return term.shape
+
+
+def add_term(acc: torch.Tensor, term: Term, *, alpha: float = 1.0) -> None:
+    """acc += alpha * term, in place (acc float32, contiguous)."""
+    adder = ADDERS.get(type(term))
+    if adder is not None:
+        adder(acc.view(_shape(term)), term, alpha=alpha, beta=1.0)
+    else:
+        acc.add_(term.view_as(acc), alpha=alpha)
+
+
+def formed(terms: list[Term], *, alpha: float = 1.0) -> torch.Tensor:
+    """alpha * the sum of ``terms`` (one parameter's clipped sum), a new float32 tensor of the first term's shape."""
+    first, *rest = terms
+    adder = ADDERS.get(type(first))
+    if adder is not None:
+        device = first[-1].device  # the rows' (each unformed term's last field)
+        out = torch.empty(_shape(first), device=device, dtype=torch.float32)
+        adder(out, first, alpha=alpha, beta=0.0)
+    else:  # a dense term is a float32 tensor no one else holds (a chunk's or an embedding's own sum)
+        out = first if alpha == 1 else torch.mul(first, alpha)
+    for term in rest:
+        add_term(out, term, alpha=alpha)
+    return out
+
+
+def _kept_clipped(kept: dict, c_B: torch.Tensor, c_bf16_B: torch.Tensor) -> dict:
+    """{param: [WeightedRows]}: sum_b c_b grad_b for every kept per-example gradient [B, ...] (float32 or
+    bfloat16), not yet formed. A bf16 gradient is weighted by c in bf16 toward zero (``bfloat16_toward_zero(c_B)``,
+    formed once per step), which lets DP-SGD's noised mean add it into the noise in one product with float32
+    output: the gradient read once, the noise read and written once, and no float32 sum in between."""
+    return {
+        p: [WeightedRows(c_bf16_B if grad.dtype == torch.bfloat16 else c_B.to(grad.dtype), grad)]
+        for p, grad in kept.items()
+        if isinstance(p, nn.Parameter)
+    }
+
+
+def add_terms(into: dict, terms: dict) -> None:
+    """Collect a chunk of examples' clipped sums ({param: [terms]}) in ``into``."""
+    for p, new in terms.items():
+        into.setdefault(p, []).extend(new)
+
+
+def settle(into: dict) -> None:
+    """Form every parameter's collected terms into one float32 tensor, releasing the per-example gradients and
+    rows the unformed ones hold (between chunks of examples: the next chunk's backward must not run beside them)."""
+    for p, terms in into.items():
+        if len(terms) > 1 or any(type(term) in ADDERS for term in terms):
+            into[p] = [formed(terms)]
+
+
+def _linear_clipped(layer: nn.Linear, kept: dict, c_B: torch.Tensor, k: int, *, c_bf16_B) -> dict:
+    grads = _kept_clipped(kept, c_B, c_bf16_B)
     if "a" in kept:  # one weighted product over all rows (weights c_b / k per row), in float32
-        a_R, g_R = kept["a"], kept["g"]
         w_R = (c_B / k).repeat_interleave(k)
-        gw_Ro = (g_R * w_R.view(-1, *([1] * (g_R.ndim - 1)))).reshape(-1, g_R.shape[-1])
-        grads[layer.weight] = [gw_Ro.T @ a_R.reshape(-1, a_R.shape[-1]).to(gw_Ro.dtype)]
+        grads[layer.weight] = [WeightedOuterProducts(w_R, kept["g"], kept["a"])]
     return grads
 
 
@@ -307,12 +403,12 @@ def _small_norms(
     return sq_B, kept
 
 
-def _small_clipped(layer: nn.Module, kept: dict, c_B: torch.Tensor, k: int, *, c_parts_2B) -> dict:
-    return _kept_clipped(kept, c_B, c_parts_2B)
+def _small_clipped(layer: nn.Module, kept: dict, c_B: torch.Tensor, k: int, *, c_bf16_B) -> dict:
+    return _kept_clipped(kept, c_B, c_bf16_B)
 
 
 NormRule = Callable[..., tuple[torch.Tensor, dict]]
-SumRule = Callable[..., dict]  # (layer, kept, c_B, k, *, c_parts_2B) -> {param: [parts of its clipped sum]}
+SumRule = Callable[..., dict]  # (layer, kept, c_B, k, *, c_bf16_B) -> {param: [terms of its clipped sum]}
 RULES: dict[type, tuple[NormRule, SumRule]] = {
     nn.Linear: (_linear_norms, _linear_clipped),
     nn.Embedding: (_embedding_norms, _embedding_clipped),
@@ -423,8 +519,8 @@ class BookKeeping:
     ) -> int:
         """Run ``loss_fn`` (-> per-view losses [b, k]) and backward with weights frozen, then write each trainable
         parameter's sum over examples of its clipped view-mean gradient into ``p.grad``, or, given ``into``, add it
-        there as float32 parts ({param: [parts]}, ``add_parts``), which DP-SGD's noised mean adds into its noise
-        without forming the sum. Returns b."""
+        there as terms ({param: [terms]}, ``add_terms``), which DP-SGD's noised mean adds into its noise without
+        forming the sum. Returns b."""
         self._clear()
         for p in self.params:
             p.requires_grad_(False)  # autograd then skips the weight-gradient products rebuilt below
@@ -455,11 +551,11 @@ class BookKeeping:
     def _write_clipped(self, *, max_grad_norm: float, into: dict | None = None) -> None:
         norm_B = torch.stack([self.norms[m] for m in self.layers]).sum(0).sqrt()
         c_B = (max_grad_norm / (norm_B + 1e-6)).clamp(max=1.0)
-        c_parts_2B = bfloat16_parts(c_B)
+        c_bf16_B = bfloat16_toward_zero(c_B)
         for m in self.layers:
-            sums = RULES[type(m)][1](m, self.kept.pop(m), c_B, self._k, c_parts_2B=c_parts_2B)
+            sums = RULES[type(m)][1](m, self.kept.pop(m), c_B, self._k, c_bf16_B=c_bf16_B)
             if into is not None:
-                add_parts(into, sums)
+                add_terms(into, sums)
                 continue
-            for p, parts in sums.items():
-                p.grad = sum(parts[1:], parts[0]).to(p.dtype).view_as(p)
+            for p, terms in sums.items():
+                p.grad = formed(terms).to(p.dtype).view_as(p)

@@ -27,13 +27,14 @@ from typing import Any
 
 import peft
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from bench.schema import ConfigError, MethodConfig
 
 from .models.checkpoints import CheckpointError, read_verified, resize_class_embedding, save_tensors
-from .models.var import VAR
+from .models.var import VAR, unhooked
 from .patches import OPACUS_PATCHES, apply_patches
 
 # Module paths inside a block, by role (REFERENCE.md §3: LoRA on mat_qkv, proj, fc1, fc2 and the blocks' ada_lin.1).
@@ -147,7 +148,11 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
     - the scaling applied to A x [B, L, r] rather than to the layer's full-width product, in the forward and, by
       autograd, the backward: B(A x * s) = B(A x) * s up to rounding, and bit for bit where s is a power of two
       (varsweep's default rank 16, alpha 32: s = 2). ``lora_B``'s hooks (DP) see A x * s, whose per-example
-      gradient is exactly this layer's.
+      gradient is exactly this layer's;
+    - where nothing hooks ``lora_B`` (no DP), the base output added inside its product (``addmm``): the sum rounded
+      once, not the adapter's product and then the sum, and one full-width pass fewer forward (the backward is
+      the same);
+    - under autocast, the frozen base weight's cast kept between steps (``_base_output``).
     Anything else goes to peft's forward: merged or disabled adapters, several active adapters, mixed batches, LoRA
     variants, and, outside autocast, an input whose dtype is not the adapter's (peft casts it)."""
 
@@ -163,8 +168,60 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         x_base = x_adapter = x
         if autocast and x.dtype == torch.float32 and not torch.compiler.is_compiling():
             x_base, x_adapter = _CastOnce.apply(x, torch.get_autocast_dtype(device))
-        a = lora_A(self.lora_dropout[names[0]](x_adapter))
-        return self.base_layer(x_base) + lora_B(a * self.scaling[names[0]])
+        base = self._base_output(x_base, autocast=autocast)
+        a = lora_A(self.lora_dropout[names[0]](x_adapter)) * self.scaling[names[0]]
+        if type(lora_B) is nn.Linear and lora_B.bias is None and unhooked(lora_B) and base.ndim >= 2:
+            # Nothing needs lora_B's own call (per-sample gradients hook it): the base output is the product's addend.
+            return torch.addmm(base.flatten(0, -2), a.flatten(0, -2), lora_B.weight.t()).view(base.shape)
+        return base + lora_B(a)
+
+    def _base_output(self, x: torch.Tensor, *, autocast: bool) -> torch.Tensor:
+        """The base layer's output. Under autocast, a frozen base (its weight and bias) is cast to the autocast
+        dtype once and the cast kept while they are unchanged (``_frozen_cast``): autocast casts a frozen weight
+        anew at every call (it caches trainable leaves only), reading 4 and writing 2 bytes per weight each step,
+        and the product reads the same bf16 values either way. Memory: 2 bytes per wrapped weight, held; in a
+        training step autograd held each call's cast for the backward anyway.
+
+        The cast is redone when a tensor's storage, version or device changes (an in-place update, a
+        ``load_state_dict``, ``.data = ...``: the old storage is held by the key, so its address cannot be
+        reused) and dropped by a move (``_apply``) and by peft's merge, which writes through ``.data``. A write
+        through ``.data`` outside these goes unseen: none changes a frozen base in varsweep (DP-DDP's start-up
+        broadcast writes every rank's identical copy of the checkpoint)."""
+        base = self.base_layer
+        tensors = [t for t in (base.weight, base.bias) if t is not None]
+        if (
+            not autocast
+            or type(base) is not nn.Linear
+            or any(t.requires_grad or t.is_inference() for t in tensors)
+            or not unhooked(base)
+            or torch.compiler.is_compiling()
+            or torch.is_inference_mode_enabled()  # an inference tensor could not be saved for a later backward
+        ):
+            return base(x)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        key = [dtype] + [(t.device, t.data_ptr(), t._version) for t in tensors]
+        held = self._frozen_cast
+        if held is None or held["key"] != key:
+            held = self._frozen_cast = {
+                "key": key,
+                "sources": [t.untyped_storage() for t in tensors],  # their addresses stay taken while held
+                "weight": base.weight.to(dtype),
+                "bias": None if base.bias is None else base.bias.to(dtype),
+            }
+        return F.linear(x, held["weight"], held["bias"])
+
+    _frozen_cast: dict | None = None
+
+    def merge(self, *args: Any, **kwargs: Any) -> None:
+        self._frozen_cast = None
+        super().merge(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._frozen_cast = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # copies and pickles rebuild the cast on first use
+        return {k: v for k, v in super().__getstate__().items() if k != "_frozen_cast"}
 
 
 def _peft_inject(var: VAR, config: peft.PeftConfig, *, seed: int) -> None:

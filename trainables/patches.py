@@ -23,7 +23,7 @@ import torch
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from .models.var import MAX_LOG_SCALE_MUL, VAR, SelfAttention, query_gain
+from .models.var import MAX_LOG_SCALE_MUL, VAR, SelfAttention, query_gain, scaled, wide_products
 
 
 class PatchModule(nn.Module):
@@ -64,8 +64,9 @@ class HeadScale(PatchModule):
         super().__init__()
         self.scale_mul_1H11 = scale_mul_1H11
 
-    def forward(self, q_BHLc: torch.Tensor) -> torch.Tensor:
-        return q_BHLc * query_gain(self.scale_mul_1H11)
+    def forward(self, q_BHLc: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``dtype``: the attention's autocast dtype, which the product is written in (``scaled``)."""
+        return scaled(q_BHLc, query_gain(self.scale_mul_1H11), dtype=dtype)
 
 
 @register_grad_sampler(AddParameter)
@@ -96,15 +97,16 @@ def _qkv_bias_grad_sample(layer: QKVBias, activations: list[torch.Tensor], backp
 def _head_scale_grad_sample(
     layer: HeadScale, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict:
-    """d(q * exp(s))/ds = q * exp(s) where s < ln 100 (torch's clamp_max passes no gradient at or above its bound)."""
+    """d(q * exp(s))/ds = q * exp(s) where s < ln 100 (torch's clamp_max passes no gradient at or above its bound):
+    per example and head, exp(s) sum(g * q) over positions and channels, from float32 products (under autocast g
+    comes in bf16, and under CPU autocast q too: a bf16 product would round each term); the gain scales the [B, H]
+    sums, not the [B, H, L, c] queries: two full-size passes fewer."""
     s_1H11 = layer.scale_mul_1H11
     if not s_1H11.requires_grad:
         return {}
-    out_BHLc = activations[0] * query_gain(s_1H11)
-    g_BH11 = (backprops * out_BHLc).sum(dim=(2, 3), keepdim=True) * (s_1H11 < MAX_LOG_SCALE_MUL).to(
-        backprops.dtype
-    )
-    return {s_1H11: g_BH11.unsqueeze(1)}
+    gq_BH11 = wide_products(backprops, activations[0], torch.float32).sum(dim=(2, 3), keepdim=True)
+    g_BH11 = gq_BH11 * query_gain(s_1H11) * (s_1H11 < MAX_LOG_SCALE_MUL)
+    return {s_1H11: g_BH11.unsqueeze(1).to(s_1H11.dtype)}
 
 
 def _move_parameter(owner: nn.Module, name: str) -> nn.Parameter:

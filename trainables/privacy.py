@@ -49,6 +49,7 @@ from torch import nn
 from bench.errors import VarsweepError
 from bench.schema import ACCOUNTANTS, PrivacyConfig, ResourcesConfig
 
+from . import bookkeeping
 from .bookkeeping import BookKeeping, bookkeeping_supports
 from .draws import ExampleKey
 from .training import examples_per_forward, rank_and_world
@@ -511,7 +512,9 @@ def private_step(
     starts = list(range(0, len(indices), chunk)) or [0]
     if state.clipping == "bookkeeping":
         sums: dict = {}
-        for start in starts:
+        for i, start in enumerate(starts):
+            if i:  # the last chunk's clipped sums stay unformed: the noised mean adds them into the noise
+                bookkeeping.settle(sums)
             _accumulate_clipped(state, indices[start : start + chunk], loss_fn, into=sums)
         noised_mean(state, sums)
     else:
@@ -551,10 +554,10 @@ def _check_same_parameters(clipped: list, optimised: list) -> None:
 def noised_mean(state: PrivateTraining, sums: dict) -> None:
     """p.grad = (clipped sum + N(0, sigma^2 C^2)) / B for every trainable parameter, B the expected batch size
     (per rank: the ranks' gradients are then averaged, and only rank 0 adds noise, as Opacus's distributed
-    optimiser does). The clipped sum comes as float32 parts (``bookkeeping.add_parts``; absent: no example). Drawn
-    at std sigma C / B with each part added in with weight 1 / B, it costs ~7 passes over the parameter where
-    Opacus's pre-step (copy, zeroed buffer, noise, sum, division) plus forming the sum cost ~12; same distribution,
-    same generator, in the parameters' order."""
+    optimiser does). The clipped sum comes as terms (``bookkeeping.add_terms``; absent: no example). Drawn at std
+    sigma C / B, with each term added in with weight 1 / B (kept per-example gradients by one product into the
+    noise), it costs 3 passes over the parameter where Opacus's pre-step (copy, zeroed buffer, noise, sum,
+    division) plus forming the sum cost ~12; same distribution, same generator, in the parameters' order."""
     optimizer = state.optimizer
     if optimizer.secure_mode or optimizer.loss_reduction != "mean" or optimizer.step_hook is not None:
         raise NotImplementedError(
@@ -566,17 +569,17 @@ def noised_mean(state: PrivateTraining, sums: dict) -> None:
     noised = state.rank == 0 and std > 0
     with torch.no_grad():
         for p in optimizer.params:
-            parts = sums.pop(p, [])
+            terms = sums.pop(p, [])
             if noised:
                 grad = torch.normal(
                     0.0, std, size=p.shape, generator=optimizer.generator, device=p.device, dtype=p.dtype
                 )
-            elif parts:
-                grad = torch.mul(parts.pop(0).view_as(p), scale).to(p.dtype)
+                for term in terms:
+                    bookkeeping.add_term(grad, term, alpha=scale)
+            elif terms:
+                grad = bookkeeping.formed(terms, alpha=scale).view_as(p).to(p.dtype)
             else:
                 grad = torch.zeros_like(p)
-            for part in parts:
-                grad.add_(part.view_as(p), alpha=scale)
             p.grad = grad
 
 
@@ -606,7 +609,7 @@ def _accumulate_clipped(
     state: PrivateTraining, part: torch.Tensor, loss_fn: ViewLossFn, *, into: dict | None = None
 ) -> None:
     """Forward/backward one physical chunk and leave per-example gradients (averaged over views) for clipping;
-    book-keeping adds the chunk's clipped sum to ``into`` (``bookkeeping.add_parts``)."""
+    book-keeping adds the chunk's clipped sum to ``into`` (``bookkeeping.add_terms``)."""
     if len(part) == 0:
         if state.clipping != "bookkeeping":  # book-keeping: nothing to add, the noised mean is noise alone
             _empty_chunk(state)

@@ -152,7 +152,7 @@ def _autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
 
 
-def _unhooked(module: nn.Module) -> bool:
+def unhooked(module: nn.Module) -> bool:
     """No forward or backward hook on ``module`` (those of per-sample gradients: Opacus's, book-keeping's), so its
     computation may be folded into a neighbour's without anything missing its call."""
     return not (
@@ -305,7 +305,7 @@ class _UnitVectors(torch.autograd.Function):
         x_BHLc, n_BHL1, d_BHL1, gain_1H11 = ctx.saved_tensors
         # y = a x / d, d = max(|x|, eps): dx = a (g - x (g.x) / (d |x|)) / d where |x| > eps (there d = |x|),
         # a g / d elsewhere (d is the constant eps); da = sum of (g.x) / d over the head's rows.
-        gx_BHL1 = _wide_products(grad_BHLc, x_BHLc, n_BHL1.dtype).sum(-1, keepdim=True)
+        gx_BHL1 = wide_products(grad_BHLc, x_BHLc, n_BHL1.dtype).sum(-1, keepdim=True)
         coef_BHL1 = torch.where(n_BHL1 > NORMALIZE_EPS, -gx_BHL1 / (d_BHL1 * d_BHL1), 0.0)
         rate_BHL1 = d_BHL1.reciprocal() if gain_1H11 is None else gain_1H11 / d_BHL1
         # The last pass scales and writes x's dtype at once (no float32 gradient and a cast after it).
@@ -320,7 +320,7 @@ class _UnitVectors(torch.autograd.Function):
         return grad_x, grad_gain, None
 
 
-def _wide_products(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def wide_products(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a * b`` computed and written in ``dtype`` (float32 for bf16 operands, in which their products are exact),
     without a copy of either operand in it: an ``addcmul`` onto a broadcast zero of ``dtype`` computes in that
     type (a plain product of two bf16 tensors rounds to bf16). ``out=``: CUDA autocast would copy the operands."""
@@ -398,6 +398,42 @@ def modulate(ln_BLC: torch.Tensor, mul_B1C: torch.Tensor, shift_B1C: torch.Tenso
     return _modulated(ln_BLC, mul_B1C, shift_B1C, dtype)
 
 
+class _Scaled(torch.autograd.Function):
+    """x * gain [B, H, L, c] written in ``dtype``: the product computed in float32 (type promotion) and rounded once,
+    the values a cast after a float32 product gives, in one pass instead of two. Backward: the gradient (which
+    then comes in ``dtype``) read as it comes, times the gain in float32 and written in x's dtype, and the gain's
+    gradient from float32 products: bit for bit what came through the cast's backward (a float32 copy of it)."""
+
+    @staticmethod
+    def forward(ctx, x_BHLc, gain_1H11, dtype: torch.dtype):
+        ctx.save_for_backward(x_BHLc, gain_1H11)
+        return torch.mul(x_BHLc, gain_1H11, out=x_BHLc.new_empty(x_BHLc.shape, dtype=dtype))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_BHLc):
+        x_BHLc, gain_1H11 = ctx.saved_tensors
+        grad_x = grad_gain = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mul(grad_BHLc, gain_1H11, out=torch.empty_like(x_BHLc))
+        if ctx.needs_input_grad[1]:
+            products = wide_products(grad_BHLc, x_BHLc, torch.promote_types(x_BHLc.dtype, gain_1H11.dtype))
+            grad_gain = products.sum((0, 2, 3), keepdim=True).to(gain_1H11.dtype)
+        return grad_x, grad_gain, None
+
+
+def scaled(
+    x_BHLc: torch.Tensor, gain_1H11: torch.Tensor, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x * gain [B, H, L, c], written in ``dtype`` if given (the attention's autocast dtype, which it would cast
+    the product to): by ``_Scaled`` when a gradient will flow, else the product and a cast."""
+    if dtype is None or dtype == torch.promote_types(x_BHLc.dtype, gain_1H11.dtype):
+        return x_BHLc * gain_1H11
+    if _own_backward(x_BHLc, gain_1H11):
+        return _Scaled.apply(x_BHLc, gain_1H11, dtype)
+    return (x_BHLc * gain_1H11).to(dtype)
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention; with ``attn_l2_norm`` q and k are unit vectors per head and q is scaled by the
     learned ``exp(min(scale_mul_1H11, ln 100))`` (softmax scale 1)."""
@@ -453,7 +489,7 @@ class SelfAttention(nn.Module):
         code's ``F.linear`` adds it (one addmm instead of a matmul and an add over 3C); otherwise the modules are
         called, so LoRA layers and the hooks of per-sample gradients see their calls."""
         mat, biases = self.mat_qkv, self.qkv_bias
-        if type(mat) is nn.Linear and _unhooked(mat) and (biases is None or _unhooked(biases)):
+        if type(mat) is nn.Linear and unhooked(mat) and (biases is None or unhooked(biases)):
             return F.linear(x_BlC, mat.weight, self.biases_3C().to(mat.weight.dtype))
         return self.add_qkv_bias(mat(x_BlC))
 
@@ -475,10 +511,10 @@ class SelfAttention(nn.Module):
         """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``: with a gradient, the gain
         folded into the normalisation (``unit_vectors``, the result in ``dtype`` if given), unless a patch's
         ``head_scale`` holds the scale and is hooked: per-sample gradients need its own call (its input is then
-        F.normalize's: float32 under CUDA autocast)."""
+        F.normalize's: float32 under CUDA autocast; its product is written in ``dtype``)."""
         scale = self.head_scale
-        if scale is not None and not _unhooked(scale):
-            return scale(unit_vectors(q_BHLc))
+        if scale is not None and not unhooked(scale):
+            return scale(unit_vectors(q_BHLc), dtype=dtype)
         owner = self if scale is None else scale
         return unit_vectors(q_BHLc, query_gain(owner.scale_mul_1H11), dtype=dtype)
 
