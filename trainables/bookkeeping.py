@@ -273,7 +273,7 @@ Term = torch.Tensor | WeightedRows | WeightedOuterProducts
 def _weighted_rows_into(acc: torch.Tensor, term: WeightedRows, *, alpha: float, beta: float) -> None:
     """acc = beta * acc + alpha * sum_b w_b rows_b in place (acc float32, contiguous, of a row's shape; beta 0:
     acc's content ignored). Half-precision rows on a CUDA device: one baddbmm with float32 output, reading the rows
-    and acc once; elsewhere, or on the first failure, the upcast product."""
+    and acc once; elsewhere, or where that product is missing (``_accumulates_float32``), the upcast product."""
     w_11B, rows_1BJ = term.weights_B.view(1, 1, -1), term.rows_B.flatten(1).unsqueeze(0)
     acc_11J = acc.view(1, 1, -1)
     if w_11B.dtype == rows_1BJ.dtype and w_11B.dtype in HALF and _accumulates_float32(acc.device):
