@@ -315,8 +315,9 @@ def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dt
     """rank 4, alpha 32: scaling 8, where moving it to the rank side changes no rounding. A bf16 input under
     autocast (fc2's and proj's) is the case where peft made a float32 copy: the same values without it. With
     ``lora_B`` hooked (DP's per-sample gradients) the layer calls it: bit for bit. Unhooked, the base output is
-    added inside the adapter's product: the gradients bit for bit, the output within float32's rounding or one
-    bf16 step of its largest entry (rounded once, not twice; see the next test)."""
+    added inside the adapter's product: the adapter's gradients bit for bit, the output within float32's rounding
+    or one bf16 step of its largest entry (rounded once, not twice; see the next tests), and so is a bf16 input's
+    gradient (its two products summed in one, ``_LoraProducts``)."""
     stock, ours = lora_twins(32.0)
     if hooked:
         ours.lora_B["default"].register_forward_hook(lambda *_: None)
@@ -324,14 +325,49 @@ def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dt
     theirs, mine = _lora_step(stock, x, autocast=autocast), _lora_step(ours, x, autocast=autocast)
     assert len(mine) == 4  # output, input, lora_A and lora_B gradients
     assert all(a.dtype == b.dtype for a, b in zip(theirs, mine, strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(theirs[1:], mine[1:]))
-    if hooked:
-        assert torch.equal(theirs[0], mine[0])
-    elif autocast:  # peft's rounding of the adapter's product alone: up to one bf16 step of the addends' size
-        largest = theirs[0].float().abs().max()
-        assert (theirs[0].float() - mine[0].float()).abs().max() <= torch.finfo(torch.bfloat16).eps * largest
-    else:
-        torch.testing.assert_close(mine[0], theirs[0], rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(theirs[2:], mine[2:]))
+    one_step = [torch.finfo(torch.bfloat16).eps * t.float().abs().max() for t in theirs[:2]]
+    for i, (a, b) in enumerate(zip(theirs[:2], mine[:2])):
+        if hooked or (i == 1 and dtype == torch.float32):
+            assert torch.equal(a, b)
+        elif autocast:  # peft rounds each product alone: up to one bf16 step of the addends' size
+            assert (a.float() - b.float()).abs().max() <= one_step[i]
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_layer_s_input_gradient_sums_its_two_products_rounding_once():
+    """Under bf16 autocast, unhooked, a bf16 input: its gradient adds the adapter's product g_a A into the base's
+    g W inside one product (float32 accumulation, one rounding fewer than autograd's sum of two rounded
+    products), so it is closer to the exact sum of the same bf16 operands than peft's; within one bf16 step of
+    it. ``_LoraProducts`` passes gradcheck in float64."""
+    from trainables.methods import _LoraProducts
+
+    stock, ours = lora_twins(32.0)
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(3)).bfloat16()
+    grad_y = torch.randn(64, 40, generator=torch.Generator().manual_seed(4)).bfloat16()
+    grads = []
+    for layer in (stock, ours):
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x_in.view_as(x_in)).backward(grad_y)
+        grads.append(x_in.grad.double())
+    weight, lora_A, lora_B = (
+        t.bfloat16().double()
+        for t in (ours.base_layer.weight, ours.lora_A["default"].weight, ours.lora_B["default"].weight)
+    )
+    g_a = ((grad_y.double() @ lora_B).bfloat16() * ours.scaling["default"]).double()  # as both layers form it
+    exact = grad_y.double() @ weight + g_a @ lora_A
+    theirs, mine = ((g - exact).abs() for g in grads)
+    assert mine.mean() < theirs.mean()
+    assert (mine <= torch.finfo(torch.bfloat16).eps * exact.abs().max()).all()
+    g = torch.Generator().manual_seed(5)
+    x, w, a, b = (
+        torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+        for shape in ((3, 5, 6), (7, 6), (2, 6), (7, 2))
+    )
+    w.requires_grad_(False)  # the base is frozen: the Function forms no gradient for it
+    assert torch.autograd.gradcheck(lambda x, a, b: _LoraProducts.apply(x, w, None, a, b, 3.0), (x, a, b))
 
 
 def test_lora_layer_adds_the_base_output_inside_the_adapter_s_product_rounding_once():
