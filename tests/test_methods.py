@@ -310,7 +310,7 @@ def _lora_step(layer: nn.Module, x: torch.Tensor, *, autocast: bool) -> list[tor
 @pytest.mark.parametrize(
     "autocast, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)]
 )
-@pytest.mark.parametrize("hooked", [True, False])
+@pytest.mark.parametrize("hooked", [None, "lora_A", "lora_B"])
 def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dtype, hooked):
     """rank 4, alpha 32: scaling 8, where moving it to the rank side changes no rounding. A bf16 input under
     autocast (fc2's and proj's) is the case where peft made a float32 copy: the same values without it. With
@@ -320,7 +320,7 @@ def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dt
     gradient (its two products summed in one, ``_LoraProducts``)."""
     stock, ours = lora_twins(32.0)
     if hooked:
-        ours.lora_B["default"].register_forward_hook(lambda *_: None)
+        ours.get_submodule(f"{hooked}.default").register_forward_hook(lambda *_: None)
     x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2)).to(dtype)
     theirs, mine = _lora_step(stock, x, autocast=autocast), _lora_step(ours, x, autocast=autocast)
     assert len(mine) == 4  # output, input, lora_A and lora_B gradients
@@ -328,7 +328,8 @@ def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dt
     assert all(torch.equal(a, b) for a, b in zip(theirs[2:], mine[2:]))
     one_step = [torch.finfo(torch.bfloat16).eps * t.float().abs().max() for t in theirs[:2]]
     for i, (a, b) in enumerate(zip(theirs[:2], mine[:2])):
-        if hooked or (i == 1 and dtype == torch.float32):
+        # lora_B hooked: its call, so both sums as peft's; lora_A hooked: its call, so the input gradient's
+        if hooked == "lora_B" or (i == 1 and (hooked or dtype == torch.float32)):
             assert torch.equal(a, b)
         elif autocast:  # peft rounds each product alone: up to one bf16 step of the addends' size
             assert (a.float() - b.float()).abs().max() <= one_step[i]
@@ -368,6 +369,24 @@ def test_lora_layer_s_input_gradient_sums_its_two_products_rounding_once():
     )
     w.requires_grad_(False)  # the base is frozen: the Function forms no gradient for it
     assert torch.autograd.gradcheck(lambda x, a, b: _LoraProducts.apply(x, w, None, a, b, 3.0), (x, a, b))
+
+
+def test_lora_layer_s_output_can_be_changed_in_place_and_compiling_takes_the_plain_path(monkeypatch):
+    """The fused layer's output is no view of a Function's output (a caller may scale it in place, as the
+    published VAR's blocks do); while compiling, the plain operations run (dynamo traces them), and the checks
+    that would break a graph are not reached."""
+    _, ours = lora_twins(32.0)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2)).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x.view_as(x))
+        assert type(y.grad_fn).__name__ == "_LoraProductsBackward"
+        y.mul_(2)
+    y.sum().backward()
+    assert x.grad is not None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours._fused_products(x, "default", autocast=True) is None
+        assert ours._frozen_base_cast(torch.bfloat16) is None
 
 
 def test_lora_layer_adds_the_base_output_inside_the_adapter_s_product_rounding_once():

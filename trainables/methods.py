@@ -146,12 +146,14 @@ class _LoraProducts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
-        x_Ni = x.reshape(-1, x.shape[-1])
+        x_Ni = x.view(-1, x.shape[-1])
         a_Nr = F.linear(x_Ni, lora_A) * scaling
-        y_No = torch.addmm(F.linear(x_Ni, weight, bias), a_Nr, lora_B.t())
+        # Written through a view into the output itself: a view returned by a Function could not be changed in place.
+        y = x.new_empty(*x.shape[:-1], weight.shape[0])
+        torch.addmm(F.linear(x_Ni, weight, bias), a_Nr, lora_B.t(), out=y.view(-1, weight.shape[0]))
         ctx.save_for_backward(x_Ni, weight, lora_A, lora_B, a_Nr)
         ctx.scaling = scaling
-        return y_No.view(*x.shape[:-1], y_No.shape[-1])
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -161,6 +163,8 @@ class _LoraProducts(torch.autograd.Function):
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[4]:
             grad_B = g_No.t() @ a_Nr  # [out, r], the weight's own layout (a transposed one would be copied)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
+            return grad_x, None, None, grad_A, grad_B, None
         grad_a_Nr = (g_No @ lora_B) * ctx.scaling
         if ctx.needs_input_grad[3]:
             grad_A = grad_a_Nr.t() @ x_Ni
@@ -219,8 +223,10 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         frozen with its cast kept, plain bias-free adapter layers without hooks (no DP) or dropout. None otherwise."""
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         if (
-            not autocast
+            torch.compiler.is_compiling()  # first: the checks below would break a compiled graph
+            or not autocast
             or x.ndim < 2
+            or not x.is_contiguous()  # F.linear takes another route for a non-contiguous input
             or x.dtype != torch.get_autocast_dtype(x.device.type)
             or not isinstance(self.lora_dropout[name], nn.Identity)
             or any(
@@ -258,10 +264,10 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         base = self.base_layer
         tensors = [t for t in (base.weight, base.bias) if t is not None]
         if (
-            type(base) is not nn.Linear
+            torch.compiler.is_compiling()  # first: is_inference() below would break a compiled graph
+            or type(base) is not nn.Linear
             or any(t.requires_grad or t.is_inference() for t in tensors)
             or not unhooked(base)
-            or torch.compiler.is_compiling()
             or torch.is_inference_mode_enabled()  # an inference tensor could not be saved for a later backward
         ):
             return None
