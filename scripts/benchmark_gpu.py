@@ -387,12 +387,12 @@ def block_op_cases(device: torch.device, *, heads: int, batch: int) -> dict:
     # Each layer gets a view of its input leaf: a block's activation is no leaf, and autocast caches the cast of a
     # float32 leaf, which would make peft's two casts one here and not in a block.
     fc2, qkv = (
-        [
-            lambda x, layer=layer: layer(x.view_as(x))
-            for layer in lora_layer_pair(i, o, device=device, generator=g)
-        ]
-        for i, o in ((4 * width, width), (width, 3 * width))
+        lora_layer_pair(i, o, device=device, generator=g) for i, o in ((4 * width, width), (width, 3 * width))
     )
+
+    def called(layer: nn.Module) -> Callable:
+        return lambda x: layer(x.view_as(x))
+
     return {
         # Both end in the dtype the attention takes q and k in (its autocast casts the published float32).
         "keys: F.normalize, then the attention's cast": (
@@ -419,15 +419,18 @@ def block_op_cases(device: torch.device, *, heads: int, batch: int) -> dict:
             adaln,
             randn(batch, L, width),
         ),
+        # The layers ride along: their adapter weights' gradients are compared too.
         "LoRA fc2 (bf16 input): peft's layer": (
-            *fc2,
+            *map(called, fc2),
             [randn(batch, L, 4 * width, dtype=torch.bfloat16)],
             randn(batch, L, width),
+            fc2,
         ),
         "LoRA mat_qkv (float32 input): peft's layer": (
-            *qkv,
+            *map(called, qkv),
             [randn(batch, L, width)],
             randn(batch, L, 3 * width),
+            qkv,
         ),
     }
 
@@ -447,12 +450,20 @@ def lora_layer_pair(
 
 
 def block_op_row(name: str, case: tuple, *, steps: int, device: torch.device) -> dict:
-    published, ours, inputs, upstream = case
+    """Both forms of one operation timed side by side, with their outputs' and input gradients' largest relative
+    differences; where the case carries the two modules, their trainable weights' gradients' too (from the
+    first call, before the timed ones accumulate into them)."""
+    published, ours, inputs, upstream, *modules = case
     results = [_forward_backward(fn, inputs, upstream, device=device) for fn in (published, ours)]
     (out_p, grads_p), (out_o, grads_o) = results
 
     def relative(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+    weights = {}
+    for pair in modules:
+        trained = [[p.grad for p in module.parameters() if p.requires_grad] for module in pair]
+        weights["weight_gradient_diff"] = max(relative(o, p) for p, o in zip(*trained, strict=True))
 
     times = [
         timed(
@@ -468,6 +479,7 @@ def block_op_row(name: str, case: tuple, *, steps: int, device: torch.device) ->
         "dtypes": [str(out_p.dtype).removeprefix("torch."), str(out_o.dtype).removeprefix("torch.")],
         "output_diff": relative(out_o, out_p),
         "gradient_diff": max(relative(o, p) for o, p in zip(grads_o, grads_p, strict=True)),
+        **weights,
     }
 
 
@@ -1255,11 +1267,12 @@ def report(data: dict, *, command: str) -> str:
             "backward, bf16 autocast, the first depth and batch; differences relative to the largest entry):",
             "",
             "| piece | published (ms) | ours (ms) | ours / published | output dtypes (published, ours) "
-            "| output diff | gradient diff |",
-            "|---|---|---|---|---|---|---|",
+            "| output diff | input gradient diff | weight gradient diff |",
+            "|---|---|---|---|---|---|---|---|",
             *(
                 f"| {r['what']} | {r['published_ms']:.3f} | {r['ours_ms']:.3f} | {r['ratio']:.3f} "
-                f"| {', '.join(r['dtypes'])} | {r['output_diff']:.1e} | {r['gradient_diff']:.1e} |"
+                f"| {', '.join(r['dtypes'])} | {r['output_diff']:.1e} | {r['gradient_diff']:.1e} "
+                f"| {_num(r.get('weight_gradient_diff'), '.1e')} |"
                 for r in block_ops
             ),
             "",

@@ -100,6 +100,7 @@ def test_block_ops_are_timed_beside_the_published_forms_with_the_same_values(smo
     # once); a float32 input's gradients bit for bit
     assert len(lora) == 2 and all(r["gradient_diff"] <= 2**-7 and r["output_diff"] <= 2**-7 for r in lora)
     assert [r["gradient_diff"] == 0 for r in lora] == ["float32" in r["what"] for r in lora]
+    assert all(r["weight_gradient_diff"] == 0 for r in lora)  # the adapter weights' gradients: bit for bit
     assert all(r["output_diff"] < 2**-7 for r in rows.values())
     assert "A block's element-wise pieces" in smoke["stdout"]
 
