@@ -173,6 +173,12 @@ class _LoraProducts(torch.autograd.Function):
         return grad_x, None, None, grad_A, grad_B, None
 
 
+def _plain_unhooked(layer: nn.Module) -> bool:
+    """An adapter layer whose call may be folded into a neighbour's product: a bias-free ``nn.Linear`` that no
+    per-sample-gradient hook (DP) needs to see called."""
+    return type(layer) is nn.Linear and layer.bias is None and unhooked(layer)
+
+
 class LoraLinear(peft.tuners.lora.layer.Linear):
     """peft's LoRA linear layer, y = base(x) + B(A x) * scaling, with the same parameters, state-dict keys, merge and
     export, and a forward that moves fewer bytes under autocast (the step's input and output are [B, L, features]):
@@ -212,7 +218,7 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
             return fused
         base = self._base_output(x_base, autocast=autocast)
         a = lora_A(self.lora_dropout[names[0]](x_adapter)) * self.scaling[names[0]]
-        if type(lora_B) is nn.Linear and lora_B.bias is None and unhooked(lora_B) and base.ndim >= 2:
+        if _plain_unhooked(lora_B) and base.ndim >= 2:
             # Nothing needs lora_B's own call (per-sample gradients hook it): the base output is the product's addend.
             return torch.addmm(base.flatten(0, -2), a.flatten(0, -2), lora_B.weight.t()).view(base.shape)
         return base + lora_B(a)
@@ -229,9 +235,7 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
             or not x.is_contiguous()  # F.linear takes another route for a non-contiguous input
             or x.dtype != torch.get_autocast_dtype(x.device.type)
             or not isinstance(self.lora_dropout[name], nn.Identity)
-            or any(
-                type(m) is not nn.Linear or m.bias is not None or not unhooked(m) for m in (lora_A, lora_B)
-            )
+            or not (_plain_unhooked(lora_A) and _plain_unhooked(lora_B))
         ):
             return None
         cast = self._frozen_base_cast(x.dtype)
