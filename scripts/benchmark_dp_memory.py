@@ -99,6 +99,22 @@ SHAPE_ONLY = {
 ACCUMULATING = {"addmm", "baddbmm", "addbmm", "addmv"}
 
 
+def copied_addend(name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor | None:
+    """The addend (``self``) that CUDA's addmm or baddbmm copies into an output other than itself before the product
+    accumulates into that output (ATen's ``addmm_out_cuda_impl``, ``baddbmm_out_cuda_impl``: cuBLAS's C is its
+    output), or None: in place (``out`` is ``self``), beta 0 (nothing added), or addmm's bias vector (1-D, beta 1),
+    which cuBLASLt adds in its epilogue. Such a call is two kernels: the copy, then a product that reads the output
+    it writes."""
+    if name.removesuffix("_") not in ("addmm", "baddbmm") or kwargs.get("beta", 1) == 0:
+        return None
+    addend = args[0]
+    if addend.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+        return None
+    if name == "addmm" and addend.dim() == 1 and kwargs.get("beta", 1) == 1:
+        return None
+    return addend
+
+
 # Arguments a schema marks as written that the kernel only reads when the keyword named is None: the fused
 # optimisers write the gradients only to unscale them by ``grad_scale``.
 READ_UNLESS = {"_fused_adamw_": ("grads", "grad_scale"), "_fused_adam_": ("grads", "grad_scale")}
@@ -132,7 +148,9 @@ def _distinct_bytes(t: torch.Tensor) -> int:
 class Traffic(TorchDispatchMode):
     """The memory traffic, FLOPs and kernels of an eager step, op by op: each tensor an operation takes counted as
     read once and each tensor it returns as written once (no reuse through caches between kernels: what an eager
-    GPU step moves at least), views and allocations excluded. ``roofline_s``: the sum over operations of
+    GPU step moves at least), views and allocations excluded; an addmm or baddbmm whose addend is not its output is
+    counted as CUDA runs it, a copy of the addend into the output and a product accumulating there
+    (``copied_addend``). ``roofline_s``: the sum over operations of
     max(FLOPs / matmul rate, bytes / bandwidth) at the H200 datasheet's rates (the half-precision rate where the
     first floating operand is bf16/fp16, else float32's), an estimate of the step on that chip, not a measurement."""
 
@@ -181,22 +199,31 @@ class Traffic(TorchDispatchMode):
         operands = [t for t in tree_leaves((args, kwargs | {"out": None})) if isinstance(t, torch.Tensor)]
         read = [t for t in operands if not (overwritten and t.untyped_storage().data_ptr() in written)]
         read = [] if name in SHAPE_ONLY else read
-        moved = sum(_distinct_bytes(t) for t in read + outputs)
-        flops = self._flops(func, args, kwargs, out)
+        addend = copied_addend(name, args, kwargs, outputs[0]) if product else None
+        if addend is not None:  # the copy's kernel; the product then reads its output instead of the addend
+            self._record(
+                f"copy_ (addend of {func.__name__})", _distinct_bytes(addend) + _distinct_bytes(outputs[0])
+            )
+            read = [t for t in read if t is not addend] + outputs[:1]
         floating = [t for t in inputs if t.is_floating_point()]
         # The rate follows the first operand's dtype, not that of a float32 mask beside it.
         half = bool(floating) and floating[0].dtype in HALF_TYPES
+        flops = self._flops(func, args, kwargs, out)
+        self._record(func.__name__, sum(_distinct_bytes(t) for t in read + outputs), flops=flops, half=half)
+        return out
+
+    def _record(self, name: str, moved: int, *, flops: int = 0, half: bool = False) -> None:
+        """One kernel moving ``moved`` bytes, on the roofline at the slower of its FLOPs' time and its bytes'."""
         rate = H200_DATASHEET["half_flops" if half else "float32_flops"]
         self.bytes += moved
         self.flops += flops
         self.kernels += 1
         seconds = max(flops / rate, moved / H200_DATASHEET["bytes"])
         self.roofline_s += seconds
-        entry = self.by_op.setdefault(func.__name__, [0, 0.0, 0.0])
+        entry = self.by_op.setdefault(name, [0, 0.0, 0.0])
         entry[0] += 1
         entry[1] += moved / 1e9
         entry[2] += 1e3 * seconds
-        return out
 
 
 class CudaAutocast(TorchFunctionMode):

@@ -108,6 +108,35 @@ def test_traffic_reads_a_broadcast_operand_once_and_reads_no_out_tensor_or_shape
     assert traffic.bytes == 2 * MIB + 1024 + MIB + 1024 + MIB // 2 + MIB + 4
 
 
+def test_an_addmm_into_a_new_tensor_is_counted_as_cuda_runs_it_a_copy_of_the_addend_and_the_product():
+    """CUDA's addmm and baddbmm copy an addend (``self``) that is not their output into it, then accumulate the
+    product there: 2 kernels, the output written twice and read once. Not so in place, with beta 0, or for
+    addmm's bias vector (cuBLASLt's epilogue)."""
+    m1, m2 = torch.ones(256, 64), torch.ones(64, 1024)
+    addend, out_bytes = torch.ones(256, 1024), 256 * 1024 * 4
+    operands = (256 * 64 + 64 * 1024) * 4
+
+    def counted(call) -> Traffic:
+        with Traffic() as traffic:
+            call()
+        return traffic
+
+    one_pass = operands + 2 * out_bytes  # the operands and the addend read, the output written
+    copied = counted(lambda: torch.addmm(addend, m1, m2))
+    assert (copied.kernels, copied.bytes) == (2, one_pass + 2 * out_bytes)
+    assert copied.by_op["copy_ (addend of addmm.default)"][:2] == [1, pytest.approx(2 * out_bytes / 1e9)]
+    into = torch.empty(256, 1024)
+    assert counted(lambda: torch.addmm(addend, m1, m2, out=into)).bytes == one_pass + 2 * out_bytes
+    in_place = counted(lambda: addend.clone().addmm_(m1, m2))  # the clone: 2 x out_bytes, 1 kernel
+    assert (in_place.kernels, in_place.bytes) == (2, one_pass + 2 * out_bytes)
+    assert counted(lambda: torch.addmm(addend, m1, m2, beta=0)).kernels == 1
+    vector = torch.ones(1024)
+    bias = counted(lambda: torch.addmm(vector, m1, m2))
+    assert (bias.kernels, bias.bytes) == (1, operands + 1024 * 4 + out_bytes)
+    batched = counted(lambda: torch.baddbmm(addend[None], m1[None], m2[None]))
+    assert (batched.kernels, batched.bytes) == (2, one_pass + 2 * out_bytes)
+
+
 def test_fused_adamw_reads_four_and_writes_three_float32_tensors_per_parameter():
     """The fused kernel returns nothing: its parameters and moments are written in place (the schema's ``a!``),
     its gradients only read (they are written only to unscale them by a grad_scale). 28 bytes per parameter,
@@ -265,9 +294,10 @@ def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input, hooked
     backward casts both gradients (2 + 4 each) and sums them in float32 (4 + 4 + 4); varsweep's casts once each
     way and adds the bf16 gradient into the other in place (4 + 2 + 4): 14. Per output entry, 8 bytes: peft
     scales the full-width product forward and backward, varsweep the rank-r one; and where nothing hooks
-    ``lora_B`` (no DP), 4 more: the base output read as the adapter product's addend (2) instead of that product
-    written (2) and both read and the sum written by an add (6); and for a bf16 input (``_LoraProducts``) 4 more
-    per input entry, its gradient's two products summed the same way."""
+    ``lora_B`` (no DP), 4 more: the adapter's product accumulated into the base output in place (read and
+    written: 4) instead of that product written (2) and both read and the sum written by an add (6); and for a
+    bf16 input (``_LoraProducts``) 4 more per input entry, its gradient's two products summed the same way. (Into
+    a new tensor, as CUDA copies the addend first, the same bytes as the add: this test failed so.)"""
     stock, ours = lora_twins(32.0)
     if hooked:
         ours.lora_B["default"].register_forward_hook(lambda *_: None)

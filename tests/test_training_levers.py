@@ -51,6 +51,7 @@ from trainables.models.var import (
     query_gain,
     scale_causal_attention,
     scaled,
+    split_heads,
     unit_vectors,
 )
 from trainables.patches import QKVBias, _qkv_bias_grad_sample, attention_parameters_as_modules
@@ -66,7 +67,7 @@ from trainables.training import (
 )
 
 sys.path.insert(0, str(REPO / "scripts"))
-from benchmark_dp_memory import CudaAutocast
+from benchmark_dp_memory import CudaAutocast, Traffic
 
 # float32 on CPU: the kernels sum the same products in another order. Measured differences are ~1e-7 relative
 # (logits) and ~1e-6 relative (gradients); a wrong mask or a lost chunk weight moves them by 1e-2 or more.
@@ -407,15 +408,16 @@ def test_per_scale_attention_accumulates_half_precision_gradients_in_float32():
 def test_per_scale_attention_writes_a_bf16_query_s_gradient_once_without_a_float32_buffer():
     """Under autocast the unit queries and keys reach attention in bf16 (``unit_vectors(dtype=...)``). Each row of
     q's gradient is one scale's: written straight into a bf16 buffer (the same bits as through float32), while
-    k's and v's, sums over scales, are accumulated in float32 and rounded once."""
+    k's and v's, sums over scales, are accumulated in float32 and rounded once (the rows only the finest scale
+    sees are that scale's gradient as it came)."""
     ends = (1, 5, 14, 30, 55)
     g = torch.Generator().manual_seed(4)
     qkv = [torch.randn(2, 3, ends[-1], 8, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3)]
     upstream_BHLc = torch.randn(2, 3, ends[-1], 8, generator=g).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_BHLc = kernel_attention(*qkv, ends, scale=0.3)
-    with _Recorder() as recorder:
-        out_BHLc.backward(upstream_BHLc)
+    with _Recorder() as recorder:  # autograd.grad: no accumulation into .grad among the ops recorded
+        grads = torch.autograd.grad(out_BHLc, qkv, upstream_BHLc)
     pieces = list(_scale_pieces([t.detach() for t in qkv], ends))
     expected_q = torch.cat(
         [
@@ -428,9 +430,12 @@ def test_per_scale_attention_writes_a_bf16_query_s_gradient_once_without_a_float
         ],
         dim=2,
     )
-    assert all(t.grad.dtype == torch.bfloat16 for t in qkv) and torch.equal(qkv[0].grad, expected_q)
-    # k and v: one float32 copy each to start their sums; q: a bf16 buffer, no float32 one and no cast after it.
-    assert recorder.ops.count("new_empty.default") == 1 and recorder.ops.count("_to_copy.default") == 4
+    assert all(grad.dtype == torch.bfloat16 for grad in grads) and torch.equal(grads[0], expected_q)
+    # q: a bf16 buffer, its rows copied in once each, no float32 one and no cast after it. k and v: the finest
+    # scale's gradients kept as they come, one float32 sum each over the rows coarser scales see (started by one
+    # widening add, not a float32 copy of every row) and copied once into those rows: no cast of a whole gradient.
+    assert recorder.ops.count("new_empty.default") == 3 and recorder.ops.count("addcmul.out") == 2
+    assert "_to_copy.default" not in recorder.ops and recorder.ops.count("copy_.default") == len(ends) + 2
 
 
 def test_per_scale_attention_refuses_a_double_backward():
@@ -562,6 +567,44 @@ def test_queries_scaled_into_the_attention_s_dtype_are_the_cast_product_with_its
     assert ours.dtype == torch.bfloat16 and torch.equal(ours, cast)
     assert [t.dtype for t in ours_grads] == [x_dtype, torch.float32]
     assert all(torch.equal(o, c) for o, c in zip(ours_grads, cast_grads, strict=True))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("unused", (None, 1))
+def test_split_heads_gives_the_views_and_autograd_s_gradients_bit_for_bit(dtype, unused):
+    """q, k and v [B, H, L, c] out of qkv [B, L, 3C], and qkv's gradient written into one tensor: autograd's
+    through the view, permute and unbind, bit for bit, also where one of the three gets no gradient."""
+    g = torch.Generator().manual_seed(4)
+    qkv_BL3C = torch.randn(2, 13, 3 * 4 * 8, generator=g).to(dtype)
+    upstream = [torch.randn(2, 4, 13, 8, generator=g).to(dtype) for _ in range(3)]
+    results = []
+    for ours in (False, True):
+        qkv = qkv_BL3C.clone().requires_grad_()
+        if ours:
+            pieces = split_heads(qkv, 4)
+        else:
+            pieces = qkv.view(2, 13, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        used = [(p * u).sum() for i, (p, u) in enumerate(zip(pieces, upstream, strict=True)) if i != unused]
+        (grad,) = torch.autograd.grad(sum(used), [qkv])
+        results.append((pieces, grad))
+    (plain, plain_grad), (pieces, grad) = results
+    assert all(torch.equal(p, q) and p.shape == (2, 4, 13, 8) for p, q in zip(pieces, plain, strict=True))
+    assert grad.dtype == dtype and grad.is_contiguous() and torch.equal(grad, plain_grad)
+
+
+def test_split_heads_writes_qkv_s_gradient_in_one_pass():
+    """Counted: autograd stacks the three gradients and then copies the stack into qkv's layout (4 + 4 bytes per
+    bf16 entry); ``split_heads`` writes each into place once (4)."""
+    qkv_BL3C = torch.randn(2, 64, 3 * 4 * 16).bfloat16()
+    upstream = torch.randn(3, 2, 4, 64, 16).bfloat16()
+    moved = {}
+    for ours in (False, True):
+        qkv = qkv_BL3C.clone().requires_grad_()
+        pieces = split_heads(qkv, 4) if ours else qkv.view(2, 64, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        with Traffic() as traffic:
+            torch.autograd.backward(pieces, list(upstream))
+        moved[ours] = traffic.bytes
+    assert moved[False] - moved[True] == 4 * qkv_BL3C.numel()
 
 
 def test_a_patched_head_scale_writes_the_attention_s_dtype_under_autocast():

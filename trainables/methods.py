@@ -139,18 +139,25 @@ class _CastOnce(torch.autograd.Function):
 class _LoraProducts(torch.autograd.Function):
     """y = x W^T + b + (s x A^T) B^T [..., out], LoRA's layer without hooks, for x and weights in one half dtype
     (the frozen base's kept cast; the adapter weights' casts, whose backward takes their gradients to float32).
-    Forward as ``LoraLinear``'s: the base output added inside the adapter's product. Backward: autograd's products
-    for the adapter weights' gradients, and the adapter's input gradient added inside the base's input-gradient
-    product (``addmm``), where autograd wrote both [N, in] products and then added them: 4 bytes per input entry
-    fewer (bf16), the sum rounded once."""
+    Forward as ``LoraLinear``'s: the adapter's product accumulated into the base output (``addmm_``). Backward:
+    autograd's products for the adapter weights' gradients, and the adapter's input gradient accumulated into the
+    base's input-gradient product, where autograd wrote both [N, in] products and then added them: 4 bytes per
+    input entry fewer (bf16), the sum rounded once. In place, both: an ``addmm`` into a new tensor first copies its
+    addend there (CUDA's kernel), as many bytes as the add it replaces."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
         x_Ni = x.view(-1, x.shape[-1])
         a_Nr = F.linear(x_Ni, lora_A) * scaling
-        # Written through a view into the output itself: a view returned by a Function could not be changed in place.
+        # The base output written into the returned tensor (a view returned by a Function could not be changed in
+        # place) and the adapter's product accumulated there: an addmm into another tensor copies its addend first.
         y = x.new_empty(*x.shape[:-1], weight.shape[0])
-        torch.addmm(F.linear(x_Ni, weight, bias), a_Nr, lora_B.t(), out=y.view(-1, weight.shape[0]))
+        y_No = y.view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(x_Ni, weight.t(), out=y_No)
+        else:  # the bias in the product's epilogue (cuBLASLt), as F.linear adds it
+            torch.addmm(bias, x_Ni, weight.t(), out=y_No)
+        y_No.addmm_(a_Nr, lora_B.t())
         ctx.save_for_backward(x_Ni, weight, lora_A, lora_B, a_Nr)
         ctx.scaling = scaling
         return y
@@ -169,7 +176,7 @@ class _LoraProducts(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_A = grad_a_Nr.t() @ x_Ni
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(g_No @ weight, grad_a_Nr, lora_A).view(grad_y.shape[:-1] + (x_Ni.shape[-1],))
+            grad_x = (g_No @ weight).addmm_(grad_a_Nr, lora_A).view(grad_y.shape[:-1] + (x_Ni.shape[-1],))
         return grad_x, None, None, grad_A, grad_B, None
 
 
@@ -192,9 +199,9 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
       autograd, the backward: B(A x * s) = B(A x) * s up to rounding, and bit for bit where s is a power of two
       (varsweep's default rank 16, alpha 32: s = 2). ``lora_B``'s hooks (DP) see A x * s, whose per-example
       gradient is exactly this layer's;
-    - where nothing hooks ``lora_B`` (no DP), the base output added inside its product (``addmm``): the sum rounded
-      once, not the adapter's product and then the sum, and one full-width pass fewer forward (the backward is
-      the same);
+    - where nothing hooks ``lora_B`` (no DP), its product accumulated into the base output (``addmm_``): the sum
+      rounded once, not the adapter's product and then the sum, and one full-width pass fewer forward (the backward
+      is the same);
     - under autocast, the frozen base weight's cast kept between steps (``_base_output``);
     - without hooks, under autocast, a half-precision input's gradient formed in one product sum
       (``_LoraProducts``).
@@ -216,11 +223,19 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         fused = self._fused_products(x, names[0], autocast=autocast)
         if fused is not None:
             return fused
-        base = self._base_output(x_base, autocast=autocast)
+        # Nothing needs lora_B's own call (per-sample gradients hook it), nor the base layer's input as given: the
+        # base output is made [N, out] and the adapter's product accumulated into it in place (``addmm_``; into a
+        # new tensor, addmm first copies its addend there).
+        base_layer = self.base_layer
+        into_base = _plain_unhooked(lora_B) and x.ndim >= 2 and type(base_layer) is nn.Linear
+        into_base = into_base and unhooked(base_layer)
+        base = self._base_output(x_base.flatten(0, -2) if into_base else x_base, autocast=autocast)
         a = lora_A(self.lora_dropout[names[0]](x_adapter)) * self.scaling[names[0]]
-        if _plain_unhooked(lora_B) and base.ndim >= 2:
-            # Nothing needs lora_B's own call (per-sample gradients hook it): the base output is the product's addend.
-            return torch.addmm(base.flatten(0, -2), a.flatten(0, -2), lora_B.weight.t()).view(base.shape)
+        if into_base and a.dtype == base.dtype:
+            product = base.addmm_(a.flatten(0, -2), lora_B.weight.to(base.dtype).t())
+            return product.view(*x.shape[:-1], product.shape[-1])
+        if into_base:
+            base = base.view(*x.shape[:-1], base.shape[-1])
         return base + lora_B(a)
 
     def _fused_products(self, x: torch.Tensor, name: str, *, autocast: bool) -> torch.Tensor | None:

@@ -218,10 +218,12 @@ class _PerScaleAttention(torch.autograd.Function):
         # once: its buffer, in the promotion of q's dtype and the attention's, holds the attention's gradients exactly.
         sums = [torch.promote_types(dtype, torch.float32) for dtype in ctx.dtypes]
         sums[0] = torch.promote_types(ctx.dtypes[0], ctx.dtype)
-        buffers: list[torch.Tensor | None] = [None, None, None]
+        # q's buffer; k's and v's finest-scale gradients (every row) and the sums over the rows coarser scales see.
+        q_grad, finest, coarse = None, [None, None, None], [None, None, None]
         starts = (0, *ctx.ends[:-1])
-        # Finest scale first: its keys and values span every row, so its gradients start k's and v's sums (no
-        # zero-filled buffer to add into), and q's rows, one range per scale, are each written once.
+        # Finest scale first: its keys and values span every row and its gradients, kept as they come, hold the
+        # finished gradients of the rows no coarser scale sees; the second finest starts the sums of the others (no
+        # zero-filled buffer to add into). q's rows, one range per scale, are each written once.
         for (leaves, out_BHlc), start, end in reversed(list(zip(ctx.graphs, starts, ctx.ends, strict=True))):
             wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
             grads = torch.autograd.grad(
@@ -229,17 +231,42 @@ class _PerScaleAttention(torch.autograd.Function):
             )
             for i, grad in zip(wanted, grads, strict=True):
                 if i == 0:  # q: this scale's rows only
-                    if buffers[0] is None:
-                        buffers[0] = grad_BHLc.new_empty(grad_BHLc.shape, dtype=sums[0])
-                    buffers[0][:, :, start:end].copy_(grad)
-                elif buffers[i] is None:  # k, v at the finest scale: every row; a fresh tensor, ours
-                    buffers[i] = grad.to(sums[i])
+                    if q_grad is None:
+                        q_grad = grad_BHLc.new_empty(grad_BHLc.shape, dtype=sums[0])
+                    q_grad[:, :, start:end].copy_(grad)
+                elif finest[i] is None:  # a fresh tensor, ours
+                    finest[i] = grad
+                elif coarse[i] is None:
+                    coarse[i] = _widened_sum(finest[i][:, :, :end], grad, sums[i])
                 else:
-                    buffers[i][:, :, :end].add_(grad)
+                    coarse[i][:, :, :end].add_(grad)
         if not keep:
             ctx.graphs = None
-        grads = [None if b is None else b.to(dtype) for b, dtype in zip(buffers, ctx.dtypes, strict=True)]
-        return (*grads, None, None, None)
+        kv_grads = [_joined(finest[i], coarse[i], ctx.dtypes[i]) for i in (1, 2)]
+        return (None if q_grad is None else q_grad.to(ctx.dtypes[0]), *kv_grads, None, None, None)
+
+
+def _widened_sum(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a + b in ``dtype``: into ``a`` itself (a view of a tensor of ours) where that is its dtype, else written once
+    into a new tensor, computed in ``dtype`` (a product by a broadcast one of ``dtype`` promotes the sum; the same
+    bits as casting a first and adding b to it)."""
+    if a.dtype == dtype:
+        return a.add_(b)
+    one = a.new_ones((1,) * a.dim(), dtype=dtype).expand(a.shape)
+    return torch.addcmul(a, b, one, out=a.new_empty(a.shape, dtype=dtype))
+
+
+def _joined(
+    finest: torch.Tensor | None, coarse: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """A key's or value's gradient in ``dtype``: the finest scale's gradients with the sums of the rows coarser
+    scales see (their leading rows) written over them, where the sums are not in them already."""
+    if finest is None:
+        return None
+    grad = finest.to(dtype)
+    if coarse is not None and coarse.dtype != finest.dtype:
+        grad[:, :, : coarse.shape[2]].copy_(coarse)
+    return grad
 
 
 def scale_causal_attention(
@@ -434,6 +461,43 @@ def scaled(
     return (x_BHLc * gain_1H11).to(dtype)
 
 
+class _SplitHeads(torch.autograd.Function):
+    """``split_heads`` with a backward that writes q's, k's and v's gradients straight into one [B, L, 3C] tensor:
+    autograd's stacked them ([3, B, H, L, c]) and then copied the stack into qkv's layout (the view's backward of a
+    permuted gradient), two passes over 3C per token where this makes one."""
+
+    @staticmethod
+    def forward(ctx, qkv_BL3C: torch.Tensor, heads: int):
+        ctx.dtype = qkv_BL3C.dtype
+        return _head_views(qkv_BL3C, heads)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads_BHLc):
+        like = next(g for g in grads_BHLc if g is not None)
+        B, H, L, c = like.shape
+        grad_BL3Hc = like.new_empty(B, L, 3, H, c, dtype=ctx.dtype)
+        for i, grad_BHLc in enumerate(grads_BHLc):
+            if grad_BHLc is None:  # no gradient came through this one (frozen keys, say)
+                grad_BL3Hc[:, :, i].zero_()
+            else:
+                grad_BL3Hc[:, :, i].copy_(grad_BHLc.transpose(1, 2))
+        return grad_BL3Hc.view(B, L, 3 * H * c), None
+
+
+def _head_views(qkv_BL3C: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+    B, L, C3 = qkv_BL3C.shape
+    return qkv_BL3C.view(B, L, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def split_heads(qkv_BL3C: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v [B, H, L, c], views of qkv [B, L, 3C] (``_SplitHeads`` when a gradient flows outside a compiled
+    region: the same values and gradients, one pass fewer backward)."""
+    if _own_backward(qkv_BL3C) and qkv_BL3C.is_contiguous():
+        return _SplitHeads.apply(qkv_BL3C, heads)
+    return _head_views(qkv_BL3C, heads)
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention; with ``attn_l2_norm`` q and k are unit vectors per head and q is scaled by the
     learned ``exp(min(scale_mul_1H11, ln 100))`` (softmax scale 1)."""
@@ -459,8 +523,7 @@ class SelfAttention(nn.Module):
         self, x_BLC: torch.Tensor, *, attn_mask: AttentionMask, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
         B, L, C = x_BLC.shape
-        qkv_BL3Hc = self.qkv_with_bias(x_BLC).view(B, L, 3, self.num_heads, self.head_dim)
-        q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(0)
+        q_BHLc, k_BHLc, v_BHLc = split_heads(self.qkv_with_bias(x_BLC), self.num_heads)
         if self.attn_l2_norm:
             # Under autocast, written in the dtype the attention takes them in (None: as F.normalize's).
             dtype = _autocast_dtype(x_BLC.device.type, None)
@@ -474,8 +537,7 @@ class SelfAttention(nn.Module):
     def step(self, x_BlC: torch.Tensor, *, kv_cache: KVCache) -> torch.Tensor:
         """Cached sampling: one scale's tokens [B, l, C] attend to every cached token and their own."""
         B, l, C = x_BlC.shape  # noqa: E741
-        qkv_Bl3Hc = self.qkv_with_bias(x_BlC).view(B, l, 3, self.num_heads, self.head_dim)
-        q_BHlc, k_BHlc, v_BHlc = qkv_Bl3Hc.permute(2, 0, 3, 1, 4).unbind(0)
+        q_BHlc, k_BHlc, v_BHlc = _head_views(self.qkv_with_bias(x_BlC), self.num_heads)
         if self.attn_l2_norm:
             q_BHlc = self.unit_queries(q_BHlc)
             k_BHlc = F.normalize(k_BHlc, dim=-1)
