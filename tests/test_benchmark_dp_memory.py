@@ -321,6 +321,28 @@ def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input, hooked
     assert counted["ours"].kernels < counted["stock"].kernels
 
 
+def test_a_frozen_bias_added_inside_the_lora_layer_s_product_saves_its_add():
+    """mat_qkv's q/v biases under autocast, unhooked (``linear_plus_bias``): no add over the output after the layer
+    (2 + 2 bytes per bf16 output entry, and the bias read); the bias is summed with the base's own [out] bias
+    instead (two [out] reads and a write)."""
+    _, ours = lora_twins(32.0)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2)).bfloat16()
+    bias = torch.randn(40)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(x)  # the frozen base's kept cast, made at the first call
+    moved = {}
+    for folded in (False, True):
+        ours.zero_grad(set_to_none=True)  # no accumulation into the last call's
+        x_in = x.clone().requires_grad_()
+        with Traffic() as traffic:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = ours.linear_plus_bias(x_in, bias) if folded else ours(x_in) + bias.bfloat16()
+            y.backward(torch.ones_like(y))
+        moved[folded] = traffic.bytes
+    outputs = 3 * 7 * 40
+    assert moved[False] - moved[True] == 4 * outputs + 2 * 40 - 3 * 2 * 40
+
+
 def test_later_steps_do_not_cast_a_frozen_base_weight():
     """Counted under autocast: from the second call on, the base weight [40, 24] and bias [40] are not read in
     float32 and written in bf16 (4 + 2 bytes each), one kernel each fewer."""

@@ -404,6 +404,46 @@ def test_lora_layer_adds_the_base_output_inside_the_adapter_s_product_rounding_o
     assert (mine.double() - exact).abs().mean() < (theirs.double() - exact).abs().mean()
 
 
+def test_lora_layer_adds_a_frozen_bias_inside_its_product_with_the_same_gradients():
+    """``linear_plus_bias`` (mat_qkv's q/v biases, under autocast, unhooked): the layer's output plus the bias, the
+    bias added in the base product before its rounding, closer to the exact sum than adding it after the layer,
+    within one bf16 step of its largest entry; the gradients of the input and adapter weights bit for bit those of
+    the bias added after (the bias adds nothing to them). None where that path does not run: no autocast, a bias
+    that trains, or ``lora_B`` hooked (DP): the caller then adds it itself."""
+    _, ours = lora_twins(32.0)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(6)).bfloat16()
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(7))
+    upstream = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(8)).bfloat16()
+    results = []
+    for folded in (False, True):
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ours.linear_plus_bias(x_in, bias) if folded else ours(x_in) + bias.bfloat16()
+        y.backward(upstream)
+        results.append([y, x_in.grad] + [p.grad.clone() for p in ours.parameters() if p.requires_grad])
+        ours.zero_grad(set_to_none=True)
+    (after, *after_grads), (inside, *inside_grads) = results
+    assert inside.dtype == torch.bfloat16 and all(
+        torch.equal(a, b) for a, b in zip(after_grads, inside_grads)
+    )
+    with torch.no_grad():
+        layer = ours.base_layer
+        a = x.double() @ ours.lora_A["default"].weight.bfloat16().double().T * ours.scaling["default"]
+        exact = x.double() @ layer.weight.bfloat16().double().T + layer.bias.bfloat16().double()
+        exact = (
+            exact
+            + bias.bfloat16().double()
+            + a.bfloat16().double() @ ours.lora_B["default"].weight.bfloat16().double().T
+        )
+    assert (inside.double() - exact).abs().max() <= torch.finfo(torch.bfloat16).eps * exact.abs().max()
+    assert (inside.double() - exact).abs().mean() < (after.double() - exact).abs().mean()
+    assert ours.linear_plus_bias(x, bias) is None  # no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours.linear_plus_bias(x, bias.clone().requires_grad_()) is None
+        ours.lora_B["default"].register_forward_hook(lambda *_: None)
+        assert ours.linear_plus_bias(x, bias) is None
+
+
 def test_a_frozen_base_weight_is_cast_once_and_recast_when_it_changes():
     """Under autocast the frozen base's bf16 cast is kept between calls (autocast would cast it at every call):
     later steps give the first step's outputs and gradients bit for bit, with no cast of the weight; an in-place

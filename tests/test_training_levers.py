@@ -985,12 +985,17 @@ def test_a_tiny_var_trains_under_autocast_with_the_modulation_as_with_the_publis
         assert (grads[name] - expected).abs().max() <= 2**-6 * scale, name
 
 
+@pytest.mark.parametrize("method", ("full", "lora"))
 @pytest.mark.parametrize("autocast", (False, True))
-def test_unhooked_patch_modules_are_folded_with_the_numbers_of_their_calls(vqvae, autocast, monkeypatch):
-    """Full fine-tuning without DP: nothing hooks the patch modules holding the q/v biases and the queries' scale,
-    so the biases go into the qkv product and the gain into the normalisation, neither module called. Hooked (as
-    per-sample gradients hook them), each module is called. Loss and gradients as with the calls: float32 to its
-    rounding; under CPU bf16 autocast, to bf16 roundings (the bias added before the product's rounding, once)."""
+def test_unhooked_patch_modules_are_folded_with_the_numbers_of_their_calls(
+    vqvae, autocast, method, monkeypatch
+):
+    """Without DP nothing hooks the patch modules holding the q/v biases and the queries' scale, so the biases go
+    into the qkv product and the gain into the normalisation, neither module called (LoRA's mat_qkv takes the
+    frozen biases into its product under autocast, ``linear_plus_bias``; outside it the bias module is called).
+    Hooked (as per-sample gradients hook them), each module is called. Loss and gradients as with the calls:
+    float32 to its rounding; under CPU bf16 autocast, to bf16 roundings (the bias added before the product's
+    rounding, once)."""
     from trainables.patches import HeadScale, QKVBias
 
     label_B, idx_Bl = batch()
@@ -998,7 +1003,7 @@ def test_unhooked_patch_modules_are_folded_with_the_numbers_of_their_calls(vqvae
     results = {}
     for hooked in (True, False):
         calls = []
-        var = adapted("full")
+        var = adapted(method)
         with torch.no_grad():  # the biases and scales off their zero and published starts
             for name, p in var.named_parameters():
                 if name.endswith(("q_bias", "v_bias", "scale_mul_1H11")):
@@ -1019,7 +1024,8 @@ def test_unhooked_patch_modules_are_folded_with_the_numbers_of_their_calls(vqvae
         monkeypatch.undo()
         results[hooked] = (loss.detach(), gradients(var), calls)
     blocks = TINY_VAR["depth"]
-    assert results[True][2].count(1) == 2 * blocks and results[False][2] == []
+    bias_calls = [0] * blocks if method == "lora" and not autocast else []
+    assert results[True][2].count(1) == 2 * blocks and results[False][2] == bias_calls
     (loss, grads, _), (called_loss, called_grads, _) = results[False], results[True]
     torch.testing.assert_close(loss, called_loss, rtol=1e-2 if autocast else 1e-6, atol=0)
     for name, expected in called_grads.items():

@@ -208,11 +208,30 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
     Anything else goes to peft's forward: merged or disabled adapters, several active adapters, mixed batches, LoRA
     variants, and, outside autocast, an input whose dtype is not the adapter's (peft casts it)."""
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _single_adapter(self) -> str | None:
+        """The one active, unmerged adapter of the plain LoRA variant that this layer's own paths compute; None
+        where peft's forward is left to."""
         names = [name for name in self.active_adapters if name in self.lora_A]
-        if args or kwargs or self.disable_adapters or self.merged or self.lora_variant or len(names) != 1:
+        plain = not (self.disable_adapters or self.merged or self.lora_variant)
+        return names[0] if plain and len(names) == 1 else None
+
+    def linear_plus_bias(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
+        """This layer's output plus a frozen ``bias`` [out] (the attention's q/v biases on mat_qkv's output), the
+        bias added inside the base product as a Linear's own bias is (``_fused_products``: no full-width add after
+        it), or None where that path does not run (the caller adds the bias after calling the layer)."""
+        if torch.compiler.is_compiling():  # a compiled block adds it after, fused by inductor
+            return None
+        name = self._single_adapter()
+        device = x.device.type
+        if name is None or bias.requires_grad or device == "meta" or not torch.is_autocast_enabled(device):
+            return None
+        return self._fused_products(x, name, autocast=True, extra_bias=bias)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self._single_adapter()
+        if args or kwargs or name is None:
             return super().forward(x, *args, **kwargs)
-        lora_A, lora_B = self.lora_A[names[0]], self.lora_B[names[0]]
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         device = x.device.type
         autocast = device != "meta" and torch.is_autocast_enabled(device)  # no autocast state on meta
         if not autocast and x.dtype != lora_A.weight.dtype:
@@ -220,7 +239,7 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         x_base = x_adapter = x
         if autocast and x.dtype == torch.float32 and not torch.compiler.is_compiling():
             x_base, x_adapter = _CastOnce.apply(x, torch.get_autocast_dtype(device))
-        fused = self._fused_products(x, names[0], autocast=autocast)
+        fused = self._fused_products(x, name, autocast=autocast)
         if fused is not None:
             return fused
         # Nothing needs lora_B's own call (per-sample gradients hook it), nor the base layer's input as given: the
@@ -230,7 +249,7 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         into_base = _plain_unhooked(lora_B) and x.ndim >= 2 and type(base_layer) is nn.Linear
         into_base = into_base and unhooked(base_layer)
         base = self._base_output(x_base.flatten(0, -2) if into_base else x_base, autocast=autocast)
-        a = lora_A(self.lora_dropout[names[0]](x_adapter)) * self.scaling[names[0]]
+        a = lora_A(self.lora_dropout[name](x_adapter)) * self.scaling[name]
         if into_base and a.dtype == base.dtype:
             product = base.addmm_(a.flatten(0, -2), lora_B.weight.to(base.dtype).t())
             return product.view(*x.shape[:-1], product.shape[-1])
@@ -238,10 +257,13 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
             base = base.view(*x.shape[:-1], base.shape[-1])
         return base + lora_B(a)
 
-    def _fused_products(self, x: torch.Tensor, name: str, *, autocast: bool) -> torch.Tensor | None:
+    def _fused_products(
+        self, x: torch.Tensor, name: str, *, autocast: bool, extra_bias: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The layer by ``_LoraProducts`` (its input gradient's two products summed in one), where that is the same
         computation: under autocast, x in the autocast dtype (mat_qkv's, proj's, fc1's, fc2's inputs), the base
-        frozen with its cast kept, plain bias-free adapter layers without hooks (no DP) or dropout. None otherwise."""
+        frozen with its cast kept, plain bias-free adapter layers without hooks (no DP) or dropout. None otherwise.
+        ``extra_bias`` (frozen, [out]): added with the base's own bias, in the autocast dtype."""
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         if (
             torch.compiler.is_compiling()  # first: the checks below would break a compiled graph
@@ -256,8 +278,11 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         cast = self._frozen_base_cast(x.dtype)
         if cast is None:
             return None
+        bias = cast["bias"]
+        if extra_bias is not None:
+            bias = extra_bias.to(x.dtype) if bias is None else bias + extra_bias.to(x.dtype)
         adapter = [layer.weight.to(x.dtype) for layer in (lora_A, lora_B)]
-        return _LoraProducts.apply(x, cast["weight"], cast["bias"], *adapter, self.scaling[name])
+        return _LoraProducts.apply(x, cast["weight"], bias, *adapter, self.scaling[name])
 
     def _base_output(self, x: torch.Tensor, *, autocast: bool) -> torch.Tensor:
         """The base layer's output. Under autocast, a frozen base (its weight and bias) is cast to the autocast
