@@ -1,7 +1,8 @@
 """Peak tensor memory and FLOPs of a DP step (book-keeping) against the non-DP step on the same rows, counted exactly
 on a CPU: every tensor storage an operation creates is counted from its creation to its release, as CUDA's allocator
 counts ``max_memory_allocated`` (without its rounding, caching and kernel workspaces), and every operation's FLOPs by
-PyTorch's FLOP counter (matrix products and attention; the same count on any device). Optionally beside another git
+PyTorch's FLOP counter's formulas (matrix products and attention; the same count on any device; in-place products,
+which that counter skips, by their out-of-place formulas). Optionally beside another git
 revision's code, each configuration in its own process.
 
 Usage: python scripts/benchmark_dp_memory.py [--depth 2] [--width 1024 --heads 16] [--views 1:8,8:16]
@@ -11,7 +12,7 @@ Geometry: VAR-d16's layer widths (1024, 16 heads; ``--width 1280 --heads 20`` fo
 one physical batch of all rows. Parameters and optimiser state scale with depth like the activations, so a few
 blocks give d16's ratios at the same rows (the class embedding and the head are a larger share). ``bf16``: the forwards under CPU bf16 autocast, as GPU
 training runs them; ``fp32``: as CPU trials run. Step 1 creates AdamW's state; step 2's memory is counted, step 3's
-FLOPs. Reported: the memory held before the step (parameters, optimiser state), the peak of what the step adds over
+traffic and FLOPs. Reported: the memory held before the step (parameters, optimiser state), the peak of what the step adds over
 it, where it peaked (forward, backward, the clipped sum after the backward, the update) and the step's FLOPs.
 """
 
@@ -163,6 +164,9 @@ class Traffic(TorchDispatchMode):
 
     def _flops(self, func, args, kwargs, out) -> int:
         formula = self.formulas.get(func.overloadpacket)
+        name = func.__name__.split(".")[0]
+        if formula is None and name.removesuffix("_") in ACCUMULATING:  # PyTorch's counter skips in-place products
+            formula = self.formulas.get(getattr(torch.ops.aten, name.removesuffix("_")))
         if formula is None:
             return 0
         if func is torch.ops.aten.bmm.dtype:  # its out_dtype is no shape
@@ -391,9 +395,6 @@ def _measure(config: dict, *, depth: int) -> dict:
     with tracker:
         step()
     restore()
-    flops = FlopCounterMode(display=False)
-    with flops:
-        step()
     traffic = Traffic()
     with traffic:
         step()
@@ -402,7 +403,7 @@ def _measure(config: dict, *, depth: int) -> dict:
         "held_mib": held / MIB,
         "peak_mib": tracker.peak / MIB,
         "peak_phase": tracker.peak_phase,
-        "flops": flops.get_total_flops(),
+        "flops": traffic.flops,
         "traffic_gb": traffic.bytes / 1e9,
         "kernel_count": traffic.kernels,
         "roofline_ms": 1e3 * traffic.roofline_s,

@@ -111,7 +111,7 @@ def test_traffic_reads_a_broadcast_operand_once_and_reads_no_out_tensor_or_shape
 def test_an_addmm_into_a_new_tensor_is_counted_as_cuda_runs_it_a_copy_of_the_addend_and_the_product():
     """CUDA's addmm and baddbmm copy an addend (``self``) that is not their output into it, then accumulate the
     product there: 2 kernels, the output written twice and read once. Not so in place, with beta 0, or for
-    addmm's bias vector (cuBLASLt's epilogue)."""
+    addmm's bias vector (cuBLASLt's epilogue). An in-place product's FLOPs are counted as the others'."""
     m1, m2 = torch.ones(256, 64), torch.ones(64, 1024)
     addend, out_bytes = torch.ones(256, 1024), 256 * 1024 * 4
     operands = (256 * 64 + 64 * 1024) * 4
@@ -129,6 +129,7 @@ def test_an_addmm_into_a_new_tensor_is_counted_as_cuda_runs_it_a_copy_of_the_add
     assert counted(lambda: torch.addmm(addend, m1, m2, out=into)).bytes == one_pass + 2 * out_bytes
     in_place = counted(lambda: addend.clone().addmm_(m1, m2))  # the clone: 2 x out_bytes, 1 kernel
     assert (in_place.kernels, in_place.bytes) == (2, one_pass + 2 * out_bytes)
+    assert in_place.flops == copied.flops == 2 * 256 * 64 * 1024  # in place too (PyTorch's counter skips it)
     assert counted(lambda: torch.addmm(addend, m1, m2, beta=0)).kernels == 1
     vector = torch.ones(1024)
     bias = counted(lambda: torch.addmm(vector, m1, m2))
