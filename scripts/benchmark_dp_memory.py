@@ -102,18 +102,19 @@ ACCUMULATING = {"addmm", "baddbmm", "addbmm", "addmv"}
 
 def copied_addend(name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor | None:
     """The addend (``self``) that CUDA's addmm or baddbmm copies into an output other than itself before the product
-    accumulates into that output (ATen's ``addmm_out_cuda_impl``, ``baddbmm_out_cuda_impl``: cuBLAS's C is its
-    output), or None: in place (``out`` is ``self``), beta 0 (nothing added), or addmm's bias vector (1-D, beta 1),
-    which cuBLASLt adds in its epilogue. Such a call is two kernels: the copy, then a product that reads the output
-    it writes."""
-    if name.removesuffix("_") not in ("addmm", "baddbmm") or kwargs.get("beta", 1) == 0:
+    accumulates into that output (ATen's ``addmm_out_cuda_impl``, ``baddbmm``'s meta function: cuBLAS's C is its
+    output), or None: in place (``out`` is ``self``), beta 0 (nothing added), or addmm's bias vector, which
+    cuBLASLt adds in its epilogue (1-D and contiguous, beta 1, both factors at least 2 x 2). Such a call is two
+    kernels: the copy, then a product that reads the output it writes. (addmv and addbmm copy too; no step uses
+    them.)"""
+    beta = kwargs.get("beta", 1)
+    if name.removesuffix("_") not in ("addmm", "baddbmm") or beta == 0:
         return None
-    addend = args[0]
-    if addend.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+    addend, factors = args[0], args[1:3]
+    if addend.data_ptr() == out.data_ptr() and (addend.shape, addend.stride()) == (out.shape, out.stride()):
         return None
-    if name == "addmm" and addend.dim() == 1 and kwargs.get("beta", 1) == 1:
-        return None
-    return addend
+    bias = addend.dim() == 1 and addend.is_contiguous() and all(min(f.shape) > 1 for f in factors)
+    return None if name == "addmm" and bias and beta == 1 else addend
 
 
 # Arguments a schema marks as written that the kernel only reads when the keyword named is None: the fused

@@ -418,7 +418,7 @@ def test_lora_layer_adds_a_frozen_bias_inside_its_product_with_the_same_gradient
     for folded in (False, True):
         x_in = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = ours.linear_plus_bias(x_in, bias) if folded else ours(x_in) + bias.bfloat16()
+            y = ours.linear_plus_bias(x_in, lambda: bias) if folded else ours(x_in) + bias.bfloat16()
         y.backward(upstream)
         results.append([y, x_in.grad] + [p.grad.clone() for p in ours.parameters() if p.requires_grad])
         ours.zero_grad(set_to_none=True)
@@ -437,11 +437,48 @@ def test_lora_layer_adds_a_frozen_bias_inside_its_product_with_the_same_gradient
         )
     assert (inside.double() - exact).abs().max() <= torch.finfo(torch.bfloat16).eps * exact.abs().max()
     assert (inside.double() - exact).abs().mean() < (after.double() - exact).abs().mean()
-    assert ours.linear_plus_bias(x, bias) is None  # no autocast
+    made = []
+
+    def bias_fn(trains: bool = False):
+        made.append(trains)
+        return bias.clone().requires_grad_(trains)
+
+    assert ours.linear_plus_bias(x, bias_fn) is None and made == []  # no autocast: the bias not even made
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ours.linear_plus_bias(x, bias.clone().requires_grad_()) is None
+        assert ours.linear_plus_bias(x, lambda: bias_fn(True)) is None and made == [True]
         ours.lora_B["default"].register_forward_hook(lambda *_: None)
-        assert ours.linear_plus_bias(x, bias) is None
+        assert ours.linear_plus_bias(x, bias_fn) is None and made == [True]
+
+
+def test_lora_layer_calls_a_hooked_base_layer_with_the_input_as_given():
+    """The unfused path (float32, no autocast: CPU trials) gives the base layer a [N, in] input to accumulate the
+    adapter's product into in place, unless something hooks the base layer: a hook then sees the input as the
+    layer got it. The same output either way."""
+    _, ours = lora_twins(32.0)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(9))
+    expected = ours(x)
+    seen = []
+    ours.base_layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    torch.testing.assert_close(ours(x), expected, rtol=1e-6, atol=1e-6)
+    assert seen == [x.shape]
+
+
+def test_a_hooked_lora_mat_qkv_is_called_not_asked_to_add_the_biases():
+    """A LoRA-adapted attention under autocast adds its frozen q/v biases inside mat_qkv's product
+    (``linear_plus_bias``), but a hook on mat_qkv itself (the wrapper) must see its call: then it is called and
+    the biases added after."""
+    var = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0))
+    adapt(var, MethodConfig(name="lora", lora_rank=4), num_classes=TINY_VAR["num_classes"], seed=0)
+    attention = var.blocks[0].attn
+    x_BLC = torch.randn(2, 5, TINY_VAR["embed_dim"], generator=torch.Generator().manual_seed(1))
+    calls = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        folded = attention.qkv_with_bias(x_BLC.bfloat16())
+        attention.mat_qkv.register_forward_hook(lambda *_: calls.append(1))
+        called = attention.qkv_with_bias(x_BLC.bfloat16())
+    assert calls == [1]
+    one_step = torch.finfo(torch.bfloat16).eps * called.float().abs().max()
+    assert (folded.float() - called.float()).abs().max() <= one_step
 
 
 def test_a_frozen_base_weight_is_cast_once_and_recast_when_it_changes():

@@ -215,17 +215,18 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         plain = not (self.disable_adapters or self.merged or self.lora_variant)
         return names[0] if plain and len(names) == 1 else None
 
-    def linear_plus_bias(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
-        """This layer's output plus a frozen ``bias`` [out] (the attention's q/v biases on mat_qkv's output), the
-        bias added inside the base product as a Linear's own bias is (``_fused_products``: no full-width add after
-        it), or None where that path does not run (the caller adds the bias after calling the layer)."""
+    def linear_plus_bias(self, x: torch.Tensor, bias_fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """This layer's output plus a frozen bias [out], ``bias_fn()`` (the attention's q/v biases on mat_qkv's
+        output, made only if used), the bias added inside the base product as a Linear's own bias is
+        (``_fused_products``: no full-width add after it), or None where that path does not run or the bias
+        trains (the caller adds the bias after calling the layer)."""
         if torch.compiler.is_compiling():  # a compiled block adds it after, fused by inductor
             return None
         name = self._single_adapter()
         device = x.device.type
-        if name is None or bias.requires_grad or device == "meta" or not torch.is_autocast_enabled(device):
+        if name is None or device == "meta" or not torch.is_autocast_enabled(device):
             return None
-        return self._fused_products(x, name, autocast=True, extra_bias=bias)
+        return self._fused_products(x, name, autocast=True, extra_bias=bias_fn)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self._single_adapter()
@@ -258,12 +259,18 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         return base + lora_B(a)
 
     def _fused_products(
-        self, x: torch.Tensor, name: str, *, autocast: bool, extra_bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        name: str,
+        *,
+        autocast: bool,
+        extra_bias: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """The layer by ``_LoraProducts`` (its input gradient's two products summed in one), where that is the same
         computation: under autocast, x in the autocast dtype (mat_qkv's, proj's, fc1's, fc2's inputs), the base
         frozen with its cast kept, plain bias-free adapter layers without hooks (no DP) or dropout. None otherwise.
-        ``extra_bias`` (frozen, [out]): added with the base's own bias, in the autocast dtype."""
+        ``extra_bias``: a function making a bias [out] to add with the base's own, in the autocast dtype (None
+        returned if it trains: its gradient is not formed here)."""
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         if (
             torch.compiler.is_compiling()  # first: the checks below would break a compiled graph
@@ -280,7 +287,10 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
             return None
         bias = cast["bias"]
         if extra_bias is not None:
-            bias = extra_bias.to(x.dtype) if bias is None else bias + extra_bias.to(x.dtype)
+            extra = extra_bias()
+            if extra.requires_grad:
+                return None
+            bias = extra.to(x.dtype) if bias is None else bias + extra.to(x.dtype)
         adapter = [layer.weight.to(x.dtype) for layer in (lora_A, lora_B)]
         return _LoraProducts.apply(x, cast["weight"], bias, *adapter, self.scaling[name])
 

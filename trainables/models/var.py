@@ -469,6 +469,7 @@ class _SplitHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv_BL3C: torch.Tensor, heads: int):
         ctx.dtype = qkv_BL3C.dtype
+        ctx.set_materialize_grads(False)  # an unused piece's gradient comes as None, not a zero-filled tensor
         return _head_views(qkv_BL3C, heads)
 
     @staticmethod
@@ -549,15 +550,15 @@ class SelfAttention(nn.Module):
         """``add_qkv_bias(mat_qkv(x))`` [B, l, 3C]. When ``mat_qkv`` is a plain Linear and neither it nor the patch
         module holding the biases (if one does) is hooked, the bias goes into the product itself, as the published
         code's ``F.linear`` adds it (one addmm instead of a matmul and an add over 3C). A wrapping layer that offers
-        ``linear_plus_bias(x, bias)`` (LoRA's, when nothing hooks it) is asked to add the biases in its product the
-        same way. Otherwise the modules are called, so the hooks of per-sample gradients see their calls."""
+        ``linear_plus_bias(x, bias_fn)`` (LoRA's, when nothing hooks it) is asked to add the biases in its product
+        the same way (``bias_fn()`` makes them, called only if it does). Otherwise the modules are called, so the hooks of per-sample gradients see their calls."""
         mat, biases = self.mat_qkv, self.qkv_bias
         foldable = unhooked(mat) and (biases is None or unhooked(biases))
         if type(mat) is nn.Linear and foldable:
             return F.linear(x_BlC, mat.weight, self.biases_3C().to(mat.weight.dtype))
         # A wrapping layer (LoRA's) may add a bias inside its own product: ``linear_plus_bias`` (None: it cannot).
         plus_bias = getattr(mat, "linear_plus_bias", None) if foldable else None
-        qkv_BL3C = None if plus_bias is None else plus_bias(x_BlC, self.biases_3C())
+        qkv_BL3C = None if plus_bias is None else plus_bias(x_BlC, self.biases_3C)
         return self.add_qkv_bias(mat(x_BlC)) if qkv_BL3C is None else qkv_BL3C
 
     def biases_3C(self) -> torch.Tensor:
