@@ -166,7 +166,8 @@ class Traffic(TorchDispatchMode):
     def _flops(self, func, args, kwargs, out) -> int:
         formula = self.formulas.get(func.overloadpacket)
         name = func.__name__.split(".")[0]
-        if formula is None and name.removesuffix("_") in ACCUMULATING:  # PyTorch's counter skips in-place products
+        # PyTorch's counter has no formula for an in-place product: its out-of-place one.
+        if formula is None and name.removesuffix("_") in ACCUMULATING:
             formula = self.formulas.get(getattr(torch.ops.aten, name.removesuffix("_")))
         if formula is None:
             return 0
