@@ -173,6 +173,38 @@ def refuse_older_results(
         )
 
 
+# Ray's queue actor that carries Train's reports to a Tune trial: stopped with SIGTERM when its trial ends, Ray's
+# SIGTERM handler may raise SystemExit inside the actor's interpreter shutdown (threading._shutdown), which prints a
+# traceback under "(_QueueActor pid=...)" on the driver's console though nothing failed. The actor is Ray's own and
+# writes nothing else to stderr; a real failure of the reports surfaces as the trial's failed result.
+QUIET_ACTORS = ("_QueueActor",)
+
+
+def _without_quiet_actors_stderr(handler):
+    def handle(data: dict) -> None:
+        if not (data.get("is_err") and data.get("actor_name") in QUIET_ACTORS):
+            handler(data)
+
+    return handle
+
+
+def quiet_ray_internal_actors() -> bool:
+    """Keep the stderr of Ray's internal actors named in ``QUIET_ACTORS`` off the driver's console (everything
+    else printed as before); returns whether it could (False: a Ray whose log dispatcher is not as expected, left
+    unchanged)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        with dispatcher._lock:
+            dispatcher.handlers = [
+                (name, _without_quiet_actors_stderr(h) if name == "ray_print_logs" else h)
+                for name, h in dispatcher.handlers
+            ]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+    return True
+
+
 def _quiet_expected_exit(unraisable) -> None:
     if not issubclass(unraisable.exc_type, SystemExit):
         sys.__unraisablehook__(unraisable)
@@ -705,6 +737,7 @@ def run_sweep(
             logging_level=logging.WARNING,
             runtime_env={"env_vars": {**RUNTIME_ENV_VARS, **poll}},
         )
+        quiet_ray_internal_actors()
     logging.getLogger("ray.tune").setLevel(
         logging.CRITICAL
     )  # Tune's own summaries and errors: ours are in the results

@@ -264,3 +264,29 @@ def test_clearing_the_cache_keeps_every_result_and_sample_image(demo, workdir):
         len(list((workdir / "after" / "grids").glob("*.png"))) == 5
         and len(list((storage / "results").glob("*.json"))) == 6
     )
+
+
+def test_the_queue_actor_s_teardown_traceback_stays_off_the_console():
+    """Ray stops the queue actor that carries Train's reports to Tune with SIGTERM, which may print a SystemExit
+    traceback under "(_QueueActor pid=...)" (seen once in a fresh clone's demo). The driver's log handler drops that
+    actor's stderr and passes everything else: its stdout, every other process's stderr."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from bench.launcher import quiet_ray_internal_actors
+
+    printed = []
+    saved = list(dispatcher.handlers)
+    dispatcher.handlers = [("ray_print_logs", printed.append)]
+    try:
+        assert quiet_ray_internal_actors()
+        batches = [
+            {"is_err": True, "actor_name": "_QueueActor", "pid": 1, "lines": ["Traceback", "SystemExit: 1"]},
+            {"is_err": False, "actor_name": "_QueueActor", "pid": 1, "lines": ["a line"]},
+            {"is_err": True, "actor_name": "RayTrainWorker", "pid": 2, "lines": ["Traceback", "ValueError"]},
+            {"is_err": True, "task_name": "task", "pid": 3, "lines": ["an error"]},
+        ]
+        for data in batches:
+            dispatcher.emit(data)
+    finally:
+        dispatcher.handlers = saved
+    assert printed == batches[1:]
