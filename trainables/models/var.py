@@ -252,8 +252,13 @@ def _widened_sum(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.
     bits as casting a first and adding b to it)."""
     if a.dtype == dtype:
         return a.add_(b)
-    one = a.new_ones((1,) * a.dim(), dtype=dtype).expand(a.shape)
-    return torch.addcmul(a, b, one, out=a.new_empty(a.shape, dtype=dtype))
+    return torch.addcmul(a, b, _broadcast(a, 1.0, dtype), out=a.new_empty(a.shape, dtype=dtype))
+
+
+def _broadcast(a: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` in ``dtype``, broadcast to a's shape (nothing written): beside a and b in an element-wise op it makes
+    the op compute in ``dtype`` (type promotion) without a copy of either."""
+    return a.new_full((), value, dtype=dtype).expand(a.shape)
 
 
 def _joined(
@@ -353,8 +358,7 @@ def wide_products(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch
     type (a plain product of two bf16 tensors rounds to bf16). ``out=``: CUDA autocast would copy the operands."""
     if torch.promote_types(a.dtype, b.dtype) == dtype:
         return a * b
-    zero = a.new_zeros((), dtype=dtype).expand(a.shape)
-    return torch.addcmul(zero, a, b, out=a.new_empty(a.shape, dtype=dtype))
+    return torch.addcmul(_broadcast(a, 0.0, dtype), a, b, out=a.new_empty(a.shape, dtype=dtype))
 
 
 def unit_vectors(
