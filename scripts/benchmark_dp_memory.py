@@ -140,6 +140,12 @@ def _written_arguments(func, args, kwargs) -> list[torch.Tensor]:
     return written
 
 
+def _region(t: torch.Tensor) -> tuple:
+    """The elements a tensor covers: another view of the same storage (a product's operand beside its output in
+    one buffer) is other memory, read even where the output is only written."""
+    return t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
+
+
 def _distinct_bytes(t: torch.Tensor) -> int:
     """Bytes of the distinct elements a tensor holds: a broadcast (stride-0) dimension is read once, not once per
     element it stands for (an expanded norm [B, H, L, 1] is not a [B, H, L, c] read)."""
@@ -191,7 +197,7 @@ class Traffic(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if name in NO_DATA or (not mutable and all(t.untyped_storage().data_ptr() in held for t in outputs)):
             return out  # an allocation, a view or other metadata: no kernel moves data
-        written = {t.untyped_storage().data_ptr() for t in outputs}
+        written = {_region(t) for t in outputs}
         # An ``out=`` tensor is written, not read, as is the target of a fill or a copy; a product accumulating
         # into its ``out=`` (``beta`` != 0, ``out`` is ``self``) reads it once, as ``self``; in place with
         # ``beta`` 0, it only writes ``self``.
@@ -203,7 +209,7 @@ class Traffic(TorchDispatchMode):
             or (product and name.endswith("_") and not accumulates)
         )
         operands = [t for t in tree_leaves((args, kwargs | {"out": None})) if isinstance(t, torch.Tensor)]
-        read = [t for t in operands if not (overwritten and t.untyped_storage().data_ptr() in written)]
+        read = [t for t in operands if not (overwritten and _region(t) in written)]
         read = [] if name in SHAPE_ONLY else read
         addend = copied_addend(name, args, kwargs, outputs[0]) if product else None
         if addend is not None:  # the copy's kernel; the product then reads its output instead of the addend
@@ -319,7 +325,10 @@ def _held_bytes(var: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     tensors = list(var.parameters()) + list(var.buffers())
     tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
     kept = [getattr(m, "_frozen_cast", None) or {} for m in var.modules()]
-    tensors += [t for cast in kept for t in (cast.get("weight"), cast.get("bias")) if t is not None]
+    # a LoRA layer's weight cast may be a view of "joined", the cast with the adapter's spare columns (rows)
+    for cast in kept:
+        whole = cast.get("weight") if cast.get("joined") is None else cast["joined"]
+        tensors += [t for t in (whole, cast.get("bias")) if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

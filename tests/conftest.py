@@ -57,12 +57,14 @@ def tiny_var() -> torch.nn.Module:
     return build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0)).eval()
 
 
-def lora_twins(alpha: float, *, rank: int = 4) -> tuple[torch.nn.Module, LoraLinear]:
+def lora_twins(
+    alpha: float, *, rank: int = 4, features: tuple[int, int] = (24, 40)
+) -> tuple[torch.nn.Module, LoraLinear]:
     """peft's stock LoRA linear layer and varsweep's, on the same base weights and (non-zero) adapter weights,
-    drawn from seeded generators only (peft draws lora_A from the global one)."""
+    drawn from seeded generators only (peft draws lora_A from the global one). ``features``: (in, out)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        base = torch.nn.Linear(24, 40).requires_grad_(False)  # frozen, as peft leaves it
+        base = torch.nn.Linear(*features).requires_grad_(False)  # frozen, as peft leaves it
         config = peft.LoraConfig(r=rank, lora_alpha=alpha)
         stock = peft.tuners.lora.layer.Linear(
             copy.deepcopy(base), "default", config=config, r=rank, lora_alpha=alpha

@@ -286,24 +286,31 @@ def test_a_hooked_head_scale_writes_the_attention_s_dtype_and_moves_fewer_bytes(
     assert moved[None] - moved[torch.bfloat16] == saved_per_entry * x_BHLc.numel()
 
 
+@pytest.mark.parametrize("features", [(24, 40), (40, 24), (24, 24)])
 @pytest.mark.parametrize("dtype, saved_per_input", [(torch.bfloat16, 24), (torch.float32, 14)])
-@pytest.mark.parametrize("hooked, summed_per_output", [(True, 0), (False, 4)])
-def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input, hooked, summed_per_output):
+@pytest.mark.parametrize("hooked", [True, False])
+def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input, hooked, features):
     """Bytes per input entry saved under autocast. A bf16 input (fc2's, proj's): peft's layer casts it to float32
     and autocast casts it back, each cast with a backward (2 + 4 and 4 + 2 bytes each way: 24). A float32 input
     (mat_qkv's, fc1's): autocast casts it once for the base layer and once for the adapter (4 + 2), and the
     backward casts both gradients (2 + 4 each) and sums them in float32 (4 + 4 + 4); varsweep's casts once each
     way and adds the bf16 gradient into the other in place (4 + 2 + 4): 14. Per output entry, 8 bytes: peft
-    scales the full-width product forward and backward, varsweep the rank-r one; and where nothing hooks
-    ``lora_B`` (no DP), 4 more: the adapter's product accumulated into the base output in place (read and
-    written: 4) instead of that product written (2) and both read and the sum written by an add (6); and for a
-    bf16 input (``_LoraProducts``) 4 more per input entry, its gradient's two products summed the same way. (Into
-    a new tensor, as CUDA copies the addend first, the same bytes as the add: this test failed so.)"""
-    stock, ours = lora_twins(32.0)
+    scales the full-width product forward and backward, varsweep the rank-r one; and 4 more: the adapter's
+    product accumulated into the base output in place (read and written: 4) instead of that product written (2)
+    and both read and the sum written by an add (6), in lora_B's own call where a hook (DP) must see it
+    (``AccumulatingLinear``).
+
+    For a bf16 input, unhooked (``_LoraProducts``): 4 more per input entry, its gradient's two products summed the
+    same way (into a new tensor, as CUDA copies the addend first, the same bytes as the add: this test failed so);
+    8 per rank-r entry, the scaling applied in the rank-r products (``alpha``), not by passes of their own; and
+    with more outputs than inputs, no accumulating pass over the output (4 per output entry) but x copied beside
+    the adapter's s x A^T (4 per input entry) and B written into the kept weight's spare columns and read (4 per
+    entry of B): [x | s x A^T] [W | B]^T; with more inputs, the same on the backward's side: [g | s g B] [W ; A]."""
+    stock, ours = lora_twins(32.0, features=features)
     if hooked:
         ours.lora_B["default"].register_forward_hook(lambda *_: None)
-    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2)).to(dtype)
-    tokens, rank = 3 * 7, 4
+    x = torch.randn(3, 7, features[0], generator=torch.Generator().manual_seed(2)).to(dtype)
+    tokens, rank, (inputs, outputs) = 3 * 7, 4, features
     counted = {}
     for name, layer in (("stock", stock), ("ours", ours)):
         x_in = x.clone().requires_grad_()
@@ -314,10 +321,13 @@ def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input, hooked
                 )  # no leaf, as a block's activation (autocast caches a leaf's cast)
             y.backward(torch.ones_like(y))
         counted[name] = traffic
-    saved = saved_per_input * tokens * layer.in_features + 8 * tokens * (layer.out_features - rank)
-    saved += summed_per_output * tokens * layer.out_features
-    if not hooked and dtype == torch.bfloat16:  # the input gradient's two products summed in one
-        saved += 4 * tokens * layer.in_features
+    saved = saved_per_input * tokens * inputs + 8 * tokens * (outputs - rank)
+    saved += 4 * tokens * outputs
+    if not hooked and dtype == torch.bfloat16:  # _LoraProducts
+        saved += 4 * tokens * inputs + 8 * tokens * rank
+        wider, narrower = max(features), min(features)
+        if wider > narrower:
+            saved += 4 * tokens * (wider - narrower) - 4 * wider * rank
     assert counted["stock"].bytes - counted["ours"].bytes == saved
     assert counted["ours"].kernels < counted["stock"].kernels
 

@@ -311,25 +311,27 @@ def _lora_step(layer: nn.Module, x: torch.Tensor, *, autocast: bool) -> list[tor
     "autocast, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)]
 )
 @pytest.mark.parametrize("hooked", [None, "lora_A", "lora_B"])
-def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dtype, hooked):
+@pytest.mark.parametrize("features", [(24, 40), (40, 24), (24, 24)])
+def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dtype, hooked, features):
     """rank 4, alpha 32: scaling 8, where moving it to the rank side changes no rounding. A bf16 input under
-    autocast (fc2's and proj's) is the case where peft made a float32 copy: the same values without it. With
-    ``lora_B`` hooked (DP's per-sample gradients) the layer calls it: bit for bit. Unhooked, the base output is
-    added inside the adapter's product: the adapter's gradients bit for bit, the output within float32's rounding
-    or one bf16 step of its largest entry (rounded once, not twice; see the next tests), and so is a bf16 input's
-    gradient (its two products summed in one, ``_LoraProducts``)."""
-    stock, ours = lora_twins(32.0)
+    autocast (fc2's and proj's) is the case where peft made a float32 copy: the same values without it. The base
+    output is added inside the adapter's product, in lora_B's call where a hook (DP's per-sample gradients) must
+    see it (``AccumulatingLinear``): the adapter's gradients bit for bit, the output within float32's rounding or
+    one bf16 step of its largest entry (rounded once, not twice; see the next tests); so is a bf16 input's
+    gradient where nothing is hooked (its two products summed in one, ``_LoraProducts``), for layers with more
+    outputs than inputs (the forward's sum is one product), more inputs (the backward's) and as many, and bit for
+    bit where autograd sums it (hooks, or a float32 input)."""
+    stock, ours = lora_twins(32.0, features=features)
     if hooked:
         ours.get_submodule(f"{hooked}.default").register_forward_hook(lambda *_: None)
-    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(3, 7, features[0], generator=torch.Generator().manual_seed(2)).to(dtype)
     theirs, mine = _lora_step(stock, x, autocast=autocast), _lora_step(ours, x, autocast=autocast)
     assert len(mine) == 4  # output, input, lora_A and lora_B gradients
     assert all(a.dtype == b.dtype for a, b in zip(theirs, mine, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(theirs[2:], mine[2:]))
     one_step = [torch.finfo(torch.bfloat16).eps * t.float().abs().max() for t in theirs[:2]]
     for i, (a, b) in enumerate(zip(theirs[:2], mine[:2])):
-        # lora_B hooked: its call, so both sums as peft's; lora_A hooked: its call, so the input gradient's
-        if hooked == "lora_B" or (i == 1 and (hooked or dtype == torch.float32)):
+        if i == 1 and (hooked or dtype == torch.float32):  # the input gradient, autograd's sum as peft's
             assert torch.equal(a, b)
         elif autocast:  # peft rounds each product alone: up to one bf16 step of the addends' size
             assert (a.float() - b.float()).abs().max() <= one_step[i]
@@ -337,16 +339,19 @@ def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dt
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
-def test_lora_layer_s_input_gradient_sums_its_two_products_rounding_once():
+@pytest.mark.parametrize("features", [(24, 40), (40, 24)])
+def test_lora_layer_s_input_gradient_sums_its_two_products_rounding_once(features):
     """Under bf16 autocast, unhooked, a bf16 input: its gradient adds the adapter's product g_a A into the base's
     g W inside one product (float32 accumulation, one rounding fewer than autograd's sum of two rounded
     products), so it is closer to the exact sum of the same bf16 operands than peft's; within one bf16 step of
-    it. ``_LoraProducts`` passes gradcheck in float64."""
+    it. Accumulated in place where the layer has more outputs than inputs, one product over both inner dimensions
+    ([g | g_a] [W ; A]) where it has more inputs. ``_LoraProducts`` passes gradcheck in float64, without and with
+    the kept weight's spare columns or rows (``joined``)."""
     from trainables.methods import _LoraProducts
 
-    stock, ours = lora_twins(32.0)
-    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(3)).bfloat16()
-    grad_y = torch.randn(64, 40, generator=torch.Generator().manual_seed(4)).bfloat16()
+    stock, ours = lora_twins(32.0, features=features)
+    x = torch.randn(64, features[0], generator=torch.Generator().manual_seed(3)).bfloat16()
+    grad_y = torch.randn(64, features[1], generator=torch.Generator().manual_seed(4)).bfloat16()
     grads = []
     for layer in (stock, ours):
         x_in = x.clone().requires_grad_()
@@ -369,6 +374,50 @@ def test_lora_layer_s_input_gradient_sums_its_two_products_rounding_once():
     )
     w.requires_grad_(False)  # the base is frozen: the Function forms no gradient for it
     assert torch.autograd.gradcheck(lambda x, a, b: _LoraProducts.apply(x, w, None, a, b, 3.0), (x, a, b))
+    wide, tall = torch.zeros(7, 6 + 2, dtype=w.dtype), torch.zeros(7 + 2, 6, dtype=w.dtype)
+    wide[:, :6], tall[:7] = w, w
+    for joined, weight in ((wide, wide[:, :6]), (tall, tall[:7])):
+        assert torch.autograd.gradcheck(
+            lambda x, a, b, weight=weight, joined=joined: _LoraProducts.apply(
+                x, weight, None, a, b, 3.0, joined
+            ),
+            (x, a, b),
+        )
+
+
+@pytest.mark.parametrize("features", [(24, 40), (40, 24)])
+def test_lora_layer_s_spare_columns_rewritten_by_a_later_call_leave_a_pending_backward_right(features):
+    """The kept weight's spare columns (rows) take an adapter weight at every call (backward): two calls with
+    different adapter weights, then one backward through both, give each call's own input gradient, that of a
+    separate step, bit for bit."""
+    _, ours = lora_twins(32.0, features=features)
+    adapter = [ours.get_submodule(f"{n}.default").weight for n in ("lora_A", "lora_B")]
+    inputs, outputs = features
+    xs = [torch.randn(3, 7, inputs, generator=torch.Generator().manual_seed(s)).bfloat16() for s in (1, 2)]
+    upstream = [
+        torch.randn(3, 7, outputs, generator=torch.Generator().manual_seed(s)).bfloat16() for s in (3, 4)
+    ]
+    weights = [[w.detach().clone() for w in adapter], [w.detach() * -0.5 for w in adapter]]
+
+    def call(x, values):
+        with torch.no_grad():
+            for w, value in zip(adapter, values):
+                w.copy_(value)
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ours(x_in.view_as(x_in))
+        assert type(y.grad_fn).__name__ == "_LoraProductsBackward"
+        return x_in, y
+
+    separate = []
+    for x, values, g in zip(xs, weights, upstream):
+        x_in, y = call(x, values)
+        y.backward(g)
+        separate.append(x_in.grad)
+    called = [call(x, values) for x, values in zip(xs, weights)]  # the second rewrites the spare columns
+    for (_, y), g in zip(called[::-1], upstream[::-1]):  # the second's backward rewrites the spare rows
+        y.backward(g)
+    assert all(torch.equal(x_in.grad, grad) for (x_in, _), grad in zip(called, separate))
 
 
 def test_lora_layer_s_output_can_be_changed_in_place_and_compiling_takes_the_plain_path(monkeypatch):

@@ -28,11 +28,15 @@ from typing import Any
 import peft
 import torch
 import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
+from opacus.grad_sample.utils import register_norm_sampler
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from bench.schema import ConfigError, MethodConfig
 
+from . import bookkeeping
 from .models.checkpoints import CheckpointError, read_verified, resize_class_embedding, save_tensors
 from .models.var import VAR, unhooked
 from .patches import OPACUS_PATCHES, apply_patches
@@ -139,51 +143,120 @@ class _CastOnce(torch.autograd.Function):
 class _LoraProducts(torch.autograd.Function):
     """y = x W^T + b + (s x A^T) B^T [..., out], LoRA's layer without hooks, for x and weights in one half dtype
     (the frozen base's kept cast; the adapter weights' casts, whose backward takes their gradients to float32).
-    Forward as ``LoraLinear``'s: the adapter's product accumulated into the base output (``addmm_``). Backward:
-    autograd's products for the adapter weights' gradients, and the adapter's input gradient accumulated into the
-    base's input-gradient product, where autograd wrote both [N, in] products and then added them: 4 bytes per
-    input entry fewer (bf16), the sum rounded once. In place, both: an ``addmm`` into a new tensor first copies its
-    addend there (CUDA's kernel), as many bytes as the add it replaces."""
+    Backward: autograd's products for the adapter weights' gradients; the input gradient's two products summed in
+    one. Where autograd wrote each of two [N, features] products and then added them, the sum is formed inside a
+    product, rounded once, in one of two ways:
+    - accumulated in place (``addmm_``) into the product made first: one read and one write of the sum (an
+      ``addmm`` into a new tensor would first copy its addend there, CUDA's kernel, as many bytes as the add);
+    - with ``joined`` (the base weight's kept cast with the adapter's rank of spare columns, [out, in + r], or rows,
+      [out + r, in]), one product over the base's and the adapter's inner dimensions together: the forward's
+      [x | s x A^T] [W | B]^T where out > in (mat_qkv, fc1, ada_lin), the backward's [g | s g B] [W ; A] where
+      in > out (fc2). It copies x (or g) next to the adapter's [N, r] and writes the adapter's weight into the spare
+      columns (rows): 2 x in bytes per row where the in-place sum moves 2 x out (or in x out), so each layer takes
+      it on the side where it saves."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
-        x_Ni = x.view(-1, x.shape[-1])
-        a_Nr = F.linear(x_Ni, lora_A) * scaling
-        # The base output written into the returned tensor (a view returned by a Function could not be changed in
-        # place) and the adapter's product accumulated there: an addmm into another tensor copies its addend first.
-        y = x.new_empty(*x.shape[:-1], weight.shape[0])
-        y_No = y.view(-1, weight.shape[0])
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, joined=None):
+        rank, (out_features, in_features) = lora_A.shape[0], weight.shape
+        x_Ni = x.view(-1, in_features)
+        ctx.scaling, ctx.weight = scaling, weight
+        # ``joined`` and ``weight`` (its view) live on between steps and the spare columns (rows) are rewritten
+        # at every call: held on ctx, not saved, so those writes do not invalidate a pending backward, which
+        # never reads them.
+        ctx.joined = joined if joined is not None and joined.shape[0] > out_features else None
+        # The output written into the returned tensor (a view returned by a Function could not be changed in place)
+        y = x.new_empty(*x.shape[:-1], out_features)
+        y_No = y.view(-1, out_features)
+        if joined is not None and joined.shape[1] > in_features:
+            xa_Nk = x.new_empty(x_Ni.shape[0], in_features + rank)
+            xa_Nk[:, :in_features].copy_(x_Ni)
+            x_Ni, a_Nr = xa_Nk[:, :in_features], xa_Nk[:, in_features:]
+            joined[:, in_features:].copy_(lora_B)
+            factors = (xa_Nk, joined.t())
+        else:
+            a_Nr = x.new_empty(x_Ni.shape[0], rank)
+            factors = (x_Ni, weight.t())
+        a_Nr.addmm_(x_Ni, lora_A.t(), beta=0, alpha=scaling)  # s x A^T, rounded once
         if bias is None:
-            torch.mm(x_Ni, weight.t(), out=y_No)
+            torch.mm(*factors, out=y_No)
         else:  # the bias in the product's epilogue (cuBLASLt), as F.linear adds it
-            torch.addmm(bias, x_Ni, weight.t(), out=y_No)
-        y_No.addmm_(a_Nr, lora_B.t())
-        ctx.save_for_backward(x_Ni, weight, lora_A, lora_B, a_Nr)
-        ctx.scaling = scaling
+            torch.addmm(bias, *factors, out=y_No)
+        if factors[0] is x_Ni:  # the adapter's product accumulated into the base's
+            y_No.addmm_(a_Nr, lora_B.t())
+        ctx.save_for_backward(x_Ni, lora_A, lora_B, a_Nr)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x_Ni, weight, lora_A, lora_B, a_Nr = ctx.saved_tensors
+        x_Ni, lora_A, lora_B, a_Nr = ctx.saved_tensors
         g_No = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[4]:
             grad_B = g_No.t() @ a_Nr  # [out, r], the weight's own layout (a transposed one would be copied)
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
-            return grad_x, None, None, grad_A, grad_B, None
-        grad_a_Nr = (g_No @ lora_B) * ctx.scaling
+            return grad_x, None, None, grad_A, grad_B, None, None
+        joined, out_features = ctx.joined if ctx.needs_input_grad[0] else None, g_No.shape[1]
+        if joined is None:
+            grad_a_Nr = g_No.new_empty(g_No.shape[0], lora_B.shape[1])
+        else:
+            ga_Nk = g_No.new_empty(g_No.shape[0], joined.shape[0])
+            ga_Nk[:, :out_features].copy_(g_No)
+            grad_a_Nr = ga_Nk[:, out_features:]
+        grad_a_Nr.addmm_(g_No, lora_B, beta=0, alpha=ctx.scaling)  # s g B, rounded once
         if ctx.needs_input_grad[3]:
             grad_A = grad_a_Nr.t() @ x_Ni
         if ctx.needs_input_grad[0]:
-            grad_x = (g_No @ weight).addmm_(grad_a_Nr, lora_A).view(grad_y.shape[:-1] + (x_Ni.shape[-1],))
-        return grad_x, None, None, grad_A, grad_B, None
+            if joined is None:
+                grad_x_Ni = (g_No @ ctx.weight).addmm_(grad_a_Nr, lora_A)
+            else:
+                joined[out_features:].copy_(lora_A)
+                grad_x_Ni = ga_Nk @ joined
+            grad_x = grad_x_Ni.view(grad_y.shape[:-1] + (x_Ni.shape[-1],))
+        return grad_x, None, None, grad_A, grad_B, None, None
+
+
+class AccumulatingLinear(nn.Linear):
+    """``nn.Linear`` whose call can add its product into a given output in place: ``layer(x, into=y)`` with x
+    [..., in] and y [N, out] (N rows of x, not a view) adds x W^T + b into y and returns it viewed [..., out].
+    LoRA's ``lora_B``: the adapter's product accumulated into the base layer's output, where writing the product
+    and then adding the two moved 10 bytes per bf16 output entry and this moves 6 (the base's write, then one read
+    and one write), while per-sample-gradient hooks (book-keeping's) still see a call with the adapter's input and,
+    on the returned tensor, the output's gradient, which is the layer's. Without ``into``, ``nn.Linear``; its
+    per-sample rules are ``nn.Linear``'s (registered below)."""
+
+    def forward(self, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        if into is None:
+            return super().forward(x)
+        into.addmm_(x.reshape(-1, x.shape[-1]), self.weight.to(into.dtype).t())
+        if self.bias is not None:
+            into.add_(self.bias.to(into.dtype))
+        return into.view(*x.shape[:-1], into.shape[-1])
+
+    @classmethod
+    def holding(cls, layer: nn.Linear) -> AccumulatingLinear:
+        """One holding ``layer``'s parameters (made on the meta device: no initialisation, no random draws)."""
+        held = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        held.weight, held.bias = layer.weight, layer.bias
+        return held
+
+
+register_grad_sampler(AccumulatingLinear)(compute_linear_grad_sample)  # Opacus's hooks
+register_norm_sampler(AccumulatingLinear)(compute_linear_norm_sample)  # Opacus's ghost clipping
+bookkeeping.RULES[AccumulatingLinear] = bookkeeping.RULES[nn.Linear]
 
 
 def _plain_unhooked(layer: nn.Module) -> bool:
     """An adapter layer whose call may be folded into a neighbour's product: a bias-free ``nn.Linear`` that no
     per-sample-gradient hook (DP) needs to see called."""
-    return type(layer) is nn.Linear and layer.bias is None and unhooked(layer)
+    return type(layer) in (nn.Linear, AccumulatingLinear) and layer.bias is None and unhooked(layer)
+
+
+def _accumulates(layer: nn.Module) -> bool:
+    """``lora_B`` may be called with ``into`` (``AccumulatingLinear``): no backward hook (Opacus's hooks and ghost
+    clipping wrap a module's output for theirs, and get the plain call); forward hooks (book-keeping's) see the
+    call as they would any other."""
+    return isinstance(layer, AccumulatingLinear) and not (layer._backward_hooks or layer._backward_pre_hooks)
 
 
 class LoraLinear(peft.tuners.lora.layer.Linear):
@@ -203,8 +276,9 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
       rounded once, not the adapter's product and then the sum, and one full-width pass fewer forward (the backward
       is the same);
     - under autocast, the frozen base weight's cast kept between steps (``_base_output``);
-    - without hooks, under autocast, a half-precision input's gradient formed in one product sum
-      (``_LoraProducts``).
+    - without hooks, under autocast, a half-precision input's gradient formed in one product sum, and the output
+      of a layer with more outputs than inputs (the gradient of one with more inputs) as one product over the
+      base's and the adapter's inner dimensions together, with no accumulating pass (``_LoraProducts``).
     Anything else goes to peft's forward: merged or disabled adapters, several active adapters, mixed batches, LoRA
     variants, and, outside autocast, an input whose dtype is not the adapter's (peft casts it)."""
 
@@ -243,20 +317,25 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         fused = self._fused_products(x, name, autocast=autocast)
         if fused is not None:
             return fused
-        # Nothing needs lora_B's own call (per-sample gradients hook it), nor the base layer's input as given: the
-        # base output is made [N, out] and the adapter's product accumulated into it in place (``addmm_``; into a
-        # new tensor, addmm first copies its addend there).
+        # Nothing needs the base layer's input as given (no hook): the base output is made [N, out] and lora_B's
+        # product accumulated into it in place, in lora_B's call (``AccumulatingLinear``: hooks see it; into a new
+        # tensor, an addmm would first copy its addend there).
         base_layer = self.base_layer
-        into_base = _plain_unhooked(lora_B) and x.ndim >= 2 and type(base_layer) is nn.Linear
+        into_base = _accumulates(lora_B) and x.ndim >= 2 and type(base_layer) is nn.Linear
         into_base = into_base and unhooked(base_layer)
         base = self._base_output(x_base.flatten(0, -2) if into_base else x_base, autocast=autocast)
         a = lora_A(self.lora_dropout[name](x_adapter)) * self.scaling[name]
         if into_base and a.dtype == base.dtype:
-            product = base.addmm_(a.flatten(0, -2), lora_B.weight.to(base.dtype).t())
-            return product.view(*x.shape[:-1], product.shape[-1])
+            return lora_B(a, into=base)
         if into_base:
             base = base.view(*x.shape[:-1], base.shape[-1])
         return base + lora_B(a)
+
+    def update_layer(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """peft's, with the new ``lora_B`` an ``AccumulatingLinear`` holding the same parameters."""
+        super().update_layer(adapter_name, *args, **kwargs)
+        if type(self.lora_B[adapter_name]) is nn.Linear:
+            self.lora_B[adapter_name] = AccumulatingLinear.holding(self.lora_B[adapter_name])
 
     def _fused_products(
         self,
@@ -282,7 +361,7 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
             or not (_plain_unhooked(lora_A) and _plain_unhooked(lora_B))
         ):
             return None
-        cast = self._frozen_base_cast(x.dtype)
+        cast = self._frozen_base_cast(x.dtype, spare=lora_A.out_features)
         if cast is None:
             return None
         bias = cast["bias"]
@@ -292,7 +371,7 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
                 return None
             bias = extra.to(x.dtype) if bias is None else bias + extra.to(x.dtype)
         adapter = [layer.weight.to(x.dtype) for layer in (lora_A, lora_B)]
-        return _LoraProducts.apply(x, cast["weight"], bias, *adapter, self.scaling[name])
+        return _LoraProducts.apply(x, cast["weight"], bias, *adapter, self.scaling[name], cast["joined"])
 
     def _base_output(self, x: torch.Tensor, *, autocast: bool) -> torch.Tensor:
         """The base layer's output. Under autocast, a frozen base (its weight and bias) is cast to the autocast
@@ -311,10 +390,13 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
             return self.base_layer(x)
         return F.linear(x, cast["weight"], cast["bias"])
 
-    def _frozen_base_cast(self, dtype: torch.dtype) -> dict | None:
-        """The kept cast of the base layer's weight and bias to ``dtype`` ({"weight", "bias"}), made or remade as
-        ``_base_output`` describes; None where none may be kept (a trainable or hooked base, another layer type,
-        compiling, inference mode or inference tensors)."""
+    def _frozen_base_cast(self, dtype: torch.dtype, *, spare: int = 0) -> dict | None:
+        """The kept cast of the base layer's weight and bias to ``dtype`` ({"weight", "bias", "joined"}), made or
+        remade as ``_base_output`` describes; None where none may be kept (a trainable or hooked base, another layer
+        type, compiling, inference mode or inference tensors). ``spare`` (the adapter's rank, for ``_LoraProducts``):
+        the weight [out, in] is then a view of "joined", the cast with ``spare`` more columns [out, in + spare]
+        where out > in, or rows [out + spare, in] where in > out, for the adapter's weight to be written into;
+        "joined" is None for a square weight, or without ``spare``."""
         base = self.base_layer
         tensors = [t for t in (base.weight, base.bias) if t is not None]
         if (
@@ -325,14 +407,24 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
             or torch.is_inference_mode_enabled()  # an inference tensor could not be saved for a later backward
         ):
             return None
-        key = [dtype] + [(t.device, t.data_ptr(), t._version) for t in tensors]
+        out_features, in_features = base.weight.shape
+        spare = 0 if out_features == in_features else spare
+        key = [dtype, spare] + [(t.device, t.data_ptr(), t._version) for t in tensors]
         held = self._frozen_cast
         if held is None or held["key"] != key:
+            weight = joined = None
+            if spare:  # the cast written into its place in a wider buffer: the same rounding as ``to``
+                wide = out_features > in_features
+                shape = (out_features, in_features + spare) if wide else (out_features + spare, in_features)
+                joined = base.weight.new_empty(shape, dtype=dtype)
+                weight = joined[:out_features, :in_features]
+                weight.copy_(base.weight)
             held = self._frozen_cast = {
                 "key": key,
                 "sources": [t.untyped_storage() for t in tensors],  # their addresses stay taken while held
-                "weight": base.weight.to(dtype),
+                "weight": base.weight.to(dtype) if weight is None else weight,
                 "bias": None if base.bias is None else base.bias.to(dtype),
+                "joined": joined,
             }
         return held
 
