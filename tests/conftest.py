@@ -58,19 +58,20 @@ def tiny_var() -> torch.nn.Module:
 
 
 def lora_twins(
-    alpha: float, *, rank: int = 4, features: tuple[int, int] = (24, 40)
+    alpha: float, *, rank: int = 4, features: tuple[int, int] = (24, 40), lora_bias: bool = False
 ) -> tuple[torch.nn.Module, LoraLinear]:
     """peft's stock LoRA linear layer and varsweep's, on the same base weights and (non-zero) adapter weights,
     drawn from seeded generators only (peft draws lora_A from the global one). ``features``: (in, out)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         base = torch.nn.Linear(*features).requires_grad_(False)  # frozen, as peft leaves it
-        config = peft.LoraConfig(r=rank, lora_alpha=alpha)
+        config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_bias=lora_bias)
         stock = peft.tuners.lora.layer.Linear(
             copy.deepcopy(base), "default", config=config, r=rank, lora_alpha=alpha
         )
         with torch.no_grad():
-            stock.lora_B["default"].weight.normal_()
+            for p in stock.lora_B["default"].parameters():
+                p.normal_()
     ours = LoraLinear(copy.deepcopy(base), "default", config=config, r=rank, lora_alpha=alpha)
     ours.load_state_dict(stock.state_dict())
     return stock, ours

@@ -608,6 +608,46 @@ def test_lora_layer_leaves_an_input_of_another_dtype_to_peft_outside_autocast():
     torch.testing.assert_close(ours(x), stock(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("features", [(24, 40), (40, 24)])
+def test_a_gradient_hook_on_lora_b_s_output_survives_an_in_place_change_of_the_layer_s_output(
+    autocast, features
+):
+    """Book-keeping's way: a forward hook on lora_B registers a gradient hook on its output. Where lora_B's call
+    accumulates into the base output (``AccumulatingLinear``), that output is the layer's; a caller that then
+    changes it in place (the published VAR's blocks scale theirs) must not lose the hook: it fires once, with
+    the gradient of lora_B's output from before the change, as on peft's layer, but for the scaling, which
+    varsweep applies on the rank side (bit for bit at a power of two)."""
+    seen = {}
+    x = torch.randn(3, 7, features[0], generator=torch.Generator().manual_seed(2))
+    twins = lora_twins(32.0, features=features)
+    for name, layer in zip(("stock", "ours"), twins):
+        grads = seen[name] = []
+
+        def hook(module, args, output, grads=grads):
+            output.register_hook(lambda g: grads.append(g.float()))
+
+        layer.lora_B["default"].register_forward_hook(hook)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x.clone().requires_grad_())
+            y.mul_(3)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y).to(y.dtype))
+    assert len(seen["stock"]) == len(seen["ours"]) == 1
+    assert torch.equal(seen["ours"][0] * twins[0].scaling["default"], seen["stock"][0])
+
+
+def test_lora_b_s_bias_is_scaled_with_its_product_as_peft_scales_it():
+    """peft's optional lora_B bias (``lora_bias``): y = base(x) + (B A x + b) s. varsweep's own paths scale the
+    rank side (s A x) and leave such a layer to peft's forward, so the bias is scaled too: bit for bit."""
+    stock, ours = lora_twins(24.0, lora_bias=True)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2))
+    for autocast in (False, True):
+        theirs, mine = _lora_step(stock, x, autocast=autocast), _lora_step(ours, x, autocast=autocast)
+        assert all(torch.equal(a, b) for a, b in zip(theirs, mine, strict=True))
+        for layer in (stock, ours):
+            layer.zero_grad(set_to_none=True)
+
+
 def test_lora_layer_takes_a_single_vector_as_peft_s_does():
     stock, ours = lora_twins(32.0)
     x = torch.randn(24, generator=torch.Generator().manual_seed(2))

@@ -152,8 +152,8 @@ class _LoraProducts(torch.autograd.Function):
       [out + r, in]), one product over the base's and the adapter's inner dimensions together: the forward's
       [x | s x A^T] [W | B]^T where out > in (mat_qkv, fc1, ada_lin), the backward's [g | s g B] [W ; A] where
       in > out (fc2). It copies x (or g) next to the adapter's [N, r] and writes the adapter's weight into the spare
-      columns (rows): 2 x in bytes per row where the in-place sum moves 2 x out (or in x out), so each layer takes
-      it on the side where it saves."""
+      columns (rows): per row, 4 bytes per input entry (output entry) where the in-place sum moved 4 per output entry
+      (input entry), so each layer takes it on the side where it saves."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, joined=None):
@@ -218,12 +218,13 @@ class _LoraProducts(torch.autograd.Function):
 
 class AccumulatingLinear(nn.Linear):
     """``nn.Linear`` whose call can add its product into a given output in place: ``layer(x, into=y)`` with x
-    [..., in] and y [N, out] (N rows of x, not a view) adds x W^T + b into y and returns it viewed [..., out].
-    LoRA's ``lora_B``: the adapter's product accumulated into the base layer's output, where writing the product
-    and then adding the two moved 10 bytes per bf16 output entry and this moves 6 (the base's write, then one read
-    and one write), while per-sample-gradient hooks (book-keeping's) still see a call with the adapter's input and,
-    on the returned tensor, the output's gradient, which is the layer's. Without ``into``, ``nn.Linear``; its
-    per-sample rules are ``nn.Linear``'s (registered below)."""
+    [..., in] and y [N, out] (N rows of x; no view, and used no more after the call) adds x W^T + b into y and
+    returns it shaped [..., out]. LoRA's ``lora_B``: the adapter's product accumulated into the base layer's
+    output, where writing the product and then adding the two moved 10 bytes per bf16 output entry and this moves
+    6 (the base's write, then one read and one write), while per-sample-gradient hooks still see a call with the
+    adapter's input. What a forward hook gets as the output is y, the product's sum with what y held: its gradient
+    is the product's (book-keeping's hook takes only that), its values are not the product's. Without ``into``,
+    ``nn.Linear``; its per-sample rules are ``nn.Linear``'s (registered below)."""
 
     def forward(self, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         if into is None:
@@ -231,7 +232,10 @@ class AccumulatingLinear(nn.Linear):
         into.addmm_(x.reshape(-1, x.shape[-1]), self.weight.to(into.dtype).t())
         if self.bias is not None:
             into.add_(self.bias.to(into.dtype))
-        return into.view(*x.shape[:-1], into.shape[-1])
+        # Shaped as x without a view that autograd tracks (matmul's way): a gradient hook on a tracked view is
+        # dropped if the caller then changes the output in place (as the published VAR's blocks scale theirs);
+        # on this tensor it is kept, and gets the output's gradient from before that change.
+        return torch.ops.aten._unsafe_view(into, (*x.shape[:-1], into.shape[-1]))
 
     @classmethod
     def holding(cls, layer: nn.Linear) -> AccumulatingLinear:
@@ -254,8 +258,8 @@ def _plain_unhooked(layer: nn.Module) -> bool:
 
 def _accumulates(layer: nn.Module) -> bool:
     """``lora_B`` may be called with ``into`` (``AccumulatingLinear``): no backward hook (Opacus's hooks and ghost
-    clipping wrap a module's output for theirs, and get the plain call); forward hooks (book-keeping's) see the
-    call as they would any other."""
+    clipping wrap a module's output for theirs, and get the plain call). Forward hooks see the call, with the
+    layer's output as its output (book-keeping's takes the gradient there, which is lora_B's output's)."""
     return isinstance(layer, AccumulatingLinear) and not (layer._backward_hooks or layer._backward_pre_hooks)
 
 
@@ -272,9 +276,9 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
       autograd, the backward: B(A x * s) = B(A x) * s up to rounding, and bit for bit where s is a power of two
       (varsweep's default rank 16, alpha 32: s = 2). ``lora_B``'s hooks (DP) see A x * s, whose per-example
       gradient is exactly this layer's;
-    - where nothing hooks ``lora_B`` (no DP), its product accumulated into the base output (``addmm_``): the sum
-      rounded once, not the adapter's product and then the sum, and one full-width pass fewer forward (the backward
-      is the same);
+    - its product accumulated into the base output (``addmm_``), in lora_B's own call where a hook (DP's
+      book-keeping) must see it (``AccumulatingLinear``): the sum rounded once, not the adapter's product and then
+      the sum, and one full-width pass fewer forward (the backward is the same);
     - under autocast, the frozen base weight's cast kept between steps (``_base_output``);
     - without hooks, under autocast, a half-precision input's gradient formed in one product sum, and the output
       of a layer with more outputs than inputs (the gradient of one with more inputs) as one product over the
@@ -287,6 +291,8 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         where peft's forward is left to."""
         names = [name for name in self.active_adapters if name in self.lora_A]
         plain = not (self.disable_adapters or self.merged or self.lora_variant)
+        # peft scales lora_B's bias with its product; these paths scale the rank side only
+        plain = plain and not any(self.lora_bias.get(name) for name in names)
         return names[0] if plain and len(names) == 1 else None
 
     def linear_plus_bias(self, x: torch.Tensor, bias_fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
@@ -377,8 +383,9 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         """The base layer's output. Under autocast, a frozen base (its weight and bias) is cast to the autocast
         dtype once and the cast kept while they are unchanged (``_frozen_cast``): autocast casts a frozen weight
         anew at every call (it caches trainable leaves only), reading 4 and writing 2 bytes per weight each step,
-        and the product reads the same bf16 values either way. Memory: 2 bytes per wrapped weight, held; in a
-        training step autograd held each call's cast for the backward anyway.
+        and the product reads the same bf16 values either way. Memory: 2 bytes per wrapped weight (and the
+        adapter's rank of spare columns or rows, ``_frozen_base_cast``), held; in a training step autograd held
+        each call's cast for the backward anyway.
 
         The cast is redone when a tensor's storage, version or device changes (an in-place update, a
         ``load_state_dict``, ``.data = ...``: the old storage is held by the key, so its address cannot be
