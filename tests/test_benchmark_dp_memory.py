@@ -300,9 +300,9 @@ def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input, hooked
     and both read and the sum written by an add (6), in lora_B's own call where a hook (DP) must see it
     (``AccumulatingLinear``).
 
-    For a bf16 input, unhooked (``_LoraProducts``): 4 more per input entry, its gradient's two products summed the
-    same way (into a new tensor, as CUDA copies the addend first, the same bytes as the add: this test failed so);
-    8 per rank-r entry, the scaling applied in the rank-r products (``alpha``), not by passes of their own; and
+    For a bf16 input, 4 more per input entry: its gradient's two products summed the same way (``_LoraProducts``
+    unhooked, ``_BaseAndTap`` where lora_B is hooked; into a new tensor, as CUDA copies the addend first, the same
+    bytes as the add: this test failed so). Unhooked (``_LoraProducts``), also 8 per rank-r entry, the scaling applied in the rank-r products (``alpha``), not by passes of their own; and
     with more outputs than inputs, no accumulating pass over the output (4 per output entry) but x copied beside
     the adapter's s x A^T (4 per input entry) and B written into the kept weight's spare columns and read (4 per
     entry of B): [x | s x A^T] [W | B]^T; with more inputs, the same on the backward's side: [g | s g B] [W ; A]."""
@@ -323,8 +323,10 @@ def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input, hooked
         counted[name] = traffic
     saved = saved_per_input * tokens * inputs + 8 * tokens * (outputs - rank)
     saved += 4 * tokens * outputs
+    if dtype == torch.bfloat16:  # the input gradient's two products summed in one
+        saved += 4 * tokens * inputs
     if not hooked and dtype == torch.bfloat16:  # _LoraProducts
-        saved += 4 * tokens * inputs + 8 * tokens * rank
+        saved += 8 * tokens * rank
         wider, narrower = max(features), min(features)
         if wider > narrower:
             saved += 4 * tokens * (wider - narrower) - 4 * wider * rank
