@@ -302,8 +302,8 @@ def test_lora_layer_moves_fewer_bytes_than_peft_s(dtype, saved_per_input, hooked
 
     For a bf16 input, 4 more per input entry: its gradient's two products summed the same way (``_LoraProducts``
     unhooked, ``_BaseAndTap`` where lora_B is hooked; into a new tensor, as CUDA copies the addend first, the same
-    bytes as the add: this test failed so). Unhooked (``_LoraProducts``), also 8 per rank-r entry, the scaling applied in the rank-r products (``alpha``), not by passes of their own; and
-    with more outputs than inputs, no accumulating pass over the output (4 per output entry) but x copied beside
+    bytes as the add: this test failed so). Unhooked (``_LoraProducts``), also 8 per rank-r entry, the scaling
+    applied in the rank-r products (``alpha``), not by passes of their own; and with more outputs than inputs, no accumulating pass over the output (4 per output entry) but x copied beside
     the adapter's s x A^T (4 per input entry) and B written into the kept weight's spare columns and read (4 per
     entry of B): [x | s x A^T] [W | B]^T; with more inputs, the same on the backward's side: [g | s g B] [W ; A]."""
     stock, ours = lora_twins(32.0, features=features)

@@ -319,8 +319,9 @@ def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dt
     see it (``AccumulatingLinear``): the adapter's gradients bit for bit, the output within float32's rounding or
     one bf16 step of its largest entry (rounded once, not twice; see the next tests); so is the input's gradient,
     its two products summed in one (``_LoraProducts`` where nothing is hooked, for layers with more outputs than
-    inputs, the forward's sum one product, more inputs, the backward's, and as many; ``_BaseAndTap`` where lora_A
-    or lora_B is hooked or the input is float32)."""
+    inputs, the forward's sum one product, more inputs, the backward's, and as many; ``_BaseAndTap`` where lora_B
+    is hooked, or outside autocast), and bit for bit peft's where autograd sums them: a float32 input under
+    autocast (cast once for both products), or a hook on lora_A that could see its input's gradient."""
     stock, ours = lora_twins(32.0, features=features)
     if hooked:
         ours.get_submodule(f"{hooked}.default").register_forward_hook(lambda *_: None)
@@ -331,7 +332,9 @@ def test_lora_layer_is_peft_s_bit_for_bit_at_a_power_of_two_scaling(autocast, dt
     assert all(torch.equal(a, b) for a, b in zip(theirs[2:], mine[2:]))
     one_step = [torch.finfo(torch.bfloat16).eps * t.float().abs().max() for t in theirs[:2]]
     for i, (a, b) in enumerate(zip(theirs[:2], mine[:2])):
-        if autocast:  # peft rounds each product alone: up to one bf16 step of the addends' size
+        if i == 1 and (hooked == "lora_A" or (autocast and dtype == torch.float32)):
+            assert torch.equal(a, b)
+        elif autocast:  # peft rounds each product alone: up to one bf16 step of the addends' size
             assert (a.float() - b.float()).abs().max() <= one_step[i]
         else:
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
@@ -650,6 +653,59 @@ def test_lora_b_s_bias_is_scaled_with_its_product_as_peft_scales_it():
         assert all(torch.equal(a, b) for a, b in zip(theirs, mine, strict=True))
         for layer in (stock, ours):
             layer.zero_grad(set_to_none=True)
+
+
+def test_lora_layer_sums_its_input_gradient_in_place_only_where_no_hook_can_see_it():
+    """``_BaseAndTap`` writes the base's input gradient into lora_A's: only where no hook could see or keep lora_A's
+    input gradient. Book-keeping's hooks (they keep the input and take the output's gradient) leave it on; a
+    forward hook of another kind (it could hook lora_A's input), a backward hook, or a global module hook turn it
+    off, and such a hook then sees the gradient peft's layer gives it."""
+    from trainables.bookkeeping import BookKeeping
+    from trainables.methods import _input_gradient_unseen
+
+    stock, ours = lora_twins(32.0)
+    lora_A = ours.lora_A["default"]
+    assert _input_gradient_unseen(lora_A)
+    keeper = BookKeeping(ours)
+    assert _input_gradient_unseen(lora_A) and lora_A in keeper.layers
+    keeper.remove_hooks()
+    handles = [
+        lora_A.register_full_backward_hook(lambda *_: None),
+        torch.nn.modules.module.register_module_full_backward_hook(lambda *_: None),
+    ]
+    for handle in handles:
+        assert not _input_gradient_unseen(lora_A)
+        handle.remove()
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2))
+    seen = {}
+    for name, layer in (("stock", stock), ("ours", ours)):
+        kept = seen[name] = []
+
+        def keep_input_gradient(module, args, kept=kept):  # its value when the hook runs, and the tensor kept
+            args[0].register_hook(lambda g: kept.extend((g.clone(), g)))
+
+        layer.lora_A["default"].register_forward_pre_hook(keep_input_gradient)
+        x_in = x.clone().requires_grad_()
+        layer(x_in).backward(torch.ones(3, 7, 40))
+        kept.append(x_in.grad)
+    assert not _input_gradient_unseen(lora_A)
+    assert all(torch.equal(a, b) for a, b in zip(seen["stock"], seen["ours"], strict=True))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lora_layer_s_in_place_sums_refuse_a_double_backward(autocast):
+    """The input gradient summed in place (``_BaseAndTap`` in float32, ``_LoraProducts`` under bf16 autocast) would
+    cut a second derivative: create_graph=True raises instead, even where the gradient is asked with
+    allow_unused."""
+    _, ours = lora_twins(32.0)
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2))
+    x_in = (x.bfloat16() if autocast else x).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = ours(x_in.view_as(x_in))
+    assert type(y.grad_fn).__name__ == ("_LoraProductsBackward" if autocast else "UnsafeViewBackward0")
+    lora_A = ours.lora_A["default"].weight
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(y.square().sum(), (x_in, lora_A), create_graph=True, allow_unused=True)
 
 
 def test_lora_layer_takes_a_single_vector_as_peft_s_does():

@@ -139,11 +139,11 @@ def test_the_counter_counts_visible_pairs_whichever_kernel_runs(tiny_vqvae, meth
             var, tiny_vqvae, torch.zeros(3, dtype=torch.long), idx, class_dropout=0.0
         ).sum().backward()
 
-    counts = {}
+    counts, ops = {}, {}
     for kernel in ("masked", "per_scale"):
         var.attention_kernel = kernel
-        counts[kernel], by_op = count_flops(step)
-        attention = sum(n for op, n in by_op.items() if "scaled_dot_product" in op)
+        counts[kernel], ops[kernel] = count_flops(step)
+        attention = sum(n for op, n in ops[kernel].items() if "scaled_dot_product" in op)
         assert attention > 0
     assert counts["masked"] == pytest.approx(counts["per_scale"], rel=1e-9)
     var.attention_kernel = "masked"
@@ -151,7 +151,48 @@ def test_the_counter_counts_visible_pairs_whichever_kernel_runs(tiny_vqvae, meth
         step()
     hidden = 1 - visible_attention_fraction(TINY_VAR["patch_nums"])
     dense_attention = attention / (1 - hidden)
-    assert stock.get_total_flops() - counts["masked"] == pytest.approx(hidden * dense_attention, rel=1e-6)
+    in_place = sum(
+        n for op, n in ops["masked"].items() if op.endswith("_")
+    )  # products the stock counter skips
+    assert stock.get_total_flops() - counts["masked"] + in_place == pytest.approx(
+        hidden * dense_attention, rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lora_s_counted_flops_are_peft_s_whichever_way_its_layer_forms_its_sums(
+    tiny_vqvae, autocast, monkeypatch
+):
+    """varsweep's LoRA layer forms its sums in place (``addmm_``: the adapter's product into the base output, the
+    base's input gradient into lora_A's) or in one product over both inner dimensions (under autocast); PyTorch's
+    counter skips in-place products, which cut a LoRA trial's recorded FLOPs by a quarter. Counted as their
+    out-of-place forms, a step counts exactly what peft's own layer (out-of-place products and adds) does."""
+    import peft
+
+    from trainables.methods import LoraLinear
+
+    var = build_var(**TINY_VAR, drop_path_rate=0.0)
+    adapt(var, MethodConfig(name="lora"), num_classes=3, seed=0)
+    var.train()
+    idx = [
+        torch.randint(0, 64, (3, 1, p * p), generator=torch.Generator().manual_seed(0))
+        for p in TINY_VAR["patch_nums"]
+    ]
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = view_losses(
+                var, tiny_vqvae, torch.zeros(3, dtype=torch.long), idx, class_dropout=0.0
+            ).sum()
+        loss.backward()
+
+    ours, by_op = count_flops(step)
+    assert any("addmm_" in op for op in by_op)  # the in-place sums run and are counted
+    monkeypatch.setattr(LoraLinear, "forward", peft.tuners.lora.layer.Linear.forward)
+    monkeypatch.setattr(LoraLinear, "linear_plus_bias", lambda *_: None)  # mat_qkv's biases added after it
+    theirs, their_ops = count_flops(step)
+    assert not any("addmm_" in op for op in their_ops)
+    assert ours == theirs
 
 
 def test_a_torch_without_a_kernels_formula_meters_the_step_instead_of_failing(tiny_vqvae, monkeypatch):

@@ -425,6 +425,13 @@ def _trainable_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
+def hooks_are_book_keeping_s(module: nn.Module) -> bool:
+    """Every forward hook and pre-hook on ``module`` is a ``BookKeeping``'s (or there is none): they keep its input
+    and take its output's gradient, and never see its input's gradient."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return all(isinstance(getattr(hook, "__self__", None), BookKeeping) for hook in hooks)
+
+
 def bookkeeping_supports(model: nn.Module) -> bool:
     return all(type(m) in RULES for m in _trainable_layers(model))
 

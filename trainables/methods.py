@@ -140,6 +140,16 @@ class _CastOnce(torch.autograd.Function):
         return grad_first.to(ctx.input_dtype).add_(grad_second), None
 
 
+def _no_double_backward() -> None:
+    """Called first in a backward that sums outside autograd: grad mode is on there only under create_graph=True,
+    where the sums would silently cut the second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "varsweep's LoRA layer has no double backward (create_graph=True) under autocast or DP: "
+            "merge the adapters, or run without autocast and hooks"
+        )
+
+
 class _BaseAndTap(torch.autograd.Function):
     """A frozen base layer's output [N, out] of x [..., in], and x again ([..., in], a view) for the adapter's
     lora_A, which stays a module call (hooks see it): this backward then receives lora_A's input gradient and
@@ -155,13 +165,13 @@ class _BaseAndTap(torch.autograd.Function):
         return base_No, x.view_as(x)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_base_No, grad_tap):
+        _no_double_backward()
         if not ctx.needs_input_grad[0]:
             return None, None, None
         (weight,) = ctx.saved_tensors
-        # lora_A's input gradient, fresh from its backward and held by no one else (the layer calls this only where
-        # lora_A has no backward hook): written in place (a copy where it is not contiguous)
+        # lora_A's input gradient, fresh from its backward and seen by no hook (``_input_gradient_unseen``): written
+        # in place (a copy where it is not contiguous)
         grad_x = grad_tap.contiguous()
         grad_x.view(-1, grad_x.shape[-1]).addmm_(grad_base_No, weight)
         return grad_x, None, None
@@ -177,7 +187,7 @@ class _LoraProducts(torch.autograd.Function):
       ``addmm`` into a new tensor would first copy its addend there, CUDA's kernel, as many bytes as the add);
     - with ``joined`` (the base weight's kept cast with the adapter's rank of spare columns, [out, in + r], or rows,
       [out + r, in]), one product over the base's and the adapter's inner dimensions together: the forward's
-      [x | s x A^T] [W | B]^T where out > in (mat_qkv, fc1, ada_lin), the backward's [g | s g B] [W ; A] where
+      [x | s x A^T] [W | B]^T where out > in (mat_qkv, fc1), the backward's [g | s g B] [W ; A] where
       in > out (fc2). It copies x (or g) next to the adapter's [N, r] and writes the adapter's weight into the spare
       columns (rows): per row, 4 bytes per input entry (output entry) where the in-place sum moved 4 per output entry
       (input entry), so each layer takes it on the side where it saves."""
@@ -214,8 +224,8 @@ class _LoraProducts(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
+        _no_double_backward()
         x_Ni, lora_A, lora_B, a_Nr = ctx.saved_tensors
         g_No = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_A = grad_B = None
@@ -283,6 +293,22 @@ def _plain_unhooked(layer: nn.Module) -> bool:
     return type(layer) in (nn.Linear, AccumulatingLinear) and layer.bias is None and unhooked(layer)
 
 
+def _input_gradient_unseen(layer: nn.Module) -> bool:
+    """No hook can see or keep ``layer``'s input gradient: no backward hook on it nor on every module (global ones),
+    and its forward hooks, which could hook its input, only book-keeping's (they keep its input and take its
+    output's gradient)."""
+    hooks = torch.nn.modules.module
+    global_hooks = (
+        hooks._global_backward_hooks,
+        hooks._global_backward_pre_hooks,
+        hooks._global_forward_hooks,
+        hooks._global_forward_pre_hooks,
+    )
+    if layer._backward_hooks or layer._backward_pre_hooks or any(global_hooks):
+        return False
+    return bookkeeping.hooks_are_book_keeping_s(layer)
+
+
 def _accumulates(layer: nn.Module) -> bool:
     """``lora_B`` may be called with ``into`` (``AccumulatingLinear``): no backward hook (Opacus's hooks and ghost
     clipping wrap a module's output for theirs, and get the plain call). Forward hooks see the call, with the
@@ -309,9 +335,12 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
     - under autocast, the frozen base weight's cast kept between steps (``_base_output``);
     - without hooks, under autocast, a half-precision input's gradient formed in one product sum, and the output
       of a layer with more outputs than inputs (the gradient of one with more inputs) as one product over the
-      base's and the adapter's inner dimensions together, with no accumulating pass (``_LoraProducts``).
+      base's and the adapter's inner dimensions together, with no accumulating pass (``_LoraProducts``);
+    - elsewhere (hooked adapters, float32), the frozen base's input gradient accumulated into lora_A's in place
+      (``_BaseAndTap``) where autograd wrote both and added them.
     Anything else goes to peft's forward: merged or disabled adapters, several active adapters, mixed batches, LoRA
-    variants, and, outside autocast, an input whose dtype is not the adapter's (peft casts it)."""
+    variants, a lora_B bias (peft scales it), and, outside autocast, an input whose dtype is not the adapter's (peft
+    casts it)."""
 
     def _single_adapter(self) -> str | None:
         """The one active, unmerged adapter of the plain LoRA variant that this layer's own paths compute; None
@@ -356,8 +385,14 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         base_layer = self.base_layer
         into_base = _accumulates(lora_B) and x.ndim >= 2 and type(base_layer) is nn.Linear
         into_base = into_base and unhooked(base_layer)
-        # lora_A's input gradient is written in place: no backward hook may hold it (Opacus's take its output's)
-        tap = into_base and x_base is x_adapter and not (lora_A._backward_hooks or lora_A._backward_pre_hooks)
+        # lora_A's input gradient is written in place: no hook may see it (Opacus's backward hooks take it)
+        dropout = self.lora_dropout[name]
+        tap = (
+            into_base
+            and x_base is x_adapter
+            and _input_gradient_unseen(lora_A)
+            and _input_gradient_unseen(dropout)
+        )
         tapped = self._tapped_base(x, autocast=autocast) if tap else None
         if tapped is not None:  # lora_A's input gradient then takes the base's in place
             base, x_adapter = tapped

@@ -67,18 +67,42 @@ def _visible_pair_formula(dense: Callable, op: torch._ops.OpOverloadPacket, mask
     return formula
 
 
+# Products computed in place, which PyTorch's counter has no formula for (it counts ``out=`` and out-of-place
+# calls only), and the out-of-place op whose formula counts them: LoRA's layers accumulate their sums this way.
+_IN_PLACE_PRODUCTS = {
+    torch.ops.aten.addmm_: torch.ops.aten.addmm,
+    torch.ops.aten.baddbmm_: torch.ops.aten.baddbmm,
+}
+
+
+def _as_formula(counted: Callable):
+    """``counted`` (a formula of the counter's registry, which takes the tensors) as a custom one."""
+
+    def formula(*args, out_val=None, **kwargs) -> int:
+        return counted(*args, out_val=out_val, **kwargs)
+
+    formula._get_raw = True  # FlopCounterMode hands it the tensors themselves, not their shapes
+    return formula
+
+
 def visible_pair_counter() -> FlopCounterMode:
     """PyTorch's FLOP counter with masked attention counted over the visible query/key pairs only, so a step
-    counts the same useful FLOPs with the masked, per-scale or any other exact kernel. An op the installed
-    torch's counter has no formula for (torch 2.11 has none for the CPU flash kernels) stays uncounted, as the
-    stock counter leaves it, rather than failing the step that meters it."""
+    counts the same useful FLOPs with the masked, per-scale or any other exact kernel, and with products computed
+    in place (``addmm_``, ``baddbmm_``) counted as their out-of-place forms, so a step counts the same FLOPs
+    whichever way its sums are formed. An op the installed torch's counter has no formula for (torch 2.11 has none
+    for the CPU flash kernels) stays uncounted, as the stock counter leaves it, rather than failing the step that
+    meters it."""
     stock = FlopCounterMode(display=False).flop_registry
+    in_place = {op: _as_formula(stock[like]) for op, like in _IN_PLACE_PRODUCTS.items() if like in stock}
     return FlopCounterMode(
         display=False,
         custom_mapping={
-            op: _visible_pair_formula(stock[op], op, name)
-            for op, name in _MASKED_ATTENTION.items()
-            if op in stock
+            **in_place,
+            **{
+                op: _visible_pair_formula(stock[op], op, name)
+                for op, name in _MASKED_ATTENTION.items()
+                if op in stock
+            },
         },
     )
 
