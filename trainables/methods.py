@@ -145,8 +145,8 @@ def _no_double_backward() -> None:
     where the sums would silently cut the second derivative."""
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "varsweep's LoRA layer has no double backward (create_graph=True) under autocast or DP: "
-            "merge the adapters, or run without autocast and hooks"
+            "varsweep's LoRA layer forms its sums outside autograd: no double backward (create_graph=True); "
+            "merge the adapters into the base weights first (trainables.methods.merge_adapters)"
         )
 
 
@@ -398,7 +398,7 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
             base, x_adapter = tapped
         else:
             base = self._base_output(x_base.flatten(0, -2) if into_base else x_base, autocast=autocast)
-        a = lora_A(self.lora_dropout[name](x_adapter)) * self.scaling[name]
+        a = lora_A(dropout(x_adapter)) * self.scaling[name]
         if into_base and a.dtype == base.dtype:
             return lora_B(a, into=base)
         if into_base:
