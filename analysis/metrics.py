@@ -24,7 +24,10 @@ class Metric:
     def format(self, value: float) -> str:
         if self.name == "trainable_params":
             return format_count(value)
-        return f"{value:.{self.decimals}f}"
+        text = f"{value:.{self.decimals}f}"
+        if value and float(text) == 0:  # a small non-zero value (a tiny model's PFLOPs) would read as none at all
+            return f"{value:.2g}"
+        return text
 
     @property
     def axis_label(self) -> str:

@@ -1068,3 +1068,14 @@ def test_the_compute_figure_labels_its_axis_whatever_the_spread(pflops, scale, t
     assert len(figure.yticklabels[0]) >= 2, (
         figure.yticklabels
     )  # at least two labelled values to read the bars by
+
+
+def test_a_small_non_zero_metric_is_not_shown_as_zero():
+    """Tables round each metric to its decimals; a value that rounding would show as zero (the tiny demo model's
+    0.002 training PFLOPs against one decimal) keeps two significant digits instead."""
+    from analysis.metrics import METRICS
+
+    compute = METRICS["train_pflops"]
+    assert compute.format(0.00213) == "0.0021"
+    assert compute.format(12.345) == "12.3" and compute.format(0.0) == "0.0"
+    assert METRICS["fid"].format(7.94204) == "7.94"
