@@ -25,7 +25,8 @@ class Metric:
         if self.name == "trainable_params":
             return format_count(value)
         text = f"{value:.{self.decimals}f}"
-        if value and float(text) == 0:  # a small non-zero value (a tiny model's PFLOPs) would read as none at all
+        # a small non-zero value (a tiny model's PFLOPs) would read as none at all
+        if value and float(text) == 0:
             return f"{value:.2g}"
         return text
 
