@@ -172,7 +172,8 @@ class Traffic(TorchDispatchMode):
     def _flops(self, func, args, kwargs, out) -> int:
         formula = self.formulas.get(func.overloadpacket)
         name = func.__name__.split(".")[0]
-        # PyTorch's counter has no formula for an in-place product: its out-of-place one.
+        # PyTorch's counter has no formula for an in-place product: its out-of-place one (the rule
+        # trainables.profiling meters trials by; kept here, as --versus counts revisions older than it).
         if formula is None and name.removesuffix("_") in ACCUMULATING:
             formula = self.formulas.get(getattr(torch.ops.aten, name.removesuffix("_")))
         if formula is None:
