@@ -261,29 +261,41 @@ def test_unit_vectors_in_the_attention_s_dtype_move_18_fewer_bytes_per_entry_as_
     assert abs(moved[None] - moved[torch.bfloat16] - 18 * entries) <= 4 * rows
 
 
-@pytest.mark.parametrize("gain_trained, saved_per_entry", [(False, 16), (True, 18)])
-def test_a_hooked_head_scale_writes_the_attention_s_dtype_and_moves_fewer_bytes(
-    gain_trained, saved_per_entry
-):
-    """DP hooks the queries' scale (``HeadScale``), so its product is not folded into the normalisation. Its
-    float32 unit queries times the gain, written in bf16: forward 2 bytes written instead of 4, and no cast
-    (4 + 2): 8; backward no float32 copy of the bf16 gradient (2 + 4) and that gradient read as bf16 (2, not 4):
-    8; the gain's gradient, where autograd forms it (Opacus's hooks; book-keeping freezes the gain during its
-    backward), reads the bf16 gradient too: 2 more."""
-    from trainables.models.var import scaled
+@pytest.mark.parametrize("gain_trained", [False, True])
+def test_a_hooked_head_scale_moves_the_bytes_of_the_folded_gain(gain_trained):
+    """DP hooks the queries' scale (``HeadScale``). Its call gives the gain per row, which the normalisation
+    multiplies in, and the gradient reaching it is each row's, reduced by the normalisation's backward anyway: the
+    queries take the passes of the folded gain (no DP), forward and backward; the hook adds only the gain
+    gradient's reduction from the per-position sums [B, H, L, 1] where the gain was frozen (1/c of the queries'
+    size: 0.25 bytes per query entry here). Before, the hooked scale's unit queries were written in float32 and multiplied apart,
+    and its per-sample gradient read float32 products of the whole queries: about 30 bytes per query entry more.
+    ``gain_trained`` False: book-keeping freezes the scale during its backward and takes the gain as a leaf."""
+    from trainables.models.var import SelfAttention
+    from trainables.patches import HeadScale
 
+    attention = SelfAttention(128, 2, attn_l2_norm=True)
+    attention.head_scale = HeadScale(attention._parameters.pop("scale_mul_1H11"))
+    attention.head_scale.scale_mul_1H11.requires_grad_(gain_trained)
     g = torch.Generator().manual_seed(0)
-    x_BHLc = torch.randn(2, 16, 680, 64, generator=g)
-    gain_1H11 = torch.rand(1, 16, 1, 1, generator=g) + 1
-    upstream_BHLc = torch.randn(x_BHLc.shape, generator=g).to(torch.bfloat16)
-    moved = {}
-    for dtype in (None, torch.bfloat16):
-        x, gain = x_BHLc.clone().requires_grad_(), gain_1H11.clone().requires_grad_(gain_trained)
-        with Traffic() as traffic:
-            y = scaled(x, gain, dtype=dtype).to(torch.bfloat16)  # the attention's cast (none for bf16)
-            y.backward(upstream_BHLc)
-        moved[dtype] = traffic.bytes
-    assert moved[None] - moved[torch.bfloat16] == saved_per_entry * x_BHLc.numel()
+    q_BHLc = torch.randn(2, 2, 680, 64, generator=g).to(torch.bfloat16)
+    upstream_BHLc = torch.randn(q_BHLc.shape, generator=g).to(torch.bfloat16)
+
+    def as_book_keeping(module, args, out):  # a leaf where the gain needs no gradient, its gradient hooked
+        out = out if out.requires_grad else out.detach().requires_grad_()
+        out.register_hook(seen.append)
+        return out
+
+    moved, seen = {}, []
+    for hooked in (False, True):
+        handle = attention.head_scale.register_forward_hook(as_book_keeping) if hooked else None
+        with CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16), Traffic() as traffic:
+            attention.unit_queries(q_BHLc.clone().requires_grad_(), dtype=torch.bfloat16).backward(
+                upstream_BHLc
+            )
+        moved[hooked] = traffic.bytes
+        handle and handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (2, 2, 1, 1)
+    assert 0 <= moved[True] - moved[False] < q_BHLc.numel()  # under 1 byte per query entry
 
 
 @pytest.mark.parametrize("features", [(24, 40), (40, 24), (24, 24)])

@@ -290,6 +290,27 @@ def test_direct_route_releases_inputs_it_does_not_need(vqvae, data):
     assert not keeper.inputs and not keeper.kept
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_no_output_gradient_ends_in_a_leaf_s_grad(method, vqvae, data):
+    """Where nothing before a trainable layer needs a gradient (the first layers, the frozen queries' scale during
+    book-keeping's backward), its output is made to want one for the hook; that gradient must end at the hook, not
+    be copied into a leaf's ``.grad`` by AccumulateGrad (a first layer's whole [B, L, C] output gradient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Nodes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            node = torch._C._current_autograd_node()
+            seen.append(node.name() if node is not None else "")
+            return func(*args, **(kwargs or {}))
+
+    var, seen = make_model(method), []
+    keeper = BookKeeping(var)
+    loss_fn = loss_fn_for(var, vqvae, data, 1)
+    with Nodes():
+        keeper.clipped_sum(lambda: loss_fn(torch.tensor(INDICES)), max_grad_norm=1.0)
+    assert seen and "torch::autograd::AccumulateGrad" not in seen
+
+
 def test_forcing_an_unknown_route_is_refused():
     with pytest.raises(ValueError, match="linear_route"):
         BookKeeping(make_model("lora"), linear_route="fast")

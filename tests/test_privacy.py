@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from conftest import TINY_VAR, TINY_VQVAE
 from scipy import special
 
@@ -639,32 +640,36 @@ def test_auto_clipping_is_bookkeeping_for_adapted_vars():
     assert resolve_clipping(spec(clipping="auto"), unsupported) == "hooks"
 
 
-def test_head_scale_rule_matches_autograd_at_the_clamp_bound():
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_head_scale_rule_gives_each_example_s_autograd_gradient_at_the_clamp_bound(dtype):
+    """The scale's per-sample rule, from each row's gain gradient (the normalisation's backward), against autograd
+    of the published F.normalize(q) * exp(min(s, ln 100)) one example at a time: heads at, below and above the
+    bound. ``dtype`` bf16: the queries written in the attention's dtype, and its gradient coming in it."""
     from opacus.grad_sample import GradSampleModule
 
-    from trainables.models.var import MAX_LOG_SCALE_MUL
+    from trainables.models.var import MAX_LOG_SCALE_MUL, query_gain, unit_vectors
     from trainables.patches import HeadScale
 
     layer = HeadScale(
         torch.nn.Parameter(torch.tensor([MAX_LOG_SCALE_MUL, 1.0, MAX_LOG_SCALE_MUL + 0.5]).view(1, 3, 1, 1))
     )
-    # bf16 output: the product written in the attention's dtype, as under autocast; bf16 q: CPU autocast's
-    # unit queries (a product of two bf16 operands rounded to bf16 would be off by several percent here)
-    for q_dtype, dtype in (
-        (torch.float32, None),
-        (torch.float32, torch.bfloat16),
-        (torch.bfloat16, torch.bfloat16),
-    ):
-        q_BHLc = torch.randn(2, 3, 64, 16, generator=torch.Generator().manual_seed(0)).to(q_dtype)
-        grad_out = torch.randn(q_BHLc.shape, generator=torch.Generator().manual_seed(1)).to(
-            dtype or torch.float32
-        )
-        rule = GradSampleModule.GRAD_SAMPLERS[HeadScale](layer, [q_BHLc], grad_out)[layer.scale_mul_1H11]
-        assert rule.dtype == torch.float32
-        for b in range(2):
-            layer.zero_grad()
-            layer(q_BHLc[b : b + 1], dtype=dtype).backward(grad_out[b : b + 1])
-            torch.testing.assert_close(rule[b], layer.scale_mul_1H11.grad)
+    s_1H11 = layer.scale_mul_1H11
+    q_BHLc = torch.randn(2, 3, 64, 16, generator=torch.Generator().manual_seed(0))
+    upstream = torch.randn(q_BHLc.shape, generator=torch.Generator().manual_seed(1)).to(
+        dtype or torch.float32
+    )
+    gain_BH11 = layer(q_BHLc.new_empty(2, 0))
+    seen = []
+    gain_BH11.register_hook(seen.append)
+    unit_vectors(q_BHLc.clone().requires_grad_(), gain_BH11, dtype=dtype).backward(upstream)
+    rule = GradSampleModule.GRAD_SAMPLERS[HeadScale](layer, [q_BHLc.new_empty(2, 0)], seen[0])[s_1H11]
+    assert rule.dtype == torch.float32 and rule.shape == (2, 1, 3, 1, 1)
+    assert not rule[:, :, 0].any() and not rule[:, :, 2].any() and rule[:, :, 1].abs().min() > 0
+    for b in range(2):
+        s_1H11.grad = None
+        published = F.normalize(q_BHLc[b : b + 1], dim=-1) * query_gain(s_1H11)
+        published.to(upstream.dtype).backward(upstream[b : b + 1])
+        torch.testing.assert_close(rule[b], s_1H11.grad)
 
 
 def test_released_model_can_be_made_private_again(vqvae, data):

@@ -396,9 +396,13 @@ def _embedding_clipped(layer: nn.Embedding, kept: dict, c_B: torch.Tensor, k: in
 def _small_norms(
     layer: nn.Module, a_R: torch.Tensor, g_R: torch.Tensor, k: int, **_
 ) -> tuple[torch.Tensor, dict]:
-    """Small parameters: explicit per-example gradients from the per-sample rule, kept for the clipped sum."""
+    """Small parameters: explicit per-example gradients from the per-sample rule, kept for the clipped sum (at one
+    view per example, the rule's own: a mean over one view would copy them, [B, L, C] for the positions)."""
     per_row = GradSampleModule.GRAD_SAMPLERS[type(layer)](layer, [a_R], g_R)
-    kept = {p: gs.float().view(-1, k, *gs.shape[1:]).mean(1) for p, gs in per_row.items()}
+    kept = {
+        p: gs.float() if k == 1 else gs.float().view(-1, k, *gs.shape[1:]).mean(1)
+        for p, gs in per_row.items()
+    }
     sq_B = sum(_square_sums(gs) for gs in kept.values())
     return sq_B, kept
 
@@ -434,6 +438,20 @@ def hooks_are_book_keeping_s(module: nn.Module) -> bool:
 
 def bookkeeping_supports(model: nn.Module) -> bool:
     return all(type(m) in RULES for m in _trainable_layers(model))
+
+
+class _GradientTap(torch.autograd.Function):
+    """x as a tensor whose gradient autograd forms though nothing it comes from needs one (``anchor``, an empty
+    tensor, does): a hook on it gets g, which ends there. A leaf (``x.detach().requires_grad_()``) would also keep g
+    in its ``.grad``, AccumulateGrad's copy of a first layer's whole output gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None
 
 
 class BookKeeping:
@@ -498,8 +516,8 @@ class BookKeeping:
         self.inputs[module] = inputs[0].detach()
         if (
             not output.requires_grad
-        ):  # a first layer (its input needs no gradient): make its output a leaf to get g
-            output = output.detach().requires_grad_(True)
+        ):  # a first layer (its input needs no gradient), or the frozen scale's gain
+            output = _GradientTap.apply(output, output.new_empty(0).requires_grad_())
         output.register_hook(functools.partial(self._on_output_grad, module))
         return output
 

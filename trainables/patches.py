@@ -23,7 +23,7 @@ import torch
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from .models.var import MAX_LOG_SCALE_MUL, VAR, SelfAttention, query_gain, scaled, wide_products
+from .models.var import MAX_LOG_SCALE_MUL, VAR, SelfAttention, query_gain
 
 
 class PatchModule(nn.Module):
@@ -58,15 +58,19 @@ class QKVBias(PatchModule):
 
 
 class HeadScale(PatchModule):
-    """Multiplies unit queries [B, H, L, c] by ``exp(min(scale_mul_1H11, ln 100))`` per head."""
+    """The queries' per-head gain ``exp(min(scale_mul_1H11, ln 100))``, one copy per row [B, H, 1, 1], by which the
+    attention multiplies its unit queries inside their normalisation (``SelfAttention.unit_queries``). The gradient
+    reaching this module's output is then each row's gain gradient, which the normalisation's backward reduces from
+    its per-row sums anyway: the scale's per-sample gradients cost no pass over the queries."""
 
     def __init__(self, scale_mul_1H11: nn.Parameter):
         super().__init__()
         self.scale_mul_1H11 = scale_mul_1H11
 
-    def forward(self, q_BHLc: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``dtype``: the attention's autocast dtype, which the product is written in (``scaled``)."""
-        return scaled(q_BHLc, query_gain(self.scale_mul_1H11), dtype=dtype)
+    def forward(self, rows_B: torch.Tensor) -> torch.Tensor:
+        """``rows_B``: any tensor with one row per batch row; only its length is read (the attention passes an
+        empty [B, 0], so that hooks keeping the input keep no activation)."""
+        return query_gain(self.scale_mul_1H11).expand(rows_B.shape[0], -1, -1, -1)
 
 
 @register_grad_sampler(AddParameter)
@@ -97,15 +101,12 @@ def _qkv_bias_grad_sample(layer: QKVBias, activations: list[torch.Tensor], backp
 def _head_scale_grad_sample(
     layer: HeadScale, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict:
-    """d(q * exp(s))/ds = q * exp(s) where s < ln 100 (torch's clamp_max passes no gradient at or above its bound):
-    per example and head, exp(s) sum(g * q) over positions and channels, from float32 products (under autocast g
-    comes in bf16, and under CPU autocast q too: a bf16 product would round each term); the gain scales the [B, H]
-    sums, not the [B, H, L, c] queries: two full-size passes fewer."""
+    """d gain / ds = gain where s < ln 100 (torch's clamp_max passes no gradient at or above its bound): each row's
+    gain gradient [B, H, 1, 1] (float32 sums of the normalisation's backward) times the gain."""
     s_1H11 = layer.scale_mul_1H11
     if not s_1H11.requires_grad:
         return {}
-    gq_BH11 = wide_products(backprops, activations[0], torch.float32).sum(dim=(2, 3), keepdim=True)
-    g_BH11 = gq_BH11 * query_gain(s_1H11) * (s_1H11 < MAX_LOG_SCALE_MUL)
+    g_BH11 = backprops.float() * query_gain(s_1H11) * (s_1H11 < MAX_LOG_SCALE_MUL)
     return {s_1H11: g_BH11.unsqueeze(1).to(s_1H11.dtype)}
 
 

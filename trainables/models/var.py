@@ -302,12 +302,13 @@ NORMALIZE_EPS = 1e-12  # F.normalize's
 
 
 class _UnitVectors(torch.autograd.Function):
-    """``F.normalize(x, dim=-1)`` [..., c] for training, times a per-head ``gain_1H11`` when one is given (the
-    queries' learned scale): forward the same norm and clamp, then the quotient (no gain: F.normalize's bits) or
-    one product by gain / norm (the published (x / norm) * gain up to a float32 rounding, one pass over x instead
-    of two). Backward: three passes over x's size where autograd makes about ten through the division by an
-    expanded norm (the quotient's two gradients, the norm's and their sum), and three more for the gain's product;
-    the gain's gradient is reduced from per-row sums.
+    """``F.normalize(x, dim=-1)`` [..., c] for training, times a per-head ``gain`` when one is given (the queries'
+    learned scale; [1, H, 1, 1], or [B, H, 1, 1] with one copy per row): forward the same norm and clamp, then the
+    quotient (no gain: F.normalize's bits) or one product by gain / norm (the published (x / norm) * gain up to a
+    float32 rounding, one pass over x instead of two). Backward: three passes over x's size where autograd makes
+    about ten through the division by an expanded norm (the quotient's two gradients, the norm's and their sum), and
+    three more for the gain's product; the gain's gradient is reduced from per-row sums to the gain's shape (a
+    per-row gain gets each row's own: the per-example gradients of DP-SGD at no extra pass).
 
     ``dtype`` None: the norm as ``Tensor.norm`` takes it (CUDA autocast: float32, so a bf16 x gives float32 unit
     vectors there, as F.normalize's), and the result in that type. ``dtype`` given (the attention's autocast
@@ -318,37 +319,38 @@ class _UnitVectors(torch.autograd.Function):
     float32 result's gradient came through the cast's backward, which wrote a float32 copy of it, the same bits."""
 
     @staticmethod
-    def forward(ctx, x_BHLc, gain_1H11, dtype: torch.dtype | None):
+    def forward(ctx, x_BHLc, gain, dtype: torch.dtype | None):
         if dtype is None:
             n_BHL1 = x_BHLc.norm(2, dim=-1, keepdim=True)
         else:
             norm_dtype = torch.promote_types(x_BHLc.dtype, torch.float32)
             n_BHL1 = torch.linalg.vector_norm(x_BHLc, dim=-1, keepdim=True, dtype=norm_dtype)
         d_BHL1 = n_BHL1.clamp_min(NORMALIZE_EPS)
-        ctx.save_for_backward(x_BHLc, n_BHL1, d_BHL1, gain_1H11)
+        ctx.save_for_backward(x_BHLc, n_BHL1, d_BHL1, gain)
         out = None if dtype is None else x_BHLc.new_empty(x_BHLc.shape, dtype=dtype)
-        if gain_1H11 is None:
+        if gain is None:
             return torch.div(x_BHLc, d_BHL1, out=out)
-        return torch.mul(x_BHLc, gain_1H11 / d_BHL1, out=out)
+        return torch.mul(x_BHLc, gain / d_BHL1, out=out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_BHLc):
-        x_BHLc, n_BHL1, d_BHL1, gain_1H11 = ctx.saved_tensors
+        x_BHLc, n_BHL1, d_BHL1, gain = ctx.saved_tensors
         # y = a x / d, d = max(|x|, eps): dx = a (g - x (g.x) / (d |x|)) / d where |x| > eps (there d = |x|),
         # a g / d elsewhere (d is the constant eps); da = sum of (g.x) / d over the head's rows.
         gx_BHL1 = wide_products(grad_BHLc, x_BHLc, n_BHL1.dtype).sum(-1, keepdim=True)
         coef_BHL1 = torch.where(n_BHL1 > NORMALIZE_EPS, -gx_BHL1 / (d_BHL1 * d_BHL1), 0.0)
-        rate_BHL1 = d_BHL1.reciprocal() if gain_1H11 is None else gain_1H11 / d_BHL1
+        rate_BHL1 = d_BHL1.reciprocal() if gain is None else gain / d_BHL1
         # The last pass scales and writes x's dtype at once (no float32 gradient and a cast after it).
         grad_x = torch.mul(
             torch.addcmul(grad_BHLc, x_BHLc, coef_BHL1), rate_BHL1, out=torch.empty_like(x_BHLc)
         )
         grad_gain = None
-        if gain_1H11 is not None and ctx.needs_input_grad[1]:
-            grad_gain = (
-                (gx_BHL1 / d_BHL1).sum((0, 2, 3), keepdim=True, dtype=torch.float32).to(gain_1H11.dtype)
-            )
+        if gain is not None and ctx.needs_input_grad[1]:
+            broadcast = [
+                i for i, size in enumerate(gain.shape) if size == 1
+            ]  # summed over: (0, 2, 3) or (2, 3)
+            grad_gain = (gx_BHL1 / d_BHL1).sum(broadcast, keepdim=True, dtype=torch.float32).to(gain.dtype)
         return grad_x, grad_gain, None
 
 
@@ -362,16 +364,16 @@ def wide_products(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch
 
 
 def unit_vectors(
-    x_BHLc: torch.Tensor, gain_1H11: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
+    x_BHLc: torch.Tensor, gain: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """``F.normalize(x, dim=-1)`` [B, H, L, c], times ``gain_1H11`` if given, differentiated by ``_UnitVectors``
+    """``F.normalize(x, dim=-1)`` [B, H, L, c], times ``gain`` ([1, H, 1, 1] or [B, H, 1, 1]) if given, differentiated by ``_UnitVectors``
     when a gradient will flow (gradients equal up to rounding; with a gain the values too), and then written in
     ``dtype`` if given (the attention's autocast dtype; see ``_UnitVectors``). Without a gradient, and in a
     compiled block (inductor fuses the backward anyway), F.normalize and a product, as published."""
-    if _own_backward(x_BHLc, gain_1H11):
-        return _UnitVectors.apply(x_BHLc, gain_1H11, dtype)
+    if _own_backward(x_BHLc, gain):
+        return _UnitVectors.apply(x_BHLc, gain, dtype)
     unit_BHLc = F.normalize(x_BHLc, dim=-1)
-    return unit_BHLc if gain_1H11 is None else unit_BHLc * gain_1H11
+    return unit_BHLc if gain is None else unit_BHLc * gain
 
 
 def query_gain(scale_mul_1H11: torch.Tensor) -> torch.Tensor:
@@ -427,42 +429,6 @@ def modulate(ln_BLC: torch.Tensor, mul_B1C: torch.Tensor, shift_B1C: torch.Tenso
     if _own_backward(ln_BLC, mul_B1C, shift_B1C):
         return _Modulate.apply(ln_BLC, mul_B1C, shift_B1C, dtype)
     return _modulated(ln_BLC, mul_B1C, shift_B1C, dtype)
-
-
-class _Scaled(torch.autograd.Function):
-    """x * gain [B, H, L, c] written in ``dtype``: the product computed in float32 (type promotion) and rounded once,
-    the values a cast after a float32 product gives, in one pass instead of two. Backward: the gradient (which
-    then comes in ``dtype``) read as it comes, times the gain in float32 and written in x's dtype, and the gain's
-    gradient from float32 products: bit for bit what came through the cast's backward (a float32 copy of it)."""
-
-    @staticmethod
-    def forward(ctx, x_BHLc, gain_1H11, dtype: torch.dtype):
-        ctx.save_for_backward(x_BHLc, gain_1H11)
-        return torch.mul(x_BHLc, gain_1H11, out=x_BHLc.new_empty(x_BHLc.shape, dtype=dtype))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_BHLc):
-        x_BHLc, gain_1H11 = ctx.saved_tensors
-        grad_x = grad_gain = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mul(grad_BHLc, gain_1H11, out=torch.empty_like(x_BHLc))
-        if ctx.needs_input_grad[1]:
-            products = wide_products(grad_BHLc, x_BHLc, torch.promote_types(x_BHLc.dtype, gain_1H11.dtype))
-            grad_gain = products.sum((0, 2, 3), keepdim=True).to(gain_1H11.dtype)
-        return grad_x, grad_gain, None
-
-
-def scaled(
-    x_BHLc: torch.Tensor, gain_1H11: torch.Tensor, *, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """x * gain [B, H, L, c], written in ``dtype`` if given (the attention's autocast dtype, which it would cast
-    the product to): by ``_Scaled`` when a gradient will flow, else the product and a cast."""
-    if dtype is None or dtype == torch.promote_types(x_BHLc.dtype, gain_1H11.dtype):
-        return x_BHLc * gain_1H11
-    if _own_backward(x_BHLc, gain_1H11):
-        return _Scaled.apply(x_BHLc, gain_1H11, dtype)
-    return (x_BHLc * gain_1H11).to(dtype)
 
 
 class _SplitHeads(torch.autograd.Function):
@@ -580,13 +546,14 @@ class SelfAttention(nn.Module):
         return qkv_BL3C + self.biases_3C().to(qkv_BL3C.dtype)
 
     def unit_queries(self, q_BHLc: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``: with a gradient, the gain
-        folded into the normalisation (``unit_vectors``, the result in ``dtype`` if given), unless a patch's
-        ``head_scale`` holds the scale and is hooked: per-sample gradients need its own call (its input is then
-        F.normalize's: float32 under CUDA autocast; its product is written in ``dtype``)."""
+        """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``, the gain folded into the
+        normalisation (``unit_vectors``, the result in ``dtype`` if given). Where a patch's ``head_scale`` holds the
+        scale and is hooked, per-sample gradients need its own call: it gives the gain once per row [B, H, 1, 1]
+        (its input, an empty [B, 0], only counts the rows and holds no activation), and the gradient reaching it
+        is each row's, which the normalisation's backward forms anyway."""
         scale = self.head_scale
         if scale is not None and not unhooked(scale):
-            return scale(unit_vectors(q_BHLc), dtype=dtype)
+            return unit_vectors(q_BHLc, scale(q_BHLc.new_empty(q_BHLc.shape[0], 0)), dtype=dtype)
         owner = self if scale is None else scale
         return unit_vectors(q_BHLc, query_gain(owner.scale_mul_1H11), dtype=dtype)
 
