@@ -269,7 +269,7 @@ def test_a_hooked_head_scale_moves_the_bytes_of_the_folded_gain(gain_trained):
     gradient's reduction from the per-position sums [B, H, L, 1] where the gain was frozen (1/c of the queries'
     size: 0.25 bytes per query entry here). Before, the hooked scale's unit queries were written in float32 and multiplied apart,
     and its per-sample gradient read float32 products of the whole queries: about 30 bytes per query entry more.
-    ``gain_trained`` False: book-keeping freezes the scale during its backward and takes the gain as a leaf."""
+    ``gain_trained`` False: book-keeping freezes the scale during its backward and taps the gain for its gradient."""
     from trainables.models.var import SelfAttention
     from trainables.patches import HeadScale
 
@@ -280,8 +280,10 @@ def test_a_hooked_head_scale_moves_the_bytes_of_the_folded_gain(gain_trained):
     q_BHLc = torch.randn(2, 2, 680, 64, generator=g).to(torch.bfloat16)
     upstream_BHLc = torch.randn(q_BHLc.shape, generator=g).to(torch.bfloat16)
 
-    def as_book_keeping(module, args, out):  # a leaf where the gain needs no gradient, its gradient hooked
-        out = out if out.requires_grad else out.detach().requires_grad_()
+    anchor = torch.empty(0, requires_grad=True)
+
+    def as_book_keeping(module, args, out):  # book-keeping's tap where the gain needs no gradient, hooked
+        out = out if out.requires_grad else bookkeeping._GradientTap.apply(out, anchor)
         out.register_hook(seen.append)
         return out
 

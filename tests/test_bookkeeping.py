@@ -290,6 +290,38 @@ def test_direct_route_releases_inputs_it_does_not_need(vqvae, data):
     assert not keeper.inputs and not keeper.kept
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_queries_scales_get_each_example_s_gradient(k, bf16, vqvae, data):
+    """The scales' per-example gradients are about 1e-8 in the tiny model, under every tolerance of the whole
+    clipped sum, so they are compared here alone, with the scales off their start: book-keeping's (each row's gain
+    gradient from the normalisation's backward, through the patch module's tap) against one example at a time
+    autograd, to float32 rounding of the largest entry (under CPU bf16 autocast, to bf16 roundings of the
+    queries)."""
+    var = make_model("full")
+    with torch.no_grad():
+        for name, p in var.named_parameters():
+            if name.endswith("scale_mul_1H11"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    expected = reference_grads(var, vqvae, data, k, INDICES, bf16=bf16)
+    keeper = BookKeeping(var)
+    seen = []
+    original = keeper._write_clipped
+    keeper._write_clipped = lambda **kw: (seen.append(copy.copy(keeper.kept)), original(**kw))[1]
+    loss_fn = loss_fn_for(var, vqvae, data, k, bf16=bf16)
+    keeper.clipped_sum(lambda: loss_fn(torch.tensor(INDICES)), max_grad_norm=1e6)
+    names = {p: name for name, p in var.named_parameters()}
+    got = {
+        names[p]: g for kept in seen[0].values() for p, g in kept.items() if isinstance(p, torch.nn.Parameter)
+    }
+    scales = [name for name in expected if name.endswith("scale_mul_1H11")]
+    assert len(scales) == 2 and all(expected[name].abs().min() > 0 for name in scales)
+    for name in scales:
+        scale = expected[name].abs().max()
+        tol = 1e-2 if bf16 else 1e-5
+        torch.testing.assert_close(got[name], expected[name], rtol=tol, atol=tol * scale)
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_no_output_gradient_ends_in_a_leaf_s_grad(method, vqvae, data):
     """Where nothing before a trainable layer needs a gradient (the first layers, the frozen queries' scale during

@@ -442,8 +442,8 @@ def bookkeeping_supports(model: nn.Module) -> bool:
 
 class _GradientTap(torch.autograd.Function):
     """x as a tensor whose gradient autograd forms though nothing it comes from needs one (``anchor``, an empty
-    tensor, does): a hook on it gets g, which ends there. A leaf (``x.detach().requires_grad_()``) would also keep g
-    in its ``.grad``, AccumulateGrad's copy of a first layer's whole output gradient."""
+    leaf, does; it gets no gradient): a hook on it gets g, which ends there. A leaf (``x.detach().requires_grad_()``)
+    would also keep g in its ``.grad``, AccumulateGrad's copy of a first layer's whole output gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -475,6 +475,7 @@ class BookKeeping:
         self.trainable = set(self.params)
         self.active = False
         self._k = 0  # views per example of the running backward
+        self._anchor: torch.Tensor | None = None  # _GradientTap's, made per clipped_sum
         self.inputs: dict[nn.Module, torch.Tensor] = {}
         self.norms: dict[nn.Module, torch.Tensor] = {}  # squared per-example norms [B], float32
         self.kept: dict[nn.Module, dict] = {}  # what each layer's clipped sum needs
@@ -514,10 +515,9 @@ class BookKeeping:
                 f"{type(module).__name__} is called twice in one forward; book-keeping clipping needs one call"
             )
         self.inputs[module] = inputs[0].detach()
-        if (
-            not output.requires_grad
-        ):  # a first layer (its input needs no gradient), or the frozen scale's gain
-            output = _GradientTap.apply(output, output.new_empty(0).requires_grad_())
+        # A first layer (its input needs no gradient), or the frozen scale's gain: tapped for g.
+        if not output.requires_grad:
+            output = _GradientTap.apply(output, self._anchor)
         output.register_hook(functools.partial(self._on_output_grad, module))
         return output
 
@@ -547,6 +547,8 @@ class BookKeeping:
         there as terms ({param: [terms]}, ``add_terms``), which DP-SGD's noised mean adds into its noise without
         forming the sum. Returns b."""
         self._clear()
+        # Made here, not in a hook: a leaf made inside a compiled block would break its graph.
+        self._anchor = torch.empty(0, device=self.params[0].device, requires_grad=True)
         for p in self.params:
             p.requires_grad_(False)  # autograd then skips the weight-gradient products rebuilt below
         self.active = True
