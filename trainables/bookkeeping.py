@@ -548,7 +548,8 @@ class BookKeeping:
         forming the sum. Returns b."""
         self._clear()
         # Made here, not in a hook: a leaf made inside a compiled block would break its graph.
-        self._anchor = torch.empty(0, device=self.params[0].device, requires_grad=True)
+        device = self.params[0].device if self.params else None  # none: nothing is hooked, nothing tapped
+        self._anchor = torch.empty(0, device=device, requires_grad=True)
         for p in self.params:
             p.requires_grad_(False)  # autograd then skips the weight-gradient products rebuilt below
         self.active = True
