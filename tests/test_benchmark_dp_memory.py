@@ -263,13 +263,13 @@ def test_unit_vectors_in_the_attention_s_dtype_move_18_fewer_bytes_per_entry_as_
 
 @pytest.mark.parametrize("gain_trained", [False, True])
 def test_a_hooked_head_scale_moves_the_bytes_of_the_folded_gain(gain_trained):
-    """DP hooks the queries' scale (``HeadScale``). Its call gives the gain per row, which the normalisation
-    multiplies in, and the gradient reaching it is each row's, reduced by the normalisation's backward anyway: the
-    queries take the passes of the folded gain (no DP), forward and backward; the hook adds only the gain
-    gradient's reduction from the per-position sums [B, H, L, 1] where the gain was frozen (1/c of the queries'
-    size: 0.25 bytes per query entry here). Before, the hooked scale's unit queries were written in float32 and multiplied apart,
-    and its per-sample gradient read float32 products of the whole queries: about 30 bytes per query entry more.
-    ``gain_trained`` False: book-keeping freezes the scale during its backward and taps the gain for its gradient."""
+    """DP hooks the queries' scale (``HeadScale``). Its call gives the gain per row, which the normalisation multiplies
+    in, and the gradient reaching it is each row's, reduced by the normalisation's backward anyway: the queries take the
+    passes of the folded gain (no DP), forward and backward; the hook adds only the gain gradient's reduction from the
+    per-position sums [B, H, L, 1] where the gain was frozen (1/c of the queries' size: 0.25 bytes per query entry
+    here). Before, the hooked scale's unit queries were written in float32 and multiplied apart, and its per-sample
+    gradient read float32 products of the whole queries: about 30 bytes per query entry more. ``gain_trained`` False:
+    book-keeping freezes the scale during its backward and taps the gain for its gradient."""
     from trainables.models.var import SelfAttention
     from trainables.patches import HeadScale
 

@@ -989,15 +989,15 @@ def test_a_tiny_var_trains_under_autocast_with_the_modulation_as_with_the_publis
 def test_unhooked_patch_modules_are_folded_with_the_numbers_of_their_calls(
     vqvae, autocast, method, hooked_type, monkeypatch
 ):
-    """Without DP nothing hooks the patch modules holding the q/v biases and the queries' scale, so the biases go
-    into the qkv product and the gain into the normalisation, neither module called (LoRA's mat_qkv takes the
-    frozen biases into its product under autocast, ``linear_plus_bias``; outside it the bias module is called).
-    Hooked (as per-sample gradients hook them), each module is called. A hooked HeadScale gives the gain per row,
-    which the normalisation multiplies in as it does unhooked: the same loss, bit for bit, and the same gradients to
-    float32 rounding (the rows' gain gradients are summed over rows after their own sums). A hooked QKVBias adds the biases
-    after the product: float32 to its rounding; under CPU bf16 autocast, to bf16 roundings (the bias added after
-    the product's rounding instead of before it), and the scale's gradient to 2^-3 of its largest entry: a sum over
-    every query entry that nearly cancels, which one bf16 step in q moves by percents."""
+    """Without DP nothing hooks the patch modules holding the q/v biases and the queries' scale, so the biases go into
+    the qkv product and the gain into the normalisation, neither module called (LoRA's mat_qkv takes the frozen biases
+    into its product under autocast, ``linear_plus_bias``; outside it the bias module is called). Hooked (as per-sample
+    gradients hook them), each module is called. A hooked HeadScale gives the gain per row, which the normalisation
+    multiplies in as it does unhooked: the same loss, bit for bit, and the same gradients to float32 rounding (the rows'
+    gain gradients are summed over rows after their own sums). A hooked QKVBias adds the biases after the product:
+    float32 to its rounding; under CPU bf16 autocast, to bf16 roundings (the bias added after the product's rounding
+    instead of before it), and the scale's gradient to 2^-3 of its largest entry: a sum over every query entry that
+    nearly cancels, which one bf16 step in q moves by percents."""
     from trainables import patches
 
     label_B, idx_Bl = batch()

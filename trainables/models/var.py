@@ -347,9 +347,8 @@ class _UnitVectors(torch.autograd.Function):
         )
         grad_gain = None
         if gain is not None and ctx.needs_input_grad[1]:
-            broadcast = [
-                i for i, size in enumerate(gain.shape) if size == 1
-            ]  # summed over: (0, 2, 3) or (2, 3)
+            # Summed over the gain's broadcast dimensions: (0, 2, 3) per head, (2, 3) per row.
+            broadcast = [i for i, size in enumerate(gain.shape) if size == 1]
             grad_gain = (gx_BHL1 / d_BHL1).sum(broadcast, keepdim=True, dtype=torch.float32).to(gain.dtype)
         return grad_x, grad_gain, None
 
@@ -366,10 +365,11 @@ def wide_products(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch
 def unit_vectors(
     x_BHLc: torch.Tensor, gain: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """``F.normalize(x, dim=-1)`` [B, H, L, c], times ``gain`` ([1, H, 1, 1] or [B, H, 1, 1]) if given, differentiated by ``_UnitVectors``
-    when a gradient will flow (gradients equal up to rounding; with a gain the values too), and then written in
-    ``dtype`` if given (the attention's autocast dtype; see ``_UnitVectors``). Without a gradient, and in a
-    compiled block (inductor fuses the backward anyway), F.normalize and a product, as published."""
+    """``F.normalize(x, dim=-1)`` [B, H, L, c], times ``gain`` ([1, H, 1, 1] or [B, H, 1, 1]) if given,
+    differentiated by ``_UnitVectors`` when a gradient will flow (gradients equal up to rounding; with a gain the
+    values too), and then written in ``dtype`` if given (the attention's autocast dtype; see ``_UnitVectors``).
+    Without a gradient, and in a compiled block (inductor fuses the backward anyway), F.normalize and a product, as
+    published."""
     if _own_backward(x_BHLc, gain):
         return _UnitVectors.apply(x_BHLc, gain, dtype)
     unit_BHLc = F.normalize(x_BHLc, dim=-1)
