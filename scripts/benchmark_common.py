@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import platform
 import statistics
+import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +16,39 @@ import torch
 
 from trainables.models import OFFICIAL_PATCH_NUMS, build_var, build_vqvae
 from trainables.profiling import Stopwatch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def revision_checkout(revision: str | None, name: str) -> Iterator[Path | None]:
+    """A detached ``git worktree`` of ``revision`` for the block's duration (None: no revision, nothing made)."""
+    if revision is None:
+        yield None
+        return
+    tree = Path(f"/tmp/varsweep-{name}-{revision}")
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), revision], check=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=True)
+
+
+def add_revision_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--versus`` (another revision's code, counted beside this tree's), ``--out`` (the report appended there) and
+    the hidden ``--one`` and ``--expect`` of a child process counting one configuration."""
+    parser.add_argument("--versus", help="a git revision whose code to count beside this tree's")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--expect", help=argparse.SUPPRESS)
+
+
+def check_imported_from(code: str | None) -> None:
+    """Exit unless ``trainables`` was imported from the checkout ``code`` (a child measuring another revision)."""
+    import trainables
+
+    if code and not Path(trainables.__file__).resolve().is_relative_to(Path(code).resolve()):
+        raise SystemExit(f"trainables imported from {trainables.__file__}, not from {code}")
 
 
 def stamp() -> str:

@@ -80,7 +80,7 @@ class LiveTensorBytes(TorchDispatchMode):
 H200_DATASHEET = {"half_flops": 989e12, "float32_flops": 67e12, "bytes": 4.8e12}
 HALF_TYPES = (torch.bfloat16, torch.float16)
 # Allocations and storage swaps (Opacus's ``p.data = ...``): no kernel moves data.
-NO_DATA = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_"}
+NO_DATA = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided", "set_"}
 # In-place ops that overwrite their output without reading it.
 WRITE_ONLY = {"normal_", "uniform_", "bernoulli_", "exponential_", "random_", "fill_", "zero_", "copy_"}
 # Factories that take a tensor for its shape, dtype and device only: they write their output, read nothing.
@@ -249,7 +249,11 @@ class CudaAutocast(TorchFunctionMode):
       runs it.) Until 2026-12-05 this replay copied the input to float32 first, a copy CUDA does not make.
     - ``addcmul`` and ``addcdiv`` are promoted: CUDA autocast casts their floating inputs to the widest of their
       dtypes (a bf16 branch beside a float32 stream is copied to float32 in full), CPU autocast passes them
-      through. Their ``out=`` forms pass through on both."""
+      through. Their ``out=`` forms pass through on both.
+    - CUDA autocast's float32 lists where CPU autocast lets a bf16 input through (``FLOAT32_ON_CUDA``): layer
+      and group norms and interpolation copy a bf16 input to float32 and run in float32 (its ``fp32`` policy);
+      sums, softmax and the like read it as it is and write float32 (``fp32_set_opt_dtype``: ``dtype`` appended
+      where none is given)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -258,6 +262,18 @@ class CudaAutocast(TorchFunctionMode):
         if func in PROMOTED_ON_CUDA and kwargs.get("out") is None:
             return func(*_promoted(args), **kwargs)
         half = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dtype in HALF_TYPES
+        # CUDA autocast leaves ``out=`` calls alone; its "cast" policy casts every half argument, "dtype" looks at
+        # the first and keeps a dtype given (by keyword or by position).
+        policy = FLOAT32_ON_CUDA.get(func) if kwargs.get("out") is None else None
+        if (
+            policy == "cast"
+            and _any_half((args, kwargs))
+            and _interpolation(func, args, kwargs) in CAST_INTERPOLATIONS
+        ):
+            return func(*_float32(args), **_float32(kwargs))
+        given = kwargs.get("dtype") is not None or any(isinstance(a, torch.dtype) for a in args[1:])
+        if policy == "dtype" and half and not given:
+            return func(*args, **{**kwargs, "dtype": torch.float32})
         if half and func is torch.nn.functional.normalize:
             return _normalize_with_float32_norm(*args, **kwargs)
         if half and func in (torch.Tensor.norm, torch.norm) and kwargs.get("dtype") is None:
@@ -267,6 +283,59 @@ class CudaAutocast(TorchFunctionMode):
 
 # Operations CUDA autocast promotes to their widest floating input and CPU autocast does not (used in a step).
 PROMOTED_ON_CUDA = (torch.addcmul, torch.Tensor.addcmul, torch.addcdiv, torch.Tensor.addcdiv)
+
+
+# CUDA autocast's float32 policies (ATen/autocast_mode.h's AT_FORALL_FP32 and AT_FORALL_FP32_SET_OPT_DTYPE) for
+# the functions a step or a sampling call uses, none of which CPU autocast casts (tests check both against the
+# dispatcher's AutocastCUDA and AutocastCPU kernels; ``prod``, on both lists, is left out). "cast": every half
+# input copied to float32; "dtype": ``dtype=torch.float32`` appended where no dtype is given (a keyword every one
+# of them takes). CPU autocast's own float32 policies are not undone: of them a step meets only cross-entropy,
+# whose logits varsweep makes float32 itself.
+FLOAT32_ON_CUDA = {
+    torch.nn.functional.layer_norm: "cast",
+    torch.layer_norm: "cast",
+    torch.nn.functional.group_norm: "cast",
+    torch.group_norm: "cast",
+    torch.nn.functional.interpolate: "cast",
+    torch.exp: "cast",
+    torch.Tensor.exp: "cast",
+    torch.rsqrt: "cast",
+    torch.Tensor.rsqrt: "cast",
+    torch.nn.functional.softmax: "dtype",
+    torch.softmax: "dtype",
+    torch.Tensor.softmax: "dtype",
+    torch.nn.functional.log_softmax: "dtype",
+    torch.log_softmax: "dtype",
+    torch.Tensor.log_softmax: "dtype",
+    torch.cumsum: "dtype",
+    torch.Tensor.cumsum: "dtype",
+    torch.sum: "dtype",
+    torch.Tensor.sum: "dtype",
+    torch.linalg.vector_norm: "dtype",
+}
+# F.interpolate's modes on CUDA autocast's float32 list (the upsample kernels; "area" is an adaptive pooling).
+CAST_INTERPOLATIONS = {"nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear"}
+
+
+def _interpolation(func, args: tuple, kwargs: dict) -> str:
+    """F.interpolate's mode (its fourth parameter); "nearest", a mode cast to float32, for any other function."""
+    if func is not torch.nn.functional.interpolate:
+        return "nearest"
+    return kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
+
+
+def _any_half(tree) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.dtype in HALF_TYPES for t in tree_leaves(tree))
+
+
+def _float32(tree):
+    """``tree`` (args or kwargs) with every half tensor copied to float32, as CUDA autocast's ``fp32`` policy."""
+    if isinstance(tree, dict):
+        return {key: _float32(value) for key, value in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_float32(value) for value in tree)
+    is_half = isinstance(tree, torch.Tensor) and tree.dtype in HALF_TYPES
+    return tree.float() if is_half else tree
 
 
 def _promoted(args: tuple) -> tuple:
@@ -493,7 +562,6 @@ def main() -> None:
     parser.add_argument("--views", default="1:8,8:16", help="k:rows pairs (rows = examples x k)")
     parser.add_argument("--precision", default="bf16,fp32")
     parser.add_argument("--methods", default="full,lora")
-    parser.add_argument("--versus", help="a git revision whose code to measure beside this tree's")
     parser.add_argument(
         "--routes", default="auto", help="book-keeping's linear routes: auto,gram,auto@1.6 (keep ratio 1.6)"
     )
@@ -503,26 +571,14 @@ def main() -> None:
         choices=("cpu", "cuda"),
         help="DP steps on the CPU's kernels or CUDA's (emulated)",
     )
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--expect", help=argparse.SUPPRESS)
+    benchmark_common.add_revision_arguments(parser)
     args = parser.parse_args()
     if args.one:
-        import trainables
-
-        if args.expect and not Path(trainables.__file__).resolve().is_relative_to(
-            Path(args.expect).resolve()
-        ):
-            raise SystemExit(f"trainables imported from {trainables.__file__}, not from {args.expect}")
+        benchmark_common.check_imported_from(args.expect)
         print(json.dumps(measure(json.loads(args.one), depth=args.depth)))
         return
-    worktree = Path(f"/tmp/varsweep-dp-memory-{args.versus}") if args.versus else None
-    if worktree:
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.versus], check=True
-        )
     rows = []
-    try:
+    with benchmark_common.revision_checkout(args.versus, "dp-memory") as worktree:
         geometry = dict(width=args.width, heads=args.heads)
         configs = configurations(
             args.views,
@@ -540,11 +596,6 @@ def main() -> None:
             for name, code in codes.items():
                 rows.append({**run_in_process(config, depth=args.depth, code=code), "code": name})
                 print(json.dumps(rows[-1]), flush=True)
-    finally:
-        if worktree:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=True
-            )
     command = f"python scripts/benchmark_dp_memory.py --depth {args.depth} --width {args.width} --heads {args.heads}"
     command += f" --views {args.views} --precision {args.precision} --methods {args.methods}"
     command += f" --routes {args.routes} --kernels {args.kernels}"

@@ -22,7 +22,8 @@ compiles (a compile takes tens of seconds, and a run cut short keeps the targets
    medians), beside the datasheet peak (``trainables.profiling.PEAK_FLOPS``), and the memory bandwidth (a 4 GiB
    device-to-device copy): the two ceilings. Then a block's element-wise pieces that varsweep computes otherwise
    than the published code (the q and k normalisation, the residual add with drop-path), each beside the
-   published form: time, output dtypes (the CPU's traffic counts assume CUDA autocast's float32 norms), values.
+   published form: time, output dtypes (the CPU's traffic counts assume CUDA autocast's float32 norms), values;
+   and the decoder's norm + SiLU and upsampling in the map's dtype beside the float32 forms CUDA autocast gave them.
 2. training, eager, first depth: for full fine-tuning and LoRA, a training step (bf16 autocast, AdamW, token-cache
    style inputs: random token maps, no VQVAE encoding) with the trials' attention kernel (per_scale), fused AdamW
    off/on and larger physical batches; then the masked and flex kernels beside the first row; for LoRA frozen
@@ -80,6 +81,7 @@ from bench.estimates import MEASURED_THROUGHPUT_FILE, VarShape, training_flops_p
 from bench.schema import AUTO_ATTENTION_KERNEL, EvaluationConfig, MethodConfig, PrivacyConfig, ResourcesConfig
 from trainables.methods import LoraLinear, adapt
 from trainables.models import release_sampling_caches
+from trainables.models import vqvae as vqvae_module
 from trainables.models.var import LN_EPS, AdaLNSelfAttn, modulate, unit_vectors
 from trainables.privacy import make_private, private_step
 from trainables.profiling import PEAK_FLOPS, Stopwatch, peak_flops_per_second
@@ -483,15 +485,76 @@ def block_op_row(name: str, case: tuple, *, steps: int, device: torch.device) ->
     }
 
 
+def decode_op_cases(device: torch.device, *, channels: int, batch: int) -> dict:
+    """The decoder's pieces that sampling runs in the map's dtype (``trainables.models.vqvae``: no autograd, under
+    autocast) against the forms it ran before, which CUDA autocast runs in float32, each followed by the next
+    convolution's cast: {name: (before, ours, the precision autocast gives the piece before, a bf16 map)}, on the
+    full-resolution level's maps (``channels``, 256 x 256; upsampling's input 128 x 128)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, channels, 256, 256, device=device, generator=g).to(torch.bfloat16)
+    norm = nn.GroupNorm(32, channels, eps=1e-6).to(device)
+    nn.init.normal_(norm.weight, 1.0, 0.1, generator=g)
+    nn.init.normal_(norm.bias, 0.0, 0.1, generator=g)
+
+    def upsampled(t: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(t, scale_factor=2, mode="nearest")
+
+    return {
+        "decoder norm + SiLU, then the convolution's cast": (
+            lambda t: F.silu(norm(t), inplace=True).to(torch.bfloat16),
+            lambda t: vqvae_module._norm_silu(norm, t),
+            lambda t: norm(t).dtype,
+            x,
+        ),
+        "decoder nearest upsampling, then the convolution's cast": (
+            lambda t: upsampled(t).to(torch.bfloat16),
+            vqvae_module._upsampled,
+            lambda t: upsampled(t).dtype,
+            x[:, :, :128, :128].contiguous(),
+        ),
+    }
+
+
+def decode_op_row(name: str, case: tuple, *, steps: int, device: torch.device) -> dict:
+    """Both forms of a decoder piece timed side by side (forward, no autograd, bf16 autocast) with the dtype the
+    earlier form's piece had (CUDA autocast: float32) and their outputs' largest difference relative to the
+    largest entry."""
+    before, ours, before_dtype, x = case
+
+    def run(fn):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(x)
+
+    out_before, out_ours, dtype = run(before), run(ours), run(before_dtype)
+    times = [timed(lambda fn=fn: run(fn), steps=steps, device=device) for fn in (before, ours)]
+    difference = (out_ours.float() - out_before.float()).abs().max() / out_before.float().abs().max()
+    return {
+        "what": name,
+        "published_ms": 1e3 * times[0],
+        "ours_ms": 1e3 * times[1],
+        "ratio": times[1] / times[0],
+        "dtypes": [str(dtype).removeprefix("torch."), str(out_ours.dtype).removeprefix("torch.")],
+        "output_diff": difference.item(),
+    }
+
+
 def measure_block_ops(rec: Recorder, plan: Plan, device: torch.device) -> None:
     """varsweep's forms of a block's element-wise pieces against the published forms, forward and backward side by
-    side at the first depth and batch: the CPU suite checks their values, this their time and CUDA's dtypes."""
+    side at the first depth and batch, then the decoder's pieces against their float32 forms: the CPU suite checks
+    their values, this their time and CUDA's dtypes."""
     heads = plan.depths[0]
     for name, case in block_op_cases(device, heads=heads, batch=plan.batches[0]).items():
         rec.measure(
             "block_ops",
             name,
             lambda name=name, case=case: block_op_row(name, case, steps=plan.steps * 4, device=device),
+        )
+    cases = decode_op_cases(device, channels=plan.vqvae_channels, batch=plan.batches[0])
+    for name, case in cases.items():
+        rec.measure(
+            "decode_ops",
+            name,
+            lambda name=name, case=case: decode_op_row(name, case, steps=plan.steps * 4, device=device),
         )
 
 
@@ -1274,6 +1337,21 @@ def report(data: dict, *, command: str) -> str:
                 f"| {', '.join(r['dtypes'])} | {r['output_diff']:.1e} | {r['gradient_diff']:.1e} "
                 f"| {_num(r.get('weight_gradient_diff'), '.1e')} |"
                 for r in block_ops
+            ),
+            "",
+        ]
+    decode_ops = data.get("decode_ops", [])
+    if decode_ops:
+        lines += [
+            "The decoder's pieces in the map's dtype (sampling: no autograd) vs CUDA autocast's float32 forms the "
+            "decoder ran before, each with the next convolution's cast (forward, bf16 autocast, the first batch):",
+            "",
+            "| piece | before (ms) | ours (ms) | ours / before | piece's dtype (before, ours) | output diff |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {r['what']} | {r['published_ms']:.3f} | {r['ours_ms']:.3f} | {r['ratio']:.3f} "
+                f"| {', '.join(r['dtypes'])} | {r['output_diff']:.1e} |"
+                for r in decode_ops
             ),
             "",
         ]

@@ -105,6 +105,21 @@ def test_block_ops_are_timed_beside_the_published_forms_with_the_same_values(smo
     assert "A block's element-wise pieces" in smoke["stdout"]
 
 
+def test_the_decoder_s_pieces_are_timed_beside_their_float32_forms(smoke):
+    """Norm + SiLU and upsampling in the map's dtype beside the forms CUDA autocast runs in float32: on a CPU, whose
+    autocast keeps both in bf16, the dtypes agree; the upsampled entries are the same bits, the norm's within two
+    bf16 roundings (of its affine parameters, which ours casts to bf16, and of its output, SiLU's input)."""
+    rows = {r["what"]: r for r in smoke["data"]["decode_ops"]}
+    assert len(rows) == 2
+    for r in rows.values():
+        assert (
+            _number(r["published_ms"]) and _number(r["ours_ms"]) and r["dtypes"] == ["bfloat16", "bfloat16"]
+        )
+    assert rows["decoder nearest upsampling, then the convolution's cast"]["output_diff"] == 0
+    assert rows["decoder norm + SiLU, then the convolution's cast"]["output_diff"] <= 2**-6
+    assert "The decoder's pieces in the map's dtype" in smoke["stdout"]
+
+
 def test_dp_routes_norm_accuracy_and_profiles_are_recorded(smoke):
     """Book-keeping as trials run it beside every linear layer through Gram matrices (k = 1 only); the norms'
     accuracy on the device; profiles whose categories add up to the kernel time, beside a readable table."""

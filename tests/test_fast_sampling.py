@@ -223,3 +223,25 @@ def test_fast_decode_matches_reference_decoder(tiny_vqvae):
         reference = tiny_vqvae.decoder(tiny_vqvae.post_quant_conv(f_hat_BChw)).clamp(-1, 1).detach()
     assert fast.is_contiguous() and fast.shape == reference.shape == (3, 3, 16, 16)
     assert (fast - reference).abs().max().item() <= IMAGE_ATOL
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cached_step_gives_the_training_forward_s_attention_bit_for_bit(tiny_var, autocast):
+    """Sampling's cached step normalises q and k as the training forward does (one pass, float32 norms, the result
+    in the attention's dtype under autocast): scale by scale its output equals the forward's with autograd, where the
+    published F.normalize and product differed by float rounding (bf16 norms under CPU autocast). Under autocast
+    the KV cache then holds keys in bf16, which the attention reads without a cast."""
+    attn = tiny_var.blocks[0].attn
+    with torch.no_grad():
+        attn.scale_mul_1H11.fill_(2.0)  # a gain other than 1
+    g = torch.Generator().manual_seed(0)
+    step_cache, forward_cache = KVCache(), KVCache()
+    for tokens in (1, 4, 9):
+        x_BlC = torch.randn(2, tokens, attn.mat_qkv.in_features, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():
+                sampled = attn.step(x_BlC, kv_cache=step_cache)
+            trained = attn(x_BlC, attn_mask=None, kv_cache=forward_cache)
+        assert trained.requires_grad
+        torch.testing.assert_close(sampled, trained.detach(), rtol=0, atol=0)
+    assert step_cache.k_BHlc.dtype == (torch.bfloat16 if autocast else torch.float32)

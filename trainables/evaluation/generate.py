@@ -31,7 +31,10 @@ from ..progress import Progress
 from ..training import bf16_autocast
 
 MANIFEST = "generated.json"
-GENERATED_FORMAT = "varsweep-generated/1"
+# What else an image depends on: the sampler's code. 2 (2026-12-05): under bf16 autocast the decoder's norms and
+# upsampling run in bf16 and the cached step's q and k are normalised as in training, images a rounding apart from
+# version 1's, which a resumed folder must not mix with them.
+GENERATED_FORMAT = "varsweep-generated/2"
 
 
 SAMPLING_FIELDS = (

@@ -320,17 +320,9 @@ class _UnitVectors(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_BHLc, gain, dtype: torch.dtype | None):
-        if dtype is None:
-            n_BHL1 = x_BHLc.norm(2, dim=-1, keepdim=True)
-        else:
-            norm_dtype = torch.promote_types(x_BHLc.dtype, torch.float32)
-            n_BHL1 = torch.linalg.vector_norm(x_BHLc, dim=-1, keepdim=True, dtype=norm_dtype)
-        d_BHL1 = n_BHL1.clamp_min(NORMALIZE_EPS)
+        unit_BHLc, n_BHL1, d_BHL1 = _unit_vectors_forward(x_BHLc, gain, dtype)
         ctx.save_for_backward(x_BHLc, n_BHL1, d_BHL1, gain)
-        out = None if dtype is None else x_BHLc.new_empty(x_BHLc.shape, dtype=dtype)
-        if gain is None:
-            return torch.div(x_BHLc, d_BHL1, out=out)
-        return torch.mul(x_BHLc, gain / d_BHL1, out=out)
+        return unit_BHLc
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -353,6 +345,30 @@ class _UnitVectors(torch.autograd.Function):
         return grad_x, grad_gain, None
 
 
+def _unit_vectors_forward(
+    x_BHLc: torch.Tensor, gain: torch.Tensor | None, dtype: torch.dtype | None, *, keep_layout: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_UnitVectors``'s forward: (unit vectors [B, H, L, c], the norm and its clamp [B, H, L, 1]). The unit
+    vectors are contiguous, or with ``keep_layout`` in x's dimension order (heads inside tokens for a view of the
+    qkv product, as a plain quotient is written: an attention then writes its output so, and the output
+    projection reads it without a copy)."""
+    if dtype is None:
+        n_BHL1 = x_BHLc.norm(2, dim=-1, keepdim=True)
+    else:
+        norm_dtype = torch.promote_types(x_BHLc.dtype, torch.float32)
+        n_BHL1 = torch.linalg.vector_norm(x_BHLc, dim=-1, keepdim=True, dtype=norm_dtype)
+    d_BHL1 = n_BHL1.clamp_min(NORMALIZE_EPS)
+    out = None
+    if dtype is not None and keep_layout:
+        order = sorted(range(x_BHLc.ndim), key=x_BHLc.stride, reverse=True)
+        out = torch.empty_permuted(x_BHLc.shape, order, dtype=dtype, device=x_BHLc.device)
+    elif dtype is not None:
+        out = x_BHLc.new_empty(x_BHLc.shape, dtype=dtype)
+    if gain is None:
+        return torch.div(x_BHLc, d_BHL1, out=out), n_BHL1, d_BHL1
+    return torch.mul(x_BHLc, gain / d_BHL1, out=out), n_BHL1, d_BHL1
+
+
 def wide_products(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a * b`` computed and written in ``dtype`` (float32 for bf16 operands, in which their products are exact),
     without a copy of either operand in it: an ``addcmul`` onto a broadcast zero of ``dtype`` computes in that
@@ -368,12 +384,15 @@ def unit_vectors(
     """``F.normalize(x, dim=-1)`` [B, H, L, c], times ``gain`` ([1, H, 1, 1] or [B, H, 1, 1]) if given,
     differentiated by ``_UnitVectors`` when a gradient will flow (gradients equal up to rounding; with a gain the
     values too), and then written in ``dtype`` if given (the attention's autocast dtype; see ``_UnitVectors``).
-    Without a gradient, and in a compiled block (inductor fuses the backward anyway), F.normalize and a product, as
-    published."""
+    Without a gradient, the same forward (sampling: one pass over x, q and k written in the attention's dtype, so
+    the KV cache holds them in it and the attention casts none of it). In a compiled block (inductor fuses the
+    backward and the casts anyway), F.normalize and a product, as published."""
+    if torch.compiler.is_compiling():
+        unit_BHLc = F.normalize(x_BHLc, dim=-1)
+        return unit_BHLc if gain is None else unit_BHLc * gain
     if _own_backward(x_BHLc, gain):
         return _UnitVectors.apply(x_BHLc, gain, dtype)
-    unit_BHLc = F.normalize(x_BHLc, dim=-1)
-    return unit_BHLc if gain is None else unit_BHLc * gain
+    return _unit_vectors_forward(x_BHLc, gain, dtype, keep_layout=True)[0]
 
 
 def query_gain(scale_mul_1H11: torch.Tensor) -> torch.Tensor:
@@ -509,9 +528,10 @@ class SelfAttention(nn.Module):
         """Cached sampling: one scale's tokens [B, l, C] attend to every cached token and their own."""
         B, l, C = x_BlC.shape  # noqa: E741
         q_BHlc, k_BHlc, v_BHlc = _head_views(self.qkv_with_bias(x_BlC), self.num_heads)
-        if self.attn_l2_norm:
-            q_BHlc = self.unit_queries(q_BHlc)
-            k_BHlc = F.normalize(k_BHlc, dim=-1)
+        if self.attn_l2_norm:  # as the training forward: in the attention's dtype under autocast
+            dtype = _autocast_dtype(x_BlC.device.type, None)
+            q_BHlc = self.unit_queries(q_BHlc, dtype=dtype)
+            k_BHlc = unit_vectors(k_BHlc, dtype=dtype)
         k_BHLc, v_BHLc = kv_cache.extend(k_BHlc, v_BHlc)
         out_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, scale=self.scale)
         return self.proj(out_BHlc.transpose(1, 2).reshape(B, l, C))

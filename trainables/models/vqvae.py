@@ -22,6 +22,31 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=NORM_GROUPS, num_channels=channels, eps=1e-6, affine=True)
 
 
+def _in_own_dtype(x_BCHW: torch.Tensor) -> bool:
+    """Whether an operation on ``x`` runs in x's dtype, not autocast's choice: without autograd under autocast.
+    CUDA autocast runs group norms and upsampling in float32: a bf16 map would be copied to float32, processed
+    and written in float32, and copied back to bf16 by the next convolution."""
+    return not torch.is_grad_enabled() and torch.is_autocast_enabled(x_BCHW.device.type)
+
+
+def _normed(norm: nn.GroupNorm, x_BCHW: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` [B, C, H, W]; in x's dtype where ``_in_own_dtype``, the affine parameters cast to it (both
+    devices' kernels take one dtype). The statistics are accumulated in float32 either way, so a bf16 x's result
+    differs from float32's by its rounding; a norm followed by SiLU moves 8 bytes per bf16 entry instead of
+    CUDA autocast's 28 (the copy, the float32 norm and SiLU, the cast back)."""
+    if not _in_own_dtype(x_BCHW):
+        return norm(x_BCHW)
+    weight, bias = norm.weight.to(x_BCHW.dtype), norm.bias.to(x_BCHW.dtype)
+    with torch.autocast(x_BCHW.device.type, enabled=False):
+        return F.group_norm(x_BCHW, norm.num_groups, weight, bias, norm.eps)
+
+
+def _norm_silu(norm: nn.GroupNorm, x_BCHW: torch.Tensor) -> torch.Tensor:
+    """``silu(norm(x))`` [B, C, H, W]: without autograd nothing keeps the norm's output, so SiLU overwrites it
+    instead of allocating (and on CPU page-faulting) another map."""
+    return F.silu(_normed(norm, x_BCHW), inplace=not torch.is_grad_enabled())
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv3x3 twice with a 1x1 shortcut when the channel count changes."""
 
@@ -36,12 +61,9 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        # Without autograd nothing keeps the norms' outputs or h: SiLU and the residual add overwrite them instead
-        # of allocating (and on CPU page-faulting) another full-resolution map each; the same numbers either way.
-        inplace = not torch.is_grad_enabled()
-        h_BCHW = self.conv1(F.silu(self.norm1(x_BCHW), inplace=inplace))
-        h_BCHW = self.conv2(F.silu(self.norm2(h_BCHW), inplace=inplace))
-        if inplace:
+        h_BCHW = self.conv1(_norm_silu(self.norm1, x_BCHW))
+        h_BCHW = self.conv2(_norm_silu(self.norm2, h_BCHW))
+        if not torch.is_grad_enabled():  # nothing keeps h: the residual add overwrites it
             return h_BCHW.add_(self.nin_shortcut(x_BCHW))
         return self.nin_shortcut(x_BCHW) + h_BCHW
 
@@ -57,7 +79,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x_BCHW.shape
-        q_BCN, k_BCN, v_BCN = self.qkv(self.norm(x_BCHW)).reshape(B, 3, C, H * W).unbind(1)
+        q_BCN, k_BCN, v_BCN = self.qkv(_normed(self.norm, x_BCHW)).reshape(B, 3, C, H * W).unbind(1)
         attn_BNN = torch.bmm(q_BCN.transpose(1, 2), k_BCN).mul_(C**-0.5).softmax(dim=2)
         h_BCN = torch.bmm(v_BCN, attn_BNN.transpose(1, 2))
         return x_BCHW + self.proj_out(h_BCN.reshape(B, C, H, W))
@@ -80,7 +102,17 @@ class Upsample2x(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x_BCHW, scale_factor=2, mode="nearest"))
+        return self.conv(_upsampled(x_BCHW))
+
+
+def _upsampled(x_BCHW: torch.Tensor) -> torch.Tensor:
+    """Nearest 2x upsampling [B, C, 2H, 2W]; in x's dtype where ``_in_own_dtype`` (it copies entries: the same
+    bits in any dtype, where CUDA autocast's float32 wrote four float32 entries per entry for the next
+    convolution to cast back)."""
+    if not _in_own_dtype(x_BCHW):
+        return F.interpolate(x_BCHW, scale_factor=2, mode="nearest")
+    with torch.autocast(x_BCHW.device.type, enabled=False):
+        return F.interpolate(x_BCHW, scale_factor=2, mode="nearest")
 
 
 def _level(blocks: nn.ModuleList, attns: nn.ModuleList, resample: nn.Module | None) -> nn.Module:
@@ -137,7 +169,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h_BCHW = level.downsample(h_BCHW)
         h_BCHW = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h_BCHW)))
-        return self.conv_out(F.silu(self.norm_out(h_BCHW)))
+        return self.conv_out(_norm_silu(self.norm_out, h_BCHW))
 
 
 class Decoder(nn.Module):
@@ -168,7 +200,7 @@ class Decoder(nn.Module):
             h_BCHW = _run_level(level, h_BCHW)
             if hasattr(level, "upsample"):
                 h_BCHW = level.upsample(h_BCHW)
-        return self.conv_out(F.silu(self.norm_out(h_BCHW), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(_norm_silu(self.norm_out, h_BCHW))
 
 
 class Phi(nn.Conv2d):
