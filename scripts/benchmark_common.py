@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +44,18 @@ def add_revision_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--expect", help=argparse.SUPPRESS)
+
+
+def run_child(script: str, one: dict, *, code: Path, extra: tuple[str, ...] = ()) -> dict:
+    """``script --one ONE`` in a fresh process importing ``trainables`` from ``code`` (a checkout's root) and the
+    scripts from this tree; its last printed line, JSON. A failing child's stderr ends this process's message."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), str(REPO / "scripts")])}
+    # --expect: the child checks that it imported the code measured
+    command = [sys.executable, script, "--one", json.dumps(one), *extra, "--expect", str(code)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"counting {one} with the code in {code} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def check_imported_from(code: str | None) -> None:

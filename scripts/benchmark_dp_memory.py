@@ -22,9 +22,6 @@ import argparse
 import functools
 import json
 import math
-import os
-import subprocess
-import sys
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +31,7 @@ import torch
 from benchmark_privacy import _plain_step, _private, d16_like
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainables.privacy import private_step
@@ -330,12 +327,7 @@ def _any_half(tree) -> bool:
 
 def _float32(tree):
     """``tree`` (args or kwargs) with every half tensor copied to float32, as CUDA autocast's ``fp32`` policy."""
-    if isinstance(tree, dict):
-        return {key: _float32(value) for key, value in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_float32(value) for value in tree)
-    is_half = isinstance(tree, torch.Tensor) and tree.dtype in HALF_TYPES
-    return tree.float() if is_half else tree
+    return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in HALF_TYPES else t, tree)
 
 
 def _promoted(args: tuple) -> tuple:
@@ -520,11 +512,7 @@ def configurations(
 
 def run_in_process(config: dict, *, depth: int, code: Path) -> dict:
     """``measure`` in a fresh process importing ``trainables`` from ``code`` (a checkout's root)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), str(ROOT / "scripts")])}
-    command = [sys.executable, __file__, "--one", json.dumps(config), "--depth", str(depth)]
-    command += ["--expect", str(code)]  # the child checks that it imported the code measured
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return benchmark_common.run_child(__file__, config, code=code, extra=("--depth", str(depth)))
 
 
 def table(rows: list[dict]) -> list[str]:

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import benchmark_common
@@ -68,13 +65,8 @@ def measure(*, depth: int, batch: int, vqvae_channels: int) -> dict:
 
 def run_in_process(*, depth: int, batch: int, vqvae_channels: int, code: Path) -> dict:
     """``measure`` in a fresh process importing ``trainables`` from ``code`` (a checkout's root)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), str(ROOT / "scripts")])}
-    one = json.dumps({"depth": depth, "batch": batch, "vqvae_channels": vqvae_channels})
-    command = [sys.executable, __file__, "--one", one, "--expect", str(code)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"counting {one} with the code in {code} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    one = {"depth": depth, "batch": batch, "vqvae_channels": vqvae_channels}
+    return benchmark_common.run_child(__file__, one, code=code)
 
 
 def per_image(small: dict, large: dict, part: str) -> dict:
