@@ -35,8 +35,9 @@ compiles (a compile takes tens of seconds, and a run cut short keeps the targets
    non-DP step) and hooks. Time and peak-memory ratios against the non-DP step on the same rows and precision.
 4. generation, eager: d16 (CFG 1.5, top-k 900, top-p 0.96), bf16 autocast, per batch size.
 5. evaluation: generation plus Inception-v3 features (torch-fidelity's FID architecture, random weights: nothing
-   is downloaded) at a trial's setting (eager, ``EvaluationConfig.batch_size``; 1,024 images, extrapolated) and
-   at the fastest setting of step 4 (6,149 images, Oxford Flowers' test set).
+   is downloaded) at a trial's setting (the trials' ``generate``: eager, ``EvaluationConfig.batch_size``, the
+   PNG files it writes; 1,024 images, extrapolated) and at the fastest setting of step 4 (in memory; 6,149
+   images, Oxford Flowers' test set).
 6. profiles (``torch.profiler``): where the time goes in the fastest eager training step per method, the DP step
    beside its non-DP step, the fastest eager generation batch and (in step 7, while compiled) the compiled
    training step: kernel time by category (matmul, attention, norms, element-wise, ...), the share of the wall
@@ -78,7 +79,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.estimates import MEASURED_THROUGHPUT_FILE, VarShape, training_flops_per_row
-from bench.schema import AUTO_ATTENTION_KERNEL, EvaluationConfig, MethodConfig, PrivacyConfig, ResourcesConfig
+from bench.schema import (
+    AUTO_ATTENTION_KERNEL,
+    SUBSTITUTE_EXTRACTOR,
+    EvaluationConfig,
+    MethodConfig,
+    PrivacyConfig,
+    ResourcesConfig,
+)
 from trainables.methods import LoraLinear, adapt
 from trainables.models import release_sampling_caches
 from trainables.models import vqvae as vqvae_module
@@ -1101,6 +1109,9 @@ def measure_evaluation(
 def evaluation_row(
     models: Models, setting: str, *, batch: int, compiled: bool, images: int, depth: int
 ) -> dict:
+    """Generation then Inception-v3 features of ``images`` images, timed. A trial's setting draws through the
+    trials' own ``generate`` into a folder (its weights' fingerprint, the PNG files the trial keeps), so its row
+    costs what a trial's evaluation does; the fastest setting draws in memory, the fast path's own cost."""
     vqvae, var = models.adapted(depth, "base")
     try:
         var.eval()
@@ -1109,15 +1120,14 @@ def evaluation_row(
         fn = sample_fn(var, vqvae, batch, compiled=compiled, device=models.device, seed=1)
         for _ in range(1 + COMPILED_WARM_CALLS if compiled else 0):
             fn()  # this model's graphs: the compile cost was measured in the generation phase
-        generated = 0
-        with Stopwatch(models.device) as total:
+        with tempfile.TemporaryDirectory() as folder, Stopwatch(models.device) as total:
             with Stopwatch(models.device) as gen_watch:
-                uint8_images = []
-                while generated < images:
-                    uint8_images.append((fn()[: images - generated] * 255).round().to(torch.uint8))
-                    generated += len(uint8_images[-1])
+                if setting == "trial":
+                    uint8_images = [trial_generation(var, vqvae, batch=batch, images=images, folder=folder)]
+                else:
+                    uint8_images = in_memory_generation(fn, images)
             with Stopwatch(models.device) as feat_watch, torch.no_grad():
-                features = [extractor(chunk) for chunk in uint8_images]
+                features = [extractor(chunk.to(models.device)) for chunk in uint8_images]
     finally:
         release_caches(var)
     return {
@@ -1126,12 +1136,32 @@ def evaluation_row(
         "depth": depth,
         "batch": batch,
         "compiled": compiled,
+        "png_files": setting == "trial",
         "generation_s": gen_watch.seconds,
         "features_s": feat_watch.seconds,
         "total_s": total.seconds,
         "flowers_total_s_extrapolated": total.seconds * FLOWERS_TEST_IMAGES / images,
         "feature_dim": int(features[0][0].shape[-1]),
     }
+
+
+def in_memory_generation(fn: Callable[[], torch.Tensor], images: int) -> list[torch.Tensor]:
+    """uint8 batches of ``images`` images drawn by ``fn`` (a ``sample_fn``), kept on the device."""
+    generated, batches = 0, []
+    while generated < images:
+        batches.append((fn()[: images - generated] * 255).round().to(torch.uint8))
+        generated += len(batches[-1])
+    return batches
+
+
+def trial_generation(var, vqvae, *, batch: int, images: int, folder: str) -> torch.Tensor:
+    """``images`` images as a trial's evaluation draws them: ``generate`` with the trials' sampling settings at
+    ``batch``, under bf16 autocast, PNGs written to ``folder``; uint8 [N, 3, H, W] on the CPU."""
+    from trainables.evaluation.generate import generate, generation_plan
+
+    evaluation = EvaluationConfig(extractor=SUBSTITUTE_EXTRACTOR, batch_size=batch)  # (no features here)
+    plan = generation_plan([1] * CLASSES, total=images)
+    return generate(var, vqvae, plan, evaluation=evaluation, autocast_bf16=True, out_dir=folder)[0]
 
 
 # --- 6. profiles -----------------------------------------------------------------------------------------------
@@ -1408,7 +1438,7 @@ def report(data: dict, *, command: str) -> str:
         )
         lines += [
             f"Evaluation at {setting or 'the fastest generation setting'}: {r['images']} images at batch {r['batch']} "
-            f"(compiled={r['compiled']}): generation "
+            f"(compiled={r['compiled']}): generation{' with its PNG files' if r.get('png_files') else ''} "
             f"{r['generation_s']:.1f} s + Inception-v3 features {r['features_s']:.1f} s = {r['total_s']:.1f} s; "
             f"{FLOWERS_TEST_IMAGES:,} images (Oxford Flowers' test set): {r['flowers_total_s_extrapolated']:.1f} s "
             "(target < 30 s).",

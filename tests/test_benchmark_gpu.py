@@ -76,6 +76,7 @@ def test_every_section_is_measured_with_numbers(smoke):
     assert all(_number(r["images_per_s"]) for r in data["generation"])
     (evaluation,) = data["evaluation"]  # a trial's setting (on a CPU also the fastest: batch 2, eager)
     assert evaluation["setting"] == "trial" and (evaluation["batch"], evaluation["compiled"]) == (2, False)
+    assert evaluation["png_files"]  # drawn through the trials' generate, files and all
     assert evaluation["feature_dim"] == 2048  # the Inception-v3 pool features
     assert all(_number(evaluation[key]) for key in ("generation_s", "features_s", "total_s"))
     assert (

@@ -15,6 +15,8 @@ from bench.schema import SUBSTITUTE_EXTRACTOR, EvaluationConfig
 from trainables.data.datasets import read_dataset
 from trainables.evaluation.generate import (
     MANIFEST,
+    PngWriter,
+    _read_png,
     generate,
     generation_plan,
     image_path,
@@ -22,6 +24,7 @@ from trainables.evaluation.generate import (
     weights_fingerprint,
 )
 from trainables.models import build_var
+from trainables.progress import Progress
 
 SETTINGS = EvaluationConfig(
     extractor=SUBSTITUTE_EXTRACTOR, guidance_scale=1.0, top_k=0, top_p=0.0, batch_size=3, sampling_seed=4
@@ -53,20 +56,67 @@ def test_batches_draw_distinct_randomness_and_counts_per_class(tiny_var, tiny_vq
 def test_png_output_is_lossless_and_resumes(tiny_var, tiny_vqvae, tmp_path):
     plan = [4, 0, 2, 0, 1]
     in_memory, _ = generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True)
-    assert (
-        generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)[0]
-        is None
+    returned, _ = generate(
+        tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path
     )
-    written, labels = read_generated(tmp_path, plan)
-    assert torch.equal(written, in_memory) and labels.tolist() == [0, 0, 0, 0, 2, 2, 4]
+    written, labels = read_generated(tmp_path, plan)  # every file is written when generate returns
+    assert torch.equal(written, in_memory) and torch.equal(returned, in_memory)
+    assert labels.tolist() == [0, 0, 0, 0, 2, 2, 4]
     survivor = image_path(tmp_path, 0, 0)
     before = survivor.stat().st_mtime_ns
     image_path(tmp_path, 2, 4).unlink()  # an interrupted run: batch 1 (images 3-5) lost one file
     with pytest.raises(FileNotFoundError, match="1 generated images missing"):
         read_generated(tmp_path, plan)
-    generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)
+    resumed, _ = generate(
+        tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path
+    )
     assert survivor.stat().st_mtime_ns == before  # batch 0 was complete and not regenerated
-    assert torch.equal(read_generated(tmp_path, plan)[0], in_memory)
+    assert torch.equal(read_generated(tmp_path, plan)[0], in_memory) and torch.equal(resumed, in_memory)
+
+
+def test_an_unreadable_image_of_a_finished_batch_is_drawn_again_alone(tiny_var, tiny_vqvae, tmp_path):
+    plan = [4, 0, 2, 0, 1]
+    in_memory, _ = generate(
+        tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path
+    )
+    kept = image_path(tmp_path, 0, 0).stat().st_mtime_ns
+    image_path(tmp_path, 2, 5).write_bytes(b"not a png")  # batch 1 (images 3-5)
+    messages = []
+    progress = Progress("evaluation", "generated image", 7, log=messages.append)
+    again, _ = generate(
+        tiny_var,
+        tiny_vqvae,
+        plan,
+        evaluation=SETTINGS,
+        autocast_bf16=True,
+        out_dir=tmp_path,
+        progress=progress,
+    )
+    assert torch.equal(again, in_memory) and torch.equal(read_generated(tmp_path, plan)[0], in_memory)
+    assert image_path(tmp_path, 0, 0).stat().st_mtime_ns == kept
+    assert any("drawing a batch again" in m and "000005.png" in m for m in messages)
+
+
+def test_a_failed_write_is_raised_not_lost(tiny_var, tiny_vqvae, tmp_path):
+    plan = [4, 0, 2, 0, 1]
+    generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)
+    for png in (tmp_path / "class_0004").iterdir():
+        png.unlink()
+    (tmp_path / "class_0004").rmdir()
+    (tmp_path / "class_0004").write_text("a file where the class folder goes")
+    with pytest.raises(OSError):
+        generate(tiny_var, tiny_vqvae, plan, evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)
+
+
+def test_the_writer_keeps_at_most_its_batches_in_flight_and_finishes_them_all(tmp_path):
+    images_N3HW = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    with PngWriter(threads=2, in_flight=3) as writer:
+        for b in range(10):
+            writer.submit([tmp_path / f"{b}_{i}.png" for i in range(2)], images_N3HW)
+            assert len(writer.pending) <= 3
+    assert all(
+        torch.equal(_read_png(tmp_path / f"{b}_{i}.png"), images_N3HW[i]) for b in range(10) for i in range(2)
+    )
 
 
 def test_a_new_model_never_inherits_an_earlier_models_images(tiny_var, tiny_vqvae, tmp_path):

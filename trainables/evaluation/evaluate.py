@@ -43,7 +43,7 @@ from .features import (
     extract_features,
     uint8_batches,
 )
-from .generate import generate, generation_plan, read_generated, sampling_record
+from .generate import generate, generation_plan, sampling_record
 from .metrics import (
     ReferenceKey,
     ReferenceStats,
@@ -137,8 +137,6 @@ def evaluate(
         out_dir=out_dir,
         progress=Progress("evaluation", "generated image", sum(plan), log=log),
     )
-    if out_dir is not None:
-        generated, requested_N = read_generated(out_dir, plan)
     generation_seconds = time.perf_counter() - started
     progress = Progress("evaluation", "scoring", 1, log=log)
     features = extract_features(feature_extractor, uint8_batches(generated), device=device)
