@@ -8,12 +8,16 @@ at a fixed seed, the same drawn tokens.
 
 from __future__ import annotations
 
+import copy
+import sys
 import time
 
 import pytest
 import torch
-from conftest import TINY_VAR, TINY_VQVAE
+from conftest import REPO, TINY_VAR, TINY_VQVAE
 
+from bench.schema import MethodConfig
+from trainables.methods import adapt
 from trainables.models import KVCache, build_var, build_vqvae, release_sampling_caches, sample_top_k_top_p
 from trainables.models.var import _sampling_caches, top_k_top_p_probs
 
@@ -245,3 +249,55 @@ def test_cached_step_gives_the_training_forward_s_attention_bit_for_bit(tiny_var
         assert trained.requires_grad
         torch.testing.assert_close(sampled, trained.detach(), rtol=0, atol=0)
     assert step_cache.k_BHlc.dtype == (torch.bfloat16 if autocast else torch.float32)
+
+
+def _attention_steps(attn, *, autocast: bool, per_call: bool) -> list[torch.Tensor]:
+    """Three scales of ``attn``'s cached step (1, 4, 9 tokens, seeded inputs), under CPU bf16 autocast or not;
+    ``per_call``: with ``sampling_constants`` made once, as ``sample`` does, else made by every step."""
+    g, cache, outs = torch.Generator().manual_seed(0), KVCache(), []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        constants = attn.sampling_constants("cpu") if per_call else None
+        for tokens in (1, 4, 9):
+            x_BlC = torch.randn(2, tokens, attn.mat_qkv.in_features, generator=g)
+            outs.append(attn.step(x_BlC, kv_cache=cache, constants=constants))
+    return outs
+
+
+@pytest.mark.parametrize("method", ["base", "lora"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_step_given_the_call_s_constants_equals_one_making_them(tiny_var, method, autocast):
+    """The q/v biases and the queries' gain, made once per sampling call, give every scale's step the bits it
+    made itself; plain and through LoRA's folded bias (an adapted model, whose patch modules hold the biases)."""
+    var = copy.deepcopy(tiny_var)
+    if method == "lora":
+        adapt(var, MethodConfig(name="lora", lora_rank=4), num_classes=3, seed=0)
+    attn = var.blocks[0].attn
+    with torch.no_grad():
+        owner = attn if attn.qkv_bias is None else attn.qkv_bias
+        owner.q_bias.normal_(generator=torch.Generator().manual_seed(1))
+        owner.v_bias.normal_(generator=torch.Generator().manual_seed(2))
+        (attn if attn.head_scale is None else attn.head_scale).scale_mul_1H11.fill_(2.0)
+    per_call = _attention_steps(attn, autocast=autocast, per_call=True)
+    for ours, theirs in zip(per_call, _attention_steps(attn, autocast=autocast, per_call=False)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_a_sampling_step_makes_nothing_of_the_parameters_alone(tiny_var):
+    """Counted as CUDA runs it: with the call's constants a cached step launches 4 kernels fewer (the biases'
+    concatenation and cast, the gain's clamp and exp), none of them a function of the scale's tokens."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchmark_dp_memory import CudaAutocast, Traffic
+
+    attn = tiny_var.blocks[0].attn
+    x_BlC = torch.randn(2, 4, attn.mat_qkv.in_features, generator=torch.Generator().manual_seed(0))
+    counted = {}
+    for per_call in (False, True):
+        with torch.no_grad(), CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+            constants = attn.sampling_constants("cpu") if per_call else None
+            attn.step(x_BlC, kv_cache=KVCache(), constants=None)  # the weights' casts, cached for the call
+            with Traffic() as traffic:
+                attn.step(x_BlC, kv_cache=KVCache(), constants=constants)
+        counted[per_call] = {name: kernels for name, (kernels, _, _) in traffic.by_op.items()}
+    assert sum(counted[False].values()) - sum(counted[True].values()) == 4
+    assert {"cat.default", "exp.default", "clamp_max.default"}.isdisjoint(counted[True])
+    assert counted[False]["_to_copy.default"] - counted[True].get("_to_copy.default", 0) == 1

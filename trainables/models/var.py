@@ -72,6 +72,10 @@ class FFN(nn.Module):
         return self.fc2(self.act(self.fc1(x_BLC)))
 
 
+# (q/v biases [3C] in the product's dtype, the queries' gain [1, H, 1, 1] or None): ``SelfAttention.sampling_constants``
+SamplingConstants = tuple[torch.Tensor, torch.Tensor | None]
+
+
 @dataclass
 class KVCache:
     """Keys and values [B, H, l, c] of the scales seen so far in one sampling call (one per block).
@@ -524,31 +528,50 @@ class SelfAttention(nn.Module):
         out_BHLc = scale_causal_attention(q_BHLc, k_BHLc, v_BHLc, mask=attn_mask, scale=self.scale)
         return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
 
-    def step(self, x_BlC: torch.Tensor, *, kv_cache: KVCache) -> torch.Tensor:
-        """Cached sampling: one scale's tokens [B, l, C] attend to every cached token and their own."""
+    def step(
+        self, x_BlC: torch.Tensor, *, kv_cache: KVCache, constants: SamplingConstants | None = None
+    ) -> torch.Tensor:
+        """Cached sampling: one scale's tokens [B, l, C] attend to every cached token and their own.
+        ``constants``: ``sampling_constants()`` of this call (None: made here, as at every scale)."""
         B, l, C = x_BlC.shape  # noqa: E741
-        q_BHlc, k_BHlc, v_BHlc = _head_views(self.qkv_with_bias(x_BlC), self.num_heads)
+        bias_3C, gain = (None, None) if constants is None else constants
+        q_BHlc, k_BHlc, v_BHlc = _head_views(self.qkv_with_bias(x_BlC, bias_3C=bias_3C), self.num_heads)
         if self.attn_l2_norm:  # as the training forward: in the attention's dtype under autocast
             dtype = _autocast_dtype(x_BlC.device.type, None)
-            q_BHlc = self.unit_queries(q_BHlc, dtype=dtype)
+            q_BHlc = self.unit_queries(q_BHlc, dtype=dtype, gain=gain)
             k_BHlc = unit_vectors(k_BHlc, dtype=dtype)
         k_BHLc, v_BHLc = kv_cache.extend(k_BHlc, v_BHlc)
         out_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, scale=self.scale)
         return self.proj(out_BHlc.transpose(1, 2).reshape(B, l, C))
 
-    def qkv_with_bias(self, x_BlC: torch.Tensor) -> torch.Tensor:
+    def sampling_constants(self, device_type: str) -> SamplingConstants:
+        """What a cached step makes of this module's parameters alone, once per sampling call instead of at each
+        scale (four kernels of a block's ~29 per scale): the q/v biases (q_bias, 0, v_bias) [3C] in the dtype the
+        qkv product takes them in (autocast's, else the weight's: the one cast F.linear would repeat), and the
+        queries' gain [1, H, 1, 1] (None without ``attn_l2_norm``). The same numbers as the step's own."""
+        bias_3C = self.biases_3C().to(_autocast_dtype(device_type, self.mat_qkv.weight.dtype))
+        if not self.attn_l2_norm:
+            return bias_3C, None
+        owner = self if self.head_scale is None else self.head_scale
+        return bias_3C, query_gain(owner.scale_mul_1H11)
+
+    def qkv_with_bias(self, x_BlC: torch.Tensor, *, bias_3C: torch.Tensor | None = None) -> torch.Tensor:
         """``add_qkv_bias(mat_qkv(x))`` [B, l, 3C]. When ``mat_qkv`` is a plain Linear and neither it nor the patch
         module holding the biases (if one does) is hooked, the bias goes into the product itself, as the published
         code's ``F.linear`` adds it (one addmm instead of a matmul and an add over 3C). A wrapping layer that offers
         ``linear_plus_bias(x, bias_fn)`` (LoRA's, when nothing hooks it) is asked to add the biases in its product
-        the same way (``bias_fn()`` makes them, called only if it does). Otherwise the modules are called, so the hooks of per-sample gradients see their calls."""
+        the same way (``bias_fn()`` makes them, called only if it does). Otherwise the modules are called, so the hooks of per-sample gradients see their calls.
+        ``bias_3C``: those biases made already (``sampling_constants``), used where they are folded."""
         mat, biases = self.mat_qkv, self.qkv_bias
         foldable = unhooked(mat) and (biases is None or unhooked(biases))
         if type(mat) is nn.Linear and foldable:
-            return F.linear(x_BlC, mat.weight, self.biases_3C().to(mat.weight.dtype))
+            return F.linear(
+                x_BlC, mat.weight, self.biases_3C().to(mat.weight.dtype) if bias_3C is None else bias_3C
+            )
         # A wrapping layer (LoRA's) may add a bias inside its own product: ``linear_plus_bias`` (None: it cannot).
         plus_bias = getattr(mat, "linear_plus_bias", None) if foldable else None
-        qkv_BL3C = None if plus_bias is None else plus_bias(x_BlC, self.biases_3C)
+        bias_fn = self.biases_3C if bias_3C is None else lambda: bias_3C
+        qkv_BL3C = None if plus_bias is None else plus_bias(x_BlC, bias_fn)
         return self.add_qkv_bias(mat(x_BlC)) if qkv_BL3C is None else qkv_BL3C
 
     def biases_3C(self) -> torch.Tensor:
@@ -565,17 +588,21 @@ class SelfAttention(nn.Module):
             return self.qkv_bias(qkv_BL3C)
         return qkv_BL3C + self.biases_3C().to(qkv_BL3C.dtype)
 
-    def unit_queries(self, q_BHLc: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def unit_queries(
+        self, q_BHLc: torch.Tensor, *, dtype: torch.dtype | None = None, gain: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Unit queries [B, H, L, c] times the per-head ``exp(min(scale_mul, ln 100))``, the gain folded into the
         normalisation (``unit_vectors``, the result in ``dtype`` if given). Where a patch's ``head_scale`` holds the
         scale and is hooked, per-sample gradients need its own call: it gives the gain once per row [B, H, 1, 1]
         (its input, an empty [B, 0], only counts the rows and holds no activation), and the gradient reaching it
-        is each row's, which the normalisation's backward forms anyway."""
+        is each row's, which the normalisation's backward forms anyway. ``gain``: the gain made already
+        (``sampling_constants``), used where it is not hooked."""
         scale = self.head_scale
         if scale is not None and not unhooked(scale):
             return unit_vectors(q_BHLc, scale(q_BHLc.new_empty(q_BHLc.shape[0], 0)), dtype=dtype)
-        owner = self if scale is None else scale
-        return unit_vectors(q_BHLc, query_gain(owner.scale_mul_1H11), dtype=dtype)
+        if gain is None:
+            gain = query_gain((self if scale is None else scale).scale_mul_1H11)
+        return unit_vectors(q_BHLc, gain, dtype=dtype)
 
 
 class SharedAdaLin(nn.Linear):
@@ -678,18 +705,20 @@ class AdaLNSelfAttn(nn.Module):
             return None
         return self.drop_path.row_scale(uniform_B2)
 
-    def sampling_modulation(self, cond_BD: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2), each [B, 1, C], for ``step``: the condition
-        is the same at every scale, so sampling computes this once per call instead of once per scale."""
+    def sampling_modulation(self, cond_BD: torch.Tensor) -> tuple:
+        """(gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2), each [B, 1, C], and the attention's
+        ``sampling_constants``, for ``step``: the condition and the parameters are the same at every scale, so
+        sampling computes these once per call instead of once per scale."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
-        return gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2
+        constants = self.attn.sampling_constants(cond_BD.device.type)
+        return gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2, constants
 
-    def step(
-        self, x_BlC: torch.Tensor, *, modulation: tuple[torch.Tensor, ...], kv_cache: KVCache
-    ) -> torch.Tensor:
+    def step(self, x_BlC: torch.Tensor, *, modulation: tuple, kv_cache: KVCache) -> torch.Tensor:
         """Cached sampling (eval: no drop-path) of one scale's tokens [B, l, C] with ``sampling_modulation``."""
-        gamma1, gamma2, mul1, mul2, shift1, shift2 = modulation
-        h_BlC = self.attn.step(modulate(self.ln_wo_grad(x_BlC), mul1, shift1), kv_cache=kv_cache)
+        gamma1, gamma2, mul1, mul2, shift1, shift2, constants = modulation
+        h_BlC = self.attn.step(
+            modulate(self.ln_wo_grad(x_BlC), mul1, shift1), kv_cache=kv_cache, constants=constants
+        )
         x_BlC = self._add_branch(x_BlC, h_BlC, gamma1, None)
         h_BlC = self.ffn(modulate(self.ln_wo_grad(x_BlC), mul2, shift2))
         return self._add_branch(x_BlC, h_BlC, gamma2, None)
