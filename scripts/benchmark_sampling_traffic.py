@@ -45,27 +45,47 @@ def _counted(fn) -> dict:
     }
 
 
-def measure(*, depth: int, batch: int, vqvae_channels: int) -> dict:
-    """One sampling call of ``batch`` images and one decode of its latent's shape, counted."""
+def measure(*, depth: int, batch: int, vqvae_channels: int, method: str = "base") -> dict:
+    """One sampling call of ``batch`` images and one decode of its latent's shape, counted. ``method`` "lora": the
+    VAR adapted as a LoRA trial's is (the config's default rank, Oxford Flowers' 102 classes; its adapter's
+    weights drawn non-zero, as after training)."""
     vqvae, var = benchmark_common.official_models(depth=depth, vqvae_channels=vqvae_channels)
+    if method == "lora":
+        from bench.schema import MethodConfig
+        from trainables.methods import adapt
+
+        adapt(var, MethodConfig(name="lora"), num_classes=102, seed=0)
+        with torch.no_grad():  # lora_B starts at zero: an adapter that adds nothing is no trained one
+            for name, parameter in var.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=1e-3, generator=torch.Generator().manual_seed(1))
     var.eval()
     settings = dict(
         cfg=EvaluationConfig.guidance_scale, top_k=EvaluationConfig.top_k, top_p=EvaluationConfig.top_p
     )
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, var.num_classes, (batch,), generator=generator)
-    with torch.no_grad():  # a first call of one image: lazy buffers are made outside the count
+    # A first call of one image, under the same autocast: lazy buffers and the weights a model keeps in bf16 between
+    # calls (a LoRA layer's merged weight, or its base's kept cast) are made outside the count, once per evaluation.
+    with torch.no_grad(), CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
         var.sample(labels[:1], vqvae=vqvae, generator=generator, **settings)
     full = var.patch_nums[-1]
     f_hat_BChw = torch.randn(batch, var.z_channels, full, full, generator=generator)
     call = _counted(lambda: var.sample(labels, vqvae=vqvae, generator=generator, **settings))
     decode = _counted(lambda: vqvae.fhat_to_img(f_hat_BChw))
-    return {"depth": depth, "batch": batch, "vqvae_channels": vqvae_channels, "call": call, "decode": decode}
+    return {
+        "depth": depth,
+        "batch": batch,
+        "vqvae_channels": vqvae_channels,
+        "method": method,
+        "call": call,
+        "decode": decode,
+    }
 
 
-def run_in_process(*, depth: int, batch: int, vqvae_channels: int, code: Path) -> dict:
+def run_in_process(*, depth: int, batch: int, vqvae_channels: int, method: str, code: Path) -> dict:
     """``measure`` in a fresh process importing ``trainables`` from ``code`` (a checkout's root)."""
-    one = {"depth": depth, "batch": batch, "vqvae_channels": vqvae_channels}
+    one = {"depth": depth, "batch": batch, "vqvae_channels": vqvae_channels, "method": method}
     return benchmark_common.run_child(__file__, one, code=code)
 
 
@@ -135,6 +155,9 @@ def main() -> None:
         "--batches", default="8,16", help="two or more batch sizes (the fit takes the extremes)"
     )
     parser.add_argument("--vqvae-channels", type=int, default=160, help="160: the official VQVAE's")
+    parser.add_argument(
+        "--method", choices=("base", "lora"), default="base", help="lora: a LoRA trial's model"
+    )
     benchmark_common.add_revision_arguments(parser)
     args = parser.parse_args()
     if args.one:
@@ -149,17 +172,20 @@ def main() -> None:
         codes = ({args.versus: versus} if versus else {}) | {"this tree": ROOT}
         for name, code in codes.items():
             for batch in batches:
-                shape = dict(depth=args.depth, batch=batch, vqvae_channels=args.vqvae_channels)
+                shape = dict(
+                    depth=args.depth, batch=batch, vqvae_channels=args.vqvae_channels, method=args.method
+                )
                 rows.append({**run_in_process(**shape, code=code), "code": name})
                 print(
                     json.dumps({k: v for k, v in rows[-1].items() if k not in ("call", "decode")}), flush=True
                 )
     command = f"python scripts/benchmark_sampling_traffic.py --depth {args.depth} --batches {args.batches}"
-    command += f" --vqvae-channels {args.vqvae_channels}" + (
+    command += f" --vqvae-channels {args.vqvae_channels} --method {args.method}" + (
         f" --versus {args.versus}" if args.versus else ""
     )
     section = [
-        f"### Eager sampling counted as CUDA runs it: VAR-d{args.depth}, VQVAE {args.vqvae_channels} channels "
+        f"### Eager sampling counted as CUDA runs it: VAR-d{args.depth} ({args.method}), VQVAE "
+        f"{args.vqvae_channels} channels "
         f"({benchmark_common.stamp()})",
         "",
         f"Machine: {benchmark_common.machine()}. Script: `{command}`. Parts: the whole call, the decode (counted "

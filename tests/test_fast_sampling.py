@@ -301,3 +301,24 @@ def test_a_sampling_step_makes_nothing_of_the_parameters_alone(tiny_var):
     assert sum(counted[False].values()) - sum(counted[True].values()) == 4
     assert {"cat.default", "exp.default", "clamp_max.default"}.isdisjoint(counted[True])
     assert counted[False]["_to_copy.default"] - counted[True].get("_to_copy.default", 0) == 1
+
+
+def test_a_lora_model_samples_with_no_more_kernels_than_its_base(tiny_var, tiny_vqvae):
+    """Counted as CUDA runs it (bf16 autocast, after a first call): a LoRA-adapted model's sampling call launches
+    no adapter product, cast or copy per layer (each layer one product with its merged weight), so no more kernels
+    than the base model, which casts its weights once per call."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchmark_dp_memory import CudaAutocast, Traffic
+
+    adapted = copy.deepcopy(tiny_var)
+    adapt(adapted, MethodConfig(name="lora", lora_rank=4), num_classes=tiny_var.num_classes, seed=0)
+    counted = {}
+    for name, var in (("base", tiny_var), ("lora", adapted.eval())):
+        label_B = torch.tensor([0, 1])
+        for _call in range(2):  # the first makes what a model keeps between calls; the second is counted
+            with torch.no_grad(), CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+                with Traffic() as traffic:
+                    var.sample_tokens(label_B, vqvae=tiny_vqvae, cfg=1.5, top_k=3, top_p=0.5)
+        counted[name] = traffic
+    assert {"addmm_.default", "addmm.out"}.isdisjoint(counted["lora"].by_op)
+    assert counted["lora"].kernels <= counted["base"].kernels

@@ -447,11 +447,12 @@ def test_lora_layer_s_output_can_be_changed_in_place_and_compiling_takes_the_pla
 
 def test_lora_layer_adds_the_base_output_inside_the_adapter_s_product_rounding_once():
     """Under bf16 autocast, unhooked: the output is the bf16 rounding of base + (A x s) B^T (float32 accumulation),
-    closer to the exact sum of the same bf16 operands than peft's, which rounds the adapter's product first."""
+    closer to the exact sum of the same bf16 operands than peft's, which rounds the adapter's product first. (With
+    autograd on, as in training: without it the adapter is merged, ``test_without_autograd_the_adapter_is_merged``.)"""
     stock, ours = lora_twins(32.0)
     x = torch.randn(64, 24, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        theirs, mine = stock(x), ours(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs, mine = stock(x).detach(), ours(x).detach()
         base = ours.base_layer(x)
         a = ours.lora_A["default"](x) * ours.scaling["default"]
     exact = base.double() + a.double() @ ours.lora_B["default"].weight.bfloat16().double().T
@@ -558,9 +559,9 @@ def test_a_frozen_base_weight_is_cast_once_and_recast_when_it_changes():
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert ours._frozen_cast is cast  # not recast
 
-    def output(layer):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return layer(x)
+    def output(layer):  # with autograd on: the training path (without it the adapter is merged)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x).detach()
 
     def check():
         torch.testing.assert_close(
@@ -797,3 +798,70 @@ def test_no_state_is_hidden_on_model_instances_the_records_are_returned(tmp_path
     # An unpatched model keeps the official layout: the empty slots add no state-dict keys.
     slots = ("pos_start_add", "pos_1LC_add", "qkv_bias", "head_scale")
     assert not any(slot in key for key in tiny_base().state_dict() for slot in slots)
+
+
+@pytest.mark.parametrize("features", [(24, 40), (40, 24), (24, 24)])
+def test_without_autograd_the_adapter_is_merged(features):
+    """Without autograd under autocast (sampling), one product with W + s B A formed in float32 and rounded once to
+    bf16: closer to the exact product of the bf16 input than the training path's (alpha 24, rank 4: scaling 6). The
+    merged weight is kept between calls (the same bits, no new weight; the training cast dropped meanwhile), remade
+    when a weight changes, and dropped by a call with autograd on and by a move."""
+    _, ours = lora_twins(24.0, features=features)
+    x = torch.randn(64, features[0], generator=torch.Generator().manual_seed(3))
+
+    def exact() -> torch.Tensor:
+        base, s = ours.base_layer, ours.scaling["default"]
+        A, B = ours.lora_A["default"].weight.double(), ours.lora_B["default"].weight.double()
+        return x.bfloat16().double() @ (base.weight.double() + s * B @ A).T + base.bias.double()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = ours(x).detach()  # autograd on: the training path, which keeps the base's cast
+        assert ours._frozen_cast is not None and ours._merged_cast is None
+        with torch.no_grad():
+            merged = ours(x)
+            held = ours._merged_cast
+            assert held is not None and held["weight"].dtype == torch.bfloat16 and ours._frozen_cast is None
+            assert torch.equal(ours(x), merged) and ours._merged_cast is held
+    error = {
+        name: (y.double() - exact()).abs().mean() for name, y in (("trained", trained), ("merged", merged))
+    }
+    assert error["merged"] < error["trained"]
+    # the weight's rounding and the output's: within two bf16 steps of the largest entry
+    assert (merged.double() - exact()).abs().max() <= 2 * torch.finfo(
+        torch.bfloat16
+    ).eps * exact().abs().max()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours.lora_B["default"].weight.mul_(-2)  # an in-place update: the merged weight is remade
+        again = ours(x).double()
+        assert ours._merged_cast is not held
+    assert (again - exact()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * exact().abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(x)
+    assert ours._merged_cast is None  # training again
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(x)
+    ours.to(torch.float32)
+    assert ours._merged_cast is None
+
+
+def test_the_adapter_is_not_merged_where_a_hook_or_training_dropout_must_see_it():
+    """A hooked adapter layer (DP's per-sample gradients), dropout in training mode, or no autocast: the layer's own
+    paths, nothing merged; LoRA's folded bias (``linear_plus_bias``) is added to the merged product."""
+    _, ours = lora_twins(32.0)
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(4))
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = ours(x)
+        assert ours._merged_cast is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            merged, folded = ours(x), ours.linear_plus_bias(x, lambda: bias)
+            added = merged.float() + bias  # the bias after the product: one rounding more
+            torch.testing.assert_close(folded.float(), added, rtol=0, atol=2**-6 * added.abs().max())
+            ours.lora_dropout["default"] = nn.Dropout(0.5).eval()
+            assert ours._merged_product(x, "default") is not None  # eval mode: dropout is the identity
+            ours.lora_dropout["default"].train()
+            assert ours._merged_product(x, "default") is None
+            ours.lora_dropout["default"] = nn.Identity()
+            ours.lora_B["default"].register_forward_hook(lambda *_: None)
+            assert ours._merged_product(x, "default") is None
+    torch.testing.assert_close(merged.float(), plain, rtol=0, atol=2**-6 * plain.abs().max())

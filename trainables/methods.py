@@ -362,12 +362,18 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         device = x.device.type
         if name is None or device == "meta" or not torch.is_autocast_enabled(device):
             return None
+        merged = self._merged_product(x, name, extra_bias=bias_fn)
+        if merged is not None:
+            return merged
         return self._fused_products(x, name, autocast=True, extra_bias=bias_fn)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self._single_adapter()
         if args or kwargs or name is None:
             return super().forward(x, *args, **kwargs)
+        merged = self._merged_product(x, name)
+        if merged is not None:
+            return merged
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         device = x.device.type
         autocast = device != "meta" and torch.is_autocast_enabled(device)  # no autocast state on meta
@@ -466,6 +472,66 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         adapter = [layer.weight.to(x.dtype) for layer in (lora_A, lora_B)]
         return _LoraProducts.apply(x, cast["weight"], bias, *adapter, self.scaling[name], cast["joined"])
 
+    def _merged_product(
+        self, x: torch.Tensor, name: str, *, extra_bias: Callable[[], torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
+        """Without autograd under autocast (sampling, evaluation): x (W + s B A)^T + b [..., out], one product with
+        the adapter merged into the base weight, where the adapter's path made two more products, the casts of both
+        adapter weights and a copy per call (a LoRA model's eager sampling step launched ~44 kernels, a plain one's
+        ~25). The merged weight is formed in float32 and rounded once to the autocast dtype, kept while its sources
+        are unchanged (``_merged_cast``). ``extra_bias`` as in ``_fused_products``. None where the layer's own
+        paths run instead: autograd on, no autocast, compiling, hooked or biased adapter layers, training dropout."""
+        device = x.device.type
+        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        base = self.base_layer
+        if torch.is_grad_enabled():
+            self._merged_cast = None  # training again: the adapter changes, the kept weight is stale
+            return None
+        if (
+            torch.compiler.is_compiling()  # first: the checks below would break a compiled graph
+            or device == "meta"
+            or not torch.is_autocast_enabled(device)
+            or type(base) is not nn.Linear
+            or not unhooked(base)
+            or not (_plain_unhooked(lora_A) and _plain_unhooked(lora_B))
+            or not (isinstance(dropout, nn.Identity) or not dropout.training)
+        ):
+            return None
+        held = self._merged_weight(torch.get_autocast_dtype(device), name)
+        bias = held["bias"]
+        if extra_bias is not None:
+            extra = extra_bias().to(held["weight"].dtype)
+            bias = extra if bias is None else bias + extra
+        return F.linear(x, held["weight"], bias)
+
+    def _merged_weight(self, dtype: torch.dtype, name: str) -> dict:
+        """{"weight": (W + s B A) in ``dtype`` [out, in], "bias": b in ``dtype`` or None}, made in float32 and kept
+        until the base's or the adapter's weights change (data pointers and version counters) or autograd runs the
+        layer again. While it is kept, the base weight's training cast (``_frozen_cast``) is dropped: one half
+        precision copy of the weight held at a time."""
+        base, lora_A, lora_B = self.base_layer, self.lora_A[name], self.lora_B[name]
+        tensors = [t for t in (base.weight, base.bias, lora_A.weight, lora_B.weight) if t is not None]
+        key = [dtype, name, self.scaling[name]] + [(t.device, t.data_ptr(), t._version) for t in tensors]
+        held = self._merged_cast
+        if held is None or held["key"] != key:
+            self._frozen_cast = self._merged_cast = None  # freed before the new copy is made
+            with torch.autocast(base.weight.device.type, enabled=False):
+                merged = torch.addmm(
+                    base.weight.float(),
+                    lora_B.weight.float(),
+                    lora_A.weight.float(),
+                    alpha=self.scaling[name],
+                )
+            held = self._merged_cast = {
+                "key": key,
+                "sources": [t.untyped_storage() for t in tensors],  # their addresses stay taken while held
+                "weight": merged.to(dtype),
+                "bias": None if base.bias is None else base.bias.to(dtype),
+            }
+        return held
+
+    _merged_cast: dict | None = None
+
     def _base_output(self, x: torch.Tensor, *, autocast: bool) -> torch.Tensor:
         """The base layer's output. Under autocast, a frozen base (its weight and bias) is cast to the autocast
         dtype once and the cast kept while they are unchanged (``_frozen_cast``): autocast casts a frozen weight
@@ -525,15 +591,15 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
     _frozen_cast: dict | None = None
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
-        self._frozen_cast = None
+        self._frozen_cast = self._merged_cast = None
         super().merge(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._frozen_cast = None
+        self._frozen_cast = self._merged_cast = None
         return super()._apply(fn, recurse)
 
-    def __getstate__(self) -> dict:  # copies and pickles rebuild the cast on first use
-        return {k: v for k, v in super().__getstate__().items() if k != "_frozen_cast"}
+    def __getstate__(self) -> dict:  # copies and pickles rebuild the casts on first use
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_frozen_cast", "_merged_cast")}
 
 
 def _peft_inject(var: VAR, config: peft.PeftConfig, *, seed: int) -> None:

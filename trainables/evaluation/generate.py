@@ -35,8 +35,9 @@ from ..training import bf16_autocast
 MANIFEST = "generated.json"
 # What else an image depends on: the sampler's code. 2 (2026-12-05): under bf16 autocast the decoder's norms and
 # upsampling run in bf16 and the cached step's q and k are normalised as in training, images a rounding apart from
-# version 1's, which a resumed folder must not mix with them.
-GENERATED_FORMAT = "varsweep-generated/2"
+# version 1's, which a resumed folder must not mix with them. 3 (2026-12-05): under autocast a LoRA layer samples
+# with its adapter merged into the base weight (``LoraLinear._merged_product``), a rounding apart from version 2.
+GENERATED_FORMAT = "varsweep-generated/3"
 
 
 SAMPLING_FIELDS = (
