@@ -33,7 +33,8 @@ compiles (a compile takes tens of seconds, and a run cut short keeps the targets
    (``dp_rows`` rows per physical batch; at k = 32 one example), with DP-full at k = 1 at the widest depth too;
    then the options: Gram routes, Opacus's ghost clipping (k = 1, float32 as trials run it, against a float32
    non-DP step) and hooks. Time and peak-memory ratios against the non-DP step on the same rows and precision.
-4. generation, eager: d16 (CFG 1.5, top-k 900, top-p 0.96), bf16 autocast, per batch size.
+4. generation, eager: d16 (CFG 1.5, top-k 900, top-p 0.96), bf16 autocast, per batch size; then a LoRA trial's
+   model (its adapter merged for sampling) at the fastest batch, beside the base model's.
 5. evaluation: generation plus Inception-v3 features (torch-fidelity's FID architecture, random weights: nothing
    is downloaded) at a trial's setting (the trials' ``generate``: eager, ``EvaluationConfig.batch_size``, the
    PNG files it writes; 1,024 images, extrapolated) and at the fastest setting of step 4 (in memory; 6,149
@@ -1053,6 +1054,37 @@ def measure_generation(rec: Recorder, plan: Plan, models: Models, phase: str, *,
         )
         if measured is None and not compiled:  # eager goes up in size: out of memory here, larger ones too
             break
+    if not compiled:
+        measure_lora_generation(rec, plan, models, phase)
+
+
+def measure_lora_generation(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+    """A LoRA trial's model (its adapter merged without autograd: ``LoraLinear._merged_product``) sampling eagerly
+    at the fastest eager batch, beside the base model's row there: what a LoRA trial's evaluation draws at."""
+    eager = [r for r in rec.data.get("generation", []) if not r["compiled"]]
+    if not eager or not in_time(rec, plan, phase, "lora generation"):
+        return
+    base = max(eager, key=lambda r: r["images_per_s"])
+    device, depth, batch = models.device, base["depth"], base["batch"]
+
+    def row() -> dict:
+        vqvae, var = models.adapted(depth, "lora")
+        var.eval()
+        fn = sample_fn(var, vqvae, batch, compiled=False, device=device)
+        with Stopwatch(device) as first:
+            fn()  # the first call also merges every adapter into its kept weight
+        seconds = timed(fn, steps=plan.generation_steps, warmup=0, device=device)
+        return {
+            "depth": depth,
+            "batch": batch,
+            "method": "lora",
+            "first_call_s": first.seconds,
+            "batch_s": seconds,
+            "images_per_s": batch / seconds,
+            "vs_base": (batch / seconds) / base["images_per_s"],
+        }
+
+    rec.measure("generation_lora", f"d{depth} lora batch {batch}", row)
 
 
 # --- 5. evaluation ----------------------------------------------------------------------------------------------
@@ -1432,6 +1464,12 @@ def report(data: dict, *, command: str) -> str:
             for r in data["generation"]
         ]
         lines.append("")
+    lines += [
+        f"LoRA (d{r['depth']}, adapter merged for sampling) eager generation at batch {r['batch']}: "
+        f"{r['images_per_s']:.1f} images/s, {r['vs_base']:.2f}x the base model's (first call {r['first_call_s']:.2f} s)."
+        for r in data.get("generation_lora", [])
+    ]
+    lines += [""] if data.get("generation_lora") else []
     for r in data.get("evaluation", []):
         setting = {"trial": "a trial's setting", "fastest": "the fastest generation setting"}.get(
             r.get("setting")

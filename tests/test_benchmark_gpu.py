@@ -74,6 +74,8 @@ def test_every_section_is_measured_with_numbers(smoke):
     assert {r["k"] for r in privacy} >= {1, 2}
     assert all(_number(r["step_ms"]) and _number(r["time_vs_non_dp"]) for r in privacy)
     assert all(_number(r["images_per_s"]) for r in data["generation"])
+    (lora,) = data["generation_lora"]  # a LoRA trial's model at the fastest eager batch
+    assert lora["method"] == "lora" and _number(lora["images_per_s"]) and _number(lora["vs_base"])
     (evaluation,) = data["evaluation"]  # a trial's setting (on a CPU also the fastest: batch 2, eager)
     assert evaluation["setting"] == "trial" and (evaluation["batch"], evaluation["compiled"]) == (2, False)
     assert evaluation["png_files"]  # drawn through the trials' generate, files and all
