@@ -484,12 +484,13 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
         device = x.device.type
         lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         base = self.base_layer
+        if torch.compiler.is_compiling():  # first: nothing below belongs in a compiled graph
+            return None
         if torch.is_grad_enabled():
             self._merged_cast = None  # training again: the adapter changes, the kept weight is stale
             return None
         if (
-            torch.compiler.is_compiling()  # first: the checks below would break a compiled graph
-            or device == "meta"
+            device == "meta"
             or not torch.is_autocast_enabled(device)
             or type(base) is not nn.Linear
             or not unhooked(base)
