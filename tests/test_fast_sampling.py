@@ -276,7 +276,8 @@ def test_a_step_given_the_call_s_constants_equals_one_making_them(tiny_var, meth
         owner = attn if attn.qkv_bias is None else attn.qkv_bias
         owner.q_bias.normal_(generator=torch.Generator().manual_seed(1))
         owner.v_bias.normal_(generator=torch.Generator().manual_seed(2))
-        (attn if attn.head_scale is None else attn.head_scale).scale_mul_1H11.fill_(2.0)
+        gain = (attn if attn.head_scale is None else attn.head_scale).scale_mul_1H11
+        gain.copy_(torch.tensor([2.0, 5.0]).view(1, -1, 1, 1).expand_as(gain))  # 5 > ln 100: the clamp acts
     per_call = _attention_steps(attn, autocast=autocast, per_call=True)
     for ours, theirs in zip(per_call, _attention_steps(attn, autocast=autocast, per_call=False)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

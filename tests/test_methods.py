@@ -805,8 +805,9 @@ def test_without_autograd_the_adapter_is_merged(features):
     """Without autograd under autocast (sampling), one product with W + s B A formed in float32 and rounded once to
     bf16: closer to the exact product of the bf16 input than the training path's (alpha 24, rank 4: scaling 6). The
     merged weight is kept between calls (the same bits, no new weight; the training cast dropped meanwhile), remade
-    when a weight changes, and dropped by a call with autograd on and by a move."""
+    when a weight changes, and dropped by a call with autograd on and by a move. Only in eval mode."""
     _, ours = lora_twins(24.0, features=features)
+    ours.eval()
     x = torch.randn(64, features[0], generator=torch.Generator().manual_seed(3))
 
     def exact() -> torch.Tensor:
@@ -848,6 +849,7 @@ def test_the_adapter_is_not_merged_where_a_hook_or_training_dropout_must_see_it(
     """A hooked adapter layer (DP's per-sample gradients), dropout in training mode, or no autocast: the layer's own
     paths, nothing merged; LoRA's folded bias (``linear_plus_bias``) is added to the merged product."""
     _, ours = lora_twins(32.0)
+    ours.eval()
     x = torch.randn(5, 24, generator=torch.Generator().manual_seed(4))
     bias = torch.randn(40, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -865,3 +867,33 @@ def test_the_adapter_is_not_merged_where_a_hook_or_training_dropout_must_see_it(
             ours.lora_B["default"].register_forward_hook(lambda *_: None)
             assert ours._merged_product(x, "default") is None
     torch.testing.assert_close(merged.float(), plain, rtol=0, atol=2**-6 * plain.abs().max())
+
+
+def test_training_mode_drops_the_merged_weight_however_the_adapter_changed():
+    """Fused AdamW updates the adapter without bumping its version counter (as a ``.data`` write does here), so the
+    kept merged weight cannot tell: the return to training mode drops it, and the next evaluation merges the new
+    adapter. In training mode nothing is merged; inference tensors (no version counter) are never merged."""
+    _, ours = lora_twins(32.0)
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(4))
+
+    def evaluated() -> torch.Tensor:
+        ours.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return ours(x)
+
+    before = evaluated()
+    assert ours._merged_cast is not None
+    ours.train()
+    assert ours._merged_cast is None
+    ours.lora_B["default"].weight.data.mul_(-3)  # unseen by the version counter
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours._merged_product(x, "default") is None  # training mode
+    after = evaluated()
+    fresh = copy.deepcopy(ours)  # nothing kept: merges anew
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(after, fresh.eval()(x)) and not torch.equal(after, before)
+    with torch.inference_mode():
+        _, inferred = lora_twins(32.0)
+        inferred.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert inferred._merged_product(x, "default") is None

@@ -475,12 +475,13 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
     def _merged_product(
         self, x: torch.Tensor, name: str, *, extra_bias: Callable[[], torch.Tensor] | None = None
     ) -> torch.Tensor | None:
-        """Without autograd under autocast (sampling, evaluation): x (W + s B A)^T + b [..., out], one product with
-        the adapter merged into the base weight, where the adapter's path made two more products, the casts of both
-        adapter weights and a copy per call (a LoRA model's eager sampling step launched ~44 kernels, a plain one's
-        ~25). The merged weight is formed in float32 and rounded once to the autocast dtype, kept while its sources
-        are unchanged (``_merged_cast``). ``extra_bias`` as in ``_fused_products``. None where the layer's own
-        paths run instead: autograd on, no autocast, compiling, hooked or biased adapter layers, training dropout."""
+        """In eval mode without autograd under autocast (sampling, evaluation): x (W + s B A)^T + b [..., out], one
+        product with the adapter merged into the base weight, where the adapter's path made two more products, the
+        casts of both adapter weights and a copy per call (a LoRA model's eager sampling step launched ~44 kernels,
+        a plain one's ~25). The merged weight is formed in float32 and rounded once to the autocast dtype, and kept
+        until the layer is put back in training mode (``_merged_weight``). ``extra_bias`` as in
+        ``_fused_products``. None where the layer's own paths run instead: training mode, autograd on, no autocast,
+        compiling, hooked or biased adapter layers, inference tensors."""
         device = x.device.type
         lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         base = self.base_layer
@@ -490,12 +491,16 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
             self._merged_cast = None  # training again: the adapter changes, the kept weight is stale
             return None
         if (
-            device == "meta"
+            self.training
+            or device == "meta"
             or not torch.is_autocast_enabled(device)
             or type(base) is not nn.Linear
             or not unhooked(base)
             or not (_plain_unhooked(lora_A) and _plain_unhooked(lora_B))
             or not (isinstance(dropout, nn.Identity) or not dropout.training)
+            or any(
+                t.is_inference() for t in (base.weight, lora_A.weight, lora_B.weight)
+            )  # no version counter
         ):
             return None
         held = self._merged_weight(torch.get_autocast_dtype(device), name)
@@ -507,8 +512,10 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
 
     def _merged_weight(self, dtype: torch.dtype, name: str) -> dict:
         """{"weight": (W + s B A) in ``dtype`` [out, in], "bias": b in ``dtype`` or None}, made in float32 and kept
-        until the base's or the adapter's weights change (data pointers and version counters) or autograd runs the
-        layer again. While it is kept, the base weight's training cast (``_frozen_cast``) is dropped: one half
+        while the layer stays in eval mode and its weights unchanged (data pointers and version counters: a state
+        dict load, an in-place write, a merge). Training mode drops it (``train``): an optimizer step may change the
+        adapter without a version counter seeing it (fused AdamW does not bump them), and training holds no copy
+        it does not use. While it is kept, the base weight's training cast (``_frozen_cast``) is dropped: one half
         precision copy of the weight held at a time."""
         base, lora_A, lora_B = self.base_layer, self.lora_A[name], self.lora_B[name]
         tensors = [t for t in (base.weight, base.bias, lora_A.weight, lora_B.weight) if t is not None]
@@ -594,6 +601,11 @@ class LoraLinear(peft.tuners.lora.layer.Linear):
     def merge(self, *args: Any, **kwargs: Any) -> None:
         self._frozen_cast = self._merged_cast = None
         super().merge(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> LoraLinear:
+        if mode:  # training may change the adapter unseen (see ``_merged_weight``)
+            self._merged_cast = None
+        return super().train(mode)
 
     def _apply(self, fn, recurse=True):
         self._frozen_cast = self._merged_cast = None

@@ -13,6 +13,7 @@ run skips only batches its own model wrote and an evaluation never scores an ear
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -110,7 +111,7 @@ def generate(
             progress=progress,
         )
     kept = []
-    with PngWriter(enabled=out is not None) as writer:
+    with PngWriter(enabled=out is not None) as writer, _in_eval_mode(var):
         for b, start in enumerate(range(0, len(labels_N), evaluation.batch_size)):
             label_B = labels_N[start : start + evaluation.batch_size]
             paths = [] if out is None else [image_path(out, int(c), start + i) for i, c in enumerate(label_B)]
@@ -131,16 +132,29 @@ def generate(
     return (torch.cat(kept) if kept else torch.zeros(0, dtype=torch.uint8)), labels_N
 
 
+@contextlib.contextmanager
+def _in_eval_mode(module: torch.nn.Module):
+    """Eval mode for the whole block, the module's mode restored after: for a run of sampling calls, not per call
+    (as ``sample`` sets it), so a LoRA model merges its adapters once (``LoraLinear._merged_weight``)."""
+    training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(training)
+
+
 class PngWriter:
     """Writes batches of images as PNGs on a pool of threads (zlib and fsync release the GIL: a 256 px image is
     ~8 ms of compression and a file sync, which in the drawing loop would make a GPU evaluation wait on one CPU
     core). At most ``in_flight`` batches wait, so memory stays bounded; a failed write is raised at the next
-    ``submit`` or on leaving the block, which waits for every write. ``enabled=False``: a no-op."""
+    ``submit`` or on leaving the block, which waits for every write. ``enabled=False``: a no-op. One batch is one
+    thread's task: ``in_flight`` (default twice the threads) must reach ``threads`` for all of them to work."""
 
-    def __init__(self, *, enabled: bool = True, threads: int | None = None, in_flight: int = 4):
-        self.enabled, self.in_flight = enabled, in_flight
+    def __init__(self, *, enabled: bool = True, threads: int | None = None, in_flight: int | None = None):
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.threads = threads or min(8, usable)
+        self.enabled, self.threads = enabled, threads or min(8, usable)
+        self.in_flight = in_flight or 2 * self.threads
         self.pending: list[Future] = []
 
     def __enter__(self) -> PngWriter:
