@@ -89,6 +89,7 @@ from bench.schema import (
     ResourcesConfig,
 )
 from trainables.evaluation.features import uint8_batches
+from trainables.evaluation.generate import generate, generation_plan
 from trainables.methods import LoraLinear, adapt
 from trainables.models import release_sampling_caches
 from trainables.models import vqvae as vqvae_module
@@ -1025,25 +1026,13 @@ def measure_generation(rec: Recorder, plan: Plan, models: Models, phase: str, *,
         fresh_compile_state()
 
     def row(batch: int) -> dict:
-        fn = sample_fn(var, vqvae, batch, compiled=compiled, device=device)
-        try:
-            reset_peak(device)
-            with Stopwatch(device) as first:
-                fn()  # the first call allocates (and, compiled, compiles): timed apart
-            warm = COMPILED_WARM_CALLS if compiled else 0
-            seconds = timed(fn, steps=plan.generation_steps, warmup=warm, device=device)
-            peak = peak_gib(device)
-        finally:
-            release_caches(var)
+        timing = generation_timing(var, vqvae, batch, compiled=compiled, plan=plan, device=device)
         return {
             "depth": depth,
             "batch": batch,
             "compiled": compiled,
             "precision": "bf16 autocast",
-            "first_call_s": first.seconds,
-            "batch_s": seconds,
-            "images_per_s": batch / seconds,
-            "peak_gib": peak,
+            **timing,
             **(compile_counters() if compiled else {}),
         }
 
@@ -1059,6 +1048,27 @@ def measure_generation(rec: Recorder, plan: Plan, models: Models, phase: str, *,
         measure_lora_generation(rec, plan, models, phase)
 
 
+def generation_timing(var, vqvae, batch: int, *, compiled: bool, plan: Plan, device: torch.device) -> dict:
+    """Sampling ``batch`` images: the first call (allocation; compiled, the compile) timed apart, then the median of
+    ``plan.generation_steps`` calls; peak GiB. Compiled sampling's static caches are released after."""
+    fn = sample_fn(var, vqvae, batch, compiled=compiled, device=device)
+    try:
+        reset_peak(device)
+        with Stopwatch(device) as first:
+            fn()
+        warm = COMPILED_WARM_CALLS if compiled else 0
+        seconds = timed(fn, steps=plan.generation_steps, warmup=warm, device=device)
+        peak = peak_gib(device)
+    finally:
+        release_caches(var)
+    return {
+        "first_call_s": first.seconds,
+        "batch_s": seconds,
+        "images_per_s": batch / seconds,
+        "peak_gib": peak,
+    }
+
+
 def measure_lora_generation(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
     """A LoRA trial's model (its adapter merged without autograd: ``LoraLinear._merged_product``) sampling eagerly
     at the fastest eager batch, beside the base model's row there: what a LoRA trial's evaluation draws at."""
@@ -1070,19 +1080,14 @@ def measure_lora_generation(rec: Recorder, plan: Plan, models: Models, phase: st
 
     def row() -> dict:
         vqvae, var = models.adapted(depth, "lora")
-        var.eval()
-        fn = sample_fn(var, vqvae, batch, compiled=False, device=device)
-        with Stopwatch(device) as first:
-            fn()  # the first call also merges every adapter into its kept weight
-        seconds = timed(fn, steps=plan.generation_steps, warmup=0, device=device)
+        # (its first call, timed apart, also merges every adapter into its kept weight)
+        timing = generation_timing(var.eval(), vqvae, batch, compiled=False, plan=plan, device=device)
         return {
             "depth": depth,
             "batch": batch,
             "method": "lora",
-            "first_call_s": first.seconds,
-            "batch_s": seconds,
-            "images_per_s": batch / seconds,
-            "vs_base": (batch / seconds) / base["images_per_s"],
+            **timing,
+            "vs_base": timing["images_per_s"] / base["images_per_s"],
         }
 
     rec.measure("generation_lora", f"d{depth} lora batch {batch}", row)
@@ -1191,8 +1196,6 @@ def in_memory_generation(fn: Callable[[], torch.Tensor], images: int) -> list[to
 def trial_generation(var, vqvae, *, batch: int, images: int, folder: str) -> torch.Tensor:
     """``images`` images as a trial's evaluation draws them: ``generate`` with the trials' sampling settings at
     ``batch``, under bf16 autocast, PNGs written to ``folder``; uint8 [N, 3, H, W] on the CPU."""
-    from trainables.evaluation.generate import generate, generation_plan
-
     evaluation = EvaluationConfig(extractor=SUBSTITUTE_EXTRACTOR, batch_size=batch)  # (no features here)
     plan = generation_plan([1] * CLASSES, total=images)
     return generate(var, vqvae, plan, evaluation=evaluation, autocast_bf16=True, out_dir=folder)[0]
