@@ -263,12 +263,15 @@ def _attention_steps(attn, *, autocast: bool, per_call: bool) -> list[torch.Tens
     return outs
 
 
-@pytest.mark.parametrize("method", ["base", "lora"])
+@pytest.mark.parametrize("method", ["base", "frozen", "lora"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_a_step_given_the_call_s_constants_equals_one_making_them(tiny_var, method, autocast):
-    """The q/v biases and the queries' gain, made once per sampling call, give every scale's step the bits it
-    made itself; plain and through LoRA's folded bias (an adapted model, whose patch modules hold the biases)."""
+    """The q/v biases, the queries' gain and frozen weights' casts, made once per sampling call, give every
+    scale's step the bits it made itself; plain, frozen, and through LoRA's folded bias (an adapted model, whose
+    patch modules hold the biases)."""
     var = copy.deepcopy(tiny_var)
+    if method == "frozen":
+        var.requires_grad_(False)
     if method == "lora":
         adapt(var, MethodConfig(name="lora", lora_rank=4), num_classes=3, seed=0)
     attn = var.blocks[0].attn
@@ -323,3 +326,50 @@ def test_a_lora_model_samples_with_no_more_kernels_than_its_base(tiny_var, tiny_
         counted[name] = traffic
     assert {"addmm_.default", "addmm.out"}.isdisjoint(counted["lora"].by_op)
     assert counted["lora"].kernels <= counted["base"].kernels
+
+
+def _autocast_samples(var, vqvae) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Tokens and images of one seeded sampling call under CPU bf16 autocast."""
+    kw = dict(vqvae=vqvae, cfg=1.5, top_k=3, top_p=0.5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = var.sample_tokens(torch.tensor([0, 1, 2]), generator=torch.Generator().manual_seed(4), **kw)
+        images = var.sample(torch.tensor([0, 1, 2]), generator=torch.Generator().manual_seed(4), **kw)
+    return tokens, images
+
+
+@pytest.mark.parametrize("method", ["base", "ln_tuning"])
+def test_frozen_weights_cast_once_per_call_sample_autocast_s_bits(tiny_var, tiny_vqvae, method):
+    """Frozen linear weights (a base model's, an LN-tuning model's) cast once per sampling call by ``frozen_cast``
+    give the bits autocast's own casts give: the same model with every weight trainable (autocast's cached casts)
+    draws the same tokens and decodes the same images, exactly."""
+    frozen = copy.deepcopy(tiny_var).requires_grad_(False)
+    if method == "ln_tuning":
+        adapt(frozen, MethodConfig(name="ln_tuning"), num_classes=tiny_var.num_classes, seed=0)
+    trainable = copy.deepcopy(frozen).requires_grad_(True)
+    assert (
+        not frozen.blocks[0].ffn.fc1.weight.requires_grad and trainable.blocks[0].ffn.fc1.weight.requires_grad
+    )
+    frozen_tokens, frozen_images = _autocast_samples(frozen.eval(), tiny_vqvae)
+    trainable_tokens, trainable_images = _autocast_samples(trainable.eval(), tiny_vqvae)
+    assert all(torch.equal(a, b) for a, b in zip(frozen_tokens, trainable_tokens))
+    torch.testing.assert_close(frozen_images, trainable_images, rtol=0, atol=0)
+
+
+def test_a_frozen_model_samples_without_recasting_its_weights_at_each_scale(tiny_var, tiny_vqvae):
+    """Counted as CUDA runs it (bf16 autocast): a model with frozen linear weights casts each once per call, as
+    autocast casts a trainable one, so its sampling call launches no more kernels than the trainable model's (a
+    few fewer: matmul folds word_embed's non-contiguous input without a copy where the weight needs no grad); the
+    same weights cast at every scale launched one cast per weight and bias, per layer and scale, more."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchmark_dp_memory import CudaAutocast, Traffic
+
+    frozen = copy.deepcopy(tiny_var).requires_grad_(False)
+    counted = {}
+    for name, var in (("trainable", tiny_var), ("frozen", frozen)):
+        with torch.no_grad(), CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with Traffic() as traffic:
+                var.sample_tokens(torch.tensor([0, 1]), vqvae=tiny_vqvae, cfg=1.5, top_k=3, top_p=0.5)
+        counted[name] = traffic
+    assert counted["frozen"].kernels <= counted["trainable"].kernels
+    casts = {name: traffic.by_op["_to_copy.default"][0] for name, traffic in counted.items()}
+    assert casts["frozen"] == casts["trainable"]

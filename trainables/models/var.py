@@ -71,9 +71,52 @@ class FFN(nn.Module):
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x_BLC)))
 
+    def sampling_weights(self, device_type: str) -> tuple[LinearWeights | None, LinearWeights | None]:
+        """fc1's and fc2's ``frozen_cast``, made once per sampling call for ``step`` (None, None where this module
+        is hooked: its call is then kept)."""
+        if not unhooked(self):
+            return None, None
+        return frozen_cast(self.fc1, device_type), frozen_cast(self.fc2, device_type)
 
-# (q/v biases [3C] in the product's dtype, the queries' gain [1, H, 1, 1] or None): ``SelfAttention.sampling_constants``
-SamplingConstants = tuple[torch.Tensor, torch.Tensor | None]
+    def step(
+        self, x_BlC: torch.Tensor, weights: tuple[LinearWeights | None, LinearWeights | None]
+    ) -> torch.Tensor:
+        """``forward`` [B, l, C] with the call's ``sampling_weights``."""
+        fc1, fc2 = weights
+        if fc1 is None and fc2 is None:
+            return self(x_BlC)
+        return linear(self.fc2, self.act(linear(self.fc1, x_BlC, fc1)), fc2)
+
+
+# A linear layer's (weight, bias) as a sampling call uses them at every scale: ``frozen_cast``
+LinearWeights = tuple[torch.Tensor, torch.Tensor | None]
+# (q/v biases [3C] in the product's dtype, the queries' gain [1, H, 1, 1] or None, mat_qkv's and proj's
+# ``frozen_cast``): ``SelfAttention.sampling_constants``
+SamplingConstants = tuple[torch.Tensor, torch.Tensor | None, LinearWeights | None, LinearWeights | None]
+
+
+def frozen_cast(layer: nn.Module, device_type: str) -> LinearWeights | None:
+    """A plain, unhooked ``nn.Linear``'s (weight, bias), those of them that are frozen float32 cast to the autocast
+    dtype, for a sampling call to make once and use at every scale. Autocast keeps its cast of a weight for the
+    rest of its region only where the weight is a leaf that requires grad: a frozen layer (an LN-tuning model's,
+    the base model that trials of method ``base`` evaluate) was cast again at every scale, 4 bytes read and 2
+    written per weight each time. The same bits as autocast's cast. None where the layer's own call stays: outside
+    autocast, another layer type (LoRA's keeps its own casts), a hooked layer, nothing frozen in float32."""
+    if type(layer) is not nn.Linear or not unhooked(layer) or not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        frozen = t is not None and t.dtype == torch.float32 and not t.requires_grad
+        return t.to(dtype) if frozen else t
+
+    weight, bias = cast(layer.weight), cast(layer.bias)
+    return None if weight is layer.weight and bias is layer.bias else (weight, bias)
+
+
+def linear(layer: nn.Module, x: torch.Tensor, weights: LinearWeights | None) -> torch.Tensor:
+    """``layer(x)``, or with ``weights`` (its ``frozen_cast``) the same product from them."""
+    return layer(x) if weights is None else F.linear(x, *weights)
 
 
 @dataclass
@@ -534,39 +577,51 @@ class SelfAttention(nn.Module):
         """Cached sampling: one scale's tokens [B, l, C] attend to every cached token and their own.
         ``constants``: ``sampling_constants()`` of this call (None: made here, as at every scale)."""
         B, l, C = x_BlC.shape  # noqa: E741
-        bias_3C, gain = (None, None) if constants is None else constants
-        q_BHlc, k_BHlc, v_BHlc = _head_views(self.qkv_with_bias(x_BlC, bias_3C=bias_3C), self.num_heads)
+        bias_3C, gain, qkv, proj = (None,) * 4 if constants is None else constants
+        qkv_BlC = self.qkv_with_bias(x_BlC, bias_3C=bias_3C, weight=None if qkv is None else qkv[0])
+        q_BHlc, k_BHlc, v_BHlc = _head_views(qkv_BlC, self.num_heads)
         if self.attn_l2_norm:  # as the training forward: in the attention's dtype under autocast
             dtype = _autocast_dtype(x_BlC.device.type, None)
             q_BHlc = self.unit_queries(q_BHlc, dtype=dtype, gain=gain)
             k_BHlc = unit_vectors(k_BHlc, dtype=dtype)
         k_BHLc, v_BHLc = kv_cache.extend(k_BHlc, v_BHlc)
         out_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, scale=self.scale)
-        return self.proj(out_BHlc.transpose(1, 2).reshape(B, l, C))
+        return linear(self.proj, out_BHlc.transpose(1, 2).reshape(B, l, C), proj)
 
-    def sampling_constants(self, device_type: str) -> SamplingConstants:
+    def sampling_constants(self, device_type: str, *, casts: bool = True) -> SamplingConstants:
         """What a cached step makes of this module's parameters alone, once per sampling call instead of at each
         scale (four kernels of a block's ~29 per scale): the q/v biases (q_bias, 0, v_bias) [3C] in the dtype the
-        qkv product takes them in (autocast's, else the weight's: the one cast F.linear would repeat), and the
-        queries' gain [1, H, 1, 1] (None without ``attn_l2_norm``). The same numbers as the step's own."""
+        qkv product takes them in (autocast's, else the weight's: the one cast F.linear would repeat), the
+        queries' gain [1, H, 1, 1] (None without ``attn_l2_norm``), and with ``casts`` mat_qkv's and proj's
+        ``frozen_cast`` (else None: a compiled step casts inside its graph). The same numbers as the step's own."""
         bias_3C = self.biases_3C().to(_autocast_dtype(device_type, self.mat_qkv.weight.dtype))
-        if not self.attn_l2_norm:
-            return bias_3C, None
         owner = self if self.head_scale is None else self.head_scale
-        return bias_3C, query_gain(owner.scale_mul_1H11)
+        gain = query_gain(owner.scale_mul_1H11) if self.attn_l2_norm else None
+        if not casts:
+            return bias_3C, gain, None, None
+        return bias_3C, gain, frozen_cast(self.mat_qkv, device_type), frozen_cast(self.proj, device_type)
 
-    def qkv_with_bias(self, x_BlC: torch.Tensor, *, bias_3C: torch.Tensor | None = None) -> torch.Tensor:
+    def qkv_with_bias(
+        self,
+        x_BlC: torch.Tensor,
+        *,
+        bias_3C: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``add_qkv_bias(mat_qkv(x))`` [B, l, 3C]. When ``mat_qkv`` is a plain Linear and neither it nor the patch
         module holding the biases (if one does) is hooked, the bias goes into the product itself, as the published
         code's ``F.linear`` adds it (one addmm instead of a matmul and an add over 3C). A wrapping layer that offers
         ``linear_plus_bias(x, bias_fn)`` (LoRA's, when nothing hooks it) is asked to add the biases in its product
         the same way (``bias_fn()`` makes them, called only if it does). Otherwise the modules are called, so the hooks of per-sample gradients see their calls.
-        ``bias_3C``: those biases made already (``sampling_constants``), used where they are folded."""
+        ``bias_3C``: those biases made already (``sampling_constants``), used where they are folded; ``weight``:
+        mat_qkv's weight as the call's ``frozen_cast`` made it (a plain Linear's only)."""
         mat, biases = self.mat_qkv, self.qkv_bias
         foldable = unhooked(mat) and (biases is None or unhooked(biases))
         if type(mat) is nn.Linear and foldable:
             return F.linear(
-                x_BlC, mat.weight, self.biases_3C().to(mat.weight.dtype) if bias_3C is None else bias_3C
+                x_BlC,
+                mat.weight if weight is None else weight,
+                self.biases_3C().to(mat.weight.dtype) if bias_3C is None else bias_3C,
             )
         # A wrapping layer (LoRA's) may add a bias inside its own product: ``linear_plus_bias`` (None: it cannot).
         plus_bias = getattr(mat, "linear_plus_bias", None) if foldable else None
@@ -705,22 +760,25 @@ class AdaLNSelfAttn(nn.Module):
             return None
         return self.drop_path.row_scale(uniform_B2)
 
-    def sampling_modulation(self, cond_BD: torch.Tensor) -> tuple:
-        """(gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2), each [B, 1, C], and the attention's
-        ``sampling_constants``, for ``step``: the condition and the parameters are the same at every scale, so
-        sampling computes these once per call instead of once per scale."""
+    def sampling_modulation(self, cond_BD: torch.Tensor, *, casts: bool = True) -> tuple:
+        """(gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2), each [B, 1, C], the attention's
+        ``sampling_constants`` and the FFN's ``sampling_weights`` (with ``casts``, else None), for ``step``: the
+        condition and the parameters are the same at every scale, so sampling computes these once per call
+        instead of once per scale."""
+        device_type = cond_BD.device.type
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
-        constants = self.attn.sampling_constants(cond_BD.device.type)
-        return gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2, constants
+        constants = self.attn.sampling_constants(device_type, casts=casts)
+        ffn = self.ffn.sampling_weights(device_type) if casts else (None, None)
+        return gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2, constants, ffn
 
     def step(self, x_BlC: torch.Tensor, *, modulation: tuple, kv_cache: KVCache) -> torch.Tensor:
         """Cached sampling (eval: no drop-path) of one scale's tokens [B, l, C] with ``sampling_modulation``."""
-        gamma1, gamma2, mul1, mul2, shift1, shift2, constants = modulation
+        gamma1, gamma2, mul1, mul2, shift1, shift2, constants, ffn = modulation
         h_BlC = self.attn.step(
             modulate(self.ln_wo_grad(x_BlC), mul1, shift1), kv_cache=kv_cache, constants=constants
         )
         x_BlC = self._add_branch(x_BlC, h_BlC, gamma1, None)
-        h_BlC = self.ffn(modulate(self.ln_wo_grad(x_BlC), mul2, shift2))
+        h_BlC = self.ffn.step(modulate(self.ln_wo_grad(x_BlC), mul2, shift2), ffn)
         return self._add_branch(x_BlC, h_BlC, gamma2, None)
 
     def _add_branch(
@@ -1090,9 +1148,14 @@ class VAR(nn.Module):
         B, S, full = label_B.shape[0], len(self.patch_nums), self.patch_nums[-1]
         cond_2BC = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.unconditional_label))))
         block_cond = self.shared_ada_lin(cond_2BC)
-        # The condition is the same at every scale: modulate once per call, not once per scale.
-        block_mods = [block.sampling_modulation(block_cond) for block in self.blocks]
+        # The condition is the same at every scale: modulate once per call, not once per scale. So are the frozen
+        # weights: cast once per call (``frozen_cast``), except into a compiled step (CUDA graphs would copy them
+        # into the graph's inputs at every replay).
+        device_type, casts = cond_2BC.device.type, not compiled
+        block_mods = [block.sampling_modulation(block_cond, casts=casts) for block in self.blocks]
         head_mod = self.head_nm.sampling_modulation(cond_2BC)
+        head_weights = frozen_cast(self.head, device_type) if casts else None
+        word_weights = frozen_cast(self.word_embed, device_type)
         lvl_pos_1LC = self.add_positions(self.lvl_embed(self.lvl_1L))
         next_2BlC = (
             self.add_start_position(cond_2BC[:, None].expand(-1, self.first_l, -1))
@@ -1111,6 +1174,7 @@ class VAR(nn.Module):
                 next_2BlC,
                 block_mods=block_mods,
                 head_mod=head_mod,
+                head_weights=head_weights,
                 caches=caches,
                 t=cfg * si / (S - 1),
                 top_k=top_k,
@@ -1123,7 +1187,7 @@ class VAR(nn.Module):
             h_BChw = vqvae.quantize.embedding(idx_Bl).transpose(1, 2).reshape(B, self.z_channels, pn, pn)
             f_hat_BChw, next_BChw = vqvae.quantize.next_autoregressive_input(si, f_hat_BChw, h_BChw)
             if si != S - 1:
-                words_BlC = self.word_embed(next_BChw.flatten(2).transpose(1, 2))
+                words_BlC = linear(self.word_embed, next_BChw.flatten(2).transpose(1, 2), word_weights)
                 next_2BlC = (words_BlC + lvl_pos_1LC[:, cur : cur + self.patch_nums[si + 1] ** 2]).repeat(
                     2, 1, 1
                 )
@@ -1136,6 +1200,7 @@ def _scale_probs(
     *,
     block_mods: Sequence[tuple[torch.Tensor, ...]],
     head_mod: tuple[torch.Tensor, torch.Tensor],
+    head_weights: LinearWeights | None = None,
     caches: Sequence[KVCache],
     t: float,
     top_k: int,
@@ -1143,10 +1208,11 @@ def _scale_probs(
 ) -> torch.Tensor:
     """One scale of guided sampling: conditional and unconditional tokens [2B, l, C] (rows B: are the
     unconditional copies) through every block and the head, guided logits ``(1+t)*cond - t*uncond``, filtered
-    -> sampling probabilities [B*l, V] (float32). Draws nothing, so compiling it leaves the random stream alone."""
+    -> sampling probabilities [B*l, V] (float32). Draws nothing, so compiling it leaves the random stream alone.
+    ``head_weights``: the head's ``frozen_cast`` for the call (None: its own call)."""
     for block, modulation, cache in zip(var.blocks, block_mods, caches):
         x_2BlC = block.step(x_2BlC, modulation=modulation, kv_cache=cache)
-    logits_2BlV = var.head(var.head_nm.step(x_2BlC, head_mod)).float()
+    logits_2BlV = linear(var.head, var.head_nm.step(x_2BlC, head_mod), head_weights).float()
     B = x_2BlC.shape[0] // 2
     logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
     return top_k_top_p_probs(logits_BlV, top_k=top_k, top_p=top_p)
