@@ -251,16 +251,25 @@ def test_cached_step_gives_the_training_forward_s_attention_bit_for_bit(tiny_var
     assert step_cache.k_BHlc.dtype == (torch.bfloat16 if autocast else torch.float32)
 
 
-def _attention_steps(attn, *, autocast: bool, per_call: bool) -> list[torch.Tensor]:
+def _attention_steps(attn, *, autocast: bool, per_call: bool, capacity: int = 0) -> list[torch.Tensor]:
     """Three scales of ``attn``'s cached step (1, 4, 9 tokens, seeded inputs), under CPU bf16 autocast or not;
-    ``per_call``: with ``sampling_constants`` made once, as ``sample`` does, else made by every step."""
-    g, cache, outs = torch.Generator().manual_seed(0), KVCache(), []
+    ``per_call``: with ``sampling_constants`` made once, as ``sample`` does, else made by every step;
+    ``capacity``: the KV cache's (0: growing); the cached keys and values follow the steps' outputs."""
+    g, cache, outs = torch.Generator().manual_seed(0), KVCache(capacity=capacity), []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         constants = attn.sampling_constants("cpu") if per_call else None
         for tokens in (1, 4, 9):
             x_BlC = torch.randn(2, tokens, attn.mat_qkv.in_features, generator=g)
             outs.append(attn.step(x_BlC, kv_cache=cache, constants=constants))
-    return outs
+    length = 1 + 4 + 9
+    return outs + [cache.k_BHlc[:, :, :length], cache.v_BHlc[:, :, :length]]
+
+
+def _varied_queries_gain(attn) -> None:
+    """A gain per head other than 1, one of them past the clamp at ln 100."""
+    with torch.no_grad():
+        gain = (attn if attn.head_scale is None else attn.head_scale).scale_mul_1H11
+        gain.copy_(torch.tensor([2.0, 5.0]).view(1, -1, 1, 1).expand_as(gain))
 
 
 @pytest.mark.parametrize("method", ["base", "frozen", "lora"])
@@ -279,8 +288,7 @@ def test_a_step_given_the_call_s_constants_equals_one_making_them(tiny_var, meth
         owner = attn if attn.qkv_bias is None else attn.qkv_bias
         owner.q_bias.normal_(generator=torch.Generator().manual_seed(1))
         owner.v_bias.normal_(generator=torch.Generator().manual_seed(2))
-        gain = (attn if attn.head_scale is None else attn.head_scale).scale_mul_1H11
-        gain.copy_(torch.tensor([2.0, 5.0]).view(1, -1, 1, 1).expand_as(gain))  # 5 > ln 100: the clamp acts
+    _varied_queries_gain(attn)
     per_call = _attention_steps(attn, autocast=autocast, per_call=True)
     for ours, theirs in zip(per_call, _attention_steps(attn, autocast=autocast, per_call=False)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
@@ -373,3 +381,53 @@ def test_a_frozen_model_samples_without_recasting_its_weights_at_each_scale(tiny
     assert counted["frozen"].kernels <= counted["trainable"].kernels
     casts = {name: traffic.by_op["_to_copy.default"][0] for name, traffic in counted.items()}
     assert casts["frozen"] == casts["trainable"]
+
+
+@pytest.mark.parametrize("method", ["base", "lora"])
+@pytest.mark.parametrize("per_call", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_step_into_static_buffers_equals_one_extending_a_growing_cache(
+    tiny_var, autocast, per_call, method
+):
+    """A step writing its unit keys straight into a static KV cache (q's and k's norms in one reduction) gives the
+    bits of one normalising q and k apart and appending them to a growing cache: outputs, keys and values, at three
+    scales, in float32 and under autocast, with the call's constants or without, the gain held by the attention or
+    by an adapted model's patch module."""
+    var = copy.deepcopy(tiny_var)
+    if method == "lora":
+        adapt(var, MethodConfig(name="lora", lora_rank=4), num_classes=3, seed=0)
+    attn = var.blocks[0].attn
+    assert (attn.head_scale is not None) == (method == "lora")
+    _varied_queries_gain(attn)
+    static = _attention_steps(attn, autocast=autocast, per_call=per_call, capacity=20)
+    growing = _attention_steps(attn, autocast=autocast, per_call=per_call)
+    assert static[-2].dtype == (torch.bfloat16 if autocast else torch.float32)
+    for ours, theirs in zip(static, growing, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_a_step_into_static_buffers_normalises_q_and_k_in_one_reduction(tiny_var):
+    """Counted as CUDA runs it: a sampling step with a static cache (as ``sample``'s) launches one norm and one
+    clamp for q and k together and copies only the values into the cache (the keys are written there by their
+    normalisation): three kernels fewer than normalising and appending them apart."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchmark_dp_memory import CudaAutocast, Traffic
+
+    attn = tiny_var.blocks[0].attn
+    x_BlC = torch.randn(2, 4, attn.mat_qkv.in_features, generator=torch.Generator().manual_seed(0))
+    counted = {}
+    for capacity in (0, 8):
+        with torch.no_grad(), CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+            constants = attn.sampling_constants("cpu")
+            cache = KVCache(capacity=capacity)
+            attn.step(
+                x_BlC[:, :1], kv_cache=cache, constants=constants
+            )  # the growing cache then concatenates
+            with Traffic() as traffic:
+                attn.step(x_BlC[:, :4], kv_cache=cache, constants=constants)
+        counted[capacity] = {name: kernels for name, (kernels, _, _) in traffic.by_op.items()}
+    assert counted[8]["linalg_vector_norm.default"] == counted[8]["clamp_min.default"] == 1
+    assert counted[8]["copy_.default"] == 1 and "cat.default" not in counted[8]
+    assert counted[0]["linalg_vector_norm.default"] == counted[0]["clamp_min.default"] == 2
+    # the growing cache's norms, clamps and two concatenations against one norm, one clamp and one copy
+    assert sum(counted[8].values()) == sum(counted[0].values()) - 3

@@ -150,17 +150,28 @@ class KVCache:
                 v_BHlc = torch.cat((self.v_BHlc, v_BHlc), dim=2)
             self.k_BHlc, self.v_BHlc = k_BHlc, v_BHlc
             return k_BHlc, v_BHlc
+        k_slot_BHlc, v_slot_BHlc = self.slots(v_BHlc, key_dtype=k_BHlc.dtype)
+        k_slot_BHlc.copy_(k_BHlc)
+        v_slot_BHlc.copy_(v_BHlc)
+        return self.advance(k_BHlc.shape[2])
+
+    def slots(self, like_BHlc: torch.Tensor, *, key_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the next scale's keys and values go in the static buffers, views [B, H, l, c] of
+        ``like_BHlc``'s shape, for a caller to write in place before ``advance``; the buffers are allocated on
+        first use, the keys' in ``key_dtype``, the values' in ``like_BHlc``'s dtype, on its device."""
         if self.k_BHlc is None:
-            B, H, _, c = k_BHlc.shape
-            self.k_BHlc = k_BHlc.new_empty(B, H, self.capacity, c)
-            self.v_BHlc = v_BHlc.new_empty(B, H, self.capacity, c)
-        start, end = self.length, self.length + k_BHlc.shape[2]
+            B, H, _, c = like_BHlc.shape
+            self.k_BHlc = like_BHlc.new_empty(B, H, self.capacity, c, dtype=key_dtype)
+            self.v_BHlc = like_BHlc.new_empty(B, H, self.capacity, c)
+        start, end = self.length, self.length + like_BHlc.shape[2]
         if end > self.capacity:
             raise ValueError(f"KV cache of {self.capacity} tokens cannot hold {end}")
-        self.k_BHlc[:, :, start:end].copy_(k_BHlc)
-        self.v_BHlc[:, :, start:end].copy_(v_BHlc)
-        self.length = end
-        return self.k_BHlc[:, :, :end], self.v_BHlc[:, :, :end]
+        return self.k_BHlc[:, :, start:end], self.v_BHlc[:, :, start:end]
+
+    def advance(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count ``tokens`` more as written (``slots``); every key and value so far [B, H, length, c]."""
+        self.length += tokens
+        return self.k_BHlc[:, :, : self.length], self.v_BHlc[:, :, : self.length]
 
 
 # How the training forward computes VAR's scale-causal attention (a token sees every token of its own and coarser
@@ -442,6 +453,34 @@ def unit_vectors(
     return _unit_vectors_forward(x_BHLc, gain, dtype, keep_layout=True)[0]
 
 
+def _unit_qk_into_cache(
+    qkv_BL3C: torch.Tensor, heads: int, gain: torch.Tensor, cache: KVCache, *, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sampling step's unit queries times ``gain`` [B, H, l, c] and every cached key and value so far
+    [B, H, length, c], this scale's written into ``cache``'s static buffers: q's and k's norms in one reduction
+    over both, k's unit vectors written straight into the cache and v copied there. The bits of ``unit_vectors``
+    and ``KVCache.extend``, with three kernels fewer per block and scale (a norm, a clamp, k's copy)."""
+    B, l, C3 = qkv_BL3C.shape  # noqa: E741
+    q_BHlc, k_BHlc, v_BHlc = _head_views(qkv_BL3C, heads)
+    qk_Bl2Hc = qkv_BL3C.view(B, l, 3, heads, C3 // (3 * heads))[:, :, :2]
+    if dtype is None:
+        n_Bl2H1 = qk_Bl2Hc.norm(2, dim=-1, keepdim=True)
+    else:
+        norm_dtype = torch.promote_types(qkv_BL3C.dtype, torch.float32)
+        n_Bl2H1 = torch.linalg.vector_norm(qk_Bl2Hc, dim=-1, keepdim=True, dtype=norm_dtype)
+    dq_BHl1, dk_BHl1 = n_Bl2H1.clamp_min(NORMALIZE_EPS).permute(2, 0, 3, 1, 4).unbind(0)
+    out_dtype = torch.promote_types(qkv_BL3C.dtype, dq_BHl1.dtype) if dtype is None else dtype
+    k_slot_BHlc, v_slot_BHlc = cache.slots(v_BHlc, key_dtype=out_dtype)
+    torch.div(k_BHlc, dk_BHl1, out=k_slot_BHlc)
+    v_slot_BHlc.copy_(v_BHlc)
+    order = sorted(
+        range(q_BHlc.ndim), key=q_BHlc.stride, reverse=True
+    )  # q's layout kept, as unit_vectors keeps it
+    unit_q_BHlc = torch.empty_permuted(q_BHlc.shape, order, dtype=out_dtype, device=q_BHlc.device)
+    torch.mul(q_BHlc, gain / dq_BHl1, out=unit_q_BHlc)
+    return (unit_q_BHlc, *cache.advance(l))
+
+
 def query_gain(scale_mul_1H11: torch.Tensor) -> torch.Tensor:
     """The queries' per-head gain ``exp(min(scale_mul, ln 100))`` [1, H, 1, 1]."""
     return scale_mul_1H11.clamp_max(MAX_LOG_SCALE_MUL).exp()
@@ -580,11 +619,19 @@ class SelfAttention(nn.Module):
         bias_3C, gain, qkv, proj = (None,) * 4 if constants is None else constants
         qkv_BlC = self.qkv_with_bias(x_BlC, bias_3C=bias_3C, weight=None if qkv is None else qkv[0])
         q_BHlc, k_BHlc, v_BHlc = _head_views(qkv_BlC, self.num_heads)
-        if self.attn_l2_norm:  # as the training forward: in the attention's dtype under autocast
-            dtype = _autocast_dtype(x_BlC.device.type, None)
-            q_BHlc = self.unit_queries(q_BHlc, dtype=dtype, gain=gain)
-            k_BHlc = unit_vectors(k_BHlc, dtype=dtype)
-        k_BHLc, v_BHLc = kv_cache.extend(k_BHlc, v_BHlc)
+        # as the training forward: in the attention's dtype under autocast
+        dtype = _autocast_dtype(x_BlC.device.type, None) if self.attn_l2_norm else None
+        into_cache = self.attn_l2_norm and kv_cache.capacity > 0 and not torch.compiler.is_compiling()
+        into_cache = into_cache and not _own_backward(qkv_BlC)
+        if into_cache and (self.head_scale is None or unhooked(self.head_scale)):
+            if gain is None:
+                gain = query_gain((self if self.head_scale is None else self.head_scale).scale_mul_1H11)
+            q_BHlc, k_BHLc, v_BHLc = _unit_qk_into_cache(qkv_BlC, self.num_heads, gain, kv_cache, dtype=dtype)
+        else:
+            if self.attn_l2_norm:
+                q_BHlc = self.unit_queries(q_BHlc, dtype=dtype, gain=gain)
+                k_BHlc = unit_vectors(k_BHlc, dtype=dtype)
+            k_BHLc, v_BHLc = kv_cache.extend(k_BHlc, v_BHlc)
         out_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, scale=self.scale)
         return linear(self.proj, out_BHlc.transpose(1, 2).reshape(B, l, C), proj)
 
