@@ -34,7 +34,8 @@ compiles (a compile takes tens of seconds, and a run cut short keeps the targets
    then the options: Gram routes, Opacus's ghost clipping (k = 1, float32 as trials run it, against a float32
    non-DP step) and hooks. Time and peak-memory ratios against the non-DP step on the same rows and precision.
 4. generation, eager: d16 (CFG 1.5, top-k 900, top-p 0.96), bf16 autocast, per batch size; then a LoRA trial's
-   model (its adapter merged for sampling) at the fastest batch, beside the base model's.
+   model (its adapter merged for sampling) at the fastest batch, beside the base model's, and that batch's VQVAE
+   decode with its maps in NCHW and in channels-last.
 5. evaluation: generation plus Inception-v3 features (torch-fidelity's FID architecture, random weights: nothing
    is downloaded) at a trial's setting (the trials' ``generate``: eager, ``EvaluationConfig.batch_size``, the
    PNG files it writes; 1,024 images, extrapolated) and at the fastest setting of step 4 (in memory; 6,149
@@ -1046,6 +1047,7 @@ def measure_generation(rec: Recorder, plan: Plan, models: Models, phase: str, *,
             break
     if not compiled:
         measure_lora_generation(rec, plan, models, phase)
+        measure_decode_layouts(rec, plan, models, phase)
 
 
 def generation_timing(var, vqvae, batch: int, *, compiled: bool, plan: Plan, device: torch.device) -> dict:
@@ -1091,6 +1093,41 @@ def measure_lora_generation(rec: Recorder, plan: Plan, models: Models, phase: st
         }
 
     rec.measure("generation_lora", f"d{depth} lora batch {batch}", row)
+
+
+def measure_decode_layouts(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+    """The VQVAE decode of the fastest eager batch's latent with its maps in NCHW (CUDA sampling's layout) and in
+    NHWC (channels-last: the CPU's), side by side under bf16 autocast, and the images' largest difference: whether
+    cuDNN's NHWC convolutions pay for what GroupNorm's CUDA kernel may cost in that layout."""
+    eager = [r for r in rec.data.get("generation", []) if not r["compiled"]]
+    if not eager or not in_time(rec, plan, phase, "decode layouts"):
+        return
+    batch = max(eager, key=lambda r: r["images_per_s"])["batch"]
+    device = models.device
+
+    def row() -> dict:
+        vqvae, var = models.adapted(plan.generation_depth, "base")
+        full = var.patch_nums[-1]
+        g = torch.Generator(device=device).manual_seed(0)
+        f_hat_BChw = torch.randn(batch, var.z_channels, full, full, device=device, generator=g)
+
+        def decode(channels_last: bool) -> torch.Tensor:
+            with torch.no_grad(), bf16_autocast(device):
+                return vqvae.fhat_to_img(f_hat_BChw, channels_last=channels_last)
+
+        nchw, nhwc = decode(False), decode(True)
+        times = [
+            timed(lambda c=c: decode(c), steps=plan.generation_steps, device=device) for c in (False, True)
+        ]
+        return {
+            "batch": batch,
+            "nchw_ms": 1e3 * times[0],
+            "channels_last_ms": 1e3 * times[1],
+            "ratio": times[1] / times[0],
+            "image_diff": (nhwc.float() - nchw.float()).abs().max().item(),
+        }
+
+    rec.measure("decode_layouts", f"decode batch {batch}", row)
 
 
 # --- 5. evaluation ----------------------------------------------------------------------------------------------
@@ -1475,6 +1512,12 @@ def report(data: dict, *, command: str) -> str:
         for r in data.get("generation_lora", [])
     ]
     lines += [""] if data.get("generation_lora") else []
+    lines += [
+        f"VQVAE decode at batch {r['batch']} (bf16 autocast): NCHW {r['nchw_ms']:.2f} ms, channels-last "
+        f"{r['channels_last_ms']:.2f} ms ({r['ratio']:.2f}x); images' largest difference {r['image_diff']:.1e}."
+        for r in data.get("decode_layouts", [])
+    ]
+    lines += [""] if data.get("decode_layouts") else []
     for r in data.get("evaluation", []):
         setting = {"trial": "a trial's setting", "fastest": "the fastest generation setting"}.get(
             r.get("setting")

@@ -76,6 +76,9 @@ def test_every_section_is_measured_with_numbers(smoke):
     assert all(_number(r["images_per_s"]) for r in data["generation"])
     (lora,) = data["generation_lora"]  # a LoRA trial's model at the fastest eager batch
     assert lora["method"] == "lora" and _number(lora["images_per_s"]) and _number(lora["vs_base"])
+    (layouts,) = data["decode_layouts"]  # the fastest eager batch's decode in NCHW and channels-last
+    assert _number(layouts["nchw_ms"]) and _number(layouts["channels_last_ms"]) and _number(layouts["ratio"])
+    assert layouts["image_diff"] <= 1e-4  # float32 on a CPU: the two layouts' convolutions a rounding apart
     (evaluation,) = data["evaluation"]  # a trial's setting (on a CPU also the fastest: batch 2, eager)
     assert evaluation["setting"] == "trial" and (evaluation["batch"], evaluation["compiled"]) == (2, False)
     assert evaluation["png_files"]  # drawn through the trials' generate, files and all
@@ -85,6 +88,7 @@ def test_every_section_is_measured_with_numbers(smoke):
         "| matmul |" in smoke["stdout"]
         and "DP-SGD step" in smoke["stdout"]
         and "Evaluation at a trial's setting:" in smoke["stdout"]
+        and "VQVAE decode at batch" in smoke["stdout"]
     )
 
 

@@ -217,12 +217,14 @@ def test_compiled_sampling_matches_eager():
     print(f"compiled sampling test: {time.perf_counter() - started:.1f} s")
 
 
-def test_fast_decode_matches_reference_decoder(tiny_vqvae):
-    """fhat_to_img without autograd (in-place SiLU and residual adds; channels-last on CPU) against the decoder
-    run with autograd on the NCHW latent (allocating every intermediate): the same images up to IMAGE_ATOL."""
+@pytest.mark.parametrize("channels_last", [None, False, True])
+def test_fast_decode_matches_reference_decoder(tiny_vqvae, channels_last):
+    """fhat_to_img without autograd (in-place SiLU and residual adds; channels-last on CPU by default, either
+    layout when asked) against the decoder run with autograd on the NCHW latent (allocating every intermediate):
+    the same images up to IMAGE_ATOL."""
     f_hat_BChw = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fast = tiny_vqvae.fhat_to_img(f_hat_BChw)
+        fast = tiny_vqvae.fhat_to_img(f_hat_BChw, channels_last=channels_last)
     with torch.enable_grad():
         reference = tiny_vqvae.decoder(tiny_vqvae.post_quant_conv(f_hat_BChw)).clamp(-1, 1).detach()
     assert fast.is_contiguous() and fast.shape == reference.shape == (3, 3, 16, 16)

@@ -440,12 +440,16 @@ class VQVAE(nn.Module):
     def idxBl_to_var_input(self, idx_Bl: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.quantize.idxBl_to_var_input(idx_Bl)
 
-    def fhat_to_img(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+    def fhat_to_img(self, f_hat_BChw: torch.Tensor, *, channels_last: bool | None = None) -> torch.Tensor:
         """Latent [B,Cvae,h,w] -> images [B,3,H,W] clamped to [-1, 1] (contiguous).
 
-        On CPU the decoder runs channels-last: oneDNN's convolutions take NHWC without reordering every
-        activation (the same numbers up to float rounding, ~3e-5 on the official size)."""
-        if f_hat_BChw.device.type == "cpu":
+        ``channels_last`` (None: on CPU only): the decoder's maps in NHWC. oneDNN's convolutions take NHWC without
+        reordering every activation (the same numbers up to float rounding, ~3e-5 on the official size); on CUDA
+        the choice is measured side by side by ``scripts/benchmark_gpu.py`` (cuDNN's bf16 convolutions prefer
+        NHWC, but GroupNorm's CUDA kernel may take it only through a copy to NCHW)."""
+        if channels_last is None:
+            channels_last = f_hat_BChw.device.type == "cpu"
+        if channels_last:
             f_hat_BChw = f_hat_BChw.contiguous(memory_format=torch.channels_last)
         return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1).contiguous()
 
