@@ -433,3 +433,48 @@ def test_a_step_into_static_buffers_normalises_q_and_k_in_one_reduction(tiny_var
     assert counted[0]["linalg_vector_norm.default"] == counted[0]["clamp_min.default"] == 2
     # the growing cache's norms, clamps and two concatenations against one norm, one clamp and one copy
     assert sum(counted[8].values()) == sum(counted[0].values()) - 3
+
+
+def test_a_step_into_static_buffers_forms_the_queries_gain_s_gradient(tiny_var):
+    """With autograd on and only the queries' gain trainable, a step with a static cache takes the separate path
+    (``out=`` writes have no gradient): the same output as with a growing cache, and the gain's gradient formed."""
+    attn = copy.deepcopy(tiny_var.blocks[0].attn).requires_grad_(False)
+    attn.scale_mul_1H11.requires_grad_(True)
+    x_BlC = torch.randn(2, 4, attn.mat_qkv.in_features, generator=torch.Generator().manual_seed(0))
+    outs = [attn.step(x_BlC, kv_cache=KVCache(capacity=capacity)) for capacity in (8, 0)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    outs[0].square().sum().backward()
+    assert attn.scale_mul_1H11.grad is not None and attn.scale_mul_1H11.grad.abs().sum() > 0
+
+
+def _hooked_modules(var, kind: str) -> list[torch.nn.Module]:
+    if kind == "linear":  # every plain linear layer (an adapted model's LoRA layers wrap theirs)
+        return [m for m in var.modules() if type(m) is torch.nn.Linear]
+    if kind == "ffn":
+        return [block.ffn for block in var.blocks]
+    return [block.attn.head_scale for block in var.blocks]
+
+
+@pytest.mark.parametrize(
+    ("method", "kind"), [("frozen", "linear"), ("frozen", "ffn"), ("lora", "linear"), ("lora", "head_scale")]
+)
+def test_sampling_under_autocast_calls_every_hooked_module(tiny_var, tiny_vqvae, method, kind):
+    """A hooked module (per-sample gradients' hooks) is called by a sampling call under autocast, not folded into
+    the call's casts or the keys' normalisation into the cache: plain linear layers (each block's, the head, the
+    word embedding), a block's FFN with unhooked layers inside, an adapted model's queries' scale module. Each
+    kind hooked alone, so no hooked neighbour calls it instead."""
+    var = copy.deepcopy(tiny_var).requires_grad_(False)
+    if method == "lora":
+        adapt(var, MethodConfig(name="lora", lora_rank=4), num_classes=var.num_classes, seed=0)
+    hooked, calls = _hooked_modules(var, kind), {}
+    assert hooked and all(m is not None for m in hooked)
+    for module in hooked:
+        module.register_forward_hook(lambda m, args, out: calls.__setitem__(m, calls.get(m, 0) + 1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        var.eval().sample_tokens(torch.tensor([0, 1]), vqvae=tiny_vqvae, cfg=1.5, top_k=3, top_p=0.5)
+    scales = len(var.patch_nums)
+    assert all(calls.get(module, 0) >= 1 for module in hooked)
+    if kind == "linear":
+        assert calls[var.head] == scales and calls[var.word_embed] == scales - 1
+    else:
+        assert all(calls[module] == scales for module in hooked)

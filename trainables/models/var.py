@@ -453,7 +453,7 @@ def unit_vectors(
     return _unit_vectors_forward(x_BHLc, gain, dtype, keep_layout=True)[0]
 
 
-def _unit_qk_into_cache(
+def unit_qk_into_cache(
     qkv_BL3C: torch.Tensor, heads: int, gain: torch.Tensor, cache: KVCache, *, dtype: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A sampling step's unit queries times ``gain`` [B, H, l, c] and every cached key and value so far
@@ -621,12 +621,9 @@ class SelfAttention(nn.Module):
         q_BHlc, k_BHlc, v_BHlc = _head_views(qkv_BlC, self.num_heads)
         # as the training forward: in the attention's dtype under autocast
         dtype = _autocast_dtype(x_BlC.device.type, None) if self.attn_l2_norm else None
-        into_cache = self.attn_l2_norm and kv_cache.capacity > 0 and not torch.compiler.is_compiling()
-        into_cache = into_cache and not _own_backward(qkv_BlC)
-        if into_cache and (self.head_scale is None or unhooked(self.head_scale)):
-            if gain is None:
-                gain = query_gain((self if self.head_scale is None else self.head_scale).scale_mul_1H11)
-            q_BHlc, k_BHLc, v_BHLc = _unit_qk_into_cache(qkv_BlC, self.num_heads, gain, kv_cache, dtype=dtype)
+        into_cache = self._unit_qk_into_cache(qkv_BlC, gain, kv_cache, dtype=dtype)
+        if into_cache is not None:
+            q_BHlc, k_BHLc, v_BHLc = into_cache
         else:
             if self.attn_l2_norm:
                 q_BHlc = self.unit_queries(q_BHlc, dtype=dtype, gain=gain)
@@ -634,6 +631,28 @@ class SelfAttention(nn.Module):
             k_BHLc, v_BHLc = kv_cache.extend(k_BHlc, v_BHlc)
         out_BHlc = F.scaled_dot_product_attention(q_BHlc, k_BHLc, v_BHLc, scale=self.scale)
         return linear(self.proj, out_BHlc.transpose(1, 2).reshape(B, l, C), proj)
+
+    def _unit_qk_into_cache(
+        self,
+        qkv_BlC: torch.Tensor,
+        gain: torch.Tensor | None,
+        kv_cache: KVCache,
+        *,
+        dtype: torch.dtype | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``unit_qk_into_cache`` where it gives the separate path's bits with nothing missing: unit q and k, a
+        static cache, eager, no gradient to form (of qkv or of the queries' gain), the gain's module unhooked;
+        None elsewhere. ``gain``: the call's (None: made here)."""
+        scale = self.head_scale
+        if not self.attn_l2_norm or kv_cache.capacity == 0 or torch.compiler.is_compiling():
+            return None
+        if scale is not None and not unhooked(scale):
+            return None
+        if gain is None:
+            gain = query_gain((self if scale is None else scale).scale_mul_1H11)
+        if _own_backward(qkv_BlC, gain):
+            return None
+        return unit_qk_into_cache(qkv_BlC, self.num_heads, gain, kv_cache, dtype=dtype)
 
     def sampling_constants(self, device_type: str, *, casts: bool = True) -> SamplingConstants:
         """What a cached step makes of this module's parameters alone, once per sampling call instead of at each
