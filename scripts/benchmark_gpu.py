@@ -1096,9 +1096,11 @@ def measure_lora_generation(rec: Recorder, plan: Plan, models: Models, phase: st
 
 
 def measure_decode_layouts(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
-    """The VQVAE decode of the fastest eager batch's latent with its maps in NCHW (CUDA sampling's layout) and in
-    NHWC (channels-last: the CPU's), side by side under bf16 autocast, and the images' largest difference: whether
-    cuDNN's NHWC convolutions pay for what GroupNorm's CUDA kernel may cost in that layout."""
+    """The VQVAE decode of the fastest eager batch's latent in NCHW (CUDA sampling's layout) and in channels-last
+    (a copy of the VQVAE with its weights in NHWC too, so cuDNN runs every convolution NHWC), side by side under
+    bf16 autocast, with the images' largest difference and whether the device's GroupNorm keeps channels-last
+    (CUDA's kernel in the image's torch may copy its input to NCHW, and its output is then NCHW): whether cuDNN's
+    NHWC convolutions pay for what the norms cost in that layout."""
     eager = [r for r in rec.data.get("generation", []) if not r["compiled"]]
     if not eager or not in_time(rec, plan, phase, "decode layouts"):
         return
@@ -1106,25 +1108,34 @@ def measure_decode_layouts(rec: Recorder, plan: Plan, models: Models, phase: str
     device = models.device
 
     def row() -> dict:
-        vqvae, var = models.adapted(plan.generation_depth, "base")
+        vqvae, var = models.base(plan.generation_depth)  # the VAR (on the CPU) only for the latent's shape
+        nhwc_vqvae = copy.deepcopy(vqvae).to(memory_format=torch.channels_last)
         full = var.patch_nums[-1]
         g = torch.Generator(device=device).manual_seed(0)
         f_hat_BChw = torch.randn(batch, var.z_channels, full, full, device=device, generator=g)
 
         def decode(channels_last: bool) -> torch.Tensor:
+            model = nhwc_vqvae if channels_last else vqvae
             with torch.no_grad(), bf16_autocast(device):
-                return vqvae.fhat_to_img(f_hat_BChw, channels_last=channels_last)
+                return model.fhat_to_img(f_hat_BChw, channels_last=channels_last)
 
         nchw, nhwc = decode(False), decode(True)
         times = [
             timed(lambda c=c: decode(c), steps=plan.generation_steps, device=device) for c in (False, True)
         ]
+        norm = next(m for m in nhwc_vqvae.decoder.modules() if isinstance(m, nn.GroupNorm))
+        probe = torch.randn(2, norm.num_channels, 16, 16, device=device).contiguous(
+            memory_format=torch.channels_last
+        )
+        with torch.no_grad():
+            keeps = norm(probe).is_contiguous(memory_format=torch.channels_last)
         return {
             "batch": batch,
             "nchw_ms": 1e3 * times[0],
             "channels_last_ms": 1e3 * times[1],
             "ratio": times[1] / times[0],
             "image_diff": (nhwc.float() - nchw.float()).abs().max().item(),
+            "group_norm_keeps_channels_last": keeps,
         }
 
     rec.measure("decode_layouts", f"decode batch {batch}", row)
@@ -1514,7 +1525,8 @@ def report(data: dict, *, command: str) -> str:
     lines += [""] if data.get("generation_lora") else []
     lines += [
         f"VQVAE decode at batch {r['batch']} (bf16 autocast): NCHW {r['nchw_ms']:.2f} ms, channels-last "
-        f"{r['channels_last_ms']:.2f} ms ({r['ratio']:.2f}x); images' largest difference {r['image_diff']:.1e}."
+        f"{r['channels_last_ms']:.2f} ms ({r['ratio']:.2f}x; GroupNorm keeps channels-last: "
+        f"{r['group_norm_keeps_channels_last']}); images' largest difference {r['image_diff']:.1e}."
         for r in data.get("decode_layouts", [])
     ]
     lines += [""] if data.get("decode_layouts") else []

@@ -79,6 +79,7 @@ def test_every_section_is_measured_with_numbers(smoke):
     (layouts,) = data["decode_layouts"]  # the fastest eager batch's decode in NCHW and channels-last
     assert _number(layouts["nchw_ms"]) and _number(layouts["channels_last_ms"]) and _number(layouts["ratio"])
     assert layouts["image_diff"] <= 1e-4  # float32 on a CPU: the two layouts' convolutions a rounding apart
+    assert layouts["group_norm_keeps_channels_last"] is True  # the CPU's kernel does
     (evaluation,) = data["evaluation"]  # a trial's setting (on a CPU also the fastest: batch 2, eager)
     assert evaluation["setting"] == "trial" and (evaluation["batch"], evaluation["compiled"]) == (2, False)
     assert evaluation["png_files"]  # drawn through the trials' generate, files and all

@@ -223,8 +223,13 @@ def test_fast_decode_matches_reference_decoder(tiny_vqvae, channels_last):
     layout when asked) against the decoder run with autograd on the NCHW latent (allocating every intermediate):
     the same images up to IMAGE_ATOL."""
     f_hat_BChw = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    layouts = []
+    tiny_vqvae.post_quant_conv.register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     with torch.no_grad():
         fast = tiny_vqvae.fhat_to_img(f_hat_BChw, channels_last=channels_last)
+    assert layouts == [channels_last is not False]  # the CPU's default is channels-last
     with torch.enable_grad():
         reference = tiny_vqvae.decoder(tiny_vqvae.post_quant_conv(f_hat_BChw)).clamp(-1, 1).detach()
     assert fast.is_contiguous() and fast.shape == reference.shape == (3, 3, 16, 16)

@@ -443,10 +443,11 @@ class VQVAE(nn.Module):
     def fhat_to_img(self, f_hat_BChw: torch.Tensor, *, channels_last: bool | None = None) -> torch.Tensor:
         """Latent [B,Cvae,h,w] -> images [B,3,H,W] clamped to [-1, 1] (contiguous).
 
-        ``channels_last`` (None: on CPU only): the decoder's maps in NHWC. oneDNN's convolutions take NHWC without
-        reordering every activation (the same numbers up to float rounding, ~3e-5 on the official size); on CUDA
-        the choice is measured side by side by ``scripts/benchmark_gpu.py`` (cuDNN's bf16 convolutions prefer
-        NHWC, but GroupNorm's CUDA kernel may take it only through a copy to NCHW)."""
+        ``channels_last`` (None: on CPU only): the latent, and so the decoder's maps, in NHWC. oneDNN's convolutions
+        take NHWC without reordering every activation (the same numbers up to float rounding, ~3e-5 on the official
+        size). On CUDA, cuDNN runs a convolution NHWC only while its input or weight is, and GroupNorm's kernel may
+        give NCHW: an NHWC decode there also wants the weights in channels-last (``vqvae.to(memory_format=...)``);
+        ``scripts/benchmark_gpu.py`` measures the two layouts side by side."""
         if channels_last is None:
             channels_last = f_hat_BChw.device.type == "cpu"
         if channels_last:
