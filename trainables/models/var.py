@@ -410,21 +410,33 @@ def _unit_vectors_forward(
     vectors are contiguous, or with ``keep_layout`` in x's dimension order (heads inside tokens for a view of the
     qkv product, as a plain quotient is written: an attention then writes its output so, and the output
     projection reads it without a copy)."""
-    if dtype is None:
-        n_BHL1 = x_BHLc.norm(2, dim=-1, keepdim=True)
-    else:
-        norm_dtype = torch.promote_types(x_BHLc.dtype, torch.float32)
-        n_BHL1 = torch.linalg.vector_norm(x_BHLc, dim=-1, keepdim=True, dtype=norm_dtype)
+    n_BHL1 = _last_dim_norms(x_BHLc, dtype)
     d_BHL1 = n_BHL1.clamp_min(NORMALIZE_EPS)
     out = None
     if dtype is not None and keep_layout:
-        order = sorted(range(x_BHLc.ndim), key=x_BHLc.stride, reverse=True)
-        out = torch.empty_permuted(x_BHLc.shape, order, dtype=dtype, device=x_BHLc.device)
+        out = _empty_in_layout(x_BHLc, dtype)
     elif dtype is not None:
         out = x_BHLc.new_empty(x_BHLc.shape, dtype=dtype)
     if gain is None:
         return torch.div(x_BHLc, d_BHL1, out=out), n_BHL1, d_BHL1
     return torch.mul(x_BHLc, gain / d_BHL1, out=out), n_BHL1, d_BHL1
+
+
+def _last_dim_norms(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The norms of x's last dimension [..., 1]: as ``Tensor.norm`` takes them where ``dtype`` is None, else in
+    float32 from x's entries (CUDA autocast's rule for norms, with no copy of x)."""
+    if dtype is None:
+        return x.norm(2, dim=-1, keepdim=True)
+    return torch.linalg.vector_norm(
+        x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32)
+    )
+
+
+def _empty_in_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor of x's shape in ``dtype``, its dimensions in x's memory order (a view's, e.g. heads inside
+    tokens, as an element-wise result of x is laid out)."""
+    order = sorted(range(x.ndim), key=x.stride, reverse=True)
+    return torch.empty_permuted(x.shape, order, dtype=dtype, device=x.device)
 
 
 def wide_products(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -463,20 +475,13 @@ def unit_qk_into_cache(
     B, l, C3 = qkv_BL3C.shape  # noqa: E741
     q_BHlc, k_BHlc, v_BHlc = _head_views(qkv_BL3C, heads)
     qk_Bl2Hc = qkv_BL3C.view(B, l, 3, heads, C3 // (3 * heads))[:, :, :2]
-    if dtype is None:
-        n_Bl2H1 = qk_Bl2Hc.norm(2, dim=-1, keepdim=True)
-    else:
-        norm_dtype = torch.promote_types(qkv_BL3C.dtype, torch.float32)
-        n_Bl2H1 = torch.linalg.vector_norm(qk_Bl2Hc, dim=-1, keepdim=True, dtype=norm_dtype)
+    n_Bl2H1 = _last_dim_norms(qk_Bl2Hc, dtype)
     dq_BHl1, dk_BHl1 = n_Bl2H1.clamp_min(NORMALIZE_EPS).permute(2, 0, 3, 1, 4).unbind(0)
     out_dtype = torch.promote_types(qkv_BL3C.dtype, dq_BHl1.dtype) if dtype is None else dtype
     k_slot_BHlc, v_slot_BHlc = cache.slots(v_BHlc, key_dtype=out_dtype)
     torch.div(k_BHlc, dk_BHl1, out=k_slot_BHlc)
     v_slot_BHlc.copy_(v_BHlc)
-    order = sorted(
-        range(q_BHlc.ndim), key=q_BHlc.stride, reverse=True
-    )  # q's layout kept, as unit_vectors keeps it
-    unit_q_BHlc = torch.empty_permuted(q_BHlc.shape, order, dtype=out_dtype, device=q_BHlc.device)
+    unit_q_BHlc = _empty_in_layout(q_BHlc, out_dtype)  # q's layout kept, as unit_vectors keeps it
     torch.mul(q_BHlc, gain / dq_BHl1, out=unit_q_BHlc)
     return (unit_q_BHlc, *cache.advance(l))
 
