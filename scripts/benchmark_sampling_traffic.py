@@ -25,7 +25,8 @@ import benchmark_common
 import torch
 from benchmark_dp_memory import CudaAutocast, Traffic
 
-from bench.schema import EvaluationConfig
+from bench.schema import EvaluationConfig, MethodConfig
+from trainables.methods import PEFT_METHODS, adapt
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTED_MS_PER_IMAGE = 0.005  # operations listed: those above this in any code measured
@@ -47,14 +48,11 @@ def _counted(fn) -> dict:
 
 def measure(*, depth: int, batch: int, vqvae_channels: int, method: str = "base") -> dict:
     """One sampling call of ``batch`` images and one decode of its latent's shape, counted. ``method``: "base",
-    the model as full fine-tuning trains it (every weight trainable); "lora" or "ln_tuning", the VAR adapted as
-    such a trial's is (the config's defaults, Oxford Flowers' 102 classes; a LoRA adapter's weights drawn non-zero,
-    as after training; the weights a method leaves frozen are frozen)."""
+    the model as full fine-tuning trains it (every weight trainable); a peft method ("lora", "lora_mlp",
+    "ln_tuning", ...), the VAR adapted as such a trial's is (the config's defaults, Oxford Flowers' 102 classes;
+    a LoRA adapter's weights drawn non-zero, as after training; the weights a method leaves frozen are frozen)."""
     vqvae, var = benchmark_common.official_models(depth=depth, vqvae_channels=vqvae_channels)
     if method != "base":
-        from bench.schema import MethodConfig
-        from trainables.methods import adapt
-
         adapt(var, MethodConfig(name=method), num_classes=102, seed=0)
         with torch.no_grad():  # lora_B starts at zero: an adapter that adds nothing is no trained one
             for name, parameter in var.named_parameters():
@@ -158,9 +156,9 @@ def main() -> None:
     parser.add_argument("--vqvae-channels", type=int, default=160, help="160: the official VQVAE's")
     parser.add_argument(
         "--method",
-        choices=("base", "lora", "ln_tuning"),
+        choices=("base", *PEFT_METHODS),
         default="base",
-        help="base: every weight trainable (full fine-tuning's model); lora, ln_tuning: such a trial's model",
+        help="base: every weight trainable (full fine-tuning's model); a peft method: such a trial's model",
     )
     benchmark_common.add_revision_arguments(parser)
     args = parser.parse_args()
