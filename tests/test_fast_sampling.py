@@ -8,6 +8,7 @@ at a fixed seed, the same drawn tokens.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import time
@@ -16,6 +17,10 @@ import pytest
 import torch
 from conftest import REPO, TINY_VAR, TINY_VQVAE
 
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchmark_dp_memory import CudaAutocast, Traffic
+
 from bench.schema import MethodConfig
 from trainables.methods import adapt
 from trainables.models import KVCache, build_var, build_vqvae, release_sampling_caches, sample_top_k_top_p
@@ -23,6 +28,14 @@ from trainables.models.var import _sampling_caches, top_k_top_p_probs
 
 PROB_ATOL = 1e-6  # float32 softmax over the same kept logits, summed in another order
 IMAGE_ATOL = 1e-4  # same tokens; hidden states differ by float rounding only (fused bias, cached modulation)
+
+
+@contextlib.contextmanager
+def as_cuda_runs_it():
+    """No autograd, CPU bf16 autocast with CUDA autocast's rules replayed: where ``Traffic`` counts kernels as a
+    GPU evaluation launches them."""
+    with torch.no_grad(), CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
 
 
 def reference_filtered_probs(logits_BlV: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
@@ -304,14 +317,11 @@ def test_a_step_given_the_call_s_constants_equals_one_making_them(tiny_var, meth
 def test_a_sampling_step_makes_nothing_of_the_parameters_alone(tiny_var):
     """Counted as CUDA runs it: with the call's constants a cached step launches 4 kernels fewer (the biases'
     concatenation and cast, the gain's clamp and exp), none of them a function of the scale's tokens."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from benchmark_dp_memory import CudaAutocast, Traffic
-
     attn = tiny_var.blocks[0].attn
     x_BlC = torch.randn(2, 4, attn.mat_qkv.in_features, generator=torch.Generator().manual_seed(0))
     counted = {}
     for per_call in (False, True):
-        with torch.no_grad(), CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with as_cuda_runs_it():
             constants = attn.sampling_constants("cpu") if per_call else None
             attn.step(x_BlC, kv_cache=KVCache(), constants=None)  # the weights' casts, cached for the call
             with Traffic() as traffic:
@@ -326,16 +336,13 @@ def test_a_lora_model_samples_with_no_more_kernels_than_its_base(tiny_var, tiny_
     """Counted as CUDA runs it (bf16 autocast, after a first call): a LoRA-adapted model's sampling call launches
     no adapter product, cast or copy per layer (each layer one product with its merged weight), so no more kernels
     than the base model, which casts its weights once per call."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from benchmark_dp_memory import CudaAutocast, Traffic
-
     adapted = copy.deepcopy(tiny_var)
     adapt(adapted, MethodConfig(name="lora", lora_rank=4), num_classes=tiny_var.num_classes, seed=0)
     counted = {}
     for name, var in (("base", tiny_var), ("lora", adapted.eval())):
         label_B = torch.tensor([0, 1])
         for _call in range(2):  # the first makes what a model keeps between calls; the second is counted
-            with torch.no_grad(), CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with as_cuda_runs_it():
                 with Traffic() as traffic:
                     var.sample_tokens(label_B, vqvae=tiny_vqvae, cfg=1.5, top_k=3, top_p=0.5)
         counted[name] = traffic
@@ -375,13 +382,10 @@ def test_a_frozen_model_samples_without_recasting_its_weights_at_each_scale(tiny
     autocast casts a trainable one, so its sampling call launches no more kernels than the trainable model's (a
     few fewer: matmul folds word_embed's non-contiguous input without a copy where the weight needs no grad); the
     same weights cast at every scale launched one cast per weight and bias, per layer and scale, more."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from benchmark_dp_memory import CudaAutocast, Traffic
-
     frozen = copy.deepcopy(tiny_var).requires_grad_(False)
     counted = {}
     for name, var in (("trainable", tiny_var), ("frozen", frozen)):
-        with torch.no_grad(), CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with as_cuda_runs_it():
             with Traffic() as traffic:
                 var.sample_tokens(torch.tensor([0, 1]), vqvae=tiny_vqvae, cfg=1.5, top_k=3, top_p=0.5)
         counted[name] = traffic
@@ -417,19 +421,15 @@ def test_a_step_into_static_buffers_normalises_q_and_k_in_one_reduction(tiny_var
     """Counted as CUDA runs it: a sampling step with a static cache (as ``sample``'s) launches one norm and one
     clamp for q and k together and copies only the values into the cache (the keys are written there by their
     normalisation): three kernels fewer than normalising and appending them apart."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from benchmark_dp_memory import CudaAutocast, Traffic
-
     attn = tiny_var.blocks[0].attn
     x_BlC = torch.randn(2, 4, attn.mat_qkv.in_features, generator=torch.Generator().manual_seed(0))
     counted = {}
     for capacity in (0, 8):
-        with torch.no_grad(), CudaAutocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with as_cuda_runs_it():
             constants = attn.sampling_constants("cpu")
             cache = KVCache(capacity=capacity)
-            attn.step(
-                x_BlC[:, :1], kv_cache=cache, constants=constants
-            )  # the growing cache then concatenates
+            # a first scale: the growing cache then concatenates
+            attn.step(x_BlC[:, :1], kv_cache=cache, constants=constants)
             with Traffic() as traffic:
                 attn.step(x_BlC[:, :4], kv_cache=cache, constants=constants)
         counted[capacity] = {name: kernels for name, (kernels, _, _) in traffic.by_op.items()}
