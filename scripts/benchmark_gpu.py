@@ -29,6 +29,7 @@ compiles (a compile takes tens of seconds, and a run cut short keeps the targets
    off/on and larger physical batches; then the masked and flex kernels beside the first row; for LoRA frozen
    base weights stored in bf16. Images/s, peak GiB, MFU = useful FLOPs (``bench.estimates.training_flops_per_row``:
    attention over the visible query/key pairs only) / the matmul rate measured in step 1, and / the datasheet.
+   Then, per method, a trial's own loop (``finetune``) at the fastest setting trials run, beside its bare step.
 3. privacy: the non-DP step and book-keeping for DP-full and DP-LoRA at k = 1 and k = 32 views per example
    (``dp_rows`` rows per physical batch; at k = 32 one example), with DP-full at k = 1 at the widest depth too;
    then the options: Gram routes, Opacus's ghost clipping (k = 1, float32 as trials run it, against a float32
@@ -86,11 +87,14 @@ from bench.schema import (
     SUBSTITUTE_EXTRACTOR,
     EvaluationConfig,
     MethodConfig,
+    OptimizationConfig,
     PrivacyConfig,
     ResourcesConfig,
 )
+from trainables.data.tokens import TokenViews
 from trainables.evaluation.features import uint8_batches
 from trainables.evaluation.generate import generate, generation_plan
+from trainables.finetune import RunPlan, finetune
 from trainables.methods import LoraLinear, adapt
 from trainables.models import release_sampling_caches
 from trainables.models import vqvae as vqvae_module
@@ -100,7 +104,7 @@ from trainables.profiling import PEAK_FLOPS, Stopwatch, peak_flops_per_second
 from trainables.training import bf16_autocast, build_optimizer, compile_blocks, view_losses
 
 CLASSES, VOCAB, GIB = 102, 4096, 1024**3  # Oxford Flowers' classes; the official codebook
-FLOWERS_TEST_IMAGES = 6149
+FLOWERS_TEST_IMAGES, FLOWERS_TRAIN_IMAGES = 6149, 1020
 GENERATION_DEPTH = 16
 # Compiled sampling replays every scale from its fourth call on: the first runs scale 0 eagerly (it allocates the
 # static KV caches), compiles scales 1-9 and runs their CUDA-graph warm-up; the second compiles scale 0 and records
@@ -133,6 +137,7 @@ class Plan:
     copy_mib: int
     vqvae_channels: int
     profile_steps: int
+    loop_steps: int
     phase_ends: dict
 
 
@@ -179,6 +184,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         copy_mib=4096,
         vqvae_channels=160,
         profile_steps=3,
+        loop_steps=10,
         phase_ends={name: budget * f for name, f in share.items()},
     )
     if args.quick:
@@ -215,6 +221,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             copy_mib=64,
             vqvae_channels=32,
             profile_steps=1,
+            loop_steps=2,
         )
     if args.depth:
         plan = replace(plan, depths=tuple(args.depth), generation_depth=args.depth[0])
@@ -749,6 +756,70 @@ def measure_training_eager(rec: Recorder, plan: Plan, models: Models, depth: int
     best = fastest(rows("lora"), compiled=False, frozen_bf16=False)
     if best is not None:
         measure_if_in_time(f"d{depth} lora frozen bf16", replace(_setting(best), frozen_bf16=True))
+    measure_trial_loops(rec, plan, models, depth, phase)
+
+
+def trial_loop_row(models: Models, s: Setting, *, steps: int, bare: dict) -> dict:
+    """A trial's own training loop (``finetune``: its token views on the host, the keyed draws, the transfers, the
+    schedule, global clipping at 2.0, fused AdamW, the meter) at setting ``s`` for 1 + ``steps`` steps, on random
+    token maps of Oxford Flowers' 1,020 training images; timed between its first step (the FLOP-counting one) and its
+    last, whose logged losses synchronise, beside the bare step's row ``bare`` at the same setting: what a trial
+    gets of the rate the dry-run estimate is built from."""
+    vqvae, var = models.adapted(s.depth, s.method)
+    generator = torch.Generator().manual_seed(0)
+    data = TokenViews(
+        torch.randint(0, CLASSES, (FLOWERS_TRAIN_IMAGES,), generator=generator),
+        tuple(
+            torch.randint(
+                0, VOCAB, (FLOWERS_TRAIN_IMAGES, 1, pn * pn), generator=generator, dtype=torch.int16
+            )
+            for pn in var.patch_nums
+        ),
+    )
+    out = finetune(
+        var,
+        vqvae,
+        data,
+        optimization=OptimizationConfig(steps=1 + steps, batch_size=s.batch),
+        method=MethodConfig(name=s.method),
+        plan=RunPlan(planned_steps=1 + steps, log_every=1 + steps),  # logs the first and the last step only
+        resources=ResourcesConfig(attention_kernel=s.kernel),
+    )
+    first, last = out["history"][0], out["history"][-1]
+    images_per_s = steps * s.batch / (last["seconds"] - first["seconds"])
+    return {
+        **asdict(s),
+        "steps": steps,
+        "loop_images_per_s": images_per_s,
+        "step_images_per_s": bare["images_per_s"],
+        "loop_vs_step": images_per_s / bare["images_per_s"],
+        "meter_rows_per_s": out["compute"]["rows_per_second"],
+    }
+
+
+def measure_trial_loops(rec: Recorder, plan: Plan, models: Models, depth: int, phase: str) -> None:
+    """Per method, a trial's loop at the fastest eager setting trials run (their kernel, fused AdamW)."""
+    for method in ("full", "lora"):
+        best = fastest(
+            rec.data.get("training", []),
+            depth=depth,
+            method=method,
+            kernel=AUTO_ATTENTION_KERNEL,
+            fused=True,
+            compiled=False,
+            frozen_bf16=False,
+        )
+        if best is None or not in_time(rec, plan, phase, f"d{depth} {method} trial loop"):
+            continue
+        setting = _setting(best)
+        rec.measure(
+            "trial_loops",
+            setting.label(),
+            lambda setting=setting, best=best: trial_loop_row(
+                models, setting, steps=plan.loop_steps, bare=best
+            ),
+        )
+        free_memory()
 
 
 def _setting(row: dict) -> Setting:
@@ -1488,6 +1559,14 @@ def report(data: dict, *, command: str) -> str:
                 f"{_num(r['mfu_measured'], '.1%')} | {_num(r['mfu_datasheet'], '.1%')} |"
             )
         lines.append("")
+    lines += [
+        f"A trial's loop (`finetune`: host token views, keyed draws, transfers, schedule, global clipping, the meter) "
+        f"at d{r['depth']} {r['method']} batch {r['batch']}: {r['loop_images_per_s']:.1f} images/s over {r['steps']} "
+        f"steps, {r['loop_vs_step']:.2f}x the bare step's {r['step_images_per_s']:.1f} (its meter, the counting "
+        f"step included: {_num(r['meter_rows_per_s'])} rows/s)."
+        for r in data.get("trial_loops", [])
+    ]
+    lines += [""] if data.get("trial_loops") else []
     if data.get("privacy"):
         lines += [
             "DP-SGD step vs the non-DP step on the same rows and precision (examples x k views; with one example "

@@ -62,6 +62,12 @@ def test_every_section_is_measured_with_numbers(smoke):
         assert all(
             _number(r[key]) for key in ("step_ms", "images_per_s", "useful_tflop_per_step", "mfu_measured")
         )
+    loops = data[
+        "trial_loops"
+    ]  # a trial's own loop at each method's fastest trials' setting, beside its bare step
+    assert [r["method"] for r in loops] == ["full", "lora"] and all(r["kernel"] == "per_scale" for r in loops)
+    for r in loops:
+        assert all(_number(r[key]) for key in ("loop_images_per_s", "step_images_per_s", "loop_vs_step"))
     privacy = data["privacy"]
     assert {(r["method"], r["clipping"]) for r in privacy} >= {
         ("lora", None),
@@ -90,6 +96,7 @@ def test_every_section_is_measured_with_numbers(smoke):
         and "DP-SGD step" in smoke["stdout"]
         and "Evaluation at a trial's setting:" in smoke["stdout"]
         and "VQVAE decode at batch" in smoke["stdout"]
+        and "A trial's loop (`finetune`" in smoke["stdout"]
     )
 
 

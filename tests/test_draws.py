@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from conftest import TINY_VAR
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainables.data.tokens import TokenViews
 from trainables.draws import ExampleKey, example_draws
@@ -58,6 +59,49 @@ def test_token_views_take_the_k_views_with_the_smallest_uniforms():
     data = TokenViews(torch.tensor([0, 1]), views)
     _, (picked,) = data.take(torch.tensor([1]), k=2, uniform_bV=torch.tensor([[0.9, 0.1, 0.5]]))
     assert picked.tolist() == [[[8, 9], [10, 11]]]  # views 1 then 2 of example 1
+
+
+class _DeviceCopies(TorchDispatchMode):
+    """Records every copy of a tensor to another device: (source device, target device, non_blocking)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = kwargs.get("device")
+        if (
+            func is torch.ops.aten._to_copy.default
+            and target is not None
+            and torch.device(target) != args[0].device
+        ):
+            self.copies.append(
+                (args[0].device.type, torch.device(target).type, kwargs.get("non_blocking", False))
+            )
+        return func(*args, **kwargs)
+
+
+def test_a_batch_s_token_maps_reach_the_device_in_two_copies_that_do_not_wait_for_it():
+    """A plain ``.to(cuda)`` of a host tensor synchronises the stream: one per scale made every step wait for the
+    last one's kernels. ``take`` sends the labels and every scale's maps in one copy each, asynchronous ("meta"
+    stands in for the GPU: no copy may block), and gives the maps the per-scale gather's values, as int64."""
+    patch_nums = (1, 2, 3, 4)
+    views = tuple(torch.randint(0, 4096, (6, 3, pn * pn), dtype=torch.int16) for pn in patch_nums)
+    data = TokenViews(torch.tensor([5, 4, 3, 2, 1, 0]), views)
+    indices, uniform_bV = torch.tensor([4, 1, 2]), torch.rand(3, 3)
+    pick_bk = uniform_bV.argsort(dim=1)[:, :2]
+    labels_b, maps = data.take(indices, k=2, uniform_bV=uniform_bV)
+    assert labels_b.tolist() == [1, 4, 3]
+    for got, v in zip(maps, views):
+        assert got.dtype == torch.long and torch.equal(got, v[indices[:, None], pick_bk].long())
+    with _DeviceCopies() as mode:
+        labels_b, maps = data.take(indices, k=2, uniform_bV=uniform_bV, device="meta")
+    assert mode.copies == [("cpu", "meta", True)] * 2
+    assert labels_b.device.type == "meta" and [tuple(m.shape) for m in maps] == [
+        (3, 2, pn * pn) for pn in patch_nums
+    ]
+    assert all(m.dtype == torch.long and m.device.type == "meta" for m in maps)
 
 
 def test_keyed_drop_path_drops_rows_independently_and_leaves_the_global_generator_alone():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -417,8 +418,36 @@ def test_step_meter_enters_counting_context_on_the_counting_step_only():
     meter = StepMeter("cpu", counting_context=context)
     weight = torch.randn(4, 4)
     for _ in range(3):
-        meter.run(lambda: weight @ weight, local_rows=4)
+        meter.run(lambda: weight @ weight, local_rows=4, rows=4)
     assert entered == [True] and meter.ledger.train_flops_per_row == 2 * 4**3 / 4
+
+
+def test_step_meter_waits_for_the_gpu_once_per_training_segment_not_per_step(monkeypatch):
+    """Steps queue their kernels without waiting for the last step's: a CUDA meter synchronises where a segment opens
+    (its first step) and where it ends (``pause``, the report), and its time is the segments' wall time, the host
+    work between steps included and what happens while paused (an evaluation, a checkpoint) left out."""
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    meter = StepMeter(torch.device("cuda"))  # nothing runs on it: the steps are host functions
+    meter.ledger.train_flops_per_row = 1.0  # the counting step is another test's
+    clock = {"now": 0.0}
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+
+    def step(seconds: float) -> None:
+        clock["now"] += seconds
+
+    for _ in range(5):
+        meter.run(lambda: step(1.0), local_rows=2, rows=4)
+        clock["now"] += 0.5  # between steps: the schedule, the draws
+    meter.pause()
+    clock["now"] += 100.0  # an evaluation
+    meter.pause()  # a second pause is a no-op
+    for _ in range(3):
+        meter.run(lambda: step(2.0), local_rows=2, rows=4)
+    report = meter.report()
+    assert len(syncs) == 4  # open, pause, open, the report's pause (two per step before)
+    assert report["train_seconds"] == pytest.approx(5 * 1.5 + 3 * 2.0)
+    assert report["rows_trained"] == 32 and report["steps_trained"] == 8
 
 
 @pytest.mark.parametrize(

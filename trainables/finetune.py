@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from bench.schema import ConfigError, MethodConfig, OptimizationConfig, PrivacyConfig, ResourcesConfig
 
-from .data.tokens import TokenViews
+from .data.tokens import TokenViews, to_device
 from .draws import ExampleKey, example_draws
 from .methods import trainable_parameters
 from .models import VAR, VQVAE
@@ -46,6 +46,7 @@ from .privacy import (
 from .profiling import StepMeter
 from .training import (
     Logger,
+    average_gradients,
     bf16_autocast,
     build_optimizer,
     compile_blocks,
@@ -341,9 +342,7 @@ def finetune(
     if resume is not None:
         _restore(var, optimizer, resume, run)
     saves = (
-        _SaveDecision(checkpointing, planned_steps=plan.planned_steps, device=device)
-        if checkpointing is not None
-        else None
+        _SaveDecision(checkpointing, planned_steps=plan.planned_steps) if checkpointing is not None else None
     )
     after_step = _AfterStep(
         var=var,
@@ -413,16 +412,13 @@ def finetune(
 class _SaveDecision:
     """Applies a ``Checkpointing``'s policy during a run: step-based saves and saves after evaluation steps are
     known to every rank; the wall-clock one is rank 0's, broadcast to the others (one int, only on steps where
-    nothing else decides and a time limit is set). Nothing about the batch enters the decision (DP: the times are
-    released without noise anyway)."""
+    nothing else decides and a time limit is set) over a host group (``_host_group``). Nothing about the batch
+    enters the decision (DP: the times are released without noise anyway)."""
 
-    def __init__(self, checkpointing: Checkpointing, *, planned_steps: int, device: torch.device):
-        self.policy, self.clock, self.planned, self.device = (
-            checkpointing.policy,
-            checkpointing.clock,
-            planned_steps,
-            device,
-        )
+    def __init__(self, checkpointing: Checkpointing, *, planned_steps: int):
+        self.policy, self.clock, self.planned = checkpointing.policy, checkpointing.clock, planned_steps
+        # Made on every rank alike (every rank builds its decision at the same point of the run).
+        self.group = _host_group() if self.policy.every_minutes is not None else None
         self.last_save = self.clock()
 
     def due(self, done: int, *, evaluation_step: bool) -> bool:
@@ -433,20 +429,30 @@ class _SaveDecision:
         if self.policy.every_minutes is None:
             return False
         return _rank0_decides(
-            self.policy.due_by_time(done, self.planned, self.clock() - self.last_save), device=self.device
+            self.policy.due_by_time(done, self.planned, self.clock() - self.last_save), group=self.group
         )
 
     def saved(self) -> None:
         self.last_save = self.clock()
 
 
-def _rank0_decides(flag: bool, *, device: torch.device) -> bool:
-    """Rank 0's ``flag`` on every rank of an initialised process group (a one-element broadcast); ``flag`` alone."""
+def _host_group() -> dist.ProcessGroup | None:
+    """A process group that moves host tensors, for decisions taken every step: under NCCL (which moves CUDA
+    tensors only, so reading the result back would make the host wait for every queued kernel, the ones of the step
+    in flight included) a gloo group over the same ranks; the default group where it is gloo already; None in a
+    single process."""
+    if rank_and_world()[1] == 1 or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def _rank0_decides(flag: bool, *, group: dist.ProcessGroup | None) -> bool:
+    """Rank 0's ``flag`` on every rank of an initialised process group (a one-element broadcast over ``group``, a
+    host group, see ``_host_group``); ``flag`` alone in a single process."""
     if rank_and_world()[1] == 1:
         return flag
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")  # NCCL moves CUDA tensors only
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=on)
-    dist.broadcast(value, src=0)
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.broadcast(value, src=0, group=group)
     return bool(value.item())
 
 
@@ -570,8 +576,11 @@ class _StepInputs:
         )
         rows, branches = torch.arange(self.prior_batch_size), self.var.drop_path_branches
         drop_path_BD = (
-            self.public_key.uniform(rows, step=self.draws.step, purpose="prior_drop_path", count=branches).to(
-                self.device
+            to_device(
+                self.public_key.uniform(
+                    rows, step=self.draws.step, purpose="prior_drop_path", count=branches
+                ),
+                self.device,
             )
             if branches
             else None
@@ -598,14 +607,18 @@ class _AfterStep:
     def __call__(self, step: int, private: PrivateTraining | None = None) -> None:
         # Every rank knows the evaluation steps (only the evaluating rank has an evaluate_fn): all save after them.
         evaluation_step = step + 1 in self.evaluation_points
-        if self.evaluate_fn is not None and evaluation_step:
+        evaluates = self.evaluate_fn is not None and evaluation_step
+        saves = self.saves is not None and self.saves.due(step + 1, evaluation_step=evaluation_step)
+        if evaluates or saves:
+            self.run.meter.pause()  # neither is training time (and the saved ledger holds this segment's)
+        if evaluates:
             self.var.eval()
             compiled = uncompile_blocks(self.var)  # sampling runs the eager blocks (see uncompile_blocks)
             self.run.convergence.append({"step": step + 1, **self.evaluate_fn(self.var)})
             if compiled:
                 compile_blocks(self.var)
             self.var.train()
-        if self.saves is not None and self.saves.due(step + 1, evaluation_step=evaluation_step):
+        if saves:
             self.checkpointing.save(
                 _training_state(self.var, self.optimizer, step=step + 1, run=self.run, private=private)
             )
@@ -676,7 +689,7 @@ def _plain_run(
             if kl is not None:
                 kl.backward()
         if world > 1:
-            _average_gradients(params, world)
+            average_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, global_clip_norm or math.inf)
         optimizer.step()
         return loss, kl, grad_norm
@@ -688,8 +701,11 @@ def _plain_run(
         lr = loop.schedule(optimizer, step)
         batch = next(batches)
         local = batch[rank::world]
-        (loss, kl, grad_norm), seconds = meter.run(lambda: one_step(local), local_rows=len(local) * k)  # noqa: B023
-        meter.ledger.add_training(len(batch) * k, seconds)
+        loss, kl, grad_norm = meter.run(
+            lambda: one_step(local),  # noqa: B023
+            local_rows=len(local) * k,
+            rows=len(batch) * k,
+        )
         if loop.logging_step(step):
             values = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
             if kl is not None:
@@ -716,13 +732,6 @@ def accumulate_loss_gradients(
         loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
-
-
-def _average_gradients(params: list[torch.Tensor], world: int) -> None:
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
 
 
 def _private_run(
@@ -775,13 +784,13 @@ def _private_steps(state: PrivateTraining, loop: _Loop) -> None:
         indices = next_batch(state)
         # The prior term's cost is per step, not per row: counted apart, else FLOPs per row would reveal the batch size.
         public = meter.fixed_cost(public_grad) if inputs.uses_prior else None
-        _, seconds = meter.run(
-            lambda: private_step(state, indices, inputs.view_losses, public_grad_fn=public),  # noqa: B023
-            local_rows=len(indices) * k,
-        )
         # The actual Poisson batch size is private (nothing released may depend on it): compute is accounted at the
         # expected batch q*N, and the history holds no batch size.
-        meter.ledger.add_training(state.expected_batch_size * k, seconds)
+        meter.run(
+            lambda: private_step(state, indices, inputs.view_losses, public_grad_fn=public),  # noqa: B023
+            local_rows=len(indices) * k,
+            rows=state.expected_batch_size * k,
+        )
         if loop.logging_step(step):
             spent = epsilon_spent(
                 noise_multiplier=state.noise_multiplier,

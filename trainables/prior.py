@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from bench.schema import EvaluationConfig
 
+from .data.tokens import to_device
 from .models import VAR, VQVAE
 from .training import teacher_forcing_batch
 
@@ -38,7 +39,7 @@ class PriorBank:
         self, size: int, *, generator: torch.Generator, device: torch.device | str = "cpu"
     ) -> list[torch.Tensor]:
         pick = torch.randint(0, self.size, (size,), generator=generator)
-        return [t[pick].to(device) for t in self.tokens]
+        return [to_device(t[to_device(pick, t.device)], device) for t in self.tokens]
 
 
 @torch.no_grad()

@@ -52,7 +52,7 @@ from bench.schema import ACCOUNTANTS, PrivacyConfig, ResourcesConfig
 from . import bookkeeping
 from .bookkeeping import BookKeeping, bookkeeping_supports
 from .draws import ExampleKey
-from .training import examples_per_forward, rank_and_world
+from .training import average_gradients, examples_per_forward, rank_and_world
 
 # Layers whose per-sample gradient is a sum over positions of (input, output-gradient) products: the k views of one
 # example can be folded into the position dimension and the example's gradient computed in one pass.
@@ -531,8 +531,8 @@ def private_step(
         _release_accumulators(optimizer)
     if public_grad_fn is not None:
         _add_public_gradient(state, public_grad_fn)
-    if state.world_size > 1:
-        optimizer.reduce_gradients()  # averages the ranks' public gradients too
+    if state.world_size > 1:  # Opacus's reduce_gradients, in fewer collectives; the public gradients too
+        average_gradients([p for p in optimizer.params if p.requires_grad], state.world_size)
     state.steps_taken += 1  # counted before the update: a step is never taken unaccounted
     optimizer.original_optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -139,7 +139,9 @@ class ComputeLedger:
     )
     steps_trained: int = 0
 
-    def add_training(self, rows: float, seconds: float) -> None:
+    def add_training(self, rows: float, seconds: float = 0.0) -> None:
+        """One step of ``rows`` rows; ``seconds``: its time where it is known per step (a ``StepMeter`` adds a
+        training segment's time when the segment ends)."""
         self.rows_trained += rows
         self.train_seconds += seconds
         self.steps_trained += 1
@@ -166,22 +168,30 @@ class Stopwatch:
         self.seconds = 0.0
 
     def __enter__(self) -> Stopwatch:
-        self._sync()
+        synchronize(self.device)
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._sync()
+        synchronize(self.device)
         self.seconds = time.perf_counter() - self._start
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on a CUDA ``device`` (nothing to wait for elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class StepMeter:
-    """Times every training step and counts the FLOPs of the first non-empty one (everything the step does:
-    forward, backward, clipping products, a prior term), giving FLOPs per row for the trial's total."""
+    """Times the training and counts the FLOPs of the first non-empty step (everything the step does: forward,
+    backward, clipping products, a prior term), giving FLOPs per row for the trial's total.
+
+    The time is a training segment's wall time: from the first step after a ``pause`` (or the start) to the next
+    ``pause``, CUDA synchronised at both ends only. Steps in between do not wait for the GPU, so the host draws and
+    copies the next batch and queues its kernels while the GPU still runs the last step's; the host work between
+    steps (the schedule, the draws, the loop) is training time too. Whatever must not count (an evaluation, a
+    checkpoint) pauses the meter first."""
 
     def __init__(
         self,
@@ -195,18 +205,19 @@ class StepMeter:
         self.ledger = ComputeLedger(train_flops_per_row=0.0)
         self._counting = False
         self._counting_context = counting_context or contextlib.nullcontext
+        self._segment_start: float | None = None
 
-    def run(self, step: Callable[[], object], *, local_rows: int) -> tuple[object, float]:
-        """(step's result, seconds); ``local_rows`` = example views this process handles in the step."""
+    def run(self, step: Callable[[], object], *, local_rows: int, rows: float) -> object:
+        """``step()``'s result. ``local_rows``: example views this process handles in the step (for FLOPs per row);
+        ``rows``: the step's rows for the ledger (the global batch; under DP its expected size)."""
+        if self._segment_start is None:
+            synchronize(self.device)  # queued work of an evaluation or the set-up is not training
+            self._segment_start = time.perf_counter()
         counting = self.ledger.train_flops_per_row == 0.0 and local_rows > 0
         counter = visible_pair_counter() if counting else contextlib.nullcontext()
         self._counting = counting
         try:
-            with (
-                Stopwatch(self.device) as watch,
-                self._counting_context() if counting else contextlib.nullcontext(),
-                counter,
-            ):
+            with self._counting_context() if counting else contextlib.nullcontext(), counter:
                 result = step()
         finally:
             self._counting = False
@@ -217,7 +228,16 @@ class StepMeter:
             self.ledger.counted_ops = {
                 str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()
             }
-        return result, watch.seconds
+        self.ledger.add_training(rows)
+        return result
+
+    def pause(self) -> None:
+        """End the training segment: wait for its queued kernels and add its wall time to the ledger."""
+        if self._segment_start is None:
+            return
+        synchronize(self.device)
+        self.ledger.train_seconds += time.perf_counter() - self._segment_start
+        self._segment_start = None
 
     def fixed_cost(self, part: Callable[[], object]) -> Callable[[], object]:
         """``part`` (called inside a step) counted apart on the counting step, as per-step work that does not scale
@@ -234,6 +254,7 @@ class StepMeter:
         return counted
 
     def report(self) -> dict:
+        self.pause()
         self.ledger.peak_memory_bytes = (
             torch.cuda.max_memory_allocated(self.device)
             if self.device.type == "cuda"

@@ -69,7 +69,23 @@ class TokenViews:
             )
         pick_bk = uniform_bV.cpu().argsort(dim=1)[:, :k]
         rows_b1 = indices[:, None]
+        # One transfer of every scale's maps (a copy per scale would be ten), cast to int64 on the device.
+        picked = [v[rows_b1, pick_bk] for v in self.views]
+        flat = to_device(torch.cat([t.flatten() for t in picked]), device).to(torch.long)
         return (
-            self.labels_N[indices].to(device),
-            [v[rows_b1, pick_bk].to(device=device, dtype=torch.long) for v in self.views],
+            to_device(self.labels_N[indices], device),
+            [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in picked]), picked)],
         )
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device``, without making the host wait for the device: a CPU tensor bound for a CUDA device
+    goes through page-locked memory as an asynchronous copy, where a plain ``.to`` synchronises the stream (the host
+    would wait for every queued kernel, e.g. the last step's, before drawing and queueing the next). The page-locked
+    buffer is not reused before the copy has run (PyTorch's host allocator records the copy on the stream)."""
+    device = torch.device(device)
+    if device.type == "cpu" or tensor.device == device:  # a copy to the host must be complete when it is read
+        return tensor.to(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
