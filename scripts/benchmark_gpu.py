@@ -70,6 +70,8 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -759,6 +761,25 @@ def measure_training_eager(rec: Recorder, plan: Plan, models: Models, depth: int
     measure_trial_loops(rec, plan, models, depth, phase)
 
 
+def host_waits(fn: Callable[[], object]) -> tuple[object, dict | None]:
+    """(``fn()``, where the host waited for the GPU during it: {"file:line": times}) with CUDA's sync debug mode
+    warning at every implicit wait (a device value read back, a blocking copy; an explicit ``synchronize`` is not
+    one); (``fn()``, None) without CUDA."""
+    if not torch.cuda.is_available():
+        return fn(), None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = Counter(
+        f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()
+    )
+    return result, dict(waits)
+
+
 def trial_loop_row(models: Models, s: Setting, *, steps: int, bare: dict) -> dict:
     """A trial's own training loop (``finetune``: its token views on the host, the keyed draws, the transfers, the
     schedule, global clipping at 2.0, fused AdamW, the meter) at setting ``s`` for 1 + ``steps`` steps, on random
@@ -776,14 +797,18 @@ def trial_loop_row(models: Models, s: Setting, *, steps: int, bare: dict) -> dic
             for pn in var.patch_nums
         ),
     )
-    out = finetune(
-        var,
-        vqvae,
-        data,
-        optimization=OptimizationConfig(steps=1 + steps, batch_size=s.batch),
-        method=MethodConfig(name=s.method),
-        plan=RunPlan(planned_steps=1 + steps, log_every=1 + steps),  # logs the first and the last step only
-        resources=ResourcesConfig(attention_kernel=s.kernel),
+    out, waits = host_waits(
+        lambda: finetune(
+            var,
+            vqvae,
+            data,
+            optimization=OptimizationConfig(steps=1 + steps, batch_size=s.batch),
+            method=MethodConfig(name=s.method),
+            plan=RunPlan(
+                planned_steps=1 + steps, log_every=1 + steps
+            ),  # logs the first and the last step only
+            resources=ResourcesConfig(attention_kernel=s.kernel),
+        )
     )
     first, last = out["history"][0], out["history"][-1]
     images_per_s = steps * s.batch / (last["seconds"] - first["seconds"])
@@ -794,6 +819,7 @@ def trial_loop_row(models: Models, s: Setting, *, steps: int, bare: dict) -> dic
         "step_images_per_s": bare["images_per_s"],
         "loop_vs_step": images_per_s / bare["images_per_s"],
         "meter_rows_per_s": out["compute"]["rows_per_second"],
+        "host_waits": waits,  # the two logged steps' losses read back, and nothing per step, if the loop holds
     }
 
 
@@ -1490,6 +1516,12 @@ def profile_tables(profiles: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _waits(waits: dict | None) -> str:
+    if waits is None:
+        return "not counted (no CUDA)"
+    return f"{sum(waits.values())} ({', '.join(f'{at} x{n}' for at, n in sorted(waits.items())) or 'none'})"
+
+
 def report(data: dict, *, command: str) -> str:
     meta, rates = data["meta"], data.get("rates", {})
     lines = [
@@ -1563,7 +1595,8 @@ def report(data: dict, *, command: str) -> str:
         f"A trial's loop (`finetune`: host token views, keyed draws, transfers, schedule, global clipping, the meter) "
         f"at d{r['depth']} {r['method']} batch {r['batch']}: {r['loop_images_per_s']:.1f} images/s over {r['steps']} "
         f"steps, {r['loop_vs_step']:.2f}x the bare step's {r['step_images_per_s']:.1f} (its meter, the counting "
-        f"step included: {_num(r['meter_rows_per_s'])} rows/s)."
+        f"step included: {_num(r['meter_rows_per_s'])} rows/s). Host waits for the GPU in the loop: "
+        f"{_waits(r.get('host_waits'))}."
         for r in data.get("trial_loops", [])
     ]
     lines += [""] if data.get("trial_loops") else []

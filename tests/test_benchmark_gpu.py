@@ -68,6 +68,7 @@ def test_every_section_is_measured_with_numbers(smoke):
     assert [r["method"] for r in loops] == ["full", "lora"] and all(r["kernel"] == "per_scale" for r in loops)
     for r in loops:
         assert all(_number(r[key]) for key in ("loop_images_per_s", "step_images_per_s", "loop_vs_step"))
+        assert r["host_waits"] is None  # counted on a GPU only (CUDA's sync debug mode)
     privacy = data["privacy"]
     assert {(r["method"], r["clipping"]) for r in privacy} >= {
         ("lora", None),
@@ -224,6 +225,33 @@ def test_from_a_returned_json_rebuilds_the_report_the_run_printed(smoke, tmp_pat
     assert "| depth | method |" in tables and tables in smoke["stdout"]  # the run printed these tables
     assert capsys.readouterr().out.strip() == tables.strip()
     assert docs.read_text() == "# Benchmarks\n\n" + tables
+
+
+def test_the_loop_row_counts_where_the_host_waited_for_the_gpu(monkeypatch):
+    """On a GPU the trial-loop row runs under CUDA's sync debug mode and records each implicit wait's line (the
+    warning CUDA gives, "called a synchronizing CUDA operation"); other warnings are not waits, and the mode is
+    restored. On a CPU nothing is counted."""
+    import warnings
+
+    import benchmark_gpu
+    import torch
+
+    assert benchmark_gpu.host_waits(lambda: 3) == (3, None)
+    modes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def loop() -> str:
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("an unrelated warning", stacklevel=1)
+        return "done"
+
+    result, waits = benchmark_gpu.host_waits(loop)
+    (at,) = waits
+    assert result == "done" and at.startswith("test_benchmark_gpu.py:") and waits[at] == 2
+    assert modes == ["warn", "default"]
+    assert benchmark_gpu._waits(waits) == f"2 ({at} x2)" and benchmark_gpu._waits({}) == "0 (none)"
 
 
 def test_profiles_leave_annotation_ranges_out():
