@@ -761,19 +761,20 @@ def measure_training_eager(rec: Recorder, plan: Plan, models: Models, depth: int
     measure_trial_loops(rec, plan, models, depth, phase)
 
 
-def host_waits(fn: Callable[[], object]) -> tuple[object, dict | None]:
+def host_waits(fn: Callable[[], object], *, device: torch.device) -> tuple[object, dict | None]:
     """(``fn()``, where the host waited for the GPU during it: {"file:line": times}) with CUDA's sync debug mode
     warning at every implicit wait (a device value read back, a blocking copy; an explicit ``synchronize`` is not
-    one); (``fn()``, None) without CUDA."""
-    if not torch.cuda.is_available():
+    one); (``fn()``, None) on another device."""
+    if device.type != "cuda":
         return fn(), None
+    before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             result = fn()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(before)
     waits = Counter(
         f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()
     )
@@ -784,8 +785,8 @@ def trial_loop_row(models: Models, s: Setting, *, steps: int, bare: dict) -> dic
     """A trial's own training loop (``finetune``: its token views on the host, the keyed draws, the transfers, the
     schedule, global clipping at 2.0, fused AdamW, the meter) at setting ``s`` for 1 + ``steps`` steps, on random
     token maps of Oxford Flowers' 1,020 training images; timed between its first step (the FLOP-counting one) and its
-    last, whose logged losses synchronise, beside the bare step's row ``bare`` at the same setting: what a trial
-    gets of the rate the dry-run estimate is built from."""
+    last (the log's clock, after the logged losses have waited for the GPU), beside the bare step's row ``bare`` at
+    the same setting: what a trial gets of the rate the dry-run estimate is built from."""
     vqvae, var = models.adapted(s.depth, s.method)
     generator = torch.Generator().manual_seed(0)
     data = TokenViews(
@@ -797,6 +798,7 @@ def trial_loop_row(models: Models, s: Setting, *, steps: int, bare: dict) -> dic
             for pn in var.patch_nums
         ),
     )
+    logged = []  # the clock at the first and the last step: the only two it logs
     out, waits = host_waits(
         lambda: finetune(
             var,
@@ -804,14 +806,13 @@ def trial_loop_row(models: Models, s: Setting, *, steps: int, bare: dict) -> dic
             data,
             optimization=OptimizationConfig(steps=1 + steps, batch_size=s.batch),
             method=MethodConfig(name=s.method),
-            plan=RunPlan(
-                planned_steps=1 + steps, log_every=1 + steps
-            ),  # logs the first and the last step only
+            plan=RunPlan(planned_steps=1 + steps, log_every=1 + steps),
             resources=ResourcesConfig(attention_kernel=s.kernel),
-        )
+            log=lambda entry: logged.append(time.perf_counter()),
+        ),
+        device=models.device,
     )
-    first, last = out["history"][0], out["history"][-1]
-    images_per_s = steps * s.batch / (last["seconds"] - first["seconds"])
+    images_per_s = steps * s.batch / (logged[-1] - logged[0])
     return {
         **asdict(s),
         "steps": steps,

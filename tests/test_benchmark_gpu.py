@@ -230,15 +230,15 @@ def test_from_a_returned_json_rebuilds_the_report_the_run_printed(smoke, tmp_pat
 def test_the_loop_row_counts_where_the_host_waited_for_the_gpu(monkeypatch):
     """On a GPU the trial-loop row runs under CUDA's sync debug mode and records each implicit wait's line (the
     warning CUDA gives, "called a synchronizing CUDA operation"); other warnings are not waits, and the mode is
-    restored. On a CPU nothing is counted."""
+    restored to what it was. On a CPU nothing is counted."""
     import warnings
 
     import benchmark_gpu
     import torch
 
-    assert benchmark_gpu.host_waits(lambda: 3) == (3, None)
+    assert benchmark_gpu.host_waits(lambda: 3, device=torch.device("cpu")) == (3, None)
     modes = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: "as it was")
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
 
     def loop() -> str:
@@ -247,10 +247,10 @@ def test_the_loop_row_counts_where_the_host_waited_for_the_gpu(monkeypatch):
         warnings.warn("an unrelated warning", stacklevel=1)
         return "done"
 
-    result, waits = benchmark_gpu.host_waits(loop)
+    result, waits = benchmark_gpu.host_waits(loop, device=torch.device("cuda"))
     (at,) = waits
     assert result == "done" and at.startswith("test_benchmark_gpu.py:") and waits[at] == 2
-    assert modes == ["warn", "default"]
+    assert modes == ["warn", "as it was"]
     assert benchmark_gpu._waits(waits) == f"2 ({at} x2)" and benchmark_gpu._waits({}) == "0 (none)"
 
 

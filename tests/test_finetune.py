@@ -190,23 +190,28 @@ def _tiny_non_dp_finetune() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("private", (False, True))
-def test_training_time_leaves_out_evaluations_and_checkpoints(private):
+def test_training_time_leaves_out_evaluations_checkpoints_and_logs(private, monkeypatch):
     """Steps are timed as segments (``StepMeter``): whatever pauses training must end the segment first, or a trial's
-    rows per second and MFU would count its evaluations and checkpoint writes; a checkpoint holds the time so far."""
-    data, vqvae, var = _tiny_lora_setup()
-    pauses, saved_seconds = [], []
+    rows per second and MFU would count its evaluations, checkpoint writes, accounting and logs (a trial's log is a
+    Ray report, which may wait for the controller's poll); a checkpoint holds the time so far. The clock is the
+    test's: each reading advances it by 1 ms, and each pause by far more than all readings together."""
+    clock = {"now": 0.0}
 
-    def evaluate(model) -> dict:
-        time.sleep(0.4)
-        pauses.append(0.4)
-        return {}
+    def perf_counter() -> float:
+        clock["now"] += 1e-3
+        return clock["now"]
+
+    def pause(seconds: float) -> None:
+        clock["now"] += seconds
+
+    monkeypatch.setattr(time, "perf_counter", perf_counter)
+    data, vqvae, var = _tiny_lora_setup()
+    saved_seconds, paused = [], []
 
     def save(state: dict) -> None:
         saved_seconds.append(state["compute"]["train_seconds"])
-        time.sleep(0.3)
-        pauses.append(0.3)
+        pause(100.0)
 
-    started = time.perf_counter()
     out = finetune(
         var,
         vqvae,
@@ -216,13 +221,13 @@ def test_training_time_leaves_out_evaluations_and_checkpoints(private):
         plan=RunPlan(planned_steps=6, evaluation_steps=(3, 6), log_every=1),
         privacy=PrivacyConfig(target_epsilon=8, sampling_rate=0.5, max_grad_norm=1.0) if private else None,
         debug_seed=0 if private else None,
-        evaluate_fn=evaluate,
+        evaluate_fn=lambda model: paused.append("evaluation") or pause(100.0) or {},
+        log=lambda entry: paused.append("log") or pause(100.0),
         checkpointing=Checkpointing(save=save, resources=resources(every_steps=2, every_fraction=1.0)),
     )
-    wall = time.perf_counter() - started
     trained = out["compute"]["train_seconds"]
-    assert len(pauses) == 5  # evaluations after steps 3 and 6; saves after steps 2, 3 and 4
-    assert 0 < trained <= wall - sum(pauses)
+    assert paused.count("log") == 6 and paused.count("evaluation") == 2 and len(saved_seconds) == 3
+    assert 0 < trained < 1.0  # the readings inside training segments only: any pause would add 100 s
     assert 0 < saved_seconds[0] < saved_seconds[1] < saved_seconds[2] < trained
 
 

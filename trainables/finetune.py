@@ -710,8 +710,10 @@ def _plain_run(
             values = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
             if kl is not None:
                 values["prior_kl"] = kl.item() / inputs.prior_weight
+            meter.pause()  # the values waited for the GPU already; the log (a Ray report) is not training
             record_history(history, loop.log, step=step, started=started, **values)
         loop.after_step(step)
+    meter.pause()
     return None
 
 
@@ -775,7 +777,7 @@ def _private_steps(state: PrivateTraining, loop: _Loop) -> None:
     def public_grad() -> None:
         kl = inputs.prior_loss()
         kl.backward()
-        kl_values.append(kl.item())
+        kl_values[:] = [kl.detach()]  # read on logging steps only: a read waits for the GPU
 
     k = state.privacy.augmentation_multiplicity
     for step in range(run.start_step, loop.plan.planned_steps):
@@ -792,6 +794,7 @@ def _private_steps(state: PrivateTraining, loop: _Loop) -> None:
             rows=state.expected_batch_size * k,
         )
         if loop.logging_step(step):
+            meter.pause()  # the accounting and the log (a Ray report) are not training
             spent = epsilon_spent(
                 noise_multiplier=state.noise_multiplier,
                 sampling_rate=state.privacy.sampling_rate,
@@ -801,6 +804,7 @@ def _private_steps(state: PrivateTraining, loop: _Loop) -> None:
             )
             values = {"lr": lr, "epsilon_rdp": spent["rdp"]}
             if kl_values:
-                values["prior_kl"] = kl_values[-1] / inputs.prior_weight
+                values["prior_kl"] = kl_values[-1].item() / inputs.prior_weight
             record_history(history, loop.log, step=step, started=started, **values)
         loop.after_step(step, state)
+    meter.pause()

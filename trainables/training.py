@@ -54,7 +54,8 @@ def gradient_collectives(grads: Sequence[torch.Tensor]) -> list[list[torch.Tenso
 def average_gradients(params: Sequence[torch.Tensor], world: int) -> None:
     """Replace each ``p.grad`` by its mean over the ``world`` ranks of the initialised process group (every rank
     must hold gradients for the same parameters). The sum is each element's over the ranks, as one all-reduce per
-    parameter gave it: in any order for two ranks (bit for bit), up to the collective's summation order for more."""
+    parameter gave it: bit for bit at two ranks; for more, up to the collective's summation order (and, where the
+    world is no power of two, the last bit of the division)."""
     grads = [p.grad for p in params if p.grad is not None]
     for group in gradient_collectives(grads):
         if len(group) == 1 and group[0].is_contiguous():

@@ -80,12 +80,16 @@ class TokenViews:
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``tensor`` on ``device``, without making the host wait for the device: a CPU tensor bound for a CUDA device
-    goes through page-locked memory as an asynchronous copy, where a plain ``.to`` synchronises the stream (the host
-    would wait for every queued kernel, e.g. the last step's, before drawing and queueing the next). The page-locked
-    buffer is not reused before the copy has run (PyTorch's host allocator records the copy on the stream)."""
+    goes through a fresh page-locked copy as an asynchronous copy, where a plain ``.to`` synchronises the stream (the
+    host would wait for every queued kernel, e.g. the last step's, before drawing and queueing the next). The
+    page-locked buffer is not reused before the copy has run (PyTorch's host allocator records the copy on the
+    stream). Asynchronous only where that is safe: to CUDA from the host or from CUDA, and to the meta device (no
+    data); every other copy (to the host above all: it must be complete when it is read) is a plain ``.to``."""
     device = torch.device(device)
-    if device.type == "cpu" or tensor.device == device:  # a copy to the host must be complete when it is read
-        return tensor.to(device)
+    if device.type == "meta" or (device.type == "cuda" and tensor.device.type == "cuda"):
+        return tensor.to(device, non_blocking=True)
     if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+        # pin_memory() returns a pinned tensor itself: copy it, so the caller's buffer is never read late
+        pinned = tensor.clone().pin_memory() if tensor.is_pinned() else tensor.pin_memory()
+        return pinned.to(device, non_blocking=True)
+    return tensor.to(device)
