@@ -29,11 +29,13 @@ compiles (a compile takes tens of seconds, and a run cut short keeps the targets
    off/on and larger physical batches; then the masked and flex kernels beside the first row; for LoRA frozen
    base weights stored in bf16. Images/s, peak GiB, MFU = useful FLOPs (``bench.estimates.training_flops_per_row``:
    attention over the visible query/key pairs only) / the matmul rate measured in step 1, and / the datasheet.
-   Then, per method, a trial's own loop (``finetune``) at the fastest setting trials run, beside its bare step.
+   Then, per method, a trial's own loop (``finetune``) at the fastest setting trials run, beside its bare step,
+   with every implicit host wait for the GPU in it (CUDA's sync debug mode).
 3. privacy: the non-DP step and book-keeping for DP-full and DP-LoRA at k = 1 and k = 32 views per example
    (``dp_rows`` rows per physical batch; at k = 32 one example), with DP-full at k = 1 at the widest depth too;
    then the options: Gram routes, Opacus's ghost clipping (k = 1, float32 as trials run it, against a float32
    non-DP step) and hooks. Time and peak-memory ratios against the non-DP step on the same rows and precision.
+   Between the two, DP-LoRA's own loop (book-keeping, k = 1) beside its bare DP step, as in step 2.
 4. generation, eager: d16 (CFG 1.5, top-k 900, top-p 0.96), bf16 autocast, per batch size; then a LoRA trial's
    model (its adapter merged for sampling) at the fastest batch, beside the base model's, and that batch's VQVAE
    decode with its maps in NCHW and in channels-last.
@@ -781,11 +783,14 @@ def host_waits(fn: Callable[[], object], *, device: torch.device) -> tuple[objec
     return result, dict(waits)
 
 
-def trial_loop_row(models: Models, s: Setting, *, steps: int, bare: dict) -> dict:
+def trial_loop_row(
+    models: Models, s: Setting, *, steps: int, bare_images_per_s: float, privacy: PrivacyConfig | None = None
+) -> dict:
     """A trial's own training loop (``finetune``: its token views on the host, the keyed draws, the transfers, the
-    schedule, global clipping at 2.0, fused AdamW, the meter) at setting ``s`` for 1 + ``steps`` steps, on random
-    token maps of Oxford Flowers' 1,020 training images; timed between its first step (the FLOP-counting one) and its
-    last (the log's clock, after the logged losses have waited for the GPU), beside the bare step's row ``bare`` at
+    schedule, fused AdamW, the meter; without DP global clipping at 2.0, under DP ``privacy``'s Poisson batches of
+    ``s.batch`` expected examples, clipping, noise and accounting) for 1 + ``steps`` steps, on random token maps of
+    Oxford Flowers' 1,020 training images; timed between its first step (the FLOP-counting one) and its last (the
+    log's clock, after the logged values have waited for the GPU), beside the bare step's ``bare_images_per_s`` at
     the same setting: what a trial gets of the rate the dry-run estimate is built from."""
     vqvae, var = models.adapted(s.depth, s.method)
     generator = torch.Generator().manual_seed(0)
@@ -807,21 +812,55 @@ def trial_loop_row(models: Models, s: Setting, *, steps: int, bare: dict) -> dic
             optimization=OptimizationConfig(steps=1 + steps, batch_size=s.batch),
             method=MethodConfig(name=s.method),
             plan=RunPlan(planned_steps=1 + steps, log_every=1 + steps),
+            privacy=privacy,
             resources=ResourcesConfig(attention_kernel=s.kernel),
             log=lambda entry: logged.append(time.perf_counter()),
         ),
         device=models.device,
     )
-    images_per_s = steps * s.batch / (logged[-1] - logged[0])
+    images_per_s = steps * s.batch / (logged[-1] - logged[0])  # under DP: the expected batch, as the ledger
     return {
         **asdict(s),
+        "clipping": None if privacy is None else privacy.clipping,
         "steps": steps,
         "loop_images_per_s": images_per_s,
-        "step_images_per_s": bare["images_per_s"],
-        "loop_vs_step": images_per_s / bare["images_per_s"],
+        "step_images_per_s": bare_images_per_s,
+        "loop_vs_step": images_per_s / bare_images_per_s,
         "meter_rows_per_s": out["compute"]["rows_per_second"],
-        "host_waits": waits,  # the two logged steps' losses read back, and nothing per step, if the loop holds
+        "host_waits": waits,  # the two logged steps' values read back, and nothing per step, if the loop holds
     }
+
+
+def measure_dp_trial_loop(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+    """DP-LoRA's loop (book-keeping, k = 1, ``dp_rows`` expected examples, epsilon 8) beside its bare DP step."""
+    depth = plan.depths[0]
+    bare = next(
+        (
+            r
+            for r in rec.data.get("privacy", [])
+            if (r["depth"], r["method"], r["k"], r["clipping"], r["route"])
+            == (depth, "lora", 1, "bookkeeping", "auto")
+            and r["precision"] == "bf16 autocast"
+        ),
+        None,
+    )
+    if bare is None or not in_time(rec, plan, phase, f"d{depth} lora DP trial loop"):
+        return
+    setting = Setting(depth, "lora", DP_KERNEL, fused=True, batch=plan.dp_rows)
+    privacy = PrivacyConfig(
+        target_epsilon=8.0,
+        sampling_rate=plan.dp_rows / FLOWERS_TRAIN_IMAGES,
+        max_grad_norm=1.0,
+        clipping="bookkeeping",
+    )
+    rec.measure(
+        "trial_loops",
+        f"{setting.label()} DP",
+        lambda: trial_loop_row(
+            models, setting, steps=plan.loop_steps, bare_images_per_s=bare["rows_per_s"], privacy=privacy
+        ),
+    )
+    free_memory()
 
 
 def measure_trial_loops(rec: Recorder, plan: Plan, models: Models, depth: int, phase: str) -> None:
@@ -843,7 +882,7 @@ def measure_trial_loops(rec: Recorder, plan: Plan, models: Models, depth: int, p
             "trial_loops",
             setting.label(),
             lambda setting=setting, best=best: trial_loop_row(
-                models, setting, steps=plan.loop_steps, bare=best
+                models, setting, steps=plan.loop_steps, bare_images_per_s=best["images_per_s"]
             ),
         )
         free_memory()
@@ -1043,7 +1082,13 @@ def measure_privacy(rec: Recorder, plan: Plan, models: Models, phase: str) -> No
     for dtype in (torch.bfloat16, torch.float32):
         rec.measure("norm_accuracy", str(dtype), lambda dtype=dtype: norm_errors(models.device, dtype))
     device = models.device
-    for depth, method, k, clipping, precision in privacy_schedule(plan):
+    schedule = privacy_schedule(plan)
+    targets = sum(
+        1 for *_, clipping, precision in schedule if clipping in (None, "bookkeeping") and precision == "bf16"
+    )
+    for i, (depth, method, k, clipping, precision) in enumerate(schedule):
+        if i == targets:  # the targets' rows are in: DP-LoRA's loop beside its step, before the options
+            measure_dp_trial_loop(rec, plan, models, phase)
         name = f"d{depth} {method} k={k} {clipping or 'no DP'} {precision}"
         if not in_time(rec, plan, phase, name):
             continue
@@ -1517,6 +1562,12 @@ def profile_tables(profiles: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _loop_kind(row: dict) -> str:
+    if row.get("clipping") is None:
+        return "global clipping"
+    return f"DP, {row['clipping']}, Poisson batches of that many expected examples"
+
+
 def _waits(waits: dict | None) -> str:
     if waits is None:
         return "not counted (no CUDA)"
@@ -1593,9 +1644,9 @@ def report(data: dict, *, command: str) -> str:
             )
         lines.append("")
     lines += [
-        f"A trial's loop (`finetune`: host token views, keyed draws, transfers, schedule, global clipping, the meter) "
-        f"at d{r['depth']} {r['method']} batch {r['batch']}: {r['loop_images_per_s']:.1f} images/s over {r['steps']} "
-        f"steps, {r['loop_vs_step']:.2f}x the bare step's {r['step_images_per_s']:.1f} (its meter, the counting "
+        f"A trial's loop (`finetune`: host token views, keyed draws, transfers, schedule, the meter; "
+        f"{_loop_kind(r)}) at d{r['depth']} {r['method']} batch {r['batch']}: {r['loop_images_per_s']:.1f} images/s "
+        f"over {r['steps']} steps, {r['loop_vs_step']:.2f}x the bare step's {r['step_images_per_s']:.1f} (its meter, the counting "
         f"step included: {_num(r['meter_rows_per_s'])} rows/s). Host waits for the GPU in the loop: "
         f"{_waits(r.get('host_waits'))}."
         for r in data.get("trial_loops", [])

@@ -62,10 +62,14 @@ def test_every_section_is_measured_with_numbers(smoke):
         assert all(
             _number(r[key]) for key in ("step_ms", "images_per_s", "useful_tflop_per_step", "mfu_measured")
         )
-    loops = data[
-        "trial_loops"
-    ]  # a trial's own loop at each method's fastest trials' setting, beside its bare step
-    assert [r["method"] for r in loops] == ["full", "lora"] and all(r["kernel"] == "per_scale" for r in loops)
+    # A trial's own loop at each method's fastest trials' setting, and DP-LoRA's, each beside its bare step.
+    loops = data["trial_loops"]
+    assert [(r["method"], r["clipping"]) for r in loops] == [
+        ("full", None),
+        ("lora", None),
+        ("lora", "bookkeeping"),
+    ]
+    assert all(r["kernel"] == "per_scale" for r in loops)
     for r in loops:
         assert all(_number(r[key]) for key in ("loop_images_per_s", "step_images_per_s", "loop_vs_step"))
         assert r["host_waits"] is None  # counted on a GPU only (CUDA's sync debug mode)
