@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.schema import MethodConfig
+from trainables.assets import OFFICIAL_VAR
 from trainables.data.tokens import TokenViews
 from trainables.draws import ExampleKey, example_draws
 from trainables.methods import adapt, trainable_parameters
@@ -65,14 +66,7 @@ def host_work(views: int, examples: int, k: int, *, calls: int = 30) -> dict:
 
 
 def adapted_var(depth: int, method: str, *, device: str) -> torch.nn.Module:
-    var = build_var(
-        depth=depth,
-        num_classes=1000,
-        patch_nums=OFFICIAL_PATCH_NUMS,
-        vocab_size=4096,
-        z_channels=32,
-        device=device,
-    )
+    var = build_var(depth=depth, **OFFICIAL_VAR, device=device)
     adapt(var, MethodConfig(name=method), num_classes=CLASSES, seed=0)
     return var
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import peft
@@ -24,6 +26,17 @@ TINY_VQVAE = dict(
 TINY_VAR = dict(
     depth=2, num_classes=5, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, embed_dim=64, num_heads=2
 )
+
+
+def run_script(name: str, *args: str, timeout: float = 600) -> str:
+    """``python scripts/<name> *args`` from the repository as a user runs it (its $OUT unset); its standard output.
+    A failure fails the test with the end of its standard error."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env.pop("OUT", None)
+    command = [sys.executable, f"scripts/{name}", *args]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
 
 
 def reference_file(name: str) -> Path:

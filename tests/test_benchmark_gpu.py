@@ -6,12 +6,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -25,28 +23,8 @@ def _number(value) -> bool:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("benchmark_gpu") / "run.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    env.pop("OUT", None)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "scripts/benchmark_gpu.py",
-            "--device",
-            "cpu",
-            "--depth",
-            "2",
-            "--quick",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return {"data": json.loads(out.read_text()), "stdout": done.stdout}
+    stdout = run_script("benchmark_gpu.py", "--device", "cpu", "--depth", "2", "--quick", "--out", str(out))
+    return {"data": json.loads(out.read_text()), "stdout": stdout}
 
 
 def test_every_section_is_measured_with_numbers(smoke):

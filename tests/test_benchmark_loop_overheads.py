@@ -3,11 +3,9 @@ averaging counted and timed beside one per parameter."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -23,18 +21,18 @@ def test_lora_s_gradients_take_one_all_reduce_and_full_fine_tuning_s_large_ones_
 
 
 def test_the_script_times_both_forms_over_gloo_and_prints_its_tables():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "scripts")])}
-    done = subprocess.run(
-        [sys.executable, "scripts/benchmark_loop_overheads.py", "--depths", "2", "--timed-depth", "2"]
-        + ["--rounds", "1", "--methods", "lora"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    stdout = run_script(
+        "benchmark_loop_overheads.py",
+        "--depths",
+        "2",
+        "--timed-depth",
+        "2",
+        "--rounds",
+        "1",
+        "--methods",
+        "lora",
     )
-    assert done.returncode == 0, done.stderr[-4000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
     host = [line for line in rows if line.count("|") == 5 and line[2].isdigit()]
     assert len(host) == 3 and all(float(line.split("|")[4]) > 0 for line in host)
     (lora,) = [line for line in rows if line.startswith("| 2 | lora |")]
