@@ -1,7 +1,7 @@
 """What a trial's training loop does besides its steps' kernels, measured on this machine's CPU: the host work that
-precedes each forward (the keyed draws and the gather of the token views), and averaging gradients over DDP ranks,
-one all-reduce per parameter (varsweep before, and Opacus's ``reduce_gradients``) beside
-``trainables.training.average_gradients``, side by side in one run.
+precedes each forward (the keyed draws and the gather of the token views), a DP run's epsilon reading at its logging
+steps, and averaging gradients over DDP ranks, one all-reduce per parameter (varsweep before, and Opacus's
+``reduce_gradients``) beside ``trainables.training.average_gradients``; each side by side in one run.
 
 Usage: python scripts/benchmark_loop_overheads.py [--depths 16,20] [--methods full,lora] [--timed-depth 16]
                                                   [--world 2] [--rounds 9] [--out docs/benchmarks.md]
@@ -10,6 +10,9 @@ Host work: ``example_draws`` and ``TokenViews.take`` for Oxford Flowers' 1,020 t
 views each (int16 token maps of the official 10 scales, d16's 32 drop-path branches), medians of 30 calls. It is
 the time a GPU idles per forward when the host waits for the GPU before starting it, and the time a trial's loop
 can hide behind the GPU's work when it does not.
+Accounting: a DP run's RDP epsilon at a logging step (every 50 steps by default; the GPU waits meanwhile), by
+Opacus's ``RDPAccountant`` over ``RDP_ORDERS`` beside ``trainables.privacy.epsilon_spent`` (the first reading and
+the median of the next nine, at 10 step counts), for three (sigma, q) pairs.
 Averaging: all-reduces per step are counted exactly for the trainable gradients of a VAR adapted as a trial adapts
 it (the official architectures, 102 classes; built on the meta device: nothing is allocated); they do not depend on
 the device. Times: ``--world`` processes on this CPU over gloo, at ``--timed-depth``, the two forms alternating
@@ -29,8 +32,10 @@ import benchmark_common
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from opacus.accountants import RDPAccountant
 
 from bench.schema import MethodConfig
+from trainables import privacy
 from trainables.assets import OFFICIAL_VAR
 from trainables.data.tokens import TokenViews
 from trainables.draws import ExampleKey, example_draws
@@ -63,6 +68,40 @@ def host_work(views: int, examples: int, k: int, *, calls: int = 30) -> dict:
         data.take(indices, k=k, uniform_bV=drawn.views_bV)
         seconds.append(time.perf_counter() - start)
     return {"views": views, "examples": examples, "k": k, "ms": 1e3 * statistics.median(seconds)}
+
+
+# (noise multiplier, sampling rate): 32 expected examples of Oxford Flowers' 1,020 at two noise levels, and a large
+# sampling rate (the reading's cost grows with q)
+ACCOUNTING_SETTINGS = ((1.0, 0.03), (0.6, 0.0314), (2.0, 0.5))
+
+
+def accounting(noise_multiplier: float, sampling_rate: float) -> dict:
+    """Milliseconds of an RDP epsilon reading at 10 step counts: Opacus's accountant (median) and epsilon_spent
+    (its first reading, then the median of the rest)."""
+    privacy._rdp_of_one_step.cache_clear()
+    before, now = [], []
+    for steps in range(50, 550, 50):
+        accountant = RDPAccountant()
+        accountant.history = [(noise_multiplier, sampling_rate, steps)]
+        start = time.perf_counter()
+        accountant.get_epsilon(delta=1e-3, alphas=privacy.RDP_ORDERS)
+        before.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        privacy.epsilon_spent(
+            noise_multiplier=noise_multiplier,
+            sampling_rate=sampling_rate,
+            steps=steps,
+            delta=1e-3,
+            accountants=("rdp",),
+        )
+        now.append(time.perf_counter() - start)
+    return {
+        "noise_multiplier": noise_multiplier,
+        "sampling_rate": sampling_rate,
+        "accountant_ms": 1e3 * statistics.median(before),
+        "first_ms": 1e3 * now[0],
+        "later_ms": 1e3 * statistics.median(now[1:]),
+    }
 
 
 def adapted_var(depth: int, method: str, *, device: str) -> torch.nn.Module:
@@ -123,7 +162,7 @@ def timed(depth: int, method: str, *, world: int, rounds: int) -> dict:
         return torch.load(result, weights_only=True)
 
 
-def report(host: list[dict], rows: list[dict], *, command: str, world: int) -> str:
+def report(host: list[dict], accounts: list[dict], rows: list[dict], *, command: str, world: int) -> str:
     lines = [
         f"`{command}` ({benchmark_common.machine()}, {benchmark_common.stamp()}).",
         "",
@@ -132,6 +171,16 @@ def report(host: list[dict], rows: list[dict], *, command: str, world: int) -> s
         "| cached views V | examples per forward | k | ms |",
         "|---|---|---|---|",
         *(f"| {r['views']} | {r['examples']} | {r['k']} | {r['ms']:.2f} |" for r in host),
+        "",
+        "A DP run's RDP epsilon reading (at 10 step counts from 50 to 500):",
+        "",
+        "| noise multiplier | sampling rate | RDPAccountant (ms) | epsilon_spent, first (ms) | epsilon_spent, later (ms) |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['noise_multiplier']} | {r['sampling_rate']} | {r['accountant_ms']:.1f} | {r['first_ms']:.1f} "
+            f"| {r['later_ms']:.2f} |"
+            for r in accounts
+        ),
         "",
         f"DDP gradient averaging, all-reduces per step: gradients under {SMALL_GRADIENT_BYTES // 2**20} MiB are "
         "all-reduced together (a flat copy per dtype and device), larger ones in place; times: "
@@ -163,6 +212,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     host = [host_work(*setting) for setting in HOST_SETTINGS]
+    accounts = [accounting(*setting) for setting in ACCOUNTING_SETTINGS]
     rows = []
     for depth in (int(d) for d in args.depths.split(",")):
         for method in args.methods.split(","):
@@ -173,7 +223,7 @@ def main() -> None:
     command = "python scripts/benchmark_loop_overheads.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
     )
-    benchmark_common.publish(report(host, rows, command=command, world=args.world), args.out)
+    benchmark_common.publish(report(host, accounts, rows, command=command, world=args.world), args.out)
 
 
 if __name__ == "__main__":

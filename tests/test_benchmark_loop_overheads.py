@@ -35,6 +35,10 @@ def test_the_script_times_both_forms_over_gloo_and_prints_its_tables():
     rows = [line for line in stdout.splitlines() if line.startswith("| ")]
     host = [line for line in rows if line.count("|") == 5 and line[2].isdigit()]
     assert len(host) == 3 and all(float(line.split("|")[4]) > 0 for line in host)
+    accounting = [line for line in rows if line.count("|") == 6 and line[2].isdigit()]
+    assert len(accounting) == 3 and all(
+        float(cell) > 0 for line in accounting for cell in line.split("|")[3:6]
+    )
     (lora,) = [line for line in rows if line.startswith("| 2 | lora |")]
     cells = [cell.strip() for cell in lora.split("|")[1:-1]]
     assert cells[5] == "1" and cells[4] == cells[2]  # one all-reduce now, one per gradient before

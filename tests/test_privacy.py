@@ -553,6 +553,31 @@ def test_reported_epsilon_equals_independent_computation(sigma, q, steps):
     )  # PRV is the tighter accountant
 
 
+def test_an_rdp_reading_is_the_rdp_accountant_s_and_computes_one_step_s_rdp_once(monkeypatch):
+    """A DP run reads its RDP epsilon at every logging step (the GPU waiting meanwhile); the one-step RDP over the
+    orders is the whole cost and the same at every step, so it is computed once per (sigma, q, orders). The readings
+    are Opacus's RDPAccountant's, bit for bit."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    from trainables.privacy import RDP_ORDERS
+
+    calls = []
+    compute = rdp_analysis._compute_rdp
+    monkeypatch.setattr(rdp_analysis, "_compute_rdp", lambda *a: calls.append(a) or compute(*a))
+    sigma, q, delta = 0.93, 0.0371, 1e-4  # a pair no other test reads (the cache is per process)
+    for steps in (1, 50, 100, 5000):
+        accountant = RDPAccountant()
+        accountant.history = [(sigma, q, steps)]
+        want = float(accountant.get_epsilon(delta=delta, alphas=RDP_ORDERS))
+        calls.clear()
+        got = epsilon_spent(
+            noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta, accountants=("rdp",)
+        )
+        assert got["rdp"] == want
+        assert len(calls) == (len(RDP_ORDERS) if steps == 1 else 0)
+
+
 def _ln_tuning_steps(vqvae, data, *, steps: int, target_epsilon: float):
     """(model, DP state) after ``steps`` planned steps of LN tuning (k = 1, q = 0.25, sigma calibrated to the
     target)."""
