@@ -17,10 +17,12 @@ from pathlib import Path
 import psutil
 import torch
 
+from trainables.data.tokens import TokenViews
 from trainables.models import OFFICIAL_PATCH_NUMS, build_var, build_vqvae
 from trainables.profiling import Stopwatch
 
 REPO = Path(__file__).resolve().parent.parent
+FLOWERS_CLASSES, FLOWERS_TRAIN_IMAGES = 102, 1020  # Oxford Flowers' classes and training images
 
 
 @contextlib.contextmanager
@@ -109,3 +111,18 @@ def official_models(*, depth: int = 16, num_classes: int = 1000, vqvae_channels:
         depth=depth, num_classes=num_classes, patch_nums=OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32
     )
     return vqvae, var
+
+
+def flowers_token_views(*, views: int = 1, seed: int = 0) -> TokenViews:
+    """Random token views shaped as Oxford Flowers' token cache: 1,020 examples of 102 classes, ``views`` cached views
+    of the official 10 scales' maps each (int16, the official 4,096 codes)."""
+    generator = torch.Generator().manual_seed(seed)
+    return TokenViews(
+        torch.randint(0, FLOWERS_CLASSES, (FLOWERS_TRAIN_IMAGES,), generator=generator),
+        tuple(
+            torch.randint(
+                0, 4096, (FLOWERS_TRAIN_IMAGES, views, pn * pn), generator=generator, dtype=torch.int16
+            )
+            for pn in OFFICIAL_PATCH_NUMS
+        ),
+    )

@@ -95,7 +95,6 @@ from bench.schema import (
     PrivacyConfig,
     ResourcesConfig,
 )
-from trainables.data.tokens import TokenViews
 from trainables.evaluation.features import uint8_batches
 from trainables.evaluation.generate import generate, generation_plan
 from trainables.finetune import RunPlan, finetune
@@ -107,8 +106,12 @@ from trainables.privacy import make_private, private_step
 from trainables.profiling import PEAK_FLOPS, Stopwatch, peak_flops_per_second
 from trainables.training import bf16_autocast, build_optimizer, compile_blocks, view_losses
 
-CLASSES, VOCAB, GIB = 102, 4096, 1024**3  # Oxford Flowers' classes; the official codebook
-FLOWERS_TEST_IMAGES, FLOWERS_TRAIN_IMAGES = 6149, 1020
+CLASSES, VOCAB, GIB = (
+    benchmark_common.FLOWERS_CLASSES,
+    4096,
+    1024**3,
+)  # Oxford Flowers' classes; the official codebook
+FLOWERS_TEST_IMAGES = 6149
 GENERATION_DEPTH = 16
 # Compiled sampling replays every scale from its fourth call on: the first runs scale 0 eagerly (it allocates the
 # static KV caches), compiles scales 1-9 and runs their CUDA-graph warm-up; the second compiles scale 0 and records
@@ -793,16 +796,7 @@ def trial_loop_row(
     log's clock, after the logged values have waited for the GPU), beside the bare step's ``bare_images_per_s`` at
     the same setting: what a trial gets of the rate the dry-run estimate is built from."""
     vqvae, var = models.adapted(s.depth, s.method)
-    generator = torch.Generator().manual_seed(0)
-    data = TokenViews(
-        torch.randint(0, CLASSES, (FLOWERS_TRAIN_IMAGES,), generator=generator),
-        tuple(
-            torch.randint(
-                0, VOCAB, (FLOWERS_TRAIN_IMAGES, 1, pn * pn), generator=generator, dtype=torch.int16
-            )
-            for pn in var.patch_nums
-        ),
-    )
+    data = benchmark_common.flowers_token_views()
     logged = []  # the clock at the first and the last step: the only two it logs
     out, waits = host_waits(
         lambda: finetune(
@@ -849,7 +843,7 @@ def measure_dp_trial_loop(rec: Recorder, plan: Plan, models: Models, phase: str)
     setting = Setting(depth, "lora", DP_KERNEL, fused=True, batch=plan.dp_rows)
     privacy = PrivacyConfig(
         target_epsilon=8.0,
-        sampling_rate=plan.dp_rows / FLOWERS_TRAIN_IMAGES,
+        sampling_rate=plan.dp_rows / benchmark_common.FLOWERS_TRAIN_IMAGES,
         max_grad_norm=1.0,
         clipping="bookkeeping",
     )

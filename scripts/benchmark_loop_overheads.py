@@ -37,30 +37,22 @@ from opacus.accountants import RDPAccountant
 from bench.schema import MethodConfig
 from trainables import privacy
 from trainables.assets import OFFICIAL_VAR
-from trainables.data.tokens import TokenViews
 from trainables.draws import ExampleKey, example_draws
 from trainables.methods import adapt, trainable_parameters
-from trainables.models import OFFICIAL_PATCH_NUMS, build_var
+from trainables.models import build_var
 from trainables.training import SMALL_GRADIENT_BYTES, average_gradients, gradient_collectives
 
-CLASSES, TRAIN_IMAGES, DROP_PATH_BRANCHES = 102, 1020, 32
+DROP_PATH_BRANCHES = 32  # VAR-d16's residual branches
 # (cached views V, examples per forward b, views per example k): a non-DP batch of 16 and of 64, a DP chunk at k = 32
 HOST_SETTINGS = ((8, 16, 1), (32, 64, 1), (32, 8, 32))
 
 
 def host_work(views: int, examples: int, k: int, *, calls: int = 30) -> dict:
     """Median milliseconds of one forward's draws and gather (on the host, as trials run them)."""
-    generator = torch.Generator().manual_seed(0)
-    data = TokenViews(
-        torch.randint(0, CLASSES, (TRAIN_IMAGES,), generator=generator),
-        tuple(
-            torch.randint(0, 4096, (TRAIN_IMAGES, views, pn * pn), generator=generator, dtype=torch.int16)
-            for pn in OFFICIAL_PATCH_NUMS
-        ),
-    )
+    data, generator = benchmark_common.flowers_token_views(views=views), torch.Generator().manual_seed(1)
     key, seconds = ExampleKey.from_entropy(), []
     for step in range(calls):
-        indices = torch.randperm(TRAIN_IMAGES, generator=generator)[:examples]
+        indices = torch.randperm(benchmark_common.FLOWERS_TRAIN_IMAGES, generator=generator)[:examples]
         start = time.perf_counter()
         drawn = example_draws(
             key, indices, step=step, num_views=views, k=k, drop_path_branches=DROP_PATH_BRANCHES
@@ -106,7 +98,7 @@ def accounting(noise_multiplier: float, sampling_rate: float) -> dict:
 
 def adapted_var(depth: int, method: str, *, device: str) -> torch.nn.Module:
     var = build_var(depth=depth, **OFFICIAL_VAR, device=device)
-    adapt(var, MethodConfig(name=method), num_classes=CLASSES, seed=0)
+    adapt(var, MethodConfig(name=method), num_classes=benchmark_common.FLOWERS_CLASSES, seed=0)
     return var
 
 

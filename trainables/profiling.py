@@ -190,8 +190,8 @@ class StepMeter:
     The time is a training segment's wall time: from the first step after a ``pause`` (or the start) to the next
     ``pause``, CUDA synchronised at both ends only. Steps in between do not wait for the GPU, so the host draws and
     copies the next batch and queues its kernels while the GPU still runs the last step's; the host work between
-    steps (the schedule, the draws, the loop) is training time too. Whatever must not count (an evaluation, a
-    checkpoint) pauses the meter first."""
+    steps (the schedule, the draws, the loop) is training time too. Whatever must not count (a log, DP's
+    accounting, an evaluation, a checkpoint) pauses the meter first."""
 
     def __init__(
         self,
