@@ -294,7 +294,9 @@ def _describe(m: dict) -> str:
     dp = "no DP" if m["clipping"] is None else f"DP {m['clipping']}"
     source = m["source"]
     settings = ", ".join(
-        f"{key} {m[key]}" for key in ("attention_kernel", "compile", "rows_per_forward") if key in m
+        f"{key} {m[key]}"
+        for key in ("attention_kernel", "compile", "rows_per_forward", "measured_in")
+        if key in m
     )
     return (
         f"{m['device']} d{m['depth']} {m['method']} {dp} k={m['augmentation_multiplicity']} {m['precision']}: "

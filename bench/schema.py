@@ -561,7 +561,8 @@ class AuditConfig:
 # torch). "auto" runs per-scale SDPA: the masked kernel's numbers up to rounding, without the hidden pairs' FLOPs.
 ATTENTION_KERNEL_CHOICES = ("auto", "masked", "per_scale", "flex")
 AUTO_ATTENTION_KERNEL = "per_scale"
-# The DP clipping modes resources.compile composes with ("auto" is book-keeping for every adapted VAR).
+# The DP clipping modes resources.compile and resources.compile_sampling compose with ("auto" is book-keeping for
+# every adapted VAR).
 COMPILE_CLIPPING = ("auto", "bookkeeping")
 
 
@@ -580,7 +581,10 @@ class ResourcesConfig:
     worker puts through one forward and backward, with or without DP, the rest of its share of the batch
     accumulated over further forwards into the same gradient (an example's views always share a forward, so it is
     0 or at least k; 0: the whole share at once). It bounds memory for any batch size, Poisson batches included;
-    a smaller GPU lowers it and keeps the trial id."""
+    a smaller GPU lowers it and keeps the trial id. compile_sampling: evaluations (the final one and the
+    convergence curve's) draw with each scale's step ``torch.compile``'d (``VAR.sample(compiled=True)``; CUDA graphs
+    on CUDA), every batch padded to ``evaluation.batch_size`` so one compile serves them all; the images are those
+    of eager sampling up to float rounding and the padding's draws, and their record says which path drew them."""
 
     workers: int = 1
     gpus_per_worker: float = 1.0
@@ -592,6 +596,7 @@ class ResourcesConfig:
     attention_kernel: str = "auto"
     compile: bool = False
     rows_per_forward: int = 256
+    compile_sampling: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -746,6 +751,13 @@ class TrialConfig:
                 f"does not compose with privacy.clipping={self.privacy.clipping!r} (Opacus's per-layer hooks recompile "
                 "the blocks for every layer, ghost clipping's second backward cannot run through compiled ones): "
                 f"use clipping in {COMPILE_CLIPPING} or compile=false",
+            )
+            _require(
+                not self.resources.compile_sampling or self.privacy.clipping in COMPILE_CLIPPING,
+                "resources.compile_sampling",
+                f"does not compose with privacy.clipping={self.privacy.clipping!r} (the convergence curve samples "
+                "while Opacus's module hooks are on the model, and they break each compiled scale step into a graph "
+                f"per layer): use clipping in {COMPILE_CLIPPING} or compile_sampling=false",
             )
             _require(
                 self.privacy.augmentation_multiplicity <= self.data.cached_views,
@@ -1037,12 +1049,14 @@ class ClassifierFacts(TypedDict):
 class SamplingRecord(TypedDict):
     """The sampler's settings an image set was drawn with, under ``EvaluationConfig``'s names (``cfg`` and
     ``seed`` in records written before they were renamed ``guidance_scale`` and ``sampling_seed``); autocast_bf16:
-    the trial's ``optimization.autocast_bf16`` (CUDA only)."""
+    the trial's ``optimization.autocast_bf16`` (CUDA only); compiled: present (True) where compiled steps drew the
+    images (``resources.compile_sampling``), absent for eager sampling."""
 
     top_k: int
     top_p: float
     batch_size: int
     autocast_bf16: bool
+    compiled: NotRequired[bool]
     guidance_scale: NotRequired[float]
     sampling_seed: NotRequired[int]
     cfg: NotRequired[float]

@@ -51,7 +51,9 @@ compiles (a compile takes tens of seconds, and a run cut short keeps the targets
    compiled afresh (dynamo reset: no graphs of another model or batch size count toward its recompile limit);
    rows record the graphs dynamo compiled.
 8. generation with ``compiled=True`` (CUDA graphs), the fastest eager batch first; rows record CUDA-graph skips.
-   Then the evaluation at it, if it is the fastest setting.
+   Then the evaluation at it, if it is the fastest setting, and at a trial's setting with
+   ``resources.compile_sampling`` (``generate(compiled=True)``: its batch size's compile timed apart, once per
+   process, beside the warm rate).
 9. the other depths' eager and compiled training.
 Every measurement runs in its own try/except (the error is recorded and the run goes on) and the JSON is written
 to ``--out`` (default ``$OUT/benchmark_gpu.json`` when $OUT is set) after every one, so a run cut short keeps
@@ -816,6 +818,8 @@ def trial_loop_row(
     return {
         **asdict(s),
         "clipping": None if privacy is None else privacy.clipping,
+        "k": 1 if privacy is None else privacy.augmentation_multiplicity,
+        "precision": "bf16 autocast",  # the trial's default autocast_bf16, as the bare step's rows
         "steps": steps,
         "loop_images_per_s": images_per_s,
         "step_images_per_s": bare_images_per_s,
@@ -1301,25 +1305,30 @@ def random_inception(device: torch.device) -> nn.Module:
 def measure_evaluation(
     rec: Recorder, plan: Plan, models: Models, phase: str, *, fastest_only: bool = False
 ) -> None:
-    """Generation plus Inception-v3 features, timed together, at two settings: a trial's (eager sampling at
+    """Generation plus Inception-v3 features, timed together, at a trial's setting (sampling at
     ``EvaluationConfig.batch_size``, on ``plan.evaluation_trial_images`` images, extrapolated: what a trial's
-    evaluation costs today) and the fastest generation setting measured (on ``plan.evaluation_images``: what the
-    target asks of the fast paths). ``fastest_only``: the second alone, and only if the fastest setting is one not
-    evaluated yet (after compiled generation)."""
+    evaluation costs; eager, and after compiled generation with ``resources.compile_sampling``, its compile timed
+    apart) and at the fastest generation setting measured (on ``plan.evaluation_images``: what the target asks of
+    the fast paths). ``fastest_only`` (after compiled generation): the fastest setting if not evaluated yet, and
+    the trial's setting compiled."""
     gens = rec.data.get("generation", [])
     best = max(gens, key=lambda r: r["images_per_s"], default=None)
     if best is None:
         rec.skip(phase, "evaluation", "no generation setting was measured")
         return
-    done = {(r["batch"], r["compiled"]) for r in rec.data.get("evaluation", [])}
+    done = {(r["setting"], r["batch"], r["compiled"]) for r in rec.data.get("evaluation", [])}
     trial_batch = min(EvaluationConfig.batch_size, plan.evaluation_trial_images)
     trial = ("trial", trial_batch, False, plan.evaluation_trial_images)
     settings = [] if fastest_only else [trial]
     settings.append(("fastest", best["batch"], best["compiled"], plan.evaluation_images))
+    if fastest_only and plan.generation_compiled:  # compile_sampling's row: its compile and warm rate
+        settings.append(("trial", trial_batch, True, plan.evaluation_trial_images))
     for name, batch, compiled, images in settings:
-        if (batch, compiled) in done or not in_time(rec, plan, phase, f"evaluation {name}"):
+        if (name, batch, compiled) in done or (name == "fastest" and ("trial", batch, compiled) in done):
             continue  # (a CPU smoke run's fastest setting is the trial's)
-        done.add((batch, compiled))
+        if not in_time(rec, plan, phase, f"evaluation {name} compiled={compiled}"):
+            continue
+        done.add((name, batch, compiled))
         rec.measure(
             "evaluation",
             f"{name}: {images} images at batch {batch}",
@@ -1334,19 +1343,29 @@ def evaluation_row(
 ) -> dict:
     """Generation then Inception-v3 features of ``images`` images, timed. A trial's setting draws through the
     trials' own ``generate`` into a folder (its weights' fingerprint, the PNG files the trial keeps), so its row
-    costs what a trial's evaluation does; the fastest setting draws in memory, the fast path's own cost."""
+    costs what a trial's evaluation does; the fastest setting draws in memory, the fast path's own cost. Compiled,
+    the timed draws follow warm calls, the first timed apart: a trial's batch size compiles there, once per
+    process (the fastest setting's graphs were compiled in the generation phase: its first call re-records)."""
     vqvae, var = models.adapted(depth, "base")
+    first_call_s = None
     try:
         var.eval()
         extractor = random_inception(models.device)
-        # Every batch has the one size (a last, smaller one would compile again); extras are dropped.
+        # Every batch has the one size (a last, smaller one would compile again; ``generate`` pads it alike);
+        # extras are dropped.
         fn = sample_fn(var, vqvae, batch, compiled=compiled, device=models.device, seed=1)
-        for _ in range(1 + COMPILED_WARM_CALLS if compiled else 0):
-            fn()  # this model's graphs: the compile cost was measured in the generation phase
+        if compiled:
+            with Stopwatch(models.device) as first:
+                fn()
+            first_call_s = first.seconds
+            for _ in range(COMPILED_WARM_CALLS):
+                fn()
         with tempfile.TemporaryDirectory() as folder, Stopwatch(models.device) as total:
             with Stopwatch(models.device) as gen_watch:
                 if setting == "trial":  # scored as ``evaluate`` scores: in chunks of 64
-                    drawn = trial_generation(var, vqvae, batch=batch, images=images, folder=folder)
+                    drawn = trial_generation(
+                        var, vqvae, batch=batch, images=images, folder=folder, compiled=compiled
+                    )
                     uint8_images = list(uint8_batches(drawn))
                 else:
                     uint8_images = in_memory_generation(fn, images)
@@ -1365,6 +1384,7 @@ def evaluation_row(
         "features_s": feat_watch.seconds,
         "total_s": total.seconds,
         "flowers_total_s_extrapolated": total.seconds * FLOWERS_TEST_IMAGES / images,
+        "first_call_s": first_call_s,  # compiled: the first batch's call, compile included
         "feature_dim": int(features[0][0].shape[-1]),
     }
 
@@ -1378,12 +1398,15 @@ def in_memory_generation(fn: Callable[[], torch.Tensor], images: int) -> list[to
     return batches
 
 
-def trial_generation(var, vqvae, *, batch: int, images: int, folder: str) -> torch.Tensor:
+def trial_generation(var, vqvae, *, batch: int, images: int, folder: str, compiled: bool) -> torch.Tensor:
     """``images`` images as a trial's evaluation draws them: ``generate`` with the trials' sampling settings at
-    ``batch``, under bf16 autocast, PNGs written to ``folder``; uint8 [N, 3, H, W] on the CPU."""
+    ``batch``, under bf16 autocast, compiled as ``resources.compile_sampling`` says, PNGs written to ``folder``;
+    uint8 [N, 3, H, W] on the CPU."""
     evaluation = EvaluationConfig(extractor=SUBSTITUTE_EXTRACTOR, batch_size=batch)  # (no features here)
     plan = generation_plan([1] * CLASSES, total=images)
-    return generate(var, vqvae, plan, evaluation=evaluation, autocast_bf16=True, out_dir=folder)[0]
+    return generate(
+        var, vqvae, plan, evaluation=evaluation, autocast_bf16=True, compiled=compiled, out_dir=folder
+    )[0]
 
 
 # --- 6. profiles -----------------------------------------------------------------------------------------------
@@ -1697,7 +1720,12 @@ def report(data: dict, *, command: str) -> str:
             f"(compiled={r['compiled']}): generation{' with its PNG files' if r.get('png_files') else ''} "
             f"{r['generation_s']:.1f} s + Inception-v3 features {r['features_s']:.1f} s = {r['total_s']:.1f} s; "
             f"{FLOWERS_TEST_IMAGES:,} images (Oxford Flowers' test set): {r['flowers_total_s_extrapolated']:.1f} s "
-            "(target < 30 s).",
+            "(target < 30 s)"
+            + (
+                f"; the first call, compiling {r['batch']}-image batches: {r['first_call_s']:.1f} s, once per process."
+                if r.get("setting") == "trial" and r.get("first_call_s") is not None
+                else "."
+            ),
             "",
         ]
     lines += [
@@ -1717,10 +1745,38 @@ def report(data: dict, *, command: str) -> str:
 # --- measured throughput for the dry-run estimate ---------------------------------------------------------------
 
 
+def _loop_rate(data: dict, *, step_row: dict, clipping: str | None, k: int) -> dict:
+    """The rate an entry states: a trial's own loop (``finetune``) where one ran at exactly the step row's setting
+    (what a trial gets, its host work and transfers included), else the bare step's."""
+    bare = step_row["images_per_s"] if clipping is None else step_row["rows_per_s"]
+    wanted = {
+        "depth": step_row["depth"],
+        "method": step_row["method"],
+        "kernel": step_row["kernel"],
+        "batch": step_row.get("batch", step_row.get("rows")),
+        "compiled": step_row.get("compiled", False),
+        "fused": step_row.get("fused", True),
+        "clipping": clipping,
+        "k": k,
+        "precision": step_row["precision"],
+    }
+    loop = next(
+        (r for r in data.get("trial_loops", []) if all(r.get(key) == v for key, v in wanted.items())), None
+    )
+    if loop is None:
+        return {"rows_per_second": round(bare, 1), "measured_in": "bare step"}
+    return {
+        "rows_per_second": round(loop["loop_images_per_s"], 1),
+        "measured_in": "trial loop",
+        "bare_step_rows_per_second": round(bare, 1),
+    }
+
+
 def throughput_entries(data: dict, *, command: str, docs: str) -> list[dict]:
     """Entries for ``bench/measured_throughput.json`` from a run's results: per depth, method and (kernel,
     compile) the fastest setting with the fused AdamW trials use on CUDA and float32 weights (the frozen-bf16
-    lever is no trial option); per DP configuration its row."""
+    lever is no trial option); per DP configuration its row. Each states a trial loop's rate where one was
+    measured at its setting (``_loop_rate``), else the bare step's."""
     meta = data["meta"]
     source = {"script": command, "date": meta["stamp"][:10], "docs": docs, "torch": meta["torch"]}
     common = {"device": meta["device"], "tokens": "token cache", "source": source}
@@ -1740,7 +1796,7 @@ def throughput_entries(data: dict, *, command: str, docs: str) -> list[dict]:
                 "clipping": None,
                 "augmentation_multiplicity": 1,
                 "precision": r["precision"],
-                "rows_per_second": round(r["images_per_s"], 1),
+                **_loop_rate(data, step_row=r, clipping=None, k=1),
                 "rows_per_forward": r["batch"],
                 "attention_kernel": r["kernel"],
                 "compile": r["compiled"],
@@ -1759,7 +1815,7 @@ def throughput_entries(data: dict, *, command: str, docs: str) -> list[dict]:
                 "clipping": r["clipping"],
                 "augmentation_multiplicity": r["k"],
                 "precision": r["precision"],
-                "rows_per_second": round(r["rows_per_s"], 1),
+                **_loop_rate(data, step_row=r, clipping=r["clipping"], k=r["k"]),
                 "rows_per_forward": r["rows"],
                 "attention_kernel": r["kernel"],
                 "compile": False,

@@ -188,8 +188,27 @@ def test_a_run_refreshes_the_measured_throughput(smoke, tmp_path):
     row = next(
         r for r in data["privacy"] if r["method"] == "lora" and r["clipping"] == "bookkeeping" and r["k"] == 1
     )
-    assert new["rows_per_second"] == round(row["rows_per_s"], 1)
-    assert any(e["clipping"] is None and e["method"] == "full" for e in entries)  # a non-DP training rate too
+    loop = next(r for r in data["trial_loops"] if r["clipping"] == "bookkeeping")
+    assert (loop["depth"], loop["method"], loop["k"], loop["batch"]) == (2, "lora", 1, row["rows"])
+    # where a trial's own loop ran at the setting, the estimate prices trials at what the loop got
+    assert new["measured_in"] == "trial loop" and new["rows_per_second"] == round(
+        loop["loop_images_per_s"], 1
+    )
+    assert new["bare_step_rows_per_second"] == round(row["rows_per_s"], 1)
+    k2 = next(
+        e
+        for e in entries
+        if e["depth"] == 2 and e["clipping"] == "bookkeeping" and e["augmentation_multiplicity"] == 2
+    )
+    assert (
+        k2["measured_in"] == "bare step"
+    )  # no loop ran at k = 2 (the smoke's second k): the bare step's rate
+    full = [e for e in entries if e["clipping"] is None and e["method"] == "full"]
+    looped = [e for e in full if e["measured_in"] == "trial loop"]
+    assert full and len(looped) == 1  # the loop ran at one kernel and compile setting: the fastest eager one
+    full_loop = next(r for r in data["trial_loops"] if r["clipping"] is None and r["method"] == "full")
+    assert looped[0]["rows_per_second"] == round(full_loop["loop_images_per_s"], 1)
+    assert looped[0]["rows_per_forward"] == full_loop["batch"]
     demo = build_sweep("demo")[0]
     assert measured_rate(demo, entries) is None  # the tiny base is never priced from official measurements
 

@@ -134,3 +134,48 @@ def test_standalone_command_on_saved_checkpoints(tiny_var, tiny_vqvae, split, tm
     result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert result["images_generated"] == 5 and len(list((tmp_path / "eval" / "images").rglob("*.png"))) == 5
     assert "fid" in json.loads(capsys.readouterr().out)
+
+
+def test_compiled_sampling_draws_every_batch_at_one_shape_and_records_it(
+    tiny_var, tiny_vqvae, split, tmp_path
+):
+    """--compile-sampling (a trial's resources.compile_sampling): 5 images at batch 2 are drawn as three batches of
+    2 rows, the last padded, so the compiled step makes one graph per scale it runs (every scale but the first,
+    whose eager step allocates the KV buffers) and not one more per scale for the last batch's size. Greedy draws
+    give eager sampling's images up to rounding; the record and the folder's manifest say compiled, eager's not."""
+    import torch
+
+    from trainables.evaluation.generate import MANIFEST, read_generated
+
+    var_path, vqvae_path = (
+        save_var(tiny_var, tmp_path / "var.pth"),
+        save_vqvae(tiny_vqvae, tmp_path / "q.pth"),
+    )
+    common = ["--var", str(var_path), "--vqvae", str(vqvae_path), "--dataset", "folder", "--root"]
+    common += [str(tmp_path / "data"), "--split", "train", "--extractor", SUBSTITUTE_EXTRACTOR]
+    common += [
+        "--cfg",
+        "1.5",
+        "--top-k",
+        "1",
+        "--top-p",
+        "0",
+        "--batch-size",
+        "2",
+        "--cache",
+        str(tmp_path / "ref"),
+    ]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert main([*common, "--compile-sampling", "--out", str(tmp_path / "compiled")]) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(tiny_var.patch_nums) - 1
+    assert main([*common, "--out", str(tmp_path / "eager")]) == 0
+    records, images = {}, {}
+    for name in ("compiled", "eager"):
+        records[name] = json.loads((tmp_path / name / "evaluation.json").read_text())
+        manifest = json.loads((tmp_path / name / "images" / MANIFEST).read_text())
+        assert manifest["sampling"] == records[name]["sampling"]
+        images[name], _ = read_generated(tmp_path / name / "images", records[name]["plan"])
+    assert records["compiled"]["sampling"] == {**records["eager"]["sampling"], "compiled": True}
+    assert images["compiled"].shape == images["eager"].shape == (5, 3, 16, 16)
+    assert (images["compiled"].int() - images["eager"].int()).abs().max() <= 1  # uint8 levels: rounding only

@@ -1048,12 +1048,15 @@ def test_compiled_blocks_give_the_eager_clipped_dp_step_with_bookkeeping(vqvae):
     assert_same_readouts(dp_step_gradients(var, vqvae), expected, var)
 
 
-def test_compile_is_refused_with_opacus_hooks_and_ghost_clipping():
+@pytest.mark.parametrize("field", ("compile", "compile_sampling"))
+def test_compile_is_refused_with_opacus_hooks_and_ghost_clipping(field):
+    compiled = ResourcesConfig(**{field: True})
     for clipping in ("hooks", "ghost"):
-        with pytest.raises(ConfigError, match="resources.compile.*clipping"):
-            trial(privacy=dataclasses.replace(DP, clipping=clipping), resources=ResourcesConfig(compile=True))
-    trial(privacy=dataclasses.replace(DP, clipping="bookkeeping"), resources=ResourcesConfig(compile=True))
-    trial(privacy=DP, resources=ResourcesConfig(compile=True))  # auto: book-keeping for an adapted VAR
+        with pytest.raises(ConfigError, match=f"resources.{field}: .*clipping='{clipping}'"):
+            trial(privacy=dataclasses.replace(DP, clipping=clipping), resources=compiled)
+    trial(privacy=dataclasses.replace(DP, clipping="bookkeeping"), resources=compiled)
+    trial(privacy=DP, resources=compiled)  # auto: book-keeping for an adapted VAR
+    trial(resources=compiled)
 
 
 # --- fused AdamW ------------------------------------------------------------------------------------------
@@ -1118,7 +1121,12 @@ def test_attention_kernel_names_are_the_models_and_auto_is_per_scale():
 def test_how_the_training_computes_leaves_the_trial_id_alone(dp):
     config = smoke_version(build_sweep("table2" if dp else "table1")[0])
     assert (config.privacy is not None) == dp
-    for fields in ({"attention_kernel": "masked"}, {"compile": True}, {"rows_per_forward": 0 if dp else 64}):
+    for fields in (
+        {"attention_kernel": "masked"},
+        {"compile": True},
+        {"compile_sampling": True},
+        {"rows_per_forward": 0 if dp else 64},
+    ):
         changed = replace(config, resources=fields)
         assert changed.trial_id == config.trial_id
         assert TrialConfig.from_dict(changed.to_dict()) == changed

@@ -37,6 +37,9 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
         data={"cached_views": 2},
         optimization=NON_DP_ONLY,
         evaluation={"convergence_every_steps": 2, "convergence_num_images": 10},
+        resources={
+            "compile_sampling": True
+        },  # the convergence curve samples compiled beside book-keeping's hooks
     )
     batch_sizes = []  # the actual Poisson batch sizes, seen by a spy on the real sampler
 
@@ -84,6 +87,7 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
     assert (
         record["evaluation_settings"]["extractor"] == "substitute-randconv-v1"
         and record["evaluation_settings"]["images_generated"] == 20
+        and record["evaluation_settings"]["sampling"]["compiled"] is True
     )
     # On digits every trial also scores what it draws with the digit classifier, whatever the FID extractor.
     metrics, classifier = record["metrics"], record["evaluation_settings"]["classifier"]
@@ -155,6 +159,7 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
     assert (
         base["parameters"]["trainable"] == 0 and base["history"] == [] and base["cost"]["train_pflops"] == 0
     )
+    assert "compiled" not in base["evaluation_settings"]["sampling"]  # eager: the record as before the option
     assert base["artifacts"]["adapter"] is base["artifacts"]["peft_adapter"] is None
     assert not (tmp_path / "base" / "adapter.pt").exists()
 

@@ -565,6 +565,7 @@ class _Evaluator:
             self.images,
             evaluation=evaluation,
             autocast_bf16=self.config.optimization.autocast_bf16,
+            compiled_sampling=self.config.resources.compile_sampling,
             cache=self.cache,
             scoring=ScoringSettings(kid_subset_size=subset),
             feature_extractor=self.extractor,

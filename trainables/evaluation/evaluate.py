@@ -26,7 +26,7 @@ from PIL import Image
 
 from bench.cli import Parser, number, probe_folder, run_reporting
 from bench.errors import VarsweepError
-from bench.schema import EvaluationConfig, OptimizationConfig
+from bench.schema import EvaluationConfig, OptimizationConfig, ResourcesConfig
 
 from ..data.datasets import ImageList, check_images, eval_transform, read_dataset
 from ..models import VAR, VQVAE
@@ -104,6 +104,7 @@ def evaluate(
     *,
     evaluation: EvaluationConfig,
     autocast_bf16: bool,
+    compiled_sampling: bool = False,
     cache: ReferenceStats,
     scoring: ScoringSettings = ScoringSettings(),
     feature_extractor=None,
@@ -113,7 +114,8 @@ def evaluate(
 ) -> dict:
     """Metrics of ``var`` against the real split ``images``, at the VQVAE's image size, with ``evaluation``'s
     extractor, image count and sampling settings (``autocast_bf16``: the trial's ``optimization.autocast_bf16``),
-    all recorded. ``feature_extractor``: the built extractor (default: built from ``evaluation.extractor`` and
+    all recorded; ``compiled_sampling``: the trial's ``resources.compile_sampling`` (``generate``'s ``compiled``).
+    ``feature_extractor``: the built extractor (default: built from ``evaluation.extractor`` and
     ``evaluation.inception_weights``). ``classifier`` (model, record) adds the class accuracy of the generated
     images (does each show its class?)."""
     device = next(var.parameters()).device
@@ -134,6 +136,7 @@ def evaluate(
         plan,
         evaluation=evaluation,
         autocast_bf16=autocast_bf16,
+        compiled=compiled_sampling,
         out_dir=out_dir,
         progress=Progress("evaluation", "generated image", sum(plan), log=log),
     )
@@ -173,7 +176,7 @@ def evaluate(
         "metrics": metrics,
         "evaluation_settings": recorded,
         "compute": compute,
-        "sampling": sampling_record(evaluation, autocast_bf16=autocast_bf16),
+        "sampling": sampling_record(evaluation, autocast_bf16=autocast_bf16, compiled=compiled_sampling),
         "images_generated": len(generated),
         "plan": plan,
         "reference_cache_hit": hit,
@@ -279,6 +282,12 @@ def _parser() -> Parser:
         help="sample under bf16 autocast on CUDA",
     )
     parser.add_argument(
+        "--compile-sampling",
+        action=argparse.BooleanOptionalAction,
+        default=ResourcesConfig.compile_sampling,
+        help="draw with each scale's step torch.compile'd (CUDA graphs on CUDA; as resources.compile_sampling)",
+    )
+    parser.add_argument(
         "--cache", default="runs/reference-stats", help="folder of the cached reference statistics"
     )
     parser.add_argument("--out", required=True, help="folder for evaluation.json and the generated images")
@@ -335,6 +344,7 @@ def _main(argv: list[str] | None) -> int:
         images,
         evaluation=evaluation,
         autocast_bf16=args.autocast_bf16,
+        compiled_sampling=args.compile_sampling,
         cache=ReferenceStats(cache),
         feature_extractor=extractor,
         out_dir=out / "images",
