@@ -583,8 +583,9 @@ class ResourcesConfig:
     0 or at least k; 0: the whole share at once). It bounds memory for any batch size, Poisson batches included;
     a smaller GPU lowers it and keeps the trial id. compile_sampling: evaluations (the final one and the
     convergence curve's) draw with each scale's step ``torch.compile``'d (``VAR.sample(compiled=True)``; CUDA graphs
-    on CUDA), every batch padded to ``evaluation.batch_size`` so one compile serves them all; the images are those
-    of eager sampling up to float rounding and the padding's draws, and their record says which path drew them."""
+    on CUDA), every batch padded to ``evaluation.batch_size`` (rows that draw nothing and are not decoded) so one
+    compile serves them all; the images are eager sampling's up to float rounding, and their record says which
+    path drew them."""
 
     workers: int = 1
     gpus_per_worker: float = 1.0

@@ -141,8 +141,9 @@ def test_compiled_sampling_draws_every_batch_at_one_shape_and_records_it(
 ):
     """--compile-sampling (a trial's resources.compile_sampling): 5 images at batch 2 are drawn as three batches of
     2 rows, the last padded, so the compiled step makes one graph per scale it runs (every scale but the first,
-    whose eager step allocates the KV buffers) and not one more per scale for the last batch's size. Greedy draws
-    give eager sampling's images up to rounding; the record and the folder's manifest say compiled, eager's not."""
+    whose eager step allocates the KV buffers) and not one more per scale for the last batch's size. The padding
+    draws nothing, so with a sampling filter the images are eager sampling's up to rounding; the record and the
+    folder's manifest say compiled, eager's not."""
     import torch
 
     from trainables.evaluation.generate import MANIFEST, read_generated
@@ -157,9 +158,9 @@ def test_compiled_sampling_draws_every_batch_at_one_shape_and_records_it(
         "--cfg",
         "1.5",
         "--top-k",
-        "1",
+        "10",
         "--top-p",
-        "0",
+        "0.9",
         "--batch-size",
         "2",
         "--cache",

@@ -223,11 +223,33 @@ def test_compiled_sampling_matches_eager():
         eager = var.sample_tokens(labels, generator=torch.Generator().manual_seed(3), **kw)
         fast = var.sample_tokens(labels, generator=torch.Generator().manual_seed(3), compiled=True, **kw)
         assert all(torch.equal(a, b) for a, b in zip(eager, fast))
+    # Two labels padded to the compiled batch of 3 (no compile: its graphs exist) draw what two unpadded draw.
+    kw = dict(vqvae=vqvae, cfg=1.5, top_k=5, top_p=0.6)
+    eager = var.sample_tokens(labels[:2], generator=torch.Generator().manual_seed(4), **kw)
+    fast = var.sample_tokens(
+        labels[:2], generator=torch.Generator().manual_seed(4), compiled=True, pad_to=3, **kw
+    )
+    assert all(torch.equal(a, b) for a, b in zip(eager, fast))
     kw = dict(vqvae=vqvae, cfg=1.5, top_k=1, top_p=0.0)
     eager = var.sample(labels, generator=torch.Generator().manual_seed(0), **kw)
     fast = var.sample(labels, generator=torch.Generator().manual_seed(0), compiled=True, **kw)
     assert (eager - fast).abs().max().item() <= IMAGE_ATOL
     print(f"compiled sampling test: {time.perf_counter() - started:.1f} s")
+
+
+def test_padded_sampling_draws_the_unpadded_batch_s_codes_and_images(tiny_var, tiny_vqvae):
+    """pad_to: the padding rows take no draw from the generator and are not decoded, so a padded call's real rows
+    are the unpadded call's (a filter that samples: the random stream must match row for row)."""
+    labels, kw = torch.tensor([1, 4, 2]), dict(vqvae=tiny_vqvae, cfg=1.5, top_k=10, top_p=0.9)
+    plain = tiny_var.sample_tokens(labels, generator=torch.Generator().manual_seed(5), **kw)
+    padded = tiny_var.sample_tokens(labels, generator=torch.Generator().manual_seed(5), pad_to=7, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(plain, padded)) and padded[-1].shape[0] == 3
+    images = [
+        tiny_var.sample(labels, generator=torch.Generator().manual_seed(5), pad_to=p, **kw) for p in (None, 7)
+    ]
+    assert images[1].shape == images[0].shape and (images[0] - images[1]).abs().max().item() <= IMAGE_ATOL
+    with pytest.raises(ValueError, match="pad_to"):
+        tiny_var.sample(labels, generator=torch.Generator(), pad_to=2, **kw)
 
 
 @pytest.mark.parametrize("channels_last", [None, False, True])

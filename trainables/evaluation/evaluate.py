@@ -167,6 +167,8 @@ def evaluate(
     per_image = _sampling_flops_per_image(
         var, vqvae, label=next(i for i, c in enumerate(plan) if c > 0), evaluation=evaluation
     )
+    # Useful FLOPs, as training's: the images evaluated, not compiled sampling's padding rows (their transformer
+    # work, at most a batch less one per evaluation). The rate is the wall time's, a first compile included.
     compute = {
         "sample_flops_per_image": per_image,
         "sample_pflops": per_image * len(generated) / PETA,

@@ -85,12 +85,6 @@ def image_path(out_dir: Path, label: int, number: int) -> Path:
     return out_dir / f"class_{label:04d}" / f"{number:06d}.png"
 
 
-def _padded(label_B: torch.Tensor, size: int) -> torch.Tensor:
-    """``label_B`` [B] repeated cyclically to [size] (size >= B): a compiled step's batch shape stays the one it
-    was compiled for, and the extra rows are drawn and dropped."""
-    return label_B[torch.arange(size) % len(label_B)]
-
-
 @contextlib.contextmanager
 def _compiled_caches(var: VAR, compiled: bool):
     """Frees the static KV caches compiled CUDA sampling keeps for ``var`` on leaving (2 x batch x L x C x 2 per
@@ -118,8 +112,9 @@ def generate(
     """Generate ``plan[c]`` images of every class c with the sampling settings of ``evaluation`` (guidance scale,
     top-k/top-p, batch size, sampling seed); forwards under bf16 autocast when ``autocast_bf16`` on CUDA.
     ``compiled``: each scale's step runs compiled (``VAR.sample(compiled=True)``), every batch padded to the batch
-    size (its extra rows dropped) so that one compile serves the whole run; CUDA's static KV caches are freed at
-    the end (a later call re-records its CUDA graphs, it does not compile again).
+    size (``pad_to``: the extra rows draw nothing and are not decoded) so that one compile serves the whole run;
+    CUDA's static KV caches are freed at the end (a later call re-records its CUDA graphs, it does not compile
+    again).
 
     With ``out_dir``: lossless PNGs ``class_XXXX/NNNNNN.png`` (NNNNNN numbers the image within the whole run), each
     written atomically by a pool of threads while the next batch is drawn; batches whose files all exist are read
@@ -147,12 +142,12 @@ def generate(
                 images_B3HW = _sample_batch(
                     var,
                     vqvae,
-                    _padded(label_B, evaluation.batch_size if compiled else len(label_B)).to(device),
+                    label_B.to(device),
                     evaluation=evaluation,
                     autocast_bf16=autocast_bf16,
                     compiled=compiled,
                     batch_index=b,
-                )[: len(label_B)]
+                )
                 writer.submit(paths, images_B3HW)
             kept.append(images_B3HW)
             if progress is not None:
@@ -275,6 +270,8 @@ def _sample_batch(
             top_p=evaluation.top_p,
             generator=generator,
             compiled=compiled,
+            # one batch shape for the compiled steps: a last, smaller batch would compile them again
+            pad_to=evaluation.batch_size if compiled else None,
         )
     return images.float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
 

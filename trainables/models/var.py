@@ -1124,6 +1124,7 @@ class VAR(nn.Module):
         top_p: float,
         generator: torch.Generator | None = None,
         compiled: bool = False,
+        pad_to: int | None = None,
     ) -> torch.Tensor:
         """Class-conditional sampling with classifier-free guidance and a KV cache.
 
@@ -1133,9 +1134,19 @@ class VAR(nn.Module):
         Runs in eval mode (drop-path off) whatever the module's mode, and restores it. ``compiled``: each scale's
         step (blocks, head, guidance, filter) runs torch.compile'd, one graph per scale shape (CUDA graphs on
         CUDA); the same draws as eager up to float rounding. The first call per batch size compiles (slow).
+        ``pad_to`` (>= B): the steps run at this batch size, the labels repeated to fill it, so that one compile
+        serves every batch up to it; only the B real rows draw from ``generator`` and are decoded, so the images
+        are the unpadded call's up to float rounding.
         """
         f_hat_BChw, _ = self._sample_eval_mode(
-            label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator, compiled=compiled
+            label_B,
+            vqvae=vqvae,
+            cfg=cfg,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            compiled=compiled,
+            pad_to=pad_to,
         )
         return vqvae.fhat_to_img(f_hat_BChw).add(1).mul(0.5)
 
@@ -1150,10 +1161,18 @@ class VAR(nn.Module):
         top_p: float,
         generator: torch.Generator | None = None,
         compiled: bool = False,
+        pad_to: int | None = None,
     ) -> list[torch.Tensor]:
         """Like ``sample`` but returns the drawn token indices, one [B, pn*pn] int64 tensor per scale."""
         return self._sample_eval_mode(
-            label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator, compiled=compiled
+            label_B,
+            vqvae=vqvae,
+            cfg=cfg,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            compiled=compiled,
+            pad_to=pad_to,
         )[1]
 
     def _sample_eval_mode(
@@ -1166,22 +1185,29 @@ class VAR(nn.Module):
         top_p: float,
         generator: torch.Generator | None,
         compiled: bool,
+        pad_to: int | None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._check_sampling_args(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p)
+        B = label_B.shape[0]
+        if pad_to is not None and pad_to < B:
+            raise ValueError(f"pad_to ({pad_to}) must be at least the batch ({B})")
+        padded_B = label_B if pad_to is None else label_B[torch.arange(pad_to, device=label_B.device) % B]
         was_training = self.training
         self.eval()
         try:
-            return self._sample_fhat(
-                label_B,
+            f_hat_BChw, idx_per_scale = self._sample_fhat(
+                padded_B,
                 vqvae=vqvae,
                 cfg=cfg,
                 top_k=top_k,
                 top_p=top_p,
                 generator=generator,
                 compiled=compiled,
+                real=B,
             )
         finally:
             self.train(was_training)
+        return f_hat_BChw[:B], [idx_Bl[:B] for idx_Bl in idx_per_scale]
 
     def _check_sampling_args(
         self, label_B: torch.Tensor, *, vqvae: VQVAE, cfg: float, top_k: int, top_p: float
@@ -1215,7 +1241,10 @@ class VAR(nn.Module):
         top_p: float,
         generator: torch.Generator | None,
         compiled: bool = False,
+        real: int | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(f_hat [B, Cvae, full, full], tokens per scale [B, pn*pn]); only the first ``real`` rows (default all)
+        draw from ``generator``, the others (padding) take code 0 and leave the random stream alone."""
         B, S, full = label_B.shape[0], len(self.patch_nums), self.patch_nums[-1]
         cond_2BC = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.unconditional_label))))
         block_cond = self.shared_ada_lin(cond_2BC)
@@ -1253,7 +1282,8 @@ class VAR(nn.Module):
             )
             if compiled and cond_2BC.device.type == "cuda" and si == 0:
                 _pin_addresses(caches)
-            idx_Bl = torch.multinomial(probs_NV, num_samples=1, generator=generator).view(B, pn * pn)
+            idx_Bl = _draw(probs_NV, rows=(B if real is None else real) * pn * pn, generator=generator)
+            idx_Bl = idx_Bl.view(B, pn * pn)
             idx_per_scale.append(idx_Bl)
             h_BChw = vqvae.quantize.embedding(idx_Bl).transpose(1, 2).reshape(B, self.z_channels, pn, pn)
             f_hat_BChw, next_BChw = vqvae.quantize.next_autoregressive_input(si, f_hat_BChw, h_BChw)
@@ -1263,6 +1293,16 @@ class VAR(nn.Module):
                     2, 1, 1
                 )
         return f_hat_BChw, idx_per_scale
+
+
+def _draw(probs_NV: torch.Tensor, *, rows: int, generator: torch.Generator | None) -> torch.Tensor:
+    """One code per row [N] (int64) from probabilities [N, V]: the first ``rows`` drawn, as a multinomial over
+    those rows alone draws them (the random stream does not depend on padding rows), the rest code 0."""
+    if rows == probs_NV.shape[0]:
+        return torch.multinomial(probs_NV, num_samples=1, generator=generator).view(-1)
+    idx_N = probs_NV.new_zeros(probs_NV.shape[0], dtype=torch.long)
+    idx_N[:rows] = torch.multinomial(probs_NV[:rows], num_samples=1, generator=generator).view(-1)
+    return idx_N
 
 
 def _scale_probs(
