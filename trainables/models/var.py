@@ -1138,16 +1138,8 @@ class VAR(nn.Module):
         serves every batch up to it; only the B real rows draw from ``generator`` and are decoded, so the images
         are the unpadded call's up to float rounding.
         """
-        f_hat_BChw, _ = self._sample_eval_mode(
-            label_B,
-            vqvae=vqvae,
-            cfg=cfg,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-            compiled=compiled,
-            pad_to=pad_to,
-        )
+        settings = {"cfg": cfg, "top_k": top_k, "top_p": top_p, "generator": generator, "pad_to": pad_to}
+        f_hat_BChw, _ = self._sample_eval_mode(label_B, vqvae=vqvae, compiled=compiled, **settings)
         return vqvae.fhat_to_img(f_hat_BChw).add(1).mul(0.5)
 
     @torch.no_grad()
@@ -1164,16 +1156,8 @@ class VAR(nn.Module):
         pad_to: int | None = None,
     ) -> list[torch.Tensor]:
         """Like ``sample`` but returns the drawn token indices, one [B, pn*pn] int64 tensor per scale."""
-        return self._sample_eval_mode(
-            label_B,
-            vqvae=vqvae,
-            cfg=cfg,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-            compiled=compiled,
-            pad_to=pad_to,
-        )[1]
+        settings = {"cfg": cfg, "top_k": top_k, "top_p": top_p, "generator": generator, "pad_to": pad_to}
+        return self._sample_eval_mode(label_B, vqvae=vqvae, compiled=compiled, **settings)[1]
 
     def _sample_eval_mode(
         self,
