@@ -1331,7 +1331,7 @@ def measure_evaluation(
         done.add((name, batch, compiled))
         rec.measure(
             "evaluation",
-            f"{name}: {images} images at batch {batch}",
+            f"{name}: {images} images at batch {batch} compiled={compiled}",
             lambda n=name, b=batch, c=compiled, i=images: evaluation_row(
                 models, n, batch=b, compiled=c, images=i, depth=best["depth"]
             ),
