@@ -564,6 +564,13 @@ AUTO_ATTENTION_KERNEL = "per_scale"
 # The DP clipping modes resources.compile and resources.compile_sampling compose with ("auto" is book-keeping for
 # every adapted VAR).
 COMPILE_CLIPPING = ("auto", "bookkeeping")
+# Why each compiled path is refused with Opacus's hooks and ghost clipping.
+COMPILE_REFUSALS = {
+    "compile": "Opacus's per-layer hooks recompile the blocks for every layer, ghost clipping's second backward "
+    "cannot run through compiled ones",
+    "compile_sampling": "the convergence curve samples while Opacus's module hooks are on the model, and they "
+    "break each compiled scale step into a graph per layer",
+}
 
 
 @dataclass(frozen=True)
@@ -746,20 +753,13 @@ class TrialConfig:
                     f"does not apply under DP (batches are Poisson with rate privacy.sampling_rate, each example is "
                     f"clipped to privacy.max_grad_norm): leave it at its default {default}",
                 )
-            _require(
-                not self.resources.compile or self.privacy.clipping in COMPILE_CLIPPING,
-                "resources.compile",
-                f"does not compose with privacy.clipping={self.privacy.clipping!r} (Opacus's per-layer hooks recompile "
-                "the blocks for every layer, ghost clipping's second backward cannot run through compiled ones): "
-                f"use clipping in {COMPILE_CLIPPING} or compile=false",
-            )
-            _require(
-                not self.resources.compile_sampling or self.privacy.clipping in COMPILE_CLIPPING,
-                "resources.compile_sampling",
-                f"does not compose with privacy.clipping={self.privacy.clipping!r} (the convergence curve samples "
-                "while Opacus's module hooks are on the model, and they break each compiled scale step into a graph "
-                f"per layer): use clipping in {COMPILE_CLIPPING} or compile_sampling=false",
-            )
+            for name, why in COMPILE_REFUSALS.items():
+                _require(
+                    not getattr(self.resources, name) or self.privacy.clipping in COMPILE_CLIPPING,
+                    f"resources.{name}",
+                    f"does not compose with privacy.clipping={self.privacy.clipping!r} ({why}): use clipping in "
+                    f"{COMPILE_CLIPPING} or {name}=false",
+                )
             _require(
                 self.privacy.augmentation_multiplicity <= self.data.cached_views,
                 "privacy.augmentation_multiplicity",

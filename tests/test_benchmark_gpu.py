@@ -200,9 +200,8 @@ def test_a_run_refreshes_the_measured_throughput(smoke, tmp_path):
         for e in entries
         if e["depth"] == 2 and e["clipping"] == "bookkeeping" and e["augmentation_multiplicity"] == 2
     )
-    assert (
-        k2["measured_in"] == "bare step"
-    )  # no loop ran at k = 2 (the smoke's second k): the bare step's rate
+    # no loop ran at k = 2 (the smoke's second k): the bare step's rate
+    assert k2["measured_in"] == "bare step"
     full = [e for e in entries if e["clipping"] is None and e["method"] == "full"]
     looped = [e for e in full if e["measured_in"] == "trial loop"]
     assert full and len(looped) == 1  # the loop ran at one kernel and compile setting: the fastest eager one

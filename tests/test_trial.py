@@ -37,9 +37,8 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
         data={"cached_views": 2},
         optimization=NON_DP_ONLY,
         evaluation={"convergence_every_steps": 2, "convergence_num_images": 10},
-        resources={
-            "compile_sampling": True
-        },  # the convergence curve samples compiled beside book-keeping's hooks
+        # the convergence curve samples compiled beside book-keeping's hooks
+        resources={"compile_sampling": True},
     )
     batch_sizes = []  # the actual Poisson batch sizes, seen by a spy on the real sampler
 
