@@ -10,7 +10,7 @@ import csv
 import json
 from pathlib import Path
 
-from bench.estimates import ASSUMED_FLOPS_PER_GPU, training_flops
+from bench.estimates import load_measured_sampling, load_measured_throughput, trial_estimate
 from bench.schema import DATASETS, TrialConfig, make_result
 from bench.sweeps import table1, table2, table3, table10
 from bench.sweeps.common import Assets
@@ -112,7 +112,7 @@ def comparison(table: Table) -> Table | None:
 def paper_fixture(folder: str | Path, *, assets: Assets = Assets("/assets")) -> list[Path]:
     """Write one result per published VAR cell (Tables 1, 2, 3, 9, 10): the paper sweeps' configs with metrics
     equal to the published values, parameter counts that give the published counts and shares, and as cost the
-    dry-run estimate (model FLOPs). Returns the files written (``folder/results/<id>.json``)."""
+    dry-run estimate (``bench.estimates.trial_estimate``: useful FLOPs, GPU hours at the committed measured rates). Returns the files written (``folder/results/<id>.json``)."""
     records: dict[str, dict] = {}
 
     def add(config: TrialConfig, **metrics: float) -> None:
@@ -177,8 +177,8 @@ def paper_fixture(folder: str | Path, *, assets: Assets = Assets("/assets")) -> 
 
 def _fixture_record(config: TrialConfig) -> dict:
     images = DATASETS[config.data.dataset].train_images
-    steps = config.planned_steps(images)
-    flops = training_flops(config, train_images=images, steps=steps)
+    # the dry run's estimate at the datasets' published sizes, the committed measured rates
+    e = trial_estimate(config, measurements=load_measured_throughput(), samplings=load_measured_sampling())
     privacy = None
     if config.privacy is not None:
         p = config.privacy
@@ -186,13 +186,16 @@ def _fixture_record(config: TrialConfig) -> dict:
             "target_epsilon": p.target_epsilon,
             "delta": p.delta or 1 / images,
             "sampling_rate": p.sampling_rate,
-            "steps": steps,
+            "steps": e.steps,
             "max_grad_norm": p.max_grad_norm,
             "augmentation_multiplicity": p.augmentation_multiplicity,
         }
+    sample_flops = e.sample_flops_per_image * e.final_images  # as a record counts it: the final evaluation's
     cost = {
-        "train_pflops": flops / 1e15,
-        "gpu_hours": flops / ASSUMED_FLOPS_PER_GPU / 3600,
+        "train_pflops": e.train_flops / 1e15,
+        "sample_pflops": sample_flops / 1e15,
+        "total_pflops": (e.train_flops + sample_flops) / 1e15,
+        "gpu_hours": e.training_hours + e.evaluation_hours,
         "estimated": True,
     }
     return make_result(

@@ -1,7 +1,7 @@
-"""Dry-run estimates of a sweep: steps, training rows and GPU hours per trial, from the official VAR geometry and
-either a measured training throughput (``measured_throughput.json``, written by ``scripts/benchmark_gpu.py``) or,
-where no measurement matches the trial, an assumed utilisation; the output says per trial which. Standard
-library only.
+"""Dry-run estimates of a sweep: steps, training rows, images evaluated and GPU hours per trial, from the official
+VAR and VQVAE geometry and the training and sampling rates measured on one GPU (``measured_throughput.json``,
+written by ``scripts/benchmark_gpu.py``): the trial's own setting's, else one measured at another depth scaled
+by the FLOPs, else an assumed utilisation; the output says per trial which. Standard library only.
 
 The FLOP model is the one ``trainables.profiling``'s counter applies to a real step: 2 FLOPs per multiply-add of
 every matrix product. Per token: the blocks' attention (qkv, projection) and MLP weights and the output head; per
@@ -9,14 +9,18 @@ image: the AdaLN modulation (each block's and the head's, computed once per imag
 attention's two L x L products per block over the query/key pairs the block-causal mask lets through (62% of the
 dense L x L at 680 tokens; ``visible_attention_fraction``), the useful work whichever kernel computes it.
 Norms, softmax, element-wise ops, the optimiser and the adapters' own small products (~2% for rank-16 LoRA) are
-not counted.
+not counted. Sampling counts the same products for both classifier-free guidance rows (the word embedding once:
+the rows share their input) and the VQVAE's decoding (convolutions and its attention's two products), as
+``trainables.evaluation.evaluate`` counts a trial's ``sample_flops_per_image``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .schema import DATASETS, TrialConfig
 
@@ -107,6 +111,75 @@ def dense_attention_overhead(method: str, *, depth: int = 16) -> float:
         training_flops_per_row(shape, method, dense_attention=True) / training_flops_per_row(shape, method)
         - 1
     )
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The multi-scale VQVAE's decoding geometry (REFERENCE.md §1; the official ``vae_ch160v4096z32``): base width
+    ``ch``, width multipliers per level (finest first), residual blocks per level (the decoder runs one more),
+    latent channels, and the token-map sides per scale (the last is the latent's)."""
+
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 32
+    patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
+
+
+def _conv_flops(kernel: int, channels_in: int, channels_out: int, *, side: int) -> int:
+    """A ``kernel`` x ``kernel`` convolution, stride 1, on a ``side`` x ``side`` map."""
+    return 2 * kernel * kernel * channels_in * channels_out * side * side
+
+
+def _resnet_flops(channels_in: int, channels_out: int, *, side: int) -> int:
+    """Two 3x3 convolutions, and a 1x1 shortcut where the width changes (``ResnetBlock``)."""
+    shortcut = _conv_flops(1, channels_in, channels_out, side=side) if channels_in != channels_out else 0
+    return (
+        _conv_flops(3, channels_in, channels_out, side=side)
+        + _conv_flops(3, channels_out, channels_out, side=side)
+        + shortcut
+    )
+
+
+def _attention_block_flops(channels: int, *, side: int) -> int:
+    """The 1x1 qkv and output projections and attention's two N x N products over N = side^2 positions."""
+    positions = side * side
+    return (
+        _conv_flops(1, channels, 3 * channels, side=side)
+        + _conv_flops(1, channels, channels, side=side)
+        + 4 * positions * positions * channels
+    )
+
+
+def decoding_flops(vq: DecoderShape) -> int:
+    """Forward FLOPs of turning one image's sampled codes into pixels: the quantiser's phi convolution at every
+    scale (summing the latent f-hat), the post-quantisation convolution and the decoder (coarsest level first,
+    each upsampling 2x then convolving). Useful work only: nearest upsampling and norms are not products."""
+    side, top = vq.patch_nums[-1], vq.ch * vq.ch_mult[-1]
+    flops = (len(vq.patch_nums) + 1) * _conv_flops(3, vq.z_channels, vq.z_channels, side=side)
+    flops += _conv_flops(3, vq.z_channels, top, side=side)
+    flops += 2 * _resnet_flops(top, top, side=side) + _attention_block_flops(top, side=side)
+    channels, last = top, len(vq.ch_mult) - 1
+    for level in reversed(range(len(vq.ch_mult))):
+        width = vq.ch * vq.ch_mult[level]
+        for _ in range(vq.num_res_blocks + 1):
+            flops += _resnet_flops(channels, width, side=side)
+            channels = width
+            flops += _attention_block_flops(width, side=side) if level == last else 0
+        if level != 0:
+            side *= 2
+            flops += _conv_flops(3, width, width, side=side)
+    return flops + _conv_flops(3, channels, 3, side=side)
+
+
+def sampling_flops_per_image(shape: VarShape, vq: DecoderShape | None = None) -> float:
+    """Useful FLOPs of generating one image: the VAR's forward over every scale for both guidance rows (the KV
+    cache: each query meets its own and earlier scales' keys, the pairs training's mask lets through), the word
+    embedding once, and the decoding (``decoding_flops``; the official VQVAE at ``shape``'s scales unless ``vq``)."""
+    vq = vq if vq is not None else DecoderShape(z_channels=shape.z_channels, patch_nums=shape.patch_nums)
+    linear = 2 * (shape.per_token_weights * shape.tokens + shape.per_image_weights)
+    attention = shape.attention_flops * visible_attention_fraction(shape.patch_nums)
+    return 2 * (linear + attention) + shape.word_embedding_flops + decoding_flops(vq)
 
 
 ATTENTION_NOTE = (
@@ -200,49 +273,165 @@ def trial_setting(config: TrialConfig) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Rate:
+    """The rate part of a trial is priced at on one GPU (rows per second of training, images per second of
+    sampling), how it was found (``kind``: "measured" for the trial's own setting, "scaled" from a measurement at
+    another depth, "assumed" utilisation, "none" where nothing is priced), a label for the table, and the
+    measurement it rests on."""
+
+    per_second: float
+    kind: str
+    basis: str
+    measured: dict | None = None
+
+
+def _same(entry: dict, wanted: dict, *, but: tuple[str, ...] = ()) -> bool:
+    return all(entry[key] == value for key, value in wanted.items() if key not in but)
+
+
+def _rate(
+    depth: int,
+    entries: list[dict],
+    *,
+    wanted: dict,
+    key: str,
+    unit: str,
+    flops_at: Callable[[int], float],
+    prefer: Callable[[dict], bool],
+) -> Rate:
+    """The rate of a setting ``wanted`` at ``depth`` from measured ``entries`` (their rate under ``key``): one
+    measured at the setting (``prefer`` first, then the latest); else the nearest depth's measurement of the same
+    setting, scaled by the two depths' useful FLOPs per row or image (``flops_at``), so that its utilisation
+    carries over; else those FLOPs at the assumed utilisation. Never across methods, DP settings or precisions."""
+    same = [m for m in entries if _same(m, wanted)]
+    if same:
+        m = max(same, key=lambda m: (prefer(m), m["source"].get("date", "")))
+        return Rate(m[key], "measured", f"measured {m[key]:.1f} {unit}/s", m)
+    near = [m for m in entries if _same(m, wanted, but=("depth",))]
+    if near:
+        m = max(near, key=lambda m: (-abs(m["depth"] - depth), prefer(m), m["source"].get("date", "")))
+        scaled = m[key] * flops_at(m["depth"]) / flops_at(depth)
+        return Rate(scaled, "scaled", f"d{m['depth']}'s, scaled {scaled:.1f} {unit}/s", m)
+    return Rate(ASSUMED_FLOPS_PER_GPU / flops_at(depth), "assumed", f"assumed {ASSUMED_UTILISATION:.0%} MFU")
+
+
+def training_rate(config: TrialConfig, measurements: list[dict], *, device: str = ESTIMATE_DEVICE) -> Rate:
+    """Rows per second of ``config``'s training on ``device`` (``_rate``): a measurement must match its
+    ``trial_setting`` (the depth aside when scaled); the physical batch it was measured at is not matched.
+    Among several, one measured with the trial's attention kernel and compile setting comes first. The tiny base
+    and the base method (it trains nothing) are not priced."""
+    if config.model.base != "official":
+        return Rate(0.0, "none", "not estimated")
+    if config.method.name == "base":
+        return Rate(0.0, "none", "trains nothing")
+    kernel, compiled = config.resources.training_attention_kernel, config.resources.compile
+    return _rate(
+        config.model.depth,
+        measurements,
+        wanted={"device": device, **trial_setting(config)},
+        key="rows_per_second",
+        unit="rows",
+        flops_at=lambda depth: training_flops_per_row(VarShape.official(depth), config.method.name),
+        prefer=lambda m: m.get("attention_kernel") == kernel and bool(m.get("compile")) == compiled,
+    )
+
+
 def measured_rate(
     config: TrialConfig, measurements: list[dict], *, device: str = ESTIMATE_DEVICE
 ) -> dict | None:
-    """The measurement that stands for ``config`` on ``device``, or None (then the assumed utilisation applies).
-    It must match the trial's ``trial_setting`` exactly (no interpolation across depths, methods, clipping modes
-    or k); the physical batch it was measured at is not matched. Among several, one measured with the trial's
-    attention kernel and compile setting comes first, then the latest."""
-    if config.model.base != "official":
-        return None
-    wanted = {"device": device, **trial_setting(config)}
-    matches = [m for m in measurements if all(m[key] == value for key, value in wanted.items())]
-    if not matches:
-        return None
-    kernel, compiled = config.resources.training_attention_kernel, config.resources.compile
-    return max(
-        matches,
-        key=lambda m: (
-            m.get("attention_kernel") == kernel and bool(m.get("compile")) == compiled,
-            m["source"].get("date", ""),
-        ),
-    )
+    """The measurement of ``config``'s own training setting on ``device`` (``training_rate``), or None."""
+    rate = training_rate(config, measurements, device=device)
+    return rate.measured if rate.kind == "measured" else None
 
 
 def training_gpu_hours(
     config: TrialConfig, *, train_images: int, steps: int, measurements: list[dict]
-) -> tuple[float, dict | None]:
-    """(GPU hours of a trial's training, the measurement used or None): rows / measured rows per second where a
-    measurement matches, else useful FLOPs / ``ASSUMED_FLOPS_PER_GPU``."""
-    if config.model.base != "official":
-        return 0.0, None
-    measured = measured_rate(config, measurements)
-    if measured is not None:
-        rows = training_rows(config, train_images=train_images, steps=steps)
-        return rows / measured["rows_per_second"] / 3600, measured
-    return training_flops(config, train_images=train_images, steps=steps) / ASSUMED_FLOPS_PER_GPU / 3600, None
+) -> tuple[float, Rate]:
+    """(GPU hours of a trial's training, the rate they rest on): the rows it trains over ``training_rate``."""
+    rate = training_rate(config, measurements)
+    if rate.kind == "none":
+        return 0.0, rate
+    return training_rows(config, train_images=train_images, steps=steps) / rate.per_second / 3600, rate
 
 
-def _basis(config: TrialConfig, measured: dict | None) -> str:
+# Measured sampling rates (images per second on one GPU), the file's "sampling" entries; see ``sampling_rate``.
+SAMPLING_KEYS = (
+    "device",
+    "depth",
+    "precision",
+    "batch_size",
+    "compiled",
+    "images_per_second",
+    "measured_in",
+    "source",
+)
+
+
+def load_measured_sampling(path: Path = MEASURED_THROUGHPUT_FILE) -> list[dict]:
+    """The sampling entries of a measured-throughput file (none when it or the list is absent); each must hold
+    SAMPLING_KEYS. ``measured_in``: "trial evaluation" (generation with its PNG files, then Inception-v3
+    features: what a trial's evaluation costs per image) or "generation" (sampling alone)."""
+    if not path.is_file():
+        return []
+    entries = json.loads(path.read_text()).get("sampling", [])
+    for entry in entries:
+        missing = [key for key in SAMPLING_KEYS if key not in entry]
+        if missing:
+            raise ValueError(f"{path}: a sampling measurement lacks {missing}: {entry}")
+    return entries
+
+
+def sampling_setting(config: TrialConfig) -> dict:
+    """What a measured sampling rate must share with a trial's evaluations: the official depth, the precision
+    (bf16 autocast unless ``optimization.autocast_bf16`` is off, as ``trainables.trial`` evaluates), the
+    evaluation batch size and ``resources.compile_sampling``. The method is not matched (a LoRA model samples
+    with its adapter merged: the base model's kernels), nor the guidance and filters."""
+    return {
+        "depth": config.model.depth,
+        "precision": "bf16 autocast" if config.optimization.autocast_bf16 else "float32",
+        "batch_size": config.evaluation.batch_size,
+        "compiled": config.resources.compile_sampling,
+    }
+
+
+def sampling_rate(config: TrialConfig, samplings: list[dict], *, device: str = ESTIMATE_DEVICE) -> Rate:
+    """Images per second of ``config``'s evaluations on ``device`` (``_rate``): a measurement must match its
+    ``sampling_setting`` (the depth aside when scaled); among several, a whole trial evaluation comes before
+    sampling alone. The tiny base is not priced."""
     if config.model.base != "official":
-        return "not estimated"
-    if measured is None:
-        return f"assumed {ASSUMED_UTILISATION:.0%} MFU"
-    return f"measured {measured['rows_per_second']:.1f} rows/s"
+        return Rate(0.0, "none", "not estimated")
+    return _rate(
+        config.model.depth,
+        samplings,
+        wanted={"device": device, **sampling_setting(config)},
+        key="images_per_second",
+        unit="img",
+        flops_at=lambda depth: sampling_flops_per_image(VarShape.official(depth)),
+        prefer=lambda m: m["measured_in"] == "trial evaluation",
+    )
+
+
+def final_evaluation_images(config: TrialConfig, *, evaluation_split: int) -> int:
+    """Images a trial's final evaluation generates: ``evaluation.num_images``, else one per image of the
+    evaluation split."""
+    return config.evaluation.num_images if config.evaluation.num_images is not None else evaluation_split
+
+
+def evaluated_images(config: TrialConfig, *, evaluation_split: int, steps: int) -> int:
+    """Images a trial generates and scores: its final evaluation's plus ``convergence_num_images`` at each point
+    of its convergence curve."""
+    curve = len(config.convergence_steps(steps)) * config.evaluation.convergence_num_images
+    return final_evaluation_images(config, evaluation_split=evaluation_split) + curve
+
+
+def evaluation_gpu_hours(config: TrialConfig, *, images: int, rate: Rate) -> float:
+    """GPU hours of a trial's evaluations: ``images`` at ``rate`` on rank 0 while the trial's other GPUs wait,
+    so the wall time times every GPU the trial holds."""
+    if rate.kind == "none":
+        return 0.0
+    gpus = config.resources.workers * config.resources.gpus_per_worker
+    return images / rate.per_second / 3600 * gpus
 
 
 def expected_examples(config: TrialConfig) -> int:
@@ -253,46 +442,114 @@ def expected_examples(config: TrialConfig) -> int:
     return DATASETS[config.data.dataset].train_images + canaries
 
 
-def estimate(
-    configs: list[TrialConfig], *, done: set[str], plans: dict, measurements: list[dict] | None = None
-) -> str:
-    """A table of the sweep: one line per trial with the rate its GPU hours rest on (a measured throughput or
-    the assumed utilisation), then totals and the sources of the measured rates used. ``measurements``: the
-    entries of ``MEASURED_THROUGHPUT_FILE`` when None."""
-    measurements = load_measured_throughput() if measurements is None else measurements
-    header = (
-        f"{'trial':<44} {'id':<16} {'status':<8} {'workers x GPU':>13} {'rate':<24} {'steps':>7} {'GPU h':>8}"
+@dataclass(frozen=True)
+class TrialEstimate:
+    """What the dry run expects of one trial: its optimiser steps; its training's useful FLOPs, GPU hours and the
+    rate they rest on; the images its final evaluation generates and all it generates (the convergence curve's
+    too), the useful FLOPs of one, their GPU hours and rate. FLOPs are 0 for the tiny base, which is not priced."""
+
+    steps: int
+    train_flops: float
+    training_hours: float
+    training_rate: Rate
+    final_images: int
+    images: int
+    sample_flops_per_image: float
+    evaluation_hours: float
+    sampling_rate: Rate
+
+
+def trial_estimate(
+    config: TrialConfig, *, plan: Any = None, measurements: list[dict], samplings: list[dict]
+) -> TrialEstimate:
+    """The estimate of ``config`` from its preflight ``plan`` (a ``trainables.plan.TrialPlan``: the real split
+    sizes) or, without one, the datasets' published sizes; official models only are priced."""
+    examples = plan.examples if plan is not None else expected_examples(config)
+    steps = plan.planned_steps if plan is not None else config.planned_steps(examples)
+    split = plan.evaluation_images if plan is not None else DATASETS[config.data.dataset].test_images
+    hours, training = training_gpu_hours(
+        config, train_images=examples, steps=steps, measurements=measurements
     )
-    lines, total_hours, todo, used = [header], 0.0, 0, {}
+    images = evaluated_images(config, evaluation_split=split, steps=steps)
+    sampling = sampling_rate(config, samplings)
+    official = config.model.base == "official"
+    return TrialEstimate(
+        steps=steps,
+        train_flops=training_flops(config, train_images=examples, steps=steps),
+        training_hours=hours,
+        training_rate=training,
+        final_images=final_evaluation_images(config, evaluation_split=split),
+        images=images,
+        sample_flops_per_image=sampling_flops_per_image(VarShape.official(config.model.depth))
+        if official
+        else 0.0,
+        evaluation_hours=evaluation_gpu_hours(config, images=images, rate=sampling),
+        sampling_rate=sampling,
+    )
+
+
+def estimate(
+    configs: list[TrialConfig],
+    *,
+    done: set[str],
+    plans: dict,
+    measurements: list[dict] | None = None,
+    samplings: list[dict] | None = None,
+) -> str:
+    """A table of the sweep: one line per trial with its training and evaluation GPU hours and the rates they
+    rest on (measured, scaled from another depth's measurement, or the assumed utilisation), then totals and the
+    sources of the measured rates used. ``measurements`` / ``samplings``: the training and sampling entries of
+    ``MEASURED_THROUGHPUT_FILE`` when None."""
+    measurements = load_measured_throughput() if measurements is None else measurements
+    samplings = load_measured_sampling() if samplings is None else samplings
+    header = (
+        f"{'trial':<44} {'id':<16} {'status':<8} {'workers x GPU':>13} {'training rate':<24} {'steps':>7} "
+        f"{'train h':>8}  {'eval images':>11} {'evaluation rate':<26} {'eval h':>7}"
+    )
+    lines, pending, used = [header], [], {}
     for c in configs:
-        plan = plans.get(c.trial_id)
-        images = plan.examples if plan is not None else expected_examples(c)
-        steps = plan.planned_steps if plan is not None else c.planned_steps(images)
-        hours, measured = training_gpu_hours(c, train_images=images, steps=steps, measurements=measurements)
+        e = trial_estimate(c, plan=plans.get(c.trial_id), measurements=measurements, samplings=samplings)
         finished = c.trial_id in done
         if not finished:
-            total_hours, todo = total_hours + hours, todo + 1
-        if measured is not None:
-            used[json.dumps(measured, sort_keys=True)] = measured
+            pending.append((e.training_hours, e.evaluation_hours))
+        for m in (e.training_rate.measured, e.sampling_rate.measured):
+            if m is not None:
+                used[json.dumps(m, sort_keys=True)] = m
         gpus = f"{c.resources.workers} x {c.resources.gpus_per_worker:g}"
         lines.append(
             f"{c.label:<44} {c.trial_id:<16} {'done' if finished else 'pending':<8} {gpus:>13} "
-            f"{_basis(c, measured):<24} {steps:>7} {hours:>8.2f}"
+            f"{e.training_rate.basis:<24} {e.steps:>7} {e.training_hours:>8.2f}  {e.images:>11} "
+            f"{e.sampling_rate.basis:<26} {e.evaluation_hours:>7.2f}"
         )
-    lines.append(
-        f"{todo} of {len(configs)} trials to run; estimated training GPU hours {total_hours:.1f} on an "
-        f"{ESTIMATE_DEVICE}: 'measured' rows at the training throughput measured for the same depth, method, DP "
-        f"clipping, k and precision (any rows per forward); 'assumed' rows at useful model FLOPs / "
-        f"{ASSUMED_FLOPS_PER_GPU / 1e12:.0f} TFLOP/s per GPU ({ASSUMED_UTILISATION:.0%} of the dense bf16 peak); "
-        "evaluation and tiny models not included"
-    )
+    train_total, evaluation_total = (sum(column) for column in zip(*pending)) if pending else (0.0, 0.0)
+    lines += [
+        f"{len(pending)} of {len(configs)} trials to run; estimated GPU hours on an {ESTIMATE_DEVICE}: training "
+        f"{train_total:.1f} + evaluation {evaluation_total:.1f} = {train_total + evaluation_total:.1f}",
+        "  training: the rows a trial trains at the throughput measured for the same depth, method, DP clipping, "
+        "k and precision (any rows per forward); 'scaled': measured at another depth, scaled by the useful FLOPs "
+        f"per row; 'assumed': useful FLOPs at {ASSUMED_FLOPS_PER_GPU / 1e12:.0f} TFLOP/s per GPU "
+        f"({ASSUMED_UTILISATION:.0%} of the dense bf16 peak)",
+        "  evaluation: the images a trial generates and scores (its final evaluation and each convergence "
+        "point) at the sampling rate measured for the same depth, precision, evaluation batch size and "
+        "compile_sampling (a whole trial evaluation where measured, else sampling alone), scaled or assumed as "
+        "above by the useful FLOPs per image; times the GPUs the trial holds (rank 0 evaluates, the others wait)",
+        "  not included: the real images' reference features (computed once per dataset and cached) and tiny "
+        "models",
+    ]
     lines += [f"  measured: {_describe(m)}" for m in used.values()]
     return "\n".join(lines)
 
 
 def _describe(m: dict) -> str:
-    dp = "no DP" if m["clipping"] is None else f"DP {m['clipping']}"
     source = m["source"]
+    where = f"{source.get('script')}, {source.get('date')}, {source.get('docs')}"
+    if "images_per_second" in m:  # a sampling entry
+        compiled = "compiled" if m["compiled"] else "eager"
+        return (
+            f"{m['device']} d{m['depth']} sampling at batch {m['batch_size']} {compiled} {m['precision']}: "
+            f"{m['images_per_second']:.1f} images/s ({m['measured_in']}; {where})"
+        )
+    dp = "no DP" if m["clipping"] is None else f"DP {m['clipping']}"
     settings = ", ".join(
         f"{key} {m[key]}"
         for key in ("attention_kernel", "compile", "rows_per_forward", "measured_in")
@@ -300,6 +557,5 @@ def _describe(m: dict) -> str:
     )
     return (
         f"{m['device']} d{m['depth']} {m['method']} {dp} k={m['augmentation_multiplicity']} {m['precision']}: "
-        f"{m['rows_per_second']:.1f} rows/s ({settings}; {source.get('script')}, {source.get('date')}, "
-        f"{source.get('docs')})"
+        f"{m['rows_per_second']:.1f} rows/s ({settings}; {where})"
     )

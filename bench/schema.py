@@ -858,6 +858,28 @@ class TrialConfig:
             return max(1, math.ceil(self.optimization.epochs / self.privacy.sampling_rate))
         return max(1, math.ceil(self.optimization.epochs * train_images / self.optimization.batch_size))
 
+    def convergence_steps(self, planned_steps: int) -> tuple[int, ...]:
+        """The convergence curve's points for a run of ``planned_steps`` (``evaluation_steps`` of the evaluation
+        section; empty without a curve or without training): each scores ``evaluation.convergence_num_images``
+        generated images, beside the final evaluation's."""
+        e = self.evaluation
+        if not (planned_steps and (e.convergence_every_steps or e.convergence_points)):
+            return ()
+        return tuple(
+            evaluation_steps(planned_steps, every=e.convergence_every_steps, points=e.convergence_points)
+        )
+
+
+def evaluation_steps(planned_steps: int, *, every: int = 0, points: int = 0) -> list[int]:
+    """The convergence curve's points, as steps done (1..planned_steps): every ``every`` steps, or ``points``
+    evenly spaced steps (step ceil(i * planned / points) for i = 1..points; fewer when the run is shorter), and
+    always the final step. Pure: every rank, a resumed run and the dry-run estimate compute the same list."""
+    if every:
+        chosen = set(range(every, planned_steps + 1, every))
+    else:
+        chosen = {-(-i * planned_steps // points) for i in range(1, points + 1)}
+    return sorted(chosen | {planned_steps})
+
 
 def _section(kind: type, record: Mapping[str, Any], name: str):
     _require(
@@ -1006,8 +1028,9 @@ LEDGER_RENAMES = {2: {"physical_batch_size": "physical_batch_rows"}}
 
 
 class Cost(TypedDict):
-    """Compute and time of a trial: PFLOPs (1e15 FLOPs; attention counted as dense L x L, see
-    ``trainables.profiling.NOT_COUNTED``), seconds, bytes, GPU hours, MFU as a fraction; ``estimated``: the
+    """Compute and time of a trial: PFLOPs (1e15 useful FLOPs; attention over the query/key pairs the mask lets
+    through, see ``trainables.profiling.NOT_COUNTED``; sampling's are the final evaluation's images, not the
+    convergence curve's), seconds, bytes, GPU hours, MFU as a fraction; ``estimated``: the
     numbers are the dry-run estimate (``bench.estimates``), not measured. None: does not apply (a base trial's
     training throughput, MFU on a CPU)."""
 

@@ -1780,14 +1780,19 @@ def _loop_rate(data: dict, *, step_row: dict, clipping: str | None, k: int) -> d
     }
 
 
+def _measured_by(data: dict, *, command: str, docs: str) -> dict:
+    """The device and source every throughput-file entry of a run carries."""
+    meta = data["meta"]
+    source = {"script": command, "date": meta["stamp"][:10], "docs": docs, "torch": meta["torch"]}
+    return {"device": meta["device"], "source": source}
+
+
 def throughput_entries(data: dict, *, command: str, docs: str) -> list[dict]:
     """Entries for ``bench/measured_throughput.json`` from a run's results: per depth, method and (kernel,
     compile) the fastest setting with the fused AdamW trials use on CUDA and float32 weights (the frozen-bf16
     lever is no trial option); per DP configuration its row. Each states a trial loop's rate where one was
     measured at its setting (``_loop_rate``), else the bare step's."""
-    meta = data["meta"]
-    source = {"script": command, "date": meta["stamp"][:10], "docs": docs, "torch": meta["torch"]}
-    common = {"device": meta["device"], "tokens": "token cache", "source": source}
+    common = {**_measured_by(data, command=command, docs=docs), "tokens": "token cache"}
     entries, best = [], {}
     for r in data.get("training", []):
         if r["frozen_bf16"] or not r["fused"]:
@@ -1834,26 +1839,69 @@ def throughput_entries(data: dict, *, command: str, docs: str) -> list[dict]:
     return entries
 
 
-SAME_SETTING = (
-    "device",
-    "depth",
-    "method",
-    "clipping",
-    "augmentation_multiplicity",
-    "precision",
-    "attention_kernel",
-    "compile",
-)
+def sampling_entries(data: dict, *, command: str, docs: str) -> list[dict]:
+    """The throughput file's "sampling" entries (``bench.estimates.sampling_rate``): each evaluation at a trial's
+    setting (generation with its PNG files, then Inception-v3 features; compiled, after its compile, with the
+    CUDA graphs re-recorded as a trial's later evaluations do) and each generation row (sampling alone)."""
+    common = {**_measured_by(data, command=command, docs=docs), "precision": "bf16 autocast"}
+    entries = [
+        {
+            **common,
+            "depth": r["depth"],
+            "batch_size": r["batch"],
+            "compiled": r["compiled"],
+            "images_per_second": round(r["images"] / r["total_s"], 1),
+            "measured_in": "trial evaluation",
+            "images": r["images"],
+            "generation_s": round(r["generation_s"], 2),
+            "features_s": round(r["features_s"], 2),
+            **({"first_calls_s": round(r["first_calls_s"], 1)} if r.get("first_calls_s") is not None else {}),
+        }
+        for r in data.get("evaluation", [])
+        if r.get("setting") == "trial"
+    ]
+    entries += [
+        {
+            **common,
+            "precision": r["precision"],
+            "depth": r["depth"],
+            "batch_size": r["batch"],
+            "compiled": r["compiled"],
+            "images_per_second": round(r["images_per_s"], 1),
+            "measured_in": "generation",
+            "batch_s": round(r["batch_s"], 3),
+        }
+        for r in data.get("generation", [])
+    ]
+    return entries
 
 
-def write_throughput(path: Path, entries: list[dict]) -> None:
-    """Merge ``entries`` into the throughput file: each replaces an older entry of the same setting."""
-    data = json.loads(path.read_text()) if path.is_file() else {"measurements": []}
-    keys = {tuple(e.get(k) for k in SAME_SETTING) for e in entries}
-    kept = [m for m in data["measurements"] if tuple(m.get(k) for k in SAME_SETTING) not in keys]
-    data["measurements"] = kept + entries
+SAME_SETTING = {
+    "measurements": (
+        "device",
+        "depth",
+        "method",
+        "clipping",
+        "augmentation_multiplicity",
+        "precision",
+        "attention_kernel",
+        "compile",
+    ),
+    "sampling": ("device", "depth", "precision", "batch_size", "compiled", "measured_in"),
+}
+
+
+def write_throughput(path: Path, entries: dict[str, list[dict]]) -> None:
+    """Merge ``entries`` ({"measurements": training entries, "sampling": sampling entries}) into the throughput
+    file: each replaces an older entry of the same setting in its list."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    for name, new in entries.items():
+        same = SAME_SETTING[name]
+        keys = {tuple(e.get(k) for k in same) for e in new}
+        kept = [m for m in data.get(name, []) if tuple(m.get(k) for k in same) not in keys]
+        data[name] = kept + new
+        print(f"wrote {len(new)} {name} entries to {path} ({len(kept)} others kept)")
     path.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {len(entries)} measurements to {path} ({len(kept)} others kept)")
 
 
 # --- main -------------------------------------------------------------------------------------------------------
@@ -1964,8 +2012,13 @@ def main(argv: list[str] | None = None) -> None:
     # the report (and the throughput file) from the JSON without measuring anything.
     data = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     if args.write_throughput:  # first: a report that fails on an older run's JSON does not cost the rates
+        settings = {"command": data["meta"]["command"], "docs": args.docs}
         write_throughput(
-            args.write_throughput, throughput_entries(data, command=data["meta"]["command"], docs=args.docs)
+            args.write_throughput,
+            {
+                "measurements": throughput_entries(data, **settings),
+                "sampling": sampling_entries(data, **settings),
+            },
         )
     benchmark_common.publish(report(data, command=data["meta"]["command"]), args.report)
 

@@ -153,11 +153,11 @@ def test_mfu_counts_the_visible_pairs(smoke):
 
 
 def test_a_run_refreshes_the_measured_throughput(smoke, tmp_path):
-    """--write-throughput --from: the run's rates replace older entries of the same setting, keep the others, and
-    the dry-run estimate then uses them for a matching trial."""
+    """--write-throughput --from: the run's training and sampling rates replace older entries of the same setting,
+    keep the others, and the dry-run estimate then uses them for a matching trial."""
     import benchmark_gpu
 
-    from bench.estimates import load_measured_throughput, measured_rate
+    from bench.estimates import load_measured_sampling, load_measured_throughput, measured_rate
     from bench.sweeps import build_sweep
 
     path = tmp_path / "throughput.json"
@@ -178,7 +178,19 @@ def test_a_run_refreshes_the_measured_throughput(smoke, tmp_path):
         "source": {"script": "old", "date": "2000-01-01"},
     }
     other = {**old, "depth": 16, "rows_per_second": 5.0}
-    path.write_text(json.dumps({"measurements": [old, other]}))
+    old_sampling = {
+        "device": "NVIDIA H200",
+        "depth": 16,
+        "precision": "bf16 autocast",
+        "batch_size": 32,
+        "compiled": False,
+        "images_per_second": 112.4,
+        "measured_in": "generation",
+        "source": {"script": "old", "date": "2000-01-01"},
+    }
+    trial_batch = next(r["batch"] for r in data["evaluation"] if r["setting"] == "trial")
+    same_sampling = {**old_sampling, "depth": 2, "batch_size": trial_batch, "measured_in": "trial evaluation"}
+    path.write_text(json.dumps({"measurements": [old, other], "sampling": [old_sampling, same_sampling]}))
     benchmark_gpu.main(["--write-throughput", str(path), "--from", str(run_json)])
     entries = load_measured_throughput(path)
     assert other in entries and old not in entries  # replaced by the run's DP-LoRA book-keeping row at k = 1
@@ -210,6 +222,22 @@ def test_a_run_refreshes_the_measured_throughput(smoke, tmp_path):
     assert looped[0]["rows_per_forward"] == full_loop["batch"]
     demo = build_sweep("demo")[0]
     assert measured_rate(demo, entries) is None  # the tiny base is never priced from official measurements
+    # Sampling: the evaluation at a trial's setting (its PNG files and Inception features timed with it) and
+    # each generation row, beside the file's older sampling entries of other settings.
+    samplings = load_measured_sampling(path)
+    assert samplings[0] == old_sampling and same_sampling not in samplings
+    trial = next(r for r in data["evaluation"] if r["setting"] == "trial" and not r["compiled"])
+    evaluation = next(e for e in samplings if e["measured_in"] == "trial evaluation" and not e["compiled"])
+    assert (evaluation["depth"], evaluation["batch_size"], evaluation["images"]) == (
+        2,
+        trial["batch"],
+        trial["images"],
+    )
+    assert evaluation["images_per_second"] == round(trial["images"] / trial["total_s"], 1)
+    generation = [e for e in samplings if e["measured_in"] == "generation" and e["depth"] == 2]
+    assert [(e["batch_size"], e["images_per_second"]) for e in generation] == [
+        (r["batch"], round(r["images_per_s"], 1)) for r in data["generation"]
+    ]
 
 
 def test_from_a_returned_json_rebuilds_the_report_the_run_printed(smoke, tmp_path, capsys):

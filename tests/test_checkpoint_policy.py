@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.schema import DATASETS
+from bench.schema import DATASETS, evaluation_steps
 from bench.sweeps import SWEEPS, build_sweep
 from trainables.finetune import CheckpointPolicy, RunPlan
-from trainables.training import evaluation_steps
 
 
 def test_step_based_schedule_takes_the_smaller_interval_and_never_the_final_step():

@@ -1,17 +1,18 @@
-"""FLOP accounting: the counter agrees with a hand formula and with the dry-run estimate on a tiny VAR and counts
-attention over the visible pairs whichever kernel runs; totals follow the rows processed; the estimate counts d16's
-AdaLN per image; the attention note's numbers; the dry run prices trials from measured throughput where one
-matches."""
+"""FLOP accounting: the counter agrees with a hand formula and with the dry-run estimate on a tiny VAR (training and
+sampling) and counts attention over the visible pairs whichever kernel runs; totals follow the rows processed; the
+estimate counts d16's AdaLN per image; the attention note's numbers; the dry run prices training and evaluation
+from measured rates where one matches, scaled from another depth's, else at the assumed utilisation."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import time
 
 import pytest
 import torch
-from conftest import TINY_VAR
+from conftest import TINY_VAR, TINY_VQVAE, run_script
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.estimates import (
@@ -20,21 +21,30 @@ from bench.estimates import (
     OFFICIAL_PATCH_NUMS,
     TOKENS_PER_IMAGE,
     VAR_PARAMETERS,
+    DecoderShape,
     VarShape,
+    decoding_flops,
     estimate,
+    evaluated_images,
+    evaluation_gpu_hours,
+    load_measured_sampling,
     load_measured_throughput,
     longest_first,
     measured_rate,
+    sampling_flops_per_image,
+    sampling_rate,
     training_flops,
     training_flops_per_row,
     training_gpu_hours,
+    training_rate,
     training_rows,
     visible_attention_fraction,
 )
-from bench.schema import DATASETS, MethodConfig
+from bench.schema import DATASETS, SUBSTITUTE_EXTRACTOR, EvaluationConfig, MethodConfig, replace
 from bench.sweeps import build_sweep
+from trainables.evaluation.evaluate import _sampling_flops_per_image
 from trainables.methods import adapt
-from trainables.models import build_var
+from trainables.models import build_var, build_vqvae
 from trainables.plan import TrialPlan
 from trainables.profiling import (
     NOT_COUNTED,
@@ -295,6 +305,17 @@ def test_the_committed_throughput_holds_the_documented_h200_figures():
     assert by[("lora", None, 1)]["rows_per_second"] == 147.8
     assert by[("lora", "bookkeeping", 1)]["rows_per_second"] == pytest.approx(16 / 0.1577, abs=0.05)
     assert all(m["precision"] == "bf16 autocast" for m in by.values())
+    sampling = {
+        (m["batch_size"], m["precision"]): m["images_per_second"]
+        for m in load_measured_sampling()
+        if m["device"] == ESTIMATE_DEVICE and m["depth"] == 16 and m["source"]["docs"] == SEED_DOCS
+    }
+    assert sampling == {
+        (32, "bf16 autocast"): 112.4,
+        (32, "float32"): 48.7,
+        (64, "bf16 autocast"): 137.6,
+        (64, "float32"): 50.8,
+    }
 
 
 def _entry(**over) -> dict:
@@ -351,20 +372,139 @@ def test_gpu_hours_come_from_the_measured_rate_where_one_matches():
     images = DATASETS[lora16.data.dataset].train_images
     steps = lora16.planned_steps(images)
     entries = [_entry(rows_per_second=50.0)]
-    hours, used = training_gpu_hours(lora16, train_images=images, steps=steps, measurements=entries)
-    assert used is entries[0]
+    hours, rate = training_gpu_hours(lora16, train_images=images, steps=steps, measurements=entries)
+    assert rate.kind == "measured" and rate.measured is entries[0]
     assert hours == pytest.approx(training_rows(lora16, train_images=images, steps=steps) / 50.0 / 3600)
     ln_images = DATASETS[ln16.data.dataset].train_images
     ln_steps = ln16.planned_steps(ln_images)
-    hours, used = training_gpu_hours(ln16, train_images=ln_images, steps=ln_steps, measurements=entries)
-    assert used is None
+    hours, rate = training_gpu_hours(ln16, train_images=ln_images, steps=ln_steps, measurements=entries)
+    assert rate.kind == "assumed" and rate.measured is None
     assert hours == pytest.approx(
         training_flops(ln16, train_images=ln_images, steps=ln_steps) / ASSUMED_FLOPS_PER_GPU / 3600
     )
-    text = estimate([lora16, ln16], done=set(), plans={}, measurements=entries)
+    text = estimate([lora16, ln16], done=set(), plans={}, measurements=entries, samplings=[])
     rows = text.splitlines()
     assert "measured 50.0 rows/s" in rows[1] and "assumed 35% MFU" in rows[2]
     assert "measured: NVIDIA H200 d16 lora no DP k=1 bf16 autocast: 50.0 rows/s" in text
+
+
+def test_a_rate_measured_at_another_depth_is_scaled_by_the_flops_never_across_methods():
+    """VAR-d20 priced from d16's measurement keeps d16's utilisation: its rows/s shrink by the FLOPs per row
+    (1.87x for full fine-tuning), where the assumed 35% made a d20 trial cheaper than d16's at its measured 15%.
+    The nearest depth is taken; another method, DP setting or precision is never used; the base trains nothing."""
+    configs = build_sweep("table1")
+    full20 = next(c for c in configs if c.method.name == "full" and c.model.depth == 20)
+    ratio = training_flops_per_row(VarShape.official(20), "full") / training_flops_per_row(
+        VarShape.official(16), "full"
+    )
+    assert 1.8 < ratio < 1.95
+    rate = training_rate(full20, [_entry(method="full", rows_per_second=160.0)])
+    assert rate.kind == "scaled" and rate.per_second == pytest.approx(160.0 / ratio)
+    assert rate.basis == f"d16's, scaled {160.0 / ratio:.1f} rows/s"
+    d16, d24 = _entry(method="full"), _entry(method="full", depth=24, source={"date": "2026-12-01"})
+    assert training_rate(full20, [d16, d24]).measured is d24  # 4 away either way: the latest
+    assert training_rate(full20, [d16, {**d24, "depth": 22, "source": {}}]).measured["depth"] == 22
+    for other in (dict(method="lora"), dict(precision="float32"), dict(clipping="bookkeeping")):
+        assert training_rate(full20, [_entry(**{"method": "full", **other})]).kind == "assumed"
+    base = replace(full20, method={"name": "base"}, optimization={"steps": 0, "epochs": None})
+    hours, rate = training_gpu_hours(base, train_images=1020, steps=0, measurements=[])
+    assert hours == 0.0 and rate.basis == "trains nothing"
+
+
+def test_the_estimate_s_sampling_flops_are_what_an_evaluation_records(tiny_vqvae):
+    """bench.estimates' sampling FLOPs (both guidance rows over the KV cache, the word embedding once, the
+    quantiser's phi convolutions and the decoder) equal the counter's count that a trial's evaluation records
+    (``sample_flops_per_image``) on the tests' tiny VAR and VQVAE, exactly; and the official decoder's count on
+    the meta device: 394 GFLOPs of d16's 991 GFLOPs per image."""
+    var = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0)).eval()
+    evaluation = EvaluationConfig(extractor=SUBSTITUTE_EXTRACTOR)
+    recorded = _sampling_flops_per_image(var, tiny_vqvae, label=1, evaluation=evaluation)
+    shape = VarShape(
+        **{key: TINY_VAR[key] for key in ("depth", "embed_dim", "vocab_size", "z_channels", "patch_nums")}
+    )
+    layout = {key: TINY_VQVAE[key] for key in ("ch", "ch_mult", "num_res_blocks", "z_channels", "patch_nums")}
+    assert sampling_flops_per_image(shape, DecoderShape(**layout)) == recorded
+    official = build_vqvae(
+        vocab_size=4096, z_channels=32, ch=160, patch_nums=OFFICIAL_PATCH_NUMS, device="meta"
+    )
+    decoded, _ = count_flops(lambda: official.fhat_to_img(torch.empty(1, 32, 16, 16, device="meta")))
+    phis = len(OFFICIAL_PATCH_NUMS) * 2 * 9 * 32 * 32 * 16 * 16  # one 3x3 phi per scale builds f-hat
+    assert decoding_flops(DecoderShape()) == decoded + phis == 393_760_735_232
+    assert round(sampling_flops_per_image(VarShape.official(16)) / 1e9) == 991
+
+
+def _sampling(**over) -> dict:
+    entry = {
+        "device": ESTIMATE_DEVICE,
+        "depth": 16,
+        "precision": "bf16 autocast",
+        "batch_size": 32,
+        "compiled": False,
+        "images_per_second": 100.0,
+        "measured_in": "generation",
+        "source": {"date": "2026-11-26"},
+    }
+    return {**entry, **over}
+
+
+def test_a_sampling_rate_matches_the_evaluation_setting_or_scales_from_another_depth():
+    """A trial's evaluations are priced at a rate measured for its depth, precision, evaluation batch size and
+    compile_sampling (a whole trial evaluation before sampling alone), else at another depth's scaled by the
+    sampling FLOPs, else at the assumed utilisation; the evaluation's GPU hours count every GPU the trial holds."""
+    table1 = build_sweep("table1")
+    lora16 = next(c for c in table1 if c.method.name == "lora" and c.model.depth == 16)
+    full20 = next(c for c in table1 if c.method.name == "full" and c.model.depth == 20)
+    others = [
+        _sampling(batch_size=64, images_per_second=1.0),
+        _sampling(compiled=True, images_per_second=2.0),
+        _sampling(precision="float32", images_per_second=3.0),
+        _sampling(device="NVIDIA A100", images_per_second=4.0),
+    ]
+    assumed = sampling_rate(lora16, others)
+    assert assumed.kind == "assumed" and assumed.per_second == pytest.approx(
+        ASSUMED_FLOPS_PER_GPU / sampling_flops_per_image(VarShape.official(16))
+    )
+    generation = _sampling(source={"date": "2026-12-01"})
+    evaluation = _sampling(images_per_second=90.0, measured_in="trial evaluation")
+    assert sampling_rate(lora16, [*others, generation]).measured is generation
+    assert sampling_rate(lora16, [*others, generation, evaluation]).measured is evaluation
+    compiled = replace(lora16, resources={"compile_sampling": True})
+    assert sampling_rate(compiled, others).per_second == 2.0
+    scaled = sampling_rate(full20, [*others, evaluation])
+    flops = [sampling_flops_per_image(VarShape.official(d)) for d in (16, 20)]
+    assert scaled.kind == "scaled" and scaled.per_second == pytest.approx(90.0 * flops[0] / flops[1])
+    two_gpus = replace(full20, resources={"workers": 2})
+    assert evaluation_gpu_hours(two_gpus, images=3600, rate=scaled) == pytest.approx(
+        2 * 3600 / scaled.per_second / 3600
+    )
+    demo = build_sweep("demo")[0]
+    assert sampling_rate(demo, [evaluation]).kind == "none"
+    assert evaluation_gpu_hours(demo, images=100, rate=sampling_rate(demo, [evaluation])) == 0.0
+
+
+def test_the_estimate_counts_every_image_a_trial_evaluates():
+    """The final evaluation (the test split, or evaluation.num_images) and convergence_num_images at each point
+    of the curve: the convergence sweep's Flowers runs score 6,149 + 8 x 1,000 images; the estimate's table
+    prices them and adds their hours to the total."""
+    curve = next(c for c in build_sweep("convergence") if c.data.dataset == "flowers102")
+    steps = curve.planned_steps(DATASETS["flowers102"].train_images)
+    assert len(curve.convergence_steps(steps)) == 8
+    assert evaluated_images(curve, evaluation_split=6149, steps=steps) == 6149 + 8 * 1000
+    fixed = replace(curve, evaluation={"num_images": 500, "convergence_points": 0})
+    assert evaluated_images(fixed, evaluation_split=6149, steps=steps) == 500
+    text = estimate(
+        [curve], done=set(), plans={}, measurements=[], samplings=[_sampling(depth=curve.model.depth)]
+    )
+    row, total = text.splitlines()[1], text.splitlines()[2]
+    rate = sampling_rate(curve, [_sampling(depth=curve.model.depth)])
+    hours = 14149 / 100.0 / 3600
+    assert " 14149 measured 100.0 img/s" in row and row.endswith(f"{hours:.2f}")
+    train, _ = training_gpu_hours(curve, train_images=1020, steps=steps, measurements=[])
+    assert (
+        rate.per_second == 100.0
+        and f"training {train:.1f} + evaluation {hours:.1f} = {train + hours:.1f}" in total
+    )
+    assert "NVIDIA H200 d16 sampling at batch 32 eager bf16 autocast: 100.0 images/s (generation" in text
 
 
 def _plans(configs, *, train_images: int, canaries: int = 0) -> dict:
@@ -465,3 +605,24 @@ def test_the_datasheet_peak_is_the_named_parts_not_a_shorter_names(monkeypatch, 
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops_per_second("cuda") == tflops * 1e12
+
+
+def test_the_sweeps_script_totals_are_the_dry_run_s():
+    """scripts/estimate_sweeps.py, as a user runs it: its table1 row holds the totals the dry run prints for the
+    sweep (published split sizes, the committed rates), and every paper sweep has a row."""
+    out = run_script("estimate_sweeps.py")
+    footer = next(
+        line
+        for line in estimate(build_sweep("table1"), done=set(), plans={}).splitlines()
+        if "GPU hours" in line
+    )
+    training, evaluation, total = re.search(r"training (\S+) \+ evaluation (\S+) = (\S+)", footer).groups()
+    row = next(line for line in out.splitlines() if line.startswith("| table1 |")).split(" | ")
+    assert (row[3], row[6], row[8].rstrip(" |")) == (training, evaluation, total)
+    assert {line.split(" | ")[0].lstrip("| ") for line in out.splitlines() if line.startswith("| ")} >= {
+        "table1",
+        "table2",
+        "table3",
+        "convergence",
+        "privacy_audit",
+    }

@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 from sweep_driver import tiny_trial
 
-from bench.estimates import estimate
+from bench.estimates import estimate, evaluated_images
 from bench.launcher import Launch, SweepError, check_sweep, run_sweep
 from bench.results import ResultStore
 from bench.schema import NON_DP_ONLY, ConfigError, PrivacyConfig, TrialConfig, check_result, replace
 from bench.sweeps import build_sweep
 from trainables import privacy
 from trainables.data.datasets import DatasetError
+from trainables.evaluation import evaluate as evaluate_module
+from trainables.evaluation.generate import generate
 from trainables.privacy import PrivacyConfigError, poisson_batch
 from trainables.trial import plan_trial, preflight, run_trial
 
@@ -48,6 +50,14 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
         return batch
 
     monkeypatch.setattr(privacy, "poisson_batch", spy)
+    generated = []  # every image the trial draws, seen by a spy on the real generator
+
+    def counted_generation(*args, **kwargs):
+        drawn = generate(*args, **kwargs)
+        generated.append(len(drawn[0]))
+        return drawn
+
+    monkeypatch.setattr(evaluate_module, "generate", counted_generation)
     # The trial plans once: sigma is calibrated and the steps counted by its preflight only (make_private takes the plan's sigma).
     calls = {"calibrations": 0, "planned_steps": 0}
     calibrate, planned_steps = privacy.calibrate_noise_multiplier, TrialConfig.planned_steps
@@ -102,6 +112,11 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
         4 * 2 * 0.02 * 1438
     )  # expected, not actual
     assert len(batch_sizes) == 4 and len(set(batch_sizes)) > 1
+    # the dry-run estimate prices the images the trial drew: 10 at each of the 2 points, then 20
+    split = record["data"]["evaluation_images"]
+    assert generated == [10, 10, 20] and sum(generated) == evaluated_images(
+        config, evaluation_split=split, steps=4
+    )
     assert not exact_batch_size_leaks(record, [metrics for metrics, _ in reports], batch_sizes, k=2)
     assert (
         record["cost"]["training_precision"] == "float32"
@@ -294,6 +309,8 @@ def test_dry_run_estimates_the_paper_grid(tmp_path):
     text = estimate(configs, done=set(), plans={})
     assert "30 of 30 trials to run" in text and "GPU hours" in text
     lora_food = next(line for line in text.splitlines() if line.startswith("lora-d16-food101"))
-    assert int(lora_food.split()[-2]) == 1776  # 6 epochs x 75,750 images / batch 256
+    steps, train_hours, images = lora_food[110:].split()[:3]  # after the training rate's column
+    assert int(steps) == 1776  # 6 epochs x 75,750 images / batch 256
+    assert float(train_hours) > 0 and int(images) == 25250  # Food-101's test split, scored once
     with pytest.raises(SweepError, match="30 of 30 trials cannot run"):
         check_sweep(configs, cache_dir=str(tmp_path))

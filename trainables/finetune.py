@@ -68,7 +68,7 @@ from .training import (
 class RunPlan:
     """What a run needs beyond the config sections, known once the training split is (no field repeats a config
     field): ``planned_steps`` optimiser steps (``TrialConfig.planned_steps``); ``evaluation_steps``: steps done
-    after which ``finetune`` calls its ``evaluate_fn`` (``evaluation_steps(...)`` of the evaluation section; the
+    after which ``finetune`` calls its ``evaluate_fn`` (``TrialConfig.convergence_steps``; the
     final step always); history entries every ``log_every`` steps; ``prior_batch_size`` bank samples per step for
     the prior-preservation term; ``noise_multiplier``: DP's sigma as the trial's plan calibrated it (None: calibrated
     by ``make_private``)."""

@@ -13,7 +13,6 @@ from bench.schema import ConfigError, TrialConfig
 from .audit import included_count
 from .data import offline
 from .data.datasets import ImageList, read_dataset
-from .training import evaluation_steps
 
 
 @dataclass(frozen=True)
@@ -106,12 +105,8 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
     # An audit's included canaries train like any example: the steps, Poisson sampling and delta count them.
     canaries = included_count(config.audit)
     examples = len(train) + canaries
-    steps, e, p = config.planned_steps(examples), config.evaluation, config.privacy
-    curve = (
-        tuple(evaluation_steps(steps, every=e.convergence_every_steps, points=e.convergence_points))
-        if (steps and (e.convergence_every_steps or e.convergence_points))
-        else ()
-    )
+    steps, p = config.planned_steps(examples), config.privacy
+    curve = config.convergence_steps(steps)
     delta = sigma = None
     if p is not None:
         # Imported here: the accountant is Opacus's, and a dry run of a sweep without DP imports no Opacus.

@@ -323,17 +323,6 @@ def var_training_step(
     return {"loss": loss.item(), "grad_norm": float(grad_norm)}
 
 
-def evaluation_steps(planned_steps: int, *, every: int = 0, points: int = 0) -> list[int]:
-    """The convergence curve's points, as steps done (1..planned_steps): every ``every`` steps, or ``points``
-    evenly spaced steps (step ceil(i * planned / points) for i = 1..points; fewer when the run is shorter), and
-    always the final step. Pure: every rank and a resumed run compute the same list."""
-    if every:
-        chosen = set(range(every, planned_steps + 1, every))
-    else:
-        chosen = {-(-i * planned_steps // points) for i in range(1, points + 1)}
-    return sorted(chosen | {planned_steps})
-
-
 def examples_per_forward(rows_per_forward: int, *, views_per_example: int) -> int | None:
     """Examples per forward for ``rows_per_forward`` rows of ``views_per_example`` views each (None: all at once).
     An example's views are never split over forwards, so fewer rows than views are refused."""
