@@ -11,7 +11,8 @@ dense L x L at 680 tokens; ``visible_attention_fraction``), the useful work whic
 Norms, softmax, element-wise ops, the optimiser and the adapters' own small products (~2% for rank-16 LoRA) are
 not counted. Sampling counts the same products for both classifier-free guidance rows (the word embedding once:
 the rows share their input) and the VQVAE's decoding (convolutions and its attention's two products), as
-``trainables.evaluation.evaluate`` counts a trial's ``sample_flops_per_image``.
+``trainables.evaluation.evaluate`` counts a trial's ``sample_flops_per_image`` (a LoRA model's with its adapter
+merged, as CUDA's bf16 sampling runs it; unmerged, the record counts the adapter's products too).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ ATTENTION_BACKWARD = 2.5
 @dataclass(frozen=True)
 class VarShape:
     """The matrix-product geometry of a VAR: depth, width C (64 x depth for the official family), codebook size,
-    VQVAE latent channels, token-map sides per scale."""
+    VQVAE latent channels, token-map sides per scale. One AdaLN modulation per block, as the official models have
+    it (``shared_aln=False``)."""
 
     depth: int
     embed_dim: int
@@ -224,7 +226,7 @@ def longest_first(configs: list[TrialConfig], plans: dict) -> list[TrialConfig]:
 
 
 # Measured training throughput (rows per second on one GPU), one entry per measured setting; see
-# ``measured_rate`` for how an entry is matched to a trial. Refreshed by
+# ``training_rate`` for how an entry is matched to a trial. Refreshed by
 # ``python scripts/benchmark_gpu.py --write-throughput bench/measured_throughput.json``.
 MEASURED_THROUGHPUT_FILE = Path(__file__).with_name("measured_throughput.json")
 # The device the dry run prices GPU hours on: the one the measurements and the assumed peak are for.
@@ -290,49 +292,71 @@ def _same(entry: dict, wanted: dict, *, but: tuple[str, ...] = ()) -> bool:
     return all(entry[key] == value for key, value in wanted.items() if key not in but)
 
 
+_SETTING_LABELS = {
+    "depth": lambda v: f"d{v}",
+    "method": str,
+    "augmentation_multiplicity": lambda v: f"k={v}",
+    "batch_size": lambda v: f"batch {v}",
+    "compiled": lambda v: "compiled" if v else "eager",
+}
+
+
 def _rate(
-    depth: int,
     entries: list[dict],
     *,
     wanted: dict,
+    relax: tuple[str, ...],
     key: str,
     unit: str,
-    flops_at: Callable[[int], float],
+    flops_of: Callable[[dict], float],
     prefer: Callable[[dict], bool],
 ) -> Rate:
-    """The rate of a setting ``wanted`` at ``depth`` from measured ``entries`` (their rate under ``key``): one
-    measured at the setting (``prefer`` first, then the latest); else the nearest depth's measurement of the same
-    setting, scaled by the two depths' useful FLOPs per row or image (``flops_at``), so that its utilisation
-    carries over; else those FLOPs at the assumed utilisation. Never across methods, DP settings or precisions."""
-    same = [m for m in entries if _same(m, wanted)]
-    if same:
-        m = max(same, key=lambda m: (prefer(m), m["source"].get("date", "")))
+    """The rate of the setting ``wanted`` from measured ``entries`` (their rate under ``key``, in ``unit``/s).
+    Measured: an entry of the setting (``prefer`` first, then the latest). Scaled: else the entry nearest to it,
+    free to differ in the first of the ``relax`` keys, then the first two, and so on (fewest differing keys,
+    then the nearest depth, ``prefer``, the latest), its rate scaled by the useful FLOPs per row or image of the
+    two settings (``flops_of``), so its utilisation carries over. Assumed: nothing near was measured; the
+    setting's useful FLOPs at the assumed utilisation. Keys outside ``relax`` (the device, precision, DP clipping)
+    are never crossed."""
+    for loosened in range(len(relax) + 1):
+        free = relax[:loosened]
+        near = [m for m in entries if _same(m, wanted, but=free)]
+        if near:
+            break
+    else:
+        rate = ASSUMED_FLOPS_PER_GPU / flops_of(wanted)
+        return Rate(rate, "assumed", f"assumed {ASSUMED_UTILISATION:.0%} MFU: {rate:.1f} {unit}/s")
+
+    def nearness(m: dict) -> tuple:
+        differing = sum(m[k] != wanted[k] for k in free)
+        return -differing, -abs(m["depth"] - wanted["depth"]), prefer(m), m["source"].get("date", "")
+
+    m = max(near, key=nearness)
+    if not free:
         return Rate(m[key], "measured", f"measured {m[key]:.1f} {unit}/s", m)
-    near = [m for m in entries if _same(m, wanted, but=("depth",))]
-    if near:
-        m = max(near, key=lambda m: (-abs(m["depth"] - depth), prefer(m), m["source"].get("date", "")))
-        scaled = m[key] * flops_at(m["depth"]) / flops_at(depth)
-        return Rate(scaled, "scaled", f"d{m['depth']}'s, scaled {scaled:.1f} {unit}/s", m)
-    return Rate(ASSUMED_FLOPS_PER_GPU / flops_at(depth), "assumed", f"assumed {ASSUMED_UTILISATION:.0%} MFU")
+    rate = m[key] * flops_of(m) / flops_of(wanted)
+    source = " ".join(_SETTING_LABELS[k](m[k]) for k in free if m[k] != wanted[k])
+    return Rate(rate, "scaled", f"from {source}: {rate:.1f} {unit}/s", m)
 
 
 def training_rate(config: TrialConfig, measurements: list[dict], *, device: str = ESTIMATE_DEVICE) -> Rate:
-    """Rows per second of ``config``'s training on ``device`` (``_rate``): a measurement must match its
-    ``trial_setting`` (the depth aside when scaled); the physical batch it was measured at is not matched.
-    Among several, one measured with the trial's attention kernel and compile setting comes first. The tiny base
-    and the base method (it trains nothing) are not priced."""
+    """Rows per second of ``config``'s training on ``device`` (``_rate``): measured for its ``trial_setting``,
+    else scaled from another depth, k or method (in that order) with the same precision and DP clipping (rows
+    count every view, so a rate per row carries over between k); the physical batch is not matched. Among
+    several, one measured with the trial's attention kernel and compile setting comes first. The tiny base and
+    the base method (it trains nothing) are not priced."""
     if config.model.base != "official":
         return Rate(0.0, "none", "not estimated")
     if config.method.name == "base":
         return Rate(0.0, "none", "trains nothing")
     kernel, compiled = config.resources.training_attention_kernel, config.resources.compile
     return _rate(
-        config.model.depth,
         measurements,
         wanted={"device": device, **trial_setting(config)},
+        relax=("depth", "augmentation_multiplicity", "method"),
         key="rows_per_second",
         unit="rows",
-        flops_at=lambda depth: training_flops_per_row(VarShape.official(depth), config.method.name),
+        flops_of=lambda s: training_flops_per_row(VarShape.official(s["depth"]), s["method"]),
         prefer=lambda m: m.get("attention_kernel") == kernel and bool(m.get("compile")) == compiled,
     )
 
@@ -396,18 +420,19 @@ def sampling_setting(config: TrialConfig) -> dict:
 
 
 def sampling_rate(config: TrialConfig, samplings: list[dict], *, device: str = ESTIMATE_DEVICE) -> Rate:
-    """Images per second of ``config``'s evaluations on ``device`` (``_rate``): a measurement must match its
-    ``sampling_setting`` (the depth aside when scaled); among several, a whole trial evaluation comes before
-    sampling alone. The tiny base is not priced."""
+    """Images per second of ``config``'s evaluations on ``device`` (``_rate``): measured for its
+    ``sampling_setting``, else scaled from another depth, evaluation batch size or compile setting (in that order)
+    with the same precision; among several, a whole trial evaluation comes before sampling alone. The tiny base is
+    not priced."""
     if config.model.base != "official":
         return Rate(0.0, "none", "not estimated")
     return _rate(
-        config.model.depth,
         samplings,
         wanted={"device": device, **sampling_setting(config)},
+        relax=("depth", "batch_size", "compiled"),
         key="images_per_second",
         unit="img",
-        flops_at=lambda depth: sampling_flops_per_image(VarShape.official(depth)),
+        flops_of=lambda s: sampling_flops_per_image(VarShape.official(s["depth"])),
         prefer=lambda m: m["measured_in"] == "trial evaluation",
     )
 
@@ -427,10 +452,10 @@ def evaluated_images(config: TrialConfig, *, evaluation_split: int, steps: int) 
 
 def evaluation_gpu_hours(config: TrialConfig, *, images: int, rate: Rate) -> float:
     """GPU hours of a trial's evaluations: ``images`` at ``rate`` on rank 0 while the trial's other GPUs wait,
-    so the wall time times every GPU the trial holds."""
+    so the wall time times every GPU the trial holds (one at least: ``rate`` is a whole GPU's)."""
     if rate.kind == "none":
         return 0.0
-    gpus = config.resources.workers * config.resources.gpus_per_worker
+    gpus = max(1.0, config.resources.workers * config.resources.gpus_per_worker)
     return images / rate.per_second / 3600 * gpus
 
 
@@ -503,8 +528,8 @@ def estimate(
     measurements = load_measured_throughput() if measurements is None else measurements
     samplings = load_measured_sampling() if samplings is None else samplings
     header = (
-        f"{'trial':<44} {'id':<16} {'status':<8} {'workers x GPU':>13} {'training rate':<24} {'steps':>7} "
-        f"{'train h':>8}  {'eval images':>11} {'evaluation rate':<26} {'eval h':>7}"
+        f"{'trial':<44} {'id':<16} {'status':<8} {'workers x GPU':>13} {'training rate':<33} {'steps':>7} "
+        f"{'train h':>8}  {'eval images':>11} {'evaluation rate':<33} {'eval h':>7}"
     )
     lines, pending, used = [header], [], {}
     for c in configs:
@@ -518,21 +543,23 @@ def estimate(
         gpus = f"{c.resources.workers} x {c.resources.gpus_per_worker:g}"
         lines.append(
             f"{c.label:<44} {c.trial_id:<16} {'done' if finished else 'pending':<8} {gpus:>13} "
-            f"{e.training_rate.basis:<24} {e.steps:>7} {e.training_hours:>8.2f}  {e.images:>11} "
-            f"{e.sampling_rate.basis:<26} {e.evaluation_hours:>7.2f}"
+            f"{e.training_rate.basis:<33} {e.steps:>7} {e.training_hours:>8.2f}  {e.images:>11} "
+            f"{e.sampling_rate.basis:<33} {e.evaluation_hours:>7.2f}"
         )
     train_total, evaluation_total = (sum(column) for column in zip(*pending)) if pending else (0.0, 0.0)
     lines += [
         f"{len(pending)} of {len(configs)} trials to run; estimated GPU hours on an {ESTIMATE_DEVICE}: training "
         f"{train_total:.1f} + evaluation {evaluation_total:.1f} = {train_total + evaluation_total:.1f}",
-        "  training: the rows a trial trains at the throughput measured for the same depth, method, DP clipping, "
-        "k and precision (any rows per forward); 'scaled': measured at another depth, scaled by the useful FLOPs "
-        f"per row; 'assumed': useful FLOPs at {ASSUMED_FLOPS_PER_GPU / 1e12:.0f} TFLOP/s per GPU "
-        f"({ASSUMED_UTILISATION:.0%} of the dense bf16 peak)",
+        "  training: the rows a trial trains at the rate measured for its depth, method, DP clipping, k and "
+        "precision (any rows per forward); 'from ...': measured at another depth, k or method (in that order; the "
+        "same precision and DP clipping), scaled by the useful FLOPs per row; 'assumed': useful FLOPs at "
+        f"{ASSUMED_FLOPS_PER_GPU / 1e12:.0f} TFLOP/s per GPU ({ASSUMED_UTILISATION:.0%} of the dense bf16 peak), "
+        "where nothing near was measured",
         "  evaluation: the images a trial generates and scores (its final evaluation and each convergence "
-        "point) at the sampling rate measured for the same depth, precision, evaluation batch size and "
-        "compile_sampling (a whole trial evaluation where measured, else sampling alone), scaled or assumed as "
-        "above by the useful FLOPs per image; times the GPUs the trial holds (rank 0 evaluates, the others wait)",
+        "point) at the sampling rate measured for its depth, precision, evaluation batch size and "
+        "compile_sampling (a whole trial evaluation where measured, else sampling alone), or from another depth, "
+        "batch size or compile setting, or assumed, as above by the useful FLOPs per image; times the GPUs the "
+        "trial holds (rank 0 evaluates, the others wait)",
         "  not included: the real images' reference features (computed once per dataset and cached) and tiny "
         "models",
     ]

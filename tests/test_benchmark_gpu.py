@@ -153,8 +153,9 @@ def test_mfu_counts_the_visible_pairs(smoke):
 
 
 def test_a_run_refreshes_the_measured_throughput(smoke, tmp_path):
-    """--write-throughput --from: the run's training and sampling rates replace older entries of the same setting,
-    keep the others, and the dry-run estimate then uses them for a matching trial."""
+    """--write-throughput --from: the run's training and sampling rates replace older entries of the same setting
+    and keep the others; a training entry states a trial loop's rate where one ran at its setting; the tiny base
+    is never priced from them."""
     import benchmark_gpu
 
     from bench.estimates import load_measured_sampling, load_measured_throughput, measured_rate

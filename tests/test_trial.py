@@ -3,6 +3,7 @@ fail before anything starts."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -309,7 +310,7 @@ def test_dry_run_estimates_the_paper_grid(tmp_path):
     text = estimate(configs, done=set(), plans={})
     assert "30 of 30 trials to run" in text and "GPU hours" in text
     lora_food = next(line for line in text.splitlines() if line.startswith("lora-d16-food101"))
-    steps, train_hours, images = lora_food[110:].split()[:3]  # after the training rate's column
+    steps, train_hours, images = re.search(r"rows/s +(\d+) +(\S+) +(\d+) ", lora_food).groups()
     assert int(steps) == 1776  # 6 epochs x 75,750 images / batch 256
     assert float(train_hours) > 0 and int(images) == 25250  # Food-101's test split, scored once
     with pytest.raises(SweepError, match="30 of 30 trials cannot run"):
