@@ -243,16 +243,22 @@ THROUGHPUT_KEYS = (
 )
 
 
-def load_measured_throughput(path: Path = MEASURED_THROUGHPUT_FILE) -> list[dict]:
-    """The entries of a measured-throughput file (none when it does not exist); each must hold THROUGHPUT_KEYS."""
+def _load_entries(path: Path, *, name: str, keys: tuple[str, ...]) -> list[dict]:
+    """The ``name`` list of a measured-throughput file (none when the file or the list is absent); each entry must
+    hold ``keys``."""
     if not path.is_file():
         return []
-    entries = json.loads(path.read_text())["measurements"]
+    entries = json.loads(path.read_text()).get(name, [])
     for entry in entries:
-        missing = [key for key in THROUGHPUT_KEYS if key not in entry]
+        missing = [key for key in keys if key not in entry]
         if missing:
-            raise ValueError(f"{path}: a measurement lacks {missing}: {entry}")
+            raise ValueError(f"{path}: a {name} entry lacks {missing}: {entry}")
     return entries
+
+
+def load_measured_throughput(path: Path = MEASURED_THROUGHPUT_FILE) -> list[dict]:
+    """The training entries of a measured-throughput file; each must hold THROUGHPUT_KEYS."""
+    return _load_entries(path, name="measurements", keys=THROUGHPUT_KEYS)
 
 
 def trial_setting(config: TrialConfig) -> dict:
@@ -393,17 +399,10 @@ SAMPLING_KEYS = (
 
 
 def load_measured_sampling(path: Path = MEASURED_THROUGHPUT_FILE) -> list[dict]:
-    """The sampling entries of a measured-throughput file (none when it or the list is absent); each must hold
-    SAMPLING_KEYS. ``measured_in``: "trial evaluation" (generation with its PNG files, then Inception-v3
-    features: what a trial's evaluation costs per image) or "generation" (sampling alone)."""
-    if not path.is_file():
-        return []
-    entries = json.loads(path.read_text()).get("sampling", [])
-    for entry in entries:
-        missing = [key for key in SAMPLING_KEYS if key not in entry]
-        if missing:
-            raise ValueError(f"{path}: a sampling measurement lacks {missing}: {entry}")
-    return entries
+    """The sampling entries of a measured-throughput file; each must hold SAMPLING_KEYS. ``measured_in``: "trial
+    evaluation" (generation with its PNG files, then Inception-v3 features: what a trial's evaluation costs per
+    image) or "generation" (sampling alone)."""
+    return _load_entries(path, name="sampling", keys=SAMPLING_KEYS)
 
 
 def sampling_setting(config: TrialConfig) -> dict:

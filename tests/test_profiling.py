@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 import time
 
@@ -657,3 +658,16 @@ def test_the_sweeps_script_totals_are_the_dry_run_s():
         "convergence",
         "privacy_audit",
     }
+
+
+def test_a_throughput_file_with_an_incomplete_entry_is_refused_by_name(tmp_path):
+    """A hand-edited throughput file whose entry lacks a key fails with the list, the key and the entry named,
+    before any estimate is printed; a file without a sampling list reads as none measured."""
+    path = tmp_path / "throughput.json"
+    incomplete = {key: value for key, value in _sampling().items() if key != "batch_size"}
+    path.write_text(json.dumps({"measurements": [_entry()], "sampling": [incomplete]}))
+    assert load_measured_throughput(path) == [_entry()]
+    with pytest.raises(ValueError, match=r"a sampling entry lacks \['batch_size'\]"):
+        load_measured_sampling(path)
+    path.write_text(json.dumps({"measurements": [_entry()]}))
+    assert load_measured_sampling(path) == []
