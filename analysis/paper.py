@@ -112,7 +112,8 @@ def comparison(table: Table) -> Table | None:
 def paper_fixture(folder: str | Path, *, assets: Assets = Assets("/assets")) -> list[Path]:
     """Write one result per published VAR cell (Tables 1, 2, 3, 9, 10): the paper sweeps' configs with metrics
     equal to the published values, parameter counts that give the published counts and shares, and as cost the
-    dry-run estimate (``bench.estimates.trial_estimate``: useful FLOPs, GPU hours at the assumed utilisation). Returns the files written (``folder/results/<id>.json``)."""
+    dry-run estimate (``bench.estimates.trial_estimate``: useful FLOPs, GPU hours at the assumed utilisation).
+    Returns the files written (``folder/results/<id>.json``)."""
     records: dict[str, dict] = {}
 
     def add(config: TrialConfig, **metrics: float) -> None:

@@ -1,6 +1,7 @@
 """The dry-run estimate of every built-in paper sweep, side by side: training and evaluation GPU hours on the
 estimate's device, how many trials rest on a measured, scaled or assumed rate, and what training cost with
-every unmeasured setting at the assumed utilisation (the estimate before it scaled other depths' measurements).
+every setting not measured exactly at the assumed utilisation (the estimate before it took the nearest
+measurement's).
 
 Usage: python scripts/estimate_sweeps.py [--out docs/benchmarks.md]
 Reads bench/measured_throughput.json; needs no assets (split sizes are the datasets' published ones).
@@ -35,11 +36,9 @@ def sweep_row(name: str, *, measurements: list[dict], samplings: list[dict]) -> 
         e = trial_estimate(config, measurements=measurements, samplings=samplings)
         measured = e.training_rate.kind == "measured"
         assumed_only += e.training_hours if measured else e.train_flops / ASSUMED_FLOPS_PER_GPU / 3600
-        training, evaluation, images = (
-            training + e.training_hours,
-            evaluation + e.evaluation_hours,
-            images + e.images,
-        )
+        training += e.training_hours
+        evaluation += e.evaluation_hours
+        images += e.images
         bases.update([f"train {e.training_rate.kind}", f"eval {e.sampling_rate.kind}"])
     kinds = [
         "/".join(str(bases[f"{part} {kind}"]) for kind in ("measured", "scaled", "assumed"))
