@@ -211,20 +211,6 @@ def training_flops(config: TrialConfig, *, train_images: int, steps: int) -> flo
     return training_flops_per_row(VarShape.official(config.model.depth), config.method.name) * rows
 
 
-def longest_first(configs: list[TrialConfig], plans: dict) -> list[TrialConfig]:
-    """``configs`` in the order a sweep starts them: the most training work first (longest-processing-time-first
-    scheduling), so that no long trial starts last and holds the sweep open while the other workers idle. Work is
-    the useful FLOPs of an official model's training, then the rows trained (the tiny base's FLOPs are not
-    estimated); ties keep the sweep's order. ``plans``: {trial_id: TrialPlan} from the preflight (N, steps)."""
-
-    def work(config: TrialConfig) -> tuple[float, float]:
-        plan = plans[config.trial_id]
-        size = {"train_images": plan.examples, "steps": plan.planned_steps}
-        return training_flops(config, **size), training_rows(config, **size)
-
-    return sorted(configs, key=work, reverse=True)
-
-
 # Measured training throughput (rows per second on one GPU), one entry per measured setting; see
 # ``training_rate`` for how an entry is matched to a trial. Refreshed by
 # ``python scripts/benchmark_gpu.py --write-throughput bench/measured_throughput.json``.
@@ -451,11 +437,15 @@ def evaluated_images(config: TrialConfig, *, evaluation_split: int, steps: int) 
 
 def evaluation_gpu_hours(config: TrialConfig, *, images: int, rate: Rate) -> float:
     """GPU hours of a trial's evaluations: ``images`` at ``rate`` on rank 0 while the trial's other GPUs wait,
-    so the wall time times every GPU the trial holds (one at least: ``rate`` is a whole GPU's)."""
+    so the wall time times every GPU the trial holds (``held_gpus``)."""
     if rate.kind == "none":
         return 0.0
-    gpus = max(1.0, config.resources.workers * config.resources.gpus_per_worker)
-    return images / rate.per_second / 3600 * gpus
+    return images / rate.per_second / 3600 * held_gpus(config)
+
+
+def held_gpus(config: TrialConfig) -> float:
+    """The GPUs a trial holds (workers x GPUs per worker), one at least: a rate is a whole GPU's."""
+    return max(1.0, config.resources.workers * config.resources.gpus_per_worker)
 
 
 def expected_examples(config: TrialConfig) -> int:
@@ -481,6 +471,13 @@ class TrialEstimate:
     sample_flops_per_image: float
     evaluation_hours: float
     sampling_rate: Rate
+    gpus: float = 1.0
+
+    @property
+    def wall_hours(self) -> float:
+        """Hours from start to end on the trial's GPUs (its training split among them, its evaluations on one
+        while the others wait)."""
+        return (self.training_hours + self.evaluation_hours) / self.gpus
 
 
 def trial_estimate(
@@ -509,7 +506,31 @@ def trial_estimate(
         else 0.0,
         evaluation_hours=evaluation_gpu_hours(config, images=images, rate=sampling),
         sampling_rate=sampling,
+        gpus=held_gpus(config),
     )
+
+
+def longest_first(
+    configs: list[TrialConfig],
+    plans: dict,
+    *,
+    measurements: list[dict] | None = None,
+    samplings: list[dict] | None = None,
+) -> list[TrialConfig]:
+    """``configs`` in the order a sweep starts them: the longest first (longest-processing-time-first
+    scheduling), so that no long trial starts last and holds the sweep open while the other workers idle. Length
+    is an official model's estimated wall time (``TrialEstimate.wall_hours``: training and evaluation at the
+    rates of ``MEASURED_THROUGHPUT_FILE`` unless given), then the rows trained (the tiny base is not priced);
+    ties keep the sweep's order. ``plans``: {trial_id: TrialPlan} from the preflight (N, steps)."""
+    measurements = load_measured_throughput() if measurements is None else measurements
+    samplings = load_measured_sampling() if samplings is None else samplings
+
+    def work(config: TrialConfig) -> tuple[float, float]:
+        plan = plans[config.trial_id]
+        e = trial_estimate(config, plan=plan, measurements=measurements, samplings=samplings)
+        return e.wall_hours, training_rows(config, train_images=plan.examples, steps=plan.planned_steps)
+
+    return sorted(configs, key=work, reverse=True)
 
 
 def estimate(

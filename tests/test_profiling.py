@@ -555,7 +555,9 @@ def _plans(configs, *, train_images: int, canaries: int = 0) -> dict:
 def test_a_sweep_starts_its_longest_trials_first():
     """The smoke privacy audit in sweep order starts its 300-step memorising pair last; started longest first, the
     pair goes first and the 24-step LoRA trials fill the other worker (DP: the expected Poisson batch q N' times
-    k views). Official models are ordered by useful FLOPs (d20 before d16 at equal rows); ties keep their order."""
+    k views). Official models are ordered by their estimated wall time, which the measured rates set: DP-LoRA's
+    trials, whose rows run slower than LoRA's without DP, start before LoRA's trials of more FLOPs; ties keep
+    their order."""
     audit = build_sweep("privacy_audit", smoke=True)
     assert [c.optimization.steps for c in audit] == [24] * 5 + [300] * 2
     ordered = longest_first(audit, _plans(audit, train_images=1438, canaries=84))
@@ -569,9 +571,20 @@ def test_a_sweep_starts_its_longest_trials_first():
     assert [c.label.removesuffix("-audit200-s0") for c in ordered[:4]] == expected
     assert ordered[-1].privacy is None and ordered[-1].method.name == "lora"
     table1 = [c for c in build_sweep("table1") if c.data.dataset == "flowers102"]
-    ordered = longest_first(table1, _plans(table1, train_images=1020))
+    ordered = longest_first(table1, _plans(table1, train_images=1020), measurements=[], samplings=[])
     work = [training_flops(c, train_images=1020, steps=c.planned_steps(1020)) for c in ordered]
     assert work == sorted(work, reverse=True) and ordered[0].model.depth == max(c.model.depth for c in table1)
+    # With measured rates, LoRA at 400 rows/s without DP and 100 with book-keeping: LoRA on CUB (937 steps of
+    # 256) has 2.9x the rows and FLOPs of DP-LoRA on Flowers (319 steps of q N = 256), but runs 0.73x as long.
+    lora = next(c for c in build_sweep("table1") if c.label == "lora-d16-cub200-s0")
+    dp = next(c for c in build_sweep("table2") if c.label == "lora-d16-flowers102-eps10-k1-s0")
+    plans = {**_plans([lora], train_images=5994), **_plans([dp], train_images=1020)}
+    size = {c: (plans[c.trial_id].examples, plans[c.trial_id].planned_steps) for c in (lora, dp)}
+    flops = [training_flops(c, train_images=n, steps=t) for c, (n, t) in size.items()]
+    assert 2.8 < flops[0] / flops[1] < 3.0
+    assert longest_first([dp, lora], plans, measurements=[], samplings=[]) == [lora, dp]  # FLOPs alone
+    rates = [_entry(rows_per_second=400.0), _entry(rows_per_second=100.0, clipping="bookkeeping")]
+    assert longest_first([lora, dp], plans, measurements=rates, samplings=[]) == [dp, lora]
     # The demo is in that order already: full and LoRA tie (1,000 steps of 32), then the DP pair (tied), then
     # the base, which trains nothing.
     demo = build_sweep("demo")
