@@ -301,7 +301,7 @@ def _rate(
     key: str,
     unit: str,
     flops_of: Callable[[dict], float],
-    prefer: Callable[[dict], bool],
+    prefer: Callable[[dict], object],
 ) -> Rate:
     """The rate of the setting ``wanted`` from measured ``entries`` (their rate under ``key``, in ``unit``/s).
     Measured: an entry of the setting (``prefer`` first, then the latest). Scaled: else the entry nearest to it,
@@ -335,13 +335,15 @@ def training_rate(config: TrialConfig, measurements: list[dict], *, device: str 
     """Rows per second of ``config``'s training on ``device`` (``_rate``): measured for its ``trial_setting``,
     else scaled from another depth, k or method (in that order) with the same precision and DP clipping (rows
     count every view, so a rate per row carries over between k); the physical batch is not matched. Among
-    several, one measured with the trial's attention kernel and compile setting comes first. The tiny base and
-    the base method (it trains nothing) are not priced."""
+    several, one measured with the trial's attention kernel and compile setting comes first; from another method,
+    one that trains alike (full fine-tuning's weight gradients, or the adapters' and LN tuning's input gradients
+    only). The tiny base and the base method (it trains nothing) are not priced."""
     if config.model.base != "official":
         return Rate(0.0, "none", "not estimated")
     if config.method.name == "base":
         return Rate(0.0, "none", "trains nothing")
     kernel, compiled = config.resources.training_attention_kernel, config.resources.compile
+    full = config.method.name == "full"
     return _rate(
         measurements,
         wanted={"device": device, **trial_setting(config)},
@@ -349,7 +351,11 @@ def training_rate(config: TrialConfig, measurements: list[dict], *, device: str 
         key="rows_per_second",
         unit="rows",
         flops_of=lambda s: training_flops_per_row(VarShape.official(s["depth"]), s["method"]),
-        prefer=lambda m: m.get("attention_kernel") == kernel and bool(m.get("compile")) == compiled,
+        prefer=lambda m: (
+            (m["method"] == "full")
+            == full,  # another method: one whose backward is alike (weight gradients or not)
+            m.get("attention_kernel") == kernel and bool(m.get("compile")) == compiled,
+        ),
     )
 
 

@@ -417,6 +417,11 @@ def test_an_unmeasured_setting_is_priced_from_the_nearest_measured_one_at_its_ut
     )
     for other in (dict(precision="float32"), dict(clipping="bookkeeping")):
         assert training_rate(full20, [_entry(**{"method": "full", **other})]).kind == "assumed"
+    # from another method, one that trains alike: LN tuning's input gradients are LoRA's, not full fine-tuning's
+    ln16 = next(c for c in configs if c.method.name == "ln_tuning" and c.model.depth == 16)
+    full16, lora16 = _entry(method="full", rows_per_second=160.0), _entry(rows_per_second=147.8)
+    assert training_rate(ln16, [full16, lora16]).basis == "from lora: 147.8 rows/s"
+    assert training_rate(replace(full20, model={"depth": 16}), [lora16, full16]).measured is full16
     table2 = build_sweep("table2")
     k32 = next(c for c in table2 if c.method.name == "lora" and c.privacy.augmentation_multiplicity == 32)
     dp_k1 = _entry(depth=k32.model.depth, clipping="bookkeeping", rows_per_second=101.5)
