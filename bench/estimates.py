@@ -1,7 +1,8 @@
 """Dry-run estimates of a sweep: steps, training rows, images evaluated and GPU hours per trial, from the official
 VAR and VQVAE geometry and the training and sampling rates measured on one GPU (``measured_throughput.json``,
-written by ``scripts/benchmark_gpu.py``): the trial's own setting's, else one measured at another depth scaled
-by the FLOPs, else an assumed utilisation; the output says per trial which. Standard library only.
+written by ``scripts/benchmark_gpu.py``): the trial's own setting's, else the nearest measured setting's (another
+depth, k or method; another evaluation batch size or compile setting) scaled by the FLOPs, else an assumed
+utilisation; the output says per trial which. Standard library only.
 
 The FLOP model is the one ``trainables.profiling``'s counter applies to a real step: 2 FLOPs per multiply-add of
 every matrix product. Per token: the blocks' attention (qkv, projection) and MLP weights and the output head; per
@@ -18,6 +19,7 @@ merged, as CUDA's bf16 sampling runs it; unmerged, the record counts the adapter
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,22 +231,42 @@ THROUGHPUT_KEYS = (
 )
 
 
-def _load_entries(path: Path, *, name: str, keys: tuple[str, ...]) -> list[dict]:
-    """The ``name`` list of a measured-throughput file (none when the file or the list is absent); each entry must
-    hold ``keys``."""
+def _load_entries(path: Path, *, name: str, keys: tuple[str, ...], rate: str) -> list[dict]:
+    """The ``name`` list of a measured-throughput file (none when the file or the list is absent). Each entry must
+    hold ``keys``, a positive number under ``rate``, a positive integer depth and a source object; anything else
+    is refused with the file and the entry named (a hand-edited file must not stop a sweep with a bare traceback,
+    nor price a trial at a rate of zero)."""
     if not path.is_file():
         return []
-    entries = json.loads(path.read_text()).get(name, [])
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    entries = data.get(name, []) if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected an object whose {name!r} is a list of entries")
     for entry in entries:
-        missing = [key for key in keys if key not in entry]
+        missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
         if missing:
             raise ValueError(f"{path}: a {name} entry lacks {missing}: {entry}")
+        depth = entry["depth"]
+        if not (_positive(entry[rate]) and _positive(depth) and isinstance(depth, int)) or not isinstance(
+            entry["source"], dict
+        ):
+            raise ValueError(
+                f"{path}: a {name} entry needs a positive {rate}, a positive integer depth and a source object: "
+                f"{entry}"
+            )
     return entries
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def load_measured_throughput(path: Path = MEASURED_THROUGHPUT_FILE) -> list[dict]:
     """The training entries of a measured-throughput file; each must hold THROUGHPUT_KEYS."""
-    return _load_entries(path, name="measurements", keys=THROUGHPUT_KEYS)
+    return _load_entries(path, name="measurements", keys=THROUGHPUT_KEYS, rate="rows_per_second")
 
 
 def trial_setting(config: TrialConfig) -> dict:
@@ -270,9 +292,9 @@ def trial_setting(config: TrialConfig) -> dict:
 @dataclass(frozen=True)
 class Rate:
     """The rate part of a trial is priced at on one GPU (rows per second of training, images per second of
-    sampling), how it was found (``kind``: "measured" for the trial's own setting, "scaled" from a measurement at
-    another depth, "assumed" utilisation, "none" where nothing is priced), a label for the table, and the
-    measurement it rests on."""
+    sampling), how it was found (``kind``: "measured" for the trial's own setting, "scaled" from the nearest
+    measurement of another setting (``_rate``), "assumed" utilisation, "none" where nothing is priced), a label
+    for the table, and the measurement it rests on."""
 
     per_second: float
     kind: str
@@ -291,6 +313,23 @@ _SETTING_LABELS = {
     "batch_size": lambda v: f"batch {v}",
     "compiled": lambda v: "compiled" if v else "eager",
 }
+# Another method counts as this many differences unless it trains alike (full fine-tuning's weight gradients, or
+# the adapters' and LN tuning's input gradients only): its utilisation says little about the trial's.
+UNLIKE_METHOD = 3
+
+
+def _difference(key: str, measured: object, wanted: object) -> tuple[int, float]:
+    """How far a measurement's ``key`` lies from the trial's: (differences counted, distance). Depths by their
+    difference; k and batch sizes by their ratio (k = 4 is nearer 32 than k = 1 is)."""
+    if measured == wanted:
+        return 0, 0.0
+    if key == "method":
+        return (1 if (measured == "full") == (wanted == "full") else UNLIKE_METHOD), 0.0
+    if key == "depth":
+        return 1, abs(measured - wanted)
+    if key in ("augmentation_multiplicity", "batch_size"):
+        return 1, abs(math.log(measured / wanted))
+    return 1, 0.0
 
 
 def _rate(
@@ -301,15 +340,16 @@ def _rate(
     key: str,
     unit: str,
     flops_of: Callable[[dict], float],
-    prefer: Callable[[dict], object],
+    prefer: Callable[[dict], bool],
 ) -> Rate:
     """The rate of the setting ``wanted`` from measured ``entries`` (their rate under ``key``, in ``unit``/s).
-    Measured: an entry of the setting (``prefer`` first, then the latest). Scaled: else the entry nearest to it,
-    free to differ in the first of the ``relax`` keys, then the first two, and so on (fewest differing keys,
-    then the nearest depth, ``prefer``, the latest), its rate scaled by the useful FLOPs per row or image of the
-    two settings (``flops_of``), so its utilisation carries over. Assumed: nothing near was measured; the
-    setting's useful FLOPs at the assumed utilisation. Keys outside ``relax`` (the device, precision, DP clipping)
-    are never crossed."""
+    Measured: an entry of the setting (``prefer`` first, then the latest). Scaled: else the nearest entry free to
+    differ in the first of the ``relax`` keys, else in the first two, and so on; nearest by the differences
+    counted (``_difference``), then the distance in each freed key in ``relax``'s order, ``prefer``, the latest,
+    the slower. Its rate is scaled by the useful FLOPs per row or image of the two settings (``flops_of``), so its
+    utilisation carries over. Assumed: nothing near was measured; the setting's useful FLOPs at the assumed
+    utilisation. Keys outside ``relax`` (the device, precision, DP clipping) are never crossed, and the file's
+    order never decides."""
     for loosened in range(len(relax) + 1):
         free = relax[:loosened]
         near = [m for m in entries if _same(m, wanted, but=free)]
@@ -320,8 +360,14 @@ def _rate(
         return Rate(rate, "assumed", f"assumed {ASSUMED_UTILISATION:.0%} MFU: {rate:.1f} {unit}/s")
 
     def nearness(m: dict) -> tuple:
-        differing = sum(m[k] != wanted[k] for k in free)
-        return -differing, -abs(m["depth"] - wanted["depth"]), prefer(m), m["source"].get("date", "")
+        differences = [_difference(k, m[k], wanted[k]) for k in free]
+        return (
+            -sum(count for count, _ in differences),
+            tuple(-distance for _, distance in differences),
+            prefer(m),
+            m["source"].get("date", ""),
+            -m[key],  # of two equally near, the slower: the estimate errs long
+        )
 
     m = max(near, key=nearness)
     if not free:
@@ -335,15 +381,14 @@ def training_rate(config: TrialConfig, measurements: list[dict], *, device: str 
     """Rows per second of ``config``'s training on ``device`` (``_rate``): measured for its ``trial_setting``,
     else scaled from another depth, k or method (in that order) with the same precision and DP clipping (rows
     count every view, so a rate per row carries over between k); the physical batch is not matched. Among
-    several, one measured with the trial's attention kernel and compile setting comes first; from another method,
-    one that trains alike (full fine-tuning's weight gradients, or the adapters' and LN tuning's input gradients
-    only). The tiny base and the base method (it trains nothing) are not priced."""
+    several, one measured with the trial's attention kernel and compile setting comes first; another method
+    counts as a far difference unless it trains alike (``UNLIKE_METHOD``). The tiny base and the base method (it
+    trains nothing) are not priced."""
     if config.model.base != "official":
         return Rate(0.0, "none", "not estimated")
     if config.method.name == "base":
         return Rate(0.0, "none", "trains nothing")
     kernel, compiled = config.resources.training_attention_kernel, config.resources.compile
-    full = config.method.name == "full"
     return _rate(
         measurements,
         wanted={"device": device, **trial_setting(config)},
@@ -351,11 +396,7 @@ def training_rate(config: TrialConfig, measurements: list[dict], *, device: str 
         key="rows_per_second",
         unit="rows",
         flops_of=lambda s: training_flops_per_row(VarShape.official(s["depth"]), s["method"]),
-        prefer=lambda m: (
-            (m["method"] == "full")
-            == full,  # another method: one whose backward is alike (weight gradients or not)
-            m.get("attention_kernel") == kernel and bool(m.get("compile")) == compiled,
-        ),
+        prefer=lambda m: m.get("attention_kernel") == kernel and bool(m.get("compile")) == compiled,
     )
 
 
@@ -394,7 +435,7 @@ def load_measured_sampling(path: Path = MEASURED_THROUGHPUT_FILE) -> list[dict]:
     """The sampling entries of a measured-throughput file; each must hold SAMPLING_KEYS. ``measured_in``: "trial
     evaluation" (generation with its PNG files, then Inception-v3 features: what a trial's evaluation costs per
     image) or "generation" (sampling alone)."""
-    return _load_entries(path, name="sampling", keys=SAMPLING_KEYS)
+    return _load_entries(path, name="sampling", keys=SAMPLING_KEYS, rate="images_per_second")
 
 
 def sampling_setting(config: TrialConfig) -> dict:
@@ -548,7 +589,7 @@ def estimate(
     samplings: list[dict] | None = None,
 ) -> str:
     """A table of the sweep: one line per trial with its training and evaluation GPU hours and the rates they
-    rest on (measured, scaled from another depth's measurement, or the assumed utilisation), then totals and the
+    rest on (measured, scaled from the nearest measured setting, or the assumed utilisation), then totals and the
     sources of the measured rates used. ``measurements`` / ``samplings``: the training and sampling entries of
     ``MEASURED_THROUGHPUT_FILE`` when None."""
     measurements = load_measured_throughput() if measurements is None else measurements

@@ -1,7 +1,8 @@
 """FLOP accounting: the counter agrees with a hand formula and with the dry-run estimate on a tiny VAR (training and
 sampling) and counts attention over the visible pairs whichever kernel runs; totals follow the rows processed; the
 estimate counts d16's AdaLN per image; the attention note's numbers; the dry run prices training and evaluation
-from measured rates where one matches, scaled from another depth's, else at the assumed utilisation."""
+from measured rates where one matches, from the nearest measured setting's, else at the assumed utilisation;
+a malformed throughput file is refused by name."""
 
 from __future__ import annotations
 
@@ -417,16 +418,23 @@ def test_an_unmeasured_setting_is_priced_from_the_nearest_measured_one_at_its_ut
     )
     for other in (dict(precision="float32"), dict(clipping="bookkeeping")):
         assert training_rate(full20, [_entry(**{"method": "full", **other})]).kind == "assumed"
-    # from another method, one that trains alike: LN tuning's input gradients are LoRA's, not full fine-tuning's
+    # from another method, one that trains alike: LN tuning's input gradients are LoRA's, not full fine-tuning's,
+    # even where LoRA was measured at another depth only
     ln16 = next(c for c in configs if c.method.name == "ln_tuning" and c.model.depth == 16)
     full16, lora16 = _entry(method="full", rows_per_second=160.0), _entry(rows_per_second=147.8)
     assert training_rate(ln16, [full16, lora16]).basis == "from lora: 147.8 rows/s"
-    assert training_rate(replace(full20, model={"depth": 16}), [lora16, full16]).measured is full16
+    ln20, full_d20 = replace(ln16, model={"depth": 20}), _entry(method="full", depth=20, rows_per_second=84.0)
+    for entries in ([full_d20, lora16], [lora16, full_d20]):
+        assert training_rate(ln20, entries).measured is lora16
     table2 = build_sweep("table2")
     k32 = next(c for c in table2 if c.method.name == "lora" and c.privacy.augmentation_multiplicity == 32)
     dp_k1 = _entry(depth=k32.model.depth, clipping="bookkeeping", rows_per_second=101.5)
     rate = training_rate(k32, [_entry(depth=k32.model.depth, rows_per_second=150.0), dp_k1])
     assert rate.measured is dp_k1 and rate.per_second == 101.5 and rate.basis == "from k=1: 101.5 rows/s"
+    # the nearest k by ratio, whatever the file's order: k = 4 is nearer 32 than k = 1 is
+    dp_k4 = {**dp_k1, "augmentation_multiplicity": 4, "rows_per_second": 95.2}
+    for entries in ([dp_k1, dp_k4], [dp_k4, dp_k1]):
+        assert training_rate(k32, entries).basis == "from k=4: 95.2 rows/s"
     base = replace(full20, method={"name": "base"}, optimization={"steps": 0, "epochs": None})
     hours, rate = training_gpu_hours(base, train_images=1020, steps=0, measurements=[])
     assert hours == 0.0 and rate.basis == "trains nothing"
@@ -689,3 +697,25 @@ def test_a_throughput_file_with_an_incomplete_entry_is_refused_by_name(tmp_path)
         load_measured_sampling(path)
     path.write_text(json.dumps({"measurements": [_entry()]}))
     assert load_measured_sampling(path) == []
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "expected an object whose 'measurements' is a list"),
+        ('{"measurements": {}}', "expected an object whose 'measurements' is a list"),
+        ('{"measurements": ["entry"]}', "lacks"),
+        (json.dumps({"measurements": [_entry(rows_per_second=0)]}), "needs a positive rows_per_second"),
+        (json.dumps({"measurements": [_entry(depth="20")]}), "a positive integer depth"),
+        (json.dumps({"measurements": [_entry(source="docs")]}), "a source object"),
+    ],
+)
+def test_a_malformed_throughput_file_is_refused_with_its_path(tmp_path, content, problem):
+    """The dry run and the order a sweep starts its trials in read the file: a hand-edited one that is not what
+    the estimate needs stops with the file named and the problem, not a bare traceback or a zero rate."""
+    path = tmp_path / "throughput.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=problem) as raised:
+        load_measured_throughput(path)
+    assert str(path) in str(raised.value)
