@@ -359,20 +359,20 @@ def test_an_audited_and_an_unaudited_twin_are_not_averaged_and_can_be_selected(t
 def test_the_dry_run_estimate_counts_the_expected_canaries():
     """Without a plan (no dataset listing) a trial trains on the published split plus half the canaries: an audited
     trial's planned steps (epochs x examples / batch) and GPU hours grow by (N + m/2) / N over its un-audited twin."""
-    from bench.estimates import estimate, expected_examples
+    from bench.estimates import estimate, expected_examples, trial_estimate
 
     audited = next(c for c in build_sweep("privacy_audit") if c.privacy is None)
     plain = dataclasses.replace(audited, audit=None)
     train_images = DATASETS[audited.data.dataset].train_images
     assert expected_examples(plain) == train_images
     assert expected_examples(audited) == train_images + audited.audit.canaries // 2
-    rows = {
-        line.split()[0]: line.split()
-        for line in estimate([audited, plain], done=set(), plans={}, measurements=[]).splitlines()[1:3]
-    }
+    rates = {"measurements": [], "samplings": []}
+    table = estimate([audited, plain], done=set(), plans={}, **rates).splitlines()
     (audited_steps, audited_hours), (plain_steps, plain_hours) = (
-        (int(rows[c.label][-2]), float(rows[c.label][-1])) for c in (audited, plain)
+        (e.steps, e.training_hours) for e in (trial_estimate(c, **rates) for c in (audited, plain))
     )
+    for line, steps, hours in zip(table[1:3], (audited_steps, plain_steps), (audited_hours, plain_hours)):
+        assert f" {steps:>7} {hours:>8.2f} " in line  # the table prints them
     ratio = expected_examples(audited) / train_images
     assert audited_steps == pytest.approx(plain_steps * ratio, rel=0.01)
     assert audited_hours == pytest.approx(plain_hours * ratio, rel=0.02)
