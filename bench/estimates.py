@@ -438,6 +438,16 @@ def load_measured_sampling(path: Path = MEASURED_THROUGHPUT_FILE) -> list[dict]:
     return _load_entries(path, name="sampling", keys=SAMPLING_KEYS, rate="images_per_second")
 
 
+def _committed_unless_given(
+    measurements: list[dict] | None, samplings: list[dict] | None
+) -> tuple[list[dict], list[dict]]:
+    """The training and sampling rates given, each read from ``MEASURED_THROUGHPUT_FILE`` where None."""
+    return (
+        load_measured_throughput() if measurements is None else measurements,
+        load_measured_sampling() if samplings is None else samplings,
+    )
+
+
 def sampling_setting(config: TrialConfig) -> dict:
     """What a measured sampling rate must share with a trial's evaluations: the official depth, the precision
     (bf16 autocast unless ``optimization.autocast_bf16`` is off, as ``trainables.trial`` evaluates), the
@@ -569,8 +579,7 @@ def longest_first(
     is an official model's estimated wall time (``TrialEstimate.wall_hours``: training and evaluation at the
     rates of ``MEASURED_THROUGHPUT_FILE`` unless given), then the rows trained (the tiny base is not priced);
     ties keep the sweep's order. ``plans``: {trial_id: TrialPlan} from the preflight (N, steps)."""
-    measurements = load_measured_throughput() if measurements is None else measurements
-    samplings = load_measured_sampling() if samplings is None else samplings
+    measurements, samplings = _committed_unless_given(measurements, samplings)
 
     def work(config: TrialConfig) -> tuple[float, float]:
         plan = plans[config.trial_id]
@@ -592,8 +601,7 @@ def estimate(
     rest on (measured, scaled from the nearest measured setting, or the assumed utilisation), then totals and the
     sources of the measured rates used. ``measurements`` / ``samplings``: the training and sampling entries of
     ``MEASURED_THROUGHPUT_FILE`` when None."""
-    measurements = load_measured_throughput() if measurements is None else measurements
-    samplings = load_measured_sampling() if samplings is None else samplings
+    measurements, samplings = _committed_unless_given(measurements, samplings)
     header = (
         f"{'trial':<44} {'id':<16} {'status':<8} {'workers x GPU':>13} {'training rate':<33} {'steps':>7} "
         f"{'train h':>8}  {'eval images':>11} {'evaluation rate':<33} {'eval h':>7}"
