@@ -14,7 +14,7 @@ device-wheels`` here once (the pinned Opacus, torch-fidelity and peft wheels int
 
 then ``--from`` the returned benchmark_gpu.json with ``--report`` and ``--write-throughput`` here. The
 same command, in a Python holding only the image's packages at its torch 2.11 and ``--device cpu --depth 2 --quick``,
-is how it was checked here (2026-12-04): nothing else is needed there.
+is how it was checked here (2026-12-04, again 2026-12-06): nothing else is needed there.
 
 One call (under 8 minutes on an H200; ``--quick`` about 2) measures, every eager target before anything that
 compiles (a compile takes tens of seconds, and a run cut short keeps the targets' rows), in this order:
