@@ -7,7 +7,8 @@ Usage: python scripts/benchmark_gpu.py [--quick] [--device cuda] [--depth 16 ...
 
 On the lent H200 (its image's Python 3.12 and torch, no network, nothing of ours installed): run ``make
 device-wheels`` here once (the pinned Opacus, torch-fidelity and peft wheels into .whl/), then the device tool's
-``run`` with ``carry: [".whl"]``, ``timeout_s: 540`` and the command
+``run`` with ``kind: "nvidia-h200"`` (the tool's default kind is an H100, whose 80 GB the largest generation
+batches may not fit), ``carry: [".whl"]``, ``timeout_s: 540`` and the command
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1;
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; python3 scripts/benchmark_gpu.py 2>&1 | tee $OUT/log
