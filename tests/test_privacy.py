@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 import weakref
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from trainables.privacy import (
     PRV_MAX_EPSILON,
     PrivacyConfigError,
     _accumulate_clipped,
+    _calibrated,
+    calibrate_noise_multiplier,
     epsilon_spent,
     load_privacy_state,
     make_private,
@@ -538,6 +541,7 @@ def independent_epsilon(*, sigma: float, q: float, steps: int, delta: float, ord
 
 
 @pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.01, 1000), (0.8, 0.251, 80), (2.0, 0.05, 300)])
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")  # orders 2-63 on purpose
 def test_reported_epsilon_equals_independent_computation(sigma, q, steps):
     delta = 1e-5
     ours = epsilon_spent(
@@ -551,6 +555,35 @@ def test_reported_epsilon_equals_independent_computation(sigma, q, steps):
     assert (
         0.5 * default_orders["rdp"] < default_orders["prv"] <= default_orders["rdp"] * 1.01
     )  # PRV is the tighter accountant
+
+
+def test_prv_readings_and_calibrations_do_not_ask_to_widen_the_orders_rdp_readings_do():
+    """Opacus's PRV accountant sizes its grid with an RDP bound over its own default orders and warns when the best
+    of those is at an end ("... expanding the range of alphas"); that bound is not a reading varsweep reports, and
+    RDP_ORDERS already is the wider range, so the warning would mislead (a PRV calibration gave it six times). An
+    RDP reading whose best order sits at an end of the orders it was given still warns."""
+    order_warning = "Optimal order is the"
+
+    def warned(read) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            read()
+        return [str(w.message) for w in caught if order_warning in str(w.message)]
+
+    _calibrated.cache_clear()  # a calibration cached by an earlier test would not run (nor warn) again
+    reading = dict(noise_multiplier=3.0, sampling_rate=0.01, steps=10, delta=1e-5)  # Opacus warns twice here
+    assert not warned(lambda: epsilon_spent(**reading, accountants=("prv",)))
+    assert not warned(
+        lambda: calibrate_noise_multiplier(
+            target_epsilon=0.9, delta=1e-5, sampling_rate=0.25, steps=300, accountant="prv"
+        )
+    )
+    restricted = dict(noise_multiplier=0.8, sampling_rate=0.251, steps=80, delta=1e-5, rdp_orders=[2, 3, 4])
+    assert warned(lambda: epsilon_spent(**restricted, accountants=("rdp",)))
+    with warnings.catch_warnings():  # the filter is undone: the process's own settings hold afterwards
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=order_warning):
+            epsilon_spent(**restricted, accountants=("rdp",))
 
 
 def test_an_rdp_reading_is_the_rdp_accountant_s_and_computes_one_step_s_rdp_once(monkeypatch):

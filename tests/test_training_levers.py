@@ -205,6 +205,7 @@ def test_per_scale_attention_gives_the_masked_kernels_clipped_dp_step(method, cl
     assert_same_readouts(got, expected, var)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
 def test_flex_attention_forward_equals_the_masked_kernel(vqvae):
     label_B, idx_Bl = batch()
     x_BLCv = vqvae.idxBl_to_var_input(idx_Bl)
