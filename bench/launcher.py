@@ -720,6 +720,8 @@ def run_sweep(
     prepare_shared(
         todo, launch.cache_dir, log=print
     )  # tiny bases, digit classifier, token caches: built once, here
+    # The progress lines count from the trials' start; the summary's wall time includes this, and says so.
+    preparing_s = time.perf_counter() - started
     import ray
     from ray import tune
 
@@ -797,8 +799,10 @@ def run_sweep(
     )  # worker lines reach the driver asynchronously: let the last ones arrive before the summary
     failed = [c for c in todo if store.status(c.trial_id) != "success"]
     wall = time.perf_counter() - started
+    preparation = f" ({duration(preparing_s)} of it preparing shared caches)" if preparing_s >= 1 else ""
     print(
-        f"sweep {name}: {len(todo) - len(failed)} trials finished, {len(failed)} failed, {len(done)} skipped, {duration(wall)}; results in {store.folder}"
+        f"sweep {name}: {len(todo) - len(failed)} trials finished, {len(failed)} failed, {len(done)} skipped, "
+        f"{duration(wall)}{preparation}; results in {store.folder}"
     )
     for config in failed:
         print(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,11 @@ def test_relative_paths_land_under_the_working_folder(smoke_sweep, workdir):
         and first.stdout.count("training once on the digits") == 1
     )
     assert first.stdout.count("tokenising 1438 images") == 1
+    # The summary's wall time holds that building, which the progress lines (from the trials' start) do not.
+    summary = (
+        r"1 trials finished, 0 failed, 0 skipped, [0-9hms ]+ \([0-9hms ]+ of it preparing shared caches\)"
+    )
+    assert re.search(summary, first.stdout), first.stdout[-1000:]
 
 
 def test_console_is_one_progress_line_per_change_without_ray_noise(smoke_sweep):
