@@ -560,7 +560,8 @@ def test_reported_epsilon_equals_independent_computation(sigma, q, steps):
 def test_prv_readings_and_calibrations_do_not_ask_to_widen_the_orders_rdp_readings_do():
     """Opacus's PRV accountant sizes its grid with an RDP bound over its own default orders and warns when the best
     of those is at an end ("... expanding the range of alphas"); that bound is not a reading varsweep reports, and
-    RDP_ORDERS already is the wider range, so the warning would mislead (a PRV calibration gave it six times). An
+    RDP_ORDERS already is the wider range, so the warning would mislead (a PRV calibration gave it six times).
+    Nor does a calibration's bisection report the epsilons it reads on its way (22 warnings at epsilon 1e4). An
     RDP reading whose best order sits at an end of the orders it was given still warns."""
     order_warning = "Optimal order is the"
 
@@ -578,6 +579,10 @@ def test_prv_readings_and_calibrations_do_not_ask_to_widen_the_orders_rdp_readin
             target_epsilon=0.9, delta=1e-5, sampling_rate=0.25, steps=300, accountant="prv"
         )
     )
+    extreme = dict(delta=1e-5, sampling_rate=0.05, steps=30)  # even order 1.01 is too high at epsilon 1e4
+    sigma = [None]
+    assert not warned(lambda: sigma.__setitem__(0, calibrate_noise_multiplier(target_epsilon=1e4, **extreme)))
+    assert warned(lambda: epsilon_spent(noise_multiplier=sigma[0], **extreme, accountants=("rdp",)))
     restricted = dict(noise_multiplier=0.8, sampling_rate=0.251, steps=80, delta=1e-5, rdp_orders=[2, 3, 4])
     assert warned(lambda: epsilon_spent(**restricted, accountants=("rdp",)))
     with warnings.catch_warnings():  # the filter is undone: the process's own settings hold afterwards

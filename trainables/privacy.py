@@ -191,10 +191,10 @@ def _calibrated(
 ) -> float:
     # A calibration takes seconds (a bisection, each point evaluating every order); the preflight and make_private
     # of one trial, and the trials of a sweep, ask for the same one.
-    rdp = accountant == "rdp"
-    orders = {"alphas": RDP_ORDERS} if rdp else {}
-    # A PRV calibration reads PRV epsilons: six of the warnings below at sigma ~16.
-    with contextlib.nullcontext() if rdp else _without_order_range_warnings():
+    orders = {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
+    # The bisection reads epsilon at sigmas far from its answer (RDP at epsilon 1e4: 22 warnings), and a PRV
+    # calibration reads PRV epsilons (six at sigma ~16); the answer's own reading is the ledger's.
+    with _without_order_range_warnings():
         sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
@@ -208,11 +208,11 @@ def _calibrated(
 
 @contextlib.contextmanager
 def _without_order_range_warnings():
-    """Silences Opacus's "Optimal order is the largest/smallest alpha ... expanding the range of alphas" around PRV
-    readings, where it concerns no reading varsweep reports: the PRV accountant sizes its grid with an RDP bound
-    over Opacus's default orders (1.1-63), which only widens the grid when loose. Seen in common settings (sigma 3,
-    q = 0.01, 10 steps: twice per PRV reading), it told users to widen orders that ``RDP_ORDERS`` already widens.
-    The RDP reading's own warning, about ``RDP_ORDERS``, is kept."""
+    """Silences Opacus's "Optimal order is the largest/smallest alpha ... expanding the range of alphas" where it
+    concerns no reading varsweep reports: around PRV readings (the PRV accountant sizes its grid with an RDP bound
+    over Opacus's default orders, 1.1-63, which only widens the grid when loose; seen in common settings, sigma 3,
+    q = 0.01, 10 steps: twice per reading) and calibrations (their bisection's trial sigmas). It told users to widen
+    orders that ``RDP_ORDERS`` already widens. The RDP reading's own warning, about ``RDP_ORDERS``, is kept."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Optimal order is the (largest|smallest) alpha")
         yield
