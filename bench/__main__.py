@@ -2,7 +2,7 @@
 
   python -m bench list
   python -m bench sweep NAME_OR_FILE [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR]
-                           [--workers N] [--gpus-per-worker G] [--dry-run] [--max-concurrent N] [--cluster-config YAML]
+                           [--workers N] [--gpus-per-worker G] [--dry-run [--gpu H100]] [--max-concurrent N] [--cluster-config YAML]
                            [--address ADDRESS] [--tracking {none,tensorboard,mlflow,wandb}] [--tracking-uri URI]
   python -m bench status NAME_OR_FILE [--smoke] [--where FIELD=VALUE] [--storage PATH_OR_URI] [--cache-dir DIR] [--assets DIR]
                            [--workers N] [--gpus-per-worker G]   (accepted so a sweep's command line works here too)
@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from .cli import Parser, number, probe_folder, run_reporting
+from .estimates import ASSUMED_UTILISATION, ESTIMATE_DEVICE, PEAK_FLOPS, check_gpu
 from .preflight import SweepError
 from .results import ResultStore, StorageError, default_cache_dir
 from .schema import ConfigError, is_uri, record_value, replace, with_absolute_paths
@@ -82,6 +83,14 @@ def _common(parser: argparse.ArgumentParser, storage: str) -> None:
     )
 
 
+def gpu_name(text: str) -> str:
+    """An argparse ``type``: a GPU the dry run can price (``bench.estimates.check_gpu``)."""
+    try:
+        return check_gpu(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m bench", description="varsweep sweeps")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="check and print the grid, resources and estimated GPU hours; run and create nothing",
+    )
+    sweep.add_argument(
+        "--gpu",
+        type=gpu_name,
+        default=ESTIMATE_DEVICE,
+        help=f"the GPU the dry run prices hours on (measured rates of that kind of GPU, else {ASSUMED_UTILISATION * 100:.0f}%% "
+        f"of its dense bf16 peak) and the start order ranks trials by: {', '.join(PEAK_FLOPS)} "
+        f"(default: {ESTIMATE_DEVICE})",
     )
     sweep.add_argument(
         "--max-concurrent",
@@ -202,7 +219,9 @@ def _run(args: argparse.Namespace) -> int:
         tracking=tracking,
         tracking_uri=args.tracking_uri,
     )
-    summary = run_sweep(sweep.name + ("-smoke" if args.smoke else ""), configs, launch, dry_run=args.dry_run)
+    summary = run_sweep(
+        sweep.name + ("-smoke" if args.smoke else ""), configs, launch, dry_run=args.dry_run, gpu=args.gpu
+    )
     return 1 if summary["failed"] else 0
 
 

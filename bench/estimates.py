@@ -30,8 +30,21 @@ from .schema import DATASETS, TrialConfig
 VAR_PARAMETERS = {16: 310_283_520, 20: 600_917_136, 24: 1_033_399_360, 30: 2_010_020_356}  # REFERENCE.md §1
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 TOKENS_PER_IMAGE = sum(n * n for n in OFFICIAL_PATCH_NUMS)  # 680
+# Dense bf16 tensor-core peaks (vendor datasheets, FLOP/s), for MFU and the dry run's assumed rates; matched as
+# substrings of a device name, the longest key first (``gpu_kind``): an "H200 NVL" or "H100 PCIe" is not the SXM
+# part (835 and 756 TFLOP/s).
+PEAK_FLOPS = {
+    "H200 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
 ASSUMED_UTILISATION = 0.35
-ASSUMED_FLOPS_PER_GPU = 989e12 * ASSUMED_UTILISATION  # H100/H200 dense bf16 peak at 35% utilisation
+ASSUMED_FLOPS_PER_GPU = PEAK_FLOPS["H200"] * ASSUMED_UTILISATION  # the default estimate device's, at 35%
 # Attention's backward as a multiple of its forward (five L x L products for two), as the counter counts it.
 ATTENTION_BACKWARD = 2.5
 
@@ -217,8 +230,32 @@ def training_flops(config: TrialConfig, *, train_images: int, steps: int) -> flo
 # ``training_rate`` for how an entry is matched to a trial. Refreshed by
 # ``python scripts/benchmark_gpu.py --write-throughput bench/measured_throughput.json``.
 MEASURED_THROUGHPUT_FILE = Path(__file__).with_name("measured_throughput.json")
-# The device the dry run prices GPU hours on: the one the measurements and the assumed peak are for.
+# The device the dry run prices GPU hours on unless told another (``--gpu``): the one the committed measurements
+# are for.
 ESTIMATE_DEVICE = "NVIDIA H200"
+
+
+def gpu_kind(name: str) -> str | None:
+    """The ``PEAK_FLOPS`` key a device name holds in any case ("NVIDIA H100 80GB HBM3" -> "H100", "h100" -> "H100"),
+    the longest first; None for a name that holds none (a CPU, an unknown GPU)."""
+    return next(
+        (key for key in sorted(PEAK_FLOPS, key=len, reverse=True) if key.upper() in name.upper()), None
+    )
+
+
+def check_gpu(name: str) -> str:
+    """``name`` if the dry run can price hours on it (``gpu_kind`` knows it), else a ``ValueError`` naming the
+    kinds it can."""
+    if gpu_kind(name) is None:
+        raise ValueError(f"unknown GPU {name!r}: the dry run prices one of {', '.join(PEAK_FLOPS)}")
+    return name
+
+
+def assumed_flops_per_second(device: str) -> float:
+    """The useful FLOP/s assumed on ``device`` where nothing near was measured: its peak at ASSUMED_UTILISATION."""
+    return PEAK_FLOPS[gpu_kind(check_gpu(device))] * ASSUMED_UTILISATION
+
+
 THROUGHPUT_KEYS = (
     "device",
     "depth",
@@ -303,7 +340,12 @@ class Rate:
 
 
 def _same(entry: dict, wanted: dict, *, but: tuple[str, ...] = ()) -> bool:
-    return all(entry[key] == value for key, value in wanted.items() if key not in but)
+    return all(_equal(key, entry[key], value) for key, value in wanted.items() if key not in but)
+
+
+def _equal(key: str, measured: object, wanted: object) -> bool:
+    # A device by its kind: the benchmark records the full name ("NVIDIA H100 80GB HBM3"), ``--gpu`` may say "H100".
+    return gpu_kind(measured) == gpu_kind(wanted) if key == "device" else measured == wanted
 
 
 _SETTING_LABELS = {
@@ -312,6 +354,7 @@ _SETTING_LABELS = {
     "augmentation_multiplicity": lambda v: f"k={v}",
     "batch_size": lambda v: f"batch {v}",
     "compiled": lambda v: "compiled" if v else "eager",
+    "device": gpu_kind,
 }
 # Another method counts as this many differences unless it trains alike (full fine-tuning's weight gradients, or
 # the adapters' and LN tuning's input gradients only): its utilisation says little about the trial's.
@@ -321,7 +364,7 @@ UNLIKE_METHOD = 3
 def _difference(key: str, measured: object, wanted: object) -> tuple[int, float]:
     """How far a measurement's ``key`` lies from the trial's: (differences counted, distance). Depths by their
     difference; k and batch sizes by their ratio (k = 4 is nearer 32 than k = 1 is)."""
-    if measured == wanted:
+    if _equal(key, measured, wanted):
         return 0, 0.0
     if key == "method":
         return (1 if (measured == "full") == (wanted == "full") else UNLIKE_METHOD), 0.0
@@ -346,17 +389,21 @@ def _rate(
     Measured: an entry of the setting (``prefer`` first, then the latest). Scaled: else the nearest entry free to
     differ in the first of the ``relax`` keys, else in the first two, and so on; nearest by the differences
     counted (``_difference``), then the distance in each freed key in ``relax``'s order, ``prefer``, the latest,
-    the slower. Its rate is scaled by the useful FLOPs per row or image of the two settings (``flops_of``), so its
-    utilisation carries over. Assumed: nothing near was measured; the setting's useful FLOPs at the assumed
-    utilisation. Keys outside ``relax`` (the device, precision, DP clipping) are never crossed, and the file's
-    order never decides."""
+    the slower. Its rate is scaled by the useful FLOPs per row or image of the two settings (``flops_of``) and by
+    the two devices' datasheet peaks, so its utilisation carries over. The device is freed last: another kind of
+    GPU's measurement (the same precision and DP clipping) prices a setting only where none of the device's own
+    is near, and it errs short where the device has less memory bandwidth per FLOP (an H100 beside an H200).
+    Assumed: nothing near was measured; the setting's useful FLOPs at the assumed utilisation of the device's
+    peak. Keys outside ``relax`` (precision, DP clipping) are never crossed, and the file's order never
+    decides."""
+    relax = (*relax, "device")
     for loosened in range(len(relax) + 1):
         free = relax[:loosened]
         near = [m for m in entries if _same(m, wanted, but=free)]
         if near:
             break
     else:
-        rate = ASSUMED_FLOPS_PER_GPU / flops_of(wanted)
+        rate = assumed_flops_per_second(wanted["device"]) / flops_of(wanted)
         return Rate(rate, "assumed", f"assumed {ASSUMED_UTILISATION:.0%} MFU: {rate:.1f} {unit}/s")
 
     def nearness(m: dict) -> tuple:
@@ -372,8 +419,9 @@ def _rate(
     m = max(near, key=nearness)
     if not free:
         return Rate(m[key], "measured", f"measured {m[key]:.1f} {unit}/s", m)
-    rate = m[key] * flops_of(m) / flops_of(wanted)
-    source = " ".join(_SETTING_LABELS[k](m[k]) for k in free if m[k] != wanted[k])
+    peaks = PEAK_FLOPS[gpu_kind(wanted["device"])] / PEAK_FLOPS[gpu_kind(m["device"])]
+    rate = m[key] * flops_of(m) / flops_of(wanted) * peaks
+    source = " ".join(_SETTING_LABELS[k](m[k]) for k in reversed(free) if not _equal(k, m[k], wanted[k]))
     return Rate(rate, "scaled", f"from {source}: {rate:.1f} {unit}/s", m)
 
 
@@ -409,10 +457,16 @@ def measured_rate(
 
 
 def training_gpu_hours(
-    config: TrialConfig, *, train_images: int, steps: int, measurements: list[dict]
+    config: TrialConfig,
+    *,
+    train_images: int,
+    steps: int,
+    measurements: list[dict],
+    device: str = ESTIMATE_DEVICE,
 ) -> tuple[float, Rate]:
-    """(GPU hours of a trial's training, the rate they rest on): the rows it trains over ``training_rate``."""
-    rate = training_rate(config, measurements)
+    """(GPU hours of a trial's training on ``device``, the rate they rest on): the rows it trains over
+    ``training_rate``."""
+    rate = training_rate(config, measurements, device=device)
     if rate.kind == "none":
         return 0.0, rate
     return training_rows(config, train_images=train_images, steps=steps) / rate.per_second / 3600, rate
@@ -538,18 +592,23 @@ class TrialEstimate:
 
 
 def trial_estimate(
-    config: TrialConfig, *, plan: Any = None, measurements: list[dict], samplings: list[dict]
+    config: TrialConfig,
+    *,
+    plan: Any = None,
+    measurements: list[dict],
+    samplings: list[dict],
+    device: str = ESTIMATE_DEVICE,
 ) -> TrialEstimate:
-    """The estimate of ``config`` from its preflight ``plan`` (a ``trainables.plan.TrialPlan``: the real split
-    sizes) or, without one, the datasets' published sizes; official models only are priced."""
+    """The estimate of ``config`` on ``device`` from its preflight ``plan`` (a ``trainables.plan.TrialPlan``: the
+    real split sizes) or, without one, the datasets' published sizes; official models only are priced."""
     examples = plan.examples if plan is not None else expected_examples(config)
     steps = plan.planned_steps if plan is not None else config.planned_steps(examples)
     split = plan.evaluation_images if plan is not None else DATASETS[config.data.dataset].test_images
     hours, training = training_gpu_hours(
-        config, train_images=examples, steps=steps, measurements=measurements
+        config, train_images=examples, steps=steps, measurements=measurements, device=device
     )
     images = evaluated_images(config, evaluation_split=split, steps=steps)
-    sampling = sampling_rate(config, samplings)
+    sampling = sampling_rate(config, samplings, device=device)
     official = config.model.base == "official"
     return TrialEstimate(
         steps=steps,
@@ -573,17 +632,18 @@ def longest_first(
     *,
     measurements: list[dict] | None = None,
     samplings: list[dict] | None = None,
+    device: str = ESTIMATE_DEVICE,
 ) -> list[TrialConfig]:
     """``configs`` in the order a sweep starts them: the longest first (longest-processing-time-first
     scheduling), so that no long trial starts last and holds the sweep open while the other workers idle. Length
     is an official model's estimated wall time (``TrialEstimate.wall_hours``: training and evaluation at the
-    rates of ``MEASURED_THROUGHPUT_FILE`` unless given), then the rows trained (the tiny base is not priced);
-    ties keep the sweep's order. ``plans``: {trial_id: TrialPlan} from the preflight (N, steps)."""
+    rates of ``MEASURED_THROUGHPUT_FILE`` unless given, on ``device``), then the rows trained (the tiny base is
+    not priced); ties keep the sweep's order. ``plans``: {trial_id: TrialPlan} from the preflight (N, steps)."""
     measurements, samplings = _committed_unless_given(measurements, samplings)
 
     def work(config: TrialConfig) -> tuple[float, float]:
         plan = plans[config.trial_id]
-        e = trial_estimate(config, plan=plan, measurements=measurements, samplings=samplings)
+        e = trial_estimate(config, plan=plan, measurements=measurements, samplings=samplings, device=device)
         return e.wall_hours, training_rows(config, train_images=plan.examples, steps=plan.planned_steps)
 
     return sorted(configs, key=work, reverse=True)
@@ -596,11 +656,14 @@ def estimate(
     plans: dict,
     measurements: list[dict] | None = None,
     samplings: list[dict] | None = None,
+    device: str = ESTIMATE_DEVICE,
 ) -> str:
     """A table of the sweep: one line per trial with its training and evaluation GPU hours and the rates they
     rest on (measured, scaled from the nearest measured setting, or the assumed utilisation), then totals and the
-    sources of the measured rates used. ``measurements`` / ``samplings``: the training and sampling entries of
+    sources of the measured rates used, all on ``device`` (a name ``gpu_kind`` knows; measurements of the same kind
+    of GPU only). ``measurements`` / ``samplings``: the training and sampling entries of
     ``MEASURED_THROUGHPUT_FILE`` when None."""
+    check_gpu(device)
     measurements, samplings = _committed_unless_given(measurements, samplings)
     header = (
         f"{'trial':<44} {'id':<16} {'status':<8} {'workers x GPU':>13} {'training rate':<33} {'steps':>7} "
@@ -608,7 +671,9 @@ def estimate(
     )
     lines, pending, used = [header], [], {}
     for c in configs:
-        e = trial_estimate(c, plan=plans.get(c.trial_id), measurements=measurements, samplings=samplings)
+        e = trial_estimate(
+            c, plan=plans.get(c.trial_id), measurements=measurements, samplings=samplings, device=device
+        )
         finished = c.trial_id in done
         if not finished:
             pending.append((e.training_hours, e.evaluation_hours))
@@ -623,17 +688,19 @@ def estimate(
         )
     train_total, evaluation_total = (sum(column) for column in zip(*pending)) if pending else (0.0, 0.0)
     lines += [
-        f"{len(pending)} of {len(configs)} trials to run; estimated GPU hours on an {ESTIMATE_DEVICE}: training "
+        f"{len(pending)} of {len(configs)} trials to run; estimated GPU hours on {_article(device)}: training "
         f"{train_total:.1f} + evaluation {evaluation_total:.1f} = {train_total + evaluation_total:.1f}",
         "  training: the rows a trial trains at the rate measured for its depth, method, DP clipping, k and "
         "precision (any rows per forward); 'from ...': measured at another depth, k or method (in that order; the "
-        "same precision and DP clipping), scaled by the useful FLOPs per row; 'assumed': useful FLOPs at "
-        f"{ASSUMED_FLOPS_PER_GPU / 1e12:.0f} TFLOP/s per GPU ({ASSUMED_UTILISATION:.0%} of the dense bf16 peak), "
+        "same precision and DP clipping), scaled by the useful FLOPs per row, or last on another kind of GPU "
+        "(named after 'from'), scaled by the datasheet peaks too; 'assumed': useful FLOPs at "
+        f"{assumed_flops_per_second(device) / 1e12:.0f} TFLOP/s per GPU ({ASSUMED_UTILISATION:.0%} of the "
+        f"{gpu_kind(device)}'s dense bf16 peak), "
         "where nothing near was measured",
         "  evaluation: the images a trial generates and scores (its final evaluation and each convergence "
         "point) at the sampling rate measured for its depth, precision, evaluation batch size and "
         "compile_sampling (a whole trial evaluation where measured, else sampling alone), or from another depth, "
-        "batch size or compile setting, or assumed, as above by the useful FLOPs per image; times the GPUs the "
+        "batch size, compile setting or GPU, or assumed, as above by the useful FLOPs per image; times the GPUs the "
         "trial holds (rank 0 evaluates, the others wait)",
         "  not included: the real images' reference features (computed once per dataset and cached) and tiny "
         "models",
@@ -661,3 +728,8 @@ def _describe(m: dict) -> str:
         f"{m['device']} d{m['depth']} {m['method']} {dp} k={m['augmentation_multiplicity']} {m['precision']}: "
         f"{m['rows_per_second']:.1f} rows/s ({settings}; {where})"
     )
+
+
+def _article(device: str) -> str:
+    """ "an NVIDIA H200", "an H100", "an A100", "an L4", "a T4": by how the first letter is spoken."""
+    return f"{'an' if device[:1].upper() in tuple('AEFHILMNORSX') else 'a'} {device}"

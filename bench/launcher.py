@@ -43,7 +43,7 @@ from pyarrow import fs as pafs
 
 from trainables.progress import duration
 
-from .estimates import estimate, longest_first
+from .estimates import ESTIMATE_DEVICE, estimate, longest_first
 from .preflight import SweepError, check_sweep, identify
 from .results import TRAIN_FOLDER, ResultStore, default_cache_dir  # noqa: F401 - default_cache_dir: re-exported
 from .schema import TrialConfig, absolute, is_uri, make_result, utc_now
@@ -681,10 +681,17 @@ def tracking_callbacks(launch: Launch, tracker: Tracker | None) -> list:
 
 
 def run_sweep(
-    name: str, configs: list[TrialConfig], launch: Launch, *, dry_run: bool = False, verbose: int = 0
+    name: str,
+    configs: list[TrialConfig],
+    launch: Launch,
+    *,
+    dry_run: bool = False,
+    verbose: int = 0,
+    gpu: str = ESTIMATE_DEVICE,
 ) -> dict:
     """Check, then run every unfinished trial; returns {"ran", "skipped", "failed", "wall_seconds", "concurrency"}.
-    A dry run creates nothing (no storage, cache or offline data folder)."""
+    A dry run creates nothing (no storage, cache or offline data folder). ``gpu``: the GPU the dry run's estimate
+    prices hours on and the start order (longest first) ranks trials by."""
     check_tracking(launch.tracking, tracking_uri=launch.tracking_uri)  # its package, before anything is read
     configs = identify(
         configs, cache_dir=launch.cache_dir, write=not dry_run, log=print
@@ -696,19 +703,19 @@ def run_sweep(
         plans = check_sweep(todo, cache_dir=launch.cache_dir, write=not dry_run)
     except SweepError:
         if dry_run:  # the grid is still worth seeing, with the published split sizes
-            print(estimate(configs, done={c.trial_id for c in done}, plans={}))
+            print(estimate(configs, done={c.trial_id for c in done}, plans={}, device=gpu))
         raise
     limits = (
         read_cluster_config(launch.cluster_config) if launch.cluster_config else None
     )  # a bad file fails here
     check_fits(todo, limits)
     if dry_run:
-        print(estimate(configs, done={c.trial_id for c in done}, plans=plans))
+        print(estimate(configs, done={c.trial_id for c in done}, plans=plans, device=gpu))
         return {"ran": 0, "skipped": len(done), "failed": 0, "wall_seconds": 0.0, "concurrency": 0}
     if not todo:
         print(f"sweep {name}: every trial ({len(configs)}) already has its result in {store.folder}")
         return {"ran": 0, "skipped": len(done), "failed": 0, "wall_seconds": 0.0, "concurrency": 0}
-    todo = longest_first(todo, plans)
+    todo = longest_first(todo, plans, device=gpu)
     started = time.perf_counter()
     target = default_target(launch.tracking, storage=launch.storage, tracking_uri=launch.tracking_uri)
     # Opened before any compute: a tracking store that cannot be opened stops the sweep here.

@@ -13,14 +13,16 @@ batches may not fit), ``carry: [".whl"]``, ``timeout_s: 540`` and the command
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1;
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; python3 scripts/benchmark_gpu.py 2>&1 | tee $OUT/log
 
-then ``--from`` the returned benchmark_gpu.json with ``--report`` and ``--write-throughput`` here. The
+then ``--from`` the returned benchmark_gpu.json with ``--report`` and ``--write-throughput`` here. Where only
+an H100 is lent, the same run there is still worth its time: its rows carry the device's name, the throughput
+file keeps them beside the H200's, and ``python -m bench sweep ... --dry-run --gpu H100`` prices from them. The
 same command, in a Python holding only the image's packages at its torch 2.11 and ``--device cpu --depth 2 --quick``,
 is how it was checked here (2026-12-04, again 2026-12-06): nothing else is needed there.
 
 One call (under 8 minutes on an H200; ``--quick`` about 2) measures, every eager target before anything that
 compiles (a compile takes tens of seconds, and a run cut short keeps the targets' rows), in this order:
 1. matmul: the achievable dense bf16 rate (large square products, random inputs rotated, CUDA-synchronised
-   medians), beside the datasheet peak (``trainables.profiling.PEAK_FLOPS``), and the memory bandwidth (a 4 GiB
+   medians), beside the datasheet peak (``bench.estimates.PEAK_FLOPS``), and the memory bandwidth (a 4 GiB
    device-to-device copy): the two ceilings. Then a block's element-wise pieces that varsweep computes otherwise
    than the published code (the q and k normalisation, the residual add with drop-path), each beside the
    published form: time, output dtypes (the CPU's traffic counts assume CUDA autocast's float32 norms), values;
@@ -88,7 +90,7 @@ from benchmark_common import official_models, timed
 from torch import nn
 from torch.nn import functional as F
 
-from bench.estimates import MEASURED_THROUGHPUT_FILE, VarShape, training_flops_per_row
+from bench.estimates import MEASURED_THROUGHPUT_FILE, PEAK_FLOPS, VarShape, training_flops_per_row
 from bench.schema import (
     AUTO_ATTENTION_KERNEL,
     SUBSTITUTE_EXTRACTOR,
@@ -106,7 +108,7 @@ from trainables.models import release_sampling_caches
 from trainables.models import vqvae as vqvae_module
 from trainables.models.var import LN_EPS, AdaLNSelfAttn, modulate, unit_vectors
 from trainables.privacy import make_private, private_step
-from trainables.profiling import PEAK_FLOPS, Stopwatch, peak_flops_per_second
+from trainables.profiling import Stopwatch, peak_flops_per_second
 from trainables.training import bf16_autocast, build_optimizer, compile_blocks, view_losses
 
 CLASSES, VOCAB, GIB = (

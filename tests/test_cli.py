@@ -117,6 +117,30 @@ def test_bad_arguments_end_in_one_line(tmp_path, capsys):
         and err.count("\n") == 1
     )
     assert not (tmp_path / "s").exists()  # refused while parsing, before anything is created
+    assert main(["sweep", "table1", "--dry-run", "--gpu", "V100", "--storage", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: python -m bench sweep: argument --gpu: unknown GPU 'V100': the dry run prices one of"
+    )
+    assert "H100" in err and err.count("\n") == 1 and not (tmp_path / "s").exists()
+
+
+def test_a_dry_run_prices_the_gpu_it_is_given(tmp_path, capsys):
+    """--gpu: the estimate's hours on that kind of GPU (any case, any part of its name); with no measurement of
+    it, the committed H200 rates scaled by the datasheet peaks."""
+    storage, assets = str(tmp_path / "runs"), str(tmp_path / "nothing")
+    totals = {}
+    for gpu in ("NVIDIA H200", "h100", "A100"):
+        command = ["sweep", "table1", "--dry-run", "--gpu", gpu, "--assets", assets, "--storage", storage]
+        assert main(command) == 2  # no checkpoints or datasets here: the estimate is printed all the same
+        out = capsys.readouterr().out
+        total = next(line for line in out.splitlines() if "trials to run; estimated GPU hours on" in line)
+        assert total.startswith(f"30 of 30 trials to run; estimated GPU hours on an {gpu}: training ")
+        totals[gpu] = float(total.rsplit("= ", 1)[1])
+        rows = [line for line in out.splitlines() if " pending " in line]
+        assert len(rows) == 30 and all(("from H200" in row) == (gpu != "NVIDIA H200") for row in rows)
+    assert totals["h100"] == pytest.approx(totals["NVIDIA H200"], rel=0.01)  # the same peak
+    assert totals["A100"] == pytest.approx(totals["NVIDIA H200"] * 989 / 312, rel=0.01)
 
 
 def _demo_rows(fids, accuracies, precision=0.5, recall=0.3):

@@ -29,6 +29,7 @@ from bench.estimates import (
     estimate,
     evaluated_images,
     evaluation_gpu_hours,
+    gpu_kind,
     load_measured_sampling,
     load_measured_throughput,
     longest_first,
@@ -367,6 +368,36 @@ def test_a_measured_rate_matches_depth_method_dp_and_k_exactly():
     assert measured_rate(lora16, [_entry(), later, same_setting])["rows_per_second"] == 8.0
 
 
+def test_a_gpu_is_priced_from_its_own_kind_first_then_another_scaled_by_the_datasheet_peaks():
+    """The device is matched by kind (the benchmark's full name, or ``--gpu``'s short one) and freed last: an
+    H200 trial at d20 is priced from the H200's d16 before the H100's d20; an H100 trial from the H100's
+    measurement; an A100, with none of its own, from the nearest other GPU's (the H100's d20: one difference, not
+    two) times 312/989; a float32 setting with nothing near in float32, at 35% of the A100's peak. Unknown GPUs
+    are refused by name."""
+    configs = build_sweep("table1")
+    full20 = next(c for c in configs if c.method.name == "full" and c.model.depth == 20)
+    h200_d16 = _entry(rows_per_second=100.0, method="full", depth=16)
+    h100_d20 = _entry(rows_per_second=40.0, method="full", depth=20, device="NVIDIA H100 80GB HBM3")
+    entries = [h200_d16, h100_d20]
+    assert training_rate(full20, entries).measured is h200_d16
+    for name in ("H100", "h100", "NVIDIA H100 80GB HBM3"):
+        assert measured_rate(full20, entries, device=name) is h100_d20
+    a100 = training_rate(full20, entries, device="A100")
+    assert a100.kind == "scaled" and a100.measured is h100_d20
+    assert a100.per_second == pytest.approx(40.0 * 312 / 989) and a100.basis == "from H100: 12.6 rows/s"
+    flops = [training_flops_per_row(VarShape.official(d), "full") for d in (16, 20)]
+    h200_only = training_rate(full20, [h200_d16], device="A100")
+    assert h200_only.basis.startswith("from H200 d16: ")
+    assert h200_only.per_second == pytest.approx(100.0 * flops[0] / flops[1] * 312 / 989)
+    float32 = replace(full20, optimization={"autocast_bf16": False})
+    assumed = training_rate(float32, entries, device="A100")
+    assert assumed.kind == "assumed" and assumed.per_second == pytest.approx(312e12 * 0.35 / flops[1])
+    assert gpu_kind("NVIDIA H200 NVL") == "H200 NVL" and gpu_kind("NVIDIA L40S") == "L40S"
+    assert gpu_kind("cpu") is None
+    with pytest.raises(ValueError, match="unknown GPU 'V100': the dry run prices one of H200 NVL, H100 PCIe"):
+        estimate([full20], done=set(), plans={}, measurements=entries, samplings=[], device="V100")
+
+
 def test_gpu_hours_come_from_the_measured_rate_where_one_matches():
     configs = build_sweep("table1")
     lora16 = next(c for c in configs if c.method.name == "lora" and c.model.depth == 16)
@@ -488,19 +519,24 @@ def _sampling(**over) -> dict:
 def test_a_sampling_rate_matches_the_evaluation_setting_or_scales_from_the_nearest():
     """A trial's evaluations are priced at a rate measured for its depth, precision, evaluation batch size and
     compile_sampling (a whole trial evaluation before sampling alone), else from another depth (scaled by the
-    sampling FLOPs), batch size or compile setting, else at the assumed utilisation; never across precisions or
-    devices. The evaluation's GPU hours count every GPU the trial holds."""
+    sampling FLOPs), batch size or compile setting, else from another kind of GPU (scaled by the peaks), else at
+    the assumed utilisation; never across precisions. The evaluation's GPU hours count every GPU the trial
+    holds."""
     table1 = build_sweep("table1")
     lora16 = next(c for c in table1 if c.method.name == "lora" and c.model.depth == 16)
     full20 = next(c for c in table1 if c.method.name == "full" and c.model.depth == 20)
-    foreign = [
+    float32, a100 = (
         _sampling(precision="float32", images_per_second=3.0),
-        _sampling(device="NVIDIA A100", images_per_second=4.0),
-    ]
-    assumed = sampling_rate(lora16, foreign)
+        _sampling(device="NVIDIA A100-SXM4-80GB", images_per_second=4.0),
+    )
+    assumed = sampling_rate(lora16, [float32])
     assert assumed.kind == "assumed" and assumed.per_second == pytest.approx(
         ASSUMED_FLOPS_PER_GPU / sampling_flops_per_image(VarShape.official(16))
     )
+    other_gpu = sampling_rate(lora16, [float32, a100])
+    assert other_gpu.kind == "scaled" and other_gpu.per_second == pytest.approx(4.0 * 989 / 312)
+    assert other_gpu.basis == f"from A100: {4.0 * 989 / 312:.1f} img/s"
+    foreign = [float32, a100]
     batch64, compiled32 = (
         _sampling(batch_size=64, images_per_second=1.0),
         _sampling(compiled=True, images_per_second=2.0),

@@ -338,7 +338,7 @@ def test_tracking_reaches_the_launch_the_command_line_winning(tmp_path, monkeypa
 
     launches = []
 
-    def record(name, configs, launch, *, dry_run=False):
+    def record(name, configs, launch, *, dry_run=False, gpu=None):
         launches.append((name, len(configs), launch))
         return {"failed": 0}
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.estimates import ATTENTION_NOTE
+from bench.estimates import ATTENTION_NOTE, PEAK_FLOPS, gpu_kind
 
 PETA = 1e15
 
@@ -263,24 +263,10 @@ class StepMeter:
         return self.ledger.report()
 
 
-# Dense bf16 tensor-core peaks (vendor datasheets, FLOP/s), for MFU; matched as substrings of the device name, the
-# longest key first (an "H200 NVL" or "H100 PCIe" is not the SXM part: 835 and 756 TFLOP/s).
-PEAK_FLOPS = {
-    "H200 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-}
-
-
 def peak_flops_per_second(device: torch.device | str) -> float | None:
     """The device's dense bf16 peak, or None (CPU, unknown GPU: no MFU is reported)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((PEAK_FLOPS[key] for key in sorted(PEAK_FLOPS, key=len, reverse=True) if key in name), None)
+    kind = gpu_kind(torch.cuda.get_device_name(device))
+    return None if kind is None else PEAK_FLOPS[kind]
