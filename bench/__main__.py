@@ -106,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
         "--gpu",
         type=gpu_name,
         default=ESTIMATE_DEVICE,
-        help=f"the GPU the dry run prices hours on (measured rates of that kind of GPU, else {ASSUMED_UTILISATION * 100:.0f}%% "
-        f"of its dense bf16 peak) and the start order ranks trials by: {', '.join(PEAK_FLOPS)} "
+        help="the GPU the dry run prices hours on and the start order ranks trials by: that kind's measured "
+        "rates, else another kind's scaled by the datasheet peaks, else "
+        f"{ASSUMED_UTILISATION * 100:.0f}%% of its dense bf16 peak; one of {', '.join(PEAK_FLOPS)} "
         f"(default: {ESTIMATE_DEVICE})",
     )
     sweep.add_argument(

@@ -660,8 +660,8 @@ def estimate(
 ) -> str:
     """A table of the sweep: one line per trial with its training and evaluation GPU hours and the rates they
     rest on (measured, scaled from the nearest measured setting, or the assumed utilisation), then totals and the
-    sources of the measured rates used, all on ``device`` (a name ``gpu_kind`` knows; measurements of the same kind
-    of GPU only). ``measurements`` / ``samplings``: the training and sampling entries of
+    sources of the measured rates used, all on ``device`` (a name ``gpu_kind`` knows; its own kind's measurements
+    first, ``_rate``). ``measurements`` / ``samplings``: the training and sampling entries of
     ``MEASURED_THROUGHPUT_FILE`` when None."""
     check_gpu(device)
     measurements, samplings = _committed_unless_given(measurements, samplings)
