@@ -43,8 +43,9 @@ PEAK_FLOPS = {
     "A10G": 125e12,
     "L4": 121e12,
 }
+# The kinds as ``gpu_kind`` tries them: the longest name first, so an "H200 NVL" is not taken for an "H200".
+GPU_KINDS = tuple(sorted(PEAK_FLOPS, key=len, reverse=True))
 ASSUMED_UTILISATION = 0.35
-ASSUMED_FLOPS_PER_GPU = PEAK_FLOPS["H200"] * ASSUMED_UTILISATION  # the default estimate device's, at 35%
 # Attention's backward as a multiple of its forward (five L x L products for two), as the counter counts it.
 ATTENTION_BACKWARD = 2.5
 
@@ -238,9 +239,7 @@ ESTIMATE_DEVICE = "NVIDIA H200"
 def gpu_kind(name: str) -> str | None:
     """The ``PEAK_FLOPS`` key a device name holds in any case ("NVIDIA H100 80GB HBM3" -> "H100", "h100" -> "H100"),
     the longest first; None for a name that holds none (a CPU, an unknown GPU)."""
-    return next(
-        (key for key in sorted(PEAK_FLOPS, key=len, reverse=True) if key.upper() in name.upper()), None
-    )
+    return next((key for key in GPU_KINDS if key.upper() in name.upper()), None)
 
 
 def check_gpu(name: str) -> str:

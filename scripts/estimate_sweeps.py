@@ -16,8 +16,8 @@ from pathlib import Path
 import benchmark_common
 
 from bench.estimates import (
-    ASSUMED_FLOPS_PER_GPU,
     ESTIMATE_DEVICE,
+    assumed_flops_per_second,
     load_measured_sampling,
     load_measured_throughput,
     trial_estimate,
@@ -35,7 +35,9 @@ def sweep_row(name: str, *, measurements: list[dict], samplings: list[dict]) -> 
     for config in configs:
         e = trial_estimate(config, measurements=measurements, samplings=samplings)
         measured = e.training_rate.kind == "measured"
-        assumed_only += e.training_hours if measured else e.train_flops / ASSUMED_FLOPS_PER_GPU / 3600
+        assumed_only += (
+            e.training_hours if measured else e.train_flops / assumed_flops_per_second(ESTIMATE_DEVICE) / 3600
+        )
         training += e.training_hours
         evaluation += e.evaluation_hours
         images += e.images

@@ -18,13 +18,13 @@ from conftest import TINY_VAR, TINY_VQVAE, run_script
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.estimates import (
-    ASSUMED_FLOPS_PER_GPU,
     ESTIMATE_DEVICE,
     OFFICIAL_PATCH_NUMS,
     TOKENS_PER_IMAGE,
     VAR_PARAMETERS,
     DecoderShape,
     VarShape,
+    assumed_flops_per_second,
     decoding_flops,
     estimate,
     evaluated_images,
@@ -414,7 +414,9 @@ def test_gpu_hours_come_from_the_measured_rate_where_one_matches():
     hours, rate = training_gpu_hours(float32, train_images=ln_images, steps=ln_steps, measurements=entries)
     assert rate.kind == "assumed" and rate.measured is None
     assert hours == pytest.approx(
-        training_flops(ln16, train_images=ln_images, steps=ln_steps) / ASSUMED_FLOPS_PER_GPU / 3600
+        training_flops(ln16, train_images=ln_images, steps=ln_steps)
+        / assumed_flops_per_second(ESTIMATE_DEVICE)
+        / 3600
     )
     text = estimate([lora16, float32], done=set(), plans={}, measurements=entries, samplings=[])
     rows = text.splitlines()
@@ -531,7 +533,7 @@ def test_a_sampling_rate_matches_the_evaluation_setting_or_scales_from_the_neare
     )
     assumed = sampling_rate(lora16, [float32])
     assert assumed.kind == "assumed" and assumed.per_second == pytest.approx(
-        ASSUMED_FLOPS_PER_GPU / sampling_flops_per_image(VarShape.official(16))
+        assumed_flops_per_second(ESTIMATE_DEVICE) / sampling_flops_per_image(VarShape.official(16))
     )
     other_gpu = sampling_rate(lora16, [float32, a100])
     assert other_gpu.kind == "scaled" and other_gpu.per_second == pytest.approx(4.0 * 989 / 312)
