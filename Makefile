@@ -36,7 +36,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The slow tests the default run leaves out (see pyproject.toml): a 2-node Ray cluster, killed workers and drivers.
+# The slow tests the default run leaves out (see pyproject.toml): a 2-node Ray cluster, killed workers and drivers,
+# a fresh venv with the light install, the whole smoke privacy audit and more sweeps through a local Ray.
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 

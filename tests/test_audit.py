@@ -154,6 +154,32 @@ def test_correct_dp_stays_within_its_claimed_epsilon(small_digits, cache_dir, tm
     assert "audit" in record["privacy"]["released_without_noise"]
 
 
+def test_an_audited_dp_run_with_augmented_views_trains_and_scores_its_canaries_by_their_views(
+    small_digits, cache_dir, tmp_path
+):
+    """k = 2 views per example (two cached crops): the canaries join the token cache with the split's views (the
+    audit refuses a mismatch), a step clips each example's two views together, and the ledger counts examples."""
+    privacy = PrivacyConfig(
+        target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, delta=DELTA, augmentation_multiplicity=2
+    )
+    config = replace(
+        tiny_trial("lora", steps=4),
+        data={"dataset": "folder", "root": str(small_digits), "cached_views": 2},
+        privacy=privacy.__dict__,
+        optimization=NON_DP_ONLY,
+        audit={"canaries": 20},
+    )
+    record = train(config, cache_dir, tmp_path)
+    audit = record["audit"]
+    assert check_result(record) == config and record["status"] == "success", record["error"]
+    assert record["privacy"]["augmentation_multiplicity"] == 2
+    assert (
+        audit["mechanism"] == "dp-sgd" and len(audit["scores"]) == 20 and np.isfinite(audit["scores"]).all()
+    )
+    assert audit["epsilon_lower_bound"] <= audit["claimed_epsilon"] <= 8.0
+    assert record["privacy"]["dataset_size"] == 10 * PER_CLASS + audit["included"]
+
+
 # --- fast tests -------------------------------------------------------------------------------------------------
 
 
