@@ -1,10 +1,11 @@
 """The privacy audit in one run (issue 18): canaries, inclusion, scores and the record's ``audit`` section, checked
-by three trainings on the tiny base (run_trial directly, no Ray) and fast tests of the parts.
+by four trainings on the tiny base (run_trial directly, no Ray) and fast tests of the parts.
 
 The trainings use a small folder of offline digits (4 per class) beside m = 100 canaries, so that 300 steps see
 each included canary ~75 times in ~25 s on a CPU: (a) without DP the model memorises its canaries and the bound is
 clearly above 0; (b) DP at epsilon 1 with clipping skipped (the test-only broken mechanism) gives a bound above 1;
-(c) the same DP run with clipping stays at or below its claimed epsilon. DP trials here set privacy.delta = 1e-5:
+(c) the same DP run with clipping stays at or below its claimed epsilon; (d) a 4-step DP LoRA run with k = 2 views
+and 20 canaries trains and scores them. DP trials here set privacy.delta = 1e-5:
 at the default 1/N' (1/90) the one-run bound is 0 whatever the guesses (see bench.schema.AuditConfig.delta).
 Measured while writing them (audit seeds 0, 1, 2): (b) 2.31, 2.01, 2.31 against a claimed 0.99-1.0; (a) 2.31;
 (c) 0.0 (AUC ~0.51).
@@ -94,7 +95,7 @@ def train(config: TrialConfig, cache_dir: Path, tmp_path: Path, **options) -> di
     )
 
 
-# --- (a), (b), (c): the three trainings ---------------------------------------------------------------------------
+# --- (a) to (d): the four trainings ---------------------------------------------------------------------------
 
 
 def test_memorising_without_dp_gives_a_bound_clearly_above_zero(
