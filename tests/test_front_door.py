@@ -2,9 +2,9 @@
 own, with *relative* ``--storage`` and ``--cache-dir`` (Ray runs trials and workers in folders of its own, so a
 relative path that reached them would strand every result). A ``--smoke`` sweep tracked in MLflow, its relaunch,
 ``bench status``, ``bench demo --smoke`` (what CI runs) and the smoke privacy audit's memorising pair with its
-analysis share one module-scoped folder and cache: the tiny base and the digit classifier are built once for all of them. Last, the
-cache folder is deleted: every result and sample image is in the storage, so the analysis still draws every
-trial's grid."""
+analysis share one module-scoped folder and cache: the tiny base and the digit classifier are built once for all of
+them. Last, the cache folder is deleted: every result and sample image is in the storage, so the analysis still
+draws every trial's grid."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def test_demo_smoke_from_a_relative_storage(demo, workdir):
 
 AUDIT_STORAGE = "runs/audit"
 # The smoke audit's memorising pair: full fine-tuning without DP and at epsilon 8 (~2.5 min through Ray on 2 cores).
-# Its five short LoRA trials (~2 min more) run the same audit code, audited in-process by tests/test_audit.py
+# Its five short LoRA trials (~3 min more) run the same audit code, audited in-process by tests/test_audit.py
 # (DP with k = 2 views included); the slow test below runs them through Ray too.
 MEMORISING = "method.name=full"
 
@@ -268,7 +268,7 @@ def test_the_smoke_privacy_audit_sees_memorisation_and_dp_stays_within_its_claim
     assert float(memorising["epsilon_lower_bound"]) >= 0.5 and float(memorising["auc"]) > 0.6
 
 
-@pytest.mark.slow  # ~2.5 min more on 2 cores: the smoke audit's five LoRA trials
+@pytest.mark.slow  # ~3 min more on 2 cores: the smoke audit's five LoRA trials
 @pytest.mark.timeout(1800)
 def test_the_whole_smoke_privacy_audit_runs_after_its_pair_and_no_dp_run_exceeds_its_claim(
     audit_pair, workdir
