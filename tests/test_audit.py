@@ -95,7 +95,7 @@ def train(config: TrialConfig, cache_dir: Path, tmp_path: Path, **options) -> di
     )
 
 
-# --- (a) to (d): the four trainings ---------------------------------------------------------------------------
+# --- (a) to (d): the four trainings -----------------------------------------------------------------------------
 
 
 def test_memorising_without_dp_gives_a_bound_clearly_above_zero(
@@ -155,11 +155,12 @@ def test_correct_dp_stays_within_its_claimed_epsilon(small_digits, cache_dir, tm
     assert "audit" in record["privacy"]["released_without_noise"]
 
 
-def test_an_audited_dp_run_with_augmented_views_trains_and_scores_its_canaries_by_their_views(
+def test_an_audited_dp_run_with_augmented_views_trains_and_scores_its_canaries(
     small_digits, cache_dir, tmp_path
 ):
-    """k = 2 views per example (two cached crops): the canaries join the token cache with the split's views (the
-    audit refuses a mismatch), a step clips each example's two views together, and the ledger counts examples."""
+    """k = 2 views per example (two cached crops): the canaries join the training data with as many cached views
+    as the split (a mismatch is refused), every canary gets a finite score, the bound stays within the claim and
+    the ledger counts examples, included canaries among them."""
     privacy = PrivacyConfig(
         target_epsilon=8.0, sampling_rate=0.25, max_grad_norm=1.0, delta=DELTA, augmentation_multiplicity=2
     )
