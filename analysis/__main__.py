@@ -99,6 +99,10 @@ def parse_where(pairs: list[str]) -> dict[str, object]:
         field, sep, text = pair.partition("=")
         if not sep or not field:
             raise AnalysisError(f"--where {pair!r}: expected FIELD=VALUE, e.g. method.lora_rank=16")
+        if (
+            field in out
+        ):  # every condition must hold, so a second value would select nothing (or hide the first)
+            raise AnalysisError(f"--where {field} given twice: each field takes one value")
         try:
             out[field] = json.loads(text)
         except json.JSONDecodeError:

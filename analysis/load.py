@@ -20,6 +20,7 @@ from bench.results import ResultStore, is_uri
 from bench.roc import roc_vertices
 from bench.schema import (
     OPTIONAL_SECTIONS,
+    SECTIONS,
     AuditConfig,
     ConfigError,
     EvaluationConfig,
@@ -205,12 +206,20 @@ def _audit_roc(records: dict[str, dict]) -> pd.DataFrame:
 
 
 def config_value(config: dict, path: str):
-    """The value at a dotted path of a config dict (``method.lora_rank``); KeyError names a wrong path. An optional
-    section a record leaves out (``audit`` of a trial without an audit) reads as None, as do the fields below it,
-    so ``--where audit=null`` keeps the trials without an audit."""
-    value = config
-    if path.split(".")[0] in OPTIONAL_SECTIONS and path.split(".")[0] not in config:
+    """The value at a dotted path of a config dict (``method.lora_rank``); AnalysisError names a wrong path. An
+    optional section that a record leaves out or holds as null (``audit`` of a trial without an audit, ``privacy``
+    of a non-DP trial) reads as None, as do its fields: ``--where audit=null`` keeps the trials without an audit and
+    ``--where privacy.target_epsilon=8`` passes over the non-DP ones. A field the section does not have is still
+    an error, whatever the record holds."""
+    section, *rest = path.split(".")
+    if section in OPTIONAL_SECTIONS and config.get(section) is None:
+        fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        if len(rest) > 1 or (rest and rest[0] not in fields):
+            raise AnalysisError(
+                f"--where {path}: no such config field ({section} has: {', '.join(sorted(fields))})"
+            )
         return None
+    value = config
     for part in path.split("."):
         if not isinstance(value, dict) or part not in value:
             raise AnalysisError(f"--where {path}: no such config field (sections: {', '.join(config)})")

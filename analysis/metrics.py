@@ -67,7 +67,7 @@ METRICS = _metrics(
         "Training throughput",
         "cost.rows_per_second",
         "higher",
-        unit="samples/s",
+        unit="rows/s",
         decimals=1,
     ),
     Metric(

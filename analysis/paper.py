@@ -88,7 +88,8 @@ def comparison(table: Table) -> Table | None:
     keys, paper_rows = KEYS[base], [r for r in published(base) if r["model"].startswith(OUR_MODELS)]
     ours = {tuple(r[k] for k in keys): r for r in ours_as_rows(table)}
     theirs = {tuple(r[k] for k in keys): r for r in paper_rows}
-    values = [c for c in table.header if c not in keys]
+    published_columns = list(paper_rows[0]) if paper_rows else []
+    values = [c for c in dict.fromkeys([*table.header, *published_columns]) if c not in keys]
     rows = []
     for key in list(theirs) + [k for k in ours if k not in theirs]:
         for column in values:

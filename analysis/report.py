@@ -41,7 +41,8 @@ class Analysis:
 
 def provenance(results: Results) -> dict[str, list[str]]:
     """Distinct values (with trial counts) of what produced the results: code version, packages, devices, extractor."""
-    records = list(results.records.values())
+    # One record per trial: the convergence twins counted once (``Results.repeats``) stay out of the counts.
+    records = [results.records[trial_id] for trial_id in results.trials["trial_id"]]
     count = lambda values: [f"{v} ({n})" for v, n in Counter(values).most_common()]  # noqa: E731
     out = {
         "git commit": count(lookup(r, "environment.git_commit") or "unknown" for r in records),
@@ -51,7 +52,7 @@ def provenance(results: Results) -> dict[str, list[str]]:
         "feature extractor": count(results.trials["extractor"]),
         "result schema": [f"version {SCHEMA_VERSION}"],
     }
-    classifiers = [_classifier(r) for r in results.records.values()]
+    classifiers = [_classifier(r) for r in records]
     if any(classifiers):
         out["class-accuracy classifier"] = count(c or "none recorded" for c in classifiers)
     for package in KEY_PACKAGES:

@@ -334,14 +334,18 @@ def table2(trials: pd.DataFrame, *, epsilon: float = 10.0) -> list[Table]:
 
 
 def table3(trials: pd.DataFrame) -> list[Table]:
-    """DP FID vs epsilon: one row per (model, method, k) run at two or more epsilons."""
+    """DP FID vs epsilon: one row per (model, method, k) run at two or more epsilons. A (model, method, k) run at one
+    epsilon only whose method and k have a row (a sweep cut short at one depth) is named in a note, not dropped
+    silently."""
     dp = trials[trials["dp"]]
 
     def build(group: pd.DataFrame, dataset: str) -> Table | None:
-        keyed = group.groupby(["model", "method", "k"])["epsilon"].nunique()
-        keys = [key for key, n in keyed.items() if n >= 2]
+        run_at = group.groupby(["model", "method", "k"])["epsilon"].unique()
+        keys = [key for key, epsilons in run_at.items() if len(epsilons) >= 2]
         if not keys:
             return None
+        shown = {(method, k) for _, method, k in keys}
+        single = [(key, e[0]) for key, e in run_at.items() if len(e) == 1 and key[1:] in shown]
         epsilons = sorted(set(group[group.set_index(["model", "method", "k"]).index.isin(keys)]["epsilon"]))
         rows = []
         for model, method, k in sorted(
@@ -366,6 +370,10 @@ def table3(trials: pd.DataFrame) -> list[Table]:
             "Table 3: DP FID vs privacy budget epsilon",
             ["model", "method", "k", *[f"eps_{_eps(e)}" for e in epsilons]],
             rows,
+            notes=[
+                f"not in the table, run at one epsilon only: {model} {METHOD_LABELS[method]} k={k} (epsilon {_eps(e)})"
+                for (model, method, k), e in single
+            ],
         )
 
     return _per_dataset(dp, build)
@@ -457,7 +465,7 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
         "train_pflops",
         "sample_pflops",
         "gpu_hours",
-        "samples_per_second",
+        "rows_per_second",
         "mfu_pct",
         "peak_memory_gib",
         "train_seconds",
@@ -473,6 +481,8 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
                 "(norms, softmax, element-wise ops and the optimiser are not counted)",
                 ATTENTION_NOTE,
                 "MFU against the device's dense bf16 peak; empty on CPUs and unknown GPUs",
+                "rows/s counts training rows, one per view of an example: a DP trial with k augmentation views trains "
+                "k rows per example (examples/s = rows/s / k), counted at its expected Poisson batch",
             ],
         )
     ]

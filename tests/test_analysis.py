@@ -22,6 +22,7 @@ from analysis.__main__ import main as cli
 from analysis.figures import grid_caption, grid_layout, k_colors, sample_grid
 from analysis.load import AnalysisError, load_results
 from analysis.paper import PAPER_DIR, number, paper_fixture, published
+from analysis.report import provenance
 from analysis.run import analyse
 from bench.results import ResultStore
 from bench.schema import TrialConfig, make_result, replace
@@ -148,6 +149,43 @@ def test_comparison_with_the_paper_shows_no_difference_for_the_fixture(golden_ru
         assert only_ours == (TABLE2_EXTRA if table.name == "compare_table2_dp_multiplicity" else set()), (
             only_ours
         )
+
+
+def test_a_table3_cut_short_names_the_row_it_leaves_out_and_keeps_every_published_cell(
+    fixture_storage, tmp_path
+):
+    """A DP sweep cut short: no trial at epsilon 1000, and VAR-d20 only at epsilon 10. Table 3 loses the column and
+    names the row it cannot show; the comparison still lists every published cell, ours marked missing."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    for path in (storage / "results").glob("*.json"):
+        config = json.loads(path.read_text())["config"]
+        privacy = config["privacy"] or {}
+        cut = privacy.get("target_epsilon") == 1000 or (
+            config["model"]["depth"] == 20
+            and privacy.get("augmentation_multiplicity") == 32
+            and privacy.get("target_epsilon") != 10
+        )
+        if cut:
+            path.unlink()
+    analysis = analyse(storage, tmp_path / "out", compare_paper=True, grids=False, figures=False)
+    (table3,) = [t for t in analysis.tables if t.name == "table3_dp_epsilon"]
+    assert [row[0] for row in table3.rows] == ["VAR-d16"] and "eps_1000" not in table3.header
+    assert table3.notes == ["not in the table, run at one epsilon only: VAR-d20 LoRA k=32 (epsilon 10)"]
+    assert (
+        "run at one epsilon only: VAR-d20 LoRA k=32"
+        in (tmp_path / "out" / "tables" / "table3_dp_epsilon.md").read_text()
+    )
+    (compared,) = [t for t in analysis.comparisons if t.name == "compare_table3_dp_epsilon"]
+    missing = {(row[0], row[3]): row[5] for row in compared.rows if row[4] == "—"}
+    paper = {row["model"]: row for row in published("table3_dp_epsilon")}
+    assert missing == {
+        ("VAR-d16", "eps_1000"): paper["VAR-d16"]["eps_1000"],
+        **{
+            ("VAR-d20", column): paper["VAR-d20"][column]
+            for column in paper["VAR-d20"]
+            if column.startswith("eps_")
+        },
+    }
 
 
 def test_packaged_published_tables_equal_the_shared_copy():
@@ -523,6 +561,40 @@ def test_different_settings_in_one_cell_are_refused_not_averaged(fixture_storage
     }
 
 
+def test_where_selects_dp_trials_by_their_privacy_fields_in_a_folder_with_non_dp_ones(
+    fixture_storage, tmp_path, capsys
+):
+    """A non-DP trial's privacy section is null: its fields read as None, so it is left out, not an error."""
+    dp10 = load_results(fixture_storage, where={"privacy.target_epsilon": 10})
+    assert len(dp10.trials) and set(dp10.trials["epsilon"]) == {10.0} and dp10.trials["dp"].all()
+    assert len(dp10.excluded) == 53 - len(dp10.trials) and "privacy.target_epsilon is not 10" in {
+        why for *_, why in dp10.excluded
+    }
+    k32 = load_results(fixture_storage, where={"privacy.augmentation_multiplicity": 32})
+    assert set(k32.trials["k"]) == {32}
+    with pytest.raises(AnalysisError, match=r"privacy.target_epsilonn: no such config field \(privacy has: "):
+        load_results(fixture_storage, where={"privacy.target_epsilonn": 10})
+    assert (
+        cli(
+            [
+                str(fixture_storage),
+                "--out",
+                str(tmp_path / "out"),
+                "--where",
+                "method.name=lora",
+                "--where",
+                "method.name=full",
+            ]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("error: --where method.name given twice: each field takes one value")
+    )
+
+
 @pytest.mark.parametrize("curve_settings", [{"convergence_every_steps": 500}, {"convergence_points": 8}])
 def test_a_convergence_twin_counts_once(fixture_storage, tmp_path, curve_settings):
     """The convergence sweep re-runs Table 1 trials with evaluations during training (every N steps, or at N
@@ -541,6 +613,8 @@ def test_a_convergence_twin_counts_once(fixture_storage, tmp_path, curve_setting
     assert cell_.n == 1 and cell_.text() == "12.08"
     assert [kept for _, _, kept in analysis.results.repeats] == [curve["trial_id"]]
     assert "Repeats counted once" in (tmp_path / "out" / "index.md").read_text()
+    # the provenance counts trials too, the repeat once
+    assert provenance(analysis.results)["git commit"] == [f"fixture ({len(analysis.results.trials)})"]
     assert "convergence_fid" in {f.name for f in analysis.figures}
 
 

@@ -66,6 +66,23 @@ def test_dry_run_checks_and_prints_and_creates_nothing(tmp_path, capsys):
         == 0
     )
     assert "1 of 1 trials to run" in capsys.readouterr().out
+    # a privacy field passes over the non-DP trials (their privacy is null) instead of failing on them
+    assert (
+        main(
+            [
+                "sweep",
+                "demo",
+                "--smoke",
+                "--dry-run",
+                "--where",
+                "privacy.target_epsilon=8",
+                "--storage",
+                str(storage),
+            ]
+        )
+        == 0
+    )
+    assert "1 of 1 trials to run" in capsys.readouterr().out
     assert (
         main(
             ["sweep", "demo", "--smoke", "--dry-run", "--where", "method.rank=16", "--storage", str(storage)]
