@@ -493,6 +493,23 @@ def test_dp_checkpoint_does_not_predict_the_noise_of_a_resumed_run(digits_setup)
         assert [e["step"] for e in out["history"]] == list(range(1, 7))
 
 
+def test_a_dp_checkpoint_s_records_do_not_depend_on_the_poisson_batches(digits_setup):
+    """Checkpoints are public. Two DP runs that draw different Poisson batches (other sampling seeds) save the same
+    compute record and history, but for the wall-clock times and peak memory that ``RELEASED_WITHOUT_NOISE`` names:
+    the FLOP counter's per-operator totals of the counting step, a private batch, once gave its size exactly."""
+    records = []
+    for seed in (1, 2):
+        states: list[dict] = []
+        _run_with_checkpoints(digits_setup, privacy=DP_RESUME, states=states, debug_seed=seed)
+        records.append(states[0])
+    side_channels = {"train_seconds", "peak_memory_bytes"}
+    first, second = ({k: v for k, v in r["compute"].items() if k not in side_channels} for r in records)
+    assert first == second and any("addmm" in op or "mm" in op for op in first["counted_ops"])
+    assert [{**e, "seconds": 0} for e in records[0]["history"]] == [
+        {**e, "seconds": 0} for e in records[1]["history"]
+    ]
+
+
 def _leaves(value, path=""):
     if isinstance(value, dict):
         for key, item in value.items():

@@ -883,6 +883,11 @@ def _ddp_worker(rank: int, world: int, init_file: str, result_folder: str) -> No
             ledger, params = run_dp_steps(steps=3, k=k, clipping=clipping)
             if rank == 0:
                 torch.save({"ledger": ledger, "params": params}, Path(result_folder) / f"{clipping}-{k}.pt")
+        var = make_model("lora")
+        state = make_private(
+            var, torch.optim.SGD(var.parameters(), lr=0.1), privacy=spec(), dataset_size=N, planned_steps=3
+        )
+        torch.save(state.example_key, Path(result_folder) / f"example-key-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -923,6 +928,27 @@ def test_dp_ddp_two_processes_match_one_process(k, clipping, ddp_runs):
             atol=1e-5,
             msg=lambda m: f"{name}: {m}",  # noqa: B023
         )
+
+
+def test_every_rank_draws_with_rank_0_s_secret_example_key(ddp_runs):
+    """The per-example draws (views, class dropout, drop-path) are keyed by one secret key on all ranks, so an
+    example's draws do not depend on which rank the round-robin split of the batch gives it."""
+    keys = [torch.load(ddp_runs / f"example-key-{rank}.pt", weights_only=False) for rank in range(2)]
+    assert keys[0] == keys[1] and keys[0].secret and len(keys[0].key) == 32
+    var = make_model("lora")
+    alone = make_private(
+        var, torch.optim.SGD(var.parameters(), lr=0.1), privacy=spec(), dataset_size=N, planned_steps=3
+    )
+    assert alone.example_key.secret and alone.example_key != keys[0]  # drawn anew from OS entropy
+
+
+def test_poisson_sampling_includes_each_example_with_probability_q_not_a_float32_step_above():
+    """Float32 uniforms come in steps of 2**-24: u < q holds whenever u == 0, so at q = 2**-40 an example would be
+    included 2**16 times too often (4 of these 8 x 2**24 seeded draws). Float64 ones: 1.5e-5 expected."""
+    drawn = [
+        len(poisson_batch(2**24, 2.0**-40, generator=torch.Generator().manual_seed(s))) for s in range(8)
+    ]
+    assert drawn == [0] * 8
 
 
 def test_poisson_batch_is_shared_across_ranks():

@@ -37,6 +37,7 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
     config = replace(
         tiny_trial("lora", steps=4),
         privacy=dp.__dict__,
+        method={"prior_weight": 0.05},
         data={"cached_views": 2},
         optimization=NON_DP_ONLY,
         evaluation={"convergence_every_steps": 2, "convergence_num_images": 10},
@@ -119,6 +120,12 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
         config, evaluation_split=split, steps=4
     )
     assert not exact_batch_size_leaks(record, [metrics for metrics, _ in reports], batch_sizes, k=2)
+    # The prior term's KL is computed from the model: the result's history holds it, the live reports do not (a
+    # retried attempt takes the steps after its last checkpoint again, so their values are not released until then).
+    assert all("prior_kl" in entry for entry in record["history"])
+    assert [m["step"] for m, _ in reports if "epsilon_rdp" in m] and not any(
+        "prior_kl" in m for m, _ in reports
+    )
     assert (
         record["cost"]["training_precision"] == "float32"
     )  # bf16 autocast is asked for, but only CUDA runs use it

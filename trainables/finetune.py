@@ -497,6 +497,9 @@ def _restore(var: VAR, optimizer, state: dict, run: _Run) -> None:
     run.history[:], run.convergence[:] = state["history"], state["convergence"]
     for key, value in state["compute"].items():
         setattr(run.meter.ledger, key, value)
+    run.meter.ledger.counted_ops = sorted(
+        run.meter.ledger.counted_ops
+    )  # names only, from an older checkpoint too
     run.start_step = int(state["step"])
 
 

@@ -263,7 +263,9 @@ def poisson_batch(
 ) -> torch.Tensor:
     """Indices [b] of this rank's share of one Poisson-sampled global batch. Every rank must pass a generator in
     the same state: they draw the same global mask and split the selected examples round-robin."""
-    selected_N = torch.rand(num_examples, generator=generator) < sampling_rate
+    # float64 uniforms: float32's come in steps of 2**-24, so u < q would hold with probability up to 6e-8 above
+    # the q the accountant is given; in steps of 2**-53 the excess is below what the accounting resolves.
+    selected_N = torch.rand(num_examples, generator=generator, dtype=torch.float64) < sampling_rate
     return selected_N.nonzero().flatten()[rank::world_size]
 
 
@@ -359,8 +361,8 @@ def make_private(
     """Wrap an adapted model and its optimiser for DP-SGD. Checks what depends on N and the steps first; uses
     ``noise_multiplier`` (sigma, the trial plan's) or calibrates it for ``planned_steps``.
     The noise, the Poisson sampling and the per-example draws (``state.example_key``) must be unpredictable for the
-    accounting to hold, so by default all are seeded from OS entropy (the sampling seed is drawn on rank 0 and
-    shared: all ranks draw one global mask). ``noise_generator`` (on the parameters' device) and ``debug_seed``
+    accounting to hold, so by default all are seeded from OS entropy (the sampling seed and the example key are
+    drawn on rank 0 and shared: all ranks draw one global mask, and an example's draws do not depend on its rank). ``noise_generator`` (on the parameters' device) and ``debug_seed``
     (sampling and per-example draws) make a run reproducible, for tests and debugging only; the ledger says when
     they were used.
     ``unsafe_skip_clipping`` breaks the mechanism on purpose, for the privacy audit's tests only (never a config
@@ -430,7 +432,7 @@ def make_private(
         module = MultiViewGradSampleModule(model, views_per_example=privacy.augmentation_multiplicity)
         dp_optimizer = (DistributedDPOptimizer if world_size > 1 else DPOptimizer)(optimizer, **dp_options)
     example_key = (
-        ExampleKey.from_entropy()
+        _shared_key(world_size=world_size, device=device)
         if debug_seed is None
         else ExampleKey.from_seed(debug_seed, purpose="dp examples")
     )
@@ -486,6 +488,17 @@ def _shared_seed(seed: int | None, *, world_size: int, device: torch.device) -> 
     if world_size > 1:
         dist.broadcast(value, src=0)
     return int(value.item())
+
+
+def _shared_key(*, world_size: int, device: torch.device) -> ExampleKey:
+    """A secret per-example key drawn on rank 0 and broadcast: an example's draws are the same on whichever rank the
+    round-robin split of the batch puts it."""
+    key = ExampleKey.from_entropy()
+    if world_size > 1:
+        value = torch.tensor(list(key.key), dtype=torch.uint8, device=device)
+        dist.broadcast(value, src=0)
+        key = ExampleKey(bytes(value.tolist()), secret=True)
+    return key
 
 
 def next_batch(state: PrivateTraining) -> torch.Tensor:

@@ -133,7 +133,9 @@ class ComputeLedger:
     images_sampled: int = 0
     train_seconds: float = 0.0
     peak_memory_bytes: int = 0
-    counted_ops: dict[str, int] = field(default_factory=dict)
+    # The operators the FLOP counter saw (names only: a DP run's counting step is a private Poisson batch, and its
+    # per-operator totals, saved in every checkpoint, would give that batch's size exactly).
+    counted_ops: list[str] = field(default_factory=list)
     train_flops_per_step: float = (
         0.0  # work done once per step whatever the batch (a DP run's public prior term)
     )
@@ -225,9 +227,7 @@ class StepMeter:
             self.ledger.train_flops_per_row = (
                 counter.get_total_flops() - self.ledger.train_flops_per_step
             ) / local_rows
-            self.ledger.counted_ops = {
-                str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()
-            }
+            self.ledger.counted_ops = sorted(str(op) for op in counter.get_flop_counts().get("Global", {}))
         self.ledger.add_training(rows)
         return result
 

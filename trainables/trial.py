@@ -388,6 +388,13 @@ def _adapted(
     return var, adapt(var, m, num_classes=classes, seed=config.optimization.seed, base_sha256=base_sha256)
 
 
+# A live report is released at once, but the steps a failed attempt took after its last checkpoint are taken again
+# by the retry, with fresh noise, and the ledger counts them once. Under DP a value computed from the model of such a
+# step (the prior term's KL) would release an update that no ledger counts, so it is held back from the live
+# reports; the history keeps it and the result releases it, once every step it depends on is accounted.
+HELD_UNDER_DP = ("prior_kl",)
+
+
 def _train(
     config: TrialConfig,
     var,
@@ -428,8 +435,9 @@ def _train(
         if report is not None:
             done = entry["step"] - first_step
             eta = entry["seconds"] / done * (steps - entry["step"]) if done > 0 else None
+            live = {k: v for k, v in entry.items() if config.privacy is None or k not in HELD_UNDER_DP}
             report(
-                {**entry, "steps_total": steps, **({"eta_seconds": round(eta)} if eta is not None else {})},
+                {**live, "steps_total": steps, **({"eta_seconds": round(eta)} if eta is not None else {})},
                 None,
             )
 
