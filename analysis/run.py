@@ -42,12 +42,10 @@ def analyse(
     _make_folder(out)
     tables, skipped_tables = all_tables(results.trials, table2_epsilon=table2_epsilon)
     analysis = Analysis(out=out, results=results, tables=tables, skipped_tables=skipped_tables)
-    for table in tables:
-        table.write(out / "tables")
+    written = {"tables": [path for table in tables for path in table.write(out / "tables")]}
     if compare_paper:
         analysis.comparisons = [c for c in (comparison(t) for t in tables) if c is not None]
-        for table in analysis.comparisons:
-            table.write(out / "tables")
+        written["tables"] += [path for table in analysis.comparisons for path in table.write(out / "tables")]
     if figures:
         analysis.figures, analysis.skipped_figures = all_figures(
             results.trials,
@@ -56,12 +54,15 @@ def analyse(
             audit_roc=results.audit_roc,
             table2_epsilon=table2_epsilon,
         )
+        written["figures"] = [path for figure in analysis.figures for path in figure.paths]
     else:
         analysis.skipped_figures = ["all figures: not asked for (--no-figures)"]
     if grids:
         analysis.grids, analysis.missing_grids = _grids(
             results, out / "grids", storage=storage_root(results_dir)
         )
+        written["grids"] = list(analysis.grids.values())
+    _remove_stale(out, written)
     write_trials(results.trials, out)
     (out / "index.md").write_text(markdown(analysis))
     (out / "index.html").write_text(page(analysis))
@@ -74,6 +75,20 @@ def write_trials(trials: pd.DataFrame, out: Path) -> None:
     parsing of numbers, booleans or missing values). Both are written from the same frame: the same rows."""
     trials.to_csv(out / TRIAL_TABLES[0], index=False)
     trials.to_parquet(out / TRIAL_TABLES[1], index=False)
+
+
+OUTPUT_SUFFIXES = (".csv", ".md", ".tex", ".png", ".pdf")
+
+
+def _remove_stale(out: Path, written: dict[str, list[Path]]) -> None:
+    """Remove what an earlier analysis into ``out`` wrote in the folders this one rewrote and this one did not
+    write (a table of trials since left out, a figure no longer drawn), so ``out`` holds one analysis. Only
+    files of the kinds the analysis writes, in its own folders, are touched."""
+    for folder, paths in written.items():
+        keep = {path.resolve() for path in paths}
+        for path in (out / folder).glob("*"):
+            if path.is_file() and path.suffix in OUTPUT_SUFFIXES and path.resolve() not in keep:
+                path.unlink()
 
 
 def _make_folder(out: Path) -> None:

@@ -48,7 +48,10 @@ def report(err: BaseException | str, *, stream: TextIO | None = None) -> int:
     for line in details:
         print(f"  {line.strip()}", file=stream)
     if details and first.rstrip().endswith(":"):
-        more = f" (and {len(details) - 1} more listed above)" if len(details) > 1 else ""
+        # The items are the least indented lines; the lines under each (the trials it affects) are not counted.
+        indents = [len(line) - len(line.lstrip()) for line in details]
+        items = indents.count(min(indents))
+        more = f" (and {items - 1} more listed above)" if items > 1 else ""
         first = f"{first.rstrip().rstrip(':')}: {details[0].strip()}{more}"
     elif details:
         first += " (details above)"

@@ -327,6 +327,27 @@ class ClusterLimits:
     source: str
     max_workers: int | None = None
     max_resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    grows: bool = True  # False: the nodes of a running cluster without an autoscaler (``fixed_cluster``)
+
+
+def fixed_cluster(nodes: list[dict[str, float]]) -> ClusterLimits:
+    """A running cluster without an autoscaler (a local Ray, a fixed set of nodes) as the largest it will be:
+    each alive node's Ray resources, no more nodes to come."""
+    totals = {key: sum(n.get(key, 0.0) for n in nodes) for key in ("CPU", "GPU")}
+    return ClusterLimits(
+        tuple(NodeType(f"node {i}", dict(resources), 1, head=True) for i, resources in enumerate(nodes)),
+        f"the running Ray cluster, which has no autoscaler ({len(nodes)} node(s), {totals['CPU']:g} CPU and "
+        f"{totals['GPU']:g} GPU in all)",
+        max_workers=0,
+        grows=False,
+    )
+
+
+def running_cluster() -> ClusterLimits:
+    """``fixed_cluster`` of the connected Ray cluster's alive nodes."""
+    import ray
+
+    return fixed_cluster([dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")])
 
 
 def limits_from_cluster_config(config: dict, *, source: str) -> ClusterLimits:
@@ -513,9 +534,11 @@ def check_fits(configs: list[TrialConfig], limits: ClusterLimits | None) -> None
     for config in configs:
         if fit_limits(limits, [config]) == 0:
             r = config.resources
+            where = limits.source if not limits.grows else f"the largest cluster of {limits.source}"
             raise SweepError(
                 f"trial {config.label} ({config.trial_id}) needs {r.workers} worker(s) x {r.gpus_per_worker:g} GPU + "
-                f"{r.cpus_per_worker:g} CPU; the largest cluster of {limits.source} cannot place it"
+                f"{r.cpus_per_worker:g} CPU; {where} cannot place it (set the sweep's resources, e.g. --workers "
+                "or --gpus-per-worker, or run on a cluster that can: --address, --cluster-config)"
             )
 
 
@@ -752,7 +775,8 @@ def run_sweep(
     )  # Tune's own summaries and errors: ours are in the results
     if limits is None:  # no --cluster-config: the running cluster's autoscaler, if any (needs the connection)
         limits = autoscaling_limits(launch)
-        check_fits(todo, limits)
+        # Without an autoscaler the nodes are all there will be: a trial none can place would wait forever.
+        check_fits(todo, limits if limits is not None else running_cluster())
     if launch.worker_start_timeout_s is None:
         launch = dataclasses.replace(
             launch,

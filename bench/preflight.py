@@ -173,6 +173,10 @@ def _file_problems(config: TrialConfig, memo: dict) -> list[str | None]:
                 check=lambda: check_inception_weights(e.inception_weights),
             )
         )
+    elif (
+        e.inception_weights is not None and not Path(e.inception_weights).is_file()
+    ):  # as each trial refuses it
+        found.append(f"evaluation.inception_weights: no file at {e.inception_weights}")
     return found
 
 

@@ -92,6 +92,8 @@ class ResultStore:
 
     def __init__(self, storage: str | os.PathLike, *, create: bool = True):
         storage = str(storage)
+        if not storage.strip():  # "" would be the working folder: a script's unset variable, not a choice
+            raise StorageError("storage: an empty path (an unset variable?); give a folder or a URI")
         self.fs, root = open_storage(storage)
         self.storage, self.root, self.folder = storage, root, f"{root}/results"
         if create:
@@ -138,11 +140,11 @@ class ResultStore:
         kind = self._type(self.root)
         if kind == pafs.FileType.NotFound:
             raise StorageError(
-                f"no storage folder at {self.storage}: nothing has run there (give --storage of the sweep)"
+                f"no storage folder at {self.storage}: nothing has run there (give the storage the sweep wrote)"
             )
         if kind != pafs.FileType.Directory:
             raise StorageError(
-                f"storage {self.storage} is a file, not a storage folder (give --storage of the sweep)"
+                f"storage {self.storage} is a file, not a storage folder (give the storage the sweep wrote)"
             )
 
     def _type(self, path: str):

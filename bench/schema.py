@@ -437,6 +437,15 @@ class OptimizationConfig:
         _require(
             self.warmup_steps >= 0, "optimization.warmup_steps", f"must be >= 0, got {self.warmup_steps}"
         )
+        # AdamW checks neither: a negative decay grows the weights every step, a negative norm flips the gradient.
+        _require(
+            self.weight_decay >= 0, "optimization.weight_decay", f"must be >= 0, got {self.weight_decay}"
+        )
+        _require(
+            self.global_clip_norm is None or self.global_clip_norm > 0,
+            "optimization.global_clip_norm",
+            f"must be > 0, or null for no clipping, got {self.global_clip_norm}",
+        )
         _require(
             0 <= self.class_dropout < 1,
             "optimization.class_dropout",
@@ -485,9 +494,9 @@ class EvaluationConfig:
             "Inception-v3 needs a local weights file (weights-inception-2015-12-05-6726825d.pth); nothing is downloaded",
         )
         _require(
-            self.num_images is None or self.num_images >= 2,
+            self.num_images is None or self.num_images >= MIN_EVALUATION_IMAGES,
             "evaluation.num_images",
-            f"must be >= 2, got {self.num_images}",
+            f"must be >= {MIN_EVALUATION_IMAGES} (precision/recall's 3 nearest neighbours), got {self.num_images}",
         )
         # Exactly the sampler's own ranges (``VAR.sample``, ``check_sampling_settings``), refused here before any
         # compute: top_k=0 and top_p=0 switch those filters off; top_p=1 is no valid nucleus.
@@ -498,9 +507,15 @@ class EvaluationConfig:
         _require(0 <= self.top_p < 1, "evaluation.top_p", f"must be in [0, 1) (0 = off), got {self.top_p}")
         _require(self.batch_size >= 1, "evaluation.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(
-            self.convergence_every_steps >= 0 and self.convergence_num_images >= 2,
+            self.convergence_every_steps >= 0,
             "evaluation.convergence_every_steps",
-            "need convergence_every_steps >= 0 and convergence_num_images >= 2",
+            f"must be >= 0 (0 = off), got {self.convergence_every_steps}",
+        )
+        _require(
+            self.convergence_num_images >= MIN_EVALUATION_IMAGES,
+            "evaluation.convergence_num_images",
+            f"must be >= {MIN_EVALUATION_IMAGES} (precision/recall's 3 nearest neighbours), "
+            f"got {self.convergence_num_images}",
         )
         _require(
             self.convergence_points >= 0,
@@ -512,6 +527,11 @@ class EvaluationConfig:
             "evaluation.convergence_points",
             "give convergence_points or convergence_every_steps, not both",
         )
+
+
+# Images an evaluation scores at least: precision/recall take each image's 3 nearest neighbours within its own set
+# (``trainables.evaluation.evaluate.ScoringSettings.neighborhood``), so a set of fewer than 4 cannot be scored.
+MIN_EVALUATION_IMAGES = 4
 
 
 # Canary kinds of a privacy audit (``trainables.audit``): "glyphs", procedural glyph images out of every dataset's
@@ -648,9 +668,17 @@ class ResourcesConfig:
         )
 
     @property
+    def runs_on_cpu(self) -> bool:
+        """Workers without a GPU train on their CPUs."""
+        return self.gpus_per_worker == 0
+
+    @property
     def training_attention_kernel(self) -> str:
         """The kernel the training forward runs: ``attention_kernel`` with "auto" resolved."""
         return AUTO_ATTENTION_KERNEL if self.attention_kernel == "auto" else self.attention_kernel
+
+
+FLEX_ON_CPU = "'flex' cannot train on a CPU (FlexAttention has no CPU backward); use 'auto' or 'per_scale'"
 
 
 # Fields added after a schema version's first results: they enter the trial id only when they differ from this
@@ -723,6 +751,12 @@ class TrialConfig:
             )
         trains = self.method.name != "base"
         _require(
+            self.method.train_blocks is None or max(self.method.train_blocks) < self.model.depth,
+            "method.train_blocks",
+            f"{self.method.train_blocks} names a block beyond the model's depth {self.model.depth} (blocks 0.."
+            f"{self.model.depth - 1})",
+        )
+        _require(
             trains or self.privacy is None, "privacy", "method 'base' trains nothing, so DP does not apply"
         )
         _require(
@@ -772,6 +806,13 @@ class TrialConfig:
                 f"{self.resources.rows_per_forward} rows cannot hold one example's k="
                 f"{self.privacy.augmentation_multiplicity} views (they share a forward): use 0 or at least k",
             )
+        _require(
+            not (
+                trains and self.resources.runs_on_cpu and self.resources.training_attention_kernel == "flex"
+            ),
+            "resources.attention_kernel",
+            f"{FLEX_ON_CPU} (resources.gpus_per_worker is 0)",
+        )
         _require(
             not (self.evaluation.convergence_every_steps or self.evaluation.convergence_points) or trains,
             "evaluation.convergence_every_steps",

@@ -595,6 +595,17 @@ def test_where_selects_dp_trials_by_their_privacy_fields_in_a_folder_with_non_dp
     )
 
 
+def test_a_second_analysis_into_the_same_folder_leaves_none_of_the_first_s_tables(fixture_storage, tmp_path):
+    out = tmp_path / "out"
+    analyse(fixture_storage, out, grids=False, figures=False)
+    assert (out / "tables" / "privacy.csv").is_file() and (out / "tables" / "table3_dp_epsilon.md").is_file()
+    (out / "tables" / "notes.txt").write_text("mine")  # not a kind of file the analysis writes: kept
+    second = analyse(fixture_storage, out, where={"privacy": None}, grids=False, figures=False)
+    names = {p.name for p in (out / "tables").iterdir()}
+    assert names == {f"{t.name}{s}" for t in second.tables for s in t.renderers()} | {"notes.txt"}
+    assert "privacy.csv" not in names and not any(name.startswith("table3") for name in names)
+
+
 @pytest.mark.parametrize("curve_settings", [{"convergence_every_steps": 500}, {"convergence_points": 8}])
 def test_a_convergence_twin_counts_once(fixture_storage, tmp_path, curve_settings):
     """The convergence sweep re-runs Table 1 trials with evaluations during training (every N steps, or at N

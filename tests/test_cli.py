@@ -140,6 +140,13 @@ def test_bad_arguments_end_in_one_line(tmp_path, capsys):
         "error: python -m bench sweep: argument --gpu: unknown GPU 'V100': the dry run prices one of"
     )
     assert "H100" in err and err.count("\n") == 1 and not (tmp_path / "s").exists()
+    # an empty storage (a script's unset variable) would be the working folder
+    for command in (["sweep", "demo", "--smoke", "--dry-run"], ["status", "demo", "--smoke"]):
+        assert main([*command, "--storage", ""]) == 2
+        assert (
+            capsys.readouterr().err
+            == "error: storage: an empty path (an unset variable?); give a folder or a URI\n"
+        )
 
 
 def test_a_dry_run_prices_the_gpu_it_is_given(tmp_path, capsys):
@@ -481,3 +488,21 @@ def test_upgrade_results_moves_old_artifacts_into_the_storage(tmp_path, capsys):
     assert (storage / folder / "real" / "class_7" / "0.png").read_bytes() == b"seven.png" and (
         work / "adapter.pt"
     ).is_file()
+
+
+def test_the_last_line_counts_the_listed_problems_not_their_detail_lines():
+    import io
+
+    from bench.cli import report
+
+    def last_line(message: str) -> str:
+        stream = io.StringIO()
+        report(ValueError(message), stream=stream)
+        return stream.getvalue().strip().splitlines()[-1]
+
+    one = "1 of 1 trials cannot run:\n  data.dataset: classes differ\n    affects 1 trial: a (1)"
+    assert last_line(one) == "error: 1 of 1 trials cannot run: data.dataset: classes differ"
+    two = one + "\n  method.name: unknown 'LoRA'\n    affects 1 trial: b (2)\n    did you mean 'lora'"
+    assert last_line(two) == (
+        "error: 1 of 1 trials cannot run: data.dataset: classes differ (and 1 more listed above)"
+    )

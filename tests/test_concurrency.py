@@ -22,6 +22,7 @@ from bench.launcher import (
     autoscaling_limits,
     check_fits,
     concurrency,
+    fixed_cluster,
     limits_from_cluster_config,
     limits_from_gcs,
     read_cluster_config,
@@ -196,7 +197,21 @@ def test_a_trial_no_node_type_can_place_is_refused(tmp_path):
         match=rf"trial {too_big.label} \({too_big.trial_id}\) needs 1 worker\(s\) x 16 GPU .* cannot place it",
     ):
         check_fits([trial(), too_big], limits)
-    check_fits([too_big], None)  # without an autoscaler nothing is known to refuse it
+    check_fits([too_big], None)  # no limits given: nothing is known to refuse it
+
+
+def test_a_trial_no_node_of_a_cluster_without_autoscaler_can_place_is_refused():
+    """A local Ray or a fixed cluster will not grow: a trial none of its nodes can place would wait forever (Train
+    re-requests the worker group without limit), so the launcher refuses it once connected."""
+    limits = fixed_cluster([{"CPU": 2.0, "memory": 1e10}, {"CPU": 8.0, "GPU": 1.0, "memory": 1e10}])
+    check_fits([trial(gpus=1.0, cpus=8.0), trial(workers=5, gpus=0.0, cpus=2.0)], limits)  # 1 + 4 slots
+    for too_big in (trial(workers=2), trial(gpus=0.0, cpus=9.0), trial(workers=6, gpus=0.0, cpus=2.0)):
+        with pytest.raises(
+            SweepError,
+            match=r"the running Ray cluster, which has no autoscaler \(2 node\(s\), 10 CPU and 1 GPU in all\) "
+            r"cannot place it \(set the sweep's resources, e.g. --workers",
+        ):
+            check_fits([too_big], limits)
 
 
 @pytest.mark.parametrize(

@@ -226,6 +226,45 @@ def test_corrupt_images_are_named_and_skipped_only_on_request(tmp_path):
         ImageListDataset(images, eval_transform(16))[images.paths.index(broken)]
 
 
+def test_a_split_is_decoded_once_and_its_outcome_kept_until_a_file_changes(tmp_path, monkeypatch):
+    import trainables.data.datasets as datasets_module
+
+    make_folder(tmp_path / "data")
+    broken = tmp_path / "data" / "test" / "10" / "1.png"
+    broken.write_bytes(b"not an image")
+    images, cache, logged = read_dataset("folder", tmp_path / "data", "test"), tmp_path / "cache", []
+    with pytest.raises(
+        DatasetError, match=r"1 unreadable image\(s\) \(data.skip_corrupt_images: true drops them\)"
+    ):
+        check_images(images, cache_dir=cache, log=logged.append)
+    assert logged == ["decoding the 3 images of folder test once"]
+    decoded = datasets_module._unreadable
+    monkeypatch.setattr(datasets_module, "_unreadable", lambda images: pytest.fail("decoded again"))
+    kept, dropped = check_images(images, skip_corrupt=True, cache_dir=cache, log=logged.append)
+    assert len(kept) == 2 and len(dropped) == 1 and dropped[0].startswith(f"{broken}: ") and len(logged) == 1
+    monkeypatch.setattr(datasets_module, "_unreadable", decoded)
+    jpeg(broken, seed=5)  # repaired: a new size and modification time, so a new fingerprint
+    kept, dropped = check_images(read_dataset("folder", tmp_path / "data", "test"), cache_dir=cache)
+    assert len(kept) == 3 and not dropped
+
+
+def test_a_corrupt_evaluation_image_stops_the_sweep_before_the_tiny_base_is_trained(tmp_path):
+    from sweep_driver import tiny_trial
+
+    from bench.schema import DataConfig, replace
+    from trainables.trial import prepare_shared
+
+    make_folder(tmp_path / "data")
+    (tmp_path / "data" / "test" / "2" / "0.png").write_bytes(b"")
+    config = replace(
+        tiny_trial("lora"),
+        data=DataConfig(dataset="folder", root=str(tmp_path / "data"), resolution=16).__dict__,
+    )
+    with pytest.raises(DatasetError, match=r"folder test: 1 unreadable image"):
+        prepare_shared([config], tmp_path / "cache", log=None)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["image-checks"]
+
+
 def test_transforms_follow_the_paper(tmp_path):
     jpeg(tmp_path / "wide.jpg", size=(60, 30))
     image = Image.open(tmp_path / "wide.jpg")

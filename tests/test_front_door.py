@@ -131,6 +131,29 @@ def test_relaunch_skips_every_finished_trial_and_status_reads_them(smoke_sweep, 
     assert status.returncode == 0 and "1 success of 1 trials" in status.stdout
 
 
+def test_a_trial_the_local_ray_cannot_place_is_refused_not_left_waiting(smoke_sweep, workdir):
+    """More workers than this machine has CPUs: a local Ray has no autoscaler, so the trial would wait forever."""
+    workers = len(os.sched_getaffinity(0)) + 1
+    run = bench(
+        *SWEEP,
+        "--workers",
+        str(workers),
+        "--storage",
+        "runs/too-big",
+        "--cache-dir",
+        CACHE,
+        cwd=workdir,
+        timeout=300,
+    )
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert (
+        last.startswith("error: trial ")
+        and f"needs {workers} worker(s) x 0 GPU + 1 CPU; the running Ray cluster" in last
+    )
+    assert not list((workdir / "runs" / "too-big" / "results").glob("*.json"))
+
+
 def test_the_sweep_is_tracked_in_mlflow_and_read_back_with_its_client(smoke_sweep, workdir):
     """One MLflow run per trial, read with MLflow's own client: the config as params, tags, the training loss per
     step, the final metrics, the result JSON and sample grid as artifacts; the relaunch adds no run."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_VAR, TINY_VQVAE
+from sweep_driver import tiny_trial
 from test_datasets import jpeg, make_cub
 
 from bench.preflight import SweepError, check_sweep
@@ -20,6 +21,7 @@ from bench.schema import (
     ModelConfig,
     OptimizationConfig,
     TrialConfig,
+    replace,
 )
 from bench.sweeps import build_sweep
 from bench.sweeps.common import Assets
@@ -175,6 +177,37 @@ def test_every_problem_of_every_trial_once_grouped(files, tmp_path):
     assert (
         not cache.exists() and not files["marker"].exists()
     )  # the dry run created nothing and ran no pickle
+
+
+def test_inception_weights_that_are_not_there_are_refused_whatever_the_extractor(tmp_path):
+    """Each trial refuses a named weights file that does not exist, so the driver does too, before anything runs."""
+    config = replace(tiny_trial(), evaluation={"inception_weights": str(tmp_path / "nope.pth")})
+    assert config.evaluation.extractor != "inception-v3-compat"
+    with pytest.raises(
+        SweepError, match=rf"evaluation.inception_weights: no file at {tmp_path / 'nope.pth'}"
+    ):
+        check_sweep([config], cache_dir=str(tmp_path / "cache"), write=False)
+
+
+def test_a_batch_larger_than_the_split_and_split_classes_that_differ_are_named(tmp_path):
+    for split, labels in (("train", "ab"), ("test", "ac")):
+        for label in labels:
+            jpeg(tmp_path / "folder" / split / label / "0.jpg")
+    folder = {"dataset": "folder", "root": str(tmp_path / "folder"), "resolution": 16}
+    with pytest.raises(SweepError, match=r"different classes \(only in train: b; only in test: c\)"):
+        check_sweep(
+            [replace(tiny_trial("lora"), data=folder)], cache_dir=str(tmp_path / "cache"), write=False
+        )
+    (tmp_path / "folder" / "test" / "c").rename(tmp_path / "folder" / "test" / "b")
+    with pytest.raises(SweepError, match=r"optimization.batch_size: 16 is more than the 2 training examples"):
+        check_sweep(
+            [replace(tiny_trial("lora"), data=folder)], cache_dir=str(tmp_path / "cache"), write=False
+        )
+    check_sweep(
+        [replace(tiny_trial("lora"), data=folder, optimization={"batch_size": 2})],
+        cache_dir=str(tmp_path / "cache"),
+        write=False,
+    )
 
 
 def test_a_wrong_assets_root_gets_a_hint(tmp_path):

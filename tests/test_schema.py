@@ -12,6 +12,7 @@ import pytest
 from old_records import as_version, written_by_version_2
 
 from bench.schema import (
+    MIN_EVALUATION_IMAGES,
     NON_DP_ONLY,
     ConfigError,
     DataConfig,
@@ -181,6 +182,18 @@ def test_trial_id_ignores_resources_but_not_settings():
             lambda: EvaluationConfig(extractor="substitute-randconv-v1", top_p=1.0),
             "evaluation.top_p",
         ),  # the sampler refuses top_p=1
+        # precision/recall's 3 nearest neighbours need 4 images, else the trial fails after training
+        (lambda: EvaluationConfig(extractor="substitute-randconv-v1", num_images=3), "evaluation.num_images"),
+        (
+            lambda: EvaluationConfig(extractor="substitute-randconv-v1", convergence_num_images=3),
+            "evaluation.convergence_num_images",
+        ),
+        (lambda: OptimizationConfig(steps=10, weight_decay=-0.05), "optimization.weight_decay"),
+        (lambda: OptimizationConfig(steps=10, global_clip_norm=-1.0), "optimization.global_clip_norm"),
+        (lambda: OptimizationConfig(steps=10, global_clip_norm=0.0), "optimization.global_clip_norm"),
+        (lambda: replace(TINY, method={"name": "lora", "train_blocks": [0, 2]}), "method.train_blocks"),
+        # TINY's workers have no GPU, and FlexAttention no CPU backward: refused here, not in every trial
+        (lambda: replace(TINY, resources={"attention_kernel": "flex"}), "resources.attention_kernel"),
         (
             lambda: replace(
                 TINY,
@@ -194,6 +207,26 @@ def test_trial_id_ignores_resources_but_not_settings():
 def test_invalid_configs_name_the_field(build, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build()
+
+
+def test_a_smoke_version_trains_the_same_relative_blocks_of_its_smaller_model():
+    """VAR-d16's last four blocks are block 1 of the 2-block smoke model (once kept as 12..15: refused in the trial)."""
+    official = build_sweep("table1")[0]
+    assert official.model.depth == 16 and TINY.model.depth == 2
+    last_four = dataclasses.replace(
+        official, method=dataclasses.replace(official.method, train_blocks=(12, 13, 14, 15))
+    )
+    assert smoke_version(last_four).method.train_blocks == (1,)
+    first_and_last = dataclasses.replace(
+        official, method=dataclasses.replace(official.method, train_blocks=(0, 15))
+    )
+    assert smoke_version(first_and_last).method.train_blocks == (0, 1)
+
+
+def test_the_smallest_evaluation_is_what_precision_recall_can_score():
+    from trainables.evaluation.evaluate import ScoringSettings
+
+    assert MIN_EVALUATION_IMAGES == ScoringSettings().neighborhood + 1
 
 
 def test_result_records_validate():

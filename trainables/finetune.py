@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from bench.schema import ConfigError, MethodConfig, OptimizationConfig, PrivacyConfig, ResourcesConfig
+from bench.schema import (
+    FLEX_ON_CPU,
+    ConfigError,
+    MethodConfig,
+    OptimizationConfig,
+    PrivacyConfig,
+    ResourcesConfig,
+)
 
 from .data.tokens import TokenViews, to_device
 from .draws import ExampleKey, example_draws
@@ -218,10 +225,7 @@ def check_resources(
     """What ``resources`` asks that this device or run cannot do (``ConfigError`` naming the field): FlexAttention
     has no backward on a CPU; ``rows_per_forward`` must hold one example's k views (k under DP; 1 without)."""
     if resources.training_attention_kernel == "flex" and torch.device(device).type == "cpu":
-        raise ConfigError(
-            "resources.attention_kernel: 'flex' cannot train on a CPU (FlexAttention has no CPU backward); "
-            "use 'auto' or 'per_scale'"
-        )
+        raise ConfigError(f"resources.attention_kernel: {FLEX_ON_CPU}")
     views = 1 if privacy is None else privacy.augmentation_multiplicity
     examples_per_forward(resources.rows_per_forward, views_per_example=views)
 

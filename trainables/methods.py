@@ -111,7 +111,7 @@ class Adaptation:
 def _blocks_pattern(adaptation: Adaptation, depth: int) -> str:
     train_blocks = adaptation.method.train_blocks
     blocks = range(depth) if train_blocks is None else train_blocks
-    if max(blocks) >= depth:  # the one check that needs the model (MethodConfig checked the rest)
+    if max(blocks) >= depth:  # a TrialConfig checks this against model.depth; adapt() may get any model
         raise ConfigError(
             f"method.train_blocks: {train_blocks} names a block beyond the model's depth {depth}"
         )

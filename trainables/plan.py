@@ -93,18 +93,36 @@ def preflight(config: TrialConfig, cache_dir: str | Path, *, write: bool = True)
     return plan_trial(config, list_splits(config, cache_dir, write=write))
 
 
+def _class_difference(train: ImageList, evaluation: ImageList) -> str:
+    a, b = set(train.class_names), set(evaluation.class_names)
+
+    def named(names: set[str]) -> str:
+        return ", ".join(sorted(names)[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+    parts = [
+        f"only in {split.split}: {named(only)}"
+        for split, only in ((train, a - b), (evaluation, b - a))
+        if only
+    ]
+    return f"the {train.split} and {evaluation.split} splits have different classes ({'; '.join(parts) or 'the same names in another order'})"
+
+
 def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> TrialPlan:
     """What the trial will do with these split listings: the evaluation split's classes are the training split's,
     the planned steps, the convergence steps, and under DP the checks that need N (delta vs 1/N, a reachable
     budget) and the noise multiplier (no files are read; the driver's ``bench.preflight`` and every trial use this)."""
     train, evaluation = splits
     if train.class_names != evaluation.class_names:
-        raise ConfigError(
-            f"data.dataset: the {train.split} and {evaluation.split} splits have different classes"
-        )
+        raise ConfigError(f"data.dataset: {_class_difference(train, evaluation)}")
     # An audit's included canaries train like any example: the steps, Poisson sampling and delta count them.
     canaries = included_count(config.audit)
     examples = len(train) + canaries
+    batch = config.optimization.batch_size
+    if config.privacy is None and config.method.name != "base" and batch > examples:
+        raise ConfigError(
+            f"optimization.batch_size: {batch} is more than the {examples} training examples of {train.name} "
+            f"{train.split}; a step cannot draw more (its epochs would be miscounted): set batch_size <= {examples}"
+        )
     steps, p = config.planned_steps(examples), config.privacy
     curve = config.convergence_steps(steps)
     delta = sigma = None

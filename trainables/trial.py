@@ -73,8 +73,10 @@ def prepare_shared(
     """Build, once and before any trial starts, what trials on the built-in tiny base share: the tiny bases, the
     offline data folders, their token caches and (on digits) the digit classifier. Each is cached under
     ``cache_dir`` and built under a file lock, so trials then only load them; official-model trials build their
-    token caches in their own workers (on GPU nodes, not on the driver)."""
+    token caches in their own workers (on GPU nodes, not on the driver). First, every split any trial reads is
+    decoded (``check_images``, kept in the cache): a corrupt image stops the sweep before anything is built."""
     cache_dir, seen = Path(cache_dir), set()
+    _check_every_split(configs, cache_dir, log=log)
     for config in configs:
         if config.model.base != "tiny":
             continue
@@ -93,7 +95,9 @@ def prepare_shared(
             continue
         seen.add(key)
         vqvae = load_base(config, cache_dir, device=torch.device("cpu"), log=log).vqvae
-        train, _ = check_images(list_splits(config, cache_dir)[0], skip_corrupt=d.skip_corrupt_images)
+        train, _ = check_images(
+            list_splits(config, cache_dir)[0], skip_corrupt=d.skip_corrupt_images, cache_dir=cache_dir
+        )
         open_token_cache(
             cache_dir / "token-cache",
             train,
@@ -103,6 +107,21 @@ def prepare_shared(
         )
     if any(c.data.dataset == "digits" for c in configs):
         digit_classifier(cache_dir, log=log)
+
+
+def _check_every_split(
+    configs: list[TrialConfig], cache_dir: Path, *, log: Callable[[str], None] | None
+) -> None:
+    """``check_images`` of the train and evaluation splits of every dataset the trials read, once each."""
+    seen = set()
+    for config in configs:
+        d = config.data
+        key = (d.dataset, d.root, d.train_split, d.evaluation_split, d.resolution, d.skip_corrupt_images)
+        if key in seen:
+            continue
+        seen.add(key)
+        for split in list_splits(config, cache_dir):
+            check_images(split, skip_corrupt=d.skip_corrupt_images, cache_dir=cache_dir, log=log)
 
 
 class Base(NamedTuple):
@@ -175,9 +194,13 @@ def run_trial(
         check_resources(config.resources, device=device, privacy=config.privacy)
     # The files are still those the trial id names (none are loaded yet); hashes the driver cached are reused.
     verify_content(config, splits=plan.splits, files=FileIds(cache_dir, write=False))
+    # Decoded once per split by the sweep's driver (``prepare_shared``): here the kept outcome is read.
+    train, evaluation = plan.splits
+    train, skipped = check_images(train, skip_corrupt=config.data.skip_corrupt_images, cache_dir=cache_dir)
+    evaluation, skipped_eval = check_images(
+        evaluation, skip_corrupt=config.data.skip_corrupt_images, cache_dir=cache_dir
+    )
     vqvae, base, base_sha256 = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=log))
-    train, skipped = check_images(plan.splits[0], skip_corrupt=config.data.skip_corrupt_images)
-    evaluation, skipped_eval = check_images(plan.splits[1], skip_corrupt=config.data.skip_corrupt_images)
     spec = ViewSpec(
         resolution=config.data.resolution, num_views=config.data.cached_views, seed=config.data.view_seed
     )
@@ -251,6 +274,9 @@ def run_trial(
             ledger=out["privacy"],
             unsafe=unsafe_mechanism is not None,
         )
+    # The trained model is saved before it is evaluated: an evaluation that fails does not take it along.
+    trained = adaptation is not None
+    peft_written = trained and _save_adapters(config, var, artifacts_dir, adaptation=adaptation)
     evaluation_started = time.perf_counter()
     final = evaluator(var, evaluation=config.evaluation, out_dir=artifacts_dir / "images")
     phases = {
@@ -258,8 +284,6 @@ def run_trial(
         "setup_seconds": setup_seconds,
         "evaluation_seconds": time.perf_counter() - evaluation_started,
     }
-    trained = adaptation is not None
-    peft_written = trained and _save_adapters(config, var, artifacts_dir, adaptation=adaptation)
     cost = {
         **_cost(
             out["compute"],

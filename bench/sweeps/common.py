@@ -183,12 +183,11 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
             augmentation_multiplicity=k,
         )
     trains = config.method.name != "base"
+    depth = TINY_DEPTHS[config.model.depth] if config.model.base == "official" else config.model.depth
     return TrialConfig(
-        model=tiny_model(
-            TINY_DEPTHS[config.model.depth] if config.model.base == "official" else config.model.depth
-        ),
+        model=tiny_model(depth),
         data=DataConfig(dataset="digits", resolution=16, cached_views=k),
-        method=config.method,
+        method=_blocks_at_depth(config.method, depth=depth, of=config.model.depth),
         privacy=privacy,
         optimization=OptimizationConfig(
             learning_rate=1e-3,
@@ -206,6 +205,15 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
         ),
         resources=CPU_RESOURCES,
     )
+
+
+def _blocks_at_depth(method: MethodConfig, *, depth: int, of: int) -> MethodConfig:
+    """``method`` with its ``train_blocks`` (of a model ``of`` blocks deep) at the same relative depths of a model
+    ``depth`` blocks deep: VAR-d16's last four blocks 12..15 are block 1 of the 2-block smoke model."""
+    if method.train_blocks is None or depth == of:
+        return method
+    blocks = tuple(sorted({b * depth // of for b in method.train_blocks}))
+    return dataclasses.replace(method, train_blocks=blocks)
 
 
 def _has_convergence(config: TrialConfig) -> bool:

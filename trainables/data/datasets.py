@@ -19,6 +19,8 @@ Official layouts (``root`` is the folder that contains the dataset's own top fol
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -292,9 +294,41 @@ def read_dataset(name: str, root: str | Path, split: str) -> ImageList:
     return images
 
 
-def check_images(images: ImageList, *, skip_corrupt: bool = False) -> tuple[ImageList, list[str]]:
+def check_images(
+    images: ImageList,
+    *,
+    skip_corrupt: bool = False,
+    cache_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[ImageList, list[str]]:
     """Decode every image once. Unreadable files raise ``DatasetError`` naming them, unless ``skip_corrupt``:
-    then they are dropped and returned (the caller reports the count)."""
+    then they are dropped and returned (the caller reports the count). With ``cache_dir`` the outcome is kept
+    under ``image-checks/`` by the split's ``fingerprint`` (paths, sizes, modification times), so the sweep's
+    driver decodes a split once and its trials, and a relaunch, read the outcome."""
+    record = (
+        Path(cache_dir) / "image-checks" / f"{images.fingerprint()}.json" if cache_dir is not None else None
+    )
+    if record is not None and record.is_file():
+        bad = {int(i): message for i, message in json.loads(record.read_text()).items()}
+    else:
+        if log is not None:
+            log(f"decoding the {len(images)} images of {images.name} {images.split} once")
+        bad = _unreadable(images)
+        if record is not None:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            staging = record.with_suffix(f".{os.getpid()}.tmp")
+            staging.write_text(json.dumps(bad))
+            os.replace(staging, record)  # trials of one sweep may check the same split at once
+    if bad and not skip_corrupt:
+        listed = "\n  ".join(list(bad.values())[:10])
+        raise DatasetError(
+            f"{images.name} {images.split}: {len(bad)} unreadable image(s) (data.skip_corrupt_images: true drops "
+            f"them):\n  {listed}"
+        )
+    return images.without(set(bad)), list(bad.values())
+
+
+def _unreadable(images: ImageList) -> dict[int, str]:
     bad = {}
     for i, path in enumerate(images.paths):
         try:
@@ -302,12 +336,7 @@ def check_images(images: ImageList, *, skip_corrupt: bool = False) -> tuple[Imag
                 image.convert("RGB").load()
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
             bad[i] = f"{path}: {err}"
-    if bad and not skip_corrupt:
-        listed = "\n  ".join(list(bad.values())[:10])
-        raise DatasetError(
-            f"{images.name} {images.split}: {len(bad)} unreadable image(s) (pass skip_corrupt=True to drop them):\n  {listed}"
-        )
-    return images.without(set(bad)), list(bad.values())
+    return bad
 
 
 def train_transform(resolution: int = 256, *, resize_ratio: float = 288 / 256) -> Callable:

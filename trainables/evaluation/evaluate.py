@@ -26,7 +26,7 @@ from PIL import Image
 
 from bench.cli import Parser, number, probe_folder, run_reporting
 from bench.errors import VarsweepError
-from bench.schema import EvaluationConfig, OptimizationConfig, ResourcesConfig
+from bench.schema import MIN_EVALUATION_IMAGES, EvaluationConfig, OptimizationConfig, ResourcesConfig
 
 from ..data.datasets import ImageList, check_images, eval_transform, read_dataset
 from ..models import VAR, VQVAE
@@ -247,7 +247,7 @@ def _parser() -> Parser:
     )
     parser.add_argument(
         "--num-images",
-        type=number(int, minimum=2),
+        type=number(int, minimum=MIN_EVALUATION_IMAGES),
         default=defaults.num_images,
         help="images to generate (default: as many per class as the split has)",
     )
