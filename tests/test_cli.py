@@ -47,48 +47,13 @@ def test_dry_run_checks_and_prints_and_creates_nothing(tmp_path, capsys):
         and "Traceback" not in captured.err
     )
     assert not storage.exists()
-    # --where runs part of a grid; a wrong field or a value no trial has is named, nothing starts.
-    assert (
-        main(
-            [
-                "sweep",
-                "demo",
-                "--smoke",
-                "--dry-run",
-                "--where",
-                "method.name=lora",
-                "--where",
-                "privacy=null",
-                "--storage",
-                str(storage),
-            ]
-        )
-        == 0
-    )
-    assert "1 of 1 trials to run" in capsys.readouterr().out
-    # a privacy field passes over the non-DP trials (their privacy is null) instead of failing on them
-    assert (
-        main(
-            [
-                "sweep",
-                "demo",
-                "--smoke",
-                "--dry-run",
-                "--where",
-                "privacy.target_epsilon=8",
-                "--storage",
-                str(storage),
-            ]
-        )
-        == 0
-    )
-    assert "1 of 1 trials to run" in capsys.readouterr().out
-    assert (
-        main(
-            ["sweep", "demo", "--smoke", "--dry-run", "--where", "method.rank=16", "--storage", str(storage)]
-        )
-        == 2
-    )
+    # --where runs part of a grid; a wrong field or a value no trial has is named, nothing starts. A privacy field
+    # passes over the non-DP trials (their privacy is null) instead of failing on them.
+    dry_run = ["sweep", "demo", "--smoke", "--dry-run", "--storage", str(storage)]
+    for where in (["method.name=lora", "privacy=null"], ["privacy.target_epsilon=8"]):
+        assert main([*dry_run, *[arg for w in where for arg in ("--where", w)]]) == 0
+        assert "1 of 1 trials to run" in capsys.readouterr().out
+    assert main([*dry_run, "--where", "method.rank=16"]) == 2
     assert "no such config field" in capsys.readouterr().err
     assert (
         main(["status", "demo", "--smoke", "--where", "method.name=lora_mlp", "--storage", str(storage)]) == 2

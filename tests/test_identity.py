@@ -210,7 +210,11 @@ def test_run_trial_refuses_images_added_after_identification(tmp_path):
         for label in ("a", "b"):
             for i in range(2):
                 png(root / split / label / f"{i}.png", seed=i)
-    config = replace(tiny_trial("lora"), data={"dataset": "folder", "root": str(root), "resolution": 16})
+    config = replace(
+        tiny_trial("lora"),
+        data={"dataset": "folder", "root": str(root), "resolution": 16},
+        optimization={"batch_size": 4},  # the 4 training images
+    )
     identified = identify([config], cache_dir=str(tmp_path / "cache"))[0]
     assert identified.data.content_id is not None and identified.trial_id != config.trial_id
     png(root / "train" / "a" / "late.png", seed=7)

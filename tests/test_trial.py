@@ -163,6 +163,7 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
         "tiny-base",
         "digits-classifier",
         "content-ids.json",
+        "image-checks",
     }
     assert not list(cache_dir.rglob("adapter.pt")) and not (cache_dir / "work").exists()
     checkpoints = [state for _, state in reports if state is not None]
