@@ -331,23 +331,44 @@ class ClusterLimits:
 
 
 def fixed_cluster(nodes: list[dict[str, float]]) -> ClusterLimits:
-    """A running cluster without an autoscaler (a local Ray, a fixed set of nodes) as the largest it will be:
+    """The nodes of a running cluster as the largest it will be (a local Ray, a cluster without an autoscaler):
     each alive node's Ray resources, no more nodes to come."""
     totals = {key: sum(n.get(key, 0.0) for n in nodes) for key in ("CPU", "GPU")}
     return ClusterLimits(
         tuple(NodeType(f"node {i}", dict(resources), 1, head=True) for i, resources in enumerate(nodes)),
-        f"the running Ray cluster, which has no autoscaler ({len(nodes)} node(s), {totals['CPU']:g} CPU and "
-        f"{totals['GPU']:g} GPU in all)",
+        f"the running Ray cluster ({len(nodes)} node(s), {totals['CPU']:g} CPU and {totals['GPU']:g} GPU in all)",
         max_workers=0,
         grows=False,
     )
 
 
-def running_cluster() -> ClusterLimits:
-    """``fixed_cluster`` of the connected Ray cluster's alive nodes."""
+def check_current_nodes(configs: list[TrialConfig]) -> None:
+    """With no autoscaler config found: refuse a trial that no alive node can place when this process started
+    the Ray instance itself (a local Ray, which never grows: the trial would wait for ever); on a cluster it
+    connected to, whose autoscaler may not have reported its config (KubeRay's, a ``ray://`` client), warn."""
     import ray
 
-    return fixed_cluster([dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")])
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    try:
+        check_fits(configs, fixed_cluster(nodes))
+    except SweepError as err:
+        if _started_here():
+            raise
+        print(
+            f"warning: {err}. No autoscaler config was found (--cluster-config FILE gives one); if nodes that can "
+            "place it join, it starts then"
+        )
+
+
+def _started_here() -> bool:
+    """Whether this process started the Ray instance it is connected to (``ray.init`` found none running)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    try:
+        return node is not None and bool(node.is_head())
+    except Exception:  # Ray's internals moved: do not refuse on a guess
+        return False
 
 
 def limits_from_cluster_config(config: dict, *, source: str) -> ClusterLimits:
@@ -745,13 +766,6 @@ def run_sweep(
     tracker = open_tracker(
         launch.tracking, sweep=name, storage=launch.storage, tracking_uri=launch.tracking_uri
     )
-    from trainables.trial import prepare_shared
-
-    prepare_shared(
-        todo, launch.cache_dir, log=print
-    )  # tiny bases, digit classifier, token caches: built once, here
-    # The progress lines count from the trials' start; the summary's wall time includes this, and says so.
-    preparing_s = time.perf_counter() - started
     import ray
     from ray import tune
 
@@ -775,8 +789,18 @@ def run_sweep(
     )  # Tune's own summaries and errors: ours are in the results
     if limits is None:  # no --cluster-config: the running cluster's autoscaler, if any (needs the connection)
         limits = autoscaling_limits(launch)
-        # Without an autoscaler the nodes are all there will be: a trial none can place would wait forever.
-        check_fits(todo, limits if limits is not None else running_cluster())
+        check_fits(todo, limits)
+    if limits is None:
+        check_current_nodes(todo)
+    from trainables.trial import prepare_shared
+
+    # After the checks that need the connection (a trial refused there costs no build), before any trial starts.
+    preparing = time.perf_counter()
+    prepare_shared(
+        todo, launch.cache_dir, log=print
+    )  # tiny bases, digit classifier, token caches: built once
+    # The progress lines count from the trials' start; the summary's wall time includes this, and says so.
+    preparing_s = time.perf_counter() - preparing
     if launch.worker_start_timeout_s is None:
         launch = dataclasses.replace(
             launch,

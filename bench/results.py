@@ -236,7 +236,9 @@ class ResultStore:
             infos = self.fs.get_file_info(selector)
         except _PYARROW_ERRORS as err:
             raise StorageError(f"cannot list the results in {self.folder}: {_first_line(err)}") from err
-        return sorted(info.path for info in infos if info.path.endswith(".json"))
+        return sorted(
+            info.path for info in infos if info.path.endswith(".json") and info.type == pafs.FileType.File
+        )  # a folder so named is no result
 
     def read_text(self, path: str) -> str:
         with self.fs.open_input_stream(path) as handle:

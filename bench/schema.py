@@ -437,15 +437,6 @@ class OptimizationConfig:
         _require(
             self.warmup_steps >= 0, "optimization.warmup_steps", f"must be >= 0, got {self.warmup_steps}"
         )
-        # AdamW checks neither: a negative decay grows the weights every step, a negative norm flips the gradient.
-        _require(
-            self.weight_decay >= 0, "optimization.weight_decay", f"must be >= 0, got {self.weight_decay}"
-        )
-        _require(
-            self.global_clip_norm is None or self.global_clip_norm > 0,
-            "optimization.global_clip_norm",
-            f"must be > 0, or null for no clipping, got {self.global_clip_norm}",
-        )
         _require(
             0 <= self.class_dropout < 1,
             "optimization.class_dropout",
@@ -494,9 +485,9 @@ class EvaluationConfig:
             "Inception-v3 needs a local weights file (weights-inception-2015-12-05-6726825d.pth); nothing is downloaded",
         )
         _require(
-            self.num_images is None or self.num_images >= MIN_EVALUATION_IMAGES,
+            self.num_images is None or self.num_images >= 2,
             "evaluation.num_images",
-            f"must be >= {MIN_EVALUATION_IMAGES} (precision/recall's 3 nearest neighbours), got {self.num_images}",
+            f"must be >= 2, got {self.num_images}",
         )
         # Exactly the sampler's own ranges (``VAR.sample``, ``check_sampling_settings``), refused here before any
         # compute: top_k=0 and top_p=0 switch those filters off; top_p=1 is no valid nucleus.
@@ -507,15 +498,9 @@ class EvaluationConfig:
         _require(0 <= self.top_p < 1, "evaluation.top_p", f"must be in [0, 1) (0 = off), got {self.top_p}")
         _require(self.batch_size >= 1, "evaluation.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(
-            self.convergence_every_steps >= 0,
+            self.convergence_every_steps >= 0 and self.convergence_num_images >= 2,
             "evaluation.convergence_every_steps",
-            f"must be >= 0 (0 = off), got {self.convergence_every_steps}",
-        )
-        _require(
-            self.convergence_num_images >= MIN_EVALUATION_IMAGES,
-            "evaluation.convergence_num_images",
-            f"must be >= {MIN_EVALUATION_IMAGES} (precision/recall's 3 nearest neighbours), "
-            f"got {self.convergence_num_images}",
+            "need convergence_every_steps >= 0 and convergence_num_images >= 2",
         )
         _require(
             self.convergence_points >= 0,
@@ -751,12 +736,6 @@ class TrialConfig:
             )
         trains = self.method.name != "base"
         _require(
-            self.method.train_blocks is None or max(self.method.train_blocks) < self.model.depth,
-            "method.train_blocks",
-            f"{self.method.train_blocks} names a block beyond the model's depth {self.model.depth} (blocks 0.."
-            f"{self.model.depth - 1})",
-        )
-        _require(
             trains or self.privacy is None, "privacy", "method 'base' trains nothing, so DP does not apply"
         )
         _require(
@@ -806,13 +785,6 @@ class TrialConfig:
                 f"{self.resources.rows_per_forward} rows cannot hold one example's k="
                 f"{self.privacy.augmentation_multiplicity} views (they share a forward): use 0 or at least k",
             )
-        _require(
-            not (
-                trains and self.resources.runs_on_cpu and self.resources.training_attention_kernel == "flex"
-            ),
-            "resources.attention_kernel",
-            f"{FLEX_ON_CPU} (resources.gpus_per_worker is 0)",
-        )
         _require(
             not (self.evaluation.convergence_every_steps or self.evaluation.convergence_points) or trains,
             "evaluation.convergence_every_steps",
@@ -888,6 +860,40 @@ class TrialConfig:
         audit = "" if self.audit is None else f"-audit{self.audit.canaries}"
         return (
             f"{self.method.name}-d{self.model.depth}-{self.data.dataset}{dp}{audit}-s{self.optimization.seed}"
+        )
+
+    def check_launchable(self) -> None:
+        """Rules a trial must meet to start, beyond those every stored record meets (``__post_init__``): added
+        later, they are checked where trials are planned (``trainables.plan.plan_trial``: the sweep's driver and
+        each trial, before any compute), so results written before them stay readable."""
+        e, o, m = self.evaluation, self.optimization, self.method
+        for name, count in (
+            ("num_images", e.num_images),
+            ("convergence_num_images", e.convergence_num_images),
+        ):
+            _require(
+                count is None or count >= MIN_EVALUATION_IMAGES,
+                f"evaluation.{name}",
+                f"must be >= {MIN_EVALUATION_IMAGES} (precision/recall's 3 nearest neighbours), got {count}",
+            )
+        # AdamW checks neither: a negative decay grows the weights every step, a negative norm flips the gradient.
+        _require(o.weight_decay >= 0, "optimization.weight_decay", f"must be >= 0, got {o.weight_decay}")
+        _require(
+            o.global_clip_norm is None or o.global_clip_norm > 0,
+            "optimization.global_clip_norm",
+            f"must be > 0, or null for no clipping, got {o.global_clip_norm}",
+        )
+        _require(
+            m.train_blocks is None or max(m.train_blocks) < self.model.depth,
+            "method.train_blocks",
+            f"{m.train_blocks} names a block beyond the model's depth {self.model.depth} (blocks 0.."
+            f"{self.model.depth - 1})",
+        )
+        _require(
+            m.name == "base"
+            or not (self.resources.runs_on_cpu and self.resources.training_attention_kernel == "flex"),
+            "resources.attention_kernel",
+            f"{FLEX_ON_CPU} (resources.gpus_per_worker is 0)",
         )
 
     def planned_steps(self, train_images: int) -> int:

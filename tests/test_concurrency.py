@@ -200,6 +200,25 @@ def test_a_trial_no_node_type_can_place_is_refused(tmp_path):
     check_fits([too_big], None)  # no limits given: nothing is known to refuse it
 
 
+def test_without_an_autoscaler_config_a_local_ray_refuses_and_a_cluster_warns(monkeypatch, capsys):
+    """No autoscaler config found: a Ray this sweep started never grows (refused); a cluster it connected to may
+    have an autoscaler that reported nothing (KubeRay's): a warning, and the trial waits for a node that can."""
+    import bench.launcher as launcher
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False}])
+    monkeypatch.setattr(launcher, "_started_here", lambda: True)
+    with pytest.raises(SweepError, match=r"the running Ray cluster \(1 node\(s\), 2 CPU and 0 GPU in all\)"):
+        launcher.check_current_nodes([trial(gpus=1.0, cpus=1.0)])
+    launcher.check_current_nodes([trial(gpus=0.0, cpus=2.0)])  # fits: nothing said
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(launcher, "_started_here", lambda: False)
+    launcher.check_current_nodes([trial(gpus=1.0, cpus=1.0)])
+    out = capsys.readouterr().out
+    assert (
+        out.startswith("warning: trial ") and "No autoscaler config was found (--cluster-config FILE" in out
+    )
+
+
 def test_a_trial_no_node_of_a_cluster_without_autoscaler_can_place_is_refused():
     """A local Ray or a fixed cluster will not grow: a trial none of its nodes can place would wait forever (Train
     re-requests the worker group without limit), so the launcher refuses it once connected."""
@@ -208,7 +227,7 @@ def test_a_trial_no_node_of_a_cluster_without_autoscaler_can_place_is_refused():
     for too_big in (trial(workers=2), trial(gpus=0.0, cpus=9.0), trial(workers=6, gpus=0.0, cpus=2.0)):
         with pytest.raises(
             SweepError,
-            match=r"the running Ray cluster, which has no autoscaler \(2 node\(s\), 10 CPU and 1 GPU in all\) "
+            match=r"the running Ray cluster \(2 node\(s\), 10 CPU and 1 GPU in all\) "
             r"cannot place it \(set the sweep's resources, e.g. --workers",
         ):
             check_fits([too_big], limits)

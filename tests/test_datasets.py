@@ -238,11 +238,29 @@ def test_a_split_is_decoded_once_and_its_outcome_kept_until_a_file_changes(tmp_p
     ):
         check_images(images, cache_dir=cache, log=logged.append)
     assert logged == ["decoding the 3 images of folder test once"]
-    decoded = datasets_module._unreadable
-    monkeypatch.setattr(datasets_module, "_unreadable", lambda images: pytest.fail("decoded again"))
+    decode, decoded = datasets_module._unreadable, []
+
+    def spy(images, indices):
+        decoded.extend(indices)
+        return decode(images, indices)
+
+    monkeypatch.setattr(datasets_module, "_unreadable", spy)
     kept, dropped = check_images(images, skip_corrupt=True, cache_dir=cache, log=logged.append)
     assert len(kept) == 2 and len(dropped) == 1 and dropped[0].startswith(f"{broken}: ") and len(logged) == 1
-    monkeypatch.setattr(datasets_module, "_unreadable", decoded)
+    assert decoded == [images.paths.index(broken)]  # only the file named unreadable is decoded again
+    # A file the record names unreadable that reads now (a permission fixed: same size and time) is kept.
+    (record,) = (cache / "image-checks").glob("*.json")
+    fixed = next(i for i in range(len(images)) if images.paths[i] != broken)
+    record.write_text(json.dumps({fixed: "was unreadable", images.paths.index(broken): "unreadable"}))
+    kept, dropped = check_images(images, skip_corrupt=True, cache_dir=cache)
+    assert (
+        len(kept) == 2
+        and dropped[0].startswith(f"{broken}: ")
+        and json.loads(record.read_text()).keys() == {str(images.paths.index(broken))}
+    )
+    record.write_text("{truncated")  # a damaged record is decoded anew
+    assert len(check_images(images, skip_corrupt=True, cache_dir=cache)[0]) == 2
+    monkeypatch.setattr(datasets_module, "_unreadable", decode)
     jpeg(broken, seed=5)  # repaired: a new size and modification time, so a new fingerprint
     kept, dropped = check_images(read_dataset("folder", tmp_path / "data", "test"), cache_dir=cache)
     assert len(kept) == 3 and not dropped

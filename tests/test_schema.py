@@ -182,18 +182,6 @@ def test_trial_id_ignores_resources_but_not_settings():
             lambda: EvaluationConfig(extractor="substitute-randconv-v1", top_p=1.0),
             "evaluation.top_p",
         ),  # the sampler refuses top_p=1
-        # precision/recall's 3 nearest neighbours need 4 images, else the trial fails after training
-        (lambda: EvaluationConfig(extractor="substitute-randconv-v1", num_images=3), "evaluation.num_images"),
-        (
-            lambda: EvaluationConfig(extractor="substitute-randconv-v1", convergence_num_images=3),
-            "evaluation.convergence_num_images",
-        ),
-        (lambda: OptimizationConfig(steps=10, weight_decay=-0.05), "optimization.weight_decay"),
-        (lambda: OptimizationConfig(steps=10, global_clip_norm=-1.0), "optimization.global_clip_norm"),
-        (lambda: OptimizationConfig(steps=10, global_clip_norm=0.0), "optimization.global_clip_norm"),
-        (lambda: replace(TINY, method={"name": "lora", "train_blocks": [0, 2]}), "method.train_blocks"),
-        # TINY's workers have no GPU, and FlexAttention no CPU backward: refused here, not in every trial
-        (lambda: replace(TINY, resources={"attention_kernel": "flex"}), "resources.attention_kernel"),
         (
             lambda: replace(
                 TINY,
@@ -207,6 +195,28 @@ def test_trial_id_ignores_resources_but_not_settings():
 def test_invalid_configs_name_the_field(build, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build()
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        # precision/recall's 3 nearest neighbours need 4 images, else the trial fails after training
+        ({"evaluation": {"num_images": 3}}, "evaluation.num_images"),
+        ({"evaluation": {"convergence_num_images": 3}}, "evaluation.convergence_num_images"),
+        ({"optimization": {"weight_decay": -0.05}}, "optimization.weight_decay"),
+        ({"optimization": {"global_clip_norm": -1.0}}, "optimization.global_clip_norm"),
+        ({"optimization": {"global_clip_norm": 0.0}}, "optimization.global_clip_norm"),
+        ({"method": {"name": "lora", "train_blocks": [0, 2]}}, "method.train_blocks"),
+        # TINY's workers have no GPU, and FlexAttention no CPU backward
+        ({"resources": {"attention_kernel": "flex"}}, "resources.attention_kernel"),
+    ],
+)
+def test_a_trial_that_cannot_run_is_refused_before_it_starts_and_its_old_record_still_reads(change, field):
+    """Rules added after results were written check trials as they are planned, not records as they are read."""
+    config = replace(TINY, **change)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        config.check_launchable()
+    assert TrialConfig.from_dict(config.to_dict()) == config
 
 
 def test_a_smoke_version_trains_the_same_relative_blocks_of_its_smaller_model():

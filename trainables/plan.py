@@ -111,6 +111,7 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
     """What the trial will do with these split listings: the evaluation split's classes are the training split's,
     the planned steps, the convergence steps, and under DP the checks that need N (delta vs 1/N, a reachable
     budget) and the noise multiplier (no files are read; the driver's ``bench.preflight`` and every trial use this)."""
+    config.check_launchable()
     train, evaluation = splits
     if train.class_names != evaluation.class_names:
         raise ConfigError(f"data.dataset: {_class_difference(train, evaluation)}")

@@ -304,21 +304,21 @@ def check_images(
     """Decode every image once. Unreadable files raise ``DatasetError`` naming them, unless ``skip_corrupt``:
     then they are dropped and returned (the caller reports the count). With ``cache_dir`` the outcome is kept
     under ``image-checks/`` by the split's ``fingerprint`` (paths, sizes, modification times), so the sweep's
-    driver decodes a split once and its trials, and a relaunch, read the outcome."""
-    record = (
-        Path(cache_dir) / "image-checks" / f"{images.fingerprint()}.json" if cache_dir is not None else None
-    )
-    if record is not None and record.is_file():
-        bad = {int(i): message for i, message in json.loads(record.read_text()).items()}
-    else:
+    driver decodes a split once and its trials, and a relaunch, read the outcome; the files it names unreadable
+    are decoded again each time (a permission fixed changes no size or time)."""
+    record = _check_record(images, cache_dir)
+    bad = _read_check(record)
+    if bad is None:
         if log is not None:
             log(f"decoding the {len(images)} images of {images.name} {images.split} once")
-        bad = _unreadable(images)
-        if record is not None:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            staging = record.with_suffix(f".{os.getpid()}.tmp")
-            staging.write_text(json.dumps(bad))
-            os.replace(staging, record)  # trials of one sweep may check the same split at once
+        bad = _unreadable(images, range(len(images)))
+    elif bad:
+        bad = _unreadable(images, bad)
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        staging = record.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(bad))
+        os.replace(staging, record)  # trials of one sweep may check the same split at once
     if bad and not skip_corrupt:
         listed = "\n  ".join(list(bad.values())[:10])
         raise DatasetError(
@@ -328,9 +328,31 @@ def check_images(
     return images.without(set(bad)), list(bad.values())
 
 
-def _unreadable(images: ImageList) -> dict[int, str]:
+def _check_record(images: ImageList, cache_dir: str | Path | None) -> Path | None:
+    """Where ``check_images`` keeps a split's outcome; None without a cache or when the split's files cannot be
+    fingerprinted (an unreadable sampled file: the decode then names it)."""
+    if cache_dir is None:
+        return None
+    try:
+        return Path(cache_dir) / "image-checks" / f"{images.fingerprint()}.json"
+    except (OSError, DatasetError):
+        return None
+
+
+def _read_check(record: Path | None) -> dict[int, str] | None:
+    """The kept outcome {index: why unreadable}, or None when there is none (or it cannot be read)."""
+    if record is None:
+        return None
+    try:
+        return {int(i): message for i, message in json.loads(record.read_text()).items()}
+    except (OSError, ValueError):
+        return None
+
+
+def _unreadable(images: ImageList, indices) -> dict[int, str]:
     bad = {}
-    for i, path in enumerate(images.paths):
+    for i in indices:
+        path = images.paths[i]
         try:
             with Image.open(path) as image:
                 image.convert("RGB").load()
