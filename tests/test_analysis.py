@@ -598,8 +598,9 @@ def test_where_selects_dp_trials_by_their_privacy_fields_in_a_folder_with_non_dp
 def test_a_folder_named_like_a_result_is_not_read_as_one(fixture_storage, tmp_path):
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     (storage / "results" / "stray.json").mkdir()
-    results = load_results(storage)
-    assert len(results.trials) == 53 and not results.invalid
+    for where in (storage, f"file://{storage}"):  # a local folder, and a storage URI (read through pyarrow)
+        results = load_results(where)
+        assert len(results.trials) == 53 and not results.invalid
 
 
 def test_a_second_analysis_into_the_same_folder_leaves_none_of_the_first_s_tables(fixture_storage, tmp_path):
