@@ -276,6 +276,10 @@ def one_cpu_ray(tmp_path, monkeypatch):
     monkeypatch.setenv(
         "HOME", str(tmp_path)
     )  # this machine is no `ray up` head, whatever the user's home holds
+    # Ray's default token auth would keep a token from this home in the process (and RAY_AUTH_MODE=token in its
+    # environment) after the fixture: a later module's cluster, started under the real home, would then refuse
+    # this process's client (InvalidAuthToken).
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=1, logging_level=logging.ERROR, runtime_env={"env_vars": RUNTIME_ENV_VARS})
     yield
     ray.shutdown()
