@@ -501,9 +501,8 @@ def _restore(var: VAR, optimizer, state: dict, run: _Run) -> None:
     run.history[:], run.convergence[:] = state["history"], state["convergence"]
     for key, value in state["compute"].items():
         setattr(run.meter.ledger, key, value)
-    run.meter.ledger.counted_ops = sorted(
-        run.meter.ledger.counted_ops
-    )  # names only, from an older checkpoint too
+    # names only, also where an older checkpoint kept their totals
+    run.meter.ledger.counted_ops = sorted(run.meter.ledger.counted_ops)
     run.start_step = int(state["step"])
 
 

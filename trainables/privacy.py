@@ -362,9 +362,9 @@ def make_private(
     ``noise_multiplier`` (sigma, the trial plan's) or calibrates it for ``planned_steps``.
     The noise, the Poisson sampling and the per-example draws (``state.example_key``) must be unpredictable for the
     accounting to hold, so by default all are seeded from OS entropy (the sampling seed and the example key are
-    drawn on rank 0 and shared: all ranks draw one global mask, and an example's draws do not depend on its rank). ``noise_generator`` (on the parameters' device) and ``debug_seed``
-    (sampling and per-example draws) make a run reproducible, for tests and debugging only; the ledger says when
-    they were used.
+    drawn on rank 0 and shared: all ranks draw one global mask, and an example's draws do not depend on its
+    rank). ``noise_generator`` (on the parameters' device) and ``debug_seed`` (sampling and per-example draws)
+    make a run reproducible, for tests and debugging only; the ledger says when they were used.
     ``unsafe_skip_clipping`` breaks the mechanism on purpose, for the privacy audit's tests only (never a config
     field): per-example gradients are summed unclipped while the noise stays calibrated to C, so the ledger's
     epsilon no longer holds (its ``clipping`` says so). Book-keeping clipping only (the others are refused).
@@ -482,23 +482,29 @@ def _entropy_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
+def _from_rank_0(
+    values: list[int], *, dtype: torch.dtype, world_size: int, device: torch.device
+) -> list[int]:
+    """Rank 0's ``values`` on every rank (a broadcast under a process group of ``world_size`` > 1)."""
+    tensor = torch.tensor(values, dtype=dtype, device=device)
+    if world_size > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
 def _shared_seed(seed: int | None, *, world_size: int, device: torch.device) -> int:
     """``seed``, or an entropy seed drawn on rank 0 and broadcast so that every rank draws the same mask."""
-    value = torch.tensor([_entropy_seed() if seed is None else seed], dtype=torch.long, device=device)
-    if world_size > 1:
-        dist.broadcast(value, src=0)
-    return int(value.item())
+    value = _entropy_seed() if seed is None else seed
+    return _from_rank_0([value], dtype=torch.long, world_size=world_size, device=device)[0]
 
 
 def _shared_key(*, world_size: int, device: torch.device) -> ExampleKey:
     """A secret per-example key drawn on rank 0 and broadcast: an example's draws are the same on whichever rank the
     round-robin split of the batch puts it."""
-    key = ExampleKey.from_entropy()
-    if world_size > 1:
-        value = torch.tensor(list(key.key), dtype=torch.uint8, device=device)
-        dist.broadcast(value, src=0)
-        key = ExampleKey(bytes(value.tolist()), secret=True)
-    return key
+    drawn = ExampleKey.from_entropy().key
+    return ExampleKey(
+        bytes(_from_rank_0(list(drawn), dtype=torch.uint8, world_size=world_size, device=device)), secret=True
+    )
 
 
 def next_batch(state: PrivateTraining) -> torch.Tensor:
