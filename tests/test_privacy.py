@@ -684,6 +684,7 @@ def test_impossible_settings_fail_at_construction(overrides, message):
         (0, 10, {}, "non-empty dataset"),
         (N, 0, {}, "planned step"),
         (1, 10, {}, "1/N = 1"),
+        (N, 10, dict(sampling_rate=0.5 / N), "below one"),
     ],
 )
 def test_settings_impossible_for_this_data_fail_before_compute(
@@ -836,6 +837,11 @@ def test_unpatched_var_is_refused():
         make_private(
             var, torch.optim.SGD(var.parameters(), lr=0.1), privacy=spec(), dataset_size=N, planned_steps=3
         )
+
+
+def test_an_expected_batch_of_one_example_is_accepted():
+    for n in (49, 1020, 6149):  # (1/49)*49 is 1 - 1e-16 in floating point
+        assert validate_privacy(spec(sampling_rate=1 / n), dataset_size=n, planned_steps=10) == 1 / n
 
 
 def test_large_delta_accepted_only_with_explicit_override():

@@ -166,6 +166,13 @@ def validate_privacy(privacy: PrivacyConfig, *, dataset_size: int, planned_steps
             f"privacy.delta={delta} >= 1/N = {1.0 / dataset_size:.3g}; set privacy.allow_delta_at_least_inverse_n=true "
             "to accept it"
         )
+    if dataset_size >= 1 and privacy.sampling_rate * dataset_size < 1.0 - 1e-9:  # q = 1/N is one example
+        # Most steps would draw no example: their update is the noise alone, scaled up by 1/(qN).
+        problems.append(
+            f"privacy.sampling_rate: q*N = {privacy.sampling_rate * dataset_size:.3g} expected examples per step "
+            f"for N={dataset_size}, below one, so most steps would train on noise alone; set sampling_rate >= "
+            f"1/N = {1.0 / dataset_size:.3g}"
+        )
     if problems:
         raise PrivacyConfigError("invalid privacy settings:\n  - " + "\n  - ".join(problems))
     return delta
