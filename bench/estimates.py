@@ -210,10 +210,10 @@ ATTENTION_NOTE = (
 
 
 def training_rows(config: TrialConfig, *, train_images: int, steps: int) -> float:
-    """Rows (image views) a trial trains: steps x batch, or under DP steps x q*N (expected), times k views."""
+    """Rows (image views) a trial trains: steps x batch, or under DP steps x floor(q*N) (expected), times k views."""
     k = 1 if config.privacy is None else config.privacy.augmentation_multiplicity
     per_step = (
-        config.privacy.sampling_rate * train_images if config.privacy else config.optimization.batch_size
+        config.privacy.expected_batch(train_images) if config.privacy else config.optimization.batch_size
     )
     return steps * k * per_step
 

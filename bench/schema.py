@@ -394,6 +394,11 @@ class PrivacyConfig:
             "ghost clipping cannot average k > 1 views before clipping; use 'bookkeeping' or 'hooks'",
         )
 
+    def expected_batch(self, dataset_size: int) -> int:
+        """floor(q N), the paper's expected batch (examples): DP-SGD divides the noisy clipped sum by it, and compute
+        is accounted at it (the actual Poisson batch size is private). The 1e-9 keeps q = m/N at m, not m - 1."""
+        return math.floor(self.sampling_rate * dataset_size + 1e-9)
+
 
 @dataclass(frozen=True)
 class OptimizationConfig:

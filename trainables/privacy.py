@@ -166,7 +166,7 @@ def validate_privacy(privacy: PrivacyConfig, *, dataset_size: int, planned_steps
             f"privacy.delta={delta} >= 1/N = {1.0 / dataset_size:.3g}; set privacy.allow_delta_at_least_inverse_n=true "
             "to accept it"
         )
-    if dataset_size >= 1 and privacy.sampling_rate * dataset_size < 1.0 - 1e-9:  # q = 1/N is one example
+    if dataset_size >= 1 and privacy.expected_batch(dataset_size) < 1:
         # Most steps would draw no example: their update is the noise alone, scaled up by 1/(qN).
         problems.append(
             f"privacy.sampling_rate: q*N = {privacy.sampling_rate * dataset_size:.3g} expected examples per step "
@@ -308,8 +308,8 @@ class PrivateTraining:
         return self.steps_taken
 
     @property
-    def expected_batch_size(self) -> float:
-        return self.privacy.sampling_rate * self.dataset_size
+    def expected_batch_size(self) -> int:
+        return self.privacy.expected_batch(self.dataset_size)
 
     @property
     def budget_left(self) -> bool:
@@ -406,7 +406,7 @@ def make_private(
     if world_size > 1:
         _broadcast_parameters(model)
     # Gradients are averaged over the expected *global* batch; each rank divides by its share before the all-reduce sum / W.
-    expected_per_rank = privacy.sampling_rate * dataset_size / world_size
+    expected_per_rank = privacy.expected_batch(dataset_size) / world_size
     dp_options = dict(
         noise_multiplier=sigma,
         max_grad_norm=privacy.max_grad_norm,

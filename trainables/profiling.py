@@ -3,8 +3,9 @@
 Every op the counter sees (matrix products, attention forward and backward) scales linearly with the number of
 rows (example views) in a batch, so one counted step at a known row count gives FLOPs per row, and a trial's
 training total is FLOPs per row times the rows it processed, plus any per-step work counted apart (a DP run's
-public prior term). Non-DP runs count the rows they really processed; DP runs count the expected rows (q*N*k per
-step), because the actual Poisson batch sizes are private and no released figure may depend on them. The
+public prior term). Non-DP runs count the rows they really processed; DP runs count the expected rows
+(floor(q*N)*k per step), because the actual Poisson batch sizes are private and no released figure may depend on
+them. The
 counter does not count norms, softmax, element-wise ops or the optimiser (small next to the matrix products;
 stated in every report). Attention counts useful work only, the query/key pairs the mask lets through, whichever
 kernel computes it (``visible_pair_counter``): the block-causal mask hides 38% of the pairs at VAR's 680
