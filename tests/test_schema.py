@@ -82,15 +82,21 @@ def test_paper_hyper_parameters():
     assert all(
         c.privacy.sampling_rate == 0.251
         and c.privacy.augmentation_multiplicity == 32
-        and c.data.cached_views == 32
+        and c.data.cached_views == 128  # each step's 32 views drawn from 4k crops, not the same 32 every step
         for c in table3
     )
+    # Augmentation: a pool of crops per image (a pool of one would train on one fixed crop for every epoch).
+    assert {c.data.cached_views for c in table1} == {16}
+    # Warm-up is 5% of a run, at most 100 steps: Flowers FFT's 96 steps warm up for 5.
+    fft_flowers = next(c for c in table1 if c.method.name == "full" and c.data.dataset == "flowers102")
+    assert fft_flowers.planned_steps(1020) == 96 and fft_flowers.optimization.warmup_steps == 5
+    assert max(c.optimization.warmup_steps for c in table1) == 100
     dp_lora = build_sweep("table2")[0]
     assert dp_lora.planned_steps(1020) == 319  # 80 epochs at q = 0.251 -> ceil(80 / 0.251) steps
     assert {c.trial_id for c in build_sweep("table9", assets=Assets("/a"))} == {
         c.trial_id for c in table1
     }  # precision/recall: the same trials
-    assert all(c.optimization.seed == 1 for c in build_sweep("second_seed"))
+    assert all(c.optimization.seed == c.data.view_seed == 1 for c in build_sweep("second_seed"))
 
 
 def test_trial_id_ignores_resources_but_not_settings():
