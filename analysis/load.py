@@ -354,6 +354,21 @@ def _check_one_setting_per_cell(trials: pd.DataFrame, records: dict) -> None:
         )
 
 
+def _trainable_share(
+    record: dict, trainable: float | None, base_total: float | None, *, method: str
+) -> float:
+    """Trainable parameters as a percentage of the adapted model's (base plus adapter modules: peft's count, which
+    the paper's shares follow; LN tuning's trainable copies of the AdaLN linears count in both). Records written
+    before ``adapter_parameters`` was recorded: an adapter method's adapter is its trainable parameters but the class
+    embedding."""
+    if trainable is None or not base_total:
+        return math.nan
+    adapter = lookup(record, "parameters.adapter_parameters")
+    if adapter is None and method not in ("full", "base"):
+        adapter = lookup(record, "parameters.trainable_without_class_embedding")
+    return 100.0 * trainable / (base_total + (adapter or 0))
+
+
 def trial_row(record: dict) -> dict:
     """The flat, typed description of one trial: its axes (model, dataset, method, privacy, seed), status and
     every registry metric (NaN where the trial has none)."""
@@ -389,7 +404,7 @@ def trial_row(record: dict) -> dict:
         "git_commit": lookup(record, "environment.git_commit"),
         "devices": ", ".join(sorted(set(lookup(record, "environment.devices") or []))),
         "trainable_params": float(trainable) if trainable is not None else math.nan,
-        "trainable_pct": 100.0 * trainable / total if trainable is not None and total else math.nan,
+        "trainable_pct": _trainable_share(record, trainable, total, method=method.name),
         "delta": delta if delta is not None else math.nan,
         "classifier": classifier.get("name"),
         "classifier_test_accuracy": _percent(classifier.get("test_accuracy")),

@@ -160,6 +160,13 @@ class Table:
         return paths
 
 
+PARAMETERS_NOTE = (
+    "trainable_params / trainable_pct: median over the row's trials; the new class embedding included (the "
+    "published code left it untrained); share of the adapted model's parameters (base plus adapter modules, as "
+    "peft and the paper count them)"
+)
+
+
 def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
@@ -259,9 +266,7 @@ def table1(trials: pd.DataFrame) -> list[Table]:
             "Table 1: FID of non-private adaptation (lower is better)",
             header,
             rows,
-            notes=[
-                "trainable_params / trainable_pct: median over the row's trials; share of the base model's parameters"
-            ],
+            notes=[PARAMETERS_NOTE],
         )
     ]
 
@@ -414,6 +419,7 @@ def table10(trials: pd.DataFrame) -> list[Table]:
                 "Table 10: which layers DP LoRA adapts",
                 ["model", "variant", "targets", "epsilon", "k", "fid", "trainable_params", "trainable_pct"],
                 rows,
+                notes=[PARAMETERS_NOTE],
             )
             if rows
             else None

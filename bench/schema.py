@@ -1158,12 +1158,14 @@ class EvaluationSettings(TypedDict):
 
 
 class ParameterCounts(TypedDict):
-    """Trainable parameters (with and without the new class embedding) and the base model's total, against which
-    the trainable share is reported."""
+    """Trainable parameters (with and without the new class embedding), the base model's total and the parameters
+    the adapter added (peft's LoRA matrices and LN-tuning copies; 0 or absent for full fine-tuning): the trainable
+    share is of the adapted model's parameters, base_total + adapter_parameters, as peft and the paper count it."""
 
     trainable: int
     base_total: float
     trainable_without_class_embedding: NotRequired[int]
+    adapter_parameters: NotRequired[int]
 
 
 class DataFacts(TypedDict):

@@ -12,7 +12,9 @@ import torch
 from conftest import TINY_VAR, lora_twins
 from torch import nn
 
-from bench.schema import LORA_TARGETS, ConfigError, MethodConfig
+from analysis.load import trial_row
+from bench.schema import LORA_TARGETS, ConfigError, MethodConfig, make_result
+from bench.sweeps import build_sweep
 from trainables.methods import (
     LORA_TARGET_GROUPS,
     LoraLinear,
@@ -184,6 +186,49 @@ def test_lora_parameter_counts_match_the_paper(depth, lora_without_class_embeddi
     assert counts["trainable_without_class_embedding"] == lora_without_class_embedding
     assert counts["trainable"] == lora_without_class_embedding + 1001 * width
     assert counts["base_total"] == {16: 310_283_520, 20: 600_917_136}[depth]
+    assert counts["adapter_parameters"] == lora_without_class_embedding
+
+
+@pytest.mark.parametrize(
+    "method, depth, published_pct",
+    [
+        ("lora", 16, 1.91),
+        ("ln_tuning", 16, 24.56),
+        ("lora", 20, 1.54),
+        ("ln_tuning", 20, 24.69),
+        ("full", 16, 100),
+    ],
+)
+def test_the_tables_trainable_share_is_the_papers_up_to_the_class_embedding(method, depth, published_pct):
+    """Table 1's share is of the adapted model (base plus adapter modules, peft's count): LN tuning's 100.8M
+    trainable copies are 24.6% of it, not the 32.6% of the base alone. It exceeds the published share only by the
+    new class embedding (CUB's 201 rows: the published shares are those of a 200-class dataset), which varsweep
+    trains and the published code left untrained."""
+    var = build_var(
+        depth=depth,
+        num_classes=200,
+        patch_nums=OFFICIAL_PATCH_NUMS,
+        vocab_size=4096,
+        z_channels=32,
+        device="meta",
+    )
+    counts = parameter_counts(adapted(var, MethodConfig(name=method), num_classes=200))
+    config = next(
+        c
+        for c in build_sweep("table1")
+        if (c.method.name, c.model.depth, c.data.dataset) == (method, depth, "cub200")
+    )
+    row = trial_row(make_result(config, status="success", parameters=counts))
+    class_rows_pct = 100 * 201 * 64 * depth / (counts["base_total"] + counts["adapter_parameters"])
+    extra = 0 if method == "full" else class_rows_pct
+    # the published shares are truncated to two decimals
+    assert published_pct <= row["trainable_pct"] - extra < published_pct + 0.01
+    # a record written before adapter_parameters was recorded reads the same share
+    older = {name: n for name, n in counts.items() if name != "adapter_parameters"}
+    assert (
+        trial_row(make_result(config, status="success", parameters=older))["trainable_pct"]
+        == row["trainable_pct"]
+    )
 
 
 @pytest.mark.parametrize("name", ["full", "lora", "ln_tuning", "lora_block0"])

@@ -700,8 +700,8 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def parameter_counts(var: VAR) -> dict[str, int]:
-    """Trainable parameters with and without the new class embedding, and the base model's total (adapter
-    parameters excluded) against which the paper reports the trainable share."""
+    """Trainable parameters with and without the new class embedding, the base model's total (adapter parameters
+    excluded) and the adapter's parameters (``bench.schema.ParameterCounts``)."""
     trainable = sum(p.numel() for p in trainable_parameters(var).values())
     adapter = sum(p.numel() for name, p in var.named_parameters() if is_adapter_parameter(name))
     total = sum(p.numel() for p in var.parameters()) - adapter
@@ -709,6 +709,7 @@ def parameter_counts(var: VAR) -> dict[str, int]:
         "trainable": trainable,
         "trainable_without_class_embedding": trainable - var.class_emb.weight.numel(),
         "base_total": total,
+        "adapter_parameters": adapter,
     }
 
 
