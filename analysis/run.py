@@ -42,7 +42,12 @@ def analyse(
     _make_folder(out)
     tables, skipped_tables = all_tables(results.trials, table2_epsilon=table2_epsilon)
     analysis = Analysis(out=out, results=results, tables=tables, skipped_tables=skipped_tables)
-    written = {"tables": [path for table in tables for path in table.write(out / "tables")]}
+    # A folder this analysis does not write (--no-figures, --no-grids) is emptied of an earlier one's files too.
+    written = {
+        "tables": [path for table in tables for path in table.write(out / "tables")],
+        "figures": [],
+        "grids": [],
+    }
     if compare_paper:
         analysis.comparisons = [c for c in (comparison(t) for t in tables) if c is not None]
         written["tables"] += [path for table in analysis.comparisons for path in table.write(out / "tables")]

@@ -137,7 +137,7 @@ def run_demo(*, storage: str = "runs/demo", smoke: bool = False) -> int:
     if not complete:
         verdicts = [
             f"- FAIL: {len(configs) - sum(r['status'] == 'success' for r in rows)} of {len(configs)} trials did not succeed"
-            " (see the errors above, or `python -m bench status demo`)"
+            f" (see the errors above, or `python -m bench status demo{' --smoke' if smoke else ''} --storage {storage}`)"
         ]
     report = "\n".join(
         [

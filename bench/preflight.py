@@ -237,15 +237,27 @@ def _affected(affected: dict[str, TrialConfig], *, total: int, shown: int = 12) 
     return f"affects {len(named)} trial{'s' if len(named) != 1 else ''}: " + ", ".join(named[:shown]) + more
 
 
+def _assets_root(paths: list[str]) -> Path:
+    """The folder above the paths' ``checkpoints/`` or ``datasets/`` (the assets layout), when they agree on one:
+    a sweep file's own data folder beside them does not pull the root up to their common ancestor (``/``)."""
+    roots = {
+        parent.parent
+        for path in paths
+        for parent in list(Path(path).parents)[:-1]
+        if parent.name in ("checkpoints", "datasets")
+    }
+    if len(roots) == 1:
+        return roots.pop()
+    return Path(os.path.commonpath(paths)) if len(paths) > 1 else Path(paths[0]).parent
+
+
 def assets_hint(configs: list[TrialConfig]) -> str | None:
     """When none of the sweep's asset paths exist and their common root has neither ``checkpoints/`` nor
     ``datasets/``, the assets root itself is wrong: say how to give it."""
     paths = sorted({p for c in configs for p in _asset_paths(c)})
     if not paths or any(Path(p).exists() for p in paths):
         return None
-    root = Path(os.path.commonpath(paths)) if len(paths) > 1 else Path(paths[0]).parent
-    if root.name in ("checkpoints", "datasets"):
-        root = root.parent
+    root = _assets_root(paths)
     if (root / "checkpoints").is_dir() or (root / "datasets").is_dir():
         return None
     return (

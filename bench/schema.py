@@ -194,7 +194,7 @@ def _check_content_ids(section: Any, pairs: Mapping[str, str]) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     """base: "official" (VAR checkpoint of ``depth`` + the official VQVAE, local paths) or "tiny" (the built-in
-    tiny base pre-trained offline on procedural shapes for ``tiny_pretraining_steps``, cached in the sweep's cache
+    tiny base pre-trained offline on procedural glyphs for ``tiny_pretraining_steps``, cached in the sweep's cache
     folder; ``depth`` is its depth). ``*_sha256``: the checkpoint files' SHA-256 (hex); once set, the trial id
     follows them instead of the paths."""
 

@@ -614,6 +614,14 @@ def test_a_second_analysis_into_the_same_folder_leaves_none_of_the_first_s_table
     assert "privacy.csv" not in names and not any(name.startswith("table3") for name in names)
 
 
+def test_a_second_analysis_without_figures_leaves_none_of_the_first_s_figures(fixture_storage, tmp_path):
+    """index.md would say "all figures: not asked for" beside the first analysis's figures."""
+    out = tmp_path / "out"
+    assert analyse(fixture_storage, out, grids=False).figures and any((out / "figures").glob("*.png"))
+    analyse(fixture_storage, out, grids=False, figures=False)
+    assert not any((out / "figures").glob("*.p*"))
+
+
 @pytest.mark.parametrize("curve_settings", [{"convergence_every_steps": 500}, {"convergence_points": 8}])
 def test_a_convergence_twin_counts_once(fixture_storage, tmp_path, curve_settings):
     """The convergence sweep re-runs Table 1 trials with evaluations during training (every N steps, or at N

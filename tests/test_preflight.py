@@ -211,9 +211,10 @@ def test_a_batch_larger_than_the_split_and_split_classes_that_differ_are_named(t
 
 
 def test_a_wrong_assets_root_gets_a_hint(tmp_path):
+    wrong = Assets(str(tmp_path / "wrong"))
     with pytest.raises(SweepError) as raised:
         check_sweep(
-            build_sweep("table2", assets=Assets(str(tmp_path / "wrong"))),
+            build_sweep("table2", assets=wrong),
             cache_dir=str(tmp_path / "cache"),
             write=False,
         )
@@ -237,3 +238,10 @@ def test_a_wrong_assets_root_gets_a_hint(tmp_path):
         )
     assert "hint" not in str(raised.value) and "var_d16.pth" in str(raised.value)
     assert not (tmp_path / "cache").exists()
+    # A data folder of the sweep file's own, outside the assets, leaves the hint on the assets root (not on "/").
+    own_data = [
+        replace(c, data={"root": "/elsewhere/my_images"}) for c in build_sweep("table2", assets=wrong)
+    ]
+    with pytest.raises(SweepError) as raised:
+        check_sweep(own_data, cache_dir=str(tmp_path / "cache"), write=False)
+    assert f"and {tmp_path / 'wrong'} has no checkpoints/" in str(raised.value)
