@@ -701,8 +701,9 @@ def estimate(
         "compile_sampling (a whole trial evaluation where measured, else sampling alone), or from another depth, "
         "batch size, compile setting or GPU, or assumed, as above by the useful FLOPs per image; times the GPUs the "
         "trial holds (rank 0 evaluates, the others wait)",
-        "  not included: the real images' reference features (computed once per dataset and cached) and tiny "
-        "models",
+        "  not included: the token caches (data.cached_views crops per training image, encoded once per dataset "
+        "by the VQVAE, each about a third of a LoRA training row), the real images' reference features (computed "
+        "once per dataset and cached) and tiny models",
     ]
     lines += [f"  measured: {_describe(m)}" for m in used.values()]
     return "\n".join(lines)
