@@ -21,6 +21,7 @@ Relaunching the same command skips every trial whose result says success and res
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -46,10 +47,14 @@ from trainables.progress import duration
 from .estimates import ESTIMATE_DEVICE, estimate, longest_first
 from .preflight import SweepError, check_sweep, identify
 from .results import TRAIN_FOLDER, ResultStore, default_cache_dir  # noqa: F401 - default_cache_dir: re-exported
-from .schema import TrialConfig, absolute, is_uri, make_result, utc_now
+from .schema import TrialConfig, absolute, is_uri, make_result, storage_child, utc_now
 from .tracking import TRACKERS, Tracker, check_target, check_tracking, default_target, describe, open_tracker
 
-TRIAL_FUNCTION_MEMORY_BYTES = 64 * 2**20
+# What a trial holds on the node that runs its Tune actor (the head, on a cluster whose GPU nodes start on demand):
+# the actor and its Train controller each import torch, ~0.4 GB of private memory apiece (measured outside Ray), so
+# Ray places no more trials there than that node's memory holds (a sweep of 30 trials at 64 MiB each once asked for
+# ~23 GB on a 32 GiB head).
+TRIAL_FUNCTION_MEMORY_BYTES = 2**30
 # How long a trial's Train controller waits for its workers' placement group before it gives up, removes the
 # group and asks again. Ray Train (2.60) counts that timeout as a retryable controller error, charged to
 # `controller_failure_limit` (unlimited, set explicitly in `_trial_function`), never to `max_failures`: a trial
@@ -78,6 +83,18 @@ RUNTIME_ENV_VARS = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # its C++ start-up line is noise on machines without preemption
 }
 PROGRESS_EVERY_SECONDS = 30.0
+# Set by `ray job submit` in its driver: the job's config, whose runtime env ray.init merges with its own.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def driver_env_vars() -> dict[str, str]:
+    """The environment the sweep gives Ray's processes, less the variables a submitted job's runtime env sets
+    already: Ray refuses to merge the two when they share a key, even at the same value, and the job's value is
+    the one meant (the driver runs under it too)."""
+    wanted = {**RUNTIME_ENV_VARS, POLL_INTERVAL_ENV: os.environ.get(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S))}
+    job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
+    taken = ((job.get("runtime_env") or {}).get("env_vars") or {}).keys()
+    return {name: value for name, value in wanted.items() if name not in taken}
 
 
 @dataclass(frozen=True)
@@ -133,17 +150,11 @@ class Launch:
 
     @property
     def train_storage(self) -> str:
-        return (
-            f"{self.storage.rstrip('/')}/{TRAIN_FOLDER}"
-            if is_uri(self.storage)
-            else str(Path(self.storage) / TRAIN_FOLDER)
-        )
+        return storage_child(self.storage, TRAIN_FOLDER)
 
     @property
     def tune_storage(self) -> str:
-        return (
-            f"{self.storage.rstrip('/')}/tune" if is_uri(self.storage) else str(Path(self.storage) / "tune")
-        )
+        return storage_child(self.storage, "tune")
 
 
 def pending_trials(
@@ -248,7 +259,7 @@ def _trial_function(param: dict) -> None:
             num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker
         ),
         run_config=RunConfig(
-            name=Path(training_run_dir(launch, config.trial_id)).name,
+            name=training_run_name(config.trial_id),
             storage_path=launch.train_storage,
             # A worker group that cannot be placed in time is re-requested without limit
             # (queued, see START_TIMEOUT_ENV); max_failures counts only failures of the training.
@@ -289,9 +300,13 @@ def _trial_function(param: dict) -> None:
         delete_training_run(launch, config.trial_id)
 
 
+def training_run_name(trial_id: str) -> str:
+    return f"trial-{trial_id}"
+
+
 def training_run_dir(launch: Launch, trial_id: str) -> str:
     """The trial's Ray Train run folder (its checkpoints and Train's record of them)."""
-    return f"{launch.train_storage.rstrip('/')}/trial-{trial_id}"
+    return storage_child(launch.train_storage, training_run_name(trial_id))
 
 
 def delete_training_run(launch: Launch, trial_id: str) -> None:
@@ -777,12 +792,7 @@ def run_sweep(
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
                 logging.ERROR
             )
-        poll = {POLL_INTERVAL_ENV: os.environ.get(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S))}
-        ray.init(
-            address=address,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": {**RUNTIME_ENV_VARS, **poll}},
-        )
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": driver_env_vars()})
         quiet_ray_internal_actors()
     logging.getLogger("ray.tune").setLevel(
         logging.CRITICAL

@@ -21,6 +21,7 @@ import json
 import math
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -959,6 +960,15 @@ def _tuples(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def is_uri(location: str) -> bool:
     return "://" in location
+
+
+def storage_child(location: str, *parts: str) -> str:
+    """``location``/parts: a local path, or a URI with the parts added to its path and its query kept at the end
+    (``s3://b/runs?region=x`` -> ``s3://b/runs/train?region=x``; appended text would land in the query)."""
+    if not is_uri(location):
+        return str(Path(location, *parts))
+    split = urllib.parse.urlsplit(location)
+    return urllib.parse.urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
 
 
 def absolute(location: str) -> str:

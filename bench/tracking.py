@@ -30,7 +30,7 @@ from typing import Any
 
 from .preflight import SweepError
 from .results import ResultStore
-from .schema import TrialConfig, is_uri
+from .schema import TrialConfig, is_uri, storage_child
 
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 # What each tracker needs installed in the driver's environment (import names), and the command that installs it.
@@ -110,7 +110,7 @@ def default_target(tracking: str, *, storage: str, tracking_uri: str | None) -> 
     if tracking == "wandb":
         return tracking_uri or str(Path(storage) / "wandb")
     if tracking == "tensorboard":
-        return f"{storage.rstrip('/')}/tune" if is_uri(storage) else str(Path(storage) / "tune")
+        return storage_child(storage, "tune")
     return None
 
 

@@ -207,8 +207,29 @@ def test_result_store_on_a_uri(tmp_path):
     assert (tmp_path / "bucket" / "results" / f"{configs[0].trial_id}.json").is_file()
 
 
+def test_the_drivers_runtime_env_merges_with_a_submitted_job_s(monkeypatch):
+    """Under `ray job submit --runtime-env-json`, ray.init merges the job's runtime env with the driver's and
+    refuses any shared variable (even at the same value): the driver leaves those to the job."""
+    import json
+
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from bench.launcher import JOB_CONFIG_ENV, POLL_INTERVAL_ENV, driver_env_vars
+
+    job_env = {"working_dir": "/src", "env_vars": {POLL_INTERVAL_ENV: "1", "PYTHONUNBUFFERED": "1"}}
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    alone = driver_env_vars()
+    assert {POLL_INTERVAL_ENV, "PYTHONUNBUFFERED"} <= alone.keys()
+    assert _merge_runtime_env(job_env, {"env_vars": alone}) is None  # what failed before
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": job_env}))
+    submitted = driver_env_vars()
+    assert submitted == {k: v for k, v in alone.items() if k not in job_env["env_vars"]}
+    merged = _merge_runtime_env(job_env, {"env_vars": submitted})
+    assert merged is not None and merged["env_vars"][POLL_INTERVAL_ENV] == "1"
+
+
 def test_launch_makes_local_paths_absolute_and_passes_uris(tmp_path, monkeypatch):
-    from bench.launcher import Launch, SweepError, default_cache_dir
+    from bench.launcher import Launch, SweepError, default_cache_dir, training_run_dir
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VARSWEEP_CACHE", raising=False)
@@ -225,6 +246,14 @@ def test_launch_makes_local_paths_absolute_and_passes_uris(tmp_path, monkeypatch
         remote.storage == "s3://bucket/runs"
         and remote.tune_storage == "s3://bucket/runs/tune"
         and remote.cache_dir == str(tmp_path / "cache")
+    )
+    # A URI's query (region, endpoint) stays at its end: appended folders would land in it, where Ray reads them
+    query = "?region=us-east-1&endpoint_override=localhost:9000&scheme=http"
+    minio = Launch(storage=f"s3://bucket/runs{query}", cache_dir="cache")
+    assert (
+        minio.train_storage == f"s3://bucket/runs/train{query}"
+        and minio.tune_storage == f"s3://bucket/runs/tune{query}"
+        and training_run_dir(minio, "abc") == f"s3://bucket/runs/train/trial-abc{query}"
     )
     for bad in (0, -2):
         with pytest.raises(SweepError, match="--max-concurrent must be >= 1"):
