@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_VAR, TINY_VQVAE
 from old_records import as_version
-from test_datasets import make_folder
+from test_datasets import jpeg, make_folder
 
 from bench.errors import VarsweepError
 from bench.results import ResultStore
@@ -466,6 +466,15 @@ def _corrupt_image(a, t):
     return _evaluate_argv(a, t, **{"--root": t / "data"}), ["unreadable image"]
 
 
+def _more_classes_than_the_adapter(a, t):
+    """The adapter was trained for 2 classes (its sidecar says so); the split has 3."""
+    for c in range(3):
+        for i in range(2):
+            jpeg(t / "three" / "train" / f"c{c}" / f"{i}.jpg", seed=i)  # no .png: none is generated
+    argv = _evaluate_argv(a, t, **{"--root": t / "three", "--adapter": a.adapter})
+    return argv, ["the split has 3 classes", f"--adapter {a.adapter} has 2"]
+
+
 EVALUATE = {
     "missing checkpoint": lambda a, t: (
         _evaluate_argv(a, t, **{"--var": t / "absent.pth"}),
@@ -501,6 +510,11 @@ EVALUATE = {
     "image folder missing": lambda a, t: (_evaluate_argv(a, t, **{"--root": t / "no-data"}), [t / "no-data"]),
     "image folder is a file": lambda a, t: (_evaluate_argv(a, t, **{"--root": a.file}), [a.file]),
     "corrupt image": _corrupt_image,
+    "more classes than the adapter": _more_classes_than_the_adapter,
+    "split of fewer than 4 images": lambda a, t: (
+        _evaluate_argv(a, t, **{"--split": "test"}),
+        ["folder test", "3 image(s)", "fewer than the 4"],
+    ),
     "unknown dataset": lambda a, t: (_evaluate_argv(a, t, **{"--dataset": "imagenet"}), ["'imagenet'"]),
     "unknown split": lambda a, t: (_evaluate_argv(a, t, **{"--split": "val"}), ["'val'"]),
     "num-images 0": lambda a, t: (_evaluate_argv(a, t, **{"--num-images": 0}), ["--num-images", "'0'"]),

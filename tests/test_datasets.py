@@ -316,3 +316,59 @@ def test_cub_image_in_no_split_is_an_error_naming_it(tmp_path, split_lines, expe
     for split in ("train", "test"):
         with pytest.raises(DatasetError, match=expected):
             read_dataset("cub200", tmp_path, split)
+
+
+def displayed_images(folder: Path) -> dict[Path, np.ndarray]:
+    """Image files PIL's own ``convert("RGB")`` gets wrong, each with the 8-bit RGB [H, W, 3] a viewer shows:
+    16-bit greyscale (modes I;16 and I), float greyscale (mode F) and EXIF-turned pictures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    levels = np.arange(256, dtype=np.uint16).reshape(16, 16)  # every 8-bit level once
+    grey = np.repeat(levels.astype(np.uint8)[..., None], 3, axis=2)
+    Image.fromarray(levels * 257).save(folder / "16-bit.png")  # 257 * k: level k of 255 at 16 bits
+    Image.fromarray(levels * 257).save(folder / "16-bit.pgm")  # opens as mode I
+    Image.fromarray((levels / 255).astype(np.float32)).save(folder / "float.tiff")
+    stored = np.zeros((8, 16, 3), np.uint8)
+    stored[:, :8, 0], stored[:, 8:, 2] = 255, 255  # stored landscape: left red, right blue
+    turned_right, turned_left = Image.Exif(), Image.Exif()
+    turned_right[0x0112], turned_left[0x0112] = 6, 8  # EXIF orientation: shown turned 90 degrees cw / ccw
+    Image.fromarray(stored).save(folder / "turned.png", exif=turned_right)
+    Image.fromarray(levels[:8] * 257).save(folder / "16-bit-turned.png", exif=turned_left)
+    return {
+        folder / "16-bit.png": grey,
+        folder / "16-bit.pgm": grey,
+        folder / "float.tiff": grey,
+        folder / "turned.png": np.rot90(stored, k=-1),
+        folder / "16-bit-turned.png": np.rot90(grey[:8], k=1),
+    }
+
+
+def test_high_bit_depths_are_rescaled_and_exif_orientation_applied_for_training(tmp_path):
+    """A 16-bit scan used to come out almost white (clipped at 255) and a phone photo lying on its side."""
+    expected = displayed_images(tmp_path / "data" / "train" / "a")
+    images, dropped = check_images(
+        read_dataset("folder", tmp_path / "data", "train"), cache_dir=tmp_path / "c"
+    )
+    dataset = ImageListDataset(images, transform=np.asarray)
+    for i, path in enumerate(images.paths):
+        assert np.array_equal(dataset[i][0], expected[path]), path.name
+    from trainables.data.datasets import CHECK_FORMAT, open_rgb, to_rgb
+
+    assert not dropped and [p.name for p in (tmp_path / "c" / "image-checks").iterdir()] == [
+        f"{CHECK_FORMAT}-{images.fingerprint()}.json"  # outcomes of the older decoding are not read
+    ]
+    for path, pixels in expected.items():
+        with Image.open(path) as image:
+            assert np.array_equal(np.asarray(to_rgb(image)), pixels) and np.array_equal(
+                open_rgb(path), pixels
+            )
+
+
+def test_analysis_thumbnails_decode_as_training_does(tmp_path):
+    """analysis cannot import the torch side's ``to_rgb``; its thumbnail of each file is the thumbnail of the
+    8-bit picture the training pipeline sees."""
+    from analysis.figures import _thumb
+
+    for path, pixels in displayed_images(tmp_path).items():
+        eight_bit = tmp_path / f"{path.name}.8bit.png"
+        Image.fromarray(np.ascontiguousarray(pixels)).save(eight_bit)
+        assert np.array_equal(np.asarray(_thumb(path)), np.asarray(_thumb(eight_bit))), path.name

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_datasets import make_folder
+from test_datasets import jpeg, make_folder
 
 from bench.schema import SUBSTITUTE_EXTRACTOR, EvaluationConfig
 from trainables.data.datasets import read_dataset
-from trainables.evaluation.evaluate import ScoringSettings, evaluate, main
+from trainables.evaluation.evaluate import EvaluationError, ScoringSettings, evaluate, main
 from trainables.evaluation.metrics import ReferenceStats
 from trainables.models.checkpoints import save_var, save_vqvae
 
@@ -41,7 +41,7 @@ def test_evaluate_generates_per_class_and_reuses_reference_statistics(tiny_var, 
         "num_images": None,
         "neighborhood": 3,
         "kid_subsets": 5,
-        "kid_subset_size": 4,
+        "kid_subset_size": 2,  # the size used: half the smaller set (5 images), below SCORING's bound of 4
     }
     assert first["sampling"] == {
         "guidance_scale": 1.0,
@@ -180,3 +180,86 @@ def test_compiled_sampling_draws_every_batch_at_one_shape_and_records_it(
     assert records["compiled"]["sampling"] == {**records["eager"]["sampling"], "compiled": True}
     assert images["compiled"].shape == images["eager"].shape == (5, 3, 16, 16)
     assert (images["compiled"].int() - images["eager"].int()).abs().max() <= 1  # uint8 levels: rounding only
+
+
+def six_class_split(root):
+    """A folder split of 6 classes, one image each: one class more than the tiny VAR's 5."""
+    for c in range(6):
+        jpeg(root / "train" / f"class{c}" / "0.png", seed=c)
+    return read_dataset("folder", root, "train")
+
+
+def test_a_split_with_more_classes_than_the_model_is_refused(tiny_var, tiny_vqvae, tmp_path):
+    """Label 5 is the 5-class VAR's unconditional class: a sixth class would be drawn unconditionally, silently."""
+    split = six_class_split(tmp_path / "six")
+    with pytest.raises(EvaluationError, match=r"folder train: the split has 6 classes but the VAR has 5"):
+        evaluate(
+            tiny_var,
+            tiny_vqvae,
+            split,
+            evaluation=EVALUATION,
+            autocast_bf16=False,
+            scoring=SCORING,
+            cache=ReferenceStats(tmp_path / "reference"),
+            out_dir=tmp_path / "images",
+        )
+    assert not list(tmp_path.rglob("*.npz")) and not (tmp_path / "images").exists()  # nothing computed
+
+
+def test_the_command_refuses_more_classes_before_loading_a_model(
+    tiny_var, tiny_vqvae, tmp_path, capsys, monkeypatch
+):
+    """The sidecar records the VAR's 5 classes: a 6-class split stops before any image is decoded or model loaded."""
+    import trainables.data.datasets as datasets_module
+    import trainables.models as models
+
+    six_class_split(tmp_path / "six")
+    var_path = save_var(tiny_var, tmp_path / "var.pth")
+    vqvae_path = save_vqvae(tiny_vqvae, tmp_path / "vqvae.pth")
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("loaded or decoded before the class check")
+
+    for module, name in ((models, "load_var"), (models, "load_vqvae"), (datasets_module, "_unreadable")):
+        monkeypatch.setattr(module, name, heavy)
+    argv = ["--var", str(var_path), "--vqvae", str(vqvae_path), "--dataset", "folder", "--root"]
+    argv += [str(tmp_path / "six"), "--split", "train", "--extractor", SUBSTITUTE_EXTRACTOR, "--out"]
+    assert main([*argv, str(tmp_path / "eval"), "--cache", str(tmp_path / "ref")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: folder train: the split has 6 classes but --var") and "has 5" in last
+
+
+def test_kid_subsets_are_half_the_smaller_set_and_the_record_says_so(tiny_var, tiny_vqvae, split, tmp_path):
+    """The command's default bound (1000) used to be clamped to the whole 5-image set: every subset was the same
+    set, kid_std 0, and the record said 1000. Both paths now use half the smaller set and record it."""
+    out = evaluate(
+        tiny_var,
+        tiny_vqvae,
+        split,
+        evaluation=EVALUATION,
+        autocast_bf16=False,
+        cache=ReferenceStats(tmp_path / "reference"),
+    )
+    assert ScoringSettings().kid_subset_size == 1000 and out["evaluation_settings"]["kid_subset_size"] == 2
+    assert out["metrics"]["kid_std"] > 0
+
+
+def test_reference_images_of_high_bit_depth_or_exif_turned_files_are_the_displayed_pictures(tmp_path):
+    """The real images scored against (16-bit scans were clipped to white, EXIF-turned photos left on their side)
+    are those of 8-bit files holding the displayed pictures."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from test_datasets import displayed_images
+
+    from trainables.evaluation.evaluate import real_images_uint8
+
+    (tmp_path / "data" / "test" / "b").mkdir(parents=True)
+    for path, pixels in displayed_images(tmp_path / "data" / "test" / "a").items():
+        Image.fromarray(np.ascontiguousarray(pixels)).save(
+            tmp_path / "data" / "test" / "b" / f"{path.name}.png"
+        )
+    images = read_dataset("folder", tmp_path / "data", "test")
+    real = dict(zip((p.name for p in images.paths), torch.cat(list(real_images_uint8(images, 8)))))
+    originals = [p for p in images.paths if p.parent.name == "a"]
+    assert len(originals) == 5 and all(torch.equal(real[p.name], real[f"{p.name}.png"]) for p in originals)

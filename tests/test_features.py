@@ -74,3 +74,36 @@ def test_inception_extractor_runs_from_a_local_weights_file(inception_weights):
     images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
     features = extract_features(extractor, [images])
     assert extractor.name == INCEPTION and features.shape == (2, 2048) and torch.isfinite(features).all()
+
+
+def test_reference_statistics_are_keyed_by_the_inception_weights(inception_weights, tmp_path, monkeypatch):
+    """Statistics made with one Inception weights file never serve another; a trial's recorded SHA-256 of its
+    own file is used as is (no second hash of ~100 MB)."""
+    from test_datasets import jpeg
+
+    from bench.schema import EvaluationConfig
+    from trainables.data.datasets import read_dataset
+    from trainables.evaluation import features as features_module
+    from trainables.evaluation.evaluate import reference_statistics
+    from trainables.evaluation.metrics import ReferenceStats
+    from trainables.models.checkpoints import file_sha256
+
+    for i in range(4):
+        jpeg(tmp_path / "data" / "test" / "a" / f"{i}.png", seed=i)
+    images, cache = read_dataset("folder", tmp_path / "data", "test"), ReferenceStats(tmp_path / "reference")
+    other = tmp_path / "other-inception.pth"
+    torch.save(
+        {k: v * 3 if v.is_floating_point() else v for k, v in torch.load(inception_weights).items()}, other
+    )
+    first, second = (build_extractor(INCEPTION, weights_path=path) for path in (inception_weights, other))
+    assert not reference_statistics(images, extractor=first, resolution=16, cache=cache)[1]
+    assert reference_statistics(images, extractor=first, resolution=16, cache=cache)[1]
+    stats, hit = reference_statistics(images, extractor=second, resolution=16, cache=cache)
+    assert not hit and len(list((tmp_path / "reference").iterdir())) == 2
+    from trainables.evaluation.evaluate import extractor_weights_id
+
+    assert first.weights_id == file_sha256(inception_weights) != second.weights_id
+    recorded = EvaluationConfig(inception_weights=str(other), inception_weights_sha256="ab" * 32)
+    fresh = build_extractor(INCEPTION, weights_path=other)
+    monkeypatch.setattr(features_module, "file_sha256", lambda path: pytest.fail("hashed a known file"))
+    assert extractor_weights_id(fresh, evaluation=recorded) == "ab" * 32

@@ -83,3 +83,62 @@ def test_reference_statistics_are_cached_and_keyed(tmp_path):
     cache.path(key).write_bytes(b"damaged")
     with pytest.raises(ValueError, match="unreadable"):
         cache.load(key)
+
+
+def test_batched_precision_recall_equals_the_full_computation_and_never_holds_n_by_n(monkeypatch):
+    """Precision/recall go block by block (Food-101's 25,250 test images made ~15 GB of N x N float64 matrices):
+    the result is the full matrices' exactly, and no distance block has more rows than PR_BLOCK_ROWS."""
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+    from trainables.evaluation import metrics
+
+    generated, real = gaussian(300, 16, shift=0.2, seed=10), gaussian(260, 16, scale=1.3, seed=11)
+    precision, recall = calculate_precision_recall_full(generated, real, neighborhood=3)
+    cdist, rows = torch.cdist, []
+
+    def recording_cdist(a, b, *args, **kwargs):
+        rows.append(len(a))
+        return cdist(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(metrics, "PR_BLOCK_ROWS", 64, raising=False)  # raising: the full route has no blocks
+    monkeypatch.setattr(torch, "cdist", recording_cdist)
+    out = precision_recall(generated, real, neighborhood=3)
+    assert out == {"precision": precision, "recall": recall} and 0 < recall < 1 and 0 < precision < 1
+    assert rows and max(rows) <= 64
+
+
+def test_kid_subset_size_is_half_the_smaller_set_and_never_shrunk_silently():
+    with pytest.raises(ValueError, match="subset_size 1000 needs 2 <= size <= each set's size"):
+        kid(gaussian(50, 4, seed=12), gaussian(40, 4, seed=13), subset_size=1000)
+    from trainables.evaluation.metrics import kid_subset_size
+
+    assert [kid_subset_size(g, r) for g, r in ((5, 5), (4, 100), (3, 3), (5000, 2500), (50_000, 50_000))] == [
+        2,
+        2,
+        2,
+        1000,
+        1000,
+    ]
+    assert kid_subset_size(40, 30, largest=10) == 10
+    a, b = gaussian(50, 4, seed=12), gaussian(40, 4, seed=13)
+    assert kid(a, b) == kid(a, b, subset_size=20)  # None: the rule's size
+
+
+def test_reference_statistics_of_other_extractor_weights_or_an_older_format_miss(tmp_path):
+    import json
+
+    from trainables.evaluation import metrics
+
+    cache = ReferenceStats(tmp_path)
+    common = dict(
+        dataset="folder", split="test", resolution=16, extractor="inception-v3-compat", num_images=20
+    )
+    key = ReferenceKey(**common, images="c" * 64, weights="a" * 64)
+    cache.save(key, gaussian(20, 6, seed=14).float())
+    other = ReferenceKey(**common, images="c" * 64, weights="b" * 64)
+    assert cache.path(other) != cache.path(key) and cache.load(other) is None and cache.load(key) is not None
+    # Statistics written by the previous format (other pixel decoding) at the same name are recomputed.
+    meta = json.dumps({**metrics.asdict(key), "format": "varsweep-reference-stats/1"})
+    stale = dict(mu=np.zeros(6), sigma=np.eye(6), features=np.zeros((20, 6)))
+    metrics._savez(cache.path(key), meta=np.array(meta), **stale)
+    assert cache.load(key) is None

@@ -139,3 +139,18 @@ def test_a_build_resumed_with_another_shard_size_has_every_token(
         tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=resumed_shard_size
     )
     assert not hit and all(torch.equal(a, b) for a, b in zip(full.views, resumed.views))
+
+
+def test_views_of_high_bit_depth_and_exif_turned_images_are_those_of_the_displayed_picture(tmp_path):
+    """Views come from the 8-bit picture a viewer shows (``datasets.to_rgb``): a 16-bit scan is not clipped to
+    white nor a phone photo left on its side. Caches of the older decoding miss (another format in the key)."""
+    import numpy as np
+    from test_datasets import displayed_images
+
+    spec = ViewSpec(resolution=8, num_views=2, seed=0)
+    for path, pixels in displayed_images(tmp_path).items():
+        with Image.open(path) as image:
+            views = make_views(image, spec=spec, index=3)
+        expected = make_views(Image.fromarray(np.ascontiguousarray(pixels)), spec=spec, index=3)
+        assert torch.equal(views, expected), path.name
+    assert token_cache.CACHE_FORMAT == "varsweep-token-cache/2"

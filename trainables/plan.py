@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.schema import ConfigError, TrialConfig
+from bench.schema import MIN_EVALUATION_IMAGES, ConfigError, TrialConfig
 
 from .audit import included_count
 from .data import offline
@@ -108,9 +108,10 @@ def _class_difference(train: ImageList, evaluation: ImageList) -> str:
 
 
 def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> TrialPlan:
-    """What the trial will do with these split listings: the evaluation split's classes are the training split's,
-    the planned steps, the convergence steps, and under DP the checks that need N (delta vs 1/N, a reachable
-    budget) and the noise multiplier (no files are read; the driver's ``bench.preflight`` and every trial use this)."""
+    """What the trial will do with these split listings: the evaluation split's classes are the training split's
+    and it has the ``MIN_EVALUATION_IMAGES`` an evaluation scores at least, the planned steps, the convergence
+    steps, and under DP the checks that need N (delta vs 1/N, a reachable budget) and the noise multiplier (no
+    files are read; the driver's ``bench.preflight`` and every trial use this)."""
     config.check_launchable()
     train, evaluation = splits
     if train.class_names != evaluation.class_names:
@@ -138,6 +139,14 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
             sampling_rate=p.sampling_rate,
             steps=steps,
             accountant=p.accountant,
+        )
+    if len(evaluation) < MIN_EVALUATION_IMAGES:
+        # The generated images are scored against every real one: precision/recall (k=3) needs 4 real images,
+        # whatever evaluation.num_images says, and would otherwise fail only after training and generation.
+        raise ConfigError(
+            f"data.dataset: {config.data.dataset}'s {evaluation.split} split (data.evaluation_split) has "
+            f"{len(evaluation)} image(s), fewer than the {MIN_EVALUATION_IMAGES} an evaluation needs: add images "
+            "or choose another split"
         )
     return TrialPlan(
         len(train),

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets as tv
 from torchvision.transforms import v2 as T
@@ -36,6 +36,9 @@ from torchvision.transforms import v2 as T
 from bench.errors import VarsweepError
 
 SPLITS = ("train", "test")
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels are turned for display
+# ``check_images``' kept outcomes: 2 since ``to_rgb`` (EXIF orientation, high bit depths) decides readability.
+CHECK_FORMAT = "v2"
 
 
 class DatasetError(VarsweepError):
@@ -334,7 +337,7 @@ def _check_record(images: ImageList, cache_dir: str | Path | None) -> Path | Non
     if cache_dir is None:
         return None
     try:
-        return Path(cache_dir) / "image-checks" / f"{images.fingerprint()}.json"
+        return Path(cache_dir) / "image-checks" / f"{CHECK_FORMAT}-{images.fingerprint()}.json"
     except (OSError, DatasetError):
         return None
 
@@ -354,11 +357,43 @@ def _unreadable(images: ImageList, indices) -> dict[int, str]:
     for i in indices:
         path = images.paths[i]
         try:
-            with Image.open(path) as image:
-                image.convert("RGB").load()
+            open_rgb(path)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
             bad[i] = f"{path}: {err}"
     return bad
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image file at ``path`` decoded by ``to_rgb`` (8-bit RGB, as displayed), closed again."""
+    with Image.open(path) as image:
+        return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB as a viewer shows it: turned upright by its EXIF orientation, and one-channel
+    16/32-bit integer or float pixels rescaled to 8 bits (PIL's ``convert("RGB")`` clips them at 255, so a
+    16-bit scan came out almost white). Every reader of dataset pixels (training, token caches, reference
+    statistics, image checks) decodes through here; changing its output means bumping
+    ``token_cache.CACHE_FORMAT``, ``metrics.REFERENCE_FORMAT`` and ``CHECK_FORMAT`` so old caches miss."""
+    # The full scale is read before turning: a turned copy loses the TIFF tags that give a mode-I bit depth.
+    full_scale = _full_scale(image) if image.mode in ("I", "F") or image.mode.startswith("I;16") else None
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if full_scale is not None:
+        pixels = np.asarray(image, dtype=np.float64) * (255.0 / full_scale)
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def _full_scale(image: Image.Image) -> float:
+    """The pixel value shown as white in a one-channel high-depth image: 1.0 for floats (the usual [0, 1]
+    convention), 2**16 - 1 for PIL's 16-bit modes and for mode I (how 16-bit PNG and PGM files open), 2**31 - 1
+    for a TIFF whose BitsPerSample tag (258) gives its mode-I pixels more than 16 bits."""
+    if image.mode == "F":
+        return 1.0
+    bits = getattr(image, "tag_v2", {}).get(258, 16) if image.mode == "I" else 16
+    bits = bits[0] if isinstance(bits, tuple) else bits  # one entry per channel in some TIFFs
+    return float(2**31 - 1 if bits > 16 else 2**16 - 1)  # mode I is signed 32-bit: 2**31 - 1 is its top
 
 
 def train_transform(resolution: int = 256, *, resize_ratio: float = 288 / 256) -> Callable:
@@ -399,8 +434,7 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.images.paths[index]
         try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
+            rgb = open_rgb(path)
         except (OSError, UnidentifiedImageError) as err:
             raise DatasetError(f"cannot read image {path}: {err}") from err
         return self.transform(rgb), self.images.labels[index]

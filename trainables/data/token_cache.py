@@ -33,10 +33,12 @@ from torchvision.transforms.v2 import functional as TF
 from ..models import VQVAE
 from ..models.checkpoints import atomic_write, file_lock
 from ..progress import Log, Progress
-from .datasets import DatasetError, ImageList
+from .datasets import DatasetError, ImageList, to_rgb
 from .tokens import TokenViews
 
-CACHE_FORMAT = "varsweep-token-cache/1"
+# 2: images decode through ``datasets.to_rgb`` (EXIF orientation, 16-bit and float pixels rescaled, not clipped),
+# so views of some images differ from version 1's and its caches must miss.
+CACHE_FORMAT = "varsweep-token-cache/2"
 PROGRESS_FORMAT = "varsweep-token-cache-progress/2"
 RESIZE_RATIO = 288 / 256
 
@@ -84,7 +86,7 @@ def cache_key(images: ImageList, vqvae: VQVAE, spec: ViewSpec) -> dict:
 def make_views(image: Image.Image, *, spec: ViewSpec, index: int) -> torch.Tensor:
     """The ``num_views`` cached views of image ``index`` [V, 3, R, R] in [-1, 1]; deterministic in (spec, index)."""
     resized = TF.resize(
-        image.convert("RGB"),
+        to_rgb(image),
         round(spec.resolution * spec.resize_ratio),
         interpolation=T.InterpolationMode.LANCZOS,
     )

@@ -51,6 +51,7 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, *, classes: int = len(offline.DIGIT_CLASSES)):
         super().__init__()
+        self.weights_id: str | None = None  # the cached weights' SHA-256, set by ``digit_classifier``
         # Like Inception-v3's pool3 features (the paper's extractor): the last convolutions' channels averaged over
         # positions, so the features describe which strokes are drawn rather than the exact pixels they sit on.
         self.body = nn.Sequential(
@@ -202,6 +203,7 @@ def digit_classifier(
         )
     model = DigitsCNN()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.weights_id = record["weights_sha256"]  # as a feature extractor: keys its reference statistics
     return model.to(device).eval().requires_grad_(False), record
 
 

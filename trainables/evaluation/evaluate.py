@@ -8,8 +8,8 @@ Also a standalone command for a saved checkpoint (base + adapter, or a merged ch
         --inception-weights /weights/weights-inception-2015-12-05-6726825d.pth --out runs/eval
 
 Every bad input (a missing or corrupt checkpoint, a --depth/--num-classes that disagrees with the checkpoint's
-sidecar, a bad dataset folder, an out-of-range option) ends in exit status 2 and one last line ``error: ...``
-before any model is loaded or image generated.
+sidecar, a bad dataset folder, a split of more classes than the model or fewer than 4 images, an out-of-range
+option) ends in exit status 2 and one last line ``error: ...`` before any model is loaded or image generated.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from bench.cli import Parser, number, probe_folder, run_reporting
 from bench.errors import VarsweepError
 from bench.schema import MIN_EVALUATION_IMAGES, EvaluationConfig, OptimizationConfig, ResourcesConfig
 
-from ..data.datasets import ImageList, check_images, eval_transform, read_dataset
+from ..data.datasets import ImageList, check_images, eval_transform, open_rgb, read_dataset
 from ..models import VAR, VQVAE
 from ..models.checkpoints import CheckpointError, checkpoint_sha256, read_sidecar, sidecar_path
 from ..profiling import PETA, count_flops
@@ -45,11 +44,13 @@ from .features import (
 )
 from .generate import generate, generation_plan, sampling_record
 from .metrics import (
+    KID_MAX_SUBSET_SIZE,
     ReferenceKey,
     ReferenceStats,
     fid_from_statistics,
     gaussian_statistics,
     kid,
+    kid_subset_size,
     precision_recall,
 )
 
@@ -57,23 +58,28 @@ from .metrics import (
 @dataclass(frozen=True)
 class ScoringSettings:
     """How generated images are scored beyond the trial config (recorded with every result, with the extractor,
-    resolution and image count): k of the precision/recall neighbourhoods, KID's subsets and their size."""
+    resolution and image count): k of the precision/recall neighbourhoods, KID's subsets and the largest subset
+    size; the size used is ``metrics.kid_subset_size``'s (half the smaller set, at most this) and is the one
+    recorded, on every path (a trial's evaluations and the standalone command)."""
 
     neighborhood: int = 3
     kid_subsets: int = 100
-    kid_subset_size: int = 1000
+    kid_subset_size: int = KID_MAX_SUBSET_SIZE
+
+
+class EvaluationError(VarsweepError):
+    """A bad input of an evaluation (the standalone command's, or a split the model cannot be scored on); the
+    message names the option, file or split and the problem."""
 
 
 def real_images_uint8(images: ImageList, resolution: int, *, batch_size: int = 64):
     """The split's images, resized and centre-cropped as for evaluation, as uint8 batches [B, 3, R, R]."""
     transform = eval_transform(resolution)
     for start in range(0, len(images), batch_size):
-        batch = []
-        for path in images.paths[start : start + batch_size]:
-            with Image.open(path) as image:
-                batch.append(
-                    transform(image.convert("RGB")).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-                )
+        batch = [
+            transform(open_rgb(path)).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+            for path in images.paths[start : start + batch_size]
+        ]
         yield torch.stack(batch)
 
 
@@ -84,11 +90,19 @@ def reference_statistics(
     resolution: int,
     cache: ReferenceStats,
     device: torch.device | str = "cpu",
+    weights_id: str | None = None,
 ) -> tuple[dict, bool]:
-    """(mu, sigma, features) of the real split at ``resolution`` pixels, computed once per (dataset, split,
-    resolution, extractor)."""
+    """((mu, sigma, features) of the real split at ``resolution`` pixels, whether they were cached), computed once
+    per (dataset, split, resolution, extractor and its weights, images). ``weights_id``: the extractor's weights
+    when the caller knows them (``extractor_weights_id``; default: the extractor's own ``weights_id``)."""
     key = ReferenceKey(
-        images.name, images.split, resolution, extractor.name, len(images), images.fingerprint()
+        images.name,
+        images.split,
+        resolution,
+        extractor.name,
+        len(images),
+        images.fingerprint(),
+        weights_id or extractor_weights_id(extractor),
     )
     cached = cache.load(key)
     if cached is not None:
@@ -118,14 +132,25 @@ def evaluate(
     ``feature_extractor``: the built extractor (default: built from ``evaluation.extractor`` and
     ``evaluation.inception_weights``). ``classifier`` (model, record) adds the class accuracy of the generated
     images (does each show its class?)."""
+    check_split_fits(images, num_classes=var.num_classes, model="the VAR")
     device = next(var.parameters()).device
     resolution = vqvae.image_size
     feature_extractor = (
-        feature_extractor or build_extractor(evaluation.extractor, weights_path=evaluation.inception_weights)
+        feature_extractor
+        or build_extractor(
+            evaluation.extractor,
+            weights_path=evaluation.inception_weights,
+            weights_sha256=evaluation.inception_weights_sha256,
+        )
     ).to(device)
     started = time.perf_counter()
     reference, hit = reference_statistics(
-        images, extractor=feature_extractor, resolution=resolution, cache=cache, device=device
+        images,
+        extractor=feature_extractor,
+        resolution=resolution,
+        cache=cache,
+        device=device,
+        weights_id=extractor_weights_id(feature_extractor, evaluation=evaluation),
     )
     reference_seconds = time.perf_counter() - started
     plan = generation_plan(list(images.class_counts.values()), total=evaluation.num_images)
@@ -144,18 +169,20 @@ def evaluate(
     progress = Progress("evaluation", "scoring", 1, log=log)
     features = extract_features(feature_extractor, uint8_batches(generated), device=device)
     real = torch.from_numpy(reference["features"]).double()
+    subset_size = kid_subset_size(len(features), len(real), largest=scoring.kid_subset_size)
     metrics = {
         "fid": fid_from_statistics(
             gaussian_statistics(features), {"mu": reference["mu"], "sigma": reference["sigma"]}
         ),
         **precision_recall(features, real, neighborhood=scoring.neighborhood),
-        **kid(features, real, subsets=scoring.kid_subsets, subset_size=scoring.kid_subset_size),
+        **kid(features, real, subsets=scoring.kid_subsets, subset_size=subset_size),
     }
     recorded = {
         "extractor": feature_extractor.name,
         "resolution": resolution,
         "num_images": evaluation.num_images,
         **asdict(scoring),
+        "kid_subset_size": subset_size,  # the size used, not the setting's upper bound
     }
     if classifier is not None:
         model, record = classifier
@@ -187,6 +214,45 @@ def evaluate(
     }
 
 
+def check_split_fits(images: ImageList, *, num_classes: int, model: str) -> None:
+    """Refuse a split the model cannot be scored on, before anything is generated: more classes than the model
+    has (label ``num_classes`` is VAR's unconditional class, so the split's class ``num_classes`` would be drawn
+    unconditionally, silently) or fewer images than precision/recall can score (``MIN_EVALUATION_IMAGES``)."""
+    classes = len(images.class_names)
+    if classes > num_classes:
+        raise EvaluationError(
+            f"{images.name} {images.split}: the split has {classes} classes but {model} has {num_classes} (label "
+            f"{num_classes} is its unconditional class): evaluate on the split it was trained for"
+        )
+    if len(images) < MIN_EVALUATION_IMAGES:
+        raise EvaluationError(
+            f"{images.name} {images.split}: {len(images)} image(s), fewer than the {MIN_EVALUATION_IMAGES} "
+            "that precision/recall (k=3) needs: use a larger split"
+        )
+
+
+def extractor_weights_id(extractor, *, evaluation: EvaluationConfig | None = None) -> str:
+    """Which weights ``extractor`` runs (``ReferenceKey.weights``). Inception loaded from ``evaluation``'s own
+    file with a known ``inception_weights_sha256`` (a trial's: the driver hashed the file and the trial checked it
+    before loading, ``trainables.assets.verify_content``) takes that value; any other extractor its
+    ``weights_id`` (Inception: the file hashed once; the digit classifier: its record's ``weights_sha256``)."""
+    e = evaluation
+    if (
+        e is not None
+        and e.inception_weights_sha256
+        and extractor.name == INCEPTION
+        and Path(extractor.weights_path) == Path(e.inception_weights)
+    ):
+        return e.inception_weights_sha256
+    weights_id = getattr(extractor, "weights_id", None)
+    if not weights_id:
+        raise ValueError(
+            f"feature extractor {extractor.name!r} does not say which weights it runs (weights_id), so its "
+            "reference statistics cannot be keyed: build it with build_extractor"
+        )
+    return weights_id
+
+
 def _sampling_flops_per_image(var: VAR, vqvae: VQVAE, *, label: int, evaluation: EvaluationConfig) -> int:
     """FLOPs of generating one image (both CFG branches, all scales, VQVAE decoding); linear in the batch."""
     device = next(var.parameters()).device
@@ -201,10 +267,6 @@ def _sampling_flops_per_image(var: VAR, vqvae: VQVAE, *, label: int, evaluation:
         )
     )
     return flops
-
-
-class EvaluationError(VarsweepError):
-    """A bad input of the standalone evaluation command; the message names the option or file and the problem."""
 
 
 def _parser() -> Parser:
@@ -309,8 +371,7 @@ def _main(argv: list[str] | None) -> int:
     for option in ("var", "vqvae"):
         if not Path(getattr(args, option)).is_file():
             raise EvaluationError(f"--{option} {getattr(args, option)}: no such checkpoint file")
-    if args.adapter is not None:
-        _check_adapter(args.adapter)
+    adapter_classes = None if args.adapter is None else _check_adapter(args.adapter)
     if args.extractor == INCEPTION and (
         args.inception_weights is None or not Path(args.inception_weights).is_file()
     ):
@@ -324,7 +385,14 @@ def _main(argv: list[str] | None) -> int:
     var_architecture = _var_architecture(args)
     vqvae_architecture = _saved_architecture(args.vqvae, kind="vqvae") or {}
     out, cache = _writable_folder(args.out, "--out"), _writable_folder(args.cache, "--cache")
-    images, _ = check_images(read_dataset(args.dataset, args.root, args.split))
+    images = read_dataset(args.dataset, args.root, args.split)
+    # The model's class count is known from the sidecars: a split it cannot be scored on stops here, before
+    # the images are decoded and any model is loaded (evaluate checks the loaded model again).
+    if adapter_classes is not None:
+        check_split_fits(images, num_classes=adapter_classes, model=f"--adapter {args.adapter}")
+    elif var_architecture.get("num_classes") is not None:
+        check_split_fits(images, num_classes=var_architecture["num_classes"], model=f"--var {args.var}")
+    images, _ = check_images(images)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extractor = build_extractor(
         args.extractor, weights_path=args.inception_weights, cache_dir=cache
@@ -356,18 +424,23 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def _check_adapter(adapter: str) -> None:
+def _check_adapter(adapter: str) -> int | None:
     """--adapter: an ``adapter.pt`` file, or a peft adapter folder whose files and provenance are checked here,
-    before any model is loaded (the tensors are checked against the base when applied)."""
+    before any model is loaded (the tensors are checked against the base when applied). Returns the adapted
+    model's class count as its sidecar or provenance records it (None where it records none)."""
     if Path(adapter).is_dir():
         from ..peft_format import read_provenance  # peft: imported only when an adapter is applied
 
-        read_provenance(adapter)
-    elif not Path(adapter).is_file():
+        adaptation = read_provenance(adapter)[0].get("adaptation")
+    elif Path(adapter).is_file():
+        adaptation = ((read_sidecar(adapter) or {}).get("metadata") or {}).get("adaptation")
+    else:
         raise EvaluationError(
             f"--adapter {adapter}: no such checkpoint file or peft adapter folder (adapter.pt, or the "
             "adapter-peft/ folder beside it)"
         )
+    classes = adaptation.get("num_classes") if isinstance(adaptation, dict) else None
+    return classes if isinstance(classes, int) else None
 
 
 def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:

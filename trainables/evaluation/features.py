@@ -9,7 +9,8 @@
   name is recorded in every result and tables never mix extractors.
 - ``digits-cnn-v1``: the 128-d penultimate layer of a digit classifier trained once on the digits train split
   (``classifier.py``); for the offline digits only, where it measures what a reader of digits sees.
-Extractors take uint8 images [B, 3, H, W] and return float32 features [B, D].
+Extractors take uint8 images [B, 3, H, W] and return float32 features [B, D]. Each has a ``name`` and a
+``weights_id`` (which weights: cached reference statistics are keyed by both).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.schema import DIGITS_EXTRACTOR, EXTRACTORS, INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR
+
+from ..models.checkpoints import file_sha256
 
 INCEPTION, SUBSTITUTE, DIGITS_CNN = (
     INCEPTION_EXTRACTOR,
@@ -38,6 +41,7 @@ class RandomConvFeatures(nn.Module):
 
     def __init__(self, *, seed: int = 0):
         super().__init__()
+        self.weights_id = f"seed-{seed}"  # the weights are the seed's draw
         generator = torch.Generator().manual_seed(seed)
         widths = (3, 32, 64, 128)
         self.convs = nn.ModuleList(
@@ -67,7 +71,9 @@ class InceptionFeatures(nn.Module):
 
     name = INCEPTION
 
-    def __init__(self, weights_path: str | Path):
+    def __init__(self, weights_path: str | Path, *, sha256: str | None = None):
+        """``sha256``: the file's SHA-256 when the caller knows it (a trial's ``inception_weights_sha256``);
+        else it is hashed on first use of ``weights_id``."""
         super().__init__()
         path = Path(weights_path)
         if not path.is_file():
@@ -82,15 +88,29 @@ class InceptionFeatures(nn.Module):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.net = FeatureExtractorInceptionV3(INCEPTION, ["2048"], feature_extractor_weights_path=str(path))
+        self.weights_path, self._sha256 = path, sha256
+
+    @property
+    def weights_id(self) -> str:
+        """SHA-256 of the weights file (~100 MB: hashed once per extractor, a fraction of a second)."""
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.weights_path)
+        return self._sha256
 
     def forward(self, images_B3HW: torch.Tensor) -> torch.Tensor:
         return self.net(images_B3HW)[0]
 
 
 def build_extractor(
-    name: str, *, weights_path: str | Path | None = None, cache_dir: str | Path | None = None, log=None
+    name: str,
+    *,
+    weights_path: str | Path | None = None,
+    weights_sha256: str | None = None,
+    cache_dir: str | Path | None = None,
+    log=None,
 ) -> nn.Module:
-    """The extractor ``name``: Inception needs ``weights_path``; the digit classifier is built in ``cache_dir``."""
+    """The extractor ``name``: Inception needs ``weights_path`` (``weights_sha256``: its known SHA-256, saving a
+    hash); the digit classifier is built in ``cache_dir``."""
     if name == DIGITS_CNN:
         if cache_dir is None:
             raise ValueError(f"{DIGITS_CNN} is trained once into a cache folder: pass cache_dir")
@@ -102,7 +122,7 @@ def build_extractor(
             raise ValueError(
                 f"{INCEPTION} needs weights_path (the local {INCEPTION_WEIGHTS_FILE}); offline runs may use {SUBSTITUTE!r}"
             )
-        return InceptionFeatures(weights_path)
+        return InceptionFeatures(weights_path, sha256=weights_sha256)
     if name == SUBSTITUTE:
         return RandomConvFeatures()
     raise ValueError(f"unknown feature extractor {name!r}; known: {list(EXTRACTORS)}")

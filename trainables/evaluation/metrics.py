@@ -17,11 +17,17 @@ import numpy as np
 import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
-from torch_fidelity.metric_prc import calculate_precision_recall_full
+from torch_fidelity.metric_prc import calculate_precision_recall_part
 
 from ..models.checkpoints import atomic_write
 
-REFERENCE_FORMAT = "varsweep-reference-stats/1"
+# 2: the key names the extractor's weights, and real images decode through ``datasets.to_rgb`` (EXIF orientation,
+# 16-bit and float pixels rescaled), so version-1 statistics of some splits are stale: they miss and are rebuilt.
+REFERENCE_FORMAT = "varsweep-reference-stats/2"
+# Rows of one block of pairwise distances in precision/recall: a block is [PR_BLOCK_ROWS, N] float64, ~200 MB at
+# Food-101's 25,250 test images, where the full matrices were N x N (5 GB each, ~15 GB together).
+PR_BLOCK_ROWS = 1024
+KID_MAX_SUBSET_SIZE = 1000  # the usual KID subset size, an upper bound here (``kid_subset_size``)
 
 
 def _check_features(generated_ND: torch.Tensor, real_MD: torch.Tensor, *, minimum: int) -> None:
@@ -59,10 +65,21 @@ def precision_recall(
     k-th-nearest-neighbour radius of some member of that set. Precision: generated samples covered by the real
     set; recall: real samples covered by the generated set."""
     _check_features(generated_ND, real_MD, minimum=neighborhood + 1)
-    precision, recall = calculate_precision_recall_full(
-        generated_ND.detach().cpu().double(), real_MD.detach().cpu().double(), neighborhood=neighborhood
+    # Block by block (torch-fidelity's low-memory route): the same distances and radii as the full matrices.
+    precision, recall = calculate_precision_recall_part(
+        generated_ND.detach().cpu().double(),
+        real_MD.detach().cpu().double(),
+        neighborhood=neighborhood,
+        batch_size=PR_BLOCK_ROWS,
     )
     return {"precision": float(precision), "recall": float(recall)}
+
+
+def kid_subset_size(generated: int, real: int, *, largest: int = KID_MAX_SUBSET_SIZE) -> int:
+    """KID's subset size for sets of ``generated`` and ``real`` images: half the smaller set, at most ``largest``,
+    at least 2 (the unbiased MMD needs two). Half, so that random subsets of a small set differ and ``kid_std``
+    measures something (subsets of the whole set are all the same set: std 0)."""
+    return max(2, min(largest, min(generated, real) // 2))
 
 
 def kid(
@@ -70,12 +87,20 @@ def kid(
     real_MD: torch.Tensor,
     *,
     subsets: int = 100,
-    subset_size: int = 1000,
+    subset_size: int | None = None,
     seed: int = 2020,
 ) -> dict[str, float]:
-    """Kernel Inception Distance (cubic polynomial kernel, unbiased MMD^2 over random subsets)."""
-    subset_size = min(subset_size, len(generated_ND), len(real_MD))
+    """Kernel Inception Distance (cubic polynomial kernel, unbiased MMD^2 over ``subsets`` random subsets of
+    ``subset_size`` samples per set; None: ``kid_subset_size``'s rule). A size above either set's is refused,
+    never shrunk silently (the recorded size must be the one used)."""
     _check_features(generated_ND, real_MD, minimum=2)
+    if subset_size is None:
+        subset_size = kid_subset_size(len(generated_ND), len(real_MD))
+    if not 2 <= subset_size <= min(len(generated_ND), len(real_MD)):
+        raise ValueError(
+            f"KID subset_size {subset_size} needs 2 <= size <= each set's size ({len(generated_ND)} generated, "
+            f"{len(real_MD)} real); kid_subset_size() gives a size that fits"
+        )
     out = kid_features_to_metric(
         generated_ND.detach().cpu().double(),
         real_MD.detach().cpu().double(),
@@ -102,9 +127,15 @@ class ReferenceKey:
     # ``ImageList.fingerprint()``: every (path, label, size, mtime) and sampled file bytes, so two folders with equal
     # names and counts never collide and pixels replaced at the same path miss.
     images: str = ""
+    # The extractor's weights (``evaluate.extractor_weights_id``: the Inception file's SHA-256, the digit
+    # classifier's weights_sha256, the substitute's seed): statistics of one weights file never serve another.
+    weights: str = ""
 
     def file_name(self) -> str:
-        return f"{self.dataset}-{self.split}-{self.resolution}px-{self.extractor}-{self.num_images}-{self.images[:12]}.npz"
+        return (
+            f"{self.dataset}-{self.split}-{self.resolution}px-{self.extractor}-{self.num_images}-{self.images[:12]}"
+            f"-{self.weights[:12]}.npz"
+        )
 
 
 class ReferenceStats:
@@ -129,6 +160,8 @@ class ReferenceStats:
                 f"reference statistics {path} are unreadable ({err}); delete the file to recompute"
             ) from err
         meta = json.loads(str(record.pop("meta")))
+        if meta.get("format") != REFERENCE_FORMAT:  # an older format's pixels or key may differ: recomputed
+            return None
         if meta != {"format": REFERENCE_FORMAT, **asdict(key)}:
             raise ValueError(f"reference statistics {path} were written for {meta}, not {asdict(key)}")
         return record
