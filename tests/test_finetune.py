@@ -10,10 +10,24 @@ import pytest
 import torch
 from conftest import TINY_VAR, TINY_VQVAE
 
-from bench.schema import EvaluationConfig, MethodConfig, OptimizationConfig, PrivacyConfig, ResourcesConfig
+from bench.schema import (
+    ConfigError,
+    EvaluationConfig,
+    MethodConfig,
+    OptimizationConfig,
+    PrivacyConfig,
+    ResourcesConfig,
+)
 from trainables.data import offline
 from trainables.data.tokens import TokenViews
-from trainables.finetune import Checkpointing, Prior, RunPlan, finetune, training_autocast
+from trainables.finetune import (
+    Checkpointing,
+    Prior,
+    RunPlan,
+    TrainingDiverged,
+    finetune,
+    training_autocast,
+)
 from trainables.methods import adapt, trainable_parameters
 from trainables.models import build_var, build_vqvae
 from trainables.pretrain import Schedule, encode_tokens, token_nll, train_vqvae
@@ -244,6 +258,54 @@ def test_non_dp_finetune_under_two_processes_matches_one(tmp_path):
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for name, value in single.items():
         torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")  # noqa: B023
+
+
+def _tiny_uneven_finetune(batch_size: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The trainable parameters and history of 3 logged non-DP steps on batches of ``batch_size``."""
+    data, vqvae, var = _tiny_lora_setup()
+    history: list[dict] = []
+    finetune(
+        var,
+        vqvae,
+        data,
+        optimization=optimization(3, learning_rate=1e-2, batch_size=batch_size, class_dropout=0.0),
+        method=MethodConfig(name="lora", lora_rank=4),
+        plan=RunPlan(planned_steps=3, log_every=1),
+        log=history.append,
+    )
+    return {n: p.detach().clone() for n, p in trainable_parameters(var).items()}, history
+
+
+def _ddp_uneven_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        torch.save(_tiny_uneven_finetune(5), f"{result_file}.{rank}")
+        with pytest.raises(ConfigError, match="optimization.batch_size: 1 examples cannot be shared by 2"):
+            _tiny_uneven_finetune(1)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_non_dp_ddp_with_a_batch_the_world_does_not_divide_matches_one_process(tmp_path):
+    """A batch of 5 on 2 ranks is split 3 + 2: each rank's mean is weighted by its share, so the averaged gradient
+    is the whole batch's mean (per-rank means averaged weighted the 2 examples as 3), and every rank logs the
+    whole batch's loss, not its own shard's. A batch smaller than the world is refused before compute."""
+    single, single_history = _tiny_uneven_finetune(5)
+    torch.multiprocessing.spawn(
+        _ddp_uneven_worker,
+        args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "uneven")),
+        nprocs=2,
+        join=True,
+    )
+    for rank in (0, 1):
+        params, history = torch.load(tmp_path / f"uneven.{rank}", weights_only=True)
+        for name, value in single.items():
+            torch.testing.assert_close(
+                params[name], value, rtol=1e-4, atol=1e-5, msg=f"{name} on rank {rank}"
+            )
+        assert [e["loss"] for e in history] == pytest.approx([e["loss"] for e in single_history], rel=1e-5)
 
 
 def _average_gradients_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
@@ -535,6 +597,124 @@ def test_resume_across_dp_and_non_dp_is_refused_before_compute(digits_setup):
     _run_with_checkpoints(digits_setup, privacy=None, states=plain_states)
     with pytest.raises(ValueError, match=r"saved by a non-DP run, but this run is DP"):
         _run_with_checkpoints(digits_setup, privacy=DP_RESUME, resume=plain_states[0])
+
+
+def _tiny_checkpointed_run(
+    *, learning_rate: float = 1e-2, resume=None, identity=None, save=None, steps: int = 6
+) -> dict[str, torch.Tensor]:
+    """A tiny non-DP LoRA run saving every 2 steps through ``save``; returns its trainable parameters."""
+    data, vqvae, var = _tiny_lora_setup()
+    finetune(
+        var,
+        vqvae,
+        data,
+        optimization=optimization(steps, learning_rate=learning_rate, batch_size=8, seed=3),
+        method=MethodConfig(name="lora", lora_rank=4),
+        plan=RunPlan(planned_steps=steps, log_every=1),
+        checkpointing=Checkpointing(
+            save=save or (lambda state: None),
+            resources=resources(every_steps=2, every_fraction=1.0),
+            resume=resume,
+            **({} if identity is None else {"identity": identity}),
+        ),
+    )
+    return {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
+
+
+def test_a_state_names_its_training_and_another_training_refuses_it():
+    """A training state carries what defines its training (the caller's identity, else a hash of the sections) and
+    the planned steps: another trial's state (other learning rate, other plan) is refused before compute, naming
+    both; a state from before states carried them still resumes, bit-identically, unless its step is past the plan."""
+    states: list[dict] = []
+    whole = _tiny_checkpointed_run(save=lambda state: states.append(copy.deepcopy(state)))
+    state = states[0]
+    assert state["step"] == 2 and state["planned_steps"] == 6 and len(state["identity"]) == 16
+    with pytest.raises(
+        ValueError, match=rf"saved by training '{state['identity']}' of 6 planned.*this run is '"
+    ):
+        _tiny_checkpointed_run(learning_rate=5e-2, resume=state)
+    with pytest.raises(ValueError, match=r"of 6 planned steps, but this run is .* of 8 planned steps"):
+        _tiny_checkpointed_run(resume=state, steps=8)
+    named: list[dict] = []
+    _tiny_checkpointed_run(identity="trial-a", save=named.append)
+    assert named[0]["identity"] == "trial-a"
+    with pytest.raises(ValueError, match=r"saved by training 'trial-a' .* this run is 'trial-b'"):
+        _tiny_checkpointed_run(identity="trial-b", resume=named[0])
+    older = {key: value for key, value in state.items() if key not in ("identity", "planned_steps")}
+    resumed = _tiny_checkpointed_run(resume=older)
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    with pytest.raises(ValueError, match=r"checkpoint is at step 7, past this run's 6 planned steps"):
+        _tiny_checkpointed_run(resume={**older, "step": 7})
+
+
+def test_a_kept_state_holds_its_own_step_s_optimizer_state():
+    """torch's ``optimizer.state_dict()`` holds the live moment and step tensors: a save callback that keeps the
+    dict (a Ray report may hold it while training goes on) must still hold the state of the step it was saved at,
+    and resume as the whole run did."""
+    kept: list[dict] = []
+    snapshots: list[dict] = []
+    whole = _tiny_checkpointed_run(
+        save=lambda state: kept.append(state) or snapshots.append(copy.deepcopy(state))
+    )
+    assert [s["step"] for s in kept] == [2, 4]
+    for state, snapshot in zip(kept, snapshots):
+        for index, moments in state["optimizer"]["state"].items():
+            for key, value in moments.items():
+                assert torch.equal(value, snapshot["optimizer"]["state"][index][key]), (state["step"], key)
+    assert int(kept[0]["optimizer"]["state"][0]["step"]) == 2
+    resumed = _tiny_checkpointed_run(resume=kept[0])
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
+# A learning rate and weight decay whose first step overflows every parameter (AdamW multiplies by 1 - lr * wd).
+OVERFLOWING = {"learning_rate": 1e37, "weight_decay": 100.0, "global_clip_norm": None}
+
+
+def _diverging_run(*, private: bool, steps: int, log_every: int, every: int, saved: list[int]) -> None:
+    data, vqvae, var = _tiny_lora_setup()
+    finetune(
+        var,
+        vqvae,
+        data,
+        optimization=optimization(steps, batch_size=8, **OVERFLOWING),
+        method=MethodConfig(name="lora", lora_rank=4),
+        plan=RunPlan(planned_steps=steps, log_every=log_every),
+        privacy=PrivacyConfig(target_epsilon=8, sampling_rate=0.5, max_grad_norm=1.0) if private else None,
+        debug_seed=0 if private else None,
+        checkpointing=Checkpointing(
+            save=lambda state: saved.append(state["step"]),
+            resources=resources(every_steps=every, every_fraction=1.0),
+        ),
+    )
+
+
+@pytest.mark.parametrize("private", (False, True))
+@pytest.mark.parametrize(
+    "steps, log_every, every, caught",
+    [
+        (3, 1, 1000, "logged"),  # the logged loss without DP; the parameters at a logging step under DP
+        (3, 1000, 1, "parameters became non-finite at step 1"),  # the state about to be saved
+        (1, 1000, 1000, "parameters became non-finite at step 1"),  # after the final step
+    ],
+    ids=("at-a-logging-step", "before-a-save", "after-the-final-step"),
+)
+def test_a_diverged_run_stops_naming_the_step_and_saves_no_diverged_state(
+    private, steps, log_every, every, caught
+):
+    """A run whose parameters overflow raises ``TrainingDiverged`` naming the step and the setting to lower, and
+    saves no state of the diverged model (a retry would resume it): caught by the logged loss (without DP), the
+    parameters at a logging step (under DP the loss is private, the noised parameters public), the state about to
+    be saved, or the parameters after the final step (its update follows the last logged loss)."""
+    if caught == "logged":
+        caught = (
+            "parameters became non-finite at step 1"
+            if private
+            else "the loss and the grad_norm became non-finite at step 2"
+        )
+    saved: list[int] = []
+    with pytest.raises(TrainingDiverged, match=caught + r".*lower optimization.learning_rate"):
+        _diverging_run(private=private, steps=steps, log_every=log_every, every=every, saved=saved)
+    assert saved == []
 
 
 def test_bf16_autocast_is_off_for_ghost_clipping_only():

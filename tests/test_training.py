@@ -7,14 +7,17 @@ import torch
 from conftest import TINY_VAR, TINY_VQVAE
 from torch import nn
 
+from trainables import progress as progress_module
 from trainables.data import offline
 from trainables.models import KVCache, build_var, build_vqvae
 from trainables.pretrain import Schedule, encode_tokens, reconstruction_mse, train_vqvae
+from trainables.progress import Progress
 from trainables.training import (
     apply_class_dropout,
     build_optimizer,
     lr_at,
     parameter_groups,
+    record_history,
     teacher_forcing_batch,
     token_cross_entropy,
     var_training_step,
@@ -120,6 +123,32 @@ def test_lr_schedule():
     kw = dict(base_lr=1.0, total_steps=100, warmup_steps=10, min_ratio=0.1)
     assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
     assert lr_at(100, **kw) == pytest.approx(0.1) and lr_at(55, **kw) == pytest.approx(0.55)
+
+
+def test_history_keeps_six_significant_digits():
+    """The last steps of a cosine schedule at lr 1e-4 and a small prior KL are logged, not read as 0.0 (six
+    decimal places kept ~2 digits of 2.5e-8); counts stay integers."""
+    history: list[dict] = []
+    record_history(
+        history, None, step=990, started=0.0, lr=2.467198e-08, prior_kl=3.2e-7, loss=4.1589423, codes=3
+    )
+    entry = history[0]
+    assert entry["lr"] == 2.4672e-08 and entry["prior_kl"] == 3.2e-07 and entry["loss"] == 4.15894
+    assert entry["codes"] == 3 and isinstance(entry["codes"], int) and entry["step"] == 991
+
+
+def test_progress_eta_rates_only_the_steps_done_since_its_start(monkeypatch):
+    """A run resumed at step 8 of 12 that takes 1 s for step 9 has 3 steps (3 s) left: the rate divides the time
+    since the resume by the steps since the resume, not by all 9."""
+    now = {"t": 100.0}
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: now["t"])
+    lines: list[str] = []
+    progress = Progress("training", "step", 12, log=lines.append, every_seconds=0.0, start=8)
+    now["t"] += 1.0
+    progress.update(9)
+    assert lines == ["[training] step 9/12 (75%), 1 s, ETA 3 s"]
+    progress.update(8)  # nothing done since the start yet: no rate, no ETA
+    assert lines[-1] == "[training] step 8/12 (67%), 1 s"
 
 
 def test_every_linear_layer_is_called_as_a_module(tiny_var, tiny_vqvae):

@@ -3,8 +3,10 @@ fail before anything starts."""
 
 from __future__ import annotations
 
+import copy
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,15 @@ from bench.launcher import Launch, SweepError, check_sweep, run_sweep
 from bench.results import ResultStore
 from bench.schema import NON_DP_ONLY, ConfigError, PrivacyConfig, TrialConfig, check_result, replace
 from bench.sweeps import build_sweep
+from trainables import finetune as finetune_module
 from trainables import privacy
+from trainables import trial as trial_module
 from trainables.data.datasets import DatasetError
 from trainables.evaluation import evaluate as evaluate_module
 from trainables.evaluation.generate import generate
 from trainables.privacy import PrivacyConfigError, poisson_batch
-from trainables.trial import plan_trial, preflight, run_trial
+from trainables.progress import Progress
+from trainables.trial import Attempt, plan_trial, preflight, run_trial
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +256,86 @@ def exact_batch_size_leaks(record: dict, metrics: list[dict], batch_sizes: list[
     return leaks
 
 
+def test_a_resumed_trial_s_record_covers_every_attempt(cache_dir, tmp_path, monkeypatch):
+    """A resumed attempt's training figures come from the state (every attempt's steps), so its wall-clock
+    seconds and GPU hours must too: the state carries the attempts' so far and the record adds them (each training
+    step takes 0.5 s here, so this attempt's own wall time is below the 6 steps' training time); the record starts
+    when the first attempt did. Its progress line rates only the steps it took. Another trial's state is refused
+    naming both trial ids, before anything trains."""
+    accumulate = finetune_module.accumulate_loss_gradients
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.5)
+        return accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "accumulate_loss_gradients", slow_step)
+    starts: list[int] = []
+
+    class RecordedProgress(Progress):
+        def __init__(self, *args, **kwargs):
+            starts.append(kwargs.get("start"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "Progress", RecordedProgress)
+    config, states = tiny_trial("lora", steps=6), []
+
+    def keep(metrics: dict, state: dict | None) -> None:
+        if state is not None:
+            states.append(copy.deepcopy(state))
+
+    first = run_trial(
+        config, cache_dir=cache_dir, artifacts_dir=tmp_path / "first", report=keep, log=lambda line: None
+    )
+    carried = states[-1]["attempts"]
+    assert states[-1]["step"] == 4 and states[-1]["identity"] == config.trial_id
+    assert carried["count"] == 1 and carried["started_at"] == first["started_at"]
+    assert 4 * 0.5 < carried["wall_seconds"] < first["cost"]["wall_seconds"] and carried["gpu_hours"] == 0
+    resumed = run_trial(
+        config,
+        cache_dir=cache_dir,
+        artifacts_dir=tmp_path / "resumed",
+        resume=states[-1],
+        log=lambda line: None,
+    )
+    cost = resumed["cost"]
+    assert resumed["started_at"] == first["started_at"] and resumed["data"]["resumed_from_step"] == 4
+    assert cost["train_seconds"] > 6 * 0.5 and cost["wall_seconds"] > cost["train_seconds"]
+    assert cost["wall_seconds"] > carried["wall_seconds"] + cost["setup_seconds"] + cost["evaluation_seconds"]
+    assert starts == [0, 4]
+    other = replace(config, optimization={"learning_rate": 5e-2, "seed": 7})
+    with pytest.raises(
+        ValueError, match=rf"saved by training '{config.trial_id}'.*this run is '{other.trial_id}'"
+    ):
+        run_trial(
+            other,
+            cache_dir=cache_dir,
+            artifacts_dir=tmp_path / "other",
+            resume=states[-1],
+            log=lambda line: None,
+        )
+
+
+def test_an_attempt_adds_the_earlier_attempts_a_state_carries():
+    """Each attempt's GPU hours are its own (a retry may run on another cluster shape); a state saved before states
+    carried attempts counts its training seconds, a lower bound of its wall time."""
+    carried = {
+        "started_at": "2025-01-02T03:04:05+00:00",
+        "count": 2,
+        "wall_seconds": 7200.0,
+        "gpu_hours": 8.0,
+    }
+    attempt = Attempt.begin({"step": 4, "attempts": carried}, gpus=2, clock_start=time.perf_counter() - 1800)
+    assert attempt.number == 3 and attempt.started_at == carried["started_at"]
+    assert 9000 <= attempt.wall_seconds() < 9060 and 9.0 <= attempt.gpu_hours() < 9.05
+    assert attempt.carried()["count"] == 3
+    older = Attempt.begin(
+        {"step": 4, "compute": {"train_seconds": 3600.0}}, gpus=4, clock_start=time.perf_counter()
+    )
+    assert older.number == 2 and 3600 <= older.wall_seconds() < 3660 and 4.0 <= older.gpu_hours() < 4.1
+    fresh = Attempt.begin(None, gpus=1, clock_start=time.perf_counter())
+    assert fresh.number == 1 and fresh.wall_seconds() < 60 and fresh.gpu_hours() < 0.02
+
+
 def test_preflight_names_the_problem(cache_dir, tmp_path):
     config = tiny_trial("lora")
     plan = preflight(config, cache_dir)
@@ -324,3 +409,20 @@ def test_dry_run_estimates_the_paper_grid(tmp_path):
     assert float(train_hours) > 0 and int(images) == 25250  # Food-101's test split, scored once
     with pytest.raises(SweepError, match="30 of 30 trials cannot run"):
         check_sweep(configs, cache_dir=str(tmp_path))
+
+
+def test_an_evaluation_split_too_small_to_score_is_refused_before_compute(tmp_path):
+    """3 evaluation images passed every launch check, then the trial failed after training and generating:
+    precision/recall (k=3) scores against at least 4 real images, whatever evaluation.num_images says."""
+    from test_datasets import make_folder
+
+    make_folder(tmp_path / "data")  # train: 5 images; test: 3
+    config = replace(
+        tiny_trial("lora"),
+        data={"dataset": "folder", "root": str(tmp_path / "data"), "resolution": 16},
+        evaluation={"num_images": 8},
+        optimization={"batch_size": 2},
+    )
+    expected = r"data.dataset: folder's test split \(data.evaluation_split\) has 3 image\(s\)"
+    with pytest.raises(ConfigError, match=expected):
+        preflight(config, tmp_path / "cache")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bench.errors import VarsweepError
 from bench.schema import (
     FLEX_ON_CPU,
     ConfigError,
@@ -170,12 +173,16 @@ class Checkpointing:
     first; under a process group rank 0's clock decides for all, as ``ray.train.report`` is a barrier) and after
     every convergence evaluation step (so an evaluation is never released from a step a resumed run would redo);
     never after the final step. ``resume`` is a state saved that way. Under an initialised process group only rank
-    0's state is complete enough to keep."""
+    0's state is complete enough to keep. ``identity`` names what defines the training (``run_trial`` passes the
+    trial id; None: ``training_identity`` of the run's sections and planned steps): every state carries it and the
+    planned steps, and a ``resume`` saved under another identity or plan is refused (a state written before states
+    carried them is accepted as it is)."""
 
     save: Callable[[dict], None]
     resources: ResourcesConfig
     resume: dict | None = None
     clock: Callable[[], float] = time.monotonic
+    identity: str | None = None
 
     @property
     def policy(self) -> CheckpointPolicy:
@@ -184,6 +191,50 @@ class Checkpointing:
             every_steps=r.checkpoint_every_steps,
             every_fraction=r.checkpoint_every_fraction,
             every_minutes=r.checkpoint_every_minutes,
+        )
+
+
+class TrainingDiverged(VarsweepError):
+    """The loss or the trained parameters became NaN or infinite: the settings (the learning rate, the clipping)
+    make this training diverge. Raised before a non-finite model is checkpointed or returned; retrying the same
+    settings diverges again."""
+
+
+def training_identity(
+    *,
+    optimization: OptimizationConfig,
+    method: MethodConfig,
+    privacy: PrivacyConfig | None,
+    planned_steps: int,
+) -> str:
+    """A 16-hex-digit content hash of what defines a run that ``finetune`` is given (its sections and planned
+    steps), for callers without a trial id. ``resources`` are left out, as from the trial id: another device or
+    cluster shape continues the same training."""
+    sections = {
+        "optimization": dataclasses.asdict(optimization),
+        "method": dataclasses.asdict(method),
+        "privacy": None if privacy is None else dataclasses.asdict(privacy),
+        "planned_steps": planned_steps,
+    }
+    text = json.dumps(sections, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_resume(resume: dict, *, identity: str | None, planned_steps: int) -> None:
+    """Refuse a training state that another training saved (another identity or plan), or one past the plan. A
+    state saved before states named their identity and plan is accepted (its step is still checked)."""
+    step, saved = int(resume["step"]), resume.get("identity")
+    saved_plan = resume.get("planned_steps", planned_steps)
+    if saved is not None and ((identity is not None and saved != identity) or saved_plan != planned_steps):
+        raise ValueError(
+            f"resume: the checkpoint at step {step} was saved by training {saved!r} of {saved_plan} planned steps, "
+            f"but this run is {identity!r} of {planned_steps} planned steps: resume a trial only from its own "
+            "checkpoints (start this one without resume, or from its own training folder)"
+        )
+    if not 0 <= step <= planned_steps:
+        raise ValueError(
+            f"resume: the checkpoint is at step {step}, past this run's {planned_steps} planned steps: resume a "
+            "trial only from its own checkpoints"
         )
 
 
@@ -197,10 +248,19 @@ def check_finetune(
     resume: dict | None = None,
     resources: ResourcesConfig | None = None,
     device: torch.device | str = "cpu",
+    identity: str | None = None,
+    batch_size: int | None = None,
 ) -> None:
     """Every problem that depends on the data, the plan, the checkpoint or the device, before any compute (the
-    settings themselves were checked by their config sections)."""
+    settings themselves were checked by their config sections). ``identity``: the run's (``Checkpointing``); None
+    skips the checkpoint's identity check. ``batch_size``: the non-DP batch, which every rank must share."""
     data.check_multiplicity(1 if privacy is None else privacy.augmentation_multiplicity)
+    world = rank_and_world()[1]
+    if privacy is None and batch_size is not None and batch_size < world:
+        raise ConfigError(
+            f"optimization.batch_size: {batch_size} examples cannot be shared by {world} processes; use a batch "
+            f"of at least {world} or fewer workers"
+        )
     check_resources(resources or ResourcesConfig(), device=device, privacy=privacy)
     if prior_weight > 0 and prior is None:
         raise ValueError("method.prior_weight > 0 needs a Prior (frozen base model and its sample bank)")
@@ -217,6 +277,8 @@ def check_finetune(
                 else "a DP run cannot continue steps taken without DP; start it from the base model"
             )
         )
+    if resume is not None:
+        check_resume(resume, identity=identity, planned_steps=plan.planned_steps)
 
 
 def check_resources(
@@ -283,7 +345,10 @@ def finetune(
     ``resources`` (None: its defaults) says how the steps compute (``prepare_model``): the attention kernel (also
     the prior teacher's), compiled blocks (undone before returning) and, without DP, how many rows go through one
     forward; the compute record names them.
-    Under an initialised process group each rank trains on its share of every batch and gradients are averaged.
+    Under an initialised process group each rank trains on its share of every batch and gradients are averaged,
+    each rank's weighted by its share, so the update and the logged loss are the whole batch's.
+    A run whose logged loss (without DP) or parameters (at logging steps under DP, before every save, after the
+    final step) turn NaN or infinite raises ``TrainingDiverged``; no diverged state is saved or returned.
 
     Randomness. Each example's own draws (which k cached views, class dropout, drop-path) are keyed by (key, step,
     example index) (``trainables/draws.py``): they do not depend on the rest of the batch, the rank or the physical
@@ -297,6 +362,9 @@ def finetune(
     resume = checkpointing.resume if checkpointing is not None else None
     resources = resources or ResourcesConfig()
     device = next(var.parameters()).device
+    identity = (checkpointing.identity if checkpointing is not None else None) or training_identity(
+        optimization=optimization, method=method, privacy=privacy, planned_steps=plan.planned_steps
+    )
     check_finetune(
         data,
         privacy=privacy,
@@ -306,6 +374,8 @@ def finetune(
         resume=resume,
         resources=resources,
         device=device,
+        identity=identity,
+        batch_size=optimization.batch_size,
     )
     if unsafe_skip_clipping and privacy is None:
         raise ConfigError("unsafe_skip_clipping breaks a DP step: it needs a privacy section")
@@ -341,7 +411,12 @@ def finetune(
         (lambda: _attention_kernel(var, "per_scale")) if var.attention_kernel == "flex" else None
     )
     run = _Run(
-        history=[], convergence=[], meter=StepMeter(device, counting_context=counting_context), start_step=0
+        history=[],
+        convergence=[],
+        meter=StepMeter(device, counting_context=counting_context),
+        start_step=0,
+        identity=identity,
+        planned_steps=plan.planned_steps,
     )
     if resume is not None:
         _restore(var, optimizer, resume, run)
@@ -400,6 +475,8 @@ def finetune(
     finally:
         # The trained model leaves as it came: its evaluation samples through eager blocks.
         uncompile_blocks(var)
+    # The last update follows the last logged loss: a model that diverged there must not be saved or sampled.
+    require_finite_parameters(var, step=plan.planned_steps, private=privacy is not None)
     var.eval()
     return {
         "history": run.history,
@@ -462,20 +539,64 @@ def _rank0_decides(flag: bool, *, group: dist.ProcessGroup | None) -> bool:
 
 @dataclass
 class _Run:
-    """What a run accumulates (and a checkpoint keeps)."""
+    """What a run accumulates (and a checkpoint keeps), and what names the training its checkpoints belong to."""
 
     history: list[dict]
     convergence: list[dict]
     meter: StepMeter
     start_step: int
+    identity: str
+    planned_steps: int
+
+
+def _diverged(step: int, what: str, *, private: bool) -> TrainingDiverged:
+    hint = "" if private else " or optimization.global_clip_norm (None: no clipping; try 1.0)"
+    return TrainingDiverged(
+        f"training diverged: {what} at step {step} (NaN or infinite); lower optimization.learning_rate{hint} "
+        "and run the trial again (its checkpoints hold no diverged model)"
+    )
+
+
+def require_finite_loss(values: dict[str, float], *, step: int) -> None:
+    """Raise ``TrainingDiverged`` where a logged value (host floats: no extra device sync) is not finite."""
+    bad = [key for key, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise _diverged(step, "the " + " and the ".join(bad) + " became non-finite", private=False)
+
+
+def require_finite_parameters(var: VAR, *, step: int, private: bool) -> None:
+    """Raise ``TrainingDiverged`` where a trainable parameter holds a NaN or infinity after ``step`` steps (one
+    device sync; under DP the parameters are public, unlike the loss)."""
+    params = list(trainable_parameters(var).values())
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise _diverged(step, "the trained parameters became non-finite", private=private)
+
+
+def _cpu_copy(value):
+    """``value`` with every tensor in it cloned to the CPU (dicts, lists and tuples rebuilt; the rest as is)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value
 
 
 def _training_state(var: VAR, optimizer, *, step: int, run: _Run, private: PrivateTraining | None) -> dict:
-    """Everything a resumed run needs, as tensors and plain values (``torch.save``-able with weights_only)."""
+    """Everything a resumed run needs, as tensors and plain values (``torch.save``-able with weights_only), none
+    shared with the live run: a caller that keeps the dict keeps the state of ``step``. Raises
+    ``TrainingDiverged`` rather than return non-finite parameters (a retry would resume the diverged model)."""
+    trainable = {name: p.detach().to("cpu", copy=True) for name, p in trainable_parameters(var).items()}
+    if not all(bool(torch.isfinite(t).all()) for t in trainable.values()):
+        raise _diverged(step, "the trained parameters became non-finite", private=private is not None)
     state = {
         "step": step,
-        "trainable": {name: p.detach().cpu().clone() for name, p in trainable_parameters(var).items()},
-        "optimizer": optimizer.state_dict(),
+        "identity": run.identity,
+        "planned_steps": run.planned_steps,
+        "trainable": trainable,
+        # torch's state_dict holds the live exp_avg, exp_avg_sq and step tensors, which the next steps change
+        "optimizer": _cpu_copy(optimizer.state_dict()),
         "history": list(run.history),
         "convergence": list(run.convergence),
         "compute": dataclasses.asdict(run.meter.ledger),
@@ -671,7 +792,10 @@ def _plain_run(
     """Non-DP steps: fixed-size batches of ``batch_size`` examples from a fresh permutation per epoch (each rank
     takes its share), global gradient-norm clipping at ``global_clip_norm`` (None: off). ``rows_per_forward`` > 0
     puts at most that many rows (examples x k views) through one forward and accumulates the gradients (0: the
-    rank's whole share at once); the prior term is computed once per step."""
+    rank's whole share at once); the prior term is computed once per step. Under a process group each rank's mean
+    is weighted by its share of the batch (``_rank_weight``), so the averaged gradient and the logged loss are the
+    whole batch's mean whether or not the world divides the batch. A non-finite logged loss or gradient norm
+    raises ``TrainingDiverged``."""
     batches, run, inputs = (
         epoch_batches(data.num_examples, batch_size=batch_size, generator=generator),
         loop.run,
@@ -683,14 +807,16 @@ def _plain_run(
     k = inputs.views_per_example
     chunk = examples_per_forward(rows_per_forward, views_per_example=k)
 
-    def one_step(local: torch.Tensor):
+    def one_step(local: torch.Tensor, weight: float):
         optimizer.zero_grad(set_to_none=True)
         if chunk is None:  # one forward and one backward of the whole local batch and the prior term
-            loss = inputs.view_losses(local).mean()
+            loss = inputs.view_losses(local).mean() * weight
             kl = inputs.prior_loss() if inputs.uses_prior else None
             (loss if kl is None else loss + kl).backward()
         else:
-            loss = accumulate_loss_gradients(inputs.view_losses, local, examples_per_forward=chunk)
+            loss = accumulate_loss_gradients(
+                inputs.view_losses, local, examples_per_forward=chunk, weight=weight
+            )
             kl = inputs.prior_loss() if inputs.uses_prior else None
             if kl is not None:
                 kl.backward()
@@ -708,12 +834,14 @@ def _plain_run(
         batch = next(batches)
         local = batch[rank::world]
         loss, kl, grad_norm = meter.run(
-            lambda: one_step(local),  # noqa: B023
+            lambda: one_step(local, _rank_weight(len(local), len(batch), world)),  # noqa: B023
             local_rows=len(local) * k,
             rows=len(batch) * k,
         )
         if loop.logging_step(step):
-            values = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr}
+            values = {"loss": _batch_loss(loss, world), "grad_norm": float(grad_norm)}
+            require_finite_loss(values, step=step + 1)
+            values["lr"] = lr
             if kl is not None:
                 values["prior_kl"] = kl.item() / inputs.prior_weight
             meter.pause()  # the values waited for the GPU already; the log (a Ray report) is not training
@@ -723,20 +851,39 @@ def _plain_run(
     return None
 
 
+def _rank_weight(local: int, batch: int, world: int) -> float:
+    """The factor on a rank's mean loss over its ``local`` examples of a ``batch`` shared by ``world`` ranks so that
+    ``average_gradients`` (the sum over ranks / world) gives the gradient of the whole batch's mean: local * world /
+    batch (exactly 1.0 where the world divides the batch)."""
+    return local * world / batch
+
+
+def _batch_loss(loss: torch.Tensor, world: int) -> float:
+    """The whole batch's mean loss from each rank's weighted mean (``_rank_weight``): their average over the ranks
+    (one all-reduce, on logging steps only: every rank logs at the same steps)."""
+    if world == 1:
+        return loss.item()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total.item() / world
+
+
 def accumulate_loss_gradients(
     view_losses_fn: Callable[[torch.Tensor], torch.Tensor],
     indices: torch.Tensor,
     *,
     examples_per_forward: int | None,
+    weight: float = 1.0,
 ) -> torch.Tensor:
-    """Backward the mean per-view loss of the examples ``indices`` ([b] -> losses [b, k] by ``view_losses_fn``),
-    ``examples_per_forward`` examples at a time (None: all at once), each chunk's mean weighted by its share of the
-    b examples so the accumulated ``p.grad`` is the one-shot gradient. Returns the (detached) mean loss."""
+    """Backward ``weight`` times the mean per-view loss of the examples ``indices`` ([b] -> losses [b, k] by
+    ``view_losses_fn``), ``examples_per_forward`` examples at a time (None: all at once), each chunk's mean weighted
+    by its share of the b examples so the accumulated ``p.grad`` is the one-shot gradient. Returns the (detached)
+    weighted mean loss."""
     size = examples_per_forward or max(1, len(indices))
     total = None
     for start in range(0, len(indices), size):
         part = indices[start : start + size]
-        loss = view_losses_fn(part).mean() * (len(part) / len(indices))
+        loss = view_losses_fn(part).mean() * (weight * len(part) / len(indices))
         loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
@@ -811,6 +958,8 @@ def _private_steps(state: PrivateTraining, loop: _Loop) -> None:
             values = {"lr": lr, "epsilon_rdp": spent["rdp"]}
             if kl_values:
                 values["prior_kl"] = kl_values[-1].item() / inputs.prior_weight
+            # The loss is private, the noised parameters public: checked on logging steps only (one device sync).
+            require_finite_parameters(loop.inputs.var, step=step + 1, private=True)
             record_history(history, loop.log, step=step, started=started, **values)
         loop.after_step(step, state)
     meter.pause()

@@ -21,10 +21,19 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts ``total`` units of one stage; ``update(done, note)`` logs when a line is due (first, throttled, last)."""
+    """Counts ``total`` units of one stage; ``update(done, note)`` logs when a line is due (first, throttled, last).
+    ``start``: the units done before this count began (a resumed run's steps): the ETA takes the rate of the units
+    done since, ``done - start`` in the time elapsed since construction."""
 
     def __init__(
-        self, stage: str, what: str, total: int, *, log: Log | None = print, every_seconds: float = 15.0
+        self,
+        stage: str,
+        what: str,
+        total: int,
+        *,
+        log: Log | None = print,
+        every_seconds: float = 15.0,
+        start: int = 0,
     ):
         self.stage, self.what, self.total, self.log, self.every = (
             stage,
@@ -33,6 +42,7 @@ class Progress:
             log,
             every_seconds,
         )
+        self.start = int(start)
         self.started = time.perf_counter()
         self.last_logged: float | None = None
 
@@ -45,7 +55,12 @@ class Progress:
             return
         self.last_logged = now
         elapsed = now - self.started
-        eta = f", ETA {duration(elapsed / done * (self.total - done))}" if 0 < done < self.total else ""
+        since = done - self.start
+        eta = (
+            f", ETA {duration(elapsed / since * (self.total - done))}"
+            if 0 < since and done < self.total
+            else ""
+        )
         suffix = f" {note}" if note else ""
         self.log(
             f"[{self.stage}] {self.what} {done}/{self.total} ({100 * done / self.total:.0f}%), {duration(elapsed)}{eta}{suffix}"

@@ -87,15 +87,24 @@ def is_logging_step(step: int, *, log_every: int, total_steps: int) -> bool:
 def record_history(
     history: list[dict], log: Logger | None, *, step: int, started: float, **values: float
 ) -> None:
-    """Append {"step": step + 1 (steps done), "seconds" since ``started`` (perf_counter), **values} and log it."""
+    """Append {"step": step + 1 (steps done), "seconds" since ``started`` (perf_counter), **values} and log it.
+    Float values keep 6 significant digits (a fixed number of decimals would read a late cosine learning rate or a
+    small KL as 0.0); integers stay as they are."""
     entry = {
         "step": step + 1,
         "seconds": round(time.perf_counter() - started, 3),
-        **{k: round(v, 6) for k, v in values.items()},
+        **{k: significant(v) for k, v in values.items()},
     }
     history.append(entry)
     if log is not None:
         log(entry)
+
+
+def significant(value: float, digits: int = 6) -> float:
+    """``value`` rounded to ``digits`` significant digits (NaN and infinities unchanged; integers as they are)."""
+    if isinstance(value, int):
+        return value
+    return float(f"{value:.{digits}g}")
 
 
 def bf16_autocast(device: torch.device, *, enabled: bool = True) -> contextlib.AbstractContextManager:

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
@@ -57,7 +58,7 @@ from .training import rank_and_world
 RECORD_RELEASED_WITHOUT_NOISE = {
     "data.train_images": "N, the number of training examples",
     "data.skipped_images": "how many training and evaluation images were corrupt and skipped (only with skip_corrupt_images)",
-    "cost.wall_seconds, cost.gpu_hours, cost.setup_seconds, cost.startup_seconds": "wall-clock times of the trial, training included",
+    "cost.wall_seconds, cost.gpu_hours, cost.setup_seconds, cost.startup_seconds": "wall-clock times of the trial (wall_seconds and gpu_hours over every attempt), training included",
     "tune.seconds, tune.eta_seconds": "training wall-clock times reported to Ray Tune while the trial runs, as in the history",
     "tune.checkpoint": "the steps at which a training checkpoint was saved: by step count, or by wall-clock training time",
 }
@@ -159,6 +160,59 @@ def _rank0_first(fn: Callable[[], object]) -> object:
     return result
 
 
+ATTEMPTS_KEY = "attempts"  # a training state's record of the attempts up to it (``Attempt.carried``)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """This attempt of a trial and the earlier ones the training state it resumed from carries: when the first
+    started (UTC, ``utc_now``), this attempt's number (1: the first), and the wall-clock seconds and GPU hours of
+    the earlier attempts up to their last saved state (the steps a failed attempt took after it are not counted,
+    as in the training time). ``gpus``: this attempt's (0 on CPUs); each attempt's GPU hours are its own, since a
+    retry may run on another cluster shape. Wall-clock times are released without noise under DP."""
+
+    started_at: str
+    number: int
+    clock_start: float  # time.perf_counter() at this attempt's start
+    earlier_wall_seconds: float
+    earlier_gpu_hours: float
+    gpus: int
+
+    @classmethod
+    def begin(cls, resume: dict | None, *, gpus: int, clock_start: float) -> Attempt:
+        now = utc_now()
+        if resume is None:
+            return cls(now, 1, clock_start, 0.0, 0.0, gpus)
+        carried = resume.get(ATTEMPTS_KEY)
+        if carried is None:  # saved before states carried it: its training seconds, a lower bound
+            seconds = float(resume.get("compute", {}).get("train_seconds", 0.0))
+            return cls(now, 2, clock_start, seconds, gpus * seconds / 3600, gpus)
+        return cls(
+            carried["started_at"],
+            int(carried["count"]) + 1,
+            clock_start,
+            float(carried["wall_seconds"]),
+            float(carried["gpu_hours"]),
+            gpus,
+        )
+
+    def wall_seconds(self) -> float:
+        """Seconds of every attempt so far: the earlier ones' and this one's until now."""
+        return self.earlier_wall_seconds + time.perf_counter() - self.clock_start
+
+    def gpu_hours(self) -> float:
+        return self.earlier_gpu_hours + self.gpus * (time.perf_counter() - self.clock_start) / 3600
+
+    def carried(self) -> dict:
+        """What a training state saved now carries for the attempt that resumes from it (plain values)."""
+        return {
+            "started_at": self.started_at,
+            "count": self.number,
+            "wall_seconds": self.wall_seconds(),
+            "gpu_hours": self.gpu_hours(),
+        }
+
+
 def run_trial(
     config: TrialConfig,
     *,
@@ -176,17 +230,20 @@ def run_trial(
     ``artifacts_dir`` this trial's own files (``adapter.pt``, ``adapter-peft/``, ``images/``, ``real/``), the local
     folder that is or becomes ``<storage>/artifacts/<trial_id>/`` (the record's ``artifacts`` paths are relative to
     the storage root).
-    ``resume`` is a training state saved through ``report`` by an earlier attempt; ``startup_seconds`` (launch to
-    this call, measured by the launcher's worker) is recorded in the cost with the setup, training and evaluation
-    times. With ``config.audit`` the included canaries train beside the split and the record gets its ``audit``
+    ``resume`` is a training state saved through ``report`` by an earlier attempt of the same trial (one another
+    trial saved is refused: states carry the trial id); the record's ``started_at`` is then the first attempt's and
+    its ``cost.wall_seconds`` and ``cost.gpu_hours`` add the earlier attempts' (``Attempt``), as its training
+    figures do. ``startup_seconds`` (launch to this call, measured by the launcher's worker) is recorded in the cost
+    with this attempt's setup, training and evaluation times. With ``config.audit`` the included canaries train beside the split and the record gets its ``audit``
     section (``trainables.audit``).
     ``unsafe_mechanism="skip_clipping"`` exists for the privacy audit's tests only (no config field, no command
     line reaches it): the DP step skips per-example clipping, noise still calibrated to C. Such a record has
     status "failed" (``UNSAFE_ERROR``), ``audit.mechanism`` ``bench.schema.BROKEN_MECHANISM`` and a ledger whose
     ``clipping`` says it was skipped, so it can never pass for a DP result."""
-    started, wall = utc_now(), time.perf_counter()
+    wall = time.perf_counter()
     device, cache_dir, artifacts_dir = torch.device(device), Path(cache_dir), Path(artifacts_dir)
     rank, world = rank_and_world()
+    attempt = Attempt.begin(resume, gpus=world if device.type == "cuda" else 0, clock_start=wall)
     _check_unsafe_mechanism(config, unsafe_mechanism)
     plan = preflight(config, cache_dir)
     # What the device cannot train (flex attention on a CPU), before anything is loaded.
@@ -237,6 +294,7 @@ def run_trial(
             evaluator=evaluator,
             report=report,
             resume=resume,
+            attempt=attempt,
             log=log,
             unsafe_skip_clipping=unsafe_mechanism == "skip_clipping",
         )
@@ -250,7 +308,7 @@ def run_trial(
         privacy=out["privacy"],
         parameters=_parameters(config, var),
         environment=environment(device, world_size=world),
-        started_at=started,
+        started_at=attempt.started_at,
         data={
             "train_images": len(train),
             "evaluation_images": len(evaluation),
@@ -285,13 +343,7 @@ def run_trial(
         "evaluation_seconds": time.perf_counter() - evaluation_started,
     }
     cost = {
-        **_cost(
-            out["compute"],
-            final["compute"],
-            device=device,
-            world=world,
-            wall_seconds=time.perf_counter() - wall,
-        ),
+        **_cost(out["compute"], final["compute"], device=device, world=world, attempt=attempt),
         **phases,
     }
     return make_result(
@@ -430,6 +482,7 @@ def _train(
     evaluator,
     report: Report | None,
     resume,
+    attempt: Attempt,
     log,
     unsafe_skip_clipping: bool = False,
 ) -> dict:
@@ -445,7 +498,7 @@ def _train(
         resume["step"] if resume is not None else 0
     )  # "seconds" in the history restart with each attempt
 
-    progress = Progress("training", "step", steps, log=log, every_seconds=30.0)
+    progress = Progress("training", "step", steps, log=log, every_seconds=30.0, start=first_step)
 
     def on_log(entry: dict) -> None:
         progress.update(
@@ -469,7 +522,7 @@ def _train(
         if report is not None:
             report(
                 {"step": state["step"], "steps_total": steps, "checkpoint": True, **_last_convergence(state)},
-                state,
+                {**state, ATTEMPTS_KEY: attempt.carried()},
             )
 
     convergence = None
@@ -483,7 +536,9 @@ def _train(
                 if key in ("fid", "precision", "recall", "class_accuracy")
             }
 
-    checkpointing = Checkpointing(save=save, resources=config.resources, resume=resume)
+    checkpointing = Checkpointing(
+        save=save, resources=config.resources, resume=resume, identity=config.trial_id
+    )
     return finetune(
         var,
         vqvae,
@@ -587,10 +642,6 @@ class _Evaluator:
         self, var, *, evaluation: EvaluationConfig, out_dir: Path | None = None, quiet: bool = False
     ) -> dict:
         """Metrics of ``var`` with ``evaluation`` (the trial's section, or a copy with the convergence curve's image count)."""
-        generated = evaluation.num_images or len(self.images)
-        # KID averages over random subsets: half of the smaller set (at most the usual 1000), so subsets differ and
-        # its standard deviation means something.
-        subset = max(2, min(1000, min(generated, len(self.images)) // 2))
         return evaluate(
             var,
             self.vqvae,
@@ -599,7 +650,7 @@ class _Evaluator:
             autocast_bf16=self.config.optimization.autocast_bf16,
             compiled_sampling=self.config.resources.compile_sampling,
             cache=self.cache,
-            scoring=ScoringSettings(kid_subset_size=subset),
+            scoring=ScoringSettings(),  # KID's subset size: half the smaller set (``metrics.kid_subset_size``)
             feature_extractor=self.extractor,
             out_dir=out_dir,
             classifier=self.classifier,
@@ -617,12 +668,13 @@ def _evaluation_record(final: dict) -> dict:
     }
 
 
-def _cost(train: dict, sample: dict, *, device: torch.device, world: int, wall_seconds: float) -> dict:
-    """Totals of the trial: training PFLOPs over the rows actually processed, sampling PFLOPs, times, GPU hours, MFU."""
+def _cost(train: dict, sample: dict, *, device: torch.device, world: int, attempt: Attempt) -> dict:
+    """Totals of the trial: training PFLOPs over the rows actually processed, sampling PFLOPs, times, GPU hours, MFU.
+    Like the training figures a resumed state carries, the wall-clock seconds and GPU hours add the earlier
+    attempts' (up to the state this attempt resumed from) to this one's."""
     train_pflops = train.get("train_pflops", 0.0)
     seconds = train.get("train_seconds", 0.0)
     peak = peak_flops_per_second(device)
-    gpus = world if device.type == "cuda" else 0
     return {
         "train_pflops": train_pflops,
         "sample_pflops": sample["sample_pflops"],
@@ -633,8 +685,8 @@ def _cost(train: dict, sample: dict, *, device: torch.device, world: int, wall_s
         "rows_per_second": train.get("rows_per_second"),
         "peak_memory_bytes": train.get("peak_memory_bytes"),
         "sample_images_per_second": sample["images_per_second"],
-        "wall_seconds": wall_seconds,
-        "gpu_hours": gpus * wall_seconds / 3600,
+        "wall_seconds": attempt.wall_seconds(),
+        "gpu_hours": attempt.gpu_hours(),
         "mfu": (train_pflops * 1e15 / seconds / (peak * world)) if (peak and seconds) else None,
         "training_precision": train.get("training_precision"),
         "attention_kernel": train.get("attention_kernel"),
