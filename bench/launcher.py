@@ -269,35 +269,20 @@ def _trial_function(param: dict) -> None:
             logging_config=LoggingConfig(log_level="ERROR"),
         ),
     )
-    started = utc_now()
+    started, error = utc_now(), "the training run ended without writing a result"
     try:
         trainer.fit()
     except Exception as err:
-        if (
-            store.status(config.trial_id) != "success"
-        ):  # a failure after the result was written leaves the result
-            store.write(
-                make_result(
-                    config,
-                    status="failed",
-                    error=f"{type(err).__name__}: {err}",
-                    started_at=started,
-                    finished_at=utc_now(),
-                )
-            )
+        error = f"{type(err).__name__}: {err}"
+    status = store.status(config.trial_id)
+    if status == "success":  # a failure after the result was written leaves it
+        if config.privacy is not None:
+            delete_training_run(launch, config.trial_id)
         return
-    if store.status(config.trial_id) != "success":
-        store.write(
-            make_result(
-                config,
-                status="failed",
-                error="the training run ended without writing a result",
-                started_at=started,
-                finished_at=utc_now(),
-            )
-        )
-    elif config.privacy is not None:
-        delete_training_run(launch, config.trial_id)
+    # A failure the workers recorded (not retried: ``ray_worker``), written after this run started.
+    if status == "failed" and store.read(config.trial_id)["finished_at"] >= started:
+        return
+    store.write(make_result(config, status="failed", error=error, started_at=started, finished_at=utc_now()))
 
 
 def training_run_name(trial_id: str) -> str:

@@ -154,6 +154,33 @@ def test_a_trial_the_local_ray_cannot_place_is_refused_not_left_waiting(smoke_sw
     assert not list((workdir / "runs" / "too-big" / "results").glob("*.json"))
 
 
+DIVERGING = """
+name: diverging
+base:
+  model: {base: tiny, depth: 2, tiny_pretraining_steps: 150}
+  data: {dataset: digits, resolution: 16}
+  method: {name: full}
+  optimization: {learning_rate: 1.0e+4, steps: 4, batch_size: 16, global_clip_norm: null}
+  evaluation: {extractor: digits-cnn-v1, num_images: 20, batch_size: 20, top_k: 0}
+  resources: {workers: 1, gpus_per_worker: 0, cpus_per_worker: 1, checkpoint_every_steps: 2, max_failures: 2}
+axes:
+  optimization.seed: [0]
+"""
+
+
+def test_a_diverging_trial_fails_once_naming_its_divergence_not_retried(smoke_sweep, workdir):
+    """A retry resumes from the last checkpoint with the same settings and diverges again: the workers record the
+    failure and end the run (Train would have retried it max_failures times, and the record named Train's error)."""
+    (workdir / "diverging.yaml").write_text(DIVERGING)
+    run = bench("sweep", "diverging.yaml", "--storage", "runs/diverging", "--cache-dir", CACHE, cwd=workdir)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stdout[-3000:] + run.stderr[-3000:]
+    (path,) = (workdir / "runs" / "diverging" / "results").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["status"] == "failed" and record["error"].startswith("TrainingDiverged: training diverged")
+    assert "lower optimization.learning_rate" in record["error"]
+    assert run.stdout.count("failed, not retried") == 1 and "resuming from the checkpoint" not in run.stdout
+
+
 def test_the_sweep_is_tracked_in_mlflow_and_read_back_with_its_client(smoke_sweep, workdir):
     """One MLflow run per trial, read with MLflow's own client: the config as params, tags, the training loss per
     step, the final metrics, the result JSON and sample grid as artifacts; the relaunch adds no run."""

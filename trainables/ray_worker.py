@@ -22,9 +22,19 @@ import ray.train.torch
 import torch
 
 from bench.results import ResultStore
-from bench.schema import TrialConfig
+from bench.schema import ConfigError, TrialConfig, make_result, utc_now
 
 STATE_FILE = "training_state.pt"
+
+
+def _final_errors() -> tuple[type[BaseException], ...]:
+    """Errors a retry would meet again (the settings diverge, a setting is refused): every rank raises them at the
+    same point, so each ends its attempt instead of raising, and rank 0 records the failure; Train would otherwise
+    retry them ``resources.max_failures`` times, each from the last checkpoint."""
+    from .finetune import TrainingDiverged
+    from .privacy import PrivacyConfigError
+
+    return (TrainingDiverged, ConfigError, PrivacyConfigError)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -59,8 +69,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             )
 
     store = ResultStore(loop_config["storage"], create=rank == 0)  # only rank 0 writes to it (and probes it)
+    if store.status(config.trial_id) == "success":
+        # A retry after rank 0 published (e.g. another rank was lost at the last report): the trial is done, and
+        # emptying the artifacts folder below would take the published adapter and images from its result.
+        ray.train.report({"finished": 1})
+        return
     # Only rank 0 writes artifacts; it starts each attempt from an empty folder (a retry may land on another node).
     artifacts_dir = store.artifacts_dir(config.trial_id, cache_dir=loop_config["cache_dir"], fresh=rank == 0)
+    started = utc_now()
     try:
         record = trial.run_trial(
             config,
@@ -72,12 +88,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log=lambda line: print(f"[{config.label} rank {rank}] {line}", flush=True),
             startup_seconds=startup_seconds,
         )
-    except BaseException:
+    except BaseException as err:
         if (
             rank == 0 and store.remote
         ):  # a failed attempt leaves no staged files on the node (a retry stages afresh)
             shutil.rmtree(artifacts_dir, ignore_errors=True)
-        raise
+        if not isinstance(err, _final_errors()):
+            raise
+        if rank == 0:
+            error = f"{type(err).__name__}: {err}"
+            store.write(
+                make_result(config, status="failed", error=error, started_at=started, finished_at=utc_now())
+            )
+            print(f"[{config.label}] failed, not retried: {error}", flush=True)
+        ray.train.report({"finished": 1})
+        return
     if rank == 0:
         path = store.publish(record, artifacts_dir=artifacts_dir)
         print(f"[{config.label}] result written to {path}", flush=True)
