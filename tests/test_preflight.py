@@ -190,9 +190,10 @@ def test_inception_weights_that_are_not_there_are_refused_whatever_the_extractor
 
 
 def test_a_batch_larger_than_the_split_and_split_classes_that_differ_are_named(tmp_path):
-    for split, labels in (("train", "ab"), ("test", "ac")):
+    for split, labels, per_class in (("train", "ab", 1), ("test", "ac", 2)):  # an evaluation scores >= 4
         for label in labels:
-            jpeg(tmp_path / "folder" / split / label / "0.jpg")
+            for i in range(per_class):
+                jpeg(tmp_path / "folder" / split / label / f"{i}.jpg")
     folder = {"dataset": "folder", "root": str(tmp_path / "folder"), "resolution": 16}
     with pytest.raises(SweepError, match=r"different classes \(only in train: b; only in test: c\)"):
         check_sweep(
