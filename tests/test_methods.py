@@ -170,18 +170,24 @@ def test_method_settings_are_checked_by_the_config_section(bad):
         MethodConfig(**bad)
 
 
-@pytest.mark.parametrize("depth, lora_without_class_embedding", [(16, 6_029_312), (20, 9_420_800)])
-def test_lora_parameter_counts_match_the_paper(depth, lora_without_class_embedding):
-    """Paper: LoRA d16 6.02-6.03M, d20 9.42M trainable at 1000-class shapes, class embedding excluded."""
+def official_adapted(depth: int, method: str, *, num_classes: int):
+    """An official-size VAR of ``depth`` for ``num_classes`` classes, adapted by ``method``, on the meta device
+    (shapes and counts only, no memory)."""
     var = build_var(
         depth=depth,
-        num_classes=1000,
+        num_classes=num_classes,
         patch_nums=OFFICIAL_PATCH_NUMS,
         vocab_size=4096,
         z_channels=32,
         device="meta",
     )
-    counts = parameter_counts(adapted(var, MethodConfig(name="lora"), num_classes=1000))
+    return adapted(var, MethodConfig(name=method), num_classes=num_classes)
+
+
+@pytest.mark.parametrize("depth, lora_without_class_embedding", [(16, 6_029_312), (20, 9_420_800)])
+def test_lora_parameter_counts_match_the_paper(depth, lora_without_class_embedding):
+    """Paper: LoRA d16 6.02-6.03M, d20 9.42M trainable at 1000-class shapes, class embedding excluded."""
+    counts = parameter_counts(official_adapted(depth, "lora", num_classes=1000))
     width = 64 * depth
     assert counts["trainable_without_class_embedding"] == lora_without_class_embedding
     assert counts["trainable"] == lora_without_class_embedding + 1001 * width
@@ -204,15 +210,7 @@ def test_the_tables_trainable_share_is_the_papers_up_to_the_class_embedding(meth
     trainable copies are 24.6% of it, not the 32.6% of the base alone. It exceeds the published share only by the
     new class embedding (CUB's 201 rows: the published shares are those of a 200-class dataset), which varsweep
     trains and the published code left untrained."""
-    var = build_var(
-        depth=depth,
-        num_classes=200,
-        patch_nums=OFFICIAL_PATCH_NUMS,
-        vocab_size=4096,
-        z_channels=32,
-        device="meta",
-    )
-    counts = parameter_counts(adapted(var, MethodConfig(name=method), num_classes=200))
+    counts = parameter_counts(official_adapted(depth, method, num_classes=200))
     config = next(
         c
         for c in build_sweep("table1")
