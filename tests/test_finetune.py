@@ -670,7 +670,15 @@ def test_a_kept_state_holds_its_own_step_s_optimizer_state():
 OVERFLOWING = {"learning_rate": 1e37, "weight_decay": 100.0, "global_clip_norm": None}
 
 
-def _diverging_run(*, private: bool, steps: int, log_every: int, every: int, saved: list[int]) -> None:
+def _diverging_run(
+    *,
+    private: bool,
+    steps: int,
+    log_every: int,
+    every: int,
+    saved: list[int],
+    evaluated: list[int] | None = None,
+) -> None:
     data, vqvae, var = _tiny_lora_setup()
     finetune(
         var,
@@ -678,13 +686,16 @@ def _diverging_run(*, private: bool, steps: int, log_every: int, every: int, sav
         data,
         optimization=optimization(steps, batch_size=8, **OVERFLOWING),
         method=MethodConfig(name="lora", lora_rank=4),
-        plan=RunPlan(planned_steps=steps, log_every=log_every),
+        plan=RunPlan(
+            planned_steps=steps, log_every=log_every, evaluation_steps=(1,) if evaluated is not None else ()
+        ),
         privacy=PrivacyConfig(target_epsilon=8, sampling_rate=0.5, max_grad_norm=1.0) if private else None,
         debug_seed=0 if private else None,
         checkpointing=Checkpointing(
             save=lambda state: saved.append(state["step"]),
             resources=resources(every_steps=every, every_fraction=1.0),
         ),
+        evaluate_fn=None if evaluated is None else (lambda var: evaluated.append(1) or {}),
     )
 
 
@@ -715,6 +726,16 @@ def test_a_diverged_run_stops_naming_the_step_and_saves_no_diverged_state(
     with pytest.raises(TrainingDiverged, match=caught + r".*lower optimization.learning_rate"):
         _diverging_run(private=private, steps=steps, log_every=log_every, every=every, saved=saved)
     assert saved == []
+
+
+@pytest.mark.parametrize("private", (False, True))
+def test_a_diverged_model_is_not_evaluated_on_the_curve(private):
+    """Every rank checks the parameters at a convergence step (only rank 0 evaluates, and sampling a diverged model
+    fails there alone: the other ranks would wait, and a retry would diverge again)."""
+    saved, evaluated = [], []
+    with pytest.raises(TrainingDiverged, match="parameters became non-finite at step 1"):
+        _diverging_run(private=private, steps=3, log_every=1000, every=1000, saved=saved, evaluated=evaluated)
+    assert saved == [] and evaluated == []
 
 
 def test_bf16_autocast_is_off_for_ghost_clipping_only():

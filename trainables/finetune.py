@@ -736,6 +736,9 @@ class _AfterStep:
         evaluation_step = step + 1 in self.evaluation_points
         evaluates = self.evaluate_fn is not None and evaluation_step
         saves = self.saves is not None and self.saves.due(step + 1, evaluation_step=evaluation_step)
+        # On every rank: sampling a diverged model would fail on the evaluating rank alone.
+        if evaluation_step:
+            require_finite_parameters(self.var, step=step + 1, private=private is not None)
         if evaluates or saves:
             self.run.meter.pause()  # neither is training time (and the saved ledger holds this segment's)
         if evaluates:

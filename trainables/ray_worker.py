@@ -22,19 +22,20 @@ import ray.train.torch
 import torch
 
 from bench.results import ResultStore
-from bench.schema import ConfigError, TrialConfig, make_result, utc_now
+from bench.schema import TrialConfig, make_result, utc_now
 
 STATE_FILE = "training_state.pt"
 
 
 def _final_errors() -> tuple[type[BaseException], ...]:
-    """Errors a retry would meet again (the settings diverge, a setting is refused): every rank raises them at the
-    same point, so each ends its attempt instead of raising, and rank 0 records the failure; Train would otherwise
-    retry them ``resources.max_failures`` times, each from the last checkpoint."""
+    """Errors a retry would meet again and every rank raises at the same point (a diverged training: the loss is
+    all-reduced and the parameters are the same on every rank), so each rank ends its attempt instead of raising
+    and rank 0 records the failure; Train would otherwise retry them ``resources.max_failures`` times, each from
+    the last checkpoint. An error only some ranks raise (e.g. rank 0 building a shared cache while the others wait
+    at a barrier) must raise, so that Train tears the group down."""
     from .finetune import TrainingDiverged
-    from .privacy import PrivacyConfigError
 
-    return (TrainingDiverged, ConfigError, PrivacyConfigError)
+    return (TrainingDiverged,)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
