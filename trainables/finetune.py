@@ -595,8 +595,10 @@ def _training_state(var: VAR, optimizer, *, step: int, run: _Run, private: Priva
         "identity": run.identity,
         "planned_steps": run.planned_steps,
         "trainable": trainable,
-        # torch's state_dict holds the live exp_avg, exp_avg_sq and step tensors, which the next steps change
-        "optimizer": _cpu_copy(optimizer.state_dict()),
+        # torch's state_dict holds the live exp_avg, exp_avg_sq and step tensors, which the next steps change: copied
+        # where the state is kept (rank 0; the other ranks' states only pass the report barrier, and a copy of full
+        # fine-tuning's AdamW moments is gigabytes per rank)
+        "optimizer": (_cpu_copy if rank_and_world()[0] == 0 else dict)(optimizer.state_dict()),
         "history": list(run.history),
         "convergence": list(run.convergence),
         "compute": dataclasses.asdict(run.meter.ledger),
