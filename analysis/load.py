@@ -242,10 +242,12 @@ def fields_default(kind: type, name: str):
     return next(f.default for f in dataclasses.fields(kind) if f.name == name)
 
 
-# What does not change a trial's final model or metrics: the seed (the replicate axis) and the convergence
-# evaluations made during training (evaluation only; the training streams do not depend on them).
+# What does not change a trial's setting: the seeds (the replicate axis: the training seed and the seed of the
+# cached crops, which the paper sweeps move together) and the convergence evaluations made during training
+# (evaluation only; the training streams do not depend on them).
 SETTING_NEUTRAL = {
     "optimization": {"seed": 0},
+    "data": {"view_seed": 0},
     "evaluation": {
         "convergence_every_steps": 0,
         "convergence_points": 0,

@@ -20,7 +20,7 @@ from PIL import Image
 import analysis.figures as analysis_figures
 from analysis.__main__ import main as cli
 from analysis.figures import grid_caption, grid_layout, k_colors, sample_grid
-from analysis.load import AnalysisError, load_results
+from analysis.load import AnalysisError, load_results, setting_of
 from analysis.paper import PAPER_DIR, number, paper_fixture, published
 from analysis.report import provenance
 from analysis.run import analyse
@@ -286,6 +286,14 @@ def test_seeds_give_mean_and_std(fixture_storage, tmp_path):
     assert flowers.std == pytest.approx(float(np.std([13.18, 13.58, 12.78], ddof=1)))
     assert flowers.text() == "13.18 ± 0.40 (n=3)"
     assert "13.18 $\\pm$ 0.40 (n=3)" in (tmp_path / "out" / "tables" / "table1_fid.tex").read_text()
+
+
+def test_the_second_seed_sweep_replicates_table1_settings():
+    # The paper sweeps move the crop seed with the training seed; the analysis must still see one setting.
+    settings = {setting_of(c) for c in build_sweep("table1")}
+    twins = build_sweep("second_seed")
+    assert {c.data.view_seed for c in twins} == {1}
+    assert all(setting_of(c) in settings for c in twins)
 
 
 def test_figures_have_files_and_axes(fixture_storage, tmp_path):
