@@ -323,7 +323,7 @@ def status_table(configs, store: ResultStore) -> str:
         lines.append(
             f"{c.label:<44} {c.trial_id:<16} {state:<8} {_number(fid):>8} {_number(eps):>8}  {detail}".rstrip()
         )
-    states = ("success", "failed", "invalid", "old", "pending")
+    states = ("success", "failed", "invalid", "old", "newer", "pending")
     lines.append(", ".join(f"{counts[s]} {s}" for s in states if s in counts) + f" of {len(configs)} trials")
     if older:
         lines.append(

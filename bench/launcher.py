@@ -169,11 +169,18 @@ def pending_trials(
 def refuse_older_results(
     todo: list[TrialConfig], store: ResultStore, *, done: list[TrialConfig] | None = None
 ) -> None:
-    """Raise ``SweepError`` when a trial still to run has a result of an older schema version: running it would
-    spend the compute again (and, where the upgrade keeps its id, overwrite that result); ``upgrade-results``
-    keeps it instead. ``done``: trials known to hold a current result, whose files need not be read again."""
+    """Raise ``SweepError`` when a trial still to run has a result of another schema version: running it would
+    spend the compute again and overwrite that result. An older one is kept by ``upgrade-results``; a newer one
+    (a later varsweep wrote it, e.g. another machine on the same storage) needs this varsweep upgraded. ``done``:
+    trials known to hold a current result, whose files need not be read again."""
     if not todo:
         return
+    newer = [(c, detail) for c in todo for state, detail in [store.state(c.trial_id)] if state == "newer"]
+    if newer:
+        raise SweepError(
+            f"{len(newer)} trial(s) to run hold a result in {store.folder} that this varsweep cannot read "
+            f"({newer[0][0].label}: {newer[0][1]}); running them would overwrite those results"
+        )
     due = store.upgrades_due(store.older_results(skip={c.trial_id for c in done or ()}))
     stale = [c for c in todo if c.trial_id in due]
     if stale:

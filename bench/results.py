@@ -36,7 +36,9 @@ from .schema import (
     ConfigError,
     absolute,
     check_result,
+    is_newer_version,
     is_uri,
+    newer_version_note,
     upgrade_record,
 )
 
@@ -203,9 +205,10 @@ class ResultStore:
         return state if state in STATUSES else None
 
     def state(self, trial_id: str) -> tuple[str, str]:
-        """("pending" | "success" | "failed" | "invalid", detail): a failed trial's first error line, or why a
-        file is not a valid result of this trial (unreadable, not JSON, not an object, another schema version,
-        a config not matching its id, another trial's result)."""
+        """("pending" | "success" | "failed" | "invalid" | "newer", detail): a failed trial's first error line, or
+        why a file is not a valid result of this trial (unreadable, not JSON, not an object, an older schema
+        version, a config not matching its id, another trial's result); "newer": a result a later varsweep wrote,
+        which this one neither reads nor replaces."""
         try:
             record = self.read(trial_id)
         except (ValueError, OSError, pa.ArrowException) as err:  # JSON and UTF-8 errors are ValueErrors
@@ -216,6 +219,8 @@ class ResultStore:
         if record is None:
             return "pending", ""
         version = _schema_version(record)
+        if is_newer_version(version):
+            return "newer", newer_version_note(record)
         if version in OLDER_SCHEMA_VERSIONS:
             return (
                 "invalid",

@@ -1586,6 +1586,18 @@ def _upgrade_config_2_to_3(config: dict[str, Any]) -> int | None:
     return rows
 
 
+def is_newer_version(version: Any) -> bool:
+    """Whether ``version`` (a result's ``schema_version``) is one a later varsweep writes."""
+    return isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
+
+
+def newer_version_note(record: Mapping[str, Any]) -> str:
+    return (
+        f"written by a newer varsweep (schema version {record.get('schema_version')}; this one reads version "
+        f"{SCHEMA_VERSION}): upgrade varsweep to read it"
+    )
+
+
 def check_result(record: Mapping[str, Any]) -> TrialConfig:
     """Raise ``ConfigError`` (``RecordError`` for an inner section) unless ``record`` is a valid result of this
     schema version: every field of its type, every section typed as described above; returns its config."""
@@ -1595,6 +1607,7 @@ def check_result(record: Mapping[str, Any]) -> TrialConfig:
         f"written by schema version {record.get('schema_version')} (before {VERSION_CHANGES}); "
         "`python -m bench upgrade-results STORAGE` rewrites such results under their current trial ids",
     )
+    _require(not is_newer_version(record.get("schema_version")), "schema_version", newer_version_note(record))
     _require(
         record.get("schema_version") == SCHEMA_VERSION,
         "schema_version",

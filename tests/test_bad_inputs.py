@@ -28,6 +28,7 @@ from test_datasets import jpeg, make_folder
 from bench.errors import VarsweepError
 from bench.results import ResultStore
 from bench.schema import (
+    SCHEMA_VERSION,
     DataConfig,
     EvaluationConfig,
     MethodConfig,
@@ -249,7 +250,6 @@ INVALID_RECORDS = {
     "truncated JSON": (lambda a: '{"schema_version": 1, "trial', "not JSON"),
     "not UTF-8": (lambda a: b"\xff\xfe{}", "not JSON"),
     "JSON list": (lambda a: "[1, 2]", "JSON object"),
-    "schema version 4": (lambda a: json.dumps({**_valid(a), "schema_version": 4}), "schema_version"),
     "config not matching its id": (
         lambda a: json.dumps({**_valid(a), "config": _valid(a, 3)["config"]}),
         "does not match its config",
@@ -300,6 +300,36 @@ def test_an_older_versions_result_at_its_own_id_is_old_and_stops_a_sweep(a, tmp_
     assert " old " in row and "upgrade-results" in row, row
     with pytest.raises(SweepError, match=rf"1 trial\(s\) to run .* \({a.configs[2].label}: "):
         refuse_older_results(a.configs, store)
+
+
+def test_a_newer_versions_result_is_kept_and_stops_a_sweep(a, tmp_path, capsys):
+    """A result a later varsweep wrote (another machine on the same storage) is neither read nor replaced: status
+    names it, a sweep refuses to run its trial again, and the analysis says to upgrade varsweep."""
+    from bench.__main__ import main
+    from bench.launcher import SweepError, pending_trials, refuse_older_results
+
+    store = ResultStore(tmp_path)
+    store.write(_valid(a, 0))
+    newer = {**_valid(a, 2), "schema_version": SCHEMA_VERSION + 1}
+    Path(store.path(a.configs[2].trial_id)).write_text(json.dumps(newer))
+    assert main(["status", "demo", "--smoke", "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if a.configs[2].trial_id in line)
+    assert " newer " in row and "upgrade varsweep" in row, row
+    assert "1 success, 1 newer, 3 pending of 5 trials" in out
+    todo, done = pending_trials(a.configs, store)
+    with pytest.raises(
+        SweepError, match=rf"1 trial\(s\) to run .*\({a.configs[2].label}: written by a newer"
+    ):
+        refuse_older_results(todo, store, done=done)
+    assert json.loads(Path(store.path(a.configs[2].trial_id)).read_text()) == newer
+    from analysis.__main__ import main as analysis_main
+
+    assert analysis_main([str(tmp_path), "--out", str(tmp_path / "out"), "--no-figures", "--no-grids"]) == 2
+    assert (
+        f"schema_version: written by a newer varsweep (schema version {SCHEMA_VERSION + 1}"
+        in capsys.readouterr().err
+    )
 
 
 def test_an_older_result_the_upgrade_cannot_take_does_not_stop_a_sweep(a, tmp_path, capsys):
@@ -772,8 +802,11 @@ LOADING = {
     "store: config not matching its id": _record_case(
         lambda a: {**_valid(a), "trial_id": "0" * 16}, ["trial_id", "0" * 16]
     ),
-    "store: schema version 4": _record_case(
-        lambda a: {**_valid(a), "schema_version": 4}, ["schema_version", "got 4"]
+    "store: schema version 0": _record_case(
+        lambda a: {**_valid(a), "schema_version": 0}, ["schema_version", "got 0"]
+    ),
+    "store: a newer schema version": _record_case(
+        lambda a: {**_valid(a), "schema_version": SCHEMA_VERSION + 1}, ["schema_version", "upgrade varsweep"]
     ),
     "store: failed without error": _record_case(
         lambda a: make_result(a.configs[0], status="success") | {"status": "failed"}, ["error"]
