@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 from pathlib import Path
 
@@ -82,18 +83,28 @@ def write_trials(trials: pd.DataFrame, out: Path) -> None:
     trials.to_parquet(out / TRIAL_TABLES[1], index=False)
 
 
-OUTPUT_SUFFIXES = (".csv", ".md", ".tex", ".png", ".pdf")
+# The files an analysis wrote into its folders, relative to ``out``: the next analysis into ``out`` removes those
+# it does not write again, and never a file it did not write (a user's own file in out/figures stays).
+OUTPUTS_MANIFEST = ".varsweep-outputs.json"
 
 
 def _remove_stale(out: Path, written: dict[str, list[Path]]) -> None:
-    """Remove what an earlier analysis into ``out`` wrote in the folders this one rewrote and this one did not
-    write (a table of trials since left out, a figure no longer drawn), so ``out`` holds one analysis. Only
-    files of the kinds the analysis writes, in its own folders, are touched."""
-    for folder, paths in written.items():
-        keep = {path.resolve() for path in paths}
-        for path in (out / folder).glob("*"):
-            if path.is_file() and path.suffix in OUTPUT_SUFFIXES and path.resolve() not in keep:
-                path.unlink()
+    """Remove what an earlier analysis into ``out`` wrote (as its manifest lists) and this one did not (a table of
+    trials since left out, a figure no longer drawn, the grids of a --no-grids run), so ``out`` holds one
+    analysis; then list this one's files. A file no analysis wrote is left alone."""
+    manifest = out / OUTPUTS_MANIFEST
+    now = sorted(
+        {path.resolve().relative_to(out.resolve()).as_posix() for paths in written.values() for path in paths}
+    )
+    try:
+        before = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: nothing is known to be ours
+        before = []
+    for name in set(before) - set(now) if isinstance(before, list) else ():
+        path = out / str(name)
+        if ".." not in Path(str(name)).parts and path.is_file():
+            path.unlink()
+    manifest.write_text(json.dumps({"files": now}, indent=1) + "\n")
 
 
 def _make_folder(out: Path) -> None:

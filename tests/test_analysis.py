@@ -615,11 +615,31 @@ def test_a_second_analysis_into_the_same_folder_leaves_none_of_the_first_s_table
     out = tmp_path / "out"
     analyse(fixture_storage, out, grids=False, figures=False)
     assert (out / "tables" / "privacy.csv").is_file() and (out / "tables" / "table3_dp_epsilon.md").is_file()
-    (out / "tables" / "notes.txt").write_text("mine")  # not a kind of file the analysis writes: kept
+    mine = {"notes.txt", "my_notes.md", "hand_made.csv"}  # files no analysis wrote, of its kinds too: kept
+    for name in mine:
+        (out / "tables" / name).write_text("mine")
+    (out / "figures").mkdir(exist_ok=True)
+    (out / "figures" / "architecture.pdf").write_text("mine")
     second = analyse(fixture_storage, out, where={"privacy": None}, grids=False, figures=False)
     names = {p.name for p in (out / "tables").iterdir()}
-    assert names == {f"{t.name}{s}" for t in second.tables for s in t.renderers()} | {"notes.txt"}
+    assert names == {f"{t.name}{s}" for t in second.tables for s in t.renderers()} | mine
     assert "privacy.csv" not in names and not any(name.startswith("table3") for name in names)
+    assert (out / "figures" / "architecture.pdf").read_text() == "mine"
+
+
+def test_a_first_analysis_into_a_folder_of_the_user_s_files_removes_none(fixture_storage, tmp_path):
+    out = tmp_path / "paper"
+    for folder, name in (("tables", "table1_fid.notes.md"), ("figures", "diagram.png"), ("grids", "x.png")):
+        (out / folder).mkdir(parents=True)
+        (out / folder / name).write_text("mine")
+    analyse(fixture_storage, out, grids=False, figures=False)
+    assert {
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.read_bytes() == b"mine"
+    } == {
+        "tables/table1_fid.notes.md",
+        "figures/diagram.png",
+        "grids/x.png",
+    }
 
 
 def test_a_second_analysis_without_figures_leaves_none_of_the_first_s_figures(fixture_storage, tmp_path):
