@@ -485,8 +485,9 @@ NO_DP_OFFSET = 4.0
 BROKEN_STYLE = {"color": "#c00000", "marker": "X", "s": 60, "linewidths": 0.5}
 AUDIT_CAPTION = (
     "Each point is an audited training run: its empirical ε lower bound (one-run audit with canaries, at the "
-    "stated confidence) against the ε its DP accounting claims. A point above the y = x line would prove the DP "
-    "implementation or accounting wrong; points far below it are expected and do not show extra privacy."
+    "stated confidence) against the ε its DP accounting claims. A point above the y = x line is evidence that the DP "
+    "implementation or accounting is wrong (a correct one lands there with probability at most 1 − confidence; "
+    "rerun with another audit seed to confirm); points far below it are expected and do not show extra privacy."
 )
 
 

@@ -627,7 +627,8 @@ AUDIT_NOTES = [
     "delta) is below this number could let the membership guesses on the canaries be as accurate as they were "
     "(one-run audit, Steinke, Nasr & Jagielski 2023). It bounds epsilon from below; it does not estimate it: a "
     "bound far below the claimed epsilon is expected of DP-SGD and proves no extra privacy, while a bound above the "
-    "claimed epsilon proves a bug in the training's DP mechanism or its accounting",
+    "claimed epsilon is evidence of a bug in the training's DP mechanism or its accounting (a correct one shows "
+    "it with probability at most 1 - confidence: rerun with another audit.seed to confirm)",
     "claimed_epsilon_spent: the DP ledger's epsilon spent (no DP: none); delta: the trial's DP delta (no DP: the "
     "delta a DP trial on the same data would use)",
     "canaries: m, each in the training set with probability 1/2, never in the evaluation; score: the drop of a "
