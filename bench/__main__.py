@@ -196,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         configs = identify(
             configs, cache_dir=args.cache_dir or default_cache_dir(args.storage), write=False, log=print
         )
-        print(status_table(configs, store))
+        print("\n".join([status_table(configs, store), *status_notes(configs, store)]))
         return 0
     from .tracking import check_tracking
 
@@ -331,6 +331,28 @@ def status_table(configs, store: ResultStore) -> str:
             f"`python -m bench upgrade-results {store.storage}` rewrites them under their current trial ids"
         )
     return "\n".join(lines)
+
+
+def status_notes(configs, store: ResultStore) -> list[str]:
+    """What the status table cannot show: asset paths not found on this machine (the trials reading them are
+    identified by path instead of content, so a result their sweep wrote is not found: they show as pending) and
+    the result files of trials not listed (another sweep's, or of trials identified differently)."""
+    from .preflight import asset_paths
+
+    notes = []
+    missing = sorted({p for c in configs for p in asset_paths(c) if not Path(p).exists()})
+    if missing:
+        affected = sum(any(p in missing for p in asset_paths(c)) for c in configs)
+        notes.append(
+            f"warning: {len(missing)} asset path(s) not found here, e.g. {missing[0]}: the {affected} trial(s) "
+            "reading them are identified by their paths, not the files' contents, so their results are not found "
+            "and they show as pending; give the folder holding checkpoints/ and datasets/ with --assets DIR"
+        )
+    listed = {c.trial_id for c in configs}
+    others = [path for path in store.files() if Path(path).stem not in listed]
+    if others:
+        notes.append(f"{len(others)} other result file(s) in {store.folder} are of trials not listed above")
+    return notes
 
 
 def _number(value) -> str:

@@ -38,7 +38,7 @@ def identify(
     content id None (the path then stays in the trial id; ``check_sweep`` names the problem): never raises for
     them. Each distinct file and dataset is read once per call; ``write=False`` (a dry run) creates nothing."""
     configs = [with_absolute_paths(c) for c in configs]
-    if not any(_asset_paths(c) for c in configs):
+    if not any(asset_paths(c) for c in configs):
         return configs  # tiny bases on offline data: nothing to identify, and no torch import
     from trainables.assets import FileIds
 
@@ -90,7 +90,7 @@ def _dataset_id(config: TrialConfig, datasets: dict, *, cache_dir: str, write: b
     return datasets[key]
 
 
-def _asset_paths(config: TrialConfig) -> list[str]:
+def asset_paths(config: TrialConfig) -> list[str]:
     """The local files and folders a trial reads (checkpoints, dataset root, Inception weights)."""
     paths = [
         config.model.var_checkpoint,
@@ -254,7 +254,7 @@ def _assets_root(paths: list[str]) -> Path:
 def assets_hint(configs: list[TrialConfig]) -> str | None:
     """When none of the sweep's asset paths exist and their common root has neither ``checkpoints/`` nor
     ``datasets/``, the assets root itself is wrong: say how to give it."""
-    paths = sorted({p for c in configs for p in _asset_paths(c)})
+    paths = sorted({p for c in configs for p in asset_paths(c)})
     if not paths or any(Path(p).exists() for p in paths):
         return None
     root = _assets_root(paths)

@@ -91,6 +91,25 @@ def test_status_is_read_only_and_shows_every_state(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created or changed
 
 
+def test_status_says_when_assets_are_not_found_and_results_match_no_listed_trial(tmp_path, capsys):
+    """From a machine without the assets mount, trial ids fall back to paths: every trial reads as pending, so
+    status says why, and that the folder holds results of trials it did not list."""
+    storage = tmp_path / "storage"
+    store = ResultStore(storage)
+    store.write(make_result(build_sweep("demo", smoke=True)[0], status="success", metrics={"fid": 1.0}))
+    nowhere = tmp_path / "nowhere"
+    assert main(["status", "table3", "--assets", str(nowhere), "--storage", str(storage)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3] == "14 pending of 14 trials"
+    assert out[-2].startswith(f"warning: 5 asset path(s) not found here, e.g. {nowhere}/")
+    assert (
+        "the 14 trial(s) reading them are identified by their paths" in out[-2] and "--assets DIR" in out[-2]
+    )
+    assert out[-1] == f"1 other result file(s) in {store.folder} are of trials not listed above"
+    assert main(["status", "demo", "--smoke", "--storage", str(storage)]) == 0  # tiny bases: nothing to find
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_bad_arguments_end_in_one_line(tmp_path, capsys):
     assert main(["sweep", "demo", "--smoke", "--max-concurrent", "0", "--storage", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
