@@ -305,6 +305,11 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        # One spelling per training run, so one trial id: blocks (1, 0) and (0, 1, 1) train what (0, 1) trains.
+        if self.train_blocks:
+            object.__setattr__(self, "train_blocks", tuple(sorted(set(self.train_blocks))))
+        if self.lora_targets and set(self.lora_targets) <= set(LORA_TARGETS):
+            object.__setattr__(self, "lora_targets", tuple(t for t in LORA_TARGETS if t in self.lora_targets))
         _require(self.name in METHODS, "method.name", f"unknown method {self.name!r}; known: {list(METHODS)}")
         _require(
             self.lora_rank >= 1 and self.lora_alpha > 0,

@@ -106,6 +106,20 @@ def test_trial_id_ignores_resources_but_not_settings():
     assert replace(config, data={"cached_views": 3}).trial_id != config.trial_id
 
 
+def test_one_training_run_has_one_trial_id_however_its_blocks_and_targets_are_spelled():
+    config = next(c for c in build_sweep("table1", smoke=True) if c.method.name == "lora")
+    blocks = {replace(config, method={"train_blocks": b}).trial_id for b in ((0, 1), (1, 0), (0, 1, 1))}
+    targets = {
+        replace(config, method={"lora_targets": t}).trial_id
+        for t in (("attention", "mlp"), ("mlp", "attention"), ("mlp", "attention", "mlp"))
+    }
+    assert len(blocks) == 1 and len(targets) == 1
+    assert TrialConfig.from_dict(
+        {**config.to_dict(), "method": {**config.to_dict()["method"], "train_blocks": [1, 0]}}
+    ).method.train_blocks == (0, 1)
+    assert replace(config, method={"train_blocks": (0,)}).trial_id not in blocks
+
+
 @pytest.mark.parametrize(
     "build, field",
     [
