@@ -253,9 +253,12 @@ def _assets_root(paths: list[str]) -> Path:
 
 def assets_hint(configs: list[TrialConfig]) -> str | None:
     """When none of the sweep's asset paths exist and their common root has neither ``checkpoints/`` nor
-    ``datasets/``, the assets root itself is wrong: say how to give it."""
+    ``datasets/``, the assets root itself is wrong: say how to give it. Only for paths laid out under an assets
+    root (a ``checkpoints/`` or ``datasets/`` folder in them, as the built-in sweeps and ``{assets}`` give):
+    ``--assets`` cannot move a path a sweep file names directly, so the problem lines below say it all."""
     paths = sorted({p for c in configs for p in asset_paths(c)})
-    if not paths or any(Path(p).exists() for p in paths):
+    in_layout = any({"checkpoints", "datasets"} & set(Path(p).parts[:-1]) for p in paths)
+    if not in_layout or any(Path(p).exists() for p in paths):
         return None
     root = _assets_root(paths)
     if (root / "checkpoints").is_dir() or (root / "datasets").is_dir():

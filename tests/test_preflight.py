@@ -246,3 +246,22 @@ def test_a_wrong_assets_root_gets_a_hint(tmp_path):
     with pytest.raises(SweepError) as raised:
         check_sweep(own_data, cache_dir=str(tmp_path / "cache"), write=False)
     assert f"and {tmp_path / 'wrong'} has no checkpoints/" in str(raised.value)
+    # Paths a sweep file names directly, outside any assets layout: --assets cannot move them, so no hint, and the
+    # first problem (the missing folder itself) is what the command line's last line quotes.
+    own_paths = [
+        replace(
+            c,
+            data={"dataset": "folder", "root": str(tmp_path / "nodata")},
+            evaluation={"extractor": "substitute-randconv-v1"},
+        )
+        for c in build_sweep("demo", smoke=True)
+    ]
+    with pytest.raises(SweepError) as raised:
+        check_sweep(own_paths, cache_dir=str(tmp_path / "cache"), write=False)
+    assert "hint" not in str(raised.value)
+    assert (
+        str(raised.value)
+        .splitlines()[1]
+        .strip()
+        .startswith(f"data: folder: dataset root {tmp_path / 'nodata'}")
+    )
