@@ -48,7 +48,16 @@ from .estimates import ESTIMATE_DEVICE, estimate, longest_first
 from .preflight import SweepError, check_sweep, identify
 from .results import TRAIN_FOLDER, ResultStore, default_cache_dir  # noqa: F401 - default_cache_dir: re-exported
 from .schema import TrialConfig, absolute, is_uri, make_result, storage_child, utc_now
-from .tracking import TRACKERS, Tracker, check_target, check_tracking, default_target, describe, open_tracker
+from .tracking import (
+    MLFLOW_NAMED_TARGETS,
+    TRACKERS,
+    Tracker,
+    check_target,
+    check_tracking,
+    default_target,
+    describe,
+    open_tracker,
+)
 
 # What a trial holds on the node that runs its Tune actor (the head, on a cluster whose GPU nodes start on demand):
 # the actor and its Train controller each import torch, ~0.4 GB of private memory apiece (measured outside Ray), so
@@ -145,7 +154,8 @@ class Launch:
         if self.tracking_uri is not None:
             if not isinstance(self.tracking_uri, str) or not self.tracking_uri.strip():
                 raise SweepError(f"--tracking-uri must be a URI or a folder, got {self.tracking_uri!r}")
-            object.__setattr__(self, "tracking_uri", absolute(self.tracking_uri))
+            if not (self.tracking == "mlflow" and self.tracking_uri in MLFLOW_NAMED_TARGETS):
+                object.__setattr__(self, "tracking_uri", absolute(self.tracking_uri))
         check_target(self.tracking, storage=self.storage, tracking_uri=self.tracking_uri)
 
     @property

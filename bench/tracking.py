@@ -33,6 +33,8 @@ from .results import ResultStore
 from .schema import TrialConfig, is_uri, storage_child
 
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
+# MLflow tracking URIs that are names, not paths (a Databricks workspace from the CLI's default profile).
+MLFLOW_NAMED_TARGETS = ("databricks", "databricks-uc")
 # What each tracker needs installed in the driver's environment (import names), and the command that installs it.
 PACKAGES = {
     "tensorboard": (("tensorboardX",), "pip install tensorboardX tensorboard"),

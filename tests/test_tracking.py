@@ -206,6 +206,8 @@ def test_a_uri_storage_needs_an_explicit_tracking_uri(tmp_path):
         tracking_uri="http://mlflow:5000",
     )
     assert given.tracking_uri == "http://mlflow:5000"
+    for named in ("databricks", "databricks-uc"):  # MLflow's names, not folders of the working directory
+        assert _launch(tmp_path, tracking="mlflow", tracking_uri=named).tracking_uri == named
     assert (
         Launch(storage="s3://bucket/runs", cache_dir=str(tmp_path), tracking="tensorboard").tracking
         == "tensorboard"
