@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -55,6 +56,43 @@ def test_saved_file_is_a_plain_state_dict_in_official_order(tmp_path, tiny_var):
     state = torch.load(tmp_path / "var.pth", weights_only=True)
     assert list(state) == list(tiny_var.state_dict())
     assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+@pytest.mark.parametrize("export", ["half", "mixed"])
+def test_a_half_precision_or_mixed_export_loads_as_float32(tmp_path, tiny_var, tiny_vqvae, export):
+    """``assign=True`` keeps the file's dtypes: a half export gave a half model, a mixed one failed at its first
+    forward. Without a ``dtype`` every floating tensor is float32, as a float32 build's."""
+    for name, model in (("var", tiny_var), ("vqvae", tiny_vqvae)):
+        state = model.state_dict()
+        halved = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        if export == "mixed":
+            halved = {**state, **{k: halved[k] for k in list(state)[:3]}}
+        torch.save(halved, tmp_path / f"{name}.pth")
+    var = load_var(tmp_path / "var.pth", **TINY_VAR)
+    vqvae = load_vqvae(tmp_path / "vqvae.pth", **TINY_VQVAE)
+    floats = {t.dtype for m in (var, vqvae) for t in m.state_dict().values() if t.is_floating_point()}
+    assert floats == {torch.float32}
+    idx_Bl, logits, samples = _outputs(var.eval(), vqvae)
+    assert torch.isfinite(logits).all() and samples.shape[0] == 2
+    assert (
+        load_var(tmp_path / "var.pth", **TINY_VAR, dtype=torch.bfloat16).head.weight.dtype == torch.bfloat16
+    )
+
+
+def test_models_of_other_dtypes_encode_and_sample_beside_each_other(tiny_var, tiny_vqvae):
+    """A bf16 or float64 tokenizer encodes (its nearest-code search runs in float32, the latent's precision), and a
+    VAR samples beside a tokenizer of another dtype, without autocast."""
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    idx_Bl = tiny_vqvae.img_to_idxBl(img)
+    for dtype in (torch.bfloat16, torch.float64):
+        vqvae = copy.deepcopy(tiny_vqvae).to(dtype)
+        agree = [(a == b).float().mean().item() for a, b in zip(vqvae.img_to_idxBl(img.to(dtype)), idx_Bl)]
+        assert min(agree) > 0.9, agree  # bf16 rounds the encoder's latent: a few codes may move
+        var = copy.deepcopy(tiny_var).to(dtype)
+        for tokenizer in (tiny_vqvae, vqvae):
+            with torch.no_grad():
+                images = var.sample(torch.tensor([1, 2]), vqvae=tokenizer, cfg=1.5, top_k=10, top_p=0.9)
+            assert images.shape == (2, 3, 16, 16) and torch.isfinite(images.float()).all()
 
 
 def test_missing_file(tmp_path):

@@ -72,6 +72,23 @@ def test_phi_index_per_scale_for_ten_scales():
     assert [phis.index_for(si, 10) for si in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
 
 
+@pytest.mark.parametrize(
+    "num_shared, expected",
+    [(3, [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]), (6, [0, 0, 1, 1, 2, 3, 3, 4, 5, 5]), (1, [0] * 10)],
+)
+def test_phi_index_for_other_numbers_of_shared_phis(num_shared, expected):
+    """The official rule for K != 4 insets the ticks by 1/(2K) (numpy.linspace(1/2/K, 1-1/2/K, K)), not 1/(3K)."""
+    vqvae = build_vqvae(
+        vocab_size=64,
+        z_channels=8,
+        ch=32,
+        patch_nums=OFFICIAL_PATCH_NUMS,
+        share_quant_resi=num_shared,
+        device="meta",
+    )
+    assert [vqvae.quantize.quant_resi.index_for(si, 10) for si in range(10)] == expected
+
+
 def test_sequence_length_and_mask_derive_from_patch_nums():
     var = build_var(
         depth=2, num_classes=3, patch_nums=(2, 3, 5), vocab_size=16, z_channels=4, embed_dim=32, num_heads=2

@@ -244,7 +244,12 @@ def test_tiny_base_builds_once_and_shares_its_vqvae_across_depths(tmp_path):
     from trainables.tiny_base import tiny_base
 
     lines: list[str] = []
-    first = tiny_base(tmp_path, depth=1, pretraining_steps=4, log=lines.append)
+    after = []
+    for seed, folder in ((12345, tmp_path / "other"), (999, tmp_path)):  # each builds its VQVAE
+        torch.manual_seed(seed)
+        first = tiny_base(folder, depth=1, pretraining_steps=4, log=lines.append)
+        after.append(torch.rand(3))
+    assert not torch.equal(*after)  # the build does not reset the caller's global stream to a fixed state
     assert first["vqvae"].is_file() and first["var"].is_file() and first["settings"]["source"] == "glyphs-v1"
     assert sum("VQVAE step" in line for line in lines) >= 1 and any("building once" in line for line in lines)
     lines.clear()

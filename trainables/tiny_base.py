@@ -163,14 +163,17 @@ def _vqvae(path: Path, images_N3HW: torch.Tensor, *, schedule: Schedule, stage: 
     with file_lock(path.parent.parent / f"{path.parent.name}.lock"):
         if path.is_file():
             return load_vqvae(path, **VQVAE_ARCHITECTURE).eval()
-        torch.manual_seed(SEED)
-        vqvae = build_vqvae(**VQVAE_ARCHITECTURE)
-        train_vqvae(
-            vqvae,
-            images_N3HW,
-            schedule=schedule,
-            seed=SEED,
-            log=_stage_logger(Progress(stage, "VQVAE step", schedule.steps, log=log), keys=("rec_mse",)),
-        )
+        # build_vqvae initialises from the global stream: seeded here, in a fork, so the caller's stream (e.g.
+        # a DP trial's, built in the same process) is not reset to a public, fixed state
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            vqvae = build_vqvae(**VQVAE_ARCHITECTURE)
+            train_vqvae(
+                vqvae,
+                images_N3HW,
+                schedule=schedule,
+                seed=SEED,
+                log=_stage_logger(Progress(stage, "VQVAE step", schedule.steps, log=log), keys=("rec_mse",)),
+            )
         save_vqvae(vqvae, path, metadata={"tiny_base": vqvae_settings(schedule.steps)})
         return vqvae.eval()

@@ -318,7 +318,9 @@ def _load_into(
     device: torch.device | str | None,
     dtype: torch.dtype | None,
 ) -> tuple[nn.Module, str]:
-    """(model on ``device``, SHA-256 of the file) after checking sidecar, keys, shapes and finiteness."""
+    """(model on ``device``, SHA-256 of the file) after checking sidecar, keys, shapes and finiteness. Every
+    floating tensor is in ``dtype`` (None: float32, whatever the file holds: a half-precision or mixed export
+    loads as the model a float32 build gives, not as the file's dtypes, which ``assign`` would keep)."""
     model = build_meta()
     state, sha, _ = read_verified(path, kind=kind, architecture=model.architecture)
     check_state_dict(
@@ -329,7 +331,7 @@ def _load_into(
         what=what,
     )
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device or "cpu", dtype=dtype), sha
+    return model.to(device=device or "cpu", dtype=dtype or torch.float32), sha
 
 
 def load_vqvae(
@@ -345,7 +347,8 @@ def load_vqvae(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> VQVAE:
-    """Load a VQVAE from a local file; defaults describe the official ``vae_ch160v4096z32.pth``."""
+    """Load a VQVAE from a local file; defaults describe the official ``vae_ch160v4096z32.pth``. ``dtype``: of
+    the floating tensors (None: float32)."""
     arch = dict(
         vocab_size=vocab_size,
         z_channels=z_channels,
@@ -384,6 +387,7 @@ def load_var(
 ) -> VAR:
     """Load a VAR from a local file. ``num_classes`` is the number of classes the checkpoint was trained with
     (1000 for the official ImageNet models); use ``resize_class_embedding`` to move to a new label set.
+    ``dtype``: of the floating tensors (None: float32, whatever dtypes the file holds).
     The scale-layout buffers are checked against ``patch_nums`` (a checkpoint of another resolution fails).
     Nothing is recorded on the model: a caller that needs the file's identity (e.g. for ``methods.adapt``) takes
     ``checkpoint_sha256(path)``."""

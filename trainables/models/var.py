@@ -1247,7 +1247,10 @@ class VAR(nn.Module):
         )
         caches = _sampling_caches(self, batch=2 * B, device=cond_2BC.device, compiled=compiled)
         step = _compiled_scale_probs(cond_2BC.device) if compiled else _scale_probs
-        f_hat_BChw = cond_2BC.new_zeros(B, self.z_channels, full, full)
+        # f_hat lives in the tokenizer's dtype, the next scale's input in this model's (they may differ)
+        f_hat_BChw = cond_2BC.new_zeros(
+            B, self.z_channels, full, full, dtype=vqvae.quantize.embedding.weight.dtype
+        )
         idx_per_scale, cur = [], 0
         for si, pn in enumerate(self.patch_nums):
             cur += pn * pn
@@ -1272,7 +1275,8 @@ class VAR(nn.Module):
             h_BChw = vqvae.quantize.embedding(idx_Bl).transpose(1, 2).reshape(B, self.z_channels, pn, pn)
             f_hat_BChw, next_BChw = vqvae.quantize.next_autoregressive_input(si, f_hat_BChw, h_BChw)
             if si != S - 1:
-                words_BlC = linear(self.word_embed, next_BChw.flatten(2).transpose(1, 2), word_weights)
+                next_BlCv = next_BChw.flatten(2).transpose(1, 2).to(self.word_embed.weight.dtype)
+                words_BlC = linear(self.word_embed, next_BlCv, word_weights)
                 next_2BlC = (words_BlC + lvl_pos_1LC[:, cur : cur + self.patch_nums[si + 1] ** 2]).repeat(
                     2, 1, 1
                 )

@@ -229,7 +229,9 @@ class SharedPhis(nn.Module):
     def __init__(self, channels: int, num_shared: int):
         super().__init__()
         self.qresi_ls = nn.ModuleList(Phi(channels) for _ in range(num_shared))
-        self.ticks = _linspace(1 / 3 / num_shared, 1 - 1 / 3 / num_shared, num_shared)
+        # The official tokenizer's rule: ticks inset by 1/(3K) for its K = 4, by 1/(2K) for any other K.
+        inset = 1 / 3 / num_shared if num_shared == 4 else 1 / 2 / num_shared
+        self.ticks = _linspace(inset, 1 - inset, num_shared)
 
     def index_for(self, si: int, num_scales: int) -> int:
         at = si / (num_scales - 1)
@@ -269,8 +271,9 @@ class MultiScaleQuantizer(nn.Module):
         return self.quant_resi(h_BChw, si=si, num_scales=self.num_scales)
 
     def nearest_code(self, z_NC: torch.Tensor) -> torch.Tensor:
-        """Index [N] of the L2-nearest code; |z|^2 + |e|^2 - 2 z.e, the same float path as the checkpoints."""
-        codebook_VC = self.embedding.weight.detach()
+        """Index [N] of the L2-nearest code; |z|^2 + |e|^2 - 2 z.e in float32 (the latent's precision) whatever the
+        module's dtype, the same float path as the checkpoints."""
+        codebook_VC = self.embedding.weight.detach().float()
         d_NV = z_NC.square().sum(dim=1, keepdim=True) + codebook_VC.square().sum(dim=1)
         return d_NV.addmm_(z_NC, codebook_VC.T, alpha=-2, beta=1).argmin(dim=1)
 
