@@ -12,7 +12,14 @@ from test_datasets import make_folder
 
 from trainables.data import token_cache
 from trainables.data.datasets import DatasetError, read_dataset
-from trainables.data.token_cache import TokenCache, ViewSpec, cache_key, make_views, open_token_cache
+from trainables.data.token_cache import (
+    TokenCache,
+    ViewSpec,
+    cache_key,
+    image_identity,
+    make_views,
+    open_token_cache,
+)
 from trainables.models import build_vqvae
 
 SPEC = ViewSpec(resolution=16, num_views=3, seed=1)
@@ -44,7 +51,7 @@ def test_cached_tokens_equal_on_the_fly_tokenisation_of_the_same_crops(images, t
     cached, _ = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
     for index in range(len(images)):
         with Image.open(images.paths[index]) as image:
-            views = make_views(image, spec=SPEC, index=index)
+            views = make_views(image, spec=SPEC, identity=image_identity(images.paths[index].read_bytes()))
         with torch.no_grad():
             direct = vqvae.img_to_idxBl(views)
         for si, idx_Vl in enumerate(direct):
@@ -150,7 +157,29 @@ def test_views_of_high_bit_depth_and_exif_turned_images_are_those_of_the_display
     spec = ViewSpec(resolution=8, num_views=2, seed=0)
     for path, pixels in displayed_images(tmp_path).items():
         with Image.open(path) as image:
-            views = make_views(image, spec=spec, index=3)
-        expected = make_views(Image.fromarray(np.ascontiguousarray(pixels)), spec=spec, index=3)
+            views = make_views(image, spec=spec, identity=b"3")
+        expected = make_views(Image.fromarray(np.ascontiguousarray(pixels)), spec=spec, identity=b"3")
         assert torch.equal(views, expected), path.name
-    assert token_cache.CACHE_FORMAT == "varsweep-token-cache/2"
+    assert token_cache.CACHE_FORMAT == "varsweep-token-cache/3"
+
+
+def test_an_image_s_views_do_not_depend_on_the_other_images(images, tmp_path):
+    """Under DP, adding or removing one image (or skipping a corrupt one) must leave every other example's input
+    as it was: crops keyed by listing index moved every later image's crops and tokens (2.85 C between the clipped
+    sums of two neighbouring datasets in the review's reproduction)."""
+    vqvae = make_vqvae()
+    full, _ = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC)
+    for dropped in range(len(images)):
+        fewer, _ = open_token_cache(tmp_path / "cache", images.without({dropped}), vqvae, spec=SPEC)
+        kept = [i for i in range(len(images)) if i != dropped]
+        assert all(torch.equal(f[kept], g) for f, g in zip(full.views, fewer.views)), dropped
+    moved = read_dataset("folder", tmp_path / "data", "train")
+    renamed = [(p, p.with_name("z-" + p.name)) for p in moved.paths[:2]]
+    for old, new in renamed:  # same pixels under other names: other places in the listing, the same crops
+        old.rename(new)
+    relisted = read_dataset("folder", tmp_path / "data", "train")
+    again, _ = open_token_cache(tmp_path / "cache", relisted, vqvae, spec=SPEC)
+    order = [relisted.paths.index(new) for _, new in renamed] + [
+        relisted.paths.index(p) for p in moved.paths[2:]
+    ]
+    assert all(torch.equal(f, g[order]) for f, g in zip(full.views, again.views))

@@ -3,7 +3,9 @@
 Training reads token maps instead of re-encoding every augmented view at every step (the published pipeline spent
 about a quarter of the d16 step in the VQVAE). Each image gets ``num_views`` views: the paper's train transform
 (shorter side to resolution*288/256, LANCZOS) followed by random crops whose offsets come from a generator seeded by
-(seed, image index), so any view can be reproduced exactly. Augmentation multiplicity k draws k of these views.
+(seed, the image file's SHA-256), so any view can be reproduced exactly. The image alone decides its crops, not its
+place in the listing: under DP, adding or removing one image must leave every other example's input as it was
+(the accountant's add/remove neighbours), which listing indices, shifted by one insertion, do not. Augmentation multiplicity k draws k of these views.
 
 Layout under ``root/<dataset>-<split>-<key hash>/``: ``meta.json`` (the key, dtype, completion), ``labels.npy``
 and one memory-mapped array per scale ``tokens_s{si}.npy`` [N, V, pn*pn] (int16 when the codebook fits, else
@@ -20,6 +22,7 @@ misses. A cache is shared by every trial (and sweep) with the same key.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +41,8 @@ from .tokens import TokenViews
 
 # 2: images decode through ``datasets.to_rgb`` (EXIF orientation, 16-bit and float pixels rescaled, not clipped),
 # so views of some images differ from version 1's and its caches must miss.
-CACHE_FORMAT = "varsweep-token-cache/2"
+# 3: crops are seeded by the image file's content, not its index in the listing.
+CACHE_FORMAT = "varsweep-token-cache/3"
 PROGRESS_FORMAT = "varsweep-token-cache-progress/2"
 RESIZE_RATIO = 288 / 256
 
@@ -46,7 +50,8 @@ RESIZE_RATIO = 288 / 256
 @dataclass(frozen=True)
 class ViewSpec:
     """How the cached views of an image are made: ``num_views`` random crops of size ``resolution`` after
-    resizing the shorter side to round(resolution * resize_ratio) with LANCZOS; offsets seeded by (seed, index)."""
+    resizing the shorter side to round(resolution * resize_ratio) with LANCZOS; offsets seeded by (seed, the
+    image's identity: its file's SHA-256)."""
 
     resolution: int
     num_views: int
@@ -83,8 +88,20 @@ def cache_key(images: ImageList, vqvae: VQVAE, spec: ViewSpec) -> dict:
     }
 
 
-def make_views(image: Image.Image, *, spec: ViewSpec, index: int) -> torch.Tensor:
-    """The ``num_views`` cached views of image ``index`` [V, 3, R, R] in [-1, 1]; deterministic in (spec, index)."""
+def image_identity(data: bytes) -> bytes:
+    """What an image's crops are keyed by: the SHA-256 of its file's bytes (the example alone)."""
+    return hashlib.sha256(data).digest()
+
+
+def _crop_seed(seed: int, identity: bytes) -> int:
+    """A 63-bit generator seed from (spec seed, image identity): distinct images get unrelated crop offsets."""
+    digest = hashlib.blake2b(f"{seed}:".encode() + identity, digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def make_views(image: Image.Image, *, spec: ViewSpec, identity: bytes) -> torch.Tensor:
+    """The ``num_views`` cached views [V, 3, R, R] in [-1, 1] of an image whose ``image_identity`` is
+    ``identity``; deterministic in (spec, identity)."""
     resized = TF.resize(
         to_rgb(image),
         round(spec.resolution * spec.resize_ratio),
@@ -92,7 +109,7 @@ def make_views(image: Image.Image, *, spec: ViewSpec, index: int) -> torch.Tenso
     )
     pixels = TF.to_dtype(TF.to_image(resized), torch.float32, scale=True) * 2 - 1
     H, W = pixels.shape[-2:]
-    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
+    generator = torch.Generator().manual_seed(_crop_seed(spec.seed, identity))
     tops = torch.randint(0, H - spec.resolution + 1, (spec.num_views,), generator=generator).tolist()
     lefts = torch.randint(0, W - spec.resolution + 1, (spec.num_views,), generator=generator).tolist()
     return torch.stack(
@@ -219,8 +236,9 @@ def _tokenise(
     per_image = []
     for index in indices:
         try:
-            with Image.open(images.paths[index]) as image:
-                views_V3RR = make_views(image, spec=spec, index=index)
+            data = Path(images.paths[index]).read_bytes()
+            with Image.open(io.BytesIO(data)) as image:
+                views_V3RR = make_views(image, spec=spec, identity=image_identity(data))
         except OSError as err:
             raise DatasetError(f"cannot read image {images.paths[index]}: {err}") from err
         per_image.append(views_V3RR)
