@@ -1402,24 +1402,40 @@ def sample_top_k_top_p(
 
 
 def top_k_top_p_probs(logits_BlV: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
-    """Sampling probabilities [B*l, V] (float32) of logits [B, l, V] kept to the top_k most likely codes
-    (0 = all; exactly k kept, ties at the k-th broken by ``topk``) and of those to the fewest, most likely, holding
-    probability mass top_p (0 = off; the most likely code always stays). Only the k largest logits are sorted
-    (``topk``), not all V; no host synchronisation and no data-dependent shape."""
+    """Sampling probabilities [B*l, V] (float32) of logits [B, l, V] kept, as the official sampler keeps them, to
+    every code whose logit is at least the top_k-th largest (0 = all; ties at the k-th are all kept: bf16 logits
+    tie often) and of those to the fewest, most likely, holding probability mass top_p (0 = off; the most likely
+    code always stays). Only the k largest logits are sorted (``topk``), not all V: the codes tied with the k-th
+    that ``topk`` left out share its logit, so they sit at the bottom of the sorted order and are counted, not
+    sorted. No host synchronisation and no data-dependent shape."""
     V = logits_BlV.shape[-1]
     logits_NV = logits_BlV.float().reshape(-1, V)
     k = top_k if 0 < top_k < V else V
     if k == V and top_p == 0:
         return logits_NV.softmax(dim=-1)
     kept_NK, code_NK = logits_NV.topk(k, dim=-1, sorted=top_p > 0)
-    if top_p > 0:
-        # Mass of each code and every less likely one, summed from the least likely up (as a full ascending sort
-        # would): a code goes when that mass is at most 1 - top_p, i.e. the codes above it already hold top_p.
-        tail_mass_NK = kept_NK.softmax(dim=-1).flip(-1).cumsum(dim=-1).flip(-1)
-        drop_NK = tail_mass_NK <= 1 - top_p
-        drop_NK[:, 0] = False  # always keep the most likely code
-        kept_NK = kept_NK.masked_fill(drop_NK, -torch.inf)
-    return logits_NV.new_zeros(logits_NV.shape).scatter_(-1, code_NK, kept_NK.softmax(dim=-1))
+    kth_N1 = kept_NK.amin(dim=-1, keepdim=True)
+    if top_p == 0:
+        return logits_NV.masked_fill(logits_NV < kth_N1, -torch.inf).softmax(dim=-1)
+    # Ties with the k-th logit that topk left out (none when k = V).
+    extra_NV = (logits_NV == kth_N1).scatter_(-1, code_NK, False)
+    extra_N1 = extra_NV.sum(dim=-1, keepdim=True)
+    # Probabilities over the top-k codes and the extra ties, shifted by the largest logit.
+    weights_NK = (kept_NK - kept_NK[:, :1]).exp()
+    tie_weight_N1 = (kth_N1 - kept_NK[:, :1]).exp()
+    total_N1 = weights_NK.sum(dim=-1, keepdim=True) + extra_N1 * tie_weight_N1
+    # The mass of each code and every less likely one, summed from the least likely up (as a full ascending sort
+    # would, the extra ties lowest): a code goes when that mass is at most 1 - top_p, i.e. the codes above it
+    # already hold top_p.
+    tail_NK = (weights_NK.flip(-1).cumsum(dim=-1).flip(-1) + extra_N1 * tie_weight_N1) / total_N1
+    drop_NK = tail_NK <= 1 - top_p
+    drop_NK[:, 0] = False  # always keep the most likely code
+    extra_tail_NV = extra_NV.cumsum(dim=-1) * (tie_weight_N1 / total_N1)
+    keep_extra_NV = extra_NV & (extra_tail_NV > 1 - top_p)  # the i-th extra tie holds i tie masses below it
+    filtered_NV = torch.full_like(logits_NV, -torch.inf).scatter_(
+        -1, code_NK, kept_NK.masked_fill(drop_NK, -torch.inf)
+    )
+    return torch.where(keep_extra_NV, kth_N1, filtered_NV).softmax(dim=-1)
 
 
 def validate_var_layout(
