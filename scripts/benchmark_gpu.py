@@ -1,6 +1,7 @@
 """GPU efficiency of VAR-d16/d20 training, DP-SGD and generation (issue 16), measured side by side in one call.
 
 Usage: python scripts/benchmark_gpu.py [--quick] [--device cuda] [--depth 16 ...] [--out RUN.json]
+                                      [--deadline-s 500] [--skip-phase PHASE ...] [--cost NAME=SECONDS ...]
                                       [--report docs/benchmarks.md] [--write-throughput bench/measured_throughput.json]
        python scripts/benchmark_gpu.py --from RUN.json [--report docs/benchmarks.md] [--write-throughput ...]
        python scripts/benchmark_gpu.py --device cpu --depth 2 --quick      (a smoke run of the script on a CPU)
@@ -10,59 +11,69 @@ device-wheels`` here once (the pinned Opacus, torch-fidelity and peft wheels int
 ``run`` with ``kind: "nvidia-h200"`` (the tool's default kind is an H100, whose 80 GB the largest generation
 batches may not fit), ``carry: [".whl"]``, ``timeout_s: 540`` and the command
 
+    export BENCHMARK_GPU_T0=$(date +%s.%N); set -o pipefail;
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1;
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; python3 scripts/benchmark_gpu.py 2>&1 | tee $OUT/log
 
-then ``--from`` the returned benchmark_gpu.json with ``--report`` and ``--write-throughput`` here. Where only
-an H100 is lent, the same run there is still worth its time: its rows carry the device's name, the throughput
-file keeps them beside the H200's, and ``python -m bench sweep ... --dry-run --gpu H100`` prices from them. The
-same command, in a Python holding only the image's packages at its torch 2.11 and ``--device cpu --depth 2 --quick``,
-is how it was checked here (2026-12-04, again 2026-12-06): nothing else is needed there.
+(``pipefail``: the call's exit status is the script's, not tee's; ``BENCHMARK_GPU_T0``: the deadline counts from
+the command's start, the wheels' install included), then ``--from`` the returned benchmark_gpu.json with
+``--report`` and ``--write-throughput`` here. Where only an H100 is lent, the same run there is still worth its
+time: its rows carry the device's name, the throughput file keeps them beside the H200's, and ``python -m bench
+sweep ... --dry-run --gpu H100`` prices from them. The same command, in a Python holding only the image's packages
+at its torch 2.11 and ``--device cpu --depth 2 --quick``, is how the script was checked here (2026-12-04, again
+2026-12-06): nothing else is needed there (the deadline's clock reads psutil, which benchmark_common imports).
 
-One call (under 8 minutes on an H200; ``--quick`` about 2) measures, every eager target before anything that
-compiles (a compile takes tens of seconds, and a run cut short keeps the targets' rows), in this order:
+Time. The device kills the call at 540 s, so the run keeps a hard deadline (``--deadline-s``, default 500 s; 150 s
+with ``--quick``) counted from the process's start (or ``$BENCHMARK_GPU_T0``), not from when its models are built:
+every measurement has an expected cost (``COSTS``, rough H200 seconds for what cannot be predicted, such as a
+compile; eager steps priced from the rows measured before them) and starts only if that cost fits before the
+deadline, else it is recorded as skipped with the reason. Each phase also has a window counted from its own start
+(``Plan.windows``): past it, the phase starts nothing more, so a slow phase costs the phases after it time but
+cannot take all of it. A watchdog ends the process at ``--hard-stop-s`` (deadline + 30 s) if a measurement runs
+far past its estimate. The JSON (``--out``, default ``$OUT/benchmark_gpu.json`` when $OUT is set) is replaced
+atomically at the start and end of every measurement: it names the measurement in flight (``running``), so a run
+cut short keeps every finished row and says what it was doing; each measurement's start is printed with its
+expected cost, and ``timeline`` records expected against actual seconds (to recalibrate ``COSTS``). After an
+exception the GPU's health is checked (a synchronize and a tiny kernel): a broken device (an illegal address, a
+failed graph capture) is recorded in ``device_broken`` and every later measurement is skipped, the JSON still
+written and the report still printed.
+
+Phases, by priority (the issue's targets first; nothing compiles before phase 6):
 1. matmul: the achievable dense bf16 rate (large square products, random inputs rotated, CUDA-synchronised
    medians), beside the datasheet peak (``bench.estimates.PEAK_FLOPS``), and the memory bandwidth (a 4 GiB
-   device-to-device copy): the two ceilings. Then a block's element-wise pieces that varsweep computes otherwise
-   than the published code (the q and k normalisation, the residual add with drop-path), each beside the
-   published form: time, output dtypes (the CPU's traffic counts assume CUDA autocast's float32 norms), values;
-   and the decoder's norm + SiLU and upsampling in the map's dtype beside the float32 forms CUDA autocast gave them.
-2. training, eager, first depth: for full fine-tuning and LoRA, a training step (bf16 autocast, AdamW, token-cache
-   style inputs: random token maps, no VQVAE encoding) with the trials' attention kernel (per_scale), fused AdamW
-   off/on and larger physical batches; then the masked and flex kernels beside the first row; for LoRA frozen
-   base weights stored in bf16. Images/s, peak GiB, MFU = useful FLOPs (``bench.estimates.training_flops_per_row``:
-   attention over the visible query/key pairs only) / the matmul rate measured in step 1, and / the datasheet.
-   Then, per method, a trial's own loop (``finetune``) at the fastest setting trials run, beside its bare step,
-   with every implicit host wait for the GPU in it (CUDA's sync debug mode).
-3. privacy: the non-DP step and book-keeping for DP-full and DP-LoRA at k = 1 and k = 32 views per example
-   (``dp_rows`` rows per physical batch; at k = 32 one example), with DP-full at k = 1 at the widest depth too;
-   then the options: Gram routes, Opacus's ghost clipping (k = 1, float32 as trials run it, against a float32
-   non-DP step) and hooks. Time and peak-memory ratios against the non-DP step on the same rows and precision.
-   Between the two, DP-LoRA's own loop (book-keeping, k = 1) beside its bare DP step, as in step 2.
-4. generation, eager: d16 (CFG 1.5, top-k 900, top-p 0.96), bf16 autocast, per batch size; then a LoRA trial's
-   model (its adapter merged for sampling) at the fastest batch, beside the base model's, and that batch's VQVAE
-   decode with its maps in NCHW and in channels-last.
+   device-to-device copy): the two ceilings, MFU's denominator.
+2. training: d16 eager, full fine-tuning then LoRA, as trials run (bf16 autocast, the per_scale kernel, fused
+   AdamW, token-cache style inputs: random token maps, no VQVAE encoding), up the batch ladder until a batch fails.
+   Images/s, peak GiB, MFU = useful FLOPs (``bench.estimates.training_flops_per_row``: attention over the visible
+   query/key pairs only) / the matmul rate of phase 1, and / the datasheet.
+3. privacy: at d16 the non-DP step and book-keeping for DP-full and DP-LoRA at k = 1 and k = 32 views per example
+   (``dp_rows`` rows per physical batch; at k = 32 one example): time and peak-memory ratios to the non-DP step.
+4. generation: d16 eager (CFG 1.5, top-k 900, top-p 0.96, bf16 autocast) up a small batch ladder.
 5. evaluation: generation plus Inception-v3 features (torch-fidelity's FID architecture, random weights: nothing
-   is downloaded) at a trial's setting (the trials' ``generate``: eager, ``EvaluationConfig.batch_size``, the
-   PNG files it writes; 1,024 images, extrapolated) and at the fastest setting of step 4 (in memory; 6,149
-   images, Oxford Flowers' test set).
-6. profiles (``torch.profiler``): where the time goes in the fastest eager training step per method, the DP step
-   beside its non-DP step, the fastest eager generation batch and (in step 7, while compiled) the compiled
-   training step: kernel time by category (matmul, attention, norms, element-wise, ...), the share of the wall
-   time the GPU was busy, and the costliest kernels; the explanation of any target missed.
-7. ``compile_blocks`` on the fastest eager training setting per method (its batch, then the first batch), each
-   compiled afresh (dynamo reset: no graphs of another model or batch size count toward its recompile limit);
-   rows record the graphs dynamo compiled.
-8. generation with ``compiled=True`` (CUDA graphs), the fastest eager batch first; rows record CUDA-graph skips.
-   Then the evaluation at it, if it is the fastest setting, and at a trial's setting with
-   ``resources.compile_sampling`` (``generate(compiled=True)``): the first two calls, which compile its batch
-   size's ten scale steps, timed apart; the timed draws re-record the CUDA graphs, as a trial's later evaluations.
-9. the other depths' eager and compiled training.
-Every measurement runs in its own try/except (the error is recorded and the run goes on) and the JSON is written
-to ``--out`` (default ``$OUT/benchmark_gpu.json`` when $OUT is set) after every one, so a run cut short keeps
-what it measured. Phases stop starting measurements once past their share of ``--budget-s`` (recorded as
-skipped). Markdown tables are printed at the end (and appended to ``--report``). Timings: median of ``steps``
-calls after ``warmup`` untimed ones (allocation, autotuning, compilation), CUDA synchronised around each.
+   is downloaded) of Oxford Flowers' 6,149 test images at the fastest eager batch (in memory).
+6. training_compiled: ``compile_blocks`` at each method's fastest eager batch, compiled afresh (dynamo reset: no
+   graphs of another model count toward its recompile limit); rows record the graphs compiled; the compiled
+   step's profile while it is compiled.
+7. generation_compiled: ``compiled=True`` (CUDA graphs) at ONE batch, the fastest eager one; then, reusing its ten
+   scale graphs, the 6,149-image evaluation at it if it is the fastest setting.
+8. more_depths (d20): the eager ladder, DP-full at k = 1 (no DP and book-keeping: the one setting whose
+   routes change with the width), compiled training at the best batch.
+9. profiles (``torch.profiler``): the fastest eager training step per method, the DP step beside its non-DP step,
+   the fastest eager generation batch: kernel time by category, the GPU's busy share, the costliest kernels.
+10. options: a block's element-wise pieces and the decoder's beside the published forms; book-keeping's norm
+   accuracy on the device; fused AdamW off and the masked kernel beside each method's first row, LoRA's frozen
+   weights in bf16; DP's Gram routes, Opacus's ghost clipping (float32, beside a float32 non-DP step) and hooks;
+   a LoRA trial's model sampling; the VQVAE decode in NCHW and channels-last.
+11. trial_loops: per method a trial's own loop (``finetune``) at the fastest setting trials run beside its bare
+   step, with every implicit host wait for the GPU (CUDA's sync debug mode); DP-LoRA's loop; the evaluation at a
+   trial's setting (the trials' ``generate``: eager, ``EvaluationConfig.batch_size``, its PNG files; extrapolated).
+12. compiled_more: compiled training at the first batch, compiled generation at the other batches, the evaluation
+   at a trial's setting with ``resources.compile_sampling`` (its batch size's ten scale graphs compiled: first
+   calls timed apart).
+13. flex: the FlexAttention kernel beside each method's first row (its kernel compiles on first use), last.
+Every measurement runs in its own try/except (the error is recorded and the run goes on). Markdown tables are
+printed at the end (and appended to ``--report``). Timings: median of ``steps`` calls after ``warmup`` untimed
+ones (allocation, autotuning, compilation), CUDA synchronised around each.
 """
 
 from __future__ import annotations
@@ -71,10 +82,12 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -85,6 +98,7 @@ from pathlib import Path
 
 import benchmark_common
 import peft
+import psutil
 import torch
 from benchmark_common import official_models, timed
 from torch import nn
@@ -125,9 +139,46 @@ COMPILED_WARM_CALLS = 2
 DP_KERNEL = AUTO_ATTENTION_KERNEL  # the kernel trials use; the DP rows compare clipping modes, not kernels
 
 
+# The device kills the call at 540 s: by default nothing starts that is expected to end after 500 s from the
+# process's start (150 s for --quick), and the watchdog ends the process 30 s after the deadline.
+DEADLINE_S, QUICK_DEADLINE_S, HARD_STOP_AFTER_S = 500.0, 150.0, 30.0
+CPU_DEADLINE_S = 3600.0  # a smoke run on a CPU measures everything
+# Rough seconds on an H200 for what a measurement's expected cost is made of, where no row measured before it says
+# (an eager step's cost comes from the rows measured before it: ``step_seconds``). Compiles cannot be predicted
+# from rows: compiled sampling compiles one graph per scale (ten, each unrolling every block; ~25 s each at d16,
+# scaled with depth), ``compile_blocks`` a block's forward and backward (~90 s), FlexAttention its kernels (~40 s).
+# Settable per run: --cost NAME=SECONDS.
+COSTS = {
+    "process_start": 20.0,  # interpreter and imports before the clock is read (when $BENCHMARK_GPU_T0 is unset)
+    "matmul": 3.0,  # one size: allocation, 23 products
+    "bandwidth": 3.0,
+    "build_d16": 10.0,  # the official-layout VQVAE and a VAR on the CPU, scaled with depth
+    "training_setup": 6.0,  # a model copied to the device, its optimizer, the first steps' allocation/autotuning
+    "training_step_d16_b16": 0.12,  # a d16 full fine-tuning step at batch 16 (160 images/s measured)
+    "dp_setup": 8.0,  # make_private, its hooks and buffers
+    "dp_factor": 2.5,  # a DP step over the non-DP one (book-keeping measured 1.46x; Opacus hooks up to 8x)
+    "opacus_factor": 8.0,
+    "generation_setup": 4.0,
+    "generation_images_per_s": 120.0,  # d16 eager sampling (138 images/s at batch 64 measured)
+    "compile_sampling_scale": 25.0,  # one scale's graph at d16, its CUDA-graph warm-up included
+    "compile_training": 90.0,
+    "flex": 40.0,
+    "inception_setup": 8.0,
+    "inception_images_per_s": 1500.0,
+    "png_images_per_s": 150.0,
+    "block_op": 3.0,
+    "norm_accuracy": 3.0,
+    "profile_setup": 6.0,
+    "trial_loop_setup": 15.0,
+    "decode_layouts": 8.0,
+}
+SCALES = 10  # the official patch_nums: one compiled sampling graph each
+
+
 @dataclass(frozen=True)
 class Plan:
-    """What one call measures. ``phase_ends``: seconds from the start after which a phase starts nothing new."""
+    """What one call measures. ``deadline_s``: seconds from the process's start after which nothing is expected to
+    run; ``windows``: seconds from each phase's own start after which it starts nothing new (None: no window)."""
 
     depths: tuple[int, ...]
     batches: tuple[int, ...]
@@ -150,29 +201,52 @@ class Plan:
     vqvae_channels: int
     profile_steps: int
     loop_steps: int
-    phase_ends: dict
+    deadline_s: float
+    hard_stop_s: float | None
+    windows: dict
+    costs: dict
+    skip_phases: tuple[str, ...] = ()
+
+
+# The phases in priority order (``run``): the issue's targets, then the compiled paths, the other depths, and the
+# options last. A phase's window (seconds from its own start) bounds what an overrun in it costs the later ones.
+PHASES = (
+    "matmul",
+    "training",
+    "privacy",
+    "generation",
+    "evaluation",
+    "training_compiled",
+    "generation_compiled",
+    "more_depths",
+    "profiles",
+    "options",
+    "trial_loops",
+    "compiled_more",
+    "flex",
+)
+WINDOWS = {
+    "matmul": 40.0,
+    "training": 100.0,
+    "privacy": 110.0,
+    "generation": 70.0,
+    "evaluation": 90.0,
+    "training_compiled": 220.0,
+    "generation_compiled": 330.0,
+    "more_depths": 220.0,
+}
 
 
 def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
     cuda = device.type == "cuda"
-    # The last measurement a phase starts may run past its end (a compile: up to ~90 s), so the full budget
-    # leaves that much under 8 minutes; a CPU smoke run measures everything.
-    default_budget = (110.0 if args.quick else 390.0) if cuda else 3600.0
-    budget = args.budget_s or default_budget
-    # Cumulative: the share of the budget by which each phase has started its last measurement. The phases that
-    # compile (tens of seconds each) come after every eager target, so an overrun costs only compiled rows.
-    share = {
-        "matmul": 0.03,
-        "training": 0.33 if args.quick else 0.24,
-        "privacy": 0.48 if args.quick else 0.45,
-        "generation": 0.55 if args.quick else 0.52,
-        "evaluation": 0.63 if args.quick else 0.6,
-        "profiles": 0.68 if args.quick else 0.65,
-        "training_compiled": 0.85 if args.quick else 0.78,
-        "generation_compiled": 1.0 if args.quick else 0.88,
-        "evaluation_compiled": 1.0 if args.quick else 0.92,
-        "training_more_depths": 1.0,
-    }
+    quick = bool(getattr(args, "quick", False))
+    deadline = getattr(args, "deadline_s", None) or (
+        (QUICK_DEADLINE_S if quick else DEADLINE_S) if cuda else CPU_DEADLINE_S
+    )
+    hard_stop = getattr(args, "hard_stop_s", None)
+    if hard_stop is None:
+        hard_stop = deadline + HARD_STOP_AFTER_S if cuda else None
+    costs = {**COSTS, **dict(getattr(args, "cost", None) or ())}
     plan = Plan(
         depths=(16, 20),
         batches=(16, 32, 64, 128),
@@ -181,8 +255,8 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         kernels=("masked", "per_scale", "flex"),
         compile=True,
         compile_batches="base and best",
-        # Most telling first (a cut-short phase keeps them): full fine-tuning at k = 1 is the one setting with a
-        # choice of routes; Opacus's ghost and hooks, options beside book-keeping, come last.
+        # The targets (no DP and book-keeping) at each configuration; Opacus's ghost and hooks, options beside
+        # book-keeping, come with the options.
         dp_configs=(("full", 1), ("lora", 1), ("full", 32), ("lora", 32)),
         dp_rows=32,
         dp_clippings=("bookkeeping", "bookkeeping:gram", "ghost", "hooks"),
@@ -197,21 +271,28 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         vqvae_channels=160,
         profile_steps=3,
         loop_steps=10,
-        phase_ends={name: budget * f for name, f in share.items()},
+        deadline_s=deadline,
+        hard_stop_s=hard_stop or None,
+        windows=dict(WINDOWS) if cuda else {},  # a CPU smoke run measures everything
+        costs=costs,
+        skip_phases=tuple(getattr(args, "skip_phase", None) or ()),
     )
-    if args.quick:
+    if quick:  # a first look at the eager targets: nothing compiles
         plan = replace(
             plan,
             depths=(16,),
             batches=(16, 64),
             steps=3,
+            compile=False,
             compile_batches="best",
             dp_configs=(("full", 1),),
             dp_clippings=("bookkeeping", "bookkeeping:gram"),
             generation_batches=(64, 256),
+            generation_compiled=False,
             evaluation_images=1024,
             evaluation_trial_images=512,
             matmul_sizes=(8192,),
+            windows={k: v / 2 for k, v in plan.windows.items()},
         )
     if not cuda:  # a smoke run of the script: tiny sizes; no FlexAttention backward and no compiling on a CPU
         plan = replace(
@@ -240,48 +321,205 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
     return plan
 
 
-class Recorder:
-    """The run's results, written to ``path`` after every measurement; failures and skips are recorded too."""
+def process_start(*, now: float | None = None) -> float:
+    """When this run's clock starts (epoch seconds): ``$BENCHMARK_GPU_T0`` (the device command's own start, set by
+    its first line) where it is set and plausible, else the process's creation (the interpreter's start and the
+    imports count), else now less ``COSTS["process_start"]``."""
+    now = time.time() if now is None else now
+    try:
+        created = psutil.Process().create_time()
+    except Exception:  # (a platform without it)
+        created = now - COSTS["process_start"]
+    given = os.environ.get("BENCHMARK_GPU_T0")
+    try:
+        t0 = float(given) if given else None
+    except ValueError:
+        t0 = None
+    # A stale value (another call's, or one set in a shell hours ago) is ignored.
+    return t0 if t0 is not None and created - 600 <= t0 <= created else created
 
-    def __init__(self, path: Path | None, meta: dict):
-        self.path, self.started = path, time.perf_counter()
-        self.data = {"meta": meta, "errors": [], "skipped": []}
+
+def device_fault(device: torch.device | None) -> str | None:
+    """None if ``device`` still runs work (a synchronize and a tiny kernel read back), else what failed: after an
+    illegal address or a failed CUDA-graph capture every later CUDA call fails, and measuring on is pointless."""
+    if device is None or device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        value = torch.ones(1, device=device).add_(1).item()
+        if value != 2.0:
+            return f"a test kernel returned {value}"
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+class Recorder:
+    """The run's results, written atomically to ``path`` at the start and the end of every measurement; failures
+    and skips are recorded too. Every measurement passes the start gate (``fits``): the device is healthy, its
+    expected seconds fit before the deadline, and its phase is inside its window."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        meta: dict,
+        *,
+        t0: float | None = None,
+        deadline_s: float = math.inf,
+        clock: Callable[[], float] = time.time,
+        health: Callable[[], str | None] = lambda: None,
+    ):
+        self.path, self.clock, self.health = path, clock, health
+        self.t0 = clock() if t0 is None else t0
+        self.deadline_s = deadline_s
+        self.broken: str | None = None
+        self.running: list[dict] = []
+        self.phase: str | None = None
+        self.phase_started, self.window = 0.0, None
+        self.data = {
+            "meta": meta,
+            "errors": [],
+            "skipped": [],
+            "deadline_s": deadline_s if math.isfinite(deadline_s) else None,
+            "timeline": [],
+            "running": [],
+        }
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        """Seconds since the process started (or the given ``t0``)."""
+        return self.clock() - self.t0
+
+    def left(self) -> float:
+        return self.deadline_s - self.elapsed()
+
+    def begin_phase(self, name: str, window: float | None) -> None:
+        self.phase, self.phase_started, self.window = name, self.elapsed(), window
+        print(
+            f"[{self.elapsed():6.1f} s] == phase {name} ("
+            + ("no window" if window is None else f"window {window:.0f} s")
+            + f", {self.left():.0f} s to the deadline)",
+            flush=True,
+        )
+
+    def fits(self, section: str, what: str, cost: float | None) -> bool:
+        """Whether ``what`` may start now (else it is recorded as skipped, with the reason)."""
+        why = None
+        if self.broken:
+            why = f"device broken: {self.broken}"
+        elif cost is not None and cost > self.left():
+            why = (
+                f"time: expected ~{cost:.0f} s, {max(self.left(), 0):.0f} s left before the deadline at "
+                f"{self.deadline_s:.0f} s"
+            )
+        elif cost is not None and self.window is not None:
+            into = self.elapsed() - self.phase_started
+            if into >= self.window:
+                why = f"time: phase {self.phase}'s window of {self.window:.0f} s is over ({into:.0f} s in)"
+        if why is None:
+            return True
+        self.skip(section, what, why, cost=cost)
+        return False
 
     def add(self, section: str, row: dict) -> dict:
         self.data.setdefault(section, []).append(row)
         self.write()
         return row
 
-    def measure(self, section: str, what: str, fn: Callable[[], dict | None]) -> dict | None:
-        """``fn()``'s row, added to ``section``; an exception is recorded (and printed) and gives None."""
-        started = time.perf_counter()
+    def measure(
+        self, section: str, what: str, fn: Callable[[], dict | None], *, cost: float | None = None
+    ) -> dict | None:
+        """``fn()``'s row, added to ``section``, if it passes the start gate for ``cost`` expected seconds (None: a
+        phase, gated only by the device's health); an exception is recorded (and printed), the device's health
+        checked, and gives None."""
+        if not self.fits(section, what, cost):
+            return None
+        started = self.elapsed()
+        expected = "" if cost is None else f"expected ~{cost:.0f} s, "
+        print(
+            f"[{started:6.1f} s] > {section}: {what} ({expected}{self.left():.0f} s to the deadline)",
+            flush=True,
+        )
+        event = {"section": section, "what": what, "phase": self.phase, "start_s": round(started, 1)}
+        event["expected_s"] = None if cost is None else round(cost, 1)
+        self.running.append(event)
+        self.write()
+        row, failed = None, None
         try:
             row = fn()
         except Exception as error:  # one failed measurement must not end the run
             traceback.print_exc()
-            self.data["errors"].append(
-                {"section": section, "what": what, "error": f"{type(error).__name__}: {error}"}
-            )
+            failed = f"{type(error).__name__}: {error}"
+            self.data["errors"].append({"section": section, "what": what, "error": failed})
+        finally:
+            self.running.remove(event)
+            try:
+                free_memory()
+            except Exception:  # (a broken device fails here too: the health check below says so)
+                failed = failed or "freeing memory failed"
+        seconds = self.elapsed() - started
+        if cost is not None:  # (a phase's own entry would only repeat its measurements)
+            self.data["timeline"].append({**event, "seconds": round(seconds, 1), "ok": failed is None})
+        if failed is not None:
+            fault = self.health()
+            if fault is not None and not self.broken:
+                self.broken = f"after {section}: {what}: {fault}"
+                self.data["device_broken"] = {"section": section, "what": what, "fault": fault}
+                print(
+                    f"[{self.elapsed():6.1f} s] DEVICE BROKEN ({fault}): nothing more is measured", flush=True
+                )
             self.write()
             return None
-        finally:
-            free_memory()
         print(
-            f"[{self.elapsed():6.1f} s] {section}: {what} ({time.perf_counter() - started:.1f} s)", flush=True
+            f"[{self.elapsed():6.1f} s] {section}: {what} ({seconds:.1f} s"
+            + ("" if cost is None else f"; expected {cost:.0f}")
+            + ")",
+            flush=True,
         )
-        return None if row is None else self.add(section, row)
+        if row is None:
+            self.write()
+            return None
+        return self.add(section, row)
 
-    def skip(self, section: str, what: str, why: str) -> None:
-        self.data["skipped"].append({"section": section, "what": what, "why": why})
+    def skip(self, section: str, what: str, why: str, *, cost: float | None = None) -> None:
+        entry = {"section": section, "what": what, "why": why, "phase": self.phase}
+        if cost is not None:
+            entry["expected_s"] = round(cost, 1)
+        entry["at_s"] = round(self.elapsed(), 1)
+        self.data["skipped"].append(entry)
+        print(f"[{self.elapsed():6.1f} s] skipped {section}: {what} ({why})", flush=True)
         self.write()
 
     def write(self) -> None:
+        """The JSON replaced whole (a temporary file renamed over it): a process killed mid-write leaves the last
+        complete one."""
         self.data["elapsed_s"] = self.elapsed()
+        self.data["running"] = [dict(r) for r in self.running]
         if self.path:
-            self.path.write_text(json.dumps(self.data, indent=1))
+            text = json.dumps(self.data, indent=1)
+            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            temporary.write_text(text)
+            os.replace(temporary, self.path)
+
+
+def start_watchdog(rec: Recorder, hard_stop_s: float | None) -> None:
+    """End the process at ``hard_stop_s`` from its start, should a measurement run that far past its estimate:
+    the JSON on disk holds every finished measurement and names the one in flight, and the log says so before
+    the device's own kill would cut it mid-line."""
+    if not hard_stop_s:
+        return
+
+    def watch() -> None:
+        while (left := hard_stop_s - rec.elapsed()) > 0:
+            time.sleep(min(left, 5.0))
+        running = "; ".join(f"{r['section']}: {r['what']}" for r in rec.running) or "nothing"
+        print(
+            f"\n[{rec.elapsed():6.1f} s] HARD STOP at {hard_stop_s:.0f} s, still running {running}. "
+            "The JSON holds every finished measurement: rebuild the report with --from.",
+            flush=True,
+        )
+        os._exit(3)
+
+    threading.Thread(target=watch, name="benchmark-watchdog", daemon=True).start()
 
 
 def free_memory() -> None:
@@ -304,14 +542,6 @@ def reset_peak(device: torch.device) -> None:
 
 def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-
-
-def in_time(rec: Recorder, plan: Plan, phase: str, what: str) -> bool:
-    """Whether ``phase`` may still start ``what`` (else it is recorded as skipped)."""
-    if rec.elapsed() < plan.phase_ends[phase]:
-        return True
-    rec.skip(phase, what, f"time budget: phase ends at {plan.phase_ends[phase]:.0f} s")
-    return False
 
 
 # --- 1. matmul rate ---------------------------------------------------------------------------------------------
@@ -369,8 +599,18 @@ def copy_rate(mib: int, *, device: torch.device, reps: int = 20) -> dict:
 def measure_matmul(rec: Recorder, plan: Plan, device: torch.device) -> None:
     """The two ceilings: the dense matmul rate and the memory bandwidth (a large device-to-device copy)."""
     for size in plan.matmul_sizes:
-        rec.measure("matmul", f"{size}^3", lambda size=size: matmul_rate(size, device=device))
-    rec.measure("bandwidth", f"{plan.copy_mib} MiB copy", lambda: copy_rate(plan.copy_mib, device=device))
+        rec.measure(
+            "matmul",
+            f"{size}^3",
+            lambda size=size: matmul_rate(size, device=device),
+            cost=plan.costs["matmul"],
+        )
+    rec.measure(
+        "bandwidth",
+        f"{plan.copy_mib} MiB copy",
+        lambda: copy_rate(plan.copy_mib, device=device),
+        cost=plan.costs["bandwidth"],
+    )
     rates = [r["tflops"] for r in rec.data.get("matmul", [])]
     copies = [r["tb_per_s"] for r in rec.data.get("bandwidth", [])]
     peak = peak_flops_per_second(device)
@@ -573,19 +813,25 @@ def measure_block_ops(rec: Recorder, plan: Plan, device: torch.device) -> None:
     """varsweep's forms of a block's element-wise pieces against the published forms, forward and backward side by
     side at the first depth and batch, then the decoder's pieces against their float32 forms: the CPU suite checks
     their values, this their time and CUDA's dtypes."""
-    heads = plan.depths[0]
+    heads, cost = plan.depths[0], plan.costs["block_op"]
+    if not rec.fits("block_ops", "the block's pieces", cost):
+        return
     for name, case in block_op_cases(device, heads=heads, batch=plan.batches[0]).items():
         rec.measure(
             "block_ops",
             name,
             lambda name=name, case=case: block_op_row(name, case, steps=plan.steps * 4, device=device),
+            cost=cost,
         )
+    if not rec.fits("decode_ops", "the decoder's pieces", cost):
+        return
     cases = decode_op_cases(device, channels=plan.vqvae_channels, batch=plan.batches[0])
     for name, case in cases.items():
         rec.measure(
             "decode_ops",
             name,
             lambda name=name, case=case: decode_op_row(name, case, steps=plan.steps * 4, device=device),
+            cost=cost,
         )
 
 
@@ -619,6 +865,9 @@ class Models:
     def __init__(self, device: torch.device, *, vqvae_channels: int):
         self.device, self.vqvae_channels, self._cache = device, vqvae_channels, {}
 
+    def built(self, depth: int) -> bool:
+        return depth in self._cache
+
     def base(self, depth: int) -> tuple[nn.Module, nn.Module]:
         if depth not in self._cache:
             free_memory()
@@ -634,6 +883,130 @@ class Models:
             adapt(var, MethodConfig(name=method), num_classes=CLASSES, seed=0)
             var.train()
         return vqvae, var
+
+
+# --- expected costs (the start gate's) ---------------------------------------------------------------------------
+
+# What is compiled now (cleared by ``fresh_compile_state``, which forgets every graph): the batch sizes whose ten
+# scale graphs compiled sampling holds, and whether FlexAttention's kernels are compiled.
+_COMPILED = {"sampling_batches": set(), "flex": False}
+
+
+def build_cost(plan: Plan, models: Models, depth: int) -> float:
+    """Seconds to build ``depth``'s models first (0 once built)."""
+    return 0.0 if models.built(depth) else plan.costs["build_d16"] * depth / 16
+
+
+def step_seconds(rec: Recorder, plan: Plan, depth: int, method: str, batch: int) -> float:
+    """A training step's expected seconds: from the eager row measured nearest in batch size (its method's, its
+    depth's where measured), scaled by the batch and by the useful FLOPs per row; else the table's d16 step."""
+    eager = [r for r in rec.data.get("training", []) if not r["compiled"]]
+    rows = [r for r in eager if r["method"] == method] or eager
+    rows = [r for r in rows if r["depth"] == depth] or rows
+    if rows:
+        near = min(rows, key=lambda r: abs(math.log(batch / r["batch"])))
+        per_flop = near["step_ms"] / 1e3 / near["batch"] / useful_flops_per_row(near["depth"], near["method"])
+    else:
+        per_flop = plan.costs["training_step_d16_b16"] / 16 / useful_flops_per_row(16, "full")
+    return per_flop * useful_flops_per_row(depth, method) * batch
+
+
+def training_cost(rec: Recorder, plan: Plan, models: Models, s: Setting, *, compile: bool = False) -> float:
+    """Expected seconds of a training row of ``s``: its model's build (first), the setup, warm-up and timed steps
+    (another kernel than the trials': 1.5x), a compile where ``compile`` (``compile_blocks``) or FlexAttention's
+    first."""
+    step = step_seconds(rec, plan, s.depth, s.method, s.batch) * (
+        1.0 if s.kernel == AUTO_ATTENTION_KERNEL else 1.5
+    )
+    cost = (
+        build_cost(plan, models, s.depth) + plan.costs["training_setup"] + (plan.warmup + plan.steps) * step
+    )
+    if compile:
+        cost += plan.costs["compile_training"]
+    if s.kernel == "flex" and models.device.type == "cuda" and not _COMPILED["flex"]:
+        cost += plan.costs["flex"]
+    return cost
+
+
+def profile_cost(plan: Plan, step: float) -> float:
+    """A profile of ``profile_steps`` calls of ``step`` seconds (after one untimed; the profiler's own overhead
+    and its tables: ~3x)."""
+    return plan.costs["profile_setup"] + (1 + 3 * plan.profile_steps) * step
+
+
+def dp_cost(
+    rec: Recorder,
+    plan: Plan,
+    models: Models,
+    depth: int,
+    method: str,
+    k: int,
+    clipping: str | None,
+    precision: str,
+) -> float:
+    """Expected seconds of a privacy row: the non-DP step on its rows (measured, else from the training rows;
+    float32 2x), times the table's factor for its clipping, plus the setup."""
+    wanted = "bf16 autocast" if precision == "bf16" else "float32"
+    base = next(
+        (
+            r["step_ms"] / 1e3
+            for r in rec.data.get("privacy", [])
+            if (r["depth"], r["method"], r["k"], r["clipping"], r["precision"])
+            == (depth, method, k, None, wanted)
+        ),
+        None,
+    )
+    if base is None:
+        base = step_seconds(rec, plan, depth, method, plan.dp_rows) * (1.0 if precision == "bf16" else 2.0)
+    name, _ = split_clipping(clipping)
+    factor = {None: 1.0, "bookkeeping": plan.costs["dp_factor"]}.get(name, plan.costs["opacus_factor"])
+    setup = plan.costs["training_setup"] + (plan.costs["dp_setup"] if name else 0.0)
+    return build_cost(plan, models, depth) + setup + (plan.warmup + plan.steps) * base * factor
+
+
+def sampling_rate(rec: Recorder, plan: Plan, depth: int, batch: int) -> float:
+    """Expected eager images/s at ``batch``: the eager generation row nearest in batch size, else the table's
+    (d16; scaled with depth)."""
+    rows = [r for r in rec.data.get("generation", []) if not r["compiled"] and r["depth"] == depth]
+    if rows:
+        return min(rows, key=lambda r: abs(math.log(batch / r["batch"])))["images_per_s"]
+    return plan.costs["generation_images_per_s"] * 16 / depth
+
+
+def sampling_compile_cost(plan: Plan, depth: int, batch: int) -> float:
+    """Compiled sampling's ten scale graphs at ``batch`` (0 when compiled already in this dynamo state)."""
+    if batch in _COMPILED["sampling_batches"]:
+        return 0.0
+    return SCALES * plan.costs["compile_sampling_scale"] * depth / 16
+
+
+def generation_cost(
+    rec: Recorder, plan: Plan, models: Models, depth: int, batch: int, *, compiled: bool
+) -> float:
+    calls = 1 + plan.generation_steps + (COMPILED_WARM_CALLS if compiled else 0)
+    cost = build_cost(plan, models, depth) + plan.costs["generation_setup"]
+    cost += calls * batch / sampling_rate(rec, plan, depth, batch)  # compiled: at the eager rate, to be safe
+    return cost + (sampling_compile_cost(plan, depth, batch) if compiled else 0.0)
+
+
+def evaluation_cost(
+    rec: Recorder,
+    plan: Plan,
+    models: Models,
+    *,
+    depth: int,
+    batch: int,
+    compiled: bool,
+    images: int,
+    png: bool,
+) -> float:
+    draws = -(-images // batch) + (1 + COMPILED_WARM_CALLS if compiled else 0)
+    cost = build_cost(plan, models, depth) + plan.costs["generation_setup"] + plan.costs["inception_setup"]
+    cost += draws * batch / sampling_rate(rec, plan, depth, batch)
+    cost += images / plan.costs["inception_images_per_s"] + (
+        images / plan.costs["png_images_per_s"] if png else 0
+    )
+    return cost + (sampling_compile_cost(plan, depth, batch) if compiled else 0.0)
 
 
 def store_frozen_linear_weights_in_bf16(var: nn.Module) -> int:
@@ -710,25 +1083,38 @@ def training_step(models: Models, s: Setting, *, var=None, vqvae=None) -> Callab
 
 
 def measure_setting(
-    rec: Recorder, plan: Plan, models: Models, s: Setting, *, var=None, vqvae=None, profile: bool = False
+    rec: Recorder,
+    plan: Plan,
+    models: Models,
+    s: Setting,
+    *,
+    var=None,
+    vqvae=None,
+    profile: bool = False,
+    cost: float | None = None,
 ) -> dict | None:
-    """Time ``s`` on a fresh adapted model (or on ``var``); ``profile``: then profile the same step (section 6)."""
+    """Time ``s`` on a fresh adapted model (or on ``var``) if ``cost`` (default: ``training_cost``) fits;
+    ``profile``: then profile the same step (phase 9's tables)."""
     device = models.device
+    cost = training_cost(rec, plan, models, s) if cost is None else cost
 
     def run() -> dict:
         step = training_step(models, s, var=var, vqvae=vqvae)
         reset_peak(device)
         seconds = timed(step, steps=plan.steps, warmup=plan.warmup, device=device)
         row = training_row(rec, s, seconds=seconds, device=device)
+        if s.kernel == "flex":
+            _COMPILED["flex"] = True
         if profile:
             rec.measure(
                 "profiles",
                 f"training {s.label()}",
                 lambda: profile_row(f"training {s.label()}", step, plan, device),
+                cost=profile_cost(plan, seconds),
             )
         return row
 
-    return rec.measure("training", s.label(), run)
+    return rec.measure("training", s.label(), run, cost=cost)
 
 
 def fastest(rows: list[dict], **match) -> dict | None:
@@ -736,39 +1122,50 @@ def fastest(rows: list[dict], **match) -> dict | None:
     return max(rows, key=lambda r: r["images_per_s"], default=None)
 
 
-def measure_training_eager(rec: Recorder, plan: Plan, models: Models, depth: int, phase: str) -> None:
-    """The eager ladder, targets first: per method, the trials' kernel at the first batch size, fused AdamW,
-    larger batches on the faster; then the other kernels beside the first row of their method (same batch and
-    AdamW); then (LoRA) frozen base weights in bf16 on the fastest setting. A cut-short phase keeps both methods'
-    best batch sizes."""
-    base_batch, kernel = plan.batches[0], AUTO_ATTENTION_KERNEL
+def _training_rows(rec: Recorder, depth: int, method: str) -> list[dict]:
+    return [r for r in rec.data.get("training", []) if r["depth"] == depth and r["method"] == method]
 
-    def rows(method: str) -> list[dict]:
-        return [r for r in rec.data.get("training", []) if r["depth"] == depth and r["method"] == method]
 
-    def measure_if_in_time(what: str, setting: Setting) -> dict | None:
-        return measure_setting(rec, plan, models, setting) if in_time(rec, plan, phase, what) else None
+def _first_row(rec: Recorder, depth: int, method: str) -> dict | None:
+    """The first row of a depth and method: the trials' setting at the first batch, every option's reference."""
+    return next(iter(_training_rows(rec, depth, method)), None)
 
+
+def measure_training_targets(rec: Recorder, plan: Plan, models: Models, depth: int) -> None:
+    """The targets' ladder: per method (full fine-tuning, then LoRA), the setting trials run (their attention
+    kernel, fused AdamW, bf16 autocast) from the first batch size up until one fails (out of memory, or out of
+    time: larger batches would not fit either)."""
     for method in ("full", "lora"):
-        for fused in (False, True):
-            measure_if_in_time(
-                f"d{depth} {method} fused={fused}", Setting(depth, method, kernel, fused, base_batch)
-            )
-        best = fastest(rows(method))
-        for batch in plan.batches[1:] if best else ():
-            if (
-                measure_if_in_time(f"d{depth} {method} batch {batch}", replace(_setting(best), batch=batch))
-                is None
-            ):
-                break  # out of memory (or out of time): larger batches will not fit either
+        for batch in plan.batches:
+            setting = Setting(depth, method, AUTO_ATTENTION_KERNEL, True, batch)
+            if measure_setting(rec, plan, models, setting) is None:
+                break
+
+
+def measure_training_options(rec: Recorder, plan: Plan, models: Models, depth: int) -> None:
+    """The levers beside each method's first row (same batch): fused AdamW off, the other attention kernels except
+    FlexAttention (it compiles: the last phase); then LoRA's frozen base weights in bf16 at its fastest setting."""
     for method in ("full", "lora"):
-        first = next(iter(rows(method)), None)
-        for other in (k for k in plan.kernels if k != kernel) if first else ():
-            measure_if_in_time(f"d{depth} {method} {other}", replace(_setting(first), kernel=other))
-    best = fastest(rows("lora"), compiled=False, frozen_bf16=False)
+        first = _first_row(rec, depth, method)
+        if first is None:
+            continue
+        measure_setting(rec, plan, models, replace(_setting(first), fused=False))
+        for kernel in plan.kernels:
+            if kernel not in (AUTO_ATTENTION_KERNEL, "flex"):
+                measure_setting(rec, plan, models, replace(_setting(first), kernel=kernel))
+    best = fastest(_training_rows(rec, depth, "lora"), compiled=False, frozen_bf16=False)
     if best is not None:
-        measure_if_in_time(f"d{depth} lora frozen bf16", replace(_setting(best), frozen_bf16=True))
-    measure_trial_loops(rec, plan, models, depth, phase)
+        measure_setting(rec, plan, models, replace(_setting(best), frozen_bf16=True))
+
+
+def measure_flex(rec: Recorder, plan: Plan, models: Models, depth: int) -> None:
+    """FlexAttention beside each method's first row: compiled on CUDA at its first use (tens of seconds)."""
+    if "flex" not in plan.kernels:
+        return
+    for method in ("full", "lora"):
+        first = _first_row(rec, depth, method)
+        if first is not None:
+            measure_setting(rec, plan, models, replace(_setting(first), kernel="flex"))
 
 
 def host_waits(fn: Callable[[], object], *, device: torch.device) -> tuple[object, dict | None]:
@@ -832,7 +1229,7 @@ def trial_loop_row(
     }
 
 
-def measure_dp_trial_loop(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+def measure_dp_trial_loop(rec: Recorder, plan: Plan, models: Models) -> None:
     """DP-LoRA's loop (book-keeping, k = 1, ``dp_rows`` expected examples, epsilon 8) beside its bare DP step."""
     depth = plan.depths[0]
     bare = next(
@@ -845,7 +1242,7 @@ def measure_dp_trial_loop(rec: Recorder, plan: Plan, models: Models, phase: str)
         ),
         None,
     )
-    if bare is None or not in_time(rec, plan, phase, f"d{depth} lora DP trial loop"):
+    if bare is None:
         return
     setting = Setting(depth, "lora", DP_KERNEL, fused=True, batch=plan.dp_rows)
     privacy = PrivacyConfig(
@@ -854,17 +1251,19 @@ def measure_dp_trial_loop(rec: Recorder, plan: Plan, models: Models, phase: str)
         max_grad_norm=1.0,
         clipping="bookkeeping",
     )
+    cost = build_cost(plan, models, depth) + plan.costs["trial_loop_setup"]
+    cost += (1 + plan.loop_steps) * bare["step_ms"] / 1e3
     rec.measure(
         "trial_loops",
         f"{setting.label()} DP",
         lambda: trial_loop_row(
             models, setting, steps=plan.loop_steps, bare_images_per_s=bare["rows_per_s"], privacy=privacy
         ),
+        cost=cost,
     )
-    free_memory()
 
 
-def measure_trial_loops(rec: Recorder, plan: Plan, models: Models, depth: int, phase: str) -> None:
+def measure_trial_loops(rec: Recorder, plan: Plan, models: Models, depth: int) -> None:
     """Per method, a trial's loop at the fastest eager setting trials run (their kernel, fused AdamW)."""
     for method in ("full", "lora"):
         best = fastest(
@@ -876,17 +1275,19 @@ def measure_trial_loops(rec: Recorder, plan: Plan, models: Models, depth: int, p
             compiled=False,
             frozen_bf16=False,
         )
-        if best is None or not in_time(rec, plan, phase, f"d{depth} {method} trial loop"):
+        if best is None:
             continue
         setting = _setting(best)
+        cost = build_cost(plan, models, depth) + plan.costs["trial_loop_setup"]
+        cost += (1 + plan.loop_steps) * best["step_ms"] / 1e3
         rec.measure(
             "trial_loops",
             setting.label(),
             lambda setting=setting, best=best: trial_loop_row(
                 models, setting, steps=plan.loop_steps, bare_images_per_s=best["images_per_s"]
             ),
+            cost=cost,
         )
-        free_memory()
 
 
 def _setting(row: dict) -> Setting:
@@ -900,6 +1301,8 @@ def fresh_compile_state() -> None:
     fixed batch never run."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    _COMPILED["sampling_batches"].clear()
+    _COMPILED["flex"] = False
 
 
 def compile_counters() -> dict:
@@ -911,13 +1314,17 @@ def compile_counters() -> dict:
     }
 
 
-def measure_training_compiled(rec: Recorder, plan: Plan, models: Models, depth: int, phase: str) -> None:
-    """``compile_blocks`` on the fastest eager setting: the best batch first, then (full plan) the first batch, each
-    compiled afresh on a fresh model (``fresh_compile_state``)."""
+def measure_training_compiled(rec: Recorder, plan: Plan, models: Models, depth: int, *, which: str) -> None:
+    """``compile_blocks`` on each method's fastest eager setting, at its batch (``which`` "best") or at the first
+    batch (``which`` "base", the full plan's option), compiled afresh on a fresh model (``fresh_compile_state``).
+    The first depth's best batch is profiled while compiled (no second compile)."""
     if not plan.compile:
-        rec.skip(
-            phase, f"d{depth} compile_blocks", "not on this device (inductor's CPU compile is for GPU runs)"
-        )
+        if which == "best":
+            cpu = models.device.type != "cuda"
+            why = "not on this device (inductor's CPU compile is for GPU runs)" if cpu else "--quick"
+            rec.skip("training", f"d{depth} compile_blocks", why)
+        return
+    if which == "base" and plan.compile_batches != "base and best":
         return
     for method in ("full", "lora"):
         best = fastest(
@@ -925,22 +1332,25 @@ def measure_training_compiled(rec: Recorder, plan: Plan, models: Models, depth: 
         )
         if best is None:
             continue
-        batches = [best["batch"]] + ([plan.batches[0]] if plan.compile_batches == "base and best" else [])
-        for i, batch in enumerate(dict.fromkeys(batches)):
-            if not in_time(rec, plan, phase, f"d{depth} {method} compiled batch {batch}"):
-                continue
-            fresh_compile_state()
-            vqvae, var = models.adapted(depth, method)
-            compile_blocks(var)
-            setting = replace(_setting(best), batch=batch, compiled=True)
-            # The first depth's best batch is profiled while compiled (no second compile).
-            profile = i == 0 and depth == plan.depths[0]
-            row = measure_setting(rec, plan, models, setting, var=var, vqvae=vqvae, profile=profile)
-            if row is not None:
-                row.update(compile_counters())
-                rec.write()
-            del var
-            free_memory()
+        batch = best["batch"] if which == "best" else plan.batches[0]
+        if which == "base" and batch == best["batch"]:
+            continue  # measured as the best
+        setting = replace(_setting(best), batch=batch, compiled=True)
+        profile = which == "best" and depth == plan.depths[0]
+        cost = training_cost(rec, plan, models, setting, compile=True)
+        if profile:
+            cost += profile_cost(plan, step_seconds(rec, plan, depth, method, batch))
+        if not rec.fits("training", setting.label(), cost):
+            continue
+        fresh_compile_state()
+        vqvae, var = models.adapted(depth, method)
+        compile_blocks(var)
+        row = measure_setting(rec, plan, models, setting, var=var, vqvae=vqvae, profile=profile, cost=cost)
+        if row is not None:
+            row.update(compile_counters())
+            rec.write()
+        del var
+        free_memory()
 
 
 # --- 3. DP-SGD --------------------------------------------------------------------------------------------------
@@ -1038,20 +1448,21 @@ def norm_errors(device: torch.device, dtype: torch.dtype, *, examples: int = 4) 
     }
 
 
-def privacy_schedule(plan: Plan) -> list[tuple[int, str, int, str | None, str]]:
-    """(depth, method, k, clipping, precision) in the order measured. The targets first: the non-DP step and
-    book-keeping (as trials run it) for every configuration of the first depth, with full fine-tuning at k = 1 at
-    the widest depth second (the one setting whose routes change with the width: VAR-d20's per-example gradients
-    are 1.4-1.5x their a and g). Then the options: Gram routes, Opacus's ghost clipping (float32, as trials run
-    it, beside a float32 non-DP step) and hooks. A cut-short phase keeps the rows the targets need."""
+def privacy_schedule(plan: Plan) -> dict[str, list[tuple[int, str, int, str | None, str]]]:
+    """(depth, method, k, clipping, precision) in the order measured, by phase. "targets" (phase 3): the non-DP
+    step and book-keeping (as trials run it) for every configuration of the first depth. "more_depths" (phase 8):
+    full fine-tuning at k = 1 at each further depth (the one setting whose routes change with the width: VAR-d20's
+    per-example gradients are 1.4-1.5x their a and g). "options" (phase 10): Gram routes, Opacus's ghost clipping
+    (float32, as trials run it, beside a float32 non-DP step) and hooks."""
     first = plan.depths[0]
     configs = [(first, method, k) for method, k in plan.dp_configs]
     targets = [(*config, clipping, "bf16") for config in configs for clipping in (None, "bookkeeping")]
-    if len(plan.depths) > 1 and ("full", 1) in plan.dp_configs:
-        at = 2 * plan.dp_configs.index(("full", 1)) + 2
-        targets[at:at] = [
-            (max(plan.depths), "full", 1, clipping, "bf16") for clipping in (None, "bookkeeping")
-        ]
+    more = [
+        (depth, "full", 1, clipping, "bf16")
+        for depth in plan.depths[1:]
+        if ("full", 1) in plan.dp_configs
+        for clipping in (None, "bookkeeping")
+    ]
     options = []
     for config in configs:
         k = config[2]
@@ -1063,7 +1474,7 @@ def privacy_schedule(plan: Plan) -> list[tuple[int, str, int, str | None, str]]:
                 options += [(*config, None, "float32"), (*config, "ghost", "float32")]
             else:
                 options.append((*config, clipping, "bf16"))
-    return targets + options
+    return {"targets": targets, "more_depths": more, "options": options}
 
 
 def _non_dp_row(rec: Recorder, row: dict) -> dict | None:
@@ -1079,20 +1490,22 @@ def _non_dp_row(rec: Recorder, row: dict) -> dict | None:
     )
 
 
-def measure_privacy(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+def measure_norm_accuracy(rec: Recorder, plan: Plan, models: Models) -> None:
     for dtype in (torch.bfloat16, torch.float32):
-        rec.measure("norm_accuracy", str(dtype), lambda dtype=dtype: norm_errors(models.device, dtype))
+        rec.measure(
+            "norm_accuracy",
+            str(dtype),
+            lambda dtype=dtype: norm_errors(models.device, dtype),
+            cost=plan.costs["norm_accuracy"],
+        )
+
+
+def measure_privacy(rec: Recorder, plan: Plan, models: Models, schedule: list[tuple]) -> None:
+    """The DP rows of ``schedule`` (a part of ``privacy_schedule``), each with its time and memory against the
+    non-DP row of its depth, method, k and precision where measured."""
     device = models.device
-    schedule = privacy_schedule(plan)
-    targets = sum(
-        1 for *_, clipping, precision in schedule if clipping in (None, "bookkeeping") and precision == "bf16"
-    )
-    for i, (depth, method, k, clipping, precision) in enumerate(schedule):
-        if i == targets:  # the targets' rows are in: DP-LoRA's loop beside its step, before the options
-            measure_dp_trial_loop(rec, plan, models, phase)
+    for depth, method, k, clipping, precision in schedule:
         name = f"d{depth} {method} k={k} {clipping or 'no DP'} {precision}"
-        if not in_time(rec, plan, phase, name):
-            continue
 
         def run(clipping=clipping, method=method, k=k, depth=depth, precision=precision) -> dict:
             vqvae, var = models.adapted(depth, method)
@@ -1115,7 +1528,8 @@ def measure_privacy(rec: Recorder, plan: Plan, models: Models, phase: str) -> No
                 "peak_gib": peak_gib(device),
             }
 
-        row = rec.measure("privacy", name, run)
+        cost = dp_cost(rec, plan, models, depth, method, k, clipping, precision)
+        row = rec.measure("privacy", name, run, cost=cost)
         base = None if row is None else _non_dp_row(rec, row)
         if base is not None:  # (a non-DP row is its own base: 1.00x)
             row["time_vs_non_dp"] = row["step_ms"] / base["step_ms"]
@@ -1147,51 +1561,89 @@ def sample_fn(var, vqvae, batch: int, *, compiled: bool, device: torch.device, s
     return run
 
 
-def _generation_order(rec: Recorder, plan: Plan, *, compiled: bool) -> list[int]:
-    """Eager: ascending. Compiled (a compile per batch size): the fastest eager batch first, then the larger ones
-    before the smaller, so a cut-short phase has measured the likely best."""
-    if not compiled:
-        return list(plan.generation_batches)
+def _best_eager_generation(rec: Recorder) -> dict | None:
     eager = [r for r in rec.data.get("generation", []) if not r["compiled"]]
-    best = max(eager, key=lambda r: r["images_per_s"])["batch"] if eager else None
-    rest = sorted((b for b in plan.generation_batches if b != best), reverse=True)
-    return ([best] if best is not None else []) + rest
+    return max(eager, key=lambda r: r["images_per_s"], default=None)
 
 
-def measure_generation(rec: Recorder, plan: Plan, models: Models, phase: str, *, compiled: bool) -> None:
-    """Eager or compiled sampling per batch size. Compiled runs in a later phase, after the evaluation: its
-    compiles (one per scale and batch size, tens of seconds each) must not leave the evaluation unmeasured."""
+def _generation_row(plan: Plan, var, vqvae, batch: int, *, compiled: bool, device: torch.device) -> dict:
+    if compiled:
+        fresh_compile_state()  # (its counters are this row's; graphs of training's compiled blocks go)
+    timing = generation_timing(var, vqvae, batch, compiled=compiled, plan=plan, device=device)
+    if compiled:
+        _COMPILED["sampling_batches"].add(batch)
+    return {
+        "depth": plan.generation_depth,
+        "batch": batch,
+        "compiled": compiled,
+        "precision": "bf16 autocast",
+        **timing,
+        **(compile_counters() if compiled else {}),
+    }
+
+
+def measure_generation_eager(rec: Recorder, plan: Plan, models: Models) -> None:
+    """Eager sampling up the batch ladder, until a batch fails (out of memory here: larger ones too) or does not
+    fit the time left."""
     device, depth = models.device, plan.generation_depth
-    if compiled and not plan.generation_compiled:
-        rec.skip(phase, "compiled generation", "not on this device (CUDA graphs)")
-        return
     vqvae, var = models.adapted(depth, "base")
     var.eval()
-    if compiled:
-        fresh_compile_state()
-
-    def row(batch: int) -> dict:
-        timing = generation_timing(var, vqvae, batch, compiled=compiled, plan=plan, device=device)
-        return {
-            "depth": depth,
-            "batch": batch,
-            "compiled": compiled,
-            "precision": "bf16 autocast",
-            **timing,
-            **(compile_counters() if compiled else {}),
-        }
-
-    for batch in _generation_order(rec, plan, compiled=compiled):
-        if not in_time(rec, plan, phase, f"batch {batch} compiled={compiled}"):
-            continue
+    for batch in plan.generation_batches:
+        cost = generation_cost(rec, plan, models, depth, batch, compiled=False)
         measured = rec.measure(
-            "generation", f"d{depth} batch {batch} compiled={compiled}", lambda b=batch: row(b)
+            "generation",
+            f"d{depth} batch {batch} compiled=False",
+            lambda b=batch: _generation_row(plan, var, vqvae, b, compiled=False, device=device),
+            cost=cost,
         )
-        if measured is None and not compiled:  # eager goes up in size: out of memory here, larger ones too
+        if measured is None:
             break
-    if not compiled:
-        measure_lora_generation(rec, plan, models, phase)
-        measure_decode_layouts(rec, plan, models, phase)
+
+
+def measure_generation_compiled(rec: Recorder, plan: Plan, models: Models, *, which: str) -> None:
+    """Compiled sampling (CUDA graphs; its ten scale graphs compiled per batch size, tens of seconds each): at the
+    fastest eager batch (``which`` "best"), then, with its graphs still compiled, the 6,149-image evaluation there
+    if it is the fastest setting; or (``which`` "others", an option) at the other batch sizes, larger first."""
+    device, depth = models.device, plan.generation_depth
+    if not plan.generation_compiled:
+        if which == "best":
+            why = "not on this device (CUDA graphs)" if models.device.type != "cuda" else "--quick"
+            rec.skip("generation", "compiled generation", why)
+        return
+    best = _best_eager_generation(rec)
+    if best is None:
+        rec.skip("generation", "compiled generation", "no eager generation batch was measured")
+        return
+    done = {r["batch"] for r in rec.data.get("generation", []) if r["compiled"]}
+    if which == "best":
+        batches = [best["batch"]]
+    else:
+        batches = sorted((b for b in plan.generation_batches if b != best["batch"]), reverse=True)
+    model = []  # built at the first batch that passes the gate (a copy on the device costs seconds)
+    for batch in batches:
+        if batch in done:
+            continue
+        # (the compiled row runs after a dynamo reset: its ten graphs are compiled whatever ran before)
+        _COMPILED["sampling_batches"].discard(batch)
+        cost = generation_cost(rec, plan, models, depth, batch, compiled=True)
+        what = f"d{depth} batch {batch} compiled=True"
+        if not rec.fits("generation", what, cost):
+            continue
+        if not model:
+            vqvae, var = models.adapted(depth, "base")
+            model += [var.eval(), vqvae]
+        rec.measure(
+            "generation",
+            what,
+            lambda b=batch, var=model[0], vqvae=model[1]: _generation_row(
+                plan, var, vqvae, b, compiled=True, device=device
+            ),
+            cost=cost,
+        )
+    if model and which == "best":
+        measure_evaluation_compiled_fastest(rec, plan, models, var=model[0], vqvae=model[1])
+    if model:
+        release_caches(model[0])
 
 
 def generation_timing(var, vqvae, batch: int, *, compiled: bool, plan: Plan, device: torch.device) -> dict:
@@ -1215,11 +1667,11 @@ def generation_timing(var, vqvae, batch: int, *, compiled: bool, plan: Plan, dev
     }
 
 
-def measure_lora_generation(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+def measure_lora_generation(rec: Recorder, plan: Plan, models: Models) -> None:
     """A LoRA trial's model (its adapter merged without autograd: ``LoraLinear._merged_product``) sampling eagerly
     at the fastest eager batch, beside the base model's row there: what a LoRA trial's evaluation draws at."""
     eager = [r for r in rec.data.get("generation", []) if not r["compiled"]]
-    if not eager or not in_time(rec, plan, phase, "lora generation"):
+    if not eager:
         return
     base = max(eager, key=lambda r: r["images_per_s"])
     device, depth, batch = models.device, base["depth"], base["batch"]
@@ -1236,17 +1688,18 @@ def measure_lora_generation(rec: Recorder, plan: Plan, models: Models, phase: st
             "vs_base": timing["images_per_s"] / base["images_per_s"],
         }
 
-    rec.measure("generation_lora", f"d{depth} lora batch {batch}", row)
+    cost = generation_cost(rec, plan, models, depth, batch, compiled=False)
+    rec.measure("generation_lora", f"d{depth} lora batch {batch}", row, cost=cost)
 
 
-def measure_decode_layouts(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+def measure_decode_layouts(rec: Recorder, plan: Plan, models: Models) -> None:
     """The VQVAE decode of the fastest eager batch's latent in NCHW (CUDA sampling's layout) and in channels-last
     (a copy of the VQVAE with its weights in NHWC too, so cuDNN runs every convolution NHWC), side by side under
     bf16 autocast, with the images' largest difference and whether the device's GroupNorm keeps channels-last
     (CUDA's kernel in the image's torch may copy its input to NCHW, and its output is then NCHW): whether cuDNN's
     NHWC convolutions pay for what the norms cost in that layout."""
     eager = [r for r in rec.data.get("generation", []) if not r["compiled"]]
-    if not eager or not in_time(rec, plan, phase, "decode layouts"):
+    if not eager:
         return
     batch = max(eager, key=lambda r: r["images_per_s"])["batch"]
     device = models.device
@@ -1282,7 +1735,8 @@ def measure_decode_layouts(rec: Recorder, plan: Plan, models: Models, phase: str
             "group_norm_keeps_channels_last": keeps,
         }
 
-    rec.measure("decode_layouts", f"decode batch {batch}", row)
+    cost = build_cost(plan, models, plan.generation_depth) + plan.costs["decode_layouts"]
+    rec.measure("decode_layouts", f"decode batch {batch}", row, cost=cost)
 
 
 # --- 5. evaluation ----------------------------------------------------------------------------------------------
@@ -1305,44 +1759,101 @@ def random_inception(device: torch.device) -> nn.Module:
         return RandomInception(INCEPTION, ["2048"], feature_extractor_weights_path=str(empty)).to(device)
 
 
-def measure_evaluation(
-    rec: Recorder, plan: Plan, models: Models, phase: str, *, fastest_only: bool = False
+def _trial_setting(plan: Plan) -> tuple[int, int]:
+    """(batch, images) of the evaluation at a trial's setting."""
+    return min(EvaluationConfig.batch_size, plan.evaluation_trial_images), plan.evaluation_trial_images
+
+
+def measure_evaluation_setting(
+    rec: Recorder,
+    plan: Plan,
+    models: Models,
+    name: str,
+    *,
+    batch: int,
+    compiled: bool,
+    images: int,
+    var=None,
+    vqvae=None,
 ) -> None:
-    """Generation plus Inception-v3 features, timed together, at a trial's setting (sampling at
-    ``EvaluationConfig.batch_size``, on ``plan.evaluation_trial_images`` images, extrapolated: what a trial's
-    evaluation costs; eager, and after compiled generation with ``resources.compile_sampling``, its compile timed
-    apart) and at the fastest generation setting measured (on ``plan.evaluation_images``: what the target asks of
-    the fast paths). ``fastest_only`` (after compiled generation): the fastest setting if not evaluated yet, and
-    the trial's setting compiled."""
-    gens = rec.data.get("generation", [])
-    best = max(gens, key=lambda r: r["images_per_s"], default=None)
-    if best is None:
-        rec.skip(phase, "evaluation", "no generation setting was measured")
-        return
+    """The evaluation row of ``name`` ("trial" or "fastest") at ``batch``, unless measured already (on a fresh copy
+    of the base model, or on ``var``, whose compiled graphs it reuses)."""
     done = {(r["setting"], r["batch"], r["compiled"]) for r in rec.data.get("evaluation", [])}
-    trial_batch = min(EvaluationConfig.batch_size, plan.evaluation_trial_images)
-    trial = ("trial", trial_batch, False, plan.evaluation_trial_images)
-    settings = [] if fastest_only else [trial]
-    settings.append(("fastest", best["batch"], best["compiled"], plan.evaluation_images))
-    if fastest_only and plan.generation_compiled:  # compile_sampling's row: its compile and warm rate
-        settings.append(("trial", trial_batch, True, plan.evaluation_trial_images))
-    for name, batch, compiled, images in settings:
-        if (name, batch, compiled) in done or (name == "fastest" and ("trial", batch, compiled) in done):
-            continue  # (a CPU smoke run's fastest setting is the trial's)
-        if not in_time(rec, plan, phase, f"evaluation {name} compiled={compiled}"):
-            continue
-        done.add((name, batch, compiled))
-        rec.measure(
-            "evaluation",
-            f"{name}: {images} images at batch {batch} compiled={compiled}",
-            lambda n=name, b=batch, c=compiled, i=images: evaluation_row(
-                models, n, batch=b, compiled=c, images=i, depth=best["depth"]
-            ),
+    if (name, batch, compiled) in done:
+        return
+    depth = plan.generation_depth
+    png = name == "trial"
+    cost = evaluation_cost(
+        rec, plan, models, depth=depth, batch=batch, compiled=compiled, images=images, png=png
+    )
+    rec.measure(
+        "evaluation",
+        f"{name}: {images} images at batch {batch} compiled={compiled}",
+        lambda: evaluation_row(
+            models, name, batch=batch, compiled=compiled, images=images, depth=depth, var=var, vqvae=vqvae
+        ),
+        cost=cost,
+    )
+
+
+def measure_evaluation_target(rec: Recorder, plan: Plan, models: Models) -> None:
+    """Phase 5, the target: ``plan.evaluation_images`` (Oxford Flowers' 6,149) at the fastest eager batch, in
+    memory. Where that batch is a trial's (a CPU smoke run), the trial's setting instead: its row is both."""
+    best = _best_eager_generation(rec)
+    if best is None:
+        rec.skip("evaluation", "evaluation", "no generation setting was measured")
+        return
+    trial_batch, trial_images = _trial_setting(plan)
+    if best["batch"] == trial_batch:
+        measure_evaluation_setting(
+            rec, plan, models, "trial", batch=trial_batch, compiled=False, images=trial_images
+        )
+    else:
+        measure_evaluation_setting(
+            rec, plan, models, "fastest", batch=best["batch"], compiled=False, images=plan.evaluation_images
         )
 
 
+def measure_evaluation_compiled_fastest(rec: Recorder, plan: Plan, models: Models, *, var, vqvae) -> None:
+    """Phase 7, right after compiled generation (its graphs still compiled, on its model): the target's images at
+    the fastest setting, if that is compiled."""
+    best = max(rec.data.get("generation", []), key=lambda r: r["images_per_s"], default=None)
+    if best is None or not best["compiled"]:
+        return
+    measure_evaluation_setting(
+        rec,
+        plan,
+        models,
+        "fastest",
+        batch=best["batch"],
+        compiled=True,
+        images=plan.evaluation_images,
+        var=var,
+        vqvae=vqvae,
+    )
+
+
+def measure_evaluation_trial(rec: Recorder, plan: Plan, models: Models, *, compiled: bool) -> None:
+    """A trial's setting (its ``generate``, PNG files and all), eager (phase 11) or compiled as
+    ``resources.compile_sampling`` draws (phase 12: its batch size's ten graphs compiled, first calls apart)."""
+    if not rec.data.get("generation"):
+        return
+    if compiled and not plan.generation_compiled:
+        return
+    batch, images = _trial_setting(plan)
+    measure_evaluation_setting(rec, plan, models, "trial", batch=batch, compiled=compiled, images=images)
+
+
 def evaluation_row(
-    models: Models, setting: str, *, batch: int, compiled: bool, images: int, depth: int
+    models: Models,
+    setting: str,
+    *,
+    batch: int,
+    compiled: bool,
+    images: int,
+    depth: int,
+    var=None,
+    vqvae=None,
 ) -> dict:
     """Generation then Inception-v3 features of ``images`` images, timed. A trial's setting draws through the
     trials' own ``generate`` into a folder (its weights' fingerprint, the PNG files the trial keeps), so its row
@@ -1351,8 +1862,9 @@ def evaluation_row(
     scale steps (the first call runs scale 0 eager, allocating the KV buffers; the second compiles it), once per
     process. A trial's setting then frees the buffers as each of its evaluations does, so its timed draws
     re-record the CUDA graphs: a trial's later evaluation (the fastest setting's graphs were compiled in the
-    generation phase, and its timed draws replay them warm)."""
-    vqvae, var = models.adapted(depth, "base")
+    generation phase, and its timed draws replay them warm). ``var``: that phase's model (else a fresh copy)."""
+    if var is None:
+        vqvae, var = models.adapted(depth, "base")
     first_calls_s = None
     try:
         var.eval()
@@ -1365,6 +1877,7 @@ def evaluation_row(
                 fn()
                 fn()
             first_calls_s = first.seconds
+            _COMPILED["sampling_batches"].add(batch)
             for _ in range(COMPILED_WARM_CALLS - 1):
                 fn()
             if setting == "trial":
@@ -1498,7 +2011,7 @@ def profile_row(what: str, fn: Callable[[], object], plan: Plan, device: torch.d
     return {"what": what, **profile_calls(fn, steps=plan.profile_steps, device=device)}
 
 
-def measure_profiles(rec: Recorder, plan: Plan, models: Models, phase: str) -> None:
+def measure_profiles(rec: Recorder, plan: Plan, models: Models) -> None:
     """Profiles of the eager paths the tables measured: the fastest training step per method, the DP step with
     book-keeping and the non-DP step on the same rows (full fine-tuning at k = 1 where measured), and the fastest
     eager generation batch. (The compiled training step is profiled in its own phase, while compiled.)"""
@@ -1508,9 +2021,10 @@ def measure_profiles(rec: Recorder, plan: Plan, models: Models, phase: str) -> N
         best = fastest(rec.data.get("training", []), depth=depth, method=method, compiled=False)
         if best is not None:
             s = _setting(best)
-            targets.append((f"training {s.label()}", lambda s=s: training_step(models, s)))
+            cost = profile_cost(plan, best["step_ms"] / 1e3) + plan.costs["training_setup"]
+            targets.append((f"training {s.label()}", lambda s=s: training_step(models, s), cost))
     dp = rec.data.get("privacy", [])
-    measured = [(r["method"], r["k"]) for r in dp if r["clipping"] == "bookkeeping"]
+    measured = [(r["method"], r["k"]) for r in dp if r["clipping"] == "bookkeeping" and r["depth"] == depth]
     if measured:
         method, k = ("full", 1) if ("full", 1) in measured else measured[0]
         for clipping in (None, "bookkeeping"):
@@ -1522,21 +2036,40 @@ def measure_profiles(rec: Recorder, plan: Plan, models: Models, phase: str) -> N
                     var, vqvae, clipping=clipping, k=k, rows=plan.dp_rows, bf16=True, device=device
                 )
 
-            targets.append((f"d{depth} {method} k={k} {clipping or 'no DP'} ({plan.dp_rows} rows)", build))
-    eager = [r for r in rec.data.get("generation", []) if not r["compiled"]]
-    if eager:
-        batch = max(eager, key=lambda r: r["images_per_s"])["batch"]
+            row = next(
+                (
+                    r
+                    for r in dp
+                    if (r["depth"], r["method"], r["k"], r["clipping"]) == (depth, method, k, clipping)
+                ),
+                None,
+            )
+            step = (
+                row["step_ms"] / 1e3
+                if row
+                else dp_cost(rec, plan, models, depth, method, k, clipping, "bf16")
+            )
+            cost = profile_cost(plan, step) + plan.costs["training_setup"] + plan.costs["dp_setup"]
+            targets.append(
+                (f"d{depth} {method} k={k} {clipping or 'no DP'} ({plan.dp_rows} rows)", build, cost)
+            )
+    best = _best_eager_generation(rec)
+    if best is not None:
+        batch = best["batch"]
 
         def sampler(batch=batch):
             vqvae, var = models.adapted(plan.generation_depth, "base")
             return sample_fn(var.eval(), vqvae, batch, compiled=False, device=device)
 
-        targets.append((f"generation d{plan.generation_depth} batch {batch}", sampler))
-    for what, build in targets:
-        if in_time(rec, plan, phase, what):
-            rec.measure(
-                "profiles", what, lambda what=what, build=build: profile_row(what, build(), plan, device)
-            )
+        cost = profile_cost(plan, best["batch_s"]) + plan.costs["generation_setup"]
+        targets.append((f"generation d{plan.generation_depth} batch {batch}", sampler, cost))
+    for what, build, cost in targets:
+        rec.measure(
+            "profiles",
+            what,
+            lambda what=what, build=build: profile_row(what, build(), plan, device),
+            cost=cost,
+        )
 
 
 # --- report -----------------------------------------------------------------------------------------------------
@@ -1600,12 +2133,17 @@ def _waits(waits: dict | None) -> str:
     return f"{sum(waits.values())} ({', '.join(f'{at} x{n}' for at, n in sorted(waits.items())) or 'none'})"
 
 
+def _deadline(data: dict) -> str:
+    deadline = data.get("deadline_s")
+    return f" from the process's start; deadline {deadline:.0f} s" if deadline else ""
+
+
 def report(data: dict, *, command: str) -> str:
     meta, rates = data["meta"], data.get("rates", {})
     lines = [
         f"### GPU efficiency on {meta['device']} ({meta['stamp']})",
         "",
-        f"torch {meta['torch']}. Script: `{command}` ({data['elapsed_s']:.0f} s). Achievable dense matmul rate "
+        f"torch {meta['torch']}. Script: `{command}` ({data['elapsed_s']:.0f} s{_deadline(data)}). Achievable dense matmul rate "
         f"measured in this run: {_num(rates.get('achievable_tflops'))} TFLOP/s (datasheet "
         f"{_num(rates.get('datasheet_tflops'))}); memory bandwidth (a device-to-device copy, bytes read and "
         f"written): {_num(rates.get('bandwidth_tb_per_s'), '.2f')} TB/s. MFU counts useful FLOPs (attention over the visible query/key "
@@ -1747,6 +2285,17 @@ def report(data: dict, *, command: str) -> str:
         for r in data.get("norm_accuracy", [])
     ]
     lines += profile_tables(data.get("profiles", []))
+    broken = data.get("device_broken")
+    if broken:
+        lines.append(
+            f"- the device broke in {broken['section']}: {broken['what']} ({broken['fault']}); nothing after it was "
+            "measured"
+        )
+    lines += [
+        f"- cut short while running: {r['section']}: {r['what']} (from {r['start_s']:.0f} s, expected "
+        f"{_num(r.get('expected_s'), '.0f')} s)"
+        for r in data.get("running", [])
+    ]
     lines += [f"- failed: {e['section']}: {e['what']}: {e['error']}" for e in data["errors"]]
     lines += [f"- skipped: {s['section']}: {s['what']} ({s['why']})" for s in data["skipped"]]
     return "\n".join(lines)
@@ -1910,15 +2459,48 @@ def write_throughput(path: Path, entries: dict[str, list[dict]]) -> None:
 # --- main -------------------------------------------------------------------------------------------------------
 
 
+def _cost_override(text: str) -> tuple[str, float]:
+    name, _, seconds = text.partition("=")
+    if name not in COSTS:
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(COSTS)}")
+    return name, float(seconds)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true", help="a first look: about 2 minutes on an H200")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a first look at the eager targets, nothing compiled: at most {QUICK_DEADLINE_S:.0f} s from the "
+        "process's start on a GPU",
+    )
     parser.add_argument("--depth", type=int, nargs="+", help="VAR depths (default 16 20; --quick 16)")
     parser.add_argument(
-        "--budget-s",
+        "--deadline-s",
         type=float,
-        help="seconds the phases share (default 390; --quick 110; a CPU run: no limit)",
+        help=f"seconds from the process's start (or $BENCHMARK_GPU_T0) by which every measurement is expected to "
+        f"have ended; one whose expected cost does not fit is skipped (default {DEADLINE_S:.0f}; --quick "
+        f"{QUICK_DEADLINE_S:.0f}; on a CPU {CPU_DEADLINE_S:.0f})",
+    )
+    parser.add_argument(
+        "--hard-stop-s",
+        type=float,
+        help=f"end the process at this many seconds from its start (default: the deadline + "
+        f"{HARD_STOP_AFTER_S:.0f} on a GPU, none on a CPU; 0: none)",
+    )
+    parser.add_argument(
+        "--skip-phase",
+        action="append",
+        choices=PHASES,
+        help="leave a phase out (repeatable): e.g. training_compiled, to leave compiled generation its time",
+    )
+    parser.add_argument(
+        "--cost",
+        action="append",
+        type=_cost_override,
+        metavar="NAME=SECONDS",
+        help=f"override an entry of the expected-cost table (repeatable): {', '.join(COSTS)}",
     )
     default_out = Path(os.environ["OUT"]) / "benchmark_gpu.json" if os.environ.get("OUT") else None
     parser.add_argument(
@@ -1952,7 +2534,63 @@ def command_line(args: argparse.Namespace) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> dict:
+def phases(rec: Recorder, plan: Plan, models: Models) -> list[tuple[str, Callable[[], None]]]:
+    """(name, what it measures) in ``PHASES``' priority order: the issue's targets (the matmul rate, d16 eager
+    training at the best batch, DP book-keeping at k = 1 and 32, eager generation, the 6,149-image evaluation),
+    then compiled training and generation, the other depths, and the options; FlexAttention last."""
+    device, first, more = models.device, plan.depths[0], plan.depths[1:]
+    schedule = privacy_schedule(plan)
+
+    def more_depths() -> None:
+        for depth in more:
+            measure_training_targets(rec, plan, models, depth)
+            measure_privacy(rec, plan, models, [row for row in schedule["more_depths"] if row[0] == depth])
+            measure_training_compiled(rec, plan, models, depth, which="best")
+
+    def options() -> None:
+        measure_block_ops(rec, plan, device)
+        measure_norm_accuracy(rec, plan, models)
+        for depth in plan.depths:
+            measure_training_options(rec, plan, models, depth)
+        measure_privacy(rec, plan, models, schedule["options"])
+        measure_lora_generation(rec, plan, models)
+        measure_decode_layouts(rec, plan, models)
+
+    def trial_loops() -> None:
+        for depth in plan.depths:
+            measure_trial_loops(rec, plan, models, depth)
+        measure_dp_trial_loop(rec, plan, models)
+        measure_evaluation_trial(rec, plan, models, compiled=False)
+
+    def compiled_more() -> None:
+        for depth in plan.depths:
+            measure_training_compiled(rec, plan, models, depth, which="base")
+        measure_generation_compiled(rec, plan, models, which="others")
+        measure_evaluation_trial(rec, plan, models, compiled=True)
+
+    def flex() -> None:
+        for depth in plan.depths:
+            measure_flex(rec, plan, models, depth)
+
+    table = {
+        "matmul": lambda: measure_matmul(rec, plan, device),
+        "training": lambda: measure_training_targets(rec, plan, models, first),
+        "privacy": lambda: measure_privacy(rec, plan, models, schedule["targets"]),
+        "generation": lambda: measure_generation_eager(rec, plan, models),
+        "evaluation": lambda: measure_evaluation_target(rec, plan, models),
+        "training_compiled": lambda: measure_training_compiled(rec, plan, models, first, which="best"),
+        "generation_compiled": lambda: measure_generation_compiled(rec, plan, models, which="best"),
+        "more_depths": more_depths,
+        "profiles": lambda: measure_profiles(rec, plan, models),
+        "options": options,
+        "trial_loops": trial_loops,
+        "compiled_more": compiled_more,
+        "flex": flex,
+    }
+    return [(name, table[name]) for name in PHASES]
+
+
+def run(args: argparse.Namespace, *, rec: Recorder | None = None) -> dict:
     device = torch.device(args.device)
     plan = make_plan(args, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -1966,46 +2604,33 @@ def run(args: argparse.Namespace) -> dict:
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-    rec = Recorder(args.out, meta)
+    if rec is not None:  # (a test's, with its own clock)
+        rec.data["meta"] = meta
+    else:
+        rec = Recorder(
+            args.out,
+            meta,
+            t0=process_start(),
+            deadline_s=plan.deadline_s,
+            health=lambda: device_fault(device),
+        )
+    start_watchdog(rec, plan.hard_stop_s)
+    print(
+        f"[{rec.elapsed():6.1f} s] {name}: deadline {plan.deadline_s:.0f} s from the process's start, "
+        + ("no hard stop" if plan.hard_stop_s is None else f"hard stop at {plan.hard_stop_s:.0f} s"),
+        flush=True,
+    )
+    rec.write()
     models = Models(device, vqvae_channels=plan.vqvae_channels)
     torch.manual_seed(0)
-    first = plan.depths[0]
-    phases = [
-        ("matmul", lambda: measure_matmul(rec, plan, device)),
-        ("block_ops", lambda: measure_block_ops(rec, plan, device)),
-        ("training", lambda: measure_training_eager(rec, plan, models, first, "training")),
-        ("privacy", lambda: measure_privacy(rec, plan, models, "privacy")),
-        ("generation", lambda: measure_generation(rec, plan, models, "generation", compiled=False)),
-        ("evaluation", lambda: measure_evaluation(rec, plan, models, "evaluation")),
-        ("profiles", lambda: measure_profiles(rec, plan, models, "profiles")),
-        (
-            "training_compiled",
-            lambda: measure_training_compiled(rec, plan, models, first, "training_compiled"),
-        ),
-        (
-            "generation_compiled",
-            lambda: measure_generation(rec, plan, models, "generation_compiled", compiled=True),
-        ),
-        (
-            "evaluation_compiled",
-            lambda: measure_evaluation(rec, plan, models, "evaluation_compiled", fastest_only=True),
-        ),
-    ]
-    for depth in plan.depths[1:]:
-        phases += [
-            (
-                f"d{depth}",
-                lambda d=depth: measure_training_eager(rec, plan, models, d, "training_more_depths"),
-            ),
-            (
-                f"d{depth} compiled",
-                lambda d=depth: measure_training_compiled(rec, plan, models, d, "training_more_depths"),
-            ),
-        ]
-    for name, phase in phases:
-        rec.measure(
-            "phases", name, lambda phase=phase: phase()
-        )  # a phase's own failure (a model build) is recorded
+    for phase, measure in phases(rec, plan, models):
+        if phase in plan.skip_phases:
+            rec.skip("phases", phase, "--skip-phase")
+            continue
+        rec.begin_phase(phase, plan.windows.get(phase))
+        rec.measure("phases", phase, measure)  # a phase's own failure (a model build) is recorded
+    rec.phase = None
+    rec.write()
     return rec.data
 
 

@@ -83,6 +83,61 @@ def test_every_section_is_measured_with_numbers(smoke):
     )
 
 
+def test_the_run_records_its_clock_and_measures_in_priority_order(smoke):
+    """The JSON ends with nothing in flight and no broken device; every measurement is on the timeline with its
+    expected and actual seconds; the targets' sections come first (d16 training at the trials' setting, the DP
+    targets, eager generation, the 6,149-image evaluation), the options after the profiles, the trial loops last;
+    every phase is done and each measurement line was printed when it started."""
+    import benchmark_gpu
+
+    data = smoke["data"]
+    assert data["running"] == [] and "device_broken" not in data
+    assert data["deadline_s"] == 3600 and 0 < data["elapsed_s"] < data["deadline_s"]
+    timeline = data["timeline"]
+    assert all(e["expected_s"] > 0 and e["seconds"] >= 0 and e["ok"] for e in timeline)
+    assert [e["start_s"] for e in timeline] == sorted(e["start_s"] for e in timeline)
+    measured = sum(len(data[k]) for k in ("training", "privacy", "generation", "evaluation", "profiles"))
+    assert len(timeline) >= measured
+
+    def at(section: str, *words: str, phase: str | None = None) -> list[int]:
+        return [
+            i
+            for i, e in enumerate(timeline)
+            if e["section"] == section and all(w in e["what"] for w in words) and phase in (None, e["phase"])
+        ]
+
+    def first(section: str, *words: str, phase: str | None = None) -> int:
+        return min(at(section, *words, phase=phase))
+
+    def last(section: str, *words: str, phase: str | None = None) -> int:
+        return max(at(section, *words, phase=phase))
+
+    assert last("matmul") < first("training") and last("bandwidth") < first("training")
+    # d16's targets: the trials' setting (per_scale, fused AdamW) up the batch ladder, both methods, first
+    targets = at("training", phase="training")
+    assert targets == list(range(targets[0], targets[0] + len(targets)))
+    assert all(
+        "per_scale fused=True compiled=False" in timeline[i]["what"]
+        and "frozen_bf16=False" in timeline[i]["what"]
+        for i in targets
+    )
+    assert len(targets) == 4 and last("training", phase="training") < first("privacy")
+    dp_targets = at("privacy", phase="privacy")
+    assert {timeline[i]["what"].split(" ", 3)[3] for i in dp_targets} == {"no DP bf16", "bookkeeping bf16"}
+    assert max(dp_targets) < first("generation") < first("evaluation") < first("profiles")
+    assert first("profiles") < first("block_ops") < first("norm_accuracy") < first("training", "fused=False")
+    assert (
+        first("training", "fused=False") < first("training", "masked") < first("training", "frozen_bf16=True")
+    )
+    assert first("training", "frozen_bf16=True") < first("privacy", "hooks") < first("generation_lora")
+    assert first("generation_lora") < first("decode_layouts") < first("trial_loops")
+    phases = [e["phase"] for e in timeline]
+    order = list(dict.fromkeys(phases))
+    assert order == [p for p in benchmark_gpu.PHASES if p in order]
+    assert "> training: d2 full per_scale fused=True" in smoke["stdout"]  # printed as it starts
+    assert "expected ~" in smoke["stdout"] and "to the deadline" in smoke["stdout"]
+
+
 def test_block_ops_are_timed_beside_the_published_forms_with_the_same_values(smoke):
     rows = {r["what"]: r for r in smoke["data"]["block_ops"]}
     assert len(rows) == 6
@@ -301,29 +356,27 @@ def test_profiles_leave_annotation_ranges_out():
     assert "aten::mm" in names and "annotation_range" not in names
 
 
-def test_the_privacy_phase_measures_every_target_before_the_options():
-    """The targets first (no DP and book-keeping for every configuration, DP-full at k = 1 at VAR-d20 right after
-    VAR-d16: routes change with the width), then the options: Gram routes and ghost clipping only at one view per
-    example, ghost in float32 beside a float32 non-DP step, hooks. A phase cut short keeps the targets' rows."""
+def _plan(device: str = "cuda", **args):
     import argparse
 
     import benchmark_gpu
     import torch
 
-    def schedule(**args) -> list:
-        namespace = argparse.Namespace(**{"quick": False, "budget_s": None, "depth": None, **args})
-        return benchmark_gpu.privacy_schedule(benchmark_gpu.make_plan(namespace, torch.device("cuda")))
+    namespace = argparse.Namespace(**{"quick": False, "depth": None, **args})
+    return benchmark_gpu.make_plan(namespace, torch.device(device))
+
+
+def test_the_privacy_phase_measures_every_target_before_the_options():
+    """The targets first (no DP and book-keeping for every configuration of VAR-d16, phase 3), DP-full at k = 1
+    at VAR-d20 with the other depth (phase 8: routes change with the width), then the options (phase 10): Gram
+    routes and ghost clipping only at one view per example, ghost in float32 beside a float32 non-DP step,
+    hooks."""
+    import benchmark_gpu
 
     bf16 = "bf16"
     targets = [
-        (depth, method, k, clipping, bf16)
-        for depth, method, k in (
-            (16, "full", 1),
-            (20, "full", 1),
-            (16, "lora", 1),
-            (16, "full", 32),
-            (16, "lora", 32),
-        )
+        (16, method, k, clipping, bf16)
+        for method, k in (("full", 1), ("lora", 1), ("full", 32), ("lora", 32))
         for clipping in (None, "bookkeeping")
     ]
     options = [
@@ -340,9 +393,370 @@ def test_the_privacy_phase_measures_every_target_before_the_options():
         (16, "full", 32, "hooks", bf16),
         (16, "lora", 32, "hooks", bf16),
     ]
-    assert schedule() == targets + options
-    assert schedule(quick=True) == [
-        (16, "full", 1, None, bf16),
-        (16, "full", 1, "bookkeeping", bf16),
-        (16, "full", 1, "bookkeeping:gram", bf16),
+    assert benchmark_gpu.privacy_schedule(_plan()) == {
+        "targets": targets,
+        "more_depths": [(20, "full", 1, None, bf16), (20, "full", 1, "bookkeeping", bf16)],
+        "options": options,
+    }
+    assert benchmark_gpu.privacy_schedule(_plan(quick=True)) == {
+        "targets": [(16, "full", 1, None, bf16), (16, "full", 1, "bookkeeping", bf16)],
+        "more_depths": [],
+        "options": [(16, "full", 1, "bookkeeping:gram", bf16)],
+    }
+
+
+def test_the_phases_run_in_the_issue_s_priority_order():
+    """The targets (matmul, d16 eager training, DP at k = 1 and 32, eager generation, the 6,149-image evaluation)
+    before anything that compiles; compiled training, then compiled generation at one batch; the other depths;
+    then profiles, options, trial loops, the other compiled settings, and FlexAttention (it compiles) last. Each
+    of the first phases has a window counted from its own start; the later ones only the deadline."""
+    import benchmark_gpu
+    import torch
+
+    plan = _plan()
+    rec = benchmark_gpu.Recorder(None, {})
+    models = benchmark_gpu.Models(torch.device("cpu"), vqvae_channels=32)
+    names = [name for name, _ in benchmark_gpu.phases(rec, plan, models)]
+    assert names == [
+        "matmul",
+        "training",
+        "privacy",
+        "generation",
+        "evaluation",
+        "training_compiled",
+        "generation_compiled",
+        "more_depths",
+        "profiles",
+        "options",
+        "trial_loops",
+        "compiled_more",
+        "flex",
     ]
+    assert set(plan.windows) == set(names[:8]) and all(w > 0 for w in plan.windows.values())
+    assert (plan.deadline_s, plan.hard_stop_s) == (500, 530) and plan.compile and plan.generation_compiled
+    quick = _plan(quick=True)  # a first look: eager only, at most 150 s
+    assert (quick.deadline_s, quick.hard_stop_s, quick.compile, quick.generation_compiled) == (
+        150,
+        180,
+        False,
+        False,
+    )
+    cpu = _plan("cpu", deadline_s=7.0, cost=[("flex", 1.0)])
+    assert (cpu.deadline_s, cpu.hard_stop_s, cpu.windows, cpu.costs["flex"]) == (7.0, None, {}, 1.0)
+    # The expected cost of what cannot be predicted from rows: compiled sampling's ten scale graphs, scaled with
+    # depth; none for a batch whose graphs are compiled already.
+    assert benchmark_gpu.sampling_compile_cost(plan, 16, 512) == 10 * plan.costs["compile_sampling_scale"]
+    assert benchmark_gpu.sampling_compile_cost(plan, 20, 512) == 12.5 * plan.costs["compile_sampling_scale"]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_measurement_that_does_not_fit_before_the_deadline_is_skipped_and_recorded(tmp_path):
+    """The start gate: a measurement starts only if its expected seconds fit before the deadline (counted from the
+    given start) and its phase is inside its window; else it is not called and is recorded as skipped, why and
+    what it was expected to cost. A phase (no cost) is gated by nothing but the device's health."""
+    import benchmark_gpu
+
+    clock = _Clock()
+    path = tmp_path / "run.json"
+    rec = benchmark_gpu.Recorder(path, {"device": "fake"}, t0=clock.now - 20, deadline_s=100, clock=clock)
+    calls = []
+
+    def work(seconds: float, name: str):
+        def fn() -> dict:
+            calls.append(name)
+            clock.now += seconds
+            return {"name": name}
+
+        return fn
+
+    rec.begin_phase("training", window=60)
+    assert rec.measure("training", "fits", work(30, "fits"), cost=40) == {"name": "fits"}  # 20 + 40 <= 100
+    assert rec.measure("training", "too long", work(1, "too long"), cost=51) is None  # 50 + 51 > 100
+    assert rec.measure("training", "just fits", work(5, "just fits"), cost=49) is not None
+    clock.now += 10  # 65 s in, 45 s into the phase
+    rec.begin_phase("privacy", window=5)
+    assert rec.measure("privacy", "in the window", work(6, "in the window"), cost=1) is not None
+    assert rec.measure("privacy", "past the window", work(1, "past"), cost=1) is None  # 6 s into a 5 s window
+    assert rec.measure("phases", "a phase", lambda: None) is None  # no cost: not gated by time
+    assert calls == ["fits", "just fits", "in the window"]
+    data = json.loads(path.read_text())
+    skipped = {s["what"]: s for s in data["skipped"]}
+    assert set(skipped) == {"too long", "past the window"}
+    assert skipped["too long"]["why"] == "time: expected ~51 s, 50 s left before the deadline at 100 s"
+    assert skipped["too long"]["expected_s"] == 51 and skipped["too long"]["phase"] == "training"
+    assert skipped["past the window"]["why"].startswith("time: phase privacy's window of 5 s is over")
+    assert [(e["what"], e["expected_s"], e["seconds"]) for e in data["timeline"]] == [
+        ("fits", 40, 30),
+        ("just fits", 49, 5),
+        ("in the window", 1, 6),
+    ]
+    assert data["training"] == [{"name": "fits"}, {"name": "just fits"}] and data["errors"] == []
+    assert data["elapsed_s"] == 20 + 30 + 5 + 10 + 6
+    report = benchmark_gpu.report(
+        {**data, "training": [], "privacy": [], "meta": {"device": "fake", "stamp": "-", "torch": "-"}},
+        command="c",
+    )
+    assert "- skipped: training: too long (time: expected ~51 s" in report
+
+
+def test_a_tiny_deadline_skips_every_measurement_of_a_run_and_still_writes_and_reports(tmp_path):
+    """A whole run (the CPU smoke plan) under a deadline already past: every measurement is skipped for time (none
+    starts), every phase still runs its gate, the JSON is complete and the report builds from it."""
+    import benchmark_gpu
+
+    path = tmp_path / "run.json"
+    args = benchmark_gpu.parse_args(["--device", "cpu", "--depth", "2", "--quick", "--out", str(path)])
+    clock = _Clock()
+    rec = benchmark_gpu.Recorder(path, {}, t0=clock.now - 1, deadline_s=0.5, clock=clock)
+    data = benchmark_gpu.run(args, rec=rec)
+    saved = json.loads(path.read_text())
+    assert saved["skipped"] == data["skipped"] and saved["timeline"] == [] and saved["errors"] == []
+    assert not any(data.get(k) for k in ("matmul", "training", "privacy", "generation", "evaluation"))
+    whats = [s["what"] for s in data["skipped"] if s["why"].startswith("time: expected")]
+    assert whats[:2] == [
+        "256^3",
+        "64 MiB copy",
+    ] and "d2 full per_scale fused=True compiled=False batch=1 " in " ".join(whats)
+    assert saved["meta"]["device"] == "CPU" and saved["meta"]["plan"]["deadline_s"] == 3600
+    assert "- skipped: matmul: 256^3 (time: expected" in benchmark_gpu.report(saved, command="c")
+
+
+def test_the_json_is_replaced_whole_and_names_the_measurement_in_flight(tmp_path, monkeypatch):
+    """Every write leaves a parsable JSON (a temporary file renamed over it): written at each measurement's start
+    (``running`` names it, so a run killed mid-measurement says what it was doing) and end; a write that dies
+    half-way leaves the previous JSON whole, and no temporary file stays behind."""
+    import pathlib
+
+    import benchmark_gpu
+
+    path = tmp_path / "run.json"
+    rec = benchmark_gpu.Recorder(path, {"device": "fake"}, deadline_s=1e9)
+    seen = []
+    write = rec.write
+
+    def checked_write() -> None:
+        write()
+        seen.append(json.loads(path.read_text()))  # parses after every write
+
+    monkeypatch.setattr(rec, "write", checked_write)
+
+    def inside() -> dict:
+        running = json.loads(path.read_text())["running"]
+        assert [(r["section"], r["what"], r["expected_s"]) for r in running] == [("training", "a", 3.0)]
+        return {"row": 1, "text": "x" * 10_000}
+
+    rec.measure("training", "a", inside, cost=3)
+    rec.measure("training", "fails", lambda: 1 / 0, cost=1)
+    rec.skip("privacy", "b", "why not")
+    assert len(seen) >= 5 and json.loads(path.read_text())["running"] == []
+    assert [e["what"] for e in seen[-1]["errors"]] == ["fails"]
+    before = path.read_text()
+
+    real = pathlib.Path.write_text
+
+    def dies_half_way(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)  # a kill mid-write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "write_text", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        rec.add("training", {"row": 2})
+    monkeypatch.setattr(pathlib.Path, "write_text", real)
+    assert path.read_text() == before and json.loads(before)["training"][0]["row"] == 1
+    rec.add("training", {"row": 3})
+    assert [r["row"] for r in json.loads(path.read_text())["training"]] == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def test_a_broken_device_stops_every_later_measurement(tmp_path):
+    """After a measurement's exception the device's health is checked: an error that leaves it broken (an illegal
+    address, a failed CUDA-graph capture) is recorded, every later measurement and phase is skipped without
+    running, and the JSON and the report still say what was measured. An ordinary failure (out of memory) that
+    leaves the device healthy does not stop the run."""
+    import benchmark_gpu
+
+    faults = [None]
+    path = tmp_path / "run.json"
+    rec = benchmark_gpu.Recorder(path, {"device": "fake"}, deadline_s=1e9, health=lambda: faults[0])
+
+    def oom() -> dict:
+        raise RuntimeError("CUDA out of memory")
+
+    def illegal() -> dict:
+        faults[0] = "AcceleratorError: CUDA error: an illegal memory access was encountered"
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    calls = []
+    assert rec.measure("training", "oom", oom, cost=1) is None and rec.broken is None
+    assert rec.measure("training", "ok", lambda: calls.append("ok") or {"row": 1}, cost=1) == {"row": 1}
+    assert rec.measure("generation", "graph capture", illegal, cost=1) is None
+    assert rec.broken and "illegal memory access" in rec.broken
+    assert rec.measure("generation", "next", lambda: calls.append("next") or {}, cost=1) is None
+    assert rec.measure("phases", "evaluation", lambda: calls.append("phase")) is None
+    assert calls == ["ok"]
+    data = json.loads(path.read_text())
+    assert data["device_broken"] == {
+        "section": "generation",
+        "what": "graph capture",
+        "fault": "AcceleratorError: CUDA error: an illegal memory access was encountered",
+    }
+    assert [s["what"] for s in data["skipped"]] == ["next", "evaluation"]
+    assert all(s["why"].startswith("device broken: after generation: graph capture") for s in data["skipped"])
+    assert [e["what"] for e in data["errors"]] == ["oom", "graph capture"] and data["training"] == [
+        {"row": 1}
+    ]
+    data["meta"], data["training"] = {"device": "fake", "stamp": "-", "torch": "-"}, []
+    text = benchmark_gpu.report(data, command="c")
+    assert "- the device broke in generation: graph capture" in text
+    # On a CPU (and for a healthy GPU) the check finds nothing.
+    import torch
+
+    assert benchmark_gpu.device_fault(torch.device("cpu")) is None
+
+
+def test_the_clock_starts_at_the_process_s_start_or_the_device_command_s(monkeypatch):
+    """The deadline counts from the process's creation (the imports count), or from $BENCHMARK_GPU_T0 (the device
+    command's first line, the wheels' install before the script counting too) where it is plausible."""
+    import benchmark_gpu
+    import psutil
+
+    created = psutil.Process().create_time()
+    monkeypatch.delenv("BENCHMARK_GPU_T0", raising=False)
+    assert benchmark_gpu.process_start() == created
+    monkeypatch.setenv("BENCHMARK_GPU_T0", str(created - 30))
+    assert benchmark_gpu.process_start() == created - 30
+    for stale in (str(created - 7200), str(created + 5), "not a number"):
+        monkeypatch.setenv("BENCHMARK_GPU_T0", stale)
+        assert benchmark_gpu.process_start() == created
+
+
+def test_a_report_builds_from_an_older_run_s_json(smoke):
+    """--from with a JSON written before the deadline (no timeline, running, deadline or phase in its skips)."""
+    import benchmark_gpu
+
+    old = copy.deepcopy(smoke["data"])
+    for key in ("timeline", "running", "deadline_s", "device_broken"):
+        old.pop(key, None)
+    old["skipped"] = [{k: s[k] for k in ("section", "what", "why")} for s in old["skipped"]]
+    text = benchmark_gpu.report(old, command="c")
+    assert "| depth | method |" in text and "deadline" not in text.split("\n")[2]
+
+
+def test_the_compiled_phases_control_flow_on_fakes(monkeypatch):
+    """The GPU-only phases, on a CPU with the heavy work faked (no compile, no model): compiled training at each
+    method's best eager batch (profiled while compiled); compiled generation at ONE batch, the fastest eager one,
+    then the 6,149-image evaluation on the same model with its graphs compiled (no compile in its expected cost);
+    the options' compiled settings; FlexAttention last, its compile priced once. With too little time left,
+    compiled generation (ten scale graphs) is skipped before a model is even copied."""
+    import benchmark_gpu
+    import torch
+
+    class FakeVar:
+        def eval(self):
+            return self
+
+    built = []
+
+    def adapted(depth, method):
+        built.append((depth, method))
+        return "vqvae", FakeVar()
+
+    models = benchmark_gpu.Models(torch.device("cpu"), vqvae_channels=32)
+    monkeypatch.setattr(models, "adapted", adapted)
+    monkeypatch.setattr(models, "built", lambda depth: True)
+    monkeypatch.setattr(models, "device", torch.device("cuda"))  # (flex is compiled on CUDA only)
+    monkeypatch.setattr(benchmark_gpu, "compile_blocks", lambda var: 16)
+    monkeypatch.setattr(benchmark_gpu, "training_step", lambda models, s, var=None, vqvae=None: lambda: None)
+    monkeypatch.setattr(benchmark_gpu, "timed", lambda fn, **kwargs: 0.05)
+    monkeypatch.setattr(benchmark_gpu, "peak_gib", lambda device: 1.0)
+    monkeypatch.setattr(benchmark_gpu, "reset_peak", lambda device: None)
+    monkeypatch.setattr(benchmark_gpu, "profile_row", lambda what, fn, plan, device: {"what": what})
+    monkeypatch.setattr(benchmark_gpu, "release_caches", lambda var: None)
+
+    def generation_timing(var, vqvae, batch, *, compiled, plan, device):
+        return {
+            "first_call_s": 1.0,
+            "batch_s": 0.1,
+            "images_per_s": batch * (20 if compiled else 1.0),
+            "peak_gib": 1,
+        }
+
+    evaluations = []
+
+    def evaluation_row(models, setting, *, batch, compiled, images, depth, var=None, vqvae=None):
+        evaluations.append((setting, batch, compiled, var))
+        return {"setting": setting, "batch": batch, "compiled": compiled, "images": images}
+
+    monkeypatch.setattr(benchmark_gpu, "generation_timing", generation_timing)
+    monkeypatch.setattr(benchmark_gpu, "evaluation_row", evaluation_row)
+    plan = _plan()
+
+    def recorder(left: float):
+        clock = _Clock()
+        rec = benchmark_gpu.Recorder(None, {}, t0=clock.now - (500 - left), deadline_s=500, clock=clock)
+        rec.data["rates"] = {"achievable_tflops": 800.0, "datasheet_tflops": 989.0}
+        for method in ("full", "lora"):
+            for batch in plan.batches:
+                setting = benchmark_gpu.Setting(16, method, "per_scale", True, batch)
+                ms = batch * (5.0 if batch != 64 else 4.0)  # batch 64 the fastest
+                rec.data.setdefault("training", []).append(
+                    {**benchmark_gpu.asdict(setting), "step_ms": ms, "images_per_s": batch / ms * 1e3}
+                )
+        for batch, rate in ((64, 100.0), (128, 140.0), (256, 150.0), (512, 120.0)):
+            rec.data.setdefault("generation", []).append(
+                {
+                    "depth": 16,
+                    "batch": batch,
+                    "compiled": False,
+                    "images_per_s": rate,
+                    "batch_s": batch / rate,
+                }
+            )
+        return rec
+
+    rec = recorder(left=1e6)
+    by_name = dict(benchmark_gpu.phases(rec, plan, models))
+    by_name["training_compiled"]()
+    compiled = [r for r in rec.data["training"] if r["compiled"]]
+    assert [(r["method"], r["batch"], r["dynamo_graphs"] >= 0) for r in compiled] == [
+        ("full", 64, True),
+        ("lora", 64, True),
+    ]
+    assert [r["what"].split(" ", 3)[2] for r in rec.data["profiles"]] == ["full", "lora"]
+    built.clear()
+    by_name["generation_compiled"]()
+    (row,) = [r for r in rec.data["generation"] if r["compiled"]]
+    assert row["batch"] == 256 and built == [(16, "base")]  # the fastest eager batch only, one model
+    (evaluation,) = evaluations
+    assert evaluation[:3] == ("fastest", 256, True) and isinstance(evaluation[3], FakeVar)
+    expected = {e["what"]: e["expected_s"] for e in rec.data["timeline"]}
+    compile_cost = 10 * plan.costs["compile_sampling_scale"]
+    assert expected["d16 batch 256 compiled=True"] > compile_cost
+    assert (
+        expected["fastest: 6149 images at batch 256 compiled=True"] < compile_cost
+    )  # its graphs are compiled
+    by_name["compiled_more"]()
+    assert [(r["method"], r["batch"]) for r in rec.data["training"] if r["compiled"]][2:] == [
+        ("full", 16),
+        ("lora", 16),
+    ]
+    assert [r["batch"] for r in rec.data["generation"] if r["compiled"]] == [256, 512, 128, 64]
+    assert evaluations[-1][:3] == ("trial", 32, True)
+    by_name["flex"]()
+    flex = [e for e in rec.data["timeline"] if " flex " in e["what"]]
+    assert len(flex) == 2 and flex[0]["expected_s"] - flex[1]["expected_s"] >= plan.costs["flex"] - 1
+    assert rec.data["errors"] == [] and rec.data["skipped"] == []
+
+    rec = recorder(left=200)  # compiled generation's ten graphs (~250 s) do not fit: no model is copied
+    built.clear()
+    dict(benchmark_gpu.phases(rec, plan, models))["generation_compiled"]()
+    assert built == [] and not any(r["compiled"] for r in rec.data["generation"])
+    (skipped,) = rec.data["skipped"]
+    assert skipped["what"] == "d16 batch 256 compiled=True" and skipped["why"].startswith("time: expected ~2")
