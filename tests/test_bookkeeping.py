@@ -261,6 +261,30 @@ def test_weighted_rows_without_float32_output_fall_back_to_the_upcast_product(mo
     torch.testing.assert_close(into, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_float32_output_product_that_drops_the_noise_is_never_used(monkeypatch):
+    """Where the float32-output baddbmm runs but writes only the product (dropping what ``out`` held: the noise
+    the clipped sum is added into), the probe's check against the upcast product turns it off before any step."""
+    real_baddbmm = torch.baddbmm
+
+    def drops_acc(acc, w, rows, *, out_dtype=None, beta=1.0, alpha=1.0, out=None):
+        if out_dtype is None:
+            return real_baddbmm(acc, w, rows, beta=beta, alpha=alpha)
+        return out.copy_(alpha * (w.float() @ rows.float()))  # a faulty kernel: beta * acc lost
+
+    monkeypatch.setattr(torch, "baddbmm", drops_acc)
+    monkeypatch.setitem(bookkeeping.NATIVE_FLOAT32_OUTPUT, "cpu", True)
+    monkeypatch.setattr(bookkeeping, "_PROBED", set())
+    generator = torch.Generator().manual_seed(0)
+    rows_B = torch.randn(3, 4, 5, generator=generator).bfloat16()
+    term = bookkeeping.WeightedRows(bookkeeping.bfloat16_toward_zero(torch.tensor([0.3, 1.0, 0.7])), rows_B)
+    noise = torch.randn(4, 5, generator=generator)
+    into = noise.clone()
+    bookkeeping.add_term(into, term, alpha=0.5)
+    assert not bookkeeping.NATIVE_FLOAT32_OUTPUT["cpu"]
+    expected = noise + 0.5 * (term.weights_B.float()[:, None, None] * rows_B.float()).sum(0)
+    torch.testing.assert_close(into, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_clipped_gradients_carry_no_autograd_graph(method, vqvae, data):
     """The clipped sums are plain tensors. HeadScale's per-sample rule reads its parameter; with autograd on, its

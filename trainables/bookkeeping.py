@@ -288,16 +288,29 @@ _PROBED: set = set()  # device types whose float32-output baddbmm was tried
 
 def _accumulates_float32(device: torch.device) -> bool:
     """Whether a half-precision baddbmm can accumulate into a float32 output on ``device`` (CUDA, PyTorch 2.8+),
-    tried once on a tiny product: a failure inside a step could not tell whether the sum was already added."""
+    tried once on a small product and checked against the upcast one: a failure inside a step could not tell
+    whether the sum was already added, and an output that dropped what ``acc`` held (the noise the clipped sum is
+    added into) would silently void the privacy guarantee."""
     if NATIVE_FLOAT32_OUTPUT.get(device.type, False) and device.type not in _PROBED:
         _PROBED.add(device.type)
-        acc_111 = torch.ones(1, 1, 1, device=device)
-        half_111 = acc_111.bfloat16()
-        try:
-            torch.baddbmm(acc_111, half_111, half_111, out_dtype=torch.float32, out=acc_111)
-        except (TypeError, RuntimeError, NotImplementedError):
-            NATIVE_FLOAT32_OUTPUT[device.type] = False
+        NATIVE_FLOAT32_OUTPUT[device.type] = _float32_output_is_exact(device)
     return NATIVE_FLOAT32_OUTPUT.get(device.type, False)
+
+
+def _float32_output_is_exact(device: torch.device) -> bool:
+    """beta * acc + alpha * w @ rows through the float32-output baddbmm, into acc itself, against the upcast
+    product (bf16 operands: their products are exact in float32, so only summation order may differ)."""
+    generator = torch.Generator().manual_seed(0)
+    acc_11J = torch.randn(1, 1, 64, generator=generator).to(device)
+    w_11B, rows_1BJ = (
+        torch.randn(shape, generator=generator).bfloat16().to(device) for shape in ((1, 1, 8), (1, 8, 64))
+    )
+    expected_11J = torch.baddbmm(acc_11J, w_11B.float(), rows_1BJ.float(), beta=0.5, alpha=2.0)
+    try:
+        torch.baddbmm(acc_11J, w_11B, rows_1BJ, out_dtype=torch.float32, beta=0.5, alpha=2.0, out=acc_11J)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(acc_11J, expected_11J, rtol=1e-5, atol=1e-5))
 
 
 # How each unformed term is added into a float32 target: (acc, term, *, alpha, beta), beta 0 ignoring acc.
