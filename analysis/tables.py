@@ -484,7 +484,9 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
             rows,
             notes=[
                 "PFLOPs = 1e15 floating-point operations counted by PyTorch's FLOP counter over the rows actually trained "
-                "(norms, softmax, element-wise ops and the optimiser are not counted)",
+                "(norms, softmax, element-wise ops and the optimiser are not counted); a DP trial's include its "
+                "per-example clipping products, which depend on the clipping mode (book-keeping adds about 1% to the "
+                "non-DP step, Opacus hooks 10-35%, ghost clipping 75-95%): compare DP rows within one mode",
                 ATTENTION_NOTE,
                 "MFU against the device's dense bf16 peak; empty on CPUs and unknown GPUs",
                 "rows/s counts training rows, one per view of an example: a DP trial with k augmentation views trains "

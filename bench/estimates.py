@@ -31,15 +31,17 @@ VAR_PARAMETERS = {16: 310_283_520, 20: 600_917_136, 24: 1_033_399_360, 30: 2_010
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 TOKENS_PER_IMAGE = sum(n * n for n in OFFICIAL_PATCH_NUMS)  # 680
 # Dense bf16 tensor-core peaks (vendor datasheets, FLOP/s), for MFU and the dry run's assumed rates; matched as
-# substrings of a device name, the longest key first (``gpu_kind``): an "H200 NVL" or "H100 PCIe" is not the SXM
-# part (835 and 756 TFLOP/s).
+# substrings of a device name, the longest key first (``gpu_kind``): an "H200 NVL", "H100 NVL" or "H100 PCIe" is not
+# the SXM part (835, 835 and 756 TFLOP/s), nor an "L40" an "L4".
 PEAK_FLOPS = {
     "H200 NVL": 835e12,
+    "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
     "H200": 989e12,
     "H100": 989e12,
     "A100": 312e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "A10G": 125e12,
     "L4": 121e12,
 }

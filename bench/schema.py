@@ -1105,8 +1105,9 @@ LEDGER_RENAMES = {2: {"physical_batch_size": "physical_batch_rows"}}
 
 
 class Cost(TypedDict):
-    """Compute and time of a trial: PFLOPs (1e15 useful FLOPs; attention over the query/key pairs the mask lets
-    through, see ``trainables.profiling.NOT_COUNTED``; sampling's are the final evaluation's images, not the
+    """Compute and time of a trial: PFLOPs (1e15 FLOPs; attention over the query/key pairs the mask lets through,
+    see ``trainables.profiling.NOT_COUNTED``; a DP trial's include its per-example clipping products, which depend
+    on the clipping mode; sampling's are the final evaluation's images, not the
     convergence curve's), seconds, bytes, GPU hours, MFU as a fraction; ``estimated``: the
     numbers are the dry-run estimate (``bench.estimates``), not measured. None: does not apply (a base trial's
     training throughput, MFU on a CPU)."""

@@ -393,8 +393,12 @@ def test_a_gpu_is_priced_from_its_own_kind_first_then_another_scaled_by_the_data
     assumed = training_rate(float32, entries, device="A100")
     assert assumed.kind == "assumed" and assumed.per_second == pytest.approx(312e12 * 0.35 / flops[1])
     assert gpu_kind("NVIDIA H200 NVL") == "H200 NVL" and gpu_kind("NVIDIA L40S") == "L40S"
+    assert gpu_kind("NVIDIA H100 NVL") == "H100 NVL" and gpu_kind("NVIDIA L40") == "L40"
+    assert gpu_kind("NVIDIA L4") == "L4" and gpu_kind("NVIDIA H100 80GB HBM3") == "H100"
     assert gpu_kind("cpu") is None
-    with pytest.raises(ValueError, match="unknown GPU 'V100': the dry run prices one of H200 NVL, H100 PCIe"):
+    with pytest.raises(
+        ValueError, match="unknown GPU 'V100': the dry run prices one of H200 NVL, H100 NVL, H100 PCIe"
+    ):
         estimate([full20], done=set(), plans={}, measurements=entries, samplings=[], device="V100")
 
 
@@ -656,6 +660,19 @@ def test_step_meter_enters_counting_context_on_the_counting_step_only():
     for _ in range(3):
         meter.run(lambda: weight @ weight, local_rows=4, rows=4)
     assert entered == [True] and meter.ledger.train_flops_per_row == 2 * 4**3 / 4
+
+
+@pytest.mark.parametrize("copies", [1, 4])
+def test_per_step_work_every_rank_runs_counts_once_per_rank_and_leaves_the_rows_alone(copies):
+    """A DP run's public prior term runs on every rank: the step's total counts it ``copies`` times, while FLOPs
+    per row are this process's rows' alone."""
+    meter, weight, prior = StepMeter("cpu"), torch.randn(4, 4), torch.randn(2, 2)
+    public = meter.fixed_cost(lambda: prior @ prior, copies=copies)
+    for _ in range(3):
+        meter.run(lambda: (weight @ weight, public()), local_rows=4, rows=4)
+    assert meter.ledger.train_flops_per_row == 2 * 4**3 / 4
+    assert meter.ledger.train_flops_per_step == copies * 2 * 2**3
+    assert meter.ledger.report()["train_pflops"] * 1e15 == 3 * (4 * 2 * 4**3 / 4 + copies * 2 * 2**3)
 
 
 def test_step_meter_waits_for_the_gpu_once_per_training_segment_not_per_step(monkeypatch):

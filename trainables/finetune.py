@@ -943,7 +943,8 @@ def _private_steps(state: PrivateTraining, loop: _Loop) -> None:
         lr = loop.schedule(state.optimizer, step)
         indices = next_batch(state)
         # The prior term's cost is per step, not per row: counted apart, else FLOPs per row would reveal the batch size.
-        public = meter.fixed_cost(public_grad) if inputs.uses_prior else None
+        # Every rank computes it (the same public batch): counted once per rank, as the rows are.
+        public = meter.fixed_cost(public_grad, copies=state.world_size) if inputs.uses_prior else None
         # The actual Poisson batch size is private (nothing released may depend on it): compute is accounted at the
         # expected batch q*N, and the history holds no batch size.
         meter.run(

@@ -30,7 +30,10 @@ from bench.estimates import ATTENTION_NOTE, PEAK_FLOPS, gpu_kind
 PETA = 1e15
 
 
-NOT_COUNTED = "norms, softmax, element-wise ops and the optimiser update are not counted; " + ATTENTION_NOTE
+NOT_COUNTED = (
+    "norms, softmax, element-wise ops and the optimiser update are not counted; a DP step's per-example clipping "
+    "products are (they depend on the clipping mode); " + ATTENTION_NOTE
+)
 
 # The fused attention kernels that take a mask (an additive bias: -inf hides a pair; or a boolean: False hides
 # it), and the name of that argument in their schema. Their stock FLOP formulas count every L x L pair. SDPA
@@ -207,6 +210,7 @@ class StepMeter:
         self.device = torch.device(device)
         self.ledger = ComputeLedger(train_flops_per_row=0.0)
         self._counting = False
+        self._fixed_local = 0.0  # this process's per-step work counted apart (``fixed_cost``)
         self._counting_context = counting_context or contextlib.nullcontext
         self._segment_start: float | None = None
 
@@ -225,9 +229,7 @@ class StepMeter:
         finally:
             self._counting = False
         if counting:
-            self.ledger.train_flops_per_row = (
-                counter.get_total_flops() - self.ledger.train_flops_per_step
-            ) / local_rows
+            self.ledger.train_flops_per_row = (counter.get_total_flops() - self._fixed_local) / local_rows
             self.ledger.counted_ops = sorted(str(op) for op in counter.get_flop_counts().get("Global", {}))
         self.ledger.add_training(rows)
         return result
@@ -240,16 +242,18 @@ class StepMeter:
         self.ledger.train_seconds += time.perf_counter() - self._segment_start
         self._segment_start = None
 
-    def fixed_cost(self, part: Callable[[], object]) -> Callable[[], object]:
+    def fixed_cost(self, part: Callable[[], object], *, copies: int = 1) -> Callable[[], object]:
         """``part`` (called inside a step) counted apart on the counting step, as per-step work that does not scale
-        with the rows (a nested counter: the step's own counter sees these FLOPs too, and they are taken out)."""
+        with the rows (a nested counter: the step's own counter sees these FLOPs too, and they are taken out).
+        ``copies``: how many processes run it each step (the step's total counts them all)."""
 
         def counted() -> object:
             if not self._counting:
                 return part()
             with visible_pair_counter() as counter:
                 result = part()
-            self.ledger.train_flops_per_step = float(counter.get_total_flops())
+            self._fixed_local = float(counter.get_total_flops())
+            self.ledger.train_flops_per_step = self._fixed_local * copies
             return result
 
         return counted
