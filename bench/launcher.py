@@ -287,6 +287,7 @@ def _trial_function(param: dict) -> None:
         ),
     )
     started, error = utc_now(), "the training run ended without writing a result"
+    before = _record_or_none(store, config.trial_id)  # an earlier launch's failed record, if any
     try:
         trainer.fit()
     except Exception as err:
@@ -296,10 +297,19 @@ def _trial_function(param: dict) -> None:
         if config.privacy is not None:
             delete_training_run(launch, config.trial_id)
         return
-    # A failure the workers recorded (not retried: ``ray_worker``), written after this run started.
-    if status == "failed" and store.read(config.trial_id)["finished_at"] >= started:
+    # A failure the workers recorded (not retried: ``ray_worker``) during this run: the record is not the one the
+    # trial held before it (compared whole, not by time: the workers' nodes keep their own clocks).
+    if status == "failed" and _record_or_none(store, config.trial_id) != before:
         return
     store.write(make_result(config, status="failed", error=error, started_at=started, finished_at=utc_now()))
+
+
+def _record_or_none(store: ResultStore, trial_id: str) -> dict | None:
+    """The trial's result file as parsed, None when there is none or it cannot be read."""
+    try:
+        return store.read(trial_id)
+    except (ValueError, OSError):
+        return None
 
 
 def training_run_name(trial_id: str) -> str:
