@@ -100,9 +100,9 @@ def _remove_stale(out: Path, written: dict[str, list[Path]]) -> None:
         before = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: nothing is known to be ours
         before = []
-    for name in set(before) - set(now) if isinstance(before, list) else ():
-        path = out / str(name)
-        if ".." not in Path(str(name)).parts and path.is_file():
+    for name in {str(n) for n in before} - set(now) if isinstance(before, list) else ():
+        path = out / name
+        if ".." not in Path(name).parts and path.is_file():
             path.unlink()
     manifest.write_text(json.dumps({"files": now}, indent=1) + "\n")
 
