@@ -244,12 +244,9 @@ def test_a_matmul_without_float32_output_falls_back_to_the_upcast_product(monkey
     torch.testing.assert_close(got, x.float() @ y.float(), rtol=1e-6, atol=1e-6)
 
 
-def test_weighted_rows_without_float32_output_fall_back_to_the_upcast_product(monkeypatch):
-    """The float32-output baddbmm that adds a clipped sum into the noise is CUDA's too: claimed for the CPU, it
-    fails once (a probe on a tiny product, before anything is added), is turned off, and the noise gets the
-    upcast product of the same bf16 weights and rows."""
-    monkeypatch.setitem(bookkeeping.NATIVE_FLOAT32_OUTPUT, "cpu", True)
-    monkeypatch.setattr(bookkeeping, "_PROBED", set())
+def _assert_the_noise_gets_the_upcast_product() -> None:
+    """A clipped sum of bf16 weighted rows added into float32 noise: the path is turned off for the CPU and the
+    noise gets the upcast product of the same weights and rows."""
     generator = torch.Generator().manual_seed(0)
     rows_B = torch.randn(3, 4, 5, generator=generator).bfloat16()
     term = bookkeeping.WeightedRows(bookkeeping.bfloat16_toward_zero(torch.tensor([0.3, 1.0, 0.7])), rows_B)
@@ -259,6 +256,15 @@ def test_weighted_rows_without_float32_output_fall_back_to_the_upcast_product(mo
     assert not bookkeeping.NATIVE_FLOAT32_OUTPUT["cpu"]
     expected = noise + 0.5 * (term.weights_B.float()[:, None, None] * rows_B.float()).sum(0)
     torch.testing.assert_close(into, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_weighted_rows_without_float32_output_fall_back_to_the_upcast_product(monkeypatch):
+    """The float32-output baddbmm that adds a clipped sum into the noise is CUDA's too: claimed for the CPU, it
+    fails once (a probe on a tiny product, before anything is added), is turned off, and the noise gets the
+    upcast product of the same bf16 weights and rows."""
+    monkeypatch.setitem(bookkeeping.NATIVE_FLOAT32_OUTPUT, "cpu", True)
+    monkeypatch.setattr(bookkeeping, "_PROBED", set())
+    _assert_the_noise_gets_the_upcast_product()
 
 
 def test_a_float32_output_product_that_drops_the_noise_is_never_used(monkeypatch):
@@ -274,15 +280,7 @@ def test_a_float32_output_product_that_drops_the_noise_is_never_used(monkeypatch
     monkeypatch.setattr(torch, "baddbmm", drops_acc)
     monkeypatch.setitem(bookkeeping.NATIVE_FLOAT32_OUTPUT, "cpu", True)
     monkeypatch.setattr(bookkeeping, "_PROBED", set())
-    generator = torch.Generator().manual_seed(0)
-    rows_B = torch.randn(3, 4, 5, generator=generator).bfloat16()
-    term = bookkeeping.WeightedRows(bookkeeping.bfloat16_toward_zero(torch.tensor([0.3, 1.0, 0.7])), rows_B)
-    noise = torch.randn(4, 5, generator=generator)
-    into = noise.clone()
-    bookkeeping.add_term(into, term, alpha=0.5)
-    assert not bookkeeping.NATIVE_FLOAT32_OUTPUT["cpu"]
-    expected = noise + 0.5 * (term.weights_B.float()[:, None, None] * rows_B.float()).sum(0)
-    torch.testing.assert_close(into, expected, rtol=1e-6, atol=1e-6)
+    _assert_the_noise_gets_the_upcast_product()
 
 
 @pytest.mark.parametrize("method", METHODS)
