@@ -23,10 +23,11 @@ MIN_TUNED_CLASS_ACCURACY = (
 MAX_BASE_CLASS_ACCURACY = 0.30  # the base model, never trained on digits, does not (chance is 0.10)
 # Non-DP fine-tuned samples lie on the real digits' manifold (precision) and cover it (recall), far above the base model
 # (0.22 / 0.01). Set from the spread over trial seeds (scripts/demo_seed_spread.py, docs/benchmarks.md): LoRA's recall
-# is 0.25-0.34 and full fine-tuning's 0.24-0.31 across seeds 0-2 (before and after issue 13's change of random
-# draws alike, for LoRA), so a 0.30 bar failed good runs.
+# is 0.21-0.33 (standard deviation 0.05) and full fine-tuning's 0.26-0.31 across seeds 0-2 since the crops are keyed
+# by image content (0.25-0.34 before), so a 0.30 bar failed good runs and 0.20 sat within one deviation of seed 0;
+# 0.15 is still 15 times the base model's.
 MIN_TUNED_PRECISION = 0.40
-MIN_TUNED_RECALL = 0.20
+MIN_TUNED_RECALL = 0.15
 
 
 # Summary columns and the record paths they read (``record_value``: a renamed key fails here, never reads as None).
