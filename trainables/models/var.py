@@ -1417,9 +1417,9 @@ def top_k_top_p_probs(logits_BlV: torch.Tensor, *, top_k: int, top_p: float) -> 
     kth_N1 = kept_NK.amin(dim=-1, keepdim=True)
     if top_p == 0:
         return logits_NV.masked_fill(logits_NV < kth_N1, -torch.inf).softmax(dim=-1)
-    # Ties with the k-th logit that topk left out (none when k = V).
-    extra_NV = (logits_NV == kth_N1).scatter_(-1, code_NK, False)
-    extra_N1 = extra_NV.sum(dim=-1, keepdim=True)
+    # Ties with the k-th logit that topk left out (none when k = V: top-p alone reads no V-wide mask).
+    extra_NV = (logits_NV == kth_N1).scatter_(-1, code_NK, False) if k < V else None
+    extra_N1 = extra_NV.sum(dim=-1, keepdim=True) if extra_NV is not None else kth_N1.new_zeros(kth_N1.shape)
     # Probabilities over the top-k codes and the extra ties, shifted by the largest logit.
     weights_NK = (kept_NK - kept_NK[:, :1]).exp()
     tie_weight_N1 = (kth_N1 - kept_NK[:, :1]).exp()
@@ -1430,11 +1430,13 @@ def top_k_top_p_probs(logits_BlV: torch.Tensor, *, top_k: int, top_p: float) -> 
     tail_NK = (weights_NK.flip(-1).cumsum(dim=-1).flip(-1) + extra_N1 * tie_weight_N1) / total_N1
     drop_NK = tail_NK <= 1 - top_p
     drop_NK[:, 0] = False  # always keep the most likely code
-    extra_tail_NV = extra_NV.cumsum(dim=-1) * (tie_weight_N1 / total_N1)
-    keep_extra_NV = extra_NV & (extra_tail_NV > 1 - top_p)  # the i-th extra tie holds i tie masses below it
     filtered_NV = torch.full_like(logits_NV, -torch.inf).scatter_(
         -1, code_NK, kept_NK.masked_fill(drop_NK, -torch.inf)
     )
+    if extra_NV is None:
+        return filtered_NV.softmax(dim=-1)
+    extra_tail_NV = extra_NV.cumsum(dim=-1) * (tie_weight_N1 / total_N1)
+    keep_extra_NV = extra_NV & (extra_tail_NV > 1 - top_p)  # the i-th extra tie holds i tie masses below it
     return torch.where(keep_extra_NV, kth_N1, filtered_NV).softmax(dim=-1)
 
 
