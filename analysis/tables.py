@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.estimates import ATTENTION_NOTE
+from bench.estimates import ATTENTION_NOTE, FEATURES_NOTE
 from bench.schema import AUDIT_MECHANISMS
 
 from .metrics import (
@@ -487,6 +487,7 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
                 "(norms, softmax, element-wise ops and the optimiser are not counted); a DP trial's include its "
                 "per-example clipping products, which depend on the clipping mode (book-keeping adds about 1% to the "
                 "non-DP step, Opacus hooks 10-35%, ghost clipping 75-95%): compare DP rows within one mode",
+                f"sampling PFLOPs count generation and decoding; not {FEATURES_NOTE}",
                 ATTENTION_NOTE,
                 "MFU against the device's dense bf16 peak; empty on CPUs and unknown GPUs",
                 "rows/s counts training rows, one per view of an example: a DP trial with k augmentation views trains "

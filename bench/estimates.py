@@ -9,8 +9,8 @@ every matrix product. Per token: the blocks' attention (qkv, projection) and MLP
 image: the AdaLN modulation (each block's and the head's, computed once per image from the class embedding);
 attention's two L x L products per block over the query/key pairs the block-causal mask lets through (62% of the
 dense L x L at 680 tokens; ``visible_attention_fraction``), the useful work whichever kernel computes it.
-Norms, softmax, element-wise ops, the optimiser and the adapters' own small products (~2% for rank-16 LoRA) are
-not counted. Sampling counts the same products for both classifier-free guidance rows (the word embedding once:
+Norms, softmax, element-wise ops, the optimiser, the adapters' own small products (~2% for rank-16 LoRA) and the
+evaluation's Inception features (``FEATURES_NOTE``) are not counted. Sampling counts the same products for both classifier-free guidance rows (the word embedding once:
 the rows share their input) and the VQVAE's decoding (convolutions and its attention's two products), as
 ``trainables.evaluation.evaluate`` counts a trial's ``sample_flops_per_image`` (a LoRA model's with its adapter
 merged, as CUDA's bf16 sampling runs it; unmerged, the record counts the adapter's products too).
@@ -104,23 +104,37 @@ def visible_attention_fraction(patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
     return seen / sum(sizes) ** 2
 
 
-def training_flops_per_row(shape: VarShape, method: str, *, dense_attention: bool = False) -> float:
+def training_flops_per_row(
+    shape: VarShape, method: str, *, dense_attention: bool = False, trained_blocks: int | None = None
+) -> float:
     """Useful training FLOPs of one row (one image view): forward, then backward. Full fine-tuning computes weight
     and input gradients (2x the forward); adapters only input gradients (1x; the word embedding, whose input
-    needs no gradient, none). Attention counts the query/key pairs the mask lets through; ``dense_attention=True``
-    counts all L x L pairs (what a kernel that computes the masked pairs too does)."""
+    needs no gradient, none). Full fine-tuning of ``trained_blocks`` blocks only (``method.train_blocks``; None:
+    every block, the head and the word embedding) computes weight gradients for those blocks alone, but input
+    gradients through every block still: the class embedding, always trained, feeds each block's AdaLN and the
+    first scale. Attention counts the query/key pairs the mask lets through; ``dense_attention=True`` counts all
+    L x L pairs (what a kernel that computes the masked pairs too does)."""
     if method == "base":
         return 0.0
-    full = method == "full"
     linear = 2 * (shape.per_token_weights * shape.tokens + shape.per_image_weights)
     attention = shape.attention_flops * (
         1.0 if dense_attention else visible_attention_fraction(shape.patch_nums)
     )
-    return (
-        (3 if full else 2) * linear
-        + (2 if full else 1) * shape.word_embedding_flops
-        + (1 + ATTENTION_BACKWARD) * attention
-    )
+    embedding = shape.word_embedding_flops
+    if method != "full":
+        weight_gradients = 0
+    elif trained_blocks is None:
+        weight_gradients, embedding = linear, 2 * embedding
+    else:  # a block's per-token (12 C^2) and AdaLN (6 C^2, once per image) weights, as in ``VarShape``
+        c = shape.embed_dim
+        weight_gradients = 2 * trained_blocks * (12 * c * c * shape.tokens + 6 * c * c)
+    return 2 * linear + weight_gradients + embedding + (1 + ATTENTION_BACKWARD) * attention
+
+
+def trained_blocks(config: TrialConfig) -> int | None:
+    """How many blocks ``config`` restricts training to (``method.train_blocks``), or None for all."""
+    blocks = config.method.train_blocks
+    return None if blocks is None else len(blocks)
 
 
 def dense_attention_overhead(method: str, *, depth: int = 16) -> float:
@@ -202,6 +216,14 @@ def sampling_flops_per_image(shape: VarShape, vq: DecoderShape | None = None) ->
     return 2 * (linear + attention) + shape.word_embedding_flops + decoding_flops(vq)
 
 
+# Inception-v3's forward on one 299 x 299 image (its products, as the counter counts them): the FID extractor's,
+# run on every evaluated image and not counted in a trial's PFLOPs.
+INCEPTION_GFLOPS_PER_IMAGE = 11.4
+FEATURES_NOTE = (
+    f"the evaluation's feature extraction (Inception-v3: {INCEPTION_GFLOPS_PER_IMAGE} GFLOPs an image, about 1% "
+    "of a VAR-d16 image's sampling)"
+)
+
 ATTENTION_NOTE = (
     "attention counts only the query/key pairs the block-causal mask lets through, in training (masked or "
     "per-scale kernel) and in sampling (KV cache): the mask hides "
@@ -226,7 +248,10 @@ def training_flops(config: TrialConfig, *, train_images: int, steps: int) -> flo
     if config.model.base != "official":
         return 0.0
     rows = training_rows(config, train_images=train_images, steps=steps)
-    return training_flops_per_row(VarShape.official(config.model.depth), config.method.name) * rows
+    per_row = training_flops_per_row(
+        VarShape.official(config.model.depth), config.method.name, trained_blocks=trained_blocks(config)
+    )
+    return per_row * rows
 
 
 # Measured training throughput (rows per second on one GPU), one entry per measured setting; see
@@ -431,14 +456,15 @@ def training_rate(config: TrialConfig, measurements: list[dict], *, device: str 
     else scaled from another depth, k or method (in that order) with the same precision and DP clipping (rows
     count every view, so a rate per row carries over between k); the physical batch is not matched. Among
     several, one measured with the trial's attention kernel and compile setting comes first; another method
-    counts as a far difference unless it trains alike (``UNLIKE_METHOD``). The tiny base and the base method (it
-    trains nothing) are not priced."""
+    counts as a far difference unless it trains alike (``UNLIKE_METHOD``). Measurements train every block: full
+    fine-tuning of fewer (``trained_blocks``) is scaled by the useful FLOPs per row of the two. The tiny base and
+    the base method (it trains nothing) are not priced."""
     if config.model.base != "official":
         return Rate(0.0, "none", "not estimated")
     if config.method.name == "base":
         return Rate(0.0, "none", "trains nothing")
     kernel, compiled = config.resources.training_attention_kernel, config.resources.compile
-    return _rate(
+    rate = _rate(
         measurements,
         wanted={"device": device, **trial_setting(config)},
         relax=("depth", "augmentation_multiplicity", "method"),
@@ -446,6 +472,20 @@ def training_rate(config: TrialConfig, measurements: list[dict], *, device: str 
         unit="rows",
         flops_of=lambda s: training_flops_per_row(VarShape.official(s["depth"]), s["method"]),
         prefer=lambda m: m.get("attention_kernel") == kernel and bool(m.get("compile")) == compiled,
+    )
+    blocks = trained_blocks(config)
+    if blocks is None or config.method.name != "full":
+        return rate
+    shape = VarShape.official(config.model.depth)
+    faster = training_flops_per_row(shape, "full") / training_flops_per_row(
+        shape, "full", trained_blocks=blocks
+    )
+    per_second = rate.per_second * faster
+    return Rate(
+        per_second,
+        "scaled" if rate.kind == "measured" else rate.kind,
+        f"{rate.basis}; {blocks}/{shape.depth} blocks: {per_second:.1f} rows/s",
+        rate.measured,
     )
 
 

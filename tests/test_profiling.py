@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.estimates import (
     ESTIMATE_DEVICE,
+    INCEPTION_GFLOPS_PER_IMAGE,
     OFFICIAL_PATCH_NUMS,
     TOKENS_PER_IMAGE,
     VAR_PARAMETERS,
@@ -112,11 +113,12 @@ def test_ledger_totals_use_actual_rows():
     assert "not counted" in report["not_counted"]
 
 
-def test_dry_run_estimate_counts_like_the_counter_on_the_tiny_model(tiny_vqvae):
-    """bench.estimates' FLOP model (AdaLN per image, attention over the visible pairs) against the counter on a
-    real step."""
+@pytest.mark.parametrize("blocks", [None, (0,), (1,)])
+def test_dry_run_estimate_counts_like_the_counter_on_the_tiny_model(tiny_vqvae, blocks):
+    """bench.estimates' FLOP model (AdaLN per image, attention over the visible pairs; weight gradients of the
+    trained blocks only, input gradients through all) against the counter on a real step."""
     var = build_var(**TINY_VAR, drop_path_rate=0.0)
-    adapt(var, MethodConfig(name="full"), num_classes=3, seed=0)
+    adapt(var, MethodConfig(name="full", train_blocks=blocks), num_classes=3, seed=0)
     var.train()
 
     def step(rows: int) -> None:
@@ -134,8 +136,13 @@ def test_dry_run_estimate_counts_like_the_counter_on_the_tiny_model(tiny_vqvae):
         patch_nums=TINY_VAR["patch_nums"],
     )
     # the counter counts what the model computes (norm-free: within 0.3% here); a dense attention count is 2% off
-    assert training_flops_per_row(shape, "full") == pytest.approx(counted, rel=0.005)
-    assert training_flops_per_row(shape, "full", dense_attention=True) > 1.015 * counted
+    trained = None if blocks is None else len(blocks)
+    assert training_flops_per_row(shape, "full", trained_blocks=trained) == pytest.approx(counted, rel=0.005)
+    assert (
+        training_flops_per_row(shape, "full", dense_attention=True, trained_blocks=trained) > 1.015 * counted
+    )
+    if blocks is not None:  # the estimate of all blocks would be far off
+        assert training_flops_per_row(shape, "full") > 1.1 * counted
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -269,6 +276,20 @@ def test_adaln_is_per_image_in_the_d16_estimate():
     assert 1.3 < old / training_flops_per_row(shape, "full") < 1.4  # the old estimate was a third too high
 
 
+def test_the_note_names_the_feature_extraction_at_its_counted_cost():
+    """Inception-v3's forward (torchvision's geometry, TF Inception's: 299 x 299 input) counted as training's
+    products are: 11.4 GFLOPs an image, 1.2% of a d16 image's sampling; the note says so."""
+    import torchvision
+
+    inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        inception(torch.zeros(1, 3, 299, 299))
+    assert round(counter.get_total_flops() / 1e9, 1) == INCEPTION_GFLOPS_PER_IMAGE
+    share = INCEPTION_GFLOPS_PER_IMAGE * 1e9 / sampling_flops_per_image(VarShape.official(16))
+    assert 0.005 < share < 0.015
+    assert f"Inception-v3: {INCEPTION_GFLOPS_PER_IMAGE} GFLOPs an image, about 1%" in NOT_COUNTED
+
+
 def test_the_attention_note_counts_the_masked_pairs():
     """38% of the dense L x L pairs are masked at 680 tokens (counted on the model's own mask), and the note's
     percentages follow from the estimate's FLOP model."""
@@ -400,6 +421,34 @@ def test_a_gpu_is_priced_from_its_own_kind_first_then_another_scaled_by_the_data
         ValueError, match="unknown GPU 'V100': the dry run prices one of H200 NVL, H100 NVL, H100 PCIe"
     ):
         estimate([full20], done=set(), plans={}, measurements=entries, samplings=[], device="V100")
+
+
+def test_full_fine_tuning_of_some_blocks_is_priced_at_its_own_flops():
+    """Measurements train every block; full fine-tuning of blocks 12-15 of d16 computes weight gradients for 4
+    of 16 blocks (1.30x fewer FLOPs per row, its input gradients still run through all), so its rows per second
+    are scaled up by that, measured or assumed, and its training FLOPs are the smaller count; LoRA restricted to
+    blocks trains alike (its adapter gradients are not counted)."""
+    full16 = next(c for c in build_sweep("table1") if c.method.name == "full" and c.model.depth == 16)
+    late = replace(full16, method={"train_blocks": (12, 13, 14, 15)})
+    shape = VarShape.official(16)
+    fewer = training_flops_per_row(shape, "full") / training_flops_per_row(shape, "full", trained_blocks=4)
+    assert round(fewer, 2) == 1.30
+    entries = [_entry(method="full", rows_per_second=160.0)]
+    rate = training_rate(late, entries)
+    assert rate.kind == "scaled" and rate.measured is entries[0]
+    assert rate.per_second == pytest.approx(160.0 * fewer)
+    assert rate.basis == f"measured 160.0 rows/s; 4/16 blocks: {160.0 * fewer:.1f} rows/s"
+    assert measured_rate(late, entries) is None and measured_rate(full16, entries) is entries[0]
+    assumed = training_rate(late, [])
+    assert assumed.kind == "assumed"
+    assert assumed.per_second == pytest.approx(training_rate(full16, []).per_second * fewer)
+    n = DATASETS[full16.data.dataset].train_images
+    assert training_flops(full16, train_images=n, steps=10) == pytest.approx(
+        fewer * training_flops(late, train_images=n, steps=10)
+    )
+    lora16 = next(c for c in build_sweep("table1") if c.method.name == "lora" and c.model.depth == 16)
+    lora_late = replace(lora16, method={"train_blocks": (12, 13, 14, 15)})
+    assert training_rate(lora_late, [_entry()]).kind == "measured"
 
 
 def test_gpu_hours_come_from_the_measured_rate_where_one_matches():

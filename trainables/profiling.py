@@ -25,14 +25,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.estimates import ATTENTION_NOTE, PEAK_FLOPS, gpu_kind
+from bench.estimates import ATTENTION_NOTE, FEATURES_NOTE, PEAK_FLOPS, gpu_kind
 
 PETA = 1e15
 
 
 NOT_COUNTED = (
-    "norms, softmax, element-wise ops and the optimiser update are not counted; a DP step's per-example clipping "
-    "products are (they depend on the clipping mode); " + ATTENTION_NOTE
+    "norms, softmax, element-wise ops and the optimiser update are not counted, nor is "
+    + FEATURES_NOTE
+    + "; a DP step's per-example clipping products are (they depend on the clipping mode); "
+    + ATTENTION_NOTE
 )
 
 # The fused attention kernels that take a mask (an additive bias: -inf hides a pair; or a boolean: False hides
