@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,22 @@ def test_missing_or_wrong_layout_is_named(name, tmp_path):
         read_dataset(name, tmp_path / "empty", "train")
 
 
+@pytest.mark.parametrize(
+    "name, images",
+    [("food101", "food-101/images"), ("oxford_pet", "oxford-iiit-pet/images")]
+    + [("stanford_cars", f"stanford_cars/cars_{split}") for split in ("train", "test")],
+)
+def test_a_missing_image_folder_is_named_not_left_to_torchvision(name, images, tmp_path):
+    """torchvision's own message said "Dataset not found. You can use download=True": nothing is downloaded."""
+    LAYOUTS[name][0](tmp_path)
+    shutil.rmtree(tmp_path / images)
+    split = images.rsplit("_", 1)[-1] if name == "stanford_cars" else "train"
+    with pytest.raises(
+        DatasetError, match=f"{name}: expected layout not found, missing {tmp_path / images} \\("
+    ):
+        read_dataset(name, tmp_path, split)
+
+
 def test_bad_names_and_splits():
     with pytest.raises(DatasetError, match="unknown dataset 'imagenet'"):
         read_dataset("imagenet", ".", "train")
@@ -224,6 +241,31 @@ def test_corrupt_images_are_named_and_skipped_only_on_request(tmp_path):
     assert len(kept) == 3 and len(dropped) == 2 and sum(kept.class_counts.values()) == 3
     with pytest.raises(DatasetError, match=f"cannot read image {broken}"):
         ImageListDataset(images, eval_transform(16))[images.paths.index(broken)]
+
+
+def test_an_image_over_pil_s_pixel_limit_is_named_and_skipped_like_a_corrupt_one(tmp_path, monkeypatch):
+    """PIL refuses an image over twice ``MAX_IMAGE_PIXELS`` (a whole-slide scan: 179M pixels by default) with
+    ``DecompressionBombError``, which is no OSError: it escaped the check unnamed, and skip_corrupt_images could
+    not drop it. Here the limit is lowered so a 100 x 100 image is over it."""
+    from PIL import Image as PILImage
+
+    from trainables.data import token_cache
+    from trainables.data.token_cache import ViewSpec
+
+    make_folder(tmp_path)
+    large = tmp_path / "train" / "2" / "0.png"
+    PILImage.new("RGB", (100, 100), "white").save(large)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1_000)
+    images = read_dataset("folder", tmp_path, "train")
+    with pytest.raises(DatasetError, match=r"1 unreadable image\(s\)") as error:
+        check_images(images)
+    assert str(large) in str(error.value) and "decompression bomb" in str(error.value)
+    kept, dropped = check_images(images, skip_corrupt=True)
+    assert len(kept) == len(images) - 1 and len(dropped) == 1
+    with pytest.raises(DatasetError, match=f"cannot read image {large}"):
+        ImageListDataset(images, eval_transform(16))[images.paths.index(large)]
+    with pytest.raises(DatasetError, match=f"cannot read image {large}"):
+        token_cache._read_views(large, spec=ViewSpec(resolution=16, num_views=1, seed=0))
 
 
 def test_a_split_is_decoded_once_and_its_outcome_kept_until_a_file_changes(tmp_path, monkeypatch):

@@ -183,3 +183,32 @@ def test_an_image_s_views_do_not_depend_on_the_other_images(images, tmp_path):
         relisted.paths.index(p) for p in moved.paths[2:]
     ]
     assert all(torch.equal(f, g[order]) for f, g in zip(full.views, again.views))
+
+
+def test_views_are_encoded_as_they_are_made_never_a_whole_shard_at_once(images, tmp_path, monkeypatch):
+    """k = 128 caches 512 views an image: a 256-image shard's pixels held at once (~100 GiB at 256 px) ran a GPU
+    node out of host memory. Every encoded batch is made with at most one image's views and a batch waiting, and
+    the tokens are those of one batch of every view."""
+    vqvae = make_vqvae()
+    reference, _ = open_token_cache(tmp_path / "reference", images, vqvae, spec=SPEC, shard_size=8)
+    made, encoded = [0], []
+    real_make_views, real_encode = token_cache.make_views, vqvae.img_to_idxBl
+
+    def counted_views(*args, **kwargs):
+        views = real_make_views(*args, **kwargs)
+        made[0] += len(views)
+        return views
+
+    def recorded_encode(batch):
+        encoded.append((made[0], len(batch)))
+        return real_encode(batch)
+
+    monkeypatch.setattr(token_cache, "make_views", counted_views)
+    monkeypatch.setattr(vqvae, "img_to_idxBl", recorded_encode)
+    streamed, _ = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=8, batch_size=2)
+    assert made[0] == 5 * SPEC.num_views and sum(rows for _, rows in encoded) == made[0]
+    done = 0
+    for views_made, rows in encoded:  # views made but not yet encoded: < one batch plus one image's views
+        assert views_made - done <= 2 - 1 + SPEC.num_views
+        done += rows
+    assert all(torch.equal(a, b) for a, b in zip(reference.views, streamed.views))

@@ -227,7 +227,8 @@ def _from_torchvision(
 
 
 def read_food101(root: Path, split: str) -> ImageList:
-    _require(root / "food-101" / "meta" / f"{_split(split)}.json", dataset="food101")
+    base = root / "food-101"
+    _require(base / "meta" / f"{_split(split)}.json", base / "images", dataset="food101")
     return _from_torchvision(
         "food101", lambda: tv.Food101(root, split=split, download=False), "_image_files", "_labels", split
     )
@@ -240,7 +241,12 @@ def read_stanford_cars(root: Path, split: str) -> ImageList:
         if _split(split) == "train"
         else base / "cars_test_annos_withlabels.mat"
     )
-    _require(base / "devkit" / "cars_meta.mat", annotations, dataset="stanford_cars")
+    _require(
+        base / "devkit" / "cars_meta.mat",
+        annotations,
+        base / f"cars_{_split(split)}",
+        dataset="stanford_cars",
+    )
     return _from_torchvision(
         "stanford_cars", lambda: tv.StanfordCars(root, split=split, download=False), "_samples", None, split
     )
@@ -248,7 +254,8 @@ def read_stanford_cars(root: Path, split: str) -> ImageList:
 
 def read_oxford_pet(root: Path, split: str) -> ImageList:
     official = {"train": "trainval", "test": "test"}[_split(split)]
-    _require(root / "oxford-iiit-pet" / "annotations" / f"{official}.txt", dataset="oxford_pet")
+    base = root / "oxford-iiit-pet"
+    _require(base / "annotations" / f"{official}.txt", base / "images", dataset="oxford_pet")
     return _from_torchvision(
         "oxford_pet",
         lambda: tv.OxfordIIITPet(root, split=official, download=False),
@@ -352,13 +359,18 @@ def _read_check(record: Path | None) -> dict[int, str] | None:
         return None
 
 
+# What decoding a bad image file raises: damaged or truncated data, an unknown format, and an image over PIL's
+# pixel limit (``DecompressionBombError``: not an OSError).
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _unreadable(images: ImageList, indices) -> dict[int, str]:
     bad = {}
     for i in indices:
         path = images.paths[i]
         try:
             open_rgb(path)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        except IMAGE_ERRORS as err:
             bad[i] = f"{path}: {err}"
     return bad
 
@@ -435,6 +447,6 @@ class ImageListDataset(Dataset):
         path = self.images.paths[index]
         try:
             rgb = open_rgb(path)
-        except (OSError, UnidentifiedImageError) as err:
+        except IMAGE_ERRORS as err:
             raise DatasetError(f"cannot read image {path}: {err}") from err
         return self.transform(rgb), self.images.labels[index]

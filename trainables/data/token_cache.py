@@ -176,7 +176,13 @@ class TokenCache:
             for array, tokens in zip(
                 arrays,
                 _tokenise(
-                    images, list(range(start, stop)), vqvae, spec=spec, batch_size=batch_size, device=device
+                    images,
+                    list(range(start, stop)),
+                    vqvae,
+                    spec=spec,
+                    batch_size=batch_size,
+                    device=device,
+                    dtype=self.dtype,
                 ),
             ):
                 array[start:stop] = tokens
@@ -231,26 +237,36 @@ def _tokenise(
     spec: ViewSpec,
     batch_size: int,
     device: torch.device,
+    dtype: type = np.int64,
 ) -> list[np.ndarray]:
-    """Token maps of every view of the given images: per scale [n, V, pn*pn]."""
-    per_image = []
-    for index in indices:
-        try:
-            data = Path(images.paths[index]).read_bytes()
-            with Image.open(io.BytesIO(data)) as image:
-                views_V3RR = make_views(image, spec=spec, identity=image_identity(data))
-        except OSError as err:
-            raise DatasetError(f"cannot read image {images.paths[index]}: {err}") from err
-        per_image.append(views_V3RR)
-    rows = torch.cat(per_image)
-    with torch.no_grad():
-        chunks = [
-            vqvae.img_to_idxBl(rows[s : s + batch_size].to(device)) for s in range(0, len(rows), batch_size)
-        ]
-    return [
-        torch.cat([c[si] for c in chunks]).view(len(indices), spec.num_views, -1).cpu().numpy()
-        for si in range(len(vqvae.patch_nums))
-    ]
+    """Token maps of every view of the given images: per scale [n, V, pn*pn]. The views are encoded in order,
+    ``batch_size`` rows at a time, as they are made: memory holds one image's views and a batch, never the
+    shard's (k = 128 caches 512 views an image: a 256-image shard's float32 pixels at 256 px are ~100 GiB)."""
+    n, num_views = len(indices), spec.num_views
+    out = [np.empty((n * num_views, pn * pn), dtype=dtype) for pn in vqvae.patch_nums]
+    encoded, rows_N3RR = 0, None
+    for position, index in enumerate(indices):
+        views_V3RR = _read_views(images.paths[index], spec=spec)
+        rows_N3RR = views_V3RR if rows_N3RR is None else torch.cat([rows_N3RR, views_V3RR])
+        last = position == n - 1
+        while len(rows_N3RR) >= batch_size or (last and len(rows_N3RR)):
+            batch_B3RR, rows_N3RR = rows_N3RR[:batch_size], rows_N3RR[batch_size:]
+            with torch.no_grad():
+                tokens = vqvae.img_to_idxBl(batch_B3RR.to(device))
+            for array, idx_Bl in zip(out, tokens):
+                array[encoded : encoded + len(batch_B3RR)] = idx_Bl.cpu().numpy()
+            encoded += len(batch_B3RR)
+    return [array.reshape(n, num_views, -1) for array in out]
+
+
+def _read_views(path: Path, *, spec: ViewSpec) -> torch.Tensor:
+    """The cached views [V, 3, R, R] of the image file at ``path``; an unreadable file raises naming it."""
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            return make_views(image, spec=spec, identity=image_identity(data))
+    except (OSError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"cannot read image {path}: {err}") from err
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
