@@ -916,6 +916,13 @@ class TrialConfig:
             "resources.attention_kernel",
             f"{FLEX_ON_CPU} (resources.gpus_per_worker is 0)",
         )
+        workers = self.resources.workers
+        _require(  # every rank draws its share of a non-DP batch (``trainables.finetune.check_finetune``)
+            self.privacy is not None or m.name == "base" or o.batch_size >= workers,
+            "optimization.batch_size",
+            f"{o.batch_size} examples cannot be shared by {workers} processes; use a batch of at least "
+            f"{workers} or fewer workers",
+        )
 
     def planned_steps(self, train_images: int) -> int:
         """Optimiser steps for a training split of ``train_images`` examples (epochs converted by the batch size,

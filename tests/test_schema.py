@@ -229,6 +229,8 @@ def test_invalid_configs_name_the_field(build, field):
         ({"method": {"name": "lora", "train_blocks": [0, 2]}}, "method.train_blocks"),
         # TINY's workers have no GPU, and FlexAttention no CPU backward
         ({"resources": {"attention_kernel": "flex"}}, "resources.attention_kernel"),
+        # each of 4 DDP ranks draws its share of a non-DP batch: refused at preflight, not after setup
+        ({"resources": {"workers": 4}, "optimization": {"batch_size": 2}}, "optimization.batch_size"),
     ],
 )
 def test_a_trial_that_cannot_run_is_refused_before_it_starts_and_its_old_record_still_reads(change, field):

@@ -20,7 +20,7 @@ from bench.sweeps import build_sweep
 from trainables import finetune as finetune_module
 from trainables import privacy
 from trainables import trial as trial_module
-from trainables.data.datasets import DatasetError
+from trainables.data.datasets import DatasetError, check_images
 from trainables.evaluation import evaluate as evaluate_module
 from trainables.evaluation.generate import generate
 from trainables.privacy import PrivacyConfigError, poisson_batch
@@ -411,9 +411,10 @@ def test_dry_run_estimates_the_paper_grid(tmp_path):
         check_sweep(configs, cache_dir=str(tmp_path))
 
 
-def test_an_evaluation_split_too_small_to_score_is_refused_before_compute(tmp_path):
+def test_an_evaluation_split_too_small_to_score_is_refused_before_compute(tmp_path, monkeypatch):
     """3 evaluation images passed every launch check, then the trial failed after training and generating:
-    precision/recall (k=3) scores against at least 4 real images, whatever evaluation.num_images says."""
+    precision/recall (k=3) scores against at least 4 real images, whatever evaluation.num_images says. A DP
+    trial is refused before its noise is calibrated (seconds at a large epsilon)."""
     from test_datasets import make_folder
 
     make_folder(tmp_path / "data")  # train: 5 images; test: 3
@@ -426,3 +427,52 @@ def test_an_evaluation_split_too_small_to_score_is_refused_before_compute(tmp_pa
     expected = r"data.dataset: folder's test split \(data.evaluation_split\) has 3 image\(s\)"
     with pytest.raises(ConfigError, match=expected):
         preflight(config, tmp_path / "cache")
+    monkeypatch.setattr(privacy, "calibrate_noise_multiplier", lambda **_: pytest.fail("calibrated first"))
+    dp = {"target_epsilon": 8.0, "sampling_rate": 0.5, "max_grad_norm": 1.0, "delta": 1e-3}
+    with pytest.raises(ConfigError, match=expected):
+        preflight(replace(config, privacy=dp, optimization=NON_DP_ONLY), tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    "broken, expected",
+    [
+        ({"train/2/0.png", "train/2/1.png"}, r"batch_size: 4 is more than the 3 training examples"),
+        ({"test/10/0.png"}, r"folder's test split \(data.evaluation_split\) has 3 image\(s\)"),
+    ],
+)
+def test_skipped_corrupt_images_are_planned_out_before_compute(tmp_path, monkeypatch, broken, expected):
+    """With data.skip_corrupt_images the driver's preflight plans from the listings; the planned steps, the batch
+    check, delta and the evaluation-size check then counted images that would never train or be scored, and a
+    split left too small failed after training. The sweep's decoding (``prepare_shared``) and the trial plan
+    again for the images kept, and refuse before anything is built or loaded."""
+    from test_datasets import jpeg, make_folder
+
+    make_folder(tmp_path / "data")  # train: 5 images; test: 3, plus one more here
+    jpeg(tmp_path / "data" / "test" / "2" / "1.png", seed=1)
+    for name in broken:
+        (tmp_path / "data" / name).write_bytes(b"not an image")
+    config = replace(
+        tiny_trial("lora"),
+        data={
+            "dataset": "folder",
+            "root": str(tmp_path / "data"),
+            "resolution": 16,
+            "skip_corrupt_images": True,
+        },
+        evaluation={"num_images": 8},
+        optimization={"batch_size": 4},
+    )
+    listed = preflight(config, tmp_path / "cache")
+    assert (listed.train_images, listed.evaluation_images) == (5, 4)  # the listings pass
+    with pytest.raises(ConfigError, match=expected):
+        trial_module.prepare_shared([config], tmp_path / "cache", log=None)
+    loaded = []
+    monkeypatch.setattr(trial_module, "load_base", lambda *a, **k: loaded.append(1))
+    with pytest.raises(ConfigError, match=expected):
+        run_trial(config, cache_dir=tmp_path / "cache", artifacts_dir=tmp_path / "artifacts")
+    assert loaded == []
+    kept = replace(config, optimization={"batch_size": 2, "epochs": 2, "steps": None})
+    if "train/2/0.png" in broken:  # planned for the 3 images kept: 2 epochs of batch 2 are 3 steps, not 5
+        assert preflight(kept, tmp_path / "cache").planned_steps == 5
+        checked = tuple(check_images(split, skip_corrupt=True)[0] for split in listed.splits)
+        assert plan_trial(kept, checked).planned_steps == 3

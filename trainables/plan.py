@@ -107,6 +107,18 @@ def _class_difference(train: ImageList, evaluation: ImageList) -> str:
     return f"the {train.split} and {evaluation.split} splits have different classes ({'; '.join(parts) or 'the same names in another order'})"
 
 
+def _check_evaluation_size(config: TrialConfig, evaluation: ImageList) -> None:
+    """Refuse an evaluation split with fewer than ``MIN_EVALUATION_IMAGES`` images."""
+    if len(evaluation) < MIN_EVALUATION_IMAGES:
+        # The generated images are scored against every real one: precision/recall (k=3) needs 4 real images,
+        # whatever evaluation.num_images says, and would otherwise fail only after training and generation.
+        raise ConfigError(
+            f"data.dataset: {config.data.dataset}'s {evaluation.split} split (data.evaluation_split) has "
+            f"{len(evaluation)} image(s), fewer than the {MIN_EVALUATION_IMAGES} an evaluation needs: add images "
+            "or choose another split"
+        )
+
+
 def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> TrialPlan:
     """What the trial will do with these split listings: the evaluation split's classes are the training split's
     and it has the ``MIN_EVALUATION_IMAGES`` an evaluation scores at least, the planned steps, the convergence
@@ -133,20 +145,14 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
         from .privacy import calibrate_noise_multiplier, validate_privacy
 
         delta = validate_privacy(p, dataset_size=examples, planned_steps=steps)
+    _check_evaluation_size(config, evaluation)  # before the calibration: seconds at a large epsilon
+    if p is not None:
         sigma = calibrate_noise_multiplier(
             target_epsilon=p.target_epsilon,
             delta=delta,
             sampling_rate=p.sampling_rate,
             steps=steps,
             accountant=p.accountant,
-        )
-    if len(evaluation) < MIN_EVALUATION_IMAGES:
-        # The generated images are scored against every real one: precision/recall (k=3) needs 4 real images,
-        # whatever evaluation.num_images says, and would otherwise fail only after training and generation.
-        raise ConfigError(
-            f"data.dataset: {config.data.dataset}'s {evaluation.split} split (data.evaluation_split) has "
-            f"{len(evaluation)} image(s), fewer than the {MIN_EVALUATION_IMAGES} an evaluation needs: add images "
-            "or choose another split"
         )
     return TrialPlan(
         len(train),

@@ -137,8 +137,11 @@ def apply_class_dropout(
 
 
 def teacher_forcing_batch(vqvae: VQVAE, idx_Bl: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(VAR input [B, L-first_l, Cvae], targets [B, L]) from token indices of every scale; the VQVAE is frozen."""
-    with torch.no_grad():
+    """(VAR input [B, L-first_l, Cvae], targets [B, L]) from token indices of every scale; the VQVAE is frozen.
+    Built in the VQVAE's precision under an enclosing autocast too, as the official trainer builds it before its
+    autocast region: the phi convolutions' running sum of the scales in bf16 differed by up to a bf16 ulp."""
+    device_type = idx_Bl[0].device.type
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
         x_BLCv_wo_first_l = vqvae.idxBl_to_var_input(idx_Bl)
     return x_BLCv_wo_first_l, torch.cat(list(idx_Bl), dim=1)
 

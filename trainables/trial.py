@@ -47,7 +47,7 @@ from .methods import PEFT_METHODS, Adaptation, adapt, parameter_counts, save_ada
 from .models import VAR, VQVAE, load_var, load_vqvae, resize_class_embedding
 from .models.checkpoints import atomic_write, checkpoint_sha256
 from .peft_format import save_peft_adapter
-from .plan import TrialPlan, list_splits, plan_trial, preflight  # noqa: F401 (plan_trial: re-exported for callers)
+from .plan import TrialPlan, list_splits, plan_trial, preflight
 from .prior import build_prior_bank
 from .profiling import peak_flops_per_second
 from .progress import Progress
@@ -113,16 +113,20 @@ def prepare_shared(
 def _check_every_split(
     configs: list[TrialConfig], cache_dir: Path, *, log: Callable[[str], None] | None
 ) -> None:
-    """``check_images`` of the train and evaluation splits of every dataset the trials read, once each."""
-    seen = set()
+    """``check_images`` of the train and evaluation splits of every dataset the trials read, once each. Where
+    images were skipped, every trial of the dataset is planned again for those it will train on and score (the
+    driver's preflight planned from the listings): a split left too small stops the sweep here."""
+    checked = {}
     for config in configs:
         d = config.data
         key = (d.dataset, d.root, d.train_split, d.evaluation_split, d.resolution, d.skip_corrupt_images)
-        if key in seen:
-            continue
-        seen.add(key)
-        for split in list_splits(config, cache_dir):
-            check_images(split, skip_corrupt=d.skip_corrupt_images, cache_dir=cache_dir, log=log)
+        if key not in checked:
+            checked[key] = [
+                check_images(split, skip_corrupt=d.skip_corrupt_images, cache_dir=cache_dir, log=log)
+                for split in list_splits(config, cache_dir)
+            ]
+        if any(skipped for _, skipped in checked[key]):
+            plan_trial(config, tuple(split for split, _ in checked[key]))
 
 
 class Base(NamedTuple):
@@ -257,6 +261,8 @@ def run_trial(
     evaluation, skipped_eval = check_images(
         evaluation, skip_corrupt=config.data.skip_corrupt_images, cache_dir=cache_dir
     )
+    if skipped or skipped_eval:  # planned for the images it trains on and scores: steps, batch, delta, sigma
+        plan = plan_trial(config, (train, evaluation))
     vqvae, base, base_sha256 = _rank0_first(lambda: load_base(config, cache_dir, device=device, log=log))
     spec = ViewSpec(
         resolution=config.data.resolution, num_views=config.data.cached_views, seed=config.data.view_seed
