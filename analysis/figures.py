@@ -31,7 +31,7 @@ from bench.results import open_storage
 from bench.schema import is_storage_relative, is_uri
 
 from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup, method_label
-from .tables import TABLE2_METHODS, dataset_columns
+from .tables import TABLE2_METHODS, audited_left_out, dataset_columns
 
 STYLE = {
     "figure.dpi": 110,
@@ -691,25 +691,36 @@ def all_figures(
     audit_roc: pd.DataFrame,
     table2_epsilon: float = 10.0,
 ) -> tuple[list[FigureFile], list[str]]:
-    """(written figures, one line per figure skipped for lack of data); ``audit_roc``: ``Results.audit_roc``."""
-    dp_epsilons = sorted(set(trials.loc[trials["dp"], "epsilon"]))
+    """(written figures, one line per figure skipped for lack of data); ``audit_roc``: ``Results.audit_roc``.
+    Audited trials (their own experiment: they train on canaries besides the dataset) are drawn in the audit and
+    compute figures only; a utility figure not drawn says how many it left out."""
+    audited = int(trials["audited"].sum())
+    plain = trials[~trials["audited"]]
+    dp_epsilons = sorted(set(plain.loc[plain["dp"], "epsilon"]))
     ran = (
         f" (DP trials ran at ε in {{{', '.join(f'{e:g}' for e in dp_epsilons)}}}; see --table2-epsilon)"
         if dp_epsilons
         else ""
     )
+    left_out = f" ({audited_left_out(audited, 'the utility figures')})" if audited else ""
     makers = {
         "compute_pflops": (lambda: compute_figure(trials, folder), "no trial has the data it plots"),
         "convergence_fid": (
-            lambda: convergence_figure(trials, convergence, folder),
-            "no trial has the data it plots",
+            lambda: convergence_figure(plain, convergence, folder),
+            f"no trial has the data it plots{left_out}",
         ),
-        "privacy_utility": (lambda: privacy_figure(trials, folder), "no trial has the data it plots"),
+        "privacy_utility": (
+            lambda: privacy_figure(plain, folder),
+            f"no trial has the data it plots{left_out}",
+        ),
         "fid_vs_k": (
-            lambda: multiplicity_figure(trials, folder, epsilon=table2_epsilon),
-            f"no successful DP LoRA or LNTuning trial at ε={table2_epsilon:g}{ran}",
+            lambda: multiplicity_figure(plain, folder, epsilon=table2_epsilon),
+            f"no successful DP LoRA or LNTuning trial at ε={table2_epsilon:g}{ran}{left_out}",
         ),
-        "parameters_vs_fid": (lambda: parameters_figure(trials, folder), "no trial has the data it plots"),
+        "parameters_vs_fid": (
+            lambda: parameters_figure(plain, folder),
+            f"no trial has the data it plots{left_out}",
+        ),
         "privacy_audit": (
             lambda: audit_figure(trials, folder),
             "no successful trial has a privacy audit (config audit)",

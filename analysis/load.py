@@ -141,10 +141,11 @@ def load_results(
       ``trial_ids`` only these trials (one sweep's, in a folder that holds others);
     - results of more than one feature extractor are refused (their FIDs are not comparable) unless ``extractor``
       selects one; left-out trials are listed in ``Results.excluded``;
-    - trials repeating another's setting and seed (e.g. a Table 1 trial and its convergence-sweep twin, which
+    - trials repeating another's setting and seeds (e.g. a Table 1 trial and its convergence-sweep twin, which
       differ only in convergence evaluations) count once: ``Results.repeats``;
     - two different settings in one table cell (e.g. LoRA rank 16 and 64 for the same model, dataset and
-      privacy) are refused with the fields that differ, since averaging them would pass them off as seeds."""
+      privacy) are refused with the fields that differ, since averaging them would pass them off as seeds;
+      audited trials are checked apart from the others (the utility tables leave them out)."""
     records, rows, invalid, files = {}, {}, [], {}
     for name, text in result_texts(folder):
         try:
@@ -242,24 +243,35 @@ def fields_default(kind: type, name: str):
     return next(f.default for f in dataclasses.fields(kind) if f.name == name)
 
 
-# What does not change a trial's setting: the seeds (the replicate axis: the training seed and the seed of the
-# cached crops, which the paper sweeps move together) and the convergence evaluations made during training
-# (evaluation only; the training streams do not depend on them).
-SETTING_NEUTRAL = {
-    "optimization": {"seed": 0},
-    "data": {"view_seed": 0},
+# What a trial's run is apart from: the convergence evaluations made during training (evaluation only; the training
+# streams do not depend on them). Trials equal but for these are one run repeated (``_count_repeats_once``).
+CONVERGENCE_NEUTRAL = {
     "evaluation": {
         "convergence_every_steps": 0,
         "convergence_points": 0,
         "convergence_num_images": fields_default(EvaluationConfig, "convergence_num_images"),
     },
 }
-NOT_SETTING = tuple(f"{section}.{name}" for section, fields in SETTING_NEUTRAL.items() for name in fields)
+# What does not change a trial's setting either: the seeds, its replicate axis. The training seed and the seed of the
+# cached crops (the paper sweeps move them together) and, for an audited trial only, the audit's seed (it draws other
+# canaries; README advises rerunning with another): replacing it in a trial without an audit would add one.
+SETTING_NEUTRAL = {"optimization": {"seed": 0}, "data": {"view_seed": 0}, **CONVERGENCE_NEUTRAL}
+AUDIT_NEUTRAL = {"audit": {"seed": 0}}
+NOT_SETTING = tuple(
+    f"{section}.{name}" for section, fields in {**SETTING_NEUTRAL, **AUDIT_NEUTRAL}.items() for name in fields
+)
 
 
 def setting_of(config: TrialConfig) -> str:
-    """The trial id of ``config`` with the seed and convergence evaluations neutralised: equal for replicates."""
-    return replace(config, **SETTING_NEUTRAL).trial_id
+    """The trial id of ``config`` with the seeds and convergence evaluations neutralised: equal for replicates. A
+    grouping key only: trial ids themselves are unchanged."""
+    return replace(config, **SETTING_NEUTRAL, **(AUDIT_NEUTRAL if config.audit else {})).trial_id
+
+
+def run_of(config: TrialConfig) -> str:
+    """The trial id of ``config`` with only the convergence evaluations neutralised: equal for repeats of one run
+    (every seed kept, so replicates differ)."""
+    return replace(config, **CONVERGENCE_NEUTRAL).trial_id
 
 
 def _select(
@@ -310,14 +322,15 @@ def _select(
 
 
 def _count_repeats_once(trials: pd.DataFrame, records: dict) -> tuple[pd.DataFrame, list]:
-    """One trial per (setting, seed): a success before a failure, then the one with more convergence
-    evaluations, then the smaller trial id. Returns (trials, [(repeat id, label, kept id), ...])."""
+    """One trial per run (``run_of``: the setting and every seed, training, crop and audit): a success before a
+    failure, then the one with more convergence evaluations, then the smaller trial id. Returns (trials, [(repeat
+    id, label, kept id), ...])."""
     rank = trials.assign(
         _ok=trials["status"] != "success",
         _curve=[-len(records[t]["convergence"]) for t in trials["trial_id"]],
     )
-    rank = rank.sort_values(["setting", "seed", "_ok", "_curve", "trial_id"])
-    first = rank.groupby(["setting", "seed"])["trial_id"].transform("first")
+    rank = rank.sort_values(["run", "_ok", "_curve", "trial_id"])
+    first = rank.groupby("run")["trial_id"].transform("first")
     repeats = [
         (t, label, kept) for t, label, kept in zip(rank["trial_id"], rank["label"], first) if t != kept
     ]
@@ -328,8 +341,10 @@ CELL = ["model", "dataset", "method", "epsilon", "k"]
 
 
 def _check_one_setting_per_cell(trials: pd.DataFrame, records: dict) -> None:
+    """Refuse two settings in one table cell. Audited trials are checked apart from the others: they are their own
+    experiment (they train on canaries besides the dataset), which the utility tables leave out."""
     conflicts = []
-    for key, group in trials.fillna({"epsilon": -1.0}).groupby(CELL):
+    for key, group in trials.fillna({"epsilon": -1.0}).groupby([*CELL, "audited"]):
         if group["setting"].nunique() > 1:
             configs = [
                 flat_config(records[t]["config"]) for t in group.drop_duplicates("setting")["trial_id"]
@@ -345,8 +360,9 @@ def _check_one_setting_per_cell(trials: pd.DataFrame, records: dict) -> None:
                 f"{k} = {', '.join(sorted({json.dumps(c.get(k), default=str) for c in configs}))}"
                 for k in differ[:4]
             )
-            model, dataset, method, epsilon, k = key
+            model, dataset, method, epsilon, k, audited = key
             where = f"{model} {dataset} {method} {'no DP' if epsilon < 0 else f'ε={epsilon:g}'} k={k}"
+            where += " (audited)" if audited else ""
             conflicts.append(f"  {where}: {group['setting'].nunique()} settings differing in {values}")
     if conflicts:
         raise AnalysisError(
@@ -383,6 +399,7 @@ def trial_row(record: dict) -> dict:
     row = {
         "trial_id": record["trial_id"],
         "setting": setting_of(config),
+        "run": run_of(config),
         "status": record["status"],
         "error": record["error"],
         "label": config.label,

@@ -6,7 +6,6 @@ The paper's Table 1 also lists DiT-XL-2 baselines; varsweep adapts VAR only, so 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -15,11 +14,11 @@ from bench.schema import DATASETS, TrialConfig, make_result
 from bench.sweeps import table1, table2, table3, table10
 from bench.sweeps.common import Assets
 
-from .load import AnalysisError
+from .load import AnalysisError, config_value
 from .metrics import DATASET_COLUMNS, METHOD_LABELS, PAPER_EXTRACTOR, VARIANT_LABELS
-from .tables import Cell, Table
+from .tables import DP_DATASET, Cell, Table, published
+from .tables import PAPER_DIR as PAPER_DIR  # the published tables' folder, named here too
 
-PAPER_DIR = Path(__file__).parent / "paper"
 PAPER = "arXiv 2507.11441"
 # Key columns of each published table; every other column holds a value.
 KEYS = {
@@ -30,12 +29,7 @@ KEYS = {
     "table10_dp_ablation": ("model", "variant", "targets", "epsilon", "k"),
 }
 OUR_MODELS = ("VAR-",)  # rows of other model families (DiT) are published baselines only
-DP_DATASET = "flowers102"  # the paper's DP tables (2, 3, 10) are on Oxford Flowers
-
-
-def published(name: str) -> list[dict[str, str]]:
-    with open(PAPER_DIR / f"{name}.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
+PAPER_RESOLUTION = 256  # the paper's images, in pixels
 
 
 def number(text: str) -> float | None:
@@ -54,26 +48,72 @@ def ours_as_rows(table: Table) -> list[dict[str, str]]:
     ]
 
 
-def check_comparable(trials) -> None:
+def check_comparable(trials, records: dict[str, dict]) -> None:
     """Refuse (AnalysisError, one line) to put results beside the published numbers that cannot stand there:
-    another feature extractor than the paper's (its FIDs are on another scale) or a dataset the paper did not use."""
-    problems = []
+    another feature extractor than the paper's (its FIDs are on another scale), a dataset the paper did not use,
+    a set number of evaluation images (the paper generates as many per class as the test split has) or another
+    resolution than the paper's. Only the trials the paper tables show are checked: audited trials are not."""
+    shown = trials[~trials["audited"]]
+    images = shown["trial_id"].map(lambda t: config_value(records[t]["config"], "evaluation.num_images"))
+    problems = [
+        _other_extractors(shown),
+        _other_datasets(shown),
+        _set_image_counts(images.dropna()),
+        _other_resolutions(shown["resolution"][shown["resolution"] != PAPER_RESOLUTION]),
+    ]
+    if any(problems):
+        raise AnalysisError(f"--compare-paper refused: {'; '.join(p for p in problems if p)}")
+
+
+def _other_extractors(trials) -> str | None:
     other = trials[trials["extractor"] != PAPER_EXTRACTOR]["extractor"].value_counts()
-    if len(other):
-        found = ", ".join(f"{name} ({n} trials)" for name, n in other.items())
-        problems.append(
-            f"the published numbers use the {PAPER_EXTRACTOR} extractor, these results were evaluated with {found}, "
-            "whose FIDs are not comparable"
-        )
+    found = ", ".join(f"{name} ({n} trials)" for name, n in other.items())
+    return (
+        f"the published numbers use the {PAPER_EXTRACTOR} extractor, these results were evaluated with {found}, "
+        "whose FIDs are not comparable"
+        if len(other)
+        else None
+    )
+
+
+def _other_datasets(trials) -> str | None:
     unused = trials[~trials["dataset"].isin(list(DATASET_COLUMNS))]["dataset"].value_counts()
-    if len(unused):
-        found = ", ".join(f"{name} ({n} trials)" for name, n in unused.items())
-        problems.append(
-            f"the paper did not use dataset{'s' * (len(unused) > 1)} {found} (it used {', '.join(DATASET_COLUMNS)}; "
-            "select with --where data.dataset=NAME)"
-        )
-    if problems:
-        raise AnalysisError(f"--compare-paper refused: {'; '.join(problems)}")
+    found = ", ".join(f"{name} ({n} trials)" for name, n in unused.items())
+    return (
+        f"the paper did not use dataset{'s' * (len(unused) > 1)} {found} (it used {', '.join(DATASET_COLUMNS)}; "
+        "select with --where data.dataset=NAME)"
+        if len(unused)
+        else None
+    )
+
+
+def _set_image_counts(images) -> str | None:
+    """``images``: the evaluation.num_images of the trials that set one."""
+    return (
+        f"{_trials(len(images))} evaluated on a set number of images (evaluation.num_images = {_values(images)}; "
+        "the paper generates as many per class as the test split has: select the others with "
+        "--where evaluation.num_images=null)"
+        if len(images)
+        else None
+    )
+
+
+def _other_resolutions(resolutions) -> str | None:
+    """``resolutions``: those of the trials at another resolution than the paper's."""
+    return (
+        f"{_trials(len(resolutions))} at data.resolution = {_values(resolutions)} (the paper's images are "
+        f"{PAPER_RESOLUTION} px: select the others with --where data.resolution={PAPER_RESOLUTION})"
+        if len(resolutions)
+        else None
+    )
+
+
+def _trials(n: int) -> str:
+    return f"{n} trial{'s' * (n != 1)}"
+
+
+def _values(values) -> str:
+    return ", ".join(str(int(v)) for v in sorted(set(values)))
 
 
 def comparison(table: Table) -> Table | None:

@@ -110,7 +110,7 @@ def notices(analysis: Analysis) -> list[tuple[str, list[str]]]:
         ("Files skipped as invalid", [f"{name}: {reason}" for name, reason in r.invalid]),
         ("Trials left out by the selection", [f"{label} ({tid}): {why}" for tid, label, why in r.excluded]),
         (
-            "Repeats counted once (same setting and seed; they differ only in convergence evaluations)",
+            "Repeats counted once (same setting and seeds; they differ only in convergence evaluations)",
             [f"{label} ({tid}) repeats {labels.get(kept, kept)} ({kept})" for tid, label, kept in r.repeats],
         ),
         ("Tables not produced", analysis.skipped_tables),

@@ -39,7 +39,7 @@ def analyse(
         results_dir, skip_invalid=skip_invalid, extractor=extractor, where=where, trial_ids=trial_ids
     )
     if compare_paper:
-        check_comparable(results.trials)
+        check_comparable(results.trials, results.records)
     _make_folder(out)
     tables, skipped_tables = all_tables(results.trials, table2_epsilon=table2_epsilon)
     analysis = Analysis(out=out, results=results, tables=tables, skipped_tables=skipped_tables)

@@ -1,5 +1,6 @@
 """The paper's tables (1, 2, 3, 9, 10) plus a compute, a privacy and a class-accuracy table, built from the trials
-DataFrame.
+DataFrame. Audited trials (config ``audit``) are their own experiment, since they train on canaries besides the
+dataset: the privacy_audit, compute and privacy tables show them, the utility tables leave them out and say so.
 
 A table is key columns (strings) and value cells; a cell aggregates the trials that fall in it over seeds (mean,
 sample std, count) and remembers how many of its trials failed, so a gap is shown as missing or failed, never
@@ -41,7 +42,8 @@ ABLATION_METHODS = ("lora_attention", "lora_mlp")
 @dataclass(frozen=True)
 class Cell:
     """Aggregate of one table cell over seeds, in display units: ``n`` successful trials with a value, ``failed``
-    failed ones, ``no_value`` successful ones that recorded no (or a non-finite) value."""
+    failed ones, ``no_value`` successful ones that recorded no (or a non-finite) value. ``std``: their sample
+    standard deviation, None for fewer than two values (undefined) or a cell that is not a mean."""
 
     mean: float | None
     std: float | None
@@ -60,7 +62,7 @@ class Cell:
             [f"{self.no_value} without value"] if self.no_value else []
         )
         shown = self.formatter(self.mean)
-        if self.n > 1:
+        if self.std is not None:  # a spread of two or more values (a median's cell has none)
             shown += f" {plus_minus} {self.formatter(self.std)} (n={self.n})"
         return shown + (f" ({', '.join(notes)})" if notes else "")
 
@@ -160,6 +162,64 @@ class Table:
         return paths
 
 
+# The published tables (arXiv 2507.11441), as CSV files in the paper's layout.
+PAPER_DIR = Path(__file__).parent / "paper"
+DP_DATASET = "flowers102"  # the paper's DP tables (2, 3, 10) are on Oxford Flowers
+DP_TABLES = ("table2_dp_multiplicity", "table3_dp_epsilon", "table10_dp_ablation")
+
+
+def published(name: str) -> list[dict[str, str]]:
+    with open(PAPER_DIR / f"{name}.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# A row of a paper table: model, method (Table 10: variant), k, epsilon, as the tables print them (None: no such key).
+RowKey = tuple[str, str, str | None, str | None]
+
+
+def _published_keys(name: str) -> list[RowKey]:
+    """The rows of published table ``name`` (Table 3: its cells, one per epsilon column)."""
+    keys = []
+    for row in published(name):
+        epsilons = [c.removeprefix("eps_") for c in row if c.startswith("eps_") and row[c]] or [
+            row.get("epsilon")
+        ]
+        keys += [(row["model"], row.get("method") or row["variant"], row.get("k"), e) for e in epsilons]
+    return keys
+
+
+def _row_name(model: str, method: str, k: str | None = None, epsilon: str | None = None) -> str:
+    """How a note names a row: "VAR-d20 LNTuning", "VAR-d20 LoRA k=32 (epsilon 10)"."""
+    return f"{model} {method}" + (f" k={k}" if k else "") + (f" (epsilon {epsilon})" if epsilon else "")
+
+
+def _left_out(why: str, rows: list[RowKey]) -> list[str]:
+    """The note naming the rows a table leaves out and why (none left out: no note)."""
+    return [f"not in the table, {why}: {'; '.join(_row_name(*row) for row in rows)}"] if rows else []
+
+
+def _unrun_published(
+    name: str, shown: set[tuple], trials: pd.DataFrame, *, epsilon: str | None = None
+) -> list[str]:
+    """The note naming the rows of published table ``name`` that this table lacks: a reader without
+    --compare-paper learns what these results have no trial for. Only for the models of ``trials`` (the table's
+    own) on the paper's datasets for the table, so another model or dataset (the digits demo) gets no note.
+    ``shown``: the table's rows or cells as a ``RowKey`` or a prefix of one (a row another note names);
+    ``epsilon``: the only one a table at one epsilon (Table 2) can show."""
+    datasets = {DP_DATASET} if name in DP_TABLES else set(DATASET_COLUMNS)
+    if not datasets & set(trials["dataset"]):
+        return []
+    models = set(trials["model"])
+    missing = [
+        key
+        for key in _published_keys(name)
+        if key[0] in models
+        and epsilon in (None, key[3])
+        and not any(key[:n] in shown for n in range(2, len(key) + 1))
+    ]
+    return _left_out("published but without a trial here", missing)
+
+
 PARAMETERS_NOTE = (
     "trainable_params / trainable_pct: median over the row's trials; the new class embedding included (the "
     "published code left it untrained); share of the adapted model's parameters (base plus adapter modules, as "
@@ -196,7 +256,7 @@ def cell(trials: pd.DataFrame, metric: str, *, formatter: Callable[[float], str]
     if ok.empty:
         return Cell(None, None, 0, failed, fmt, no_value)
     return Cell(
-        float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0, len(ok), failed, fmt, no_value
+        float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else None, len(ok), failed, fmt, no_value
     )
 
 
@@ -221,14 +281,44 @@ def dataset_columns(trials: pd.DataFrame) -> list[str]:
 
 def _params(group: pd.DataFrame) -> list[Cell]:
     """Trainable parameters and share of a row: the median over its trials (class embeddings differ slightly
-    with the class count), as the paper prints them."""
+    with the class count), as the paper prints them; n counts those trials, and a median has no std."""
     ok = group[group["status"] == "success"]
-    if ok["trainable_params"].dropna().empty:
-        return [Cell(None, None, 0, 0, format_count), Cell(None, None, 0, 0, format_percent_share)]
     return [
-        Cell(float(ok["trainable_params"].median()), 0.0, 1, 0, format_count),
-        Cell(float(ok["trainable_pct"].median()), 0.0, 1, 0, format_percent_share),
+        _median(ok[column].dropna(), formatter)
+        for column, formatter in (("trainable_params", format_count), ("trainable_pct", format_percent_share))
     ]
+
+
+def _median(values: pd.Series, formatter: Callable[[float], str]) -> Cell:
+    return Cell(float(values.median()) if len(values) else None, None, len(values), 0, formatter)
+
+
+# The trials each utility table draws on (before its split by dataset): what the builders select, and how
+# ``all_tables`` counts the audited trials that a table leaves out.
+def in_table1(trials: pd.DataFrame) -> pd.Series:
+    return ~trials["dp"]
+
+
+def in_table9(trials: pd.DataFrame) -> pd.Series:
+    return ~trials["dp"] & (trials["method"] != "base")
+
+
+def in_table2(trials: pd.DataFrame, epsilon: float) -> pd.Series:
+    return trials["dp"] & trials["method"].isin(TABLE2_METHODS) & (trials["epsilon"] == epsilon)
+
+
+def in_table3(trials: pd.DataFrame) -> pd.Series:
+    return trials["dp"]
+
+
+def in_table10(trials: pd.DataFrame) -> pd.Series:
+    return trials["dp"] & trials["method"].isin(VARIANT_LABELS)
+
+
+def in_class_accuracy(trials: pd.DataFrame) -> pd.Series:
+    """Every trial of a dataset where some trial recorded class accuracy."""
+    scored = trials.loc[trials["class_accuracy"].map(math.isfinite), "dataset"]
+    return trials["dataset"].isin(set(scored))
 
 
 def _model_method_groups(trials: pd.DataFrame):
@@ -240,7 +330,7 @@ def _model_method_groups(trials: pd.DataFrame):
 
 def table1(trials: pd.DataFrame) -> list[Table]:
     """FID per model x method (rows) x dataset (columns), non-DP trials, with trainable parameters and share."""
-    plain = trials[~trials["dp"]]
+    plain = trials[in_table1(trials)]
     if plain.empty:
         return []
     datasets = dataset_columns(plain)
@@ -266,14 +356,14 @@ def table1(trials: pd.DataFrame) -> list[Table]:
             "Table 1: FID of non-private adaptation (lower is better)",
             header,
             rows,
-            notes=[PARAMETERS_NOTE],
+            notes=[PARAMETERS_NOTE, *_unrun_published("table1_fid", {tuple(r[:2]) for r in rows}, plain)],
         )
     ]
 
 
 def table9(trials: pd.DataFrame) -> list[Table]:
     """Precision and recall (percent, k = 3 nearest neighbours) of the Table 1 trials."""
-    plain = trials[~trials["dp"] & (trials["method"] != "base")]
+    plain = trials[in_table9(trials)]
     if plain.empty:
         return []
     datasets = dataset_columns(plain)
@@ -296,6 +386,7 @@ def table9(trials: pd.DataFrame) -> list[Table]:
             "Table 9: precision and recall (%) of non-private adaptation",
             header,
             rows,
+            notes=_unrun_published("table9_precision_recall", {tuple(r[:2]) for r in rows}, plain),
         )
     ]
 
@@ -316,7 +407,7 @@ def _per_dataset(trials: pd.DataFrame, build: Callable[[pd.DataFrame, str], Tabl
 
 def table2(trials: pd.DataFrame, *, epsilon: float = 10.0) -> list[Table]:
     """DP FID vs augmentation multiplicity k at one epsilon (LoRA and LNTuning)."""
-    dp = trials[trials["dp"] & trials["method"].isin(TABLE2_METHODS) & (trials["epsilon"] == epsilon)]
+    dp = trials[in_table2(trials, epsilon)]
 
     def build(group: pd.DataFrame, dataset: str) -> Table | None:
         rows = [
@@ -330,6 +421,12 @@ def table2(trials: pd.DataFrame, *, epsilon: float = 10.0) -> list[Table]:
                 f"Table 2: DP FID vs augmentation multiplicity k at epsilon {_eps(epsilon)}",
                 ["model", "method", "epsilon", "k", "fid"],
                 rows,
+                notes=_unrun_published(
+                    "table2_dp_multiplicity",
+                    {(r[0], r[1], r[3], r[2]) for r in rows},
+                    group,
+                    epsilon=_eps(epsilon),
+                ),
             )
             if rows
             else None
@@ -342,15 +439,19 @@ def table3(trials: pd.DataFrame) -> list[Table]:
     """DP FID vs epsilon: one row per (model, method, k) run at two or more epsilons. A (model, method, k) run at one
     epsilon only whose method and k have a row (a sweep cut short at one depth) is named in a note, not dropped
     silently."""
-    dp = trials[trials["dp"]]
+    dp = trials[in_table3(trials)]
 
     def build(group: pd.DataFrame, dataset: str) -> Table | None:
         run_at = group.groupby(["model", "method", "k"])["epsilon"].unique()
         keys = [key for key, epsilons in run_at.items() if len(epsilons) >= 2]
         if not keys:
             return None
-        shown = {(method, k) for _, method, k in keys}
-        single = [(key, e[0]) for key, e in run_at.items() if len(e) == 1 and key[1:] in shown]
+        methods = {(method, k) for _, method, k in keys}
+        single = [
+            (model, METHOD_LABELS[method], str(k), _eps(e[0]))
+            for (model, method, k), e in run_at.items()
+            if len(e) == 1 and (method, k) in methods
+        ]
         epsilons = sorted(set(group[group.set_index(["model", "method", "k"]).index.isin(keys)]["epsilon"]))
         rows = []
         for model, method, k in sorted(
@@ -370,14 +471,16 @@ def table3(trials: pd.DataFrame) -> list[Table]:
                     *[cell(sub[sub["epsilon"] == e], "fid") for e in epsilons],
                 ]
             )
+        # the cells shown, and the rows named as run at one epsilon (their other published cells go unnamed)
+        shown = {(*row[:3], _eps(e)) for row in rows for e in epsilons} | {row[:3] for row in single}
         return Table(
             "table3_dp_epsilon",
             "Table 3: DP FID vs privacy budget epsilon",
             ["model", "method", "k", *[f"eps_{_eps(e)}" for e in epsilons]],
             rows,
             notes=[
-                f"not in the table, run at one epsilon only: {model} {METHOD_LABELS[method]} k={k} (epsilon {_eps(e)})"
-                for (model, method, k), e in single
+                *_left_out("run at one epsilon only", single),
+                *_unrun_published("table3_dp_epsilon", shown, group),
             ],
         )
 
@@ -386,7 +489,7 @@ def table3(trials: pd.DataFrame) -> list[Table]:
 
 def table10(trials: pd.DataFrame) -> list[Table]:
     """DP LoRA ablation: every method at each (model, epsilon, k) where an attention-only or MLP-only LoRA ran."""
-    dp = trials[trials["dp"] & trials["method"].isin(VARIANT_LABELS)]
+    dp = trials[in_table10(trials)]
 
     def build(group: pd.DataFrame, dataset: str) -> Table | None:
         settings = (
@@ -419,7 +522,10 @@ def table10(trials: pd.DataFrame) -> list[Table]:
                 "Table 10: which layers DP LoRA adapts",
                 ["model", "variant", "targets", "epsilon", "k", "fid", "trainable_params", "trainable_pct"],
                 rows,
-                notes=[PARAMETERS_NOTE],
+                notes=[
+                    PARAMETERS_NOTE,
+                    *_unrun_published("table10_dp_ablation", {(r[0], r[1], r[4], r[3]) for r in rows}, group),
+                ],
             )
             if rows
             else None
@@ -560,7 +666,7 @@ def class_accuracy_table(trials: pd.DataFrame) -> list[Table]:
     """Per dataset whose trials recorded class accuracy: every setting (model, method, epsilon, k; seeds averaged)
     with FID, precision, recall, KID and the class accuracy of its generated images. Not a paper table: the
     paper's datasets have no reference classifier."""
-    return _per_dataset(trials, _class_accuracy_build)
+    return _per_dataset(trials[in_class_accuracy(trials)], _class_accuracy_build)
 
 
 def _class_accuracy_build(group: pd.DataFrame, dataset: str) -> Table | None:
@@ -714,41 +820,70 @@ def _audit_keys(audited: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def audited_left_out(n: int, where: str = "the utility tables") -> str:
+    """Why ``n`` audited trials are not in a utility table (or figure), and where they are."""
+    verb, pronoun = ("is", "it trains") if n == 1 else ("are", "they train")
+    return (
+        f"{n} audited trial{'s' * (n != 1)} {verb} left out of {where}: {pronoun} on canaries besides the "
+        "dataset; see privacy_audit"
+    )
+
+
 def all_tables(trials: pd.DataFrame, *, table2_epsilon: float = 10.0) -> tuple[list[Table], list[str]]:
-    """(tables, one line per table not produced, saying what data it lacks)."""
-    dp_epsilons = sorted(set(trials.loc[trials["dp"], "epsilon"]))
+    """(tables, one line per table not produced, saying what data it lacks). Audited trials are their own
+    experiment (they train on canaries besides the dataset, so their FIDs are not the setting's): the utility
+    tables leave them out and say how many of theirs they left out; compute, privacy and privacy_audit keep them."""
+    audited, plain = trials[trials["audited"]], trials[~trials["audited"]]
+    tables, skipped = [], []
+    for name, build, selects, why in _utility_tables(plain, table2_epsilon):
+        built, left_out = build(plain), audited[selects(audited)]
+        for table in built:  # a table of one dataset counts the audited trials of its dataset
+            here = left_out if table.dataset is None else left_out[left_out["dataset"] == table.dataset]
+            table.notes += [audited_left_out(len(here))] if len(here) else []
+        tables += built
+        if not built:
+            skipped.append(
+                f"{name}: {why}" + (f" ({audited_left_out(len(left_out))})" if len(left_out) else "")
+            )
+    for name, build, why in OTHER_TABLES:
+        built = build(trials)
+        tables += built
+        skipped += [] if built else [f"{name}: {why}"]
+    return tables, skipped
+
+
+def _utility_tables(plain: pd.DataFrame, table2_epsilon: float) -> list[tuple]:
+    """(name, builder, the trials it draws on, why it may have none) of every utility table, in report order."""
+    dp_epsilons = sorted(set(plain.loc[plain["dp"], "epsilon"]))
     found = (
         f" (DP trials ran at ε in {{{', '.join(_eps(e) for e in dp_epsilons)}}}; see --table2-epsilon)"
         if dp_epsilons
         else ""
     )
-    builders = [
-        ("table1_fid", lambda: table1(trials), "no non-DP trial"),
+    return [
+        ("table1_fid", table1, in_table1, "no non-DP trial"),
         # right after Table 1: every setting with all its metrics, where a classifier scored the samples
         (
             "class_accuracy",
-            lambda: class_accuracy_table(trials),
+            class_accuracy_table,
+            in_class_accuracy,
             "no trial recorded class accuracy (metrics.class_accuracy)",
         ),
         (
             "table2_dp_multiplicity",
-            lambda: table2(trials, epsilon=table2_epsilon),
+            lambda t: table2(t, epsilon=table2_epsilon),
+            lambda t: in_table2(t, table2_epsilon),
             f"no DP LoRA or LNTuning trial at ε={_eps(table2_epsilon)}{found}",
         ),
-        (
-            "table3_dp_epsilon",
-            lambda: table3(trials),
-            "no DP model x method x k was run at two or more epsilons",
-        ),
-        ("table9_precision_recall", lambda: table9(trials), "no adapted non-DP trial"),
-        ("table10_dp_ablation", lambda: table10(trials), "no DP attention-only or MLP-only LoRA trial"),
-        ("compute", lambda: compute_table(trials), "no trial"),
-        ("privacy", lambda: privacy_table(trials), "no DP trial"),
-        ("privacy_audit", lambda: audit_table(trials), "no trial has a privacy audit (config audit)"),
+        ("table3_dp_epsilon", table3, in_table3, "no DP model x method x k was run at two or more epsilons"),
+        ("table9_precision_recall", table9, in_table9, "no adapted non-DP trial"),
+        ("table10_dp_ablation", table10, in_table10, "no DP attention-only or MLP-only LoRA trial"),
     ]
-    tables, skipped = [], []
-    for name, build, why in builders:
-        built = build()
-        tables += built
-        skipped += [] if built else [f"{name}: {why}"]
-    return tables, skipped
+
+
+# The tables of every trial, audited ones included: (name, builder, why it may have none).
+OTHER_TABLES = [
+    ("compute", compute_table, "no trial"),
+    ("privacy", privacy_table, "no DP trial"),
+    ("privacy_audit", audit_table, "no trial has a privacy audit (config audit)"),
+]

@@ -155,7 +155,8 @@ def test_a_table3_cut_short_names_the_row_it_leaves_out_and_keeps_every_publishe
     fixture_storage, tmp_path
 ):
     """A DP sweep cut short: no trial at epsilon 1000, and VAR-d20 only at epsilon 10. Table 3 loses the column and
-    names the row it cannot show; the comparison still lists every published cell, ours marked missing."""
+    names the row it cannot show and the published cell it has no trial for; the comparison still lists every
+    published cell, ours marked missing."""
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     for path in (storage / "results").glob("*.json"):
         config = json.loads(path.read_text())["config"]
@@ -170,7 +171,10 @@ def test_a_table3_cut_short_names_the_row_it_leaves_out_and_keeps_every_publishe
     analysis = analyse(storage, tmp_path / "out", compare_paper=True, grids=False, figures=False)
     (table3,) = [t for t in analysis.tables if t.name == "table3_dp_epsilon"]
     assert [row[0] for row in table3.rows] == ["VAR-d16"] and "eps_1000" not in table3.header
-    assert table3.notes == ["not in the table, run at one epsilon only: VAR-d20 LoRA k=32 (epsilon 10)"]
+    assert table3.notes == [
+        "not in the table, run at one epsilon only: VAR-d20 LoRA k=32 (epsilon 10)",
+        "not in the table, published but without a trial here: VAR-d16 LoRA k=32 (epsilon 1000)",
+    ]
     assert (
         "run at one epsilon only: VAR-d20 LoRA k=32"
         in (tmp_path / "out" / "tables" / "table3_dp_epsilon.md").read_text()
@@ -286,6 +290,60 @@ def test_seeds_give_mean_and_std(fixture_storage, tmp_path):
     assert flowers.std == pytest.approx(float(np.std([13.18, 13.58, 12.78], ddof=1)))
     assert flowers.text() == "13.18 ± 0.40 (n=3)"
     assert "13.18 $\\pm$ 0.40 (n=3)" in (tmp_path / "out" / "tables" / "table1_fid.tex").read_text()
+
+
+def test_crop_seeds_are_replicates_not_repeats(fixture_storage, tmp_path):
+    """Trials with one training seed and other crop seeds (data.view_seed, a replicate axis) are seeds of the
+    setting, averaged in its cell; only trials that differ in convergence evaluations alone repeat one run."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    for view_seed, fid in ((1, 13.58), (2, 12.78)):
+        twin(storage, "lora-d16-flowers102", metrics={"fid": fid}, data={"view_seed": view_seed})
+    analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
+    table1 = next(t for t in analysis.tables if t.name == "table1_fid")
+    flowers = next(r for r in table1.rows if r[:2] == ["VAR-d16", "LoRA"])[4]
+    assert flowers.n == 3 and flowers.mean == pytest.approx((13.18 + 13.58 + 12.78) / 3)
+    assert not analysis.results.repeats and len(analysis.results.trials) == 55
+
+
+def test_one_value_has_no_std_and_parameter_cells_count_their_trials(golden_run):
+    """The sample std of one value is undefined: the per-cell CSV leaves it empty. A trainable-parameter cell is a
+    median over its row's trials (Table 1: one per dataset): n counts them, and it has no std."""
+    rows = read_csv(golden_run.out / "tables" / "table1_fid_cells.csv")
+    fft = {r["column"]: r for r in rows if (r["model"], r["method"]) == ("VAR-d16", "FFT")}
+    assert (fft["food101"]["mean"], fft["food101"]["std"], fft["food101"]["n"]) == ("6.11", "", "1")
+    for column in ("trainable_params", "trainable_pct"):
+        assert (fft[column]["std"], fft[column]["n"]) == ("", "5"), fft[column]
+    assert (
+        "| VAR-d16 | FFT | 6.11 | 5.74 | 12.08 | 7.42 | 13.13 | 309.6M | 100 |"
+        in (golden_run.out / "tables" / "table1_fid.md").read_text()
+    )
+
+
+def test_published_rows_without_a_trial_are_named_under_their_table(fixture_storage, tmp_path):
+    """Sweeps cut short: every paper table names the published rows it has no trial for (a reader without
+    --compare-paper is told), for the models it shows only; the digits demo's tables get no such note."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    for path in (storage / "results").glob("*.json"):
+        config = TrialConfig.from_dict(json.loads(path.read_text())["config"])
+        k = config.privacy.augmentation_multiplicity if config.privacy else None
+        if (config.model.depth, config.method.name, k) in {
+            (20, "ln_tuning", None),
+            (20, "lora", 128),
+        } or config.method.name == "lora_attention":
+            path.unlink()
+    analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
+    missing = "not in the table, published but without a trial here: "
+    notes = {t.name: [n for n in t.notes if n.startswith("not in the table")] for t in analysis.tables}
+    assert notes["table1_fid"] == notes["table9_precision_recall"] == [f"{missing}VAR-d20 LNTuning"]
+    assert notes["table2_dp_multiplicity"] == [f"{missing}VAR-d20 LoRA k=128 (epsilon 10)"]
+    assert notes["table10_dp_ablation"] == [f"{missing}VAR-d16 LoRA-A k=128 (epsilon 10)"]
+    assert notes["table3_dp_epsilon"] == []
+    assert f"{missing}VAR-d20 LNTuning" in (tmp_path / "out" / "tables" / "table1_fid.md").read_text()
+    # Only the models run: VAR-d16 alone misses no published row; Table 2 at another epsilon has none to miss.
+    d16 = analyse(fixture_storage, tmp_path / "d16", where={"model.depth": 16}, grids=False, figures=False)
+    at_20 = analyse(storage, tmp_path / "eps20", table2_epsilon=20, grids=False, figures=False)
+    for table in d16.tables + [t for t in at_20.tables if t.name.startswith("table2")]:
+        assert not any(n.startswith("not in the table") for n in table.notes), (table.name, table.notes)
 
 
 def test_the_second_seed_sweep_replicates_table1_settings():
@@ -1094,6 +1152,37 @@ def test_compare_paper_refuses_other_extractors_and_datasets(tmp_path, capsys):
     assert (
         len(analyse(storage, tmp_path / "plain", grids=False, figures=False).tables) > 0
     )  # without --compare-paper: fine
+
+
+def test_compare_paper_refuses_a_set_number_of_images_and_another_resolution(fixture_storage, tmp_path):
+    """The paper generates as many images per class as the test split has, at 256 px: a trial evaluated on a set
+    number of images, or at another resolution, cannot stand beside it. The refusal counts them and names the
+    selection that leaves them out."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    original = result_path(storage, "lora-d16-cub200")
+    twin(storage, "lora-d16-cub200", evaluation={"num_images": 500})
+    original.unlink()  # the same trial, evaluated on 500 images
+    tiny = replace(
+        build_sweep("demo")[1],
+        data={"dataset": "flowers102", "root": "/assets/datasets/flowers102"},
+        evaluation={"extractor": "inception-v3-compat", "inception_weights": "/assets/inception.pth"},
+    )
+    extractor = {"extractor": "inception-v3-compat"}
+    ResultStore(storage).write(
+        make_result(tiny, status="success", metrics={"fid": 90.0}, evaluation_settings=extractor)
+    )
+    with pytest.raises(AnalysisError) as refused:
+        analyse(storage, tmp_path / "out", compare_paper=True, grids=False, figures=False)
+    assert str(refused.value) == (
+        "--compare-paper refused: 1 trial evaluated on a set number of images (evaluation.num_images = 500; the "
+        "paper generates as many per class as the test split has: select the others with --where "
+        "evaluation.num_images=null); 1 trial at data.resolution = 16 (the paper's images are 256 px: select the "
+        "others with --where data.resolution=256)"
+    )
+    assert not (tmp_path / "out").exists()
+    where = {"evaluation.num_images": None, "data.resolution": 256}
+    selected = analyse(storage, tmp_path / "ok", compare_paper=True, where=where, grids=False, figures=False)
+    assert len(selected.comparisons) == 5 and len(selected.results.excluded) == 2
 
 
 def test_cli_expected_failures_end_in_one_line_without_traceback(

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from analysis.figures import AUDIT_CAPTION, audit_figure, audit_roc_figure
-from analysis.load import AnalysisError, load_results
+from analysis.load import SETTING_NEUTRAL, AnalysisError, load_results, setting_of
+from analysis.paper import paper_fixture
 from analysis.run import analyse
 from bench.__main__ import main as bench_main
 from bench.results import ResultStore
 from bench.roc import roc_vertices
-from bench.schema import BROKEN_MECHANISM, DATASETS, MethodConfig, TrialConfig, make_result
+from bench.schema import BROKEN_MECHANISM, DATASETS, MethodConfig, TrialConfig, make_result, replace
 from bench.sweeps import SWEEPS, build_sweep, privacy_audit
 
 DELTA = privacy_audit.AUDIT_DELTA
@@ -144,7 +145,7 @@ def ledger(config: TrialConfig, claimed: float) -> dict:
         "epsilon_rdp": claimed,
         "delta": DELTA,
         "noise_multiplier": 1.2,
-        "steps": config.optimization.steps,
+        "steps": config.optimization.steps or 300,  # a paper trial plans its steps from epochs
         "sampling_rate": p.sampling_rate,
         "max_grad_norm": p.max_grad_norm,
         "augmentation_multiplicity": p.augmentation_multiplicity,
@@ -333,8 +334,10 @@ def test_only_failed_audits_draw_no_figure(tmp_path):
     assert audit_roc_figure(results.trials, results.audit_roc, tmp_path / "figures") is None
 
 
-def test_an_audited_and_an_unaudited_twin_are_not_averaged_and_can_be_selected(tmp_path):
-    """The same cell with and without canaries are two settings: refused together, separable with --where."""
+def test_an_audited_and_an_unaudited_twin_are_analysed_apart_and_can_be_selected(tmp_path):
+    """The same cell with and without canaries: two experiments, not two settings to refuse. The utility tables
+    show the trial without an audit (and say they left one out), the audit table the audited one; two audited
+    settings in one cell are still refused, naming the audited cell."""
     configs = smoke_configs()
     store = ResultStore(tmp_path / "storage")
     store.write(audited_record(configs[8, 1], bound=0.4, tpr=0.05, auc=0.6))
@@ -348,12 +351,95 @@ def test_an_audited_and_an_unaudited_twin_are_not_averaged_and_can_be_selected(t
             evaluation_settings={"extractor": twin.evaluation.extractor},
         )
     )
-    with pytest.raises(AnalysisError, match="audit.canaries"):
-        load_results(tmp_path / "storage")
+    analysis = analyse(tmp_path / "storage", tmp_path / "out", table2_epsilon=8, grids=False, figures=False)
+    tables = {t.name: t for t in analysis.tables}
+    (row,) = tables["table2_dp_multiplicity"].rows
+    assert row[-1].text() == "55.00" and tables["table2_dp_multiplicity"].notes == [
+        "1 audited trial is left out of the utility tables: it trains on canaries besides the dataset; see "
+        "privacy_audit"
+    ]
+    assert len(tables["privacy_audit"].rows) == 1 and len(tables["privacy"].rows) == 2
     plain = load_results(tmp_path / "storage", where={"audit": None})
     assert list(plain.trials["trial_id"]) == [twin.trial_id]
     audited = load_results(tmp_path / "storage", where={"audit.canaries": 200})
     assert list(audited.trials["trial_id"]) == [configs[8, 1].trial_id]
+    rank = dataclasses.replace(configs[8, 1], method=dataclasses.replace(configs[8, 1].method, lora_rank=64))
+    store.write(audited_record(rank, bound=0.4, tpr=0.05, auc=0.6))
+    with pytest.raises(
+        AnalysisError, match=r"tiny-d2 digits lora ε=8 k=1 \(audited\): 2 settings .*lora_rank"
+    ):
+        load_results(tmp_path / "storage")
+
+
+def test_audited_trials_are_left_out_of_the_utility_tables_and_figures_and_they_say_so(audit_run):
+    """Audited trials train on canaries besides the dataset: Table 1 shows only the trial without an audit, a
+    table left without trials says how many audited ones it left out, and so do the utility figures; compute,
+    privacy and the audit's own table and figures keep them."""
+    tables = {t.name: t for t in audit_run.tables}
+    assert [row[:2] for row in tables["table1_fid"].rows] == [["tiny-d2", "FFT"]]
+    assert tables["table1_fid"].notes[-1] == (
+        "1 audited trial is left out of the utility tables: it trains on canaries besides the dataset; see "
+        "privacy_audit"
+    )
+    assert (
+        "table3_dp_epsilon: no DP model x method x k was run at two or more epsilons (6 audited trials are left "
+        "out of the utility tables: they train on canaries besides the dataset; see privacy_audit)"
+    ) in audit_run.skipped_tables
+    figures = {f.name for f in audit_run.figures}
+    assert (
+        "privacy_utility" not in figures
+        and (
+            "privacy_utility: no trial has the data it plots (7 audited trials are left out of the utility figures: "
+            "they train on canaries besides the dataset; see privacy_audit)"
+        )
+        in audit_run.skipped_figures
+    )
+    assert len(tables["privacy"].rows) == 6 and len(tables["compute"].rows) == 6
+    assert {"compute_pflops", "privacy_audit", "privacy_audit_roc"} <= figures
+
+
+def test_the_paper_audit_beside_the_paper_sweeps_leaves_their_tables_and_comparison_alone(tmp_path):
+    """The paper sweeps and privacy_audit run into one storage folder: the audited trials (1,000 canaries besides
+    Flowers, FID 50) share cells with Table 1 and 2 trials. They are analysed apart, not refused, and no paper
+    table or comparison holds their FIDs (the fixture's equal the published ones)."""
+    storage = tmp_path / "storage"
+    paper_fixture(storage)
+    store = ResultStore(storage)
+    for config in build_sweep("privacy_audit"):
+        store.write(audited_record(config, bound=0.1, tpr=0.02, auc=0.52))
+    analysis = analyse(storage, tmp_path / "out", compare_paper=True, grids=False, figures=False)
+    assert len(analysis.results.trials) == 53 + 11 and len(analysis.comparisons) == 5
+    for table in analysis.comparisons:
+        both = [row for row in table.rows if "—" not in row[-3:-1]]
+        assert both and {row[-1] for row in both} <= {"+0", "-0"}, table.name
+    tables = {t.name: t for t in analysis.tables}
+    # Table 1: the three trials without DP; Table 2: LoRA at k = 1 and 32 and LNTuning, at epsilon 10
+    three = "3 audited trials are left out of the utility tables: they train on canaries besides the dataset"
+    assert (
+        tables["table1_fid"].notes[-1]
+        == tables["table2_dp_multiplicity"].notes[-1]
+        == f"{three}; see privacy_audit"
+    )
+    assert len(read_csv(tmp_path / "out" / "tables" / "privacy_audit.csv")) == 11
+
+
+def test_another_audit_seed_is_a_replicate_of_the_audited_setting(tmp_path):
+    """An audit rerun with another audit.seed (as a bound above the claim asks) draws other canaries: a replicate
+    of the setting, averaged in its audit-table row, never a repeat of the first run nor another setting."""
+    first = smoke_configs()[8, 1]
+    second = dataclasses.replace(first, audit=dataclasses.replace(first.audit, seed=1))
+    store = ResultStore(tmp_path / "storage")
+    store.write(audited_record(first, bound=0.4, tpr=0.05, auc=0.6))
+    store.write(audited_record(second, bound=0.6, tpr=0.05, auc=0.6))
+    analysis = analyse(tmp_path / "storage", tmp_path / "out", grids=False, figures=False)
+    assert len(analysis.results.trials) == 2 and not analysis.results.repeats
+    (table,) = [t for t in analysis.tables if t.name == "privacy_audit"]
+    (row,) = table.rows
+    bound = row[table.header.index("epsilon_lower_bound")]
+    assert bound.n == 2 and bound.mean == pytest.approx(0.5)
+    assert first.trial_id != second.trial_id and setting_of(first) == setting_of(second)
+    plain = dataclasses.replace(first, audit=None)  # no audit: the setting key is what it always was
+    assert setting_of(plain) == replace(plain, **SETTING_NEUTRAL).trial_id
 
 
 def test_the_dry_run_estimate_counts_the_expected_canaries():
