@@ -591,8 +591,9 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
             notes=[
                 "PFLOPs = 1e15 floating-point operations counted by PyTorch's FLOP counter over the rows actually trained "
                 "(norms, softmax, element-wise ops and the optimiser are not counted); a DP trial's include its "
-                "per-example clipping products, which depend on the clipping mode (book-keeping adds about 1% to the "
-                "non-DP step, Opacus hooks 10-35%, ghost clipping 75-95%): compare DP rows within one mode",
+                "per-example clipping products, which depend on the clipping mode (over the non-DP step on the same "
+                "rows: book-keeping under 0.5%, Opacus hooks up to 31% for full fine-tuning and 1-9% for LoRA, ghost "
+                "clipping 86-141%; scripts/benchmark_clipping_flops.py): compare DP rows within one mode",
                 f"sampling PFLOPs count generation and decoding; not {FEATURES_NOTE}",
                 ATTENTION_NOTE,
                 "MFU against the device's dense bf16 peak; empty on CPUs and unknown GPUs",
