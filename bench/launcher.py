@@ -254,7 +254,8 @@ def _trial_function(param: dict) -> None:
 
     config, launch = TrialConfig.from_dict(param["trial"]), Launch(**param["launch"])
     store = ResultStore(launch.storage)
-    if store.status(config.trial_id) == "success":
+    if store.status(config.trial_id) == "success":  # written by an earlier run of this trial function
+        delete_finished_dp_runs([config], launch)
         return
     if (
         launch.worker_start_timeout_s is not None
@@ -294,8 +295,7 @@ def _trial_function(param: dict) -> None:
         error = f"{type(err).__name__}: {err}"
     status = store.status(config.trial_id)
     if status == "success":  # a failure after the result was written leaves it
-        if config.privacy is not None:
-            delete_training_run(launch, config.trial_id)
+        delete_finished_dp_runs([config], launch)
         return
     # A failure the workers recorded (not retried: ``ray_worker``) during this run: the record is not the one the
     # trial held before it (compared whole, not by time: the workers' nodes keep their own clocks).
@@ -310,6 +310,15 @@ def _record_or_none(store: ResultStore, trial_id: str) -> dict | None:
         return store.read(trial_id)
     except (ValueError, OSError):
         return None
+
+
+def delete_finished_dp_runs(finished: list[TrialConfig], launch: Launch) -> None:
+    """``delete_training_run`` of every DP trial of ``finished`` (trials whose result is written): a driver that
+    died between a result and its deletion left them, and a relaunch, which skips the finished trial, removes them
+    here. Idempotent: a folder already gone costs one look."""
+    for config in finished:
+        if config.privacy is not None:
+            delete_training_run(launch, config.trial_id)
 
 
 def training_run_name(trial_id: str) -> str:
@@ -783,6 +792,7 @@ def run_sweep(
     if dry_run:
         print(estimate(configs, done={c.trial_id for c in done}, plans=plans, device=gpu))
         return {"ran": 0, "skipped": len(done), "failed": 0, "wall_seconds": 0.0, "concurrency": 0}
+    delete_finished_dp_runs(done, launch)
     if not todo:
         print(f"sweep {name}: every trial ({len(configs)}) already has its result in {store.folder}")
         return {"ran": 0, "skipped": len(done), "failed": 0, "wall_seconds": 0.0, "concurrency": 0}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -177,7 +176,10 @@ class ResultStore:
 
     def _write_text(self, path: str, text: str) -> None:
         if self.local:
-            handle, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
+            # Created with the umask's mode: mkstemp's 0600 stayed on the result, unreadable to other users of a
+            # shared storage (their status and analysis read it as invalid).
+            tmp = os.path.join(self.folder, f".tmp-{uuid.uuid4().hex}")
+            handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 with os.fdopen(handle, "w") as out:
                     out.write(text)

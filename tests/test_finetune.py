@@ -863,3 +863,39 @@ def test_under_ddp_every_rank_saves_where_rank_0s_clock_says(tmp_path, as_nccl):
         join=True,
     )
     assert [torch.load(tmp_path / f"saved.{rank}", weights_only=True) for rank in (0, 1)] == [[3], [3]]
+
+
+@pytest.mark.parametrize("private", (False, True))
+def test_a_dp_run_saves_its_final_state_and_a_retry_from_it_trains_no_step_again(private):
+    """A DP run saves after its final step too: a retry whose final evaluation failed then resumes the final model,
+    trains nothing and spends nothing more, where it had retrained the last steps with fresh noise (a second noised
+    model of steps the ledger counts once). Without DP no final state is saved (a retry is bit-identical)."""
+
+    def run(saved: list[dict], resume: dict | None = None) -> tuple[dict, dict]:
+        data, vqvae, var = _tiny_lora_setup()
+        out = finetune(
+            var,
+            vqvae,
+            data,
+            optimization=optimization(3, batch_size=8, learning_rate=1e-2),
+            method=MethodConfig(name="lora", lora_rank=4),
+            plan=RunPlan(planned_steps=3, log_every=1),
+            privacy=PrivacyConfig(target_epsilon=8, sampling_rate=0.5, max_grad_norm=1.0)
+            if private
+            else None,
+            checkpointing=Checkpointing(
+                save=lambda state: saved.append(copy.deepcopy(state)),
+                resources=resources(every_steps=2, every_fraction=1.0),
+                resume=resume,
+            ),
+        )
+        return out, {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
+
+    saved: list[dict] = []
+    out, final = run(saved)
+    assert [s["step"] for s in saved] == ([2, 3] if private else [2])
+    if private:
+        again, resumed = run(saved_again := [], resume=saved[-1])
+        assert all(torch.equal(final[n], resumed[n]) for n in final) and saved_again == []
+        assert again["privacy"]["steps"] == out["privacy"]["steps"] == 3
+        assert again["privacy"]["epsilon_rdp"] == out["privacy"]["epsilon_rdp"]

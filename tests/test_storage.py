@@ -75,3 +75,45 @@ def test_a_local_storage_takes_the_artifacts_in_place(tmp_path):
     fill(folder, {"images/class_0/0.png": b"new 0"})
     store.publish(make_result(CONFIG, status="success"), artifacts_dir=folder)
     assert tree(folder) == {"images/class_0/0.png": b"new 0"} and not cache.exists()
+
+
+def test_a_relaunch_deletes_the_checkpoints_a_finished_dp_trial_left(tmp_path):
+    """A driver that died between a DP trial's result and the deletion of its checkpoints (intermediate models)
+    left them for good: a relaunch skips the finished trial. It now deletes them; a non-DP trial's stay."""
+    from bench.launcher import Launch, delete_finished_dp_runs, training_run_dir
+    from bench.schema import NON_DP_ONLY, replace
+
+    launch = Launch(storage=str(tmp_path / "storage"), cache_dir=str(tmp_path / "cache"))
+    plain = tiny_trial("lora")
+    private = replace(
+        plain,
+        privacy={"target_epsilon": 8.0, "sampling_rate": 0.1, "max_grad_norm": 1.0},
+        optimization=NON_DP_ONLY,
+    )
+    for config in (plain, private):
+        step = Path(training_run_dir(launch, config.trial_id)) / "checkpoint_000001"
+        step.mkdir(parents=True)
+        (step / "state.pt").write_bytes(b"weights")
+    delete_finished_dp_runs([plain, private], launch)
+    assert Path(training_run_dir(launch, plain.trial_id)).is_dir()
+    assert not Path(training_run_dir(launch, private.trial_id)).exists()
+    delete_finished_dp_runs([private], launch)  # already gone: nothing to do
+
+
+def test_results_and_artifacts_are_readable_by_the_umask_s_users(tmp_path):
+    """mkstemp's 0600 stayed on the renamed result: another user of a shared storage read it as invalid."""
+    import os
+    import stat
+
+    from trainables.models.checkpoints import atomic_write
+
+    previous = os.umask(0o022)
+    try:
+        path = ResultStore(tmp_path / "storage").write(
+            make_result(tiny_trial("lora"), status="failed", error="x")
+        )
+        artifact = atomic_write(tmp_path / "artifact.bin", lambda tmp: tmp.write_bytes(b"pixels"))
+    finally:
+        os.umask(previous)
+    for written in (Path(path), artifact):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o644, written

@@ -172,7 +172,9 @@ class Checkpointing:
     planned steps, every ``checkpoint_every_minutes`` of wall-clock time by ``clock`` (seconds), whichever comes
     first; under a process group rank 0's clock decides for all, as ``ray.train.report`` is a barrier) and after
     every convergence evaluation step (so an evaluation is never released from a step a resumed run would redo);
-    never after the final step. ``resume`` is a state saved that way. Under an initialised process group only rank
+    after the final step only under DP: a retry whose final evaluation failed then evaluates the same final model,
+    where retraining the last steps with fresh noise would release a second noised model of steps the ledger
+    counts once (without DP the retry is bit-identical anyway, and the result follows at once). ``resume`` is a state saved that way. Under an initialised process group only rank
     0's state is complete enough to keep. ``identity`` names what defines the training (``run_trial`` passes the
     trial id; None: ``training_identity`` of the run's sections and planned steps): every state carries it and the
     planned steps, and a ``resume`` saved under another identity or plan is refused (a state written before states
@@ -421,7 +423,9 @@ def finetune(
     if resume is not None:
         _restore(var, optimizer, resume, run)
     saves = (
-        _SaveDecision(checkpointing, planned_steps=plan.planned_steps) if checkpointing is not None else None
+        _SaveDecision(checkpointing, planned_steps=plan.planned_steps, final=privacy is not None)
+        if checkpointing is not None
+        else None
     )
     after_step = _AfterStep(
         var=var,
@@ -496,13 +500,16 @@ class _SaveDecision:
     nothing else decides and a time limit is set) over a host group (``_host_group``). Nothing about the batch
     enters the decision (DP: the times are released without noise anyway)."""
 
-    def __init__(self, checkpointing: Checkpointing, *, planned_steps: int):
+    def __init__(self, checkpointing: Checkpointing, *, planned_steps: int, final: bool = False):
         self.policy, self.clock, self.planned = checkpointing.policy, checkpointing.clock, planned_steps
+        self.final = final
         # Made on every rank alike (every rank builds its decision at the same point of the run).
         self.group = _host_group() if self.policy.every_minutes is not None else None
         self.last_save = self.clock()
 
     def due(self, done: int, *, evaluation_step: bool) -> bool:
+        if done == self.planned > 0:
+            return self.final
         if not 0 < done < self.planned:
             return False
         if evaluation_step or self.policy.due_by_steps(done, self.planned):
