@@ -505,6 +505,39 @@ def _more_classes_than_the_adapter(a, t):
     return argv, ["the split has 3 classes", f"--adapter {a.adapter} has 2"]
 
 
+def _adapter_on_a_deeper_base(a, t):
+    deeper = save_var(build_var(**{**TINY_VAR, "depth": 3}), t / "deep.pth")
+    argv = _evaluate_argv(a, t, **{"--var": deeper, "--adapter": a.adapter})
+    return argv, [a.adapter, "another var-adapter architecture", "depth: saved 2, requested 3"]
+
+
+def _adapter_on_another_base_file(a, t):
+    other = save_var(build_var(**TINY_VAR, generator=torch.Generator().manual_seed(5)), t / "other.pth")
+    return _evaluate_argv(a, t, **{"--var": other, "--adapter": a.adapter}), [a.adapter, "SHA-256"]
+
+
+def _vqvae_of_other_tokens(a, t):
+    other = save_vqvae(build_vqvae(**{**TINY_VQVAE, "vocab_size": 32}), t / "vq32.pth")
+    return _evaluate_argv(a, t, **{"--vqvae": other}), [other, "vocab_size: VAR 64, VQVAE 32"]
+
+
+def _other_classes_than_the_adapter(a, t):
+    """The adapter records its training classes 'a' and 'b'; the split's are '10' and '2' (as many)."""
+    base = load_var(a.var, **TINY_VAR)
+    adaptation = adapt(base, MethodConfig(name="lora", lora_rank=2), num_classes=2, seed=0)
+    path = save_adapter(base, t / "named.pt", adaptation=adaptation, class_names=["a", "b"])
+    argv = _evaluate_argv(a, t, **{"--adapter": path})
+    return argv, ["folder train", "missing from the split: 'a', 'b'; not trained on: '10', '2'"]
+
+
+def _fewer_classes_than_an_unnamed_adapter(a, t):
+    """The adapter records 2 classes and no names (saved before they were recorded); the split has 1 class."""
+    for i in range(4):
+        jpeg(t / "one" / "train" / "c0" / f"{i}.jpg", seed=i)
+    argv = _evaluate_argv(a, t, **{"--root": t / "one", "--adapter": a.adapter})
+    return argv, ["the split has 1 classes", f"--adapter {a.adapter} has 2", "records no class names"]
+
+
 EVALUATE = {
     "missing checkpoint": lambda a, t: (
         _evaluate_argv(a, t, **{"--var": t / "absent.pth"}),
@@ -541,6 +574,11 @@ EVALUATE = {
     "image folder is a file": lambda a, t: (_evaluate_argv(a, t, **{"--root": a.file}), [a.file]),
     "corrupt image": _corrupt_image,
     "more classes than the adapter": _more_classes_than_the_adapter,
+    "adapter on a deeper base": _adapter_on_a_deeper_base,
+    "adapter on another base file": _adapter_on_another_base_file,
+    "vqvae of other tokens": _vqvae_of_other_tokens,
+    "other classes than the adapter": _other_classes_than_the_adapter,
+    "fewer classes than an unnamed adapter": _fewer_classes_than_an_unnamed_adapter,
     "split of fewer than 4 images": lambda a, t: (
         _evaluate_argv(a, t, **{"--split": "test"}),
         ["folder test", "3 image(s)", "fewer than the 4"],

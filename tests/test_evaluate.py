@@ -263,3 +263,218 @@ def test_reference_images_of_high_bit_depth_or_exif_turned_files_are_the_display
     real = dict(zip((p.name for p in images.paths), torch.cat(list(real_images_uint8(images, 8)))))
     originals = [p for p in images.paths if p.parent.name == "a"]
     assert len(originals) == 5 and all(torch.equal(real[p.name], real[f"{p.name}.png"]) for p in originals)
+
+
+def _no_heavy_work(monkeypatch) -> list[str]:
+    """Make decoding the split's images, building the extractor and loading a model fail, recording which was
+    reached (the command reports any exception as its error line, so the list says whether a check came late)."""
+    import trainables.evaluation.evaluate as evaluate_module
+    import trainables.models as models
+
+    reached = []
+
+    def heavy(name):
+        def refuse(*args, **kwargs):
+            reached.append(name)
+            raise AssertionError(f"{name} reached before the check")
+
+        return refuse
+
+    for module, name in (
+        (evaluate_module, "check_images"),
+        (evaluate_module, "build_extractor"),
+        (evaluate_module, "reference_statistics"),
+        (models, "load_var"),
+        (models, "load_vqvae"),
+    ):
+        monkeypatch.setattr(module, name, heavy(name))
+    return reached
+
+
+def _saved_lora(tmp_path, *, base_path, num_classes: int, class_names=None):
+    """A LoRA adapter of the tiny base at ``base_path`` (its sidecar records the base file's SHA-256)."""
+    from test_methods import tiny_base
+
+    from bench.schema import MethodConfig
+    from trainables.methods import adapt, save_adapter
+    from trainables.models.checkpoints import checkpoint_sha256
+
+    var = tiny_base()
+    method = MethodConfig(name="lora", lora_rank=2)
+    adaptation = adapt(var, method, num_classes=num_classes, seed=0, base_sha256=checkpoint_sha256(base_path))
+    path = tmp_path / f"adapter-{num_classes}-{'named' if class_names else 'unnamed'}.pt"
+    # class_names only where given: an adapter saved without them is one of those saved before they were recorded
+    named = {} if class_names is None else {"class_names": class_names}
+    return save_adapter(var, path, adaptation=adaptation, **named)
+
+
+def _command(tmp_path, var_path, vqvae_path, *, root, split="test", **change) -> list[str]:
+    options = {
+        "--var": var_path,
+        "--vqvae": vqvae_path,
+        "--dataset": "folder",
+        "--root": root,
+        "--split": split,
+    }
+    options |= {
+        "--extractor": SUBSTITUTE_EXTRACTOR,
+        "--cfg": 1.0,
+        "--top-k": 0,
+        "--top-p": 0,
+        "--batch-size": 4,
+    }
+    options |= {"--cache": tmp_path / "ref", "--out": tmp_path / "eval", **change}
+    return [str(x) for key, value in options.items() for x in (key, value)]
+
+
+@pytest.fixture
+def saved_models(tmp_path):
+    from conftest import TINY_VQVAE
+    from test_methods import tiny_base
+
+    from trainables.models import build_vqvae
+
+    return save_var(tiny_base(), tmp_path / "base.pth"), save_vqvae(
+        build_vqvae(**TINY_VQVAE), tmp_path / "vq.pth"
+    )
+
+
+def _classes(root, split: str, names, *, per_class: int = 2) -> None:
+    for c, name in enumerate(names):
+        for i in range(per_class):
+            jpeg(root / split / name / f"{i}.jpg", seed=c * per_class + i)
+
+
+@pytest.mark.parametrize(
+    "split_classes, named, needles",
+    [
+        # The reviewer's case: a folder split without one class's folder numbers "c" as label 1, the model's "b".
+        (("a", "c"), True, ["are not the 3 --adapter", "missing from the split: 'b'"]),
+        (("a", "b", "d"), True, ["missing from the split: 'c'; not trained on: 'd'"]),
+        (("a", "c"), False, ["the split has 2 classes but --adapter", "has 3 and records no class names"]),
+    ],
+)
+def test_the_command_refuses_a_split_of_other_classes_than_the_adapter_s_before_decoding_it(
+    split_classes, named, needles, saved_models, tmp_path, capsys, monkeypatch
+):
+    """Each split numbers its own classes, so a split of other classes scored the adapter's label i against
+    another class, silently. An adapter records its training classes; one saved before that is held to its count."""
+    base_path, vqvae_path = saved_models
+    _classes(tmp_path / "data", "train", ("a", "b", "c"))
+    _classes(tmp_path / "data", "test", split_classes, per_class=3)
+    names = read_dataset("folder", tmp_path / "data", "train").class_names if named else None
+    adapter = _saved_lora(tmp_path, base_path=base_path, num_classes=3, class_names=names)
+    reached = _no_heavy_work(monkeypatch)
+    assert (
+        main(_command(tmp_path, base_path, vqvae_path, root=tmp_path / "data", **{"--adapter": adapter})) == 2
+    )
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert reached == [] and last.startswith("error: folder test: ")
+    assert all(needle in last for needle in needles), last
+
+
+def test_the_command_scores_an_adapter_on_a_split_of_its_training_classes(saved_models, tmp_path):
+    base_path, vqvae_path = saved_models
+    _classes(tmp_path / "data", "train", ("a", "b", "c"))
+    _classes(tmp_path / "data", "test", ("a", "b", "c"))
+    names = read_dataset("folder", tmp_path / "data", "train").class_names
+    adapter = _saved_lora(tmp_path, base_path=base_path, num_classes=3, class_names=names)
+    assert (
+        main(_command(tmp_path, base_path, vqvae_path, root=tmp_path / "data", **{"--adapter": adapter})) == 0
+    )
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["plan"] == [2, 2, 2]
+
+
+def _deeper_base(tmp_path, base_path, vqvae_path):
+    import torch
+    from conftest import TINY_VAR
+
+    from trainables.models import build_var
+
+    deeper = build_var(
+        **{**TINY_VAR, "depth": 3}, drop_path_rate=0.0, generator=torch.Generator().manual_seed(0)
+    )
+    return {"--var": save_var(deeper, tmp_path / "deep.pth")}, [
+        "saved for another var-adapter",
+        "depth: saved 2",
+    ]
+
+
+def _other_base_file(tmp_path, base_path, vqvae_path):
+    from test_methods import tiny_base
+
+    other = save_var(tiny_base(seed=7), tmp_path / "other.pth")
+    return {"--var": other}, ["was trained on the base checkpoint with SHA-256"]
+
+
+def _other_vocabulary(tmp_path, base_path, vqvae_path):
+    from conftest import TINY_VQVAE
+
+    from trainables.models import build_vqvae
+
+    other = save_vqvae(build_vqvae(**{**TINY_VQVAE, "vocab_size": 32}), tmp_path / "vq32.pth")
+    return {"--vqvae": other}, [f"--vqvae {other} does not match --var", "vocab_size: VAR 64, VQVAE 32"]
+
+
+def _plain_of_another_layout(tmp_path, base_path, vqvae_path):
+    """No sidecar: --depth 2 is taken as the official layout (1000 classes, 4096 tokens); the file is the tiny
+    model's, which its header shows."""
+    import torch
+
+    plain = tmp_path / "plain.pth"
+    torch.save(torch.load(base_path, weights_only=True), plain)
+    return {"--var": plain, "--depth": 2}, [
+        f"checkpoint {plain} does not match the VAR --var is taken to be without a sidecar"
+    ]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        _deeper_base,
+        _other_base_file,
+        _other_vocabulary,
+        lambda t, b, q: ({"--resolution": 32}, ["--resolution 32", "16px"]),
+        _plain_of_another_layout,
+    ],
+    ids=["adapter of another depth", "adapter of another base file", "vqvae", "resolution", "header"],
+)
+def test_the_command_checks_the_models_on_their_records_before_decoding_an_image(
+    case, saved_models, tmp_path, capsys, monkeypatch
+):
+    """An adapter of another base (architecture or file), a VQVAE of other tokens, another --resolution and a
+    checkpoint without a sidecar of another layout were found after the split's images were decoded, the
+    extractor built and the base loaded (or at the first sample, after the reference statistics)."""
+    base_path, vqvae_path = saved_models
+    make_folder(tmp_path / "data")
+    adapter = _saved_lora(tmp_path, base_path=base_path, num_classes=2)
+    change, needles = case(tmp_path, base_path, vqvae_path)
+    argv = _command(tmp_path, base_path, vqvae_path, root=tmp_path / "data", split="train", **change)
+    if "--adapter" not in argv and case in (_deeper_base, _other_base_file):
+        argv += ["--adapter", str(adapter)]
+    reached = _no_heavy_work(monkeypatch)
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert reached == [] and last.startswith("error: ")
+    assert all(needle in last for needle in needles), last
+
+
+def test_evaluate_refuses_a_vqvae_of_other_tokens_before_the_reference_statistics(tiny_var, split, tmp_path):
+    from conftest import TINY_VQVAE
+
+    from trainables.models import build_vqvae
+
+    other = build_vqvae(**{**TINY_VQVAE, "z_channels": 4}).eval()
+    with pytest.raises(
+        EvaluationError, match=r"the VQVAE does not match the VAR \(z_channels: VAR 8, VQVAE 4\)"
+    ):
+        evaluate(
+            tiny_var,
+            other,
+            split,
+            evaluation=EVALUATION,
+            autocast_bf16=False,
+            scoring=SCORING,
+            cache=ReferenceStats(tmp_path / "reference"),
+        )
+    assert not list(tmp_path.rglob("*.npz"))  # no reference statistics computed

@@ -19,6 +19,7 @@ from trainables.methods import (
     LORA_TARGET_GROUPS,
     LoraLinear,
     adapt,
+    adapter_record,
     load_adapter,
     merge_adapters,
     official_export_state,
@@ -27,7 +28,7 @@ from trainables.methods import (
     trainable_parameters,
 )
 from trainables.models import CheckpointError, build_var, load_var
-from trainables.models.checkpoints import checkpoint_sha256, file_sha256, save_var
+from trainables.models.checkpoints import checkpoint_sha256, file_sha256, resize_class_embedding, save_var
 from trainables.models.vqvae import OFFICIAL_PATCH_NUMS
 from trainables.patches import (
     OPACUS_PATCHES,
@@ -326,6 +327,69 @@ def test_adapter_refuses_another_base(tmp_path):
     other = build_var(**{**TINY_VAR, "embed_dim": 32}, generator=torch.Generator().manual_seed(0))
     with pytest.raises(CheckpointError, match="another var-adapter architecture"):
         load_adapter(other, tmp_path / "adapter.pt", base_sha256=None)
+
+
+@pytest.mark.parametrize("class_init", ["unconditional", "mean", "normal"])
+def test_adapt_draws_new_class_rows_also_for_the_base_s_own_label_count(class_init):
+    """The tiny base has 5 classes: 5 new classes are not the base's, so their rows are ``class_init``'s (drawn
+    with the seed, a trial id's field), as for any other count, never the base's own class rows."""
+    classes = TINY_VAR["num_classes"]
+    method = MethodConfig(name="lora", lora_rank=2, class_init=class_init)
+    rows = {}
+    for seed in (0, 1):
+        var = tiny_base()
+        adapt(var, method, num_classes=classes, seed=seed)
+        rows[seed] = var.class_emb.weight.detach()
+        expected = resize_class_embedding(
+            tiny_base(), classes, init=class_init, generator=torch.Generator().manual_seed(seed)
+        )
+        assert torch.equal(rows[seed], expected.class_emb.weight)
+    assert not torch.equal(rows[0][:classes], tiny_base().class_emb.weight[:classes])
+    assert torch.equal(
+        rows[0][classes], tiny_base().class_emb.weight[classes]
+    )  # the unconditional row is kept
+    assert torch.equal(rows[0], rows[1]) == (class_init != "normal")  # only "normal" draws with the seed
+
+
+@pytest.mark.parametrize("name", ["lora", "ln_tuning", "full"])
+def test_load_adapter_refuses_a_base_that_already_carries_an_adapter_or_patches(name, tmp_path):
+    """A LoRA adapter loaded again onto its own (merged) model was applied twice, silently: only a freshly
+    loaded base is accepted."""
+    base_path = save_var(tiny_base(), tmp_path / "base.pth")
+    var = load_var(base_path, **_load_args())
+    adaptation = adapt(var, SPECS[name], num_classes=NEW_CLASSES, seed=0)
+    train_steps(var, 1)
+    save_adapter(var, tmp_path / "adapter.pt", adaptation=adaptation)
+    loaded = load_var(base_path, **_load_args())
+    load_adapter(loaded, tmp_path / "adapter.pt", base_sha256=None)
+    carries = "peft adapter layers" if name != "full" else "the patches"
+    for model, what in ((loaded, carries), (merge_adapters(copy.deepcopy(loaded)), "the patches")):
+        with pytest.raises(CheckpointError, match=f"already carries {what}.*pass a freshly loaded base"):
+            load_adapter(model, tmp_path / "adapter.pt", base_sha256=None)
+
+
+def test_adapters_record_the_training_class_names_and_older_ones_load_without(tmp_path):
+    var = tiny_base()
+    adaptation = adapt(var, SPECS["lora"], num_classes=NEW_CLASSES, seed=0)
+    with pytest.raises(ValueError, match="class_names: expected the 3 class names of the training split"):
+        save_adapter(var, tmp_path / "adapter.pt", adaptation=adaptation, class_names=["a", "b"])
+    save_adapter(var, tmp_path / "adapter.pt", adaptation=adaptation, class_names=("c", "a", "b"))
+    sidecar_file = tmp_path / "adapter.pt.json"
+    sidecar = json.loads(sidecar_file.read_text())
+    assert sidecar["metadata"]["class_names"] == ["c", "a", "b"]
+    meta_base = build_var(**_load_args(), device="meta")
+    assert adapter_record(meta_base, tmp_path / "adapter.pt", base_sha256=None) == (
+        adaptation,
+        ("c", "a", "b"),
+    )
+    sidecar["metadata"]["class_names"] = ["c", "a"]  # edited by hand
+    sidecar_file.write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointError, match="its class_names are not 3 names"):
+        adapter_record(meta_base, tmp_path / "adapter.pt", base_sha256=None)
+    del sidecar["metadata"]["class_names"]  # an adapter saved before the names were recorded
+    sidecar_file.write_text(json.dumps(sidecar))
+    assert adapter_record(meta_base, tmp_path / "adapter.pt", base_sha256=None) == (adaptation, None)
+    assert load_adapter(tiny_base(), tmp_path / "adapter.pt", base_sha256=None) == adaptation
 
 
 def test_merge_is_numerically_equivalent():

@@ -18,7 +18,7 @@ from test_methods import NEW_CLASSES, random_batch, tiny_base, train_steps
 
 from bench.schema import ConfigError, MethodConfig
 from trainables.evaluation.evaluate import main as evaluate_main
-from trainables.methods import adapt, load_adapter, merge_adapters, save_adapter
+from trainables.methods import adapt, adapter_record, load_adapter, merge_adapters, save_adapter
 from trainables.models import CheckpointError, build_var, load_var
 from trainables.models.checkpoints import checkpoint_sha256, save_var
 from trainables.peft_format import PROVENANCE_FILE, peft_base, save_peft_adapter
@@ -162,14 +162,78 @@ def test_edited_or_incomplete_folders_and_full_fine_tuning_are_refused(saved, ca
 
 
 def test_a_trial_writes_the_peft_folder_beside_adapter_pt_except_for_full(saved, tmp_path):
+    names = ("b", "a", "c")  # the training split's classes, label i first at i
     for method in ("lora", "full"):
         config = tiny_trial(method)
         var = tiny_base()
         adaptation = adapt(var, config.method, num_classes=NEW_CLASSES, seed=0)
-        _save_adapters(config, var, tmp_path / method, adaptation=adaptation)
+        _save_adapters(config, var, tmp_path / method, adaptation=adaptation, class_names=names)
         written = sorted(p.name for p in (tmp_path / method).iterdir())
         peft_folder = [PEFT_ADAPTER_FOLDER] if method == "lora" else []
         assert written == sorted(["adapter.pt", "adapter.pt.json", *peft_folder])
+        sidecar = json.loads((tmp_path / method / "adapter.pt.json").read_text())
+        assert sidecar["metadata"]["class_names"] == list(names)
     provenance = json.loads((tmp_path / "lora" / PEFT_ADAPTER_FOLDER / PROVENANCE_FILE).read_text())
     assert provenance["metadata"]["trial_id"] == tiny_trial("lora").trial_id
+    assert provenance["class_names"] == list(names)
+    base = build_var(**_architecture(), device="meta")
+    for path in (tmp_path / "lora" / "adapter.pt", tmp_path / "lora" / PEFT_ADAPTER_FOLDER):
+        assert adapter_record(base, path, base_sha256=None)[1] == names
     assert not list(Path(tmp_path).glob("**/.*tmp-*"))  # no staging folder left behind
+
+
+def _copy_folder(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for file in source.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    return target
+
+
+def test_an_edited_adapter_config_is_refused_by_both_loaders(saved):
+    """peft builds its model from adapter_config.json, varsweep's loader from the adaptation record: an edited
+    alpha made them two different models, silently. The provenance pins the config's SHA-256; folders saved
+    before it did have the fields that shape the model compared with the adaptation record instead."""
+    edited = _copy_folder(saved.trained["lora"].folder, saved.root / "config-edited")
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 8.0}))
+    for load in (peft_base, load_adapter):
+        with pytest.raises(
+            CheckpointError, match=r"adapter_config.json is not the file its .* \(SHA-256 differs\)"
+        ):
+            load(load_var(saved.base, **_architecture()), edited, base_sha256=saved.sha)
+    # An older folder: no config SHA-256 in its provenance.
+    provenance = json.loads((edited / PROVENANCE_FILE).read_text())
+    del provenance["config_sha256"]
+    (edited / PROVENANCE_FILE).write_text(json.dumps(provenance))
+    for load in (peft_base, load_adapter):
+        with pytest.raises(CheckpointError, match=r"lora_alpha: 8.0, trained with 32.0"):
+            load(load_var(saved.base, **_architecture()), edited, base_sha256=saved.sha)
+    (edited / "adapter_config.json").write_text(json.dumps(config))  # as saved: an older folder still loads
+    label_B, x_BLCv, _ = random_batch(seed=4)
+    var = load_var(saved.base, **_architecture())
+    assert load_adapter(var, edited, base_sha256=saved.sha) == saved.trained["lora"].adaptation
+    with torch.no_grad():
+        assert torch.equal(var.eval()(label_B, x_BLCv), _varsweep_model(saved, "lora")(label_B, x_BLCv))
+
+
+def test_peft_base_draws_the_class_rows_as_adapt_does_also_for_the_base_s_own_label_count(saved, tmp_path):
+    """The tiny base has 5 classes: an adapter for 5 new classes starts from ``class_init``'s rows (here drawn
+    with the seed), not from the base's own class rows, in ``adapt`` and in ``peft_base`` alike."""
+    classes = TINY_VAR["num_classes"]
+    method = MethodConfig(name="lora", lora_rank=2, class_init="normal")
+    var = load_var(saved.base, **_architecture())
+    adaptation = adapt(var, method, num_classes=classes, seed=3, base_sha256=saved.sha)
+    initial = var.class_emb.weight.detach().clone()
+    assert not torch.equal(initial, tiny_base().class_emb.weight)
+    folder = save_peft_adapter(var, tmp_path / "same-count", adaptation=adaptation)
+    base = peft_base(load_var(saved.base, **_architecture()), folder, base_sha256=saved.sha)
+    assert torch.equal(base.class_emb.weight, initial)
+
+
+def test_peft_base_refuses_a_base_that_already_carries_an_adapter_or_patches(saved):
+    folder = saved.trained["lora"].folder
+    adapted = _varsweep_model(saved, "lora")
+    with pytest.raises(CheckpointError, match="already carries peft adapter layers.*freshly loaded base"):
+        peft_base(adapted, folder, base_sha256=saved.sha)
+    with pytest.raises(CheckpointError, match=r"already carries the patches \['positions_as_modules'"):
+        peft_base(merge_adapters(adapted), folder, base_sha256=saved.sha)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,15 @@ from torch import nn
 from bench.schema import ConfigError, MethodConfig
 
 from . import bookkeeping
-from .models.checkpoints import CheckpointError, read_verified, resize_class_embedding, save_tensors
+from .models.checkpoints import (
+    CheckpointError,
+    check_sidecar,
+    read_verified,
+    resize_class_embedding,
+    save_tensors,
+)
 from .models.var import VAR, unhooked
-from .patches import OPACUS_PATCHES, apply_patches
+from .patches import OPACUS_PATCHES, apply_patches, patches_applied
 
 # Module paths inside a block, by role (REFERENCE.md §3: LoRA on mat_qkv, proj, fc1, fc2 and the blocks' ada_lin.1).
 LORA_TARGET_GROUPS = {
@@ -683,10 +689,11 @@ def adapt(
         )
     if num_classes < 1:
         raise ConfigError(f"num_classes: must be >= 1, got {num_classes}")
-    if var.num_classes != num_classes:
-        resize_class_embedding(
-            var, num_classes, init=method.class_init, generator=torch.Generator().manual_seed(seed)
-        )
+    # Always, also for a label count equal to the base's: the new classes are not the base's, and their rows are
+    # the documented ``class_init`` drawn with ``seed`` (a trial id's field), never the base's own class rows.
+    resize_class_embedding(
+        var, num_classes, init=method.class_init, generator=torch.Generator().manual_seed(seed)
+    )
     adaptation = Adaptation(
         method=method, num_classes=num_classes, seed=seed, patches=apply_patches(var), base_sha256=base_sha256
     )
@@ -736,6 +743,9 @@ def _merged_layer(module: BaseTunerLayer) -> nn.Module:
 
 
 ADAPTER_KIND = "var-adapter"
+# The record's key for the training split's class names (label i is class_names[i]), in an adapter's sidecar
+# metadata and a peft folder's provenance: adapters saved before it was recorded have none.
+CLASS_NAMES = "class_names"
 
 
 def save_adapter(
@@ -744,11 +754,13 @@ def save_adapter(
     *,
     adaptation: Adaptation,
     metadata: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Write the trainable tensors of a VAR prepared by ``adapt`` (adapters, class embedding; everything for
     ``full``) with a sidecar holding ``adaptation`` (what ``adapt`` returned: method section, label count, seed,
-    patches), the base architecture, the base checkpoint's SHA-256 (``adaptation.base_sha256``) and ``metadata``
-    (e.g. the trial config)."""
+    patches), the base architecture, the base checkpoint's SHA-256 (``adaptation.base_sha256``), ``class_names``
+    (the training split's, label i first at i: an evaluation refuses a split whose classes differ; None: not
+    known) and ``metadata`` (e.g. the trial config)."""
     if not isinstance(adaptation, Adaptation):
         raise TypeError(
             f"adaptation: expected the Adaptation that adapt() returned, got {type(adaptation).__name__}"
@@ -757,6 +769,7 @@ def save_adapter(
         **dict(metadata or {}),
         "adaptation": adaptation.to_dict(),
         "base_sha256": adaptation.base_sha256,
+        CLASS_NAMES: class_names_entry(class_names, num_classes=adaptation.num_classes),
     }
     return save_tensors(
         path,
@@ -767,6 +780,35 @@ def save_adapter(
     )
 
 
+def class_names_entry(class_names: Sequence[str] | None, *, num_classes: int) -> list[str] | None:
+    """``class_names`` as an adapter records them, after checking they name the adaptation's classes."""
+    if class_names is None:
+        return None
+    names = list(class_names)
+    if len(names) != num_classes or not all(isinstance(name, str) for name in names):
+        raise ValueError(
+            f"class_names: expected the {num_classes} class names of the training split (label i is "
+            f"class_names[i]), got {len(names)}: {names[:5]}"
+        )
+    return names
+
+
+def recorded_class_names(
+    path: str | os.PathLike, record: Mapping[str, Any], *, num_classes: int
+) -> tuple[str, ...] | None:
+    """The training class names an adapter's record holds (None for adapters saved before they were recorded);
+    ``CheckpointError`` for a record whose names are not one string per class."""
+    names = record.get(CLASS_NAMES)
+    if names is None:
+        return None
+    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(
+            f"adapter {path}: its {CLASS_NAMES} are not {num_classes} names, one per class of its adaptation "
+            "(edited by hand or damaged)"
+        )
+    return tuple(names)
+
+
 def base_architecture(var: VAR) -> dict[str, Any]:
     """The architecture an adapter records of its base: the VAR's, less the class count (the adaptation's)."""
     return {
@@ -775,25 +817,67 @@ def base_architecture(var: VAR) -> dict[str, Any]:
     }  # the class count belongs to the adaptation, not the base
 
 
+def adapter_record(
+    base: VAR, path: str | os.PathLike, *, base_sha256: str | None
+) -> tuple[Adaptation, tuple[str, ...] | None]:
+    """(the ``Adaptation``, the training class names or None) the adapter at ``path`` records, after the checks
+    ``load_adapter`` makes that need neither the adapter's tensors nor the base's weights: the sidecar's kind
+    and base architecture (``base`` may be a meta-device build), the base checkpoint's SHA-256 (``base_sha256``,
+    None skips it) and the records themselves. A peft folder's provenance is checked the same way (with its
+    files' SHA-256s). The evaluation command runs this before it decodes an image or loads a model."""
+    if Path(path).is_dir():
+        from .peft_format import peft_record  # peft_format builds on this module
+
+        return peft_record(base, path, base_sha256=base_sha256)
+    if not Path(path).is_file():
+        raise CheckpointError(f"no adapter file or peft adapter folder at {path}")
+    record = check_sidecar(path, kind=ADAPTER_KIND, architecture=base_architecture(base))
+    return _recorded(path, None if record is None else record.get("metadata"), base_sha256=base_sha256)
+
+
+def _recorded(
+    path: str | os.PathLike, metadata: Any, *, base_sha256: str | None
+) -> tuple[Adaptation, tuple[str, ...] | None]:
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("adaptation"), dict):
+        raise CheckpointError(
+            f"adapter {path} has no sidecar {path}.json with its adaptation spec; it cannot be applied"
+        )
+    saved = saved_adaptation(path, metadata, base_sha256=base_sha256)
+    return saved, recorded_class_names(path, metadata, num_classes=saved.num_classes)
+
+
+def check_fresh_base(base: VAR, path: str | os.PathLike) -> None:
+    """Refuse a base that already carries peft adapters or per-sample-gradient patches: an adapted, loaded or
+    merged model (merging keeps the patches). Adapting it again would apply an adapter a second time on top
+    of the first (LoRA: twice the update), silently."""
+    adapters = any(isinstance(module, BaseTunerLayer) for module in base.modules())
+    patches = patches_applied(base)
+    if adapters or patches:
+        carries = "peft adapter layers" if adapters else f"the patches {list(patches)}"
+        raise CheckpointError(
+            f"adapter {path}: the given VAR already carries {carries} (adapted, or loaded or merged from an "
+            "adapter before), so the adapter would be applied on top of another: pass a freshly loaded base "
+            "(load_var or build_var)"
+        )
+
+
 def load_adapter(base: VAR, path: str | os.PathLike, *, base_sha256: str | None) -> Adaptation:
     """Apply the adapter at ``path`` to a freshly loaded base VAR, in place (``base`` becomes the fine-tuned
     model), and return its ``Adaptation`` record. ``base_sha256``: the SHA-256 of the file ``base`` was loaded
     from (``checkpoint_sha256(path)``), required so that no caller skips the check by accident: a base other than
     the one the adapter was trained on is refused; None only for a base that has no file (built in memory).
+    A base that already carries adapters or patches is refused (``check_fresh_base``).
     The adapter's tensors and sidecar are read as one verified pair (``read_verified``) before the base is
     touched. ``path`` may also be a peft adapter folder written by ``trainables.peft_format.save_peft_adapter``
     (``adapter_config.json``, ``adapter_model.safetensors`` and varsweep's provenance file), checked the same way."""
+    check_fresh_base(base, path)
     if Path(path).is_dir():
         # Imported here: peft_format builds on this module (Adaptation, adapt), so it cannot be imported at its top.
         from .peft_format import load_peft_folder
 
         return load_peft_folder(base, path, base_sha256=base_sha256)
     state, _, metadata = read_verified(path, kind=ADAPTER_KIND, architecture=base_architecture(base))
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("adaptation"), dict):
-        raise CheckpointError(
-            f"adapter {path} has no sidecar {path}.json with its adaptation spec; it cannot be applied"
-        )
-    saved = saved_adaptation(path, metadata, base_sha256=base_sha256)
+    saved, _ = _recorded(path, metadata, base_sha256=base_sha256)
     return apply_adapter_state(base, path, saved=saved, state=state, base_sha256=base_sha256)
 
 

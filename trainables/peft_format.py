@@ -4,8 +4,9 @@
 ``save_pretrained``: ``adapter_config.json`` (the LoRA / LN-tuning configuration ``adapt`` injected, plus the new
 class embedding as a whole trained module: LoRA's ``modules_to_save=["class_emb"]``, one more LN-tuning target) and
 ``adapter_model.safetensors``. Beside them, ``varsweep_adapter.json`` keeps the provenance peft's config has no
-field for: the adaptation record, the base checkpoint's SHA-256 and architecture, the SHA-256 of the weights file
-and the caller's metadata (e.g. the trial config).
+field for: the adaptation record, the base checkpoint's SHA-256 and architecture, the training split's class names,
+the SHA-256s of the weights file and of ``adapter_config.json`` (both checked on reading: peft builds its model
+from the config) and the caller's metadata (e.g. the trial config).
 
 Loading is peft's API on a base prepared by one documented call::
 
@@ -28,7 +29,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,15 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from .methods import (
     CLASS_EMBEDDING,
+    CLASS_NAMES,
     Adaptation,
     apply_adapter_state,
     base_architecture,
+    check_fresh_base,
+    class_names_entry,
     is_adapter_parameter,
     peft_config,
+    recorded_class_names,
     saved_adaptation,
     trainable_parameters,
 )
@@ -69,12 +74,15 @@ def save_peft_adapter(
     *,
     adaptation: Adaptation,
     metadata: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Write the adapter of a VAR prepared by ``adapt`` (and trained) as a peft folder (see the module docstring),
     replacing ``folder`` as a whole only once everything is written. ``adaptation``: what ``adapt`` returned;
-    ``metadata``: the caller's (JSON), kept in the provenance file. Refuses ``full`` fine-tuning (no adapter) and a
-    model with trainable tensors outside the adapter and the class embedding."""
+    ``metadata``: the caller's (JSON), kept in the provenance file; ``class_names``: the training split's (as
+    ``methods.save_adapter`` records them). Refuses ``full`` fine-tuning (no adapter) and a model with trainable
+    tensors outside the adapter and the class embedding."""
     config = peft_config(adaptation, depth=var.depth, with_class_embedding=True)  # refuses "full": no adapter
+    names = class_names_entry(class_names, num_classes=adaptation.num_classes)
     trained = {name: param.detach().cpu() for name, param in trainable_parameters(var).items()}
     others = sorted(
         name for name in trained if name != f"{CLASS_EMBEDDING}.weight" and not is_adapter_parameter(name)
@@ -95,7 +103,11 @@ def save_peft_adapter(
         "adaptation": adaptation.to_dict(),
         "base_sha256": adaptation.base_sha256,
         "base_architecture": base_architecture(var),
+        CLASS_NAMES: names,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        # peft builds its model from this file: an edited rank, alpha or target list would make peft's loader and
+        # varsweep's (which builds from the adaptation record) give two different models, so it is pinned too
+        "config_sha256": hashlib.sha256((staging / CONFIG_NAME).read_bytes()).hexdigest(),
         "peft_version": peft.__version__,
         "metadata": dict(metadata or {}),
     }
@@ -163,7 +175,57 @@ def read_provenance(folder: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
             f"peft adapter folder {folder}: {SAFETENSORS_WEIGHTS_NAME} is not the file its {PROVENANCE_FILE} "
             "records (SHA-256 differs): changed or replaced after saving"
         )
+    _check_config(folder, record)
     return record, weights
+
+
+# The adapter_config.json fields that decide which model peft builds, compared for folders saved before the
+# config's SHA-256 was recorded (dropout is 0 and changes no evaluation; peft's other fields are its defaults).
+CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save")
+
+
+def _check_config(folder: Path, record: Mapping[str, Any]) -> None:
+    """Refuse an ``adapter_config.json`` other than the one saved: varsweep's loader builds the model from the
+    adaptation record, peft's from this file, and the two must agree. Folders that record its SHA-256 compare
+    that; older ones compare the fields that shape the model (``CONFIG_FIELDS``) with the config the adaptation
+    record gives (``methods.peft_config``)."""
+    text = (folder / CONFIG_NAME).read_bytes()
+    recorded = record.get("config_sha256")
+    if recorded is None:  # saved before the config's SHA-256 was recorded
+        differing = _config_differences(folder, record, text)
+    else:
+        differing = [] if hashlib.sha256(text).hexdigest() == recorded else ["SHA-256 differs"]
+    if differing:
+        raise CheckpointError(
+            f"peft adapter folder {folder}: {CONFIG_NAME} is not the file its {PROVENANCE_FILE} records "
+            f"({'; '.join(differing)}): edited after saving, so peft's loader would build another model than "
+            "the one trained"
+        )
+
+
+def _config_differences(folder: Path, record: Mapping[str, Any], text: bytes) -> list[str]:
+    """``CONFIG_FIELDS`` whose value in the config ``text`` is not the one the adaptation record gives."""
+    try:
+        saved = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"peft adapter folder {folder}: {CONFIG_NAME} is not readable JSON ({err})"
+        ) from err
+    depth = (record.get("base_architecture") or {}).get("depth")
+    if not isinstance(saved, dict) or not isinstance(depth, int):
+        raise CheckpointError(
+            f"peft adapter folder {folder}: {CONFIG_NAME}, or the base architecture in {PROVENANCE_FILE}, is not "
+            "a record"
+        )
+    config = peft_config(
+        saved_adaptation(folder, record, base_sha256=None), depth=depth, with_class_embedding=True
+    )
+    trained = json.loads(json.dumps(config.to_dict()))  # as JSON holds it: enums as strings, tuples as lists
+    return [
+        f"{field}: {saved.get(field)!r}, trained with {trained[field]!r}"
+        for field in CONFIG_FIELDS
+        if field in trained and saved.get(field) != trained[field]
+    ]
 
 
 def check_base(base: VAR, folder: str | os.PathLike, record: Mapping[str, Any]) -> None:
@@ -183,25 +245,33 @@ def check_base(base: VAR, folder: str | os.PathLike, record: Mapping[str, Any]) 
 
 def peft_base(base: VAR, folder: str | os.PathLike, *, base_sha256: str | None) -> VAR:
     """Prepare ``base`` (a VAR from ``build_var``/``load_var``, without adapters) for
-    ``peft.PeftModel.from_pretrained(base, folder)``, in place, and return it: refuses another architecture or
-    (``base_sha256``: the SHA-256 of the file ``base`` was loaded from, None for a base built in memory) another
-    base checkpoint, then gives it the adapter's label count as ``adapt`` did (same rows, same seed), so peft's
-    copy of the saved class embedding has the shape it loads into."""
+    ``peft.PeftModel.from_pretrained(base, folder)``, in place, and return it: refuses a base that already carries
+    adapters or patches (``methods.check_fresh_base``), another architecture or (``base_sha256``: the SHA-256 of
+    the file ``base`` was loaded from, None for a base built in memory) another base checkpoint, then gives it the
+    adapter's label count as ``adapt`` did (same rows, same seed), so peft's copy of the saved class embedding has
+    the shape it loads into."""
+    check_fresh_base(base, folder)
+    adaptation, _ = peft_record(base, folder, base_sha256=base_sha256)
+    # Always, as ``adapt`` does (also for the base's own label count): the same rows, the same seed.
+    resize_class_embedding(
+        base,
+        adaptation.num_classes,
+        init=adaptation.method.class_init,
+        generator=torch.Generator().manual_seed(adaptation.seed),
+    )
+    return base
+
+
+def peft_record(
+    base: VAR, folder: str | os.PathLike, *, base_sha256: str | None
+) -> tuple[Adaptation, tuple[str, ...] | None]:
+    """``methods.adapter_record`` for a peft folder: (its ``Adaptation``, the training class names or None) after
+    checking its files (``read_provenance``), ``base``'s architecture (a meta-device build will do) and the base
+    checkpoint's SHA-256 (None skips it)."""
     record, _ = read_provenance(folder)
     check_base(base, folder, record)
     adaptation = saved_adaptation(folder, record, base_sha256=base_sha256)
-    if any(isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer) for module in base.modules()):
-        raise CheckpointError(
-            f"peft_base: the given VAR already carries adapters; pass a fresh base for {folder}"
-        )
-    if base.num_classes != adaptation.num_classes:
-        resize_class_embedding(
-            base,
-            adaptation.num_classes,
-            init=adaptation.method.class_init,
-            generator=torch.Generator().manual_seed(adaptation.seed),
-        )
-    return base
+    return adaptation, recorded_class_names(folder, record, num_classes=adaptation.num_classes)
 
 
 def load_peft_folder(base: VAR, folder: str | os.PathLike, *, base_sha256: str | None) -> Adaptation:

@@ -21,7 +21,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -180,10 +180,10 @@ class Attempt:
     clock_start: float  # time.perf_counter() at this attempt's start
     earlier_wall_seconds: float
     earlier_gpu_hours: float
-    gpus: int
+    gpus: float
 
     @classmethod
-    def begin(cls, resume: dict | None, *, gpus: int, clock_start: float) -> Attempt:
+    def begin(cls, resume: dict | None, *, gpus: float, clock_start: float) -> Attempt:
         now = utc_now()
         if resume is None:
             return cls(now, 1, clock_start, 0.0, 0.0, gpus)
@@ -247,7 +247,9 @@ def run_trial(
     wall = time.perf_counter()
     device, cache_dir, artifacts_dir = torch.device(device), Path(cache_dir), Path(artifacts_dir)
     rank, world = rank_and_world()
-    attempt = Attempt.begin(resume, gpus=world if device.type == "cuda" else 0, clock_start=wall)
+    # The GPUs the trial holds (workers x GPUs per worker, as the estimate prices them), not its processes.
+    gpus = world * config.resources.gpus_per_worker if device.type == "cuda" else 0
+    attempt = Attempt.begin(resume, gpus=gpus, clock_start=wall)
     _check_unsafe_mechanism(config, unsafe_mechanism)
     plan = preflight(config, cache_dir)
     # What the device cannot train (flex attention on a CPU), before anything is loaded.
@@ -340,7 +342,9 @@ def run_trial(
         )
     # The trained model is saved before it is evaluated: an evaluation that fails does not take it along.
     trained = adaptation is not None
-    peft_written = trained and _save_adapters(config, var, artifacts_dir, adaptation=adaptation)
+    peft_written = trained and _save_adapters(
+        config, var, artifacts_dir, adaptation=adaptation, class_names=train.class_names
+    )
     evaluation_started = time.perf_counter()
     final = evaluator(var, evaluation=config.evaluation, out_dir=artifacts_dir / "images")
     phases = {
@@ -443,16 +447,25 @@ def _audit_section(
 PEFT_ADAPTER_FOLDER = "adapter-peft"  # beside adapter.pt: the same adapter in peft's own format
 
 
-def _save_adapters(config: TrialConfig, var: VAR, artifacts_dir: Path, *, adaptation: Adaptation) -> bool:
+def _save_adapters(
+    config: TrialConfig,
+    var: VAR,
+    artifacts_dir: Path,
+    *,
+    adaptation: Adaptation,
+    class_names: Sequence[str],
+) -> bool:
     """``adapter.pt`` (varsweep's format, every trained tensor) and, for the peft methods, ``adapter-peft/``: the
     same adapter as a folder ``peft.PeftModel.from_pretrained`` loads (``trainables.peft_format``). Full
     fine-tuning has no adapter to give peft; its model is exported whole (``methods.official_export_state``).
-    Returns whether the peft folder was written."""
+    Both record ``class_names`` (the training split's): the evaluation command refuses a split of other classes,
+    whose labels would silently name other classes. Returns whether the peft folder was written."""
     metadata = {"trial": config.to_dict(), "trial_id": config.trial_id}
-    save_adapter(var, artifacts_dir / "adapter.pt", adaptation=adaptation, metadata=metadata)
+    recorded = dict(adaptation=adaptation, metadata=metadata, class_names=class_names)
+    save_adapter(var, artifacts_dir / "adapter.pt", **recorded)
     if adaptation.method.name not in PEFT_METHODS:
         return False
-    save_peft_adapter(var, artifacts_dir / PEFT_ADAPTER_FOLDER, adaptation=adaptation, metadata=metadata)
+    save_peft_adapter(var, artifacts_dir / PEFT_ADAPTER_FOLDER, **recorded)
     return True
 
 

@@ -8,16 +8,21 @@ Also a standalone command for a saved checkpoint (base + adapter, or a merged ch
         --inception-weights /weights/weights-inception-2015-12-05-6726825d.pth --out runs/eval
 
 Every bad input (a missing or corrupt checkpoint, a --depth/--num-classes that disagrees with the checkpoint's
-sidecar, a bad dataset folder, a split of more classes than the model or fewer than 4 images, an out-of-range
-option) ends in exit status 2 and one last line ``error: ...`` before any model is loaded or image generated.
+sidecar, an adapter trained on another base file or architecture, a VQVAE or --resolution that does not fit the
+VAR, a bad dataset folder, a split of more classes than the model, of other classes than the adapter was trained
+on, or of fewer than 4 images, an out-of-range option) ends in exit status 2 and one last line ``error: ...``
+before any model is loaded or image generated: what the sidecars, provenance files and checkpoint headers tell is
+checked on meta-device builds (no weights) before the split's images are decoded.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +34,13 @@ from bench.schema import MIN_EVALUATION_IMAGES, EvaluationConfig, OptimizationCo
 
 from ..data.datasets import ImageList, check_images, eval_transform, open_rgb, read_dataset
 from ..models import VAR, VQVAE
-from ..models.checkpoints import CheckpointError, checkpoint_sha256, read_sidecar, sidecar_path
+from ..models.checkpoints import (
+    CheckpointError,
+    check_state_dict,
+    checkpoint_sha256,
+    read_sidecar,
+    sidecar_path,
+)
 from ..profiling import PETA, count_flops
 from ..progress import Log, Progress
 from .classifier import DigitsCNN, class_accuracy, predict
@@ -133,6 +144,7 @@ def evaluate(
     ``evaluation.inception_weights``). ``classifier`` (model, record) adds the class accuracy of the generated
     images (does each show its class?)."""
     check_split_fits(images, num_classes=var.num_classes, model="the VAR")
+    check_models_fit(var, vqvae)  # before the reference statistics: sampling would find it only after them
     device = next(var.parameters()).device
     resolution = vqvae.image_size
     feature_extractor = (
@@ -228,6 +240,64 @@ def check_split_fits(images: ImageList, *, num_classes: int, model: str) -> None
         raise EvaluationError(
             f"{images.name} {images.split}: {len(images)} image(s), fewer than the {MIN_EVALUATION_IMAGES} "
             "that precision/recall (k=3) needs: use a larger split"
+        )
+
+
+def check_split_classes(
+    images: ImageList, *, class_names: Sequence[str] | None, num_classes: int, model: str
+) -> None:
+    """Refuse a split whose classes are not the ones ``model`` was trained on (``class_names``, label i first at i):
+    each split numbers its own classes (a folder split without one class's folder shifts every later label), so
+    label i would be drawn for one class and scored against another, silently. For a model that records no class
+    names (adapters saved before they were recorded), only the count can be compared."""
+    split = list(images.class_names)
+    if class_names is None:
+        if len(split) != num_classes:
+            raise EvaluationError(
+                f"{images.name} {images.split}: the split has {len(split)} classes but {model} has {num_classes} "
+                "and records no class names (saved before they were recorded), so a split of another count "
+                "cannot be matched to its labels: evaluate on the split of the classes it was trained on"
+            )
+        return
+    if split != list(class_names):
+        raise EvaluationError(
+            f"{images.name} {images.split}: the split's classes are not the {len(class_names)} {model} was "
+            f"trained on ({_class_differences(list(class_names), split)}), so its labels would name other "
+            "classes: evaluate on a split of the training classes"
+        )
+
+
+def _class_differences(trained: list[str], split: list[str]) -> str:
+    """The first differences between the training and the split's class names, for an error message."""
+
+    def first(names: list[str]) -> str:
+        return ", ".join(map(repr, names[:5])) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+    missing = [name for name in trained if name not in set(split)]
+    extra = [name for name in split if name not in set(trained)]
+    parts = [
+        f"{what}: {first(names)}"
+        for what, names in (("missing from the split", missing), ("not trained on", extra))
+        if names
+    ]
+    if parts:
+        return "; ".join(parts)
+    label = next(i for i, (a, b) in enumerate(zip(trained, split)) if a != b)
+    return f"the same names in another order: label {label} is {trained[label]!r} in training, {split[label]!r} here"
+
+
+def check_models_fit(var: VAR, vqvae: VQVAE, *, names: tuple[str, str] = ("the VAR", "the VQVAE")) -> None:
+    """Refuse a VQVAE whose tokens are not the VAR's (vocabulary, latent channels, scales), before anything is
+    computed: sampling finds it only at its first call. Works on meta-device builds. ``names``: (VAR, VQVAE)."""
+    differing = [
+        f"{field}: VAR {getattr(var, field)!r}, VQVAE {getattr(vqvae, field)!r}"
+        for field in ("vocab_size", "z_channels", "patch_nums")
+        if getattr(var, field) != getattr(vqvae, field)
+    ]
+    if differing:
+        raise EvaluationError(
+            f"{names[1]} does not match {names[0]} ({'; '.join(differing)}): the VAR draws tokens of the VQVAE it "
+            "was trained with; pass that one"
         )
 
 
@@ -371,7 +441,8 @@ def _main(argv: list[str] | None) -> int:
     for option in ("var", "vqvae"):
         if not Path(getattr(args, option)).is_file():
             raise EvaluationError(f"--{option} {getattr(args, option)}: no such checkpoint file")
-    adapter_classes = None if args.adapter is None else _check_adapter(args.adapter)
+    if args.adapter is not None:
+        _check_adapter(args.adapter)
     if args.extractor == INCEPTION and (
         args.inception_weights is None or not Path(args.inception_weights).is_file()
     ):
@@ -384,14 +455,16 @@ def _main(argv: list[str] | None) -> int:
     evaluation = evaluation_config(args)
     var_architecture = _var_architecture(args)
     vqvae_architecture = _saved_architecture(args.vqvae, kind="vqvae") or {}
+    trained, base_sha256 = _check_models(args, var=var_architecture, vqvae=vqvae_architecture)
     out, cache = _writable_folder(args.out, "--out"), _writable_folder(args.cache, "--cache")
     images = read_dataset(args.dataset, args.root, args.split)
-    # The model's class count is known from the sidecars: a split it cannot be scored on stops here, before
-    # the images are decoded and any model is loaded (evaluate checks the loaded model again).
-    if adapter_classes is not None:
-        check_split_fits(images, num_classes=adapter_classes, model=f"--adapter {args.adapter}")
-    elif var_architecture.get("num_classes") is not None:
-        check_split_fits(images, num_classes=var_architecture["num_classes"], model=f"--var {args.var}")
+    # The model's classes are known from the sidecars: a split it cannot be scored on stops here, before the
+    # images are decoded and any model is loaded (evaluate checks the loaded model's count again).
+    check_split_fits(images, num_classes=trained.num_classes, model=trained.model)
+    if args.adapter is not None:
+        check_split_classes(
+            images, class_names=trained.names, num_classes=trained.num_classes, model=trained.model
+        )
     images, _ = check_images(images)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extractor = build_extractor(
@@ -401,13 +474,9 @@ def _main(argv: list[str] | None) -> int:
     if args.adapter:
         from ..methods import load_adapter  # peft: imported only when an adapter is applied
 
-        # In place: var becomes the fine-tuned model; an adapter trained on another base file is refused.
-        load_adapter(var, args.adapter, base_sha256=checkpoint_sha256(args.var))
+        # In place: var becomes the fine-tuned model (checked above; load_adapter checks the tensors too).
+        load_adapter(var, args.adapter, base_sha256=base_sha256)
     vqvae = load_vqvae(args.vqvae, **vqvae_architecture, device=device)
-    if args.resolution is not None and vqvae.image_size != args.resolution:
-        raise EvaluationError(
-            f"--resolution {args.resolution}: the --vqvae model {args.vqvae} makes {vqvae.image_size}px images"
-        )
     result = evaluate(
         var.eval(),
         vqvae,
@@ -424,23 +493,91 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-def _check_adapter(adapter: str) -> int | None:
+def _check_adapter(adapter: str) -> None:
     """--adapter: an ``adapter.pt`` file, or a peft adapter folder whose files and provenance are checked here,
-    before any model is loaded (the tensors are checked against the base when applied). Returns the adapted
-    model's class count as its sidecar or provenance records it (None where it records none)."""
+    before any model is loaded (``_check_models`` checks both kinds against the base)."""
     if Path(adapter).is_dir():
         from ..peft_format import read_provenance  # peft: imported only when an adapter is applied
 
-        adaptation = read_provenance(adapter)[0].get("adaptation")
-    elif Path(adapter).is_file():
-        adaptation = ((read_sidecar(adapter) or {}).get("metadata") or {}).get("adaptation")
-    else:
+        read_provenance(adapter)
+    elif not Path(adapter).is_file():
         raise EvaluationError(
             f"--adapter {adapter}: no such checkpoint file or peft adapter folder (adapter.pt, or the "
             "adapter-peft/ folder beside it)"
         )
-    classes = adaptation.get("num_classes") if isinstance(adaptation, dict) else None
-    return classes if isinstance(classes, int) else None
+
+
+@dataclass(frozen=True)
+class _Classes:
+    """The classes of the model the command evaluates: ``model`` names it (the --adapter's or the --var's),
+    ``names`` are its training class names where it records them."""
+
+    model: str
+    num_classes: int
+    names: tuple[str, ...] | None = None
+
+
+def _check_models(args: argparse.Namespace, *, var: dict, vqvae: dict) -> tuple[_Classes, str | None]:
+    """Check the models the command will load on weightless builds, from the sidecars, the adapter's record and
+    the headers of checkpoints without a sidecar: VQVAE and VAR fit, --resolution is the VQVAE's, the adapter
+    was trained on this base file and architecture. Returns the evaluated model's classes and, with an adapter,
+    the base file's SHA-256 (for ``load_adapter``)."""
+    from ..models import build_var, build_vqvae
+
+    # The loaders' signatures only, for their defaults (from checkpoints: the package's names may be stand-ins).
+    from ..models.checkpoints import load_var, load_vqvae
+
+    base = _meta_model(args.var, var, build=build_var, loader=load_var, option="--var")
+    tokenizer = _meta_model(args.vqvae, vqvae, build=build_vqvae, loader=load_vqvae, option="--vqvae")
+    check_models_fit(base, tokenizer, names=(f"--var {args.var}", f"--vqvae {args.vqvae}"))
+    if args.resolution is not None and tokenizer.image_size != args.resolution:
+        raise EvaluationError(
+            f"--resolution {args.resolution}: the --vqvae model {args.vqvae} makes {tokenizer.image_size}px images"
+        )
+    if args.adapter is None:
+        return _Classes(f"--var {args.var}", base.num_classes), None
+    from ..methods import adapter_record  # peft: imported only when an adapter is applied
+
+    base_sha256 = checkpoint_sha256(args.var)
+    adaptation, names = adapter_record(base, args.adapter, base_sha256=base_sha256)
+    return _Classes(f"--adapter {args.adapter}", adaptation.num_classes, names), base_sha256
+
+
+def _meta_model(path: str, architecture: Mapping, *, build: Callable, loader: Callable, option: str):
+    """The model ``loader`` will load from ``path``, built on the meta device (no weights): of ``architecture``
+    (its sidecar's), completed with the loader's defaults (what it takes a checkpoint without one to be). A
+    checkpoint without a sidecar has its header checked against it here; one with a sidecar is checked when
+    loaded (its SHA-256 and the sidecar's architecture)."""
+    assumed = {
+        name: parameter.default
+        for name, parameter in inspect.signature(loader).parameters.items()
+        if parameter.default is not parameter.empty and name not in ("device", "dtype")
+    }
+    model = build(**{**assumed, **architecture}, device="meta")
+    if read_sidecar(path) is None:
+        _check_header(path, model, option=option)
+    return model
+
+
+def _check_header(path: str, model: torch.nn.Module, *, option: str) -> None:
+    """Refuse a checkpoint file that is not readable or not of ``model``'s layout (keys, shapes, dtype kinds), from
+    its header alone: loaded onto the meta device, no tensor data is read (the loader checks the values)."""
+    try:
+        state = torch.load(path, map_location="meta", weights_only=True)
+    except Exception as err:
+        raise EvaluationError(
+            f"{option} {path}: cannot read checkpoint (truncated, corrupt or not a PyTorch weights file): "
+            f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        ) from err
+    if not isinstance(state, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
+        raise EvaluationError(
+            f"{option} {path}: not a flat state dict of tensors (a nested checkpoint such as {{'model': ...}} "
+            "must be unpacked first)"
+        )
+    layout = f"{type(model).__name__} {option} is taken to be without a sidecar ({model.architecture})"
+    check_state_dict(state, model.state_dict(), finite_keys=set(), path=path, what=layout)
 
 
 def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
