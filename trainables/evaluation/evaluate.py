@@ -38,6 +38,7 @@ from ..models.checkpoints import (
     CheckpointError,
     check_state_dict,
     checkpoint_sha256,
+    read_checkpoint_header,
     read_sidecar,
     sidecar_path,
 )
@@ -563,19 +564,9 @@ def _check_header(path: str, model: torch.nn.Module, *, option: str) -> None:
     """Refuse a checkpoint file that is not readable or not of ``model``'s layout (keys, shapes, dtype kinds), from
     its header alone: loaded onto the meta device, no tensor data is read (the loader checks the values)."""
     try:
-        state = torch.load(path, map_location="meta", weights_only=True)
-    except Exception as err:
-        raise EvaluationError(
-            f"{option} {path}: cannot read checkpoint (truncated, corrupt or not a PyTorch weights file): "
-            f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-        ) from err
-    if not isinstance(state, Mapping) or not all(
-        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
-    ):
-        raise EvaluationError(
-            f"{option} {path}: not a flat state dict of tensors (a nested checkpoint such as {{'model': ...}} "
-            "must be unpacked first)"
-        )
+        state = read_checkpoint_header(path)
+    except (CheckpointError, OSError) as err:
+        raise EvaluationError(f"{option}: {err}") from err
     layout = f"{type(model).__name__} {option} is taken to be without a sidecar ({model.architecture})"
     check_state_dict(state, model.state_dict(), finite_keys=set(), path=path, what=layout)
 

@@ -58,11 +58,18 @@ def _require_file(path: Path) -> None:
         )
 
 
-def _load_state(handle: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
+def read_checkpoint_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of the checkpoint file at ``path`` on the meta device: its keys, shapes and dtypes, from the
+    file's header alone (no tensor data is read); refused as ``read_state_dict`` refuses it."""
+    with open(path, "rb") as handle:
+        return _load_state(handle, Path(path), map_location="meta")
+
+
+def _load_state(handle: BinaryIO, path: Path, *, map_location: str = "cpu") -> dict[str, torch.Tensor]:
     """The state dict in the open file ``handle`` (of ``path``, named in errors); ``weights_only``: a pickled
     object other than tensors and plain containers is refused, never constructed."""
     try:
-        state = torch.load(handle, map_location="cpu", weights_only=True)
+        state = torch.load(handle, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(
             f"cannot read checkpoint {path} (truncated, corrupt or not a PyTorch weights file): "
