@@ -223,6 +223,8 @@ def _run(args: argparse.Namespace) -> int:
     summary = run_sweep(
         sweep.name + ("-smoke" if args.smoke else ""), configs, launch, dry_run=args.dry_run, gpu=args.gpu
     )
+    if summary.get("unfinished"):  # stopped before every trial ended: a Ctrl-C that Tune caught
+        raise KeyboardInterrupt
     return 1 if summary["failed"] else 0
 
 

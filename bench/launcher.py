@@ -884,24 +884,32 @@ def run_sweep(
     time.sleep(
         2.0
     )  # worker lines reach the driver asynchronously: let the last ones arrive before the summary
-    failed = [c for c in todo if store.status(c.trial_id) != "success"]
     wall = time.perf_counter() - started
     preparation = f" ({duration(preparing_s)} of it preparing shared caches)" if preparing_s >= 1 else ""
-    print(
-        f"sweep {name}: {len(todo) - len(failed)} trials finished, {len(failed)} failed, {len(done)} skipped, "
-        f"{duration(wall)}{preparation}; results in {store.folder}"
-    )
-    for config in failed:
-        print(
-            f"  failed: {config.label} ({config.trial_id}): {store.state(config.trial_id)[1] or 'no result written'}"
-        )
     return {
-        "ran": len(todo),
-        "skipped": len(done),
-        "failed": len(failed),
+        **summarise(name, todo, store, skipped=len(done), tail=f"{duration(wall)}{preparation}"),
         "wall_seconds": wall,
         "concurrency": parallel,
     }
+
+
+def summarise(name: str, todo: list[TrialConfig], store: ResultStore, *, skipped: int, tail: str) -> dict:
+    """Print the end of a sweep: what finished, what failed (with its error) and what has no result yet: a trial
+    Tune stopped unfinished, as it stops every running trial at a Ctrl-C (its own handler catches the first one,
+    so no KeyboardInterrupt reaches the command). Returns {"ran", "skipped", "failed", "unfinished"}."""
+    states = {c.trial_id: store.state(c.trial_id) for c in todo}
+    failed = [c for c in todo if states[c.trial_id][0] not in ("success", "pending")]
+    unfinished = [c for c in todo if states[c.trial_id][0] == "pending"]
+    not_finished = f"{len(unfinished)} not finished, " if unfinished else ""
+    print(
+        f"sweep {name}: {len(todo) - len(failed) - len(unfinished)} trials finished, {len(failed)} failed, "
+        f"{not_finished}{skipped} skipped, {tail}; results in {store.folder}"
+    )
+    for config in failed:
+        print(f"  failed: {config.label} ({config.trial_id}): {states[config.trial_id][1]}")
+    for config in unfinished:
+        print(f"  not finished: {config.label} ({config.trial_id}): no result written; a relaunch resumes it")
+    return {"ran": len(todo), "skipped": skipped, "failed": len(failed), "unfinished": len(unfinished)}
 
 
 def _trial_name(trial) -> str:

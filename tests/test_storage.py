@@ -117,3 +117,29 @@ def test_results_and_artifacts_are_readable_by_the_umask_s_users(tmp_path):
         os.umask(previous)
     for written in (Path(path), artifact):
         assert stat.S_IMODE(written.stat().st_mode) == 0o644, written
+
+
+def test_a_sweep_stopped_before_its_trials_ended_says_so_and_exits_as_interrupted(
+    tmp_path, capsys, monkeypatch
+):
+    """Tune catches the first Ctrl-C itself and stops every running trial: the sweep listed them as failed
+    ("no result written") and exited 1. They are now "not finished", and the command exits as interrupted (130)."""
+    import bench.__main__ as cli
+    import bench.launcher as launcher
+    from bench.launcher import summarise
+
+    store = ResultStore(tmp_path / "storage")
+    done, broken, stopped = (tiny_trial("lora", seed=seed) for seed in range(3))
+    store.write(make_result(done, status="success"))
+    store.write(make_result(broken, status="failed", error="RuntimeError: out of memory"))
+    summary = summarise("s", [done, broken, stopped], store, skipped=1, tail="1m")
+    out = capsys.readouterr().out
+    assert summary == {"ran": 3, "skipped": 1, "failed": 1, "unfinished": 1}
+    assert "1 trials finished, 1 failed, 1 not finished, 1 skipped, 1m" in out
+    assert f"failed: {broken.label} ({broken.trial_id}): RuntimeError: out of memory" in out
+    assert f"not finished: {stopped.label} ({stopped.trial_id}): no result written; a relaunch resumes" in out
+    monkeypatch.setattr(launcher, "run_sweep", lambda *a, **k: summary)
+    assert cli.main(["sweep", "demo", "--storage", str(tmp_path / "s")]) == 130
+    assert "error: interrupted; relaunch the same command" in capsys.readouterr().err
+    monkeypatch.setattr(launcher, "run_sweep", lambda *a, **k: {**summary, "unfinished": 0})
+    assert cli.main(["sweep", "demo", "--storage", str(tmp_path / "s")]) == 1
