@@ -209,7 +209,7 @@ def test_missing_or_wrong_layout_is_named(name, tmp_path):
     + [("stanford_cars", f"stanford_cars/cars_{split}") for split in ("train", "test")],
 )
 def test_a_missing_image_folder_is_named_not_left_to_torchvision(name, images, tmp_path):
-    """torchvision's own message said "Dataset not found. You can use download=True": nothing is downloaded."""
+    """torchvision's own message said "Dataset not found" and offered to download it: varsweep downloads nothing."""
     LAYOUTS[name][0](tmp_path)
     shutil.rmtree(tmp_path / images)
     split = images.rsplit("_", 1)[-1] if name == "stanford_cars" else "train"
