@@ -17,7 +17,6 @@ from bench.sweeps.common import Assets
 from .load import AnalysisError, config_value
 from .metrics import DATASET_COLUMNS, METHOD_LABELS, PAPER_EXTRACTOR, VARIANT_LABELS
 from .tables import DP_DATASET, Cell, Table, published
-from .tables import PAPER_DIR as PAPER_DIR  # the published tables' folder, named here too
 
 PAPER = "arXiv 2507.11441"
 # Key columns of each published table; every other column holds a value.

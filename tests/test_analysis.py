@@ -21,9 +21,10 @@ import analysis.figures as analysis_figures
 from analysis.__main__ import main as cli
 from analysis.figures import grid_caption, grid_layout, k_colors, sample_grid
 from analysis.load import AnalysisError, load_results, setting_of
-from analysis.paper import PAPER_DIR, number, paper_fixture, published
+from analysis.paper import number, paper_fixture, published
 from analysis.report import provenance
 from analysis.run import analyse
+from analysis.tables import PAPER_DIR
 from bench.results import ResultStore
 from bench.schema import TrialConfig, make_result, replace
 from bench.sweeps import build_sweep
