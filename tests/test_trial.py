@@ -284,7 +284,12 @@ def test_a_resumed_trial_s_record_covers_every_attempt(cache_dir, tmp_path, monk
             states.append(copy.deepcopy(state))
 
     first = run_trial(
-        config, cache_dir=cache_dir, artifacts_dir=tmp_path / "first", report=keep, log=lambda line: None
+        config,
+        cache_dir=cache_dir,
+        artifacts_dir=tmp_path / "first",
+        report=keep,
+        log=lambda line: None,
+        startup_seconds=4.5,
     )
     carried = states[-1]["attempts"]
     assert states[-1]["step"] == 4 and states[-1]["identity"] == config.trial_id
@@ -296,8 +301,10 @@ def test_a_resumed_trial_s_record_covers_every_attempt(cache_dir, tmp_path, monk
         artifacts_dir=tmp_path / "resumed",
         resume=states[-1],
         log=lambda line: None,
+        startup_seconds=600.0,  # from the launch: it includes the first attempt
     )
     cost = resumed["cost"]
+    assert first["cost"]["startup_seconds"] == cost["startup_seconds"] == 4.5
     assert resumed["started_at"] == first["started_at"] and resumed["data"]["resumed_from_step"] == 4
     assert cost["train_seconds"] > 6 * 0.5 and cost["wall_seconds"] > cost["train_seconds"]
     assert cost["wall_seconds"] > carried["wall_seconds"] + cost["setup_seconds"] + cost["evaluation_seconds"]
@@ -324,16 +331,28 @@ def test_an_attempt_adds_the_earlier_attempts_a_state_carries():
         "wall_seconds": 7200.0,
         "gpu_hours": 8.0,
     }
-    attempt = Attempt.begin({"step": 4, "attempts": carried}, gpus=2, clock_start=time.perf_counter() - 1800)
+    start = time.perf_counter() - 1800
+    # This attempt's clock runs from the trial's launch, so it counts the earlier attempts: the first one's is kept.
+    attempt = Attempt.begin(
+        {"step": 4, "attempts": {**carried, "startup_seconds": 12.5}},
+        gpus=2,
+        clock_start=start,
+        startup_seconds=9000.0,
+    )
     assert attempt.number == 3 and attempt.started_at == carried["started_at"]
     assert 9000 <= attempt.wall_seconds() < 9060 and 9.0 <= attempt.gpu_hours() < 9.05
-    assert attempt.carried()["count"] == 3
+    assert attempt.carried()["count"] == 3 and attempt.carried()["startup_seconds"] == 12.5
+    unknown = Attempt.begin(
+        {"step": 4, "attempts": carried}, gpus=2, clock_start=start, startup_seconds=9000.0
+    )
+    assert unknown.startup_seconds is None  # a state saved before states carried it
     older = Attempt.begin(
         {"step": 4, "compute": {"train_seconds": 3600.0}}, gpus=4, clock_start=time.perf_counter()
     )
     assert older.number == 2 and 3600 <= older.wall_seconds() < 3660 and 4.0 <= older.gpu_hours() < 4.1
-    fresh = Attempt.begin(None, gpus=1, clock_start=time.perf_counter())
+    fresh = Attempt.begin(None, gpus=1, clock_start=time.perf_counter(), startup_seconds=3.0)
     assert fresh.number == 1 and fresh.wall_seconds() < 60 and fresh.gpu_hours() < 0.02
+    assert fresh.carried()["startup_seconds"] == 3.0
 
 
 def test_preflight_names_the_problem(cache_dir, tmp_path):

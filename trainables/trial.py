@@ -173,7 +173,9 @@ class Attempt:
     started (UTC, ``utc_now``), this attempt's number (1: the first), and the wall-clock seconds and GPU hours of
     the earlier attempts up to their last saved state (the steps a failed attempt took after it are not counted,
     as in the training time). ``gpus``: this attempt's (0 on CPUs); each attempt's GPU hours are its own, since a
-    retry may run on another cluster shape. Wall-clock times are released without noise under DP."""
+    retry may run on another cluster shape. ``startup_seconds``: the first attempt's, launch to its start (a
+    retry's own clock runs from the same launch, so it would count the earlier attempts again; None when unknown).
+    Wall-clock times are released without noise under DP."""
 
     started_at: str
     number: int
@@ -181,12 +183,16 @@ class Attempt:
     earlier_wall_seconds: float
     earlier_gpu_hours: float
     gpus: float
+    startup_seconds: float | None = None
 
     @classmethod
-    def begin(cls, resume: dict | None, *, gpus: float, clock_start: float) -> Attempt:
+    def begin(
+        cls, resume: dict | None, *, gpus: float, clock_start: float, startup_seconds: float | None = None
+    ) -> Attempt:
+        """``startup_seconds``: this attempt's launch to start, kept only for the first attempt."""
         now = utc_now()
         if resume is None:
-            return cls(now, 1, clock_start, 0.0, 0.0, gpus)
+            return cls(now, 1, clock_start, 0.0, 0.0, gpus, startup_seconds)
         carried = resume.get(ATTEMPTS_KEY)
         if carried is None:  # saved before states carried it: its training seconds, a lower bound
             seconds = float(resume.get("compute", {}).get("train_seconds", 0.0))
@@ -198,6 +204,7 @@ class Attempt:
             float(carried["wall_seconds"]),
             float(carried["gpu_hours"]),
             gpus,
+            carried.get("startup_seconds"),  # absent from states saved before they carried it
         )
 
     def wall_seconds(self) -> float:
@@ -214,6 +221,7 @@ class Attempt:
             "count": self.number,
             "wall_seconds": self.wall_seconds(),
             "gpu_hours": self.gpu_hours(),
+            "startup_seconds": self.startup_seconds,
         }
 
 
@@ -238,7 +246,8 @@ def run_trial(
     trial saved is refused: states carry the trial id); the record's ``started_at`` is then the first attempt's and
     its ``cost.wall_seconds`` and ``cost.gpu_hours`` add the earlier attempts' (``Attempt``), as its training
     figures do. ``startup_seconds`` (launch to this call, measured by the launcher's worker) is recorded in the cost
-    with this attempt's setup, training and evaluation times. With ``config.audit`` the included canaries train beside the split and the record gets its ``audit``
+    for the first attempt (a resumed record keeps the first attempt's, ``Attempt``) with this attempt's setup,
+    training and evaluation times. With ``config.audit`` the included canaries train beside the split and the record gets its ``audit``
     section (``trainables.audit``).
     ``unsafe_mechanism="skip_clipping"`` exists for the privacy audit's tests only (no config field, no command
     line reaches it): the DP step skips per-example clipping, noise still calibrated to C. Such a record has
@@ -249,7 +258,7 @@ def run_trial(
     rank, world = rank_and_world()
     # The GPUs the trial holds (workers x GPUs per worker, as the estimate prices them), not its processes.
     gpus = world * config.resources.gpus_per_worker if device.type == "cuda" else 0
-    attempt = Attempt.begin(resume, gpus=gpus, clock_start=wall)
+    attempt = Attempt.begin(resume, gpus=gpus, clock_start=wall, startup_seconds=startup_seconds)
     _check_unsafe_mechanism(config, unsafe_mechanism)
     plan = preflight(config, cache_dir)
     # What the device cannot train (flex attention on a CPU), before anything is loaded.
@@ -348,7 +357,7 @@ def run_trial(
     evaluation_started = time.perf_counter()
     final = evaluator(var, evaluation=config.evaluation, out_dir=artifacts_dir / "images")
     phases = {
-        "startup_seconds": startup_seconds,
+        "startup_seconds": attempt.startup_seconds,
         "setup_seconds": setup_seconds,
         "evaluation_seconds": time.perf_counter() - evaluation_started,
     }
