@@ -98,6 +98,24 @@ def _require(condition: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"{field_name}: {message}")
 
 
+# Seeds are mixed into 64-bit generator seeds (e.g. ``seed * 1_000_003 + batch``): a 31-bit seed, as numpy's and
+# most tools' take, leaves every such product in range; a larger one failed in the middle of a trial.
+MAX_SEED = 2**31 - 1
+
+
+def _check_seeds(config: TrialConfig) -> None:
+    seeds = {
+        "data.view_seed": config.data.view_seed,
+        "optimization.seed": config.optimization.seed,
+        "evaluation.sampling_seed": config.evaluation.sampling_seed,
+        "audit.seed": None if config.audit is None else config.audit.seed,
+    }
+    for field_name, value in seeds.items():
+        _require(
+            value is None or 0 <= value <= MAX_SEED, field_name, f"must be in [0, {MAX_SEED}], got {value}"
+        )
+
+
 # --- field types: one generic check, derived from each section's annotations ---------------------------------
 _TYPE_NAMES = {bool: "boolean", int: "integer", float: "finite number", str: "string", type(None): "null"}
 
@@ -888,6 +906,7 @@ class TrialConfig:
         later, they are checked where trials are planned (``trainables.plan.plan_trial``: the sweep's driver and
         each trial, before any compute), so results written before them stay readable."""
         e, o, m = self.evaluation, self.optimization, self.method
+        _check_seeds(self)
         for name, count in (
             ("num_images", e.num_images),
             ("convergence_num_images", e.convergence_num_images),

@@ -231,6 +231,12 @@ def test_invalid_configs_name_the_field(build, field):
         ({"resources": {"attention_kernel": "flex"}}, "resources.attention_kernel"),
         # each of 4 DDP ranks draws its share of a non-DP batch: refused at preflight, not after setup
         ({"resources": {"workers": 4}, "optimization": {"batch_size": 2}}, "optimization.batch_size"),
+        # seeds are mixed into 64-bit generator seeds: a date-like 20240101 is fine, 2**31 is not (it failed in
+        # the trial's evaluation, after training)
+        ({"optimization": {"seed": 2**31, "steps": 1}}, "optimization.seed"),
+        ({"evaluation": {"sampling_seed": 20_000_000_000_000}}, "evaluation.sampling_seed"),
+        ({"data": {"dataset": "digits", "view_seed": -1}}, "data.view_seed"),
+        ({"audit": {"seed": 2**31}}, "audit.seed"),
     ],
 )
 def test_a_trial_that_cannot_run_is_refused_before_it_starts_and_its_old_record_still_reads(change, field):

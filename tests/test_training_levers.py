@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.schema import (
     ATTENTION_KERNEL_CHOICES,
+    MAX_SEED,
     ConfigError,
     EvaluationConfig,
     MethodConfig,
@@ -695,6 +696,17 @@ def step_inputs(var, vqvae, data, *, k: int) -> _StepInputs:
     )
     inputs.begin_step(3)
     return inputs
+
+
+def test_the_largest_seed_a_trial_accepts_seeds_the_prior_s_draws():
+    """The prior's per-step generator seed is a product of the trial seed (it overflowed from a seed of ~2**24)."""
+    data, vqvae, var = token_setup()
+    inputs = step_inputs(var, vqvae, data, k=1)
+    inputs.seed = MAX_SEED
+    inputs.begin_step(10**6)
+    first = torch.rand(3, generator=inputs.prior_generator)
+    inputs.begin_step(10**6)
+    assert torch.equal(torch.rand(3, generator=inputs.prior_generator), first)
 
 
 @pytest.mark.parametrize("k", (1, 2))

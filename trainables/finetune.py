@@ -680,7 +680,8 @@ class _StepInputs:
 
     def begin_step(self, step: int) -> None:
         self.draws.step = step
-        self.prior_generator.manual_seed((self.seed * 1_000_003 + 1) * 1_000_033 + step)
+        # Modulo 2**64 (the generator's range; the same seed below 2**24): a 31-bit seed's product is larger.
+        self.prior_generator.manual_seed(((self.seed * 1_000_003 + 1) * 1_000_033 + step) % 2**64)
 
     def view_losses(self, indices: torch.Tensor) -> torch.Tensor:
         """Per-view losses [b, k] of the examples ``indices`` (their own draws: views, class dropout, drop-path)."""
