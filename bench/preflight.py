@@ -109,7 +109,7 @@ def check_sweep(configs: list[TrialConfig], *, cache_dir: str, write: bool = Tru
     looks wrong. ``write=False`` (a dry run) creates nothing."""
     from trainables import plan as trial_plan
 
-    problems: dict[str, dict[str, TrialConfig]] = {}
+    problems = _same_trial_problems(configs)
     memo: dict[tuple, object] = {}
     found = {}
     for config in configs:
@@ -126,6 +126,24 @@ def check_sweep(configs: list[TrialConfig], *, cache_dir: str, write: bool = Tru
     if problems:
         raise SweepError(_report(problems, configs))
     return found
+
+
+def _same_trial_problems(configs: list[TrialConfig]) -> dict[str, dict[str, TrialConfig]]:
+    """Points that ``identify`` made one trial: they differ only in paths to files of the same content (a copied
+    dataset or checkpoint). Launched, they would share one result, artifacts and checkpoint folder."""
+    groups: dict[str, list[TrialConfig]] = {}
+    for config in configs:
+        groups.setdefault(config.trial_id, []).append(config)
+    problems = {}
+    for trial_id, group in groups.items():
+        if len(group) > 1:
+            shared = set.intersection(*(set(asset_paths(c)) for c in group))
+            differing = sorted({path for c in group for path in asset_paths(c)} - shared)
+            problems[
+                f"{len(group)} points are one trial: they differ only in paths to the same content "
+                f"({', '.join(differing)}); keep one of them"
+            ] = {trial_id: group[0]}
+    return problems
 
 
 def _once(memo: dict, key: tuple, check: Callable[[], None], *, prefix: str) -> str | None:

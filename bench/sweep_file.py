@@ -18,13 +18,21 @@ A file holds (``examples/`` has three)::
     tracking: mlflow              # optional: none, tensorboard, mlflow or wandb (the command line's --tracking wins)
 
 A grid point is the base, then its values of the section axes, then those of the field axes (so the result does
-not depend on the order the axes are written in). Paths (``model.var_checkpoint``, ``model.vqvae_checkpoint``,
-``data.root``, ``evaluation.inception_weights``) may start with ``{assets}``, the ``--assets`` root (default
-``$VARSWEEP_ASSETS``, else ``./assets``) as the built-in paper sweeps use it; any other relative path is relative to
-the sweep file's folder, so a file and the images beside it work from any current folder. No DP is ``null`` or
-the string ``"none"`` (TOML has no null: ``privacy = ["none", {target_epsilon = 8, ...}]``), in ``base`` and in a
-``privacy`` axis; a privacy field (``privacy.target_epsilon``) on a point without DP is an error. YAML numbers follow YAML
-1.2 (``5e-4`` is a number, as in TOML and JSON, not PyYAML's string) and a key given twice is refused.
+not depend on the order the axes are written in); an axis on a section the base leaves out starts from
+``TrialConfig``'s default for it (``optimization.seed: [0, 1]`` keeps the default 100 steps). Paths
+(``model.var_checkpoint``, ``model.vqvae_checkpoint``, ``data.root``, ``evaluation.inception_weights``) may start
+with ``{assets}``, the ``--assets`` root (default ``$VARSWEEP_ASSETS``, else ``./assets``) as the built-in paper
+sweeps use it; ``~`` is the home folder (in the sweep file's own path too); any other relative path is relative to
+the sweep file's folder, so a file and the images beside it work from any current folder; an empty path is an
+error. "No value" is ``null`` or the string ``"none"`` (TOML has no null: ``privacy = ["none", {...}]``,
+``global_clip_norm = "none"``), for an optional section (``privacy``: no DP; ``audit``: no audit) in ``base``, in a
+section axis and in ``smoke``, and for every field that may be null. A field of an optional section
+(``privacy.target_epsilon``) on a point without that section is an error. YAML is read with YAML 1.2's core schema:
+``5e-4`` is a number (as in TOML and JSON; PyYAML's YAML 1.1 reads a string), ``010`` is ten (octal is ``0o10``,
+hex ``0x1f``), ``1:30`` and ``2024-06-30`` are strings (no sexagesimal numbers or dates), booleans are only
+``true`` and ``false`` (``yes``, ``no``, ``on``, ``off`` are strings). Merge keys (``{<<: *anchor, seed: 1}``)
+work, the explicit keys winning; a key given twice is refused, and so is a key that is not a string (every key
+names a section, a field or an axis).
 
 ``--smoke`` runs each grid point's smoke version (``bench.sweeps.common.smoke_version``, as for the built-in
 sweeps: the same method, relative depth, epsilon, k and seed on the tiny base and offline digits, a few steps, one

@@ -18,7 +18,7 @@ from old_records import SCHEMA_2, as_version, schema_at
 from PIL import Image
 from sweep_driver import tiny_trial
 
-from bench.preflight import identify
+from bench.preflight import SweepError, check_sweep, identify
 from bench.schema import (
     ConfigError,
     DataConfig,
@@ -104,6 +104,21 @@ def test_the_same_files_under_two_roots_give_the_same_trial_ids(assets, tmp_path
     )
     assert len(second[0].data.content_id) == 64
     assert TrialConfig.from_dict(json.loads(json.dumps(second[0].to_dict()))).trial_id == second[0].trial_id
+
+
+def test_two_points_that_are_one_trial_are_refused_naming_their_paths(assets, tmp_path):
+    """A copied dataset is the same trial: launched twice, the two would share one result and artifacts folder."""
+    copy = tmp_path / "copy-of-mine"
+    shutil.copytree(assets / "datasets" / "mine", copy)
+    points = [official_trial(assets), replace(official_trial(assets), data={"root": str(copy)})]
+    assert points[0].trial_id != points[1].trial_id
+    cache = str(tmp_path / "cache")
+    configs = identify(points, cache_dir=cache)
+    with pytest.raises(SweepError) as caught:
+        check_sweep(configs, cache_dir=cache)
+    message = str(caught.value)
+    assert f"2 points are one trial: they differ only in paths to the same content ({copy}, " in message
+    assert str(assets / "datasets" / "mine") in message and configs[0].trial_id in message
 
 
 def test_a_changed_byte_or_an_added_image_is_another_trial(assets, tmp_path):
