@@ -29,7 +29,7 @@ from bench.schema import (
     upgrade_record,
 )
 from bench.sweeps import SWEEPS, build_sweep
-from bench.sweeps.common import Assets, smoke_version
+from bench.sweeps.common import SMOKE_CANARIES, Assets, smoke_version
 
 TINY = smoke_version(build_sweep("table1")[0])
 
@@ -259,6 +259,15 @@ def test_a_smoke_version_trains_the_same_relative_blocks_of_its_smaller_model():
         official, method=dataclasses.replace(official.method, train_blocks=(0, 15))
     )
     assert smoke_version(first_and_last).method.train_blocks == (0, 1)
+
+
+def test_a_smoke_version_keeps_the_audit_at_a_smoke_s_canaries():
+    """An audited trial's smoke version is audited too (it was dropped: another trial, without its audit)."""
+    audited = build_sweep("privacy_audit")[0]
+    assert audited.audit is not None and audited.audit.canaries > SMOKE_CANARIES
+    smoke = smoke_version(audited)
+    assert smoke.audit == dataclasses.replace(audited.audit, canaries=SMOKE_CANARIES)
+    assert "audit200" in smoke.label and smoke_version(TINY).audit is None
 
 
 def test_the_smallest_evaluation_is_what_precision_recall_can_score():

@@ -182,6 +182,9 @@ TINY_DEPTHS = {
 SMOKE_PRETRAINING_STEPS = 150
 SMOKE_STEPS = 6
 SMOKE_MAX_VIEWS = 4
+SMOKE_CANARIES = (
+    200  # an audited trial's smoke version audits at most this many canaries (beside 1,438 digits)
+)
 # Smoke runs of 6 steps checkpoint once, at step 3 (a quarter of the run would checkpoint every step). 64 rows per
 # forward: a DP smoke batch (~72 examples x k views) goes through in several chunks, as a paper trial's does.
 CPU_RESOURCES = ResourcesConfig(
@@ -200,8 +203,9 @@ def tiny_model(depth: int = 2, *, pretraining_steps: int = SMOKE_PRETRAINING_STE
 
 
 def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConfig:
-    """The same trial's axes (method, relative depth, epsilon, k capped at 4, seed, convergence on/off) on the tiny
-    base and offline digits, a few steps, the digit classifier's features (digits-cnn-v1) and one CPU worker."""
+    """The same trial's axes (method, relative depth, epsilon, k capped at 4, seed, convergence on/off, its audit
+    with at most ``SMOKE_CANARIES`` canaries) on the tiny base and offline digits, a few steps, the digit
+    classifier's features (digits-cnn-v1) and one CPU worker."""
     privacy = config.privacy
     k = 1 if privacy is None else min(privacy.augmentation_multiplicity, SMOKE_MAX_VIEWS)
     if privacy is not None:
@@ -234,6 +238,9 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
             convergence_num_images=20,
         ),
         resources=CPU_RESOURCES,
+        audit=None
+        if config.audit is None
+        else dataclasses.replace(config.audit, canaries=min(config.audit.canaries, SMOKE_CANARIES)),
     )
 
 

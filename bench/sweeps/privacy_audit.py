@@ -7,7 +7,16 @@ from __future__ import annotations
 import dataclasses
 
 from ..schema import AuditConfig, TrialConfig, replace
-from .common import CPU_RESOURCES, PAPER_METHODS, Assets, dp_trial, paper_trial, smoke_version, unique
+from .common import (
+    CPU_RESOURCES,
+    PAPER_METHODS,
+    SMOKE_CANARIES,
+    Assets,
+    dp_trial,
+    paper_trial,
+    smoke_version,
+    unique,
+)
 
 DEPTH = 16
 DATASET = "flowers102"
@@ -23,7 +32,6 @@ AUDIT_DELTA = 1e-6
 # the demo uses and k up to the smoke cap of 4, 24 steps each (a DP k = 4 trial: ~20 s on 2 CPU cores). 24 steps
 # draw an included canary about once (0.5 times in batches of 32 without DP, 1.2 times at the DP sampling rate of
 # 0.05): a run that short leaks too little for the bound to leave 0, with DP or without.
-SMOKE_CANARIES = 200
 SMOKE_EPSILONS = (1, 8)
 SMOKE_MULTIPLICITIES = (1, 4)
 SMOKE_STEPS = 24
