@@ -36,6 +36,7 @@ OLDER_SCHEMA_VERSIONS = (1, 2)  # read only to be upgraded (``upgrade_record``)
 # Fields that left their section in a version bump: where they went (an old sweep file's error names it).
 MOVED_FIELDS = {"privacy.physical_batch_rows": "resources.rows_per_forward (since schema version 3)"}
 OFFICIAL_DEPTHS = (16, 20, 24, 30)
+TINY_RESOLUTION = 16  # trainables.tiny_base.IMAGE_SIZE
 OFFICIAL_RESOLUTION = 256
 # "base": evaluate the base model, no training. In the order tables list methods (analysis.metrics.METHOD_LABELS).
 METHODS = ("base", "full", "lora", "ln_tuning", "lora_attention", "lora_mlp")
@@ -907,6 +908,11 @@ class TrialConfig:
         each trial, before any compute), so results written before them stay readable."""
         e, o, m = self.evaluation, self.optimization, self.method
         _check_seeds(self)
+        _require(  # the tiny base's VQVAE and VAR scales are built for its glyphs' size
+            self.model.base != "tiny" or self.data.resolution == TINY_RESOLUTION,
+            "data.resolution",
+            f"the tiny base works at {TINY_RESOLUTION}px, got {self.data.resolution}",
+        )
         for name, count in (
             ("num_images", e.num_images),
             ("convergence_num_images", e.convergence_num_images),

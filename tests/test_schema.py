@@ -14,6 +14,7 @@ from old_records import as_version, written_by_version_2
 from bench.schema import (
     MIN_EVALUATION_IMAGES,
     NON_DP_ONLY,
+    TINY_RESOLUTION,
     ConfigError,
     DataConfig,
     EvaluationConfig,
@@ -237,6 +238,8 @@ def test_invalid_configs_name_the_field(build, field):
         ({"evaluation": {"sampling_seed": 20_000_000_000_000}}, "evaluation.sampling_seed"),
         ({"data": {"dataset": "digits", "view_seed": -1}}, "data.view_seed"),
         ({"audit": {"seed": 2**31}}, "audit.seed"),
+        # the tiny base's scales are 16 px's: another size failed after the base was built
+        ({"data": {"dataset": "digits", "resolution": 32}}, "data.resolution"),
     ],
 )
 def test_a_trial_that_cannot_run_is_refused_before_it_starts_and_its_old_record_still_reads(change, field):
@@ -268,6 +271,12 @@ def test_a_smoke_version_keeps_the_audit_at_a_smoke_s_canaries():
     smoke = smoke_version(audited)
     assert smoke.audit == dataclasses.replace(audited.audit, canaries=SMOKE_CANARIES)
     assert "audit200" in smoke.label and smoke_version(TINY).audit is None
+
+
+def test_the_tiny_resolution_is_the_tiny_base_s():
+    from trainables.tiny_base import IMAGE_SIZE
+
+    assert TINY_RESOLUTION == IMAGE_SIZE
 
 
 def test_the_smallest_evaluation_is_what_precision_recall_can_score():
