@@ -52,13 +52,24 @@ import dataclasses
 import difflib
 import itertools
 import json
+import math
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .preflight import SweepError
-from .schema import MOVED_FIELDS, PATH_FIELDS, SECTIONS, ConfigError, TrialConfig, absolute, is_uri
+from .schema import (
+    MOVED_FIELDS,
+    OPTIONAL_SECTIONS,
+    PATH_FIELDS,
+    SECTIONS,
+    ConfigError,
+    TrialConfig,
+    absolute,
+    is_uri,
+)
 from .sweeps import SWEEPS, build_sweep
 from .sweeps.common import Assets, smoke_version
 
@@ -69,6 +80,18 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 FIELDS = {name: tuple(f.name for f in dataclasses.fields(kind)) for name, kind in SECTIONS.items()}
 DOTTED_FIELDS = tuple(f"{section}.{field}" for section, fields in FIELDS.items() for field in fields)
 SHOWN_POINTS = 6  # points named under each problem; the rest are counted
+NO_VALUE = "none"  # null, in any format: TOML has no null
+# The fields whose annotated type admits None: "none" is None there.
+OPTIONAL_FIELDS = frozenset(
+    (section, name)
+    for section, kind in SECTIONS.items()
+    for name, hint in typing.get_type_hints(kind).items()
+    if type(None) in typing.get_args(hint)
+)
+# How a message names a point whose optional section is null.
+WITHOUT = {"privacy": "without DP", "audit": "without an audit"}
+# Fields of which a section holds exactly one (OptimizationConfig): a point that sets one drops the other's default.
+ALTERNATIVES = {"optimization": ({"epochs", "steps"},)}
 
 
 class SweepFileError(SweepError):
@@ -108,7 +131,7 @@ def load_sweep_file(path: str | Path, *, smoke: bool = False, assets: Assets = A
     """The trials of a sweep file (the module docstring says what it holds), each validated; ``smoke``: their
     smoke versions. Raises one ``SweepFileError`` listing every problem of the file and of every grid point."""
     where = f"sweep file {path}"
-    document = _read(Path(path), where=where)
+    document = _read(Path(path).expanduser(), where=where)
     problems = _structure_problems(document)
     if problems:
         raise SweepFileError(_listing(f"{where}: {_count(len(problems), 'problem')}", problems))
@@ -172,36 +195,95 @@ def _parse_yaml(text: str, *, where: str) -> Any:
         raise SweepFileError(
             f"{where} is not valid YAML: {place}{problem or ' '.join(str(err).split())}"
         ) from err
+    except (ValueError, TypeError, RecursionError) as err:
+        # A constructor's own error (``!!float abc``, ``!!timestamp 2024-06-31``) carries no position.
+        raise SweepFileError(f"{where} is not valid YAML: {err} ({type(err).__name__})") from err
+
+
+# Tags whose YAML 1.1 resolvers PyYAML's safe loader has and YAML 1.2's core schema replaces or drops.
+YAML_11_TAGS = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float", "timestamp"))
+# YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution): no "_" in numbers, no sexagesimal
+# numbers, no leading-zero octal, no yes/no/on/off booleans, no timestamps (a date is a string: no field holds one).
+YAML_12_RESOLVERS = (
+    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
+    (
+        "float",
+        r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+        "-+0123456789.",
+    ),
+)
 
 
 def _yaml_loader():
-    """PyYAML's safe loader with YAML 1.2 numbers (``5e-4`` and ``1e3`` are numbers: YAML 1.1 wants ``5.0e-4``,
-    a surprise for anyone writing a learning rate) that refuses a key given twice (YAML 1.1 keeps the last one)."""
+    """PyYAML's safe loader reading YAML 1.2's core schema (``5e-4`` is a number: YAML 1.1 wants ``5.0e-4``, a
+    surprise for anyone writing a learning rate; ``010`` is ten, not eight) that refuses a key given twice (YAML 1.1
+    keeps the last one) and reads merge keys (``<<: *anchor``)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
+        yaml_implicit_resolvers = {
+            first: [(tag, pattern) for tag, pattern in resolvers if tag not in YAML_11_TAGS]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+        }
+
         def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                if not isinstance(key, (str, int, float, bool)) or key is None:
-                    continue  # an unhashable key: the safe loader refuses it itself
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key!r} is given twice", key_node.start_mark
-                    )
-                seen.add(key)
+            # Merge keys first: building a ``<<`` key itself has no constructor. Merged keys come first in
+            # node.value and the explicit ones last, so an explicit key overrides a merged one (YAML's rule)
+            # and only the explicit keys can be given twice.
+            if not isinstance(node, yaml.MappingNode):
+                return super().construct_mapping(node, deep)
+            explicit = sum(key_node.tag != "tag:yaml.org,2002:merge" for key_node, _ in node.value)
+            self.flatten_mapping(node)
+            _refuse_repeated_keys(self, node.value[len(node.value) - explicit :])
             return super().construct_mapping(node, deep)
 
-    exponent_number = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent_number, list("-+0123456789."))
+    for kind, pattern, first in YAML_12_RESOLVERS:
+        Loader.add_implicit_resolver(f"tag:yaml.org,2002:{kind}", re.compile(f"^(?:{pattern})$"), list(first))
+    Loader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
+    Loader.add_constructor("tag:yaml.org,2002:float", _yaml_float)
     return Loader
+
+
+def _refuse_repeated_keys(loader, pairs: list) -> None:
+    """A ``ConstructorError`` at the second place a key is given. 1 and true are two keys (both refused later as
+    keys that are not strings), not one given twice."""
+    import yaml
+
+    seen = set()
+    for key_node, _ in pairs:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) or key is None:
+            continue  # an unhashable key: the safe loader refuses it itself
+        if (type(key), key) in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} is given twice", key_node.start_mark
+            )
+        seen.add((type(key), key))
+
+
+def _yaml_int(loader, node) -> int:
+    """A YAML 1.2 integer: decimal (leading zeros too), ``0o`` octal or ``0x`` hexadecimal."""
+    text = loader.construct_scalar(node)
+    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+    return int(text if base == 10 else text[2:], base)
+
+
+def _yaml_float(loader, node) -> float:
+    """A YAML 1.2 float: Python's own syntax, or ``.inf``, ``-.inf``, ``.nan`` in any of YAML's cases."""
+    text = loader.construct_scalar(node)
+    special = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+    return special[text.lower()] if text.lower() in special else float(text)
 
 
 # --- the file's structure -------------------------------------------------------------------------------------------
 def _structure_problems(document: dict) -> list[str]:
     """Every problem of the top level, ``base``, ``axes`` and ``smoke`` (unknown keys with the closest known one,
-    containers of the wrong type, repeated axis values); an empty list when the grid can be built."""
+    containers of the wrong type, repeated axis values); an empty list when the grid can be built. Keys that are
+    not strings are reported alone: the other checks compare and sort keys as names."""
+    problems = _key_problems(document, where="")
+    if problems:
+        return problems
     problems = [
         f"unknown key {key!r}{_closest(key, TOP_LEVEL_KEYS)}; known: {', '.join(TOP_LEVEL_KEYS)}"
         for key in document
@@ -214,6 +296,25 @@ def _structure_problems(document: dict) -> list[str]:
     for key in ("base", "smoke"):
         problems += _partial_config_problems(document.get(key), key)
     problems += _axes_problems(document.get("axes"))
+    return problems
+
+
+def _key_problems(value: Any, *, where: str) -> list[str]:
+    """A problem for every mapping key that is not a string, anywhere in the document (``{1: x}``, ``{true: x}``;
+    TOML keys are always strings): every key names a section, a field or an axis."""
+    problems = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str):
+                problems += _key_problems(item, where=f"{where}.{key}" if where else key)
+            else:
+                problems.append(
+                    f"{where or 'the top level'}: the key {_type(key)} is not a name; keys name sections, fields "
+                    "and axes, so they are strings (quote it)"
+                )
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            problems += _key_problems(item, where=f"{where}[{index}]")
     return problems
 
 
@@ -241,7 +342,7 @@ def _tracking_problems(tracking: Any) -> list[str]:
 
 def _partial_config_problems(config: Any, where: str) -> list[str]:
     """Problems of a nested partial config (``base`` or ``smoke``): a mapping of known sections, each a mapping of
-    known fields (``privacy`` may be null)."""
+    known fields (an optional section may be null)."""
     if config is None:
         return []
     if not isinstance(config, dict):
@@ -259,11 +360,16 @@ def _partial_config_problems(config: Any, where: str) -> list[str]:
 
 
 def _section_problems(fields: Any, section: str, *, where: str) -> list[str]:
-    """Problems of one partial section: a mapping of known fields, or null for ``privacy`` (a trial without DP)."""
-    if section == "privacy" and _no_dp(fields):
+    """Problems of one partial section: a mapping of known fields, or null for an optional section (``privacy``: a
+    trial without DP; ``audit``: without an audit)."""
+    if section in OPTIONAL_SECTIONS and _is_null(fields):
         return []
     if not isinstance(fields, dict):
-        null = ' or null / "none" (no DP)' if section == "privacy" else ""
+        null = (
+            f' or null / "none" (a trial {WITHOUT.get(section, "without it")})'
+            if section in OPTIONAL_SECTIONS
+            else ""
+        )
         return [f"{where}: expected a mapping of fields{null}, got {_type(fields)}"]
     return [
         f"{where}.{field}: unknown field{_closest(f'{section}.{field}', DOTTED_FIELDS)}; {section} has "
@@ -303,6 +409,13 @@ def _axis_problems(axis: Any, values: Any) -> list[str]:
             f"{where}: no such config field{_closest(str(axis), (*DOTTED_FIELDS, *SECTIONS))} (a dotted field such "
             "as method.name, or a whole section such as privacy)"
         ]
+    if isinstance(values, dict) and values and axis in SECTIONS:
+        # TOML reads an unquoted ``method.name = [...]`` under [axes] as the table method = {name = [...]}.
+        field = next(iter(values))
+        return [
+            f"{where}: expected a non-empty list of values, got a mapping (meant the axis {axis}.{field}?): a field "
+            f'axis is one dotted key, quoted in TOML ("{axis}.{field}" = [...])'
+        ]
     if not isinstance(values, list) or not values:
         return [f"{where}: expected a non-empty list of values, got {_type(values)}"]
     problems = []
@@ -328,7 +441,7 @@ class _Point:
     config: dict
     values: tuple[tuple[str, Any], ...]
     problem: str | None = (
-        None  # why the axis values cannot be combined (a privacy field on a point without DP)
+        None  # why the axis values cannot be combined (a privacy field on a point without DP, ...)
     )
 
     @property
@@ -338,7 +451,7 @@ class _Point:
 
 def _grid(base: dict, axes: dict) -> list[_Point]:
     """Every combination of the axes' values (the first axis outermost), each applied to a copy of the base:
-    section axes first, then field axes."""
+    section axes first, then field axes; a section the base leaves out starts from ``TrialConfig``'s default."""
     names = list(axes)
     points = []
     for combination in itertools.product(*(axes[name] for name in names)):
@@ -349,27 +462,59 @@ def _grid(base: dict, axes: dict) -> list[_Point]:
                 _apply(config, axis, value)
         except ConfigError as err:
             problem = str(err)
-        points.append(_Point(config=config, values=values, problem=problem))
+        points.append(_Point(config=_with_defaults(config, base), values=values, problem=problem))
     return points
 
 
 def _apply(config: dict, axis: str, value: Any) -> None:
-    """Set one axis value in a nested partial config: a section's mapping merged into that section (null for
-    ``privacy``), a dotted field's value into its section. A privacy field on a point without DP is a
-    ``ConfigError`` saying why (it would otherwise read as an incomplete privacy section)."""
+    """Set one axis value in a nested partial config: a section's mapping merged into that section (null for an
+    optional section), a dotted field's value into its section. A field of an optional section on a point without
+    it is a ``ConfigError`` saying why (it would otherwise read as an incomplete privacy section)."""
     section, _, field = axis.partition(".")
-    if not field:
-        current = config.get(section)
-        no_dp = section == "privacy" and _no_dp(value)
-        config[section] = None if no_dp else {**(current if isinstance(current, dict) else {}), **value}
-    elif section == "privacy" and _no_dp(config.get("privacy")):
+    if not field and section in OPTIONAL_SECTIONS and _is_null(value):
+        config[section] = None
+        return
+    if field and section in OPTIONAL_SECTIONS and _is_null(config.get(section)):
         raise ConfigError(
-            f"{axis}: set on a point without DP (privacy is null or not given): give the privacy section in base, "
-            "or as mappings of a privacy axis"
+            f"{axis}: set on a point {WITHOUT.get(section, 'without ' + section)} ({section} is null or not "
+            f"given): give the {section} section in base, or as mappings of a {section} axis"
         )
-    else:
-        config.setdefault(section, {})
-        config[section][field] = value
+    current = config.get(section)
+    current = dict(current) if isinstance(current, dict) else {}
+    config[section] = {**current, **value} if not field else {**current, field: value}
+
+
+def _with_defaults(config: dict, base: dict) -> dict:
+    """A point's config whose sections the base leaves out (set by axes only) start from ``TrialConfig``'s default
+    for them, as if the base had given that default: so ``optimization.seed: [0, 1]`` keeps the default steps."""
+    return {
+        section: {**_default_section(section, given=fields), **fields}
+        if section not in base and isinstance(fields, dict)
+        else fields
+        for section, fields in config.items()
+    }
+
+
+def _default_section(section: str, *, given: dict) -> dict:
+    """``TrialConfig``'s default for a section as a partial mapping: its fields that differ from the section's own
+    defaults (optimization: ``{"steps": 100}``; an optional section's default is null: ``{}``), less a field whose
+    alternative is ``given`` (epochs replaces the default steps)."""
+    declared = next(f for f in dataclasses.fields(TrialConfig) if f.name == section)
+    if declared.default_factory is dataclasses.MISSING:
+        return {}
+    default, kind = declared.default_factory(), SECTIONS[section]
+    replaced = {name for group in ALTERNATIVES.get(section, ()) if group & set(given) for name in group}
+    return {
+        f.name: getattr(default, f.name)
+        for f in dataclasses.fields(kind)
+        if f.name not in replaced and getattr(default, f.name) != _field_default(f)
+    }
+
+
+def _field_default(declared: dataclasses.Field) -> Any:
+    if declared.default_factory is not dataclasses.MISSING:
+        return declared.default_factory()
+    return declared.default  # MISSING for a required field: never equal to a value
 
 
 def _build_points(points: list[_Point], *, paths: dict) -> tuple[list[tuple[TrialConfig, _Point]], dict]:
@@ -391,7 +536,7 @@ def _trial(config: dict, *, folder: Path, assets_root: str) -> TrialConfig:
     from ``TrialConfig``'s; paths resolved (``_resolve``). Raises ``ConfigError`` naming the field."""
     sections = {}
     for name, fields in config.items():
-        if name == "privacy" and _no_dp(fields):
+        if name in OPTIONAL_SECTIONS and _is_null(fields):
             sections[name] = None
             continue
         kind = SECTIONS[name]
@@ -412,10 +557,15 @@ def _trial(config: dict, *, folder: Path, assets_root: str) -> TrialConfig:
 
 
 def _value(field: str, value: Any, *, section: str, folder: Path, assets_root: str) -> Any:
-    """A field's value as the frozen config holds it: a list as a tuple, a path resolved."""
+    """A field's value as the frozen config holds it: a list as a tuple, "none" as None where None is allowed, a
+    path resolved; an empty path is a ``ConfigError`` (it would resolve to the sweep file's folder)."""
     if isinstance(value, list):
         return tuple(value)
+    if (section, field) in OPTIONAL_FIELDS and _is_null(value):
+        return None
     if (section, field) in PATH_FIELDS and isinstance(value, str):
+        if not value.strip():
+            raise ConfigError(f"{section}.{field}: an empty path; leave the field out (or null) for none")
         return _resolve(value, field=f"{section}.{field}", folder=folder, assets_root=assets_root)
     return value
 
@@ -472,9 +622,10 @@ def _smoke_versions(
     return kept
 
 
-def _no_dp(privacy: Any) -> bool:
-    """Whether a privacy section's value means no DP: null (YAML) or "none" (any format; TOML has no null)."""
-    return privacy is None or privacy == "none"
+def _is_null(value: Any) -> bool:
+    """Whether an optional section's or field's value means none: null (YAML) or "none" (any format; TOML has no
+    null)."""
+    return value is None or value == NO_VALUE
 
 
 # --- messages ---------------------------------------------------------------------------------------------------

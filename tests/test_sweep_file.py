@@ -187,6 +187,40 @@ BAD_FILES = {
         GOOD + "axes: {resources.workers: [1, 2]}\n",
         ["the same trial", "resources.workers=1; resources.workers=2"],
     ),
+    # Keys are names: a key YAML reads as a boolean or a number is named, never compared with the names.
+    "key not a string": (
+        GOOD + "axes: {resources: [{true: 1, workers: 2}]}\n",
+        ["axes.resources[0]: the key True (bool) is not a name", "(quote it)"],
+    ),
+    # YAML 1.2: on, yes and no are strings, so this is an unknown field, not a boolean key.
+    "yes and on are strings": (
+        GOOD + "axes: {resources: [{on: 1, workers: 2}]}\n",
+        ["axes.resources[0].on: unknown field"],
+    ),
+    "YAML 1.1 boolean": (
+        GOOD + "axes: {optimization.autocast_bf16: [yes, no]}\n",
+        ["optimization.autocast_bf16: expected boolean, got 'yes'"],
+    ),
+    "sexagesimal number": (
+        GOOD + "axes: {optimization.steps: [1:30]}\n",
+        ["optimization.steps: expected integer or null, got '1:30'"],
+    ),
+    "loader error": (
+        GOOD + "description: !!timestamp 2024-06-31\n",
+        ["is not valid YAML", "day is out of range for month"],
+    ),
+    "empty path": (
+        GOOD + "  data: {root: ''}\n",
+        ["data.root: an empty path", "affects 1 point: the base"],
+    ),
+    "empty weights path": (
+        GOOD + "axes: {evaluation.inception_weights: ['', w.pth]}\n",
+        ["evaluation.inception_weights: an empty path", "1 of 2 grid points"],
+    ),
+    "audit field without audit": (
+        GOOD + "  audit: null\naxes: {audit.canaries: [200]}\n",
+        ["audit.canaries: set on a point without an audit"],
+    ),
 }
 
 
@@ -197,6 +231,92 @@ def test_a_bad_file_is_refused_naming_the_problem(case, tmp_path):
         load_sweep_file(write(tmp_path, text))
     for needle in needles:
         assert needle in str(raised.value), f"{needle!r} not in {raised.value}"
+
+
+def test_yaml_merge_keys_take_the_explicit_key(tmp_path):
+    """``<<: *anchor`` merges the anchored mapping; an explicit key overrides a merged one (YAML's rule, not a key
+    given twice), while an explicit key given twice is still refused."""
+    text = GOOD + (
+        "axes:\n  privacy:\n    - &dp {target_epsilon: 8, sampling_rate: 0.02, max_grad_norm: 0.5}\n"
+        "    - {<<: *dp, target_epsilon: 2}\n"
+    )
+    configs = load_sweep_file(write(tmp_path, text)).configs
+    assert [(c.privacy.target_epsilon, c.privacy.max_grad_norm) for c in configs] == [(8.0, 0.5), (2.0, 0.5)]
+    twice = text.replace("target_epsilon: 2}", "target_epsilon: 2, target_epsilon: 3}")
+    with pytest.raises(SweepFileError, match="the key 'target_epsilon' is given twice"):
+        load_sweep_file(write(tmp_path, twice))
+
+
+def test_audit_is_optional_like_privacy(tmp_path):
+    """``audit: null`` (and "none") is a trial without an audit, in base and in an audit axis."""
+    (config,) = load_sweep_file(write(tmp_path, GOOD + "  audit: null\n")).configs
+    assert config.audit is None
+    sweep = load_sweep_file(write(tmp_path, GOOD + "axes: {audit: [null, {canaries: 256}]}\n"))
+    assert [c.audit and c.audit.canaries for c in sweep.configs] == [None, 256]
+    toml = 'name = "t"\n[base]\naudit = "none"\n[base.optimization]\nsteps = 5\n'
+    toml += '[base.evaluation]\nextractor = "substitute-randconv-v1"\n'
+    (config,) = load_sweep_file(write(tmp_path, toml, "sweep.toml")).configs
+    assert config.audit is None
+
+
+def test_yaml_numbers_and_booleans_follow_yaml_1_2(tmp_path):
+    """Leading zeros are decimal (YAML 1.1: octal), 0o and 0x are octal and hex, an exponent needs no dot, true and
+    false are the booleans, .inf is a float (refused as not finite) and a date is a string."""
+    text = GOOD.replace("steps: 5", "steps: 5, learning_rate: 1e-3, autocast_bf16: false")
+    text += "description: 2024-06-31\naxes: {optimization.seed: [010, 0o10, 0x10]}\n"
+    sweep = load_sweep_file(write(tmp_path, text))
+    assert [c.optimization.seed for c in sweep.configs] == [10, 8, 16]
+    assert {(c.optimization.learning_rate, c.optimization.autocast_bf16) for c in sweep.configs} == {
+        (1e-3, False)
+    }
+    assert sweep.description == "2024-06-31"
+    with pytest.raises(SweepFileError, match="optimization.learning_rate: expected finite number, got inf"):
+        load_sweep_file(write(tmp_path, GOOD.replace("steps: 5", "steps: 5, learning_rate: .inf")))
+
+
+def test_a_loader_error_names_the_file(tmp_path):
+    path = write(tmp_path, GOOD + "description: !!float fast\n")
+    with pytest.raises(SweepFileError, match=f"^sweep file {path} is not valid YAML: .*'fast'"):
+        load_sweep_file(path)
+
+
+def test_an_axis_on_a_section_the_base_leaves_out_starts_from_its_default(tmp_path):
+    """Without ``optimization`` in base a trial has TrialConfig's default (100 steps); a seed axis changes only
+    the seed, and an epochs axis replaces the default steps."""
+    base = "name: x\nbase:\n  evaluation: {extractor: substitute-randconv-v1}\n"
+    (alone,) = load_sweep_file(write(tmp_path, base)).configs
+    seeds = load_sweep_file(write(tmp_path, base + "axes: {optimization.seed: [0, 1]}\n")).configs
+    assert [(c.optimization.steps, c.optimization.seed) for c in seeds] == [(100, 0), (100, 1)]
+    assert seeds[0] == alone
+    sections = load_sweep_file(write(tmp_path, base + "axes: {optimization: [{seed: 3}]}\n")).configs
+    assert [(c.optimization.steps, c.optimization.seed) for c in sections] == [(100, 3)]
+    epochs = load_sweep_file(write(tmp_path, base + "axes: {optimization.epochs: [1, 2]}\n")).configs
+    assert [(c.optimization.steps, c.optimization.epochs) for c in epochs] == [(None, 1.0), (None, 2.0)]
+
+
+def test_toml_writes_no_value_as_none_for_every_optional_field(tmp_path):
+    toml = 'name = "t"\n[base.optimization]\nsteps = 5\nglobal_clip_norm = "none"\n'
+    toml += '[base.evaluation]\nextractor = "substitute-randconv-v1"\n'
+    (config,) = load_sweep_file(write(tmp_path, toml, "sweep.toml")).configs
+    assert config.optimization.global_clip_norm is None
+    axis = (
+        toml.replace('global_clip_norm = "none"\n', "")
+        + '[axes]\n"optimization.global_clip_norm" = ["none", 1]\n'
+    )
+    sweep = load_sweep_file(write(tmp_path, axis, "sweep.toml"))
+    assert [c.optimization.global_clip_norm for c in sweep.configs] == [None, 1.0]
+    unquoted = axis.replace('"optimization.global_clip_norm"', "optimization.global_clip_norm")
+    with pytest.raises(SweepFileError) as raised:
+        load_sweep_file(write(tmp_path, unquoted, "sweep.toml"))
+    assert "axes.optimization: expected a non-empty list of values, got a mapping" in str(raised.value)
+    assert '"optimization.global_clip_norm" = [...]' in str(raised.value)
+
+
+def test_a_sweep_file_under_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path, GOOD, "home.yaml")
+    sweep = named_sweep("~/home.yaml")
+    assert sweep.name == "bad" and sweep.source == "~/home.yaml" and len(sweep.configs) == 1
 
 
 def test_every_problem_is_listed_at_once_and_the_command_names_the_first(tmp_path, capsys):
