@@ -67,6 +67,64 @@ def test_evaluate_generates_per_class_and_reuses_reference_statistics(tiny_var, 
     assert second["reference_cache_hit"] and second["metrics"] == first["metrics"]  # PNGs are lossless
 
 
+def test_a_resumed_evaluation_rates_only_the_images_it_drew(tiny_var, tiny_vqvae, split, tmp_path):
+    """images_per_second (a trial's cost.sample_images_per_second) is of the images drawn in the timed call: a
+    resumed evaluation reads the earlier run's back, which would inflate the rate; with none drawn it is None."""
+    from trainables.evaluation.generate import image_path
+
+    def run() -> dict:
+        return evaluate(
+            tiny_var,
+            tiny_vqvae,
+            split,
+            evaluation=EVALUATION,
+            autocast_bf16=True,
+            scoring=SCORING,
+            cache=ReferenceStats(tmp_path / "reference"),
+            out_dir=tmp_path / "images",
+        )
+
+    first = run()
+    assert first["images_drawn"] == first["images_generated"] == 5
+    assert first["compute"]["images_per_second"] == pytest.approx(5 / first["generation_seconds"])
+    resumed = run()
+    assert resumed["images_drawn"] == 0 and resumed["compute"]["images_per_second"] is None
+    assert resumed["images_generated"] == 5 and resumed["metrics"] == first["metrics"]
+    image_path(tmp_path / "images", 1, 4).unlink()  # plan [3, 2] at batch size 4: the last batch is image 4
+    partly = run()
+    assert partly["images_drawn"] == 1 and partly["images_generated"] == 5
+    assert partly["compute"]["images_per_second"] == pytest.approx(1 / partly["generation_seconds"])
+
+
+def test_the_command_refuses_an_images_folder_of_another_plan(tiny_var, tiny_vqvae, split, tmp_path, capsys):
+    """--num-images changed, same --out: the folder's images are the first plan's (its last batch's shape among
+    them); the second run ends in status 2 naming the folder, which keeps the first run's images."""
+    var_path, vqvae_path = (
+        save_var(tiny_var, tmp_path / "var.pth"),
+        save_vqvae(tiny_vqvae, tmp_path / "q.pth"),
+    )
+    command = ["--var", str(var_path), "--vqvae", str(vqvae_path), "--dataset", "folder", "--root"]
+    command += [
+        str(tmp_path / "data"),
+        "--split",
+        "train",
+        "--extractor",
+        SUBSTITUTE_EXTRACTOR,
+        "--cfg",
+        "1.0",
+    ]
+    command += ["--batch-size", "4", "--cache", str(tmp_path / "ref"), "--out", str(tmp_path / "eval")]
+    assert main([*command, "--num-images", "6"]) == 0
+    pngs = sorted((tmp_path / "eval" / "images").rglob("*.png"))
+    capsys.readouterr()
+    assert main([*command, "--num-images", "5"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        error.startswith("error: ") and str(tmp_path / "eval" / "images") in error and "another plan" in error
+    )
+    assert sorted((tmp_path / "eval" / "images").rglob("*.png")) == pngs and len(pngs) == 6
+
+
 def test_command_defaults_are_the_configs(tmp_path):
     """The command's sampling options default to EvaluationConfig's own values (a sweep trial's), and its options
     become that section (checked by it)."""

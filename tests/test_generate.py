@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import random
+from fractions import Fraction
 
 import pytest
 import torch
 from conftest import TINY_VAR
 from test_datasets import make_folder
 
+from bench.errors import VarsweepError
 from bench.schema import SUBSTITUTE_EXTRACTOR, EvaluationConfig
 from trainables.data.datasets import read_dataset
+from trainables.evaluation import generate as generate_module
 from trainables.evaluation.generate import (
     MANIFEST,
     PngWriter,
@@ -38,6 +43,47 @@ def test_plan_follows_the_split_counts_in_class_index_order(tmp_path):
     assert generation_plan([2, 1], total=7) == [5, 2] and sum(generation_plan([3, 3, 1], total=10)) == 10
     with pytest.raises(ValueError):
         generation_plan([0, 0])
+
+
+def test_plan_remainders_are_exact_and_ties_go_to_the_lower_class_index():
+    """Classes 4 and 5 have equal remainders (576 * 7 and 576 * 50 leave 76 over 172), which floats ranked 5 first."""
+    plan = generation_plan([2, 0, 101, 2, 7, 50, 3, 7, 0], total=576)
+    assert plan[4] == 24 and plan[5] == 167 and sum(plan) == 576
+
+    def largest_remainders(counts: list[int], total: int) -> list[int]:  # in exact fractions
+        exact = [Fraction(total * c, sum(counts)) for c in counts]
+        plan = [int(x) for x in exact]
+        for i in sorted(range(len(counts)), key=lambda i: (-(exact[i] - plan[i]), i))[: total - sum(plan)]:
+            plan[i] += 1
+        return plan
+
+    draw = random.Random(0)
+    for _ in range(300):
+        counts = [draw.choice([0, 1, 2, 3, 7, 50, 101]) for _ in range(draw.randint(1, 12))]
+        counts[0] += 1  # a positive sum
+        total = draw.randint(1, 3000)
+        assert generation_plan(counts, total=total) == largest_remainders(counts, total), (counts, total)
+
+
+def test_decoded_bf16_images_become_pixels_in_float32(tiny_var, tiny_vqvae, monkeypatch):
+    """Under bf16 autocast the decoder returns bf16 (kept: the GENERATED_FORMAT comment says why); mapping [-1, 1]
+    to [0, 1] in bf16 moved about a third of the uint8 pixels one level. CPU bf16 autocast stands in for CUDA's."""
+
+    def cpu_autocast(device, *, enabled=True):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+    monkeypatch.setattr(generate_module, "bf16_autocast", cpu_autocast)
+    decoded, decode = [], tiny_vqvae.fhat_to_img
+
+    def spy(f_hat):
+        decoded.append(decode(f_hat))
+        return decoded[-1]
+
+    monkeypatch.setattr(tiny_vqvae, "fhat_to_img", spy)
+    images, _ = generate(tiny_var, tiny_vqvae, [4, 0, 2, 0, 1], evaluation=SETTINGS, autocast_bf16=True)
+    assert {d.dtype for d in decoded} == {torch.bfloat16}  # the stand-in does run the decoder in bf16
+    in_float32 = torch.cat([d.float().add(1).mul(0.5) for d in decoded])
+    assert torch.equal(images, in_float32.clamp(0, 1).mul(255).round().to(torch.uint8))
 
 
 def test_batches_draw_distinct_randomness_and_counts_per_class(tiny_var, tiny_vqvae):
@@ -72,6 +118,38 @@ def test_png_output_is_lossless_and_resumes(tiny_var, tiny_vqvae, tmp_path):
     )
     assert survivor.stat().st_mtime_ns == before  # batch 0 was complete and not regenerated
     assert torch.equal(read_generated(tmp_path, plan)[0], in_memory) and torch.equal(resumed, in_memory)
+
+
+def test_a_folder_of_another_plan_is_refused_and_kept(tiny_var, tiny_vqvae, tmp_path):
+    """With batch size 3, plan [3, 3] draws its second batch as labels [1, 1, 1] and plan [3, 2] as [1, 1]: the
+    files of images 3 and 4 exist for both, but [3, 2]'s are other draws. Its run is refused, nothing deleted."""
+    generate(tiny_var, tiny_vqvae, [3, 3], evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)
+    assert json.loads((tmp_path / MANIFEST).read_text())["plan"] == [3, 3]
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}
+    with pytest.raises(VarsweepError, match="another plan") as refused:  # GeneratedFolderError: a bad input
+        generate(tiny_var, tiny_vqvae, [3, 2], evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)
+    assert (
+        str(tmp_path) in str(refused.value)
+        and "[3, 3]" in str(refused.value)
+        and "--out" in str(refused.value)
+    )
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")} == written
+    assert json.loads((tmp_path / MANIFEST).read_text())["plan"] == [3, 3]
+    # In a folder of its own, the plan draws what it draws in memory (not [3, 3]'s images 3 and 4).
+    fresh, _ = generate(tiny_var, tiny_vqvae, [3, 2], evaluation=SETTINGS, autocast_bf16=True)
+    generate(
+        tiny_var, tiny_vqvae, [3, 2], evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path / "other"
+    )
+    assert torch.equal(read_generated(tmp_path / "other", [3, 2])[0], fresh)
+    assert not torch.equal(read_generated(tmp_path, [3, 3])[0][3:5], fresh[3:5])
+    # Images of another model are another model's, whatever their plan: cleared as before.
+    other = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(1)).eval()
+    generate(other, tiny_vqvae, [3, 2], evaluation=SETTINGS, autocast_bf16=True, out_dir=tmp_path)
+    assert torch.equal(
+        read_generated(tmp_path, [3, 2])[0],
+        generate(other, tiny_vqvae, [3, 2], evaluation=SETTINGS, autocast_bf16=True)[0],
+    )
+    assert not image_path(tmp_path, 1, 5).exists()
 
 
 def test_an_unreadable_image_of_a_finished_batch_is_drawn_again_alone(tiny_var, tiny_vqvae, tmp_path):

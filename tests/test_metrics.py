@@ -85,6 +85,24 @@ def test_reference_statistics_are_cached_and_keyed(tmp_path):
         cache.load(key)
 
 
+def test_a_truncated_or_foreign_reference_file_is_refused_naming_it(tmp_path):
+    """A cache file cut short (a full disk, a copy interrupted) failed in zipfile without its path; an archive
+    without the 'meta' entry with a bare KeyError. Both are ValueErrors naming the file and the remedy."""
+    cache = ReferenceStats(tmp_path)
+    key = ReferenceKey(dataset="d", split="test", resolution=16, extractor="x", num_images=5)
+    cache.save(key, gaussian(5, 3, seed=1).float())
+    whole = cache.path(key).read_bytes()
+    cache.path(key).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="unreadable.*delete the file to recompute") as truncated:
+        cache.load(key)
+    assert str(cache.path(key)) in str(truncated.value)
+    with open(cache.path(key), "wb") as handle:
+        np.savez(handle, mu=np.zeros(3), sigma=np.eye(3))
+    with pytest.raises(ValueError, match="'meta'.*delete the file to recompute") as foreign:
+        cache.load(key)
+    assert str(cache.path(key)) in str(foreign.value)
+
+
 def test_batched_precision_recall_equals_the_full_computation_and_never_holds_n_by_n(monkeypatch):
     """Precision/recall go block by block (Food-101's 25,250 test images made ~15 GB of N x N float64 matrices):
     the result is the full matrices' exactly, and no distance block has more rows than PR_BLOCK_ROWS."""

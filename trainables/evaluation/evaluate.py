@@ -167,7 +167,7 @@ def evaluate(
     )
     reference_seconds = time.perf_counter() - started
     plan = generation_plan(list(images.class_counts.values()), total=evaluation.num_images)
-    started = time.perf_counter()
+    started, tally = time.perf_counter(), {}
     generated, requested_N = generate(
         var,
         vqvae,
@@ -177,6 +177,7 @@ def evaluate(
         compiled=compiled_sampling,
         out_dir=out_dir,
         progress=Progress("evaluation", "generated image", sum(plan), log=log),
+        tally=tally,
     )
     generation_seconds = time.perf_counter() - started
     progress = Progress("evaluation", "scoring", 1, log=log)
@@ -208,11 +209,14 @@ def evaluate(
         var, vqvae, label=next(i for i, c in enumerate(plan) if c > 0), evaluation=evaluation
     )
     # Useful FLOPs, as training's: the images evaluated, not compiled sampling's padding rows (their transformer
-    # work, at most a batch less one per evaluation). The rate is the wall time's, a first compile included.
+    # work, at most a batch less one per evaluation). The rate is the wall time's, a first compile included, over
+    # the images this call drew: those an interrupted earlier run wrote to ``out_dir`` are read back, not drawn, in
+    # that time (None when every image was read back: no rate was measured).
+    drawn = tally["drawn"]
     compute = {
         "sample_flops_per_image": per_image,
         "sample_pflops": per_image * len(generated) / PETA,
-        "images_per_second": len(generated) / generation_seconds if generation_seconds else None,
+        "images_per_second": drawn / generation_seconds if drawn and generation_seconds else None,
     }
     return {
         "metrics": metrics,
@@ -220,6 +224,7 @@ def evaluate(
         "compute": compute,
         "sampling": sampling_record(evaluation, autocast_bf16=autocast_bf16, compiled=compiled_sampling),
         "images_generated": len(generated),
+        "images_drawn": drawn,  # by this call; the others were read back from out_dir
         "plan": plan,
         "reference_cache_hit": hit,
         "reference_seconds": reference_seconds,

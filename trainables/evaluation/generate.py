@@ -6,9 +6,11 @@ index), every batch b draws from a generator seeded by (seed, b) (so batches dif
 exactly the missing batches), and the sampling settings travel with the images.
 
 Images on disk are keyed by the model that drew them: ``generated.json`` in the output folder holds a fingerprint
-of the VAR's and the VQVAE's weights and the sampling settings, written before the first PNG. A run whose model or
-settings differ (a retried trial's new attempt, another checkpoint) clears the folder's images first, so a resumed
-run skips only batches its own model wrote and an evaluation never scores an earlier model's images.
+of the VAR's and the VQVAE's weights, the sampling settings and the plan, written before the first PNG. A run whose
+model or settings differ (a retried trial's new attempt, another checkpoint) clears the folder's images first, so a
+resumed run skips only batches its own model wrote and an evaluation never scores an earlier model's images. A run
+of the same model and settings with another plan (another image count or split) is refused: the folder's images are
+that plan's (a batch's images depend on all its labels), and deleting them is left to the user.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.errors import VarsweepError
 from bench.schema import EvaluationConfig
 
 from ..models import VAR, VQVAE, release_sampling_caches
@@ -38,7 +41,10 @@ MANIFEST = "generated.json"
 # upsampling run in bf16 and the cached step's q and k are normalised as in training, images a rounding apart from
 # version 1's, which a resumed folder must not mix with them. 3 (2026-12-05): under autocast a LoRA layer samples
 # with its adapter merged into the base weight (``LoraLinear._merged_product``), a rounding apart from version 2.
-GENERATED_FORMAT = "varsweep-generated/3"
+# 4 (2026-12-07): the decoder's bf16 output is taken to float32 before it is mapped from [-1, 1] to [0, 1]
+# (``VAR.sample``; the decoder itself stays in bf16), where version 3 mapped it in bf16: about a third of its uint8
+# pixels one level apart. The manifest also records the plan (``generation_manifest``).
+GENERATED_FORMAT = "varsweep-generated/4"
 
 
 SAMPLING_FIELDS = (
@@ -69,9 +75,10 @@ def generation_plan(class_counts: Sequence[int], *, total: int | None = None) ->
         return counts
     if total < 1:
         raise ValueError(f"total must be >= 1, got {total}")
-    exact = [total * c / sum(counts) for c in counts]
-    plan = [int(x) for x in exact]
-    by_remainder = sorted(range(len(counts)), key=lambda i: (-(exact[i] - plan[i]), i))
+    # In integers: total * c / sum(counts) as floats rounds the remainders, so exact ties could order either way.
+    plan = [total * c // sum(counts) for c in counts]
+    remainders = [total * c % sum(counts) for c in counts]
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-remainders[i], i))
     for i in by_remainder[: total - sum(plan)]:
         plan[i] += 1
     return plan
@@ -108,6 +115,7 @@ def generate(
     compiled: bool = False,
     out_dir: str | Path | None = None,
     progress: Progress | None = None,
+    tally: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generate ``plan[c]`` images of every class c with the sampling settings of ``evaluation`` (guidance scale,
     top-k/top-p, batch size, sampling seed); forwards under bf16 autocast when ``autocast_bf16`` on CUDA.
@@ -119,8 +127,10 @@ def generate(
     With ``out_dir``: lossless PNGs ``class_XXXX/NNNNNN.png`` (NNNNNN numbers the image within the whole run), each
     written atomically by a pool of threads while the next batch is drawn; batches whose files all exist are read
     instead of drawn, so an interrupted run resumes, but only when the folder's manifest names these weights and
-    settings (else its images are deleted first). Returns when every file is written: images uint8 [N, 3, H, W]
-    (the drawn ones as written, the resumed ones as read) and labels [N]."""
+    settings (else its images are deleted first) and this plan (else ``GeneratedFolderError``, before anything is
+    drawn). Returns when every file is written: images uint8 [N, 3, H, W] (the drawn ones as written, the resumed
+    ones as read) and labels [N]. ``tally``: a dict this call sets ``drawn`` (images drawn) and ``resumed`` (images
+    read back from ``out_dir``) in, so that a rate is of the images drawn, not of those an earlier run drew."""
     labels_N = torch.tensor(_labels(plan), dtype=torch.long)
     device = next(var.parameters()).device
     out = None if out_dir is None else Path(out_dir)
@@ -128,11 +138,11 @@ def generate(
         claim_folder(
             out,
             generation_manifest(
-                var, vqvae, sampling_record(evaluation, autocast_bf16=autocast_bf16, compiled=compiled)
+                var, vqvae, sampling_record(evaluation, autocast_bf16=autocast_bf16, compiled=compiled), plan
             ),
             progress=progress,
         )
-    kept = []
+    kept, counts = [], {"drawn": 0, "resumed": 0}
     with PngWriter(enabled=out is not None) as writer, _in_eval_mode(var), _compiled_caches(var, compiled):
         for b, start in enumerate(range(0, len(labels_N), evaluation.batch_size)):
             label_B = labels_N[start : start + evaluation.batch_size]
@@ -149,9 +159,14 @@ def generate(
                     batch_index=b,
                 )
                 writer.submit(paths, images_B3HW)
+                counts["drawn"] += len(images_B3HW)
+            else:
+                counts["resumed"] += len(images_B3HW)
             kept.append(images_B3HW)
             if progress is not None:
                 progress.update(start + len(label_B))
+    if tally is not None:
+        tally.update(counts)
     return (torch.cat(kept) if kept else torch.zeros(0, dtype=torch.uint8)), labels_N
 
 
@@ -165,6 +180,10 @@ def _in_eval_mode(module: torch.nn.Module):
         yield
     finally:
         module.train(training)
+
+
+class GeneratedFolderError(VarsweepError):
+    """An output folder that holds images of this model and sampling settings drawn for another plan."""
 
 
 class PngWriter:
@@ -218,20 +237,24 @@ def weights_fingerprint(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def generation_manifest(var: VAR, vqvae: VQVAE, sampling: dict) -> dict:
-    """What the images of an output folder depend on: the weights that drew them and the sampling settings
-    (``sampling_record``)."""
+def generation_manifest(var: VAR, vqvae: VQVAE, sampling: dict, plan: Sequence[int]) -> dict:
+    """What the images of an output folder depend on: the weights that drew them, the sampling settings
+    (``sampling_record``) and the plan, images per class index (with the settings' batch size it fixes every
+    batch's labels and shape: image n is drawn in batch n // batch_size, beside that batch's other labels)."""
     return {
         "format": GENERATED_FORMAT,
         "weights_sha256": weights_fingerprint(var, vqvae),
         "sampling": sampling,
+        "plan": [int(c) for c in plan],
     }
 
 
 def claim_folder(out_dir: Path, manifest: dict, *, progress: Progress | None = None) -> None:
-    """Make ``out_dir`` hold only images of ``manifest``'s model: when its manifest differs (or is missing or
-    unreadable), delete its class folders, then write the manifest (before any PNG: a run killed in between
-    leaves the old manifest, and the next run clears again)."""
+    """Make ``out_dir`` hold only images of ``manifest``'s model: when its manifest names another model, format or
+    sampling settings (or is missing or unreadable), delete its class folders, then write the manifest (before any
+    PNG: a run killed in between leaves the old manifest, and the next run clears again). A folder holding images
+    of the same model and settings drawn for another plan is refused (``GeneratedFolderError``), nothing deleted:
+    they are computed work of that plan, which a run of this one cannot resume."""
     path = out_dir / MANIFEST
     try:
         current = json.loads(path.read_text()) if path.is_file() else None
@@ -240,6 +263,13 @@ def claim_folder(out_dir: Path, manifest: dict, *, progress: Progress | None = N
     if current == manifest:
         return
     stale = sorted(p for p in out_dir.glob("class_*") if p.is_dir()) if out_dir.is_dir() else []
+    if any(next(folder.glob("*.png"), None) for folder in stale) and _other_plan_only(current, manifest):
+        raise GeneratedFolderError(
+            f"{out_dir} holds images of this model and sampling settings drawn for another plan "
+            f"({_plan_text(current['plan'])}; this run: {_plan_text(manifest['plan'])}), which cannot be resumed "
+            "at this plan: write to another output folder (the command's --out), or delete this one to draw "
+            "this plan there"
+        )
     if stale and progress is not None:
         progress.message(
             f"{out_dir}: deleting the images of another model or sampling setting ({len(stale)} class folders)"
@@ -247,6 +277,20 @@ def claim_folder(out_dir: Path, manifest: dict, *, progress: Progress | None = N
     for folder in stale:
         shutil.rmtree(folder)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+
+
+def _other_plan_only(current: dict | None, manifest: dict) -> bool:
+    """Whether manifest ``current`` differs from ``manifest`` in its plan alone."""
+    plan = current.get("plan") if isinstance(current, dict) else None
+    if not isinstance(plan, list) or not all(type(c) is int for c in plan):
+        return False
+    return current["plan"] != manifest["plan"] and {**current, "plan": manifest["plan"]} == manifest
+
+
+def _plan_text(plan: Sequence[int]) -> str:
+    """A plan for a message: its image count and its first per-class counts."""
+    shown = ", ".join(str(c) for c in plan[:8]) + (f", ... ({len(plan)} classes)" if len(plan) > 8 else "")
+    return f"{sum(plan)} images, per class [{shown}]"
 
 
 def _sample_batch(

@@ -10,6 +10,8 @@ Features: float [N, D]; the first argument is always the generated set, the seco
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,18 +150,25 @@ class ReferenceStats:
         return self.root / key.file_name()
 
     def load(self, key: ReferenceKey) -> dict[str, np.ndarray] | None:
-        """The cached entry (mu, sigma, features) or None; a damaged or foreign file raises naming it."""
+        """The cached entry (mu, sigma, features) or None; a damaged or foreign file raises ValueError naming it."""
         path = self.path(key)
         if not path.is_file():
             return None
         try:
+            # A truncated or overwritten archive fails in zipfile or zlib (BadZipFile, EOFError, zlib.error) as
+            # well as in numpy (OSError, ValueError).
             with np.load(path, allow_pickle=False) as data:
                 record = {name: data[name] for name in data.files}
-        except (OSError, ValueError) as err:
+            if "meta" not in record:
+                raise ValueError("no 'meta' entry: not a file these statistics were saved as")
+            meta = json.loads(str(record.pop("meta")))
+            if not isinstance(meta, dict):
+                raise ValueError(f"its 'meta' entry is {type(meta).__name__}, not an object")
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             raise ValueError(
-                f"reference statistics {path} are unreadable ({err}); delete the file to recompute"
+                f"reference statistics {path} are unreadable ({type(err).__name__}: {err}); delete the file to "
+                "recompute"
             ) from err
-        meta = json.loads(str(record.pop("meta")))
         if meta.get("format") != REFERENCE_FORMAT:  # an older format's pixels or key may differ: recomputed
             return None
         if meta != {"format": REFERENCE_FORMAT, **asdict(key)}:

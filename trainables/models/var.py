@@ -1140,7 +1140,9 @@ class VAR(nn.Module):
         """
         settings = {"cfg": cfg, "top_k": top_k, "top_p": top_p, "generator": generator, "pad_to": pad_to}
         f_hat_BChw, _ = self._sample_eval_mode(label_B, vqvae=vqvae, compiled=compiled, **settings)
-        return vqvae.fhat_to_img(f_hat_BChw).add(1).mul(0.5)
+        # float32 before mapping [-1, 1] to [0, 1]: under autocast the decoder returns bf16, whose 8-bit mantissa
+        # would round the shifted values to fewer levels than uint8 pixels have
+        return vqvae.fhat_to_img(f_hat_BChw).float().add(1).mul(0.5)
 
     @torch.no_grad()
     def sample_tokens(
