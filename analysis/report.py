@@ -65,7 +65,7 @@ def provenance(results: Results) -> dict[str, list[str]]:
 
 
 def _classifier(record: dict) -> str | None:
-    """ "digits-cnn-v1 (98.6% on real test images, 16 px, weights sha256 0123456789ab)", or None."""
+    """ "digits-cnn-v2 (98.6% on real test images, 16 px, weights sha256 0123456789ab)", or None."""
     name = lookup(record, "evaluation_settings.classifier.name")
     if not name:
         return None

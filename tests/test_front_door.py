@@ -161,7 +161,7 @@ base:
   data: {dataset: digits, resolution: 16}
   method: {name: full}
   optimization: {learning_rate: 1.0e+4, steps: 4, batch_size: 16, global_clip_norm: null}
-  evaluation: {extractor: digits-cnn-v1, num_images: 20, batch_size: 20, top_k: 0}
+  evaluation: {extractor: digits-cnn-v2, num_images: 20, batch_size: 20, top_k: 0}
   resources: {workers: 1, gpus_per_worker: 0, cpus_per_worker: 1, checkpoint_every_steps: 2, max_failures: 2}
 axes:
   optimization.seed: [0]

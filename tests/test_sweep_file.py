@@ -28,7 +28,7 @@ base:
   model: {base: tiny, depth: 2, tiny_pretraining_steps: 150}
   data: {dataset: digits, resolution: 16, cached_views: 2}
   optimization: {learning_rate: 5e-4, steps: 6}
-  evaluation: {extractor: digits-cnn-v1, num_images: 40, top_k: 0}
+  evaluation: {extractor: digits-cnn-v2, num_images: 40, top_k: 0}
 axes:
   method.name: [full, lora]
   method.train_blocks: [[0], [0, 1]]
@@ -56,7 +56,7 @@ learning_rate = 5e-4
 steps = 6
 
 [base.evaluation]
-extractor = "digits-cnn-v1"
+extractor = "digits-cnn-v2"
 num_images = 40
 top_k = 0
 

@@ -110,7 +110,7 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
     metrics, classifier = record["metrics"], record["evaluation_settings"]["classifier"]
     assert 0 <= metrics["class_accuracy"] <= 1 and len(metrics["class_accuracy_per_class"]) == 10
     assert (
-        classifier["name"] == "digits-cnn-v1"
+        classifier["name"] == "digits-cnn-v2"
         and classifier["test_accuracy"] > 0.97
         and len(classifier["weights_sha256"]) == 64
     )

@@ -205,7 +205,7 @@ def tiny_model(depth: int = 2, *, pretraining_steps: int = SMOKE_PRETRAINING_STE
 def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConfig:
     """The same trial's axes (method, relative depth, epsilon, k capped at 4, seed, convergence on/off, its audit
     with at most ``SMOKE_CANARIES`` canaries) on the tiny base and offline digits, a few steps, the digit
-    classifier's features (digits-cnn-v1) and one CPU worker."""
+    classifier's features (digits-cnn-v2) and one CPU worker."""
     privacy = config.privacy
     k = 1 if privacy is None else min(privacy.augmentation_multiplicity, SMOKE_MAX_VIEWS)
     if privacy is not None:
@@ -230,7 +230,7 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
             **({"batch_size": 32} if privacy is None else {}),
         ),
         evaluation=EvaluationConfig(
-            extractor="digits-cnn-v1",
+            extractor="digits-cnn-v2",
             num_images=40,
             top_k=0,
             batch_size=40,

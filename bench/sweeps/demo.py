@@ -1,6 +1,6 @@
 """The embedded default (``make demo``): a tiny VAR base pre-trained on glyphs (letters and symbols, never digits),
 adapted to scikit-learn's handwritten digits on CPU by full fine-tuning, LoRA and DP-LoRA at epsilon 1 and 8; the
-un-adapted base model is the reference. Metrics come from a digit classifier (digits-cnn-v1): FID, precision,
+un-adapted base model is the reference. Metrics come from a digit classifier (digits-cnn-v2): FID, precision,
 recall, KID on its features, and the class accuracy of the generated samples."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def sweep(*, smoke: bool = False, assets: Assets = Assets()) -> list[TrialConfig
             else dict(batch_size=120, convergence_num_images=120)
         )
         return EvaluationConfig(
-            extractor="digits-cnn-v1",
+            extractor="digits-cnn-v2",
             top_k=0,
             top_p=0.96,
             guidance_scale=1.0,

@@ -1,18 +1,25 @@
-"""``digits-cnn-v1``: a small CNN trained once, offline, on the digits *train* split only. It gives the embedded
-default metrics that mean something without Inception weights or a network:
+"""``digits-cnn-v2``: a small CNN trained once, offline, on the digits *test* split (the evaluation split). It gives
+the embedded default metrics that mean something without Inception weights or a network:
 
 - its 128-d penultimate layer is the feature extractor of FID / precision / recall / KID on digits (recorded as
-  ``digits-cnn-v1``; numbers are comparable only with themselves, like every extractor's);
+  ``digits-cnn-v2``; numbers are comparable only with themselves, like every extractor's);
 - its predictions give the **class accuracy of generated samples**: the share of images generated for class c that
   it reads as c (does the model draw the digit it was asked for?).
 
 Images of any size and colour are converted to grey and resized to 16x16 (the digits are 8x8 scans: nothing finer
-exists), so one classifier serves every resolution. Built once per cache folder under a file lock, seeded, with its
-test accuracy (digits *test* split) in a JSON sidecar that every result records.
+exists), so one classifier serves every resolution. Built once per cache folder under a file lock, seeded, from
+three quarters of the test split (stratified by class), with its accuracy on the quarter it did not train on in a
+JSON sidecar that every result records.
+
+Why the test split: the train split is a trial's training data, private in DP trials, and every metric is released
+without noise. A classifier trained on it (``digits-cnn-v1``, retired) made a DP trial's FID, precision, recall and
+class accuracy functions of the private images outside the privacy guarantee. The test split is already what those
+metrics compare with (the reference statistics), so a classifier trained on it releases nothing new.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -29,8 +36,12 @@ from .features import DIGITS_CNN
 CLASSIFIER = DIGITS_CNN
 INPUT_SIZE = 16
 FEATURES = 128
+# It trains on 3 of 4 stratified folds of the 359 test digits and is scored on the fourth. Six times fewer images
+# than the train split's 1,438, so more epochs (60, ~240 steps, as many as 10 epochs of the train split took): at
+# 10 the held-out accuracy was 0.88, at 40 and 80 0.98-1.0 (and 0.983-0.985 on the 1,438 train digits).
+FOLDS = 4
 TRAINING = {
-    "epochs": 10,
+    "epochs": 60,
     "batch_size": 64,
     "lr": 2e-3,
     "weight_decay": 1e-4,
@@ -38,8 +49,9 @@ TRAINING = {
     "max_zoom": 1.15,
     "max_blur_px": 1.0,
     "seed": 0,
-    "train_split": "train",
-    "test_split": "test",
+    "split": "test",
+    "folds": FOLDS,
+    "held_out_fold": 0,
     "split_seed": 0,
 }
 
@@ -210,27 +222,59 @@ def digit_classifier(
 def _build(weights: Path, sidecar: Path, *, log: Log | None) -> None:
     t = TRAINING
     Progress(CLASSIFIER, "", 1, log=log).message(
-        f"training once on the digits train split ({t['epochs']} epochs) into {weights.parent}"
+        f"training once on {t['folds'] - 1}/{t['folds']} of the digits {t['split']} split "
+        f"({t['epochs']} epochs) into {weights.parent}"
     )
-    train = offline.digits(split=t["train_split"], image_size=INPUT_SIZE, seed=t["split_seed"])
-    test = offline.digits(split=t["test_split"], image_size=INPUT_SIZE, seed=t["split_seed"])
+    digits = offline.digits(split=t["split"], image_size=INPUT_SIZE, seed=t["split_seed"])
+    train, held_out = held_out_split(digits)
     model = train_classifier(train, log=log)
-    accuracy = (predict(model, test.images_N3HW) == test.labels_N).double().mean().item()
-    atomic_write(weights, lambda tmp: torch.save(model.state_dict(), tmp))
+    accuracy = (predict(model, held_out.images_N3HW) == held_out.labels_N).double().mean().item()
+    # Through a file object: a path would put the temporary file's random name in the archive, and its bytes.
+    atomic_write(weights, lambda tmp: _save(model.state_dict(), tmp))
     record = {
         "name": CLASSIFIER,
         "test_accuracy": accuracy,
         "weights_sha256": _sha256(weights),
+        "split": t["split"],
         "train_images": len(train),
-        "test_images": len(test),
+        "test_images": len(held_out),
         "input_size": INPUT_SIZE,
         "features": FEATURES,
         "training": t,
     }
     atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     Progress(CLASSIFIER, "", 1, log=log).message(
-        f"test accuracy {accuracy:.4f} on {len(test)} held-out digits"
+        f"test accuracy {accuracy:.4f} on {len(held_out)} held-out digits"
     )
+
+
+def _save(state: dict, path: str | Path) -> None:
+    with open(path, "wb") as file:
+        torch.save(state, file)
+
+
+def stratified_folds(labels_N: torch.Tensor, *, folds: int, seed: int) -> torch.Tensor:
+    """The fold [N] of each example: each class's examples in a seeded order, dealt to the folds in turn."""
+    generator = torch.Generator().manual_seed(seed)
+    fold_N = torch.empty_like(labels_N)
+    for label in labels_N.unique(sorted=True).tolist():
+        members = (labels_N == label).nonzero().flatten()
+        order = members[torch.randperm(len(members), generator=generator)]
+        fold_N[order] = torch.arange(len(order)) % folds
+    return fold_N
+
+
+def held_out_split(images: offline.ImageSet) -> tuple[offline.ImageSet, offline.ImageSet]:
+    """(the images the classifier trains on, the held-out fold it is scored on): ``TRAINING``'s folds."""
+    t = TRAINING
+    held_N = stratified_folds(images.labels_N, folds=t["folds"], seed=t["split_seed"]) == t["held_out_fold"]
+
+    def subset(mask_N: torch.Tensor) -> offline.ImageSet:
+        return dataclasses.replace(
+            images, images_N3HW=images.images_N3HW[mask_N], labels_N=images.labels_N[mask_N]
+        )
+
+    return subset(~held_N), subset(held_N)
 
 
 def _sha256(path: Path) -> str:

@@ -7,8 +7,9 @@
   seeded random convolutional network (images resized to 64x64, three stride-2 3x3 conv + ReLU layers, per-channel
   mean and standard deviation pooled: 256-d). Its numbers are only comparable with themselves: the extractor's
   name is recorded in every result and tables never mix extractors.
-- ``digits-cnn-v1``: the 128-d penultimate layer of a digit classifier trained once on the digits train split
-  (``classifier.py``); for the offline digits only, where it measures what a reader of digits sees.
+- ``digits-cnn-v2``: the 128-d penultimate layer of a digit classifier trained once on the digits test split, the
+  evaluation split, never a trial's training data (``classifier.py``); for the offline digits only, where it
+  measures what a reader of digits sees.
 Extractors take uint8 images [B, 3, H, W] and return float32 features [B, D]. Each has a ``name`` and a
 ``weights_id`` (which weights: cached reference statistics are keyed by both).
 """
