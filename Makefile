@@ -5,11 +5,22 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow install constraints benchmark device-wheels clean format
+.PHONY: demo test test-slow install constraints benchmark device-wheels clean format FORCE
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
+# varsweep needs Python 3.11 or newer (pyproject.toml's requires-python). A $(PYTHON) older than that stops here with
+# the way out; a venv an older python3 left behind (its install failed) is made again, with $(PYTHON) (--clear).
+PY_NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 11))
+VENV_TOO_OLD := $(shell [ -x $(PY) ] && ! $(PY) -c '$(PY_NEW_ENOUGH)' 2>/dev/null && echo yes)
+
+$(PY): $(if $(VENV_TOO_OLD),FORCE)
+	@$(PYTHON) -c '$(PY_NEW_ENOUGH)' 2>/dev/null || { \
+	  echo "error: $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo missing); varsweep needs Python 3.11 or" \
+	    "newer: run make with PYTHON=python3.11 (e.g. make demo PYTHON=python3.11)" >&2; exit 1; }
+	$(if $(VENV_TOO_OLD),@echo "$(VENV) has a Python older than 3.11: making it again with $(PYTHON)")
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+FORCE:
 
 # Reinstall when the dependency list or its pins change; the project itself is installed editable, every
 # dependency at the version constraints.txt pins (the same versions as on the cluster's nodes, see cluster.yaml).
@@ -17,7 +28,7 @@ $(PY):
 # experiment tracking (tracking), the test tools (dev) and boto3 for Ray's AWS autoscaler (aws: the suite tests
 # that the head can use it). `pip install .` alone is the analysis-only install (see README).
 EXTRAS := train,tracking,dev,aws
-$(STAMP): pyproject.toml constraints.txt | $(PY)
+$(STAMP): pyproject.toml constraints.txt $(if $(VENV_TOO_OLD),FORCE) | $(PY)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
@@ -42,12 +53,14 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # Refresh constraints.txt after changing pyproject.toml's dependencies: resolve them afresh (no constraints) in a
-# throwaway venv and write its freeze below the file's header comment. Downloads every wheel (torch's CUDA
-# wheels: several GB); run `make test` on the result before committing it.
+# throwaway venv and write its freeze below the file's header comment: --all, for setuptools (torch needs it at run
+# time; a plain freeze omits it), less pip itself. Downloads every wheel (torch's CUDA wheels: several GB); run
+# `make test` on the result before committing it.
 constraints:
 	lock=$$(mktemp -d) && $(PYTHON) -m venv $$lock && \
 	$$lock/bin/pip install --quiet -e ".[$(EXTRAS)]" && \
-	{ sed '/^[^#]/,$$d' constraints.txt; $$lock/bin/pip freeze --exclude-editable; } > constraints.txt.new && \
+	{ sed '/^[^#]/,$$d' constraints.txt; $$lock/bin/pip freeze --all --exclude-editable | grep -v '^pip=='; } \
+	  > constraints.txt.new && \
 	mv constraints.txt.new constraints.txt && rm -rf $$lock
 
 benchmark: $(STAMP)

@@ -1,14 +1,22 @@
 """cluster.yaml passes Ray's own cluster-launcher validation offline (no cloud credentials) and keeps its promises:
 a GPU-less head, GPU worker types with autoscaling limits, varsweep installed on every node at the versions
-constraints.txt pins (Ray exactly the driver's), the aws extra on the head so that Ray's AWS node provider loads,
-shared storage mounted, the dashboard bound to localhost."""
+constraints.txt pins (Ray exactly the driver's) and at one pinned commit, the aws extra on the head so that Ray's
+AWS node provider loads, shared storage mounted (a security group the EFS mount target can let in), GPU nodes on
+an AMI with a new enough NVIDIA driver, apt waiting for the boot's own package work, the dashboard bound to
+localhost. The node commands are run here as Ray runs them, against fakes of the tools they call."""
 
 from __future__ import annotations
 
 import copy
+import itertools
+import json
+import os
+import re
 import shlex
+import subprocess
 import tomllib
-from importlib.metadata import version
+from importlib.metadata import requires, version
+from pathlib import Path
 
 import pytest
 import ray
@@ -174,3 +182,202 @@ def test_ray_aws_node_provider_loads_and_accepts_the_node_configs(cluster, monke
     run_instances = provider.ec2.meta.client.meta.service_model.operation_model("RunInstances").input_shape
     for node_type in cluster["available_node_types"].values():
         validate_parameters({**node_type["node_config"], "MinCount": 1, "MaxCount": 1}, run_instances)
+
+
+def _installed_closure(root: str) -> dict[str, str]:
+    """{canonical name: installed version} of ``root`` and everything it pulls in here (markers evaluated)."""
+    found: dict[str, str] = {}
+    seen = set()
+    todo = [Requirement(root)]
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        if (name, frozenset(requirement.extras)) in seen:
+            continue
+        seen.add((name, frozenset(requirement.extras)))
+        found[name] = version(name)
+        for line in requires(name) or []:
+            dependency = Requirement(line)
+            extras = sorted(requirement.extras) or [""]
+            if dependency.marker is None or any(dependency.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(dependency)
+    return found
+
+
+def test_every_package_the_install_pulls_in_is_pinned_at_its_installed_version():
+    # setuptools among them: torch requires it at run time, and a plain `pip freeze` leaves it out of the file.
+    pins = _constraints()
+    installed = _installed_closure("varsweep[train,tracking,dev,aws]")
+    del installed["varsweep"]  # editable, the checkout itself
+    assert "setuptools" in installed
+    unpinned = {name: v for name, v in installed.items() if pins.get(name) != v}
+    assert not unpinned, f"installed here but not pinned so in constraints.txt: {unpinned}"
+    lines = (REPO / "Makefile").read_text().split("\nconstraints:\n")[1].split("\n\n")[0]
+    assert "pip freeze --all --exclude-editable | grep -v '^pip=='" in lines
+
+
+# What a node needs to come up: a security group the EFS mount target lets in, a GPU AMI with a new enough NVIDIA
+# driver, one commit on every node, apt waiting for the boot's own package work, downloads left unfiltered.
+
+GPU_AMI_PLACEHOLDER = "ami-0123456789abcdef0"  # the GPU node types' ImageId as shipped (FILL IN)
+
+
+def _header() -> str:
+    """cluster.yaml's leading comment: the FILL IN list."""
+    lines = (REPO / "cluster.yaml").read_text().splitlines()
+    return "\n".join(itertools.takewhile(lambda line: line.startswith("#"), lines))
+
+
+def _run_like_ray(command: str, home: Path, path: Path | None = None) -> subprocess.CompletedProcess:
+    """``command`` as Ray's command runner runs it on a node (in a bash subshell), with HOME=``home`` and ``path``
+    (fakes of the tools it calls) first on the PATH."""
+    env = {**os.environ, "HOME": str(home)}
+    if path is not None:
+        env["PATH"] = f"{path}:{env['PATH']}"
+    return subprocess.run(
+        ["bash", "-c", f"({command})"], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def _fake(folder: Path, name: str, script: str) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text("#!/bin/sh\n" + script)
+    (folder / name).chmod(0o755)
+
+
+def test_every_node_type_names_the_same_security_group_and_ray_leaves_it_alone(cluster, monkeypatch):
+    # Without SecurityGroupIds Ray creates ray-autoscaler-varsweep (its own members and SSH only): the EFS mount
+    # target's group lets no NFS in from it, the mount fails and so does every node's setup.
+    from ray.autoscaler._private.aws import config as aws_config
+
+    groups = [t["node_config"].get("SecurityGroupIds") for t in cluster["available_node_types"].values()]
+    assert groups[0] and all(g == groups[0] for g in groups), groups  # one group: all traffic between members
+    assert all(re.fullmatch(r"sg-[0-9a-f]{8,17}", g) for g in groups[0]), groups[0]
+
+    def upsert(config, node_types):
+        raise AssertionError(f"Ray would create or change a security group for {node_types}")
+
+    monkeypatch.setattr(aws_config, "_upsert_security_groups", upsert)
+    configured = aws_config._configure_security_group(prepare_config(copy.deepcopy(cluster)))
+    assert [
+        t["node_config"]["SecurityGroupIds"] for t in configured["available_node_types"].values()
+    ] == groups
+    header = _header()
+    assert "SecurityGroupIds" in header and "2049" in header
+
+
+def test_gpu_node_types_need_an_ami_with_a_new_enough_nvidia_driver(cluster, tmp_path):
+    types = cluster["available_node_types"]
+    head_ami = types[cluster["head_node_type"]]["node_config"]["ImageId"]
+    gpu_types = [t for t in types.values() if t["resources"].get("GPU", 0) > 0]
+    gpu_amis = {t["node_config"]["ImageId"] for t in gpu_types}
+    assert len(gpu_amis) == 1 and head_ami not in gpu_amis  # the head's plain Ubuntu has no NVIDIA driver
+    header = _header()
+    assert "ImageId" in header and "580" in header
+    # The head stops `ray up` while the GPU AMI is the placeholder (~/ray_bootstrap_config.yaml: this file, as
+    # Ray writes it for the autoscaler).
+    (guard,) = [c for c in cluster["head_setup_commands"] if "ray_bootstrap_config" in c]
+    for ami, refused in ((GPU_AMI_PLACEHOLDER, True), ("ami-0fedcba9876543210", False)):
+        config = copy.deepcopy(cluster)
+        for node_type in config["available_node_types"].values():
+            if node_type["resources"].get("GPU", 0) > 0:
+                node_type["node_config"]["ImageId"] = ami
+        (tmp_path / "ray_bootstrap_config.yaml").write_text(json.dumps(config))
+        done = _run_like_ray(guard, tmp_path)
+        assert (done.returncode != 0, "FILL IN" in done.stderr) == (refused, refused), (ami, done.stderr)
+    # Every worker type has GPUs: no NVIDIA driver, or one older than CUDA 13's minimum (580), fails the setup.
+    (check,) = [c for c in cluster["worker_setup_commands"] if "nvidia-smi" in c]
+    assert all(t in gpu_types for t in types.values() if t is not types[cluster["head_node_type"]])
+    for output, accepted in (
+        ("580.65.06", True),
+        ("590.44.01\n590.44.01", True),
+        ("575.57.08", False),
+        ("", False),
+    ):
+        script = f"printf '{output}\\n'\n" if output else "echo 'NVIDIA-SMI has failed' >&2; exit 9\n"
+        _fake(tmp_path / "bin", "nvidia-smi", script)
+        done = _run_like_ray(check, tmp_path, tmp_path / "bin")
+        assert (done.returncode == 0) == accepted, (output, done.stderr)
+        assert accepted or "580" in done.stderr
+
+
+def _git(*args: str, cwd: Path) -> str:
+    identity = [
+        "-c",
+        "user.name=varsweep",
+        "-c",
+        "user.email=varsweep@example.com",
+        "-c",
+        "init.defaultBranch=main",
+    ]
+    done = subprocess.run(["git", *identity, *args], cwd=cwd, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_every_node_checks_out_one_pinned_commit(cluster, tmp_path):
+    # The head, a reused head and every autoscaled worker run the same code: one commit, not a branch's tip then.
+    git_commands = [c for c in cluster["setup_commands"] if re.search(r"\bgit ", c)]
+    others = cluster["head_setup_commands"] + cluster["worker_setup_commands"]
+    assert git_commands and not [c for c in others if re.search(r"\bgit ", c)]
+    assert not [c for c in git_commands if re.search(r"origin/|checkout .*-B|pip ", c)], git_commands
+    (pinned,) = {
+        commit for c in git_commands if "checkout" in c for commit in re.findall(r"\b[0-9a-f]{40}\b", c)
+    }
+    # The same commands against a local repository whose branch moves on: a new node, then the same node again
+    # (a reused head, or a worker `ray up` updates) once the pin moved to a commit pushed after its clone.
+    origin, work, node = tmp_path / "origin.git", tmp_path / "work", tmp_path / "node"
+    _git("init", "-q", "--bare", str(origin), cwd=tmp_path)
+    _git("clone", "-q", str(origin), str(work), cwd=tmp_path)
+    node.mkdir()
+
+    def push(message: str) -> str:
+        _git("commit", "-q", "--allow-empty", "-m", message, cwd=work)
+        _git("push", "-q", "origin", "HEAD:main", cwd=work)
+        return _git("rev-parse", "HEAD", cwd=work)
+
+    for commit in (push("pinned first"), push("pinned second")):
+        push("the branch moved on")
+        for command in git_commands:
+            command = re.sub(r"(https://|ssh://|git@)\S+", str(origin), command).replace(pinned, commit)
+            done = _run_like_ray(command, node)
+            assert done.returncode == 0, (command, done.stderr)
+        assert _git("rev-parse", "HEAD", cwd=node / "varsweep") == commit  # not the branch's tip
+
+
+def test_apt_waits_for_the_boots_own_package_work(cluster, tmp_path):
+    # Right after boot cloud-init and unattended-upgrades hold apt's locks; apt-get would fail at once.
+    setup = cluster["setup_commands"]
+    first_apt = next(i for i, c in enumerate(setup) if "apt-get" in c)
+    (wait,) = [c for c in setup[:first_apt] if "cloud-init status --wait" in c]
+    apt_calls = [call for c in setup for call in re.findall(r"apt-get [^;&|]*", c)]
+    assert apt_calls and all("DPkg::Lock::Timeout=" in call for call in apt_calls), apt_calls
+    # cloud-init's "done, with warnings" (status 2) goes on; apt-get update, which does not wait for its lists
+    # lock, is retried, and apt-get install runs once it succeeded, never after it kept failing.
+    _fake(tmp_path / "bin", "cloud-init", "exit 2\n")
+    assert _run_like_ray(wait, tmp_path, tmp_path / "bin").returncode == 0
+    _fake(tmp_path / "bin", "sleep", "exit 0\n")
+    _fake(
+        tmp_path / "bin",
+        "sudo",
+        'echo "$*" >> "$HOME/apt.log"\n'
+        'case "$*" in *" update"*) test "$(grep -c " update" "$HOME/apt.log")" -gt "$(cat "$HOME/fails")";; esac\n',
+    )
+    (install,) = [c for c in setup if "apt-get" in c and " update" in c]
+    for fails, succeeds in ((3, True), (1000, False)):
+        (tmp_path / "fails").write_text(str(fails))
+        (tmp_path / "apt.log").write_text("")
+        done = _run_like_ray(install, tmp_path, tmp_path / "bin")
+        calls = (tmp_path / "apt.log").read_text().splitlines()
+        installs = [call for call in calls if " install " in call]
+        assert (done.returncode == 0, len(installs)) == (succeeds, int(succeeds)), (fails, calls)
+        assert sum(" update" in call for call in calls) == (fails + 1 if succeeds else len(calls))
+
+
+def test_downloads_are_not_filtered_and_land_in_the_named_folder(cluster):
+    # Nothing is synced up (no file_mounts; jobs ship the code with --working-dir): rsync_exclude and rsync_filter
+    # would only filter `ray rsync-down`, where the old exclude "runs" dropped every downloaded run.
+    assert not cluster["file_mounts"] and not cluster.get("cluster_synced_files")
+    assert not cluster.get("rsync_exclude") and not cluster.get("rsync_filter")
+    # rsync copies a source folder without a trailing slash into the destination (./x/analysis/...).
+    downloads = re.findall(r"ray rsync-down cluster\.yaml (\S+) (\S+)", (REPO / "README.md").read_text())
+    assert downloads and all(src.endswith("/") and dst.endswith("/") for src, dst in downloads), downloads

@@ -1,6 +1,7 @@
 """The install variants (pyproject.toml): the bare package is the analysis side and runs without torch and Ray;
 the training side (`varsweep[train]`), when missing, is named with the command that installs it; the `varsweep`
-console command wraps both entry points; the packages whose internals varsweep uses carry upper bounds.
+console command wraps both entry points; the packages whose internals varsweep uses carry upper bounds; `make`
+refuses a Python older than 3.11 and replaces a venv such a Python left.
 
 The light-install tests run fresh interpreters of this venv with the training side's packages made unimportable
 (a ``sitecustomize`` on PYTHONPATH puts a finder first on ``sys.meta_path`` that refuses them), which is what a
@@ -195,3 +196,49 @@ def test_the_light_install_in_a_new_venv_runs_the_analysis_without_torch(results
     assert (tmp_path / "out" / "index.html").is_file() and list((tmp_path / "out" / "figures").glob("*.png"))
     done = run([str(script), "sweep", "demo", "--storage", str(tmp_path / "runs")], env, tmp_path)
     assert done.returncode == 2 and TRAIN_INSTALL in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+OLD_PYTHON = """\
+#!/bin/sh
+case "$1" in --version|-V) echo "Python 3.10.12";; *) exit 1;; esac
+"""
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_refuses_a_python_older_than_3_11_and_replaces_a_venv_one_left(tmp_path):
+    # With a python3 older than 3.11, `make demo` used to make .venv with it and fail to install into it, then keep
+    # failing with PYTHON=python3.11 too: the old venv stayed. Dry runs (-n) where the venv would be made.
+    shutil.copy2(REPO / "Makefile", tmp_path / "Makefile")
+    for name in ("pyproject.toml", "constraints.txt"):
+        (tmp_path / name).touch()
+    old = tmp_path / "python3.10"  # says it is 3.10 and fails the version check, as a real 3.10 does
+    old.write_text(OLD_PYTHON)
+    old.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS", "VENV", "PYTHON"))}
+
+    def make(*args: str) -> subprocess.CompletedProcess:
+        command = ["make", "--no-print-directory", *args, "VENV=.venv"]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    done = make("install", f"PYTHON={old}")  # no venv: refused before one is made, naming the way out
+    assert done.returncode != 0 and "PYTHON=python3.11" in done.stderr and "3.10.12" in done.stderr, (
+        done.stderr
+    )
+    assert not (tmp_path / ".venv").exists()
+    venv_python.parent.mkdir(parents=True)
+    shutil.copy2(old, venv_python)  # the venv an older python3 left (its install failed)
+    done = make("-n", "install", f"PYTHON={sys.executable}")
+    assert done.returncode == 0 and f"{sys.executable} -m venv --clear .venv" in done.stdout, done.stdout
+    assert "pip install --quiet -c constraints.txt" in done.stdout
+    done = make("install", f"PYTHON={old}")  # the old one again: refused, the venv left as it was
+    assert (
+        done.returncode != 0 and "PYTHON=python3.11" in done.stderr and venv_python.read_text() == OLD_PYTHON
+    )
+    venv_python.unlink()
+    venv_python.symlink_to(sys.executable)  # a venv of 3.11 or newer is kept
+    (tmp_path / ".venv" / ".installed").touch()
+    done = make("-n", "install")
+    assert done.returncode == 0 and "-m venv" not in done.stdout and "pip install" not in done.stdout, (
+        done.stdout
+    )
