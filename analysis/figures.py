@@ -31,7 +31,7 @@ from bench.results import open_storage
 from bench.schema import is_storage_relative, is_uri
 
 from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup, method_label
-from .tables import TABLE2_METHODS, audited_left_out, dataset_columns
+from .tables import TABLE2_METHODS, above_claim, audited_left_out, dataset_columns
 
 STYLE = {
     "figure.dpi": 110,
@@ -483,19 +483,26 @@ def parameters_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
 # the log axis, past a dotted rule) and how a deliberately broken mechanism (a test of the audit) is drawn.
 NO_DP_OFFSET = 4.0
 BROKEN_STYLE = {"color": "#c00000", "marker": "X", "s": 60, "linewidths": 0.5}
+# A successful run whose bound exceeds its own claimed epsilon: ringed, whatever its method and k.
+ABOVE_CLAIM_STYLE = {"s": 220, "facecolors": "none", "edgecolors": "#ff7f00", "linewidths": 2.0}
+ABOVE_CLAIM_LABEL = "run above its claimed ε (evidence of a bug)"
 AUDIT_CAPTION = (
-    "Each point is an audited training run: its empirical ε lower bound (one-run audit with canaries, at the "
-    "stated confidence) against the ε its DP accounting claims. A point above the y = x line is evidence that the DP "
-    "implementation or accounting is wrong (a correct one lands there with probability at most 1 − confidence; "
-    "rerun with another audit seed to confirm); points far below it are expected and do not show extra privacy."
+    "Each point is one audited training run (every seed and audit seed its own point, never a mean): its "
+    "empirical ε lower bound (one-run audit with canaries, at the stated confidence) against the ε its DP "
+    "accounting claims. A run above the y = x line, ringed in orange, is evidence that the DP "
+    "implementation or accounting is wrong (a correct one lands there with probability at most 1 − "
+    "confidence; rerun with another audit seed to confirm); runs far below it are expected and do not show "
+    "extra privacy. Runs with equal values overlap: the privacy_audit table counts each setting's runs and "
+    "those above their claim."
 )
 
 
 def audit_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
-    """Empirical epsilon lower bound (y) vs claimed epsilon spent (x, log scale), one panel per (model, dataset):
-    DP trials coloured by k with each method's marker (mean and std over seeds), the y = x line, non-DP trials in
-    black at a "no DP" position right of the DP ones, and failed trials of a broken mechanism as red crosses (a
-    test of the audit, never a result). None without a successful audited trial."""
+    """Empirical epsilon lower bound (y) vs claimed epsilon spent (x, log scale), one panel per (model,
+    dataset), one point per audited run: DP runs coloured by k with each method's marker, the y = x line,
+    non-DP runs in black at a "no DP" position right of the DP ones, and failed runs of a broken mechanism as
+    red crosses (a test of the audit, never a result). A successful run above its own claim is ringed, counted
+    in its panel and in the title. None without a successful audited trial."""
     ok, broken = _successful_and_broken(
         trials[trials["audited"]].dropna(subset=["audit_epsilon_lower_bound"])
     )
@@ -504,18 +511,19 @@ def audit_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
     ordered = pd.concat([ok, broken]).sort_values("depth")
     panels = list(dict.fromkeys(zip(ordered["model"], ordered["dataset"])))
     colors = k_colors(ok.loc[ok["dp"], "k"]) if ok["dp"].any() else {}
+    above = len(above_claim(ok))
+    title = "Privacy audit: empirical ε lower bound vs claimed ε (y = x: the claim)"
+    if above:
+        title += (
+            f" — WARNING: {above} run{'s' * (above != 1)} above {'their' if above != 1 else 'its'} claimed ε"
+        )
     with plt.rc_context(STYLE):
         fig, axes = _figure(len(panels), width=4.2, height=3.4)
         for ax, (model, dataset) in zip(axes, panels):
             _audit_panel(ax, _in_panel(ok, model, dataset), _in_panel(broken, model, dataset), colors)
             ax.set_title(f"{model}, {dataset}")
         _legend(fig)
-        return _save(
-            fig,
-            folder,
-            "privacy_audit",
-            "Privacy audit: empirical ε lower bound vs claimed ε (y = x: the claim)",
-        )
+        return _save(fig, folder, "privacy_audit", title)
 
 
 def _successful_and_broken(audited: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -537,26 +545,43 @@ def _audit_panel(ax, ok: pd.DataFrame, broken: pd.DataFrame, colors: dict[int, s
         dp.groupby(["method", "k"]), key=lambda item: (list(METHOD_LABELS).index(item[0][0]), item[0][1])
     )
     for i, ((method, k), line) in enumerate(lines):
-        _audit_points(
-            ax,
-            line,
+        ax.scatter(
+            line["audit_claimed_epsilon"],
+            line["audit_epsilon_lower_bound"],
             color=colors[int(k)],
             marker=METHOD_MARKERS[method],
-            size=max(3.0, 7.0 - 1.5 * i),  # later lines smaller: equal bounds (often all 0) stay visible
+            s=max(3.0, 7.0 - 1.5 * i) ** 2,  # later settings smaller: equal bounds (often all 0) stay visible
+            zorder=2,
             label=f"{METHOD_LABELS[method]}, k={k}",
         )
     for method in _in_table_order(ok.loc[~ok["dp"], "method"]):
         plain = ok[~ok["dp"] & (ok["method"] == method)]["audit_epsilon_lower_bound"]
-        ax.errorbar(
-            [no_dp_x],
-            [plain.mean()],
-            yerr=[plain.std() if len(plain) > 1 else 0.0],
+        ax.scatter(
+            [no_dp_x] * len(plain),
+            plain,
             color="black",
             marker=METHOD_MARKERS[method],
-            markersize=5,
-            capsize=2,
-            linestyle="",
+            s=25,
+            zorder=2,
             label=f"{METHOD_LABELS[method]}, no DP",
+        )
+    above = above_claim(dp)
+    if not above.empty:
+        ax.scatter(
+            above["audit_claimed_epsilon"],
+            above["audit_epsilon_lower_bound"],
+            zorder=4,
+            label=ABOVE_CLAIM_LABEL,
+            **ABOVE_CLAIM_STYLE,
+        )
+        ax.text(
+            0.03,
+            0.97,
+            f"{len(above)} run{'s' * (len(above) != 1)} above y = x",
+            transform=ax.transAxes,
+            color=ABOVE_CLAIM_STYLE["edgecolors"],
+            fontweight="bold",
+            va="top",
         )
     if not broken.empty:
         ax.scatter(
@@ -575,23 +600,6 @@ def _audit_panel(ax, ok: pd.DataFrame, broken: pd.DataFrame, colors: dict[int, s
     _audit_axis(ax, low=low, high=high, no_dp_x=no_dp_x, with_no_dp=bool((~ok["dp"]).any()))
     ax.set_xlabel("claimed ε (DP accounting, spent)")
     ax.set_ylabel("empirical ε lower bound")
-
-
-def _audit_points(ax, line: pd.DataFrame, *, color: str, marker: str, size: float, label: str) -> None:
-    """One (method, k): a point per target epsilon at its mean claimed and mean bound, std over seeds as bars."""
-    points = line.groupby("epsilon")[["audit_claimed_epsilon", "audit_epsilon_lower_bound"]].agg(
-        ["mean", "std"]
-    )
-    ax.errorbar(
-        points[("audit_claimed_epsilon", "mean")],
-        points[("audit_epsilon_lower_bound", "mean")],
-        yerr=points[("audit_epsilon_lower_bound", "std")].fillna(0),
-        color=color,
-        marker=marker,
-        markersize=size,
-        capsize=2,
-        label=label,
-    )
 
 
 def _audit_axis(ax, *, low: float, high: float, no_dp_x: float, with_no_dp: bool) -> None:

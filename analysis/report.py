@@ -14,7 +14,7 @@ from bench.schema import SCHEMA_VERSION
 from .figures import AUDIT_CAPTION, ROC_CAPTION, FigureFile
 from .load import Results
 from .metrics import lookup
-from .tables import Cell, Table
+from .tables import Cell, Table, above_claim
 
 KEY_PACKAGES = ("torch", "torchvision", "ray", "peft", "opacus", "torch-fidelity")
 # Every trial, one row each, beside index.md (written by ``analysis.run.write_trials``, linked from the page).
@@ -102,7 +102,18 @@ def notices(analysis: Analysis) -> list[tuple[str, list[str]]]:
     """(heading, plain-text lines) of everything a reader must know is missing or was left out."""
     r = analysis.results
     labels = dict(zip(r.trials["trial_id"], r.trials["label"]))
+    above = above_claim(r.trials[r.trials["audited"].astype(bool)]) if len(r.trials) else r.trials
     return [
+        (
+            "WARNING: audited runs whose epsilon lower bound exceeds their claimed epsilon (evidence of a bug in "
+            "the DP mechanism or its accounting, or a 1-in-20 chance at 95% confidence: rerun with another "
+            "audit.seed)",
+            [
+                f"{t.label} ({t.trial_id}): bound {t.audit_epsilon_lower_bound:.3f} > claimed "
+                f"{t.audit_claimed_epsilon:.3f}"
+                for t in above.itertuples()
+            ],
+        ),
         (
             "Failed trials",
             [f"{t.label} ({t.trial_id}): {_first_line(t.error)}" for t in r.failed.itertuples()] or ["None."],

@@ -41,9 +41,11 @@ ABLATION_METHODS = ("lora_attention", "lora_mlp")
 
 @dataclass(frozen=True)
 class Cell:
-    """Aggregate of one table cell over seeds, in display units: ``n`` successful trials with a value, ``failed``
-    failed ones, ``no_value`` successful ones that recorded no (or a non-finite) value. ``std``: their sample
-    standard deviation, None for fewer than two values (undefined) or a cell that is not a mean."""
+    """Aggregate of one table cell over seeds, in display units: ``n`` successful trials with a value,
+    ``failed`` failed ones, ``no_value`` successful ones that recorded no (or a non-finite) value. ``std``:
+    their sample standard deviation, None for fewer than two values (undefined) or a cell that is not a mean.
+    ``detail``: text shown after the value where the value alone does not say what it is (" (max of 3)"),
+    never in the CSV."""
 
     mean: float | None
     std: float | None
@@ -51,6 +53,7 @@ class Cell:
     failed: int
     formatter: Callable[[float], str]
     no_value: int = 0
+    detail: str = ""
 
     def csv(self) -> str:
         return "" if self.mean is None else self.formatter(self.mean)
@@ -64,7 +67,7 @@ class Cell:
         shown = self.formatter(self.mean)
         if self.std is not None:  # a spread of two or more values (a median's cell has none)
             shown += f" {plus_minus} {self.formatter(self.std)} (n={self.n})"
-        return shown + (f" ({', '.join(notes)})" if notes else "")
+        return shown + self.detail + (f" ({', '.join(notes)})" if notes else "")
 
 
 @dataclass
@@ -724,23 +727,34 @@ def _classifier_notes(trials: pd.DataFrame) -> list[str]:
     return notes
 
 
-# The privacy audit's value columns: (trials column, header, formatter); fractions shown in percent.
-AUDIT_VALUES = (
+# The privacy audit's mean columns: (trials column, header, formatter); fractions shown in percent. The bound
+# is not averaged: each run's bound is its own, and the table shows their maximum and the runs above their
+# claim.
+AUDIT_MEANS = (
     ("audit_claimed_epsilon", "claimed_epsilon_spent", lambda v: f"{v:.2f}"),
     ("audit_delta", "delta", lambda v: f"{v:.3g}"),
-    ("audit_epsilon_lower_bound", "epsilon_lower_bound", lambda v: f"{v:.2f}"),
+)
+AUDIT_RATES = (
     ("audit_tpr_at_1pct_fpr", "tpr_at_1pct_fpr_pct", lambda v: f"{100 * v:.1f}"),
     ("audit_auc", "auc", lambda v: f"{v:.3f}"),
 )
+AUDIT_BOUND_COLUMNS = ("epsilon_lower_bound_max", "runs_above_claim")
 AUDIT_NOTES = [
-    "epsilon_lower_bound: with probability at least the stated confidence, no mechanism whose epsilon (at this "
-    "delta) is below this number could let the membership guesses on the canaries be as accurate as they were "
-    "(one-run audit, Steinke, Nasr & Jagielski 2023). It bounds epsilon from below; it does not estimate it: a "
-    "bound far below the claimed epsilon is expected of DP-SGD and proves no extra privacy, while a bound above the "
-    "claimed epsilon is evidence of a bug in the training's DP mechanism or its accounting (a correct one shows "
-    "it with probability at most 1 - confidence: rerun with another audit.seed to confirm)",
-    "claimed_epsilon_spent: the DP ledger's epsilon spent (no DP: none); delta: the trial's DP delta (no DP: the "
-    "delta a DP trial on the same data would use)",
+    "a run's epsilon lower bound: with probability at least the stated confidence, no mechanism whose "
+    "epsilon (at this delta) is below this number could let the membership guesses on the run's canaries be "
+    "as accurate as they were (one-run audit, Steinke, Nasr & Jagielski 2023). It bounds epsilon from "
+    "below; it does not estimate it: a bound far below the claimed epsilon is expected of DP-SGD and proves "
+    "no extra privacy, while a bound above the run's claimed epsilon is evidence of a bug in the training's "
+    "DP mechanism or its accounting (a correct one shows it with probability at most 1 - confidence: rerun "
+    "with another audit.seed to confirm)",
+    "epsilon_lower_bound_max: the largest bound of the row's runs (seeds, audit seeds), not a mean: a mean "
+    "of lower bounds is no lower bound, and it would hide a run above its claim. runs_above_claim: how many "
+    "of the row's runs have a bound above their own claimed epsilon, of how many (no DP: none claimed). "
+    "Among n runs of a correct mechanism, one lands above its claim with probability up to n x (1 - "
+    "confidence). Every run's bound: trials.csv, column audit_epsilon_lower_bound; in "
+    "privacy_audit_cells.csv the 'mean' of these two columns is the maximum and the count",
+    "claimed_epsilon_spent: the DP ledger's epsilon spent, mean over the row's runs (no DP: none); delta: "
+    "the trial's DP delta (no DP: the delta a DP trial on the same data would use)",
     "canaries: m, each in the training set with probability 1/2, never in the evaluation; score: the drop of a "
     "canary's per-token NLL from the start of fine-tuning to the released model; tpr_at_1pct_fpr_pct: the share "
     "of included canaries flagged when 1% of the excluded ones are; auc: of that score",
@@ -750,18 +764,27 @@ AUDIT_NOTES = [
 
 
 def audit_table(trials: pd.DataFrame) -> list[Table]:
-    """The privacy audit: one row per audited setting (model, dataset, method, epsilon, k, canaries, confidence,
-    mechanism; seeds averaged) with the claimed epsilon, delta, the empirical lower bound, TPR at 1% FPR and AUC.
-    Only trials whose config asks for an audit; a failed one counts as failed in its row."""
+    """The privacy audit: one row per audited setting (model, dataset, method, epsilon, k, canaries,
+    confidence, mechanism) with, over its runs (seeds, audit seeds), the mean claimed epsilon and delta, the
+    largest empirical lower bound and how many runs' bounds exceed their own claimed epsilon, and the mean TPR
+    at 1% FPR and AUC. Only trials whose config asks for an audit; a failed one counts as failed in its row. A
+    successful run above its claim puts a warning in the title and a first note naming the run."""
     audited = _audit_keys(trials[trials["audited"]])
     if audited.empty:
         return []
     rows = []
     for key, group in audited.groupby(AUDIT_KEYS, sort=True):
         _, model, dataset, _, method, epsilon, k, canaries, confidence, _, mechanism = key
-        values = [cell(group, column, formatter=formatter) for column, _, formatter in AUDIT_VALUES]
+        means = [cell(group, column, formatter=formatter) for column, _, formatter in AUDIT_MEANS]
+        bounds = [_largest_bound(group), _runs_above_claim(group)]
         if epsilon < 0:  # no DP claims no epsilon: a dash, not "no value"
-            values[0] = dataclasses.replace(values[0], no_value=0)
+            means[0] = dataclasses.replace(means[0], no_value=0)
+            bounds[1] = Cell(None, None, 0, bounds[1].failed, bounds[1].formatter)
+        values = (
+            means
+            + bounds
+            + [cell(group, column, formatter=formatter) for column, _, formatter in AUDIT_RATES]
+        )
         rows.append(
             [
                 model,
@@ -776,14 +799,95 @@ def audit_table(trials: pd.DataFrame) -> list[Table]:
             ]
         )
     header = ["model", "dataset", "method", "epsilon", "k", "canaries", "confidence", "mechanism"]
+    above = above_claim(audited)
+    title = "Privacy audit: empirical lower bound on epsilon vs the claimed epsilon"
+    if len(above):
+        title += f" (WARNING: {_runs_above(len(above))})"
     return [
         Table(
             "privacy_audit",
-            "Privacy audit: empirical lower bound on epsilon vs the claimed epsilon",
-            header + [name for _, name, _ in AUDIT_VALUES],
+            title,
+            header
+            + [name for _, name, _ in AUDIT_MEANS]
+            + list(AUDIT_BOUND_COLUMNS)
+            + [name for _, name, _ in AUDIT_RATES],
             rows,
-            notes=AUDIT_NOTES,
+            notes=_above_claim_warning(above, confidence=audited["audit_confidence"]) + AUDIT_NOTES,
         )
+    ]
+
+
+def _bound_format(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def _count_format(value: float) -> str:
+    return f"{value:.0f}"
+
+
+def _runs_above(n: int) -> str:
+    """ "1 audited run with a bound above its claimed epsilon", "2 audited runs with ... their ..." """
+    return (
+        f"{n} audited run{'s' * (n != 1)} with a bound above {'their' if n != 1 else 'its'} claimed epsilon"
+    )
+
+
+def _audit_bounds(group: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
+    """(the successful runs of ``group`` with a finite bound, the failed runs, the successful ones without a
+    bound): a failed run (a broken mechanism's included) is never a result."""
+    ok = group[group["status"] == "success"]
+    finite = ok["audit_epsilon_lower_bound"].astype(float).map(math.isfinite).astype(bool)
+    return ok.loc[finite], int((group["status"] != "success").sum()), int((~finite).sum())
+
+
+def _largest_bound(group: pd.DataFrame) -> Cell:
+    """The largest bound of the row's successful runs, "(max of n)" after it where there are several."""
+    ok, failed, no_value = _audit_bounds(group)
+    if ok.empty:
+        return Cell(None, None, 0, failed, _bound_format, no_value)
+    n = len(ok)
+    largest = float(ok["audit_epsilon_lower_bound"].astype(float).max())
+    return Cell(largest, None, n, failed, _bound_format, no_value, detail=f" (max of {n})" if n > 1 else "")
+
+
+def _runs_above_claim(group: pd.DataFrame) -> Cell:
+    """How many of the row's successful runs have a bound above their own claimed epsilon, "of n" compared; a
+    run without a claimed epsilon counts as without value."""
+    ok, failed, no_value = _audit_bounds(group)
+    claimed = ok["audit_claimed_epsilon"].astype(float)
+    compared = ok.loc[claimed.map(math.isfinite).astype(bool)]
+    no_value += len(ok) - len(compared)
+    if compared.empty:
+        return Cell(None, None, 0, failed, _count_format, no_value)
+    n = len(compared)
+    count = len(above_claim(compared))
+    return Cell(float(count), None, n, failed, _count_format, no_value, detail=f" of {n}")
+
+
+def above_claim(audited: pd.DataFrame) -> pd.DataFrame:
+    """The successful audited runs whose bound exceeds their own claimed epsilon (no DP claims none): evidence
+    of a bug, which the audit table and figure show run by run."""
+    ok = audited[audited["status"] == "success"]
+    bound, claimed = ok["audit_epsilon_lower_bound"].astype(float), ok["audit_claimed_epsilon"].astype(float)
+    return ok.loc[(claimed.map(math.isfinite) & bound.map(math.isfinite) & (bound > claimed)).astype(bool)]
+
+
+def _above_claim_warning(above: pd.DataFrame, *, confidence: pd.Series) -> list[str]:
+    """The first note of the audit table where any run's bound exceeds its claim: which runs, by how much,
+    what it means and what to do. None otherwise."""
+    if above.empty:
+        return []
+    runs = "; ".join(
+        f"{t.label} ({t.trial_id[:12]}): bound {t.audit_epsilon_lower_bound:.2f} > claimed "
+        f"{t.audit_claimed_epsilon:.2f}"
+        for t in above.itertuples()
+    )
+    chance = 1 - float(confidence.dropna().min()) if confidence.notna().any() else float("nan")
+    return [
+        f"WARNING: {_runs_above(len(above))}, evidence of a bug in the DP mechanism or its accounting: "
+        f"{runs}. A correct mechanism puts a run there with probability at most {chance:.0%} (1 - "
+        "confidence), so among many runs one may by chance: rerun the setting with another audit.seed; a "
+        "bound above the claim again confirms the bug"
     ]
 
 

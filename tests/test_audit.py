@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sweep_driver import tiny_trial
 
 from bench.schema import (
@@ -39,7 +40,9 @@ from bench.schema import (
 from trainables import audit as audit_module
 from trainables import trial as trial_module
 from trainables.data import offline
+from trainables.data.tokens import TokenViews
 from trainables.plan import preflight
+from trainables.training import teacher_forcing_batch, token_cross_entropy
 from trainables.trial import UNSAFE_ERROR, run_trial
 
 CANARIES = 100
@@ -215,6 +218,58 @@ def test_about_half_the_canaries_are_included_by_a_stream_of_the_audit_seed_only
     # Independent of m beyond its length (canary i's fate is its own) and of any training seed.
     assert np.array_equal(audit_module.inclusion_mask(AuditConfig(canaries=4000)), masks[0])
     assert audit_module.included_count(None) == 0
+
+
+def random_canary_views(m: int, views: int, *, seed: int) -> TokenViews:
+    """m canaries for the tiny models (5 classes, 64 codes, scales 1-4: L = 30 tokens), ``views`` each."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = tuple(torch.randint(64, (m, views, pn * pn), generator=g) for pn in (1, 2, 3, 4))
+    return TokenViews(torch.randint(5, (m,), generator=g), tokens)
+
+
+def test_canary_nlls_are_float64_means_of_the_per_token_losses(tiny_var, tiny_vqvae):
+    """A canary's NLL is the float64 mean over its tokens and views of the float32 per-token cross-entropies,
+    not that mean rounded to float32 (a step of 2^-21 ~ 4.8e-7 near the tiny model's ln 64 ~ 4.16 nats)."""
+    canaries = random_canary_views(64, 2, seed=1)
+    nll_M = audit_module.canary_nll(tiny_var, tiny_vqvae, canaries, device=torch.device("cpu"))
+    with torch.no_grad():
+        rows = [
+            v.flatten(0, 1) for v in canaries.views
+        ]  # example-major: canary i's views are rows 2i, 2i + 1
+        x_RLCv, target_RL = teacher_forcing_batch(tiny_vqvae, rows)
+        ce_RL = token_cross_entropy(tiny_var(canaries.labels_N.repeat_interleave(2), x_RLCv), target_RL)
+    expected_M = ce_RL.numpy().astype(np.float64).reshape(64, -1).mean(axis=1)
+    assert nll_M.dtype == np.float64 and np.abs(nll_M - expected_M).max() < 1e-12
+    assert np.abs(nll_M - nll_M.astype(np.float32)).max() > 1e-8  # off the float32 grid
+
+
+def test_nearby_canary_scores_do_not_tie(tiny_var, tiny_vqvae):
+    """A released model whose weights moved by a relative 3e-3 shifts the canaries' NLLs by a few 1e-6 (DP
+    training moves them by ~1e-4): as float64 means their 64 scores are distinct, where float32 means tie many
+    (35 distinct when written), and the bound abstains on ties."""
+    canaries = random_canary_views(64, 2, seed=1)
+    released = copy.deepcopy(tiny_var)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in released.parameters():
+            p.add_(3e-3 * (p.std() if p.numel() > 1 else 1.0) * torch.randn(p.shape, generator=g))
+    cpu = torch.device("cpu")
+    before_M, after_M = (
+        audit_module.canary_nll(v, tiny_vqvae, canaries, device=cpu) for v in (tiny_var, released)
+    )
+    scores_M = audit_module.audit_record(
+        AuditConfig(canaries=64),
+        reference_M=before_M,
+        released_M=after_M,
+        mask_M=np.arange(64) % 2 == 0,
+        delta=1e-5,
+        claimed_epsilon=None,
+        mechanism="none",
+    )["scores"]
+    assert 1e-7 < np.std(scores_M) < 1e-4
+    assert len(set(scores_M)) == 64
+    rounded_M = before_M.astype(np.float32).astype(np.float64) - after_M.astype(np.float32)
+    assert len(set(rounded_M.tolist())) < 60  # what float32 NLLs would have scored
 
 
 def test_the_plan_counts_the_included_canaries(small_digits, cache_dir):

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.collections import PathCollection
 
-from analysis.figures import AUDIT_CAPTION, audit_figure, audit_roc_figure
+from analysis import figures
+from analysis.figures import ABOVE_CLAIM_LABEL, AUDIT_CAPTION, audit_figure, audit_roc_figure
 from analysis.load import SETTING_NEUTRAL, AnalysisError, load_results, setting_of
 from analysis.paper import paper_fixture
 from analysis.run import analyse
@@ -233,7 +235,8 @@ def test_the_table_has_a_row_per_audited_setting_with_its_numbers(audit_run):
     rows = read_csv(audit_run.out / "tables" / "privacy_audit.csv")
     assert list(rows[0]) == [
         "model", "dataset", "method", "epsilon", "k", "canaries", "confidence", "mechanism",
-        "claimed_epsilon_spent", "delta", "epsilon_lower_bound", "tpr_at_1pct_fpr_pct", "auc",
+        "claimed_epsilon_spent", "delta", "epsilon_lower_bound_max", "runs_above_claim",
+        "tpr_at_1pct_fpr_pct", "auc",
     ]  # fmt: skip
     keyed = {(r["epsilon"], r["k"], r["mechanism"]): r for r in rows}
     assert list(keyed) == [
@@ -247,30 +250,37 @@ def test_the_table_has_a_row_per_audited_setting_with_its_numbers(audit_run):
     assert all(r["model"] == "tiny-d2" and r["dataset"] == "digits" and r["method"] == "LoRA" for r in rows)
     assert all(r["canaries"] == "200" and r["confidence"] == "95%" for r in rows)
     plain, eps8 = keyed["no DP", "1", "none"], keyed["8", "4", "dp-sgd"]
-    assert (plain["claimed_epsilon_spent"], plain["epsilon_lower_bound"], plain["auc"]) == (
+    assert (plain["claimed_epsilon_spent"], plain["epsilon_lower_bound_max"], plain["auc"]) == (
         "",
         "2.50",
         "0.900",
     )
+    assert plain["runs_above_claim"] == ""  # no DP claims nothing to be above
     assert plain["tpr_at_1pct_fpr_pct"] == "30.0" and plain["delta"] == f"{DELTA:.3g}"
-    assert (eps8["claimed_epsilon_spent"], eps8["epsilon_lower_bound"], eps8["tpr_at_1pct_fpr_pct"]) == (
+    assert (eps8["claimed_epsilon_spent"], eps8["epsilon_lower_bound_max"], eps8["tpr_at_1pct_fpr_pct"]) == (
         "7.84",
         "0.60",
         "6.0",
     )
-    assert keyed["1", "1", "dp-sgd"]["epsilon_lower_bound"] == "0.10"  # the mean of seeds 0 and 1
+    assert eps8["runs_above_claim"] == "0"
+    two_seeds = keyed["1", "1", "dp-sgd"]  # bounds 0.0 and 0.2
+    assert (two_seeds["epsilon_lower_bound_max"], two_seeds["runs_above_claim"]) == ("0.20", "0")
+    # The broken mechanism's bound (9.5) exceeds its claim, but a test of the audit is never a result.
     broken = keyed["8", "4", BROKEN_MECHANISM]
-    assert broken["epsilon_lower_bound"] == "" and broken["claimed_epsilon_spent"] == ""  # never a result
+    assert {broken[c] for c in ("epsilon_lower_bound_max", "runs_above_claim", "claimed_epsilon_spent")} == {
+        ""
+    }
 
 
 def test_the_tables_markdown_shows_seeds_failures_and_what_the_bound_means(audit_run):
     text = (audit_run.out / "tables" / "privacy_audit.md").read_text()
-    assert "0.10 ± 0.14 (n=2)" in text  # bound over the two seeds at epsilon 1, k 1
+    assert "| 0.20 (max of 2) | 0 of 2 |" in text  # the bounds of the two seeds at epsilon 1, k 1
     no_dp = next(line for line in text.splitlines() if "| no DP |" in line)
-    assert "| none | — |" in no_dp and "no value" not in no_dp  # no DP claims no epsilon
+    assert "| none | — |" in no_dp and "| 2.50 | — |" in no_dp and "no value" not in no_dp  # no claim
     broken_line = next(line for line in text.splitlines() if BROKEN_MECHANISM in line)
-    assert broken_line.count("failed") == 5 and "9.50" not in broken_line
-    assert "lower bound" in text and "does not estimate it" in text
+    assert broken_line.count("failed") == 6 and "9.50" not in broken_line
+    assert "lower bound" in text and "does not estimate it" in text and "not a mean" in text
+    assert "WARNING" not in text  # no successful run exceeds its claim
 
 
 def test_the_figure_puts_the_claim_against_the_bound_with_no_dp_apart(audit_run):
@@ -300,6 +310,82 @@ def test_the_report_shows_the_table_and_the_figure_with_their_meaning(audit_run)
     assert not any(
         line.startswith("privacy_audit") for line in audit_run.skipped_tables + audit_run.skipped_figures
     )
+
+
+def one_run_above_its_claim(folder: Path) -> Path:
+    """Three seeds of DP LoRA at epsilon 1 (claimed 0.98): seed 0's bound, 2.0, exceeds its claim (evidence of
+    a bug), seeds 1 and 2 bound 0; their mean, 0.67, would be below the claim."""
+    store, config = ResultStore(folder), smoke_configs()[1, 1]
+    for value, bound in ((0, 2.0), (1, 0.0), (2, 0.0)):
+        store.write(audited_record(seed(config, value), bound=bound, tpr=0.01, auc=0.51))
+    return folder
+
+
+def test_a_run_above_its_claim_is_shown_and_warned_of_not_averaged_away(tmp_path):
+    analysis = analyse(one_run_above_its_claim(tmp_path / "storage"), tmp_path / "out", grids=False)
+    (row,) = read_csv(tmp_path / "out" / "tables" / "privacy_audit.csv")
+    assert (row["claimed_epsilon_spent"], row["epsilon_lower_bound_max"], row["runs_above_claim"]) == (
+        "0.98",
+        "2.00",
+        "1",
+    )
+    text = (tmp_path / "out" / "tables" / "privacy_audit.md").read_text()
+    assert "| 2.00 (max of 3) | 1 of 3 |" in text and "0.67" not in text
+    warning = "WARNING: 1 audited run with a bound above its claimed epsilon"
+    (table,) = [t for t in analysis.tables if t.name == "privacy_audit"]
+    assert warning in table.title and table.notes[0].startswith(warning)
+    above = seed(smoke_configs()[1, 1], 0)
+    assert f"{above.label} ({above.trial_id[:12]}): bound 2.00 > claimed 0.98" in table.notes[0]
+    assert "5%" in table.notes[0] and "audit.seed" in table.notes[0]
+    for page in ("index.md", "index.html"):  # the report's table heading and first note carry it
+        assert (tmp_path / "out" / page).read_text().count(warning) >= 2, page
+    # ... and the notices at the top of the report name the run in full
+    md = (tmp_path / "out" / "index.md").read_text()
+    notice = md.index("## WARNING: audited runs whose epsilon lower bound exceeds their claimed epsilon")
+    assert notice < md.index("## Failed trials")
+    assert f"- {above.label} ({above.trial_id}): bound 2.000 &gt; claimed 0.980" in md[notice:], md[notice:][:600]
+    figure = {f.name: f for f in analysis.figures}["privacy_audit"]
+    assert "WARNING: 1 run above its claimed ε" in figure.title and ABOVE_CLAIM_LABEL in figure.legend
+
+
+def drawn_points(ax) -> list[tuple[float, float]]:
+    """Every marker an axis draws, (x, y) rounded and sorted: scatter offsets, lines' points with markers."""
+    points = [xy for c in ax.collections if isinstance(c, PathCollection) for xy in c.get_offsets()]
+    points += [
+        xy for line in ax.lines if line.get_marker() not in (None, "None", "") for xy in line.get_xydata()
+    ]
+    return sorted((round(float(x), 3), round(float(y), 3)) for x, y in points)
+
+
+def test_the_figure_draws_each_run_and_rings_the_one_above_its_claim(tmp_path, monkeypatch):
+    drawn = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, *args: drawn.append(fig) or save(fig, *args))
+    results = load_results(one_run_above_its_claim(tmp_path / "storage"))
+    assert audit_figure(results.trials, tmp_path / "figures") is not None
+    (ax,) = [ax for ax in drawn[0].axes if ax.get_visible()]
+    # seeds 1 and 2 coincide, the ring marks seed 0 again; no mean at 0.67
+    assert drawn_points(ax) == [(0.98, 0.0), (0.98, 0.0), (0.98, 2.0), (0.98, 2.0)]
+    (ring,) = [c for c in ax.collections if c.get_label() == ABOVE_CLAIM_LABEL]
+    assert ring.get_offsets().tolist() == [[pytest.approx(0.98), 2.0]]
+    assert [t.get_text() for t in ax.texts] == ["1 run above y = x"]
+    assert AUDIT_CAPTION.startswith("Each point is one audited training run")
+    assert "never a mean" in AUDIT_CAPTION
+
+
+def test_the_figure_draws_every_run_of_a_setting_apart(audit_run, tmp_path, monkeypatch):
+    """The shared storage's two seeds at epsilon 1, k 1 (bounds 0.0 and 0.2) are two points, not their mean
+    (0.1, which k 4's one run has too); no ring and no warning where no run exceeds its claim."""
+    drawn = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, *args: drawn.append(fig) or save(fig, *args))
+    info = audit_figure(audit_run.results.trials, tmp_path / "figures")
+    (ax,) = [ax for ax in drawn[0].axes if ax.get_visible()]
+    points = drawn_points(ax)
+    assert [y for x, y in points if x == 0.98] == [0.0, 0.1, 0.2]  # k 1: 0.0 and 0.2; k 4: 0.1
+    assert [y for x, y in points if x == 7.84] == [0.4, 0.6, 9.5]  # k 1, k 4 and the broken mechanism's cross
+    assert [y for x, y in points if x > 7.84] == [2.5]  # no DP
+    assert not ax.texts and ABOVE_CLAIM_LABEL not in info.legend and "WARNING" not in info.title
 
 
 def test_results_without_an_audit_say_so_instead_of_drawing(tmp_path):
@@ -424,8 +510,9 @@ def test_the_paper_audit_beside_the_paper_sweeps_leaves_their_tables_and_compari
 
 
 def test_another_audit_seed_is_a_replicate_of_the_audited_setting(tmp_path):
-    """An audit rerun with another audit.seed (as a bound above the claim asks) draws other canaries: a replicate
-    of the setting, averaged in its audit-table row, never a repeat of the first run nor another setting."""
+    """An audit rerun with another audit.seed (as a bound above the claim asks) draws other canaries: a
+    replicate of the setting, one more run in its audit-table row, never a repeat of the first run nor another
+    setting."""
     first = smoke_configs()[8, 1]
     second = dataclasses.replace(first, audit=dataclasses.replace(first.audit, seed=1))
     store = ResultStore(tmp_path / "storage")
@@ -435,8 +522,8 @@ def test_another_audit_seed_is_a_replicate_of_the_audited_setting(tmp_path):
     assert len(analysis.results.trials) == 2 and not analysis.results.repeats
     (table,) = [t for t in analysis.tables if t.name == "privacy_audit"]
     (row,) = table.rows
-    bound = row[table.header.index("epsilon_lower_bound")]
-    assert bound.n == 2 and bound.mean == pytest.approx(0.5)
+    bound = row[table.header.index("epsilon_lower_bound_max")]
+    assert bound.n == 2 and bound.mean == pytest.approx(0.6)
     assert first.trial_id != second.trial_id and setting_of(first) == setting_of(second)
     plain = dataclasses.replace(first, audit=None)  # no audit: the setting key is what it always was
     assert setting_of(plain) == replace(plain, **SETTING_NEUTRAL).trial_id

@@ -17,7 +17,9 @@ dataset the mechanism is run on and whose guarantee is being audited.
 Scores. "nll_drop": a canary's per-token NLL (nats) of its token maps under its label, averaged over all its cached
 views, under the adapted model before its first step minus under the released model. Teacher-forced, no class
 dropout, eval mode. The reference is the same model for included and excluded canaries, so only training can move
-their scores apart.
+their scores apart. The per-token cross-entropies come from float32 logits, but their mean over tokens and
+views and the difference are float64: an NLL of 4-8 nats rounded to float32 is known to ~5e-7 only, while DP
+training moves scores by ~1e-4, so float32 NLLs tie scores that differ (and the bound abstains on ties).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from .data.glyphs import GLYPH_CLASSES, render
 from .data.tokens import TokenViews
 from .models import VAR, VQVAE
 from .models.checkpoints import atomic_write, file_lock
-from .training import view_losses
+from .training import teacher_forcing_batch, token_cross_entropy
 
 CANARY_STREAM = 0xA0D17  # first word of every canary's generator seed: a stream no other generator here uses
 SCORE = "nll_drop"
@@ -120,20 +122,24 @@ def with_canaries(train: TokenViews, canaries: TokenViews, mask_M: np.ndarray) -
 
 @torch.no_grad()
 def canary_nll(var: VAR, vqvae: VQVAE, canaries: TokenViews, *, device: torch.device) -> np.ndarray:
-    """Per-token NLL (nats) of each canary's token maps under its label, averaged over its V cached views: float64
-    [m]. Teacher-forced, no class dropout, eval mode (the model's mode is restored), float32."""
+    """Per-token NLL (nats) of each canary's token maps under its label, averaged over its V cached views:
+    float64 [m]. Teacher-forced, no class dropout, eval mode (the model's mode is restored). The forward and
+    each token's cross-entropy are float32; the mean over the L tokens and V views is float64, since it is the
+    float32 rounding of that mean (a step of ~5e-7 at 4-8 nats), not the per-token one, that would tie scores
+    differing by more."""
     was_training = var.training
     var.eval()
-    per_batch = max(1, SCORE_BATCH_ROWS // canaries.num_views)
+    views = canaries.num_views
+    per_batch = max(1, SCORE_BATCH_ROWS // views)
     try:
         out = []
         for start in range(0, canaries.num_examples, per_batch):
             index = torch.arange(start, min(start + per_batch, canaries.num_examples))
-            idx_views = [v[index].to(device=device, dtype=torch.long) for v in canaries.views]
-            label_b = canaries.labels_N[index].to(device)
-            out.append(
-                view_losses(var, vqvae, label_b, idx_views, class_dropout=0.0).mean(dim=1).double().cpu()
-            )
+            idx_rows = [v[index].to(device=device, dtype=torch.long).flatten(0, 1) for v in canaries.views]
+            label_r = canaries.labels_N[index].to(device).repeat_interleave(views)  # rows example-major
+            x_RLCv, target_RL = teacher_forcing_batch(vqvae, idx_rows)
+            ce_RL = token_cross_entropy(var(label_r, x_RLCv), target_RL)
+            out.append(ce_RL.double().mean(dim=1).view(len(index), views).mean(dim=1).cpu())
         return torch.cat(out).numpy()
     finally:
         var.train(was_training)
