@@ -58,6 +58,20 @@ def test_saved_file_is_a_plain_state_dict_in_official_order(tmp_path, tiny_var):
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
+def test_the_same_weights_save_to_the_same_bytes(tmp_path, tiny_var):
+    """Two saves of one state dict (to other paths, each through its own temporary file) give identical files,
+    so a rebuilt bit-identical base keeps the SHA-256 its adapters recorded."""
+    from trainables.models.checkpoints import read_sidecar, read_state_dict
+
+    first = save_var(tiny_var, tmp_path / "a" / "var.pth")
+    second = save_var(tiny_var, tmp_path / "b" / "rebuilt.pth")
+    assert first.read_bytes() == second.read_bytes()
+    assert read_sidecar(first)["sha256"] == read_sidecar(second)["sha256"]
+    state = read_state_dict(second)
+    assert list(state) == list(tiny_var.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in tiny_var.state_dict().items())
+
+
 @pytest.mark.parametrize("export", ["half", "mixed"])
 def test_a_half_precision_or_mixed_export_loads_as_float32(tmp_path, tiny_var, tiny_vqvae, export):
     """``assign=True`` keeps the file's dtypes: a half export gave a half model, a mixed one failed at its first

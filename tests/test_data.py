@@ -68,3 +68,76 @@ def test_offline_listing_matches_the_written_folder(tmp_path):
         label for _, label in files
     )
     assert written.class_names == names
+
+
+def _readable(path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError):
+        return False
+    return True
+
+
+def test_concurrent_writers_of_an_offline_folder_write_it_once(tmp_path, monkeypatch):
+    """Two writers that both find no ``complete`` marker: the second waits for the first (a file lock), finds
+    the marker and reuses its folder, so no image is rewritten while a reader trusts the marker."""
+    import threading
+
+    arrived, generated, real = threading.Barrier(2, timeout=2.0), [], offline._split_set
+
+    def split_set(*args, **kwargs):
+        generated.append(threading.current_thread().name)
+        try:
+            arrived.wait()  # unlocked writers both get here; with a lock, the first waits alone, then goes on
+        except threading.BrokenBarrierError:
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(offline, "_split_set", split_set)
+    folders, errors = [], []
+
+    def write() -> None:
+        try:
+            folders.append(offline.write_folder("digits", tmp_path, image_size=8))
+        except Exception as err:  # reported by the assertion below
+            errors.append(err)
+
+    writers = [threading.Thread(target=write, name=f"writer-{i}") for i in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=300)
+    assert errors == [] and len(folders) == 2 and folders[0] == folders[1]
+    assert len(generated) == len(offline.SPLITS) and len(set(generated)) == 1  # one writer generated it
+    images = list(folders[0].rglob("*.png"))
+    assert (folders[0] / "complete").is_file() and len(images) == 1797 and all(map(_readable, images))
+
+
+def test_an_interrupted_offline_write_leaves_no_partial_image(tmp_path, monkeypatch):
+    """Every PNG is written atomically: a writer stopped mid-image leaves the images before it whole, no part
+    of the one it was writing, no marker; the next call completes the folder."""
+    from PIL import Image
+
+    real_save, calls = Image.Image.save, []
+
+    def failing_save(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 5:
+            with open(fp, "wb") as handle:  # the first bytes of the image, then the writer stops
+                handle.write(b"\x89PNG\r\n\x1a\n")
+            raise OSError("No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        offline.write_folder("digits", tmp_path, image_size=8)
+    folder = offline.folder_path("digits", tmp_path, image_size=8)
+    left = [path for path in folder.rglob("*") if path.is_file()]
+    assert len(left) == 4 and all(path.suffix == ".png" and _readable(path) for path in left)
+    monkeypatch.undo()
+    assert offline.write_folder("digits", tmp_path, image_size=8) == folder
+    images = list(folder.rglob("*.png"))
+    assert (folder / "complete").is_file() and len(images) == 1797 and all(map(_readable, images))

@@ -105,7 +105,7 @@ def train_vqvae(
     generator = torch.Generator().manual_seed(seed)
     device = next(vqvae.parameters()).device
     init_codebook_from_data(vqvae, images_N3HW, generator=generator)
-    optimizer = build_optimizer(vqvae, lr=schedule.lr, weight_decay=0.0)
+    optimizer = build_optimizer(vqvae, lr=schedule.lr, weight_decay=schedule.weight_decay)
     batches, history, started = (
         epoch_batches(len(images_N3HW), batch_size=schedule.batch_size, generator=generator),
         [],

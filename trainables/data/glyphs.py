@@ -10,6 +10,7 @@ Images are uint8 [N, 3, H, W], fully determined by (split, seed); no files are r
 
 from __future__ import annotations
 
+import hashlib
 from functools import cache
 from pathlib import Path
 
@@ -50,12 +51,27 @@ def font_folder() -> Path:
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
-@cache
-def _font(file: str, size_px: int) -> ImageFont.FreeTypeFont:
+def _font_path(file: str) -> Path:
     path = font_folder() / file
     if not path.is_file():
         raise FileNotFoundError(f"matplotlib's bundled font {path} is missing; reinstall matplotlib")
-    return ImageFont.truetype(str(path), size_px)
+    return path
+
+
+@cache
+def _font(file: str, size_px: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(_font_path(file)), size_px)
+
+
+def fonts_sha256() -> str:
+    """SHA-256 (hex) of the bytes of every font in ``FONT_FILES``, in order: what the glyphs are drawn from (a
+    matplotlib or distribution that ships other font files draws other pixels)."""
+    digest = hashlib.sha256()
+    for file in FONT_FILES:
+        data = _font_path(file).read_bytes()
+        digest.update(f"{file}:{len(data)}:".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def _drawn(font: ImageFont.FreeTypeFont, char: str) -> np.ndarray:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..models.checkpoints import atomic_write, file_lock
+
 SHAPE_CLASSES = (
     "circle",
     "ring",
@@ -216,14 +218,20 @@ def listing(
 def write_folder(name: str, root: str | Path, *, image_size: int, seed: int = 0) -> Path:
     """Write an offline set as a generic ``train/<class>/`` ``test/<class>/`` PNG folder (the layout users' own data
     has) under ``root/<name>-<size>px-seed<seed>``, so sweeps read it through the same reader, token cache and
-    evaluation as real datasets. Written once: a ``complete`` marker is created last and later calls reuse it."""
+    evaluation as real datasets. Written once, under a file lock (concurrent trials and sweeps wait for one
+    writer, then reuse its folder): every PNG is written atomically and a ``complete`` marker is created last,
+    so a reader that finds the marker finds every image whole; later calls reuse it."""
     folder = folder_path(name, root, image_size=image_size, seed=seed)
-    if (folder / "complete").is_file():
+    marker = folder / "complete"
+    if marker.is_file():
         return folder
-    for split in SPLITS:
-        images = _split_set(name, split, image_size=image_size, seed=seed)
-        for image_3HW, (path, _) in zip(images.images_N3HW, _file_layout(images, folder)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image_3HW.permute(1, 2, 0).numpy()).save(path)
-    (folder / "complete").write_text("written by trainables.data.offline.write_folder\n")
+    with file_lock(folder.parent / f"{folder.name}.lock"):
+        if marker.is_file():  # another writer finished while we waited
+            return folder
+        for split in SPLITS:
+            images = _split_set(name, split, image_size=image_size, seed=seed)
+            for image_3HW, (path, _) in zip(images.images_N3HW, _file_layout(images, folder)):
+                pixels = image_3HW.permute(1, 2, 0).numpy()
+                atomic_write(path, lambda tmp, pixels=pixels: Image.fromarray(pixels).save(tmp, format="PNG"))
+        atomic_write(marker, lambda tmp: tmp.write_text("written by trainables.data.offline.write_folder\n"))
     return folder
