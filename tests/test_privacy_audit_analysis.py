@@ -343,7 +343,9 @@ def test_a_run_above_its_claim_is_shown_and_warned_of_not_averaged_away(tmp_path
     md = (tmp_path / "out" / "index.md").read_text()
     notice = md.index("## WARNING: audited runs whose epsilon lower bound exceeds their claimed epsilon")
     assert notice < md.index("## Failed trials")
-    assert f"- {above.label} ({above.trial_id}): bound 2.000 &gt; claimed 0.980" in md[notice:], md[notice:][:600]
+    assert f"- {above.label} ({above.trial_id}): bound 2.000 &gt; claimed 0.980" in md[notice:], md[notice:][
+        :600
+    ]
     figure = {f.name: f for f in analysis.figures}["privacy_audit"]
     assert "WARNING: 1 run above its claimed ε" in figure.title and ABOVE_CLAIM_LABEL in figure.legend
 
