@@ -67,22 +67,27 @@ def test_evaluate_generates_per_class_and_reuses_reference_statistics(tiny_var, 
     assert second["reference_cache_hit"] and second["metrics"] == first["metrics"]  # PNGs are lossless
 
 
+def evaluate_into(folder, var, vqvae, split, *, autocast_bf16: bool = False) -> dict:
+    """``evaluate`` with the tests' settings, its reference statistics and images under ``folder``."""
+    return evaluate(
+        var,
+        vqvae,
+        split,
+        evaluation=EVALUATION,
+        autocast_bf16=autocast_bf16,
+        scoring=SCORING,
+        cache=ReferenceStats(folder / "reference"),
+        out_dir=folder / "images",
+    )
+
+
 def test_a_resumed_evaluation_rates_only_the_images_it_drew(tiny_var, tiny_vqvae, split, tmp_path):
     """images_per_second (a trial's cost.sample_images_per_second) is of the images drawn in the timed call: a
     resumed evaluation reads the earlier run's back, which would inflate the rate; with none drawn it is None."""
     from trainables.evaluation.generate import image_path
 
     def run() -> dict:
-        return evaluate(
-            tiny_var,
-            tiny_vqvae,
-            split,
-            evaluation=EVALUATION,
-            autocast_bf16=True,
-            scoring=SCORING,
-            cache=ReferenceStats(tmp_path / "reference"),
-            out_dir=tmp_path / "images",
-        )
+        return evaluate_into(tmp_path, tiny_var, tiny_vqvae, split, autocast_bf16=True)
 
     first = run()
     assert first["images_drawn"] == first["images_generated"] == 5
@@ -251,16 +256,7 @@ def test_a_split_with_more_classes_than_the_model_is_refused(tiny_var, tiny_vqva
     """Label 5 is the 5-class VAR's unconditional class: a sixth class would be drawn unconditionally, silently."""
     split = six_class_split(tmp_path / "six")
     with pytest.raises(EvaluationError, match=r"folder train: the split has 6 classes but the VAR has 5"):
-        evaluate(
-            tiny_var,
-            tiny_vqvae,
-            split,
-            evaluation=EVALUATION,
-            autocast_bf16=False,
-            scoring=SCORING,
-            cache=ReferenceStats(tmp_path / "reference"),
-            out_dir=tmp_path / "images",
-        )
+        evaluate_into(tmp_path, tiny_var, tiny_vqvae, split)
     assert not list(tmp_path.rglob("*.npz")) and not (tmp_path / "images").exists()  # nothing computed
 
 
