@@ -303,14 +303,22 @@ def _glyphs() -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def _announce(stage: str, path: Path, plan: str, *, log: Log | None) -> None:
+    Progress(stage, "", 1, log=log).message(
+        f"building once into {path.parent.parent} (later trials and sweeps reuse it): "
+        f"{GLYPHS_PER_CLASS * len(glyphs.GLYPH_CLASSES)} glyphs, {plan}"
+    )
+
+
 def _build_vqvae(path: Path, *, depth: int, steps: int, record: dict, log: Log | None) -> dict:
     """Train and save the shared tiny VQVAE; returns what the VAR's build reuses (the VQVAE, the glyphs)."""
     stage = f"tiny base d{depth}"
     vq_schedule, var_schedule = schedules(steps)
-    Progress(stage, "", 1, log=log).message(
-        f"building once into {path.parent.parent} (later trials and sweeps reuse it): "
-        f"{GLYPHS_PER_CLASS * len(glyphs.GLYPH_CLASSES)} glyphs, {vq_schedule.steps} VQVAE steps (shared by "
-        f"every depth), then {var_schedule.steps} VAR steps"
+    _announce(
+        stage,
+        path,
+        f"{vq_schedule.steps} VQVAE steps (shared by every depth), then {var_schedule.steps} VAR steps",
+        log=log,
     )
     images_N3HW, labels_N = _glyphs()
     # build_vqvae initialises from the global stream: seeded here, in a fork, so the caller's stream (e.g. a
@@ -338,10 +346,11 @@ def _build_var(
     stage = f"tiny base d{depth}"
     _, var_schedule = schedules(steps)
     if built is None:
-        Progress(stage, "", 1, log=log).message(
-            f"building once into {path.parent.parent} (later trials and sweeps reuse it): "
-            f"{GLYPHS_PER_CLASS * len(glyphs.GLYPH_CLASSES)} glyphs, the VQVAE of {vq_path.parent.name} "
-            f"(shared by every depth), {var_schedule.steps} VAR steps"
+        _announce(
+            stage,
+            path,
+            f"the VQVAE of {vq_path.parent.name} (shared by every depth), {var_schedule.steps} VAR steps",
+            log=log,
         )
         vqvae = load_vqvae(vq_path, **VQVAE_ARCHITECTURE).eval()
         if checkpoint_sha256(vq_path) != record["vqvae_sha256"]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import offline
-from ..models.checkpoints import atomic_write, file_lock
+from ..models.checkpoints import atomic_write, file_lock, save_state
 from ..progress import Log, Progress
 from .features import DIGITS_CNN
 
@@ -229,8 +229,7 @@ def _build(weights: Path, sidecar: Path, *, log: Log | None) -> None:
     train, held_out = held_out_split(digits)
     model = train_classifier(train, log=log)
     accuracy = (predict(model, held_out.images_N3HW) == held_out.labels_N).double().mean().item()
-    # Through a file object: a path would put the temporary file's random name in the archive, and its bytes.
-    atomic_write(weights, lambda tmp: _save(model.state_dict(), tmp))
+    atomic_write(weights, lambda tmp: save_state(model.state_dict(), tmp))  # the same bytes on every build
     record = {
         "name": CLASSIFIER,
         "test_accuracy": accuracy,
@@ -246,11 +245,6 @@ def _build(weights: Path, sidecar: Path, *, log: Log | None) -> None:
     Progress(CLASSIFIER, "", 1, log=log).message(
         f"test accuracy {accuracy:.4f} on {len(held_out)} held-out digits"
     )
-
-
-def _save(state: dict, path: str | Path) -> None:
-    with open(path, "wb") as file:
-        torch.save(state, file)
 
 
 def stratified_folds(labels_N: torch.Tensor, *, folds: int, seed: int) -> torch.Tensor:

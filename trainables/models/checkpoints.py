@@ -503,7 +503,7 @@ def atomic_write(
     return destination
 
 
-def _save_state(state: Mapping[str, torch.Tensor], path: Path) -> None:
+def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """``torch.save`` through an open file: given a path, torch names the zip's inner folder after the file,
     so the same weights written to two (temporary, randomly named) files got two SHA-256s, and an adapter
     recorded against a rebuilt, bit-identical base was refused. Through a handle the inner name is fixed."""
@@ -535,7 +535,7 @@ def save_tensors(
         written["sha"] = _stream_sha256(handle)
         return staged_path(path, written["sha"])
 
-    staged = atomic_write(path, lambda tmp: _save_state(state, tmp), name_from_content=staged_by_sha)
+    staged = atomic_write(path, lambda tmp: save_state(state, tmp), name_from_content=staged_by_sha)
     sha = written["sha"]
     record = {
         "format": SIDECAR_FORMAT,
