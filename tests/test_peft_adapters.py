@@ -4,6 +4,7 @@ trained tiny VAR saved and gives the logits varsweep's ``load_adapter`` gives, p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,9 +19,16 @@ from test_methods import NEW_CLASSES, random_batch, tiny_base, train_steps
 
 from bench.schema import ConfigError, MethodConfig
 from trainables.evaluation.evaluate import main as evaluate_main
-from trainables.methods import adapt, adapter_record, load_adapter, merge_adapters, save_adapter
+from trainables.methods import (
+    adapt,
+    adapter_record,
+    load_adapter,
+    merge_adapters,
+    save_adapter,
+)
 from trainables.models import CheckpointError, build_var, load_var
 from trainables.models.checkpoints import checkpoint_sha256, save_var
+from trainables.patches import patches_applied
 from trainables.peft_format import PROVENANCE_FILE, peft_base, save_peft_adapter
 from trainables.trial import PEFT_ADAPTER_FOLDER, _save_adapters
 
@@ -237,3 +245,90 @@ def test_peft_base_refuses_a_base_that_already_carries_an_adapter_or_patches(sav
         peft_base(adapted, folder, base_sha256=saved.sha)
     with pytest.raises(CheckpointError, match=r"already carries the patches \['positions_as_modules'"):
         peft_base(merge_adapters(adapted), folder, base_sha256=saved.sha)
+
+
+def test_a_provenance_edited_against_its_pinned_config_is_refused_by_both_loaders(saved):
+    """The config's SHA-256 pins one side only: an alpha edited in the provenance's adaptation record (the config
+    untouched) made varsweep's loader build another model than peft's, silently."""
+    edited = _copy_folder(saved.trained["lora"].folder, saved.root / "provenance-edited")
+    provenance = json.loads((edited / PROVENANCE_FILE).read_text())
+    provenance["adaptation"]["method"]["lora_alpha"] = 320.0
+    (edited / PROVENANCE_FILE).write_text(json.dumps(provenance))
+    for load in (peft_base, load_adapter):
+        with pytest.raises(
+            CheckpointError, match=r"describe different models \(lora_alpha: 32.0, trained with 320"
+        ):
+            load(load_var(saved.base, **_architecture()), edited, base_sha256=saved.sha)
+    with pytest.raises(CheckpointError, match="describe different models"):
+        adapter_record(build_var(**_architecture(), device="meta"), edited, base_sha256=saved.sha)
+
+
+def _edited_sidecar(saved, name: str, target: Path, edit) -> Path:
+    """A copy of ``name``'s adapter.pt whose sidecar's adaptation record ``edit`` changed in place."""
+    target.write_bytes(saved.trained[name].pt.read_bytes())
+    sidecar = json.loads(Path(f"{saved.trained[name].pt}.json").read_text())
+    edit(sidecar["metadata"]["adaptation"])
+    Path(f"{target}.json").write_text(json.dumps(sidecar))
+    return target
+
+
+def test_an_adapter_that_does_not_fit_is_refused_before_the_base_changes(saved):
+    """A record whose rank does not fit its tensors was refused only after adapt() had resized, patched and
+    wrapped the base, so the next (good) adapter was refused on it as an already adapted base."""
+    wrong_rank = _edited_sidecar(
+        saved, "lora", saved.root / "wrong-rank.pt", lambda record: record["method"].update(lora_rank=8)
+    )
+    base = load_var(saved.base, **_architecture())
+    with pytest.raises(CheckpointError, match=r"does not fit this base model: .*mis-shaped \['blocks"):
+        load_adapter(base, wrong_rank, base_sha256=saved.sha)
+    assert base.num_classes == tiny_base().num_classes and not patches_applied(base)
+    assert not any(".lora_" in name for name, _ in base.named_parameters())
+    assert (
+        load_adapter(base, saved.trained["lora"].pt, base_sha256=saved.sha)
+        == saved.trained["lora"].adaptation
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda record: record["method"].update(train_blocks=[0, 5]), r"block beyond the model's depth 2"),
+        (lambda record: record["method"].update(name="base"), r"'base' trains nothing"),
+    ],
+)
+def test_a_record_that_cannot_apply_to_the_base_is_refused_by_every_reader(saved, edit, problem):
+    """``adapter_record`` (what the evaluation command checks before it loads a model) accepted a record that
+    ``load_adapter`` then refused, and the refusal changed the base first or came as a ConfigError."""
+    path = _edited_sidecar(saved, "lora_attention_block1", saved.root / "edited-record.pt", edit)
+    message = rf"adapter {path}: its adaptation record does not fit this base: .*{problem}"
+    with pytest.raises(CheckpointError, match=message):
+        adapter_record(build_var(**_architecture(), device="meta"), path, base_sha256=saved.sha)
+    base = load_var(saved.base, **_architecture())
+    with pytest.raises(CheckpointError, match=message):
+        load_adapter(base, path, base_sha256=saved.sha)
+    assert base.num_classes == tiny_base().num_classes
+
+
+def test_saving_a_peft_folder_with_a_record_of_another_model_is_refused(saved, tmp_path):
+    """A record of other blocks or another rank than the model wrote a folder neither loader could use (or, with
+    blocks missing, one peft loaded with untrained blocks), and a record of fewer blocks blamed peft's naming."""
+    var = saved.trained["lora"].var
+    other_rank = dataclasses.replace(
+        saved.trained["lora"].adaptation, method=MethodConfig(name="lora", lora_rank=2)
+    )
+    fewer_blocks = dataclasses.replace(
+        saved.trained["lora"].adaptation, method=MethodConfig(name="lora", lora_rank=4, train_blocks=(0,))
+    )
+    for adaptation, problem in (
+        (other_rank, r"mis-shaped \['base_model"),
+        (fewer_blocks, r"unexpected \['base"),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"record does not describe this model's trained tensors.*{problem}"
+        ):
+            save_peft_adapter(var, tmp_path / "peft", adaptation=adaptation)
+        assert not (tmp_path / "peft").exists()
+    block0 = load_var(saved.base, **_architecture())
+    adapt(block0, fewer_blocks.method, num_classes=NEW_CLASSES, seed=0)
+    with pytest.raises(ValueError, match=r"missing \['base_model"):
+        save_peft_adapter(block0, tmp_path / "peft", adaptation=saved.trained["lora"].adaptation)

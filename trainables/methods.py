@@ -117,11 +117,24 @@ class Adaptation:
 def _blocks_pattern(adaptation: Adaptation, depth: int) -> str:
     train_blocks = adaptation.method.train_blocks
     blocks = range(depth) if train_blocks is None else train_blocks
-    if max(blocks) >= depth:  # a TrialConfig checks this against model.depth; adapt() may get any model
-        raise ConfigError(
-            f"method.train_blocks: {train_blocks} names a block beyond the model's depth {depth}"
-        )
     return "(" + "|".join(str(b) for b in sorted(set(blocks))) + ")"
+
+
+def check_adaptable(var: VAR, method: MethodConfig, *, num_classes: int) -> None:
+    """``ConfigError`` for what ``adapt`` cannot do to ``var`` (a meta-device build will do), raised before it
+    changes anything: a method that trains nothing, no classes, blocks beyond the model's depth."""
+    if method.name not in METHODS:  # "base" is a MethodConfig name too: it evaluates the base model
+        raise ConfigError(
+            f"method.name: {method.name!r} trains nothing, so there is nothing to adapt; trained methods: "
+            f"{sorted(METHODS)}"
+        )
+    if num_classes < 1:
+        raise ConfigError(f"num_classes: must be >= 1, got {num_classes}")
+    # A TrialConfig checks train_blocks against model.depth; adapt() may be given any model.
+    if method.train_blocks is not None and max(method.train_blocks) >= var.depth:
+        raise ConfigError(
+            f"method.train_blocks: {method.train_blocks} names a block beyond the model's depth {var.depth}"
+        )
 
 
 def _full(var: VAR, adaptation: Adaptation) -> None:
@@ -681,14 +694,7 @@ def adapt(
     adapter saved with the returned record refuses another base. Returns what was done (hand it to
     ``save_adapter``). Move ``var`` to its training device first (peft adapters are created where the base
     weights live)."""
-    if (
-        method.name not in METHODS
-    ):  # "base" is a MethodConfig name too: it evaluates the base model, adapting nothing
-        raise ConfigError(
-            f"method.name: {method.name!r} trains nothing, so there is nothing to adapt; trained methods: {sorted(METHODS)}"
-        )
-    if num_classes < 1:
-        raise ConfigError(f"num_classes: must be >= 1, got {num_classes}")
+    check_adaptable(var, method, num_classes=num_classes)
     # Always, also for a label count equal to the base's: the new classes are not the base's, and their rows are
     # the documented ``class_init`` drawn with ``seed`` (a trial id's field), never the base's own class rows.
     resize_class_embedding(
@@ -832,7 +838,20 @@ def adapter_record(
     if not Path(path).is_file():
         raise CheckpointError(f"no adapter file or peft adapter folder at {path}")
     record = check_sidecar(path, kind=ADAPTER_KIND, architecture=base_architecture(base))
-    return _recorded(path, None if record is None else record.get("metadata"), base_sha256=base_sha256)
+    saved, names = _recorded(
+        path, None if record is None else record.get("metadata"), base_sha256=base_sha256
+    )
+    check_record_fits(base, path, saved)
+    return saved, names
+
+
+def check_record_fits(base: VAR, path: str | os.PathLike, saved: Adaptation) -> None:
+    """``CheckpointError`` for an adapter whose adaptation record ``adapt`` could not apply to ``base`` (a record
+    edited by hand: the method "base", blocks beyond the base's depth)."""
+    try:
+        check_adaptable(base, saved.method, num_classes=saved.num_classes)
+    except ConfigError as err:
+        raise CheckpointError(f"adapter {path}: its adaptation record does not fit this base: {err}") from err
 
 
 def _recorded(
@@ -914,7 +933,9 @@ def apply_adapter_state(
 ) -> Adaptation:
     """Adapt ``base`` as ``saved`` records (in place) and copy ``state`` (trainable parameter name -> tensor,
     read from the adapter at ``path``) into its trainable parameters; refuses NaN/inf, another patch set, and
-    tensors that do not fit exactly. Returns what ``adapt`` did."""
+    tensors that do not fit exactly, before ``base`` changes (checked on a weightless twin adapted the same way,
+    so a refused adapter leaves a base the next one can still be loaded onto). Returns what ``adapt`` did."""
+    check_record_fits(base, path, saved)
     non_finite = sorted(
         k for k, v in state.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())
     )
@@ -922,15 +943,30 @@ def apply_adapter_state(
         raise CheckpointError(
             f"adapter {path} holds NaN/inf values in {len(non_finite)} tensor(s): {', '.join(non_finite[:8])}"
         )
+    _check_fit(base, path, saved=saved, state=state)
     adaptation = adapt(
         base, saved.method, num_classes=saved.num_classes, seed=saved.seed, base_sha256=base_sha256
     )
-    if adaptation.patches != saved.patches:  # the patches rename keys: another set would not fit the tensors
+    with torch.no_grad():
+        for name, param in trainable_parameters(base).items():
+            param.copy_(state[name])
+    return adaptation
+
+
+def _check_fit(
+    base: VAR, path: str | os.PathLike, *, saved: Adaptation, state: Mapping[str, torch.Tensor]
+) -> None:
+    """Refuse tensors ``state`` that are not exactly the trainable parameters ``base`` gets when adapted as
+    ``saved`` records, found on a weightless (meta-device) twin so that ``base`` is not touched."""
+    with torch.device("meta"):
+        twin = VAR(**base.architecture)
+    adapted = adapt(twin, saved.method, num_classes=saved.num_classes, seed=saved.seed)
+    if adapted.patches != saved.patches:  # the patches rename keys: another set would not fit the tensors
         raise CheckpointError(
             f"adapter {path} was saved from a VAR with patches {list(saved.patches)}, adapt() now applies "
-            f"{list(adaptation.patches)}"
+            f"{list(adapted.patches)}"
         )
-    expected = trainable_parameters(base)
+    expected = trainable_parameters(twin)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     mismatched = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
     if missing or unexpected or mismatched:
@@ -938,10 +974,6 @@ def apply_adapter_state(
             f"adapter {path} does not fit this base model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
             f"mis-shaped {sorted(mismatched)[:8]}"
         )
-    with torch.no_grad():
-        for name, param in expected.items():
-            param.copy_(state[name])
-    return adaptation
 
 
 def official_export_state(var: VAR) -> dict[str, torch.Tensor]:

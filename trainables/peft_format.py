@@ -45,6 +45,7 @@ from .methods import (
     apply_adapter_state,
     base_architecture,
     check_fresh_base,
+    check_record_fits,
     class_names_entry,
     is_adapter_parameter,
     peft_config,
@@ -136,10 +137,14 @@ def _twin_state(twin: peft.PeftModel, trained: Mapping[str, torch.Tensor]) -> di
         else PEFT_PREFIX + name: tensor
         for name, tensor in trained.items()
     }
-    unknown = sorted(set(state) - set(twin.state_dict()))
-    if unknown:  # peft's in-memory layout is not the one this module was written against
-        raise RuntimeError(
-            f"peft {peft.__version__} keeps these VAR tensors under other names: {unknown[:8]}"
+    expected = {name: value for name, value in twin.named_parameters() if value.requires_grad}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:  # a record of other blocks, targets or rank than the model's
+        raise ValueError(
+            f"adaptation: the record does not describe this model's trained tensors (as peft "
+            f"{peft.__version__} names them): missing {missing[:8]}, unexpected {unexpected[:8]}, "
+            f"mis-shaped {mismatched[:8]}; pass the Adaptation that adapt() returned for it"
         )
     return state
 
@@ -185,21 +190,25 @@ CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_s
 
 
 def _check_config(folder: Path, record: Mapping[str, Any]) -> None:
-    """Refuse an ``adapter_config.json`` other than the one saved: varsweep's loader builds the model from the
-    adaptation record, peft's from this file, and the two must agree. Folders that record its SHA-256 compare
-    that; older ones compare the fields that shape the model (``CONFIG_FIELDS``) with the config the adaptation
-    record gives (``methods.peft_config``)."""
+    """Refuse an ``adapter_config.json`` other than the one saved, or one the adaptation record does not give:
+    varsweep's loader builds the model from the adaptation record, peft's from this file, and the two must
+    agree. Its SHA-256 (where recorded; folders saved before lack it) pins the file; the fields that shape the
+    model (``CONFIG_FIELDS``) are compared with the config the adaptation record gives (``methods.peft_config``),
+    so an edit on either side is refused."""
     text = (folder / CONFIG_NAME).read_bytes()
     recorded = record.get("config_sha256")
-    if recorded is None:  # saved before the config's SHA-256 was recorded
-        differing = _config_differences(folder, record, text)
-    else:
-        differing = [] if hashlib.sha256(text).hexdigest() == recorded else ["SHA-256 differs"]
-    if differing:
+    if recorded is not None and hashlib.sha256(text).hexdigest() != recorded:
         raise CheckpointError(
             f"peft adapter folder {folder}: {CONFIG_NAME} is not the file its {PROVENANCE_FILE} records "
-            f"({'; '.join(differing)}): edited after saving, so peft's loader would build another model than "
-            "the one trained"
+            "(SHA-256 differs): edited after saving, so peft's loader would build another model than the one "
+            "trained"
+        )
+    differing = _config_differences(folder, record, text)
+    if differing:
+        raise CheckpointError(
+            f"peft adapter folder {folder}: {CONFIG_NAME} and the adaptation record in {PROVENANCE_FILE} "
+            f"describe different models ({'; '.join(differing)}): one was edited after saving, so peft's loader "
+            "and varsweep's would build different models"
         )
 
 
@@ -271,6 +280,7 @@ def peft_record(
     record, _ = read_provenance(folder)
     check_base(base, folder, record)
     adaptation = saved_adaptation(folder, record, base_sha256=base_sha256)
+    check_record_fits(base, folder, adaptation)
     return adaptation, recorded_class_names(folder, record, num_classes=adaptation.num_classes)
 
 
