@@ -220,7 +220,12 @@ def compute_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
             _compute_panel(ax, data[data["model"] == model])
             ax.set_title(model)
         _legend(fig)
-        return _save(fig, folder, "compute_pflops", "Training compute per dataset, method and model")
+        return _save(
+            fig,
+            folder,
+            "compute_pflops",
+            "Training compute of non-private adaptation per dataset, method and model",
+        )
 
 
 def _compute_panel(ax, sub: pd.DataFrame) -> None:

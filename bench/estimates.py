@@ -9,7 +9,7 @@ every matrix product. Per token: the blocks' attention (qkv, projection) and MLP
 image: the AdaLN modulation (each block's and the head's, computed once per image from the class embedding);
 attention's two L x L products per block over the query/key pairs the block-causal mask lets through (62% of the
 dense L x L at 680 tokens; ``visible_attention_fraction``), the useful work whichever kernel computes it.
-Norms, softmax, element-wise ops, the optimiser, the adapters' own small products (~2% for rank-16 LoRA) and the
+Norms, softmax, element-wise ops, the optimiser, the adapters' own small products (rank-16 LoRA: 2.7% at d16 by the counter) and the
 evaluation's Inception features (``FEATURES_NOTE``) are not counted. Sampling counts the same products for both classifier-free guidance rows (the word embedding once:
 the rows share their input) and the VQVAE's decoding (convolutions and its attention's two products), as
 ``trainables.evaluation.evaluate`` counts a trial's ``sample_flops_per_image`` (a LoRA model's with its adapter
@@ -296,9 +296,10 @@ THROUGHPUT_KEYS = (
 
 def _load_entries(path: Path, *, name: str, keys: tuple[str, ...], rate: str) -> list[dict]:
     """The ``name`` list of a measured-throughput file (none when the file or the list is absent). Each entry must
-    hold ``keys``, a positive number under ``rate``, a positive integer depth and a source object; anything else
-    is refused with the file and the entry named (a hand-edited file must not stop a sweep with a bare traceback,
-    nor price a trial at a rate of zero)."""
+    hold ``keys``, a positive number under ``rate``, a positive integer depth, a source object and a device whose
+    datasheet peak is known (``gpu_kind``: a rate is carried to other settings and GPUs by the peaks); anything
+    else is refused with the file and the entry named (a hand-edited file must not stop a sweep with a bare
+    traceback, nor price a trial at a rate of zero)."""
     if not path.is_file():
         return []
     try:
@@ -319,6 +320,12 @@ def _load_entries(path: Path, *, name: str, keys: tuple[str, ...], rate: str) ->
             raise ValueError(
                 f"{path}: a {name} entry needs a positive {rate}, a positive integer depth and a source object: "
                 f"{entry}"
+            )
+        if not isinstance(entry["device"], str) or gpu_kind(entry["device"]) is None:
+            raise ValueError(
+                f"{path}: a {name} entry was measured on {entry['device']!r}, a device without a known dense "
+                f"bf16 peak (bench.estimates.PEAK_FLOPS knows {', '.join(PEAK_FLOPS)}): add its datasheet peak "
+                f"there, or remove the entry: {entry}"
             )
     return entries
 
@@ -710,12 +717,16 @@ def estimate(
         f"{'trial':<44} {'id':<16} {'status':<8} {'workers x GPU':>13} {'training rate':<33} {'steps':>7} "
         f"{'train h':>8}  {'eval images':>11} {'evaluation rate':<33} {'eval h':>7}"
     )
-    lines, pending, used = [header], [], {}
+    lines, pending, used, unsized = [header], [], {}, 0
     for c in configs:
+        finished = c.trial_id in done
+        if c.trial_id not in plans and not DATASETS[c.data.dataset].train_images:
+            unsized += not finished  # a folder dataset: its sizes are its files', read by the preflight alone
+            lines.append(f"{c.label:<44} {c.trial_id:<16} {'done' if finished else 'pending':<8} {UNSIZED}")
+            continue
         e = trial_estimate(
             c, plan=plans.get(c.trial_id), measurements=measurements, samplings=samplings, device=device
         )
-        finished = c.trial_id in done
         if not finished:
             pending.append((e.training_hours, e.evaluation_hours))
         for m in (e.training_rate.measured, e.sampling_rate.measured):
@@ -729,8 +740,9 @@ def estimate(
         )
     train_total, evaluation_total = (sum(column) for column in zip(*pending)) if pending else (0.0, 0.0)
     lines += [
-        f"{len(pending)} of {len(configs)} trials to run; estimated GPU hours on {_article(device)}: training "
-        f"{train_total:.1f} + evaluation {evaluation_total:.1f} = {train_total + evaluation_total:.1f}",
+        f"{len(pending) + unsized} of {len(configs)} trials to run; estimated GPU hours on {_article(device)}: "
+        f"training {train_total:.1f} + evaluation {evaluation_total:.1f} = {train_total + evaluation_total:.1f}"
+        + (f" for {len(pending)} of them; {unsized} {UNSIZED}" if unsized else ""),
         "  training: the rows a trial trains at the rate measured for its depth, method, DP clipping, k and "
         "precision (any rows per forward); 'from ...': measured at another depth, k or method (in that order; the "
         "same precision and DP clipping), scaled by the useful FLOPs per row, or last on another kind of GPU "
@@ -749,6 +761,10 @@ def estimate(
     ]
     lines += [f"  measured: {_describe(m)}" for m in used.values()]
     return "\n".join(lines)
+
+
+# A trial of a dataset with no published size (``folder``) when the preflight gave no plan (its data unreadable).
+UNSIZED = "not estimated: split sizes are read from the data, which the preflight could not read"
 
 
 def _describe(m: dict) -> str:

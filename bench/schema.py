@@ -1031,7 +1031,9 @@ def storage_child(location: str, *parts: str) -> str:
 
 
 def absolute(location: str) -> str:
-    """A local path made absolute (``~`` expanded); a URI (``s3://...``) unchanged."""
+    """A local path made absolute, ``~`` expanded and symbolic links resolved (the driver's view of the file is
+    what every worker gets: a link only the driver's machine has, such as ``~/data`` to a shared mount, still
+    reaches the mount on the others); a URI (``s3://...``) unchanged."""
     return location if is_uri(location) else str(Path(location).expanduser().resolve())
 
 

@@ -104,7 +104,13 @@ from benchmark_common import official_models, timed
 from torch import nn
 from torch.nn import functional as F
 
-from bench.estimates import MEASURED_THROUGHPUT_FILE, PEAK_FLOPS, VarShape, training_flops_per_row
+from bench.estimates import (
+    MEASURED_THROUGHPUT_FILE,
+    PEAK_FLOPS,
+    VarShape,
+    gpu_kind,
+    training_flops_per_row,
+)
 from bench.schema import (
     AUTO_ATTENTION_KERNEL,
     SUBSTITUTE_EXTRACTOR,
@@ -2445,7 +2451,15 @@ SAME_SETTING = {
 
 def write_throughput(path: Path, entries: dict[str, list[dict]]) -> None:
     """Merge ``entries`` ({"measurements": training entries, "sampling": sampling entries}) into the throughput
-    file: each replaces an older entry of the same setting in its list."""
+    file: each replaces an older entry of the same setting in its list. Refused, with nothing written, for a device
+    whose datasheet peak ``bench.estimates`` does not know: its loader would refuse the file, and every dry run
+    and sweep with it."""
+    unknown = sorted({e["device"] for new in entries.values() for e in new if gpu_kind(e["device"]) is None})
+    if unknown:
+        raise SystemExit(
+            f"--write-throughput: no dense bf16 peak is known for {', '.join(unknown)}; add its datasheet peak to "
+            f"bench.estimates.PEAK_FLOPS first (it knows {', '.join(PEAK_FLOPS)})"
+        )
     data = json.loads(path.read_text()) if path.is_file() else {}
     for name, new in entries.items():
         same = SAME_SETTING[name]

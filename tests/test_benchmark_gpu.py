@@ -207,6 +207,21 @@ def test_mfu_counts_the_visible_pairs(smoke):
         assert r["mfu_measured"] == pytest.approx(useful / (r["step_ms"] / 1e3) / rate, rel=1e-9)
 
 
+def test_a_run_on_a_gpu_of_unknown_peak_does_not_write_the_throughput_file(smoke, tmp_path):
+    """The estimate carries rates between settings and GPUs by datasheet peaks: a run on a GPU it has none for
+    would leave a file that every dry run and sweep refuses, so nothing is written and the peak is asked for."""
+    import benchmark_gpu
+
+    path, run_json = tmp_path / "throughput.json", tmp_path / "run.json"
+    data = copy.deepcopy(smoke["data"])
+    data["meta"]["device"] = "Tesla V100-SXM2-32GB"
+    run_json.write_text(json.dumps(data))
+    path.write_text("{}\n")
+    with pytest.raises(SystemExit, match=r"no dense bf16 peak is known for Tesla V100-SXM2-32GB.*PEAK_FLOPS"):
+        benchmark_gpu.main(["--write-throughput", str(path), "--from", str(run_json)])
+    assert path.read_text() == "{}\n"
+
+
 def test_a_run_refreshes_the_measured_throughput(smoke, tmp_path):
     """--write-throughput --from: the run's training and sampling rates replace older entries of the same setting
     and keep the others; a training entry states a trial loop's rate where one ran at its setting; the tiny base

@@ -196,7 +196,10 @@ def test_standalone_command_on_saved_checkpoints(tiny_var, tiny_vqvae, split, tm
     )
     result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert result["images_generated"] == 5 and len(list((tmp_path / "eval" / "images").rglob("*.png"))) == 5
-    assert "fid" in json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    assert "fid" in json.loads(out)  # stdout: the metrics alone
+    # stderr: the progress a long evaluation shows (the command printed nothing until it ended)
+    assert "[evaluation] generated image 5/5 (100%)" in err and "[evaluation] scoring 1/1" in err
 
 
 def test_compiled_sampling_draws_every_batch_at_one_shape_and_records_it(

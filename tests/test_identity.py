@@ -157,10 +157,14 @@ def test_a_fresh_process_computes_the_same_ids(assets, tmp_path):
 
 
 def test_checkpoints_are_hashed_once_then_cached_and_a_dry_run_creates_nothing(assets, tmp_path):
-    cache = tmp_path / "cache"
-    dry = identify([official_trial(assets)], cache_dir=str(cache), write=False)
-    assert not cache.exists()  # a dry run hashes but writes no cache (nor the folder)
-    real = identify([official_trial(assets)], cache_dir=str(cache))
+    cache, said = tmp_path / "cache", []
+    dry = identify([official_trial(assets)], cache_dir=str(cache), write=False, log=said.append)
+    assert not cache.exists()  # a dry run hashes but writes no cache (nor the folder), and says so
+    assert len(said) == 3 and all(
+        ", not kept (a dry run writes nothing; a sweep keeps it)" in s for s in said
+    )
+    real = identify([official_trial(assets)], cache_dir=str(cache), log=said.append)
+    assert len(said) == 6 and all("GiB), once: its SHA-256 identifies" in s for s in said[3:])
     assert real[0].trial_id == dry[0].trial_id
     record = json.loads((cache / CONTENT_IDS_FILE).read_text())
     checkpoint = str(assets / "checkpoints" / "var_d16.pth")

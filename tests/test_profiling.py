@@ -477,6 +477,27 @@ def test_gpu_hours_come_from_the_measured_rate_where_one_matches():
     assert "measured: NVIDIA H200 d16 lora no DP k=1 bf16 autocast: 50.0 rows/s" in text
 
 
+def test_a_folder_dataset_without_a_plan_is_not_estimated_at_zero():
+    """A folder dataset has no published size: a dry run whose preflight failed (no plan) priced its trials at
+    N = 0 (one step, no images, 0.0 GPU hours) as if measured; they are listed as not estimated and counted."""
+    lora16 = next(c for c in build_sweep("table1") if c.method.name == "lora" and c.model.depth == 16)
+    folder = replace(lora16, data={"dataset": "folder", "root": "/nowhere"})
+    text = estimate([lora16, folder], done=set(), plans={}, measurements=[_entry()], samplings=[])
+    rows = text.splitlines()
+    assert "measured 100.0 rows/s" in rows[1] and rows[2].split()[2:] == [
+        "pending",
+        "not",
+        "estimated:",
+        *("split sizes are read from the data, which the preflight could not read".split()),
+    ]
+    footer = rows[3]
+    assert footer.startswith("2 of 2 trials to run;") and footer.endswith(
+        "for 1 of them; 1 not estimated: split sizes are read from the data, which the preflight could not read"
+    )
+    alone = estimate([lora16], done=set(), plans={}, measurements=[_entry()], samplings=[]).splitlines()[2]
+    assert re.search(r"= (\S+)$", alone).group(1) == re.search(r"= (\S+) for", footer).group(1)
+
+
 def test_an_unmeasured_setting_is_priced_from_the_nearest_measured_one_at_its_utilisation():
     """VAR-d20 priced from d16's measurement keeps d16's utilisation: its rows/s shrink by the FLOPs per row
     (1.91x for full fine-tuning), where the assumed 35% made a d20 trial cheaper than d16's at its measured 15%.
@@ -813,6 +834,12 @@ def test_a_throughput_file_with_an_incomplete_entry_is_refused_by_name(tmp_path)
         (json.dumps({"measurements": [_entry(rows_per_second=0)]}), "needs a positive rows_per_second"),
         (json.dumps({"measurements": [_entry(depth="20")]}), "a positive integer depth"),
         (json.dumps({"measurements": [_entry(source="docs")]}), "a source object"),
+        # A run on a GPU without a known peak (written by --write-throughput before it refused one) was taken
+        # when pricing another GPU and failed every dry run and sweep with "error: None (KeyError)".
+        (
+            json.dumps({"measurements": [_entry(device="Tesla V100-SXM2-32GB")]}),
+            r"measured on 'Tesla V100-SXM2-32GB', a device without a known dense bf16 peak",
+        ),
     ],
 )
 def test_a_malformed_throughput_file_is_refused_with_its_path(tmp_path, content, problem):

@@ -83,6 +83,11 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
     )  # trainables.plan imports it when it calibrates
     monkeypatch.setattr(TrialConfig, "planned_steps", counted_steps)
     reports, storage = [], tmp_path / "storage"
+    # The record names the commit of the code the trial imported, not one made while it trained (the record's
+    # environment was read after training).
+    monkeypatch.setattr(
+        trial_module, "_git_commit", lambda: "made while it ran" if reports else "at its start"
+    )
     cache_before = {p.name for p in cache_dir.iterdir()}
     record = run_trial(
         config,
@@ -96,6 +101,7 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
         target_epsilon=2.0, delta=1 / 1438, sampling_rate=0.02, steps=4
     )
     assert check_result(record) == config and record["status"] == "success"
+    assert reports and record["environment"]["git_commit"] == "at its start"
     assert record["privacy"]["epsilon_rdp"] <= 2.0 and record["privacy"]["steps"] == 4
     assert [c["step"] for c in record["convergence"]] == [2, 4] and all(
         c["fid"] > 0 for c in record["convergence"]

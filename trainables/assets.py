@@ -126,8 +126,11 @@ class FileIds:
         ):
             return entry["sha256"]
         if self.log is not None:
+            # A dry run writes nothing, so it hashes again each time: "once" holds for runs that may write.
+            kept = "once" if self.write else "not kept (a dry run writes nothing; a sweep keeps it)"
             self.log(
-                f"hashing {path} ({info.st_size / 2**30:.2f} GiB), once: its SHA-256 identifies the trials that use it"
+                f"hashing {path} ({info.st_size / 2**30:.2f} GiB), {kept}: its SHA-256 identifies the trials "
+                "that use it"
             )
         try:
             digest = file_sha256(path)

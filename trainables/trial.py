@@ -259,6 +259,8 @@ def run_trial(
     # The GPUs the trial holds (workers x GPUs per worker, as the estimate prices them), not its processes.
     gpus = world * config.resources.gpus_per_worker if device.type == "cuda" else 0
     attempt = Attempt.begin(resume, gpus=gpus, clock_start=wall, startup_seconds=startup_seconds)
+    # At the start: the commit of the code this trial imported, not one made while it trained.
+    environment_now = environment(device, world_size=world)
     _check_unsafe_mechanism(config, unsafe_mechanism)
     plan = preflight(config, cache_dir)
     # What the device cannot train (flex attention on a CPU), before anything is loaded.
@@ -324,7 +326,7 @@ def run_trial(
         convergence=out["convergence"],
         privacy=out["privacy"],
         parameters=_parameters(config, var),
-        environment=environment(device, world_size=world),
+        environment=environment_now,
         started_at=attempt.started_at,
         data={
             "train_images": len(train),

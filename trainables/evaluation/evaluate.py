@@ -493,10 +493,15 @@ def _main(argv: list[str] | None) -> int:
         cache=ReferenceStats(cache),
         feature_extractor=extractor,
         out_dir=out / "images",
+        log=_to_stderr,  # the progress of a long evaluation; stdout holds only the metrics
     )
     (out / "evaluation.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result["metrics"], indent=1))
     return 0
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _check_adapter(adapter: str) -> None:
