@@ -55,8 +55,8 @@ def _common(parser: argparse.ArgumentParser, storage: str) -> None:
     )
     parser.add_argument(
         "--assets",
-        default=Assets.__dataclass_fields__["root"].default,
-        help="checkpoints/ and datasets/ of the paper sweeps (env VARSWEEP_ASSETS)",
+        default=None,
+        help="checkpoints/ and datasets/ of the paper sweeps (default: $VARSWEEP_ASSETS, else ./assets)",
     )
     parser.add_argument(
         "--where",

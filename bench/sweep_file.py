@@ -136,7 +136,7 @@ def load_sweep_file(path: str | Path, *, smoke: bool = False, assets: Assets = A
     if problems:
         raise SweepFileError(_listing(f"{where}: {_count(len(problems), 'problem')}", problems))
     folder = Path(path).expanduser().resolve().parent
-    paths = dict(folder=folder, assets_root=assets.root)
+    paths = dict(folder=folder, assets_root=assets.folder())
     points = _grid(document.get("base") or {}, document.get("axes") or {})
     configs, failures = _build_points(points, paths=paths)
     if not failures:

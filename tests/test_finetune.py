@@ -22,6 +22,7 @@ from trainables.data import offline
 from trainables.data.tokens import TokenViews
 from trainables.finetune import (
     Checkpointing,
+    OutOfGpuMemory,
     Prior,
     RunPlan,
     TrainingDiverged,
@@ -33,6 +34,7 @@ from trainables.models import build_var, build_vqvae
 from trainables.pretrain import Schedule, encode_tokens, token_nll, train_vqvae
 from trainables.prior import build_prior_bank, prior_preservation_loss
 from trainables.privacy import PrivacyConfigError
+from trainables.profiling import StepMeter
 from trainables.training import average_gradients, scale_loss_weights, view_losses
 
 FULL = MethodConfig(name="full")
@@ -739,6 +741,52 @@ def test_a_diverged_model_is_not_evaluated_on_the_curve(private):
     with pytest.raises(TrainingDiverged, match="parameters became non-finite at step 1"):
         _diverging_run(private=private, steps=3, log_every=1000, every=1000, saved=saved, evaluated=evaluated)
     assert saved == [] and evaluated == []
+
+
+@pytest.mark.parametrize("private", (False, True))
+def test_a_step_out_of_gpu_memory_names_the_rows_per_forward_to_lower(private, monkeypatch):
+    """CUDA's out-of-memory error of a step (a DP paper trial put 256 rows of 680 tokens through one forward,
+    ~190 GiB at d16) said nothing of the setting that sets a step's memory: it names the rows per forward, the
+    least they may be (k under DP) and that lowering them changes no number."""
+    run, calls = StepMeter.run, []
+
+    def out_of_memory_at_the_second_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 139 GiB total)"
+            )
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(StepMeter, "run", out_of_memory_at_the_second_step)
+    _, vqvae, var = _tiny_lora_setup()
+    g = torch.Generator().manual_seed(1)
+    data = TokenViews(
+        torch.randint(0, 3, (16,), generator=g),
+        tuple(torch.randint(0, 64, (16, 2, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]),
+    )
+    floor = "at least k = 2: an example's views share a forward" if private else "at least 1"
+    message = (
+        r"step 2: the GPU ran out of memory with resources.rows_per_forward = 4 rows per forward \(no CUDA "
+        rf"device\): lower it \({floor}; accumulated, it changes no number and no trial id\).*CUDA said: CUDA "
+        "out of memory"
+    )
+    with pytest.raises(OutOfGpuMemory, match=message):
+        finetune(
+            var,
+            vqvae,
+            data,
+            optimization=optimization(3, learning_rate=1e-3, batch_size=8),
+            method=MethodConfig(name="lora", lora_rank=4),
+            plan=RunPlan(planned_steps=3),
+            privacy=PrivacyConfig(
+                target_epsilon=8, sampling_rate=0.5, max_grad_norm=1.0, augmentation_multiplicity=2
+            )
+            if private
+            else None,
+            debug_seed=0 if private else None,
+            resources=ResourcesConfig(rows_per_forward=4),
+        )
 
 
 def test_bf16_autocast_is_off_for_ghost_clipping_only():

@@ -100,6 +100,18 @@ def test_paper_hyper_parameters():
     assert all(c.optimization.seed == c.data.view_seed == 1 for c in build_sweep("second_seed"))
 
 
+def test_no_paper_trial_puts_more_rows_through_a_forward_than_its_views_force():
+    """Rows per forward set a step's activation memory (~0.75 GiB a row at d16 in bf16): every DP paper trial kept
+    the default 256 (~190 GiB at d16, more than any GPU holds) while the non-DP ones used 32. Both use 32 now, and
+    under DP at least the k views one example puts through a forward."""
+    paper = {c.trial_id: c for name in SWEEPS if name != "demo" for c in build_sweep(name)}
+    dp = [c for c in paper.values() if c.privacy is not None]
+    assert len(dp) == 31 and {c.privacy.augmentation_multiplicity for c in dp} == {1, 32, 128}
+    for config in paper.values():
+        k = config.privacy.augmentation_multiplicity if config.privacy is not None else 1
+        assert config.resources.rows_per_forward == max(32, k), config.label
+
+
 def test_trial_id_ignores_resources_but_not_settings():
     config = smoke_version(build_sweep("table1")[0])
     assert replace(config, resources={"workers": 4}).trial_id == config.trial_id
@@ -311,6 +323,13 @@ def test_relative_paths_become_absolute_once_in_the_driver(tmp_path, monkeypatch
     assert Assets("assets").root == str(
         tmp_path / "assets"
     )  # paper sweeps name absolute checkpoint and dataset paths
+    # The default root is read when a path is taken: a default Assets() is built when the sweeps are imported,
+    # before a caller sets VARSWEEP_ASSETS or changes folder (which it once ignored).
+    monkeypatch.setenv("VARSWEEP_ASSETS", "later")
+    assert Assets().checkpoint("var_d16.pth") == str(tmp_path / "later" / "checkpoints" / "var_d16.pth")
+    assert build_sweep("table3")[0].data.root == str(tmp_path / "later" / "datasets" / "flowers102")
+    monkeypatch.delenv("VARSWEEP_ASSETS")
+    assert Assets().dataset("cub200") == str(tmp_path / "assets" / "datasets" / "cub200")
     config = replace(
         TINY,
         data={"dataset": "folder", "root": "my-images"},

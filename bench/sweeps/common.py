@@ -34,19 +34,26 @@ ASSETS_ENV = "VARSWEEP_ASSETS"
 class Assets:
     """Local files of a paper sweep: ``root/checkpoints/{var_d16.pth, var_d20.pth, ..., vae_ch160v4096z32.pth,
     weights-inception-2015-12-05-6726825d.pth}`` and ``root/datasets/<dataset>/`` in each dataset's official layout.
-    The root is made absolute when the object is built (in the driver): Ray runs trials in working folders of
-    its own, where a relative path would point elsewhere. On a cluster it is the same shared path on every node."""
+    A given root is made absolute when the object is built (in the driver): Ray runs trials in working folders of
+    its own, where a relative path would point elsewhere. On a cluster it is the same shared path on every node.
+    None (the default): ``$VARSWEEP_ASSETS``, else ``./assets``, read when a path is taken, not when this module
+    was imported (a default ``Assets()`` is built then, before a caller sets the variable or changes folder)."""
 
-    root: str = os.environ.get(ASSETS_ENV, "assets")
+    root: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", absolute(self.root))
+        if self.root is not None:
+            object.__setattr__(self, "root", absolute(self.root))
+
+    def folder(self) -> str:
+        """The absolute root: the given one, else ``$VARSWEEP_ASSETS``, else ``./assets`` (read now)."""
+        return self.root if self.root is not None else absolute(os.environ.get(ASSETS_ENV, "assets"))
 
     def checkpoint(self, name: str) -> str:
-        return str(Path(self.root) / "checkpoints" / name)
+        return str(Path(self.folder()) / "checkpoints" / name)
 
     def dataset(self, name: str) -> str:
-        return str(Path(self.root) / "datasets" / name)
+        return str(Path(self.folder()) / "datasets" / name)
 
 
 # Non-DP (method, dataset) -> (learning rate, epochs); batch 512 for FFT on CUB, else 256 (REFERENCE.md §3).
@@ -86,6 +93,15 @@ GPU_RESOURCES = ResourcesConfig(
 # AdamW state), so 32 rows per forward need ~29 GiB at d16 and, scaled by width x depth, ~47 GiB at d20.
 # Accumulation leaves the numbers unchanged up to rounding.
 NON_DP_GPU_RESOURCES = dataclasses.replace(GPU_RESOURCES, rows_per_forward=32)
+
+
+def dp_gpu_resources(k: int) -> ResourcesConfig:
+    """A DP trial's: 32 rows per forward as without DP (book-keeping adds ~20% to a step's peak: 15.7 against
+    13.3 GiB for DP-LoRA at 16 rows on an H200), but at least the k views of one example, which share a
+    forward: at k = 128 that is ~100 GiB of activations at d16 (an H200, not an H100) and, by width x depth, ~150
+    GiB at d20, more than an H200 holds (its step stops with ``finetune.OutOfGpuMemory`` naming the setting).
+    The default's 256 rows were ~190 GiB at d16."""
+    return dataclasses.replace(GPU_RESOURCES, rows_per_forward=max(NON_DP_GPU_RESOURCES.rows_per_forward, k))
 
 
 def paper_model(depth: int, assets: Assets) -> ModelConfig:
@@ -168,7 +184,7 @@ def dp_trial(
         ),
         optimization=OptimizationConfig(learning_rate=lr, epochs=epochs, warmup_steps=10, seed=seed),
         evaluation=paper_evaluation(assets),
-        resources=GPU_RESOURCES,
+        resources=dp_gpu_resources(k),
     )
 
 

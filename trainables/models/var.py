@@ -1437,7 +1437,8 @@ def top_k_top_p_probs(logits_BlV: torch.Tensor, *, top_k: int, top_p: float) -> 
     )
     if extra_NV is None:
         return filtered_NV.softmax(dim=-1)
-    extra_tail_NV = extra_NV.cumsum(dim=-1) * (tie_weight_N1 / total_N1)
+    # int32 ranks (exact to 2**24): half the bytes of cumsum's default int64, the same float32 products.
+    extra_tail_NV = extra_NV.cumsum(dim=-1, dtype=torch.int32) * (tie_weight_N1 / total_N1)
     keep_extra_NV = extra_NV & (extra_tail_NV > 1 - top_p)  # the i-th extra tie holds i tie masses below it
     return torch.where(keep_extra_NV, kth_N1, filtered_NV).softmax(dim=-1)
 
