@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import benchmark_common
 
@@ -49,6 +50,8 @@ def main() -> None:
         [sys.executable, "-m", "bench", "demo", "--storage", str(storage)], capture_output=True, text=True
     )
     wall = time.perf_counter() - started
+    if run.returncode != 0 and not (storage / "summary.json").is_file():
+        _failed(run)  # it stopped before its summary: nothing to report but its own error
     summary = json.loads((storage / "summary.json").read_text())
     store = ResultStore(storage, create=False)
     records = [store.read(c.trial_id) for c in build_sweep("demo")]
@@ -73,8 +76,20 @@ def main() -> None:
         ]
     )
     benchmark_common.publish(text, args.out)
-    if run.returncode != 0:
-        print(run.stdout[-3000:], run.stderr[-3000:], sep="\n", file=sys.stderr)
+    if run.returncode != 0:  # a trial or a check failed: the report above says which
+        _failed(run)
+
+
+def _failed(run: subprocess.CompletedProcess) -> NoReturn:
+    """Show the tail of what the failed demo printed and exit with its status (1 where a signal ended it)."""
+    print(
+        f"`python -m bench demo` exited with status {run.returncode}; the end of its output:",
+        run.stdout[-3000:],
+        run.stderr[-3000:],
+        sep="\n",
+        file=sys.stderr,
+    )
+    sys.exit(run.returncode if run.returncode > 0 else 1)
 
 
 if __name__ == "__main__":

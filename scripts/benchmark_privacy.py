@@ -10,31 +10,37 @@ views each): per-sample gradients (or ghost norms), clipping, noise, AdamW. Non-
 views in one forward. Memory = peak resident set size of the configuration's process minus its size just before the first
 step. Appends a dated Markdown section to ``--out``.
 
-``--versus REV``: book-keeping of the code at git revision REV (its ``trainables/bookkeeping.py``, from a temporary
-``git worktree``) beside the current one and the non-DP step on the same rows, everything else (model, training
-code) current, at a VAR-d16-like geometry: the 680 tokens of 256x256 images (patch_nums 1..16), ``--width`` and
-``--heads`` as VAR-d16 (1024, 16) but ``--depth`` blocks; ``--views`` lists k:rows (rows = examples x k).
+``--versus REV``: book-keeping at git revision REV beside this tree's, at a VAR-d16-like geometry: the 680 tokens
+of 256x256 images (patch_nums 1..16), ``--width`` and ``--heads`` as VAR-d16 (1024, 16) but ``--depth`` blocks;
+``--views`` lists k:rows (rows = examples x k). REV's whole code (its ``trainables`` and ``bench``, from a temporary
+``git worktree``; the scripts are this tree's) runs in processes of its own: per method and k, four processes (no DP
+and book-keeping, with REV's code and with this tree's) each build the same seeded model and take one step in turn,
+round by round, so that a load change on a shared machine hits all four alike. Each code's DP step is compared with
+its own non-DP step. A process that fails ends the run with its stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
-import importlib.util
+import dataclasses
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import benchmark_common
 import psutil
 import torch
 
 from bench.schema import MethodConfig, PrivacyConfig, ResourcesConfig
-from trainables import privacy as privacy_module
 from trainables.methods import adapt
 from trainables.models import OFFICIAL_PATCH_NUMS, build_var, build_vqvae
 from trainables.privacy import make_private, private_step
@@ -65,7 +71,10 @@ def _adapted_var(method: str, *, depth: int, patch_nums, **layout):
         **layout,
     )
     adapt(var, MethodConfig(name=method), num_classes=CLASSES, seed=0)
-    var.attention_kernel = ResourcesConfig().training_attention_kernel  # the trials' default
+    # the trials' kernel; code older than ResourcesConfig's choice of kernel trained with VAR's default
+    kernel = getattr(ResourcesConfig(), "training_attention_kernel", None)
+    if kernel is not None:
+        var.attention_kernel = kernel
     return var.train()
 
 
@@ -116,21 +125,24 @@ def _plain_step(var, optimizer, *, batch_size: int, loss_fn):
 
 
 def _private(var, optimizer, *, k: int, clipping: str, rows: int, examples: int):
-    """DP training state for one step of ``examples`` examples (k views each) in forwards of ``rows`` rows."""
+    """DP training state for one step of ``examples`` examples (k views each) in forwards of ``rows`` rows (code
+    before ``resources.rows_per_forward`` took them as ``privacy.physical_batch_rows``: ``--versus``)."""
+    rows_in_resources = "rows_per_forward" in {f.name for f in dataclasses.fields(ResourcesConfig)}
     privacy = PrivacyConfig(
         target_epsilon=10.0,
         sampling_rate=0.25,
         max_grad_norm=0.5,
         augmentation_multiplicity=k,
         clipping=clipping,
+        **({} if rows_in_resources else {"physical_batch_rows": rows}),
     )
     return make_private(
         var,
         optimizer,
         privacy=privacy,
-        resources=ResourcesConfig(rows_per_forward=rows),
         dataset_size=4 * examples,
         planned_steps=1000,
+        **({"resources": ResourcesConfig(rows_per_forward=rows)} if rows_in_resources else {}),
     )
 
 
@@ -209,15 +221,6 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _load_bookkeeping(path: str):
-    """The BookKeeping class of another revision's ``trainables/bookkeeping.py`` (loaded inside this package, so its
-    relative imports resolve to the current ``trainables``)."""
-    spec = importlib.util.spec_from_file_location("trainables._bookkeeping_versus", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.BookKeeping
-
-
 def d16_like(method: str, *, depth: int, width: int, heads: int, k: int, rows: int, bf16: bool = False):
     """(var, loss_fn) at VAR-d16's token layout (680 tokens per view) with ``depth`` blocks of ``width`` and
     ``heads``, adapted by ``method`` (seed 0), and ``rows // k`` examples of k random token views: loss_fn(example
@@ -240,107 +243,220 @@ def d16_like(method: str, *, depth: int, width: int, heads: int, k: int, rows: i
     return var, loss_fn
 
 
-def _versus_step(config: dict, kind: str, bookkeeping_from: str, *, depth: int, width: int, heads: int):
-    """A fresh model (same seed for every kind) and its step: kind "none" (no DP), "versus" (book-keeping from
-    ``bookkeeping_from``) or "current" (this tree's book-keeping)."""
+def _versus_step(config: dict, *, depth: int, width: int, heads: int):
+    """A fresh d16-like model (the same seed for every code and kind) and its step: book-keeping DP when
+    ``config["dp"]``, else the non-DP step on the same rows."""
     k, rows = config["k"], config["rows"]
     examples = rows // k
     var, loss_fn = d16_like(config["method"], depth=depth, width=width, heads=heads, k=k, rows=rows)
     optimizer = build_optimizer(var, lr=1e-4)
-    if kind == "none":
+    if not config["dp"]:
         return _plain_step(var, optimizer, batch_size=examples, loss_fn=loss_fn)
-    current = privacy_module.BookKeeping
-    if kind == "versus":
-        privacy_module.BookKeeping = _load_bookkeeping(bookkeeping_from)
-    try:
-        state = _private(var, optimizer, k=k, clipping="bookkeeping", rows=rows, examples=examples)
-    finally:
-        privacy_module.BookKeeping = current
+    state = _private(var, optimizer, k=k, clipping="bookkeeping", rows=rows, examples=examples)
     return lambda: private_step(state, torch.arange(examples), loss_fn)
 
 
-def run_versus_one(config: dict, *, depth: int, width: int, heads: int, steps: int) -> dict:
-    """One method and k at the d16-like geometry: the non-DP step, the other revision's book-keeping
-    (``config["bookkeeping_from"]``) and this tree's, each on its own copy of the model, interleaved step by step
-    (so that a load change on a shared machine hits all three alike). Time: median over rounds of each step's
-    time; memory: each step's peak resident set size over its start (the peak is reset before every step)."""
-    kinds = ("none", "versus", "current")
-    steps_by_kind = {
-        kind: _versus_step(config, kind, config["bookkeeping_from"], depth=depth, width=width, heads=heads)
-        for kind in kinds
-    }
-    seconds = {kind: [] for kind in kinds}
-    peaks = {kind: [] for kind in kinds}
-    for round_ in range(steps + 1):  # round 0: optimiser state, allocator pools: not counted
-        for kind in kinds:
-            exact = _peak_reset()
-            rss_before = psutil.Process().memory_info().rss
-            started = time.perf_counter()
-            steps_by_kind[kind]()
-            if round_:
-                seconds[kind].append(time.perf_counter() - started)
-                peaks[kind].append((_peak_rss() - rss_before) / MIB if exact else float("nan"))
+# Marks a stepping process's replies on its stdout (anything else it prints there is skipped).
+REPLY = "benchmark_privacy reply: "
+# The steps of a --versus row: (result key, with the revision's code (else this tree's), book-keeping DP (else none)).
+VERSUS_KINDS = (
+    ("versus_none", True, False),
+    ("versus", True, True),
+    ("none", False, False),
+    ("current", False, True),
+)
+
+
+def serve_steps(step, *, requests=None, replies=None) -> None:
+    """Reply ready, then take one step per line read from ``requests`` (stdin) until they end, replying (stdout)
+    to each with its seconds and its peak resident set size over its start in MiB (the peak is reset first; NaN
+    where it cannot be)."""
+    requests, replies = requests or sys.stdin, replies or sys.stdout
+    print(REPLY + json.dumps({"ready": True}), file=replies, flush=True)
+    for _ in requests:
+        exact = _peak_reset()
+        rss_before = psutil.Process().memory_info().rss
+        started = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - started
+        mib = (_peak_rss() - rss_before) / MIB if exact else float("nan")
+        print(REPLY + json.dumps({"s": seconds, "mib": mib}), file=replies, flush=True)
+
+
+class SteppingChild:
+    """A process (``--one-versus``) that builds one model and its step with the code at ``code`` (a checkout's
+    root: its ``trainables`` and ``bench`` are imported, the scripts are this tree's) and steps on request.
+    ``what`` names it in the message that ends this process when it fails (its stderr's tail follows)."""
+
+    def __init__(self, config: dict, *, code: Path, what: str, extra: tuple[str, ...] = ()):
+        self.what = what
+        self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty child cannot block on it
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(code), str(benchmark_common.REPO / "scripts")]),
+        }
+        command = [
+            sys.executable,
+            __file__,
+            "--one-versus",
+            json.dumps(config),
+            *extra,
+            "--expect",
+            str(code),
+        ]
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=env,
+        )
+        self._reply()  # built: the next process's build does not overlap this one's
+
+    def step(self) -> dict:
+        """One step: {"s": seconds, "mib": its peak over its start}."""
+        try:
+            self.process.stdin.write("step\n")
+            self.process.stdin.flush()
+        except OSError:  # the process has ended
+            self._failed()
+        return self._reply()
+
+    def _reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line.removeprefix(REPLY))
+        self._failed()
+
+    def _failed(self) -> NoReturn:
+        status = self.process.wait()
+        self.stderr.seek(0)
+        raise SystemExit(
+            f"{self.what} failed (exit status {status}); its stderr ends:\n{self.stderr.read()[-4000:]}"
+        )
+
+    def close(self) -> None:
+        """End the process (its requests end) and wait for it."""
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+        self.stderr.close()
+
+
+def run_versus_row(
+    config: dict, *, revision: str, worktree: Path, depth: int, width: int, heads: int, steps: int
+) -> dict:
+    """One method and k (``config``: method, k, rows) at the d16-like geometry: the non-DP and the book-keeping
+    step with the code of ``revision`` (checked out at ``worktree``) and with this tree's, each in its own process
+    (``SteppingChild``), stepping in turn round by round. Time: each step's median over the rounds after the first
+    (optimiser state, allocator pools); memory: each step's largest peak resident set size over its start."""
+    extra = ("--depth", str(depth), "--width", str(width), "--heads", str(heads))
+    seconds = {key: [] for key, _, _ in VERSUS_KINDS}
+    peaks = {key: [] for key, _, _ in VERSUS_KINDS}
+    with contextlib.ExitStack() as stack:
+        children = {}
+        for key, theirs, dp in VERSUS_KINDS:
+            code, name = (
+                (worktree, f"the code of {revision}") if theirs else (benchmark_common.REPO, "this tree")
+            )
+            step = "book-keeping" if dp else "non-DP"
+            what = f"the {step} step of {config} with {name} ({code})"
+            if theirs:
+                what += f" (this script could not run {revision}'s code there)"
+            children[key] = SteppingChild({**config, "dp": dp}, code=code, what=what, extra=extra)
+            stack.callback(children[key].close)
+        for round_ in range(steps + 1):
+            for key, child in children.items():
+                reply = child.step()
+                if round_:
+                    seconds[key].append(reply["s"])
+                    peaks[key].append(reply["mib"])
     return {
         **config,
-        **{f"{kind}_s": statistics.median(seconds[kind]) for kind in kinds},
-        **{f"{kind}_mib": max(peaks[kind]) for kind in kinds},
+        **{f"{key}_s": statistics.median(seconds[key]) for key in seconds},
+        **{f"{key}_mib": max(peaks[key]) for key in peaks},
     }
 
 
 def versus_table(results: list[dict], *, revision: str) -> list[str]:
     lines = [
-        f"| method | k | rows | no DP (s) | book-keeping {revision} (s) | this tree (s) | time vs no DP: {revision} | "
-        f"this tree | step peak over start, no DP (MiB) | memory vs no DP: {revision} | this tree |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | k | rows | no DP {revision} (s) | book-keeping {revision} (s) | no DP this tree (s) | "
+        f"book-keeping this tree (s) | time vs no DP: {revision} | this tree | step peak over start, no DP this "
+        f"tree (MiB) | memory vs no DP: {revision} | this tree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        base_s, base_mib = r["none_s"], max(r["none_mib"], 1)
         lines.append(
-            f"| {r['method']} | {r['k']} | {r['rows']} | {base_s:.2f} | {r['versus_s']:.2f} | {r['current_s']:.2f} | "
-            f"{r['versus_s'] / base_s:.2f}x | {r['current_s'] / base_s:.2f}x | {r['none_mib']:.0f} | "
-            f"{r['versus_mib'] / base_mib:.2f}x | {r['current_mib'] / base_mib:.2f}x |"
+            f"| {r['method']} | {r['k']} | {r['rows']} | {r['versus_none_s']:.2f} | {r['versus_s']:.2f} | "
+            f"{r['none_s']:.2f} | {r['current_s']:.2f} | {r['versus_s'] / r['versus_none_s']:.2f}x | "
+            f"{r['current_s'] / r['none_s']:.2f}x | {r['none_mib']:.0f} | "
+            f"{r['versus_mib'] / max(r['versus_none_mib'], 1):.2f}x | {r['current_mib'] / max(r['none_mib'], 1):.2f}x |"
         )
     return lines
 
 
-def versus(args) -> None:
-    """Book-keeping of ``args.versus`` vs this tree's vs no DP, one process per method and k."""
-    root = Path(__file__).resolve().parent.parent
-    worktree = Path(f"/tmp/varsweep-bookkeeping-{args.versus}")
-    subprocess.run(
-        ["git", "-C", str(root), "worktree", "add", "--detach", str(worktree), args.versus], check=True
-    )
-    try:
-        old = str(worktree / "trainables" / "bookkeeping.py")
-        results = []
-        for view in args.views.split(","):
-            k, rows = (int(x) for x in view.split(":"))
+def parse_views(text: str) -> list[tuple[int, int]]:
+    """``--views``' k:rows pairs; ValueError unless each is two positive integers with rows a multiple of k."""
+    views = []
+    for view in text.split(","):
+        k, colon, rows = view.partition(":")
+        if not (colon and k.isdigit() and rows.isdigit() and int(k) > 0 and int(rows) > 0):
+            raise ValueError(f"{view!r} is not k:rows (two positive integers)")
+        if int(rows) % int(k):
+            raise ValueError(f"{view!r}: rows (examples x k) must be a multiple of k")
+        views.append((int(k), int(rows)))
+    return views
+
+
+def is_revision(revision: str) -> bool:
+    """Whether ``revision`` names a commit of this repository."""
+    command = [
+        "git",
+        "-C",
+        str(benchmark_common.REPO),
+        "rev-parse",
+        "--verify",
+        "--quiet",
+        f"{revision}^{{commit}}",
+    ]
+    return subprocess.run(command, capture_output=True).returncode == 0
+
+
+def versus(args, views: list[tuple[int, int]]) -> None:
+    """Book-keeping of ``args.versus`` vs this tree's, each vs its own non-DP step, four processes per method and
+    k."""
+    results = []
+    with benchmark_common.revision_checkout(args.versus, "privacy") as worktree:
+        for k, rows in views:
             for method in ("full", "lora"):
-                config = dict(method=method, k=k, rows=rows, bookkeeping_from=old)
-                command = [sys.executable, __file__, "--one-versus", json.dumps(config)]
-                command += [
-                    "--depth",
-                    str(args.depth),
-                    "--width",
-                    str(args.width),
-                    "--heads",
-                    str(args.heads),
-                ]
-                command += ["--steps", str(args.steps)]
-                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-                results.append(json.loads(output.strip().splitlines()[-1]))
-                print(json.dumps(results[-1]), flush=True)
-    finally:
-        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(worktree)], check=True)
+                row = run_versus_row(
+                    dict(method=method, k=k, rows=rows),
+                    revision=args.versus,
+                    worktree=worktree,
+                    depth=args.depth,
+                    width=args.width,
+                    heads=args.heads,
+                    steps=args.steps,
+                )
+                results.append(row)
+                print(json.dumps(row), flush=True)
     stamp, machine = benchmark_common.stamp(), benchmark_common.machine()
     section = [
-        f"### Book-keeping DP vs {args.versus} vs no DP, width {args.width}, {args.heads} heads, depth {args.depth}, "
-        f"680 tokens ({stamp})",
+        f"### Book-keeping DP, {args.versus} vs this tree, each vs its own non-DP step: width {args.width}, "
+        f"{args.heads} heads, depth {args.depth}, 680 tokens ({stamp})",
         "",
         f"Machine: {machine}. Script: `python scripts/benchmark_privacy.py --versus {args.versus} --width {args.width} "
-        f"--heads {args.heads} --depth {args.depth} --views {args.views} --steps {args.steps}` (the three steps "
-        f"interleaved in one process per row, median of {args.steps} rounds after one untimed round; DP steps "
-        "include noise and AdamW like the non-DP ones; rows = examples x k, the same rows for all three).",
+        f"--heads {args.heads} --depth {args.depth} --views {args.views} --steps {args.steps}` (per row four "
+        f"processes, the non-DP and the book-keeping step with the whole code of {args.versus} and with this "
+        f"tree's, stepping in turn; median of {args.steps} rounds after one untimed round; DP steps include noise "
+        "and AdamW like the non-DP ones; rows = examples x k, the same rows for all four; memory: each step's peak "
+        "resident set size over its start).",
         "",
         *versus_table(results, revision=args.versus),
         "",
@@ -354,53 +470,46 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--versus", help="git revision whose book-keeping to measure beside this tree's")
+    parser.add_argument(
+        "--versus", help="git revision whose code's book-keeping to measure beside this tree's"
+    )
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--views", default="1:4,32:32", help="k:rows pairs for --versus")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-versus", help=argparse.SUPPRESS)
+    parser.add_argument("--expect", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    largest_k = max(config["k"] for config in configurations())
-    if not args.versus and args.batch_size < largest_k:
-        # a DP step's forwards hold batch-size rows, and one example's k views must share a forward
-        parser.error(f"--batch-size {args.batch_size} is below the largest k measured ({largest_k})")
     if args.one_versus:
-        result = run_versus_one(
-            json.loads(args.one_versus),
-            depth=args.depth,
-            width=args.width,
-            heads=args.heads,
-            steps=args.steps,
-        )
-        print(json.dumps(result))
-        return
-    if args.versus:
-        versus(args)
+        benchmark_common.check_imported_from(args.expect)
+        config = json.loads(args.one_versus)
+        serve_steps(_versus_step(config, depth=args.depth, width=args.width, heads=args.heads))
         return
     if args.one:
-        print(
-            json.dumps(
-                run_one(json.loads(args.one), depth=args.depth, batch_size=args.batch_size, steps=args.steps)
-            )
-        )
+        benchmark_common.check_imported_from(args.expect)
+        result = run_one(json.loads(args.one), depth=args.depth, batch_size=args.batch_size, steps=args.steps)
+        print(json.dumps(result))
         return
+    if args.steps < 1:
+        parser.error("--steps must be at least 1 (the first step is not timed)")
+    if args.versus:
+        try:
+            views = parse_views(args.views)
+        except ValueError as err:
+            parser.error(f"--views: {err}")
+        if not is_revision(args.versus):
+            parser.error(f"--versus {args.versus}: no such git revision in {benchmark_common.REPO}")
+        versus(args, views)
+        return
+    largest_k = max(config["k"] for config in configurations())
+    if args.batch_size < largest_k:
+        # a DP step's forwards hold batch-size rows, and one example's k views must share a forward
+        parser.error(f"--batch-size {args.batch_size} is below the largest k measured ({largest_k})")
+    extra = ("--depth", str(args.depth), "--batch-size", str(args.batch_size), "--steps", str(args.steps))
     results = []
     for config in configurations():
-        command = [
-            sys.executable,
-            __file__,
-            "--one",
-            json.dumps(config),
-            "--depth",
-            str(args.depth),
-            "--batch-size",
-            str(args.batch_size),
-            "--steps",
-            str(args.steps),
-        ]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
+        # a fresh process per configuration; one that fails ends this run with its stderr
+        results.append(benchmark_common.run_child(__file__, config, code=benchmark_common.REPO, extra=extra))
         print(json.dumps(results[-1]), flush=True)
     stamp, machine = benchmark_common.stamp(), benchmark_common.machine()
     section = [
