@@ -161,7 +161,7 @@ def test_checkpoints_are_hashed_once_then_cached_and_a_dry_run_creates_nothing(a
     dry = identify([official_trial(assets)], cache_dir=str(cache), write=False, log=said.append)
     assert not cache.exists()  # a dry run hashes but writes no cache (nor the folder), and says so
     assert len(said) == 3 and all(
-        ", not kept (a dry run writes nothing; a sweep keeps it)" in s for s in said
+        ", not kept (this command writes no cache; a sweep keeps it)" in s for s in said
     )
     real = identify([official_trial(assets)], cache_dir=str(cache), log=said.append)
     assert len(said) == 6 and all("GiB), once: its SHA-256 identifies" in s for s in said[3:])

@@ -332,3 +332,15 @@ def test_saving_a_peft_folder_with_a_record_of_another_model_is_refused(saved, t
     adapt(block0, fewer_blocks.method, num_classes=NEW_CLASSES, seed=0)
     with pytest.raises(ValueError, match=r"missing \['base_model"):
         save_peft_adapter(block0, tmp_path / "peft", adaptation=saved.trained["lora"].adaptation)
+    # Blocks the model lacks match nothing on it, and another label count fits no base's class rows: both saved
+    # folders that every loader then refused.
+    beyond = dataclasses.replace(
+        fewer_blocks, method=MethodConfig(name="lora", lora_rank=4, train_blocks=(0, 5))
+    )
+    with pytest.raises(ConfigError, match=r"train_blocks: \(0, 5\) names a block beyond the model's depth 2"):
+        save_peft_adapter(block0, tmp_path / "peft", adaptation=beyond)
+    with pytest.raises(ValueError, match=r"the record holds 9 classes, the model 3"):
+        save_peft_adapter(
+            block0, tmp_path / "peft", adaptation=dataclasses.replace(fewer_blocks, num_classes=9)
+        )
+    assert not (tmp_path / "peft").exists()

@@ -126,8 +126,8 @@ class FileIds:
         ):
             return entry["sha256"]
         if self.log is not None:
-            # A dry run writes nothing, so it hashes again each time: "once" holds for runs that may write.
-            kept = "once" if self.write else "not kept (a dry run writes nothing; a sweep keeps it)"
+            # A dry run or a status writes nothing, so it hashes again each time: "once" holds for runs that write.
+            kept = "once" if self.write else "not kept (this command writes no cache; a sweep keeps it)"
             self.log(
                 f"hashing {path} ({info.st_size / 2**30:.2f} GiB), {kept}: its SHA-256 identifies the trials "
                 "that use it"

@@ -130,10 +130,14 @@ def check_adaptable(var: VAR, method: MethodConfig, *, num_classes: int) -> None
         )
     if num_classes < 1:
         raise ConfigError(f"num_classes: must be >= 1, got {num_classes}")
-    # A TrialConfig checks train_blocks against model.depth; adapt() may be given any model.
-    if method.train_blocks is not None and max(method.train_blocks) >= var.depth:
+    _check_blocks(method, depth=var.depth)
+
+
+def _check_blocks(method: MethodConfig, *, depth: int) -> None:
+    """A TrialConfig checks train_blocks against model.depth; adapt() and peft_config may be given any model."""
+    if method.train_blocks is not None and max(method.train_blocks) >= depth:
         raise ConfigError(
-            f"method.train_blocks: {method.train_blocks} names a block beyond the model's depth {var.depth}"
+            f"method.train_blocks: {method.train_blocks} names a block beyond the model's depth {depth}"
         )
 
 
@@ -657,6 +661,7 @@ def peft_config(adaptation: Adaptation, *, depth: int, with_class_embedding: boo
             f"method.name: {method.name!r} has no peft adapter (peft methods: {sorted(PEFT_METHODS)}); "
             + (FULL_HAS_NO_ADAPTER if method.name == "full" else "it trains nothing")
         )
+    _check_blocks(method, depth=depth)  # a pattern of blocks the model lacks would match nothing there
     blocks = rf"blocks\.{_blocks_pattern(adaptation, depth)}\."
     if method.name == "ln_tuning":
         target = rf"{blocks}ada_lin\.1"

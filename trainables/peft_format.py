@@ -38,6 +38,8 @@ import safetensors.torch
 import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
+from bench.schema import ConfigError
+
 from .methods import (
     CLASS_EMBEDDING,
     CLASS_NAMES,
@@ -81,8 +83,14 @@ def save_peft_adapter(
     replacing ``folder`` as a whole only once everything is written. ``adaptation``: what ``adapt`` returned;
     ``metadata``: the caller's (JSON), kept in the provenance file; ``class_names``: the training split's (as
     ``methods.save_adapter`` records them). Refuses ``full`` fine-tuning (no adapter) and a model with trainable
-    tensors outside the adapter and the class embedding."""
+    tensors outside the adapter and the class embedding, or a record of another label count or of blocks the model
+    lacks (no loader would accept the folder)."""
     config = peft_config(adaptation, depth=var.depth, with_class_embedding=True)  # refuses "full": no adapter
+    if adaptation.num_classes != var.num_classes:
+        raise ValueError(
+            f"adaptation: the record holds {adaptation.num_classes} classes, the model {var.num_classes}; pass the "
+            "Adaptation that adapt() returned for it"
+        )
     names = class_names_entry(class_names, num_classes=adaptation.num_classes)
     trained = {name: param.detach().cpu() for name, param in trainable_parameters(var).items()}
     others = sorted(
@@ -226,9 +234,14 @@ def _config_differences(folder: Path, record: Mapping[str, Any], text: bytes) ->
             f"peft adapter folder {folder}: {CONFIG_NAME}, or the base architecture in {PROVENANCE_FILE}, is not "
             "a record"
         )
-    config = peft_config(
-        saved_adaptation(folder, record, base_sha256=None), depth=depth, with_class_embedding=True
-    )
+    try:
+        config = peft_config(
+            saved_adaptation(folder, record, base_sha256=None), depth=depth, with_class_embedding=True
+        )
+    except ConfigError as err:  # a record edited by hand: blocks the base lacks, a method without an adapter
+        raise CheckpointError(
+            f"peft adapter folder {folder}: its adaptation record does not fit its base: {err}"
+        ) from err
     trained = json.loads(json.dumps(config.to_dict()))  # as JSON holds it: enums as strings, tuples as lists
     return [
         f"{field}: {saved.get(field)!r}, trained with {trained[field]!r}"
