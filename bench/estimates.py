@@ -9,8 +9,8 @@ every matrix product. Per token: the blocks' attention (qkv, projection) and MLP
 image: the AdaLN modulation (each block's and the head's, computed once per image from the class embedding);
 attention's two L x L products per block over the query/key pairs the block-causal mask lets through (62% of the
 dense L x L at 680 tokens; ``visible_attention_fraction``), the useful work whichever kernel computes it.
-Norms, softmax, element-wise ops, the optimiser, the adapters' own small products (rank-16 LoRA: 2.7% at d16 by the counter) and the
-evaluation's Inception features (``FEATURES_NOTE``) are not counted. Sampling counts the same products for both classifier-free guidance rows (the word embedding once:
+Norms, softmax, element-wise ops, the optimiser, the adapters' own small products (rank-16 LoRA: 2.7% at d16 by
+the counter) and the evaluation's Inception features (``FEATURES_NOTE``) are not counted. Sampling counts the same products for both classifier-free guidance rows (the word embedding once:
 the rows share their input) and the VQVAE's decoding (convolutions and its attention's two products), as
 ``trainables.evaluation.evaluate`` counts a trial's ``sample_flops_per_image`` (a LoRA model's with its adapter
 merged, as CUDA's bf16 sampling runs it; unmerged, the record counts the adapter's products too).

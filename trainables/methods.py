@@ -971,14 +971,19 @@ def _check_fit(
             f"adapter {path} was saved from a VAR with patches {list(saved.patches)}, adapt() now applies "
             f"{list(adapted.patches)}"
         )
-    expected = trainable_parameters(twin)
+    differences = tensor_differences(trainable_parameters(twin), state)
+    if differences:
+        raise CheckpointError(f"adapter {path} does not fit this base model: {differences}")
+
+
+def tensor_differences(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
+    """The names ``state`` lacks, has beyond ``expected`` and holds in another shape (eight of each), or None
+    where it holds exactly the expected tensors' names and shapes."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    mismatched = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"adapter {path} does not fit this base model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-            f"mis-shaped {sorted(mismatched)[:8]}"
-        )
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if not (missing or unexpected or mismatched):
+        return None
+    return f"missing {missing[:8]}, unexpected {unexpected[:8]}, mis-shaped {mismatched[:8]}"
 
 
 def official_export_state(var: VAR) -> dict[str, torch.Tensor]:

@@ -53,6 +53,7 @@ from .methods import (
     peft_config,
     recorded_class_names,
     saved_adaptation,
+    tensor_differences,
     trainable_parameters,
 )
 from .models.checkpoints import (
@@ -145,14 +146,11 @@ def _twin_state(twin: peft.PeftModel, trained: Mapping[str, torch.Tensor]) -> di
         else PEFT_PREFIX + name: tensor
         for name, tensor in trained.items()
     }
-    expected = {name: value for name, value in twin.named_parameters() if value.requires_grad}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or mismatched:  # a record of other blocks, targets or rank than the model's
+    differences = tensor_differences(trainable_parameters(twin), state)
+    if differences:  # a record of other blocks, targets or rank than the model's
         raise ValueError(
             f"adaptation: the record does not describe this model's trained tensors (as peft "
-            f"{peft.__version__} names them): missing {missing[:8]}, unexpected {unexpected[:8]}, "
-            f"mis-shaped {mismatched[:8]}; pass the Adaptation that adapt() returned for it"
+            f"{peft.__version__} names them): {differences}; pass the Adaptation that adapt() returned for it"
         )
     return state
 
