@@ -615,6 +615,10 @@ AUTO_ATTENTION_KERNEL = "per_scale"
 # The DP clipping modes resources.compile and resources.compile_sampling compose with ("auto" is book-keeping for
 # every adapted VAR).
 COMPILE_CLIPPING = ("auto", "bookkeeping")
+# The clipping modes that may spread one example's k views over several forwards (resources.rows_per_forward < k):
+# book-keeping clips an example's gradient accumulated over its forwards; Opacus's hooks and ghost clipping take it
+# from the one forward that holds all its views.
+VIEW_SPLITTING_CLIPPING = ("auto", "bookkeeping")
 # Why each compiled path is refused with Opacus's hooks and ghost clipping.
 COMPILE_REFUSALS = {
     "compile": "Opacus's per-layer hooks recompile the blocks for every layer, ghost clipping's second backward "
@@ -637,9 +641,11 @@ class ResourcesConfig:
     has no FlexAttention backward); compile: ``torch.compile`` every transformer block before training (not with
     Opacus hooks or ghost clipping, see ``TrialConfig``); rows_per_forward: the most rows (examples x k views) one
     worker puts through one forward and backward, with or without DP, the rest of its share of the batch
-    accumulated over further forwards into the same gradient (an example's views always share a forward, so it is
-    0 or at least k; 0: the whole share at once). It bounds memory for any batch size, Poisson batches included;
-    a smaller GPU lowers it and keeps the trial id. compile_sampling: evaluations (the final one and the
+    accumulated over further forwards into the same gradient (0: the whole share at once). Under DP, fewer rows than
+    k put one example per forward and spread its views over several, its gradient accumulated before it is clipped
+    (book-keeping clipping only, ``VIEW_SPLITTING_CLIPPING``; with Opacus's an example's views share a forward, so
+    it is 0 or at least k). It bounds memory for any batch size and k, Poisson batches included; a smaller GPU
+    lowers it and keeps the trial id. compile_sampling: evaluations (the final one and the
     convergence curve's) draw with each scale's step ``torch.compile``'d (``VAR.sample(compiled=True)``; CUDA graphs
     on CUDA), every batch padded to ``evaluation.batch_size`` (rows that draw nothing and are not decoded) so one
     compile serves them all; the images are eager sampling's up to float rounding, and their record says which
@@ -826,10 +832,13 @@ class TrialConfig:
             )
             _require(
                 self.resources.rows_per_forward == 0
-                or self.resources.rows_per_forward >= self.privacy.augmentation_multiplicity,
+                or self.resources.rows_per_forward >= self.privacy.augmentation_multiplicity
+                or self.privacy.clipping in VIEW_SPLITTING_CLIPPING,
                 "resources.rows_per_forward",
                 f"{self.resources.rows_per_forward} rows cannot hold one example's k="
-                f"{self.privacy.augmentation_multiplicity} views (they share a forward): use 0 or at least k",
+                f"{self.privacy.augmentation_multiplicity} views, which share a forward with "
+                f"privacy.clipping={self.privacy.clipping!r}: use 0, at least k, or clipping in "
+                f"{VIEW_SPLITTING_CLIPPING} (which spreads an example's views over forwards)",
             )
         _require(
             not (self.evaluation.convergence_every_steps or self.evaluation.convergence_points) or trains,

@@ -17,6 +17,11 @@ of 256x256 images (patch_nums 1..16), ``--width`` and ``--heads`` as VAR-d16 (10
 and book-keeping, with REV's code and with this tree's) each build the same seeded model and take one step in turn,
 round by round, so that a load change on a shared machine hits all four alike. Each code's DP step is compared with
 its own non-DP step. A process that fails ends the run with its stderr.
+
+``--split K:ROWS:F1,F2,...``: this tree's book-keeping at the same d16-like geometry on ROWS rows (ROWS / K examples
+of K views) in forwards of F rows each, beside the non-DP step on the same ROWS rows (one view each) in forwards of
+F: where F < K an example's views take several forwards (``privacy._split_views_clipped``). Per method and F two
+processes step in turn, as for ``--versus``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import psutil
 import torch
 
 from bench.schema import MethodConfig, PrivacyConfig, ResourcesConfig
+from trainables.finetune import accumulate_loss_gradients
 from trainables.methods import adapt
 from trainables.models import OFFICIAL_PATCH_NUMS, build_var, build_vqvae
 from trainables.privacy import make_private, private_step
@@ -224,8 +230,8 @@ def _peak_rss() -> int:
 def d16_like(method: str, *, depth: int, width: int, heads: int, k: int, rows: int, bf16: bool = False):
     """(var, loss_fn) at VAR-d16's token layout (680 tokens per view) with ``depth`` blocks of ``width`` and
     ``heads``, adapted by ``method`` (seed 0), and ``rows // k`` examples of k random token views: loss_fn(example
-    indices) -> per-view losses, forwards under CPU bf16 autocast when ``bf16``. A narrow VQVAE: only its
-    embedding is used."""
+    indices, views=slice of the k) -> per-view losses, forwards under CPU bf16 autocast when ``bf16``. A narrow
+    VQVAE: only its embedding is used."""
     torch.manual_seed(0)
     patch_nums = OFFICIAL_PATCH_NUMS
     vqvae = build_vqvae(
@@ -234,26 +240,45 @@ def d16_like(method: str, *, depth: int, width: int, heads: int, k: int, rows: i
     var = _adapted_var(method, depth=depth, patch_nums=patch_nums, embed_dim=width, num_heads=heads)
     examples = rows // k
     label_N = torch.randint(0, CLASSES, (examples,))
-    views = [torch.randint(0, VOCAB, (examples, k, pn * pn)) for pn in patch_nums]
+    tokens = [torch.randint(0, VOCAB, (examples, k, pn * pn)) for pn in patch_nums]
 
-    def loss_fn(part: torch.Tensor) -> torch.Tensor:
+    def loss_fn(part: torch.Tensor, *, views: slice = slice(None)) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return view_losses(var, vqvae, label_N[part], [v[part] for v in views], class_dropout=0.1)
+            idx = [t[part][:, views] for t in tokens]
+            return view_losses(var, vqvae, label_N[part], idx, class_dropout=0.1)
 
     return var, loss_fn
 
 
 def _versus_step(config: dict, *, depth: int, width: int, heads: int):
     """A fresh d16-like model (the same seed for every code and kind) and its step: book-keeping DP when
-    ``config["dp"]``, else the non-DP step on the same rows."""
-    k, rows = config["k"], config["rows"]
+    ``config["dp"]``, else the non-DP step on the same rows. With ``config["forward"]`` (``--split``) both take
+    the rows in forwards of that many: the non-DP step's rows are one view each."""
+    k, rows, forward = config["k"], config["rows"], config.get("forward")
     examples = rows // k
-    var, loss_fn = d16_like(config["method"], depth=depth, width=width, heads=heads, k=k, rows=rows)
+    layout = dict(depth=depth, width=width, heads=heads)
+    if forward is not None and not config["dp"]:
+        var, loss_fn = d16_like(config["method"], k=1, rows=rows, **layout)
+        return _accumulated_step(
+            var, build_optimizer(var, lr=1e-4), rows=rows, forward=forward, loss_fn=loss_fn
+        )
+    var, loss_fn = d16_like(config["method"], k=k, rows=rows, **layout)
     optimizer = build_optimizer(var, lr=1e-4)
     if not config["dp"]:
         return _plain_step(var, optimizer, batch_size=examples, loss_fn=loss_fn)
-    state = _private(var, optimizer, k=k, clipping="bookkeeping", rows=rows, examples=examples)
+    state = _private(var, optimizer, k=k, clipping="bookkeeping", rows=forward or rows, examples=examples)
     return lambda: private_step(state, torch.arange(examples), loss_fn)
+
+
+def _accumulated_step(var, optimizer, *, rows: int, forward: int, loss_fn):
+    """The non-DP step on ``rows`` examples of one view, ``forward`` per forward (the trials' accumulation)."""
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        accumulate_loss_gradients(loss_fn, torch.arange(rows), examples_per_forward=forward)
+        optimizer.step()
+
+    return step
 
 
 # Marks a stepping process's replies on its stdout (anything else it prints there is skipped).
@@ -356,32 +381,119 @@ def run_versus_row(
     step with the code of ``revision`` (checked out at ``worktree``) and with this tree's, each in its own process
     (``SteppingChild``), stepping in turn round by round. Time: each step's median over the rounds after the first
     (optimiser state, allocator pools); memory: each step's largest peak resident set size over its start."""
+    children = {}
+    for key, theirs, dp in VERSUS_KINDS:
+        code, name = (worktree, f"the code of {revision}") if theirs else (benchmark_common.REPO, "this tree")
+        step = "book-keeping" if dp else "non-DP"
+        what = f"the {step} step of {config} with {name} ({code})"
+        if theirs:
+            what += f" (this script could not run {revision}'s code there)"
+        children[key] = ({**config, "dp": dp}, code, what)
+    return {**config, **stepped_in_turn(children, depth=depth, width=width, heads=heads, steps=steps)}
+
+
+def stepped_in_turn(children: dict, *, depth: int, width: int, heads: int, steps: int) -> dict:
+    """Start a ``SteppingChild`` per entry of ``children`` ({key: (config, code, what)}) and step them in turn for
+    ``steps`` + 1 rounds: {key_s: the median seconds of the rounds after the first (optimiser state, allocator
+    pools), key_mib: the largest peak resident set size over a step's start}."""
     extra = ("--depth", str(depth), "--width", str(width), "--heads", str(heads))
-    seconds = {key: [] for key, _, _ in VERSUS_KINDS}
-    peaks = {key: [] for key, _, _ in VERSUS_KINDS}
+    seconds = {key: [] for key in children}
+    peaks = {key: [] for key in children}
     with contextlib.ExitStack() as stack:
-        children = {}
-        for key, theirs, dp in VERSUS_KINDS:
-            code, name = (
-                (worktree, f"the code of {revision}") if theirs else (benchmark_common.REPO, "this tree")
-            )
-            step = "book-keeping" if dp else "non-DP"
-            what = f"the {step} step of {config} with {name} ({code})"
-            if theirs:
-                what += f" (this script could not run {revision}'s code there)"
-            children[key] = SteppingChild({**config, "dp": dp}, code=code, what=what, extra=extra)
-            stack.callback(children[key].close)
+        started = {}
+        for key, (config, code, what) in children.items():
+            started[key] = SteppingChild(config, code=code, what=what, extra=extra)
+            stack.callback(started[key].close)
         for round_ in range(steps + 1):
-            for key, child in children.items():
+            for key, child in started.items():
                 reply = child.step()
                 if round_:
                     seconds[key].append(reply["s"])
                     peaks[key].append(reply["mib"])
     return {
-        **config,
         **{f"{key}_s": statistics.median(seconds[key]) for key in seconds},
         **{f"{key}_mib": max(peaks[key]) for key in peaks},
     }
+
+
+def run_split_row(config: dict, *, depth: int, width: int, heads: int, steps: int) -> dict:
+    """One method, k, rows and rows per forward (``config``): the non-DP and the book-keeping step of this tree,
+    each in its own process, stepping in turn (``stepped_in_turn``)."""
+    children = {
+        key: ({**config, "dp": dp}, benchmark_common.REPO, f"the {key} step of {config} with this tree")
+        for key, dp in (("none", False), ("dp", True))
+    }
+    return {**config, **stepped_in_turn(children, depth=depth, width=width, heads=heads, steps=steps)}
+
+
+def split_table(results: list[dict]) -> list[str]:
+    lines = [
+        "| method | k | rows | rows per forward | DP route | no DP (s) | book-keeping (s) | time vs no DP | "
+        "step peak over start, no DP (MiB) | book-keeping (MiB) | memory vs no DP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        route = (
+            f"views split, {r['k'] // r['forward']} forwards an example"
+            if r["forward"] < r["k"]
+            else "one forward"
+        )
+        lines.append(
+            f"| {r['method']} | {r['k']} | {r['rows']} | {r['forward']} | {route} | {r['none_s']:.2f} | "
+            f"{r['dp_s']:.2f} | {r['dp_s'] / r['none_s']:.2f}x | {r['none_mib']:.0f} | {r['dp_mib']:.0f} | "
+            f"{r['dp_mib'] / max(r['none_mib'], 1):.2f}x |"
+        )
+    return lines
+
+
+def parse_split(text: str) -> tuple[int, int, list[int]]:
+    """``--split``'s K:ROWS:F1,F2,...; ValueError unless all are positive integers, ROWS a multiple of K, and
+    each F divides K (split views) or is a multiple of K dividing ROWS (whole examples), so every forward is full."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"{text!r} is not K:ROWS:F1,F2,...")
+    numbers = [parts[0], parts[1], *parts[2].split(",")]
+    if not all(n.isdigit() and int(n) > 0 for n in numbers):
+        raise ValueError(f"{text!r}: K, ROWS and each F must be positive integers")
+    k, rows, *forwards = (int(n) for n in numbers)
+    if rows % k:
+        raise ValueError(f"{text!r}: ROWS (examples x K) must be a multiple of K")
+    for forward in forwards:
+        if (forward < k and k % forward) or (forward >= k and (forward % k or rows % forward)):
+            raise ValueError(f"{text!r}: F={forward} must divide K or be a multiple of K that divides ROWS")
+    return k, rows, forwards
+
+
+def split(args, k: int, rows: int, forwards: list[int]) -> None:
+    """Book-keeping at rows per forward ``forwards`` beside the non-DP step at the same, per method."""
+    results = []
+    for method in ("full", "lora"):
+        for forward in forwards:
+            row = run_split_row(
+                dict(method=method, k=k, rows=rows, forward=forward),
+                depth=args.depth,
+                width=args.width,
+                heads=args.heads,
+                steps=args.steps,
+            )
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    stamp, machine = benchmark_common.stamp(), benchmark_common.machine()
+    section = [
+        f"### Book-keeping DP with an example's views spread over forwards: width {args.width}, {args.heads} heads, "
+        f"depth {args.depth}, 680 tokens ({stamp})",
+        "",
+        f"Machine: {machine}. Script: `python scripts/benchmark_privacy.py --split {args.split} --width {args.width} "
+        f"--heads {args.heads} --depth {args.depth} --steps {args.steps}` (per row two processes, the non-DP step "
+        f"on the same {rows} rows of one view each and the book-keeping step on {rows // k} examples of k = {k} "
+        f"views, both in forwards of the row's rows, stepping in turn; median of {args.steps} rounds after one "
+        "untimed round; DP steps include noise and AdamW like the non-DP ones; memory: each step's peak resident "
+        "set size over its start).",
+        "",
+        *split_table(results),
+        "",
+    ]
+    benchmark_common.publish("\n".join(section), args.out)
 
 
 def versus_table(results: list[dict], *, revision: str) -> list[str]:
@@ -476,6 +588,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--views", default="1:4,32:32", help="k:rows pairs for --versus")
+    parser.add_argument(
+        "--split",
+        help="K:ROWS:F1,F2,...: book-keeping in forwards of F rows (F < K splits an example's views)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-versus", help=argparse.SUPPRESS)
     parser.add_argument("--expect", help=argparse.SUPPRESS)
@@ -492,6 +608,13 @@ def main() -> None:
         return
     if args.steps < 1:
         parser.error("--steps must be at least 1 (the first step is not timed)")
+    if args.split:
+        try:
+            k, rows, forwards = parse_split(args.split)
+        except ValueError as err:
+            parser.error(f"--split: {err}")
+        split(args, k, rows, forwards)
+        return
     if args.versus:
         try:
             views = parse_views(args.views)

@@ -97,6 +97,27 @@ def test_privacy_versus_refuses_views_that_are_not_k_rows_pairs():
             benchmark_privacy.parse_views(bad)
 
 
+def test_privacy_split_takes_forwards_that_divide_k_or_hold_whole_examples():
+    assert benchmark_privacy.parse_split("8:16:16,8,4,2") == (8, 16, [16, 8, 4, 2])
+    for bad in ("8:16", "8:12:4", "8:16:3", "8:16:12", "0:16:2", "8:16:", "a:16:2", "8:16:32"):
+        with pytest.raises(ValueError):
+            benchmark_privacy.parse_split(bad)
+
+
+def test_privacy_split_steps_book_keeping_and_the_non_dp_step_on_the_same_rows_and_forwards(tmp_path):
+    """Four processes in this tree (k = 4 on 8 rows: forwards of 4, one per example; of 2, its views split), each
+    pair measured side by side and tabled with the route taken."""
+    rows = [
+        benchmark_privacy.run_split_row(
+            dict(method="lora", k=4, rows=8, forward=forward), **TINY_D16_LIKE, steps=1
+        )
+        for forward in (4, 2)
+    ]
+    assert all(r["none_s"] > 0 and r["dp_s"] > 0 for r in rows)
+    table = benchmark_privacy.split_table(rows)
+    assert "| one forward |" in table[2] and "| views split, 2 forwards an example |" in table[3]
+
+
 def test_privacy_a_failing_configuration_s_process_ends_the_run_with_its_stderr(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmark_privacy.py", "--depth", "0", "--steps", "1"])
     with pytest.raises(SystemExit) as raised:

@@ -765,7 +765,7 @@ def test_a_step_out_of_gpu_memory_names_the_rows_per_forward_to_lower(private, m
         torch.randint(0, 3, (16,), generator=g),
         tuple(torch.randint(0, 64, (16, 2, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]),
     )
-    floor = "at least k = 2: an example's views share a forward" if private else "at least 1"
+    floor = "down to 1: below k = 2 an example's views take several forwards" if private else "at least 1"
     message = (
         r"step 2: the GPU ran out of memory with resources.rows_per_forward = 4 rows per forward \(no CUDA "
         rf"device\): lower it \({floor}; accumulated, it changes no number and no trial id\).*CUDA said: CUDA "

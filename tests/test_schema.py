@@ -100,16 +100,16 @@ def test_paper_hyper_parameters():
     assert all(c.optimization.seed == c.data.view_seed == 1 for c in build_sweep("second_seed"))
 
 
-def test_no_paper_trial_puts_more_rows_through_a_forward_than_its_views_force():
+def test_every_paper_trial_puts_32_rows_through_a_forward():
     """Rows per forward set a step's activation memory (~0.75 GiB a row at d16 in bf16): every DP paper trial kept
-    the default 256 (~190 GiB at d16, more than any GPU holds) while the non-DP ones used 32. Both use 32 now, and
-    under DP at least the k views one example puts through a forward."""
+    the default 256 (~190 GiB at d16, more than any GPU holds) while the non-DP ones used 32; then DP used at least
+    k (~100 GiB at k = 128 and d16, beyond an H100). All use 32 now: at k = 128 an example's views take four
+    forwards, which their book-keeping clipping allows."""
     paper = {c.trial_id: c for name in SWEEPS if name != "demo" for c in build_sweep(name)}
     dp = [c for c in paper.values() if c.privacy is not None]
     assert len(dp) == 31 and {c.privacy.augmentation_multiplicity for c in dp} == {1, 32, 128}
-    for config in paper.values():
-        k = config.privacy.augmentation_multiplicity if config.privacy is not None else 1
-        assert config.resources.rows_per_forward == max(32, k), config.label
+    assert {c.privacy.clipping for c in dp} == {"auto"}
+    assert {c.resources.rows_per_forward for c in paper.values()} == {32}
 
 
 def test_trial_id_ignores_resources_but_not_settings():
@@ -619,15 +619,23 @@ def test_an_integer_in_a_float_field_is_that_float_and_the_same_trial():
     assert type(epochs.epochs) is float and type(epochs.learning_rate) is float
 
 
-def test_rows_per_forward_must_hold_an_examples_views_and_leaves_the_trial_id():
+def test_rows_per_forward_holds_an_examples_views_unless_book_keeping_splits_them_and_leaves_the_trial_id():
     config = next(c for c in build_sweep("table3", smoke=True) if c.privacy is not None)
     k = config.privacy.augmentation_multiplicity
-    assert k > 1
-    with pytest.raises(
-        ConfigError, match=rf"resources\.rows_per_forward: {k - 1} rows cannot hold one example's k={k}"
-    ):
-        dataclasses.replace(config, resources=dataclasses.replace(config.resources, rows_per_forward=k - 1))
-    for rows in (0, k, 1000):
+    assert k > 1 and config.privacy.clipping == "auto"
+    for clipping in ("hooks",):  # ghost clipping takes k = 1 only
+        opacus = dataclasses.replace(config.privacy, clipping=clipping)
+        with pytest.raises(
+            ConfigError,
+            match=rf"resources\.rows_per_forward: {k - 1} rows cannot hold one example's k={k} views, which "
+            rf"share a forward with privacy\.clipping='{clipping}'",
+        ):
+            dataclasses.replace(
+                config,
+                privacy=opacus,
+                resources=dataclasses.replace(config.resources, rows_per_forward=k - 1),
+            )
+    for rows in (0, 1, k - 1, k, 1000):
         other = dataclasses.replace(
             config, resources=dataclasses.replace(config.resources, rows_per_forward=rows)
         )

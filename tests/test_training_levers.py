@@ -56,7 +56,7 @@ from trainables.models.var import (
 )
 from trainables.patches import QKVBias, _qkv_bias_grad_sample, attention_parameters_as_modules
 from trainables.prior import build_prior_bank
-from trainables.privacy import make_private, private_step, release
+from trainables.privacy import PrivacyConfigError, make_private, private_step, release
 from trainables.training import (
     build_optimizer,
     compile_blocks,
@@ -64,6 +64,7 @@ from trainables.training import (
     uncompile_blocks,
     var_training_step,
     view_losses,
+    views_per_forward,
 )
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -725,25 +726,201 @@ def test_accumulated_gradients_equal_the_one_shot_gradients(k):
         assert_same_gradients(grads[rows], grads[0])
 
 
-def test_rows_per_forward_must_hold_one_example_with_and_without_dp():
+def test_rows_per_forward_must_hold_one_example_unless_book_keeping_splits_its_views():
     assert examples_per_forward(0, views_per_example=2) is None
     assert examples_per_forward(5, views_per_example=2) == 2
     with pytest.raises(
         ConfigError, match="resources.rows_per_forward.*1 rows cannot hold one example's 2 views"
     ):
         examples_per_forward(1, views_per_example=2)
+    assert examples_per_forward(1, views_per_example=2, splits_views=True) == 1
+    assert examples_per_forward(5, views_per_example=2, splits_views=True) == 2
+    assert [views_per_forward(rows, views_per_example=4) for rows in (0, 1, 3, 4, 9)] == [
+        None,
+        1,
+        3,
+        None,
+        None,
+    ]
     with pytest.raises(ConfigError, match="resources.rows_per_forward"):
         ResourcesConfig(rows_per_forward=-1)
     with pytest.raises(ConfigError, match="resources.rows_per_forward"):
         ResourcesConfig(rows_per_forward=2.0)
-    # Under DP too (it chunks the Poisson batches): an example's k views share a forward.
+    # Under DP too (it chunks the Poisson batches): with Opacus's clipping an example's k views share a forward;
+    # book-keeping ("auto" for an adapted VAR) spreads them over forwards.
     dp_k3 = dataclasses.replace(DP, augmentation_multiplicity=3)
     assert trial(privacy=DP, resources=ResourcesConfig(rows_per_forward=64)).resources.rows_per_forward == 64
-    check_resources(ResourcesConfig(rows_per_forward=3), device="cpu", privacy=dp_k3)
+    for clipping in ("auto", "bookkeeping", "hooks"):
+        check_resources(
+            ResourcesConfig(rows_per_forward=3),
+            device="cpu",
+            privacy=dataclasses.replace(dp_k3, clipping=clipping),
+        )
+    for clipping in ("auto", "bookkeeping"):
+        check_resources(
+            ResourcesConfig(rows_per_forward=2),
+            device="cpu",
+            privacy=dataclasses.replace(dp_k3, clipping=clipping),
+        )
     with pytest.raises(
         ConfigError, match="resources.rows_per_forward: 2 rows cannot hold one example's 3 views"
     ):
-        check_resources(ResourcesConfig(rows_per_forward=2), device="cpu", privacy=dp_k3)
+        check_resources(
+            ResourcesConfig(rows_per_forward=2),
+            device="cpu",
+            privacy=dataclasses.replace(dp_k3, clipping="hooks"),
+        )
+
+
+def split_views_setup(method: str, *, views: int):
+    """(token views of 8 examples with ``views`` cached views each, a tiny VQVAE, a tiny VAR adapted by ``method``
+    with drop-path), built alike on every call."""
+    g = torch.Generator().manual_seed(0)
+    data = TokenViews(
+        torch.randint(0, 3, (8,), generator=g),
+        tuple(torch.randint(0, 64, (8, views, pn * pn), generator=g) for pn in TINY_VAR["patch_nums"]),
+    )
+    torch.manual_seed(0)
+    vqvae = build_vqvae(**TINY_VQVAE).eval()
+    var = build_var(**TINY_VAR, drop_path_rate=0.3, generator=torch.Generator().manual_seed(0))
+    adapt(var, MethodConfig(name=method, lora_rank=4), num_classes=3, seed=0)
+    return data, vqvae, var.train()
+
+
+def split_views_step(method: str, *, rows: int, k: int, max_grad_norm: float, clipping: str = "auto"):
+    """The noiseless clipped gradient sum of one DP step over all 8 examples with k of 6 views each (per-example
+    keyed views, class dropout and drop-path), its forwards holding ``rows`` rows, read off an SGD step of learning
+    rate 1: ({name: update}, the model, {name: weights before})."""
+    data, vqvae, var = split_views_setup(method, views=6)
+    inputs = step_inputs(var, vqvae, data, k=k)
+    before = {n: p.detach().clone() for n, p in trainable_parameters(var).items()}
+    privacy = PrivacyConfig(
+        target_epsilon=10.0,
+        sampling_rate=0.5,
+        max_grad_norm=max_grad_norm,
+        augmentation_multiplicity=k,
+        clipping=clipping,
+    )
+    state = make_private(
+        var,
+        torch.optim.SGD(list(trainable_parameters(var).values()), lr=1.0),
+        privacy=privacy,
+        resources=ResourcesConfig(rows_per_forward=rows),
+        dataset_size=8,
+        planned_steps=2,
+        noise_multiplier=0.0,
+        debug_seed=0,
+    )
+    inputs.draws.key = state.example_key
+    try:
+        private_step(state, torch.arange(8), inputs.view_losses)
+        split = state.views_per_chunk
+    finally:
+        release(state)
+    return {n: before[n] - p.detach() for n, p in trainable_parameters(var).items()}, var, split
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("max_grad_norm", (1e-3, 1e3))  # every example clipped; none
+def test_an_example_s_views_spread_over_forwards_give_the_one_forward_clipped_step(method, max_grad_norm):
+    """k = 4 views in forwards of 1, 2 and 3 (3 + 1) views: each example's gradient accumulated over its forwards
+    and clipped once equals book-keeping's clipped sum from one forward of its 4 views, with the same per-example
+    draws (views, class dropout, drop-path: a view's drop-path rows taken from the wrong view move the sum by
+    ~1e-2 relative)."""
+    expected, var, split = split_views_step(method, rows=4, k=4, max_grad_norm=max_grad_norm)
+    assert split is None
+    assert sum(float(update.abs().max()) > 0 for update in expected.values()) > len(expected) / 2
+    weights = trainable_parameters(var)
+    for rows in (1, 2, 3):
+        got, _, split = split_views_step(method, rows=rows, k=4, max_grad_norm=max_grad_norm)
+        assert split == rows
+        for name, update in expected.items():
+            # Two ulps of the weight the update is read off, or 1e-5 of the tensor's largest update (a zero-started
+            # LoRA B's entries are the updates themselves: summed in another order, a near-zero one differs by
+            # ~1e-14 at ~1e-7 relative to the largest).
+            ulps = 2 * torch.finfo(torch.float32).eps * float(weights[name].detach().abs().max())
+            atol = max(ulps, 1e-5 * float(update.abs().max()))
+            torch.testing.assert_close(
+                got[name], update, rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
+            )
+
+
+def test_split_views_clip_each_example_to_c():
+    """One example, its gradient far above C: the split route's update has norm C (to rounding), as the
+    one-forward route's has; and k views in forwards of 2 clip the example's view-mean gradient, not each
+    forward's part (that would sum two clipped parts to up to 2C)."""
+    data, vqvae, var = split_views_setup("lora", views=6)
+    inputs = step_inputs(var, vqvae, data, k=4)
+    params = trainable_parameters(var)
+    privacy = PrivacyConfig(
+        target_epsilon=10.0, sampling_rate=0.5, max_grad_norm=1e-3, augmentation_multiplicity=4
+    )
+    state = make_private(
+        var,
+        torch.optim.SGD(list(params.values()), lr=1.0),
+        privacy=privacy,
+        resources=ResourcesConfig(rows_per_forward=2),
+        dataset_size=8,
+        planned_steps=2,
+        noise_multiplier=0.0,
+        debug_seed=0,
+    )
+    inputs.draws.key = state.example_key
+    before = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        private_step(state, torch.tensor([5]), inputs.view_losses)
+    finally:
+        release(state)
+    expected_batch = privacy.expected_batch(8)
+    update = torch.cat([(before[n] - p.detach()).flatten() for n, p in params.items()])
+    # c = C / (norm + 1e-6), as book-keeping's: at this example's norm (~2e-3) ~5e-4 below C.
+    assert 0.999 * 1e-3 < float(update.norm()) * expected_batch <= 1e-3 * (1 + 1e-6)
+
+
+def test_views_spread_over_forwards_need_book_keeping_clipping():
+    data, vqvae, var = split_views_setup("lora", views=6)
+    privacy = PrivacyConfig(
+        target_epsilon=10.0,
+        sampling_rate=0.5,
+        max_grad_norm=1.0,
+        augmentation_multiplicity=4,
+        clipping="hooks",
+    )
+    with pytest.raises(
+        PrivacyConfigError,
+        match=r"resources.rows_per_forward: 3 rows hold fewer than one example's k=4 views; spreading an example's "
+        r"views over forwards needs book-keeping clipping, not 'hooks'",
+    ):
+        make_private(
+            var,
+            torch.optim.SGD(list(trainable_parameters(var).values()), lr=1.0),
+            privacy=privacy,
+            resources=ResourcesConfig(rows_per_forward=3),
+            dataset_size=8,
+            planned_steps=2,
+        )
+
+
+def test_a_dp_finetune_spreads_an_example_s_views_over_forwards():
+    """The training loop's own step inputs take a slice of an example's views: k = 4 views in forwards of 3 train
+    (four finite steps) and the cost record says 3 rows per forward."""
+    data, vqvae, var = split_views_setup("lora", views=6)
+    out = finetune(
+        var,
+        vqvae,
+        data,
+        optimization=OptimizationConfig(steps=4, batch_size=4, learning_rate=1e-2),
+        method=MethodConfig(name="lora", lora_rank=4),
+        plan=RunPlan(planned_steps=4, log_every=1),
+        privacy=PrivacyConfig(
+            target_epsilon=8.0, sampling_rate=0.5, max_grad_norm=1.0, augmentation_multiplicity=4
+        ),
+        debug_seed=0,
+        resources=ResourcesConfig(rows_per_forward=3),
+    )
+    assert [entry["step"] for entry in out["history"]] == [1, 2, 3, 4]
+    assert out["compute"]["rows_per_forward"] == 3
+    assert all(torch.isfinite(p).all() for p in trainable_parameters(var).values())
 
 
 def short_run(resources: ResourcesConfig, *, prior: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:

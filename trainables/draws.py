@@ -17,6 +17,7 @@ products are split into 16-bit halves), so the values are the same on every devi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -92,6 +93,14 @@ class ExampleDraws:
     views_bV: torch.Tensor
     label_b: torch.Tensor
     drop_path_RD: torch.Tensor | None
+
+    def of_views(self, views: slice, *, k: int) -> ExampleDraws:
+        """The draws of the views ``views`` of each example's k (drop-path rows R = b * len(views)): a forward of
+        those views alone gets exactly the draws they have in one forward of all k."""
+        drop_path = self.drop_path_RD
+        if drop_path is not None:
+            drop_path = drop_path.view(-1, k, drop_path.shape[-1])[:, views].reshape(-1, drop_path.shape[-1])
+        return dataclasses.replace(self, drop_path_RD=drop_path)
 
 
 def example_draws(

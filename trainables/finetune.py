@@ -28,6 +28,7 @@ import torch.distributed as dist
 from bench.errors import VarsweepError
 from bench.schema import (
     FLEX_ON_CPU,
+    VIEW_SPLITTING_CLIPPING,
     ConfigError,
     MethodConfig,
     OptimizationConfig,
@@ -208,17 +209,26 @@ class OutOfGpuMemory(VarsweepError):
 
 
 @contextlib.contextmanager
-def rows_named_on_out_of_memory(*, rows_per_forward: int, views_per_example: int, step: int):
+def rows_named_on_out_of_memory(
+    *, rows_per_forward: int, views_per_example: int, step: int, splits_views: bool = False
+):
     """Re-raise CUDA's out-of-memory error of a training step as ``OutOfGpuMemory`` naming what to change: the rows
     per forward set the step's activation memory (~0.75 GiB per row of 680 tokens at VAR-d16 in bf16, measured;
-    growing with width x depth), and lowering them changes no number and no trial id. Nothing of the private
-    batch is named: a chunk's rows are the setting's, whatever the Poisson batch holds."""
+    growing with width x depth), and lowering them changes no number and no trial id (down to 1 where the step
+    ``splits_views``: DP with book-keeping; else to the k views an example's forward holds). Nothing of the
+    private batch is named: a chunk's rows are the setting's, whatever the Poisson batch holds."""
     try:
         yield
     except torch.OutOfMemoryError as error:
         k = views_per_example
         rows = "the whole local batch (0)" if rows_per_forward == 0 else str(rows_per_forward)
-        floor = f"at least k = {k}: an example's views share a forward" if k > 1 else "at least 1"
+        floor = "at least 1"
+        if k > 1:
+            floor = (
+                f"down to 1: below k = {k} an example's views take several forwards"
+                if splits_views
+                else f"at least k = {k}: an example's views share a forward"
+            )
         raise OutOfGpuMemory(
             f"step {step + 1}: the GPU ran out of memory with resources.rows_per_forward = {rows} rows per forward "
             f"({_gpu_memory()}): lower it ({floor}; accumulated, it changes no number and no trial id), or run on a "
@@ -319,11 +329,13 @@ def check_resources(
     resources: ResourcesConfig, *, device: torch.device | str, privacy: PrivacyConfig | None
 ) -> None:
     """What ``resources`` asks that this device or run cannot do (``ConfigError`` naming the field): FlexAttention
-    has no backward on a CPU; ``rows_per_forward`` must hold one example's k views (k under DP; 1 without)."""
+    has no backward on a CPU; ``rows_per_forward`` must hold one example's k views (k under DP; 1 without) unless
+    its clipping spreads them over forwards (``VIEW_SPLITTING_CLIPPING``)."""
     if resources.training_attention_kernel == "flex" and torch.device(device).type == "cpu":
         raise ConfigError(f"resources.attention_kernel: {FLEX_ON_CPU}")
     views = 1 if privacy is None else privacy.augmentation_multiplicity
-    examples_per_forward(resources.rows_per_forward, views_per_example=views)
+    splits = privacy is not None and privacy.clipping in VIEW_SPLITTING_CLIPPING
+    examples_per_forward(resources.rows_per_forward, views_per_example=views, splits_views=splits)
 
 
 def prepare_model(var: VAR, resources: ResourcesConfig, *, privacy: PrivacyConfig | None) -> dict:
@@ -715,8 +727,9 @@ class _StepInputs:
         # Modulo 2**64 (the generator's range; the same seed below 2**24): a 31-bit seed's product is larger.
         self.prior_generator.manual_seed(((self.seed * 1_000_003 + 1) * 1_000_033 + step) % 2**64)
 
-    def view_losses(self, indices: torch.Tensor) -> torch.Tensor:
-        """Per-view losses [b, k] of the examples ``indices`` (their own draws: views, class dropout, drop-path)."""
+    def view_losses(self, indices: torch.Tensor, *, views: slice | None = None) -> torch.Tensor:
+        """Per-view losses [b, k] of the examples ``indices`` (their own draws: views, class dropout, drop-path), or
+        [b, len(views)] of their views ``views`` alone (of the k, with the draws they have among all k)."""
         k, branches = self.views_per_example, self.var.drop_path_branches
         drawn = example_draws(
             self.draws.key,
@@ -727,6 +740,8 @@ class _StepInputs:
             drop_path_branches=branches,
         )
         label_b, idx_views = self.data.take(indices, k=k, uniform_bV=drawn.views_bV, device=self.device)
+        if views is not None:
+            idx_views, drawn = [idx_bkl[:, views] for idx_bkl in idx_views], drawn.of_views(views, k=k)
         with bf16_autocast(self.device, enabled=self.bf16):
             return view_losses(
                 self.var,
@@ -988,7 +1003,12 @@ def _private_steps(state: PrivateTraining, loop: _Loop, *, rows_per_forward: int
         public = meter.fixed_cost(public_grad, copies=state.world_size) if inputs.uses_prior else None
         # The actual Poisson batch size is private (nothing released may depend on it): compute is accounted at the
         # expected batch q*N, and the history holds no batch size.
-        with rows_named_on_out_of_memory(rows_per_forward=rows_per_forward, views_per_example=k, step=step):
+        with rows_named_on_out_of_memory(
+            rows_per_forward=rows_per_forward,
+            views_per_example=k,
+            step=step,
+            splits_views=state.clipping == "bookkeeping",
+        ):
             meter.run(
                 lambda: private_step(state, indices, inputs.view_losses, public_grad_fn=public),  # noqa: B023
                 local_rows=len(indices) * k,

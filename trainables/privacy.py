@@ -56,7 +56,7 @@ from bench.schema import ACCOUNTANTS, PRV_MAX_EPSILON, PrivacyConfig, ResourcesC
 from . import bookkeeping
 from .bookkeeping import BookKeeping, bookkeeping_supports
 from .draws import ExampleKey
-from .training import average_gradients, examples_per_forward, rank_and_world
+from .training import average_gradients, examples_per_forward, rank_and_world, views_per_forward
 
 # Layers whose per-sample gradient is a sum over positions of (input, output-gradient) products: the k views of one
 # example can be folded into the position dimension and the example's gradient computed in one pass.
@@ -300,6 +300,7 @@ class PrivateTraining:
     )
     unsafe_skip_clipping: bool = False  # test-only broken mechanism (see make_private): no DP guarantee
     examples_per_chunk: int | None = None  # examples per forward/backward (None: the whole local batch)
+    views_per_chunk: int | None = None  # one example's views per forward where they take several (None: one)
 
     @property
     def steps(self) -> int:
@@ -375,13 +376,15 @@ def make_private(
     epsilon no longer holds (its ``clipping`` says so). Book-keeping clipping only (the others are refused).
     Under an initialised process group the model is synchronised from rank 0 and gradients are all-reduced.
     ``resources`` (None: the defaults) gives ``rows_per_forward``: a step's examples go through forward and
-    backward in chunks of that many rows (examples x k views; 0: all at once); the clipped sum is the same up to
-    rounding."""
+    backward in chunks of that many rows (examples x k views; 0: all at once), or, where that is fewer than k,
+    one example at a time with its views spread over forwards (book-keeping clipping only,
+    ``_split_views_clipped``); the clipped sum is the same up to rounding."""
     delta = validate_privacy(privacy, dataset_size=dataset_size, planned_steps=planned_steps)
-    chunk = examples_per_forward(
-        (resources or ResourcesConfig()).rows_per_forward, views_per_example=privacy.augmentation_multiplicity
-    )
     check_per_sample_support(model)
+    clipping = resolve_clipping(privacy, model)
+    chunk, views_per_chunk = _forward_chunks(
+        resources or ResourcesConfig(), privacy=privacy, clipping=clipping
+    )
     sigma = (
         noise_multiplier
         if noise_multiplier is not None
@@ -412,7 +415,6 @@ def make_private(
         loss_reduction="mean",
         generator=noise_generator,
     )
-    clipping = resolve_clipping(privacy, model)
     if unsafe_skip_clipping and clipping != "bookkeeping":
         raise PrivacyConfigError(
             f"the test-only unsafe_skip_clipping switch works with book-keeping clipping, not {clipping!r}"
@@ -458,7 +460,25 @@ def make_private(
         example_key=example_key,
         unsafe_skip_clipping=unsafe_skip_clipping,
         examples_per_chunk=chunk,
+        views_per_chunk=views_per_chunk,
     )
+
+
+def _forward_chunks(
+    resources: ResourcesConfig, *, privacy: PrivacyConfig, clipping: str
+) -> tuple[int | None, int | None]:
+    """(examples, views of one example) per forward for ``resources.rows_per_forward``; fewer rows than k split an
+    example's views over forwards, which only book-keeping's route can clip (Opacus's hooks and ghost clipping
+    take an example's gradient from the one forward that holds all its views)."""
+    rows, k = resources.rows_per_forward, privacy.augmentation_multiplicity
+    views = views_per_forward(rows, views_per_example=k)
+    if views is not None and clipping != "bookkeeping":
+        raise PrivacyConfigError(
+            f"resources.rows_per_forward: {rows} rows hold fewer than one example's k={k} views; spreading an "
+            f"example's views over forwards needs book-keeping clipping, not {clipping!r}: use rows_per_forward "
+            f">= k or privacy.clipping 'bookkeeping'"
+        )
+    return examples_per_forward(rows, views_per_example=k, splits_views=True), views
 
 
 def check_per_sample_support(model: nn.Module) -> None:
@@ -544,8 +564,10 @@ def _broadcast_parameters(model: nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
-# loss_fn(chunk of example indices [b]) -> per-view losses [b, k] (each example's k views; labels dropped once per example)
-ViewLossFn = Callable[[torch.Tensor], torch.Tensor]
+# loss_fn(chunk of example indices [b]) -> per-view losses [b, k] (each example's k views; labels dropped once per
+# example). Where an example's views take several forwards it is called as loss_fn(one example [1], views=slice)
+# -> losses [1, len(slice)] of those of its k views (the same draws as in one call).
+ViewLossFn = Callable[..., torch.Tensor]
 
 
 def private_step(
@@ -679,6 +701,10 @@ def _accumulate_clipped(
         # The broken test-only mechanism: an infinite clipping norm leaves every per-example gradient whole, while
         # the optimiser's noise (std sigma * C) stays that of the real mechanism.
         norm = math.inf if state.unsafe_skip_clipping else state.privacy.max_grad_norm
+        if state.views_per_chunk is not None:
+            for i in range(len(part)):
+                _split_views_clipped(state, part[i : i + 1], loss_fn, max_grad_norm=norm, into=into)
+            return
         state.module.clipped_sum(checked_losses, max_grad_norm=norm, into=into)
         return
     loss_bk = checked_losses()
@@ -691,6 +717,37 @@ def _accumulate_clipped(
         raise RuntimeError(
             f"{len(missing)} trainable parameters received no per-sample gradient (not used in the forward?)"
         )
+
+
+def _split_views_clipped(
+    state: PrivateTraining, example: torch.Tensor, loss_fn: ViewLossFn, *, max_grad_norm: float, into: dict
+) -> None:
+    """Add one example's clipped view-mean gradient to ``into`` (a float32 term per parameter) where its k views
+    take several forwards of ``state.views_per_chunk`` views. Plain backwards of (sum of a chunk's view losses) / k
+    accumulate its gradient in ``p.grad``, which holds this example's alone; the clipping factor comes from its
+    float32 norm over all trainable parameters, as book-keeping's does. Costs the non-DP step's products plus ~3
+    passes over the trainable parameters per example (cheap beside k forwards); peak memory is one chunk's
+    activations and two copies of the trainable parameters."""
+    params, k, per = state.module.params, state.privacy.augmentation_multiplicity, state.views_per_chunk
+    for p in params:  # nothing before this example may enter its gradient (the noised mean overwrites p.grad)
+        p.grad = None
+    for start in range(0, k, per):
+        views = slice(start, min(k, start + per))
+        loss_1v = _checked(loss_fn(example, views=views), examples=1, k=views.stop - views.start)
+        (loss_1v.sum() / k).backward()
+    missing = sum(p.grad is None for p in params)
+    if missing:
+        raise RuntimeError(
+            f"{missing} trainable parameters received no gradient from an example's views (not used by the loss?)"
+        )
+    with torch.no_grad():
+        grads = [p.grad.float() for p in params]
+        for p in params:
+            p.grad = None
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        c = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p, grad in zip(params, grads, strict=True):
+            into.setdefault(p, []).append(grad.mul_(c))
 
 
 def _checked(loss_bk: torch.Tensor, *, examples: int, k: int) -> torch.Tensor:

@@ -335,14 +335,27 @@ def var_training_step(
     return {"loss": loss.item(), "grad_norm": float(grad_norm)}
 
 
-def examples_per_forward(rows_per_forward: int, *, views_per_example: int) -> int | None:
+def examples_per_forward(
+    rows_per_forward: int, *, views_per_example: int, splits_views: bool = False
+) -> int | None:
     """Examples per forward for ``rows_per_forward`` rows of ``views_per_example`` views each (None: all at once).
-    An example's views are never split over forwards, so fewer rows than views are refused."""
+    Fewer rows than views are refused unless ``splits_views`` (DP with book-keeping clipping, which then puts one
+    example per forward and spreads its views over several: ``views_per_forward``)."""
     if rows_per_forward == 0:
         return None
     if rows_per_forward < views_per_example:
+        if splits_views:
+            return 1
         raise ConfigError(
             f"resources.rows_per_forward: {rows_per_forward} rows cannot hold one example's "
             f"{views_per_example} views"
         )
     return rows_per_forward // views_per_example
+
+
+def views_per_forward(rows_per_forward: int, *, views_per_example: int) -> int | None:
+    """How many of one example's views go through a forward when they are split over several (rows_per_forward
+    fewer than the views); None when an example's views share one forward."""
+    if rows_per_forward == 0 or rows_per_forward >= views_per_example:
+        return None
+    return rows_per_forward

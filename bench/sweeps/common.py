@@ -85,23 +85,17 @@ def dp_cached_views(k: int) -> int:
 
 # Linear warm-up over 5% of a non-DP run, at most 100 steps: Flowers' 96 FFT steps would otherwise all be warm-up.
 WARMUP_FRACTION, MAX_WARMUP_STEPS = 0.05, 100
+# The paper batches (256 images of 680 tokens without DP, ~256 examples x k views with) do not fit one forward on
+# one GPU: full d16 fine-tuning in bf16 held 16.8 GiB at 16 images on an H200 (~0.74 GiB of activations per image
+# over 5 GiB of weights, gradients and AdamW state), so 32 rows per forward need ~29 GiB at d16 and, scaled by
+# width x depth, ~47 GiB at d20; DP book-keeping adds ~20% to a step's peak (15.7 against 13.3 GiB for DP-LoRA at
+# 16 rows on an H200). At k = 128 an example's views take four forwards of 32 (book-keeping's split route, see
+# ``privacy._split_views_clipped``) where one forward of 128 would hold ~100 GiB at d16 and ~150 GiB at d20. The
+# default's 256 rows were ~190 GiB at d16. Accumulation leaves the numbers unchanged up to rounding, and a step that
+# still runs out of memory stops with ``finetune.OutOfGpuMemory`` naming the setting.
 GPU_RESOURCES = ResourcesConfig(
-    workers=1, gpus_per_worker=1.0, cpus_per_worker=8.0, checkpoint_every_steps=500
+    workers=1, gpus_per_worker=1.0, cpus_per_worker=8.0, checkpoint_every_steps=500, rows_per_forward=32
 )
-# Non-DP paper batches (256 images of 680 tokens) do not fit one forward on one GPU: full d16 fine-tuning in bf16
-# held 16.8 GiB at 16 images on an H200 (~0.74 GiB of activations per image over 5 GiB of weights, gradients and
-# AdamW state), so 32 rows per forward need ~29 GiB at d16 and, scaled by width x depth, ~47 GiB at d20.
-# Accumulation leaves the numbers unchanged up to rounding.
-NON_DP_GPU_RESOURCES = dataclasses.replace(GPU_RESOURCES, rows_per_forward=32)
-
-
-def dp_gpu_resources(k: int) -> ResourcesConfig:
-    """A DP trial's: 32 rows per forward as without DP (book-keeping adds ~20% to a step's peak: 15.7 against
-    13.3 GiB for DP-LoRA at 16 rows on an H200), but at least the k views of one example, which share a
-    forward: at k = 128 that is ~100 GiB of activations at d16 (an H200, not an H100) and, by width x depth, ~150
-    GiB at d20, more than an H200 holds (its step stops with ``finetune.OutOfGpuMemory`` naming the setting).
-    The default's 256 rows were ~190 GiB at d16."""
-    return dataclasses.replace(GPU_RESOURCES, rows_per_forward=max(NON_DP_GPU_RESOURCES.rows_per_forward, k))
 
 
 def paper_model(depth: int, assets: Assets) -> ModelConfig:
@@ -148,7 +142,7 @@ def paper_trial(
         method=MethodConfig(name=method),
         optimization=non_dp_optimization(method, dataset, seed=seed),
         evaluation=paper_evaluation(assets, **evaluation),
-        resources=NON_DP_GPU_RESOURCES,
+        resources=GPU_RESOURCES,
     )
 
 
@@ -184,7 +178,7 @@ def dp_trial(
         ),
         optimization=OptimizationConfig(learning_rate=lr, epochs=epochs, warmup_steps=10, seed=seed),
         evaluation=paper_evaluation(assets),
-        resources=dp_gpu_resources(k),
+        resources=GPU_RESOURCES,
     )
 
 
