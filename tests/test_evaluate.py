@@ -430,6 +430,84 @@ def test_the_command_refuses_a_split_of_other_classes_than_the_adapter_s_before_
     assert all(needle in last for needle in needles), last
 
 
+def _merged_model(tmp_path, *, class_names=None, metadata=None):
+    """A tiny fine-tuned VAR of 3 classes saved whole (as a merged adapter or an exported full fine-tuning is)."""
+    from test_methods import tiny_base
+
+    from trainables.models.checkpoints import resize_class_embedding
+
+    var = tiny_base()
+    resize_class_embedding(var, 3)
+    return save_var(var, tmp_path / "merged.pth", class_names=class_names, metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "split_classes, needles",
+    [
+        (("a", "c", "d"), ["are not the 3 --var", "missing from the split: 'b'; not trained on: 'd'"]),
+        (("a", "b"), ["are not the 3 --var", "missing from the split: 'c'"]),
+    ],
+)
+def test_the_command_holds_a_merged_checkpoint_to_the_class_names_it_records(
+    split_classes, needles, saved_models, tmp_path, capsys, monkeypatch
+):
+    """A fine-tuned model saved whole (adapters merged, ``save_var(class_names=...)``) was held to its class count
+    only: a split of three other classes was scored against the wrong labels. Its sidecar's names are checked as an
+    adapter's are, before any image is decoded."""
+    _, vqvae_path = saved_models
+    _classes(tmp_path / "data", "train", ("a", "b", "c"))
+    _classes(tmp_path / "data", "test", split_classes, per_class=3)
+    merged = _merged_model(
+        tmp_path, class_names=read_dataset("folder", tmp_path / "data", "train").class_names
+    )
+    reached = _no_heavy_work(monkeypatch)
+    assert main(_command(tmp_path, merged, vqvae_path, root=tmp_path / "data")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert reached == [] and last.startswith("error: folder test: ")
+    assert all(needle in last for needle in needles), last
+
+
+def test_a_merged_checkpoint_of_its_training_classes_passes_and_one_without_names_is_held_to_its_count(
+    saved_models, tmp_path, capsys, monkeypatch
+):
+    _, vqvae_path = saved_models
+    _classes(tmp_path / "data", "train", ("a", "b", "c"))
+    _classes(tmp_path / "data", "test", ("a", "b", "c"), per_class=3)
+    names = read_dataset("folder", tmp_path / "data", "train").class_names
+    reached = _no_heavy_work(monkeypatch)
+    command = _command(
+        tmp_path, _merged_model(tmp_path, class_names=names), vqvae_path, root=tmp_path / "data"
+    )
+    assert main(command) == 2 and reached[0] in ("check_images", "build_extractor")  # past the class check
+    capsys.readouterr()
+    # Without names (a plain checkpoint, e.g. the official ImageNet VAR): any split of no more classes than it has.
+    unnamed = _merged_model(tmp_path)
+    (tmp_path / "data" / "test" / "c").rename(tmp_path / "data" / "test" / "z")  # three classes, one other
+    reached.clear()
+    assert main(_command(tmp_path, unnamed, vqvae_path, root=tmp_path / "data")) == 2
+    assert reached[0] in ("check_images", "build_extractor")
+    _classes(tmp_path / "data", "test", ("y",), per_class=3)  # four classes
+    reached.clear()
+    assert main(_command(tmp_path, unnamed, vqvae_path, root=tmp_path / "data")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert reached == [] and "the split has 4 classes but --var" in last
+
+
+def test_class_names_are_one_per_class_when_saved_and_when_read(saved_models, tmp_path, capsys, monkeypatch):
+    with pytest.raises(ValueError, match="class_names: expected the 3 class names of the training split"):
+        _merged_model(tmp_path, class_names=["a", "b"])
+    _, vqvae_path = saved_models
+    _classes(tmp_path / "data", "test", ("a", "b", "c"), per_class=3)
+    damaged = _merged_model(tmp_path, metadata={"class_names": ["a", "b"]})  # written past save_var's check
+    reached = _no_heavy_work(monkeypatch)
+    assert main(_command(tmp_path, damaged, vqvae_path, root=tmp_path / "data")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        reached == []
+        and f"--var {damaged}: its class_names are not 3 names, one per class of its model" in last
+    )
+
+
 def test_the_command_scores_an_adapter_on_a_split_of_its_training_classes(saved_models, tmp_path):
     base_path, vqvae_path = saved_models
     _classes(tmp_path / "data", "train", ("a", "b", "c"))

@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import peft
 import pytest
 import torch
-from conftest import TINY_VAR
+from conftest import TINY_VAR, TINY_VQVAE
 from safetensors.torch import load_file, save_file
 from sweep_driver import tiny_trial
 from test_methods import NEW_CLASSES, random_batch, tiny_base, train_steps
 
-from bench.schema import ConfigError, MethodConfig
+from bench.schema import SUBSTITUTE_EXTRACTOR, ConfigError, MethodConfig
 from trainables.evaluation.evaluate import main as evaluate_main
 from trainables.methods import (
     adapt,
@@ -26,8 +26,8 @@ from trainables.methods import (
     merge_adapters,
     save_adapter,
 )
-from trainables.models import CheckpointError, build_var, load_var
-from trainables.models.checkpoints import checkpoint_sha256, save_var
+from trainables.models import CheckpointError, build_var, build_vqvae, load_var
+from trainables.models.checkpoints import checkpoint_sha256, save_var, save_vqvae
 from trainables.patches import patches_applied
 from trainables.peft_format import PROVENANCE_FILE, peft_base, save_peft_adapter
 from trainables.trial import PEFT_ADAPTER_FOLDER, _save_adapters
@@ -344,3 +344,43 @@ def test_saving_a_peft_folder_with_a_record_of_another_model_is_refused(saved, t
             block0, tmp_path / "peft", adaptation=dataclasses.replace(fewer_blocks, num_classes=9)
         )
     assert not (tmp_path / "peft").exists()
+
+
+def test_the_readme_s_merge_records_the_class_names_and_the_evaluation_holds_the_merged_model_to_them(
+    saved, tmp_path, capsys
+):
+    """README's peft snippet on the tiny base: the class names the folder records pass through ``adapter_record``
+    into the merged checkpoint's sidecar, and the evaluation command refuses a split of other classes for it."""
+    from test_evaluate import _classes
+
+    from trainables.data.datasets import read_dataset
+
+    _classes(tmp_path / "data", "train", ("a", "b", "c"))
+    _classes(tmp_path / "data", "test", ("a", "b", "d"), per_class=3)
+    trained = saved.trained["lora"]
+    names = read_dataset("folder", tmp_path / "data", "train").class_names
+    folder = save_peft_adapter(
+        trained.var, tmp_path / "named", adaptation=trained.adaptation, class_names=names
+    )
+    # The snippet, with the tiny architecture for depth=16:
+    base, base_sha256 = load_var(saved.base, **_architecture()), checkpoint_sha256(saved.base)
+    _, class_names = adapter_record(base, folder, base_sha256=base_sha256)
+    model = peft.PeftModel.from_pretrained(peft_base(base, folder, base_sha256=base_sha256), folder)
+    merged = model.merge_and_unload()
+    path = save_var(merged, tmp_path / "var-merged.pth", class_names=class_names)
+    assert class_names == tuple(names)
+    vqvae = save_vqvae(build_vqvae(**TINY_VQVAE), tmp_path / "vq.pth")
+    argv = [
+        "--var",
+        str(path),
+        "--vqvae",
+        str(vqvae),
+        "--dataset",
+        "folder",
+        "--root",
+        str(tmp_path / "data"),
+    ]
+    argv += ["--split", "test", "--extractor", SUBSTITUTE_EXTRACTOR, "--out", str(tmp_path / "eval")]
+    assert evaluate_main([*argv, "--cache", str(tmp_path / "cache")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"are not the 3 --var {path} was trained on" in last and "not trained on: 'd'" in last

@@ -38,9 +38,12 @@ from bench.schema import ConfigError, MethodConfig
 
 from . import bookkeeping
 from .models.checkpoints import (
+    CLASS_NAMES,
     CheckpointError,
     check_sidecar,
+    class_names_entry,
     read_verified,
+    recorded_class_names,
     resize_class_embedding,
     save_tensors,
 )
@@ -754,9 +757,6 @@ def _merged_layer(module: BaseTunerLayer) -> nn.Module:
 
 
 ADAPTER_KIND = "var-adapter"
-# The record's key for the training split's class names (label i is class_names[i]), in an adapter's sidecar
-# metadata and a peft folder's provenance: adapters saved before it was recorded have none.
-CLASS_NAMES = "class_names"
 
 
 def save_adapter(
@@ -789,35 +789,6 @@ def save_adapter(
         architecture=base_architecture(var),
         metadata=meta,
     )
-
-
-def class_names_entry(class_names: Sequence[str] | None, *, num_classes: int) -> list[str] | None:
-    """``class_names`` as an adapter records them, after checking they name the adaptation's classes."""
-    if class_names is None:
-        return None
-    names = list(class_names)
-    if len(names) != num_classes or not all(isinstance(name, str) for name in names):
-        raise ValueError(
-            f"class_names: expected the {num_classes} class names of the training split (label i is "
-            f"class_names[i]), got {len(names)}: {names[:5]}"
-        )
-    return names
-
-
-def recorded_class_names(
-    path: str | os.PathLike, record: Mapping[str, Any], *, num_classes: int
-) -> tuple[str, ...] | None:
-    """The training class names an adapter's record holds (None for adapters saved before they were recorded);
-    ``CheckpointError`` for a record whose names are not one string per class."""
-    names = record.get(CLASS_NAMES)
-    if names is None:
-        return None
-    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
-        raise CheckpointError(
-            f"adapter {path}: its {CLASS_NAMES} are not {num_classes} names, one per class of its adaptation "
-            "(edited by hand or damaged)"
-        )
-    return tuple(names)
 
 
 def base_architecture(var: VAR) -> dict[str, Any]:

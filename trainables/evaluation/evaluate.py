@@ -40,6 +40,7 @@ from ..models.checkpoints import (
     checkpoint_sha256,
     read_checkpoint_header,
     read_sidecar,
+    recorded_class_names,
     sidecar_path,
 )
 from ..profiling import PETA, count_flops
@@ -467,7 +468,9 @@ def _main(argv: list[str] | None) -> int:
     # The model's classes are known from the sidecars: a split it cannot be scored on stops here, before the
     # images are decoded and any model is loaded (evaluate checks the loaded model's count again).
     check_split_fits(images, num_classes=trained.num_classes, model=trained.model)
-    if args.adapter is not None:
+    # An adapter, or a checkpoint recording its training classes (a merged or exported fine-tuned model); a plain
+    # checkpoint (the official ImageNet VAR, say) may be scored on any split of no more classes than it has.
+    if args.adapter is not None or trained.names is not None:
         check_split_classes(
             images, class_names=trained.names, num_classes=trained.num_classes, model=trained.model
         )
@@ -546,12 +549,23 @@ def _check_models(args: argparse.Namespace, *, var: dict, vqvae: dict) -> tuple[
             f"--resolution {args.resolution}: the --vqvae model {args.vqvae} makes {tokenizer.image_size}px images"
         )
     if args.adapter is None:
-        return _Classes(f"--var {args.var}", base.num_classes), None
+        return _Classes(
+            f"--var {args.var}", base.num_classes, _var_class_names(args.var, base.num_classes)
+        ), None
     from ..methods import adapter_record  # peft: imported only when an adapter is applied
 
     base_sha256 = checkpoint_sha256(args.var)
     adaptation, names = adapter_record(base, args.adapter, base_sha256=base_sha256)
     return _Classes(f"--adapter {args.adapter}", adaptation.num_classes, names), base_sha256
+
+
+def _var_class_names(path: str, num_classes: int) -> tuple[str, ...] | None:
+    """The training class names a --var checkpoint's sidecar records (a merged or exported fine-tuned model saved
+    with ``save_var(class_names=...)``); None where it records none."""
+    metadata = (read_sidecar(path) or {}).get("metadata")
+    if not isinstance(metadata, dict):
+        return None
+    return recorded_class_names(path, metadata, num_classes=num_classes, what="--var")
 
 
 def _meta_model(path: str, architecture: Mapping, *, build: Callable, loader: Callable, option: str):

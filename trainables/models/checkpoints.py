@@ -566,10 +566,16 @@ def save_var(
     *,
     metadata: Mapping[str, Any] | None = None,
     state: Mapping[str, torch.Tensor] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Write ``var``'s state dict in the official layout (loadable by the original code) plus ``<path>.json``
     with the architecture, SHA-256 and ``metadata`` (e.g. the trial config). Atomic. ``state`` overrides the
-    module's own state dict (a patched model passes its official-layout state)."""
+    module's own state dict (a patched model passes its official-layout state). ``class_names``: a fine-tuned
+    model's training classes (label i is class_names[i]), recorded in the metadata: the evaluation command then
+    refuses a split of other classes, as it does for an adapter."""
+    if class_names is not None:
+        entry = class_names_entry(class_names, num_classes=var.architecture["num_classes"])
+        metadata = {**dict(metadata or {}), CLASS_NAMES: entry}
     return save_tensors(
         path,
         var.state_dict() if state is None else state,
@@ -577,6 +583,42 @@ def save_var(
         architecture=var.architecture,
         metadata=metadata,
     )
+
+
+# The record's key for the training split's class names (label i is class_names[i]): in an adapter's sidecar
+# metadata, a peft folder's provenance and a fine-tuned VAR checkpoint's sidecar metadata (``save_var``). Records
+# saved before it was recorded have none.
+CLASS_NAMES = "class_names"
+
+
+def class_names_entry(class_names: Sequence[str] | None, *, num_classes: int) -> list[str] | None:
+    """``class_names`` as a record holds them, after checking they name the model's classes."""
+    if class_names is None:
+        return None
+    names = list(class_names)
+    if len(names) != num_classes or not all(isinstance(name, str) for name in names):
+        raise ValueError(
+            f"class_names: expected the {num_classes} class names of the training split (label i is "
+            f"class_names[i]), got {len(names)}: {names[:5]}"
+        )
+    return names
+
+
+def recorded_class_names(
+    path: str | os.PathLike, record: Mapping[str, Any], *, num_classes: int, what: str = "adapter"
+) -> tuple[str, ...] | None:
+    """The training class names ``record`` holds (an adapter's or a VAR checkpoint's metadata; ``what`` names the
+    file in the error), None where it holds none; ``CheckpointError`` for names that are not one string per
+    class."""
+    names = record.get(CLASS_NAMES)
+    if names is None:
+        return None
+    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(
+            f"{what} {path}: its {CLASS_NAMES} are not {num_classes} names, one per class of its model "
+            "(edited by hand or damaged)"
+        )
+    return tuple(names)
 
 
 def save_vqvae(vqvae: VQVAE, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
