@@ -47,7 +47,8 @@ Phases, by priority (the issue's targets first; nothing compiles before phase 6)
    Images/s, peak GiB, MFU = useful FLOPs (``bench.estimates.training_flops_per_row``: attention over the visible
    query/key pairs only) / the matmul rate of phase 1, and / the datasheet.
 3. privacy: at d16 the non-DP step and book-keeping for DP-full and DP-LoRA at k = 1 and k = 32 views per example
-   (``dp_rows`` rows per physical batch; at k = 32 one example): time and peak-memory ratios to the non-DP step.
+   (``dp_rows`` rows per physical batch; at k = 32 one example), then k = 128 (one example, its views in four
+   forwards of ``dp_rows``, as the paper sweeps run it): time and peak-memory ratios to the non-DP step.
 4. generation: d16 eager (CFG 1.5, top-k 900, top-p 0.96, bf16 autocast) up a small batch ladder.
 5. evaluation: generation plus Inception-v3 features (torch-fidelity's FID architecture, random weights: nothing
    is downloaded) of Oxford Flowers' 6,149 test images at the fastest eager batch (in memory).
@@ -262,8 +263,9 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         compile=True,
         compile_batches="base and best",
         # The targets (no DP and book-keeping) at each configuration; Opacus's ghost and hooks, options beside
-        # book-keeping, come with the options.
-        dp_configs=(("full", 1), ("lora", 1), ("full", 32), ("lora", 32)),
+        # book-keeping, come with the options. k = 128 last: the paper's largest k, an example's views in four
+        # forwards of 32 rows (its memory, not a target).
+        dp_configs=(("full", 1), ("lora", 1), ("full", 32), ("lora", 32), ("full", 128), ("lora", 128)),
         dp_rows=32,
         dp_clippings=("bookkeeping", "bookkeeping:gram", "ghost", "hooks"),
         generation_depth=GENERATION_DEPTH,
@@ -309,7 +311,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             kernels=("masked", "per_scale"),
             compile=False,
             dp_rows=2,
-            dp_configs=(("lora", 1), ("lora", 2), ("full", 1)),
+            dp_configs=(("lora", 1), ("lora", 2), ("full", 1), ("lora", 4)),  # k = 4: views in two forwards
             dp_clippings=("bookkeeping", "bookkeeping:gram", "hooks", "ghost"),
             generation_batches=(2,),
             generation_compiled=False,
@@ -963,7 +965,12 @@ def dp_cost(
         None,
     )
     if base is None:
-        base = step_seconds(rec, plan, depth, method, plan.dp_rows) * (1.0 if precision == "bf16" else 2.0)
+        forwards = dp_examples(k=k, rows=plan.dp_rows) * k / plan.dp_rows  # more than one where k > rows
+        base = (
+            step_seconds(rec, plan, depth, method, plan.dp_rows)
+            * forwards
+            * (1.0 if precision == "bf16" else 2.0)
+        )
     name, _ = split_clipping(clipping)
     factor = {None: 1.0, "bookkeeping": plan.costs["dp_factor"]}.get(name, plan.costs["opacus_factor"])
     setup = plan.costs["training_setup"] + (plan.costs["dp_setup"] if name else 0.0)
@@ -1369,26 +1376,36 @@ def split_clipping(clipping: str | None) -> tuple[str | None, str | None]:
     return name or None, (route or "auto") if name == "bookkeeping" else None
 
 
-def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, bf16: bool, device: torch.device):
-    """One step on ``rows`` rows = rows // k examples of k views, DP with ``clipping`` (None: the non-DP step on
-    the same rows; "bookkeeping:gram": book-keeping with every linear layer's norms through Gram matrices, where
-    trials choose per layer), under bf16 autocast or (``bf16`` False: ghost clipping, as trials run it) in float32."""
-    clipping, route = split_clipping(clipping)
-    examples = max(1, rows // k)
-    optimizer = build_optimizer(var, lr=1e-4)
-    label_N, views = token_batch(var, examples, k=k, device=device)
+def dp_examples(*, k: int, rows: int) -> int:
+    """Examples of a privacy row's step at ``rows`` rows per forward: rows // k, or one whose k views take several
+    forwards where k > rows."""
+    return max(1, rows // k)
 
-    def loss_fn(part: torch.Tensor) -> torch.Tensor:
+
+def dp_step(var, vqvae, *, clipping: str | None, k: int, rows: int, bf16: bool, device: torch.device):
+    """One step on ``dp_examples`` examples of k views in forwards of ``rows`` rows (k > rows: one example, its
+    views in forwards of ``rows``, as trials spread them), DP with ``clipping`` (None: the non-DP step on the same
+    rows in the same forwards; "bookkeeping:gram": book-keeping with every linear layer's norms through Gram
+    matrices, where trials choose per layer), under bf16 autocast or (``bf16`` False: ghost clipping, as trials run
+    it) in float32."""
+    clipping, route = split_clipping(clipping)
+    examples = dp_examples(k=k, rows=rows)
+    optimizer = build_optimizer(var, lr=1e-4)
+    label_N, tokens = token_batch(var, examples, k=k, device=device)
+
+    def loss_fn(part: torch.Tensor, *, views: slice = slice(None)) -> torch.Tensor:
         with bf16_autocast(device, enabled=bf16):
-            return view_losses(var, vqvae, label_N[part], [v[part] for v in views], class_dropout=0.1)
+            idx = [t[part][:, views] for t in tokens]
+            return view_losses(var, vqvae, label_N[part], idx, class_dropout=0.1)
 
     everyone = torch.arange(examples, device=device)
     if clipping is None:
+        forwards = [slice(start, start + rows) for start in range(0, k, rows)] if k > rows else [slice(None)]
 
         def plain() -> None:
-            loss = loss_fn(everyone).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for views in forwards:  # the mean over all examples x k views, accumulated
+                (loss_fn(everyone, views=views).sum() / (examples * k)).backward()
             optimizer.step()
 
         return plain
@@ -1473,8 +1490,11 @@ def privacy_schedule(plan: Plan) -> dict[str, list[tuple[int, str, int, str | No
     for config in configs:
         k = config[2]
         for clipping in plan.dp_clippings:
-            # Opacus's ghost clipping takes one view per example; Gram matrices of k x 680 rows are absurd.
+            # Opacus's ghost clipping takes one view per example; Gram matrices of k x 680 rows are absurd; Opacus's
+            # hooks need an example's k views in one forward.
             if clipping == "bookkeeping" or (k > 1 and clipping in ("ghost", "bookkeeping:gram")):
+                continue
+            if clipping == "hooks" and k > plan.dp_rows:
                 continue
             if clipping == "ghost":
                 options += [(*config, None, "float32"), (*config, "ghost", "float32")]
@@ -1520,17 +1540,19 @@ def measure_privacy(rec: Recorder, plan: Plan, models: Models, schedule: list[tu
             step = dp_step(var, vqvae, clipping=clipping, k=k, rows=plan.dp_rows, bf16=bf16, device=device)
             reset_peak(device)
             seconds = timed(step, steps=plan.steps, warmup=plan.warmup, device=device)
+            examples = dp_examples(k=k, rows=plan.dp_rows)
             return {
                 "depth": depth,
                 "method": method,
                 "k": k,
-                "rows": plan.dp_rows,
-                "examples": max(1, plan.dp_rows // k),
+                "rows": examples * k,
+                "rows_per_forward": plan.dp_rows,
+                "examples": examples,
                 **dict(zip(("clipping", "route"), split_clipping(clipping), strict=True)),
                 "kernel": DP_KERNEL,
                 "precision": "bf16 autocast" if bf16 else "float32",
                 "step_ms": 1e3 * seconds,
-                "rows_per_s": plan.dp_rows / seconds,
+                "rows_per_s": examples * k / seconds,
                 "peak_gib": peak_gib(device),
             }
 
@@ -2224,15 +2246,16 @@ def report(data: dict, *, command: str) -> str:
     lines += [""] if data.get("trial_loops") else []
     if data.get("privacy"):
         lines += [
-            "DP-SGD step vs the non-DP step on the same rows and precision (examples x k views; with one example "
-            "per step, as at k = 32, the noise and update fall on one example where a trial spreads them over its "
-            "expected batch, so such a ratio errs high):",
+            "DP-SGD step vs the non-DP step on the same rows, forwards and precision (examples x k views; with one "
+            "example per step, as at k = 32 and 128, the noise and update fall on one example where a trial spreads "
+            "them over its expected batch, so such a ratio errs high):",
             "",
-            "| depth | method | k | examples | clipping | precision | step (ms) | rows/s | time vs non-DP | peak GiB | memory vs non-DP |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| depth | method | k | examples | rows per forward | clipping | precision | step (ms) | rows/s | time vs non-DP | peak GiB | memory vs non-DP |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['depth']} | {r['method']} | {r['k']} | {r['examples']} | {_clipping(r)} | {r['precision']} | "
+            f"| {r['depth']} | {r['method']} | {r['k']} | {r['examples']} | {r.get('rows_per_forward', r['rows'])} | "
+            f"{_clipping(r)} | {r['precision']} | "
             f"{r['step_ms']:.1f} | {r['rows_per_s']:.1f} | {_ratio(r.get('time_vs_non_dp'))} | "
             f"{_num(r['peak_gib'])} | {_ratio(r.get('memory_vs_non_dp'))} |"
             for r in data["privacy"]
@@ -2387,7 +2410,7 @@ def throughput_entries(data: dict, *, command: str, docs: str) -> list[dict]:
                 "augmentation_multiplicity": r["k"],
                 "precision": r["precision"],
                 **_loop_rate(data, step_row=r, clipping=r["clipping"], k=r["k"]),
-                "rows_per_forward": r["rows"],
+                "rows_per_forward": r.get("rows_per_forward", r["rows"]),  # runs before 2026-12-07: the same
                 "attention_kernel": r["kernel"],
                 "compile": False,
                 "fused_adamw": True,
