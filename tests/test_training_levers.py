@@ -877,6 +877,28 @@ def test_split_views_clip_each_example_to_c():
     assert 0.999 * 1e-3 < float(update.norm()) * expected_batch <= 1e-3 * (1 + 1e-6)
 
 
+def test_views_spread_over_forwards_need_book_keeping_clipping_which_auto_may_not_be():
+    """A model with a layer book-keeping has no rule for: "auto" is hooks, and the error says so and advises only
+    what works (asking for book-keeping would be refused for that layer)."""
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 2, 1), torch.nn.Flatten(), torch.nn.Linear(4, 1))
+    privacy = PrivacyConfig(
+        target_epsilon=10.0, sampling_rate=0.5, max_grad_norm=1.0, augmentation_multiplicity=4
+    )
+    with pytest.raises(
+        PrivacyConfigError,
+        match=r"not 'auto', which is 'hooks' for this model \(book-keeping has no rule for a trainable layer\): "
+        r"use rows_per_forward >= k$",
+    ):
+        make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            privacy=privacy,
+            resources=ResourcesConfig(rows_per_forward=2),
+            dataset_size=8,
+            planned_steps=2,
+        )
+
+
 def test_views_spread_over_forwards_need_book_keeping_clipping():
     data, vqvae, var = split_views_setup("lora", views=6)
     privacy = PrivacyConfig(

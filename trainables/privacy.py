@@ -473,10 +473,14 @@ def _forward_chunks(
     rows, k = resources.rows_per_forward, privacy.augmentation_multiplicity
     views = views_per_forward(rows, views_per_example=k)
     if views is not None and clipping != "bookkeeping":
+        mode = repr(clipping)
+        fix = "use rows_per_forward >= k or privacy.clipping 'bookkeeping'"
+        if privacy.clipping == "auto":  # book-keeping has no rule for one of the model's trainable layers
+            mode = f"'auto', which is {clipping!r} for this model (book-keeping has no rule for a trainable layer)"
+            fix = "use rows_per_forward >= k"
         raise PrivacyConfigError(
             f"resources.rows_per_forward: {rows} rows hold fewer than one example's k={k} views; spreading an "
-            f"example's views over forwards needs book-keeping clipping, not {clipping!r}: use rows_per_forward "
-            f">= k or privacy.clipping 'bookkeeping'"
+            f"example's views over forwards needs book-keeping clipping, not {mode}: {fix}"
         )
     return examples_per_forward(rows, views_per_example=k, splits_views=True), views
 
