@@ -464,20 +464,23 @@ def parse_split(text: str) -> tuple[int, int, list[int]]:
     return k, rows, forwards
 
 
+def _layout(args) -> dict:
+    """The d16-like geometry and step count of ``--versus`` and ``--split`` rows."""
+    return dict(depth=args.depth, width=args.width, heads=args.heads, steps=args.steps)
+
+
+def _shown(row: dict) -> dict:
+    print(json.dumps(row), flush=True)  # as it is measured: a run cut short keeps what it printed
+    return row
+
+
 def split(args, k: int, rows: int, forwards: list[int]) -> None:
     """Book-keeping at rows per forward ``forwards`` beside the non-DP step at the same, per method."""
     results = []
     for method in ("full", "lora"):
         for forward in forwards:
-            row = run_split_row(
-                dict(method=method, k=k, rows=rows, forward=forward),
-                depth=args.depth,
-                width=args.width,
-                heads=args.heads,
-                steps=args.steps,
-            )
-            results.append(row)
-            print(json.dumps(row), flush=True)
+            config = dict(method=method, k=k, rows=rows, forward=forward)
+            results.append(_shown(run_split_row(config, **_layout(args))))
     stamp, machine = benchmark_common.stamp(), benchmark_common.machine()
     section = [
         f"### Book-keeping DP with an example's views spread over forwards: width {args.width}, {args.heads} heads, "
@@ -547,17 +550,9 @@ def versus(args, views: list[tuple[int, int]]) -> None:
     with benchmark_common.revision_checkout(args.versus, "privacy") as worktree:
         for k, rows in views:
             for method in ("full", "lora"):
-                row = run_versus_row(
-                    dict(method=method, k=k, rows=rows),
-                    revision=args.versus,
-                    worktree=worktree,
-                    depth=args.depth,
-                    width=args.width,
-                    heads=args.heads,
-                    steps=args.steps,
-                )
-                results.append(row)
-                print(json.dumps(row), flush=True)
+                config = dict(method=method, k=k, rows=rows)
+                row = run_versus_row(config, revision=args.versus, worktree=worktree, **_layout(args))
+                results.append(_shown(row))
     stamp, machine = benchmark_common.stamp(), benchmark_common.machine()
     section = [
         f"### Book-keeping DP, {args.versus} vs this tree, each vs its own non-DP step: width {args.width}, "
