@@ -110,6 +110,14 @@ def test_every_paper_trial_puts_32_rows_through_a_forward():
     assert len(dp) == 31 and {c.privacy.augmentation_multiplicity for c in dp} == {1, 32, 128}
     assert {c.privacy.clipping for c in dp} == {"auto"}
     assert {c.resources.rows_per_forward for c in paper.values()} == {32}
+    # Their smoke versions take the same route: k = 128's (capped at 4) in two forwards of 2, the others whole.
+    for config in dp:
+        smoke = smoke_version(config)
+        split = config.privacy.augmentation_multiplicity > 32
+        assert smoke.resources.rows_per_forward == (2 if split else 64), config.label
+        assert smoke.privacy.augmentation_multiplicity == (
+            4 if split else min(4, config.privacy.augmentation_multiplicity)
+        )
 
 
 def test_trial_id_ignores_resources_but_not_settings():

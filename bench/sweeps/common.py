@@ -215,7 +215,7 @@ def tiny_model(depth: int = 2, *, pretraining_steps: int = SMOKE_PRETRAINING_STE
 def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConfig:
     """The same trial's axes (method, relative depth, epsilon, k capped at 4, seed, convergence on/off, its audit
     with at most ``SMOKE_CANARIES`` canaries) on the tiny base and offline digits, a few steps, the digit
-    classifier's features (digits-cnn-v2) and one CPU worker."""
+    classifier's features (digits-cnn-v2) and one CPU worker, on the same DP route (``_smoke_resources``)."""
     privacy = config.privacy
     k = 1 if privacy is None else min(privacy.augmentation_multiplicity, SMOKE_MAX_VIEWS)
     if privacy is not None:
@@ -247,11 +247,20 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
             convergence_every_steps=steps // 2 if _has_convergence(config) else 0,
             convergence_num_images=20,
         ),
-        resources=CPU_RESOURCES,
+        resources=_smoke_resources(config, k=k),
         audit=None
         if config.audit is None
         else dataclasses.replace(config.audit, canaries=min(config.audit.canaries, SMOKE_CANARIES)),
     )
+
+
+def _smoke_resources(config: TrialConfig, *, k: int) -> ResourcesConfig:
+    """One CPU worker; where the trial spreads an example's views over forwards (k = 128 at 32 rows), its smoke
+    version does too, its k views in two forwards, so the smoke run takes the paper trial's code path."""
+    rows, privacy = config.resources.rows_per_forward, config.privacy
+    if privacy is None or k < 2 or not 0 < rows < privacy.augmentation_multiplicity:
+        return CPU_RESOURCES
+    return dataclasses.replace(CPU_RESOURCES, rows_per_forward=k // 2)
 
 
 def _blocks_at_depth(method: MethodConfig, *, depth: int, of: int) -> MethodConfig:
