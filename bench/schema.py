@@ -1645,7 +1645,8 @@ def _upgrade_config_1_to_2(config: dict[str, Any]) -> None:
 def _upgrade_config_2_to_3(config: dict[str, Any]) -> int | None:
     """Move a DP trial's ``privacy.physical_batch_rows`` (default 256) to ``resources.rows_per_forward``; returns
     the rows it moved (None for a non-DP trial). Version 2 put max(1, rows // k) examples through a forward, which
-    allowed rows < k; version 3 counts whole examples' rows, so the same examples per forward are that times k."""
+    allowed rows < k; version 3 counts rows (and below k spreads an example's views over forwards), so the same
+    examples per forward, each example's views in one, are that times k: the record says what ran."""
     privacy = config.get("privacy")
     if not (isinstance(privacy, dict) and isinstance(config.get("resources"), dict)):
         return None
