@@ -65,13 +65,14 @@ from .schema import (
     OPTIONAL_SECTIONS,
     PATH_FIELDS,
     SECTIONS,
+    VIEW_SPLITTING_CLIPPING,
     ConfigError,
     TrialConfig,
     absolute,
     is_uri,
 )
 from .sweeps import SWEEPS, build_sweep
-from .sweeps.common import Assets, smoke_version
+from .sweeps.common import CPU_RESOURCES, Assets, smoke_version
 
 SUFFIXES = (".yaml", ".yml", ".toml")
 TOP_LEVEL_KEYS = ("name", "description", "base", "axes", "smoke", "tracking")
@@ -607,6 +608,10 @@ def _smoke_versions(
     kept, failures, seen = [], {}, set()
     for config, point in configs:
         small = smoke_version(config).to_dict()
+        if _keeps_views_whole(
+            smoke
+        ):  # a smoke version spreading its views would be refused with Opacus's clipping
+            small["resources"]["rows_per_forward"] = CPU_RESOURCES.rows_per_forward
         try:
             for section, fields in smoke.items():
                 _apply(small, section, fields)
@@ -620,6 +625,15 @@ def _smoke_versions(
     if failures:
         raise SweepFileError(_point_listing(f"{where} (--smoke)", failures, total=len(configs)))
     return kept
+
+
+def _keeps_views_whole(smoke: dict) -> bool:
+    """Whether the ``smoke:`` section asks for a clipping that keeps an example's views in one forward (Opacus's
+    hooks or ghost) without choosing the rows per forward itself."""
+    privacy, resources = smoke.get("privacy"), smoke.get("resources")
+    clipping = privacy.get("clipping") if isinstance(privacy, dict) else None
+    chosen = isinstance(resources, dict) and "rows_per_forward" in resources
+    return isinstance(clipping, str) and clipping not in VIEW_SPLITTING_CLIPPING and not chosen
 
 
 def _is_null(value: Any) -> bool:

@@ -378,6 +378,36 @@ def test_smoke_applies_the_files_smoke_section():
     assert {c.resources.cpus_per_worker for c in sweep.configs} == {1.0}
 
 
+def test_a_smoke_section_s_opacus_clipping_keeps_the_smoke_views_in_one_forward(tmp_path):
+    """A point spreading its k = 8 views over forwards of 4 has a smoke version spreading its 4 over two; a
+    ``smoke:`` section asking for Opacus's hooks (which need an example's views in one forward) gets the smoke
+    rows back, unless it sets them itself (then they are checked as given)."""
+    base = """name: split
+base:
+  model: {base: tiny, depth: 2}
+  data: {dataset: digits, resolution: 16, cached_views: 8}
+  method: {name: lora}
+  optimization: {learning_rate: 3e-3, steps: 10}
+  evaluation: {extractor: digits-cnn-v2, batch_size: 120, top_k: 0}
+  resources: {workers: 1, gpus_per_worker: 0, cpus_per_worker: 1, rows_per_forward: 4}
+  privacy: {target_epsilon: 8, sampling_rate: 0.0223, max_grad_norm: 0.5, augmentation_multiplicity: 8}
+axes:
+  method.name: [full, lora]
+"""
+    path = tmp_path / "split.yaml"
+    for smoke, rows in (("", 2), ("smoke:\n  privacy: {clipping: hooks}\n", 64)):
+        path.write_text(base + smoke)
+        configs = load_sweep_file(path, smoke=True).configs
+        assert [(c.privacy.augmentation_multiplicity, c.resources.rows_per_forward) for c in configs] == [
+            (4, rows)
+        ] * 2
+    path.write_text(base + "smoke:\n  privacy: {clipping: hooks}\n  resources: {rows_per_forward: 3}\n")
+    with pytest.raises(
+        SweepFileError, match="smoke: resources.rows_per_forward: 3 rows cannot hold one example's k=4"
+    ):
+        load_sweep_file(path, smoke=True)
+
+
 def test_the_folder_example_reads_your_images(tmp_path, capsys):
     """The folder example on images beside it: the dry run lists both splits (no data problem) and stops only at
     the missing checkpoints; nothing is created."""
