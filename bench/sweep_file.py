@@ -608,9 +608,8 @@ def _smoke_versions(
     kept, failures, seen = [], {}, set()
     for config, point in configs:
         small = smoke_version(config).to_dict()
-        if _keeps_views_whole(
-            smoke
-        ):  # a smoke version spreading its views would be refused with Opacus's clipping
+        # A smoke version spreading its views (k = 128's) would be refused with Opacus's clipping.
+        if _keeps_views_whole(smoke):
             small["resources"]["rows_per_forward"] = CPU_RESOURCES.rows_per_forward
         try:
             for section, fields in smoke.items():
