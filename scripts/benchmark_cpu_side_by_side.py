@@ -1,9 +1,11 @@
-"""Generation or a training step on CPU, side by side: the model code at a base commit against this working tree's.
+"""Generation, a training step or VQVAE encoding on CPU, side by side: the model code at a base commit, or the original VAR
+code, against this working tree's.
 
 Usage: python scripts/benchmark_cpu_side_by_side.py [--task generation] [--base a7366f3] [--depths 4,16]
     [--batch-size 2] [--threads 2] [--repeats 3]
        python scripts/benchmark_cpu_side_by_side.py --task training --base 14bb342 --depths 16
     [--kernel per_scale] [--precision bf16]
+       python scripts/benchmark_cpu_side_by_side.py --original PATH [--task generation|training|encode] ...
 
 Checks the base commit out into a temporary ``git worktree`` and, for every depth, runs one subprocess that loads
 both versions of ``trainables.models`` (the base one under another package name) with the same weights (random,
@@ -11,14 +13,25 @@ official layout: 1000 classes, patch_nums 1..16, V 4096, Cvae 32, the official-s
 base and ours call by call (one warm-up each, then the median of ``--repeats``) so background load hits both
 alike, either
 - generation: ``VAR.sample`` at CFG 1.5, top-k 900, top-p 0.96 (fp32; each call re-seeds its generator, and the
-  images of both versions are compared: the same draws give the same images up to float rounding), or
+  images of both versions are compared: the same draws give the same images up to float rounding),
 - training: the forward, token cross-entropy and backward of ``--batch-size`` random token maps (no optimizer;
   drop-path at the official rate, the same draws for both), the training attention kernel ``--kernel``, fp32 or
   bf16 autocast (``--precision``); the gradients of both versions are compared, and two further steps of each are
   counted with CUDA autocast's float32 norms replayed: op by op (bytes moved, kernels, an H200 roofline
-  estimate) and tensor by tensor (the step's peak).
+  estimate) and tensor by tensor (the step's peak), or
+- encode: the VQVAE's ``img_to_idxBl`` (the token cache's call) on ``--batch-size`` random 256-px images, fp32;
+  the share of token indices that differ between the versions is reported.
 Peak RSS comes from one further subprocess per version that builds the models and runs once. Prints a markdown
 table.
+
+``--original PATH`` puts the original VAR code in the base's place: PATH is a checkout of
+github.com/FoundationVision/VAR (its ``models`` package and ``dist.py``; nothing of it is copied here), built as
+its ``build_vae_var`` builds the official models on a machine without flash-attn or xformers (fp32 SDPA with the
+float mask in training, SDPA over the KV cache in sampling), with our weights loaded into it (the layouts are
+the same). Generation calls its ``autoregressive_infer_cfg`` with ``g_seed=0``, which draws what our sampler
+draws from a generator seeded 0, so the images compare. Training runs both without drop-path and without class
+dropout (the original draws them from torch's global generator in another order than ours), so the gradients
+compare too.
 """
 
 from __future__ import annotations
@@ -32,13 +45,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = dict(cfg=1.5, top_k=900, top_p=0.96)
+ORIGINAL_FILES = ("dist.py", "models/__init__.py", "models/var.py", "models/vqvae.py", "models/basic_var.py")
 
 WORKER = r"""
 import importlib.util, json, resource, statistics, sys, time
 import torch
 
 mode, base_tree, depth, batch, threads, repeats = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
-task, settings = sys.argv[7], json.loads(sys.argv[8])
+task, settings, original = sys.argv[7], json.loads(sys.argv[8]), sys.argv[9] == "original"
 torch.set_num_threads(threads)
 
 
@@ -60,14 +74,36 @@ def build(models):
     ).eval()
     var = models.build_var(
         depth=depth, num_classes=1000, patch_nums=models.OFFICIAL_PATCH_NUMS, vocab_size=4096, z_channels=32,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(0), drop_path_rate=0.0 if original else None,
     ).eval()
     return var, vqvae
+
+
+def build_original():  # the official models as the original code's build_vae_var makes them, minus flash-attn
+    sys.path.insert(0, base_tree)  # its modules import each other as `models.*` and `dist`
+    from models.var import VAR
+    from models.vqvae import VQVAE
+    torch.manual_seed(0)
+    patch_nums = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    vqvae = VQVAE(vocab_size=4096, z_channels=32, ch=160, test_mode=True, share_quant_resi=4, v_patch_nums=patch_nums)
+    var = VAR(
+        vae_local=vqvae, num_classes=1000, depth=depth, embed_dim=64 * depth, num_heads=depth,
+        drop_path_rate=0.0 if task == "training" else 0.1 * depth / 24, norm_eps=1e-6, shared_aln=False,
+        cond_drop_rate=0.0, attn_l2_norm=True, patch_nums=patch_nums, flash_if_available=False,
+        fused_if_available=False,
+    ).eval()
+    return var, vqvae
+
+
+def build_base():
+    return build_original() if original else build(load_base_models())
 
 
 def generate(var, vqvae):
     labels = torch.arange(batch) * 7 % 1000
     with torch.no_grad():
+        if hasattr(var, "autoregressive_infer_cfg"):  # the original code: g_seed seeds its own generator
+            return var.autoregressive_infer_cfg(batch, labels, g_seed=0, **settings)
         return var.sample(labels, vqvae=vqvae, generator=torch.Generator().manual_seed(0), **settings)
 
 
@@ -82,13 +118,20 @@ def train_step(var, vqvae):
     labels = torch.randint(0, 1000, (batch,), generator=g)
     idx_Bl = [torch.randint(0, 4096, (batch, pn * pn), generator=g) for pn in var.patch_nums]
     var.train().zero_grad(set_to_none=True)
-    var.attention_kernel = settings["kernel"]
+    var.attention_kernel = settings["kernel"]  # the original code has one: SDPA with a float mask
+    to_input = vqvae.quantize.idxBl_to_var_input if hasattr(var, "autoregressive_infer_cfg") else vqvae.idxBl_to_var_input
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings["precision"] == "bf16"):
-        logits_BLV = var(labels, vqvae.idxBl_to_var_input(idx_Bl))
+        logits_BLV = var(labels, to_input(idx_Bl))
     torch.nn.functional.cross_entropy(logits_BLV.float().flatten(0, 1), torch.cat(idx_Bl, 1).flatten()).backward()
 
 
-run = generate if task == "generation" else train
+def encode(var, vqvae):  # the token cache's call: every scale's token indices of random images, flat [B*L]
+    images_B3HW = torch.rand(batch, 3, 256, 256, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        return torch.cat(vqvae.img_to_idxBl(images_B3HW), 1).flatten().float()
+
+
+run = {"generation": generate, "training": train, "encode": encode}[task]
 
 
 def peak_gib():
@@ -97,7 +140,7 @@ def peak_gib():
 
 if mode == "time":
     import trainables.models as ours
-    versions = {"base": build(load_base_models()), "ours": build(ours)}
+    versions = {"base": build_base(), "ours": build(ours)}
     versions["base"][0].load_state_dict(versions["ours"][0].state_dict())  # the very same weights
     versions["base"][1].load_state_dict(versions["ours"][1].state_dict())
     seconds, images = {name: [] for name in versions}, {}
@@ -107,7 +150,10 @@ if mode == "time":
             images[name] = run(var, vqvae)
             if round_:
                 seconds[name].append(time.perf_counter() - started)
-    diff = (images["base"] - images["ours"]).abs().max().item()
+    if task == "encode":  # the share of token indices that differ
+        diff = (images["base"] != images["ours"]).float().mean().item()
+    else:
+        diff = (images["base"] - images["ours"]).abs().max().item()
     counted = {}
     if task == "training":  # what an eager GPU step would move: bytes and kernels, op by op (benchmark_dp_memory)
         from benchmark_dp_memory import CudaAutocast, LiveTensorBytes, Traffic
@@ -122,13 +168,12 @@ if mode == "time":
             }
     print(json.dumps({
         "median_s": {name: statistics.median(s) for name, s in seconds.items()},
-        "max_diff": diff,  # images (generation) or gradients (training)
+        "max_diff": diff,  # images (generation), gradients (training) or tokens (encode, the share differing)
         "max_abs": images["base"].abs().max().item(),
         "traffic": counted,
     }))
 else:
-    models = load_base_models() if mode == "base" else __import__("trainables.models").models
-    var, vqvae = build(models)
+    var, vqvae = build_base() if mode == "base" else build(__import__("trainables.models").models)
     resident = peak_gib()
     run(var, vqvae)
     print(json.dumps({"built_gib": resident, "peak_gib": peak_gib()}))
@@ -145,9 +190,10 @@ def worker(
     repeats: int,
     task: str,
     settings: dict,
+    base_kind: str,
 ) -> dict:
     argv = [sys.executable, "-c", WORKER, mode, str(base_tree), str(depth), str(batch), str(threads)]
-    argv += [str(repeats), task, json.dumps(settings)]
+    argv += [str(repeats), task, json.dumps(settings), base_kind]
     env = {
         "PYTHONPATH": f"{REPO}:{REPO / 'scripts'}",
         "OMP_NUM_THREADS": str(threads),
@@ -165,6 +211,15 @@ def measure(base_tree: Path, *, depth: int, **run) -> dict:
     return {"depth": depth, **timing, "memory": memory}
 
 
+def measured(base_tree: Path, *, depths: list[int], **run) -> list[dict]:
+    """``measure`` at every depth, each row also printed to stderr as it comes."""
+    rows = []
+    for depth in depths:
+        rows.append(measure(base_tree, depth=depth, **run))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
@@ -174,28 +229,40 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def table(
-    rows: list[dict], *, base: str, batch: int, threads: int, repeats: int, task: str, settings: dict
+    rows: list[dict],
+    *,
+    base: str,
+    batch: int,
+    threads: int,
+    repeats: int,
+    task: str,
+    settings: dict,
+    base_kind: str,
 ) -> str:
-    what = (
-        f"Generation on CPU, fp32, {threads} threads, batch {batch}, CFG {settings['cfg']}, top-k "
-        f"{settings['top_k']}, top-p {settings['top_p']}"
-        if task == "generation"
-        else f"Training step (forward, loss, backward) on CPU, {settings['precision']}, {threads} threads, batch "
-        f"{batch}, attention kernel {settings['kernel']}"
+    what = {
+        "generation": f"Generation on CPU, fp32, {threads} threads, batch {batch}, CFG {settings.get('cfg')}, top-k "
+        f"{settings.get('top_k')}, top-p {settings.get('top_p')}",
+        "training": f"Training step (forward, loss, backward) on CPU, {settings.get('precision')}, {threads} threads, "
+        f"batch {batch}, attention kernel {settings.get('kernel')}"
+        + (" (the original code's: SDPA with a float mask), no drop-path" if base_kind == "original" else ""),
+        "encode": f"VQVAE encoding (`img_to_idxBl`, the token cache's call) on CPU, fp32, {threads} threads, batch "
+        f"{batch} of random 256-px images (the depth builds a VAR that is not run)",
+    }[task]
+    diff = {"generation": "max image diff (of max abs)", "training": "max gradient diff (of max abs)"}.get(
+        task, "share of tokens differing"
     )
-    diff = "image" if task == "generation" else "gradient"
     lines = [
         f"{what}; median of {repeats} calls after one warm-up, base and ours alternating in one process; peak RSS "
         "of a separate build-and-run process.",
         "",
         *markdown_table(
-            ["depth", f"{base} s/call", "ours s/call", f"ours / {base}", f"max {diff} diff (of max abs)"]
+            ["depth", f"{base} s/call", "ours s/call", f"ours / {base}", diff]
             + [f"peak RSS {base} (GiB)", "peak RSS ours (GiB)"],
             [
                 [f"d{r['depth']}", f"{r['median_s']['base']:.2f}", f"{r['median_s']['ours']:.2f}"]
                 + [
                     f"{r['median_s']['ours'] / r['median_s']['base']:.3f}",
-                    f"{r['max_diff']:.1e} ({r['max_abs']:.1e})",
+                    f"{r['max_diff']:.1e}" + ("" if task == "encode" else f" ({r['max_abs']:.1e})"),
                 ]
                 + [f"{r['memory'][name]['peak_gib']:.2f}" for name in ("base", "ours")]
                 for r in rows
@@ -234,23 +301,54 @@ def table(
     return "\n".join(lines)
 
 
+def check_original(path: Path) -> Path:
+    """The checkout ``--original`` names, made absolute; a clear error when it lacks the original code's files."""
+    tree = path.expanduser().resolve()
+    missing = [name for name in ORIGINAL_FILES if not (tree / name).is_file()]
+    if missing:
+        raise SystemExit(
+            f"--original {path}: not a checkout of github.com/FoundationVision/VAR (missing {', '.join(missing)}); "
+            "clone it with `git clone https://github.com/FoundationVision/VAR` and pass its folder"
+        )
+    return tree
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="a7366f3", help="git revision to compare against")
+    parser.add_argument(
+        "--original",
+        type=Path,
+        help="a checkout of github.com/FoundationVision/VAR to compare against instead of --base",
+    )
     parser.add_argument("--depths", default="4,16", help="comma-separated VAR depths")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--task", choices=("generation", "training"), default="generation")
+    parser.add_argument("--task", choices=("generation", "training", "encode"), default="generation")
     parser.add_argument(
         "--kernel", choices=("masked", "per_scale"), default="per_scale", help="training only"
     )
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training only")
     args = parser.parse_args()
-    settings = SAMPLING if args.task == "generation" else {"kernel": args.kernel, "precision": args.precision}
+    settings = {
+        "generation": SAMPLING,
+        "training": {"kernel": args.kernel, "precision": args.precision},
+        "encode": {},
+    }[args.task]
     run = dict(
-        batch=args.batch_size, threads=args.threads, repeats=args.repeats, task=args.task, settings=settings
+        batch=args.batch_size,
+        threads=args.threads,
+        repeats=args.repeats,
+        task=args.task,
+        settings=settings,
+        base_kind="commit" if args.original is None else "original",
     )
+    depths = [int(d) for d in args.depths.split(",")]
+    if args.original is not None:
+        tree = check_original(args.original)
+        print(table(measured(tree, depths=depths, **run), base="original", **run))
+        return
     with tempfile.TemporaryDirectory(prefix="side-by-side-base-") as scratch:
         base_tree = Path(scratch) / "tree"
         subprocess.run(
@@ -260,10 +358,7 @@ def main() -> None:
             capture_output=True,
         )
         try:
-            rows = []
-            for depth in map(int, args.depths.split(",")):
-                rows.append(measure(base_tree, depth=depth, **run))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            rows = measured(base_tree, depths=depths, **run)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, check=False)
     print(table(rows, base=args.base, **run))

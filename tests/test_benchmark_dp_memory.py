@@ -628,6 +628,38 @@ def test_a_bf16_decode_is_as_close_to_float32_as_cuda_autocast_s_float32_norms()
     assert 0 < ours_error <= 1.25 * cuda_error
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_an_encode_or_a_decode_without_autograd_holds_three_full_size_maps_at_most(channels_last):
+    """The tokenizer's peak without autograd is three maps of its largest size (a block's input, a norm's output,
+    a convolution's), the image and the latent aside; the original VAR code holds four, and a helper running each
+    level (the level's input kept by the caller) with two statements per residual block had held five. The
+    outputs are those of the module-by-module reference."""
+    torch.manual_seed(0)
+    model = build_vqvae(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 4)).eval()
+    img_B3HW = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    largest = 2 * 32 * 64 * 64 * 4  # B x ch x the image's size, float32: the first and last levels' maps
+    img_B3HW = img_B3HW.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    with torch.no_grad():
+        with LiveTensorBytes() as encode:
+            f_BChw = model.img_to_f(img_B3HW)
+        with LiveTensorBytes() as decode:
+            img = model.fhat_to_img(f_BChw, channels_last=channels_last)
+        reference = model.decoder.conv_in(model.post_quant_conv(f_BChw))
+        for name in ("block_1", "attn_1", "block_2"):
+            reference = getattr(model.decoder.mid, name)(reference)
+        for level in reversed(model.decoder.up):
+            for i, block in enumerate(level.block):
+                reference = block(reference)
+                reference = level.attn[i](reference) if len(level.attn) else reference
+            reference = level.upsample(reference) if hasattr(level, "upsample") else reference
+        reference = model.decoder.conv_out(F.silu(model.decoder.norm_out(reference))).clamp(-1, 1)
+    assert 2.5 * largest < encode.peak <= 3 * largest + f_BChw.nbytes
+    assert 2.5 * largest < decode.peak <= 3 * largest + 2 * img.nbytes
+    torch.testing.assert_close(img, reference, rtol=0, atol=1e-5)
+
+
 def test_under_cuda_autocast_sampling_caches_bf16_keys_and_casts_none_of_the_cache(tiny_var):
     """A cached step writes q and k in bf16 from float32 norms: the KV cache holds bf16 keys, and the attention
     casts nothing of it (CUDA autocast's float32 F.normalize left float32 keys, every cached key cast again at every

@@ -1,7 +1,9 @@
 """The benchmark scripts fail early and say why: benchmark_privacy.py --versus runs another revision's whole code in
 processes of its own and any child that fails ends the run with its stderr; benchmark_demo.py shows a failed demo's
 own error; demo_seed_spread.py refuses a cache folder that no demo finished in before running anything;
-rebuild_golden.py parses its arguments (--help writes nothing) and can compare without writing."""
+rebuild_golden.py parses its arguments (--help writes nothing) and can compare without writing;
+benchmark_cpu_side_by_side.py --original refuses a folder that is not a checkout of the original VAR code and
+builds the base models from the checkout's own package."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 
+import benchmark_cpu_side_by_side
 import benchmark_demo
 import benchmark_privacy
 import demo_seed_spread
@@ -31,6 +34,40 @@ TINY_D16_LIKE = dict(depth=1, width=64, heads=1)
 
 def _exit_message(raised: pytest.ExceptionInfo) -> str:
     return str(raised.value.code)
+
+
+def test_side_by_side_refuses_a_folder_that_is_not_the_original_code_naming_what_it_lacks(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "var.py").write_text("")
+    with pytest.raises(SystemExit) as raised:
+        benchmark_cpu_side_by_side.check_original(tmp_path)
+    message = _exit_message(raised)
+    assert "not a checkout of github.com/FoundationVision/VAR" in message
+    assert "dist.py" in message and "models/vqvae.py" in message
+    assert "models/var.py" not in message.split("missing")[1]
+
+
+def test_side_by_side_builds_the_original_models_from_the_checkout_s_own_package(tmp_path):
+    """The worker imports the checkout's ``models`` and ``dist`` (not anything of this tree's), and a worker
+    that fails ends the run with its stderr."""
+    (tmp_path / "models").mkdir()
+    for name in benchmark_cpu_side_by_side.ORIGINAL_FILES:
+        (tmp_path / name).write_text("")
+    (tmp_path / "models" / "var.py").write_text('raise RuntimeError("the var.py of this checkout")\n')
+    tree = benchmark_cpu_side_by_side.check_original(tmp_path)
+    settings = benchmark_cpu_side_by_side.SAMPLING
+    with pytest.raises(RuntimeError, match="the var.py of this checkout"):
+        benchmark_cpu_side_by_side.worker(
+            "base",
+            tree,
+            depth=2,
+            batch=1,
+            threads=1,
+            repeats=1,
+            task="generation",
+            settings=settings,
+            base_kind="original",
+        )
 
 
 def test_privacy_versus_runs_the_revision_s_own_code_and_ends_with_its_error(tmp_path):

@@ -61,8 +61,9 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        h_BCHW = self.conv1(_norm_silu(self.norm1, x_BCHW))
-        h_BCHW = self.conv2(_norm_silu(self.norm2, h_BCHW))
+        # One expression: conv1's output is referenced by nothing once norm2 has read it, so without autograd the
+        # block holds at most three maps (x, a norm's output, a convolution's) where two statements held four.
+        h_BCHW = self.conv2(_norm_silu(self.norm2, self.conv1(_norm_silu(self.norm1, x_BCHW))))
         if not torch.is_grad_enabled():  # nothing keeps h: the residual add overwrites it
             return h_BCHW.add_(self.nin_shortcut(x_BCHW))
         return self.nin_shortcut(x_BCHW) + h_BCHW
@@ -134,12 +135,18 @@ def _middle(channels: int) -> nn.Module:
     return mid
 
 
-def _run_level(level: nn.Module, h_BCHW: torch.Tensor) -> torch.Tensor:
+def _level_modules(level: nn.Module) -> list[nn.Module]:
+    """A level's modules in the order they run: each block (then its attention, where the level has one), then
+    the level's down- or upsampling. The encoder and decoder call them in their own loop: a helper that ran the
+    level would hold the level's input map in the caller's frame until it returned (one more full-size map at
+    the peak of an encode or decode without autograd)."""
+    modules = []
     for i, block in enumerate(level.block):
-        h_BCHW = block(h_BCHW)
-        if len(level.attn):
-            h_BCHW = level.attn[i](h_BCHW)
-    return h_BCHW
+        modules += [block, level.attn[i]] if len(level.attn) else [block]
+    for resample in ("downsample", "upsample"):
+        if hasattr(level, resample):
+            modules.append(getattr(level, resample))
+    return modules
 
 
 class Encoder(nn.Module):
@@ -165,9 +172,8 @@ class Encoder(nn.Module):
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         h_BCHW = self.conv_in(img_B3HW)
         for level in self.down:
-            h_BCHW = _run_level(level, h_BCHW)
-            if hasattr(level, "downsample"):
-                h_BCHW = level.downsample(h_BCHW)
+            for module in _level_modules(level):
+                h_BCHW = module(h_BCHW)
         h_BCHW = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h_BCHW)))
         return self.conv_out(_norm_silu(self.norm_out, h_BCHW))
 
@@ -197,9 +203,8 @@ class Decoder(nn.Module):
     def forward(self, z_BCHW: torch.Tensor) -> torch.Tensor:
         h_BCHW = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BCHW))))
         for level in reversed(self.up):
-            h_BCHW = _run_level(level, h_BCHW)
-            if hasattr(level, "upsample"):
-                h_BCHW = level.upsample(h_BCHW)
+            for module in _level_modules(level):
+                h_BCHW = module(h_BCHW)
         return self.conv_out(_norm_silu(self.norm_out, h_BCHW))
 
 
