@@ -41,6 +41,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,23 +181,26 @@ else:
 """
 
 
-def worker(
-    mode: str,
-    base_tree: Path,
-    *,
-    depth: int,
-    batch: int,
-    threads: int,
-    repeats: int,
-    task: str,
-    settings: dict,
-    base_kind: str,
-) -> dict:
-    argv = [sys.executable, "-c", WORKER, mode, str(base_tree), str(depth), str(batch), str(threads)]
-    argv += [str(repeats), task, json.dumps(settings), base_kind]
+@dataclass(frozen=True)
+class Run:
+    """What every worker of one invocation runs: ``task`` ("generation", "training" or "encode") with its
+    ``settings`` at ``batch`` on ``threads`` threads, ``repeats`` timed calls; ``base_kind`` "commit" (the
+    base is this repository at a revision) or "original" (a checkout of the original VAR code)."""
+
+    batch: int
+    threads: int
+    repeats: int
+    task: str
+    settings: dict
+    base_kind: str
+
+
+def worker(mode: str, base_tree: Path, *, depth: int, run: Run) -> dict:
+    argv = [sys.executable, "-c", WORKER, mode, str(base_tree), str(depth), str(run.batch), str(run.threads)]
+    argv += [str(run.repeats), run.task, json.dumps(run.settings), run.base_kind]
     env = {
         "PYTHONPATH": f"{REPO}:{REPO / 'scripts'}",
-        "OMP_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(run.threads),
         "PATH": "/usr/bin:/bin",
     }
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
@@ -205,17 +209,17 @@ def worker(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(base_tree: Path, *, depth: int, **run) -> dict:
-    timing = worker("time", base_tree, depth=depth, **run)
-    memory = {name: worker(name, base_tree, depth=depth, **run) for name in ("base", "ours")}
+def measure(base_tree: Path, *, depth: int, run: Run) -> dict:
+    timing = worker("time", base_tree, depth=depth, run=run)
+    memory = {name: worker(name, base_tree, depth=depth, run=run) for name in ("base", "ours")}
     return {"depth": depth, **timing, "memory": memory}
 
 
-def measured(base_tree: Path, *, depths: list[int], **run) -> list[dict]:
+def measured(base_tree: Path, *, depths: list[int], run: Run) -> list[dict]:
     """``measure`` at every depth, each row also printed to stderr as it comes."""
     rows = []
     for depth in depths:
-        rows.append(measure(base_tree, depth=depth, **run))
+        rows.append(measure(base_tree, depth=depth, run=run))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -228,23 +232,18 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def table(
-    rows: list[dict],
-    *,
-    base: str,
-    batch: int,
-    threads: int,
-    repeats: int,
-    task: str,
-    settings: dict,
-    base_kind: str,
-) -> str:
+def table(rows: list[dict], *, base: str, run: Run) -> str:
+    batch, threads, repeats, task, settings = run.batch, run.threads, run.repeats, run.task, run.settings
     what = {
         "generation": f"Generation on CPU, fp32, {threads} threads, batch {batch}, CFG {settings.get('cfg')}, top-k "
         f"{settings.get('top_k')}, top-p {settings.get('top_p')}",
         "training": f"Training step (forward, loss, backward) on CPU, {settings.get('precision')}, {threads} threads, "
         f"batch {batch}, attention kernel {settings.get('kernel')}"
-        + (" (the original code's: SDPA with a float mask), no drop-path" if base_kind == "original" else ""),
+        + (
+            " (the original code's: SDPA with a float mask), no drop-path"
+            if run.base_kind == "original"
+            else ""
+        ),
         "encode": f"VQVAE encoding (`img_to_idxBl`, the token cache's call) on CPU, fp32, {threads} threads, batch "
         f"{batch} of random 256-px images (the depth builds a VAR that is not run)",
     }[task]
@@ -336,7 +335,7 @@ def main() -> None:
         "training": {"kernel": args.kernel, "precision": args.precision},
         "encode": {},
     }[args.task]
-    run = dict(
+    run = Run(
         batch=args.batch_size,
         threads=args.threads,
         repeats=args.repeats,
@@ -347,7 +346,7 @@ def main() -> None:
     depths = [int(d) for d in args.depths.split(",")]
     if args.original is not None:
         tree = check_original(args.original)
-        print(table(measured(tree, depths=depths, **run), base="original", **run))
+        print(table(measured(tree, depths=depths, run=run), base="original", run=run))
         return
     with tempfile.TemporaryDirectory(prefix="side-by-side-base-") as scratch:
         base_tree = Path(scratch) / "tree"
@@ -358,10 +357,10 @@ def main() -> None:
             capture_output=True,
         )
         try:
-            rows = measured(base_tree, depths=depths, **run)
+            rows = measured(base_tree, depths=depths, run=run)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, check=False)
-    print(table(rows, base=args.base, **run))
+    print(table(rows, base=args.base, run=run))
 
 
 if __name__ == "__main__":

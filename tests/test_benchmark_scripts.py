@@ -55,19 +55,16 @@ def test_side_by_side_builds_the_original_models_from_the_checkout_s_own_package
         (tmp_path / name).write_text("")
     (tmp_path / "models" / "var.py").write_text('raise RuntimeError("the var.py of this checkout")\n')
     tree = benchmark_cpu_side_by_side.check_original(tmp_path)
-    settings = benchmark_cpu_side_by_side.SAMPLING
+    run = benchmark_cpu_side_by_side.Run(
+        batch=1,
+        threads=1,
+        repeats=1,
+        task="generation",
+        settings=benchmark_cpu_side_by_side.SAMPLING,
+        base_kind="original",
+    )
     with pytest.raises(RuntimeError, match="the var.py of this checkout"):
-        benchmark_cpu_side_by_side.worker(
-            "base",
-            tree,
-            depth=2,
-            batch=1,
-            threads=1,
-            repeats=1,
-            task="generation",
-            settings=settings,
-            base_kind="original",
-        )
+        benchmark_cpu_side_by_side.worker("base", tree, depth=2, run=run)
 
 
 def test_privacy_versus_runs_the_revision_s_own_code_and_ends_with_its_error(tmp_path):
