@@ -52,12 +52,21 @@ def report(err: BaseException | str, *, stream: TextIO | None = None) -> int:
         indents = [len(line) - len(line.lstrip()) for line in details]
         items = indents.count(min(indents))
         more = f" (and {items - 1} more listed above)" if items > 1 else ""
-        first = f"{first.rstrip().rstrip(':')}: {details[0].strip()}{more}"
+        first = f"{first.rstrip().rstrip(':')}: {_first_item(details)}{more}"
     elif details:
         first += " (details above)"
     known = isinstance(err, (str, ValueError, OSError))
     print(f"error: {first}" + ("" if known else f" ({type(err).__name__})"), file=stream)
     return EXIT_ERROR
+
+
+def _first_item(details: list[str]) -> str:
+    """The first listed item, with the first line under it while it is itself a heading ("invalid privacy
+    settings:"): the ``error:`` line names the problem, not only its kind."""
+    item, below = details[0].strip(), iter(details[1:])
+    while item.endswith(":") and (line := next(below, None)) is not None:
+        item = f"{item} {line.strip().removeprefix('- ')}"
+    return item
 
 
 def run_reporting(command: Callable[[], int], *, interrupted: str = "interrupted") -> int:

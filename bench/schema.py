@@ -65,6 +65,12 @@ LORA_TARGETS = (
     "mlp",
     "modulation",
 )  # groups of a block's linears LoRA can target (trainables.methods)
+# Each LoRA method's targets when method.lora_targets is None.
+LORA_PRESETS = {
+    "lora": ("attention", "mlp", "modulation"),
+    "lora_attention": ("attention",),
+    "lora_mlp": ("mlp",),
+}
 CLASS_INITS = (
     "unconditional",
     "mean",
@@ -483,6 +489,11 @@ class OptimizationConfig:
         _require(
             self.warmup_steps >= 0, "optimization.warmup_steps", f"must be >= 0, got {self.warmup_steps}"
         )
+        _require(  # a run that ends inside its warm-up never reaches its learning rate (with epochs: plan_trial)
+            self.steps is None or self.warmup_steps <= self.steps,
+            "optimization.warmup_steps",
+            f"{self.warmup_steps} is more than the run's {self.steps} steps: it would never reach its learning rate",
+        )
         _require(
             0 <= self.class_dropout < 1,
             "optimization.class_dropout",
@@ -630,8 +641,8 @@ COMPILE_REFUSALS = {
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """workers: DDP processes; gpus_per_worker: a fraction only for single-worker trials (NCCL cannot share a GPU
-    between ranks); a trial checkpoints (for retries and preemptions) at whichever comes first of every
+    """workers: DDP processes; gpus_per_worker: at most 1 (a worker trains on one device), a fraction only for
+    single-worker trials (NCCL cannot share a GPU between ranks); a trial checkpoints (for retries and preemptions) at whichever comes first of every
     checkpoint_every_steps steps, every checkpoint_every_minutes of training and every checkpoint_every_fraction of
     its planned steps; max_failures: retries of a failed run.
 
@@ -677,6 +688,12 @@ class ResourcesConfig:
             or self.gpus_per_worker == int(self.gpus_per_worker),
             "resources.gpus_per_worker",
             "fractional GPUs only for single-worker trials (DDP ranks cannot share a GPU)",
+        )
+        _require(  # a worker trains on one device: a second GPU would sit reserved, idle, and counted as used
+            self.gpus_per_worker <= 1,
+            "resources.gpus_per_worker",
+            f"each worker trains on one GPU, got {self.gpus_per_worker:g}; for more GPUs per trial raise "
+            "resources.workers (one DDP worker per GPU)",
         )
         _require(
             self.checkpoint_every_steps >= 1 and self.max_failures >= 0,
@@ -724,6 +741,19 @@ FLEX_ON_CPU = "'flex' cannot train on a CPU (FlexAttention has no CPU backward);
 LATER_FIELDS: dict[tuple[str, str], Any] = {}
 # Optimisation fields that only a non-DP trial uses: a DP trial keeps their defaults and its id leaves them out.
 NON_DP_ONLY = {"batch_size": 256, "global_clip_norm": 2.0}
+LORA_ONLY = ("lora_rank", "lora_alpha")  # only a LoRA method's adapters read them
+
+
+def _method_identity(identity: dict, method: MethodConfig) -> None:
+    """The method section as a trial id hashes it: settings the method does not read at their defaults, LoRA's
+    targets spelled as its preset as None. Two spellings of one training run, one id (a sweep crossing methods
+    with LoRA ranks would otherwise train full fine-tuning once per rank); at the defaults nothing changes, so
+    earlier ids stay."""
+    if method.name not in LORA_PRESETS:
+        identity.update({name: MethodConfig.__dataclass_fields__[name].default for name in LORA_ONLY})
+    elif method.lora_targets == LORA_PRESETS[method.name]:
+        identity["lora_targets"] = None
+
 
 SECTIONS = {
     "model": ModelConfig,
@@ -895,6 +925,7 @@ class TrialConfig:
         if identity["privacy"] is not None:
             for name in NON_DP_ONLY:
                 del identity["optimization"][name]
+        _method_identity(identity["method"], self.method)
         for (
             section,
             name,

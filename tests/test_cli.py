@@ -519,3 +519,9 @@ def test_the_last_line_counts_the_listed_problems_not_their_detail_lines():
     assert last_line(two) == (
         "error: 1 of 1 trials cannot run: data.dataset: classes differ (and 1 more listed above)"
     )
+    nested = (
+        "1 of 1 trials cannot run:\n  invalid privacy settings:\n    - privacy.sampling_rate: q*N below one"
+    )
+    assert last_line(nested) == (
+        "error: 1 of 1 trials cannot run: invalid privacy settings: privacy.sampling_rate: q*N below one"
+    )

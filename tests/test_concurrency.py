@@ -78,14 +78,11 @@ def test_one_gpu_trials_fill_every_gpu_the_autoscaler_can_start(tmp_path):
     assert concurrency(configs, launch(tmp_path), resources=HEAD_ONLY, limits=None)[0] == 1
 
 
-@pytest.mark.parametrize("workers,gpus", [(1, 8.0), (8, 1.0)])
-def test_eight_gpu_trials_fit_the_h100_nodes(tmp_path, workers, gpus):
+def test_eight_gpu_trials_fit_the_h100_nodes(tmp_path):
     limits = read_cluster_config(str(REPO / "cluster.yaml"))
     # one trial per 8-GPU node; the four 1-GPU L40S nodes hold half of an 8-worker trial at most
     assert (
-        concurrency(
-            [trial(workers=workers, gpus=gpus)], launch(tmp_path), resources=HEAD_ONLY, limits=limits
-        )[0]
+        concurrency([trial(workers=8, gpus=1.0)], launch(tmp_path), resources=HEAD_ONLY, limits=limits)[0]
         == 4
     )
 
@@ -190,11 +187,11 @@ def test_worker_start_timeout_must_be_positive_seconds(tmp_path, bad):
 
 def test_a_trial_no_node_type_can_place_is_refused(tmp_path):
     limits = read_cluster_config(str(REPO / "cluster.yaml"))
-    check_fits([trial(workers=4, gpus=8.0)], limits)  # 4 H100 nodes: fits
-    too_big = trial(gpus=16.0, seed=1)  # no node has 16 GPUs, and one worker cannot span nodes
+    check_fits([trial(workers=32, gpus=1.0)], limits)  # 4 H100 nodes: fits
+    too_big = trial(gpus=1.0, cpus=512.0, seed=1)  # no node has 512 CPUs, and one worker cannot span nodes
     with pytest.raises(
         SweepError,
-        match=rf"trial {too_big.label} \({too_big.trial_id}\) needs 1 worker\(s\) x 16 GPU .* cannot place it",
+        match=rf"trial {too_big.label} \({too_big.trial_id}\) needs 1 worker\(s\) x 1 GPU \+ 512 CPU; .* cannot place it",
     ):
         check_fits([trial(), too_big], limits)
     check_fits([too_big], None)  # no limits given: nothing is known to refuse it

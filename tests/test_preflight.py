@@ -211,6 +211,30 @@ def test_a_batch_larger_than_the_split_and_split_classes_that_differ_are_named(t
     )
 
 
+def test_a_run_in_epochs_that_would_end_inside_its_warm_up_is_named(tmp_path):
+    """Epochs resolve to steps only with the split's size: 2 epochs of 2 examples at batch 2 are 2 steps, fewer
+    than a warm-up of 5 (the learning rate would never be reached); a warm-up of 2 fits."""
+    for split, per_class in (("train", 1), ("test", 2)):
+        for label in "ab":
+            for i in range(per_class):
+                jpeg(tmp_path / "folder" / split / label / f"{i}.jpg")
+    folder = {"dataset": "folder", "root": str(tmp_path / "folder"), "resolution": 16}
+    in_epochs = {"epochs": 2.0, "steps": None, "batch_size": 2}
+    with pytest.raises(
+        SweepError, match=r"optimization.warmup_steps: 5 is more than the run's 2 steps \(2.0 epochs"
+    ):
+        check_sweep(
+            [replace(tiny_trial("lora"), data=folder, optimization={**in_epochs, "warmup_steps": 5})],
+            cache_dir=str(tmp_path / "cache"),
+            write=False,
+        )
+    check_sweep(
+        [replace(tiny_trial("lora"), data=folder, optimization={**in_epochs, "warmup_steps": 2})],
+        cache_dir=str(tmp_path / "cache"),
+        write=False,
+    )
+
+
 def test_a_wrong_assets_root_gets_a_hint(tmp_path):
     wrong = Assets(str(tmp_path / "wrong"))
     with pytest.raises(SweepError) as raised:

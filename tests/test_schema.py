@@ -175,6 +175,7 @@ def test_one_training_run_has_one_trial_id_however_its_blocks_and_targets_are_sp
         (lambda: OptimizationConfig(epochs=3, steps=4), "optimization.epochs"),
         (lambda: EvaluationConfig(extractor="inception-v3-compat"), "evaluation.inception_weights"),
         (lambda: ResourcesConfig(workers=2, gpus_per_worker=0.5), "resources.gpus_per_worker"),
+        (lambda: ResourcesConfig(gpus_per_worker=2.0), "resources.gpus_per_worker"),
         (
             lambda: replace(
                 TINY,
@@ -293,6 +294,54 @@ def test_a_smoke_version_keeps_the_audit_at_a_smoke_s_canaries():
     smoke = smoke_version(audited)
     assert smoke.audit == dataclasses.replace(audited.audit, canaries=SMOKE_CANARIES)
     assert "audit200" in smoke.label and smoke_version(TINY).audit is None
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(clipping="hooks"),
+        dict(clipping="ghost", accountant="prv"),
+        dict(delta=1e-3, allow_delta_at_least_inverse_n=True),
+    ],
+)
+def test_a_smoke_version_keeps_the_trial_s_clipping_accountant_and_delta_rule(changes):
+    """The smoke run takes the trial's DP route (its clipping and accountant were reset to the defaults, and a
+    delta allowed at least 1/N by the trial was refused in its smoke version), at the smoke's sampling rate and k."""
+    dp = next(c for c in build_sweep("table2") if c.privacy is not None)
+    trial = dataclasses.replace(
+        dp,
+        privacy=dataclasses.replace(dp.privacy, augmentation_multiplicity=1, **changes),
+        resources=dataclasses.replace(dp.resources, rows_per_forward=32),
+    )
+    smoke = smoke_version(trial)
+    assert smoke.privacy == dataclasses.replace(trial.privacy, sampling_rate=0.05)
+    smoke.check_launchable()
+
+
+def test_settings_a_method_does_not_read_do_not_change_its_trial_id():
+    """Full fine-tuning and LN tuning read no LoRA rank or alpha, and LoRA's targets spelled as its preset are the
+    preset: one training run, one id (at the defaults the id is the one trials had before)."""
+
+    def with_method(config: TrialConfig, **fields) -> str:
+        return dataclasses.replace(config, method=dataclasses.replace(config.method, **fields)).trial_id
+
+    for name in ("full", "ln_tuning"):
+        plain = dataclasses.replace(TINY, method=MethodConfig(name=name))
+        assert with_method(plain, lora_rank=8, lora_alpha=4.0) == plain.trial_id
+    lora = dataclasses.replace(TINY, method=MethodConfig(name="lora"))
+    assert with_method(lora, lora_rank=8) != lora.trial_id
+    assert with_method(lora, lora_alpha=4.0) != lora.trial_id
+    assert with_method(lora, lora_targets=("modulation", "attention", "mlp")) == lora.trial_id
+    assert with_method(lora, lora_targets=("attention", "mlp")) != lora.trial_id
+    attention = dataclasses.replace(TINY, method=MethodConfig(name="lora_attention"))
+    assert with_method(attention, lora_targets=("attention",)) == attention.trial_id
+    assert with_method(attention, lora_targets=("attention", "mlp")) != attention.trial_id
+
+
+def test_a_warm_up_longer_than_the_run_is_refused():
+    with pytest.raises(ConfigError, match=r"optimization.warmup_steps: 100 is more than the run's 50 steps"):
+        OptimizationConfig(steps=50, warmup_steps=100)
+    assert OptimizationConfig(steps=50, warmup_steps=50).warmup_steps == 50
 
 
 def test_the_tiny_resolution_is_the_tiny_base_s():

@@ -187,6 +187,11 @@ BAD_FILES = {
         GOOD + "axes: {resources.workers: [1, 2]}\n",
         ["the same trial", "resources.workers=1; resources.workers=2"],
     ),
+    # Full fine-tuning reads no LoRA rank: crossing methods with ranks would have trained it once per rank.
+    "rank of a method without LoRA": (
+        GOOD + "axes: {method.name: [full, lora], method.lora_rank: [8, 16]}\n",
+        ["the same trial", "method.name=full, method.lora_rank=8; method.name=full, method.lora_rank=16"],
+    ),
     # Keys are names: a key YAML reads as a boolean or a number is named, never compared with the names.
     "key not a string": (
         GOOD + "axes: {resources: [{true: 1, workers: 2}]}\n",
@@ -473,12 +478,16 @@ def test_status_of_a_file_and_overrides_keep_ids(tmp_path, capsys):
     assert all(c.trial_id in out for c in sweep.configs if c.method.name == "lora")
     assert not any(c.trial_id in out for c in sweep.configs if c.method.name == "full")
     for configs in (list(sweep.configs), build_sweep("table3", assets=Assets(str(tmp_path)))):
-        changed = override_resources(configs, workers=4, gpus_per_worker=2.0)
+        changed = override_resources(configs, workers=4, gpus_per_worker=1.0)
         assert [c.trial_id for c in changed] == [c.trial_id for c in configs]
-        assert {(c.resources.workers, c.resources.gpus_per_worker) for c in changed} == {(4, 2.0)}
+        assert {(c.resources.workers, c.resources.gpus_per_worker) for c in changed} == {(4, 1.0)}
         assert override_resources(configs, workers=None, gpus_per_worker=None) == configs
     with pytest.raises(ConfigError, match=r"--workers 2 --gpus-per-worker 0.5: resources.gpus_per_worker"):
         override_resources(list(sweep.configs), workers=2, gpus_per_worker=0.5)
+    with pytest.raises(
+        ConfigError, match=r"--gpus-per-worker 2: resources.gpus_per_worker: each worker trains on one"
+    ):
+        override_resources(list(sweep.configs), workers=None, gpus_per_worker=2.0)
 
 
 def test_tracking_reaches_the_launch_the_command_line_winning(tmp_path, monkeypatch):

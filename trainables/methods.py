@@ -34,7 +34,7 @@ from opacus.grad_sample.utils import register_norm_sampler
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from bench.schema import ConfigError, MethodConfig
+from bench.schema import LORA_PRESETS, ConfigError, MethodConfig
 
 from . import bookkeeping
 from .models.checkpoints import (
@@ -55,11 +55,6 @@ LORA_TARGET_GROUPS = {
     "attention": ("attn.mat_qkv", "attn.proj"),
     "mlp": ("ffn.fc1", "ffn.fc2"),
     "modulation": ("ada_lin.1",),
-}
-LORA_PRESETS = {
-    "lora": ("attention", "mlp", "modulation"),
-    "lora_attention": ("attention",),
-    "lora_mlp": ("mlp",),
 }
 CLASS_EMBEDDING = "class_emb"  # the VAR module of the new label set: trained whole by every method
 # The methods that train peft adapters (saved in peft's own format too, ``trainables.peft_format``).

@@ -119,6 +119,17 @@ def _check_evaluation_size(config: TrialConfig, evaluation: ImageList) -> None:
         )
 
 
+def _check_warmup(config: TrialConfig, *, steps: int, examples: int) -> None:
+    """A run given in epochs must not end inside its warm-up (a run given in steps is checked by the schema)."""
+    warmup = config.optimization.warmup_steps
+    if config.method.name != "base" and warmup > steps:
+        raise ConfigError(
+            f"optimization.warmup_steps: {warmup} is more than the run's {steps} steps "
+            f"({config.optimization.epochs} epochs of {examples} training examples): it would never reach its "
+            "learning rate; lower warmup_steps or raise epochs"
+        )
+
+
 def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> TrialPlan:
     """What the trial will do with these split listings: the evaluation split's classes are the training split's
     and it has the ``MIN_EVALUATION_IMAGES`` an evaluation scores at least, the planned steps, the convergence
@@ -138,6 +149,7 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
             f"{train.split}; a step cannot draw more (its epochs would be miscounted): set batch_size <= {examples}"
         )
     steps, p = config.planned_steps(examples), config.privacy
+    _check_warmup(config, steps=steps, examples=examples)
     curve = config.convergence_steps(steps)
     delta = sigma = None
     if p is not None:
