@@ -207,9 +207,13 @@ def _visible_tick_labels(axis) -> tuple[str, ...]:
 
 def compute_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
     """Training PFLOPs per dataset (x) and method (bars), one panel per model (non-DP trials; a log scale when the
-    values span a decade or more, else linear from zero)."""
-    data = trials[(trials["status"] == "success") & ~trials["dp"] & (trials["method"] != "base")].dropna(
-        subset=["train_pflops"]
+    values span a decade or more, else linear from zero). Audited trials (canaries besides the dataset cost more)
+    get hatched bars of their own beside their method's, as the compute table gives them rows of their own."""
+    audited = trials["audited"].astype(bool) if "audited" in trials else False
+    data = (
+        trials.assign(_audited=audited)
+        .loc[(trials["status"] == "success") & ~trials["dp"] & (trials["method"] != "base")]
+        .dropna(subset=["train_pflops"])
     )
     if data.empty:
         return None
@@ -229,21 +233,28 @@ def compute_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
 
 
 def _compute_panel(ax, sub: pd.DataFrame) -> None:
-    datasets, methods = (
+    # one bar series per method, and per method with audited trials one more (``_audited``: compute_figure's)
+    audited = sub["_audited"] if "_audited" in sub else pd.Series(False, index=sub.index)
+    datasets, series = (
         [d for d in dataset_columns(sub) if d in set(sub["dataset"])],
-        [m for m in METHOD_LABELS if m in set(sub["method"])],
+        [
+            (m, a)
+            for m in METHOD_LABELS
+            for a in (False, True)
+            if ((sub["method"] == m) & (audited == a)).any()
+        ],
     )
-    width = 0.8 / len(methods)
-    for i, method in enumerate(methods):
-        means = [
-            sub[(sub["dataset"] == d) & (sub["method"] == method)]["train_pflops"].mean() for d in datasets
-        ]
+    width = 0.8 / len(series)
+    for i, (method, is_audited) in enumerate(series):
+        of = sub[(sub["method"] == method) & (audited == is_audited)]
         ax.bar(
-            np.arange(len(datasets)) + (i - (len(methods) - 1) / 2) * width,
-            means,
+            np.arange(len(datasets)) + (i - (len(series) - 1) / 2) * width,
+            [of[of["dataset"] == d]["train_pflops"].mean() for d in datasets],
             width,
-            label=METHOD_LABELS[method],
+            label=METHOD_LABELS[method] + (" (audited)" if is_audited else ""),
             color=METHOD_COLORS[method],
+            hatch="//" if is_audited else None,
+            edgecolor="white" if is_audited else None,
         )
     ax.set_xticks(np.arange(len(datasets)), [DATASET_COLUMNS.get(d, d) for d in datasets])
     positive = sub["train_pflops"][sub["train_pflops"] > 0]
@@ -706,7 +717,8 @@ def all_figures(
 ) -> tuple[list[FigureFile], list[str]]:
     """(written figures, one line per figure skipped for lack of data); ``audit_roc``: ``Results.audit_roc``.
     Audited trials (their own experiment: they train on canaries besides the dataset) are drawn in the audit and
-    compute figures only; a utility figure not drawn says how many it left out."""
+    compute figures only (the compute figure's bars of them are their own); a utility figure not drawn says how
+    many it left out."""
     audited = int(trials["audited"].sum())
     plain = trials[~trials["audited"]]
     dp_epsilons = sorted(set(plain.loc[plain["dp"], "epsilon"]))

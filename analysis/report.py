@@ -37,6 +37,8 @@ class Analysis:
     skipped_figures: list[str] = field(default_factory=list)
     grids: dict[str, Path] = field(default_factory=dict)
     missing_grids: dict[str, str] = field(default_factory=dict)
+    # per dataset, the DP trials no table shows (``tables.dp_in_no_table``): the report names them
+    in_no_table: list[str] = field(default_factory=list)
 
 
 def provenance(results: Results) -> dict[str, list[str]]:
@@ -125,6 +127,7 @@ def notices(analysis: Analysis) -> list[tuple[str, list[str]]]:
             [f"{label} ({tid}) repeats {labels.get(kept, kept)} ({kept})" for tid, label, kept in r.repeats],
         ),
         ("Tables not produced", analysis.skipped_tables),
+        ("DP trials in no table", analysis.in_no_table),
         ("Figures not drawn", analysis.skipped_figures),
         ("Sample grids not drawn", [f"{n} trial(s): {why}" for why, n in _reasons(analysis.missing_grids)]),
     ]

@@ -14,7 +14,7 @@ from .figures import all_figures, sample_grid
 from .load import AnalysisError, Results, load_results, storage_root
 from .paper import check_comparable, comparison
 from .report import TRIAL_TABLES, Analysis, markdown, page
-from .tables import all_tables
+from .tables import all_tables, dp_in_no_table
 
 
 def analyse(
@@ -43,6 +43,11 @@ def analyse(
     _make_folder(out)
     tables, skipped_tables = all_tables(results.trials, table2_epsilon=table2_epsilon)
     analysis = Analysis(out=out, results=results, tables=tables, skipped_tables=skipped_tables)
+    # named under their dataset's first DP table too, but that table may not exist (no LoRA run under DP)
+    analysis.in_no_table = [
+        f"{dataset}: {note}"
+        for dataset, note in dp_in_no_table(results.trials, table2_epsilon=table2_epsilon).items()
+    ]
     # A folder this analysis does not write (--no-figures, --no-grids) is emptied of an earlier one's files too.
     written = {
         "tables": [path for table in tables for path in table.write(out / "tables")],

@@ -1,6 +1,8 @@
 """The paper's tables (1, 2, 3, 9, 10) plus a compute, a privacy and a class-accuracy table, built from the trials
 DataFrame. Audited trials (config ``audit``) are their own experiment, since they train on canaries besides the
-dataset: the privacy_audit, compute and privacy tables show them, the utility tables leave them out and say so.
+dataset: the privacy_audit, compute (in rows of their own) and privacy tables show them, the utility tables leave
+them out and say so. A DP trial that no table's layout has room for (DP full fine-tuning) is named, with its FID, in
+a note under its dataset's first DP table and in the report (``dp_in_no_table``).
 
 A table is key columns (strings) and value cells; a cell aggregates the trials that fall in it over seeds (mean,
 sample std, count) and remembers how many of its trials failed, so a gap is shown as missing or failed, never
@@ -324,6 +326,62 @@ def in_class_accuracy(trials: pd.DataFrame) -> pd.Series:
     return trials["dataset"].isin(set(scored))
 
 
+def _in_table3_rows(trials: pd.DataFrame) -> pd.Series:
+    """The DP trials Table 3 shows or names, per dataset: those of a (model, method, k) run at two or more
+    epsilons, and those of one run at a single epsilon whose method and k has such a row (its note names them)."""
+    dp = trials[in_table3(trials)]
+    multi = dp.groupby(["dataset", "model", "method", "k"])["epsilon"].transform("nunique") >= 2
+    rowed = set(zip(dp.loc[multi, "dataset"], dp.loc[multi, "method"], dp.loc[multi, "k"]))
+    named = [key in rowed for key in zip(dp["dataset"], dp["method"], dp["k"])]
+    return pd.Series(trials.index.isin(dp.index[named]), index=trials.index)
+
+
+def _in_table10_rows(trials: pd.DataFrame) -> pd.Series:
+    """The DP trials Table 10 shows: a variant's at a (dataset, model, epsilon, k) where a LoRA variant ran."""
+    dp = trials[in_table10(trials)]
+    ablation = dp[dp["method"].isin(ABLATION_METHODS)]
+    settings = set(zip(ablation["dataset"], ablation["model"], ablation["epsilon"], ablation["k"]))
+    shown = [key in settings for key in zip(dp["dataset"], dp["model"], dp["epsilon"], dp["k"])]
+    return pd.Series(trials.index.isin(dp.index[shown]), index=trials.index)
+
+
+def dp_in_no_table(trials: pd.DataFrame, *, table2_epsilon: float = 10.0) -> dict[str, str]:
+    """Dataset -> the note naming its DP trials that no utility table shows nor names (e.g. DP full fine-tuning,
+    which the paper's DP tables never printed, or LNTuning at an epsilon other than Table 2's), so that no result
+    is lost silently. The paper-shaped tables keep the published layout; the note sits under the dataset's first
+    DP table and in the report's notices. Audited trials aside: the privacy_audit table shows them."""
+    plain = trials[~trials["audited"]]
+    shown = (
+        in_table2(plain, table2_epsilon)
+        | _in_table3_rows(plain)
+        | _in_table10_rows(plain)
+        | in_class_accuracy(plain)
+    )
+    left = plain[plain["dp"] & ~shown].sort_values(["depth", "method", "epsilon", "k"], key=_table_order)
+    why = (
+        f"DP runs outside Table 2 (LoRA and LNTuning at epsilon {_eps(table2_epsilon)}), Table 3 (a model, "
+        "method and k run at two or more epsilons) and Table 10 (where a LoRA variant ran)"
+    )
+    return {
+        dataset: f"in no table, {why}: {'; '.join(_fid_of_rows(group))}"
+        for dataset, group in left.groupby("dataset", sort=False)
+    }
+
+
+def _table_order(column: pd.Series) -> pd.Series:
+    """Methods in their table order, any other column as it is (a ``sort_values`` key)."""
+    return column.map(list(METHOD_LABELS).index) if column.name == "method" else column
+
+
+def _fid_of_rows(trials: pd.DataFrame) -> list[str]:
+    """ "VAR-d16 FFT k=1 (epsilon 10): FID 55.50" per setting of ``trials`` (seeds aggregated as in a table)."""
+    keys = ["model", "method", "k", "epsilon"]
+    return [
+        f"{_row_name(model, METHOD_LABELS[method], str(k), _eps(epsilon))}: FID {cell(group, 'fid').text()}"
+        for (model, method, k, epsilon), group in trials.groupby(keys, sort=False)
+    ]
+
+
 def _model_method_groups(trials: pd.DataFrame):
     """(model, method, that row's trials) in table order: model depth, then the methods' table order."""
     for model in _models(trials):
@@ -549,21 +607,32 @@ COMPUTE_METRICS = (
 
 
 def compute_table(trials: pd.DataFrame) -> list[Table]:
-    """Training and sampling compute per model x dataset x method x privacy setting (mean over seeds)."""
+    """Training and sampling compute per model x dataset x method x privacy setting (mean over seeds). Audited
+    trials train on canaries besides the dataset, so their cost is not the setting's: they get rows of their own
+    (per canary count, after the setting's row), as every other table keeps them apart."""
     if trials.empty:
         return []
-    keys = ["depth", "model", "dataset", "method", "epsilon", "k"]
+    keys = ["depth", "model", "dataset", "method", "epsilon", "k", "audit_canaries"]
     keyed = []
     for key, group in trials.groupby(keys, dropna=False):
-        depth, model, dataset, method, epsilon, k = key
-        dp = not math.isnan(epsilon)
+        depth, model, dataset, method, epsilon, k, canaries = key
+        dp, audited = not math.isnan(epsilon), not math.isnan(canaries)
         keyed.append(
             (
-                (depth, dataset, list(METHOD_LABELS).index(method), dp, epsilon if dp else 0.0, k),
+                (
+                    depth,
+                    dataset,
+                    list(METHOD_LABELS).index(method),
+                    dp,
+                    epsilon if dp else 0.0,
+                    k,
+                    audited,
+                    canaries if audited else 0.0,
+                ),
                 [
                     model,
                     dataset,
-                    METHOD_LABELS[method],
+                    METHOD_LABELS[method] + (f" (audited, {canaries:.0f} canaries)" if audited else ""),
                     _eps(epsilon) if dp else "no DP",
                     str(k),
                     *[cell(group, m) for m in COMPUTE_METRICS],
@@ -602,9 +671,17 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
                 "MFU against the device's dense bf16 peak; empty on CPUs and unknown GPUs",
                 "rows/s counts training rows, one per view of an example: a DP trial with k augmentation views trains "
                 "k rows per example (examples/s = rows/s / k), counted at its expected Poisson batch",
+                *([AUDITED_COMPUTE_NOTE] if trials["audited"].any() else []),
             ],
         )
     ]
+
+
+AUDITED_COMPUTE_NOTE = (
+    "audited rows: trials of a privacy audit, which train on about half of their m canaries besides the dataset "
+    "(each is in with probability 1/2), so they cost more than the setting's own trials and are never averaged "
+    "with them; see privacy_audit"
+)
 
 
 PRIVACY_METRICS = ("epsilon_spent", "epsilon_spent_prv", "noise_multiplier", "dp_steps")
@@ -940,11 +1017,15 @@ def all_tables(trials: pd.DataFrame, *, table2_epsilon: float = 10.0) -> tuple[l
     tables leave them out and say how many of theirs they left out; compute, privacy and privacy_audit keep them."""
     audited, plain = trials[trials["audited"]], trials[~trials["audited"]]
     tables, skipped = [], []
+    in_no_table = dp_in_no_table(trials, table2_epsilon=table2_epsilon)
     for name, build, selects, why in _utility_tables(plain, table2_epsilon):
         built, left_out = build(plain), audited[selects(audited)]
         for table in built:  # a table of one dataset counts the audited trials of its dataset
             here = left_out if table.dataset is None else left_out[left_out["dataset"] == table.dataset]
             table.notes += [audited_left_out(len(here))] if len(here) else []
+            # the first DP table of a dataset names its DP trials that no table shows
+            if name in DP_TABLES and table.dataset in in_no_table:
+                table.notes.append(in_no_table.pop(table.dataset))
         tables += built
         if not built:
             skipped.append(

@@ -21,6 +21,7 @@ import analysis.figures as analysis_figures
 from analysis.__main__ import main as cli
 from analysis.figures import grid_caption, grid_layout, k_colors, sample_grid
 from analysis.load import AnalysisError, load_results, setting_of
+from analysis.metrics import DATASET_COLUMNS
 from analysis.paper import number, paper_fixture, published
 from analysis.report import provenance
 from analysis.run import analyse
@@ -28,6 +29,7 @@ from analysis.tables import PAPER_DIR
 from bench.results import ResultStore
 from bench.schema import TrialConfig, make_result, replace
 from bench.sweeps import build_sweep
+from bench.sweeps.common import Assets, dp_trial
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "paper"
@@ -1298,3 +1300,106 @@ def test_a_small_non_zero_metric_is_not_shown_as_zero():
     assert compute.format(0.00213) == "0.0021"
     assert compute.format(12.345) == "12.3" and compute.format(0.0) == "0.0"
     assert METRICS["fid"].format(7.94204) == "7.94"
+
+
+def fixture_record(storage: Path, config: TrialConfig, *, fid: float, trainable: int) -> dict:
+    """Write the fixture's record of ``config`` (estimated cost, as ``paper_fixture`` writes) with an FID."""
+    from analysis.paper import _fixture_record
+
+    record = _fixture_record(config)
+    record["metrics"] = {"fid": fid}
+    record["parameters"] = {"trainable": trainable, "base_total": trainable * 50, "adapter_parameters": 0}
+    (storage / "results" / f"{config.trial_id}.json").write_text(json.dumps(record))
+    return record
+
+
+def test_audited_trials_get_compute_rows_and_bars_of_their_own(fixture_storage, tmp_path, monkeypatch):
+    """The privacy_audit sweep beside the paper sweeps: its audited LoRA trial (d16 Flowers, no DP) trains on ~500
+    canaries besides the dataset and costs more than Table 1's LoRA trial of the setting. The compute table showed
+    one cell for both ("31.8 ± 8.8 (n=2)", as if two seeds) and the compute figure one bar of their mean."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    config = next(c for c in build_sweep("privacy_audit") if c.privacy is None and c.method.name == "lora")
+    audited = fixture_record(storage, config, fid=20.0, trainable=6_020_000)["cost"]["train_pflops"]
+    plain = json.loads(result_path(storage, "lora-d16-flowers102").read_text())["cost"]["train_pflops"]
+    assert audited > 1.2 * plain
+    analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
+    (compute,) = [t for t in analysis.tables if t.name == "compute"]
+    rows = {tuple(r[:5]): r[5] for r in compute.rows if r[:2] == ["VAR-d16", "flowers102"]}
+    own = rows[("VAR-d16", "flowers102", "LoRA", "no DP", "1")]
+    theirs = rows[("VAR-d16", "flowers102", "LoRA (audited, 1000 canaries)", "no DP", "1")]
+    assert (own.n, theirs.n) == (1, 1) and (own.mean, theirs.mean) == pytest.approx((plain, audited))
+    assert any(note.startswith("audited rows: trials of a privacy audit") for note in compute.notes)
+
+    bars = {}
+    original = analysis_figures._compute_panel
+    monkeypatch.setattr(
+        analysis_figures,
+        "_compute_panel",
+        lambda ax, sub: (
+            original(ax, sub),
+            bars.update({(ax, c.get_label()): [b.get_height() for b in c] for c in ax.containers}),
+        ),
+    )
+    figure = analysis_figures.compute_figure(analysis.results.trials, tmp_path / "figures")
+    d16 = {label: heights for (ax, label), heights in bars.items() if ax.get_title() == "VAR-d16"}
+    flowers = list(DATASET_COLUMNS).index("flowers102")
+    assert d16["LoRA"][flowers] == pytest.approx(plain)
+    assert d16["LoRA (audited)"][flowers] == pytest.approx(audited)
+    assert "LoRA (audited)" in figure.legend
+
+
+def test_dp_trials_no_table_shows_are_named_with_their_fid(fixture_storage, tmp_path):
+    """DP full fine-tuning at one epsilon (a setting of REFERENCE.md's DP table the paper's DP tables never print)
+    fell in no table: Table 2 shows LoRA and LNTuning, Table 3 settings run at two or more epsilons. Table 2 keeps
+    the published layout and names them with their FID, and the report lists them; so does a report of them
+    alone, where no DP table is drawn."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    alone = tmp_path / "alone"
+    (alone / "results").mkdir(parents=True)
+    for depth in (16, 20):
+        config = dp_trial("full", depth, epsilon=10, k=1, assets=Assets("/assets"))
+        for folder in (storage, alone):
+            fixture_record(folder, config, fid=55.5, trainable=309_600_000)
+    named = (
+        "in no table, DP runs outside Table 2 (LoRA and LNTuning at epsilon 10), Table 3 (a model, method and k "
+        "run at two or more epsilons) and Table 10 (where a LoRA variant ran): VAR-d16 FFT k=1 (epsilon 10): FID "
+        "55.50; VAR-d20 FFT k=1 (epsilon 10): FID 55.50"
+    )
+    analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
+    tables = {t.name: t for t in analysis.tables}
+    assert {r[1] for r in tables["table2_dp_multiplicity"].rows} == {"LoRA", "LNTuning"}
+    assert named in tables["table2_dp_multiplicity"].notes
+    assert not any(
+        named in note for t in analysis.tables if t.name != "table2_dp_multiplicity" for note in t.notes
+    )
+    report = (tmp_path / "out" / "index.md").read_text()
+    assert f"## DP trials in no table\n\n- flowers102: {named}" in report
+
+    only = analyse(alone, tmp_path / "alone-out", grids=False, figures=False)
+    assert not any(t.name.startswith("table") for t in only.tables)
+    assert only.in_no_table == [f"flowers102: {named}"]
+    assert f"- flowers102: {named}" in (tmp_path / "alone-out" / "index.md").read_text()
+
+
+def test_a_single_epsilon_run_of_a_table3_method_is_named_once():
+    """Every DP trial is in exactly one place: a Table 3 method's run at one epsilon (named by Table 3's own note)
+    and an ablation setting's LNTuning (Table 10) are not named again as in no table."""
+    from analysis.tables import dp_in_no_table
+
+    trials = pd.DataFrame(
+        [
+            {"dataset": "flowers102", "model": "VAR-d16", "depth": 16, "method": m, "epsilon": e, "k": k}
+            for m, e, k in (
+                ("lora", 1.0, 32),
+                ("lora", 20.0, 32),  # Table 3's row
+                ("lora", 50.0, 1),  # at one epsilon, no Table 3 row of LoRA k=1: in no table
+                ("lora_attention", 20.0, 128),
+                ("ln_tuning", 20.0, 128),  # Table 10's
+                ("full", 20.0, 1),  # in no table
+            )
+        ]
+    ).assign(dp=True, audited=False, status="success", fid=50.0, class_accuracy=float("nan"))
+    (note,) = dp_in_no_table(trials).values()
+    assert note.endswith(
+        ": VAR-d16 FFT k=1 (epsilon 20): FID 50.00; VAR-d16 LoRA k=1 (epsilon 50): FID 50.00"
+    )
