@@ -489,8 +489,9 @@ class OptimizationConfig:
         _require(
             self.warmup_steps >= 0, "optimization.warmup_steps", f"must be >= 0, got {self.warmup_steps}"
         )
-        _require(  # a run that ends inside its warm-up never reaches its learning rate (with epochs: plan_trial)
-            self.steps is None or self.warmup_steps <= self.steps,
+        _require(  # a run that ends inside its warm-up never reaches its learning rate (with epochs: plan_trial;
+            # 0 steps: the base model, which trains nothing)
+            not self.steps or self.warmup_steps <= self.steps,
             "optimization.warmup_steps",
             f"{self.warmup_steps} is more than the run's {self.steps} steps: it would never reach its learning rate",
         )

@@ -493,7 +493,10 @@ def _adapter_without_sidecar(a, t):
 def _corrupt_image(a, t):
     make_folder(t / "data")
     next((t / "data" / "train").rglob("*.png")).write_bytes(b"not an image")
-    return _evaluate_argv(a, t, **{"--root": t / "data"}), ["unreadable image"]
+    return _evaluate_argv(a, t, **{"--root": t / "data"}), [
+        "unreadable image",
+        "--skip-corrupt-images drops them",
+    ]
 
 
 def _more_classes_than_the_adapter(a, t):
@@ -596,6 +599,10 @@ EVALUATE = {
     "cfg negative": lambda a, t: (_evaluate_argv(a, t, **{"--cfg": -1}), ["--cfg", "'-1'"]),
     "cfg nan": lambda a, t: (_evaluate_argv(a, t, **{"--cfg": "nan"}), ["--cfg", "'nan'"]),
     "batch-size 0": lambda a, t: (_evaluate_argv(a, t, **{"--batch-size": 0}), ["--batch-size", "'0'"]),
+    "seed 2**31": lambda a, t: (
+        _evaluate_argv(a, t, **{"--seed": 2**31}),
+        ["--sampling-seed/--seed", "'2147483648'", "[0, 2147483647]"],
+    ),
     "resolution not the model's": lambda a, t: (
         _evaluate_argv(a, t, **{"--resolution": 32}),
         ["--resolution 32", "16px"],
@@ -709,6 +716,23 @@ def _truncated_zip(a, t):
     return lambda: load_var(t / "cut.pth", **TINY_VAR), [t / "cut.pth", "truncated"]
 
 
+def _damaged_without_sidecar(a, t):
+    """One bit of a tensor's bytes flipped in a checkpoint without a sidecar (as the official ones are)."""
+    import zipfile
+
+    path = t / "damaged.pth"
+    path.write_bytes(a.plain.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = next(m for m in archive.infolist() if m.filename.endswith("/data/4"))
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = (
+        int.from_bytes(data[member.header_offset + i :][:2], "little") for i in (26, 28)
+    )
+    data[member.header_offset + 30 + name_length + extra_length] ^= 0x01
+    path.write_bytes(bytes(data))
+    return lambda: load_var(path, **TINY_VAR), [path, "is damaged", member.filename, "Bad CRC-32"]
+
+
 def _marker_class(a, t):
     (t / "evil.pth").write_bytes(pickle.dumps({"w": WritesMarker()}, protocol=2))
     return lambda: read_state_dict(t / "evil.pth"), [t / "evil.pth", "cannot read checkpoint"]
@@ -820,6 +844,7 @@ LOADING = {
     "a folder": lambda a, t: (lambda: load_vqvae(a.data, **TINY_VQVAE), [a.data, "folder"]),
     "empty file": _empty_file,
     "truncated zip": _truncated_zip,
+    "damaged bytes without a sidecar": _damaged_without_sidecar,
     "pickle with a class (plain pickle)": _marker_class,
     "pickle with a class (torch.save)": _marker_class_torch,
     "nested {'model': ...}": _nested,

@@ -130,6 +130,51 @@ def test_truncated_file(tmp_path, tiny_vqvae):
         load_vqvae(path, **TINY_VQVAE)
 
 
+def _damage_member(path, member_suffix: str) -> str:
+    """Flip one bit inside the data of the zip member ending in ``member_suffix`` (a tensor's bytes); its name."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = next(m for m in archive.infolist() if m.filename.endswith(member_suffix))
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = (
+        int.from_bytes(raw[member.header_offset + at : member.header_offset + at + 2], "little")
+        for at in (26, 28)
+    )
+    raw[member.header_offset + 30 + name_length + extra_length + 3] ^= 0x20
+    path.write_bytes(bytes(raw))
+    return member.filename
+
+
+def test_a_damaged_checkpoint_without_a_sidecar_is_refused_by_its_crc(tmp_path, tiny_var):
+    """torch.load does not check the zip's CRC-32s: a file without a sidecar (as the official checkpoints are)
+    with a tensor's bytes damaged loaded with changed weights, silently."""
+    from trainables.models.checkpoints import read_state_dict, save_state
+
+    path = tmp_path / "official-like.pth"
+    save_state(tiny_var.state_dict(), path)
+    member = _damage_member(path, "/data/4")
+    for load in (lambda: load_var(path, **TINY_VAR), lambda: read_state_dict(path)):
+        with pytest.raises(CheckpointError) as err:
+            load()
+        assert f"checkpoint {path} is damaged (member {member}: Bad CRC-32" in str(err.value)
+
+
+def test_legacy_and_crc_less_checkpoints_still_load(tmp_path, tiny_var):
+    """The CRC check reads zip files only, and members for which torch.save recorded a CRC-32."""
+    legacy = tmp_path / "legacy.pth"
+    torch.save(tiny_var.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    without_crc = tmp_path / "without-crc.pth"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(tiny_var.state_dict(), without_crc)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    for path in (legacy, without_crc):
+        loaded = load_var(path, **TINY_VAR).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in tiny_var.state_dict().items())
+
+
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "object.pth"
     torch.save({"model": torch.nn.Linear(2, 2)}, path)

@@ -276,7 +276,9 @@ def test_a_split_is_decoded_once_and_its_outcome_kept_until_a_file_changes(tmp_p
     broken.write_bytes(b"not an image")
     images, cache, logged = read_dataset("folder", tmp_path / "data", "test"), tmp_path / "cache", []
     with pytest.raises(
-        DatasetError, match=r"1 unreadable image\(s\) \(data.skip_corrupt_images: true drops them\)"
+        DatasetError,
+        match=r"1 unreadable image\(s\) \(a sweep's data.skip_corrupt_images: true or the evaluate command's "
+        r"--skip-corrupt-images drops them\)",
     ):
         check_images(images, cache_dir=cache, log=logged.append)
     assert logged == ["decoding the 3 images of folder test once"]
@@ -358,6 +360,48 @@ def test_cub_image_in_no_split_is_an_error_naming_it(tmp_path, split_lines, expe
     for split in ("train", "test"):
         with pytest.raises(DatasetError, match=expected):
             read_dataset("cub200", tmp_path, split)
+
+
+def test_a_cub_class_id_missing_from_classes_txt_is_named(tmp_path):
+    """An image whose class id classes.txt does not list stopped the reader on a bare KeyError."""
+    make_cub(tmp_path)
+    base = tmp_path / "CUB_200_2011"
+    (base / "classes.txt").write_text("1 001.Albatross\n2 002.Auklet\n")  # class 10 left out
+    with pytest.raises(DatasetError) as err:
+        read_dataset("cub200", tmp_path, "train")
+    message = str(err.value)
+    assert f"3 image(s) in {base / 'image_class_labels.txt'}" in message
+    assert f"{base / 'classes.txt'} does not list (image ids ['6', '7', '8']; class ids ['10'])" in message
+
+
+def test_an_oxford_pet_subset_without_a_breed_labels_each_image_with_its_own_breed(tmp_path):
+    """torchvision labels pets by official breed id (0-36) but names only the breeds present: in a subset without
+    breed 2, breed 3's images were label 2, past the class names, and counted for no class."""
+    base = tmp_path / "oxford-iiit-pet"
+    (base / "annotations").mkdir(parents=True)
+    rows = {
+        "trainval": [
+            ("Abyssinian_1", 1),
+            ("american_pit_bull_terrier_1", 3),
+            ("american_pit_bull_terrier_2", 3),
+        ],
+        "test": [("Abyssinian_2", 1), ("american_bulldog_1", 2)],
+    }
+    for split, entries in rows.items():
+        (base / "annotations" / f"{split}.txt").write_text(
+            "".join(f"{n} {label} 1 1\n" for n, label in entries)
+        )
+        for i, (name, _) in enumerate(entries):
+            jpeg(base / "images" / f"{name}.jpg", seed=i)
+    train, test = (read_dataset("oxford_pet", tmp_path, split) for split in ("train", "test"))
+    for images in (train, test):
+        assert [images.class_names[label] for label in images.labels] == [
+            CLASS_OF_PATH["oxford_pet"](path, images.split) for path in images.paths
+        ]
+    assert train.labels == (0, 1, 1)
+    assert train.class_counts == {"Abyssinian": 1, "American Pit Bull Terrier": 2}
+    # Splits of other breeds differ in their class names, which trial planning refuses by name.
+    assert train.class_names != test.class_names == ("Abyssinian", "American Bulldog")
 
 
 def displayed_images(folder: Path) -> dict[Path, np.ndarray]:

@@ -613,3 +613,161 @@ def test_evaluate_refuses_a_vqvae_of_other_tokens_before_the_reference_statistic
             cache=ReferenceStats(tmp_path / "reference"),
         )
     assert not list(tmp_path.rglob("*.npz"))  # no reference statistics computed
+
+
+def _count_decodes(monkeypatch, *, refuse: bool = False) -> list[str]:
+    """Record every image the split's check and the reference statistics decode (``refuse``: fail at the first,
+    so a run that reaches one ends there)."""
+    import trainables.data.datasets as datasets_module
+    import trainables.evaluation.evaluate as evaluate_module
+
+    decoded, decode = [], datasets_module.open_rgb
+
+    def counted(path):
+        decoded.append(str(path))
+        if refuse:
+            raise AssertionError(f"{path} decoded before the check")
+        return decode(path)
+
+    monkeypatch.setattr(datasets_module, "open_rgb", counted)
+    monkeypatch.setattr(evaluate_module, "open_rgb", counted)
+    return decoded
+
+
+def _damaged_weights(tmp_path, var_path):
+    import torch
+
+    state = torch.load(var_path, weights_only=True)
+    state["head.bias"] += 1.0
+    torch.save(state, var_path)  # the sidecar still records the saved file's SHA-256
+    return {}, [str(var_path), "SHA-256"], []
+
+
+def _var_as_inception(tmp_path, var_path):
+    """A loadable checkpoint of another model: torch-fidelity's error listed every key (17,584 characters)."""
+    change = {"--extractor": "inception-v3-compat", "--inception-weights": var_path}
+    needles = [f"{var_path} is not an Inception-v3 state dict", "472 missing keys: Conv2d_1a_3x3.conv.weight"]
+    return change, needles + ["unexpected keys: pos_start", "more)"], []
+
+
+def _junk_as_inception(tmp_path, var_path):
+    (tmp_path / "junk.pth").write_bytes(b"not weights")
+    change = {"--extractor": "inception-v3-compat", "--inception-weights": tmp_path / "junk.pth"}
+    needles = [f"{tmp_path / 'junk.pth'} is not a readable Inception-v3 state dict", "weights-only unpickler"]
+    return change, needles, ["weights_only"]  # not torch's advice to load it with weights_only=False
+
+
+@pytest.mark.parametrize(
+    "case", [_damaged_weights, _var_as_inception, _junk_as_inception], ids=["sha-256", "inception", "junk"]
+)
+def test_the_command_checks_model_and_extractor_files_before_decoding_an_image(
+    case, tiny_var, tiny_vqvae, split, tmp_path, capsys, monkeypatch
+):
+    """The split was decoded whole before the extractor's weights and the checkpoint's SHA-256 were checked."""
+    var_path, vqvae_path = (
+        save_var(tiny_var, tmp_path / "var.pth"),
+        save_vqvae(tiny_vqvae, tmp_path / "q.pth"),
+    )
+    change, needles, absent = case(tmp_path, var_path)
+    decoded = _count_decodes(monkeypatch, refuse=True)
+    assert (
+        main(_command(tmp_path, var_path, vqvae_path, root=tmp_path / "data", split="train", **change)) == 2
+    )
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert decoded == [] and last.startswith("error: ") and len(last) < 600, last
+    assert all(needle in last for needle in needles) and not any(word in last for word in absent), last
+
+
+@pytest.mark.parametrize("seed", [2**31, -1])
+def test_the_command_refuses_a_seed_out_of_range_before_any_work(seed, saved_models, tmp_path, capsys):
+    """A seed from about 1.8e13 overflowed torch's seed at the first batch, after the reference statistics."""
+    base_path, vqvae_path = saved_models
+    make_folder(tmp_path / "data")
+    argv = _command(
+        tmp_path, base_path, vqvae_path, root=tmp_path / "data", split="train", **{"--seed": seed}
+    )
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--sampling-seed/--seed" in last and f"'{seed}'" in last and "[0, 2147483647]" in last, last
+    assert not (tmp_path / "ref").exists() and not (tmp_path / "eval").exists()  # nothing computed
+
+
+def test_generate_refuses_a_seed_out_of_range_and_draws_at_the_largest(tiny_var, tiny_vqvae, tmp_path):
+    import dataclasses
+
+    from bench.schema import MAX_SEED
+    from trainables.evaluation.generate import generate
+
+    largest = dataclasses.replace(EVALUATION, sampling_seed=MAX_SEED)
+    images, _ = generate(tiny_var, tiny_vqvae, [1], evaluation=largest, autocast_bf16=False)
+    assert images.shape[0] == 1
+    beyond = dataclasses.replace(EVALUATION)
+    object.__setattr__(beyond, "sampling_seed", 2**45)  # a config built past the schema's check
+    with pytest.raises(
+        ValueError, match=r"sampling seed 35184372088832 is out of range: .* \[0, 2147483647\]"
+    ):
+        generate(tiny_var, tiny_vqvae, [1], evaluation=beyond, autocast_bf16=False, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before the folder was claimed
+
+
+def test_the_command_drops_unreadable_images_on_request_and_lists_them(
+    tiny_var, tiny_vqvae, split, tmp_path, capsys
+):
+    var_path, vqvae_path = (
+        save_var(tiny_var, tmp_path / "var.pth"),
+        save_vqvae(tiny_vqvae, tmp_path / "q.pth"),
+    )
+    broken = tmp_path / "data" / "train" / "10" / "1.png"
+    broken.write_bytes(b"not an image")
+    jpeg(tmp_path / "data" / "train" / "10" / "3.jpg", seed=3)  # 5 readable images: enough to score
+    argv = _command(tmp_path, var_path, vqvae_path, root=tmp_path / "data", split="train")
+    assert main(argv) == 2
+    assert "--skip-corrupt-images drops them" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main([*argv, "--skip-corrupt-images"]) == 0
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert result["images_generated"] == 5 and len(result["skipped_images"]) == 1
+    assert result["skipped_images"][0].startswith(f"{broken}: ")
+    assert f"skipped an unreadable image: {broken}: " in capsys.readouterr().err
+
+
+def _first_run(tiny_var, tiny_vqvae, tmp_path) -> list[str]:
+    """The command's argv on the tiny models and the 5-image split, after a first run of it."""
+    var_path, vqvae_path = (
+        save_var(tiny_var, tmp_path / "var.pth"),
+        save_vqvae(tiny_vqvae, tmp_path / "q.pth"),
+    )
+    argv = _command(tmp_path, var_path, vqvae_path, root=tmp_path / "data", split="train")
+    assert main(argv) == 0
+    return argv
+
+
+def test_a_second_run_of_the_command_decodes_no_image(tiny_var, tiny_vqvae, split, tmp_path, monkeypatch):
+    """The command decoded the whole split on every run; the sweep keeps the check's outcome in its cache."""
+    argv = _first_run(tiny_var, tiny_vqvae, tmp_path)
+    decoded = _count_decodes(monkeypatch)
+    assert main(argv) == 0
+    assert decoded == []  # the split's check and the reference statistics both read from --cache
+    broken = tmp_path / "data" / "train" / "10" / "1.png"
+    broken.write_bytes(b"not an image")  # a changed file changes the key: the split is checked again
+    assert main(argv) == 2 and len(decoded) == 5
+
+
+def test_a_failed_write_keeps_the_earlier_evaluation_json(tiny_var, tiny_vqvae, split, tmp_path, monkeypatch):
+    """evaluation.json was written in place: a write that failed (a full disk) left a truncated file where the
+    earlier result was."""
+    from pathlib import Path
+
+    argv = _first_run(tiny_var, tiny_vqvae, tmp_path)
+    written = (tmp_path / "eval" / "evaluation.json").read_text()
+    write_text = Path.write_text
+
+    def full_disk(self, data, *args, **kwargs):
+        if "evaluation.json" not in self.name:
+            return write_text(self, data, *args, **kwargs)
+        write_text(self, data[: len(data) // 3], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    assert main(argv) == 2
+    assert (tmp_path / "eval" / "evaluation.json").read_text() == written
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["evaluation.json", "images"]

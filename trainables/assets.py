@@ -278,7 +278,10 @@ def check_inception_weights(path: str | os.PathLike) -> None:
     try:
         build_extractor(INCEPTION, weights_path=path)
     except Exception as err:
-        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        # The extractor's own refusals name the file: named once here, in front
+        lines = [
+            line.strip() for line in str(err).replace(str(path), "the file").splitlines() if line.strip()
+        ]
         detail = "; ".join(lines[:2])[:300]
         raise CheckpointError(
             f"{path} is not torch-fidelity's Inception-v3 weights file "

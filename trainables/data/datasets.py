@@ -150,6 +150,7 @@ def read_cub200(root: Path, split: str) -> ImageList:
     unlabeled = [iid for iid in chosen if iid not in labels]
     if unlabeled:
         raise DatasetError(f"cub200: images {unlabeled[:5]} have no entry in image_class_labels.txt")
+    _check_cub_classes(chosen, labels, index_of, base=base)
     return ImageList(
         "cub200",
         split,
@@ -157,6 +158,21 @@ def read_cub200(root: Path, split: str) -> ImageList:
         tuple(index_of[labels[i]] for i in chosen),
         tuple(classes[c] for c in class_ids),
     )
+
+
+def _check_cub_classes(
+    chosen: list[str], labels: dict[str, str], index_of: dict[str, int], *, base: Path
+) -> None:
+    """Every chosen image's class id must be one of classes.txt (a hand-edited or mixed-up copy otherwise
+    stopped on a bare KeyError naming only the id)."""
+    unknown = [iid for iid in chosen if labels[iid] not in index_of]
+    if unknown:
+        class_ids = sorted({labels[iid] for iid in unknown}, key=int)
+        raise DatasetError(
+            f"cub200: {len(unknown)} image(s) in {base / 'image_class_labels.txt'} have a class id that "
+            f"{base / 'classes.txt'} does not list (image ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; "
+            f"class ids {class_ids[:5]}{' ...' if len(class_ids) > 5 else ''})"
+        )
 
 
 def _check_cub_split(images: dict[str, str], is_train: dict[str, str]) -> None:
@@ -256,12 +272,30 @@ def read_oxford_pet(root: Path, split: str) -> ImageList:
     official = {"train": "trainval", "test": "test"}[_split(split)]
     base = root / "oxford-iiit-pet"
     _require(base / "annotations" / f"{official}.txt", base / "images", dataset="oxford_pet")
-    return _from_torchvision(
+    images = _from_torchvision(
         "oxford_pet",
         lambda: tv.OxfordIIITPet(root, split=official, download=False),
         "_images",
         "_labels",
         split,
+    )
+    return _present_breeds_numbered(images, annotations=base / "annotations" / f"{official}.txt")
+
+
+def _present_breeds_numbered(images: ImageList, *, annotations: Path) -> ImageList:
+    """Labels re-numbered to the rank of their breed among those present: torchvision's labels are the official
+    breed ids (0-36) but its class names only the breeds present in the annotation file (ordered by id), so in a
+    subset without a breed label i named another breed than class_names[i], silently. The full dataset (all 37
+    breeds) is unchanged; two splits of other breeds differ in their class names (which trial planning refuses)."""
+    present = sorted(set(images.labels))
+    if len(present) != len(images.class_names):
+        raise DatasetError(
+            f"oxford_pet: {annotations} gives {len(present)} breed ids but {len(images.class_names)} breed names "
+            "(an image named for one breed labelled as another): fix the annotation file"
+        )
+    rank = {label: index for index, label in enumerate(present)}
+    return ImageList(
+        images.name, images.split, images.paths, tuple(rank[x] for x in images.labels), images.class_names
     )
 
 
@@ -332,8 +366,8 @@ def check_images(
     if bad and not skip_corrupt:
         listed = "\n  ".join(list(bad.values())[:10])
         raise DatasetError(
-            f"{images.name} {images.split}: {len(bad)} unreadable image(s) (data.skip_corrupt_images: true drops "
-            f"them):\n  {listed}"
+            f"{images.name} {images.split}: {len(bad)} unreadable image(s) (a sweep's "
+            f"data.skip_corrupt_images: true or the evaluate command's --skip-corrupt-images drops them):\n  {listed}"
         )
     return images.without(set(bad)), list(bad.values())
 

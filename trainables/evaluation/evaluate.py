@@ -9,10 +9,13 @@ Also a standalone command for a saved checkpoint (base + adapter, or a merged ch
 
 Every bad input (a missing or corrupt checkpoint, a --depth/--num-classes that disagrees with the checkpoint's
 sidecar, an adapter trained on another base file or architecture, a VQVAE or --resolution that does not fit the
-VAR, a bad dataset folder, a split of more classes than the model, of other classes than the adapter was trained
-on, or of fewer than 4 images, an out-of-range option) ends in exit status 2 and one last line ``error: ...``
-before any model is loaded or image generated: what the sidecars, provenance files and checkpoint headers tell is
-checked on meta-device builds (no weights) before the split's images are decoded.
+VAR, a bad Inception weights file, a bad dataset folder, a split of more classes than the model, of other classes
+than the adapter was trained on, or of fewer than 4 images, an out-of-range option) ends in exit status 2 and one
+last line ``error: ...`` before any image is generated: what the sidecars, provenance files and checkpoint headers
+tell is checked on meta-device builds (no weights) before any model is loaded, and the files themselves (SHA-256s,
+CRC-32s, the extractor's weights) are checked as they are loaded, before the split's images are decoded. The
+decoding's outcome is kept in the --cache folder, so a second run over the same files decodes none; unreadable
+images stop the command unless --skip-corrupt-images drops them (listed in evaluation.json).
 """
 
 from __future__ import annotations
@@ -30,12 +33,19 @@ import torch
 
 from bench.cli import Parser, number, probe_folder, run_reporting
 from bench.errors import VarsweepError
-from bench.schema import MIN_EVALUATION_IMAGES, EvaluationConfig, OptimizationConfig, ResourcesConfig
+from bench.schema import (
+    MAX_SEED,
+    MIN_EVALUATION_IMAGES,
+    EvaluationConfig,
+    OptimizationConfig,
+    ResourcesConfig,
+)
 
 from ..data.datasets import ImageList, check_images, eval_transform, open_rgb, read_dataset
 from ..models import VAR, VQVAE
 from ..models.checkpoints import (
     CheckpointError,
+    atomic_write,
     check_state_dict,
     checkpoint_sha256,
     read_checkpoint_header,
@@ -55,7 +65,7 @@ from .features import (
     extract_features,
     uint8_batches,
 )
-from .generate import generate, generation_plan, sampling_record
+from .generate import check_sampling_seed, generate, generation_plan, sampling_record
 from .metrics import (
     KID_MAX_SUBSET_SIZE,
     ReferenceKey,
@@ -146,7 +156,9 @@ def evaluate(
     ``evaluation.inception_weights``). ``classifier`` (model, record) adds the class accuracy of the generated
     images (does each show its class?)."""
     check_split_fits(images, num_classes=var.num_classes, model="the VAR")
-    check_models_fit(var, vqvae)  # before the reference statistics: sampling would find it only after them
+    # Before the reference statistics: sampling would find either only after them.
+    check_models_fit(var, vqvae)
+    check_sampling_seed(evaluation.sampling_seed)
     device = next(var.parameters()).device
     resolution = vqvae.image_size
     feature_extractor = (
@@ -414,7 +426,12 @@ def _parser() -> Parser:
         help="images per sampling batch",
     )
     parser.add_argument(
-        "--sampling-seed", "--seed", dest="sampling_seed", type=int, default=defaults.sampling_seed
+        "--sampling-seed",
+        "--seed",
+        dest="sampling_seed",
+        type=_sampling_seed,
+        default=defaults.sampling_seed,
+        help=f"seed of the sampling, an integer in [0, {MAX_SEED}] (batch b draws from seed * 1000003 + b)",
     )
     parser.add_argument(
         "--autocast-bf16",
@@ -429,15 +446,34 @@ def _parser() -> Parser:
         help="draw with each scale's step torch.compile'd (CUDA graphs on CUDA; as resources.compile_sampling)",
     )
     parser.add_argument(
-        "--cache", default="runs/reference-stats", help="folder of the cached reference statistics"
+        "--skip-corrupt-images",
+        action="store_true",
+        help="drop the split's unreadable images (listed on stderr and in evaluation.json) instead of stopping",
+    )
+    parser.add_argument(
+        "--cache",
+        default="runs/reference-stats",
+        help="folder of the cached reference statistics and of the split's image checks",
     )
     parser.add_argument("--out", required=True, help="folder for evaluation.json and the generated images")
     return parser
 
 
+def _sampling_seed(text: str) -> int:
+    """--seed's argparse type: an integer in [0, ``MAX_SEED``] (the schema's bound on every seed): a large one
+    overflowed torch's 64-bit seed at the first batch, after the reference statistics."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = None
+    if seed is None or not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [0, {MAX_SEED}]")
+    return seed
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command: 0 after writing OUT/evaluation.json; 2 with a last stderr line ``error: ...`` naming the bad
-    input (checked before any model is loaded or image generated), never a traceback."""
+    input (checked before any image is decoded or generated), never a traceback."""
     return run_reporting(lambda: _main(argv))
 
 
@@ -465,8 +501,8 @@ def _main(argv: list[str] | None) -> int:
     trained, base_sha256 = _check_models(args, var=var_architecture, vqvae=vqvae_architecture)
     out, cache = _writable_folder(args.out, "--out"), _writable_folder(args.cache, "--cache")
     images = read_dataset(args.dataset, args.root, args.split)
-    # The model's classes are known from the sidecars: a split it cannot be scored on stops here, before the
-    # images are decoded and any model is loaded (evaluate checks the loaded model's count again).
+    # The model's classes are known from the sidecars: a split it cannot be scored on stops here, before any model
+    # is loaded and the images are decoded (evaluate checks the loaded model's count, and the images kept, again).
     check_split_fits(images, num_classes=trained.num_classes, model=trained.model)
     # An adapter, or a checkpoint recording its training classes (a merged or exported fine-tuned model); a plain
     # checkpoint (the official ImageNet VAR, say) may be scored on any split of no more classes than it has.
@@ -474,7 +510,8 @@ def _main(argv: list[str] | None) -> int:
         check_split_classes(
             images, class_names=trained.names, num_classes=trained.num_classes, model=trained.model
         )
-    images, _ = check_images(images)
+    # The files themselves before the split is decoded: the extractor's weights, and the checkpoints' SHA-256s
+    # against their sidecars (CRC-32s without one), as they are loaded.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extractor = build_extractor(
         args.extractor, weights_path=args.inception_weights, cache_dir=cache
@@ -486,6 +523,13 @@ def _main(argv: list[str] | None) -> int:
         # In place: var becomes the fine-tuned model (checked above; load_adapter checks the tensors too).
         load_adapter(var, args.adapter, base_sha256=base_sha256)
     vqvae = load_vqvae(args.vqvae, **vqvae_architecture, device=device)
+    # Kept in --cache by the split's paths, sizes and modification times, as the sweep keeps it: a second run over
+    # the same files decodes none of them.
+    images, skipped = check_images(
+        images, skip_corrupt=args.skip_corrupt_images, cache_dir=cache, log=_to_stderr
+    )
+    for line in skipped:
+        _to_stderr(f"skipped an unreadable image: {line}")
     result = evaluate(
         var.eval(),
         vqvae,
@@ -498,7 +542,9 @@ def _main(argv: list[str] | None) -> int:
         out_dir=out / "images",
         log=_to_stderr,  # the progress of a long evaluation; stdout holds only the metrics
     )
-    (out / "evaluation.json").write_text(json.dumps(result, indent=1))
+    result["skipped_images"] = skipped  # with --skip-corrupt-images: the split's unreadable images, dropped
+    # Atomic: a failed write (a full disk) leaves an earlier run's result whole, not a truncated file.
+    atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     print(json.dumps(result["metrics"], indent=1))
     return 0
 

@@ -16,6 +16,7 @@ Extractors take uint8 images [B, 3, H, W] and return float32 features [B, D]. Ea
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from bench.schema import DIGITS_EXTRACTOR, EXTRACTORS, INCEPTION_EXTRACTOR, SUBSTITUTE_EXTRACTOR
 
-from ..models.checkpoints import file_sha256
+from ..models.checkpoints import CheckpointError, file_sha256, read_state_dict
 
 INCEPTION, SUBSTITUTE, DIGITS_CNN = (
     INCEPTION_EXTRACTOR,
@@ -82,13 +83,18 @@ class InceptionFeatures(nn.Module):
                 f"Inception-v3 weights not found at {path}: download {INCEPTION_WEIGHTS_FILE} once "
                 "(torch-fidelity's release) and pass its local path; runs never download"
             )
-        try:  # validate as plain tensors first: torch-fidelity itself loads with weights_only=False
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
+        try:  # validate as plain tensors first (and their CRC-32s): torch-fidelity loads with weights_only=False
+            read_state_dict(path)
+        except CheckpointError as err:
             raise ValueError(f"{path} is not a readable Inception-v3 state dict: {err}") from err
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        self.net = FeatureExtractorInceptionV3(INCEPTION, ["2048"], feature_extractor_weights_path=str(path))
+        try:
+            self.net = FeatureExtractorInceptionV3(
+                INCEPTION, ["2048"], feature_extractor_weights_path=str(path)
+            )
+        except RuntimeError as err:  # load_state_dict's: every missing and unexpected key, thousands of them
+            raise ValueError(f"{path} is not an Inception-v3 state dict ({_key_summary(str(err))})") from err
         self.weights_path, self._sha256 = path, sha256
 
     @property
@@ -100,6 +106,26 @@ class InceptionFeatures(nn.Module):
 
     def forward(self, images_B3HW: torch.Tensor) -> torch.Tensor:
         return self.net(images_B3HW)[0]
+
+
+def _key_summary(message: str, *, shown: int = 3) -> str:
+    """``load_state_dict``'s error in a line: how many keys are missing, unexpected or mis-shaped, and the first
+    few names of each (its own message lists all of them, 17,584 characters for a VAR checkpoint)."""
+    parts = []
+    for title, pattern in (
+        ("missing", r"Missing key\(s\) in state_dict: ([^\n]*)"),
+        ("unexpected", r"Unexpected key\(s\) in state_dict: ([^\n]*)"),
+    ):
+        found = re.search(pattern, message)
+        names = re.findall(r'"([^"]+)"', found.group(1)) if found else []
+        if names:
+            more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+            parts.append(f"{len(names)} {title} keys: {', '.join(names[:shown])}{more}")
+    mis_shaped = re.findall(r"size mismatch for ([^:]+):", message)
+    if mis_shaped:
+        more = f", ... ({len(mis_shaped) - shown} more)" if len(mis_shaped) > shown else ""
+        parts.append(f"{len(mis_shaped)} mis-shaped keys: {', '.join(mis_shaped[:shown])}{more}")
+    return "; ".join(parts) or message.strip().splitlines()[0][:300]
 
 
 def build_extractor(

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from bench.errors import VarsweepError
-from bench.schema import EvaluationConfig
+from bench.schema import MAX_SEED, EvaluationConfig
 
 from ..models import VAR, VQVAE, release_sampling_caches
 from ..models.checkpoints import atomic_write
@@ -45,6 +45,17 @@ MANIFEST = "generated.json"
 # (``VAR.sample``; the decoder itself stays in bf16), where version 3 mapped it in bf16: about a third of its uint8
 # pixels one level apart. The manifest also records the plan (``generation_manifest``).
 GENERATED_FORMAT = "varsweep-generated/4"
+
+
+def check_sampling_seed(seed: int) -> None:
+    """Refuse a sampling seed outside [0, ``MAX_SEED``] (the schema's bound on every seed), before anything is
+    drawn: batch b draws from ``sampling_seed * 1_000_003 + b``, which must fit torch's signed 64-bit seed (seeds
+    from about 1.8e13 overflowed at the first batch, after the reference statistics were computed)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(
+            f"sampling seed {seed!r} is out of range: it must be an integer in [0, {MAX_SEED}], so every "
+            "batch's seed (seed * 1000003 + batch) fits torch's 64-bit seed"
+        )
 
 
 SAMPLING_FIELDS = (
@@ -131,6 +142,7 @@ def generate(
     drawn). Returns when every file is written: images uint8 [N, 3, H, W] (the drawn ones as written, the resumed
     ones as read) and labels [N]. ``tally``: a dict this call sets ``drawn`` (images drawn) and ``resumed`` (images
     read back from ``out_dir``) in, so that a rate is of the images drawn, not of those an earlier run drew."""
+    check_sampling_seed(evaluation.sampling_seed)  # before the folder is claimed and anything drawn
     labels_N = torch.tensor(_labels(plan), dtype=torch.long)
     device = next(var.parameters()).device
     out = None if out_dir is None else Path(out_dir)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import secrets
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +49,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     _require_file(path)
     with open(path, "rb") as handle:
-        return _load_state(handle, path)
+        return _load_state(handle, path, check_crc=True)
 
 
 def _require_file(path: Path) -> None:
@@ -65,15 +66,20 @@ def read_checkpoint_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return _load_state(handle, Path(path), map_location="meta")
 
 
-def _load_state(handle: BinaryIO, path: Path, *, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+def _load_state(
+    handle: BinaryIO, path: Path, *, map_location: str = "cpu", check_crc: bool = False
+) -> dict[str, torch.Tensor]:
     """The state dict in the open file ``handle`` (of ``path``, named in errors); ``weights_only``: a pickled
-    object other than tensors and plain containers is refused, never constructed."""
+    object other than tensors and plain containers is refused, never constructed. ``check_crc``: verify the
+    zip members' CRC-32s first (``_check_zip_crcs``; where no sidecar's SHA-256 vouches for the bytes)."""
+    if check_crc:
+        _check_zip_crcs(handle, path)
     try:
         state = torch.load(handle, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(
             f"cannot read checkpoint {path} (truncated, corrupt or not a PyTorch weights file): "
-            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            f"{type(err).__name__}: {_load_failure(err)}"
         ) from err
     if not isinstance(state, Mapping):
         raise CheckpointError(
@@ -90,6 +96,43 @@ def _load_state(handle: BinaryIO, path: Path, *, map_location: str = "cpu") -> d
             f"{{'model': ...}} must be unpacked first):\n" + _listing("non-tensor entries", not_tensors)
         )
     return dict(state)
+
+
+def _load_failure(err: Exception) -> str:
+    """What ``torch.load`` found wrong, in a line: its weights-only refusal opens with advice to load with
+    ``weights_only=False`` (running whatever the file holds), never the thing to do with a damaged or foreign
+    file, so only the unpickler's own finding is kept."""
+    text = str(err).strip()
+    if "WeightsUnpickler error:" in text:
+        finding = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        return f"the weights-only unpickler refused it: {' '.join(finding.split())}"
+    return text.splitlines()[0] if text else ""
+
+
+def _check_zip_crcs(handle: BinaryIO, path: Path) -> None:
+    """Refuse a zip-format checkpoint (what ``torch.save`` writes, its members stored uncompressed) whose bytes
+    do not match a member's recorded CRC-32: ``torch.load`` does not check them, so a file damaged in a copy
+    loaded with changed weights, silently (a sidecar's SHA-256 catches that, the official files have none). One
+    extra read of the file. A legacy (non-zip) file or a broken zip is left to ``torch.load``; members without a
+    CRC-32 (``torch.serialization.set_crc32_options(False)`` writes 0) are not checked. ``handle`` is rewound."""
+    member = None
+    try:
+        if not zipfile.is_zipfile(handle):
+            return
+        with zipfile.ZipFile(handle) as archive:
+            for member in (m for m in archive.infolist() if m.CRC != 0):
+                with archive.open(member) as data:  # raises BadZipFile at the end of a member that differs
+                    while data.read(1 << 22):
+                        pass
+    except zipfile.BadZipFile as err:
+        where = f"member {member.filename}: " if member is not None else ""
+        raise CheckpointError(
+            f"checkpoint {path} is damaged ({where}{err}): its bytes changed after it was saved; copy it again"
+        ) from err
+    except (OSError, EOFError, ValueError):  # truncated or torn: torch.load names the problem
+        pass
+    finally:
+        handle.seek(0)
 
 
 def check_state_dict(
@@ -312,7 +355,9 @@ def read_verified(
             if record is not None:
                 _check_sidecar_architecture(record, path=path, kind=kind, architecture=architecture)
             handle.seek(0)
-            return _load_state(handle, path), actual, None if record is None else record.get("metadata")
+            # Without a sidecar nothing vouches for the bytes (the official checkpoints): their CRC-32s do.
+            state = _load_state(handle, path, check_crc=record is None)
+            return state, actual, None if record is None else record.get("metadata")
     raise _changing(path)
 
 
