@@ -489,12 +489,6 @@ class OptimizationConfig:
         _require(
             self.warmup_steps >= 0, "optimization.warmup_steps", f"must be >= 0, got {self.warmup_steps}"
         )
-        _require(  # a run that ends inside its warm-up never reaches its learning rate (with epochs: plan_trial;
-            # 0 steps: the base model, which trains nothing)
-            not self.steps or self.warmup_steps <= self.steps,
-            "optimization.warmup_steps",
-            f"{self.warmup_steps} is more than the run's {self.steps} steps: it would never reach its learning rate",
-        )
         _require(
             0 <= self.class_dropout < 1,
             "optimization.class_dropout",
@@ -642,9 +636,9 @@ COMPILE_REFUSALS = {
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """workers: DDP processes; gpus_per_worker: at most 1 (a worker trains on one device), a fraction only for
-    single-worker trials (NCCL cannot share a GPU between ranks); a trial checkpoints (for retries and preemptions) at whichever comes first of every
-    checkpoint_every_steps steps, every checkpoint_every_minutes of training and every checkpoint_every_fraction of
+    """workers: DDP processes; gpus_per_worker: at most 1 to launch (a worker trains on one device), a fraction
+    only for single-worker trials (NCCL cannot share a GPU between ranks); a trial checkpoints (for retries and
+    preemptions) at whichever comes first of every checkpoint_every_steps steps, every checkpoint_every_minutes of training and every checkpoint_every_fraction of
     its planned steps; max_failures: retries of a failed run.
 
     How the training computes, none of which changes its numbers beyond float rounding (so none enters the trial
@@ -689,12 +683,6 @@ class ResourcesConfig:
             or self.gpus_per_worker == int(self.gpus_per_worker),
             "resources.gpus_per_worker",
             "fractional GPUs only for single-worker trials (DDP ranks cannot share a GPU)",
-        )
-        _require(  # a worker trains on one device: a second GPU would sit reserved, idle, and counted as used
-            self.gpus_per_worker <= 1,
-            "resources.gpus_per_worker",
-            f"each worker trains on one GPU, got {self.gpus_per_worker:g}; for more GPUs per trial raise "
-            "resources.workers (one DDP worker per GPU)",
         )
         _require(
             self.checkpoint_every_steps >= 1 and self.max_failures >= 0,
@@ -745,15 +733,17 @@ NON_DP_ONLY = {"batch_size": 256, "global_clip_norm": 2.0}
 LORA_ONLY = ("lora_rank", "lora_alpha")  # only a LoRA method's adapters read them
 
 
-def _method_identity(identity: dict, method: MethodConfig) -> None:
-    """The method section as a trial id hashes it: settings the method does not read at their defaults, LoRA's
-    targets spelled as its preset as None. Two spellings of one training run, one id (a sweep crossing methods
-    with LoRA ranks would otherwise train full fine-tuning once per rank); at the defaults nothing changes, so
-    earlier ids stay."""
-    if method.name not in LORA_PRESETS:
-        identity.update({name: MethodConfig.__dataclass_fields__[name].default for name in LORA_ONLY})
-    elif method.lora_targets == LORA_PRESETS[method.name]:
-        identity["lora_targets"] = None
+def _check_lora_only(method: MethodConfig) -> None:
+    """A method that is not LoRA leaves LoRA's rank and alpha at their defaults: it does not read them, and the
+    trial id hashes them, so a sweep crossing methods with LoRA ranks trained full fine-tuning once per rank
+    (checked at launch, so that results written before the rule stay readable)."""
+    for name in LORA_ONLY if method.name not in LORA_PRESETS else ():
+        default = MethodConfig.__dataclass_fields__[name].default
+        _require(
+            getattr(method, name) == default,
+            f"method.{name}",
+            f"method {method.name!r} does not read it (LoRA methods only): leave it at its default {default}",
+        )
 
 
 SECTIONS = {
@@ -926,7 +916,6 @@ class TrialConfig:
         if identity["privacy"] is not None:
             for name in NON_DP_ONLY:
                 del identity["optimization"][name]
-        _method_identity(identity["method"], self.method)
         for (
             section,
             name,
@@ -956,6 +945,19 @@ class TrialConfig:
         each trial, before any compute), so results written before them stay readable."""
         e, o, m = self.evaluation, self.optimization, self.method
         _check_seeds(self)
+        _check_lora_only(m)
+        _require(  # a run that ends inside its warm-up never reaches its learning rate (with epochs: plan_trial;
+            # 0 steps: the base model, which trains nothing)
+            not o.steps or o.warmup_steps <= o.steps,
+            "optimization.warmup_steps",
+            f"{o.warmup_steps} is more than the run's {o.steps} steps: it would never reach its learning rate",
+        )
+        _require(  # a worker trains on one device: a second GPU would sit reserved, idle, and counted as used
+            self.resources.gpus_per_worker <= 1,
+            "resources.gpus_per_worker",
+            f"each worker trains on one GPU, got {self.resources.gpus_per_worker:g}; for more GPUs per trial "
+            "raise resources.workers (one DDP worker per GPU)",
+        )
         _require(
             e.extractor not in RETIRED_EXTRACTORS,
             "evaluation.extractor",

@@ -372,6 +372,12 @@ def test_a_cub_class_id_missing_from_classes_txt_is_named(tmp_path):
     message = str(err.value)
     assert f"3 image(s) in {base / 'image_class_labels.txt'}" in message
     assert f"{base / 'classes.txt'} does not list (image ids ['6', '7', '8']; class ids ['10'])" in message
+    # a class folder's name where its id belongs is named too (sorting the ids as numbers raised ValueError)
+    labels_file = base / "image_class_labels.txt"
+    first, *rest = labels_file.read_text().splitlines()
+    labels_file.write_text("\n".join([f"{first.split()[0]} 001.Albatross", *rest]) + "\n")
+    with pytest.raises(DatasetError, match=r"class ids \['10', '001\.Albatross'\]"):
+        read_dataset("cub200", tmp_path, "train")
 
 
 def test_an_oxford_pet_subset_without_a_breed_labels_each_image_with_its_own_breed(tmp_path):

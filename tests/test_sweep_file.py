@@ -187,11 +187,6 @@ BAD_FILES = {
         GOOD + "axes: {resources.workers: [1, 2]}\n",
         ["the same trial", "resources.workers=1; resources.workers=2"],
     ),
-    # Full fine-tuning reads no LoRA rank: crossing methods with ranks would have trained it once per rank.
-    "rank of a method without LoRA": (
-        GOOD + "axes: {method.name: [full, lora], method.lora_rank: [8, 16]}\n",
-        ["the same trial", "method.name=full, method.lora_rank=8; method.name=full, method.lora_rank=16"],
-    ),
     # Keys are names: a key YAML reads as a boolean or a number is named, never compared with the names.
     "key not a string": (
         GOOD + "axes: {resources: [{true: 1, workers: 2}]}\n",
@@ -484,10 +479,6 @@ def test_status_of_a_file_and_overrides_keep_ids(tmp_path, capsys):
         assert override_resources(configs, workers=None, gpus_per_worker=None) == configs
     with pytest.raises(ConfigError, match=r"--workers 2 --gpus-per-worker 0.5: resources.gpus_per_worker"):
         override_resources(list(sweep.configs), workers=2, gpus_per_worker=0.5)
-    with pytest.raises(
-        ConfigError, match=r"--gpus-per-worker 2: resources.gpus_per_worker: each worker trains on one"
-    ):
-        override_resources(list(sweep.configs), workers=None, gpus_per_worker=2.0)
 
 
 def test_tracking_reaches_the_launch_the_command_line_winning(tmp_path, monkeypatch):

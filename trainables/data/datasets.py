@@ -167,7 +167,9 @@ def _check_cub_classes(
     stopped on a bare KeyError naming only the id)."""
     unknown = [iid for iid in chosen if labels[iid] not in index_of]
     if unknown:
-        class_ids = sorted({labels[iid] for iid in unknown}, key=int)
+        class_ids = sorted(
+            {labels[iid] for iid in unknown}, key=lambda cid: (not cid.isdigit(), cid.zfill(12))
+        )
         raise DatasetError(
             f"cub200: {len(unknown)} image(s) in {base / 'image_class_labels.txt'} have a class id that "
             f"{base / 'classes.txt'} does not list (image ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; "
