@@ -120,7 +120,7 @@ def _check_evaluation_size(config: TrialConfig, evaluation: ImageList) -> None:
 
 
 def _check_warmup(config: TrialConfig, *, steps: int, examples: int) -> None:
-    """A run given in epochs must not end inside its warm-up (a run given in steps is checked by the schema)."""
+    """A run given in epochs must not end inside its warm-up (one given in steps: ``check_launchable``)."""
     warmup = config.optimization.warmup_steps
     if config.method.name != "base" and warmup > steps:
         raise ConfigError(

@@ -218,9 +218,8 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
     classifier's features (digits-cnn-v2) and one CPU worker, on the same DP route (``_smoke_resources``)."""
     privacy = config.privacy
     k = 1 if privacy is None else min(privacy.augmentation_multiplicity, SMOKE_MAX_VIEWS)
-    if (
-        privacy is not None
-    ):  # the trial's own clipping, accountant and delta rule: the smoke run takes its route
+    if privacy is not None:
+        # the trial's own clipping, accountant and delta rule: the smoke run takes its DP route
         privacy = dataclasses.replace(privacy, sampling_rate=0.05, augmentation_multiplicity=k)
     trains = config.method.name != "base"
     depth = TINY_DEPTHS[config.model.depth] if config.model.base == "official" else config.model.depth
