@@ -735,8 +735,9 @@ LORA_ONLY = ("lora_rank", "lora_alpha")  # only a LoRA method's adapters read th
 
 def _check_lora_only(method: MethodConfig) -> None:
     """A method that is not LoRA leaves LoRA's rank and alpha at their defaults: it does not read them, and the
-    trial id hashes them, so a sweep crossing methods with LoRA ranks trained full fine-tuning once per rank
-    (checked at launch, so that results written before the rule stay readable)."""
+    trial id hashes them, so a sweep crossing methods with LoRA ranks trained full fine-tuning once per rank. A
+    LoRA method's targets spelled as its preset are refused likewise: the same run as None under another id
+    (checked at launch, so that results written before the rules stay readable)."""
     for name in LORA_ONLY if method.name not in LORA_PRESETS else ():
         default = MethodConfig.__dataclass_fields__[name].default
         _require(
@@ -744,6 +745,13 @@ def _check_lora_only(method: MethodConfig) -> None:
             f"method.{name}",
             f"method {method.name!r} does not read it (LoRA methods only): leave it at its default {default}",
         )
+    # The targets are sorted by __post_init__, so one comparison finds every spelling of the preset.
+    _require(
+        method.lora_targets is None or method.lora_targets != LORA_PRESETS.get(method.name),
+        "method.lora_targets",
+        f"{list(method.lora_targets or ())} are method {method.name!r}'s own targets: leave it unset (null), "
+        "the one spelling of this training run (its trial id hashes the field as written)",
+    )
 
 
 SECTIONS = {

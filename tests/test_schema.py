@@ -269,6 +269,12 @@ def test_invalid_configs_name_the_field(build, field):
         # full fine-tuning reads no LoRA rank or alpha: crossed with ranks, it trained once per rank
         ({"method": {"name": "full", "lora_rank": 8}}, "method.lora_rank"),
         ({"method": {"name": "ln_tuning", "lora_alpha": 4.0}}, "method.lora_alpha"),
+        # a LoRA method's own targets spelled out: the same run as None under another id (in any order)
+        (
+            {"method": {"name": "lora", "lora_targets": ["mlp", "modulation", "attention"]}},
+            "method.lora_targets",
+        ),
+        ({"method": {"name": "lora_attention", "lora_targets": ["attention"]}}, "method.lora_targets"),
     ],
 )
 def test_a_trial_that_cannot_run_is_refused_before_it_starts_and_its_old_record_still_reads(change, field):
