@@ -5,7 +5,9 @@ trained tiny VAR saved and gives the logits varsweep's ``load_adapter`` gives, p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +15,7 @@ import peft
 import pytest
 import torch
 from conftest import TINY_VAR, TINY_VQVAE
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from sweep_driver import tiny_trial
 from test_methods import NEW_CLASSES, random_batch, tiny_base, train_steps
 
@@ -197,6 +199,56 @@ def _copy_folder(source: Path, target: Path) -> Path:
     return target
 
 
+def _rewrite_weights(folder: Path, data: bytes) -> None:
+    """Replace the folder's weights and pin the new bytes' SHA-256 in its provenance, as a hand edit would."""
+    (folder / "adapter_model.safetensors").write_bytes(data)
+    provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    provenance["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    (folder / PROVENANCE_FILE).write_text(json.dumps(provenance))
+
+
+def _nan_weights(folder: Path) -> None:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    _rewrite_weights(folder, save({key: value * float("nan") for key, value in tensors.items()}))
+
+
+def _class_names(names) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+        (folder / PROVENANCE_FILE).write_text(json.dumps({**provenance, "class_names": names}))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (_nan_weights, r"holds NaN/inf values in \d+ tensor"),
+        (
+            lambda folder: _rewrite_weights(
+                folder, (folder / "adapter_model.safetensors").read_bytes()[:200]
+            ),
+            r"adapter_model.safetensors is not a readable safetensors file",
+        ),
+        (_class_names(["only one"]), r"class_names are not 3 names"),
+        (_class_names([1, 2, 3]), r"class_names are not 3 names"),
+    ],
+)
+def test_every_reader_of_a_peft_folder_refuses_the_same_hand_edits(saved, edit, problem):
+    """``peft_base`` accepted NaN weights that ``load_adapter`` refused, ``load_adapter`` accepted class names
+    that ``peft_base`` refused, and damaged weights (their SHA-256 re-pinned) came out of both as safetensors's
+    own error, not a ``CheckpointError`` naming the file."""
+    folder = _copy_folder(saved.trained["lora"].folder, saved.root / f"hand-edit-{edit.__name__}-{id(edit)}")
+    edit(folder)
+    for load in (peft_base, load_adapter):
+        base = load_var(saved.base, **_architecture())
+        with pytest.raises(CheckpointError, match=problem):
+            load(base, folder, base_sha256=saved.sha)
+        assert base.num_classes == tiny_base().num_classes and not patches_applied(base)
+    with pytest.raises(CheckpointError, match=problem):
+        adapter_record(build_var(**_architecture(), device="meta"), folder, base_sha256=saved.sha)
+
+
 def test_an_edited_adapter_config_is_refused_by_both_loaders(saved):
     """peft builds its model from adapter_config.json, varsweep's loader from the adaptation record: an edited
     alpha made them two different models, silently. The provenance pins the config's SHA-256; folders saved
@@ -245,6 +297,17 @@ def test_peft_base_refuses_a_base_that_already_carries_an_adapter_or_patches(sav
         peft_base(adapted, folder, base_sha256=saved.sha)
     with pytest.raises(CheckpointError, match=r"already carries the patches \['positions_as_modules'"):
         peft_base(merge_adapters(adapted), folder, base_sha256=saved.sha)
+
+
+def test_a_base_peft_merged_an_adapter_into_is_refused_by_both_loaders(saved):
+    """peft's ``merge_and_unload`` returns the base ``peft_base`` prepared, without adapter layers or patches: a
+    loop over adapter folders on one loaded base put each adapter on top of the last one's merged weights."""
+    merged = _peft_model(saved, "lora").merge_and_unload()
+    for load, other in ((peft_base, "lora_attention_block1"), (load_adapter, "ln_tuning")):
+        with pytest.raises(
+            CheckpointError, match=r"class rows of the peft adapter .*lora.*freshly loaded base"
+        ):
+            load(merged, saved.trained[other].folder, base_sha256=saved.sha)
 
 
 def test_a_provenance_edited_against_its_pinned_config_is_refused_by_both_loaders(saved):

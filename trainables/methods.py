@@ -836,14 +836,28 @@ def _recorded(
     return saved, recorded_class_names(path, metadata, num_classes=saved.num_classes)
 
 
+# Set on a base by ``peft_format.peft_base`` (the adapter folder it was prepared for): peft's ``merge_and_unload``
+# returns that same object without adapter layers or patches, so only this mark tells it from a fresh base.
+PEFT_PREPARED = "_varsweep_peft_prepared_for"
+
+
 def check_fresh_base(base: VAR, path: str | os.PathLike) -> None:
     """Refuse a base that already carries peft adapters or per-sample-gradient patches: an adapted, loaded or
-    merged model (merging keeps the patches). Adapting it again would apply an adapter a second time on top
-    of the first (LoRA: twice the update), silently."""
+    merged model (merging keeps the patches), or one ``peft_base`` prepared (peft's merged model is that base).
+    Adapting it again would apply an adapter a second time on top of the first (LoRA: twice the update),
+    silently."""
     adapters = any(isinstance(module, BaseTunerLayer) for module in base.modules())
     patches = patches_applied(base)
-    if adapters or patches:
-        carries = "peft adapter layers" if adapters else f"the patches {list(patches)}"
+    prepared = getattr(base, PEFT_PREPARED, None)
+    if adapters or patches or prepared:
+        carries = (
+            "peft adapter layers"
+            if adapters
+            else f"the patches {list(patches)}"
+            if patches
+            else f"the class rows of the peft adapter {prepared} (peft_base prepared it; peft's merge_and_unload "
+            "returns that same object)"
+        )
         raise CheckpointError(
             f"adapter {path}: the given VAR already carries {carries} (adapted, or loaded or merged from an "
             "adapter before), so the adapter would be applied on top of another: pass a freshly loaded base "
@@ -894,6 +908,17 @@ def saved_adaptation(
         raise CheckpointError(f"adapter {path}: its adaptation record is not usable: {err!r}") from err
 
 
+def check_finite(path: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse an adapter state holding NaN or inf, naming the tensors."""
+    non_finite = sorted(
+        k for k, v in state.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())
+    )
+    if non_finite:
+        raise CheckpointError(
+            f"adapter {path} holds NaN/inf values in {len(non_finite)} tensor(s): {', '.join(non_finite[:8])}"
+        )
+
+
 def apply_adapter_state(
     base: VAR,
     path: str | os.PathLike,
@@ -907,13 +932,7 @@ def apply_adapter_state(
     tensors that do not fit exactly, before ``base`` changes (checked on a weightless twin adapted the same way,
     so a refused adapter leaves a base the next one can still be loaded onto). Returns what ``adapt`` did."""
     check_record_fits(base, path, saved)
-    non_finite = sorted(
-        k for k, v in state.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())
-    )
-    if non_finite:
-        raise CheckpointError(
-            f"adapter {path} holds NaN/inf values in {len(non_finite)} tensor(s): {', '.join(non_finite[:8])}"
-        )
+    check_finite(path, state)
     _check_fit(base, path, saved=saved, state=state)
     adaptation = adapt(
         base, saved.method, num_classes=saved.num_classes, seed=saved.seed, base_sha256=base_sha256

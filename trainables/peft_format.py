@@ -37,15 +37,18 @@ import peft
 import safetensors.torch
 import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors import SafetensorError
 
 from bench.schema import ConfigError
 
 from .methods import (
     CLASS_EMBEDDING,
     CLASS_NAMES,
+    PEFT_PREPARED,
     Adaptation,
     apply_adapter_state,
     base_architecture,
+    check_finite,
     check_fresh_base,
     check_record_fits,
     class_names_entry,
@@ -266,12 +269,13 @@ def check_base(base: VAR, folder: str | os.PathLike, record: Mapping[str, Any]) 
 def peft_base(base: VAR, folder: str | os.PathLike, *, base_sha256: str | None) -> VAR:
     """Prepare ``base`` (a VAR from ``build_var``/``load_var``, without adapters) for
     ``peft.PeftModel.from_pretrained(base, folder)``, in place, and return it: refuses a base that already carries
-    adapters or patches (``methods.check_fresh_base``), another architecture or (``base_sha256``: the SHA-256 of
+    adapters or patches or that ``peft_base`` prepared before (``methods.check_fresh_base``: peft's merged model
+    is that same object, so a loop over folders on one base stacked each adapter on the last), another architecture or (``base_sha256``: the SHA-256 of
     the file ``base`` was loaded from, None for a base built in memory) another base checkpoint, then gives it the
     adapter's label count as ``adapt`` did (same rows, same seed), so peft's copy of the saved class embedding has
     the shape it loads into."""
     check_fresh_base(base, folder)
-    adaptation, _ = peft_record(base, folder, base_sha256=base_sha256)
+    adaptation, _, _ = _checked_folder(base, folder, base_sha256=base_sha256)
     # Always, as ``adapt`` does (also for the base's own label count): the same rows, the same seed.
     resize_class_embedding(
         base,
@@ -279,6 +283,7 @@ def peft_base(base: VAR, folder: str | os.PathLike, *, base_sha256: str | None) 
         init=adaptation.method.class_init,
         generator=torch.Generator().manual_seed(adaptation.seed),
     )
+    setattr(base, PEFT_PREPARED, str(folder))
     return base
 
 
@@ -286,24 +291,41 @@ def peft_record(
     base: VAR, folder: str | os.PathLike, *, base_sha256: str | None
 ) -> tuple[Adaptation, tuple[str, ...] | None]:
     """``methods.adapter_record`` for a peft folder: (its ``Adaptation``, the training class names or None) after
-    checking its files (``read_provenance``), ``base``'s architecture (a meta-device build will do) and the base
-    checkpoint's SHA-256 (None skips it)."""
-    record, _ = read_provenance(folder)
-    check_base(base, folder, record)
-    adaptation = saved_adaptation(folder, record, base_sha256=base_sha256)
-    check_record_fits(base, folder, adaptation)
-    return adaptation, recorded_class_names(folder, record, num_classes=adaptation.num_classes)
+    the checks every reader of the folder makes (``_checked_folder``)."""
+    adaptation, class_names, _ = _checked_folder(base, folder, base_sha256=base_sha256)
+    return adaptation, class_names
 
 
 def load_peft_folder(base: VAR, folder: str | os.PathLike, *, base_sha256: str | None) -> Adaptation:
     """``methods.load_adapter`` for a peft folder: adapt ``base`` as recorded (patches included, ready to train or
     sample like any varsweep-adapted VAR) and copy the folder's tensors in; the same refusals as for ``adapter.pt``
     (another architecture or base checkpoint, NaN/inf, tensors that do not fit), checked before ``base`` changes."""
+    saved, _, state = _checked_folder(base, folder, base_sha256=base_sha256)
+    return apply_adapter_state(base, folder, saved=saved, state=state, base_sha256=base_sha256)
+
+
+def _checked_folder(
+    base: VAR, folder: str | os.PathLike, *, base_sha256: str | None
+) -> tuple[Adaptation, tuple[str, ...] | None, dict[str, torch.Tensor]]:
+    """(``Adaptation``, training class names or None, tensors under varsweep's parameter names) of a peft folder,
+    after every check its readers share, so that ``peft_base``, ``load_adapter`` and ``adapter_record`` refuse
+    the same folders: its files (``read_provenance``), ``base``'s architecture (a meta-device build will do),
+    the base checkpoint's SHA-256 (None skips it), the record's fit to ``base``, its class names, and weights that
+    safetensors cannot read or that hold NaN/inf."""
     record, weights = read_provenance(folder)
     check_base(base, folder, record)
-    saved = saved_adaptation(folder, record, base_sha256=base_sha256)
-    state = {_varsweep_name(key): tensor for key, tensor in safetensors.torch.load(weights).items()}
-    return apply_adapter_state(base, folder, saved=saved, state=state, base_sha256=base_sha256)
+    adaptation = saved_adaptation(folder, record, base_sha256=base_sha256)
+    check_record_fits(base, folder, adaptation)
+    class_names = recorded_class_names(folder, record, num_classes=adaptation.num_classes)
+    try:
+        saved = safetensors.torch.load(weights)
+    except SafetensorError as err:  # damaged bytes whose SHA-256 the provenance was edited to match
+        raise CheckpointError(
+            f"peft adapter folder {folder}: {SAFETENSORS_WEIGHTS_NAME} is not a readable safetensors file ({err})"
+        ) from err
+    state = {_varsweep_name(key): tensor for key, tensor in saved.items()}
+    check_finite(folder, state)
+    return adaptation, class_names, state
 
 
 def _varsweep_name(key: str) -> str:
