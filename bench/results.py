@@ -29,13 +29,13 @@ from pyarrow import fs as pafs
 from .cli import probe_folder
 from .errors import VarsweepError
 from .schema import (
-    OLDER_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     STATUSES,
     ConfigError,
     absolute,
     check_result,
     is_newer_version,
+    is_older_version,
     is_uri,
     newer_version_note,
     upgrade_record,
@@ -193,10 +193,10 @@ class ResultStore:
                 out.write(text.encode())
 
     def read(self, trial_id: str) -> dict | None:
-        """The parsed file of ``trial_id`` (not validated; see ``state``), None when there is none."""
+        """The parsed file of ``trial_id`` (not validated; see ``state``), None when there is none (or it holds
+        JSON's ``null``, which ``state`` calls invalid)."""
         try:
-            with self.fs.open_input_stream(self.path(trial_id)) as handle:
-                return json.loads(handle.read().decode())
+            return json.loads(self.read_text(self.path(trial_id)))
         except FileNotFoundError:
             return None
 
@@ -212,18 +212,20 @@ class ResultStore:
         version, a config not matching its id, another trial's result); "newer": a result a later varsweep wrote,
         which this one neither reads nor replaces."""
         try:
-            record = self.read(trial_id)
+            record = json.loads(self.read_text(self.path(trial_id)))
+        except FileNotFoundError:
+            return "pending", ""
         except (ValueError, OSError, pa.ArrowException) as err:  # JSON and UTF-8 errors are ValueErrors
             return (
                 "invalid",
                 f"{'not JSON' if isinstance(err, ValueError) else 'cannot be read'} ({_first_line(err)})",
             )
-        if record is None:
-            return "pending", ""
+        if not isinstance(record, Mapping):  # e.g. ``null``: a file, not a missing result
+            return "invalid", f"not a JSON object but {json.dumps(record)[:40]}"
         version = _schema_version(record)
         if is_newer_version(version):
             return "newer", newer_version_note(record)
-        if version in OLDER_SCHEMA_VERSIONS:
+        if is_older_version(version):
             return (
                 "invalid",
                 f"schema version {version}: run `python -m bench upgrade-results {self.storage}` (rewrites it as a version-{SCHEMA_VERSION} result)",
@@ -334,8 +336,10 @@ class ResultStore:
                 "left",
                 f"{name}: left alone: {'not JSON' if isinstance(err, ValueError) else 'cannot be read'} ({_first_line(err)})",
             )
+        if not isinstance(record, Mapping):
+            return "left", f"{name}: left alone: not a JSON object but {json.dumps(record)[:40]}"
         version = _schema_version(record)
-        if version == SCHEMA_VERSION:
+        if version == SCHEMA_VERSION and type(version) is int:
             return "current", f"{name}: schema version {SCHEMA_VERSION} already, nothing to do"
         try:
             upgraded, note, copies = self._upgraded(record)
@@ -344,7 +348,7 @@ class ResultStore:
         new_path = self.path(upgraded["trial_id"])
         # A trial whose id the upgrade leaves unchanged (no changed field in its config) is rewritten in place.
         in_place = Path(new_path).name == name
-        kept = "" if in_place else self._other_result(new_path, upgraded)
+        kept, replaced = ("", "") if in_place else self._other_result(new_path, upgraded)
         if kept:
             return "left", (
                 f"{name}: left alone: trial {upgraded['trial_id']} already has {kept} in {new_path}; "
@@ -352,7 +356,7 @@ class ResultStore:
                 "(then run upgrade-results again)"
             )
         action = f"version {version} -> {SCHEMA_VERSION}, trial {record.get('trial_id')} -> {upgraded['trial_id']} ({Path(new_path).name})"
-        note += "" if in_place else self._stale_checkpoints(record.get("trial_id"))
+        note += replaced + ("" if in_place else self._stale_checkpoints(record.get("trial_id")))
         if dry_run:
             return "would upgrade", f"{name}: would upgrade: {action}{note}"
         for source, relative in copies:  # before the result that names them
@@ -472,20 +476,26 @@ class ResultStore:
                 due[new_id] = path
         return due
 
-    def _other_result(self, path: str, upgraded: Mapping[str, Any]) -> str:
-        """What ``path`` holds when it is a different result than ``upgraded`` ("" when none, or the same: an
-        earlier, interrupted upgrade of this file)."""
+    def _other_result(self, path: str, upgraded: Mapping[str, Any]) -> tuple[str, str]:
+        """(what ``path`` holds when it is a result ``upgraded`` may not replace, else "": nothing, the same (an
+        earlier, interrupted upgrade of this file), or a failed result and ``upgraded`` a successful one; a note
+        naming the failed result replaced)."""
         try:
             existing = json.loads(self.read_text(path))
         except FileNotFoundError:
-            return ""
+            return "", ""
         except (ValueError, OSError, pa.ArrowException):
-            return "an unreadable file"
+            return "an unreadable file", ""
         if existing == json.loads(json.dumps(upgraded)):
-            return ""
+            return "", ""
         version = _schema_version(existing)
         status = existing.get("status") if isinstance(existing, Mapping) else None
-        return f"a schema version {version} result ({status})"
+        if status == "failed" and upgraded.get("status") == "success":
+            # A relaunch would rerun the failed trial and replace its result: the success, a run of the same
+            # experiment, takes its place now, whichever of two old files that became one trial comes first.
+            error = str(existing.get("error") or "").strip().splitlines() or ["no error recorded"]
+            return "", f"; replaces its failed result ({error[0]})"
+        return f"a schema version {version} result ({status})", ""
 
 
 def _schema_version(record: Any) -> Any:

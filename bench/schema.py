@@ -1655,9 +1655,14 @@ def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
     if version == SCHEMA_VERSION:
         return upgraded
     _require(
-        version in OLDER_SCHEMA_VERSIONS and isinstance(upgraded.get("config"), dict),
+        is_older_version(version),
         "schema_version",
-        f"cannot upgrade a result of schema version {version!r} (this varsweep reads versions 1 to {SCHEMA_VERSION})",
+        f"cannot upgrade a result of schema version {version!r} (versions are the integers 1 to {SCHEMA_VERSION})",
+    )
+    _require(
+        isinstance(upgraded.get("config"), dict),
+        "config",
+        f"a schema version {version} result without a config object (got {type(upgraded.get('config')).__name__})",
     )
     config = upgraded["config"]
     if version == 1:
@@ -1700,6 +1705,12 @@ def _upgrade_config_2_to_3(config: dict[str, Any]) -> int | None:
     return rows
 
 
+def is_older_version(version: Any) -> bool:
+    """Whether ``version`` (a result's ``schema_version``) is one ``upgrade_record`` rewrites: an integer, so a
+    ``true`` or ``2.0`` written by hand is no version (``True in (1, 2)`` and ``2.0 == 2`` hold in Python)."""
+    return type(version) is int and version in OLDER_SCHEMA_VERSIONS
+
+
 def is_newer_version(version: Any) -> bool:
     """Whether ``version`` (a result's ``schema_version``) is one a later varsweep writes."""
     return isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
@@ -1716,7 +1727,7 @@ def check_result(record: Mapping[str, Any]) -> TrialConfig:
     """Raise ``ConfigError`` (``RecordError`` for an inner section) unless ``record`` is a valid result of this
     schema version: every field of its type, every section typed as described above; returns its config."""
     _require(
-        record.get("schema_version") not in OLDER_SCHEMA_VERSIONS,
+        not is_older_version(record.get("schema_version")),
         "schema_version",
         f"written by schema version {record.get('schema_version')} (before {VERSION_CHANGES}); "
         "`python -m bench upgrade-results STORAGE` rewrites such results under their current trial ids",

@@ -11,7 +11,7 @@ from old_records import as_version, written_by_version_2
 from bench.__main__ import main
 from bench.demo import demo_checks, summary_rows
 from bench.results import ResultStore
-from bench.schema import make_result, upgrade_record
+from bench.schema import make_result, replace, upgrade_record
 from bench.sweeps import build_sweep
 
 
@@ -364,13 +364,12 @@ def test_upgrade_results_rewrites_version_1_files_once(tmp_path, capsys):
 def test_an_interrupted_upgrade_finishes_and_a_newer_result_is_kept(tmp_path, capsys):
     configs = build_sweep("demo", smoke=True)
     store = ResultStore(tmp_path)
-    interrupted, superseded = (
-        _version_1(make_result(c, status="success", metrics={"fid": 2.0})) for c in configs[:2]
-    )
+    interrupted = _version_1(make_result(configs[0], status="success", metrics={"fid": 2.0}))
+    superseded = _version_1(make_result(configs[1], status="failed", error="RuntimeError: out of memory"))
     for record in (interrupted, superseded):
         Path(store.path(record["trial_id"])).write_text(json.dumps(record))
     store.write(upgrade_record(interrupted))  # the new file was written, the old one not yet deleted
-    store.write(make_result(configs[1], status="failed", error="RuntimeError: rerun under version 3"))
+    store.write(make_result(configs[1], status="success", metrics={"fid": 3.0}))  # rerun under version 3
     assert main(["upgrade-results", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert (
@@ -378,17 +377,80 @@ def test_an_interrupted_upgrade_finishes_and_a_newer_result_is_kept(tmp_path, ca
         and not Path(store.path(interrupted["trial_id"])).exists()
     )
     assert (
-        f"{superseded['trial_id']}.json: left alone: trial {configs[1].trial_id} already has a schema version 3 result (failed)"
+        f"{superseded['trial_id']}.json: left alone: trial {configs[1].trial_id} already has a schema version 3 result (success)"
         in out
     )
-    assert Path(store.path(superseded["trial_id"])).exists() and store.status(configs[1].trial_id) == "failed"
-    # The older file left alone blocks nothing: the trial shows (and runs again) as the failed run it now is.
+    assert (
+        Path(store.path(superseded["trial_id"])).exists() and store.status(configs[1].trial_id) == "success"
+    )
+    # The older file left alone blocks nothing: the trial shows (and is skipped) as the finished run it is.
     from bench.launcher import refuse_older_results  # imports Ray, starts nothing
 
     refuse_older_results(configs, store)
     assert main(["status", "demo", "--smoke", "--storage", str(tmp_path)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if configs[1].trial_id in line)
-    assert " failed " in row and "rerun under version 3" in row, row
+    assert " success " in row and "3.0" in row, row
+
+
+@pytest.mark.parametrize("success_first", [True, False])
+def test_a_success_of_an_old_version_takes_a_failed_result_s_place_whatever_the_order(
+    tmp_path, capsys, success_first
+):
+    """Version 3 left a DP trial's rows per forward out of its id, so an attempt that ran out of memory at 256 rows
+    and its successful rerun at 128 became one trial: the file that sorted first was kept, and a failed one made
+    a relaunch train again what the success held."""
+    dp = next(c for c in build_sweep("demo", smoke=True) if c.privacy is not None)
+    store = ResultStore(tmp_path)
+    rows = {"failed": 256, "success": 128}
+    old = {
+        status: written_by_version_2(
+            replace(dp, resources={"rows_per_forward": rows[status]}),
+            tmp_path / "version-2",
+            status=status,
+            **(
+                {"metrics": {"fid": 2.0}}
+                if status == "success"
+                else {"error": "torch.OutOfMemoryError: CUDA oom"}
+            ),
+        )
+        for status in rows
+    }
+    first, second = ("1" * 64, "9" * 64) if success_first else ("9" * 64, "1" * 64)
+    old["success"]["trial_id"], old["failed"]["trial_id"] = first, second  # version 2 hashed the rows
+    for record in old.values():
+        Path(store.path(record["trial_id"])).write_text(json.dumps(record))
+    main(["upgrade-results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert store.state(dp.trial_id) == ("success", "") and store.read(dp.trial_id)["metrics"]["fid"] == 2.0
+    if not success_first:
+        assert "replaces its failed result (torch.OutOfMemoryError: CUDA oom)" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "state", "upgrade"),
+    [
+        ("null", "not a JSON object but null", "not a JSON object but null"),
+        ("[1, 2]", "not a JSON object but [1, 2]", "not a JSON object but [1, 2]"),
+        (
+            '{"schema_version": true}',
+            "expected 3, got True",
+            "schema version True (versions are the integers",
+        ),
+        ('{"schema_version": 2.0}', "expected 3, got 2.0", "schema version 2.0 (versions are the integers"),
+        ('{"schema_version": 2, "config": "x"}', "schema version 2: run", "without a config object"),
+    ],
+)
+def test_a_result_file_that_is_no_result_is_named_invalid_and_left_alone(
+    tmp_path, capsys, text, state, upgrade
+):
+    """``null`` read as a missing result (pending: the trial ran again and its result could not replace the
+    file), ``true`` and ``2.0`` passed for old versions 1 and 2, and the upgrade's messages were Python errors."""
+    store = ResultStore(tmp_path)
+    Path(store.path("a" * 16)).write_text(text)
+    found, detail = store.state("a" * 16)
+    assert found == "invalid" and state in detail, detail
+    assert main(["upgrade-results", str(tmp_path)]) == 1
+    assert f"{'a' * 16}.json: left alone: " in (out := capsys.readouterr().out) and upgrade in out, out
 
 
 def test_status_shows_version_1_results_at_the_trial_they_upgrade_to(tmp_path, capsys):
