@@ -443,8 +443,8 @@ def test_a_success_of_an_old_version_takes_a_failed_result_s_place_whatever_the_
 def test_a_result_file_that_is_no_result_is_named_invalid_and_left_alone(
     tmp_path, capsys, text, state, upgrade
 ):
-    """``null`` read as a missing result (pending: the trial ran again and its result could not replace the
-    file), ``true`` and ``2.0`` passed for old versions 1 and 2, and the upgrade's messages were Python errors."""
+    """``null`` read as a missing result (status showed a pending trial, not a damaged file), ``true`` and
+    ``2.0`` passed for old versions 1 and 2, and the upgrade's messages were Python errors."""
     store = ResultStore(tmp_path)
     Path(store.path("a" * 16)).write_text(text)
     found, detail = store.state("a" * 16)
