@@ -27,7 +27,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import Parser, number, probe_folder, run_reporting
+from .cli import Parser, number, probe_folder, require_training_side, run_reporting
 from .estimates import ASSUMED_UTILISATION, ESTIMATE_DEVICE, PEAK_FLOPS, check_gpu
 from .preflight import SweepError
 from .results import ResultStore, StorageError, default_cache_dir
@@ -173,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         print("or a sweep file of your own: python -m bench sweep path/to/sweep.yaml (examples/ has three)")
         return 0
     if args.command == "demo":
+        require_training_side()  # before the demo's storage is made
         from .demo import run_demo
 
         return run_demo(storage=args.storage, smoke=args.smoke)
@@ -203,9 +204,12 @@ def _run(args: argparse.Namespace) -> int:
     tracking = args.tracking or sweep.tracking or "none"
     # a tracker whose package is missing is named before anything is created
     check_tracking(tracking, tracking_uri=args.tracking_uri)
-    # A bad storage or cache fails here, before Ray is imported or anything is built; a dry run creates nothing.
+    # A bad storage or cache fails here, before Ray is imported or anything is built; a dry run creates nothing,
+    # and neither does a run that an analysis-only install cannot start.
     if args.dry_run and not is_uri(args.storage):
         check_folder(args.storage, what="--storage", create=False)
+    else:
+        require_training_side()
     ResultStore(args.storage, create=not args.dry_run)
     from .launcher import Launch, run_sweep
 

@@ -6,6 +6,7 @@ shows it too). Standard library only (``analysis`` imports this and neither torc
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -87,6 +88,14 @@ def run_reporting(command: Callable[[], int], *, interrupted: str = "interrupted
                 f"which an analysis-only install leaves out; install it with: {TRAIN_INSTALL}"
             )
         return report(err)
+
+
+def require_training_side() -> None:
+    """Raise ``ModuleNotFoundError`` for the first training-side package that is not installed, before a command
+    that needs them creates any folder (``run_reporting`` turns it into the line naming ``TRAIN_INSTALL``)."""
+    for name in sorted(TRAINING_PACKAGES):
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
 def missing_training_package(err: BaseException) -> str | None:

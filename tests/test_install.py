@@ -138,11 +138,14 @@ def test_the_console_command_runs_the_analysis_without_the_training_side(light, 
 
 
 def test_a_sweep_without_the_training_side_says_what_to_install(light, tmp_path):
+    """... and creates nothing first (it made the storage's results/ and cache/ folders, then stopped)."""
     for command in ([sys.executable, "-m", "bench"], [console_command()]):
-        done = run([*command, "sweep", "demo", "--storage", str(tmp_path / "runs")], light, tmp_path)
-        last = done.stderr.strip().splitlines()[-1]
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        assert last.startswith("error: ") and TRAIN_INSTALL in last, last
+        for args in (["sweep", "demo", "--storage", "runs"], ["sweep", "demo"], ["demo"]):
+            done = run([*command, *args], light, tmp_path)
+            last = done.stderr.strip().splitlines()[-1]
+            assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+            assert last.startswith("error: ") and TRAIN_INSTALL in last, last
+            assert not list(tmp_path.iterdir()), args
 
 
 def test_the_installed_metadata_is_this_pyproject():

@@ -236,6 +236,15 @@ def test_sampling_restores_mode_and_validates(tiny_var, tiny_vqvae):
     other = build_vqvae(**(TINY_VQVAE | {"vocab_size": 32}))
     with pytest.raises(ValueError, match="does not match"):
         tiny_var.sample(torch.tensor([0]), vqvae=other, cfg=1.0, top_k=0, top_p=0.0)
+    # A model on another device (a GPU; here the weightless meta device) than the host generator: named, where
+    # torch's multinomial refused it at the first scale's draw.
+    elsewhere = build_var(**TINY_VAR, device="meta")
+    with pytest.raises(
+        ValueError, match=r"generator is on cpu, the model on meta: .*torch.Generator\('meta'\)"
+    ):
+        elsewhere.sample(
+            torch.tensor([0]), vqvae=tiny_vqvae, cfg=1.0, top_k=0, top_p=0.0, generator=torch.Generator()
+        )
 
 
 def test_forward_and_encoder_validate_shapes(tiny_var, tiny_vqvae):

@@ -1174,6 +1174,13 @@ class VAR(nn.Module):
         pad_to: int | None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._check_sampling_args(label_B, vqvae=vqvae, cfg=cfg, top_k=top_k, top_p=top_p)
+        device = self.class_emb.weight.device
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(
+                f"the generator is on {generator.device.type}, the model on {device.type}: draw with "
+                f"torch.Generator({device.type!r})"
+            )
+        label_B = label_B.to(device)  # labels built on the host (torch.tensor([...])) for a model on a GPU
         B = label_B.shape[0]
         if pad_to is not None and pad_to < B:
             raise ValueError(f"pad_to ({pad_to}) must be at least the batch ({B})")
