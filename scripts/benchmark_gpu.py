@@ -72,6 +72,14 @@ Phases, by priority (the issue's targets first; nothing compiles before phase 6)
    at a trial's setting with ``resources.compile_sampling`` (its batch size's ten scale graphs compiled: first
    calls timed apart).
 13. flex: the FlexAttention kernel beside each method's first row (its kernel compiles on first use), last.
+What one call reaches. By the cost table (``COSTS``; a review's simulation of the plan, 2026-12-07), a default call
+spends ~330 s (the wheels' install included) on phases 1-5, then has time for compiled full fine-tuning and its
+profile and d20's eager rows; compiled generation's ten scale compiles (~260 s by the table) do not fit after
+them, and skipping training_compiled (or evaluation too) does not make room. They need a call of their own, about
+400 s: ``--only-phase generation --only-phase generation_compiled`` (the eager ladder picks the batch),
+on a warm machine when that much device time is left, else in a later session; ``--from`` each returned JSON
+with ``--report`` and ``--write-throughput``. If real costs run 1.6x the table's, the privacy window cuts DP-LoRA
+at k = 32: read ``timeline`` and pass ``--cost`` to recalibrate a second call.
 Every measurement runs in its own try/except (the error is recorded and the run goes on). Markdown tables are
 printed at the end (and appended to ``--report``). Timings: median of ``steps`` calls after ``warmup`` untimed
 ones (allocation, autotuning, compilation), CUDA synchronised around each.
@@ -284,7 +292,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         hard_stop_s=hard_stop or None,
         windows=dict(WINDOWS) if cuda else {},  # a CPU smoke run measures everything
         costs=costs,
-        skip_phases=tuple(getattr(args, "skip_phase", None) or ()),
+        skip_phases=skipped_phases(args),
     )
     if quick:  # a first look at the eager targets: nothing compiles
         plan = replace(
@@ -898,7 +906,9 @@ class Models:
 
 # What is compiled now (cleared by ``fresh_compile_state``, which forgets every graph): the batch sizes whose ten
 # scale graphs compiled sampling holds, and whether FlexAttention's kernels are compiled.
-_COMPILED = {"sampling_batches": set(), "flex": False}
+# What this process has compiled: sampling graphs per batch size, FlexAttention's kernel per depth (its head count
+# and width are in the compiled kernel's shapes, so d20 compiles anew after d16).
+_COMPILED = {"sampling_batches": set(), "flex": set()}
 
 
 def build_cost(plan: Plan, models: Models, depth: int) -> float:
@@ -932,7 +942,7 @@ def training_cost(rec: Recorder, plan: Plan, models: Models, s: Setting, *, comp
     )
     if compile:
         cost += plan.costs["compile_training"]
-    if s.kernel == "flex" and models.device.type == "cuda" and not _COMPILED["flex"]:
+    if s.kernel == "flex" and models.device.type == "cuda" and s.depth not in _COMPILED["flex"]:
         cost += plan.costs["flex"]
     return cost
 
@@ -1120,7 +1130,7 @@ def measure_setting(
         seconds = timed(step, steps=plan.steps, warmup=plan.warmup, device=device)
         row = training_row(rec, s, seconds=seconds, device=device)
         if s.kernel == "flex":
-            _COMPILED["flex"] = True
+            _COMPILED["flex"].add(s.depth)
         if profile:
             rec.measure(
                 "profiles",
@@ -1318,7 +1328,7 @@ def fresh_compile_state() -> None:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     _COMPILED["sampling_batches"].clear()
-    _COMPILED["flex"] = False
+    _COMPILED["flex"].clear()
 
 
 def compile_counters() -> dict:
@@ -1577,13 +1587,14 @@ def measure_privacy(rec: Recorder, plan: Plan, models: Models, schedule: list[tu
 
 
 def sample_fn(var, vqvae, batch: int, *, compiled: bool, device: torch.device, seed: int = 0):
+    """A call drawing ``batch`` images (or its first ``rows``: a last, smaller batch) as the trials sample."""
     labels = torch.randint(0, CLASSES, (batch,), device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
 
-    def run() -> torch.Tensor:
+    def run(rows: int | None = None) -> torch.Tensor:
         with torch.no_grad(), bf16_autocast(device):
             return var.sample(
-                labels,
+                labels[:rows],
                 vqvae=vqvae,
                 cfg=EvaluationConfig.guidance_scale,
                 top_k=EvaluationConfig.top_k,
@@ -1903,8 +1914,8 @@ def evaluation_row(
     try:
         var.eval()
         extractor = random_inception(models.device)
-        # Every batch has the one size (a last, smaller one would compile again; ``generate`` pads it alike);
-        # extras are dropped.
+        # Compiled, every batch has the one size (a last, smaller one would compile again; ``generate`` pads it
+        # alike) and extras are dropped; eager, the last batch is smaller, as ``generate`` draws it.
         fn = sample_fn(var, vqvae, batch, compiled=compiled, device=models.device, seed=1)
         if compiled:
             with Stopwatch(models.device) as first:
@@ -1924,7 +1935,7 @@ def evaluation_row(
                     )
                     uint8_images = list(uint8_batches(drawn))
                 else:
-                    uint8_images = in_memory_generation(fn, images)
+                    uint8_images = in_memory_generation(fn, images, batch=batch, padded=compiled)
             with Stopwatch(models.device) as feat_watch, torch.no_grad():
                 features = [extractor(chunk.to(models.device)) for chunk in uint8_images]
     finally:
@@ -1945,12 +1956,18 @@ def evaluation_row(
     }
 
 
-def in_memory_generation(fn: Callable[[], torch.Tensor], images: int) -> list[torch.Tensor]:
-    """uint8 batches of ``images`` images drawn by ``fn`` (a ``sample_fn``), kept on the device."""
+def in_memory_generation(
+    fn: Callable[..., torch.Tensor], images: int, *, batch: int, padded: bool
+) -> list[torch.Tensor]:
+    """uint8 batches of ``images`` images drawn by ``fn`` (a ``sample_fn`` of ``batch`` images), kept on the
+    device. ``padded``: the last batch is drawn whole and cut (compiled sampling's one graph size); else only its
+    remainder is drawn (eager: a full last batch overstated the time by up to a batch, 8% at batch 512)."""
     generated, batches = 0, []
     while generated < images:
-        batches.append((fn()[: images - generated] * 255).round().to(torch.uint8))
-        generated += len(batches[-1])
+        rows = min(batch, images - generated)
+        drawn = fn() if padded or rows == batch else fn(rows)
+        batches.append((drawn[:rows] * 255).round().to(torch.uint8))
+        generated += rows
     return batches
 
 
@@ -2502,6 +2519,15 @@ def write_throughput(path: Path, entries: dict[str, list[dict]]) -> None:
 # --- main -------------------------------------------------------------------------------------------------------
 
 
+def skipped_phases(args: argparse.Namespace) -> tuple[str, ...]:
+    """The phases ``--skip-phase`` leaves out, and those ``--only-phase`` does not name."""
+    only = getattr(args, "only_phase", None)
+    skipped = set(getattr(args, "skip_phase", None) or ()) | (
+        {p for p in PHASES if p not in only} if only else set()
+    )
+    return tuple(p for p in PHASES if p in skipped)
+
+
 def _cost_override(text: str) -> tuple[str, float]:
     name, _, seconds = text.partition("=")
     if name not in COSTS:
@@ -2536,7 +2562,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip-phase",
         action="append",
         choices=PHASES,
-        help="leave a phase out (repeatable): e.g. training_compiled, to leave compiled generation its time",
+        help="leave a phase out (repeatable)",
+    )
+    parser.add_argument(
+        "--only-phase",
+        action="append",
+        choices=PHASES,
+        help="run only these phases (repeatable): compiled generation needs a call of its own, --only-phase "
+        "generation --only-phase generation_compiled (see the module docstring's 'What one call reaches')",
     )
     parser.add_argument(
         "--cost",
