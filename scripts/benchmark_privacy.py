@@ -97,8 +97,13 @@ def run_one(config: dict, *, depth: int, batch_size: int, steps: int) -> dict:
     var = _adapted_var(config["method"], depth=depth, patch_nums=PATCH_NUMS)
     k = config["k"]
     label_N = torch.randint(0, CLASSES, (batch_size,))
-    views = [torch.randint(0, VOCAB, (batch_size, k, pn * pn)) for pn in PATCH_NUMS]
-    loss_fn = lambda part: view_losses(var, vqvae, label_N[part], [v[part] for v in views], class_dropout=0.1)  # noqa: E731
+    tokens = [torch.randint(0, VOCAB, (batch_size, k, pn * pn)) for pn in PATCH_NUMS]
+
+    def loss_fn(part: torch.Tensor, *, views: slice = slice(None)) -> torch.Tensor:
+        """Per-view losses [b, v] of examples ``part``; ``views``: those of one forward when an example's views
+        are split over several (rows per forward below k)."""
+        return view_losses(var, vqvae, label_N[part], [t[part][:, views] for t in tokens], class_dropout=0.1)
+
     optimizer = build_optimizer(var, lr=1e-4)
     step = (
         _dp_step(var, optimizer, config, batch_size=batch_size, loss_fn=loss_fn)

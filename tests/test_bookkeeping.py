@@ -368,3 +368,21 @@ def test_no_output_gradient_ends_in_a_leaf_s_grad(method, vqvae, data):
 def test_forcing_an_unknown_route_is_refused():
     with pytest.raises(ValueError, match="linear_route"):
         BookKeeping(make_model("lora"), linear_route="fast")
+
+
+def test_a_parameter_shared_by_two_layers_is_refused_and_auto_resolves_to_opacus_hooks():
+    """Tied weights (one parameter in an embedding and a linear): book-keeping added the layers' squared norms,
+    where the example's gradient is their sum, and clipped contributions reached 1.3x C (1.4x with the views split
+    over forwards, which also added the gradient twice). No adapted VAR ties weights; a direct caller's model may."""
+    from bench.schema import PrivacyConfig
+    from trainables.privacy import resolve_clipping
+
+    embedding, head = torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False)
+    head.weight = embedding.weight
+    tied = torch.nn.Sequential(embedding, head)
+    with pytest.raises(NotImplementedError, match=r"tied weights: Embedding, Linear.*'hooks'"):
+        BookKeeping(tied)
+    privacy = PrivacyConfig(target_epsilon=8.0, sampling_rate=0.5, max_grad_norm=1.0, clipping="auto")
+    assert resolve_clipping(privacy, tied) == "hooks"
+    untied = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+    assert resolve_clipping(privacy, untied) == "bookkeeping" and BookKeeping(untied).params

@@ -762,8 +762,10 @@ def test_rows_per_forward_must_hold_one_example_unless_book_keeping_splits_its_v
             device="cpu",
             privacy=dataclasses.replace(dp_k3, clipping=clipping),
         )
-    with pytest.raises(
-        ConfigError, match="resources.rows_per_forward: 2 rows cannot hold one example's 3 views"
+    with pytest.raises(  # naming the clipping and the way out, as the schema's refusal does
+        ConfigError,
+        match=r"resources.rows_per_forward: 2 rows cannot hold one example's 3 views, which share a forward with "
+        r"privacy.clipping='hooks': use 0, at least k, or clipping in \('auto', 'bookkeeping'\)",
     ):
         check_resources(
             ResourcesConfig(rows_per_forward=2),

@@ -450,7 +450,20 @@ def hooks_are_book_keeping_s(module: nn.Module) -> bool:
 
 
 def bookkeeping_supports(model: nn.Module) -> bool:
-    return all(type(m) in RULES for m in _trainable_layers(model))
+    layers = _trainable_layers(model)
+    return all(type(m) in RULES for m in layers) and not _shared_parameters(layers)
+
+
+def _shared_parameters(layers: list[nn.Module]) -> list[str]:
+    """Trainable parameters owned by more than one layer (tied weights), each as "layer, layer" type names: its
+    per-example gradient is the sum of the layers' and its squared norm is not the sum of theirs, so book-keeping,
+    which adds per-layer norms and clipped sums, would clip above C (by up to sqrt 2) and count it twice."""
+    owners: dict[int, list[str]] = {}
+    for layer in layers:
+        for p in layer.parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(type(layer).__name__)
+    return [", ".join(names) for names in owners.values() if len(names) > 1]
 
 
 class _GradientTap(torch.autograd.Function):
@@ -482,6 +495,13 @@ class BookKeeping:
         if unsupported:
             raise NotImplementedError(
                 f"book-keeping clipping has no rule for trainable layers of type {unsupported}"
+            )
+        shared = _shared_parameters(self.layers)
+        if shared:
+            raise NotImplementedError(
+                f"book-keeping clipping cannot clip a parameter shared by several trainable layers (tied weights: "
+                f"{'; '.join(shared[:4])}): its per-example norm is not the sum of the layers' norms; use "
+                "privacy.clipping 'hooks' (what 'auto' resolves to for such a model)"
             )
         self.linear_route = linear_route
         self.params = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]

@@ -335,7 +335,13 @@ def check_resources(
         raise ConfigError(f"resources.attention_kernel: {FLEX_ON_CPU}")
     views = 1 if privacy is None else privacy.augmentation_multiplicity
     splits = privacy is not None and privacy.clipping in VIEW_SPLITTING_CLIPPING
-    examples_per_forward(resources.rows_per_forward, views_per_example=views, splits_views=splits)
+    hint = (
+        ""
+        if privacy is None
+        else f", which share a forward with privacy.clipping={privacy.clipping!r}: use 0, at least k, or clipping "
+        f"in {VIEW_SPLITTING_CLIPPING} (which spreads an example's views over forwards)"
+    )
+    examples_per_forward(resources.rows_per_forward, views_per_example=views, splits_views=splits, hint=hint)
 
 
 def prepare_model(var: VAR, resources: ResourcesConfig, *, privacy: PrivacyConfig | None) -> dict:

@@ -336,11 +336,11 @@ def var_training_step(
 
 
 def examples_per_forward(
-    rows_per_forward: int, *, views_per_example: int, splits_views: bool = False
+    rows_per_forward: int, *, views_per_example: int, splits_views: bool = False, hint: str = ""
 ) -> int | None:
     """Examples per forward for ``rows_per_forward`` rows of ``views_per_example`` views each (None: all at once).
-    Fewer rows than views are refused unless ``splits_views`` (DP with book-keeping clipping, which then puts one
-    example per forward and spreads its views over several: ``views_per_forward``)."""
+    Fewer rows than views are refused (``hint`` ends the message) unless ``splits_views`` (DP with book-keeping
+    clipping, which then puts one example per forward and spreads its views over several: ``views_per_forward``)."""
     if rows_per_forward == 0:
         return None
     if rows_per_forward < views_per_example:
@@ -348,7 +348,7 @@ def examples_per_forward(
             return 1
         raise ConfigError(
             f"resources.rows_per_forward: {rows_per_forward} rows cannot hold one example's "
-            f"{views_per_example} views"
+            f"{views_per_example} views{hint}"
         )
     return rows_per_forward // views_per_example
 
