@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.io import savemat
+from scipy.io import loadmat, savemat
 
 from trainables.data.datasets import (
     DatasetError,
@@ -243,6 +244,22 @@ def test_corrupt_images_are_named_and_skipped_only_on_request(tmp_path):
         ImageListDataset(images, eval_transform(16))[images.paths.index(broken)]
 
 
+def test_a_strip_too_long_to_resize_is_named_and_skipped_like_a_corrupt_one(tmp_path):
+    """A 2 x 1,000 px strip passed the check and took 1.1 GB for one view (288 x 144,000 px after the resize); a
+    longer one ran the token cache's builder out of memory with no file named. 16:1 is the longest kept."""
+    make_folder(tmp_path)
+    strip, longest = tmp_path / "train" / "2" / "0.png", tmp_path / "train" / "2" / "1.png"
+    Image.new("RGB", (2, 1000), "white").save(strip)
+    Image.new("RGB", (160, 10), "white").save(longest)
+    images = read_dataset("folder", tmp_path, "train")
+    with pytest.raises(
+        DatasetError, match=rf"1 unreadable image\(s\).*\n  {strip}: 2 x 1000 px, a strip longer than 16:1"
+    ):
+        check_images(images)
+    kept, dropped = check_images(images, skip_corrupt=True)
+    assert strip not in kept.paths and longest in kept.paths and len(dropped) == 1
+
+
 def test_an_image_over_pil_s_pixel_limit_is_named_and_skipped_like_a_corrupt_one(tmp_path, monkeypatch):
     """PIL refuses an image over twice ``MAX_IMAGE_PIXELS`` (a whole-slide scan: 179M pixels by default) with
     ``DecompressionBombError``, which is no OSError: it escaped the check unnamed, and skip_corrupt_images could
@@ -464,3 +481,105 @@ def test_analysis_thumbnails_decode_as_training_does(tmp_path):
         eight_bit = tmp_path / f"{path.name}.8bit.png"
         Image.fromarray(np.ascontiguousarray(pixels)).save(eight_bit)
         assert np.array_equal(np.asarray(_thumb(path)), np.asarray(_thumb(eight_bit))), path.name
+
+
+def _edit_mat(path: Path, **entries) -> None:
+    savemat(path, {**{k: v for k, v in loadmat(path).items() if not k.startswith("__")}, **entries})
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # label 103 trained as the unconditional class; 0 crashed after the token cache was built
+        (
+            lambda b: _edit_mat(b / "imagelabels.mat", labels=np.array([103, 1, 2, 3, 3, 3, 102])),
+            r"labels \[103\] outside 1\.\.102 .*unconditional",
+        ),
+        (
+            lambda b: _edit_mat(b / "imagelabels.mat", labels=np.array([0, 1, 2, 3, 3, 3, 102])),
+            r"labels \[0\] outside 1\.\.102",
+        ),
+        (
+            lambda b: _edit_mat(b / "setid.mat", trnid=np.array([1, 3, 40])),
+            r"setid.mat's trnid names image ids \[40\] outside 1\.\.7",
+        ),
+        (
+            lambda b: _edit_mat(b / "setid.mat", trnid=np.array([1, 3, 3, 4])),
+            r"flowers102 train: 1 image\(s\) are listed more than once: .*image_00003",
+        ),
+        (lambda b: (b / "setid.mat").write_bytes(b"MATLAB 5.0"), r"setid.mat: not a readable MATLAB file"),
+        (
+            lambda b: savemat(b / "imagelabels.mat", {"label": np.array([1])}),
+            r"imagelabels.mat: has no entry 'labels' \(entries: \['label'\]\)",
+        ),
+    ],
+)
+def test_flowers_annotations_out_of_range_repeated_or_damaged_are_named(tmp_path, edit, message):
+    make_flowers(tmp_path)
+    edit(tmp_path / "flowers-102")
+    with pytest.raises(DatasetError, match=message):
+        read_dataset("flowers102", tmp_path, "train")
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "message"),
+    [
+        # a later line overwrote the earlier one: image 1 vanished and another was listed twice
+        (
+            "images.txt",
+            lambda lines: [*lines, "1 002.Auklet/img_0.jpg"],
+            r"images.txt:10: id 1 is given a second time",
+        ),
+        (
+            "classes.txt",
+            lambda lines: [*lines, "x12 012.Extra"],
+            r"classes.txt:4: the id 'x12' is not a positive integer",
+        ),
+        ("classes.txt", lambda lines: ["1 001.Albatros\xe9", *lines[1:]], r"classes.txt: not UTF-8 text"),
+    ],
+)
+def test_cub_annotation_files_with_repeated_ids_or_bad_text_are_named(tmp_path, file, edit, message):
+    make_cub(tmp_path)
+    path = tmp_path / "CUB_200_2011" / file
+    text = "\n".join(edit(path.read_text().splitlines())) + "\n"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DatasetError, match=message):
+        read_dataset("cub200", tmp_path, "train")
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        # an id beyond the 37 breeds made a second "Abyssinian" class
+        (
+            [("Abyssinian_1", 1), ("Abyssinian_2", 38)],
+            r"trainval.txt gives class ids \[38\] outside the official 1\.\.37",
+        ),
+        (
+            [("Abyssinian_1", 1), ("Abyssinian_1", 1)],
+            r"oxford_pet train: 1 image\(s\) are listed more than once",
+        ),
+        ([("Abyssinian_1", 1), ("# a comment", 1)], r"oxford_pet: cannot parse its train annotations"),
+    ],
+)
+def test_pet_annotations_beyond_the_breeds_repeated_or_malformed_are_named(tmp_path, rows, message):
+    base = tmp_path / "oxford-iiit-pet"
+    (base / "annotations").mkdir(parents=True)
+    (base / "annotations" / "trainval.txt").write_text("".join(f"{n} {label} 1 1\n" for n, label in rows))
+    for name, _ in rows:
+        if not name.startswith("#"):
+            jpeg(base / "images" / f"{name}.jpg")
+    with pytest.raises(DatasetError, match=message):
+        read_dataset("oxford_pet", tmp_path, "train")
+
+
+def test_a_file_name_that_is_not_text_is_named_before_any_compute(tmp_path):
+    """A name the file system holds as bytes (Latin-1 on a UTF-8 system) passed the dry run, then failed the launch
+    with a UnicodeEncodeError naming no file."""
+    make_folder(tmp_path)
+    folder = os.fsencode(tmp_path / "train" / "2")
+    os.rename(os.path.join(folder, b"0.png"), os.path.join(folder, b"caf\xe9.png"))
+    with pytest.raises(
+        DatasetError, match=r"folder train: the file name b'.*caf\\xe9\.png' is not valid text"
+    ):
+        read_dataset("folder", tmp_path, "train")

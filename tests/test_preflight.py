@@ -211,6 +211,27 @@ def test_a_batch_larger_than_the_split_and_split_classes_that_differ_are_named(t
     )
 
 
+def test_an_image_in_both_the_training_and_the_evaluation_split_is_refused_before_compute(tmp_path):
+    """A CUB image marked for both splits (its file under a train id and a test id) was scored against by the
+    model that trained on it."""
+    make_cub(tmp_path)
+    listed = tmp_path / "CUB_200_2011" / "images.txt"
+    lines = listed.read_text().splitlines()
+    assert lines[:2] == ["1 001.Albatross/img_0.jpg", "2 001.Albatross/img_1.jpg"]  # 1 trains, 2 tests
+    listed.write_text(
+        "\n".join(["1 001.Albatross/img_0.jpg", "2 001.Albatross/img_0.jpg", *lines[2:]]) + "\n"
+    )
+    cub = {"dataset": "cub200", "root": str(tmp_path), "resolution": 16}
+    with pytest.raises(
+        SweepError, match=r"1 image\(s\) of cub200 are in both the train and the test split .*img_0\.jpg"
+    ):
+        check_sweep(
+            [replace(tiny_trial("lora"), data=cub, optimization={"batch_size": 2})],
+            cache_dir=str(tmp_path / "cache"),
+            write=False,
+        )
+
+
 def test_a_run_in_epochs_that_would_end_inside_its_warm_up_is_named(tmp_path):
     """Epochs resolve to steps only with the split's size: 2 epochs of 2 examples at batch 2 are 2 steps, fewer
     than a warm-up of 5 (the learning rate would never be reached); a warm-up of 2 fits."""

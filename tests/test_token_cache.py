@@ -100,6 +100,35 @@ def test_interrupted_build_resumes_at_the_first_unfinished_shard(images, tmp_pat
     assert not hit and all(torch.equal(a, b) for a, b in zip(full.views, resumed.views))
 
 
+@pytest.mark.parametrize("kept_bytes", [0, 200, -1])
+def test_an_unfinished_build_s_file_cut_short_is_made_anew_not_padded_with_zeros(
+    images, tmp_path, monkeypatch, kept_bytes
+):
+    """A scale file of an interrupted build, cut short (a full disk, a copy), was opened by numpy's "r+" memory map,
+    which pads it with zeros, and the shards recorded as finished kept those zeros as tokens; an empty one stopped
+    every build with an EOFError naming no file."""
+    vqvae = make_vqvae()
+    full, _ = open_token_cache(tmp_path / "reference", images, vqvae, spec=SPEC, shard_size=2)
+    real_tokenise = token_cache._tokenise
+    calls = []
+
+    def dying_after_two_shards(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        calls.append(1)
+        return real_tokenise(*args, **kwargs)
+
+    monkeypatch.setattr(token_cache, "_tokenise", dying_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
+    cache = TokenCache(tmp_path / "cache", cache_key(images, vqvae, SPEC), shard_size=2)
+    data = cache.scale_path(1).read_bytes()
+    cache.scale_path(1).write_bytes(data[: len(data) - 1 if kept_bytes < 0 else kept_bytes])
+    monkeypatch.setattr(token_cache, "_tokenise", real_tokenise)
+    resumed, hit = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
+    assert not hit and all(torch.equal(a, b) for a, b in zip(full.views, resumed.views))
+
+
 def test_cache_is_memory_mapped_and_never_written_by_readers(images, tmp_path):
     vqvae = make_vqvae()
     views, _ = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC)

@@ -107,6 +107,20 @@ def _class_difference(train: ImageList, evaluation: ImageList) -> str:
     return f"the {train.split} and {evaluation.split} splits have different classes ({'; '.join(parts) or 'the same names in another order'})"
 
 
+def _check_disjoint(train: ImageList, evaluation: ImageList) -> None:
+    """Refuse an image listed in both splits (an edited annotation file): the metrics would compare the model with
+    images it trained on. The same split chosen for both is the caller's choice and passes."""
+    if train.split == evaluation.split:
+        return
+    shared = sorted(set(map(str, train.paths)) & set(map(str, evaluation.paths)))
+    if shared:
+        raise ConfigError(
+            f"data.dataset: {len(shared)} image(s) of {train.name} are in both the {train.split} and the "
+            f"{evaluation.split} split ({', '.join(shared[:3])}{' ...' if len(shared) > 3 else ''}): the "
+            "evaluation would score the model against images it trained on; fix the split files"
+        )
+
+
 def _check_evaluation_size(config: TrialConfig, evaluation: ImageList) -> None:
     """Refuse an evaluation split with fewer than ``MIN_EVALUATION_IMAGES`` images."""
     if len(evaluation) < MIN_EVALUATION_IMAGES:
@@ -139,6 +153,7 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
     train, evaluation = splits
     if train.class_names != evaluation.class_names:
         raise ConfigError(f"data.dataset: {_class_difference(train, evaluation)}")
+    _check_disjoint(train, evaluation)
     # An audit's included canaries train like any example: the steps, Poisson sampling and delta count them.
     canaries = included_count(config.audit)
     examples = len(train) + canaries

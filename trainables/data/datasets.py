@@ -37,8 +37,12 @@ from bench.errors import VarsweepError
 
 SPLITS = ("train", "test")
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels are turned for display
-# ``check_images``' kept outcomes: 2 since ``to_rgb`` (EXIF orientation, high bit depths) decides readability.
-CHECK_FORMAT = "v2"
+# ``check_images``' kept outcomes: 2 since ``to_rgb`` (EXIF orientation, high bit depths) decides readability, 3
+# since a strip longer than ``MAX_ASPECT_RATIO`` is unusable.
+CHECK_FORMAT = "v3"
+# Images are resized on their shorter side to the resolution's 288/256 before cropping: a 2 x 1,000 px strip became
+# 288 x 144,000 px (1.1 GB for one view), and a longer one ran the token cache's builder out of memory, unnamed.
+MAX_ASPECT_RATIO = 16
 
 
 class DatasetError(VarsweepError):
@@ -198,12 +202,23 @@ def _check_cub_split(images: dict[str, str], is_train: dict[str, str]) -> None:
 
 
 def _id_table(path: Path) -> dict[str, str]:
-    table = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    """{id: value} of a CUB annotation file of '<id> <value>' lines; ``DatasetError`` naming the file and line for
+    a file that is not UTF-8 text, a line without a value, an id that is not a positive integer or an id given
+    twice (a later line overwrote the earlier one: an image vanished, another was listed twice)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err})") from err
+    table: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             parts = line.split(maxsplit=1)
             if len(parts) != 2:
                 raise DatasetError(f"{path}:{number}: expected '<id> <value>', got {line!r}")
+            if not parts[0].isdigit() or int(parts[0]) < 1:
+                raise DatasetError(f"{path}:{number}: the id {parts[0]!r} is not a positive integer")
+            if parts[0] in table:
+                raise DatasetError(f"{path}:{number}: id {parts[0]} is given a second time")
             table[parts[0]] = parts[1].strip()
     return table
 
@@ -215,8 +230,26 @@ def read_flowers102(root: Path, split: str) -> ImageList:
     base = root / "flowers-102"
     _require(base / "imagelabels.mat", base / "setid.mat", base / "jpg", dataset="flowers102")
     key = {"train": "trnid", "val": "valid", "test": "tstid"}[_split(split, ("train", "val", "test"))]
-    ids = np.atleast_1d(loadmat(base / "setid.mat", squeeze_me=True)[key]).tolist()
-    labels = np.atleast_1d(loadmat(base / "imagelabels.mat", squeeze_me=True)["labels"])
+    ids = [int(i) for i in _mat_entry(loadmat, base / "setid.mat", key)]
+    labels = [int(label) for label in _mat_entry(loadmat, base / "imagelabels.mat", "labels")]
+    classes = len(tv.Flowers102.classes)
+    outside = sorted({i for i in ids if not 1 <= i <= len(labels)})
+    if outside:
+        raise DatasetError(
+            f"flowers102: {base / 'setid.mat'}'s {key} names image ids {outside[:5]} outside 1..{len(labels)}, "
+            f"the images {base / 'imagelabels.mat'} labels"
+        )
+    wrong = sorted({labels[i - 1] for i in ids if not 1 <= labels[i - 1] <= classes})
+    if wrong:
+        raise DatasetError(
+            f"flowers102: {base / 'imagelabels.mat'} gives labels {wrong[:5]} outside 1..{classes} to images of "
+            f"the {split} split"
+            + (
+                f" (label {classes + 1} would train as the unconditional class)"
+                if classes + 1 in wrong
+                else ""
+            )
+        )
     return ImageList(
         "flowers102",
         split,
@@ -224,6 +257,22 @@ def read_flowers102(root: Path, split: str) -> ImageList:
         tuple(int(labels[i - 1]) - 1 for i in ids),
         tuple(tv.Flowers102.classes),
     )
+
+
+def _mat_entry(loadmat: Callable, path: Path, key: str) -> list:
+    """The entry ``key`` of a MATLAB file as a flat list; ``DatasetError`` naming the file for a damaged file or a
+    missing entry."""
+    from scipy.io.matlab import MatReadError
+
+    try:
+        table = loadmat(path, squeeze_me=True)
+    except (OSError, ValueError, TypeError, MatReadError) as err:
+        raise DatasetError(f"{path}: not a readable MATLAB file ({type(err).__name__}: {err})") from err
+    if key not in table:
+        raise DatasetError(
+            f"{path}: has no entry {key!r} (entries: {sorted(k for k in table if not k.startswith('__'))})"
+        )
+    return np.atleast_1d(table[key]).tolist()
 
 
 def _from_torchvision(
@@ -234,6 +283,11 @@ def _from_torchvision(
     except (RuntimeError, FileNotFoundError) as err:
         raise DatasetError(
             f"{name}: {err} (local files only; see trainables/data/datasets.py for the layout)"
+        ) from err
+    except (ValueError, IndexError, KeyError, TypeError) as err:  # torchvision's parsers on a malformed file
+        raise DatasetError(
+            f"{name}: cannot parse its {split} annotations ({type(err).__name__}: {err}): a line or entry that is "
+            "not in the official format (see trainables/data/datasets.py for the layout)"
         ) from err
     if labels_attr is None:  # list of (path, label)
         paths, labels = zip(*getattr(data, files_attr)) if len(data) else ((), ())
@@ -270,6 +324,9 @@ def read_stanford_cars(root: Path, split: str) -> ImageList:
     )
 
 
+PET_BREEDS = 37  # the official breed ids 1..37 (torchvision's labels: 0..36)
+
+
 def read_oxford_pet(root: Path, split: str) -> ImageList:
     official = {"train": "trainval", "test": "test"}[_split(split)]
     base = root / "oxford-iiit-pet"
@@ -290,6 +347,19 @@ def _present_breeds_numbered(images: ImageList, *, annotations: Path) -> ImageLi
     subset without a breed label i named another breed than class_names[i], silently. The full dataset (all 37
     breeds) is unchanged; two splits of other breeds differ in their class names (which trial planning refuses)."""
     present = sorted(set(images.labels))
+    breeds = PET_BREEDS
+    beyond = [label + 1 for label in present if not 0 <= label < breeds]
+    if beyond:
+        raise DatasetError(
+            f"oxford_pet: {annotations} gives class ids {beyond[:5]} outside the official 1..{breeds}: fix the "
+            "annotation file"
+        )
+    if len(set(images.class_names)) != len(images.class_names):
+        raise DatasetError(
+            f"oxford_pet: {annotations} gives one breed two class ids (breeds "
+            f"{sorted({n for n in images.class_names if images.class_names.count(n) > 1})[:5]}): fix the "
+            "annotation file"
+        )
     if len(present) != len(images.class_names):
         raise DatasetError(
             f"oxford_pet: {annotations} gives {len(present)} breed ids but {len(images.class_names)} breed names "
@@ -337,7 +407,38 @@ def read_dataset(name: str, root: str | Path, split: str) -> ImageList:
     images = READERS[name](root, split)
     if not len(images):
         raise DatasetError(f"{name}: split {split!r} under {root} lists no images")
+    _check_listing(images)
     return images
+
+
+def _check_listing(images: ImageList) -> None:
+    """What every reader's listing must hold, whatever its annotation files say: labels that index the class
+    names (an out-of-range one trained as the unconditional class or crashed after the token cache), distinct
+    class names, no image listed twice (under DP it counted twice in N and its guarantee was a group of two's),
+    and file names that are text (one that is not failed the launch with no file named)."""
+    where = f"{images.name} {images.split}"
+    outside = sorted({label for label in images.labels if not 0 <= label < len(images.class_names)})
+    if outside:
+        raise DatasetError(
+            f"{where}: labels {outside[:5]} do not index its {len(images.class_names)} classes"
+        )
+    repeated = sorted(name for name, count in Counter(images.class_names).items() if count > 1)
+    if repeated:
+        raise DatasetError(f"{where}: the class names {repeated[:5]} are given to several classes")
+    twice = sorted(str(path) for path, count in Counter(images.paths).items() if count > 1)
+    if twice:
+        raise DatasetError(
+            f"{where}: {len(twice)} image(s) are listed more than once: {', '.join(twice[:5])}"
+            + (" ..." if len(twice) > 5 else "")
+        )
+    for path in images.paths:
+        try:
+            str(path).encode()
+        except UnicodeEncodeError as err:
+            raise DatasetError(
+                f"{where}: the file name {os.fsencode(path)!r} is not valid text in this file system's encoding "
+                f"({err.reason}): rename it"
+            ) from err
 
 
 def check_images(
@@ -405,9 +506,15 @@ def _unreadable(images: ImageList, indices) -> dict[int, str]:
     for i in indices:
         path = images.paths[i]
         try:
-            open_rgb(path)
+            width, height = open_rgb(path).size
         except IMAGE_ERRORS as err:
             bad[i] = f"{path}: {err}"
+            continue
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            bad[i] = (
+                f"{path}: {width} x {height} px, a strip longer than {MAX_ASPECT_RATIO}:1 (resized on its shorter "
+                "side for training, it would be too large to crop from)"
+            )
     return bad
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -199,10 +200,8 @@ class TokenCache:
     def _open_for_writing(self, si: int, pn: int, spec: ViewSpec) -> np.memmap:
         shape = (self.key["num_images"], spec.num_views, pn * pn)
         path = self.scale_path(si)
-        if path.is_file():
-            array = np.load(path, mmap_mode="r+")
-            if array.shape == shape and array.dtype == self.dtype:
-                return array
+        if _whole_npy(path, shape=shape, dtype=self.dtype):
+            return np.load(path, mmap_mode="r+")
         (self.folder / "progress.json").unlink(
             missing_ok=True
         )  # a new or mismatched file: nothing in it is finished
@@ -217,7 +216,7 @@ class TokenCache:
         for si, pn in enumerate(self.key["patch_nums"]):
             try:
                 array = np.load(self.scale_path(si), mmap_mode="c")
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, EOFError) as err:
                 raise DatasetError(
                     f"token cache file {self.scale_path(si)} is damaged ({err}); delete the folder to rebuild"
                 ) from err
@@ -283,6 +282,26 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _covered(start: int, stop: int, ranges: list[tuple[int, int]]) -> bool:
     """Whether the merged ``ranges`` hold every image of [start, stop)."""
     return any(a <= start and stop <= b for a, b in ranges)
+
+
+def _whole_npy(path: Path, *, shape: tuple[int, ...], dtype) -> bool:
+    """Whether ``path`` is an .npy file of exactly this shape and dtype holding all its bytes. An unfinished build's
+    file cut short (a full disk, a copy) must be made anew: numpy's "r+" memory map pads a short file with zeros,
+    which the shards already recorded as finished would then keep as tokens."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            stored_shape, fortran, stored_dtype = read_header(handle)
+            offset = handle.tell()
+    except (OSError, ValueError, EOFError):  # missing, empty, or not an .npy file
+        return False
+    whole = offset + math.prod(shape) * np.dtype(dtype).itemsize == path.stat().st_size
+    return whole and not fortran and stored_shape == shape and stored_dtype == np.dtype(dtype)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
