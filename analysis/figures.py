@@ -215,6 +215,7 @@ def compute_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
         .loc[(trials["status"] == "success") & ~trials["dp"] & (trials["method"] != "base")]
         .dropna(subset=["train_pflops"])
     )
+    data = data[np.isfinite(data["train_pflops"].astype(float))]  # an infinite value hid the axis' ticks
     if data.empty:
         return None
     models = list(dict.fromkeys(data.sort_values("depth")["model"]))
@@ -301,6 +302,8 @@ def _convergence_panel(ax, sub: pd.DataFrame, metric: str) -> None:
     dp_markers = itertools.cycle(
         "s^vDP*X"
     )  # DP curves of one method share its colour: tell them apart by marker
+    seed_styles = ("-", ":", "-.", (0, (5, 1)), (0, (1, 3)))  # seeds of a non-DP setting: apart by line style
+    seeds = {seed: i for i, seed in enumerate(sorted(set(sub["seed"])))}
     scale = METRICS[metric].scale  # curves store fractions, like the final metrics
     order = sub.assign(_method=sub["method"].map(list(METHOD_LABELS).index)).sort_values(
         ["dp", "_method", "epsilon", "k", "seed"]
@@ -315,10 +318,16 @@ def _convergence_panel(ax, sub: pd.DataFrame, metric: str) -> None:
             markersize=4,
             label=label,
             color=METHOD_COLORS[t["method"]],
-            linestyle="--" if t["dp"] else "-",
+            linestyle="--" if t["dp"] else seed_styles[seeds[t["seed"]] % len(seed_styles)],
         )
     ax.set_xlabel("training step")
     ax.set_ylabel(METRICS[metric].axis_label)
+
+
+def dataset_markers(points: pd.DataFrame) -> dict[str, str]:
+    """A marker per dataset of ``points``, in the paper's column order (the legend's), not alphabetical."""
+    shown = set(points["dataset"])
+    return dict(zip((d for d in dataset_columns(points) if d in shown), itertools.cycle("osD^vP*X")))
 
 
 def k_colors(ks) -> dict[int, str]:
@@ -462,7 +471,7 @@ def parameters_figure(trials: pd.DataFrame, folder: Path) -> FigureFile | None:
         .mean()
         .reset_index()
     )
-    markers = dict(zip(dict.fromkeys(points["dataset"]), itertools.cycle("osD^vP*X")))
+    markers = dataset_markers(points)
     models = list(dict.fromkeys(points["model"]))
     with plt.rc_context(STYLE):
         fig, axes = _figure(len(models), width=4.2, height=3.4)
@@ -682,6 +691,8 @@ def _roc_panel(ax, curves: list[tuple[pd.DataFrame, str, dict]]) -> None:
     ax.set_yscale("log", nonpositive="clip")
     ax.set_xlim(floor, 1.0)
     ax.set_ylim(floor, 1.05)
+    for axis in (ax.xaxis, ax.yaxis):  # 0.01, 0.1, 1 rather than powers of ten, as every other figure prints
+        _plain_log_auto(axis, [floor, 1.0])
     ax.set_xlabel("false positive rate (excluded canaries flagged)")
     ax.set_ylabel("true positive rate (included canaries flagged)")
 

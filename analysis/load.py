@@ -150,6 +150,8 @@ def load_results(
     for name, text in result_texts(folder):
         try:
             record = json.loads(text)
+            if not isinstance(record, dict):  # said plainly, not as the AttributeError of reading a field
+                raise ValueError(f"not a JSON object but {json.dumps(record)[:40]}")
             check_result(
                 record
             )  # typed: history and convergence entries are objects with a step, values of their types

@@ -16,7 +16,7 @@ from bench.sweeps.common import Assets
 
 from .load import AnalysisError, config_value
 from .metrics import DATASET_COLUMNS, METHOD_LABELS, PAPER_EXTRACTOR, VARIANT_LABELS
-from .tables import DP_DATASET, Cell, Table, published
+from .tables import DP_DATASET, MISSING, Cell, Table, published
 
 PAPER = "arXiv 2507.11441"
 # Key columns of each published table; every other column holds a value.
@@ -41,10 +41,18 @@ def number(text: str) -> float | None:
     return float(text)
 
 
-def ours_as_rows(table: Table) -> list[dict[str, str]]:
-    return [
-        dict(zip(table.header, (c.csv() if isinstance(c, Cell) else c for c in row))) for row in table.rows
-    ]
+def ours_as_rows(table: Table) -> list[dict[str, str | Cell]]:
+    return [dict(zip(table.header, row)) for row in table.rows]
+
+
+def _shown(mine: str | Cell | None) -> tuple[str | Cell, str]:
+    """(what the comparison shows for our cell, its mean as the CSV writes it): the whole cell where it holds
+    trials, so its spread, seed count and failures stand beside the published number (the CSV keeps the mean),
+    else the missing mark."""
+    if not isinstance(mine, Cell):
+        return mine or MISSING, mine or ""
+    held = mine.mean is not None or mine.failed or mine.no_value
+    return (mine if held else MISSING), mine.csv()
 
 
 def check_comparable(trials, records: dict[str, dict]) -> None:
@@ -132,17 +140,19 @@ def comparison(table: Table) -> Table | None:
     rows = []
     for key in list(theirs) + [k for k in ours if k not in theirs]:
         for column in values:
-            mine, paper = (ours.get(key) or {}).get(column, ""), (theirs.get(key) or {}).get(column, "")
-            if not mine and not paper:
+            shown, mine = _shown((ours.get(key) or {}).get(column))
+            paper = (theirs.get(key) or {}).get(column, "")
+            if shown == MISSING and not paper:
                 continue
             a, b = number(mine) if mine else None, number(paper) if paper else None
             diff = "" if a is None or b is None else f"{a - b:+.4g}"  # ours - paper
-            rows.append([*key, column, mine or "—", paper or "—", diff])
+            rows.append([*key, column, shown, paper or MISSING, diff])
     return Table(
         f"compare_{table.name}",
         f"{table.title}: ours vs published ({PAPER})",
         [*keys, "column", "ours", "paper", "difference"],
         rows,
+        cells_csv=False,
     )
 
 

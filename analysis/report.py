@@ -20,6 +20,12 @@ KEY_PACKAGES = ("torch", "torchvision", "ray", "peft", "opacus", "torch-fidelity
 # Every trial, one row each, beside index.md (written by ``analysis.run.write_trials``, linked from the page).
 TRIAL_TABLES = ("trials.csv", "trials.parquet")
 TRIALS_NOTE = "Every trial, one row each (its settings, status, error and metrics):"
+# What a cell and an error bar stand for (the tables' cells and the figures' bars are the same aggregates).
+CELLS_NOTE = (
+    "A cell over several seeds is their mean ± the sample standard deviation (n - 1 in the denominator), n the "
+    "successful trials with a value; failed trials and trials without a value are counted beside it, never "
+    "averaged in. Error bars in the figures are the same standard deviation."
+)
 # What a figure means where its axes alone do not say it (figure name -> one sentence below it).
 FIGURE_CAPTIONS = {"privacy_audit": AUDIT_CAPTION, "privacy_audit_roc": ROC_CAPTION}
 
@@ -158,6 +164,8 @@ def markdown(analysis: Analysis) -> str:
         "",
         f"{TRIALS_NOTE} " + ", ".join(f"[{name}]({name})" for name in TRIAL_TABLES),
         "",
+        CELLS_NOTE,
+        "",
     ]
     for table in analysis.tables:
         lines += [table.markdown(), _links(table), ""]
@@ -223,7 +231,7 @@ def page(analysis: Analysis) -> str:
                 [f"<h2>{esc(heading)}</h2><ul>"] + [f"<li>{esc(item)}</li>" for item in items] + ["</ul>"]
             )
     trial_links = ", ".join(f"<a href='{name}'>{name}</a>" for name in TRIAL_TABLES)
-    parts += ["<h2>Tables</h2>", f"<p>{esc(TRIALS_NOTE)} {trial_links}</p>"]
+    parts += ["<h2>Tables</h2>", f"<p>{esc(TRIALS_NOTE)} {trial_links}</p>", f"<p>{esc(CELLS_NOTE)}</p>"]
     parts += [_html_table(t) for t in analysis.tables]
     if analysis.comparisons:
         parts += ["<h2>Compared with the published tables</h2>"] + [

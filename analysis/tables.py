@@ -83,6 +83,7 @@ class Table:
     rows: list[list[str | Cell]]
     notes: list[str] = field(default_factory=list)
     dataset: str | None = None  # the one dataset of a DP table
+    cells_csv: bool = True  # write the per-cell CSV (a comparison's cells are its table's: written there)
 
     def csv(self) -> str:
         out = io.StringIO()
@@ -152,7 +153,7 @@ class Table:
     def renderers(self) -> dict[str, Callable[[], str]]:
         """File suffix -> renderer; the long per-cell CSV only where the table has aggregated cells."""
         out = {".csv": self.csv, ".md": self.markdown, ".tex": self.latex}
-        if any(isinstance(c, Cell) for row in self.rows for c in row):
+        if self.cells_csv and any(isinstance(c, Cell) for row in self.rows for c in row):
             out["_cells.csv"] = self.long_csv
         return out
 
@@ -260,9 +261,12 @@ def cell(trials: pd.DataFrame, metric: str, *, formatter: Callable[[float], str]
     fmt = formatter or METRICS[metric].format
     if ok.empty:
         return Cell(None, None, 0, failed, fmt, no_value)
-    return Cell(
-        float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else None, len(ok), failed, fmt, no_value
-    )
+    mean, spread = float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else None
+    if spread is not None and spread <= 1e-9 * abs(mean):
+        spread = (
+            0.0  # equal values (non-DP seeds' counted FLOPs) whose float std is 1e-15, not a spread to print
+        )
+    return Cell(mean, spread, len(ok), failed, fmt, no_value)
 
 
 def _eps(value: float) -> str:

@@ -1403,3 +1403,60 @@ def test_a_single_epsilon_run_of_a_table3_method_is_named_once():
     assert note.endswith(
         ": VAR-d16 FFT k=1 (epsilon 20): FID 50.00; VAR-d16 LoRA k=1 (epsilon 50): FID 50.00"
     )
+
+
+def test_equal_values_over_seeds_show_no_spread_and_the_comparison_shows_ours_whole():
+    """Counted FLOPs are equal over non-DP seeds: their float std of 1e-15 was printed as "± 1.1e-15". Beside the
+    published numbers, our cell lost its spread, seed count and failures (a 3-seed mean with a failed run read as
+    one clean value); the CSV keeps the mean."""
+    from analysis.paper import comparison
+    from analysis.tables import Cell, Table, cell
+
+    equal = pd.DataFrame({"status": ["success"] * 3, "sample_pflops": [6.092285253976064] * 3})
+    assert cell(equal, "sample_pflops").text() == "6.09 ± 0.00 (n=3)"
+    fid = lambda value: f"{value:.2f}"  # noqa: E731
+    ours = Table(
+        "table1_fid",
+        "FID",
+        ["model", "method", "food101", "cub200"],
+        [["VAR-d16", "FFT", Cell(8.84, 1.0, 3, 0, fid), Cell(6.11, None, 1, 1, fid)]],
+    )
+    compared = comparison(ours)
+    shown = {row[2]: row for row in compared.rows if row[:2] == ["VAR-d16", "FFT"]}
+    assert "8.84 ± 1.00 (n=3) |" in compared.markdown() and "6.11 (1 failed) |" in compared.markdown()
+    paper = {r["method"]: r for r in published("table1_fid") if r["model"] == "VAR-d16"}["FFT"]
+    assert shown["food101"][-1] == f"{8.84 - number(paper['food101']):+.4g}"
+    assert "VAR-d16,FFT,food101,8.84," in compared.csv() and "_cells.csv" not in compared.renderers()
+
+
+def test_figures_tell_seeds_apart_print_plain_rates_and_keep_the_paper_s_dataset_order(tmp_path):
+    """Non-DP seeds of one setting were drawn alike in the convergence figure (two identical legend entries), the
+    ROC's log axes printed powers of ten, and the parameters figure's legend listed datasets alphabetically."""
+    import matplotlib.pyplot as plt
+
+    from analysis.figures import _convergence_panel, _roc_panel, dataset_markers
+
+    curves = pd.DataFrame(
+        [
+            {"trial_id": f"t{seed}", "method": "lora", "epsilon": np.nan, "k": 1, "dp": False, "seed": seed}
+            | {"step": step, "fid": 10.0 - step - seed}
+            for seed in (0, 1)
+            for step in (1, 2)
+        ]
+    )
+    fig, ax = plt.subplots()
+    _convergence_panel(ax, curves, "fid")
+    assert len({str(line.get_linestyle()) for line in ax.lines}) == 2
+    points = pd.DataFrame({"fpr": [0.0, 0.01, 0.1, 1.0], "tpr": [0.0, 0.05, 0.5, 1.0]})
+    _roc_panel(ax, [(points, "a trial", {})])
+    assert [ax.xaxis.get_major_formatter()(v, 0) for v in (0.01, 0.1, 1.0)] == ["0.01", "0.1", "1"]
+    plt.close(fig)
+    order = dataset_markers(pd.DataFrame({"dataset": ["oxford_pet", "cub200", "food101", "mine"]}))
+    assert list(order) == ["food101", "cub200", "oxford_pet", "mine"]
+
+
+def test_a_result_file_that_is_not_an_object_is_named_as_such(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "odd.json").write_text('"a string"')
+    with pytest.raises(AnalysisError, match=r"odd.json: ValueError: not a JSON object but \"a string\""):
+        load_results(tmp_path)
