@@ -245,12 +245,21 @@ def _compute_panel(ax, sub: pd.DataFrame) -> None:
             if ((sub["method"] == m) & (audited == a)).any()
         ],
     )
-    width = 0.8 / len(series)
-    for i, (method, is_audited) in enumerate(series):
-        of = sub[(sub["method"] == method) & (audited == is_audited)]
+    heights = {
+        (key, j): float(of[of["dataset"] == d]["train_pflops"].mean())
+        for key in series
+        for of in [sub[(sub["method"] == key[0]) & (audited == key[1])]]
+        for j, d in enumerate(datasets)
+        if (of["dataset"] == d).any()
+    }
+    # Each dataset centres the series it has: audited trials of one dataset left gaps in every other one.
+    present = [[key for key in series if (key, j) in heights] for j in range(len(datasets))]
+    width = 0.8 / max(len(keys) for keys in present)
+    for method, is_audited in series:
+        at = [j for j in range(len(datasets)) if ((method, is_audited), j) in heights]
         ax.bar(
-            np.arange(len(datasets)) + (i - (len(series) - 1) / 2) * width,
-            [of[of["dataset"] == d]["train_pflops"].mean() for d in datasets],
+            [j + (present[j].index((method, is_audited)) - (len(present[j]) - 1) / 2) * width for j in at],
+            [heights[(method, is_audited), j] for j in at],
             width,
             label=METHOD_LABELS[method] + (" (audited)" if is_audited else ""),
             color=METHOD_COLORS[method],

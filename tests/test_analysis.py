@@ -1460,3 +1460,26 @@ def test_a_result_file_that_is_not_an_object_is_named_as_such(tmp_path):
     (tmp_path / "results" / "odd.json").write_text('"a string"')
     with pytest.raises(AnalysisError, match=r"odd.json: ValueError: not a JSON object but \"a string\""):
         load_results(tmp_path)
+
+
+def test_compute_bars_are_centred_on_each_dataset_with_the_series_it_has():
+    """Audited trials of one dataset made a series of their own across the panel, leaving gaps beside the bars
+    of every other dataset."""
+    import matplotlib.pyplot as plt
+
+    from analysis.figures import _compute_panel
+
+    rows = [("flowers102", "full", False), ("flowers102", "full", True), ("cub200", "full", False)]
+    rows += [("cub200", "lora", False), ("flowers102", "lora", False)]
+    sub = pd.DataFrame(
+        [
+            {"dataset": d, "method": m, "_audited": a, "train_pflops": 5.0 + i}
+            for i, (d, m, a) in enumerate(rows)
+        ]
+    )
+    fig, ax = plt.subplots()
+    _compute_panel(ax, sub)
+    centres = sorted(p.get_x() + p.get_width() / 2 for p in ax.patches)
+    cub, flowers = centres[:2], centres[2:]  # cub200 is column 0 in the paper's order, flowers102 column 1
+    assert len(flowers) == 3 and sum(cub) / 2 == pytest.approx(0.0) and sum(flowers) / 3 == pytest.approx(1.0)
+    plt.close(fig)
