@@ -1337,7 +1337,12 @@ def test_audited_trials_get_compute_rows_and_bars_of_their_own(fixture_storage, 
         "_compute_panel",
         lambda ax, sub: (
             original(ax, sub),
-            bars.update({(ax, c.get_label()): [b.get_height() for b in c] for c in ax.containers}),
+            bars.update(  # column (dataset) -> height: a series has bars only where it has trials
+                {
+                    (ax, c.get_label()): {round(b.get_x() + b.get_width() / 2): b.get_height() for b in c}
+                    for c in ax.containers
+                }
+            ),
         ),
     )
     figure = analysis_figures.compute_figure(analysis.results.trials, tmp_path / "figures")
