@@ -270,9 +270,9 @@ def upgrade_results(storage: str, *, dry_run: bool = False) -> int:
     store = ResultStore(storage, create=False)
     store.require_folder()
     counts: dict[str, int] = {}
-    files = store.files()
+    files, planned = store.files(), {}
     for path in files:
-        outcome, line = store.upgrade_file(path, dry_run=dry_run)
+        outcome, line = store.upgrade_file(path, dry_run=dry_run, planned=planned if dry_run else None)
         counts[outcome] = counts.get(outcome, 0) + 1
         print(line)
     order = ("upgraded", "would upgrade", "current", "left")

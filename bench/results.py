@@ -321,13 +321,17 @@ class ResultStore:
         return path
 
     # --- schema upgrades -------------------------------------------------------------------------------------
-    def upgrade_file(self, path: str, *, dry_run: bool = False) -> tuple[str, str]:
+    def upgrade_file(
+        self, path: str, *, dry_run: bool = False, planned: dict[str, dict] | None = None
+    ) -> tuple[str, str]:
         """Rewrite one result file of an older schema version as its current-version file (``upgrade_record``):
         the new file (named by the new trial id; the same file, replaced atomically, where the id is unchanged) is
         written first, then the old one deleted, so an interrupted upgrade leaves both and a rerun finishes it.
         Returns (outcome, one line for a person); outcome is "upgraded" (or "would upgrade" with ``dry_run``,
         nothing written), "current" or "left" (left alone, with the reason: unreadable, invalid, or its new trial
-        already holds another result)."""
+        already holds another result). ``planned``: with ``dry_run``, the records the files before this one would
+        have written, by trial id (filled here), so a dry run says what the run will do with two old files that
+        become one trial."""
         name = Path(path).name
         try:
             record = json.loads(self.read_text(path))
@@ -348,7 +352,7 @@ class ResultStore:
         new_path = self.path(upgraded["trial_id"])
         # A trial whose id the upgrade leaves unchanged (no changed field in its config) is rewritten in place.
         in_place = Path(new_path).name == name
-        kept, replaced = ("", "") if in_place else self._other_result(new_path, upgraded)
+        kept, replaced = ("", "") if in_place else self._other_result(new_path, upgraded, planned=planned)
         if kept:
             return "left", (
                 f"{name}: left alone: trial {upgraded['trial_id']} already has {kept} in {new_path}; "
@@ -358,6 +362,8 @@ class ResultStore:
         action = f"version {version} -> {SCHEMA_VERSION}, trial {record.get('trial_id')} -> {upgraded['trial_id']} ({Path(new_path).name})"
         note += replaced + ("" if in_place else self._stale_checkpoints(record.get("trial_id")))
         if dry_run:
+            if planned is not None:
+                planned[upgraded["trial_id"]] = upgraded
             return "would upgrade", f"{name}: would upgrade: {action}{note}"
         for source, relative in copies:  # before the result that names them
             destination = f"{self.root}/{relative}"
@@ -476,12 +482,14 @@ class ResultStore:
                 due[new_id] = path
         return due
 
-    def _other_result(self, path: str, upgraded: Mapping[str, Any]) -> tuple[str, str]:
+    def _other_result(
+        self, path: str, upgraded: Mapping[str, Any], *, planned: dict[str, dict] | None = None
+    ) -> tuple[str, str]:
         """(what ``path`` holds when it is a result ``upgraded`` may not replace, else "": nothing, the same (an
         earlier, interrupted upgrade of this file), or a failed result and ``upgraded`` a successful one; a note
-        naming the failed result replaced)."""
+        naming the failed result replaced). ``planned``: a dry run's records, which stand for the files."""
         try:
-            existing = json.loads(self.read_text(path))
+            existing = (planned or {}).get(upgraded["trial_id"]) or json.loads(self.read_text(path))
         except FileNotFoundError:
             return "", ""
         except (ValueError, OSError, pa.ArrowException):
@@ -490,7 +498,10 @@ class ResultStore:
             return "", ""
         version = _schema_version(existing)
         status = existing.get("status") if isinstance(existing, Mapping) else None
-        if status == "failed" and upgraded.get("status") == "success":
+        current = (
+            version == SCHEMA_VERSION and type(version) is int
+        )  # a newer varsweep's is neither read nor replaced
+        if current and status == "failed" and upgraded.get("status") == "success":
             # A relaunch would rerun the failed trial and replace its result: the success, a run of the same
             # experiment, takes its place now, whichever of two old files that became one trial comes first.
             error = str(existing.get("error") or "").strip().splitlines() or ["no error recorded"]

@@ -1654,6 +1654,7 @@ def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
     version = upgraded.get("schema_version")
     if version == SCHEMA_VERSION:
         return upgraded
+    _require(not is_newer_version(version), "schema_version", newer_version_note(upgraded))
     _require(
         is_older_version(version),
         "schema_version",

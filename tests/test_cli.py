@@ -398,7 +398,8 @@ def test_a_success_of_an_old_version_takes_a_failed_result_s_place_whatever_the_
 ):
     """Version 3 left a DP trial's rows per forward out of its id, so an attempt that ran out of memory at 256 rows
     and its successful rerun at 128 became one trial: the file that sorted first was kept, and a failed one made
-    a relaunch train again what the success held."""
+    a relaunch train again what the success held. The dry run says line by line what the run then does (it
+    called both files upgradable, seeing neither's new file)."""
     dp = next(c for c in build_sweep("demo", smoke=True) if c.privacy is not None)
     store = ResultStore(tmp_path)
     rows = {"failed": 256, "success": 128}
@@ -419,11 +420,31 @@ def test_a_success_of_an_old_version_takes_a_failed_result_s_place_whatever_the_
     old["success"]["trial_id"], old["failed"]["trial_id"] = first, second  # version 2 hashed the rows
     for record in old.values():
         Path(store.path(record["trial_id"])).write_text(json.dumps(record))
-    main(["upgrade-results", str(tmp_path)])
-    out = capsys.readouterr().out
+    planned = main(["upgrade-results", str(tmp_path), "--dry-run"]), capsys.readouterr().out
+    done = main(["upgrade-results", str(tmp_path)]), capsys.readouterr().out
     assert store.state(dp.trial_id) == ("success", "") and store.read(dp.trial_id)["metrics"]["fid"] == 2.0
     if not success_first:
-        assert "replaces its failed result (torch.OutOfMemoryError: CUDA oom)" in out
+        assert "replaces its failed result (torch.OutOfMemoryError: CUDA oom)" in done[1]
+    assert (
+        planned[0] == done[0]
+        and [line.replace("would upgrade", "upgraded") for line in planned[1].splitlines()[:-1]]
+        == done[1].splitlines()[:-1]
+    )
+
+
+def test_an_upgrade_leaves_a_newer_varsweep_s_failed_result_alone(tmp_path, capsys):
+    """A success upgraded from version 1 replaced the failed result a later varsweep had written for the trial,
+    whose fields this one cannot read: "newer" results are neither read nor replaced."""
+    config = build_sweep("demo", smoke=True)[0]
+    store = ResultStore(tmp_path)
+    old = _version_1(make_result(config, status="success", metrics={"fid": 2.0}))
+    Path(store.path(old["trial_id"])).write_text(json.dumps(old))
+    newer = {**make_result(config, status="failed", error="RuntimeError: a later run"), "schema_version": 4}
+    Path(store.path(config.trial_id)).write_text(json.dumps({**newer, "field_of_version_4": 1}))
+    assert main(["upgrade-results", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "already has a schema version 4 result (failed)" in out
+    assert json.loads(Path(store.path(config.trial_id)).read_text())["field_of_version_4"] == 1
 
 
 @pytest.mark.parametrize(

@@ -246,14 +246,15 @@ def test_corrupt_images_are_named_and_skipped_only_on_request(tmp_path):
 
 def test_a_strip_too_long_to_resize_is_named_and_skipped_like_a_corrupt_one(tmp_path):
     """A 2 x 1,000 px strip passed the check and took 1.1 GB for one view (288 x 144,000 px after the resize); a
-    longer one ran the token cache's builder out of memory with no file named. 16:1 is the longest kept."""
+    longer one ran the token cache's builder out of memory with no file named. 100:1 is the longest kept."""
     make_folder(tmp_path)
     strip, longest = tmp_path / "train" / "2" / "0.png", tmp_path / "train" / "2" / "1.png"
     Image.new("RGB", (2, 1000), "white").save(strip)
-    Image.new("RGB", (160, 10), "white").save(longest)
+    Image.new("RGB", (1000, 10), "white").save(longest)
     images = read_dataset("folder", tmp_path, "train")
     with pytest.raises(
-        DatasetError, match=rf"1 unreadable image\(s\).*\n  {strip}: 2 x 1000 px, a strip longer than 16:1"
+        DatasetError,
+        match=rf"1 unreadable image\(s\).*\n  {strip}: 2 x 1000 px, too elongated \(over 100:1\)",
     ):
         check_images(images)
     kept, dropped = check_images(images, skip_corrupt=True)
@@ -583,3 +584,20 @@ def test_a_file_name_that_is_not_text_is_named_before_any_compute(tmp_path):
         DatasetError, match=r"folder train: the file name b'.*caf\\xe9\.png' is not valid text"
     ):
         read_dataset("folder", tmp_path, "train")
+
+
+def test_cub_files_with_a_byte_order_mark_read_and_non_ascii_digits_are_named(tmp_path):
+    """A UTF-8 byte-order mark (some editors write one) made the first id '\\ufeff1'; a superscript two passed
+    ``isdigit`` and failed ``int`` with a bare ValueError."""
+    make_cub(tmp_path)
+    classes = tmp_path / "CUB_200_2011" / "classes.txt"
+    text = classes.read_text()
+    classes.write_text("\ufeff" + text, encoding="utf-8")
+    assert read_dataset("cub200", tmp_path, "train").class_names == (
+        "001.Albatross",
+        "002.Auklet",
+        "010.Blackbird",
+    )
+    classes.write_text(text + "\u00b2 012.Extra\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match="classes.txt:4: the id '\u00b2' is not a positive integer"):
+        read_dataset("cub200", tmp_path, "train")

@@ -798,10 +798,11 @@ def adapter_record(
     base: VAR, path: str | os.PathLike, *, base_sha256: str | None
 ) -> tuple[Adaptation, tuple[str, ...] | None]:
     """(the ``Adaptation``, the training class names or None) the adapter at ``path`` records, after the checks
-    ``load_adapter`` makes that need neither the adapter's tensors nor the base's weights: the sidecar's kind
-    and base architecture (``base`` may be a meta-device build), the base checkpoint's SHA-256 (``base_sha256``,
-    None skips it) and the records themselves. A peft folder's provenance is checked the same way (with its
-    files' SHA-256s). The evaluation command runs this before it decodes an image or loads a model."""
+    ``load_adapter`` makes that need no base weights: the sidecar's kind and base architecture (``base`` may be a
+    meta-device build), the base checkpoint's SHA-256 (``base_sha256``, None skips it) and the records themselves.
+    A peft folder's provenance is checked the same way (with its files' SHA-256s), and its weights are read once
+    for NaN/inf, as every reader of the folder checks them. The evaluation command runs this before it decodes an
+    image or loads a model."""
     if Path(path).is_dir():
         from .peft_format import peft_record  # peft_format builds on this module
 

@@ -475,8 +475,13 @@ def _forward_chunks(
     if views is not None and clipping != "bookkeeping":
         mode = repr(clipping)
         fix = "use rows_per_forward >= k or privacy.clipping 'bookkeeping'"
-        if privacy.clipping == "auto":  # book-keeping has no rule for one of the model's trainable layers
-            mode = f"'auto', which is {clipping!r} for this model (book-keeping has no rule for a trainable layer)"
+        if (
+            privacy.clipping == "auto"
+        ):  # book-keeping has no rule for a trainable layer, or the model ties weights
+            mode = (
+                f"'auto', which is {clipping!r} for this model (book-keeping has no rule for one of its trainable "
+                "layers, or two layers share a parameter)"
+            )
             fix = "use rows_per_forward >= k"
         raise PrivacyConfigError(
             f"resources.rows_per_forward: {rows} rows hold fewer than one example's k={k} views; spreading an "
@@ -557,7 +562,8 @@ def release(state: PrivateTraining) -> None:
 
 def resolve_clipping(privacy: PrivacyConfig, model: nn.Module) -> str:
     """The clipping mode ``privacy.clipping`` stands for with this model: "auto" is book-keeping when it has a rule
-    for every trainable layer (always, for an adapted VAR), per-sample hooks otherwise."""
+    for every trainable layer and no two layers share a parameter (always, for an adapted VAR), per-sample hooks
+    otherwise."""
     if privacy.clipping != "auto":
         return privacy.clipping
     return "bookkeeping" if bookkeeping_supports(model) else "hooks"

@@ -41,8 +41,9 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels ar
 # since a strip longer than ``MAX_ASPECT_RATIO`` is unusable.
 CHECK_FORMAT = "v3"
 # Images are resized on their shorter side to the resolution's 288/256 before cropping: a 2 x 1,000 px strip became
-# 288 x 144,000 px (1.1 GB for one view), and a longer one ran the token cache's builder out of memory, unnamed.
-MAX_ASPECT_RATIO = 16
+# 288 x 144,000 px (1.1 GB for one view), and a longer one ran the token cache's builder out of memory, unnamed. At
+# 100:1 a 256 px view's resize is 288 x 28,800 px (25 MB): panoramas and line scans pass.
+MAX_ASPECT_RATIO = 100
 
 
 class DatasetError(VarsweepError):
@@ -206,7 +207,9 @@ def _id_table(path: Path) -> dict[str, str]:
     a file that is not UTF-8 text, a line without a value, an id that is not a positive integer or an id given
     twice (a later line overwrote the earlier one: an image vanished, another was listed twice)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(
+            encoding="utf-8-sig"
+        )  # a byte-order mark some editors write is not part of an id
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path}: not UTF-8 text ({err})") from err
     table: dict[str, str] = {}
@@ -215,7 +218,7 @@ def _id_table(path: Path) -> dict[str, str]:
             parts = line.split(maxsplit=1)
             if len(parts) != 2:
                 raise DatasetError(f"{path}:{number}: expected '<id> <value>', got {line!r}")
-            if not parts[0].isdigit() or int(parts[0]) < 1:
+            if not (parts[0].isascii() and parts[0].isdecimal()) or int(parts[0]) < 1:
                 raise DatasetError(f"{path}:{number}: the id {parts[0]!r} is not a positive integer")
             if parts[0] in table:
                 raise DatasetError(f"{path}:{number}: id {parts[0]} is given a second time")
@@ -512,8 +515,8 @@ def _unreadable(images: ImageList, indices) -> dict[int, str]:
             continue
         if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
             bad[i] = (
-                f"{path}: {width} x {height} px, a strip longer than {MAX_ASPECT_RATIO}:1 (resized on its shorter "
-                "side for training, it would be too large to crop from)"
+                f"{path}: {width} x {height} px, too elongated (over {MAX_ASPECT_RATIO}:1): resized on its shorter "
+                "side for training, it would be too large to crop from"
             )
     return bad
 
