@@ -69,7 +69,7 @@ def demo_checks(rows: list[dict]) -> dict[str, bool]:
     drawn = [r for r in tuned if r["method"] in ("full", "lora")]
     value = lambda r, key: r[key] if r[key] is not None else float("nan")  # noqa: E731 - a missing value fails every check
     return {
-        "every fine-tuned FID below the base model's": all(
+        "every non-DP fine-tuned FID below the base model's": all(
             value(r, "fid") < value(base, "fid") for r in tuned
         ),
         f"class accuracy >= {MIN_TUNED_CLASS_ACCURACY:.2f} for full fine-tuning and LoRA": all(

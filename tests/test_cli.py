@@ -185,7 +185,7 @@ def test_demo_checks_pass_on_a_good_run():
 @pytest.mark.parametrize(
     "change, failing",
     [
-        ({"fids": [9.0, 8.5, 9.9, 15.0, 13.2]}, "every fine-tuned FID below the base model's"),
+        ({"fids": [9.0, 8.5, 9.9, 15.0, 13.2]}, "every non-DP fine-tuned FID below the base model's"),
         ({"accuracies": [0.1, 0.95, 0.69, 0.4, 0.6]}, "class accuracy >= 0.70 for full fine-tuning and LoRA"),
         ({"accuracies": [0.31, 0.95, 0.9, 0.4, 0.6]}, "class accuracy <= 0.30 for the base model"),
         ({"precision": 0.39}, "precision >= 0.40 and recall >= 0.15 for every non-DP fine-tuned trial"),
