@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +47,12 @@ from trainables.progress import duration
 
 from .estimates import ESTIMATE_DEVICE, estimate, longest_first
 from .preflight import SweepError, check_sweep, identify
-from .results import TRAIN_FOLDER, ResultStore, default_cache_dir  # noqa: F401 - default_cache_dir: re-exported
+from .results import (  # noqa: F401 - default_cache_dir: re-exported
+    TRAIN_FOLDER,
+    ResultStore,
+    StorageError,
+    default_cache_dir,
+)
 from .schema import TrialConfig, absolute, is_uri, make_result, storage_child, utc_now
 from .tracking import (
     MLFLOW_NAMED_TARGETS,
@@ -292,7 +298,7 @@ def _trial_function(param: dict) -> None:
     try:
         trainer.fit()
     except Exception as err:
-        error = f"{type(err).__name__}: {err}"
+        error = training_error(err)
     status = store.status(config.trial_id)
     if status == "success":  # a failure after the result was written leaves it
         delete_finished_dp_runs([config], launch)
@@ -302,6 +308,36 @@ def _trial_function(param: dict) -> None:
     if status == "failed" and _record_or_none(store, config.trial_id) != before:
         return
     store.write(make_result(config, status="failed", error=error, started_at=started, finished_at=utc_now()))
+
+
+def training_error(err: Exception) -> str:
+    """The error a failed Train run records, its first line (what status and the summary show) naming the cause:
+    Train's ``WorkerGroupError`` reads "Training failed due to worker errors:" and then each rank's traceback, and
+    its ``ControllerError`` "Training failed due to controller error:", so the cause (the lowest failed rank's
+    exception, or the controller's) leads and the whole text follows."""
+    whole = f"{type(err).__name__}: {err}"
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        return f"{_last_error_line(failures[rank])} (rank {rank})\n{whole}"
+    controller = getattr(err, "controller_failure", None)
+    if controller is not None:
+        return f"{_last_error_line(controller)} (Train's controller)\n{whole}"
+    return whole
+
+
+def _last_error_line(err: BaseException | str) -> str:
+    """The line that names an exception: its own "Type: message" line, or for a wrapped one (Ray's task errors
+    carry the remote traceback in their text) the last traceback line of that form."""
+    text = err if isinstance(err, str) else str(err)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    named = [
+        line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*:", line)
+    ]
+    if named:
+        return named[-1]
+    first = lines[0] if lines else ""
+    return first if isinstance(err, str) else f"{type(err).__name__}: {first}"
 
 
 def _record_or_none(store: ResultStore, trial_id: str) -> dict | None:
@@ -655,7 +691,26 @@ class SweepProgress:
         self._ended(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._record_error(trial)
         self._ended(trial)
+
+    def _record_error(self, trial) -> None:
+        """A trial function that raised wrote no result (its storage write failed, its actor died): the error Tune
+        kept becomes the trial's failed result, so the reason is in the storage, the summary and status, not
+        only in Tune's folder, and the sweep does not read it as a trial a Ctrl-C left unfinished."""
+        config = TrialConfig.from_dict(trial.config["trial"])
+        if self.store.state(config.trial_id)[0] != "pending":
+            return
+        try:
+            text = Path(trial.error_file).read_text() if trial.error_file else ""
+        except OSError:
+            text = ""
+        text = text or "the trial's process failed and Tune recorded no error"
+        error = f"{_last_error_line(text)} (the trial function)\n{text}"
+        try:
+            self.store.write(make_result(config, status="failed", error=error, finished_at=utc_now()))
+        except StorageError as err:
+            print(f"  cannot record the failure of {config.label} ({config.trial_id}): {err}")
 
     def on_step_end(self, iteration, trials, **info):
         if time.perf_counter() - self.last >= PROGRESS_EVERY_SECONDS:

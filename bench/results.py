@@ -15,6 +15,7 @@ match its id) is ``invalid``: never counted as done, so the trial runs again."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -48,9 +49,7 @@ _PYARROW_ERRORS = (pa.ArrowException, ValueError, NotImplementedError, OSError)
 _UPGRADE_ERRORS = (ConfigError, TypeError, KeyError, AttributeError, ValueError)
 ARTIFACTS_FOLDER = "artifacts"  # <storage>/artifacts/<trial_id>/: a trial's adapter and sample images
 TRAIN_FOLDER = "train"  # <storage>/train/trial-<trial_id>/: a trial's Ray Train run (its checkpoints)
-STAGING_FOLDER = (
-    "staging"  # <cache_dir>/staging/<trial_id>/: a trial's artifacts before their upload to a URI storage
-)
+STAGING_FOLDER = "staging"  # <cache_dir>/staging/<storage key>/<trial_id>/: a trial's artifacts before their upload to a URI storage
 
 
 def default_cache_dir(storage: str) -> str:
@@ -264,16 +263,23 @@ class ResultStore:
         """Whether the storage is a URI: a trial's artifacts are then staged on its node and uploaded."""
         return is_uri(self.storage)
 
+    @property
+    def key(self) -> str:
+        """A short name of this storage for local folders kept per storage (16 hex digits of its URI's SHA-256)."""
+        return hashlib.sha256(self.storage.encode()).hexdigest()[:16]
+
     def artifacts_folder(self, trial_id: str) -> str:
         """``<storage>/artifacts/<trial_id>`` as a path of this store's filesystem."""
         return f"{self.root}/{ARTIFACTS_FOLDER}/{trial_id}"
 
     def artifacts_dir(self, trial_id: str, *, cache_dir: str | os.PathLike, fresh: bool = False) -> Path:
         """The local folder a trial writes its artifacts into: the artifacts folder itself on a local storage, else
-        ``<cache_dir>/staging/<trial_id>`` (uploaded by ``publish``). ``fresh`` (rank 0, at the start of an
-        attempt) empties and creates it, so nothing of an earlier attempt is mixed into this one's."""
+        ``<cache_dir>/staging/<storage key>/<trial_id>`` (uploaded by ``publish``; keyed by the storage too, since
+        every URI storage shares the default cache: two sweeps into two buckets emptied and uploaded each other's
+        folder). ``fresh`` (rank 0, at the start of an attempt) empties and creates it, so nothing of an earlier
+        attempt is mixed into this one's."""
         folder = (
-            Path(cache_dir) / STAGING_FOLDER / trial_id
+            Path(cache_dir) / STAGING_FOLDER / self.key / trial_id
             if self.remote
             else Path(self.artifacts_folder(trial_id))
         )
@@ -318,6 +324,10 @@ class ResultStore:
         path = self.write(record)
         if self.remote:
             shutil.rmtree(artifacts_dir, ignore_errors=True)  # the cache keeps nothing of a trial's own
+            try:  # nor the storage's folder once its last staged trial is gone
+                Path(artifacts_dir).parent.rmdir()
+            except OSError:  # other trials of this storage are staging
+                pass
         return path
 
     # --- schema upgrades -------------------------------------------------------------------------------------

@@ -307,6 +307,58 @@ def test_sweep_progress_line_counts_and_estimates(tmp_path, capsys):
     assert "1 done, 0 running, 1 failed, 1 pending of 3" in capsys.readouterr().out
 
 
+def test_a_trial_function_that_raised_leaves_a_failed_result_naming_the_cause(tmp_path, capsys):
+    """A trial function that raised (its storage write failed, its actor died) wrote no result: its reason stayed in
+    Tune's folder, and the sweep called the trial unfinished and exited as if interrupted (status 130)."""
+    from types import SimpleNamespace
+
+    from bench.launcher import SweepProgress, summarise
+
+    configs = build_sweep("demo", smoke=True)[:2]
+    store = ResultStore(tmp_path)
+    progress = SweepProgress("demo", configs, store=store, skipped=0, planned_steps={}, parallel=2)
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(
+        "Failure # 1 (occurred at 2026-12-07)\nray.exceptions.RayTaskError(StorageError): ray::_trial_function()\n"
+        '  File "launcher.py", line 304\nbench.results.StorageError: cannot write results/x.json: disk full\n'
+    )
+    crashed = SimpleNamespace(
+        trial_id="t0", config={"trial": configs[0].to_dict()}, error_file=str(error_file)
+    )
+    store.write(make_result(configs[1], status="failed", error="ValueError: its own record"))
+    recorded = SimpleNamespace(
+        trial_id="t1", config={"trial": configs[1].to_dict()}, error_file=str(error_file)
+    )
+    for trial in (crashed, recorded):
+        progress.on_trial_start(0, [crashed, recorded], trial)
+        progress.on_trial_error(0, [crashed, recorded], trial)
+    assert store.state(configs[0].trial_id) == (
+        "failed",
+        "bench.results.StorageError: cannot write results/x.json: disk full (the trial function)",
+    )
+    assert store.state(configs[1].trial_id) == ("failed", "ValueError: its own record")  # kept
+    summary = summarise("demo", configs, store, skipped=0, tail="1 s")
+    assert summary["failed"] == 2 and not summary["unfinished"]
+
+
+def test_a_failed_training_run_records_the_worker_s_error_first():
+    """Train's WorkerGroupError reads "Training failed due to worker errors:" on its first line, the only one
+    status and the summary show; the cause (the lowest failed rank's exception) now leads."""
+    from bench.launcher import training_error
+
+    class WorkerGroupError(Exception):  # Train's shape: the message, then the failures by rank
+        def __init__(self, message: str, worker_failures: dict) -> None:
+            super().__init__("Training failed due to worker errors:\n" + message)
+            self.worker_failures = worker_failures
+
+    failures = {1: ValueError("rank 1's"), 0: RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")}
+    error = training_error(WorkerGroupError("[Rank 0 Error Snippet]:\nTraceback ...", failures))
+    first, *rest = error.splitlines()
+    assert first == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB (rank 0)"
+    assert rest[0] == "WorkerGroupError: Training failed due to worker errors:"
+    assert training_error(KeyError("k")) == "KeyError: 'k'"
+
+
 def _version_1(record: dict) -> dict:
     """``record`` as schema version 1 wrote it (renamed fields, the DP rows per forward under privacy, its old id)."""
     return as_version(record, 1)

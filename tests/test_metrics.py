@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
 from scipy import linalg
 
-from trainables.evaluation.metrics import ReferenceKey, ReferenceStats, fid, kid, precision_recall
+from trainables.evaluation.metrics import (
+    REFERENCE_FORMAT,
+    ReferenceKey,
+    ReferenceStats,
+    fid,
+    kid,
+    precision_recall,
+)
 
 
 def independent_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,6 +111,17 @@ def test_a_truncated_or_foreign_reference_file_is_refused_naming_it(tmp_path):
     with pytest.raises(ValueError, match="'meta'.*delete the file to recompute") as foreign:
         cache.load(key)
     assert str(cache.path(key)) in str(foreign.value)
+    # Its metadata right but no statistics (another writer's): refused here, not by a KeyError of 'mu' once every
+    # image had been generated; likewise statistics of other shapes than the features'.
+    meta = json.dumps({"format": REFERENCE_FORMAT, **dataclasses.asdict(key)})
+    for arrays, problem in (
+        ({"features": np.zeros((5, 3), np.float32)}, "no 'mu', 'sigma' entry"),
+        ({"features": np.zeros((5, 3), np.float32), "mu": np.zeros(4), "sigma": np.eye(4)}, "other shapes"),
+    ):
+        with open(cache.path(key), "wb") as handle:
+            np.savez(handle, meta=meta, **arrays)
+        with pytest.raises(ValueError, match=f"{problem}.*delete the file to recompute"):
+            cache.load(key)
 
 
 def test_batched_precision_recall_equals_the_full_computation_and_never_holds_n_by_n(monkeypatch):

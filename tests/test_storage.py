@@ -37,7 +37,7 @@ def tree(folder: Path) -> dict[str, bytes]:
 def test_a_uri_storage_gets_the_staged_artifacts_before_the_result(tmp_path):
     store, cache = ResultStore(f"file://{tmp_path}/bucket"), tmp_path / "cache"
     staged = store.artifacts_dir(CONFIG.trial_id, cache_dir=cache, fresh=True)
-    assert store.remote and staged == cache / "staging" / CONFIG.trial_id and staged.is_dir()
+    assert store.remote and staged == cache / "staging" / store.key / CONFIG.trial_id and staged.is_dir()
     fill(staged, FIRST_ATTEMPT)
     store.publish(make_result(CONFIG, status="success"), artifacts_dir=staged)
     uploaded = tmp_path / "bucket" / "artifacts" / CONFIG.trial_id
@@ -143,3 +143,19 @@ def test_a_sweep_stopped_before_its_trials_ended_says_so_and_exits_as_interrupte
     assert "error: interrupted; relaunch the same command" in capsys.readouterr().err
     monkeypatch.setattr(launcher, "run_sweep", lambda *a, **k: {**summary, "unfinished": 0})
     assert cli.main(["sweep", "demo", "--storage", str(tmp_path / "s")]) == 1
+
+
+def test_two_uri_storages_sharing_a_cache_stage_apart(tmp_path):
+    """Every URI storage shares the default cache: two sweeps into two buckets staged a trial in one folder, the
+    later emptied it under the earlier, and the earlier uploaded the later's files as its own."""
+    cache = tmp_path / "cache"
+    one, two = (ResultStore(f"file://{tmp_path}/{name}") for name in ("one", "two"))
+    staged_one = one.artifacts_dir(CONFIG.trial_id, cache_dir=cache, fresh=True)
+    fill(staged_one, FIRST_ATTEMPT)
+    staged_two = two.artifacts_dir(CONFIG.trial_id, cache_dir=cache, fresh=True)
+    assert staged_two != staged_one and tree(staged_one) == FIRST_ATTEMPT
+    fill(staged_two, {"images/class_9/other.png": b"the other sweep's image"})
+    one.publish(make_result(CONFIG, status="success"), artifacts_dir=staged_one)
+    assert tree(tmp_path / "one" / "artifacts" / CONFIG.trial_id) == FIRST_ATTEMPT and staged_two.is_dir()
+    two.publish(make_result(CONFIG, status="success"), artifacts_dir=staged_two)
+    assert not list((cache / "staging").iterdir())  # each storage's folder goes with its last staged trial

@@ -489,7 +489,10 @@ def test_skipped_corrupt_images_are_planned_out_before_compute(tmp_path, monkeyp
     )
     listed = preflight(config, tmp_path / "cache")
     assert (listed.train_images, listed.evaluation_images) == (5, 4)  # the listings pass
-    with pytest.raises(ConfigError, match=expected):
+    named = (
+        rf"{config.label} \({config.trial_id}\), {len(broken)} unreadable image\(s\) skipped: .*{expected}"
+    )
+    with pytest.raises(ConfigError, match=named):  # the trial named, as the driver's preflight names it
         trial_module.prepare_shared([config], tmp_path / "cache", log=None)
     loaded = []
     monkeypatch.setattr(trial_module, "load_base", lambda *a, **k: loaded.append(1))

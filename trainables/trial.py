@@ -35,7 +35,7 @@ from bench.schema import BROKEN_MECHANISM, ConfigError, EvaluationConfig, TrialC
 
 from .assets import FileIds, verify_content
 from .audit import audit_record, canary_images, canary_nll, inclusion_mask, with_canaries
-from .data.datasets import ImageList, check_images
+from .data.datasets import DatasetError, ImageList, check_images
 from .data.token_cache import ViewSpec, open_token_cache
 from .data.tokens import TokenViews
 from .evaluation.classifier import digit_classifier
@@ -116,7 +116,7 @@ def _check_every_split(
     """``check_images`` of the train and evaluation splits of every dataset the trials read, once each. Where
     images were skipped, every trial of the dataset is planned again for those it will train on and score (the
     driver's preflight planned from the listings): a split left too small stops the sweep here."""
-    checked = {}
+    checked, problems = {}, []
     for config in configs:
         d = config.data
         key = (d.dataset, d.root, d.train_split, d.evaluation_split, d.resolution, d.skip_corrupt_images)
@@ -125,8 +125,21 @@ def _check_every_split(
                 check_images(split, skip_corrupt=d.skip_corrupt_images, cache_dir=cache_dir, log=log)
                 for split in list_splits(config, cache_dir)
             ]
-        if any(skipped for _, skipped in checked[key]):
-            plan_trial(config, tuple(split for split, _ in checked[key]))
+        skipped = sum(len(dropped) for _, dropped in checked[key])
+        if skipped:
+            try:
+                plan_trial(config, tuple(split for split, _ in checked[key]))
+            except (ConfigError, DatasetError) as err:
+                problems.append(
+                    f"{config.label} ({config.trial_id}), {skipped} unreadable image(s) skipped: {err}"
+                )
+    if (
+        problems
+    ):  # every trial a skipped image leaves unable to run, named, as the driver's preflight names them
+        raise ConfigError(
+            f"{len(problems)} trial(s) cannot run on the images left after skipping unreadable ones:\n  "
+            + "\n  ".join(problems)
+        )
 
 
 class Base(NamedTuple):

@@ -423,7 +423,8 @@ def _parser() -> Parser:
         "--batch-size",
         type=number(int, minimum=1),
         default=defaults.batch_size,
-        help="images per sampling batch",
+        help="images per sampling batch; the images depend on it (each batch draws from a stream of its own), so "
+        "another batch size draws other images and gives other metrics, within sampling noise",
     )
     parser.add_argument(
         "--sampling-seed",

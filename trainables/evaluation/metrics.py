@@ -140,6 +140,26 @@ class ReferenceKey:
         )
 
 
+def _check_arrays(record: dict[str, np.ndarray]) -> None:
+    """``ValueError`` unless ``record`` holds features [N, D] and their float64 mu [D] and sigma [D, D]: a file
+    without them (another writer's) failed with a bare KeyError after every image had been generated."""
+    features, mu, sigma = (record.get(name) for name in ("features", "mu", "sigma"))
+    if features is None or mu is None or sigma is None:
+        missing = [name for name in ("features", "mu", "sigma") if record.get(name) is None]
+        raise ValueError(f"no {', '.join(repr(m) for m in missing)} entry")
+    dim = features.shape[-1] if features.ndim == 2 else -1
+    if (
+        dim < 1
+        or mu.shape != (dim,)
+        or sigma.shape != (dim, dim)
+        or {mu.dtype, sigma.dtype} != {np.dtype("float64")}
+    ):
+        raise ValueError(
+            f"entries of other shapes than features [N, D], mu [D] and sigma [D, D]: features "
+            f"{list(features.shape)}, mu {list(mu.shape)}, sigma {list(sigma.shape)}"
+        )
+
+
 class ReferenceStats:
     """Real-split features and their Gaussian statistics, cached on disk under ``root`` by ``ReferenceKey``."""
 
@@ -164,6 +184,7 @@ class ReferenceStats:
             meta = json.loads(str(record.pop("meta")))
             if not isinstance(meta, dict):
                 raise ValueError(f"its 'meta' entry is {type(meta).__name__}, not an object")
+            _check_arrays(record)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             raise ValueError(
                 f"reference statistics {path} are unreadable ({type(err).__name__}: {err}); delete the file to "
