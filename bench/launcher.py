@@ -852,6 +852,25 @@ def run_sweep(
         print(f"sweep {name}: every trial ({len(configs)}) already has its result in {store.folder}")
         return {"ran": 0, "skipped": len(done), "failed": 0, "wall_seconds": 0.0, "concurrency": 0}
     todo = longest_first(todo, plans, device=gpu)
+    # Before any compute: the trials another running sweep on this storage trains are refused, named.
+    with store.claimed([c.trial_id for c in todo], sweep=name, labels={c.trial_id: c.label for c in todo}):
+        return _launch(
+            name, todo, launch, store=store, done=done, plans=plans, limits=limits, verbose=verbose
+        )
+
+
+def _launch(
+    name: str,
+    todo: list[TrialConfig],
+    launch: Launch,
+    *,
+    store: ResultStore,
+    done: list[TrialConfig],
+    plans: dict,
+    limits: ClusterLimits | None,
+    verbose: int,
+) -> dict:
+    """``run_sweep``'s launch of the checked, claimed trials: Ray, shared caches, then Tune."""
     started = time.perf_counter()
     target = default_target(launch.tracking, storage=launch.storage, tracking_uri=launch.tracking_uri)
     # Opened before any compute: a tracking store that cannot be opened stops the sweep here.

@@ -15,10 +15,15 @@ match its id) is ``invalid``: never counted as done, so the trial runs again."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -62,6 +67,17 @@ def default_cache_dir(storage: str) -> str:
 
 class StorageError(VarsweepError):
     """A storage path or URI that cannot be opened, read or written; the message names it and the problem."""
+
+
+class ClaimedError(StorageError):
+    """Trials of a sweep that another running sweep on the same storage is training; the message names them."""
+
+
+CLAIMS_FOLDER = "claims"  # <storage>/claims/<trial_id>.json: the trials a running sweep's driver holds
+CLAIM_REFRESH_S = 60.0  # how often a driver rewrites its claims' heartbeat while its trials run
+CLAIM_STALE_S = (
+    300.0  # a claim not refreshed for this long is its driver's, gone (on the claim's own machine: at once)
+)
 
 
 def _first_line(err: BaseException) -> str:
@@ -177,7 +193,7 @@ class ResultStore:
         if self.local:
             # Created with the umask's mode: mkstemp's 0600 stayed on the result, unreadable to other users of a
             # shared storage (their status and analysis read it as invalid).
-            tmp = os.path.join(self.folder, f".tmp-{uuid.uuid4().hex}")
+            tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
             handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 with os.fdopen(handle, "w") as out:
@@ -329,6 +345,88 @@ class ResultStore:
             except OSError:  # other trials of this storage are staging
                 pass
         return path
+
+    # --- claims: one running sweep per trial ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def claimed(
+        self,
+        trial_ids: list[str],
+        *,
+        sweep: str,
+        labels: Mapping[str, str] | None = None,
+        refresh_s: float = CLAIM_REFRESH_S,
+    ):
+        """Hold ``trial_ids`` for this driver while the block runs: two sweeps sharing trials on one storage (Table
+        2's and 3's k = 32 cells) trained them at once, each resuming the other's checkpoints, emptying its
+        artifacts and deleting its run, and a DP trial's steps ran twice with fresh noise while its ledger counted
+        them once. ``ClaimedError`` (nothing claimed) names the trials another live sweep holds. A background
+        thread rewrites the claims' heartbeat every ``refresh_s``; they are deleted when the block ends. A claim is
+        live while its heartbeat is under ``CLAIM_STALE_S`` old and, on this machine, its process exists.
+        ``labels``: trial id -> label, for the message. Two drivers starting in the same second on a storage without
+        atomic creation (an object store) can still both claim a trial."""
+        owner = {"sweep": sweep, "host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        held = [(t, c) for t in trial_ids if (c := self._live_claim(t)) is not None]
+        if held:
+            raise ClaimedError(_claimed_message(held, folder=self.root, labels=labels or {}))
+        self._write_claims(trial_ids, owner)
+        stop = threading.Event()
+        heartbeat = threading.Thread(
+            target=self._heartbeat, args=(trial_ids, owner, stop, refresh_s), name="claims", daemon=True
+        )
+        heartbeat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            heartbeat.join()
+            self._release_claims(trial_ids, owner)
+
+    def claim_path(self, trial_id: str) -> str:
+        return f"{self.root}/{CLAIMS_FOLDER}/{trial_id}.json"
+
+    def read_claim(self, trial_id: str) -> dict | None:
+        """The claim on ``trial_id``, None when there is none (or it cannot be read: a half-written one)."""
+        try:
+            claim = json.loads(self.read_text(self.claim_path(trial_id)))
+        except (ValueError, OSError, pa.ArrowException):
+            return None
+        return claim if isinstance(claim, dict) else None
+
+    def _live_claim(self, trial_id: str) -> dict | None:
+        claim = self.read_claim(trial_id)
+        return claim if claim is not None and claim_is_live(claim, now=time.time()) else None
+
+    def _write_claims(self, trial_ids: list[str], owner: dict) -> None:
+        try:
+            self.fs.create_dir(f"{self.root}/{CLAIMS_FOLDER}", recursive=True)
+            for trial_id in trial_ids:
+                claim = {**owner, "trial_id": trial_id, "heartbeat": time.time()}
+                self._write_text(self.claim_path(trial_id), json.dumps(claim))
+        except (*_PYARROW_ERRORS, OSError) as err:
+            raise StorageError(
+                f"cannot write the claims in {self.root}/{CLAIMS_FOLDER}: {_first_line(err)}"
+            ) from err
+
+    def _heartbeat(self, trial_ids: list[str], owner: dict, stop: threading.Event, refresh_s: float) -> None:
+        while not stop.wait(refresh_s):
+            try:
+                self._write_claims(trial_ids, owner)
+            except (
+                StorageError
+            ) as err:  # a storage hiccup: the next beat tries again (stale only after minutes)
+                print(f"warning: {err}", file=sys.stderr)
+
+    def _release_claims(self, trial_ids: list[str], owner: dict) -> None:
+        for trial_id in trial_ids:
+            claim = self.read_claim(trial_id)
+            if claim is not None and claim.get("token") == owner["token"]:  # not one a later sweep took over
+                try:
+                    self.fs.delete_file(self.claim_path(trial_id))
+                except (*_PYARROW_ERRORS, OSError):
+                    pass  # left behind: stale once its heartbeat is old, at once on this machine
+        if self.local:  # the folder too, once no sweep holds a claim (an object store has no empty folders)
+            with contextlib.suppress(OSError):
+                os.rmdir(f"{self.root}/{CLAIMS_FOLDER}")
 
     # --- schema upgrades -------------------------------------------------------------------------------------
     def upgrade_file(
@@ -517,6 +615,44 @@ class ResultStore:
             error = str(existing.get("error") or "").strip().splitlines() or ["no error recorded"]
             return "", f"; replaces its failed result ({error[0]})"
         return f"a schema version {version} result ({status})", ""
+
+
+def claim_is_live(claim: Mapping[str, Any], *, now: float) -> bool:
+    """Whether ``claim``'s driver is still running: its heartbeat is under ``CLAIM_STALE_S`` old (it refreshes every
+    ``CLAIM_REFRESH_S``) and, when it was written on this machine, its process exists (a killed driver's claims
+    free its trials at once here; elsewhere after ``CLAIM_STALE_S``)."""
+    try:
+        fresh = now - float(claim.get("heartbeat", 0.0)) < CLAIM_STALE_S
+    except (TypeError, ValueError):
+        return False
+    if not fresh or claim.get("host") != socket.gethostname():
+        return fresh
+    pid = claim.get("pid")
+    if type(pid) is not int or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def _claimed_message(held: list[tuple[str, dict]], *, folder: str, labels: Mapping[str, str]) -> str:
+    now = time.time()
+    lines = [
+        f"  {labels.get(trial_id, '')} ({trial_id}): sweep {claim.get('sweep')!r}, pid {claim.get('pid')} on {claim.get('host')}, its driver "
+        f"seen {now - float(claim.get('heartbeat', now)):.0f} s ago"
+        for trial_id, claim in held[:10]
+    ]
+    return (
+        f"{len(held)} trial(s) of this sweep are being trained by another sweep on the storage {folder}:\n"
+        + "\n".join(lines)
+        + ("\n  ..." if len(held) > 10 else "")
+        + f"\nwait for it to end (a relaunch then skips what it finished), or leave them out with --where; a claim "
+        f"whose driver has stopped is dropped after {CLAIM_STALE_S:.0f} s (on its own machine, at once)"
+    )
 
 
 def _schema_version(record: Any) -> Any:

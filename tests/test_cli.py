@@ -660,3 +660,30 @@ def test_the_last_line_counts_the_listed_problems_not_their_detail_lines():
     assert last_line(nested) == (
         "error: 1 of 1 trials cannot run: invalid privacy settings: privacy.sampling_rate: q*N below one"
     )
+
+
+def test_a_sweep_refuses_the_trials_another_running_sweep_trains_before_any_compute(tmp_path):
+    """The launch checks the storage's claims after its preflight and before Ray, Tune or any shared cache."""
+    import sys
+    import time
+
+    from bench.launcher import Launch, run_sweep
+    from bench.results import ClaimedError
+
+    configs = build_sweep("demo", smoke=True)
+    storage = tmp_path / "runs"
+    launch = Launch(storage=str(storage), cache_dir=str(tmp_path / "cache"))
+    run_sweep("demo", configs, launch, dry_run=True)  # identifies them (content ids), as the launch will
+    from bench.preflight import identify
+
+    held = identify(configs, cache_dir=launch.cache_dir, write=False, log=None)[0]
+    (storage / "claims").mkdir(parents=True)
+    claim = {"sweep": "demo", "host": "another-machine", "pid": 7, "token": "t", "heartbeat": time.time()}
+    (storage / "claims" / f"{held.trial_id}.json").write_text(json.dumps(claim))
+    ray_before = "ray" in sys.modules
+    with pytest.raises(
+        ClaimedError, match=rf"{held.label} \({held.trial_id}\): sweep 'demo', pid 7 on another"
+    ):
+        run_sweep("demo", configs, launch)
+    assert not (storage / "tune").exists() and ("ray" in sys.modules) == ray_before
+    assert not (tmp_path / "cache" / "tiny-base").exists()

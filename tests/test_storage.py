@@ -159,3 +159,57 @@ def test_two_uri_storages_sharing_a_cache_stage_apart(tmp_path):
     assert tree(tmp_path / "one" / "artifacts" / CONFIG.trial_id) == FIRST_ATTEMPT and staged_two.is_dir()
     two.publish(make_result(CONFIG, status="success"), artifacts_dir=staged_two)
     assert not list((cache / "staging").iterdir())  # each storage's folder goes with its last staged trial
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_a_trial_another_running_sweep_trains_is_refused_and_freed_when_it_ends(tmp_path, uri):
+    """Two sweeps sharing trials on one storage (Table 2's and 3's k = 32 cells) trained them at once: each resumed
+    the other's checkpoints and emptied its artifacts, and a DP trial's steps ran twice with fresh noise while its
+    ledger counted them once. A running sweep's claims refuse them by name; they go when it ends."""
+    import json
+    import time
+
+    from bench.results import ClaimedError, claim_is_live
+
+    storage = f"file://{tmp_path}/runs" if uri else str(tmp_path / "runs")
+    first, second = ResultStore(storage), ResultStore(storage)
+    ids, labels = ["a" * 16, "b" * 16], {"a" * 16: "lora-d16-flowers102-eps10-k32-s0"}
+    with first.claimed(ids, sweep="table2", labels=labels):
+        claim = first.read_claim(ids[0])
+        assert claim["sweep"] == "table2" and claim_is_live(claim, now=time.time())
+        with pytest.raises(
+            ClaimedError, match=r"1 trial\(s\) of this sweep are being trained by another sweep"
+        ):
+            with second.claimed([ids[1], "c" * 16], sweep="table3"):
+                pytest.fail("claimed a trial another sweep holds")
+        assert second.read_claim("c" * 16) is None  # nothing claimed when refused
+        with pytest.raises(
+            ClaimedError, match=rf"lora-d16-flowers102-eps10-k32-s0 \({ids[0]}\): sweep 'table2'"
+        ):
+            with second.claimed(ids, sweep="table3", labels=labels):
+                pass
+    assert first.read_claim(ids[0]) is None and second.read_claim(ids[1]) is None
+    with second.claimed(ids, sweep="table3"):  # free once the first ended
+        pass
+    if not uri:
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["results"]  # no claims/ left behind
+    # A claim left by a killed driver: on its machine free at once, elsewhere once its heartbeat is stale.
+    gone = {"host": claim["host"], "pid": 2**22 + 12345, "heartbeat": time.time(), "token": "x"}
+    other_host = {**gone, "host": "another-machine", "pid": 1}
+    now = time.time()
+    assert not claim_is_live(gone, now=now)
+    assert claim_is_live(other_host, now=now) and not claim_is_live(other_host, now=now + 301)
+    (tmp_path / "runs" / "claims").mkdir(exist_ok=True)  # the storage's folder, whether named by path or URI
+    (tmp_path / "runs" / "claims" / f"{ids[0]}.json").write_text(json.dumps(gone))
+    with second.claimed(ids, sweep="table3"):
+        assert second.read_claim(ids[0])["sweep"] == "table3"
+
+
+def test_a_running_sweep_s_claims_are_refreshed_while_it_runs(tmp_path):
+    import time
+
+    store = ResultStore(tmp_path / "runs")
+    with store.claimed(["a" * 16], sweep="demo", refresh_s=0.05):
+        first = store.read_claim("a" * 16)["heartbeat"]
+        time.sleep(0.3)
+        assert store.read_claim("a" * 16)["heartbeat"] > first
