@@ -108,25 +108,31 @@ def test_an_unfinished_build_s_file_cut_short_is_made_anew_not_padded_with_zeros
     which pads it with zeros, and the shards recorded as finished kept those zeros as tokens; an empty one stopped
     every build with an EOFError naming no file."""
     vqvae = make_vqvae()
-    full, _ = open_token_cache(tmp_path / "reference", images, vqvae, spec=SPEC, shard_size=2)
-    real_tokenise = token_cache._tokenise
-    calls = []
+    full = _interrupted_build(images, vqvae, tmp_path, monkeypatch, shards=2)
+    cache = TokenCache(tmp_path / "cache", cache_key(images, vqvae, SPEC), shard_size=2)
+    data = cache.scale_path(1).read_bytes()
+    cache.scale_path(1).write_bytes(data[: len(data) - 1 if kept_bytes < 0 else kept_bytes])
+    resumed, hit = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
+    assert not hit and all(torch.equal(a, b) for a, b in zip(full, resumed.views))
 
-    def dying_after_two_shards(*args, **kwargs):
-        if len(calls) == 2:
+
+def _interrupted_build(images, vqvae, tmp_path, monkeypatch, *, shards: int):
+    """A build into ``tmp_path / "cache"`` (shards of 2 images) that crashed after ``shards`` shards; returns the
+    uninterrupted build's views (``tmp_path / "reference"``) to compare a resumed one with."""
+    full, _ = open_token_cache(tmp_path / "reference", images, vqvae, spec=SPEC, shard_size=2)
+    real_tokenise, calls = token_cache._tokenise, []
+
+    def dying(*args, **kwargs):
+        if len(calls) == shards:
             raise KeyboardInterrupt("simulated crash")
         calls.append(1)
         return real_tokenise(*args, **kwargs)
 
-    monkeypatch.setattr(token_cache, "_tokenise", dying_after_two_shards)
+    monkeypatch.setattr(token_cache, "_tokenise", dying)
     with pytest.raises(KeyboardInterrupt):
         open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
-    cache = TokenCache(tmp_path / "cache", cache_key(images, vqvae, SPEC), shard_size=2)
-    data = cache.scale_path(1).read_bytes()
-    cache.scale_path(1).write_bytes(data[: len(data) - 1 if kept_bytes < 0 else kept_bytes])
     monkeypatch.setattr(token_cache, "_tokenise", real_tokenise)
-    resumed, hit = open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
-    assert not hit and all(torch.equal(a, b) for a, b in zip(full.views, resumed.views))
+    return full.views
 
 
 def test_cache_is_memory_mapped_and_never_written_by_readers(images, tmp_path):
@@ -157,24 +163,11 @@ def test_a_build_resumed_with_another_shard_size_has_every_token(
     """Interrupted after the first shard of 2 images, then resumed with another shard size: the finished shards
     must not be read as shards of the new size (with 8, "shard 0 finished" used to skip every image: zero tokens)."""
     vqvae = make_vqvae()
-    full, _ = open_token_cache(tmp_path / "reference", images, vqvae, spec=SPEC, shard_size=2)
-    real_tokenise = token_cache._tokenise
-    calls = []
-
-    def dying_after_one_shard(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt("simulated crash")
-        calls.append(1)
-        return real_tokenise(*args, **kwargs)
-
-    monkeypatch.setattr(token_cache, "_tokenise", dying_after_one_shard)
-    with pytest.raises(KeyboardInterrupt):
-        open_token_cache(tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=2)
-    monkeypatch.setattr(token_cache, "_tokenise", real_tokenise)
+    full = _interrupted_build(images, vqvae, tmp_path, monkeypatch, shards=1)
     resumed, hit = open_token_cache(
         tmp_path / "cache", images, vqvae, spec=SPEC, shard_size=resumed_shard_size
     )
-    assert not hit and all(torch.equal(a, b) for a, b in zip(full.views, resumed.views))
+    assert not hit and all(torch.equal(a, b) for a, b in zip(full, resumed.views))
 
 
 def test_views_of_high_bit_depth_and_exif_turned_images_are_those_of_the_displayed_picture(tmp_path):
