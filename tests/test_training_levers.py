@@ -867,7 +867,8 @@ def test_views_spread_over_forwards_need_book_keeping_clipping_which_auto_may_no
     )
     with pytest.raises(
         PrivacyConfigError,
-        match=r"not 'auto', which is 'hooks' for this model \(book-keeping has no rule for a trainable layer\): "
+        match=r"not 'auto', which is 'hooks' for this model \(book-keeping has no rule for one of its trainable "
+        r"layers, or two layers share a parameter\): "
         r"use rows_per_forward >= k$",
     ):
         make_private(
