@@ -360,7 +360,8 @@ class ResultStore:
         2's and 3's k = 32 cells) trained them at once, each resuming the other's checkpoints, emptying its
         artifacts and deleting its run, and a DP trial's steps ran twice with fresh noise while its ledger counted
         them once. ``ClaimedError`` (nothing claimed) names the trials another live sweep holds. A background
-        thread rewrites the claims' heartbeat every ``refresh_s``; they are deleted when the block ends. A claim is
+        thread rewrites the claims' heartbeat every ``refresh_s`` and releases those of trials that succeeded; the
+        rest are deleted when the block ends. A claim is
         live while its heartbeat is under ``CLAIM_STALE_S`` old and, on this machine, its process exists.
         ``labels``: trial id -> label, for the message. Two drivers starting in the same second on a storage without
         atomic creation (an object store) can still both claim a trial."""
@@ -408,12 +409,17 @@ class ResultStore:
             ) from err
 
     def _heartbeat(self, trial_ids: list[str], owner: dict, stop: threading.Event, refresh_s: float) -> None:
+        """Every ``refresh_s``: release the claims of trials whose success is written (another sweep may then
+        skip them, not wait), and rewrite the rest's heartbeat."""
+        held = list(trial_ids)
         while not stop.wait(refresh_s):
+            finished = [t for t in held if self.status(t) == "success"]
+            self._release_claims(finished, owner)
+            held = [t for t in held if t not in finished]
+            # A storage hiccup is only warned of: the next beat tries again (a claim is stale after minutes).
             try:
-                self._write_claims(trial_ids, owner)
-            except (
-                StorageError
-            ) as err:  # a storage hiccup: the next beat tries again (stale only after minutes)
+                self._write_claims(held, owner)
+            except StorageError as err:
                 print(f"warning: {err}", file=sys.stderr)
 
     def _release_claims(self, trial_ids: list[str], owner: dict) -> None:

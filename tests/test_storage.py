@@ -209,7 +209,11 @@ def test_a_running_sweep_s_claims_are_refreshed_while_it_runs(tmp_path):
     import time
 
     store = ResultStore(tmp_path / "runs")
-    with store.claimed(["a" * 16], sweep="demo", refresh_s=0.05):
-        first = store.read_claim("a" * 16)["heartbeat"]
+    ids = [CONFIG.trial_id, "a" * 16]
+    with store.claimed(ids, sweep="demo", refresh_s=0.05):
+        first = store.read_claim(ids[1])["heartbeat"]
         time.sleep(0.3)
-        assert store.read_claim("a" * 16)["heartbeat"] > first
+        assert store.read_claim(ids[1])["heartbeat"] > first
+        store.write(make_result(CONFIG, status="success"))  # a finished trial is released for other sweeps
+        time.sleep(0.3)
+        assert store.read_claim(CONFIG.trial_id) is None and store.read_claim(ids[1]) is not None
