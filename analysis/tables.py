@@ -262,10 +262,9 @@ def cell(trials: pd.DataFrame, metric: str, *, formatter: Callable[[float], str]
     if ok.empty:
         return Cell(None, None, 0, failed, fmt, no_value)
     mean, spread = float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else None
+    # Equal values (non-DP seeds' counted FLOPs) have a float std of ~1e-15: no spread to print.
     if spread is not None and spread <= 1e-9 * abs(mean):
-        spread = (
-            0.0  # equal values (non-DP seeds' counted FLOPs) whose float std is 1e-15, not a spread to print
-        )
+        spread = 0.0
     return Cell(mean, spread, len(ok), failed, fmt, no_value)
 
 

@@ -270,10 +270,10 @@ def peft_base(base: VAR, folder: str | os.PathLike, *, base_sha256: str | None) 
     """Prepare ``base`` (a VAR from ``build_var``/``load_var``, without adapters) for
     ``peft.PeftModel.from_pretrained(base, folder)``, in place, and return it: refuses a base that already carries
     adapters or patches or that ``peft_base`` prepared before (``methods.check_fresh_base``: peft's merged model
-    is that same object, so a loop over folders on one base stacked each adapter on the last), another architecture or (``base_sha256``: the SHA-256 of
-    the file ``base`` was loaded from, None for a base built in memory) another base checkpoint, then gives it the
-    adapter's label count as ``adapt`` did (same rows, same seed), so peft's copy of the saved class embedding has
-    the shape it loads into."""
+    is that same object, so a loop over folders on one base stacked each adapter on the last), another
+    architecture or (``base_sha256``: the SHA-256 of the file ``base`` was loaded from, None for a base built in
+    memory) another base checkpoint, then gives it the adapter's label count as ``adapt`` did (same rows, same
+    seed), so peft's copy of the saved class embedding has the shape it loads into."""
     check_fresh_base(base, folder)
     adaptation, _, _ = _checked_folder(base, folder, base_sha256=base_sha256)
     # Always, as ``adapt`` does (also for the base's own label count): the same rows, the same seed.

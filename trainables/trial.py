@@ -133,9 +133,8 @@ def _check_every_split(
                 problems.append(
                     f"{config.label} ({config.trial_id}), {skipped} unreadable image(s) skipped: {err}"
                 )
-    if (
-        problems
-    ):  # every trial a skipped image leaves unable to run, named, as the driver's preflight names them
+    # Every trial a skipped image leaves unable to run, named, as the driver's preflight names them.
+    if problems:
         raise ConfigError(
             f"{len(problems)} trial(s) cannot run on the images left after skipping unreadable ones:\n  "
             + "\n  ".join(problems)

@@ -143,10 +143,10 @@ class ReferenceKey:
 def _check_arrays(record: dict[str, np.ndarray]) -> None:
     """``ValueError`` unless ``record`` holds features [N, D] and their float64 mu [D] and sigma [D, D]: a file
     without them (another writer's) failed with a bare KeyError after every image had been generated."""
-    features, mu, sigma = (record.get(name) for name in ("features", "mu", "sigma"))
-    if features is None or mu is None or sigma is None:
-        missing = [name for name in ("features", "mu", "sigma") if record.get(name) is None]
+    missing = [name for name in ("features", "mu", "sigma") if name not in record]
+    if missing:
         raise ValueError(f"no {', '.join(repr(m) for m in missing)} entry")
+    features, mu, sigma = record["features"], record["mu"], record["sigma"]
     dim = features.shape[-1] if features.ndim == 2 else -1
     if (
         dim < 1
