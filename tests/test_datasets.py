@@ -549,6 +549,32 @@ def test_cub_annotation_files_with_repeated_ids_or_bad_text_are_named(tmp_path, 
 
 
 @pytest.mark.parametrize(
+    ("spelling", "named"),
+    [
+        ("dotdot", r"Blackbird/\.\./010\.Blackbird/img_0\.jpg = .*/img_0\.jpg"),
+        ("link", r"img_0\.jpg = .*link\.jpg"),
+    ],
+)
+def test_one_image_listed_under_two_spellings_is_listed_twice(tmp_path, spelling, named):
+    """``010.Blackbird/../010.Blackbird/img_0.jpg`` or a symbolic link to ``img_0.jpg`` names the image another
+    line lists: under DP it would count twice in N, so it is refused like a repeated line."""
+    make_cub(tmp_path)
+    base = tmp_path / "CUB_200_2011"
+    other = "010.Blackbird/../010.Blackbird/img_0.jpg"
+    if spelling == "link":
+        (base / "images" / "010.Blackbird" / "link.jpg").symlink_to("img_0.jpg")
+        other = "010.Blackbird/link.jpg"
+    listed = base / "images.txt"
+    lines = listed.read_text().splitlines()
+    assert lines[5:7] == ["6 010.Blackbird/img_0.jpg", "7 010.Blackbird/img_1.jpg"]  # both train images
+    listed.write_text("\n".join([*lines[:6], f"7 {other}", *lines[7:]]) + "\n")
+    with pytest.raises(
+        DatasetError, match=r"cub200 train: 1 image\(s\) are listed more than once: .*" + named
+    ):
+        read_dataset("cub200", tmp_path, "train")
+
+
+@pytest.mark.parametrize(
     ("rows", "message"),
     [
         # an id beyond the 37 breeds made a second "Abyssinian" class

@@ -232,6 +232,21 @@ def test_an_image_in_both_the_training_and_the_evaluation_split_is_refused_befor
         )
 
 
+def test_a_test_image_that_links_to_a_training_image_is_in_both_splits(tmp_path):
+    """A symbolic link is the file it names: scoring against it scores against the training image."""
+    make_cub(tmp_path)
+    images = tmp_path / "CUB_200_2011" / "images"
+    (images / "001.Albatross" / "img_1.jpg").unlink()
+    (images / "001.Albatross" / "img_1.jpg").symlink_to("img_0.jpg")  # id 2, a test image
+    cub = {"dataset": "cub200", "root": str(tmp_path), "resolution": 16}
+    with pytest.raises(SweepError, match=r"1 image\(s\) of cub200 are in both .*img_0\.jpg = .*img_1\.jpg"):
+        check_sweep(
+            [replace(tiny_trial("lora"), data=cub, optimization={"batch_size": 2})],
+            cache_dir=str(tmp_path / "cache"),
+            write=False,
+        )
+
+
 def test_a_run_in_epochs_that_would_end_inside_its_warm_up_is_named(tmp_path):
     """Epochs resolve to steps only with the split's size: 2 epochs of 2 examples at batch 2 are 2 steps, fewer
     than a warm-up of 5 (the learning rate would never be reached); a warm-up of 2 fits."""

@@ -12,7 +12,7 @@ from bench.schema import MIN_EVALUATION_IMAGES, ConfigError, TrialConfig
 
 from .audit import included_count
 from .data import offline
-from .data.datasets import ImageList, read_dataset
+from .data.datasets import ImageList, read_dataset, spellings
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,10 @@ def _check_disjoint(train: ImageList, evaluation: ImageList) -> None:
     images it trained on. The same split chosen for both is the caller's choice and passes."""
     if train.split == evaluation.split:
         return
-    shared = sorted(set(map(str, train.paths)) & set(map(str, evaluation.paths)))
+    trained, scored = spellings(train.paths), spellings(evaluation.paths)
+    shared = sorted(
+        " = ".join(sorted({*trained[file], *scored[file]})) for file in trained.keys() & scored.keys()
+    )
     if shared:
         raise ConfigError(
             f"data.dataset: {len(shared)} image(s) of {train.name} are in both the {train.split} and the "

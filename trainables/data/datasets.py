@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -420,7 +420,9 @@ def _check_listing(images: ImageList) -> None:
     repeated = sorted(name for name, count in Counter(images.class_names).items() if count > 1)
     if repeated:
         raise DatasetError(f"{where}: the class names {repeated[:5]} are given to several classes")
-    twice = sorted(str(path) for path, count in Counter(images.paths).items() if count > 1)
+    twice = sorted(
+        " = ".join(sorted(set(names))) for names in spellings(images.paths).values() if len(names) > 1
+    )
     if twice:
         raise DatasetError(
             f"{where}: {len(twice)} image(s) are listed more than once: {', '.join(twice[:5])}"
@@ -434,6 +436,16 @@ def _check_listing(images: ImageList) -> None:
                 f"{where}: the file name {os.fsencode(path)!r} is not valid text in this file system's encoding "
                 f"({err.reason}): rename it"
             ) from err
+
+
+def spellings(paths: Iterable[str | Path]) -> dict[str, list[str]]:
+    """The listed spellings of each file, keyed by the file itself: ``.`` and ``..`` components and symbolic links
+    resolved, so ``jpg/./a.jpg`` and a link to ``jpg/a.jpg`` are the one image they name (one example, whatever an
+    annotation file calls it). A path that does not exist resolves as far as it can."""
+    named: dict[str, list[str]] = {}
+    for path in paths:
+        named.setdefault(os.path.realpath(path), []).append(str(path))
+    return named
 
 
 def check_images(
