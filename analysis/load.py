@@ -429,6 +429,7 @@ def trial_row(record: dict) -> dict:
         "delta": delta if delta is not None else math.nan,
         "classifier": classifier.get("name"),
         "classifier_test_accuracy": _percent(classifier.get("test_accuracy")),
+        "cost_estimated": lookup(record, "cost.estimated") is True,
     }
     row.update(audit_columns(record, audit=config.audit))
     for metric in METRICS.values():

@@ -639,6 +639,7 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
                     _eps(epsilon) if dp else "no DP",
                     str(k),
                     *[cell(group, m) for m in COMPUTE_METRICS],
+                    _cost_source(group["cost_estimated"]),
                 ],
             )
         )
@@ -656,6 +657,7 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
         "mfu_pct",
         "peak_memory_gib",
         "train_seconds",
+        "cost",
     ]
     return [
         Table(
@@ -675,9 +677,21 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
                 "rows/s counts training rows, one per view of an example: a DP trial with k augmentation views trains "
                 "k rows per example (examples/s = rows/s / k), counted at its expected Poisson batch",
                 *([AUDITED_COMPUTE_NOTE] if trials["audited"].any() else []),
+                *([ESTIMATED_COMPUTE_NOTE] if trials["cost_estimated"].any() else []),
             ],
         )
     ]
+
+
+def _cost_source(estimated: pd.Series) -> str:
+    """Whether a row's trials measured their cost: a mean over measured and estimated records is neither."""
+    return "estimated" if estimated.all() else "partly estimated" if estimated.any() else "measured"
+
+
+ESTIMATED_COMPUTE_NOTE = (
+    "cost estimated: the records hold the dry-run estimate (bench.estimates: the datasets' published sizes and an "
+    "assumed or measured utilisation), not what a trial measured; they have no throughput, MFU, memory or time"
+)
 
 
 AUDITED_COMPUTE_NOTE = (

@@ -1313,6 +1313,32 @@ def fixture_record(storage: Path, config: TrialConfig, *, fid: float, trainable:
     return record
 
 
+def test_the_compute_table_says_which_rows_hold_the_dry_run_estimate(fixture_storage, tmp_path):
+    """The fixture's cost is the dry-run estimate (``cost.estimated``); its compute table looked measured. A row
+    says where its numbers come from, and one that averages a measured record with an estimated one says so."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    measured = json.loads(result_path(storage, "lora-d16-flowers102").read_text())
+    del measured["cost"]["estimated"]
+    result_path(storage, "lora-d16-flowers102").write_text(json.dumps(measured))
+    config = replace(TrialConfig.from_dict(measured["config"]), optimization={"seed": 1})
+    fixture_record(storage, config, fid=20.0, trainable=6_020_000)  # a second seed, estimated
+    result_path(storage, "full-d16-flowers102").write_text(
+        result_path(storage, "full-d16-flowers102")
+        .read_text()
+        .replace('"estimated": true', '"estimated": false')
+    )
+    analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
+    (compute,) = [t for t in analysis.tables if t.name == "compute"]
+    assert compute.header[-1] == "cost"
+    source = {tuple(r[:5]): r[-1] for r in compute.rows}
+    assert source[("VAR-d16", "flowers102", "LoRA", "no DP", "1")] == "partly estimated"
+    assert source[("VAR-d16", "flowers102", "FFT", "no DP", "1")] == "measured"
+    assert source[("VAR-d16", "cub200", "LoRA", "no DP", "1")] == "estimated"
+    assert any(
+        note.startswith("cost estimated: the records hold the dry-run estimate") for note in compute.notes
+    )
+
+
 def test_audited_trials_get_compute_rows_and_bars_of_their_own(fixture_storage, tmp_path, monkeypatch):
     """The privacy_audit sweep beside the paper sweeps: its audited LoRA trial (d16 Flowers, no DP) trains on ~500
     canaries besides the dataset and costs more than Table 1's LoRA trial of the setting. The compute table showed
