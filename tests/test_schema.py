@@ -110,14 +110,34 @@ def test_every_paper_trial_puts_32_rows_through_a_forward():
     assert len(dp) == 31 and {c.privacy.augmentation_multiplicity for c in dp} == {1, 32, 128}
     assert {c.privacy.clipping for c in dp} == {"auto"}
     assert {c.resources.rows_per_forward for c in paper.values()} == {32}
-    # Their smoke versions take the same route: k = 128's (capped at 4) in two forwards of 2, the others whole.
+    # Their smoke versions take the same route: k = 128's 6 views in two forwards of 3, the others' (at most 4) whole.
     for config in dp:
         smoke = smoke_version(config)
         split = config.privacy.augmentation_multiplicity > 32
-        assert smoke.resources.rows_per_forward == (2 if split else 64), config.label
+        assert smoke.resources.rows_per_forward == (3 if split else 64), config.label
         assert smoke.privacy.augmentation_multiplicity == (
-            4 if split else min(4, config.privacy.augmentation_multiplicity)
+            6 if split else min(4, config.privacy.augmentation_multiplicity)
         )
+
+
+@pytest.mark.parametrize("name", ["table2", "table10"])
+def test_a_smoke_sweep_keeps_the_spread_route_beside_the_whole_one(name):
+    """Resources are not in the trial id: Table 2's k = 32 and k = 128 smoke versions (both k = 4) were one trial,
+    the k = 32 one ran and its views went through whole, so ``table2 --smoke`` never spread views over forwards."""
+    paper = [
+        c for c in build_sweep(name) if c.privacy is not None and c.privacy.augmentation_multiplicity > 1
+    ]
+    smoke = build_sweep(name, smoke=True)
+    spread = {c.trial_id for c in smoke if c.privacy is not None and c.resources.rows_per_forward == 3}
+    assert spread and len(spread) == len(
+        {
+            smoke_version(c).trial_id
+            for c in paper
+            if c.resources.rows_per_forward < c.privacy.augmentation_multiplicity
+        }
+    )
+    if name == "table2":
+        assert any(c.privacy is not None and c.privacy.augmentation_multiplicity == 4 for c in smoke)
 
 
 def test_trial_id_ignores_resources_but_not_settings():

@@ -379,7 +379,7 @@ def test_smoke_applies_the_files_smoke_section():
 
 
 def test_a_smoke_section_s_opacus_clipping_keeps_the_smoke_views_in_one_forward(tmp_path):
-    """A point spreading its k = 8 views over forwards of 4 has a smoke version spreading its 4 over two; a
+    """A point spreading its k = 8 views over forwards of 4 has a smoke version spreading its 6 over two; a
     ``smoke:`` section asking for Opacus's hooks (which need an example's views in one forward) gets the smoke
     rows back, unless it sets them itself (then they are checked as given)."""
     base = """name: split
@@ -395,15 +395,15 @@ axes:
   method.name: [full, lora]
 """
     path = tmp_path / "split.yaml"
-    for smoke, rows in (("", 2), ("smoke:\n  privacy: {clipping: hooks}\n", 64)):
+    for smoke, rows in (("", 3), ("smoke:\n  privacy: {clipping: hooks}\n", 64)):
         path.write_text(base + smoke)
         configs = load_sweep_file(path, smoke=True).configs
         assert [(c.privacy.augmentation_multiplicity, c.resources.rows_per_forward) for c in configs] == [
-            (4, rows)
+            (6, rows)
         ] * 2
     path.write_text(base + "smoke:\n  privacy: {clipping: hooks}\n  resources: {rows_per_forward: 3}\n")
     with pytest.raises(
-        SweepFileError, match="smoke: resources.rows_per_forward: 3 rows cannot hold one example's k=4"
+        SweepFileError, match="smoke: resources.rows_per_forward: 3 rows cannot hold one example's k=6"
     ):
         load_sweep_file(path, smoke=True)
 
