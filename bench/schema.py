@@ -745,13 +745,41 @@ def _check_lora_only(method: MethodConfig) -> None:
             f"method.{name}",
             f"method {method.name!r} does not read it (LoRA methods only): leave it at its default {default}",
         )
-    # The targets are sorted by __post_init__, so one comparison finds every spelling of the preset.
+    # The targets are sorted by __post_init__, so one comparison finds every spelling of a preset: the method's own,
+    # or another LoRA method's (lora with ["attention"] is lora_attention's run under another id and label).
+    preset = next((name for name, targets in LORA_PRESETS.items() if method.lora_targets == targets), None)
     _require(
-        method.lora_targets is None or method.lora_targets != LORA_PRESETS.get(method.name),
+        preset is None,
         "method.lora_targets",
-        f"{list(method.lora_targets or ())} are method {method.name!r}'s own targets: leave it unset (null), "
-        "the one spelling of this training run (its trial id hashes the field as written)",
+        f"{list(method.lora_targets or ())} are method {preset!r}'s own targets: "
+        + (
+            "leave it unset (null)"
+            if preset == method.name
+            else f"use method {preset!r} with it unset (null)"
+        )
+        + ", the one spelling of this training run (its trial id hashes the field as written)",
     )
+
+
+def _check_one_spelling(config: TrialConfig) -> None:
+    """Fields a run does not read, or values spelled two ways, hash one training run under two ids (a sweep would
+    train it twice): a delta rule with no delta given (delta None is 1/N, which the rule does not govern), and a
+    number written as -0.0 (JSON keeps its sign). Checked at launch, so results written before stay readable."""
+    privacy = config.privacy
+    _require(
+        privacy is None or privacy.delta is not None or not privacy.allow_delta_at_least_inverse_n,
+        "privacy.allow_delta_at_least_inverse_n",
+        "only governs a delta given in privacy.delta (null is 1/N): leave it false",
+    )
+    for section in dataclasses.fields(config):
+        part = getattr(config, section.name)
+        for entry in dataclasses.fields(part) if dataclasses.is_dataclass(part) else ():
+            value = getattr(part, entry.name)
+            _require(
+                not (isinstance(value, float) and value == 0 and math.copysign(1.0, value) < 0),
+                f"{section.name}.{entry.name}",
+                "is -0.0: write 0 (the trial id hashes the sign)",
+            )
 
 
 SECTIONS = {
@@ -954,6 +982,7 @@ class TrialConfig:
         e, o, m = self.evaluation, self.optimization, self.method
         _check_seeds(self)
         _check_lora_only(m)
+        _check_one_spelling(self)
         _require(  # a run that ends inside its warm-up never reaches its learning rate (with epochs: plan_trial;
             # 0 steps: the base model, which trains nothing)
             not o.steps or o.warmup_steps <= o.steps,

@@ -97,7 +97,10 @@ def test_paper_hyper_parameters():
     assert {c.trial_id for c in build_sweep("table9", assets=Assets("/a"))} == {
         c.trial_id for c in table1
     }  # precision/recall: the same trials
-    assert all(c.optimization.seed == c.data.view_seed == 1 for c in build_sweep("second_seed"))
+    for smoke in (False, True):  # the smoke versions of the seed-1 trials drew the seed-0 crops
+        assert all(
+            c.optimization.seed == c.data.view_seed == 1 for c in build_sweep("second_seed", smoke=smoke)
+        )
 
 
 def test_every_paper_trial_puts_32_rows_through_a_forward():
@@ -295,6 +298,29 @@ def test_invalid_configs_name_the_field(build, field):
             "method.lora_targets",
         ),
         ({"method": {"name": "lora_attention", "lora_targets": ["attention"]}}, "method.lora_targets"),
+        # ... or another LoRA method's: lora on the attention alone is lora_attention's run (and label) elsewhere
+        (
+            {"method": {"name": "lora", "lora_targets": ["attention"]}},
+            "method 'lora_attention' with it unset",
+        ),
+        (
+            {"method": {"name": "lora_mlp", "lora_targets": ["attention", "mlp", "modulation"]}},
+            "method 'lora'",
+        ),
+        # a rule the run does not read (delta null is 1/N), and a sign only the id sees: one run under two ids
+        (
+            {
+                "privacy": {
+                    "target_epsilon": 8.0,
+                    "sampling_rate": 0.05,
+                    "max_grad_norm": 1.0,
+                    "allow_delta_at_least_inverse_n": True,
+                },
+                "optimization": {"batch_size": 256},
+            },
+            "privacy.allow_delta_at_least_inverse_n",
+        ),
+        ({"evaluation": {"top_p": -0.0}}, "evaluation.top_p: is -0.0"),
     ],
 )
 def test_a_trial_that_cannot_run_is_refused_before_it_starts_and_its_old_record_still_reads(change, field):

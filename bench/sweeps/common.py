@@ -236,7 +236,8 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
     depth = TINY_DEPTHS[config.model.depth] if config.model.base == "official" else config.model.depth
     return TrialConfig(
         model=tiny_model(depth),
-        data=DataConfig(dataset="digits", resolution=16, cached_views=k),
+        # the trial's crops' seed: a second-seed point draws other crops, as its paper trial does
+        data=DataConfig(dataset="digits", resolution=16, cached_views=k, view_seed=config.data.view_seed),
         method=_blocks_at_depth(config.method, depth=depth, of=config.model.depth),
         privacy=privacy,
         optimization=OptimizationConfig(
