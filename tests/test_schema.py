@@ -30,7 +30,7 @@ from bench.schema import (
     upgrade_record,
 )
 from bench.sweeps import SWEEPS, build_sweep
-from bench.sweeps.common import SMOKE_CANARIES, Assets, smoke_version
+from bench.sweeps.common import OFFICIAL_VOCABULARY, SMOKE_CANARIES, TINY_VOCABULARY, Assets, smoke_version
 
 TINY = smoke_version(build_sweep("table1")[0])
 
@@ -380,6 +380,27 @@ def test_the_tiny_resolution_is_the_tiny_base_s():
     from trainables.tiny_base import IMAGE_SIZE
 
     assert TINY_RESOLUTION == IMAGE_SIZE
+
+
+def test_a_smoke_version_filters_the_same_share_of_its_codebook():
+    """The smoke's top-k is the trial's share of the codebook (top-k 0 ran no filter in any smoke sweep), with
+    sizes that are the tiny base's and the official VQVAE's own."""
+    import inspect
+
+    from trainables.models.checkpoints import load_vqvae
+    from trainables.tiny_base import VQVAE_ARCHITECTURE
+
+    assert TINY_VOCABULARY == VQVAE_ARCHITECTURE["vocab_size"]
+    assert OFFICIAL_VOCABULARY == inspect.signature(load_vqvae).parameters["vocab_size"].default
+    paper = build_sweep("table1")[0]
+    assert paper.evaluation.top_k == 900 and smoke_version(paper).evaluation.top_k == 56
+    off = replace(paper, evaluation={"top_k": 0})
+    assert (
+        smoke_version(off).evaluation.top_k == 0
+        and smoke_version(replace(paper, evaluation={"top_k": 1})).evaluation.top_k == 1
+    )
+    # a non-DP batch goes through in two forwards, as the paper's 256 do in forwards of 32
+    assert smoke_version(paper).resources.rows_per_forward * 2 == smoke_version(paper).optimization.batch_size
 
 
 def test_the_smallest_evaluation_is_what_precision_recall_can_score():

@@ -191,6 +191,8 @@ TINY_DEPTHS = {
 }  # keeps the depth axis (a deeper paper model -> a deeper tiny model)
 SMOKE_PRETRAINING_STEPS = 150
 SMOKE_STEPS = 6
+SMOKE_BATCH_SIZE = 32  # a non-DP smoke trial's batch (a DP one's is Poisson at its sampling rate)
+TINY_VOCABULARY, OFFICIAL_VOCABULARY = 256, 4096  # codebook sizes: the smoke's top-k keeps the trial's share
 # A smoke run's k: at most 4 views an example, or 6 in two forwards where the paper trial spreads an example's views
 # over forwards (k = 128 at 32 rows). The two differ so that the two routes stay two trials: resources are not in
 # the trial id, and Table 2's k = 32 and k = 128 cells had one smoke id (k = 4), which ran whole, so no smoke sweep
@@ -244,12 +246,12 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
             learning_rate=1e-3,
             steps=steps if trains else 0,
             seed=config.optimization.seed,
-            **({"batch_size": 32} if privacy is None else {}),
+            **({"batch_size": SMOKE_BATCH_SIZE} if privacy is None else {}),
         ),
         evaluation=EvaluationConfig(
             extractor="digits-cnn-v2",
             num_images=40,
-            top_k=0,
+            top_k=_smoke_top_k(config.evaluation.top_k),
             batch_size=40,
             convergence_every_steps=steps // 2 if _has_convergence(config) else 0,
             convergence_num_images=20,
@@ -272,11 +274,20 @@ def _spreads_views(config: TrialConfig) -> bool:
 
 
 def _smoke_resources(config: TrialConfig, *, k: int) -> ResourcesConfig:
-    """One CPU worker; where the trial spreads an example's views over forwards, its smoke version does too, its k
-    views in two forwards, so the smoke run takes the paper trial's code path."""
+    """One CPU worker, on the paper trial's code path: a non-DP batch accumulated over two forwards (the paper's
+    256 or 512 go through in forwards of 32); where the trial spreads an example's views over forwards, its smoke
+    version's k views in two forwards."""
+    if config.privacy is None:
+        return dataclasses.replace(CPU_RESOURCES, rows_per_forward=SMOKE_BATCH_SIZE // 2)
     if not _spreads_views(config):
         return CPU_RESOURCES
     return dataclasses.replace(CPU_RESOURCES, rows_per_forward=k // 2)
+
+
+def _smoke_top_k(top_k: int) -> int:
+    """The trial's top-k filter at the same share of the tiny base's codebook (the paper's 900 of 4,096 codes: 56
+    of 256), so the smoke run filters as the trial does; 0 (off) stays off."""
+    return 0 if top_k == 0 else max(1, round(top_k * TINY_VOCABULARY / OFFICIAL_VOCABULARY))
 
 
 def _blocks_at_depth(method: MethodConfig, *, depth: int, of: int) -> MethodConfig:
