@@ -216,6 +216,21 @@ def test_unexpected_and_non_finite_values(tmp_path, tiny_var):
     )
 
 
+def test_a_non_finite_buffer_that_enters_the_attention_is_refused(tmp_path, tiny_var):
+    """The keys' zero bias is a buffer, not a parameter: a NaN there loaded and made every output NaN. The mask's
+    -inf entries are its design and still load."""
+    state = tiny_var.state_dict()
+    state["blocks.0.attn.zero_k_bias"] = torch.full_like(state["blocks.0.attn.zero_k_bias"], float("nan"))
+    assert not torch.isfinite(state["attn_bias_for_masking"]).all()
+    path = tmp_path / "var.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"NaN/inf values \(1\): blocks\.0\.attn\.zero_k_bias"):
+        load_var(path, **TINY_VAR)
+    state["blocks.0.attn.zero_k_bias"].zero_()
+    torch.save(state, path)
+    load_var(path, **TINY_VAR)
+
+
 def test_other_patch_nums_are_detected(tmp_path):
     from trainables.models import build_var
 
