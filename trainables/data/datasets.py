@@ -443,8 +443,14 @@ def spellings(paths: Iterable[str | Path]) -> dict[str, list[str]]:
     resolved, so ``jpg/./a.jpg`` and a link to ``jpg/a.jpg`` are the one image they name (one example, whatever an
     annotation file calls it). A path that does not exist resolves as far as it can."""
     named: dict[str, list[str]] = {}
+    folders: dict[str, str] = {}  # each folder resolved once: one lstat a file, not one a path component
     for path in paths:
-        named.setdefault(os.path.realpath(path), []).append(str(path))
+        folder, name = os.path.split(os.fspath(path))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        file = os.path.join(folders[folder], name)
+        file = os.path.realpath(file) if name in ("", ".", "..") or os.path.islink(file) else file
+        named.setdefault(file, []).append(str(path))
     return named
 
 
