@@ -51,6 +51,7 @@ from .results import (  # noqa: F401 - default_cache_dir: re-exported
     TRAIN_FOLDER,
     ResultStore,
     StorageError,
+    check_outside_job_folder,
     default_cache_dir,
 )
 from .schema import TrialConfig, absolute, is_uri, make_result, storage_child, utc_now
@@ -70,6 +71,11 @@ from .tracking import (
 # Ray places no more trials there than that node's memory holds (a sweep of 30 trials at 64 MiB each once asked for
 # ~23 GB on a 32 GiB head).
 TRIAL_FUNCTION_MEMORY_BYTES = 2**30
+# ... and on the head: Train 2.60 starts a trial's controller on the node of its Tune actor, so an actor Ray placed
+# on a spot GPU node took the trial down with the node (Tune retries none), and held memory there that kept the
+# node from idling down. Every Ray head has the resource ``node:__internal_head__`` (Train's own state actor asks
+# for it the same way).
+TRIAL_FUNCTION_RESOURCES = {"CPU": 0, "memory": TRIAL_FUNCTION_MEMORY_BYTES, "node:__internal_head__": 0.001}
 # How long a trial's Train controller waits for its workers' placement group before it gives up, removes the
 # group and asks again. Ray Train (2.60) counts that timeout as a retryable controller error, charged to
 # `controller_failure_limit` (unlimited, set explicitly in `_trial_function`), never to `max_failures`: a trial
@@ -828,6 +834,8 @@ def run_sweep(
     A dry run creates nothing (no storage, cache or offline data folder). ``gpu``: the GPU the dry run's estimate
     prices hours on and the start order (longest first) ranks trials by."""
     check_tracking(launch.tracking, tracking_uri=launch.tracking_uri)  # its package, before anything is read
+    check_outside_job_folder(launch.storage, what="--storage")
+    check_outside_job_folder(launch.cache_dir, what="the cache folder (--cache-dir or VARSWEEP_CACHE)")
     configs = identify(
         configs, cache_dir=launch.cache_dir, write=not dry_run, log=print
     )  # content ids, so a mount change keeps ids
@@ -932,7 +940,7 @@ def _launch(
     tuner = tune.Tuner(
         # Tune needs a non-empty request for the trial function; a fraction of a CPU would leave the Train workers
         # one CPU short on a small machine, so it asks for a little memory instead.
-        tune.with_resources(_trial_function, {"CPU": 0, "memory": TRIAL_FUNCTION_MEMORY_BYTES}),
+        tune.with_resources(_trial_function, TRIAL_FUNCTION_RESOURCES),
         param_space={"trial": tune.grid_search([c.to_dict() for c in todo]), "launch": launch.__dict__},
         # No actor reuse: a reused trial actor's placement group is released with the old trial, taking the new
         # trial's Train controller (scheduled inside it) down with it.

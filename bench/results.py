@@ -687,3 +687,21 @@ def validate_record(record: Any, *, trial_id: str | None = None) -> None:
         raise ConfigError(
             f"trial_id: the file of trial {trial_id} holds the result of trial {record['trial_id']}"
         )
+
+
+# Where Ray unpacks a job's working directory (``ray job submit --working-dir``) on each node; a relative path
+# given to a job's driver resolves inside it.
+RAY_JOB_FOLDER = ("runtime_resources", "working_dir_files")
+
+
+def check_outside_job_folder(location: str, *, what: str) -> None:
+    """Refuse a local folder inside Ray's copy of a job's working directory: under ``ray job submit`` a relative
+    ``--storage`` (or the default ``runs/sweeps``) resolved there, on the head alone, deleted with the job; the
+    GPU nodes wrote elsewhere, and the sweep learnt it only at a trial's first checkpoint or end."""
+    parts = () if is_uri(location) else Path(absolute(location)).parts
+    if any(parts[i : i + 2] == RAY_JOB_FOLDER for i in range(len(parts) - 1)):
+        raise StorageError(
+            f"{what} {location} is inside Ray's copy of this job's working directory (a relative path under "
+            "`ray job submit` resolves there): that folder is on one node and is deleted with the job. Give an "
+            "absolute path on the file system every node shares (e.g. --storage /mnt/varsweep/runs) or a URI"
+        )

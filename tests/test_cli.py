@@ -64,6 +64,24 @@ def test_dry_run_checks_and_prints_and_creates_nothing(tmp_path, capsys):
     assert not storage.exists()
 
 
+def test_a_storage_inside_a_ray_job_s_working_directory_is_refused(tmp_path, capsys, monkeypatch):
+    """Under `ray job submit --working-dir .` the driver runs in Ray's unpacked copy of the folder: the default
+    (relative) storage resolved there, on the head alone and deleted with the job, while the GPU nodes wrote
+    their checkpoints and results to folders of their own."""
+    job = tmp_path / "session_2026" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    job.mkdir(parents=True)
+    monkeypatch.chdir(job)
+    assert main(["sweep", "demo", "--smoke", "--dry-run"]) == 2  # the default --storage, runs/sweeps
+    err = capsys.readouterr().err
+    assert f"--storage {job / 'runs' / 'sweeps'} is inside Ray's copy of this job's working directory" in err
+    assert "Traceback" not in err
+    assert main(["status", "demo", "--smoke", "--storage", "runs"]) == 2
+    assert "e.g. --storage /mnt/varsweep/runs" in capsys.readouterr().err
+    assert not any(job.iterdir())
+    # an absolute path elsewhere passes
+    assert main(["sweep", "demo", "--smoke", "--dry-run", "--storage", str(tmp_path / "shared")]) == 0
+
+
 def test_status_is_read_only_and_shows_every_state(tmp_path, capsys):
     configs = build_sweep("demo", smoke=True)
     missing = tmp_path / "never-ran"

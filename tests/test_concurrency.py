@@ -61,17 +61,19 @@ def cluster_yaml() -> dict:
 
 def test_cluster_yaml_is_the_shape_these_numbers_assume(cluster_yaml):
     types = cluster_yaml["available_node_types"]
-    assert cluster_yaml["max_workers"] == 8 and types["head"]["resources"]["GPU"] == 0
+    assert cluster_yaml["max_workers"] == 4 and types["head"]["resources"]["GPU"] == 0
     assert (types["gpu_h100x8"]["max_workers"], types["gpu_h100x8"]["resources"]["GPU"]) == (4, 8)
-    assert (types["gpu_l40s"]["max_workers"], types["gpu_l40s"]["resources"]["GPU"]) == (4, 1)
+    # no 1-GPU type: the autoscaler sent the first and last trials of a sweep there, and a 48 GB L40S cannot hold
+    # a d20 step
+    assert {name for name, t in types.items() if t["resources"]["GPU"]} == {"gpu_h100x8"}
 
 
 def test_one_gpu_trials_fill_every_gpu_the_autoscaler_can_start(tmp_path):
     limits = read_cluster_config(str(REPO / "cluster.yaml"))
     configs = [trial(seed=s) for s in range(50)]
-    # 4 x 8 H100 + 4 x 1 L40S (8 CPUs each: one 1-GPU + 8-CPU trial per L40S node); the head has no GPU.
+    # 4 x 8 H100; the head has no GPU.
     assert concurrency(configs, launch(tmp_path), resources=HEAD_ONLY, limits=limits) == (
-        36,
+        32,
         f"the autoscaler's node types and limits, {REPO / 'cluster.yaml'}",
     )
     # the old rule, the head's resources at launch, ran them one at a time
@@ -80,16 +82,16 @@ def test_one_gpu_trials_fill_every_gpu_the_autoscaler_can_start(tmp_path):
 
 def test_eight_gpu_trials_fit_the_h100_nodes(tmp_path):
     limits = read_cluster_config(str(REPO / "cluster.yaml"))
-    # one trial per 8-GPU node; the four 1-GPU L40S nodes hold half of an 8-worker trial at most
+    # one trial per 8-GPU node
     assert (
         concurrency([trial(workers=8, gpus=1.0)], launch(tmp_path), resources=HEAD_ONLY, limits=limits)[0]
         == 4
     )
 
 
-@pytest.mark.parametrize("cap,expected", [(2, 16), (5, 33), (8, 36)])
+@pytest.mark.parametrize("cap,expected", [(1, 8), (2, 16), (8, 32)])
 def test_global_max_workers_caps_the_nodes(cluster_yaml, tmp_path, cap, expected):
-    # the autoscaler starts the largest nodes first as far as the trials go: `cap` nodes, H100 ones before L40S
+    # `cap` nodes at most, each type within its own limit
     limits = limits_from_cluster_config({**cluster_yaml, "max_workers": cap}, source="capped")
     assert concurrency([trial()], launch(tmp_path), resources=HEAD_ONLY, limits=limits)[0] == expected
 
@@ -135,7 +137,7 @@ def test_a_ray_up_head_is_found_by_its_bootstrap_config(tmp_path, monkeypatch):
     shutil.copy(REPO / "cluster.yaml", tmp_path / "ray_bootstrap_config.yaml")
     limits = autoscaling_limits(launch(tmp_path))
     assert limits is not None and limits.source == str(tmp_path / "ray_bootstrap_config.yaml")
-    assert concurrency([trial()], launch(tmp_path), resources=HEAD_ONLY, limits=limits)[0] == 36
+    assert concurrency([trial()], launch(tmp_path), resources=HEAD_ONLY, limits=limits)[0] == 32
 
 
 def test_limits_an_autoscaler_reported_to_the_gcs(tmp_path):
@@ -305,3 +307,14 @@ def test_train_passes_the_poll_interval_on_to_its_controller():
 
     assert POLL_INTERVAL_ENV == HEALTH_CHECK_INTERVAL_S_ENV_VAR and POLL_INTERVAL_ENV in ENV_VARS_TO_PROPAGATE
     assert 0 < POLL_INTERVAL_S < 1
+
+
+def test_each_trial_s_tune_actor_asks_for_the_head():
+    """Train 2.60 starts a trial's controller on its Tune actor's node: an actor placed on a spot GPU node took
+    its trial down with the node (Tune retries none). Every Ray head holds this resource; no other node does."""
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    from bench.launcher import TRIAL_FUNCTION_RESOURCES
+
+    assert 0 < TRIAL_FUNCTION_RESOURCES[HEAD_NODE_RESOURCE_NAME] <= 0.001
+    assert TRIAL_FUNCTION_RESOURCES["CPU"] == 0
