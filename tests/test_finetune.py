@@ -950,3 +950,25 @@ def test_a_dp_run_saves_its_final_state_and_a_retry_from_it_trains_no_step_again
         assert all(torch.equal(final[n], resumed[n]) for n in final) and saved_again == []
         assert again["privacy"]["steps"] == out["privacy"]["steps"] == 3
         assert again["privacy"]["epsilon_rdp"] == out["privacy"]["epsilon_rdp"]
+
+
+def test_a_damaged_training_state_is_named_with_its_checkpoint(tmp_path):
+    """A truncated training_state.pt raised torch's bare "failed finding central directory", naming neither the
+    checkpoint nor the trial, at every retry."""
+    from trainables.ray_worker import STATE_FILE, read_state
+
+    path = tmp_path / STATE_FILE
+    torch.save({"step": 3, "trainable": {"w": torch.zeros(1000)}}, path)
+    assert read_state(path, where="runs/train/trial-x/checkpoint_000001")["step"] == 3
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(
+        RuntimeError,
+        match=r"checkpoint runs/train/trial-x/checkpoint_000001 cannot be read .*"
+        r"delete the trial's training run \(runs/train/trial-x\)",
+    ):
+        read_state(path, where="runs/train/trial-x/checkpoint_000001")
+    torch.save([1, 2], path)
+    with pytest.raises(RuntimeError, match="not one this code wrote"):
+        read_state(path, where="c")
+    with pytest.raises(RuntimeError, match="cannot be read .*FileNotFoundError"):
+        read_state(tmp_path / "missing.pt", where="c")

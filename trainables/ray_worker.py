@@ -12,6 +12,7 @@ the sweep's result store (``ResultStore.publish``): a result's existence implies
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 import tempfile
 import time
@@ -116,8 +117,24 @@ def _resume_state() -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, weights_only=True, map_location="cpu")
+        state = read_state(Path(folder) / STATE_FILE, where=checkpoint.path)
     print(f"resuming from the checkpoint at step {state['step']}", flush=True)
+    return state
+
+
+def read_state(path: Path, *, where: str) -> dict:
+    """The training state a checkpoint holds; a damaged or missing file raises naming the checkpoint (``where``,
+    its place in the storage) and the way out, where torch's own error named neither the file nor the trial."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise RuntimeError(
+            f"the training state of checkpoint {where} cannot be read ({type(err).__name__}: {err}); no step "
+            f"was trained from it. Restore the file, or delete the trial's training run ({Path(where).parent}) "
+            "to train it from its first step"
+        ) from err
+    if not isinstance(state, dict) or "step" not in state:
+        raise RuntimeError(f"the training state of checkpoint {where} is not one this code wrote (no step)")
     return state
 
 
