@@ -243,9 +243,9 @@ def test_training_time_leaves_out_evaluations_checkpoints_and_logs(private, monk
         checkpointing=Checkpointing(save=save, resources=resources(every_steps=2, every_fraction=1.0)),
     )
     trained = out["compute"]["train_seconds"]
-    # saved after steps 2, 3 (an evaluation) and 4, and under DP after the final step too
+    # saved after steps 2, 3 (an evaluation), 4 and the final step
     assert paused.count("log") == 6 and paused.count("evaluation") == 2
-    assert len(saved_seconds) == (4 if private else 3)
+    assert len(saved_seconds) == 4
     assert 0 < trained < 1.0  # the readings inside training segments only: any pause would add 100 s
     assert 0 < saved_seconds[0] < saved_seconds[1] < saved_seconds[2] < trained
     assert saved_seconds[-1] <= trained
@@ -516,7 +516,7 @@ def test_non_dp_resume_from_checkpoint_is_bit_identical(digits_setup):
     uninterrupted run (every draw is keyed by the public seed and the step)."""
     states: list[dict] = []
     whole, whole_out = _run_with_checkpoints(digits_setup, privacy=None, states=states)
-    assert [s["step"] for s in states] == [2, 4]
+    assert [s["step"] for s in states] == [2, 4, 6]  # and the final state
     resumed, resumed_out = _run_with_checkpoints(digits_setup, privacy=None, resume=states[0])
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
     assert len(resumed_out["history"]) == len(whole_out["history"]) == 6
@@ -661,8 +661,8 @@ def test_a_kept_state_holds_its_own_step_s_optimizer_state():
     whole = _tiny_checkpointed_run(
         save=lambda state: kept.append(state) or snapshots.append(copy.deepcopy(state))
     )
-    assert [s["step"] for s in kept] == [2, 4]
-    for state, snapshot in zip(kept, snapshots):
+    assert [s["step"] for s in kept] == [2, 4, 6] and kept[-1]["optimizer"] == {}  # none in the final state
+    for state, snapshot in zip(kept[:-1], snapshots):
         for index, moments in state["optimizer"]["state"].items():
             for key, value in moments.items():
                 assert torch.equal(value, snapshot["optimizer"]["state"][index][key]), (state["step"], key)
@@ -846,24 +846,24 @@ def _timed_run(
     return states
 
 
-def test_a_long_run_saves_by_wall_clock_time_and_not_after_the_final_step(digits_setup):
+def test_a_long_run_saves_by_wall_clock_time_and_after_the_final_step(digits_setup):
     """No step-based save falls inside the run (every 1000 steps); 25 s per step and a 1-minute limit save after
-    step 3 (75 s), then 75 s later at the final step, where nothing is saved (the result follows)."""
+    step 3 (75 s); the final step saves whatever the clock says (the final state, see the next tests)."""
     states = _timed_run(digits_setup, clock=TrainingClock(per_step=25.0))
-    assert [s["step"] for s in states] == [3]
-    assert [
-        s["step"] for s in _timed_run(digits_setup, clock=TrainingClock(per_step=1.0))
-    ] == []  # time never due
+    assert [s["step"] for s in states] == [3, 6]
+    assert [s["step"] for s in _timed_run(digits_setup, clock=TrainingClock(per_step=1.0))] == [
+        6
+    ]  # time never due
 
 
 def test_a_resumed_run_continues_the_step_schedule(digits_setup):
     """A third of 6 planned steps: saves after steps 2 and 4; a run resumed at step 2 saves at 4 only."""
     states = _timed_run(digits_setup, clock=TrainingClock(per_step=0.0), every_fraction=1 / 3)
-    assert [s["step"] for s in states] == [2, 4]
+    assert [s["step"] for s in states] == [2, 4, 6]
     resumed = _timed_run(
         digits_setup, clock=TrainingClock(per_step=0.0), every_fraction=1 / 3, resume=states[0]
     )
-    assert [s["step"] for s in resumed] == [4]
+    assert [s["step"] for s in resumed] == [4, 6]
 
 
 def _ddp_timed_worker(rank: int, world: int, init_file: str, result_file: str, as_nccl: bool) -> None:
@@ -913,14 +913,15 @@ def test_under_ddp_every_rank_saves_where_rank_0s_clock_says(tmp_path, as_nccl):
         nprocs=2,
         join=True,
     )
-    assert [torch.load(tmp_path / f"saved.{rank}", weights_only=True) for rank in (0, 1)] == [[3], [3]]
+    assert [torch.load(tmp_path / f"saved.{rank}", weights_only=True) for rank in (0, 1)] == [[3, 6], [3, 6]]
 
 
 @pytest.mark.parametrize("private", (False, True))
-def test_a_dp_run_saves_its_final_state_and_a_retry_from_it_trains_no_step_again(private):
-    """A DP run saves after its final step too: a retry whose final evaluation failed then resumes the final model,
-    trains nothing and spends nothing more, where it had retrained the last steps with fresh noise (a second noised
-    model of steps the ledger counts once). Without DP no final state is saved (a retry is bit-identical)."""
+def test_a_run_saves_its_final_state_and_a_retry_from_it_trains_no_step_again(private):
+    """A run saves after its final step too: a retry whose final evaluation failed then resumes the final model and
+    trains nothing, where it had retrained up to a quarter of the run (under DP with fresh noise: a second noised
+    model of steps the ledger counts once). The final state leaves out the optimiser's moments (gigabytes for full
+    fine-tuning), which nothing trains from; a state of an earlier step without them is refused."""
 
     def run(saved: list[dict], resume: dict | None = None) -> tuple[dict, dict]:
         data, vqvae, var = _tiny_lora_setup()
@@ -944,12 +945,19 @@ def test_a_dp_run_saves_its_final_state_and_a_retry_from_it_trains_no_step_again
 
     saved: list[dict] = []
     out, final = run(saved)
-    assert [s["step"] for s in saved] == ([2, 3] if private else [2])
+    assert [s["step"] for s in saved] == [2, 3]
+    assert saved[0]["optimizer"]["state"] and saved[-1]["optimizer"] == {}
+    again, resumed = run(saved_again := [], resume=saved[-1])
+    assert all(torch.equal(final[n], resumed[n]) for n in final) and saved_again == []
+    assert (
+        again["history"] == out["history"]
+        and again["compute"]["rows_trained"] == out["compute"]["rows_trained"]
+    )
     if private:
-        again, resumed = run(saved_again := [], resume=saved[-1])
-        assert all(torch.equal(final[n], resumed[n]) for n in final) and saved_again == []
         assert again["privacy"]["steps"] == out["privacy"]["steps"] == 3
         assert again["privacy"]["epsilon_rdp"] == out["privacy"]["epsilon_rdp"]
+    with pytest.raises(ValueError, match="checkpoint of step 2 \\(of 3\\) holds no optimiser state"):
+        run([], resume={**saved[0], "optimizer": {}})
 
 
 def test_a_damaged_training_state_is_named_with_its_checkpoint(tmp_path):

@@ -173,9 +173,10 @@ class Checkpointing:
     planned steps, every ``checkpoint_every_minutes`` of wall-clock time by ``clock`` (seconds), whichever comes
     first; under a process group rank 0's clock decides for all, as ``ray.train.report`` is a barrier) and after
     every convergence evaluation step (so an evaluation is never released from a step a resumed run would redo);
-    after the final step only under DP: a retry whose final evaluation failed then evaluates the same final model,
-    where retraining the last steps with fresh noise would release a second noised model of steps the ledger
-    counts once (without DP the retry is bit-identical anyway, and the result follows at once). ``resume`` is a state saved that way. Under an initialised process group only rank
+    and after the final step, without the optimiser's moments (nothing trains from it): a retry whose final
+    evaluation, artifacts or result failed then evaluates the same final model, where it had retrained up to a
+    quarter of the run (without DP at the GPU-hours' cost; under DP with fresh noise, a second noised model of
+    steps the ledger counts once). ``resume`` is a state saved that way. Under an initialised process group only rank
     0's state is complete enough to keep. ``identity`` names what defines the training (``run_trial`` passes the
     trial id; None: ``training_identity`` of the run's sections and planned steps): every state carries it and the
     planned steps, and a ``resume`` saved under another identity or plan is refused (a state written before states
@@ -473,9 +474,7 @@ def finetune(
     if resume is not None:
         _restore(var, optimizer, resume, run)
     saves = (
-        _SaveDecision(checkpointing, planned_steps=plan.planned_steps, final=privacy is not None)
-        if checkpointing is not None
-        else None
+        _SaveDecision(checkpointing, planned_steps=plan.planned_steps) if checkpointing is not None else None
     )
     after_step = _AfterStep(
         var=var,
@@ -550,16 +549,15 @@ class _SaveDecision:
     nothing else decides and a time limit is set) over a host group (``_host_group``). Nothing about the batch
     enters the decision (DP: the times are released without noise anyway)."""
 
-    def __init__(self, checkpointing: Checkpointing, *, planned_steps: int, final: bool = False):
+    def __init__(self, checkpointing: Checkpointing, *, planned_steps: int):
         self.policy, self.clock, self.planned = checkpointing.policy, checkpointing.clock, planned_steps
-        self.final = final
         # Made on every rank alike (every rank builds its decision at the same point of the run).
         self.group = _host_group() if self.policy.every_minutes is not None else None
         self.last_save = self.clock()
 
     def due(self, done: int, *, evaluation_step: bool) -> bool:
-        if done == self.planned > 0:
-            return self.final
+        if done == self.planned > 0:  # the final state (see ``Checkpointing``)
+            return True
         if not 0 < done < self.planned:
             return False
         if evaluation_step or self.policy.due_by_steps(done, self.planned):
@@ -654,8 +652,10 @@ def _training_state(var: VAR, optimizer, *, step: int, run: _Run, private: Priva
         "trainable": trainable,
         # torch's state_dict holds the live exp_avg, exp_avg_sq and step tensors, which the next steps change: copied
         # where the state is kept (rank 0; the other ranks' states only pass the report barrier, and a copy of full
-        # fine-tuning's AdamW moments is gigabytes per rank)
-        "optimizer": (_cpu_copy if rank_and_world()[0] == 0 else dict)(optimizer.state_dict()),
+        # fine-tuning's AdamW moments is gigabytes per rank); none in the final state, which no step follows
+        "optimizer": {}
+        if step >= run.planned_steps
+        else (_cpu_copy if rank_and_world()[0] == 0 else dict)(optimizer.state_dict()),
         "history": list(run.history),
         "convergence": list(run.convergence),
         "compute": dataclasses.asdict(run.meter.ledger),
@@ -677,7 +677,12 @@ def _restore(var: VAR, optimizer, state: dict, run: _Run) -> None:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state["trainable"][name])
-    load_optimizer_state(optimizer, state["optimizer"])
+    if state["optimizer"]:
+        load_optimizer_state(optimizer, state["optimizer"])
+    elif int(state["step"]) < run.planned_steps:  # only the final state leaves the moments out
+        raise ValueError(
+            f"the checkpoint of step {state['step']} (of {run.planned_steps}) holds no optimiser state to train on from"
+        )
     run.history[:], run.convergence[:] = state["history"], state["convergence"]
     for key, value in state["compute"].items():
         setattr(run.meter.ledger, key, value)
