@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_VAR, TINY_VQVAE
 from sweep_driver import tiny_trial
-from test_datasets import jpeg, make_cub
+from test_datasets import jpeg, make_cub, make_folder
 
 from bench.preflight import SweepError, check_sweep
 from bench.schema import (
@@ -230,6 +230,32 @@ def test_an_image_in_both_the_training_and_the_evaluation_split_is_refused_befor
             cache_dir=str(tmp_path / "cache"),
             write=False,
         )
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_corrupt_image_stops_the_sweep_in_its_preflight_dry_run_or_not(tmp_path, write):
+    """The dry run said a folder with a text file for a PNG and a truncated PNG could run; the real run found them
+    only after it had started Ray. Both now decode every image in the preflight; only the real run keeps the
+    outcome (the trials then read it)."""
+    make_folder(tmp_path / "data")
+    jpeg(tmp_path / "data" / "test" / "2" / "1.png", seed=9)  # 4 test images: what an evaluation needs
+    (tmp_path / "data" / "train" / "2" / "0.png").write_text("not an image")
+    truncated = tmp_path / "data" / "train" / "10" / "1.png"
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    folder = {"dataset": "folder", "root": str(tmp_path / "data"), "resolution": 16}
+    configs = [
+        replace(tiny_trial(method), data=folder, optimization={"batch_size": 2})
+        for method in ("lora", "full")
+    ]
+    with pytest.raises(
+        SweepError, match=r"2 of 2 trials cannot run.*\n  folder train: 2 unreadable image\(s\)"
+    ):
+        check_sweep(configs, cache_dir=str(tmp_path / "cache"), write=write)
+    assert (tmp_path / "cache" / "image-checks").exists() == write
+    skipping = {**folder, "skip_corrupt_images": True}
+    check_sweep(
+        [replace(c, data=skipping) for c in configs], cache_dir=str(tmp_path / "cache"), write=write
+    )  # 3 of the 5 training images are left, enough for batches of 2
 
 
 def test_a_test_image_that_links_to_a_training_image_is_in_both_splits(tmp_path):

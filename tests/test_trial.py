@@ -179,7 +179,7 @@ def test_run_trial_dp_then_base_share_caches(cache_dir, tmp_path, monkeypatch):
     }
     assert not list(cache_dir.rglob("adapter.pt")) and not (cache_dir / "work").exists()
     checkpoints = [state for _, state in reports if state is not None]
-    # after the convergence evaluation at step 2 and, under DP, after the final step
+    # after the convergence evaluation at step 2 and after the final step
     assert [s["step"] for s in checkpoints] == [2, 4]
     assert "loss" not in reports[0][0]  # DP logs no private statistics
     base = run_trial(
@@ -297,15 +297,17 @@ def test_a_resumed_trial_s_record_covers_every_attempt(cache_dir, tmp_path, monk
         log=lambda line: None,
         startup_seconds=4.5,
     )
-    carried = states[-1]["attempts"]
-    assert states[-1]["step"] == 4 and states[-1]["identity"] == config.trial_id
+    assert [s["step"] for s in states][-2:] == [4, 6]  # the last mid-run state, then the final one
+    mid = states[-2]
+    carried = mid["attempts"]
+    assert mid["identity"] == config.trial_id
     assert carried["count"] == 1 and carried["started_at"] == first["started_at"]
     assert 4 * 0.5 < carried["wall_seconds"] < first["cost"]["wall_seconds"] and carried["gpu_hours"] == 0
     resumed = run_trial(
         config,
         cache_dir=cache_dir,
         artifacts_dir=tmp_path / "resumed",
-        resume=states[-1],
+        resume=mid,
         log=lambda line: None,
         startup_seconds=600.0,  # from the launch: it includes the first attempt
     )
@@ -323,7 +325,7 @@ def test_a_resumed_trial_s_record_covers_every_attempt(cache_dir, tmp_path, monk
             other,
             cache_dir=cache_dir,
             artifacts_dir=tmp_path / "other",
-            resume=states[-1],
+            resume=mid,
             log=lambda line: None,
         )
 
@@ -492,7 +494,7 @@ def test_skipped_corrupt_images_are_planned_out_before_compute(tmp_path, monkeyp
     named = (
         rf"{config.label} \({config.trial_id}\), {len(broken)} unreadable image\(s\) skipped: .*{expected}"
     )
-    with pytest.raises(ConfigError, match=named):  # the trial named, as the driver's preflight names it
+    with pytest.raises(DatasetError, match=named):  # the trial named, as the driver's preflight names it
         trial_module.prepare_shared([config], tmp_path / "cache", log=None)
     loaded = []
     monkeypatch.setattr(trial_module, "load_base", lambda *a, **k: loaded.append(1))

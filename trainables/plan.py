@@ -12,7 +12,7 @@ from bench.schema import MIN_EVALUATION_IMAGES, ConfigError, TrialConfig
 
 from .audit import included_count
 from .data import offline
-from .data.datasets import ImageList, read_dataset, spellings
+from .data.datasets import DatasetError, ImageList, check_images, read_dataset, spellings
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,48 @@ def _check_warmup(config: TrialConfig, *, steps: int, examples: int) -> None:
             f"({config.optimization.epochs} epochs of {examples} training examples): it would never reach its "
             "learning rate; lower warmup_steps or raise epochs"
         )
+
+
+def image_problems(
+    configs: list[TrialConfig], cache_dir: str | Path, *, write: bool = True, log=None
+) -> dict[str, list[TrialConfig]]:
+    """{problem: the trials it stops} after ``check_images`` of the train and evaluation splits of every dataset
+    the trials read, each decoded once: an unreadable image stops every trial of its dataset that does not skip
+    them; where images are skipped, each trial is planned again for those it will train on and score (the
+    listings' plan counted them), and one left unable to run is named. ``write=False`` (a dry run) keeps no
+    outcome in the cache and leaves out the offline sets it has not written (generated here: nothing to decode).
+    """
+    checked: dict[tuple, list | str] = {}
+    problems: dict[str, list[TrialConfig]] = {}
+    for config in configs:
+        d = config.data
+        if not write and d.root is None:
+            continue
+        key = (d.dataset, d.root, d.train_split, d.evaluation_split, d.resolution, d.skip_corrupt_images)
+        if key not in checked:
+            try:
+                checked[key] = [
+                    check_images(
+                        split,
+                        skip_corrupt=d.skip_corrupt_images,
+                        cache_dir=cache_dir if write else None,
+                        log=log,
+                    )
+                    for split in list_splits(config, cache_dir, write=write)
+                ]
+            except DatasetError as err:
+                checked[key] = str(err)
+        outcome = checked[key]
+        if isinstance(outcome, str):
+            problems.setdefault(outcome, []).append(config)
+            continue
+        skipped = sum(len(dropped) for _, dropped in outcome)
+        try:
+            if skipped:
+                plan_trial(config, tuple(split for split, _ in outcome))
+        except ValueError as err:  # ConfigError, DatasetError, PrivacyConfigError
+            problems.setdefault(f"{skipped} unreadable image(s) skipped: {err}", []).append(config)
+    return problems
 
 
 def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> TrialPlan:

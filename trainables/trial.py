@@ -47,7 +47,7 @@ from .methods import PEFT_METHODS, Adaptation, adapt, parameter_counts, save_ada
 from .models import VAR, VQVAE, load_var, load_vqvae, resize_class_embedding
 from .models.checkpoints import atomic_write, checkpoint_sha256
 from .peft_format import save_peft_adapter
-from .plan import TrialPlan, list_splits, plan_trial, preflight
+from .plan import TrialPlan, image_problems, list_splits, plan_trial, preflight
 from .prior import build_prior_bank
 from .profiling import peak_flops_per_second
 from .progress import Progress
@@ -113,31 +113,16 @@ def prepare_shared(
 def _check_every_split(
     configs: list[TrialConfig], cache_dir: Path, *, log: Callable[[str], None] | None
 ) -> None:
-    """``check_images`` of the train and evaluation splits of every dataset the trials read, once each. Where
-    images were skipped, every trial of the dataset is planned again for those it will train on and score (the
-    driver's preflight planned from the listings): a split left too small stops the sweep here."""
-    checked, problems = {}, []
-    for config in configs:
-        d = config.data
-        key = (d.dataset, d.root, d.train_split, d.evaluation_split, d.resolution, d.skip_corrupt_images)
-        if key not in checked:
-            checked[key] = [
-                check_images(split, skip_corrupt=d.skip_corrupt_images, cache_dir=cache_dir, log=log)
-                for split in list_splits(config, cache_dir)
-            ]
-        skipped = sum(len(dropped) for _, dropped in checked[key])
-        if skipped:
-            try:
-                plan_trial(config, tuple(split for split, _ in checked[key]))
-            except (ConfigError, DatasetError) as err:
-                problems.append(
-                    f"{config.label} ({config.trial_id}), {skipped} unreadable image(s) skipped: {err}"
-                )
-    # Every trial a skipped image leaves unable to run, named, as the driver's preflight names them.
+    """``plan.image_problems`` raised, each problem with the trials it stops (the driver's ``check_sweep`` found
+    them first, and kept the decoding's outcome in the cache)."""
+    problems = image_problems(configs, cache_dir, log=log)
     if problems:
-        raise ConfigError(
-            f"{len(problems)} trial(s) cannot run on the images left after skipping unreadable ones:\n  "
-            + "\n  ".join(problems)
+        raise DatasetError(
+            f"{sum(map(len, problems.values()))} trial(s) cannot run on their images:\n  "
+            + "\n  ".join(
+                f"{', '.join(f'{c.label} ({c.trial_id})' for c in trials)}, {problem}"
+                for problem, trials in problems.items()
+            )
         )
 
 
