@@ -1111,7 +1111,11 @@ def test_a_small_epsilon_is_calibrated_to_within_a_percent_of_itself(target):
     assert 0.99 * target <= spent(sigma) <= target
 
 
-def test_a_calibration_over_no_steps_is_refused_rather_than_bisected_forever():
-    """Opacus's bisection never ends at 0 steps (epsilon stays 0 whatever sigma): a direct call hung."""
-    with pytest.raises(PrivacyConfigError, match="need at least 1 step"):
-        calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sampling_rate=0.01, steps=0)
+@pytest.mark.parametrize(
+    ("epsilon", "steps"), [(1.0, 0), (1e15, 500), (1e300, 500), (1.0, 10**15), (10.0, 10**20)]
+)
+def test_a_calibration_opacus_cannot_end_is_refused_rather_than_bisected_forever(epsilon, steps):
+    """Opacus's bisection never ends at 0 steps (epsilon stays 0 whatever sigma), nor at an epsilon of 1e15 or
+    1e15 steps: a direct call, and the dry run of a sweep asking for them, hung without a word."""
+    with pytest.raises(PrivacyConfigError, match=r"need 1 to 1e\+09 steps.*0 < epsilon <= 1e\+06"):
+        calibrate_noise_multiplier(target_epsilon=epsilon, delta=1e-5, sampling_rate=0.25, steps=steps)

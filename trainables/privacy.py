@@ -176,17 +176,29 @@ def validate_privacy(privacy: PrivacyConfig, *, dataset_size: int, planned_steps
     return delta
 
 
+# The calibration's domain: each bound is far beyond any meaningful run (1e12 calibrates in ~3 s, 1e15 never ends).
+MAX_TARGET_EPSILON = 1e6
+MAX_CALIBRATED_STEPS = 10**9
+
+
 def calibrate_noise_multiplier(
     *, target_epsilon: float, delta: float, sampling_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:
     """Smallest sigma (to within 1% of ``target_epsilon``, at most 0.01 in epsilon) whose ``steps`` Poisson-subsampled
     Gaussian steps spend at most ``target_epsilon`` at ``delta`` (RDP over ``RDP_ORDERS``, or PRV)."""
-    # Opacus's bisection never ends at 0 steps (epsilon stays 0 however small sigma gets): refused here too, not
-    # only where trials validate their settings first.
-    if not (steps >= 1 and 0 < sampling_rate <= 1 and 0 < delta < 1 and target_epsilon > 0):
+    # Opacus's bisection never ends at 0 steps (epsilon stays 0 however small sigma gets), nor where its float
+    # sigmas cannot reach the target's tolerance (epsilon 1e15, or 1e15 steps: a preflight that hung, silent):
+    # refused here, where every trial and the driver's preflight calibrate, before Opacus is called.
+    if not (
+        1 <= steps <= MAX_CALIBRATED_STEPS
+        and 0 < sampling_rate <= 1
+        and 0 < delta < 1
+        and 0 < target_epsilon <= MAX_TARGET_EPSILON
+    ):
         raise PrivacyConfigError(
             f"cannot calibrate noise for epsilon={target_epsilon}, delta={delta}, q={sampling_rate} over {steps} "
-            "steps: need at least 1 step, 0 < q <= 1, 0 < delta < 1 and epsilon > 0"
+            f"steps: need 1 to {MAX_CALIBRATED_STEPS:.0e} steps, 0 < q <= 1, 0 < delta < 1 and 0 < epsilon <= "
+            f"{MAX_TARGET_EPSILON:.0e} (a budget beyond that guarantees nothing: train without privacy)"
         )
     try:
         return _calibrated(float(target_epsilon), float(delta), float(sampling_rate), int(steps), accountant)
