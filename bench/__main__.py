@@ -30,7 +30,7 @@ from pathlib import Path
 from .cli import Parser, number, probe_folder, require_training_side, run_reporting
 from .estimates import ASSUMED_UTILISATION, ESTIMATE_DEVICE, PEAK_FLOPS, check_gpu
 from .preflight import SweepError
-from .results import ResultStore, StorageError, check_outside_job_folder, default_cache_dir
+from .results import ResultStore, StorageError, check_storage_location, default_cache_dir
 from .schema import ConfigError, is_uri, record_value, replace, with_absolute_paths
 from .sweep_file import SUFFIXES, named_sweep
 from .sweeps import SWEEPS, build_sweep, describe
@@ -188,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
         about = f"; {sweep.description}" if sweep.description else ""
         print(f"sweep file {sweep.source}: {sweep.name}, {size}{about}")
     if args.command == "status":
-        check_outside_job_folder(args.storage, what="--storage")
+        check_storage_location(args.storage, what="--storage")
         store = ResultStore(args.storage, create=False)
         store.require_folder()
         from .preflight import (

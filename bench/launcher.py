@@ -51,7 +51,7 @@ from .results import (  # noqa: F401 - default_cache_dir: re-exported
     TRAIN_FOLDER,
     ResultStore,
     StorageError,
-    check_outside_job_folder,
+    check_storage_location,
     default_cache_dir,
 )
 from .schema import TrialConfig, absolute, is_uri, make_result, storage_child, utc_now
@@ -139,6 +139,9 @@ class Launch:
     tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
+        # as given: made absolute, "s3:/b" would read as the folder "<cwd>/s3:/b"
+        check_storage_location(str(self.storage), what="--storage")
+        check_storage_location(str(self.cache_dir), what="the cache folder (--cache-dir or VARSWEEP_CACHE)")
         object.__setattr__(self, "storage", absolute(str(self.storage)))
         object.__setattr__(self, "cache_dir", absolute(str(self.cache_dir)))
         if self.max_concurrent is not None and (
@@ -834,8 +837,6 @@ def run_sweep(
     A dry run creates nothing (no storage, cache or offline data folder). ``gpu``: the GPU the dry run's estimate
     prices hours on and the start order (longest first) ranks trials by."""
     check_tracking(launch.tracking, tracking_uri=launch.tracking_uri)  # its package, before anything is read
-    check_outside_job_folder(launch.storage, what="--storage")
-    check_outside_job_folder(launch.cache_dir, what="the cache folder (--cache-dir or VARSWEEP_CACHE)")
     configs = identify(
         configs, cache_dir=launch.cache_dir, write=not dry_run, log=print
     )  # content ids, so a mount change keeps ids

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -694,14 +695,25 @@ def validate_record(record: Any, *, trial_id: str | None = None) -> None:
 RAY_JOB_FOLDER = ("runtime_resources", "working_dir_files")
 
 
-def check_outside_job_folder(location: str, *, what: str) -> None:
-    """Refuse a local folder inside Ray's copy of a job's working directory: under ``ray job submit`` a relative
-    ``--storage`` (or the default ``runs/sweeps``) resolved there, on the head alone, deleted with the job; the
-    GPU nodes wrote elsewhere, and the sweep learnt it only at a trial's first checkpoint or end."""
-    parts = () if is_uri(location) else Path(absolute(location)).parts
-    if any(parts[i : i + 2] == RAY_JOB_FOLDER for i in range(len(parts) - 1)):
+def check_storage_location(location: str, *, what: str) -> None:
+    """Refuse a storage (or cache) the run could not share or did not mean: a scheme with a slash missing
+    (``s3:/bucket`` was a local folder named ``s3:``, results on one node's disk), or a local folder inside Ray's
+    copy of a job's working directory (under ``ray job submit`` a relative ``--storage``, the default
+    ``runs/sweeps`` included, resolved there: on the head alone, deleted with the job, while the GPU nodes wrote
+    elsewhere and the sweep learnt it only at a trial's first checkpoint or end)."""
+    typo = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):(?!//)", location)
+    if typo and not is_uri(location):
+        fixed = f"{typo.group(1)}://{location[typo.end() :].lstrip('/')}"
         raise StorageError(
-            f"{what} {location} is inside Ray's copy of this job's working directory (a relative path under "
+            f"{what} {location} reads as a local folder named {typo.group(1)}: but looks like a URI with a slash "
+            f"missing: write {fixed}"
+        )
+    resolved = location if is_uri(location) else absolute(location)
+    parts = () if is_uri(location) else Path(resolved).parts
+    if any(parts[i : i + 2] == RAY_JOB_FOLDER for i in range(len(parts) - 1)):
+        shown = location if resolved == location else f"{location} ({resolved})"
+        raise StorageError(
+            f"{what} {shown} is inside Ray's copy of this job's working directory (a relative path under "
             "`ray job submit` resolves there): that folder is on one node and is deleted with the job. Give an "
             "absolute path on the file system every node shares (e.g. --storage /mnt/varsweep/runs) or a URI"
         )

@@ -73,13 +73,27 @@ def test_a_storage_inside_a_ray_job_s_working_directory_is_refused(tmp_path, cap
     monkeypatch.chdir(job)
     assert main(["sweep", "demo", "--smoke", "--dry-run"]) == 2  # the default --storage, runs/sweeps
     err = capsys.readouterr().err
-    assert f"--storage {job / 'runs' / 'sweeps'} is inside Ray's copy of this job's working directory" in err
+    assert (
+        f"--storage runs/sweeps ({job / 'runs' / 'sweeps'}) is inside Ray's copy of this job's working" in err
+    )
     assert "Traceback" not in err
     assert main(["status", "demo", "--smoke", "--storage", "runs"]) == 2
     assert "e.g. --storage /mnt/varsweep/runs" in capsys.readouterr().err
     assert not any(job.iterdir())
     # an absolute path elsewhere passes
     assert main(["sweep", "demo", "--smoke", "--dry-run", "--storage", str(tmp_path / "shared")]) == 0
+
+
+@pytest.mark.parametrize("command", ["sweep", "status"])
+def test_a_storage_uri_with_a_slash_missing_is_refused(tmp_path, capsys, monkeypatch, command):
+    """`--storage s3:/bucket/runs` was the local folder ./s3:/bucket/runs: the results of a cluster's sweep on
+    one node's disk, with no word said."""
+    monkeypatch.chdir(tmp_path)
+    extra = ["--dry-run"] if command == "sweep" else []
+    assert main([command, "demo", "--smoke", *extra, "--storage", "s3:/bucket/runs"]) == 2
+    err = capsys.readouterr().err
+    assert "--storage s3:/bucket/runs reads as a local folder named s3: but looks like a URI" in err
+    assert "write s3://bucket/runs" in err and not any(tmp_path.iterdir())
 
 
 def test_status_is_read_only_and_shows_every_state(tmp_path, capsys):
