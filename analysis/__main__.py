@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from bench.cli import Parser, number, report, run_reporting
+from bench.cli import Parser, number, path_text, report, run_reporting
 
 from .load import AnalysisError
 from .report import notices, summary
@@ -26,10 +26,15 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = Parser(prog="python -m analysis", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "results_dir", help="a sweep's storage folder (with results/) or a folder of result JSON files"
+        "results_dir",
+        type=path_text,
+        help="a sweep's storage folder (with results/) or a folder of result JSON files",
     )
     parser.add_argument(
-        "--out", required=True, help="folder for tables/, figures/, grids/, index.html, index.md"
+        "--out",
+        required=True,
+        type=path_text,
+        help="folder for tables/, figures/, grids/, index.html, index.md",
     )
     parser.add_argument(
         "--compare-paper",

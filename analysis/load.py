@@ -114,11 +114,16 @@ def _local_texts(folder: Path) -> tuple[list[tuple[str, str]], Path]:
 
 
 def _json_names(folder: Path) -> list[str]:
-    """Sorted names of the folder's *.json files (a folder so named is no result, as in ``ResultStore.files``).
-    Path.glob would return nothing for a folder it may not list; os.scandir raises PermissionError, which is the
-    truth to report."""
+    """Sorted names of the folder's *.json files (a folder so named is no result, as in ``ResultStore.files``),
+    hidden ones left out: an analysis written into a folder of results keeps its manifest there
+    (``.varsweep-outputs.json``), which the next analysis read as a broken result. Path.glob would return nothing
+    for a folder it may not list; os.scandir raises PermissionError, which is the truth to report."""
     with os.scandir(folder) as entries:
-        return sorted(entry.name for entry in entries if entry.name.endswith(".json") and entry.is_file())
+        return sorted(
+            entry.name
+            for entry in entries
+            if entry.name.endswith(".json") and not entry.name.startswith(".") and entry.is_file()
+        )
 
 
 def _one_line(error: BaseException) -> str:

@@ -105,9 +105,11 @@ def _remove_stale(out: Path, written: dict[str, list[Path]]) -> None:
         before = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: nothing is known to be ours
         before = []
+    inside = out.resolve()
     for name in {str(n) for n in before} - set(now) if isinstance(before, list) else ():
         path = out / name
-        if ".." not in Path(name).parts and path.is_file():
+        # only a file under ``out``: a copied or hand-edited manifest may name "/abs/path", "../x" or a link out
+        if path.is_file() and path.resolve().is_relative_to(inside):
             path.unlink()
     manifest.write_text(json.dumps({"files": now}, indent=1) + "\n")
 

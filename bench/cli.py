@@ -106,6 +106,14 @@ def missing_training_package(err: BaseException) -> str | None:
     return None
 
 
+def path_text(text: str) -> str:
+    """An argparse ``type`` for a path or URI: an empty one (an unset variable, ``--out "$OUT"``) is refused; as
+    ``.`` it would write into, or read, whatever folder the command ran in."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset variable?); give a folder")
+    return text
+
+
 def number(
     kind: type,
     *,

@@ -703,6 +703,34 @@ def test_a_first_analysis_into_a_folder_of_the_user_s_files_removes_none(fixture
     }
 
 
+def test_an_analysis_into_its_own_folder_of_results_runs_twice(fixture_storage, tmp_path):
+    """Written into a flat folder of result JSONs, an analysis left its manifest there, which the second read as
+    an invalid result ("schema_version: expected 3, got None")."""
+    flat = tmp_path / "flat"
+    shutil.copytree(fixture_storage / "results", flat)
+    first = analyse(flat, flat, grids=False, figures=False)
+    assert (flat / ".varsweep-outputs.json").is_file()
+    second = analyse(flat, flat, grids=False, figures=False)
+    assert [t.name for t in second.tables] == [t.name for t in first.tables]
+
+
+def test_a_manifest_naming_files_outside_the_output_folder_removes_none_of_them(fixture_storage, tmp_path):
+    """The manifest lists what an earlier analysis wrote; a copied or hand-edited one naming an absolute path, a
+    path through "..", or a link out of the folder deleted that file."""
+    out, victims = (
+        tmp_path / "out",
+        [tmp_path / "absolute.txt", tmp_path / "dotdot.txt", tmp_path / "linked.txt"],
+    )
+    for victim in victims:
+        victim.write_text("mine")
+    out.mkdir()
+    (out / "link.txt").symlink_to(victims[2])
+    listed = [str(victims[0]), "../dotdot.txt", "link.txt"]
+    (out / ".varsweep-outputs.json").write_text(json.dumps({"files": listed}))
+    analyse(fixture_storage, out, grids=False, figures=False)
+    assert all(victim.read_text() == "mine" for victim in victims)
+
+
 def test_a_second_analysis_without_figures_leaves_none_of_the_first_s_figures(fixture_storage, tmp_path):
     """index.md would say "all figures: not asked for" beside the first analysis's figures."""
     out = tmp_path / "out"

@@ -406,6 +406,9 @@ ANALYSIS = {
         ["/sys/varsweep-analysis"],
     ),
     "out missing": lambda a, t: ([str(a.storage)], ["--out", "required"]),
+    # an unset variable: the analysis wrote into (and pruned) the folder it ran in, or read it as the results
+    "out empty": lambda a, t: ([str(a.storage), "--out", ""], ["--out", "an empty path"]),
+    "results folder empty": lambda a, t: (["", "--out", str(t / "out")], ["results_dir", "an empty path"]),
     "unknown URI scheme": lambda a, t: (
         ["foo://results", "--out", str(t / "out")],
         ["foo://results", "'foo'"],
