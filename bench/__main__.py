@@ -27,7 +27,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import Parser, number, probe_folder, require_training_side, run_reporting
+from .cli import Parser, number, path_text, probe_folder, require_training_side, run_reporting
 from .estimates import ASSUMED_UTILISATION, ESTIMATE_DEVICE, PEAK_FLOPS, check_gpu
 from .preflight import SweepError
 from .results import ResultStore, StorageError, check_storage_location, default_cache_dir
@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the GPU the dry run prices hours on and the start order ranks trials by: that kind's measured "
         "rates, else another kind's scaled by the datasheet peaks, else "
         f"{ASSUMED_UTILISATION * 100:.0f}%% of its dense bf16 peak; one of {', '.join(PEAK_FLOPS)} "
-        f"(default: {ESTIMATE_DEVICE})",
+        f"(any name holding one, e.g. 'NVIDIA H100 80GB HBM3'; default: {ESTIMATE_DEVICE})",
     )
     sweep.add_argument(
         "--max-concurrent",
@@ -141,7 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the embedded default: demo sweep on a local Ray, then its summary and checks"
     )
-    demo.add_argument("--storage", default="runs/demo")
+    demo.add_argument(
+        "--storage",
+        default="runs/demo",
+        type=path_text,
+        help="folder or URI for the demo's results, artifacts and analysis (default: runs/demo)",
+    )
     demo.add_argument(
         "--smoke", action="store_true", help="a few steps only (CI): checks the pipeline, not the targets"
     )
@@ -284,7 +289,14 @@ def upgrade_results(storage: str, *, dry_run: bool = False) -> int:
         else f"no result files in {store.folder}"
     )
     print(total + (" (dry run: nothing changed)" if dry_run else ""))
-    return 1 if counts.get("left") else 0
+    if counts.get("left"):  # every failing command ends on an "error:" line
+        print(
+            f"error: {counts['left']} file(s) left alone, each named above with why (not a result of this tool, "
+            "damaged, or of a newer version)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def check_folder(folder: str, *, what: str, create: bool) -> None:
@@ -352,8 +364,9 @@ def status_notes(configs, store: ResultStore) -> list[str]:
         affected = sum(any(p in missing for p in asset_paths(c)) for c in configs)
         notes.append(
             f"warning: {len(missing)} asset path(s) not found here, e.g. {missing[0]}: the {affected} trial(s) "
-            "reading them are identified by their paths, not the files' contents, so their results are not found "
-            "and they show as pending; give the folder holding checkpoints/ and datasets/ with --assets DIR"
+            "reading them are identified by their paths, not the files' contents: a result written where the files "
+            "were found is not matched, and its trial shows as pending; give the folder holding checkpoints/ and "
+            "datasets/ with --assets DIR"
         )
     listed = {c.trial_id for c in configs}
     others = [path for path in store.files() if Path(path).stem not in listed]

@@ -412,7 +412,8 @@ def test_upgrade_results_rewrites_version_1_files_once(tmp_path, capsys):
     before = sorted(p.name for p in (tmp_path / "results").iterdir())
 
     assert main(["upgrade-results", str(tmp_path), "--dry-run"]) == 1  # one file is left alone
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert err.startswith("error: 1 file(s) left alone, each named above")
     assert (
         out.count(": would upgrade: ") == 2
         and sorted(p.name for p in (tmp_path / "results").iterdir()) == before
