@@ -190,6 +190,21 @@ def test_nested_checkpoint_is_named(tmp_path, tiny_var):
     assert "model (OrderedDict)" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"", r"\(it is empty: 0 bytes\): EOFError$"),
+        (b"step 1: 0.5\n", r"\(it holds text, .*'step 1: 0\.5\\n'\)"),
+    ],
+)
+def test_an_empty_or_text_file_given_as_a_checkpoint_is_named_as_such(tmp_path, content, said):
+    """torch's own errors said "EOFError:" (nothing after it) and "KeyError: 101" (a text file's first byte)."""
+    path = tmp_path / "var.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"cannot read checkpoint {path} {said}"):
+        load_var(path, **TINY_VAR)
+
+
 def test_mismatched_architecture_lists_keys(tmp_path, tiny_var):
     path = tmp_path / "var.pth"
     torch.save(tiny_var.state_dict(), path)  # no sidecar: the state dict itself is checked

@@ -280,7 +280,12 @@ def check_inception_weights(path: str | os.PathLike) -> None:
     except Exception as err:
         # The extractor's own refusals name the file: named once here, in front
         lines = [
-            line.strip() for line in str(err).replace(str(path), "the file").splitlines() if line.strip()
+            line.strip()
+            for line in str(err)
+            .replace(f"checkpoint {path}", "it")
+            .replace(str(path), "the file")
+            .splitlines()
+            if line.strip()
         ]
         detail = "; ".join(lines[:2])[:300]
         raise CheckpointError(

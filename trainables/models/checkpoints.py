@@ -59,6 +59,18 @@ def _require_file(path: Path) -> None:
         )
 
 
+def _what_it_holds(handle: BinaryIO) -> str:
+    """What an unreadable file is, from its first bytes: torch's own errors for an empty file (``EOFError`` with no
+    message) or a text file (``KeyError: 101``) said nothing of either."""
+    handle.seek(0)
+    start = handle.read(64)
+    if not start:
+        return "it is empty: 0 bytes"
+    if start[:4] != b"PK\x03\x04" and all(32 <= b < 127 or b in b"\t\n\r" for b in start):
+        return f"it holds text, not a PyTorch weights file: {start.decode()[:40]!r}"
+    return "truncated, corrupt or not a PyTorch weights file"
+
+
 def read_checkpoint_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict of the checkpoint file at ``path`` on the meta device: its keys, shapes and dtypes, from the
     file's header alone (no tensor data is read); refused as ``read_state_dict`` refuses it."""
@@ -77,9 +89,10 @@ def _load_state(
     try:
         state = torch.load(handle, map_location=map_location, weights_only=True)
     except Exception as err:
+        detail = _load_failure(err)
         raise CheckpointError(
-            f"cannot read checkpoint {path} (truncated, corrupt or not a PyTorch weights file): "
-            f"{type(err).__name__}: {_load_failure(err)}"
+            f"cannot read checkpoint {path} ({_what_it_holds(handle)}): "
+            + f"{type(err).__name__}{': ' + detail if detail else ''}"
         ) from err
     if not isinstance(state, Mapping):
         raise CheckpointError(
