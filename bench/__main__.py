@@ -212,6 +212,9 @@ def _run(args: argparse.Namespace) -> int:
     check_tracking(tracking, tracking_uri=args.tracking_uri)
     # A bad storage or cache fails here, before Ray is imported or anything is built; a dry run creates nothing,
     # and neither does a run that an analysis-only install cannot start.
+    check_storage_location(args.storage, what="--storage")
+    if args.cache_dir:
+        check_storage_location(args.cache_dir, what="--cache-dir")
     if args.dry_run and not is_uri(args.storage):
         check_folder(args.storage, what="--storage", create=False)
     else:

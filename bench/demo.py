@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .launcher import Launch, default_cache_dir, run_sweep
-from .results import ResultStore
+from .results import ResultStore, check_storage_location
 from .schema import absolute, record_value
 from .sweeps import build_sweep
 
@@ -115,6 +115,7 @@ def run_demo(*, storage: str = "runs/demo", smoke: bool = False) -> int:
     )  # the demo's last step; importing bench.demo (its checks) needs no analysis
 
     started = time.perf_counter()
+    check_storage_location(storage, what="--storage")  # as given: made absolute, "s3:/b" reads as a folder
     storage = absolute(storage)
     configs = build_sweep("demo", smoke=smoke)
     launch = Launch(storage=storage, cache_dir=default_cache_dir(storage))

@@ -262,8 +262,12 @@ class ResultStore:
         except _PYARROW_ERRORS as err:
             raise StorageError(f"cannot list the results in {self.folder}: {_first_line(err)}") from err
         return sorted(
-            info.path for info in infos if info.path.endswith(".json") and info.type == pafs.FileType.File
-        )  # a folder so named is no result
+            info.path
+            for info in infos
+            if info.path.endswith(".json")
+            and not info.base_name.startswith(".")
+            and info.type == pafs.FileType.File
+        )  # a folder so named is no result, nor a hidden file (an analysis's manifest, an editor's copy)
 
     def read_text(self, path: str) -> str:
         with self.fs.open_input_stream(path) as handle:
@@ -695,13 +699,18 @@ def validate_record(record: Any, *, trial_id: str | None = None) -> None:
 RAY_JOB_FOLDER = ("runtime_resources", "working_dir_files")
 
 
+# The URI schemes a storage may have (pyarrow's file systems): "s3:/b" is one of them with a slash missing, where
+# "run-2024-01-01T12:00" is a folder.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
 def check_storage_location(location: str, *, what: str) -> None:
     """Refuse a storage (or cache) the run could not share or did not mean: a scheme with a slash missing
     (``s3:/bucket`` was a local folder named ``s3:``, results on one node's disk), or a local folder inside Ray's
     copy of a job's working directory (under ``ray job submit`` a relative ``--storage``, the default
     ``runs/sweeps`` included, resolved there: on the head alone, deleted with the job, while the GPU nodes wrote
     elsewhere and the sweep learnt it only at a trial's first checkpoint or end)."""
-    typo = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):(?!//)", location)
+    typo = re.match(rf"({'|'.join(STORAGE_SCHEMES)}):(?!//)", location, flags=re.IGNORECASE)
     if typo and not is_uri(location):
         fixed = f"{typo.group(1)}://{location[typo.end() :].lstrip('/')}"
         raise StorageError(

@@ -84,16 +84,21 @@ def test_a_storage_inside_a_ray_job_s_working_directory_is_refused(tmp_path, cap
     assert main(["sweep", "demo", "--smoke", "--dry-run", "--storage", str(tmp_path / "shared")]) == 0
 
 
-@pytest.mark.parametrize("command", ["sweep", "status"])
+@pytest.mark.parametrize(
+    "command",
+    [["sweep", "demo", "--smoke", "--dry-run"], ["sweep", "demo", "--smoke"], ["status", "demo"], ["demo"]],
+)
 def test_a_storage_uri_with_a_slash_missing_is_refused(tmp_path, capsys, monkeypatch, command):
     """`--storage s3:/bucket/runs` was the local folder ./s3:/bucket/runs: the results of a cluster's sweep on
-    one node's disk, with no word said."""
+    one node's disk, with no word said. Refused before anything is created (a real run had made its results and
+    cache folders first); a folder whose name holds a colon elsewhere is no URI."""
     monkeypatch.chdir(tmp_path)
-    extra = ["--dry-run"] if command == "sweep" else []
-    assert main([command, "demo", "--smoke", *extra, "--storage", "s3:/bucket/runs"]) == 2
+    assert main([*command, "--storage", "s3:/bucket/runs"]) == 2
     err = capsys.readouterr().err
     assert "--storage s3:/bucket/runs reads as a local folder named s3: but looks like a URI" in err
     assert "write s3://bucket/runs" in err and not any(tmp_path.iterdir())
+    if command[-1] == "--dry-run":
+        assert main([*command, "--storage", "run-2024-01-01T12:00"]) == 0
 
 
 def test_status_is_read_only_and_shows_every_state(tmp_path, capsys):

@@ -975,6 +975,9 @@ def test_a_damaged_training_state_is_named_with_its_checkpoint(tmp_path):
         r"delete the trial's training run \(runs/train/trial-x\)",
     ):
         read_state(path, where="runs/train/trial-x/checkpoint_000001")
+    path.write_text("step 3")  # torch's errors for text escaped: IndexError here, KeyError: 101 for "e..."
+    with pytest.raises(RuntimeError, match=r"checkpoint c cannot be read \(IndexError"):
+        read_state(path, where="c")
     torch.save([1, 2], path)
     with pytest.raises(RuntimeError, match="not one this code wrote"):
         read_state(path, where="c")

@@ -394,6 +394,8 @@ def test_a_smoke_version_filters_the_same_share_of_its_codebook():
     assert OFFICIAL_VOCABULARY == inspect.signature(load_vqvae).parameters["vocab_size"].default
     paper = build_sweep("table1")[0]
     assert paper.evaluation.top_k == 900 and smoke_version(paper).evaluation.top_k == 56
+    tiny = replace(smoke_version(paper), evaluation={"top_k": 40})
+    assert smoke_version(tiny).evaluation.top_k == 40  # already the tiny codebook's
     off = replace(paper, evaluation={"top_k": 0})
     assert (
         smoke_version(off).evaluation.top_k == 0

@@ -217,3 +217,13 @@ def test_a_running_sweep_s_claims_are_refreshed_while_it_runs(tmp_path):
         store.write(make_result(CONFIG, status="success"))  # a finished trial is released for other sweeps
         time.sleep(0.3)
         assert store.read_claim(CONFIG.trial_id) is None and store.read_claim(ids[1]) is not None
+
+
+def test_hidden_json_files_are_no_results(tmp_path):
+    """An analysis written into results/ keeps its manifest there (.varsweep-outputs.json): `status` listed it as
+    an invalid result of another sweep."""
+    store = ResultStore(str(tmp_path))
+    config = tiny_trial("lora")
+    store.write(make_result(config, status="success", metrics={"fid": 1.0}))
+    (tmp_path / "results" / ".varsweep-outputs.json").write_text('{"files": []}')
+    assert [Path(p).name for p in store.files()] == [f"{config.trial_id}.json"]

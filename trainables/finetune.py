@@ -120,8 +120,9 @@ class CheckpointPolicy:
     """When a run saves its training state, whichever comes first: every ``every_steps`` steps, every
     ``every_fraction`` of the planned steps (both step-based: saves after the multiples of the smaller interval,
     floor(fraction * planned) >= 1 steps, so a resumed run continues the same schedule) and once ``every_minutes``
-    of wall-clock time have passed since the last save (or the run's start). Never after the final step: the
-    result follows it. Steps count steps done (1..planned). Pure: the caller measures the time."""
+    of wall-clock time have passed since the last save (or the run's start). Not at the final step, whose save
+    ``Checkpointing`` makes whatever the policy says. Steps count steps done (1..planned). Pure: the caller measures
+    the time."""
 
     every_steps: int
     every_fraction: float | None = None

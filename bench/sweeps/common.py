@@ -251,7 +251,9 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
         evaluation=EvaluationConfig(
             extractor="digits-cnn-v2",
             num_images=40,
-            top_k=_smoke_top_k(config.evaluation.top_k),
+            top_k=_smoke_top_k(config.evaluation.top_k)
+            if config.model.base == "official"
+            else config.evaluation.top_k,
             batch_size=40,
             convergence_every_steps=steps // 2 if _has_convergence(config) else 0,
             convergence_num_images=20,
