@@ -1334,9 +1334,11 @@ class DataFacts(TypedDict):
 
 
 class Environment(TypedDict):
-    """Provenance: code version (git commit, "+dirty" when modified), package versions, devices, host."""
+    """Provenance: code version (git commit, "+dirty" when modified), package versions, devices, host; a resumed
+    trial's ``earlier_git_commits``: the commits of the attempts before this one, in order."""
 
     git_commit: str | None
+    earlier_git_commits: NotRequired[list[str | None]]
     devices: list[str]
     packages: NotRequired[dict[str, str | None]]
     python: NotRequired[str]

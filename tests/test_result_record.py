@@ -38,6 +38,7 @@ NEVER_WRITTEN_HERE = {
     "evaluation_settings.sampling.seed": "the older name of sampling_seed",
     "privacy.physical_batch_rows": "ledger versions 2 and 3 only (since 4 it is cost.rows_per_forward)",
     "evaluation_settings.sampling.compiled": "only trials with resources.compile_sampling (test_trial's DP trial)",
+    "environment.earlier_git_commits": "only a resumed trial's (test_trial's resumed one)",
 }
 # Metrics that are no number on a CPU trial: MFU needs a GPU's peak FLOP rate.
 NOT_A_NUMBER_ON_CPU = {"mfu"}

@@ -314,6 +314,10 @@ def test_a_resumed_trial_s_record_covers_every_attempt(cache_dir, tmp_path, monk
     cost = resumed["cost"]
     assert first["cost"]["startup_seconds"] == cost["startup_seconds"] == 4.5
     assert resumed["started_at"] == first["started_at"] and resumed["data"]["resumed_from_step"] == 4
+    # the code of every attempt: an upgrade between attempts keeps the trial id
+    assert carried["git_commits"] == [first["environment"]["git_commit"]]
+    assert resumed["environment"]["earlier_git_commits"] == carried["git_commits"]
+    assert "earlier_git_commits" not in first["environment"]
     assert cost["train_seconds"] > 6 * 0.5 and cost["wall_seconds"] > cost["train_seconds"]
     assert cost["wall_seconds"] > carried["wall_seconds"] + cost["setup_seconds"] + cost["evaluation_seconds"]
     assert starts == [0, 4]

@@ -172,7 +172,9 @@ class Attempt:
     as in the training time). ``gpus``: this attempt's (0 on CPUs); each attempt's GPU hours are its own, since a
     retry may run on another cluster shape. ``startup_seconds``: the first attempt's, launch to its start (a
     retry's own clock runs from the same launch, so it would count the earlier attempts again; None when unknown).
-    Wall-clock times are released without noise under DP."""
+    ``commit``: the code this attempt runs (``environment``'s ``git_commit``); ``earlier_commits``: the earlier
+    attempts', in order (a relaunch after an upgrade keeps the trial id: its record names every commit that
+    trained it). Wall-clock times are released without noise under DP."""
 
     started_at: str
     number: int
@@ -181,19 +183,27 @@ class Attempt:
     earlier_gpu_hours: float
     gpus: float
     startup_seconds: float | None = None
+    commit: str | None = None
+    earlier_commits: tuple[str | None, ...] = ()
 
     @classmethod
     def begin(
-        cls, resume: dict | None, *, gpus: float, clock_start: float, startup_seconds: float | None = None
+        cls,
+        resume: dict | None,
+        *,
+        gpus: float,
+        clock_start: float,
+        startup_seconds: float | None = None,
+        commit: str | None = None,
     ) -> Attempt:
         """``startup_seconds``: this attempt's launch to start, kept only for the first attempt."""
         now = utc_now()
         if resume is None:
-            return cls(now, 1, clock_start, 0.0, 0.0, gpus, startup_seconds)
+            return cls(now, 1, clock_start, 0.0, 0.0, gpus, startup_seconds, commit)
         carried = resume.get(ATTEMPTS_KEY)
         if carried is None:  # saved before states carried it: its training seconds, a lower bound
             seconds = float(resume.get("compute", {}).get("train_seconds", 0.0))
-            return cls(now, 2, clock_start, seconds, gpus * seconds / 3600, gpus)
+            return cls(now, 2, clock_start, seconds, gpus * seconds / 3600, gpus, commit=commit)
         return cls(
             carried["started_at"],
             int(carried["count"]) + 1,
@@ -202,6 +212,8 @@ class Attempt:
             float(carried["gpu_hours"]),
             gpus,
             carried.get("startup_seconds"),  # absent from states saved before they carried it
+            commit,
+            tuple(carried.get("git_commits", ())),  # likewise
         )
 
     def wall_seconds(self) -> float:
@@ -219,6 +231,7 @@ class Attempt:
             "wall_seconds": self.wall_seconds(),
             "gpu_hours": self.gpu_hours(),
             "startup_seconds": self.startup_seconds,
+            "git_commits": [*self.earlier_commits, self.commit],
         }
 
 
@@ -255,9 +268,17 @@ def run_trial(
     rank, world = rank_and_world()
     # The GPUs the trial holds (workers x GPUs per worker, as the estimate prices them), not its processes.
     gpus = world * config.resources.gpus_per_worker if device.type == "cuda" else 0
-    attempt = Attempt.begin(resume, gpus=gpus, clock_start=wall, startup_seconds=startup_seconds)
     # At the start: the commit of the code this trial imported, not one made while it trained.
     environment_now = environment(device, world_size=world)
+    attempt = Attempt.begin(
+        resume,
+        gpus=gpus,
+        clock_start=wall,
+        startup_seconds=startup_seconds,
+        commit=environment_now["git_commit"],
+    )
+    if attempt.earlier_commits:
+        environment_now["earlier_git_commits"] = list(attempt.earlier_commits)
     _check_unsafe_mechanism(config, unsafe_mechanism)
     plan = preflight(config, cache_dir)
     # What the device cannot train (flex attention on a CPU), before anything is loaded.
