@@ -123,9 +123,8 @@ def check_sweep(configs: list[TrialConfig], *, cache_dir: str, write: bool = Tru
                 found_problems.append(str(err))
         for problem in found_problems:
             problems.setdefault(problem, {})[config.trial_id] = config
-    if (
-        not problems
-    ):  # every image decoded (once, its outcome kept unless a dry run): a corrupt one named here
+    # Every image decoded (once, its outcome kept unless a dry run): a corrupt one is named here.
+    if not problems:
         for problem, trials in trial_plan.image_problems(configs, cache_dir, write=write, log=print).items():
             problems[problem] = {c.trial_id: c for c in trials}
     if problems:

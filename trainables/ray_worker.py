@@ -126,9 +126,8 @@ def read_state(path: Path, *, where: str) -> dict:
     its place in the storage) and the way out, where torch's own error named neither the file nor the trial."""
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-    except (
-        Exception
-    ) as err:  # torch raises KeyError for a text file, RuntimeError for a cut zip, EOFError, ...
+    # torch raises KeyError or IndexError for a text file, RuntimeError for a cut zip, EOFError for an empty one
+    except Exception as err:
         raise RuntimeError(
             f"the training state of checkpoint {where} cannot be read ({type(err).__name__}: {err}); no step "
             f"was trained from it. Restore the file, or delete the trial's training run ({Path(where).parent}) "
