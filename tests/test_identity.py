@@ -31,6 +31,7 @@ from bench.schema import (
     upgrade_record,
 )
 from bench.sweeps import SWEEPS, build_sweep
+from bench.sweeps.common import unique
 from trainables.assets import CONTENT_IDS_FILE, FileIds, verify_content
 from trainables.models.checkpoints import SIDECAR_FORMAT, file_sha256
 from trainables.trial import list_splits, run_trial
@@ -253,10 +254,26 @@ def test_run_trial_refuses_images_added_after_identification(tmp_path):
 # floats and the DP rows per forward left the privacy section, which changed ids once; results of versions 1 and 2
 # are upgraded to these ids by `bench upgrade-results`, see the last test). Later changes must leave them
 # unchanged, so results keep being skipped on relaunch; a deliberate change bumps SCHEMA_VERSION, or changes what
-# the trials measure: on 2026-12-07 digits-cnn-v2 replaced digits-cnn-v1 (trained on the digits train split, a DP
-# trial's private data), so every digits trial is a new one and results scored with v1 are not taken for its. With
-# v1 put back, each sweep has the digests it had before (``SMOKE_IDS_WITH_DIGITS_CNN_V1``, tested below).
+# the trials measure. Twice so far, each undone below to show that nothing else moved the ids:
+# - 2026-12-07, digits-cnn-v2 replaced digits-cnn-v1 (trained on the digits train split, a DP trial's private data),
+#   so every digits trial is a new one and results scored with v1 are not taken for its
+#   (``SMOKE_IDS_WITH_DIGITS_CNN_V1``);
+# - 2026-12-07, smoke versions took their paper trials' routes: top-k at the trial's share of the codebook (it was
+#   off), a spread point's k of 6 (Table 2's k = 32 and k = 128 smoke versions were one trial, k = 4) and the
+#   trial's view seed (``SMOKE_IDS_BEFORE_SMOKE_ROUTES``; the demo's trials are its own, unchanged).
 SMOKE_IDS_BEFORE = {
+    ("convergence", True): "063349bc88c5eb95",
+    ("demo", False): "a675569d3820406a",
+    ("demo", True): "d95b09ea128dbe55",
+    ("privacy_audit", True): "1686f51031e689a8",
+    ("second_seed", True): "ce377575001e769c",
+    ("table1", True): "4199ccb8f95c3fff",
+    ("table10", True): "73a7cefc91eab2d1",
+    ("table2", True): "295c21cec9151e18",
+    ("table3", True): "59fb2db7a4ff140d",
+    ("table9", True): "4199ccb8f95c3fff",
+}
+SMOKE_IDS_BEFORE_SMOKE_ROUTES = {
     ("convergence", True): "492b52a1888d4445",
     ("demo", False): "a675569d3820406a",
     ("demo", True): "d95b09ea128dbe55",
@@ -282,13 +299,34 @@ SMOKE_IDS_WITH_DIGITS_CNN_V1 = {
 }
 
 
+def _digest(configs: list[TrialConfig]) -> str:
+    return hashlib.sha256(",".join(c.trial_id for c in unique(configs)).encode()).hexdigest()[:16]
+
+
+def _before_smoke_routes(config: TrialConfig) -> TrialConfig:
+    """A smoke trial as smoke versions made it before they took their paper trials' routes: no top-k, k = 4 where
+    it is now a spread point's 6, crops of view seed 0."""
+    changes: dict[str, dict] = {"evaluation": {"top_k": 0}, "data": {"view_seed": 0}}
+    if config.privacy is not None and config.privacy.augmentation_multiplicity == 6:
+        changes["privacy"] = {"augmentation_multiplicity": 4}
+        changes["data"]["cached_views"] = 4
+    return replace(config, **changes)
+
+
+def test_only_the_smoke_routes_changed_the_smoke_ids():
+    for (name, smoke), digest in SMOKE_IDS_BEFORE_SMOKE_ROUTES.items():
+        assert _digest([_before_smoke_routes(c) for c in build_sweep(name, smoke=smoke)]) == digest, name
+
+
 def test_only_the_retired_classifier_changed_the_ids():
-    """Each sweep scored with digits-cnn-v1 again has the ids it had before v2: nothing else moved them."""
+    """Each sweep scored with digits-cnn-v1 again (and its smoke routes undone) has the ids it had before v2:
+    nothing else moved them."""
     for (name, smoke), digest in SMOKE_IDS_WITH_DIGITS_CNN_V1.items():
         configs = [
-            replace(c, evaluation={"extractor": "digits-cnn-v1"}) for c in build_sweep(name, smoke=smoke)
+            replace(_before_smoke_routes(c), evaluation={"extractor": "digits-cnn-v1"})
+            for c in build_sweep(name, smoke=smoke)
         ]
-        assert hashlib.sha256(",".join(c.trial_id for c in configs).encode()).hexdigest()[:16] == digest
+        assert _digest(configs) == digest, name
 
 
 @pytest.mark.parametrize("name, smoke", sorted(SMOKE_IDS_BEFORE))
@@ -299,8 +337,7 @@ def test_tiny_and_offline_trial_ids_are_unchanged(name, smoke, tmp_path):
     assert [c.trial_id for c in identified] == [c.trial_id for c in configs] and not (
         tmp_path / "cache"
     ).exists()
-    digest = hashlib.sha256(",".join(c.trial_id for c in configs).encode()).hexdigest()[:16]
-    assert digest == SMOKE_IDS_BEFORE[(name, smoke)]
+    assert _digest(configs) == SMOKE_IDS_BEFORE[(name, smoke)]
 
 
 def test_every_smoke_sweep_is_checked():
