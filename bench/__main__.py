@@ -210,20 +210,11 @@ def _run(args: argparse.Namespace) -> int:
     tracking = args.tracking or sweep.tracking or "none"
     # a tracker whose package is missing is named before anything is created
     check_tracking(tracking, tracking_uri=args.tracking_uri)
-    # A bad storage or cache fails here, before Ray is imported or anything is built; a dry run creates nothing,
-    # and neither does a run that an analysis-only install cannot start.
-    check_storage_location(args.storage, what="--storage")
-    if args.cache_dir:
-        check_storage_location(args.cache_dir, what="--cache-dir")
-    if args.dry_run and not is_uri(args.storage):
-        check_folder(args.storage, what="--storage", create=False)
-    else:
-        require_training_side()
-    ResultStore(args.storage, create=not args.dry_run)
     from .launcher import Launch, run_sweep
 
+    # A bad storage or cache fails here, before Ray is imported or anything is built (``Launch`` checks them as
+    # given); a dry run creates nothing, and neither does a run that an analysis-only install cannot start.
     cache_dir = args.cache_dir or default_cache_dir(args.storage)
-    check_folder(cache_dir, what="--cache-dir" if args.cache_dir else "cache folder", create=not args.dry_run)
     launch = Launch(
         storage=args.storage,
         cache_dir=cache_dir,
@@ -233,6 +224,12 @@ def _run(args: argparse.Namespace) -> int:
         tracking=tracking,
         tracking_uri=args.tracking_uri,
     )
+    if args.dry_run and not is_uri(args.storage):
+        check_folder(args.storage, what="--storage", create=False)
+    else:
+        require_training_side()
+    ResultStore(args.storage, create=not args.dry_run)
+    check_folder(cache_dir, what="--cache-dir" if args.cache_dir else "cache folder", create=not args.dry_run)
     summary = run_sweep(
         sweep.name + ("-smoke" if args.smoke else ""), configs, launch, dry_run=args.dry_run, gpu=args.gpu
     )

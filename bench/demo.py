@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from .launcher import Launch, default_cache_dir, run_sweep
-from .results import ResultStore, check_storage_location
-from .schema import absolute, record_value
+from .results import ResultStore
+from .schema import record_value
 from .sweeps import build_sweep
 
 # Targets of the embedded default (docs/benchmarks.md records what `make demo` measured against them).
@@ -115,10 +115,10 @@ def run_demo(*, storage: str = "runs/demo", smoke: bool = False) -> int:
     )  # the demo's last step; importing bench.demo (its checks) needs no analysis
 
     started = time.perf_counter()
-    check_storage_location(storage, what="--storage")  # as given: made absolute, "s3:/b" reads as a folder
-    storage = absolute(storage)
-    configs = build_sweep("demo", smoke=smoke)
+    # Launch checks the storage as given ("s3:/b" made absolute reads as a folder), then makes it absolute.
     launch = Launch(storage=storage, cache_dir=default_cache_dir(storage))
+    storage = launch.storage
+    configs = build_sweep("demo", smoke=smoke)
     outcome = run_sweep("demo-smoke" if smoke else "demo", configs, launch)
     store = ResultStore(storage)
     records = [r for r in (store.read(c.trial_id) for c in configs) if r is not None]

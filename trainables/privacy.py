@@ -496,9 +496,8 @@ def _forward_chunks(
     if views is not None and clipping != "bookkeeping":
         mode = repr(clipping)
         fix = "use rows_per_forward >= k or privacy.clipping 'bookkeeping'"
-        if (
-            privacy.clipping == "auto"
-        ):  # book-keeping has no rule for a trainable layer, or the model ties weights
+        # book-keeping has no rule for a trainable layer, or the model ties weights
+        if privacy.clipping == "auto":
             mode = (
                 f"'auto', which is {clipping!r} for this model (book-keeping has no rule for one of its trainable "
                 "layers, or two layers share a parameter)"

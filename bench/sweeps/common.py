@@ -251,9 +251,7 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
         evaluation=EvaluationConfig(
             extractor="digits-cnn-v2",
             num_images=40,
-            top_k=_smoke_top_k(config.evaluation.top_k)
-            if config.model.base == "official"
-            else config.evaluation.top_k,
+            top_k=_smoke_top_k(config),
             batch_size=40,
             convergence_every_steps=steps // 2 if _has_convergence(config) else 0,
             convergence_num_images=20,
@@ -286,10 +284,14 @@ def _smoke_resources(config: TrialConfig, *, k: int) -> ResourcesConfig:
     return dataclasses.replace(CPU_RESOURCES, rows_per_forward=k // 2)
 
 
-def _smoke_top_k(top_k: int) -> int:
-    """The trial's top-k filter at the same share of the tiny base's codebook (the paper's 900 of 4,096 codes: 56
-    of 256), so the smoke run filters as the trial does; 0 (off) stays off."""
-    return 0 if top_k == 0 else max(1, round(top_k * TINY_VOCABULARY / OFFICIAL_VOCABULARY))
+def _smoke_top_k(config: TrialConfig) -> int:
+    """An official trial's top-k filter at the same share of the tiny base's codebook (the paper's 900 of 4,096
+    codes: 56 of 256), so the smoke run filters as the trial does; 0 (off) stays off, and a trial already on the
+    tiny base keeps its own."""
+    top_k = config.evaluation.top_k
+    if top_k == 0 or config.model.base != "official":
+        return top_k
+    return max(1, round(top_k * TINY_VOCABULARY / OFFICIAL_VOCABULARY))
 
 
 def _blocks_at_depth(method: MethodConfig, *, depth: int, of: int) -> MethodConfig:
