@@ -8,16 +8,29 @@ DEMO_OUT ?= runs/demo
 .PHONY: demo test test-slow install constraints benchmark device-wheels clean format FORCE
 
 # varsweep needs Python 3.11 or newer (pyproject.toml's requires-python). A $(PYTHON) older than that stops here with
-# the way out; a venv an older python3 left behind (its install failed) is made again, with $(PYTHON) (--clear).
+# the way out; a venv an older python3 left behind (its install failed) is made again, with $(PYTHON) (--clear), and
+# so is one without pip (a venv a failed `python3 -m venv` left half made).
 PY_NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 11))
 VENV_TOO_OLD := $(shell [ -x $(PY) ] && ! $(PY) -c '$(PY_NEW_ENOUGH)' 2>/dev/null && echo yes)
+VENV_NO_PIP := $(if $(VENV_TOO_OLD),,$(shell [ -x $(PY) ] && ! $(PY) -c 'import pip' 2>/dev/null && echo yes))
 
-$(PY): $(if $(VENV_TOO_OLD),FORCE)
+# Debian's and Ubuntu's python3 has venv but not its ensurepip (that is the python3.11-venv package), so a plain
+# `venv` fails there, leaving a venv without pip: then the venv is made without pip and $(PYTHON)'s own pip installs
+# pip into it (pip's --python, pip 22.3 or newer). Where that fails too, the half-made venv goes and make stops with
+# the packages that fix it.
+VENV_WITHOUT_ENSUREPIP := $(PYTHON) -m venv --clear --without-pip $(VENV) && $(PYTHON) -m pip --python $(PY) install \
+  --quiet pip
+$(PY): $(if $(VENV_TOO_OLD)$(VENV_NO_PIP),FORCE)
 	@$(PYTHON) -c '$(PY_NEW_ENOUGH)' 2>/dev/null || { \
 	  echo "error: $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo missing); varsweep needs Python 3.11 or" \
 	    "newer: run make with PYTHON=python3.11 (e.g. make demo PYTHON=python3.11)" >&2; exit 1; }
 	$(if $(VENV_TOO_OLD),@echo "$(VENV) has a Python older than 3.11: making it again with $(PYTHON)")
-	$(PYTHON) -m venv --clear $(VENV)
+	$(if $(VENV_NO_PIP),@echo "$(VENV) has no pip (an earlier venv failed): making it again with $(PYTHON)")
+	$(PYTHON) -m venv --clear $(VENV) || { \
+	  echo "$(PYTHON) -m venv failed (above): making $(VENV) without pip and installing pip into it with $(PYTHON)'s pip"; \
+	  $(VENV_WITHOUT_ENSUREPIP); } || { rm -rf $(VENV); \
+	  echo "error: could not make $(VENV) with $(PYTHON): install its venv module (Debian and Ubuntu: apt install" \
+	    "python3.11-venv) or pip 22.3 or newer (apt install python3-pip), then run make again" >&2; exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip
 
 FORCE:

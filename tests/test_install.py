@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -205,6 +206,65 @@ OLD_PYTHON = """\
 #!/bin/sh
 case "$1" in --version|-V) echo "Python 3.10.12";; *) exit 1;; esac
 """
+
+
+# Debian's and Ubuntu's python3 without the python3.11-venv package: `-m venv` makes the venv without pip, prints
+# Debian's advice and exits 1 (as seen there, with its ensurepip taken away). Its own pip installing pip into the venv
+# is done here with the venv's ensurepip, offline; everything else is the real Python.
+DEBIAN_PYTHON = """\
+#!/bin/sh
+case "$1 $2 $3" in
+  "-m venv --clear")
+    case "$*" in *--without-pip*) exec {python} "$@";; esac
+    {python} -m venv --clear --without-pip "$4" && echo "ensurepip is not available ... apt install python3.11-venv"
+    exit 1;;
+  "-m pip --python")
+    echo "$*" >> pip-calls
+    [ -e no-system-pip ] && exit 1
+    exec "$4" -m ensurepip --default-pip;;
+esac
+exec {python} "$@"
+"""
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_makes_the_venv_where_python_has_no_ensurepip_and_mends_a_half_made_one(tmp_path):
+    # Where `python3 -m venv` fails (no ensurepip), `make demo` used to stop, and every later run failed with
+    # ".venv/bin/python: No module named pip": the half-made venv stayed. Reproduced on Debian 12's python3.11.
+    shutil.copy2(REPO / "Makefile", tmp_path / "Makefile")
+    debian = tmp_path / "python3"
+    debian.write_text(
+        DEBIAN_PYTHON.format(python=shlex.quote(str(Path(sys.base_prefix) / "bin" / "python3")))
+    )
+    debian.chmod(0o755)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS", "VENV", "PYTHON", "PIP_"))
+    }
+    # the recipe's pip upgrade stays offline (no index: pip is kept as it is)
+    env["PIP_NO_INDEX"] = "1"
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+
+    def make() -> subprocess.CompletedProcess:
+        command = ["make", "--no-print-directory", str(venv_python.relative_to(tmp_path)), f"PYTHON={debian}"]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    def has_pip() -> bool:
+        return subprocess.run([venv_python, "-m", "pip", "--version"], capture_output=True).returncode == 0
+
+    done = make()
+    assert done.returncode == 0 and "-m venv failed (above)" in done.stdout, done.stdout + done.stderr
+    assert has_pip() and "install --quiet pip" in (tmp_path / "pip-calls").read_text()
+    shutil.rmtree(tmp_path / ".venv")
+    subprocess.run([debian, "-m", "venv", "--clear", "--without-pip", ".venv"], cwd=tmp_path, check=True)
+    # the venv the old Makefile left: made again, now with pip
+    done = make()
+    assert done.returncode == 0 and ".venv has no pip" in done.stdout and has_pip(), done.stdout + done.stderr
+    shutil.rmtree(tmp_path / ".venv")
+    # no pip either: stopped, naming both packages, and no half-made venv is left
+    (tmp_path / "no-system-pip").touch()
+    done = make()
+    assert done.returncode != 0 and "apt install python3.11-venv" in done.stderr, done.stderr
+    assert "apt install python3-pip" in done.stderr and not (tmp_path / ".venv").exists()
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
