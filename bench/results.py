@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -86,14 +87,35 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def open_storage(storage: str) -> tuple[pafs.FileSystem, str]:
+# pyarrow's Google Cloud Storage client retries a bucket it cannot reach (no network, no credentials) for minutes,
+# silent, before the first error, each call of a store's several: a launch or `bench status` looked hung. A store
+# first asks for its folder once with retries bounded to GCS_PROBE_RETRY_LIMIT_S (about twice that in all), then
+# works with GCS_RETRY_LIMIT_S, so a trial's write mid-sweep still rides out a minute's outage. A URI that sets its
+# own ``retry_limit_seconds`` keeps it.
+GCS_PROBE_RETRY_LIMIT_S = 10
+GCS_RETRY_LIMIT_S = 60
+
+
+def _bounded_retries(uri: str, *, limit_s: float) -> str:
+    """``uri`` with ``retry_limit_seconds`` added to a ``gs://`` or ``gcs://`` URI's query where it has none."""
+    split = urllib.parse.urlsplit(uri)
+    if split.scheme.lower() not in ("gs", "gcs") or "retry_limit_seconds" in urllib.parse.parse_qs(
+        split.query
+    ):
+        return uri
+    bounded = "&".join(filter(None, [split.query, f"retry_limit_seconds={limit_s:g}"]))
+    return urllib.parse.urlunsplit(split._replace(query=bounded))
+
+
+def open_storage(storage: str, *, retry_limit_s: float = GCS_RETRY_LIMIT_S) -> tuple[pafs.FileSystem, str]:
     """(filesystem, root path inside it) of a local path (made absolute, ``~`` expanded) or a URI; a URI pyarrow
-    cannot parse, of an unknown scheme or naming no bucket raises ``StorageError``."""
+    cannot parse, of an unknown scheme or naming no bucket raises ``StorageError``. ``retry_limit_s`` bounds a
+    Google Cloud Storage client's retries of one call (seconds)."""
     if not is_uri(storage):
         return pafs.LocalFileSystem(), str(Path(storage).expanduser().resolve())
     scheme = storage.split("://", 1)[0]
     try:
-        filesystem, root = pafs.FileSystem.from_uri(storage)
+        filesystem, root = pafs.FileSystem.from_uri(_bounded_retries(storage, limit_s=retry_limit_s))
     except _PYARROW_ERRORS as err:
         raise StorageError(
             f"storage URI {storage!r} (scheme {scheme!r}) cannot be opened: {_first_line(err)}"
@@ -113,8 +135,22 @@ class ResultStore:
             raise StorageError("storage: an empty path (an unset variable?); give a folder or a URI")
         self.fs, root = open_storage(storage)
         self.storage, self.root, self.folder = storage, root, f"{root}/results"
+        if not self.local:
+            self._reach()
         if create:
             self._create()
+
+    def _reach(self) -> None:
+        """Ask for the storage folder once, with few retries: a bucket that cannot be reached (no network, no
+        credentials, a wrong name) is named within seconds, before the store's calls retry it for minutes."""
+        filesystem, _ = open_storage(self.storage, retry_limit_s=GCS_PROBE_RETRY_LIMIT_S)
+        try:
+            filesystem.get_file_info(self.root)
+        except _PYARROW_ERRORS as err:
+            raise StorageError(
+                f"cannot reach storage {self.storage}: {_first_line(err)} (check the bucket's name, this machine's "
+                "credentials for it and its network)"
+            ) from err
 
     @property
     def local(self) -> bool:

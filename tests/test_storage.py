@@ -4,6 +4,9 @@ replaced by a new attempt. (tests/test_front_door.py clears the cache after real
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,3 +230,27 @@ def test_hidden_json_files_are_no_results(tmp_path):
     store.write(make_result(config, status="success", metrics={"fid": 1.0}))
     (tmp_path / "results" / ".varsweep-outputs.json").write_text('{"files": []}')
     assert [Path(p).name for p in store.files()] == [f"{config.trial_id}.json"]
+
+
+# A Google Cloud Storage bucket this machine cannot reach: the client's endpoint and the metadata server it asks for
+# credentials are a closed local port, so nothing leaves the machine.
+UNREACHABLE_GCS = """
+import sys
+from bench.results import ResultStore, StorageError
+try:
+    # what `bench status` does
+    ResultStore("gs://varsweep-missing/runs?endpoint_override=127.0.0.1:9&scheme=http", create=False).require_folder()
+except StorageError as err:
+    sys.exit(str(err))
+"""
+
+
+def test_an_unreachable_gcs_storage_is_named_without_retrying_for_minutes():
+    # pyarrow's client retried every call for minutes: `bench status gs://...` and a launch looked hung.
+    env = {**os.environ, "GCE_METADATA_ROOT": "127.0.0.1:9", "GCE_METADATA_HOST": "127.0.0.1:9"}
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", UNREACHABLE_GCS], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and done.stderr.startswith("cannot reach storage gs://varsweep-missing/runs?")
+    assert "check the bucket's name" in done.stderr
