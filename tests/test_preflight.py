@@ -232,6 +232,27 @@ def test_an_image_in_both_the_training_and_the_evaluation_split_is_refused_befor
         )
 
 
+def test_a_class_the_evaluation_scores_but_no_training_image_has_is_refused_before_compute(tmp_path):
+    """CUB's classes come from classes.txt: a split file moving a class's every image to the test split was
+    accepted, and the evaluation generated that class from a class embedding no step trained."""
+    make_cub(tmp_path)
+    split_file = tmp_path / "CUB_200_2011" / "train_test_split.txt"
+    lines = split_file.read_text().splitlines()
+    assert lines[:2] == ["1 1", "2 0"]  # 001.Albatross: image 1 trains, image 2 tests
+    split_file.write_text("\n".join(["1 0", *lines[1:]]) + "\n")
+    cub = {"dataset": "cub200", "root": str(tmp_path), "resolution": 16}
+    with pytest.raises(
+        SweepError,
+        match=r"1 class\(es\) of cub200 have images in the test split but none in the train split "
+        r"\(001\.Albatross\)",
+    ):
+        check_sweep(
+            [replace(tiny_trial("lora"), data=cub, optimization={"batch_size": 2})],
+            cache_dir=str(tmp_path / "cache"),
+            write=False,
+        )
+
+
 @pytest.mark.parametrize("write", [False, True])
 def test_a_corrupt_image_stops_the_sweep_in_its_preflight_dry_run_or_not(tmp_path, write):
     """The dry run said a folder with a text file for a PNG and a truncated PNG could run; the real run found them

@@ -124,6 +124,21 @@ def _check_disjoint(train: ImageList, evaluation: ImageList) -> None:
         )
 
 
+def _check_every_scored_class_trains(train: ImageList, evaluation: ImageList) -> None:
+    """Refuse a class the evaluation scores but the training split has no image of (the named datasets take their
+    classes from annotation files, so an edited or partial split can empty one): the evaluation would generate
+    it from a class embedding no step trained and count those images in the FID."""
+    trained, scored = train.class_counts, evaluation.class_counts
+    untrained = [name for name, count in scored.items() if count and not trained[name]]
+    if untrained:
+        raise ConfigError(
+            f"data.dataset: {len(untrained)} class(es) of {train.name} have images in the {evaluation.split} "
+            f"split but none in the {train.split} split ({', '.join(untrained[:3])}"
+            f"{' ...' if len(untrained) > 3 else ''}): the evaluation would score classes the model never trained "
+            "on; fix the split files"
+        )
+
+
 def _check_evaluation_size(config: TrialConfig, evaluation: ImageList) -> None:
     """Refuse an evaluation split with fewer than ``MIN_EVALUATION_IMAGES`` images."""
     if len(evaluation) < MIN_EVALUATION_IMAGES:
@@ -199,6 +214,7 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
     if train.class_names != evaluation.class_names:
         raise ConfigError(f"data.dataset: {_class_difference(train, evaluation)}")
     _check_disjoint(train, evaluation)
+    _check_every_scored_class_trains(train, evaluation)
     # An audit's included canaries train like any example: the steps, Poisson sampling and delta count them.
     canaries = included_count(config.audit)
     examples = len(train) + canaries
