@@ -13,8 +13,9 @@ without a cluster a local Ray instance is started. Local paths may be relative t
 absolute here, before anything reaches Ray. Every failure ends in exit status 2 and a last line ``error: ...``
 naming the input and the problem (a listing, such as every trial that cannot run, comes above it;
 ``VARSWEEP_DEBUG=1`` shows the traceback too). Storage and cache folders are checked (created and probed with a
-small file) before Ray is imported or any trial starts; a dry run creates nothing and imports neither Ray nor
-the training code (Opacus, peft).
+small file) before Ray is imported or any trial starts; a dry run creates nothing and imports neither Ray
+nor peft, and Opacus only for a sweep with DP trials (its accountant calibrates their noise; torch is
+imported either way, for the checks of checkpoints and data).
 
 NAME_OR_FILE: a built-in sweep (``list`` shows them) or a sweep file, a path ending in .yaml, .yml or .toml
 (``bench.sweep_file`` says what it holds; ``examples/`` has three). ``--workers`` and ``--gpus-per-worker`` replace

@@ -21,9 +21,9 @@ from .errors import VarsweepError
 EXIT_ERROR = 2
 # The training side's packages (the `train` extra, by import name): from the analysis-only install
 # (`pip install varsweep`) a command that needs one ends in the command that installs them, not "No module named".
-TRAINING_PACKAGES = frozenset(
-    {"torch", "torchvision", "ray", "peft", "opacus", "torch_fidelity", "sklearn", "psutil"}
-)
+# ``require_training_side`` looks for them in this order: torch first, which the others need, so a light install
+# is told about torch (the line README.md quotes), then the rest in a fixed order.
+TRAINING_PACKAGES = ("torch", "torchvision", "opacus", "peft", "torch_fidelity", "ray", "sklearn", "psutil")
 TRAIN_INSTALL = "pip install 'varsweep[train]'"
 
 
@@ -91,9 +91,10 @@ def run_reporting(command: Callable[[], int], *, interrupted: str = "interrupted
 
 
 def require_training_side() -> None:
-    """Raise ``ModuleNotFoundError`` for the first training-side package that is not installed, before a command
-    that needs them creates any folder (``run_reporting`` turns it into the line naming ``TRAIN_INSTALL``)."""
-    for name in sorted(TRAINING_PACKAGES):
+    """Raise ``ModuleNotFoundError`` for the first training-side package (in ``TRAINING_PACKAGES``' order: torch
+    first) that is not installed, before a command that needs them creates any folder (``run_reporting`` turns it
+    into the line naming ``TRAIN_INSTALL``)."""
+    for name in TRAINING_PACKAGES:
         if importlib.util.find_spec(name) is None:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 

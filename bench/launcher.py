@@ -1,7 +1,8 @@
 """Launch a sweep on Ray: a Tune ``Tuner`` over the sweep's trials, each trial function starting a Ray Train
 ``TorchTrainer`` (Train V2: the trainer is not passed to the Tuner; worker reports reach Tune through
-``TuneReportCallback``). One of the two files that import Ray (the other: ``trainables/ray_worker.py``), and only
-inside the functions that run a sweep: a dry run imports neither Ray nor the training code (Opacus, peft).
+``TuneReportCallback``). One of the two files that import Ray (the other: ``trainables/ray_worker.py``), and
+only inside the functions that run a sweep: a dry run imports neither Ray nor peft, and Opacus only for a
+sweep with DP trials (its accountant calibrates their noise).
 
 Storage layout (a local or shared path, or a URI for results, artifacts and checkpoints):
   <storage>/results/<trial_id>.json     one result per trial (success or failed), written atomically

@@ -31,6 +31,11 @@ HEAVY_EXTRAS = ("train", "tracking")
 # The training side's core: whatever else the extras hold, these must be among the refused modules.
 TRAINING_CORE = {"torch", "torchvision", "ray", "opacus", "peft", "torch_fidelity"}
 TRAIN_INSTALL = "pip install 'varsweep[train]'"
+# The line README.md quotes for `varsweep sweep demo` from an analysis-only install: torch is named first.
+TORCH_MISSING = (
+    "error: torch is not installed: this command needs varsweep's training side, which an analysis-only install"
+    f" leaves out; install it with: {TRAIN_INSTALL}"
+)
 # Packages whose internals (private attributes, non-exported modules) varsweep uses: each needs an upper bound.
 INTERNALS_USED = {
     "torch": "torch._dynamo.config, aten._scaled_dot_product_* ops, Module._compiled_call_impl",
@@ -145,8 +150,10 @@ def test_a_sweep_without_the_training_side_says_what_to_install(light, tmp_path)
             done = run([*command, *args], light, tmp_path)
             last = done.stderr.strip().splitlines()[-1]
             assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-            assert last.startswith("error: ") and TRAIN_INSTALL in last, last
+            assert last == TORCH_MISSING, last
             assert not list(tmp_path.iterdir()), args
+    readme = (REPO / "README.md").read_text()
+    assert f"$ varsweep sweep demo\n{TORCH_MISSING}\n" in readme
 
 
 def test_the_installed_metadata_is_this_pyproject():

@@ -21,7 +21,7 @@ DEMO_RESOURCES = ResourcesConfig(
 )
 # (method, learning rate). LN tuning is not in the embedded default: on the 2-block tiny model it reached class
 # accuracy 0.47-0.62 and recall 0.09-0.15 within the demo's time (docs/benchmarks.md);
-# every smoke sweep (e.g. `bench sweep table1 --smoke`) runs it.
+# the smoke versions of table1, table2, table9, table10, convergence and second_seed run it.
 NON_DP = (("full", 2e-3), ("lora", 4e-3))
 DP_EPSILONS = (1.0, 8.0)
 STEPS, DP_STEPS, BATCH = 1000, 200, 32
