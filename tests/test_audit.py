@@ -282,8 +282,19 @@ def test_the_plan_counts_the_included_canaries(small_digits, cache_dir):
     assert plan.canaries_included == included and plan.examples == 10 * PER_CLASS + included
     assert plan.planned_steps == math.ceil(2.0 * (10 * PER_CLASS + included) / 16)
     assert plan.audit_delta == config.audit.delta  # without DP: the audit's own delta
-    unset = preflight(replace(config, audit={**config.audit.__dict__, "delta": None}), cache_dir)
-    assert unset.audit_delta == 1 / unset.examples  # without DP and without audit.delta: 1/N'
+    # Without DP and without audit.delta the audit is at 1/N' = 1/90 here, where no attack can show a bound:
+    # refused before compute (it trained and recorded 0), naming the largest delta that gives one.
+    unset = replace(config, audit={**config.audit.__dict__, "delta": None})
+    examples = 10 * PER_CLASS + included
+    with pytest.raises(
+        ConfigError, match=rf"audit: with 100 canaries at delta {1 / examples:.3g} even an attack"
+    ):
+        preflight(unset, cache_dir)
+    dp = replace(audit_trial(small_digits, dp=True), privacy={"delta": 1e-3})
+    with pytest.raises(
+        ConfigError, match=r"gives an epsilon lower bound of 0: .* Set privacy\.delta to 0\.00014 or less"
+    ):
+        preflight(dp, cache_dir)
 
 
 def audit_section(config: TrialConfig, **changes) -> dict:

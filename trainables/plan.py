@@ -5,14 +5,19 @@ multiplier. The driver's preflight (``bench.preflight``, also in ``--dry-run``) 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.schema import MIN_EVALUATION_IMAGES, ConfigError, TrialConfig
+from bench.schema import MIN_EVALUATION_IMAGES, AuditConfig, ConfigError, TrialConfig
 
-from .audit import included_count
+from .audit import included_count, inclusion_mask
+from .audit_bound import epsilon_lower_bound
 from .data import offline
 from .data.datasets import DatasetError, ImageList, check_images, read_dataset, spellings
+
+# The smallest delta an audit's refusal looks at for a bound: below it an audit would not be read anyway.
+AUDIT_DELTA_FLOOR = 1e-12
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,45 @@ def _check_every_scored_class_trains(train: ImageList, evaluation: ImageList) ->
         )
 
 
+def _perfect_guess_bound(audit: AuditConfig, *, delta: float) -> float:
+    """The epsilon lower bound (nats) an audit would report had its attack told every included canary from every
+    excluded one: the most this audit can ever show at ``delta``."""
+    included_M = inclusion_mask(audit)
+    return epsilon_lower_bound(
+        included_M.astype(float), included_M, delta=delta, confidence=audit.confidence
+    )["epsilon_lower_bound"]
+
+
+def _check_audit_can_bound(config: TrialConfig, *, delta: float) -> None:
+    """Refuse an audit whose bound is 0 whatever the attack finds (2 m delta too large beside its significance,
+    e.g. 256 canaries at delta = 1/N' on CUB): it would train and record 0, read as "no leak found"."""
+    audit = config.audit
+    if _perfect_guess_bound(audit, delta=delta) > 0:
+        return
+    where = "privacy.delta" if config.privacy is not None else "audit.delta"
+    prefix = f"audit: with {audit.canaries} canaries at delta {delta:.3g} even an attack that tells every canary apart"
+    smallest = AUDIT_DELTA_FLOOR
+    if _perfect_guess_bound(audit, delta=smallest) == 0:
+        raise ConfigError(
+            f"{prefix} gives an epsilon lower bound of 0, and still does at delta {smallest:g}: raise "
+            "audit.canaries (or lower audit.confidence)"
+        )
+    largest = delta
+    # The bound falls as delta grows: bisect (in log delta) for the largest delta that still gives one.
+    for _ in range(40):
+        middle = math.sqrt(smallest * largest)
+        smallest, largest = (
+            (middle, largest) if _perfect_guess_bound(audit, delta=middle) > 0 else (smallest, middle)
+        )
+    rounded = float(f"{smallest:.1e}")
+    tenth = _perfect_guess_bound(audit, delta=rounded / 10)
+    raise ConfigError(
+        f"{prefix} gives an epsilon lower bound of 0: the one-run bound needs 2 x canaries x delta small beside "
+        f"its significance. Set {where} to {rounded:.2g} or less (the smaller, the higher the bound can go: "
+        f"{tenth:.2f} at {rounded / 10:.2g}) or raise audit.canaries"
+    )
+
+
 def _check_evaluation_size(config: TrialConfig, evaluation: ImageList) -> None:
     """Refuse an evaluation split with fewer than ``MIN_EVALUATION_IMAGES`` images."""
     if len(evaluation) < MIN_EVALUATION_IMAGES:
@@ -233,6 +277,9 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
         from .privacy import calibrate_noise_multiplier, validate_privacy
 
         delta = validate_privacy(p, dataset_size=examples, planned_steps=steps)
+    audit_delta = None if config.audit is None else (delta or config.audit.delta or 1.0 / examples)
+    if audit_delta is not None:
+        _check_audit_can_bound(config, delta=audit_delta)
     _check_evaluation_size(config, evaluation)  # before the calibration: seconds at a large epsilon
     if p is not None:
         sigma = calibrate_noise_multiplier(
@@ -251,6 +298,6 @@ def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> Tria
         delta=delta,
         noise_multiplier=sigma,
         canaries_included=canaries,
-        audit_delta=None if config.audit is None else (delta or config.audit.delta or 1.0 / examples),
+        audit_delta=audit_delta,
         splits=(train, evaluation),
     )
