@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from test_datasets import jpeg, make_folder
 
 from bench.schema import SUBSTITUTE_EXTRACTOR, EvaluationConfig
 from trainables.data.datasets import read_dataset
 from trainables.evaluation.evaluate import EvaluationError, ScoringSettings, evaluate, main
 from trainables.evaluation.metrics import ReferenceStats
-from trainables.models.checkpoints import save_var, save_vqvae
+from trainables.models.checkpoints import file_sha256, save_var, save_vqvae
 
 EVALUATION = EvaluationConfig(
     extractor=SUBSTITUTE_EXTRACTOR, guidance_scale=1.0, top_k=0, top_p=0.0, batch_size=4, sampling_seed=0
@@ -196,6 +198,17 @@ def test_standalone_command_on_saved_checkpoints(tiny_var, tiny_vqvae, split, tm
     )
     result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert result["images_generated"] == 5 and len(list((tmp_path / "eval" / "images").rglob("*.png"))) == 5
+    # what was scored with what: the file said neither the split nor the models
+    assert result["inputs"] == {
+        "dataset": "folder",
+        "split": "train",
+        "root": str((tmp_path / "data").resolve()),
+        "images": 5,
+        "var": {"path": str(var_path.resolve()), "sha256": file_sha256(var_path)},
+        "vqvae": {"path": str(vqvae_path.resolve()), "sha256": file_sha256(vqvae_path)},
+        "adapter": None,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
     out, err = capsys.readouterr()
     assert "fid" in json.loads(out)  # stdout: the metrics alone
     # stderr: the progress a long evaluation shows (the command printed nothing until it ended)
@@ -517,7 +530,12 @@ def test_the_command_scores_an_adapter_on_a_split_of_its_training_classes(saved_
     assert (
         main(_command(tmp_path, base_path, vqvae_path, root=tmp_path / "data", **{"--adapter": adapter})) == 0
     )
-    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["plan"] == [2, 2, 2]
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert result["plan"] == [2, 2, 2]
+    assert result["inputs"]["adapter"] == {
+        "path": str(Path(adapter).resolve()),
+        "sha256": file_sha256(adapter),
+    }
 
 
 def _deeper_base(tmp_path, base_path, vqvae_path):

@@ -21,6 +21,7 @@ images stop the command unless --skip-corrupt-images drops them (listed in evalu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import sys
@@ -48,6 +49,7 @@ from ..models.checkpoints import (
     atomic_write,
     check_state_dict,
     checkpoint_sha256,
+    file_sha256,
     read_checkpoint_header,
     read_sidecar,
     recorded_class_names,
@@ -544,10 +546,40 @@ def _main(argv: list[str] | None) -> int:
         log=_to_stderr,  # the progress of a long evaluation; stdout holds only the metrics
     )
     result["skipped_images"] = skipped  # with --skip-corrupt-images: the split's unreadable images, dropped
+    result["inputs"] = _inputs_record(args, images, device=device)
     # Atomic: a failed write (a full disk) leaves an earlier run's result whole, not a truncated file.
     atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     print(json.dumps(result["metrics"], indent=1))
     return 0
+
+
+def _inputs_record(args: argparse.Namespace, images: ImageList, *, device: str) -> dict:
+    """What was scored with what: the split (absolute root, images kept), the checkpoints and the adapter by path
+    and SHA-256 (a folder's: over its files' names and bytes), and the device (bf16 autocast applies on CUDA
+    alone): an evaluation.json read later, away from its command line, still says what it measured."""
+    adapter = None
+    if args.adapter is not None:
+        adapter = {"path": str(Path(args.adapter).resolve()), "sha256": _path_sha256(Path(args.adapter))}
+    return {
+        "dataset": args.dataset,
+        "split": args.split,
+        "root": str(Path(args.root).resolve()),
+        "images": len(images),
+        "var": {"path": str(Path(args.var).resolve()), "sha256": checkpoint_sha256(args.var)},
+        "vqvae": {"path": str(Path(args.vqvae).resolve()), "sha256": checkpoint_sha256(args.vqvae)},
+        "adapter": adapter,
+        "device": device,
+    }
+
+
+def _path_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's relative file names and their files' SHA-256s, in order."""
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def _to_stderr(line: str) -> None:
