@@ -261,6 +261,50 @@ def test_a_strip_too_long_to_resize_is_named_and_skipped_like_a_corrupt_one(tmp_
     assert strip not in kept.paths and longest in kept.paths and len(dropped) == 1
 
 
+def test_an_image_too_small_to_be_a_picture_is_named_and_skipped_like_a_corrupt_one(tmp_path):
+    """A 1 x 1 placeholder (a failed download) passed the check and was scaled up to a training view; 8 x 8, the
+    size of scikit-learn's digits, is kept."""
+    make_folder(tmp_path)
+    placeholder, digit = tmp_path / "train" / "2" / "0.png", tmp_path / "train" / "2" / "1.png"
+    Image.new("RGB", (1, 1), "white").save(placeholder)
+    Image.new("RGB", (8, 8), "white").save(digit)
+    images = read_dataset("folder", tmp_path, "train")
+    with pytest.raises(
+        DatasetError, match=rf"1 unreadable image\(s\).*\n  {placeholder}: 1 x 1 px, under 8 px on a side"
+    ):
+        check_images(images)
+    kept, dropped = check_images(images, skip_corrupt=True)
+    assert placeholder not in kept.paths and digit in kept.paths and len(dropped) == 1
+
+
+def test_transparent_pixels_are_shown_on_white_whatever_colour_the_file_keeps_under_them(tmp_path):
+    """``convert("RGB")`` dropped the alpha: two fully transparent files were a black and a white image."""
+    from trainables.data.datasets import open_rgb
+
+    under_black, under_white = np.zeros((8, 8, 4), np.uint8), np.full((8, 8, 4), 255, np.uint8)
+    under_white[..., 3] = 0
+    half_red = np.zeros((8, 8, 4), np.uint8)
+    half_red[..., 0], half_red[..., 3] = 255, 128
+    grey_alpha = np.zeros((8, 8, 2), np.uint8)
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    palette.info["transparency"] = 1
+    files = {
+        "under-black.png": Image.fromarray(under_black, "RGBA"),
+        "under-white.png": Image.fromarray(under_white, "RGBA"),
+        "half-red.png": Image.fromarray(half_red, "RGBA"),
+        "grey-alpha.png": Image.fromarray(grey_alpha, "LA"),
+        "palette.png": palette,
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name, **({"transparency": 1} if image.mode == "P" else {}))
+    white = np.full((8, 8, 3), 255, np.uint8)
+    for name in ("under-black.png", "under-white.png", "grey-alpha.png", "palette.png"):
+        assert np.array_equal(np.asarray(open_rgb(tmp_path / name)), white), name
+    # 50% red over white, as a viewer shows it on a white page
+    assert np.asarray(open_rgb(tmp_path / "half-red.png"))[0, 0].tolist() == [255, 127, 127]
+
+
 def test_an_image_over_pil_s_pixel_limit_is_named_and_skipped_like_a_corrupt_one(tmp_path, monkeypatch):
     """PIL refuses an image over twice ``MAX_IMAGE_PIXELS`` (a whole-slide scan: 179M pixels by default) with
     ``DecompressionBombError``, which is no OSError: it escaped the check unnamed, and skip_corrupt_images could

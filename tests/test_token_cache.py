@@ -182,7 +182,7 @@ def test_views_of_high_bit_depth_and_exif_turned_images_are_those_of_the_display
             views = make_views(image, spec=spec, identity=b"3")
         expected = make_views(Image.fromarray(np.ascontiguousarray(pixels)), spec=spec, identity=b"3")
         assert torch.equal(views, expected), path.name
-    assert token_cache.CACHE_FORMAT == "varsweep-token-cache/3"
+    assert token_cache.CACHE_FORMAT == "varsweep-token-cache/4"
 
 
 def test_an_image_s_views_do_not_depend_on_the_other_images(images, tmp_path):

@@ -38,12 +38,17 @@ from bench.errors import VarsweepError
 SPLITS = ("train", "test")
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera's stored pixels are turned for display
 # ``check_images``' kept outcomes: 2 since ``to_rgb`` (EXIF orientation, high bit depths) decides readability, 3
-# since a strip longer than ``MAX_ASPECT_RATIO`` is unusable.
-CHECK_FORMAT = "v3"
+# since a strip longer than ``MAX_ASPECT_RATIO`` is unusable, 4 since an image under ``MIN_IMAGE_SIDE`` is.
+CHECK_FORMAT = "v4"
 # Images are resized on their shorter side to the resolution's 288/256 before cropping: a 2 x 1,000 px strip became
 # 288 x 144,000 px (1.1 GB for one view), and a longer one ran the token cache's builder out of memory, unnamed. At
 # 100:1 a 256 px view's resize is 288 x 28,800 px (25 MB): panoramas and line scans pass.
 MAX_ASPECT_RATIO = 100
+# A shorter side under this is no picture (a tracking pixel, an icon, a failed download's 1 x 1 placeholder): it was
+# scaled up to a blur and trained on. The smallest real images seen are scikit-learn's 8 x 8 digits.
+MIN_IMAGE_SIDE = 8
+# PIL modes with an alpha channel ("a": premultiplied); palette and other images may name a transparent colour.
+TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 class DatasetError(VarsweepError):
@@ -528,6 +533,10 @@ def _unreadable(images: ImageList, indices) -> dict[int, str]:
                 f"{path}: {width} x {height} px, too elongated (over {MAX_ASPECT_RATIO}:1): resized on its shorter "
                 "side for training, it would be too large to crop from"
             )
+        elif min(width, height) < MIN_IMAGE_SIDE:
+            bad[i] = (
+                f"{path}: {width} x {height} px, under {MIN_IMAGE_SIDE} px on a side: too small to be a picture"
+            )
     return bad
 
 
@@ -541,7 +550,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` as 8-bit RGB as a viewer shows it: turned upright by its EXIF orientation, and one-channel
     16/32-bit integer or float pixels rescaled to 8 bits (PIL's ``convert("RGB")`` clips them at 255, so a
     16-bit scan came out almost white). Every reader of dataset pixels (training, token caches, reference
-    statistics, image checks) decodes through here; changing its output means bumping
+    statistics, image checks) decodes through here; transparent pixels are shown on white. Changing its output means bumping
     ``token_cache.CACHE_FORMAT``, ``metrics.REFERENCE_FORMAT`` and ``CHECK_FORMAT`` so old caches miss."""
     # The full scale is read before turning: a turned copy loses the TIFF tags that give a mode-I bit depth.
     full_scale = _full_scale(image) if image.mode in ("I", "F") or image.mode.startswith("I;16") else None
@@ -550,6 +559,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if full_scale is not None:
         pixels = np.asarray(image, dtype=np.float64) * (255.0 / full_scale)
         image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if image.mode in TRANSPARENT_MODES or "transparency" in image.info:
+        # convert("RGB") drops the alpha, showing whatever colour the file keeps under a transparent pixel (black
+        # in one file, white in the next): composited onto white instead, as on a page.
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
 
 

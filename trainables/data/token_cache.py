@@ -43,7 +43,8 @@ from .tokens import TokenViews
 # 2: images decode through ``datasets.to_rgb`` (EXIF orientation, 16-bit and float pixels rescaled, not clipped),
 # so views of some images differ from version 1's and its caches must miss.
 # 3: crops are seeded by the image file's content, not its index in the listing.
-CACHE_FORMAT = "varsweep-token-cache/3"
+# 4: transparent pixels are composited onto white (``to_rgb``), not shown in the colour the file keeps under them.
+CACHE_FORMAT = "varsweep-token-cache/4"
 PROGRESS_FORMAT = "varsweep-token-cache-progress/2"
 RESIZE_RATIO = 288 / 256
 

@@ -25,7 +25,8 @@ from ..models.checkpoints import atomic_write
 
 # 2: the key names the extractor's weights, and real images decode through ``datasets.to_rgb`` (EXIF orientation,
 # 16-bit and float pixels rescaled), so version-1 statistics of some splits are stale: they miss and are rebuilt.
-REFERENCE_FORMAT = "varsweep-reference-stats/2"
+# 3: transparent pixels are composited onto white (``to_rgb``).
+REFERENCE_FORMAT = "varsweep-reference-stats/3"
 # Rows of one block of pairwise distances in precision/recall: a block is [PR_BLOCK_ROWS, N] float64, ~200 MB at
 # Food-101's 25,250 test images, where the full matrices were N x N (5 GB each, ~15 GB together).
 PR_BLOCK_ROWS = 1024
