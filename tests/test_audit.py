@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -295,6 +296,18 @@ def test_the_plan_counts_the_included_canaries(small_digits, cache_dir):
         ConfigError, match=r"gives an epsilon lower bound of 0: .* Set privacy\.delta to 0\.00014 or less"
     ):
         preflight(dp, cache_dir)
+
+
+@pytest.mark.parametrize("canaries", [20, 30, 64, 1000, 5000])
+def test_the_delta_an_unboundable_audit_is_told_to_take_gives_a_bound(canaries):
+    """Named to two digits rounded down: rounded to nearest, the named delta could lie past the threshold."""
+    from trainables.plan import _check_audit_can_bound, _perfect_guess_bound
+
+    config = replace(tiny_trial("lora"), audit={"canaries": canaries, "delta": 0.01})
+    with pytest.raises(ConfigError, match=r"Set audit\.delta to ([0-9.e-]+) or less") as refused:
+        _check_audit_can_bound(config, delta=0.01)
+    named = float(re.search(r"to ([0-9.e-]+) or less", str(refused.value)).group(1))
+    assert _perfect_guess_bound(config.audit, delta=named) > 0 and named >= 1e-5
 
 
 def audit_section(config: TrialConfig, **changes) -> dict:

@@ -174,7 +174,9 @@ def _check_audit_can_bound(config: TrialConfig, *, delta: float) -> None:
         smallest, largest = (
             (middle, largest) if _perfect_guess_bound(audit, delta=middle) > 0 else (smallest, middle)
         )
-    rounded = float(f"{smallest:.1e}")
+    # Two digits, rounded down: rounded up, the delta named could be past the threshold and give 0 again.
+    scale = 10.0 ** (math.floor(math.log10(smallest)) - 1)
+    rounded = math.floor(smallest / scale) * scale
     tenth = _perfect_guess_bound(audit, delta=rounded / 10)
     raise ConfigError(
         f"{prefix} gives an epsilon lower bound of 0: the one-run bound needs 2 x canaries x delta small beside "
