@@ -317,9 +317,12 @@ def _convergence_panel(ax, sub: pd.DataFrame, metric: str) -> None:
     order = sub.assign(_method=sub["method"].map(list(METHOD_LABELS).index)).sort_values(
         ["dp", "_method", "epsilon", "k", "seed"]
     )
+    # Each point scores convergence_num_images images: one count names the axis, several name each line.
+    counts = set(sub["convergence_num_images"])
     for _, curve in order.groupby("trial_id", sort=False):
         t, curve = curve.iloc[0], curve.dropna(subset=[metric]).sort_values("step")
         label = method_label(t["method"], t["epsilon"], t["k"]) + (f", seed {t['seed']}" if t["seed"] else "")
+        label += f", {_images(t['convergence_num_images'])}" if len(counts) > 1 else ""
         ax.plot(
             curve["step"],
             curve[metric] * scale,
@@ -330,7 +333,20 @@ def _convergence_panel(ax, sub: pd.DataFrame, metric: str) -> None:
             linestyle="--" if t["dp"] else seed_styles[seeds[t["seed"]] % len(seed_styles)],
         )
     ax.set_xlabel("training step")
-    ax.set_ylabel(METRICS[metric].axis_label)
+    on = f"on {_images(*counts)}" if len(counts) == 1 else "image count per line"
+    ax.set_ylabel(f"{METRICS[metric].axis_label} ({on})")
+
+
+def _images(count: int) -> str:
+    """ "1,000 images": the sample a convergence point is scored on."""
+    return f"{int(count):,} images"
+
+
+CONVERGENCE_CAPTION = (
+    "Each point scores a small sample of generated images during training, evaluation.convergence_num_images "
+    "of them (the axis says how many, or each line where they differ): FID grows as the sample shrinks, so "
+    "points are comparable only at one image count, and not with the tables' FIDs of the final evaluation."
+)
 
 
 def dataset_markers(points: pd.DataFrame) -> dict[str, str]:

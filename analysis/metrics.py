@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.schema import record_key_type, record_value
+from bench.schema import LORA_PRESETS, record_key_type, record_value
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,42 @@ VARIANT_TARGETS = {
     "lora": "attention+mlp+adaln",
     "ln_tuning": "adaln",
 }
+# The paper's LoRA variants by the layer groups they adapt (each its method's preset): (label, targets as printed).
+PAPER_VARIANTS = {
+    LORA_PRESETS[m]: (VARIANT_LABELS[m], VARIANT_TARGETS[m]) for m in VARIANT_LABELS if m in LORA_PRESETS
+}
+# How a LoRA group reads in a variant's label ("LoRA-AM+LN") and in its targets column.
+GROUP_LETTERS = {"attention": "A", "mlp": "M"}
+GROUP_NAMES = {"attention": "attention", "mlp": "mlp", "modulation": "adaln"}
+
+
+def effective_targets(method: str, targets: str | None) -> str | None:
+    """The LoRA groups a trial adapts, "+"-joined as the trials table writes them (``lora_targets``; None: its
+    method's preset); None for a method that is not LoRA."""
+    if method not in LORA_PRESETS:
+        return None
+    return targets if isinstance(targets, str) else "+".join(LORA_PRESETS[method])
+
+
+def variant(method: str, targets: str | None) -> tuple[str, str]:
+    """Table 10's (variant, targets) of a trial, from the groups it adapts rather than its method's name: a paper
+    variant as the paper prints it, any other LoRA as its groups ("LoRA-AM", "attention+mlp")."""
+    groups = effective_targets(method, targets)
+    if groups is None:
+        return VARIANT_LABELS[method], VARIANT_TARGETS[method]
+    split = tuple(groups.split("+"))
+    if split in PAPER_VARIANTS:
+        return PAPER_VARIANTS[split]
+    return _lora_label(split), "+".join(GROUP_NAMES[g] for g in split)
+
+
+def _lora_label(groups: tuple[str, ...]) -> str:
+    """ "LoRA-AM", "LoRA-A+LN", "LoRA-LN": attention and MLP by letter, the AdaLN modulation as "+LN"."""
+    letters = "".join(GROUP_LETTERS[g] for g in groups if g in GROUP_LETTERS)
+    modulation = "modulation" in groups
+    return "LoRA-" + letters + ("+LN" if modulation and letters else "LN" if modulation else "")
+
+
 # The paper's dataset column names (the paper used exactly these datasets).
 DATASET_COLUMNS = {
     "food101": "food101",

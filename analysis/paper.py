@@ -10,12 +10,20 @@ import json
 from pathlib import Path
 
 from bench.estimates import trial_estimate
-from bench.schema import DATASETS, TrialConfig, make_result
+from bench.schema import DATASETS, LORA_PRESETS, TrialConfig, make_result
 from bench.sweeps import table1, table2, table3, table10
 from bench.sweeps.common import Assets
 
 from .load import AnalysisError, config_value
-from .metrics import DATASET_COLUMNS, METHOD_LABELS, PAPER_EXTRACTOR, VARIANT_LABELS
+from .metrics import (
+    DATASET_COLUMNS,
+    METHOD_LABELS,
+    PAPER_EXTRACTOR,
+    PAPER_VARIANTS,
+    VARIANT_LABELS,
+    effective_targets,
+    variant,
+)
 from .tables import DP_DATASET, MISSING, Cell, Table, published
 
 PAPER = "arXiv 2507.11441"
@@ -29,6 +37,14 @@ KEYS = {
 }
 OUR_MODELS = ("VAR-",)  # rows of other model families (DiT) are published baselines only
 PAPER_RESOLUTION = 256  # the paper's images, in pixels
+# How the paper sampled and what it evaluated on (VAR's FID settings; FID against the test split): trials column ->
+# (config field, the paper's value).
+PAPER_SETTINGS = {
+    "guidance_scale": ("evaluation.guidance_scale", 1.5),
+    "top_k": ("evaluation.top_k", 900),
+    "top_p": ("evaluation.top_p", 0.96),
+    "evaluation_split": ("data.evaluation_split", "test"),
+}
 
 
 def number(text: str) -> float | None:
@@ -58,8 +74,10 @@ def _shown(mine: str | Cell | None) -> tuple[str | Cell, str]:
 def check_comparable(trials, records: dict[str, dict]) -> None:
     """Refuse (AnalysisError, one line) to put results beside the published numbers that cannot stand there:
     another feature extractor than the paper's (its FIDs are on another scale), a dataset the paper did not use,
-    a set number of evaluation images (the paper generates as many per class as the test split has) or another
-    resolution than the paper's. Only the trials the paper tables show are checked: audited trials are not."""
+    a set number of evaluation images (the paper generates as many per class as the test split has), another
+    resolution than the paper's, other sampling settings or evaluation split than the paper's (``PAPER_SETTINGS``)
+    or LoRA targets other than the method's preset (``_other_targets``). Only the trials the paper tables show are
+    checked: audited trials are not."""
     shown = trials[~trials["audited"]]
     images = shown["trial_id"].map(lambda t: config_value(records[t]["config"], "evaluation.num_images"))
     problems = [
@@ -67,6 +85,8 @@ def check_comparable(trials, records: dict[str, dict]) -> None:
         _other_datasets(shown),
         _set_image_counts(images.dropna()),
         _other_resolutions(shown["resolution"][shown["resolution"] != PAPER_RESOLUTION]),
+        *[_other_setting(shown[column], *setting) for column, setting in PAPER_SETTINGS.items()],
+        _other_targets(shown),
     ]
     if any(problems):
         raise AnalysisError(f"--compare-paper refused: {'; '.join(p for p in problems if p)}")
@@ -113,6 +133,50 @@ def _other_resolutions(resolutions) -> str | None:
         if len(resolutions)
         else None
     )
+
+
+def _other_setting(values, field: str, paper) -> str | None:
+    """``values``: one sampling or evaluation setting of the trials (``PAPER_SETTINGS``), ``field`` its config
+    field."""
+    other = values[values != paper]
+    return (
+        f"{_trials(len(other))} at {field} = {_listed(other)} (the paper's is {_setting(paper)}: select the others "
+        f"with --where {field}={_setting(paper)})"
+        if len(other)
+        else None
+    )
+
+
+def _other_targets(trials) -> str | None:
+    """The LoRA trials whose method.lora_targets are not their method's preset: a variant the paper did not run,
+    or another method's run, which Tables 1-3 would show under its method's name."""
+    lora = trials[trials["method"].isin(list(LORA_PRESETS))]
+    targets = [effective_targets(t.method, t.lora_targets) for t in lora.itertuples()]
+    other = lora[[t != "+".join(LORA_PRESETS[m]) for t, m in zip(targets, lora["method"])]]
+    if other.empty:
+        return None
+    found = other.groupby(["method", "lora_targets"]).size()
+    listed = "; ".join(f"{m} with {t} ({_trials(n)}): {_variant_of(m, t)}" for (m, t), n in found.items())
+    presets = ", ".join(f"{label} ({'+'.join(groups)})" for groups, (label, _) in PAPER_VARIANTS.items())
+    return (
+        f"method.lora_targets other than the method's preset ({listed}); the paper's LoRA variants are the "
+        f"presets {presets}, each under its own method: select the others with --where method.lora_targets=null"
+    )
+
+
+def _variant_of(method: str, targets: str) -> str:
+    """How ``_other_targets`` names a method's run with ``targets``: "LoRA-AM, no paper variant"."""
+    label = variant(method, targets)[0]
+    same = next((m for m, groups in LORA_PRESETS.items() if "+".join(groups) == targets), None)
+    return f"{label}, no paper variant" if same is None else f"{label}, method {same}'s run"
+
+
+def _setting(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _listed(values) -> str:
+    return ", ".join(_setting(v) for v in sorted(set(values)))
 
 
 def _trials(n: int) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.schema import SCHEMA_VERSION
 
-from .figures import AUDIT_CAPTION, ROC_CAPTION, FigureFile
+from .figures import AUDIT_CAPTION, CONVERGENCE_CAPTION, ROC_CAPTION, FigureFile
 from .load import Results
 from .metrics import lookup
 from .tables import Cell, Table, above_claim
@@ -27,7 +27,11 @@ CELLS_NOTE = (
     "averaged in. Error bars in the figures are the same standard deviation."
 )
 # What a figure means where its axes alone do not say it (figure name -> one sentence below it).
-FIGURE_CAPTIONS = {"privacy_audit": AUDIT_CAPTION, "privacy_audit_roc": ROC_CAPTION}
+FIGURE_CAPTIONS = {
+    "privacy_audit": AUDIT_CAPTION,
+    "privacy_audit_roc": ROC_CAPTION,
+    "convergence_fid": CONVERGENCE_CAPTION,
+}
 
 
 @dataclass
@@ -48,7 +52,8 @@ class Analysis:
 
 
 def provenance(results: Results) -> dict[str, list[str]]:
-    """Distinct values (with trial counts) of what produced the results: code version, packages, devices, extractor."""
+    """Distinct values (with trial counts) of what produced the results: code version, packages, devices, extractor,
+    sampling settings and evaluation split."""
     # One record per trial: the convergence twins counted once (``Results.repeats``) stay out of the counts.
     records = [results.records[trial_id] for trial_id in results.trials["trial_id"]]
     count = lambda values: [f"{v} ({n})" for v, n in Counter(values).most_common()]  # noqa: E731
@@ -58,6 +63,8 @@ def provenance(results: Results) -> dict[str, list[str]]:
             ", ".join(sorted(set(lookup(r, "environment.devices") or []))) or "unknown" for r in records
         ),
         "feature extractor": count(results.trials["extractor"]),
+        "sampling": count(map(_sampling, *[results.trials[c] for c in ("guidance_scale", "top_k", "top_p")])),
+        "evaluation split": count(results.trials["evaluation_split"]),
         "result schema": [f"version {SCHEMA_VERSION}"],
     }
     classifiers = [_classifier(r) for r in records]
@@ -70,6 +77,11 @@ def provenance(results: Results) -> dict[str, list[str]]:
         if any(versions):
             out[package] = count(v or "absent" for v in versions)
     return out
+
+
+def _sampling(guidance: float, top_k: int, top_p: float) -> str:
+    """ "guidance 1.5, top-k 900, top-p 0.96" (0: that filter off)."""
+    return f"guidance {guidance:g}, top-k {top_k}, top-p {top_p:g}"
 
 
 def _classifier(record: dict) -> str | None:

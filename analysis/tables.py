@@ -30,9 +30,9 @@ from .metrics import (
     METHOD_LABELS,
     METRICS,
     VARIANT_LABELS,
-    VARIANT_TARGETS,
     format_count,
     format_percent_share,
+    variant,
 )
 
 MISSING, FAILED, NO_VALUE = "—", "failed", "no value"
@@ -566,14 +566,13 @@ def table10(trials: pd.DataFrame) -> list[Table]:
             at = group[
                 (group["model"] == s["model"]) & (group["epsilon"] == s["epsilon"]) & (group["k"] == s["k"])
             ]
-            for method in [m for m in VARIANT_LABELS if m in set(at["method"])]:
+            for method, (label, targets) in _variants(at):
                 sub = at[at["method"] == method]
-                targets = sub["lora_targets"].dropna()
                 rows.append(
                     [
                         s["model"],
-                        VARIANT_LABELS[method],
-                        targets.iloc[0] if len(targets) else VARIANT_TARGETS[method],
+                        label,
+                        targets,
                         _eps(s["epsilon"]),
                         str(s["k"]),
                         cell(sub, "fid"),
@@ -596,6 +595,20 @@ def table10(trials: pd.DataFrame) -> list[Table]:
         )
 
     return _per_dataset(dp, build)
+
+
+def _variants(trials: pd.DataFrame) -> list[tuple[str, tuple[str, str]]]:
+    """(method, its (variant, targets)) of each method of ``trials``, named by the groups it adapts (one setting per
+    method and cell, ``load``), in the paper's variant order, any other variant after them."""
+    named = {
+        t.method: variant(t.method, t.lora_targets) for t in trials.drop_duplicates("method").itertuples()
+    }
+    order = list(VARIANT_LABELS.values())
+    return sorted(named.items(), key=lambda item: (_index(order, item[1][0]), item[1]))
+
+
+def _index(order: list[str], value: str) -> int:
+    return order.index(value) if value in order else len(order)
 
 
 COMPUTE_METRICS = (
@@ -640,6 +653,7 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
                     str(k),
                     *[cell(group, m) for m in COMPUTE_METRICS],
                     _cost_source(group["cost_estimated"]),
+                    _devices(group),
                 ],
             )
         )
@@ -658,6 +672,7 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
         "peak_memory_gib",
         "train_seconds",
         "cost",
+        "devices",
     ]
     return [
         Table(
@@ -676,6 +691,7 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
                 "MFU against the device's dense bf16 peak; empty on CPUs and unknown GPUs",
                 "rows/s counts training rows, one per view of an example: a DP trial with k augmentation views trains "
                 "k rows per example (examples/s = rows/s / k), counted at its expected Poisson batch",
+                DEVICES_NOTE,
                 *([AUDITED_COMPUTE_NOTE] if trials["audited"].any() else []),
                 *([ESTIMATED_COMPUTE_NOTE] if trials["cost_estimated"].any() else []),
             ],
@@ -686,6 +702,27 @@ def compute_table(trials: pd.DataFrame) -> list[Table]:
 def _cost_source(estimated: pd.Series) -> str:
     """Whether a row's trials measured their cost: a mean over measured and estimated records is neither."""
     return "estimated" if estimated.all() else "partly estimated" if estimated.any() else "measured"
+
+
+def _devices(group: pd.DataFrame) -> str:
+    """The hardware of a row's successful measured trials ("NVIDIA H100 80GB HBM3 (1 worker)"), "mixed: A + B"
+    where they ran on different hardware, the missing mark where none measured its cost."""
+    measured = group[(group["status"] == "success") & ~group["cost_estimated"]]
+    found = sorted(set(map(_hardware, measured["devices"], measured["workers"])))
+    if len(found) > 1:
+        return "mixed: " + " + ".join(found)
+    return found[0] if found else MISSING
+
+
+def _hardware(devices: str, workers: int) -> str:
+    return f"{devices or 'unknown devices'} ({workers} worker{'s' * (workers != 1)})"
+
+
+DEVICES_NOTE = (
+    "devices: the hardware of the row's measured trials (device names, DDP workers); a row marked mixed averages "
+    "their throughput, MFU, memory, time and GPU hours over different hardware, so those cells are no one "
+    "machine's: see each trial in trials.csv (columns devices, workers); —: no measured trial"
+)
 
 
 ESTIMATED_COMPUTE_NOTE = (

@@ -19,15 +19,15 @@ from PIL import Image
 
 import analysis.figures as analysis_figures
 from analysis.__main__ import main as cli
-from analysis.figures import grid_caption, grid_layout, k_colors, sample_grid
+from analysis.figures import CONVERGENCE_CAPTION, grid_caption, grid_layout, k_colors, sample_grid
 from analysis.load import AnalysisError, load_results, setting_of
-from analysis.metrics import DATASET_COLUMNS
+from analysis.metrics import DATASET_COLUMNS, PAPER_VARIANTS, variant
 from analysis.paper import number, paper_fixture, published
 from analysis.report import provenance
 from analysis.run import analyse
 from analysis.tables import PAPER_DIR
 from bench.results import ResultStore
-from bench.schema import TrialConfig, make_result, replace
+from bench.schema import LORA_PRESETS, TrialConfig, make_result, replace
 from bench.sweeps import build_sweep
 from bench.sweeps.common import Assets, dp_trial
 
@@ -389,7 +389,7 @@ def test_figures_have_files_and_axes(fixture_storage, tmp_path):
     ) == {"dataset"}
     assert figures["convergence_fid"].xlabels == ("training step",) and figures[
         "convergence_fid"
-    ].ylabels == ("FID ↓",)
+    ].ylabels == ("FID ↓ (on 1,000 images)",)
     assert (
         set(figures["privacy_utility"].xlabels) == {"privacy budget ε"}
         and len(figures["privacy_utility"].xlabels) == 2
@@ -1136,8 +1136,8 @@ def test_digit_figures_have_plain_epsilon_ticks_and_no_dp_references(digit_run):
     assert privacy.xticklabels == (("1", "8"),)  # not 10^0
     assert "LoRA, no DP" in privacy.legend and "LoRA, k=2" in privacy.legend
     assert figures["convergence_fid"].ylabels == (
-        "FID ↓",
-        "Class accuracy [%] ↑",
+        "FID ↓ (on 120 images)",
+        "Class accuracy [%] ↑ (on 120 images)",
     )  # class accuracy during training too
     curves = digit_run.results.convergence.drop(
         columns="class_accuracy"
@@ -1145,7 +1145,7 @@ def test_digit_figures_have_plain_epsilon_ticks_and_no_dp_references(digit_run):
     only_fid = analysis_figures.convergence_figure(
         digit_run.results.trials, curves, digit_run.out / "fid-only"
     )
-    assert only_fid.ylabels == ("FID ↓",)
+    assert only_fid.ylabels == ("FID ↓ (on 120 images)",)
     assert any(
         "fid_vs_k: no successful DP LoRA or LNTuning trial at ε=10 (DP trials ran at ε in {1, 8}" in line
         for line in digit_run.skipped_figures
@@ -1196,7 +1196,12 @@ def test_compare_paper_refuses_a_set_number_of_images_and_another_resolution(fix
     tiny = replace(
         build_sweep("demo")[1],
         data={"dataset": "flowers102", "root": "/assets/datasets/flowers102"},
-        evaluation={"extractor": "inception-v3-compat", "inception_weights": "/assets/inception.pth"},
+        evaluation={
+            "extractor": "inception-v3-compat",
+            "inception_weights": "/assets/inception.pth",
+            "guidance_scale": 1.5,
+            "top_k": 900,
+        },
     )
     extractor = {"extractor": "inception-v3-compat"}
     ResultStore(storage).write(
@@ -1214,6 +1219,155 @@ def test_compare_paper_refuses_a_set_number_of_images_and_another_resolution(fix
     where = {"evaluation.num_images": None, "data.resolution": 256}
     selected = analyse(storage, tmp_path / "ok", compare_paper=True, where=where, grids=False, figures=False)
     assert len(selected.comparisons) == 5 and len(selected.results.excluded) == 2
+
+
+def replace_trial(storage: Path, label_part: str, **sections) -> dict:
+    """Rewrite a fixture trial with config sections changed (so under a new trial id) and return it."""
+    original = result_path(storage, label_part)
+    record = twin(storage, label_part, **sections)
+    original.unlink()
+    return record
+
+
+def test_compare_paper_refuses_other_sampling_settings_and_evaluation_split(fixture_storage, tmp_path):
+    """The paper samples with guidance 1.5, top-k 900 and top-p 0.96 and scores against the test split: results
+    sampled otherwise, or scored against another split, stood beside it with a difference of +0. The refusal names
+    each setting, the values found and the paper's; the provenance lists the sampling and split of the results."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    replace_trial(storage, "lora-d16-cub200", evaluation={"guidance_scale": 3.0, "top_k": 0, "top_p": 0.0})
+    replace_trial(storage, "full-d16-cub200", data={"evaluation_split": "train"})
+    with pytest.raises(AnalysisError) as refused:
+        analyse(storage, tmp_path / "out", compare_paper=True, grids=False, figures=False)
+    assert str(refused.value) == (
+        "--compare-paper refused: 1 trial at evaluation.guidance_scale = 3 (the paper's is 1.5: select the others "
+        "with --where evaluation.guidance_scale=1.5); 1 trial at evaluation.top_k = 0 (the paper's is 900: select "
+        "the others with --where evaluation.top_k=900); 1 trial at evaluation.top_p = 0 (the paper's is 0.96: "
+        "select the others with --where evaluation.top_p=0.96); 1 trial at data.evaluation_split = train (the "
+        "paper's is test: select the others with --where data.evaluation_split=test)"
+    )
+    assert not (tmp_path / "out").exists()
+    sources = provenance(load_results(storage))
+    assert sources["sampling"] == [
+        "guidance 1.5, top-k 900, top-p 0.96 (52)",
+        "guidance 3, top-k 0, top-p 0 (1)",
+    ]
+    assert sources["evaluation split"] == ["test (52)", "train (1)"]
+    where = {"evaluation.guidance_scale": 1.5, "data.evaluation_split": "test"}
+    selected = analyse(storage, tmp_path / "ok", compare_paper=True, where=where, grids=False, figures=False)
+    assert (
+        len(selected.comparisons) == 5
+        and "- sampling: guidance 1.5, top-k 900, top-p 0.96 (51)"
+        in (tmp_path / "ok" / "index.md").read_text()
+    )
+
+
+def measured_on(record: dict, devices: list[str], workers: int, rows_per_second: float) -> None:
+    """Make ``record``'s cost measured on ``devices`` by ``workers`` DDP workers."""
+    record["cost"].update(estimated=False, rows_per_second=rows_per_second, peak_memory_bytes=2**33)
+    record["environment"].update(devices=devices, world_size=workers)
+
+
+def test_a_compute_row_over_different_hardware_says_it_mixes_devices(fixture_storage, tmp_path):
+    """Two seeds of one setting, one on an H100 and one on 4 CPU workers (resources are not in the trial id), were
+    averaged into one row's throughput, memory and GPU hours with nothing saying so."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    h100 = ["NVIDIA H100 80GB HBM3"]
+    gpu = rewrite(result_path(storage, "lora-d16-cub200"), lambda r: measured_on(r, h100, 1, 900.0))
+    config = replace(TrialConfig.from_dict(gpu["config"]), optimization={"seed": 1}, resources={"workers": 4})
+    cpu = {**json.loads(json.dumps(gpu)), "trial_id": config.trial_id, "config": config.to_dict()}
+    measured_on(cpu, ["cpu"], 4, 3.0)
+    (storage / "results" / f"{config.trial_id}.json").write_text(json.dumps(cpu))
+    rewrite(result_path(storage, "lora-d16-flowers102"), lambda r: measured_on(r, h100, 1, 800.0))
+    analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
+    (compute,) = [t for t in analysis.tables if t.name == "compute"]
+    assert compute.header[-1] == "devices"
+    devices = {tuple(r[:3]): r[-1] for r in compute.rows if r[3] == "no DP"}
+    assert (
+        devices[("VAR-d16", "cub200", "LoRA")] == "mixed: NVIDIA H100 80GB HBM3 (1 worker) + cpu (4 workers)"
+    )
+    assert devices[("VAR-d16", "flowers102", "LoRA")] == "NVIDIA H100 80GB HBM3 (1 worker)"
+    assert devices[("VAR-d16", "cub200", "FFT")] == "—"  # estimated: no hardware measured it
+    assert any(
+        note.startswith("devices: the hardware of the row's measured trials") for note in compute.notes
+    )
+    assert (
+        "mixed: NVIDIA H100 80GB HBM3 (1 worker) + cpu (4 workers)"
+        in (tmp_path / "out" / "index.md").read_text()
+    )
+
+
+def test_convergence_fids_say_how_many_images_they_score(fixture_storage, tmp_path):
+    """Curves scored on 20 and on 1,000 images shared one axis labelled "FID ↓": the count goes on the axis where
+    the lines share it, on each line where they differ, and the report's caption says what such FIDs are."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    for label, images, fids in (
+        ("full-d16-cub200", 20, (80.0, 60.0)),
+        ("lora-d16-cub200", 1000, (30.0, 20.0)),
+    ):
+        record = replace_trial(
+            storage, label, evaluation={"convergence_points": 2, "convergence_num_images": images}
+        )
+        rewrite(
+            storage / "results" / f"{record['trial_id']}.json",
+            lambda r, f=fids: r.update(
+                convergence=[{"step": 100 * (i + 1), "fid": v} for i, v in enumerate(f)]
+            ),
+        )
+    analysis = analyse(storage, tmp_path / "out", grids=False)
+    (figure,) = [f for f in analysis.figures if f.name == "convergence_fid"]
+    assert figure.ylabels == ("FID ↓ (image count per line)",)
+    assert set(figure.legend) == {"FFT, 20 images", "LoRA, 1,000 images"}
+    assert CONVERGENCE_CAPTION in (tmp_path / "out" / "index.md").read_text()
+    trials, curves = analysis.results.trials, analysis.results.convergence
+    lora = trials.loc[trials["method"] == "lora", "trial_id"]
+    one = analysis_figures.convergence_figure(trials, curves[curves["trial_id"].isin(lora)], tmp_path / "one")
+    assert one.ylabels == ("FID ↓ (on 1,000 images)",) and one.legend == ("LoRA",)
+
+
+def test_lora_variants_are_named_by_the_groups_they_adapt():
+    assert set(PAPER_VARIANTS) == set(LORA_PRESETS.values())
+    assert variant("lora", None) == ("LoRA-AM+LN", "attention+mlp+adaln")
+    assert variant("lora_attention", "attention") == ("LoRA-A", "attention qkv+proj")
+    assert variant("lora", "attention") == ("LoRA-A", "attention qkv+proj")
+    assert variant("lora", "attention+mlp") == ("LoRA-AM", "attention+mlp")
+    assert variant("lora", "attention+modulation") == ("LoRA-A+LN", "attention+adaln")
+    assert variant("lora_mlp", "modulation") == ("LoRA-LN", "adaln")
+    assert variant("ln_tuning", None) == ("LNTuning", "adaln")
+
+
+def test_table10_names_a_trial_by_its_effective_targets_and_compare_paper_refuses_others(
+    fixture_storage, tmp_path
+):
+    """Table 10 named a variant after its method: a lora trial adapting attention and MLP only read "LoRA-AM+LN",
+    and its comparison split the published row in two half-empty ones; the ablation presets spelled out as
+    targets printed raw group names."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    replace_trial(storage, "lora_attention-d16", method={"lora_targets": ["attention"]})
+    replace_trial(storage, "lora_mlp-d16", method={"lora_targets": ["mlp"]})
+    spelled = analyse(storage, tmp_path / "spelled", compare_paper=True, grids=False, figures=False)
+    (table10,) = [t for t in spelled.tables if t.name == "table10_dp_ablation"]
+    assert [r[1:3] for r in table10.rows] == [
+        ["LoRA-A", "attention qkv+proj"],
+        ["LoRA-M", "mlp fc1+fc2"],
+        ["LoRA-AM+LN", "attention+mlp+adaln"],
+        ["LNTuning", "adaln"],
+    ]
+    (compared,) = [t for t in spelled.comparisons if t.name == "compare_table10_dp_ablation"]
+    assert {row[-1] for row in compared.rows} == {"+0"}
+    replace_trial(storage, "lora-d16-flowers102-eps10-k128", method={"lora_targets": ["attention", "mlp"]})
+    replace_trial(storage, "lora-d16-cub200", method={"lora_targets": ["attention"]})
+    plain = analyse(storage, tmp_path / "plain", grids=False, figures=False)
+    (table10,) = [t for t in plain.tables if t.name == "table10_dp_ablation"]
+    assert [r[1:3] for r in table10.rows][2:] == [["LNTuning", "adaln"], ["LoRA-AM", "attention+mlp"]]
+    with pytest.raises(AnalysisError) as refused:
+        analyse(storage, tmp_path / "out", compare_paper=True, grids=False, figures=False)
+    assert str(refused.value) == (
+        "--compare-paper refused: method.lora_targets other than the method's preset (lora with attention (1 "
+        "trial): LoRA-A, method lora_attention's run; lora with attention+mlp (1 trial): LoRA-AM, no paper "
+        "variant); the paper's LoRA variants are the presets LoRA-A (attention), LoRA-M (mlp), LoRA-AM+LN "
+        "(attention+mlp+modulation), each under its own method: select the others with --where "
+        "method.lora_targets=null"
+    )
 
 
 def test_cli_expected_failures_end_in_one_line_without_traceback(
@@ -1357,8 +1511,8 @@ def test_the_compute_table_says_which_rows_hold_the_dry_run_estimate(fixture_sto
     )
     analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
     (compute,) = [t for t in analysis.tables if t.name == "compute"]
-    assert compute.header[-1] == "cost"
-    source = {tuple(r[:5]): r[-1] for r in compute.rows}
+    assert compute.header[-2:] == ["cost", "devices"]
+    source = {tuple(r[:5]): r[-2] for r in compute.rows}
     assert source[("VAR-d16", "flowers102", "LoRA", "no DP", "1")] == "partly estimated"
     assert source[("VAR-d16", "flowers102", "FFT", "no DP", "1")] == "measured"
     assert source[("VAR-d16", "cub200", "LoRA", "no DP", "1")] == "estimated"
@@ -1498,7 +1652,7 @@ def test_figures_tell_seeds_apart_print_plain_rates_and_keep_the_paper_s_dataset
     curves = pd.DataFrame(
         [
             {"trial_id": f"t{seed}", "method": "lora", "epsilon": np.nan, "k": 1, "dp": False, "seed": seed}
-            | {"step": step, "fid": 10.0 - step - seed}
+            | {"step": step, "fid": 10.0 - step - seed, "convergence_num_images": 1000}
             for seed in (0, 1)
             for step in (1, 2)
         ]
