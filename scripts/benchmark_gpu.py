@@ -21,7 +21,7 @@ the command's start, the wheels' install included), then ``--from`` the returned
 time: its rows carry the device's name, the throughput file keeps them beside the H200's, and ``python -m bench
 sweep ... --dry-run --gpu H100`` prices from them. The same command, in a Python holding only the image's packages
 at its torch 2.11 and ``--device cpu --depth 2 --quick``, is how the script was checked here (2026-12-04, again
-2026-12-06): nothing else is needed there (the deadline's clock reads psutil, which benchmark_common imports).
+2026-12-06 and 2026-12-07): nothing else is needed there (the deadline's clock reads psutil, which benchmark_common imports).
 
 Time. The device kills the call at 540 s, so the run keeps a hard deadline (``--deadline-s``, default 500 s; 150 s
 with ``--quick``) counted from the process's start (or ``$BENCHMARK_GPU_T0``), not from when its models are built:
