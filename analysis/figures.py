@@ -24,11 +24,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib import font_manager, ticker
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from pyarrow import fs as pafs
 
 from bench.results import open_storage
 from bench.schema import is_storage_relative, is_uri
+from trainables.data.decode import to_rgb
 
 from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup, method_label
 from .tables import TABLE2_METHODS, above_claim, audited_left_out, dataset_columns
@@ -950,7 +951,7 @@ def _thumb(path: Path) -> Image.Image | None:
     pixel a 4x4 block), Lanczos when reducing; None for a file that cannot be read (shown blank)."""
     try:
         with Image.open(path) as image:
-            image = _displayed_rgb(image)
+            image = to_rgb(image)
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2
             square = image.crop((left, top, left + side, top + side))
@@ -959,28 +960,6 @@ def _thumb(path: Path) -> Image.Image | None:
             )
     except (OSError, UnidentifiedImageError, ValueError):
         return None
-
-
-def _displayed_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB as a viewer shows it: EXIF orientation applied, 16/32-bit integer and float greyscale rescaled
-    (not clipped at 255: a 16-bit scan would show white). The rules of training's decoding
-    (``trainables.data.datasets.to_rgb``), restated because analysis imports no torch: keep the two alike."""
-    white = _white(image) if image.mode in ("I", "F") or image.mode.startswith("I;16") else None
-    image = ImageOps.exif_transpose(image)
-    if white is not None:
-        pixels = np.asarray(image, dtype=np.float64) * (255.0 / white)
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-    return image.convert("RGB")
-
-
-def _white(image: Image.Image) -> float:
-    """The value shown white in a one-channel high-depth image (read before turning, which drops TIFF tags):
-    1.0 for floats, 2**16 - 1 for 16-bit modes and mode I, 2**31 - 1 for a TIFF with more than 16 bits."""
-    if image.mode == "F":
-        return 1.0
-    bits = getattr(image, "tag_v2", {}).get(258, 16) if image.mode == "I" else 16
-    bits = bits[0] if isinstance(bits, tuple) else bits
-    return float(2**31 - 1 if bits > 16 else 2**16 - 1)
 
 
 def _font(size: int, *, bold: bool = False) -> ImageFont.ImageFont:

@@ -474,7 +474,8 @@ def test_an_oxford_pet_subset_without_a_breed_labels_each_image_with_its_own_bre
 
 def displayed_images(folder: Path) -> dict[Path, np.ndarray]:
     """Image files PIL's own ``convert("RGB")`` gets wrong, each with the 8-bit RGB [H, W, 3] a viewer shows:
-    16-bit greyscale (modes I;16 and I), float greyscale (mode F) and EXIF-turned pictures."""
+    16-bit greyscale (modes I;16 and I), float greyscale (mode F), EXIF-turned pictures and a transparent one
+    (shown on white, whatever colour the file keeps under it)."""
     folder.mkdir(parents=True, exist_ok=True)
     levels = np.arange(256, dtype=np.uint16).reshape(16, 16)  # every 8-bit level once
     grey = np.repeat(levels.astype(np.uint8)[..., None], 3, axis=2)
@@ -487,12 +488,16 @@ def displayed_images(folder: Path) -> dict[Path, np.ndarray]:
     turned_right[0x0112], turned_left[0x0112] = 6, 8  # EXIF orientation: shown turned 90 degrees cw / ccw
     Image.fromarray(stored).save(folder / "turned.png", exif=turned_right)
     Image.fromarray(levels[:8] * 257).save(folder / "16-bit-turned.png", exif=turned_left)
+    hidden_red = np.zeros((8, 8, 4), np.uint8)
+    hidden_red[..., 0] = 255
+    Image.fromarray(hidden_red, "RGBA").save(folder / "transparent.png")
     return {
         folder / "16-bit.png": grey,
         folder / "16-bit.pgm": grey,
         folder / "float.tiff": grey,
         folder / "turned.png": np.rot90(stored, k=-1),
         folder / "16-bit-turned.png": np.rot90(grey[:8], k=1),
+        folder / "transparent.png": np.full((8, 8, 3), 255, np.uint8),
     }
 
 
@@ -518,8 +523,8 @@ def test_high_bit_depths_are_rescaled_and_exif_orientation_applied_for_training(
 
 
 def test_analysis_thumbnails_decode_as_training_does(tmp_path):
-    """analysis cannot import the torch side's ``to_rgb``; its thumbnail of each file is the thumbnail of the
-    8-bit picture the training pipeline sees."""
+    """The analysis's thumbnail of each file is the thumbnail of the 8-bit picture the training pipeline sees (it
+    restated the decoding, and missed the transparency rule when training gained it)."""
     from analysis.figures import _thumb
 
     for path, pixels in displayed_images(tmp_path).items():

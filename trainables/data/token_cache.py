@@ -37,7 +37,8 @@ from torchvision.transforms.v2 import functional as TF
 from ..models import VQVAE
 from ..models.checkpoints import atomic_write, file_lock
 from ..progress import Log, Progress
-from .datasets import DatasetError, ImageList, to_rgb
+from .datasets import DatasetError, ImageList
+from .decode import to_rgb
 from .tokens import TokenViews
 
 # 2: images decode through ``datasets.to_rgb`` (EXIF orientation, 16-bit and float pixels rescaled, not clipped),
