@@ -48,8 +48,10 @@ PEAK_FLOPS = {
 # The kinds as ``gpu_kind`` tries them: the longest name first, so an "H200 NVL" is not taken for an "H200".
 GPU_KINDS = tuple(sorted(PEAK_FLOPS, key=len, reverse=True))
 ASSUMED_UTILISATION = 0.35
-# Attention's backward as a multiple of its forward (five L x L products for two), as the counter counts it.
+# Attention's backward as a multiple of its forward (five L x L products for two), as the counter counts it: a
+# flash kernel recomputes the scores QK^T. Model FLOPs, MFU's numerator, leave that recomputation out (four).
 ATTENTION_BACKWARD = 2.5
+USEFUL_ATTENTION_BACKWARD = 2.0
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,12 @@ def visible_attention_fraction(patch_nums: tuple[int, ...] = OFFICIAL_PATCH_NUMS
 
 
 def training_flops_per_row(
-    shape: VarShape, method: str, *, dense_attention: bool = False, trained_blocks: int | None = None
+    shape: VarShape,
+    method: str,
+    *,
+    dense_attention: bool = False,
+    trained_blocks: int | None = None,
+    attention_backward: float = ATTENTION_BACKWARD,
 ) -> float:
     """Useful training FLOPs of one row (one image view): forward, then backward. Full fine-tuning computes weight
     and input gradients (2x the forward); adapters only input gradients (1x; the word embedding, whose input
@@ -113,7 +120,8 @@ def training_flops_per_row(
     every block, the head and the word embedding) computes weight gradients for those blocks alone, but input
     gradients through every block still: the class embedding, always trained, feeds each block's AdaLN and the
     first scale. Attention counts the query/key pairs the mask lets through; ``dense_attention=True`` counts all
-    L x L pairs (what a kernel that computes the masked pairs too does)."""
+    L x L pairs (what a kernel that computes the masked pairs too does). ``attention_backward``: attention's
+    backward as a multiple of its forward (``USEFUL_ATTENTION_BACKWARD`` for model FLOPs)."""
     if method == "base":
         return 0.0
     linear = 2 * (shape.per_token_weights * shape.tokens + shape.per_image_weights)
@@ -128,7 +136,7 @@ def training_flops_per_row(
     else:  # a block's per-token (12 C^2) and AdaLN (6 C^2, once per image) weights, as in ``VarShape``
         c = shape.embed_dim
         weight_gradients = 2 * trained_blocks * (12 * c * c * shape.tokens + 6 * c * c)
-    return 2 * linear + weight_gradients + embedding + (1 + ATTENTION_BACKWARD) * attention
+    return 2 * linear + weight_gradients + embedding + (1 + attention_backward) * attention
 
 
 def trained_blocks(config: TrialConfig) -> int | None:

@@ -39,13 +39,14 @@ failed graph capture) is recorded in ``device_broken`` and every later measureme
 written and the report still printed.
 
 Phases, by priority (the issue's targets first; nothing compiles before phase 6):
-1. matmul: the achievable dense bf16 rate (large square products, random inputs rotated, CUDA-synchronised
-   medians), beside the datasheet peak (``bench.estimates.PEAK_FLOPS``), and the memory bandwidth (a 4 GiB
+1. matmul: the achievable dense bf16 rate (large square products, random inputs rotated, back to back between
+   CUDA synchronisations, medians), beside the datasheet peak (``bench.estimates.PEAK_FLOPS``), and the memory bandwidth (a 4 GiB
    device-to-device copy): the two ceilings, MFU's denominator.
 2. training: d16 eager, full fine-tuning then LoRA, as trials run (bf16 autocast, the per_scale kernel, fused
    AdamW, token-cache style inputs: random token maps, no VQVAE encoding), up the batch ladder until a batch fails.
    Images/s, peak GiB, MFU = useful FLOPs (``bench.estimates.training_flops_per_row``: attention over the visible
-   query/key pairs only) / the matmul rate of phase 1, and / the datasheet.
+   query/key pairs only, its backward without a kernel's recomputation of the scores) / the matmul rate of phase 1,
+   and / the datasheet.
 3. privacy: at d16 the non-DP step and book-keeping for DP-full and DP-LoRA at k = 1 and k = 32 views per example
    (``dp_rows`` rows per physical batch; at k = 32 one example): time and peak-memory ratios to the non-DP step.
    (k = 128, one example's views in four forwards of ``dp_rows`` as the paper sweeps run it, opens phase 10.)
@@ -116,6 +117,7 @@ from torch.nn import functional as F
 from bench.estimates import (
     MEASURED_THROUGHPUT_FILE,
     PEAK_FLOPS,
+    USEFUL_ATTENTION_BACKWARD,
     VarShape,
     gpu_kind,
     training_flops_per_row,
@@ -566,7 +568,9 @@ def peak_gib(device: torch.device) -> float | None:
 
 def matmul_rate(size: int, *, device: torch.device, reps: int = 20) -> dict:
     """Dense matmul rate of [size x size] @ [size x size] (bf16 on CUDA, float32 elsewhere) on random inputs,
-    three pairs rotated so no product reads what the previous one left in cache."""
+    three pairs rotated so no product reads what the previous one left in cache; ``reps`` products back to back
+    between two synchronisations, the median of three such runs (a synchronisation per product would add the
+    launch gap to each: a lower ceiling, a higher MFU)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(size)
     pairs = [
@@ -582,7 +586,11 @@ def matmul_rate(size: int, *, device: torch.device, reps: int = 20) -> dict:
         a, b = pairs[next(calls) % 3]
         torch.mm(a, b)
 
-    seconds = timed(product, steps=reps, warmup=3, device=device)
+    def products() -> None:
+        for _ in range(reps):
+            product()
+
+    seconds = timed(products, steps=3, warmup=1, device=device) / reps
     return {
         "size": size,
         "dtype": str(dtype).removeprefix("torch."),
@@ -1077,7 +1085,11 @@ def train_step_fn(var, vqvae, optimizer, labels_B, idx, *, device: torch.device,
 
 
 def useful_flops_per_row(depth: int, method: str) -> float:
-    return training_flops_per_row(VarShape.official(depth), method)
+    """MFU's numerator per row: model FLOPs, attention over the visible pairs and its backward twice its forward
+    (a flash kernel's recomputation of the scores is work, not model FLOPs)."""
+    return training_flops_per_row(
+        VarShape.official(depth), method, attention_backward=USEFUL_ATTENTION_BACKWARD
+    )
 
 
 def training_row(rec: Recorder, s: Setting, *, seconds: float, device: torch.device) -> dict:
@@ -1480,8 +1492,15 @@ def norm_errors(device: torch.device, dtype: torch.dtype, *, examples: int = 4) 
         "direct_kept": error(kept_sq_B, kept_Boi.double().square().sum((1, 2))),
         "noised_sum": ((noised_oi.double() - want_oi).norm() / want_oi.norm()).item(),
         "sum_over_nan": ((over_nan_oi.double() - clipped_oi).norm() / clipped_oi.norm()).item(),
-        "float32_output_products": bookkeeping.NATIVE_FLOAT32_OUTPUT.get(device.type, False),
+        "float32_output_products": _float32_output(device),
     }
+
+
+def _float32_output(device: torch.device) -> bool:
+    """Whether book-keeping's products write float32 from bf16 operands on this device (else they upcast first)."""
+    from trainables import bookkeeping
+
+    return bookkeeping.NATIVE_FLOAT32_OUTPUT.get(device.type, False)
 
 
 def privacy_schedule(plan: Plan) -> dict[str, list[tuple[int, str, int, str | None, str]]]:
@@ -1570,6 +1589,9 @@ def measure_privacy(rec: Recorder, plan: Plan, models: Models, schedule: list[tu
                 "step_ms": 1e3 * seconds,
                 "rows_per_s": examples * k / seconds,
                 "peak_gib": peak_gib(device),
+                # Book-keeping turns its float32-output products off for the process at their first failure: which
+                # path this row's step took (read after it, so a failure in it shows).
+                **({"float32_output_products": _float32_output(device)} if clipping else {}),
             }
 
         cost = dp_cost(rec, plan, models, depth, method, k, clipping, precision)
@@ -2134,6 +2156,21 @@ def _ratio(value) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
+def _compiled(row: dict) -> str:
+    """ "True (2 graphs)", with the CUDA graphs inductor skipped where it skipped any (those parts ran eager in a
+    row that says compiled), or "False"; rows of runs before the counters were recorded: the bare flag."""
+    if not row["compiled"] or "dynamo_graphs" not in row:
+        return str(row["compiled"])
+    skips = row.get("cudagraph_skips") or 0
+    graphs = f"{row['dynamo_graphs']} graph{'s' * (row['dynamo_graphs'] != 1)}"
+    return f"True ({graphs}" + (f", {skips} CUDA graph(s) skipped)" if skips else ")")
+
+
+def _fully_compiled(row: dict) -> bool:
+    """Whether a row is a compiled trial's rate: eager, or compiled with no CUDA graph skipped."""
+    return not row.get("cudagraph_skips")
+
+
 def _clipping(row: dict) -> str:
     route = row.get("route")
     return (row["clipping"] or "no DP") + (f" ({route} routes)" if route else "")
@@ -2198,7 +2235,8 @@ def report(data: dict, *, command: str) -> str:
         f"measured in this run: {_num(rates.get('achievable_tflops'))} TFLOP/s (datasheet "
         f"{_num(rates.get('datasheet_tflops'))}); memory bandwidth (a device-to-device copy, bytes read and "
         f"written): {_num(rates.get('bandwidth_tb_per_s'), '.2f')} TB/s. MFU counts useful FLOPs (attention over the visible query/key "
-        "pairs only; `bench.estimates.training_flops_per_row`).",
+        "pairs only, its backward twice its forward: a kernel's recomputation of the scores is not counted; "
+        "`bench.estimates.training_flops_per_row`).",
         "",
         "| matmul | dtype | ms | TFLOP/s |",
         "|---|---|---|---|",
@@ -2252,7 +2290,7 @@ def report(data: dict, *, command: str) -> str:
         for r in training:
             first = next(x for x in training if x["depth"] == r["depth"] and x["method"] == r["method"])
             lines.append(
-                f"| {r['depth']} | {r['method']} | {r['kernel']} | {r['fused']} | {r['compiled']} | {r['frozen_bf16']} | "
+                f"| {r['depth']} | {r['method']} | {r['kernel']} | {r['fused']} | {_compiled(r)} | {r['frozen_bf16']} | "
                 f"{r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
                 f"{r['images_per_s'] / first['images_per_s']:.2f}x | {_num(r['peak_gib'])} | "
                 f"{_num(r['mfu_measured'], '.1%')} | {_num(r['mfu_datasheet'], '.1%')} |"
@@ -2292,7 +2330,7 @@ def report(data: dict, *, command: str) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['depth']} | {r['batch']} | {r['compiled']} | {r['first_call_s']:.2f} | {r['batch_s']:.3f} | "
+            f"| {r['depth']} | {r['batch']} | {_compiled(r)} | {r['first_call_s']:.2f} | {r['batch_s']:.3f} | "
             f"{r['images_per_s']:.1f} | {_num(r['peak_gib'])} |"
             for r in data["generation"]
         ]
@@ -2399,7 +2437,7 @@ def throughput_entries(data: dict, *, command: str, docs: str) -> list[dict]:
     common = {**_measured_by(data, command=command, docs=docs), "tokens": "token cache"}
     entries, best = [], {}
     for r in data.get("training", []):
-        if r["frozen_bf16"] or not r["fused"]:
+        if r["frozen_bf16"] or not r["fused"] or not _fully_compiled(r):
             continue
         key = (r["depth"], r["method"], r["kernel"], r["compiled"])
         if key not in best or r["images_per_s"] > best[key]["images_per_s"]:
@@ -2476,6 +2514,7 @@ def sampling_entries(data: dict, *, command: str, docs: str) -> list[dict]:
             "batch_s": round(r["batch_s"], 3),
         }
         for r in data.get("generation", [])
+        if _fully_compiled(r)
     ]
     return entries
 

@@ -200,15 +200,48 @@ def test_dp_routes_norm_accuracy_and_profiles_are_recorded(smoke):
 
 
 def test_mfu_counts_the_visible_pairs(smoke):
-    """MFU = useful FLOPs (attention over the visible pairs) / the rate measured in the same run."""
-    from bench.estimates import VarShape, training_flops_per_row
+    """MFU = useful FLOPs (attention over the visible pairs, its backward twice its forward: a flash kernel's
+    recomputation of the scores, which the counter and the estimate count, is left out) / the rate measured in
+    the same run."""
+    from bench.estimates import VarShape, training_flops_per_row, visible_attention_fraction
 
-    data = smoke["data"]
+    data, shape = smoke["data"], VarShape.official(2)
     rate = data["rates"]["achievable_tflops"] * 1e12
+    recomputed = 0.5 * shape.attention_flops * visible_attention_fraction()
+    assert data["training"]
     for r in data["training"]:
-        useful = training_flops_per_row(VarShape.official(2), r["method"], dense_attention=False) * r["batch"]
+        useful = (training_flops_per_row(shape, r["method"]) - recomputed) * r["batch"]
         assert r["useful_tflop_per_step"] * 1e12 == pytest.approx(useful, rel=1e-9)
         assert r["mfu_measured"] == pytest.approx(useful / (r["step_ms"] / 1e3) / rate, rel=1e-9)
+
+
+def test_a_compiled_row_says_what_compiled_and_one_with_skipped_cuda_graphs_prices_nothing(smoke):
+    """Rows said "compiled True" whatever dynamo and inductor did; a generation row whose CUDA graphs inductor
+    skipped ran partly eager, and was written to the throughput file as a compiled trial's rate."""
+    import benchmark_gpu
+
+    data = copy.deepcopy(smoke["data"])
+    eager = data["generation"][0]
+    compiled = {**eager, "compiled": True, "dynamo_graphs": 9, "cudagraph_skips": 0}
+    skipped = {**compiled, "batch": eager["batch"] + 1, "cudagraph_skips": 2}
+    data["generation"] += [compiled, skipped]
+    assert [benchmark_gpu._compiled(r) for r in (eager, compiled, skipped)] == [
+        "False",
+        "True (9 graphs)",
+        "True (9 graphs, 2 CUDA graph(s) skipped)",
+    ]
+    priced = benchmark_gpu.sampling_entries(data, command="c", docs="d")
+    rows = [(e["batch_size"], e["compiled"]) for e in priced if e["measured_in"] == "generation"]
+    assert (compiled["batch"], True) in rows and (skipped["batch"], True) not in rows
+    assert "| True (9 graphs, 2 CUDA graph(s) skipped) |" in benchmark_gpu.report(data, command="c")
+
+
+def test_each_book_keeping_row_says_which_products_it_ran(smoke):
+    """Book-keeping turns its float32-output products off for the process at their first failure: only the
+    accuracy rows said which path ran, not the timed ones."""
+    rows = smoke["data"]["privacy"]
+    assert all(isinstance(r["float32_output_products"], bool) for r in rows if r["clipping"])
+    assert all("float32_output_products" not in r for r in rows if not r["clipping"])
 
 
 def test_a_run_on_a_gpu_of_unknown_peak_does_not_write_the_throughput_file(smoke, tmp_path):
