@@ -293,7 +293,7 @@ def test_the_plan_counts_the_included_canaries(small_digits, cache_dir):
         preflight(unset, cache_dir)
     dp = replace(audit_trial(small_digits, dp=True), privacy={"delta": 1e-3})
     with pytest.raises(
-        ConfigError, match=r"gives an epsilon lower bound of 0: .* Set privacy\.delta to 0\.00014 or less"
+        ConfigError, match=r"gives an epsilon lower bound of 0: .* Set privacy\.delta to 0\.00027 or less"
     ):
         preflight(dp, cache_dir)
 
@@ -308,6 +308,25 @@ def test_the_delta_an_unboundable_audit_is_told_to_take_gives_a_bound(canaries):
         _check_audit_can_bound(config, delta=0.01)
     named = float(re.search(r"to ([0-9.e-]+) or less", str(refused.value)).group(1))
     assert _perfect_guess_bound(config.audit, delta=named) > 0 and named >= 1e-5
+    # more canaries would not help (the threshold stays near 2.6e-4): the message must not send users there
+    assert "canaries (" not in str(refused.value).split("apart", 1)[1]
+    if canaries >= 1000:
+        assert all(
+            _perfect_guess_bound(AuditConfig(canaries=m), delta=3e-4) == 0 for m in (canaries, 4 * canaries)
+        )
+
+
+def test_an_audit_a_perfect_attack_can_bound_is_accepted():
+    """The perfect attack's scores had ties (1 for members, 0 for the rest), on which the bound abstains: at
+    delta 2e-4 with 256 canaries it read 0 and refused an audit that an attack ranking the canaries bounds."""
+    from trainables.audit_bound import epsilon_lower_bound
+    from trainables.plan import _check_audit_can_bound
+
+    config = replace(tiny_trial("lora"), audit={"canaries": 256, "delta": 2e-4})
+    _check_audit_can_bound(config, delta=2e-4)
+    mask = audit_module.inclusion_mask(config.audit)
+    ranked = mask * 256 + np.arange(256)
+    assert epsilon_lower_bound(ranked.astype(float), mask, delta=2e-4)["epsilon_lower_bound"] > 0.5
 
 
 def audit_section(config: TrialConfig, **changes) -> dict:
