@@ -41,7 +41,7 @@ FORCE:
 # experiment tracking (tracking), the test tools (dev) and boto3 for Ray's AWS autoscaler (aws: the suite tests
 # that the head can use it). `pip install .` alone is the analysis-only install (see README).
 EXTRAS := train,tracking,dev,aws
-$(STAMP): pyproject.toml constraints.txt $(if $(VENV_TOO_OLD),FORCE) | $(PY)
+$(STAMP): pyproject.toml constraints.txt $(if $(VENV_TOO_OLD)$(VENV_NO_PIP),FORCE) | $(PY)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 

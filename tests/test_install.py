@@ -239,6 +239,8 @@ def test_make_makes_the_venv_where_python_has_no_ensurepip_and_mends_a_half_made
     # Where `python3 -m venv` fails (no ensurepip), `make demo` used to stop, and every later run failed with
     # ".venv/bin/python: No module named pip": the half-made venv stayed. Reproduced on Debian 12's python3.11.
     shutil.copy2(REPO / "Makefile", tmp_path / "Makefile")
+    for name in ("pyproject.toml", "constraints.txt"):
+        (tmp_path / name).touch()
     debian = tmp_path / "python3"
     debian.write_text(
         DEBIAN_PYTHON.format(python=shlex.quote(str(Path(sys.base_prefix) / "bin" / "python3")))
@@ -263,6 +265,22 @@ def test_make_makes_the_venv_where_python_has_no_ensurepip_and_mends_a_half_made
     assert has_pip() and "install --quiet pip" in (tmp_path / "pip-calls").read_text()
     shutil.rmtree(tmp_path / ".venv")
     subprocess.run([debian, "-m", "venv", "--clear", "--without-pip", ".venv"], cwd=tmp_path, check=True)
+    # a venv without pip that says it is installed (pip removed, or another tool's venv): made again and
+    # installed in the same run (--clear deletes the stamp make has already read)
+    (tmp_path / ".venv" / ".installed").touch()
+    planned = subprocess.run(
+        ["make", "--no-print-directory", "-n", "install", f"PYTHON={debian}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        "-m venv --clear .venv" in planned.stdout
+        and "pip install --quiet -c constraints.txt" in planned.stdout
+    )
+    (tmp_path / ".venv" / ".installed").unlink()
     # the venv the old Makefile left: made again, now with pip
     done = make()
     assert done.returncode == 0 and ".venv has no pip" in done.stdout and has_pip(), done.stdout + done.stderr
