@@ -447,3 +447,26 @@ def test_the_readme_s_merge_records_the_class_names_and_the_evaluation_holds_the
     assert evaluate_main([*argv, "--cache", str(tmp_path / "cache")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"are not the 3 --var {path} was trained on" in last and "not trained on: 'd'" in last
+
+
+def test_an_evaluation_of_a_peft_folder_records_the_folder_s_files_hash(saved, tmp_path):
+    """evaluation.json names what it scored: a peft folder by its path and a SHA-256 over its files' names and
+    bytes (another file, or an edited one, gives another), the base by its checkpoint's SHA-256."""
+    from test_evaluate import _classes, _command
+
+    names = tuple("abcdefgh"[:NEW_CLASSES])
+    _classes(tmp_path / "data", "train", names)
+    _classes(tmp_path / "data", "test", names)
+    trained = saved.trained["lora"]
+    folder = save_peft_adapter(
+        trained.var, tmp_path / "named", adaptation=trained.adaptation, class_names=names
+    )
+    vqvae = save_vqvae(build_vqvae(**TINY_VQVAE), tmp_path / "vq.pth")
+    argv = _command(tmp_path, saved.base, vqvae, root=tmp_path / "data", **{"--adapter": folder})
+    assert evaluate_main(argv) == 0
+    inputs = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["inputs"]
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        digest.update(f"{file.name}\0{hashlib.sha256(file.read_bytes()).hexdigest()}\n".encode())
+    assert inputs["adapter"] == {"path": str(folder.resolve()), "sha256": digest.hexdigest()}
+    assert inputs["var"] == {"path": str(Path(saved.base).resolve()), "sha256": saved.sha}

@@ -533,6 +533,9 @@ def _main(argv: list[str] | None) -> int:
     )
     for line in skipped:
         _to_stderr(f"skipped an unreadable image: {line}")
+    # Before the evaluation: a checkpoint without a sidecar is hashed whole, and a file gone by the end would
+    # lose the evaluation.
+    inputs = _inputs_record(args, images, base_sha256=base_sha256, device=device)
     result = evaluate(
         var.eval(),
         vqvae,
@@ -546,17 +549,20 @@ def _main(argv: list[str] | None) -> int:
         log=_to_stderr,  # the progress of a long evaluation; stdout holds only the metrics
     )
     result["skipped_images"] = skipped  # with --skip-corrupt-images: the split's unreadable images, dropped
-    result["inputs"] = _inputs_record(args, images, device=device)
+    result["inputs"] = inputs
     # Atomic: a failed write (a full disk) leaves an earlier run's result whole, not a truncated file.
     atomic_write(out / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     print(json.dumps(result["metrics"], indent=1))
     return 0
 
 
-def _inputs_record(args: argparse.Namespace, images: ImageList, *, device: str) -> dict:
+def _inputs_record(
+    args: argparse.Namespace, images: ImageList, *, base_sha256: str | None, device: str
+) -> dict:
     """What was scored with what: the split (absolute root, images kept), the checkpoints and the adapter by path
     and SHA-256 (a folder's: over its files' names and bytes), and the device (bf16 autocast applies on CUDA
-    alone): an evaluation.json read later, away from its command line, still says what it measured."""
+    alone): an evaluation.json read later, away from its command line, still says what it measured.
+    ``base_sha256``: --var's, where the adapter check has computed it already."""
     adapter = None
     if args.adapter is not None:
         adapter = {"path": str(Path(args.adapter).resolve()), "sha256": _path_sha256(Path(args.adapter))}
@@ -565,7 +571,7 @@ def _inputs_record(args: argparse.Namespace, images: ImageList, *, device: str) 
         "split": args.split,
         "root": str(Path(args.root).resolve()),
         "images": len(images),
-        "var": {"path": str(Path(args.var).resolve()), "sha256": checkpoint_sha256(args.var)},
+        "var": {"path": str(Path(args.var).resolve()), "sha256": base_sha256 or checkpoint_sha256(args.var)},
         "vqvae": {"path": str(Path(args.vqvae).resolve()), "sha256": checkpoint_sha256(args.vqvae)},
         "adapter": adapter,
         "device": device,
