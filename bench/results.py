@@ -127,15 +127,16 @@ def open_storage(storage: str, *, retry_limit_s: float = GCS_RETRY_LIMIT_S) -> t
 
 class ResultStore:
     """``create=False`` opens a store read-only: nothing is created (``bench status``, dry runs, analysis);
-    ``create=True`` creates the results folder and probes that a file can be written there."""
+    ``create=True`` creates the results folder and probes that a file can be written there. ``reach=False`` skips
+    the quick reachability probe of a URI storage (a trial's workers: the driver probed it)."""
 
-    def __init__(self, storage: str | os.PathLike, *, create: bool = True):
+    def __init__(self, storage: str | os.PathLike, *, create: bool = True, reach: bool = True):
         storage = str(storage)
         if not storage.strip():  # "" would be the working folder: a script's unset variable, not a choice
             raise StorageError("storage: an empty path (an unset variable?); give a folder or a URI")
         self.fs, root = open_storage(storage)
         self.storage, self.root, self.folder = storage, root, f"{root}/results"
-        if not self.local:
+        if reach and not self.local:
             self._reach()
         if create:
             self._create()

@@ -254,3 +254,12 @@ def test_an_unreachable_gcs_storage_is_named_without_retrying_for_minutes():
     )
     assert done.returncode == 1 and done.stderr.startswith("cannot reach storage gs://varsweep-missing/runs?")
     assert "check the bucket's name" in done.stderr
+
+
+def test_a_trial_s_workers_open_a_uri_storage_without_the_short_probe():
+    """The driver probes the storage before the sweep; a worker's store rides out a brief outage on its longer
+    retries instead of failing the attempt on the 10-second probe (constructing it makes no call)."""
+    store = ResultStore(
+        "gs://varsweep-missing/runs?endpoint_override=127.0.0.1:9&scheme=http", create=False, reach=False
+    )
+    assert store.remote and store.root == "varsweep-missing/runs"

@@ -69,7 +69,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _scalars(metrics), checkpoint=checkpoint, checkpoint_dir_name=f"step_{state['step']:08d}"
             )
 
-    store = ResultStore(loop_config["storage"], create=rank == 0)  # only rank 0 writes to it (and probes it)
+    # Only rank 0 writes to it (and probes that it can). No short reachability probe here: the driver made one
+    # before the sweep, and a trial's calls ride out a brief outage on the store's longer retries.
+    store = ResultStore(loop_config["storage"], create=rank == 0, reach=False)
     if store.status(config.trial_id) == "success":
         # A retry after rank 0 published (e.g. another rank was lost at the last report): the trial is done, and
         # emptying the artifacts folder below would take the published adapter and images from its result.
