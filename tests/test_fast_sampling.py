@@ -12,6 +12,7 @@ import contextlib
 import copy
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,7 +101,13 @@ def realistic_logits(seed: int = 0) -> torch.Tensor:
 @pytest.fixture
 def nonzero_bias_var():
     """tiny VAR with nonzero q/v biases and head modulation, so the fused bias and cached modulation matter."""
-    var = build_var(**TINY_VAR, generator=torch.Generator().manual_seed(0)).eval()
+    return strong_var()
+
+
+def strong_var(**architecture) -> torch.nn.Module:
+    """A tiny VAR (``TINY_VAR`` with ``architecture`` changes) whose tokens depend on every block's attention over
+    the cached scales, on the q/v biases and on the modulation."""
+    var = build_var(**(TINY_VAR | architecture), generator=torch.Generator().manual_seed(0)).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for block in var.blocks:
@@ -221,23 +228,38 @@ def test_sampler_draws_match_reference(nonzero_bias_var, tiny_vqvae, cfg, top_k,
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
-def test_compiled_sampling_matches_eager():
+def _own_scale_attention(q, k, v, **options):
+    """Attention of the step's queries over their own scale's keys alone: a sampler that ignores the KV cache."""
+    length = q.shape[2]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, -length:], v[:, :, -length:], **options
+    )
+
+
+def test_compiled_sampling_matches_eager(monkeypatch):
     """torch.compile'd scale steps (inductor on CPU) against eager, on 3 scales (1, 2, 4) to keep the compile
-    short: greedy tokens identical, then images within IMAGE_ATOL; a non-greedy filter draws the same tokens."""
+    short: greedy tokens identical, then images within IMAGE_ATOL; a non-greedy filter draws the same tokens.
+    The model's tokens depend on the cached scales (checked: a sampler that ignores the cache draws others), so
+    equal tokens say the compiled steps read the cache as eager ones do."""
+    import trainables.models.var as var_module
+
     patch_nums = (1, 2, 4)
-    var = build_var(
-        **(TINY_VAR | {"patch_nums": patch_nums}), generator=torch.Generator().manual_seed(0)
-    ).eval()
-    with torch.no_grad():
-        for block in var.blocks:
-            block.ada_lin[-1].weight.mul_(30)
-            block.attn.v_bias.normal_(generator=torch.Generator().manual_seed(2))
+    var = strong_var(patch_nums=patch_nums)
     torch.manual_seed(0)
     vqvae = build_vqvae(**(TINY_VQVAE | {"patch_nums": patch_nums})).eval()
     labels, started = torch.tensor([0, 3, 5]), time.perf_counter()
     for top_k, top_p in ((1, 0.0), (5, 0.6)):
         kw = dict(vqvae=vqvae, cfg=1.5, top_k=top_k, top_p=top_p)
         eager = var.sample_tokens(labels, generator=torch.Generator().manual_seed(3), **kw)
+        with monkeypatch.context() as patched:
+            # the module's torch.nn.functional, with attention over the step's own scale only
+            functional = vars(torch.nn.functional)
+            cacheless = SimpleNamespace(
+                **{**functional, "scaled_dot_product_attention": _own_scale_attention}
+            )
+            patched.setattr(var_module, "F", cacheless)
+            blind = var.sample_tokens(labels, generator=torch.Generator().manual_seed(3), **kw)
+        assert not torch.equal(eager[-1], blind[-1]), (top_k, top_p)
         fast = var.sample_tokens(labels, generator=torch.Generator().manual_seed(3), compiled=True, **kw)
         assert all(torch.equal(a, b) for a, b in zip(eager, fast))
     # Two labels padded to the compiled batch of 3 (no compile: its graphs exist) draw what two unpadded draw.

@@ -93,6 +93,11 @@ def vqvae() -> torch.nn.Module:
 def adapted(method: str, *, kernel: str = "masked", drop_path_rate: float = 0.0) -> torch.nn.Module:
     """A tiny VAR adapted for ``method`` (3 classes, seed 0), in training mode, running ``kernel``."""
     var = build_var(**TINY_VAR, drop_path_rate=drop_path_rate, generator=torch.Generator().manual_seed(0))
+    # Modulation of order 1 (the init's gammas are ~1e-3, so attention moved the logits by ~1e-6, inside
+    # LOGITS_TOL: a kernel that masked nothing passed the logits comparison).
+    with torch.no_grad():
+        for block in var.blocks:
+            block.ada_lin[-1].weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(2))
     adapt(var, MethodConfig(name=method, lora_rank=4), num_classes=3, seed=0)
     # A fresh LoRA adapter's B is zero: its A would get no gradient. Move B off zero so every gradient is tested.
     with torch.no_grad():
