@@ -244,37 +244,29 @@ def test_corrupt_images_are_named_and_skipped_only_on_request(tmp_path):
         ImageListDataset(images, eval_transform(16))[images.paths.index(broken)]
 
 
-def test_a_strip_too_long_to_resize_is_named_and_skipped_like_a_corrupt_one(tmp_path):
+@pytest.mark.parametrize(
+    ("unusable", "kept", "problem"),
+    [
+        ((2, 1000), (1000, 10), r"2 x 1000 px, too elongated \(over 100:1\)"),
+        ((1, 1), (8, 8), r"1 x 1 px, under 8 px on a side"),
+    ],
+)
+def test_an_image_too_elongated_or_too_small_is_named_and_skipped_like_a_corrupt_one(
+    tmp_path, unusable, kept, problem
+):
     """A 2 x 1,000 px strip passed the check and took 1.1 GB for one view (288 x 144,000 px after the resize); a
-    longer one ran the token cache's builder out of memory with no file named. 100:1 is the longest kept."""
+    longer one ran the token cache's builder out of memory with no file named. 100:1 is the longest kept. A 1 x 1
+    placeholder (a failed download) passed and was scaled up to a training view; 8 x 8, the size of
+    scikit-learn's digits, is kept."""
     make_folder(tmp_path)
-    strip, longest = tmp_path / "train" / "2" / "0.png", tmp_path / "train" / "2" / "1.png"
-    Image.new("RGB", (2, 1000), "white").save(strip)
-    Image.new("RGB", (1000, 10), "white").save(longest)
+    bad, good = tmp_path / "train" / "2" / "0.png", tmp_path / "train" / "2" / "1.png"
+    Image.new("RGB", unusable, "white").save(bad)
+    Image.new("RGB", kept, "white").save(good)
     images = read_dataset("folder", tmp_path, "train")
-    with pytest.raises(
-        DatasetError,
-        match=rf"1 unreadable image\(s\).*\n  {strip}: 2 x 1000 px, too elongated \(over 100:1\)",
-    ):
+    with pytest.raises(DatasetError, match=rf"1 unreadable image\(s\).*\n  {bad}: {problem}"):
         check_images(images)
-    kept, dropped = check_images(images, skip_corrupt=True)
-    assert strip not in kept.paths and longest in kept.paths and len(dropped) == 1
-
-
-def test_an_image_too_small_to_be_a_picture_is_named_and_skipped_like_a_corrupt_one(tmp_path):
-    """A 1 x 1 placeholder (a failed download) passed the check and was scaled up to a training view; 8 x 8, the
-    size of scikit-learn's digits, is kept."""
-    make_folder(tmp_path)
-    placeholder, digit = tmp_path / "train" / "2" / "0.png", tmp_path / "train" / "2" / "1.png"
-    Image.new("RGB", (1, 1), "white").save(placeholder)
-    Image.new("RGB", (8, 8), "white").save(digit)
-    images = read_dataset("folder", tmp_path, "train")
-    with pytest.raises(
-        DatasetError, match=rf"1 unreadable image\(s\).*\n  {placeholder}: 1 x 1 px, under 8 px on a side"
-    ):
-        check_images(images)
-    kept, dropped = check_images(images, skip_corrupt=True)
-    assert placeholder not in kept.paths and digit in kept.paths and len(dropped) == 1
+    kept_images, dropped = check_images(images, skip_corrupt=True)
+    assert bad not in kept_images.paths and good in kept_images.paths and len(dropped) == 1
 
 
 def test_transparent_pixels_are_shown_on_white_whatever_colour_the_file_keeps_under_them(tmp_path):
