@@ -158,6 +158,20 @@ def _perfect_guess_bound(audit: AuditConfig, *, delta: float) -> float:
     ]
 
 
+def _largest_boundable_delta(audit: AuditConfig, *, below: float) -> float:
+    """The largest delta under ``below`` (which gives no bound) at which a perfect attack gives a bound, to two
+    digits: bisected in log delta, as the bound falls when delta grows."""
+    smallest, largest = AUDIT_DELTA_FLOOR, below
+    for _ in range(40):
+        middle = math.sqrt(smallest * largest)
+        smallest, largest = (
+            (middle, largest) if _perfect_guess_bound(audit, delta=middle) > 0 else (smallest, middle)
+        )
+    # Rounded down: rounded up, the delta named could be past the threshold and give 0 again.
+    scale = 10.0 ** (math.floor(math.log10(smallest)) - 1)
+    return math.floor(smallest / scale) * scale
+
+
 def _check_audit_can_bound(config: TrialConfig, *, delta: float) -> None:
     """Refuse an audit whose bound is 0 whatever the attack finds (delta above ~2.6e-4 at 95% for 100 canaries or
     more, e.g. 256 canaries at delta = 1/N' on Flowers): it would train and record 0, read as "no leak found"."""
@@ -166,22 +180,12 @@ def _check_audit_can_bound(config: TrialConfig, *, delta: float) -> None:
         return
     where = "privacy.delta" if config.privacy is not None else "audit.delta"
     prefix = f"audit: with {audit.canaries} canaries at delta {delta:.3g} even an attack that tells every canary apart"
-    smallest = AUDIT_DELTA_FLOOR
-    if _perfect_guess_bound(audit, delta=smallest) == 0:
+    if _perfect_guess_bound(audit, delta=AUDIT_DELTA_FLOOR) == 0:
         raise ConfigError(
-            f"{prefix} gives an epsilon lower bound of 0, and still does at delta {smallest:g}: raise "
+            f"{prefix} gives an epsilon lower bound of 0, and still does at delta {AUDIT_DELTA_FLOOR:g}: raise "
             "audit.canaries (or lower audit.confidence)"
         )
-    largest = delta
-    # The bound falls as delta grows: bisect (in log delta) for the largest delta that still gives one.
-    for _ in range(40):
-        middle = math.sqrt(smallest * largest)
-        smallest, largest = (
-            (middle, largest) if _perfect_guess_bound(audit, delta=middle) > 0 else (smallest, middle)
-        )
-    # Two digits, rounded down: rounded up, the delta named could be past the threshold and give 0 again.
-    scale = 10.0 ** (math.floor(math.log10(smallest)) - 1)
-    rounded = math.floor(smallest / scale) * scale
+    rounded = _largest_boundable_delta(audit, below=delta)
     tenth = _perfect_guess_bound(audit, delta=rounded / 10)
     # More canaries do not help here: the guesses grow with them, and the threshold stays near 2.6e-4 at 95%.
     raise ConfigError(
