@@ -467,7 +467,12 @@ def test_an_evaluation_split_too_small_to_score_is_refused_before_compute(tmp_pa
 @pytest.mark.parametrize(
     "broken, expected",
     [
-        ({"train/2/0.png", "train/2/1.png"}, r"batch_size: 4 is more than the 3 training examples"),
+        ({"train/2/0.png", "train/10/0.png"}, r"batch_size: 4 is more than the 3 training examples"),
+        # the skipped images were class 2's only training images: its test images would score an untrained class
+        (
+            {"train/2/0.png", "train/2/1.png"},
+            r"1 class\(es\) of folder have images in the test split but none in the train split",
+        ),
         ({"test/10/0.png"}, r"folder's test split \(data.evaluation_split\) has 3 image\(s\)"),
     ],
 )
@@ -506,7 +511,7 @@ def test_skipped_corrupt_images_are_planned_out_before_compute(tmp_path, monkeyp
         run_trial(config, cache_dir=tmp_path / "cache", artifacts_dir=tmp_path / "artifacts")
     assert loaded == []
     kept = replace(config, optimization={"batch_size": 2, "epochs": 2, "steps": None})
-    if "train/2/0.png" in broken:  # planned for the 3 images kept: 2 epochs of batch 2 are 3 steps, not 5
+    if "train/10/0.png" in broken:  # planned for the 3 images kept: 2 epochs of batch 2 are 3 steps, not 5
         assert preflight(kept, tmp_path / "cache").planned_steps == 5
         checked = tuple(check_images(split, skip_corrupt=True)[0] for split in listed.splits)
         assert plan_trial(kept, checked).planned_steps == 3
