@@ -27,9 +27,9 @@ from matplotlib import font_manager, ticker
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from pyarrow import fs as pafs
 
+from bench.pixels import to_rgb
 from bench.results import open_storage
 from bench.schema import is_storage_relative, is_uri
-from trainables.data.decode import to_rgb
 
 from .metrics import DATASET_COLUMNS, METHOD_LABELS, METRICS, lookup, method_label
 from .tables import TABLE2_METHODS, above_claim, audited_left_out, dataset_columns

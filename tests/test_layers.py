@@ -1,8 +1,9 @@
 """Imports point one way. Three layers:
 
-- the contract (configs, the result schema, the result store, names, sweeps as data): ``bench.errors``,
-  ``bench.schema``, ``bench.results``, ``bench.cli``, ``bench.estimates``, ``bench.roc``, ``bench.sweeps.*``; it
-  imports only the standard library, other contract modules and (the result store, for URIs) pyarrow;
+- the contract (configs, the result schema, the result store, names, sweeps as data, how image files decode):
+  ``bench.errors``, ``bench.schema``, ``bench.results``, ``bench.cli``, ``bench.estimates``, ``bench.roc``,
+  ``bench.sweeps.*``, ``bench.pixels``; it imports only the standard library, other contract modules, (the result
+  store, for URIs) pyarrow and (the decoding) PIL and numpy;
 - ``trainables`` and ``analysis``: each imports the contract, third-party packages and itself, never the other
   (``trainables.models`` imports only torch and itself);
 - the top: ``bench.launcher``, ``bench.preflight``, ``bench.sweep_file``, ``bench.tracking``, ``bench.demo``,
@@ -29,6 +30,7 @@ CONTRACT = (
     "bench.estimates",
     "bench.roc",
     "bench.sweeps",
+    "bench.pixels",
 )
 TOP = (
     "bench.launcher",
@@ -40,7 +42,8 @@ TOP = (
     "trainables.ray_worker",
     "varsweep",
 )
-CONTRACT_THIRD_PARTY = {"bench.results": {"pyarrow"}}  # the result store opens URIs through pyarrow
+# The result store opens URIs through pyarrow; training and the analysis's grids decode images alike through PIL.
+CONTRACT_THIRD_PARTY = {"bench.results": {"pyarrow"}, "bench.pixels": {"PIL", "numpy"}}
 HEAVY = ("torch", "ray", "opacus", "peft", "pandas", "matplotlib")
 
 

@@ -171,7 +171,7 @@ def test_a_build_resumed_with_another_shard_size_has_every_token(
 
 
 def test_views_of_high_bit_depth_and_exif_turned_images_are_those_of_the_displayed_picture(tmp_path):
-    """Views come from the 8-bit picture a viewer shows (``datasets.to_rgb``): a 16-bit scan is not clipped to
+    """Views come from the 8-bit picture a viewer shows (``bench.pixels.to_rgb``): a 16-bit scan is not clipped to
     white nor a phone photo left on its side. Caches of the older decoding miss (another format in the key)."""
     import numpy as np
     from test_datasets import displayed_images

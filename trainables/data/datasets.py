@@ -34,8 +34,7 @@ from torchvision import datasets as tv
 from torchvision.transforms import v2 as T
 
 from bench.errors import VarsweepError
-
-from .decode import to_rgb
+from bench.pixels import to_rgb
 
 SPLITS = ("train", "test")
 # ``check_images``' kept outcomes: 2 since ``to_rgb`` (EXIF orientation, high bit depths) decides readability, 3

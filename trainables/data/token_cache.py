@@ -34,17 +34,18 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+from bench.pixels import to_rgb
+
 from ..models import VQVAE
 from ..models.checkpoints import atomic_write, file_lock
 from ..progress import Log, Progress
 from .datasets import DatasetError, ImageList
-from .decode import to_rgb
 from .tokens import TokenViews
 
-# 2: images decode through ``datasets.to_rgb`` (EXIF orientation, 16-bit and float pixels rescaled, not clipped),
+# 2: images decode through ``bench.pixels.to_rgb`` (EXIF orientation, 16-bit and float pixels rescaled, not clipped),
 # so views of some images differ from version 1's and its caches must miss.
 # 3: crops are seeded by the image file's content, not its index in the listing.
-# 4: transparent pixels are composited onto white (``to_rgb``), not shown in the colour the file keeps under them.
+# 4: transparent pixels are composited onto white (``bench.pixels.to_rgb``), not shown in the colour the file keeps under them.
 CACHE_FORMAT = "varsweep-token-cache/4"
 PROGRESS_FORMAT = "varsweep-token-cache-progress/2"
 RESIZE_RATIO = 288 / 256

@@ -23,7 +23,7 @@ from torch_fidelity.metric_prc import calculate_precision_recall_part
 
 from ..models.checkpoints import atomic_write
 
-# 2: the key names the extractor's weights, and real images decode through ``datasets.to_rgb`` (EXIF orientation,
+# 2: the key names the extractor's weights, and real images decode through ``bench.pixels.to_rgb`` (EXIF orientation,
 # 16-bit and float pixels rescaled), so version-1 statistics of some splits are stale: they miss and are rebuilt.
 # 3: transparent pixels are composited onto white (``to_rgb``).
 REFERENCE_FORMAT = "varsweep-reference-stats/3"

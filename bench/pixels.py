@@ -1,6 +1,6 @@
 """How an image file's pixels are shown: the one decoding every reader of dataset pixels uses (training, token
-caches, reference statistics, image checks, and the analysis's sample grids). PIL and numpy only: the analysis,
-which imports no torch, shows real images as training sees them."""
+caches, reference statistics, image checks, and the analysis's sample grids). Part of the contract between the
+two sides (PIL and numpy only): the analysis, which imports no torch, shows real images as training sees them."""
 
 from __future__ import annotations
 
