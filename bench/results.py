@@ -16,6 +16,7 @@ match its id) is ``invalid``: never counted as done, so the trial runs again."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -75,6 +76,8 @@ class ClaimedError(StorageError):
     """Trials of a sweep that another running sweep on the same storage is training; the message names them."""
 
 
+STALE_TEMPORARY_S = 3600.0  # a result's temporary file lives for one write: older ones are a killed write's
+CLAIMS_LOCK = ".claims.lock"  # in results/: hidden, so no result listing sees it
 CLAIMS_FOLDER = "claims"  # <storage>/claims/<trial_id>.json: the trials a running sweep's driver holds
 CLAIM_REFRESH_S = 60.0  # how often a driver rewrites its claims' heartbeat while its trials run
 CLAIM_STALE_S = (
@@ -175,6 +178,7 @@ class ResultStore:
                 raise StorageError(
                     f"storage {self.storage} is not writable: {err.strerror or _first_line(err)}{where}"
                 ) from err
+            self._remove_stale_temporaries()
             return
         probe = f"{self.folder}/.write-probe-{uuid.uuid4().hex}"
         try:
@@ -184,6 +188,15 @@ class ResultStore:
             self.fs.delete_file(probe)
         except _PYARROW_ERRORS as err:
             raise StorageError(f"storage {self.storage} is not writable: {_first_line(err)}") from err
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete the temporary files of result writes killed before their rename (``_write_text``), which stayed
+        forever; only those over ``STALE_TEMPORARY_S`` old, so a write under way in another process keeps its own."""
+        now = time.time()
+        for tmp in Path(self.folder).glob(".tmp-*"):
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime > STALE_TEMPORARY_S:
+                    tmp.unlink()
 
     def exists(self) -> bool:
         """Whether the storage folder itself exists."""
@@ -406,12 +419,14 @@ class ResultStore:
         rest are deleted when the block ends. A claim is
         live while its heartbeat is under ``CLAIM_STALE_S`` old and, on this machine, its process exists.
         ``labels``: trial id -> label, for the message. Two drivers starting in the same second on a storage without
-        atomic creation (an object store) can still both claim a trial."""
+        atomic creation (an object store) can still both claim a trial; on a local or NFS storage the check and the
+        writing of the claims hold a lock (``_claims_lock``), so one gets them and the other is refused."""
         owner = {"sweep": sweep, "host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
-        held = [(t, c) for t in trial_ids if (c := self._live_claim(t)) is not None]
-        if held:
-            raise ClaimedError(_claimed_message(held, folder=self.root, labels=labels or {}))
-        self._write_claims(trial_ids, owner)
+        with self._claims_lock():
+            held = [(t, c) for t in trial_ids if (c := self._live_claim(t)) is not None]
+            if held:
+                raise ClaimedError(_claimed_message(held, folder=self.root, labels=labels or {}))
+            self._write_claims(trial_ids, owner)
         stop = threading.Event()
         heartbeat = threading.Thread(
             target=self._heartbeat, args=(trial_ids, owner, stop, refresh_s), name="claims", daemon=True
@@ -423,6 +438,26 @@ class ResultStore:
             stop.set()
             heartbeat.join()
             self._release_claims(trial_ids, owner)
+
+    @contextlib.contextmanager
+    def _claims_lock(self):
+        """An exclusive ``flock`` on ``results/.claims.lock`` of a local storage while the block runs: two drivers
+        started together both found no claim, then both wrote theirs (measured: 10 of 10 simultaneous starts). NFS
+        emulates flock with byte-range locks, which need the file open for writing. It stays: a lock file deleted
+        while another driver waits on it would let a third lock a new one. Nothing on an object store."""
+        if not self.local:
+            yield
+            return
+        path = f"{self.folder}/{CLAIMS_LOCK}"
+        try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise StorageError(f"cannot open the claims' lock {path}: {_first_line(err)}") from err
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(handle)  # releases the lock
 
     def claim_path(self, trial_id: str) -> str:
         return f"{self.root}/{CLAIMS_FOLDER}/{trial_id}.json"

@@ -208,6 +208,43 @@ def test_a_trial_another_running_sweep_trains_is_refused_and_freed_when_it_ends(
         assert second.read_claim(ids[0])["sweep"] == "table3"
 
 
+RACING_DRIVER = """
+import sys, time
+from bench.results import ClaimedError, ResultStore
+store, start = ResultStore(sys.argv[1]), float(sys.argv[2])
+ids = [f"{i:016x}" for i in range(200)]
+time.sleep(max(0.0, start - time.time()))
+try:
+    with store.claimed(ids, sweep=sys.argv[3]):
+        print("claimed", flush=True)
+        time.sleep(1.0)
+except ClaimedError:
+    print("refused", flush=True)
+"""
+
+
+def test_two_drivers_starting_together_on_a_local_storage_do_not_both_claim_a_trial(tmp_path):
+    """Both found no claim, then both wrote theirs (10 of 10 simultaneous starts; 200 trials, a start 5 ms after
+    the other's got in too): each sweep then resumed the other's checkpoints. The check and the writing hold a lock."""
+    import time
+
+    storage = str(tmp_path / "runs")
+    ResultStore(storage)
+    start = time.time() + 3.0  # both past their imports, then at once
+    drivers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACING_DRIVER, storage, str(start), name],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for name in ("table2", "table3")
+    ]
+    outcomes = sorted(driver.communicate(timeout=120)[0].strip() for driver in drivers)
+    assert outcomes == ["claimed", "refused"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["results"]  # no claims/ left behind
+
+
 def test_a_running_sweep_s_claims_are_refreshed_while_it_runs(tmp_path):
     import time
 
@@ -220,6 +257,19 @@ def test_a_running_sweep_s_claims_are_refreshed_while_it_runs(tmp_path):
         store.write(make_result(CONFIG, status="success"))  # a finished trial is released for other sweeps
         time.sleep(0.3)
         assert store.read_claim(CONFIG.trial_id) is None and store.read_claim(ids[1]) is not None
+
+
+def test_a_killed_write_s_temporary_file_is_removed_when_the_store_opens_again(tmp_path):
+    """A result write killed between its temporary file and the rename left ``results/.tmp-<hex>`` forever."""
+    store = ResultStore(tmp_path)
+    killed, under_way = tmp_path / "results" / ".tmp-killed", tmp_path / "results" / ".tmp-under-way"
+    for tmp in (killed, under_way):
+        tmp.write_text('{"status": "succ')
+    os.utime(killed, (0, os.path.getmtime(killed) - 2 * 3600))
+    store.write(make_result(CONFIG, status="success"))
+    ResultStore(tmp_path)
+    assert not killed.exists() and under_way.exists()  # another process's write keeps its own
+    assert [Path(p).name for p in store.files()] == [f"{CONFIG.trial_id}.json"]
 
 
 def test_hidden_json_files_are_no_results(tmp_path):
