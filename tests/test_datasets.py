@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,12 +20,17 @@ from trainables.data.datasets import (
     check_images,
     eval_transform,
     read_dataset,
+    read_folder,
     train_transform,
 )
 
 
-def jpeg(path: Path, *, seed: int = 0, size: tuple[int, int] = (20, 12)) -> None:
+def jpeg(path: Path, *, seed: int | None = None, size: tuple[int, int] = (20, 12)) -> None:
+    """Random pixels; ``seed`` None: seeded by the path's last three parts (split/class/name), so the images of a
+    made folder differ (byte-identical copies in a folder dataset are refused) and stay the same from run to run."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if seed is None:
+        seed = int.from_bytes(hashlib.sha256("/".join(path.parts[-3:]).encode()).digest()[:8], "little")
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path, quality=90)
 
@@ -118,7 +124,7 @@ def make_folder(root: Path) -> None:
     for split, counts in (("train", {"2": 2, "10": 3}), ("test", {"2": 1, "10": 2})):
         for cls, n in counts.items():
             for i in range(n):
-                jpeg(root / split / cls / f"{i}.png", seed=i)
+                jpeg(root / split / cls / f"{i}.png")
 
 
 LAYOUTS = {
@@ -193,6 +199,30 @@ def test_numbered_classes_map_through_the_datasets_own_table(tmp_path):
     folder = read_dataset("folder", tmp_path / "folder", "train")
     assert [folder.class_names[label] for label in folder.labels] == [p.parent.name for p in folder.paths]
     assert folder.class_counts == {"10": 3, "2": 2}
+
+
+def test_a_folder_dataset_leaves_out_hidden_folders_and_files(tmp_path):
+    """torchvision read a notebook's ``.ipynb_checkpoints/`` as the first class (trained and scored; every real
+    class's index moved by one; an empty one stopped the run as "your" class) and a Mac's ``._0.png`` as an image
+    (refused as unreadable)."""
+    make_folder(tmp_path)
+    before = read_dataset("folder", tmp_path, "train")
+    jpeg(tmp_path / "train" / ".ipynb_checkpoints" / "0.png", seed=9)
+    (tmp_path / "train" / ".empty").mkdir()
+    (tmp_path / "train" / "2" / "._0.png").write_bytes(b"\0\x05\x16\x07 a resource fork")
+    jpeg(tmp_path / "train" / "10" / ".thumbnails" / "0.png", seed=8)
+    jpeg(
+        tmp_path / "train" / "10" / "sub" / "9.png", seed=7
+    )  # a plain subfolder still counts (ImageFolder's rule)
+    images = read_dataset("folder", tmp_path, "train")
+    assert images.class_names == before.class_names == ("10", "2")
+    assert sorted(map(str, images.paths)) == sorted(
+        [*map(str, before.paths), str(tmp_path / "train/10/sub/9.png")]
+    )
+    assert check_images(images)[0] == images  # nothing unreadable left in
+    (tmp_path / "empty_split" / "train" / ".hidden").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no class folders in"):
+        read_folder(tmp_path / "empty_split", "train")
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS) + ["flowers102"])

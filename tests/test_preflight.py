@@ -279,6 +279,33 @@ def test_a_corrupt_image_stops_the_sweep_in_its_preflight_dry_run_or_not(tmp_pat
     )  # 3 of the 5 training images are left, enough for batches of 2
 
 
+@pytest.mark.parametrize("write", [False, True])
+def test_copies_of_an_image_in_your_own_folders_are_refused_before_compute(tmp_path, write):
+    """A copied or hard-linked image of a ``folder`` dataset passed: under DP each copy was an example of its own
+    (one picture 3 of N = 21, its guarantee a group of three's), and a training image copied into test/ was scored
+    against. Only a symbolic link (the same file) was caught."""
+    make_folder(tmp_path / "data")
+    jpeg(tmp_path / "data" / "test" / "2" / "1.png", seed=9)
+    train, test = tmp_path / "data" / "train", tmp_path / "data" / "test"
+    folder = {"dataset": "folder", "root": str(tmp_path / "data"), "resolution": 16}
+    configs = [replace(tiny_trial("lora"), data=folder, optimization={"batch_size": 2})]
+    check_sweep(configs, cache_dir=str(tmp_path / "cache"), write=write)
+    assert (tmp_path / "cache" / "image-digests").exists() == write
+    (train / "10" / "9.png").hardlink_to(train / "10" / "0.png")
+    with pytest.raises(
+        SweepError, match=r"folder train: 1 image\(s\) have byte-identical copies.*0\.png = .*9\.png"
+    ):
+        check_sweep(configs, cache_dir=str(tmp_path / "cache"), write=write)
+    (train / "10" / "9.png").unlink()
+    (test / "10" / "copy.png").write_bytes((train / "2" / "1.png").read_bytes())
+    with pytest.raises(
+        SweepError, match=r"1 image\(s\) of the test split are byte-identical copies of train images"
+    ):
+        check_sweep(configs, cache_dir=str(tmp_path / "cache"), write=write)
+    (test / "10" / "copy.png").unlink()
+    check_sweep(configs, cache_dir=str(tmp_path / "cache"), write=write)
+
+
 def test_a_test_image_that_links_to_a_training_image_is_in_both_splits(tmp_path):
     """A symbolic link is the file it names: scoring against it scores against the training image."""
     make_cub(tmp_path)

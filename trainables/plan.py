@@ -16,7 +16,7 @@ from bench.schema import MIN_EVALUATION_IMAGES, AuditConfig, ConfigError, TrialC
 from .audit import included_count, inclusion_mask
 from .audit_bound import epsilon_lower_bound
 from .data import offline
-from .data.datasets import DatasetError, ImageList, check_images, read_dataset, spellings
+from .data.datasets import DatasetError, ImageList, byte_identical, check_images, read_dataset, spellings
 
 # The smallest delta an audit's refusal looks at for a bound: below it an audit would not be read anyway.
 AUDIT_DELTA_FLOOR = 1e-12
@@ -228,6 +228,7 @@ def image_problems(
     outcome in the cache and leaves out the offline sets it has not written (generated here: nothing to decode).
     """
     checked: dict[tuple, list | str] = {}
+    copies: dict[tuple, str | None] = {}
     problems: dict[str, list[TrialConfig]] = {}
     for config in configs:
         d = config.data
@@ -251,6 +252,13 @@ def image_problems(
         if isinstance(outcome, str):
             problems.setdefault(outcome, []).append(config)
             continue
+        if key not in copies:
+            copies[key] = _copied_images(
+                *(split for split, _ in outcome), cache_dir=cache_dir if write else None
+            )
+        if copies[key] is not None:
+            problems.setdefault(copies[key], []).append(config)
+            continue
         skipped = sum(len(dropped) for _, dropped in outcome)
         try:
             if skipped:
@@ -258,6 +266,39 @@ def image_problems(
         except ValueError as err:  # ConfigError, DatasetError, PrivacyConfigError
             problems.setdefault(f"{skipped} unreadable image(s) skipped: {err}", []).append(config)
     return problems
+
+
+def _copied_images(train: ImageList, evaluation: ImageList, *, cache_dir: str | Path | None) -> str | None:
+    """Why a ``folder`` dataset (your own images) cannot run, where a file is a byte-identical copy (or hard link)
+    of another: in a split, each copy was an example of its own (under DP the guarantee covered one copy, not the
+    picture); across the splits, the evaluation scored the model against images it trained on. ``spellings``
+    catches the same file listed twice, not copies. The named datasets' splits are taken as their publishers made
+    them. One read of every file, kept in the cache (``content_digests``)."""
+    if train.name != "folder":
+        return None
+    found = [
+        (split, byte_identical(split, cache_dir=cache_dir))
+        for split in {train.split: train, evaluation.split: evaluation}.values()
+    ]
+    for split, copies in found:
+        if copies:
+            return (
+                f"{split.name} {split.split}: {len(copies)} image(s) have byte-identical copies in the split "
+                f"({_few(copies)}): each copy is an example of its own (under DP the guarantee covers one copy, "
+                "not the picture); delete the copies"
+            )
+    across = [] if train.split == evaluation.split else byte_identical(train, evaluation, cache_dir=cache_dir)
+    if across:
+        return (
+            f"{train.name}: {len(across)} image(s) of the {evaluation.split} split are byte-identical copies of "
+            f"{train.split} images ({_few(across)}): the evaluation would score the model against images it trained "
+            "on; delete the copies"
+        )
+    return None
+
+
+def _few(items: list[str]) -> str:
+    return ", ".join(items[:3]) + (" ..." if len(items) > 3 else "")
 
 
 def plan_trial(config: TrialConfig, splits: tuple[ImageList, ImageList]) -> TrialPlan:

@@ -40,6 +40,7 @@ SPLITS = ("train", "test")
 # ``check_images``' kept outcomes: 2 since ``to_rgb`` (EXIF orientation, high bit depths) decides readability, 3
 # since a strip longer than ``MAX_ASPECT_RATIO`` is unusable, 4 since an image under ``MIN_IMAGE_SIDE`` is.
 CHECK_FORMAT = "v4"
+DIGEST_FORMAT = "v1"  # ``content_digests``' kept lists
 # Images are resized on their shorter side to the resolution's 288/256 before cropping: a 2 x 1,000 px strip became
 # 288 x 144,000 px (1.1 GB for one view), and a longer one ran the token cache's builder out of memory, unnamed. At
 # 100:1 a 256 px view's resize is 288 x 28,800 px (25 MB): panoramas and line scans pass.
@@ -370,19 +371,42 @@ def _present_breeds_numbered(images: ImageList, *, annotations: Path) -> ImageLi
 
 
 def read_folder(root: Path, split: str) -> ImageList:
+    """``root/<split>/<class>/**/<image>`` (torchvision's ImageFolder rules: classes sorted by name, images by
+    their extensions), leaving out what starts with a dot: torchvision read a notebook's ``.ipynb_checkpoints/`` as
+    the first class (trained and scored, every real class's index moved by one) and a Mac's ``._name.png`` resource
+    files as images (refused as unreadable)."""
     folder = root / _split(split)
     _require(folder, dataset="folder")
+    classes = tuple(sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _hidden(e.name)))
+    if not classes:
+        raise DatasetError(f"folder: no class folders in {folder} (expected {folder}/<class>/<images>)")
     try:
-        data = tv.ImageFolder(folder, allow_empty=False)
+        samples = tv.folder.make_dataset(
+            folder,
+            {name: index for index, name in enumerate(classes)},
+            is_valid_file=lambda path: _shown_image(path, under=folder),
+            allow_empty=False,
+        )
     except FileNotFoundError as err:
         raise DatasetError(f"folder: {err}") from err
-    classes = tuple(data.classes)  # class_to_idx order: the mapping every label below uses
     return ImageList(
         "folder",
         split,
-        tuple(Path(p) for p, _ in data.samples),
-        tuple(label for _, label in data.samples),
+        tuple(Path(p) for p, _ in samples),
+        tuple(label for _, label in samples),
         classes,
+    )
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _shown_image(path: str, *, under: Path) -> bool:
+    """An image file by torchvision's extensions, no part of whose path below ``under`` is hidden."""
+    parts = Path(path).relative_to(under).parts
+    return tv.folder.has_file_allowed_extension(path, tv.folder.IMG_EXTENSIONS) and not any(
+        _hidden(part) for part in parts
     )
 
 
@@ -489,6 +513,50 @@ def check_images(
             f"data.skip_corrupt_images: true or the evaluate command's --skip-corrupt-images drops them):\n  {listed}"
         )
     return images.without(set(bad)), list(bad.values())
+
+
+def content_digests(images: ImageList, *, cache_dir: str | Path | None = None) -> list[str]:
+    """The SHA-256 (hex) of every listed file's bytes, in listing order; with ``cache_dir`` kept under
+    ``image-digests/`` by the split's ``fingerprint``, so a split is read once. Raises ``DatasetError`` naming a file
+    that cannot be read."""
+    record = None
+    if cache_dir is not None:
+        record = Path(cache_dir) / "image-digests" / f"{DIGEST_FORMAT}-{images.fingerprint()}.json"
+        try:
+            kept = json.loads(record.read_text())
+            if isinstance(kept, list) and len(kept) == len(images):
+                return kept
+        except (OSError, ValueError):
+            pass
+    digests = []
+    for path in images.paths:
+        try:
+            digests.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+        except OSError as err:
+            raise DatasetError(f"{images.name} {images.split}: cannot read {path}: {err}") from err
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        staging = record.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(digests))
+        os.replace(staging, record)
+    return digests
+
+
+def byte_identical(
+    images: ImageList, other: ImageList | None = None, *, cache_dir: str | Path | None = None
+) -> list[str]:
+    """Files with the same bytes, each group as "a = b": within ``images``, or, given ``other``, an image of
+    ``images`` and one of ``other`` (copies and hard links, which ``spellings`` tells apart: they are other files)."""
+    groups: dict[str, set[str]] = {}
+    splits = [images] if other is None else [images, other]
+    for index, split in enumerate(splits):
+        for path, digest in zip(split.paths, content_digests(split, cache_dir=cache_dir), strict=True):
+            groups.setdefault(digest, set()).add(f"{index}:{path}")
+    return sorted(
+        " = ".join(sorted(name.split(":", 1)[1] for name in names))
+        for names in groups.values()
+        if len(names) > 1 and (other is None or len({name.split(":", 1)[0] for name in names}) == 2)
+    )
 
 
 def _check_record(images: ImageList, cache_dir: str | Path | None) -> Path | None:
