@@ -259,10 +259,14 @@ CONVERGENCE_NEUTRAL = {
         "convergence_num_images": fields_default(EvaluationConfig, "convergence_num_images"),
     },
 }
-# What does not change a trial's setting either: the seeds, its replicate axis. The training seed and the seed of the
-# cached crops (the paper sweeps move them together) and, for an audited trial only, the audit's seed (it draws other
+# What does not change a trial's setting either: the seeds, its replicate axis. The training seed, the seed of the
+# cached crops and the evaluation's sampling seed (the paper sweeps move the three together) and, for an audited trial only, the audit's seed (it draws other
 # canaries; README advises rerunning with another): replacing it in a trial without an audit would add one.
-SETTING_NEUTRAL = {"optimization": {"seed": 0}, "data": {"view_seed": 0}, **CONVERGENCE_NEUTRAL}
+SETTING_NEUTRAL = {
+    "optimization": {"seed": 0},
+    "data": {"view_seed": 0},
+    "evaluation": {**CONVERGENCE_NEUTRAL["evaluation"], "sampling_seed": 0},
+}
 AUDIT_NEUTRAL = {"audit": {"seed": 0}}
 NOT_SETTING = tuple(
     f"{section}.{name}" for section, fields in {**SETTING_NEUTRAL, **AUDIT_NEUTRAL}.items() for name in fields

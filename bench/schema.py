@@ -59,6 +59,9 @@ ACCOUNTANTS = ("rdp", "prv")
 # on 2 CPU cores, q = 0.05, 30 steps: 0.5 s at epsilon 100, 10 s and an infinite result at 1,000, 47 s and infinite
 # at 10,000; a calibration at 1,000 over 319 steps ran past 500 s). Above it the ledger cross-checks with RDP only.
 PRV_MAX_EPSILON = 100.0
+# The calibration's domain (trainables.privacy): far beyond any meaningful budget (1e12 calibrates in ~3 s, 1e15
+# never ends), and a budget beyond it guarantees nothing.
+MAX_TARGET_EPSILON = 1e6
 CLIPPING_MODES = ("auto", "bookkeeping", "hooks", "ghost")
 LORA_TARGETS = (
     "attention",
@@ -404,6 +407,12 @@ class PrivacyConfig:
             math.isfinite(self.target_epsilon) and self.target_epsilon > 0,
             "privacy.target_epsilon",
             f"must be finite and > 0, got {self.target_epsilon}",
+        )
+        _require(
+            self.target_epsilon <= MAX_TARGET_EPSILON,
+            "privacy.target_epsilon",
+            f"must be at most {MAX_TARGET_EPSILON:.0e} (a budget beyond that guarantees nothing: train without "
+            f"privacy, i.e. privacy null), got {self.target_epsilon:g}",
         )
         _require(
             0 < self.sampling_rate <= 1,
@@ -1796,6 +1805,15 @@ def check_result(record: Mapping[str, Any]) -> TrialConfig:
         "trial_id",
         f"{record['trial_id']} does not match its config ({config.trial_id})",
     )
+    ledger = record["privacy"]
+    if record["status"] == "success" and ledger and "planned_steps" in ledger:
+        # every planned step of a DP run is taken and accounted; a ledger short of its plan under-reports epsilon
+        _require(
+            ledger["steps"] == ledger["planned_steps"],
+            "privacy.steps",
+            f"a successful DP trial accounts all its {ledger['planned_steps']} planned steps, this ledger "
+            f"{ledger['steps']}",
+        )
     if record.get("audit"):  # absent: no audit asked, a failed trial, or a DDP rank other than 0
         _check_audit(record["audit"], config, status=record["status"])
     return config

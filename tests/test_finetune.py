@@ -981,5 +981,13 @@ def test_a_damaged_training_state_is_named_with_its_checkpoint(tmp_path):
     torch.save([1, 2], path)
     with pytest.raises(RuntimeError, match="not one this code wrote"):
         read_state(path, where="c")
+    # One changed byte inside a tensor loaded silently, with changed weights (its member's CRC-32 differs)
+    torch.save({"step": 3, "trainable": {"w": torch.zeros(1000)}}, path)
+    damaged = bytearray(path.read_bytes())
+    at = bytes(damaged).index(bytes(torch.zeros(1000).numpy().tobytes()[:64]))
+    damaged[at + 100] ^= 0x40
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(RuntimeError, match=r"checkpoint c cannot be read \(CheckpointError: .*is damaged"):
+        read_state(path, where="c")
     with pytest.raises(RuntimeError, match="cannot be read .*FileNotFoundError"):
         read_state(tmp_path / "missing.pt", where="c")

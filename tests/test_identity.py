@@ -260,18 +260,31 @@ def test_run_trial_refuses_images_added_after_identification(tmp_path):
 #   (``SMOKE_IDS_WITH_DIGITS_CNN_V1``);
 # - 2026-12-07, smoke versions took their paper trials' routes: top-k at the trial's share of the codebook (it was
 #   off), a spread point's k of 6 (Table 2's k = 32 and k = 128 smoke versions were one trial, k = 4) and the
-#   trial's view seed (``SMOKE_IDS_BEFORE_SMOKE_ROUTES``; the demo's trials are its own, unchanged).
+#   trial's view seed (``SMOKE_IDS_BEFORE_SMOKE_ROUTES``; the demo's trials are its own, unchanged);
+# - 2026-12-07, a paper trial's seed seeds its evaluation's sampling too (the second seed sampled with seed 0), and a
+#   smoke version keeps it (``SMOKE_IDS_BEFORE_SEEDED_SAMPLING``: only the second seed's moved);
+# - 2026-12-07, DP paper trials calibrate sigma with PRV up to epsilon 100 (Opacus's default), RDP above, and their
+#   smoke versions keep the accountant (``SMOKE_IDS_BEFORE_PRV_CALIBRATION``).
 SMOKE_IDS_BEFORE = {
     ("convergence", True): "063349bc88c5eb95",
     ("demo", False): "a675569d3820406a",
     ("demo", True): "d95b09ea128dbe55",
-    ("privacy_audit", True): "1686f51031e689a8",
-    ("second_seed", True): "ce377575001e769c",
+    ("privacy_audit", True): "816969b2a147c0a6",
+    ("second_seed", True): "42379f74619d6a70",
     ("table1", True): "4199ccb8f95c3fff",
+    ("table10", True): "3df54c71c17ee7ae",
+    ("table2", True): "42f962b6be6f76bf",
+    ("table3", True): "a3ce78ca33cc6643",
+    ("table9", True): "4199ccb8f95c3fff",
+}
+SMOKE_IDS_BEFORE_PRV_CALIBRATION = SMOKE_IDS_BEFORE | {
+    ("privacy_audit", True): "1686f51031e689a8",
     ("table10", True): "73a7cefc91eab2d1",
     ("table2", True): "295c21cec9151e18",
     ("table3", True): "59fb2db7a4ff140d",
-    ("table9", True): "4199ccb8f95c3fff",
+}
+SMOKE_IDS_BEFORE_SEEDED_SAMPLING = SMOKE_IDS_BEFORE_PRV_CALIBRATION | {
+    ("second_seed", True): "ce377575001e769c"
 }
 SMOKE_IDS_BEFORE_SMOKE_ROUTES = {
     ("convergence", True): "492b52a1888d4445",
@@ -303,14 +316,35 @@ def _digest(configs: list[TrialConfig]) -> str:
     return hashlib.sha256(",".join(c.trial_id for c in unique(configs)).encode()).hexdigest()[:16]
 
 
+def _before_prv_calibration(config: TrialConfig) -> TrialConfig:
+    """A trial as sweeps made it before DP paper trials calibrated with PRV: every one with RDP."""
+    return config if config.privacy is None else replace(config, privacy={"accountant": "rdp"})
+
+
+def _before_seeded_sampling(config: TrialConfig) -> TrialConfig:
+    """A trial as sweeps made it before its seed seeded its evaluation's sampling: sampling seed 0 (and RDP)."""
+    return replace(_before_prv_calibration(config), evaluation={"sampling_seed": 0})
+
+
 def _before_smoke_routes(config: TrialConfig) -> TrialConfig:
     """A smoke trial as smoke versions made it before they took their paper trials' routes: no top-k, k = 4 where
-    it is now a spread point's 6, crops of view seed 0."""
+    it is now a spread point's 6, crops of view seed 0 (and, as then, sampling seed 0)."""
+    config = _before_seeded_sampling(config)
     changes: dict[str, dict] = {"evaluation": {"top_k": 0}, "data": {"view_seed": 0}}
     if config.privacy is not None and config.privacy.augmentation_multiplicity == 6:
         changes["privacy"] = {"augmentation_multiplicity": 4}
         changes["data"]["cached_views"] = 4
     return replace(config, **changes)
+
+
+def test_only_the_prv_calibration_changed_the_smoke_ids():
+    for (name, smoke), digest in SMOKE_IDS_BEFORE_PRV_CALIBRATION.items():
+        assert _digest([_before_prv_calibration(c) for c in build_sweep(name, smoke=smoke)]) == digest, name
+
+
+def test_only_the_seeded_sampling_changed_the_smoke_ids():
+    for (name, smoke), digest in SMOKE_IDS_BEFORE_SEEDED_SAMPLING.items():
+        assert _digest([_before_seeded_sampling(c) for c in build_sweep(name, smoke=smoke)]) == digest, name
 
 
 def test_only_the_smoke_routes_changed_the_smoke_ids():

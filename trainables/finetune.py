@@ -989,7 +989,7 @@ def _private_run(
     loop.inputs.draws.key = state.example_key
     try:
         if resume is not None:
-            load_privacy_state(state, resume["privacy"])
+            load_privacy_state(state, resume["privacy"], step=int(resume["step"]))
         _private_steps(state, loop, rows_per_forward=resources.rows_per_forward)
     finally:
         release(state)

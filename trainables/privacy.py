@@ -5,7 +5,8 @@ The privacy unit is one training example. Each step samples every example indepe
 (Poisson), computes for each sampled example the average gradient over its k augmented views, clips that average
 to norm C once (so the sensitivity is C whatever k is), sums, adds N(0, (sigma C)^2) noise and divides by the
 expected batch size q N. sigma is calibrated so that the planned number of steps spends at most the target epsilon
-at delta (RDP accountant, cross-checked with PRV); training cannot take more steps than planned.
+at delta (by the RDP or the PRV accountant, each cross-checked with the other); training cannot take more steps
+than planned.
 
 Clipping is done by book-keeping (``bookkeeping.py``: one backward, no per-sample weight copies) unless
 Opacus's per-sample hooks or ghost clipping are asked for. With book-keeping the noise and the division are
@@ -51,7 +52,7 @@ from opacus.utils.module_utils import trainable_parameters as opacus_trainable_p
 from torch import nn
 
 from bench.errors import VarsweepError
-from bench.schema import ACCOUNTANTS, PRV_MAX_EPSILON, PrivacyConfig, ResourcesConfig
+from bench.schema import ACCOUNTANTS, MAX_TARGET_EPSILON, PRV_MAX_EPSILON, PrivacyConfig, ResourcesConfig
 
 from . import bookkeeping
 from .bookkeeping import BookKeeping, bookkeeping_supports
@@ -176,8 +177,8 @@ def validate_privacy(privacy: PrivacyConfig, *, dataset_size: int, planned_steps
     return delta
 
 
-# The calibration's domain: each bound is far beyond any meaningful run (1e12 calibrates in ~3 s, 1e15 never ends).
-MAX_TARGET_EPSILON = 1e6
+# The calibration's domain: far beyond any meaningful run (MAX_TARGET_EPSILON: bench.schema, where the config
+# refuses a larger target).
 MAX_CALIBRATED_STEPS = 10**9
 
 
@@ -255,7 +256,9 @@ def epsilon_spent(
 ) -> dict[str, float]:
     """Epsilon after ``steps`` steps by the RDP (over ``RDP_ORDERS`` unless ``rdp_orders``) and the PRV accountant
     (0 for no steps). PRV takes ~0.1-3 s up to epsilon 100 and far longer beyond (``PRV_MAX_EPSILON``); pass
-    ``accountants=("rdp",)`` for a quick reading."""
+    ``accountants=("rdp",)`` for a quick reading. A reading below 0 is 0: at a delta as large as 1/N of a small
+    set both conversions go negative (-0.05 at one step, N 19, q 0.5, sigma 23), and an (epsilon, delta) bound with
+    epsilon < 0 holds at epsilon 0, the smallest a record may state."""
     spent = {}
     for name in accountants:
         if steps == 0:
@@ -263,12 +266,14 @@ def epsilon_spent(
         elif name == "rdp":  # RDPAccountant's reading, its one-step RDP computed once per (sigma, q, orders)
             orders = tuple(rdp_orders or RDP_ORDERS)
             rdp = _rdp_of_one_step(noise_multiplier, sampling_rate, orders) * steps
-            spent[name] = float(rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)[0])
+            spent[name] = max(
+                0.0, float(rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)[0])
+            )
         else:
             accountant = PRVAccountant()
             accountant.history = [(noise_multiplier, sampling_rate, steps)]
             with _without_order_range_warnings():
-                spent[name] = float(accountant.get_epsilon(delta=delta))
+                spent[name] = max(0.0, float(accountant.get_epsilon(delta=delta)))
     return spent
 
 
@@ -349,9 +354,10 @@ def privacy_state_dict(state: PrivateTraining) -> dict:
     }
 
 
-def load_privacy_state(state: PrivateTraining, record: dict) -> None:
+def load_privacy_state(state: PrivateTraining, record: dict, *, step: int) -> None:
     """Continue the accounting of an interrupted run in a freshly made ``state`` (same settings, fresh entropy: the
-    steps redone after a failure are new draws, and each is accounted as a step)."""
+    steps redone after a failure are new draws, and each is accounted as a step). ``step``: the training step the
+    saved state is at, which must be the number of noised steps it counts (one each)."""
     expected = privacy_state_dict(state)
     differing = [
         key
@@ -368,6 +374,12 @@ def load_privacy_state(state: PrivateTraining, record: dict) -> None:
     if steps > state.planned_steps:
         raise PrivacyConfigError(
             f"the saved run already took {steps} steps, more than the {state.planned_steps} planned"
+        )
+    if steps != step:
+        # A ledger counting fewer steps than were trained would report less privacy spent than was.
+        raise PrivacyConfigError(
+            f"the saved privacy state counts {steps} noised steps but its training state is at step {step}: the "
+            "checkpoint was altered after it was saved; restore it, or train the trial again from its first step"
         )
     state.steps_taken = steps
 

@@ -125,10 +125,17 @@ def _resume_state() -> dict | None:
 
 def read_state(path: Path, *, where: str) -> dict:
     """The training state a checkpoint holds; a damaged or missing file raises naming the checkpoint (``where``,
-    its place in the storage) and the way out, where torch's own error named neither the file nor the trial."""
+    its place in the storage) and the way out, where torch's own error named neither the file nor the trial. The
+    zip members' CRC-32s are checked first: ``torch.load`` does not, and a flipped byte loaded changed weights, or
+    a DP state counting fewer steps than were taken (a ledger under the privacy actually spent), silently."""
+    from .models.checkpoints import check_zip_crcs
+
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    # torch raises KeyError or IndexError for a text file, RuntimeError for a cut zip, EOFError for an empty one
+        with open(path, "rb") as handle:
+            check_zip_crcs(handle, path)
+            state = torch.load(handle, weights_only=True, map_location="cpu")
+    # torch raises KeyError or IndexError for a text file, RuntimeError for a cut zip, EOFError for an empty one;
+    # CheckpointError names a member whose bytes changed
     except Exception as err:
         raise RuntimeError(
             f"the training state of checkpoint {where} cannot be read ({type(err).__name__}: {err}); no step "

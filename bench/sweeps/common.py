@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..schema import (
     DATASETS,
+    PRV_MAX_EPSILON,
     DataConfig,
     EvaluationConfig,
     MethodConfig,
@@ -71,6 +72,16 @@ DP_SETTINGS = {
     "ln_tuning": (5e-4, 100, 0.5),
 }
 DP_SAMPLING_RATE = 0.251
+
+
+def paper_accountant(epsilon: float) -> str:
+    """The accountant a paper trial's sigma is calibrated with: Opacus's default (its ``PrivacyEngine``'s PRV), what
+    a study on Opacus calibrates with unless told otherwise; RDP's sigma is 4-11% higher at epsilon 100 down to 1
+    (q 0.251, 319 steps; docs/benchmarks.md). Above ``PRV_MAX_EPSILON`` (Table 3's 500 and 1,000) PRV cannot
+    calibrate (a calibration at 1,000 ran past 500 s): RDP there, over orders down to 1.01."""
+    return "prv" if epsilon <= PRV_MAX_EPSILON else "rdp"
+
+
 # The paper crops every view afresh at every step; the token cache encodes a pool of crops per image once, and each
 # step draws its k views from the pool (trainables/data/tokens.py). Without DP a pool of 16 gives each image a new
 # crop in most epochs at the cost of ~5 training rows of encoding per image, shared by every trial of the dataset;
@@ -129,7 +140,9 @@ def non_dp_optimization(method: str, dataset: str, *, seed: int = 0) -> Optimiza
 def paper_trial(
     method: str, depth: int, dataset: str, *, assets: Assets, seed: int = 0, **evaluation
 ) -> TrialConfig:
-    """A Table-1 style (non-DP) trial with the paper's hyper-parameters."""
+    """A Table-1 style (non-DP) trial with the paper's hyper-parameters. ``seed`` seeds training, the crops and the
+    evaluation's sampling: a second seed's spread covers every random draw of the trial, generation's too."""
+    evaluation.setdefault("sampling_seed", seed)
     return TrialConfig(
         model=paper_model(depth, assets),
         data=DataConfig(
@@ -159,6 +172,7 @@ def dp_trial(
     """A DP trial on Oxford Flowers with the paper's DP hyper-parameters; k of 4k cached crops per step. ``delta``: None is
     the paper's 1/N; an explicit delta must be below 1/N (Flowers: 1/1020), e.g. 1e-5."""
     lr, epochs, clip = DP_SETTINGS[method]
+    # the seed draws the evaluation's samples too (``paper_trial``); sampling touches no private data
     return TrialConfig(
         model=paper_model(depth, assets),
         data=DataConfig(
@@ -175,9 +189,10 @@ def dp_trial(
             max_grad_norm=clip,
             augmentation_multiplicity=k,
             delta=delta,
+            accountant=paper_accountant(epsilon),
         ),
         optimization=OptimizationConfig(learning_rate=lr, epochs=epochs, warmup_steps=10, seed=seed),
-        evaluation=paper_evaluation(assets),
+        evaluation=paper_evaluation(assets, sampling_seed=seed),
         resources=GPU_RESOURCES,
     )
 
@@ -253,6 +268,7 @@ def smoke_version(config: TrialConfig, *, steps: int = SMOKE_STEPS) -> TrialConf
             num_images=40,
             top_k=_smoke_top_k(config),
             batch_size=40,
+            sampling_seed=config.evaluation.sampling_seed,
             convergence_every_steps=steps // 2 if _has_convergence(config) else 0,
             convergence_num_images=20,
         ),

@@ -83,9 +83,9 @@ def _load_state(
 ) -> dict[str, torch.Tensor]:
     """The state dict in the open file ``handle`` (of ``path``, named in errors); ``weights_only``: a pickled
     object other than tensors and plain containers is refused, never constructed. ``check_crc``: verify the
-    zip members' CRC-32s first (``_check_zip_crcs``; where no sidecar's SHA-256 vouches for the bytes)."""
+    zip members' CRC-32s first (``check_zip_crcs``; where no sidecar's SHA-256 vouches for the bytes)."""
     if check_crc:
-        _check_zip_crcs(handle, path)
+        check_zip_crcs(handle, path)
     try:
         state = torch.load(handle, map_location=map_location, weights_only=True)
     except Exception as err:
@@ -122,7 +122,7 @@ def _load_failure(err: Exception) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _check_zip_crcs(handle: BinaryIO, path: Path) -> None:
+def check_zip_crcs(handle: BinaryIO, path: Path) -> None:
     """Refuse a zip-format checkpoint (what ``torch.save`` writes, its members stored uncompressed) whose bytes
     do not match a member's recorded CRC-32: ``torch.load`` does not check them, so a file damaged in a copy
     loaded with changed weights, silently (a sidecar's SHA-256 catches that, the official files have none). One
