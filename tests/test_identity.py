@@ -264,20 +264,26 @@ def test_run_trial_refuses_images_added_after_identification(tmp_path):
 # - 2026-12-07, a paper trial's seed seeds its evaluation's sampling too (the second seed sampled with seed 0), and a
 #   smoke version keeps it (``SMOKE_IDS_BEFORE_SEEDED_SAMPLING``: only the second seed's moved);
 # - 2026-12-07, DP paper trials calibrate sigma with PRV up to epsilon 100 (Opacus's default), RDP above, and their
-#   smoke versions keep the accountant (``SMOKE_IDS_BEFORE_PRV_CALIBRATION``).
+#   smoke versions keep the accountant (``SMOKE_IDS_BEFORE_PRV_CALIBRATION``);
+# - 2026-12-07, Table 1's seed-0 runs of the convergence sweep's cells record its curves, so the two sweeps share
+#   those trials (``SMOKE_IDS_BEFORE_SHARED_CONVERGENCE``: Table 1's and 9's moved, the convergence sweep's not).
 SMOKE_IDS_BEFORE = {
     ("convergence", True): "063349bc88c5eb95",
     ("demo", False): "a675569d3820406a",
     ("demo", True): "d95b09ea128dbe55",
     ("privacy_audit", True): "816969b2a147c0a6",
     ("second_seed", True): "42379f74619d6a70",
-    ("table1", True): "4199ccb8f95c3fff",
+    ("table1", True): "bb7848bc5be4dba2",
     ("table10", True): "3df54c71c17ee7ae",
     ("table2", True): "42f962b6be6f76bf",
     ("table3", True): "a3ce78ca33cc6643",
+    ("table9", True): "bb7848bc5be4dba2",
+}
+SMOKE_IDS_BEFORE_SHARED_CONVERGENCE = SMOKE_IDS_BEFORE | {
+    ("table1", True): "4199ccb8f95c3fff",
     ("table9", True): "4199ccb8f95c3fff",
 }
-SMOKE_IDS_BEFORE_PRV_CALIBRATION = SMOKE_IDS_BEFORE | {
+SMOKE_IDS_BEFORE_PRV_CALIBRATION = SMOKE_IDS_BEFORE_SHARED_CONVERGENCE | {
     ("privacy_audit", True): "1686f51031e689a8",
     ("table10", True): "73a7cefc91eab2d1",
     ("table2", True): "295c21cec9151e18",
@@ -316,20 +322,29 @@ def _digest(configs: list[TrialConfig]) -> str:
     return hashlib.sha256(",".join(c.trial_id for c in unique(configs)).encode()).hexdigest()[:16]
 
 
-def _before_prv_calibration(config: TrialConfig) -> TrialConfig:
-    """A trial as sweeps made it before DP paper trials calibrated with PRV: every one with RDP."""
+def _before_shared_convergence(config: TrialConfig, *, sweep: str) -> TrialConfig:
+    """A trial as sweeps made it before Table 1's seed-0 runs recorded the convergence curves: none in Table 1's."""
+    if sweep in ("table1", "table9") and config.evaluation.convergence_every_steps:
+        return replace(config, evaluation={"convergence_every_steps": 0})
+    return config
+
+
+def _before_prv_calibration(config: TrialConfig, *, sweep: str) -> TrialConfig:
+    """A trial as sweeps made it before DP paper trials calibrated with PRV: every one with RDP (and no shared
+    convergence)."""
+    config = _before_shared_convergence(config, sweep=sweep)
     return config if config.privacy is None else replace(config, privacy={"accountant": "rdp"})
 
 
-def _before_seeded_sampling(config: TrialConfig) -> TrialConfig:
+def _before_seeded_sampling(config: TrialConfig, *, sweep: str) -> TrialConfig:
     """A trial as sweeps made it before its seed seeded its evaluation's sampling: sampling seed 0 (and RDP)."""
-    return replace(_before_prv_calibration(config), evaluation={"sampling_seed": 0})
+    return replace(_before_prv_calibration(config, sweep=sweep), evaluation={"sampling_seed": 0})
 
 
-def _before_smoke_routes(config: TrialConfig) -> TrialConfig:
+def _before_smoke_routes(config: TrialConfig, *, sweep: str) -> TrialConfig:
     """A smoke trial as smoke versions made it before they took their paper trials' routes: no top-k, k = 4 where
     it is now a spread point's 6, crops of view seed 0 (and, as then, sampling seed 0)."""
-    config = _before_seeded_sampling(config)
+    config = _before_seeded_sampling(config, sweep=sweep)
     changes: dict[str, dict] = {"evaluation": {"top_k": 0}, "data": {"view_seed": 0}}
     if config.privacy is not None and config.privacy.augmentation_multiplicity == 6:
         changes["privacy"] = {"augmentation_multiplicity": 4}
@@ -337,19 +352,33 @@ def _before_smoke_routes(config: TrialConfig) -> TrialConfig:
     return replace(config, **changes)
 
 
+def test_only_the_shared_convergence_changed_the_smoke_ids():
+    for (name, smoke), digest in SMOKE_IDS_BEFORE_SHARED_CONVERGENCE.items():
+        configs = [_before_shared_convergence(c, sweep=name) for c in build_sweep(name, smoke=smoke)]
+        assert _digest(configs) == digest, name
+
+
 def test_only_the_prv_calibration_changed_the_smoke_ids():
     for (name, smoke), digest in SMOKE_IDS_BEFORE_PRV_CALIBRATION.items():
-        assert _digest([_before_prv_calibration(c) for c in build_sweep(name, smoke=smoke)]) == digest, name
+        assert (
+            _digest([_before_prv_calibration(c, sweep=name) for c in build_sweep(name, smoke=smoke)])
+            == digest
+        ), name
 
 
 def test_only_the_seeded_sampling_changed_the_smoke_ids():
     for (name, smoke), digest in SMOKE_IDS_BEFORE_SEEDED_SAMPLING.items():
-        assert _digest([_before_seeded_sampling(c) for c in build_sweep(name, smoke=smoke)]) == digest, name
+        assert (
+            _digest([_before_seeded_sampling(c, sweep=name) for c in build_sweep(name, smoke=smoke)])
+            == digest
+        ), name
 
 
 def test_only_the_smoke_routes_changed_the_smoke_ids():
     for (name, smoke), digest in SMOKE_IDS_BEFORE_SMOKE_ROUTES.items():
-        assert _digest([_before_smoke_routes(c) for c in build_sweep(name, smoke=smoke)]) == digest, name
+        assert (
+            _digest([_before_smoke_routes(c, sweep=name) for c in build_sweep(name, smoke=smoke)]) == digest
+        ), name
 
 
 def test_only_the_retired_classifier_changed_the_ids():
@@ -357,7 +386,7 @@ def test_only_the_retired_classifier_changed_the_ids():
     nothing else moved them."""
     for (name, smoke), digest in SMOKE_IDS_WITH_DIGITS_CNN_V1.items():
         configs = [
-            replace(_before_smoke_routes(c), evaluation={"extractor": "digits-cnn-v1"})
+            replace(_before_smoke_routes(c, sweep=name), evaluation={"extractor": "digits-cnn-v1"})
             for c in build_sweep(name, smoke=smoke)
         ]
         assert _digest(configs) == digest, name

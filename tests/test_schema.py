@@ -113,6 +113,14 @@ def test_paper_hyper_parameters():
             for c in build_sweep("second_seed", smoke=smoke)
         )
     assert all(c.evaluation.sampling_seed == 0 for c in table1)
+    # Fig. 2's curves are Table 1's seed-0 runs (they trained the six runs twice): one training serves both
+    for smoke in (False, True):
+        curves = build_sweep("convergence", smoke=smoke)
+        assert len(curves) == (3 if smoke else 6) and {c.trial_id for c in curves} <= {
+            c.trial_id for c in build_sweep("table1", smoke=smoke)
+        }
+        assert all(c.evaluation.convergence_points == 8 for c in curves) or smoke
+    assert not any(c.evaluation.convergence_points for c in build_sweep("second_seed"))
 
 
 def test_every_paper_trial_puts_32_rows_through_a_forward():
