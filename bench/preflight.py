@@ -216,7 +216,8 @@ def _listing(
         try:
             splits = trial_plan.list_splits(config, cache_dir, write=write)
         except (ValueError, OSError) as err:
-            memo[key] = (None, f"data: {err}")
+            # an error naming its field (data.root, data.train_split, ...) keeps it; the rest are the data section's
+            memo[key] = (None, str(err) if str(err).startswith("data.") else f"data: {err}")
         except Exception as err:
             memo[key] = (
                 None,

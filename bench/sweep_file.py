@@ -53,6 +53,7 @@ import difflib
 import itertools
 import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -136,7 +137,9 @@ def load_sweep_file(path: str | Path, *, smoke: bool = False, assets: Assets = A
     problems = _structure_problems(document)
     if problems:
         raise SweepFileError(_listing(f"{where}: {_count(len(problems), 'problem')}", problems))
-    folder = Path(path).expanduser().resolve().parent
+    # The folder the path names, a link's own (not its target's): "relative to the file's folder" is where the user
+    # put it; ".." is taken lexically, as a shell's cd does.
+    folder = Path(os.path.abspath(Path(path).expanduser())).parent
     paths = dict(folder=folder, assets_root=assets.folder())
     points = _grid(document.get("base") or {}, document.get("axes") or {})
     configs, failures = _build_points(points, paths=paths)
@@ -579,6 +582,10 @@ def _resolve(value: str, *, field: str, folder: Path, assets_root: str) -> str:
     if value.startswith(ASSETS_PLACEHOLDER):
         value = assets_root + "/" + value[len(ASSETS_PLACEHOLDER) :].lstrip("/\\")
     placeholder = re.search(r"\{[^}]*\}", value)
+    if placeholder and placeholder.group() == ASSETS_PLACEHOLDER:
+        raise ConfigError(
+            f"{field}: {ASSETS_PLACEHOLDER} (the --assets root) stands only at the start of a path, got {value!r}"
+        )
     if placeholder:
         raise ConfigError(
             f"{field}: unknown placeholder {placeholder.group()} in {value!r}; the only one is {ASSETS_PLACEHOLDER} "

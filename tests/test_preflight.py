@@ -306,6 +306,29 @@ def test_copies_of_an_image_in_your_own_folders_are_refused_before_compute(tmp_p
     check_sweep(configs, cache_dir=str(tmp_path / "cache"), write=write)
 
 
+def test_a_wrong_split_or_root_names_the_field(tmp_path):
+    """The preflight said "data: unknown split 'val'" and "data: folder: dataset root ... does not exist", naming
+    no field; a root given as the train/ folder itself said only that train/train was missing."""
+    make_folder(tmp_path / "data")
+    folder = {"dataset": "folder", "root": str(tmp_path / "data"), "resolution": 16}
+    lora = replace(tiny_trial("lora"), optimization={"batch_size": 2})
+    cases = [
+        ({**folder, "evaluation_split": "val"}, r"data\.evaluation_split: unknown split 'val'"),
+        ({**folder, "train_split": "validation"}, r"data\.train_split: unknown split 'validation'"),
+        (
+            {**folder, "root": str(tmp_path / "nowhere")},
+            r"data\.root: folder: dataset root .*nowhere does not exist",
+        ),
+        (
+            {**folder, "root": str(tmp_path / "data" / "train")},
+            r"the root is the folder holding train/ and test/, here .*data, not .*data/train",
+        ),
+    ]
+    for data, message in cases:
+        with pytest.raises(SweepError, match=message):
+            check_sweep([replace(lora, data=data)], cache_dir=str(tmp_path / "cache"), write=False)
+
+
 def test_a_test_image_that_links_to_a_training_image_is_in_both_splits(tmp_path):
     """A symbolic link is the file it names: scoring against it scores against the training image."""
     make_cub(tmp_path)
@@ -397,5 +420,5 @@ def test_a_wrong_assets_root_gets_a_hint(tmp_path):
         str(raised.value)
         .splitlines()[1]
         .strip()
-        .startswith(f"data: folder: dataset root {tmp_path / 'nodata'}")
+        .startswith(f"data.root: folder: dataset root {tmp_path / 'nodata'}")
     )

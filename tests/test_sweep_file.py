@@ -104,6 +104,20 @@ base:
     assert config.data.root == str(folder / "images")
     with pytest.raises(SweepFileError, match=r"data\.root: unknown placeholder \{asset\}"):
         load_sweep_file(write(folder, sweep.replace("root: images", "root: '{asset}/images'")))
+    # It said "unknown placeholder {assets} ... the only one is {assets}"
+    with pytest.raises(
+        SweepFileError, match=r"data\.root: \{assets\} \(the --assets root\) stands only at the start"
+    ):
+        load_sweep_file(write(folder, sweep.replace("root: images", "root: '/x/{assets}/images'")))
+    # A link to the file: its paths are relative to the link's folder, where the user put it (they were the
+    # target's, so a project's link to a shared file read another project's images)
+    (tmp_path / "shared").mkdir()
+    target = write(tmp_path / "shared", sweep, "target.yaml")
+    (folder / "experiments").mkdir()
+    (folder / "experiments" / "linked.yaml").symlink_to(target)
+    linked = load_sweep_file(folder / "experiments" / "linked.yaml", assets=Assets(str(tmp_path / "assets")))
+    assert linked.configs[0].data.root == str(folder / "experiments" / "images")
+    assert linked.configs[0].model.vqvae_checkpoint == str(folder / "elsewhere" / "vae.pth")
 
 
 # One case per kind of problem: (the file's text, what its message must name).

@@ -16,7 +16,16 @@ from bench.schema import MIN_EVALUATION_IMAGES, AuditConfig, ConfigError, TrialC
 from .audit import included_count, inclusion_mask
 from .audit_bound import epsilon_lower_bound
 from .data import offline
-from .data.datasets import DatasetError, ImageList, byte_identical, check_images, read_dataset, spellings
+from .data.datasets import (
+    DatasetError,
+    ImageList,
+    MissingRootError,
+    UnknownSplitError,
+    byte_identical,
+    check_images,
+    read_dataset,
+    spellings,
+)
 
 # The smallest delta an audit's refusal looks at for a bound: below it an audit would not be read anyway.
 AUDIT_DELTA_FLOOR = 1e-12
@@ -82,7 +91,15 @@ def list_splits(
                 for split, (files, names) in zip(splits, listed)
             )
     root = data_root(config, cache_dir)
-    return tuple(read_dataset(_reader_name(config), root, split) for split in splits)
+    listed = []
+    for named, split in zip(("data.train_split", "data.evaluation_split"), splits, strict=True):
+        try:
+            listed.append(read_dataset(_reader_name(config), root, split))
+        except UnknownSplitError as err:  # the fields the user wrote, not only "data"
+            raise UnknownSplitError(f"{named}: {err}") from err
+        except MissingRootError as err:
+            raise MissingRootError(f"data.root: {err}") from err
+    return tuple(listed)
 
 
 def preflight(config: TrialConfig, cache_dir: str | Path, *, write: bool = True) -> TrialPlan:

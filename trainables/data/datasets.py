@@ -54,6 +54,14 @@ class DatasetError(VarsweepError):
     """A missing folder, a wrong layout or an unreadable image, named."""
 
 
+class UnknownSplitError(DatasetError):
+    """A split name the dataset does not have (a config names it as data.train_split or data.evaluation_split)."""
+
+
+class MissingRootError(DatasetError):
+    """A dataset root that is not a folder (a config names it as data.root)."""
+
+
 @dataclass(frozen=True)
 class ImageList:
     name: str
@@ -139,7 +147,7 @@ def _require(*paths: Path, dataset: str) -> None:
 
 def _split(split: str, allowed: tuple[str, ...] = SPLITS) -> str:
     if split not in allowed:
-        raise DatasetError(f"unknown split {split!r}; expected one of {allowed}")
+        raise UnknownSplitError(f"unknown split {split!r}; expected one of {allowed}")
     return split
 
 
@@ -370,13 +378,25 @@ def _present_breeds_numbered(images: ImageList, *, annotations: Path) -> ImageLi
     )
 
 
+def _require_split_folder(root: Path, split: str) -> Path:
+    """``root/<split>``; where it is missing and ``root`` is itself a split's folder (``.../train``), the error says
+    that the root is the folder holding both splits."""
+    folder = root / _split(split)
+    if not folder.is_dir() and root.name in SPLITS and (root.parent / split).is_dir():
+        raise DatasetError(
+            f"folder: expected layout not found, missing {folder}: the root is the folder holding train/ and test/, "
+            f"here {root.parent}, not {root}"
+        )
+    _require(folder, dataset="folder")
+    return folder
+
+
 def read_folder(root: Path, split: str) -> ImageList:
     """``root/<split>/<class>/**/<image>`` (torchvision's ImageFolder rules: classes sorted by name, images by
     their extensions), leaving out what starts with a dot: torchvision read a notebook's ``.ipynb_checkpoints/`` as
     the first class (trained and scored, every real class's index moved by one) and a Mac's ``._name.png`` resource
     files as images (refused as unreadable)."""
-    folder = root / _split(split)
-    _require(folder, dataset="folder")
+    folder = _require_split_folder(root, split)
     classes = tuple(sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _hidden(e.name)))
     if not classes:
         raise DatasetError(f"folder: no class folders in {folder} (expected {folder}/<class>/<images>)")
@@ -425,7 +445,7 @@ def read_dataset(name: str, root: str | Path, split: str) -> ImageList:
         raise DatasetError(f"unknown dataset {name!r}; known: {sorted(READERS)}")
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"{name}: dataset root {root} does not exist or is not a folder")
+        raise MissingRootError(f"{name}: dataset root {root} does not exist or is not a folder")
     images = READERS[name](root, split)
     if not len(images):
         raise DatasetError(f"{name}: split {split!r} under {root} lists no images")
