@@ -27,7 +27,9 @@ the sweep file's folder, so a file and the images beside it work from any curren
 error. "No value" is ``null`` or the string ``"none"`` (TOML has no null: ``privacy = ["none", {...}]``,
 ``global_clip_norm = "none"``), for an optional section (``privacy``: no DP; ``audit``: no audit) in ``base``, in a
 section axis and in ``smoke``, and for every field that may be null. A field of an optional section
-(``privacy.target_epsilon``) on a point without that section is an error. YAML is read with YAML 1.2's core schema:
+(``privacy.target_epsilon``) on a point without that section is an error. A DP point leaves out the non-DP
+optimisation fields (``optimization.batch_size``, ``global_clip_norm``) the base gives, so one base serves a privacy
+axis's non-DP and DP points; set by an axis, they are refused on DP points as anywhere else. YAML is read with YAML 1.2's core schema:
 ``5e-4`` is a number (as in TOML and JSON; PyYAML's YAML 1.1 reads a string), ``010`` is ten (octal is ``0o10``,
 hex ``0x1f``), ``1:30`` and ``2024-06-30`` are strings (no sexagesimal numbers or dates), booleans are only
 ``true`` and ``false`` (``yes``, ``no``, ``on``, ``off`` are strings). Merge keys (``{<<: *anchor, seed: 1}``)
@@ -63,6 +65,7 @@ from typing import Any
 from .preflight import SweepError
 from .schema import (
     MOVED_FIELDS,
+    NON_DP_ONLY,
     OPTIONAL_SECTIONS,
     PATH_FIELDS,
     SECTIONS,
@@ -466,8 +469,25 @@ def _grid(base: dict, axes: dict) -> list[_Point]:
                 _apply(config, axis, value)
         except ConfigError as err:
             problem = str(err)
+        _drop_base_non_dp_fields(config, base=base, values=values)
         points.append(_Point(config=_with_defaults(config, base), values=values, problem=problem))
     return points
+
+
+def _drop_base_non_dp_fields(config: dict, *, base: dict, values: tuple) -> None:
+    """On a DP point, remove the non-DP optimisation fields (``NON_DP_ONLY``) that only the base set: a base written
+    for a privacy axis's non-DP points (a batch under a small split's size) made every DP point fail with "does not
+    apply under DP", so comparing the two took two files. A DP trial's id leaves them out anyway. A value an axis
+    sets stays, and is refused on a DP point as anywhere else."""
+    if _is_null(config.get("privacy")) or not isinstance(config.get("optimization"), dict):
+        return
+    by_axes = {axis.partition(".")[2] for axis, _ in values if axis.startswith("optimization.")}
+    by_axes |= {
+        key for axis, value in values if axis == "optimization" and isinstance(value, dict) for key in value
+    }
+    for name in set(NON_DP_ONLY) - by_axes:
+        if name in (base.get("optimization") or {}):
+            config["optimization"].pop(name, None)
 
 
 def _apply(config: dict, axis: str, value: Any) -> None:

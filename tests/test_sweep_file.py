@@ -86,6 +86,26 @@ def test_yaml_and_toml_give_the_same_grid(tmp_path):
     assert [c.privacy is None for c in yaml_sweep.configs[:2]] == [True, False]
 
 
+def test_one_base_serves_a_privacy_axis_s_non_dp_and_dp_points(tmp_path):
+    """A batch size in the base (under a small split's size, for the non-DP points) made every DP point fail with
+    "does not apply under DP": comparing the two took two files. Set by an axis it is still refused there."""
+    with_batch = YAML_SWEEP.replace(
+        "{learning_rate: 5e-4, steps: 6}",
+        "{learning_rate: 5e-4, steps: 6, batch_size: 4, global_clip_norm: 1.0}",
+    )
+    configs = load_sweep_file(write(tmp_path, with_batch)).configs
+    assert len(configs) == 8
+    assert {
+        (c.privacy is None, c.optimization.batch_size, c.optimization.global_clip_norm) for c in configs
+    } == {
+        (True, 4, 1.0),
+        (False, 256, 2.0),
+    }
+    by_axis = with_batch + "  optimization.batch_size: [4, 8]\n"
+    with pytest.raises(SweepFileError, match=r"optimization\.batch_size: does not apply under DP"):
+        load_sweep_file(write(tmp_path, by_axis.replace("tracking: none\n", "") + "tracking: none\n"))
+
+
 def test_paths_are_relative_to_the_file_or_the_assets_root(tmp_path):
     folder = tmp_path / "project"
     folder.mkdir()
