@@ -107,6 +107,45 @@ def test_headers_are_read_against_the_architecture(files, tmp_path):
         check_checkpoint(saved, kind="var", architecture={**TINY_VAR, "num_classes": 7})
 
 
+def test_a_mismatched_checkpoint_says_what_it_looks_like(files, tmp_path):
+    """Key lists alone said nothing of a VAR of another depth, swapped VAR and VQVAE paths, or a model saved from
+    inside DDP; an HTML page saved as .pth gave an empty reason."""
+    d16 = {"depth": 16, **OFFICIAL_VAR}
+    cases = {
+        "d20": (
+            build_var(depth=20, **OFFICIAL_VAR, device="meta"),
+            "var",
+            d16,
+            r"a VAR of depth 20 .*depth 16: set model\.depth",
+        ),
+        "vqvae": (
+            build_vqvae(**OFFICIAL_VQVAE, device="meta"),
+            "var",
+            d16,
+            r"the VQVAE's checkpoint, given where the VAR's goes",
+        ),
+        "var": (
+            build_var(**d16, device="meta"),
+            "vqvae",
+            OFFICIAL_VQVAE,
+            r"the VAR's checkpoint, given where the VQVAE's goes",
+        ),
+    }
+    for name, (model, kind, architecture, hint) in cases.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(shaped_like(model), path)
+        with pytest.raises(CheckpointError, match=r"what it looks like: " + hint):
+            check_checkpoint(path, kind=kind, architecture=architecture)
+    wrapped = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in build_var(**TINY_VAR).state_dict().items()}, wrapped)
+    with pytest.raises(CheckpointError, match=r"every key starts with 'module\.' .*strip that prefix"):
+        check_checkpoint(wrapped, kind="var", architecture=TINY_VAR)
+    page = tmp_path / "page.pth"
+    page.write_text("<!DOCTYPE html><html><head><title>Sign in</title></head></html>")
+    with pytest.raises(CheckpointError, match=r"it holds text, not a PyTorch weights file: '<!DOCTYPE html>"):
+        read_header(page)
+
+
 @pytest.mark.parametrize(
     "name, problem",
     [

@@ -39,6 +39,7 @@ from .models.checkpoints import (
     file_lock,
     file_sha256,
     read_sidecar,
+    what_it_holds,
 )
 from .models.var import build_var
 from .models.vqvae import OFFICIAL_CH_MULT, OFFICIAL_PATCH_NUMS, build_vqvae
@@ -217,9 +218,11 @@ def read_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 path, map_location="cpu", weights_only=True
             )  # the legacy format cannot be mapped
     except _READ_ERRORS as err:
+        # torch's message is empty for some files (an HTML page saved as .pth): its first bytes then say what it is
+        reason = _reason(err) or _first_bytes(path)
         raise CheckpointError(
             f"cannot read checkpoint {path} (truncated, corrupt, a pickle of other objects, or not a "
-            f"PyTorch weights file): {type(err).__name__}: {_reason(err)}"
+            f"PyTorch weights file): {type(err).__name__}: {reason}"
         ) from err
     if not isinstance(state, Mapping):
         raise CheckpointError(
@@ -233,6 +236,15 @@ def read_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"checkpoint {path} is not a flat state dict of tensors (entries {not_tensors[:5]} are not tensors)"
         )
     return dict(state)
+
+
+def _first_bytes(path: Path) -> str:
+    """What a file's first bytes are, in words (``what_it_holds``)."""
+    try:
+        with open(path, "rb") as handle:
+            return what_it_holds(handle)
+    except OSError as err:
+        return f"cannot be read: {err}"
 
 
 def _reason(err: BaseException) -> str:

@@ -59,7 +59,7 @@ def _require_file(path: Path) -> None:
         )
 
 
-def _what_it_holds(handle: BinaryIO) -> str:
+def what_it_holds(handle: BinaryIO) -> str:
     """What an unreadable file is, from its first bytes: torch's own errors for an empty file (``EOFError`` with no
     message) or a text file (``KeyError: 101``) said nothing of either."""
     handle.seek(0)
@@ -91,7 +91,7 @@ def _load_state(
     except Exception as err:
         detail = _load_failure(err)
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({_what_it_holds(handle)}): "
+            f"cannot read checkpoint {path} ({what_it_holds(handle)}): "
             + f"{type(err).__name__}{': ' + detail if detail else ''}"
         ) from err
     if not isinstance(state, Mapping):
@@ -188,9 +188,39 @@ def check_state_dict(
         if items
     ]
     if problems:
+        hint = _diagnosis(state, expected)
         raise CheckpointError(
-            f"checkpoint {path} does not match the {what} it is loaded into:\n" + "\n".join(problems)
+            f"checkpoint {path} does not match the {what} it is loaded into:\n"
+            + "\n".join(problems)
+            + (f"\n  what it looks like: {hint}" if hint else "")
         )
+
+
+# Keys only one of the two official models has: which file a swapped path gave.
+VAR_MARKERS, VQVAE_MARKERS = ("class_emb.weight", "head.weight"), ("quantize.embedding.weight",)
+
+
+def _diagnosis(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    """What a checkpoint whose keys do not match is, where its keys tell (key lists alone said nothing of it): the
+    other model's file, a model saved inside DDP (``module.`` before every key), or a VAR of another depth."""
+    keys, wanted = set(state), set(expected)
+    if keys and all(k.startswith("module.") for k in keys) and {k[7:] for k in keys} == wanted:
+        return (
+            "every key starts with 'module.' (saved from inside DistributedDataParallel): strip that prefix"
+        )
+    for markers, other, this in ((VQVAE_MARKERS, "VQVAE", "VAR"), (VAR_MARKERS, "VAR", "VQVAE")):
+        if all(m in keys for m in markers) and not any(m in wanted for m in markers):
+            return f"the {other}'s checkpoint, given where the {this}'s goes (are the two paths swapped?)"
+    depth, wanted_depth = _depth(keys), _depth(wanted)
+    if depth and wanted_depth and depth != wanted_depth:
+        return f"a VAR of depth {depth} (blocks 0-{depth - 1}); this model has depth {wanted_depth}: set model.depth"
+    return ""
+
+
+def _depth(keys: set[str]) -> int:
+    """The number of transformer blocks ``blocks.<i>.`` keys name (0 for none)."""
+    blocks = {int(k.split(".")[1]) for k in keys if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    return max(blocks) + 1 if blocks else 0
 
 
 def file_sha256(path: str | os.PathLike) -> str:
