@@ -771,8 +771,9 @@ def estimate(
     return "\n".join(lines)
 
 
-# A trial of a dataset with no published size (``folder``) when the preflight gave no plan (its data unreadable).
-UNSIZED = "not estimated: split sizes are read from the data, which the preflight could not read"
+# A trial of a dataset with no published size (``folder``) when the preflight could not plan it (its data unreadable,
+# or its plan refused).
+UNSIZED = "not estimated: split sizes are read from the data, and the preflight could not plan this trial"
 
 
 def _describe(m: dict) -> str:

@@ -846,9 +846,11 @@ def run_sweep(
     try:
         refuse_older_results(todo, store, done=done)
         plans = check_sweep(todo, cache_dir=launch.cache_dir, write=not dry_run)
-    except SweepError:
-        if dry_run:  # the grid is still worth seeing, with the published split sizes
-            print(estimate(configs, done={c.trial_id for c in done}, plans={}, device=gpu))
+    except SweepError as err:
+        if (
+            dry_run
+        ):  # the grid is still worth seeing: the trials planned, the others at the published split sizes
+            print(estimate(configs, done={c.trial_id for c in done}, plans=err.plans, device=gpu))
         raise
     limits = (
         read_cluster_config(launch.cluster_config) if launch.cluster_config else None

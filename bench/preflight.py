@@ -21,7 +21,12 @@ from .sweeps.common import ASSETS_ENV
 
 
 class SweepError(VarsweepError):
-    """The sweep cannot start; lists every problem and the trials it affects."""
+    """The sweep cannot start; lists every problem and the trials it affects. ``plans``: {trial_id: TrialPlan} of
+    the trials the preflight could plan (a dry run still estimates them)."""
+
+    def __init__(self, message: str, *, plans: dict | None = None):
+        super().__init__(message)
+        self.plans = plans or {}
 
 
 # --- identity ------------------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ def check_sweep(configs: list[TrialConfig], *, cache_dir: str, write: bool = Tru
         for problem, trials in trial_plan.image_problems(configs, cache_dir, write=write, log=print).items():
             problems[problem] = {c.trial_id: c for c in trials}
     if problems:
-        raise SweepError(_report(problems, configs))
+        raise SweepError(_report(problems, configs), plans=found)
     return found
 
 

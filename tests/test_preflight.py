@@ -345,6 +345,21 @@ def test_copies_of_an_image_in_your_own_folders_are_refused_before_compute(tmp_p
     check_sweep(configs, cache_dir=str(tmp_path / "cache"), write=write)
 
 
+def test_a_sweep_refused_keeps_the_plans_of_its_other_trials_for_the_dry_run_s_estimate(tmp_path):
+    """A dry run whose preflight stopped one trial estimated none of a folder dataset's trials ("split sizes are read
+    from the data, which the preflight could not read"), also those whose data it had read and planned."""
+    make_folder(tmp_path / "data")
+    jpeg(tmp_path / "data" / "test" / "2" / "1.png")  # 4 test images: what an evaluation needs
+    folder = {"dataset": "folder", "root": str(tmp_path / "data"), "resolution": 16}
+    fits = replace(tiny_trial("lora"), data=folder, optimization={"batch_size": 2})
+    too_large = replace(fits, optimization={"batch_size": 64})
+    with pytest.raises(SweepError, match="batch_size: 64 is more than the 5 training examples") as refused:
+        check_sweep([fits, too_large], cache_dir=str(tmp_path / "cache"), write=False)
+    assert (
+        set(refused.value.plans) == {fits.trial_id} and refused.value.plans[fits.trial_id].train_images == 5
+    )
+
+
 def test_a_wrong_split_or_root_names_the_field(tmp_path):
     """The preflight said "data: unknown split 'val'" and "data: folder: dataset root ... does not exist", naming
     no field; a root given as the train/ folder itself said only that train/train was missing."""

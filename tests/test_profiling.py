@@ -488,11 +488,11 @@ def test_a_folder_dataset_without_a_plan_is_not_estimated_at_zero():
         "pending",
         "not",
         "estimated:",
-        *("split sizes are read from the data, which the preflight could not read".split()),
+        *("split sizes are read from the data, and the preflight could not plan this trial".split()),
     ]
     footer = rows[3]
     assert footer.startswith("2 of 2 trials to run;") and footer.endswith(
-        "for 1 of them; 1 not estimated: split sizes are read from the data, which the preflight could not read"
+        "for 1 of them; 1 not estimated: split sizes are read from the data, and the preflight could not plan this trial"
     )
     alone = estimate([lora16], done=set(), plans={}, measurements=[_entry()], samplings=[]).splitlines()[2]
     assert re.search(r"= (\S+)$", alone).group(1) == re.search(r"= (\S+) for", footer).group(1)
