@@ -214,11 +214,14 @@ def test_a_folder_dataset_leaves_out_hidden_folders_and_files(tmp_path):
     jpeg(
         tmp_path / "train" / "10" / "sub" / "9.png", seed=7
     )  # a plain subfolder still counts (ImageFolder's rule)
+    # A GIF (its first frame) is an image too: torchvision's extensions left it out without a word
+    frames = [Image.new("P", (12, 10), color) for color in (3, 7)]
+    frames[0].save(tmp_path / "train" / "2" / "moving.gif", save_all=True, append_images=frames[1:])
+    (tmp_path / "train" / "2" / "notes.txt").write_text("not an image")
     images = read_dataset("folder", tmp_path, "train")
     assert images.class_names == before.class_names == ("10", "2")
-    assert sorted(map(str, images.paths)) == sorted(
-        [*map(str, before.paths), str(tmp_path / "train/10/sub/9.png")]
-    )
+    added = [str(tmp_path / "train/10/sub/9.png"), str(tmp_path / "train/2/moving.gif")]
+    assert sorted(map(str, images.paths)) == sorted([*map(str, before.paths), *added])
     assert check_images(images)[0] == images  # nothing unreadable left in
     (tmp_path / "empty_split" / "train" / ".hidden").mkdir(parents=True)
     with pytest.raises(DatasetError, match="no class folders in"):

@@ -422,10 +422,15 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+# torchvision's image extensions and two more PIL reads: GIF (its first frame; a folder of GIFs was dropped without
+# a word) and JPEG's .jfif. Other files in a class folder (notes, HEIC photos PIL cannot read) are not images here.
+FOLDER_IMAGE_EXTENSIONS = (*tv.folder.IMG_EXTENSIONS, ".gif", ".jfif")
+
+
 def _shown_image(path: str, *, under: Path) -> bool:
-    """An image file by torchvision's extensions, no part of whose path below ``under`` is hidden."""
+    """An image file by ``FOLDER_IMAGE_EXTENSIONS``, no part of whose path below ``under`` is hidden."""
     parts = Path(path).relative_to(under).parts
-    return tv.folder.has_file_allowed_extension(path, tv.folder.IMG_EXTENSIONS) and not any(
+    return tv.folder.has_file_allowed_extension(path, FOLDER_IMAGE_EXTENSIONS) and not any(
         _hidden(part) for part in parts
     )
 
