@@ -279,10 +279,15 @@ def setting_of(config: TrialConfig) -> str:
     return replace(config, **SETTING_NEUTRAL, **(AUDIT_NEUTRAL if config.audit else {})).trial_id
 
 
+# What a run's repeat may differ in besides: the sampling seed of its evaluation (the training is the same run). The
+# paper sweeps' second seed sampled with seed 0 before it sampled with its own: its older results repeat the new ones.
+RUN_NEUTRAL = {"evaluation": {**CONVERGENCE_NEUTRAL["evaluation"], "sampling_seed": 0}}
+
+
 def run_of(config: TrialConfig) -> str:
-    """The trial id of ``config`` with only the convergence evaluations neutralised: equal for repeats of one run
-    (every seed kept, so replicates differ)."""
-    return replace(config, **CONVERGENCE_NEUTRAL).trial_id
+    """The trial id of ``config`` with the convergence evaluations and the evaluation's sampling seed neutralised:
+    equal for repeats of one run (every training, crop and audit seed kept, so replicates differ)."""
+    return replace(config, **RUN_NEUTRAL).trial_id
 
 
 def _select(
@@ -334,13 +339,17 @@ def _select(
 
 def _count_repeats_once(trials: pd.DataFrame, records: dict) -> tuple[pd.DataFrame, list]:
     """One trial per run (``run_of``: the setting and every seed, training, crop and audit): a success before a
-    failure, then the one with more convergence evaluations, then the smaller trial id. Returns (trials, [(repeat
-    id, label, kept id), ...])."""
+    failure, then one that sampled with its training seed (as the paper sweeps do), then the one with more
+    convergence evaluations, then the smaller trial id. Returns (trials, [(repeat id, label, kept id), ...])."""
+    configs = [records[t]["config"] for t in trials["trial_id"]]
     rank = trials.assign(
         _ok=trials["status"] != "success",
+        _sampled_otherwise=[
+            c["evaluation"].get("sampling_seed", 0) != c["optimization"].get("seed", 0) for c in configs
+        ],
         _curve=[-len(records[t]["convergence"]) for t in trials["trial_id"]],
     )
-    rank = rank.sort_values(["run", "_ok", "_curve", "trial_id"])
+    rank = rank.sort_values(["run", "_ok", "_sampled_otherwise", "_curve", "trial_id"])
     first = rank.groupby("run")["trial_id"].transform("first")
     repeats = [
         (t, label, kept) for t, label, kept in zip(rank["trial_id"], rank["label"], first) if t != kept

@@ -320,9 +320,17 @@ def check_folder(folder: str, *, what: str, create: bool) -> None:
             raise StorageError(f"{what} {folder} is not writable: {err.strerror or err}") from err
 
 
+def spent_epsilon(record: dict):
+    """The epsilon a DP trial spent by the accountant that calibrated it (its reading is at most the target; the
+    RDP reading of a PRV-calibrated trial is ~11% above it at epsilon 10 and read as an overrun), None without."""
+    accountant = record_value(record, "privacy.calibration_accountant") or "rdp"
+    return record_value(record, f"privacy.epsilon_{accountant}")
+
+
 def status_table(configs, store: ResultStore) -> str:
     """One line per trial (finished with FID and epsilon, failed with its error's first line, invalid with the
     reason, pending), then the counts. Reads only."""
+    # epsilon: spent, by the accountant that calibrated the trial
     lines = [f"{'trial':<44} {'id':<16} {'status':<8} {'FID':>8} {'epsilon':>8}  error"]
     counts: dict[str, int] = {}
     older = store.older_results()
@@ -336,10 +344,7 @@ def status_table(configs, store: ResultStore) -> str:
             )
         counts[state] = counts.get(state, 0) + 1
         record = store.read(c.trial_id) if state in ("success", "failed") else None
-        fid, eps = (
-            record_value(record or {}, "metrics.fid"),
-            record_value(record or {}, "privacy.epsilon_rdp"),
-        )
+        fid, eps = record_value(record or {}, "metrics.fid"), spent_epsilon(record or {})
         lines.append(
             f"{c.label:<44} {c.trial_id:<16} {state:<8} {_number(fid):>8} {_number(eps):>8}  {detail}".rstrip()
         )

@@ -16,6 +16,7 @@ match its id) is ``invalid``: never counted as done, so the trial runs again."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -449,15 +450,15 @@ class ResultStore:
             yield
             return
         path = f"{self.folder}/{CLAIMS_LOCK}"
+        handle = _open_lock(path)
         try:
-            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as err:
-            raise StorageError(f"cannot open the claims' lock {path}: {_first_line(err)}") from err
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            if handle is not None and not _locked(handle, path=path):
+                os.close(handle)
+                handle = None
             yield
         finally:
-            os.close(handle)  # releases the lock
+            if handle is not None:
+                os.close(handle)  # releases the lock
 
     def claim_path(self, trial_id: str) -> str:
         return f"{self.root}/{CLAIMS_FOLDER}/{trial_id}.json"
@@ -698,6 +699,61 @@ class ResultStore:
             error = str(existing.get("error") or "").strip().splitlines() or ["no error recorded"]
             return "", f"; replaces its failed result ({error[0]})"
         return f"a schema version {version} result ({status})", ""
+
+
+# Errors of a file system that keeps no locks (NFSv3 without lockd, Lustre without flock): claims go unlocked there.
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+CLAIMS_LOCK_WAIT_S = 60.0  # another driver holds the lock for milliseconds; a minute means it is stuck
+
+
+def _open_lock(path: str) -> int | None:
+    """The claims' lock file opened for locking (made writable by every user of a shared storage: it holds no data,
+    and a second user could not open the first one's 0644 file for writing); read-only where another user's file
+    cannot be opened for writing (enough for flock on a local disk). None, with a warning, where it cannot be
+    opened at all: the claims are then checked and written unlocked, as before the lock."""
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError as err:
+            print(f"warning: claims unlocked: cannot open {path}: {_first_line(err)}", file=sys.stderr)
+            return None
+    except OSError as err:
+        print(f"warning: claims unlocked: cannot open {path}: {_first_line(err)}", file=sys.stderr)
+        return None
+    with contextlib.suppress(
+        OSError
+    ):  # only its owner may change the mode: another user's file is left as it is
+        if os.fstat(handle).st_mode & 0o777 != 0o666:
+            os.fchmod(handle, 0o666)
+    return handle
+
+
+def _locked(handle: int, *, path: str) -> bool:
+    """Take the exclusive lock on ``handle``, retrying for ``CLAIMS_LOCK_WAIT_S``: True once held; False, with a
+    warning, on a file system that keeps no locks. A lock held longer (a stopped driver, a hung NFS lock server)
+    raises ``StorageError`` naming the file rather than waiting for ever."""
+    deadline = time.monotonic() + CLAIMS_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"the claims' lock {path} has been held by another process for {CLAIMS_LOCK_WAIT_S:.0f} s (a "
+                    "stopped or hung sweep driver?): end that driver, or delete the file if none runs"
+                ) from None
+            time.sleep(0.05)
+        except OSError as err:
+            if err.errno in NO_LOCKS:
+                print(
+                    f"warning: claims unlocked: {path}'s file system keeps no locks ({err.strerror})",
+                    file=sys.stderr,
+                )
+                return False
+            raise StorageError(f"cannot lock the claims' lock {path}: {_first_line(err)}") from err
 
 
 def claim_is_live(claim: Mapping[str, Any], *, now: float) -> bool:

@@ -28,8 +28,9 @@ error. "No value" is ``null`` or the string ``"none"`` (TOML has no null: ``priv
 ``global_clip_norm = "none"``), for an optional section (``privacy``: no DP; ``audit``: no audit) in ``base``, in a
 section axis and in ``smoke``, and for every field that may be null. A field of an optional section
 (``privacy.target_epsilon``) on a point without that section is an error. A DP point leaves out the non-DP
-optimisation fields (``optimization.batch_size``, ``global_clip_norm``) the base gives, so one base serves a privacy
-axis's non-DP and DP points; set by an axis, they are refused on DP points as anywhere else. YAML is read with YAML 1.2's core schema:
+optimisation fields (``optimization.batch_size``, ``global_clip_norm``) the base or the ``smoke`` section gives, so
+one base serves a privacy axis's non-DP and DP points; set by an axis, they are refused on DP points as anywhere
+else. YAML is read with YAML 1.2's core schema:
 ``5e-4`` is a number (as in TOML and JSON; PyYAML's YAML 1.1 reads a string), ``010`` is ten (octal is ``0o10``,
 hex ``0x1f``), ``1:30`` and ``2024-06-30`` are strings (no sexagesimal numbers or dates), booleans are only
 ``true`` and ``false`` (``yes``, ``no``, ``on``, ``off`` are strings). Merge keys (``{<<: *anchor, seed: 1}``)
@@ -641,6 +642,11 @@ def _smoke_versions(
         try:
             for section, fields in smoke.items():
                 _apply(small, section, fields)
+            if (
+                small.get("privacy") is not None
+            ):  # as for the base: the smoke section serves the non-DP points
+                for name in NON_DP_ONLY:
+                    small["optimization"].pop(name, None)
             trial = _trial(small, **paths)
         except ConfigError as err:
             failures.setdefault(f"smoke: {err}", []).append(point)

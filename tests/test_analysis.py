@@ -308,6 +308,24 @@ def test_crop_seeds_are_replicates_not_repeats(fixture_storage, tmp_path):
     assert not analysis.results.repeats and len(analysis.results.trials) == 55
 
 
+def test_a_second_seed_sampled_with_seed_0_repeats_the_one_sampled_with_its_seed(fixture_storage, tmp_path):
+    """The second seed sampled with seed 0 before it sampled with its own: both results of one training counted as
+    two seeds (n = 3 for two trainings). They are one run; the result sampled with the training seed is kept."""
+    storage = copy_storage(fixture_storage, tmp_path / "storage")
+    seeds = {"optimization": {"seed": 1}, "data": {"view_seed": 1}}
+    old = twin(storage, "lora-d16-flowers102", metrics={"fid": 14.0}, **seeds)
+    new = twin(
+        storage, "lora-d16-flowers102", metrics={"fid": 13.5}, evaluation={"sampling_seed": 1}, **seeds
+    )
+    analysis = analyse(storage, tmp_path / "out", grids=False, figures=False)
+    table1 = next(t for t in analysis.tables if t.name == "table1_fid")
+    flowers = next(r for r in table1.rows if r[:2] == ["VAR-d16", "LoRA"])[4]
+    assert flowers.n == 2 and flowers.mean == pytest.approx((13.18 + 13.5) / 2)
+    assert [(repeat, kept) for repeat, _, kept in analysis.results.repeats] == [
+        (old["trial_id"], new["trial_id"])
+    ]
+
+
 def test_one_value_has_no_std_and_parameter_cells_count_their_trials(golden_run):
     """The sample std of one value is undefined: the per-cell CSV leaves it empty. A trainable-parameter cell is a
     median over its row's trials (Table 1: one per dataset): n counts them, and it has no std."""
@@ -739,10 +757,14 @@ def test_a_second_analysis_without_figures_leaves_none_of_the_first_s_figures(fi
     assert not any((out / "figures").glob("*.p*"))
 
 
-@pytest.mark.parametrize("curve_settings", [{"convergence_every_steps": 500}, {"convergence_points": 8}])
+@pytest.mark.parametrize(
+    "curve_settings",
+    [{"convergence_every_steps": 500, "convergence_points": 0}, {"convergence_points": 4}],
+)
 def test_a_convergence_twin_counts_once(fixture_storage, tmp_path, curve_settings):
-    """The convergence sweep re-runs Table 1 trials with evaluations during training (every N steps, or at N
-    points of the run): same setting and seed, so the cell holds one value (the twin with the curve), not a fake n=2."""
+    """A sweep that re-runs a trial with other evaluations during training (every N steps, or at N points of the
+    run; the convergence sweep did, before its trials were Table 1's own): same setting and seed, so the cell holds
+    one value (the twin with the curve), not a fake n=2."""
     storage = copy_storage(fixture_storage, tmp_path / "storage")
     curve = twin(
         storage, "full-d16-flowers102", evaluation={**curve_settings, "convergence_num_images": 1000}

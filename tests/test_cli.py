@@ -128,6 +128,18 @@ def test_status_is_read_only_and_shows_every_state(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created or changed
 
 
+def test_status_shows_the_epsilon_of_the_accountant_that_calibrated_the_trial():
+    """A PRV-calibrated trial (the paper sweeps' up to epsilon 100) showed its RDP reading, 11.14 at a target of 10:
+    an overrun at a glance."""
+    from bench.__main__ import spent_epsilon
+
+    ledger = {"target_epsilon": 10.0, "epsilon_rdp": 11.139, "epsilon_prv": 9.999}
+    assert spent_epsilon({"privacy": {**ledger, "calibration_accountant": "prv"}}) == 9.999
+    assert spent_epsilon({"privacy": {**ledger, "calibration_accountant": "rdp"}}) == 11.139
+    assert spent_epsilon({"privacy": ledger}) == 11.139  # ledgers before the field: RDP calibrated them
+    assert spent_epsilon({"privacy": None}) is None and spent_epsilon({}) is None
+
+
 def test_status_says_when_assets_are_not_found_and_results_match_no_listed_trial(tmp_path, capsys):
     """From a machine without the assets mount, trial ids fall back to paths: every trial reads as pending, so
     status says why, and that the folder holds results of trials it did not list."""

@@ -20,6 +20,7 @@ from bench.schema import (
     MethodConfig,
     ModelConfig,
     OptimizationConfig,
+    PrivacyConfig,
     TrialConfig,
     replace,
 )
@@ -322,27 +323,38 @@ def test_a_corrupt_image_stops_the_sweep_in_its_preflight_dry_run_or_not(tmp_pat
 def test_copies_of_an_image_in_your_own_folders_are_refused_before_compute(tmp_path, write):
     """A copied or hard-linked image of a ``folder`` dataset passed: under DP each copy was an example of its own
     (one picture 3 of N = 21, its guarantee a group of three's), and a training image copied into test/ was scored
-    against. Only a symbolic link (the same file) was caught."""
+    against. Only a symbolic link (the same file) was caught. A copy in the training split is refused under DP only
+    (without DP it weighs the picture double, as oversampling on purpose does)."""
     make_folder(tmp_path / "data")
     jpeg(tmp_path / "data" / "test" / "2" / "1.png", seed=9)
     train, test = tmp_path / "data" / "train", tmp_path / "data" / "test"
     folder = {"dataset": "folder", "root": str(tmp_path / "data"), "resolution": 16}
-    configs = [replace(tiny_trial("lora"), data=folder, optimization={"batch_size": 2})]
-    check_sweep(configs, cache_dir=str(tmp_path / "cache"), write=write)
+    plain = replace(tiny_trial("lora"), data=folder, optimization={"batch_size": 2})
+    private = replace(
+        tiny_trial("lora", privacy=PrivacyConfig(target_epsilon=8.0, sampling_rate=0.5, max_grad_norm=1.0)),
+        data=folder,
+    )
+    check_sweep([plain, private], cache_dir=str(tmp_path / "cache"), write=write)
     assert (tmp_path / "cache" / "image-digests").exists() == write
     (train / "10" / "9.png").hardlink_to(train / "10" / "0.png")
     with pytest.raises(
-        SweepError, match=r"folder train: 1 image\(s\) have byte-identical copies.*0\.png = .*9\.png"
-    ):
-        check_sweep(configs, cache_dir=str(tmp_path / "cache"), write=write)
+        SweepError,
+        match=r"1 of 2 trials cannot run.*\n  folder train: 1 image\(s\) have byte-identical copies.*0\.png = "
+        r".*9\.png\): under DP",
+    ) as refused:
+        check_sweep([plain, private], cache_dir=str(tmp_path / "cache"), write=write)
+    assert private.trial_id in str(refused.value) and plain.trial_id not in str(refused.value)
+    check_sweep([plain], cache_dir=str(tmp_path / "cache"), write=write)
     (train / "10" / "9.png").unlink()
     (test / "10" / "copy.png").write_bytes((train / "2" / "1.png").read_bytes())
     with pytest.raises(
-        SweepError, match=r"1 image\(s\) of the test split are byte-identical copies of train images"
+        SweepError,
+        match=r"(?s)2 of 2 trials cannot run.*1 image\(s\) of the test split are byte-identical copies of train "
+        r"images .*set data\.evaluation_split: train",
     ):
-        check_sweep(configs, cache_dir=str(tmp_path / "cache"), write=write)
+        check_sweep([plain, private], cache_dir=str(tmp_path / "cache"), write=write)
     (test / "10" / "copy.png").unlink()
-    check_sweep(configs, cache_dir=str(tmp_path / "cache"), write=write)
+    check_sweep([plain, private], cache_dir=str(tmp_path / "cache"), write=write)
 
 
 def test_a_sweep_refused_keeps_the_plans_of_its_other_trials_for_the_dry_run_s_estimate(tmp_path):

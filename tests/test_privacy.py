@@ -591,7 +591,7 @@ def test_prv_readings_and_calibrations_do_not_ask_to_widen_the_orders_rdp_readin
             epsilon_spent(**restricted, accountants=("rdp",))
 
 
-def test_no_reading_is_below_zero():
+def test_no_reading_is_below_zero(monkeypatch):
     """At a delta as large as 1/N of a small set (N = 19) both conversions went negative: the log, the history and the
     ledger showed epsilon -0.05 after one step, and the analysis's privacy table -0.02 at the end."""
     settings = dict(noise_multiplier=23.359375, sampling_rate=0.5, delta=1 / 19)
@@ -599,6 +599,11 @@ def test_no_reading_is_below_zero():
         spent = epsilon_spent(**settings, steps=steps)
         assert spent["rdp"] >= 0 and spent["prv"] >= 0, (steps, spent)
     assert epsilon_spent(**settings, steps=20)["rdp"] > 0  # a positive reading stays as it was
+    # the clamp keeps a NaN a NaN (max(0.0, nan) is 0.0: a broken reading would have read "nothing spent")
+    import trainables.privacy as privacy_module
+
+    monkeypatch.setattr(privacy_module.rdp_analysis, "get_privacy_spent", lambda **_: (math.nan, 2.0))
+    assert math.isnan(epsilon_spent(**settings, steps=1, accountants=("rdp",))["rdp"])
 
 
 def test_an_rdp_reading_is_the_rdp_accountant_s_and_computes_one_step_s_rdp_once(monkeypatch):

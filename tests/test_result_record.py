@@ -248,6 +248,19 @@ def test_empty_sections_are_not_recorded_and_old_records_validate(records):
             assert check_result(upgraded) and upgraded["config"] == records[name]["config"]
 
 
+def test_a_successful_dp_record_accounts_every_planned_step(records):
+    """A ledger short of its plan under-reports epsilon (a damaged checkpoint's step count resumed a run whose
+    record said 2 of 4 steps, epsilon 1.84 for 1.99 spent): such a success is refused; a failure may stop early."""
+    dp = records["dp"]
+    assert dp["privacy"]["steps"] == dp["privacy"]["planned_steps"] == 2
+    short = {**dp, "privacy": {**dp["privacy"], "steps": 1}}
+    with pytest.raises(
+        ConfigError, match=r"privacy\.steps: a successful DP trial accounts all its 2 planned steps"
+    ):
+        check_result(short)
+    check_result({**short, "status": "failed", "error": "RuntimeError: killed"})
+
+
 def test_lookup_refuses_undefined_keys_and_reads_absent_ones_as_none():
     record = _record()
     assert (

@@ -245,6 +245,38 @@ def test_two_drivers_starting_together_on_a_local_storage_do_not_both_claim_a_tr
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["results"]  # no claims/ left behind
 
 
+def test_the_claims_lock_is_shared_bounded_and_optional(tmp_path, monkeypatch, capsys):
+    """The lock file was made with the umask's 0644, so a second user of a shared storage could not open it; a held
+    lock waited for ever; a file system without locks (ENOLCK) ended the driver with a bare OSError."""
+    import errno
+    import fcntl
+
+    import bench.results as results
+    from bench.results import StorageError
+
+    store, ids = ResultStore(tmp_path / "runs"), ["a" * 16]
+    lock = tmp_path / "runs" / "results" / ".claims.lock"
+    with store.claimed(ids, sweep="one"):
+        pass
+    assert lock.stat().st_mode & 0o777 == 0o666
+    holder = os.open(lock, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    monkeypatch.setattr(results, "CLAIMS_LOCK_WAIT_S", 0.3)
+    with pytest.raises(StorageError, match=r"claims' lock .* has been held by another process for 0 s"):
+        with store.claimed(ids, sweep="two"):
+            pytest.fail("claimed under another's lock")
+    os.close(holder)
+    assert store.read_claim(ids[0]) is None  # nothing claimed while refused
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(results.fcntl, "flock", no_locks)
+    with store.claimed(ids, sweep="three"):
+        assert store.read_claim(ids[0])["sweep"] == "three"
+    assert "claims unlocked" in capsys.readouterr().err
+
+
 def test_a_running_sweep_s_claims_are_refreshed_while_it_runs(tmp_path):
     import time
 

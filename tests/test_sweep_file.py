@@ -101,6 +101,9 @@ def test_one_base_serves_a_privacy_axis_s_non_dp_and_dp_points(tmp_path):
         (True, 4, 1.0),
         (False, 256, 2.0),
     }
+    smoked = with_batch + "smoke: {optimization: {batch_size: 2}}\n"
+    small = load_sweep_file(write(tmp_path, smoked), smoke=True).configs
+    assert {(c.privacy is None, c.optimization.batch_size) for c in small} == {(True, 2), (False, 256)}
     by_axis = with_batch + "  optimization.batch_size: [4, 8]\n"
     with pytest.raises(SweepFileError, match=r"optimization\.batch_size: does not apply under DP"):
         load_sweep_file(write(tmp_path, by_axis.replace("tracking: none\n", "") + "tracking: none\n"))

@@ -245,7 +245,7 @@ def image_problems(
     outcome in the cache and leaves out the offline sets it has not written (generated here: nothing to decode).
     """
     checked: dict[tuple, list | str] = {}
-    copies: dict[tuple, str | None] = {}
+    copies: dict[tuple, dict[str, str | None]] = {}
     problems: dict[str, list[TrialConfig]] = {}
     for config in configs:
         d = config.data
@@ -273,8 +273,9 @@ def image_problems(
             copies[key] = _copied_images(
                 *(split for split, _ in outcome), cache_dir=cache_dir if write else None
             )
-        if copies[key] is not None:
-            problems.setdefault(copies[key], []).append(config)
+        refusal = copies[key]["dp" if config.privacy is not None else "any"]
+        if refusal is not None:
+            problems.setdefault(refusal, []).append(config)
             continue
         skipped = sum(len(dropped) for _, dropped in outcome)
         try:
@@ -285,33 +286,39 @@ def image_problems(
     return problems
 
 
-def _copied_images(train: ImageList, evaluation: ImageList, *, cache_dir: str | Path | None) -> str | None:
-    """Why a ``folder`` dataset (your own images) cannot run, where a file is a byte-identical copy (or hard link)
-    of another: in a split, each copy was an example of its own (under DP the guarantee covered one copy, not the
-    picture); across the splits, the evaluation scored the model against images it trained on. ``spellings``
-    catches the same file listed twice, not copies. The named datasets' splits are taken as their publishers made
-    them. One read of every file, kept in the cache (``content_digests``)."""
+def _copied_images(
+    train: ImageList, evaluation: ImageList, *, cache_dir: str | Path | None
+) -> dict[str, str | None]:
+    """Why a trial on a ``folder`` dataset (your own images) cannot run, where a file is a byte-identical copy (or
+    hard link) of another: {"dp": refusal of a DP trial, "any": of every trial}. In the training split each copy
+    was an example of its own, so under DP the guarantee covered one copy, not the picture (without DP a copy only
+    weighs the picture double, as oversampling does on purpose); across the splits the evaluation scored the model
+    against images it trained on. ``spellings`` catches the same file listed twice, not copies. The named datasets'
+    splits are taken as their publishers made them. One read of every file, kept in the cache
+    (``content_digests``); a file that cannot be read is the refusal."""
     if train.name != "folder":
-        return None
-    found = [
-        (split, byte_identical(split, cache_dir=cache_dir))
-        for split in {train.split: train, evaluation.split: evaluation}.values()
-    ]
-    for split, copies in found:
-        if copies:
-            return (
-                f"{split.name} {split.split}: {len(copies)} image(s) have byte-identical copies in the split "
-                f"({_few(copies)}): each copy is an example of its own (under DP the guarantee covers one copy, "
-                "not the picture); delete the copies"
-            )
-    across = [] if train.split == evaluation.split else byte_identical(train, evaluation, cache_dir=cache_dir)
+        return {"dp": None, "any": None}
+    try:
+        within = byte_identical(train, cache_dir=cache_dir)
+        across = (
+            [] if train.split == evaluation.split else byte_identical(train, evaluation, cache_dir=cache_dir)
+        )
+    except DatasetError as err:
+        return {"dp": str(err), "any": str(err)}
+    refusals: dict[str, str | None] = {"dp": None, "any": None}
     if across:
-        return (
+        refusals["any"] = refusals["dp"] = (
             f"{train.name}: {len(across)} image(s) of the {evaluation.split} split are byte-identical copies of "
             f"{train.split} images ({_few(across)}): the evaluation would score the model against images it trained "
-            "on; delete the copies"
+            f"on; delete the copies (or, to score on the training images, set data.evaluation_split: {train.split})"
         )
-    return None
+    elif within:
+        refusals["dp"] = (
+            f"{train.name} {train.split}: {len(within)} image(s) have byte-identical copies in the split "
+            f"({_few(within)}): under DP each copy is an example of its own, and the guarantee covers one copy, not "
+            "the picture; delete the copies"
+        )
+    return refusals
 
 
 def _few(items: list[str]) -> str:

@@ -266,14 +266,15 @@ def epsilon_spent(
         elif name == "rdp":  # RDPAccountant's reading, its one-step RDP computed once per (sigma, q, orders)
             orders = tuple(rdp_orders or RDP_ORDERS)
             rdp = _rdp_of_one_step(noise_multiplier, sampling_rate, orders) * steps
+            # max(reading, 0.0), not max(0.0, reading): a NaN reading stays NaN, never a "nothing spent"
             spent[name] = max(
-                0.0, float(rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)[0])
+                float(rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)[0]), 0.0
             )
         else:
             accountant = PRVAccountant()
             accountant.history = [(noise_multiplier, sampling_rate, steps)]
             with _without_order_range_warnings():
-                spent[name] = max(0.0, float(accountant.get_epsilon(delta=delta)))
+                spent[name] = max(float(accountant.get_epsilon(delta=delta)), 0.0)
     return spent
 
 
