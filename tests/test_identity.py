@@ -352,33 +352,20 @@ def _before_smoke_routes(config: TrialConfig, *, sweep: str) -> TrialConfig:
     return replace(config, **changes)
 
 
-def test_only_the_shared_convergence_changed_the_smoke_ids():
-    for (name, smoke), digest in SMOKE_IDS_BEFORE_SHARED_CONVERGENCE.items():
-        configs = [_before_shared_convergence(c, sweep=name) for c in build_sweep(name, smoke=smoke)]
-        assert _digest(configs) == digest, name
+# Each change to the smoke ids, newest first: the digests before it, and how a config is taken back to then.
+UNDONE = {
+    "shared convergence": (SMOKE_IDS_BEFORE_SHARED_CONVERGENCE, _before_shared_convergence),
+    "PRV calibration": (SMOKE_IDS_BEFORE_PRV_CALIBRATION, _before_prv_calibration),
+    "seeded sampling": (SMOKE_IDS_BEFORE_SEEDED_SAMPLING, _before_seeded_sampling),
+    "smoke routes": (SMOKE_IDS_BEFORE_SMOKE_ROUTES, _before_smoke_routes),
+}
 
 
-def test_only_the_prv_calibration_changed_the_smoke_ids():
-    for (name, smoke), digest in SMOKE_IDS_BEFORE_PRV_CALIBRATION.items():
-        assert (
-            _digest([_before_prv_calibration(c, sweep=name) for c in build_sweep(name, smoke=smoke)])
-            == digest
-        ), name
-
-
-def test_only_the_seeded_sampling_changed_the_smoke_ids():
-    for (name, smoke), digest in SMOKE_IDS_BEFORE_SEEDED_SAMPLING.items():
-        assert (
-            _digest([_before_seeded_sampling(c, sweep=name) for c in build_sweep(name, smoke=smoke)])
-            == digest
-        ), name
-
-
-def test_only_the_smoke_routes_changed_the_smoke_ids():
-    for (name, smoke), digest in SMOKE_IDS_BEFORE_SMOKE_ROUTES.items():
-        assert (
-            _digest([_before_smoke_routes(c, sweep=name) for c in build_sweep(name, smoke=smoke)]) == digest
-        ), name
+@pytest.mark.parametrize("change", list(UNDONE))
+def test_only_each_change_moved_the_smoke_ids(change):
+    digests, undo = UNDONE[change]
+    for (name, smoke), digest in digests.items():
+        assert _digest([undo(c, sweep=name) for c in build_sweep(name, smoke=smoke)]) == digest, name
 
 
 def test_only_the_retired_classifier_changed_the_ids():
