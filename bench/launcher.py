@@ -847,9 +847,8 @@ def run_sweep(
         refuse_older_results(todo, store, done=done)
         plans = check_sweep(todo, cache_dir=launch.cache_dir, write=not dry_run)
     except SweepError as err:
-        if (
-            dry_run
-        ):  # the grid is still worth seeing: the trials planned, the others at the published split sizes
+        # the grid is still worth seeing: the trials planned, the others at the published split sizes
+        if dry_run:
             print(estimate(configs, done={c.trial_id for c in done}, plans=err.plans, device=gpu))
         raise
     limits = (

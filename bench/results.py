@@ -722,9 +722,8 @@ def _open_lock(path: str) -> int | None:
     except OSError as err:
         print(f"warning: claims unlocked: cannot open {path}: {_first_line(err)}", file=sys.stderr)
         return None
-    with contextlib.suppress(
-        OSError
-    ):  # only its owner may change the mode: another user's file is left as it is
+    # only its owner may change the mode: another user's file is left as it is
+    with contextlib.suppress(OSError):
         if os.fstat(handle).st_mode & 0o777 != 0o666:
             os.fchmod(handle, 0o666)
     return handle

@@ -642,9 +642,8 @@ def _smoke_versions(
         try:
             for section, fields in smoke.items():
                 _apply(small, section, fields)
-            if (
-                small.get("privacy") is not None
-            ):  # as for the base: the smoke section serves the non-DP points
+            # as for the base: the smoke section's non-DP fields serve the non-DP points
+            if small.get("privacy") is not None:
                 for name in NON_DP_ONLY:
                     small["optimization"].pop(name, None)
             trial = _trial(small, **paths)

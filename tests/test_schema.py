@@ -104,10 +104,8 @@ def test_paper_hyper_parameters():
     assert {c.trial_id for c in build_sweep("table9", assets=Assets("/a"))} == {
         c.trial_id for c in table1
     }  # precision/recall: the same trials
-    for smoke in (
-        False,
-        True,
-    ):  # the smoke versions of the seed-1 trials drew the seed-0 crops; both sampled with 0
+    # the smoke versions of the seed-1 trials drew the seed-0 crops; both sampled with 0
+    for smoke in (False, True):
         assert all(
             c.optimization.seed == c.data.view_seed == c.evaluation.sampling_seed == 1
             for c in build_sweep("second_seed", smoke=smoke)
