@@ -48,7 +48,7 @@ def test_a_smoke_dry_run_imports_neither_ray_opacus_nor_peft(tmp_path):
         "sweep", "table1", "--smoke", "--dry-run", "--storage", str(tmp_path / "runs"), cwd=tmp_path
     )
     assert outcome["status"] == 0, err[-3000:]
-    assert "6 of 6 trials to run" in out
+    assert "9 of 9 trials to run" in out  # 6 settings, 3 of them also with the curves (d16 flowers and cub)
     assert outcome["heavy"] == []
     assert not (tmp_path / "runs").exists()
 
