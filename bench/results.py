@@ -712,13 +712,10 @@ def _open_lock(path: str) -> int | None:
     cannot be opened for writing (enough for flock on a local disk). None, with a warning, where it cannot be
     opened at all: the claims are then checked and written unlocked, as before the lock."""
     try:
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:
         try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
             return os.open(path, os.O_RDONLY)
-        except OSError as err:
-            print(f"warning: claims unlocked: cannot open {path}: {_first_line(err)}", file=sys.stderr)
-            return None
     except OSError as err:
         print(f"warning: claims unlocked: cannot open {path}: {_first_line(err)}", file=sys.stderr)
         return None

@@ -526,11 +526,7 @@ def check_images(
         bad = _unreadable(images, range(len(images)))
     elif bad:
         bad = _unreadable(images, bad)
-    if record is not None:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        staging = record.with_suffix(f".{os.getpid()}.tmp")
-        staging.write_text(json.dumps(bad))
-        os.replace(staging, record)  # trials of one sweep may check the same split at once
+    _keep(record, bad)
     if bad and not skip_corrupt:
         listed = "\n  ".join(list(bad.values())[:10])
         raise DatasetError(
@@ -559,12 +555,19 @@ def content_digests(images: ImageList, *, cache_dir: str | Path | None = None) -
             digests.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
         except OSError as err:
             raise DatasetError(f"{images.name} {images.split}: cannot read {path}: {err}") from err
-    if record is not None:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        staging = record.with_suffix(f".{os.getpid()}.tmp")
-        staging.write_text(json.dumps(digests))
-        os.replace(staging, record)
+    _keep(record, digests)
     return digests
+
+
+def _keep(record: Path | None, outcome) -> None:
+    """Write a split's kept outcome (JSON) to ``record`` whole or not at all: the trials of one sweep may check
+    the same split at once. Nothing without a record (no cache, a dry run)."""
+    if record is None:
+        return
+    record.parent.mkdir(parents=True, exist_ok=True)
+    staging = record.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps(outcome))
+    os.replace(staging, record)
 
 
 def byte_identical(
